@@ -1,0 +1,217 @@
+// Package config reads, defaults and validates spliced's configuration
+// file (YAML). Every error a user can get names the file, the line, the key
+// path, the bad value and what would be valid, for example:
+//
+//	config spliced.yaml: line 12: services[0].listen: 70000 is not a port; use 1-65535
+//
+// The zero value of every field is useful and documented; Load fills in
+// defaults, so code that uses a loaded Config never sees a zero where a
+// default applies.
+package config
+
+import (
+	_ "embed"
+	"fmt"
+	"net/netip"
+	"time"
+)
+
+// Default is the configuration used when spliced runs without -config. It
+// intercepts nothing until services are added; its comments document every
+// key.
+//
+//go:embed default.yaml
+var Default []byte
+
+// Config is the whole configuration file.
+type Config struct {
+	Log      Log       `yaml:"log"`
+	Kernel   Kernel    `yaml:"kernel"`
+	Limits   Limits    `yaml:"limits"`
+	Services []Service `yaml:"services"`
+
+	// File is where the configuration was read from ("<default>" for the
+	// embedded one). Not a key of the file.
+	File string `yaml:"-"`
+}
+
+// Log configures logging.
+type Log struct {
+	// Level is debug, info (default), warn or error.
+	Level string `yaml:"level"`
+	// Format is auto (default: colored text on a terminal, JSON otherwise),
+	// text or json.
+	Format string `yaml:"format"`
+}
+
+// Kernel names what spliced installs in the kernel.
+type Kernel struct {
+	// Table is the name of spliced's own nftables table in family inet
+	// (default "spliced"). spliced never touches any other table.
+	Table string `yaml:"table"`
+	// Mark is the fwmark bit spliced sets on intercepted packets and routes
+	// with policy routing (default 0x5c1). Only these bits of the mark are
+	// set or matched, so other users of the mark keep theirs.
+	Mark Hex32 `yaml:"mark"`
+	// RouteTable is the routing table holding the local default routes that
+	// deliver marked packets to the proxies (default 100).
+	RouteTable uint32 `yaml:"route_table"`
+	// RulePriority is the priority of spliced's `ip rule` (default 100).
+	RulePriority uint32 `yaml:"rule_priority"`
+}
+
+// Limits bound what the daemon holds.
+type Limits struct {
+	// MaxFlows caps proxied flows over all services (default 10000). Flows
+	// beyond the cap are refused with a reset and a rate-limited log line.
+	MaxFlows int `yaml:"max_flows"`
+}
+
+// UpstreamMode says which source address the server sees.
+type UpstreamMode string
+
+const (
+	// Transparent: the server sees the client's address (and port where it
+	// is free). The default.
+	Transparent UpstreamMode = "transparent"
+	// NAT: the server sees the gateway's address (a classical proxy).
+	NAT UpstreamMode = "nat"
+)
+
+// Service is one intercepted service: which flows the gateway takes over and
+// how it relays them.
+type Service struct {
+	// Name identifies the service in logs and metrics (required, unique).
+	Name string `yaml:"name"`
+	// Listen is the port of the service's TPROXY listener on the gateway
+	// (required, unique). Clients never connect to it directly.
+	Listen Port `yaml:"listen"`
+	// Ports are the intercepted destination ports, single ("80") or ranges
+	// ("8000-8100"). Required.
+	Ports []PortRange `yaml:"ports"`
+	// Destinations and Sources restrict interception to these prefixes;
+	// empty means any address of either family.
+	Destinations []Prefix `yaml:"destinations"`
+	Sources      []Prefix `yaml:"sources"`
+	// Upstream is transparent (default) or nat.
+	Upstream UpstreamMode `yaml:"upstream"`
+	// ConnectTimeout bounds the upstream connect (default 5s).
+	ConnectTimeout Duration `yaml:"connect_timeout"`
+	// IdleTimeout closes a flow after no byte moved either way for this
+	// long (default 5m).
+	IdleTimeout Duration `yaml:"idle_timeout"`
+	// Access decides which intercepted flows are relayed.
+	Access Access `yaml:"access"`
+}
+
+// Action of an access rule.
+type Action string
+
+const (
+	Allow Action = "allow"
+	Deny  Action = "deny"
+)
+
+// Access is an ordered list of rules; the first rule that matches a flow
+// decides, and Default applies when none does (default allow).
+type Access struct {
+	Default Action       `yaml:"default"`
+	Rules   []AccessRule `yaml:"rules"`
+}
+
+// AccessRule matches flows by source and destination prefix and destination
+// port; an empty list matches anything.
+type AccessRule struct {
+	Action       Action      `yaml:"action"`
+	Sources      []Prefix    `yaml:"sources"`
+	Destinations []Prefix    `yaml:"destinations"`
+	Ports        []PortRange `yaml:"ports"`
+}
+
+// Decide returns the action for a flow from src to dst.
+func (a *Access) Decide(src netip.Addr, dst netip.AddrPort) Action {
+	for _, r := range a.Rules {
+		if r.Matches(src, dst) {
+			return r.Action
+		}
+	}
+	return a.Default
+}
+
+// Matches reports whether the rule applies to a flow from src to dst.
+func (r *AccessRule) Matches(src netip.Addr, dst netip.AddrPort) bool {
+	return containsAddr(r.Sources, src) && containsAddr(r.Destinations, dst.Addr()) && containsPort(r.Ports, dst.Port())
+}
+
+func containsAddr(ps []Prefix, a netip.Addr) bool {
+	if len(ps) == 0 {
+		return true
+	}
+	a = a.Unmap()
+	for _, p := range ps {
+		if p.Prefix.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+func containsPort(rs []PortRange, port uint16) bool {
+	if len(rs) == 0 {
+		return true
+	}
+	for _, r := range rs {
+		if r.Contains(port) {
+			return true
+		}
+	}
+	return false
+}
+
+// Defaults of zero-valued fields.
+const (
+	DefaultTable          = "spliced"
+	DefaultMark           = 0x5c1
+	DefaultRouteTable     = 100
+	DefaultRulePriority   = 100
+	DefaultMaxFlows       = 10000
+	DefaultConnectTimeout = 5 * time.Second
+	DefaultIdleTimeout    = 5 * time.Minute
+)
+
+func (c *Config) applyDefaults() {
+	setDefault(&c.Log.Level, "info")
+	setDefault(&c.Log.Format, "auto")
+	setDefault(&c.Kernel.Table, DefaultTable)
+	setDefault(&c.Kernel.Mark, DefaultMark)
+	setDefault(&c.Kernel.RouteTable, DefaultRouteTable)
+	setDefault(&c.Kernel.RulePriority, DefaultRulePriority)
+	setDefault(&c.Limits.MaxFlows, DefaultMaxFlows)
+	for i := range c.Services {
+		s := &c.Services[i]
+		setDefault(&s.Upstream, Transparent)
+		setDefault(&s.ConnectTimeout, Duration(DefaultConnectTimeout))
+		setDefault(&s.IdleTimeout, Duration(DefaultIdleTimeout))
+		setDefault(&s.Access.Default, Allow)
+	}
+}
+
+func setDefault[T comparable](p *T, v T) {
+	var zero T
+	if *p == zero {
+		*p = v
+	}
+}
+
+// Service returns the service with the given name, or nil.
+func (c *Config) Service(name string) *Service {
+	for i := range c.Services {
+		if c.Services[i].Name == name {
+			return &c.Services[i]
+		}
+	}
+	return nil
+}
+
+// String of a service for logs.
+func (s *Service) String() string { return fmt.Sprintf("service %q", s.Name) }

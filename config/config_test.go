@@ -1,0 +1,116 @@
+package config
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDefaultLoads(t *testing.T) {
+	cfg, err := LoadDefault()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Kernel.Table != "spliced" || cfg.Kernel.Mark != DefaultMark || cfg.Limits.MaxFlows != DefaultMaxFlows || len(cfg.Services) != 0 {
+		t.Fatalf("unexpected default: %+v", cfg)
+	}
+}
+
+const good = `
+kernel:
+  table: spl_test
+services:
+  - name: web
+    listen: 15001
+    ports: ["80", "8000-8100"]
+    destinations: [10.2.0.0/16, "fd00:2::/32"]
+    upstream: nat
+    idle_timeout: 30s
+    access:
+      rules:
+        - action: deny
+          destinations: [10.2.9.0/24]
+          ports: ["22"]
+  - name: other
+    listen: 15002
+    ports: ["80"]
+    destinations: [10.3.0.0/16]
+`
+
+func TestParseGood(t *testing.T) {
+	cfg, err := Parse("good.yaml", []byte(good))
+	if err != nil {
+		t.Fatal(err)
+	}
+	web := cfg.Service("web")
+	if web == nil || web.Listen != 15001 || len(web.Ports) != 2 || web.Ports[1] != (PortRange{8000, 8100}) {
+		t.Fatalf("web = %+v", web)
+	}
+	if web.Upstream != NAT || web.IdleTimeout.D() != 30*time.Second || web.ConnectTimeout.D() != DefaultConnectTimeout {
+		t.Fatalf("web timeouts/mode = %+v", web)
+	}
+	if cfg.Service("other").Upstream != Transparent {
+		t.Fatalf("default upstream not transparent")
+	}
+	src := netip.MustParseAddr("10.1.0.2")
+	if got := web.Access.Decide(src, netip.MustParseAddrPort("10.2.9.1:22")); got != Deny {
+		t.Errorf("deny rule: got %s", got)
+	}
+	if got := web.Access.Decide(src, netip.MustParseAddrPort("10.2.9.1:80")); got != Allow {
+		t.Errorf("default allow: got %s", got)
+	}
+}
+
+// TestParseErrors checks that each malformed file gives one clear error
+// naming the file, the line, the key, the value and what would be valid.
+func TestParseErrors(t *testing.T) {
+	cases := []struct {
+		name string
+		in   string
+		want []string
+	}{
+		{"unknown key", "services:\n  - name: web\n    listn: 15001\n", []string{"bad.yaml: line 3: services[0].listn:", `did you mean "listen"`, "valid keys here:"}},
+		{"bad port", "services:\n  - name: web\n    listen: 70000\n    ports: [\"80\"]\n", []string{"line 3: services[0].listen:", `"70000"`, "use 1-65535"}},
+		{"bad port in list", "services:\n  - name: web\n    listen: 1\n    ports: [\"80\", \"90-20\"]\n", []string{"line 4: services[0].ports[1]:", `"90-20"`, "first <= last"}},
+		{"overlap", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n  - name: b\n    listen: 2\n    ports: [\"70-90\"]\n", []string{"line 7: services[1].ports:", `overlaps service "a"`, "tcp port 80", "narrow"}},
+		{"overlap by prefix", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    destinations: [10.0.0.0/8]\n  - name: b\n    listen: 2\n    ports: [\"80\"]\n    destinations: [10.2.0.0/16]\n", []string{`overlaps service "a"`, "10.2.0.0/16"}},
+		{"bad prefix", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    destinations: [10.0.0.1/8]\n", []string{"line 5: services[0].destinations[0]:", "host bits", "10.0.0.0/8"}},
+		{"bad mode", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    upstream: magic\n", []string{"line 5: services[0].upstream:", `"magic"`, "transparent", "nat"}},
+		{"not a number", "kernel:\n  route_table: abc\n", []string{"line 2: kernel.route_table:", `"abc"`, "whole number"}},
+		{"system table", "kernel:\n  route_table: 254\n", []string{"line 2: kernel.route_table:", "system routing table"}},
+		{"duplicate name", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n  - name: a\n    listen: 2\n    ports: [\"81\"]\n", []string{"line 5: services[1].name:", "unique"}},
+		{"duplicate listen", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n  - name: b\n    listen: 1\n    ports: [\"81\"]\n", []string{"line 6: services[1].listen:", `service "a"`}},
+		{"no ports", "services:\n  - name: a\n    listen: 1\n", []string{"services[0]:", "has no ports"}},
+		{"yaml syntax", "services:\n  - name: a\n   listen: 1\n", []string{"bad.yaml: line 3:", "is not valid YAML"}},
+		{"bad duration", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    idle_timeout: soon\n", []string{"line 5: services[0].idle_timeout:", `"soon"`, `"5s"`}},
+		{"key twice", "log:\n  level: info\n  level: debug\n", []string{"line 3: log.level:", "twice"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Parse("bad.yaml", []byte(c.in))
+			if err == nil {
+				t.Fatalf("no error for:\n%s", c.in)
+			}
+			for _, w := range c.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(good))
+	f.Add(Default)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		cfg, err := Parse("fuzz.yaml", data)
+		if err == nil && cfg == nil {
+			t.Fatal("nil config without error")
+		}
+		if err != nil && !strings.HasPrefix(err.Error(), "config fuzz.yaml: ") {
+			t.Fatalf("error without file name: %v", err)
+		}
+	})
+}

@@ -1,0 +1,300 @@
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"reflect"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Error is one problem in a configuration file.
+type Error struct {
+	File  string
+	Line  int    // 0 when the problem has no single line
+	Key   string // key path such as services[0].listen
+	Value string // the bad value, if any
+	Msg   string // what is wrong and what would be valid
+}
+
+func (e *Error) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "config %s: ", e.File)
+	if e.Line > 0 {
+		fmt.Fprintf(&b, "line %d: ", e.Line)
+	}
+	if e.Key != "" {
+		fmt.Fprintf(&b, "%s: ", e.Key)
+	}
+	if e.Value != "" {
+		fmt.Fprintf(&b, "%q ", e.Value)
+	}
+	b.WriteString(e.Msg)
+	return b.String()
+}
+
+// Errors is every problem found in one file. Its message lists them one per
+// line.
+type Errors []*Error
+
+func (es Errors) Error() string {
+	lines := make([]string, len(es))
+	for i, e := range es {
+		lines[i] = e.Error()
+	}
+	return strings.Join(lines, "\n")
+}
+
+// LoadFile reads and validates a configuration file.
+func LoadFile(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return Parse(path, data)
+}
+
+// LoadDefault returns the embedded default configuration.
+func LoadDefault() (*Config, error) { return Parse("<default>", Default) }
+
+// Parse decodes and validates a configuration. file names the source in
+// error messages. The returned error is an Errors value when the file is
+// readable YAML but has problems.
+func Parse(file string, data []byte) (*Config, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, Errors{syntaxError(file, data, err)}
+	}
+	cfg := &Config{File: file}
+	if len(root.Content) == 0 { // empty file: all defaults
+		cfg.applyDefaults()
+		return cfg, cfg.validate(nil)
+	}
+	doc := root.Content[0]
+	idx := &keyIndex{lines: map[string]int{}, paths: map[[2]int]string{}}
+	var errs Errors
+	idx.walk(doc, reflect.TypeFor[Config](), "", func(line int, key, msg string) {
+		errs = append(errs, &Error{File: file, Line: line, Key: key, Msg: msg})
+	})
+	if len(errs) > 0 {
+		return nil, errs
+	}
+	if err := doc.Decode(cfg); err != nil {
+		return nil, Errors{decodeError(file, idx, err)}
+	}
+	cfg.applyDefaults()
+	if err := cfg.validate(idx); err != nil {
+		for _, e := range err.(Errors) {
+			e.File = file
+		}
+		return nil, err
+	}
+	return cfg, nil
+}
+
+// syntaxError reports a YAML syntax error at the line where the file stops
+// being valid YAML: one after the longest prefix of whole lines that still
+// parses. (The parser's own line number points at the start of the
+// enclosing block, off by one.)
+func syntaxError(file string, data []byte, err error) *Error {
+	msg := lineRE.ReplaceAllString(strings.TrimPrefix(err.Error(), "yaml: "), "")
+	lines := strings.SplitAfter(string(data), "\n")
+	good := 0
+	for n := len(lines) - 1; n > 0; n-- {
+		var probe yaml.Node
+		if yaml.Unmarshal([]byte(strings.Join(lines[:n], "")), &probe) == nil {
+			good = n
+			break
+		}
+	}
+	return &Error{File: file, Line: good + 1, Msg: "is not valid YAML: " + msg}
+}
+
+var lineRE = regexp.MustCompile(`^line (\d+): `)
+
+func decodeError(file string, idx *keyIndex, err error) *Error {
+	var ve *valueError
+	if errors.As(err, &ve) {
+		return &Error{File: file, Line: ve.line, Key: idx.pathAt(ve.line, ve.column), Value: ve.value, Msg: ve.msg}
+	}
+	var te *yaml.TypeError
+	if errors.As(err, &te) && len(te.Errors) > 0 {
+		// "line 5: cannot unmarshal !!str `abc` into uint32"
+		msg := te.Errors[0]
+		line := 0
+		if m := lineRE.FindStringSubmatch(msg); m != nil {
+			line, _ = strconv.Atoi(m[1])
+			msg = strings.TrimPrefix(msg, m[0])
+		}
+		value, want := "", ""
+		if m := typeRE.FindStringSubmatch(msg); m != nil {
+			value, want = m[1], m[2]
+		}
+		switch {
+		case strings.HasPrefix(want, "int"), strings.HasPrefix(want, "uint"):
+			msg = "is not a whole number; use digits such as 100"
+		case want == "bool":
+			msg = "is not a boolean; use true or false"
+		case want == "string":
+			msg = "is not text; write a single value"
+		case strings.HasPrefix(want, "[]"):
+			msg = "is not a list; write it as a YAML list, e.g. [a, b]"
+		}
+		return &Error{File: file, Line: line, Key: idx.pathAt(line, 0), Value: value, Msg: msg}
+	}
+	return &Error{File: file, Msg: err.Error()}
+}
+
+var typeRE = regexp.MustCompile("cannot unmarshal !!\\w+ `?([^`]*)`? into (\\S+)")
+
+// keyIndex maps key paths (services[0].listen) to the line of their value
+// and back, so that errors found after decoding can name a line.
+type keyIndex struct {
+	lines map[string]int
+	paths map[[2]int]string // [line, column] of a value -> its key path
+}
+
+// pathAt returns the key path of the value at line and column; with column
+// 0 (unknown), the deepest key whose value is on that line.
+func (k *keyIndex) pathAt(line, column int) string {
+	if p, ok := k.paths[[2]int{line, column}]; ok {
+		return p
+	}
+	best, bestCol := "", 1<<30
+	for at, p := range k.paths {
+		if at[0] != line {
+			continue
+		}
+		if len(p) > len(best) || (len(p) == len(best) && at[1] < bestCol) {
+			best, bestCol = p, at[1]
+		}
+	}
+	return best
+}
+
+// Line of a key path; 0 if the key is not in the file.
+func (k *keyIndex) Line(path string) int {
+	if k == nil {
+		return 0
+	}
+	return k.lines[path]
+}
+
+func (k *keyIndex) record(path string, n *yaml.Node) {
+	k.lines[path] = n.Line
+	k.paths[[2]int{n.Line, n.Column}] = path
+}
+
+// walk checks every mapping key against the struct it decodes into,
+// reporting unknown and duplicate keys, and records where each key is.
+func (k *keyIndex) walk(n *yaml.Node, t reflect.Type, path string, report func(line int, key, msg string)) {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if n.Kind == yaml.AliasNode {
+		n = n.Alias
+	}
+	switch {
+	case t.Kind() == reflect.Struct && n.Kind == yaml.MappingNode && !hasUnmarshaler(t):
+		fields := yamlFields(t)
+		seen := map[string]bool{}
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			key, val := n.Content[i], n.Content[i+1]
+			p := join(path, key.Value)
+			ft, ok := fields[key.Value]
+			if !ok {
+				report(key.Line, p, unknownKeyMsg(key.Value, fields))
+				continue
+			}
+			if seen[key.Value] {
+				report(key.Line, p, "is set twice; keep one")
+				continue
+			}
+			seen[key.Value] = true
+			k.record(p, val)
+			k.walk(val, ft, p, report)
+		}
+	case t.Kind() == reflect.Slice && n.Kind == yaml.SequenceNode:
+		for i, item := range n.Content {
+			p := fmt.Sprintf("%s[%d]", path, i)
+			k.record(p, item)
+			k.walk(item, t.Elem(), p, report)
+		}
+	}
+}
+
+func hasUnmarshaler(t reflect.Type) bool {
+	return reflect.PointerTo(t).Implements(reflect.TypeFor[yaml.Unmarshaler]())
+}
+
+func yamlFields(t reflect.Type) map[string]reflect.Type {
+	m := map[string]reflect.Type{}
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if name == "-" || !f.IsExported() {
+			continue
+		}
+		if name == "" {
+			name = strings.ToLower(f.Name)
+		}
+		m[name] = f.Type
+	}
+	return m
+}
+
+func unknownKeyMsg(key string, fields map[string]reflect.Type) string {
+	names := make([]string, 0, len(fields))
+	for n := range fields {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	msg := "is not a known key"
+	if best := closest(key, names); best != "" {
+		msg += fmt.Sprintf(" (did you mean %q?)", best)
+	}
+	return msg + "; valid keys here: " + strings.Join(names, ", ")
+}
+
+// closest returns the candidate within edit distance 2 of s, if any.
+func closest(s string, candidates []string) string {
+	best, bestD := "", 3
+	for _, c := range candidates {
+		if d := editDistance(s, c); d < bestD {
+			best, bestD = c, d
+		}
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
+}
+
+func join(path, key string) string {
+	if path == "" {
+		return key
+	}
+	return path + "." + key
+}

@@ -1,0 +1,127 @@
+package config
+
+import (
+	"fmt"
+	"regexp"
+)
+
+var (
+	tableNameRE   = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_]{0,31}$`)
+	serviceNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,31}$`)
+)
+
+func (c *Config) validate(idx *keyIndex) error {
+	var errs Errors
+	bad := func(path, value, format string, args ...any) {
+		errs = append(errs, &Error{Line: idx.Line(path), Key: path, Value: value, Msg: fmt.Sprintf(format, args...)})
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", c.Log.Level, "is not a log level; use debug, info, warn or error")
+	}
+	switch c.Log.Format {
+	case "auto", "text", "json":
+	default:
+		bad("log.format", c.Log.Format, "is not a log format; use auto (text on a terminal, JSON otherwise), text or json")
+	}
+	if !tableNameRE.MatchString(c.Kernel.Table) {
+		bad("kernel.table", c.Kernel.Table, "is not a usable table name; use a letter then up to 31 letters, digits or _")
+	}
+	switch c.Kernel.RouteTable {
+	case 253, 254, 255:
+		bad("kernel.route_table", fmt.Sprint(c.Kernel.RouteTable), "is a system routing table (default, main or local); use a table of its own such as 100")
+	}
+	if c.Limits.MaxFlows < 0 {
+		bad("limits.max_flows", fmt.Sprint(c.Limits.MaxFlows), "is negative; use a positive number of flows (0 means the default %d)", DefaultMaxFlows)
+	}
+
+	names := map[string]int{}
+	listens := map[Port]int{}
+	for i := range c.Services {
+		s := &c.Services[i]
+		p := fmt.Sprintf("services[%d]", i)
+		switch {
+		case s.Name == "":
+			bad(p, "", "has no name; give each service a unique name such as \"web\"")
+		case !serviceNameRE.MatchString(s.Name):
+			bad(p+".name", s.Name, "is not a usable service name; use up to 32 lowercase letters, digits, - or _")
+		default:
+			if j, dup := names[s.Name]; dup {
+				bad(p+".name", s.Name, "is already the name of services[%d]; names must be unique", j)
+			}
+			names[s.Name] = i
+		}
+		if s.Listen == 0 {
+			bad(p, s.Name, "has no listen port; set listen to a free port on the gateway for its TPROXY listener, such as 15001")
+		} else if j, dup := listens[s.Listen]; dup {
+			bad(p+".listen", fmt.Sprint(s.Listen), "is already the listen port of service %q; each service needs its own", c.Services[j].Name)
+		} else {
+			listens[s.Listen] = i
+		}
+		if len(s.Ports) == 0 {
+			bad(p, s.Name, "has no ports; list the destination ports to intercept, such as ports: [\"80\"]")
+		}
+		for j, r := range s.Access.Rules {
+			if r.Action == "" {
+				bad(fmt.Sprintf("%s.access.rules[%d]", p, j), "", "has no action; set action: allow or action: deny")
+			}
+		}
+		for j := 0; j < i; j++ {
+			if what, ok := overlap(&c.Services[j], s); ok {
+				bad(p+".ports", s.Name, "overlaps service %q: both intercept %s; narrow the ports, destinations or sources of one of them", c.Services[j].Name, what)
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return errs
+	}
+	return nil
+}
+
+// overlap reports whether two services could both match one flow, and a
+// description of such a flow.
+func overlap(a, b *Service) (string, bool) {
+	var port string
+	for _, x := range a.Ports {
+		for _, y := range b.Ports {
+			if x.Overlaps(y) {
+				port = PortRange{max(x.First, y.First), min(x.Last, y.Last)}.String()
+			}
+		}
+	}
+	if port == "" {
+		return "", false
+	}
+	dst, ok := prefixesOverlap(a.Destinations, b.Destinations)
+	if !ok {
+		return "", false
+	}
+	src, ok := prefixesOverlap(a.Sources, b.Sources)
+	if !ok {
+		return "", false
+	}
+	return fmt.Sprintf("tcp port %s from %s to %s", port, src, dst), true
+}
+
+func prefixesOverlap(a, b []Prefix) (string, bool) {
+	switch {
+	case len(a) == 0 && len(b) == 0:
+		return "any address", true
+	case len(a) == 0:
+		return b[0].String(), true
+	case len(b) == 0:
+		return a[0].String(), true
+	}
+	for _, x := range a {
+		for _, y := range b {
+			if x.Overlaps(y.Prefix) {
+				if x.Bits() > y.Bits() {
+					return x.String(), true
+				}
+				return y.String(), true
+			}
+		}
+	}
+	return "", false
+}

@@ -1,0 +1,269 @@
+// Package testnet builds network-namespace labs for tests, the demo and the
+// benchmarks: client hosts, one gateway and server hosts, each in its own
+// namespace, joined by veth pairs with IPv4 and IPv6 addresses. The gateway
+// forwards between them, so a lab is a small routed network that the host's
+// own network never sees.
+//
+// Every client and server has its own point-to-point subnet to the gateway:
+//
+//	client k: 10.1.k.2/24 via 10.1.k.1, fd00:1:k::2/64 via fd00:1:k::1
+//	server k: 10.2.k.2/24 via 10.2.k.1, fd00:2:k::2/64 via fd00:2:k::1
+//
+// Namespace names carry the process ID and a counter so that parallel test
+// binaries never collide; Close removes them, and New sweeps namespaces
+// left behind by processes that no longer exist.
+//
+// Creating a lab needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and iproute2.
+package testnet
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"syscall"
+)
+
+// Prefix starts every namespace name a lab creates.
+const Prefix = "spl-"
+
+var labCounter atomic.Int64
+
+// Options describe a lab. The zero value is one client, one server, default
+// sysctls.
+type Options struct {
+	Clients int // client hosts; 0 means 1
+	Servers int // server hosts; 0 means 1
+
+	// Sysctls per role, applied after the links are up. Use them to force
+	// differences between the legs, e.g. a different net.ipv4.tcp_rmem on
+	// the client and the server so their window scales differ.
+	ClientSysctls  map[string]string
+	ServerSysctls  map[string]string
+	GatewaySysctls map[string]string
+
+	// MTU of the client-side and server-side links; 0 means 1500.
+	ClientMTU, ServerMTU int
+}
+
+// Host is one namespace of a lab with its addresses on its link to the
+// gateway (for the gateway: its addresses towards the first client).
+type Host struct {
+	NS
+	IPv4 netip.Addr
+	IPv6 netip.Addr
+	// Dev is the host's interface towards its peer (the gateway, or for the
+	// gateway its first client-side interface).
+	Dev string
+}
+
+// Addr returns the host's IPv4 or IPv6 address.
+func (h *Host) Addr(v6 bool) netip.Addr {
+	if v6 {
+		return h.IPv6
+	}
+	return h.IPv4
+}
+
+// Lab is a running lab. Close removes every namespace it created.
+type Lab struct {
+	ID      string
+	Clients []*Host
+	Servers []*Host
+	Gateway *Host
+
+	// GatewayClientSide[k] and GatewayServerSide[k] are the gateway's
+	// addresses and interface names on the link to client k and server k.
+	GatewayClientSide []*Host
+	GatewayServerSide []*Host
+
+	all []*NS
+}
+
+// Client is the first client host.
+func (l *Lab) Client() *Host { return l.Clients[0] }
+
+// Server is the first server host.
+func (l *Lab) Server() *Host { return l.Servers[0] }
+
+// New builds a lab. On error, everything it created is removed.
+func New(opt Options) (lab *Lab, err error) {
+	if os.Geteuid() != 0 {
+		return nil, errors.New("testnet: building a lab needs root")
+	}
+	SweepStale()
+	if opt.Clients == 0 {
+		opt.Clients = 1
+	}
+	if opt.Servers == 0 {
+		opt.Servers = 1
+	}
+	id := fmt.Sprintf("%s%d-%d", Prefix, os.Getpid(), labCounter.Add(1))
+	lab = &Lab{ID: id}
+	defer func() {
+		if err != nil {
+			lab.Close()
+			lab = nil
+		}
+	}()
+
+	gw, err := lab.addNS(id + "-gw")
+	if err != nil {
+		return nil, err
+	}
+	lab.Gateway = &Host{NS: *gw}
+	for _, kv := range [][2]string{
+		{"net.ipv4.ip_forward", "1"},
+		{"net.ipv6.conf.all.forwarding", "1"},
+		{"net.ipv6.conf.default.accept_dad", "0"},
+		{"net.ipv6.conf.all.accept_dad", "0"},
+	} {
+		if err := gw.Sysctl(kv[0], kv[1]); err != nil {
+			return nil, err
+		}
+	}
+	if _, err := gw.Run("ip", "link", "set", "lo", "up"); err != nil {
+		return nil, err
+	}
+
+	for k := 0; k < opt.Clients; k++ {
+		h, gwSide, err := lab.addHost(fmt.Sprintf("%s-c%d", id, k), 1, k, opt.ClientMTU)
+		if err != nil {
+			return nil, err
+		}
+		lab.Clients = append(lab.Clients, h)
+		lab.GatewayClientSide = append(lab.GatewayClientSide, gwSide)
+	}
+	for k := 0; k < opt.Servers; k++ {
+		h, gwSide, err := lab.addHost(fmt.Sprintf("%s-s%d", id, k), 2, k, opt.ServerMTU)
+		if err != nil {
+			return nil, err
+		}
+		lab.Servers = append(lab.Servers, h)
+		lab.GatewayServerSide = append(lab.GatewayServerSide, gwSide)
+	}
+	lab.Gateway.IPv4 = lab.GatewayClientSide[0].IPv4
+	lab.Gateway.IPv6 = lab.GatewayClientSide[0].IPv6
+	lab.Gateway.Dev = lab.GatewayClientSide[0].Dev
+
+	apply := func(hosts []*Host, sysctls map[string]string) error {
+		for _, h := range hosts {
+			for k, v := range sysctls {
+				if err := h.Sysctl(k, v); err != nil {
+					return err
+				}
+			}
+		}
+		return nil
+	}
+	if err := apply(lab.Clients, opt.ClientSysctls); err != nil {
+		return nil, err
+	}
+	if err := apply(lab.Servers, opt.ServerSysctls); err != nil {
+		return nil, err
+	}
+	if err := apply([]*Host{lab.Gateway}, opt.GatewaySysctls); err != nil {
+		return nil, err
+	}
+	return lab, nil
+}
+
+func (l *Lab) addNS(name string) (*NS, error) {
+	ns := &NS{Name: name}
+	if out, err := runHost("ip", "netns", "add", name); err != nil {
+		return nil, fmt.Errorf("ip netns add %s: %w: %s", name, err, out)
+	}
+	l.all = append(l.all, ns)
+	return ns, nil
+}
+
+// addHost creates a namespace joined to the gateway by a veth pair on the
+// subnet 10.<side>.<k>.0/24 and fd00:<side>:<k>::/64.
+func (l *Lab) addHost(name string, side, k, mtu int) (*Host, *Host, error) {
+	ns, err := l.addNS(name)
+	if err != nil {
+		return nil, nil, err
+	}
+	if mtu == 0 {
+		mtu = 1500
+	}
+	role := map[int]string{1: "c", 2: "s"}[side]
+	gwDev := fmt.Sprintf("%s%d", role, k)
+	host := &Host{NS: *ns, Dev: "eth0",
+		IPv4: netip.MustParseAddr(fmt.Sprintf("10.%d.%d.2", side, k)),
+		IPv6: netip.MustParseAddr(fmt.Sprintf("fd00:%d:%x::2", side, k)),
+	}
+	gwSide := &Host{NS: l.Gateway.NS, Dev: gwDev,
+		IPv4: netip.MustParseAddr(fmt.Sprintf("10.%d.%d.1", side, k)),
+		IPv6: netip.MustParseAddr(fmt.Sprintf("fd00:%d:%x::1", side, k)),
+	}
+	for _, kv := range [][2]string{
+		{"net.ipv6.conf.default.accept_dad", "0"},
+		{"net.ipv6.conf.all.accept_dad", "0"},
+	} {
+		if err := ns.Sysctl(kv[0], kv[1]); err != nil {
+			return nil, nil, err
+		}
+	}
+	mtuS := strconv.Itoa(mtu)
+	steps := []struct {
+		ns   *NS
+		args []string
+	}{
+		{ns, []string{"ip", "link", "add", "eth0", "mtu", mtuS, "type", "veth", "peer", "name", gwDev, "mtu", mtuS, "netns", l.Gateway.Name}},
+		{ns, []string{"ip", "link", "set", "lo", "up"}},
+		{ns, []string{"ip", "link", "set", "eth0", "up"}},
+		{ns, []string{"ip", "addr", "add", host.IPv4.String() + "/24", "dev", "eth0"}},
+		{ns, []string{"ip", "-6", "addr", "add", host.IPv6.String() + "/64", "dev", "eth0", "nodad"}},
+		{ns, []string{"ip", "route", "add", "default", "via", gwSide.IPv4.String()}},
+		{ns, []string{"ip", "-6", "route", "add", "default", "via", gwSide.IPv6.String()}},
+		{&l.Gateway.NS, []string{"ip", "link", "set", gwDev, "up"}},
+		{&l.Gateway.NS, []string{"ip", "addr", "add", gwSide.IPv4.String() + "/24", "dev", gwDev}},
+		{&l.Gateway.NS, []string{"ip", "-6", "addr", "add", gwSide.IPv6.String() + "/64", "dev", gwDev, "nodad"}},
+	}
+	for _, s := range steps {
+		if _, err := s.ns.Run(s.args[0], s.args[1:]...); err != nil {
+			return nil, nil, err
+		}
+	}
+	return host, gwSide, nil
+}
+
+// Close removes every namespace of the lab. It is safe to call twice.
+func (l *Lab) Close() error {
+	var errs []error
+	for i := len(l.all) - 1; i >= 0; i-- {
+		if out, err := runHost("ip", "netns", "del", l.all[i].Name); err != nil {
+			errs = append(errs, fmt.Errorf("ip netns del %s: %w: %s", l.all[i].Name, err, out))
+		}
+	}
+	l.all = nil
+	return errors.Join(errs...)
+}
+
+// SweepStale removes lab namespaces whose creating process no longer
+// exists (a test binary killed by a timeout cannot run its cleanups).
+func SweepStale() {
+	entries, err := os.ReadDir("/run/netns")
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if !strings.HasPrefix(name, Prefix) {
+			continue
+		}
+		pidStr, _, _ := strings.Cut(strings.TrimPrefix(name, Prefix), "-")
+		pid, err := strconv.Atoi(pidStr)
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		if err := syscall.Kill(pid, 0); err == nil || errors.Is(err, syscall.EPERM) {
+			continue // still running
+		}
+		runHost("ip", "netns", "del", name)
+	}
+}

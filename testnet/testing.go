@@ -1,0 +1,74 @@
+package testnet
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Privileged marks a test that needs root. Without root it skips with the
+// reason; as root it never skips, so a CI run (always root) cannot hide a
+// missing test behind a skip. Tools that the test needs must be installed:
+// as root a missing tool fails the test instead of skipping it.
+func Privileged(t testing.TB, tools ...string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("privileged lab test: needs root for network namespaces (run `make test` as root)")
+	}
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is not installed; `bash .ci/run` installs every tool the tests use", tool)
+		}
+	}
+}
+
+// NewT builds a lab for a test and removes it in t.Cleanup, also when the
+// test fails.
+func NewT(t testing.TB, opt Options) *Lab {
+	t.Helper()
+	Privileged(t, "ip")
+	lab, err := New(opt)
+	if err != nil {
+		t.Fatalf("build lab: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := lab.Close(); err != nil {
+			t.Errorf("remove lab: %v", err)
+		}
+	})
+	return lab
+}
+
+// Eventually polls cond every 10 ms until it returns nil or the deadline
+// passes; then it fails the test with cond's last error. Use it instead of
+// sleeping for readiness.
+func Eventually(t testing.TB, within time.Duration, cond func() error) {
+	t.Helper()
+	if err := Poll(within, cond); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Poll is Eventually without a test: it returns cond's last error when the
+// deadline passes.
+func Poll(within time.Duration, cond func() error) error {
+	deadline := time.Now().Add(within)
+	for {
+		err := cond()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("still failing after %v: %w", within, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func runHost(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	return strings.TrimSpace(string(out)), err
+}

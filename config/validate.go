@@ -7,7 +7,7 @@ import (
 
 var (
 	tableNameRE   = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_]{0,31}$`)
-	serviceNameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,31}$`)
+	serviceNameRE = regexp.MustCompile(`^[a-z][a-z0-9_]{0,23}$`)
 )
 
 func (c *Config) validate(idx *keyIndex) error {
@@ -45,7 +45,7 @@ func (c *Config) validate(idx *keyIndex) error {
 		case s.Name == "":
 			bad(p, "", "has no name; give each service a unique name such as \"web\"")
 		case !serviceNameRE.MatchString(s.Name):
-			bad(p+".name", s.Name, "is not a usable service name; use up to 32 lowercase letters, digits, - or _")
+			bad(p+".name", s.Name, "is not a usable service name; start with a lowercase letter, then up to 23 lowercase letters, digits or _ (it names nftables sets)")
 		default:
 			if j, dup := names[s.Name]; dup {
 				bad(p+".name", s.Name, "is already the name of services[%d]; names must be unique", j)

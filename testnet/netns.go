@@ -126,3 +126,5 @@ func (n *NS) ReadSysctl(key string) (string, error) {
 	})
 	return strings.TrimSpace(string(v)), err
 }
+
+func syscallClose(fd int) { unix.Close(fd) }

@@ -72,3 +72,36 @@ func runHost(name string, args ...string) (string, error) {
 	out, err := exec.Command(name, args...).CombinedOutput()
 	return strings.TrimSpace(string(out)), err
 }
+
+// Scratch creates a single empty namespace (loopback up) for tests of one
+// layer, such as nftables round trips, and removes it in t.Cleanup.
+func Scratch(t testing.TB) *NS {
+	t.Helper()
+	Privileged(t, "ip")
+	SweepStale()
+	name := fmt.Sprintf("%s%d-%d-x", Prefix, os.Getpid(), labCounter.Add(1))
+	if out, err := runHost("ip", "netns", "add", name); err != nil {
+		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
+	}
+	t.Cleanup(func() {
+		if out, err := runHost("ip", "netns", "del", name); err != nil {
+			t.Errorf("ip netns del %s: %v: %s", name, err, out)
+		}
+	})
+	ns := &NS{Name: name}
+	if _, err := ns.Run("ip", "link", "set", "lo", "up"); err != nil {
+		t.Fatal(err)
+	}
+	return ns
+}
+
+// OpenT is NS.Open for tests: the descriptor is closed in t.Cleanup.
+func (n *NS) OpenT(t testing.TB) int {
+	t.Helper()
+	fd, err := n.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscallClose(fd) })
+	return fd
+}

@@ -1,0 +1,157 @@
+package rules
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/google/nftables"
+	"github.com/jsimonetti/rtnetlink/v2"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Manager installs and removes our kernel state through netlink.
+type Manager struct {
+	netns int
+	spec  Spec
+}
+
+// Option configures a Manager.
+type Option func(*Manager)
+
+// WithNetNS makes the Manager program the namespace behind fd instead of
+// the caller's. Tests use it; the daemon runs inside its namespace.
+func WithNetNS(fd int) Option { return func(m *Manager) { m.netns = fd } }
+
+// NewManager returns a Manager for spec. It touches nothing yet.
+func NewManager(spec Spec, opts ...Option) *Manager {
+	m := &Manager{spec: spec}
+	for _, o := range opts {
+		o(m)
+	}
+	return m
+}
+
+// Spec is the state the Manager installs.
+func (m *Manager) Spec() Spec { return m.spec }
+
+func (m *Manager) nft() (*nftables.Conn, error) {
+	var opts []nftables.ConnOption
+	if m.netns != 0 {
+		opts = append(opts, nftables.WithNetNSFd(m.netns))
+	}
+	c, err := nftables.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("open nftables netlink: %w", err)
+	}
+	return c, nil
+}
+
+func (m *Manager) rtnl() (*rtnetlink.Conn, error) {
+	c, err := rtnetlink.Dial(&netlink.Config{NetNS: m.netns})
+	if err != nil {
+		return nil, fmt.Errorf("open rtnetlink: %w", err)
+	}
+	return c, nil
+}
+
+// Install programs the table and policy routing. It is idempotent: the
+// table is replaced atomically in one transaction, and routing entries that
+// already exist are kept.
+func (m *Manager) Install() error {
+	c, err := m.nft()
+	if err != nil {
+		return err
+	}
+	if err := queueTable(c, &m.spec); err != nil {
+		return err
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("install nftables table inet %s: %w", m.spec.Table, explainNFT(err))
+	}
+	rt, err := m.rtnl()
+	if err != nil {
+		return err
+	}
+	defer rt.Close()
+	return installRouting(rt, &m.spec)
+}
+
+// Remove deletes the table and our routing entries. What is already gone
+// is not an error.
+func (m *Manager) Remove() error {
+	return Cleanup(m.spec, m.netns)
+}
+
+// Cleanup removes the kernel state of spec without needing the daemon that
+// installed it, e.g. after `kill -9`: the table by name, ip rules of ours
+// with the spec's mark, our routes in the spec's table. netns 0 is the
+// caller's namespace.
+func Cleanup(spec Spec, netns int) error {
+	m := &Manager{spec: spec, netns: netns}
+	var errs []error
+	c, err := m.nft()
+	if err != nil {
+		return err
+	}
+	if exists, err := tableExists(c, spec.Table); err != nil {
+		errs = append(errs, err)
+	} else if exists {
+		c.DelTable(spec.table())
+		if err := c.Flush(); err != nil {
+			errs = append(errs, fmt.Errorf("delete table inet %s: %w", spec.Table, err))
+		}
+	}
+	rt, err := m.rtnl()
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	defer rt.Close()
+	if err := removeRouting(rt, &spec); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// State reports what of spec is present in the kernel: whether the table
+// exists and how many of our ip rules and routes there are.
+func (m *Manager) State() (table bool, ipRules, routes int, err error) {
+	c, err := m.nft()
+	if err != nil {
+		return false, 0, 0, err
+	}
+	if table, err = tableExists(c, m.spec.Table); err != nil {
+		return false, 0, 0, err
+	}
+	rt, err := m.rtnl()
+	if err != nil {
+		return false, 0, 0, err
+	}
+	defer rt.Close()
+	ipRules, routes, err = routingState(rt, &m.spec)
+	return table, ipRules, routes, err
+}
+
+func tableExists(c *nftables.Conn, name string) (bool, error) {
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return false, fmt.Errorf("list nftables tables: %w", err)
+	}
+	for _, t := range tables {
+		if t.Name == name {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// explainNFT adds what to do to kernel errors an operator can meet.
+func explainNFT(err error) error {
+	switch {
+	case errors.Is(err, unix.ENOENT):
+		return fmt.Errorf("%w (a kernel module is missing: spliced needs nf_tables with the socket, tproxy and (for splicing) nft_compat/xt_NFQUEUE or nft_queue expressions)", err)
+	case errors.Is(err, unix.EPERM):
+		return fmt.Errorf("%w (needs CAP_NET_ADMIN: run as root or grant the capability)", err)
+	}
+	return err
+}

@@ -1,0 +1,224 @@
+package rules
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/userdata"
+	"golang.org/x/sys/unix"
+)
+
+// table returns our table object.
+func (spec *Spec) table() *nftables.Table {
+	return &nftables.Table{Family: nftables.TableFamilyINet, Name: spec.Table}
+}
+
+// queueTable adds to the batch the messages that atomically replace our
+// whole table with the spec: "add table; delete table; add table; ...".
+// The first add makes the delete succeed when the table does not exist.
+func queueTable(c *nftables.Conn, spec *Spec) error {
+	t := spec.table()
+	c.AddTable(t)
+	c.DelTable(t)
+	c.AddTable(t)
+	pre := c.AddChain(&nftables.Chain{
+		Name:     ChainPrerouting,
+		Table:    t,
+		Type:     nftables.ChainTypeFilter,
+		Hooknum:  nftables.ChainHookPrerouting,
+		Priority: nftables.ChainPriorityMangle,
+	})
+	svc := c.AddChain(&nftables.Chain{Name: ChainServices, Table: t})
+	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: concat(
+		l4protoTCP(),
+		[]expr.Any{
+			&expr.Socket{Key: expr.SocketKeyTransparent, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}},
+		},
+		setMark(spec.Mark),
+		[]expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}},
+	)})
+	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: []expr.Any{
+		&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainServices},
+	}})
+	return queueServices(c, spec, t, svc)
+}
+
+// queueServices adds the sets and TPROXY rules of every service.
+func queueServices(c *nftables.Conn, spec *Spec, t *nftables.Table, chain *nftables.Chain) error {
+	for i := range spec.Services {
+		s := &spec.Services[i]
+		sets := map[string]*nftables.Set{}
+		for _, d := range s.sets() {
+			set, err := addIntervalSet(c, t, d)
+			if err != nil {
+				return fmt.Errorf("service %s: %w", s.Name, err)
+			}
+			sets[d.name] = set
+		}
+		v4, v6 := s.Families()
+		for _, fam := range []struct {
+			on bool
+			v6 bool
+		}{{v4, false}, {v6, true}} {
+			if !fam.on {
+				continue
+			}
+			c.AddRule(&nftables.Rule{
+				Table:    t,
+				Chain:    chain,
+				Exprs:    serviceExprs(spec, s, sets, fam.v6),
+				UserData: userdata.AppendString(nil, userdata.TypeComment, ruleComment(s)),
+			})
+		}
+	}
+	return nil
+}
+
+func serviceExprs(spec *Spec, s *Service, sets map[string]*nftables.Set, v6 bool) []expr.Any {
+	nfproto, tproxyFamily := byte(unix.NFPROTO_IPV4), byte(unix.NFPROTO_IPV4)
+	saddrOff, daddrOff, addrLen := uint32(12), uint32(16), uint32(4)
+	if v6 {
+		nfproto, tproxyFamily = unix.NFPROTO_IPV6, unix.NFPROTO_IPV6
+		saddrOff, daddrOff, addrLen = 8, 24, 16
+	}
+	lookup := func(name string) *expr.Lookup {
+		return &expr.Lookup{SourceRegister: 1, SetName: name, SetID: sets[name].ID}
+	}
+	e := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}},
+	}
+	e = append(e, l4protoTCP()...)
+	e = append(e,
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		lookup(portsSet(s.Name)),
+	)
+	if !s.AnySrc {
+		e = append(e,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: saddrOff, Len: addrLen},
+			lookup(addrSet(s.Name, "src", v6)))
+	}
+	if !s.AnyDst {
+		e = append(e,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: daddrOff, Len: addrLen},
+			lookup(addrSet(s.Name, "dst", v6)))
+	}
+	// tcp flags & (syn|ack) == syn: new connections only.
+	e = append(e,
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x12}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0x02}},
+	)
+	e = append(e, setMark(spec.Mark)...)
+	return append(e,
+		&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(s.Listen)},
+		&expr.TProxy{Family: tproxyFamily, TableFamily: unix.NFPROTO_INET, RegPort: 1},
+		&expr.Verdict{Kind: expr.VerdictAccept},
+	)
+}
+
+func l4protoTCP() []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+	}
+}
+
+// setMark is "meta mark set meta mark | M": only our bits change.
+func setMark(mark uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(^mark),
+			Xor:  binaryutil.NativeEndian.PutUint32(mark)},
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+	}
+}
+
+func concat(parts ...[]expr.Any) []expr.Any {
+	var out []expr.Any
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}
+
+// addIntervalSet adds a named interval set with its elements encoded the
+// way nft encodes them: each interval is a start element and an
+// interval-end element holding the first value after it; a gap before the
+// first interval starts with an interval-end element at zero.
+func addIntervalSet(c *nftables.Conn, t *nftables.Table, d setDef) (*nftables.Set, error) {
+	set := &nftables.Set{Table: t, Name: d.name, Interval: true}
+	var ivs [][2][]byte // [start, end+1]; end+1 nil when the interval runs to the maximum
+	switch d.typ() {
+	case "inet_service":
+		set.KeyType = nftables.TypeInetService
+		for _, r := range d.ports {
+			iv := [2][]byte{binary.BigEndian.AppendUint16(nil, r.First), nil}
+			if r.Last < 0xffff {
+				iv[1] = binary.BigEndian.AppendUint16(nil, r.Last+1)
+			}
+			ivs = append(ivs, iv)
+		}
+	default:
+		set.KeyType = nftables.TypeIPAddr
+		if d.v6 {
+			set.KeyType = nftables.TypeIP6Addr
+		}
+		for _, p := range d.addrs {
+			first, next, ok := prefixBounds(p)
+			iv := [2][]byte{first.AsSlice(), nil}
+			if ok {
+				iv[1] = next.AsSlice()
+			}
+			ivs = append(ivs, iv)
+		}
+	}
+	var elems []nftables.SetElement
+	if len(ivs) > 0 && !isZero(ivs[0][0]) {
+		elems = append(elems, nftables.SetElement{Key: make([]byte, len(ivs[0][0])), IntervalEnd: true})
+	}
+	for _, iv := range ivs {
+		elems = append(elems, nftables.SetElement{Key: iv[0]})
+		if iv[1] != nil {
+			elems = append(elems, nftables.SetElement{Key: iv[1], IntervalEnd: true})
+		}
+	}
+	if err := c.AddSet(set, elems); err != nil {
+		return nil, fmt.Errorf("add set %s: %w", d.name, err)
+	}
+	return set, nil
+}
+
+// prefixBounds returns the first address of p and the first address after
+// it; ok is false when p reaches the end of the address space.
+func prefixBounds(p netip.Prefix) (first, next netip.Addr, ok bool) {
+	first = p.Masked().Addr()
+	b := first.AsSlice()
+	// last = first | host bits; next = last + 1
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	for i := len(b) - 1; i >= 0; i-- {
+		b[i]++
+		if b[i] != 0 {
+			next, _ = netip.AddrFromSlice(b)
+			return first, next, true
+		}
+	}
+	return first, netip.Addr{}, false
+}
+
+func isZero(b []byte) bool {
+	for _, x := range b {
+		if x != 0 {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,160 @@
+package rules
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"spliced/config"
+)
+
+// Set names of a service. Service names are restricted by config to
+// [a-z][a-z0-9_]*, so these are valid nft identifiers.
+func portsSet(svc string) string { return svc + "_ports" }
+func addrSet(svc, dir string, v6 bool) string {
+	if v6 {
+		return svc + "_" + dir + "6"
+	}
+	return svc + "_" + dir + "4"
+}
+
+// setDef is one named set of the table, shared by Render and the netlink
+// builder so the two cannot disagree on what exists.
+type setDef struct {
+	name  string
+	ports []config.PortRange // for inet_service sets
+	addrs []netip.Prefix     // for address sets
+	v6    bool
+}
+
+func (d setDef) typ() string {
+	switch {
+	case d.ports != nil:
+		return "inet_service"
+	case d.v6:
+		return "ipv6_addr"
+	}
+	return "ipv4_addr"
+}
+
+// sets lists the sets of a service in the order they are created.
+func (s *Service) sets() []setDef {
+	out := []setDef{{name: portsSet(s.Name), ports: s.Ports}}
+	v4, v6 := s.Families()
+	add := func(dir string, p4, p6 []netip.Prefix, any bool) {
+		if any {
+			return
+		}
+		if v4 {
+			out = append(out, setDef{name: addrSet(s.Name, dir, false), addrs: p4})
+		}
+		if v6 {
+			out = append(out, setDef{name: addrSet(s.Name, dir, true), addrs: p6, v6: true})
+		}
+	}
+	add("src", s.Src4, s.Src6, s.AnySrc)
+	add("dst", s.Dst4, s.Dst6, s.AnyDst)
+	return out
+}
+
+// Chain names in our table.
+const (
+	ChainPrerouting = "prerouting"
+	ChainServices   = "services"
+)
+
+// Render returns the table as `nft list table inet NAME` prints it.
+func Render(spec Spec) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "table inet %s {\n", spec.Table)
+	var blocks []string
+	for i := range spec.Services {
+		for _, d := range spec.Services[i].sets() {
+			blocks = append(blocks, renderSet(d))
+		}
+	}
+	blocks = append(blocks, renderChain(ChainPrerouting, "type filter hook prerouting priority mangle; policy accept;", []string{
+		fmt.Sprintf("meta l4proto tcp socket transparent 1 %s accept", markSet(spec.Mark)),
+		"jump " + ChainServices,
+	}))
+	var svcRules []string
+	for i := range spec.Services {
+		svcRules = append(svcRules, serviceRuleText(spec, &spec.Services[i])...)
+	}
+	blocks = append(blocks, renderChain(ChainServices, "", svcRules))
+	b.WriteString(strings.Join(blocks, "\n"))
+	b.WriteString("}\n")
+	return b.String()
+}
+
+func renderSet(d setDef) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "\tset %s {\n\t\ttype %s\n\t\tflags interval\n", d.name, d.typ())
+	var elems []string
+	for _, r := range d.ports {
+		elems = append(elems, r.String())
+	}
+	for _, p := range d.addrs {
+		if p.IsSingleIP() {
+			elems = append(elems, p.Addr().String())
+		} else {
+			elems = append(elems, p.String())
+		}
+	}
+	if len(elems) > 0 {
+		fmt.Fprintf(&b, "\t\telements = { %s }\n", strings.Join(elems, ", "))
+	}
+	b.WriteString("\t}\n")
+	return b.String()
+}
+
+func renderChain(name, hook string, rules []string) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "\tchain %s {\n", name)
+	if hook != "" {
+		fmt.Fprintf(&b, "\t\t%s\n", hook)
+	}
+	for _, r := range rules {
+		fmt.Fprintf(&b, "\t\t%s\n", r)
+	}
+	b.WriteString("\t}\n")
+	return b.String()
+}
+
+func markSet(mark uint32) string {
+	return fmt.Sprintf("meta mark set meta mark | 0x%08x", mark)
+}
+
+// serviceRuleText renders the TPROXY rules of one service, IPv4 first.
+func serviceRuleText(spec Spec, s *Service) []string {
+	var out []string
+	v4, v6 := s.Families()
+	for _, fam := range []struct {
+		on        bool
+		v6        bool
+		ip, proto string
+	}{{v4, false, "ip", "ipv4"}, {v6, true, "ip6", "ipv6"}} {
+		if !fam.on {
+			continue
+		}
+		var r []string
+		if s.AnySrc && s.AnyDst {
+			// With an address match nft infers the family; without, it
+			// shows the explicit dependency.
+			r = append(r, "meta nfproto "+fam.proto)
+		}
+		r = append(r, "tcp dport @"+portsSet(s.Name))
+		if !s.AnySrc {
+			r = append(r, fmt.Sprintf("%s saddr @%s", fam.ip, addrSet(s.Name, "src", fam.v6)))
+		}
+		if !s.AnyDst {
+			r = append(r, fmt.Sprintf("%s daddr @%s", fam.ip, addrSet(s.Name, "dst", fam.v6)))
+		}
+		r = append(r, "tcp flags syn / syn,ack", markSet(spec.Mark),
+			fmt.Sprintf("tproxy %s to :%d accept comment %q", fam.ip, s.Listen, ruleComment(s)))
+		out = append(out, strings.Join(r, " "))
+	}
+	return out
+}
+
+func ruleComment(s *Service) string { return "service " + s.Name }

@@ -16,7 +16,7 @@ type valueError struct {
 	line   int
 	column int
 	value  string
-	msg   string // what is wrong and what would be valid
+	msg    string // what is wrong and what would be valid
 }
 
 func (e *valueError) Error() string { return fmt.Sprintf("line %d: %q: %s", e.line, e.value, e.msg) }

@@ -1,0 +1,41 @@
+# spliced: see README.md. Lab targets (test, demo, bench) need root.
+SHELL := /bin/bash
+
+GO       ?= go
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+SYSCONFDIR ?= /etc
+BIN      := bin
+CMDS     := spliced splicectl spliced-demo
+TESTFLAGS ?=
+
+.PHONY: all build test check demo install clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
+
+# Every package's tests, lab tests included (as root). The summary fails
+# the run when a test fails, or when one skipped although we are root.
+test:
+	set -o pipefail; $(GO) test -count=1 -timeout 14m -json $(TESTFLAGS) ./... | $(GO) run ./internal/testsummary
+
+check:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt: not formatted:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
+
+demo: build
+	$(BIN)/spliced-demo -spliced $(BIN)/spliced
+
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SYSCONFDIR)/spliced
+	install -m 0755 $(BIN)/spliced $(BIN)/splicectl $(DESTDIR)$(PREFIX)/bin/
+	@if [ -e $(DESTDIR)$(SYSCONFDIR)/spliced/spliced.yaml ]; then \
+		echo "keeping existing $(DESTDIR)$(SYSCONFDIR)/spliced/spliced.yaml"; \
+	else install -m 0640 config/default.yaml $(DESTDIR)$(SYSCONFDIR)/spliced/spliced.yaml; fi
+
+clean:
+	rm -rf $(BIN) test.json

@@ -1,0 +1,139 @@
+package proxy
+
+import (
+	"cmp"
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// State of a flow as operators see it.
+type State int32
+
+const (
+	StateProxied  State = iota // relayed by a proxy through two kernel sockets
+	StateSplicing              // being handed from the proxy to the splice engine
+	StateSpliced               // forwarded packet by packet; no gateway socket
+	StateClosing               // ending
+)
+
+func (s State) String() string {
+	switch s {
+	case StateProxied:
+		return "proxied"
+	case StateSplicing:
+		return "splicing"
+	case StateSpliced:
+		return "spliced"
+	case StateClosing:
+		return "closing"
+	}
+	return "unknown"
+}
+
+// Flow is one client connection relayed by a proxy, with the upstream
+// connection it opened for it.
+type Flow struct {
+	ID       uint64
+	Service  string
+	Proxy    string         // kind of proxy: "forward", ...
+	Client   netip.AddrPort // the client's address
+	Server   netip.AddrPort // the original destination
+	Upstream netip.AddrPort // local address of the upstream connection: what the server sees
+	Started  time.Time
+
+	state atomic.Int32
+	// Bytes relayed by the proxy in user space (well, through splice(2)
+	// pipes) since the flow started, client to server and back.
+	C2S, S2C atomic.Int64
+	// SplicedAt is when the flow was last spliced (unix nanoseconds, 0 if
+	// never).
+	SplicedAt atomic.Int64
+
+	// spliceReq is closed when someone (an operator, a policy) asks for
+	// the flow to be spliced now.
+	spliceReqOnce sync.Once
+	spliceReq     chan struct{}
+}
+
+// NewFlow returns a flow in state proxied.
+func NewFlow(service, proxy string, client, server netip.AddrPort) *Flow {
+	return &Flow{Service: service, Proxy: proxy, Client: client, Server: server, Started: time.Now(), spliceReq: make(chan struct{})}
+}
+
+// State returns the flow's current state.
+func (f *Flow) State() State { return State(f.state.Load()) }
+
+// SetState changes the flow's state.
+func (f *Flow) SetState(s State) { f.state.Store(int32(s)) }
+
+// RequestSplice asks the proxy relaying the flow to splice it as soon as it
+// can. It returns at once.
+func (f *Flow) RequestSplice() { f.spliceReqOnce.Do(func() { close(f.spliceReq) }) }
+
+// SpliceRequested is closed once RequestSplice was called.
+func (f *Flow) SpliceRequested() <-chan struct{} { return f.spliceReq }
+
+// FlowTable holds the flows of all proxies, enforces the flow cap and hands
+// out IDs.
+type FlowTable struct {
+	max    int
+	nextID atomic.Uint64
+	mu     sync.Mutex
+	flows  map[uint64]*Flow
+}
+
+// NewFlowTable returns a table admitting at most max flows at once.
+func NewFlowTable(max int) *FlowTable {
+	return &FlowTable{max: max, flows: map[uint64]*Flow{}}
+}
+
+// Admit gives f an ID and adds it, unless the table is full.
+func (t *FlowTable) Admit(f *Flow) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if len(t.flows) >= t.max {
+		return false
+	}
+	f.ID = t.nextID.Add(1)
+	t.flows[f.ID] = f
+	return true
+}
+
+// Remove drops f from the table.
+func (t *FlowTable) Remove(f *Flow) {
+	t.mu.Lock()
+	delete(t.flows, f.ID)
+	t.mu.Unlock()
+}
+
+// Get returns the flow with the given ID, or nil.
+func (t *FlowTable) Get(id uint64) *Flow {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.flows[id]
+}
+
+// Len is the number of flows.
+func (t *FlowTable) Len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.flows)
+}
+
+// Max is the flow cap.
+func (t *FlowTable) Max() int { return t.max }
+
+// List returns the flows ordered by ID.
+func (t *FlowTable) List() []*Flow {
+	t.mu.Lock()
+	out := make([]*Flow, 0, len(t.flows))
+	for _, f := range t.flows {
+		out = append(out, f)
+	}
+	t.mu.Unlock()
+	slices.SortFunc(out, func(a, b *Flow) int { return cmp.Compare(a.ID, b.ID) })
+	return out
+}

@@ -1,0 +1,182 @@
+// Package proxy holds spliced's control-mode proxies. They run on real
+// kernel TCP sockets: a TPROXY listener accepts the client's connection
+// (whose local address is the original destination), the proxy opens its
+// own connection upstream, and relays.
+//
+// The Forwarder is the plain forwarder, the paper's class 1 proxy: it only
+// decides at connection setup (access policy, upstream mode) and then
+// copies bytes, through splice(2) pipes so they stay in the kernel. It
+// costs two sockets and their buffers per flow; splicing (package gateway)
+// removes both.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"spliced/config"
+	"spliced/logging"
+)
+
+// Forwarder is the plain forwarding proxy of one service.
+type Forwarder struct {
+	Service *config.Service
+	Flows   *FlowTable
+	Log     *slog.Logger
+
+	once        sync.Once
+	limiter     *logging.Limiter
+	flowCtx     context.Context
+	cancelFlows context.CancelFunc
+	wg          sync.WaitGroup
+}
+
+func (f *Forwarder) init() {
+	f.once.Do(func() {
+		f.limiter = logging.NewLimiter(10 * time.Second)
+		f.flowCtx, f.cancelFlows = context.WithCancel(context.Background())
+		if f.Log == nil {
+			f.Log = slog.New(slog.DiscardHandler)
+		}
+	})
+}
+
+// Serve accepts flows on the listeners until ctx is done, then closes them
+// and returns. Flows already accepted keep running (a reload must not cut
+// them); CloseFlows ends them.
+func (f *Forwarder) Serve(ctx context.Context, listeners ...*net.TCPListener) error {
+	f.init()
+	var wg sync.WaitGroup
+	errc := make(chan error, len(listeners))
+	for _, ln := range listeners {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errc <- f.acceptLoop(ctx, ln)
+		}()
+	}
+	stop := context.AfterFunc(ctx, func() {
+		for _, ln := range listeners {
+			ln.Close()
+		}
+	})
+	defer stop()
+	wg.Wait()
+	close(errc)
+	var errs []error
+	for err := range errc {
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (f *Forwarder) acceptLoop(ctx context.Context, ln *net.TCPListener) error {
+	for {
+		c, err := ln.AcceptTCP()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			// EMFILE and friends: back off instead of spinning.
+			f.logLimited("accept", slog.LevelWarn, "accept failed", logging.Err(err))
+			time.Sleep(50 * time.Millisecond)
+			continue
+		}
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			f.handle(c)
+		}()
+	}
+}
+
+// CloseFlows resets every flow the forwarder relays and waits for them.
+func (f *Forwarder) CloseFlows() {
+	f.init()
+	f.cancelFlows()
+	f.wg.Wait()
+}
+
+// Wait waits until every flow has ended.
+func (f *Forwarder) Wait() { f.wg.Wait() }
+
+func (f *Forwarder) logLimited(key string, level slog.Level, msg string, attrs ...any) {
+	if ok, n := f.limiter.Allow(key); ok {
+		if n > 0 {
+			attrs = append(attrs, "suppressed", n)
+		}
+		f.Log.Log(context.Background(), level, msg, attrs...)
+	}
+}
+
+func (f *Forwarder) handle(c *net.TCPConn) {
+	svc := f.Service
+	flow := NewFlow(svc.Name, "forward", addrPort(c.RemoteAddr()), addrPort(c.LocalAddr()))
+	if !f.Flows.Admit(flow) {
+		reset(c)
+		f.logLimited("cap", slog.LevelWarn, "flow cap reached, refusing new flows with a reset",
+			"max_flows", f.Flows.Max(), logging.KeyClient, flow.Client, logging.KeyServer, flow.Server,
+			"fix", "raise limits.max_flows or add gateways")
+		return
+	}
+	defer f.Flows.Remove(flow)
+	log := f.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
+
+	if svc.Access.Decide(flow.Client.Addr(), flow.Server) == config.Deny {
+		reset(c)
+		log.Info("flow denied by access policy")
+		return
+	}
+	ctx, cancel := context.WithTimeout(f.flowCtx, svc.ConnectTimeout.D())
+	up, err := DialUpstream(ctx, svc.Upstream == config.Transparent, flow.Client, flow.Server, svc.ConnectTimeout.D())
+	cancel()
+	if err != nil {
+		reset(c)
+		f.logLimited("dial "+flow.Server.String(), slog.LevelWarn, "upstream connect failed",
+			logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, logging.Err(err))
+		return
+	}
+	flow.Upstream = addrPort(up.LocalAddr())
+	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream))
+
+	relay := &Relay{Client: c, Upstream: up, Flow: flow, IdleTimeout: svc.IdleTimeout.D()}
+	stop := context.AfterFunc(f.flowCtx, relay.abort)
+	defer stop()
+	outcome, err := relay.Run()
+	attrs := []any{logging.KeyBytesC2S, flow.C2S.Load(), logging.KeyBytesS2C, flow.S2C.Load(),
+		logging.KeyDuration, time.Since(flow.Started).Round(time.Millisecond), logging.KeyReason, outcome.String()}
+	if err != nil {
+		attrs = append(attrs, logging.Err(err))
+	}
+	log.Info("flow closed", attrs...)
+}
+
+// ListenService opens the service's IPv4 and IPv6 TPROXY listeners.
+func ListenService(ctx context.Context, svc *config.Service) ([]*net.TCPListener, error) {
+	var lns []*net.TCPListener
+	for _, network := range []string{"tcp4", "tcp6"} {
+		ln, err := ListenTransparent(ctx, network, uint16(svc.Listen))
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return nil, fmt.Errorf("service %s: listen %s port %d: %w", svc.Name, network, svc.Listen, err)
+		}
+		lns = append(lns, ln)
+	}
+	return lns, nil
+}

@@ -1,0 +1,197 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync/atomic"
+	"time"
+)
+
+// Outcome is why Relay.Run returned.
+type Outcome int
+
+const (
+	// Finished: both directions ended with a FIN, relayed as a FIN.
+	Finished Outcome = iota
+	// Paused: Pause was called or the pause threshold was reached; both
+	// directions stopped between two reads, nothing is buffered in user
+	// space, and Run may be called again to resume.
+	Paused
+	// Idle: nothing moved either way for the idle timeout; both
+	// connections were closed.
+	Idle
+	// Failed: a connection failed (reset, write error); both were reset.
+	Failed
+)
+
+func (o Outcome) String() string {
+	return [...]string{"finished", "paused", "idle", "failed"}[o]
+}
+
+// chunk bounds one splice(2) call sequence, so that counters and the pause
+// threshold are looked at regularly even on a fast flow.
+const chunk = 1 << 20
+
+const (
+	dirC2S = 0
+	dirS2C = 1
+)
+
+// Relay copies bytes between a client and an upstream connection in both
+// directions. Each direction is dst.ReadFrom(src) between *net.TCPConn, so
+// the kernel moves the bytes with splice(2) and they never enter user
+// memory. A FIN in one direction is passed on as a FIN (half-close) while
+// the other direction keeps flowing.
+type Relay struct {
+	Client, Upstream *net.TCPConn
+	Flow             *Flow
+	// IdleTimeout ends the relay when no byte moved either way for this
+	// long. Zero means no timeout.
+	IdleTimeout time.Duration
+	// PauseAfter makes Run return Paused once the flow's byte count (both
+	// directions) reaches it. Zero means never.
+	PauseAfter int64
+
+	pausing    atomic.Bool
+	aborting   atomic.Bool
+	eof        [2]bool // direction ended by a FIN, already passed on
+	lastActive atomic.Int64
+}
+
+type dirResult struct {
+	dir  int
+	kind Outcome // Finished means this direction saw EOF
+	err  error
+}
+
+// HalfClosed reports whether a direction has already ended.
+func (r *Relay) HalfClosed() bool { return r.eof[dirC2S] || r.eof[dirS2C] }
+
+// Run relays until both directions end, the flow idles out, a connection
+// fails, or the relay is paused. On every outcome but Paused both
+// connections are closed when Run returns.
+func (r *Relay) Run() (Outcome, error) {
+	r.pausing.Store(false)
+	r.aborting.Store(false)
+	r.lastActive.Store(time.Now().UnixNano())
+	results := make(chan dirResult, 2)
+	running := 0
+	for d := range 2 {
+		if !r.eof[d] {
+			running++
+			go func() { results <- r.copyDir(d) }()
+		}
+	}
+	outcome, failErr := Finished, error(nil)
+	for ; running > 0; running-- {
+		res := <-results
+		switch res.kind {
+		case Finished:
+			r.eof[res.dir] = true
+		case Paused:
+			if outcome == Finished {
+				outcome = Paused
+			}
+		case Idle, Failed:
+			if outcome != Failed {
+				outcome, failErr = res.kind, res.err
+			}
+			r.abort()
+		}
+	}
+	switch outcome {
+	case Paused:
+		// Clear the past deadline Pause set so the caller can use the
+		// connections (or hand them over) at once.
+		r.Client.SetReadDeadline(time.Time{})
+		r.Upstream.SetReadDeadline(time.Time{})
+		return Paused, nil
+	case Failed:
+		reset(r.Client)
+		reset(r.Upstream)
+	default:
+		r.Client.Close()
+		r.Upstream.Close()
+	}
+	return outcome, failErr
+}
+
+// Pause makes Run return Paused as soon as both directions are between two
+// reads. It may be called from any goroutine.
+func (r *Relay) Pause() {
+	r.pausing.Store(true)
+	past := time.Unix(1, 0)
+	r.Client.SetReadDeadline(past)
+	r.Upstream.SetReadDeadline(past)
+}
+
+func (r *Relay) abort() {
+	r.aborting.Store(true)
+	past := time.Unix(1, 0)
+	r.Client.SetDeadline(past)
+	r.Upstream.SetDeadline(past)
+}
+
+func (r *Relay) copyDir(d int) dirResult {
+	src, dst, counter := r.Client, r.Upstream, &r.Flow.C2S
+	if d == dirS2C {
+		src, dst, counter = r.Upstream, r.Client, &r.Flow.S2C
+	}
+	for {
+		if r.aborting.Load() {
+			return dirResult{dir: d, kind: Failed}
+		}
+		if r.pausing.Load() {
+			return dirResult{dir: d, kind: Paused}
+		}
+		limit := int64(chunk)
+		if r.PauseAfter > 0 {
+			left := r.PauseAfter - (r.Flow.C2S.Load() + r.Flow.S2C.Load())
+			if left <= 0 {
+				r.Pause()
+				return dirResult{dir: d, kind: Paused}
+			}
+			limit = min(limit, left)
+		}
+		if r.IdleTimeout > 0 {
+			src.SetReadDeadline(time.Unix(0, r.lastActive.Load()).Add(r.IdleTimeout))
+		} else {
+			src.SetReadDeadline(time.Time{})
+		}
+		if r.pausing.Load() { // Pause may have run between the check and the deadline
+			return dirResult{dir: d, kind: Paused}
+		}
+		lr := &io.LimitedReader{R: src, N: limit}
+		n, err := dst.ReadFrom(lr)
+		if n > 0 {
+			counter.Add(n)
+			r.lastActive.Store(time.Now().UnixNano())
+		}
+		switch {
+		case err == nil && lr.N > 0: // EOF from src
+			if err := dst.CloseWrite(); err != nil {
+				return dirResult{dir: d, kind: Failed, err: err}
+			}
+			return dirResult{dir: d, kind: Finished}
+		case err == nil:
+			continue
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			if r.aborting.Load() {
+				return dirResult{dir: d, kind: Failed}
+			}
+			if r.pausing.Load() {
+				return dirResult{dir: d, kind: Paused}
+			}
+			if n == 0 && r.IdleTimeout > 0 && time.Since(time.Unix(0, r.lastActive.Load())) >= r.IdleTimeout {
+				return dirResult{dir: d, kind: Idle}
+			}
+		default:
+			if r.aborting.Load() {
+				return dirResult{dir: d, kind: Failed}
+			}
+			return dirResult{dir: d, kind: Failed, err: err}
+		}
+	}
+}

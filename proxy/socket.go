@@ -1,0 +1,100 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// setTransparent sets IP_TRANSPARENT (IPv4) or IPV6_TRANSPARENT (IPv6):
+// a listener with it accepts flows that TPROXY diverted to it, and an
+// upstream socket with it may bind to the client's (non-local) address.
+func setTransparent(network string, c syscall.RawConn) error {
+	var serr error
+	err := c.Control(func(fd uintptr) {
+		if network == "tcp6" {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
+		} else {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("set transparent: %w (needs CAP_NET_ADMIN)", serr)
+	}
+	return nil
+}
+
+// ListenTransparent opens a TPROXY listener on port for one family
+// ("tcp4" or "tcp6"). The families get separate listeners: a dual-stack
+// socket on :: makes IP_TRANSPARENT fail silently for IPv4.
+func ListenTransparent(ctx context.Context, network string, port uint16) (*net.TCPListener, error) {
+	addr := netip.AddrPortFrom(netip.IPv4Unspecified(), port)
+	if network == "tcp6" {
+		addr = netip.AddrPortFrom(netip.IPv6Unspecified(), port)
+	}
+	lc := net.ListenConfig{
+		Control:   func(network, _ string, c syscall.RawConn) error { return setTransparent(network, c) },
+		KeepAlive: -1,
+	}
+	ln, err := lc.Listen(ctx, network, addr.String())
+	if err != nil {
+		return nil, err
+	}
+	return ln.(*net.TCPListener), nil
+}
+
+// DialUpstream connects to server on behalf of client. Transparent mode
+// binds the client's address (and port where it is free, else an
+// ephemeral one) so the server sees the client; NAT mode uses the
+// gateway's own address.
+func DialUpstream(ctx context.Context, transparent bool, client, server netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
+	network := "tcp4"
+	if server.Addr().Is6() && !server.Addr().Is4In6() {
+		network = "tcp6"
+	}
+	server = netip.AddrPortFrom(server.Addr().Unmap(), server.Port())
+	d := net.Dialer{Timeout: timeout, KeepAlive: -1}
+	if !transparent {
+		c, err := d.DialContext(ctx, network, server.String())
+		if err != nil {
+			return nil, err
+		}
+		return c.(*net.TCPConn), nil
+	}
+	d.Control = func(network, _ string, c syscall.RawConn) error { return setTransparent(network, c) }
+	src := netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
+	d.LocalAddr = net.TCPAddrFromAddrPort(src)
+	c, err := d.DialContext(ctx, network, server.String())
+	if err != nil && (errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL)) {
+		// The client's port is taken on the gateway (or the 4-tuple is
+		// still in TIME_WAIT): let the kernel choose one.
+		d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(src.Addr(), 0))
+		c, err = d.DialContext(ctx, network, server.String())
+	}
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+// addrPort returns a connection address as netip.AddrPort with IPv4
+// addresses unmapped.
+func addrPort(a net.Addr) netip.AddrPort {
+	ap := a.(*net.TCPAddr).AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// reset closes c with a RST instead of a FIN, for refused or failed flows.
+func reset(c *net.TCPConn) {
+	c.SetLinger(0)
+	c.Close()
+}

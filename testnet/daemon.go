@@ -1,0 +1,208 @@
+package testnet
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+var build struct {
+	once sync.Once
+	dir  string
+	err  error
+}
+
+// Binary builds a command of this module (e.g. "spliced") once per test
+// process and returns its path.
+func Binary(t testing.TB, name string) string {
+	t.Helper()
+	build.once.Do(func() {
+		build.dir, build.err = os.MkdirTemp("", "spliced-bin-")
+	})
+	if build.err != nil {
+		t.Fatal(build.err)
+	}
+	path := filepath.Join(build.dir, name)
+	if _, err := os.Stat(path); err == nil {
+		return path
+	}
+	gomod, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		t.Fatalf("go env GOMOD: %v", err)
+	}
+	root := filepath.Dir(strings.TrimSpace(string(gomod)))
+	cmd := exec.Command("go", "build", "-o", path, "./cmd/"+name)
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("go build ./cmd/%s: %v\n%s", name, err, out)
+	}
+	return path
+}
+
+// Daemon is a spliced process in a lab's gateway namespace, logging JSON.
+type Daemon struct {
+	Config string // path of its configuration file
+	cmd    *exec.Cmd
+	ns     *NS
+	bin    string
+
+	mu    sync.Mutex
+	lines []map[string]any
+	raw   []string
+	done  chan struct{}
+	err   error
+}
+
+// StartDaemon writes config to a file and runs `spliced -config FILE` in
+// the gateway namespace, waiting until it logs "ready". The daemon is
+// stopped (SIGTERM) in t.Cleanup if still running.
+func StartDaemon(t testing.TB, lab *Lab, config string, args ...string) *Daemon {
+	t.Helper()
+	d, err := LaunchDaemon(lab, Binary(t, "spliced"), t.TempDir(), config, args...)
+	if d != nil {
+		t.Cleanup(func() {
+			d.Stop()
+			if t.Failed() {
+				t.Logf("daemon log:\n%s", d.Log())
+			}
+		})
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+// LaunchDaemon is StartDaemon without a test: bin is the spliced binary,
+// dir receives the configuration file. On error after the start, the
+// returned Daemon is still running and must be stopped.
+func LaunchDaemon(lab *Lab, bin, dir, config string, args ...string) (*Daemon, error) {
+	d := &Daemon{Config: filepath.Join(dir, "spliced.yaml"), ns: &lab.Gateway.NS, bin: bin}
+	if err := os.WriteFile(d.Config, []byte(config), 0o600); err != nil {
+		return nil, err
+	}
+	if err := d.start(args...); err != nil {
+		return nil, err
+	}
+	if err := d.WaitLog(15*time.Second, func(l map[string]any) bool { return l["msg"] == "ready" }); err != nil {
+		return d, fmt.Errorf("daemon not ready: %w\n%s", err, d.Log())
+	}
+	return d, nil
+}
+
+func (d *Daemon) start(args ...string) error {
+	full := append([]string{"-config", d.Config, "-log-format", "json", "-log-level", "debug"}, args...)
+	d.cmd = d.ns.Command(context.Background(), d.bin, full...)
+	stderr, err := d.cmd.StderrPipe()
+	if err != nil {
+		return err
+	}
+	d.cmd.Stdout = os.Stdout
+	d.done = make(chan struct{})
+	if err := d.cmd.Start(); err != nil {
+		return fmt.Errorf("start spliced: %w", err)
+	}
+	go func() {
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		for sc.Scan() {
+			var m map[string]any
+			line := sc.Text()
+			json.Unmarshal([]byte(line), &m)
+			d.mu.Lock()
+			d.raw = append(d.raw, line)
+			if m != nil {
+				d.lines = append(d.lines, m)
+			}
+			d.mu.Unlock()
+		}
+		d.err = d.cmd.Wait()
+		close(d.done)
+	}()
+	return nil
+}
+
+// Log returns everything the daemon logged so far.
+func (d *Daemon) Log() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return strings.Join(d.raw, "\n")
+}
+
+// Lines returns the JSON log records so far.
+func (d *Daemon) Lines() []map[string]any {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return append([]map[string]any(nil), d.lines...)
+}
+
+// FindLog returns the first record matching pred, or nil.
+func (d *Daemon) FindLog(pred func(map[string]any) bool) map[string]any {
+	for _, l := range d.Lines() {
+		if pred(l) {
+			return l
+		}
+	}
+	return nil
+}
+
+// WaitLog waits until a record matching pred appears.
+func (d *Daemon) WaitLog(within time.Duration, pred func(map[string]any) bool) error {
+	return Poll(within, func() error {
+		if d.FindLog(pred) != nil {
+			return nil
+		}
+		select {
+		case <-d.done:
+			return fmt.Errorf("daemon exited: %v", d.err)
+		default:
+		}
+		return fmt.Errorf("no matching log record")
+	})
+}
+
+// Stop sends SIGTERM and waits for the daemon to exit; it returns the
+// exit error (nil for a clean exit).
+func (d *Daemon) Stop() error { return d.signal(syscall.SIGTERM) }
+
+// Kill sends SIGKILL (the daemon gets no chance to clean up) and waits.
+func (d *Daemon) Kill() { d.signal(syscall.SIGKILL) }
+
+func (d *Daemon) signal(sig syscall.Signal) error {
+	select {
+	case <-d.done:
+		return d.err
+	default:
+	}
+	d.cmd.Process.Signal(sig)
+	select {
+	case <-d.done:
+	case <-time.After(20 * time.Second):
+		d.cmd.Process.Kill()
+		<-d.done
+		return fmt.Errorf("daemon did not exit within 20s of %v", sig)
+	}
+	return d.err
+}
+
+// Pid is the daemon's process ID.
+func (d *Daemon) Pid() int { return d.cmd.Process.Pid }
+
+// Signal sends sig to the daemon without waiting.
+func (d *Daemon) Signal(sig syscall.Signal) error { return d.cmd.Process.Signal(sig) }
+
+// Run runs the spliced binary with args in the gateway namespace (e.g.
+// -cleanup) and returns its combined output.
+func (d *Daemon) Run(args ...string) (string, error) {
+	out, err := d.ns.Command(context.Background(), d.bin, args...).CombinedOutput()
+	return string(out), err
+}

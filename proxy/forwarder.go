@@ -154,7 +154,7 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream))
 
 	relay := &Relay{Client: c, Upstream: up, Flow: flow, IdleTimeout: svc.IdleTimeout.D()}
-	stop := context.AfterFunc(f.flowCtx, relay.abort)
+	stop := context.AfterFunc(f.flowCtx, relay.Close)
 	defer stop()
 	outcome, err := relay.Run()
 	attrs := []any{logging.KeyBytesC2S, flow.C2S.Load(), logging.KeyBytesS2C, flow.S2C.Load(),

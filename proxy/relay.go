@@ -61,9 +61,10 @@ type Relay struct {
 }
 
 type dirResult struct {
-	dir  int
-	kind Outcome // Finished means this direction saw EOF
-	err  error
+	dir     int
+	kind    Outcome // Finished means this direction saw EOF
+	err     error
+	aborted bool // stopped because the other direction ended the relay
 }
 
 // HalfClosed reports whether a direction has already ended.
@@ -87,6 +88,9 @@ func (r *Relay) Run() (Outcome, error) {
 	outcome, failErr := Finished, error(nil)
 	for ; running > 0; running-- {
 		res := <-results
+		if res.aborted {
+			continue
+		}
 		switch res.kind {
 		case Finished:
 			r.eof[res.dir] = true
@@ -100,6 +104,10 @@ func (r *Relay) Run() (Outcome, error) {
 			}
 			r.abort()
 		}
+	}
+	if outcome == Finished && !(r.eof[dirC2S] && r.eof[dirS2C]) {
+		// Both directions were stopped from outside (Close).
+		outcome, failErr = Failed, errClosed
 	}
 	switch outcome {
 	case Paused:
@@ -127,6 +135,12 @@ func (r *Relay) Pause() {
 	r.Upstream.SetReadDeadline(past)
 }
 
+var errClosed = errors.New("relay closed by the gateway")
+
+// Close ends the relay from outside: Run resets both connections and
+// returns Failed.
+func (r *Relay) Close() { r.abort() }
+
 func (r *Relay) abort() {
 	r.aborting.Store(true)
 	past := time.Unix(1, 0)
@@ -141,7 +155,7 @@ func (r *Relay) copyDir(d int) dirResult {
 	}
 	for {
 		if r.aborting.Load() {
-			return dirResult{dir: d, kind: Failed}
+			return dirResult{dir: d, aborted: true}
 		}
 		if r.pausing.Load() {
 			return dirResult{dir: d, kind: Paused}
@@ -179,7 +193,7 @@ func (r *Relay) copyDir(d int) dirResult {
 			continue
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			if r.aborting.Load() {
-				return dirResult{dir: d, kind: Failed}
+				return dirResult{dir: d, aborted: true}
 			}
 			if r.pausing.Load() {
 				return dirResult{dir: d, kind: Paused}
@@ -189,7 +203,7 @@ func (r *Relay) copyDir(d int) dirResult {
 			}
 		default:
 			if r.aborting.Load() {
-				return dirResult{dir: d, kind: Failed}
+				return dirResult{dir: d, aborted: true}
 			}
 			return dirResult{dir: d, kind: Failed, err: err}
 		}

@@ -1,0 +1,242 @@
+package splice
+
+import "encoding/binary"
+
+// Verdict is what the engine decided for a packet.
+type Verdict uint8
+
+const (
+	// Forward: the packet was rewritten in place; send it on.
+	Forward Verdict = iota
+	// DropSYN: a SYN on a spliced flow (paper 3.7: all connections were
+	// established with the gateway, so a SYN here is forged or stale).
+	DropSYN
+	// DropSeq: the segment lies outside the receiver's window.
+	DropSeq
+	// DropAck: it acknowledges data never sent, or data far older than
+	// anything in flight.
+	DropAck
+	// DropRST: a RST whose sequence number is outside the window.
+	DropRST
+	// DropMalformed: the packet's headers are inconsistent.
+	DropMalformed
+	// DropUnsupported: a valid packet the engine does not rewrite
+	// (fragments, unknown IPv6 extension headers).
+	DropUnsupported
+	// DropNoFlow: the packet belongs to no spliced flow.
+	DropNoFlow
+	numVerdicts
+)
+
+// NumVerdicts is the number of verdicts, for counter arrays.
+const NumVerdicts = int(numVerdicts)
+
+func (v Verdict) String() string {
+	return [...]string{"forward", "drop_syn", "drop_seq", "drop_ack", "drop_rst", "drop_malformed", "drop_unsupported", "drop_no_flow"}[v]
+}
+
+// minWindow is a floor for window-based bounds: tiny or zero windows must
+// not turn retransmissions and window probes into drops.
+const minWindow = 66000
+
+// Rewrite checks a packet of direction d against the flow and, if it
+// passes, rewrites it in place so it continues the other connection:
+// ports, addresses (other is the other direction's input tuple, whose
+// reverse is this direction's output tuple), sequence and ack offsets,
+// SACK blocks, timestamps, window scale, options the receiving leg never
+// negotiated, and the checksums. A packet that fails a check changes
+// nothing, neither in the packet nor in the flow.
+//
+// csumComplete says whether the packet's TCP checksum is complete; if not
+// (CHECKSUM_PARTIAL from NFQUEUE, the field holds only the pseudo-header
+// sum) the checksum is computed over the whole segment, since the kernel
+// treats the checksum of an altered packet as complete.
+//
+// It does not allocate.
+func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete bool) Verdict {
+	t := p.TCP()
+	flags := t.Flags()
+	if flags&FlagSYN != 0 {
+		return DropSYN
+	}
+	s, o := &f.d[d], &f.d[1-d]
+	seq := t.Seq()
+	end := seq.Add(p.SegmentLen())
+
+	// Checks, after conntrack's tcp_in_window and RFC 5961, in the
+	// sender's own sequence space.
+	win := max(s.maxWin, 1)
+	if flags&FlagRST != 0 {
+		if !seq.InWindow(s.ackSeen, win+1) {
+			return DropRST
+		}
+	} else {
+		upper := s.ackSeen.Add(win)
+		lower := s.sndNxt.Sub(max(s.maxWin, minWindow))
+		if upper.LessThan(seq) || end.LessThan(lower) {
+			return DropSeq
+		}
+	}
+	var ackIn Seq
+	if flags&FlagACK != 0 {
+		ackIn = t.Ack().Sub(o.seqOff)
+		if o.sndNxt.LessThan(ackIn) || ackIn.LessThan(o.ackSeen.Sub(max(o.maxWin, minWindow))) {
+			return DropAck
+		}
+	}
+
+	// Committed: from here on the packet is forwarded.
+	var oldSum uint64
+	if csumComplete {
+		oldSum = headerSum(p)
+	}
+	if p.SegmentLen() > 0 {
+		s.sndNxt = maxSeq(s.sndNxt, end)
+	}
+	if flags&FlagFIN != 0 {
+		s.flags |= dirFIN
+		s.finSeq = end.Sub(1)
+	}
+	if flags&FlagACK != 0 {
+		o.ackSeen = maxSeq(o.ackSeen, ackIn)
+		if o.flags&dirFIN != 0 && o.finSeq.LessThan(ackIn) {
+			o.flags |= dirFINAcked
+		}
+	}
+	if flags&FlagRST != 0 {
+		f.closed |= flowRST
+	}
+	w := uint32(t.Window()) << s.wsIn
+	s.lastWin = w
+	o.maxWin = max(o.maxWin, w)
+	f.lastSeen = now
+
+	t.SetSrcPort(s.srcPort)
+	t.SetDstPort(s.dstPort)
+	t.SetSeq(seq.Add(s.seqOff))
+	if flags&FlagACK != 0 {
+		t.SetAck(t.Ack().Sub(o.seqOff))
+	}
+	t.SetWindow(scaleWindow(t.Window(), s.wsIn, s.wsOut))
+	f.rewriteOptions(t.Options(), s, o)
+	if s.flags&dirAddrs != 0 {
+		p.setAddrs(&other.Dst, &other.Src)
+		if !p.v6 {
+			p.IPv4().UpdateChecksum()
+		}
+	}
+
+	if csumComplete {
+		t.SetChecksum(UpdateChecksum(t.Checksum(), Fold(oldSum), Fold(headerSum(p))))
+	} else {
+		t.SetChecksum(0)
+		t.SetChecksum(TCPChecksum(p.Src(), p.Dst(), p.Segment()))
+	}
+	return Forward
+}
+
+// headerSum is the sum of everything Rewrite may change under the TCP
+// checksum: the pseudo-header addresses and the TCP header without its
+// checksum field.
+func headerSum(p *Packet) uint64 {
+	t := p.TCP()
+	hl := t.HeaderLen()
+	s := Sum(p.Src(), 0)
+	s = Sum(p.Dst(), s)
+	s = Sum(t[:TCPChecksumOffset], s)
+	return Sum(t[TCPUrgentOffset:hl], s)
+}
+
+// scaleWindow converts a window field from one shift to another, clamped
+// to the field, and never 0 unless it was 0.
+func scaleWindow(field uint16, in, out uint8) uint16 {
+	if in == out {
+		return field
+	}
+	w := uint64(field) << in
+	v := w >> out
+	switch {
+	case v > 0xffff:
+		return 0xffff
+	case v == 0 && w != 0:
+		return 1
+	}
+	return uint16(v)
+}
+
+// rewriteOptions walks the options the way Linux's tcp_parse_options
+// does, so that the engine and the receiver agree on what each byte is: it
+// stops at EOL and at a malformed length, and options with an unexpected
+// length are left alone (the receiver ignores them too).
+func (f *Flow) rewriteOptions(opts []byte, s, o *dirState) {
+	for i := 0; i < len(opts); {
+		kind := opts[i]
+		if kind == OptEOL {
+			return
+		}
+		if kind == OptNOP {
+			i++
+			continue
+		}
+		if i+1 >= len(opts) {
+			return
+		}
+		n := int(opts[i+1])
+		if n < 2 || i+n > len(opts) {
+			return
+		}
+		opt := opts[i : i+n]
+		switch kind {
+		case OptTimestamps:
+			if n == optTimestampsLen {
+				s.rewriteTimestamps(opt, o)
+			}
+		case OptSACK:
+			if n >= 2+optSACKBlockLen && (n-2)%optSACKBlockLen == 0 {
+				if s.flags&dirStripSACK != 0 {
+					nop(opt)
+				} else {
+					for b := 2; b < n; b += 4 {
+						v := binary.BigEndian.Uint32(opt[b:])
+						binary.BigEndian.PutUint32(opt[b:], v-o.seqOff)
+					}
+				}
+			}
+		}
+		i += n
+	}
+}
+
+func (s *dirState) rewriteTimestamps(opt []byte, o *dirState) {
+	val := binary.BigEndian.Uint32(opt[2:])
+	ecr := binary.BigEndian.Uint32(opt[6:])
+	s.tsVal, s.tsEcr = val, ecr
+	if s.flags&dirStripTS != 0 {
+		nop(opt)
+		return
+	}
+	if s.flags&dirTS == 0 {
+		return
+	}
+	if s.flags&dirTSLearned == 0 {
+		// Anchor the sender's clock at the output leg's clock at capture:
+		// the receiver's last TSval came from that socket, so PAWS holds.
+		s.tsOff -= val
+		s.flags |= dirTSLearned
+	}
+	binary.BigEndian.PutUint32(opt[2:], val+s.tsOff)
+	// TSecr echoes a value of the receiver's output clock; map it back
+	// to the receiver's own clock. Until the receiver's offset is known
+	// the echo cannot be mapped: 0 makes it ignored for RTT estimation.
+	if o.flags&dirTSLearned != 0 {
+		binary.BigEndian.PutUint32(opt[6:], ecr-o.tsOff)
+	} else {
+		binary.BigEndian.PutUint32(opt[6:], 0)
+	}
+}
+
+func nop(b []byte) {
+	for i := range b {
+		b[i] = OptNOP
+	}
+}

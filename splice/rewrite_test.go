@@ -1,0 +1,477 @@
+package splice
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"testing"
+
+	"github.com/google/gopacket/layers"
+)
+
+// offsets of the fixture (see newFixture)
+const (
+	dC2S = uint32(0x7ffffff0 - 1000)       // Server.SndNxt - Client.RcvNxt
+	dS2C = uint32(0xfffffff0 - 0xffffff00) // Client.SndNxt - Server.RcvNxt
+)
+
+// sa is a sequence number of the gateway's client-side send space, which
+// starts just before the wrap.
+func sa(off uint32) uint32 { return uint32(0xfffffff0) + off }
+
+func TestRewriteSeqAckPorts(t *testing.T) {
+	for _, v6 := range []bool{false, true} {
+		for _, nat := range []bool{false, true} {
+			t.Run(fmt.Sprintf("v6=%v/nat=%v", v6, nat), func(t *testing.T) {
+				f := newFixture(t, v6, nat)
+				// Client data: seq at the client connection's rcv_nxt, acking
+				// everything the gateway sent it.
+				s := f.c2s(1000, 0xfffffff0, FlagACK|FlagPSH)
+				s.payload = bytes.Repeat([]byte("a"), 100)
+				b := s.bytes()
+				if v := f.run(t, b, C2S, true); v != Forward {
+					t.Fatalf("verdict %v", v)
+				}
+				tcp := decoded(t, b)
+				if tcp.Seq != 0x7ffffff0 || tcp.Ack != 0xffffff00 {
+					t.Errorf("c2s seq/ack = %#x/%#x, want %#x/%#x", tcp.Seq, tcp.Ack, 0x7ffffff0, 0xffffff00)
+				}
+				if tcp.SrcPort != layers.TCPPort(f.up.Port()) || tcp.DstPort != 80 {
+					t.Errorf("c2s ports %d->%d, want %d->80", tcp.SrcPort, tcp.DstPort, f.up.Port())
+				}
+				checkAddrs(t, b, f.up.Addr(), f.s.Addr())
+
+				// Server data crossing the wrap, acking the client's 100 bytes.
+				s = f.s2c(0xffffff00, 0x7ffffff0+100, FlagACK)
+				s.payload = bytes.Repeat([]byte("b"), 0x200)
+				b = s.bytes()
+				if v := f.run(t, b, S2C, true); v != Forward {
+					t.Fatalf("verdict %v", v)
+				}
+				tcp = decoded(t, b)
+				if tcp.Seq != 0xfffffff0 || tcp.Ack != 1100 {
+					t.Errorf("s2c seq/ack = %#x/%d, want 0xfffffff0/1100", tcp.Seq, tcp.Ack)
+				}
+				if tcp.SrcPort != 80 || tcp.DstPort != layers.TCPPort(f.c.Port()) {
+					t.Errorf("s2c ports %d->%d", tcp.SrcPort, tcp.DstPort)
+				}
+				checkAddrs(t, b, f.s.Addr(), f.c.Addr())
+				info := f.e.Snapshot().Info(S2C)
+				if info.HighestSeq != Seq(0xffffff00).Add(0x200) {
+					t.Errorf("s2c highest seq %#x", info.HighestSeq)
+				}
+				if f.e.Snapshot().Info(C2S).HighestAck != 1100 {
+					t.Errorf("c2s highest ack %d", f.e.Snapshot().Info(C2S).HighestAck)
+				}
+			})
+		}
+	}
+}
+
+func checkAddrs(t *testing.T, b []byte, src, dst netip.Addr) {
+	t.Helper()
+	var p Packet
+	p.Parse(b)
+	gs, _ := netip.AddrFromSlice(p.Src())
+	gd, _ := netip.AddrFromSlice(p.Dst())
+	if gs != src || gd != dst {
+		t.Errorf("addresses %v -> %v, want %v -> %v", gs, gd, src, dst)
+	}
+}
+
+func TestRewriteSACK(t *testing.T) {
+	cases := []struct {
+		name   string
+		ack    uint32
+		blocks []uint32
+	}{
+		{"plain", 0xfffffff0, []uint32{sa(1000), sa(2000)}},
+		{"around the wrap", 0xfffffff0, []uint32{0x10, 0x100, 0xfffffffa, 0x8}},
+		{"D-SACK below ack", sa(0x100), []uint32{0xfffffff0, sa(0x10), sa(0x200), sa(0x300)}},
+		{"four blocks", 0xfffffff0, []uint32{1, 2, 3, 4, 5, 6, 7, 8}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFixture(t, false, false)
+			// The server has sent enough for these acks to be valid.
+			srv := f.s2c(0xffffff00, 0x7ffffff0, FlagACK)
+			srv.payload = make([]byte, 0x400)
+			f.run(t, srv.bytes(), S2C, true)
+
+			s := f.c2s(1000, c.ack, FlagACK)
+			s.opts = sackOpt(c.blocks...)
+			if len(c.blocks) < 8 { // four blocks leave no room for timestamps
+				s.opts = append(tsOpt(1, 2), s.opts...)
+			}
+			b := s.bytes()
+			if v := f.run(t, b, C2S, true); v != Forward {
+				t.Fatalf("verdict %v", v)
+			}
+			tcp := decoded(t, b)
+			o, ok := findOpt(tcp, layers.TCPOptionKindSACK)
+			if !ok || len(o.OptionData) != 4*len(c.blocks) {
+				t.Fatalf("SACK option missing or resized: %+v", tcp.Options)
+			}
+			for i, want := range c.blocks {
+				if got := binary.BigEndian.Uint32(o.OptionData[4*i:]); got != want-dS2C {
+					t.Errorf("block edge %d = %#x, want %#x", i, got, want-dS2C)
+				}
+			}
+		})
+	}
+}
+
+func TestRewriteWindowScale(t *testing.T) {
+	cases := []struct {
+		name            string
+		clientWS, srvWS uint8 // shifts of the client's and the server's windows
+		gwToC, gwToS    uint8 // shifts the gateway advertised on each leg
+		field           uint16
+		dir             Dir
+		want            uint16
+	}{
+		{"7 to 14 rounds down", 7, 7, 7, 14, 500, C2S, 500 << 7 >> 14},
+		{"7 to 14 never 0", 7, 7, 7, 14, 100, C2S, 1},
+		{"14 to 0 clamps", 7, 14, 0, 7, 500, S2C, 0xffff},
+		{"0 to 0 unchanged", 0, 0, 0, 0, 1234, C2S, 1234},
+		{"zero stays zero", 2, 2, 2, 9, 0, C2S, 0},
+		{"2 to 9", 2, 9, 9, 2, 40000, S2C, 40000 << 9 >> 9},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFixture(t, false, false, func(p *Params) {
+				p.Client.SndWscale, p.Client.RcvWscale = c.clientWS, c.gwToC
+				p.Server.SndWscale, p.Server.RcvWscale = c.srvWS, c.gwToS
+			})
+			var s seg
+			if c.dir == C2S {
+				s = f.c2s(1000, 0xfffffff0, FlagACK)
+			} else {
+				s = f.s2c(0xffffff00, 0x7ffffff0, FlagACK)
+			}
+			s.win = c.field
+			b := s.bytes()
+			if v := f.run(t, b, c.dir, true); v != Forward {
+				t.Fatalf("verdict %v", v)
+			}
+			if got := uint16(decoded(t, b).Window); got != c.want {
+				t.Errorf("window %d, want %d", got, c.want)
+			}
+		})
+	}
+}
+
+func TestRewriteTimestamps(t *testing.T) {
+	f := newFixture(t, false, false)
+	ts := func(b []byte) (uint32, uint32) {
+		o, ok := findOpt(decoded(t, b), layers.TCPOptionKindTimestamps)
+		if !ok {
+			t.Fatal("timestamps option missing")
+		}
+		return binary.BigEndian.Uint32(o.OptionData), binary.BigEndian.Uint32(o.OptionData[4:])
+	}
+	step := func(s seg, d Dir, val, ecr, wantVal, wantEcr uint32) {
+		t.Helper()
+		s.opts = tsOpt(val, ecr)
+		b := s.bytes()
+		if v := f.run(t, b, d, true); v != Forward {
+			t.Fatalf("verdict %v", v)
+		}
+		if gv, ge := ts(b); gv != wantVal || ge != wantEcr {
+			t.Errorf("%v TS %d/%d -> %d/%d, want %d/%d", d, val, ecr, gv, ge, wantVal, wantEcr)
+		}
+	}
+	// First client packet: TSval anchors at the server leg's clock (900000);
+	// TSecr echoes the gateway's old socket and cannot be mapped yet: 0.
+	step(f.c2s(1000, 0xfffffff0, FlagACK), C2S, 100, 4990, 900000, 0)
+	// First server packet: anchors at the client leg's clock (5000); its
+	// echo of 900000 maps back to the client's clock, 100.
+	step(f.s2c(0xffffff00, 0x7ffffff0, FlagACK), S2C, 7000, 900000, 5000, 100)
+	// Both learned: offsets stay.
+	step(f.c2s(1000, 0xfffffff0, FlagACK), C2S, 110, 5000, 900010, 7000)
+	step(f.s2c(0xffffff00, 0x7ffffff0, FlagACK), S2C, 7005, 900010, 5005, 110)
+	info := f.e.Snapshot().Info(C2S)
+	if !info.TSLearned || info.TSval != 110 || info.TSecr != 5000 {
+		t.Errorf("tracked c2s timestamps %+v", info)
+	}
+}
+
+// TestRewriteOneLegOptions: options the receiving leg never negotiated
+// become NOPs; everything else stays byte-identical.
+func TestRewriteOneLegOptions(t *testing.T) {
+	cases := []struct {
+		name     string
+		noTS     bool
+		noSACK   bool
+		wantTS   bool
+		wantSACK bool
+	}{
+		{"server without timestamps", true, false, false, true},
+		{"server without SACK", false, true, true, false},
+		{"server with both", false, false, true, true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFixture(t, false, false, func(p *Params) {
+				p.Server.Timestamps, p.Server.SACK = !c.noTS, !c.noSACK
+			})
+			srv := f.s2c(0xffffff00, 0x7ffffff0, FlagACK)
+			srv.payload = make([]byte, 100)
+			f.run(t, srv.bytes(), S2C, true)
+
+			s := f.c2s(1000, 0xfffffff0, FlagACK)
+			unknown := []byte{30, 6, 1, 2, 3, 4} // an option the engine does not know
+			s.opts = append(append(append(tsOpt(1, 2), sackOpt(sa(10), sa(20))...), unknown...), OptNOP, OptNOP)
+			in := s.bytes()
+			b := append([]byte(nil), in...)
+			if v := f.run(t, b, C2S, true); v != Forward {
+				t.Fatalf("verdict %v", v)
+			}
+			tcp := decoded(t, b)
+			_, hasTS := findOpt(tcp, layers.TCPOptionKindTimestamps)
+			_, hasSACK := findOpt(tcp, layers.TCPOptionKindSACK)
+			if hasTS != c.wantTS || hasSACK != c.wantSACK {
+				t.Errorf("TS present %v (want %v), SACK present %v (want %v)", hasTS, c.wantTS, hasSACK, c.wantSACK)
+			}
+			// The unknown option sits at the same place, unchanged.
+			off := 20 + 20 + len(tsOpt(1, 2)) + len(sackOpt(0, 0))
+			if !bytes.Equal(b[off:off+len(unknown)], unknown) {
+				t.Errorf("unknown option changed: % x", b[off:off+len(unknown)])
+			}
+			if len(b) != len(in) {
+				t.Errorf("packet length changed %d -> %d", len(in), len(b))
+			}
+		})
+	}
+}
+
+// TestRewriteChecksumPaths: a CHECKSUM_PARTIAL packet (GSO from NFQUEUE)
+// gets a full checksum, a complete one an incremental update; both are
+// valid, with IPv4 options and an IPv6 hop-by-hop header too.
+func TestRewriteChecksumPaths(t *testing.T) {
+	for _, v6 := range []bool{false, true} {
+		for _, partial := range []bool{false, true} {
+			t.Run(fmt.Sprintf("v6=%v/partial=%v", v6, partial), func(t *testing.T) {
+				f := newFixture(t, v6, true)
+				s := f.c2s(1000, 0xfffffff0, FlagACK)
+				s.payload = make([]byte, 65000)
+				for i := range s.payload {
+					s.payload[i] = byte(i * 7)
+				}
+				s.opts = tsOpt(1, 2)
+				s.partial = partial
+				if v6 {
+					s.hopByHop = true
+				} else {
+					s.ipOpts = []byte{1, 1, 1, 0} // NOP NOP NOP EOL
+				}
+				b := s.bytes()
+				if v := f.run(t, b, C2S, !partial); v != Forward {
+					t.Fatalf("verdict %v", v)
+				}
+				decoded(t, b)
+			})
+		}
+	}
+}
+
+// TestForgedSegments: each forged segment gets its verdict, and a dropped
+// packet changes neither its bytes nor the flow.
+func TestForgedSegments(t *testing.T) {
+	cases := []struct {
+		name string
+		seg  func(f *fixture) seg
+		dir  Dir
+		want Verdict
+	}{
+		{"SYN", func(f *fixture) seg { return f.c2s(1000, 0, FlagSYN) }, C2S, DropSYN},
+		{"SYN-ACK", func(f *fixture) seg { return f.s2c(0xffffff00, 0x7ffffff0, FlagSYN|FlagACK) }, S2C, DropSYN},
+		{"RST out of window", func(f *fixture) seg { return f.c2s(1000+10_000_000, 0, FlagRST) }, C2S, DropRST},
+		{"RST before the window", func(f *fixture) seg { return f.c2s(999, 0, FlagRST) }, C2S, DropRST},
+		{"RST exactly in window", func(f *fixture) seg { return f.c2s(1000, 0, FlagRST) }, C2S, Forward},
+		{"RST in window from the server", func(f *fixture) seg { return f.s2c(0xffffff00+10, 0, FlagRST) }, S2C, Forward},
+		{"data beyond the window", func(f *fixture) seg {
+			s := f.c2s(1000+64000+1, 0xfffffff0, FlagACK)
+			s.payload = []byte("x")
+			return s
+		}, C2S, DropSeq},
+		{"data far behind", func(f *fixture) seg {
+			s := f.c2s(uint32(Seq(1000).Sub(200000)), 0xfffffff0, FlagACK)
+			s.payload = []byte("x")
+			return s
+		}, C2S, DropSeq},
+		{"ack of unsent data", func(f *fixture) seg { return f.c2s(1000, sa(1), FlagACK) }, C2S, DropAck},
+		{"server acks unsent data", func(f *fixture) seg { return f.s2c(0xffffff00, 0x7ffffff0+1, FlagACK) }, S2C, DropAck},
+		{"ack far too old", func(f *fixture) seg { return f.c2s(1000, 0xfffffff0-1_000_000, FlagACK) }, C2S, DropAck},
+		{"data at the window edge", func(f *fixture) seg {
+			s := f.c2s(1000+64000, 0xfffffff0, FlagACK)
+			s.payload = []byte("x")
+			return s
+		}, C2S, Forward},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFixture(t, false, false)
+			before := f.e.Snapshot()
+			in := c.seg(f).bytes()
+			b := append([]byte(nil), in...)
+			v := f.run(t, b, c.dir, true)
+			if v != c.want {
+				t.Fatalf("verdict %v, want %v", v, c.want)
+			}
+			if v != Forward {
+				if !bytes.Equal(b, in) {
+					t.Errorf("a dropped packet was modified")
+				}
+				if f.e.Snapshot() != before {
+					t.Errorf("a dropped packet changed the flow state")
+				}
+				return
+			}
+			decoded(t, b)
+			if c.seg(f).flags&FlagRST != 0 && !f.e.Snapshot().Finished() {
+				t.Errorf("an accepted RST did not finish the flow")
+			}
+		})
+	}
+}
+
+func TestTrackerFIN(t *testing.T) {
+	f := newFixture(t, false, false)
+	fin := f.c2s(1000, 0xfffffff0, FlagACK|FlagFIN)
+	fin.payload = []byte("bye")
+	f.run(t, fin.bytes(), C2S, true)
+	if fl := f.e.Snapshot(); !fl.FINSeen(C2S) || fl.Finished() {
+		t.Fatal("client FIN not tracked")
+	}
+	// Server acks the FIN (client seq 1000+3 bytes+FIN = 1004, in its space
+	// + dC2S) and sends its own.
+	f.run(t, f.s2c(0xffffff00, 1004+dC2S, FlagACK|FlagFIN).bytes(), S2C, true)
+	if f.e.Snapshot().Finished() {
+		t.Fatal("finished before the server's FIN was acked")
+	}
+	f.run(t, f.c2s(1004, sa(1), FlagACK).bytes(), C2S, true)
+	if !f.e.Snapshot().Finished() {
+		t.Fatal("both FINs acked, flow not finished")
+	}
+	fl := f.e.Snapshot()
+	if !fl.Idle(1+int64(10e9), int64(10e9)) || fl.Idle(2, int64(10e9)) {
+		t.Error("idle tracking wrong")
+	}
+}
+
+// TestPureAckDoesNotAdvanceHighestSeq: unsplice relies on the highest
+// sequence sent advancing only with data or FIN; a pure ACK carries the
+// sender's snd_nxt, which may cover data the gateway holds back.
+func TestPureAckDoesNotAdvanceHighestSeq(t *testing.T) {
+	f := newFixture(t, false, false)
+	f.run(t, f.c2s(1500, 0xfffffff0, FlagACK).bytes(), C2S, true)
+	if got := f.e.Snapshot().Info(C2S).HighestSeq; got != 1000 {
+		t.Fatalf("highest seq %d after a pure ACK, want 1000", got)
+	}
+}
+
+func TestParse(t *testing.T) {
+	good := newFixtureSeg(false).bytes()
+	cases := []struct {
+		name string
+		b    []byte
+		want Status
+	}{
+		{"ipv4", good, OK},
+		{"ipv6", newFixtureSeg(true).bytes(), OK},
+		{"ipv6 hop-by-hop", func() []byte { s := newFixtureSeg(true); s.hopByHop = true; return s.bytes() }(), OK},
+		{"ipv4 options", func() []byte { s := newFixtureSeg(false); s.ipOpts = []byte{1, 1, 1, 1}; return s.bytes() }(), OK},
+		{"empty", nil, Malformed},
+		{"truncated ip", good[:19], Malformed},
+		{"truncated tcp", func() []byte {
+			b := append([]byte(nil), good[:30]...)
+			binary.BigEndian.PutUint16(b[2:], 30)
+			return b
+		}(), Malformed},
+		{"total length beyond data", func() []byte {
+			b := append([]byte(nil), good...)
+			binary.BigEndian.PutUint16(b[2:], uint16(len(b)+1))
+			return b
+		}(), Malformed},
+		{"tcp data offset beyond packet", func() []byte {
+			b := append([]byte(nil), good...)
+			b[20+12] = 0xf0
+			return b
+		}(), Malformed},
+		{"tcp data offset below 5", func() []byte {
+			b := append([]byte(nil), good...)
+			b[20+12] = 0x40
+			return b
+		}(), Malformed},
+		{"fragment", func() []byte {
+			b := append([]byte(nil), good...)
+			b[6] = 0x20 // MF
+			return b
+		}(), Unsupported},
+		{"udp", func() []byte {
+			b := append([]byte(nil), good...)
+			b[9] = 17
+			return b
+		}(), Unsupported},
+		{"ipv6 fragment header", func() []byte {
+			b := newFixtureSeg(true).bytes()
+			b[6] = 44
+			return b
+		}(), Unsupported},
+		{"ipv6 jumbo", func() []byte {
+			b := newFixtureSeg(true).bytes()
+			b[4], b[5] = 0, 0
+			return b
+		}(), Unsupported},
+		{"version 5", func() []byte {
+			b := append([]byte(nil), good...)
+			b[0] = 0x55
+			return b
+		}(), Malformed},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			var p Packet
+			if got := p.Parse(c.b); got != c.want {
+				t.Fatalf("Parse = %v, want %v", got, c.want)
+			}
+		})
+	}
+}
+
+func newFixtureSeg(v6 bool) seg {
+	if v6 {
+		return seg{src: cAddr6, dst: sAddr6, seq: 1, flags: FlagACK, payload: []byte("hi")}
+	}
+	return seg{src: cAddr4, dst: sAddr4, seq: 1, flags: FlagACK, payload: []byte("hi")}
+}
+
+func TestTableBothDirections(t *testing.T) {
+	f := newFixture(t, false, true)
+	tab := NewTable()
+	e, err := tab.Add(7, &f.p, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tab.Add(8, &f.p, 0); err == nil {
+		t.Fatal("a second flow with the same tuples was accepted")
+	}
+	for _, c := range []struct {
+		k Key
+		d Dir
+	}{{KeyFrom(cAddr4, sAddr4), C2S}, {KeyFrom(sAddr4, gAddr4), S2C}} {
+		got, d, ok := tab.Lookup(c.k)
+		if !ok || got != e || d != c.d {
+			t.Errorf("lookup %v: %v %v %v", c.k, got, d, ok)
+		}
+	}
+	if _, _, ok := tab.Lookup(KeyFrom(sAddr4, cAddr4)); ok {
+		t.Error("the reverse of a client tuple must not match (it is the gateway's own output)")
+	}
+	tab.Delete(e)
+	if tab.Len() != 0 {
+		t.Error("delete left keys")
+	}
+}

@@ -1,0 +1,106 @@
+package splice
+
+import (
+	"fmt"
+	"sync"
+)
+
+// Entry is a spliced flow in the table: its engine state and its two
+// input keys (which also give each direction's output addresses).
+type Entry struct {
+	ID   uint64 // the gateway's flow ID
+	Keys [2]Key // tuples of packets arriving from the client and from the server
+
+	mu   sync.Mutex // packets of one flow may arrive on several queues
+	flow Flow
+}
+
+// Process runs the engine on a parsed packet whose key matched direction d,
+// under the entry's lock.
+func (e *Entry) Process(p *Packet, d Dir, now int64, csumComplete bool) Verdict {
+	e.mu.Lock()
+	v := e.flow.Rewrite(p, d, &e.Keys[1-d], now, csumComplete)
+	e.mu.Unlock()
+	return v
+}
+
+// Snapshot returns a copy of the engine state.
+func (e *Entry) Snapshot() Flow {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.flow
+}
+
+// Table maps both directions' keys of every spliced flow to its entry.
+type Table struct {
+	mu sync.RWMutex
+	m  map[Key]*Entry
+}
+
+// NewTable returns an empty table.
+func NewTable() *Table { return &Table{m: map[Key]*Entry{}} }
+
+// Add creates the flow for p and inserts both its keys.
+func (t *Table) Add(id uint64, p *Params, now int64) (*Entry, error) {
+	f, err := NewFlow(p, now)
+	if err != nil {
+		return nil, err
+	}
+	keys := p.Keys()
+	e := &Entry{ID: id, Keys: keys, flow: f}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, k := range keys {
+		if old, ok := t.m[k]; ok {
+			return nil, fmt.Errorf("tuple %v already belongs to spliced flow %d", k, old.ID)
+		}
+	}
+	t.m[keys[C2S]] = e
+	t.m[keys[S2C]] = e
+	return e, nil
+}
+
+// Lookup finds the flow of a packet key and the direction it travels.
+func (t *Table) Lookup(k Key) (*Entry, Dir, bool) {
+	t.mu.RLock()
+	e, ok := t.m[k]
+	t.mu.RUnlock()
+	if !ok {
+		return nil, 0, false
+	}
+	if k == e.Keys[C2S] {
+		return e, C2S, true
+	}
+	return e, S2C, true
+}
+
+// Delete removes a flow's keys.
+func (t *Table) Delete(e *Entry) {
+	t.mu.Lock()
+	for _, k := range e.Keys {
+		if t.m[k] == e {
+			delete(t.m, k)
+		}
+	}
+	t.mu.Unlock()
+}
+
+// Len is the number of flows.
+func (t *Table) Len() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return len(t.m) / 2
+}
+
+// Entries returns every flow.
+func (t *Table) Entries() []*Entry {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	out := make([]*Entry, 0, len(t.m)/2)
+	for k, e := range t.m {
+		if k == e.Keys[C2S] {
+			out = append(out, e)
+		}
+	}
+	return out
+}

@@ -13,6 +13,7 @@ import (
 	_ "embed"
 	"fmt"
 	"net/netip"
+	"runtime"
 	"time"
 )
 
@@ -58,6 +59,35 @@ type Kernel struct {
 	RouteTable uint32 `yaml:"route_table"`
 	// RulePriority is the priority of spliced's `ip rule` (default 100).
 	RulePriority uint32 `yaml:"rule_priority"`
+	// Queue is the first NFQUEUE number for spliced flows (default 100)
+	// and Queues how many queues there are (default: one per CPU).
+	Queue  uint16 `yaml:"queue"`
+	Queues int    `yaml:"queues"`
+	// DivertTimeout is the lifetime of a spliced flow's divert entry in
+	// the kernel if spliced dies without removing it (default 24h); live
+	// flows are refreshed.
+	DivertTimeout Duration `yaml:"divert_timeout"`
+}
+
+// SpliceMode says when a service's forwarder splices a flow.
+type SpliceMode string
+
+const (
+	SpliceNever     SpliceMode = "never"     // relay every byte through the proxy (default)
+	SpliceImmediate SpliceMode = "immediate" // splice right after the upstream connect
+	SpliceBytes     SpliceMode = "bytes"     // splice once Bytes were relayed (both directions)
+	SpliceTime      SpliceMode = "time"      // splice After the flow was established
+)
+
+// Splice is a service's splice policy.
+type Splice struct {
+	Mode  SpliceMode `yaml:"mode"`
+	Bytes ByteSize   `yaml:"bytes"`
+	After Duration   `yaml:"after"`
+	// DrainTimeout bounds how long a splice waits for both ends to
+	// acknowledge what the gateway already acknowledged (default 5s);
+	// past it the splice is abandoned and the flow stays proxied.
+	DrainTimeout Duration `yaml:"drain_timeout"`
 }
 
 // Limits bound what the daemon holds.
@@ -102,6 +132,8 @@ type Service struct {
 	IdleTimeout Duration `yaml:"idle_timeout"`
 	// Access decides which intercepted flows are relayed.
 	Access Access `yaml:"access"`
+	// Splice says when flows of this service are spliced.
+	Splice Splice `yaml:"splice"`
 }
 
 // Action of an access rule.
@@ -177,6 +209,9 @@ const (
 	DefaultMaxFlows       = 10000
 	DefaultConnectTimeout = 5 * time.Second
 	DefaultIdleTimeout    = 5 * time.Minute
+	DefaultQueue          = 100
+	DefaultDivertTimeout  = 24 * time.Hour
+	DefaultDrainTimeout   = 5 * time.Second
 )
 
 func (c *Config) applyDefaults() {
@@ -187,12 +222,17 @@ func (c *Config) applyDefaults() {
 	setDefault(&c.Kernel.RouteTable, DefaultRouteTable)
 	setDefault(&c.Kernel.RulePriority, DefaultRulePriority)
 	setDefault(&c.Limits.MaxFlows, DefaultMaxFlows)
+	setDefault(&c.Kernel.Queue, DefaultQueue)
+	setDefault(&c.Kernel.Queues, runtime.NumCPU())
+	setDefault(&c.Kernel.DivertTimeout, Duration(DefaultDivertTimeout))
 	for i := range c.Services {
 		s := &c.Services[i]
 		setDefault(&s.Upstream, Transparent)
 		setDefault(&s.ConnectTimeout, Duration(DefaultConnectTimeout))
 		setDefault(&s.IdleTimeout, Duration(DefaultIdleTimeout))
 		setDefault(&s.Access.Default, Allow)
+		setDefault(&s.Splice.Mode, SpliceNever)
+		setDefault(&s.Splice.DrainTimeout, Duration(DefaultDrainTimeout))
 	}
 }
 

@@ -234,3 +234,16 @@ func (a *Action) UnmarshalYAML(n *yaml.Node) error {
 	}
 	return &valueError{line: n.Line, column: n.Column, value: s, msg: "not an action; use allow or deny"}
 }
+
+func (m *SpliceMode) UnmarshalYAML(n *yaml.Node) error {
+	s, err := scalar(n, "never, immediate, bytes or time")
+	if err != nil {
+		return err
+	}
+	switch SpliceMode(s) {
+	case SpliceNever, SpliceImmediate, SpliceBytes, SpliceTime:
+		*m = SpliceMode(s)
+		return nil
+	}
+	return &valueError{line: n.Line, column: n.Column, value: s, msg: "not a splice mode; use never, immediate (right after connect), bytes (after splice.bytes) or time (after splice.after)"}
+}

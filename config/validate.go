@@ -32,6 +32,11 @@ func (c *Config) validate(idx *keyIndex) error {
 	case 253, 254, 255:
 		bad("kernel.route_table", fmt.Sprint(c.Kernel.RouteTable), "is a system routing table (default, main or local); use a table of its own such as 100")
 	}
+	if c.Kernel.Queues < 1 || c.Kernel.Queues > 64 {
+		bad("kernel.queues", fmt.Sprint(c.Kernel.Queues), "is not a usable number of queues; use 1-64 (0 means one per CPU)")
+	} else if int(c.Kernel.Queue)+c.Kernel.Queues > 65536 {
+		bad("kernel.queue", fmt.Sprint(c.Kernel.Queue), "leaves no room for %d queues; use a queue number below %d", c.Kernel.Queues, 65536-c.Kernel.Queues)
+	}
 	if c.Limits.MaxFlows < 0 {
 		bad("limits.max_flows", fmt.Sprint(c.Limits.MaxFlows), "is negative; use a positive number of flows (0 means the default %d)", DefaultMaxFlows)
 	}
@@ -61,6 +66,12 @@ func (c *Config) validate(idx *keyIndex) error {
 		}
 		if len(s.Ports) == 0 {
 			bad(p, s.Name, "has no ports; list the destination ports to intercept, such as ports: [\"80\"]")
+		}
+		switch {
+		case s.Splice.Mode == SpliceBytes && s.Splice.Bytes <= 0:
+			bad(p+".splice", string(s.Splice.Mode), "needs splice.bytes, the number of bytes to relay before splicing, such as 1MiB")
+		case s.Splice.Mode == SpliceTime && s.Splice.After <= 0:
+			bad(p+".splice", string(s.Splice.Mode), "needs splice.after, how long after the connect to splice, such as 10s")
 		}
 		for j, r := range s.Access.Rules {
 			if r.Action == "" {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
 	"github.com/jsimonetti/rtnetlink/v2"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
@@ -63,6 +64,11 @@ func (m *Manager) Install() error {
 	if err != nil {
 		return err
 	}
+	if m.spec.Divert.Enabled {
+		if m.spec.Divert.NativeQueue, err = m.probeNativeQueue(); err != nil {
+			return err
+		}
+	}
 	if err := queueTable(c, &m.spec); err != nil {
 		return err
 	}
@@ -75,6 +81,29 @@ func (m *Manager) Install() error {
 	}
 	defer rt.Close()
 	return installRouting(rt, &m.spec)
+}
+
+// probeNativeQueue reports whether the kernel has the nft queue expression
+// (CONFIG_NFT_QUEUE): it adds a throwaway table with a queue rule and
+// deletes it in the same transaction, so nothing remains either way.
+func (m *Manager) probeNativeQueue() (bool, error) {
+	c, err := m.nft()
+	if err != nil {
+		return false, err
+	}
+	t := &nftables.Table{Family: nftables.TableFamilyINet, Name: m.spec.Table + "_probe"}
+	c.AddTable(t)
+	ch := c.AddChain(&nftables.Chain{Name: "probe", Table: t})
+	c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: []expr.Any{&expr.Queue{Num: m.spec.Divert.Queue}}})
+	c.DelTable(t)
+	switch err := c.Flush(); {
+	case err == nil:
+		return true, nil
+	case errors.Is(err, unix.ENOENT):
+		return false, nil
+	default:
+		return false, fmt.Errorf("probe the nft queue expression: %w", explainNFT(err))
+	}
 }
 
 // Remove deletes the table and our routing entries. What is already gone

@@ -25,6 +25,11 @@ func queueTable(c *nftables.Conn, spec *Spec) error {
 	c.AddTable(t)
 	c.DelTable(t)
 	c.AddTable(t)
+	if spec.Divert.Enabled {
+		if err := queueDivert(c, spec, t); err != nil {
+			return err
+		}
+	}
 	pre := c.AddChain(&nftables.Chain{
 		Name:     ChainPrerouting,
 		Table:    t,

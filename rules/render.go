@@ -63,15 +63,26 @@ const (
 	ChainServices   = "services"
 )
 
-// Render returns the table as `nft list table inet NAME` prints it.
+// Render returns the table as `nft list table inet NAME` prints it, with
+// one exception: where the kernel lacks the nft queue expression the
+// divert rules end in the xtables NFQUEUE target, which Render shows as the
+// equivalent queue statement but an nft built without xtables support
+// lists as nothing (see Listing).
 func Render(spec Spec) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "table inet %s {\n", spec.Table)
-	var blocks []string
+	var blocks, divert []string
+	if spec.Divert.Enabled {
+		divert = renderDivert(&spec.Divert)
+		blocks = append(blocks, divert[:2]...) // sets
+	}
 	for i := range spec.Services {
 		for _, d := range spec.Services[i].sets() {
 			blocks = append(blocks, renderSet(d))
 		}
+	}
+	if spec.Divert.Enabled {
+		blocks = append(blocks, divert[2]) // chain
 	}
 	blocks = append(blocks, renderChain(ChainPrerouting, "type filter hook prerouting priority mangle; policy accept;", []string{
 		fmt.Sprintf("meta l4proto tcp socket transparent 1 %s accept", markSet(spec.Mark)),
@@ -85,6 +96,16 @@ func Render(spec Spec) string {
 	b.WriteString(strings.Join(blocks, "\n"))
 	b.WriteString("}\n")
 	return b.String()
+}
+
+// Listing is Render as this machine's nft lists the installed table: the
+// xtables NFQUEUE target of the divert rules is invisible to it.
+func Listing(spec Spec) string {
+	out := Render(spec)
+	if spec.Divert.Enabled && !spec.Divert.NativeQueue {
+		out = strings.ReplaceAll(out, " notrack "+queueStatement(&spec.Divert)+"\n", " notrack \n")
+	}
+	return out
 }
 
 func renderSet(d setDef) string {

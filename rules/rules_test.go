@@ -1,12 +1,19 @@
 package rules
 
 import (
+	"encoding/binary"
+	"fmt"
+	"net/netip"
 	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/xt"
 
 	"spliced/config"
+	"spliced/splice"
 	"spliced/testnet"
 )
 
@@ -14,6 +21,8 @@ const sampleConfig = `
 kernel:
   table: spl_rt
   mark: 0x5c1
+  queue: 200
+  queues: 2
 services:
   - name: web
     listen: 15001
@@ -22,6 +31,8 @@ services:
   - name: any
     listen: 15002
     ports: ["5201", "60000-65535"]
+    splice:
+      mode: immediate
   - name: src6
     listen: 15003
     ports: ["21"]
@@ -54,53 +65,136 @@ func TestSpecMergesAndSplits(t *testing.T) {
 
 // TestRoundTrip programs the table with Go (netlink) in a scratch
 // namespace and compares `nft list table` with Render, which is what
-// `spliced -check` prints. It also loads Render's output with `nft -f` into
-// a second namespace and compares that listing, proving the text is real
-// nft syntax.
+// `spliced -check` prints. Without divert rules it also loads Render's
+// output with `nft -f` into a second namespace and compares that listing,
+// proving the text is real nft syntax.
 func TestRoundTrip(t *testing.T) {
+	testnet.Privileged(t, "nft")
+	for _, divert := range []bool{false, true} {
+		t.Run(fmt.Sprintf("divert=%v", divert), func(t *testing.T) {
+			spec := sampleSpec(t)
+			spec.Divert.Enabled = divert
+			ns := testnet.Scratch(t)
+			m := NewManager(spec, WithNetNS(ns.OpenT(t)))
+			for i := 0; i < 2; i++ { // the second install proves idempotence
+				if err := m.Install(); err != nil {
+					t.Fatalf("install #%d: %v", i+1, err)
+				}
+			}
+			spec = m.Spec() // with the queue flavour Install probed
+			listed, err := ns.Run("nft", "list", "table", "inet", spec.Table)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(Listing(spec), listed); diff != "" {
+				t.Fatalf("kernel listing differs (-want +kernel):\n%s", diff)
+			}
+			if divert {
+				checkQueueTarget(t, ns, &spec)
+				return
+			}
+			want := Render(spec)
+			ns2 := testnet.Scratch(t)
+			cmd := ns2.Command(t.Context(), "nft", "-f", "-")
+			cmd.Stdin = strings.NewReader(want)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				t.Fatalf("nft -f of Render output: %v\n%s", err, out)
+			}
+			listed2, err := ns2.Run("nft", "list", "table", "inet", spec.Table)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(want, listed2); diff != "" {
+				t.Fatalf("nft -f of Render does not list as Render (-render +kernel):\n%s", diff)
+			}
+
+			table, ipRules, routes, err := m.State()
+			if err != nil || !table || ipRules != 2 || routes != 2 {
+				t.Fatalf("state after install: table=%v rules=%d routes=%d err=%v", table, ipRules, routes, err)
+			}
+			rulesOut, _ := ns.Run("ip", "rule")
+			if !strings.Contains(rulesOut, "fwmark 0x5c1/0x5c1 lookup 100 proto 92") {
+				t.Errorf("ip rule lacks ours:\n%s", rulesOut)
+			}
+			routesOut, _ := ns.Run("ip", "-6", "route", "show", "table", "100")
+			if !strings.Contains(routesOut, "local default dev lo proto 92") {
+				t.Errorf("ip -6 route table 100 lacks ours:\n%s", routesOut)
+			}
+		})
+	}
+}
+
+// checkQueueTarget reads the divert rules back through netlink and checks
+// the queue they end in: queue numbers, total, and no bypass or fail-open.
+func checkQueueTarget(t *testing.T, ns *testnet.NS, spec *Spec) {
+	t.Helper()
+	c, err := nftables.New(nftables.WithNetNSFd(ns.OpenT(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rules, err := c.GetRules(spec.table(), &nftables.Chain{Name: ChainDivert, Table: spec.table()})
+	if err != nil || len(rules) != 2 {
+		t.Fatalf("divert rules: %d, %v", len(rules), err)
+	}
+	for _, r := range rules {
+		switch e := r.Exprs[len(r.Exprs)-1].(type) {
+		case *expr.Queue:
+			if e.Num != spec.Divert.Queue || e.Total != spec.Divert.Queues || e.Flag != 0 {
+				t.Errorf("queue expression %+v", e)
+			}
+		case *expr.Target:
+			info := *e.Info.(*xt.Unknown)
+			if e.Name != "NFQUEUE" || e.Rev != 3 || len(info) < 6 {
+				t.Fatalf("target %+v", e)
+			}
+			num, total, flags := binary.NativeEndian.Uint16(info), binary.NativeEndian.Uint16(info[2:]), binary.NativeEndian.Uint16(info[4:])
+			if num != spec.Divert.Queue || total != spec.Divert.Queues || flags != 0 {
+				t.Errorf("NFQUEUE target num %d total %d flags %#x, want %d %d 0", num, total, flags, spec.Divert.Queue, spec.Divert.Queues)
+			}
+		default:
+			t.Fatalf("divert rule ends in %T", e)
+		}
+	}
+}
+
+// TestDiverter adds and deletes flow elements in both families.
+func TestDiverter(t *testing.T) {
 	testnet.Privileged(t, "nft")
 	spec := sampleSpec(t)
 	ns := testnet.Scratch(t)
 	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
-	for i := 0; i < 2; i++ { // the second install proves idempotence
-		if err := m.Install(); err != nil {
-			t.Fatalf("install #%d: %v", i+1, err)
+	if err := m.Install(); err != nil {
+		t.Fatal(err)
+	}
+	d, err := m.NewDiverter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	k4 := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	k6 := splice.KeyFrom(netip.MustParseAddrPort("[fd00:1::2]:40000"), netip.MustParseAddrPort("[fd00:2::2]:80"))
+	if err := d.Add(k4, k4.Reverse(), k6); err != nil {
+		t.Fatal(err)
+	}
+	out, _ := ns.Run("nft", "list", "set", "inet", spec.Table, SetDivert4)
+	for _, want := range []string{"10.1.0.2 . 40000 . 10.2.0.2 . 80", "10.2.0.2 . 80 . 10.1.0.2 . 40000"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("divert4 lacks %q:\n%s", want, out)
 		}
 	}
-	listed, err := ns.Run("nft", "list", "table", "inet", spec.Table)
-	if err != nil {
+	out, _ = ns.Run("nft", "list", "set", "inet", spec.Table, SetDivert6)
+	if !strings.Contains(out, "fd00:1::2 . 40000 . fd00:2::2 . 80") {
+		t.Errorf("divert6 lacks the flow:\n%s", out)
+	}
+	if err := d.Delete(k4, k6); err != nil {
 		t.Fatal(err)
 	}
-	want := Render(spec)
-	if diff := cmp.Diff(want, listed); diff != "" {
-		t.Fatalf("kernel listing differs from Render (-render +kernel):\n%s", diff)
+	if err := d.Delete(k4, k4.Reverse()); err != nil { // k4 is gone already
+		t.Fatalf("delete with a missing element: %v", err)
 	}
-
-	ns2 := testnet.Scratch(t)
-	cmd := ns2.Command(t.Context(), "nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(want)
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("nft -f of Render output: %v\n%s", err, out)
-	}
-	listed2, err := ns2.Run("nft", "list", "table", "inet", spec.Table)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if diff := cmp.Diff(want, listed2); diff != "" {
-		t.Fatalf("nft -f of Render does not list as Render (-render +kernel):\n%s", diff)
-	}
-
-	table, ipRules, routes, err := m.State()
-	if err != nil || !table || ipRules != 2 || routes != 2 {
-		t.Fatalf("state after install: table=%v rules=%d routes=%d err=%v", table, ipRules, routes, err)
-	}
-	rulesOut, _ := ns.Run("ip", "rule")
-	if !strings.Contains(rulesOut, "fwmark 0x5c1/0x5c1 lookup 100 proto 92") {
-		t.Errorf("ip rule lacks ours:\n%s", rulesOut)
-	}
-	routesOut, _ := ns.Run("ip", "-6", "route", "show", "table", "100")
-	if !strings.Contains(routesOut, "local default dev lo proto 92") {
-		t.Errorf("ip -6 route table 100 lacks ours:\n%s", routesOut)
+	out, _ = ns.Run("nft", "list", "table", "inet", spec.Table)
+	if strings.Contains(out, "40000") {
+		t.Errorf("elements left:\n%s", out)
 	}
 }
 

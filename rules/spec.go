@@ -41,6 +41,7 @@ type Spec struct {
 	RouteTable   uint32
 	RulePriority uint32
 	Services     []Service
+	Divert       Divert
 }
 
 // Service is one intercepted service as the kernel sees it.
@@ -71,6 +72,11 @@ func FromConfig(cfg *config.Config) Spec {
 		Mark:         uint32(cfg.Kernel.Mark),
 		RouteTable:   cfg.Kernel.RouteTable,
 		RulePriority: cfg.Kernel.RulePriority,
+		Divert: Divert{
+			Queue:   cfg.Kernel.Queue,
+			Queues:  uint16(cfg.Kernel.Queues),
+			Timeout: cfg.Kernel.DivertTimeout.D(),
+		},
 	}
 	for _, s := range cfg.Services {
 		svc := Service{
@@ -83,6 +89,9 @@ func FromConfig(cfg *config.Config) Spec {
 		svc.Dst4, svc.Dst6 = splitPrefixes(s.Destinations)
 		svc.Src4, svc.Src6 = splitPrefixes(s.Sources)
 		spec.Services = append(spec.Services, svc)
+		if s.Splice.Mode != config.SpliceNever {
+			spec.Divert.Enabled = true
+		}
 	}
 	return spec
 }

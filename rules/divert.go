@@ -1,0 +1,268 @@
+package rules
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/xt"
+	"golang.org/x/sys/unix"
+
+	"spliced/splice"
+)
+
+// Divert configures the spliced-flow part of the table: the packets of
+// every spliced flow are looked up in a set of 4-tuples in a prerouting
+// chain that runs before conntrack and TPROXY, marked untracked, and queued
+// to the splice engine. One rule per family serves every flow; adding a
+// flow adds two set elements (~0.1 ms), never a rule.
+type Divert struct {
+	Enabled bool
+	// Queue is the first NFQUEUE number, Queues how many there are; the
+	// kernel spreads flows over them by a hash of the addresses, so the
+	// packets of one flow stay in order.
+	Queue, Queues uint16
+	// Timeout bounds how long an element lives if spliced never deletes it
+	// (a safety net after a crash); spliced refreshes live flows.
+	Timeout time.Duration
+	// NativeQueue selects the nft queue expression; without it (kernels
+	// without CONFIG_NFT_QUEUE) the xtables NFQUEUE target is used through
+	// nft_compat. Install probes and sets it.
+	NativeQueue bool
+}
+
+// Names in our table for splicing.
+const (
+	ChainDivert = "divert"
+	SetDivert4  = "divert4"
+	SetDivert6  = "divert6"
+)
+
+// Priority of the divert chain: raw, before conntrack (-200) and mangle.
+const divertPriority = nftables.ChainPriority(-300)
+
+// Spliced-flow queues must neither bypass nor fail open: a packet that
+// passed unrewritten would corrupt the flow.
+const xtNFQFlags = 0
+
+func divertSetType(v6 bool) nftables.SetDatatype {
+	addr := nftables.TypeIPAddr
+	if v6 {
+		addr = nftables.TypeIP6Addr
+	}
+	return nftables.MustConcatSetType(addr, nftables.TypeInetService, addr, nftables.TypeInetService)
+}
+
+func divertSet(t *nftables.Table, v6 bool, timeout time.Duration) *nftables.Set {
+	name := SetDivert4
+	if v6 {
+		name = SetDivert6
+	}
+	return &nftables.Set{Table: t, Name: name, KeyType: divertSetType(v6), Concatenation: true,
+		HasTimeout: true, Timeout: timeout}
+}
+
+// queueDivert adds the divert sets and chain to a batch.
+func queueDivert(c *nftables.Conn, spec *Spec, t *nftables.Table) error {
+	d := &spec.Divert
+	chain := c.AddChain(&nftables.Chain{
+		Name: ChainDivert, Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookPrerouting, Priority: &[]nftables.ChainPriority{divertPriority}[0],
+	})
+	for _, v6 := range []bool{false, true} {
+		set := divertSet(t, v6, d.Timeout)
+		if err := c.AddSet(set, nil); err != nil {
+			return fmt.Errorf("add set %s: %w", set.Name, err)
+		}
+		c.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: divertExprs(d, set, v6)})
+	}
+	return nil
+}
+
+func divertExprs(d *Divert, set *nftables.Set, v6 bool) []expr.Any {
+	nfproto := byte(unix.NFPROTO_IPV4)
+	src, dst, alen := uint32(12), uint32(16), uint32(4)
+	// 32-bit registers: each field of the concatenation starts in the
+	// next register after the previous one (NFT_REG32_00 is 8; 1 is the
+	// legacy name of the 16-byte register that starts there).
+	regs := [4]uint32{1, 9, 10, 11}
+	if v6 {
+		nfproto = unix.NFPROTO_IPV6
+		src, dst, alen = 8, 24, 16
+		regs = [4]uint32{1, 2, 13, 17}
+	}
+	e := l4protoTCP()
+	e = append(e,
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}},
+		&expr.Payload{DestRegister: regs[0], Base: expr.PayloadBaseNetworkHeader, Offset: src, Len: alen},
+		&expr.Payload{DestRegister: regs[1], Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
+		&expr.Payload{DestRegister: regs[2], Base: expr.PayloadBaseNetworkHeader, Offset: dst, Len: alen},
+		&expr.Payload{DestRegister: regs[3], Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
+		&expr.Notrack{},
+	)
+	if d.NativeQueue {
+		return append(e, &expr.Queue{Num: d.Queue, Total: d.Queues})
+	}
+	// struct xt_NFQ_info_v3 { u16 queuenum; u16 queues_total; u16 flags; }
+	// in host byte order, padded to 8 bytes.
+	info := make([]byte, 8)
+	binary.NativeEndian.PutUint16(info[0:], d.Queue)
+	binary.NativeEndian.PutUint16(info[2:], d.Queues)
+	binary.NativeEndian.PutUint16(info[4:], xtNFQFlags)
+	return append(e, &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &[]xt.Unknown{info}[0]})
+}
+
+// divertKey encodes a 4-tuple as a set key: each field padded to a
+// multiple of 4 bytes, as registers hold them.
+func divertKey(k splice.Key) []byte {
+	if k.IsIPv4() {
+		b := make([]byte, 16)
+		copy(b[0:4], k.Src[12:])
+		binary.BigEndian.PutUint16(b[4:], k.SrcPort)
+		copy(b[8:12], k.Dst[12:])
+		binary.BigEndian.PutUint16(b[12:], k.DstPort)
+		return b
+	}
+	b := make([]byte, 40)
+	copy(b[0:16], k.Src[:])
+	binary.BigEndian.PutUint16(b[16:], k.SrcPort)
+	copy(b[20:36], k.Dst[:])
+	binary.BigEndian.PutUint16(b[36:], k.DstPort)
+	return b
+}
+
+// Diverter adds and removes the set elements of spliced flows. It keeps
+// one netlink connection open; safe for concurrent use.
+type Diverter struct {
+	mu      sync.Mutex
+	c       *nftables.Conn
+	table   *nftables.Table
+	timeout time.Duration
+}
+
+// NewDiverter opens the connection used for element updates.
+func (m *Manager) NewDiverter() (*Diverter, error) {
+	opts := []nftables.ConnOption{nftables.AsLasting()}
+	if m.netns != 0 {
+		opts = append(opts, nftables.WithNetNSFd(m.netns))
+	}
+	c, err := nftables.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("open nftables netlink: %w", err)
+	}
+	return &Diverter{c: c, table: m.spec.table(), timeout: m.spec.Divert.Timeout}, nil
+}
+
+// Close releases the netlink connection.
+func (d *Diverter) Close() error { return d.c.CloseLasting() }
+
+func (d *Diverter) elements(keys []splice.Key, timeout time.Duration) (v4, v6 []nftables.SetElement) {
+	for _, k := range keys {
+		e := nftables.SetElement{Key: divertKey(k), Timeout: timeout}
+		if k.IsIPv4() {
+			v4 = append(v4, e)
+		} else {
+			v6 = append(v6, e)
+		}
+	}
+	return v4, v6
+}
+
+// Add diverts the flows with these tuples to the splice queues.
+func (d *Diverter) Add(keys ...splice.Key) error {
+	return d.apply(keys, func(s *nftables.Set, els []nftables.SetElement) error { return d.c.SetAddElements(s, els) })
+}
+
+// Delete stops diverting these tuples. Missing elements are not an error.
+func (d *Diverter) Delete(keys ...splice.Key) error {
+	err := d.apply(keys, func(s *nftables.Set, els []nftables.SetElement) error { return d.c.SetDeleteElements(s, els) })
+	if errors.Is(err, unix.ENOENT) {
+		// One element was gone (timed out, or the table was replaced):
+		// delete the others one by one.
+		var errs []error
+		for _, k := range keys {
+			if e := d.apply([]splice.Key{k}, func(s *nftables.Set, els []nftables.SetElement) error {
+				return d.c.SetDeleteElements(s, els)
+			}); e != nil && !errors.Is(e, unix.ENOENT) {
+				errs = append(errs, e)
+			}
+		}
+		return errors.Join(errs...)
+	}
+	return err
+}
+
+func (d *Diverter) apply(keys []splice.Key, op func(*nftables.Set, []nftables.SetElement) error) error {
+	v4, v6 := d.elements(keys, d.timeout)
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, x := range []struct {
+		v6  bool
+		els []nftables.SetElement
+	}{{false, v4}, {true, v6}} {
+		if len(x.els) == 0 {
+			continue
+		}
+		if err := op(divertSet(d.table, x.v6, d.timeout), x.els); err != nil {
+			return err
+		}
+	}
+	if err := d.c.Flush(); err != nil {
+		return fmt.Errorf("update divert sets: %w", err)
+	}
+	return nil
+}
+
+// renderDivert renders the divert sets (without their elements, which
+// come and go with flows) and chain.
+func renderDivert(d *Divert) []string {
+	timeout := formatNFTDuration(d.Timeout)
+	sets := []string{
+		fmt.Sprintf("\tset %s {\n\t\ttype ipv4_addr . inet_service . ipv4_addr . inet_service\n\t\ttimeout %s\n\t}\n", SetDivert4, timeout),
+		fmt.Sprintf("\tset %s {\n\t\ttype ipv6_addr . inet_service . ipv6_addr . inet_service\n\t\ttimeout %s\n\t}\n", SetDivert6, timeout),
+	}
+	q := queueStatement(d)
+	chain := renderChain(ChainDivert, "type filter hook prerouting priority raw; policy accept;", []string{
+		"ip saddr . tcp sport . ip daddr . tcp dport @" + SetDivert4 + " notrack " + q,
+		"ip6 saddr . tcp sport . ip6 daddr . tcp dport @" + SetDivert6 + " notrack " + q,
+	})
+	return append(sets, chain)
+}
+
+func queueStatement(d *Divert) string {
+	if d.Queues > 1 {
+		return fmt.Sprintf("queue num %d-%d", d.Queue, d.Queue+d.Queues-1)
+	}
+	return fmt.Sprintf("queue num %d", d.Queue)
+}
+
+// formatNFTDuration formats a duration as nft lists it: 1d, 2h, 1h30m,
+// 45s.
+func formatNFTDuration(d time.Duration) string {
+	if d <= 0 {
+		return "0s"
+	}
+	var s string
+	days := d / (24 * time.Hour)
+	d -= days * 24 * time.Hour
+	h := d / time.Hour
+	d -= h * time.Hour
+	m := d / time.Minute
+	d -= m * time.Minute
+	sec := d / time.Second
+	for _, p := range []struct {
+		v    time.Duration
+		unit string
+	}{{days, "d"}, {h, "h"}, {m, "m"}, {sec, "s"}} {
+		if p.v > 0 {
+			s += fmt.Sprintf("%d%s", p.v, p.unit)
+		}
+	}
+	return s
+}

@@ -1,0 +1,183 @@
+// Package tcprepair reads the state of a live TCP socket with the kernel's
+// TCP_REPAIR interface (the one CRIU uses), so that the gateway can close
+// its sockets silently and let the splice engine continue their
+// connections. It needs CAP_NET_ADMIN.
+//
+// In repair mode a socket sends nothing: closing it sends neither FIN nor
+// RST, and its peer never learns it is gone.
+package tcprepair
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"spliced/splice"
+)
+
+// Repair queue selectors (TCP_REPAIR_QUEUE).
+const (
+	noQueue   = 0
+	recvQueue = 1
+	sendQueue = 2
+)
+
+// tcp_info fields the engine needs that x/sys's TCPInfo does not name.
+const (
+	tcpInfoOptions   = 5 // tcpi_options
+	tcpInfoWscale    = 6 // tcpi_snd_wscale:4 (low nibble), tcpi_rcv_wscale:4
+	tcpInfoSndMSS    = 16
+	tcpiOptTimestamp = 1
+	tcpiOptSACK      = 2
+	tcpiOptWscale    = 4
+)
+
+// OpError is a failed socket operation, with the option that failed.
+type OpError struct {
+	Op  string
+	Err error
+}
+
+func (e *OpError) Error() string { return "tcprepair: " + e.Op + ": " + e.Err.Error() }
+func (e *OpError) Unwrap() error { return e.Err }
+
+// Queues returns the bytes in a socket's receive queue (unread) and send
+// queue (not yet acknowledged by the peer).
+func Queues(c *net.TCPConn) (inq, outq int, err error) {
+	err = control(c, func(fd int) error {
+		if inq, err = unix.IoctlGetInt(fd, unix.SIOCINQ); err != nil {
+			return &OpError{"SIOCINQ", err}
+		}
+		if outq, err = unix.IoctlGetInt(fd, unix.SIOCOUTQ); err != nil {
+			return &OpError{"SIOCOUTQ", err}
+		}
+		return nil
+	})
+	return inq, outq, err
+}
+
+// Capture puts the socket into repair mode and reads everything the splice
+// engine needs to continue its connection. On success the socket stays in
+// repair mode: closing it then is silent. On error the socket leaves repair
+// mode (without a window probe) and is usable as before.
+//
+// Capture expects empty queues (see Queues): SndNxt is write_seq, which
+// equals snd_una only when everything sent was acknowledged.
+func Capture(c *net.TCPConn) (splice.Conn, error) {
+	var st splice.Conn
+	local, ok1 := c.LocalAddr().(*net.TCPAddr)
+	remote, ok2 := c.RemoteAddr().(*net.TCPAddr)
+	if !ok1 || !ok2 {
+		return st, errors.New("tcprepair: connection has no addresses")
+	}
+	st.Local = unmap(local)
+	st.Remote = unmap(remote)
+	err := control(c, func(fd int) error {
+		if err := unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
+			return &OpError{"TCP_REPAIR on", err}
+		}
+		if err := capture(fd, &st); err != nil {
+			unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP)
+			return err
+		}
+		return nil
+	})
+	return st, err
+}
+
+func capture(fd int, st *splice.Conn) error {
+	seq := func(queue int) (uint32, error) {
+		if err := unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, queue); err != nil {
+			return 0, &OpError{"TCP_REPAIR_QUEUE", err}
+		}
+		v, err := unix.GetsockoptInt(fd, unix.SOL_TCP, unix.TCP_QUEUE_SEQ)
+		if err != nil {
+			return 0, &OpError{"TCP_QUEUE_SEQ", err}
+		}
+		return uint32(v), nil
+	}
+	rcv, err := seq(recvQueue)
+	if err != nil {
+		return err
+	}
+	snd, err := seq(sendQueue)
+	if err != nil {
+		return err
+	}
+	if err := unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, noQueue); err != nil {
+		return &OpError{"TCP_REPAIR_QUEUE", err}
+	}
+	st.RcvNxt, st.SndNxt = splice.Seq(rcv), splice.Seq(snd)
+
+	// struct tcp_repair_window { snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup }
+	var win [5]uint32
+	if err := getsockopt(fd, unix.TCP_REPAIR_WINDOW, unsafe.Pointer(&win), unsafe.Sizeof(win)); err != nil {
+		return &OpError{"TCP_REPAIR_WINDOW", err}
+	}
+	st.SndWnd, st.RcvWnd = win[1], win[3]
+
+	ts, err := unix.GetsockoptInt(fd, unix.SOL_TCP, unix.TCP_TIMESTAMP)
+	if err != nil {
+		return &OpError{"TCP_TIMESTAMP", err}
+	}
+	// Since Linux 6.7 bit 0 flags a microsecond clock; it is not part of
+	// the value.
+	st.TSval = uint32(ts) &^ 1
+
+	var info [104]byte
+	if err := getsockopt(fd, unix.TCP_INFO, unsafe.Pointer(&info), unsafe.Sizeof(info)); err != nil {
+		return &OpError{"TCP_INFO", err}
+	}
+	opts := info[tcpInfoOptions]
+	st.Timestamps = opts&tcpiOptTimestamp != 0
+	st.SACK = opts&tcpiOptSACK != 0
+	if opts&tcpiOptWscale != 0 {
+		st.SndWscale = info[tcpInfoWscale] & 0x0f
+		st.RcvWscale = info[tcpInfoWscale] >> 4
+	}
+	st.MSS = uint16(binary.NativeEndian.Uint32(info[tcpInfoSndMSS:]))
+	return nil
+}
+
+func getsockopt(fd, opt int, p unsafe.Pointer, size uintptr) error {
+	l := uint32(size)
+	_, _, errno := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_TCP, uintptr(opt), uintptr(p), uintptr(unsafe.Pointer(&l)), 0)
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+func control(c *net.TCPConn, fn func(fd int) error) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var ferr error
+	if err := rc.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err != nil {
+		return fmt.Errorf("tcprepair: %w", err)
+	}
+	return ferr
+}
+
+func unmap(a *net.TCPAddr) netip.AddrPort {
+	ap := a.AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// Leave takes a captured socket out of repair mode without sending a
+// window probe, so it can be used normally again (for example when a
+// splice is aborted after the capture).
+func Leave(c *net.TCPConn) error {
+	return control(c, func(fd int) error {
+		if err := unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP); err != nil {
+			return &OpError{"TCP_REPAIR off", err}
+		}
+		return nil
+	})
+}

@@ -1,12 +1,19 @@
 // Package gateway is the daemon's core: it owns the configuration, the
-// flow table and the kernel state, starts a proxy per service, and (with
-// package splice and nfq) moves flows between the proxies and the splice
-// engine.
+// flow table and the kernel state, starts a proxy per service, and moves
+// flows from the proxies into the splice engine (package splice) fed by
+// NFQUEUE (package nfq).
 //
 // Startup order matters: listeners first, then the nftables table and
 // policy routing, so that no SYN is ever diverted to a port nobody listens
-// on. Shutdown is the reverse: the table goes first, so new flows are
-// routed untouched while the proxies close.
+// on; the queues are bound before any flow is diverted to them. Shutdown is
+// the reverse: the table goes first, so new flows are routed untouched
+// while the proxies close.
+//
+// What happens to flows when the daemon goes: proxied flows end with their
+// sockets. Spliced flows live only in the daemon's memory; once it is gone
+// their packets are dropped (the queues have no bypass: an unrewritten
+// packet would corrupt the flow) and, after a clean shutdown removed the
+// table, reach the ends unrewritten, which answer with resets.
 package gateway
 
 import (
@@ -15,11 +22,15 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"spliced/config"
 	"spliced/logging"
+	"spliced/nfq"
 	"spliced/proxy"
 	"spliced/rules"
+	"spliced/splice"
 )
 
 // Gateway runs the services of one configuration.
@@ -31,6 +42,21 @@ type Gateway struct {
 
 	mu       sync.Mutex
 	services map[string]*service
+
+	// Splicing; nil when no service splices.
+	engine      *splice.Table
+	diverter    *rules.Diverter
+	queues      *nfq.Set
+	inject      *injector
+	transitions transitions
+	counters    engineCounters
+
+	splicedMu sync.Mutex
+	spliced   map[uint64]*splicedFlow
+
+	spliceLatency latencies
+	spliceAborts  atomic.Uint64
+	injectErrors  atomic.Uint64
 }
 
 type service struct {
@@ -49,6 +75,7 @@ func New(cfg *config.Config, log *slog.Logger) *Gateway {
 		rules:    rules.NewManager(rules.FromConfig(cfg)),
 		flows:    proxy.NewFlowTable(cfg.Limits.MaxFlows),
 		services: map[string]*service{},
+		spliced:  map[uint64]*splicedFlow{},
 	}
 }
 
@@ -65,25 +92,122 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 			return err
 		}
 	}
+	spec := g.rules.Spec()
+	if spec.Divert.Enabled {
+		if err := g.startSplicing(ctx, spec.Divert); err != nil {
+			g.stopServices()
+			return err
+		}
+	}
 	if err := g.rules.Install(); err != nil {
+		g.stopSplicing()
 		g.stopServices()
 		g.rules.Remove()
 		return err
 	}
-	spec := g.rules.Spec()
+	spec = g.rules.Spec()
+	if spec.Divert.Enabled {
+		d, err := g.rules.NewDiverter()
+		if err != nil {
+			g.shutdown()
+			return err
+		}
+		g.diverter = d
+	}
+	stopReaper := make(chan struct{})
+	var reaperDone sync.WaitGroup
+	if g.engine != nil {
+		reaperDone.Add(1)
+		go func() {
+			defer reaperDone.Done()
+			g.reaper(stopReaper, 250*time.Millisecond)
+		}()
+	}
+	queue := "none"
+	if spec.Divert.Enabled {
+		queue = fmt.Sprintf("%d-%d (%s)", spec.Divert.Queue, spec.Divert.Queue+spec.Divert.Queues-1, queueKind(spec.Divert.NativeQueue))
+	}
 	g.log.Info("ready", logging.KeyTable, "inet "+spec.Table, "services", len(g.cfg.Services),
-		"mark", fmt.Sprintf("0x%x", spec.Mark), "route_table", spec.RouteTable, logging.KeyFile, g.cfg.File)
+		"mark", fmt.Sprintf("0x%x", spec.Mark), "route_table", spec.RouteTable, logging.KeyQueue, queue, logging.KeyFile, g.cfg.File)
 	if ready != nil {
 		ready()
 	}
 	<-ctx.Done()
 	g.log.Info("shutting down")
+	close(stopReaper)
+	reaperDone.Wait()
+	g.logStats()
+	return g.shutdown()
+}
+
+// logStats logs the splice engine's counters, for the record.
+func (g *Gateway) logStats() {
+	if g.engine == nil {
+		return
+	}
+	attrs := []any{"splices", g.spliceLatency.count.Load(), "splice_aborts", g.spliceAborts.Load(),
+		"splice_p50_us", g.spliceLatency.percentile(0.5).Microseconds(), "splice_p99_us", g.spliceLatency.percentile(0.99).Microseconds(),
+		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load()}
+	for v := range splice.NumVerdicts {
+		if n := g.counters.verdicts[v].Load(); n > 0 {
+			attrs = append(attrs, splice.Verdict(v).String(), n)
+		}
+	}
+	for _, q := range g.queues.Stats() {
+		attrs = append(attrs, fmt.Sprintf("queue%d", q.Queue), fmt.Sprintf("received=%d modified=%d accepted=%d dropped=%d errors=%d overruns=%d kernel_queue_dropped=%d kernel_user_dropped=%d",
+			q.Received, q.Modified, q.Accepted, q.Dropped, q.Errors, q.Overruns, q.Kernel.QueueDropped, q.Kernel.UserDropped))
+	}
+	g.log.Info("splice engine totals", attrs...)
+}
+
+func queueKind(native bool) string {
+	if native {
+		return "nft queue"
+	}
+	return "xt NFQUEUE"
+}
+
+func (g *Gateway) shutdown() error {
 	err := g.rules.Remove()
 	if err != nil {
 		g.log.Error("remove kernel state", logging.Err(err))
 	}
 	g.stopServices()
+	g.stopSplicing()
 	return err
+}
+
+// startSplicing binds the queues and opens the raw sockets.
+func (g *Gateway) startSplicing(ctx context.Context, d rules.Divert) error {
+	inj, err := newInjector()
+	if err != nil {
+		return err
+	}
+	g.inject = inj
+	g.engine = splice.NewTable()
+	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues}, func(uint16) nfq.Handler {
+		h := &packetHandler{g: g}
+		return h.handle
+	}, g.log.With(logging.KeyComponent, "nfq"))
+	if err != nil {
+		inj.Close()
+		g.inject, g.engine = nil, nil
+		return err
+	}
+	g.queues = qs
+	return nil
+}
+
+func (g *Gateway) stopSplicing() {
+	if g.queues != nil {
+		g.queues.Close()
+	}
+	if g.inject != nil {
+		g.inject.Close()
+	}
+	if g.diverter != nil {
+		g.diverter.Close()
+	}
 }
 
 func (g *Gateway) startService(svc *config.Service) error {
@@ -92,17 +216,15 @@ func (g *Gateway) startService(svc *config.Service) error {
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &service{
-		cfg:       svc,
-		listeners: lns,
-		fwd: &proxy.Forwarder{
-			Service: svc,
-			Flows:   g.flows,
-			Log:     g.log.With(logging.KeyComponent, "forward", logging.KeyService, svc.Name),
-		},
-		stop: cancel,
-		done: make(chan struct{}),
+	fwd := &proxy.Forwarder{
+		Service: svc,
+		Flows:   g.flows,
+		Log:     g.log.With(logging.KeyComponent, "forward", logging.KeyService, svc.Name),
 	}
+	if svc.Splice.Mode != config.SpliceNever {
+		fwd.Splicer = g
+	}
+	s := &service{cfg: svc, listeners: lns, fwd: fwd, stop: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(s.done)
 		if err := s.fwd.Serve(ctx, lns...); err != nil {

@@ -90,7 +90,8 @@ func (p *Packet) Verdict(d Decision) error {
 	return err
 }
 
-// Handler decides about one packet. Handlers of different queues run
+// Handler decides about one packet. Each queue has its own handler (see
+// Open), called from one goroutine; handlers of different queues run
 // concurrently.
 type Handler func(p *Packet) Decision
 
@@ -129,9 +130,10 @@ type queue struct {
 	received, accepted, modified, dropped, held, errors, overruns atomic.Uint64
 }
 
-// Open binds the queues and starts serving them with h until ctx is done
-// or Close is called.
-func Open(ctx context.Context, cfg Config, h Handler, log *slog.Logger) (*Set, error) {
+// Open binds the queues and starts serving them until ctx is done or Close
+// is called. newHandler is called once per queue, so a handler can keep
+// per-queue scratch state without locks.
+func Open(ctx context.Context, cfg Config, newHandler func(queue uint16) Handler, log *slog.Logger) (*Set, error) {
 	if cfg.Count == 0 {
 		cfg.Count = 1
 	}
@@ -144,7 +146,7 @@ func Open(ctx context.Context, cfg Config, h Handler, log *slog.Logger) (*Set, e
 	ctx, cancel := context.WithCancel(ctx)
 	s := &Set{log: log, cancel: cancel}
 	for n := cfg.First; n < cfg.First+cfg.Count; n++ {
-		q, err := openQueue(ctx, n, cfg, h, log)
+		q, err := openQueue(ctx, n, cfg, newHandler(n), log)
 		if err != nil {
 			s.Close()
 			return nil, err

@@ -87,7 +87,7 @@ func TestQueueAcceptHoldDrop(t *testing.T) {
 	}
 	var set *Set
 	fd := lab.Gateway.OpenT(t)
-	set, err := Open(t.Context(), Config{First: 77, Count: 1, NetNS: fd}, h, slog.New(slog.DiscardHandler))
+	set, err := Open(t.Context(), Config{First: 77, Count: 1, NetNS: fd}, func(uint16) Handler { return h }, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

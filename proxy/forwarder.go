@@ -23,11 +23,23 @@ import (
 	"spliced/logging"
 )
 
+// Splicer hands a flow to the splice engine; the gateway implements it.
+// The caller has stopped reading and writing both connections and holds no
+// bytes of its own. On success the connections are gone (closed silently)
+// and the flow belongs to the splicer; on error they are intact and the
+// caller keeps relaying.
+type Splicer interface {
+	Splice(ctx context.Context, f *Flow, client, upstream *net.TCPConn) error
+}
+
 // Forwarder is the plain forwarding proxy of one service.
 type Forwarder struct {
 	Service *config.Service
 	Flows   *FlowTable
 	Log     *slog.Logger
+	// Splicer, if set, lets the forwarder splice flows: when the service's
+	// splice policy says so, or when someone calls Flow.RequestSplice.
+	Splicer Splicer
 
 	once        sync.Once
 	limiter     *logging.Limiter
@@ -133,11 +145,11 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 			"fix", "raise limits.max_flows or add gateways")
 		return
 	}
-	defer f.Flows.Remove(flow)
 	log := f.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
 
 	if svc.Access.Decide(flow.Client.Addr(), flow.Server) == config.Deny {
 		reset(c)
+		f.Flows.Remove(flow)
 		log.Info("flow denied by access policy")
 		return
 	}
@@ -146,6 +158,7 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	cancel()
 	if err != nil {
 		reset(c)
+		f.Flows.Remove(flow)
 		f.logLimited("dial "+flow.Server.String(), slog.LevelWarn, "upstream connect failed",
 			logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, logging.Err(err))
 		return
@@ -156,13 +169,75 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	relay := &Relay{Client: c, Upstream: up, Flow: flow, IdleTimeout: svc.IdleTimeout.D()}
 	stop := context.AfterFunc(f.flowCtx, relay.Close)
 	defer stop()
-	outcome, err := relay.Run()
-	attrs := []any{logging.KeyBytesC2S, flow.C2S.Load(), logging.KeyBytesS2C, flow.S2C.Load(),
-		logging.KeyDuration, time.Since(flow.Started).Round(time.Millisecond), logging.KeyReason, outcome.String()}
-	if err != nil {
-		attrs = append(attrs, logging.Err(err))
+	if f.relayAndSplice(flow, relay, log) {
+		return // the gateway owns the flow now, and logs its end
 	}
-	log.Info("flow closed", attrs...)
+	f.Flows.Remove(flow)
+}
+
+// relayAndSplice relays the flow, splicing it when the service's policy or
+// an operator asks. It reports whether the flow was spliced.
+func (f *Forwarder) relayAndSplice(flow *Flow, relay *Relay, log *slog.Logger) (spliced bool) {
+	pol := f.Service.Splice
+	auto := f.Splicer != nil
+	if auto {
+		switch pol.Mode {
+		case config.SpliceImmediate:
+			if f.trySplice(flow, relay, log) {
+				return true
+			}
+			auto = false
+		case config.SpliceBytes:
+			relay.PauseAfter = int64(pol.Bytes)
+		case config.SpliceTime:
+			t := time.AfterFunc(time.Until(flow.Started.Add(pol.After.D())), relay.Pause)
+			defer t.Stop()
+		}
+		done := make(chan struct{})
+		defer close(done)
+		go func() {
+			select {
+			case <-flow.SpliceRequested():
+				relay.Pause()
+			case <-done:
+			}
+		}()
+	}
+	for {
+		outcome, err := relay.Run()
+		if outcome == Paused {
+			if f.trySplice(flow, relay, log) {
+				return true
+			}
+			relay.PauseAfter = 0 // splice once; a failed attempt is not retried
+			continue
+		}
+		attrs := []any{logging.KeyBytesC2S, flow.C2S.Load(), logging.KeyBytesS2C, flow.S2C.Load(),
+			logging.KeyDuration, time.Since(flow.Started).Round(time.Millisecond), logging.KeyReason, outcome.String(), logging.KeyMode, "proxied"}
+		if err != nil {
+			attrs = append(attrs, logging.Err(err))
+		}
+		log.Info("flow closed", attrs...)
+		return false
+	}
+}
+
+// trySplice asks the splicer to take the flow. A half-closed flow stays
+// proxied.
+func (f *Forwarder) trySplice(flow *Flow, relay *Relay, log *slog.Logger) bool {
+	if f.Splicer == nil {
+		return false
+	}
+	if relay.HalfClosed() {
+		log.Debug("not splicing a half-closed flow")
+		return false
+	}
+	err := f.Splicer.Splice(f.flowCtx, flow, relay.Client, relay.Upstream)
+	if err == nil {
+		return true
+	}
+	log.Warn("flow stays proxied", logging.Err(err))
+	return false
 }
 
 // ListenService opens the service's IPv4 and IPv6 TPROXY listeners.

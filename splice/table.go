@@ -11,8 +11,14 @@ type Entry struct {
 	ID   uint64 // the gateway's flow ID
 	Keys [2]Key // tuples of packets arriving from the client and from the server
 
-	mu   sync.Mutex // packets of one flow may arrive on several queues
-	flow Flow
+	mu    sync.Mutex // packets of one flow may arrive on several queues
+	flow  Flow
+	stats [2]DirStats
+}
+
+// DirStats count what the engine forwarded in one direction.
+type DirStats struct {
+	Packets, Bytes uint64 // Bytes: TCP payload
 }
 
 // Process runs the engine on a parsed packet whose key matched direction d,
@@ -20,8 +26,19 @@ type Entry struct {
 func (e *Entry) Process(p *Packet, d Dir, now int64, csumComplete bool) Verdict {
 	e.mu.Lock()
 	v := e.flow.Rewrite(p, d, &e.Keys[1-d], now, csumComplete)
+	if v == Forward {
+		e.stats[d].Packets++
+		e.stats[d].Bytes += uint64(p.PayloadLen())
+	}
 	e.mu.Unlock()
 	return v
+}
+
+// Stats returns the forwarding counters of both directions.
+func (e *Entry) Stats() [2]DirStats {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.stats
 }
 
 // Snapshot returns a copy of the engine state.

@@ -1,0 +1,119 @@
+package gateway
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"golang.org/x/sys/unix"
+
+	"spliced/splice"
+)
+
+// injector sends packets the gateway builds itself (payload taken over
+// during a splice) through raw sockets with our own IP headers. They take
+// the output path, so the divert chain (prerouting) never sees them again.
+type injector struct {
+	fd4, fd6 int
+}
+
+func newInjector() (*injector, error) {
+	fd4, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+	if err != nil {
+		return nil, fmt.Errorf("raw IPv4 socket: %w (needs CAP_NET_RAW)", err)
+	}
+	fd6, err := unix.Socket(unix.AF_INET6, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+	if err != nil {
+		unix.Close(fd4)
+		return nil, fmt.Errorf("raw IPv6 socket: %w (needs CAP_NET_RAW)", err)
+	}
+	return &injector{fd4: fd4, fd6: fd6}, nil
+}
+
+func (in *injector) Close() error {
+	return errors.Join(unix.Close(in.fd4), unix.Close(in.fd6))
+}
+
+// send transmits a complete IP packet (IPv4 with IP_HDRINCL semantics,
+// IPv6 with IPV6_HDRINCL, both implied by IPPROTO_RAW).
+func (in *injector) send(p *splice.Packet) error {
+	dst, _ := netip.AddrFromSlice(p.Dst())
+	if p.IsIPv6() {
+		return unix.Sendto(in.fd6, p.Bytes(), 0, &unix.SockaddrInet6{Addr: dst.As16()})
+	}
+	return unix.Sendto(in.fd4, p.Bytes(), 0, &unix.SockaddrInet4{Addr: dst.As4()})
+}
+
+// stripPayload turns a parsed packet, in place, into the pure ACK it
+// carries: no payload, no FIN, no PSH, lengths and checksums fixed. It
+// returns the shortened packet, or nil when nothing is left to deliver
+// (no ACK flag).
+func stripPayload(p *splice.Packet) []byte {
+	t := p.TCP()
+	if t.Flags()&splice.FlagACK == 0 {
+		return nil
+	}
+	t.SetFlags(t.Flags() &^ (splice.FlagFIN | splice.FlagPSH))
+	b := p.Bytes()
+	end := len(b) - p.PayloadLen()
+	setLength(b, p.IsIPv6(), end)
+	b = b[:end]
+	var q splice.Packet
+	if q.Parse(b) != splice.OK {
+		return nil
+	}
+	tq := q.TCP()
+	tq.SetChecksum(0)
+	tq.SetChecksum(splice.TCPChecksum(q.Src(), q.Dst(), q.Segment()))
+	return b
+}
+
+
+// segments splits a held packet (a copy taken during the splice, possibly
+// a 64 KB GSO packet) into packets of at most mss payload bytes, in the
+// sender's sequence space; FIN and PSH stay on the last one only. Each
+// returned packet is a fresh buffer.
+func segments(b []byte, mss int) [][]byte {
+	var p splice.Packet
+	if p.Parse(b) != splice.OK {
+		return nil
+	}
+	payload := p.Payload()
+	if len(payload) <= mss {
+		return [][]byte{append([]byte(nil), p.Bytes()...)}
+	}
+	hdrLen := len(p.Bytes()) - len(payload)
+	t := p.TCP()
+	flags, seq := t.Flags(), t.Seq()
+	var out [][]byte
+	for off := 0; off < len(payload); off += mss {
+		n := min(mss, len(payload)-off)
+		seg := make([]byte, hdrLen+n)
+		copy(seg, p.Bytes()[:hdrLen])
+		copy(seg[hdrLen:], payload[off:off+n])
+		setLength(seg, p.IsIPv6(), hdrLen+n)
+		var q splice.Packet
+		if q.Parse(seg) != splice.OK {
+			return out
+		}
+		tq := q.TCP()
+		tq.SetSeq(seq.Add(uint32(off)))
+		if off+n < len(payload) {
+			tq.SetFlags(flags &^ (splice.FlagFIN | splice.FlagPSH))
+		}
+		out = append(out, seg)
+	}
+	return out
+}
+
+// setLength sets the IP length fields of a packet to total bytes and
+// fixes the IPv4 header checksum.
+func setLength(b []byte, v6 bool, total int) {
+	if v6 {
+		binary.BigEndian.PutUint16(b[splice.IPv6PayloadLenOffset:], uint16(total-splice.IPv6HeaderLen))
+		return
+	}
+	binary.BigEndian.PutUint16(b[splice.IPv4TotalLenOffset:], uint16(total))
+	splice.IPv4(b).UpdateChecksum()
+}

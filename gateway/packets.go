@@ -1,0 +1,174 @@
+package gateway
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"spliced/nfq"
+	"spliced/splice"
+)
+
+// packetHandler serves one NFQUEUE queue. Its scratch Packet makes the
+// per-packet path allocation-free; one handler runs on one goroutine.
+type packetHandler struct {
+	g *Gateway
+	p splice.Packet
+}
+
+// engineCounters count what the packet path decided, by verdict.
+type engineCounters struct {
+	verdicts [splice.NumVerdicts]atomic.Uint64
+	stripped atomic.Uint64 // payload packets taken over during a splice
+	held     atomic.Uint64 // packets held while a splice froze its flow
+}
+
+func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
+	g := h.g
+	p := &h.p
+	switch p.Parse(np.Data) {
+	case splice.Malformed:
+		g.counters.verdicts[splice.DropMalformed].Add(1)
+		return nfq.Drop
+	case splice.Unsupported:
+		g.counters.verdicts[splice.DropUnsupported].Add(1)
+		return nfq.Drop
+	}
+	key := p.KeyOf()
+	if g.transitions.active.Load() > 0 {
+		if tr := g.transitions.get(key); tr != nil {
+			return tr.handle(g, p, np, key)
+		}
+	}
+	e, d, ok := g.engine.Lookup(key)
+	if !ok {
+		// A diverted tuple without a flow: its splice was abandoned or
+		// it ended. Passing it unrewritten could corrupt the peer's view;
+		// dropping it lets TCP recover.
+		g.counters.verdicts[splice.DropNoFlow].Add(1)
+		return nfq.Drop
+	}
+	return forward(g, e, d, p, np)
+}
+
+// forward runs the engine on a packet of a spliced flow.
+func forward(g *Gateway, e *splice.Entry, d splice.Dir, p *splice.Packet, np *nfq.Packet) nfq.Decision {
+	v := e.Process(p, d, time.Now().UnixNano(), !np.CsumNotReady)
+	g.counters.verdicts[v].Add(1)
+	if v != splice.Forward {
+		return nfq.Drop
+	}
+	np.Data = p.Bytes()
+	return nfq.AcceptModified
+}
+
+// phase of a flow while it moves between the proxy and the engine.
+type phase uint8
+
+const (
+	// draining: the flow is diverted, its sockets still run TCP. Pure
+	// ACKs reach them; payload is taken over (a copy kept, the packet
+	// delivered without it) so the sockets only ever drain.
+	phaseDraining phase = iota
+	// frozen: the sockets are being captured; every packet is held.
+	phaseFrozen
+	// spliced: the engine owns the flow.
+	phaseSpliced
+	// aborted: the splice was abandoned; packets reach the sockets
+	// unchanged until the divert entries are gone.
+	phaseAborted
+)
+
+// transition is a flow being spliced.
+type transition struct {
+	keys [2]splice.Key // input tuples: from the client, from the server
+
+	mu       sync.Mutex
+	phase    phase
+	entry    *splice.Entry
+	taken    [2][][]byte // payload packets taken over while draining, per direction
+	held     []*nfq.Packet
+	reset    bool // a RST arrived while draining
+	takenLen [2]int
+}
+
+func (tr *transition) dir(k splice.Key) splice.Dir {
+	if k == tr.keys[splice.C2S] {
+		return splice.C2S
+	}
+	return splice.S2C
+}
+
+// handle decides about a packet of a flow in transition.
+func (tr *transition) handle(g *Gateway, p *splice.Packet, np *nfq.Packet, key splice.Key) nfq.Decision {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	switch tr.phase {
+	case phaseFrozen:
+		g.counters.held.Add(1)
+		tr.held = append(tr.held, np.Detach())
+		return nfq.Hold
+	case phaseSpliced:
+		return forward(g, tr.entry, tr.dir(key), p, np)
+	case phaseAborted:
+		return nfq.Accept
+	}
+	return tr.drain(g, p, np, key)
+}
+
+// drain handles a packet while the sockets drain (tr.mu held).
+func (tr *transition) drain(g *Gateway, p *splice.Packet, np *nfq.Packet, key splice.Key) nfq.Decision {
+	t := p.TCP()
+	if t.Flags()&splice.FlagRST != 0 {
+		// The flow is being reset: give up the splice, let the RST reach
+		// the socket so the proxy sees it.
+		tr.reset = true
+		return nfq.Accept
+	}
+	if p.PayloadLen() == 0 && t.Flags()&splice.FlagFIN == 0 {
+		return nfq.Accept // ACK information for the socket
+	}
+	d := tr.dir(key)
+	tr.taken[d] = append(tr.taken[d], append([]byte(nil), p.Bytes()...))
+	tr.takenLen[d] += p.PayloadLen()
+	g.counters.stripped.Add(1)
+	ack := stripPayload(p)
+	if ack == nil {
+		return nfq.Drop
+	}
+	np.Data = ack
+	return nfq.AcceptModified
+}
+
+// transitions indexes flows in transition by both input tuples. The packet
+// path looks here only while at least one exists.
+type transitions struct {
+	active atomic.Int32
+	mu     sync.RWMutex
+	m      map[splice.Key]*transition
+}
+
+func (ts *transitions) get(k splice.Key) *transition {
+	ts.mu.RLock()
+	defer ts.mu.RUnlock()
+	return ts.m[k]
+}
+
+func (ts *transitions) add(tr *transition) {
+	ts.mu.Lock()
+	if ts.m == nil {
+		ts.m = map[splice.Key]*transition{}
+	}
+	ts.m[tr.keys[0]] = tr
+	ts.m[tr.keys[1]] = tr
+	ts.mu.Unlock()
+	ts.active.Add(1)
+}
+
+func (ts *transitions) remove(tr *transition) {
+	ts.mu.Lock()
+	delete(ts.m, tr.keys[0])
+	delete(ts.m, tr.keys[1])
+	ts.mu.Unlock()
+	ts.active.Add(-1)
+}

@@ -1,0 +1,135 @@
+package gateway
+
+import (
+	"net"
+	"net/netip"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"spliced/logging"
+	"spliced/proxy"
+	"spliced/splice"
+)
+
+// splicedFlow is a flow the engine forwards.
+type splicedFlow struct {
+	flow     *proxy.Flow
+	entry    *splice.Entry
+	keys     [2]splice.Key
+	finished time.Time // when the engine first saw it finished
+}
+
+// Linger keeps a finished flow diverted for a while, so that a lost final
+// ACK or a retransmitted FIN is still rewritten.
+const finishedLinger = 5 * time.Second
+
+func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, keys [2]splice.Key) {
+	g.splicedMu.Lock()
+	g.spliced[f.ID] = &splicedFlow{flow: f, entry: e, keys: keys}
+	g.splicedMu.Unlock()
+}
+
+// reap removes spliced flows that ended (FIN both ways and acknowledged,
+// or a RST) and flows idle for longer than their service's idle timeout.
+func (g *Gateway) reap(now time.Time) {
+	var done []*splicedFlow
+	g.splicedMu.Lock()
+	for id, sf := range g.spliced {
+		snap := sf.entry.Snapshot()
+		reason := ""
+		switch {
+		case snap.Finished():
+			if sf.finished.IsZero() {
+				sf.finished = now
+			}
+			if now.Sub(sf.finished) >= finishedLinger {
+				reason = "finished"
+			}
+		case snap.Idle(now.UnixNano(), int64(g.idleTimeout(sf.flow.Service))):
+			reason = "idle"
+		}
+		if reason != "" {
+			delete(g.spliced, id)
+			sf.finished = now
+			done = append(done, sf)
+			sf.flow.SetState(proxy.StateClosing)
+			g.logClosed(sf, reason)
+		}
+	}
+	g.splicedMu.Unlock()
+	for _, sf := range done {
+		g.engine.Delete(sf.entry)
+		if err := g.diverter.Delete(sf.keys[0], sf.keys[1]); err != nil {
+			g.log.Error("remove divert entries", logging.KeyFlow, sf.flow.ID, logging.Err(err))
+		}
+		g.flows.Remove(sf.flow)
+	}
+}
+
+func (g *Gateway) logClosed(sf *splicedFlow, reason string) {
+	st := sf.entry.Stats()
+	f := sf.flow
+	g.log.Info("flow closed", logging.KeyFlow, f.ID, logging.KeyService, f.Service,
+		logging.KeyClient, f.Client, logging.KeyServer, f.Server,
+		logging.KeyBytesC2S, f.C2S.Load()+int64(st[splice.C2S].Bytes), logging.KeyBytesS2C, f.S2C.Load()+int64(st[splice.S2C].Bytes),
+		"spliced_bytes_c2s", st[splice.C2S].Bytes, "spliced_bytes_s2c", st[splice.S2C].Bytes,
+		logging.KeyDuration, time.Since(f.Started).Round(time.Millisecond), logging.KeyReason, reason, logging.KeyMode, "spliced")
+}
+
+func (g *Gateway) idleTimeout(service string) time.Duration {
+	if s := g.cfg.Service(service); s != nil {
+		return s.IdleTimeout.D()
+	}
+	return 5 * time.Minute
+}
+
+// reaper runs reap every interval until stop is closed.
+func (g *Gateway) reaper(stop <-chan struct{}, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case now := <-t.C:
+			g.reap(now)
+		}
+	}
+}
+
+// latencies keeps recent splice durations for percentiles.
+type latencies struct {
+	mu      sync.Mutex
+	samples []time.Duration
+	count   atomic.Uint64
+}
+
+func (l *latencies) observe(d time.Duration) {
+	l.count.Add(1)
+	l.mu.Lock()
+	if len(l.samples) >= 4096 {
+		copy(l.samples, l.samples[1:])
+		l.samples = l.samples[:len(l.samples)-1]
+	}
+	l.samples = append(l.samples, d)
+	l.mu.Unlock()
+}
+
+// percentile returns the q-quantile (0..1) of the recent samples.
+func (l *latencies) percentile(q float64) time.Duration {
+	l.mu.Lock()
+	s := append([]time.Duration(nil), l.samples...)
+	l.mu.Unlock()
+	if len(s) == 0 {
+		return 0
+	}
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	return s[int(q*float64(len(s)-1)+0.5)]
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	ap := a.(*net.TCPAddr).AddrPort()
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}

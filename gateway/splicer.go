@@ -1,0 +1,294 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"spliced/logging"
+	"spliced/nfq"
+	"spliced/proxy"
+	"spliced/splice"
+	"spliced/tcprepair"
+)
+
+// SpliceError says why a splice was abandoned; the flow stays proxied and
+// its connections are intact.
+type SpliceError struct {
+	Reason string
+	Err    error
+}
+
+func (e *SpliceError) Error() string {
+	if e.Err != nil {
+		return "splice abandoned: " + e.Reason + ": " + e.Err.Error()
+	}
+	return "splice abandoned: " + e.Reason
+}
+
+func (e *SpliceError) Unwrap() error { return e.Err }
+
+// Splice moves a proxied flow into the engine (paper 3.3). The caller has
+// stopped reading and writing both connections. Steps:
+//
+//  1. divert the flow's tuples to the queues; from now on payload that
+//     arrives is taken over (kept for later) and only its ACK information
+//     reaches the sockets, so they can only drain;
+//  2. move what the sockets already received (and acknowledged) across,
+//     and wait until both peers acknowledged everything the sockets sent:
+//     then no byte the gateway acknowledged is anywhere but at its
+//     destination;
+//  3. freeze (hold every packet), capture both sockets with TCP_REPAIR and
+//     close them silently;
+//  4. build the engine's flow, send the payload taken over through it, and
+//     release the held packets through it.
+//
+// On success the connections are closed and the gateway owns the flow. On
+// error (a *SpliceError) nothing was lost: the connections are intact and
+// still the caller's.
+func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *net.TCPConn) error {
+	if g.engine == nil {
+		return &SpliceError{Reason: "splicing is not enabled (no service has a splice mode)"}
+	}
+	start := time.Now()
+	tr := &transition{keys: [2]splice.Key{
+		splice.KeyFrom(addrPort(client.RemoteAddr()), addrPort(client.LocalAddr())),
+		splice.KeyFrom(addrPort(upstream.RemoteAddr()), addrPort(upstream.LocalAddr())),
+	}}
+	f.SetState(proxy.StateSplicing)
+	g.transitions.add(tr)
+	if err := g.diverter.Add(tr.keys[0], tr.keys[1]); err != nil {
+		g.transitions.remove(tr)
+		f.SetState(proxy.StateProxied)
+		return &SpliceError{Reason: "divert the flow", Err: err}
+	}
+	drain := g.drainTimeout(f.Service)
+	caps, err := g.quiesceAndCapture(ctx, tr, f, client, upstream, start.Add(drain))
+	if err != nil {
+		g.abort(tr, f)
+		return err
+	}
+	params := splice.Params{Client: caps[0], Server: caps[1]}
+	entry, err := g.engine.Add(f.ID, &params, time.Now().UnixNano())
+	if err != nil {
+		tcprepair.Leave(client)
+		tcprepair.Leave(upstream)
+		g.abort(tr, f)
+		return &SpliceError{Reason: "build the engine flow", Err: err}
+	}
+	// Point of no return: in repair mode, Close sends nothing.
+	client.Close()
+	upstream.Close()
+	sent, released := g.release(tr, entry, &params)
+	g.transitions.remove(tr)
+	g.addSpliced(f, entry, tr.keys)
+	took := time.Since(start)
+	g.spliceLatency.observe(took)
+	f.SplicedAt.Store(time.Now().UnixNano())
+	f.SetState(proxy.StateSpliced)
+	g.log.Info("flow spliced", logging.KeyFlow, f.ID, logging.KeyService, f.Service,
+		logging.KeyClient, f.Client, logging.KeyServer, f.Server,
+		logging.KeyBytesC2S, f.C2S.Load(), logging.KeyBytesS2C, f.S2C.Load(),
+		"took_us", took.Microseconds(), "taken_over_bytes", tr.takenLen[0]+tr.takenLen[1],
+		"injected_packets", sent, "held_packets", released)
+	return nil
+}
+
+func (g *Gateway) drainTimeout(service string) time.Duration {
+	if s := g.cfg.Service(service); s != nil {
+		return s.Splice.DrainTimeout.D()
+	}
+	return 5 * time.Second
+}
+
+// quiesceAndCapture runs steps 2 and 3 and returns the captured
+// connections (client side first). On error both sockets are usable and the
+// transition is not frozen.
+func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *proxy.Flow, client, upstream *net.TCPConn, deadline time.Time) ([2]splice.Conn, error) {
+	var caps [2]splice.Conn
+	buf := make([]byte, 256<<10)
+	wait := 20 * time.Microsecond
+	for {
+		if err := g.drainStep(tr, f, client, upstream, buf, deadline); err != nil {
+			return caps, err
+		}
+		empty, err := queuesEmpty(client, upstream)
+		if err != nil {
+			return caps, &SpliceError{Reason: "read socket queues", Err: err}
+		}
+		if empty {
+			tr.mu.Lock()
+			tr.phase = phaseFrozen
+			tr.mu.Unlock()
+			// Nothing reaches the sockets now; make sure nothing did
+			// between the check and the freeze.
+			if empty, err = queuesEmpty(client, upstream); err == nil && empty {
+				break
+			}
+			g.unfreeze(tr)
+		}
+		if time.Now().After(deadline) {
+			return caps, &SpliceError{Reason: "the peers did not acknowledge the gateway's data in time (drain timeout)"}
+		}
+		if err := ctx.Err(); err != nil {
+			return caps, &SpliceError{Reason: "cancelled", Err: err}
+		}
+		time.Sleep(wait)
+		wait = min(wait*2, time.Millisecond)
+	}
+	var err error
+	if caps[0], err = tcprepair.Capture(client); err != nil {
+		g.unfreeze(tr)
+		return caps, &SpliceError{Reason: "capture the client connection", Err: err}
+	}
+	if caps[1], err = tcprepair.Capture(upstream); err != nil {
+		tcprepair.Leave(client)
+		g.unfreeze(tr)
+		return caps, &SpliceError{Reason: "capture the upstream connection", Err: err}
+	}
+	return caps, nil
+}
+
+// drainStep moves bytes the sockets received (and acknowledged) to the
+// other side, as the proxy would have.
+func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net.TCPConn, buf []byte, deadline time.Time) error {
+	tr.mu.Lock()
+	reset := tr.reset
+	tr.mu.Unlock()
+	if reset {
+		return &SpliceError{Reason: "the flow was reset"}
+	}
+	for _, m := range []struct {
+		src, dst *net.TCPConn
+		n        *atomic.Int64
+	}{{client, upstream, &f.C2S}, {upstream, client, &f.S2C}} {
+		for {
+			inq, _, err := tcprepair.Queues(m.src)
+			if err != nil {
+				return &SpliceError{Reason: "read socket queues", Err: err}
+			}
+			if inq == 0 {
+				break
+			}
+			m.src.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+			n, err := m.src.Read(buf[:min(inq, len(buf))])
+			m.src.SetReadDeadline(time.Time{})
+			if n > 0 {
+				m.dst.SetWriteDeadline(deadline)
+				_, werr := m.dst.Write(buf[:n])
+				m.dst.SetWriteDeadline(time.Time{})
+				m.n.Add(int64(n))
+				if werr != nil {
+					// Bytes read but not written: the proxy could not have
+					// done better; the flow is broken either way.
+					return &SpliceError{Reason: "move queued bytes", Err: werr}
+				}
+			}
+			if errors.Is(err, io.EOF) {
+				return &SpliceError{Reason: "the flow is half-closed"}
+			}
+			if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+				return &SpliceError{Reason: "read queued bytes", Err: err}
+			}
+		}
+	}
+	return nil
+}
+
+func queuesEmpty(conns ...*net.TCPConn) (bool, error) {
+	for _, c := range conns {
+		inq, outq, err := tcprepair.Queues(c)
+		if err != nil {
+			return false, err
+		}
+		if inq != 0 || outq != 0 {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// unfreeze returns a frozen transition to draining, handling the packets
+// it held as draining handles them.
+func (g *Gateway) unfreeze(tr *transition) {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	tr.phase = phaseDraining
+	var p splice.Packet
+	for _, np := range tr.held {
+		d := nfq.Accept
+		if p.Parse(np.Data) == splice.OK {
+			d = tr.drain(g, &p, np, p.KeyOf())
+		}
+		np.Verdict(d)
+	}
+	tr.held = nil
+}
+
+// abort abandons a splice before the capture: held packets go to the
+// sockets unchanged, the payload taken over is forgotten (its senders
+// were never acknowledged and will send it again), and the divert entries
+// are removed.
+func (g *Gateway) abort(tr *transition, f *proxy.Flow) {
+	tr.mu.Lock()
+	tr.phase = phaseAborted
+	held := tr.held
+	tr.held, tr.taken = nil, [2][][]byte{}
+	tr.mu.Unlock()
+	for _, np := range held {
+		np.Verdict(nfq.Accept)
+	}
+	if err := g.diverter.Delete(tr.keys[0], tr.keys[1]); err != nil {
+		g.log.Error("remove divert entries of an abandoned splice", logging.KeyFlow, f.ID, logging.Err(err))
+	}
+	g.transitions.remove(tr)
+	g.spliceAborts.Add(1)
+	f.SetState(proxy.StateProxied)
+}
+
+// release finishes a splice (step 4): the payload taken over goes out
+// first, segmented for the receiving leg and rewritten by the engine, then
+// the held packets go through the engine in the order they came.
+func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params) (sent, released int) {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	tr.entry = e
+	tr.phase = phaseSpliced
+	now := time.Now().UnixNano()
+	mss := [2]int{int(params.Server.MSS), int(params.Client.MSS)} // by direction of travel
+	var p splice.Packet
+	for d := range 2 {
+		for _, b := range tr.taken[d] {
+			for _, seg := range segments(b, max(mss[d], 536)) {
+				if p.Parse(seg) != splice.OK {
+					continue
+				}
+				v := e.Process(&p, splice.Dir(d), now, false)
+				g.counters.verdicts[v].Add(1)
+				if v != splice.Forward {
+					continue
+				}
+				if err := g.inject.send(&p); err != nil {
+					g.injectErrors.Add(1)
+					continue // the sender still has it unacknowledged
+				}
+				sent++
+			}
+		}
+	}
+	tr.taken = [2][][]byte{}
+	for _, np := range tr.held {
+		d := nfq.Drop
+		if p.Parse(np.Data) == splice.OK {
+			d = forward(g, e, tr.dir(p.KeyOf()), &p, np)
+		}
+		np.Verdict(d)
+		released++
+	}
+	tr.held = nil
+	return sent, released
+}

@@ -69,7 +69,6 @@ func stripPayload(p *splice.Packet) []byte {
 	return b
 }
 
-
 // segments splits a held packet (a copy taken during the splice, possibly
 // a 64 KB GSO packet) into packets of at most mss payload bytes, in the
 // sender's sequence space; FIN and PSH stay on the last one only. Each

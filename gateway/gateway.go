@@ -54,6 +54,8 @@ type Gateway struct {
 	splicedMu sync.Mutex
 	spliced   map[uint64]*splicedFlow
 
+	restoreSysctls func()
+
 	spliceLatency latencies
 	spliceAborts  atomic.Uint64
 	injectErrors  atomic.Uint64
@@ -99,10 +101,18 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 			return err
 		}
 	}
+	if needsAcceptLocal(g.cfg) {
+		restore, err := g.enableAcceptLocal()
+		if err != nil {
+			g.stopSplicing()
+			g.stopServices()
+			return err
+		}
+		g.restoreSysctls = restore
+	}
 	if err := g.rules.Install(); err != nil {
-		g.stopSplicing()
-		g.stopServices()
 		g.rules.Remove()
+		g.shutdown()
 		return err
 	}
 	spec = g.rules.Spec()
@@ -174,6 +184,9 @@ func (g *Gateway) shutdown() error {
 	}
 	g.stopServices()
 	g.stopSplicing()
+	if g.restoreSysctls != nil {
+		g.restoreSysctls()
+	}
 	return err
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"os"
 	"sync/atomic"
@@ -73,6 +74,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		return err
 	}
 	params := splice.Params{Client: caps[0], Server: caps[1]}
+	g.log.Debug("captured", logging.KeyFlow, f.ID, legAttrs("client_leg", &params.Client), legAttrs("server_leg", &params.Server))
 	entry, err := g.engine.Add(f.ID, &params, time.Now().UnixNano())
 	if err != nil {
 		tcprepair.Leave(client)
@@ -96,6 +98,13 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		"took_us", took.Microseconds(), "taken_over_bytes", tr.takenLen[0]+tr.takenLen[1],
 		"injected_packets", sent, "held_packets", released)
 	return nil
+}
+
+// legAttrs describes a captured connection for the log.
+func legAttrs(name string, c *splice.Conn) slog.Attr {
+	return slog.Group(name, "local", c.Local, "remote", c.Remote, "snd_nxt", uint32(c.SndNxt), "rcv_nxt", uint32(c.RcvNxt),
+		"snd_wnd", c.SndWnd, "rcv_wnd", c.RcvWnd, "snd_wscale", c.SndWscale, "rcv_wscale", c.RcvWscale,
+		"mss", c.MSS, "sack", c.SACK, "timestamps", c.Timestamps, "tsval", c.TSval)
 }
 
 func (g *Gateway) drainTimeout(service string) time.Duration {

@@ -117,6 +117,34 @@ func RunTransfer(client *Host, ln *net.TCPListener, dst netip.AddrPort, opt Tran
 	if opt.Timeout == 0 {
 		opt.Timeout = 2 * time.Minute
 	}
+	accepted := make(chan *net.TCPConn, 1)
+	var acceptErr error
+	go func() {
+		ln.SetDeadline(time.Now().Add(opt.Timeout))
+		c, err := ln.AcceptTCP()
+		acceptErr = err
+		accepted <- c
+	}()
+	c, err := client.Dial(dst, 10*time.Second)
+	if err != nil {
+		ln.Close() // unblock the accept
+		<-accepted
+		return &Transfer{Client: Side{Err: fmt.Errorf("dial %s: %w", dst, err)}}
+	}
+	s := <-accepted
+	if s == nil {
+		c.Close()
+		return &Transfer{Server: Side{Err: fmt.Errorf("accept: %w", acceptErr)}}
+	}
+	return Exchange(c, s, opt)
+}
+
+// Exchange runs a transfer over an established connection: c is the
+// client's end, s the server's. Both are closed at the end.
+func Exchange(c, s *net.TCPConn, opt TransferOptions) *Transfer {
+	if opt.Timeout == 0 {
+		opt.Timeout = 2 * time.Minute
+	}
 	t := &Transfer{}
 	start := time.Now()
 	deadline := start.Add(opt.Timeout)
@@ -124,26 +152,14 @@ func RunTransfer(client *Host, ln *net.TCPListener, dst netip.AddrPort, opt Tran
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		ln.SetDeadline(deadline)
-		c, err := ln.AcceptTCP()
-		if err != nil {
-			t.Server.Err = fmt.Errorf("accept: %w", err)
-			return
-		}
-		defer c.Close()
-		c.SetDeadline(deadline)
-		t.Server.Peer = c.RemoteAddr().(*net.TCPAddr).AddrPort()
-		t.Server.Local = c.LocalAddr().(*net.TCPAddr).AddrPort()
-		exchange(c, &t.Server, opt.S2C, opt.Seed+1, opt.WriteSize, nil)
+		defer s.Close()
+		s.SetDeadline(deadline)
+		t.Server.Peer = s.RemoteAddr().(*net.TCPAddr).AddrPort()
+		t.Server.Local = s.LocalAddr().(*net.TCPAddr).AddrPort()
+		exchange(s, &t.Server, opt.S2C, opt.Seed+1, opt.WriteSize, nil)
 	}()
 	go func() {
 		defer wg.Done()
-		c, err := client.Dial(dst, 10*time.Second)
-		if err != nil {
-			t.Client.Err = fmt.Errorf("dial %s: %w", dst, err)
-			ln.Close() // unblock the server
-			return
-		}
 		defer c.Close()
 		c.SetDeadline(deadline)
 		t.Client.Peer = c.RemoteAddr().(*net.TCPAddr).AddrPort()
@@ -154,6 +170,67 @@ func RunTransfer(client *Host, ln *net.TCPListener, dst netip.AddrPort, opt Tran
 	t.Elapsed = time.Since(start)
 	return t
 }
+
+// Mux accepts every connection of a listener and hands each to whoever
+// asks for it by the client's address, so many transfers can share one
+// server port. It needs the server to see the client's own address
+// (routing or a transparent proxy in between).
+type Mux struct {
+	ln   *net.TCPListener
+	mu   sync.Mutex
+	wait map[netip.AddrPort]chan *net.TCPConn
+}
+
+// NewMux starts accepting on ln.
+func NewMux(ln *net.TCPListener) *Mux {
+	m := &Mux{ln: ln, wait: map[netip.AddrPort]chan *net.TCPConn{}}
+	go func() {
+		for {
+			c, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			m.slot(c.RemoteAddr().(*net.TCPAddr).AddrPort()) <- c
+		}
+	}()
+	return m
+}
+
+func (m *Mux) slot(k netip.AddrPort) chan *net.TCPConn {
+	k = netip.AddrPortFrom(k.Addr().Unmap(), k.Port())
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	ch, ok := m.wait[k]
+	if !ok {
+		ch = make(chan *net.TCPConn, 1)
+		m.wait[k] = ch
+	}
+	return ch
+}
+
+// Transfer dials dst from client and runs a transfer with the server side
+// the mux accepted for it.
+func (m *Mux) Transfer(client *Host, dst netip.AddrPort, opt TransferOptions) *Transfer {
+	c, err := client.Dial(dst, 10*time.Second)
+	if err != nil {
+		return &Transfer{Client: Side{Err: fmt.Errorf("dial %s: %w", dst, err)}}
+	}
+	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	ch := m.slot(local)
+	select {
+	case s := <-ch:
+		m.mu.Lock()
+		delete(m.wait, netip.AddrPortFrom(local.Addr().Unmap(), local.Port()))
+		m.mu.Unlock()
+		return Exchange(c, s, opt)
+	case <-time.After(10 * time.Second):
+		c.Close()
+		return &Transfer{Server: Side{Err: fmt.Errorf("no connection from %v reached the server", local)}}
+	}
+}
+
+// Close stops accepting.
+func (m *Mux) Close() error { return m.ln.Close() }
 
 // exchange sends n bytes of the seed's stream and half-closes, while
 // reading everything the peer sends until EOF.

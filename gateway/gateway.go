@@ -150,6 +150,27 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	return g.shutdown()
 }
 
+// LogState logs the engine's counters and, at debug level, the state of
+// every spliced flow (spliced does this on SIGUSR1).
+func (g *Gateway) LogState() {
+	g.logStats()
+	if g.engine == nil || !g.log.Enabled(context.Background(), slog.LevelDebug) {
+		return
+	}
+	g.splicedMu.Lock()
+	defer g.splicedMu.Unlock()
+	for id, sf := range g.spliced {
+		snap, st := sf.entry.Snapshot(), sf.entry.Stats()
+		c2s, s2c := snap.Info(splice.C2S), snap.Info(splice.S2C)
+		g.log.Debug("spliced flow", logging.KeyFlow, id, logging.KeyClient, sf.flow.Client, logging.KeyServer, sf.flow.Server,
+			"finished", snap.Finished(), "idle_ms", (time.Now().UnixNano()-snap.LastSeen())/1e6,
+			slog.Group("c2s", "packets", st[0].Packets, "bytes", st[0].Bytes, "dropped", st[0].Dropped, "last_drop", st[0].LastDrop.String(),
+				"highest_seq", uint32(c2s.HighestSeq), "highest_ack", uint32(c2s.HighestAck), "window", c2s.Window, "fin", c2s.FIN),
+			slog.Group("s2c", "packets", st[1].Packets, "bytes", st[1].Bytes, "dropped", st[1].Dropped, "last_drop", st[1].LastDrop.String(),
+				"highest_seq", uint32(s2c.HighestSeq), "highest_ack", uint32(s2c.HighestAck), "window", s2c.Window, "fin", s2c.FIN))
+	}
+}
+
 // logStats logs the splice engine's counters, for the record.
 func (g *Gateway) logStats() {
 	if g.engine == nil {

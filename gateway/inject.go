@@ -116,3 +116,18 @@ func setLength(b []byte, v6 bool, total int) {
 	binary.BigEndian.PutUint16(b[splice.IPv4TotalLenOffset:], uint16(total))
 	splice.IPv4(b).UpdateChecksum()
 }
+
+// freshen gives a segment taken over during a splice the sender's latest
+// acknowledgment and window as its connection with the gateway knew them
+// at capture (ack is never moved backwards). The checksum is left to the
+// engine, which computes it in full for these packets.
+func freshen(p *splice.Packet, ack splice.Seq, window uint16) {
+	t := p.TCP()
+	if t.Flags()&splice.FlagACK == 0 {
+		return
+	}
+	if t.Ack().LessThan(ack) {
+		t.SetAck(ack)
+	}
+	t.SetWindow(window)
+}

@@ -269,13 +269,20 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 	tr.phase = phaseSpliced
 	now := time.Now().UnixNano()
 	mss := [2]int{int(params.Server.MSS), int(params.Client.MSS)} // by direction of travel
+	// What each sender last told the gateway's socket: a segment taken
+	// over during the drain carries an older ack and window, and a stale
+	// window would shrink the receiver's view below data already sent.
+	senders := [2]*splice.Conn{&params.Client, &params.Server}
 	var p splice.Packet
 	for d := range 2 {
+		c := senders[d]
+		win := uint16(min(c.SndWnd>>c.SndWscale, 0xffff))
 		for _, b := range tr.taken[d] {
 			for _, seg := range segments(b, max(mss[d], 536)) {
 				if p.Parse(seg) != splice.OK {
 					continue
 				}
+				freshen(&p, c.SndNxt, win)
 				v := e.Process(&p, splice.Dir(d), now, false)
 				g.counters.verdicts[v].Add(1)
 				if v != splice.Forward {

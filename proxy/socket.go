@@ -70,7 +70,17 @@ func DialUpstream(ctx context.Context, transparent bool, client, server netip.Ad
 		}
 		return c.(*net.TCPConn), nil
 	}
-	d.Control = func(network, _ string, c syscall.RawConn) error { return setTransparent(network, c) }
+	d.Control = func(network, _ string, c syscall.RawConn) error {
+		// SO_REUSEADDR lets the client's port be bound again while an
+		// earlier upstream connection from it (to another server port)
+		// sits in TIME_WAIT.
+		var serr error
+		c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1) })
+		if serr != nil {
+			return serr
+		}
+		return setTransparent(network, c)
+	}
 	src := netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
 	d.LocalAddr = net.TCPAddrFromAddrPort(src)
 	c, err := d.DialContext(ctx, network, server.String())

@@ -113,6 +113,17 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 
 	t.SetSrcPort(s.srcPort)
 	t.SetDstPort(s.dstPort)
+	if p.SegmentLen() == 0 && flags&FlagRST == 0 && seq.LessThan(s.ackSeen) {
+		// A pure ACK whose sequence number lies behind what the receiver
+		// already acknowledged. Across a splice this is normal: the sender
+		// may have sent data under the gateway socket's larger window, and
+		// its pure ACKs carry snd_una+snd_wnd, which can fall behind the
+		// receiver's rcv_nxt. The receiver would drop such an ACK as out of
+		// window, losing the ACK and window information it carries, and if
+		// both ends do it they deadlock. A pure ACK's sequence number
+		// carries no data: move it to the receiver's rcv_nxt.
+		seq = s.ackSeen
+	}
 	t.SetSeq(seq.Add(s.seqOff))
 	if flags&FlagACK != 0 {
 		t.SetAck(t.Ack().Sub(o.seqOff))

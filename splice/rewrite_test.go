@@ -475,3 +475,34 @@ func TestTableBothDirections(t *testing.T) {
 		t.Error("delete left keys")
 	}
 }
+
+// TestStalePureAckSeqRaised: a pure ACK whose sequence number is behind
+// what the receiver already acknowledged gets the receiver's rcv_nxt, so
+// the receiver does not drop it as out of window; data segments keep their
+// sequence number.
+func TestStalePureAckSeqRaised(t *testing.T) {
+	f := newFixture(t, false, false)
+	// The client acks 0x200 bytes of server data: the server's receiver
+	// (the client) is at 0xffffff00+0x200 in the server's space.
+	srv := f.s2c(0xffffff00, 0x7ffffff0, FlagACK)
+	srv.payload = make([]byte, 0x200)
+	f.run(t, srv.bytes(), S2C, true)
+	f.run(t, f.c2s(1000, sa(0x200), FlagACK).bytes(), C2S, true)
+
+	// A pure ACK from the server with a stale sequence number.
+	b := f.s2c(0xffffff00+0x80, 0x7ffffff0, FlagACK).bytes()
+	if v := f.run(t, b, S2C, true); v != Forward {
+		t.Fatalf("verdict %v", v)
+	}
+	if got, want := decoded(t, b).Seq, uint32(Seq(0xffffff00).Add(0x200+dS2C)); got != want {
+		t.Errorf("stale pure ACK seq %#x, want the receiver's rcv_nxt %#x", got, want)
+	}
+	// A retransmission with data keeps its sequence number.
+	s := f.s2c(0xffffff00+0x80, 0x7ffffff0, FlagACK)
+	s.payload = make([]byte, 10)
+	b = s.bytes()
+	f.run(t, b, S2C, true)
+	if got, want := decoded(t, b).Seq, uint32(Seq(0xffffff00+0x80).Add(dS2C)); got != want {
+		t.Errorf("retransmission seq %#x, want %#x", got, want)
+	}
+}

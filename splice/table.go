@@ -16,9 +16,11 @@ type Entry struct {
 	stats [2]DirStats
 }
 
-// DirStats count what the engine forwarded in one direction.
+// DirStats count what the engine did in one direction.
 type DirStats struct {
-	Packets, Bytes uint64 // Bytes: TCP payload
+	Packets, Bytes uint64 // forwarded; Bytes: TCP payload
+	Dropped        uint64 // failed a check
+	LastDrop       Verdict
 }
 
 // Process runs the engine on a parsed packet whose key matched direction d,
@@ -29,6 +31,9 @@ func (e *Entry) Process(p *Packet, d Dir, now int64, csumComplete bool) Verdict 
 	if v == Forward {
 		e.stats[d].Packets++
 		e.stats[d].Bytes += uint64(p.PayloadLen())
+	} else {
+		e.stats[d].Dropped++
+		e.stats[d].LastDrop = v
 	}
 	e.mu.Unlock()
 	return v

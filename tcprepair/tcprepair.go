@@ -61,6 +61,13 @@ func Queues(c *net.TCPConn) (inq, outq int, err error) {
 	return inq, outq, err
 }
 
+// ErrNotEstablished is returned by Capture for a connection that is not
+// in state ESTABLISHED: a FIN was sent or received, and the sequence
+// numbers no longer describe a byte stream alone.
+var ErrNotEstablished = errors.New("tcprepair: connection is not established (half-closed or closing)")
+
+const tcpEstablished = 1
+
 // Capture puts the socket into repair mode and reads everything the splice
 // engine needs to continue its connection. On success the socket stays in
 // repair mode: closing it then is silent. On error the socket leaves repair
@@ -78,6 +85,13 @@ func Capture(c *net.TCPConn) (splice.Conn, error) {
 	st.Local = unmap(local)
 	st.Remote = unmap(remote)
 	err := control(c, func(fd int) error {
+		var info [8]byte
+		if err := getsockopt(fd, unix.TCP_INFO, unsafe.Pointer(&info), unsafe.Sizeof(info)); err != nil {
+			return &OpError{"TCP_INFO", err}
+		}
+		if info[0] != tcpEstablished {
+			return fmt.Errorf("%w: state %s", ErrNotEstablished, tcpStateName(info[0]))
+		}
 		if err := unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 			return &OpError{"TCP_REPAIR on", err}
 		}
@@ -180,4 +194,12 @@ func Leave(c *net.TCPConn) error {
 		}
 		return nil
 	})
+}
+
+func tcpStateName(s uint8) string {
+	names := []string{1: "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT", "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING"}
+	if int(s) < len(names) && names[s] != "" {
+		return names[s]
+	}
+	return fmt.Sprintf("state %d", s)
 }

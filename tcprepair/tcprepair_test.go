@@ -2,6 +2,7 @@ package tcprepair
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -88,5 +89,22 @@ func TestCaptureMatchesPeer(t *testing.T) {
 				t.Fatalf("peer of a silently closed socket read %v, want a timeout", err)
 			}
 		})
+	}
+}
+
+// TestCaptureRefusesHalfClosed: a connection that received a FIN is not
+// captured, and stays usable.
+func TestCaptureRefusesHalfClosed(t *testing.T) {
+	testnet.Privileged(t)
+	a, b := pair(t, "tcp4", "127.0.0.1:0")
+	b.CloseWrite()
+	testnet.Eventually(t, 5*time.Second, func() error {
+		if _, err := Capture(a); !errors.Is(err, ErrNotEstablished) {
+			return fmt.Errorf("capture of a half-closed connection: %v", err)
+		}
+		return nil
+	})
+	if _, err := a.Write([]byte("still usable")); err != nil {
+		t.Fatal(err)
 	}
 }

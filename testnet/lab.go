@@ -17,6 +17,7 @@
 package testnet
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -25,6 +26,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"syscall"
+	"time"
 )
 
 // Prefix starts every namespace name a lab creates.
@@ -266,4 +268,22 @@ func SweepStale() {
 		}
 		runHost("ip", "netns", "del", name)
 	}
+}
+
+// Capture starts tshark in a namespace, writing what passes dev to file
+// (a pcap), and returns a function that stops it. For debugging tests.
+func (n *NS) Capture(dev, file, filter string) (stop func(), err error) {
+	args := []string{"-q", "-s", "128", "-i", dev, "-w", file}
+	if filter != "" {
+		args = append(args, "-f", filter)
+	}
+	cmd := n.Command(context.Background(), "tshark", args...)
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	time.Sleep(500 * time.Millisecond) // tshark needs a moment before it captures
+	return func() {
+		cmd.Process.Signal(syscall.SIGINT)
+		cmd.Wait()
+	}, nil
 }

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -171,39 +172,48 @@ func Exchange(c, s *net.TCPConn, opt TransferOptions) *Transfer {
 	return t
 }
 
-// Mux accepts every connection of a listener and hands each to whoever
-// asks for it by the client's address, so many transfers can share one
-// server port. It needs the server to see the client's own address
-// (routing or a transparent proxy in between).
+// Mux accepts every connection of a listener and hands each to the
+// transfer that opened it, so many transfers can share one server port. A
+// transfer's client first sends an 8-byte token (not part of the hashed
+// data) that names it.
 type Mux struct {
-	ln   *net.TCPListener
-	mu   sync.Mutex
-	wait map[netip.AddrPort]chan *net.TCPConn
+	ln     *net.TCPListener
+	mu     sync.Mutex
+	wait   map[uint64]chan *net.TCPConn
+	tokens atomic.Uint64
 }
 
 // NewMux starts accepting on ln.
 func NewMux(ln *net.TCPListener) *Mux {
-	m := &Mux{ln: ln, wait: map[netip.AddrPort]chan *net.TCPConn{}}
+	m := &Mux{ln: ln, wait: map[uint64]chan *net.TCPConn{}}
 	go func() {
 		for {
 			c, err := ln.AcceptTCP()
 			if err != nil {
 				return
 			}
-			m.slot(c.RemoteAddr().(*net.TCPAddr).AddrPort()) <- c
+			go func() {
+				var tok [8]byte
+				c.SetReadDeadline(time.Now().Add(30 * time.Second))
+				if _, err := io.ReadFull(c, tok[:]); err != nil {
+					c.Close()
+					return
+				}
+				c.SetReadDeadline(time.Time{})
+				m.slot(binary.BigEndian.Uint64(tok[:])) <- c
+			}()
 		}
 	}()
 	return m
 }
 
-func (m *Mux) slot(k netip.AddrPort) chan *net.TCPConn {
-	k = netip.AddrPortFrom(k.Addr().Unmap(), k.Port())
+func (m *Mux) slot(tok uint64) chan *net.TCPConn {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	ch, ok := m.wait[k]
+	ch, ok := m.wait[tok]
 	if !ok {
 		ch = make(chan *net.TCPConn, 1)
-		m.wait[k] = ch
+		m.wait[tok] = ch
 	}
 	return ch
 }
@@ -215,17 +225,22 @@ func (m *Mux) Transfer(client *Host, dst netip.AddrPort, opt TransferOptions) *T
 	if err != nil {
 		return &Transfer{Client: Side{Err: fmt.Errorf("dial %s: %w", dst, err)}}
 	}
-	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
-	ch := m.slot(local)
+	tok := m.tokens.Add(1)
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], tok)
+	if _, err := c.Write(b[:]); err != nil {
+		c.Close()
+		return &Transfer{Client: Side{Err: fmt.Errorf("send token: %w", err)}}
+	}
 	select {
-	case s := <-ch:
+	case s := <-m.slot(tok):
 		m.mu.Lock()
-		delete(m.wait, netip.AddrPortFrom(local.Addr().Unmap(), local.Port()))
+		delete(m.wait, tok)
 		m.mu.Unlock()
 		return Exchange(c, s, opt)
-	case <-time.After(10 * time.Second):
+	case <-time.After(30 * time.Second):
 		c.Close()
-		return &Transfer{Server: Side{Err: fmt.Errorf("no connection from %v reached the server", local)}}
+		return &Transfer{Server: Side{Err: fmt.Errorf("connection %v (token %d) never reached the server", c.LocalAddr(), tok)}}
 	}
 }
 

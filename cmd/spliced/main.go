@@ -87,6 +87,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	gw := gateway.New(cfg, log)
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	defer signal.Stop(usr1)
+	go func() {
+		for range usr1 {
+			gw.LogState()
+		}
+	}()
 	if err := gw.Run(ctx, nil); err != nil && !errors.Is(err, context.Canceled) {
 		log.Error("spliced stopped", logging.Err(err))
 		return 1

@@ -63,6 +63,10 @@ type Kernel struct {
 	// and Queues how many queues there are (default: one per CPU).
 	Queue  uint16 `yaml:"queue"`
 	Queues int    `yaml:"queues"`
+	// NFQueue selects how packets of spliced flows are read: "lean"
+	// (default: batched system calls, no copies) or "go-nfqueue" (the
+	// library; slower, kept for comparison).
+	NFQueue string `yaml:"nfqueue"`
 	// DivertTimeout is the lifetime of a spliced flow's divert entry in
 	// the kernel if spliced dies without removing it (default 24h); live
 	// flows are refreshed.
@@ -225,6 +229,7 @@ func (c *Config) applyDefaults() {
 	setDefault(&c.Kernel.Queue, DefaultQueue)
 	setDefault(&c.Kernel.Queues, runtime.NumCPU())
 	setDefault(&c.Kernel.DivertTimeout, Duration(DefaultDivertTimeout))
+	setDefault(&c.Kernel.NFQueue, "lean")
 	for i := range c.Services {
 		s := &c.Services[i]
 		setDefault(&s.Upstream, Transparent)

@@ -37,6 +37,11 @@ func (c *Config) validate(idx *keyIndex) error {
 	} else if int(c.Kernel.Queue)+c.Kernel.Queues > 65536 {
 		bad("kernel.queue", fmt.Sprint(c.Kernel.Queue), "leaves no room for %d queues; use a queue number below %d", c.Kernel.Queues, 65536-c.Kernel.Queues)
 	}
+	switch c.Kernel.NFQueue {
+	case "lean", "go-nfqueue":
+	default:
+		bad("kernel.nfqueue", c.Kernel.NFQueue, "is not a queue backend; use lean (default) or go-nfqueue")
+	}
 	if c.Limits.MaxFlows < 0 {
 		bad("limits.max_flows", fmt.Sprint(c.Limits.MaxFlows), "is negative; use a positive number of flows (0 means the default %d)", DefaultMaxFlows)
 	}

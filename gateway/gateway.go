@@ -219,7 +219,7 @@ func (g *Gateway) startSplicing(ctx context.Context, d rules.Divert) error {
 	}
 	g.inject = inj
 	g.engine = splice.NewTable()
-	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues}, func(uint16) nfq.Handler {
+	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues, Library: g.cfg.Kernel.NFQueue == "go-nfqueue"}, func(uint16) nfq.Handler {
 		h := &packetHandler{g: g}
 		return h.handle
 	}, g.log.With(logging.KeyComponent, "nfq"))

@@ -1,7 +1,14 @@
-// Package nfq receives packets from NFQUEUE and returns verdicts, built on
-// github.com/florianl/go-nfqueue/v2. It knows nothing about splicing: a
-// Handler decides per packet to accept it (changed or not), drop it, or
-// hold it and give the verdict later.
+// Package nfq receives packets from NFQUEUE and returns verdicts. It knows
+// nothing about splicing: a Handler decides per packet to accept it
+// (changed or not), drop it, or hold it and give the verdict later.
+//
+// Two backends serve a queue. The lean one (default) speaks
+// nfnetlink_queue on its own netlink socket: recvmmsg of up to 64 packets
+// per system call into reused buffers, parsing in place, and one sendmsg
+// for all verdicts of a batch with iovecs pointing at the packets, so
+// nothing is copied or allocated per packet. The library one uses
+// github.com/florianl/go-nfqueue/v2, which copies every packet and builds
+// a netlink message per verdict; it stays for comparison (make bench).
 //
 // Queues are opened with the GSO flag (packets arrive up to 64 KB, most
 // with CHECKSUM_PARTIAL; without it the kernel segments first and
@@ -11,9 +18,7 @@
 // (user_dropped when the socket buffer was full, queue_dropped when the
 // queue was) are read back alongside ours.
 //
-// Cost: the library copies every packet into a new slice and builds a new
-// netlink message per verdict; our own code allocates nothing per packet
-// and never logs per packet.
+// Our own code never logs per packet.
 package nfq
 
 import (
@@ -23,8 +28,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"sync"
-	"sync/atomic"
 
 	nfqueue "github.com/florianl/go-nfqueue/v2"
 	"github.com/mdlayher/netlink"
@@ -70,25 +73,25 @@ type Packet struct {
 	// GSO: the packet is a GSO super-packet, longer than the MTU.
 	GSO bool
 
-	q *queue
+	q backend
 }
 
-// Detach returns a copy of the packet that the handler may keep after it
-// returns (the Packet it was given is reused for the next packet).
-func (p *Packet) Detach() *Packet {
-	c := *p
-	return &c
+// backend is one queue's implementation.
+type backend interface {
+	verdict(p *Packet, d Decision) error
+	detach(p *Packet) *Packet
+	close() error
+	number() uint16
 }
+
+// Detach returns a copy of the packet, data included, that the handler may
+// keep after it returns (the Packet it was given and the buffer its data
+// lives in are reused for the next packets).
+func (p *Packet) Detach() *Packet { return p.q.detach(p) }
 
 // Verdict gives the verdict for a held (detached) packet. Data is sent for
 // AcceptModified.
-func (p *Packet) Verdict(d Decision) error {
-	err := p.q.verdict(p, d)
-	if err == nil {
-		p.q.held.Add(^uint64(0))
-	}
-	return err
-}
+func (p *Packet) Verdict(d Decision) error { return p.q.verdict(p, d) }
 
 // Handler decides about one packet. Each queue has its own handler (see
 // Open), called from one goroutine; handlers of different queues run
@@ -109,25 +112,27 @@ type Config struct {
 	NoGSO bool
 	// NetNS is a network namespace file descriptor (0: the caller's).
 	NetNS int
+	// Library selects the go-nfqueue backend instead of the lean one.
+	Library bool
 }
 
 // Set is a running group of queues.
 type Set struct {
-	queues []*queue
-	log    *slog.Logger
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	queues   []backend
+	counters []*counters
+	log      *slog.Logger
+	cancel   context.CancelFunc
 }
 
-type queue struct {
+// libQueue is a queue served by go-nfqueue.
+type libQueue struct {
 	num     uint16
 	nf      *nfqueue.Nfqueue
 	handler Handler
 	log     *slog.Logger
+	cnt     *counters
 
 	scratch Packet // reused for every packet: the handler may not keep it
-
-	received, accepted, modified, dropped, held, errors, overruns atomic.Uint64
 }
 
 // Open binds the queues and starts serving them until ctx is done or Close
@@ -146,17 +151,25 @@ func Open(ctx context.Context, cfg Config, newHandler func(queue uint16) Handler
 	ctx, cancel := context.WithCancel(ctx)
 	s := &Set{log: log, cancel: cancel}
 	for n := cfg.First; n < cfg.First+cfg.Count; n++ {
-		q, err := openQueue(ctx, n, cfg, newHandler(n), log)
+		cnt := &counters{}
+		var q backend
+		var err error
+		if cfg.Library {
+			q, err = openLibrary(ctx, n, cfg, newHandler(n), log, cnt)
+		} else {
+			q, err = openLean(n, cfg, newHandler(n), log, cnt)
+		}
 		if err != nil {
 			s.Close()
 			return nil, err
 		}
 		s.queues = append(s.queues, q)
+		s.counters = append(s.counters, cnt)
 	}
 	return s, nil
 }
 
-func openQueue(ctx context.Context, num uint16, cfg Config, h Handler, log *slog.Logger) (*queue, error) {
+func openLibrary(ctx context.Context, num uint16, cfg Config, h Handler, log *slog.Logger, cnt *counters) (*libQueue, error) {
 	var flags uint32
 	if !cfg.NoGSO {
 		flags = nfqueue.NfQaCfgFlagGSO
@@ -173,7 +186,7 @@ func openQueue(ctx context.Context, num uint16, cfg Config, h Handler, log *slog
 	if err != nil {
 		return nil, fmt.Errorf("nfqueue %d: open: %w", num, err)
 	}
-	q := &queue{num: num, nf: nf, handler: h, log: log}
+	q := &libQueue{num: num, nf: nf, handler: h, log: log, cnt: cnt}
 	if err := setRcvBufForce(nf.Con, cfg.RcvBuf); err != nil {
 		nf.Close()
 		return nil, fmt.Errorf("nfqueue %d: %w", num, err)
@@ -203,11 +216,11 @@ func setRcvBufForce(c *netlink.Conn, size int) error {
 	return nil
 }
 
-func (q *queue) receive(a nfqueue.Attribute) int {
+func (q *libQueue) receive(a nfqueue.Attribute) int {
 	if a.PacketID == nil || a.Payload == nil {
 		return 0
 	}
-	q.received.Add(1)
+	q.cnt.received.Add(1)
 	p := &q.scratch
 	*p = Packet{ID: *a.PacketID, Data: *a.Payload, q: q}
 	if a.SkbInfo != nil && len(*a.SkbInfo) >= 4 {
@@ -217,25 +230,38 @@ func (q *queue) receive(a nfqueue.Attribute) int {
 	}
 	d := q.handler(p)
 	if d == Hold {
-		q.held.Add(1)
+		q.cnt.held.Add(1)
 		return 0
 	}
-	if err := q.verdict(p, d); err != nil {
-		q.errors.Add(1)
+	if err := q.send(p, d); err != nil {
+		q.cnt.errors.Add(1)
 	}
 	return 0
 }
 
-func (q *queue) verdict(p *Packet, d Decision) error {
+func (q *libQueue) verdict(p *Packet, d Decision) error {
+	q.cnt.held.Add(^uint64(0))
+	return q.send(p, d)
+}
+
+// detach: go-nfqueue gives every packet its own copy already.
+func (q *libQueue) detach(p *Packet) *Packet {
+	c := *p
+	return &c
+}
+
+func (q *libQueue) number() uint16 { return q.num }
+
+func (q *libQueue) close() error { return q.nf.Close() }
+
+func (q *libQueue) send(p *Packet, d Decision) error {
+	q.cnt.count(d)
 	switch d {
 	case Accept:
-		q.accepted.Add(1)
 		return q.nf.SetVerdict(p.ID, nfqueue.NfAccept)
 	case AcceptModified:
-		q.modified.Add(1)
 		return q.nf.SetVerdictModPacket(p.ID, nfqueue.NfAccept, p.Data)
 	case Drop:
-		q.dropped.Add(1)
 		return q.nf.SetVerdict(p.ID, nfqueue.NfDrop)
 	}
 	return fmt.Errorf("nfq: invalid verdict %v", d)
@@ -244,9 +270,9 @@ func (q *queue) verdict(p *Packet, d Decision) error {
 // receiveError decides whether a receive error ends the loop: ENOBUFS
 // means the kernel dropped packets because our socket buffer was full; it
 // is counted (and visible in user_dropped), and the loop goes on.
-func (q *queue) receiveError(err error) int {
+func (q *libQueue) receiveError(err error) int {
 	if errors.Is(err, unix.ENOBUFS) {
-		q.overruns.Add(1)
+		q.cnt.overruns.Add(1)
 		return 0
 	}
 	var oe *netlink.OpError
@@ -256,7 +282,7 @@ func (q *queue) receiveError(err error) int {
 	if errors.Is(err, net.ErrClosed) {
 		return 1
 	}
-	q.errors.Add(1)
+	q.cnt.errors.Add(1)
 	q.log.Error("nfqueue receive failed", "queue", q.num, "error", err)
 	return 1
 }
@@ -267,7 +293,7 @@ func (s *Set) Close() error {
 	s.cancel()
 	var errs []error
 	for _, q := range s.queues {
-		if err := q.nf.Close(); err != nil {
+		if err := q.close(); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -289,10 +315,11 @@ func (s *Set) Stats() []Stats {
 	kernel, _ := ReadKernelStats()
 	out := make([]Stats, len(s.queues))
 	for i, q := range s.queues {
+		c := s.counters[i]
 		out[i] = Stats{
-			Queue: q.num, Received: q.received.Load(), Accepted: q.accepted.Load(), Modified: q.modified.Load(),
-			Dropped: q.dropped.Load(), Held: q.held.Load(), Errors: q.errors.Load(), Overruns: q.overruns.Load(),
-			Kernel: kernel[q.num],
+			Queue: q.number(), Received: c.received.Load(), Accepted: c.accepted.Load(), Modified: c.modified.Load(),
+			Dropped: c.dropped.Load(), Held: c.held.Load(), Errors: c.errors.Load(), Overruns: c.overruns.Load(),
+			Kernel: kernel[q.number()],
 		}
 	}
 	return out

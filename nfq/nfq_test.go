@@ -58,10 +58,16 @@ func queueRule(t *testing.T, gw *testnet.NS, num uint16, port uint16) {
 	}
 }
 
-// TestQueueAcceptHoldDrop runs a real queue in a lab gateway: packets are
-// seen with GSO info, a held SYN is released later, kernel counters are
-// read back, and a drop handler stops the flow.
+// TestQueueAcceptHoldDrop runs a real queue in a lab gateway, with each
+// backend: packets are seen with GSO info, a held SYN is released later,
+// kernel counters are read back, and a drop handler stops the flow.
 func TestQueueAcceptHoldDrop(t *testing.T) {
+	for _, library := range []bool{false, true} {
+		t.Run(map[bool]string{false: "lean", true: "library"}[library], func(t *testing.T) { queueAcceptHoldDrop(t, library) })
+	}
+}
+
+func queueAcceptHoldDrop(t *testing.T, library bool) {
 	lab := testnet.NewT(t, testnet.Options{})
 	queueRule(t, &lab.Gateway.NS, 77, 7000)
 	var seen, gso atomic.Int64
@@ -87,7 +93,7 @@ func TestQueueAcceptHoldDrop(t *testing.T) {
 	}
 	var set *Set
 	fd := lab.Gateway.OpenT(t)
-	set, err := Open(t.Context(), Config{First: 77, Count: 1, NetNS: fd}, func(uint16) Handler { return h }, slog.New(slog.DiscardHandler))
+	set, err := Open(t.Context(), Config{First: 77, Count: 1, NetNS: fd, Library: library}, func(uint16) Handler { return h }, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -88,6 +88,7 @@ const (
 	dirAddrs                 // addresses change in this direction (NAT)
 	dirFIN                   // the sender sent a FIN at finSeq
 	dirFINAcked              // the receiver acknowledged it
+	dirDupDropped            // a duplicate after the end was dropped once
 )
 
 // dirState is the rewrite and tracking state of one direction. Sequence

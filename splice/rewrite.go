@@ -25,6 +25,10 @@ const (
 	DropUnsupported
 	// DropNoFlow: the packet belongs to no spliced flow.
 	DropNoFlow
+	// DropDuplicate: after both FINs were acknowledged, the first
+	// retransmission of data the receiver already acknowledged. See
+	// Rewrite.
+	DropDuplicate
 	numVerdicts
 )
 
@@ -32,7 +36,7 @@ const (
 const NumVerdicts = int(numVerdicts)
 
 func (v Verdict) String() string {
-	return [...]string{"forward", "drop_syn", "drop_seq", "drop_ack", "drop_rst", "drop_malformed", "drop_unsupported", "drop_no_flow"}[v]
+	return [...]string{"forward", "drop_syn", "drop_seq", "drop_ack", "drop_rst", "drop_malformed", "drop_unsupported", "drop_no_flow", "drop_duplicate"}[v]
 }
 
 // minWindow is a floor for window-based bounds: tiny or zero windows must
@@ -83,6 +87,17 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		if o.sndNxt.LessThan(ackIn) || ackIn.LessThan(o.ackSeen.Sub(max(o.maxWin, minWindow))) {
 			return DropAck
 		}
+	}
+
+	if f.Finished() && p.SegmentLen() > 0 && end.LessThanEq(s.ackSeen) && s.flags&dirDupDropped == 0 {
+		// Both FINs are acknowledged and this segment (a tail loss probe,
+		// typically) holds nothing the receiver has not acknowledged. The
+		// receiver would answer it with a duplicate ACK, and the sender,
+		// closed by the first ACK, with a reset. Drop the first such
+		// segment; should the sender send again (its ACK was lost), the
+		// next one passes and is acknowledged.
+		s.flags |= dirDupDropped
+		return DropDuplicate
 	}
 
 	// Committed: from here on the packet is forwarded.

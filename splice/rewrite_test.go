@@ -359,6 +359,14 @@ func TestTrackerFIN(t *testing.T) {
 	if !fl.Idle(1+int64(10e9), int64(10e9)) || fl.Idle(2, int64(10e9)) {
 		t.Error("idle tracking wrong")
 	}
+	// A spurious retransmission of the server's FIN, already acked: the
+	// first is dropped (no duplicate ACK to provoke a reset), a second
+	// one passes (the sender evidently lost the ACK).
+	for i, want := range []Verdict{DropDuplicate, Forward} {
+		if v := f.run(t, f.s2c(0xffffff00, 1004+dC2S, FlagACK|FlagFIN).bytes(), S2C, true); v != want {
+			t.Errorf("retransmitted FIN #%d: %v, want %v", i+1, v, want)
+		}
+	}
 }
 
 // TestPureAckDoesNotAdvanceHighestSeq: unsplice relies on the highest

@@ -1,0 +1,473 @@
+package nfq
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// The lean backend speaks nfnetlink_queue directly on a netlink socket:
+// recvmmsg takes up to batchSize packets per system call into buffers that
+// are reused, packets are parsed in place, and all verdicts of a batch go
+// back in one sendmsg whose iovecs point at the (possibly rewritten)
+// packets, so nothing is copied or allocated per packet.
+
+// nfnetlink_queue constants (linux/netfilter/nfnetlink_queue.h).
+const (
+	nfnlSubsysQueue = 3
+
+	nfqnlMsgPacket  = 0
+	nfqnlMsgVerdict = 1
+	nfqnlMsgConfig  = 2
+
+	nfqaPacketHdr  = 1
+	nfqaVerdictHdr = 2
+	nfqaPayload    = 10
+	nfqaCapLen     = 13
+	nfqaSkbInfo    = 14
+
+	nfqaCfgCmd         = 1
+	nfqaCfgParams      = 2
+	nfqaCfgQueueMaxlen = 3
+	nfqaCfgMask        = 4
+	nfqaCfgFlags       = 5
+
+	nfqnlCfgCmdBind   = 1
+	nfqnlCfgCmdUnbind = 2
+	nfqnlCopyPacket   = 2
+	nfqaCfgFGSO       = 1 << 2
+
+	nfVerdictDrop   = 0
+	nfVerdictAccept = 1
+
+	nlmsgHdrLen = 16
+	nfgenHdrLen = 4
+	nlaHdrLen   = 4
+)
+
+const (
+	batchSize = 64
+	// A queued packet is at most 64 KiB (copy range 0xffff) plus its
+	// netlink headers and attributes.
+	recvBufSize = 65536 + 1024
+)
+
+func nlaAlign(n int) int { return (n + 3) &^ 3 }
+
+// leanQueue is one queue served by the lean loop.
+type leanQueue struct {
+	num     uint16
+	fd      int
+	file    *os.File
+	rc      syscall.RawConn
+	handler Handler
+	log     interface{ Error(string, ...any) }
+	cnt     *counters
+
+	bufs  [batchSize][]byte
+	iov   [batchSize]unix.Iovec
+	msgs  [batchSize]unix.Mmsghdr
+	out   verdictBatch
+	hold  sync.Mutex // serializes verdicts sent for held packets
+	holdB verdictBatch
+	stop  atomic.Bool
+	done  chan struct{}
+	seq   uint32
+	scr   Packet
+}
+
+// counters are a queue's statistics; both backends keep them.
+type counters struct {
+	received, accepted, modified, dropped, held, errors, overruns atomic.Uint64
+}
+
+func (c *counters) count(d Decision) {
+	switch d {
+	case Accept:
+		c.accepted.Add(1)
+	case AcceptModified:
+		c.modified.Add(1)
+	case Drop:
+		c.dropped.Add(1)
+	}
+}
+
+// verdictBatch accumulates verdict messages as iovecs: for each packet a
+// header (in hdrs) and, for a modified packet, its data and padding.
+type verdictBatch struct {
+	hdrs [batchSize][nlmsgHdrLen + nfgenHdrLen + nlaHdrLen + 8 + nlaHdrLen]byte
+	iov  [3 * batchSize]unix.Iovec
+	n    int // packets in the batch
+	niov int
+}
+
+var pad [4]byte
+
+func (b *verdictBatch) add(queue uint16, id uint32, d Decision, data []byte) {
+	h := &b.hdrs[b.n]
+	verdict := uint32(nfVerdictAccept)
+	if d == Drop {
+		verdict = nfVerdictDrop
+	}
+	hl := nlmsgHdrLen + nfgenHdrLen + nlaHdrLen + 8
+	total := hl
+	if d == AcceptModified {
+		total = hl + nlaHdrLen + nlaAlign(len(data))
+		hl += nlaHdrLen
+	}
+	binary.NativeEndian.PutUint32(h[0:], uint32(total))
+	binary.NativeEndian.PutUint16(h[4:], nfnlSubsysQueue<<8|nfqnlMsgVerdict)
+	binary.NativeEndian.PutUint16(h[6:], unix.NLM_F_REQUEST)
+	binary.NativeEndian.PutUint32(h[8:], 0)  // seq
+	binary.NativeEndian.PutUint32(h[12:], 0) // pid
+	h[16], h[17] = unix.AF_UNSPEC, 0
+	binary.BigEndian.PutUint16(h[18:], queue)
+	binary.NativeEndian.PutUint16(h[20:], nlaHdrLen+8)
+	binary.NativeEndian.PutUint16(h[22:], nfqaVerdictHdr)
+	binary.BigEndian.PutUint32(h[24:], verdict)
+	binary.BigEndian.PutUint32(h[28:], id)
+	if d == AcceptModified {
+		binary.NativeEndian.PutUint16(h[32:], uint16(nlaHdrLen+len(data)))
+		binary.NativeEndian.PutUint16(h[34:], nfqaPayload)
+	}
+	b.iov[b.niov] = unix.Iovec{Base: &h[0], Len: uint64(hl)}
+	b.niov++
+	if d == AcceptModified && len(data) > 0 {
+		b.iov[b.niov] = unix.Iovec{Base: &data[0], Len: uint64(len(data))}
+		b.niov++
+		if p := nlaAlign(len(data)) - len(data); p > 0 {
+			b.iov[b.niov] = unix.Iovec{Base: &pad[0], Len: uint64(p)}
+			b.niov++
+		}
+	}
+	b.n++
+}
+
+// flush sends the batch in one sendmsg.
+func (b *verdictBatch) flush(rc syscall.RawConn) error {
+	if b.n == 0 {
+		return nil
+	}
+	var msg unix.Msghdr
+	msg.Iov = &b.iov[0]
+	msg.SetIovlen(b.niov)
+	var serr error
+	err := rc.Write(func(fd uintptr) bool {
+		_, _, errno := unix.Syscall(unix.SYS_SENDMSG, fd, uintptr(unsafe.Pointer(&msg)), 0)
+		if errno == unix.EAGAIN {
+			return false
+		}
+		if errno != 0 {
+			serr = errno
+		}
+		return true
+	})
+	b.n, b.niov = 0, 0
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+func openLean(num uint16, cfg Config, h Handler, log interface{ Error(string, ...any) }, cnt *counters) (*leanQueue, error) {
+	fd, err := netlinkSocket(cfg.NetNS)
+	if err != nil {
+		return nil, err
+	}
+	q := &leanQueue{num: num, fd: fd, handler: h, log: log, cnt: cnt, done: make(chan struct{})}
+	for _, o := range []struct {
+		opt, val int
+		name     string
+	}{
+		{unix.SO_RCVBUFFORCE, cfg.RcvBuf, "SO_RCVBUFFORCE"},
+		// A batch of verdicts with rewritten 64 KiB packets is one
+		// netlink message train; the send buffer must hold it.
+		{unix.SO_SNDBUFFORCE, 2 * batchSize * recvBufSize, "SO_SNDBUFFORCE"},
+	} {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, o.opt, o.val); err != nil {
+			unix.Close(fd)
+			return nil, fmt.Errorf("%s %d: %w (needs CAP_NET_ADMIN)", o.name, o.val, err)
+		}
+	}
+	var flags uint32
+	if !cfg.NoGSO {
+		flags = nfqaCfgFGSO
+	}
+	if err := q.configure(cfg.MaxQueueLen, flags); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	q.file = os.NewFile(uintptr(fd), fmt.Sprintf("nfqueue-%d", num))
+	if q.rc, err = q.file.SyscallConn(); err != nil {
+		q.file.Close()
+		return nil, err
+	}
+	for i := range q.bufs {
+		q.bufs[i] = make([]byte, recvBufSize)
+		q.iov[i] = unix.Iovec{Base: &q.bufs[i][0], Len: recvBufSize}
+		q.msgs[i].Hdr.Iov = &q.iov[i]
+		q.msgs[i].Hdr.SetIovlen(1)
+	}
+	go q.loop()
+	return q, nil
+}
+
+// netlinkSocket opens a NETLINK_NETFILTER socket, in the namespace behind
+// netns if it is not 0.
+func netlinkSocket(netns int) (int, error) {
+	open := func() (int, error) {
+		fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.NETLINK_NETFILTER)
+		if err != nil {
+			return -1, fmt.Errorf("netlink socket: %w", err)
+		}
+		if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+			unix.Close(fd)
+			return -1, fmt.Errorf("netlink bind: %w", err)
+		}
+		return fd, nil
+	}
+	if netns == 0 {
+		return open()
+	}
+	return inNetNS(netns, open)
+}
+
+// configure binds the queue and sets copy mode, flags and length, waiting
+// for the kernel's acknowledgment of each step.
+func (q *leanQueue) configure(maxLen uint32, flags uint32) error {
+	cmd := func(c uint8) []byte { return []byte{c, 0, 0, 0} } // command, pad, be16 pf (unused)
+	params := binary.BigEndian.AppendUint32(nil, 0xffff)
+	params = append(params, nfqnlCopyPacket)
+	steps := []struct {
+		what  string
+		attrs [][2]any
+	}{
+		{"unbind (stale binding)", [][2]any{{nfqaCfgCmd, cmd(nfqnlCfgCmdUnbind)}}},
+		{"bind", [][2]any{{nfqaCfgCmd, cmd(nfqnlCfgCmdBind)}}},
+		{"set copy mode", [][2]any{{nfqaCfgParams, params}}},
+		{"set flags and length", [][2]any{
+			{nfqaCfgFlags, binary.BigEndian.AppendUint32(nil, flags)},
+			{nfqaCfgMask, binary.BigEndian.AppendUint32(nil, nfqaCfgFGSO)},
+			{nfqaCfgQueueMaxlen, binary.BigEndian.AppendUint32(nil, maxLen)},
+		}},
+	}
+	for i, s := range steps {
+		err := q.request(nfqnlMsgConfig, s.attrs)
+		if err != nil && !(i == 0 && (errors.Is(err, unix.ENODEV) || errors.Is(err, unix.EPERM))) {
+			if errors.Is(err, unix.EBUSY) {
+				return fmt.Errorf("nfqueue %d: %s: %w (another program is bound to this queue; choose another kernel.queue)", q.num, s.what, err)
+			}
+			return fmt.Errorf("nfqueue %d: %s: %w", q.num, s.what, err)
+		}
+	}
+	return nil
+}
+
+// request sends a config message with NLM_F_ACK and waits for the answer
+// (on the still blocking socket).
+func (q *leanQueue) request(msgType uint16, attrs [][2]any) error {
+	q.seq++
+	b := make([]byte, nlmsgHdrLen+nfgenHdrLen, 128)
+	binary.NativeEndian.PutUint16(b[4:], nfnlSubsysQueue<<8|msgType)
+	binary.NativeEndian.PutUint16(b[6:], unix.NLM_F_REQUEST|unix.NLM_F_ACK)
+	binary.NativeEndian.PutUint32(b[8:], q.seq)
+	b[16] = unix.AF_UNSPEC
+	binary.BigEndian.PutUint16(b[18:], q.num)
+	for _, a := range attrs {
+		data := a[1].([]byte)
+		l := nlaHdrLen + len(data)
+		b = binary.NativeEndian.AppendUint16(b, uint16(l))
+		b = binary.NativeEndian.AppendUint16(b, uint16(a[0].(int)))
+		b = append(b, data...)
+		for len(b)%4 != 0 {
+			b = append(b, 0)
+		}
+	}
+	binary.NativeEndian.PutUint32(b[0:], uint32(len(b)))
+	if err := unix.Sendto(q.fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
+		return err
+	}
+	buf := make([]byte, 8192)
+	for {
+		n, _, err := unix.Recvfrom(q.fd, buf, 0)
+		if err != nil {
+			return err
+		}
+		for m := buf[:n]; len(m) >= nlmsgHdrLen; {
+			l := int(binary.NativeEndian.Uint32(m))
+			if l < nlmsgHdrLen || l > len(m) {
+				break
+			}
+			typ := binary.NativeEndian.Uint16(m[4:])
+			seq := binary.NativeEndian.Uint32(m[8:])
+			if typ == unix.NLMSG_ERROR && seq == q.seq && l >= nlmsgHdrLen+4 {
+				if errno := int32(binary.NativeEndian.Uint32(m[16:])); errno != 0 {
+					return syscall.Errno(-errno)
+				}
+				return nil
+			}
+			m = m[nlaAlign(l):]
+		}
+	}
+}
+
+func (q *leanQueue) loop() {
+	defer close(q.done)
+	for !q.stop.Load() {
+		n, err := q.recv()
+		if err != nil {
+			if q.stop.Load() || errors.Is(err, os.ErrClosed) {
+				return
+			}
+			if errors.Is(err, unix.ENOBUFS) {
+				q.cnt.overruns.Add(1)
+				continue
+			}
+			q.cnt.errors.Add(1)
+			q.log.Error("nfqueue receive failed", "queue", q.num, "error", err)
+			return
+		}
+		for i := 0; i < n; i++ {
+			q.process(q.bufs[i][:q.msgs[i].Len])
+		}
+		if err := q.out.flush(q.rc); err != nil {
+			q.cnt.errors.Add(1)
+		}
+	}
+}
+
+// recv fills up to batchSize buffers, blocking (in the netpoller) until at
+// least one message is there.
+func (q *leanQueue) recv() (int, error) {
+	var n int
+	var serr error
+	err := q.rc.Read(func(fd uintptr) bool {
+		r, _, errno := unix.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&q.msgs[0])), batchSize, unix.MSG_DONTWAIT, 0, 0)
+		if errno == unix.EAGAIN {
+			return false
+		}
+		if errno != 0 {
+			serr = errno
+		}
+		n = int(r)
+		return true
+	})
+	if err != nil {
+		return 0, err
+	}
+	return n, serr
+}
+
+// process handles one netlink datagram (one or more messages).
+func (q *leanQueue) process(b []byte) {
+	for len(b) >= nlmsgHdrLen {
+		l := int(binary.NativeEndian.Uint32(b))
+		if l < nlmsgHdrLen || l > len(b) {
+			return
+		}
+		typ := binary.NativeEndian.Uint16(b[4:])
+		switch {
+		case typ == nfnlSubsysQueue<<8|nfqnlMsgPacket && l >= nlmsgHdrLen+nfgenHdrLen:
+			q.packet(b[nlmsgHdrLen+nfgenHdrLen : l])
+		case typ == unix.NLMSG_ERROR && l >= nlmsgHdrLen+4:
+			// A verdict the kernel refused (unknown ID, bad payload).
+			if binary.NativeEndian.Uint32(b[nlmsgHdrLen:]) != 0 {
+				q.cnt.errors.Add(1)
+			}
+		}
+		b = b[min(nlaAlign(l), len(b)):]
+	}
+}
+
+func (q *leanQueue) packet(attrs []byte) {
+	p := &q.scr
+	*p = Packet{q: q}
+	var haveID, truncated bool
+	for len(attrs) >= nlaHdrLen {
+		l := int(binary.NativeEndian.Uint16(attrs))
+		typ := binary.NativeEndian.Uint16(attrs[2:]) & 0x3fff
+		if l < nlaHdrLen || l > len(attrs) {
+			break
+		}
+		v := attrs[nlaHdrLen:l]
+		switch typ {
+		case nfqaPacketHdr:
+			if len(v) >= 4 {
+				p.ID, haveID = binary.BigEndian.Uint32(v), true
+			}
+		case nfqaPayload:
+			p.Data = v
+		case nfqaSkbInfo:
+			if len(v) >= 4 {
+				info := binary.BigEndian.Uint32(v)
+				p.CsumNotReady = info&skbCsumNotReady != 0
+				p.GSO = info&skbGSO != 0
+			}
+		case nfqaCapLen:
+			truncated = true
+		}
+		attrs = attrs[min(nlaAlign(l), len(attrs)):]
+	}
+	if !haveID {
+		return
+	}
+	q.cnt.received.Add(1)
+	if truncated {
+		// Only part of the packet reached us (a GSO packet above 64 KiB,
+		// "BIG TCP"); a rewritten copy would cut it. Drop it: TCP resends.
+		q.cnt.count(Drop)
+		q.out.add(q.num, p.ID, Drop, nil)
+		return
+	}
+	d := q.handler(p)
+	if d == Hold {
+		q.cnt.held.Add(1)
+		return
+	}
+	q.cnt.count(d)
+	q.out.add(q.num, p.ID, d, p.Data)
+	if q.out.n == batchSize {
+		if err := q.out.flush(q.rc); err != nil {
+			q.cnt.errors.Add(1)
+		}
+	}
+}
+
+// verdict sends the verdict of a held packet.
+func (q *leanQueue) verdict(p *Packet, d Decision) error {
+	q.hold.Lock()
+	defer q.hold.Unlock()
+	q.cnt.held.Add(^uint64(0))
+	q.cnt.count(d)
+	q.holdB.add(q.num, p.ID, d, p.Data)
+	return q.holdB.flush(q.rc)
+}
+
+// detach copies the packet's data out of the receive buffer it lives in.
+func (q *leanQueue) detach(p *Packet) *Packet {
+	c := *p
+	c.Data = append([]byte(nil), p.Data...)
+	return &c
+}
+
+// close stops the loop; closing the socket unbinds the queue, and the
+// kernel drops the packets still waiting for a verdict.
+func (q *leanQueue) close() error {
+	q.stop.Store(true)
+	err := q.file.Close()
+	<-q.done
+	return err
+}
+
+func (q *leanQueue) number() uint16 { return q.num }

@@ -50,6 +50,7 @@ type Gateway struct {
 	inject      *injector
 	transitions transitions
 	counters    engineCounters
+	nextQueue   atomic.Uint32
 
 	splicedMu sync.Mutex
 	spliced   map[uint64]*splicedFlow

@@ -81,7 +81,8 @@ const (
 
 // transition is a flow being spliced.
 type transition struct {
-	keys [2]splice.Key // input tuples: from the client, from the server
+	keys  [2]splice.Key // input tuples: from the client, from the server
+	queue uint16        // index of the queue the flow is diverted to
 
 	mu       sync.Mutex
 	phase    phase

@@ -18,6 +18,7 @@ type splicedFlow struct {
 	flow     *proxy.Flow
 	entry    *splice.Entry
 	keys     [2]splice.Key
+	queue    uint16
 	finished time.Time // when the engine first saw it finished
 }
 
@@ -25,9 +26,9 @@ type splicedFlow struct {
 // ACK or a retransmitted FIN is still rewritten.
 const finishedLinger = 5 * time.Second
 
-func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, keys [2]splice.Key) {
+func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, keys [2]splice.Key, queue uint16) {
 	g.splicedMu.Lock()
-	g.spliced[f.ID] = &splicedFlow{flow: f, entry: e, keys: keys}
+	g.spliced[f.ID] = &splicedFlow{flow: f, entry: e, keys: keys, queue: queue}
 	g.splicedMu.Unlock()
 }
 
@@ -61,7 +62,7 @@ func (g *Gateway) reap(now time.Time) {
 	g.splicedMu.Unlock()
 	for _, sf := range done {
 		g.engine.Delete(sf.entry)
-		if err := g.diverter.Delete(sf.keys[0], sf.keys[1]); err != nil {
+		if err := g.diverter.Delete(sf.queue, sf.keys[0], sf.keys[1]); err != nil {
 			g.log.Error("remove divert entries", logging.KeyFlow, sf.flow.ID, logging.Err(err))
 		}
 		g.flows.Remove(sf.flow)

@@ -60,9 +60,12 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		splice.KeyFrom(addrPort(client.RemoteAddr()), addrPort(client.LocalAddr())),
 		splice.KeyFrom(addrPort(upstream.RemoteAddr()), addrPort(upstream.LocalAddr())),
 	}}
+	// Spread flows over the queues (cores); both directions of a flow go
+	// to the same queue, so its packets stay in order.
+	tr.queue = uint16(g.nextQueue.Add(1) % uint32(g.rules.Spec().Divert.Queues))
 	f.SetState(proxy.StateSplicing)
 	g.transitions.add(tr)
-	if err := g.diverter.Add(tr.keys[0], tr.keys[1]); err != nil {
+	if err := g.diverter.Add(tr.queue, tr.keys[0], tr.keys[1]); err != nil {
 		g.transitions.remove(tr)
 		f.SetState(proxy.StateProxied)
 		return &SpliceError{Reason: "divert the flow", Err: err}
@@ -87,7 +90,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	upstream.Close()
 	sent, released := g.release(tr, entry, &params)
 	g.transitions.remove(tr)
-	g.addSpliced(f, entry, tr.keys)
+	g.addSpliced(f, entry, tr.keys, tr.queue)
 	took := time.Since(start)
 	g.spliceLatency.observe(took)
 	f.SplicedAt.Store(time.Now().UnixNano())
@@ -251,7 +254,7 @@ func (g *Gateway) abort(tr *transition, f *proxy.Flow) {
 	for _, np := range held {
 		np.Verdict(nfq.Accept)
 	}
-	if err := g.diverter.Delete(tr.keys[0], tr.keys[1]); err != nil {
+	if err := g.diverter.Delete(tr.queue, tr.keys[0], tr.keys[1]); err != nil {
 		g.log.Error("remove divert entries of an abandoned splice", logging.KeyFlow, f.ID, logging.Err(err))
 	}
 	g.transitions.remove(tr)

@@ -16,15 +16,17 @@ import (
 )
 
 // Divert configures the spliced-flow part of the table: the packets of
-// every spliced flow are looked up in a set of 4-tuples in a prerouting
+// every spliced flow are looked up in sets of 4-tuples in a prerouting
 // chain that runs before conntrack and TPROXY, marked untracked, and queued
-// to the splice engine. One rule per family serves every flow; adding a
-// flow adds two set elements (~0.1 ms), never a rule.
+// to the splice engine. Each queue has its own pair of sets (IPv4, IPv6)
+// and one rule per family; adding a flow adds two elements (~0.1 ms) to
+// the sets of the queue the gateway chose for it, never a rule. Choosing
+// per flow, rather than letting the kernel hash addresses, spreads flows
+// between the same two hosts over all queues (cores) while both directions
+// of one flow stay on one queue, in order.
 type Divert struct {
 	Enabled bool
-	// Queue is the first NFQUEUE number, Queues how many there are; the
-	// kernel spreads flows over them by a hash of the addresses, so the
-	// packets of one flow stay in order.
+	// Queue is the first NFQUEUE number, Queues how many there are.
 	Queue, Queues uint16
 	// Timeout bounds how long an element lives if spliced never deletes it
 	// (a safety net after a crash); spliced refreshes live flows.
@@ -35,12 +37,17 @@ type Divert struct {
 	NativeQueue bool
 }
 
-// Names in our table for splicing.
-const (
-	ChainDivert = "divert"
-	SetDivert4  = "divert4"
-	SetDivert6  = "divert6"
-)
+// ChainDivert is the chain of the divert rules.
+const ChainDivert = "divert"
+
+// DivertSetName is the name of the divert set of queue index i (0-based)
+// for one family: divert4_0, divert6_0, divert4_1, ...
+func DivertSetName(i uint16, v6 bool) string {
+	if v6 {
+		return fmt.Sprintf("divert6_%d", i)
+	}
+	return fmt.Sprintf("divert4_%d", i)
+}
 
 // Priority of the divert chain: raw, before conntrack (-200) and mangle.
 const divertPriority = nftables.ChainPriority(-300)
@@ -57,12 +64,8 @@ func divertSetType(v6 bool) nftables.SetDatatype {
 	return nftables.MustConcatSetType(addr, nftables.TypeInetService, addr, nftables.TypeInetService)
 }
 
-func divertSet(t *nftables.Table, v6 bool, timeout time.Duration) *nftables.Set {
-	name := SetDivert4
-	if v6 {
-		name = SetDivert6
-	}
-	return &nftables.Set{Table: t, Name: name, KeyType: divertSetType(v6), Concatenation: true,
+func divertSet(t *nftables.Table, i uint16, v6 bool, timeout time.Duration) *nftables.Set {
+	return &nftables.Set{Table: t, Name: DivertSetName(i, v6), KeyType: divertSetType(v6), Concatenation: true,
 		HasTimeout: true, Timeout: timeout}
 }
 
@@ -73,17 +76,19 @@ func queueDivert(c *nftables.Conn, spec *Spec, t *nftables.Table) error {
 		Name: ChainDivert, Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPrerouting, Priority: &[]nftables.ChainPriority{divertPriority}[0],
 	})
-	for _, v6 := range []bool{false, true} {
-		set := divertSet(t, v6, d.Timeout)
-		if err := c.AddSet(set, nil); err != nil {
-			return fmt.Errorf("add set %s: %w", set.Name, err)
+	for i := range d.Queues {
+		for _, v6 := range []bool{false, true} {
+			set := divertSet(t, i, v6, d.Timeout)
+			if err := c.AddSet(set, nil); err != nil {
+				return fmt.Errorf("add set %s: %w", set.Name, err)
+			}
+			c.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: divertExprs(d, d.Queue+i, set, v6)})
 		}
-		c.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: divertExprs(d, set, v6)})
 	}
 	return nil
 }
 
-func divertExprs(d *Divert, set *nftables.Set, v6 bool) []expr.Any {
+func divertExprs(d *Divert, queue uint16, set *nftables.Set, v6 bool) []expr.Any {
 	nfproto := byte(unix.NFPROTO_IPV4)
 	src, dst, alen := uint32(12), uint32(16), uint32(4)
 	// 32-bit registers: each field of the concatenation starts in the
@@ -107,13 +112,13 @@ func divertExprs(d *Divert, set *nftables.Set, v6 bool) []expr.Any {
 		&expr.Notrack{},
 	)
 	if d.NativeQueue {
-		return append(e, &expr.Queue{Num: d.Queue, Total: d.Queues})
+		return append(e, &expr.Queue{Num: queue, Total: 1})
 	}
 	// struct xt_NFQ_info_v3 { u16 queuenum; u16 queues_total; u16 flags; }
 	// in host byte order, padded to 8 bytes.
 	info := make([]byte, 8)
-	binary.NativeEndian.PutUint16(info[0:], d.Queue)
-	binary.NativeEndian.PutUint16(info[2:], d.Queues)
+	binary.NativeEndian.PutUint16(info[0:], queue)
+	binary.NativeEndian.PutUint16(info[2:], 1)
 	binary.NativeEndian.PutUint16(info[4:], xtNFQFlags)
 	return append(e, &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &[]xt.Unknown{info}[0]})
 }
@@ -174,20 +179,21 @@ func (d *Diverter) elements(keys []splice.Key, timeout time.Duration) (v4, v6 []
 	return v4, v6
 }
 
-// Add diverts the flows with these tuples to the splice queues.
-func (d *Diverter) Add(keys ...splice.Key) error {
-	return d.apply(keys, func(s *nftables.Set, els []nftables.SetElement) error { return d.c.SetAddElements(s, els) })
+// Add diverts the flows with these tuples to queue index q (0-based).
+func (d *Diverter) Add(q uint16, keys ...splice.Key) error {
+	return d.apply(q, keys, func(s *nftables.Set, els []nftables.SetElement) error { return d.c.SetAddElements(s, els) })
 }
 
-// Delete stops diverting these tuples. Missing elements are not an error.
-func (d *Diverter) Delete(keys ...splice.Key) error {
-	err := d.apply(keys, func(s *nftables.Set, els []nftables.SetElement) error { return d.c.SetDeleteElements(s, els) })
+// Delete stops diverting these tuples from queue index q. Missing
+// elements are not an error.
+func (d *Diverter) Delete(q uint16, keys ...splice.Key) error {
+	err := d.apply(q, keys, func(s *nftables.Set, els []nftables.SetElement) error { return d.c.SetDeleteElements(s, els) })
 	if errors.Is(err, unix.ENOENT) {
 		// One element was gone (timed out, or the table was replaced):
 		// delete the others one by one.
 		var errs []error
 		for _, k := range keys {
-			if e := d.apply([]splice.Key{k}, func(s *nftables.Set, els []nftables.SetElement) error {
+			if e := d.apply(q, []splice.Key{k}, func(s *nftables.Set, els []nftables.SetElement) error {
 				return d.c.SetDeleteElements(s, els)
 			}); e != nil && !errors.Is(e, unix.ENOENT) {
 				errs = append(errs, e)
@@ -198,7 +204,7 @@ func (d *Diverter) Delete(keys ...splice.Key) error {
 	return err
 }
 
-func (d *Diverter) apply(keys []splice.Key, op func(*nftables.Set, []nftables.SetElement) error) error {
+func (d *Diverter) apply(q uint16, keys []splice.Key, op func(*nftables.Set, []nftables.SetElement) error) error {
 	v4, v6 := d.elements(keys, d.timeout)
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -209,7 +215,7 @@ func (d *Diverter) apply(keys []splice.Key, op func(*nftables.Set, []nftables.Se
 		if len(x.els) == 0 {
 			continue
 		}
-		if err := op(divertSet(d.table, x.v6, d.timeout), x.els); err != nil {
+		if err := op(divertSet(d.table, q, x.v6, d.timeout), x.els); err != nil {
 			return err
 		}
 	}
@@ -220,27 +226,24 @@ func (d *Diverter) apply(keys []splice.Key, op func(*nftables.Set, []nftables.Se
 }
 
 // renderDivert renders the divert sets (without their elements, which
-// come and go with flows) and chain.
+// come and go with flows) and chain: the sets, then the chain last.
 func renderDivert(d *Divert) []string {
 	timeout := formatNFTDuration(d.Timeout)
-	sets := []string{
-		fmt.Sprintf("\tset %s {\n\t\ttype ipv4_addr . inet_service . ipv4_addr . inet_service\n\t\ttimeout %s\n\t}\n", SetDivert4, timeout),
-		fmt.Sprintf("\tset %s {\n\t\ttype ipv6_addr . inet_service . ipv6_addr . inet_service\n\t\ttimeout %s\n\t}\n", SetDivert6, timeout),
+	var out, rules []string
+	for i := range d.Queues {
+		for _, fam := range []struct {
+			v6       bool
+			ip, addr string
+		}{{false, "ip", "ipv4_addr"}, {true, "ip6", "ipv6_addr"}} {
+			name := DivertSetName(i, fam.v6)
+			out = append(out, fmt.Sprintf("\tset %s {\n\t\ttype %s . inet_service . %s . inet_service\n\t\ttimeout %s\n\t}\n", name, fam.addr, fam.addr, timeout))
+			rules = append(rules, fmt.Sprintf("%s saddr . tcp sport . %s daddr . tcp dport @%s notrack %s", fam.ip, fam.ip, name, queueStatement(d.Queue+i)))
+		}
 	}
-	q := queueStatement(d)
-	chain := renderChain(ChainDivert, "type filter hook prerouting priority raw; policy accept;", []string{
-		"ip saddr . tcp sport . ip daddr . tcp dport @" + SetDivert4 + " notrack " + q,
-		"ip6 saddr . tcp sport . ip6 daddr . tcp dport @" + SetDivert6 + " notrack " + q,
-	})
-	return append(sets, chain)
+	return append(out, renderChain(ChainDivert, "type filter hook prerouting priority raw; policy accept;", rules))
 }
 
-func queueStatement(d *Divert) string {
-	if d.Queues > 1 {
-		return fmt.Sprintf("queue num %d-%d", d.Queue, d.Queue+d.Queues-1)
-	}
-	return fmt.Sprintf("queue num %d", d.Queue)
-}
+func queueStatement(queue uint16) string { return fmt.Sprintf("queue num %d", queue) }
 
 // formatNFTDuration formats a duration as nft lists it: 1d, 2h, 1h30m,
 // 45s.

@@ -74,7 +74,7 @@ func Render(spec Spec) string {
 	var blocks, divert []string
 	if spec.Divert.Enabled {
 		divert = renderDivert(&spec.Divert)
-		blocks = append(blocks, divert[:2]...) // sets
+		blocks = append(blocks, divert[:len(divert)-1]...) // sets
 	}
 	for i := range spec.Services {
 		for _, d := range spec.Services[i].sets() {
@@ -82,7 +82,7 @@ func Render(spec Spec) string {
 		}
 	}
 	if spec.Divert.Enabled {
-		blocks = append(blocks, divert[2]) // chain
+		blocks = append(blocks, divert[len(divert)-1]) // chain
 	}
 	blocks = append(blocks, renderChain(ChainPrerouting, "type filter hook prerouting priority mangle; policy accept;", []string{
 		fmt.Sprintf("meta l4proto tcp socket transparent 1 %s accept", markSet(spec.Mark)),
@@ -103,7 +103,9 @@ func Render(spec Spec) string {
 func Listing(spec Spec) string {
 	out := Render(spec)
 	if spec.Divert.Enabled && !spec.Divert.NativeQueue {
-		out = strings.ReplaceAll(out, " notrack "+queueStatement(&spec.Divert)+"\n", " notrack \n")
+		for i := range spec.Divert.Queues {
+			out = strings.ReplaceAll(out, " notrack "+queueStatement(spec.Divert.Queue+i)+"\n", " notrack \n")
+		}
 	}
 	return out
 }

@@ -133,13 +133,14 @@ func checkQueueTarget(t *testing.T, ns *testnet.NS, spec *Spec) {
 		t.Fatal(err)
 	}
 	rules, err := c.GetRules(spec.table(), &nftables.Chain{Name: ChainDivert, Table: spec.table()})
-	if err != nil || len(rules) != 2 {
+	if err != nil || len(rules) != 2*int(spec.Divert.Queues) {
 		t.Fatalf("divert rules: %d, %v", len(rules), err)
 	}
-	for _, r := range rules {
+	for i, r := range rules {
+		want := spec.Divert.Queue + uint16(i/2) // IPv4 and IPv6 rule per queue
 		switch e := r.Exprs[len(r.Exprs)-1].(type) {
 		case *expr.Queue:
-			if e.Num != spec.Divert.Queue || e.Total != spec.Divert.Queues || e.Flag != 0 {
+			if e.Num != want || e.Total != 1 || e.Flag != 0 {
 				t.Errorf("queue expression %+v", e)
 			}
 		case *expr.Target:
@@ -148,8 +149,8 @@ func checkQueueTarget(t *testing.T, ns *testnet.NS, spec *Spec) {
 				t.Fatalf("target %+v", e)
 			}
 			num, total, flags := binary.NativeEndian.Uint16(info), binary.NativeEndian.Uint16(info[2:]), binary.NativeEndian.Uint16(info[4:])
-			if num != spec.Divert.Queue || total != spec.Divert.Queues || flags != 0 {
-				t.Errorf("NFQUEUE target num %d total %d flags %#x, want %d %d 0", num, total, flags, spec.Divert.Queue, spec.Divert.Queues)
+			if num != want || total != 1 || flags != 0 {
+				t.Errorf("rule %d: NFQUEUE target num %d total %d flags %#x, want %d 1 0", i, num, total, flags, want)
 			}
 		default:
 			t.Fatalf("divert rule ends in %T", e)
@@ -173,23 +174,23 @@ func TestDiverter(t *testing.T) {
 	defer d.Close()
 	k4 := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
 	k6 := splice.KeyFrom(netip.MustParseAddrPort("[fd00:1::2]:40000"), netip.MustParseAddrPort("[fd00:2::2]:80"))
-	if err := d.Add(k4, k4.Reverse(), k6); err != nil {
+	if err := d.Add(1, k4, k4.Reverse(), k6); err != nil {
 		t.Fatal(err)
 	}
-	out, _ := ns.Run("nft", "list", "set", "inet", spec.Table, SetDivert4)
+	out, _ := ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(1, false))
 	for _, want := range []string{"10.1.0.2 . 40000 . 10.2.0.2 . 80", "10.2.0.2 . 80 . 10.1.0.2 . 40000"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("divert4 lacks %q:\n%s", want, out)
 		}
 	}
-	out, _ = ns.Run("nft", "list", "set", "inet", spec.Table, SetDivert6)
+	out, _ = ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(1, true))
 	if !strings.Contains(out, "fd00:1::2 . 40000 . fd00:2::2 . 80") {
 		t.Errorf("divert6 lacks the flow:\n%s", out)
 	}
-	if err := d.Delete(k4, k6); err != nil {
+	if err := d.Delete(1, k4, k6); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.Delete(k4, k4.Reverse()); err != nil { // k4 is gone already
+	if err := d.Delete(1, k4, k4.Reverse()); err != nil { // k4 is gone already
 		t.Fatalf("delete with a missing element: %v", err)
 	}
 	out, _ = ns.Run("nft", "list", "table", "inet", spec.Table)

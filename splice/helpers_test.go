@@ -218,6 +218,12 @@ func (f *fixture) s2c(seq, ack uint32, flags uint8) seg {
 // timestamps and SACK is byte-identical to the input.
 func (f *fixture) run(t *testing.T, b []byte, d Dir, csumComplete bool) Verdict {
 	t.Helper()
+	return f.runAt(t, b, d, csumComplete, 1)
+}
+
+// runAt is run at a given time (unix nanoseconds).
+func (f *fixture) runAt(t *testing.T, b []byte, d Dir, csumComplete bool, now int64) Verdict {
+	t.Helper()
 	var p Packet
 	if st := p.Parse(b); st != OK {
 		t.Fatalf("parse: %v", st)
@@ -227,7 +233,7 @@ func (f *fixture) run(t *testing.T, b []byte, d Dir, csumComplete bool) Verdict 
 		t.Fatalf("key %v: found=%v dir=%v, want %v", p.KeyOf(), ok, dir, d)
 	}
 	in := append([]byte(nil), p.TCP().Options()...)
-	v := e.Process(&p, d, 1, csumComplete)
+	v := e.Process(&p, d, now, csumComplete)
 	if v == Forward {
 		decoded(t, b)
 		sameOptions(t, in, p.TCP().Options())

@@ -1,6 +1,9 @@
 package splice
 
-import "encoding/binary"
+import (
+	"encoding/binary"
+	"time"
+)
 
 // Verdict is what the engine decided for a packet.
 type Verdict uint8
@@ -89,15 +92,8 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		}
 	}
 
-	if f.Finished() && p.SegmentLen() > 0 && end.LessThanEq(s.ackSeen) && s.flags&dirDupDropped == 0 {
-		// Both FINs are acknowledged and this segment (a tail loss probe,
-		// typically) holds nothing the receiver has not acknowledged. The
-		// receiver would answer it with a duplicate ACK, and the sender,
-		// closed by the first ACK, with a reset. Drop the first such
-		// segment; should the sender send again (its ACK was lost), the
-		// next one passes and is acknowledged.
-		s.flags |= dirDupDropped
-		return DropDuplicate
+	if v := f.spuriousEnd(s, flags, p.SegmentLen(), end, now); v != Forward {
+		return v
 	}
 
 	// Committed: from here on the packet is forwarded.
@@ -108,9 +104,10 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 	if p.SegmentLen() > 0 {
 		s.sndNxt = maxSeq(s.sndNxt, end)
 	}
-	if flags&FlagFIN != 0 {
+	if flags&FlagFIN != 0 && s.flags&dirFIN == 0 {
 		s.flags |= dirFIN
 		s.finSeq = end.Sub(1)
+		s.finAt = now
 	}
 	if flags&FlagACK != 0 {
 		o.ackSeen = maxSeq(o.ackSeen, ackIn)
@@ -157,6 +154,37 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 	} else {
 		t.SetChecksum(0)
 		t.SetChecksum(TCPChecksum(p.Src(), p.Dst(), p.Segment()))
+	}
+	return Forward
+}
+
+// finDupWindow is how soon after a FIN went through a retransmission of
+// it counts as spurious. A tail loss probe comes after 2*SRTT plus 2 ms; a
+// real loss is repaired by the retransmission timeout, 200 ms at least.
+const finDupWindow = int64(100 * time.Millisecond)
+
+// spuriousEnd recognizes spurious retransmissions at the end of a flow.
+// When the gateway's latency jitters by a few milliseconds, a sender's tail
+// loss probe repeats its FIN although the original is on its way. The
+// receiver answers the duplicate with a duplicate ACK that reaches the
+// sender after the original ACK closed its socket, and the sender answers
+// with a reset. Two cases are dropped:
+//
+//   - a repeat of a FIN forwarded less than finDupWindow ago, with nothing
+//     new in it; should the original be lost, the sender's retransmission
+//     timeout repeats it again, later, and that one passes;
+//   - after both FINs were acknowledged, the first segment that holds only
+//     acknowledged data; a second one passes (the sender lost its ACK).
+func (f *Flow) spuriousEnd(s *dirState, flags uint8, segLen uint32, end Seq, now int64) Verdict {
+	if segLen == 0 {
+		return Forward // pure ACKs always pass
+	}
+	if flags&FlagFIN != 0 && s.flags&dirFIN != 0 && end.LessThanEq(s.sndNxt) && now-s.finAt < finDupWindow {
+		return DropDuplicate
+	}
+	if f.Finished() && end.LessThanEq(s.ackSeen) && s.flags&dirDupDropped == 0 {
+		s.flags |= dirDupDropped
+		return DropDuplicate
 	}
 	return Forward
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/google/gopacket/layers"
 )
@@ -359,13 +360,42 @@ func TestTrackerFIN(t *testing.T) {
 	if !fl.Idle(1+int64(10e9), int64(10e9)) || fl.Idle(2, int64(10e9)) {
 		t.Error("idle tracking wrong")
 	}
-	// A spurious retransmission of the server's FIN, already acked: the
-	// first is dropped (no duplicate ACK to provoke a reset), a second
-	// one passes (the sender evidently lost the ACK).
+	// Retransmissions of the server's FIN, already acked, well after it
+	// went through: the first is dropped (no duplicate ACK to provoke a
+	// reset), a second one passes (the sender evidently lost the ACK).
+	later := int64(time.Second)
 	for i, want := range []Verdict{DropDuplicate, Forward} {
-		if v := f.run(t, f.s2c(0xffffff00, 1004+dC2S, FlagACK|FlagFIN).bytes(), S2C, true); v != want {
+		if v := f.runAt(t, f.s2c(0xffffff00, 1004+dC2S, FlagACK|FlagFIN).bytes(), S2C, true, later); v != want {
 			t.Errorf("retransmitted FIN #%d: %v, want %v", i+1, v, want)
 		}
+	}
+}
+
+// TestTailLossProbeOfFIN: a repeat of a FIN that went through moments ago
+// (a tail loss probe while the original is on its way) is dropped, however
+// often; one after the retransmission timeout passes.
+func TestTailLossProbeOfFIN(t *testing.T) {
+	f := newFixture(t, false, false)
+	fin := f.c2s(1000, 0xfffffff0, FlagACK|FlagFIN)
+	fin.payload = []byte("bye")
+	if v := f.runAt(t, fin.bytes(), C2S, true, 0); v != Forward {
+		t.Fatalf("FIN: %v", v)
+	}
+	probe := f.c2s(1002, 0xfffffff0, FlagACK|FlagFIN) // the last byte and the FIN again
+	probe.payload = []byte("e")
+	for _, at := range []time.Duration{3 * time.Millisecond, 20 * time.Millisecond} {
+		if v := f.runAt(t, probe.bytes(), C2S, true, int64(at)); v != DropDuplicate {
+			t.Errorf("probe at %v: %v, want drop_duplicate", at, v)
+		}
+	}
+	if v := f.runAt(t, probe.bytes(), C2S, true, int64(300*time.Millisecond)); v != Forward {
+		t.Errorf("retransmission after the RTO: %v, want forward", v)
+	}
+	// A FIN with new data is no repeat.
+	more := f.c2s(1004, 0xfffffff0, FlagACK|FlagFIN)
+	more.payload = []byte("!")
+	if v := f.runAt(t, more.bytes(), C2S, true, int64(4*time.Millisecond)); v != Forward {
+		t.Errorf("FIN with new data: %v, want forward", v)
 	}
 }
 

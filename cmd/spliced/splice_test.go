@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -328,11 +329,14 @@ func TestLabSpliceAnyMoment(t *testing.T) {
 	rng := rand.New(rand.NewPCG(seed, 7))
 	t.Logf("seed %d", seed)
 	var cfg strings.Builder
-	cfg.WriteString("log:\n  level: info\nservices:\n")
+	cfg.WriteString("log:\n  level: info\nkernel:\n  queues: " + cmp.Or(os.Getenv("SPLICED_QUEUES"), "2") + "\nservices:\n")
 	for i := range services {
 		mode, bytes := "bytes", 1+rng.Int64N(64<<10)
 		if i == 0 {
 			mode = "immediate"
+		}
+		if os.Getenv("SPLICED_COPY") != "" { // the same workload, never spliced
+			mode = "never"
 		}
 		fmt.Fprintf(&cfg, "  - name: s%d\n    listen: %d\n    ports: [\"%d\"]\n    splice:\n      mode: %s\n      bytes: %d\n", i, 15001+i, 6001+i, mode, bytes)
 	}

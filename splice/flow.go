@@ -81,14 +81,14 @@ func (p *Params) Validate() error {
 
 // Per-direction flag bits.
 const (
-	dirTS        = 1 << iota // both legs negotiated timestamps: translate them
-	dirTSLearned             // tsOff holds the learned TSval offset
-	dirStripTS               // the receiving leg did not negotiate timestamps
-	dirStripSACK             // the receiving leg did not negotiate SACK
-	dirAddrs                 // addresses change in this direction (NAT)
-	dirFIN                   // the sender sent a FIN at finSeq
-	dirFINAcked              // the receiver acknowledged it
-	dirDupDropped            // a duplicate after the end was dropped once
+	dirTS         = 1 << iota // both legs negotiated timestamps: translate them
+	dirTSLearned              // tsOff holds the learned TSval offset
+	dirStripTS                // the receiving leg did not negotiate timestamps
+	dirStripSACK              // the receiving leg did not negotiate SACK
+	dirAddrs                  // addresses change in this direction (NAT)
+	dirFIN                    // the sender sent a FIN at finSeq
+	dirFINAcked               // the receiver acknowledged it
+	dirDupDropped             // a duplicate after the end was dropped once
 )
 
 // dirState is the rewrite and tracking state of one direction. Sequence

@@ -260,7 +260,7 @@ func (q *libQueue) send(p *Packet, d Decision) error {
 	case Accept:
 		return q.nf.SetVerdict(p.ID, nfqueue.NfAccept)
 	case AcceptModified:
-		return q.nf.SetVerdictModPacket(p.ID, nfqueue.NfAccept, p.Data)
+		return q.nf.SetVerdictWithOption(p.ID, nfqueue.NfAccept, nfqueue.WithAlteredPacket(p.Data))
 	case Drop:
 		return q.nf.SetVerdict(p.ID, nfqueue.NfDrop)
 	}

@@ -22,6 +22,7 @@ type Options struct {
 	Out     io.Writer
 }
 
+// The demo service splices each flow once 64 MiB went through the proxy.
 const config = `
 log:
   level: info
@@ -31,6 +32,9 @@ services:
     ports: ["5001"]
     destinations: [10.2.0.0/16]
     upstream: transparent
+    splice:
+      mode: bytes
+      bytes: 64MiB
 `
 
 // Run builds the lab, runs the transfer and prints the summary.
@@ -71,28 +75,40 @@ func Run(opt Options) error {
 		return err
 	}
 	defer ln.Close()
-	fmt.Fprintf(out, "\nclient -> %v: sending %d MB each way at once ...\n", srv, opt.Bytes>>20)
+	fmt.Fprintf(out, "\nclient -> %v: sending %d MB each way at once; spliced after 64 MiB ...\n", srv, opt.Bytes>>20)
 	tr := testnet.RunTransfer(lab.Client(), ln, srv, testnet.TransferOptions{C2S: opt.Bytes, S2C: opt.Bytes, Seed: uint64(time.Now().UnixNano())})
 	if err := tr.Check(); err != nil {
 		return fmt.Errorf("transfer failed: %w", err)
 	}
-	rec := waitRecord(d, "flow closed")
-	if rec == nil {
-		return fmt.Errorf("the daemon did not log the flow; log:\n%s", d.Log())
+	spliced := waitRecord(d, "flow spliced", 5*time.Second)
+	fmt.Fprintln(out, "waiting for the engine to see both FINs and retire the flow ...")
+	closed := waitRecord(d, "flow closed", 15*time.Second)
+	if spliced == nil || closed == nil {
+		return fmt.Errorf("the daemon did not log the splice and the end of the flow; log:\n%s", d.Log())
 	}
 	gbps := float64(8*(tr.Client.Sent+tr.Server.Sent)) / tr.Elapsed.Seconds() / 1e9
 	fmt.Fprintf(out, "\nsummary\n")
-	fmt.Fprintf(out, "  flow %v  %v -> %v  mode %v\n", rec["flow"], rec["client"], rec["server"], "transparent")
-	fmt.Fprintf(out, "  proxied bytes: client->server %v, server->client %v\n", rec["bytes_c2s"], rec["bytes_s2c"])
+	fmt.Fprintf(out, "  flow %v  %v -> %v  upstream transparent (the server saw the client's own address %v)\n",
+		closed["flow"], closed["client"], closed["server"], tr.Server.Peer)
+	fmt.Fprintf(out, "  before the splice, through the proxy: client->server %s, server->client %s\n",
+		mb(spliced["bytes_c2s"]), mb(spliced["bytes_s2c"]))
+	fmt.Fprintf(out, "  splice took %v us (%s taken over while the sockets drained, %v packets re-sent through the engine)\n",
+		spliced["took_us"], mb(spliced["taken_over_bytes"]), spliced["injected_packets"])
+	fmt.Fprintf(out, "  after the splice, rewritten packet by packet (no gateway socket): client->server %s, server->client %s\n",
+		mb(closed["spliced_bytes_c2s"]), mb(closed["spliced_bytes_s2c"]))
 	fmt.Fprintf(out, "  sha256 equal both ways: %x... / %x...\n", tr.Client.SentHash[:6], tr.Server.SentHash[:6])
-	fmt.Fprintf(out, "  the server saw the client's own address: %v\n", tr.Server.Peer)
 	fmt.Fprintf(out, "  %.1f Gbit/s (both directions together) in %v\n", gbps, tr.Elapsed.Round(time.Millisecond))
 	return nil
 }
 
-func waitRecord(d *testnet.Daemon, msg string) map[string]any {
+func mb(v any) string {
+	f, _ := v.(float64)
+	return fmt.Sprintf("%.1f MB", f/(1<<20))
+}
+
+func waitRecord(d *testnet.Daemon, msg string, within time.Duration) map[string]any {
 	var rec map[string]any
-	testnet.Poll(5*time.Second, func() error {
+	testnet.Poll(within, func() error {
 		if rec = d.FindLog(func(l map[string]any) bool { return l["msg"] == msg }); rec == nil {
 			return fmt.Errorf("no %q", msg)
 		}

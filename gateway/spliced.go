@@ -60,12 +60,17 @@ func (g *Gateway) reap(now time.Time) {
 		}
 	}
 	g.splicedMu.Unlock()
+	if len(done) == 0 {
+		return
+	}
+	byQueue := map[uint16][]splice.Key{}
 	for _, sf := range done {
 		g.engine.Delete(sf.entry)
-		if err := g.diverter.Delete(sf.queue, sf.keys[0], sf.keys[1]); err != nil {
-			g.log.Error("remove divert entries", logging.KeyFlow, sf.flow.ID, logging.Err(err))
-		}
+		byQueue[sf.queue] = append(byQueue[sf.queue], sf.keys[0], sf.keys[1])
 		g.flows.Remove(sf.flow)
+	}
+	if err := g.diverter.DeleteMany(byQueue); err != nil {
+		g.log.Error("remove divert entries", "flows", len(done), logging.Err(err))
 	}
 }
 

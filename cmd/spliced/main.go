@@ -8,7 +8,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
@@ -85,7 +84,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 0
 	}
 
-	raiseFileLimit(log)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	gw := gateway.New(cfg, log)
@@ -104,15 +102,3 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// raiseFileLimit lifts the soft limit of open files to the hard limit: a
-// proxied flow holds two sockets, and 10,000 flows need 20,000 files.
-func raiseFileLimit(log *slog.Logger) {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Cur >= lim.Max {
-		return
-	}
-	lim.Cur = lim.Max
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		log.Warn("cannot raise the open-file limit", logging.Err(err))
-	}
-}

@@ -101,4 +101,3 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	return 0
 }
-

@@ -6,10 +6,10 @@ PREFIX   ?= /usr/local
 DESTDIR  ?=
 SYSCONFDIR ?= /etc
 BIN      := bin
-CMDS     := spliced splicectl spliced-demo
+CMDS     := spliced splicectl spliced-demo spliced-bench
 TESTFLAGS ?=
 
-.PHONY: all build test check demo install clean
+.PHONY: all build test check demo bench bench-quick install clean
 
 all: build
 
@@ -29,6 +29,14 @@ check:
 
 demo: build
 	$(BIN)/spliced-demo -spliced $(BIN)/spliced
+
+# The benchmark (as root): every configuration side by side, written to
+# bench/results/latest.{json,md} and pictures. bench-quick is shorter.
+bench: build
+	$(BIN)/spliced-bench -spliced $(BIN)/spliced
+
+bench-quick: build
+	$(BIN)/spliced-bench -spliced $(BIN)/spliced -quick
 
 install: build
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SYSCONFDIR)/spliced

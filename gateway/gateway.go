@@ -21,6 +21,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -172,8 +173,17 @@ func (g *Gateway) LogState() {
 	}
 }
 
-// logStats logs the splice engine's counters, for the record.
+// logStats logs the daemon's memory and the splice engine's counters,
+// for the record.
 func (g *Gateway) logStats() {
+	runtime.GC() // an operator asked: count live memory, not garbage
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	g.splicedMu.Lock()
+	spliced := len(g.spliced)
+	g.splicedMu.Unlock()
+	g.log.Info("memory", "heap_inuse_bytes", ms.HeapInuse, "stack_inuse_bytes", ms.StackInuse,
+		"goroutines", runtime.NumGoroutine(), "flows", g.flows.Len(), "spliced_flows", spliced)
 	if g.engine == nil {
 		return
 	}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -122,10 +123,11 @@ func (g *Gateway) drainTimeout(service string) time.Duration {
 // transition is not frozen.
 func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *proxy.Flow, client, upstream *net.TCPConn, deadline time.Time) ([2]splice.Conn, error) {
 	var caps [2]splice.Conn
-	buf := make([]byte, 256<<10)
+	buf := drainBufs.Get().(*[]byte)
+	defer drainBufs.Put(buf)
 	wait := 20 * time.Microsecond
 	for {
-		if err := g.drainStep(tr, f, client, upstream, buf, deadline); err != nil {
+		if err := g.drainStep(tr, f, client, upstream, *buf, deadline); err != nil {
 			return caps, err
 		}
 		empty, err := queuesEmpty(client, upstream)
@@ -164,6 +166,9 @@ func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *prox
 	}
 	return caps, nil
 }
+
+// drainBufs hold the buffers that move queued bytes during a drain.
+var drainBufs = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
 
 // drainStep moves bytes the sockets received (and acknowledged) to the
 // other side, as the proxy would have.

@@ -1,0 +1,215 @@
+package bench
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"spliced/testnet"
+)
+
+const (
+	portIdle = 7101
+	portBusy = 7102
+)
+
+const latencyConfig = `
+log:
+  level: info
+services:
+  - name: idle
+    listen: 15001
+    ports: ["7101"]
+    splice:
+      mode: time
+      after: 300ms
+  - name: busy
+    listen: 15002
+    ports: ["7102"]
+    splice:
+      mode: bytes
+      bytes: 8MiB
+`
+
+// measureLatency splices idle flows (nothing in flight) and busy ones
+// (both directions at full speed) and reports the splice time the gateway
+// measured and the longest pause a busy flow's receivers saw.
+func measureLatency(env *Env, opt *Options) *Latency {
+	res := &Latency{}
+	n := 30
+	if opt.Quick {
+		n = 10
+	}
+	lab, err := testnet.New(testnet.Options{})
+	if err != nil {
+		res.Error = err.Error()
+		return res
+	}
+	defer lab.Close()
+	d, err := testnet.LaunchDaemon(lab, env.Spliced, env.Dir, latencyConfig)
+	if d != nil {
+		defer d.Stop()
+	}
+	if err != nil {
+		res.Error = err.Error()
+		return res
+	}
+	tookFor := func(port int) []float64 {
+		var out []float64
+		for _, l := range d.Lines() {
+			if l["msg"] == "flow spliced" && l["server"] == fmt.Sprintf("%s:%d", lab.Server().IPv4, port) {
+				out = append(out, l["took_us"].(float64))
+			}
+		}
+		return out
+	}
+
+	// Idle flows: connect, wait for the splice.
+	ln, err := lab.Server().Listen(netip.AddrPortFrom(lab.Server().IPv4, portIdle))
+	if err != nil {
+		res.Error = err.Error()
+		return res
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(io.Discard, c); c.Close() }()
+		}
+	}()
+	var idle []*net.TCPConn
+	for range n {
+		c, err := lab.Client().Dial(netip.AddrPortFrom(lab.Server().IPv4, portIdle), 5*time.Second)
+		if err != nil {
+			res.Error = "dial: " + err.Error()
+			return res
+		}
+		idle = append(idle, c)
+	}
+	testnet.Poll(10*time.Second, func() error {
+		if len(tookFor(portIdle)) < n {
+			return fmt.Errorf("not all spliced")
+		}
+		return nil
+	})
+	for _, c := range idle {
+		c.Close()
+	}
+
+	// Busy flows, one after another.
+	bln, err := lab.Server().Listen(netip.AddrPortFrom(lab.Server().IPv4, portBusy))
+	if err != nil {
+		res.Error = err.Error()
+		return res
+	}
+	defer bln.Close()
+	var stalls []float64
+	for range n {
+		stall, err := busyFlow(lab, bln, 32<<20)
+		if err != nil {
+			res.Error = "busy flow: " + err.Error()
+			return res
+		}
+		stalls = append(stalls, float64(stall.Microseconds())/1000)
+	}
+	idleT, busyT := tookFor(portIdle), tookFor(portBusy)
+	res.IdleSamples, res.BusySamples = len(idleT), len(busyT)
+	res.IdleP50, res.IdleP99 = percentile(idleT, 0.5), percentile(idleT, 0.99)
+	res.BusyP50, res.BusyP99 = percentile(busyT, 0.5), percentile(busyT, 0.99)
+	res.StallP50, res.StallP99 = percentile(stalls, 0.5), percentile(stalls, 0.99)
+	fmt.Fprintf(opt.Log, "   idle %d: p50 %.0f µs p99 %.0f µs; busy %d: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms\n",
+		res.IdleSamples, res.IdleP50, res.IdleP99, res.BusySamples, res.BusyP50, res.BusyP99, res.StallP50, res.StallP99)
+	return res
+}
+
+// busyFlow sends size bytes each way at once and returns the longest gap
+// between two reads at either receiver.
+func busyFlow(lab *testnet.Lab, ln *net.TCPListener, size int64) (time.Duration, error) {
+	accepted := make(chan *net.TCPConn, 1)
+	go func() {
+		c, err := ln.AcceptTCP()
+		if err != nil {
+			accepted <- nil
+			return
+		}
+		accepted <- c
+	}()
+	c, err := lab.Client().Dial(netip.AddrPortFrom(lab.Server().IPv4, portBusy), 5*time.Second)
+	if err != nil {
+		return 0, err
+	}
+	s := <-accepted
+	if s == nil {
+		c.Close()
+		return 0, fmt.Errorf("accept failed")
+	}
+	var wg sync.WaitGroup
+	gaps := make([]time.Duration, 2)
+	errs := make([]error, 4)
+	for i, conn := range []*net.TCPConn{c, s} {
+		conn.SetDeadline(time.Now().Add(time.Minute))
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			_, errs[2*i] = io.CopyN(conn, zeroReader{}, size)
+			conn.CloseWrite()
+		}()
+		go func() {
+			defer wg.Done()
+			gaps[i], errs[2*i+1] = readGaps(conn)
+		}()
+	}
+	wg.Wait()
+	c.Close()
+	s.Close()
+	for _, e := range errs {
+		if e != nil {
+			return 0, e
+		}
+	}
+	return max(gaps[0], gaps[1]), nil
+}
+
+// readGaps reads to EOF and returns the longest time between two reads.
+func readGaps(c *net.TCPConn) (time.Duration, error) {
+	buf := make([]byte, 256<<10)
+	var longest time.Duration
+	last := time.Time{}
+	for {
+		_, err := c.Read(buf)
+		now := time.Now()
+		if !last.IsZero() && err == nil {
+			longest = max(longest, now.Sub(last))
+		}
+		last = now
+		if err == io.EOF {
+			return longest, nil
+		}
+		if err != nil {
+			return longest, err
+		}
+	}
+}
+
+type zeroReader struct{}
+
+func (zeroReader) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
+}
+
+func percentile(v []float64, q float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[int(q*float64(len(s)-1)+0.5)]
+}

@@ -1,0 +1,294 @@
+package bench
+
+import (
+	"encoding/json"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+)
+
+// Stat summarizes the repetitions of one measure.
+type Stat struct {
+	Median  float64   `json:"median"`
+	Min     float64   `json:"min"`
+	Max     float64   `json:"max"`
+	Samples []float64 `json:"samples"`
+}
+
+// NewStat summarizes samples.
+func NewStat(samples []float64) Stat {
+	s := slices.Clone(samples)
+	slices.Sort(s)
+	st := Stat{Samples: samples}
+	if len(s) == 0 {
+		return st
+	}
+	st.Min, st.Max = s[0], s[len(s)-1]
+	if len(s)%2 == 1 {
+		st.Median = s[len(s)/2]
+	} else {
+		st.Median = (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
+	return st
+}
+
+// Metric describes one column of the comparison.
+type Metric struct {
+	Key, Title, Unit string
+	// Lower is better (CPU cost); otherwise higher is better.
+	Lower bool
+}
+
+// Metrics are the measures taken for every configuration, in table order.
+var Metrics = []Metric{
+	{Key: "rr_1b_1c", Title: "1-byte RR, 1 conn", Unit: "tx/s"},
+	{Key: "rr_1b_8c", Title: "1-byte RR, 8 conns", Unit: "tx/s"},
+	{Key: "rr_1460b_1c", Title: "1460-byte RR, 1 conn", Unit: "tx/s"},
+	{Key: "rr_1460b_8c", Title: "1460-byte RR, 8 conns", Unit: "tx/s"},
+	{Key: "bulk_c2s", Title: "bulk client→server", Unit: "Gbit/s"},
+	{Key: "bulk_s2c", Title: "bulk server→client", Unit: "Gbit/s"},
+	{Key: "cpu_us_per_tx", Title: "gateway CPU per transaction", Unit: "µs", Lower: true},
+	{Key: "cpu_s_per_gb", Title: "gateway CPU per GB", Unit: "s", Lower: true},
+}
+
+// ConfigResult is what one configuration measured.
+type ConfigResult struct {
+	Name        string          `json:"name"`
+	Description string          `json:"description"`
+	Failed      string          `json:"failed,omitempty"` // why the whole configuration failed
+	Metrics     map[string]Stat `json:"metrics"`
+	// Errors says why single measures are missing.
+	Errors map[string]string `json:"errors,omitempty"`
+}
+
+// Latency is the splice latency of idle flows and what busy flows saw.
+type Latency struct {
+	IdleSamples int `json:"idle_samples"`
+	// Splice time as the gateway measured it (divert to release), µs.
+	IdleP50, IdleP99 float64
+	BusySamples      int `json:"busy_samples"`
+	BusyP50, BusyP99 float64
+	// Stall: the longest gap between two reads at the receiver of a busy
+	// flow around its splice, ms.
+	StallP50, StallP99 float64
+	Error              string `json:"error,omitempty"`
+}
+
+// Memory compares established flows proxied and spliced.
+type Memory struct {
+	Flows    int       `json:"flows"`
+	Note     string    `json:"note,omitempty"`
+	Proxied  MemSample `json:"proxied"`
+	Spliced  MemSample `json:"spliced"`
+	Error    string    `json:"error,omitempty"`
+	Ratio    float64   `json:"ratio"` // spliced total / proxied total
+	PerFlowB float64   `json:"spliced_bytes_per_flow"`
+}
+
+// MemSample is the gateway's memory with the flows established.
+type MemSample struct {
+	DaemonRSS int64 `json:"daemon_rss_bytes"`
+	BaseRSS   int64 `json:"daemon_rss_before_bytes"`
+	// Live memory of the daemon (Go heap and stacks in use after a GC),
+	// with the flows and before them.
+	DaemonLive int64 `json:"daemon_live_bytes"`
+	BaseLive   int64 `json:"daemon_live_before_bytes"`
+	SocketMem  int64 `json:"kernel_socket_mem_bytes"`
+	Sockets    int   `json:"tcp_sockets"`
+}
+
+// Total is the memory the flows cost the gateway: the daemon's live
+// memory growth plus kernel socket memory.
+func (m MemSample) Total() int64 { return max(m.DaemonLive-m.BaseLive, 0) + m.SocketMem }
+
+// Trace is the sequence-number trace of a flow across its splice.
+type Trace struct {
+	Points        [][2]float64 `json:"-"` // ms since start, relative sequence (bytes)
+	SpliceStartMS float64      `json:"splice_start_ms"`
+	SpliceEndMS   float64      `json:"splice_end_ms"`
+	Picture       string       `json:"picture,omitempty"`
+	Error         string       `json:"error,omitempty"`
+}
+
+// Report is a whole run.
+type Report struct {
+	Commit      string         `json:"commit"`
+	Kernel      string         `json:"kernel"`
+	CPUs        int            `json:"cpus"`
+	Date        string         `json:"date"`
+	Quick       bool           `json:"quick"`
+	Repetitions int            `json:"repetitions"`
+	Seconds     float64        `json:"seconds_per_measure"`
+	Configs     []ConfigResult `json:"configs"`
+	Latency     *Latency       `json:"splice_latency,omitempty"`
+	Memory      *Memory        `json:"memory,omitempty"`
+	Trace       *Trace         `json:"trace,omitempty"`
+	Pictures    []string       `json:"pictures,omitempty"`
+}
+
+// Config returns the result of a configuration by name.
+func (r *Report) Config(name string) *ConfigResult {
+	for i := range r.Configs {
+		if r.Configs[i].Name == name {
+			return &r.Configs[i]
+		}
+	}
+	return nil
+}
+
+// The configurations ratios are taken against.
+const (
+	BaselineCopy    = "spliced-copy"
+	BaselineRouting = "routing"
+)
+
+// Markdown renders the report: one table in the shape of the paper's
+// Table 2 (configurations as rows), then the same as ratios against copy
+// mode and against kernel routing, then latency and memory.
+func (r *Report) Markdown() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "Measured %s on Linux %s, %d CPUs, commit %s; %d repetitions of %.0f s each, median (min–max).\n\n",
+		r.Date, r.Kernel, r.CPUs, r.Commit, r.Repetitions, r.Seconds)
+	cols := []string{"configuration"}
+	for _, m := range Metrics {
+		cols = append(cols, fmt.Sprintf("%s (%s)", m.Title, m.Unit))
+	}
+	table := func(cell func(c *ConfigResult, m Metric) string) {
+		fmt.Fprintf(&b, "| %s |\n|%s\n", strings.Join(cols, " | "), strings.Repeat("---|", len(cols)))
+		for i := range r.Configs {
+			c := &r.Configs[i]
+			row := []string{c.Name}
+			for _, m := range Metrics {
+				row = append(row, cell(c, m))
+			}
+			fmt.Fprintf(&b, "| %s |\n", strings.Join(row, " | "))
+		}
+		b.WriteString("\n")
+	}
+	b.WriteString("### Measured\n\n")
+	table(func(c *ConfigResult, m Metric) string {
+		if c.Failed != "" {
+			return "failed: " + c.Failed
+		}
+		st, ok := c.Metrics[m.Key]
+		if !ok {
+			if e := c.Errors[m.Key]; e != "" {
+				return "failed: " + e
+			}
+			return "n/a"
+		}
+		return fmt.Sprintf("%s (%s–%s)", num(st.Median), num(st.Min), num(st.Max))
+	})
+	for _, base := range []string{BaselineCopy, BaselineRouting} {
+		bc := r.Config(base)
+		fmt.Fprintf(&b, "### Ratio to %s (median / median; above 1 is better)\n\n", base)
+		table(func(c *ConfigResult, m Metric) string {
+			return ratio(c, bc, m)
+		})
+	}
+	if l := r.Latency; l != nil {
+		b.WriteString("### Splice latency\n\n")
+		if l.Error != "" {
+			fmt.Fprintf(&b, "failed: %s\n\n", l.Error)
+		} else {
+			fmt.Fprintf(&b, "| | flows | p50 | p99 |\n|---|---|---|---|\n")
+			fmt.Fprintf(&b, "| idle flow, splice time | %d | %.0f µs | %.0f µs |\n", l.IdleSamples, l.IdleP50, l.IdleP99)
+			fmt.Fprintf(&b, "| busy flow, splice time | %d | %.0f µs | %.0f µs |\n", l.BusySamples, l.BusyP50, l.BusyP99)
+			fmt.Fprintf(&b, "| busy flow, longest stall at the receiver | %d | %.1f ms | %.1f ms |\n\n", l.BusySamples, l.StallP50, l.StallP99)
+		}
+	}
+	if m := r.Memory; m != nil {
+		b.WriteString("### Memory of established flows\n\n")
+		if m.Error != "" {
+			fmt.Fprintf(&b, "failed: %s\n\n", m.Error)
+		} else {
+			fmt.Fprintf(&b, "| %d flows | daemon live memory growth | daemon RSS growth | kernel socket memory | gateway TCP sockets | total (live + kernel) |\n|---|---|---|---|---|---|\n", m.Flows)
+			for _, row := range []struct {
+				name string
+				s    MemSample
+			}{{"proxied", m.Proxied}, {"spliced", m.Spliced}} {
+				fmt.Fprintf(&b, "| %s | %s | %s | %s | %d | %s |\n", row.name, bytesStr(max(row.s.DaemonLive-row.s.BaseLive, 0)),
+					bytesStr(max(row.s.DaemonRSS-row.s.BaseRSS, 0)), bytesStr(row.s.SocketMem), row.s.Sockets, bytesStr(row.s.Total()))
+			}
+			fmt.Fprintf(&b, "\nSpliced flows cost %.1f%% of proxied ones (%.0f bytes per flow).\n\n", 100*m.Ratio, m.PerFlowB)
+			if m.Note != "" {
+				fmt.Fprintf(&b, "Note: %s.\n\n", m.Note)
+			}
+		}
+	}
+	if t := r.Trace; t != nil && t.Error != "" {
+		fmt.Fprintf(&b, "### Sequence trace\n\nfailed: %s\n\n", t.Error)
+	}
+	return b.String()
+}
+
+func ratio(c, base *ConfigResult, m Metric) string {
+	if c.Failed != "" {
+		return "failed"
+	}
+	if base == nil || base.Failed != "" {
+		return "no baseline"
+	}
+	st, ok1 := c.Metrics[m.Key]
+	bs, ok2 := base.Metrics[m.Key]
+	if !ok1 || !ok2 || bs.Median == 0 || st.Median == 0 {
+		return "n/a"
+	}
+	r := st.Median / bs.Median
+	if m.Lower {
+		r = bs.Median / st.Median
+	}
+	return fmt.Sprintf("%.2f", r)
+}
+
+func num(v float64) string {
+	switch {
+	case v == 0:
+		return "0"
+	case math.Abs(v) >= 1000:
+		return fmt.Sprintf("%.0f", v)
+	case math.Abs(v) >= 10:
+		return fmt.Sprintf("%.1f", v)
+	}
+	return fmt.Sprintf("%.2f", v)
+}
+
+func bytesStr(n int64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.2f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
+}
+
+// Write stores the report in dir: latest.json, latest.md and the
+// pictures.
+func (r *Report) Write(dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	pics, err := r.plot(dir)
+	if err != nil {
+		return fmt.Errorf("pictures: %w", err)
+	}
+	r.Pictures = pics
+	js, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, "latest.json"), append(js, '\n'), 0o644); err != nil {
+		return err
+	}
+	md := "# spliced benchmark\n\n" + r.Markdown()
+	for _, p := range pics {
+		md += fmt.Sprintf("![%s](%s)\n\n", strings.TrimSuffix(p, ".png"), p)
+	}
+	return os.WriteFile(filepath.Join(dir, "latest.md"), []byte(md), 0o644)
+}

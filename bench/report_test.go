@@ -1,0 +1,79 @@
+package bench
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func fixedReport() *Report {
+	cfg := func(name string, rr float64, failed string) ConfigResult {
+		c := ConfigResult{Name: name, Failed: failed, Metrics: map[string]Stat{}}
+		if failed == "" {
+			for _, m := range Metrics {
+				c.Metrics[m.Key] = NewStat([]float64{rr * 0.9, rr, rr * 1.2})
+			}
+			delete(c.Metrics, "bulk_s2c")
+			c.Errors = map[string]string{"bulk_s2c": "iperf3 exited 1"}
+		}
+		return c
+	}
+	return &Report{
+		Commit: "abc123", Kernel: "6.18", CPUs: 2, Date: "2026-11-26", Repetitions: 3, Seconds: 1,
+		Configs: []ConfigResult{cfg("routing", 20000, ""), cfg("haproxy", 0, "haproxy is not installed"), cfg("spliced-copy", 10000, ""), cfg("spliced-splice", 15000, "")},
+		Latency: &Latency{IdleSamples: 10, IdleP50: 80, IdleP99: 120, BusySamples: 10, BusyP50: 1500, BusyP99: 7000, StallP50: 2, StallP99: 8},
+		Memory: &Memory{Flows: 100, Proxied: MemSample{DaemonRSS: 30 << 20, BaseRSS: 10 << 20, DaemonLive: 22 << 20, BaseLive: 2 << 20, SocketMem: 4 << 20, Sockets: 200},
+			Spliced: MemSample{DaemonRSS: 11 << 20, BaseRSS: 10 << 20, DaemonLive: 3 << 20, BaseLive: 2 << 20}, Ratio: 0.04, PerFlowB: 300},
+		Trace: &Trace{Points: [][2]float64{{0, 0}, {1, 1 << 20}, {2, 3 << 20}}, SpliceStartMS: 0.9, SpliceEndMS: 1.1},
+	}
+}
+
+// TestReportGenerator checks the report on fixed input: medians, ratios
+// against both baselines, a failed configuration shown with its reason, a
+// missing measure shown as failed, and all three outputs written.
+func TestReportGenerator(t *testing.T) {
+	r := fixedReport()
+	md := r.Markdown()
+	for _, want := range []string{
+		"| routing | 20000 (18000–24000) |",
+		"| haproxy | failed: haproxy is not installed |",
+		"failed: iperf3 exited 1",
+		"### Ratio to spliced-copy",
+		"| spliced-splice | 1.50 | 1.50 | 1.50 | 1.50 | 1.50 | n/a | 0.67 | 0.67 |", // CPU: lower is better
+		"### Ratio to routing",
+		"| spliced-copy | 0.50 |",
+		"| idle flow, splice time | 10 | 80 µs | 120 µs |",
+		"| proxied | 20.0 MiB | 20.0 MiB | 4.0 MiB | 200 | 24.0 MiB |",
+		"Spliced flows cost 4.0% of proxied ones",
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("markdown lacks %q:\n%s", want, md)
+		}
+	}
+	dir := t.TempDir()
+	if err := r.Write(dir); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"latest.json", "latest.md", "rr.png", "bulk.png", "cpu.png", "trace.png"} {
+		st, err := os.Stat(filepath.Join(dir, f))
+		if err != nil || st.Size() == 0 {
+			t.Errorf("%s not written: %v", f, err)
+		}
+	}
+	var back Report
+	js, _ := os.ReadFile(filepath.Join(dir, "latest.json"))
+	if err := json.Unmarshal(js, &back); err != nil || back.Config("haproxy").Failed == "" || back.Commit != "abc123" {
+		t.Fatalf("json round trip: %v %+v", err, back)
+	}
+}
+
+func TestNewStat(t *testing.T) {
+	if s := NewStat([]float64{3, 1, 2}); s.Median != 2 || s.Min != 1 || s.Max != 3 {
+		t.Errorf("%+v", s)
+	}
+	if s := NewStat([]float64{4, 1, 2, 3}); s.Median != 2.5 {
+		t.Errorf("even median %+v", s)
+	}
+}

@@ -1,0 +1,187 @@
+package bench
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"runtime"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"spliced/testnet"
+)
+
+// Options of a run.
+type Options struct {
+	Spliced     string        // the spliced binary
+	Quick       bool          // fewer and shorter measures
+	Repetitions int           // per configuration (default 3)
+	Measure     time.Duration // length of one measure (default 3 s; quick 1 s)
+	Flows       int           // established flows for the memory measure (default 10,000)
+	Only        []string      // configurations to run (default all)
+	Log         io.Writer     // progress
+}
+
+func (o *Options) defaults() {
+	if o.Repetitions == 0 {
+		o.Repetitions = 3
+	}
+	if o.Measure == 0 {
+		o.Measure = 3 * time.Second
+		if o.Quick {
+			o.Measure = time.Second
+		}
+	}
+	if o.Flows == 0 {
+		o.Flows = 10000
+		if o.Quick {
+			o.Flows = 2000
+		}
+	}
+	if o.Log == nil {
+		o.Log = io.Discard
+	}
+}
+
+// Run measures every configuration and returns the report.
+func Run(opt Options) (*Report, error) {
+	opt.defaults()
+	dir, err := os.MkdirTemp("", "spliced-bench-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	env := &Env{Spliced: opt.Spliced, Dir: dir}
+	r := &Report{
+		Commit: gitCommit(), Kernel: kernelRelease(), CPUs: runtime.NumCPU(),
+		Date: time.Now().UTC().Format("2006-01-02 15:04 UTC"), Quick: opt.Quick,
+		Repetitions: opt.Repetitions, Seconds: opt.Measure.Seconds(),
+	}
+	for _, g := range Gateways {
+		if len(opt.Only) > 0 && !contains(opt.Only, g.name) {
+			continue
+		}
+		fmt.Fprintf(opt.Log, "== %s: %s\n", g.name, g.desc)
+		r.Configs = append(r.Configs, measureGateway(env, g, &opt))
+	}
+	if len(opt.Only) == 0 || contains(opt.Only, "latency") {
+		fmt.Fprintln(opt.Log, "== splice latency")
+		r.Latency = measureLatency(env, &opt)
+	}
+	if len(opt.Only) == 0 || contains(opt.Only, "memory") {
+		fmt.Fprintf(opt.Log, "== memory of %d flows\n", opt.Flows)
+		r.Memory = measureMemory(env, &opt)
+	}
+	if len(opt.Only) == 0 || contains(opt.Only, "trace") {
+		fmt.Fprintln(opt.Log, "== sequence trace")
+		r.Trace = measureTrace(env, &opt)
+	}
+	return r, nil
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+// measureGateway runs every measure Repetitions times in one lab.
+func measureGateway(env *Env, g gateway, opt *Options) ConfigResult {
+	res := ConfigResult{Name: g.name, Description: g.desc, Metrics: map[string]Stat{}, Errors: map[string]string{}}
+	lab, err := testnet.New(testnet.Options{})
+	if err != nil {
+		res.Failed = "build the lab: " + err.Error()
+		return res
+	}
+	defer lab.Close()
+	pids, teardown, err := g.setup(env, lab)
+	if err != nil {
+		res.Failed = err.Error()
+		return res
+	}
+	defer teardown()
+	meter := cpuMeter{pids: pids}
+	samples := map[string][]float64{}
+	add := func(key string, v float64, err error) {
+		if err != nil {
+			res.Errors[key] = err.Error()
+			fmt.Fprintf(opt.Log, "   %s: failed: %v\n", key, err)
+			return
+		}
+		samples[key] = append(samples[key], v)
+	}
+	for rep := 1; rep <= opt.Repetitions; rep++ {
+		for _, rr := range []struct {
+			key         string
+			size, conns int
+		}{{"rr_1b_1c", 1, 1}, {"rr_1b_8c", 1, 8}, {"rr_1460b_1c", 1460, 1}, {"rr_1460b_8c", 1460, 8}} {
+			before := meter.read()
+			rate, err := requestResponse(lab.Client(), lab.Server(), rr.size, rr.conns, opt.Measure)
+			cpu := meter.read().sub(before)
+			add(rr.key, rate, err)
+			if rr.key == "rr_1b_8c" && err == nil && rate > 0 {
+				add("cpu_us_per_tx", float64(cpu.Microseconds())/(rate*opt.Measure.Seconds()), nil)
+			}
+		}
+		for _, b := range []struct {
+			key     string
+			reverse bool
+		}{{"bulk_c2s", false}, {"bulk_s2c", true}} {
+			before := meter.read()
+			gbps, err := iperf(lab, opt.Measure, b.reverse)
+			cpu := meter.read().sub(before)
+			add(b.key, gbps, err)
+			if b.key == "bulk_c2s" && err == nil && gbps > 0 {
+				gb := gbps * opt.Measure.Seconds() / 8
+				add("cpu_s_per_gb", cpu.Seconds()/gb, nil)
+			}
+		}
+		fmt.Fprintf(opt.Log, "   repetition %d: %s\n", rep, summary(samples))
+	}
+	for k, v := range samples {
+		res.Metrics[k] = NewStat(v)
+		delete(res.Errors, k) // measured at least once
+	}
+	if len(res.Errors) == 0 {
+		res.Errors = nil
+	}
+	return res
+}
+
+func summary(samples map[string][]float64) string {
+	var parts []string
+	for _, m := range Metrics {
+		if v := samples[m.Key]; len(v) > 0 {
+			parts = append(parts, fmt.Sprintf("%s=%s", m.Key, num(v[len(v)-1])))
+		}
+	}
+	return strings.Join(parts, " ")
+}
+
+func gitCommit() string {
+	out, err := exec.Command("git", "rev-parse", "--short", "HEAD").Output()
+	if err != nil {
+		return "unknown"
+	}
+	c := strings.TrimSpace(string(out))
+	if st, _ := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output(); len(st) > 0 {
+		c += "-dirty"
+	}
+	return c
+}
+
+func kernelRelease() string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return "unknown"
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+func closeFD(fd int) { unix.Close(fd) }

@@ -75,7 +75,8 @@ func flowBudget(want int) (int, string) {
 }
 
 // Hold accepts connections on addr and keeps them open until killed; the
-// memory measure runs it in the server namespace (spliced-bench -hold).
+// memory measure runs it in the server namespace (spliced-bench -hold). It
+// returns only on failure.
 func Hold(addr string) error {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {

@@ -22,11 +22,9 @@ func main() {
 	hold := flag.String("hold", "", "internal: accept and hold connections on this address (memory measure)")
 	flag.Parse()
 	if *hold != "" {
-		if err := bench.Hold(*hold); err != nil {
-			fmt.Fprintln(os.Stderr, "spliced-bench -hold:", err)
-			os.Exit(1)
-		}
-		return
+		err := bench.Hold(*hold) // returns only when it fails
+		fmt.Fprintln(os.Stderr, "spliced-bench -hold:", err)
+		os.Exit(1)
 	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "spliced-bench: needs root to build network namespaces (try: sudo make bench)")

@@ -82,13 +82,19 @@ func Hold(addr string) error {
 	if err != nil {
 		return err
 	}
-	var held []net.Conn
+	// Accepted connections must stay referenced: the runtime closes
+	// unreachable ones.
+	held := make(chan net.Conn, 1<<16)
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			return err
 		}
-		held = append(held, c)
+		select {
+		case held <- c:
+		default:
+			return fmt.Errorf("more than %d connections", cap(held))
+		}
 	}
 }
 

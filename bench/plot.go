@@ -53,12 +53,14 @@ func (r *Report) barChart(file, title, unit string, keys []string) error {
 		}
 	}
 	width := vg.Points(60 / float64(max(len(r.Configs), 1)))
+	top := 0.0
 	for i := range r.Configs {
 		c := &r.Configs[i]
 		vals := make(plotter.Values, len(keys))
 		for j, k := range keys {
 			if st, ok := c.Metrics[k]; ok && c.Failed == "" {
 				vals[j] = st.Median
+				top = max(top, st.Median)
 			}
 		}
 		bars, err := plotter.NewBarChart(vals, width)
@@ -76,6 +78,7 @@ func (r *Report) barChart(file, title, unit string, keys []string) error {
 		p.Legend.Add(label, bars)
 	}
 	p.NominalX(names...)
+	p.Y.Min, p.Y.Max = 0, top*1.45 // room for the legend above the bars
 	return p.Save(vg.Length(160+60*len(keys))*vg.Millimeter/2, 110*vg.Millimeter, file)
 }
 
@@ -99,6 +102,7 @@ func (t *Trace) draw(file string) error {
 	for _, pt := range pts {
 		ymax = max(ymax, pt.Y)
 	}
+	var mark *plotter.Line
 	for _, x := range []float64{t.SpliceStartMS, t.SpliceEndMS} {
 		l, err := plotter.NewLine(plotter.XYs{{X: x, Y: 0}, {X: x, Y: ymax}})
 		if err != nil {
@@ -106,8 +110,10 @@ func (t *Trace) draw(file string) error {
 		}
 		l.Color = plotutil.Color(1)
 		p.Add(l)
+		mark = l
 	}
-	p.Legend.Add(fmt.Sprintf("splice: %.1f–%.1f ms", t.SpliceStartMS, t.SpliceEndMS), &plotter.Line{LineStyle: plotter.DefaultLineStyle})
+	p.Legend.Add("client-to-server segments at the server", sc)
+	p.Legend.Add(fmt.Sprintf("splice: %.1f–%.1f ms", t.SpliceStartMS, t.SpliceEndMS), mark)
 	p.Legend.Top = true
 	p.Legend.Left = true
 	return p.Save(180*vg.Millimeter, 110*vg.Millimeter, file)

@@ -276,8 +276,10 @@ func TestLabConntrackInvalidDrop(t *testing.T) {
 func TestLabLossDuringSplice(t *testing.T) {
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
-			sc := &scenario{size: 8 << 20, spliceAt: 2 << 20, timeout: 5 * time.Minute, setup: func(t *testing.T, lab *testnet.Lab) {
-				for _, ns := range []*testnet.NS{&lab.Client().NS, &lab.Server().NS} {
+			var lossy []*testnet.NS
+			sc := &scenario{size: 64 << 20, spliceAt: 16 << 20, timeout: 5 * time.Minute, setup: func(t *testing.T, lab *testnet.Lab) {
+				lossy = []*testnet.NS{&lab.Client().NS, &lab.Server().NS}
+				for _, ns := range lossy {
 					nft(t, ns, "add table inet loss",
 						"add chain inet loss out { type filter hook output priority 0; }",
 						"add rule inet loss out tcp dport 5001 numgen random mod 100 < 3 counter drop",
@@ -285,7 +287,15 @@ func TestLabLossDuringSplice(t *testing.T) {
 				}
 			}}
 			sc.run(t, mode)
-			// The loss rules did drop packets, or the test proves nothing.
+			// The loss rules did drop packets on both sides, or the test
+			// proves nothing.
+			for _, ns := range lossy {
+				if n := counted(t, ns, "loss"); n == 0 {
+					t.Errorf("no packet was dropped in %s", ns.Name)
+				} else {
+					t.Logf("%s dropped %d packets", ns.Name, n)
+				}
+			}
 		})
 	}
 }

@@ -119,7 +119,7 @@ func haproxyGateway(env *Env, lab *testnet.Lab) (func() []int, func(), error) {
 		return nil, nil, err
 	}
 	m := rules.NewManager(rules.FromConfig(cfg), rules.WithNetNS(fd))
-	if err := m.Install(); err != nil {
+	if err := m.Install(nil); err != nil {
 		return nil, nil, err
 	}
 	file := filepath.Join(env.Dir, "haproxy.cfg")

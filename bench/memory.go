@@ -174,7 +174,16 @@ func memorySample(env *Env, opt *Options, flows int, mode string, into *MemSampl
 		return nil
 	})
 	if err != nil {
-		return err
+		var warn []string
+		for _, l := range d.Lines() {
+			if l["level"] == "WARN" || l["level"] == "ERROR" {
+				warn = append(warn, fmt.Sprint(l["msg"], ": ", l["err"]))
+				if len(warn) == 3 {
+					break
+				}
+			}
+		}
+		return fmt.Errorf("%w; the daemon said: %s", err, strings.Join(warn, "; "))
 	}
 	time.Sleep(500 * time.Millisecond) // let the last acknowledgments settle
 	after, err := sockstat(lab)

@@ -29,6 +29,8 @@ type Config struct {
 	Log      Log       `yaml:"log"`
 	Kernel   Kernel    `yaml:"kernel"`
 	Limits   Limits    `yaml:"limits"`
+	Control  Control   `yaml:"control"`
+	Metrics  Metrics   `yaml:"metrics"`
 	Services []Service `yaml:"services"`
 
 	// File is where the configuration was read from ("<default>" for the
@@ -99,6 +101,22 @@ type Limits struct {
 	// MaxFlows caps proxied flows over all services (default 10000). Flows
 	// beyond the cap are refused with a reset and a rate-limited log line.
 	MaxFlows int `yaml:"max_flows"`
+}
+
+// Control is the control API (splicectl).
+type Control struct {
+	// Socket is the Unix socket of the API (default
+	// /run/spliced/spliced.sock); "off" disables it.
+	Socket string `yaml:"socket"`
+	// Group may use the socket (mode 0660); empty: root only (0600).
+	Group string `yaml:"group"`
+}
+
+// Metrics is the Prometheus endpoint.
+type Metrics struct {
+	// Listen is the address of /metrics, e.g. 127.0.0.1:9410; empty
+	// disables it.
+	Listen string `yaml:"listen"`
 }
 
 // UpstreamMode says which source address the server sees.
@@ -230,6 +248,10 @@ func (c *Config) applyDefaults() {
 	setDefault(&c.Kernel.Queues, runtime.NumCPU())
 	setDefault(&c.Kernel.DivertTimeout, Duration(DefaultDivertTimeout))
 	setDefault(&c.Kernel.NFQueue, "lean")
+	setDefault(&c.Control.Socket, "/run/spliced/spliced.sock")
+	if c.Control.Socket == "off" {
+		c.Control.Socket = ""
+	}
 	for i := range c.Services {
 		s := &c.Services[i]
 		setDefault(&s.Upstream, Transparent)

@@ -1,7 +1,8 @@
 // Package gateway is the daemon's core: it owns the configuration, the
-// flow table and the kernel state, starts a proxy per service, and moves
-// flows from the proxies into the splice engine (package splice) fed by
-// NFQUEUE (package nfq).
+// flow table and the kernel state, starts a proxy per service, moves flows
+// from the proxies into the splice engine (package splice) fed by NFQUEUE
+// (package nfq), serves the control API, repairs its table when someone
+// changes it, and reloads its configuration.
 //
 // Startup order matters: listeners first, then the nftables table and
 // policy routing, so that no SYN is ever diverted to a port nobody listens
@@ -36,15 +37,20 @@ import (
 
 // Gateway runs the services of one configuration.
 type Gateway struct {
-	cfg   *config.Config
-	log   *slog.Logger
-	rules *rules.Manager
-	flows *proxy.FlowTable
+	log     *slog.Logger
+	flows   *proxy.FlowTable
+	started time.Time
+
+	// The configuration and kernel state in force; Reload replaces them.
+	cfgMu   sync.Mutex
+	cfg     *config.Config
+	rules   *rules.Manager
+	rulesMu sync.Mutex // serializes table installs (reload, repair)
 
 	mu       sync.Mutex
 	services map[string]*service
 
-	// Splicing; nil when no service splices.
+	// Splicing; nil until a service splices.
 	engine      *splice.Table
 	diverter    *rules.Diverter
 	queues      *nfq.Set
@@ -57,10 +63,15 @@ type Gateway struct {
 	spliced   map[uint64]*splicedFlow
 
 	restoreSysctls func()
+	events         events
 
 	spliceLatency latencies
 	spliceAborts  atomic.Uint64
 	injectErrors  atomic.Uint64
+	reloads       atomic.Int64
+	repairs       atomic.Int64
+	// Bytes of flows that ended, by engine and direction.
+	closedProxied, closedSpliced [2]atomic.Uint64
 }
 
 type service struct {
@@ -83,6 +94,20 @@ func New(cfg *config.Config, log *slog.Logger) *Gateway {
 	}
 }
 
+// config is the configuration in force.
+func (g *Gateway) config() *config.Config {
+	g.cfgMu.Lock()
+	defer g.cfgMu.Unlock()
+	return g.cfg
+}
+
+// manager is the rules manager in force.
+func (g *Gateway) manager() *rules.Manager {
+	g.cfgMu.Lock()
+	defer g.cfgMu.Unlock()
+	return g.rules
+}
+
 // Flows is the gateway's flow table.
 func (g *Gateway) Flows() *proxy.FlowTable { return g.flows }
 
@@ -90,66 +115,124 @@ func (g *Gateway) Flows() *proxy.FlowTable { return g.flows }
 // nil), and runs until ctx is done; then it removes what it installed and
 // ends every flow.
 func (g *Gateway) Run(ctx context.Context, ready func()) error {
-	for i := range g.cfg.Services {
-		if err := g.startService(&g.cfg.Services[i]); err != nil {
+	g.started = time.Now()
+	cfg := g.config()
+	for i := range cfg.Services {
+		if err := g.startService(&cfg.Services[i]); err != nil {
 			g.stopServices()
 			return err
 		}
 	}
-	spec := g.rules.Spec()
-	if spec.Divert.Enabled {
-		if err := g.startSplicing(ctx, spec.Divert); err != nil {
-			g.stopServices()
-			return err
-		}
+	if err := g.prepareSplicing(ctx, cfg); err != nil {
+		g.stopServices()
+		return err
 	}
-	if needsAcceptLocal(g.cfg) {
-		restore, err := g.enableAcceptLocal()
-		if err != nil {
-			g.stopSplicing()
-			g.stopServices()
-			return err
-		}
-		g.restoreSysctls = restore
-	}
-	if err := g.rules.Install(); err != nil {
-		g.rules.Remove()
+	if err := g.manager().Install(nil); err != nil {
+		g.manager().Remove()
 		g.shutdown()
 		return err
 	}
-	spec = g.rules.Spec()
-	if spec.Divert.Enabled {
-		d, err := g.rules.NewDiverter()
-		if err != nil {
-			g.shutdown()
-			return err
-		}
-		g.diverter = d
+	if err := g.openDiverter(); err != nil {
+		g.shutdown()
+		return err
 	}
-	stopReaper := make(chan struct{})
-	var reaperDone sync.WaitGroup
-	if g.engine != nil {
-		reaperDone.Add(1)
-		go func() {
-			defer reaperDone.Done()
-			g.reaper(stopReaper, 250*time.Millisecond)
-		}()
+	stopControl, err := g.serveControl(ctx, cfg.Control.Socket, cfg.Control.Group)
+	if err != nil {
+		g.shutdown()
+		return err
 	}
-	queue := "none"
-	if spec.Divert.Enabled {
-		queue = fmt.Sprintf("%d-%d (%s)", spec.Divert.Queue, spec.Divert.Queue+spec.Divert.Queues-1, queueKind(spec.Divert.NativeQueue))
+	defer stopControl()
+	stopMetrics, err := g.serveMetrics(cfg.Metrics.Listen)
+	if err != nil {
+		g.shutdown()
+		return err
 	}
-	g.log.Info("ready", logging.KeyTable, "inet "+spec.Table, "services", len(g.cfg.Services),
-		"mark", fmt.Sprintf("0x%x", spec.Mark), "route_table", spec.RouteTable, logging.KeyQueue, queue, logging.KeyFile, g.cfg.File)
+	defer stopMetrics()
+
+	bg, stopBG := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() {
+		defer wg.Done()
+		g.reaper(bg, 250*time.Millisecond)
+	}()
+	go func() {
+		defer wg.Done()
+		g.watchRuleset(bg)
+	}()
+	g.logReady()
 	if ready != nil {
 		ready()
 	}
 	<-ctx.Done()
 	g.log.Info("shutting down")
-	close(stopReaper)
-	reaperDone.Wait()
+	stopBG()
+	wg.Wait()
 	g.logStats()
 	return g.shutdown()
+}
+
+func (g *Gateway) logReady() {
+	spec := g.manager().Spec()
+	cfg := g.config()
+	queue := "none"
+	if spec.Divert.Enabled {
+		queue = fmt.Sprintf("%d-%d (%s, %s)", spec.Divert.Queue, spec.Divert.Queue+spec.Divert.Queues-1, queueKind(spec.Divert.NativeQueue), cfg.Kernel.NFQueue)
+	}
+	g.log.Info("ready", logging.KeyTable, "inet "+spec.Table, "services", len(cfg.Services),
+		"mark", fmt.Sprintf("0x%x", spec.Mark), "route_table", spec.RouteTable, logging.KeyQueue, queue,
+		logging.KeyFile, cfg.File, "control", cfg.Control.Socket, "version", Version())
+}
+
+func queueKind(native bool) string {
+	if native {
+		return "nft queue"
+	}
+	return "xt NFQUEUE"
+}
+
+// prepareSplicing starts the splice machinery when cfg needs it and it is
+// not running yet, and sets the sysctls it needs.
+func (g *Gateway) prepareSplicing(ctx context.Context, cfg *config.Config) error {
+	spec := g.manager().Spec()
+	if spec.Divert.Enabled && g.engine == nil {
+		if err := g.startSplicing(ctx, spec.Divert); err != nil {
+			return err
+		}
+	}
+	if needsAcceptLocal(cfg) && g.restoreSysctls == nil {
+		restore, err := g.enableAcceptLocal()
+		if err != nil {
+			return err
+		}
+		g.restoreSysctls = restore
+	}
+	return nil
+}
+
+func (g *Gateway) openDiverter() error {
+	if !g.manager().Spec().Divert.Enabled || g.diverter != nil {
+		return nil
+	}
+	d, err := g.manager().NewDiverter()
+	if err != nil {
+		return err
+	}
+	g.diverter = d
+	return nil
+}
+
+func (g *Gateway) shutdown() error {
+	err := g.manager().Remove()
+	if err != nil {
+		g.log.Error("remove kernel state", logging.Err(err))
+	}
+	g.stopServices()
+	g.stopSplicing()
+	if g.restoreSysctls != nil {
+		g.restoreSysctls()
+	}
+	return err
 }
 
 // LogState logs the engine's counters and, at debug level, the state of
@@ -202,44 +285,28 @@ func (g *Gateway) logStats() {
 	g.log.Info("splice engine totals", attrs...)
 }
 
-func queueKind(native bool) string {
-	if native {
-		return "nft queue"
-	}
-	return "xt NFQUEUE"
-}
-
-func (g *Gateway) shutdown() error {
-	err := g.rules.Remove()
-	if err != nil {
-		g.log.Error("remove kernel state", logging.Err(err))
-	}
-	g.stopServices()
-	g.stopSplicing()
-	if g.restoreSysctls != nil {
-		g.restoreSysctls()
-	}
-	return err
-}
-
 // startSplicing binds the queues and opens the raw sockets.
 func (g *Gateway) startSplicing(ctx context.Context, d rules.Divert) error {
 	inj, err := newInjector()
 	if err != nil {
 		return err
 	}
-	g.inject = inj
-	g.engine = splice.NewTable()
-	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues, Library: g.cfg.Kernel.NFQueue == "go-nfqueue"}, func(uint16) nfq.Handler {
+	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues, Library: g.config().Kernel.NFQueue == "go-nfqueue"}, func(uint16) nfq.Handler {
 		h := &packetHandler{g: g}
 		return h.handle
 	}, g.log.With(logging.KeyComponent, "nfq"))
 	if err != nil {
 		inj.Close()
-		g.inject, g.engine = nil, nil
 		return err
 	}
-	g.queues = qs
+	g.inject, g.engine, g.queues = inj, splice.NewTable(), qs
+	// Services that were started before splicing existed may now splice
+	// on request.
+	g.mu.Lock()
+	for _, s := range g.services {
+		s.fwd.Splicer = g
+	}
+	g.mu.Unlock()
 	return nil
 }
 
@@ -260,14 +327,21 @@ func (g *Gateway) startService(svc *config.Service) error {
 	if err != nil {
 		return err
 	}
+	g.serveService(svc, lns)
+	return nil
+}
+
+// serveService starts a service's forwarder on its listeners.
+func (g *Gateway) serveService(svc *config.Service, lns []*net.TCPListener) {
 	ctx, cancel := context.WithCancel(context.Background())
 	fwd := &proxy.Forwarder{
 		Service: svc,
 		Flows:   g.flows,
 		Log:     g.log.With(logging.KeyComponent, "forward", logging.KeyService, svc.Name),
+		Events:  g.forwarderEvent,
 	}
-	if svc.Splice.Mode != config.SpliceNever {
-		fwd.Splicer = g
+	if g.engine != nil {
+		fwd.Splicer = g // every service may splice on request once the engine runs
 	}
 	s := &service{cfg: svc, listeners: lns, fwd: fwd, stop: cancel, done: make(chan struct{})}
 	go func() {
@@ -280,7 +354,16 @@ func (g *Gateway) startService(svc *config.Service) error {
 	g.services[svc.Name] = s
 	g.mu.Unlock()
 	g.log.Debug("service listening", logging.KeyService, svc.Name, "port", svc.Listen, "ports", fmt.Sprint(svc.Ports))
-	return nil
+}
+
+// forwarderEvent turns a forwarder's flow events into API events and
+// keeps the byte totals of ended flows.
+func (g *Gateway) forwarderEvent(kind string, f *proxy.Flow, detail string) {
+	if kind == proxy.EventClosed {
+		g.closedProxied[0].Add(uint64(f.C2S.Load()))
+		g.closedProxied[1].Add(uint64(f.S2C.Load()))
+	}
+	g.flowEvent(kind, f, detail)
 }
 
 func (g *Gateway) stopServices() {

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"context"
 	"net"
 	"net/netip"
 	"sort"
@@ -35,6 +36,9 @@ func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, keys [2]splice.Key,
 // reap removes spliced flows that ended (FIN both ways and acknowledged,
 // or a RST) and flows idle for longer than their service's idle timeout.
 func (g *Gateway) reap(now time.Time) {
+	if g.engine == nil {
+		return
+	}
 	var done []*splicedFlow
 	g.splicedMu.Lock()
 	for id, sf := range g.spliced {
@@ -57,6 +61,7 @@ func (g *Gateway) reap(now time.Time) {
 			done = append(done, sf)
 			sf.flow.SetState(proxy.StateClosing)
 			g.logClosed(sf, reason)
+			g.flowEvent(proxy.EventClosed, sf.flow, reason)
 		}
 	}
 	g.splicedMu.Unlock()
@@ -77,6 +82,10 @@ func (g *Gateway) reap(now time.Time) {
 func (g *Gateway) logClosed(sf *splicedFlow, reason string) {
 	st := sf.entry.Stats()
 	f := sf.flow
+	g.closedSpliced[0].Add(st[splice.C2S].Bytes)
+	g.closedSpliced[1].Add(st[splice.S2C].Bytes)
+	g.closedProxied[0].Add(uint64(f.C2S.Load()))
+	g.closedProxied[1].Add(uint64(f.S2C.Load()))
 	g.log.Info("flow closed", logging.KeyFlow, f.ID, logging.KeyService, f.Service,
 		logging.KeyClient, f.Client, logging.KeyServer, f.Server,
 		logging.KeyBytesC2S, f.C2S.Load()+int64(st[splice.C2S].Bytes), logging.KeyBytesS2C, f.S2C.Load()+int64(st[splice.S2C].Bytes),
@@ -91,13 +100,13 @@ func (g *Gateway) idleTimeout(service string) time.Duration {
 	return 5 * time.Minute
 }
 
-// reaper runs reap every interval until stop is closed.
-func (g *Gateway) reaper(stop <-chan struct{}, interval time.Duration) {
+// reaper runs reap every interval until ctx is done.
+func (g *Gateway) reaper(ctx context.Context, interval time.Duration) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
-		case <-stop:
+		case <-ctx.Done():
 			return
 		case now := <-t.C:
 			g.reap(now)

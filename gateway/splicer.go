@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"fmt"
 	"errors"
 	"io"
 	"log/slog"
@@ -11,6 +12,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"spliced/api"
 	"spliced/logging"
 	"spliced/nfq"
 	"spliced/proxy"
@@ -101,6 +103,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		logging.KeyBytesC2S, f.C2S.Load(), logging.KeyBytesS2C, f.S2C.Load(),
 		"took_us", took.Microseconds(), "taken_over_bytes", tr.takenLen[0]+tr.takenLen[1],
 		"injected_packets", sent, "held_packets", released)
+	g.flowEvent(api.EventSpliced, f, fmt.Sprintf("took %d µs", took.Microseconds()))
 	return nil
 }
 

@@ -52,15 +52,19 @@ type Flow struct {
 	// never).
 	SplicedAt atomic.Int64
 
-	// spliceReq is closed when someone (an operator, a policy) asks for
-	// the flow to be spliced now.
-	spliceReqOnce sync.Once
-	spliceReq     chan struct{}
+	// Backend is the address the upstream connection goes to (for the
+	// forwarder, the original destination).
+	Backend netip.AddrPort
+
+	// spliceReq carries requests (an operator's) to splice the flow now.
+	spliceReq chan struct{}
+	// spliceErr is why the last splice was abandoned, if it was.
+	spliceErr atomic.Pointer[string]
 }
 
 // NewFlow returns a flow in state proxied.
 func NewFlow(service, proxy string, client, server netip.AddrPort) *Flow {
-	return &Flow{Service: service, Proxy: proxy, Client: client, Server: server, Started: time.Now(), spliceReq: make(chan struct{})}
+	return &Flow{Service: service, Proxy: proxy, Client: client, Server: server, Backend: server, Started: time.Now(), spliceReq: make(chan struct{}, 1)}
 }
 
 // State returns the flow's current state.
@@ -70,11 +74,31 @@ func (f *Flow) State() State { return State(f.state.Load()) }
 func (f *Flow) SetState(s State) { f.state.Store(int32(s)) }
 
 // RequestSplice asks the proxy relaying the flow to splice it as soon as it
-// can. It returns at once.
-func (f *Flow) RequestSplice() { f.spliceReqOnce.Do(func() { close(f.spliceReq) }) }
+// can. It returns at once; State and SpliceError tell what happened.
+func (f *Flow) RequestSplice() {
+	f.spliceErr.Store(nil)
+	select {
+	case f.spliceReq <- struct{}{}:
+	default: // a request is pending already
+	}
+}
 
-// SpliceRequested is closed once RequestSplice was called.
+// SpliceRequested delivers the requests of RequestSplice.
 func (f *Flow) SpliceRequested() <-chan struct{} { return f.spliceReq }
+
+// SetSpliceError records why a splice was abandoned.
+func (f *Flow) SetSpliceError(err error) {
+	s := err.Error()
+	f.spliceErr.Store(&s)
+}
+
+// SpliceError is why the last splice was abandoned, or "".
+func (f *Flow) SpliceError() string {
+	if s := f.spliceErr.Load(); s != nil {
+		return *s
+	}
+	return ""
+}
 
 // FlowTable holds the flows of all proxies, enforces the flow cap and hands
 // out IDs.
@@ -124,7 +148,18 @@ func (t *FlowTable) Len() int {
 }
 
 // Max is the flow cap.
-func (t *FlowTable) Max() int { return t.max }
+func (t *FlowTable) Max() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.max
+}
+
+// SetMax changes the flow cap; flows above a lowered cap keep running.
+func (t *FlowTable) SetMax(max int) {
+	t.mu.Lock()
+	t.max = max
+	t.mu.Unlock()
+}
 
 // List returns the flows ordered by ID.
 func (t *FlowTable) List() []*Flow {

@@ -40,6 +40,8 @@ type Forwarder struct {
 	// Splicer, if set, lets the forwarder splice flows: when the service's
 	// splice policy says so, or when someone calls Flow.RequestSplice.
 	Splicer Splicer
+	// Events, if set, is told of what happens to flows (Event* kinds).
+	Events func(kind string, f *Flow, detail string)
 
 	once        sync.Once
 	limiter     *logging.Limiter
@@ -151,6 +153,7 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 		reset(c)
 		f.Flows.Remove(flow)
 		log.Info("flow denied by access policy")
+		f.event(EventDenied, flow, "access policy")
 		return
 	}
 	ctx, cancel := context.WithTimeout(f.flowCtx, svc.ConnectTimeout.D())
@@ -165,6 +168,7 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	}
 	flow.Upstream = addrPort(up.LocalAddr())
 	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream))
+	f.event(EventOpened, flow, string(svc.Upstream))
 
 	relay := &Relay{Client: c, Upstream: up, Flow: flow, IdleTimeout: svc.IdleTimeout.D()}
 	stop := context.AfterFunc(f.flowCtx, relay.Close)
@@ -172,6 +176,8 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	if f.relayAndSplice(flow, relay, log) {
 		return // the gateway owns the flow now, and logs its end
 	}
+	flow.SetState(StateClosing)
+	f.event(EventClosed, flow, "")
 	f.Flows.Remove(flow)
 }
 
@@ -179,29 +185,30 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 // an operator asks. It reports whether the flow was spliced.
 func (f *Forwarder) relayAndSplice(flow *Flow, relay *Relay, log *slog.Logger) (spliced bool) {
 	pol := f.Service.Splice
-	auto := f.Splicer != nil
-	if auto {
+	if f.Splicer != nil {
+		done := make(chan struct{})
+		defer close(done)
+		go func() {
+			for {
+				select {
+				case <-flow.SpliceRequested():
+					relay.Pause()
+				case <-done:
+					return
+				}
+			}
+		}()
 		switch pol.Mode {
 		case config.SpliceImmediate:
 			if f.trySplice(flow, relay, log) {
 				return true
 			}
-			auto = false
 		case config.SpliceBytes:
 			relay.PauseAfter = int64(pol.Bytes)
 		case config.SpliceTime:
 			t := time.AfterFunc(time.Until(flow.Started.Add(pol.After.D())), relay.Pause)
 			defer t.Stop()
 		}
-		done := make(chan struct{})
-		defer close(done)
-		go func() {
-			select {
-			case <-flow.SpliceRequested():
-				relay.Pause()
-			case <-done:
-			}
-		}()
 	}
 	for {
 		outcome, err := relay.Run()
@@ -229,6 +236,7 @@ func (f *Forwarder) trySplice(flow *Flow, relay *Relay, log *slog.Logger) bool {
 		return false
 	}
 	if relay.HalfClosed() {
+		flow.SetSpliceError(errHalfClosed)
 		log.Debug("not splicing a half-closed flow")
 		return false
 	}
@@ -236,8 +244,26 @@ func (f *Forwarder) trySplice(flow *Flow, relay *Relay, log *slog.Logger) bool {
 	if err == nil {
 		return true
 	}
+	flow.SetSpliceError(err)
 	log.Warn("flow stays proxied", logging.Err(err))
+	f.event(EventSpliceFailed, flow, err.Error())
 	return false
+}
+
+var errHalfClosed = errors.New("splice abandoned: the flow is half-closed")
+
+// Kinds of flow events (the API's names).
+const (
+	EventOpened       = "opened"
+	EventDenied       = "denied"
+	EventSpliceFailed = "splice_failed"
+	EventClosed       = "closed"
+)
+
+func (f *Forwarder) event(kind string, flow *Flow, detail string) {
+	if f.Events != nil {
+		f.Events(kind, flow, detail)
+	}
 }
 
 // ListenService opens the service's IPv4 and IPv6 TPROXY listeners.

@@ -7,6 +7,8 @@ import (
 	"os"
 	"sync/atomic"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Outcome is why Relay.Run returned.
@@ -29,6 +31,10 @@ const (
 func (o Outcome) String() string {
 	return [...]string{"finished", "paused", "idle", "failed"}[o]
 }
+
+// quiet is how long a direction waits for data in splice(2), holding a
+// pipe, before it waits without one.
+const quiet = time.Second
 
 // chunk bounds one splice(2) call sequence, so that counters and the pause
 // threshold are looked at regularly even on a fast flow.
@@ -153,6 +159,11 @@ func (r *Relay) copyDir(d int) dirResult {
 	if d == dirS2C {
 		src, dst, counter = r.Upstream, r.Client, &r.Flow.S2C
 	}
+	// A busy direction splices with a blocking splice(2), which holds a
+	// pipe (two descriptors) while it waits for data. After a quiet spell
+	// it waits without one instead, so idle flows cost their two sockets
+	// only.
+	busy := false // a new flow waits for its first bytes without a pipe
 	for {
 		if r.aborting.Load() {
 			return dirResult{dir: d, aborted: true}
@@ -169,22 +180,47 @@ func (r *Relay) copyDir(d int) dirResult {
 			}
 			limit = min(limit, left)
 		}
+		var idleAt time.Time
 		if r.IdleTimeout > 0 {
-			src.SetReadDeadline(time.Unix(0, r.lastActive.Load()).Add(r.IdleTimeout))
-		} else {
-			src.SetReadDeadline(time.Time{})
+			idleAt = time.Unix(0, r.lastActive.Load()).Add(r.IdleTimeout)
 		}
+		deadline := idleAt
+		if q := time.Now().Add(quiet); busy && (deadline.IsZero() || q.Before(deadline)) {
+			deadline = q
+		}
+		src.SetReadDeadline(deadline)
 		if r.pausing.Load() { // Pause may have run between the check and the deadline
 			return dirResult{dir: d, kind: Paused}
 		}
-		lr := &io.LimitedReader{R: src, N: limit}
-		n, err := dst.ReadFrom(lr)
+		var n int64
+		var err error
+		eof := false
+		if busy {
+			lr := &io.LimitedReader{R: src, N: limit}
+			n, err = dst.ReadFrom(lr)
+			eof = err == nil && lr.N > 0
+			if n == 0 && errors.Is(err, os.ErrDeadlineExceeded) && !r.pausing.Load() && !r.aborting.Load() &&
+				(idleAt.IsZero() || time.Now().Before(idleAt)) {
+				busy = false // quiet: wait without a pipe
+				continue
+			}
+		} else {
+			var avail int
+			switch avail, err = waitReadable(src); {
+			case err != nil:
+			case avail == 0:
+				eof = true
+			default:
+				busy = true
+				continue
+			}
+		}
 		if n > 0 {
 			counter.Add(n)
 			r.lastActive.Store(time.Now().UnixNano())
 		}
 		switch {
-		case err == nil && lr.N > 0: // EOF from src
+		case eof:
 			if err := dst.CloseWrite(); err != nil {
 				return dirResult{dir: d, kind: Failed, err: err}
 			}
@@ -208,4 +244,32 @@ func (r *Relay) copyDir(d int) dirResult {
 			return dirResult{dir: d, kind: Failed, err: err}
 		}
 	}
+}
+
+// waitReadable blocks (in the netpoller, obeying the read deadline) until c
+// has data or its peer closed, and returns the bytes queued: 0 means EOF.
+func waitReadable(c *net.TCPConn) (int, error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var n int
+	var serr error
+	var b [1]byte
+	err = rc.Read(func(fd uintptr) bool {
+		m, _, e := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		switch {
+		case e == unix.EAGAIN:
+			return false
+		case e != nil:
+			serr = e
+		case m > 0:
+			n, serr = unix.IoctlGetInt(int(fd), unix.SIOCINQ)
+		}
+		return true
+	})
+	if err != nil {
+		return 0, err
+	}
+	return n, serr
 }

@@ -69,17 +69,23 @@ func divertSet(t *nftables.Table, i uint16, v6 bool, timeout time.Duration) *nft
 		HasTimeout: true, Timeout: timeout}
 }
 
-// queueDivert adds the divert sets and chain to a batch.
-func queueDivert(c *nftables.Conn, spec *Spec, t *nftables.Table) error {
+// queueDivert adds the divert sets and chain to a batch, with the tuples
+// of live flows (by queue index) as elements.
+func queueDivert(c *nftables.Conn, spec *Spec, t *nftables.Table, live map[uint16][]splice.Key) error {
 	d := &spec.Divert
 	chain := c.AddChain(&nftables.Chain{
 		Name: ChainDivert, Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPrerouting, Priority: &[]nftables.ChainPriority{divertPriority}[0],
 	})
 	for i := range d.Queues {
+		v4els, v6els := elementsOf(live[i], d.Timeout)
 		for _, v6 := range []bool{false, true} {
 			set := divertSet(t, i, v6, d.Timeout)
-			if err := c.AddSet(set, nil); err != nil {
+			els := v4els
+			if v6 {
+				els = v6els
+			}
+			if err := c.AddSet(set, els); err != nil {
 				return fmt.Errorf("add set %s: %w", set.Name, err)
 			}
 			c.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: divertExprs(d, d.Queue+i, set, v6)})
@@ -164,10 +170,23 @@ func (m *Manager) NewDiverter() (*Diverter, error) {
 	return &Diverter{c: c, table: m.spec.table(), timeout: m.spec.Divert.Timeout}, nil
 }
 
+// Exclusive runs fn while no element is added or deleted, for a table
+// reinstall that must carry every live element over.
+func (d *Diverter) Exclusive(fn func()) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	fn()
+}
+
 // Close releases the netlink connection.
 func (d *Diverter) Close() error { return d.c.CloseLasting() }
 
 func (d *Diverter) elements(keys []splice.Key, timeout time.Duration) (v4, v6 []nftables.SetElement) {
+	return elementsOf(keys, timeout)
+}
+
+// elementsOf makes set elements of tuples, by family.
+func elementsOf(keys []splice.Key, timeout time.Duration) (v4, v6 []nftables.SetElement) {
 	for _, k := range keys {
 		e := nftables.SetElement{Key: divertKey(k), Timeout: timeout}
 		if k.IsIPv4() {

@@ -9,12 +9,21 @@ import (
 	"github.com/jsimonetti/rtnetlink/v2"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
+
+	"spliced/splice"
 )
 
 // Manager installs and removes our kernel state through netlink.
 type Manager struct {
 	netns int
 	spec  Spec
+}
+
+// SetSpec replaces the spec the next Install installs; the queue flavour
+// probed before is kept.
+func (m *Manager) SetSpec(spec Spec) {
+	spec.Divert.NativeQueue = m.spec.Divert.NativeQueue
+	m.spec = spec
 }
 
 // Option configures a Manager.
@@ -58,8 +67,10 @@ func (m *Manager) rtnl() (*rtnetlink.Conn, error) {
 
 // Install programs the table and policy routing. It is idempotent: the
 // table is replaced atomically in one transaction, and routing entries that
-// already exist are kept.
-func (m *Manager) Install() error {
+// already exist are kept. divert holds the tuples of live spliced flows
+// (by queue index) to put back into the new divert sets in the same
+// transaction, so that replacing the table never interrupts them.
+func (m *Manager) Install(divert map[uint16][]splice.Key) error {
 	c, err := m.nft()
 	if err != nil {
 		return err
@@ -69,7 +80,7 @@ func (m *Manager) Install() error {
 			return err
 		}
 	}
-	if err := queueTable(c, &m.spec); err != nil {
+	if err := queueTable(c, &m.spec, divert); err != nil {
 		return err
 	}
 	if err := c.Flush(); err != nil {

@@ -10,6 +10,8 @@ import (
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
 	"golang.org/x/sys/unix"
+
+	"spliced/splice"
 )
 
 // table returns our table object.
@@ -20,13 +22,13 @@ func (spec *Spec) table() *nftables.Table {
 // queueTable adds to the batch the messages that atomically replace our
 // whole table with the spec: "add table; delete table; add table; ...".
 // The first add makes the delete succeed when the table does not exist.
-func queueTable(c *nftables.Conn, spec *Spec) error {
+func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) error {
 	t := spec.table()
 	c.AddTable(t)
 	c.DelTable(t)
 	c.AddTable(t)
 	if spec.Divert.Enabled {
-		if err := queueDivert(c, spec, t); err != nil {
+		if err := queueDivert(c, spec, t, divert); err != nil {
 			return err
 		}
 	}

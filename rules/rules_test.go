@@ -77,7 +77,7 @@ func TestRoundTrip(t *testing.T) {
 			ns := testnet.Scratch(t)
 			m := NewManager(spec, WithNetNS(ns.OpenT(t)))
 			for i := 0; i < 2; i++ { // the second install proves idempotence
-				if err := m.Install(); err != nil {
+				if err := m.Install(nil); err != nil {
 					t.Fatalf("install #%d: %v", i+1, err)
 				}
 			}
@@ -164,7 +164,7 @@ func TestDiverter(t *testing.T) {
 	spec := sampleSpec(t)
 	ns := testnet.Scratch(t)
 	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
-	if err := m.Install(); err != nil {
+	if err := m.Install(nil); err != nil {
 		t.Fatal(err)
 	}
 	d, err := m.NewDiverter()
@@ -216,7 +216,7 @@ func TestRemoveTouchesOnlyOurs(t *testing.T) {
 		}
 	}
 	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
-	if err := m.Install(); err != nil {
+	if err := m.Install(nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := m.Remove(); err != nil {

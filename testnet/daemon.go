@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"spliced/api"
 )
 
 var build struct {
@@ -51,6 +53,7 @@ func Binary(t testing.TB, name string) string {
 // Daemon is a spliced process in a lab's gateway namespace, logging JSON.
 type Daemon struct {
 	Config string // path of its configuration file
+	Socket string // path of its control socket
 	cmd    *exec.Cmd
 	ns     *NS
 	bin    string
@@ -67,7 +70,7 @@ type Daemon struct {
 // stopped (SIGTERM) in t.Cleanup if still running.
 func StartDaemon(t testing.TB, lab *Lab, config string, args ...string) *Daemon {
 	t.Helper()
-	d, err := LaunchDaemon(lab, Binary(t, "spliced"), t.TempDir(), config, args...)
+	d, err := LaunchDaemon(lab, Binary(t, "spliced"), t.TempDir(), config, append([]string{"-log-level", "debug"}, args...)...)
 	if d != nil {
 		t.Cleanup(func() {
 			d.Stop()
@@ -82,25 +85,40 @@ func StartDaemon(t testing.TB, lab *Lab, config string, args ...string) *Daemon 
 	return d
 }
 
-// LaunchDaemon is StartDaemon without a test: bin is the spliced binary,
-// dir receives the configuration file. On error after the start, the
+// LaunchDaemon is StartDaemon without a test (and without forcing debug
+// logs): bin is the spliced binary, dir receives the configuration file
+// and the control socket. On error after the start, the
 // returned Daemon is still running and must be stopped.
 func LaunchDaemon(lab *Lab, bin, dir, config string, args ...string) (*Daemon, error) {
-	d := &Daemon{Config: filepath.Join(dir, "spliced.yaml"), ns: &lab.Gateway.NS, bin: bin}
+	d := &Daemon{Config: filepath.Join(dir, "spliced.yaml"), Socket: filepath.Join(dir, "spliced.sock"), ns: &lab.Gateway.NS, bin: bin}
 	if err := os.WriteFile(d.Config, []byte(config), 0o600); err != nil {
 		return nil, err
 	}
 	if err := d.start(args...); err != nil {
 		return nil, err
 	}
-	if err := d.WaitLog(15*time.Second, func(l map[string]any) bool { return l["msg"] == "ready" }); err != nil {
+	// Ready when the control API answers: it opens after the kernel state
+	// is installed, whatever the log level.
+	client := api.NewClient(d.Socket)
+	if err := Poll(15*time.Second, func() error {
+		select {
+		case <-d.done:
+			return fmt.Errorf("daemon exited: %v", d.err)
+		default:
+		}
+		_, err := client.Status(context.Background())
+		return err
+	}); err != nil {
 		return d, fmt.Errorf("daemon not ready: %w\n%s", err, d.Log())
 	}
 	return d, nil
 }
 
+// Client is an API client for the daemon's control socket.
+func (d *Daemon) Client() *api.Client { return api.NewClient(d.Socket) }
+
 func (d *Daemon) start(args ...string) error {
-	full := append([]string{"-config", d.Config, "-log-format", "json", "-log-level", "debug"}, args...)
+	full := append([]string{"-config", d.Config, "-socket", d.Socket, "-log-format", "json"}, args...)
 	d.cmd = d.ns.Command(context.Background(), d.bin, full...)
 	stderr, err := d.cmd.StderrPipe()
 	if err != nil {

@@ -8,12 +8,14 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
 
 	"spliced/config"
 	"spliced/gateway"
+	"spliced/internal/sdnotify"
 	"spliced/logging"
 	"spliced/rules"
 )
@@ -30,6 +32,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	cleanup := fs.Bool("cleanup", false, "remove the table, ip rules and routes the configuration installs (after a crash), and exit")
 	logFormat := fs.String("log-format", "", "override log.format: auto, text or json")
 	logLevel := fs.String("log-level", "", "override log.level: debug, info, warn or error")
+	socket := fs.String("socket", "", "override control.socket: the control API's Unix socket (\"off\" disables it)")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: spliced [-config FILE] [-check | -cleanup] [-log-format F] [-log-level L]\n\n")
 		fs.PrintDefaults()
@@ -61,6 +64,22 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if *logLevel != "" {
 		cfg.Log.Level = *logLevel
 	}
+	overrides := func(c *config.Config) {
+		if *logFormat != "" {
+			c.Log.Format = *logFormat
+		}
+		if *logLevel != "" {
+			c.Log.Level = *logLevel
+		}
+		switch *socket {
+		case "":
+		case "off":
+			c.Control.Socket = ""
+		default:
+			c.Control.Socket = *socket
+		}
+	}
+	overrides(cfg)
 	log, err := logging.New(stderr, cfg.Log.Format, cfg.Log.Level)
 	if err != nil {
 		fmt.Fprintln(stderr, "spliced:", err)
@@ -87,17 +106,45 @@ func run(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	gw := gateway.New(cfg, log)
-	usr1 := make(chan os.Signal, 1)
-	signal.Notify(usr1, syscall.SIGUSR1)
-	defer signal.Stop(usr1)
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGHUP)
+	defer signal.Stop(sigs)
 	go func() {
-		for range usr1 {
-			gw.LogState()
+		for sig := range sigs {
+			switch sig {
+			case syscall.SIGUSR1:
+				gw.LogState()
+			case syscall.SIGHUP:
+				reload(ctx, gw, *configFile, overrides, log)
+			}
 		}
 	}()
-	if err := gw.Run(ctx, nil); err != nil && !errors.Is(err, context.Canceled) {
+	err = gw.Run(ctx, func() { sdnotify.Notify("READY=1") })
+	sdnotify.Notify("STOPPING=1")
+	if err != nil && !errors.Is(err, context.Canceled) {
 		log.Error("spliced stopped", logging.Err(err))
 		return 1
 	}
 	return 0
+}
+
+// reload reads the configuration file again and applies it; a file that
+// does not validate, or a change that needs a restart, leaves everything as
+// it was.
+func reload(ctx context.Context, gw *gateway.Gateway, file string, overrides func(*config.Config), log *slog.Logger) {
+	sdnotify.Notify("RELOADING=1")
+	defer sdnotify.Notify("READY=1")
+	if file == "" {
+		log.Warn("SIGHUP: nothing to reload: spliced runs with the embedded default configuration (start it with -config FILE)")
+		return
+	}
+	cfg, err := config.LoadFile(file)
+	if err != nil {
+		log.Error("reload refused: the configuration does not validate; the running one stays", logging.Err(err))
+		return
+	}
+	overrides(cfg)
+	if err := gw.Reload(ctx, cfg); err != nil {
+		log.Error("reload refused", logging.Err(err))
+	}
 }

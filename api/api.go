@@ -1,0 +1,152 @@
+// Package api is spliced's control API: JSON over HTTP on a Unix socket,
+// versioned under /v1. These types are the documented wire format; the
+// daemon serves them and splicectl decodes them (`splicectl -j` prints
+// them as they are).
+//
+//	GET  /v1/status                 Status
+//	GET  /v1/flows?proxy=&state=&addr=&port=   []Flow
+//	GET  /v1/flows/{id}             Flow
+//	POST /v1/flows/{id}/splice      Flow (after the splice)
+//	POST /v1/flows/{id}/unsplice    Flow
+//	GET  /v1/ruleset                Ruleset
+//	GET  /v1/events                 a stream of Event, one JSON object per line
+//
+// Errors are an Error object with the HTTP status.
+package api
+
+import "time"
+
+// Version is the API version, the first element of every path.
+const Version = "v1"
+
+// DefaultSocket is where the daemon listens unless configured otherwise.
+const DefaultSocket = "/run/spliced/spliced.sock"
+
+// Status is the daemon at a glance.
+type Status struct {
+	Version    string    `json:"version"`     // spliced's version
+	Started    time.Time `json:"started"`     // when the daemon started
+	UptimeSec  float64   `json:"uptime_sec"`  // seconds since Started
+	ConfigFile string    `json:"config_file"` // the configuration in force
+	Table      string    `json:"table"`       // "inet spliced"
+	Services   []string  `json:"services"`
+	// Flows counts flows by state: proxied, splicing, spliced, closing.
+	Flows map[string]int `json:"flows"`
+	// Engines: the plain forwarder (always) and the splice engine (when a
+	// service splices).
+	Engines []Engine `json:"engines"`
+	// Reloads and drift repairs since the start.
+	Reloads int `json:"reloads"`
+	Repairs int `json:"repairs"`
+}
+
+// Engine is one way of moving a flow's bytes.
+type Engine struct {
+	Name string `json:"name"` // "proxy" or "splice"
+	// Bytes and packets it moved, client to server and back (the proxy
+	// counts no packets).
+	BytesC2S   uint64 `json:"bytes_c2s"`
+	BytesS2C   uint64 `json:"bytes_s2c"`
+	PacketsC2S uint64 `json:"packets_c2s,omitempty"`
+	PacketsS2C uint64 `json:"packets_s2c,omitempty"`
+	// Splice engine only.
+	Splices        uint64            `json:"splices,omitempty"`
+	SpliceAborts   uint64            `json:"splice_aborts,omitempty"`
+	SpliceP50Us    int64             `json:"splice_p50_us,omitempty"`
+	SpliceP99Us    int64             `json:"splice_p99_us,omitempty"`
+	Verdicts       map[string]uint64 `json:"verdicts,omitempty"` // packets per engine verdict
+	Queues         []Queue           `json:"queues,omitempty"`
+	QueueBackend   string            `json:"queue_backend,omitempty"` // lean or go-nfqueue
+	InjectFailures uint64            `json:"inject_failures,omitempty"`
+}
+
+// Queue is one NFQUEUE's counters: ours, then the kernel's.
+type Queue struct {
+	Number   uint16 `json:"number"`
+	Received uint64 `json:"received"`
+	Accepted uint64 `json:"accepted"`
+	Modified uint64 `json:"modified"`
+	Dropped  uint64 `json:"dropped"`
+	Held     uint64 `json:"held"`
+	Errors   uint64 `json:"errors"`
+	Overruns uint64 `json:"overruns"`
+	// Kernel: packets waiting now, dropped because the queue was full,
+	// dropped because our socket buffer was full.
+	KernelWaiting      uint32 `json:"kernel_waiting"`
+	KernelQueueDropped uint32 `json:"kernel_queue_dropped"`
+	KernelUserDropped  uint32 `json:"kernel_user_dropped"`
+}
+
+// Flow states.
+const (
+	StateProxied  = "proxied"
+	StateSplicing = "splicing"
+	StateSpliced  = "spliced"
+	StateClosing  = "closing"
+)
+
+// Flow is one relayed client connection.
+type Flow struct {
+	ID      uint64 `json:"id"`
+	Service string `json:"service"`
+	Proxy   string `json:"proxy"` // "forward", ...
+	State   string `json:"state"`
+	// The two legs: the client's connection to the original destination,
+	// and the gateway's connection to the server.
+	ClientLeg Leg `json:"client_leg"`
+	ServerLeg Leg `json:"server_leg"`
+	// Bytes each way, whoever moved them (proxy, then engine); packets
+	// each way since the splice.
+	BytesC2S   uint64     `json:"bytes_c2s"`
+	BytesS2C   uint64     `json:"bytes_s2c"`
+	PacketsC2S uint64     `json:"packets_c2s"`
+	PacketsS2C uint64     `json:"packets_s2c"`
+	Started    time.Time  `json:"started"`
+	AgeSec     float64    `json:"age_sec"`
+	SplicedAt  *time.Time `json:"spliced_at,omitempty"`
+}
+
+// Leg is one TCP connection of a flow, as "address:port".
+type Leg struct {
+	Local  string `json:"local"`
+	Remote string `json:"remote"`
+}
+
+// Ruleset is spliced's nftables table as the kernel has it.
+type Ruleset struct {
+	Table string `json:"table"`
+	// Kernel is `nft list table` of our table (divert set elements left
+	// out: they come and go with flows).
+	Kernel string `json:"kernel"`
+	// Expected is what the daemon installed.
+	Expected string `json:"expected"`
+	Drift    bool   `json:"drift"`
+	// Diff is a unified diff from Expected to Kernel.
+	Diff string `json:"diff,omitempty"`
+}
+
+// Event kinds.
+const (
+	EventOpened       = "opened"        // a flow was accepted and connected upstream
+	EventDenied       = "denied"        // refused by the access policy
+	EventSpliced      = "spliced"       // moved into the splice engine
+	EventSpliceFailed = "splice_failed" // a splice was abandoned; the flow stays proxied
+	EventUnspliced    = "unspliced"
+	EventClosed       = "closed"
+	EventDrift        = "drift"    // someone changed or removed our table
+	EventRepaired     = "repaired" // the table was restored
+	EventReloaded     = "reloaded" // the configuration was reloaded
+)
+
+// Event is one thing that happened.
+type Event struct {
+	Time   time.Time `json:"time"`
+	Kind   string    `json:"kind"`
+	Flow   *Flow     `json:"flow,omitempty"`
+	Detail string    `json:"detail,omitempty"`
+}
+
+// Error is the body of every failed request.
+type Error struct {
+	Error string `json:"error"`
+}

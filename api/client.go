@@ -1,0 +1,153 @@
+package api
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"syscall"
+)
+
+// Client talks to a daemon's control socket.
+type Client struct {
+	Socket string
+	http   *http.Client
+}
+
+// NewClient returns a client for the socket at path.
+func NewClient(path string) *Client {
+	return &Client{Socket: path, http: &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		},
+	}}}
+}
+
+// NotRunningError means nothing answers on the socket.
+type NotRunningError struct {
+	Socket string
+	Err    error
+}
+
+func (e *NotRunningError) Error() string {
+	return fmt.Sprintf("spliced is not running (nothing answers on %s: %v); start it (systemctl start spliced) or point -s at its control socket", e.Socket, e.Err)
+}
+
+func (e *NotRunningError) Unwrap() error { return e.Err }
+
+func (c *Client) do(ctx context.Context, method, path string, query url.Values, out any) error {
+	u := "http://spliced/" + Version + path
+	if len(query) > 0 {
+		u += "?" + query.Encode()
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+			return &NotRunningError{Socket: c.Socket, Err: err}
+		}
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e Error
+		body, _ := io.ReadAll(resp.Body)
+		if json.Unmarshal(body, &e) == nil && e.Error != "" {
+			return errors.New(e.Error)
+		}
+		return fmt.Errorf("%s %s: %s", method, path, resp.Status)
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+// Status returns the daemon's status.
+func (c *Client) Status(ctx context.Context) (*Status, error) {
+	var s Status
+	return &s, c.do(ctx, http.MethodGet, "/status", nil, &s)
+}
+
+// FlowFilter selects flows; zero fields match anything.
+type FlowFilter struct {
+	Proxy, State, Addr string
+	Port               uint16
+}
+
+// Flows lists flows.
+func (c *Client) Flows(ctx context.Context, f FlowFilter) ([]Flow, error) {
+	q := url.Values{}
+	for k, v := range map[string]string{"proxy": f.Proxy, "state": f.State, "addr": f.Addr} {
+		if v != "" {
+			q.Set(k, v)
+		}
+	}
+	if f.Port != 0 {
+		q.Set("port", strconv.Itoa(int(f.Port)))
+	}
+	var fl []Flow
+	return fl, c.do(ctx, http.MethodGet, "/flows", q, &fl)
+}
+
+// Flow returns one flow.
+func (c *Client) Flow(ctx context.Context, id uint64) (*Flow, error) {
+	var f Flow
+	return &f, c.do(ctx, http.MethodGet, fmt.Sprintf("/flows/%d", id), nil, &f)
+}
+
+// Splice splices a flow and returns it afterwards.
+func (c *Client) Splice(ctx context.Context, id uint64) (*Flow, error) {
+	var f Flow
+	return &f, c.do(ctx, http.MethodPost, fmt.Sprintf("/flows/%d/splice", id), nil, &f)
+}
+
+// Unsplice returns a spliced flow to its proxy.
+func (c *Client) Unsplice(ctx context.Context, id uint64) (*Flow, error) {
+	var f Flow
+	return &f, c.do(ctx, http.MethodPost, fmt.Sprintf("/flows/%d/unsplice", id), nil, &f)
+}
+
+// Ruleset returns our table as the kernel has it, and the drift.
+func (c *Client) Ruleset(ctx context.Context) (*Ruleset, error) {
+	var r Ruleset
+	return &r, c.do(ctx, http.MethodGet, "/ruleset", nil, &r)
+}
+
+// Events streams events to fn until ctx is done or fn returns an error.
+func (c *Client) Events(ctx context.Context, fn func(Event) error) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://spliced/"+Version+"/events", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
+			return &NotRunningError{Socket: c.Socket, Err: err}
+		}
+		return err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		var e Event
+		if err := json.Unmarshal(sc.Bytes(), &e); err != nil {
+			return fmt.Errorf("event stream: %w", err)
+		}
+		if err := fn(e); err != nil {
+			return err
+		}
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	return sc.Err()
+}

@@ -1,0 +1,369 @@
+package gateway
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/user"
+	"path/filepath"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"spliced/api"
+	"spliced/proxy"
+	"spliced/rules"
+	"spliced/splice"
+)
+
+// Version is spliced's version: the module version or VCS revision the
+// binary was built from.
+func Version() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "unknown"
+	}
+	if v := bi.Main.Version; v != "" && v != "(devel)" {
+		return v
+	}
+	for _, s := range bi.Settings {
+		if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+			return "devel-" + s.Value[:12]
+		}
+	}
+	return "devel"
+}
+
+// serveControl opens the control socket and serves the API until ctx is
+// done.
+func (g *Gateway) serveControl(ctx context.Context, path, group string) (func(), error) {
+	if path == "" {
+		return func() {}, nil
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	if c, err := net.Dial("unix", path); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("control socket %s: another spliced answers there; stop it or set control.socket", path)
+	}
+	os.Remove(path) // stale, from a daemon that died
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	mode := os.FileMode(0o600)
+	if group != "" {
+		gr, err := user.LookupGroup(group)
+		if err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("control.group %q: %w", group, err)
+		}
+		gid, _ := strconv.Atoi(gr.Gid)
+		if err := os.Chown(path, 0, gid); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("control socket %s: %w", path, err)
+		}
+		mode = 0o660
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	srv := &http.Server{Handler: g.apiHandler(), ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	return func() {
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+		os.Remove(path)
+	}, nil
+}
+
+func (g *Gateway) apiHandler() http.Handler {
+	mux := http.NewServeMux()
+	v := "/" + api.Version
+	mux.HandleFunc("GET "+v+"/status", func(w http.ResponseWriter, r *http.Request) { reply(w, g.Status()) })
+	mux.HandleFunc("GET "+v+"/flows", g.handleFlows)
+	mux.HandleFunc("GET "+v+"/flows/{id}", func(w http.ResponseWriter, r *http.Request) {
+		f, ok := g.flowByID(w, r)
+		if ok {
+			reply(w, g.apiFlow(f))
+		}
+	})
+	mux.HandleFunc("POST "+v+"/flows/{id}/splice", g.handleSplice)
+	mux.HandleFunc("POST "+v+"/flows/{id}/unsplice", func(w http.ResponseWriter, r *http.Request) {
+		fail(w, http.StatusNotImplemented, "unsplicing is not implemented yet")
+	})
+	mux.HandleFunc("GET "+v+"/ruleset", func(w http.ResponseWriter, r *http.Request) {
+		rs, err := g.Ruleset(r.Context())
+		if err != nil {
+			fail(w, http.StatusInternalServerError, err.Error())
+			return
+		}
+		reply(w, rs)
+	})
+	mux.HandleFunc("GET "+v+"/events", g.handleEvents)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		fail(w, http.StatusNotFound, fmt.Sprintf("no such API call: %s %s (this daemon speaks %s)", r.Method, r.URL.Path, api.Version))
+	})
+	return mux
+}
+
+func reply(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(v)
+}
+
+func fail(w http.ResponseWriter, code int, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(api.Error{Error: msg})
+}
+
+// Status is the daemon at a glance.
+func (g *Gateway) Status() api.Status {
+	cfg := g.config()
+	st := api.Status{
+		Version: Version(), Started: g.started, UptimeSec: time.Since(g.started).Seconds(),
+		ConfigFile: cfg.File, Table: "inet " + cfg.Kernel.Table,
+		Flows:   map[string]int{api.StateProxied: 0, api.StateSplicing: 0, api.StateSpliced: 0, api.StateClosing: 0},
+		Reloads: int(g.reloads.Load()), Repairs: int(g.repairs.Load()),
+	}
+	for _, s := range cfg.Services {
+		st.Services = append(st.Services, s.Name)
+	}
+	var proxied [2]uint64
+	for _, f := range g.flows.List() {
+		st.Flows[f.State().String()]++
+		proxied[0] += uint64(f.C2S.Load())
+		proxied[1] += uint64(f.S2C.Load())
+	}
+	st.Engines = append(st.Engines, api.Engine{Name: "proxy",
+		BytesC2S: proxied[0] + g.closedProxied[0].Load(), BytesS2C: proxied[1] + g.closedProxied[1].Load()})
+	if g.engine != nil {
+		e := api.Engine{Name: "splice", Splices: g.spliceLatency.count.Load(), SpliceAborts: g.spliceAborts.Load(),
+			SpliceP50Us: g.spliceLatency.percentile(0.5).Microseconds(), SpliceP99Us: g.spliceLatency.percentile(0.99).Microseconds(),
+			Verdicts: map[string]uint64{}, QueueBackend: cfg.Kernel.NFQueue, InjectFailures: g.injectErrors.Load()}
+		for _, en := range g.engine.Entries() {
+			s := en.Stats()
+			e.BytesC2S += s[splice.C2S].Bytes
+			e.BytesS2C += s[splice.S2C].Bytes
+			e.PacketsC2S += s[splice.C2S].Packets
+			e.PacketsS2C += s[splice.S2C].Packets
+		}
+		e.BytesC2S += g.closedSpliced[0].Load()
+		e.BytesS2C += g.closedSpliced[1].Load()
+		for v := range splice.NumVerdicts {
+			if n := g.counters.verdicts[v].Load(); n > 0 {
+				e.Verdicts[splice.Verdict(v).String()] = n
+			}
+		}
+		for _, q := range g.queues.Stats() {
+			e.Queues = append(e.Queues, api.Queue{Number: q.Queue, Received: q.Received, Accepted: q.Accepted,
+				Modified: q.Modified, Dropped: q.Dropped, Held: q.Held, Errors: q.Errors, Overruns: q.Overruns,
+				KernelWaiting: q.Kernel.Waiting, KernelQueueDropped: q.Kernel.QueueDropped, KernelUserDropped: q.Kernel.UserDropped})
+		}
+		st.Engines = append(st.Engines, e)
+	}
+	return st
+}
+
+// apiFlow describes a flow for the API.
+func (g *Gateway) apiFlow(f *proxy.Flow) api.Flow {
+	af := api.Flow{
+		ID: f.ID, Service: f.Service, Proxy: f.Proxy, State: f.State().String(),
+		ClientLeg: api.Leg{Local: f.Server.String(), Remote: f.Client.String()},
+		ServerLeg: api.Leg{Local: f.Upstream.String(), Remote: f.Backend.String()},
+		BytesC2S:  uint64(f.C2S.Load()), BytesS2C: uint64(f.S2C.Load()),
+		Started: f.Started, AgeSec: time.Since(f.Started).Seconds(),
+	}
+	if at := f.SplicedAt.Load(); at != 0 {
+		t := time.Unix(0, at)
+		af.SplicedAt = &t
+	}
+	g.splicedMu.Lock()
+	sf := g.spliced[f.ID]
+	g.splicedMu.Unlock()
+	if sf != nil {
+		s := sf.entry.Stats()
+		af.BytesC2S += s[splice.C2S].Bytes
+		af.BytesS2C += s[splice.S2C].Bytes
+		af.PacketsC2S, af.PacketsS2C = s[splice.C2S].Packets, s[splice.S2C].Packets
+	}
+	return af
+}
+
+func (g *Gateway) handleFlows(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	var port uint16
+	if p := q.Get("port"); p != "" {
+		n, err := strconv.ParseUint(p, 10, 16)
+		if err != nil {
+			fail(w, http.StatusBadRequest, fmt.Sprintf("port %q: not a port number", p))
+			return
+		}
+		port = uint16(n)
+	}
+	var addr netip.Addr
+	if a := q.Get("addr"); a != "" {
+		var err error
+		if addr, err = netip.ParseAddr(a); err != nil {
+			fail(w, http.StatusBadRequest, fmt.Sprintf("addr %q: not an IP address", a))
+			return
+		}
+	}
+	state := q.Get("state")
+	if state != "" && !slices.Contains([]string{api.StateProxied, api.StateSplicing, api.StateSpliced, api.StateClosing}, state) {
+		fail(w, http.StatusBadRequest, fmt.Sprintf("state %q: use proxied, splicing, spliced or closing", state))
+		return
+	}
+	out := []api.Flow{}
+	for _, f := range g.flows.List() {
+		if p := q.Get("proxy"); p != "" && p != f.Proxy && p != f.Service {
+			continue
+		}
+		if state != "" && f.State().String() != state {
+			continue
+		}
+		ends := []netip.AddrPort{f.Client, f.Server, f.Upstream, f.Backend}
+		if addr.IsValid() && !slices.ContainsFunc(ends, func(e netip.AddrPort) bool { return e.Addr() == addr }) {
+			continue
+		}
+		if port != 0 && !slices.ContainsFunc(ends, func(e netip.AddrPort) bool { return e.Port() == port }) {
+			continue
+		}
+		out = append(out, g.apiFlow(f))
+	}
+	reply(w, out)
+}
+
+func (g *Gateway) flowByID(w http.ResponseWriter, r *http.Request) (*proxy.Flow, bool) {
+	id, err := strconv.ParseUint(r.PathValue("id"), 10, 64)
+	if err != nil {
+		fail(w, http.StatusBadRequest, fmt.Sprintf("flow ID %q: not a number", r.PathValue("id")))
+		return nil, false
+	}
+	f := g.flows.Get(id)
+	if f == nil {
+		fail(w, http.StatusNotFound, fmt.Sprintf("no flow %d (it may have ended; splicectl flows lists the current ones)", id))
+		return nil, false
+	}
+	return f, true
+}
+
+// handleSplice asks the flow's proxy to splice it and waits for the
+// outcome.
+func (g *Gateway) handleSplice(w http.ResponseWriter, r *http.Request) {
+	f, ok := g.flowByID(w, r)
+	if !ok {
+		return
+	}
+	switch f.State() {
+	case proxy.StateSpliced:
+		reply(w, g.apiFlow(f))
+		return
+	case proxy.StateClosing:
+		fail(w, http.StatusConflict, fmt.Sprintf("flow %d is closing", f.ID))
+		return
+	}
+	if g.engine == nil {
+		fail(w, http.StatusConflict, "splicing is not enabled: give at least one service a splice.mode other than never")
+		return
+	}
+	f.RequestSplice()
+	wait := g.drainTimeout(f.Service) + 2*time.Second
+	err := pollUntil(r.Context(), wait, func() (bool, error) {
+		if f.State() == proxy.StateSpliced {
+			return true, nil
+		}
+		if e := f.SpliceError(); e != "" {
+			return false, errors.New(e)
+		}
+		if g.flows.Get(f.ID) == nil {
+			return false, fmt.Errorf("flow %d ended", f.ID)
+		}
+		return false, nil
+	})
+	if err != nil {
+		fail(w, http.StatusConflict, fmt.Sprintf("flow %d: %v", f.ID, err))
+		return
+	}
+	reply(w, g.apiFlow(f))
+}
+
+func pollUntil(ctx context.Context, within time.Duration, cond func() (bool, error)) error {
+	deadline := time.Now().Add(within)
+	for {
+		done, err := cond()
+		if done || err != nil {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no outcome after %v", within)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+func (g *Gateway) handleEvents(w http.ResponseWriter, r *http.Request) {
+	flusher, ok := w.(http.Flusher)
+	if !ok {
+		fail(w, http.StatusInternalServerError, "streaming unsupported")
+		return
+	}
+	ch, cancel := g.events.subscribe()
+	defer cancel()
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	flusher.Flush()
+	enc := json.NewEncoder(w)
+	for {
+		select {
+		case <-r.Context().Done():
+			return
+		case ev := <-ch:
+			if err := enc.Encode(ev); err != nil {
+				return
+			}
+			flusher.Flush()
+		}
+	}
+}
+
+// Ruleset returns our table as the kernel has it and its drift.
+func (g *Gateway) Ruleset(ctx context.Context) (*api.Ruleset, error) {
+	m := g.manager()
+	kernel, diff, err := m.Drift(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &api.Ruleset{Table: "inet " + m.Spec().Table, Kernel: kernel, Expected: rules.Listing(m.Spec()),
+		Drift: diff != "", Diff: diff}, nil
+}
+
+// trimDiff shortens a diff for a log line.
+func trimDiff(d string) string {
+	lines := strings.Split(d, "\n")
+	var changed []string
+	for _, l := range lines {
+		if strings.HasPrefix(l, "+") || strings.HasPrefix(l, "-") {
+			changed = append(changed, l)
+		}
+	}
+	if len(changed) > 20 {
+		changed = append(changed[:20], fmt.Sprintf("... %d more changed lines", len(changed)-20))
+	}
+	return strings.Join(changed, "\n")
+}

@@ -1,0 +1,159 @@
+package gateway
+
+import (
+	"context"
+	"time"
+
+	"github.com/google/nftables"
+
+	"spliced/api"
+	"spliced/logging"
+	"spliced/rules"
+	"spliced/splice"
+)
+
+// repairCheckEvery is how often the table is compared with what it should
+// be even without a change event (set element edits do not say which set
+// they touch, so they are not watched).
+const repairCheckEvery = 10 * time.Second
+
+// watchRuleset repairs our table when someone deletes or edits it: an
+// nftables monitor reports table, chain, rule and set changes at once; a
+// timer catches the rest. The repair reinstalls the whole table in one
+// transaction with the divert entries of live spliced flows, so those
+// keep running.
+func (g *Gateway) watchRuleset(ctx context.Context) {
+	trigger := make(chan struct{}, 1)
+	poke := func() {
+		select {
+		case trigger <- struct{}{}:
+		default:
+		}
+	}
+	if c, err := nftables.New(nftables.AsLasting()); err != nil {
+		g.log.Warn("cannot watch the ruleset; checking it every few seconds only", logging.Err(err))
+	} else {
+		defer c.CloseLasting()
+		mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(4096))
+		events, err := c.AddMonitor(mon)
+		if err != nil {
+			g.log.Warn("cannot watch the ruleset; checking it every few seconds only", logging.Err(err))
+		} else {
+			defer mon.Close()
+			go func() {
+				for ev := range events {
+					if g.concernsUs(ev) {
+						poke()
+					}
+				}
+			}()
+		}
+	}
+	tick := time.NewTicker(repairCheckEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-trigger:
+			// Let a burst of changes (an nft -f) finish first.
+			select {
+			case <-time.After(50 * time.Millisecond):
+			case <-ctx.Done():
+				return
+			}
+			select {
+			case <-trigger:
+			default:
+			}
+		case <-tick.C:
+		}
+		g.repairDrift(ctx)
+	}
+}
+
+// concernsUs reports whether a monitor event may have changed our table:
+// a table, chain, rule or set event naming it. Set element events are the
+// divert entries of our own splices, nearly always.
+func (g *Gateway) concernsUs(ev *nftables.MonitorEvent) bool {
+	name := g.manager().Spec().Table
+	var t *nftables.Table
+	switch d := ev.Data.(type) {
+	case *nftables.Table:
+		t = d
+	case *nftables.Chain:
+		t = d.Table
+	case *nftables.Rule:
+		t = d.Table
+	case *nftables.Set:
+		t = d.Table
+	default:
+		return false
+	}
+	return t != nil && t.Name == name && t.Family == nftables.TableFamilyINet
+}
+
+// repairDrift reinstalls the table if it differs from what it should be.
+func (g *Gateway) repairDrift(ctx context.Context) {
+	g.rulesMu.Lock()
+	defer g.rulesMu.Unlock()
+	m := g.manager()
+	_, diff, err := m.Drift(ctx)
+	if err != nil {
+		g.log.Warn("cannot compare the ruleset", logging.Err(err))
+		return
+	}
+	table, ipRules, routes, err := m.State()
+	routingOK := err == nil && ipRules == 2 && routes == 2
+	if diff == "" && routingOK {
+		return
+	}
+	start := time.Now()
+	detail := trimDiff(diff)
+	if !routingOK {
+		detail += "\npolicy routing: ip rules or routes missing"
+	}
+	g.log.Warn("ruleset drift: someone changed spliced's table or routing; restoring it",
+		logging.KeyTable, "inet "+m.Spec().Table, "table_present", table, "diff", detail)
+	g.events.publish(api.Event{Kind: api.EventDrift, Detail: detail})
+	if err := g.installLive(m); err != nil {
+		g.log.Error("restore the ruleset", logging.Err(err))
+		return
+	}
+	g.repairs.Add(1)
+	took := time.Since(start)
+	g.log.Info("ruleset restored", logging.KeyTable, "inet "+m.Spec().Table, "took_ms", took.Milliseconds())
+	g.events.publish(api.Event{Kind: api.EventRepaired, Detail: "restored in " + took.Round(time.Millisecond).String()})
+}
+
+// installLive reinstalls the table of m with every live divert entry,
+// while no splice can add or remove one.
+func (g *Gateway) installLive(m *rules.Manager) error {
+	if g.diverter == nil {
+		return m.Install(nil)
+	}
+	var err error
+	g.diverter.Exclusive(func() { err = m.Install(g.liveDivert()) })
+	return err
+}
+
+// liveDivert returns the divert tuples of every flow that is spliced or
+// being spliced, by queue index.
+func (g *Gateway) liveDivert() map[uint16][]splice.Key {
+	out := map[uint16][]splice.Key{}
+	g.splicedMu.Lock()
+	for _, sf := range g.spliced {
+		out[sf.queue] = append(out[sf.queue], sf.keys[0], sf.keys[1])
+	}
+	g.splicedMu.Unlock()
+	g.transitions.mu.RLock()
+	seen := map[*transition]bool{}
+	for _, tr := range g.transitions.m {
+		if !seen[tr] {
+			seen[tr] = true
+			out[tr.queue] = append(out[tr.queue], tr.keys[0], tr.keys[1])
+		}
+	}
+	g.transitions.mu.RUnlock()
+	return out
+}

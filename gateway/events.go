@@ -1,0 +1,62 @@
+package gateway
+
+import (
+	"strconv"
+	"sync"
+	"time"
+
+	"spliced/api"
+	"spliced/proxy"
+)
+
+// events fans flow and daemon events out to subscribers (splicectl
+// watch). A subscriber that does not keep up loses events rather than
+// slowing the daemon; it is told how many it lost.
+type events struct {
+	mu   sync.Mutex
+	subs map[chan api.Event]*int
+}
+
+func (e *events) subscribe() (<-chan api.Event, func()) {
+	ch := make(chan api.Event, 256)
+	lost := 0
+	e.mu.Lock()
+	if e.subs == nil {
+		e.subs = map[chan api.Event]*int{}
+	}
+	e.subs[ch] = &lost
+	e.mu.Unlock()
+	return ch, func() {
+		e.mu.Lock()
+		delete(e.subs, ch)
+		e.mu.Unlock()
+	}
+}
+
+func (e *events) publish(ev api.Event) {
+	if ev.Time.IsZero() {
+		ev.Time = time.Now()
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for ch, lost := range e.subs {
+		if *lost > 0 {
+			select {
+			case ch <- api.Event{Time: ev.Time, Kind: "lost", Detail: strconv.Itoa(*lost) + " events dropped: the reader was too slow"}:
+				*lost = 0
+			default:
+			}
+		}
+		select {
+		case ch <- ev:
+		default:
+			*lost++
+		}
+	}
+}
+
+// flowEvent publishes an event about a flow.
+func (g *Gateway) flowEvent(kind string, f *proxy.Flow, detail string) {
+	af := g.apiFlow(f)
+	g.events.publish(api.Event{Kind: kind, Flow: &af, Detail: detail})
+}

@@ -1,0 +1,123 @@
+package gateway
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"spliced/splice"
+)
+
+// serveMetrics serves Prometheus metrics on listen (off when empty).
+func (g *Gateway) serveMetrics(listen string) (func(), error) {
+	if listen == "" {
+		return func() {}, nil
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(&collector{g: g})
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		return nil, fmt.Errorf("metrics.listen %s: %w", listen, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go srv.Serve(ln)
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(ctx)
+	}, nil
+}
+
+// collector reads the gateway's counters at scrape time: nothing on the
+// packet path updates a Prometheus object.
+type collector struct{ g *Gateway }
+
+var (
+	descFlows = prometheus.NewDesc("spliced_flows", "Flows by state.", []string{"state"}, nil)
+	descBytes = prometheus.NewDesc("spliced_bytes_total", "Payload bytes moved, by engine (proxy, splice) and direction (c2s, s2c).",
+		[]string{"engine", "direction"}, nil)
+	descPackets = prometheus.NewDesc("spliced_packets_total", "Packets the splice engine handled, by verdict.", []string{"verdict"}, nil)
+	descSplices = prometheus.NewDesc("spliced_splices_total", "Flows spliced.", nil, nil)
+	descAborts  = prometheus.NewDesc("spliced_splice_aborts_total", "Splices abandoned (the flow stayed proxied).", nil, nil)
+	descLatency = prometheus.NewDesc("spliced_splice_duration_seconds", "Time from diverting a flow to releasing it through the engine (recent splices).", nil, nil)
+	descQueue   = prometheus.NewDesc("spliced_queue_packets_total", "Packets of each NFQUEUE queue by what happened to them.", []string{"queue", "decision"}, nil)
+	descDrops   = prometheus.NewDesc("spliced_queue_kernel_drops_total", "Packets the kernel dropped before they reached spliced: queue full, or socket buffer full (user).",
+		[]string{"queue", "reason"}, nil)
+	descRewriteErrors = prometheus.NewDesc("spliced_rewrite_errors_total", "Packets the engine could not rewrite: malformed, unsupported, no flow, queue errors.", nil, nil)
+	descRepairs       = prometheus.NewDesc("spliced_ruleset_repairs_total", "Times the table was restored after someone changed it.", nil, nil)
+)
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs} {
+		ch <- d
+	}
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	g := c.g
+	st := g.Status()
+	for state, n := range st.Flows {
+		ch <- prometheus.MustNewConstMetric(descFlows, prometheus.GaugeValue, float64(n), state)
+	}
+	for _, e := range st.Engines {
+		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(e.BytesC2S), e.Name, "c2s")
+		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(e.BytesS2C), e.Name, "s2c")
+	}
+	ch <- prometheus.MustNewConstMetric(descRepairs, prometheus.CounterValue, float64(st.Repairs))
+	if g.engine == nil {
+		return
+	}
+	var rewriteErrors uint64
+	for v := range splice.NumVerdicts {
+		n := g.counters.verdicts[v].Load()
+		ch <- prometheus.MustNewConstMetric(descPackets, prometheus.CounterValue, float64(n), splice.Verdict(v).String())
+		switch splice.Verdict(v) {
+		case splice.DropMalformed, splice.DropUnsupported, splice.DropNoFlow:
+			rewriteErrors += n
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(descSplices, prometheus.CounterValue, float64(g.spliceLatency.count.Load()))
+	ch <- prometheus.MustNewConstMetric(descAborts, prometheus.CounterValue, float64(g.spliceAborts.Load()))
+	ch <- g.spliceLatency.histogram()
+	for _, e := range st.Engines {
+		for _, q := range e.Queues {
+			n := strconv.Itoa(int(q.Number))
+			for d, v := range map[string]uint64{"accepted": q.Accepted, "modified": q.Modified, "dropped": q.Dropped, "received": q.Received, "errors": q.Errors} {
+				ch <- prometheus.MustNewConstMetric(descQueue, prometheus.CounterValue, float64(v), n, d)
+			}
+			ch <- prometheus.MustNewConstMetric(descDrops, prometheus.CounterValue, float64(q.KernelQueueDropped), n, "queue")
+			ch <- prometheus.MustNewConstMetric(descDrops, prometheus.CounterValue, float64(q.KernelUserDropped), n, "user")
+			rewriteErrors += q.Errors
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(descRewriteErrors, prometheus.CounterValue, float64(rewriteErrors))
+}
+
+// histogram summarizes the recent splice durations as a Prometheus
+// histogram.
+func (l *latencies) histogram() prometheus.Metric {
+	bounds := []float64{50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1, 5}
+	buckets := map[float64]uint64{}
+	l.mu.Lock()
+	var sum float64
+	for _, d := range l.samples {
+		s := d.Seconds()
+		sum += s
+		for _, b := range bounds {
+			if s <= b {
+				buckets[b]++
+			}
+		}
+	}
+	n := uint64(len(l.samples))
+	l.mu.Unlock()
+	return prometheus.MustNewConstHistogram(descLatency, n, sum, buckets)
+}

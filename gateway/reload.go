@@ -1,0 +1,147 @@
+package gateway
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"reflect"
+	"strings"
+
+	"spliced/api"
+	"spliced/config"
+	"spliced/logging"
+	"spliced/proxy"
+	"spliced/rules"
+)
+
+// Reload applies a new configuration without interrupting flows: services
+// that were added start listening, services that were removed stop
+// accepting (their flows run on), changed services are replaced, and the
+// table is reinstalled in one transaction that keeps every live spliced
+// flow's divert entries. Settings that only a restart can change are
+// refused with an error, and nothing changes then.
+func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
+	g.rulesMu.Lock()
+	defer g.rulesMu.Unlock()
+	old := g.config()
+	if err := restartOnly(old, cfg); err != nil {
+		return err
+	}
+	spec := rules.FromConfig(cfg)
+	if g.engine != nil {
+		// Once splicing runs it stays on: spliced flows may outlive the
+		// services that made them.
+		spec.Divert.Enabled = true
+	}
+
+	// Open the listeners of new and changed services first: if one
+	// cannot listen, nothing has changed yet.
+	added, removed := diffServices(old, cfg)
+	opened := map[string][]*net.TCPListener{}
+	closeOpened := func() {
+		for _, lns := range opened {
+			for _, ln := range lns {
+				ln.Close()
+			}
+		}
+	}
+	for _, s := range added {
+		lns, err := proxy.ListenService(ctx, s)
+		if err != nil {
+			closeOpened()
+			return fmt.Errorf("reload %s: %w", cfg.File, err)
+		}
+		opened[s.Name] = lns
+	}
+	m := g.manager()
+	if spec.Divert.Enabled {
+		if err := g.prepareSplicing(ctx, cfg); err != nil {
+			closeOpened()
+			return err
+		}
+	}
+	// Carry the probed queue flavour over, then install.
+	cur := m.Spec()
+	spec.Divert.NativeQueue = cur.Divert.NativeQueue
+	m.SetSpec(spec)
+	if err := g.installLive(m); err != nil {
+		m.SetSpec(cur)
+		closeOpened()
+		return fmt.Errorf("reload %s: install the table: %w", cfg.File, err)
+	}
+	if err := g.openDiverter(); err != nil {
+		return err
+	}
+
+	// Switch services: stop the removed and changed ones (their flows
+	// keep running), start the new ones.
+	for _, name := range removed {
+		g.mu.Lock()
+		s := g.services[name]
+		delete(g.services, name)
+		g.mu.Unlock()
+		if s != nil {
+			s.stop()
+			<-s.done
+		}
+	}
+	g.cfgMu.Lock()
+	g.cfg = cfg
+	g.cfgMu.Unlock()
+	for _, s := range added {
+		g.serveService(s, opened[s.Name])
+	}
+	g.flows.SetMax(cfg.Limits.MaxFlows)
+	g.reloads.Add(1)
+	detail := fmt.Sprintf("services: %d; started %s; stopped %s", len(cfg.Services), names(added), strings.Join(removed, ", "))
+	g.log.Info("configuration reloaded", logging.KeyFile, cfg.File, "detail", detail)
+	g.events.publish(api.Event{Kind: api.EventReloaded, Detail: detail})
+	return nil
+}
+
+// restartOnly refuses changes that cannot be applied to a running daemon.
+func restartOnly(old, cfg *config.Config) error {
+	var changed []string
+	if old.Kernel != cfg.Kernel {
+		changed = append(changed, "kernel")
+	}
+	if old.Control != cfg.Control {
+		changed = append(changed, "control")
+	}
+	if old.Metrics != cfg.Metrics {
+		changed = append(changed, "metrics")
+	}
+	if old.Log != cfg.Log {
+		changed = append(changed, "log")
+	}
+	if len(changed) > 0 {
+		return fmt.Errorf("reload %s: %s changed; these take effect only at a restart (nothing was changed)", cfg.File, strings.Join(changed, ", "))
+	}
+	return nil
+}
+
+// diffServices returns the services to start (new or changed) and the
+// names of those to stop (removed or changed).
+func diffServices(old, cfg *config.Config) (start []*config.Service, stop []string) {
+	for i := range cfg.Services {
+		s := &cfg.Services[i]
+		if o := old.Service(s.Name); o == nil || !reflect.DeepEqual(*o, *s) {
+			start = append(start, s)
+		}
+	}
+	for i := range old.Services {
+		o := &old.Services[i]
+		if s := cfg.Service(o.Name); s == nil || !reflect.DeepEqual(*o, *s) {
+			stop = append(stop, o.Name)
+		}
+	}
+	return start, stop
+}
+
+func names(ss []*config.Service) string {
+	var n []string
+	for _, s := range ss {
+		n = append(n, s.Name)
+	}
+	return strings.Join(n, ", ")
+}

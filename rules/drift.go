@@ -1,0 +1,114 @@
+package rules
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os/exec"
+	"strings"
+	"time"
+)
+
+// KernelListing returns `nft list table inet NAME` as the kernel has it
+// now, with the elements of the divert sets left out (they come and go
+// with spliced flows; Render never has them). It needs the nft command.
+// exists is false when the table is gone.
+func (m *Manager) KernelListing(ctx context.Context) (listing string, exists bool, err error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "nft", "list", "table", "inet", m.spec.Table)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		if strings.Contains(stderr.String(), "No such file or directory") {
+			return "", false, nil
+		}
+		if _, lerr := exec.LookPath("nft"); lerr != nil {
+			return "", false, fmt.Errorf("list the table: the nft command is not installed (apt-get install nftables)")
+		}
+		return "", false, fmt.Errorf("nft list table inet %s: %w: %s", m.spec.Table, err, strings.TrimSpace(stderr.String()))
+	}
+	return StripDivertElements(string(out)), true, nil
+}
+
+// StripDivertElements removes the "elements = { ... }" block of every
+// divert set from an nft listing.
+func StripDivertElements(listing string) string {
+	var out []string
+	inDivert, inElements := false, false
+	for _, line := range strings.Split(listing, "\n") {
+		t := strings.TrimSpace(line)
+		switch {
+		case inElements:
+			if strings.HasSuffix(t, "}") {
+				inElements = false
+			}
+			continue
+		case strings.HasPrefix(t, "set divert4_") || strings.HasPrefix(t, "set divert6_"):
+			inDivert = true
+		case inDivert && t == "}":
+			inDivert = false
+		case inDivert && strings.HasPrefix(t, "elements = {"):
+			inElements = !strings.HasSuffix(t, "}")
+			continue
+		}
+		out = append(out, line)
+	}
+	return strings.Join(out, "\n")
+}
+
+// Drift compares the kernel's table with the expected one and returns a
+// unified diff (empty when they agree).
+func (m *Manager) Drift(ctx context.Context) (kernel, diff string, err error) {
+	kernel, exists, err := m.KernelListing(ctx)
+	if err != nil {
+		return "", "", err
+	}
+	want := Listing(m.spec)
+	if !exists {
+		return "", fmt.Sprintf("table inet %s is gone\n", m.spec.Table), nil
+	}
+	return kernel, UnifiedDiff("expected", "kernel", want, kernel), nil
+}
+
+// UnifiedDiff returns a line diff of a and b in unified form (whole-file
+// context), or "" when they are equal.
+func UnifiedDiff(nameA, nameB, a, b string) string {
+	if a == b {
+		return ""
+	}
+	x, y := strings.Split(a, "\n"), strings.Split(b, "\n")
+	// Longest common subsequence, by dynamic programming: tables are
+	// small.
+	lcs := make([][]int, len(x)+1)
+	for i := range lcs {
+		lcs[i] = make([]int, len(y)+1)
+	}
+	for i := len(x) - 1; i >= 0; i-- {
+		for j := len(y) - 1; j >= 0; j-- {
+			if x[i] == y[j] {
+				lcs[i][j] = lcs[i+1][j+1] + 1
+			} else {
+				lcs[i][j] = max(lcs[i+1][j], lcs[i][j+1])
+			}
+		}
+	}
+	var b2 strings.Builder
+	fmt.Fprintf(&b2, "--- %s\n+++ %s\n", nameA, nameB)
+	i, j := 0, 0
+	for i < len(x) || j < len(y) {
+		switch {
+		case i < len(x) && j < len(y) && x[i] == y[j]:
+			fmt.Fprintf(&b2, " %s\n", x[i])
+			i, j = i+1, j+1
+		case j < len(y) && (i == len(x) || lcs[i][j+1] >= lcs[i+1][j]):
+			fmt.Fprintf(&b2, "+%s\n", y[j])
+			j++
+		default:
+			fmt.Fprintf(&b2, "-%s\n", x[i])
+			i++
+		}
+	}
+	return b2.String()
+}

@@ -136,6 +136,9 @@ const (
 	EventDrift        = "drift"    // someone changed or removed our table
 	EventRepaired     = "repaired" // the table was restored
 	EventReloaded     = "reloaded" // the configuration was reloaded
+	// EventSubscribed opens every event stream: events after it are
+	// delivered.
+	EventSubscribed = "subscribed"
 )
 
 // Event is one thing that happened.

@@ -37,7 +37,12 @@ type NotRunningError struct {
 }
 
 func (e *NotRunningError) Error() string {
-	return fmt.Sprintf("spliced is not running (nothing answers on %s: %v); start it (systemctl start spliced) or point -s at its control socket", e.Socket, e.Err)
+	reason := e.Err.Error()
+	var errno syscall.Errno
+	if errors.As(e.Err, &errno) {
+		reason = errno.Error()
+	}
+	return fmt.Sprintf("spliced is not running: nothing answers on %s (%s); start it (systemctl start spliced) or point -s at its control socket", e.Socket, reason)
 }
 
 func (e *NotRunningError) Unwrap() error { return e.Err }

@@ -69,6 +69,9 @@ type Kernel struct {
 	// (default: batched system calls, no copies) or "go-nfqueue" (the
 	// library; slower, kept for comparison).
 	NFQueue string `yaml:"nfqueue"`
+	// Repair is "on" (default: restore the table when someone deletes or
+	// edits it) or "off" (leave the drift, for `splicectl ruleset -diff`).
+	Repair string `yaml:"repair"`
 	// DivertTimeout is the lifetime of a spliced flow's divert entry in
 	// the kernel if spliced dies without removing it (default 24h); live
 	// flows are refreshed.
@@ -248,6 +251,7 @@ func (c *Config) applyDefaults() {
 	setDefault(&c.Kernel.Queues, runtime.NumCPU())
 	setDefault(&c.Kernel.DivertTimeout, Duration(DefaultDivertTimeout))
 	setDefault(&c.Kernel.NFQueue, "lean")
+	setDefault(&c.Kernel.Repair, "on")
 	setDefault(&c.Control.Socket, "/run/spliced/spliced.sock")
 	if c.Control.Socket == "off" {
 		c.Control.Socket = ""

@@ -37,6 +37,9 @@ func (c *Config) validate(idx *keyIndex) error {
 	} else if int(c.Kernel.Queue)+c.Kernel.Queues > 65536 {
 		bad("kernel.queue", fmt.Sprint(c.Kernel.Queue), "leaves no room for %d queues; use a queue number below %d", c.Kernel.Queues, 65536-c.Kernel.Queues)
 	}
+	if c.Kernel.Repair != "on" && c.Kernel.Repair != "off" {
+		bad("kernel.repair", c.Kernel.Repair, "is not on or off")
+	}
 	switch c.Kernel.NFQueue {
 	case "lean", "go-nfqueue":
 	default:

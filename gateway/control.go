@@ -327,8 +327,9 @@ func (g *Gateway) handleEvents(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.WriteHeader(http.StatusOK)
-	flusher.Flush()
 	enc := json.NewEncoder(w)
+	enc.Encode(api.Event{Time: time.Now(), Kind: api.EventSubscribed})
+	flusher.Flush()
 	for {
 		select {
 		case <-r.Context().Done():

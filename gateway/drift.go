@@ -113,6 +113,15 @@ func (g *Gateway) repairDrift(ctx context.Context) {
 	if !routingOK {
 		detail += "\npolicy routing: ip rules or routes missing"
 	}
+	if g.config().Kernel.Repair == "off" {
+		if diff != g.lastDrift {
+			g.lastDrift = diff
+			g.log.Warn("ruleset drift: someone changed spliced's table or routing; kernel.repair is off, leaving it",
+				logging.KeyTable, "inet "+m.Spec().Table, "table_present", table, "diff", detail)
+			g.events.publish(api.Event{Kind: api.EventDrift, Detail: detail})
+		}
+		return
+	}
 	g.log.Warn("ruleset drift: someone changed spliced's table or routing; restoring it",
 		logging.KeyTable, "inet "+m.Spec().Table, "table_present", table, "diff", detail)
 	g.events.publish(api.Event{Kind: api.EventDrift, Detail: detail})

@@ -64,6 +64,7 @@ type Gateway struct {
 
 	restoreSysctls func()
 	events         events
+	lastDrift      string // the drift last reported with kernel.repair off
 
 	spliceLatency latencies
 	spliceAborts  atomic.Uint64

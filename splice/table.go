@@ -18,7 +18,7 @@ type Entry struct {
 
 // DirStats count what the engine did in one direction.
 type DirStats struct {
-	Packets, Bytes uint64 // forwarded; Bytes: TCP payload
+	Packets, Bytes uint64 // forwarded; Bytes: new stream bytes (not retransmissions)
 	Dropped        uint64 // failed a check
 	LastDrop       Verdict
 }
@@ -27,10 +27,17 @@ type DirStats struct {
 // under the entry's lock.
 func (e *Entry) Process(p *Packet, d Dir, now int64, csumComplete bool) Verdict {
 	e.mu.Lock()
+	before := e.flow.d[d].sndNxt
 	v := e.flow.Rewrite(p, d, &e.Keys[1-d], now, csumComplete)
 	if v == Forward {
+		// Count stream bytes, not payload: a retransmission moves nothing
+		// new, and a FIN takes a sequence number but is no byte.
+		n := uint32(e.flow.d[d].sndNxt - before)
+		if n > 0 && p.TCP().Flags()&FlagFIN != 0 {
+			n--
+		}
 		e.stats[d].Packets++
-		e.stats[d].Bytes += uint64(p.PayloadLen())
+		e.stats[d].Bytes += uint64(n)
 	} else {
 		e.stats[d].Dropped++
 		e.stats[d].LastDrop = v

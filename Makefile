@@ -38,12 +38,20 @@ bench: build
 bench-quick: build
 	$(BIN)/spliced-bench -spliced $(BIN)/spliced -quick
 
+# Binaries, the default configuration (an existing one is kept), the
+# systemd unit and bash completion. PREFIX and DESTDIR as usual.
+UNITDIR  ?= $(PREFIX)/lib/systemd/system
+COMPDIR  ?= $(PREFIX)/share/bash-completion/completions
+
 install: build
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SYSCONFDIR)/spliced
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SYSCONFDIR)/spliced $(DESTDIR)$(UNITDIR) $(DESTDIR)$(COMPDIR)
 	install -m 0755 $(BIN)/spliced $(BIN)/splicectl $(DESTDIR)$(PREFIX)/bin/
 	@if [ -e $(DESTDIR)$(SYSCONFDIR)/spliced/spliced.yaml ]; then \
 		echo "keeping existing $(DESTDIR)$(SYSCONFDIR)/spliced/spliced.yaml"; \
 	else install -m 0640 config/default.yaml $(DESTDIR)$(SYSCONFDIR)/spliced/spliced.yaml; fi
+	sed -e 's|@BINDIR@|$(PREFIX)/bin|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' contrib/spliced.service.in > $(DESTDIR)$(UNITDIR)/spliced.service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/spliced.service
+	$(BIN)/splicectl completion bash > $(DESTDIR)$(COMPDIR)/splicectl
 
 clean:
 	rm -rf $(BIN) test.json

@@ -96,6 +96,7 @@ const (
 type dirState struct {
 	seqOff  uint32 // added to seq; subtracted from acks going the other way
 	tsOff   uint32 // added to TSval; before learning, the output leg's TS clock at capture
+	tsJump  uint32 // the part of tsOff that is pawsJump's forward jump
 	sndNxt  Seq    // end of the highest data or FIN the sender sent (never advanced by a pure ACK)
 	ackSeen Seq    // highest acknowledgment of this direction's data by the receiver
 	maxWin  uint32 // largest window the receiver advertised, bytes

@@ -273,20 +273,66 @@ func (s *dirState) rewriteTimestamps(opt []byte, o *dirState) {
 		return
 	}
 	if s.flags&dirTSLearned == 0 {
-		// Anchor the sender's clock at the output leg's clock at capture:
-		// the receiver's last TSval came from that socket, so PAWS holds.
+		// Anchor the sender's clock at the output leg's clock at capture
+		// (the receiver's last TSval came from that socket, so PAWS holds),
+		// then jump ahead so that the sender's raw TSvals fall behind.
 		s.tsOff -= val
+		s.tsJump = pawsJump(s.tsOff)
+		s.tsOff += s.tsJump
 		s.flags |= dirTSLearned
 	}
 	binary.BigEndian.PutUint32(opt[2:], val+s.tsOff)
 	// TSecr echoes a value of the receiver's output clock; map it back
 	// to the receiver's own clock. Until the receiver's offset is known
-	// the echo cannot be mapped: 0 makes it ignored for RTT estimation.
-	if o.flags&dirTSLearned != 0 {
-		binary.BigEndian.PutUint32(opt[6:], ecr-o.tsOff)
-	} else {
-		binary.BigEndian.PutUint32(opt[6:], 0)
+	// the echo cannot be mapped, and an echo of a TSval the gateway's old
+	// socket sent, before the jump, maps to nothing meaningful: 0 makes
+	// them ignored for RTT estimation.
+	binary.BigEndian.PutUint32(opt[6:], o.mapEcho(ecr))
+}
+
+// mapEcho maps a TSecr that echoes this direction's output clock back to
+// its sender's own clock, or 0 if it cannot be mapped.
+func (o *dirState) mapEcho(ecr uint32) uint32 {
+	if o.flags&dirTSLearned == 0 {
+		return 0
 	}
+	e := ecr - o.tsOff
+	// An echo of a value sent after the jump lies an RTT or so behind the
+	// sender's latest TSval; one sent before it lies about tsJump behind.
+	if o.tsJump > 1 && int64(int32(o.tsVal-e)) >= int64(o.tsJump/2) {
+		return 0
+	}
+	return e
+}
+
+// The TSval jump: see pawsJump.
+const (
+	pawsTarget  = 1 << 30       // how far behind the receiver's TS.Recent raw TSvals should be
+	maxPAWSJump = 1<<31 - 1<<28 // the largest forward jump a receiver accepts, with 2^28 ticks to spare
+)
+
+// pawsJump returns how far a direction's TSvals jump forward at the
+// splice, given the offset cont that keeps them continuous with the
+// receiver's old connection to the gateway.
+//
+// If the table disappears (an operator's `nft flush ruleset`) or the
+// daemon stops, a spliced flow's packets reach the ends unrewritten. Their
+// sequence numbers are then in the wrong space, and a receiver would
+// accept the ones that happen to fall into its window and place their
+// bytes at the wrong offset. That is likely, not rare, when the offsets
+// are small: in transparent mode both connections have the same 4-tuple,
+// and a Linux host derives ISNs and TS offsets from the tuple, so the
+// gateway's ISN toward the server is within microseconds of the
+// client's. PAWS (RFC 7323) protects the receiver instead: a segment whose
+// TSval lies behind TS.Recent (modulo 2^31) is dropped before its sequence
+// number is looked at. A forward jump is legal, so the engine moves the
+// receiver's TS.Recent about 2^30 ticks ahead of the sender's own clock,
+// and every raw segment fails PAWS. When cont is itself far ahead or
+// behind, the jump is clamped to what the receiver accepts; for a small
+// band of offsets (about 6%) raw TSvals then stay ahead, as before.
+func pawsJump(cont uint32) uint32 {
+	j := int64(pawsTarget) - int64(int32(cont))
+	return uint32(min(max(j, 0), maxPAWSJump))
 }
 
 func nop(b []byte) {

@@ -183,18 +183,62 @@ func TestRewriteTimestamps(t *testing.T) {
 			t.Errorf("%v TS %d/%d -> %d/%d, want %d/%d", d, val, ecr, gv, ge, wantVal, wantEcr)
 		}
 	}
-	// First client packet: TSval anchors at the server leg's clock (900000);
-	// TSecr echoes the gateway's old socket and cannot be mapped yet: 0.
-	step(f.c2s(1000, 0xfffffff0, FlagACK), C2S, 100, 4990, 900000, 0)
-	// First server packet: anchors at the client leg's clock (5000); its
-	// echo of 900000 maps back to the client's clock, 100.
-	step(f.s2c(0xffffff00, 0x7ffffff0, FlagACK), S2C, 7000, 900000, 5000, 100)
-	// Both learned: offsets stay.
-	step(f.c2s(1000, 0xfffffff0, FlagACK), C2S, 110, 5000, 900010, 7000)
-	step(f.s2c(0xffffff00, 0x7ffffff0, FlagACK), S2C, 7005, 900010, 5005, 110)
+	// First client packet: TSval continues the server leg's clock
+	// (900000) plus the PAWS jump, which here puts it 2^30 ahead of the
+	// client's own clock; TSecr echoes the gateway's old socket and cannot
+	// be mapped yet: 0.
+	const j = 1 << 30
+	step(f.c2s(1000, 0xfffffff0, FlagACK), C2S, 100, 4990, j+100, 0)
+	// First server packet: continues the client leg's clock (5000) plus
+	// the jump; its echo of 900000 is the old socket's clock: 0.
+	step(f.s2c(0xffffff00, 0x7ffffff0, FlagACK), S2C, 7000, 900000, j+7000, 0)
+	// Both learned: echoes of jumped values map back; offsets stay.
+	step(f.c2s(1000, 0xfffffff0, FlagACK), C2S, 110, j+7000, j+110, 7000)
+	step(f.s2c(0xffffff00, 0x7ffffff0, FlagACK), S2C, 7005, j+110, j+7005, 110)
+	// A late echo of the old clock still maps to nothing.
+	step(f.s2c(0xffffff00, 0x7ffffff0, FlagACK), S2C, 7006, 900001, j+7006, 0)
 	info := f.e.Snapshot().Info(C2S)
-	if !info.TSLearned || info.TSval != 110 || info.TSecr != 5000 {
+	if !info.TSLearned || info.TSval != 110 || info.TSecr != j+7000 {
 		t.Errorf("tracked c2s timestamps %+v", info)
+	}
+}
+
+// TestPAWSJump: the jump is always one a receiver accepts (forward, less
+// than 2^31 ticks), and it leaves the sender's raw TSvals at least 2^30
+// ticks behind the receiver's TS.Recent whenever one jump can.
+func TestPAWSJump(t *testing.T) {
+	behind := 0
+	const n = 1 << 16
+	for i := range n {
+		cont := uint32(i) * (1<<32/n + 7) // a spread over the whole space
+		j := pawsJump(cont)
+		if j > maxPAWSJump {
+			t.Fatalf("cont %d: jump %d is more than a receiver accepts", cont, j)
+		}
+		// The output clock is the raw clock plus cont+j: a raw TSval lies
+		// that far behind what the receiver last saw.
+		d := int32(cont + j)
+		switch {
+		case int32(cont) >= pawsTarget:
+			if j != 0 || d != int32(cont) {
+				t.Fatalf("cont %d already far ahead: jump %d", cont, j)
+			}
+		case int32(cont) >= pawsTarget-maxPAWSJump:
+			if d != pawsTarget {
+				t.Fatalf("cont %d: raw TSvals %d behind, want %d", cont, d, pawsTarget)
+			}
+		default:
+			if j != maxPAWSJump {
+				t.Fatalf("cont %d: jump %d, want the largest", cont, j)
+			}
+		}
+		if d >= 2 {
+			behind++
+		}
+	}
+	// Only the band the jump cannot reach leaves raw TSvals ahead.
+	if frac := float64(behind) / n; frac < 0.93 {
+		t.Errorf("raw TSvals fail PAWS for only %.1f%% of offsets", 100*frac)
 	}
 }
 

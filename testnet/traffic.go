@@ -75,6 +75,28 @@ type Side struct {
 type Transfer struct {
 	Client, Server Side
 	Elapsed        time.Duration
+	Seed           uint64 // the options' seed
+}
+
+// CheckPrefix returns an error unless what each end received is an
+// unaltered prefix of what the other sent: for transfers that may end in
+// a reset but must never deliver a wrong byte.
+func (t *Transfer) CheckPrefix() error {
+	var errs []error
+	for _, c := range []struct {
+		name string
+		seed uint64
+		side *Side
+	}{{"client->server", t.Seed, &t.Server}, {"server->client", t.Seed + 1, &t.Client}} {
+		h := sha256.New()
+		if _, err := io.CopyN(h, NewRandomStream(c.seed), c.side.Received); err != nil {
+			return err
+		}
+		if [sha256.Size]byte(h.Sum(nil)) != c.side.ReceivedHash {
+			errs = append(errs, fmt.Errorf("%s: the %d bytes received are not what was sent", c.name, c.side.Received))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Check returns an error unless every byte sent each way arrived intact.
@@ -146,7 +168,7 @@ func Exchange(c, s *net.TCPConn, opt TransferOptions) *Transfer {
 	if opt.Timeout == 0 {
 		opt.Timeout = 2 * time.Minute
 	}
-	t := &Transfer{}
+	t := &Transfer{Seed: opt.Seed}
 	start := time.Now()
 	deadline := start.Add(opt.Timeout)
 	var wg sync.WaitGroup

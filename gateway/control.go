@@ -178,6 +178,15 @@ func (g *Gateway) Status() api.Status {
 
 // apiFlow describes a flow for the API.
 func (g *Gateway) apiFlow(f *proxy.Flow) api.Flow {
+	g.splicedMu.Lock()
+	sf := g.spliced[f.ID]
+	g.splicedMu.Unlock()
+	return describeFlow(f, sf)
+}
+
+// describeFlow describes a flow for the API; sf is its spliced state, if
+// it is spliced.
+func describeFlow(f *proxy.Flow, sf *splicedFlow) api.Flow {
 	af := api.Flow{
 		ID: f.ID, Service: f.Service, Proxy: f.Proxy, State: f.State().String(),
 		ClientLeg: api.Leg{Local: f.Server.String(), Remote: f.Client.String()},
@@ -189,9 +198,6 @@ func (g *Gateway) apiFlow(f *proxy.Flow) api.Flow {
 		t := time.Unix(0, at)
 		af.SplicedAt = &t
 	}
-	g.splicedMu.Lock()
-	sf := g.spliced[f.ID]
-	g.splicedMu.Unlock()
 	if sf != nil {
 		s := sf.entry.Stats()
 		af.BytesC2S += s[splice.C2S].Bytes

@@ -224,6 +224,21 @@ func (g *Gateway) openDiverter() error {
 }
 
 func (g *Gateway) shutdown() error {
+	if g.inject != nil {
+		// Spliced flows cannot outlive the daemon (their rewrite state
+		// lives in it): end them at both ends before the table goes.
+		var live []*splicedFlow
+		g.splicedMu.Lock()
+		for _, sf := range g.spliced {
+			if !sf.entry.Snapshot().Finished() {
+				live = append(live, sf)
+			}
+		}
+		g.splicedMu.Unlock()
+		if len(live) > 0 {
+			g.log.Info("resetting spliced flows", "flows", len(live), "packets", g.resetSpliced(live))
+		}
+	}
 	err := g.manager().Remove()
 	if err != nil {
 		g.log.Error("remove kernel state", logging.Err(err))

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"spliced/api"
 	"spliced/logging"
 	"spliced/proxy"
 	"spliced/splice"
@@ -39,7 +40,8 @@ func (g *Gateway) reap(now time.Time) {
 	if g.engine == nil {
 		return
 	}
-	var done []*splicedFlow
+	var done, idle []*splicedFlow
+	var reasons []string
 	g.splicedMu.Lock()
 	for id, sf := range g.spliced {
 		snap := sf.entry.Snapshot()
@@ -59,14 +61,27 @@ func (g *Gateway) reap(now time.Time) {
 			delete(g.spliced, id)
 			sf.finished = now
 			done = append(done, sf)
+			reasons = append(reasons, reason)
+			if reason == "idle" {
+				idle = append(idle, sf)
+			}
 			sf.flow.SetState(proxy.StateClosing)
-			g.logClosed(sf, reason)
-			g.flowEvent(proxy.EventClosed, sf.flow, reason)
 		}
 	}
 	g.splicedMu.Unlock()
 	if len(done) == 0 {
 		return
+	}
+	// Events describe the flow, which takes splicedMu: publish them
+	// after it is released.
+	for i, sf := range done {
+		g.logClosed(sf, reasons[i])
+		af := describeFlow(sf.flow, sf)
+		g.events.publish(api.Event{Kind: proxy.EventClosed, Flow: &af, Detail: reasons[i]})
+	}
+	// Like a proxy closing an idle connection, tell both ends.
+	if n := g.resetSpliced(idle); n > 0 {
+		g.log.Debug("reset idle spliced flows", "flows", len(idle), "packets", n)
 	}
 	byQueue := map[uint16][]splice.Key{}
 	for _, sf := range done {

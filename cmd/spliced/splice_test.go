@@ -2,8 +2,11 @@ package main
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"os"
 	"regexp"
@@ -557,4 +560,90 @@ func TestLabSpliceAnyMoment(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 		os.WriteFile(dump+"daemon.log", []byte(d.Log()), 0o644)
 	}
+}
+
+// TestLabSplicedFlowsEndWithResets: a spliced flow the daemon gives up
+// (idle past its service's idle_timeout, or every flow when spliced stops)
+// ends at both ends with a reset, instead of hanging until their own
+// timeouts.
+func TestLabSplicedFlowsEndWithResets(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	d := testnet.StartDaemon(t, lab, `
+log:
+  level: debug
+services:
+  - name: idle
+    listen: 15001
+    ports: ["5001"]
+    idle_timeout: 1s
+    splice:
+      mode: immediate
+  - name: busy
+    listen: 15002
+    ports: ["5002"]
+    upstream: nat
+    splice:
+      mode: immediate
+`)
+	open := func(port uint16) (c, s *net.TCPConn) {
+		t.Helper()
+		dst := netip.AddrPortFrom(lab.Server().IPv4, port)
+		ln, err := lab.Server().Listen(dst)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		if c, err = lab.Client().Dial(dst, 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		ln.SetDeadline(time.Now().Add(5 * time.Second))
+		if s, err = ln.AcceptTCP(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close(); s.Close() })
+		if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
+			return l["msg"] == "flow spliced" && l["client"] == c.LocalAddr().String()
+		}); err != nil {
+			t.Fatal(err)
+		}
+		// Data both ways through the engine.
+		for _, pair := range [][2]*net.TCPConn{{c, s}, {s, c}} {
+			if _, err := pair[0].Write([]byte("hello")); err != nil {
+				t.Fatal(err)
+			}
+			pair[1].SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(pair[1], make([]byte, 5)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return c, s
+	}
+	// reset waits for a reset on conn; the deadline only bounds a failure.
+	reset := func(name string, conn *net.TCPConn) {
+		t.Helper()
+		conn.SetReadDeadline(time.Now().Add(20 * time.Second))
+		_, err := conn.Read(make([]byte, 1))
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Errorf("%s: read returned %v, want a reset", name, err)
+		}
+	}
+
+	c, s := open(5001)
+	if err := d.WaitLog(10*time.Second, func(l map[string]any) bool {
+		return l["msg"] == "flow closed" && l["reason"] == "idle" && l["client"] == c.LocalAddr().String()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	reset("idle flow, client", c)
+	reset("idle flow, server", s)
+
+	c, s = open(5002)
+	if err := d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if d.FindLog(func(l map[string]any) bool { return l["msg"] == "resetting spliced flows" && l["flows"] == 1.0 }) == nil {
+		t.Errorf("the shutdown did not reset the spliced flow:\n%s", tail(d.Log(), 10))
+	}
+	reset("at shutdown, client", c)
+	reset("at shutdown, server", s)
 }

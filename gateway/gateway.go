@@ -55,6 +55,7 @@ type Gateway struct {
 	diverter    *rules.Diverter
 	queues      *nfq.Set
 	inject      *injector
+	conntrack   *conntrackCleaner
 	transitions transitions
 	counters    engineCounters
 	nextQueue   atomic.Uint32
@@ -289,6 +290,9 @@ func (g *Gateway) logStats() {
 	attrs := []any{"splices", g.spliceLatency.count.Load(), "splice_aborts", g.spliceAborts.Load(),
 		"splice_p50_us", g.spliceLatency.percentile(0.5).Microseconds(), "splice_p99_us", g.spliceLatency.percentile(0.99).Microseconds(),
 		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load()}
+	if c := g.conntrack; c != nil {
+		attrs = append(attrs, "conntrack_deleted", c.deleted.Load(), "conntrack_delete_failed", c.failed.Load())
+	}
 	for v := range splice.NumVerdicts {
 		if n := g.counters.verdicts[v].Load(); n > 0 {
 			attrs = append(attrs, splice.Verdict(v).String(), n)
@@ -316,6 +320,7 @@ func (g *Gateway) startSplicing(ctx context.Context, d rules.Divert) error {
 		return err
 	}
 	g.inject, g.engine, g.queues = inj, splice.NewTable(), qs
+	g.conntrack = newConntrackCleaner(g.log.With(logging.KeyComponent, "conntrack"))
 	// Services that were started before splicing existed may now splice
 	// on request.
 	g.mu.Lock()
@@ -333,6 +338,7 @@ func (g *Gateway) stopSplicing() {
 	if g.inject != nil {
 		g.inject.Close()
 	}
+	g.conntrack.Close()
 	if g.diverter != nil {
 		g.diverter.Close()
 	}

@@ -94,6 +94,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	sent, released := g.release(tr, entry, &params)
 	g.transitions.remove(tr)
 	g.addSpliced(f, entry, tr.keys, tr.queue)
+	g.conntrack.forget(tr.keys)
 	took := time.Since(start)
 	g.spliceLatency.observe(took)
 	f.SplicedAt.Store(time.Now().UnixNano())

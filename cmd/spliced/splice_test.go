@@ -278,16 +278,32 @@ func TestLabLegDifferences(t *testing.T) {
 }
 
 // TestLabConntrackInvalidDrop: an operator's `ct state invalid drop` in the
-// gateway's forward chain does not break spliced flows.
+// gateway's forward chain does not break spliced flows, and a spliced
+// flow leaves no conntrack entry behind (its packets are untracked, so the
+// entry of its proxied start would otherwise stay ESTABLISHED for days).
 func TestLabConntrackInvalidDrop(t *testing.T) {
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
-			sc := &scenario{size: 50 << 20, spliceAt: 8 << 20, setup: func(t *testing.T, lab *testnet.Lab) {
+			var lab *testnet.Lab
+			sc := &scenario{size: 50 << 20, spliceAt: 8 << 20, setup: func(t *testing.T, l *testnet.Lab) {
+				lab = l
 				nft(t, &lab.Gateway.NS, "add table inet operator",
 					"add chain inet operator forward { type filter hook forward priority 0; }",
 					"add rule inet operator forward ct state invalid counter drop")
 			}}
 			sc.run(t, mode)
+			out, err := lab.Gateway.Run("conntrack", "-L", "-p", "tcp", "--dport", "5001")
+			if err != nil {
+				t.Fatalf("conntrack -L: %v: %s", err, out)
+			}
+			entries := strings.Count(out, "dport=5001 ")
+			switch {
+			case mode == "copy" && entries == 0:
+				t.Errorf("conntrack tracked nothing of the proxied flow, so the spliced case proves nothing:\n%s", out)
+			case mode == "splice" && entries > 0:
+				t.Errorf("the spliced flow left conntrack entries:\n%s", out)
+			}
+			t.Logf("conntrack entries of the flow after it ended: %d", entries)
 		})
 	}
 }

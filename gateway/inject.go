@@ -70,15 +70,21 @@ func stripPayload(p *splice.Packet) []byte {
 }
 
 // segments splits a held packet (a copy taken during the splice, possibly
-// a 64 KB GSO packet) into packets of at most mss payload bytes, in the
-// sender's sequence space; FIN and PSH stay on the last one only. Each
-// returned packet is a fresh buffer.
-func segments(b []byte, mss int) [][]byte {
+// a 64 KB GSO packet) into packets whose TCP segment (header, options and
+// payload) is at most wire bytes, in the sender's sequence space; FIN and
+// PSH stay on the last one only. Each returned packet is a fresh buffer.
+//
+// The budget is in wire bytes, not payload, because the packet keeps the
+// options of the leg it came from: SACK blocks, or timestamps the other
+// leg never negotiated, would push a segment of the receiving leg's MSS
+// past the path MTU, and the raw socket refuses it (EMSGSIZE).
+func segments(b []byte, wire int) [][]byte {
 	var p splice.Packet
 	if p.Parse(b) != splice.OK {
 		return nil
 	}
 	payload := p.Payload()
+	mss := max(wire-len(p.Segment())+len(payload), 1)
 	if len(payload) <= mss {
 		return [][]byte{append([]byte(nil), p.Bytes()...)}
 	}

@@ -91,7 +91,12 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	// Point of no return: in repair mode, Close sends nothing.
 	client.Close()
 	upstream.Close()
-	sent, released := g.release(tr, entry, &params)
+	sent, released, injectErr := g.release(tr, entry, &params)
+	if injectErr != nil {
+		// Not fatal: the sender never had those bytes acknowledged and
+		// retransmits them through the engine.
+		g.log.Warn("inject taken-over payload", logging.KeyFlow, f.ID, logging.Err(injectErr))
+	}
 	g.transitions.remove(tr)
 	g.addSpliced(f, entry, tr.keys, tr.queue)
 	g.conntrack.forget(tr.keys)
@@ -274,13 +279,22 @@ func (g *Gateway) abort(tr *transition, f *proxy.Flow) {
 // release finishes a splice (step 4): the payload taken over goes out
 // first, segmented for the receiving leg and rewritten by the engine, then
 // the held packets go through the engine in the order they came.
-func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params) (sent, released int) {
+func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params) (sent, released int, injectErr error) {
 	tr.mu.Lock()
 	defer tr.mu.Unlock()
 	tr.entry = e
 	tr.phase = phaseSpliced
 	now := time.Now().UnixNano()
-	mss := [2]int{int(params.Server.MSS), int(params.Client.MSS)} // by direction of travel
+	// The receiving leg's segment budget by direction of travel: its MSS
+	// (mss_cache, which leaves room for timestamps only when they were
+	// negotiated) plus the bare TCP header and those timestamps.
+	var wire [2]int
+	for d, r := range []*splice.Conn{&params.Server, &params.Client} {
+		wire[d] = max(int(r.MSS), 536) + splice.TCPMinHeaderLen
+		if r.Timestamps {
+			wire[d] += 12
+		}
+	}
 	// What each sender last told the gateway's socket: a segment taken
 	// over during the drain carries an older ack and window, and a stale
 	// window would shrink the receiver's view below data already sent.
@@ -290,7 +304,7 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 		c := senders[d]
 		win := uint16(min(c.SndWnd>>c.SndWscale, 0xffff))
 		for _, b := range tr.taken[d] {
-			for _, seg := range segments(b, max(mss[d], 536)) {
+			for _, seg := range segments(b, wire[d]) {
 				if p.Parse(seg) != splice.OK {
 					continue
 				}
@@ -302,6 +316,9 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 				}
 				if err := g.inject.send(&p); err != nil {
 					g.injectErrors.Add(1)
+					if injectErr == nil {
+						injectErr = err
+					}
 					continue // the sender still has it unacknowledged
 				}
 				sent++
@@ -318,5 +335,5 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 		released++
 	}
 	tr.held = nil
-	return sent, released
+	return sent, released, injectErr
 }

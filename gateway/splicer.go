@@ -91,7 +91,9 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	// Point of no return: in repair mode, Close sends nothing.
 	client.Close()
 	upstream.Close()
+	unpin := g.queues.Pin(int(tr.queue)) // in order with the queue's reader
 	sent, released, injectErr := g.release(tr, entry, &params)
+	unpin()
 	if injectErr != nil {
 		// Not fatal: the sender never had those bytes acknowledged and
 		// retransmits them through the engine.
@@ -265,9 +267,11 @@ func (g *Gateway) abort(tr *transition, f *proxy.Flow) {
 	held := tr.held
 	tr.held, tr.taken = nil, [2][][]byte{}
 	tr.mu.Unlock()
+	unpin := g.queues.Pin(int(tr.queue))
 	for _, np := range held {
 		np.Verdict(nfq.Accept)
 	}
+	unpin()
 	if err := g.diverter.Delete(tr.queue, tr.keys[0], tr.keys[1]); err != nil {
 		g.log.Error("remove divert entries of an abandoned splice", logging.KeyFlow, f.ID, logging.Err(err))
 	}

@@ -176,7 +176,7 @@ func (b *verdictBatch) flush(rc syscall.RawConn) error {
 	return serr
 }
 
-func openLean(num uint16, cfg Config, h Handler, log interface{ Error(string, ...any) }, cnt *counters) (*leanQueue, error) {
+func openLean(num uint16, cfg Config, h Handler, log interface{ Error(string, ...any) }, cnt *counters, cpu int) (*leanQueue, error) {
 	fd, err := netlinkSocket(cfg.NetNS)
 	if err != nil {
 		return nil, err
@@ -219,7 +219,10 @@ func openLean(num uint16, cfg Config, h Handler, log interface{ Error(string, ..
 		q.msgs[i].Hdr.Iov = &q.iov[i]
 		q.msgs[i].Hdr.SetIovlen(1)
 	}
-	go q.loop()
+	go func() {
+		defer pinThread(cpu)() // see cpu.go: verdicts leave in order
+		q.loop()
+	}()
 	return q, nil
 }
 

@@ -122,6 +122,7 @@ type Set struct {
 	counters []*counters
 	log      *slog.Logger
 	cancel   context.CancelFunc
+	cpus     []int // the CPUs the queues' readers are bound to, in turn
 }
 
 // libQueue is a queue served by go-nfqueue.
@@ -149,7 +150,7 @@ func Open(ctx context.Context, cfg Config, newHandler func(queue uint16) Handler
 		cfg.RcvBuf = 32 << 20
 	}
 	ctx, cancel := context.WithCancel(ctx)
-	s := &Set{log: log, cancel: cancel}
+	s := &Set{log: log, cancel: cancel, cpus: allowedCPUs()}
 	for n := cfg.First; n < cfg.First+cfg.Count; n++ {
 		cnt := &counters{}
 		var q backend
@@ -157,7 +158,7 @@ func Open(ctx context.Context, cfg Config, newHandler func(queue uint16) Handler
 		if cfg.Library {
 			q, err = openLibrary(ctx, n, cfg, newHandler(n), log, cnt)
 		} else {
-			q, err = openLean(n, cfg, newHandler(n), log, cnt)
+			q, err = openLean(n, cfg, newHandler(n), log, cnt, s.cpuOf(int(n-cfg.First)))
 		}
 		if err != nil {
 			s.Close()

@@ -157,8 +157,56 @@ type Service struct {
 	IdleTimeout Duration `yaml:"idle_timeout"`
 	// Access decides which intercepted flows are relayed.
 	Access Access `yaml:"access"`
-	// Splice says when flows of this service are spliced.
+	// Splice says when flows of this service are spliced. For an FTP
+	// service it applies to the data connections (never: relayed by the
+	// proxy; any other mode: spliced as soon as they are set up); the
+	// control connection always stays proxied.
 	Splice Splice `yaml:"splice"`
+	// Proxy is the kind of proxy relaying the service's flows: forward
+	// (default, the plain forwarder) or ftp.
+	Proxy ProxyKind `yaml:"proxy"`
+	// FTP configures an ftp proxy.
+	FTP FTP `yaml:"ftp"`
+}
+
+// ProxyKind names a proxy.
+type ProxyKind string
+
+const (
+	ProxyForward ProxyKind = "forward" // the plain forwarder (default)
+	ProxyFTP     ProxyKind = "ftp"     // FTP with NAT address rewriting and spliced data connections
+)
+
+// FTP configures an FTP proxy. Its upstream is always nat: servers see only
+// the gateway's external address.
+type FTP struct {
+	// External is the gateway's address the servers see in PORT and EPRT
+	// commands. Default: the source address of the session's control
+	// connection to the server.
+	External Addr `yaml:"external"`
+	// Internal is the gateway's address clients get in 227 (PASV)
+	// replies. Default: the gateway's address on the route to the client.
+	// 229 (EPSV) replies carry no address; clients connect to the address
+	// they sent the control connection to, where the proxy listens
+	// transparently.
+	Internal Addr `yaml:"internal"`
+	// DataPorts is the range of gateway ports for data connections
+	// (default 40000-40999).
+	DataPorts PortRange `yaml:"data_ports"`
+	// MaxLine is the longest command line accepted, CRLF included
+	// (default 512). A longer line, or a NUL byte, ends the session. RFC
+	// 959 sets no limit; real commands, paths included, stay far below
+	// it.
+	MaxLine int `yaml:"max_line"`
+	// SessionTimeout ends a control connection after this long (default
+	// 24h). The service's idle_timeout ends one that is idle while no
+	// data connection of it is open.
+	SessionTimeout Duration `yaml:"session_timeout"`
+	// DataTimeout bounds the wait for a data connection the session set
+	// up (default 30s).
+	DataTimeout Duration `yaml:"data_timeout"`
+	// MaxSessions caps the service's control connections (default 256).
+	MaxSessions int `yaml:"max_sessions"`
 }
 
 // Action of an access rule.
@@ -237,6 +285,13 @@ const (
 	DefaultQueue          = 100
 	DefaultDivertTimeout  = 24 * time.Hour
 	DefaultDrainTimeout   = 5 * time.Second
+
+	DefaultFTPDataFirst      = 40000
+	DefaultFTPDataLast       = 40999
+	DefaultFTPMaxLine        = 512
+	DefaultFTPSessionTimeout = 24 * time.Hour
+	DefaultFTPDataTimeout    = 30 * time.Second
+	DefaultFTPMaxSessions    = 256
 )
 
 func (c *Config) applyDefaults() {
@@ -258,6 +313,15 @@ func (c *Config) applyDefaults() {
 	}
 	for i := range c.Services {
 		s := &c.Services[i]
+		setDefault(&s.Proxy, ProxyForward)
+		if s.Proxy == ProxyFTP {
+			setDefault(&s.Upstream, NAT)
+			setDefault(&s.FTP.DataPorts, PortRange{DefaultFTPDataFirst, DefaultFTPDataLast})
+			setDefault(&s.FTP.MaxLine, DefaultFTPMaxLine)
+			setDefault(&s.FTP.SessionTimeout, Duration(DefaultFTPSessionTimeout))
+			setDefault(&s.FTP.DataTimeout, Duration(DefaultFTPDataTimeout))
+			setDefault(&s.FTP.MaxSessions, DefaultFTPMaxSessions)
+		}
 		setDefault(&s.Upstream, Transparent)
 		setDefault(&s.ConnectTimeout, Duration(DefaultConnectTimeout))
 		setDefault(&s.IdleTimeout, Duration(DefaultIdleTimeout))

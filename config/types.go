@@ -247,3 +247,32 @@ func (m *SpliceMode) UnmarshalYAML(n *yaml.Node) error {
 	}
 	return &valueError{line: n.Line, column: n.Column, value: s, msg: "not a splice mode; use never, immediate (right after connect), bytes (after splice.bytes) or time (after splice.after)"}
 }
+
+// Addr is an IPv4 or IPv6 address; the zero value means unset.
+type Addr struct{ netip.Addr }
+
+func (a *Addr) UnmarshalYAML(n *yaml.Node) error {
+	s, err := scalar(n, "an address such as 10.2.0.1 or fd00::1")
+	if err != nil {
+		return err
+	}
+	v, err := netip.ParseAddr(strings.TrimSpace(s))
+	if err != nil || v.Zone() != "" {
+		return &valueError{line: n.Line, column: n.Column, value: s, msg: "not an address; use e.g. 10.2.0.1 or fd00::1"}
+	}
+	a.Addr = v.Unmap()
+	return nil
+}
+
+func (k *ProxyKind) UnmarshalYAML(n *yaml.Node) error {
+	s, err := scalar(n, "forward or ftp")
+	if err != nil {
+		return err
+	}
+	switch ProxyKind(s) {
+	case ProxyForward, ProxyFTP:
+		*k = ProxyKind(s)
+		return nil
+	}
+	return &valueError{line: n.Line, column: n.Column, value: s, msg: "is not a proxy; use forward or ftp"}
+}

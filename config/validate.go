@@ -81,6 +81,20 @@ func (c *Config) validate(idx *keyIndex) error {
 		case s.Splice.Mode == SpliceTime && s.Splice.After <= 0:
 			bad(p+".splice", string(s.Splice.Mode), "needs splice.after, how long after the connect to splice, such as 10s")
 		}
+		if s.Proxy == ProxyFTP {
+			if s.Upstream != NAT {
+				bad(p+".upstream", string(s.Upstream), "cannot be used by an ftp proxy: its servers see only the gateway's address; remove the key or set upstream: nat")
+			}
+			if s.FTP.MaxLine < 64 || s.FTP.MaxLine > 8192 {
+				bad(p+".ftp.max_line", fmt.Sprint(s.FTP.MaxLine), "is not a usable line limit; use 64-8192 bytes (default %d)", DefaultFTPMaxLine)
+			}
+			if s.FTP.MaxSessions < 0 {
+				bad(p+".ftp.max_sessions", fmt.Sprint(s.FTP.MaxSessions), "is negative; use a positive number of sessions (default %d)", DefaultFTPMaxSessions)
+			}
+			if s.FTP.DataPorts.First < 1024 {
+				bad(p+".ftp.data_ports", s.FTP.DataPorts.String(), "includes privileged ports; use a range above 1023 such as 40000-40999")
+			}
+		}
 		for j, r := range s.Access.Rules {
 			if r.Action == "" {
 				bad(fmt.Sprintf("%s.access.rules[%d]", p, j), "", "has no action; set action: allow or action: deny")

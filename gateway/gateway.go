@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -31,6 +32,7 @@ import (
 	"spliced/logging"
 	"spliced/nfq"
 	"spliced/proxy"
+	"spliced/proxy/ftp"
 	"spliced/rules"
 	"spliced/splice"
 )
@@ -62,6 +64,9 @@ type Gateway struct {
 
 	splicedMu sync.Mutex
 	spliced   map[uint64]*splicedFlow
+	// jumped holds the 4-tuples of transparent upstream connections whose
+	// server may still remember a jumped timestamp (see avoidPort).
+	jumped map[[2]netip.AddrPort]time.Time
 
 	restoreSysctls func()
 	events         events
@@ -76,10 +81,18 @@ type Gateway struct {
 	closedProxied, closedSpliced [2]atomic.Uint64
 }
 
+// serviceProxy is the proxy serving one service: the forwarder or the FTP
+// proxy.
+type serviceProxy interface {
+	Serve(ctx context.Context, listeners ...*net.TCPListener) error
+	CloseFlows()
+	SetSplicer(proxy.Splicer)
+}
+
 type service struct {
 	cfg       *config.Service
 	listeners []*net.TCPListener
-	fwd       *proxy.Forwarder
+	proxy     serviceProxy
 	stop      context.CancelFunc
 	done      chan struct{}
 }
@@ -93,6 +106,7 @@ func New(cfg *config.Config, log *slog.Logger) *Gateway {
 		flows:    proxy.NewFlowTable(cfg.Limits.MaxFlows),
 		services: map[string]*service{},
 		spliced:  map[uint64]*splicedFlow{},
+		jumped:   map[[2]netip.AddrPort]time.Time{},
 	}
 }
 
@@ -325,7 +339,7 @@ func (g *Gateway) startSplicing(ctx context.Context, d rules.Divert) error {
 	// on request.
 	g.mu.Lock()
 	for _, s := range g.services {
-		s.fwd.Splicer = g
+		s.proxy.SetSplicer(g)
 	}
 	g.mu.Unlock()
 	return nil
@@ -353,22 +367,34 @@ func (g *Gateway) startService(svc *config.Service) error {
 	return nil
 }
 
-// serveService starts a service's forwarder on its listeners.
+// serveService starts a service's proxy on its listeners.
 func (g *Gateway) serveService(svc *config.Service, lns []*net.TCPListener) {
 	ctx, cancel := context.WithCancel(context.Background())
-	fwd := &proxy.Forwarder{
-		Service: svc,
-		Flows:   g.flows,
-		Log:     g.log.With(logging.KeyComponent, "forward", logging.KeyService, svc.Name),
-		Events:  g.forwarderEvent,
+	var p serviceProxy
+	switch svc.Proxy {
+	case config.ProxyFTP:
+		p = &ftp.Proxy{
+			Service: svc,
+			Flows:   g.flows,
+			Log:     g.log.With(logging.KeyComponent, "ftp", logging.KeyService, svc.Name),
+			Events:  g.forwarderEvent,
+		}
+	default:
+		p = &proxy.Forwarder{
+			Service:   svc,
+			Flows:     g.flows,
+			Log:       g.log.With(logging.KeyComponent, "forward", logging.KeyService, svc.Name),
+			Events:    g.forwarderEvent,
+			AvoidPort: g.avoidPort,
+		}
 	}
 	if g.engine != nil {
-		fwd.Splicer = g // every service may splice on request once the engine runs
+		p.SetSplicer(g) // every service may splice on request once the engine runs
 	}
-	s := &service{cfg: svc, listeners: lns, fwd: fwd, stop: cancel, done: make(chan struct{})}
+	s := &service{cfg: svc, listeners: lns, proxy: p, stop: cancel, done: make(chan struct{})}
 	go func() {
 		defer close(s.done)
-		if err := s.fwd.Serve(ctx, lns...); err != nil {
+		if err := s.proxy.Serve(ctx, lns...); err != nil {
 			g.log.Error("service stopped", logging.KeyService, svc.Name, logging.Err(err))
 		}
 	}()
@@ -398,7 +424,7 @@ func (g *Gateway) stopServices() {
 	}
 	for _, s := range svcs {
 		<-s.done
-		s.fwd.CloseFlows()
+		s.proxy.CloseFlows()
 	}
 }
 

@@ -28,10 +28,29 @@ type splicedFlow struct {
 // ACK or a retransmitted FIN is still rewritten.
 const finishedLinger = 5 * time.Second
 
+// timeWaitMargin is how long after a spliced flow ended its server may
+// still hold it in TIME_WAIT: Linux's TCP_TIMEWAIT_LEN (60 s) and some.
+const timeWaitMargin = 65 * time.Second
+
 func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, keys [2]splice.Key, queue uint16) {
 	g.splicedMu.Lock()
 	g.spliced[f.ID] = &splicedFlow{flow: f, entry: e, keys: keys, queue: queue}
+	g.jumped[[2]netip.AddrPort{f.Upstream, f.Backend}] = time.Time{} // until it ends
 	g.splicedMu.Unlock()
+}
+
+// avoidPort reports whether a transparent upstream connection from client
+// to server must not reuse the client's port. The engine moved the
+// timestamps the server sees on a spliced flow about 2^30 ticks ahead
+// (splice.pawsJump); while the server keeps that flow in TIME_WAIT, a new
+// SYN on the same 4-tuple carries the gateway's own, older clock, fails
+// PAWS, and gets the old connection's ACK, which the gateway's socket
+// answers with a RST before it retries. Another port avoids the dance.
+func (g *Gateway) avoidPort(client, server netip.AddrPort) bool {
+	g.splicedMu.Lock()
+	defer g.splicedMu.Unlock()
+	until, ok := g.jumped[[2]netip.AddrPort{client, server}]
+	return ok && (until.IsZero() || time.Now().Before(until))
 }
 
 // reap removes spliced flows that ended (FIN both ways and acknowledged,
@@ -66,6 +85,12 @@ func (g *Gateway) reap(now time.Time) {
 				idle = append(idle, sf)
 			}
 			sf.flow.SetState(proxy.StateClosing)
+			g.jumped[[2]netip.AddrPort{sf.flow.Upstream, sf.flow.Backend}] = now.Add(timeWaitMargin)
+		}
+	}
+	for t, until := range g.jumped {
+		if !until.IsZero() && now.After(until) {
+			delete(g.jumped, t)
 		}
 	}
 	g.splicedMu.Unlock()

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"time"
 
@@ -42,6 +43,9 @@ type Forwarder struct {
 	Splicer Splicer
 	// Events, if set, is told of what happens to flows (Event* kinds).
 	Events func(kind string, f *Flow, detail string)
+	// AvoidPort, if set, tells a transparent upstream connection from
+	// the client's address and port to the server to take another port.
+	AvoidPort func(client, server netip.AddrPort) bool
 
 	once        sync.Once
 	limiter     *logging.Limiter
@@ -49,6 +53,9 @@ type Forwarder struct {
 	cancelFlows context.CancelFunc
 	wg          sync.WaitGroup
 }
+
+// SetSplicer lets the forwarder splice flows (nil: never).
+func (f *Forwarder) SetSplicer(s Splicer) { f.Splicer = s }
 
 func (f *Forwarder) init() {
 	f.once.Do(func() {
@@ -65,13 +72,24 @@ func (f *Forwarder) init() {
 // them); CloseFlows ends them.
 func (f *Forwarder) Serve(ctx context.Context, listeners ...*net.TCPListener) error {
 	f.init()
-	var wg sync.WaitGroup
+	return ServeListeners(ctx, listeners, &f.wg, f.handle, func(err error) {
+		f.logLimited("accept", slog.LevelWarn, "accept failed", logging.Err(err))
+	})
+}
+
+// ServeListeners accepts connections on the listeners until ctx is done,
+// then closes them and returns. Each connection is handled in a goroutine
+// counted in wg. acceptFailed hears of accept errors other than the
+// listener closing (EMFILE and friends), after which the loop backs off
+// instead of spinning.
+func ServeListeners(ctx context.Context, listeners []*net.TCPListener, wg *sync.WaitGroup, handle func(*net.TCPConn), acceptFailed func(error)) error {
+	var loops sync.WaitGroup
 	errc := make(chan error, len(listeners))
 	for _, ln := range listeners {
-		wg.Add(1)
+		loops.Add(1)
 		go func() {
-			defer wg.Done()
-			errc <- f.acceptLoop(ctx, ln)
+			defer loops.Done()
+			errc <- acceptLoop(ctx, ln, wg, handle, acceptFailed)
 		}()
 	}
 	stop := context.AfterFunc(ctx, func() {
@@ -80,7 +98,7 @@ func (f *Forwarder) Serve(ctx context.Context, listeners ...*net.TCPListener) er
 		}
 	})
 	defer stop()
-	wg.Wait()
+	loops.Wait()
 	close(errc)
 	var errs []error
 	for err := range errc {
@@ -91,7 +109,7 @@ func (f *Forwarder) Serve(ctx context.Context, listeners ...*net.TCPListener) er
 	return errors.Join(errs...)
 }
 
-func (f *Forwarder) acceptLoop(ctx context.Context, ln *net.TCPListener) error {
+func acceptLoop(ctx context.Context, ln *net.TCPListener, wg *sync.WaitGroup, handle func(*net.TCPConn), acceptFailed func(error)) error {
 	for {
 		c, err := ln.AcceptTCP()
 		if err != nil {
@@ -105,15 +123,14 @@ func (f *Forwarder) acceptLoop(ctx context.Context, ln *net.TCPListener) error {
 			if errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			// EMFILE and friends: back off instead of spinning.
-			f.logLimited("accept", slog.LevelWarn, "accept failed", logging.Err(err))
+			acceptFailed(err)
 			time.Sleep(50 * time.Millisecond)
 			continue
 		}
-		f.wg.Add(1)
+		wg.Add(1)
 		go func() {
-			defer f.wg.Done()
-			f.handle(c)
+			defer wg.Done()
+			handle(c)
 		}()
 	}
 }
@@ -157,7 +174,11 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(f.flowCtx, svc.ConnectTimeout.D())
-	up, err := DialUpstream(ctx, svc.Upstream == config.Transparent, flow.Client, flow.Server, svc.ConnectTimeout.D())
+	from := flow.Client
+	if svc.Upstream == config.Transparent && f.AvoidPort != nil && f.AvoidPort(flow.Client, flow.Server) {
+		from = netip.AddrPortFrom(from.Addr(), 0)
+	}
+	up, err := DialUpstream(ctx, svc.Upstream == config.Transparent, from, flow.Server, svc.ConnectTimeout.D())
 	cancel()
 	if err != nil {
 		reset(c)

@@ -108,3 +108,49 @@ func reset(c *net.TCPConn) {
 	c.SetLinger(0)
 	c.Close()
 }
+
+// ListenAt opens a listener on addr. A transparent listener may be bound
+// to an address that is not the gateway's: packets to it reach it through
+// the table's `socket transparent` rule, as packets of the connections it
+// accepts do.
+func ListenAt(ctx context.Context, addr netip.AddrPort, transparent bool) (*net.TCPListener, error) {
+	lc := net.ListenConfig{KeepAlive: -1}
+	if transparent {
+		lc.Control = func(network, _ string, c syscall.RawConn) error { return setTransparent(network, c) }
+	}
+	ln, err := lc.Listen(ctx, family(addr.Addr()), addr.String())
+	if err != nil {
+		return nil, err
+	}
+	return ln.(*net.TCPListener), nil
+}
+
+// DialFrom connects to dst from the local address src (an ephemeral
+// port); transparent allows src to be an address that is not the
+// gateway's.
+func DialFrom(ctx context.Context, src netip.Addr, transparent bool, dst netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
+	d := net.Dialer{Timeout: timeout, KeepAlive: -1, LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src.Unmap(), 0))}
+	if transparent {
+		d.Control = func(network, _ string, c syscall.RawConn) error { return setTransparent(network, c) }
+	}
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	c, err := d.DialContext(ctx, family(dst.Addr()), dst.String())
+	if err != nil {
+		return nil, err
+	}
+	return c.(*net.TCPConn), nil
+}
+
+func family(a netip.Addr) string {
+	if a.Is4() || a.Is4In6() {
+		return "tcp4"
+	}
+	return "tcp6"
+}
+
+// AddrPort returns a TCP connection address as netip.AddrPort with IPv4
+// addresses unmapped.
+func AddrPort(a net.Addr) netip.AddrPort { return addrPort(a) }
+
+// Reset closes c with a RST instead of a FIN.
+func Reset(c *net.TCPConn) { reset(c) }

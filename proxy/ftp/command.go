@@ -1,0 +1,140 @@
+package ftp
+
+import (
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+)
+
+// splitCommand returns the verb of a command line, upper-cased, and its
+// argument without the line ending.
+func splitCommand(line []byte) (verb, arg string) {
+	s := strings.TrimRight(string(line), "\r\n")
+	verb, arg, _ = strings.Cut(s, " ")
+	return strings.ToUpper(verb), arg
+}
+
+// parsePORT parses the argument of PORT (RFC 959): h1,h2,h3,h4,p1,p2.
+func parsePORT(arg string) (netip.AddrPort, error) {
+	f := strings.Split(strings.TrimSpace(arg), ",")
+	if len(f) != 6 {
+		return netip.AddrPort{}, fmt.Errorf("PORT %q: want h1,h2,h3,h4,p1,p2", arg)
+	}
+	var b [6]byte
+	for i, s := range f {
+		v, err := strconv.ParseUint(strings.TrimSpace(s), 10, 8)
+		if err != nil {
+			return netip.AddrPort{}, fmt.Errorf("PORT %q: %q is not a number 0-255", arg, s)
+		}
+		b[i] = byte(v)
+	}
+	return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[:4])), uint16(b[4])<<8|uint16(b[5])), nil
+}
+
+// formatPORT formats an IPv4 address and port as PORT's argument.
+func formatPORT(ap netip.AddrPort) string {
+	a := ap.Addr().Unmap().As4()
+	return fmt.Sprintf("%d,%d,%d,%d,%d,%d", a[0], a[1], a[2], a[3], ap.Port()>>8, ap.Port()&0xff)
+}
+
+// parseEPRT parses the argument of EPRT (RFC 2428): <d>proto<d>addr<d>port<d>
+// with any printable delimiter, proto 1 (IPv4) or 2 (IPv6).
+func parseEPRT(arg string) (netip.AddrPort, error) {
+	arg = strings.TrimSpace(arg)
+	if len(arg) < 2 || arg[0] < 33 || arg[0] > 126 {
+		return netip.AddrPort{}, fmt.Errorf("EPRT %q: want |proto|address|port|", arg)
+	}
+	f := strings.Split(arg, arg[:1])
+	if len(f) != 5 || f[0] != "" || f[4] != "" {
+		return netip.AddrPort{}, fmt.Errorf("EPRT %q: want |proto|address|port|", arg)
+	}
+	addr, err := netip.ParseAddr(f[2])
+	if err != nil || addr.Zone() != "" {
+		return netip.AddrPort{}, fmt.Errorf("EPRT %q: %q is not an address", arg, f[2])
+	}
+	switch {
+	case f[1] == "1" && addr.Is4():
+	case f[1] == "2" && addr.Is6() && !addr.Is4In6():
+	default:
+		return netip.AddrPort{}, fmt.Errorf("EPRT %q: protocol %q does not match the address (1 is IPv4, 2 is IPv6)", arg, f[1])
+	}
+	port, err := strconv.ParseUint(f[3], 10, 16)
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("EPRT %q: %q is not a port", arg, f[3])
+	}
+	return netip.AddrPortFrom(addr, uint16(port)), nil
+}
+
+// formatEPRT formats an address and port as EPRT's argument.
+func formatEPRT(ap netip.AddrPort) string {
+	a := ap.Addr().Unmap()
+	proto := 1
+	if a.Is6() {
+		proto = 2
+	}
+	return fmt.Sprintf("|%d|%s|%d|", proto, a, ap.Port())
+}
+
+// parse227 finds the address and port in a 227 reply (RFC 959 leaves its
+// text free; the six numbers are what every client looks for). The
+// address is returned only to be logged: a session never uses it.
+func parse227(text string) (netip.AddrPort, error) {
+	// The first run of digits and commas with six numbers.
+	for i := 0; i < len(text); i++ {
+		if text[i] < '0' || text[i] > '9' {
+			continue
+		}
+		j := i
+		for j < len(text) && (text[j] >= '0' && text[j] <= '9' || text[j] == ',' || text[j] == ' ') {
+			j++
+		}
+		if ap, err := parsePORT(strings.TrimRight(text[i:j], ", ")); err == nil {
+			return ap, nil
+		}
+		i = j
+	}
+	return netip.AddrPort{}, fmt.Errorf("227 reply %q: no h1,h2,h3,h4,p1,p2 in it", text)
+}
+
+// format227 is the 227 reply a session gives its client.
+func format227(ap netip.AddrPort) string {
+	return "227 Entering Passive Mode (" + formatPORT(ap) + ").\r\n"
+}
+
+// parse229 finds the port of a 229 reply (RFC 2428): "(<d><d><d>port<d>)".
+func parse229(text string) (uint16, error) {
+	open := strings.IndexByte(text, '(')
+	end := strings.LastIndexByte(text, ')')
+	if open < 0 || end < open+5 {
+		return 0, fmt.Errorf("229 reply %q: no (|||port|) in it", text)
+	}
+	in := text[open+1 : end]
+	d := in[:1]
+	if !strings.HasPrefix(in, d+d+d) || !strings.HasSuffix(in, d) {
+		return 0, fmt.Errorf("229 reply %q: no (|||port|) in it", text)
+	}
+	port, err := strconv.ParseUint(in[3:len(in)-1], 10, 16)
+	if err != nil || port == 0 {
+		return 0, fmt.Errorf("229 reply %q: %q is not a port", text, in[3:len(in)-1])
+	}
+	return uint16(port), nil
+}
+
+// format229 is the 229 reply a session gives its client.
+func format229(port uint16) string {
+	return fmt.Sprintf("229 Entering Extended Passive Mode (|||%d|).\r\n", port)
+}
+
+// replyCode returns the code of a reply line and whether the line ends
+// the reply: "123 text" is a final line, "123-text" opens a multi-line
+// reply, and a line without a code at its start continues one.
+func replyCode(line []byte) (code int, final bool) {
+	if len(line) < 4 || !isDigit(line[0]) || !isDigit(line[1]) || !isDigit(line[2]) {
+		return 0, false
+	}
+	code = int(line[0]-'0')*100 + int(line[1]-'0')*10 + int(line[2]-'0')
+	return code, line[3] == ' ' || line[3] == '\r' || line[3] == '\n'
+}
+
+func isDigit(b byte) bool { return b >= '0' && b <= '9' }

@@ -1,0 +1,534 @@
+package ftp
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"runtime/debug"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"spliced/logging"
+	"spliced/proxy"
+)
+
+// maxReplyLine bounds a line of a server reply. Servers send long lines
+// legitimately (HELP, FEAT, long paths in 257), so the bound is looser
+// than the client's.
+const maxReplyLine = 4096
+
+// session is one FTP control connection: the client's, accepted by the
+// gateway, and the gateway's own to the server.
+type session struct {
+	p              *Proxy
+	flow           *proxy.Flow
+	client, server *net.TCPConn
+	log            *slog.Logger
+
+	// external is the gateway's address the server sees; internal the
+	// one clients get in 227 replies; clientView the address the client
+	// sent its control connection to (the server's, when intercepted),
+	// where EPSV data connections arrive and active ones come from.
+	external, internal, clientView netip.Addr
+
+	clientMu sync.Mutex // both loops write to the client
+	// told is set when the gateway told the client it closes the session
+	// (a 421): the close must then not lose that reply to a RST.
+	told atomic.Bool
+
+	mu        sync.Mutex
+	pending   string             // the client's PASV or EPSV awaiting the server's reply
+	dataLns   []*net.TCPListener // listeners of the data connection set up last, not yet connected
+	dataFlows []*proxy.Flow      // data connections that may still be open
+	transfers atomic.Int64
+}
+
+func newSession(p *Proxy, flow *proxy.Flow, client, server *net.TCPConn, log *slog.Logger) *session {
+	s := &session{p: p, flow: flow, client: client, server: server, log: log}
+	s.clientView = flow.Server.Addr()
+	s.external = p.Service.FTP.External.Addr
+	if !s.external.IsValid() {
+		s.external = flow.Upstream.Addr()
+	}
+	s.internal = p.Service.FTP.Internal.Addr
+	if !s.internal.IsValid() {
+		if a, err := localAddrTowards(flow.Client.Addr()); err == nil {
+			s.internal = a
+		} else {
+			s.internal = s.clientView
+		}
+	}
+	return s
+}
+
+// run relays the session until one side ends it, a bad line ends it, or
+// a timeout; it returns why it ended. Data connections already set up
+// live on.
+func (s *session) run() string {
+	reasons := make(chan string, 2)
+	go func() { reasons <- s.guard(s.clientLoop) }()
+	go func() { reasons <- s.guard(s.serverLoop) }()
+	timeout := time.NewTimer(s.p.Service.FTP.SessionTimeout.D())
+	defer timeout.Stop()
+	var reason string
+	waiting := 2
+	for reason == "" {
+		select {
+		case reason = <-reasons:
+			waiting--
+		case <-timeout.C:
+			s.tell("Session time limit reached")
+			reason = "session timeout"
+		case <-s.p.flowCtx.Done():
+			reason = "shutdown"
+		case <-s.flow.SpliceRequested():
+			s.flow.SetSpliceError(errors.New("an FTP control connection stays proxied: the proxy reads its commands; its data connections are spliced"))
+		}
+	}
+	s.server.Close()
+	if s.told.Load() {
+		lingerClose(s.client)
+	} else {
+		s.client.Close()
+	}
+	s.mu.Lock()
+	closeAll(s.dataLns)
+	s.mu.Unlock()
+	for ; waiting > 0; waiting-- {
+		<-reasons
+	}
+	return reason
+}
+
+// guard runs a loop of the session and turns a panic (a bug, met on
+// input nobody foresaw) into the end of this session only, with the stack
+// in the log, instead of the end of the daemon and every flow.
+func (s *session) guard(loop func() string) (reason string) {
+	defer func() {
+		if v := recover(); v != nil {
+			s.log.Error("ftp session failed: internal error", "panic", fmt.Sprint(v), "stack", string(debug.Stack()))
+			reason = "internal error"
+		}
+	}()
+	return loop()
+}
+
+// end closes the session for a bad line: the client is told why, and the
+// reason is logged by the caller of run.
+func (s *session) end(reply, reason string, attrs ...any) string {
+	s.tell(reply)
+	s.log.Warn("ftp session ended: "+reason, attrs...)
+	return reason
+}
+
+// tell sends the client the 421 reply that announces the end of the
+// session.
+func (s *session) tell(why string) {
+	s.told.Store(true)
+	s.writeClient([]byte("421 " + why + ", closing control connection.\r\n"))
+}
+
+// lingerClose closes c after its peer read what was sent: closing a socket
+// with unread input (the rest of an overlong line) would send a RST, and
+// the peer could lose the reply that says why.
+func lingerClose(c *net.TCPConn) {
+	c.CloseWrite()
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	io.CopyN(io.Discard, c, 1<<20)
+	c.Close()
+}
+
+func (s *session) writeClient(b []byte) error {
+	s.clientMu.Lock()
+	defer s.clientMu.Unlock()
+	_, err := s.client.Write(b)
+	return err
+}
+
+func (s *session) writeServer(b []byte) error {
+	_, err := s.server.Write(b)
+	return err
+}
+
+// clientLoop reads the client's commands, complete lines only, and passes
+// them on, rewritten where they carry addresses.
+func (s *session) clientLoop() string {
+	svc := s.p.Service
+	r := bufio.NewReaderSize(s.client, svc.FTP.MaxLine)
+	for {
+		if idle := svc.IdleTimeout.D(); idle > 0 {
+			s.client.SetReadDeadline(time.Now().Add(idle))
+		}
+		line, err := r.ReadSlice('\n')
+		switch {
+		case errors.Is(err, bufio.ErrBufferFull):
+			return s.end("Command line too long", "command line longer than max_line", "max_line", svc.FTP.MaxLine)
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			if s.dataOpen() {
+				continue // a transfer is running: the control connection waits for it
+			}
+			s.tell("Idle timeout")
+			return "idle timeout"
+		case errors.Is(err, io.EOF):
+			return "client closed"
+		case err != nil:
+			return "client: " + err.Error()
+		}
+		if bytes.IndexByte(line, 0) >= 0 {
+			return s.end("NUL byte in command", "NUL byte in a command line")
+		}
+		s.flow.C2S.Add(int64(len(line)))
+		verb, arg := splitCommand(line)
+		switch verb {
+		case "PORT", "EPRT":
+			err = s.active(verb, arg)
+		case "PASV":
+			err = s.passive(verb)
+		case "EPSV":
+			if arg != "" && arg != "1" && arg != "2" { // EPSV ALL
+				err = s.writeServer(line)
+				break
+			}
+			err = s.passive(verb)
+		case "AUTH":
+			s.log.Info("refused AUTH: TLS-wrapped FTP cannot be rewritten by the gateway; the client may go on in plain FTP", "mechanism", arg)
+			err = s.writeClient([]byte("534 TLS is not available through this gateway; use plain FTP.\r\n"))
+		case "LPRT", "LPSV":
+			err = s.writeClient([]byte("502 " + verb + " is not supported by the gateway; use EPRT or EPSV.\r\n"))
+		default:
+			err = s.writeServer(line)
+		}
+		if err != nil {
+			return "write: " + err.Error()
+		}
+	}
+}
+
+// serverLoop reads the server's replies and passes them on, answering
+// 227 and 229 with the gateway's own data listener.
+func (s *session) serverLoop() string {
+	r := bufio.NewReaderSize(s.server, max(maxReplyLine, s.p.Service.FTP.MaxLine))
+	multi := 0 // code of the multi-line reply being read
+	for {
+		line, err := r.ReadSlice('\n')
+		switch {
+		case errors.Is(err, bufio.ErrBufferFull):
+			return s.end("Server reply too long", "server reply line too long", "limit", r.Size())
+		case errors.Is(err, io.EOF):
+			return "server closed"
+		case err != nil:
+			return "server: " + err.Error()
+		}
+		if bytes.IndexByte(line, 0) >= 0 {
+			return s.end("NUL byte in server reply", "NUL byte in a server reply")
+		}
+		s.flow.S2C.Add(int64(len(line)))
+		code, final := replyCode(line)
+		switch {
+		case multi != 0:
+			if code == multi && final {
+				multi = 0
+			}
+		case code != 0 && !final:
+			multi = code
+		case code != 0:
+			s.mu.Lock()
+			pending := s.pending
+			if code >= 200 {
+				s.pending = ""
+			}
+			s.mu.Unlock()
+			if code == 227 || code == 229 {
+				if pending == "" {
+					s.log.Warn("refused a passive-mode reply the client did not ask for", "reply", string(bytes.TrimSpace(line)))
+					line = []byte("425 Unexpected passive-mode reply refused by the gateway.\r\n")
+				} else {
+					line = s.passiveReply(pending, code, line)
+				}
+			}
+		}
+		if err := s.writeClient(line); err != nil {
+			return "write: " + err.Error()
+		}
+	}
+}
+
+// active handles PORT and EPRT: the client will accept the data
+// connection. The gateway listens on its external address, tells the
+// server that address instead, and connects to the client once the server
+// connected.
+func (s *session) active(verb, arg string) error {
+	var want netip.AddrPort
+	var err error
+	if verb == "PORT" {
+		want, err = parsePORT(arg)
+	} else {
+		want, err = parseEPRT(arg)
+	}
+	if err != nil {
+		s.log.Info("refused a malformed "+verb, logging.Err(err))
+		return s.writeClient([]byte("501 Syntax error in the parameters of " + verb + ".\r\n"))
+	}
+	want = netip.AddrPortFrom(want.Addr().Unmap(), want.Port())
+	if want.Addr() != s.flow.Client.Addr() {
+		s.log.Warn("refused "+verb+" naming another host than the client (FTP bounce)", "named", want)
+		return s.writeClient([]byte("500 Illegal " + verb + " command: it must name your own address.\r\n"))
+	}
+	if want.Port() < 1024 {
+		s.log.Warn("refused "+verb+" naming a privileged port", "named", want)
+		return s.writeClient([]byte("500 Illegal " + verb + " command: the port must be above 1023.\r\n"))
+	}
+	lns, err := s.p.listenData(dataAddr{s.external, false})
+	if err != nil {
+		s.log.Error("open a data listener", logging.Err(err))
+		return s.writeClient([]byte("425 The gateway cannot open a data connection.\r\n"))
+	}
+	at := netip.AddrPortFrom(s.external, proxy.AddrPort(lns[0].Addr()).Port())
+	var cmd string
+	if verb == "EPRT" || !s.external.Is4() {
+		cmd = "EPRT " + formatEPRT(at)
+	} else {
+		cmd = "PORT " + formatPORT(at)
+	}
+	timeout := s.p.Service.ConnectTimeout.D()
+	s.expectData(lns, s.flow.Server.Addr(), false, func(ctx context.Context) (*net.TCPConn, error) {
+		return proxy.DialFrom(ctx, s.clientView, true, want, timeout)
+	})
+	return s.writeServer([]byte(cmd + "\r\n"))
+}
+
+// passive handles PASV and EPSV: the server will accept the data
+// connection. The command goes on (as EPSV where PASV cannot name the
+// server's family); the reply is rewritten by passiveReply.
+func (s *session) passive(verb string) error {
+	up := "EPSV"
+	if verb == "PASV" && s.flow.Server.Addr().Is4() {
+		up = "PASV"
+	}
+	s.mu.Lock()
+	s.pending = verb
+	s.mu.Unlock()
+	return s.writeServer([]byte(up + "\r\n"))
+}
+
+// passiveReply turns the server's 227 or 229 into the gateway's: a data
+// listener for the client, which, once connected, is joined to the
+// server's data port on the control connection's server address (never
+// an address the reply names).
+func (s *session) passiveReply(clientVerb string, code int, line []byte) []byte {
+	text := string(bytes.TrimSpace(line))
+	var port uint16
+	if code == 227 {
+		named, err := parse227(text)
+		if err != nil {
+			s.log.Warn("refused a malformed 227 reply", logging.Err(err))
+			return []byte("425 The gateway could not read the server's passive reply.\r\n")
+		}
+		if named.Addr() != s.flow.Server.Addr() {
+			s.log.Warn("ignored the address in the server's 227 reply: data goes to the control connection's server", "named", named, "server", s.flow.Server.Addr())
+		}
+		port = named.Port()
+	} else {
+		p, err := parse229(text)
+		if err != nil {
+			s.log.Warn("refused a malformed 229 reply", logging.Err(err))
+			return []byte("425 The gateway could not read the server's passive reply.\r\n")
+		}
+		port = p
+	}
+	serverData := netip.AddrPortFrom(s.flow.Server.Addr(), port)
+	// The client connects to the address of the reply (227), or to the
+	// address of its control connection (229, and the many clients that
+	// ignore a 227's address, as curl does by default): the proxy listens
+	// on both, transparently on the second when it is the server's.
+	var (
+		lns   []*net.TCPListener
+		err   error
+		reply func(netip.AddrPort) string
+	)
+	view := dataAddr{s.clientView, true}
+	if clientVerb == "PASV" {
+		if !s.internal.Is4() {
+			return []byte("425 PASV cannot name the gateway's IPv6 address; use EPSV.\r\n")
+		}
+		addrs := []dataAddr{{s.internal, false}}
+		if s.clientView != s.internal && s.clientView.Is4() {
+			addrs = append(addrs, view)
+		}
+		lns, err = s.p.listenData(addrs...)
+		reply = format227
+	} else {
+		lns, err = s.p.listenData(view)
+		reply = func(ap netip.AddrPort) string { return format229(ap.Port()) }
+	}
+	if err != nil {
+		s.log.Error("open a data listener", logging.Err(err))
+		return []byte("425 The gateway cannot open a data connection.\r\n")
+	}
+	timeout := s.p.Service.ConnectTimeout.D()
+	s.expectData(lns, s.flow.Client.Addr(), true, func(ctx context.Context) (*net.TCPConn, error) {
+		return proxy.DialFrom(ctx, s.external, false, serverData, timeout)
+	})
+	return []byte(reply(proxy.AddrPort(lns[0].Addr())))
+}
+
+// expectData waits (in the background) for the data connection on lns
+// from peer only, then dials the other leg and splices the pair. A data
+// connection set up before and not yet connected is abandoned.
+// acceptedIsClient says which leg the accepted connection is.
+func (s *session) expectData(lns []*net.TCPListener, peer netip.Addr, acceptedIsClient bool, dial func(context.Context) (*net.TCPConn, error)) {
+	s.mu.Lock()
+	closeAll(s.dataLns)
+	s.dataLns = lns
+	s.mu.Unlock()
+	s.p.wg.Add(1)
+	go func() {
+		defer s.p.wg.Done()
+		accepted := s.acceptFrom(lns, peer)
+		s.mu.Lock()
+		if len(s.dataLns) > 0 && s.dataLns[0] == lns[0] {
+			s.dataLns = nil
+		}
+		s.mu.Unlock()
+		if accepted == nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(s.p.flowCtx, s.p.Service.ConnectTimeout.D())
+		dialed, err := dial(ctx)
+		cancel()
+		if err != nil {
+			s.log.Warn("data connection: connect failed", logging.Err(err))
+			proxy.Reset(accepted)
+			return
+		}
+		client, server := dialed, accepted
+		if acceptedIsClient {
+			client, server = accepted, dialed
+		}
+		s.relayData(client, server)
+	}()
+}
+
+// acceptFrom accepts the one data connection from peer on any of lns
+// within the data timeout; connections from anyone else are reset. It
+// closes the listeners.
+func (s *session) acceptFrom(lns []*net.TCPListener, peer netip.Addr) *net.TCPConn {
+	defer closeAll(lns)
+	deadline := time.Now().Add(s.p.Service.FTP.DataTimeout.D())
+	got := make(chan *net.TCPConn, len(lns))
+	for _, ln := range lns {
+		ln.SetDeadline(deadline)
+		go func() {
+			for {
+				c, err := ln.AcceptTCP()
+				if err != nil {
+					if !errors.Is(err, net.ErrClosed) {
+						s.log.Info("data connection never came", "listener", proxy.AddrPort(ln.Addr()), logging.Err(err))
+					}
+					got <- nil
+					return
+				}
+				if from := proxy.AddrPort(c.RemoteAddr()); from.Addr() != peer {
+					s.log.Warn("refused a data connection from an unexpected peer", "from", from, "expected", peer)
+					proxy.Reset(c)
+					continue
+				}
+				got <- c
+				return
+			}
+		}()
+	}
+	var winner *net.TCPConn
+	for range lns {
+		c := <-got
+		if c == nil {
+			continue
+		}
+		if winner != nil { // the peer connected twice: one is enough
+			proxy.Reset(c)
+			continue
+		}
+		winner = c
+		closeAll(lns) // the others stop waiting
+	}
+	return winner
+}
+
+func closeAll(lns []*net.TCPListener) {
+	for _, ln := range lns {
+		ln.Close()
+	}
+}
+
+// relayData hands a connected data connection to the splicer, or relays
+// it when splicing is off or fails.
+func (s *session) relayData(client, server *net.TCPConn) {
+	p := s.p
+	flow := proxy.NewFlow(p.Service.Name, KindData, proxy.AddrPort(client.RemoteAddr()), proxy.AddrPort(client.LocalAddr()))
+	flow.Upstream = proxy.AddrPort(server.LocalAddr())
+	flow.Backend = proxy.AddrPort(server.RemoteAddr())
+	if !p.Flows.Admit(flow) {
+		proxy.Reset(client)
+		proxy.Reset(server)
+		p.logLimited("cap", slog.LevelWarn, "flow cap reached, refusing a data connection",
+			"max_flows", p.Flows.Max(), "fix", "raise limits.max_flows or add gateways")
+		return
+	}
+	s.transfers.Add(1)
+	s.mu.Lock()
+	s.dataFlows = append(s.dataFlows, flow)
+	s.mu.Unlock()
+	log := s.log.With("data_flow", flow.ID)
+	log.Info("ftp data connection opened", "client_leg", flow.Client, "server_leg", flow.Backend, logging.KeyUpstream, flow.Upstream)
+	p.event(proxy.EventOpened, flow, "ftp data of flow "+s.flowID())
+	if sp := p.getSplicer(); sp != nil {
+		err := sp.Splice(p.flowCtx, flow, client, server)
+		if err == nil {
+			return // the gateway owns the flow now, and logs its end
+		}
+		flow.SetSpliceError(err)
+		log.Warn("ftp data connection stays proxied", logging.Err(err))
+		p.event(proxy.EventSpliceFailed, flow, err.Error())
+	}
+	relay := &proxy.Relay{Client: client, Upstream: server, Flow: flow, IdleTimeout: p.Service.IdleTimeout.D()}
+	stop := context.AfterFunc(p.flowCtx, relay.Close)
+	defer stop()
+	outcome, err := relay.Run()
+	for outcome == proxy.Paused { // an operator's splice request; data connections splice at once or never
+		outcome, err = relay.Run()
+	}
+	attrs := []any{logging.KeyBytesC2S, flow.C2S.Load(), logging.KeyBytesS2C, flow.S2C.Load(), logging.KeyReason, outcome.String(), logging.KeyMode, "proxied"}
+	if err != nil {
+		attrs = append(attrs, logging.Err(err))
+	}
+	log.Info("ftp data connection closed", attrs...)
+	flow.SetState(proxy.StateClosing)
+	p.event(proxy.EventClosed, flow, "")
+	p.Flows.Remove(flow)
+}
+
+func (s *session) flowID() string { return strconv.FormatUint(s.flow.ID, 10) }
+
+// dataOpen reports whether a data connection of the session is still
+// open (relayed, or spliced and owned by the gateway).
+func (s *session) dataOpen() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	open := s.dataFlows[:0]
+	for _, f := range s.dataFlows {
+		if s.p.Flows.Get(f.ID) == f {
+			open = append(open, f)
+		}
+	}
+	s.dataFlows = open
+	return len(open) > 0
+}

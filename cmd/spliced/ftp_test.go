@@ -623,3 +623,43 @@ func dialPASV(t *testing.T, fl *ftpLab, reply string) *net.TCPConn {
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	return c
 }
+
+// TestLabFTPWithKernelHelper: an operator's ruleset that gives port 21 to
+// the kernel's FTP conntrack helper and masquerades towards the servers
+// changes nothing: the helper sees the control connections end at the
+// gateway's sockets (nothing to NAT there), the data connections the
+// proxy sets up are its own, and spliced ones are untracked. Transfers
+// stay intact, active and passive, and vsftpd still sees only the
+// gateway.
+func TestLabFTPWithKernelHelper(t *testing.T) {
+	fl := startFTPLab(t, "splice")
+	nft(t, &fl.lab.Gateway.NS,
+		"add table inet operator",
+		`add ct helper inet operator ftp21 { type "ftp" protocol tcp; l3proto inet; }`,
+		"add chain inet operator pre { type filter hook prerouting priority filter; }",
+		"add chain inet operator out { type filter hook output priority filter; }",
+		`add rule inet operator pre tcp dport 21 ct helper set "ftp21"`,
+		`add rule inet operator out tcp dport 21 ct helper set "ftp21"`,
+		"add table ip opnat",
+		"add chain ip opnat post { type nat hook postrouting priority srcnat; }",
+		`add rule ip opnat post oifname "s0" masquerade`)
+	for i, mode := range [][]string{{"--disable-epsv"}, {"-P", "-", "--disable-eprt"}} {
+		out := filepath.Join(fl.work, fmt.Sprintf("h%d.bin", i))
+		fl.client(t, "curl", append([]string{"-sS", "--connect-timeout", "10", "-o", out, fl.url(false, "big.bin")}, mode...)...)
+		fl.checkSum(t, fmt.Sprintf("download with %v", mode), out, fl.bigSum)
+	}
+	gw := fl.lab.GatewayServerSide[0].IPv4.String()
+	for p, n := range fl.peersInLog(t) {
+		if p != gw {
+			t.Errorf("vsftpd logged client %s (%d times), want only %s", p, n, gw)
+		}
+	}
+	helped, err := fl.lab.Gateway.Run("conntrack", "-L", "-p", "tcp", "--dport", "21")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(helped, "helper=ftp") {
+		t.Logf("conntrack entries of port 21:\n%s", helped)
+		t.Fatalf("the kernel's FTP helper was not attached to the control connections: the test proves nothing")
+	}
+}

@@ -123,7 +123,7 @@ func FuzzParse(f *testing.F) {
 // TestFTPDefaults: an ftp service needs no ftp keys; its upstream is nat
 // and its limits have their documented defaults.
 func TestFTPDefaults(t *testing.T) {
-	cfg, err := Parse("ftp.yaml", []byte("services:\n  - name: ftp\n    listen: 15021\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      internal: 10.1.0.1\n"))
+	cfg, err := Parse("ftp.yaml", []byte("services:\n  - name: ftp\n    listen: 15021\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      internal: 10.1.0.1\n      external: \"\"\n"))
 	if err != nil {
 		t.Fatal(err)
 	}

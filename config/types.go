@@ -256,6 +256,10 @@ func (a *Addr) UnmarshalYAML(n *yaml.Node) error {
 	if err != nil {
 		return err
 	}
+	if strings.TrimSpace(s) == "" {
+		*a = Addr{} // unset: the default applies
+		return nil
+	}
 	v, err := netip.ParseAddr(strings.TrimSpace(s))
 	if err != nil || v.Zone() != "" {
 		return &valueError{line: n.Line, column: n.Column, value: s, msg: "not an address; use e.g. 10.2.0.1 or fd00::1"}

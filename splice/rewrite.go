@@ -28,9 +28,9 @@ const (
 	DropUnsupported
 	// DropNoFlow: the packet belongs to no spliced flow.
 	DropNoFlow
-	// DropDuplicate: after both FINs were acknowledged, the first
-	// retransmission of data the receiver already acknowledged. See
-	// Rewrite.
+	// DropDuplicate: a spurious retransmission at the end of a flow, or
+	// a duplicate ACK it drew, that would make a closed socket send a
+	// reset. See Flow.spuriousEnd.
 	DropDuplicate
 	numVerdicts
 )
@@ -92,7 +92,7 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		}
 	}
 
-	if v := f.spuriousEnd(s, flags, p.SegmentLen(), end, now); v != Forward {
+	if v := f.spuriousEnd(s, o, flags, p.SegmentLen(), end, ackIn, now); v != Forward {
 		return v
 	}
 
@@ -163,21 +163,31 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 // real loss is repaired by the retransmission timeout, 200 ms at least.
 const finDupWindow = int64(100 * time.Millisecond)
 
-// spuriousEnd recognizes spurious retransmissions at the end of a flow.
-// When the gateway's latency jitters by a few milliseconds, a sender's tail
-// loss probe repeats its FIN although the original is on its way. The
-// receiver answers the duplicate with a duplicate ACK that reaches the
-// sender after the original ACK closed its socket, and the sender answers
-// with a reset. Two cases are dropped:
+// spuriousEnd recognizes spurious retransmissions at the end of a flow,
+// and the duplicate ACKs they draw. When the gateway's latency jitters by
+// a few milliseconds, a sender retransmits (a tail loss probe of its FIN,
+// a SACK recovery of a segment that was only late) although the original
+// is on its way. The receiver answers each duplicate with a duplicate ACK;
+// the first ACK of the last FIN closes the sender's socket, and the sender
+// answers every later one with a reset. Three cases are dropped:
 //
 //   - a repeat of a FIN forwarded less than finDupWindow ago, with nothing
 //     new in it; should the original be lost, the sender's retransmission
 //     timeout repeats it again, later, and that one passes;
 //   - after both FINs were acknowledged, the first segment that holds only
-//     acknowledged data; a second one passes (the sender lost its ACK).
-func (f *Flow) spuriousEnd(s *dirState, flags uint8, segLen uint32, end Seq, now int64) Verdict {
+//     acknowledged data; a second one passes (the sender lost its ACK);
+//   - after both FINs were acknowledged, less than finDupWindow after the
+//     last FIN, a pure ACK that acknowledges nothing new: the ACK that
+//     closed the flow went through already. Should it be lost beyond the
+//     gateway, the peer's FIN comes again after its retransmission
+//     timeout, and the ACK that answers it passes.
+func (f *Flow) spuriousEnd(s, o *dirState, flags uint8, segLen uint32, end, ackIn Seq, now int64) Verdict {
 	if segLen == 0 {
-		return Forward // pure ACKs always pass
+		if flags&(FlagACK|FlagRST) == FlagACK && f.Finished() && !o.ackSeen.LessThan(ackIn) &&
+			now-max(s.finAt, o.finAt) < finDupWindow {
+			return DropDuplicate
+		}
+		return Forward
 	}
 	if flags&FlagFIN != 0 && s.flags&dirFIN != 0 && end.LessThanEq(s.sndNxt) && now-s.finAt < finDupWindow {
 		return DropDuplicate

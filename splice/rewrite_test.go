@@ -443,6 +443,50 @@ func TestTailLossProbeOfFIN(t *testing.T) {
 	}
 }
 
+// TestDuplicateFinalACK: once both FINs are acknowledged, duplicate ACKs
+// of the last FIN (drawn by spurious retransmissions) are dropped for a
+// short while, so the closed sender does not answer them with resets; a
+// later one, answering a FIN retransmitted after a real loss, passes.
+func TestDuplicateFinalACK(t *testing.T) {
+	f := newFixture(t, false, false)
+	ms := int64(time.Millisecond)
+	steps := []struct {
+		name string
+		b    []byte
+		d    Dir
+		at   int64
+		want Verdict
+	}{
+		{"client FIN", f.c2s(1000, 0xfffffff0, FlagACK|FlagFIN).bytes(), C2S, 0, Forward},
+		{"server FIN, acking the client's", f.s2c(0xffffff00, 0x7ffffff1, FlagACK|FlagFIN).bytes(), S2C, 1 * ms, Forward},
+		{"ACK of the server's FIN", f.c2s(1001, 0xfffffff1, FlagACK).bytes(), C2S, 2 * ms, Forward},
+		{"duplicate", f.c2s(1001, 0xfffffff1, FlagACK).bytes(), C2S, 3 * ms, DropDuplicate},
+		{"another duplicate", f.c2s(1001, 0xfffffff1, FlagACK).bytes(), C2S, 4 * ms, DropDuplicate},
+		{"server's duplicate ACK", f.s2c(0xffffff01, 0x7ffffff1, FlagACK).bytes(), S2C, 5 * ms, DropDuplicate},
+		{"a RST still passes", f.c2s(1001, 0, FlagRST).bytes(), C2S, 6 * ms, Forward},
+	}
+	for _, st := range steps {
+		if v := f.runAt(t, st.b, st.d, true, st.at); v != st.want {
+			t.Errorf("%s: %v, want %v", st.name, v, st.want)
+		}
+	}
+	g := newFixture(t, false, false)
+	g.runAt(t, g.c2s(1000, 0xfffffff0, FlagACK|FlagFIN).bytes(), C2S, true, 0)
+	g.runAt(t, g.s2c(0xffffff00, 0x7ffffff1, FlagACK|FlagFIN).bytes(), S2C, true, ms)
+	g.runAt(t, g.c2s(1001, 0xfffffff1, FlagACK).bytes(), C2S, true, 2*ms)
+	if v := g.runAt(t, g.c2s(1001, 0xfffffff1, FlagACK).bytes(), C2S, true, 300*ms); v != Forward {
+		t.Errorf("ACK of a FIN retransmitted after the RTO: %v, want forward", v)
+	}
+	h := newFixture(t, false, false)
+	h.runAt(t, h.c2s(1000, 0xfffffff0, FlagACK|FlagFIN).bytes(), C2S, true, 0)
+	if v := h.runAt(t, h.s2c(0xffffff00, 0x7ffffff1, FlagACK).bytes(), S2C, true, ms); v != Forward {
+		t.Errorf("ACK of one FIN only: %v, want forward", v)
+	}
+	if v := h.runAt(t, h.s2c(0xffffff00, 0x7ffffff1, FlagACK).bytes(), S2C, true, 2*ms); v != Forward {
+		t.Errorf("duplicate ACK while the flow is half-closed: %v, want forward", v)
+	}
+}
+
 // TestPureAckDoesNotAdvanceHighestSeq: unsplice relies on the highest
 // sequence sent advancing only with data or FIN; a pure ACK carries the
 // sender's snd_nxt, which may cover data the gateway holds back.

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -202,4 +203,159 @@ func tcpStateName(s uint8) string {
 		return names[s]
 	}
 	return fmt.Sprintf("state %d", s)
+}
+
+// Restore builds a connected socket in state ESTABLISHED from st, without
+// a handshake (the CRIU recipe): SO_REUSEADDR and IP_TRANSPARENT (Local
+// may be an address that is not the gateway's), repair mode, the queue
+// sequence numbers, the MSS clamp, bind and connect (no SYN is sent), then
+// the negotiated options, the timestamp clock and the windows. The socket
+// stays in repair mode, silent, until Resume.
+//
+// st.SndNxt becomes snd_una and write_seq (empty send queue), st.RcvNxt
+// rcv_nxt; st.SndWnd is the peer's window and st.RcvWnd the socket's own,
+// in bytes; st.TSval is the clock value the next segment carries.
+func Restore(st *splice.Conn) (*net.TCPConn, error) {
+	family := unix.AF_INET
+	if st.Local.Addr().Is6() {
+		family = unix.AF_INET6
+	}
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return nil, &OpError{"socket", err}
+	}
+	if err := restore(fd, family, st); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "tcp-restored")
+	defer f.Close()
+	c, err := net.FileConn(f)
+	if err != nil {
+		return nil, &OpError{"FileConn", err}
+	}
+	return c.(*net.TCPConn), nil
+}
+
+func restore(fd, family int, st *splice.Conn) error {
+	setInt := func(level, opt, v int, name string) error {
+		if err := unix.SetsockoptInt(fd, level, opt, v); err != nil {
+			return &OpError{name, err}
+		}
+		return nil
+	}
+	transparent := func() error {
+		if family == unix.AF_INET6 {
+			return setInt(unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1, "IPV6_TRANSPARENT")
+		}
+		return setInt(unix.SOL_IP, unix.IP_TRANSPARENT, 1, "IP_TRANSPARENT")
+	}
+	steps := []func() error{
+		transparent,
+		// SO_REUSEADDR before repair mode: the tuple may still be bound
+		// by a socket the splice closed silently.
+		func() error { return setInt(unix.SOL_SOCKET, unix.SO_REUSEADDR, 1, "SO_REUSEADDR") },
+		func() error { return setInt(unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON, "TCP_REPAIR on") },
+		func() error { return setInt(unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, recvQueue, "TCP_REPAIR_QUEUE") },
+		func() error { return setInt(unix.SOL_TCP, unix.TCP_QUEUE_SEQ, int(int32(st.RcvNxt)), "TCP_QUEUE_SEQ recv") },
+		func() error { return setInt(unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, sendQueue, "TCP_REPAIR_QUEUE") },
+		func() error { return setInt(unix.SOL_TCP, unix.TCP_QUEUE_SEQ, int(int32(st.SndNxt)), "TCP_QUEUE_SEQ send") },
+		func() error { return setInt(unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, noQueue, "TCP_REPAIR_QUEUE") },
+		// Without it the cached MSS would be 536 until the options are
+		// set. The kernel bounds TCP_MAXSEG by 32767 (loopback's MSS is
+		// larger); TCP_REPAIR_OPTIONS sets the real clamp.
+		func() error {
+			return setInt(unix.SOL_TCP, unix.TCP_MAXSEG, int(min(mssClamp(st), 32767)), "TCP_MAXSEG")
+		},
+		func() error {
+			if err := unix.Bind(fd, sockaddr(st.Local)); err != nil {
+				return &OpError{"bind " + st.Local.String(), err}
+			}
+			return nil
+		},
+		func() error {
+			if err := unix.Connect(fd, sockaddr(st.Remote)); err != nil {
+				return &OpError{"connect " + st.Remote.String(), err}
+			}
+			return nil
+		},
+		// Options and windows only after connect, which resets them.
+		func() error { return repairOptions(fd, st) },
+		func() error {
+			if !st.Timestamps {
+				return nil
+			}
+			return setInt(unix.SOL_TCP, unix.TCP_TIMESTAMP, int(int32(st.TSval&^1)), "TCP_TIMESTAMP")
+		},
+		func() error {
+			// struct tcp_repair_window { snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup }
+			win := [5]uint32{uint32(st.RcvNxt), st.SndWnd, max(st.SndWnd, st.RcvWnd), st.RcvWnd, uint32(st.RcvNxt)}
+			_, _, errno := unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_TCP, unix.TCP_REPAIR_WINDOW,
+				uintptr(unsafe.Pointer(&win)), unsafe.Sizeof(win), 0)
+			if errno != 0 {
+				return &OpError{"TCP_REPAIR_WINDOW", errno}
+			}
+			return nil
+		},
+	}
+	for _, step := range steps {
+		if err := step(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// mssClamp is the MSS the peer announced: the captured MSS (mss_cache)
+// leaves out the timestamp option.
+func mssClamp(st *splice.Conn) uint16 {
+	if st.Timestamps {
+		return st.MSS + 12
+	}
+	return st.MSS
+}
+
+// repairOptions sets the options the handshake negotiated
+// (TCP_REPAIR_OPTIONS: an array of {code, value}).
+func repairOptions(fd int, st *splice.Conn) error {
+	const (
+		optMSS       = 2
+		optWindow    = 3
+		optSACKPerm  = 4
+		optTimestamp = 8
+	)
+	opts := [][2]uint32{{optMSS, uint32(mssClamp(st))}}
+	if st.SndWscale != 0 || st.RcvWscale != 0 {
+		opts = append(opts, [2]uint32{optWindow, uint32(st.SndWscale) | uint32(st.RcvWscale)<<16})
+	}
+	if st.SACK {
+		opts = append(opts, [2]uint32{optSACKPerm, 0})
+	}
+	if st.Timestamps {
+		opts = append(opts, [2]uint32{optTimestamp, 0})
+	}
+	_, _, errno := unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_TCP, unix.TCP_REPAIR_OPTIONS,
+		uintptr(unsafe.Pointer(&opts[0])), uintptr(len(opts))*8, 0)
+	if errno != 0 {
+		return &OpError{"TCP_REPAIR_OPTIONS", errno}
+	}
+	return nil
+}
+
+func sockaddr(ap netip.AddrPort) unix.Sockaddr {
+	if ap.Addr().Is4() {
+		return &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}
+	}
+	return &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}
+}
+
+// Resume takes a restored socket out of repair mode; the kernel sends a
+// window probe, and the connection runs as any other.
+func Resume(c *net.TCPConn) error {
+	return control(c, func(fd int) error {
+		if err := unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF); err != nil {
+			return &OpError{"TCP_REPAIR off", err}
+		}
+		return nil
+	})
 }

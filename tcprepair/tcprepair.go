@@ -257,9 +257,13 @@ func restore(fd, family int, st *splice.Conn) error {
 		func() error { return setInt(unix.SOL_SOCKET, unix.SO_REUSEADDR, 1, "SO_REUSEADDR") },
 		func() error { return setInt(unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON, "TCP_REPAIR on") },
 		func() error { return setInt(unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, recvQueue, "TCP_REPAIR_QUEUE") },
-		func() error { return setInt(unix.SOL_TCP, unix.TCP_QUEUE_SEQ, int(int32(st.RcvNxt)), "TCP_QUEUE_SEQ recv") },
+		func() error {
+			return setInt(unix.SOL_TCP, unix.TCP_QUEUE_SEQ, int(int32(st.RcvNxt)), "TCP_QUEUE_SEQ recv")
+		},
 		func() error { return setInt(unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, sendQueue, "TCP_REPAIR_QUEUE") },
-		func() error { return setInt(unix.SOL_TCP, unix.TCP_QUEUE_SEQ, int(int32(st.SndNxt)), "TCP_QUEUE_SEQ send") },
+		func() error {
+			return setInt(unix.SOL_TCP, unix.TCP_QUEUE_SEQ, int(int32(st.SndNxt)), "TCP_QUEUE_SEQ send")
+		},
 		func() error { return setInt(unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, noQueue, "TCP_REPAIR_QUEUE") },
 		// Without it the cached MSS would be 536 until the options are
 		// set. The kernel bounds TCP_MAXSEG by 32767 (loopback's MSS is

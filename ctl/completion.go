@@ -10,7 +10,7 @@ const bashCompletion = `# bash completion for splicectl
 _splicectl() {
     local cur prev words cword
     _init_completion || return
-    local commands="status flows flow splice ruleset watch events config completion version help"
+    local commands="status flows flow splice unsplice ruleset watch events config completion version help"
     case "${prev}" in
         -s) _filedir; return ;;
         flows) COMPREPLY=($(compgen -W "-proxy -state -addr -port" -- "$cur")); return ;;
@@ -19,7 +19,7 @@ _splicectl() {
         config) COMPREPLY=($(compgen -W "check" -- "$cur")); return ;;
         check) _filedir yaml; return ;;
         completion) COMPREPLY=($(compgen -W "bash" -- "$cur")); return ;;
-        flow|splice)
+        flow|splice|unsplice)
             COMPREPLY=($(compgen -W "$(splicectl flows 2>/dev/null | awk 'NR>1 {print $1}')" -- "$cur")); return ;;
     esac
     COMPREPLY=($(compgen -W "${commands} -s -j" -- "$cur"))

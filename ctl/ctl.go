@@ -31,6 +31,7 @@ commands:
   flows [FILTERS]             list flows; filters: -proxy NAME -state STATE -addr IP -port N
   flow ID                     one flow in detail
   splice ID                   splice a proxied flow now
+  unsplice ID                 give a spliced flow back to its proxy
   ruleset [-diff]             spliced's nftables table as the kernel has it; -diff: against
                               what spliced installed (exit 1 on drift)
   watch                       follow flow and daemon events (also: events)
@@ -73,6 +74,8 @@ func Run(args []string, stdout, stderr io.Writer) int {
 		run = c.flow
 	case "splice":
 		run = c.splice
+	case "unsplice":
+		run = c.unsplice
 	case "ruleset":
 		run = c.ruleset
 	case "watch", "events":
@@ -281,6 +284,18 @@ func (c *cli) splice(ctx context.Context, args []string) error {
 		return err
 	}
 	f, err := c.client.Splice(ctx, id)
+	if err != nil {
+		return err
+	}
+	return c.printFlow(f)
+}
+
+func (c *cli) unsplice(ctx context.Context, args []string) error {
+	id, err := parseID(args)
+	if err != nil {
+		return err
+	}
+	f, err := c.client.Unsplice(ctx, id)
 	if err != nil {
 		return err
 	}

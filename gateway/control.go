@@ -99,9 +99,7 @@ func (g *Gateway) apiHandler() http.Handler {
 		}
 	})
 	mux.HandleFunc("POST "+v+"/flows/{id}/splice", g.handleSplice)
-	mux.HandleFunc("POST "+v+"/flows/{id}/unsplice", func(w http.ResponseWriter, r *http.Request) {
-		fail(w, http.StatusNotImplemented, "unsplicing is not implemented yet")
-	})
+	mux.HandleFunc("POST "+v+"/flows/{id}/unsplice", g.handleUnsplice)
 	mux.HandleFunc("GET "+v+"/ruleset", func(w http.ResponseWriter, r *http.Request) {
 		rs, err := g.Ruleset(r.Context())
 		if err != nil {
@@ -300,6 +298,22 @@ func (g *Gateway) handleSplice(w http.ResponseWriter, r *http.Request) {
 	})
 	if err != nil {
 		fail(w, http.StatusConflict, fmt.Sprintf("flow %d: %v", f.ID, err))
+		return
+	}
+	reply(w, g.apiFlow(f))
+}
+
+func (g *Gateway) handleUnsplice(w http.ResponseWriter, r *http.Request) {
+	f, ok := g.flowByID(w, r)
+	if !ok {
+		return
+	}
+	if f.State() == proxy.StateProxied {
+		reply(w, g.apiFlow(f))
+		return
+	}
+	if err := g.Unsplice(r.Context(), f); err != nil {
+		fail(w, http.StatusConflict, err.Error())
 		return
 	}
 	reply(w, g.apiFlow(f))

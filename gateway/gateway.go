@@ -67,16 +67,19 @@ type Gateway struct {
 	// jumped holds the 4-tuples of transparent upstream connections whose
 	// server may still remember a jumped timestamp (see avoidPort).
 	jumped map[[2]netip.AddrPort]time.Time
+	// passthrough holds the transitions of unspliced flows, by flow ID.
+	passthrough map[uint64]*transition
 
 	restoreSysctls func()
 	events         events
 	lastDrift      string // the drift last reported with kernel.repair off
 
-	spliceLatency latencies
-	spliceAborts  atomic.Uint64
-	injectErrors  atomic.Uint64
-	reloads       atomic.Int64
-	repairs       atomic.Int64
+	spliceLatency             latencies
+	spliceAborts              atomic.Uint64
+	unsplices, unspliceAborts atomic.Uint64
+	injectErrors              atomic.Uint64
+	reloads                   atomic.Int64
+	repairs                   atomic.Int64
 	// Bytes of flows that ended, by engine and direction.
 	closedProxied, closedSpliced [2]atomic.Uint64
 }
@@ -100,13 +103,14 @@ type service struct {
 // New returns a gateway for cfg. It touches nothing until Run.
 func New(cfg *config.Config, log *slog.Logger) *Gateway {
 	return &Gateway{
-		cfg:      cfg,
-		log:      log,
-		rules:    rules.NewManager(rules.FromConfig(cfg)),
-		flows:    proxy.NewFlowTable(cfg.Limits.MaxFlows),
-		services: map[string]*service{},
-		spliced:  map[uint64]*splicedFlow{},
-		jumped:   map[[2]netip.AddrPort]time.Time{},
+		cfg:         cfg,
+		log:         log,
+		rules:       rules.NewManager(rules.FromConfig(cfg)),
+		flows:       proxy.NewFlowTable(cfg.Limits.MaxFlows),
+		services:    map[string]*service{},
+		spliced:     map[uint64]*splicedFlow{},
+		jumped:      map[[2]netip.AddrPort]time.Time{},
+		passthrough: map[uint64]*transition{},
 	}
 }
 
@@ -302,6 +306,7 @@ func (g *Gateway) logStats() {
 		return
 	}
 	attrs := []any{"splices", g.spliceLatency.count.Load(), "splice_aborts", g.spliceAborts.Load(),
+		"unsplices", g.unsplices.Load(), "unsplice_aborts", g.unspliceAborts.Load(),
 		"splice_p50_us", g.spliceLatency.percentile(0.5).Microseconds(), "splice_p99_us", g.spliceLatency.percentile(0.99).Microseconds(),
 		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load()}
 	if c := g.conntrack; c != nil {
@@ -410,6 +415,7 @@ func (g *Gateway) forwarderEvent(kind string, f *proxy.Flow, detail string) {
 	if kind == proxy.EventClosed {
 		g.closedProxied[0].Add(uint64(f.C2S.Load()))
 		g.closedProxied[1].Add(uint64(f.S2C.Load()))
+		g.endPassthrough(f)
 	}
 	g.flowEvent(kind, f, detail)
 }

@@ -44,19 +44,21 @@ var (
 	descFlows = prometheus.NewDesc("spliced_flows", "Flows by state.", []string{"state"}, nil)
 	descBytes = prometheus.NewDesc("spliced_bytes_total", "Payload bytes moved, by engine (proxy, splice) and direction (c2s, s2c).",
 		[]string{"engine", "direction"}, nil)
-	descPackets = prometheus.NewDesc("spliced_packets_total", "Packets the splice engine handled, by verdict.", []string{"verdict"}, nil)
-	descSplices = prometheus.NewDesc("spliced_splices_total", "Flows spliced.", nil, nil)
-	descAborts  = prometheus.NewDesc("spliced_splice_aborts_total", "Splices abandoned (the flow stayed proxied).", nil, nil)
-	descLatency = prometheus.NewDesc("spliced_splice_duration_seconds", "Time from diverting a flow to releasing it through the engine (recent splices).", nil, nil)
-	descQueue   = prometheus.NewDesc("spliced_queue_packets_total", "Packets of each NFQUEUE queue by what happened to them.", []string{"queue", "decision"}, nil)
-	descDrops   = prometheus.NewDesc("spliced_queue_kernel_drops_total", "Packets the kernel dropped before they reached spliced: queue full, or socket buffer full (user).",
+	descPackets        = prometheus.NewDesc("spliced_packets_total", "Packets the splice engine handled, by verdict.", []string{"verdict"}, nil)
+	descSplices        = prometheus.NewDesc("spliced_splices_total", "Flows spliced.", nil, nil)
+	descAborts         = prometheus.NewDesc("spliced_splice_aborts_total", "Splices abandoned (the flow stayed proxied).", nil, nil)
+	descUnsplices      = prometheus.NewDesc("spliced_unsplices_total", "Spliced flows given back to their proxy.", nil, nil)
+	descUnspliceAborts = prometheus.NewDesc("spliced_unsplice_aborts_total", "Unsplices abandoned (the flow stayed spliced).", nil, nil)
+	descLatency        = prometheus.NewDesc("spliced_splice_duration_seconds", "Time from diverting a flow to releasing it through the engine (recent splices).", nil, nil)
+	descQueue          = prometheus.NewDesc("spliced_queue_packets_total", "Packets of each NFQUEUE queue by what happened to them.", []string{"queue", "decision"}, nil)
+	descDrops          = prometheus.NewDesc("spliced_queue_kernel_drops_total", "Packets the kernel dropped before they reached spliced: queue full, or socket buffer full (user).",
 		[]string{"queue", "reason"}, nil)
 	descRewriteErrors = prometheus.NewDesc("spliced_rewrite_errors_total", "Packets the engine could not rewrite: malformed, unsupported, no flow, queue errors.", nil, nil)
 	descRepairs       = prometheus.NewDesc("spliced_ruleset_repairs_total", "Times the table was restored after someone changed it.", nil, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs} {
 		ch <- d
 	}
 }
@@ -86,6 +88,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(descSplices, prometheus.CounterValue, float64(g.spliceLatency.count.Load()))
 	ch <- prometheus.MustNewConstMetric(descAborts, prometheus.CounterValue, float64(g.spliceAborts.Load()))
+	ch <- prometheus.MustNewConstMetric(descUnsplices, prometheus.CounterValue, float64(g.unsplices.Load()))
+	ch <- prometheus.MustNewConstMetric(descUnspliceAborts, prometheus.CounterValue, float64(g.unspliceAborts.Load()))
 	ch <- g.spliceLatency.histogram()
 	for _, e := range st.Engines {
 		for _, q := range e.Queues {

@@ -74,9 +74,14 @@ const (
 	phaseFrozen
 	// spliced: the engine owns the flow.
 	phaseSpliced
-	// aborted: the splice was abandoned; packets reach the sockets
-	// unchanged until the divert entries are gone.
+	// aborted: the splice was abandoned, or the flow was unspliced;
+	// packets reach the sockets unchanged until the divert entries are
+	// gone.
 	phaseAborted
+	// unsplicing: the engine still forwards pure ACKs and
+	// retransmissions; packets with new data are held until both ends
+	// acknowledged everything forwarded to them.
+	phaseUnsplicing
 )
 
 // transition is a flow being spliced.
@@ -113,6 +118,14 @@ func (tr *transition) handle(g *Gateway, p *splice.Packet, np *nfq.Packet, key s
 		return forward(g, tr.entry, tr.dir(key), p, np)
 	case phaseAborted:
 		return nfq.Accept
+	case phaseUnsplicing:
+		d := tr.dir(key)
+		if newData(p, tr.entry.Snapshot().Info(d).HighestSeq) {
+			g.counters.held.Add(1)
+			tr.held = append(tr.held, np.Detach())
+			return nfq.Hold
+		}
+		return forward(g, tr.entry, d, p, np)
 	}
 	return tr.drain(g, p, np, key)
 }
@@ -172,4 +185,11 @@ func (ts *transitions) remove(tr *transition) {
 	delete(ts.m, tr.keys[1])
 	ts.mu.Unlock()
 	ts.active.Add(-1)
+}
+
+// newData reports whether a packet carries a byte or a FIN beyond sent,
+// the end of what the engine forwarded in its direction.
+func newData(p *splice.Packet, sent splice.Seq) bool {
+	n := p.SegmentLen()
+	return n > 0 && sent.LessThan(p.TCP().Seq().Add(n))
 }

@@ -17,11 +17,13 @@ import (
 
 // splicedFlow is a flow the engine forwards.
 type splicedFlow struct {
-	flow     *proxy.Flow
-	entry    *splice.Entry
-	keys     [2]splice.Key
-	queue    uint16
-	finished time.Time // when the engine first saw it finished
+	flow      *proxy.Flow
+	entry     *splice.Entry
+	keys      [2]splice.Key
+	queue     uint16
+	params    splice.Params // the captured connections, for unsplice
+	splicedAt time.Time
+	finished  time.Time // when the engine first saw it finished
 }
 
 // Linger keeps a finished flow diverted for a while, so that a lost final
@@ -32,9 +34,9 @@ const finishedLinger = 5 * time.Second
 // still hold it in TIME_WAIT: Linux's TCP_TIMEWAIT_LEN (60 s) and some.
 const timeWaitMargin = 65 * time.Second
 
-func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, keys [2]splice.Key, queue uint16) {
+func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, keys [2]splice.Key, queue uint16, params *splice.Params) {
 	g.splicedMu.Lock()
-	g.spliced[f.ID] = &splicedFlow{flow: f, entry: e, keys: keys, queue: queue}
+	g.spliced[f.ID] = &splicedFlow{flow: f, entry: e, keys: keys, queue: queue, params: *params, splicedAt: time.Now()}
 	g.jumped[[2]netip.AddrPort{f.Upstream, f.Backend}] = time.Time{} // until it ends
 	g.splicedMu.Unlock()
 }
@@ -187,4 +189,37 @@ func (l *latencies) percentile(q float64) time.Duration {
 func addrPort(a net.Addr) netip.AddrPort {
 	ap := a.(*net.TCPAddr).AddrPort()
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+}
+
+// addPassthrough keeps an unspliced flow's transition: its divert entries
+// stay, and the queue passes its packets unchanged while it is proxied.
+func (g *Gateway) addPassthrough(id uint64, tr *transition) {
+	g.splicedMu.Lock()
+	g.passthrough[id] = tr
+	g.splicedMu.Unlock()
+}
+
+// takePassthrough removes an unspliced flow's passthrough, if it has one,
+// and returns it. Its divert entries stay.
+func (g *Gateway) takePassthrough(id uint64) *transition {
+	g.splicedMu.Lock()
+	tr := g.passthrough[id]
+	delete(g.passthrough, id)
+	g.splicedMu.Unlock()
+	if tr != nil {
+		g.transitions.remove(tr)
+	}
+	return tr
+}
+
+// endPassthrough is called when a flow ends in its proxy: if it was
+// unspliced, its divert entries go.
+func (g *Gateway) endPassthrough(f *proxy.Flow) {
+	tr := g.takePassthrough(f.ID)
+	if tr == nil {
+		return
+	}
+	if err := g.diverter.Delete(tr.queue, tr.keys[0], tr.keys[1]); err != nil {
+		g.log.Error("remove divert entries of an unspliced flow", logging.KeyFlow, f.ID, logging.Err(err))
+	}
 }

@@ -64,8 +64,12 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		splice.KeyFrom(addrPort(upstream.RemoteAddr()), addrPort(upstream.LocalAddr())),
 	}}
 	// Spread flows over the queues (cores); both directions of a flow go
-	// to the same queue, so its packets stay in order.
+	// to the same queue, so its packets stay in order. A flow spliced
+	// before and unspliced keeps its queue and its divert entries.
 	tr.queue = uint16(g.nextQueue.Add(1) % uint32(g.rules.Spec().Divert.Queues))
+	if pt := g.takePassthrough(f.ID); pt != nil {
+		tr.queue = pt.queue
+	}
 	f.SetState(proxy.StateSplicing)
 	g.transitions.add(tr)
 	if err := g.diverter.Add(tr.queue, tr.keys[0], tr.keys[1]); err != nil {
@@ -100,7 +104,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		g.log.Warn("inject taken-over payload", logging.KeyFlow, f.ID, logging.Err(injectErr))
 	}
 	g.transitions.remove(tr)
-	g.addSpliced(f, entry, tr.keys, tr.queue)
+	g.addSpliced(f, entry, tr.keys, tr.queue, &params)
 	g.conntrack.forget(tr.keys)
 	took := time.Since(start)
 	g.spliceLatency.observe(took)

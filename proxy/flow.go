@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"cmp"
+	"net"
 	"net/netip"
 	"slices"
 	"sync"
@@ -60,6 +61,33 @@ type Flow struct {
 	spliceReq chan struct{}
 	// spliceErr is why the last splice was abandoned, if it was.
 	spliceErr atomic.Pointer[string]
+	// resume takes the flow back into its proxy after an unsplice.
+	resume atomic.Pointer[func(client, upstream *net.TCPConn)]
+}
+
+// SetResume is called by the proxy relaying the flow: fn takes the flow
+// back, with two connected sockets, after the gateway unspliced it. nil
+// means the proxy cannot take it back (unsplice is refused).
+func (f *Flow) SetResume(fn func(client, upstream *net.TCPConn)) {
+	if fn == nil {
+		f.resume.Store(nil)
+		return
+	}
+	f.resume.Store(&fn)
+}
+
+// CanResume reports whether the flow's proxy can take it back.
+func (f *Flow) CanResume() bool { return f.resume.Load() != nil }
+
+// Resume gives the flow back to its proxy, which relays client and
+// upstream from now on. It reports false when no proxy takes it.
+func (f *Flow) Resume(client, upstream *net.TCPConn) bool {
+	fn := f.resume.Load()
+	if fn == nil {
+		return false
+	}
+	(*fn)(client, upstream)
+	return true
 }
 
 // NewFlow returns a flow in state proxied.

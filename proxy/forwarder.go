@@ -191,21 +191,41 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream))
 	f.event(EventOpened, flow, string(svc.Upstream))
 
-	relay := &Relay{Client: c, Upstream: up, Flow: flow, IdleTimeout: svc.IdleTimeout.D()}
+	f.serve(flow, c, up, log, true)
+}
+
+// serve relays a flow until it ends or is spliced. policy says whether
+// the service's splice policy applies (a flow given back by an unsplice
+// is spliced again only on request). Once spliced, the gateway may give
+// the flow back (Flow.Resume): it is then served again.
+func (f *Forwarder) serve(flow *Flow, client, upstream *net.TCPConn, log *slog.Logger, policy bool) {
+	relay := &Relay{Client: client, Upstream: upstream, Flow: flow, IdleTimeout: f.Service.IdleTimeout.D()}
 	stop := context.AfterFunc(f.flowCtx, relay.Close)
 	defer stop()
-	if f.relayAndSplice(flow, relay, log) {
+	flow.SetResume(func(client, upstream *net.TCPConn) {
+		f.wg.Add(1)
+		go func() {
+			defer f.wg.Done()
+			f.serve(flow, client, upstream, log, false)
+		}()
+	})
+	if f.relayAndSplice(flow, relay, log, policy) {
 		return // the gateway owns the flow now, and logs its end
 	}
+	flow.SetResume(nil)
 	flow.SetState(StateClosing)
 	f.event(EventClosed, flow, "")
 	f.Flows.Remove(flow)
 }
 
-// relayAndSplice relays the flow, splicing it when the service's policy or
-// an operator asks. It reports whether the flow was spliced.
-func (f *Forwarder) relayAndSplice(flow *Flow, relay *Relay, log *slog.Logger) (spliced bool) {
+// relayAndSplice relays the flow, splicing it when the service's policy
+// (if policy) or an operator asks. It reports whether the flow was
+// spliced.
+func (f *Forwarder) relayAndSplice(flow *Flow, relay *Relay, log *slog.Logger, policy bool) (spliced bool) {
 	pol := f.Service.Splice
+	if !policy {
+		pol.Mode = config.SpliceNever
+	}
 	if f.Splicer != nil {
 		done := make(chan struct{})
 		defer close(done)

@@ -183,6 +183,26 @@ func TestLabCtl(t *testing.T) {
 	if one.State != api.StateSpliced || one.BytesC2S != 2<<20 || one.BytesS2C != 2<<20 {
 		t.Errorf("flow %d after the splice and 1 MiB more: %+v", p.ID, one)
 	}
+	// Unsplice it: back in the proxy, its data still intact, its bytes
+	// counted once; then splice it again.
+	ctlJSON(t, d, &after, "unsplice", fmt.Sprint(p.ID))
+	if after.State != api.StateProxied {
+		t.Fatalf("after unsplice: %+v", after)
+	}
+	proxied.exchange(t, 1<<20, 'g')
+	ctlJSON(t, d, &one, "flow", fmt.Sprint(p.ID))
+	if one.State != api.StateProxied || one.BytesC2S != 3<<20 || one.BytesS2C != 3<<20 {
+		t.Errorf("flow %d after the unsplice and 1 MiB more: %+v", p.ID, one)
+	}
+	ctlJSON(t, d, &after, "splice", fmt.Sprint(p.ID))
+	proxied.exchange(t, 1<<20, 'i')
+	ctlJSON(t, d, &one, "flow", fmt.Sprint(p.ID))
+	if one.State != api.StateSpliced || one.BytesC2S != 4<<20 || one.BytesS2C != 4<<20 {
+		t.Errorf("flow %d spliced again and 1 MiB more: %+v", p.ID, one)
+	}
+	if out, code := runCtl(t, d, "unsplice", fmt.Sprint(s.ID+1000)); code != 1 || !strings.Contains(out, "no flow") {
+		t.Errorf("unsplice of an unknown flow (exit %d): %s", code, out)
+	}
 	if out, code := runCtl(t, d, "flow", "999999"); code != 1 || !strings.Contains(out, "no flow 999999") {
 		t.Errorf("unknown flow (exit %d): %s", code, out)
 	}
@@ -215,7 +235,7 @@ func TestLabCtl(t *testing.T) {
 	b, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	metrics := string(b)
-	for _, want := range []string{`spliced_flows{state="spliced"} 2`, "spliced_splices_total 2", "spliced_splice_duration_seconds_bucket",
+	for _, want := range []string{`spliced_flows{state="spliced"} 2`, "spliced_splices_total 3", "spliced_unsplices_total 1", "spliced_splice_duration_seconds_bucket",
 		`spliced_bytes_total{direction="c2s",engine="splice"}`, `spliced_packets_total{verdict="forward"}`, "spliced_queue_kernel_drops_total", "spliced_rewrite_errors_total"} {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("metrics lack %q", want)

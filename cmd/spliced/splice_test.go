@@ -2,6 +2,7 @@ package main
 
 import (
 	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"spliced/api"
 	"spliced/testnet"
 )
 
@@ -662,4 +664,111 @@ services:
 	}
 	reset("at shutdown, client", c)
 	reset("at shutdown, server", s)
+}
+
+// TestLabUnspliceUnderLoad: a flow busy in both directions is unspliced
+// and spliced again several times by the API while data flows: after each
+// unsplice the gateway holds its sockets again (ss) and relays; after each
+// splice it holds none; every byte arrives intact both ways. Transparent
+// IPv4 and NAT IPv6.
+func TestLabUnspliceUnderLoad(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		upstream string
+		v6       bool
+	}{{"transparent ipv4", "transparent", false}, {"nat ipv6", "nat", true}} {
+		t.Run(c.name, func(t *testing.T) {
+			lab := testnet.NewT(t, testnet.Options{})
+			d := testnet.StartDaemon(t, lab, fmt.Sprintf(`
+log:
+  level: debug
+services:
+  - name: fwd
+    listen: 15001
+    ports: ["5001"]
+    upstream: %s
+    splice:
+      mode: bytes
+      bytes: 1MiB
+`, c.upstream))
+			srv := netip.AddrPortFrom(lab.Server().Addr(c.v6), 5001)
+			ln, err := lab.Server().Listen(srv)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			const size = 400 << 20
+			done := make(chan *testnet.Transfer, 1)
+			go func() {
+				done <- testnet.RunTransfer(lab.Client(), ln, srv, testnet.TransferOptions{C2S: size, S2C: size, Seed: rand.Uint64()})
+			}()
+			if err := d.WaitLog(10*time.Second, func(l map[string]any) bool { return l["msg"] == "flow spliced" }); err != nil {
+				t.Fatal(err)
+			}
+			id := uint64(d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" })["flow"].(float64))
+			client := d.Client()
+			ctx := context.Background()
+			cycles := 0
+			for range 5 {
+				f, err := client.Unsplice(ctx, id)
+				if err != nil {
+					if strings.Contains(err.Error(), "closing") || strings.Contains(err.Error(), "not spliced") {
+						break // the transfer ended first
+					}
+					t.Fatalf("unsplice %d: %v\n%s", cycles+1, err, tail(d.Log(), 20))
+				}
+				if f.State != api.StateProxied {
+					t.Fatalf("after unsplice: state %s", f.State)
+				}
+				if err := gatewayHasSocket(lab, f.ClientLeg.Remote); err != nil {
+					t.Fatalf("after unsplice %d: %v", cycles+1, err)
+				}
+				time.Sleep(100 * time.Millisecond) // relayed by the proxy meanwhile
+				f, err = client.Splice(ctx, id)
+				if err != nil {
+					if strings.Contains(err.Error(), "half-closed") || strings.Contains(err.Error(), "ended") {
+						break
+					}
+					t.Fatalf("splice again %d: %v\n%s", cycles+1, err, tail(d.Log(), 20))
+				}
+				if f.State != api.StateSpliced {
+					t.Fatalf("after splice: state %s", f.State)
+				}
+				if err := gatewayHasSocket(lab, f.ClientLeg.Remote); err == nil {
+					t.Fatalf("after splice %d the gateway still has a socket of %s", cycles+1, f.ClientLeg.Remote)
+				}
+				cycles++
+				time.Sleep(100 * time.Millisecond)
+			}
+			tr := <-done
+			if err := tr.Check(); err != nil {
+				t.Fatalf("after %d unsplice/splice cycles: %v\n%s", cycles, err, tail(d.Log(), 30))
+			}
+			if cycles < 3 {
+				t.Fatalf("only %d unsplice/splice cycles happened while the transfer ran; make it longer", cycles)
+			}
+			var took []string
+			for _, l := range d.Lines() {
+				if l["msg"] == "flow unspliced" {
+					took = append(took, fmt.Sprintf("%vµs", l["took_us"]))
+				}
+			}
+			t.Logf("%d cycles, %d MB each way intact in %v; unsplice took %s", cycles, size>>20, tr.Elapsed.Round(time.Millisecond), strings.Join(took, " "))
+		})
+	}
+}
+
+// gatewayHasSocket reports (nil) whether the gateway namespace holds a TCP
+// socket talking to client.
+func gatewayHasSocket(lab *testnet.Lab, client string) error {
+	out, err := lab.Gateway.Run("ss", "-tanH", "state", "established")
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, client+" ") || strings.HasSuffix(strings.TrimSpace(line), client) {
+			return nil
+		}
+	}
+	return fmt.Errorf("no established gateway socket talks to %s:\n%s", client, out)
 }

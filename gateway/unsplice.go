@@ -1,0 +1,219 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"spliced/api"
+	"spliced/logging"
+	"spliced/nfq"
+	"spliced/proxy"
+	"spliced/splice"
+	"spliced/tcprepair"
+)
+
+// Unsplice gives a spliced flow back to its proxy (paper 3.4). Steps:
+//
+//  1. drain: the engine keeps forwarding pure ACKs and retransmissions;
+//     packets with new data, either way, are held; the flow is drained
+//     once each end acknowledged everything forwarded to it (without
+//     this, a segment lost in flight would never be resent: the rebuilt
+//     socket would believe it acknowledged);
+//  2. freeze: every packet is held; two sockets are rebuilt with
+//     TCP_REPAIR from the engine's tracked state, their conntrack entries
+//     are deleted, and they leave repair mode;
+//  3. release the held packets to the sockets, their ACKs raised to what
+//     the sockets sent (a fresh socket drops a segment acknowledging less
+//     than its snd_una), and hand the sockets to the proxy.
+//
+// The divert entries stay for the life of the flow: the queue passes its
+// packets unchanged while it is proxied (deleting an entry while data
+// flows lets new packets overtake held ones, and costs milliseconds).
+// On error the flow stays spliced and nothing was lost.
+func (g *Gateway) Unsplice(ctx context.Context, f *proxy.Flow) error {
+	start := time.Now()
+	g.splicedMu.Lock()
+	sf := g.spliced[f.ID]
+	g.splicedMu.Unlock()
+	if sf == nil {
+		return fmt.Errorf("flow %d is not spliced", f.ID)
+	}
+	if !f.CanResume() {
+		return fmt.Errorf("flow %d: its proxy (%s) cannot take it back", f.ID, f.Proxy)
+	}
+	if snap := sf.entry.Snapshot(); snap.Finished() || snap.FINSeen(splice.C2S) || snap.FINSeen(splice.S2C) {
+		return fmt.Errorf("flow %d is closing (a FIN or RST went through); it ends spliced", f.ID)
+	}
+	tr := &transition{keys: sf.keys, queue: sf.queue, phase: phaseUnsplicing, entry: sf.entry}
+	f.SetState(proxy.StateSplicing)
+	g.transitions.add(tr)
+	if err := g.unspliceDrain(ctx, tr, start.Add(g.drainTimeout(f.Service))); err != nil {
+		g.resplice(tr, f)
+		return err
+	}
+	tr.mu.Lock()
+	tr.phase = phaseFrozen
+	tr.mu.Unlock()
+	snap := sf.entry.Snapshot()
+	client, server := rebuiltConns(&sf.params, snap, time.Since(sf.splicedAt))
+	cc, err := tcprepair.Restore(&client)
+	if err != nil {
+		g.resplice(tr, f)
+		return fmt.Errorf("rebuild the client's connection: %w", err)
+	}
+	sc, err := tcprepair.Restore(&server)
+	if err != nil {
+		cc.Close() // in repair mode: silent
+		g.resplice(tr, f)
+		return fmt.Errorf("rebuild the server's connection: %w", err)
+	}
+	// Point of no return: the engine lets go of the flow.
+	g.splicedMu.Lock()
+	delete(g.spliced, f.ID)
+	g.splicedMu.Unlock()
+	g.engine.Delete(sf.entry)
+	g.conntrack.forget(tr.keys)
+	for _, c := range []*net.TCPConn{cc, sc} {
+		if err := tcprepair.Resume(c); err != nil {
+			g.log.Error("unsplice: leave repair mode", logging.KeyFlow, f.ID, logging.Err(err))
+		}
+	}
+	unpin := g.queues.Pin(int(tr.queue)) // in order with the queue's reader
+	released := g.releaseToSockets(tr, client.SndNxt, server.SndNxt)
+	unpin()
+	g.addPassthrough(f.ID, tr)
+	g.unsplices.Add(1)
+	st := sf.entry.Stats()
+	f.C2S.Add(int64(st[splice.C2S].Bytes))
+	f.S2C.Add(int64(st[splice.S2C].Bytes))
+	f.SetState(proxy.StateProxied)
+	took := time.Since(start)
+	g.log.Info("flow unspliced", logging.KeyFlow, f.ID, logging.KeyService, f.Service,
+		logging.KeyClient, f.Client, logging.KeyServer, f.Server,
+		"took_us", took.Microseconds(), "held_packets", released,
+		"spliced_bytes_c2s", st[splice.C2S].Bytes, "spliced_bytes_s2c", st[splice.S2C].Bytes)
+	g.flowEvent(api.EventUnspliced, f, fmt.Sprintf("took %d µs", took.Microseconds()))
+	if !f.Resume(cc, sc) {
+		g.log.Error("unsplice: the proxy did not take the flow back; resetting it", logging.KeyFlow, f.ID)
+		proxy.Reset(cc)
+		proxy.Reset(sc)
+	}
+	return nil
+}
+
+// unspliceDrain waits until each end acknowledged everything the engine
+// forwarded to it.
+func (g *Gateway) unspliceDrain(ctx context.Context, tr *transition, deadline time.Time) error {
+	for {
+		snap := tr.entry.Snapshot()
+		if snap.Finished() {
+			return errors.New("unsplice abandoned: the flow ended while draining")
+		}
+		c2s, s2c := snap.Info(splice.C2S), snap.Info(splice.S2C)
+		if !c2s.HighestAck.LessThan(c2s.HighestSeq) && !s2c.HighestAck.LessThan(s2c.HighestSeq) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("unsplice abandoned: the ends did not acknowledge everything forwarded to them in time (client->server %d bytes, server->client %d bytes unacknowledged)",
+				uint32(c2s.HighestSeq-c2s.HighestAck), uint32(s2c.HighestSeq-s2c.HighestAck))
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("unsplice abandoned: %w", ctx.Err())
+		case <-time.After(200 * time.Microsecond):
+		}
+	}
+}
+
+// resplice ends an abandoned unsplice: held packets go through the engine
+// in order, and the flow stays spliced.
+func (g *Gateway) resplice(tr *transition, f *proxy.Flow) {
+	unpin := g.queues.Pin(int(tr.queue))
+	tr.mu.Lock()
+	tr.phase = phaseSpliced
+	held := tr.held
+	tr.held = nil
+	var p splice.Packet
+	for _, np := range held {
+		d := nfq.Drop
+		if p.Parse(np.Data) == splice.OK {
+			d = forward(g, tr.entry, tr.dir(p.KeyOf()), &p, np)
+		}
+		np.Verdict(d)
+	}
+	tr.mu.Unlock()
+	unpin()
+	g.transitions.remove(tr)
+	g.unspliceAborts.Add(1)
+	f.SetState(proxy.StateSpliced)
+}
+
+// releaseToSockets lets the held packets reach the rebuilt sockets, in
+// order, and turns the transition into a passthrough: from now on the
+// flow's packets pass the queue unchanged. sndClient and sndServer are
+// what the client's and the server's socket sent: held packets that
+// acknowledge less get their ACK raised to it.
+func (g *Gateway) releaseToSockets(tr *transition, sndClient, sndServer splice.Seq) int {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	tr.phase = phaseAborted
+	var p splice.Packet
+	n := 0
+	for _, np := range tr.held {
+		d := nfq.Drop
+		if p.Parse(np.Data) == splice.OK {
+			snd := sndServer
+			if tr.dir(p.KeyOf()) == splice.C2S {
+				snd = sndClient // the client's packets go to the socket that talks to it
+			}
+			t := p.TCP()
+			if t.Flags()&splice.FlagACK != 0 && t.Ack().LessThan(snd) {
+				t.SetAck(snd)
+				t.SetChecksum(0)
+				t.SetChecksum(splice.TCPChecksum(p.Src(), p.Dst(), p.Segment()))
+				np.Data = p.Bytes()
+			}
+			d = nfq.AcceptModified
+		}
+		np.Verdict(d)
+		n++
+	}
+	tr.held = nil
+	return n
+}
+
+// rebuiltConns returns the states of the two sockets that continue a
+// spliced flow: the client's leg (it talks to the client, from the address
+// the client connected to) and the server's leg. Sequence numbers come
+// from what the engine forwarded, moved into each leg's space; each
+// socket's timestamp clock continues from the last TSval its peer saw
+// (jump included), so the peer's PAWS check passes.
+func rebuiltConns(p *splice.Params, f splice.Flow, since time.Duration) (client, server splice.Conn) {
+	c2s, s2c := f.Info(splice.C2S), f.Info(splice.S2C)
+	client, server = p.Client, p.Server
+	client.RcvNxt = c2s.HighestSeq
+	client.SndNxt = s2c.HighestSeq.Add(s2c.SeqOffset)
+	server.RcvNxt = s2c.HighestSeq
+	server.SndNxt = c2s.HighestSeq.Add(c2s.SeqOffset)
+	// Windows: what each peer last advertised, and what the other end
+	// advertised through the engine.
+	client.SndWnd, client.RcvWnd = c2s.Window, s2c.Window
+	server.SndWnd, server.RcvWnd = s2c.Window, c2s.Window
+	ms := uint32(since.Milliseconds())
+	client.TSval = lastSeenTS(s2c, p.Client.TSval+ms)
+	server.TSval = lastSeenTS(c2s, p.Server.TSval+ms)
+	return client, server
+}
+
+// lastSeenTS is the clock value a rebuilt socket continues from: one past
+// the last TSval the engine sent on its behalf, or the captured socket's
+// own clock advanced by the time spliced when none was sent.
+func lastSeenTS(d splice.DirInfo, fallback uint32) uint32 {
+	if !d.TSLearned {
+		return fallback
+	}
+	return d.TSval + d.TSOffset + 1
+}

@@ -1,0 +1,43 @@
+package gateway
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"spliced/splice"
+)
+
+// TestRebuiltConnsRoundTrip: unsplicing a flow the engine never forwarded
+// anything for rebuilds exactly the sockets the splice captured, their
+// timestamp clocks advanced by the time spliced.
+func TestRebuiltConnsRoundTrip(t *testing.T) {
+	client, server, gw := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"), netip.MustParseAddrPort("10.2.0.1:50000")
+	p := splice.Params{
+		Client: splice.Conn{Local: server, Remote: client, SndNxt: 0xfffffff0, RcvNxt: 1000, SndWnd: 64000, RcvWnd: 65000,
+			SndWscale: 7, RcvWscale: 8, MSS: 1448, SACK: true, Timestamps: true, TSval: 5000},
+		Server: splice.Conn{Local: gw, Remote: server, SndNxt: 0x7ffffff0, RcvNxt: 123, SndWnd: 66000, RcvWnd: 67000,
+			SndWscale: 9, RcvWscale: 6, MSS: 1448, SACK: true, Timestamps: true, TSval: 900000},
+	}
+	f, err := splice.NewFlow(&p, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, s := rebuiltConns(&p, f, 2500*time.Millisecond)
+	if c.SndNxt != p.Client.SndNxt || c.RcvNxt != p.Client.RcvNxt || s.SndNxt != p.Server.SndNxt || s.RcvNxt != p.Server.RcvNxt {
+		t.Errorf("sequence numbers: client %d/%d want %d/%d; server %d/%d want %d/%d",
+			c.SndNxt, c.RcvNxt, p.Client.SndNxt, p.Client.RcvNxt, s.SndNxt, s.RcvNxt, p.Server.SndNxt, p.Server.RcvNxt)
+	}
+	if c.Local != p.Client.Local || c.Remote != p.Client.Remote || s.Local != p.Server.Local || s.Remote != p.Server.Remote {
+		t.Errorf("addresses changed: %v %v", c, s)
+	}
+	if c.SndWscale != 7 || c.RcvWscale != 8 || s.SndWscale != 9 || s.RcvWscale != 6 || !c.SACK || !s.Timestamps {
+		t.Errorf("options changed: %+v %+v", c, s)
+	}
+	if c.TSval != 5000+2500 || s.TSval != 900000+2500 {
+		t.Errorf("timestamp clocks %d, %d; want the captured ones 2500 ms later", c.TSval, s.TSval)
+	}
+	if c.SndWnd != p.Client.SndWnd || s.SndWnd != p.Server.SndWnd {
+		t.Errorf("peer windows %d, %d; want the captured %d, %d", c.SndWnd, s.SndWnd, p.Client.SndWnd, p.Server.SndWnd)
+	}
+}

@@ -167,6 +167,44 @@ type Service struct {
 	Proxy ProxyKind `yaml:"proxy"`
 	// FTP configures an ftp proxy.
 	FTP FTP `yaml:"ftp"`
+	// HTTP configures an http proxy.
+	HTTP HTTP `yaml:"http"`
+}
+
+// HTTP configures an HTTP/1.1 proxy: each request is read in control mode
+// and routed by Host and path to a backend pool; the connection is spliced
+// while a large response flows and unspliced when the client sends its
+// next request. Its upstream is always nat.
+type HTTP struct {
+	// Routes are tried in order; the first whose host and path prefix
+	// match a request decides. A request no route matches gets 404.
+	Routes []HTTPRoute `yaml:"routes"`
+	// SpliceMin: responses with a Content-Length of at least this many
+	// bytes are spliced (default 64KiB; 1 splices every response with a
+	// body). Chunked responses are relayed. The service's splice.mode
+	// decides whether the proxy splices at all: never relays everything,
+	// any other mode splices responses.
+	SpliceMin ByteSize `yaml:"splice_min"`
+	// Forwarded is the header that tells backends who the client is:
+	// x-forwarded-for (default), via, or none.
+	Forwarded string `yaml:"forwarded"`
+	// BackendDownFor is how long a backend that failed a connect is
+	// skipped (default 10s).
+	BackendDownFor Duration `yaml:"backend_down_for"`
+}
+
+// HTTPRoute sends requests for a host and path prefix to a backend pool.
+type HTTPRoute struct {
+	// Host matches the request's Host without port; empty matches any.
+	Host string `yaml:"host"`
+	// Path is a path prefix (default "/").
+	Path string `yaml:"path"`
+	// Action is allow (default) or deny (403).
+	Action Action `yaml:"action"`
+	// Backends are "address:port" of the pool's servers.
+	Backends []AddrPort `yaml:"backends"`
+	// Balance is round_robin (default) or least_conn.
+	Balance string `yaml:"balance"`
 }
 
 // ProxyKind names a proxy.
@@ -175,6 +213,7 @@ type ProxyKind string
 const (
 	ProxyForward ProxyKind = "forward" // the plain forwarder (default)
 	ProxyFTP     ProxyKind = "ftp"     // FTP with NAT address rewriting and spliced data connections
+	ProxyHTTP    ProxyKind = "http"    // HTTP/1.1, spliced per response, unspliced per request
 )
 
 // FTP configures an FTP proxy. Its upstream is always nat: servers see only
@@ -292,6 +331,9 @@ const (
 	DefaultFTPSessionTimeout = 24 * time.Hour
 	DefaultFTPDataTimeout    = 30 * time.Second
 	DefaultFTPMaxSessions    = 256
+
+	DefaultHTTPSpliceMin      = 64 << 10
+	DefaultHTTPBackendDownFor = 10 * time.Second
 )
 
 func (c *Config) applyDefaults() {
@@ -321,6 +363,18 @@ func (c *Config) applyDefaults() {
 			setDefault(&s.FTP.SessionTimeout, Duration(DefaultFTPSessionTimeout))
 			setDefault(&s.FTP.DataTimeout, Duration(DefaultFTPDataTimeout))
 			setDefault(&s.FTP.MaxSessions, DefaultFTPMaxSessions)
+		}
+		if s.Proxy == ProxyHTTP {
+			setDefault(&s.Upstream, NAT)
+			setDefault(&s.HTTP.SpliceMin, ByteSize(DefaultHTTPSpliceMin))
+			setDefault(&s.HTTP.Forwarded, "x-forwarded-for")
+			setDefault(&s.HTTP.BackendDownFor, Duration(DefaultHTTPBackendDownFor))
+			for j := range s.HTTP.Routes {
+				r := &s.HTTP.Routes[j]
+				setDefault(&r.Path, "/")
+				setDefault(&r.Action, Allow)
+				setDefault(&r.Balance, "round_robin")
+			}
 		}
 		setDefault(&s.Upstream, Transparent)
 		setDefault(&s.ConnectTimeout, Duration(DefaultConnectTimeout))

@@ -85,7 +85,7 @@ func TestParseErrors(t *testing.T) {
 		{"yaml syntax", "services:\n  - name: a\n   listen: 1\n", []string{"bad.yaml: line 3:", "is not valid YAML"}},
 		{"bad duration", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    idle_timeout: soon\n", []string{"line 5: services[0].idle_timeout:", `"soon"`, `"5s"`}},
 		{"key twice", "log:\n  level: info\n  level: debug\n", []string{"line 3: log.level:", "twice"}},
-		{"bad proxy", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: socks\n", []string{"line 5: services[0].proxy:", `"socks"`, "forward or ftp"}},
+		{"bad proxy", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: socks\n", []string{"line 5: services[0].proxy:", `"socks"`, "forward, ftp or http"}},
 		{"ftp transparent", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    upstream: transparent\n", []string{"line 6: services[0].upstream:", "only the gateway's address", "upstream: nat"}},
 		{"ftp bad address", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      external: gw.example\n", []string{"line 7: services[0].ftp.external:", `"gw.example"`, "not an address"}},
 		{"ftp privileged data ports", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      data_ports: \"20-30\"\n", []string{"line 7: services[0].ftp.data_ports:", "above 1023"}},

@@ -269,14 +269,30 @@ func (a *Addr) UnmarshalYAML(n *yaml.Node) error {
 }
 
 func (k *ProxyKind) UnmarshalYAML(n *yaml.Node) error {
-	s, err := scalar(n, "forward or ftp")
+	s, err := scalar(n, "forward, ftp or http")
 	if err != nil {
 		return err
 	}
 	switch ProxyKind(s) {
-	case ProxyForward, ProxyFTP:
+	case ProxyForward, ProxyFTP, ProxyHTTP:
 		*k = ProxyKind(s)
 		return nil
 	}
-	return &valueError{line: n.Line, column: n.Column, value: s, msg: "is not a proxy; use forward or ftp"}
+	return &valueError{line: n.Line, column: n.Column, value: s, msg: "is not a proxy; use forward, ftp or http"}
+}
+
+// AddrPort is "address:port", such as 10.2.0.2:8080 or [fd00::2]:8080.
+type AddrPort struct{ netip.AddrPort }
+
+func (a *AddrPort) UnmarshalYAML(n *yaml.Node) error {
+	s, err := scalar(n, "an address and port such as 10.2.0.2:8080 or [fd00::2]:8080")
+	if err != nil {
+		return err
+	}
+	v, err := netip.ParseAddrPort(strings.TrimSpace(s))
+	if err != nil || v.Port() == 0 || v.Addr().Zone() != "" {
+		return &valueError{line: n.Line, column: n.Column, value: s, msg: "not an address and port; use e.g. 10.2.0.2:8080 or [fd00::2]:8080"}
+	}
+	a.AddrPort = netip.AddrPortFrom(v.Addr().Unmap(), v.Port())
+	return nil
 }

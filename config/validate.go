@@ -95,6 +95,31 @@ func (c *Config) validate(idx *keyIndex) error {
 				bad(p+".ftp.data_ports", s.FTP.DataPorts.String(), "includes privileged ports; use a range above 1023 such as 40000-40999")
 			}
 		}
+		if s.Proxy == ProxyHTTP {
+			if s.Upstream != NAT {
+				bad(p+".upstream", string(s.Upstream), "cannot be used by an http proxy: it connects to its backends from the gateway; remove the key or set upstream: nat")
+			}
+			switch s.HTTP.Forwarded {
+			case "x-forwarded-for", "via", "none":
+			default:
+				bad(p+".http.forwarded", s.HTTP.Forwarded, "is not a header choice; use x-forwarded-for, via or none")
+			}
+			if len(s.HTTP.Routes) == 0 {
+				bad(p+".http", s.Name, "has no routes; add routes with a path and backends")
+			}
+			for j, r := range s.HTTP.Routes {
+				rp := fmt.Sprintf("%s.http.routes[%d]", p, j)
+				if r.Path == "" || r.Path[0] != '/' {
+					bad(rp+".path", r.Path, "is not a path prefix; start it with /")
+				}
+				if r.Action == Allow && len(r.Backends) == 0 {
+					bad(rp, r.Path, "has no backends; list them as address:port, or set action: deny")
+				}
+				if r.Balance != "round_robin" && r.Balance != "least_conn" {
+					bad(rp+".balance", r.Balance, "is not a balancing method; use round_robin or least_conn")
+				}
+			}
+		}
 		for j, r := range s.Access.Rules {
 			if r.Action == "" {
 				bad(fmt.Sprintf("%s.access.rules[%d]", p, j), "", "has no action; set action: allow or action: deny")

@@ -33,6 +33,7 @@ import (
 	"spliced/nfq"
 	"spliced/proxy"
 	"spliced/proxy/ftp"
+	"spliced/proxy/httpproxy"
 	"spliced/rules"
 	"spliced/splice"
 )
@@ -382,6 +383,13 @@ func (g *Gateway) serveService(svc *config.Service, lns []*net.TCPListener) {
 			Service: svc,
 			Flows:   g.flows,
 			Log:     g.log.With(logging.KeyComponent, "ftp", logging.KeyService, svc.Name),
+			Events:  g.forwarderEvent,
+		}
+	case config.ProxyHTTP:
+		p = &httpproxy.Proxy{
+			Service: svc,
+			Flows:   g.flows,
+			Log:     g.log.With(logging.KeyComponent, "http", logging.KeyService, svc.Name),
 			Events:  g.forwarderEvent,
 		}
 	default:

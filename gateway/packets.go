@@ -53,6 +53,11 @@ func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 
 // forward runs the engine on a packet of a spliced flow.
 func forward(g *Gateway, e *splice.Entry, d splice.Dir, p *splice.Packet, np *nfq.Packet) nfq.Decision {
+	if d == splice.C2S && e.Watch.Load() && newData(p, e.HighestSeq(splice.C2S)) {
+		if g.unspliceOnData(e, np) {
+			return nfq.Hold
+		}
+	}
 	v := e.Process(p, d, time.Now().UnixNano(), !np.CsumNotReady)
 	g.counters.verdicts[v].Add(1)
 	if v != splice.Forward {
@@ -89,13 +94,19 @@ type transition struct {
 	keys  [2]splice.Key // input tuples: from the client, from the server
 	queue uint16        // index of the queue the flow is diverted to
 
-	mu       sync.Mutex
-	phase    phase
-	entry    *splice.Entry
-	taken    [2][][]byte // payload packets taken over while draining, per direction
-	held     []*nfq.Packet
-	reset    bool // a RST arrived while draining
-	takenLen [2]int
+	mu    sync.Mutex
+	phase phase
+	entry *splice.Entry
+	taken [2][][]byte // payload packets taken over while draining, per direction
+	held  []*nfq.Packet
+	reset bool // a RST arrived while draining
+	// watchClient: the proxy reads every client request (HTTP); client
+	// data that arrives while draining is the next request, which the
+	// proxy must read itself: it reaches the socket, and the splice is
+	// abandoned.
+	watchClient bool
+	clientData  bool
+	takenLen    [2]int
 }
 
 func (tr *transition) dir(k splice.Key) splice.Dir {
@@ -120,7 +131,12 @@ func (tr *transition) handle(g *Gateway, p *splice.Packet, np *nfq.Packet, key s
 		return nfq.Accept
 	case phaseUnsplicing:
 		d := tr.dir(key)
-		if newData(p, tr.entry.Snapshot().Info(d).HighestSeq) {
+		if newData(p, tr.entry.HighestSeq(d)) {
+			// Held for the rebuilt socket; what it acknowledges counts
+			// for the drain (the next request carries the client's ACK
+			// of the response: waiting for another one would wait for a
+			// retransmission).
+			tr.entry.LearnAck(p, d)
 			g.counters.held.Add(1)
 			tr.held = append(tr.held, np.Detach())
 			return nfq.Hold
@@ -143,6 +159,10 @@ func (tr *transition) drain(g *Gateway, p *splice.Packet, np *nfq.Packet, key sp
 		return nfq.Accept // ACK information for the socket
 	}
 	d := tr.dir(key)
+	if tr.watchClient && d == splice.C2S {
+		tr.clientData = true
+		return nfq.Accept
+	}
 	tr.taken[d] = append(tr.taken[d], append([]byte(nil), p.Bytes()...))
 	tr.takenLen[d] += p.PayloadLen()
 	g.counters.stripped.Add(1)

@@ -59,7 +59,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		return &SpliceError{Reason: "splicing is not enabled (no service has a splice mode)"}
 	}
 	start := time.Now()
-	tr := &transition{keys: [2]splice.Key{
+	tr := &transition{watchClient: f.UnspliceOnClientData.Load(), keys: [2]splice.Key{
 		splice.KeyFrom(addrPort(client.RemoteAddr()), addrPort(client.LocalAddr())),
 		splice.KeyFrom(addrPort(upstream.RemoteAddr()), addrPort(upstream.LocalAddr())),
 	}}
@@ -105,6 +105,9 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	}
 	g.transitions.remove(tr)
 	g.addSpliced(f, entry, tr.keys, tr.queue, &params)
+	// Only now: a trigger during the release would meet the splice's own
+	// transition.
+	entry.Watch.Store(f.UnspliceOnClientData.Load())
 	g.conntrack.forget(tr.keys)
 	took := time.Since(start)
 	g.spliceLatency.observe(took)
@@ -189,15 +192,26 @@ var drainBufs = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &
 // other side, as the proxy would have.
 func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net.TCPConn, buf []byte, deadline time.Time) error {
 	tr.mu.Lock()
-	reset := tr.reset
+	reset, clientData := tr.reset, tr.clientData
 	tr.mu.Unlock()
 	if reset {
 		return &SpliceError{Reason: "the flow was reset"}
+	}
+	if clientData {
+		return &SpliceError{Reason: "the client sent its next request; the proxy reads it first"}
+	}
+	if tr.watchClient {
+		if inq, _, err := tcprepair.Queues(client); err == nil && inq > 0 {
+			return &SpliceError{Reason: "the client sent its next request; the proxy reads it first"}
+		}
 	}
 	for _, m := range []struct {
 		src, dst *net.TCPConn
 		n        *atomic.Int64
 	}{{client, upstream, &f.C2S}, {upstream, client, &f.S2C}} {
+		if tr.watchClient && m.src == client {
+			continue // the proxy reads the client's requests itself (checked above)
+		}
 		for {
 			inq, _, err := tcprepair.Queues(m.src)
 			if err != nil {

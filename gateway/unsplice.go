@@ -47,9 +47,48 @@ func (g *Gateway) Unsplice(ctx context.Context, f *proxy.Flow) error {
 	if snap := sf.entry.Snapshot(); snap.Finished() || snap.FINSeen(splice.C2S) || snap.FINSeen(splice.S2C) {
 		return fmt.Errorf("flow %d is closing (a FIN or RST went through); it ends spliced", f.ID)
 	}
+	sf.entry.Watch.Store(false)
 	tr := &transition{keys: sf.keys, queue: sf.queue, phase: phaseUnsplicing, entry: sf.entry}
 	f.SetState(proxy.StateSplicing)
 	g.transitions.add(tr)
+	return g.completeUnsplice(ctx, sf, tr, start)
+}
+
+// unspliceOnData starts the unsplice of a watched flow whose client sent
+// new data (the next request): the packet is held, and the flow is given
+// back to its proxy in the background. It reports false when the flow is
+// not the gateway's to unsplice (the packet is then forwarded).
+func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
+	if !e.Watch.CompareAndSwap(true, false) {
+		return false
+	}
+	g.splicedMu.Lock()
+	sf := g.spliced[e.ID]
+	g.splicedMu.Unlock()
+	if sf == nil || !sf.flow.CanResume() {
+		return false
+	}
+	tr := &transition{keys: sf.keys, queue: sf.queue, phase: phaseUnsplicing, entry: sf.entry}
+	var p splice.Packet
+	if p.Parse(np.Data) == splice.OK {
+		e.LearnAck(&p, splice.C2S) // see transition.handle
+	}
+	g.counters.held.Add(1)
+	tr.held = append(tr.held, np.Detach())
+	sf.flow.SetState(proxy.StateSplicing)
+	g.transitions.add(tr)
+	go func() {
+		if err := g.completeUnsplice(context.Background(), sf, tr, time.Now()); err != nil {
+			g.log.Warn("flow stays spliced", logging.KeyFlow, sf.flow.ID, logging.Err(err))
+		}
+	}()
+	return true
+}
+
+// completeUnsplice runs an unsplice whose transition is registered: drain,
+// rebuild, release, resume.
+func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *transition, start time.Time) error {
+	f := sf.flow
 	if err := g.unspliceDrain(ctx, tr, start.Add(g.drainTimeout(f.Service))); err != nil {
 		g.resplice(tr, f)
 		return err
@@ -169,14 +208,18 @@ func (g *Gateway) releaseToSockets(tr *transition, sndClient, sndServer splice.S
 			if tr.dir(p.KeyOf()) == splice.C2S {
 				snd = sndClient // the client's packets go to the socket that talks to it
 			}
+			// Unchanged packets go back as they came: a verdict with data
+			// makes the kernel trust the checksum field, which a packet
+			// from a local sender (CHECKSUM_PARTIAL) does not hold yet.
+			d = nfq.Accept
 			t := p.TCP()
 			if t.Flags()&splice.FlagACK != 0 && t.Ack().LessThan(snd) {
 				t.SetAck(snd)
 				t.SetChecksum(0)
 				t.SetChecksum(splice.TCPChecksum(p.Src(), p.Dst(), p.Segment()))
 				np.Data = p.Bytes()
+				d = nfq.AcceptModified
 			}
-			d = nfq.AcceptModified
 		}
 		np.Verdict(d)
 		n++

@@ -61,6 +61,10 @@ type Flow struct {
 	spliceReq chan struct{}
 	// spliceErr is why the last splice was abandoned, if it was.
 	spliceErr atomic.Pointer[string]
+	// UnspliceOnClientData asks the gateway, when it splices the flow, to
+	// unsplice it as soon as the client sends new data (set by proxies
+	// that read every request, such as the HTTP proxy).
+	UnspliceOnClientData atomic.Bool
 	// resume takes the flow back into its proxy after an unsplice.
 	resume atomic.Pointer[func(client, upstream *net.TCPConn)]
 }

@@ -3,6 +3,7 @@ package splice
 import (
 	"fmt"
 	"sync"
+	"sync/atomic"
 )
 
 // Entry is a spliced flow in the table: its engine state and its two
@@ -11,9 +12,42 @@ type Entry struct {
 	ID   uint64 // the gateway's flow ID
 	Keys [2]Key // tuples of packets arriving from the client and from the server
 
+	// Watch asks the gateway to hear of new data from the client instead
+	// of forwarding it (an HTTP proxy unsplices for the next request).
+	// The engine itself never reads it.
+	Watch atomic.Bool
+
 	mu    sync.Mutex // packets of one flow may arrive on several queues
 	flow  Flow
 	stats [2]DirStats
+}
+
+// LearnAck takes in the acknowledgment of a packet the gateway holds
+// instead of forwarding (an unsplice holds new data; its ACK says what the
+// sender received). It reports false when the acknowledgment fails the
+// engine's check, and then changes nothing.
+func (e *Entry) LearnAck(p *Packet, d Dir) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	t := p.TCP()
+	if t.Flags()&FlagACK == 0 {
+		return false
+	}
+	o := &e.flow.d[1-d]
+	ackIn := t.Ack().Sub(o.seqOff)
+	if o.sndNxt.LessThan(ackIn) || ackIn.LessThan(o.ackSeen.Sub(max(o.maxWin, minWindow))) {
+		return false
+	}
+	o.ackSeen = maxSeq(o.ackSeen, ackIn)
+	return true
+}
+
+// HighestSeq is the end of what the engine forwarded in direction d, in
+// the sender's sequence space.
+func (e *Entry) HighestSeq(d Dir) Seq {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.flow.d[d].sndNxt
 }
 
 // DirStats count what the engine did in one direction.

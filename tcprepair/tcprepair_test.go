@@ -118,11 +118,16 @@ func TestCaptureRefusesHalfClosed(t *testing.T) {
 func TestRestoreContinuesConnection(t *testing.T) {
 	ns := testnet.Scratch(t)
 	for _, c := range []struct {
-		network, addr string
-		rcvOff        uint32
-		works         bool
-	}{{"tcp4", "127.0.0.1:0", 0, true}, {"tcp6", "[::1]:0", 0, true}, {"tcp4", "127.0.0.1:0", 1, false}} {
-		t.Run(fmt.Sprintf("%s rcv+%d", c.network, c.rcvOff), func(t *testing.T) {
+		network, addr  string
+		rcvOff, sndOff int32
+		works          bool
+	}{
+		{"tcp4", "127.0.0.1:0", 0, 0, true}, {"tcp6", "[::1]:0", 0, 0, true},
+		// Negative controls: one byte off either way, in either queue.
+		{"tcp4", "127.0.0.1:0", 1, 0, false}, {"tcp4", "127.0.0.1:0", -1, 0, false},
+		{"tcp4", "127.0.0.1:0", 0, 1, false}, {"tcp4", "127.0.0.1:0", 0, -1, false},
+	} {
+		t.Run(fmt.Sprintf("%s rcv%+d snd%+d", c.network, c.rcvOff, c.sndOff), func(t *testing.T) {
 			err := ns.Do(func() error {
 				a, b := pair(t, c.network, c.addr)
 				a.Write([]byte("before"))
@@ -139,6 +144,7 @@ func TestRestoreContinuesConnection(t *testing.T) {
 				}
 				a.Close()
 				st.RcvNxt += splice.Seq(c.rcvOff)
+				st.SndNxt += splice.Seq(c.sndOff)
 				st.TSval += 10
 				r, err := Restore(&st)
 				if err != nil {

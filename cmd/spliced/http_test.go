@@ -1,0 +1,432 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"spliced/testnet"
+)
+
+// httpLab is a lab with two nginx backends (server 0 serves /a/, server 1
+// /b/, each file random and distinct) and spliced running an HTTP service
+// on port 80.
+type httpLab struct {
+	lab  *testnet.Lab
+	d    *testnet.Daemon
+	sums map[string]string // path -> SHA-256 of the body
+	vip  netip.AddrPort    // where clients send their requests
+}
+
+const (
+	httpSmall = 4 << 10
+	httpBig   = 1 << 20
+	httpHuge  = 50 << 20
+)
+
+func httpConfig(mode string) string {
+	splice := "never"
+	if mode == "splice" {
+		splice = "immediate"
+	}
+	return fmt.Sprintf(`
+log:
+  level: debug
+services:
+  - name: web
+    listen: 15080
+    ports: ["80"]
+    proxy: http
+    splice:
+      mode: %s
+    http:
+      splice_min: 64KiB
+      routes:
+        - path: /a/
+          backends: ["10.2.0.2:8080"]
+        - path: /b/
+          backends: ["10.2.1.2:8080"]
+        - path: /private/
+          action: deny
+        - path: /dead/
+          backends: ["10.2.0.2:9"]
+        - host: www.example
+          path: /
+          backends: ["10.2.0.2:8080", "10.2.1.2:8080"]
+          balance: least_conn
+`, splice)
+}
+
+func startHTTPLab(t *testing.T, mode string, opt testnet.Options, setup func(*testnet.Lab)) *httpLab {
+	t.Helper()
+	testnet.Privileged(t, "nginx")
+	opt.Servers = 2
+	hl := &httpLab{lab: testnet.NewT(t, opt), sums: map[string]string{}}
+	if setup != nil {
+		setup(hl.lab)
+	}
+	for k, dir := range []string{"a", "b"} {
+		root := t.TempDir()
+		os.Chmod(root, 0o755)
+		www := filepath.Join(root, "www", dir)
+		if err := os.MkdirAll(www, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		for i, size := range map[string]int64{"small.bin": httpSmall, "big.bin": httpBig, "huge.bin": httpHuge} {
+			f, err := os.Create(filepath.Join(www, i))
+			if err != nil {
+				t.Fatal(err)
+			}
+			h := sha256.New()
+			io.CopyN(io.MultiWriter(f, h), testnet.NewRandomStream(uint64(k*10+len(i))), size)
+			f.Close()
+			hl.sums["/"+dir+"/"+i] = hex.EncodeToString(h.Sum(nil))
+		}
+		conf := filepath.Join(root, "nginx.conf")
+		os.WriteFile(conf, []byte(fmt.Sprintf(`daemon off;
+master_process off;
+worker_processes 1;
+pid %[1]s/nginx.pid;
+error_log %[1]s/error.log;
+events { worker_connections 1024; }
+http {
+    access_log %[1]s/access.log;
+    client_body_temp_path %[1]s/body;
+    proxy_temp_path %[1]s/proxy;
+    fastcgi_temp_path %[1]s/fastcgi;
+    uwsgi_temp_path %[1]s/uwsgi;
+    scgi_temp_path %[1]s/scgi;
+    keepalive_requests 100000;
+    keepalive_timeout 120s;
+    server {
+        listen 8080;
+        listen [::]:8080;
+        root %[1]s/www;
+    }
+}
+`, root)), 0o644)
+		srv := hl.lab.Servers[k].Command(context.Background(), "nginx", "-c", conf)
+		srv.Stderr = os.Stderr
+		if err := srv.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
+		testnet.Eventually(t, 5*time.Second, func() error {
+			out, err := hl.lab.Servers[k].Run("ss", "-tlnH", "sport", "= :8080")
+			if err != nil || !strings.Contains(out, "8080") {
+				return fmt.Errorf("nginx not listening yet: %v %s", err, out)
+			}
+			return nil
+		})
+	}
+	hl.d = testnet.StartDaemon(t, hl.lab, httpConfig(mode))
+	hl.vip = netip.AddrPortFrom(hl.lab.Server().IPv4, 80)
+	return hl
+}
+
+// httpClient is one keep-alive connection from the client namespace.
+type httpClient struct {
+	t *testing.T
+	c *net.TCPConn
+	r *bufio.Reader
+}
+
+func (hl *httpLab) dial(t *testing.T) *httpClient {
+	t.Helper()
+	c, err := hl.lab.Client().Dial(hl.vip, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &httpClient{t: t, c: c, r: bufio.NewReader(c)}
+}
+
+func (hc *httpClient) send(path string) {
+	hc.t.Helper()
+	if _, err := fmt.Fprintf(hc.c, "GET %s HTTP/1.1\r\nHost: test\r\n\r\n", path); err != nil {
+		hc.t.Fatal(err)
+	}
+}
+
+// response reads one response and returns its status and body hash.
+func (hc *httpClient) response() (int, string, error) {
+	hc.c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	resp, err := http.ReadResponse(hc.r, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, resp.Body); err != nil {
+		return resp.StatusCode, "", err
+	}
+	return resp.StatusCode, hex.EncodeToString(h.Sum(nil)), nil
+}
+
+func (hl *httpLab) expect(hc *httpClient, path string) {
+	hc.t.Helper()
+	code, sum, err := hc.response()
+	if err != nil || code != 200 || sum != hl.sums[path] {
+		hc.t.Fatalf("%s: status %d, %v, body sha %s, want %s\n%s", path, code, err, sum, hl.sums[path], tail(hl.d.Log(), 20))
+	}
+}
+
+// took lists the took_us of the first log lines with msg.
+func (hl *httpLab) took(msg string) string {
+	var took []string
+	for _, l := range hl.d.Lines() {
+		if l["msg"] == msg && len(took) < 8 {
+			took = append(took, fmt.Sprint(l["took_us"]))
+		}
+	}
+	return strings.Join(took, " ")
+}
+
+func (hl *httpLab) count(msg string) int {
+	n := 0
+	for _, l := range hl.d.Lines() {
+		if l["msg"] == msg {
+			n++
+		}
+	}
+	return n
+}
+
+// keepAliveLoop sends requests on one connection, alternating between the
+// two backends by path, big responses mostly, and checks every body; it
+// returns how many big responses there were.
+func (hl *httpLab) keepAliveLoop(t *testing.T, n int, proofEvery int, mode string) int {
+	hc := hl.dial(t)
+	big := 0
+	for i := range n {
+		dir := []string{"a", "b"}[i%2]
+		file := "big.bin"
+		if i%10 == 9 {
+			file = "small.bin"
+		}
+		path := "/" + dir + "/" + file
+		hc.send(path)
+		if file == "big.bin" {
+			big++
+			if mode == "splice" && proofEvery > 0 && big%proofEvery == 0 {
+				// While this response flows, the gateway holds no
+				// socket of the flow.
+				if err := hl.d.WaitLog(10*time.Second, func(map[string]any) bool { return hl.count("flow spliced") >= big }); err != nil {
+					t.Fatalf("response %d not spliced: %v", i, err)
+				}
+				if err := gatewayHasSocket(hl.lab, hc.c.LocalAddr().String()); err == nil {
+					t.Fatalf("request %d: the gateway has a socket of the spliced flow", i)
+				}
+			}
+		}
+		hl.expect(hc, path)
+	}
+	return big
+}
+
+// TestLabHTTPKeepAlive: 200 requests on one connection alternating
+// between two nginx backends by path; every body verified; with splicing,
+// every big response is spliced (and proven so regularly: no gateway
+// socket) and the flow is unspliced for every request after one.
+func TestLabHTTPKeepAlive(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
+			big := hl.keepAliveLoop(t, 200, 20, mode)
+			spliced, unspliced := hl.count("flow spliced"), hl.count("flow unspliced")
+			want := 0
+			if mode == "splice" {
+				want = big
+			}
+			if spliced != want {
+				t.Errorf("%s: %d big responses, %d splices, want %d", mode, big, spliced, want)
+			}
+			if mode == "splice" && unspliced < big-1 {
+				t.Errorf("%d unsplices for %d spliced responses", unspliced, spliced)
+			}
+			t.Logf("%s: 200 requests, %d big responses, %d splices, %d unsplices; in µs, splices took %s, unsplices %s", mode, big, spliced, unspliced,
+				hl.took("flow spliced"), hl.took("flow unspliced"))
+		})
+	}
+}
+
+// TestLabHTTPPipelined: the client sends its next request while the
+// previous response still flows: the gateway unsplices in the middle of a
+// response, the proxy relays its rest, then serves the next one, to the
+// other backend; everything arrives intact and in order.
+func TestLabHTTPPipelined(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
+			if dir := os.Getenv("SPLICED_CAPTURE"); dir != "" {
+				stop, err := hl.lab.Client().Capture("eth0", dir+"client.pcap", "tcp port 80")
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer stop()
+			}
+			hc := hl.dial(t)
+			// Each next request goes out while the previous response
+			// still flows; after a huge response has started spliced, so
+			// the unsplice happens in the middle of it.
+			paths := []string{"/a/huge.bin", "/b/huge.bin", "/a/big.bin", "/b/huge.bin", "/a/small.bin", "/b/big.bin"}
+			hc.send(paths[0])
+			splicedBefore := 0 // splices when the request of response i went out
+			busy := 0
+			for i := range paths {
+				if i+1 == len(paths) {
+					hl.expect(hc, paths[i])
+					break
+				}
+				code, err := readStatus(hc)
+				if err != nil || code != 200 {
+					t.Fatalf("%s: status %d, %v", paths[i], code, err)
+				}
+				if mode == "splice" && strings.HasSuffix(paths[i], "huge.bin") {
+					if err := hl.d.WaitLog(10*time.Second, func(map[string]any) bool { return hl.count("flow spliced") > splicedBefore }); err != nil {
+						t.Fatalf("%s not spliced: %v", paths[i], err)
+					}
+					busy++
+				}
+				splicedBefore = hl.count("flow spliced")
+				hc.send(paths[i+1])
+				hl.expectBody(hc, paths[i])
+			}
+			mid := hl.count("http: relaying the rest of a response after an unsplice")
+			if mode == "splice" && mid < busy {
+				t.Errorf("%d unsplices in the middle of a response, want %d (one per huge response)\n%s", mid, busy, tail(hl.d.Log(), 30))
+			}
+			t.Logf("%s: %d pipelined requests intact; %d splices, %d unsplices, %d in the middle of a response (took %s µs)",
+				mode, len(paths), hl.count("flow spliced"), hl.count("flow unspliced"), mid, hl.took("flow unspliced"))
+		})
+	}
+}
+
+// pendingResp is a response whose header was read and whose body was not.
+var pendingResp = map[*httpClient]*http.Response{}
+
+func readStatus(hc *httpClient) (int, error) {
+	hc.c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	resp, err := http.ReadResponse(hc.r, nil)
+	if err != nil {
+		return 0, err
+	}
+	pendingResp[hc] = resp
+	return resp.StatusCode, nil
+}
+
+func (hl *httpLab) expectBody(hc *httpClient, path string) {
+	hc.t.Helper()
+	resp := pendingResp[hc]
+	delete(pendingResp, hc)
+	h := sha256.New()
+	_, err := io.Copy(h, resp.Body)
+	resp.Body.Close()
+	if sum := hex.EncodeToString(h.Sum(nil)); err != nil || sum != hl.sums[path] {
+		hc.t.Fatalf("%s: body sha %s, %v; want %s\n%s", path, sum, err, hl.sums[path], tail(hl.d.Log(), 20))
+	}
+}
+
+// TestLabHTTPHuge: a 50 MB response each from both backends, with curl.
+func TestLabHTTPHuge(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
+			out := filepath.Join(t.TempDir(), "out")
+			for _, path := range []string{"/a/huge.bin", "/b/huge.bin"} {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+				b, err := hl.lab.Client().Command(ctx, "curl", "-sS", "-o", out, "http://"+hl.vip.String()+path).CombinedOutput()
+				cancel()
+				if err != nil {
+					t.Fatalf("curl %s: %v: %s", path, err, b)
+				}
+				if sum, err := fileSum(out); err != nil || sum != hl.sums[path] {
+					t.Fatalf("%s: sha %s, %v", path, sum, err)
+				}
+			}
+		})
+	}
+}
+
+// TestLabHTTPErrors: a malformed request gets 400 and the connection
+// closes; a host and path no route matches 404; a denied path 403; a
+// route whose backend is dead 502; each is logged, and the next
+// connection works.
+func TestLabHTTPErrors(t *testing.T) {
+	hl := startHTTPLab(t, "splice", testnet.Options{}, nil)
+	for _, c := range []struct {
+		name, request string
+		code          int
+		log           string
+	}{
+		{"malformed", "GET /a/small.bin HTTP/1.1\r\nHost: test\r\nbroken header line\r\n\r\n", 400, "http: malformed request, closing the connection"},
+		{"unknown host and path", "GET /nowhere HTTP/1.1\r\nHost: test\r\n\r\n", 404, "http: no route"},
+		{"denied", "GET /private/x HTTP/1.1\r\nHost: test\r\n\r\n", 403, "http: denied"},
+		{"dead backend", "GET /dead/x HTTP/1.1\r\nHost: test\r\n\r\n", 502, "http: no backend reachable"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			hc := hl.dial(t)
+			fmt.Fprint(hc.c, c.request)
+			code, _, err := hc.response()
+			if err != nil || code != c.code {
+				t.Fatalf("status %d, %v; want %d", code, err, c.code)
+			}
+			hc.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if rest, err := io.ReadAll(hc.r); err != nil || len(rest) != 0 {
+				t.Errorf("connection not closed after %d: %q, %v", code, rest, err)
+			}
+			if err := hl.d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == c.log }); err != nil {
+				t.Errorf("no log line %q: %v", c.log, err)
+			}
+			next := hl.dial(t)
+			next.send("/b/small.bin")
+			hl.expect(next, "/b/small.bin")
+		})
+	}
+	// A host route with two backends works as well.
+	hc := hl.dial(t)
+	fmt.Fprint(hc.c, "GET /a/small.bin HTTP/1.1\r\nHost: www.example\r\n\r\n")
+	if code, _, err := hc.response(); err != nil || (code != 200 && code != 404) {
+		t.Fatalf("host route: %d, %v", code, err)
+	}
+}
+
+// TestLabHTTPLoss: the keep-alive loop with 1% random loss on both sides
+// of the gateway completes intact.
+func TestLabHTTPLoss(t *testing.T) {
+	hl := startHTTPLab(t, "splice", testnet.Options{}, func(lab *testnet.Lab) {
+		for _, ns := range []*testnet.NS{&lab.Client().NS, &lab.Servers[0].NS, &lab.Servers[1].NS} {
+			nft(t, ns, "add table inet loss",
+				"add chain inet loss in { type filter hook input priority 0; }",
+				`add rule inet loss in iifname "eth0" meta l4proto tcp numgen random mod 100 < 1 drop`)
+		}
+	})
+	big := hl.keepAliveLoop(t, 200, 0, "splice")
+	t.Logf("200 requests with 1%% loss, %d big; %d splices, %d unsplices", big, hl.count("flow spliced"), hl.count("flow unspliced"))
+}
+
+// TestLabHTTPInvalidDrop: `ct state invalid drop` in the gateway's forward
+// chain does not break the loop.
+func TestLabHTTPInvalidDrop(t *testing.T) {
+	hl := startHTTPLab(t, "splice", testnet.Options{}, nil)
+	nft(t, &hl.lab.Gateway.NS, "add table inet fw",
+		"add chain inet fw forward_filter { type filter hook forward priority 0; }",
+		"add rule inet fw forward_filter ct state invalid drop",
+		"add chain inet fw in { type filter hook input priority 0; }",
+		"add rule inet fw in ct state invalid drop")
+	big := hl.keepAliveLoop(t, 200, 20, "splice")
+	if n := hl.count("flow spliced"); n != big {
+		t.Errorf("%d splices for %d big responses", n, big)
+	}
+}

@@ -1,0 +1,22 @@
+// Package httpproxy is the gateway's HTTP/1.1 proxy (paper sections 2.2
+// and 3.4): clients talk to one address; the proxy reads each request in
+// control mode with net/http, picks a backend pool by Host and path prefix,
+// forwards the request, and, when the response is large (Content-Length
+// of at least splice_min), splices the connection while the response
+// flows. The gateway watches the spliced flow: when the client sends its
+// next request, it unsplices the flow and hands both sockets back, and the
+// proxy reads and routes that request, to another backend if its route
+// says so, and splices again.
+//
+// What the proxy must know across a splice is where the response ends:
+// the flow's byte counters include what the engine forwarded, so after an
+// unsplice in the middle of a response (a pipelining client) the proxy
+// relays the rest of it before it reads the next request. Chunked
+// responses are never spliced, for the same reason.
+//
+// Errors get what a careful proxy answers: a malformed request 400 (and
+// the connection closes), a request no route matches 404, a denied route
+// 403, a backend that cannot be reached 502 (it is skipped for
+// backend_down_for). Upgrade requests (WebSocket) are passed through
+// spliced for their whole life.
+package httpproxy

@@ -1,0 +1,481 @@
+package httpproxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"spliced/config"
+	"spliced/logging"
+	"spliced/proxy"
+)
+
+// Kind is the proxy kind flows of this package show.
+const Kind = "http"
+
+// Proxy is the HTTP proxy of one service.
+type Proxy struct {
+	Service *config.Service
+	Flows   *proxy.FlowTable
+	Log     *slog.Logger
+	// Events, if set, is told of what happens to flows (proxy.Event*).
+	Events func(kind string, f *proxy.Flow, detail string)
+
+	splicer     atomic.Pointer[proxy.Splicer]
+	once        sync.Once
+	limiter     *logging.Limiter
+	flowCtx     context.Context
+	cancelFlows context.CancelFunc
+	wg          sync.WaitGroup
+	pools       []*pool
+}
+
+// pool is the backends of one route, with its counters.
+type pool struct {
+	route    *config.HTTPRoute
+	backends []*backend
+	next     atomic.Uint32
+	requests atomic.Uint64
+}
+
+// backend is one server of a pool.
+type backend struct {
+	addr      netip.AddrPort
+	active    atomic.Int32 // connections to it now
+	downUntil atomic.Int64 // unix nanoseconds; skipped until then
+	requests  atomic.Uint64
+	failures  atomic.Uint64
+}
+
+// SetSplicer lets the proxy splice responses (nil: relay them).
+func (p *Proxy) SetSplicer(s proxy.Splicer) {
+	if s == nil {
+		p.splicer.Store(nil)
+		return
+	}
+	p.splicer.Store(&s)
+}
+
+func (p *Proxy) getSplicer() proxy.Splicer {
+	if s := p.splicer.Load(); s != nil && p.Service.Splice.Mode != config.SpliceNever {
+		return *s
+	}
+	return nil
+}
+
+func (p *Proxy) init() {
+	p.once.Do(func() {
+		p.limiter = logging.NewLimiter(10 * time.Second)
+		p.flowCtx, p.cancelFlows = context.WithCancel(context.Background())
+		if p.Log == nil {
+			p.Log = slog.New(slog.DiscardHandler)
+		}
+		for i := range p.Service.HTTP.Routes {
+			r := &p.Service.HTTP.Routes[i]
+			pl := &pool{route: r}
+			for _, b := range r.Backends {
+				pl.backends = append(pl.backends, &backend{addr: b.AddrPort})
+			}
+			p.pools = append(p.pools, pl)
+		}
+	})
+}
+
+// Serve accepts connections on the listeners until ctx is done.
+// Connections already open keep running; CloseFlows ends them.
+func (p *Proxy) Serve(ctx context.Context, listeners ...*net.TCPListener) error {
+	p.init()
+	return proxy.ServeListeners(ctx, listeners, &p.wg, p.handle, func(err error) {
+		p.logLimited("accept", slog.LevelWarn, "accept failed", logging.Err(err))
+	})
+}
+
+// CloseFlows ends every connection the proxy relays and waits for them.
+func (p *Proxy) CloseFlows() {
+	p.init()
+	p.cancelFlows()
+	p.wg.Wait()
+}
+
+func (p *Proxy) logLimited(key string, level slog.Level, msg string, attrs ...any) {
+	if ok, n := p.limiter.Allow(key); ok {
+		if n > 0 {
+			attrs = append(attrs, "suppressed", n)
+		}
+		p.Log.Log(context.Background(), level, msg, attrs...)
+	}
+}
+
+func (p *Proxy) event(kind string, f *proxy.Flow, detail string) {
+	if p.Events != nil {
+		p.Events(kind, f, detail)
+	}
+}
+
+func (p *Proxy) handle(c *net.TCPConn) {
+	svc := p.Service
+	flow := proxy.NewFlow(svc.Name, Kind, proxy.AddrPort(c.RemoteAddr()), proxy.AddrPort(c.LocalAddr()))
+	if !p.Flows.Admit(flow) {
+		proxy.Reset(c)
+		p.logLimited("cap", slog.LevelWarn, "flow cap reached, refusing new flows with a reset",
+			"max_flows", p.Flows.Max(), logging.KeyClient, flow.Client, "fix", "raise limits.max_flows or add gateways")
+		return
+	}
+	log := p.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client)
+	if svc.Access.Decide(flow.Client.Addr(), flow.Server) == config.Deny {
+		proxy.Reset(c)
+		p.Flows.Remove(flow)
+		log.Info("flow denied by access policy")
+		p.event(proxy.EventDenied, flow, "access policy")
+		return
+	}
+	log.Debug("http connection opened")
+	p.event(proxy.EventOpened, flow, "http")
+	cn := &conn{p: p, flow: flow, log: log}
+	cn.attach(c, nil)
+	cn.run()
+}
+
+// route returns the pool for a request, or nil.
+func (p *Proxy) route(req *http.Request) *pool {
+	host := req.Host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	for _, pl := range p.pools {
+		r := pl.route
+		if (r.Host == "" || strings.EqualFold(r.Host, host)) && strings.HasPrefix(req.URL.Path, r.Path) {
+			return pl
+		}
+	}
+	return nil
+}
+
+// pick returns the backends of a pool in the order to try them: those not
+// marked down, by the pool's balancing method.
+func (pl *pool) pick(now time.Time) []*backend {
+	var up []*backend
+	for _, b := range pl.backends {
+		if b.downUntil.Load() <= now.UnixNano() {
+			up = append(up, b)
+		}
+	}
+	if len(up) == 0 {
+		return pl.backends // all down: try them anyway
+	}
+	if pl.route.Balance == "least_conn" {
+		best := 0
+		for i, b := range up {
+			if b.active.Load() < up[best].active.Load() {
+				best = i
+			}
+		}
+		return append(up[best:], up[:best]...)
+	}
+	i := int(pl.next.Add(1)) % len(up)
+	return append(up[i:], up[:i]...)
+}
+
+// conn is one client connection and its current upstream connection.
+type conn struct {
+	p    *Proxy
+	flow *proxy.Flow
+	log  *slog.Logger
+
+	client *net.TCPConn
+	cr     *bufio.Reader
+	up     *net.TCPConn
+	ur     *bufio.Reader
+	upTo   *backend
+	// respEnd is the value of flow.S2C at which the response in flight
+	// ends: after an unsplice in its middle, the rest is relayed first.
+	respEnd int64
+}
+
+// attach starts using new sockets (after accept, or after an unsplice).
+func (c *conn) attach(client, up *net.TCPConn) {
+	c.client, c.cr = client, bufio.NewReader(client)
+	c.up, c.ur = up, nil
+	if up != nil {
+		c.ur = bufio.NewReader(up)
+	}
+	c.flow.SetResume(func(client, up *net.TCPConn) {
+		c.p.wg.Add(1)
+		go func() {
+			defer c.p.wg.Done()
+			c.attach(client, up)
+			c.log.Debug("http connection back from an unsplice")
+			c.run()
+		}()
+	})
+}
+
+// run serves requests until the connection ends or is spliced.
+func (c *conn) run() {
+	stop := context.AfterFunc(c.p.flowCtx, func() { c.client.Close(); c.closeUpstream() })
+	defer stop()
+	reason, spliced := c.serve()
+	if spliced {
+		return // the gateway owns the flow; it hands it back or ends it
+	}
+	c.client.Close()
+	c.closeUpstream()
+	c.flow.SetResume(nil)
+	c.flow.SetState(proxy.StateClosing)
+	c.log.Info("http connection closed", logging.KeyReason, reason,
+		logging.KeyBytesC2S, c.flow.C2S.Load(), logging.KeyBytesS2C, c.flow.S2C.Load(),
+		logging.KeyDuration, time.Since(c.flow.Started).Round(time.Millisecond))
+	c.p.event(proxy.EventClosed, c.flow, reason)
+	c.p.Flows.Remove(c.flow)
+}
+
+func (c *conn) closeUpstream() {
+	if c.up != nil {
+		c.up.Close()
+		if c.upTo != nil {
+			c.upTo.active.Add(-1)
+		}
+		c.up, c.ur, c.upTo = nil, nil, nil
+	}
+}
+
+// serve is the request loop. It returns why the connection ended, or
+// spliced when the gateway took it.
+func (c *conn) serve() (reason string, spliced bool) {
+	svc := c.p.Service
+	for {
+		// The rest of a response an unsplice interrupted (a client that
+		// pipelines), before the next request.
+		if rest := c.respEnd - c.flow.S2C.Load(); rest > 0 && c.ur != nil {
+			c.log.Debug("http: relaying the rest of a response after an unsplice", "bytes", rest)
+			n, err := io.CopyN(c.client, c.ur, rest)
+			c.flow.S2C.Add(n)
+			if err != nil {
+				return "relay the rest of a response: " + err.Error(), false
+			}
+		}
+		c.client.SetReadDeadline(time.Now().Add(svc.IdleTimeout.D()))
+		req, err := http.ReadRequest(c.cr)
+		c.client.SetReadDeadline(time.Time{})
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+				return "client closed", false
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				return "idle", false
+			}
+			c.reply(http.StatusBadRequest, "malformed request")
+			c.log.Warn("http: malformed request, closing the connection", logging.Err(err))
+			return "malformed request", false
+		}
+		pl := c.p.route(req)
+		switch {
+		case pl == nil:
+			c.reply(http.StatusNotFound, "no route for this host and path")
+			c.log.Info("http: no route", "host", req.Host, "path", req.URL.Path)
+			return "no route", false
+		case pl.route.Action == config.Deny:
+			c.reply(http.StatusForbidden, "denied by the gateway")
+			c.log.Info("http: denied", "host", req.Host, "path", req.URL.Path)
+			return "denied", false
+		}
+		pl.requests.Add(1)
+		if err := c.connect(pl); err != nil {
+			c.reply(http.StatusBadGateway, "no backend of this route answers")
+			c.log.Warn("http: no backend reachable", "path", pl.route.Path, logging.Err(err))
+			return "bad gateway", false
+		}
+		c.upTo.requests.Add(1)
+		done, spliced, err := c.exchange(req)
+		if err != nil {
+			return err.Error(), false
+		}
+		if spliced || done {
+			return "finished", spliced
+		}
+	}
+}
+
+// connect makes c.up a connection to a backend of pl, keeping the current
+// one when it is in the pool.
+func (c *conn) connect(pl *pool) error {
+	if c.up != nil {
+		for _, b := range pl.backends {
+			if b == c.upTo && b.downUntil.Load() <= time.Now().UnixNano() {
+				return nil
+			}
+		}
+		c.closeUpstream()
+	}
+	svc := c.p.Service
+	var errs []error
+	for _, b := range pl.pick(time.Now()) {
+		ctx, cancel := context.WithTimeout(c.p.flowCtx, svc.ConnectTimeout.D())
+		up, err := proxy.DialUpstream(ctx, false, c.flow.Client, b.addr, svc.ConnectTimeout.D())
+		cancel()
+		if err != nil {
+			b.failures.Add(1)
+			b.downUntil.Store(time.Now().Add(svc.HTTP.BackendDownFor.D()).UnixNano())
+			c.log.Warn("http: backend failed, skipping it for a while", "backend", b.addr, "for", svc.HTTP.BackendDownFor.D(), logging.Err(err))
+			errs = append(errs, err)
+			continue
+		}
+		b.active.Add(1)
+		c.up, c.ur, c.upTo = up, bufio.NewReader(up), b
+		c.flow.Backend = b.addr
+		c.flow.Upstream = proxy.AddrPort(up.LocalAddr())
+		return nil
+	}
+	return errors.Join(errs...)
+}
+
+// exchange forwards one request and its response. done: the connection
+// ends after it; spliced: the gateway took the flow.
+func (c *conn) exchange(req *http.Request) (done, spliced bool, err error) {
+	svc := c.p.Service
+	switch svc.HTTP.Forwarded {
+	case "x-forwarded-for":
+		ip := c.flow.Client.Addr().String()
+		if prior := req.Header.Get("X-Forwarded-For"); prior != "" {
+			ip = prior + ", " + ip
+		}
+		req.Header.Set("X-Forwarded-For", ip)
+	case "via":
+		req.Header.Add("Via", fmt.Sprintf("%d.%d spliced", req.ProtoMajor, req.ProtoMinor))
+	}
+	upgrade := req.Header.Get("Upgrade") != "" && headerHas(req.Header, "Connection", "upgrade")
+	uw := &countingWriter{w: c.up, n: &c.flow.C2S}
+	bw := bufio.NewWriter(uw)
+	if err := req.Write(bw); err != nil {
+		return true, false, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
+	}
+	if err := bw.Flush(); err != nil {
+		return true, false, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
+	}
+	if upgrade {
+		return c.spliceUpgrade()
+	}
+	resp, err := http.ReadResponse(c.ur, req)
+	if err != nil {
+		c.reply(http.StatusBadGateway, "the backend's response was unreadable")
+		c.upTo.failures.Add(1)
+		return true, false, fmt.Errorf("read the response of %s: %w", c.upTo.addr, err)
+	}
+	// The body is resp.Body when the proxy relays it, and the raw stream
+	// (c.ur) when it splices: resp.Body is then never read nor closed
+	// (closing drains what it believes unread).
+	cw := &countingWriter{w: c.client, n: &c.flow.S2C}
+	closeAfter := req.Close || resp.Close
+	sp := c.p.getSplicer()
+	if sp == nil || resp.ContentLength < int64(svc.HTTP.SpliceMin) || req.Method == http.MethodHead || closeAfter || c.cr.Buffered() > 0 {
+		err := resp.Write(cw)
+		resp.Body.Close()
+		if err != nil {
+			return true, false, fmt.Errorf("relay the response: %w", err)
+		}
+		return closeAfter, false, nil
+	}
+	// Splice while the body flows: the header and what the proxy already
+	// read of the body go first, then the sockets go to the gateway.
+	bw = bufio.NewWriter(cw)
+	fmt.Fprintf(bw, "HTTP/%d.%d %s\r\n", resp.ProtoMajor, resp.ProtoMinor, resp.Status)
+	resp.Header.Set("Content-Length", strconv.FormatInt(resp.ContentLength, 10))
+	resp.Header.Write(bw)
+	bw.WriteString("\r\n")
+	if err := bw.Flush(); err != nil {
+		return true, false, fmt.Errorf("relay the response header: %w", err)
+	}
+	ahead := min(int64(c.ur.Buffered()), resp.ContentLength)
+	if _, err := io.CopyN(cw, c.ur, ahead); err != nil {
+		return true, false, fmt.Errorf("relay the response: %w", err)
+	}
+	c.respEnd = c.flow.S2C.Load() + resp.ContentLength - ahead
+	c.flow.UnspliceOnClientData.Store(true)
+	serr := sp.Splice(c.p.flowCtx, c.flow, c.client, c.up)
+	if serr == nil {
+		return false, true, nil
+	}
+	c.flow.SetSpliceError(serr)
+	c.log.Warn("http: response stays proxied", logging.Err(serr))
+	c.p.event(proxy.EventSpliceFailed, c.flow, serr.Error())
+	if rest := c.respEnd - c.flow.S2C.Load(); rest > 0 {
+		n, err := io.CopyN(c.client, c.ur, rest)
+		c.flow.S2C.Add(n)
+		if err != nil {
+			return true, false, fmt.Errorf("relay the response: %w", err)
+		}
+	}
+	return false, false, nil
+}
+
+// spliceUpgrade passes an upgraded connection (WebSocket and the like)
+// through spliced for the rest of its life, or relays it.
+func (c *conn) spliceUpgrade() (done, spliced bool, err error) {
+	if n := c.cr.Buffered(); n > 0 { // the client spoke first
+		b, _ := c.cr.Peek(n)
+		c.up.Write(b)
+		c.cr.Discard(n)
+		c.flow.C2S.Add(int64(n))
+	}
+	if n := c.ur.Buffered(); n > 0 {
+		b, _ := c.ur.Peek(n)
+		c.client.Write(b)
+		c.ur.Discard(n)
+		c.flow.S2C.Add(int64(n))
+	}
+	c.flow.UnspliceOnClientData.Store(false)
+	c.flow.SetResume(nil)
+	if sp := c.p.getSplicer(); sp != nil {
+		if err := sp.Splice(c.p.flowCtx, c.flow, c.client, c.up); err == nil {
+			return false, true, nil
+		}
+	}
+	relay := &proxy.Relay{Client: c.client, Upstream: c.up, Flow: c.flow, IdleTimeout: c.p.Service.IdleTimeout.D()}
+	outcome, err := relay.Run()
+	if err != nil {
+		return true, false, fmt.Errorf("upgraded connection: %s: %w", outcome, err)
+	}
+	return true, false, nil
+}
+
+// reply sends the client an error response that closes the connection.
+func (c *conn) reply(code int, msg string) {
+	body := fmt.Sprintf("%d %s: %s\n", code, http.StatusText(code), msg)
+	fmt.Fprintf(c.client, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
+		code, http.StatusText(code), len(body), body)
+}
+
+func headerHas(h http.Header, key, token string) bool {
+	for _, v := range h.Values(key) {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// countingWriter adds what it writes to a flow counter.
+type countingWriter struct {
+	w io.Writer
+	n *atomic.Int64
+}
+
+func (w *countingWriter) Write(p []byte) (int, error) {
+	n, err := w.w.Write(p)
+	w.n.Add(int64(n))
+	return n, err
+}

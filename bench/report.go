@@ -126,6 +126,7 @@ type Report struct {
 	Latency     *Latency       `json:"splice_latency,omitempty"`
 	Memory      *Memory        `json:"memory,omitempty"`
 	Trace       *Trace         `json:"trace,omitempty"`
+	HTTP        *HTTP          `json:"http,omitempty"`
 	Pictures    []string       `json:"pictures,omitempty"`
 }
 
@@ -217,6 +218,31 @@ func (r *Report) Markdown() string {
 			if m.Note != "" {
 				fmt.Fprintf(&b, "Note: %s.\n\n", m.Note)
 			}
+		}
+	}
+	if h := r.HTTP; h != nil {
+		b.WriteString("### HTTP proxy (nginx backend, wrk, 8 connections)\n\n")
+		if h.Error != "" {
+			fmt.Fprintf(&b, "failed: %s\n\n", h.Error)
+		} else {
+			rate := func(k string) string {
+				st, ok := h.Rates[k]
+				if !ok {
+					return "n/a"
+				}
+				return fmt.Sprintf("%s (%s–%s)", num(st.Median), num(st.Min), num(st.Max))
+			}
+			fmt.Fprintf(&b, "| responses | relayed (req/s) | spliced per response (req/s) | ratio |\n|---|---|---|---|\n")
+			for _, row := range []struct{ name, key string }{{"1 MiB (spliced)", "big"}, {"4 KiB (below splice_min)", "small"}} {
+				ratio := "n/a"
+				if c, s := h.Rates["copy_"+row.key].Median, h.Rates["splice_"+row.key].Median; c > 0 {
+					ratio = fmt.Sprintf("%.2f", s/c)
+				}
+				fmt.Fprintf(&b, "| %s | %s | %s | %s |\n", row.name, rate("copy_"+row.key), rate("splice_"+row.key), ratio)
+			}
+			fmt.Fprintf(&b, "\n| unsplice | samples | p50 | p99 |\n|---|---|---|---|\n")
+			fmt.Fprintf(&b, "| idle (next request after the whole response) | %d | %.0f µs | %.0f µs |\n", h.IdleSamples, h.IdleP50, h.IdleP99)
+			fmt.Fprintf(&b, "| busy (next request while the response flows) | %d | %.0f µs | %.0f µs |\n\n", h.BusySamples, h.BusyP50, h.BusyP99)
 		}
 	}
 	if t := r.Trace; t != nil && t.Error != "" {

@@ -75,6 +75,10 @@ func Run(opt Options) (*Report, error) {
 		fmt.Fprintf(opt.Log, "== memory of %d flows\n", opt.Flows)
 		r.Memory = measureMemory(env, &opt)
 	}
+	if len(opt.Only) == 0 || contains(opt.Only, "http") {
+		fmt.Fprintln(opt.Log, "== http proxy")
+		r.HTTP = measureHTTP(env, &opt)
+	}
 	if len(opt.Only) == 0 || contains(opt.Only, "trace") {
 		fmt.Fprintln(opt.Log, "== sequence trace")
 		r.Trace = measureTrace(env, &opt)

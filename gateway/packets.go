@@ -106,7 +106,13 @@ type transition struct {
 	// abandoned.
 	watchClient bool
 	clientData  bool
-	takenLen    [2]int
+	// pending: client data that came while the splice completed, for a
+	// watched flow: the next request, held for the proxy (see handOver).
+	pending []*nfq.Packet
+	// done: the transition left the table; packets that still found it
+	// go the table's way.
+	done     bool
+	takenLen [2]int
 }
 
 func (tr *transition) dir(k splice.Key) splice.Dir {
@@ -126,6 +132,11 @@ func (tr *transition) handle(g *Gateway, p *splice.Packet, np *nfq.Packet, key s
 		tr.held = append(tr.held, np.Detach())
 		return nfq.Hold
 	case phaseSpliced:
+		if !tr.done && tr.early(p) {
+			g.counters.held.Add(1)
+			tr.pending = append(tr.pending, np.Detach())
+			return nfq.Hold
+		}
 		return forward(g, tr.entry, tr.dir(key), p, np)
 	case phaseAborted:
 		return nfq.Accept
@@ -212,4 +223,10 @@ func (ts *transitions) remove(tr *transition) {
 func newData(p *splice.Packet, sent splice.Seq) bool {
 	n := p.SegmentLen()
 	return n > 0 && sent.LessThan(p.TCP().Seq().Add(n))
+}
+
+// early reports whether a packet is client data of a watched flow that
+// arrived while its splice completes (tr.mu held): the proxy must read it.
+func (tr *transition) early(p *splice.Packet) bool {
+	return tr.watchClient && tr.dir(p.KeyOf()) == splice.C2S && newData(p, tr.entry.HighestSeq(splice.C2S))
 }

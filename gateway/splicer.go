@@ -103,16 +103,15 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		// retransmits them through the engine.
 		g.log.Warn("inject taken-over payload", logging.KeyFlow, f.ID, logging.Err(injectErr))
 	}
-	g.transitions.remove(tr)
 	g.addSpliced(f, entry, tr.keys, tr.queue, &params)
-	// Only now: a trigger during the release would meet the splice's own
-	// transition.
-	entry.Watch.Store(f.UnspliceOnClientData.Load())
 	g.conntrack.forget(tr.keys)
+	back := g.handOver(tr, f, entry)
 	took := time.Since(start)
 	g.spliceLatency.observe(took)
-	f.SplicedAt.Store(time.Now().UnixNano())
-	f.SetState(proxy.StateSpliced)
+	if !back {
+		f.SplicedAt.Store(time.Now().UnixNano())
+		f.SetState(proxy.StateSpliced)
+	}
 	g.log.Info("flow spliced", logging.KeyFlow, f.ID, logging.KeyService, f.Service,
 		logging.KeyClient, f.Client, logging.KeyServer, f.Server,
 		logging.KeyBytesC2S, f.C2S.Load(), logging.KeyBytesS2C, f.S2C.Load(),
@@ -157,7 +156,11 @@ func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *prox
 			tr.phase = phaseFrozen
 			tr.mu.Unlock()
 			// Nothing reaches the sockets now; make sure nothing did
-			// between the check and the freeze.
+			// between the check and the freeze, including packets the
+			// queue's reader let through before the freeze but whose
+			// verdicts were still in its batch: one arriving after the
+			// capture would meet no socket and draw a reset.
+			g.queues.Barrier(int(tr.queue))
 			if empty, err = queuesEmpty(client, upstream); err == nil && empty {
 				break
 			}
@@ -298,6 +301,43 @@ func (g *Gateway) abort(tr *transition, f *proxy.Flow) {
 	f.SetState(proxy.StateProxied)
 }
 
+// handOver ends a splice's transition: from now on the engine's table
+// leads packets to the flow. For a flow watched for client data, a
+// request that came during the splice (kept in tr.pending) sends the flow
+// straight back to its proxy, in the same transition. It reports whether
+// it did.
+func (g *Gateway) handOver(tr *transition, f *proxy.Flow, e *splice.Entry) bool {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	if len(tr.pending) == 0 {
+		// Watch and leave the table under tr.mu: a packet that found the
+		// transition before it left waits, then goes the table's way.
+		e.Watch.Store(tr.watchClient)
+		g.transitions.remove(tr)
+		tr.done = true
+		return false
+	}
+	g.splicedMu.Lock()
+	sf := g.spliced[f.ID]
+	g.splicedMu.Unlock()
+	var p splice.Packet
+	for _, np := range tr.pending {
+		if p.Parse(np.Data) == splice.OK {
+			e.LearnAck(&p, splice.C2S)
+		}
+	}
+	tr.phase = phaseUnsplicing
+	tr.held, tr.pending = tr.pending, nil
+	f.SplicedAt.Store(time.Now().UnixNano())
+	f.SetState(proxy.StateSplicing)
+	go func() {
+		if err := g.completeUnsplice(context.Background(), sf, tr, time.Now()); err != nil {
+			g.log.Warn("flow stays spliced", logging.KeyFlow, f.ID, logging.Err(err))
+		}
+	}()
+	return true
+}
+
 // release finishes a splice (step 4): the payload taken over goes out
 // first, segmented for the receiving leg and rewritten by the engine, then
 // the held packets go through the engine in the order they came.
@@ -351,6 +391,10 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 	for _, np := range tr.held {
 		d := nfq.Drop
 		if p.Parse(np.Data) == splice.OK {
+			if tr.early(&p) {
+				tr.pending = append(tr.pending, np)
+				continue
+			}
 			d = forward(g, e, tr.dir(p.KeyOf()), &p, np)
 		}
 		np.Verdict(d)

@@ -96,6 +96,7 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	tr.mu.Lock()
 	tr.phase = phaseFrozen
 	tr.mu.Unlock()
+	g.queues.Barrier(int(tr.queue)) // what the engine forwarded before the freeze is out
 	snap := sf.entry.Snapshot()
 	client, server := rebuiltConns(&sf.params, snap, time.Since(sf.splicedAt))
 	cc, err := tcprepair.Restore(&client)

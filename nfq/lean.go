@@ -85,6 +85,20 @@ type leanQueue struct {
 	done  chan struct{}
 	seq   uint32
 	scr   Packet
+	// busy is set while the reader handles a batch whose verdicts are
+	// not all sent; flushed counts the batches it sent (see Barrier).
+	busy    atomic.Bool
+	flushed atomic.Uint64
+}
+
+// barrier waits until every verdict the reader decided so far reached the
+// kernel: a verdict is batched, and the packet it lets through arrives
+// after the batch is flushed, possibly later than the handler decided it.
+func (q *leanQueue) barrier() {
+	start := q.flushed.Load()
+	for q.busy.Load() && q.flushed.Load() == start && !q.stop.Load() {
+		time.Sleep(10 * time.Microsecond)
+	}
 }
 
 // counters are a queue's statistics; both backends keep them.
@@ -348,12 +362,18 @@ func (q *leanQueue) loop() {
 			q.log.Error("nfqueue receive failed", "queue", q.num, "error", err)
 			return
 		}
+		if n == 0 {
+			continue
+		}
+		q.busy.Store(true)
 		for i := 0; i < n; i++ {
 			q.process(q.bufs[i][:q.msgs[i].Len])
 		}
 		if err := q.out.flush(q.rc); err != nil {
 			q.cnt.errors.Add(1)
 		}
+		q.flushed.Add(1)
+		q.busy.Store(false)
 	}
 }
 

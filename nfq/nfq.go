@@ -78,10 +78,21 @@ type Packet struct {
 
 // backend is one queue's implementation.
 type backend interface {
+	barrier()
 	verdict(p *Packet, d Decision) error
 	detach(p *Packet) *Packet
 	close() error
 	number() uint16
+}
+
+// Barrier waits until every verdict that the handler of the set's queue
+// with index i decided so far has reached the kernel. A handler's verdicts
+// are sent in batches: a packet it let through may arrive after the
+// handler returned, and after whatever the caller did since.
+func (s *Set) Barrier(i int) {
+	if i >= 0 && i < len(s.queues) {
+		s.queues[i].barrier()
+	}
 }
 
 // Detach returns a copy of the packet, data included, that the handler may
@@ -239,6 +250,9 @@ func (q *libQueue) receive(a nfqueue.Attribute) int {
 	}
 	return 0
 }
+
+// barrier: the library sends each verdict as the handler returns.
+func (q *libQueue) barrier() {}
 
 func (q *libQueue) verdict(p *Packet, d Decision) error {
 	q.cnt.held.Add(^uint64(0))

@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -430,3 +431,39 @@ func TestLabHTTPInvalidDrop(t *testing.T) {
 		t.Errorf("%d splices for %d big responses", n, big)
 	}
 }
+
+// TestLabHTTPWrk: wrk with 8 keep-alive connections against both backends
+// for a few seconds: no socket error, no response other than 200, and in
+// splice mode the responses were spliced and unspliced.
+func TestLabHTTPWrk(t *testing.T) {
+	testnet.Privileged(t, "wrk")
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
+			if dir := os.Getenv("SPLICED_CAPTURE"); dir != "" {
+				for i, h := range []*testnet.Host{hl.lab.Client(), hl.lab.Server()} {
+					stop, err := h.Capture("eth0", fmt.Sprintf("%s%s-%d.pcap", dir, mode, i), "tcp")
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer stop()
+				}
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			out, err := hl.lab.Client().Command(ctx, "wrk", "-t2", "-c8", "-d3s", "http://"+hl.vip.String()+"/a/big.bin").CombinedOutput()
+			if err != nil {
+				t.Fatalf("wrk: %v\n%s", err, out)
+			}
+			if strings.Contains(string(out), "Socket errors") || strings.Contains(string(out), "Non-2xx") {
+				t.Fatalf("wrk saw errors:\n%s\n%s", out, tail(hl.d.Log(), 40))
+			}
+			if mode == "splice" && (hl.count("flow spliced") == 0 || hl.count("flow unspliced") == 0) {
+				t.Errorf("no splice or unsplice under wrk: %d, %d", hl.count("flow spliced"), hl.count("flow unspliced"))
+			}
+			t.Logf("%s: %s; %d splices, %d unsplices", mode, strings.TrimSpace(wrkRequests.FindString(string(out))), hl.count("flow spliced"), hl.count("flow unspliced"))
+		})
+	}
+}
+
+var wrkRequests = regexp.MustCompile(`Requests/sec:\s+[0-9.]+`)

@@ -408,7 +408,9 @@ func (c *conn) exchange(req *http.Request) (done, spliced bool, err error) {
 		return false, true, nil
 	}
 	c.flow.SetSpliceError(serr)
-	c.log.Warn("http: response stays proxied", logging.Err(serr))
+	// Common and harmless when the client asks again at once: the
+	// response ends proxied.
+	c.log.Debug("http: response stays proxied", logging.Err(serr))
 	c.p.event(proxy.EventSpliceFailed, c.flow, serr.Error())
 	if rest := c.respEnd - c.flow.S2C.Load(); rest > 0 {
 		n, err := io.CopyN(c.client, c.ur, rest)

@@ -1,0 +1,271 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"spliced/testnet"
+)
+
+// HTTP is the HTTP proxy measured with wrk, relaying every byte and
+// splicing large responses, and the time its unsplices took.
+type HTTP struct {
+	// Requests per second by wrk, 8 connections, keyed "copy_big",
+	// "splice_big" (1 MiB responses, spliced) and "copy_small",
+	// "splice_small" (4 KiB responses, never spliced).
+	Rates map[string]Stat `json:"requests_per_second"`
+	// Unsplice time as the gateway measured it, µs: idle (the client
+	// asks again after reading the whole response) and busy (the next
+	// request arrives while the response still flows).
+	IdleSamples, BusySamples int
+	IdleP50, IdleP99         float64
+	BusyP50, BusyP99         float64
+	Error                    string `json:"error,omitempty"`
+}
+
+const (
+	httpBigSize   = 1 << 20
+	httpSmallSize = 4 << 10
+	httpHugeSize  = 32 << 20
+)
+
+func httpBenchConfig(mode string) string {
+	return fmt.Sprintf(`
+log:
+  level: info
+limits:
+  max_flows: 30000
+services:
+  - name: web
+    listen: 15080
+    ports: ["80"]
+    proxy: http
+    idle_timeout: 1m
+    splice:
+      mode: %s
+    http:
+      routes:
+        - path: /
+          backends: ["%s:8080"]
+`, mode, "10.2.0.2")
+}
+
+// startNginx runs nginx in the server namespace with the bench's files.
+func startNginx(env *Env, lab *testnet.Lab) (stop func(), err error) {
+	root := filepath.Join(env.Dir, "nginx")
+	if err := os.MkdirAll(filepath.Join(root, "www"), 0o755); err != nil {
+		return nil, err
+	}
+	for name, size := range map[string]int64{"big.bin": httpBigSize, "small.bin": httpSmallSize, "huge.bin": httpHugeSize} {
+		f, err := os.Create(filepath.Join(root, "www", name))
+		if err != nil {
+			return nil, err
+		}
+		_, err = io.CopyN(f, testnet.NewRandomStream(uint64(size)), size)
+		f.Close()
+		if err != nil {
+			return nil, err
+		}
+	}
+	conf := filepath.Join(root, "nginx.conf")
+	if err := os.WriteFile(conf, []byte(fmt.Sprintf(`daemon off;
+master_process off;
+worker_processes 1;
+pid %[1]s/nginx.pid;
+error_log %[1]s/error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path %[1]s/body;
+    proxy_temp_path %[1]s/proxy;
+    fastcgi_temp_path %[1]s/fastcgi;
+    uwsgi_temp_path %[1]s/uwsgi;
+    scgi_temp_path %[1]s/scgi;
+    keepalive_requests 1000000;
+    server {
+        listen 8080;
+        root %[1]s/www;
+    }
+}
+`, root)), 0o644); err != nil {
+		return nil, err
+	}
+	cmd := lab.Server().Command(context.Background(), "nginx", "-c", conf)
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("nginx: %w", err)
+	}
+	stop = func() { cmd.Process.Kill(); cmd.Wait() }
+	if err := waitListening(&lab.Server().NS, 8080); err != nil {
+		stop()
+		return nil, fmt.Errorf("nginx: %w", err)
+	}
+	return stop, nil
+}
+
+var wrkRate = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+
+// wrk runs wrk from the client namespace and returns requests per second.
+func wrk(lab *testnet.Lab, url string, d time.Duration) (float64, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), d+30*time.Second)
+	defer cancel()
+	out, err := lab.Client().Command(ctx, "wrk", "-t2", "-c8", "-d"+strconv.Itoa(int(d.Seconds()))+"s", url).CombinedOutput()
+	if err != nil {
+		return 0, fmt.Errorf("wrk: %w: %s", err, tailStr(string(out), 300))
+	}
+	m := wrkRate.FindSubmatch(out)
+	if m == nil {
+		return 0, fmt.Errorf("wrk printed no rate: %s", tailStr(string(out), 300))
+	}
+	if strings.Contains(string(out), "Non-2xx") || strings.Contains(string(out), "Socket errors") {
+		return 0, fmt.Errorf("wrk saw errors: %s", tailStr(string(out), 300))
+	}
+	return strconv.ParseFloat(string(m[1]), 64)
+}
+
+func measureHTTP(env *Env, opt *Options) *HTTP {
+	res := &HTTP{Rates: map[string]Stat{}}
+	lab, err := testnet.New(testnet.Options{})
+	if err != nil {
+		res.Error = err.Error()
+		return res
+	}
+	defer lab.Close()
+	stop, err := startNginx(env, lab)
+	if err != nil {
+		res.Error = err.Error()
+		return res
+	}
+	defer stop()
+	vip := netip.AddrPortFrom(lab.Server().IPv4, 80)
+	var idle, busy []float64
+	for _, mode := range []string{"copy", "splice"} {
+		splice := map[string]string{"copy": "never", "splice": "immediate"}[mode]
+		d, err := testnet.LaunchDaemon(lab, env.Spliced, env.Dir, httpBenchConfig(splice))
+		if err != nil {
+			if d != nil {
+				d.Stop()
+			}
+			res.Error = err.Error()
+			return res
+		}
+		for _, file := range []string{"big", "small"} {
+			var samples []float64
+			for range opt.Repetitions {
+				r, err := wrk(lab, fmt.Sprintf("http://%s/%s.bin", vip, file), max(opt.Measure, time.Second))
+				if err != nil {
+					res.Error = fmt.Sprintf("%s %s: %v%s", mode, file, err, warnings(d))
+					d.Stop()
+					return res
+				}
+				samples = append(samples, r)
+			}
+			res.Rates[mode+"_"+file] = NewStat(samples)
+		}
+		if mode == "splice" {
+			idle = tookOf(d, "flow unspliced")
+			n := 30
+			if opt.Quick {
+				n = 10
+			}
+			before := len(idle)
+			if err := busyUnsplices(lab, vip, n); err != nil {
+				res.Error = "busy unsplice: " + err.Error()
+			}
+			testnet.Poll(5*time.Second, func() error {
+				if len(tookOf(d, "flow unspliced")) < before+n {
+					return fmt.Errorf("waiting for the unsplice log")
+				}
+				return nil
+			})
+			busy = tookOf(d, "flow unspliced")[before:]
+		}
+		d.Stop()
+	}
+	res.IdleSamples, res.BusySamples = len(idle), len(busy)
+	res.IdleP50, res.IdleP99 = percentile(idle, 0.5), percentile(idle, 0.99)
+	res.BusyP50, res.BusyP99 = percentile(busy, 0.5), percentile(busy, 0.99)
+	fmt.Fprintf(opt.Log, "   wrk 1 MiB: copy %.0f/s splice %.0f/s; 4 KiB: copy %.0f/s splice %.0f/s; unsplice idle %d p50 %.0f µs p99 %.0f µs, busy %d p50 %.0f µs p99 %.0f µs\n",
+		res.Rates["copy_big"].Median, res.Rates["splice_big"].Median, res.Rates["copy_small"].Median, res.Rates["splice_small"].Median,
+		res.IdleSamples, res.IdleP50, res.IdleP99, res.BusySamples, res.BusyP50, res.BusyP99)
+	return res
+}
+
+// tookOf returns the took_us of the daemon's log lines with msg.
+func tookOf(d *testnet.Daemon, msg string) []float64 {
+	var out []float64
+	for _, l := range d.Lines() {
+		if l["msg"] == msg {
+			if v, ok := l["took_us"].(float64); ok {
+				out = append(out, v)
+			}
+		}
+	}
+	return out
+}
+
+// busyUnsplices asks for a large response n times on one connection and
+// sends the next request while it still flows (after its header, when
+// the gateway has spliced it), so that each unsplice happens mid-response.
+func busyUnsplices(lab *testnet.Lab, vip netip.AddrPort, n int) error {
+	c, err := lab.Client().Dial(vip, 5*time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	send := func() error {
+		_, err := fmt.Fprintf(c, "GET /huge.bin HTTP/1.1\r\nHost: bench\r\n\r\n")
+		return err
+	}
+	if err := send(); err != nil {
+		return err
+	}
+	for i := range n + 1 {
+		c.SetReadDeadline(time.Now().Add(30 * time.Second))
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			return err
+		}
+		if resp.StatusCode != 200 || resp.ContentLength != httpHugeSize {
+			return fmt.Errorf("status %d, length %d", resp.StatusCode, resp.ContentLength)
+		}
+		// Read a part, let the splice happen, then ask again.
+		if _, err := io.CopyN(io.Discard, resp.Body, 1<<20); err != nil {
+			return err
+		}
+		time.Sleep(20 * time.Millisecond)
+		if i < n {
+			if err := send(); err != nil {
+				return err
+			}
+		}
+		if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// warnings returns the first warnings and errors the daemon logged.
+func warnings(d *testnet.Daemon) string {
+	var out []string
+	for _, l := range d.Lines() {
+		if (l["level"] == "WARN" || l["level"] == "ERROR" || l["msg"] == "http connection closed" || l["msg"] == "flow closed") && len(out) < 12 && l["msg"] != "http: response stays proxied" {
+			out = append(out, fmt.Sprintf("%v: %v %v", l["msg"], l["err"], l["reason"]))
+		}
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return "; the daemon logged: " + strings.Join(out, "; ")
+}

@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"spliced/proxy/httpproxy"
 	"spliced/splice"
 )
 
@@ -54,11 +55,13 @@ var (
 	descDrops          = prometheus.NewDesc("spliced_queue_kernel_drops_total", "Packets the kernel dropped before they reached spliced: queue full, or socket buffer full (user).",
 		[]string{"queue", "reason"}, nil)
 	descRewriteErrors = prometheus.NewDesc("spliced_rewrite_errors_total", "Packets the engine could not rewrite: malformed, unsupported, no flow, queue errors.", nil, nil)
+	descHTTPRequests  = prometheus.NewDesc("spliced_http_requests_total", "HTTP requests by service and route (backend \"\") and by backend.", []string{"service", "route", "backend"}, nil)
+	descHTTPFailures  = prometheus.NewDesc("spliced_http_backend_failures_total", "Connects to an HTTP backend that failed.", []string{"service", "route", "backend"}, nil)
 	descRepairs       = prometheus.NewDesc("spliced_ruleset_repairs_total", "Times the table was restored after someone changed it.", nil, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descHTTPRequests, descHTTPFailures, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs} {
 		ch <- d
 	}
 }
@@ -74,6 +77,20 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(e.BytesS2C), e.Name, "s2c")
 	}
 	ch <- prometheus.MustNewConstMetric(descRepairs, prometheus.CounterValue, float64(st.Repairs))
+	g.mu.Lock()
+	for name, svc := range g.services {
+		hp, ok := svc.proxy.(*httpproxy.Proxy)
+		if !ok {
+			continue
+		}
+		for _, b := range hp.Stats() {
+			ch <- prometheus.MustNewConstMetric(descHTTPRequests, prometheus.CounterValue, float64(b.Requests), name, b.Route, b.Backend)
+			if b.Backend != "" {
+				ch <- prometheus.MustNewConstMetric(descHTTPFailures, prometheus.CounterValue, float64(b.Failures), name, b.Route, b.Backend)
+			}
+		}
+	}
+	g.mu.Unlock()
 	if g.engine == nil {
 		return
 	}

@@ -44,6 +44,8 @@ func httpConfig(mode string) string {
 	return fmt.Sprintf(`
 log:
   level: debug
+metrics:
+  listen: 127.0.0.1:9410
 services:
   - name: web
     listen: 15080
@@ -183,6 +185,27 @@ func (hl *httpLab) expect(hc *httpClient, path string) {
 	}
 }
 
+// metrics scrapes the daemon's Prometheus endpoint in the gateway's
+// namespace.
+func (hl *httpLab) metrics(t *testing.T) string {
+	t.Helper()
+	var c net.Conn
+	if err := hl.lab.Gateway.Do(func() error {
+		var err error
+		c, err = net.Dial("tcp", "127.0.0.1:9410")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprint(c, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+	b, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
 // took lists the took_us of the first log lines with msg.
 func (hl *httpLab) took(msg string) string {
 	var took []string
@@ -255,6 +278,17 @@ func TestLabHTTPKeepAlive(t *testing.T) {
 			}
 			if mode == "splice" && unspliced < big-1 {
 				t.Errorf("%d unsplices for %d spliced responses", unspliced, spliced)
+			}
+			// Counters per route and backend: 100 requests each way.
+			metrics := hl.metrics(t)
+			for _, want := range []string{
+				`spliced_http_requests_total{backend="10.2.0.2:8080",route="/a/",service="web"} 100`,
+				`spliced_http_requests_total{backend="10.2.1.2:8080",route="/b/",service="web"} 100`,
+				`spliced_http_requests_total{backend="",route="/a/",service="web"} 100`,
+			} {
+				if !strings.Contains(metrics, want) {
+					t.Errorf("metrics lack %s", want)
+				}
 			}
 			t.Logf("%s: 200 requests, %d big responses, %d splices, %d unsplices; in µs, splices took %s, unsplices %s", mode, big, spliced, unspliced,
 				hl.took("flow spliced"), hl.took("flow unspliced"))
@@ -406,29 +440,49 @@ func TestLabHTTPErrors(t *testing.T) {
 // TestLabHTTPLoss: the keep-alive loop with 1% random loss on both sides
 // of the gateway completes intact.
 func TestLabHTTPLoss(t *testing.T) {
-	hl := startHTTPLab(t, "splice", testnet.Options{}, func(lab *testnet.Lab) {
-		for _, ns := range []*testnet.NS{&lab.Client().NS, &lab.Servers[0].NS, &lab.Servers[1].NS} {
-			nft(t, ns, "add table inet loss",
-				"add chain inet loss in { type filter hook input priority 0; }",
-				`add rule inet loss in iifname "eth0" meta l4proto tcp numgen random mod 100 < 1 drop`)
-		}
-	})
-	big := hl.keepAliveLoop(t, 200, 0, "splice")
-	t.Logf("200 requests with 1%% loss, %d big; %d splices, %d unsplices", big, hl.count("flow spliced"), hl.count("flow unspliced"))
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			hl := startHTTPLab(t, mode, testnet.Options{}, func(lab *testnet.Lab) {
+				for _, ns := range []*testnet.NS{&lab.Client().NS, &lab.Servers[0].NS, &lab.Servers[1].NS} {
+					nft(t, ns, "add table inet loss",
+						"add chain inet loss in { type filter hook input priority 0; }",
+						`add rule inet loss in iifname "eth0" meta l4proto tcp numgen random mod 100 < 1 drop`)
+				}
+			})
+			big := hl.keepAliveLoop(t, 200, 0, mode)
+			hl.checkSpliced(t, mode, big)
+			t.Logf("%s: 200 requests with 1%% loss, %d big; %d splices, %d unsplices", mode, big, hl.count("flow spliced"), hl.count("flow unspliced"))
+		})
+	}
 }
 
 // TestLabHTTPInvalidDrop: `ct state invalid drop` in the gateway's forward
-// chain does not break the loop.
+// and input chains does not break the loop.
 func TestLabHTTPInvalidDrop(t *testing.T) {
-	hl := startHTTPLab(t, "splice", testnet.Options{}, nil)
-	nft(t, &hl.lab.Gateway.NS, "add table inet fw",
-		"add chain inet fw forward_filter { type filter hook forward priority 0; }",
-		"add rule inet fw forward_filter ct state invalid drop",
-		"add chain inet fw in { type filter hook input priority 0; }",
-		"add rule inet fw in ct state invalid drop")
-	big := hl.keepAliveLoop(t, 200, 20, "splice")
-	if n := hl.count("flow spliced"); n != big {
-		t.Errorf("%d splices for %d big responses", n, big)
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
+			nft(t, &hl.lab.Gateway.NS, "add table inet fw",
+				"add chain inet fw forward_filter { type filter hook forward priority 0; }",
+				"add rule inet fw forward_filter ct state invalid drop",
+				"add chain inet fw in { type filter hook input priority 0; }",
+				"add rule inet fw in ct state invalid drop")
+			big := hl.keepAliveLoop(t, 200, 20, mode)
+			hl.checkSpliced(t, mode, big)
+		})
+	}
+}
+
+// checkSpliced: with splicing, every big response was spliced; without,
+// none was.
+func (hl *httpLab) checkSpliced(t *testing.T, mode string, big int) {
+	t.Helper()
+	want := 0
+	if mode == "splice" {
+		want = big
+	}
+	if n := hl.count("flow spliced"); n != want {
+		t.Errorf("%s: %d splices for %d big responses, want %d", mode, n, big, want)
 	}
 }
 
@@ -467,3 +521,25 @@ func TestLabHTTPWrk(t *testing.T) {
 }
 
 var wrkRequests = regexp.MustCompile(`Requests/sec:\s+[0-9.]+`)
+
+// TestLabHTTPCloseSemantics: an HTTP/1.0 request and a request with
+// Connection: close get their response, big (spliced when splicing) or
+// small, and then the connection ends, as a careful proxy does.
+func TestLabHTTPCloseSemantics(t *testing.T) {
+	hl := startHTTPLab(t, "splice", testnet.Options{}, nil)
+	for _, c := range []struct{ name, request, path string }{
+		{"http/1.0", "GET /a/big.bin HTTP/1.0\r\n\r\n", "/a/big.bin"},
+		{"connection close", "GET /b/big.bin HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n", "/b/big.bin"},
+		{"http/1.0 small", "GET /a/small.bin HTTP/1.0\r\n\r\n", "/a/small.bin"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			hc := hl.dial(t)
+			fmt.Fprint(hc.c, c.request)
+			hl.expect(hc, c.path)
+			hc.c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if rest, err := io.ReadAll(hc.r); err != nil || len(rest) != 0 {
+				t.Errorf("connection not closed after the response: %q, %v", rest, err)
+			}
+		})
+	}
+}

@@ -58,6 +58,28 @@ type backend struct {
 	failures  atomic.Uint64
 }
 
+// BackendStats are the counters of one backend of one route.
+type BackendStats struct {
+	Route, Backend     string
+	Requests, Failures uint64 // requests sent to it; connects that failed
+	Active             int32  // connections open to it now
+}
+
+// Stats returns the counters of every route's backends, and of the
+// requests each route got (Backend "", denied routes included).
+func (p *Proxy) Stats() []BackendStats {
+	p.init()
+	var out []BackendStats
+	for _, pl := range p.pools {
+		route := pl.route.Host + pl.route.Path
+		out = append(out, BackendStats{Route: route, Requests: pl.requests.Load()})
+		for _, b := range pl.backends {
+			out = append(out, BackendStats{Route: route, Backend: b.addr.String(), Requests: b.requests.Load(), Failures: b.failures.Load(), Active: b.active.Load()})
+		}
+	}
+	return out
+}
+
 // SetSplicer lets the proxy splice responses (nil: relay them).
 func (p *Proxy) SetSplicer(s proxy.Splicer) {
 	if s == nil {
@@ -287,6 +309,7 @@ func (c *conn) serve() (reason string, spliced bool) {
 			c.log.Info("http: no route", "host", req.Host, "path", req.URL.Path)
 			return "no route", false
 		case pl.route.Action == config.Deny:
+			pl.requests.Add(1)
 			c.reply(http.StatusForbidden, "denied by the gateway")
 			c.log.Info("http: denied", "host", req.Host, "path", req.URL.Path)
 			return "denied", false
@@ -354,6 +377,11 @@ func (c *conn) exchange(req *http.Request) (done, spliced bool, err error) {
 		req.Header.Set("X-Forwarded-For", ip)
 	case "via":
 		req.Header.Add("Via", fmt.Sprintf("%d.%d spliced", req.ProtoMajor, req.ProtoMinor))
+	}
+	if req.Host == "" {
+		// HTTP/1.0 without Host: the request goes out as HTTP/1.1,
+		// which needs one.
+		req.Host = c.upTo.addr.String()
 	}
 	upgrade := req.Header.Get("Upgrade") != "" && headerHas(req.Header, "Connection", "upgrade")
 	uw := &countingWriter{w: c.up, n: &c.flow.C2S}

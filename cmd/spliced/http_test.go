@@ -64,6 +64,8 @@ services:
           action: deny
         - path: /dead/
           backends: ["10.2.0.2:9"]
+        - path: /fake/
+          backends: ["10.2.0.2:9001"]
         - host: www.example
           path: /
           backends: ["10.2.0.2:8080", "10.2.1.2:8080"]
@@ -540,6 +542,92 @@ func TestLabHTTPCloseSemantics(t *testing.T) {
 			if rest, err := io.ReadAll(hc.r); err != nil || len(rest) != 0 {
 				t.Errorf("connection not closed after the response: %q, %v", rest, err)
 			}
+		})
+	}
+}
+
+// TestLabHTTPUpgradeAndChunked: a chunked response (from a Go backend) is
+// relayed intact and never spliced; an upgrade request (101, then an echo
+// protocol) is passed through spliced for the rest of its life, 8 MB each
+// way intact, with no gateway socket for it meanwhile.
+func TestLabHTTPUpgradeAndChunked(t *testing.T) {
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
+			ln, err := hl.lab.Server().Listen(netip.AddrPortFrom(hl.lab.Server().IPv4, 9001))
+			if err != nil {
+				t.Fatal(err)
+			}
+			chunk := strings.Repeat("chunked body through the gateway\n", 1000)
+			mux := http.NewServeMux()
+			mux.HandleFunc("/fake/chunked", func(w http.ResponseWriter, r *http.Request) {
+				for i := 0; i < len(chunk); i += 4000 {
+					io.WriteString(w, chunk[i:min(i+4000, len(chunk))])
+					w.(http.Flusher).Flush() // no Content-Length: chunked
+				}
+			})
+			mux.HandleFunc("/fake/ws", func(w http.ResponseWriter, r *http.Request) {
+				c, rw, err := w.(http.Hijacker).Hijack()
+				if err != nil {
+					return
+				}
+				defer c.Close()
+				rw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+				rw.Flush()
+				io.Copy(c, rw) // echo until the client closes its side
+			})
+			srv := &http.Server{Handler: mux}
+			go srv.Serve(ln)
+			defer srv.Close()
+
+			hc := hl.dial(t)
+			fmt.Fprint(hc.c, "GET /fake/chunked HTTP/1.1\r\nHost: test\r\n\r\n")
+			hc.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			resp, err := http.ReadResponse(hc.r, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, err := io.ReadAll(resp.Body)
+			if err != nil || string(body) != chunk || len(resp.TransferEncoding) == 0 {
+				t.Fatalf("chunked response: %d bytes, %v, transfer encoding %v", len(body), err, resp.TransferEncoding)
+			}
+			if n := hl.count("flow spliced"); n != 0 {
+				t.Errorf("a chunked response was spliced (%d)", n)
+			}
+
+			fmt.Fprint(hc.c, "GET /fake/ws HTTP/1.1\r\nHost: test\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+			resp, err = http.ReadResponse(hc.r, nil)
+			if err != nil || resp.StatusCode != http.StatusSwitchingProtocols {
+				t.Fatalf("upgrade: %v, %v", resp, err)
+			}
+			if mode == "splice" {
+				if err := hl.d.WaitLog(10*time.Second, func(l map[string]any) bool { return l["msg"] == "flow spliced" }); err != nil {
+					t.Fatalf("the upgraded connection was not spliced: %v", err)
+				}
+				if err := gatewayHasSocket(hl.lab, hc.c.LocalAddr().String()); err == nil {
+					t.Fatalf("the gateway still has a socket of the upgraded connection")
+				}
+			}
+			const size = 8 << 20
+			sent := make(chan error, 1)
+			go func() {
+				_, err := io.CopyN(hc.c, testnet.NewRandomStream(42), size)
+				sent <- err
+			}()
+			want := sha256.New()
+			io.CopyN(want, testnet.NewRandomStream(42), size)
+			got := sha256.New()
+			hc.c.SetReadDeadline(time.Now().Add(30 * time.Second))
+			if _, err := io.CopyN(got, hc.r, size); err != nil {
+				t.Fatalf("echo: %v", err)
+			}
+			if err := <-sent; err != nil {
+				t.Fatal(err)
+			}
+			if hex.EncodeToString(got.Sum(nil)) != hex.EncodeToString(want.Sum(nil)) {
+				t.Fatalf("the echo differs from what was sent")
+			}
+			t.Logf("%s: chunked response of %d bytes relayed; upgraded connection echoed 8 MB; %d splices", mode, len(chunk), hl.count("flow spliced"))
 		})
 	}
 }

@@ -631,3 +631,16 @@ func TestLabHTTPUpgradeAndChunked(t *testing.T) {
 		})
 	}
 }
+
+// TestLabHTTPGatewayAddress: reverse-proxy use, where clients send their
+// requests to an address of the gateway itself: the same service answers,
+// and splices and unsplices as for an intercepted address.
+func TestLabHTTPGatewayAddress(t *testing.T) {
+	hl := startHTTPLab(t, "splice", testnet.Options{}, nil)
+	hl.vip = netip.AddrPortFrom(hl.lab.GatewayClientSide[0].IPv4, 80)
+	big := hl.keepAliveLoop(t, 20, 0, "splice")
+	hl.checkSpliced(t, "splice", big)
+	if n := hl.count("flow unspliced"); n < big-1 {
+		t.Errorf("%d unsplices for %d big responses", n, big)
+	}
+}

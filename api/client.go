@@ -47,6 +47,16 @@ func (e *NotRunningError) Error() string {
 
 func (e *NotRunningError) Unwrap() error { return e.Err }
 
+// send sends a request to the daemon; a socket nobody listens on is a
+// *NotRunningError.
+func (c *Client) send(req *http.Request) (*http.Response, error) {
+	resp, err := c.http.Do(req)
+	if err != nil && (errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED)) {
+		return nil, &NotRunningError{Socket: c.Socket, Err: err}
+	}
+	return resp, err
+}
+
 func (c *Client) do(ctx context.Context, method, path string, query url.Values, out any) error {
 	u := "http://spliced/" + Version + path
 	if len(query) > 0 {
@@ -56,11 +66,8 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 	if err != nil {
 		return err
 	}
-	resp, err := c.http.Do(req)
+	resp, err := c.send(req)
 	if err != nil {
-		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
-			return &NotRunningError{Socket: c.Socket, Err: err}
-		}
 		return err
 	}
 	defer resp.Body.Close()
@@ -132,11 +139,8 @@ func (c *Client) Events(ctx context.Context, fn func(Event) error) error {
 	if err != nil {
 		return err
 	}
-	resp, err := c.http.Do(req)
+	resp, err := c.send(req)
 	if err != nil {
-		if errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED) {
-			return &NotRunningError{Socket: c.Socket, Err: err}
-		}
 		return err
 	}
 	defer resp.Body.Close()

@@ -56,8 +56,8 @@ services:
     http:
       routes:
         - path: /
-          backends: ["%s:8080"]
-`, mode, "10.2.0.2")
+          backends: ["%s:%d"]
+`, mode, "10.2.0.2", testnet.NginxPort)
 }
 
 // startNginx runs nginx in the server namespace with the bench's files.
@@ -77,39 +77,7 @@ func startNginx(env *Env, lab *testnet.Lab) (stop func(), err error) {
 			return nil, err
 		}
 	}
-	conf := filepath.Join(root, "nginx.conf")
-	if err := os.WriteFile(conf, []byte(fmt.Sprintf(`daemon off;
-master_process off;
-worker_processes 1;
-pid %[1]s/nginx.pid;
-error_log %[1]s/error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path %[1]s/body;
-    proxy_temp_path %[1]s/proxy;
-    fastcgi_temp_path %[1]s/fastcgi;
-    uwsgi_temp_path %[1]s/uwsgi;
-    scgi_temp_path %[1]s/scgi;
-    keepalive_requests 1000000;
-    server {
-        listen 8080;
-        root %[1]s/www;
-    }
-}
-`, root)), 0o644); err != nil {
-		return nil, err
-	}
-	cmd := lab.Server().Command(context.Background(), "nginx", "-c", conf)
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("nginx: %w", err)
-	}
-	stop = func() { cmd.Process.Kill(); cmd.Wait() }
-	if err := waitListening(&lab.Server().NS, 8080); err != nil {
-		stop()
-		return nil, fmt.Errorf("nginx: %w", err)
-	}
-	return stop, nil
+	return lab.Server().StartNginx(root)
 }
 
 var wrkRate = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)

@@ -170,13 +170,7 @@ func iperf(lab *testnet.Lab, d time.Duration, reverse bool) (float64, error) {
 
 // waitListening waits until something listens on the TCP port in ns.
 func waitListening(ns *testnet.NS, port int) error {
-	return testnet.Poll(10*time.Second, func() error {
-		out, err := ns.Run("ss", "-ltnH", "sport", fmt.Sprintf("= :%d", port))
-		if err != nil || !strings.Contains(out, fmt.Sprintf(":%d", port)) {
-			return fmt.Errorf("nothing listens on port %d in %s", port, ns.Name)
-		}
-		return nil
-	})
+	return ns.WaitListening(uint16(port), 10*time.Second)
 }
 
 func tailStr(s string, n int) string {

@@ -376,30 +376,18 @@ func (g *Gateway) startService(svc *config.Service) error {
 // serveService starts a service's proxy on its listeners.
 func (g *Gateway) serveService(svc *config.Service, lns []*net.TCPListener) {
 	ctx, cancel := context.WithCancel(context.Background())
+	base := func(component string) proxy.Base {
+		return proxy.Base{Service: svc, Flows: g.flows, Events: g.forwarderEvent,
+			Log: g.log.With(logging.KeyComponent, component, logging.KeyService, svc.Name)}
+	}
 	var p serviceProxy
 	switch svc.Proxy {
 	case config.ProxyFTP:
-		p = &ftp.Proxy{
-			Service: svc,
-			Flows:   g.flows,
-			Log:     g.log.With(logging.KeyComponent, "ftp", logging.KeyService, svc.Name),
-			Events:  g.forwarderEvent,
-		}
+		p = &ftp.Proxy{Base: base("ftp")}
 	case config.ProxyHTTP:
-		p = &httpproxy.Proxy{
-			Service: svc,
-			Flows:   g.flows,
-			Log:     g.log.With(logging.KeyComponent, "http", logging.KeyService, svc.Name),
-			Events:  g.forwarderEvent,
-		}
+		p = &httpproxy.Proxy{Base: base("http")}
 	default:
-		p = &proxy.Forwarder{
-			Service:   svc,
-			Flows:     g.flows,
-			Log:       g.log.With(logging.KeyComponent, "forward", logging.KeyService, svc.Name),
-			Events:    g.forwarderEvent,
-			AvoidPort: g.avoidPort,
-		}
+		p = &proxy.Forwarder{Base: base("forward"), AvoidPort: g.avoidPort}
 	}
 	if g.engine != nil {
 		p.SetSplicer(g) // every service may splice on request once the engine runs

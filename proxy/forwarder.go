@@ -33,48 +33,21 @@ type Splicer interface {
 	Splice(ctx context.Context, f *Flow, client, upstream *net.TCPConn) error
 }
 
-// Forwarder is the plain forwarding proxy of one service.
+// Forwarder is the plain forwarding proxy of one service. Its splicer,
+// once set, splices flows when the service's splice policy says so, or
+// when someone calls Flow.RequestSplice.
 type Forwarder struct {
-	Service *config.Service
-	Flows   *FlowTable
-	Log     *slog.Logger
-	// Splicer, if set, lets the forwarder splice flows: when the service's
-	// splice policy says so, or when someone calls Flow.RequestSplice.
-	Splicer Splicer
-	// Events, if set, is told of what happens to flows (Event* kinds).
-	Events func(kind string, f *Flow, detail string)
+	Base
 	// AvoidPort, if set, tells a transparent upstream connection from
 	// the client's address and port to the server to take another port.
 	AvoidPort func(client, server netip.AddrPort) bool
-
-	once        sync.Once
-	limiter     *logging.Limiter
-	flowCtx     context.Context
-	cancelFlows context.CancelFunc
-	wg          sync.WaitGroup
-}
-
-// SetSplicer lets the forwarder splice flows (nil: never).
-func (f *Forwarder) SetSplicer(s Splicer) { f.Splicer = s }
-
-func (f *Forwarder) init() {
-	f.once.Do(func() {
-		f.limiter = logging.NewLimiter(10 * time.Second)
-		f.flowCtx, f.cancelFlows = context.WithCancel(context.Background())
-		if f.Log == nil {
-			f.Log = slog.New(slog.DiscardHandler)
-		}
-	})
 }
 
 // Serve accepts flows on the listeners until ctx is done, then closes them
 // and returns. Flows already accepted keep running (a reload must not cut
 // them); CloseFlows ends them.
 func (f *Forwarder) Serve(ctx context.Context, listeners ...*net.TCPListener) error {
-	f.init()
-	return ServeListeners(ctx, listeners, &f.wg, f.handle, func(err error) {
-		f.logLimited("accept", slog.LevelWarn, "accept failed", logging.Err(err))
-	})
+	return f.ServeWith(ctx, listeners, f.handle)
 }
 
 // ServeListeners accepts connections on the listeners until ctx is done,
@@ -135,45 +108,14 @@ func acceptLoop(ctx context.Context, ln *net.TCPListener, wg *sync.WaitGroup, ha
 	}
 }
 
-// CloseFlows resets every flow the forwarder relays and waits for them.
-func (f *Forwarder) CloseFlows() {
-	f.init()
-	f.cancelFlows()
-	f.wg.Wait()
-}
-
-// Wait waits until every flow has ended.
-func (f *Forwarder) Wait() { f.wg.Wait() }
-
-func (f *Forwarder) logLimited(key string, level slog.Level, msg string, attrs ...any) {
-	if ok, n := f.limiter.Allow(key); ok {
-		if n > 0 {
-			attrs = append(attrs, "suppressed", n)
-		}
-		f.Log.Log(context.Background(), level, msg, attrs...)
-	}
-}
-
 func (f *Forwarder) handle(c *net.TCPConn) {
 	svc := f.Service
 	flow := NewFlow(svc.Name, "forward", addrPort(c.RemoteAddr()), addrPort(c.LocalAddr()))
-	if !f.Flows.Admit(flow) {
-		reset(c)
-		f.logLimited("cap", slog.LevelWarn, "flow cap reached, refusing new flows with a reset",
-			"max_flows", f.Flows.Max(), logging.KeyClient, flow.Client, logging.KeyServer, flow.Server,
-			"fix", "raise limits.max_flows or add gateways")
+	log, ok := f.Admit(c, flow)
+	if !ok {
 		return
 	}
-	log := f.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
-
-	if svc.Access.Decide(flow.Client.Addr(), flow.Server) == config.Deny {
-		reset(c)
-		f.Flows.Remove(flow)
-		log.Info("flow denied by access policy")
-		f.event(EventDenied, flow, "access policy")
-		return
-	}
-	ctx, cancel := context.WithTimeout(f.flowCtx, svc.ConnectTimeout.D())
+	ctx, cancel := context.WithTimeout(f.FlowContext(), svc.ConnectTimeout.D())
 	from := flow.Client
 	if svc.Upstream == config.Transparent && f.AvoidPort != nil && f.AvoidPort(flow.Client, flow.Server) {
 		from = netip.AddrPortFrom(from.Addr(), 0)
@@ -183,13 +125,13 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	if err != nil {
 		reset(c)
 		f.Flows.Remove(flow)
-		f.logLimited("dial "+flow.Server.String(), slog.LevelWarn, "upstream connect failed",
+		f.LogLimited("dial "+flow.Server.String(), slog.LevelWarn, "upstream connect failed",
 			logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, logging.Err(err))
 		return
 	}
 	flow.Upstream = addrPort(up.LocalAddr())
 	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream))
-	f.event(EventOpened, flow, string(svc.Upstream))
+	f.Event(EventOpened, flow, string(svc.Upstream))
 
 	f.serve(flow, c, up, log, true)
 }
@@ -200,21 +142,17 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 // the flow back (Flow.Resume): it is then served again.
 func (f *Forwarder) serve(flow *Flow, client, upstream *net.TCPConn, log *slog.Logger, policy bool) {
 	relay := &Relay{Client: client, Upstream: upstream, Flow: flow, IdleTimeout: f.Service.IdleTimeout.D()}
-	stop := context.AfterFunc(f.flowCtx, relay.Close)
+	stop := context.AfterFunc(f.FlowContext(), relay.Close)
 	defer stop()
 	flow.SetResume(func(client, upstream *net.TCPConn) {
-		f.wg.Add(1)
-		go func() {
-			defer f.wg.Done()
-			f.serve(flow, client, upstream, log, false)
-		}()
+		f.Go(func() { f.serve(flow, client, upstream, log, false) })
 	})
 	if f.relayAndSplice(flow, relay, log, policy) {
 		return // the gateway owns the flow now, and logs its end
 	}
 	flow.SetResume(nil)
 	flow.SetState(StateClosing)
-	f.event(EventClosed, flow, "")
+	f.Event(EventClosed, flow, "")
 	f.Flows.Remove(flow)
 }
 
@@ -226,7 +164,7 @@ func (f *Forwarder) relayAndSplice(flow *Flow, relay *Relay, log *slog.Logger, p
 	if !policy {
 		pol.Mode = config.SpliceNever
 	}
-	if f.Splicer != nil {
+	if f.Splicer() != nil {
 		done := make(chan struct{})
 		defer close(done)
 		go func() {
@@ -273,7 +211,8 @@ func (f *Forwarder) relayAndSplice(flow *Flow, relay *Relay, log *slog.Logger, p
 // trySplice asks the splicer to take the flow. A half-closed flow stays
 // proxied.
 func (f *Forwarder) trySplice(flow *Flow, relay *Relay, log *slog.Logger) bool {
-	if f.Splicer == nil {
+	sp := f.Splicer()
+	if sp == nil {
 		return false
 	}
 	if relay.HalfClosed() {
@@ -281,13 +220,13 @@ func (f *Forwarder) trySplice(flow *Flow, relay *Relay, log *slog.Logger) bool {
 		log.Debug("not splicing a half-closed flow")
 		return false
 	}
-	err := f.Splicer.Splice(f.flowCtx, flow, relay.Client, relay.Upstream)
+	err := sp.Splice(f.FlowContext(), flow, relay.Client, relay.Upstream)
 	if err == nil {
 		return true
 	}
 	flow.SetSpliceError(err)
 	log.Warn("flow stays proxied", logging.Err(err))
-	f.event(EventSpliceFailed, flow, err.Error())
+	f.Event(EventSpliceFailed, flow, err.Error())
 	return false
 }
 
@@ -300,12 +239,6 @@ const (
 	EventSpliceFailed = "splice_failed"
 	EventClosed       = "closed"
 )
-
-func (f *Forwarder) event(kind string, flow *Flow, detail string) {
-	if f.Events != nil {
-		f.Events(kind, flow, detail)
-	}
-}
 
 // ListenService opens the service's IPv4 and IPv6 TPROXY listeners.
 func ListenService(ctx context.Context, svc *config.Service) ([]*net.TCPListener, error) {

@@ -107,13 +107,9 @@ ssl_enable=NO
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
-	testnet.Eventually(t, 5*time.Second, func() error {
-		out, err := fl.lab.Server().Run("ss", "-tlnH", "sport", "= :21")
-		if err != nil || !strings.Contains(out, ":21") {
-			return fmt.Errorf("vsftpd not listening yet: %v %s", err, out)
-		}
-		return nil
-	})
+	if err := fl.lab.Server().WaitListening(21, 5*time.Second); err != nil {
+		t.Fatalf("vsftpd: %v", err)
+	}
 	fl.d = testnet.StartDaemon(t, fl.lab, ftpConfig(mode))
 	return fl
 }

@@ -99,42 +99,11 @@ func startHTTPLab(t *testing.T, mode string, opt testnet.Options, setup func(*te
 			f.Close()
 			hl.sums["/"+dir+"/"+i] = hex.EncodeToString(h.Sum(nil))
 		}
-		conf := filepath.Join(root, "nginx.conf")
-		os.WriteFile(conf, []byte(fmt.Sprintf(`daemon off;
-master_process off;
-worker_processes 1;
-pid %[1]s/nginx.pid;
-error_log %[1]s/error.log;
-events { worker_connections 1024; }
-http {
-    access_log %[1]s/access.log;
-    client_body_temp_path %[1]s/body;
-    proxy_temp_path %[1]s/proxy;
-    fastcgi_temp_path %[1]s/fastcgi;
-    uwsgi_temp_path %[1]s/uwsgi;
-    scgi_temp_path %[1]s/scgi;
-    keepalive_requests 100000;
-    keepalive_timeout 120s;
-    server {
-        listen 8080;
-        listen [::]:8080;
-        root %[1]s/www;
-    }
-}
-`, root)), 0o644)
-		srv := hl.lab.Servers[k].Command(context.Background(), "nginx", "-c", conf)
-		srv.Stderr = os.Stderr
-		if err := srv.Start(); err != nil {
+		stop, err := hl.lab.Servers[k].StartNginx(root)
+		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
-		testnet.Eventually(t, 5*time.Second, func() error {
-			out, err := hl.lab.Servers[k].Run("ss", "-tlnH", "sport", "= :8080")
-			if err != nil || !strings.Contains(out, "8080") {
-				return fmt.Errorf("nginx not listening yet: %v %s", err, out)
-			}
-			return nil
-		})
+		t.Cleanup(stop)
 	}
 	hl.d = testnet.StartDaemon(t, hl.lab, httpConfig(mode))
 	hl.vip = netip.AddrPortFrom(hl.lab.Server().IPv4, 80)

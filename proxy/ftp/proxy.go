@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -25,78 +24,24 @@ const (
 
 // Proxy is the FTP proxy of one service.
 type Proxy struct {
-	Service *config.Service
-	Flows   *proxy.FlowTable
-	Log     *slog.Logger
-	// Events, if set, is told of what happens to flows (proxy.Event*).
-	Events func(kind string, f *proxy.Flow, detail string)
-
-	splicer     atomic.Pointer[proxy.Splicer]
-	once        sync.Once
-	limiter     *logging.Limiter
-	flowCtx     context.Context
-	cancelFlows context.CancelFunc
-	wg          sync.WaitGroup
-	sessions    atomic.Int32
-	nextPort    atomic.Uint32
+	proxy.Base
+	sessions atomic.Int32
+	nextPort atomic.Uint32
 }
 
-// SetSplicer lets the proxy splice data connections (nil: relay them).
-func (p *Proxy) SetSplicer(s proxy.Splicer) {
-	if s == nil {
-		p.splicer.Store(nil)
-		return
+// splicing returns the splicer for data connections, or nil when the
+// service relays them (splice.mode never).
+func (p *Proxy) splicing() proxy.Splicer {
+	if p.Service.Splice.Mode == config.SpliceNever {
+		return nil
 	}
-	p.splicer.Store(&s)
-}
-
-func (p *Proxy) getSplicer() proxy.Splicer {
-	if s := p.splicer.Load(); s != nil && p.Service.Splice.Mode != config.SpliceNever {
-		return *s
-	}
-	return nil
-}
-
-func (p *Proxy) init() {
-	p.once.Do(func() {
-		p.limiter = logging.NewLimiter(10 * time.Second)
-		p.flowCtx, p.cancelFlows = context.WithCancel(context.Background())
-		if p.Log == nil {
-			p.Log = slog.New(slog.DiscardHandler)
-		}
-	})
+	return p.Splicer()
 }
 
 // Serve accepts control connections on the listeners until ctx is done.
 // Sessions already open keep running; CloseFlows ends them.
 func (p *Proxy) Serve(ctx context.Context, listeners ...*net.TCPListener) error {
-	p.init()
-	return proxy.ServeListeners(ctx, listeners, &p.wg, p.handle, func(err error) {
-		p.logLimited("accept", slog.LevelWarn, "accept failed", logging.Err(err))
-	})
-}
-
-// CloseFlows ends every session and relayed data connection, and waits
-// for them.
-func (p *Proxy) CloseFlows() {
-	p.init()
-	p.cancelFlows()
-	p.wg.Wait()
-}
-
-func (p *Proxy) logLimited(key string, level slog.Level, msg string, attrs ...any) {
-	if ok, n := p.limiter.Allow(key); ok {
-		if n > 0 {
-			attrs = append(attrs, "suppressed", n)
-		}
-		p.Log.Log(context.Background(), level, msg, attrs...)
-	}
-}
-
-func (p *Proxy) event(kind string, f *proxy.Flow, detail string) {
-	if p.Events != nil {
-		p.Events(kind, f, detail)
-	}
+	return p.ServeWith(ctx, listeners, p.handle)
 }
 
 // handle runs one control connection.
@@ -107,46 +52,35 @@ func (p *Proxy) handle(c *net.TCPConn) {
 		p.sessions.Add(-1)
 		c.Write([]byte("421 Too many FTP sessions through this gateway, try later.\r\n"))
 		proxy.Reset(c)
-		p.logLimited("sessions", slog.LevelWarn, "ftp session cap reached, refusing new sessions",
+		p.LogLimited("sessions", slog.LevelWarn, "ftp session cap reached, refusing new sessions",
 			"max_sessions", svc.FTP.MaxSessions, logging.KeyClient, flow.Client, "fix", "raise ftp.max_sessions of the service")
 		return
 	}
 	defer p.sessions.Add(-1)
-	if !p.Flows.Admit(flow) {
-		proxy.Reset(c)
-		p.logLimited("cap", slog.LevelWarn, "flow cap reached, refusing new flows with a reset",
-			"max_flows", p.Flows.Max(), logging.KeyClient, flow.Client, logging.KeyServer, flow.Server,
-			"fix", "raise limits.max_flows or add gateways")
+	log, ok := p.Admit(c, flow)
+	if !ok {
 		return
 	}
-	log := p.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
-	if svc.Access.Decide(flow.Client.Addr(), flow.Server) == config.Deny {
-		proxy.Reset(c)
-		p.Flows.Remove(flow)
-		log.Info("flow denied by access policy")
-		p.event(proxy.EventDenied, flow, "access policy")
-		return
-	}
-	ctx, cancel := context.WithTimeout(p.flowCtx, svc.ConnectTimeout.D())
+	ctx, cancel := context.WithTimeout(p.FlowContext(), svc.ConnectTimeout.D())
 	up, err := proxy.DialUpstream(ctx, false, flow.Client, flow.Server, svc.ConnectTimeout.D())
 	cancel()
 	if err != nil {
 		c.Write([]byte("421 The gateway cannot reach the FTP server.\r\n"))
 		proxy.Reset(c)
 		p.Flows.Remove(flow)
-		p.logLimited("dial "+flow.Server.String(), slog.LevelWarn, "upstream connect failed",
+		p.LogLimited("dial "+flow.Server.String(), slog.LevelWarn, "upstream connect failed",
 			logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, logging.Err(err))
 		return
 	}
 	flow.Upstream = proxy.AddrPort(up.LocalAddr())
 	s := newSession(p, flow, c, up, log)
 	log.Info("ftp session opened", logging.KeyUpstream, flow.Upstream, "internal", s.internal, "external", s.external)
-	p.event(proxy.EventOpened, flow, "ftp")
+	p.Event(proxy.EventOpened, flow, "ftp")
 	reason := s.run()
 	flow.SetState(proxy.StateClosing)
 	log.Info("ftp session closed", logging.KeyReason, reason, "transfers", s.transfers.Load(),
 		logging.KeyDuration, time.Since(flow.Started).Round(time.Millisecond))
-	p.event(proxy.EventClosed, flow, reason)
+	p.Event(proxy.EventClosed, flow, reason)
 	p.Flows.Remove(flow)
 }
 
@@ -167,7 +101,7 @@ func (p *Proxy) listenData(addrs ...dataAddr) ([]*net.TCPListener, error) {
 	var lastErr error
 	for i := range min(n, 256) {
 		port := r.First + uint16((start+i)%n)
-		lns, err := listenAll(p.flowCtx, port, addrs)
+		lns, err := listenAll(p.FlowContext(), port, addrs)
 		if err == nil {
 			p.nextPort.Store(start + i)
 			return lns, nil

@@ -88,7 +88,7 @@ func (s *session) run() string {
 		case <-timeout.C:
 			s.tell("Session time limit reached")
 			reason = "session timeout"
-		case <-s.p.flowCtx.Done():
+		case <-s.p.FlowContext().Done():
 			reason = "shutdown"
 		case <-s.flow.SpliceRequested():
 			s.flow.SetSpliceError(errors.New("an FTP control connection stays proxied: the proxy reads its commands; its data connections are spliced"))
@@ -390,9 +390,7 @@ func (s *session) expectData(lns []*net.TCPListener, peer netip.Addr, acceptedIs
 	closeAll(s.dataLns)
 	s.dataLns = lns
 	s.mu.Unlock()
-	s.p.wg.Add(1)
-	go func() {
-		defer s.p.wg.Done()
+	s.p.Go(func() {
 		accepted := s.acceptFrom(lns, peer)
 		s.mu.Lock()
 		if len(s.dataLns) > 0 && s.dataLns[0] == lns[0] {
@@ -402,7 +400,7 @@ func (s *session) expectData(lns []*net.TCPListener, peer netip.Addr, acceptedIs
 		if accepted == nil {
 			return
 		}
-		ctx, cancel := context.WithTimeout(s.p.flowCtx, s.p.Service.ConnectTimeout.D())
+		ctx, cancel := context.WithTimeout(s.p.FlowContext(), s.p.Service.ConnectTimeout.D())
 		dialed, err := dial(ctx)
 		cancel()
 		if err != nil {
@@ -415,7 +413,7 @@ func (s *session) expectData(lns []*net.TCPListener, peer netip.Addr, acceptedIs
 			client, server = accepted, dialed
 		}
 		s.relayData(client, server)
-	}()
+	})
 }
 
 // acceptFrom accepts the one data connection from peer on any of lns
@@ -479,7 +477,7 @@ func (s *session) relayData(client, server *net.TCPConn) {
 	if !p.Flows.Admit(flow) {
 		proxy.Reset(client)
 		proxy.Reset(server)
-		p.logLimited("cap", slog.LevelWarn, "flow cap reached, refusing a data connection",
+		p.LogLimited("cap", slog.LevelWarn, "flow cap reached, refusing a data connection",
 			"max_flows", p.Flows.Max(), "fix", "raise limits.max_flows or add gateways")
 		return
 	}
@@ -489,18 +487,18 @@ func (s *session) relayData(client, server *net.TCPConn) {
 	s.mu.Unlock()
 	log := s.log.With("data_flow", flow.ID)
 	log.Info("ftp data connection opened", "client_leg", flow.Client, "server_leg", flow.Backend, logging.KeyUpstream, flow.Upstream)
-	p.event(proxy.EventOpened, flow, "ftp data of flow "+s.flowID())
-	if sp := p.getSplicer(); sp != nil {
-		err := sp.Splice(p.flowCtx, flow, client, server)
+	p.Event(proxy.EventOpened, flow, "ftp data of flow "+s.flowID())
+	if sp := p.splicing(); sp != nil {
+		err := sp.Splice(p.FlowContext(), flow, client, server)
 		if err == nil {
 			return // the gateway owns the flow now, and logs its end
 		}
 		flow.SetSpliceError(err)
 		log.Warn("ftp data connection stays proxied", logging.Err(err))
-		p.event(proxy.EventSpliceFailed, flow, err.Error())
+		p.Event(proxy.EventSpliceFailed, flow, err.Error())
 	}
 	relay := &proxy.Relay{Client: client, Upstream: server, Flow: flow, IdleTimeout: p.Service.IdleTimeout.D()}
-	stop := context.AfterFunc(p.flowCtx, relay.Close)
+	stop := context.AfterFunc(p.FlowContext(), relay.Close)
 	defer stop()
 	outcome, err := relay.Run()
 	for outcome == proxy.Paused { // an operator's splice request; data connections splice at once or never
@@ -512,7 +510,7 @@ func (s *session) relayData(client, server *net.TCPConn) {
 	}
 	log.Info("ftp data connection closed", attrs...)
 	flow.SetState(proxy.StateClosing)
-	p.event(proxy.EventClosed, flow, "")
+	p.Event(proxy.EventClosed, flow, "")
 	p.Flows.Remove(flow)
 }
 

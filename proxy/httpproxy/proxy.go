@@ -26,19 +26,9 @@ const Kind = "http"
 
 // Proxy is the HTTP proxy of one service.
 type Proxy struct {
-	Service *config.Service
-	Flows   *proxy.FlowTable
-	Log     *slog.Logger
-	// Events, if set, is told of what happens to flows (proxy.Event*).
-	Events func(kind string, f *proxy.Flow, detail string)
-
-	splicer     atomic.Pointer[proxy.Splicer]
-	once        sync.Once
-	limiter     *logging.Limiter
-	flowCtx     context.Context
-	cancelFlows context.CancelFunc
-	wg          sync.WaitGroup
-	pools       []*pool
+	proxy.Base
+	poolsOnce sync.Once
+	pools     []*pool
 }
 
 // pool is the backends of one route, with its counters.
@@ -68,7 +58,7 @@ type BackendStats struct {
 // Stats returns the counters of every route's backends, and of the
 // requests each route got (Backend "", denied routes included).
 func (p *Proxy) Stats() []BackendStats {
-	p.init()
+	p.initPools()
 	var out []BackendStats
 	for _, pl := range p.pools {
 		route := pl.route.Host + pl.route.Path
@@ -80,29 +70,18 @@ func (p *Proxy) Stats() []BackendStats {
 	return out
 }
 
-// SetSplicer lets the proxy splice responses (nil: relay them).
-func (p *Proxy) SetSplicer(s proxy.Splicer) {
-	if s == nil {
-		p.splicer.Store(nil)
-		return
+// splicing returns the splicer for responses, or nil when the service
+// relays everything (splice.mode never).
+func (p *Proxy) splicing() proxy.Splicer {
+	if p.Service.Splice.Mode == config.SpliceNever {
+		return nil
 	}
-	p.splicer.Store(&s)
+	return p.Splicer()
 }
 
-func (p *Proxy) getSplicer() proxy.Splicer {
-	if s := p.splicer.Load(); s != nil && p.Service.Splice.Mode != config.SpliceNever {
-		return *s
-	}
-	return nil
-}
-
-func (p *Proxy) init() {
-	p.once.Do(func() {
-		p.limiter = logging.NewLimiter(10 * time.Second)
-		p.flowCtx, p.cancelFlows = context.WithCancel(context.Background())
-		if p.Log == nil {
-			p.Log = slog.New(slog.DiscardHandler)
-		}
+// initPools builds a pool per route, once.
+func (p *Proxy) initPools() {
+	p.poolsOnce.Do(func() {
 		for i := range p.Service.HTTP.Routes {
 			r := &p.Service.HTTP.Routes[i]
 			pl := &pool{route: r}
@@ -117,53 +96,19 @@ func (p *Proxy) init() {
 // Serve accepts connections on the listeners until ctx is done.
 // Connections already open keep running; CloseFlows ends them.
 func (p *Proxy) Serve(ctx context.Context, listeners ...*net.TCPListener) error {
-	p.init()
-	return proxy.ServeListeners(ctx, listeners, &p.wg, p.handle, func(err error) {
-		p.logLimited("accept", slog.LevelWarn, "accept failed", logging.Err(err))
-	})
-}
-
-// CloseFlows ends every connection the proxy relays and waits for them.
-func (p *Proxy) CloseFlows() {
-	p.init()
-	p.cancelFlows()
-	p.wg.Wait()
-}
-
-func (p *Proxy) logLimited(key string, level slog.Level, msg string, attrs ...any) {
-	if ok, n := p.limiter.Allow(key); ok {
-		if n > 0 {
-			attrs = append(attrs, "suppressed", n)
-		}
-		p.Log.Log(context.Background(), level, msg, attrs...)
-	}
-}
-
-func (p *Proxy) event(kind string, f *proxy.Flow, detail string) {
-	if p.Events != nil {
-		p.Events(kind, f, detail)
-	}
+	p.initPools()
+	return p.ServeWith(ctx, listeners, p.handle)
 }
 
 func (p *Proxy) handle(c *net.TCPConn) {
 	svc := p.Service
 	flow := proxy.NewFlow(svc.Name, Kind, proxy.AddrPort(c.RemoteAddr()), proxy.AddrPort(c.LocalAddr()))
-	if !p.Flows.Admit(flow) {
-		proxy.Reset(c)
-		p.logLimited("cap", slog.LevelWarn, "flow cap reached, refusing new flows with a reset",
-			"max_flows", p.Flows.Max(), logging.KeyClient, flow.Client, "fix", "raise limits.max_flows or add gateways")
-		return
-	}
-	log := p.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client)
-	if svc.Access.Decide(flow.Client.Addr(), flow.Server) == config.Deny {
-		proxy.Reset(c)
-		p.Flows.Remove(flow)
-		log.Info("flow denied by access policy")
-		p.event(proxy.EventDenied, flow, "access policy")
+	log, ok := p.Admit(c, flow)
+	if !ok {
 		return
 	}
 	log.Debug("http connection opened")
-	p.event(proxy.EventOpened, flow, "http")
+	p.Event(proxy.EventOpened, flow, "http")
 	cn := &conn{p: p, flow: flow, log: log}
 	cn.attach(c, nil)
 	cn.run()
@@ -233,19 +178,17 @@ func (c *conn) attach(client, up *net.TCPConn) {
 		c.ur = bufio.NewReader(up)
 	}
 	c.flow.SetResume(func(client, up *net.TCPConn) {
-		c.p.wg.Add(1)
-		go func() {
-			defer c.p.wg.Done()
+		c.p.Go(func() {
 			c.attach(client, up)
 			c.log.Debug("http connection back from an unsplice")
 			c.run()
-		}()
+		})
 	})
 }
 
 // run serves requests until the connection ends or is spliced.
 func (c *conn) run() {
-	stop := context.AfterFunc(c.p.flowCtx, func() { c.client.Close(); c.closeUpstream() })
+	stop := context.AfterFunc(c.p.FlowContext(), func() { c.client.Close(); c.closeUpstream() })
 	defer stop()
 	reason, spliced := c.serve()
 	if spliced {
@@ -258,7 +201,7 @@ func (c *conn) run() {
 	c.log.Info("http connection closed", logging.KeyReason, reason,
 		logging.KeyBytesC2S, c.flow.C2S.Load(), logging.KeyBytesS2C, c.flow.S2C.Load(),
 		logging.KeyDuration, time.Since(c.flow.Started).Round(time.Millisecond))
-	c.p.event(proxy.EventClosed, c.flow, reason)
+	c.p.Event(proxy.EventClosed, c.flow, reason)
 	c.p.Flows.Remove(c.flow)
 }
 
@@ -345,7 +288,7 @@ func (c *conn) connect(pl *pool) error {
 	svc := c.p.Service
 	var errs []error
 	for _, b := range pl.pick(time.Now()) {
-		ctx, cancel := context.WithTimeout(c.p.flowCtx, svc.ConnectTimeout.D())
+		ctx, cancel := context.WithTimeout(c.p.FlowContext(), svc.ConnectTimeout.D())
 		up, err := proxy.DialUpstream(ctx, false, c.flow.Client, b.addr, svc.ConnectTimeout.D())
 		cancel()
 		if err != nil {
@@ -406,7 +349,7 @@ func (c *conn) exchange(req *http.Request) (done, spliced bool, err error) {
 	// (closing drains what it believes unread).
 	cw := &countingWriter{w: c.client, n: &c.flow.S2C}
 	closeAfter := req.Close || resp.Close
-	sp := c.p.getSplicer()
+	sp := c.p.splicing()
 	if sp == nil || resp.ContentLength < int64(svc.HTTP.SpliceMin) || req.Method == http.MethodHead || closeAfter || c.cr.Buffered() > 0 {
 		err := resp.Write(cw)
 		resp.Body.Close()
@@ -431,7 +374,7 @@ func (c *conn) exchange(req *http.Request) (done, spliced bool, err error) {
 	}
 	c.respEnd = c.flow.S2C.Load() + resp.ContentLength - ahead
 	c.flow.UnspliceOnClientData.Store(true)
-	serr := sp.Splice(c.p.flowCtx, c.flow, c.client, c.up)
+	serr := sp.Splice(c.p.FlowContext(), c.flow, c.client, c.up)
 	if serr == nil {
 		return false, true, nil
 	}
@@ -439,7 +382,7 @@ func (c *conn) exchange(req *http.Request) (done, spliced bool, err error) {
 	// Common and harmless when the client asks again at once: the
 	// response ends proxied.
 	c.log.Debug("http: response stays proxied", logging.Err(serr))
-	c.p.event(proxy.EventSpliceFailed, c.flow, serr.Error())
+	c.p.Event(proxy.EventSpliceFailed, c.flow, serr.Error())
 	if rest := c.respEnd - c.flow.S2C.Load(); rest > 0 {
 		n, err := io.CopyN(c.client, c.ur, rest)
 		c.flow.S2C.Add(n)
@@ -467,8 +410,8 @@ func (c *conn) spliceUpgrade() (done, spliced bool, err error) {
 	}
 	c.flow.UnspliceOnClientData.Store(false)
 	c.flow.SetResume(nil)
-	if sp := c.p.getSplicer(); sp != nil {
-		if err := sp.Splice(c.p.flowCtx, c.flow, c.client, c.up); err == nil {
+	if sp := c.p.splicing(); sp != nil {
+		if err := sp.Splice(c.p.FlowContext(), c.flow, c.client, c.up); err == nil {
 			return false, true, nil
 		}
 	}

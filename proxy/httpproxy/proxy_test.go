@@ -8,11 +8,12 @@ import (
 	"time"
 
 	"spliced/config"
+	"spliced/proxy"
 )
 
 func testProxy(routes ...config.HTTPRoute) *Proxy {
-	p := &Proxy{Service: &config.Service{HTTP: config.HTTP{Routes: routes}}}
-	p.init()
+	p := &Proxy{Base: proxy.Base{Service: &config.Service{HTTP: config.HTTP{Routes: routes}}}}
+	p.initPools()
 	return p
 }
 

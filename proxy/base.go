@@ -1,0 +1,135 @@
+package proxy
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"spliced/config"
+	"spliced/logging"
+)
+
+// Base is what every proxy of a service shares: its configuration, the
+// flow table, rate-limited logging, the events hook, the splicer, and the
+// bookkeeping that lets CloseFlows end its flows. Proxies embed it.
+type Base struct {
+	Service *config.Service
+	Flows   *FlowTable
+	Log     *slog.Logger
+	// Events, if set, is told of what happens to flows (Event* kinds).
+	Events func(kind string, f *Flow, detail string)
+
+	splicer     atomic.Pointer[Splicer]
+	once        sync.Once
+	limiter     *logging.Limiter
+	flowCtx     context.Context
+	cancelFlows context.CancelFunc
+	wg          sync.WaitGroup
+}
+
+func (b *Base) init() {
+	b.once.Do(func() {
+		b.limiter = logging.NewLimiter(10 * time.Second)
+		b.flowCtx, b.cancelFlows = context.WithCancel(context.Background())
+		if b.Log == nil {
+			b.Log = slog.New(slog.DiscardHandler)
+		}
+	})
+}
+
+// SetSplicer lets the proxy splice flows (nil: never).
+func (b *Base) SetSplicer(s Splicer) {
+	if s == nil {
+		b.splicer.Store(nil)
+		return
+	}
+	b.splicer.Store(&s)
+}
+
+// Splicer returns the splicer, or nil.
+func (b *Base) Splicer() Splicer {
+	if s := b.splicer.Load(); s != nil {
+		return *s
+	}
+	return nil
+}
+
+// FlowContext is done when CloseFlows is called.
+func (b *Base) FlowContext() context.Context {
+	b.init()
+	return b.flowCtx
+}
+
+// Go runs fn in a goroutine that CloseFlows waits for.
+func (b *Base) Go(fn func()) {
+	b.wg.Add(1)
+	go func() {
+		defer b.wg.Done()
+		fn()
+	}()
+}
+
+// ServeWith accepts connections on the listeners until ctx is done,
+// handling each in a goroutine that CloseFlows waits for. Connections
+// already accepted keep running (a reload must not cut them).
+func (b *Base) ServeWith(ctx context.Context, listeners []*net.TCPListener, handle func(*net.TCPConn)) error {
+	b.init()
+	return ServeListeners(ctx, listeners, &b.wg, handle, func(err error) {
+		b.LogLimited("accept", slog.LevelWarn, "accept failed", logging.Err(err))
+	})
+}
+
+// CloseFlows ends every flow the proxy relays and waits for them.
+func (b *Base) CloseFlows() {
+	b.init()
+	b.cancelFlows()
+	b.wg.Wait()
+}
+
+// Wait waits until every flow has ended.
+func (b *Base) Wait() { b.wg.Wait() }
+
+// LogLimited logs at most one line per key every 10 s, counting the rest.
+func (b *Base) LogLimited(key string, level slog.Level, msg string, attrs ...any) {
+	b.init()
+	if ok, n := b.limiter.Allow(key); ok {
+		if n > 0 {
+			attrs = append(attrs, "suppressed", n)
+		}
+		b.Log.Log(context.Background(), level, msg, attrs...)
+	}
+}
+
+// Event tells the Events hook, if any.
+func (b *Base) Event(kind string, f *Flow, detail string) {
+	if b.Events != nil {
+		b.Events(kind, f, detail)
+	}
+}
+
+// Admit takes a new flow on connection c into the flow table and applies
+// the service's access policy. When the cap is reached or the policy
+// denies it, c is reset, the refusal logged, and Admit returns false.
+// Otherwise it returns the flow's logger.
+func (b *Base) Admit(c *net.TCPConn, flow *Flow) (*slog.Logger, bool) {
+	b.init()
+	if !b.Flows.Admit(flow) {
+		reset(c)
+		b.LogLimited("cap", slog.LevelWarn, "flow cap reached, refusing new flows with a reset",
+			"max_flows", b.Flows.Max(), logging.KeyClient, flow.Client, logging.KeyServer, flow.Server,
+			"fix", "raise limits.max_flows or add gateways")
+		return nil, false
+	}
+	log := b.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
+	if b.Service.Access.Decide(flow.Client.Addr(), flow.Server) == config.Deny {
+		reset(c)
+		b.Flows.Remove(flow)
+		log.Info("flow denied by access policy")
+		b.Event(EventDenied, flow, "access policy")
+		return nil, false
+	}
+	return log, true
+}

@@ -61,7 +61,7 @@ func CheckTools(tools ...string) error {
 	}
 	msg := "not installed: " + strings.Join(missing, ", ")
 	if len(pkgs) > 0 {
-		msg += "; get it with `apt-get install " + strings.Join(pkgs, " ") +
+		msg += "; install with `apt-get install " + strings.Join(pkgs, " ") +
 			"` (or, as root, `scripts/deps.sh all` installs every tool the tests and the benchmark use)"
 	}
 	return errors.New(msg)

@@ -14,8 +14,9 @@
 # - otherwise (not root, no apt-get, or --check) it names each missing
 #   tool with its Debian package and exits 1 without changing anything.
 #
-# Checking uses bash builtins only, so it works with any PATH; the tools
-# are looked up in PATH as the tests and the benchmark look them up.
+# Checking uses bash builtins only (and python3 to import scapy), so it
+# works with any PATH; tools are looked up in PATH as the tests and the
+# benchmark look them up.
 set -uo pipefail
 
 # tool       Debian package    groups          what uses it
@@ -132,7 +133,7 @@ if $check_only || ! $debian || [[ $EUID -ne 0 ]]; then
   elif ! $debian; then
     echo "deps: this is not a Debian or Ubuntu system (no apt-get or /etc/debian_version): install them with your package manager; nothing was run" >&2
   else
-    echo "deps: installing needs root: run sudo make ${want[0]}, or sudo apt-get install ${pkgs[*]}" >&2
+    echo "deps: installing needs root: run the make command with sudo, or: sudo apt-get install ${pkgs[*]}" >&2
   fi
   exit 1
 fi

@@ -2,6 +2,14 @@
 SHELL := /bin/bash
 
 GO       ?= go
+# sudo resets PATH to its secure_path, which lacks the Go of the official
+# tarball: add /usr/local/go/bin when go is not found (the tests run go too).
+ifeq ($(shell command -v $(GO)),)
+export PATH := $(PATH):/usr/local/go/bin
+endif
+# Checks the tools a target runs and, as root on Debian or Ubuntu,
+# installs the missing packages (see the script).
+DEPS     := $(SHELL) scripts/deps.sh
 PREFIX   ?= /usr/local
 DESTDIR  ?=
 SYSCONFDIR ?= /etc
@@ -9,16 +17,17 @@ BIN      := bin
 CMDS     := spliced splicectl spliced-demo spliced-bench
 TESTFLAGS ?=
 
-.PHONY: all build test check demo bench bench-quick install clean
+.PHONY: all build test check demo bench bench-quick install clean deps-demo deps-test deps-bench
 
 all: build
 
 build:
 	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
 
-# Every package's tests, lab tests included (as root). The summary fails
-# the run when a test fails, or when one skipped although we are root.
-test:
+# Every package's tests, lab tests included (as root), after installing
+# the tools they use. The summary fails the run when a test fails, or when
+# one skipped although we are root.
+test: deps-test
 	set -o pipefail; $(GO) test -count=1 -timeout 14m -json $(TESTFLAGS) ./... | $(GO) run ./internal/testsummary
 
 check:
@@ -27,15 +36,18 @@ check:
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
 
-demo: build
+deps-demo deps-test deps-bench:
+	@$(DEPS) $(patsubst deps-%,%,$@)
+
+demo: deps-demo build
 	$(BIN)/spliced-demo -spliced $(BIN)/spliced
 
 # The benchmark (as root): every configuration side by side, written to
 # bench/results/latest.{json,md} and pictures. bench-quick is shorter.
-bench: build
+bench: deps-bench build
 	$(BIN)/spliced-bench -spliced $(BIN)/spliced
 
-bench-quick: build
+bench-quick: deps-bench build
 	$(BIN)/spliced-bench -spliced $(BIN)/spliced -quick
 
 # Binaries, the default configuration (an existing one is kept), the

@@ -275,6 +275,24 @@ func (c *cli) printFlow(f *api.Flow) error {
 	if f.SplicedAt != nil {
 		fmt.Fprintf(w, "spliced at\t%s (%s after it started)\n", f.SplicedAt.Format(time.RFC3339Nano), f.SplicedAt.Sub(f.Started).Round(time.Millisecond))
 	}
+	for _, d := range f.Engine {
+		name := map[string]string{"c2s": "client->server", "s2c": "server->client"}[d.Name]
+		state := "moving"
+		switch {
+		case d.Stalled:
+			state = "STALLED"
+		case d.Unacknowledged == 0:
+			state = "all acknowledged"
+		}
+		fmt.Fprintf(w, "%s\t%s: %d bytes unacknowledged, last progress %s ago; seq %d ack %d (offset %+d), window %d%s\n",
+			name, state, d.Unacknowledged, time.Duration(d.ProgressAgeSec*float64(time.Second)).Round(time.Millisecond),
+			d.HighestSeq, d.HighestAck, int32(d.SeqOffset), d.Window, map[bool]string{true: ", FIN sent"}[d.FIN])
+		drops := ""
+		if d.Dropped > 0 {
+			drops = fmt.Sprintf(", last dropped: %s", d.LastDrop)
+		}
+		fmt.Fprintf(w, "\t%d packets, %d dropped; last verdict %s%s\n", d.Packets, d.Dropped, d.LastVerdict, drops)
+	}
 	return w.Flush()
 }
 

@@ -149,7 +149,8 @@ func (g *Gateway) Status() api.Status {
 	if g.engine != nil {
 		e := api.Engine{Name: "splice", Splices: g.spliceLatency.count.Load(), SpliceAborts: g.spliceAborts.Load(),
 			SpliceP50Us: g.spliceLatency.percentile(0.5).Microseconds(), SpliceP99Us: g.spliceLatency.percentile(0.99).Microseconds(),
-			Verdicts: map[string]uint64{}, QueueBackend: cfg.Kernel.NFQueue, InjectFailures: g.injectErrors.Load()}
+			Verdicts: map[string]uint64{}, QueueBackend: cfg.Kernel.NFQueue, InjectFailures: g.injectErrors.Load(),
+			StalledFlows: g.stalledFlows.Load()}
 		for _, en := range g.engine.Entries() {
 			s := en.Stats()
 			e.BytesC2S += s[splice.C2S].Bytes
@@ -201,6 +202,7 @@ func describeFlow(f *proxy.Flow, sf *splicedFlow) api.Flow {
 		af.BytesC2S += s[splice.C2S].Bytes
 		af.BytesS2C += s[splice.S2C].Bytes
 		af.PacketsC2S, af.PacketsS2C = s[splice.C2S].Packets, s[splice.S2C].Packets
+		af.Engine = engineState(sf, time.Now())
 	}
 	return af
 }

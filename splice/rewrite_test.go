@@ -672,3 +672,43 @@ func TestWindowProbeKeepsItsSequence(t *testing.T) {
 		}
 	}
 }
+
+// TestProgressClock: a direction's progress clock starts when data goes
+// out while none was outstanding and moves when the receiver acknowledges
+// new data; retransmissions and duplicate ACKs leave it alone, so data
+// outstanding long after it is a stall.
+func TestProgressClock(t *testing.T) {
+	f := newFixture(t, false, false)
+	progress := func() int64 { return f.e.Stats()[C2S].ProgressAt }
+	if progress() != 0 {
+		t.Fatalf("progress at %d after the splice at 0", progress())
+	}
+	data := f.c2s(1000, sa(0), FlagACK)
+	data.payload = make([]byte, 100)
+	f.runAt(t, data.bytes(), C2S, true, 10)
+	if got := progress(); got != 10 {
+		t.Fatalf("first data at 10: progress at %d", got)
+	}
+	if !f.e.Snapshot().Outstanding(C2S) {
+		t.Fatal("data forwarded and not acknowledged is not outstanding")
+	}
+	more := f.c2s(1100, sa(0), FlagACK)
+	more.payload = make([]byte, 100)
+	f.runAt(t, more.bytes(), C2S, true, 20)
+	f.runAt(t, data.bytes(), C2S, true, 30) // a retransmission
+	f.runAt(t, f.s2c(0xffffff00, 0x7ffffff0, FlagACK).bytes(), S2C, true, 40)
+	if got := progress(); got != 10 {
+		t.Fatalf("more data, a retransmission and a duplicate ACK moved progress to %d", got)
+	}
+	f.runAt(t, f.s2c(0xffffff00, 0x7ffffff0+100, FlagACK).bytes(), S2C, true, 50)
+	if got := progress(); got != 50 {
+		t.Fatalf("an ACK of new data at 50: progress at %d", got)
+	}
+	f.runAt(t, f.s2c(0xffffff00, 0x7ffffff0+200, FlagACK).bytes(), S2C, true, 60)
+	if f.e.Snapshot().Outstanding(C2S) {
+		t.Fatal("everything acknowledged is still outstanding")
+	}
+	if got := f.e.Stats()[C2S].LastVerdict; got != Forward {
+		t.Fatalf("last verdict %v", got)
+	}
+}

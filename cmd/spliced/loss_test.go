@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"sync"
@@ -65,7 +66,37 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 			"add chain inet loss in { type filter hook input priority 0; }",
 			`add rule inet loss in iifname "eth0" meta l4proto tcp numgen random mod 100 < `+loss+` counter drop`)
 	}
-	d := testnet.StartDaemon(t, lab, cfg.String())
+	var captures []*exec.Cmd
+	stallAfter := ""
+	if dir := os.Getenv("SPLICED_CAPTURE"); dir != "" {
+		// Ring-buffered captures at both ends (headers only), stopped a
+		// few seconds after the daemon reports a stall: what the ends
+		// saw around it, for debugging.
+		stallAfter = "      stall_after: 5s\n"
+		for _, h := range []*testnet.Host{lab.Client(), lab.Server()} {
+			cmd := h.Command(context.Background(), "dumpcap", "-q", "-s", "160", "-i", "eth0", "-f", "tcp",
+				"-b", "filesize:50000", "-b", "files:40", "-w", dir+h.Name+".pcapng")
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer func() { cmd.Process.Signal(syscall.SIGINT); cmd.Wait() }()
+			captures = append(captures, cmd)
+		}
+	}
+	cfgText := strings.ReplaceAll(cfg.String(), "      bytes: 4KiB\n", "      bytes: 4KiB\n"+stallAfter)
+	d := testnet.StartDaemon(t, lab, cfgText)
+	if len(captures) > 0 {
+		go func() {
+			for d.FindLog(func(l map[string]any) bool { return strings.HasPrefix(fmt.Sprint(l["msg"]), "spliced flow stalled") }) == nil {
+				time.Sleep(500 * time.Millisecond)
+			}
+			time.Sleep(3 * time.Second)
+			for _, c := range captures {
+				c.Process.Signal(syscall.SIGINT)
+			}
+			t.Logf("captures stopped 3 s after a stall")
+		}()
+	}
 	var servers [2][]*testnet.Streams // by family, by service
 	for v6 := range 2 {
 		for _, s := range services {
@@ -117,9 +148,12 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 	wg.Wait()
 
 	spliced := 0
+	splicedBy := map[string]int{}
 	for _, l := range d.Lines() {
 		if l["msg"] == "flow spliced" {
 			spliced++
+			svc, _ := l["service"].(string)
+			splicedBy[strings.SplitN(svc, "_", 2)[0]]++
 		}
 	}
 	if len(failures) > 0 {
@@ -138,7 +172,11 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 	if spliced < flows*9/10 {
 		t.Errorf("only %d of %d flows were spliced", spliced, flows)
 	}
-	t.Logf("%d flows intact, %d spliced, %s%% loss at both ends", flows, spliced, loss)
+	if n := stalledFlows(t, d); n != 0 {
+		t.Errorf("the daemon reported %d stalled flows:\n%s", n, tail(d.Log(), 20))
+	}
+	t.Logf("%d flows intact, %d spliced (transparent %d, nat %d), 0 stalled, %s%% loss at both ends",
+		flows, spliced, splicedBy["transparent"], splicedBy["nat"], loss)
 }
 
 // TestLabSplicedWindowProbe: the receiver of a spliced flow closes its

@@ -327,6 +327,16 @@ func (c *conn) exchange(req *http.Request) (done, spliced bool, err error) {
 		req.Host = c.upTo.addr.String()
 	}
 	upgrade := req.Header.Get("Upgrade") != "" && headerHas(req.Header, "Connection", "upgrade")
+	upgradeTo := req.Header.Values("Upgrade")
+	removeHopByHop(req.Header)
+	if upgrade {
+		req.Header["Connection"] = []string{"Upgrade"}
+		req.Header["Upgrade"] = upgradeTo
+	}
+	if _, ok := req.Header["User-Agent"]; !ok {
+		// req.Write would add Go's own; a proxy adds nothing.
+		req.Header["User-Agent"] = []string{""}
+	}
 	uw := &countingWriter{w: c.up, n: &c.flow.C2S}
 	bw := bufio.NewWriter(uw)
 	if err := req.Write(bw); err != nil {
@@ -349,6 +359,8 @@ func (c *conn) exchange(req *http.Request) (done, spliced bool, err error) {
 	// (closing drains what it believes unread).
 	cw := &countingWriter{w: c.client, n: &c.flow.S2C}
 	closeAfter := req.Close || resp.Close
+	removeHopByHop(resp.Header)
+	resp.Close = closeAfter // resp.Write says Connection: close
 	sp := c.p.splicing()
 	if sp == nil || resp.ContentLength < int64(svc.HTTP.SpliceMin) || req.Method == http.MethodHead || closeAfter || c.cr.Buffered() > 0 {
 		err := resp.Write(cw)

@@ -66,3 +66,40 @@ func TestHopByHop(t *testing.T) {
 	}
 	t.Logf("backend got:\n%sclient got: %v", head, resp.Header)
 }
+
+// TestInterimResponses: a 1xx before the response is relayed and does not
+// take the place of the response (else every later response would answer
+// the request before it).
+func TestInterimResponses(t *testing.T) {
+	b := startBackend(t)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		if req.URL.Path != "/a/early" {
+			return false
+		}
+		io.WriteString(w, "HTTP/1.1 103 Early Hints\r\nLink: </a/style.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+		return true
+	}
+	_, addr := testService(t, b)
+	// http.ReadResponse returns the 103 as a response of its own.
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprint(c, "GET /a/early HTTP/1.1\r\nHost: t\r\n\r\nGET /a/next HTTP/1.1\r\nHost: t\r\n\r\n")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(c)
+	var got []string
+	for range 3 {
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		got = append(got, fmt.Sprintf("%d %s", resp.StatusCode, body))
+	}
+	want := `[103  200 early 200 backend saw GET /a/next body ""]`
+	if fmt.Sprint(got) != want {
+		t.Errorf("responses %q, want %s", got, want)
+	}
+}

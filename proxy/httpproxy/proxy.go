@@ -391,14 +391,47 @@ func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 		return true, false, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
 	}
 	cw := &countingWriter{w: c.client, n: &c.flow.S2C}
-	if rq.upgrade {
-		return c.spliceUpgrade()
-	}
-	resp, err := http.ReadResponse(c.ur, req)
-	if err != nil {
-		c.reply(http.StatusBadGateway, "the backend's response was unreadable")
-		c.upTo.failures.Add(1)
-		return true, false, fmt.Errorf("read the response of %s: %w", c.upTo.addr, err)
+	var resp *http.Response
+	for {
+		resp, err = http.ReadResponse(c.ur, req)
+		if err != nil {
+			c.reply(http.StatusBadGateway, "the backend's response was unreadable")
+			c.upTo.failures.Add(1)
+			return true, false, fmt.Errorf("read the response of %s: %w", c.upTo.addr, err)
+		}
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			// Only now, with the backend's consent, is the connection
+			// a tunnel: an upgrade request answered otherwise is an
+			// ordinary exchange, and the next request is read and
+			// routed like any (else a client would ask for an upgrade
+			// it knows fails and send anything after it, unrouted).
+			if !rq.upgrade {
+				c.reply(http.StatusBadGateway, "the backend switched protocols unasked")
+				c.upTo.failures.Add(1)
+				return true, false, fmt.Errorf("the response of %s: 101 to a request that asked no upgrade", c.upTo.addr)
+			}
+			upgradeTo := resp.Header.Values("Upgrade")
+			removeHopByHop(resp.Header)
+			resp.Header["Connection"] = []string{"Upgrade"}
+			resp.Header["Upgrade"] = upgradeTo
+			if err := writeHead(cw, resp); err != nil {
+				return true, false, fmt.Errorf("relay the response header: %w", err)
+			}
+			return c.spliceUpgrade()
+		}
+		if resp.StatusCode >= 200 {
+			break
+		}
+		// 1xx (100 Continue, 103 Early Hints): relayed to a client
+		// that understands them, and the final response follows. Taken
+		// as the response, it would leave the real one to answer the
+		// client's next request.
+		if req.ProtoAtLeast(1, 1) {
+			removeHopByHop(resp.Header)
+			if err := writeHead(cw, resp); err != nil {
+				return true, false, fmt.Errorf("relay an interim response: %w", err)
+			}
+		}
 	}
 	// The body is resp.Body when the proxy relays it, and the raw stream
 	// (c.ur) when it splices: resp.Body is then never read nor closed

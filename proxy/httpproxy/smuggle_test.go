@@ -96,6 +96,11 @@ var smuggleCases = []struct {
 	{"chunk size bare LF", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", []int{400}, ""},
 	{"chunk data overlong", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n", []int{400}, ""},
 	{"chunk trailer obs-fold", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: 1\r\n y\r\n\r\n", []int{400}, ""},
+
+	// Upgrades: only a 101 makes a tunnel. The backend answers 200 here,
+	// so the bytes after the request are the next request, routed.
+	{"upgrade refused, then smuggled", "GET /a/x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nGET /admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{200, 403}, "GET /a/x HTTP/1.1"},
+	{"h2c upgrade not passed", "GET /a/x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\nGET /admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{200, 403}, "GET /a/x HTTP/1.1"},
 }
 
 // TestSmuggling sends each raw request through the proxy to a lenient

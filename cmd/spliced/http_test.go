@@ -937,3 +937,90 @@ func TestLabHTTPLogFlood(t *testing.T) {
 	}
 	t.Logf("after the interval: one line with suppressed=%v", suppressed)
 }
+
+// TestLabHTTPUnspliceAbortNoBypass: a client makes the unsplice its next
+// request triggers fail (it stops acknowledging the spliced response, so
+// the flow cannot drain), then asks for a denied path. The held request
+// must not go to the backend unrouted: nginx's access log never shows it,
+// and the secret never reaches the client.
+func TestLabHTTPUnspliceAbortNoBypass(t *testing.T) {
+	testnet.Privileged(t, "nginx")
+	lab := testnet.NewT(t, testnet.Options{})
+	accessLog := smuggleNginx(t, lab.Server(), 8081)
+	d := testnet.StartDaemon(t, lab, smuggleConfig("splice"))
+	hc := &httpClient{t: t}
+	c, err := lab.Client().Dial(netip.AddrPortFrom(lab.Server().IPv4, 80), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	hc.c, hc.r = c, bufio.NewReader(c)
+	fmt.Fprint(c, "GET /slow/big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+	if code, err := readStatus(hc); err != nil || code != 200 {
+		t.Fatalf("status %d, %v", code, err)
+	}
+	if err := readBodyStart(hc, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.WaitLog(10*time.Second, func(l map[string]any) bool { return l["msg"] == "flow spliced" }); err != nil {
+		t.Fatalf("the response was not spliced: %v", err)
+	}
+	// Keep reading, so that the response is in flight, then stop
+	// acknowledging it: drop everything from the service in the client.
+	body := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(pendingHash[hc], pendingResp[hc].Body)
+		body <- err
+	}()
+	client := &lab.Client().NS
+	nft(t, client, "add table inet mute", "add chain inet mute in { type filter hook input priority 0; }", "add rule inet mute in tcp sport 80 counter drop")
+	// Once a segment of the response was dropped, the flow has data in
+	// flight that the client will not acknowledge.
+	if err := testnet.Poll(10*time.Second, func() error {
+		if counted(t, client, "mute") == 0 {
+			return fmt.Errorf("nothing dropped yet")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprint(c, "GET /private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+	// The unsplice cannot drain: it gives up after drain_timeout.
+	if err := d.WaitLog(10*time.Second, func(l map[string]any) bool {
+		return strings.Contains(fmt.Sprint(l["err"]), "unsplice abandoned")
+	}); err != nil {
+		t.Fatalf("the unsplice did not give up: %v\n%s", err, tail(d.Log(), 20))
+	}
+	nft(t, client, "delete table inet mute")
+	// Whatever the client gets now, it is not the secret, and nginx never
+	// saw the request.
+	var rest []byte
+	select {
+	case err := <-body:
+		t.Logf("the big response ended: %v", err)
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		rest, _ = io.ReadAll(hc.r)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the client's connection neither ended nor finished its response")
+	}
+	if bytes.Contains(rest, []byte(smuggleSecret)) {
+		t.Errorf("the denied file reached the client after the abandoned unsplice: %q", rest)
+	}
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
+		return l["msg"] == "flow closed" && strings.Contains(fmt.Sprint(l["reason"]), "unsplice abandoned")
+	}); err != nil {
+		t.Errorf("the flow did not end after the abandoned unsplice: %v", err)
+	}
+	log, _ := os.ReadFile(accessLog)
+	if strings.Contains(string(log), "/private") {
+		t.Errorf("nginx served the denied path after the abandoned unsplice:\n%s", log)
+	}
+	t.Logf("after the abandoned unsplice the client got %d more bytes (%q...); nginx's log:\n%s", len(rest), truncateBytes(rest, 80), log)
+}
+
+func truncateBytes(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[:n]
+	}
+	return b
+}

@@ -12,7 +12,8 @@ import (
 //   - Percent-encoding (RFC 3986 6.2.2): an encoded unreserved character
 //     (ALPHA DIGIT - . _ ~) is decoded, so /%61dmin/ is /admin/ and
 //     /%2e%2e/ is /../; other encodings stay, in upper-case hex. A bad
-//     escape (%4, %zz) and an encoded NUL (%00) are refused (400).
+//     escape (%4, %zz), an encoded NUL (%00) and a raw control byte are
+//     refused (400).
 //   - A byte that may not appear in a path (raw non-ASCII, ", <, >, \,
 //     ^, `, {, |, }) is percent-encoded: every server decodes %XX to the
 //     same byte, so the reading does not change.
@@ -52,6 +53,8 @@ func normalizePath(p string) (norm string, alt []string, err error) {
 			default:
 				writeEscaped(&b, v)
 			}
+		case c < ' ' || c == 0x7f:
+			return "", nil, badRequest("control byte in the request path")
 		case isPathByte(c):
 			b.WriteByte(c)
 		default:

@@ -201,6 +201,9 @@ func (rq *request) setHost(f *headFacts) error {
 		name, port = host[:i], host[i:]
 	}
 	name = strings.TrimSuffix(name, ".")
+	if !strings.HasPrefix(name, "[") && (strings.HasPrefix(name, ".") || strings.HasSuffix(name, ".") || strings.Contains(name, "..")) {
+		return badRequest("invalid host %q: an empty label", req.Host)
+	}
 	rq.host = name + port
 	req.Host = rq.host
 	return nil

@@ -44,6 +44,7 @@ var smuggleCases = []struct {
 	{"absolute-form with user info", "GET http://t@secret.example/a/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
 	{"absolute-form other scheme", "GET ftp://t/a/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
 	{"denied host trailing dot", "GET /a/x HTTP/1.1\r\nHost: secret.example.\r\n\r\n", []int{403}, ""},
+	{"host with an empty label", "GET /a/x HTTP/1.1\r\nHost: secret..example\r\n\r\n", []int{400}, ""},
 	{"denied host upper case and port", "GET /a/x HTTP/1.1\r\nHost: SECRET.example:80\r\n\r\n", []int{403}, ""},
 	{"normalised path is forwarded", "GET /a/b/../%7ex/./y?q=/../admin HTTP/1.1\r\nHost: t\r\n\r\n", []int{200}, "GET /a/~x/y?q=/../admin HTTP/1.1"},
 	{"raw non-ASCII is encoded", "GET /a/\xc3\xa9 HTTP/1.1\r\nHost: t\r\n\r\n", []int{200}, "GET /a/%C3%A9 HTTP/1.1"},

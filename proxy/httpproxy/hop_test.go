@@ -103,3 +103,39 @@ func TestInterimResponses(t *testing.T) {
 		t.Errorf("responses %q, want %s", got, want)
 	}
 }
+
+// TestHTTP10KeepAlive: an HTTP/1.0 client that asks for keep-alive is
+// told it got it (the backend's own Connection field is hop-by-hop and
+// removed), and its next request is served on the same connection; one
+// that does not ask is told the connection closes.
+func TestHTTP10KeepAlive(t *testing.T) {
+	b := startBackend(t)
+	_, addr := testService(t, b)
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(c)
+	for i := range 2 {
+		fmt.Fprint(c, "GET /a/x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 || resp.Header.Get("Connection") != "keep-alive" {
+			t.Fatalf("request %d: %d, Connection %q", i, resp.StatusCode, resp.Header.Get("Connection"))
+		}
+	}
+	fmt.Fprint(c, "GET /a/x HTTP/1.0\r\n\r\n")
+	resp, err := http.ReadResponse(r, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.ReadAll(resp.Body)
+	if !resp.Close { // net/http removes the Connection: close it read
+		t.Errorf("HTTP/1.0 without keep-alive: not told the connection closes (%v)", resp.Header)
+	}
+}

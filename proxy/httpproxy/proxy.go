@@ -439,6 +439,11 @@ func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 	closeAfter := req.Close || resp.Close
 	removeHopByHop(resp.Header)
 	resp.Close = closeAfter // resp.Write says Connection: close
+	if !closeAfter && !req.ProtoAtLeast(1, 1) {
+		// An HTTP/1.0 client that asked to keep the connection keeps it
+		// only when told.
+		resp.Header.Set("Connection", "keep-alive")
+	}
 	sp := c.p.splicing()
 	if sp == nil || resp.ContentLength < int64(svc.HTTP.SpliceMin) || req.Method == http.MethodHead || closeAfter || c.cr.Buffered() > 0 {
 		err := resp.Write(cw)

@@ -22,7 +22,7 @@ TESTFLAGS ?=
 all: build
 
 build:
-	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
 
 # Every package's tests, lab tests included (as root), after installing
 # the tools they use. The summary fails the run when a test fails, or when
@@ -67,3 +67,13 @@ install: build
 
 clean:
 	rm -rf $(BIN) test.json
+
+# The version (package internal/version): git describe and the commit,
+# passed with -X because Go stamps no VCS information in a git worktree or
+# with -buildvcs=false. The Debian package gets the same version.
+GIT_DESCRIBE := $(shell git describe --tags --match 'v[0-9]*' --dirty 2>/dev/null)
+GIT_REVISION := $(shell git rev-parse HEAD 2>/dev/null)
+GIT_TIME     := $(shell git log -1 --format=%ct 2>/dev/null)
+GIT_MODIFIED := $(shell [ -n "$$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo true)
+LDFLAGS ?= -X spliced/internal/version.tag=$(GIT_DESCRIBE) -X spliced/internal/version.revision=$(GIT_REVISION) \
+	-X spliced/internal/version.commitTS=$(GIT_TIME) -X spliced/internal/version.modified=$(GIT_MODIFIED)

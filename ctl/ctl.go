@@ -45,6 +45,9 @@ flags (anywhere before the command's arguments):
   -j          print JSON (the API's types) instead of tables
 `
 
+// Usage is splicectl's usage text (its man page's commands and flags).
+func Usage() string { return usage }
+
 // Run executes splicectl with args and returns the exit code.
 func Run(args []string, stdout, stderr io.Writer) int {
 	c := &cli{out: stdout, err: stderr, socket: os.Getenv("SPLICED_SOCKET")}

@@ -43,7 +43,7 @@ var debFiles = []string{
 //     install enables and starts the unit, an upgrade restarts it, remove
 //     stops it, purge purges the unit's state.
 func TestDebianPackage(t *testing.T) {
-	testnet.Privileged(t, "make", "git", "dpkg", "dpkg-deb", "dpkg-query", "chroot", "ldd", "nft", "ip")
+	testnet.Privileged(t, "make", "dpkg", "dpkg-deb", "dpkg-query", "chroot", "ldd", "nft", "ip")
 	repo, err := filepath.Abs("../..")
 	if err != nil {
 		t.Fatal(err)

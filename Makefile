@@ -66,7 +66,7 @@ install: build
 	$(BIN)/splicectl completion bash > $(DESTDIR)$(COMPDIR)/splicectl
 
 clean:
-	rm -rf $(BIN) test.json
+	rm -rf $(BIN) test.json $(DIST)
 
 # The version (package internal/version): git describe and the commit,
 # passed with -X because Go stamps no VCS information in a git worktree or

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bufio"
+	"context"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -9,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -35,7 +38,8 @@ var debFiles = []string{
 // the maintainer scripts' kernel cleanup cannot touch the host:
 //
 //   - without systemd (a chroot, a container): the installed spliced
-//     validates the installed configuration; remove keeps the edited
+//     validates the installed configuration, and runs with it intercepting
+//     nothing (so starting it on install is safe); remove keeps the edited
 //     conffile and removes the kernel state a killed daemon left (prerm:
 //     spliced -cleanup); purge removes /etc/spliced and, with the binary
 //     gone, the kernel state again with nft and ip; nothing is left.
@@ -126,6 +130,7 @@ func TestDebianPackage(t *testing.T) {
 				t.Errorf("%s: %v: %q, want the package's version %q", strings.Join(cmd, " "), err, out, ver)
 			}
 		}
+		startInstalled(t, ns, root)
 		unit, _ := os.ReadFile(filepath.Join(root, "lib/systemd/system/spliced.service"))
 		if !strings.Contains(string(unit), "ExecStart=/usr/bin/spliced -config /etc/spliced/spliced.yaml") || strings.Contains(string(unit), "@") {
 			t.Errorf("unit:\n%s", unit)
@@ -262,6 +267,41 @@ func newRoot(t *testing.T, tools ...string) (string, map[string]bool) {
 		}
 	}
 	return root, seeded
+}
+
+// startInstalled shows that starting the service on install is safe: the
+// installed spliced with the installed configuration starts, intercepts
+// nothing (its table's services chain is empty), and SIGTERM removes
+// its kernel state.
+func startInstalled(t *testing.T, ns *testnet.NS, root string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cmd := ns.Command(ctx, "chroot", root, "/usr/bin/spliced", "-config", "/etc/spliced/spliced.yaml", "-socket", "off", "-log-format", "json")
+	stderr, _ := cmd.StderrPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var log []string
+	sc := bufio.NewScanner(stderr)
+	for sc.Scan() {
+		log = append(log, sc.Text())
+		if strings.Contains(sc.Text(), `"msg":"ready"`) {
+			break
+		}
+	}
+	table := ns.MustRun("nft", "list", "table", "inet", "spliced")
+	if !regexp.MustCompile(`chain services \{\s*\}`).MatchString(table) || strings.Contains(table, "tproxy") {
+		t.Errorf("the default configuration intercepts something:\n%s", table)
+	}
+	cmd.Process.Signal(unix.SIGTERM)
+	for sc.Scan() {
+		log = append(log, sc.Text())
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("installed spliced: %v\n%s", err, strings.Join(log, "\n"))
+	}
+	checkNoKernelState(t, ns, "after spliced stopped")
 }
 
 // query is dpkg-query -W for spliced in root; empty when unknown.

@@ -72,7 +72,7 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 		// Ring-buffered captures at both ends (headers only), stopped a
 		// few seconds after the daemon reports a stall: what the ends
 		// saw around it, for debugging.
-		stallAfter = "      stall_after: 5s\n"
+		stallAfter = "      stall_after: 12s\n"
 		for _, h := range []*testnet.Host{lab.Client(), lab.Server()} {
 			cmd := h.Command(context.Background(), "dumpcap", "-q", "-s", "160", "-i", "eth0", "-f", "tcp",
 				"-b", "filesize:50000", "-b", "files:40", "-w", dir+h.Name+".pcapng")
@@ -149,8 +149,10 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 
 	// Every flow is spliced, or stays proxied because one end had
 	// finished sending by then (a half-closed connection cannot be
-	// captured); nothing else abandons a splice.
-	spliced, halfClosed := 0, 0
+	// captured), or, rarely under this loss, because an end did not
+	// acknowledge the gateway's data within drain_timeout (a segment
+	// lost four times); nothing else abandons a splice.
+	spliced, halfClosed, drainTimeouts := 0, 0, 0
 	splicedBy := map[string]int{}
 	var otherAborts []string
 	for _, l := range d.Lines() {
@@ -162,9 +164,12 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 		case "not splicing a half-closed flow":
 			halfClosed++
 		case "flow stays proxied":
-			if strings.Contains(fmt.Sprint(l["err"]), "half-closed") {
+			switch err := fmt.Sprint(l["err"]); {
+			case strings.Contains(err, "half-closed"):
 				halfClosed++
-			} else {
+			case strings.Contains(err, "(drain timeout)"):
+				drainTimeouts++
+			default:
 				otherAborts = append(otherAborts, fmt.Sprint(l))
 			}
 		}
@@ -190,14 +195,15 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 	if len(otherAborts) > 0 {
 		t.Errorf("%d splices abandoned for another reason than a half-close:\n%s", len(otherAborts), strings.Join(otherAborts, "\n"))
 	}
-	if spliced+halfClosed != flows || spliced < flows/2 {
-		t.Errorf("%d of %d flows spliced, %d stayed proxied after a half-close", spliced, flows, halfClosed)
+	if spliced+halfClosed+drainTimeouts != flows || spliced < flows/2 || drainTimeouts > flows/1000+1 {
+		t.Errorf("%d of %d flows spliced, %d stayed proxied after a half-close, %d after a drain timeout",
+			spliced, flows, halfClosed, drainTimeouts)
 	}
 	if n := stalledFlows(t, d); n != 0 {
 		t.Errorf("the daemon reported %d stalled flows:\n%s", n, tail(d.Log(), 20))
 	}
-	t.Logf("%d flows intact, %d spliced (transparent %d, nat %d), %d proxied after a half-close, 0 stalled, %s%% loss at both ends",
-		flows, spliced, splicedBy["transparent"], splicedBy["nat"], halfClosed, loss)
+	t.Logf("%d flows intact, %d spliced (transparent %d, nat %d), %d proxied after a half-close, %d after a drain timeout, 0 stalled, %s%% loss at both ends",
+		flows, spliced, splicedBy["transparent"], splicedBy["nat"], halfClosed, drainTimeouts, loss)
 }
 
 // TestLabSplicedWindowProbe: the receiver of a spliced flow closes its

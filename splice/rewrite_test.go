@@ -602,11 +602,11 @@ func TestTableBothDirections(t *testing.T) {
 	}
 }
 
-// TestStalePureAckSeqRaised: a pure ACK whose sequence number is behind
-// what the receiver already acknowledged, and that carries an
-// acknowledgment or a window the receiver has not seen, gets the
-// receiver's rcv_nxt, so the receiver does not drop it as out of window;
-// data segments keep their sequence number.
+// TestStalePureAckSeqRaised: a pure ACK whose sequence number is further
+// behind what the receiver already acknowledged than a window probe gets
+// the receiver's rcv_nxt, so the receiver does not drop it as out of
+// window with the acknowledgment and window it carries; data segments
+// keep their sequence number.
 func TestStalePureAckSeqRaised(t *testing.T) {
 	f := newFixture(t, false, false)
 	// The client acks 0x200 bytes of server data: the server's receiver
@@ -646,8 +646,8 @@ func TestStalePureAckSeqRaised(t *testing.T) {
 }
 
 // TestWindowProbeKeepsItsSequence: a window probe or keepalive (a pure
-// ACK one byte behind what the receiver acknowledged, with nothing new in
-// it) keeps its sequence number, so the receiver answers it with its
+// ACK exactly one byte behind what the receiver acknowledged) keeps its
+// sequence number, so the receiver answers it with its
 // window. Moved into the window it would be accepted in silence, and a
 // sender whose window-opening ACK was lost would probe for ever.
 func TestWindowProbeKeepsItsSequence(t *testing.T) {

@@ -146,6 +146,13 @@ type Service struct {
 	// Listen is the port of the service's TPROXY listener on the gateway
 	// (required, unique). Clients never connect to it directly.
 	Listen Port `yaml:"listen"`
+	// Backlog is the listeners' accept queue (default 4096): connections
+	// the kernel completed and the proxy has not accepted yet. The kernel
+	// caps it at net.core.somaxconn of the gateway's namespace. Half-open
+	// connections under a SYN flood do not fill it: past the SYN queue the
+	// kernel answers with SYN cookies (net.ipv4.tcp_syncookies, default 1,
+	// which spliced leaves as it is).
+	Backlog int `yaml:"backlog"`
 	// Ports are the intercepted destination ports, single ("80") or ranges
 	// ("8000-8100"). Required.
 	Ports []PortRange `yaml:"ports"`
@@ -326,6 +333,7 @@ const (
 	DefaultMaxFlows       = 10000
 	DefaultConnectTimeout = 5 * time.Second
 	DefaultIdleTimeout    = 5 * time.Minute
+	DefaultBacklog        = 4096
 	DefaultQueue          = 100
 	DefaultDivertTimeout  = 24 * time.Hour
 	DefaultDrainTimeout   = 5 * time.Second
@@ -385,6 +393,7 @@ func (c *Config) applyDefaults() {
 		setDefault(&s.Upstream, Transparent)
 		setDefault(&s.ConnectTimeout, Duration(DefaultConnectTimeout))
 		setDefault(&s.IdleTimeout, Duration(DefaultIdleTimeout))
+		setDefault(&s.Backlog, DefaultBacklog)
 		setDefault(&s.Access.Default, Allow)
 		setDefault(&s.Splice.Mode, SpliceNever)
 		setDefault(&s.Splice.DrainTimeout, Duration(DefaultDrainTimeout))

@@ -72,6 +72,9 @@ func (c *Config) validate(idx *keyIndex) error {
 		} else {
 			listens[s.Listen] = i
 		}
+		if s.Backlog < 1 || s.Backlog > 65535 {
+			bad(p+".backlog", fmt.Sprint(s.Backlog), "is not a usable listen backlog; use 1-65535 (default %d; the kernel caps it at net.core.somaxconn)", DefaultBacklog)
+		}
 		if len(s.Ports) == 0 {
 			bad(p, s.Name, "has no ports; list the destination ports to intercept, such as ports: [\"80\"]")
 		}

@@ -65,6 +65,10 @@ type Kernel struct {
 	// and Queues how many queues there are (default: one per CPU).
 	Queue  uint16 `yaml:"queue"`
 	Queues int    `yaml:"queues"`
+	// QueueLen is how many packets each queue holds while they wait for
+	// spliced (default 4096); past it the kernel drops them (counted as
+	// kernel_queue_dropped) and TCP retransmits.
+	QueueLen uint32 `yaml:"queue_len"`
 	// NFQueue selects how packets of spliced flows are read: "lean"
 	// (default: batched system calls, no copies) or "go-nfqueue" (the
 	// library; slower, kept for comparison).
@@ -335,6 +339,7 @@ const (
 	DefaultIdleTimeout    = 5 * time.Minute
 	DefaultBacklog        = 4096
 	DefaultQueue          = 100
+	DefaultQueueLen       = 4096
 	DefaultDivertTimeout  = 24 * time.Hour
 	DefaultDrainTimeout   = 5 * time.Second
 	DefaultStallAfter     = 15 * time.Second
@@ -360,6 +365,7 @@ func (c *Config) applyDefaults() {
 	setDefault(&c.Limits.MaxFlows, DefaultMaxFlows)
 	setDefault(&c.Kernel.Queue, DefaultQueue)
 	setDefault(&c.Kernel.Queues, runtime.NumCPU())
+	setDefault(&c.Kernel.QueueLen, DefaultQueueLen)
 	setDefault(&c.Kernel.DivertTimeout, Duration(DefaultDivertTimeout))
 	setDefault(&c.Kernel.NFQueue, "lean")
 	setDefault(&c.Kernel.Repair, "on")

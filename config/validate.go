@@ -40,6 +40,9 @@ func (c *Config) validate(idx *keyIndex) error {
 	if c.Kernel.Repair != "on" && c.Kernel.Repair != "off" {
 		bad("kernel.repair", c.Kernel.Repair, "is not on or off")
 	}
+	if c.Kernel.QueueLen < 8 || c.Kernel.QueueLen > 1<<20 {
+		bad("kernel.queue_len", fmt.Sprint(c.Kernel.QueueLen), "is not a usable queue length; use 8-1048576 packets (default %d)", DefaultQueueLen)
+	}
 	switch c.Kernel.NFQueue {
 	case "lean", "go-nfqueue":
 	default:

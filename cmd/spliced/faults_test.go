@@ -65,7 +65,7 @@ func busyFlows(t *testing.T, lab *testnet.Lab, d *testnet.Daemon, mode string, n
 		go func() {
 			defer wg.Done()
 			var once sync.Once
-			tr := mux.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: size, S2C: size, Seed: seed + uint64(2*i), Rate: rate, WriteSize: 16 << 10, Timeout: dur + time.Minute,
+			tr := mux.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: size, S2C: size, Seed: seed + uint64(2*i), Rate: rate, WriteSize: 16 << 10, Timeout: dur + 20*time.Second,
 				Progress: func(int64) { once.Do(started.Done) }})
 			once.Do(started.Done)
 			if err := tr.Check(); err != nil {

@@ -69,8 +69,8 @@ func verdicts(t *testing.T, d *testnet.Daemon) map[string]uint64 {
 
 // TestLabHostilePackets: while a flow moves data both ways, both of its
 // ends' hosts forge packets on its tuple towards the other end (scapy,
-// 1500 of each kind per direction): blind RSTs, data with random sequence
-// numbers, ACKs acknowledging random sequence numbers, SYNs, and 150 RSTs
+// 1000 of each kind per direction): blind RSTs, data with random sequence
+// numbers, ACKs acknowledging random sequence numbers, SYNs, and 100 RSTs
 // inside the window but not at its edge. Spliced, the engine drops the
 // first four kinds and counts each (drop_rst, drop_seq, drop_ack,
 // drop_syn) and passes the in-window RSTs, which the receivers answer
@@ -117,9 +117,9 @@ services:
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Paced, so that the flow is busy both ways for about 27 s: longer
+	// Paced, so that the flow is busy both ways for about 20 s: longer
 	// than forging takes.
-	const size, rate = 80 << 20, 3 << 20
+	const size, rate = 60 << 20, 3 << 20
 	done := make(chan *testnet.Transfer, 1)
 	go func() {
 		done <- testnet.Exchange(c, s, testnet.TransferOptions{C2S: size, S2C: size, Seed: rand.Uint64(), Rate: rate, WriteSize: 16 << 10, Timeout: time.Minute})
@@ -140,7 +140,7 @@ services:
 		t.Fatal(err)
 	}
 
-	const count = 1500
+	const count = 1000
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	sent := forged{}

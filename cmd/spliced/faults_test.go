@@ -219,9 +219,11 @@ func TestLabQueueOverflow(t *testing.T) {
 // reloadRaceFixed says whether spliced flows survive a reload storm. They
 // do not yet: with 20 reloads in 5 s, 1 to 3 of 24 spliced flows stall
 // (the daemon reports them: "spliced flow stalled") or arrive with the
-// right length and the wrong bytes (SHA-256 differs). Reload reinstalls
-// the table and reopens the diverter while the queues' readers use the
-// engine and the rules spec, which issue 12 item 2 says are unguarded.
+// right length and the wrong bytes (SHA-256 differs). It happens with an
+// unchanged file too (every SIGHUP the same configuration), so it is the
+// reload itself: the table deleted and added again in one transaction
+// while the queues hold packets of the flows, and the engine, diverter
+// and rules spec used while Reload replaces them (issue 12 item 2).
 // Until that is fixed, TestLabReloadStorm logs the spliced failures
 // instead of failing; set this to true with the fix.
 const reloadRaceFixed = false

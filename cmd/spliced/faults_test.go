@@ -224,7 +224,7 @@ func TestLabQueueOverflow(t *testing.T) {
 }
 
 // reloadRaceFixed says whether spliced flows survive a reload storm. They
-// do not yet: with 20 reloads in 5 s, 1 to 3 of 24 spliced flows stall
+// do not yet: with 20 reloads in 5 s, 1 to 7 of 24 spliced flows stall
 // (the daemon reports them: "spliced flow stalled") or arrive with the
 // right length and the wrong bytes (SHA-256 differs). It happens with an
 // unchanged file too (every SIGHUP the same configuration), so it is the

@@ -50,6 +50,9 @@ func TestParseGood(t *testing.T) {
 	if web.Upstream != NAT || web.IdleTimeout.D() != 30*time.Second || web.ConnectTimeout.D() != DefaultConnectTimeout {
 		t.Fatalf("web timeouts/mode = %+v", web)
 	}
+	if web.Backlog != DefaultBacklog {
+		t.Errorf("default backlog %d, want %d", web.Backlog, DefaultBacklog)
+	}
 	if cfg.Service("other").Upstream != Transparent {
 		t.Fatalf("default upstream not transparent")
 	}
@@ -89,6 +92,8 @@ func TestParseErrors(t *testing.T) {
 		{"ftp transparent", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    upstream: transparent\n", []string{"line 6: services[0].upstream:", "only the gateway's address", "upstream: nat"}},
 		{"ftp bad address", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      external: gw.example\n", []string{"line 7: services[0].ftp.external:", `"gw.example"`, "not an address"}},
 		{"ftp privileged data ports", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      data_ports: \"20-30\"\n", []string{"line 7: services[0].ftp.data_ports:", "above 1023"}},
+		{"queue length", "kernel:\n  queue_len: 2\nservices: []\n", []string{"line 2: kernel.queue_len:", "8-1048576"}},
+		{"listen backlog", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    backlog: 100000\n", []string{"line 5: services[0].backlog:", "1-65535"}},
 		{"ftp line limit", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      max_line: 10\n", []string{"line 7: services[0].ftp.max_line:", "64-8192"}},
 	}
 	for _, c := range cases {

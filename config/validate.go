@@ -40,6 +40,9 @@ func (c *Config) validate(idx *keyIndex) error {
 	if c.Kernel.Repair != "on" && c.Kernel.Repair != "off" {
 		bad("kernel.repair", c.Kernel.Repair, "is not on or off")
 	}
+	if c.Kernel.QueueLen < 8 || c.Kernel.QueueLen > 1<<20 {
+		bad("kernel.queue_len", fmt.Sprint(c.Kernel.QueueLen), "is not a usable queue length; use 8-1048576 packets (default %d)", DefaultQueueLen)
+	}
 	switch c.Kernel.NFQueue {
 	case "lean", "go-nfqueue":
 	default:
@@ -71,6 +74,9 @@ func (c *Config) validate(idx *keyIndex) error {
 			bad(p+".listen", fmt.Sprint(s.Listen), "is already the listen port of service %q; each service needs its own", c.Services[j].Name)
 		} else {
 			listens[s.Listen] = i
+		}
+		if s.Backlog < 1 || s.Backlog > 65535 {
+			bad(p+".backlog", fmt.Sprint(s.Backlog), "is not a usable listen backlog; use 1-65535 (default %d; the kernel caps it at net.core.somaxconn)", DefaultBacklog)
 		}
 		if len(s.Ports) == 0 {
 			bad(p, s.Name, "has no ports; list the destination ports to intercept, such as ports: [\"80\"]")

@@ -244,7 +244,7 @@ const (
 func ListenService(ctx context.Context, svc *config.Service) ([]*net.TCPListener, error) {
 	var lns []*net.TCPListener
 	for _, network := range []string{"tcp4", "tcp6"} {
-		ln, err := ListenTransparent(ctx, network, uint16(svc.Listen))
+		ln, err := ListenTransparent(ctx, network, uint16(svc.Listen), svc.Backlog)
 		if err != nil {
 			for _, l := range lns {
 				l.Close()

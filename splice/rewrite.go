@@ -116,7 +116,13 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 			o.flags |= dirFINAcked
 		}
 	}
-	if flags&FlagRST != 0 {
+	if flags&FlagRST != 0 && (seq == s.sndNxt || seq == s.ackSeen) {
+		// Only a RST the receiver accepts ends the flow: one at exactly
+		// its rcv_nxt (RFC 5961 3.2), which a real end sends as its
+		// snd_nxt or as the ack it received. Any other RST in the window
+		// draws a challenge ACK and the connection lives on; were the flow
+		// taken as finished, its entries would go and it would stall. A
+		// blind attacker hits one of the two numbers with odds of 2^-31.
 		f.closed |= flowRST
 	}
 	w := uint32(t.Window()) << s.wsIn

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -336,6 +337,7 @@ func TestForgedSegments(t *testing.T) {
 		{"RST before the window", func(f *fixture) seg { return f.c2s(999, 0, FlagRST) }, C2S, DropRST},
 		{"RST exactly in window", func(f *fixture) seg { return f.c2s(1000, 0, FlagRST) }, C2S, Forward},
 		{"RST in window from the server", func(f *fixture) seg { return f.s2c(0xffffff00+10, 0, FlagRST) }, S2C, Forward},
+		{"RST exactly in window from the server", func(f *fixture) seg { return f.s2c(0xffffff00, 0, FlagRST) }, S2C, Forward},
 		{"data beyond the window", func(f *fixture) seg {
 			s := f.c2s(1000+64000+1, 0xfffffff0, FlagACK)
 			s.payload = []byte("x")
@@ -375,8 +377,11 @@ func TestForgedSegments(t *testing.T) {
 				return
 			}
 			decoded(t, b)
-			if c.seg(f).flags&FlagRST != 0 && !f.e.Snapshot().Finished() {
-				t.Errorf("an accepted RST did not finish the flow")
+			// Only a RST at exactly the receiver's rcv_nxt ends the flow;
+			// any other in the window draws a challenge ACK (RFC 5961).
+			exact := strings.HasPrefix(c.name, "RST exactly")
+			if s := c.seg(f); s.flags&FlagRST != 0 && f.e.Snapshot().Finished() != exact {
+				t.Errorf("flow finished %v after a RST at %d, want %v", f.e.Snapshot().Finished(), s.seq, exact)
 			}
 		})
 	}

@@ -60,14 +60,24 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 			return err
 		}
 	}
-	// Carry the probed queue flavour over, then install.
+	// Carry the probed queue flavour over, then replace the services'
+	// rules and sets in place: the base chains, and with them the hooks
+	// that queued packets resume at, stay (see UpdateServices). Only if
+	// that cannot be done (the table is gone) is the table reinstalled.
 	cur := m.Spec()
 	spec.Divert.NativeQueue = cur.Divert.NativeQueue
-	m.SetSpec(spec)
-	if err := g.installLive(m); err != nil {
-		m.SetSpec(cur)
+	updated, err := m.UpdateServices(spec)
+	if err != nil {
 		closeOpened()
-		return fmt.Errorf("reload %s: install the table: %w", cfg.File, err)
+		return fmt.Errorf("reload %s: update the table: %w", cfg.File, err)
+	}
+	if !updated {
+		m.SetSpec(spec)
+		if err := g.installLive(m); err != nil {
+			m.SetSpec(cur)
+			closeOpened()
+			return fmt.Errorf("reload %s: install the table: %w", cfg.File, err)
+		}
 	}
 	if err := g.openDiverter(); err != nil {
 		return err

@@ -195,3 +195,46 @@ func explainNFT(err error) error {
 	}
 	return err
 }
+
+// UpdateServices replaces the services part of the installed table (the
+// services chain's rules and the services' sets) with spec's, in one
+// transaction, and leaves the base chains, their rules and the divert set
+// as they are. It reports false, changing nothing, when it cannot: the
+// table is missing, or spec differs from the installed spec in more than
+// its services (then Install is needed).
+//
+// A reload must not re-create the base chains. Re-creating them changes
+// the kernel's list of prerouting hooks, and a packet that a queue holds
+// meanwhile resumes, after its verdict, at its old position in the new
+// list: it can pass the divert chain a second time and be rewritten
+// twice (bytes delivered at the wrong offset), or skip a hook.
+func (m *Manager) UpdateServices(spec Spec) (bool, error) {
+	spec.Divert.NativeQueue = m.spec.Divert.NativeQueue
+	old := m.spec
+	if old.Table != spec.Table || old.Mark != spec.Mark || old.RouteTable != spec.RouteTable ||
+		old.RulePriority != spec.RulePriority || old.Divert != spec.Divert {
+		return false, nil
+	}
+	c, err := m.nft()
+	if err != nil {
+		return false, err
+	}
+	if ok, err := tableExists(c, spec.Table); err != nil || !ok {
+		return false, err
+	}
+	t := spec.table()
+	c.FlushChain(&nftables.Chain{Name: ChainServices, Table: t})
+	for i := range old.Services {
+		for _, d := range old.Services[i].sets() {
+			c.DelSet(&nftables.Set{Table: t, Name: d.name})
+		}
+	}
+	if err := queueServices(c, &spec, t, &nftables.Chain{Name: ChainServices, Table: t}); err != nil {
+		return false, err
+	}
+	if err := c.Flush(); err != nil {
+		return false, fmt.Errorf("update the services of nftables table inet %s: %w", spec.Table, explainNFT(err))
+	}
+	m.spec = spec
+	return true, nil
+}

@@ -223,18 +223,6 @@ func TestLabQueueOverflow(t *testing.T) {
 	t.Logf("%d spliced flows intact; the kernel dropped %d packets at full queues (queue_len 64, reader stopped 3x300 ms)", flows, dropped)
 }
 
-// reloadRaceFixed says whether spliced flows survive a reload storm. They
-// do not yet: with 20 reloads in 5 s, 1 to 7 of 24 spliced flows stall
-// (the daemon reports them: "spliced flow stalled") or arrive with the
-// right length and the wrong bytes (SHA-256 differs). It happens with an
-// unchanged file too (every SIGHUP the same configuration), so it is the
-// reload itself: the table deleted and added again in one transaction
-// while the queues hold packets of the flows, and the engine, diverter
-// and rules spec used while Reload replaces them (issue 12 item 2).
-// Until that is fixed, TestLabReloadStorm logs the spliced failures
-// instead of failing; set this to true with the fix.
-const reloadRaceFixed = false
-
 // TestLabReloadStorm: 20 SIGHUPs, each with a changed configuration (a
 // service added or removed), while 24 flows move data both ways, spliced
 // or proxied: every reload succeeds and every transfer completes intact.
@@ -267,16 +255,13 @@ func TestLabReloadStorm(t *testing.T) {
 					})
 				}
 			})
-			switch {
-			case len(failures) > 0 && mode == "splice" && !reloadRaceFixed:
-				t.Logf("KNOWN DEFECT (see reloadRaceFixed): %d of %d spliced flows failed across the reloads:\n%s", len(failures), flows, strings.Join(failures, "\n"))
-			case len(failures) > 0:
+			if len(failures) > 0 {
 				t.Fatalf("%d of %d flows failed:\n%s\n%s", len(failures), flows, strings.Join(failures, "\n"), tail(d.Log(), 20))
 			}
 			if l := d.FindLog(func(l map[string]any) bool { return strings.HasPrefix(fmt.Sprint(l["msg"]), "reload refused") }); l != nil {
 				t.Errorf("a reload was refused: %v", l)
 			}
-			t.Logf("%d reloads during %d %s flows: all succeeded; %d flows failed", reloads, flows, mode, len(failures))
+			t.Logf("%d reloads during %d %s flows: all succeeded, every flow intact", reloads, flows, mode)
 		})
 	}
 }

@@ -84,12 +84,10 @@ func TestParseErrors(t *testing.T) {
 		{"no ports", "services:\n  - name: a\n    listen: 1\n", []string{"services[0]:", "has no ports"}},
 		{"yaml syntax", "services:\n  - name: a\n   listen: 1\n", []string{"bad.yaml: line 3:", "is not valid YAML"}},
 		{"bad duration", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    idle_timeout: soon\n", []string{"line 5: services[0].idle_timeout:", `"soon"`, `"5s"`}},
+		{"listen mode of proxy", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n", []string{"line 3: services[0].listen_mode:", `"direct"`, "not a listen mode of proxy forward", "use transparent"}},
+		{"bad listen mode", "services:\n  - name: a\n    listen_mode: direkt\n", []string{"line 3: services[0].listen_mode:", `"direkt"`, "transparent", "direct"}},
+		{"listen_on when transparent", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    listen_on: [\"10.1.0.1:80\"]\n", []string{"line 5: services[0].listen_on:", "only for listen_mode: direct"}},
 		{"key twice", "log:\n  level: info\n  level: debug\n", []string{"line 3: log.level:", "twice"}},
-		{"bad proxy", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: socks\n", []string{"line 5: services[0].proxy:", `"socks"`, "forward, ftp or http"}},
-		{"ftp transparent", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    upstream: transparent\n", []string{"line 6: services[0].upstream:", "only the gateway's address", "upstream: nat"}},
-		{"ftp bad address", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      external: gw.example\n", []string{"line 7: services[0].ftp.external:", `"gw.example"`, "not an address"}},
-		{"ftp privileged data ports", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      data_ports: \"20-30\"\n", []string{"line 7: services[0].ftp.data_ports:", "above 1023"}},
-		{"ftp line limit", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      max_line: 10\n", []string{"line 7: services[0].ftp.max_line:", "64-8192"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -118,27 +116,4 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("error without file name: %v", err)
 		}
 	})
-}
-
-// TestFTPDefaults: an ftp service needs no ftp keys; its upstream is nat
-// and its limits have their documented defaults.
-func TestFTPDefaults(t *testing.T) {
-	cfg, err := Parse("ftp.yaml", []byte("services:\n  - name: ftp\n    listen: 15021\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      internal: 10.1.0.1\n      external: \"\"\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := cfg.Services[0]
-	f := s.FTP
-	if s.Proxy != ProxyFTP || s.Upstream != NAT || f.DataPorts != (PortRange{DefaultFTPDataFirst, DefaultFTPDataLast}) ||
-		f.MaxLine != DefaultFTPMaxLine || f.MaxSessions != DefaultFTPMaxSessions || f.DataTimeout.D() != DefaultFTPDataTimeout ||
-		f.SessionTimeout.D() != DefaultFTPSessionTimeout || f.Internal.String() != "10.1.0.1" || f.External.IsValid() {
-		t.Errorf("ftp service %+v", s)
-	}
-	fwd, err := Parse("fwd.yaml", []byte("services:\n  - name: web\n    listen: 15001\n    ports: [\"80\"]\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if s := fwd.Services[0]; s.Proxy != ProxyForward || s.Upstream != Transparent {
-		t.Errorf("forward service %+v", s)
-	}
 }

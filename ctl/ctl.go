@@ -22,6 +22,7 @@ import (
 
 	"spliced/api"
 	"spliced/config"
+	_ "spliced/proxy/all" // config check knows every proxy section
 )
 
 const usage = `usage: splicectl [-s SOCKET] [-j] COMMAND [ARGS]

@@ -240,9 +240,23 @@ const (
 	EventClosed       = "closed"
 )
 
-// ListenService opens the service's IPv4 and IPv6 TPROXY listeners.
+// ListenService opens the service's listeners: its IPv4 and IPv6 TPROXY
+// listeners, or in direct mode a plain listener on each listen_on address.
 func ListenService(ctx context.Context, svc *config.Service) ([]*net.TCPListener, error) {
 	var lns []*net.TCPListener
+	if svc.ListenMode == config.ListenDirect {
+		for _, a := range svc.ListenOn {
+			ln, err := ListenAt(ctx, a.AddrPort, false)
+			if err != nil {
+				for _, l := range lns {
+					l.Close()
+				}
+				return nil, fmt.Errorf("service %s: listen on %s: %w", svc.Name, a, err)
+			}
+			lns = append(lns, ln)
+		}
+		return lns, nil
+	}
 	for _, network := range []string{"tcp4", "tcp6"} {
 		ln, err := ListenTransparent(ctx, network, uint16(svc.Listen))
 		if err != nil {

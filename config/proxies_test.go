@@ -17,11 +17,19 @@ func TestProxyParseErrors(t *testing.T) {
 		in   string
 		want []string
 	}{
-		{"bad proxy", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: socks\n", []string{"line 5: services[0].proxy:", `"socks"`, "forward, ftp or http"}},
+		{"bad proxy", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: socks\n", []string{"line 5: services[0].proxy:", `"socks"`, "forward, ftp, http or socks5"}},
 		{"ftp transparent", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    upstream: transparent\n", []string{"line 6: services[0].upstream:", "only the gateway's address", "upstream: nat"}},
 		{"ftp bad address", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      external: gw.example\n", []string{"line 7: services[0].ftp.external:", `"gw.example"`, "not an address"}},
 		{"ftp privileged data ports", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      data_ports: \"20-30\"\n", []string{"line 7: services[0].ftp.data_ports:", "above 1023"}},
 		{"ftp line limit", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      max_line: 10\n", []string{"line 7: services[0].ftp.max_line:", "64-8192"}},
+		{"socks5 without users", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      method: password\n", []string{"line 6: services[0].socks5:", "no users_file", "-hash-password"}},
+		{"socks5 users file missing", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      users_file: /nonexistent/users\n", []string{"line 6: services[0].socks5.users_file:", "cannot be read"}},
+		{"socks5 bad method", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      method: plain\n", []string{"line 6: services[0].socks5.method:", "none or password"}},
+		{"socks5 bad resolver", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      resolver: dns.example\n", []string{"line 6: services[0].socks5.resolver:", "address and port"}},
+		{"socks5 unknown key", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      user_file: x\n", []string{"line 6: services[0].socks5.user_file:", `did you mean "users_file"`}},
+		{"socks5 transparent", "services:\n  - name: s\n    proxy: socks5\n    listen_mode: transparent\n    listen: 1\n    ports: [\"1080\"]\n", []string{"line 4: services[0].listen_mode:", "not a listen mode of proxy socks5", "use direct"}},
+		{"socks5 no listen_on", "services:\n  - name: s\n    proxy: socks5\n", []string{"services[0]:", "no listen_on"}},
+		{"socks5 bad domain", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      rules:\n        - action: deny\n          domains: [\"bad domain\"]\n", []string{"line 8: services[0].socks5.rules[0].domains[0]:", "not a domain name"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -136,6 +136,15 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	f.serve(flow, c, up, log, true)
 }
 
+// Forward relays a flow whose upstream connection another proxy opened
+// (a SOCKS5 proxy after its handshake), splicing it when the service's
+// splice policy says so, until it ends or the gateway took it; then it
+// removes the flow from the table. It reports nothing: the flow's end is
+// logged and sent as an event, as for the forwarder's own flows.
+func (f *Forwarder) Forward(flow *Flow, client, upstream *net.TCPConn, log *slog.Logger) {
+	f.serve(flow, client, upstream, log, true)
+}
+
 // serve relays a flow until it ends or is spliced. policy says whether
 // the service's splice policy applies (a flow given back by an unsplice
 // is spliced again only on request). Once spliced, the gateway may give

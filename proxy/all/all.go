@@ -6,4 +6,5 @@ package all
 import (
 	_ "spliced/proxy/ftp"
 	_ "spliced/proxy/httpproxy"
+	_ "spliced/proxy/socks5"
 )

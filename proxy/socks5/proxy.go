@@ -1,6 +1,7 @@
 package socks5
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -298,6 +300,13 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 		}
 		allowed = append(allowed, dst)
 	}
+	// Addresses of the client leg's family first: the splice engine
+	// cannot translate between IPv4 and IPv6, so such a flow could only
+	// be relayed.
+	v6 := proxy.AddrPort(h.c.LocalAddr()).Addr().Is6()
+	slices.SortStableFunc(allowed, func(a, b netip.AddrPort) int {
+		return cmp.Compare(b2i(a.Addr().Is6() != v6), b2i(b.Addr().Is6() != v6))
+	})
 	if len(allowed) == 0 {
 		h.answer(NotAllowed)
 		return nil, nil, resultDenied, fmt.Errorf("destination %v denied by rules", addrs)
@@ -374,6 +383,13 @@ func failResult(err error, otherwise string) string {
 		return resultClosed
 	}
 	return otherwise
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func containsByte(b []byte, v byte) bool {

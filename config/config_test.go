@@ -84,9 +84,13 @@ func TestParseErrors(t *testing.T) {
 		{"no ports", "services:\n  - name: a\n    listen: 1\n", []string{"services[0]:", "has no ports"}},
 		{"yaml syntax", "services:\n  - name: a\n   listen: 1\n", []string{"bad.yaml: line 3:", "is not valid YAML"}},
 		{"bad duration", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    idle_timeout: soon\n", []string{"line 5: services[0].idle_timeout:", `"soon"`, `"5s"`}},
-		{"listen mode of proxy", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n", []string{"line 3: services[0].listen_mode:", `"direct"`, "not a listen mode of proxy forward", "use transparent"}},
 		{"bad listen mode", "services:\n  - name: a\n    listen_mode: direkt\n", []string{"line 3: services[0].listen_mode:", `"direkt"`, "transparent", "direct"}},
 		{"listen_on when transparent", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    listen_on: [\"10.1.0.1:80\"]\n", []string{"line 5: services[0].listen_on:", "only for listen_mode: direct"}},
+		{"direct forward without backends", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n", []string{"services[0].forward:", "has no backends", "forward.backends"}},
+		{"backends when transparent", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n", []string{"line 6: services[0].forward.backends:", "only for listen_mode: direct"}},
+		{"direct forward transparent upstream", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    upstream: transparent\n    forward:\n      backends: [\"10.2.0.2:80\"]\n", []string{"line 5: services[0].upstream:", "set upstream: nat"}},
+		{"direct with ports", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    ports: [\"80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n", []string{"services[0]:", "is a direct service", "remove them"}},
+		{"listen_on twice", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n  - name: b\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n", []string{"line 9: services[1].listen_on[0]:", `service "a"`}},
 		{"key twice", "log:\n  level: info\n  level: debug\n", []string{"line 3: log.level:", "twice"}},
 	}
 	for _, c := range cases {

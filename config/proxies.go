@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -192,6 +193,58 @@ func mappingValue(n *yaml.Node, key string) *yaml.Node {
 	return nil
 }
 
+// Forward is the forward: section of a forwarder. It matters only in
+// direct mode, where the forwarder is a plain TCP load balancer (HAProxy's
+// mode tcp): clients connect to listen_on and each flow goes to a backend
+// of the pool. A transparent forwarder connects to the original
+// destination and needs none.
+type Forward struct {
+	// Backends are "address:port" of the pool (required in direct mode).
+	Backends []AddrPort `yaml:"backends"`
+	// Balance is round_robin (default) or least_conn (fewest flows the
+	// proxy relays now; spliced flows no longer count).
+	Balance string `yaml:"balance"`
+	// BackendDownFor is how long a backend that failed a connect is
+	// skipped (default 10s); the next backend is tried at once.
+	BackendDownFor Duration `yaml:"backend_down_for"`
+}
+
+// DefaultBackendDownFor is the default of forward.backend_down_for.
+const DefaultBackendDownFor = 10 * time.Second
+
 // The forwarder is the default kind, so the configuration knows it
-// without any proxy package: it has no section and no defaults of its own.
-func init() { RegisterProxy(ProxyDef{Kind: ProxyForward}) }
+// without any proxy package (package proxy registers its constructor).
+func init() {
+	RegisterProxy(ProxyDef{
+		Kind:       ProxyForward,
+		Section:    "forward",
+		NewSection: func() any { return new(Forward) },
+		Modes:      []ListenMode{ListenTransparent, ListenDirect},
+		Defaults: func(s *Service) {
+			f := s.Section().(*Forward)
+			if s.ListenMode == ListenDirect {
+				setDefault(&s.Upstream, NAT)
+			}
+			setDefault(&f.Balance, "round_robin")
+			setDefault(&f.BackendDownFor, Duration(DefaultBackendDownFor))
+		},
+		Validate: func(s *Service, bad func(key, value, msg string)) {
+			f := s.Section().(*Forward)
+			if f.Balance != "round_robin" && f.Balance != "least_conn" {
+				bad("forward.balance", f.Balance, "is not a balancing method; use round_robin or least_conn")
+			}
+			if s.ListenMode != ListenDirect {
+				if len(f.Backends) > 0 {
+					bad("forward.backends", f.Backends[0].String(), "is only for listen_mode: direct; a transparent forwarder connects to each flow's original destination")
+				}
+				return
+			}
+			if len(f.Backends) == 0 {
+				bad("forward", s.Name, "has no backends; a direct forwarder needs forward.backends, such as [\"10.2.0.2:8080\"]")
+			}
+			if s.Upstream != NAT {
+				bad("upstream", string(s.Upstream), "cannot be used by a direct forwarder: clients connect to the gateway, which connects to the backends from its own address; remove the key or set upstream: nat")
+			}
+		},
+	})
+}

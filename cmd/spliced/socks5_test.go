@@ -11,9 +11,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -235,7 +235,7 @@ func provenSplicedLast(lab *testnet.Lab, d *testnet.Daemon) error {
 
 // TestLabSOCKSRefused: a denied destination gets 0x02 and the server
 // sees no connection; a wrong password is refused (curl fails, the
-// daemon logs it).
+// daemon logs it); a user added to the users file logs in after SIGHUP.
 func TestLabSOCKSRefused(t *testing.T) {
 	sl := startSOCKSLab(t, "splice")
 	srv := sl.lab.Server()
@@ -283,12 +283,33 @@ func TestLabSOCKSRefused(t *testing.T) {
 	}
 
 	_, err = sl.curl(t, "socks5h://alice:wrong@"+sl.gw[0].String(), fmt.Sprintf("http://www.lab.test:%d/file.bin", testnet.NginxPort))
-	var ee *exec.ExitError
 	if err == nil || !strings.Contains(err.Error(), "exit status") {
 		t.Fatalf("wrong password: %v", err)
 	}
-	_ = ee
 	if err := sl.d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "socks5: login failed" }); err != nil {
 		t.Fatal(err)
+	}
+
+	// A user added to the users file logs in after SIGHUP.
+	url := fmt.Sprintf("http://www.lab.test:%d/file.bin", testnet.NginxPort)
+	if _, err := sl.curl(t, "socks5h://carol:pw@"+sl.gw[0].String(), url); err == nil {
+		t.Fatal("carol logged in before she was added")
+	}
+	hash, _ := socks5.HashPassword([]byte("pw"))
+	f, _ := os.OpenFile(sl.users, os.O_APPEND|os.O_WRONLY, 0)
+	fmt.Fprintf(f, "carol:%s\n", hash)
+	f.Close()
+	if err := sl.d.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	if err := sl.d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "socks5: users file reloaded" }); err != nil {
+		t.Fatal(err)
+	}
+	sum, err := sl.curl(t, "socks5h://carol:pw@"+sl.gw[1].String(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum != sl.sum {
+		t.Fatalf("SHA-256 %s, want %s", sum, sl.sum)
 	}
 }

@@ -31,7 +31,7 @@ type lab struct {
 	accepts atomic.Int64 // connections the echo server accepted
 }
 
-func startLab(t *testing.T) *lab {
+func startLab(t *testing.T, extra ...string) *lab {
 	t.Helper()
 	l := &lab{}
 	echo, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
@@ -85,7 +85,7 @@ services:
       handshake_timeout: 2s
       failed_logins: 3
       back_off: 1m
-      auth:
+%s      auth:
         - sources: [127.0.0.3]
           method: none
       rules:
@@ -95,7 +95,7 @@ services:
           destinations: [127.0.0.2]
         - action: deny
           users: [bob]
-`, users, l.dns.Addr())))
+`, users, l.dns.Addr(), strings.Join(extra, ""))))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -339,4 +339,45 @@ func (p *Proxy) result(name string) uint64 {
 	p.statsMu.Lock()
 	defer p.statsMu.Unlock()
 	return p.results[name]
+}
+
+// TestMaxSessions: connections beyond max_sessions are reset at once,
+// handshaking ones included; a slot frees when a session ends.
+func TestMaxSessions(t *testing.T) {
+	l := startLab(t, "      max_sessions: 2\n")
+	var held []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp4", l.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write([]byte{5}) // a handshake that waits
+		held = append(held, c)
+	}
+	// The proxy counts a session when it accepts it: wait for both.
+	deadline := time.Now().Add(3 * time.Second)
+	for l.p.sessions.Load() < 2 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if c, err := net.Dial("tcp4", l.addr); err == nil { // reset: the dial may fail, or the read
+		c.Write(greetPass)
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		got, _ := io.ReadAll(c)
+		c.Close()
+		if len(got) != 0 {
+			t.Fatalf("third session answered %x", got)
+		}
+	}
+	if n := l.p.result(resultCap); n != 1 {
+		t.Fatalf("session_cap counted %d times", n)
+	}
+	held[0].Close()
+	deadline = time.Now().Add(3 * time.Second)
+	for l.p.sessions.Load() > 1 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := l.talk(t, "127.0.0.1", greetPass, false); !bytes.Equal(got, []byte{5, MethodPassword}) {
+		t.Fatalf("after a session ended: %x", got)
+	}
 }

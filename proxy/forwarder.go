@@ -214,6 +214,7 @@ func (f *Forwarder) handleDirect(c *net.TCPConn, flow *Flow) {
 	}
 	done := backend.Opened()
 	defer done()
+	flow.Local = flow.Server // the listen address the client connected to
 	flow.Server, flow.Backend = backend.Addr, backend.Addr
 	flow.Upstream = addrPort(up.LocalAddr())
 	log := f.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)

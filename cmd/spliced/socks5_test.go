@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -181,6 +182,12 @@ func TestLabSOCKS(t *testing.T) {
 				})
 				if err := provenSplicedLast(sl.lab, sl.d); err != nil {
 					t.Error(err)
+				}
+				// splicectl flows shows the spliced flow with its user
+				// and the gateway's listen address as the client leg's end.
+				out, err := exec.Command(testnet.Binary(t, "splicectl"), "-s", sl.d.Socket, "flows").CombinedOutput()
+				if err != nil || !strings.Contains(string(out), "spliced") || !strings.Contains(string(out), "alice") || !strings.Contains(string(out), sl.gw[0].String()) {
+					t.Errorf("splicectl flows: %v\n%s", err, out)
 				}
 				select {
 				case <-done:

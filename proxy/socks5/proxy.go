@@ -312,6 +312,7 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 		return nil, nil, resultDenied, fmt.Errorf("destination %v denied by rules", addrs)
 	}
 	flow := proxy.NewFlow(svc.Name, Kind, h.client, allowed[0])
+	flow.User, flow.Local = h.user, proxy.AddrPort(h.c.LocalAddr())
 	if !p.Flows.Admit(flow) {
 		h.answer(GeneralFailure)
 		p.LogLimited("cap", slog.LevelWarn, "flow cap reached, refusing new flows",

@@ -139,8 +139,8 @@ func (p *Proxy) handle(c *net.TCPConn) {
 		return
 	}
 	defer p.sessions.Add(-1)
-	c.SetDeadline(time.Now().Add(p.conf.HandshakeTimeout.D()))
-	h := &handshake{p: p, c: c, client: client}
+	h := &handshake{p: p, c: c, client: client, deadline: time.Now().Add(p.conf.HandshakeTimeout.D())}
+	c.SetDeadline(h.deadline)
 	flow, up, result, err := h.run()
 	p.count(result)
 	if flow == nil {
@@ -166,6 +166,9 @@ type handshake struct {
 	user   string
 	req    *Request
 	reply  Reply
+	// deadline bounds the client's part of the handshake; the gateway's
+	// own work (a password check) does not count.
+	deadline time.Time
 }
 
 func (h *handshake) dest() string {
@@ -246,7 +249,10 @@ func (h *handshake) login() (result string, ok bool, err error) {
 			logging.KeyClient, h.client, "user", user, "until", until.Format(time.RFC3339))
 		return resultBackedOff, false, nil
 	}
-	if !(*p.users.Load()).check(user, pass) {
+	ok = (*p.users.Load()).check(user, pass)
+	h.deadline = h.deadline.Add(time.Since(now))
+	c.SetDeadline(h.deadline)
+	if !ok {
 		c.Write([]byte{authVersion, 0x01})
 		backOff := p.failed.fail(h.client.Addr(), now)
 		p.LogLimited("socks5 login failed", slog.LevelWarn, "socks5: login failed", logging.KeyClient, h.client, "user", user, "back_off", backOff)

@@ -381,3 +381,40 @@ func TestMaxSessions(t *testing.T) {
 		t.Fatalf("after a session ended: %x", got)
 	}
 }
+
+// TestConcurrentClients: 50 clients at once, each through its own
+// handshake to the echo server with 64 KiB of distinct data.
+func TestConcurrentClients(t *testing.T) {
+	l := startLab(t)
+	errs := make(chan error, 50)
+	for i := range 50 {
+		go func() {
+			d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.3")}}
+			c, err := d.Dial("tcp4", l.addr)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			data := bytes.Repeat([]byte{byte(i)}, 64<<10)
+			c.Write(cat(greetNone, connect4(l.echo)))
+			go func() { c.Write(data); c.(*net.TCPConn).CloseWrite() }()
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			got, err := io.ReadAll(c)
+			if err != nil {
+				errs <- err
+				return
+			}
+			if len(got) != 2+10+len(data) || !bytes.Equal(got[12:], data) {
+				errs <- fmt.Errorf("client %d: %d bytes back", i, len(got))
+				return
+			}
+			errs <- nil
+		}()
+	}
+	for range 50 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+}

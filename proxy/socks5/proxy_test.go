@@ -6,11 +6,13 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -29,6 +31,24 @@ type lab struct {
 	closed  netip.AddrPort
 	dns     *dnstest.Server
 	accepts atomic.Int64 // connections the echo server accepted
+	log     *syncBuffer  // the proxy's log, JSON
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
 
 func startLab(t *testing.T, extra ...string) *lab {
@@ -100,7 +120,8 @@ services:
 		t.Fatal(err)
 	}
 	svc := &cfg.Services[0]
-	l.p = newProxy(proxy.Setup{Service: svc, Flows: proxy.NewFlowTable(100)})
+	l.log = &syncBuffer{}
+	l.p = newProxy(proxy.Setup{Service: svc, Flows: proxy.NewFlowTable(100), Log: slog.New(slog.NewJSONHandler(l.log, nil))})
 	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
@@ -287,6 +308,14 @@ func TestBruteForceBackOff(t *testing.T) {
 	}
 	if l.p.result(resultBackedOff) != 1 || l.p.result(resultAuthFailed) != 3 {
 		t.Fatalf("results %v", l.p.Metrics())
+	}
+	// Failed logins are logged once per 10 s; the next line counts the
+	// ones dropped.
+	if n := strings.Count(l.log.String(), `"msg":"socks5: login failed"`); n != 1 {
+		t.Errorf("%d login-failed lines for 3 failures in a row, want 1 (rate-limited)", n)
+	}
+	if n := l.p.LogSuppressed(); n != 2 {
+		t.Errorf("%d lines suppressed, want 2", n)
 	}
 }
 

@@ -17,12 +17,12 @@ BIN      := bin
 CMDS     := spliced splicectl spliced-demo spliced-bench
 TESTFLAGS ?=
 
-.PHONY: all build test check demo bench bench-quick install clean deps-demo deps-test deps-bench
+.PHONY: all build test check fuzz demo bench bench-quick install clean deps-demo deps-test deps-bench
 
 all: build
 
 build:
-	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
 
 # Every package's tests, lab tests included (as root), after installing
 # the tools they use. The summary fails the run when a test fails, or when
@@ -35,6 +35,20 @@ check:
 	if [ -n "$$unformatted" ]; then echo "gofmt: not formatted:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
+
+# Every fuzz target for FUZZTIME each, one package and target at a time
+# (several packages have a FuzzParse, and go test fuzzes one target per
+# run). A failure leaves its input under the package's testdata/fuzz:
+# commit it with the fix, so that plain `go test` replays it.
+FUZZTIME ?= 5s
+fuzz:
+	@set -e; for f in $$(git ls-files '*_test.go' | xargs grep -l '^func Fuzz'); do \
+		pkg=./$$(dirname $$f); \
+		for name in $$(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(.*/\1/p' $$f); do \
+			echo "fuzz $$pkg $$name ($(FUZZTIME))"; \
+			$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg; \
+		done; \
+	done
 
 deps-demo deps-test deps-bench:
 	@$(DEPS) $(patsubst deps-%,%,$@)
@@ -66,4 +80,56 @@ install: build
 	$(BIN)/splicectl completion bash > $(DESTDIR)$(COMPDIR)/splicectl
 
 clean:
-	rm -rf $(BIN) test.json
+	rm -rf $(BIN) test.json $(DIST)
+
+# The version (package internal/version): git describe and the commit,
+# passed with -X because Go stamps no VCS information in a git worktree or
+# with -buildvcs=false. The Debian package gets the same version.
+GIT_DESCRIBE := $(shell git describe --tags --match 'v[0-9]*' --dirty 2>/dev/null)
+GIT_REVISION := $(shell git rev-parse HEAD 2>/dev/null)
+GIT_TIME     := $(shell git log -1 --format=%ct 2>/dev/null)
+GIT_MODIFIED := $(shell [ -n "$$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo true)
+LDFLAGS ?= -X spliced/internal/version.tag=$(GIT_DESCRIBE) -X spliced/internal/version.revision=$(GIT_REVISION) \
+	-X spliced/internal/version.commitTS=$(GIT_TIME) -X spliced/internal/version.modified=$(GIT_MODIFIED)
+
+# The Debian package, built with nfpm (a Go tool dependency; see the
+# README's Installation section): make deb [ARCH=amd64|arm64|armhf|mipsel|riscv64|i386]
+# writes $(DIST)/spliced_VERSION_ARCH.deb: static binaries (CGO_ENABLED=0,
+# stripped), every file dated at the commit's time.
+DIST       ?= dist
+ARCH       ?= $(shell dpkg --print-architecture 2>/dev/null || $(GO) env GOARCH)
+MAINTAINER ?= $(shell git log -1 --format='%an <%ae>' 2>/dev/null)
+GOARCH_amd64   := GOARCH=amd64
+GOARCH_arm64   := GOARCH=arm64
+GOARCH_armhf   := GOARCH=arm GOARM=7
+GOARCH_mipsel  := GOARCH=mipsle GOMIPS=softfloat
+GOARCH_riscv64 := GOARCH=riscv64
+GOARCH_i386    := GOARCH=386
+STAGE = $(DIST)/stage-$(ARCH)
+
+.PHONY: deb cross
+deb:
+	@[ -n "$(GOARCH_$(ARCH))" ] || { echo "make deb: unknown ARCH=$(ARCH); use amd64, arm64, armhf, mipsel, riscv64 or i386"; exit 2; }
+	rm -rf $(STAGE) && mkdir -p $(STAGE)
+	env CGO_ENABLED=0 GOOS=linux $(GOARCH_$(ARCH)) $(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o $(STAGE)/ ./cmd/spliced ./cmd/splicectl
+	$(GO) run ./packaging/stage -bin $(STAGE)/spliced -out $(STAGE) \
+		-tag '$(GIT_DESCRIBE)' -revision '$(GIT_REVISION)' -time '$(GIT_TIME)' -modified '$(GIT_MODIFIED)'
+	sed -e 's|@BINDIR@|/usr/bin|g' -e 's|@SYSCONFDIR@|/etc|g' contrib/spliced.service.in > $(STAGE)/spliced.service
+	VERSION="$$(cat $(STAGE)/VERSION)" ARCH=$(ARCH) STAGE=$(STAGE) SOURCE_DATE_EPOCH=$(GIT_TIME) MAINTAINER='$(or $(MAINTAINER),spliced maintainers <root@localhost>)' \
+		$(GO) tool nfpm package --config packaging/nfpm.yaml --packager deb --target $(DIST)/
+	rm -rf $(STAGE)
+
+# Builds (no tests) for routers' CPUs: linux/arm64, linux/arm (GOARM=7),
+# linux/mipsle (GOMIPS=softfloat: many MIPS routers have no FPU) and
+# linux/riscv64. Every package compiles (go build ./...,
+# which catches 32-bit and per-architecture syscall differences in the
+# test tools too); spliced and splicectl land in $(DIST)/cross/OS_ARCH/.
+CROSS ?= linux/arm64 linux/arm/7 linux/mipsle linux/riscv64
+cross:
+	@set -e; for t in $(CROSS); do \
+		IFS=/ read -r os arch arm <<< "$$t"; out=$(DIST)/cross/$${os}_$${arch}$${arm:+v$$arm}; \
+		echo "cross: $$t -> $$out"; \
+		export CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch GOARM=$$arm GOMIPS=softfloat; \
+		$(GO) build ./...; \
+		$(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o $$out/ ./cmd/spliced ./cmd/splicectl; \
+	done

@@ -65,6 +65,10 @@ type Kernel struct {
 	// and Queues how many queues there are (default: one per CPU).
 	Queue  uint16 `yaml:"queue"`
 	Queues int    `yaml:"queues"`
+	// QueueLen is how many packets each queue holds while they wait for
+	// spliced (default 4096); past it the kernel drops them (counted as
+	// kernel_queue_dropped) and TCP retransmits.
+	QueueLen uint32 `yaml:"queue_len"`
 	// NFQueue selects how packets of spliced flows are read: "lean"
 	// (default: batched system calls, no copies) or "go-nfqueue" (the
 	// library; slower, kept for comparison).
@@ -147,6 +151,13 @@ type Service struct {
 	// the gateway (required, unique). Clients never connect to it
 	// directly. A direct service listens on ListenOn instead.
 	Listen Port `yaml:"listen"`
+	// Backlog is the listeners' accept queue (default 4096): connections
+	// the kernel completed and the proxy has not accepted yet. The kernel
+	// caps it at net.core.somaxconn of the gateway's namespace. Half-open
+	// connections under a SYN flood do not fill it: past the SYN queue the
+	// kernel answers with SYN cookies (net.ipv4.tcp_syncookies, default 1,
+	// which spliced leaves as it is).
+	Backlog int `yaml:"backlog"`
 	// Ports are the intercepted destination ports, single ("80") or ranges
 	// ("8000-8100"). Required.
 	Ports []PortRange `yaml:"ports"`
@@ -279,7 +290,9 @@ const (
 	DefaultMaxFlows       = 10000
 	DefaultConnectTimeout = 5 * time.Second
 	DefaultIdleTimeout    = 5 * time.Minute
+	DefaultBacklog        = 4096
 	DefaultQueue          = 100
+	DefaultQueueLen       = 4096
 	DefaultDivertTimeout  = 24 * time.Hour
 	DefaultDrainTimeout   = 5 * time.Second
 	DefaultStallAfter     = 15 * time.Second
@@ -295,6 +308,7 @@ func (c *Config) applyDefaults() {
 	setDefault(&c.Limits.MaxFlows, DefaultMaxFlows)
 	setDefault(&c.Kernel.Queue, DefaultQueue)
 	setDefault(&c.Kernel.Queues, runtime.NumCPU())
+	setDefault(&c.Kernel.QueueLen, DefaultQueueLen)
 	setDefault(&c.Kernel.DivertTimeout, Duration(DefaultDivertTimeout))
 	setDefault(&c.Kernel.NFQueue, "lean")
 	setDefault(&c.Kernel.Repair, "on")
@@ -323,6 +337,7 @@ func (c *Config) applyDefaults() {
 		setDefault(&s.Upstream, Transparent)
 		setDefault(&s.ConnectTimeout, Duration(DefaultConnectTimeout))
 		setDefault(&s.IdleTimeout, Duration(DefaultIdleTimeout))
+		setDefault(&s.Backlog, DefaultBacklog)
 		setDefault(&s.Access.Default, Allow)
 		setDefault(&s.Splice.Mode, SpliceNever)
 		setDefault(&s.Splice.DrainTimeout, Duration(DefaultDrainTimeout))

@@ -50,6 +50,9 @@ func TestParseGood(t *testing.T) {
 	if web.Upstream != NAT || web.IdleTimeout.D() != 30*time.Second || web.ConnectTimeout.D() != DefaultConnectTimeout {
 		t.Fatalf("web timeouts/mode = %+v", web)
 	}
+	if web.Backlog != DefaultBacklog {
+		t.Errorf("default backlog %d, want %d", web.Backlog, DefaultBacklog)
+	}
 	if cfg.Service("other").Upstream != Transparent {
 		t.Fatalf("default upstream not transparent")
 	}
@@ -92,6 +95,8 @@ func TestParseErrors(t *testing.T) {
 		{"direct with ports", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    ports: [\"80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n", []string{"services[0]:", "is a direct service", "remove them"}},
 		{"listen_on twice", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n  - name: b\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n", []string{"line 9: services[1].listen_on[0]:", `service "a"`}},
 		{"key twice", "log:\n  level: info\n  level: debug\n", []string{"line 3: log.level:", "twice"}},
+		{"queue length", "kernel:\n  queue_len: 2\nservices: []\n", []string{"line 2: kernel.queue_len:", "8-1048576"}},
+		{"listen backlog", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    backlog: 100000\n", []string{"line 5: services[0].backlog:", "1-65535"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -42,6 +42,9 @@ func (c *Config) validate(idx *keyIndex) error {
 	if c.Kernel.Repair != "on" && c.Kernel.Repair != "off" {
 		bad("kernel.repair", c.Kernel.Repair, "is not on or off")
 	}
+	if c.Kernel.QueueLen < 8 || c.Kernel.QueueLen > 1<<20 {
+		bad("kernel.queue_len", fmt.Sprint(c.Kernel.QueueLen), "is not a usable queue length; use 8-1048576 packets (default %d)", DefaultQueueLen)
+	}
 	switch c.Kernel.NFQueue {
 	case "lean", "go-nfqueue":
 	default:
@@ -71,6 +74,9 @@ func (c *Config) validate(idx *keyIndex) error {
 		def := LookupProxy(s.Proxy)
 		if def != nil && !slices.Contains(def.Modes, s.ListenMode) {
 			bad(p+".listen_mode", string(s.ListenMode), "%s", fmt.Sprintf("is not a listen mode of proxy %s; use %s", s.Proxy, orList(def.Modes)))
+		}
+		if s.Backlog < 1 || s.Backlog > 65535 {
+			bad(p+".backlog", fmt.Sprint(s.Backlog), "is not a usable listen backlog; use 1-65535 (default %d; the kernel caps it at net.core.somaxconn)", DefaultBacklog)
 		}
 		switch s.ListenMode {
 		case ListenDirect:

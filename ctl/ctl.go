@@ -22,6 +22,7 @@ import (
 
 	"spliced/api"
 	"spliced/config"
+	"spliced/internal/version"
 	_ "spliced/proxy/all" // config check knows every proxy section
 )
 
@@ -38,12 +39,15 @@ commands:
   watch                       follow flow and daemon events (also: events)
   config check FILE           validate a configuration file as the daemon would
   completion bash             print the bash completion script
-  version                     print splicectl's version
+  version                     print splicectl's version (the Debian package's) and build
 
 flags (anywhere before the command's arguments):
   -s SOCKET   the daemon's control socket (default $SPLICED_SOCKET or /run/spliced/spliced.sock)
   -j          print JSON (the API's types) instead of tables
 `
+
+// Usage is splicectl's usage text (its man page's commands and flags).
+func Usage() string { return usage }
 
 // Run executes splicectl with args and returns the exit code.
 func Run(args []string, stdout, stderr io.Writer) int {
@@ -86,7 +90,14 @@ func Run(args []string, stdout, stderr io.Writer) int {
 	case "completion":
 		run = c.completion
 	case "version":
-		run = func(context.Context, []string) error { fmt.Fprintln(c.out, "splicectl", version()); return nil }
+		run = func(_ context.Context, args []string) error {
+			if len(args) > 0 {
+				return usageError{fmt.Errorf("takes no arguments")}
+			}
+			v := version.Get()
+			_, err := fmt.Fprintf(c.out, "splicectl %s\n%s\n", v, v.Details())
+			return err
+		}
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

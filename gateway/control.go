@@ -11,35 +11,20 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"spliced/api"
+	"spliced/internal/version"
 	"spliced/proxy"
 	"spliced/rules"
 	"spliced/splice"
 )
 
-// Version is spliced's version: the module version or VCS revision the
-// binary was built from.
-func Version() string {
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return "unknown"
-	}
-	if v := bi.Main.Version; v != "" && v != "(devel)" {
-		return v
-	}
-	for _, s := range bi.Settings {
-		if s.Key == "vcs.revision" && len(s.Value) >= 12 {
-			return "devel-" + s.Value[:12]
-		}
-	}
-	return "devel"
-}
+// Version is spliced's version (package internal/version).
+func Version() string { return version.Get().String() }
 
 // serveControl opens the control socket and serves the API until ctx is
 // done.

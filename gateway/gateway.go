@@ -329,7 +329,7 @@ func (g *Gateway) startSplicing(ctx context.Context, d rules.Divert) error {
 	if err != nil {
 		return err
 	}
-	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues, Library: g.config().Kernel.NFQueue == "go-nfqueue"}, func(uint16) nfq.Handler {
+	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues, MaxQueueLen: g.config().Kernel.QueueLen, Library: g.config().Kernel.NFQueue == "go-nfqueue"}, func(uint16) nfq.Handler {
 		h := &packetHandler{g: g}
 		return h.handle
 	}, g.log.With(logging.KeyComponent, "nfq"))

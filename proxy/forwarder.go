@@ -334,6 +334,11 @@ func ListenService(ctx context.Context, svc *config.Service) ([]*net.TCPListener
 	if svc.ListenMode == config.ListenDirect {
 		for _, a := range svc.ListenOn {
 			ln, err := ListenAt(ctx, a.AddrPort, false)
+			if err == nil && svc.Backlog > 0 {
+				if err = setBacklog(ln, svc.Backlog); err != nil {
+					ln.Close()
+				}
+			}
 			if err != nil {
 				for _, l := range lns {
 					l.Close()
@@ -345,7 +350,7 @@ func ListenService(ctx context.Context, svc *config.Service) ([]*net.TCPListener
 		return lns, nil
 	}
 	for _, network := range []string{"tcp4", "tcp6"} {
-		ln, err := ListenTransparent(ctx, network, uint16(svc.Listen))
+		ln, err := ListenTransparent(ctx, network, uint16(svc.Listen), svc.Backlog)
 		if err != nil {
 			for _, l := range lns {
 				l.Close()

@@ -39,6 +39,7 @@ deps=(
   "hping3    hping3            test"            # crafted and flooding TCP
   "scapy     python3-scapy     test"            # forged segments (a python3 module)
   "make      make              test check"
+  "dpkg      dpkg              test"            # TestDebianPackage: dpkg --root, dpkg-deb
   "git       git               check"           # git ls-files in make check
   "ca-certs  ca-certificates   demo test bench check" # Go module downloads over HTTPS
 )

@@ -30,6 +30,7 @@ var debianPackages = map[string]string{
 	"tshark":    "tshark",
 	"hping3":    "hping3",
 	"make":      "make",
+	"dpkg":      "dpkg",
 	"git":       "git",
 }
 

@@ -72,7 +72,7 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 		// Ring-buffered captures at both ends (headers only), stopped a
 		// few seconds after the daemon reports a stall: what the ends
 		// saw around it, for debugging.
-		stallAfter = "      stall_after: 5s\n"
+		stallAfter = "      stall_after: 12s\n"
 		for _, h := range []*testnet.Host{lab.Client(), lab.Server()} {
 			cmd := h.Command(context.Background(), "dumpcap", "-q", "-s", "160", "-i", "eth0", "-f", "tcp",
 				"-b", "filesize:50000", "-b", "files:40", "-w", dir+h.Name+".pcapng")
@@ -147,14 +147,37 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 	close(jobs)
 	wg.Wait()
 
-	spliced := 0
+	// Every flow is spliced, or stays proxied because one end had
+	// finished sending by then (a half-closed connection cannot be
+	// captured), or, rarely under this loss, because an end did not
+	// acknowledge the gateway's data within drain_timeout (a segment
+	// lost four times); nothing else abandons a splice.
+	spliced, halfClosed, drainTimeouts := 0, 0, 0
 	splicedBy := map[string]int{}
+	var otherAborts []string
 	for _, l := range d.Lines() {
-		if l["msg"] == "flow spliced" {
+		switch l["msg"] {
+		case "flow spliced":
 			spliced++
 			svc, _ := l["service"].(string)
 			splicedBy[strings.SplitN(svc, "_", 2)[0]]++
+		case "not splicing a half-closed flow":
+			halfClosed++
+		case "flow stays proxied":
+			switch err := fmt.Sprint(l["err"]); {
+			case strings.Contains(err, "half-closed"):
+				halfClosed++
+			case strings.Contains(err, "(drain timeout)"):
+				drainTimeouts++
+			default:
+				otherAborts = append(otherAborts, fmt.Sprint(l))
+			}
 		}
+	}
+	// What the ends' TCP refused, by reason: PAWS, out of window,
+	// challenge ACKs, receive queue drops.
+	for _, h := range []*testnet.Host{lab.Client(), lab.Server()} {
+		t.Logf("%s: %s", h.Name, tcpRejects(h))
 	}
 	if len(failures) > 0 {
 		d.Signal(syscall.SIGUSR1)
@@ -169,14 +192,18 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 			t.Errorf("no packet was dropped in %s", ns.Name)
 		}
 	}
-	if spliced < flows*9/10 {
-		t.Errorf("only %d of %d flows were spliced", spliced, flows)
+	if len(otherAborts) > 0 {
+		t.Errorf("%d splices abandoned for another reason than a half-close:\n%s", len(otherAborts), strings.Join(otherAborts, "\n"))
+	}
+	if spliced+halfClosed+drainTimeouts != flows || spliced < flows/2 || drainTimeouts > flows/1000+1 {
+		t.Errorf("%d of %d flows spliced, %d stayed proxied after a half-close, %d after a drain timeout",
+			spliced, flows, halfClosed, drainTimeouts)
 	}
 	if n := stalledFlows(t, d); n != 0 {
 		t.Errorf("the daemon reported %d stalled flows:\n%s", n, tail(d.Log(), 20))
 	}
-	t.Logf("%d flows intact, %d spliced (transparent %d, nat %d), 0 stalled, %s%% loss at both ends",
-		flows, spliced, splicedBy["transparent"], splicedBy["nat"], loss)
+	t.Logf("%d flows intact, %d spliced (transparent %d, nat %d), %d proxied after a half-close, %d after a drain timeout, 0 stalled, %s%% loss at both ends",
+		flows, spliced, splicedBy["transparent"], splicedBy["nat"], halfClosed, drainTimeouts, loss)
 }
 
 // TestLabSplicedWindowProbe: the receiver of a spliced flow closes its
@@ -387,4 +414,27 @@ services:
 			t.Fatalf("read after idle: %q, %v", buf, err)
 		}
 	}
+}
+
+// tcpRejects summarises the counters of segments a host's TCP refused
+// (nstat, since the namespace was made).
+func tcpRejects(h *testnet.Host) string {
+	out, err := h.Run("nstat", "-asz")
+	if err != nil {
+		return err.Error()
+	}
+	var parts []string
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		switch strings.TrimPrefix(strings.TrimPrefix(f[0], "Tcp"), "Ext") {
+		case "PAWSEstab", "TCPACKSkippedPAWS", "TCPACKSkippedSeq", "TCPChallengeACK", "TCPRcvQDrop",
+			"TCPZeroWindowDrop", "InCsumErrors", "TCPOFODrop", "TCPACKSkippedChallenge", "TCPTimeouts", "TCPLossProbes",
+			"TCPSpuriousRTOs", "TCPSYNChallenge", "TCPDSACKRecv", "TCPWinProbe", "TCPKeepAlive", "InErrs", "TCPAbortOnTimeout":
+			parts = append(parts, f[0]+"="+f[1])
+		}
+	}
+	return strings.Join(parts, " ")
 }

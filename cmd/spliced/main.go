@@ -18,6 +18,7 @@ import (
 	"spliced/config"
 	"spliced/gateway"
 	"spliced/internal/sdnotify"
+	"spliced/internal/version"
 	"spliced/logging"
 	"spliced/proxy/socks5"
 	"spliced/rules"
@@ -37,8 +38,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	logLevel := fs.String("log-level", "", "override log.level: debug, info, warn or error")
 	socket := fs.String("socket", "", "override control.socket: the control API's Unix socket (\"off\" disables it)")
 	hashPassword := fs.Bool("hash-password", false, "read a password from stdin (first line) and print its hash for a socks5 users file, then exit")
+	showVersion := fs.Bool("version", false, "print the version (the Debian package's) and how it was built, and exit")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: spliced [-config FILE] [-check | -cleanup | -hash-password] [-log-format F] [-log-level L]\n\n")
+		fmt.Fprintf(stderr, "usage: spliced [-config FILE] [-check | -cleanup] [-log-format F] [-log-level L] [-socket PATH]\n       spliced -version\n       spliced -hash-password < password\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -51,6 +53,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "spliced: unexpected argument %q\n", fs.Arg(0))
 		fs.Usage()
 		return 2
+	}
+	if *showVersion {
+		v := version.Get()
+		fmt.Fprintf(stdout, "spliced %s\n%s\n", v, v.Details())
+		return 0
 	}
 
 	var cfg *config.Config

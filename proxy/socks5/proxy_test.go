@@ -51,7 +51,7 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-func startLab(t *testing.T, extra ...string) *lab {
+func startLab(t testing.TB, extra ...string) *lab {
 	t.Helper()
 	l := &lab{}
 	echo, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
@@ -136,7 +136,7 @@ services:
 
 // talk connects from src, sends in, half-closes unless keepOpen, and
 // returns everything read until the proxy closes (or 3 s pass).
-func (l *lab) talk(t *testing.T, src string, in []byte, keepOpen bool) []byte {
+func (l *lab) talk(t testing.TB, src string, in []byte, keepOpen bool) []byte {
 	t.Helper()
 	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
 	c, err := d.Dial("tcp4", l.addr)
@@ -445,5 +445,34 @@ func TestConcurrentClients(t *testing.T) {
 		if err := <-errs; err != nil {
 			t.Error(err)
 		}
+	}
+}
+
+// BenchmarkConnectSetup: one SOCKS5 session per iteration on loopback,
+// without authentication: greeting, CONNECT to the echo server, one byte
+// each way, close (the connection setup rate, proxy side only).
+func BenchmarkConnectSetup(b *testing.B) {
+	l := startLab(b)
+	req := cat(greetNone, connect4(l.echo), []byte{'x'})
+	want := 2 + 10 + 1
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.3")}}
+	buf := make([]byte, 64)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		c, err := d.Dial("tcp4", l.addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Write(req)
+		n := 0
+		for n < want {
+			m, err := c.Read(buf[n:])
+			if err != nil {
+				b.Fatal(err)
+			}
+			n += m
+		}
+		c.Close()
 	}
 }

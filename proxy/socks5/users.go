@@ -14,7 +14,7 @@ import (
 )
 
 // HashCost is the bcrypt cost of the hashes HashPassword makes: about
-// 50 ms of one core per check, which the per-source back-off keeps from
+// 60-90 ms of one core per check on the development VM, which the per-source back-off keeps from
 // becoming a lever for brute force.
 const HashCost = 10
 

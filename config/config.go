@@ -159,7 +159,7 @@ type Service struct {
 	// which spliced leaves as it is).
 	Backlog int `yaml:"backlog"`
 	// Ports are the intercepted destination ports, single ("80") or ranges
-	// ("8000-8100"). Required.
+	// ("8000-8100"). Required in transparent mode.
 	Ports []PortRange `yaml:"ports"`
 	// Destinations and Sources restrict interception to these prefixes;
 	// empty means any address of either family.

@@ -56,6 +56,11 @@ type Flow struct {
 	// Backend is the address the upstream connection goes to (for the
 	// forwarder, the original destination).
 	Backend netip.AddrPort
+	// Local is the client leg's local address when it is not Server: a
+	// direct service's listen address. Zero for transparent flows.
+	Local netip.AddrPort
+	// User is who the client authenticated as (SOCKS5), or "".
+	User string
 
 	// spliceReq carries requests (an operator's) to splice the flow now.
 	spliceReq chan struct{}

@@ -91,7 +91,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	g.mu.Unlock()
-	if g.engine == nil {
+	if !g.splicing() {
 		return
 	}
 	var rewriteErrors uint64

@@ -28,7 +28,7 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 		return err
 	}
 	spec := rules.FromConfig(cfg)
-	if g.engine != nil {
+	if g.splicing() {
 		// Once splicing runs it stays on: spliced flows may outlive the
 		// services that made them.
 		spec.Divert.Enabled = true
@@ -53,25 +53,20 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 		}
 		opened[s.Name] = lns
 	}
-	m := g.manager()
+	// The new rules (with the queue flavour probed before), installed
+	// before they are published with the configuration.
+	m := g.manager().WithSpec(spec)
 	if spec.Divert.Enabled {
-		if err := g.prepareSplicing(ctx, cfg); err != nil {
+		if err := g.prepareSplicing(ctx, cfg, m); err != nil {
 			closeOpened()
 			return err
 		}
 	}
-	// Carry the probed queue flavour over, then install.
-	cur := m.Spec()
-	spec.Divert.NativeQueue = cur.Divert.NativeQueue
-	m.SetSpec(spec)
 	if err := g.installLive(m); err != nil {
-		m.SetSpec(cur)
 		closeOpened()
 		return fmt.Errorf("reload %s: install the table: %w", cfg.File, err)
 	}
-	if err := g.openDiverter(); err != nil {
-		return err
-	}
+	g.snap.Store(&snapshot{cfg: cfg, rules: m})
 
 	// Switch services: stop the removed and changed ones (their flows
 	// keep running), start the new ones.
@@ -85,9 +80,6 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 			<-s.done
 		}
 	}
-	g.cfgMu.Lock()
-	g.cfg = cfg
-	g.cfgMu.Unlock()
 	for _, s := range added {
 		g.serveService(s, opened[s.Name])
 	}

@@ -3,6 +3,7 @@ package rules
 import (
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -13,17 +14,25 @@ import (
 	"spliced/splice"
 )
 
-// Manager installs and removes our kernel state through netlink.
+// Manager installs and removes our kernel state through netlink. Its
+// spec never changes (a reload makes a new Manager with WithSpec), so one
+// Manager is safe for concurrent use.
 type Manager struct {
 	netns int
 	spec  Spec
+	queue *queueProbe // shared by the Managers derived with WithSpec
 }
 
-// SetSpec replaces the spec the next Install installs; the queue flavour
-// probed before is kept.
-func (m *Manager) SetSpec(spec Spec) {
-	spec.Divert.NativeQueue = m.spec.Divert.NativeQueue
-	m.spec = spec
+// queueProbe remembers which queue expression the kernel has, probed once.
+type queueProbe struct {
+	mu             sync.Mutex
+	probed, native bool
+}
+
+// WithSpec returns a Manager for spec in the same namespace, which knows
+// the queue flavour m probed.
+func (m *Manager) WithSpec(spec Spec) *Manager {
+	return &Manager{netns: m.netns, spec: spec, queue: m.queue}
 }
 
 // Option configures a Manager.
@@ -35,15 +44,38 @@ func WithNetNS(fd int) Option { return func(m *Manager) { m.netns = fd } }
 
 // NewManager returns a Manager for spec. It touches nothing yet.
 func NewManager(spec Spec, opts ...Option) *Manager {
-	m := &Manager{spec: spec}
+	m := &Manager{spec: spec, queue: &queueProbe{}}
 	for _, o := range opts {
 		o(m)
 	}
 	return m
 }
 
-// Spec is the state the Manager installs.
-func (m *Manager) Spec() Spec { return m.spec }
+// Spec is the state the Manager installs, with the queue flavour once
+// Install probed it.
+func (m *Manager) Spec() Spec {
+	spec := m.spec
+	m.queue.mu.Lock()
+	if m.queue.probed {
+		spec.Divert.NativeQueue = m.queue.native
+	}
+	m.queue.mu.Unlock()
+	return spec
+}
+
+// nativeQueue probes the queue flavour once.
+func (m *Manager) nativeQueue() (bool, error) {
+	m.queue.mu.Lock()
+	defer m.queue.mu.Unlock()
+	if !m.queue.probed {
+		native, err := m.probeNativeQueue()
+		if err != nil {
+			return false, err
+		}
+		m.queue.probed, m.queue.native = true, native
+	}
+	return m.queue.native, nil
+}
 
 func (m *Manager) nft() (*nftables.Conn, error) {
 	var opts []nftables.ConnOption
@@ -75,23 +107,24 @@ func (m *Manager) Install(divert map[uint16][]splice.Key) error {
 	if err != nil {
 		return err
 	}
-	if m.spec.Divert.Enabled {
-		if m.spec.Divert.NativeQueue, err = m.probeNativeQueue(); err != nil {
+	spec := m.spec
+	if spec.Divert.Enabled {
+		if spec.Divert.NativeQueue, err = m.nativeQueue(); err != nil {
 			return err
 		}
 	}
-	if err := queueTable(c, &m.spec, divert); err != nil {
+	if err := queueTable(c, &spec, divert); err != nil {
 		return err
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("install nftables table inet %s: %w", m.spec.Table, explainNFT(err))
+		return fmt.Errorf("install nftables table inet %s: %w", spec.Table, explainNFT(err))
 	}
 	rt, err := m.rtnl()
 	if err != nil {
 		return err
 	}
 	defer rt.Close()
-	return installRouting(rt, &m.spec)
+	return installRouting(rt, &spec)
 }
 
 // probeNativeQueue reports whether the kernel has the nft queue expression
@@ -128,7 +161,7 @@ func (m *Manager) Remove() error {
 // with the spec's mark, our routes in the spec's table. netns 0 is the
 // caller's namespace.
 func Cleanup(spec Spec, netns int) error {
-	m := &Manager{spec: spec, netns: netns}
+	m := &Manager{spec: spec, netns: netns, queue: &queueProbe{}}
 	var errs []error
 	c, err := m.nft()
 	if err != nil {

@@ -9,7 +9,7 @@ BIN      := bin
 CMDS     := spliced splicectl spliced-demo spliced-bench
 TESTFLAGS ?=
 
-.PHONY: all build test check demo bench bench-quick install clean
+.PHONY: all build test test-race check demo bench bench-quick install clean
 
 all: build
 
@@ -20,6 +20,13 @@ build:
 # the run when a test fails, or when one skipped although we are root.
 test:
 	set -o pipefail; $(GO) test -count=1 -timeout 14m -json $(TESTFLAGS) ./... | $(GO) run ./internal/testsummary
+
+# The same under the race detector; the daemons the lab tests start are
+# built with -race too (testnet.Binary, SPLICED_RACE) and a race they
+# report fails the test. PKGS narrows it: make test-race PKGS=./gateway
+PKGS ?= ./...
+test-race:
+	set -o pipefail; SPLICED_RACE=1 $(GO) test -race -count=1 -timeout 40m -json $(TESTFLAGS) $(PKGS) | $(GO) run ./internal/testsummary
 
 check:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \

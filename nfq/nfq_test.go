@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"io"
 	"log/slog"
+	"net"
 	"net/netip"
 	"strings"
 	"sync"
@@ -104,14 +105,32 @@ func queueAcceptHoldDrop(t *testing.T, library bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
+	var conns sync.WaitGroup
+	accepted := make(chan net.Conn, 16)
+	defer func() {
+		ln.Close()
+		for {
+			select {
+			case c := <-accepted:
+				c.Close() // its reader may still wait for a FIN the drop handler dropped
+				continue
+			default:
+			}
+			break
+		}
+		conns.Wait()
+	}()
+	conns.Add(1)
 	go func() {
+		defer conns.Done()
 		for {
 			c, err := ln.Accept()
 			if err != nil {
 				return
 			}
-			go func() { io.Copy(io.Discard, c); c.Close() }()
+			accepted <- c
+			conns.Add(1)
+			go func() { defer conns.Done(); io.Copy(io.Discard, c); c.Close() }()
 		}
 	}()
 

@@ -81,6 +81,7 @@ func TestLabRestartRace(t *testing.T) {
 	if d != nil {
 		t.Cleanup(func() {
 			d.Stop()
+			d.CheckRaces(t)
 			if t.Failed() {
 				t.Logf("daemon log:\n%s", d.Log())
 			}

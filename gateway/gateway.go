@@ -94,6 +94,8 @@ type Gateway struct {
 	unsplices, unspliceAborts atomic.Uint64
 	injectErrors              atomic.Uint64
 	reloads                   atomic.Int64
+	divertRefreshes           atomic.Uint64
+	divertRefreshErrors       atomic.Uint64
 	repairs                   atomic.Int64
 	// Bytes of flows that ended, by engine and direction.
 	closedProxied, closedSpliced [2]atomic.Uint64
@@ -188,10 +190,14 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 
 	bg, stopBG := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
 	go func() {
 		defer wg.Done()
 		g.reaper(bg, 250*time.Millisecond)
+	}()
+	go func() {
+		defer wg.Done()
+		g.refresher(bg)
 	}()
 	go func() {
 		defer wg.Done()

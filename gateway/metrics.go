@@ -58,10 +58,11 @@ var (
 	descHTTPRequests  = prometheus.NewDesc("spliced_http_requests_total", "HTTP requests by service and route (backend \"\") and by backend.", []string{"service", "route", "backend"}, nil)
 	descHTTPFailures  = prometheus.NewDesc("spliced_http_backend_failures_total", "Connects to an HTTP backend that failed.", []string{"service", "route", "backend"}, nil)
 	descRepairs       = prometheus.NewDesc("spliced_ruleset_repairs_total", "Times the table was restored after someone changed it.", nil, nil)
+	descRefreshes     = prometheus.NewDesc("spliced_divert_refreshes_total", "Rounds that restarted the timeout of live flows' divert entries, by result (ok, failed).", []string{"result"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descHTTPRequests, descHTTPFailures, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descHTTPRequests, descHTTPFailures, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descRefreshes} {
 		ch <- d
 	}
 }
@@ -77,6 +78,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(e.BytesS2C), e.Name, "s2c")
 	}
 	ch <- prometheus.MustNewConstMetric(descRepairs, prometheus.CounterValue, float64(st.Repairs))
+	failed := g.divertRefreshErrors.Load()
+	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(g.divertRefreshes.Load()-failed), "ok")
+	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(failed), "failed")
 	g.mu.Lock()
 	for name, svc := range g.services {
 		hp, ok := svc.proxy.(*httpproxy.Proxy)

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/nftables"
@@ -196,6 +197,43 @@ func TestDiverter(t *testing.T) {
 	out, _ = ns.Run("nft", "list", "table", "inet", spec.Table)
 	if strings.Contains(out, "40000") {
 		t.Errorf("elements left:\n%s", out)
+	}
+}
+
+// TestDiverterRefresh: a refresh restarts the timeout of existing elements
+// and recreates lost ones, in both families.
+func TestDiverterRefresh(t *testing.T) {
+	testnet.Privileged(t, "nft")
+	spec := sampleSpec(t)
+	spec.Divert.Timeout = 3 * time.Second
+	ns := testnet.Scratch(t)
+	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
+	if err := m.Install(nil); err != nil {
+		t.Fatal(err)
+	}
+	d, err := m.NewDiverter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	k4 := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	k6 := splice.KeyFrom(netip.MustParseAddrPort("[fd00:1::2]:40000"), netip.MustParseAddrPort("[fd00:2::2]:80"))
+	if err := d.Add(0, k4, k6); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)                                // 1 s of the 3 s left
+	live := map[uint16][]splice.Key{0: {k4, k6, k4.Reverse()}} // k4.Reverse() was never added
+	n, err := d.Refresh(func() map[uint16][]splice.Key { return live })
+	if err != nil || n != 3 {
+		t.Fatalf("refresh: %d tuples, %v", n, err)
+	}
+	time.Sleep(1500 * time.Millisecond) // past the first timeout
+	out4, _ := ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(0, false))
+	out6, _ := ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(0, true))
+	for _, want := range []string{"10.1.0.2 . 40000 . 10.2.0.2 . 80", "10.2.0.2 . 80 . 10.1.0.2 . 40000", "fd00:1::2 . 40000 . fd00:2::2 . 80"} {
+		if !strings.Contains(out4+out6, want) {
+			t.Errorf("after the refresh and 3.5 s, the sets lack %q:\n%s%s", want, out4, out6)
+		}
 	}
 }
 

@@ -58,11 +58,12 @@ var (
 	descHTTPRequests  = prometheus.NewDesc("spliced_http_requests_total", "HTTP requests by service and route (backend \"\") and by backend.", []string{"service", "route", "backend"}, nil)
 	descHTTPFailures  = prometheus.NewDesc("spliced_http_backend_failures_total", "Connects to an HTTP backend that failed.", []string{"service", "route", "backend"}, nil)
 	descRepairs       = prometheus.NewDesc("spliced_ruleset_repairs_total", "Times the table was restored after someone changed it.", nil, nil)
+	descReopens       = prometheus.NewDesc("spliced_queue_reopens_total", "Times a queue's reader failed to receive and reopened its socket.", []string{"queue"}, nil)
 	descRefreshes     = prometheus.NewDesc("spliced_divert_refreshes_total", "Rounds that restarted the timeout of live flows' divert entries, by result (ok, failed).", []string{"result"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descHTTPRequests, descHTTPFailures, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descRefreshes} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descHTTPRequests, descHTTPFailures, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descRefreshes, descReopens} {
 		ch <- d
 	}
 }
@@ -120,6 +121,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			}
 			ch <- prometheus.MustNewConstMetric(descDrops, prometheus.CounterValue, float64(q.KernelQueueDropped), n, "queue")
 			ch <- prometheus.MustNewConstMetric(descDrops, prometheus.CounterValue, float64(q.KernelUserDropped), n, "user")
+			ch <- prometheus.MustNewConstMetric(descReopens, prometheus.CounterValue, float64(q.Reopens), n)
 			rewriteErrors += q.Errors
 		}
 	}

@@ -18,6 +18,10 @@
 // (user_dropped when the socket buffer was full, queue_dropped when the
 // queue was) are read back alongside ours.
 //
+// A lean queue's reader whose receive fails (other than ENOBUFS, which is
+// counted) reopens and rebinds its socket, counts it (Stats.Reopens) and
+// logs it, rather than leaving a queue without bypass stalled.
+//
 // Our own code never logs per packet.
 package nfq
 
@@ -28,6 +32,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"strconv"
 
 	nfqueue "github.com/florianl/go-nfqueue/v2"
 	"github.com/mdlayher/netlink"
@@ -73,7 +79,8 @@ type Packet struct {
 	// GSO: the packet is a GSO super-packet, longer than the MTU.
 	GSO bool
 
-	q backend
+	q   backend
+	gen uint32 // the lean queue's socket it came from
 }
 
 // backend is one queue's implementation.
@@ -125,7 +132,18 @@ type Config struct {
 	NetNS int
 	// Library selects the go-nfqueue backend instead of the lean one.
 	Library bool
+
+	// faultAfter is a test hook: each lean queue's reader fails one
+	// receive after this many packets, as a broken socket would, and
+	// recovers as from a real failure. Open sets it from the environment
+	// variable FaultEnv, so that lab tests can provoke it in the daemon.
+	faultAfter uint64
 }
+
+// FaultEnv names the environment variable of a test hook: set to N, each
+// lean queue's reader fails one receive after N packets and must reopen
+// its socket (see leanQueue). Never set it outside tests.
+const FaultEnv = "SPLICED_TEST_NFQ_FAULT_AFTER"
 
 // Set is a running group of queues.
 type Set struct {
@@ -159,6 +177,14 @@ func Open(ctx context.Context, cfg Config, newHandler func(queue uint16) Handler
 	}
 	if cfg.RcvBuf == 0 {
 		cfg.RcvBuf = 32 << 20
+	}
+	if v := os.Getenv(FaultEnv); v != "" && cfg.faultAfter == 0 {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("%s=%q: %w", FaultEnv, v, err)
+		}
+		cfg.faultAfter = n
+		log.Warn("test hook: every queue's reader fails once after some packets", "env", FaultEnv, "packets", n)
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	s := &Set{log: log, cancel: cancel, cpus: allowedCPUs()}
@@ -322,6 +348,7 @@ type Stats struct {
 	Held                                  uint64 // waiting for a verdict now
 	Errors                                uint64 // verdicts or receives that failed
 	Overruns                              uint64 // ENOBUFS seen on receive
+	Reopens                               uint64 // sockets reopened after a receive failure
 	Kernel                                KernelStats
 }
 
@@ -333,7 +360,7 @@ func (s *Set) Stats() []Stats {
 		c := s.counters[i]
 		out[i] = Stats{
 			Queue: q.number(), Received: c.received.Load(), Accepted: c.accepted.Load(), Modified: c.modified.Load(),
-			Dropped: c.dropped.Load(), Held: c.held.Load(), Errors: c.errors.Load(), Overruns: c.overruns.Load(),
+			Dropped: c.dropped.Load(), Held: c.held.Load(), Errors: c.errors.Load(), Overruns: c.overruns.Load(), Reopens: c.reopens.Load(),
 			Kernel: kernel[q.number()],
 		}
 	}

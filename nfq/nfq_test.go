@@ -184,3 +184,50 @@ func queueAcceptHoldDrop(t *testing.T, library bool) {
 		t.Fatal("no drop counted")
 	}
 }
+
+// TestQueueReopensAfterReceiveFailure: the lean reader's receive fails
+// mid-transfer (the test hook); the reader reopens its socket, counts it,
+// and the flow through the queue (no bypass) completes intact. A packet
+// held before the failure was dropped with the old socket: its verdict is
+// refused rather than sent for whatever packet has its ID now.
+func TestQueueReopensAfterReceiveFailure(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	queueRule(t, &lab.Gateway.NS, 78, 7001)
+	var seen atomic.Int64
+	var held *Packet
+	h := func(p *Packet) Decision {
+		if seen.Add(1) == 100 {
+			held = p.Detach() // read after the transfer only
+			return Hold
+		}
+		return Accept
+	}
+	fd := lab.Gateway.OpenT(t)
+	const faultAfter = 300
+	set, err := Open(t.Context(), Config{First: 78, Count: 1, NetNS: fd, faultAfter: faultAfter}, func(uint16) Handler { return h }, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer set.Close()
+	srv := netip.AddrPortFrom(lab.Server().IPv4, 7001)
+	ln, err := lab.Server().Listen(srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	tr := testnet.RunTransfer(lab.Client(), ln, srv, testnet.TransferOptions{C2S: 64 << 20, S2C: 1 << 20, Seed: 11, Timeout: time.Minute})
+	if err := tr.Check(); err != nil {
+		t.Fatal(err)
+	}
+	st := set.Stats()[0]
+	t.Logf("64 MiB intact through a queue whose reader failed after %d packets; stats %+v", faultAfter, st)
+	if st.Reopens != 1 || st.Errors == 0 {
+		t.Fatalf("reopens %d, errors %d; want 1 reopen after 1 error", st.Reopens, st.Errors)
+	}
+	if st.Received <= faultAfter {
+		t.Fatalf("received %d packets: nothing after the reopen", st.Received)
+	}
+	if err := held.Verdict(Accept); err != errStale {
+		t.Fatalf("verdict for a packet of the old socket: %v, want errStale", err)
+	}
+}

@@ -57,7 +57,8 @@ type Gateway struct {
 
 	// The configuration and kernel state in force; Reload replaces them.
 	snap    atomic.Pointer[snapshot]
-	rulesMu sync.Mutex // serializes table installs (reload, repair) and starting the splice machinery
+	rulesMu sync.Mutex // serializes the start, table installs (reload, repair) and starting the splice machinery
+	running bool       // between a complete start and the shutdown (rulesMu)
 
 	mu       sync.Mutex
 	services map[string]*service
@@ -157,33 +158,46 @@ func (g *Gateway) Flows() *proxy.FlowTable { return g.flows }
 func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	g.started = time.Now()
 	cfg := g.config()
+	// A reload (SIGHUP) waits until the start is complete.
+	g.rulesMu.Lock()
 	// Everything a flow may need exists before the first listener does:
 	// after a kill -9 the old table is still installed and hands SYNs to
 	// our ports as soon as something listens there.
 	if err := g.prepareSplicing(ctx, cfg, g.manager()); err != nil {
 		g.abortStart()
+		g.rulesMu.Unlock()
 		return err
 	}
 	for i := range cfg.Services {
 		if err := g.startService(&cfg.Services[i]); err != nil {
 			g.abortStart()
+			g.rulesMu.Unlock()
 			return err
 		}
 	}
 	if err := g.manager().Install(nil); err != nil {
 		g.manager().Remove()
 		g.shutdown()
+		g.rulesMu.Unlock()
 		return err
+	}
+	g.running = true
+	g.rulesMu.Unlock()
+	stop := func() error {
+		g.rulesMu.Lock()
+		g.running = false
+		g.rulesMu.Unlock()
+		return g.shutdown()
 	}
 	stopControl, err := g.serveControl(ctx, cfg.Control.Socket, cfg.Control.Group)
 	if err != nil {
-		g.shutdown()
+		stop()
 		return err
 	}
 	defer stopControl()
 	stopMetrics, err := g.serveMetrics(cfg.Metrics.Listen)
 	if err != nil {
-		g.shutdown()
+		stop()
 		return err
 	}
 	defer stopMetrics()
@@ -212,7 +226,7 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	stopBG()
 	wg.Wait()
 	g.logStats()
-	return g.shutdown()
+	return stop()
 }
 
 func (g *Gateway) logReady() {

@@ -23,6 +23,9 @@ import (
 func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 	g.rulesMu.Lock()
 	defer g.rulesMu.Unlock()
+	if !g.running {
+		return fmt.Errorf("reload %s: spliced is starting or stopping; try again once it runs (nothing was changed)", cfg.File)
+	}
 	old := g.config()
 	if err := restartOnly(old, cfg); err != nil {
 		return err

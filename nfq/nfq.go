@@ -18,9 +18,9 @@
 // (user_dropped when the socket buffer was full, queue_dropped when the
 // queue was) are read back alongside ours.
 //
-// A lean queue's reader whose receive fails (other than ENOBUFS, which is
-// counted) reopens and rebinds its socket, counts it (Stats.Reopens) and
-// logs it, rather than leaving a queue without bypass stalled.
+// A queue whose receive fails (other than ENOBUFS, which is counted)
+// reopens and rebinds its socket, counts it (Stats.Reopens) and logs it,
+// rather than leaving a queue without bypass stalled; both backends.
 //
 // Our own code never logs per packet.
 package nfq
@@ -34,6 +34,8 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"sync"
+	"time"
 
 	nfqueue "github.com/florianl/go-nfqueue/v2"
 	"github.com/mdlayher/netlink"
@@ -133,16 +135,16 @@ type Config struct {
 	// Library selects the go-nfqueue backend instead of the lean one.
 	Library bool
 
-	// faultAfter is a test hook: each lean queue's reader fails one
-	// receive after this many packets, as a broken socket would, and
-	// recovers as from a real failure. Open sets it from the environment
+	// faultAfter is a test hook: each queue's reader fails one receive
+	// after this many packets, as a broken socket would, and recovers as
+	// from a real failure. Open sets it from the environment
 	// variable FaultEnv, so that lab tests can provoke it in the daemon.
 	faultAfter uint64
 }
 
 // FaultEnv names the environment variable of a test hook: set to N, each
-// lean queue's reader fails one receive after N packets and must reopen
-// its socket (see leanQueue). Never set it outside tests.
+// queue's reader fails one receive after N packets and must reopen its
+// socket (see leanQueue). Never set it outside tests.
 const FaultEnv = "SPLICED_TEST_NFQ_FAULT_AFTER"
 
 // Set is a running group of queues.
@@ -154,13 +156,20 @@ type Set struct {
 	cpus     []int // the CPUs the queues' readers are bound to, in turn
 }
 
-// libQueue is a queue served by go-nfqueue.
+// libQueue is a queue served by go-nfqueue. Like the lean reader, it
+// reopens its socket when a receive fails (see reopen).
 type libQueue struct {
 	num     uint16
-	nf      *nfqueue.Nfqueue
+	ctx     context.Context
+	cfg     Config
 	handler Handler
 	log     *slog.Logger
 	cnt     *counters
+
+	mu      sync.RWMutex // guards nf, gen and stopped
+	nf      *nfqueue.Nfqueue
+	gen     uint32 // counts sockets; packets carry the gen they came from
+	stopped bool
 
 	scratch Packet // reused for every packet: the handler may not keep it
 }
@@ -208,6 +217,20 @@ func Open(ctx context.Context, cfg Config, newHandler func(queue uint16) Handler
 }
 
 func openLibrary(ctx context.Context, num uint16, cfg Config, h Handler, log *slog.Logger, cnt *counters) (*libQueue, error) {
+	q := &libQueue{num: num, ctx: ctx, cfg: cfg, handler: h, log: log, cnt: cnt}
+	q.mu.Lock() // its callbacks run as soon as it is bound
+	defer q.mu.Unlock()
+	nf, err := q.open()
+	if err != nil {
+		return nil, err
+	}
+	q.nf, q.gen = nf, 1
+	return q, nil
+}
+
+// open opens and binds a go-nfqueue socket whose callbacks are q's.
+func (q *libQueue) open() (*nfqueue.Nfqueue, error) {
+	cfg, num := q.cfg, q.num
 	var flags uint32
 	if !cfg.NoGSO {
 		flags = nfqueue.NfQaCfgFlagGSO
@@ -224,16 +247,53 @@ func openLibrary(ctx context.Context, num uint16, cfg Config, h Handler, log *sl
 	if err != nil {
 		return nil, fmt.Errorf("nfqueue %d: open: %w", num, err)
 	}
-	q := &libQueue{num: num, nf: nf, handler: h, log: log, cnt: cnt}
 	if err := setRcvBufForce(nf.Con, cfg.RcvBuf); err != nil {
 		nf.Close()
 		return nil, fmt.Errorf("nfqueue %d: %w", num, err)
 	}
-	if err := nf.RegisterWithErrorFunc(ctx, q.receive, q.receiveError); err != nil {
+	if err := nf.RegisterWithErrorFunc(q.ctx, q.receive, q.receiveError); err != nil {
 		nf.Close()
 		return nil, fmt.Errorf("nfqueue %d: bind: %w (is another program bound to this queue number? set kernel.queue)", num, err)
 	}
-	return q, nil
+	return nf, nil
+}
+
+// reopen replaces a socket whose receive failed: the old one is closed
+// (the kernel drops what waits for a verdict), a new one is bound, with a
+// backoff until it works or the queue is closed.
+func (q *libQueue) reopen(cause error) {
+	q.mu.Lock()
+	if q.stopped {
+		q.mu.Unlock()
+		return
+	}
+	old := q.nf
+	q.gen++ // verdicts of the old socket's packets are not sent
+	q.mu.Unlock()
+	old.Close() // not under mu: its callbacks may still be sending verdicts
+	wait := 10 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		q.mu.Lock()
+		if q.stopped {
+			q.mu.Unlock()
+			return
+		}
+		nf, err := q.open()
+		if err == nil {
+			q.nf = nf
+			q.gen++
+		}
+		q.mu.Unlock()
+		if err == nil {
+			q.cnt.reopens.Add(1)
+			q.log.Warn("nfqueue reader reopened its socket after a receive failure; packets waiting for a verdict were dropped and are retransmitted",
+				"queue", q.num, "attempts", attempt, "cause", cause)
+			return
+		}
+		q.log.Error("nfqueue reopen failed; retrying", "queue", q.num, "attempt", attempt, "error", err)
+		time.Sleep(wait)
+		wait = min(2*wait, time.Second)
+	}
 }
 
 // setRcvBufForce sets the socket's receive buffer past net.core.rmem_max.
@@ -258,9 +318,15 @@ func (q *libQueue) receive(a nfqueue.Attribute) int {
 	if a.PacketID == nil || a.Payload == nil {
 		return 0
 	}
-	q.cnt.received.Add(1)
+	q.mu.RLock()
+	gen := q.gen
+	q.mu.RUnlock()
 	p := &q.scratch
-	*p = Packet{ID: *a.PacketID, Data: *a.Payload, q: q}
+	*p = Packet{ID: *a.PacketID, Data: *a.Payload, q: q, gen: gen}
+	if q.cnt.received.Add(1) == q.cfg.faultAfter {
+		// The test hook: as if the receive had failed.
+		go q.reopen(errInjected)
+	}
 	if a.SkbInfo != nil && len(*a.SkbInfo) >= 4 {
 		info := binary.BigEndian.Uint32(*a.SkbInfo)
 		p.CsumNotReady = info&skbCsumNotReady != 0
@@ -285,6 +351,14 @@ func (q *libQueue) verdict(p *Packet, d Decision) error {
 	return q.send(p, d)
 }
 
+func (q *libQueue) close() error {
+	q.mu.Lock()
+	q.stopped = true
+	nf := q.nf
+	q.mu.Unlock()
+	return nf.Close()
+}
+
 // detach: go-nfqueue gives every packet its own copy already.
 func (q *libQueue) detach(p *Packet) *Packet {
 	c := *p
@@ -293,9 +367,12 @@ func (q *libQueue) detach(p *Packet) *Packet {
 
 func (q *libQueue) number() uint16 { return q.num }
 
-func (q *libQueue) close() error { return q.nf.Close() }
-
 func (q *libQueue) send(p *Packet, d Decision) error {
+	q.mu.RLock()
+	defer q.mu.RUnlock()
+	if p.gen != q.gen {
+		return errStale
+	}
 	q.cnt.count(d)
 	switch d {
 	case Accept:
@@ -324,7 +401,8 @@ func (q *libQueue) receiveError(err error) int {
 		return 1
 	}
 	q.cnt.errors.Add(1)
-	q.log.Error("nfqueue receive failed", "queue", q.num, "error", err)
+	q.log.Error("nfqueue receive failed; reopening the queue", "queue", q.num, "error", err)
+	go q.reopen(err)
 	return 1
 }
 

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"strconv"
@@ -16,6 +17,7 @@ log:
   level: debug
 kernel:
   queues: 1
+  nfqueue: %s
 services:
   - name: fwd
     listen: 15001
@@ -31,8 +33,14 @@ services:
 func TestLabQueueReaderFails(t *testing.T) {
 	const faultAfter = 1000
 	t.Setenv(nfq.FaultEnv, strconv.Itoa(faultAfter))
+	for _, backend := range []string{"lean", "go-nfqueue"} {
+		t.Run(backend, func(t *testing.T) { queueReaderFails(t, backend, faultAfter) })
+	}
+}
+
+func queueReaderFails(t *testing.T, backend string, faultAfter uint64) {
 	lab := testnet.NewT(t, testnet.Options{})
-	d := testnet.StartDaemon(t, lab, queueFaultConfig)
+	d := testnet.StartDaemon(t, lab, fmt.Sprintf(queueFaultConfig, backend))
 	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
 	ln, err := lab.Server().Listen(srv)
 	if err != nil {
@@ -67,8 +75,8 @@ func TestLabQueueReaderFails(t *testing.T) {
 	if q == nil {
 		t.Fatal("no queue in the status")
 	}
-	t.Logf("%d MiB each way intact in %v; the reader failed after %d packets and reopened (%v); queue received %d packets, errors %d, reopens %d",
-		size>>20, tr.Elapsed.Round(time.Millisecond), faultAfter, rec["cause"], q.received, q.errors, q.reopens)
+	t.Logf("%s: %d MiB each way intact in %v; the reader failed after %d packets and reopened (%v); queue received %d packets, errors %d, reopens %d",
+		backend, size>>20, tr.Elapsed.Round(time.Millisecond), faultAfter, rec["cause"], q.received, q.errors, q.reopens)
 	if q.reopens != 1 || q.received < 2*faultAfter {
 		t.Fatalf("reopens %d, received %d: want one reopen and the flow going on after it", q.reopens, q.received)
 	}

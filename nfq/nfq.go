@@ -166,10 +166,11 @@ type libQueue struct {
 	log     *slog.Logger
 	cnt     *counters
 
-	mu      sync.RWMutex // guards nf, gen and stopped
-	nf      *nfqueue.Nfqueue
-	gen     uint32 // counts sockets; packets carry the gen they came from
+	mu      sync.RWMutex     // guards nf, gen and stopped
+	nf      *nfqueue.Nfqueue // nil while it is being replaced
+	gen     uint32           // counts sockets; packets carry the gen they came from
 	stopped bool
+	reopens sync.WaitGroup // reopen goroutines, waited for by close
 
 	scratch Packet // reused for every packet: the handler may not keep it
 }
@@ -220,7 +221,7 @@ func openLibrary(ctx context.Context, num uint16, cfg Config, h Handler, log *sl
 	q := &libQueue{num: num, ctx: ctx, cfg: cfg, handler: h, log: log, cnt: cnt}
 	q.mu.Lock() // its callbacks run as soon as it is bound
 	defer q.mu.Unlock()
-	nf, err := q.open()
+	nf, err := q.open(1)
 	if err != nil {
 		return nil, err
 	}
@@ -228,8 +229,9 @@ func openLibrary(ctx context.Context, num uint16, cfg Config, h Handler, log *sl
 	return q, nil
 }
 
-// open opens and binds a go-nfqueue socket whose callbacks are q's.
-func (q *libQueue) open() (*nfqueue.Nfqueue, error) {
+// open opens and binds a go-nfqueue socket whose callbacks are q's; gen
+// is the generation it will have.
+func (q *libQueue) open(gen uint32) (*nfqueue.Nfqueue, error) {
 	cfg, num := q.cfg, q.num
 	var flags uint32
 	if !cfg.NoGSO {
@@ -251,26 +253,38 @@ func (q *libQueue) open() (*nfqueue.Nfqueue, error) {
 		nf.Close()
 		return nil, fmt.Errorf("nfqueue %d: %w", num, err)
 	}
-	if err := nf.RegisterWithErrorFunc(q.ctx, q.receive, q.receiveError); err != nil {
+	receive := func(a nfqueue.Attribute) int { return q.receive(gen, a) }
+	if err := nf.RegisterWithErrorFunc(q.ctx, receive, func(err error) int { return q.receiveError(gen, err) }); err != nil {
 		nf.Close()
 		return nil, fmt.Errorf("nfqueue %d: bind: %w (is another program bound to this queue number? set kernel.queue)", num, err)
 	}
 	return nf, nil
 }
 
-// reopen replaces a socket whose receive failed: the old one is closed
-// (the kernel drops what waits for a verdict), a new one is bound, with a
-// backoff until it works or the queue is closed.
-func (q *libQueue) reopen(cause error) {
+// startReopen replaces the socket of generation gen, whose receive
+// failed, in a goroutine of its own (the failing socket's callback
+// goroutine must end before the socket can be closed). A socket already
+// replaced, or a closed queue, is left alone.
+func (q *libQueue) startReopen(gen uint32, cause error) {
 	q.mu.Lock()
-	if q.stopped {
-		q.mu.Unlock()
+	defer q.mu.Unlock()
+	if q.stopped || q.gen != gen {
 		return
 	}
 	old := q.nf
+	q.nf = nil
 	q.gen++ // verdicts of the old socket's packets are not sent
-	q.mu.Unlock()
-	old.Close() // not under mu: its callbacks may still be sending verdicts
+	q.reopens.Add(1)
+	go func() {
+		defer q.reopens.Done()
+		old.Close() // not under mu: its callbacks may still be sending verdicts
+		q.reopen(cause)
+	}()
+}
+
+// reopen binds a new socket, with a backoff until it works or the queue
+// is closed.
+func (q *libQueue) reopen(cause error) {
 	wait := 10 * time.Millisecond
 	for attempt := 1; ; attempt++ {
 		q.mu.Lock()
@@ -278,7 +292,7 @@ func (q *libQueue) reopen(cause error) {
 			q.mu.Unlock()
 			return
 		}
-		nf, err := q.open()
+		nf, err := q.open(q.gen + 1)
 		if err == nil {
 			q.nf = nf
 			q.gen++
@@ -291,7 +305,11 @@ func (q *libQueue) reopen(cause error) {
 			return
 		}
 		q.log.Error("nfqueue reopen failed; retrying", "queue", q.num, "attempt", attempt, "error", err)
-		time.Sleep(wait)
+		select {
+		case <-time.After(wait):
+		case <-q.ctx.Done():
+			return
+		}
 		wait = min(2*wait, time.Second)
 	}
 }
@@ -314,18 +332,16 @@ func setRcvBufForce(c *netlink.Conn, size int) error {
 	return nil
 }
 
-func (q *libQueue) receive(a nfqueue.Attribute) int {
+// receive handles a packet of the socket of generation gen.
+func (q *libQueue) receive(gen uint32, a nfqueue.Attribute) int {
 	if a.PacketID == nil || a.Payload == nil {
 		return 0
 	}
-	q.mu.RLock()
-	gen := q.gen
-	q.mu.RUnlock()
 	p := &q.scratch
 	*p = Packet{ID: *a.PacketID, Data: *a.Payload, q: q, gen: gen}
 	if q.cnt.received.Add(1) == q.cfg.faultAfter {
 		// The test hook: as if the receive had failed.
-		go q.reopen(errInjected)
+		q.startReopen(gen, errInjected)
 	}
 	if a.SkbInfo != nil && len(*a.SkbInfo) >= 4 {
 		info := binary.BigEndian.Uint32(*a.SkbInfo)
@@ -356,7 +372,12 @@ func (q *libQueue) close() error {
 	q.stopped = true
 	nf := q.nf
 	q.mu.Unlock()
-	return nf.Close()
+	var err error
+	if nf != nil {
+		err = nf.Close()
+	}
+	q.reopens.Wait()
+	return err
 }
 
 // detach: go-nfqueue gives every packet its own copy already.
@@ -370,7 +391,7 @@ func (q *libQueue) number() uint16 { return q.num }
 func (q *libQueue) send(p *Packet, d Decision) error {
 	q.mu.RLock()
 	defer q.mu.RUnlock()
-	if p.gen != q.gen {
+	if p.gen != q.gen || q.nf == nil {
 		return errStale
 	}
 	q.cnt.count(d)
@@ -388,7 +409,7 @@ func (q *libQueue) send(p *Packet, d Decision) error {
 // receiveError decides whether a receive error ends the loop: ENOBUFS
 // means the kernel dropped packets because our socket buffer was full; it
 // is counted (and visible in user_dropped), and the loop goes on.
-func (q *libQueue) receiveError(err error) int {
+func (q *libQueue) receiveError(gen uint32, err error) int {
 	if errors.Is(err, unix.ENOBUFS) {
 		q.cnt.overruns.Add(1)
 		return 0
@@ -400,9 +421,15 @@ func (q *libQueue) receiveError(err error) int {
 	if errors.Is(err, net.ErrClosed) {
 		return 1
 	}
+	q.mu.RLock()
+	current := q.gen == gen && !q.stopped
+	q.mu.RUnlock()
+	if !current {
+		return 1 // a socket being replaced or closed: its end is expected
+	}
 	q.cnt.errors.Add(1)
 	q.log.Error("nfqueue receive failed; reopening the queue", "queue", q.num, "error", err)
-	go q.reopen(err)
+	q.startReopen(gen, err)
 	return 1
 }
 

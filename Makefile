@@ -2,6 +2,14 @@
 SHELL := /bin/bash
 
 GO       ?= go
+# sudo resets PATH to its secure_path, which lacks the Go of the official
+# tarball: add /usr/local/go/bin when go is not found (the tests run go too).
+ifeq ($(shell command -v $(GO)),)
+export PATH := $(PATH):/usr/local/go/bin
+endif
+# Checks the tools a target runs and, as root on Debian or Ubuntu,
+# installs the missing packages (see the script).
+DEPS     := $(SHELL) scripts/deps.sh
 PREFIX   ?= /usr/local
 DESTDIR  ?=
 SYSCONFDIR ?= /etc
@@ -9,23 +17,24 @@ BIN      := bin
 CMDS     := spliced splicectl spliced-demo spliced-bench
 TESTFLAGS ?=
 
-.PHONY: all build test test-race check demo bench bench-quick install clean
+.PHONY: all build test test-race check demo bench bench-quick install clean deps-demo deps-test deps-bench
 
 all: build
 
 build:
-	$(GO) build -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/ $(addprefix ./cmd/,$(CMDS))
 
-# Every package's tests, lab tests included (as root). The summary fails
-# the run when a test fails, or when one skipped although we are root.
-test:
+# Every package's tests, lab tests included (as root), after installing
+# the tools they use. The summary fails the run when a test fails, or when
+# one skipped although we are root.
+test: deps-test
 	set -o pipefail; $(GO) test -count=1 -timeout 14m -json $(TESTFLAGS) ./... | $(GO) run ./internal/testsummary
 
 # The same under the race detector; the daemons the lab tests start are
 # built with -race too (testnet.Binary, SPLICED_RACE) and a race they
 # report fails the test. PKGS narrows it: make test-race PKGS=./gateway
 PKGS ?= ./...
-test-race:
+test-race: deps-test
 	set -o pipefail; SPLICED_RACE=1 $(GO) test -race -count=1 -timeout 40m -json $(TESTFLAGS) $(PKGS) | $(GO) run ./internal/testsummary
 
 check:
@@ -34,15 +43,18 @@ check:
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
 
-demo: build
+deps-demo deps-test deps-bench:
+	@$(DEPS) $(patsubst deps-%,%,$@)
+
+demo: deps-demo build
 	$(BIN)/spliced-demo -spliced $(BIN)/spliced
 
 # The benchmark (as root): every configuration side by side, written to
 # bench/results/latest.{json,md} and pictures. bench-quick is shorter.
-bench: build
+bench: deps-bench build
 	$(BIN)/spliced-bench -spliced $(BIN)/spliced
 
-bench-quick: build
+bench-quick: deps-bench build
 	$(BIN)/spliced-bench -spliced $(BIN)/spliced -quick
 
 # Binaries, the default configuration (an existing one is kept), the
@@ -61,4 +73,56 @@ install: build
 	$(BIN)/splicectl completion bash > $(DESTDIR)$(COMPDIR)/splicectl
 
 clean:
-	rm -rf $(BIN) test.json
+	rm -rf $(BIN) test.json $(DIST)
+
+# The version (package internal/version): git describe and the commit,
+# passed with -X because Go stamps no VCS information in a git worktree or
+# with -buildvcs=false. The Debian package gets the same version.
+GIT_DESCRIBE := $(shell git describe --tags --match 'v[0-9]*' --dirty 2>/dev/null)
+GIT_REVISION := $(shell git rev-parse HEAD 2>/dev/null)
+GIT_TIME     := $(shell git log -1 --format=%ct 2>/dev/null)
+GIT_MODIFIED := $(shell [ -n "$$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo true)
+LDFLAGS ?= -X spliced/internal/version.tag=$(GIT_DESCRIBE) -X spliced/internal/version.revision=$(GIT_REVISION) \
+	-X spliced/internal/version.commitTS=$(GIT_TIME) -X spliced/internal/version.modified=$(GIT_MODIFIED)
+
+# The Debian package, built with nfpm (a Go tool dependency; see the
+# README's Installation section): make deb [ARCH=amd64|arm64|armhf|mipsel|riscv64|i386]
+# writes $(DIST)/spliced_VERSION_ARCH.deb: static binaries (CGO_ENABLED=0,
+# stripped), every file dated at the commit's time.
+DIST       ?= dist
+ARCH       ?= $(shell dpkg --print-architecture 2>/dev/null || $(GO) env GOARCH)
+MAINTAINER ?= $(shell git log -1 --format='%an <%ae>' 2>/dev/null)
+GOARCH_amd64   := GOARCH=amd64
+GOARCH_arm64   := GOARCH=arm64
+GOARCH_armhf   := GOARCH=arm GOARM=7
+GOARCH_mipsel  := GOARCH=mipsle GOMIPS=softfloat
+GOARCH_riscv64 := GOARCH=riscv64
+GOARCH_i386    := GOARCH=386
+STAGE = $(DIST)/stage-$(ARCH)
+
+.PHONY: deb cross
+deb:
+	@[ -n "$(GOARCH_$(ARCH))" ] || { echo "make deb: unknown ARCH=$(ARCH); use amd64, arm64, armhf, mipsel, riscv64 or i386"; exit 2; }
+	rm -rf $(STAGE) && mkdir -p $(STAGE)
+	env CGO_ENABLED=0 GOOS=linux $(GOARCH_$(ARCH)) $(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o $(STAGE)/ ./cmd/spliced ./cmd/splicectl
+	$(GO) run ./packaging/stage -bin $(STAGE)/spliced -out $(STAGE) \
+		-tag '$(GIT_DESCRIBE)' -revision '$(GIT_REVISION)' -time '$(GIT_TIME)' -modified '$(GIT_MODIFIED)'
+	sed -e 's|@BINDIR@|/usr/bin|g' -e 's|@SYSCONFDIR@|/etc|g' contrib/spliced.service.in > $(STAGE)/spliced.service
+	VERSION="$$(cat $(STAGE)/VERSION)" ARCH=$(ARCH) STAGE=$(STAGE) SOURCE_DATE_EPOCH=$(GIT_TIME) MAINTAINER='$(or $(MAINTAINER),spliced maintainers <root@localhost>)' \
+		$(GO) tool nfpm package --config packaging/nfpm.yaml --packager deb --target $(DIST)/
+	rm -rf $(STAGE)
+
+# Builds (no tests) for routers' CPUs: linux/arm64, linux/arm (GOARM=7),
+# linux/mipsle (GOMIPS=softfloat: many MIPS routers have no FPU) and
+# linux/riscv64. Every package compiles (go build ./...,
+# which catches 32-bit and per-architecture syscall differences in the
+# test tools too); spliced and splicectl land in $(DIST)/cross/OS_ARCH/.
+CROSS ?= linux/arm64 linux/arm/7 linux/mipsle linux/riscv64
+cross:
+	@set -e; for t in $(CROSS); do \
+		IFS=/ read -r os arch arm <<< "$$t"; out=$(DIST)/cross/$${os}_$${arch}$${arm:+v$$arm}; \
+		echo "cross: $$t -> $$out"; \
+		export CGO_ENABLED=0 GOOS=$$os GOARCH=$$arch GOARM=$$arm GOMIPS=softfloat; \
+		$(GO) build ./...; \
+		$(GO) build -trimpath -ldflags '-s -w $(LDFLAGS)' -o $$out/ ./cmd/spliced ./cmd/splicectl; \
+	done

@@ -58,6 +58,9 @@ type Engine struct {
 	Queues         []Queue           `json:"queues,omitempty"`
 	QueueBackend   string            `json:"queue_backend,omitempty"` // lean or go-nfqueue
 	InjectFailures uint64            `json:"inject_failures,omitempty"`
+	// StalledFlows counts directions of spliced flows that stalled (see
+	// splice.stall_after).
+	StalledFlows uint64 `json:"stalled_flows,omitempty"`
 }
 
 // Queue is one NFQUEUE's counters: ours, then the kernel's.
@@ -106,6 +109,32 @@ type Flow struct {
 	Started    time.Time  `json:"started"`
 	AgeSec     float64    `json:"age_sec"`
 	SplicedAt  *time.Time `json:"spliced_at,omitempty"`
+	// Engine is what the splice engine tracks of each direction of a
+	// spliced flow (client to server first).
+	Engine []Direction `json:"engine,omitempty"`
+}
+
+// Direction is the splice engine's state of one direction of a flow.
+// Sequence numbers are in the sender's own space.
+type Direction struct {
+	Name           string `json:"name"` // c2s or s2c
+	SeqOffset      uint32 `json:"seq_offset"`
+	HighestSeq     uint32 `json:"highest_seq"`    // end of the highest data or FIN forwarded
+	HighestAck     uint32 `json:"highest_ack"`    // highest acknowledgment of it by the receiver
+	Unacknowledged uint32 `json:"unacknowledged"` // bytes forwarded and not acknowledged
+	Window         uint32 `json:"window"`         // last window the sender advertised, bytes
+	FIN            bool   `json:"fin"`
+	TSOffset       uint32 `json:"ts_offset"`
+	TSLearned      bool   `json:"ts_learned"`
+	Packets        uint64 `json:"packets"`
+	Bytes          uint64 `json:"bytes"`
+	Dropped        uint64 `json:"dropped"`
+	LastVerdict    string `json:"last_verdict"`
+	LastDrop       string `json:"last_drop,omitempty"`
+	// ProgressAgeSec: seconds since the receiver last acknowledged new
+	// data (or data went out while none was outstanding).
+	ProgressAgeSec float64 `json:"progress_age_sec"`
+	Stalled        bool    `json:"stalled"`
 }
 
 // Leg is one TCP connection of a flow, as "address:port".

@@ -46,9 +46,13 @@ func (o *Options) defaults() {
 	}
 }
 
-// Run measures every configuration and returns the report.
+// Run measures every configuration and returns the report. It fails at
+// once, naming them, when tools it needs are not installed.
 func Run(opt Options) (*Report, error) {
 	opt.defaults()
+	if err := testnet.CheckTools(Tools(opt)...); err != nil {
+		return nil, fmt.Errorf("%w; -only can select the parts whose tools are there", err)
+	}
 	dir, err := os.MkdirTemp("", "spliced-bench-")
 	if err != nil {
 		return nil, err

@@ -97,6 +97,11 @@ type Splice struct {
 	// acknowledge what the gateway already acknowledged (default 5s);
 	// past it the splice is abandoned and the flow stays proxied.
 	DrainTimeout Duration `yaml:"drain_timeout"`
+	// StallAfter: a spliced flow with data its receiver has not
+	// acknowledged for this long, while packets of the flow still come,
+	// is reported as stalled (counted, logged with the engine's state;
+	// default 15s). A stall is a bug to report, not a state to wait out.
+	StallAfter Duration `yaml:"stall_after"`
 }
 
 // Limits bound what the daemon holds.
@@ -324,6 +329,7 @@ const (
 	DefaultQueue          = 100
 	DefaultDivertTimeout  = 24 * time.Hour
 	DefaultDrainTimeout   = 5 * time.Second
+	DefaultStallAfter     = 15 * time.Second
 
 	DefaultFTPDataFirst      = 40000
 	DefaultFTPDataLast       = 40999
@@ -382,6 +388,7 @@ func (c *Config) applyDefaults() {
 		setDefault(&s.Access.Default, Allow)
 		setDefault(&s.Splice.Mode, SpliceNever)
 		setDefault(&s.Splice.DrainTimeout, Duration(DefaultDrainTimeout))
+		setDefault(&s.Splice.StallAfter, Duration(DefaultStallAfter))
 	}
 }
 

@@ -3,7 +3,6 @@ package ctl
 import (
 	"context"
 	"fmt"
-	"runtime/debug"
 )
 
 const bashCompletion = `# bash completion for splicectl
@@ -33,17 +32,4 @@ func (c *cli) completion(_ context.Context, args []string) error {
 	}
 	fmt.Fprint(c.out, bashCompletion)
 	return nil
-}
-
-func version() string {
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return "unknown"
-	}
-	for _, s := range bi.Settings {
-		if s.Key == "vcs.revision" && len(s.Value) >= 12 {
-			return "devel-" + s.Value[:12]
-		}
-	}
-	return bi.Main.Version
 }

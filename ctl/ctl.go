@@ -22,6 +22,7 @@ import (
 
 	"spliced/api"
 	"spliced/config"
+	"spliced/internal/version"
 )
 
 const usage = `usage: splicectl [-s SOCKET] [-j] COMMAND [ARGS]
@@ -37,12 +38,15 @@ commands:
   watch                       follow flow and daemon events (also: events)
   config check FILE           validate a configuration file as the daemon would
   completion bash             print the bash completion script
-  version                     print splicectl's version
+  version                     print splicectl's version (the Debian package's) and build
 
 flags (anywhere before the command's arguments):
   -s SOCKET   the daemon's control socket (default $SPLICED_SOCKET or /run/spliced/spliced.sock)
   -j          print JSON (the API's types) instead of tables
 `
+
+// Usage is splicectl's usage text (its man page's commands and flags).
+func Usage() string { return usage }
 
 // Run executes splicectl with args and returns the exit code.
 func Run(args []string, stdout, stderr io.Writer) int {
@@ -85,7 +89,14 @@ func Run(args []string, stdout, stderr io.Writer) int {
 	case "completion":
 		run = c.completion
 	case "version":
-		run = func(context.Context, []string) error { fmt.Fprintln(c.out, "splicectl", version()); return nil }
+		run = func(_ context.Context, args []string) error {
+			if len(args) > 0 {
+				return usageError{fmt.Errorf("takes no arguments")}
+			}
+			v := version.Get()
+			_, err := fmt.Fprintf(c.out, "splicectl %s\n%s\n", v, v.Details())
+			return err
+		}
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0
@@ -274,6 +285,24 @@ func (c *cli) printFlow(f *api.Flow) error {
 	fmt.Fprintf(w, "age\t%s (since %s)\n", time.Duration(f.AgeSec*float64(time.Second)).Round(time.Millisecond), f.Started.Format(time.RFC3339))
 	if f.SplicedAt != nil {
 		fmt.Fprintf(w, "spliced at\t%s (%s after it started)\n", f.SplicedAt.Format(time.RFC3339Nano), f.SplicedAt.Sub(f.Started).Round(time.Millisecond))
+	}
+	for _, d := range f.Engine {
+		name := map[string]string{"c2s": "client->server", "s2c": "server->client"}[d.Name]
+		state := "moving"
+		switch {
+		case d.Stalled:
+			state = "STALLED"
+		case d.Unacknowledged == 0:
+			state = "all acknowledged"
+		}
+		fmt.Fprintf(w, "%s\t%s: %d bytes unacknowledged, last progress %s ago; seq %d ack %d (offset %+d), window %d%s\n",
+			name, state, d.Unacknowledged, time.Duration(d.ProgressAgeSec*float64(time.Second)).Round(time.Millisecond),
+			d.HighestSeq, d.HighestAck, int32(d.SeqOffset), d.Window, map[bool]string{true: ", FIN sent"}[d.FIN])
+		drops := ""
+		if d.Dropped > 0 {
+			drops = fmt.Sprintf(", last dropped: %s", d.LastDrop)
+		}
+		fmt.Fprintf(w, "\t%d packets, %d dropped; last verdict %s%s\n", d.Packets, d.Dropped, d.LastVerdict, drops)
 	}
 	return w.Flush()
 }

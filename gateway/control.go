@@ -11,35 +11,20 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"spliced/api"
+	"spliced/internal/version"
 	"spliced/proxy"
 	"spliced/rules"
 	"spliced/splice"
 )
 
-// Version is spliced's version: the module version or VCS revision the
-// binary was built from.
-func Version() string {
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return "unknown"
-	}
-	if v := bi.Main.Version; v != "" && v != "(devel)" {
-		return v
-	}
-	for _, s := range bi.Settings {
-		if s.Key == "vcs.revision" && len(s.Value) >= 12 {
-			return "devel-" + s.Value[:12]
-		}
-	}
-	return "devel"
-}
+// Version is spliced's version (package internal/version).
+func Version() string { return version.Get().String() }
 
 // serveControl opens the control socket and serves the API until ctx is
 // done.
@@ -149,7 +134,8 @@ func (g *Gateway) Status() api.Status {
 	if g.splicing() {
 		e := api.Engine{Name: "splice", Splices: g.spliceLatency.count.Load(), SpliceAborts: g.spliceAborts.Load(),
 			SpliceP50Us: g.spliceLatency.percentile(0.5).Microseconds(), SpliceP99Us: g.spliceLatency.percentile(0.99).Microseconds(),
-			Verdicts: map[string]uint64{}, QueueBackend: cfg.Kernel.NFQueue, InjectFailures: g.injectErrors.Load()}
+			Verdicts: map[string]uint64{}, QueueBackend: cfg.Kernel.NFQueue, InjectFailures: g.injectErrors.Load(),
+			StalledFlows: g.stalledFlows.Load()}
 		for _, en := range g.engine.Entries() {
 			s := en.Stats()
 			e.BytesC2S += s[splice.C2S].Bytes
@@ -201,6 +187,7 @@ func describeFlow(f *proxy.Flow, sf *splicedFlow) api.Flow {
 		af.BytesC2S += s[splice.C2S].Bytes
 		af.BytesS2C += s[splice.S2C].Bytes
 		af.PacketsC2S, af.PacketsS2C = s[splice.C2S].Packets, s[splice.S2C].Packets
+		af.Engine = engineState(sf, time.Now())
 	}
 	return af
 }

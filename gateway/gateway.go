@@ -94,6 +94,8 @@ type Gateway struct {
 	spliceAborts              atomic.Uint64
 	unsplices, unspliceAborts atomic.Uint64
 	injectErrors              atomic.Uint64
+	stalledFlows              atomic.Uint64
+	stallLog                  *logging.Limiter
 	reloads                   atomic.Int64
 	divertRefreshes           atomic.Uint64
 	divertRefreshErrors       atomic.Uint64
@@ -134,6 +136,7 @@ func New(cfg *config.Config, log *slog.Logger) *Gateway {
 		spliced:     map[uint64]*splicedFlow{},
 		jumped:      map[[2]netip.AddrPort]time.Time{},
 		passthrough: map[uint64]*transition{},
+		stallLog:    logging.NewLimiter(time.Second),
 	}
 	g.snap.Store(&snapshot{cfg: cfg, rules: rules.NewManager(rules.FromConfig(cfg))})
 	return g
@@ -343,7 +346,7 @@ func (g *Gateway) logStats() {
 	attrs := []any{"splices", g.spliceLatency.count.Load(), "splice_aborts", g.spliceAborts.Load(),
 		"unsplices", g.unsplices.Load(), "unsplice_aborts", g.unspliceAborts.Load(),
 		"splice_p50_us", g.spliceLatency.percentile(0.5).Microseconds(), "splice_p99_us", g.spliceLatency.percentile(0.99).Microseconds(),
-		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load()}
+		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load(), "stalled_flows", g.stalledFlows.Load()}
 	if c := g.conntrack; c != nil {
 		attrs = append(attrs, "conntrack_deleted", c.deleted.Load(), "conntrack_delete_failed", c.failed.Load())
 	}

@@ -57,13 +57,14 @@ var (
 	descRewriteErrors = prometheus.NewDesc("spliced_rewrite_errors_total", "Packets the engine could not rewrite: malformed, unsupported, no flow, queue errors.", nil, nil)
 	descHTTPRequests  = prometheus.NewDesc("spliced_http_requests_total", "HTTP requests by service and route (backend \"\") and by backend.", []string{"service", "route", "backend"}, nil)
 	descHTTPFailures  = prometheus.NewDesc("spliced_http_backend_failures_total", "Connects to an HTTP backend that failed.", []string{"service", "route", "backend"}, nil)
+	descStalled       = prometheus.NewDesc("spliced_stalled_flows_total", "Directions of spliced flows whose data stayed unacknowledged for splice.stall_after while the flow was alive.", nil, nil)
 	descRepairs       = prometheus.NewDesc("spliced_ruleset_repairs_total", "Times the table was restored after someone changed it.", nil, nil)
 	descReopens       = prometheus.NewDesc("spliced_queue_reopens_total", "Times a queue's reader failed to receive and reopened its socket.", []string{"queue"}, nil)
 	descRefreshes     = prometheus.NewDesc("spliced_divert_refreshes_total", "Rounds that restarted the timeout of live flows' divert entries, by result (ok, failed).", []string{"result"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descHTTPRequests, descHTTPFailures, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descRefreshes, descReopens} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descHTTPRequests, descHTTPFailures, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens} {
 		ch <- d
 	}
 }
@@ -112,6 +113,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descAborts, prometheus.CounterValue, float64(g.spliceAborts.Load()))
 	ch <- prometheus.MustNewConstMetric(descUnsplices, prometheus.CounterValue, float64(g.unsplices.Load()))
 	ch <- prometheus.MustNewConstMetric(descUnspliceAborts, prometheus.CounterValue, float64(g.unspliceAborts.Load()))
+	ch <- prometheus.MustNewConstMetric(descStalled, prometheus.CounterValue, float64(g.stalledFlows.Load()))
 	ch <- g.spliceLatency.histogram()
 	for _, e := range st.Engines {
 		for _, q := range e.Queues {

@@ -87,6 +87,9 @@ const (
 	// retransmissions; packets with new data are held until both ends
 	// acknowledged everything forwarded to them.
 	phaseUnsplicing
+	// ended: an unsplice was abandoned and the flow is being reset
+	// (abandonUnsplice): every packet is dropped.
+	phaseEnded
 )
 
 // transition is a flow being spliced.
@@ -140,6 +143,8 @@ func (tr *transition) handle(g *Gateway, p *splice.Packet, np *nfq.Packet, key s
 		return forward(g, tr.entry, tr.dir(key), p, np)
 	case phaseAborted:
 		return nfq.Accept
+	case phaseEnded:
+		return nfq.Drop
 	case phaseUnsplicing:
 		d := tr.dir(key)
 		if newData(p, tr.entry.HighestSeq(d)) {

@@ -24,6 +24,7 @@ type splicedFlow struct {
 	params    splice.Params // the captured connections, for unsplice
 	splicedAt time.Time
 	finished  time.Time // when the engine first saw it finished
+	stall     stallWatch
 }
 
 // Linger keeps a finished flow diverted for a while, so that a lost final
@@ -63,6 +64,7 @@ func (g *Gateway) reap(now time.Time) {
 	}
 	var done, idle []*splicedFlow
 	var reasons []string
+	var stalls []stallReport
 	g.splicedMu.Lock()
 	for id, sf := range g.spliced {
 		snap := sf.entry.Snapshot()
@@ -77,6 +79,10 @@ func (g *Gateway) reap(now time.Time) {
 			}
 		case snap.Idle(now.UnixNano(), int64(g.idleTimeout(sf.flow.Service))):
 			reason = "idle"
+		default:
+			for _, d := range checkStall(sf, &snap, now, g.stallAfter(sf.flow.Service)) {
+				stalls = append(stalls, stallReport{sf, d})
+			}
 		}
 		if reason != "" {
 			delete(g.spliced, id)
@@ -96,6 +102,7 @@ func (g *Gateway) reap(now time.Time) {
 		}
 	}
 	g.splicedMu.Unlock()
+	g.reportStalls(stalls)
 	if len(done) == 0 {
 		return
 	}

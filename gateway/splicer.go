@@ -332,7 +332,7 @@ func (g *Gateway) handOver(tr *transition, f *proxy.Flow, e *splice.Entry) bool 
 	f.SetState(proxy.StateSplicing)
 	go func() {
 		if err := g.completeUnsplice(context.Background(), sf, tr, time.Now()); err != nil {
-			g.log.Warn("flow stays spliced", logging.KeyFlow, f.ID, logging.Err(err))
+			g.log.Warn("unsplice abandoned", logging.KeyFlow, f.ID, logging.Err(err))
 		}
 	}()
 	return true

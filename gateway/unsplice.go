@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"time"
 
 	"spliced/api"
@@ -79,7 +80,7 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 	g.transitions.add(tr)
 	go func() {
 		if err := g.completeUnsplice(context.Background(), sf, tr, time.Now()); err != nil {
-			g.log.Warn("flow stays spliced", logging.KeyFlow, sf.flow.ID, logging.Err(err))
+			g.log.Warn("unsplice abandoned", logging.KeyFlow, sf.flow.ID, logging.Err(err))
 		}
 	}()
 	return true
@@ -90,8 +91,7 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *transition, start time.Time) error {
 	f := sf.flow
 	if err := g.unspliceDrain(ctx, tr, start.Add(g.drainTimeout(f.Service))); err != nil {
-		g.resplice(tr, f)
-		return err
+		return g.abandonUnsplice(sf, tr, err)
 	}
 	tr.mu.Lock()
 	tr.phase = phaseFrozen
@@ -101,14 +101,12 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	client, server := rebuiltConns(&sf.params, snap, time.Since(sf.splicedAt))
 	cc, err := tcprepair.Restore(&client)
 	if err != nil {
-		g.resplice(tr, f)
-		return fmt.Errorf("rebuild the client's connection: %w", err)
+		return g.abandonUnsplice(sf, tr, fmt.Errorf("rebuild the client's connection: %w", err))
 	}
 	sc, err := tcprepair.Restore(&server)
 	if err != nil {
 		cc.Close() // in repair mode: silent
-		g.resplice(tr, f)
-		return fmt.Errorf("rebuild the server's connection: %w", err)
+		return g.abandonUnsplice(sf, tr, fmt.Errorf("rebuild the server's connection: %w", err))
 	}
 	// Point of no return: the engine lets go of the flow.
 	g.splicedMu.Lock()
@@ -166,6 +164,56 @@ func (g *Gateway) unspliceDrain(ctx context.Context, tr *transition, deadline ti
 		case <-time.After(200 * time.Microsecond):
 		}
 	}
+}
+
+// abandonUnsplice ends an unsplice that could not complete, and returns
+// why. Most flows stay spliced (resplice). A flow whose proxy reads every
+// client request to route it (HTTP: UnspliceOnClientData) cannot: the
+// held packets carry the client's next request, and forwarding them, or
+// anything after, would take it to the backend unrouted, past deny
+// routes; and a client makes a drain fail at will, by not acknowledging
+// the response. Such a flow ends: its held packets are dropped and both
+// ends reset.
+func (g *Gateway) abandonUnsplice(sf *splicedFlow, tr *transition, why error) error {
+	f := sf.flow
+	if !f.UnspliceOnClientData.Load() {
+		g.resplice(tr, f)
+		return fmt.Errorf("%w; the flow stays spliced", why)
+	}
+	tr.mu.Lock()
+	tr.phase = phaseEnded
+	held := tr.held
+	tr.held = nil
+	tr.mu.Unlock()
+	for _, np := range held {
+		np.Verdict(nfq.Drop)
+	}
+	g.unspliceAborts.Add(1)
+	g.splicedMu.Lock()
+	_, mine := g.spliced[f.ID] // else the reaper ended it meanwhile
+	delete(g.spliced, f.ID)
+	if mine {
+		g.jumped[[2]netip.AddrPort{f.Upstream, f.Backend}] = time.Now().Add(timeWaitMargin)
+	}
+	g.splicedMu.Unlock()
+	if mine {
+		g.resetSpliced([]*splicedFlow{sf})
+		g.engine.Delete(sf.entry)
+	}
+	g.transitions.remove(tr)
+	if !mine {
+		return why
+	}
+	f.SetState(proxy.StateClosing)
+	reason := "unsplice abandoned, flow reset: its next request cannot be routed"
+	g.logClosed(sf, reason)
+	af := describeFlow(f, sf)
+	g.events.publish(api.Event{Kind: proxy.EventClosed, Flow: &af, Detail: reason})
+	g.flows.Remove(f)
+	if err := g.diverter.Delete(tr.queue, tr.keys[0], tr.keys[1]); err != nil {
+		g.log.Error("remove divert entries", logging.KeyFlow, f.ID, logging.Err(err))
+	}
+	return fmt.Errorf("%w; the flow was reset: its proxy must route the request held", why)
 }
 
 // resplice ends an abandoned unsplice: held packets go through the engine

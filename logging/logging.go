@@ -69,30 +69,102 @@ func Err(err error) slog.Attr { return tint.Err(err) }
 // Limiter passes at most one event per interval per key and counts the
 // ones it suppressed, for log lines that traffic can trigger (a hostile
 // client must not be able to flood the log).
+//
+// Its memory is bounded whatever the keys: keys are often a destination
+// or a peer, which a scanner chooses. It holds at most a fixed number of
+// keys (DefaultLimiterKeys unless set otherwise); when full it first
+// forgets the keys whose interval is over (their suppressed counts move
+// to a shared overflow slot, so no count is lost), and a key that still
+// finds no room shares that overflow slot: one event per interval for all
+// such keys together, the suppressed count then covering them all.
 type Limiter struct {
 	interval time.Duration
+	max      int
+	now      func() time.Time // time.Now; tests set it
+
 	mu       sync.Mutex
-	last     map[string]time.Time
-	dropped  map[string]int
+	keys     map[string]*limitEntry
+	overflow limitEntry // shared by keys that find no room
+	pruned   time.Time  // last prune
+	total    uint64     // events suppressed so far, all keys
 }
 
-// NewLimiter returns a Limiter allowing one event per key per interval.
+type limitEntry struct {
+	last    time.Time
+	dropped int
+}
+
+// DefaultLimiterKeys is the number of keys a Limiter holds by default.
+const DefaultLimiterKeys = 1024
+
+// NewLimiter returns a Limiter allowing one event per key per interval,
+// holding at most DefaultLimiterKeys keys.
 func NewLimiter(interval time.Duration) *Limiter {
-	return &Limiter{interval: interval, last: map[string]time.Time{}, dropped: map[string]int{}}
+	return NewLimiterSize(interval, DefaultLimiterKeys)
+}
+
+// NewLimiterSize is NewLimiter holding at most n keys (at least 1).
+func NewLimiterSize(interval time.Duration, n int) *Limiter {
+	return &Limiter{interval: interval, max: max(n, 1), now: time.Now, keys: map[string]*limitEntry{}}
 }
 
 // Allow reports whether an event for key may be logged now, and how many
-// events for key were suppressed since the last one allowed.
+// events for key (or, in the overflow slot, for keys without room) were
+// suppressed since the last one allowed.
 func (l *Limiter) Allow(key string) (ok bool, suppressed int) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	now := time.Now()
-	if t, seen := l.last[key]; seen && now.Sub(t) < l.interval {
-		l.dropped[key]++
+	now := l.now()
+	e := l.keys[key]
+	if e == nil {
+		if len(l.keys) >= l.max {
+			l.prune(now)
+		}
+		if len(l.keys) >= l.max {
+			e = &l.overflow
+		} else {
+			e = &limitEntry{}
+			l.keys[key] = e
+		}
+	}
+	if !e.last.IsZero() && now.Sub(e.last) < l.interval {
+		e.dropped++
+		l.total++
 		return false, 0
 	}
-	l.last[key] = now
-	suppressed = l.dropped[key]
-	delete(l.dropped, key)
+	e.last = now
+	suppressed, e.dropped = e.dropped, 0
 	return true, suppressed
+}
+
+// prune forgets the keys whose interval is over: the next event for them
+// is allowed anyway. Their suppressed counts go to the overflow slot. It
+// runs at most once per tenth of the interval, so a full table of fresh
+// keys costs one scan now and then, not one per event.
+func (l *Limiter) prune(now time.Time) {
+	if !l.pruned.IsZero() && now.Sub(l.pruned) < l.interval/10 {
+		return
+	}
+	l.pruned = now
+	for k, e := range l.keys {
+		if now.Sub(e.last) >= l.interval {
+			l.overflow.dropped += e.dropped
+			delete(l.keys, k)
+		}
+	}
+}
+
+// Len returns the number of keys the Limiter holds.
+func (l *Limiter) Len() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.keys)
+}
+
+// Suppressed returns how many events were suppressed so far, all keys
+// together.
+func (l *Limiter) Suppressed() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.total
 }

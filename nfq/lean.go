@@ -182,13 +182,13 @@ func (b *verdictBatch) add(queue uint16, id uint32, d Decision, data []byte) {
 		binary.NativeEndian.PutUint16(h[32:], uint16(nlaHdrLen+len(data)))
 		binary.NativeEndian.PutUint16(h[34:], nfqaPayload)
 	}
-	b.iov[b.niov] = unix.Iovec{Base: &h[0], Len: uint64(hl)}
+	b.iov[b.niov] = iovec(&h[0], hl)
 	b.niov++
 	if d == AcceptModified && len(data) > 0 {
-		b.iov[b.niov] = unix.Iovec{Base: &data[0], Len: uint64(len(data))}
+		b.iov[b.niov] = iovec(&data[0], len(data))
 		b.niov++
 		if p := nlaAlign(len(data)) - len(data); p > 0 {
-			b.iov[b.niov] = unix.Iovec{Base: &pad[0], Len: uint64(p)}
+			b.iov[b.niov] = iovec(&pad[0], p)
 			b.niov++
 		}
 	}
@@ -272,7 +272,7 @@ func (q *leanQueue) open() error {
 	}
 	// The reader blocks in recvmmsg on its own thread (see loop); the
 	// receive timeout lets it notice Close.
-	tv := unix.Timeval{Usec: int64(closeCheck / time.Microsecond)}
+	tv := unix.NsecToTimeval(int64(closeCheck))
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
 		unix.Close(fd)
 		return fmt.Errorf("SO_RCVTIMEO: %w", err)
@@ -604,3 +604,11 @@ func (q *leanQueue) close() error {
 }
 
 func (q *leanQueue) number() uint16 { return q.num }
+
+// iovec is an iovec of n bytes at p; its length field is 32 bits wide on
+// 32-bit architectures (arm, mipsle) and 64 on the others.
+func iovec(p *byte, n int) unix.Iovec {
+	v := unix.Iovec{Base: p}
+	v.SetLen(n)
+	return v
+}

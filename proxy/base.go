@@ -95,12 +95,35 @@ func (b *Base) Wait() { b.wg.Wait() }
 // LogLimited logs at most one line per key every 10 s, counting the rest.
 func (b *Base) LogLimited(key string, level slog.Level, msg string, attrs ...any) {
 	b.init()
+	b.LogLimitedTo(b.Log, key, level, msg, attrs...)
+}
+
+// LogLimitedTo is LogLimited writing to log (a flow's logger, with its
+// attributes). Every line a client, a server or a scanner can trigger
+// at will goes through it: the line that is logged carries "suppressed",
+// the number of lines with its key dropped since the last one. Keys name
+// a kind of event (a constant, or one per configured thing), not a peer.
+func (b *Base) LogLimitedTo(log *slog.Logger, key string, level slog.Level, msg string, attrs ...any) {
+	b.init()
+	if !log.Enabled(context.Background(), level) {
+		return
+	}
 	if ok, n := b.limiter.Allow(key); ok {
 		if n > 0 {
-			attrs = append(attrs, "suppressed", n)
+			attrs = append(attrs, KeySuppressed, n)
 		}
-		b.Log.Log(context.Background(), level, msg, attrs...)
+		log.Log(context.Background(), level, msg, attrs...)
 	}
+}
+
+// KeySuppressed is the attribute of a rate-limited log line that counts
+// the lines of its kind dropped before it.
+const KeySuppressed = "suppressed"
+
+// LogSuppressed returns how many rate-limited log lines were dropped.
+func (b *Base) LogSuppressed() uint64 {
+	b.init()
+	return b.limiter.Suppressed()
 }
 
 // Event tells the Events hook, if any.

@@ -209,6 +209,10 @@ type DirInfo struct {
 	FIN        bool
 }
 
+// Outstanding reports whether direction d has data or a FIN forwarded
+// that its receiver has not acknowledged (as far as the engine saw).
+func (f Flow) Outstanding(d Dir) bool { return f.d[d].ackSeen.LessThan(f.d[d].sndNxt) }
+
 // Info returns the tracked state of direction d.
 func (f Flow) Info(d Dir) DirInfo {
 	s := &f.d[d]

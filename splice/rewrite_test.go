@@ -603,9 +603,10 @@ func TestTableBothDirections(t *testing.T) {
 }
 
 // TestStalePureAckSeqRaised: a pure ACK whose sequence number is behind
-// what the receiver already acknowledged gets the receiver's rcv_nxt, so
-// the receiver does not drop it as out of window; data segments keep their
-// sequence number.
+// what the receiver already acknowledged, and that carries an
+// acknowledgment or a window the receiver has not seen, gets the
+// receiver's rcv_nxt, so the receiver does not drop it as out of window;
+// data segments keep their sequence number.
 func TestStalePureAckSeqRaised(t *testing.T) {
 	f := newFixture(t, false, false)
 	// The client acks 0x200 bytes of server data: the server's receiver
@@ -613,22 +614,101 @@ func TestStalePureAckSeqRaised(t *testing.T) {
 	srv := f.s2c(0xffffff00, 0x7ffffff0, FlagACK)
 	srv.payload = make([]byte, 0x200)
 	f.run(t, srv.bytes(), S2C, true)
-	f.run(t, f.c2s(1000, sa(0x200), FlagACK).bytes(), C2S, true)
+	cli := f.c2s(1000, sa(0x200), FlagACK)
+	cli.payload = make([]byte, 0x100)
+	f.run(t, cli.bytes(), C2S, true)
 
-	// A pure ACK from the server with a stale sequence number.
-	b := f.s2c(0xffffff00+0x80, 0x7ffffff0, FlagACK).bytes()
+	// A pure ACK from the server with a stale sequence number that
+	// acknowledges the client's data.
+	b := f.s2c(0xffffff00+0x80, 0x7ffffff0+0x100, FlagACK).bytes()
 	if v := f.run(t, b, S2C, true); v != Forward {
 		t.Fatalf("verdict %v", v)
 	}
 	if got, want := decoded(t, b).Seq, uint32(Seq(0xffffff00).Add(0x200+dS2C)); got != want {
 		t.Errorf("stale pure ACK seq %#x, want the receiver's rcv_nxt %#x", got, want)
 	}
+	// One that opens the window, with the same acknowledgment.
+	s := f.s2c(0xffffff00+0x80, 0x7ffffff0+0x100, FlagACK)
+	s.win = 900
+	b = s.bytes()
+	f.run(t, b, S2C, true)
+	if got, want := decoded(t, b).Seq, uint32(Seq(0xffffff00).Add(0x200+dS2C)); got != want {
+		t.Errorf("stale window update seq %#x, want the receiver's rcv_nxt %#x", got, want)
+	}
 	// A retransmission with data keeps its sequence number.
-	s := f.s2c(0xffffff00+0x80, 0x7ffffff0, FlagACK)
+	s = f.s2c(0xffffff00+0x80, 0x7ffffff0, FlagACK)
 	s.payload = make([]byte, 10)
 	b = s.bytes()
 	f.run(t, b, S2C, true)
 	if got, want := decoded(t, b).Seq, uint32(Seq(0xffffff00+0x80).Add(dS2C)); got != want {
 		t.Errorf("retransmission seq %#x, want %#x", got, want)
+	}
+}
+
+// TestWindowProbeKeepsItsSequence: a window probe or keepalive (a pure
+// ACK one byte behind what the receiver acknowledged, with nothing new in
+// it) keeps its sequence number, so the receiver answers it with its
+// window. Moved into the window it would be accepted in silence, and a
+// sender whose window-opening ACK was lost would probe for ever.
+func TestWindowProbeKeepsItsSequence(t *testing.T) {
+	for _, nat := range []bool{false, true} {
+		f := newFixture(t, false, nat)
+		cli := f.c2s(1000, sa(0), FlagACK)
+		cli.payload = make([]byte, 0x300)
+		f.run(t, cli.bytes(), C2S, true)
+		// The server acknowledges everything and closes its window.
+		srv := f.s2c(0xffffff00, 0x7ffffff0+0x300, FlagACK)
+		srv.win = 0
+		f.run(t, srv.bytes(), S2C, true)
+		// The client probes: snd_una-1, the ack and window it sent before.
+		for range 3 {
+			b := f.c2s(1000+0x300-1, sa(0), FlagACK).bytes()
+			if v := f.run(t, b, C2S, true); v != Forward {
+				t.Fatalf("nat %v: probe verdict %v", nat, v)
+			}
+			if got, want := decoded(t, b).Seq, uint32(Seq(1000+0x300-1).Add(dC2S)); got != want {
+				t.Fatalf("nat %v: probe seq %#x, want %#x (one behind the server's rcv_nxt)", nat, got, want)
+			}
+		}
+	}
+}
+
+// TestProgressClock: a direction's progress clock starts when data goes
+// out while none was outstanding and moves when the receiver acknowledges
+// new data; retransmissions and duplicate ACKs leave it alone, so data
+// outstanding long after it is a stall.
+func TestProgressClock(t *testing.T) {
+	f := newFixture(t, false, false)
+	progress := func() int64 { return f.e.Stats()[C2S].ProgressAt }
+	if progress() != 0 {
+		t.Fatalf("progress at %d after the splice at 0", progress())
+	}
+	data := f.c2s(1000, sa(0), FlagACK)
+	data.payload = make([]byte, 100)
+	f.runAt(t, data.bytes(), C2S, true, 10)
+	if got := progress(); got != 10 {
+		t.Fatalf("first data at 10: progress at %d", got)
+	}
+	if !f.e.Snapshot().Outstanding(C2S) {
+		t.Fatal("data forwarded and not acknowledged is not outstanding")
+	}
+	more := f.c2s(1100, sa(0), FlagACK)
+	more.payload = make([]byte, 100)
+	f.runAt(t, more.bytes(), C2S, true, 20)
+	f.runAt(t, data.bytes(), C2S, true, 30) // a retransmission
+	f.runAt(t, f.s2c(0xffffff00, 0x7ffffff0, FlagACK).bytes(), S2C, true, 40)
+	if got := progress(); got != 10 {
+		t.Fatalf("more data, a retransmission and a duplicate ACK moved progress to %d", got)
+	}
+	f.runAt(t, f.s2c(0xffffff00, 0x7ffffff0+100, FlagACK).bytes(), S2C, true, 50)
+	if got := progress(); got != 50 {
+		t.Fatalf("an ACK of new data at 50: progress at %d", got)
+	}
+	f.runAt(t, f.s2c(0xffffff00, 0x7ffffff0+200, FlagACK).bytes(), S2C, true, 60)
+	if f.e.Snapshot().Outstanding(C2S) {
+		t.Fatal("everything acknowledged is still outstanding")
+	}
+	if got := f.e.Stats()[C2S].LastVerdict; got != Forward {
+		t.Fatalf("last verdict %v", got)
 	}
 }

@@ -54,24 +54,38 @@ func (e *Entry) HighestSeq(d Dir) Seq {
 type DirStats struct {
 	Packets, Bytes uint64 // forwarded; Bytes: new stream bytes (not retransmissions)
 	Dropped        uint64 // failed a check
-	LastDrop       Verdict
+	// ProgressAt is when this direction last made progress (unix
+	// nanoseconds): its receiver acknowledged new data, or new data
+	// went out while none was outstanding. Data outstanding long after
+	// it, while packets still come, is a stall.
+	ProgressAt  int64
+	LastDrop    Verdict
+	LastVerdict Verdict // of the last packet in this direction
 }
 
 // Process runs the engine on a parsed packet whose key matched direction d,
 // under the entry's lock.
 func (e *Entry) Process(p *Packet, d Dir, now int64, csumComplete bool) Verdict {
 	e.mu.Lock()
-	before := e.flow.d[d].sndNxt
+	s, o := &e.flow.d[d], &e.flow.d[1-d]
+	before, idle, acked := s.sndNxt, s.sndNxt == s.ackSeen, o.ackSeen
 	v := e.flow.Rewrite(p, d, &e.Keys[1-d], now, csumComplete)
+	e.stats[d].LastVerdict = v
 	if v == Forward {
 		// Count stream bytes, not payload: a retransmission moves nothing
 		// new, and a FIN takes a sequence number but is no byte.
-		n := uint32(e.flow.d[d].sndNxt - before)
+		n := uint32(s.sndNxt - before)
 		if n > 0 && p.TCP().Flags()&FlagFIN != 0 {
 			n--
 		}
 		e.stats[d].Packets++
 		e.stats[d].Bytes += uint64(n)
+		if n > 0 && idle {
+			e.stats[d].ProgressAt = now
+		}
+		if o.ackSeen != acked {
+			e.stats[1-d].ProgressAt = now
+		}
 	} else {
 		e.stats[d].Dropped++
 		e.stats[d].LastDrop = v
@@ -118,6 +132,7 @@ func (t *Table) Add(id uint64, p *Params, now int64) (*Entry, error) {
 			return nil, fmt.Errorf("tuple %v already belongs to spliced flow %d", k, old.ID)
 		}
 	}
+	e.stats[C2S].ProgressAt, e.stats[S2C].ProgressAt = now, now
 	t.m[keys[C2S]] = e
 	t.m[keys[S2C]] = e
 	return e, nil

@@ -91,8 +91,13 @@ func (l *Lab) Client() *Host { return l.Clients[0] }
 // Server is the first server host.
 func (l *Lab) Server() *Host { return l.Servers[0] }
 
-// New builds a lab. On error, everything it created is removed.
-func New(opt Options) (lab *Lab, err error) {
+// New builds a lab. On error, everything it created is removed and the
+// error says what failed; a missing tool (iproute2's ip) is reported
+// before anything is created.
+func New(opt Options) (*Lab, error) {
+	if err := CheckTools("ip"); err != nil {
+		return nil, fmt.Errorf("testnet: %w", err)
+	}
 	if os.Geteuid() != 0 {
 		return nil, errors.New("testnet: building a lab needs root")
 	}
@@ -103,20 +108,24 @@ func New(opt Options) (lab *Lab, err error) {
 	if opt.Servers == 0 {
 		opt.Servers = 1
 	}
-	id := fmt.Sprintf("%s%d-%d", Prefix, os.Getpid(), labCounter.Add(1))
-	lab = &Lab{ID: id}
-	defer func() {
-		if err != nil {
-			lab.Close()
-			lab = nil
+	lab := &Lab{ID: fmt.Sprintf("%s%d-%d", Prefix, os.Getpid(), labCounter.Add(1))}
+	if err := lab.build(opt); err != nil {
+		if cerr := lab.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("remove the partial lab: %w", cerr))
 		}
-	}()
-
-	gw, err := lab.addNS(id + "-gw")
-	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("testnet: build lab %s: %w", lab.ID, err)
 	}
-	lab.Gateway = &Host{NS: *gw}
+	return lab, nil
+}
+
+// build creates the lab's namespaces and links. On error, the namespaces
+// created so far are in l.all for Close.
+func (l *Lab) build(opt Options) error {
+	gw, err := l.addNS(l.ID + "-gw")
+	if err != nil {
+		return err
+	}
+	l.Gateway = &Host{NS: *gw}
 	for _, kv := range [][2]string{
 		{"net.ipv4.ip_forward", "1"},
 		{"net.ipv6.conf.all.forwarding", "1"},
@@ -124,32 +133,32 @@ func New(opt Options) (lab *Lab, err error) {
 		{"net.ipv6.conf.all.accept_dad", "0"},
 	} {
 		if err := gw.Sysctl(kv[0], kv[1]); err != nil {
-			return nil, err
+			return err
 		}
 	}
 	if _, err := gw.Run("ip", "link", "set", "lo", "up"); err != nil {
-		return nil, err
+		return err
 	}
 
 	for k := 0; k < opt.Clients; k++ {
-		h, gwSide, err := lab.addHost(fmt.Sprintf("%s-c%d", id, k), 1, k, opt.ClientMTU)
+		h, gwSide, err := l.addHost(fmt.Sprintf("%s-c%d", l.ID, k), 1, k, opt.ClientMTU)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		lab.Clients = append(lab.Clients, h)
-		lab.GatewayClientSide = append(lab.GatewayClientSide, gwSide)
+		l.Clients = append(l.Clients, h)
+		l.GatewayClientSide = append(l.GatewayClientSide, gwSide)
 	}
 	for k := 0; k < opt.Servers; k++ {
-		h, gwSide, err := lab.addHost(fmt.Sprintf("%s-s%d", id, k), 2, k, opt.ServerMTU)
+		h, gwSide, err := l.addHost(fmt.Sprintf("%s-s%d", l.ID, k), 2, k, opt.ServerMTU)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		lab.Servers = append(lab.Servers, h)
-		lab.GatewayServerSide = append(lab.GatewayServerSide, gwSide)
+		l.Servers = append(l.Servers, h)
+		l.GatewayServerSide = append(l.GatewayServerSide, gwSide)
 	}
-	lab.Gateway.IPv4 = lab.GatewayClientSide[0].IPv4
-	lab.Gateway.IPv6 = lab.GatewayClientSide[0].IPv6
-	lab.Gateway.Dev = lab.GatewayClientSide[0].Dev
+	l.Gateway.IPv4 = l.GatewayClientSide[0].IPv4
+	l.Gateway.IPv6 = l.GatewayClientSide[0].IPv6
+	l.Gateway.Dev = l.GatewayClientSide[0].Dev
 
 	apply := func(hosts []*Host, sysctls map[string]string) error {
 		for _, h := range hosts {
@@ -161,16 +170,13 @@ func New(opt Options) (lab *Lab, err error) {
 		}
 		return nil
 	}
-	if err := apply(lab.Clients, opt.ClientSysctls); err != nil {
-		return nil, err
+	if err := apply(l.Clients, opt.ClientSysctls); err != nil {
+		return err
 	}
-	if err := apply(lab.Servers, opt.ServerSysctls); err != nil {
-		return nil, err
+	if err := apply(l.Servers, opt.ServerSysctls); err != nil {
+		return err
 	}
-	if err := apply([]*Host{lab.Gateway}, opt.GatewaySysctls); err != nil {
-		return nil, err
-	}
-	return lab, nil
+	return apply([]*Host{l.Gateway}, opt.GatewaySysctls)
 }
 
 func (l *Lab) addNS(name string) (*NS, error) {

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -82,6 +83,85 @@ func TestLabCloseRemovesNamespaces(t *testing.T) {
 	for _, n := range names {
 		if _, err := os.Stat("/run/netns/" + n); !os.IsNotExist(err) {
 			t.Errorf("namespace %s still exists after Close (%v)", n, err)
+		}
+	}
+}
+
+// labNamespaces lists the namespaces that labs of this test process own.
+func labNamespaces(t *testing.T) []string {
+	t.Helper()
+	entries, err := os.ReadDir("/run/netns")
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), fmt.Sprintf("%s%d-", Prefix, os.Getpid())) {
+			names = append(names, e.Name())
+		}
+	}
+	return names
+}
+
+// newNoPanic is New that turns a panic into a test failure naming it.
+func newNoPanic(t *testing.T, opt Options) (lab *Lab, err error) {
+	t.Helper()
+	defer func() {
+		if p := recover(); p != nil {
+			t.Fatalf("New panicked instead of returning its error: %v", p)
+		}
+	}()
+	return New(opt)
+}
+
+// Every error path of New returns the error and removes what it built.
+// A sysctl that does not exist fails after all three namespaces exist.
+func TestLabNewErrorRemovesNamespaces(t *testing.T) {
+	Privileged(t, "ip")
+	before := labNamespaces(t)
+	for _, tc := range []struct {
+		name string
+		opt  Options
+	}{
+		{"gateway sysctl", Options{GatewaySysctls: map[string]string{"net.ipv4.no_such_sysctl": "1"}}},
+		{"second server sysctl", Options{Servers: 2, ServerSysctls: map[string]string{"net.ipv4.no_such_sysctl": "1"}}},
+		{"client mtu", Options{ClientMTU: 1 << 20}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			lab, err := newNoPanic(t, tc.opt)
+			if err == nil {
+				lab.Close()
+				t.Fatal("New succeeded")
+			}
+			if lab != nil {
+				t.Errorf("New returned a lab with its error")
+			}
+			t.Logf("error: %v", err)
+			if !strings.HasPrefix(err.Error(), "testnet: build lab "+Prefix) {
+				t.Errorf("error %q does not say which lab failed", err)
+			}
+			if strings.Contains(tc.name, "sysctl") && !strings.Contains(err.Error(), "net.ipv4.no_such_sysctl") {
+				t.Errorf("error %q does not name the sysctl", err)
+			}
+			if got := labNamespaces(t); !slices.Equal(got, before) {
+				t.Errorf("namespaces left behind: %v (before New: %v)", got, before)
+			}
+		})
+	}
+}
+
+// Without ip in PATH, New says what is missing and where it comes from
+// before it creates anything (no root needed to see that).
+func TestLabNewWithoutIP(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	lab, err := newNoPanic(t, Options{})
+	if err == nil {
+		lab.Close()
+		t.Fatal("New succeeded without ip in PATH")
+	}
+	for _, want := range []string{"ip (Debian package iproute2)", "apt-get install iproute2"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
 		}
 	}
 }

@@ -18,10 +18,8 @@ func Privileged(t testing.TB, tools ...string) {
 	if os.Geteuid() != 0 {
 		t.Skip("privileged lab test: needs root for network namespaces (run `make test` as root)")
 	}
-	for _, tool := range tools {
-		if _, err := exec.LookPath(tool); err != nil {
-			t.Fatalf("%s is not installed; `bash .ci/run` installs every tool the tests use", tool)
-		}
+	if err := CheckTools(tools...); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -326,3 +326,96 @@ func (w *countingWriter) Write(p []byte) (int, error) {
 	w.n += int64(len(p))
 	return w.h.Write(p)
 }
+
+// Streams serves transfers whose client starts sending at once: it writes
+// a 24-byte header (seed, bytes client to server, bytes server to client)
+// and its data right behind it, without waiting for the server, so data
+// is in flight from the first round trip on (a splice right after connect
+// meets a busy flow). Seeds name the transfers and must be unique.
+type Streams struct {
+	ln      *net.TCPListener
+	timeout time.Duration
+	mu      sync.Mutex
+	done    map[uint64]chan Side
+}
+
+// ServeStreams starts accepting on ln; each connection runs until its
+// transfer ends or timeout passes.
+func ServeStreams(ln *net.TCPListener, timeout time.Duration) *Streams {
+	s := &Streams{ln: ln, timeout: timeout, done: map[uint64]chan Side{}}
+	go func() {
+		for {
+			c, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			go s.serve(c)
+		}
+	}()
+	return s
+}
+
+func (s *Streams) slot(seed uint64) chan Side {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ch, ok := s.done[seed]
+	if !ok {
+		ch = make(chan Side, 1)
+		s.done[seed] = ch
+	}
+	return ch
+}
+
+func (s *Streams) serve(c *net.TCPConn) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(s.timeout))
+	var hdr [24]byte
+	if _, err := io.ReadFull(c, hdr[:]); err != nil {
+		return
+	}
+	seed := binary.BigEndian.Uint64(hdr[:])
+	var side Side
+	side.Peer = c.RemoteAddr().(*net.TCPAddr).AddrPort()
+	side.Local = c.LocalAddr().(*net.TCPAddr).AddrPort()
+	exchange(c, &side, int64(binary.BigEndian.Uint64(hdr[16:])), seed+1, 0, nil)
+	s.slot(seed) <- side
+}
+
+// Transfer runs one transfer from client to dst (which must reach this
+// server): opt.C2S and opt.S2C bytes, data seeds opt.Seed and opt.Seed+1.
+func (s *Streams) Transfer(client *Host, dst netip.AddrPort, opt TransferOptions) *Transfer {
+	t := &Transfer{Seed: opt.Seed}
+	start := time.Now()
+	c, err := client.Dial(dst, 10*time.Second)
+	if err != nil {
+		t.Client.Err = fmt.Errorf("dial %s: %w", dst, err)
+		return t
+	}
+	c.SetDeadline(start.Add(s.timeout))
+	var hdr [24]byte
+	binary.BigEndian.PutUint64(hdr[:], opt.Seed)
+	binary.BigEndian.PutUint64(hdr[8:], uint64(opt.C2S))
+	binary.BigEndian.PutUint64(hdr[16:], uint64(opt.S2C))
+	t.Client.Local = c.LocalAddr().(*net.TCPAddr).AddrPort()
+	t.Client.Peer = c.RemoteAddr().(*net.TCPAddr).AddrPort()
+	if _, err := c.Write(hdr[:]); err != nil {
+		c.Close()
+		t.Client.Err = fmt.Errorf("send header: %w", err)
+		return t
+	}
+	exchange(c, &t.Client, opt.C2S, opt.Seed, opt.WriteSize, opt.Progress)
+	c.Close()
+	select {
+	case t.Server = <-s.slot(opt.Seed):
+	case <-time.After(time.Until(start.Add(s.timeout)) + time.Second):
+		t.Server.Err = fmt.Errorf("the server side of %v never finished", t.Client.Local)
+	}
+	s.mu.Lock()
+	delete(s.done, opt.Seed)
+	s.mu.Unlock()
+	t.Elapsed = time.Since(start)
+	return t
+}
+
+// Close stops accepting.
+func (s *Streams) Close() error { return s.ln.Close() }

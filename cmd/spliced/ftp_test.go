@@ -659,3 +659,94 @@ func TestLabFTPWithKernelHelper(t *testing.T) {
 		t.Fatalf("the kernel's FTP helper was not attached to the control connections: the test proves nothing")
 	}
 }
+
+// TestLabFTPLogFlood: 300 malformed PORT commands, and 300 naming
+// another host (FTP bounce), from one client leave the daemon's log (at
+// info) a handful of lines; the first such line after the limiter's 10 s
+// interval reports how many were suppressed.
+func TestLabFTPLogFlood(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	// A fake server: a greeting, 221 and a close for QUIT, 200 to
+	// anything else (nothing else reaches it here).
+	ln, err := lab.Server().Listen(netip.AddrPortFrom(lab.Server().IPv4, 2121))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				fmt.Fprint(c, "220 fake\r\n")
+				sc := bufio.NewScanner(c)
+				for sc.Scan() {
+					if strings.HasPrefix(sc.Text(), "QUIT") {
+						fmt.Fprint(c, "221 bye\r\n")
+						return
+					}
+					fmt.Fprint(c, "200 ok\r\n")
+				}
+			}()
+		}
+	}()
+	d := testnet.StartDaemon(t, lab, ftpConfig("copy"), "-log-level", "info")
+	session := func(cmds ...string) {
+		c, err := lab.Client().Dial(netip.AddrPortFrom(lab.Server().IPv4, 2121), 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(30 * time.Second))
+		r := bufio.NewReader(c)
+		if l, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(l, "220") {
+			t.Fatalf("greeting %q, %v", l, err)
+		}
+		for _, cmd := range cmds {
+			fmt.Fprintf(c, "%s\r\n", cmd)
+			if l, err := r.ReadString('\n'); err != nil || !strings.HasPrefix(l, "5") {
+				t.Fatalf("%s: %q, %v", cmd, l, err)
+			}
+		}
+		fmt.Fprint(c, "QUIT\r\n")
+		io.ReadAll(r)
+	}
+	const flood = 300
+	var cmds []string
+	for i := range flood {
+		cmds = append(cmds, fmt.Sprintf("PORT 1,2,3,%d", i), fmt.Sprintf("PORT 10,2,0,99,156,%d", i%256))
+	}
+	before := len(d.Lines())
+	start := time.Now()
+	session(cmds...)
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "ftp session closed" }); err != nil {
+		t.Fatal(err)
+	}
+	lines := d.Lines()[before:]
+	var msgs []string
+	for _, l := range lines {
+		msgs = append(msgs, fmt.Sprint(l["level"], " ", l["msg"]))
+	}
+	t.Logf("%d malformed and %d bounce PORTs in %v: %d log lines: %q", flood, flood, time.Since(start).Round(time.Millisecond), len(lines), msgs)
+	if len(lines) > 6 {
+		t.Errorf("%d log lines for %d refused commands, want at most 6", len(lines), 2*flood)
+	}
+	// After the interval, the next refusal carries the count.
+	// (Waiting for the limiter's interval, not for readiness.)
+	time.Sleep(time.Until(start.Add(10*time.Second + 100*time.Millisecond)))
+	session("PORT 1,2,3")
+	var suppressed any
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
+		suppressed = l["suppressed"]
+		return l["msg"] == "refused a malformed PORT" && suppressed != nil
+	}); err != nil {
+		t.Fatalf("no line reports the suppressed count: %v\n%s", err, tail(d.Log(), 10))
+	}
+	if suppressed != float64(flood-1) {
+		t.Errorf("suppressed %v, want %d", suppressed, flood-1)
+	}
+	t.Logf("after the interval: one line with suppressed=%v", suppressed)
+}

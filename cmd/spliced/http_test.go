@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -653,4 +654,380 @@ func TestLabHTTPGatewayAddress(t *testing.T) {
 	if n := hl.count("flow unspliced"); n < big-1 {
 		t.Errorf("%d unsplices for %d big responses", n, big)
 	}
+}
+
+// smuggleNginx starts nginx on a server with an access log that records,
+// for every request it serves, the request line as received and the path
+// it resolved ($uri: decoded, dot segments and double slashes resolved).
+// www/pub/index.txt is public; www/private/secret.txt holds a marker
+// that must never reach a client; www/slow/big.bin (4 MiB) is sent at 1
+// MiB/s. It returns the access log's path.
+func smuggleNginx(t *testing.T, h *testnet.Host, port uint16) string {
+	t.Helper()
+	root := t.TempDir()
+	os.Chmod(root, 0o755)
+	for file, body := range map[string]string{"www/pub/index.txt": "public\n", "www/private/secret.txt": smuggleSecret + "\n",
+		"www/slow/big.bin": strings.Repeat("0123456789abcdef", 4<<20/16)} {
+		path := filepath.Join(root, file)
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conf := filepath.Join(root, "nginx.conf")
+	if err := os.WriteFile(conf, []byte(fmt.Sprintf(`daemon off;
+master_process off;
+worker_processes 1;
+pid %[1]s/nginx.pid;
+error_log %[1]s/error.log;
+events { worker_connections 1024; }
+http {
+    log_format smuggle '$request_uri|$uri|$status|$host';
+    access_log %[1]s/access.log smuggle;
+    client_body_temp_path %[1]s/body;
+    proxy_temp_path %[1]s/proxy;
+    fastcgi_temp_path %[1]s/fastcgi;
+    uwsgi_temp_path %[1]s/uwsgi;
+    scgi_temp_path %[1]s/scgi;
+    server {
+        listen %[2]d;
+        root %[1]s/www;
+        location /slow/ { limit_rate 1m; }
+    }
+}
+`, root, port)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := h.Command(context.Background(), "nginx", "-c", conf)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("nginx: %v", err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	if err := h.WaitListening(port, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(root, "access.log")
+}
+
+const smuggleSecret = "SECRET-4f1c9a"
+
+// smuggleConfig: /private/ is denied, everything else goes to nginx.
+// Unsplices that cannot drain give up after 500 ms.
+func smuggleConfig(mode string) string {
+	splice := "never"
+	if mode == "splice" {
+		splice = "immediate"
+	}
+	return fmt.Sprintf(`
+log:
+  level: info
+services:
+  - name: web
+    listen: 15080
+    ports: ["80"]
+    proxy: http
+    splice:
+      mode: %s
+      drain_timeout: 500ms
+    http:
+      splice_min: 1
+      routes:
+        - path: /private/
+          action: deny
+        - path: /
+          backends: ["10.2.0.2:8081"]
+`, splice)
+}
+
+// labSmuggleRequests are raw requests, each of which asks nginx for
+// /private/secret.txt under some disguise (or hides such a request
+// behind another), with the status the client must get first.
+var labSmuggleRequests = []struct {
+	name, raw string
+	code      int
+}{
+	{"control: public file", "GET /pub/index.txt HTTP/1.1\r\nHost: t\r\n\r\n", 200},
+	{"control: denied", "GET /private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 403},
+	{"dot-dot", "GET /pub/../private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 403},
+	{"dot", "GET /./private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 403},
+	{"double slash", "GET //private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 403},
+	{"encoded letters", "GET /%70rivate/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 403},
+	{"encoded dots", "GET /pub/%2e%2e/private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 403},
+	{"encoded slash", "GET /pub/..%2Fprivate%2Fsecret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 400},
+	{"path parameter", "GET /pub/..;/private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 400},
+	{"absolute-form", "GET http://t/pub/../private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 403},
+	{"CL.TE", "POST /pub/index.txt HTTP/1.1\r\nHost: t\r\nContent-Length: 51\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 400},
+	{"TE.CL", "POST /pub/index.txt HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n34\r\nGET /private/secret.txt HTTP/1.1\r\nHost: t\r\nX: \r\n\r\n0\r\n\r\n", 400},
+	{"TE obfuscated", "POST /pub/index.txt HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: xchunked\r\nContent-Length: 51\r\n\r\n0\r\n\r\nGET /private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 400},
+	{"TE in HTTP/1.0", "POST /pub/index.txt HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 400},
+	{"TE with space before colon", "POST /pub/index.txt HTTP/1.1\r\nHost: t\r\nTransfer-Encoding : chunked\r\nContent-Length: 51\r\n\r\n0\r\n\r\nGET /private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 400},
+	{"obs-fold", "GET /pub/index.txt HTTP/1.1\r\nHost: t\r\nX: a\r\n b\r\n\r\n", 400},
+	{"bare LF", "GET /pub/../private/secret.txt HTTP/1.1\nHost: t\n\n", 400},
+	{"bad chunk size", "POST /pub/index.txt HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\nGET /private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 400},
+	{"upgrade nginx refuses", "GET /pub/index.txt HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nGET /private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 200},
+	{"pipelined", "GET /pub/index.txt HTTP/1.1\r\nHost: t\r\n\r\nGET /pub/../private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n", 200},
+}
+
+// TestLabHTTPSmuggling sends raw requests that hide a request for a
+// denied path (/private/) through the daemon to a real nginx, copy and
+// splice: the first status is as expected, no response carries the
+// secret, and nginx's access log shows it never resolved a request to
+// /private/. A last request sent to nginx directly, around the gateway,
+// shows that the access log would tell.
+func TestLabHTTPSmuggling(t *testing.T) {
+	testnet.Privileged(t, "nginx")
+	for _, mode := range modes {
+		t.Run(mode, func(t *testing.T) {
+			lab := testnet.NewT(t, testnet.Options{})
+			server := lab.Server()
+			accessLog := smuggleNginx(t, server, 8081)
+			d := testnet.StartDaemon(t, lab, smuggleConfig(mode))
+			vip := netip.AddrPortFrom(server.IPv4, 80)
+			for _, c := range labSmuggleRequests {
+				c := c
+				conn, err := lab.Client().Dial(vip, 5*time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				sent := time.Now()
+				fmt.Fprint(conn, c.raw)
+				conn.CloseWrite()
+				conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+				all, err := io.ReadAll(conn)
+				conn.Close()
+				if err != nil {
+					t.Errorf("%s: %v after %q", c.name, err, all)
+				}
+				code := 0
+				if resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(all)), nil); err == nil {
+					code = resp.StatusCode
+				}
+				if code != c.code {
+					t.Errorf("%s: status %d, want %d: %q", c.name, code, c.code, all)
+				}
+				if bytes.Contains(all, []byte(smuggleSecret)) {
+					t.Errorf("%s: the secret reached the client:\n%s", c.name, all)
+				}
+				t.Logf("%-28s %d  %d responses  %v", c.name, code, bytes.Count(all, []byte("HTTP/1.1 ")), time.Since(sent).Round(time.Millisecond))
+			}
+			log, err := os.ReadFile(accessLog)
+			if err != nil {
+				t.Fatal(err)
+			}
+			served := strings.Count(string(log), "\n")
+			for _, l := range strings.Split(strings.TrimSpace(string(log)), "\n") {
+				if f := strings.Split(l, "|"); len(f) > 1 && strings.HasPrefix(f[1], "/private") {
+					t.Errorf("nginx served a denied path through the gateway: %s", l)
+				}
+			}
+			// The control: the same file asked of nginx directly shows
+			// in its log.
+			direct, err := lab.Client().Dial(netip.AddrPortFrom(server.IPv4, 8081), 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fmt.Fprint(direct, "GET /pub/../private/secret.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+			direct.SetReadDeadline(time.Now().Add(10 * time.Second))
+			got, _ := io.ReadAll(direct)
+			direct.Close()
+			if !bytes.Contains(got, []byte(smuggleSecret)) {
+				t.Errorf("control: nginx asked directly did not serve the secret: %q", got)
+			}
+			if err := testnet.Poll(5*time.Second, func() error {
+				log, _ = os.ReadFile(accessLog)
+				if !strings.Contains(string(log), "|/private/secret.txt|200|") {
+					return fmt.Errorf("not in the access log")
+				}
+				return nil
+			}); err != nil {
+				t.Errorf("control: the direct request is not in nginx's access log: %v\n%s", err, log)
+			}
+			t.Logf("%s: %d raw requests; nginx served %d requests through the gateway, none under /private/; %d refusals logged, %d suppressed",
+				mode, len(labSmuggleRequests), served, countMsg(d, "http: malformed request, closing the connection")+countMsg(d, "http: denied"), suppressedTotal(d))
+		})
+	}
+}
+
+func countMsg(d *testnet.Daemon, msg string) int {
+	n := 0
+	for _, l := range d.Lines() {
+		if l["msg"] == msg {
+			n++
+		}
+	}
+	return n
+}
+
+// suppressedTotal sums the "suppressed" counts of the daemon's lines.
+func suppressedTotal(d *testnet.Daemon) int {
+	n := 0
+	for _, l := range d.Lines() {
+		if s, ok := l["suppressed"].(float64); ok {
+			n += int(s)
+		}
+	}
+	return n
+}
+
+// TestLabHTTPLogFlood: 300 malformed requests, each on its own
+// connection, leave the daemon's log (at info) a handful of lines, not
+// one or two per request; the suppressed count is reported on the first
+// such line after the limiter's 10 s interval.
+func TestLabHTTPLogFlood(t *testing.T) {
+	testnet.Privileged(t, "nginx")
+	lab := testnet.NewT(t, testnet.Options{})
+	smuggleNginx(t, lab.Server(), 8081)
+	d := testnet.StartDaemon(t, lab, smuggleConfig("copy"), "-log-level", "info")
+	vip := netip.AddrPortFrom(lab.Server().IPv4, 80)
+	send := func(raw string) string {
+		c, err := lab.Client().Dial(vip, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprint(c, raw)
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		got, err := io.ReadAll(c) // the daemon closes after its answer
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(got)
+	}
+	const flood = 300
+	malformed := "GET /pub/index.txt HTTP/1.1\r\nHost: t\r\nbroken header line\r\n\r\n"
+	before := len(d.Lines())
+	start := time.Now()
+	for i := range flood {
+		if got := send(malformed); !strings.HasPrefix(got, "HTTP/1.1 400 ") {
+			t.Fatalf("request %d: %q", i, got)
+		}
+	}
+	took := time.Since(start)
+	// A valid request last: once its "connection closed" line is read,
+	// every line the flood caused was (one pipe, in order).
+	if got := send("GET /pub/index.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"); !strings.HasPrefix(got, "HTTP/1.1 200 ") {
+		t.Fatalf("valid request after the flood: %q", got)
+	}
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
+		return l["msg"] == "http connection closed" && l["reason"] == "finished"
+	}); err != nil {
+		t.Fatal(err)
+	}
+	lines := d.Lines()[before:]
+	var msgs []string
+	for _, l := range lines {
+		msgs = append(msgs, fmt.Sprint(l["level"], " ", l["msg"]))
+	}
+	t.Logf("%d malformed requests in %v: %d log lines: %q", flood, took.Round(time.Millisecond), len(lines), msgs)
+	if len(lines) > 5 {
+		t.Errorf("%d log lines for %d malformed requests, want at most 5", len(lines), flood)
+	}
+	if n := countMsg(d, "http: malformed request, closing the connection"); n != 1 {
+		t.Errorf("%d malformed-request lines, want 1", n)
+	}
+	// After the interval, the next one is logged with the count of those
+	// suppressed. (Waiting for the limiter's interval, not for readiness.)
+	time.Sleep(time.Until(start.Add(10*time.Second + 100*time.Millisecond)))
+	send(malformed)
+	var suppressed any
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
+		suppressed = l["suppressed"]
+		return l["msg"] == "http: malformed request, closing the connection" && suppressed != nil
+	}); err != nil {
+		t.Fatalf("no line reports the suppressed count: %v\n%s", err, tail(d.Log(), 10))
+	}
+	if suppressed != float64(flood-1) {
+		t.Errorf("suppressed %v, want %d", suppressed, flood-1)
+	}
+	t.Logf("after the interval: one line with suppressed=%v", suppressed)
+}
+
+// TestLabHTTPUnspliceAbortNoBypass: a client makes the unsplice its next
+// request triggers fail (it stops acknowledging the spliced response, so
+// the flow cannot drain), then asks for a denied path. The held request
+// must not go to the backend unrouted: nginx's access log never shows it,
+// and the secret never reaches the client.
+func TestLabHTTPUnspliceAbortNoBypass(t *testing.T) {
+	testnet.Privileged(t, "nginx")
+	lab := testnet.NewT(t, testnet.Options{})
+	accessLog := smuggleNginx(t, lab.Server(), 8081)
+	d := testnet.StartDaemon(t, lab, smuggleConfig("splice"))
+	hc := &httpClient{t: t}
+	c, err := lab.Client().Dial(netip.AddrPortFrom(lab.Server().IPv4, 80), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	hc.c, hc.r = c, bufio.NewReader(c)
+	fmt.Fprint(c, "GET /slow/big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+	if code, err := readStatus(hc); err != nil || code != 200 {
+		t.Fatalf("status %d, %v", code, err)
+	}
+	if err := readBodyStart(hc, 64<<10); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.WaitLog(10*time.Second, func(l map[string]any) bool { return l["msg"] == "flow spliced" }); err != nil {
+		t.Fatalf("the response was not spliced: %v", err)
+	}
+	// Keep reading, so that the response is in flight, then stop
+	// acknowledging it: drop everything from the service in the client.
+	body := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(pendingHash[hc], pendingResp[hc].Body)
+		body <- err
+	}()
+	client := &lab.Client().NS
+	nft(t, client, "add table inet mute", "add chain inet mute in { type filter hook input priority 0; }", "add rule inet mute in tcp sport 80 counter drop")
+	// Once a segment of the response was dropped, the flow has data in
+	// flight that the client will not acknowledge.
+	if err := testnet.Poll(10*time.Second, func() error {
+		if counted(t, client, "mute") == 0 {
+			return fmt.Errorf("nothing dropped yet")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprint(c, "GET /private/secret.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+	// The unsplice cannot drain: it gives up after drain_timeout.
+	if err := d.WaitLog(10*time.Second, func(l map[string]any) bool {
+		return strings.Contains(fmt.Sprint(l["err"]), "unsplice abandoned")
+	}); err != nil {
+		t.Fatalf("the unsplice did not give up: %v\n%s", err, tail(d.Log(), 20))
+	}
+	nft(t, client, "delete table inet mute")
+	// Whatever the client gets now, it is not the secret, and nginx never
+	// saw the request.
+	var rest []byte
+	select {
+	case err := <-body:
+		t.Logf("the big response ended: %v", err)
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		rest, _ = io.ReadAll(hc.r)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the client's connection neither ended nor finished its response")
+	}
+	if bytes.Contains(rest, []byte(smuggleSecret)) {
+		t.Errorf("the denied file reached the client after the abandoned unsplice: %q", rest)
+	}
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
+		return l["msg"] == "flow closed" && strings.Contains(fmt.Sprint(l["reason"]), "unsplice abandoned")
+	}); err != nil {
+		t.Errorf("the flow did not end after the abandoned unsplice: %v", err)
+	}
+	log, _ := os.ReadFile(accessLog)
+	if strings.Contains(string(log), "/private") {
+		t.Errorf("nginx served the denied path after the abandoned unsplice:\n%s", log)
+	}
+	t.Logf("after the abandoned unsplice the client got %d more bytes (%q...); nginx's log:\n%s", len(rest), truncateBytes(rest, 80), log)
+}
+
+func truncateBytes(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[:n]
+	}
+	return b
 }

@@ -16,6 +16,7 @@ import (
 	"spliced/config"
 	"spliced/gateway"
 	"spliced/internal/sdnotify"
+	"spliced/internal/version"
 	"spliced/logging"
 	"spliced/rules"
 )
@@ -33,8 +34,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	logFormat := fs.String("log-format", "", "override log.format: auto, text or json")
 	logLevel := fs.String("log-level", "", "override log.level: debug, info, warn or error")
 	socket := fs.String("socket", "", "override control.socket: the control API's Unix socket (\"off\" disables it)")
+	showVersion := fs.Bool("version", false, "print the version (the Debian package's) and how it was built, and exit")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: spliced [-config FILE] [-check | -cleanup] [-log-format F] [-log-level L]\n\n")
+		fmt.Fprintf(stderr, "usage: spliced [-config FILE] [-check | -cleanup] [-log-format F] [-log-level L] [-socket PATH]\n       spliced -version\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -44,6 +46,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "spliced: unexpected argument %q\n", fs.Arg(0))
 		fs.Usage()
 		return 2
+	}
+	if *showVersion {
+		v := version.Get()
+		fmt.Fprintf(stdout, "spliced %s\n%s\n", v, v.Details())
+		return 0
 	}
 
 	var cfg *config.Config

@@ -553,7 +553,9 @@ func TestLabSpliceAnyMoment(t *testing.T) {
 		d.Signal(syscall.SIGUSR1)
 		d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "splice engine totals" })
 		time.Sleep(100 * time.Millisecond)
-		os.WriteFile(os.Getenv("SPLICED_DUMP")+"daemon.log", []byte(d.Log()), 0o644)
+		dump := dumpPrefix(t) + "daemon.log"
+		os.WriteFile(dump, []byte(d.Log()), 0o644)
+		t.Logf("daemon log written to %s", dump)
 		t.Fatalf("%d of %d flows failed:\n%s\n%s", len(failures), flows, strings.Join(failures, "\n"), tail(d.Log(), 20))
 	}
 	spliced := 0
@@ -578,6 +580,17 @@ func TestLabSpliceAnyMoment(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 		os.WriteFile(dump+"daemon.log", []byte(d.Log()), 0o644)
 	}
+}
+
+// dumpPrefix is where a test writes artifacts for a reader (a daemon log):
+// SPLICED_DUMP when set (a directory with a trailing slash, or a file name
+// prefix), else the test's temporary directory, so that nothing a run
+// writes lands in the source tree.
+func dumpPrefix(t *testing.T) string {
+	if p := os.Getenv("SPLICED_DUMP"); p != "" {
+		return p
+	}
+	return t.TempDir() + string(os.PathSeparator)
 }
 
 // TestLabSplicedFlowsEndWithResets: a spliced flow the daemon gives up

@@ -2,6 +2,10 @@
 // the gateway running the real daemon, and a server; a real transfer goes
 // through the gateway and the demo prints what happened. Nothing outside
 // the lab's namespaces is touched, and everything is removed at the end.
+//
+// It needs root and one command besides its own binaries: ip (iproute2),
+// which creates the namespaces and runs the daemon in one. The table is
+// read through netlink, not with nft.
 package demo
 
 import (
@@ -12,6 +16,10 @@ import (
 	"strings"
 	"time"
 
+	"golang.org/x/sys/unix"
+
+	"spliced/config"
+	"spliced/rules"
 	"spliced/testnet"
 )
 
@@ -23,7 +31,7 @@ type Options struct {
 }
 
 // The demo service splices each flow once 64 MiB went through the proxy.
-const config = `
+const demoConfig = `
 log:
   level: info
 services:
@@ -55,18 +63,18 @@ func Run(opt Options) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	d, err := testnet.LaunchDaemon(lab, opt.Spliced, dir, config)
+	d, err := testnet.LaunchDaemon(lab, opt.Spliced, dir, demoConfig)
 	if d != nil {
 		defer d.Stop()
 	}
 	if err != nil {
 		return err
 	}
-	fmt.Fprintln(out, "spliced is running in the gateway namespace; its table:")
-	table, err := lab.Gateway.Run("nft", "list", "table", "inet", "spliced")
+	table, err := kernelTable(lab)
 	if err != nil {
 		return err
 	}
+	fmt.Fprintln(out, "spliced is running in the gateway namespace; its table (the kernel has it; shown as `spliced -check` renders it):")
 	fmt.Fprint(out, indent(table))
 
 	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
@@ -99,6 +107,32 @@ func Run(opt Options) error {
 	fmt.Fprintf(out, "  sha256 equal both ways: %x... / %x...\n", tr.Client.SentHash[:6], tr.Server.SentHash[:6])
 	fmt.Fprintf(out, "  %.1f Gbit/s (both directions together) in %v\n", gbps, tr.Elapsed.Round(time.Millisecond))
 	return nil
+}
+
+// kernelTable checks through netlink that the daemon installed its table
+// and policy routing in the gateway namespace, and returns the table as
+// `nft list table` shows it, rendered by package rules from the demo's
+// configuration (what `spliced -check` prints). The nft command is not
+// needed.
+func kernelTable(lab *testnet.Lab) (string, error) {
+	cfg, err := config.Parse("demo", []byte(demoConfig))
+	if err != nil {
+		return "", err
+	}
+	spec := rules.FromConfig(cfg)
+	fd, err := lab.Gateway.Open()
+	if err != nil {
+		return "", err
+	}
+	defer unix.Close(fd)
+	table, ipRules, routes, err := rules.NewManager(spec, rules.WithNetNS(fd)).State()
+	if err != nil {
+		return "", fmt.Errorf("read the gateway's kernel state: %w", err)
+	}
+	if !table || ipRules == 0 || routes == 0 {
+		return "", fmt.Errorf("the daemon is ready but the kernel lacks its state: table inet %s present %v, %d ip rules, %d routes", spec.Table, table, ipRules, routes)
+	}
+	return rules.Render(spec), nil
 }
 
 func mb(v any) string {

@@ -126,7 +126,7 @@ func (s *session) guard(loop func() string) (reason string) {
 // reason is logged by the caller of run.
 func (s *session) end(reply, reason string, attrs ...any) string {
 	s.tell(reply)
-	s.log.Warn("ftp session ended: "+reason, attrs...)
+	s.p.LogLimitedTo(s.log, "ftp end "+reason, slog.LevelWarn, "ftp session ended: "+reason, attrs...)
 	return reason
 }
 
@@ -200,7 +200,7 @@ func (s *session) clientLoop() string {
 			}
 			err = s.passive(verb)
 		case "AUTH":
-			s.log.Info("refused AUTH: TLS-wrapped FTP cannot be rewritten by the gateway; the client may go on in plain FTP", "mechanism", arg)
+			s.p.LogLimitedTo(s.log, "ftp auth", slog.LevelInfo, "refused AUTH: TLS-wrapped FTP cannot be rewritten by the gateway; the client may go on in plain FTP", "mechanism", arg)
 			err = s.writeClient([]byte("534 TLS is not available through this gateway; use plain FTP.\r\n"))
 		case "LPRT", "LPSV":
 			err = s.writeClient([]byte("502 " + verb + " is not supported by the gateway; use EPRT or EPSV.\r\n"))
@@ -249,7 +249,7 @@ func (s *session) serverLoop() string {
 			s.mu.Unlock()
 			if code == 227 || code == 229 {
 				if pending == "" {
-					s.log.Warn("refused a passive-mode reply the client did not ask for", "reply", string(bytes.TrimSpace(line)))
+					s.p.LogLimitedTo(s.log, "ftp unasked passive reply", slog.LevelWarn, "refused a passive-mode reply the client did not ask for", "reply", string(bytes.TrimSpace(line)))
 					line = []byte("425 Unexpected passive-mode reply refused by the gateway.\r\n")
 				} else {
 					line = s.passiveReply(pending, code, line)
@@ -275,21 +275,21 @@ func (s *session) active(verb, arg string) error {
 		want, err = parseEPRT(arg)
 	}
 	if err != nil {
-		s.log.Info("refused a malformed "+verb, logging.Err(err))
+		s.p.LogLimitedTo(s.log, "ftp malformed "+verb, slog.LevelInfo, "refused a malformed "+verb, logging.Err(err))
 		return s.writeClient([]byte("501 Syntax error in the parameters of " + verb + ".\r\n"))
 	}
 	want = netip.AddrPortFrom(want.Addr().Unmap(), want.Port())
 	if want.Addr() != s.flow.Client.Addr() {
-		s.log.Warn("refused "+verb+" naming another host than the client (FTP bounce)", "named", want)
+		s.p.LogLimitedTo(s.log, "ftp bounce "+verb, slog.LevelWarn, "refused "+verb+" naming another host than the client (FTP bounce)", "named", want)
 		return s.writeClient([]byte("500 Illegal " + verb + " command: it must name your own address.\r\n"))
 	}
 	if want.Port() < 1024 {
-		s.log.Warn("refused "+verb+" naming a privileged port", "named", want)
+		s.p.LogLimitedTo(s.log, "ftp privileged "+verb, slog.LevelWarn, "refused "+verb+" naming a privileged port", "named", want)
 		return s.writeClient([]byte("500 Illegal " + verb + " command: the port must be above 1023.\r\n"))
 	}
 	lns, err := s.p.listenData(dataAddr{s.external, false})
 	if err != nil {
-		s.log.Error("open a data listener", logging.Err(err))
+		s.p.LogLimitedTo(s.log, "ftp data listener", slog.LevelError, "open a data listener", logging.Err(err))
 		return s.writeClient([]byte("425 The gateway cannot open a data connection.\r\n"))
 	}
 	at := netip.AddrPortFrom(s.external, proxy.AddrPort(lns[0].Addr()).Port())
@@ -330,17 +330,17 @@ func (s *session) passiveReply(clientVerb string, code int, line []byte) []byte 
 	if code == 227 {
 		named, err := parse227(text)
 		if err != nil {
-			s.log.Warn("refused a malformed 227 reply", logging.Err(err))
+			s.p.LogLimitedTo(s.log, "ftp malformed 227", slog.LevelWarn, "refused a malformed 227 reply", logging.Err(err))
 			return []byte("425 The gateway could not read the server's passive reply.\r\n")
 		}
 		if named.Addr() != s.flow.Server.Addr() {
-			s.log.Warn("ignored the address in the server's 227 reply: data goes to the control connection's server", "named", named, "server", s.flow.Server.Addr())
+			s.p.LogLimitedTo(s.log, "ftp 227 address", slog.LevelWarn, "ignored the address in the server's 227 reply: data goes to the control connection's server", "named", named, "server", s.flow.Server.Addr())
 		}
 		port = named.Port()
 	} else {
 		p, err := parse229(text)
 		if err != nil {
-			s.log.Warn("refused a malformed 229 reply", logging.Err(err))
+			s.p.LogLimitedTo(s.log, "ftp malformed 229", slog.LevelWarn, "refused a malformed 229 reply", logging.Err(err))
 			return []byte("425 The gateway could not read the server's passive reply.\r\n")
 		}
 		port = p
@@ -371,7 +371,7 @@ func (s *session) passiveReply(clientVerb string, code int, line []byte) []byte 
 		reply = func(ap netip.AddrPort) string { return format229(ap.Port()) }
 	}
 	if err != nil {
-		s.log.Error("open a data listener", logging.Err(err))
+		s.p.LogLimitedTo(s.log, "ftp data listener", slog.LevelError, "open a data listener", logging.Err(err))
 		return []byte("425 The gateway cannot open a data connection.\r\n")
 	}
 	timeout := s.p.Service.ConnectTimeout.D()
@@ -404,7 +404,7 @@ func (s *session) expectData(lns []*net.TCPListener, peer netip.Addr, acceptedIs
 		dialed, err := dial(ctx)
 		cancel()
 		if err != nil {
-			s.log.Warn("data connection: connect failed", logging.Err(err))
+			s.p.LogLimitedTo(s.log, "ftp data connect", slog.LevelWarn, "data connection: connect failed", logging.Err(err))
 			proxy.Reset(accepted)
 			return
 		}
@@ -430,13 +430,13 @@ func (s *session) acceptFrom(lns []*net.TCPListener, peer netip.Addr) *net.TCPCo
 				c, err := ln.AcceptTCP()
 				if err != nil {
 					if !errors.Is(err, net.ErrClosed) {
-						s.log.Info("data connection never came", "listener", proxy.AddrPort(ln.Addr()), logging.Err(err))
+						s.p.LogLimitedTo(s.log, "ftp data never came", slog.LevelInfo, "data connection never came", "listener", proxy.AddrPort(ln.Addr()), logging.Err(err))
 					}
 					got <- nil
 					return
 				}
 				if from := proxy.AddrPort(c.RemoteAddr()); from.Addr() != peer {
-					s.log.Warn("refused a data connection from an unexpected peer", "from", from, "expected", peer)
+					s.p.LogLimitedTo(s.log, "ftp data peer", slog.LevelWarn, "refused a data connection from an unexpected peer", "from", from, "expected", peer)
 					proxy.Reset(c)
 					continue
 				}
@@ -494,7 +494,7 @@ func (s *session) relayData(client, server *net.TCPConn) {
 			return // the gateway owns the flow now, and logs its end
 		}
 		flow.SetSpliceError(err)
-		log.Warn("ftp data connection stays proxied", logging.Err(err))
+		p.LogLimitedTo(log, "ftp data stays proxied", slog.LevelWarn, "ftp data connection stays proxied", logging.Err(err))
 		p.Event(proxy.EventSpliceFailed, flow, err.Error())
 	}
 	relay := &proxy.Relay{Client: client, Upstream: server, Flow: flow, IdleTimeout: p.Service.IdleTimeout.D()}

@@ -1,6 +1,6 @@
 // Package httpproxy is the gateway's HTTP/1.1 proxy (paper sections 2.2
 // and 3.4): clients talk to one address; the proxy reads each request in
-// control mode with net/http, picks a backend pool by Host and path prefix,
+// control mode, picks a backend pool by Host and path prefix,
 // forwards the request, and, when the response is large (Content-Length
 // of at least splice_min), splices the connection while the response
 // flows. The gateway watches the spliced flow: when the client sends its
@@ -14,9 +14,23 @@
 // relays the rest of it before it reads the next request. Chunked
 // responses are never spliced, for the same reason.
 //
+// Requests are read strictly (request.go, body.go): the head is checked
+// against RFC 9112 before net/http parses it, since net/http alone
+// accepts framing that a proxy in front or the backend behind can read
+// another way (Content-Length with Transfer-Encoding, repeated
+// Content-Length, obs-fold, bare LF, ...); what is ambiguous gets 400 and
+// the connection closes. The body is framed by the proxy and re-framed by
+// net/http towards the backend. Paths are normalised before routing
+// (path.go) and the normalised form is forwarded, so the target a backend
+// sees is the one the proxy routed on; a path some backend could read
+// another way (%2F, ;parameters, backslashes) that would then route
+// elsewhere is refused. Hop-by-hop fields are removed both ways (hop.go).
+// An upgrade becomes a tunnel only when the backend answers 101.
+//
 // Errors get what a careful proxy answers: a malformed request 400 (and
 // the connection closes), a request no route matches 404, a denied route
 // 403, a backend that cannot be reached 502 (it is skipped for
-// backend_down_for). Upgrade requests (WebSocket) are passed through
-// spliced for their whole life.
+// backend_down_for). Upgrade requests (WebSocket) answered with 101 are
+// passed through spliced for their whole life. Log lines a client can
+// trigger at will are rate-limited (proxy.Base.LogLimitedTo).
 package httpproxy

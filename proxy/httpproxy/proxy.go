@@ -34,6 +34,8 @@ type Proxy struct {
 // pool is the backends of one route, with its counters.
 type pool struct {
 	route    *config.HTTPRoute
+	host     string // route.Host, lower case, without a trailing dot
+	path     string // route.Path, normalised like request paths
 	backends []*backend
 	next     atomic.Uint32
 	requests atomic.Uint64
@@ -84,7 +86,7 @@ func (p *Proxy) initPools() {
 	p.poolsOnce.Do(func() {
 		for i := range p.Service.HTTP.Routes {
 			r := &p.Service.HTTP.Routes[i]
-			pl := &pool{route: r}
+			pl := &pool{route: r, host: strings.TrimSuffix(strings.ToLower(r.Host), "."), path: routePath(r.Path)}
 			for _, b := range r.Backends {
 				pl.backends = append(pl.backends, &backend{addr: b.AddrPort})
 			}
@@ -114,19 +116,32 @@ func (p *Proxy) handle(c *net.TCPConn) {
 	cn.run()
 }
 
-// route returns the pool for a request, or nil.
-func (p *Proxy) route(req *http.Request) *pool {
-	host := req.Host
+// route returns the pool for a host (its port ignored) and a normalised
+// path, or nil.
+func (p *Proxy) route(host, path string) *pool {
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		host = h
 	}
+	host = strings.TrimSuffix(host, ".")
 	for _, pl := range p.pools {
-		r := pl.route
-		if (r.Host == "" || strings.EqualFold(r.Host, host)) && strings.HasPrefix(req.URL.Path, r.Path) {
+		if (pl.host == "" || strings.EqualFold(pl.host, host)) && pathMatches(pl.path, path) {
 			return pl
 		}
 	}
 	return nil
+}
+
+// routeRequest routes a request, refusing it (400) when a reading of its
+// path some backend might make (rq.alt) routes elsewhere: a deny route
+// must hold whatever the backend makes of the path.
+func (p *Proxy) routeRequest(rq *request) (*pool, error) {
+	pl := p.route(rq.host, rq.path)
+	for _, a := range rq.alt {
+		if p.route(rq.host, a) != pl {
+			return nil, badRequest("ambiguous path: %q may be read as %q, which routes elsewhere", truncate([]byte(rq.path)), truncate([]byte(a)))
+		}
+	}
+	return pl, nil
 }
 
 // pick returns the backends of a pool in the order to try them: those not
@@ -204,7 +219,12 @@ func (c *conn) run() {
 	c.closeUpstream()
 	c.flow.SetResume(nil)
 	c.flow.SetState(proxy.StateClosing)
-	c.log.Info("http connection closed", logging.KeyReason, reason,
+	level := slog.LevelInfo
+	switch reason {
+	case reasonMalformed, reasonNoRoute, reasonDenied:
+		level = slog.LevelDebug // the refusal was logged, rate-limited
+	}
+	c.log.Log(context.Background(), level, "http connection closed", logging.KeyReason, reason,
 		logging.KeyBytesC2S, c.flow.C2S.Load(), logging.KeyBytesS2C, c.flow.S2C.Load(),
 		logging.KeyDuration, time.Since(c.flow.Started).Round(time.Millisecond))
 	c.p.Event(proxy.EventClosed, c.flow, reason)
@@ -253,47 +273,72 @@ func (c *conn) serve() (reason string, spliced bool) {
 			}
 		}
 		c.client.SetReadDeadline(time.Now().Add(svc.IdleTimeout.D()))
-		req, err := http.ReadRequest(c.cr)
+		rq, err := readRequest(c.cr)
 		c.client.SetReadDeadline(time.Time{})
+		var pl *pool
+		if err == nil {
+			pl, err = c.p.routeRequest(rq)
+		}
 		if err != nil {
-			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
-				return "client closed", false
-			}
+			var re *requestError
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
+			switch {
+			case errors.As(err, &re):
+				return c.malformed(re), false
+			case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed):
+				return "client closed", false
+			case errors.As(err, &ne) && ne.Timeout():
 				return "idle", false
 			}
-			c.reply(http.StatusBadRequest, "malformed request")
-			c.log.Warn("http: malformed request, closing the connection", logging.Err(err))
-			return "malformed request", false
+			return "read a request: " + err.Error(), false
 		}
-		pl := c.p.route(req)
 		switch {
 		case pl == nil:
 			c.reply(http.StatusNotFound, "no route for this host and path")
-			c.log.Info("http: no route", "host", req.Host, "path", req.URL.Path)
-			return "no route", false
+			c.p.LogLimitedTo(c.log, "http no route", slog.LevelInfo, "http: no route", "host", rq.host, "path", rq.path)
+			return reasonNoRoute, false
 		case pl.route.Action == config.Deny:
 			pl.requests.Add(1)
 			c.reply(http.StatusForbidden, "denied by the gateway")
-			c.log.Info("http: denied", "host", req.Host, "path", req.URL.Path)
-			return "denied", false
+			c.p.LogLimitedTo(c.log, "http denied", slog.LevelInfo, "http: denied", "host", rq.host, "path", rq.path)
+			return reasonDenied, false
 		}
 		pl.requests.Add(1)
 		if err := c.connect(pl); err != nil {
 			c.reply(http.StatusBadGateway, "no backend of this route answers")
-			c.log.Warn("http: no backend reachable", "path", pl.route.Path, logging.Err(err))
+			c.p.LogLimitedTo(c.log, "http no backend "+pl.route.Host+pl.route.Path, slog.LevelWarn, "http: no backend reachable", "path", pl.route.Path, logging.Err(err))
 			return "bad gateway", false
 		}
 		c.upTo.requests.Add(1)
-		done, spliced, err := c.exchange(req)
+		done, spliced, err := c.exchange(rq)
 		if err != nil {
+			var re *requestError
+			if errors.As(err, &re) {
+				return c.malformed(re), false
+			}
 			return err.Error(), false
 		}
 		if spliced || done {
 			return "finished", spliced
 		}
 	}
+}
+
+// Reasons a connection ends for a request the proxy refused. Their log
+// lines are rate-limited (a client sends as many as it likes), so the
+// "connection closed" line of such a connection is a debug line.
+const (
+	reasonMalformed = "malformed request"
+	reasonNoRoute   = "no route"
+	reasonDenied    = "denied"
+)
+
+// malformed answers a refused request and logs it, rate-limited.
+func (c *conn) malformed(re *requestError) string {
+	c.reply(re.status, re.reason)
+	c.p.LogLimitedTo(c.log, "http malformed", slog.LevelWarn, "http: malformed request, closing the connection",
+		"status", re.status, logging.KeyReason, re.reason)
+	return reasonMalformed
 }
 
 // connect makes c.up a connection to a backend of pl, keeping the current
@@ -316,7 +361,7 @@ func (c *conn) connect(pl *pool) error {
 		if err != nil {
 			b.failures.Add(1)
 			b.downUntil.Store(time.Now().Add(svc.HTTP.BackendDownFor.D()).UnixNano())
-			c.log.Warn("http: backend failed, skipping it for a while", "backend", b.addr, "for", svc.HTTP.BackendDownFor.D(), logging.Err(err))
+			c.p.LogLimitedTo(c.log, "http backend failed "+b.addr.String(), slog.LevelWarn, "http: backend failed, skipping it for a while", "backend", b.addr, "for", svc.HTTP.BackendDownFor.D(), logging.Err(err))
 			errs = append(errs, err)
 			continue
 		}
@@ -333,9 +378,11 @@ func (c *conn) connect(pl *pool) error {
 }
 
 // exchange forwards one request and its response. done: the connection
-// ends after it; spliced: the gateway took the flow.
-func (c *conn) exchange(req *http.Request) (done, spliced bool, err error) {
+// ends after it; spliced: the gateway took the flow. A *requestError
+// means the client's body was malformed (the client was answered).
+func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 	svc := c.p.Service
+	req := rq.Request
 	switch svc.HTTP.Forwarded {
 	case "x-forwarded-for":
 		ip := c.flow.Client.Addr().String()
@@ -351,29 +398,77 @@ func (c *conn) exchange(req *http.Request) (done, spliced bool, err error) {
 		// which needs one.
 		req.Host = c.upTo.addr.String()
 	}
-	upgrade := req.Header.Get("Upgrade") != "" && headerHas(req.Header, "Connection", "upgrade")
 	uw := &countingWriter{w: c.up, n: &c.flow.C2S}
 	bw := bufio.NewWriter(uw)
-	if err := req.Write(bw); err != nil {
-		return true, false, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
+	err = req.Write(bw)
+	if err == nil {
+		err = bw.Flush()
 	}
-	if err := bw.Flush(); err != nil {
-		return true, false, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
-	}
-	if upgrade {
-		return c.spliceUpgrade()
-	}
-	resp, err := http.ReadResponse(c.ur, req)
 	if err != nil {
-		c.reply(http.StatusBadGateway, "the backend's response was unreadable")
-		c.upTo.failures.Add(1)
-		return true, false, fmt.Errorf("read the response of %s: %w", c.upTo.addr, err)
+		if be := rq.bodyFailed(); be != nil {
+			// The backend got a request cut short; both connections
+			// close, so nothing after it is read as a request.
+			if be.framing {
+				return true, false, &requestError{status: http.StatusBadRequest, reason: be.Error()}
+			}
+			return true, false, fmt.Errorf("client: %w", be)
+		}
+		return true, false, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
+	}
+	cw := &countingWriter{w: c.client, n: &c.flow.S2C}
+	var resp *http.Response
+	for {
+		resp, err = http.ReadResponse(c.ur, req)
+		if err != nil {
+			c.reply(http.StatusBadGateway, "the backend's response was unreadable")
+			c.upTo.failures.Add(1)
+			return true, false, fmt.Errorf("read the response of %s: %w", c.upTo.addr, err)
+		}
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			// Only now, with the backend's consent, is the connection
+			// a tunnel: an upgrade request answered otherwise is an
+			// ordinary exchange, and the next request is read and
+			// routed like any (else a client would ask for an upgrade
+			// it knows fails and send anything after it, unrouted).
+			if !rq.upgrade {
+				c.reply(http.StatusBadGateway, "the backend switched protocols unasked")
+				c.upTo.failures.Add(1)
+				return true, false, fmt.Errorf("the response of %s: 101 to a request that asked no upgrade", c.upTo.addr)
+			}
+			upgradeTo := resp.Header.Values("Upgrade")
+			removeHopByHop(resp.Header)
+			resp.Header["Connection"] = []string{"Upgrade"}
+			resp.Header["Upgrade"] = upgradeTo
+			if err := writeHead(cw, resp); err != nil {
+				return true, false, fmt.Errorf("relay the response header: %w", err)
+			}
+			return c.spliceUpgrade()
+		}
+		if resp.StatusCode >= 200 {
+			break
+		}
+		// 1xx (100 Continue, 103 Early Hints): relayed to a client
+		// that understands them, and the final response follows. Taken
+		// as the response, it would leave the real one to answer the
+		// client's next request.
+		if req.ProtoAtLeast(1, 1) {
+			removeHopByHop(resp.Header)
+			if err := writeHead(cw, resp); err != nil {
+				return true, false, fmt.Errorf("relay an interim response: %w", err)
+			}
+		}
 	}
 	// The body is resp.Body when the proxy relays it, and the raw stream
 	// (c.ur) when it splices: resp.Body is then never read nor closed
 	// (closing drains what it believes unread).
-	cw := &countingWriter{w: c.client, n: &c.flow.S2C}
 	closeAfter := req.Close || resp.Close
+	removeHopByHop(resp.Header)
+	resp.Close = closeAfter // resp.Write says Connection: close
+	if !closeAfter && !req.ProtoAtLeast(1, 1) {
+		// An HTTP/1.0 client that asked to keep the connection keeps it
+		// only when told.
+		resp.Header.Set("Connection", "keep-alive")
+	}
 	sp := c.p.splicing()
 	if sp == nil || resp.ContentLength < int64(svc.HTTP.SpliceMin) || req.Method == http.MethodHead || closeAfter || c.cr.Buffered() > 0 {
 		err := resp.Write(cw)
@@ -385,12 +480,8 @@ func (c *conn) exchange(req *http.Request) (done, spliced bool, err error) {
 	}
 	// Splice while the body flows: the header and what the proxy already
 	// read of the body go first, then the sockets go to the gateway.
-	bw = bufio.NewWriter(cw)
-	fmt.Fprintf(bw, "HTTP/%d.%d %s\r\n", resp.ProtoMajor, resp.ProtoMinor, resp.Status)
 	resp.Header.Set("Content-Length", strconv.FormatInt(resp.ContentLength, 10))
-	resp.Header.Write(bw)
-	bw.WriteString("\r\n")
-	if err := bw.Flush(); err != nil {
+	if err := writeHead(cw, resp); err != nil {
 		return true, false, fmt.Errorf("relay the response header: %w", err)
 	}
 	ahead := min(int64(c.ur.Buffered()), resp.ContentLength)
@@ -446,6 +537,24 @@ func (c *conn) spliceUpgrade() (done, spliced bool, err error) {
 		return true, false, fmt.Errorf("upgraded connection: %s: %w", outcome, err)
 	}
 	return true, false, nil
+}
+
+// writeHead writes a response's status line and header (no framing of its
+// own: the caller set what the header must say).
+func writeHead(w io.Writer, resp *http.Response) error {
+	bw := bufio.NewWriter(w)
+	fmt.Fprintf(bw, "HTTP/%d.%d %s\r\n", resp.ProtoMajor, resp.ProtoMinor, resp.Status)
+	resp.Header.Write(bw)
+	bw.WriteString("\r\n")
+	return bw.Flush()
+}
+
+// bodyFailed returns how the client's request body failed, if it did.
+func (rq *request) bodyFailed() *bodyError {
+	if rq.body == nil {
+		return nil
+	}
+	return rq.body.failed()
 }
 
 // reply sends the client an error response that closes the connection.

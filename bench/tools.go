@@ -1,0 +1,40 @@
+package bench
+
+import "slices"
+
+// Tools returns the commands, besides its own binaries, that the parts
+// of a run selected by opt.Only run; Run checks them before it builds
+// anything. scripts/deps.sh installs them (its bench group).
+func Tools(opt Options) []string {
+	want := func(part string) bool { return len(opt.Only) == 0 || slices.Contains(opt.Only, part) }
+	tools := []string{"ip"} // every part builds labs
+	add := func(t ...string) {
+		for _, x := range t {
+			if !slices.Contains(tools, x) {
+				tools = append(tools, x)
+			}
+		}
+	}
+	for _, g := range Gateways {
+		if !want(g.name) {
+			continue
+		}
+		add("iperf3", "ss") // bulk measures; ss sees iperf3's listener
+		switch g.name {
+		case "routing-nft":
+			add("nft")
+		case "haproxy":
+			add("haproxy", "pgrep")
+		}
+	}
+	if want("memory") {
+		add("ss", "cat")
+	}
+	if want("http") {
+		add("nginx", "wrk", "ss")
+	}
+	if want("trace") {
+		add("tshark")
+	}
+	return tools
+}

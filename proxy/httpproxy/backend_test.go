@@ -1,0 +1,260 @@
+package httpproxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"path"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"spliced/config"
+	"spliced/proxy"
+)
+
+// fakeBackend is a lenient HTTP/1.1 server (net/http's parser, as a
+// backend behind the proxy might be) that records every request head it
+// reads, raw, and answers 200 with the target it saw. It reads a path the
+// most generous way a backend might (percent-decoded, %2F and \ as
+// slashes, ;parameters dropped, dot segments resolved), so a test can
+// assert that a denied path never reached it under any reading.
+type fakeBackend struct {
+	ln     *net.TCPListener
+	mu     sync.Mutex
+	heads  []string // raw request heads, in order
+	peers  map[string]bool
+	active atomic.Int32
+	// respond, if set, writes the response to a request instead.
+	respond func(w io.Writer, req *http.Request) bool
+}
+
+func startBackend(t *testing.T) *fakeBackend {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := &fakeBackend{ln: ln, peers: map[string]bool{}}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			b.active.Add(1)
+			b.mu.Lock()
+			b.peers[c.RemoteAddr().String()] = true
+			b.mu.Unlock()
+			go b.serve(c)
+		}
+	}()
+	return b
+}
+
+// recorder keeps what the backend's parser consumed.
+type recorder struct {
+	r   io.Reader
+	buf bytes.Buffer
+}
+
+func (r *recorder) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	r.buf.Write(p[:n])
+	return n, err
+}
+
+func (b *fakeBackend) serve(c net.Conn) {
+	defer b.active.Add(-1)
+	defer c.Close()
+	rec := &recorder{r: c}
+	br := bufio.NewReader(rec)
+	start := 0 // where the next request begins in rec.buf
+	for {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		end := rec.buf.Len() - br.Buffered()
+		head := string(rec.buf.Bytes()[start:end])
+		b.mu.Lock()
+		b.heads = append(b.heads, head)
+		b.mu.Unlock()
+		body, err := io.ReadAll(req.Body)
+		if err != nil {
+			return
+		}
+		start = rec.buf.Len() - br.Buffered()
+		if b.respond != nil && b.respond(c, req) {
+			continue
+		}
+		msg := fmt.Sprintf("backend saw %s %s body %q", req.Method, req.RequestURI, body)
+		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(msg), msg)
+	}
+}
+
+// settle waits until the proxy has no flow left and the backend has
+// accepted and finished every connection the proxy made: the kernel's
+// accept queue is FIFO, so once a connection made now is accepted, all
+// earlier ones were.
+func (b *fakeBackend) settle(t *testing.T, p *Proxy) {
+	t.Helper()
+	if err := poll(func() bool { return p.Flows.Len() == 0 }); err != nil {
+		t.Fatalf("proxy flows still open: %d", p.Flows.Len())
+	}
+	c, err := net.Dial("tcp4", b.ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	me := c.LocalAddr().String()
+	err = poll(func() bool { b.mu.Lock(); defer b.mu.Unlock(); return b.peers[me] })
+	c.Close()
+	if err != nil {
+		t.Fatal("the backend does not accept")
+	}
+	if err := poll(func() bool { return b.active.Load() == 0 }); err != nil {
+		t.Fatalf("backend connections still open: %d", b.active.Load())
+	}
+}
+
+func (b *fakeBackend) seen() []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return append([]string(nil), b.heads...)
+}
+
+// leniently is the most generous reading of a request target.
+func leniently(target string) string {
+	if u, err := url.Parse(target); err == nil && u.Host != "" {
+		target = u.RequestURI()
+	}
+	p, _, _ := strings.Cut(target, "?")
+	if d, err := url.PathUnescape(p); err == nil {
+		p = d
+	}
+	p = strings.ReplaceAll(p, "\\", "/")
+	segs := strings.Split(p, "/")
+	for i, s := range segs {
+		segs[i], _, _ = strings.Cut(s, ";")
+	}
+	return path.Clean("/" + strings.Join(segs, "/"))
+}
+
+// forbidden reports a request head that reached a denied route under
+// some reading: a path under /admin or the host secret.example.
+func forbidden(head string) string {
+	line, rest, _ := strings.Cut(head, "\r\n")
+	f := strings.Fields(line)
+	if len(f) == 3 && (leniently(f[1]) == "/admin" || strings.HasPrefix(leniently(f[1]), "/admin/")) {
+		return "path " + f[1]
+	}
+	for _, l := range strings.Split(rest, "\r\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.EqualFold(k, "Host") &&
+			strings.TrimSuffix(strings.ToLower(strings.TrimSpace(v)), ".") == "secret.example" {
+			return "host " + v
+		}
+	}
+	return ""
+}
+
+// testService starts a proxy for routes to b on a loopback listener.
+func testService(t *testing.T, b *fakeBackend) (*Proxy, string) {
+	t.Helper()
+	cfg, err := config.Parse("test", []byte(fmt.Sprintf(`
+services:
+  - name: web
+    listen: 15080
+    ports: ["80"]
+    proxy: http
+    splice:
+      mode: never
+    idle_timeout: 5s
+    http:
+      routes:
+        - host: secret.example
+          action: deny
+        - path: /admin/
+          action: deny
+        - path: /a/
+          backends: ["%s"]
+`, b.ln.Addr())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Proxy{Base: proxy.Base{Service: &cfg.Services[0], Flows: proxy.NewFlowTable(100)}}
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { p.Serve(ctx, ln); close(done) }()
+	t.Cleanup(func() { cancel(); ln.Close(); <-done; p.CloseFlows() })
+	return p, ln.Addr().String()
+}
+
+// exchangeRaw sends raw bytes on a new connection and reads n responses
+// (fewer if the proxy closes), then closes its side and reads anything
+// more as one extra response (status -1 if it does not parse). It
+// returns the status codes and bodies.
+func exchangeRaw(t *testing.T, addr, raw string, n int) (codes []int, bodies []string) {
+	t.Helper()
+	conn, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := conn.(*net.TCPConn)
+	defer c.Close()
+	if _, err := io.WriteString(c, raw); err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(c)
+	for range n {
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			return codes, bodies
+		}
+		b, _ := io.ReadAll(resp.Body)
+		codes = append(codes, resp.StatusCode)
+		bodies = append(bodies, string(b))
+	}
+	c.CloseWrite()
+	if rest, _ := io.ReadAll(r); len(rest) > 0 {
+		code := -1
+		if resp, err := http.ReadResponse(bufio.NewReader(bytes.NewReader(rest)), nil); err == nil {
+			code = resp.StatusCode
+		}
+		codes = append(codes, code)
+		bodies = append(bodies, string(rest))
+	}
+	return codes, bodies
+}
+
+func firstLines(heads []string) []string {
+	var out []string
+	for _, h := range heads {
+		l, _, _ := strings.Cut(h, "\r\n")
+		out = append(out, l)
+	}
+	return out
+}
+
+func poll(cond func() bool) error {
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("timed out")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return nil
+}

@@ -1,0 +1,141 @@
+package httpproxy
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestHopByHop: hop-by-hop fields never reach the backend (request) nor
+// the client (response), the fields Connection names included; end to end
+// fields pass.
+func TestHopByHop(t *testing.T) {
+	b := startBackend(t)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		if req.URL.Path != "/a/hop" {
+			return false
+		}
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, X-Internal\r\nX-Internal: secret\r\n"+
+			"Keep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nProxy-Connection: keep-alive\r\nUpgrade: h2\r\nTrailer: X-T\r\nX-End: kept\r\n\r\nok")
+		return true
+	}
+	_, addr := testService(t, b)
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprint(c, "GET /a/hop HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 300\r\n"+
+		"Proxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\nUpgrade: websocket\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\nX-End: kept\r\n\r\n")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(c)
+	resp, err := http.ReadResponse(r, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.ReadAll(resp.Body)
+	hopReq := []string{"Connection", "X-Secret", "Keep-Alive", "Proxy-Connection", "Te", "Trailer", "Upgrade", "Proxy-Authorization"}
+	head := b.seen()[0]
+	got, err := http.ReadRequest(bufio.NewReader(strings.NewReader(head)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hopReq {
+		if _, ok := got.Header[h]; ok {
+			t.Errorf("the backend got %s:\n%s", h, head)
+		}
+	}
+	if got.Header.Get("X-End") != "kept" || got.Header.Get("X-Forwarded-For") != "127.0.0.1" {
+		t.Errorf("end-to-end fields lost:\n%s", head)
+	}
+	if _, ok := got.Header["User-Agent"]; ok {
+		t.Errorf("the proxy added a User-Agent:\n%s", head)
+	}
+	for _, h := range []string{"Connection", "X-Internal", "Keep-Alive", "Proxy-Authenticate", "Proxy-Connection", "Upgrade", "Trailer"} {
+		if _, ok := resp.Header[h]; ok {
+			t.Errorf("the client got %s: %v", h, resp.Header)
+		}
+	}
+	if resp.Header.Get("X-End") != "kept" {
+		t.Errorf("end-to-end response field lost: %v", resp.Header)
+	}
+	t.Logf("backend got:\n%sclient got: %v", head, resp.Header)
+}
+
+// TestInterimResponses: a 1xx before the response is relayed and does not
+// take the place of the response (else every later response would answer
+// the request before it).
+func TestInterimResponses(t *testing.T) {
+	b := startBackend(t)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		if req.URL.Path != "/a/early" {
+			return false
+		}
+		io.WriteString(w, "HTTP/1.1 103 Early Hints\r\nLink: </a/style.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+		return true
+	}
+	_, addr := testService(t, b)
+	// http.ReadResponse returns the 103 as a response of its own.
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprint(c, "GET /a/early HTTP/1.1\r\nHost: t\r\n\r\nGET /a/next HTTP/1.1\r\nHost: t\r\n\r\n")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(c)
+	var got []string
+	for range 3 {
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		got = append(got, fmt.Sprintf("%d %s", resp.StatusCode, body))
+	}
+	want := `[103  200 early 200 backend saw GET /a/next body ""]`
+	if fmt.Sprint(got) != want {
+		t.Errorf("responses %q, want %s", got, want)
+	}
+}
+
+// TestHTTP10KeepAlive: an HTTP/1.0 client that asks for keep-alive is
+// told it got it (the backend's own Connection field is hop-by-hop and
+// removed), and its next request is served on the same connection; one
+// that does not ask is told the connection closes.
+func TestHTTP10KeepAlive(t *testing.T) {
+	b := startBackend(t)
+	_, addr := testService(t, b)
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(c)
+	for i := range 2 {
+		fmt.Fprint(c, "GET /a/x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 || resp.Header.Get("Connection") != "keep-alive" {
+			t.Fatalf("request %d: %d, Connection %q", i, resp.StatusCode, resp.Header.Get("Connection"))
+		}
+	}
+	fmt.Fprint(c, "GET /a/x HTTP/1.0\r\n\r\n")
+	resp, err := http.ReadResponse(r, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.ReadAll(resp.Body)
+	if !resp.Close { // net/http removes the Connection: close it read
+		t.Errorf("HTTP/1.0 without keep-alive: not told the connection closes (%v)", resp.Header)
+	}
+}

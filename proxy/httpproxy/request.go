@@ -1,0 +1,457 @@
+package httpproxy
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+)
+
+// Limits of a request head. nginx allows about 32 KiB by default, Go's
+// server 1 MiB; a head is read into memory before anything is decided,
+// so it is bounded.
+const (
+	maxHeadBytes = 64 << 10
+	maxHeadLines = 200
+	// maxEmptyLines is how many empty lines before a request line are
+	// skipped (RFC 9112 section 2.2: some clients send a CRLF after a
+	// POST body).
+	maxEmptyLines = 4
+)
+
+// requestError is a request the proxy refuses: the client gets status
+// and the connection closes.
+type requestError struct {
+	status int
+	reason string
+}
+
+func (e *requestError) Error() string { return e.reason }
+
+func badRequest(format string, args ...any) error {
+	return &requestError{status: http.StatusBadRequest, reason: fmt.Sprintf(format, args...)}
+}
+
+// request is a request as the proxy routes and forwards it: the
+// http.Request is what goes to the backend (req.Write), host and path
+// what it was routed on; they are the same values, so a backend sees
+// exactly the target the proxy decided on.
+type request struct {
+	*http.Request
+	host string // lower case, without a trailing dot; the port kept
+	path string // normalised (normalizePath); "*" for OPTIONS *
+	// alt are the other ways a backend might read path (path
+	// parameters dropped, %2F or %5C taken as a slash): each must route
+	// like path, or the request is refused as ambiguous.
+	alt []string
+	// upgrade: the client asks for a protocol switch (WebSocket) that
+	// the proxy passes on; the Upgrade and Connection fields are kept
+	// for it, and only a 101 response makes the connection a tunnel.
+	upgrade bool
+	// body reads the request body from the client (nil: none), and
+	// tells whether it failed.
+	body bodyReader
+}
+
+// readRequest reads one request from r: its head strictly (readHead,
+// checkHead), its body framed by the proxy itself (a Content-Length, or
+// chunked, never both; see body.go), its target normalised
+// (normalizePath), its hop-by-hop fields removed. It returns io.EOF when
+// the client closed between requests, a *requestError for a request to
+// refuse, and other errors from the connection.
+//
+// net/http alone (http.ReadRequest) accepts, among others: Content-Length
+// with Transfer-Encoding (it drops the Content-Length), repeated equal
+// Content-Length fields, Transfer-Encoding on an HTTP/1.0 request
+// (ignored: the chunked body would be read as the next request), obs-fold,
+// bare LF line ends, "Transfer-Encoding : chunked" (a field named
+// "Transfer-Encoding " that it would forward), chunk sizes followed by
+// spaces, HTTP/1.1 without Host, "HTTP/2.0" on a 1.x request line, and
+// paths with dot segments, which it neither resolves nor rejects. So the
+// head is checked here first, and ReadRequest only parses a head that
+// passed.
+func readRequest(r *bufio.Reader) (*request, error) {
+	head, err := readHead(r)
+	if err != nil {
+		return nil, err
+	}
+	f, err := checkHead(head)
+	if err != nil {
+		return nil, err
+	}
+	req, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(head)))
+	if err != nil {
+		return nil, badRequest("%v", err)
+	}
+	rq := &request{Request: req}
+	if err := rq.setTarget(f.target); err != nil {
+		return nil, err
+	}
+	if err := rq.setHost(f); err != nil {
+		return nil, err
+	}
+	// The body: ReadRequest framed it on the head alone; the proxy reads
+	// it from the connection with its own strict framing.
+	req.Trailer = nil // request trailers are dropped (RFC 9110 6.5.1 allows it)
+	switch {
+	case f.chunked:
+		rq.body = &chunkedReader{r: r}
+		req.Body = io.NopCloser(rq.body)
+		req.ContentLength = -1
+		req.TransferEncoding = []string{"chunked"}
+	case f.length > 0:
+		rq.body = &lengthReader{r: r, left: f.length}
+		req.Body = io.NopCloser(rq.body)
+		req.ContentLength = f.length
+		req.TransferEncoding = nil
+	default:
+		req.Body = http.NoBody
+		req.ContentLength = 0
+		req.TransferEncoding = nil
+	}
+	rq.upgrade = req.ProtoAtLeast(1, 1) && headerHas(req.Header, "Connection", "upgrade") && req.Header.Get("Upgrade") != ""
+	upgradeTo := req.Header.Values("Upgrade")
+	if rq.upgrade && headerHas(req.Header, "Upgrade", "h2c") {
+		// An h2c upgrade would make the connection HTTP/2 to one
+		// backend, every later stream unrouted: it is not passed on
+		// (the request is served in HTTP/1.1, as RFC 9113 allows).
+		rq.upgrade = false
+	}
+	removeHopByHop(req.Header)
+	req.Header.Del("HTTP2-Settings")
+	if rq.upgrade {
+		req.Header["Connection"] = []string{"Upgrade"}
+		req.Header["Upgrade"] = upgradeTo
+	}
+	if _, ok := req.Header["User-Agent"]; !ok {
+		// req.Write would add Go's own; a proxy adds nothing.
+		req.Header["User-Agent"] = []string{""}
+	}
+	return rq, nil
+}
+
+// setTarget normalises the request target and makes it the one req.Write
+// sends, in origin form.
+func (rq *request) setTarget(target string) error {
+	req := rq.Request
+	if strings.ContainsAny(target, "#") {
+		return badRequest("request target with a fragment")
+	}
+	switch {
+	case req.Method == http.MethodConnect:
+		return &requestError{status: http.StatusMethodNotAllowed, reason: "CONNECT: the gateway is not a forward proxy"}
+	case target == "*":
+		if req.Method != http.MethodOptions {
+			return badRequest("asterisk-form target with %s", req.Method)
+		}
+		rq.path = "*"
+		req.URL = &url.URL{Opaque: "*"}
+		return nil
+	case target[0] != '/':
+		// absolute-form (RFC 9112 3.2.2): its authority replaces Host,
+		// which ReadRequest did; the path is read like origin-form.
+		i := strings.Index(target, "://")
+		if i < 0 || !strings.EqualFold(target[:i], "http") && !strings.EqualFold(target[:i], "https") {
+			return badRequest("request target %q is neither a path nor an http URI", target)
+		}
+		rest := target[i+3:]
+		end := strings.IndexAny(rest, "/?")
+		if end < 0 {
+			end = len(rest)
+		}
+		if auth := rest[:end]; auth == "" || strings.Contains(auth, "@") {
+			return badRequest("absolute URI without a host, or with user information")
+		}
+		target = rest[end:]
+		if target == "" || target[0] == '?' {
+			target = "/" + target
+		}
+	}
+	p, query, hasQuery := strings.Cut(target, "?")
+	norm, alt, err := normalizePath(p)
+	if err != nil {
+		return err
+	}
+	rq.path, rq.alt = norm, alt
+	// Opaque is sent as it is: the normalised path, then the query as
+	// the client sent it.
+	req.URL = &url.URL{Opaque: norm, RawQuery: query, ForceQuery: hasQuery && query == ""}
+	return nil
+}
+
+// setHost checks and normalises the host the request is routed on:
+// the absolute-form target's authority or else Host (ReadRequest chose
+// it), lower case, a trailing dot of a name removed (a.example. and
+// a.example are the same host to DNS and to nginx).
+func (rq *request) setHost(f *headFacts) error {
+	req := rq.Request
+	if req.ProtoAtLeast(1, 1) && f.hosts == 0 {
+		return badRequest("HTTP/1.1 request without Host")
+	}
+	host := strings.ToLower(req.Host)
+	if !validHost(host) {
+		return badRequest("invalid host %q", req.Host)
+	}
+	name, port := host, ""
+	if i := strings.LastIndexByte(host, ':'); i >= 0 && !strings.HasSuffix(host, "]") {
+		name, port = host[:i], host[i:]
+	}
+	name = strings.TrimSuffix(name, ".")
+	if !strings.HasPrefix(name, "[") && (strings.HasPrefix(name, ".") || strings.HasSuffix(name, ".") || strings.Contains(name, "..")) {
+		return badRequest("invalid host %q: an empty label", req.Host)
+	}
+	rq.host = name + port
+	req.Host = rq.host
+	return nil
+}
+
+// validHost: empty, or a reg-name or IPv4 address, or an IPv6 literal in
+// brackets, then an optional :port. Percent-encoding and user
+// information are refused.
+func validHost(h string) bool {
+	if h == "" {
+		return true
+	}
+	name := h
+	if strings.HasPrefix(h, "[") {
+		end := strings.IndexByte(h, ']')
+		if end < 0 {
+			return false
+		}
+		for _, c := range []byte(h[1:end]) {
+			if !isHex(c) && c != ':' && c != '.' {
+				return false
+			}
+		}
+		name = ""
+		h = h[end+1:]
+		if h != "" && h[0] != ':' {
+			return false
+		}
+	} else if i := strings.LastIndexByte(h, ':'); i >= 0 {
+		name, h = h[:i], h[i:]
+	} else {
+		h = ""
+	}
+	for _, c := range []byte(name) {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_' || c == '~') {
+			return false
+		}
+	}
+	if h != "" { // ":port"
+		port := h[1:]
+		if port == "" || len(port) > 5 {
+			return false
+		}
+		for _, c := range []byte(port) {
+			if c < '0' || c > '9' {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// readHead reads a request head, the request line through the empty line
+// that ends it, and nothing more: the body and any pipelined request stay
+// in r. Empty lines before the request line are skipped (a few). io.EOF
+// means the client closed before a request began.
+func readHead(r *bufio.Reader) ([]byte, error) {
+	var head []byte
+	lines, empty := 0, 0
+	for {
+		line, err := r.ReadSlice('\n')
+		head = append(head, line...)
+		if len(head) > maxHeadBytes {
+			return nil, &requestError{status: http.StatusRequestHeaderFieldsTooLarge, reason: fmt.Sprintf("request head over %d bytes", maxHeadBytes)}
+		}
+		if errors.Is(err, bufio.ErrBufferFull) {
+			continue // a line longer than the buffer: read on
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) && len(head) > 0 {
+				return nil, badRequest("incomplete request head")
+			}
+			return nil, err
+		}
+		line = head[bytes.LastIndexByte(head[:len(head)-1], '\n')+1:]
+		if lines == 0 && string(line) == "\r\n" && empty < maxEmptyLines {
+			empty++
+			head = head[:0]
+			continue
+		}
+		lines++
+		if lines > 1 && (string(line) == "\r\n" || string(line) == "\n") {
+			return head, nil
+		}
+		if lines > maxHeadLines {
+			return nil, &requestError{status: http.StatusRequestHeaderFieldsTooLarge, reason: fmt.Sprintf("request head over %d lines", maxHeadLines)}
+		}
+	}
+}
+
+// headFacts is what checkHead learned from a head.
+type headFacts struct {
+	target  string
+	hosts   int   // Host fields
+	chunked bool  // Transfer-Encoding: chunked
+	length  int64 // Content-Length, 0 when absent
+}
+
+// checkHead checks a request head against RFC 9112 strictly, refusing
+// what a parser in front of or behind the proxy could read another way:
+//   - every line ends in CRLF: a bare LF or a bare CR is refused (2.2);
+//   - request line: method SP target SP HTTP/1.0 or HTTP/1.1, single
+//     spaces, no control bytes (3); other versions get 505;
+//   - field lines: a token name, a colon with no space before it (5.1),
+//     no obs-fold (5.2), no CR, LF, NUL or other control byte in a value
+//     (RFC 9110 5.5);
+//   - framing (6): Transfer-Encoding must be exactly "chunked" (any case),
+//     in one field, never in an HTTP/1.0 request, never with
+//     Content-Length; Content-Length one field of digits. Those two fields
+//     may have one space after the colon and nothing else around the
+//     value: legitimate senders write them so, and the variants are what
+//     desynchronisation attacks use;
+//   - at most one Host.
+func checkHead(head []byte) (*headFacts, error) {
+	f := &headFacts{}
+	var te, cl int
+	for n := 0; len(head) > 0; n++ {
+		i := bytes.IndexByte(head, '\n')
+		line := head[:i+1]
+		head = head[i+1:]
+		if i == 0 || line[i-1] != '\r' {
+			return nil, badRequest("line ending in a bare LF")
+		}
+		line = line[:i-1]
+		if bytes.IndexByte(line, '\r') >= 0 {
+			return nil, badRequest("bare CR in a line")
+		}
+		if n == 0 {
+			if err := checkRequestLine(string(line), f); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		if len(line) == 0 {
+			break // the end of the head
+		}
+		if line[0] == ' ' || line[0] == '\t' {
+			return nil, badRequest("obs-fold (a field line continued on the next line)")
+		}
+		colon := bytes.IndexByte(line, ':')
+		if colon <= 0 {
+			return nil, badRequest("field line without a name and colon: %q", truncate(line))
+		}
+		name, value := string(line[:colon]), line[colon+1:]
+		for _, c := range []byte(name) {
+			if !isTchar(c) {
+				return nil, badRequest("invalid field name %q", truncate(line[:colon]))
+			}
+		}
+		for _, c := range value {
+			if c < ' ' && c != '\t' || c == 0x7f {
+				return nil, badRequest("control byte in field %s", name)
+			}
+		}
+		switch {
+		case strings.EqualFold(name, "Host"):
+			f.hosts++
+			if f.hosts > 1 {
+				return nil, badRequest("more than one Host")
+			}
+		case strings.EqualFold(name, "Transfer-Encoding"):
+			te++
+			if v := strictValue(value); !strings.EqualFold(v, "chunked") {
+				return nil, badRequest("Transfer-Encoding %q: only a single \"chunked\" is accepted", truncate(value))
+			}
+			f.chunked = true
+		case strings.EqualFold(name, "Content-Length"):
+			cl++
+			v := strictValue(value)
+			if v == "" || len(v) > 18 || strings.Trim(v, "0123456789") != "" {
+				return nil, badRequest("invalid Content-Length %q", truncate(value))
+			}
+			for _, c := range []byte(v) {
+				f.length = f.length*10 + int64(c-'0')
+			}
+		}
+	}
+	switch {
+	case te > 1:
+		return nil, badRequest("more than one Transfer-Encoding")
+	case cl > 1:
+		return nil, badRequest("more than one Content-Length")
+	case te > 0 && cl > 0:
+		return nil, badRequest("both Transfer-Encoding and Content-Length")
+	case te > 0 && strings.HasSuffix(f.target, " HTTP/1.0"):
+		return nil, badRequest("Transfer-Encoding in an HTTP/1.0 request")
+	}
+	f.target, _, _ = strings.Cut(f.target, " ")
+	return f, nil
+}
+
+// checkRequestLine checks method SP request-target SP HTTP-version and
+// leaves "target version" in f.target.
+func checkRequestLine(line string, f *headFacts) error {
+	method, rest, ok1 := strings.Cut(line, " ")
+	target, version, ok2 := strings.Cut(rest, " ")
+	if !ok1 || !ok2 || method == "" || target == "" || strings.Contains(version, " ") {
+		return badRequest("malformed request line %q", truncate([]byte(line)))
+	}
+	for _, c := range []byte(method) {
+		if !isTchar(c) {
+			return badRequest("invalid method %q", truncate([]byte(method)))
+		}
+	}
+	for _, c := range []byte(target) {
+		if c <= ' ' || c == 0x7f {
+			return badRequest("control byte in the request target")
+		}
+	}
+	switch version {
+	case "HTTP/1.1", "HTTP/1.0":
+	default:
+		if len(version) == 8 && strings.HasPrefix(version, "HTTP/") && isDigit(version[5]) && version[6] == '.' && isDigit(version[7]) {
+			return &requestError{status: http.StatusHTTPVersionNotSupported, reason: "version " + version}
+		}
+		return badRequest("malformed HTTP version %q", truncate([]byte(version)))
+	}
+	f.target = target + " " + version
+	return nil
+}
+
+// strictValue returns a framing field's value: one optional space after
+// the colon, and nothing else around it (anything else returns "", which
+// no caller accepts).
+func strictValue(v []byte) string {
+	s := strings.TrimPrefix(string(v), " ")
+	if s == "" || strings.ContainsAny(s[:1], " \t") || strings.ContainsAny(s[len(s)-1:], " \t") {
+		return ""
+	}
+	return s
+}
+
+func truncate(b []byte) string {
+	if len(b) > 64 {
+		return string(b[:64]) + "..."
+	}
+	return string(b)
+}
+
+func isDigit(c byte) bool { return c >= '0' && c <= '9' }
+
+func isHex(c byte) bool { return isDigit(c) || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F' }
+
+// isTchar: a byte of a token (RFC 9110 5.6.2).
+func isTchar(c byte) bool {
+	switch {
+	case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', isDigit(c):
+		return true
+	}
+	return strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0
+}

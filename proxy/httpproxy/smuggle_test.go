@@ -1,0 +1,138 @@
+package httpproxy
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+)
+
+// smuggleCases are raw requests: the status codes the client must get,
+// in order, and a path the backend must have been asked for (if any).
+var smuggleCases = []struct {
+	name, raw string
+	want      []int
+	backend   string // a request line the backend must have seen
+}{
+	// The baseline.
+	{"plain", "GET /a/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{200}, "GET /a/x HTTP/1.1"},
+	{"pipelined allowed then denied", "GET /a/x HTTP/1.1\r\nHost: t\r\n\r\nGET /admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{200, 403}, "GET /a/x HTTP/1.1"},
+	{"leading CRLF skipped", "\r\nGET /a/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{200}, "GET /a/x HTTP/1.1"},
+
+	// Path tricks against a deny route: each is /admin/x to some server.
+	{"denied", "GET /admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{403}, ""},
+	{"denied without trailing slash", "GET /admin HTTP/1.1\r\nHost: t\r\n\r\n", []int{403}, ""},
+	{"dot-dot segment", "GET /x/../admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{403}, ""},
+	{"dot-dot from an allowed route", "GET /a/../admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{403}, ""},
+	{"dot segment", "GET /./admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{403}, ""},
+	{"double slash", "GET //admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{403}, ""},
+	{"above the root", "GET /../../admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{403}, ""},
+	{"encoded unreserved", "GET /%61dmin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{403}, ""},
+	{"encoded dots", "GET /a/%2e%2E/admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{403}, ""},
+	{"encoded slash", "GET /a/..%2Fadmin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"encoded slash lower case", "GET /a/..%2fadmin%2fx HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"backslash", "GET /a\\..\\admin\\x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"encoded backslash", "GET /a/..%5Cadmin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"path parameter dot-dot", "GET /a/..;/admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"path parameter on the denied segment", "GET /admin;x=1/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"encoded NUL", "GET /a/%00/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"bad escape", "GET /a/%zz HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"fragment", "GET /a/x#/../../admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"absolute-form denied", "GET http://t/admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{403}, ""},
+	{"absolute-form dot-dot", "GET http://t/a/../admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{403}, ""},
+	{"absolute-form host wins", "GET http://t/a/x HTTP/1.1\r\nHost: secret.example\r\n\r\n", []int{200}, "GET /a/x HTTP/1.1"},
+	{"absolute-form denied host", "GET http://secret.example/a/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{403}, ""},
+	{"absolute-form with user info", "GET http://t@secret.example/a/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"absolute-form other scheme", "GET ftp://t/a/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"denied host trailing dot", "GET /a/x HTTP/1.1\r\nHost: secret.example.\r\n\r\n", []int{403}, ""},
+	{"host with an empty label", "GET /a/x HTTP/1.1\r\nHost: secret..example\r\n\r\n", []int{400}, ""},
+	{"denied host upper case and port", "GET /a/x HTTP/1.1\r\nHost: SECRET.example:80\r\n\r\n", []int{403}, ""},
+	{"normalised path is forwarded", "GET /a/b/../%7ex/./y?q=/../admin HTTP/1.1\r\nHost: t\r\n\r\n", []int{200}, "GET /a/~x/y?q=/../admin HTTP/1.1"},
+	{"raw non-ASCII is encoded", "GET /a/\xc3\xa9 HTTP/1.1\r\nHost: t\r\n\r\n", []int{200}, "GET /a/%C3%A9 HTTP/1.1"},
+	{"encoded slash within a route", "GET /a/group%2fproject HTTP/1.1\r\nHost: t\r\n\r\n", []int{200}, "GET /a/group%2Fproject HTTP/1.1"},
+
+	// Framing: Content-Length and Transfer-Encoding.
+	{"CL.TE", "POST /a/x HTTP/1.1\r\nHost: t\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"TE.CL", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n2c\r\nGET /admin/x HTTP/1.1\r\nHost: t\r\n\r\n\r\n0\r\n\r\n", []int{400}, ""},
+	{"repeated equal Content-Length", "POST /a/x HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello", []int{400}, ""},
+	{"differing Content-Length", "POST /a/x HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello", []int{400}, ""},
+	{"Content-Length list", "POST /a/x HTTP/1.1\r\nHost: t\r\nContent-Length: 5, 5\r\n\r\nhello", []int{400}, ""},
+	{"Content-Length sign", "POST /a/x HTTP/1.1\r\nHost: t\r\nContent-Length: +5\r\n\r\nhello", []int{400}, ""},
+	{"Content-Length padded", "POST /a/x HTTP/1.1\r\nHost: t\r\nContent-Length:  5\r\n\r\nhello", []int{400}, ""},
+	{"Content-Length body", "POST /a/x HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello", []int{200}, "POST /a/x HTTP/1.1"},
+	{"TE chunked, identity", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n", []int{400}, ""},
+	{"TE identity", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: identity\r\n\r\n", []int{400}, ""},
+	{"TE xchunked", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", []int{400}, ""},
+	{"TE two spaces", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding:  chunked\r\n\r\n0\r\n\r\n", []int{400}, ""},
+	{"TE tab", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding:\tchunked\r\n\r\n0\r\n\r\n", []int{400}, ""},
+	{"TE trailing space", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked \r\n\r\n0\r\n\r\n", []int{400}, ""},
+	{"TE space before colon", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n", []int{400}, ""},
+	{"TE twice", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", []int{400}, ""},
+	{"TE in HTTP/1.0", "POST /a/x HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"TE upper case", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: CHUNKED\r\n\r\n5\r\nhello\r\n0\r\n\r\n", []int{200}, "POST /a/x HTTP/1.1"},
+	{"chunked with extension and trailer, then pipelined", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\nGET /a/y HTTP/1.1\r\nHost: t\r\n\r\n", []int{200, 200}, "GET /a/y HTTP/1.1"},
+
+	// Field and line syntax.
+	{"obs-fold", "GET /a/x HTTP/1.1\r\nHost: t\r\nX-A: b\r\n c\r\n\r\n", []int{400}, ""},
+	{"obs-fold TE", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n", []int{400}, ""},
+	{"bare LF everywhere", "GET /a/x HTTP/1.1\nHost: t\n\n", []int{400}, ""},
+	{"bare LF in a field", "GET /a/x HTTP/1.1\r\nHost: t\nX: y\r\n\r\n", []int{400}, ""},
+	{"bare CR", "GET /a/x HTTP/1.1\r\nHost: t\rX: y\r\n\r\n", []int{400}, ""},
+	{"NUL in a value", "GET /a/x HTTP/1.1\r\nHost: t\r\nX: a\x00b\r\n\r\n", []int{400}, ""},
+	{"no Host in HTTP/1.1", "GET /a/x HTTP/1.1\r\n\r\n", []int{400}, ""},
+	{"two Hosts", "GET /a/x HTTP/1.1\r\nHost: t\r\nHost: secret.example\r\n\r\n", []int{400}, ""},
+	{"Host with a path", "GET /a/x HTTP/1.1\r\nHost: t/admin\r\n\r\n", []int{400}, ""},
+	{"double space in request line", "GET  /a/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"HTTP/2.0 on a 1.x line", "GET /a/x HTTP/2.0\r\nHost: t\r\n\r\n", []int{505}, ""},
+	{"HTTP/1.2", "GET /a/x HTTP/1.2\r\nHost: t\r\n\r\n", []int{505}, ""},
+	{"CONNECT", "CONNECT secret.example:443 HTTP/1.1\r\nHost: secret.example:443\r\n\r\n", []int{405}, ""},
+	{"head too large", "GET /a/x HTTP/1.1\r\nHost: t\r\nX: " + strings.Repeat("a", 70<<10) + "\r\n\r\n", []int{431}, ""},
+
+	// Chunk sizes. The head goes to the backend before the body is
+	// read; a bad chunk gets 400 and both connections close, so what
+	// follows never reaches the backend as a request.
+	{"chunk size 0x", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n", []int{400}, ""},
+	{"chunk size negative", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nhello\r\n0\r\n\r\n", []int{400}, ""},
+	{"chunk size too long", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n10000000000000005\r\nhello\r\n0\r\n\r\n", []int{400}, ""},
+	{"chunk size trailing space", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\nGET /admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{400}, ""},
+	{"chunk size bare LF", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n", []int{400}, ""},
+	{"chunk data overlong", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhello\r\n0\r\n\r\n", []int{400}, ""},
+	{"chunk trailer obs-fold", "POST /a/x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX: 1\r\n y\r\n\r\n", []int{400}, ""},
+
+	// Upgrades: only a 101 makes a tunnel. The backend answers 200 here,
+	// so the bytes after the request are the next request, routed.
+	{"upgrade refused, then smuggled", "GET /a/x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nGET /admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{200, 403}, "GET /a/x HTTP/1.1"},
+	{"h2c upgrade not passed", "GET /a/x HTTP/1.1\r\nHost: t\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\nGET /admin/x HTTP/1.1\r\nHost: t\r\n\r\n", []int{200, 403}, "GET /a/x HTTP/1.1"},
+}
+
+// TestSmuggling sends each raw request through the proxy to a lenient
+// backend: the client gets the expected statuses, the backend saw the
+// expected request line, and no request head the backend read reaches
+// /admin or secret.example under any reading.
+func TestSmuggling(t *testing.T) {
+	b := startBackend(t)
+	p, addr := testService(t, b)
+	for _, c := range smuggleCases {
+		t.Run(c.name, func(t *testing.T) {
+			before := len(b.seen())
+			codes, bodies := exchangeRaw(t, addr, c.raw, len(c.want))
+			if fmt.Sprint(codes) != fmt.Sprint(c.want) {
+				t.Errorf("statuses %v, want %v (bodies %q)", codes, c.want, bodies)
+			}
+			b.settle(t, p)
+			seen := b.seen()[before:]
+			found := c.backend == ""
+			for _, h := range seen {
+				if why := forbidden(h); why != "" {
+					t.Errorf("the backend was asked for a denied route (%s):\n%s", why, h)
+				}
+				if c.backend != "" && strings.HasPrefix(h, c.backend+"\r\n") {
+					found = true
+				}
+			}
+			if !found {
+				t.Errorf("the backend never saw %q; it saw %q", c.backend, seen)
+			}
+			t.Logf("%v %q %q", codes, firstLines(seen), bodies)
+		})
+	}
+}

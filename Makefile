@@ -17,7 +17,7 @@ BIN      := bin
 CMDS     := spliced splicectl spliced-demo spliced-bench
 TESTFLAGS ?=
 
-.PHONY: all build test check fuzz demo bench bench-quick install clean deps-demo deps-test deps-bench
+.PHONY: all build test test-race check fuzz demo bench bench-quick install clean deps-demo deps-test deps-bench
 
 all: build
 
@@ -29,6 +29,13 @@ build:
 # one skipped although we are root.
 test: deps-test
 	set -o pipefail; $(GO) test -count=1 -timeout 14m -json $(TESTFLAGS) ./... | $(GO) run ./internal/testsummary
+
+# The same under the race detector; the daemons the lab tests start are
+# built with -race too (testnet.Binary, SPLICED_RACE) and a race they
+# report fails the test. PKGS narrows it: make test-race PKGS=./gateway
+PKGS ?= ./...
+test-race: deps-test
+	set -o pipefail; SPLICED_RACE=1 $(GO) test -race -count=1 -timeout 40m -json $(TESTFLAGS) $(PKGS) | $(GO) run ./internal/testsummary
 
 check:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \

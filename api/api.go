@@ -73,6 +73,8 @@ type Queue struct {
 	Held     uint64 `json:"held"`
 	Errors   uint64 `json:"errors"`
 	Overruns uint64 `json:"overruns"`
+	// Reopens: the queue's reader failed and reopened its socket.
+	Reopens uint64 `json:"reopens"`
 	// Kernel: packets waiting now, dropped because the queue was full,
 	// dropped because our socket buffer was full.
 	KernelWaiting      uint32 `json:"kernel_waiting"`

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"regexp"
 	"slices"
+	"time"
 )
 
 var (
@@ -49,6 +50,9 @@ func (c *Config) validate(idx *keyIndex) error {
 	case "lean", "go-nfqueue":
 	default:
 		bad("kernel.nfqueue", c.Kernel.NFQueue, "is not a queue backend; use lean (default) or go-nfqueue")
+	}
+	if c.Kernel.DivertTimeout.D() < time.Second {
+		bad("kernel.divert_timeout", c.Kernel.DivertTimeout.D().String(), "is too short: live flows' entries are refreshed every third of it; use at least 1s (default %v)", DefaultDivertTimeout)
 	}
 	if c.Limits.MaxFlows < 0 {
 		bad("limits.max_flows", fmt.Sprint(c.Limits.MaxFlows), "is negative; use a positive number of flows (0 means the default %d)", DefaultMaxFlows)

@@ -131,7 +131,7 @@ func (g *Gateway) Status() api.Status {
 	}
 	st.Engines = append(st.Engines, api.Engine{Name: "proxy",
 		BytesC2S: proxied[0] + g.closedProxied[0].Load(), BytesS2C: proxied[1] + g.closedProxied[1].Load()})
-	if g.engine != nil {
+	if g.splicing() {
 		e := api.Engine{Name: "splice", Splices: g.spliceLatency.count.Load(), SpliceAborts: g.spliceAborts.Load(),
 			SpliceP50Us: g.spliceLatency.percentile(0.5).Microseconds(), SpliceP99Us: g.spliceLatency.percentile(0.99).Microseconds(),
 			Verdicts: map[string]uint64{}, QueueBackend: cfg.Kernel.NFQueue, InjectFailures: g.injectErrors.Load(),
@@ -152,7 +152,7 @@ func (g *Gateway) Status() api.Status {
 		}
 		for _, q := range g.queues.Stats() {
 			e.Queues = append(e.Queues, api.Queue{Number: q.Queue, Received: q.Received, Accepted: q.Accepted,
-				Modified: q.Modified, Dropped: q.Dropped, Held: q.Held, Errors: q.Errors, Overruns: q.Overruns,
+				Modified: q.Modified, Dropped: q.Dropped, Held: q.Held, Errors: q.Errors, Overruns: q.Overruns, Reopens: q.Reopens,
 				KernelWaiting: q.Kernel.Waiting, KernelQueueDropped: q.Kernel.QueueDropped, KernelUserDropped: q.Kernel.UserDropped})
 		}
 		st.Engines = append(st.Engines, e)
@@ -269,7 +269,7 @@ func (g *Gateway) handleSplice(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusConflict, fmt.Sprintf("flow %d is closing", f.ID))
 		return
 	}
-	if g.engine == nil {
+	if !g.splicing() {
 		fail(w, http.StatusConflict, "splicing is not enabled: give at least one service a splice.mode other than never")
 		return
 	}

@@ -138,7 +138,7 @@ func (g *Gateway) repairDrift(ctx context.Context) {
 // installLive reinstalls the table of m with every live divert entry,
 // while no splice can add or remove one.
 func (g *Gateway) installLive(m *rules.Manager) error {
-	if g.diverter == nil {
+	if !g.splicing() {
 		return m.Install(nil)
 	}
 	var err error

@@ -4,11 +4,22 @@
 // (package nfq), serves the control API, repairs its table when someone
 // changes it, and reloads its configuration.
 //
-// Startup order matters: listeners first, then the nftables table and
-// policy routing, so that no SYN is ever diverted to a port nobody listens
-// on; the queues are bound before any flow is diverted to them. Shutdown is
-// the reverse: the table goes first, so new flows are routed untouched
-// while the proxies close.
+// Startup order matters: first everything a flow may need (the splice
+// machinery: queues, engine, diverter, raw socket), then the listeners and
+// their proxies, then the nftables table and policy routing, so that no SYN
+// is ever diverted to a port nobody listens on and no flow is accepted
+// before it can be spliced (after a kill -9 the old table still hands
+// SYNs to the listeners the moment they exist). Shutdown is the reverse:
+// the table goes first, so new flows are routed untouched while the
+// proxies close.
+//
+// Shared state: the configuration and the rules it installs are one
+// immutable snapshot behind an atomic pointer, replaced whole by Reload.
+// The splice machinery is built once (at the start, or by the reload that
+// first enables splicing) and published through an atomic flag before
+// any flow or goroutine can use it; it is never replaced. Lock order:
+// rulesMu, then the diverter's lock (Exclusive), then splicedMu or
+// transitions.mu; mu (services) is never held with another.
 //
 // What happens to flows when the daemon goes: proxied flows end with their
 // sockets. Spliced flows live only in the daemon's memory; once it is gone
@@ -44,15 +55,19 @@ type Gateway struct {
 	started time.Time
 
 	// The configuration and kernel state in force; Reload replaces them.
-	cfgMu   sync.Mutex
-	cfg     *config.Config
-	rules   *rules.Manager
-	rulesMu sync.Mutex // serializes table installs (reload, repair)
+	snap    atomic.Pointer[snapshot]
+	rulesMu sync.Mutex // serializes the start, table installs (reload, repair) and starting the splice machinery
+	running bool       // between a complete start and the shutdown (rulesMu)
 
 	mu       sync.Mutex
 	services map[string]*service
 
-	// Splicing; nil until a service splices.
+	// The splice machinery; nil until a service splices, then never
+	// replaced. The fields below are set before splicing is published
+	// and never written again: code that may run before (the reaper, the
+	// control API, metrics) checks splicing() first; the packet path and
+	// Splice run only after.
+	spliceOn    atomic.Bool // publishes the fields below
 	engine      *splice.Table
 	diverter    *rules.Diverter
 	queues      *nfq.Set
@@ -81,6 +96,8 @@ type Gateway struct {
 	stalledFlows              atomic.Uint64
 	stallLog                  *logging.Limiter
 	reloads                   atomic.Int64
+	divertRefreshes           atomic.Uint64
+	divertRefreshErrors       atomic.Uint64
 	repairs                   atomic.Int64
 	// Bytes of flows that ended, by engine and direction.
 	closedProxied, closedSpliced [2]atomic.Uint64
@@ -98,12 +115,17 @@ type service struct {
 	done      chan struct{}
 }
 
+// snapshot is a configuration and the rules it installs. It is never
+// changed once published: Reload publishes a new one.
+type snapshot struct {
+	cfg   *config.Config
+	rules *rules.Manager // its spec is rules.FromConfig(cfg), divert forced on once splicing runs
+}
+
 // New returns a gateway for cfg. It touches nothing until Run.
 func New(cfg *config.Config, log *slog.Logger) *Gateway {
-	return &Gateway{
-		cfg:         cfg,
+	g := &Gateway{
 		log:         log,
-		rules:       rules.NewManager(rules.FromConfig(cfg)),
 		flows:       proxy.NewFlowTable(cfg.Limits.MaxFlows),
 		services:    map[string]*service{},
 		spliced:     map[uint64]*splicedFlow{},
@@ -111,21 +133,19 @@ func New(cfg *config.Config, log *slog.Logger) *Gateway {
 		passthrough: map[uint64]*transition{},
 		stallLog:    logging.NewLimiter(time.Second),
 	}
+	g.snap.Store(&snapshot{cfg: cfg, rules: rules.NewManager(rules.FromConfig(cfg))})
+	return g
 }
 
 // config is the configuration in force.
-func (g *Gateway) config() *config.Config {
-	g.cfgMu.Lock()
-	defer g.cfgMu.Unlock()
-	return g.cfg
-}
+func (g *Gateway) config() *config.Config { return g.snap.Load().cfg }
 
 // manager is the rules manager in force.
-func (g *Gateway) manager() *rules.Manager {
-	g.cfgMu.Lock()
-	defer g.cfgMu.Unlock()
-	return g.rules
-}
+func (g *Gateway) manager() *rules.Manager { return g.snap.Load().rules }
+
+// splicing reports whether the splice machinery runs. Code that may run
+// before it was published must ask before touching it.
+func (g *Gateway) splicing() bool { return g.spliceOn.Load() }
 
 // Flows is the gateway's flow table.
 func (g *Gateway) Flows() *proxy.FlowTable { return g.flows }
@@ -136,44 +156,60 @@ func (g *Gateway) Flows() *proxy.FlowTable { return g.flows }
 func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	g.started = time.Now()
 	cfg := g.config()
+	// A reload (SIGHUP) waits until the start is complete.
+	g.rulesMu.Lock()
+	// Everything a flow may need exists before the first listener does:
+	// after a kill -9 the old table is still installed and hands SYNs to
+	// our ports as soon as something listens there.
+	if err := g.prepareSplicing(ctx, cfg, g.manager()); err != nil {
+		g.abortStart()
+		g.rulesMu.Unlock()
+		return err
+	}
 	for i := range cfg.Services {
 		if err := g.startService(&cfg.Services[i]); err != nil {
-			g.stopServices()
+			g.abortStart()
+			g.rulesMu.Unlock()
 			return err
 		}
-	}
-	if err := g.prepareSplicing(ctx, cfg); err != nil {
-		g.stopServices()
-		return err
 	}
 	if err := g.manager().Install(nil); err != nil {
 		g.manager().Remove()
 		g.shutdown()
+		g.rulesMu.Unlock()
 		return err
 	}
-	if err := g.openDiverter(); err != nil {
-		g.shutdown()
-		return err
+	g.running = true
+	g.rulesMu.Unlock()
+	stop := func() error {
+		g.rulesMu.Lock()
+		g.running = false
+		g.rulesMu.Unlock()
+		return g.shutdown()
 	}
 	stopControl, err := g.serveControl(ctx, cfg.Control.Socket, cfg.Control.Group)
 	if err != nil {
-		g.shutdown()
+		stop()
 		return err
 	}
 	defer stopControl()
 	stopMetrics, err := g.serveMetrics(cfg.Metrics.Listen)
 	if err != nil {
-		g.shutdown()
+		stop()
 		return err
 	}
 	defer stopMetrics()
 
 	bg, stopBG := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
 	go func() {
 		defer wg.Done()
 		g.reaper(bg, 250*time.Millisecond)
+	}()
+	go func() {
+		defer wg.Done()
+		g.refresher(bg)
 	}()
 	go func() {
 		defer wg.Done()
@@ -188,7 +224,7 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	stopBG()
 	wg.Wait()
 	g.logStats()
-	return g.shutdown()
+	return stop()
 }
 
 func (g *Gateway) logReady() {
@@ -210,12 +246,12 @@ func queueKind(native bool) string {
 	return "xt NFQUEUE"
 }
 
-// prepareSplicing starts the splice machinery when cfg needs it and it is
-// not running yet, and sets the sysctls it needs.
-func (g *Gateway) prepareSplicing(ctx context.Context, cfg *config.Config) error {
-	spec := g.manager().Spec()
-	if spec.Divert.Enabled && g.engine == nil {
-		if err := g.startSplicing(ctx, spec.Divert); err != nil {
+// prepareSplicing starts the splice machinery when cfg needs it (m
+// installs its rules) and it is not running yet, and sets the sysctls it
+// needs. Run and Reload call it, never at the same time.
+func (g *Gateway) prepareSplicing(ctx context.Context, cfg *config.Config, m *rules.Manager) error {
+	if d := m.Spec().Divert; d.Enabled && !g.splicing() {
+		if err := g.startSplicing(ctx, cfg, m, d); err != nil {
 			return err
 		}
 	}
@@ -229,20 +265,18 @@ func (g *Gateway) prepareSplicing(ctx context.Context, cfg *config.Config) error
 	return nil
 }
 
-func (g *Gateway) openDiverter() error {
-	if !g.manager().Spec().Divert.Enabled || g.diverter != nil {
-		return nil
+// abortStart undoes a start that failed before the table was installed;
+// whatever an earlier daemon left installed stays.
+func (g *Gateway) abortStart() {
+	g.stopServices()
+	g.stopSplicing()
+	if g.restoreSysctls != nil {
+		g.restoreSysctls()
 	}
-	d, err := g.manager().NewDiverter()
-	if err != nil {
-		return err
-	}
-	g.diverter = d
-	return nil
 }
 
 func (g *Gateway) shutdown() error {
-	if g.inject != nil {
+	if g.splicing() {
 		// Spliced flows cannot outlive the daemon (their rewrite state
 		// lives in it): end them at both ends before the table goes.
 		var live []*splicedFlow
@@ -273,7 +307,7 @@ func (g *Gateway) shutdown() error {
 // every spliced flow (spliced does this on SIGUSR1).
 func (g *Gateway) LogState() {
 	g.logStats()
-	if g.engine == nil || !g.log.Enabled(context.Background(), slog.LevelDebug) {
+	if !g.splicing() || !g.log.Enabled(context.Background(), slog.LevelDebug) {
 		return
 	}
 	g.splicedMu.Lock()
@@ -301,7 +335,7 @@ func (g *Gateway) logStats() {
 	g.splicedMu.Unlock()
 	g.log.Info("memory", "heap_inuse_bytes", ms.HeapInuse, "stack_inuse_bytes", ms.StackInuse,
 		"goroutines", runtime.NumGoroutine(), "flows", g.flows.Len(), "spliced_flows", spliced)
-	if g.engine == nil {
+	if !g.splicing() {
 		return
 	}
 	attrs := []any{"splices", g.spliceLatency.count.Load(), "splice_aborts", g.spliceAborts.Load(),
@@ -317,28 +351,40 @@ func (g *Gateway) logStats() {
 		}
 	}
 	for _, q := range g.queues.Stats() {
-		attrs = append(attrs, fmt.Sprintf("queue%d", q.Queue), fmt.Sprintf("received=%d modified=%d accepted=%d dropped=%d errors=%d overruns=%d kernel_queue_dropped=%d kernel_user_dropped=%d",
-			q.Received, q.Modified, q.Accepted, q.Dropped, q.Errors, q.Overruns, q.Kernel.QueueDropped, q.Kernel.UserDropped))
+		attrs = append(attrs, fmt.Sprintf("queue%d", q.Queue), fmt.Sprintf("received=%d modified=%d accepted=%d dropped=%d errors=%d overruns=%d reopens=%d kernel_queue_dropped=%d kernel_user_dropped=%d",
+			q.Received, q.Modified, q.Accepted, q.Dropped, q.Errors, q.Overruns, q.Reopens, q.Kernel.QueueDropped, q.Kernel.UserDropped))
 	}
 	g.log.Info("splice engine totals", attrs...)
 }
 
-// startSplicing binds the queues and opens the raw sockets.
-func (g *Gateway) startSplicing(ctx context.Context, d rules.Divert) error {
+// startSplicing builds the splice machinery: the engine, the raw socket,
+// the conntrack cleaner, the diverter, and the queues (last: their readers
+// use the rest at once), then publishes it.
+func (g *Gateway) startSplicing(ctx context.Context, cfg *config.Config, m *rules.Manager, d rules.Divert) error {
 	inj, err := newInjector()
 	if err != nil {
 		return err
 	}
-	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues, MaxQueueLen: g.config().Kernel.QueueLen, Library: g.config().Kernel.NFQueue == "go-nfqueue"}, func(uint16) nfq.Handler {
-		h := &packetHandler{g: g}
-		return h.handle
-	}, g.log.With(logging.KeyComponent, "nfq"))
+	div, err := m.NewDiverter()
 	if err != nil {
 		inj.Close()
 		return err
 	}
-	g.inject, g.engine, g.queues = inj, splice.NewTable(), qs
+	g.inject, g.engine, g.diverter = inj, splice.NewTable(), div
 	g.conntrack = newConntrackCleaner(g.log.With(logging.KeyComponent, "conntrack"))
+	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues, MaxQueueLen: cfg.Kernel.QueueLen, Library: cfg.Kernel.NFQueue == "go-nfqueue"}, func(uint16) nfq.Handler {
+		h := &packetHandler{g: g}
+		return h.handle
+	}, g.log.With(logging.KeyComponent, "nfq"))
+	if err != nil {
+		g.conntrack.Close()
+		div.Close()
+		inj.Close()
+		g.inject, g.engine, g.diverter, g.conntrack = nil, nil, nil, nil
+		return err
+	}
+	g.queues = qs
+	g.spliceOn.Store(true)
 	// Services that were started before splicing existed may now splice
 	// on request.
 	g.mu.Lock()
@@ -350,16 +396,13 @@ func (g *Gateway) startSplicing(ctx context.Context, d rules.Divert) error {
 }
 
 func (g *Gateway) stopSplicing() {
-	if g.queues != nil {
-		g.queues.Close()
+	if !g.splicing() {
+		return
 	}
-	if g.inject != nil {
-		g.inject.Close()
-	}
+	g.queues.Close()
+	g.inject.Close()
 	g.conntrack.Close()
-	if g.diverter != nil {
-		g.diverter.Close()
-	}
+	g.diverter.Close()
 }
 
 func (g *Gateway) startService(svc *config.Service) error {
@@ -384,7 +427,7 @@ func (g *Gateway) serveService(svc *config.Service, lns []*net.TCPListener) {
 		}
 		return
 	}
-	if g.engine != nil {
+	if g.splicing() {
 		p.SetSplicer(g) // every service may splice on request once the engine runs
 	}
 	s := &service{cfg: svc, listeners: lns, proxy: p, stop: cancel, done: make(chan struct{})}

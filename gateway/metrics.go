@@ -57,10 +57,12 @@ var (
 	descRewriteErrors = prometheus.NewDesc("spliced_rewrite_errors_total", "Packets the engine could not rewrite: malformed, unsupported, no flow, queue errors.", nil, nil)
 	descStalled       = prometheus.NewDesc("spliced_stalled_flows_total", "Directions of spliced flows whose data stayed unacknowledged for splice.stall_after while the flow was alive.", nil, nil)
 	descRepairs       = prometheus.NewDesc("spliced_ruleset_repairs_total", "Times the table was restored after someone changed it.", nil, nil)
+	descReopens       = prometheus.NewDesc("spliced_queue_reopens_total", "Times a queue's reader failed to receive and reopened its socket.", []string{"queue"}, nil)
+	descRefreshes     = prometheus.NewDesc("spliced_divert_refreshes_total", "Rounds that restarted the timeout of live flows' divert entries, by result (ok, failed).", []string{"result"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens} {
 		ch <- d
 	}
 }
@@ -76,7 +78,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(e.BytesS2C), e.Name, "s2c")
 	}
 	ch <- prometheus.MustNewConstMetric(descRepairs, prometheus.CounterValue, float64(st.Repairs))
-	if g.engine == nil {
+	failed := g.divertRefreshErrors.Load()
+	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(g.divertRefreshes.Load()-failed), "ok")
+	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(failed), "failed")
+	if !g.splicing() {
 		return
 	}
 	var rewriteErrors uint64
@@ -102,6 +107,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			}
 			ch <- prometheus.MustNewConstMetric(descDrops, prometheus.CounterValue, float64(q.KernelQueueDropped), n, "queue")
 			ch <- prometheus.MustNewConstMetric(descDrops, prometheus.CounterValue, float64(q.KernelUserDropped), n, "user")
+			ch <- prometheus.MustNewConstMetric(descReopens, prometheus.CounterValue, float64(q.Reopens), n)
 			rewriteErrors += q.Errors
 		}
 	}

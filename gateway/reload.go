@@ -23,12 +23,15 @@ import (
 func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 	g.rulesMu.Lock()
 	defer g.rulesMu.Unlock()
+	if !g.running {
+		return fmt.Errorf("reload %s: spliced is starting or stopping; try again once it runs (nothing was changed)", cfg.File)
+	}
 	old := g.config()
 	if err := restartOnly(old, cfg); err != nil {
 		return err
 	}
 	spec := rules.FromConfig(cfg)
-	if g.engine != nil {
+	if g.splicing() {
 		// Once splicing runs it stays on: spliced flows may outlive the
 		// services that made them.
 		spec.Divert.Enabled = true
@@ -53,35 +56,31 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 		}
 		opened[s.Name] = lns
 	}
-	m := g.manager()
+	// The new rules (with the queue flavour probed before), installed
+	// before they are published with the configuration.
+	m := g.manager().WithSpec(spec)
 	if spec.Divert.Enabled {
-		if err := g.prepareSplicing(ctx, cfg); err != nil {
+		if err := g.prepareSplicing(ctx, cfg, m); err != nil {
 			closeOpened()
 			return err
 		}
 	}
-	// Carry the probed queue flavour over, then replace the services'
-	// rules and sets in place: the base chains, and with them the hooks
-	// that queued packets resume at, stay (see UpdateServices). Only if
-	// that cannot be done (the table is gone) is the table reinstalled.
-	cur := m.Spec()
-	spec.Divert.NativeQueue = cur.Divert.NativeQueue
-	updated, err := m.UpdateServices(spec)
+	// Replace the services' rules and sets in place: the base chains,
+	// and with them the hooks that queued packets resume at, stay (see
+	// UpdateServices). Only if that cannot be done (the table is gone) is
+	// the table reinstalled.
+	updated, err := m.UpdateServices(g.manager().Spec())
 	if err != nil {
 		closeOpened()
 		return fmt.Errorf("reload %s: update the table: %w", cfg.File, err)
 	}
 	if !updated {
-		m.SetSpec(spec)
 		if err := g.installLive(m); err != nil {
-			m.SetSpec(cur)
 			closeOpened()
 			return fmt.Errorf("reload %s: install the table: %w", cfg.File, err)
 		}
 	}
-	if err := g.openDiverter(); err != nil {
-		return err
-	}
+	g.snap.Store(&snapshot{cfg: cfg, rules: m})
 
 	// Switch services: stop the removed and changed ones (their flows
 	// keep running), start the new ones.
@@ -95,9 +94,6 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 			<-s.done
 		}
 	}
-	g.cfgMu.Lock()
-	g.cfg = cfg
-	g.cfgMu.Unlock()
 	for _, s := range added {
 		g.serveService(s, opened[s.Name])
 	}

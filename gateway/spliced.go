@@ -59,7 +59,7 @@ func (g *Gateway) avoidPort(client, server netip.AddrPort) bool {
 // reap removes spliced flows that ended (FIN both ways and acknowledged,
 // or a RST) and flows idle for longer than their service's idle timeout.
 func (g *Gateway) reap(now time.Time) {
-	if g.engine == nil {
+	if !g.splicing() {
 		return
 	}
 	var done, idle []*splicedFlow
@@ -143,7 +143,7 @@ func (g *Gateway) logClosed(sf *splicedFlow, reason string) {
 }
 
 func (g *Gateway) idleTimeout(service string) time.Duration {
-	if s := g.cfg.Service(service); s != nil {
+	if s := g.config().Service(service); s != nil {
 		return s.IdleTimeout.D()
 	}
 	return 5 * time.Minute

@@ -55,7 +55,7 @@ func (e *SpliceError) Unwrap() error { return e.Err }
 // error (a *SpliceError) nothing was lost: the connections are intact and
 // still the caller's.
 func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *net.TCPConn) error {
-	if g.engine == nil {
+	if !g.splicing() {
 		return &SpliceError{Reason: "splicing is not enabled (no service has a splice mode)"}
 	}
 	start := time.Now()
@@ -66,7 +66,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	// Spread flows over the queues (cores); both directions of a flow go
 	// to the same queue, so its packets stay in order. A flow spliced
 	// before and unspliced keeps its queue and its divert entries.
-	tr.queue = uint16(g.nextQueue.Add(1) % uint32(g.rules.Spec().Divert.Queues))
+	tr.queue = uint16(g.nextQueue.Add(1) % uint32(g.manager().Spec().Divert.Queues))
 	if pt := g.takePassthrough(f.ID); pt != nil {
 		tr.queue = pt.queue
 	}
@@ -129,7 +129,7 @@ func legAttrs(name string, c *splice.Conn) slog.Attr {
 }
 
 func (g *Gateway) drainTimeout(service string) time.Duration {
-	if s := g.cfg.Service(service); s != nil {
+	if s := g.config().Service(service); s != nil {
 		return s.Splice.DrainTimeout.D()
 	}
 	return 5 * time.Second

@@ -77,7 +77,7 @@ func (g *Gateway) reportStalls(reports []stallReport) {
 
 // stallAfter is a service's splice.stall_after.
 func (g *Gateway) stallAfter(service string) time.Duration {
-	if s := g.cfg.Service(service); s != nil && s.Splice.StallAfter > 0 {
+	if s := g.config().Service(service); s != nil && s.Splice.StallAfter > 0 {
 		return s.Splice.StallAfter.D()
 	}
 	return 15 * time.Second

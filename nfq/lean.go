@@ -66,20 +66,40 @@ const (
 func nlaAlign(n int) int { return (n + 3) &^ 3 }
 
 // leanQueue is one queue served by the lean loop.
+//
+// The reader is supervised: when a receive fails for any reason but
+// ENOBUFS (the kernel dropped packets because the socket buffer was full,
+// which is counted and survived), it closes its socket (the kernel drops
+// the packets waiting for a verdict, held ones included: their senders
+// retransmit), opens and binds a new one, and goes on; a queue without
+// bypass never stalls silently. Verdicts for packets of an earlier socket
+// are not sent (their IDs would name other packets on the new one).
 type leanQueue struct {
 	num     uint16
-	fd      int
-	file    *os.File
-	rc      syscall.RawConn
+	cfg     Config
 	handler Handler
-	log     interface{ Error(string, ...any) }
+	log     logger
 	cnt     *counters
+
+	// The socket: the reader alone replaces it (reopen), under hold;
+	// others read it under hold.
+	fd   int
+	file *os.File
+	rc   syscall.RawConn
+	gen  uint32 // counts sockets; packets carry the gen they came from
+
+	// fault, when set, makes the next receive fail with it (a test hook;
+	// see faultAfter).
+	fault atomic.Pointer[error]
+	// faultAfter: the reader fails its receive once after this many
+	// packets, as if the socket had failed (0: never). See Open.
+	faultAfter uint64
 
 	bufs  [batchSize][]byte
 	iov   [batchSize]unix.Iovec
 	msgs  [batchSize]unix.Mmsghdr
 	out   verdictBatch
-	hold  sync.Mutex // serializes verdicts sent for held packets
+	hold  sync.Mutex // serializes verdicts sent for held packets; guards the socket fields
 	holdB verdictBatch
 	stop  atomic.Bool
 	done  chan struct{}
@@ -104,6 +124,13 @@ func (q *leanQueue) barrier() {
 // counters are a queue's statistics; both backends keep them.
 type counters struct {
 	received, accepted, modified, dropped, held, errors, overruns atomic.Uint64
+	reopens                                                       atomic.Uint64
+}
+
+// logger is what the queues log with (a *slog.Logger).
+type logger interface {
+	Error(string, ...any)
+	Warn(string, ...any)
 }
 
 func (c *counters) count(d Decision) {
@@ -194,44 +221,9 @@ func (b *verdictBatch) flush(rc syscall.RawConn) error {
 	return serr
 }
 
-func openLean(num uint16, cfg Config, h Handler, log interface{ Error(string, ...any) }, cnt *counters, cpu int) (*leanQueue, error) {
-	fd, err := netlinkSocket(cfg.NetNS)
-	if err != nil {
-		return nil, err
-	}
-	q := &leanQueue{num: num, fd: fd, handler: h, log: log, cnt: cnt, done: make(chan struct{})}
-	for _, o := range []struct {
-		opt, val int
-		name     string
-	}{
-		{unix.SO_RCVBUFFORCE, cfg.RcvBuf, "SO_RCVBUFFORCE"},
-		// A batch of verdicts with rewritten 64 KiB packets is one
-		// netlink message train; the send buffer must hold it.
-		{unix.SO_SNDBUFFORCE, 2 * batchSize * recvBufSize, "SO_SNDBUFFORCE"},
-	} {
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, o.opt, o.val); err != nil {
-			unix.Close(fd)
-			return nil, fmt.Errorf("%s %d: %w (needs CAP_NET_ADMIN)", o.name, o.val, err)
-		}
-	}
-	var flags uint32
-	if !cfg.NoGSO {
-		flags = nfqaCfgFGSO
-	}
-	if err := q.configure(cfg.MaxQueueLen, flags); err != nil {
-		unix.Close(fd)
-		return nil, err
-	}
-	// The reader blocks in recvmmsg on its own thread (see loop); the
-	// receive timeout lets it notice Close.
-	tv := unix.NsecToTimeval(int64(closeCheck))
-	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("SO_RCVTIMEO: %w", err)
-	}
-	q.file = os.NewFile(uintptr(fd), fmt.Sprintf("nfqueue-%d", num))
-	if q.rc, err = q.file.SyscallConn(); err != nil {
-		q.file.Close()
+func openLean(num uint16, cfg Config, h Handler, log logger, cnt *counters, cpu int) (*leanQueue, error) {
+	q := &leanQueue{num: num, cfg: cfg, handler: h, log: log, cnt: cnt, done: make(chan struct{}), faultAfter: cfg.faultAfter}
+	if err := q.open(); err != nil {
 		return nil, err
 	}
 	for i := range q.bufs {
@@ -245,6 +237,85 @@ func openLean(num uint16, cfg Config, h Handler, log interface{ Error(string, ..
 		q.loop()
 	}()
 	return q, nil
+}
+
+// open opens, configures and binds the queue's socket and makes it the
+// queue's (the caller holds hold, or is openLean).
+func (q *leanQueue) open() error {
+	cfg := q.cfg
+	fd, err := netlinkSocket(cfg.NetNS)
+	if err != nil {
+		return err
+	}
+	q.fd = fd
+	for _, o := range []struct {
+		opt, val int
+		name     string
+	}{
+		{unix.SO_RCVBUFFORCE, cfg.RcvBuf, "SO_RCVBUFFORCE"},
+		// A batch of verdicts with rewritten 64 KiB packets is one
+		// netlink message train; the send buffer must hold it.
+		{unix.SO_SNDBUFFORCE, 2 * batchSize * recvBufSize, "SO_SNDBUFFORCE"},
+	} {
+		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, o.opt, o.val); err != nil {
+			unix.Close(fd)
+			return fmt.Errorf("%s %d: %w (needs CAP_NET_ADMIN)", o.name, o.val, err)
+		}
+	}
+	var flags uint32
+	if !cfg.NoGSO {
+		flags = nfqaCfgFGSO
+	}
+	if err := q.configure(cfg.MaxQueueLen, flags); err != nil {
+		unix.Close(fd)
+		return err
+	}
+	// The reader blocks in recvmmsg on its own thread (see loop); the
+	// receive timeout lets it notice Close.
+	tv := unix.NsecToTimeval(int64(closeCheck))
+	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
+		unix.Close(fd)
+		return fmt.Errorf("SO_RCVTIMEO: %w", err)
+	}
+	file := os.NewFile(uintptr(fd), fmt.Sprintf("nfqueue-%d", q.num))
+	rc, err := file.SyscallConn()
+	if err != nil {
+		file.Close()
+		return err
+	}
+	q.file, q.rc = file, rc
+	q.gen++
+	return nil
+}
+
+// reopen replaces a failed socket: closing it unbinds the queue (the
+// kernel drops what waits for a verdict), a new one binds it again. It
+// retries with a backoff until it succeeds or the queue is closed, and
+// reports whether it succeeded.
+func (q *leanQueue) reopen(cause error) bool {
+	wait := 10 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		q.hold.Lock()
+		if q.stop.Load() {
+			q.hold.Unlock()
+			return false
+		}
+		if q.file != nil {
+			q.file.Close()
+			q.file = nil
+		}
+		err := q.open()
+		q.hold.Unlock()
+		if err == nil {
+			q.cnt.reopens.Add(1)
+			q.log.Warn("nfqueue reader reopened its socket after a receive failure; packets waiting for a verdict were dropped and are retransmitted",
+				"queue", q.num, "attempts", attempt, "cause", cause)
+			return true
+		}
+		q.log.Error("nfqueue reopen failed; retrying", "queue", q.num, "attempt", attempt, "error", err)
+		time.Sleep(wait)
+		wait = min(2*wait, time.Second)
+	}
 }
 
 // netlinkSocket opens a NETLINK_NETFILTER socket, in the namespace behind
@@ -351,7 +422,7 @@ func (q *leanQueue) loop() {
 	for !q.stop.Load() {
 		n, err := q.recv()
 		if err != nil {
-			if q.stop.Load() || errors.Is(err, os.ErrClosed) {
+			if q.stop.Load() {
 				return
 			}
 			if errors.Is(err, unix.ENOBUFS) {
@@ -359,8 +430,12 @@ func (q *leanQueue) loop() {
 				continue
 			}
 			q.cnt.errors.Add(1)
-			q.log.Error("nfqueue receive failed", "queue", q.num, "error", err)
-			return
+			q.log.Error("nfqueue receive failed; reopening the queue", "queue", q.num, "error", err)
+			q.out.n, q.out.niov = 0, 0 // verdicts for the old socket's packets
+			if !q.reopen(err) {
+				return
+			}
+			continue
 		}
 		if n == 0 {
 			continue
@@ -386,6 +461,9 @@ func (q *leanQueue) loop() {
 // batch, which cost a third of the request rate and most of the idle
 // splice latency (make bench, both designs measured side by side).
 func (q *leanQueue) recv() (int, error) {
+	if e := q.fault.Swap(nil); e != nil {
+		return 0, *e
+	}
 	var n int
 	var serr error
 	err := q.rc.Read(func(fd uintptr) bool {
@@ -458,7 +536,11 @@ func (q *leanQueue) packet(attrs []byte) {
 	if !haveID {
 		return
 	}
-	q.cnt.received.Add(1)
+	p.gen = q.gen
+	if q.cnt.received.Add(1) == q.faultAfter {
+		err := error(errInjected)
+		q.fault.Store(&err)
+	}
 	if truncated {
 		// Only part of the packet reached us (a GSO packet above 64 KiB,
 		// "BIG TCP"); a rewritten copy would cut it. Drop it: TCP resends.
@@ -480,11 +562,20 @@ func (q *leanQueue) packet(attrs []byte) {
 	}
 }
 
+// errInjected is the receive failure of the test hook (Config.faultAfter).
+var errInjected = errors.New("injected receive failure (test hook)")
+
+// errStale: a held packet's socket was replaced; the kernel dropped it.
+var errStale = errors.New("nfqueue: the packet's socket was reopened; the kernel dropped it")
+
 // verdict sends the verdict of a held packet.
 func (q *leanQueue) verdict(p *Packet, d Decision) error {
 	q.hold.Lock()
 	defer q.hold.Unlock()
 	q.cnt.held.Add(^uint64(0))
+	if p.gen != q.gen {
+		return errStale
+	}
 	q.cnt.count(d)
 	q.holdB.add(q.num, p.ID, d, p.Data)
 	return q.holdB.flush(q.rc)
@@ -501,7 +592,13 @@ func (q *leanQueue) detach(p *Packet) *Packet {
 // kernel drops the packets still waiting for a verdict.
 func (q *leanQueue) close() error {
 	q.stop.Store(true)
-	err := q.file.Close()
+	q.hold.Lock()
+	var err error
+	if q.file != nil {
+		err = q.file.Close()
+		q.file = nil
+	}
+	q.hold.Unlock()
 	<-q.done
 	return err
 }

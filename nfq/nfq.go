@@ -18,6 +18,10 @@
 // (user_dropped when the socket buffer was full, queue_dropped when the
 // queue was) are read back alongside ours.
 //
+// A queue whose receive fails (other than ENOBUFS, which is counted)
+// reopens and rebinds its socket, counts it (Stats.Reopens) and logs it,
+// rather than leaving a queue without bypass stalled; both backends.
+//
 // Our own code never logs per packet.
 package nfq
 
@@ -28,6 +32,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
+	"strconv"
+	"sync"
+	"time"
 
 	nfqueue "github.com/florianl/go-nfqueue/v2"
 	"github.com/mdlayher/netlink"
@@ -73,7 +81,8 @@ type Packet struct {
 	// GSO: the packet is a GSO super-packet, longer than the MTU.
 	GSO bool
 
-	q backend
+	q   backend
+	gen uint32 // the lean queue's socket it came from
 }
 
 // backend is one queue's implementation.
@@ -125,7 +134,18 @@ type Config struct {
 	NetNS int
 	// Library selects the go-nfqueue backend instead of the lean one.
 	Library bool
+
+	// faultAfter is a test hook: each queue's reader fails one receive
+	// after this many packets, as a broken socket would, and recovers as
+	// from a real failure. Open sets it from the environment
+	// variable FaultEnv, so that lab tests can provoke it in the daemon.
+	faultAfter uint64
 }
+
+// FaultEnv names the environment variable of a test hook: set to N, each
+// queue's reader fails one receive after N packets and must reopen its
+// socket (see leanQueue). Never set it outside tests.
+const FaultEnv = "SPLICED_TEST_NFQ_FAULT_AFTER"
 
 // Set is a running group of queues.
 type Set struct {
@@ -136,13 +156,21 @@ type Set struct {
 	cpus     []int // the CPUs the queues' readers are bound to, in turn
 }
 
-// libQueue is a queue served by go-nfqueue.
+// libQueue is a queue served by go-nfqueue. Like the lean reader, it
+// reopens its socket when a receive fails (see reopen).
 type libQueue struct {
 	num     uint16
-	nf      *nfqueue.Nfqueue
+	ctx     context.Context
+	cfg     Config
 	handler Handler
 	log     *slog.Logger
 	cnt     *counters
+
+	mu      sync.RWMutex     // guards nf, gen and stopped
+	nf      *nfqueue.Nfqueue // nil while it is being replaced
+	gen     uint32           // counts sockets; packets carry the gen they came from
+	stopped bool
+	reopens sync.WaitGroup // reopen goroutines, waited for by close
 
 	scratch Packet // reused for every packet: the handler may not keep it
 }
@@ -159,6 +187,14 @@ func Open(ctx context.Context, cfg Config, newHandler func(queue uint16) Handler
 	}
 	if cfg.RcvBuf == 0 {
 		cfg.RcvBuf = 32 << 20
+	}
+	if v := os.Getenv(FaultEnv); v != "" && cfg.faultAfter == 0 {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("%s=%q: %w", FaultEnv, v, err)
+		}
+		cfg.faultAfter = n
+		log.Warn("test hook: every queue's reader fails once after some packets", "env", FaultEnv, "packets", n)
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	s := &Set{log: log, cancel: cancel, cpus: allowedCPUs()}
@@ -182,6 +218,21 @@ func Open(ctx context.Context, cfg Config, newHandler func(queue uint16) Handler
 }
 
 func openLibrary(ctx context.Context, num uint16, cfg Config, h Handler, log *slog.Logger, cnt *counters) (*libQueue, error) {
+	q := &libQueue{num: num, ctx: ctx, cfg: cfg, handler: h, log: log, cnt: cnt}
+	q.mu.Lock() // its callbacks run as soon as it is bound
+	defer q.mu.Unlock()
+	nf, err := q.open(1)
+	if err != nil {
+		return nil, err
+	}
+	q.nf, q.gen = nf, 1
+	return q, nil
+}
+
+// open opens and binds a go-nfqueue socket whose callbacks are q's; gen
+// is the generation it will have.
+func (q *libQueue) open(gen uint32) (*nfqueue.Nfqueue, error) {
+	cfg, num := q.cfg, q.num
 	var flags uint32
 	if !cfg.NoGSO {
 		flags = nfqueue.NfQaCfgFlagGSO
@@ -198,16 +249,69 @@ func openLibrary(ctx context.Context, num uint16, cfg Config, h Handler, log *sl
 	if err != nil {
 		return nil, fmt.Errorf("nfqueue %d: open: %w", num, err)
 	}
-	q := &libQueue{num: num, nf: nf, handler: h, log: log, cnt: cnt}
 	if err := setRcvBufForce(nf.Con, cfg.RcvBuf); err != nil {
 		nf.Close()
 		return nil, fmt.Errorf("nfqueue %d: %w", num, err)
 	}
-	if err := nf.RegisterWithErrorFunc(ctx, q.receive, q.receiveError); err != nil {
+	receive := func(a nfqueue.Attribute) int { return q.receive(gen, a) }
+	if err := nf.RegisterWithErrorFunc(q.ctx, receive, func(err error) int { return q.receiveError(gen, err) }); err != nil {
 		nf.Close()
 		return nil, fmt.Errorf("nfqueue %d: bind: %w (is another program bound to this queue number? set kernel.queue)", num, err)
 	}
-	return q, nil
+	return nf, nil
+}
+
+// startReopen replaces the socket of generation gen, whose receive
+// failed, in a goroutine of its own (the failing socket's callback
+// goroutine must end before the socket can be closed). A socket already
+// replaced, or a closed queue, is left alone.
+func (q *libQueue) startReopen(gen uint32, cause error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.stopped || q.gen != gen {
+		return
+	}
+	old := q.nf
+	q.nf = nil
+	q.gen++ // verdicts of the old socket's packets are not sent
+	q.reopens.Add(1)
+	go func() {
+		defer q.reopens.Done()
+		old.Close() // not under mu: its callbacks may still be sending verdicts
+		q.reopen(cause)
+	}()
+}
+
+// reopen binds a new socket, with a backoff until it works or the queue
+// is closed.
+func (q *libQueue) reopen(cause error) {
+	wait := 10 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		q.mu.Lock()
+		if q.stopped {
+			q.mu.Unlock()
+			return
+		}
+		nf, err := q.open(q.gen + 1)
+		if err == nil {
+			q.nf = nf
+			q.gen++
+		}
+		q.mu.Unlock()
+		if err == nil {
+			q.cnt.reopens.Add(1)
+			q.log.Warn("nfqueue reader reopened its socket after a receive failure; packets waiting for a verdict were dropped and are retransmitted",
+				"queue", q.num, "attempts", attempt, "cause", cause)
+			return
+		}
+		q.log.Error("nfqueue reopen failed; retrying", "queue", q.num, "attempt", attempt, "error", err)
+		select {
+		case <-time.After(wait):
+		case <-q.ctx.Done():
+			return
+		}
+		wait = min(2*wait, time.Second)
+	}
 }
 
 // setRcvBufForce sets the socket's receive buffer past net.core.rmem_max.
@@ -228,13 +332,17 @@ func setRcvBufForce(c *netlink.Conn, size int) error {
 	return nil
 }
 
-func (q *libQueue) receive(a nfqueue.Attribute) int {
+// receive handles a packet of the socket of generation gen.
+func (q *libQueue) receive(gen uint32, a nfqueue.Attribute) int {
 	if a.PacketID == nil || a.Payload == nil {
 		return 0
 	}
-	q.cnt.received.Add(1)
 	p := &q.scratch
-	*p = Packet{ID: *a.PacketID, Data: *a.Payload, q: q}
+	*p = Packet{ID: *a.PacketID, Data: *a.Payload, q: q, gen: gen}
+	if q.cnt.received.Add(1) == q.cfg.faultAfter {
+		// The test hook: as if the receive had failed.
+		q.startReopen(gen, errInjected)
+	}
 	if a.SkbInfo != nil && len(*a.SkbInfo) >= 4 {
 		info := binary.BigEndian.Uint32(*a.SkbInfo)
 		p.CsumNotReady = info&skbCsumNotReady != 0
@@ -259,6 +367,19 @@ func (q *libQueue) verdict(p *Packet, d Decision) error {
 	return q.send(p, d)
 }
 
+func (q *libQueue) close() error {
+	q.mu.Lock()
+	q.stopped = true
+	nf := q.nf
+	q.mu.Unlock()
+	var err error
+	if nf != nil {
+		err = nf.Close()
+	}
+	q.reopens.Wait()
+	return err
+}
+
 // detach: go-nfqueue gives every packet its own copy already.
 func (q *libQueue) detach(p *Packet) *Packet {
 	c := *p
@@ -267,9 +388,12 @@ func (q *libQueue) detach(p *Packet) *Packet {
 
 func (q *libQueue) number() uint16 { return q.num }
 
-func (q *libQueue) close() error { return q.nf.Close() }
-
 func (q *libQueue) send(p *Packet, d Decision) error {
+	q.mu.RLock()
+	defer q.mu.RUnlock()
+	if p.gen != q.gen || q.nf == nil {
+		return errStale
+	}
 	q.cnt.count(d)
 	switch d {
 	case Accept:
@@ -285,7 +409,7 @@ func (q *libQueue) send(p *Packet, d Decision) error {
 // receiveError decides whether a receive error ends the loop: ENOBUFS
 // means the kernel dropped packets because our socket buffer was full; it
 // is counted (and visible in user_dropped), and the loop goes on.
-func (q *libQueue) receiveError(err error) int {
+func (q *libQueue) receiveError(gen uint32, err error) int {
 	if errors.Is(err, unix.ENOBUFS) {
 		q.cnt.overruns.Add(1)
 		return 0
@@ -297,8 +421,15 @@ func (q *libQueue) receiveError(err error) int {
 	if errors.Is(err, net.ErrClosed) {
 		return 1
 	}
+	q.mu.RLock()
+	current := q.gen == gen && !q.stopped
+	q.mu.RUnlock()
+	if !current {
+		return 1 // a socket being replaced or closed: its end is expected
+	}
 	q.cnt.errors.Add(1)
-	q.log.Error("nfqueue receive failed", "queue", q.num, "error", err)
+	q.log.Error("nfqueue receive failed; reopening the queue", "queue", q.num, "error", err)
+	q.startReopen(gen, err)
 	return 1
 }
 
@@ -322,6 +453,7 @@ type Stats struct {
 	Held                                  uint64 // waiting for a verdict now
 	Errors                                uint64 // verdicts or receives that failed
 	Overruns                              uint64 // ENOBUFS seen on receive
+	Reopens                               uint64 // sockets reopened after a receive failure
 	Kernel                                KernelStats
 }
 
@@ -333,7 +465,7 @@ func (s *Set) Stats() []Stats {
 		c := s.counters[i]
 		out[i] = Stats{
 			Queue: q.number(), Received: c.received.Load(), Accepted: c.accepted.Load(), Modified: c.modified.Load(),
-			Dropped: c.dropped.Load(), Held: c.held.Load(), Errors: c.errors.Load(), Overruns: c.overruns.Load(),
+			Dropped: c.dropped.Load(), Held: c.held.Load(), Errors: c.errors.Load(), Overruns: c.overruns.Load(), Reopens: c.reopens.Load(),
 			Kernel: kernel[q.number()],
 		}
 	}

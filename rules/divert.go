@@ -29,7 +29,8 @@ type Divert struct {
 	// Queue is the first NFQUEUE number, Queues how many there are.
 	Queue, Queues uint16
 	// Timeout bounds how long an element lives if spliced never deletes it
-	// (a safety net after a crash); spliced refreshes live flows.
+	// (a safety net after a crash); spliced refreshes the elements of live
+	// flows (Diverter.Refresh) well before they expire.
 	Timeout time.Duration
 	// NativeQueue selects the nft queue expression; without it (kernels
 	// without CONFIG_NFT_QUEUE) the xtables NFQUEUE target is used through
@@ -252,6 +253,52 @@ func (d *Diverter) DeleteMany(byQueue map[uint16][]splice.Key) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// refreshChunk is how many tuples one refresh transaction carries: each
+// is sent three times, and a transaction must fit the netlink socket's
+// send buffer.
+const refreshChunk = 256
+
+// Refresh restarts the timeout of the elements of live flows: live
+// returns their tuples by queue index, and is called while no element is
+// added or deleted, so a flow that ends meanwhile is deleted after its
+// refresh, never resurrected by it. Each tuple is added (creating it if it
+// was lost), deleted and added again in one transaction: the kernel keeps
+// an existing element's expiry on a plain add (before Linux 6.13, and
+// without NFTA_SET_ELEM_EXPIRATION, which google/nftables does not send),
+// and the transaction is atomic, so no packet misses the set meanwhile. A
+// transaction carries refreshChunk tuples (a delete costs a few
+// milliseconds per transaction, not per element). It returns how many
+// tuples it refreshed.
+func (d *Diverter) Refresh(live func() map[uint16][]splice.Key) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	n := 0
+	for q, keys := range live() {
+		for len(keys) > 0 {
+			chunk := keys[:min(len(keys), refreshChunk)]
+			keys = keys[len(chunk):]
+			v4, v6 := d.elements(chunk, d.timeout)
+			for _, x := range []struct {
+				v6  bool
+				els []nftables.SetElement
+			}{{false, v4}, {true, v6}} {
+				if len(x.els) == 0 {
+					continue
+				}
+				set := divertSet(d.table, q, x.v6, d.timeout)
+				d.c.SetAddElements(set, x.els)
+				d.c.SetDeleteElements(set, x.els)
+				d.c.SetAddElements(set, x.els)
+			}
+			if err := d.c.Flush(); err != nil {
+				return n, fmt.Errorf("refresh divert entries: %w", err)
+			}
+			n += len(chunk)
+		}
+	}
+	return n, nil
 }
 
 func (d *Diverter) apply(q uint16, keys []splice.Key, op func(*nftables.Set, []nftables.SetElement) error) error {

@@ -65,7 +65,7 @@ func (m *Manager) Drift(ctx context.Context) (kernel, diff string, err error) {
 	if err != nil {
 		return "", "", err
 	}
-	want := Listing(m.spec)
+	want := Listing(m.Spec())
 	if !exists {
 		return "", fmt.Sprintf("table inet %s is gone\n", m.spec.Table), nil
 	}

@@ -3,6 +3,7 @@ package rules
 import (
 	"errors"
 	"fmt"
+	"sync"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
@@ -13,17 +14,25 @@ import (
 	"spliced/splice"
 )
 
-// Manager installs and removes our kernel state through netlink.
+// Manager installs and removes our kernel state through netlink. Its
+// spec never changes (a reload makes a new Manager with WithSpec), so one
+// Manager is safe for concurrent use.
 type Manager struct {
 	netns int
 	spec  Spec
+	queue *queueProbe // shared by the Managers derived with WithSpec
 }
 
-// SetSpec replaces the spec the next Install installs; the queue flavour
-// probed before is kept.
-func (m *Manager) SetSpec(spec Spec) {
-	spec.Divert.NativeQueue = m.spec.Divert.NativeQueue
-	m.spec = spec
+// queueProbe remembers which queue expression the kernel has, probed once.
+type queueProbe struct {
+	mu             sync.Mutex
+	probed, native bool
+}
+
+// WithSpec returns a Manager for spec in the same namespace, which knows
+// the queue flavour m probed.
+func (m *Manager) WithSpec(spec Spec) *Manager {
+	return &Manager{netns: m.netns, spec: spec, queue: m.queue}
 }
 
 // Option configures a Manager.
@@ -35,15 +44,38 @@ func WithNetNS(fd int) Option { return func(m *Manager) { m.netns = fd } }
 
 // NewManager returns a Manager for spec. It touches nothing yet.
 func NewManager(spec Spec, opts ...Option) *Manager {
-	m := &Manager{spec: spec}
+	m := &Manager{spec: spec, queue: &queueProbe{}}
 	for _, o := range opts {
 		o(m)
 	}
 	return m
 }
 
-// Spec is the state the Manager installs.
-func (m *Manager) Spec() Spec { return m.spec }
+// Spec is the state the Manager installs, with the queue flavour once
+// Install probed it.
+func (m *Manager) Spec() Spec {
+	spec := m.spec
+	m.queue.mu.Lock()
+	if m.queue.probed {
+		spec.Divert.NativeQueue = m.queue.native
+	}
+	m.queue.mu.Unlock()
+	return spec
+}
+
+// nativeQueue probes the queue flavour once.
+func (m *Manager) nativeQueue() (bool, error) {
+	m.queue.mu.Lock()
+	defer m.queue.mu.Unlock()
+	if !m.queue.probed {
+		native, err := m.probeNativeQueue()
+		if err != nil {
+			return false, err
+		}
+		m.queue.probed, m.queue.native = true, native
+	}
+	return m.queue.native, nil
+}
 
 func (m *Manager) nft() (*nftables.Conn, error) {
 	var opts []nftables.ConnOption
@@ -75,23 +107,24 @@ func (m *Manager) Install(divert map[uint16][]splice.Key) error {
 	if err != nil {
 		return err
 	}
-	if m.spec.Divert.Enabled {
-		if m.spec.Divert.NativeQueue, err = m.probeNativeQueue(); err != nil {
+	spec := m.spec
+	if spec.Divert.Enabled {
+		if spec.Divert.NativeQueue, err = m.nativeQueue(); err != nil {
 			return err
 		}
 	}
-	if err := queueTable(c, &m.spec, divert); err != nil {
+	if err := queueTable(c, &spec, divert); err != nil {
 		return err
 	}
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("install nftables table inet %s: %w", m.spec.Table, explainNFT(err))
+		return fmt.Errorf("install nftables table inet %s: %w", spec.Table, explainNFT(err))
 	}
 	rt, err := m.rtnl()
 	if err != nil {
 		return err
 	}
 	defer rt.Close()
-	return installRouting(rt, &m.spec)
+	return installRouting(rt, &spec)
 }
 
 // probeNativeQueue reports whether the kernel has the nft queue expression
@@ -128,7 +161,7 @@ func (m *Manager) Remove() error {
 // with the spec's mark, our routes in the spec's table. netns 0 is the
 // caller's namespace.
 func Cleanup(spec Spec, netns int) error {
-	m := &Manager{spec: spec, netns: netns}
+	m := &Manager{spec: spec, netns: netns, queue: &queueProbe{}}
 	var errs []error
 	c, err := m.nft()
 	if err != nil {
@@ -196,23 +229,24 @@ func explainNFT(err error) error {
 	return err
 }
 
-// UpdateServices replaces the services part of the installed table (the
-// services chain's rules and the services' sets) with spec's, in one
-// transaction, and leaves the base chains, their rules and the divert set
-// as they are. It reports false, changing nothing, when it cannot: the
-// table is missing, or spec differs from the installed spec in more than
-// its services (then Install is needed).
+// UpdateServices changes the installed table from the spec of the
+// Manager that installed it, from, to m's: it replaces the services part
+// (the services chain's rules and the services' sets) in one transaction,
+// and leaves the base chains, their rules and the divert set as they are.
+// It reports false, changing nothing, when it cannot: the table is
+// missing, or the specs differ in more than their services (then Install
+// is needed).
 //
 // A reload must not re-create the base chains. Re-creating them changes
 // the kernel's list of prerouting hooks, and a packet that a queue holds
 // meanwhile resumes, after its verdict, at its old position in the new
 // list: it can pass the divert chain a second time and be rewritten
 // twice (bytes delivered at the wrong offset), or skip a hook.
-func (m *Manager) UpdateServices(spec Spec) (bool, error) {
-	spec.Divert.NativeQueue = m.spec.Divert.NativeQueue
-	old := m.spec
-	if old.Table != spec.Table || old.Mark != spec.Mark || old.RouteTable != spec.RouteTable ||
-		old.RulePriority != spec.RulePriority || old.Divert != spec.Divert {
+func (m *Manager) UpdateServices(from Spec) (bool, error) {
+	spec := m.Spec()
+	from.Divert.NativeQueue = spec.Divert.NativeQueue
+	if from.Table != spec.Table || from.Mark != spec.Mark || from.RouteTable != spec.RouteTable ||
+		from.RulePriority != spec.RulePriority || from.Divert != spec.Divert {
 		return false, nil
 	}
 	c, err := m.nft()
@@ -224,8 +258,8 @@ func (m *Manager) UpdateServices(spec Spec) (bool, error) {
 	}
 	t := spec.table()
 	c.FlushChain(&nftables.Chain{Name: ChainServices, Table: t})
-	for i := range old.Services {
-		for _, d := range old.Services[i].sets() {
+	for i := range from.Services {
+		for _, d := range from.Services[i].sets() {
 			c.DelSet(&nftables.Set{Table: t, Name: d.name})
 		}
 	}
@@ -235,6 +269,5 @@ func (m *Manager) UpdateServices(spec Spec) (bool, error) {
 	if err := c.Flush(); err != nil {
 		return false, fmt.Errorf("update the services of nftables table inet %s: %w", spec.Table, explainNFT(err))
 	}
-	m.spec = spec
 	return true, nil
 }

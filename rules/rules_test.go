@@ -7,6 +7,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/google/nftables"
@@ -200,6 +201,43 @@ func TestDiverter(t *testing.T) {
 	}
 }
 
+// TestDiverterRefresh: a refresh restarts the timeout of existing elements
+// and recreates lost ones, in both families.
+func TestDiverterRefresh(t *testing.T) {
+	testnet.Privileged(t, "nft")
+	spec := sampleSpec(t)
+	spec.Divert.Timeout = 3 * time.Second
+	ns := testnet.Scratch(t)
+	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
+	if err := m.Install(nil); err != nil {
+		t.Fatal(err)
+	}
+	d, err := m.NewDiverter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	k4 := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	k6 := splice.KeyFrom(netip.MustParseAddrPort("[fd00:1::2]:40000"), netip.MustParseAddrPort("[fd00:2::2]:80"))
+	if err := d.Add(0, k4, k6); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)                                // 1 s of the 3 s left
+	live := map[uint16][]splice.Key{0: {k4, k6, k4.Reverse()}} // k4.Reverse() was never added
+	n, err := d.Refresh(func() map[uint16][]splice.Key { return live })
+	if err != nil || n != 3 {
+		t.Fatalf("refresh: %d tuples, %v", n, err)
+	}
+	time.Sleep(1500 * time.Millisecond) // past the first timeout
+	out4, _ := ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(0, false))
+	out6, _ := ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(0, true))
+	for _, want := range []string{"10.1.0.2 . 40000 . 10.2.0.2 . 80", "10.2.0.2 . 80 . 10.1.0.2 . 40000", "fd00:1::2 . 40000 . fd00:2::2 . 80"} {
+		if !strings.Contains(out4+out6, want) {
+			t.Errorf("after the refresh and 3.5 s, the sets lack %q:\n%s%s", want, out4, out6)
+		}
+	}
+}
+
 // TestRemoveTouchesOnlyOurs installs next to an operator's own table, rule
 // and route, then removes: only ours disappears.
 func TestRemoveTouchesOnlyOurs(t *testing.T) {
@@ -285,11 +323,12 @@ func TestUpdateServices(t *testing.T) {
 	next.Services = append([]Service{}, spec.Services[1:]...) // "web" removed
 	next.Services[0].Ports = []config.PortRange{{First: 5201, Last: 5201}}
 	next.Services = append(next.Services, Service{Name: "extra", Listen: 15009, Ports: []config.PortRange{{First: 7, Last: 7}}, AnyDst: true, AnySrc: true})
-	ok, err := m.UpdateServices(next)
+	m2 := m.WithSpec(next)
+	ok, err := m2.UpdateServices(m.Spec())
 	if err != nil || !ok {
 		t.Fatalf("update: %v %v", ok, err)
 	}
-	if diff := cmp.Diff(Listing(m.Spec()), StripDivertElements(mustList(t, ns, spec.Table))); diff != "" {
+	if diff := cmp.Diff(Listing(m2.Spec()), StripDivertElements(mustList(t, ns, spec.Table))); diff != "" {
 		t.Fatalf("listing after the update differs from a fresh install (-want +kernel):\n%s", diff)
 	}
 	if got := handles(); got != before {
@@ -302,7 +341,7 @@ func TestUpdateServices(t *testing.T) {
 	// Another spec in the kernel section cannot be updated in place.
 	other := next
 	other.Mark++
-	if ok, err := m.UpdateServices(other); ok || err != nil {
+	if ok, err := m.WithSpec(other).UpdateServices(m2.Spec()); ok || err != nil {
 		t.Errorf("update with another mark: %v %v, want false, nil", ok, err)
 	}
 }

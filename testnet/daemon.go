@@ -23,8 +23,22 @@ var build struct {
 	err  error
 }
 
+// RaceEnv is the environment variable that makes Binary build with the
+// race detector even when the test binary itself runs without it (make
+// test-race sets it).
+const RaceEnv = "SPLICED_RACE"
+
+// Race reports whether Binary builds commands with the race detector:
+// when the tests run with -race, or RaceEnv is set to 1.
+func Race() bool { return raceEnabled || os.Getenv(RaceEnv) == "1" }
+
+// raceReport marks what the race detector prints on stderr.
+const raceReport = "WARNING: DATA RACE"
+
 // Binary builds a command of this module (e.g. "spliced") once per test
-// process and returns its path.
+// process and returns its path. Under Race it is built with -race, so
+// that races inside the daemon are reported on its stderr (StartDaemon
+// fails the test on one).
 func Binary(t testing.TB, name string) string {
 	t.Helper()
 	build.once.Do(func() {
@@ -42,7 +56,11 @@ func Binary(t testing.TB, name string) string {
 		t.Fatalf("go env GOMOD: %v", err)
 	}
 	root := filepath.Dir(strings.TrimSpace(string(gomod)))
-	cmd := exec.Command("go", "build", "-o", path, "./cmd/"+name)
+	args := []string{"build", "-o", path}
+	if Race() {
+		args = append(args, "-race")
+	}
+	cmd := exec.Command("go", append(args, "./cmd/"+name)...)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build ./cmd/%s: %v\n%s", name, err, out)
@@ -74,6 +92,7 @@ func StartDaemon(t testing.TB, lab *Lab, config string, args ...string) *Daemon 
 	if d != nil {
 		t.Cleanup(func() {
 			d.Stop()
+			d.CheckRaces(t)
 			if t.Failed() {
 				t.Logf("daemon log:\n%s", d.Log())
 			}
@@ -112,6 +131,16 @@ func LaunchDaemon(lab *Lab, bin, dir, config string, args ...string) (*Daemon, e
 		return d, fmt.Errorf("daemon not ready: %w\n%s", err, d.Log())
 	}
 	return d, nil
+}
+
+// CheckRaces fails t if the daemon (built with -race, see Binary)
+// reported a data race on its stderr.
+func (d *Daemon) CheckRaces(t testing.TB) {
+	t.Helper()
+	log := d.Log()
+	if i := strings.Index(log, raceReport); i >= 0 {
+		t.Errorf("the daemon reported a data race:\n%s", log[i:min(len(log), i+8000)])
+	}
 }
 
 // Client is an API client for the daemon's control socket.

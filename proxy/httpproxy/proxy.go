@@ -175,6 +175,10 @@ type conn struct {
 	flow *proxy.Flow
 	log  *slog.Logger
 
+	// The connection's goroutine (run) owns the fields below; it changes
+	// client and up under mu, so that a shutdown (closeConns) can close
+	// them from another goroutine.
+	mu     sync.Mutex
 	client *net.TCPConn
 	cr     *bufio.Reader
 	up     *net.TCPConn
@@ -187,8 +191,10 @@ type conn struct {
 
 // attach starts using new sockets (after accept, or after an unsplice).
 func (c *conn) attach(client, up *net.TCPConn) {
+	c.mu.Lock()
 	c.client, c.cr = client, bufio.NewReader(client)
 	c.up, c.ur = up, nil
+	c.mu.Unlock()
 	if up != nil {
 		c.ur = bufio.NewReader(up)
 	}
@@ -203,7 +209,7 @@ func (c *conn) attach(client, up *net.TCPConn) {
 
 // run serves requests until the connection ends or is spliced.
 func (c *conn) run() {
-	stop := context.AfterFunc(c.p.FlowContext(), func() { c.client.Close(); c.closeUpstream() })
+	stop := context.AfterFunc(c.p.FlowContext(), c.closeConns)
 	defer stop()
 	reason, spliced := c.serve()
 	if spliced {
@@ -225,13 +231,29 @@ func (c *conn) run() {
 	c.p.Flows.Remove(c.flow)
 }
 
+// closeConns closes both sockets, from any goroutine (a shutdown): the
+// connection's goroutine then ends and cleans up.
+func (c *conn) closeConns() {
+	c.mu.Lock()
+	client, up := c.client, c.up
+	c.mu.Unlock()
+	client.Close()
+	if up != nil {
+		up.Close()
+	}
+}
+
+// closeUpstream closes the upstream connection (run's goroutine only).
 func (c *conn) closeUpstream() {
 	if c.up != nil {
 		c.up.Close()
 		if c.upTo != nil {
 			c.upTo.active.Add(-1)
 		}
-		c.up, c.ur, c.upTo = nil, nil, nil
+		c.mu.Lock()
+		c.up = nil
+		c.mu.Unlock()
+		c.ur, c.upTo = nil, nil
 	}
 }
 
@@ -344,7 +366,10 @@ func (c *conn) connect(pl *pool) error {
 			continue
 		}
 		b.active.Add(1)
-		c.up, c.ur, c.upTo = up, bufio.NewReader(up), b
+		c.mu.Lock()
+		c.up = up
+		c.mu.Unlock()
+		c.ur, c.upTo = bufio.NewReader(up), b
 		c.flow.Backend = b.addr
 		c.flow.Upstream = proxy.AddrPort(up.LocalAddr())
 		return nil

@@ -60,7 +60,20 @@ func StripDivertElements(listing string) string {
 
 // Drift compares the kernel's table with the expected one and returns a
 // unified diff (empty when they agree).
+//
+// Without the nft command it compares summaries read through netlink
+// instead (see Summary): kernel is then the kernel's summary.
 func (m *Manager) Drift(ctx context.Context) (kernel, diff string, err error) {
+	if !haveNFT() {
+		kernel, exists, err := m.kernelSummary()
+		if err != nil {
+			return "", "", err
+		}
+		if !exists {
+			return "", fmt.Sprintf("table inet %s is gone\n", m.spec.Table), nil
+		}
+		return kernel, UnifiedDiff("expected (summary: nft is not installed)", "kernel", Summary(m.Spec()), kernel), nil
+	}
 	kernel, exists, err := m.KernelListing(ctx)
 	if err != nil {
 		return "", "", err

@@ -4,6 +4,9 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -353,4 +356,51 @@ func mustList(t *testing.T, ns *testnet.NS, table string) string {
 		t.Fatal(err)
 	}
 	return out
+}
+
+// TestDriftWithoutNFT: without the nft command drift detection compares
+// summaries read through netlink: an installed table matches its
+// expected summary, and a flushed chain or a deleted set shows.
+func TestDriftWithoutNFT(t *testing.T) {
+	testnet.Privileged(t, "nft")
+	spec := sampleSpec(t)
+	spec.Divert.Enabled = true
+	ns := testnet.Scratch(t)
+	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
+	if err := m.Install(nil); err != nil {
+		t.Fatal(err)
+	}
+	// A PATH with ip (the test runs nft in the namespace through it) and
+	// no nft.
+	ip, err := exec.LookPath("ip")
+	if err != nil {
+		t.Fatal(err)
+	}
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := t.TempDir()
+	if err := os.Symlink(ip, filepath.Join(bin, "ip")); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin)
+	kernel, diff, err := m.Drift(t.Context())
+	if err != nil || diff != "" {
+		t.Fatalf("fresh install: diff %q, err %v\nkernel summary:\n%s\nexpected:\n%s", diff, err, kernel, Summary(m.Spec()))
+	}
+	for _, tc := range []struct {
+		name, cmd, want string
+	}{
+		{"flushed services chain", "flush chain inet spl_rt services", "-chain services rules 5"},
+		{"deleted table", "delete table inet spl_rt", "is gone"},
+	} {
+		if out, err := ns.Command(t.Context(), nft, tc.cmd).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v %s", tc.cmd, err, out)
+		}
+		_, diff, err := m.Drift(t.Context())
+		if err != nil || !strings.Contains(diff, tc.want) {
+			t.Errorf("%s: diff %q (want %q), err %v", tc.name, diff, tc.want, err)
+		}
+	}
 }

@@ -171,10 +171,11 @@ func (g *Gateway) apiFlow(f *proxy.Flow) api.Flow {
 // describeFlow describes a flow for the API; sf is its spliced state, if
 // it is spliced.
 func describeFlow(f *proxy.Flow, sf *splicedFlow) api.Flow {
+	upstream, backend := f.ServerLeg()
 	af := api.Flow{
 		ID: f.ID, Service: f.Service, Proxy: f.Proxy, State: f.State().String(),
 		ClientLeg: api.Leg{Local: f.Server.String(), Remote: f.Client.String()},
-		ServerLeg: api.Leg{Local: f.Upstream.String(), Remote: f.Backend.String()},
+		ServerLeg: api.Leg{Local: upstream.String(), Remote: backend.String()},
 		BytesC2S:  uint64(f.C2S.Load()), BytesS2C: uint64(f.S2C.Load()),
 		Started: f.Started, AgeSec: time.Since(f.Started).Seconds(),
 	}
@@ -224,7 +225,8 @@ func (g *Gateway) handleFlows(w http.ResponseWriter, r *http.Request) {
 		if state != "" && f.State().String() != state {
 			continue
 		}
-		ends := []netip.AddrPort{f.Client, f.Server, f.Upstream, f.Backend}
+		upstream, backend := f.ServerLeg()
+		ends := []netip.AddrPort{f.Client, f.Server, upstream, backend}
 		if addr.IsValid() && !slices.ContainsFunc(ends, func(e netip.AddrPort) bool { return e.Addr() == addr }) {
 			continue
 		}

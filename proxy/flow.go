@@ -56,6 +56,10 @@ type Flow struct {
 	// Backend is the address the upstream connection goes to (for the
 	// forwarder, the original destination).
 	Backend netip.AddrPort
+	// legMu guards Upstream and Backend once the flow is in the table: a
+	// proxy changes them (the HTTP proxy reconnects to another backend)
+	// with SetServerLeg while others read them with ServerLeg.
+	legMu sync.Mutex
 
 	// spliceReq carries requests (an operator's) to splice the flow now.
 	spliceReq chan struct{}
@@ -203,4 +207,20 @@ func (t *FlowTable) List() []*Flow {
 	t.mu.Unlock()
 	slices.SortFunc(out, func(a, b *Flow) int { return cmp.Compare(a.ID, b.ID) })
 	return out
+}
+
+// SetServerLeg sets the upstream connection's local address and its
+// backend.
+func (f *Flow) SetServerLeg(upstream, backend netip.AddrPort) {
+	f.legMu.Lock()
+	f.Upstream, f.Backend = upstream, backend
+	f.legMu.Unlock()
+}
+
+// ServerLeg returns the upstream connection's local address and its
+// backend: the server leg's ends.
+func (f *Flow) ServerLeg() (upstream, backend netip.AddrPort) {
+	f.legMu.Lock()
+	defer f.legMu.Unlock()
+	return f.Upstream, f.Backend
 }

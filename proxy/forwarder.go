@@ -129,7 +129,7 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 			logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, logging.Err(err))
 		return
 	}
-	flow.Upstream = addrPort(up.LocalAddr())
+	flow.SetServerLeg(addrPort(up.LocalAddr()), flow.Backend)
 	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream))
 	f.Event(EventOpened, flow, string(svc.Upstream))
 

@@ -17,7 +17,7 @@ BIN      := bin
 CMDS     := spliced splicectl spliced-demo spliced-bench
 TESTFLAGS ?=
 
-.PHONY: all build test test-race check demo bench bench-quick install clean deps-demo deps-test deps-bench
+.PHONY: all build test test-race check fuzz demo bench bench-quick install clean deps-demo deps-test deps-bench
 
 all: build
 
@@ -42,6 +42,20 @@ check:
 	if [ -n "$$unformatted" ]; then echo "gofmt: not formatted:"; echo "$$unformatted"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
+
+# Every fuzz target for FUZZTIME each, one package and target at a time
+# (several packages have a FuzzParse, and go test fuzzes one target per
+# run). A failure leaves its input under the package's testdata/fuzz:
+# commit it with the fix, so that plain `go test` replays it.
+FUZZTIME ?= 5s
+fuzz:
+	@set -e; for f in $$(git ls-files '*_test.go' | xargs grep -l '^func Fuzz'); do \
+		pkg=./$$(dirname $$f); \
+		for name in $$(sed -n 's/^func \(Fuzz[A-Za-z0-9_]*\)(.*/\1/p' $$f); do \
+			echo "fuzz $$pkg $$name ($(FUZZTIME))"; \
+			$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg; \
+		done; \
+	done
 
 deps-demo deps-test deps-bench:
 	@$(DEPS) $(patsubst deps-%,%,$@)

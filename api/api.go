@@ -96,6 +96,8 @@ type Flow struct {
 	Service string `json:"service"`
 	Proxy   string `json:"proxy"` // "forward", ...
 	State   string `json:"state"`
+	// User is who the client authenticated as (SOCKS5); empty otherwise.
+	User string `json:"user,omitempty"`
 	// The two legs: the client's connection to the original destination,
 	// and the gateway's connection to the server.
 	ClientLeg Leg `json:"client_leg"`

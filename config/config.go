@@ -65,6 +65,10 @@ type Kernel struct {
 	// and Queues how many queues there are (default: one per CPU).
 	Queue  uint16 `yaml:"queue"`
 	Queues int    `yaml:"queues"`
+	// QueueLen is how many packets each queue holds while they wait for
+	// spliced (default 4096); past it the kernel drops them (counted as
+	// kernel_queue_dropped) and TCP retransmits.
+	QueueLen uint32 `yaml:"queue_len"`
 	// NFQueue selects how packets of spliced flows are read: "lean"
 	// (default: batched system calls, no copies) or "go-nfqueue" (the
 	// library; slower, kept for comparison).
@@ -143,11 +147,19 @@ const (
 type Service struct {
 	// Name identifies the service in logs and metrics (required, unique).
 	Name string `yaml:"name"`
-	// Listen is the port of the service's TPROXY listener on the gateway
-	// (required, unique). Clients never connect to it directly.
+	// Listen is the port of a transparent service's TPROXY listener on
+	// the gateway (required, unique). Clients never connect to it
+	// directly. A direct service listens on ListenOn instead.
 	Listen Port `yaml:"listen"`
+	// Backlog is the listeners' accept queue (default 4096): connections
+	// the kernel completed and the proxy has not accepted yet. The kernel
+	// caps it at net.core.somaxconn of the gateway's namespace. Half-open
+	// connections under a SYN flood do not fill it: past the SYN queue the
+	// kernel answers with SYN cookies (net.ipv4.tcp_syncookies, default 1,
+	// which spliced leaves as it is).
+	Backlog int `yaml:"backlog"`
 	// Ports are the intercepted destination ports, single ("80") or ranges
-	// ("8000-8100"). Required.
+	// ("8000-8100"). Required in transparent mode.
 	Ports []PortRange `yaml:"ports"`
 	// Destinations and Sources restrict interception to these prefixes;
 	// empty means any address of either family.
@@ -168,90 +180,42 @@ type Service struct {
 	// control connection always stays proxied.
 	Splice Splice `yaml:"splice"`
 	// Proxy is the kind of proxy relaying the service's flows: forward
-	// (default, the plain forwarder) or ftp.
+	// (default, the plain forwarder), ftp, http or socks5 (see
+	// ProxyKinds: each proxy registers itself).
 	Proxy ProxyKind `yaml:"proxy"`
-	// FTP configures an ftp proxy.
-	FTP FTP `yaml:"ftp"`
-	// HTTP configures an http proxy.
-	HTTP HTTP `yaml:"http"`
+	// ListenMode is how clients reach the service: transparent (the
+	// service's ports, destinations and sources are intercepted with
+	// TPROXY and diverted to its listen port) or direct (the service
+	// listens on ListenOn like any server; nothing is intercepted).
+	// Default: the proxy's (direct for socks5, transparent otherwise).
+	ListenMode ListenMode `yaml:"listen_mode"`
+	// ListenOn are the gateway addresses and ports a direct service
+	// listens on, IPv4 and IPv6, such as ["10.1.0.1:1080", "[fd01::1]:1080"].
+	ListenOn []AddrPort `yaml:"listen_on"`
+
+	// Sections holds the service's proxy section (such as its ftp: key),
+	// decoded by the type its proxy registered, by section key. Proxies
+	// read theirs with Section.
+	Sections map[string]any `yaml:"-"`
 }
 
-// HTTP configures an HTTP/1.1 proxy: each request is read in control mode
-// and routed by Host and path to a backend pool; the connection is spliced
-// while a large response flows and unspliced when the client sends its
-// next request. Its upstream is always nat.
-type HTTP struct {
-	// Routes are tried in order; the first whose host and path prefix
-	// match a request decides. A request no route matches gets 404.
-	Routes []HTTPRoute `yaml:"routes"`
-	// SpliceMin: responses with a Content-Length of at least this many
-	// bytes are spliced (default 64KiB; 1 splices every response with a
-	// body). Chunked responses are relayed. The service's splice.mode
-	// decides whether the proxy splices at all: never relays everything,
-	// any other mode splices responses.
-	SpliceMin ByteSize `yaml:"splice_min"`
-	// Forwarded is the header that tells backends who the client is:
-	// x-forwarded-for (default), via, or none.
-	Forwarded string `yaml:"forwarded"`
-	// BackendDownFor is how long a backend that failed a connect is
-	// skipped (default 10s).
-	BackendDownFor Duration `yaml:"backend_down_for"`
-}
+// ListenMode is how clients reach a service.
+type ListenMode string
 
-// HTTPRoute sends requests for a host and path prefix to a backend pool.
-type HTTPRoute struct {
-	// Host matches the request's Host without port; empty matches any.
-	Host string `yaml:"host"`
-	// Path is a path prefix (default "/").
-	Path string `yaml:"path"`
-	// Action is allow (default) or deny (403).
-	Action Action `yaml:"action"`
-	// Backends are "address:port" of the pool's servers.
-	Backends []AddrPort `yaml:"backends"`
-	// Balance is round_robin (default) or least_conn.
-	Balance string `yaml:"balance"`
-}
+const (
+	ListenTransparent ListenMode = "transparent" // TPROXY interception of routed flows
+	ListenDirect      ListenMode = "direct"      // a plain listener on gateway addresses
+)
 
 // ProxyKind names a proxy.
 type ProxyKind string
 
 const (
-	ProxyForward ProxyKind = "forward" // the plain forwarder (default)
-	ProxyFTP     ProxyKind = "ftp"     // FTP with NAT address rewriting and spliced data connections
-	ProxyHTTP    ProxyKind = "http"    // HTTP/1.1, spliced per response, unspliced per request
+	// ProxyForward is the plain forwarder, the default kind. The other
+	// kinds are defined by their packages (proxy/ftp, proxy/httpproxy,
+	// proxy/socks5) and registered with RegisterProxy.
+	ProxyForward ProxyKind = "forward"
 )
-
-// FTP configures an FTP proxy. Its upstream is always nat: servers see only
-// the gateway's external address.
-type FTP struct {
-	// External is the gateway's address the servers see in PORT and EPRT
-	// commands. Default: the source address of the session's control
-	// connection to the server.
-	External Addr `yaml:"external"`
-	// Internal is the gateway's address clients get in 227 (PASV)
-	// replies. Default: the gateway's address on the route to the client.
-	// 229 (EPSV) replies carry no address; clients connect to the address
-	// they sent the control connection to, where the proxy listens
-	// transparently.
-	Internal Addr `yaml:"internal"`
-	// DataPorts is the range of gateway ports for data connections
-	// (default 40000-40999).
-	DataPorts PortRange `yaml:"data_ports"`
-	// MaxLine is the longest command line accepted, CRLF included
-	// (default 512). A longer line, or a NUL byte, ends the session. RFC
-	// 959 sets no limit; real commands, paths included, stay far below
-	// it.
-	MaxLine int `yaml:"max_line"`
-	// SessionTimeout ends a control connection after this long (default
-	// 24h). The service's idle_timeout ends one that is idle while no
-	// data connection of it is open.
-	SessionTimeout Duration `yaml:"session_timeout"`
-	// DataTimeout bounds the wait for a data connection the session set
-	// up (default 30s).
-	DataTimeout Duration `yaml:"data_timeout"`
-	// MaxSessions caps the service's control connections (default 256).
-	MaxSessions int `yaml:"max_sessions"`
-}
 
 // Action of an access rule.
 type Action string
@@ -326,20 +290,12 @@ const (
 	DefaultMaxFlows       = 10000
 	DefaultConnectTimeout = 5 * time.Second
 	DefaultIdleTimeout    = 5 * time.Minute
+	DefaultBacklog        = 4096
 	DefaultQueue          = 100
+	DefaultQueueLen       = 4096
 	DefaultDivertTimeout  = 24 * time.Hour
 	DefaultDrainTimeout   = 5 * time.Second
 	DefaultStallAfter     = 15 * time.Second
-
-	DefaultFTPDataFirst      = 40000
-	DefaultFTPDataLast       = 40999
-	DefaultFTPMaxLine        = 512
-	DefaultFTPSessionTimeout = 24 * time.Hour
-	DefaultFTPDataTimeout    = 30 * time.Second
-	DefaultFTPMaxSessions    = 256
-
-	DefaultHTTPSpliceMin      = 64 << 10
-	DefaultHTTPBackendDownFor = 10 * time.Second
 )
 
 func (c *Config) applyDefaults() {
@@ -352,6 +308,7 @@ func (c *Config) applyDefaults() {
 	setDefault(&c.Limits.MaxFlows, DefaultMaxFlows)
 	setDefault(&c.Kernel.Queue, DefaultQueue)
 	setDefault(&c.Kernel.Queues, runtime.NumCPU())
+	setDefault(&c.Kernel.QueueLen, DefaultQueueLen)
 	setDefault(&c.Kernel.DivertTimeout, Duration(DefaultDivertTimeout))
 	setDefault(&c.Kernel.NFQueue, "lean")
 	setDefault(&c.Kernel.Repair, "on")
@@ -362,29 +319,25 @@ func (c *Config) applyDefaults() {
 	for i := range c.Services {
 		s := &c.Services[i]
 		setDefault(&s.Proxy, ProxyForward)
-		if s.Proxy == ProxyFTP {
-			setDefault(&s.Upstream, NAT)
-			setDefault(&s.FTP.DataPorts, PortRange{DefaultFTPDataFirst, DefaultFTPDataLast})
-			setDefault(&s.FTP.MaxLine, DefaultFTPMaxLine)
-			setDefault(&s.FTP.SessionTimeout, Duration(DefaultFTPSessionTimeout))
-			setDefault(&s.FTP.DataTimeout, Duration(DefaultFTPDataTimeout))
-			setDefault(&s.FTP.MaxSessions, DefaultFTPMaxSessions)
-		}
-		if s.Proxy == ProxyHTTP {
-			setDefault(&s.Upstream, NAT)
-			setDefault(&s.HTTP.SpliceMin, ByteSize(DefaultHTTPSpliceMin))
-			setDefault(&s.HTTP.Forwarded, "x-forwarded-for")
-			setDefault(&s.HTTP.BackendDownFor, Duration(DefaultHTTPBackendDownFor))
-			for j := range s.HTTP.Routes {
-				r := &s.HTTP.Routes[j]
-				setDefault(&r.Path, "/")
-				setDefault(&r.Action, Allow)
-				setDefault(&r.Balance, "round_robin")
+		if def := LookupProxy(s.Proxy); def != nil {
+			setDefault(&s.ListenMode, def.Modes[0])
+			if def.Section != "" {
+				if s.Sections == nil {
+					s.Sections = map[string]any{}
+				}
+				if s.Sections[def.Section] == nil {
+					s.Sections[def.Section] = def.NewSection()
+				}
+			}
+			if def.Defaults != nil {
+				def.Defaults(s)
 			}
 		}
+		setDefault(&s.ListenMode, ListenTransparent)
 		setDefault(&s.Upstream, Transparent)
 		setDefault(&s.ConnectTimeout, Duration(DefaultConnectTimeout))
 		setDefault(&s.IdleTimeout, Duration(DefaultIdleTimeout))
+		setDefault(&s.Backlog, DefaultBacklog)
 		setDefault(&s.Access.Default, Allow)
 		setDefault(&s.Splice.Mode, SpliceNever)
 		setDefault(&s.Splice.DrainTimeout, Duration(DefaultDrainTimeout))

@@ -50,6 +50,9 @@ func TestParseGood(t *testing.T) {
 	if web.Upstream != NAT || web.IdleTimeout.D() != 30*time.Second || web.ConnectTimeout.D() != DefaultConnectTimeout {
 		t.Fatalf("web timeouts/mode = %+v", web)
 	}
+	if web.Backlog != DefaultBacklog {
+		t.Errorf("default backlog %d, want %d", web.Backlog, DefaultBacklog)
+	}
 	if cfg.Service("other").Upstream != Transparent {
 		t.Fatalf("default upstream not transparent")
 	}
@@ -84,12 +87,16 @@ func TestParseErrors(t *testing.T) {
 		{"no ports", "services:\n  - name: a\n    listen: 1\n", []string{"services[0]:", "has no ports"}},
 		{"yaml syntax", "services:\n  - name: a\n   listen: 1\n", []string{"bad.yaml: line 3:", "is not valid YAML"}},
 		{"bad duration", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    idle_timeout: soon\n", []string{"line 5: services[0].idle_timeout:", `"soon"`, `"5s"`}},
+		{"bad listen mode", "services:\n  - name: a\n    listen_mode: direkt\n", []string{"line 3: services[0].listen_mode:", `"direkt"`, "transparent", "direct"}},
+		{"listen_on when transparent", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    listen_on: [\"10.1.0.1:80\"]\n", []string{"line 5: services[0].listen_on:", "only for listen_mode: direct"}},
+		{"direct forward without backends", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n", []string{"services[0].forward:", "has no backends", "forward.backends"}},
+		{"backends when transparent", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n", []string{"line 6: services[0].forward.backends:", "only for listen_mode: direct"}},
+		{"direct forward transparent upstream", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    upstream: transparent\n    forward:\n      backends: [\"10.2.0.2:80\"]\n", []string{"line 5: services[0].upstream:", "set upstream: nat"}},
+		{"direct with ports", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    ports: [\"80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n", []string{"services[0]:", "is a direct service", "remove them"}},
+		{"listen_on twice", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n  - name: b\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n", []string{"line 9: services[1].listen_on[0]:", `service "a"`}},
 		{"key twice", "log:\n  level: info\n  level: debug\n", []string{"line 3: log.level:", "twice"}},
-		{"bad proxy", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: socks\n", []string{"line 5: services[0].proxy:", `"socks"`, "forward, ftp or http"}},
-		{"ftp transparent", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    upstream: transparent\n", []string{"line 6: services[0].upstream:", "only the gateway's address", "upstream: nat"}},
-		{"ftp bad address", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      external: gw.example\n", []string{"line 7: services[0].ftp.external:", `"gw.example"`, "not an address"}},
-		{"ftp privileged data ports", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      data_ports: \"20-30\"\n", []string{"line 7: services[0].ftp.data_ports:", "above 1023"}},
-		{"ftp line limit", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      max_line: 10\n", []string{"line 7: services[0].ftp.max_line:", "64-8192"}},
+		{"queue length", "kernel:\n  queue_len: 2\nservices: []\n", []string{"line 2: kernel.queue_len:", "8-1048576"}},
+		{"listen backlog", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    backlog: 100000\n", []string{"line 5: services[0].backlog:", "1-65535"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -118,27 +125,4 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("error without file name: %v", err)
 		}
 	})
-}
-
-// TestFTPDefaults: an ftp service needs no ftp keys; its upstream is nat
-// and its limits have their documented defaults.
-func TestFTPDefaults(t *testing.T) {
-	cfg, err := Parse("ftp.yaml", []byte("services:\n  - name: ftp\n    listen: 15021\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      internal: 10.1.0.1\n      external: \"\"\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := cfg.Services[0]
-	f := s.FTP
-	if s.Proxy != ProxyFTP || s.Upstream != NAT || f.DataPorts != (PortRange{DefaultFTPDataFirst, DefaultFTPDataLast}) ||
-		f.MaxLine != DefaultFTPMaxLine || f.MaxSessions != DefaultFTPMaxSessions || f.DataTimeout.D() != DefaultFTPDataTimeout ||
-		f.SessionTimeout.D() != DefaultFTPSessionTimeout || f.Internal.String() != "10.1.0.1" || f.External.IsValid() {
-		t.Errorf("ftp service %+v", s)
-	}
-	fwd, err := Parse("fwd.yaml", []byte("services:\n  - name: web\n    listen: 15001\n    ports: [\"80\"]\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if s := fwd.Services[0]; s.Proxy != ProxyForward || s.Upstream != Transparent {
-		t.Errorf("forward service %+v", s)
-	}
 }

@@ -87,6 +87,9 @@ func Parse(file string, data []byte) (*Config, error) {
 	if err := doc.Decode(cfg); err != nil {
 		return nil, Errors{decodeError(file, idx, err)}
 	}
+	if err := decodeSections(cfg, doc); err != nil {
+		return nil, Errors{decodeError(file, idx, err)}
+	}
 	cfg.applyDefaults()
 	if err := cfg.validate(idx); err != nil {
 		for _, e := range err.(Errors) {
@@ -232,7 +235,19 @@ func hasUnmarshaler(t reflect.Type) bool {
 	return reflect.PointerTo(t).Implements(reflect.TypeFor[yaml.Unmarshaler]())
 }
 
+// yamlFields are the keys of a struct, with the registered proxy
+// sections for a Service.
 func yamlFields(t reflect.Type) map[string]reflect.Type {
+	m := structFields(t)
+	if t == reflect.TypeFor[Service]() {
+		for key, st := range sectionTypes() {
+			m[key] = st
+		}
+	}
+	return m
+}
+
+func structFields(t reflect.Type) map[string]reflect.Type {
 	m := map[string]reflect.Type{}
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)

@@ -269,16 +269,29 @@ func (a *Addr) UnmarshalYAML(n *yaml.Node) error {
 }
 
 func (k *ProxyKind) UnmarshalYAML(n *yaml.Node) error {
-	s, err := scalar(n, "forward, ftp or http")
+	kinds := orList(ProxyKinds())
+	s, err := scalar(n, kinds)
 	if err != nil {
 		return err
 	}
-	switch ProxyKind(s) {
-	case ProxyForward, ProxyFTP, ProxyHTTP:
-		*k = ProxyKind(s)
+	if LookupProxy(ProxyKind(s)) == nil {
+		return &valueError{line: n.Line, column: n.Column, value: s, msg: "is not a proxy; use " + kinds}
+	}
+	*k = ProxyKind(s)
+	return nil
+}
+
+func (m *ListenMode) UnmarshalYAML(n *yaml.Node) error {
+	s, err := scalar(n, "transparent or direct")
+	if err != nil {
+		return err
+	}
+	switch ListenMode(s) {
+	case ListenTransparent, ListenDirect:
+		*m = ListenMode(s)
 		return nil
 	}
-	return &valueError{line: n.Line, column: n.Column, value: s, msg: "is not a proxy; use forward, ftp or http"}
+	return &valueError{line: n.Line, column: n.Column, value: s, msg: "is not a listen mode; use transparent (intercept the service's ports with TPROXY) or direct (listen on listen_on like any server)"}
 }
 
 // AddrPort is "address:port", such as 10.2.0.2:8080 or [fd00::2]:8080.

@@ -2,7 +2,9 @@ package config
 
 import (
 	"fmt"
+	"net/netip"
 	"regexp"
+	"slices"
 	"time"
 )
 
@@ -41,6 +43,9 @@ func (c *Config) validate(idx *keyIndex) error {
 	if c.Kernel.Repair != "on" && c.Kernel.Repair != "off" {
 		bad("kernel.repair", c.Kernel.Repair, "is not on or off")
 	}
+	if c.Kernel.QueueLen < 8 || c.Kernel.QueueLen > 1<<20 {
+		bad("kernel.queue_len", fmt.Sprint(c.Kernel.QueueLen), "is not a usable queue length; use 8-1048576 packets (default %d)", DefaultQueueLen)
+	}
 	switch c.Kernel.NFQueue {
 	case "lean", "go-nfqueue":
 	default:
@@ -55,6 +60,7 @@ func (c *Config) validate(idx *keyIndex) error {
 
 	names := map[string]int{}
 	listens := map[Port]int{}
+	listenOn := map[netip.AddrPort]int{}
 	for i := range c.Services {
 		s := &c.Services[i]
 		p := fmt.Sprintf("services[%d]", i)
@@ -69,15 +75,42 @@ func (c *Config) validate(idx *keyIndex) error {
 			}
 			names[s.Name] = i
 		}
-		if s.Listen == 0 {
-			bad(p, s.Name, "has no listen port; set listen to a free port on the gateway for its TPROXY listener, such as 15001")
-		} else if j, dup := listens[s.Listen]; dup {
-			bad(p+".listen", fmt.Sprint(s.Listen), "is already the listen port of service %q; each service needs its own", c.Services[j].Name)
-		} else {
-			listens[s.Listen] = i
+		def := LookupProxy(s.Proxy)
+		if def != nil && !slices.Contains(def.Modes, s.ListenMode) {
+			bad(p+".listen_mode", string(s.ListenMode), "%s", fmt.Sprintf("is not a listen mode of proxy %s; use %s", s.Proxy, orList(def.Modes)))
 		}
-		if len(s.Ports) == 0 {
-			bad(p, s.Name, "has no ports; list the destination ports to intercept, such as ports: [\"80\"]")
+		if s.Backlog < 1 || s.Backlog > 65535 {
+			bad(p+".backlog", fmt.Sprint(s.Backlog), "is not a usable listen backlog; use 1-65535 (default %d; the kernel caps it at net.core.somaxconn)", DefaultBacklog)
+		}
+		switch s.ListenMode {
+		case ListenDirect:
+			if len(s.ListenOn) == 0 {
+				bad(p, s.Name, "has no listen_on addresses; list the gateway addresses and ports to listen on, such as listen_on: [\"10.1.0.1:1080\", \"[fd01::1]:1080\"]")
+			}
+			for j, a := range s.ListenOn {
+				if k, dup := listenOn[a.AddrPort]; dup {
+					bad(fmt.Sprintf("%s.listen_on[%d]", p, j), a.String(), "%s", fmt.Sprintf("is already an address of service %q; each service needs its own", c.Services[k].Name))
+				} else {
+					listenOn[a.AddrPort] = i
+				}
+			}
+			if s.Listen != 0 || len(s.Ports) > 0 || len(s.Destinations) > 0 || len(s.Sources) > 0 {
+				bad(p, s.Name, "is a direct service: listen, ports, destinations and sources are for transparent interception; remove them (use access rules to restrict sources)")
+			}
+		default:
+			if s.Listen == 0 {
+				bad(p, s.Name, "has no listen port; set listen to a free port on the gateway for its TPROXY listener, such as 15001")
+			} else if j, dup := listens[s.Listen]; dup {
+				bad(p+".listen", fmt.Sprint(s.Listen), "is already the listen port of service %q; each service needs its own", c.Services[j].Name)
+			} else {
+				listens[s.Listen] = i
+			}
+			if len(s.Ports) == 0 {
+				bad(p, s.Name, "has no ports; list the destination ports to intercept, such as ports: [\"80\"]")
+			}
+			if len(s.ListenOn) > 0 {
+				bad(p+".listen_on", s.ListenOn[0].String(), "is only for listen_mode: direct; remove it, or set listen_mode: direct")
+			}
 		}
 		switch {
 		case s.Splice.Mode == SpliceBytes && s.Splice.Bytes <= 0:
@@ -85,51 +118,25 @@ func (c *Config) validate(idx *keyIndex) error {
 		case s.Splice.Mode == SpliceTime && s.Splice.After <= 0:
 			bad(p+".splice", string(s.Splice.Mode), "needs splice.after, how long after the connect to splice, such as 10s")
 		}
-		if s.Proxy == ProxyFTP {
-			if s.Upstream != NAT {
-				bad(p+".upstream", string(s.Upstream), "cannot be used by an ftp proxy: its servers see only the gateway's address; remove the key or set upstream: nat")
-			}
-			if s.FTP.MaxLine < 64 || s.FTP.MaxLine > 8192 {
-				bad(p+".ftp.max_line", fmt.Sprint(s.FTP.MaxLine), "is not a usable line limit; use 64-8192 bytes (default %d)", DefaultFTPMaxLine)
-			}
-			if s.FTP.MaxSessions < 0 {
-				bad(p+".ftp.max_sessions", fmt.Sprint(s.FTP.MaxSessions), "is negative; use a positive number of sessions (default %d)", DefaultFTPMaxSessions)
-			}
-			if s.FTP.DataPorts.First < 1024 {
-				bad(p+".ftp.data_ports", s.FTP.DataPorts.String(), "includes privileged ports; use a range above 1023 such as 40000-40999")
-			}
-		}
-		if s.Proxy == ProxyHTTP {
-			if s.Upstream != NAT {
-				bad(p+".upstream", string(s.Upstream), "cannot be used by an http proxy: it connects to its backends from the gateway; remove the key or set upstream: nat")
-			}
-			switch s.HTTP.Forwarded {
-			case "x-forwarded-for", "via", "none":
-			default:
-				bad(p+".http.forwarded", s.HTTP.Forwarded, "is not a header choice; use x-forwarded-for, via or none")
-			}
-			if len(s.HTTP.Routes) == 0 {
-				bad(p+".http", s.Name, "has no routes; add routes with a path and backends")
-			}
-			for j, r := range s.HTTP.Routes {
-				rp := fmt.Sprintf("%s.http.routes[%d]", p, j)
-				if r.Path == "" || r.Path[0] != '/' {
-					bad(rp+".path", r.Path, "is not a path prefix; start it with /")
+		if def != nil && def.Validate != nil {
+			def.Validate(s, func(key, value, msg string) {
+				if key != "" {
+					key = p + "." + key
+				} else {
+					key = p
 				}
-				if r.Action == Allow && len(r.Backends) == 0 {
-					bad(rp, r.Path, "has no backends; list them as address:port, or set action: deny")
-				}
-				if r.Balance != "round_robin" && r.Balance != "least_conn" {
-					bad(rp+".balance", r.Balance, "is not a balancing method; use round_robin or least_conn")
-				}
-			}
+				bad(key, value, "%s", msg)
+			})
 		}
 		for j, r := range s.Access.Rules {
 			if r.Action == "" {
 				bad(fmt.Sprintf("%s.access.rules[%d]", p, j), "", "has no action; set action: allow or action: deny")
 			}
 		}
-		for j := 0; j < i; j++ {
+		for j := 0; j < i && s.ListenMode == ListenTransparent; j++ {
+			if c.Services[j].ListenMode != ListenTransparent {
+				continue
+			}
 			if what, ok := overlap(&c.Services[j], s); ok {
 				bad(p+".ports", s.Name, "overlaps service %q: both intercept %s; narrow the ports, destinations or sources of one of them", c.Services[j].Name, what)
 			}

@@ -23,6 +23,7 @@ import (
 	"spliced/api"
 	"spliced/config"
 	"spliced/internal/version"
+	_ "spliced/proxy/all" // config check knows every proxy section
 )
 
 const usage = `usage: splicectl [-s SOCKET] [-j] COMMAND [ARGS]
@@ -239,10 +240,14 @@ func (c *cli) flows(ctx context.Context, args []string) error {
 		return c.printJSON(list)
 	}
 	w := c.table()
-	fmt.Fprintln(w, "ID\tSERVICE\tSTATE\tCLIENT\tSERVER\tUPSTREAM\tBYTES C->S\tBYTES S->C\tAGE")
+	fmt.Fprintln(w, "ID\tSERVICE\tSTATE\tCLIENT\tSERVER\tUPSTREAM\tBYTES C->S\tBYTES S->C\tAGE\tUSER")
 	for _, fl := range list {
-		fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", fl.ID, fl.Service, fl.State, fl.ClientLeg.Remote, fl.ClientLeg.Local,
-			fl.ServerLeg.Local, bytesStr(fl.BytesC2S), bytesStr(fl.BytesS2C), time.Duration(fl.AgeSec*float64(time.Second)).Round(time.Second))
+		user := fl.User
+		if user == "" {
+			user = "-"
+		}
+		fmt.Fprintf(w, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", fl.ID, fl.Service, fl.State, fl.ClientLeg.Remote, fl.ClientLeg.Local,
+			fl.ServerLeg.Local, bytesStr(fl.BytesC2S), bytesStr(fl.BytesS2C), time.Duration(fl.AgeSec*float64(time.Second)).Round(time.Second), user)
 	}
 	return w.Flush()
 }
@@ -277,6 +282,9 @@ func (c *cli) printFlow(f *api.Flow) error {
 	w := c.table()
 	fmt.Fprintf(w, "flow\t%d\n", f.ID)
 	fmt.Fprintf(w, "service\t%s (%s)\n", f.Service, f.Proxy)
+	if f.User != "" {
+		fmt.Fprintf(w, "user\t%s\n", f.User)
+	}
 	fmt.Fprintf(w, "state\t%s\n", f.State)
 	fmt.Fprintf(w, "client leg\t%s -> %s\n", f.ClientLeg.Remote, f.ClientLeg.Local)
 	fmt.Fprintf(w, "server leg\t%s -> %s\n", f.ServerLeg.Local, f.ServerLeg.Remote)

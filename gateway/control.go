@@ -171,10 +171,14 @@ func (g *Gateway) apiFlow(f *proxy.Flow) api.Flow {
 // describeFlow describes a flow for the API; sf is its spliced state, if
 // it is spliced.
 func describeFlow(f *proxy.Flow, sf *splicedFlow) api.Flow {
+	local := f.Server
+	if f.Local.IsValid() { // a direct flow: the client connected to the gateway
+		local = f.Local
+	}
 	upstream, backend := f.ServerLeg()
 	af := api.Flow{
-		ID: f.ID, Service: f.Service, Proxy: f.Proxy, State: f.State().String(),
-		ClientLeg: api.Leg{Local: f.Server.String(), Remote: f.Client.String()},
+		ID: f.ID, Service: f.Service, Proxy: f.Proxy, State: f.State().String(), User: f.User,
+		ClientLeg: api.Leg{Local: local.String(), Remote: f.Client.String()},
 		ServerLeg: api.Leg{Local: upstream.String(), Remote: backend.String()},
 		BytesC2S:  uint64(f.C2S.Load()), BytesS2C: uint64(f.S2C.Load()),
 		Started: f.Started, AgeSec: time.Since(f.Started).Seconds(),

@@ -43,8 +43,7 @@ import (
 	"spliced/logging"
 	"spliced/nfq"
 	"spliced/proxy"
-	"spliced/proxy/ftp"
-	"spliced/proxy/httpproxy"
+	_ "spliced/proxy/all" // every proxy kind
 	"spliced/rules"
 	"spliced/splice"
 )
@@ -104,13 +103,9 @@ type Gateway struct {
 	closedProxied, closedSpliced [2]atomic.Uint64
 }
 
-// serviceProxy is the proxy serving one service: the forwarder or the FTP
-// proxy.
-type serviceProxy interface {
-	Serve(ctx context.Context, listeners ...*net.TCPListener) error
-	CloseFlows()
-	SetSplicer(proxy.Splicer)
-}
+// serviceProxy is the proxy serving one service, of the kind its
+// configuration names (see proxy.Register).
+type serviceProxy = proxy.Service
 
 type service struct {
 	cfg       *config.Service
@@ -377,7 +372,7 @@ func (g *Gateway) startSplicing(ctx context.Context, cfg *config.Config, m *rule
 	}
 	g.inject, g.engine, g.diverter = inj, splice.NewTable(), div
 	g.conntrack = newConntrackCleaner(g.log.With(logging.KeyComponent, "conntrack"))
-	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues, Library: cfg.Kernel.NFQueue == "go-nfqueue"}, func(uint16) nfq.Handler {
+	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues, MaxQueueLen: cfg.Kernel.QueueLen, Library: cfg.Kernel.NFQueue == "go-nfqueue"}, func(uint16) nfq.Handler {
 		h := &packetHandler{g: g}
 		return h.handle
 	}, g.log.With(logging.KeyComponent, "nfq"))
@@ -422,18 +417,15 @@ func (g *Gateway) startService(svc *config.Service) error {
 // serveService starts a service's proxy on its listeners.
 func (g *Gateway) serveService(svc *config.Service, lns []*net.TCPListener) {
 	ctx, cancel := context.WithCancel(context.Background())
-	base := func(component string) proxy.Base {
-		return proxy.Base{Service: svc, Flows: g.flows, Events: g.forwarderEvent,
-			Log: g.log.With(logging.KeyComponent, component, logging.KeyService, svc.Name)}
-	}
-	var p serviceProxy
-	switch svc.Proxy {
-	case config.ProxyFTP:
-		p = &ftp.Proxy{Base: base("ftp")}
-	case config.ProxyHTTP:
-		p = &httpproxy.Proxy{Base: base("http")}
-	default:
-		p = &proxy.Forwarder{Base: base("forward"), AvoidPort: g.avoidPort}
+	p, err := proxy.New(proxy.Setup{Service: svc, Flows: g.flows, Events: g.forwarderEvent, AvoidPort: g.avoidPort,
+		Log: g.log.With(logging.KeyComponent, string(svc.Proxy), logging.KeyService, svc.Name)})
+	if err != nil { // config accepts only registered kinds
+		cancel()
+		g.log.Error("service not started", logging.KeyService, svc.Name, logging.Err(err))
+		for _, ln := range lns {
+			ln.Close()
+		}
+		return
 	}
 	if g.splicing() {
 		p.SetSplicer(g) // every service may splice on request once the engine runs
@@ -448,7 +440,7 @@ func (g *Gateway) serveService(svc *config.Service, lns []*net.TCPListener) {
 	g.mu.Lock()
 	g.services[svc.Name] = s
 	g.mu.Unlock()
-	g.log.Debug("service listening", logging.KeyService, svc.Name, "port", svc.Listen, "ports", fmt.Sprint(svc.Ports))
+	g.log.Debug("service listening", logging.KeyService, svc.Name, "mode", string(svc.ListenMode), "port", svc.Listen, "ports", fmt.Sprint(svc.Ports), "listen_on", fmt.Sprint(svc.ListenOn))
 }
 
 // forwarderEvent turns a forwarder's flow events into API events and

@@ -11,7 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
-	"spliced/proxy/httpproxy"
+	"spliced/proxy"
 	"spliced/splice"
 )
 
@@ -21,7 +21,7 @@ func (g *Gateway) serveMetrics(listen string) (func(), error) {
 		return func() {}, nil
 	}
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(&collector{g: g})
+	reg.MustRegister(&collector{g: g}, &proxyCollector{g: g})
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		return nil, fmt.Errorf("metrics.listen %s: %w", listen, err)
@@ -55,8 +55,6 @@ var (
 	descDrops          = prometheus.NewDesc("spliced_queue_kernel_drops_total", "Packets the kernel dropped before they reached spliced: queue full, or socket buffer full (user).",
 		[]string{"queue", "reason"}, nil)
 	descRewriteErrors = prometheus.NewDesc("spliced_rewrite_errors_total", "Packets the engine could not rewrite: malformed, unsupported, no flow, queue errors.", nil, nil)
-	descHTTPRequests  = prometheus.NewDesc("spliced_http_requests_total", "HTTP requests by service and route (backend \"\") and by backend.", []string{"service", "route", "backend"}, nil)
-	descHTTPFailures  = prometheus.NewDesc("spliced_http_backend_failures_total", "Connects to an HTTP backend that failed.", []string{"service", "route", "backend"}, nil)
 	descStalled       = prometheus.NewDesc("spliced_stalled_flows_total", "Directions of spliced flows whose data stayed unacknowledged for splice.stall_after while the flow was alive.", nil, nil)
 	descRepairs       = prometheus.NewDesc("spliced_ruleset_repairs_total", "Times the table was restored after someone changed it.", nil, nil)
 	descReopens       = prometheus.NewDesc("spliced_queue_reopens_total", "Times a queue's reader failed to receive and reopened its socket.", []string{"queue"}, nil)
@@ -64,7 +62,7 @@ var (
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descHTTPRequests, descHTTPFailures, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens} {
 		ch <- d
 	}
 }
@@ -83,20 +81,6 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	failed := g.divertRefreshErrors.Load()
 	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(g.divertRefreshes.Load()-failed), "ok")
 	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(failed), "failed")
-	g.mu.Lock()
-	for name, svc := range g.services {
-		hp, ok := svc.proxy.(*httpproxy.Proxy)
-		if !ok {
-			continue
-		}
-		for _, b := range hp.Stats() {
-			ch <- prometheus.MustNewConstMetric(descHTTPRequests, prometheus.CounterValue, float64(b.Requests), name, b.Route, b.Backend)
-			if b.Backend != "" {
-				ch <- prometheus.MustNewConstMetric(descHTTPFailures, prometheus.CounterValue, float64(b.Failures), name, b.Route, b.Backend)
-			}
-		}
-	}
-	g.mu.Unlock()
 	if !g.splicing() {
 		return
 	}
@@ -149,4 +133,35 @@ func (l *latencies) histogram() prometheus.Metric {
 	n := uint64(len(l.samples))
 	l.mu.Unlock()
 	return prometheus.MustNewConstHistogram(descLatency, n, sum, buckets)
+}
+
+// proxyCollector reports the metrics of each service's proxy
+// (proxy.MetricsSource), labelled with the service. It is an unchecked
+// collector: which metrics exist depends on the proxies registered.
+type proxyCollector struct{ g *Gateway }
+
+func (c *proxyCollector) Describe(chan<- *prometheus.Desc) {}
+
+func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
+	c.g.mu.Lock()
+	defer c.g.mu.Unlock()
+	descs := map[string]*prometheus.Desc{}
+	for name, svc := range c.g.services {
+		src, ok := svc.proxy.(proxy.MetricsSource)
+		if !ok {
+			continue
+		}
+		for _, m := range src.Metrics() {
+			d := descs[m.Name]
+			if d == nil {
+				d = prometheus.NewDesc(m.Name, m.Help, append([]string{"service"}, m.Labels...), nil)
+				descs[m.Name] = d
+			}
+			typ := prometheus.GaugeValue
+			if m.Counter {
+				typ = prometheus.CounterValue
+			}
+			ch <- prometheus.MustNewConstMetric(d, typ, m.Value, append([]string{name}, m.Values...)...)
+		}
+	}
 }

@@ -65,9 +65,20 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 			return err
 		}
 	}
-	if err := g.installLive(m); err != nil {
+	// Replace the services' rules and sets in place: the base chains,
+	// and with them the hooks that queued packets resume at, stay (see
+	// UpdateServices). Only if that cannot be done (the table is gone) is
+	// the table reinstalled.
+	updated, err := m.UpdateServices(g.manager().Spec())
+	if err != nil {
 		closeOpened()
-		return fmt.Errorf("reload %s: install the table: %w", cfg.File, err)
+		return fmt.Errorf("reload %s: update the table: %w", cfg.File, err)
+	}
+	if !updated {
+		if err := g.installLive(m); err != nil {
+			closeOpened()
+			return fmt.Errorf("reload %s: install the table: %w", cfg.File, err)
+		}
 	}
 	g.snap.Store(&snapshot{cfg: cfg, rules: m})
 
@@ -86,6 +97,7 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 	for _, s := range added {
 		g.serveService(s, opened[s.Name])
 	}
+	g.reloadProxies(added)
 	g.flows.SetMax(cfg.Limits.MaxFlows)
 	g.reloads.Add(1)
 	detail := fmt.Sprintf("services: %d; started %s; stopped %s", len(cfg.Services), names(added), strings.Join(removed, ", "))
@@ -139,4 +151,28 @@ func names(ss []*config.Service) string {
 		n = append(n, s.Name)
 	}
 	return strings.Join(n, ", ")
+}
+
+// reloadProxies lets the proxies of services that kept running reread
+// their own files (proxy.Reloader), such as a SOCKS5 users file. A proxy
+// that cannot keeps what it had and says why.
+func (g *Gateway) reloadProxies(started []*config.Service) {
+	fresh := map[string]bool{}
+	for _, s := range started {
+		fresh[s.Name] = true
+	}
+	g.mu.Lock()
+	var rs []proxy.Reloader
+	var svcs []string
+	for name, s := range g.services {
+		if r, ok := s.proxy.(proxy.Reloader); ok && !fresh[name] {
+			rs, svcs = append(rs, r), append(svcs, name)
+		}
+	}
+	g.mu.Unlock()
+	for i, r := range rs {
+		if err := r.Reload(); err != nil {
+			g.log.Error("reload failed; the service keeps its previous state", logging.KeyService, svcs[i], logging.Err(err))
+		}
+	}
 }

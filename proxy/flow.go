@@ -56,6 +56,11 @@ type Flow struct {
 	// Backend is the address the upstream connection goes to (for the
 	// forwarder, the original destination).
 	Backend netip.AddrPort
+	// Local is the client leg's local address when it is not Server: a
+	// direct service's listen address. Zero for transparent flows.
+	Local netip.AddrPort
+	// User is who the client authenticated as (SOCKS5), or "".
+	User string
 	// legMu guards Upstream and Backend once the flow is in the table: a
 	// proxy changes them (the HTTP proxy reconnects to another backend)
 	// with SetServerLeg while others read them with ServerLeg.

@@ -41,6 +41,41 @@ type Forwarder struct {
 	// AvoidPort, if set, tells a transparent upstream connection from
 	// the client's address and port to the server to take another port.
 	AvoidPort func(client, server netip.AddrPort) bool
+
+	poolOnce sync.Once
+	pool     *Pool // direct mode: the backends
+}
+
+// backends returns the pool of a direct forwarder.
+func (f *Forwarder) backends() *Pool {
+	f.poolOnce.Do(func() {
+		fw, _ := f.Service.Section().(*config.Forward)
+		if fw == nil {
+			fw = &config.Forward{BackendDownFor: config.Duration(config.DefaultBackendDownFor)}
+		}
+		var addrs []netip.AddrPort
+		for _, b := range fw.Backends {
+			addrs = append(addrs, b.AddrPort)
+		}
+		f.pool = NewPool(addrs, fw.Balance, fw.BackendDownFor.D())
+	})
+	return f.pool
+}
+
+// Metrics reports a direct forwarder's flows and failed connects per
+// backend (MetricsSource); a transparent forwarder has none.
+func (f *Forwarder) Metrics() []Metric {
+	if f.Service.ListenMode != config.ListenDirect {
+		return nil
+	}
+	var out []Metric
+	labels := []string{"backend"}
+	for _, b := range f.backends().Stats() {
+		out = append(out,
+			Metric{Name: "spliced_forward_backend_flows_total", Help: "Flows a direct forwarder sent to each backend.", Counter: true, Labels: labels, Values: []string{b.Backend}, Value: float64(b.Flows)},
+			Metric{Name: "spliced_forward_backend_failures_total", Help: "Connects to a direct forwarder's backend that failed.", Counter: true, Labels: labels, Values: []string{b.Backend}, Value: float64(b.Failures)})
+	}
+	return out
 }
 
 // Serve accepts flows on the listeners until ctx is done, then closes them
@@ -115,6 +150,10 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	if !ok {
 		return
 	}
+	if svc.ListenMode == config.ListenDirect {
+		f.handleDirect(c, flow)
+		return
+	}
 	ctx, cancel := context.WithTimeout(f.FlowContext(), svc.ConnectTimeout.D())
 	from := flow.Client
 	if svc.Upstream == config.Transparent && f.AvoidPort != nil && f.AvoidPort(flow.Client, flow.Server) {
@@ -133,6 +172,54 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream))
 	f.Event(EventOpened, flow, string(svc.Upstream))
 
+	f.serve(flow, c, up, log, true)
+}
+
+// Forward relays a flow whose upstream connection another proxy opened
+// (a SOCKS5 proxy after its handshake), splicing it when the service's
+// splice policy says so, until it ends or the gateway took it; then it
+// removes the flow from the table. It reports nothing: the flow's end is
+// logged and sent as an event, as for the forwarder's own flows.
+func (f *Forwarder) Forward(flow *Flow, client, upstream *net.TCPConn, log *slog.Logger) {
+	f.serve(flow, client, upstream, log, true)
+}
+
+// handleDirect connects a direct flow to a backend of the pool, trying
+// the next one at once when a connect fails, and forwards it.
+func (f *Forwarder) handleDirect(c *net.TCPConn, flow *Flow) {
+	svc, pool := f.Service, f.backends()
+	ctx, cancel := context.WithTimeout(f.FlowContext(), svc.ConnectTimeout.D())
+	var errs []error
+	var up *net.TCPConn
+	var backend *Backend
+	for _, b := range pool.Pick(time.Now()) {
+		c, err := DialUpstream(ctx, false, flow.Client, b.Addr, svc.ConnectTimeout.D())
+		if err != nil {
+			pool.Failed(b, time.Now())
+			f.LogLimited("backend failed "+b.Addr.String(), slog.LevelWarn, "backend failed, skipping it for a while",
+				"backend", b.Addr, "for", pool.downFor, logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.Err(err))
+			errs = append(errs, err)
+			continue
+		}
+		up, backend = c, b
+		break
+	}
+	cancel()
+	if up == nil {
+		reset(c)
+		f.Flows.Remove(flow)
+		f.LogLimited("no backend", slog.LevelWarn, "no backend reachable, flow reset",
+			logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.Err(errors.Join(errs...)))
+		return
+	}
+	done := backend.Opened()
+	defer done()
+	flow.Local = flow.Server // the listen address the client connected to
+	flow.Server = backend.Addr
+	flow.SetServerLeg(addrPort(up.LocalAddr()), backend.Addr)
+	log := f.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
+	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream), "listen", addrPort(c.LocalAddr()))
+	f.Event(EventOpened, flow, string(svc.Upstream))
 	f.serve(flow, c, up, log, true)
 }
 
@@ -240,11 +327,30 @@ const (
 	EventClosed       = "closed"
 )
 
-// ListenService opens the service's IPv4 and IPv6 TPROXY listeners.
+// ListenService opens the service's listeners: its IPv4 and IPv6 TPROXY
+// listeners, or in direct mode a plain listener on each listen_on address.
 func ListenService(ctx context.Context, svc *config.Service) ([]*net.TCPListener, error) {
 	var lns []*net.TCPListener
+	if svc.ListenMode == config.ListenDirect {
+		for _, a := range svc.ListenOn {
+			ln, err := ListenAt(ctx, a.AddrPort, false)
+			if err == nil && svc.Backlog > 0 {
+				if err = setBacklog(ln, svc.Backlog); err != nil {
+					ln.Close()
+				}
+			}
+			if err != nil {
+				for _, l := range lns {
+					l.Close()
+				}
+				return nil, fmt.Errorf("service %s: listen on %s: %w", svc.Name, a, err)
+			}
+			lns = append(lns, ln)
+		}
+		return lns, nil
+	}
 	for _, network := range []string{"tcp4", "tcp6"} {
-		ln, err := ListenTransparent(ctx, network, uint16(svc.Listen))
+		ln, err := ListenTransparent(ctx, network, uint16(svc.Listen), svc.Backlog)
 		if err != nil {
 			for _, l := range lns {
 				l.Close()

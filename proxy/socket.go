@@ -34,9 +34,11 @@ func setTransparent(network string, c syscall.RawConn) error {
 }
 
 // ListenTransparent opens a TPROXY listener on port for one family
-// ("tcp4" or "tcp6"). The families get separate listeners: a dual-stack
-// socket on :: makes IP_TRANSPARENT fail silently for IPv4.
-func ListenTransparent(ctx context.Context, network string, port uint16) (*net.TCPListener, error) {
+// ("tcp4" or "tcp6") with the given accept queue length (0: Go's, which
+// is net.core.somaxconn; the kernel caps any value there). The families
+// get separate listeners: a dual-stack socket on :: makes IP_TRANSPARENT
+// fail silently for IPv4.
+func ListenTransparent(ctx context.Context, network string, port uint16, backlog int) (*net.TCPListener, error) {
 	addr := netip.AddrPortFrom(netip.IPv4Unspecified(), port)
 	if network == "tcp6" {
 		addr = netip.AddrPortFrom(netip.IPv6Unspecified(), port)
@@ -49,7 +51,30 @@ func ListenTransparent(ctx context.Context, network string, port uint16) (*net.T
 	if err != nil {
 		return nil, err
 	}
-	return ln.(*net.TCPListener), nil
+	tl := ln.(*net.TCPListener)
+	if backlog > 0 {
+		// listen(2) again on a listening socket only sets its backlog.
+		if err := setBacklog(tl, backlog); err != nil {
+			tl.Close()
+			return nil, err
+		}
+	}
+	return tl, nil
+}
+
+func setBacklog(ln *net.TCPListener, backlog int) error {
+	raw, err := ln.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) { serr = unix.Listen(int(fd), backlog) }); err != nil {
+		return err
+	}
+	if serr != nil {
+		return fmt.Errorf("set listen backlog %d: %w", backlog, serr)
+	}
+	return nil
 }
 
 // DialUpstream connects to server on behalf of client. Transparent mode

@@ -228,3 +228,46 @@ func explainNFT(err error) error {
 	}
 	return err
 }
+
+// UpdateServices changes the installed table from the spec of the
+// Manager that installed it, from, to m's: it replaces the services part
+// (the services chain's rules and the services' sets) in one transaction,
+// and leaves the base chains, their rules and the divert set as they are.
+// It reports false, changing nothing, when it cannot: the table is
+// missing, or the specs differ in more than their services (then Install
+// is needed).
+//
+// A reload must not re-create the base chains. Re-creating them changes
+// the kernel's list of prerouting hooks, and a packet that a queue holds
+// meanwhile resumes, after its verdict, at its old position in the new
+// list: it can pass the divert chain a second time and be rewritten
+// twice (bytes delivered at the wrong offset), or skip a hook.
+func (m *Manager) UpdateServices(from Spec) (bool, error) {
+	spec := m.Spec()
+	from.Divert.NativeQueue = spec.Divert.NativeQueue
+	if from.Table != spec.Table || from.Mark != spec.Mark || from.RouteTable != spec.RouteTable ||
+		from.RulePriority != spec.RulePriority || from.Divert != spec.Divert {
+		return false, nil
+	}
+	c, err := m.nft()
+	if err != nil {
+		return false, err
+	}
+	if ok, err := tableExists(c, spec.Table); err != nil || !ok {
+		return false, err
+	}
+	t := spec.table()
+	c.FlushChain(&nftables.Chain{Name: ChainServices, Table: t})
+	for i := range from.Services {
+		for _, d := range from.Services[i].sets() {
+			c.DelSet(&nftables.Set{Table: t, Name: d.name})
+		}
+	}
+	if err := queueServices(c, &spec, t, &nftables.Chain{Name: ChainServices, Table: t}); err != nil {
+		return false, err
+	}
+	if err := c.Flush(); err != nil {
+		return false, fmt.Errorf("update the services of nftables table inet %s: %w", spec.Table, explainNFT(err))
+	}
+	return true, nil
+}

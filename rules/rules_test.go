@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -276,4 +277,80 @@ func TestRemoveTouchesOnlyOurs(t *testing.T) {
 	if out, _ := ns.Run("ip", "route", "show", "table", "100"); !strings.Contains(out, "192.0.2.0/24") {
 		t.Errorf("operator's route is gone:\n%s", out)
 	}
+}
+
+// TestUpdateServices: a reload's update replaces the services' rules and
+// sets so that the table lists exactly as a fresh install of the new spec,
+// while the base chains stay the same objects (their handles do not
+// change: the kernel's hook list is untouched) and the divert set keeps
+// its elements.
+func TestUpdateServices(t *testing.T) {
+	testnet.Privileged(t, "nft")
+	spec := sampleSpec(t)
+	spec.Divert.Enabled = true
+	ns := testnet.Scratch(t)
+	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
+	flow := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	if err := m.Install(map[uint16][]splice.Key{0: {flow}}); err != nil {
+		t.Fatal(err)
+	}
+	handles := func() string {
+		out, err := ns.Run("nft", "-a", "list", "chains", "inet")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var hooked []string
+		for _, l := range strings.Split(out, "\n") {
+			if strings.Contains(l, "chain "+ChainPrerouting) || strings.Contains(l, "chain "+ChainDivert) {
+				hooked = append(hooked, strings.TrimSpace(l))
+			}
+		}
+		return strings.Join(hooked, "\n")
+	}
+	before := handles()
+	elements := func() string {
+		out := mustList(t, ns, spec.Table)
+		i := strings.Index(out, "elements = {")
+		if i < 0 {
+			t.Fatalf("the divert set has no element:\n%s", out)
+		}
+		// Without the remaining lifetime, which ticks.
+		return regexp.MustCompile(` expires \S+`).ReplaceAllString(out[i:i+strings.Index(out[i:], "}")+1], "")
+	}
+	elemsBefore := elements()
+
+	next := spec
+	next.Services = append([]Service{}, spec.Services[1:]...) // "web" removed
+	next.Services[0].Ports = []config.PortRange{{First: 5201, Last: 5201}}
+	next.Services = append(next.Services, Service{Name: "extra", Listen: 15009, Ports: []config.PortRange{{First: 7, Last: 7}}, AnyDst: true, AnySrc: true})
+	m2 := m.WithSpec(next)
+	ok, err := m2.UpdateServices(m.Spec())
+	if err != nil || !ok {
+		t.Fatalf("update: %v %v", ok, err)
+	}
+	if diff := cmp.Diff(Listing(m2.Spec()), StripDivertElements(mustList(t, ns, spec.Table))); diff != "" {
+		t.Fatalf("listing after the update differs from a fresh install (-want +kernel):\n%s", diff)
+	}
+	if got := handles(); got != before {
+		t.Errorf("the base chains changed:\nbefore:\n%s\nafter:\n%s", before, got)
+	}
+	if got := elements(); got != elemsBefore {
+		t.Errorf("the divert set's elements changed: %q -> %q", elemsBefore, got)
+	}
+
+	// Another spec in the kernel section cannot be updated in place.
+	other := next
+	other.Mark++
+	if ok, err := m.WithSpec(other).UpdateServices(m2.Spec()); ok || err != nil {
+		t.Errorf("update with another mark: %v %v, want false, nil", ok, err)
+	}
+}
+
+func mustList(t *testing.T, ns *testnet.NS, table string) string {
+	t.Helper()
+	out, err := ns.Run("nft", "list", "table", "inet", table)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
 }

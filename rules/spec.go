@@ -79,6 +79,12 @@ func FromConfig(cfg *config.Config) Spec {
 		},
 	}
 	for _, s := range cfg.Services {
+		if s.Splice.Mode != config.SpliceNever {
+			spec.Divert.Enabled = true
+		}
+		if s.ListenMode == config.ListenDirect {
+			continue // a plain listener: nothing to intercept
+		}
 		svc := Service{
 			Name:   s.Name,
 			Listen: uint16(s.Listen),
@@ -89,9 +95,6 @@ func FromConfig(cfg *config.Config) Spec {
 		svc.Dst4, svc.Dst6 = splitPrefixes(s.Destinations)
 		svc.Src4, svc.Src6 = splitPrefixes(s.Sources)
 		spec.Services = append(spec.Services, svc)
-		if s.Splice.Mode != config.SpliceNever {
-			spec.Divert.Enabled = true
-		}
 	}
 	return spec
 }

@@ -95,9 +95,7 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 	if v := f.spuriousEnd(s, o, flags, p.SegmentLen(), end, ackIn, now); v != Forward {
 		return v
 	}
-	w := uint32(t.Window()) << s.wsIn
-	raiseSeq := p.SegmentLen() == 0 && flags&FlagRST == 0 && seq.LessThan(s.ackSeen) &&
-		(flags&FlagACK != 0 && o.ackSeen.LessThan(ackIn) || w != s.lastWin)
+	raiseSeq := p.SegmentLen() == 0 && flags&FlagRST == 0 && seq.LessThan(s.ackSeen) && seq != s.ackSeen.Sub(1)
 
 	// Committed: from here on the packet is forwarded.
 	var oldSum uint64
@@ -118,9 +116,16 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 			o.flags |= dirFINAcked
 		}
 	}
-	if flags&FlagRST != 0 {
+	if flags&FlagRST != 0 && (seq == s.sndNxt || seq == s.ackSeen) {
+		// Only a RST the receiver accepts ends the flow: one at exactly
+		// its rcv_nxt (RFC 5961 3.2), which a real end sends as its
+		// snd_nxt or as the ack it received. Any other RST in the window
+		// draws a challenge ACK and the connection lives on; were the flow
+		// taken as finished, its entries would go and it would stall. A
+		// blind attacker hits one of the two numbers with odds of 2^-31.
 		f.closed |= flowRST
 	}
+	w := uint32(t.Window()) << s.wsIn
 	s.lastWin = w
 	o.maxWin = max(o.maxWin, w)
 	f.lastSeen = now
@@ -129,23 +134,22 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 	t.SetDstPort(s.dstPort)
 	if raiseSeq {
 		// A pure ACK whose sequence number lies behind what the receiver
-		// already acknowledged, carrying news: an acknowledgment or a
-		// window the receiver has not seen. Across a splice this is
-		// normal: the sender may have sent data under the gateway
-		// socket's larger window, and when its window then shrinks its
-		// pure ACKs carry snd_una+snd_wnd, which can fall behind the
-		// receiver's rcv_nxt. The receiver would drop such an ACK as out
-		// of window, losing what it carries, and if both ends do it they
-		// deadlock. A pure ACK's sequence number carries no data: move it
-		// to the receiver's rcv_nxt.
+		// already acknowledged. Across a splice this is normal: the
+		// sender may have sent data under the gateway socket's larger
+		// window, and when its window then shrinks its pure ACKs carry
+		// snd_una+snd_wnd, which can fall behind the receiver's rcv_nxt.
+		// The receiver would drop such an ACK as out of window, losing
+		// the ACK and window information it carries, and if both ends do
+		// it they deadlock. A pure ACK's sequence number carries no data:
+		// move it to the receiver's rcv_nxt.
 		//
-		// One that carries no news keeps its sequence number: it is a
-		// window probe or a keepalive (snd_una-1), or a duplicate, and it
-		// exists to be answered. The receiver answers an old sequence
-		// number with an ACK of its rcv_nxt and its window; moved into
-		// the window, the probe would be accepted in silence, and a
-		// sender whose window-opening ACK was lost would probe a closed
-		// window for ever.
+		// Except for one exactly one behind: that is a window probe or a
+		// keepalive (snd_una-1 from a sender that has every
+		// acknowledgment), sent to be answered. The receiver answers an
+		// old sequence number with an ACK of its rcv_nxt and its window;
+		// moved into the window, the probe would be accepted in silence,
+		// and a sender whose window-opening ACK was lost would probe a
+		// closed window for ever.
 		seq = s.ackSeen
 	}
 	t.SetSeq(seq.Add(s.seqOff))

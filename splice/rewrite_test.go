@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -336,6 +337,7 @@ func TestForgedSegments(t *testing.T) {
 		{"RST before the window", func(f *fixture) seg { return f.c2s(999, 0, FlagRST) }, C2S, DropRST},
 		{"RST exactly in window", func(f *fixture) seg { return f.c2s(1000, 0, FlagRST) }, C2S, Forward},
 		{"RST in window from the server", func(f *fixture) seg { return f.s2c(0xffffff00+10, 0, FlagRST) }, S2C, Forward},
+		{"RST exactly in window from the server", func(f *fixture) seg { return f.s2c(0xffffff00, 0, FlagRST) }, S2C, Forward},
 		{"data beyond the window", func(f *fixture) seg {
 			s := f.c2s(1000+64000+1, 0xfffffff0, FlagACK)
 			s.payload = []byte("x")
@@ -375,8 +377,11 @@ func TestForgedSegments(t *testing.T) {
 				return
 			}
 			decoded(t, b)
-			if c.seg(f).flags&FlagRST != 0 && !f.e.Snapshot().Finished() {
-				t.Errorf("an accepted RST did not finish the flow")
+			// Only a RST at exactly the receiver's rcv_nxt ends the flow;
+			// any other in the window draws a challenge ACK (RFC 5961).
+			exact := strings.HasPrefix(c.name, "RST exactly")
+			if s := c.seg(f); s.flags&FlagRST != 0 && f.e.Snapshot().Finished() != exact {
+				t.Errorf("flow finished %v after a RST at %d, want %v", f.e.Snapshot().Finished(), s.seq, exact)
 			}
 		})
 	}
@@ -602,11 +607,11 @@ func TestTableBothDirections(t *testing.T) {
 	}
 }
 
-// TestStalePureAckSeqRaised: a pure ACK whose sequence number is behind
-// what the receiver already acknowledged, and that carries an
-// acknowledgment or a window the receiver has not seen, gets the
-// receiver's rcv_nxt, so the receiver does not drop it as out of window;
-// data segments keep their sequence number.
+// TestStalePureAckSeqRaised: a pure ACK whose sequence number is further
+// behind what the receiver already acknowledged than a window probe gets
+// the receiver's rcv_nxt, so the receiver does not drop it as out of
+// window with the acknowledgment and window it carries; data segments
+// keep their sequence number.
 func TestStalePureAckSeqRaised(t *testing.T) {
 	f := newFixture(t, false, false)
 	// The client acks 0x200 bytes of server data: the server's receiver
@@ -646,8 +651,8 @@ func TestStalePureAckSeqRaised(t *testing.T) {
 }
 
 // TestWindowProbeKeepsItsSequence: a window probe or keepalive (a pure
-// ACK one byte behind what the receiver acknowledged, with nothing new in
-// it) keeps its sequence number, so the receiver answers it with its
+// ACK exactly one byte behind what the receiver acknowledged) keeps its
+// sequence number, so the receiver answers it with its
 // window. Moved into the window it would be accepted in silence, and a
 // sender whose window-opening ACK was lost would probe for ever.
 func TestWindowProbeKeepsItsSequence(t *testing.T) {

@@ -130,6 +130,9 @@ type TransferOptions struct {
 	// make small segments.
 	WriteSize int
 	Timeout   time.Duration // whole transfer; default 2 minutes
+	// Rate paces each direction to this many bytes per second (0: as
+	// fast as it goes), to keep a flow busy for a known time.
+	Rate int64
 }
 
 // RunTransfer sends opt.C2S bytes from client to server and opt.S2C bytes
@@ -179,7 +182,7 @@ func Exchange(c, s *net.TCPConn, opt TransferOptions) *Transfer {
 		s.SetDeadline(deadline)
 		t.Server.Peer = s.RemoteAddr().(*net.TCPAddr).AddrPort()
 		t.Server.Local = s.LocalAddr().(*net.TCPAddr).AddrPort()
-		exchange(s, &t.Server, opt.S2C, opt.Seed+1, opt.WriteSize, nil)
+		exchange(s, &t.Server, opt.S2C, opt.Seed+1, opt.WriteSize, opt.Rate, nil)
 	}()
 	go func() {
 		defer wg.Done()
@@ -187,7 +190,7 @@ func Exchange(c, s *net.TCPConn, opt TransferOptions) *Transfer {
 		c.SetDeadline(deadline)
 		t.Client.Peer = c.RemoteAddr().(*net.TCPAddr).AddrPort()
 		t.Client.Local = c.LocalAddr().(*net.TCPAddr).AddrPort()
-		exchange(c, &t.Client, opt.C2S, opt.Seed, opt.WriteSize, opt.Progress)
+		exchange(c, &t.Client, opt.C2S, opt.Seed, opt.WriteSize, opt.Rate, opt.Progress)
 	}()
 	wg.Wait()
 	t.Elapsed = time.Since(start)
@@ -270,8 +273,9 @@ func (m *Mux) Transfer(client *Host, dst netip.AddrPort, opt TransferOptions) *T
 func (m *Mux) Close() error { return m.ln.Close() }
 
 // exchange sends n bytes of the seed's stream and half-closes, while
-// reading everything the peer sends until EOF.
-func exchange(c *net.TCPConn, side *Side, n int64, seed uint64, writeSize int, progress func(int64)) {
+// reading everything the peer sends until EOF. A rate above 0 paces the
+// sending to that many bytes per second.
+func exchange(c *net.TCPConn, side *Side, n int64, seed uint64, writeSize int, rate int64, progress func(int64)) {
 	if writeSize == 0 {
 		writeSize = 64 << 10
 	}
@@ -283,6 +287,7 @@ func exchange(c *net.TCPConn, side *Side, n int64, seed uint64, writeSize int, p
 		h := sha256.New()
 		src := io.LimitReader(NewRandomStream(seed), n)
 		buf := make([]byte, writeSize)
+		start := time.Now()
 		for {
 			k, err := io.ReadFull(src, buf)
 			if k > 0 {
@@ -294,6 +299,9 @@ func exchange(c *net.TCPConn, side *Side, n int64, seed uint64, writeSize int, p
 				side.Sent += int64(k)
 				if progress != nil {
 					progress(side.Sent)
+				}
+				if rate > 0 {
+					time.Sleep(time.Until(start.Add(time.Duration(side.Sent * int64(time.Second) / rate))))
 				}
 			}
 			if err != nil {
@@ -377,7 +385,7 @@ func (s *Streams) serve(c *net.TCPConn) {
 	var side Side
 	side.Peer = c.RemoteAddr().(*net.TCPAddr).AddrPort()
 	side.Local = c.LocalAddr().(*net.TCPAddr).AddrPort()
-	exchange(c, &side, int64(binary.BigEndian.Uint64(hdr[16:])), seed+1, 0, nil)
+	exchange(c, &side, int64(binary.BigEndian.Uint64(hdr[16:])), seed+1, 0, 0, nil)
 	s.slot(seed) <- side
 }
 
@@ -403,7 +411,7 @@ func (s *Streams) Transfer(client *Host, dst netip.AddrPort, opt TransferOptions
 		t.Client.Err = fmt.Errorf("send header: %w", err)
 		return t
 	}
-	exchange(c, &t.Client, opt.C2S, opt.Seed, opt.WriteSize, opt.Progress)
+	exchange(c, &t.Client, opt.C2S, opt.Seed, opt.WriteSize, opt.Rate, opt.Progress)
 	c.Close()
 	select {
 	case t.Server = <-s.slot(opt.Seed):

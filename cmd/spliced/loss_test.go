@@ -244,29 +244,12 @@ services:
 		}
 		defer stop()
 	}
-	ln, err := lab.Server().Listen(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := lab.Client().Dial(dst, 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	ln.SetDeadline(time.Now().Add(10 * time.Second))
-	s, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	c, s := connectThrough(t, lab, dst)
 	// Keepalives would find the open window too, after 15 s: only the
 	// window probes may.
 	c.SetKeepAlive(false)
 	s.SetKeepAlive(false)
-	if err := d.WaitLog(10*time.Second, func(l map[string]any) bool { return l["msg"] == "flow spliced" }); err != nil {
-		t.Fatal(err)
-	}
+	waitSpliced(t, d)
 
 	// The client sends until the server's window is closed; the server
 	// reads nothing yet.
@@ -364,22 +347,7 @@ services:
       mode: immediate
 `)
 	dst := netip.AddrPortFrom(lab.Server().Addr(false), 7100)
-	ln, err := lab.Server().Listen(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := lab.Client().Dial(dst, 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	ln.SetDeadline(time.Now().Add(10 * time.Second))
-	s, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	c, s := connectThrough(t, lab, dst)
 	// Three unanswered probes a second apart end the client's
 	// connection. The server sends none: a probe counts as a sign of
 	// life for the client, which would hide unanswered ones.
@@ -387,11 +355,7 @@ services:
 		t.Fatal(err)
 	}
 	s.SetKeepAlive(false)
-	if err := d.WaitLog(10*time.Second, func(l map[string]any) bool { return l["msg"] == "flow spliced" }); err != nil {
-		t.Fatal(err)
-	}
-	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" })
-	id := uint64(rec["flow"].(float64))
+	id := waitSpliced(t, d)
 	// Idle until the client sent more probes than its count.
 	testnet.Eventually(t, 30*time.Second, func() error {
 		f, err := d.Client().Flow(context.Background(), id)
@@ -437,4 +401,36 @@ func tcpRejects(h *testnet.Host) string {
 		}
 	}
 	return strings.Join(parts, " ")
+}
+
+// connectThrough opens a connection from the lab's client to dst, where
+// the lab's server listens for it, and returns both ends, closed when the
+// test ends.
+func connectThrough(t *testing.T, lab *testnet.Lab, dst netip.AddrPort) (c, s *net.TCPConn) {
+	t.Helper()
+	ln, err := lab.Server().Listen(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if c, err = lab.Client().Dial(dst, 10*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	ln.SetDeadline(time.Now().Add(10 * time.Second))
+	if s, err = ln.AcceptTCP(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return c, s
+}
+
+// waitSpliced waits until the daemon spliced a flow and returns its ID.
+func waitSpliced(t *testing.T, d *testnet.Daemon) uint64 {
+	t.Helper()
+	spliced := func(l map[string]any) bool { return l["msg"] == "flow spliced" }
+	if err := d.WaitLog(10*time.Second, spliced); err != nil {
+		t.Fatal(err)
+	}
+	return uint64(d.FindLog(spliced)["flow"].(float64))
 }

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"flag"
@@ -11,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"spliced/config"
@@ -18,6 +20,7 @@ import (
 	"spliced/internal/sdnotify"
 	"spliced/internal/version"
 	"spliced/logging"
+	"spliced/proxy/socks5"
 	"spliced/rules"
 )
 
@@ -34,13 +37,17 @@ func run(args []string, stdout, stderr io.Writer) int {
 	logFormat := fs.String("log-format", "", "override log.format: auto, text or json")
 	logLevel := fs.String("log-level", "", "override log.level: debug, info, warn or error")
 	socket := fs.String("socket", "", "override control.socket: the control API's Unix socket (\"off\" disables it)")
+	hashPassword := fs.Bool("hash-password", false, "read a password from stdin (first line) and print its hash for a socks5 users file, then exit")
 	showVersion := fs.Bool("version", false, "print the version (the Debian package's) and how it was built, and exit")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: spliced [-config FILE] [-check | -cleanup] [-log-format F] [-log-level L] [-socket PATH]\n       spliced -version\n\n")
+		fmt.Fprintf(stderr, "usage: spliced [-config FILE] [-check | -cleanup] [-log-format F] [-log-level L] [-socket PATH]\n       spliced -version\n       spliced -hash-password < password\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if *hashPassword {
+		return hashPasswordFrom(os.Stdin, stdout, stderr)
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "spliced: unexpected argument %q\n", fs.Arg(0))
@@ -154,4 +161,20 @@ func reload(ctx context.Context, gw *gateway.Gateway, file string, overrides fun
 	if err := gw.Reload(ctx, cfg); err != nil {
 		log.Error("reload refused", logging.Err(err))
 	}
+}
+
+// hashPasswordFrom prints the users-file hash of the first line of in.
+func hashPasswordFrom(in io.Reader, stdout, stderr io.Writer) int {
+	line, err := bufio.NewReader(in).ReadString('\n')
+	if err != nil && (err != io.EOF || line == "") {
+		fmt.Fprintln(stderr, "spliced: -hash-password reads the password from stdin, one line:", err)
+		return 2
+	}
+	h, err := socks5.HashPassword([]byte(strings.TrimRight(line, "\r\n")))
+	if err != nil {
+		fmt.Fprintln(stderr, "spliced:", err)
+		return 1
+	}
+	fmt.Fprintln(stdout, h)
+	return 0
 }

@@ -367,7 +367,10 @@ func TestLabTableGap(t *testing.T) {
 
 // pawsRejected sums TcpExt PAWSEstab (segments of established connections
 // dropped by the PAWS check) over namespaces.
-func pawsRejected(nss []*testnet.NS) (uint64, error) {
+func pawsRejected(nss []*testnet.NS) (uint64, error) { return tcpExt(nss, "PAWSEstab") }
+
+// tcpExt sums a TcpExt counter of /proc/net/netstat over namespaces.
+func tcpExt(nss []*testnet.NS, counter string) (uint64, error) {
 	var sum uint64
 	for _, ns := range nss {
 		out, err := ns.Run("cat", "/proc/net/netstat")
@@ -382,7 +385,7 @@ func pawsRejected(nss []*testnet.NS) (uint64, error) {
 				continue
 			}
 			for j, n := range names {
-				if n == "PAWSEstab" {
+				if n == counter {
 					v, err := strconv.ParseUint(values[j], 10, 64)
 					if err != nil {
 						return 0, err
@@ -393,7 +396,7 @@ func pawsRejected(nss []*testnet.NS) (uint64, error) {
 			}
 		}
 		if !found {
-			return 0, fmt.Errorf("no TcpExt PAWSEstab in %s's /proc/net/netstat", ns.Name)
+			return 0, fmt.Errorf("no TcpExt %s in %s's /proc/net/netstat", counter, ns.Name)
 		}
 	}
 	return sum, nil

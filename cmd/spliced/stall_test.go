@@ -39,26 +39,8 @@ services:
       stall_after: 2s
 `)
 	dst := netip.AddrPortFrom(lab.Server().Addr(false), 7100)
-	ln, err := lab.Server().Listen(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := lab.Client().Dial(dst, 10*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	ln.SetDeadline(time.Now().Add(10 * time.Second))
-	s, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	if err := d.WaitLog(10*time.Second, func(l map[string]any) bool { return l["msg"] == "flow spliced" }); err != nil {
-		t.Fatal(err)
-	}
-	id := uint64(d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" })["flow"].(float64))
+	c, s := connectThrough(t, lab, dst)
+	id := waitSpliced(t, d)
 
 	// The client sends until told to stop.
 	deadline := time.Now().Add(2 * time.Minute)

@@ -48,12 +48,12 @@ func (p *Proxy) Serve(ctx context.Context, listeners ...*net.TCPListener) error 
 func (p *Proxy) handle(c *net.TCPConn) {
 	svc := p.Service
 	flow := proxy.NewFlow(svc.Name, KindControl, proxy.AddrPort(c.RemoteAddr()), proxy.AddrPort(c.LocalAddr()))
-	if n := p.sessions.Add(1); int(n) > svc.FTP.MaxSessions {
+	if n := p.sessions.Add(1); int(n) > p.conf().MaxSessions {
 		p.sessions.Add(-1)
 		c.Write([]byte("421 Too many FTP sessions through this gateway, try later.\r\n"))
 		proxy.Reset(c)
 		p.LogLimited("sessions", slog.LevelWarn, "ftp session cap reached, refusing new sessions",
-			"max_sessions", svc.FTP.MaxSessions, logging.KeyClient, flow.Client, "fix", "raise ftp.max_sessions of the service")
+			"max_sessions", p.conf().MaxSessions, logging.KeyClient, flow.Client, "fix", "raise ftp.max_sessions of the service")
 		return
 	}
 	defer p.sessions.Add(-1)
@@ -95,7 +95,7 @@ type dataAddr struct {
 // the service's data range, trying the ports in turn from where the last
 // search ended.
 func (p *Proxy) listenData(addrs ...dataAddr) ([]*net.TCPListener, error) {
-	r := p.Service.FTP.DataPorts
+	r := p.conf().DataPorts
 	n := uint32(r.Last) - uint32(r.First) + 1
 	start := p.nextPort.Add(1)
 	var lastErr error

@@ -55,11 +55,11 @@ type session struct {
 func newSession(p *Proxy, flow *proxy.Flow, client, server *net.TCPConn, log *slog.Logger) *session {
 	s := &session{p: p, flow: flow, client: client, server: server, log: log}
 	s.clientView = flow.Server.Addr()
-	s.external = p.Service.FTP.External.Addr
+	s.external = p.conf().External.Addr
 	if !s.external.IsValid() {
 		s.external = flow.Upstream.Addr()
 	}
-	s.internal = p.Service.FTP.Internal.Addr
+	s.internal = p.conf().Internal.Addr
 	if !s.internal.IsValid() {
 		if a, err := localAddrTowards(flow.Client.Addr()); err == nil {
 			s.internal = a
@@ -77,7 +77,7 @@ func (s *session) run() string {
 	reasons := make(chan string, 2)
 	go func() { reasons <- s.guard(s.clientLoop) }()
 	go func() { reasons <- s.guard(s.serverLoop) }()
-	timeout := time.NewTimer(s.p.Service.FTP.SessionTimeout.D())
+	timeout := time.NewTimer(s.p.conf().SessionTimeout.D())
 	defer timeout.Stop()
 	var reason string
 	waiting := 2
@@ -163,7 +163,7 @@ func (s *session) writeServer(b []byte) error {
 // them on, rewritten where they carry addresses.
 func (s *session) clientLoop() string {
 	svc := s.p.Service
-	r := bufio.NewReaderSize(s.client, svc.FTP.MaxLine)
+	r := bufio.NewReaderSize(s.client, s.p.conf().MaxLine)
 	for {
 		if idle := svc.IdleTimeout.D(); idle > 0 {
 			s.client.SetReadDeadline(time.Now().Add(idle))
@@ -171,7 +171,7 @@ func (s *session) clientLoop() string {
 		line, err := r.ReadSlice('\n')
 		switch {
 		case errors.Is(err, bufio.ErrBufferFull):
-			return s.end("Command line too long", "command line longer than max_line", "max_line", svc.FTP.MaxLine)
+			return s.end("Command line too long", "command line longer than max_line", "max_line", s.p.conf().MaxLine)
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			if s.dataOpen() {
 				continue // a transfer is running: the control connection waits for it
@@ -216,7 +216,7 @@ func (s *session) clientLoop() string {
 // serverLoop reads the server's replies and passes them on, answering
 // 227 and 229 with the gateway's own data listener.
 func (s *session) serverLoop() string {
-	r := bufio.NewReaderSize(s.server, max(maxReplyLine, s.p.Service.FTP.MaxLine))
+	r := bufio.NewReaderSize(s.server, max(maxReplyLine, s.p.conf().MaxLine))
 	multi := 0 // code of the multi-line reply being read
 	for {
 		line, err := r.ReadSlice('\n')
@@ -421,7 +421,7 @@ func (s *session) expectData(lns []*net.TCPListener, peer netip.Addr, acceptedIs
 // closes the listeners.
 func (s *session) acceptFrom(lns []*net.TCPListener, peer netip.Addr) *net.TCPConn {
 	defer closeAll(lns)
-	deadline := time.Now().Add(s.p.Service.FTP.DataTimeout.D())
+	deadline := time.Now().Add(s.p.conf().DataTimeout.D())
 	got := make(chan *net.TCPConn, len(lns))
 	for _, ln := range lns {
 		ln.SetDeadline(deadline)

@@ -33,7 +33,7 @@ type Proxy struct {
 
 // pool is the backends of one route, with its counters.
 type pool struct {
-	route    *config.HTTPRoute
+	route    *Route
 	host     string // route.Host, lower case, without a trailing dot
 	path     string // route.Path, normalised like request paths
 	backends []*backend
@@ -84,8 +84,8 @@ func (p *Proxy) splicing() proxy.Splicer {
 // initPools builds a pool per route, once.
 func (p *Proxy) initPools() {
 	p.poolsOnce.Do(func() {
-		for i := range p.Service.HTTP.Routes {
-			r := &p.Service.HTTP.Routes[i]
+		for i := range p.conf().Routes {
+			r := &p.conf().Routes[i]
 			pl := &pool{route: r, host: strings.TrimSuffix(strings.ToLower(r.Host), "."), path: routePath(r.Path)}
 			for _, b := range r.Backends {
 				pl.backends = append(pl.backends, &backend{addr: b.AddrPort})
@@ -360,8 +360,8 @@ func (c *conn) connect(pl *pool) error {
 		cancel()
 		if err != nil {
 			b.failures.Add(1)
-			b.downUntil.Store(time.Now().Add(svc.HTTP.BackendDownFor.D()).UnixNano())
-			c.p.LogLimitedTo(c.log, "http backend failed "+b.addr.String(), slog.LevelWarn, "http: backend failed, skipping it for a while", "backend", b.addr, "for", svc.HTTP.BackendDownFor.D(), logging.Err(err))
+			b.downUntil.Store(time.Now().Add(c.p.conf().BackendDownFor.D()).UnixNano())
+			c.p.LogLimitedTo(c.log, "http backend failed "+b.addr.String(), slog.LevelWarn, "http: backend failed, skipping it for a while", "backend", b.addr, "for", c.p.conf().BackendDownFor.D(), logging.Err(err))
 			errs = append(errs, err)
 			continue
 		}
@@ -380,9 +380,9 @@ func (c *conn) connect(pl *pool) error {
 // ends after it; spliced: the gateway took the flow. A *requestError
 // means the client's body was malformed (the client was answered).
 func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
-	svc := c.p.Service
+	conf := c.p.conf()
 	req := rq.Request
-	switch svc.HTTP.Forwarded {
+	switch conf.Forwarded {
 	case "x-forwarded-for":
 		ip := c.flow.Client.Addr().String()
 		if prior := req.Header.Get("X-Forwarded-For"); prior != "" {
@@ -469,7 +469,7 @@ func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 		resp.Header.Set("Connection", "keep-alive")
 	}
 	sp := c.p.splicing()
-	if sp == nil || resp.ContentLength < int64(svc.HTTP.SpliceMin) || req.Method == http.MethodHead || closeAfter || c.cr.Buffered() > 0 {
+	if sp == nil || resp.ContentLength < int64(conf.SpliceMin) || req.Method == http.MethodHead || closeAfter || c.cr.Buffered() > 0 {
 		err := resp.Write(cw)
 		resp.Body.Close()
 		if err != nil {

@@ -9,8 +9,8 @@ import (
 	"spliced/proxy"
 )
 
-func testProxy(routes ...config.HTTPRoute) *Proxy {
-	p := &Proxy{Base: proxy.Base{Service: &config.Service{HTTP: config.HTTP{Routes: routes}}}}
+func testProxy(routes ...Route) *Proxy {
+	p := &Proxy{Base: proxy.Base{Service: &config.Service{Proxy: Kind, Sections: map[string]any{"http": &Config{Routes: routes}}}}}
 	p.initPools()
 	return p
 }
@@ -27,9 +27,9 @@ func backends(s ...string) []config.AddrPort {
 // path prefix match decides; nothing matching is nil (404).
 func TestRoute(t *testing.T) {
 	p := testProxy(
-		config.HTTPRoute{Host: "www.example", Path: "/", Action: config.Allow, Backends: backends("10.0.0.1:80"), Balance: "round_robin"},
-		config.HTTPRoute{Path: "/a/", Action: config.Allow, Backends: backends("10.0.0.2:80"), Balance: "round_robin"},
-		config.HTTPRoute{Path: "/private/", Action: config.Deny},
+		Route{Host: "www.example", Path: "/", Action: config.Allow, Backends: backends("10.0.0.1:80"), Balance: "round_robin"},
+		Route{Path: "/a/", Action: config.Allow, Backends: backends("10.0.0.2:80"), Balance: "round_robin"},
+		Route{Path: "/private/", Action: config.Deny},
 	)
 	for _, c := range []struct {
 		host, path string
@@ -54,7 +54,7 @@ func TestRoute(t *testing.T) {
 // backend marked down is skipped until its time is over (unless all are
 // down).
 func TestPick(t *testing.T) {
-	p := testProxy(config.HTTPRoute{Path: "/", Backends: backends("10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"), Balance: "round_robin"})
+	p := testProxy(Route{Path: "/", Backends: backends("10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"), Balance: "round_robin"})
 	pl := p.pools[0]
 	now := time.Now()
 	first := map[netip.AddrPort]int{}
@@ -81,7 +81,7 @@ func TestPick(t *testing.T) {
 	if got := pl.pick(now); len(got) != 3 {
 		t.Errorf("all down: %d offered, want all 3 tried", len(got))
 	}
-	lc := testProxy(config.HTTPRoute{Path: "/", Backends: backends("10.0.0.1:80", "10.0.0.2:80"), Balance: "least_conn"}).pools[0]
+	lc := testProxy(Route{Path: "/", Backends: backends("10.0.0.1:80", "10.0.0.2:80"), Balance: "least_conn"}).pools[0]
 	lc.backends[0].active.Store(5)
 	if got := lc.pick(now)[0]; got != lc.backends[1] {
 		t.Errorf("least_conn picked %v", got.addr)

@@ -1,0 +1,70 @@
+package config_test
+
+import (
+	"strings"
+	"testing"
+
+	"spliced/config"
+	_ "spliced/proxy/all"
+	"spliced/proxy/ftp"
+)
+
+// TestProxyParseErrors: errors in proxy sections, which the proxies'
+// packages decode and validate, read like every other config error.
+func TestProxyParseErrors(t *testing.T) {
+	cases := []struct {
+		name string
+		in   string
+		want []string
+	}{
+		{"bad proxy", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: socks\n", []string{"line 5: services[0].proxy:", `"socks"`, "forward, ftp, http or socks5"}},
+		{"ftp transparent", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    upstream: transparent\n", []string{"line 6: services[0].upstream:", "only the gateway's address", "upstream: nat"}},
+		{"ftp bad address", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      external: gw.example\n", []string{"line 7: services[0].ftp.external:", `"gw.example"`, "not an address"}},
+		{"ftp privileged data ports", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      data_ports: \"20-30\"\n", []string{"line 7: services[0].ftp.data_ports:", "above 1023"}},
+		{"ftp line limit", "services:\n  - name: a\n    listen: 1\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      max_line: 10\n", []string{"line 7: services[0].ftp.max_line:", "64-8192"}},
+		{"socks5 without users", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      method: password\n", []string{"line 6: services[0].socks5:", "no users_file", "-hash-password"}},
+		{"socks5 users file missing", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      users_file: /nonexistent/users\n", []string{"line 6: services[0].socks5.users_file:", "cannot be read"}},
+		{"socks5 bad method", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      method: plain\n", []string{"line 6: services[0].socks5.method:", "none or password"}},
+		{"socks5 bad resolver", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      resolver: dns.example\n", []string{"line 6: services[0].socks5.resolver:", "address and port"}},
+		{"socks5 unknown key", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      user_file: x\n", []string{"line 6: services[0].socks5.user_file:", `did you mean "users_file"`}},
+		{"socks5 transparent", "services:\n  - name: s\n    proxy: socks5\n    listen_mode: transparent\n    listen: 1\n    ports: [\"1080\"]\n", []string{"line 4: services[0].listen_mode:", "not a listen mode of proxy socks5", "use direct"}},
+		{"socks5 no listen_on", "services:\n  - name: s\n    proxy: socks5\n", []string{"services[0]:", "no listen_on"}},
+		{"socks5 bad domain", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      rules:\n        - action: deny\n          domains: [\"bad domain\"]\n", []string{"line 8: services[0].socks5.rules[0].domains[0]:", "not a domain name"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := config.Parse("bad.yaml", []byte(c.in))
+			if err == nil {
+				t.Fatalf("no error for:\n%s", c.in)
+			}
+			for _, w := range c.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+// TestFTPDefaults: an ftp service needs no ftp keys; its upstream is nat
+// and its limits have their documented defaults.
+func TestFTPDefaults(t *testing.T) {
+	cfg, err := config.Parse("ftp.yaml", []byte("services:\n  - name: ftp\n    listen: 15021\n    ports: [\"21\"]\n    proxy: ftp\n    ftp:\n      internal: 10.1.0.1\n      external: \"\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := cfg.Services[0]
+	f := s.Section().(*ftp.Config)
+	if s.Proxy != "ftp" || s.Upstream != config.NAT || f.DataPorts != (config.PortRange{First: ftp.DefaultDataFirst, Last: ftp.DefaultDataLast}) ||
+		f.MaxLine != ftp.DefaultMaxLine || f.MaxSessions != ftp.DefaultMaxSessions || f.DataTimeout.D() != ftp.DefaultDataTimeout ||
+		f.SessionTimeout.D() != ftp.DefaultSessionTimeout || f.Internal.String() != "10.1.0.1" || f.External.IsValid() {
+		t.Errorf("ftp service %+v", s)
+	}
+	fwd, err := config.Parse("fwd.yaml", []byte("services:\n  - name: web\n    listen: 15001\n    ports: [\"80\"]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := fwd.Services[0]; s.Proxy != config.ProxyForward || s.Upstream != config.Transparent {
+		t.Errorf("forward service %+v", s)
+	}
+}

@@ -1,0 +1,117 @@
+package httpproxy
+
+import (
+	"fmt"
+	"time"
+
+	"spliced/config"
+	"spliced/proxy"
+)
+
+// Config is the http: section of an http service, an HTTP/1.1 proxy: each request is read in control mode
+// and routed by Host and path to a backend pool; the connection is spliced
+// while a large response flows and unspliced when the client sends its
+// next request. Its upstream is always nat.
+type Config struct {
+	// Routes are tried in order; the first whose host and path prefix
+	// match a request decides. A request no route matches gets 404.
+	Routes []Route `yaml:"routes"`
+	// SpliceMin: responses with a Content-Length of at least this many
+	// bytes are spliced (default 64KiB; 1 splices every response with a
+	// body). Chunked responses are relayed. The service's splice.mode
+	// decides whether the proxy splices at all: never relays everything,
+	// any other mode splices responses.
+	SpliceMin config.ByteSize `yaml:"splice_min"`
+	// Forwarded is the header that tells backends who the client is:
+	// x-forwarded-for (default), via, or none.
+	Forwarded string `yaml:"forwarded"`
+	// BackendDownFor is how long a backend that failed a connect is
+	// skipped (default 10s).
+	BackendDownFor config.Duration `yaml:"backend_down_for"`
+}
+
+// Route sends requests for a host and path prefix to a backend pool.
+type Route struct {
+	// Host matches the request's Host without port; empty matches any.
+	Host string `yaml:"host"`
+	// Path is a path prefix (default "/").
+	Path string `yaml:"path"`
+	// Action is allow (default) or deny (403).
+	Action config.Action `yaml:"action"`
+	// Backends are "address:port" of the pool's servers.
+	Backends []config.AddrPort `yaml:"backends"`
+	// Balance is round_robin (default) or least_conn.
+	Balance string `yaml:"balance"`
+}
+
+// Defaults of the http section.
+const (
+	DefaultSpliceMin      = 64 << 10
+	DefaultBackendDownFor = 10 * time.Second
+)
+
+// Registration is the http proxy's kind.
+var Registration = proxy.Kind{
+	Name: Kind,
+	Config: &config.ProxyDef{
+		Kind:       Kind,
+		Section:    "http",
+		NewSection: func() any { return new(Config) },
+		Defaults:   defaults,
+		Validate:   validate,
+	},
+	New: func(s proxy.Setup) proxy.Service { return &Proxy{Base: s.Base()} },
+}
+
+func init() { proxy.Register(Registration) }
+
+// conf is the http section of the proxy's service.
+func (p *Proxy) conf() *Config { return p.Service.Section().(*Config) }
+
+func setDefault[T comparable](p *T, v T) {
+	var zero T
+	if *p == zero {
+		*p = v
+	}
+}
+
+func defaults(s *config.Service) {
+	setDefault(&s.Upstream, config.NAT)
+	c := s.Section().(*Config)
+	setDefault(&c.SpliceMin, config.ByteSize(DefaultSpliceMin))
+	setDefault(&c.Forwarded, "x-forwarded-for")
+	setDefault(&c.BackendDownFor, config.Duration(DefaultBackendDownFor))
+	for j := range c.Routes {
+		r := &c.Routes[j]
+		setDefault(&r.Path, "/")
+		setDefault(&r.Action, config.Allow)
+		setDefault(&r.Balance, "round_robin")
+	}
+}
+
+func validate(s *config.Service, bad func(key, value, msg string)) {
+	c := s.Section().(*Config)
+	if s.Upstream != config.NAT {
+		bad("upstream", string(s.Upstream), "cannot be used by an http proxy: it connects to its backends from the gateway; remove the key or set upstream: nat")
+	}
+	switch c.Forwarded {
+	case "x-forwarded-for", "via", "none":
+	default:
+		bad("http.forwarded", c.Forwarded, "is not a header choice; use x-forwarded-for, via or none")
+	}
+	if len(c.Routes) == 0 {
+		bad("http", s.Name, "has no routes; add routes with a path and backends")
+	}
+	for j, r := range c.Routes {
+		rp := fmt.Sprintf("http.routes[%d]", j)
+		if r.Path == "" || r.Path[0] != '/' {
+			bad(rp+".path", r.Path, "is not a path prefix; start it with /")
+		}
+		if r.Action == config.Allow && len(r.Backends) == 0 {
+			bad(rp, r.Path, "has no backends; list them as address:port, or set action: deny")
+		}
+		if r.Balance != "round_robin" && r.Balance != "least_conn" {
+			bad(rp+".balance", r.Balance, "is not a balancing method; use round_robin or least_conn")
+		}
+	}
+}

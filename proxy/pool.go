@@ -1,0 +1,94 @@
+package proxy
+
+import (
+	"net/netip"
+	"sync/atomic"
+	"time"
+)
+
+// Pool is a set of backends a direct service balances flows over:
+// round robin or least connections, a backend that failed a connect
+// skipped for a while.
+type Pool struct {
+	backends  []*Backend
+	leastConn bool
+	downFor   time.Duration
+	next      atomic.Uint32
+}
+
+// Backend is one server of a pool, with its counters.
+type Backend struct {
+	Addr      netip.AddrPort
+	active    atomic.Int32 // flows the proxy relays to it now
+	downUntil atomic.Int64 // unix nanoseconds; skipped until then
+	flows     atomic.Uint64
+	failures  atomic.Uint64
+}
+
+// NewPool returns a pool; balance is round_robin or least_conn.
+func NewPool(addrs []netip.AddrPort, balance string, downFor time.Duration) *Pool {
+	p := &Pool{leastConn: balance == "least_conn", downFor: downFor}
+	for _, a := range addrs {
+		p.backends = append(p.backends, &Backend{Addr: a})
+	}
+	return p
+}
+
+// Pick returns the backends in the order to try them: those not marked
+// down, by the balancing method; when all are down, all of them.
+func (p *Pool) Pick(now time.Time) []*Backend {
+	var up []*Backend
+	for _, b := range p.backends {
+		if b.downUntil.Load() <= now.UnixNano() {
+			up = append(up, b)
+		}
+	}
+	if len(up) == 0 {
+		up = append(up, p.backends...)
+	}
+	if p.leastConn {
+		best := 0
+		for i, b := range up {
+			if b.active.Load() < up[best].active.Load() {
+				best = i
+			}
+		}
+		return append(up[best:], up[:best]...)
+	}
+	i := int(p.next.Add(1)-1) % len(up)
+	return append(up[i:], up[:i]...)
+}
+
+// Failed marks b down for the pool's down time.
+func (p *Pool) Failed(b *Backend, now time.Time) {
+	b.failures.Add(1)
+	b.downUntil.Store(now.Add(p.downFor).UnixNano())
+}
+
+// Opened counts a flow to b; the returned function ends it.
+func (b *Backend) Opened() (done func()) {
+	b.flows.Add(1)
+	b.active.Add(1)
+	var once atomic.Bool
+	return func() {
+		if once.CompareAndSwap(false, true) {
+			b.active.Add(-1)
+		}
+	}
+}
+
+// BackendStats are a backend's counters.
+type BackendStats struct {
+	Backend         string
+	Flows, Failures uint64
+	Active          int32
+}
+
+// Stats returns the counters of every backend.
+func (p *Pool) Stats() []BackendStats {
+	var out []BackendStats
+	for _, b := range p.backends {
+		out = append(out, BackendStats{Backend: b.Addr.String(), Flows: b.flows.Load(), Failures: b.failures.Load(), Active: b.active.Load()})
+	}
+	return out
+}

@@ -1,0 +1,71 @@
+package proxy
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+)
+
+func addrs(ss ...string) []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, s := range ss {
+		out = append(out, netip.MustParseAddrPort(s))
+	}
+	return out
+}
+
+func first(bs []*Backend) string { return bs[0].Addr.String() }
+
+// TestPool: round robin rotates over the backends that are up, a failed
+// backend is skipped until its down time passes, all-down pools are
+// tried anyway, and least_conn picks the backend with fewest flows.
+func TestPool(t *testing.T) {
+	now := time.Now()
+	p := NewPool(addrs("10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"), "round_robin", 10*time.Second)
+	var got []string
+	for range 4 {
+		got = append(got, first(p.Pick(now)))
+	}
+	if want := []string{"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80", "10.0.0.1:80"}; !equal(got, want) {
+		t.Fatalf("round robin %v, want %v", got, want)
+	}
+	p.Failed(p.backends[1], now)
+	for range 4 {
+		for _, b := range p.Pick(now.Add(time.Second)) {
+			if b.Addr.String() == "10.0.0.2:80" {
+				t.Fatal("a down backend was picked")
+			}
+		}
+	}
+	if n := len(p.Pick(now.Add(11 * time.Second))); n != 3 {
+		t.Fatalf("after the down time: %d backends", n)
+	}
+	p.Failed(p.backends[0], now)
+	p.Failed(p.backends[2], now)
+	if n := len(p.Pick(now.Add(time.Second))); n != 3 {
+		t.Fatalf("all down: %d backends tried", n)
+	}
+
+	lc := NewPool(addrs("10.0.0.1:80", "10.0.0.2:80"), "least_conn", time.Second)
+	done := lc.backends[0].Opened()
+	if got := first(lc.Pick(now)); got != "10.0.0.2:80" {
+		t.Fatalf("least_conn picked %s", got)
+	}
+	done()
+	done() // idempotent
+	if a := lc.backends[0].active.Load(); a != 0 {
+		t.Fatalf("active %d after done", a)
+	}
+}
+
+func equal(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,409 @@
+package socks5
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"spliced/config"
+	"spliced/logging"
+	"spliced/proxy"
+)
+
+// Proxy is the SOCKS5 proxy of one service. Once a request is granted it
+// forwards like the plain forwarder (proxy.Forwarder.Forward), so the
+// service's splice policy applies from the reply on.
+type Proxy struct {
+	proxy.Forwarder
+	conf     *Config
+	resolver *net.Resolver
+	users    atomic.Pointer[users]
+	failed   failures
+	sessions atomic.Int32
+
+	statsMu    sync.Mutex
+	results    map[string]uint64 // handshakes by result
+	connects   map[string]uint64 // granted CONNECTs by destination class
+	authFailed uint64
+}
+
+func newProxy(s proxy.Setup) *Proxy {
+	p := &Proxy{Forwarder: proxy.Forwarder{Base: s.Base()}, results: map[string]uint64{}, connects: map[string]uint64{}}
+	p.conf = s.Service.Section().(*Config)
+	p.failed = failures{limit: p.conf.FailedLogins, backOff: p.conf.BackOff.D(), m: map[netip.Addr]*failure{}}
+	p.resolver = net.DefaultResolver
+	if r := p.conf.Resolver; r != "" {
+		p.resolver = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, r)
+		}}
+	}
+	u := users{}
+	if p.conf.UsersFile != "" {
+		var err error
+		if u, err = loadUsers(p.conf.UsersFile); err != nil {
+			p.Log.Error("socks5: users file unusable, every login fails until it is fixed and spliced reloaded",
+				logging.KeyFile, p.conf.UsersFile, logging.Err(err))
+			u = users{}
+		}
+	}
+	p.users.Store(&u)
+	return p
+}
+
+// Reload rereads the users file (proxy.Reloader). On error the users
+// in force stay.
+func (p *Proxy) Reload() error {
+	if p.conf.UsersFile == "" {
+		return nil
+	}
+	u, err := loadUsers(p.conf.UsersFile)
+	if err != nil {
+		return fmt.Errorf("socks5 users file %s: %w", p.conf.UsersFile, err)
+	}
+	p.users.Store(&u)
+	p.Log.Info("socks5: users file reloaded", logging.KeyFile, p.conf.UsersFile, "users", len(u))
+	return nil
+}
+
+// Serve accepts SOCKS5 clients on the listeners until ctx is done.
+func (p *Proxy) Serve(ctx context.Context, listeners ...*net.TCPListener) error {
+	return p.ServeWith(ctx, listeners, p.handle)
+}
+
+// Results of a handshake, as counted in metrics.
+const (
+	resultOK          = "ok"
+	resultBadGreeting = "bad_greeting"
+	resultNoMethod    = "no_acceptable_method"
+	resultAuthFailed  = "auth_failed"
+	resultBackedOff   = "backed_off"
+	resultBadRequest  = "bad_request"
+	resultCommand     = "command_not_supported"
+	resultDenied      = "denied"
+	resultResolve     = "resolve_failed"
+	resultConnect     = "connect_failed"
+	resultCap         = "session_cap"
+	resultTimeout     = "timeout"
+	resultClosed      = "closed"
+)
+
+func (p *Proxy) count(result string) {
+	p.statsMu.Lock()
+	p.results[result]++
+	if result == resultAuthFailed || result == resultBackedOff {
+		p.authFailed++
+	}
+	p.statsMu.Unlock()
+}
+
+// Metrics reports handshakes by result, failed logins and granted
+// connects by destination class (proxy.MetricsSource).
+func (p *Proxy) Metrics() []proxy.Metric {
+	p.statsMu.Lock()
+	defer p.statsMu.Unlock()
+	var out []proxy.Metric
+	for r, n := range p.results {
+		out = append(out, proxy.Metric{Name: "spliced_socks5_handshakes_total", Help: "SOCKS5 handshakes by result.",
+			Counter: true, Labels: []string{"result"}, Values: []string{r}, Value: float64(n)})
+	}
+	out = append(out, proxy.Metric{Name: "spliced_socks5_auth_failures_total", Help: "SOCKS5 logins that failed, backed-off ones included.",
+		Counter: true, Value: float64(p.authFailed)})
+	for c, n := range p.connects {
+		out = append(out, proxy.Metric{Name: "spliced_socks5_connects_total", Help: "SOCKS5 CONNECTs granted, by destination class (ipv4, ipv6, domain).",
+			Counter: true, Labels: []string{"class"}, Values: []string{c}, Value: float64(n)})
+	}
+	return out
+}
+
+// handle serves one client connection.
+func (p *Proxy) handle(c *net.TCPConn) {
+	client := proxy.AddrPort(c.RemoteAddr())
+	if n := p.sessions.Add(1); int(n) > p.conf.MaxSessions {
+		p.sessions.Add(-1)
+		proxy.Reset(c)
+		p.count(resultCap)
+		p.LogLimited("socks5 sessions", slog.LevelWarn, "socks5: session cap reached, refusing new connections",
+			"max_sessions", p.conf.MaxSessions, logging.KeyClient, client, "fix", "raise socks5.max_sessions of the service")
+		return
+	}
+	defer p.sessions.Add(-1)
+	h := &handshake{p: p, c: c, client: client, deadline: time.Now().Add(p.conf.HandshakeTimeout.D())}
+	c.SetDeadline(h.deadline)
+	flow, up, result, err := h.run()
+	p.count(result)
+	if flow == nil {
+		if err != nil {
+			p.LogLimited("socks5 "+result, slog.LevelInfo, "socks5: request refused", logging.KeyClient, client,
+				"user", h.user, "destination", h.dest(), logging.KeyReason, result, "reply", h.reply.String(), logging.Err(err))
+		}
+		c.Close()
+		return
+	}
+	c.SetDeadline(time.Time{})
+	log := p.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, "user", h.user)
+	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, "destination", h.dest(), logging.KeyMode, "nat")
+	p.Event(proxy.EventOpened, flow, "socks5 "+h.dest())
+	p.Forward(flow, c, up, log)
+}
+
+// handshake is the state of one client's handshake.
+type handshake struct {
+	p      *Proxy
+	c      *net.TCPConn
+	client netip.AddrPort
+	user   string
+	req    *Request
+	reply  Reply
+	// deadline bounds the client's part of the handshake; the gateway's
+	// own work (a password check) does not count.
+	deadline time.Time
+}
+
+func (h *handshake) dest() string {
+	if h.req == nil {
+		return ""
+	}
+	return h.req.Dest()
+}
+
+// answer sends a failure reply.
+func (h *handshake) answer(rep Reply) {
+	h.reply = rep
+	h.c.Write(appendReply(nil, rep, netip.AddrPort{}))
+}
+
+// run reads the handshake and connects. It returns the admitted flow
+// and its upstream connection, after the success reply was sent; or nil
+// and the result, after any failure reply was sent.
+func (h *handshake) run() (*proxy.Flow, *net.TCPConn, string, error) {
+	p, c := h.p, h.c
+	methods, err := readGreeting(c)
+	if err != nil {
+		return nil, nil, failResult(err, resultBadGreeting), err
+	}
+	want := byte(MethodNone)
+	if p.conf.method(h.client.Addr()) == Password {
+		want = MethodPassword
+	}
+	if !containsByte(methods, want) {
+		c.Write([]byte{version, MethodRefused})
+		return nil, nil, resultNoMethod, fmt.Errorf("client offers methods %x, the gateway requires 0x%02x", methods, want)
+	}
+	if _, err := c.Write([]byte{version, want}); err != nil {
+		return nil, nil, resultClosed, err
+	}
+	if want == MethodPassword {
+		if result, ok, err := h.login(); !ok {
+			return nil, nil, result, err
+		}
+	}
+	q, err := readRequest(c)
+	if err != nil {
+		var re *requestError
+		if errors.As(err, &re) {
+			h.answer(re.reply)
+			return nil, nil, resultBadRequest, err
+		}
+		return nil, nil, failResult(err, resultBadRequest), err
+	}
+	h.req = q
+	if q.Cmd != CmdConnect {
+		h.answer(CommandNotSupported)
+		return nil, nil, resultCommand, fmt.Errorf("command 0x%02x is not served (only CONNECT)", q.Cmd)
+	}
+	if q.Port == 0 {
+		h.answer(GeneralFailure)
+		return nil, nil, resultBadRequest, errors.New("destination port 0")
+	}
+	return h.connect()
+}
+
+// login runs the RFC 1929 subnegotiation. Failed logins are logged
+// here (rate-limited) and come back with a nil error.
+func (h *handshake) login() (result string, ok bool, err error) {
+	p, c := h.p, h.c
+	user, pass, err := readCredentials(c)
+	if err != nil {
+		if errors.Is(err, errEmptyField) {
+			c.Write([]byte{authVersion, 0x01})
+		}
+		return failResult(err, resultAuthFailed), false, err
+	}
+	h.user = user
+	now := time.Now()
+	if blocked, until := p.failed.blocked(h.client.Addr(), now); blocked {
+		c.Write([]byte{authVersion, 0x01})
+		p.LogLimited("socks5 backed off", slog.LevelWarn, "socks5: login from a backed-off source refused without a check",
+			logging.KeyClient, h.client, "user", user, "until", until.Format(time.RFC3339))
+		return resultBackedOff, false, nil
+	}
+	ok = (*p.users.Load()).check(user, pass)
+	h.deadline = h.deadline.Add(time.Since(now))
+	c.SetDeadline(h.deadline)
+	if !ok {
+		c.Write([]byte{authVersion, 0x01})
+		backOff := p.failed.fail(h.client.Addr(), now)
+		p.LogLimited("socks5 login failed", slog.LevelWarn, "socks5: login failed", logging.KeyClient, h.client, "user", user, "back_off", backOff)
+		return resultAuthFailed, false, nil
+	}
+	p.failed.succeed(h.client.Addr())
+	if _, err := c.Write([]byte{authVersion, 0x00}); err != nil {
+		return resultClosed, false, err
+	}
+	return "", true, nil
+}
+
+// connect checks the request against the rules, resolves it, connects
+// and replies.
+func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
+	p, q, svc := h.p, h.req, h.p.Service
+	if q.Name != "" {
+		if act, known := p.conf.decide(h.user, q.Name, netip.Addr{}, q.Port); known && act == config.Deny {
+			h.answer(NotAllowed)
+			return nil, nil, resultDenied, errors.New("destination denied by socks5 rules")
+		}
+	}
+	addrs := []netip.Addr{q.Addr}
+	if q.Name != "" {
+		ctx, cancel := context.WithTimeout(p.FlowContext(), p.conf.ResolveTimeout.D())
+		var err error
+		addrs, err = p.resolver.LookupNetIP(ctx, "ip", q.Name)
+		cancel()
+		if err != nil || len(addrs) == 0 {
+			rep := HostUnreachable
+			var de *net.DNSError
+			if errors.As(err, &de) && de.IsTimeout || errors.Is(err, context.DeadlineExceeded) {
+				rep = TTLExpired
+			}
+			h.answer(rep)
+			if err == nil {
+				err = errors.New("no address")
+			}
+			return nil, nil, resultResolve, fmt.Errorf("resolve %s: %w", q.Name, err)
+		}
+	}
+	var allowed []netip.AddrPort
+	for _, a := range addrs {
+		a = a.Unmap()
+		if act, _ := p.conf.decide(h.user, q.Name, a, q.Port); act == config.Deny {
+			continue
+		}
+		dst := netip.AddrPortFrom(a, q.Port)
+		if svc.Access.Decide(h.client.Addr(), dst) == config.Deny {
+			continue
+		}
+		allowed = append(allowed, dst)
+	}
+	// Addresses of the client leg's family first: the splice engine
+	// cannot translate between IPv4 and IPv6, so such a flow could only
+	// be relayed.
+	v6 := proxy.AddrPort(h.c.LocalAddr()).Addr().Is6()
+	slices.SortStableFunc(allowed, func(a, b netip.AddrPort) int {
+		return cmp.Compare(b2i(a.Addr().Is6() != v6), b2i(b.Addr().Is6() != v6))
+	})
+	if len(allowed) == 0 {
+		h.answer(NotAllowed)
+		return nil, nil, resultDenied, fmt.Errorf("destination %v denied by rules", addrs)
+	}
+	flow := proxy.NewFlow(svc.Name, Kind, h.client, allowed[0])
+	flow.User, flow.Local = h.user, proxy.AddrPort(h.c.LocalAddr())
+	if !p.Flows.Admit(flow) {
+		h.answer(GeneralFailure)
+		p.LogLimited("cap", slog.LevelWarn, "flow cap reached, refusing new flows",
+			"max_flows", p.Flows.Max(), logging.KeyClient, flow.Client, "fix", "raise limits.max_flows or add gateways")
+		return nil, nil, resultCap, nil
+	}
+	// One connect timeout for all the addresses a name has, tried in turn.
+	ctx, cancel := context.WithTimeout(p.FlowContext(), svc.ConnectTimeout.D())
+	defer cancel()
+	var errs []error
+	for _, dst := range allowed {
+		up, err := proxy.DialUpstream(ctx, false, h.client, dst, svc.ConnectTimeout.D())
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		flow.Server = dst
+		flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), dst)
+		if _, err := h.c.Write(appendReply(nil, Succeeded, flow.Upstream)); err != nil {
+			up.Close()
+			p.Flows.Remove(flow)
+			return nil, nil, resultClosed, err
+		}
+		h.reply = Succeeded
+		p.statsMu.Lock()
+		p.connects[destClass(q)]++
+		p.statsMu.Unlock()
+		return flow, up, resultOK, nil
+	}
+	p.Flows.Remove(flow)
+	err := errors.Join(errs...)
+	h.answer(dialReply(errs[len(errs)-1]))
+	return nil, nil, resultConnect, err
+}
+
+func destClass(q *Request) string {
+	switch {
+	case q.Name != "":
+		return "domain"
+	case q.Addr.Is4():
+		return "ipv4"
+	}
+	return "ipv6"
+}
+
+// dialReply maps a failed connect to its reply code.
+func dialReply(err error) Reply {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return ConnectionRefused
+	case errors.Is(err, syscall.ENETUNREACH):
+		return NetworkUnreachable
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.EHOSTDOWN):
+		return HostUnreachable
+	case errors.Is(err, syscall.ETIMEDOUT), errors.Is(err, context.DeadlineExceeded), errors.Is(err, os.ErrDeadlineExceeded),
+		errors.As(err, &ne) && ne.Timeout():
+		return TTLExpired
+	}
+	return GeneralFailure
+}
+
+// failResult names a handshake that ended on a read error.
+func failResult(err error, otherwise string) string {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return resultTimeout
+	}
+	if err == io.EOF { // the client left between messages
+		return resultClosed
+	}
+	return otherwise
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func containsByte(b []byte, v byte) bool {
+	for _, x := range b {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,478 @@
+package socks5
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"spliced/config"
+	"spliced/internal/dnstest"
+	"spliced/proxy"
+)
+
+// lab is a SOCKS5 proxy on loopback with an echo server, a closed port
+// and a DNS server.
+type lab struct {
+	p       *Proxy
+	addr    string
+	echo    netip.AddrPort
+	closed  netip.AddrPort
+	dns     *dnstest.Server
+	accepts atomic.Int64 // connections the echo server accepted
+	log     *syncBuffer  // the proxy's log, JSON
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func startLab(t testing.TB, extra ...string) *lab {
+	t.Helper()
+	l := &lab{}
+	echo, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { echo.Close() })
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			l.accepts.Add(1)
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	l.echo = echo.Addr().(*net.TCPAddr).AddrPort()
+	cl, _ := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	l.closed = cl.Addr().(*net.TCPAddr).AddrPort()
+	cl.Close()
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.dns = dnstest.Serve(pc, map[string][]netip.Addr{
+		"echo.test":   {netip.MustParseAddr("127.0.0.1")},
+		"denied.test": {netip.MustParseAddr("127.0.0.1")},
+		"other.test":  {netip.MustParseAddr("127.0.0.2")},
+	})
+	t.Cleanup(func() { l.dns.Close() })
+
+	hash, err := HashPassword([]byte("s3cret"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	users := filepath.Join(t.TempDir(), "users")
+	os.WriteFile(users, []byte("# test users\nalice:"+hash+"\nbob:"+hash+"\n"), 0o600)
+	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
+services:
+  - name: socks
+    proxy: socks5
+    listen_on: ["127.0.0.1:1080"]
+    connect_timeout: 2s
+    splice:
+      mode: never
+    socks5:
+      users_file: %s
+      resolver: %s
+      resolve_timeout: 300ms
+      handshake_timeout: 2s
+      failed_logins: 3
+      back_off: 1m
+%s      auth:
+        - sources: [127.0.0.3]
+          method: none
+      rules:
+        - action: deny
+          domains: [denied.test]
+        - action: deny
+          destinations: [127.0.0.2]
+        - action: deny
+          users: [bob]
+`, users, l.dns.Addr(), strings.Join(extra, ""))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := &cfg.Services[0]
+	l.log = &syncBuffer{}
+	l.p = newProxy(proxy.Setup{Service: svc, Flows: proxy.NewFlowTable(100), Log: slog.New(slog.NewJSONHandler(l.log, nil))})
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.addr = ln.Addr().String()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { l.p.Serve(ctx, ln); close(done) }()
+	t.Cleanup(func() { cancel(); <-done; l.p.CloseFlows() })
+	return l
+}
+
+// talk connects from src, sends in, half-closes unless keepOpen, and
+// returns everything read until the proxy closes (or 3 s pass).
+func (l *lab) talk(t testing.TB, src string, in []byte, keepOpen bool) []byte {
+	t.Helper()
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
+	c, err := d.Dial("tcp4", l.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(in)
+	if !keepOpen {
+		c.(*net.TCPConn).CloseWrite()
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	out, err := io.ReadAll(c)
+	if err != nil && !strings.Contains(err.Error(), "reset") {
+		t.Fatalf("read: %v (got %x)", err, out)
+	}
+	return out
+}
+
+func login(user, pass string) []byte {
+	b := []byte{1, byte(len(user))}
+	b = append(b, user...)
+	b = append(b, byte(len(pass)))
+	return append(b, pass...)
+}
+
+func connect4(ap netip.AddrPort) []byte {
+	b := []byte{5, CmdConnect, 0, AtypIPv4}
+	b = append(b, ap.Addr().AsSlice()...)
+	return binary.BigEndian.AppendUint16(b, ap.Port())
+}
+
+func connectName(name string, port uint16) []byte {
+	b := []byte{5, CmdConnect, 0, AtypDomain, byte(len(name))}
+	b = append(b, name...)
+	return binary.BigEndian.AppendUint16(b, port)
+}
+
+func cat(bs ...[]byte) []byte { return bytes.Join(bs, nil) }
+
+var (
+	greetPass = []byte{5, 1, MethodPassword}
+	greetNone = []byte{5, 1, MethodNone}
+	okPass    = []byte{5, MethodPassword, 1, 0} // method chosen, login accepted
+	failReply = func(r Reply) []byte { return []byte{5, byte(r), 0, AtypIPv4, 0, 0, 0, 0, 0, 0} }
+)
+
+// TestHandshakeReplies sends raw handshakes and checks every byte the
+// proxy answers before it closes.
+func TestHandshakeReplies(t *testing.T) {
+	l := startLab(t)
+	alice := cat(greetPass, login("alice", "s3cret"))
+	boundEcho := cat([]byte{5, 0, 0, AtypIPv4, 127, 0, 0, 1}) // the port varies
+	cases := []struct {
+		name string
+		src  string
+		in   []byte
+		want []byte // exact; with prefix, the start of the answer
+		pfx  bool
+	}{
+		{"wrong version", "127.0.0.1", []byte{4, 1, 0, 0x1f, 0x90, 127, 0, 0, 1, 0}, nil, false},
+		{"no methods", "127.0.0.1", []byte{5, 0}, nil, false},
+		{"truncated greeting", "127.0.0.1", []byte{5, 3, 0}, nil, false},
+		{"password required", "127.0.0.1", greetNone, []byte{5, MethodRefused}, false},
+		{"more methods than announced", "127.0.0.1", []byte{5, 1, MethodPassword, 0, 1, 5}, []byte{5, MethodPassword}, false},
+		{"wrong password", "127.0.0.1", cat(greetPass, login("alice", "guess"), connect4(l.echo)), []byte{5, MethodPassword, 1, 1}, false},
+		{"unknown user", "127.0.0.1", cat(greetPass, login("mallory", "s3cret"), connect4(l.echo)), []byte{5, MethodPassword, 1, 1}, false},
+		{"empty password", "127.0.0.1", cat(greetPass, login("alice", "")), []byte{5, MethodPassword, 1, 1}, false},
+		{"auth version", "127.0.0.1", cat(greetPass, []byte{5, 5, 'a'}), []byte{5, MethodPassword}, false},
+		{"truncated username", "127.0.0.1", cat(greetPass, []byte{1, 255, 'a', 'b'}), []byte{5, MethodPassword}, false},
+		{"garbage after greeting", "127.0.0.3", cat(greetNone, []byte("GET / HTTP/1.1\r\n\r\n")), cat([]byte{5, 0}, failReply(GeneralFailure)), false},
+		{"request version", "127.0.0.1", cat(alice, []byte{4, 1, 0, 1, 127, 0, 0, 1, 0, 80}), cat(okPass, failReply(GeneralFailure)), false},
+		{"bind", "127.0.0.1", cat(alice, []byte{5, CmdBind, 0, 1, 127, 0, 0, 1, 0, 80}), cat(okPass, failReply(CommandNotSupported)), false},
+		{"udp associate", "127.0.0.1", cat(alice, []byte{5, CmdUDPAssociate, 0, 1, 0, 0, 0, 0, 0, 0}), cat(okPass, failReply(CommandNotSupported)), false},
+		{"address type", "127.0.0.1", cat(alice, []byte{5, 1, 0, 5, 1, 2, 3, 4, 0, 80}), cat(okPass, failReply(AtypNotSupported)), false},
+		{"bad domain name", "127.0.0.1", cat(alice, connectName("bad name!", 80)), cat(okPass, failReply(HostUnreachable)), false},
+		{"denied address", "127.0.0.1", cat(alice, connect4(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), l.echo.Port()))), cat(okPass, failReply(NotAllowed)), false},
+		{"denied resolved address", "127.0.0.1", cat(alice, connectName("other.test", l.echo.Port())), cat(okPass, failReply(NotAllowed)), false},
+		{"denied user", "127.0.0.1", cat(greetPass, login("bob", "s3cret"), connect4(l.echo)), cat(okPass, failReply(NotAllowed)), false},
+		{"refused", "127.0.0.1", cat(alice, connect4(l.closed)), cat(okPass, failReply(ConnectionRefused)), false},
+		{"no such name", "127.0.0.1", cat(alice, connectName("nx.test", 80)), cat(okPass, failReply(HostUnreachable)), false},
+		{"connect by address", "127.0.0.1", cat(alice, connect4(l.echo), []byte("ping")), cat(okPass, boundEcho), true},
+		{"connect by name", "127.0.0.1", cat(alice, connectName("echo.test", l.echo.Port()), []byte("ping")), cat(okPass, boundEcho), true},
+		{"connect without auth", "127.0.0.3", cat(greetNone, connect4(l.echo), []byte("ping")), cat([]byte{5, 0}, boundEcho), true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			before := l.accepts.Load()
+			got := l.talk(t, c.src, c.in, false)
+			if c.pfx {
+				// reply, bound port (2 bytes), then the echoed data
+				if len(got) != len(c.want)+2+4 || !bytes.Equal(got[:len(c.want)], c.want) || string(got[len(got)-4:]) != "ping" {
+					t.Fatalf("got %x, want %x + port + ping", got, c.want)
+				}
+				return
+			}
+			if !bytes.Equal(got, c.want) {
+				t.Fatalf("got %x, want %x", got, c.want)
+			}
+			if n := l.accepts.Load() - before; n != 0 {
+				t.Fatalf("a refused request reached the server (%d connections)", n)
+			}
+		})
+	}
+}
+
+// TestDeniedDomainNotResolved: a name the rules deny is refused before
+// any DNS query.
+func TestDeniedDomainNotResolved(t *testing.T) {
+	l := startLab(t)
+	q := l.dns.Queries.Load()
+	got := l.talk(t, "127.0.0.1", cat(greetPass, login("alice", "s3cret"), connectName("www.denied.test", 80)), false)
+	if !bytes.Equal(got, cat(okPass, failReply(NotAllowed))) {
+		t.Fatalf("got %x", got)
+	}
+	if n := l.dns.Queries.Load() - q; n != 0 {
+		t.Fatalf("%d DNS queries for a denied name", n)
+	}
+}
+
+// TestResolverTimeout: a resolver that does not answer gets 0x06.
+func TestResolverTimeout(t *testing.T) {
+	l := startLab(t)
+	l.dns.Silent.Store(true)
+	got := l.talk(t, "127.0.0.1", cat(greetPass, login("alice", "s3cret"), connectName("echo.test", 80)), false)
+	if !bytes.Equal(got, cat(okPass, failReply(TTLExpired))) {
+		t.Fatalf("got %x", got)
+	}
+}
+
+// TestSlowLoris: a client that stops mid-greeting is closed at the
+// handshake timeout.
+func TestSlowLoris(t *testing.T) {
+	l := startLab(t)
+	start := time.Now()
+	got := l.talk(t, "127.0.0.1", []byte{5}, true)
+	if len(got) != 0 {
+		t.Fatalf("got %x", got)
+	}
+	if d := time.Since(start); d > 4*time.Second {
+		t.Fatalf("closed after %v; handshake_timeout is 2s", d)
+	}
+	if n := l.p.result(resultTimeout); n != 1 {
+		t.Fatalf("timeouts counted: %d", n)
+	}
+}
+
+// TestBruteForceBackOff: after failed_logins failures a source is backed
+// off: even the right password fails, without a bcrypt check, and other
+// sources are not affected.
+func TestBruteForceBackOff(t *testing.T) {
+	l := startLab(t)
+	wrong := cat(greetPass, login("alice", "nope"))
+	right := cat(greetPass, login("alice", "s3cret"))
+	for i := 0; i < 3; i++ {
+		if got := l.talk(t, "127.0.0.5", wrong, false); !bytes.Equal(got, []byte{5, 2, 1, 1}) {
+			t.Fatalf("attempt %d: got %x", i, got)
+		}
+	}
+	start := time.Now()
+	if got := l.talk(t, "127.0.0.5", right, false); !bytes.Equal(got, []byte{5, 2, 1, 1}) {
+		t.Fatalf("backed-off source logged in: %x", got)
+	}
+	if d := time.Since(start); d > 30*time.Millisecond {
+		t.Logf("backed-off refusal took %v", d)
+	}
+	if got := l.talk(t, "127.0.0.6", right, false); !bytes.Equal(got, okPass) {
+		t.Fatalf("another source: got %x", got)
+	}
+	if l.p.result(resultBackedOff) != 1 || l.p.result(resultAuthFailed) != 3 {
+		t.Fatalf("results %v", l.p.Metrics())
+	}
+	// Failed logins are logged once per 10 s; the next line counts the
+	// ones dropped.
+	if n := strings.Count(l.log.String(), `"msg":"socks5: login failed"`); n != 1 {
+		t.Errorf("%d login-failed lines for 3 failures in a row, want 1 (rate-limited)", n)
+	}
+	if n := l.p.LogSuppressed(); n != 2 {
+		t.Errorf("%d lines suppressed, want 2", n)
+	}
+}
+
+// TestUsersReload: a user added to the file logs in after Reload; a
+// broken file keeps the users in force.
+func TestUsersReload(t *testing.T) {
+	l := startLab(t)
+	carol := cat(greetPass, login("carol", "pw"))
+	if got := l.talk(t, "127.0.0.7", carol, false); !bytes.Equal(got, []byte{5, 2, 1, 1}) {
+		t.Fatalf("unknown carol: %x", got)
+	}
+	hash, _ := HashPassword([]byte("pw"))
+	f := l.p.conf.UsersFile
+	old, _ := os.ReadFile(f)
+	os.WriteFile(f, append(old, []byte("carol:"+hash+"\n")...), 0o600)
+	if err := l.p.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if got := l.talk(t, "127.0.0.7", carol, false); !bytes.Equal(got, okPass) {
+		t.Fatalf("carol after reload: %x", got)
+	}
+	os.WriteFile(f, []byte("carol:not-a-hash\n"), 0o600)
+	if err := l.p.Reload(); err == nil || !strings.Contains(err.Error(), "line 1") {
+		t.Fatalf("broken file: %v", err)
+	}
+	if got := l.talk(t, "127.0.0.7", carol, false); !bytes.Equal(got, okPass) {
+		t.Fatalf("carol after a failed reload: %x", got)
+	}
+}
+
+func TestDialReply(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want Reply
+	}{
+		{&net.OpError{Op: "dial", Err: os.NewSyscallError("connect", errnoRefused)}, ConnectionRefused},
+		{&net.OpError{Op: "dial", Err: os.NewSyscallError("connect", errnoHostUnreach)}, HostUnreachable},
+		{&net.OpError{Op: "dial", Err: os.NewSyscallError("connect", errnoNetUnreach)}, NetworkUnreachable},
+		{&net.OpError{Op: "dial", Err: os.NewSyscallError("connect", errnoTimedOut)}, TTLExpired},
+		{context.DeadlineExceeded, TTLExpired},
+		{io.ErrUnexpectedEOF, GeneralFailure},
+	} {
+		if got := dialReply(c.err); got != c.want {
+			t.Errorf("%v: got %v, want %v", c.err, got, c.want)
+		}
+	}
+}
+
+func (p *Proxy) result(name string) uint64 {
+	p.statsMu.Lock()
+	defer p.statsMu.Unlock()
+	return p.results[name]
+}
+
+// TestMaxSessions: connections beyond max_sessions are reset at once,
+// handshaking ones included; a slot frees when a session ends.
+func TestMaxSessions(t *testing.T) {
+	l := startLab(t, "      max_sessions: 2\n")
+	var held []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp4", l.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write([]byte{5}) // a handshake that waits
+		held = append(held, c)
+	}
+	// The proxy counts a session when it accepts it: wait for both.
+	deadline := time.Now().Add(3 * time.Second)
+	for l.p.sessions.Load() < 2 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if c, err := net.Dial("tcp4", l.addr); err == nil { // reset: the dial may fail, or the read
+		c.Write(greetPass)
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		got, _ := io.ReadAll(c)
+		c.Close()
+		if len(got) != 0 {
+			t.Fatalf("third session answered %x", got)
+		}
+	}
+	if n := l.p.result(resultCap); n != 1 {
+		t.Fatalf("session_cap counted %d times", n)
+	}
+	held[0].Close()
+	deadline = time.Now().Add(3 * time.Second)
+	for l.p.sessions.Load() > 1 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if got := l.talk(t, "127.0.0.1", greetPass, false); !bytes.Equal(got, []byte{5, MethodPassword}) {
+		t.Fatalf("after a session ended: %x", got)
+	}
+}
+
+// TestConcurrentClients: 50 clients at once, each through its own
+// handshake to the echo server with 64 KiB of distinct data.
+func TestConcurrentClients(t *testing.T) {
+	l := startLab(t)
+	errs := make(chan error, 50)
+	for i := range 50 {
+		go func() {
+			d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.3")}}
+			c, err := d.Dial("tcp4", l.addr)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			data := bytes.Repeat([]byte{byte(i)}, 64<<10)
+			c.Write(cat(greetNone, connect4(l.echo)))
+			go func() { c.Write(data); c.(*net.TCPConn).CloseWrite() }()
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			got, err := io.ReadAll(c)
+			if err != nil {
+				errs <- err
+				return
+			}
+			if len(got) != 2+10+len(data) || !bytes.Equal(got[12:], data) {
+				errs <- fmt.Errorf("client %d: %d bytes back", i, len(got))
+				return
+			}
+			errs <- nil
+		}()
+	}
+	for range 50 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// BenchmarkConnectSetup: one SOCKS5 session per iteration on loopback,
+// without authentication: greeting, CONNECT to the echo server, one byte
+// each way, close (the issue's connection setup rate, proxy side only).
+func BenchmarkConnectSetup(b *testing.B) {
+	l := startLab(b)
+	req := cat(greetNone, connect4(l.echo), []byte{'x'})
+	want := 2 + 10 + 1
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.3")}}
+	buf := make([]byte, 64)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for b.Loop() {
+		c, err := d.Dial("tcp4", l.addr)
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Write(req)
+		n := 0
+		for n < want {
+			m, err := c.Read(buf[n:])
+			if err != nil {
+				b.Fatal(err)
+			}
+			n += m
+		}
+		c.Close()
+	}
+}

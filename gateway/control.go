@@ -175,10 +175,11 @@ func describeFlow(f *proxy.Flow, sf *splicedFlow) api.Flow {
 	if f.Local.IsValid() { // a direct flow: the client connected to the gateway
 		local = f.Local
 	}
+	upstream, backend := f.ServerLeg()
 	af := api.Flow{
 		ID: f.ID, Service: f.Service, Proxy: f.Proxy, State: f.State().String(), User: f.User,
 		ClientLeg: api.Leg{Local: local.String(), Remote: f.Client.String()},
-		ServerLeg: api.Leg{Local: f.Upstream.String(), Remote: f.Backend.String()},
+		ServerLeg: api.Leg{Local: upstream.String(), Remote: backend.String()},
 		BytesC2S:  uint64(f.C2S.Load()), BytesS2C: uint64(f.S2C.Load()),
 		Started: f.Started, AgeSec: time.Since(f.Started).Seconds(),
 	}
@@ -228,7 +229,8 @@ func (g *Gateway) handleFlows(w http.ResponseWriter, r *http.Request) {
 		if state != "" && f.State().String() != state {
 			continue
 		}
-		ends := []netip.AddrPort{f.Client, f.Server, f.Upstream, f.Backend}
+		upstream, backend := f.ServerLeg()
+		ends := []netip.AddrPort{f.Client, f.Server, upstream, backend}
 		if addr.IsValid() && !slices.ContainsFunc(ends, func(e netip.AddrPort) bool { return e.Addr() == addr }) {
 			continue
 		}

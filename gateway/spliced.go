@@ -38,7 +38,7 @@ const timeWaitMargin = 65 * time.Second
 func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, keys [2]splice.Key, queue uint16, params *splice.Params) {
 	g.splicedMu.Lock()
 	g.spliced[f.ID] = &splicedFlow{flow: f, entry: e, keys: keys, queue: queue, params: *params, splicedAt: time.Now()}
-	g.jumped[[2]netip.AddrPort{f.Upstream, f.Backend}] = time.Time{} // until it ends
+	g.jumped[serverLeg(f)] = time.Time{} // until it ends
 	g.splicedMu.Unlock()
 }
 
@@ -93,7 +93,7 @@ func (g *Gateway) reap(now time.Time) {
 				idle = append(idle, sf)
 			}
 			sf.flow.SetState(proxy.StateClosing)
-			g.jumped[[2]netip.AddrPort{sf.flow.Upstream, sf.flow.Backend}] = now.Add(timeWaitMargin)
+			g.jumped[serverLeg(sf.flow)] = now.Add(timeWaitMargin)
 		}
 	}
 	for t, until := range g.jumped {
@@ -229,4 +229,10 @@ func (g *Gateway) endPassthrough(f *proxy.Flow) {
 	if err := g.diverter.Delete(tr.queue, tr.keys[0], tr.keys[1]); err != nil {
 		g.log.Error("remove divert entries of an unspliced flow", logging.KeyFlow, f.ID, logging.Err(err))
 	}
+}
+
+// serverLeg is a flow's server leg as a key of jumped.
+func serverLeg(f *proxy.Flow) [2]netip.AddrPort {
+	upstream, backend := f.ServerLeg()
+	return [2]netip.AddrPort{upstream, backend}
 }

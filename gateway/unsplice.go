@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/netip"
 	"time"
 
 	"spliced/api"
@@ -193,7 +192,7 @@ func (g *Gateway) abandonUnsplice(sf *splicedFlow, tr *transition, why error) er
 	_, mine := g.spliced[f.ID] // else the reaper ended it meanwhile
 	delete(g.spliced, f.ID)
 	if mine {
-		g.jumped[[2]netip.AddrPort{f.Upstream, f.Backend}] = time.Now().Add(timeWaitMargin)
+		g.jumped[serverLeg(f)] = time.Now().Add(timeWaitMargin)
 	}
 	g.splicedMu.Unlock()
 	if mine {

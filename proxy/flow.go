@@ -61,6 +61,10 @@ type Flow struct {
 	Local netip.AddrPort
 	// User is who the client authenticated as (SOCKS5), or "".
 	User string
+	// legMu guards Upstream and Backend once the flow is in the table: a
+	// proxy changes them (the HTTP proxy reconnects to another backend)
+	// with SetServerLeg while others read them with ServerLeg.
+	legMu sync.Mutex
 
 	// spliceReq carries requests (an operator's) to splice the flow now.
 	spliceReq chan struct{}
@@ -208,4 +212,20 @@ func (t *FlowTable) List() []*Flow {
 	t.mu.Unlock()
 	slices.SortFunc(out, func(a, b *Flow) int { return cmp.Compare(a.ID, b.ID) })
 	return out
+}
+
+// SetServerLeg sets the upstream connection's local address and its
+// backend.
+func (f *Flow) SetServerLeg(upstream, backend netip.AddrPort) {
+	f.legMu.Lock()
+	f.Upstream, f.Backend = upstream, backend
+	f.legMu.Unlock()
+}
+
+// ServerLeg returns the upstream connection's local address and its
+// backend: the server leg's ends.
+func (f *Flow) ServerLeg() (upstream, backend netip.AddrPort) {
+	f.legMu.Lock()
+	defer f.legMu.Unlock()
+	return f.Upstream, f.Backend
 }

@@ -168,7 +168,7 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 			logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, logging.Err(err))
 		return
 	}
-	flow.Upstream = addrPort(up.LocalAddr())
+	flow.SetServerLeg(addrPort(up.LocalAddr()), flow.Backend)
 	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream))
 	f.Event(EventOpened, flow, string(svc.Upstream))
 
@@ -215,8 +215,8 @@ func (f *Forwarder) handleDirect(c *net.TCPConn, flow *Flow) {
 	done := backend.Opened()
 	defer done()
 	flow.Local = flow.Server // the listen address the client connected to
-	flow.Server, flow.Backend = backend.Addr, backend.Addr
-	flow.Upstream = addrPort(up.LocalAddr())
+	flow.Server = backend.Addr
+	flow.SetServerLeg(addrPort(up.LocalAddr()), backend.Addr)
 	log := f.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
 	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream), "listen", addrPort(c.LocalAddr()))
 	f.Event(EventOpened, flow, string(svc.Upstream))

@@ -72,7 +72,7 @@ func (p *Proxy) handle(c *net.TCPConn) {
 			logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, logging.Err(err))
 		return
 	}
-	flow.Upstream = proxy.AddrPort(up.LocalAddr())
+	flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), flow.Backend)
 	s := newSession(p, flow, c, up, log)
 	log.Info("ftp session opened", logging.KeyUpstream, flow.Upstream, "internal", s.internal, "external", s.external)
 	p.Event(proxy.EventOpened, flow, "ftp")

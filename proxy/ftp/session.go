@@ -472,8 +472,7 @@ func closeAll(lns []*net.TCPListener) {
 func (s *session) relayData(client, server *net.TCPConn) {
 	p := s.p
 	flow := proxy.NewFlow(p.Service.Name, KindData, proxy.AddrPort(client.RemoteAddr()), proxy.AddrPort(client.LocalAddr()))
-	flow.Upstream = proxy.AddrPort(server.LocalAddr())
-	flow.Backend = proxy.AddrPort(server.RemoteAddr())
+	flow.SetServerLeg(proxy.AddrPort(server.LocalAddr()), proxy.AddrPort(server.RemoteAddr()))
 	if !p.Flows.Admit(flow) {
 		proxy.Reset(client)
 		proxy.Reset(server)

@@ -370,8 +370,7 @@ func (c *conn) connect(pl *pool) error {
 		c.up = up
 		c.mu.Unlock()
 		c.ur, c.upTo = bufio.NewReader(up), b
-		c.flow.Backend = b.addr
-		c.flow.Upstream = proxy.AddrPort(up.LocalAddr())
+		c.flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), b.addr)
 		return nil
 	}
 	return errors.Join(errs...)

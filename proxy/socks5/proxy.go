@@ -335,8 +335,8 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 			errs = append(errs, err)
 			continue
 		}
-		flow.Server, flow.Backend = dst, dst
-		flow.Upstream = proxy.AddrPort(up.LocalAddr())
+		flow.Server = dst
+		flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), dst)
 		if _, err := h.c.Write(appendReply(nil, Succeeded, flow.Upstream)); err != nil {
 			up.Close()
 			p.Flows.Remove(flow)

@@ -80,8 +80,10 @@ func (r *Relay) HalfClosed() bool { return r.eof[dirC2S] || r.eof[dirS2C] }
 // fails, or the relay is paused. On every outcome but Paused both
 // connections are closed when Run returns.
 func (r *Relay) Run() (Outcome, error) {
-	r.pausing.Store(false)
-	r.aborting.Store(false)
+	// A Pause or Close that came before Run started holds: Run returns
+	// Paused (and consumes the pause) or Failed at once. Clearing them
+	// here lost one that beat the goroutine running Run, which then
+	// waited to read for ever behind a cleared deadline.
 	r.lastActive.Store(time.Now().UnixNano())
 	results := make(chan dirResult, 2)
 	running := 0
@@ -119,6 +121,7 @@ func (r *Relay) Run() (Outcome, error) {
 	case Paused:
 		// Clear the past deadline Pause set so the caller can use the
 		// connections (or hand them over) at once.
+		r.pausing.Store(false)
 		r.Client.SetReadDeadline(time.Time{})
 		r.Upstream.SetReadDeadline(time.Time{})
 		return Paused, nil

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"spliced/api"
 	"spliced/ctl"
 	"spliced/testnet"
 )
@@ -91,11 +92,11 @@ services:
 	nft(t, &lab.Server().NS, "add table inet lose",
 		"add chain inet lose in { type filter hook input priority 0; }",
 		`add rule inet lose in iifname "eth0" tcp dport 7100 counter drop`)
-	if err := d.WaitLog(20*time.Second, func(l map[string]any) bool { return l["msg"] == testnetStallMsg }); err != nil {
+	if err := d.WaitLog(20*time.Second, func(l map[string]any) bool { return l["msg"] == stallMsg }); err != nil {
 		f, _ := d.Client().Flow(context.Background(), id)
 		t.Fatalf("no stall reported: %v\n%s\n%+v", err, tail(d.Log(), 10), f)
 	}
-	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == testnetStallMsg })
+	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == stallMsg })
 	if rec["direction"] != "c2s" || uint64(rec["flow"].(float64)) != id {
 		t.Errorf("stall reported for flow %v direction %v, want flow %d c2s", rec["flow"], rec["direction"], id)
 	}
@@ -153,9 +154,16 @@ services:
 	}
 }
 
-const testnetStallMsg = "spliced flow stalled: data unacknowledged while the flow is alive; please report it with this line"
+const stallMsg = "spliced flow stalled: data unacknowledged while the flow is alive; please report it with this line"
 
+// stalledFlows is the number of stalls the daemon counted.
 func stalledFlows(t *testing.T, d *testnet.Daemon) uint64 {
+	t.Helper()
+	return spliceEngine(t, d).StalledFlows
+}
+
+// spliceEngine returns the splice engine's part of the daemon's status.
+func spliceEngine(t *testing.T, d *testnet.Daemon) api.Engine {
 	t.Helper()
 	st, err := d.Client().Status(context.Background())
 	if err != nil {
@@ -163,11 +171,11 @@ func stalledFlows(t *testing.T, d *testnet.Daemon) uint64 {
 	}
 	for _, e := range st.Engines {
 		if e.Name == "splice" {
-			return e.StalledFlows
+			return e
 		}
 	}
 	t.Fatal("no splice engine in the status")
-	return 0
+	return api.Engine{}
 }
 
 // countingHash hashes what is written to it and counts the bytes, which

@@ -299,28 +299,28 @@ const (
 )
 
 func (c *Config) applyDefaults() {
-	setDefault(&c.Log.Level, "info")
-	setDefault(&c.Log.Format, "auto")
-	setDefault(&c.Kernel.Table, DefaultTable)
-	setDefault(&c.Kernel.Mark, DefaultMark)
-	setDefault(&c.Kernel.RouteTable, DefaultRouteTable)
-	setDefault(&c.Kernel.RulePriority, DefaultRulePriority)
-	setDefault(&c.Limits.MaxFlows, DefaultMaxFlows)
-	setDefault(&c.Kernel.Queue, DefaultQueue)
-	setDefault(&c.Kernel.Queues, runtime.NumCPU())
-	setDefault(&c.Kernel.QueueLen, DefaultQueueLen)
-	setDefault(&c.Kernel.DivertTimeout, Duration(DefaultDivertTimeout))
-	setDefault(&c.Kernel.NFQueue, "lean")
-	setDefault(&c.Kernel.Repair, "on")
-	setDefault(&c.Control.Socket, "/run/spliced/spliced.sock")
+	SetDefault(&c.Log.Level, "info")
+	SetDefault(&c.Log.Format, "auto")
+	SetDefault(&c.Kernel.Table, DefaultTable)
+	SetDefault(&c.Kernel.Mark, DefaultMark)
+	SetDefault(&c.Kernel.RouteTable, DefaultRouteTable)
+	SetDefault(&c.Kernel.RulePriority, DefaultRulePriority)
+	SetDefault(&c.Limits.MaxFlows, DefaultMaxFlows)
+	SetDefault(&c.Kernel.Queue, DefaultQueue)
+	SetDefault(&c.Kernel.Queues, runtime.NumCPU())
+	SetDefault(&c.Kernel.QueueLen, DefaultQueueLen)
+	SetDefault(&c.Kernel.DivertTimeout, Duration(DefaultDivertTimeout))
+	SetDefault(&c.Kernel.NFQueue, "lean")
+	SetDefault(&c.Kernel.Repair, "on")
+	SetDefault(&c.Control.Socket, "/run/spliced/spliced.sock")
 	if c.Control.Socket == "off" {
 		c.Control.Socket = ""
 	}
 	for i := range c.Services {
 		s := &c.Services[i]
-		setDefault(&s.Proxy, ProxyForward)
+		SetDefault(&s.Proxy, ProxyForward)
 		if def := LookupProxy(s.Proxy); def != nil {
-			setDefault(&s.ListenMode, def.Modes[0])
+			SetDefault(&s.ListenMode, def.Modes[0])
 			if def.Section != "" {
 				if s.Sections == nil {
 					s.Sections = map[string]any{}
@@ -333,19 +333,21 @@ func (c *Config) applyDefaults() {
 				def.Defaults(s)
 			}
 		}
-		setDefault(&s.ListenMode, ListenTransparent)
-		setDefault(&s.Upstream, Transparent)
-		setDefault(&s.ConnectTimeout, Duration(DefaultConnectTimeout))
-		setDefault(&s.IdleTimeout, Duration(DefaultIdleTimeout))
-		setDefault(&s.Backlog, DefaultBacklog)
-		setDefault(&s.Access.Default, Allow)
-		setDefault(&s.Splice.Mode, SpliceNever)
-		setDefault(&s.Splice.DrainTimeout, Duration(DefaultDrainTimeout))
-		setDefault(&s.Splice.StallAfter, Duration(DefaultStallAfter))
+		SetDefault(&s.ListenMode, ListenTransparent)
+		SetDefault(&s.Upstream, Transparent)
+		SetDefault(&s.ConnectTimeout, Duration(DefaultConnectTimeout))
+		SetDefault(&s.IdleTimeout, Duration(DefaultIdleTimeout))
+		SetDefault(&s.Backlog, DefaultBacklog)
+		SetDefault(&s.Access.Default, Allow)
+		SetDefault(&s.Splice.Mode, SpliceNever)
+		SetDefault(&s.Splice.DrainTimeout, Duration(DefaultDrainTimeout))
+		SetDefault(&s.Splice.StallAfter, Duration(DefaultStallAfter))
 	}
 }
 
-func setDefault[T comparable](p *T, v T) {
+// SetDefault sets *p to v if *p is the zero value: a setting left out
+// takes its default. Proxy packages use it for their sections.
+func SetDefault[T comparable](p *T, v T) {
 	var zero T
 	if *p == zero {
 		*p = v

@@ -223,10 +223,10 @@ func init() {
 		Defaults: func(s *Service) {
 			f := s.Section().(*Forward)
 			if s.ListenMode == ListenDirect {
-				setDefault(&s.Upstream, NAT)
+				SetDefault(&s.Upstream, NAT)
 			}
-			setDefault(&f.Balance, "round_robin")
-			setDefault(&f.BackendDownFor, Duration(DefaultBackendDownFor))
+			SetDefault(&f.Balance, "round_robin")
+			SetDefault(&f.BackendDownFor, Duration(DefaultBackendDownFor))
 		},
 		Validate: func(s *Service, bad func(key, value, msg string)) {
 			f := s.Section().(*Forward)

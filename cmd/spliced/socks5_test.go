@@ -215,29 +215,7 @@ func provenSplicedLast(lab *testnet.Lab, d *testnet.Daemon) error {
 			client = fmt.Sprint(l["client"])
 		}
 	}
-	before, err := queuedPackets(lab)
-	if err != nil {
-		return err
-	}
-	out, err := lab.Gateway.Run("ss", "-tanH", "state", "all")
-	if err != nil {
-		return err
-	}
-	for _, line := range strings.Split(out, "\n") {
-		if strings.Contains(line, client+" ") || strings.HasSuffix(line, client) {
-			return fmt.Errorf("the gateway still has a socket of spliced flow %s: %s", client, line)
-		}
-	}
-	return testnet.Poll(5*time.Second, func() error {
-		after, err := queuedPackets(lab)
-		if err != nil {
-			return err
-		}
-		if after <= before {
-			return fmt.Errorf("queue counter did not grow (%d -> %d)", before, after)
-		}
-		return nil
-	})
+	return splicedAway(lab, client)
 }
 
 // TestLabSOCKSRefused: a denied destination gets 0x02 and the server

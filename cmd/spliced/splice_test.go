@@ -138,7 +138,12 @@ func provenSpliced(lab *testnet.Lab, d *testnet.Daemon) error {
 		return fmt.Errorf("no splice within 10s: %w", err)
 	}
 	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" })
-	client := fmt.Sprint(rec["client"])
+	return splicedAway(lab, fmt.Sprint(rec["client"]))
+}
+
+// splicedAway checks that the gateway holds no TCP socket whose peer is
+// client, and that packets go through the queues (their counter grows).
+func splicedAway(lab *testnet.Lab, client string) error {
 	before, err := queuedPackets(lab)
 	if err != nil {
 		return err

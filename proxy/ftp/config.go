@@ -68,21 +68,14 @@ func init() { proxy.Register(Kind) }
 // conf is the ftp section of the proxy's service.
 func (p *Proxy) conf() *Config { return p.Service.Section().(*Config) }
 
-func setDefault[T comparable](p *T, v T) {
-	var zero T
-	if *p == zero {
-		*p = v
-	}
-}
-
 func defaults(s *config.Service) {
-	setDefault(&s.Upstream, config.NAT)
+	config.SetDefault(&s.Upstream, config.NAT)
 	c := s.Section().(*Config)
-	setDefault(&c.DataPorts, config.PortRange{First: DefaultDataFirst, Last: DefaultDataLast})
-	setDefault(&c.MaxLine, DefaultMaxLine)
-	setDefault(&c.SessionTimeout, config.Duration(DefaultSessionTimeout))
-	setDefault(&c.DataTimeout, config.Duration(DefaultDataTimeout))
-	setDefault(&c.MaxSessions, DefaultMaxSessions)
+	config.SetDefault(&c.DataPorts, config.PortRange{First: DefaultDataFirst, Last: DefaultDataLast})
+	config.SetDefault(&c.MaxLine, DefaultMaxLine)
+	config.SetDefault(&c.SessionTimeout, config.Duration(DefaultSessionTimeout))
+	config.SetDefault(&c.DataTimeout, config.Duration(DefaultDataTimeout))
+	config.SetDefault(&c.MaxSessions, DefaultMaxSessions)
 }
 
 func validate(s *config.Service, bad func(key, value, msg string)) {

@@ -68,24 +68,17 @@ func init() { proxy.Register(Registration) }
 // conf is the http section of the proxy's service.
 func (p *Proxy) conf() *Config { return p.Service.Section().(*Config) }
 
-func setDefault[T comparable](p *T, v T) {
-	var zero T
-	if *p == zero {
-		*p = v
-	}
-}
-
 func defaults(s *config.Service) {
-	setDefault(&s.Upstream, config.NAT)
+	config.SetDefault(&s.Upstream, config.NAT)
 	c := s.Section().(*Config)
-	setDefault(&c.SpliceMin, config.ByteSize(DefaultSpliceMin))
-	setDefault(&c.Forwarded, "x-forwarded-for")
-	setDefault(&c.BackendDownFor, config.Duration(DefaultBackendDownFor))
+	config.SetDefault(&c.SpliceMin, config.ByteSize(DefaultSpliceMin))
+	config.SetDefault(&c.Forwarded, "x-forwarded-for")
+	config.SetDefault(&c.BackendDownFor, config.Duration(DefaultBackendDownFor))
 	for j := range c.Routes {
 		r := &c.Routes[j]
-		setDefault(&r.Path, "/")
-		setDefault(&r.Action, config.Allow)
-		setDefault(&r.Balance, "round_robin")
+		config.SetDefault(&r.Path, "/")
+		config.SetDefault(&r.Action, config.Allow)
+		config.SetDefault(&r.Balance, "round_robin")
 	}
 }
 

@@ -116,27 +116,20 @@ const Kind = "socks5"
 
 func init() { proxy.Register(Registration) }
 
-func setDefault[T comparable](p *T, v T) {
-	var zero T
-	if *p == zero {
-		*p = v
-	}
-}
-
 func defaults(s *config.Service) {
-	setDefault(&s.Upstream, config.NAT)
-	setDefault(&s.Splice.Mode, config.SpliceImmediate)
+	config.SetDefault(&s.Upstream, config.NAT)
+	config.SetDefault(&s.Splice.Mode, config.SpliceImmediate)
 	c := s.Section().(*Config)
 	if c.UsersFile != "" {
-		setDefault(&c.Method, Password)
+		config.SetDefault(&c.Method, Password)
 	}
-	setDefault(&c.Method, None)
-	setDefault(&c.Default, config.Allow)
-	setDefault(&c.ResolveTimeout, config.Duration(DefaultResolveTimeout))
-	setDefault(&c.HandshakeTimeout, config.Duration(DefaultHandshakeTimeout))
-	setDefault(&c.MaxSessions, DefaultMaxSessions)
-	setDefault(&c.FailedLogins, DefaultFailedLogins)
-	setDefault(&c.BackOff, config.Duration(DefaultBackOff))
+	config.SetDefault(&c.Method, None)
+	config.SetDefault(&c.Default, config.Allow)
+	config.SetDefault(&c.ResolveTimeout, config.Duration(DefaultResolveTimeout))
+	config.SetDefault(&c.HandshakeTimeout, config.Duration(DefaultHandshakeTimeout))
+	config.SetDefault(&c.MaxSessions, DefaultMaxSessions)
+	config.SetDefault(&c.FailedLogins, DefaultFailedLogins)
+	config.SetDefault(&c.BackOff, config.Duration(DefaultBackOff))
 	for i := range c.Rules {
 		for j, d := range c.Rules[i].Domains {
 			c.Rules[i].Domains[j] = strings.TrimSuffix(strings.ToLower(d), ".")

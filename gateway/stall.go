@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"spliced/api"
+	"spliced/config"
 	"spliced/logging"
 	"spliced/splice"
 )
@@ -80,7 +81,7 @@ func (g *Gateway) stallAfter(service string) time.Duration {
 	if s := g.config().Service(service); s != nil && s.Splice.StallAfter > 0 {
 		return s.Splice.StallAfter.D()
 	}
-	return 15 * time.Second
+	return config.DefaultStallAfter // a service that ended: its flows keep the default
 }
 
 // engineState describes both directions of a spliced flow for the API and

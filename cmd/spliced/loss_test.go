@@ -26,8 +26,9 @@ import (
 // TestLabSpliceUnderInputLoss: flows spliced at once or after a few bytes
 // while 3% of the TCP packets that reach the client and the server are
 // lost (the packets the gateway forwards, injects and releases among
-// them), transparent and NAT upstreams, IPv4 and IPv6 alternating, data
-// both ways at once. Every flow must finish intact: a spliced flow that
+// them), transparent and NAT upstreams, IPv4 and IPv6 alternating, 8 KiB
+// to 1 MiB both ways at once (above the 4 KiB splice threshold, so every
+// flow of the bytes services is due to splice). Every flow must finish intact: a spliced flow that
 // stalls is a lost connection. SPLICED_LOSS_FLOWS sets the number of flows
 // (default 96); SPLICED_LOSS sets the loss in percent.
 func TestLabSpliceUnderInputLoss(t *testing.T) {
@@ -142,7 +143,7 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 	}
 	for i := range flows {
 		jobs <- job{i: i, svc: i % len(services), v6: (i/len(services))%2 == 1,
-			c2s: 1 + rng.Int64N(1<<20), s2c: 1 + rng.Int64N(1<<20)}
+			c2s: 8<<10 + rng.Int64N(1<<20), s2c: 8<<10 + rng.Int64N(1<<20)}
 	}
 	close(jobs)
 	wg.Wait()

@@ -132,8 +132,9 @@ func (p *Proxy) handle(c *net.TCPConn) {
 	client := proxy.AddrPort(c.RemoteAddr())
 	if n := p.sessions.Add(1); int(n) > p.conf.MaxSessions {
 		p.sessions.Add(-1)
-		proxy.Reset(c)
+		// Counted before the reset: whoever sees the reset sees the count.
 		p.count(resultCap)
+		proxy.Reset(c)
 		p.LogLimited("socks5 sessions", slog.LevelWarn, "socks5: session cap reached, refusing new connections",
 			"max_sessions", p.conf.MaxSessions, logging.KeyClient, client, "fix", "raise socks5.max_sessions of the service")
 		return

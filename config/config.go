@@ -56,6 +56,14 @@ type Kernel struct {
 	// with policy routing (default 0x5c1). Only these bits of the mark are
 	// set or matched, so other users of the mark keep theirs.
 	Mark Hex32 `yaml:"mark"`
+	// CtMark is the conntrack mark bit spliced sets on a connection whose
+	// SYN it intercepted, until a socket of the gateway has seen the
+	// connection (default 0x5c10000). It lets the ACK that completes a SYN
+	// cookie handshake reach the listener: under a SYN flood the listener
+	// answers with cookies and keeps no state of its own. Only these bits
+	// of the conntrack mark are set or matched. Its rules make the kernel
+	// track connections in the gateway's network namespace.
+	CtMark Hex32 `yaml:"ct_mark"`
 	// RouteTable is the routing table holding the local default routes that
 	// deliver marked packets to the proxies (default 100).
 	RouteTable uint32 `yaml:"route_table"`
@@ -285,6 +293,7 @@ func containsPort(rs []PortRange, port uint16) bool {
 const (
 	DefaultTable          = "spliced"
 	DefaultMark           = 0x5c1
+	DefaultCtMark         = 0x5c10000
 	DefaultRouteTable     = 100
 	DefaultRulePriority   = 100
 	DefaultMaxFlows       = 10000
@@ -303,6 +312,7 @@ func (c *Config) applyDefaults() {
 	SetDefault(&c.Log.Format, "auto")
 	SetDefault(&c.Kernel.Table, DefaultTable)
 	SetDefault(&c.Kernel.Mark, DefaultMark)
+	SetDefault(&c.Kernel.CtMark, DefaultCtMark)
 	SetDefault(&c.Kernel.RouteTable, DefaultRouteTable)
 	SetDefault(&c.Kernel.RulePriority, DefaultRulePriority)
 	SetDefault(&c.Limits.MaxFlows, DefaultMaxFlows)

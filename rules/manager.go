@@ -245,7 +245,7 @@ func explainNFT(err error) error {
 func (m *Manager) UpdateServices(from Spec) (bool, error) {
 	spec := m.Spec()
 	from.Divert.NativeQueue = spec.Divert.NativeQueue
-	if from.Table != spec.Table || from.Mark != spec.Mark || from.RouteTable != spec.RouteTable ||
+	if from.Table != spec.Table || from.Mark != spec.Mark || from.CtMark != spec.CtMark || from.RouteTable != spec.RouteTable ||
 		from.RulePriority != spec.RulePriority || from.Divert != spec.Divert {
 		return false, nil
 	}

@@ -42,6 +42,15 @@ func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) er
 	svc := c.AddChain(&nftables.Chain{Name: ChainServices, Table: t})
 	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: concat(
 		l4protoTCP(),
+		matchCtMark(spec.CtMark),
+		[]expr.Any{
+			&expr.Socket{Key: expr.SocketKeyTransparent, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}},
+		},
+		setCtMark(spec.CtMark, false),
+	)})
+	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: concat(
+		l4protoTCP(),
 		[]expr.Any{
 			&expr.Socket{Key: expr.SocketKeyTransparent, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}},
@@ -75,18 +84,27 @@ func queueServices(c *nftables.Conn, spec *Spec, t *nftables.Table, chain *nftab
 			if !fam.on {
 				continue
 			}
-			c.AddRule(&nftables.Rule{
-				Table:    t,
-				Chain:    chain,
-				Exprs:    serviceExprs(spec, s, sets, fam.v6),
-				UserData: userdata.AppendString(nil, userdata.TypeComment, ruleComment(s)),
-			})
+			for _, cookieACK := range []bool{false, true} {
+				c.AddRule(&nftables.Rule{
+					Table:    t,
+					Chain:    chain,
+					Exprs:    serviceExprs(spec, s, sets, fam.v6, cookieACK),
+					UserData: userdata.AppendString(nil, userdata.TypeComment, ruleComment(s)),
+				})
+			}
 		}
 	}
 	return nil
 }
 
-func serviceExprs(spec *Spec, s *Service, sets map[string]*nftables.Set, v6 bool) []expr.Any {
+// serviceExprs is one TPROXY rule of a service: for SYNs, or (cookieACK)
+// for the ACK that completes a handshake the listener answered with a SYN
+// cookie. Such an ACK finds no socket (the listener kept no request), so
+// the socket rule of the prerouting chain does not deliver it; the
+// conntrack mark set on the SYN says it belongs to the listener. Any
+// other packet without a socket is routed on as before: a listener would
+// answer it with a reset.
+func serviceExprs(spec *Spec, s *Service, sets map[string]*nftables.Set, v6, cookieACK bool) []expr.Any {
 	nfproto, tproxyFamily := byte(unix.NFPROTO_IPV4), byte(unix.NFPROTO_IPV4)
 	saddrOff, daddrOff, addrLen := uint32(12), uint32(16), uint32(4)
 	if v6 {
@@ -115,13 +133,17 @@ func serviceExprs(spec *Spec, s *Service, sets map[string]*nftables.Set, v6 bool
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: daddrOff, Len: addrLen},
 			lookup(addrSet(s.Name, "dst", v6)))
 	}
-	// tcp flags & (syn|ack) == syn: new connections only.
-	e = append(e,
-		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
-		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0x12}, Xor: []byte{0}},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0x02}},
-	)
-	e = append(e, setMark(spec.Mark)...)
+	if cookieACK {
+		// ct mark & C == C, tcp flags & (syn|rst|ack) == ack.
+		e = append(e, matchCtMark(spec.CtMark)...)
+		e = append(e, tcpFlags(flagSYN|flagRST|flagACK, flagACK)...)
+		e = append(e, setMark(spec.Mark)...)
+	} else {
+		// tcp flags & (syn|ack) == syn: new connections only.
+		e = append(e, tcpFlags(flagSYN|flagACK, flagSYN)...)
+		e = append(e, setMark(spec.Mark)...)
+		e = append(e, setCtMark(spec.CtMark, true)...)
+	}
 	return append(e,
 		&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(s.Listen)},
 		&expr.TProxy{Family: tproxyFamily, TableFamily: unix.NFPROTO_INET, RegPort: 1},
@@ -133,6 +155,50 @@ func l4protoTCP() []expr.Any {
 	return []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+	}
+}
+
+// TCP header flags.
+const (
+	flagSYN = 0x02
+	flagRST = 0x04
+	flagACK = 0x10
+)
+
+// tcpFlags is "tcp flags & mask == want".
+func tcpFlags(mask, want byte) []expr.Any {
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 13, Len: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{mask}, Xor: []byte{0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{want}},
+	}
+}
+
+// matchCtMark is "ct mark & C == C". An untracked packet has no ct mark
+// and does not match.
+func matchCtMark(mark uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(mark),
+			Xor:  binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(mark)},
+	}
+}
+
+// setCtMark is "ct mark set ct mark | C" (on) or "ct mark set ct mark &
+// ~C" (off): only our bits change.
+func setCtMark(mark uint32, on bool) []expr.Any {
+	xor := uint32(0)
+	if on {
+		xor = mark
+	}
+	return []expr.Any{
+		&expr.Ct{Key: expr.CtKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(^mark),
+			Xor:  binaryutil.NativeEndian.PutUint32(xor)},
+		&expr.Ct{Key: expr.CtKeyMARK, SourceRegister: true, Register: 1},
 	}
 }
 

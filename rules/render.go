@@ -3,6 +3,7 @@ package rules
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"spliced/config"
@@ -85,6 +86,7 @@ func Render(spec Spec) string {
 		blocks = append(blocks, divert[len(divert)-1]) // chain
 	}
 	blocks = append(blocks, renderChain(ChainPrerouting, "type filter hook prerouting priority mangle; policy accept;", []string{
+		fmt.Sprintf("meta l4proto tcp %s socket transparent 1 ct mark set ct mark & 0x%08x", ctMarkMatch(spec.CtMark), ^spec.CtMark),
 		fmt.Sprintf("meta l4proto tcp socket transparent 1 %s accept", markSet(spec.Mark)),
 		"jump " + ChainServices,
 	}))
@@ -144,6 +146,10 @@ func renderChain(name, hook string, rules []string) string {
 	return b.String()
 }
 
+func ctMarkMatch(mark uint32) string {
+	return fmt.Sprintf("ct mark & 0x%08x == 0x%08x", mark, mark)
+}
+
 func markSet(mark uint32) string {
 	return fmt.Sprintf("meta mark set meta mark | 0x%08x", mark)
 }
@@ -173,9 +179,11 @@ func serviceRuleText(spec Spec, s *Service) []string {
 		if !s.AnyDst {
 			r = append(r, fmt.Sprintf("%s daddr @%s", fam.ip, addrSet(s.Name, "dst", fam.v6)))
 		}
-		r = append(r, "tcp flags syn / syn,ack", markSet(spec.Mark),
-			fmt.Sprintf("tproxy %s to :%d accept comment %q", fam.ip, s.Listen, ruleComment(s)))
-		out = append(out, strings.Join(r, " "))
+		tproxy := fmt.Sprintf("tproxy %s to :%d accept comment %q", fam.ip, s.Listen, ruleComment(s))
+		syn := append(slices.Clip(r), "tcp flags syn / syn,ack", markSet(spec.Mark),
+			fmt.Sprintf("ct mark set ct mark | 0x%08x", spec.CtMark), tproxy)
+		ack := append(slices.Clip(r), ctMarkMatch(spec.CtMark), "tcp flags ack / syn,rst,ack", markSet(spec.Mark), tproxy)
+		out = append(out, strings.Join(syn, " "), strings.Join(ack, " "))
 	}
 	return out
 }

@@ -6,13 +6,18 @@
 //
 //	set <service>_ports, _dst4, _dst6, _src4, _src6   (interval sets)
 //	chain prerouting  (filter, prerouting, priority mangle)
+//	    first packet of a handshake at our socket: clear the ct mark bit
 //	    packets of our transparent sockets: set the mark, accept
 //	    jump services
-//	chain services    (one TPROXY rule per service and family, SYN only)
+//	chain services    (per service and family: TPROXY of SYNs, setting the
+//	                   ct mark bit; TPROXY of plain ACKs with that bit)
 //
 // Intercepting on SYN only matters: a packet of a flow whose sockets are
 // being torn down must never be handed to a listener (it would answer with
-// a reset). Policy routing (`ip rule fwmark M/M lookup T` and a local
+// a reset). The one exception is the ACK completing a handshake that the
+// listener answered with a SYN cookie: no socket claims it, and the
+// conntrack mark bit (Spec.CtMark) says that the listener should, until a
+// socket of ours has seen a packet of the connection. Policy routing (`ip rule fwmark M/M lookup T` and a local
 // default route in table T, IPv4 and IPv6) delivers marked packets to the
 // local sockets. Routes and rules carry protocol RouteProtocol so a cleanup
 // after a crash finds exactly ours.
@@ -38,6 +43,7 @@ const RouteProtocol = 92
 type Spec struct {
 	Table        string
 	Mark         uint32
+	CtMark       uint32 // conntrack mark of handshakes not yet at a socket
 	RouteTable   uint32
 	RulePriority uint32
 	Services     []Service
@@ -70,6 +76,7 @@ func FromConfig(cfg *config.Config) Spec {
 	spec := Spec{
 		Table:        cfg.Kernel.Table,
 		Mark:         uint32(cfg.Kernel.Mark),
+		CtMark:       uint32(cfg.Kernel.CtMark),
 		RouteTable:   cfg.Kernel.RouteTable,
 		RulePriority: cfg.Kernel.RulePriority,
 		Divert: Divert{

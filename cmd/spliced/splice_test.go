@@ -131,14 +131,37 @@ func (sc *scenario) run(t *testing.T, mode string) *testnet.Daemon {
 }
 
 // provenSpliced checks, while the transfer runs, that the flow was spliced:
-// the gateway holds no TCP socket for it, and packets go through the
-// queues (their counter grows).
+// the gateway holds no TCP socket for it, and its packets went through the
+// queues: the engine forwarded more of its bytes than the payload taken
+// over at the splice. That needs no traffic after the splice is logged
+// (unlike a queue counter that must grow): a transfer's Progress callback
+// calls it on the sending goroutine, which sends nothing meanwhile, and
+// the rest of the transfer may have arrived already.
 func provenSpliced(lab *testnet.Lab, d *testnet.Daemon) error {
 	if err := d.WaitLog(10*time.Second, func(l map[string]any) bool { return l["msg"] == "flow spliced" }); err != nil {
 		return fmt.Errorf("no splice within 10s: %w", err)
 	}
 	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" })
-	return splicedAway(lab, fmt.Sprint(rec["client"]))
+	client := fmt.Sprint(rec["client"])
+	if err := noSocketOf(lab, client); err != nil {
+		return err
+	}
+	id, _ := rec["flow"].(float64)
+	taken, _ := rec["taken_over_bytes"].(float64)
+	return testnet.Poll(5*time.Second, func() error {
+		f, err := d.Client().Flow(context.Background(), uint64(id))
+		if err != nil {
+			return fmt.Errorf("flow %v: %w", rec["flow"], err)
+		}
+		var engine uint64
+		for _, dir := range f.Engine {
+			engine += dir.Bytes
+		}
+		if engine <= uint64(taken) {
+			return fmt.Errorf("the engine forwarded %d bytes of flow %v, no more than the %d taken over at the splice", engine, rec["flow"], uint64(taken))
+		}
+		return nil
+	})
 }
 
 // splicedAway checks that the gateway holds no TCP socket whose peer is
@@ -148,14 +171,8 @@ func splicedAway(lab *testnet.Lab, client string) error {
 	if err != nil {
 		return err
 	}
-	out, err := lab.Gateway.Run("ss", "-tanH", "state", "all")
-	if err != nil {
+	if err := noSocketOf(lab, client); err != nil {
 		return err
-	}
-	for _, line := range strings.Split(out, "\n") {
-		if strings.Contains(line, client+" ") || strings.HasSuffix(line, client) {
-			return fmt.Errorf("the gateway still has a socket of spliced flow %s: %s", client, line)
-		}
 	}
 	return testnet.Poll(5*time.Second, func() error {
 		after, err := queuedPackets(lab)
@@ -167,6 +184,21 @@ func splicedAway(lab *testnet.Lab, client string) error {
 		}
 		return nil
 	})
+}
+
+// noSocketOf checks that the gateway holds no TCP socket whose peer is
+// client.
+func noSocketOf(lab *testnet.Lab, client string) error {
+	out, err := lab.Gateway.Run("ss", "-tanH", "state", "all")
+	if err != nil {
+		return err
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, client+" ") || strings.HasSuffix(line, client) {
+			return fmt.Errorf("the gateway still has a socket of spliced flow %s: %s", client, line)
+		}
+	}
+	return nil
 }
 
 // queuedPackets sums the id_sequence of the gateway's queues: the number

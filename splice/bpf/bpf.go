@@ -1,0 +1,263 @@
+//go:build linux
+
+// Package bpf is the kernel datapath of package splice: a BPF program for
+// tc/tcx ingress (rewrite.bpf.c, built with bpf2go) that rewrites the
+// packets of an established spliced flow exactly as splice.Flow.Rewrite
+// does, from per-flow state the daemon writes into BPF maps, and the Go
+// side that loads it and converts a flow's state between the engine's
+// splice.State and the maps' layout (promotion and demotion).
+//
+// The program handles what it can prove equal to the engine and leaves
+// everything else alone: a packet with no entry, an IPv6 extension
+// header, an IPv4 fragment or bad header checksum, more than one
+// timestamps or SACK option, an option walk longer than 15 steps, a SYN
+// of no flow, ... is returned with TCX_NEXT untouched and unmarked, for
+// the divert rule to queue it to the Go engine. What it rewrote carries
+// the mark bits of Options.Mark. Packets the engine would drop (SYN,
+// out of window, ack of unsent data, RST out of window, duplicates at the
+// end of a flow) are dropped, counted per verdict.
+//
+// Not yet: attaching (tcx), pinning, the gateway's promotion and demotion,
+// the HTTP proxy's watch (a watched flow must simply not be promoted), and
+// per-flow statistics. The differential tests (run as root) feed the same
+// packets to the program, through BPF_PROG_TEST_RUN, and to the engine.
+package bpf
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"spliced/splice"
+)
+
+// DefaultMark is the skb mark bit set on packets the program rewrote.
+const DefaultMark = 0x20000000
+
+// Counter indexes of Counters: the splice.Verdict values the program
+// yields, and two of its own.
+const (
+	CounterPass  = 9  // not handled: passed on untouched (to the queue)
+	CounterError = 10 // a helper failed after the state moved on: dropped
+	NumCounters  = 11
+)
+
+// Return codes of the program (tcx; the same numbers as TC_ACT_UNSPEC and
+// TC_ACT_SHOT for cls_bpf direct action).
+const (
+	RetNext = 0xffffffff // TCX_NEXT (-1): forwarded or passed on
+	RetDrop = 2          // TCX_DROP
+)
+
+// Options configure Load.
+type Options struct {
+	// Mark is ORed into skb->mark of rewritten packets (DefaultMark when 0).
+	Mark uint32
+	// fakeClock makes the program read its clock from the fake_now
+	// variable (SetNow): the tests give both engines the same time.
+	fakeClock bool
+}
+
+// Datapath is the loaded program and its maps.
+type Datapath struct {
+	objs rewriteObjects
+	// clockOffset converts the program's clock (CLOCK_BOOTTIME) to unix
+	// nanoseconds: unix = prog + clockOffset. 0 with the fake clock.
+	clockOffset int64
+	fake        bool
+}
+
+// Load loads the program and creates its maps.
+func Load(opts Options) (*Datapath, error) {
+	spec, err := loadRewrite()
+	if err != nil {
+		return nil, err
+	}
+	mark := opts.Mark
+	if mark == 0 {
+		mark = DefaultMark
+	}
+	if err := spec.Variables["rewritten_mark"].Set(mark); err != nil {
+		return nil, err
+	}
+	if opts.fakeClock {
+		if err := spec.Variables["fake_clock"].Set(uint8(1)); err != nil {
+			return nil, err
+		}
+	}
+	dp := &Datapath{fake: opts.fakeClock}
+	if err := spec.LoadAndAssign(&dp.objs, nil); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return nil, fmt.Errorf("load splice program: %+v", ve)
+		}
+		return nil, fmt.Errorf("load splice program: %w", err)
+	}
+	if !opts.fakeClock {
+		dp.clockOffset, err = bootClockOffset()
+		if err != nil {
+			dp.objs.Close()
+			return nil, err
+		}
+	}
+	return dp, nil
+}
+
+func bootClockOffset() (int64, error) {
+	var boot, real unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &boot); err != nil {
+		return 0, err
+	}
+	if err := unix.ClockGettime(unix.CLOCK_REALTIME, &real); err != nil {
+		return 0, err
+	}
+	return real.Nano() - boot.Nano(), nil
+}
+
+// Close releases the program and the maps.
+func (dp *Datapath) Close() error { return dp.objs.Close() }
+
+// Program is the tc/tcx ingress program.
+func (dp *Datapath) Program() *ebpf.Program { return dp.objs.SpliceRewrite }
+
+// SetNow sets the fake clock (unix nanoseconds); only with the fake clock.
+func (dp *Datapath) setNow(now int64) error { return dp.objs.FakeNow.Set(now) }
+
+// Counters returns the per-verdict packet counts, summed over CPUs.
+func (dp *Datapath) Counters() ([NumCounters]uint64, error) {
+	var out [NumCounters]uint64
+	for i := range out {
+		var per []uint64
+		if err := dp.objs.SpliceVerdicts.Lookup(uint32(i), &per); err != nil {
+			return out, err
+		}
+		for _, v := range per {
+			out[i] += v
+		}
+	}
+	return out, nil
+}
+
+// tuple converts a splice key to the map's key: IPv4 addresses stay
+// IPv4-mapped, ports are in network byte order.
+func tuple(k splice.Key) rewriteTuple {
+	return rewriteTuple{Src: k.Src, Dst: k.Dst, Sport: be16(k.SrcPort), Dport: be16(k.DstPort)}
+}
+
+// be16 is the in-memory value of a network byte order port.
+func be16(v uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], v)
+	return binary.NativeEndian.Uint16(b[:])
+}
+
+func (dp *Datapath) toProg(t int64) int64 {
+	if t == 0 {
+		return 0 // never
+	}
+	return t - dp.clockOffset
+}
+
+func (dp *Datapath) fromProg(t int64) int64 {
+	if t == 0 {
+		return 0
+	}
+	return t + dp.clockOffset
+}
+
+// flowVal converts the engine's state to the map's value.
+func (dp *Datapath) flowVal(st *splice.State) rewriteFlowVal {
+	var v rewriteFlowVal
+	if st.RST {
+		v.Closed = 1
+	}
+	v.LastSeen = dp.toProg(st.LastSeen)
+	for d := range v.D {
+		s, x := &st.Dirs[d], &v.D[d]
+		x.SeqOff, x.TsOff, x.TsJump = s.SeqOff, s.TSOff, s.TSJump
+		x.SndNxt, x.AckSeen = uint32(s.SndNxt), uint32(s.AckSeen)
+		x.MaxWin, x.LastWin = s.MaxWin, s.LastWin
+		x.TsVal, x.TsEcr = s.TSval, s.TSecr
+		x.FinSeq, x.FinAt = uint32(s.FINSeq), dp.toProg(s.FINAt)
+		x.SrcPort, x.DstPort = s.SrcPort, s.DstPort
+		x.WsIn, x.WsOut, x.Flags = s.WSIn, s.WSOut, s.Flags
+	}
+	return v
+}
+
+// state converts the map's value back to the engine's state.
+func (dp *Datapath) state(v *rewriteFlowVal) splice.State {
+	var st splice.State
+	st.RST = v.Closed&1 != 0
+	st.LastSeen = dp.fromProg(v.LastSeen)
+	for d := range v.D {
+		s, x := &st.Dirs[d], &v.D[d]
+		s.SeqOff, s.TSOff, s.TSJump = x.SeqOff, x.TsOff, x.TsJump
+		s.SndNxt, s.AckSeen = splice.Seq(x.SndNxt), splice.Seq(x.AckSeen)
+		s.MaxWin, s.LastWin = x.MaxWin, x.LastWin
+		s.TSval, s.TSecr = x.TsVal, x.TsEcr
+		s.FINSeq, s.FINAt = splice.Seq(x.FinSeq), dp.fromProg(x.FinAt)
+		s.SrcPort, s.DstPort = x.SrcPort, x.DstPort
+		s.WSIn, s.WSOut, s.Flags = x.WsIn, x.WsOut, x.Flags
+	}
+	return st
+}
+
+// PutFlow writes a flow (promotion): its state, then both input tuples
+// (keys as splice.Params.Keys returns them), so that the program never
+// finds a tuple without its flow. An existing flow's state is replaced
+// under its spin lock.
+func (dp *Datapath) PutFlow(id uint64, keys [2]splice.Key, st splice.State) error {
+	for _, s := range st.Dirs {
+		if s.WSIn > 14 || s.WSOut > 14 {
+			return fmt.Errorf("window scale %d/%d above 14", s.WSIn, s.WSOut)
+		}
+	}
+	v := dp.flowVal(&st)
+	if err := dp.objs.SpliceFlows.Update(id, &v, ebpf.UpdateLock); err != nil {
+		if !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("flow %d: %w", id, err)
+		}
+		// BPF_F_LOCK needs an existing element: create it.
+		if err := dp.objs.SpliceFlows.Update(id, &v, ebpf.UpdateNoExist); err != nil {
+			return fmt.Errorf("flow %d: %w", id, err)
+		}
+	}
+	for d := range keys {
+		o := keys[1-d]
+		tv := rewriteTupleVal{FlowId: id, Dir: uint32(d), OutSrc: o.Dst, OutDst: o.Src}
+		if err := dp.objs.SpliceTuples.Update(tuple(keys[d]), &tv, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("flow %d tuple %v: %w", id, keys[d], err)
+		}
+	}
+	return nil
+}
+
+// Flow reads a flow's state (under its spin lock).
+func (dp *Datapath) Flow(id uint64) (splice.State, error) {
+	var v rewriteFlowVal
+	if err := dp.objs.SpliceFlows.LookupWithFlags(id, &v, ebpf.LookupLock); err != nil {
+		return splice.State{}, fmt.Errorf("flow %d: %w", id, err)
+	}
+	return dp.state(&v), nil
+}
+
+// DeleteFlow removes a flow's tuples and then its state (demotion: read
+// the state with Flow after the tuples are gone; see the package doc for
+// what a later phase must add: packets already past the tuple lookup may
+// still update the state for the rest of an RCU grace period).
+func (dp *Datapath) DeleteFlow(id uint64, keys [2]splice.Key) error {
+	var errs []error
+	for _, k := range keys {
+		if err := dp.objs.SpliceTuples.Delete(tuple(k)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := dp.objs.SpliceFlows.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}

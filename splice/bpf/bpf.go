@@ -12,7 +12,8 @@
 // header, an IPv4 fragment or bad header checksum, more than one
 // timestamps or SACK option, an option walk longer than 15 steps, a SYN
 // of no flow, ... is returned with TCX_NEXT untouched and unmarked, for
-// the divert rule to queue it to the Go engine. What it rewrote carries
+// the divert rule to queue it to the Go engine; so are packets with
+// payload from the client of a watched flow (SetWatch). What it rewrote carries
 // the mark bits of Options.Mark. Packets the engine would drop (SYN,
 // out of window, ack of unsent data, RST out of window, duplicates at the
 // end of a flow) are dropped, counted per verdict.
@@ -123,7 +124,7 @@ func (dp *Datapath) Close() error { return dp.objs.Close() }
 // Program is the tc/tcx ingress program.
 func (dp *Datapath) Program() *ebpf.Program { return dp.objs.SpliceRewrite }
 
-// SetNow sets the fake clock (unix nanoseconds); only with the fake clock.
+// setNow sets the fake clock (unix nanoseconds); only with the fake clock.
 func (dp *Datapath) setNow(now int64) error { return dp.objs.FakeNow.Set(now) }
 
 // Counters returns the per-verdict packet counts, summed over CPUs.
@@ -232,6 +233,27 @@ func (dp *Datapath) PutFlow(id uint64, keys [2]splice.Key, st splice.State) erro
 		if err := dp.objs.SpliceTuples.Update(tuple(keys[d]), &tv, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("flow %d tuple %v: %w", id, keys[d], err)
 		}
+	}
+	return nil
+}
+
+// tuplePassData is the tuple flag that passes packets with payload to
+// the queue (TUPLE_PASS_DATA).
+const tuplePassData = 1
+
+// SetWatch makes the program pass the client's packets with payload to
+// the queue (watch) or rewrite them again: the HTTP proxy watches a
+// spliced flow for the next request, which the Go side must see (see
+// splice.Entry.Watch). Replacing the tuple's element is atomic for the
+// program. PutFlow writes the tuples unwatched.
+func (dp *Datapath) SetWatch(id uint64, keys [2]splice.Key, watch bool) error {
+	o := keys[splice.S2C]
+	tv := rewriteTupleVal{FlowId: id, Dir: uint32(splice.C2S), OutSrc: o.Dst, OutDst: o.Src}
+	if watch {
+		tv.Flags = tuplePassData
+	}
+	if err := dp.objs.SpliceTuples.Update(tuple(keys[splice.C2S]), &tv, ebpf.UpdateExist); err != nil {
+		return fmt.Errorf("flow %d tuple %v: %w", id, keys[splice.C2S], err)
 	}
 	return nil
 }

@@ -61,6 +61,11 @@
 
 #define FLOW_RST 1
 
+// tuple_val.flags: pass packets with payload in this direction to the
+// queue (the HTTP proxy watches a spliced flow for the client's next
+// request, which must reach the Go side).
+#define TUPLE_PASS_DATA 1
+
 #define MIN_WINDOW 66000
 #define FIN_DUP_WINDOW 100000000LL // 100 ms
 #define PAWS_TARGET (1LL << 30)
@@ -91,8 +96,8 @@ struct tuple {
 
 struct tuple_val {
 	__u64 flow_id;
-	__u32 dir; // 0 client to server, 1 server to client
-	__u32 pad;
+	__u32 dir;   // 0 client to server, 1 server to client
+	__u32 flags; // TUPLE_* bits
 	__u8 out_src[16]; // output addresses, used when DIR_ADDRS is set
 	__u8 out_dst[16];
 };
@@ -459,6 +464,13 @@ int splice_rewrite(struct __sk_buff *skb)
 {
 	__u32 proto = skb->protocol;
 	struct tuple key = {};
+	__be16 ethertype;
+
+	// The program expects an Ethernet header before the IP packet (it is
+	// for Ethernet-type devices, veth included): its EtherType must be the
+	// skb's protocol. VLAN tags the device did not strip pass.
+	if (bpf_skb_load_bytes(skb, 12, &ethertype, 2) || ethertype != proto)
+		goto pass;
 	__u32 l3 = ETH_HLEN, l4, ip_end, addr_off;
 	int v6;
 	__u8 ip[60];
@@ -536,12 +548,17 @@ int splice_rewrite(struct __sk_buff *skb)
 		goto pass;
 
 	__u8 flags = hdr[13];
+	// The engine drops a SYN before it looks at anything else.
+	if (flags & FLAG_SYN) {
+		count(V_DROP_SYN);
+		return TCX_DROP;
+	}
 	__u32 seq = get32(&hdr[4]);
 	__u32 ack = get32(&hdr[8]);
 	__u16 window = (__u16)hdr[14] << 8 | hdr[15];
 	__u32 seg_len = ip_end - l4 - hl;
-	if (flags & FLAG_SYN)
-		seg_len++;
+	if (seg_len && (tv->flags & TUPLE_PASS_DATA))
+		goto pass;
 	if (flags & FLAG_FIN)
 		seg_len++;
 
@@ -558,14 +575,10 @@ int splice_rewrite(struct __sk_buff *skb)
 	}
 
 	struct decision dc = {};
-	if (flags & FLAG_SYN) {
-		dc.verdict = V_DROP_SYN;
-	} else {
-		__s64 now = fake_clock ? fake_now : (__s64)bpf_ktime_get_boot_ns();
-		bpf_spin_lock(&f->lock);
-		decide(f, dir, flags, seq, ack, seg_len, window, &op, tsv, tse, now, &dc);
-		bpf_spin_unlock(&f->lock);
-	}
+	__s64 now = fake_clock ? fake_now : (__s64)bpf_ktime_get_boot_ns();
+	bpf_spin_lock(&f->lock);
+	decide(f, dir, flags, seq, ack, seg_len, window, &op, tsv, tse, now, &dc);
+	bpf_spin_unlock(&f->lock);
 	if (dc.verdict == V_PASS)
 		goto pass;
 	if (dc.verdict != V_FORWARD) {

@@ -63,7 +63,7 @@ type rewriteTupleVal struct {
 	_      structs.HostLayout
 	FlowId uint64
 	Dir    uint32
-	Pad    uint32
+	Flags  uint32
 	OutSrc [16]uint8
 	OutDst [16]uint8
 }

@@ -299,10 +299,9 @@ var (
 
 type fixture struct {
 	*harness
-	p     splice.Params
-	c, s  netip.AddrPort // client and server
-	up    netip.AddrPort // upstream local: what the server sees
-	clock int64
+	p    splice.Params
+	c, s netip.AddrPort // client and server
+	up   netip.AddrPort // upstream local: what the server sees
 }
 
 type fixOpt func(*splice.Params)
@@ -326,8 +325,8 @@ func newFixture(t testing.TB, v6, nat bool, opts ...fixOpt) *fixture {
 	for _, o := range opts {
 		o(&p)
 	}
-	const start = 1_700_000_000_000_000_000
-	return &fixture{harness: newHarness(t, &p, start), p: p, c: c, s: s, up: up, clock: start}
+
+	return &fixture{harness: newHarness(t, &p, fixtureStart), p: p, c: c, s: s, up: up}
 }
 
 func (f *fixture) c2s(seq, ack uint32, flags uint8) seg {
@@ -336,16 +335,4 @@ func (f *fixture) c2s(seq, ack uint32, flags uint8) seg {
 
 func (f *fixture) s2c(seq, ack uint32, flags uint8) seg {
 	return seg{src: f.s, dst: f.up, seq: seq, ack: ack, flags: flags, win: 500}
-}
-
-// send runs a packet through both engines after advancing the clock by
-// dt nanoseconds.
-func (f *fixture) send(s seg, d splice.Dir, dt int64) splice.Verdict {
-	f.t.Helper()
-	f.clock += dt
-	v := f.step(s.bytes(), d, f.clock)
-	if v < 0 {
-		f.t.Fatal("the engine did not parse a fixture packet")
-	}
-	return splice.Verdict(v)
 }

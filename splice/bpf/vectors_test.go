@@ -38,7 +38,10 @@ func (f *fixture) at(s seg, d Dir, at int64) Verdict {
 	return Verdict(v)
 }
 
-func (f *fixture) start() int64 { return 1_700_000_000_000_000_000 }
+// fixtureStart is when a fixture's flow is spliced (unix nanoseconds).
+const fixtureStart = 1_700_000_000_000_000_000
+
+func (f *fixture) start() int64 { return fixtureStart }
 
 func (f *fixture) want(got, want Verdict, what string) {
 	f.t.Helper()

@@ -79,7 +79,7 @@ generate: deps-generate
 # the object, the source directory mapped away from the debug info.
 generate-check: deps-generate
 	@set -e; tmp=$$(mktemp -d $(BPF_PKG)/.gencheck.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
-	cp $(BPF_PKG)/rewrite.bpf.c $(BPF_PKG)/gen.go "$$tmp"/; \
+	cp $(BPF_PKG)/rewrite.bpf.c $(BPF_PKG)/doc.go "$$tmp"/; \
 	(cd "$$tmp" && $(BPF_GEN)); \
 	for f in rewrite_bpfel.o rewrite_bpfel.go; do \
 		if ! cmp -s "$$tmp/$$f" $(BPF_PKG)/$$f; then \

@@ -1,27 +1,5 @@
-//go:build linux
+//go:build linux && (386 || amd64 || arm || arm64 || loong64 || mips64le || mipsle || ppc64le || riscv64)
 
-// Package bpf is the kernel datapath of package splice: a BPF program for
-// tc/tcx ingress (rewrite.bpf.c, built with bpf2go) that rewrites the
-// packets of an established spliced flow exactly as splice.Flow.Rewrite
-// does, from per-flow state the daemon writes into BPF maps, and the Go
-// side that loads it and converts a flow's state between the engine's
-// splice.State and the maps' layout (promotion and demotion).
-//
-// The program handles what it can prove equal to the engine and leaves
-// everything else alone: a packet with no entry, an IPv6 extension
-// header, an IPv4 fragment or bad header checksum, more than one
-// timestamps or SACK option, an option walk longer than 15 steps, a SYN
-// of no flow, ... is returned with TCX_NEXT untouched and unmarked, for
-// the divert rule to queue it to the Go engine; so are packets with
-// payload from the client of a watched flow (SetWatch). What it rewrote carries
-// the mark bits of Options.Mark. Packets the engine would drop (SYN,
-// out of window, ack of unsent data, RST out of window, duplicates at the
-// end of a flow) are dropped, counted per verdict.
-//
-// Not yet: attaching (tcx), pinning, the gateway's promotion and demotion,
-// the HTTP proxy's watch (a watched flow must simply not be promoted), and
-// per-flow statistics. The differential tests (run as root) feed the same
-// packets to the program, through BPF_PROG_TEST_RUN, and to the engine.
 package bpf
 
 import (

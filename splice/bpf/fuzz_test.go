@@ -1,9 +1,10 @@
-//go:build linux
+//go:build linux && (386 || amd64 || arm || arm64 || loong64 || mips64le || mipsle || ppc64le || riscv64)
 
 package bpf
 
 import (
 	"bytes"
+	"encoding/binary"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -175,4 +176,109 @@ func FuzzDiff(f *testing.F) {
 		f.Add(b, byte(64|32))
 	}
 	f.Fuzz(diffOne)
+}
+
+// diffSequence is the body of FuzzDiffSequence: data is read 8 bytes a
+// packet, each made relative to the flow's current state, so that most
+// packets land in or near the window and the state moves on:
+//
+//	0: bit 0 direction; 1 FIN; 2 RST; 3 no ACK; 4 PSH; 5 SYN (with 3);
+//	   6-7 options: none, timestamps, timestamps and SACK, SACK
+//	1-2: sequence number, signed, from the sender's highest sequence
+//	3-4: ack, signed, from the other direction's highest sequence
+//	5: payload bytes
+//	6: window field (times 16), also the timestamps' jitter
+//	7: milliseconds since the last packet
+//
+// mode as for diffOne (bit 1: IPv6).
+func diffSequence(t *testing.T, data []byte, mode byte) {
+	if len(data) > 8*64 {
+		data = data[:8*64]
+	}
+	v6 := mode&2 != 0
+	f := newFixture(t, v6, mode&4 != 0, func(pp *Params) {
+		pp.Server.Timestamps = mode&16 == 0
+		pp.Server.SACK = mode&32 == 0
+		if mode&64 != 0 {
+			pp.Client.SndWscale, pp.Server.RcvWscale = 2, 9
+			pp.Server.SndWscale, pp.Client.RcvWscale = 14, 0
+		}
+	})
+	f.allowPass = true
+	now := int64(0)
+	var lastTS [2]uint32
+	for ; len(data) >= 8; data = data[8:] {
+		b := data[:8]
+		d := Dir(b[0] & 1)
+		st := f.flow.State()
+		s, o := &st.Dirs[d], &st.Dirs[1-d]
+		var fl uint8
+		if b[0]&2 != 0 {
+			fl |= FlagFIN
+		}
+		if b[0]&4 != 0 {
+			fl |= FlagRST
+		}
+		if b[0]&8 == 0 {
+			fl |= FlagACK
+		} else if b[0]&32 != 0 {
+			fl |= FlagSYN
+		}
+		if b[0]&16 != 0 {
+			fl |= FlagPSH
+		}
+		seq := uint32(s.SndNxt) + uint32(int32(int16(binary.BigEndian.Uint16(b[1:]))))
+		// An ack in the sender's view: the other direction's output space.
+		ack := uint32(o.SndNxt) + o.SeqOff + uint32(int32(int16(binary.BigEndian.Uint16(b[3:]))))
+		var sg seg
+		if d == C2S {
+			sg = f.c2s(seq, ack, fl)
+		} else {
+			sg = f.s2c(seq, ack, fl)
+		}
+		sg.payload = bytes.Repeat([]byte{b[5]}, int(b[5]))
+		sg.win = uint16(b[6]) << 4
+		lastTS[d] += uint32(b[6]&7) + 1
+		// The echo of what the other direction's receiver last saw.
+		ecr := o.TSval + o.TSOff - uint32(b[6]>>6)
+		switch b[0] >> 6 {
+		case 1:
+			sg.opts = tsOpt(lastTS[d], ecr)
+		case 2:
+			sg.opts = append(tsOpt(lastTS[d], ecr), sackOpt(ack+uint32(b[5]), ack+2*uint32(b[5]))...)
+		case 3:
+			sg.opts = sackOpt(ack+1, ack+uint32(b[6])+1, ack+300, ack+400)
+		}
+		now += int64(b[7]) * ms
+		if v := f.step(sg.bytes(), d, f.start()+now); v < 0 {
+			t.Fatal("the engine did not parse a generated packet")
+		}
+	}
+}
+
+// FuzzDiffSequence runs packet sequences through both engines (see
+// diffSequence): the tracker's paths (FINs, their acknowledgment, the
+// end-of-flow duplicates, RSTs, timestamp learning in both directions)
+// over many packets.
+func FuzzDiffSequence(f *testing.F) {
+	seqs := [][]byte{
+		// client data, server ACK, both FINs, the last ACK, duplicates
+		{0x50, 0, 0, 0, 0, 100, 16, 1, 0x51, 0, 0, 0, 0, 0, 16, 1,
+			0x02 | 0x40, 0, 0, 0, 0, 0, 16, 1, 0x43, 0, 0, 0, 0, 0, 16, 1,
+			0x40, 0, 0, 0, 0, 0, 16, 1, 0x40, 0, 0, 0, 0, 0, 16, 1, 0x41, 0, 0, 0, 0, 0, 16, 200},
+		// SACK and timestamps both ways, data each way
+		{0x80, 0, 0, 0, 0, 50, 20, 0, 0x81, 0, 0, 0, 0, 60, 20, 0, 0x80, 0xff, 0xf0, 0, 0, 0, 20, 0, 0xc1, 0, 0, 0, 0, 0, 1, 0},
+		// RST exactly at the window, and one in it
+		{0x40, 0, 0, 0, 0, 10, 16, 0, 0x05, 0, 0, 0, 0, 0, 0, 0, 0x04, 0, 10, 0, 0, 0, 0, 0},
+		// stale pure ACKs and window probes
+		{0x00, 0, 0, 0, 0, 200, 0, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0x00, 0xff, 0x00, 0, 0, 0, 0, 0},
+		// a SYN in the middle
+		{0x00, 0, 0, 0, 0, 1, 1, 1, 0x28, 0, 0, 0, 0, 0, 0, 0, 0x00, 0, 1, 0, 0, 1, 1, 1},
+	}
+	for _, s := range seqs {
+		for _, m := range []byte{0, 2, 4, 6, 16, 32, 64, 2 | 4 | 64} {
+			f.Add(s, m)
+		}
+	}
+	f.Fuzz(diffSequence)
 }

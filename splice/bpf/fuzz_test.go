@@ -69,11 +69,11 @@ func engineCorpus(t testing.TB) (pkts [][]byte, modes []byte) {
 		m := strings.TrimSuffix(strings.TrimPrefix(lines[2], "byte("), ")")
 		var mode byte
 		if strings.HasPrefix(m, "'") {
-			r, _, _, err := strconv.UnquoteChar(strings.Trim(m, "'"), '\'')
-			if err != nil {
-				t.Fatalf("%s: %v", e.Name(), err)
+			r, err := strconv.Unquote(m)
+			if err != nil || len([]rune(r)) != 1 {
+				t.Fatalf("%s: mode %s: %v", e.Name(), m, err)
 			}
-			mode = byte(r)
+			mode = byte([]rune(r)[0])
 		} else {
 			n, err := strconv.ParseUint(m, 0, 8)
 			if err != nil {

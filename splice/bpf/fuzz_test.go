@@ -250,6 +250,9 @@ func diffSequence(t *testing.T, data []byte, mode byte) {
 			sg.opts = sackOpt(ack+1, ack+uint32(b[6])+1, ack+300, ack+400)
 		}
 		now += int64(b[7]) * ms
+		if recording != nil {
+			*recording = append(*recording, sent{sg.bytes(), d, f.start() + now})
+		}
 		if v := f.step(sg.bytes(), d, f.start()+now); v < 0 {
 			t.Fatal("the engine did not parse a generated packet")
 		}
@@ -282,3 +285,100 @@ func FuzzDiffSequence(f *testing.F) {
 	}
 	f.Fuzz(diffSequence)
 }
+
+// TestHandOver: a flow handed between the engines at every packet
+// (demoted: Flow read back into a splice.Flow; promoted: PutFlow) forwards
+// exactly what one engine alone forwards. The sequences are the sequence
+// fuzzer's corpus, in every mode.
+func TestHandOver(t *testing.T) {
+	dir := filepath.Join("testdata", "fuzz", "FuzzDiffSequence")
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		data, err := strconv.Unquote(strings.TrimSuffix(strings.TrimPrefix(lines[1], "[]byte("), ")"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mode := range []byte{0, 2, 4 | 16, 2 | 32 | 64} {
+			handOver(t, []byte(data), mode)
+		}
+	}
+}
+
+// handOver replays a sequence (as diffSequence builds it) through a
+// reference engine and, alternately, the program and a second engine
+// that takes the flow over from the map and gives it back.
+func handOver(t *testing.T, data []byte, mode byte) {
+	// diffSequence's packets, recorded.
+	var pkts []sent
+	recording = &pkts
+	diffSequence(t, data, mode)
+	recording = nil
+
+	f := newFixture(t, mode&2 != 0, mode&4 != 0, func(pp *Params) {
+		pp.Server.Timestamps = mode&16 == 0
+		pp.Server.SACK = mode&32 == 0
+		if mode&64 != 0 {
+			pp.Client.SndWscale, pp.Server.RcvWscale = 2, 9
+			pp.Server.SndWscale, pp.Client.RcvWscale = 14, 0
+		}
+	})
+	ref := f.flow // the reference engine: every packet
+	for i, sp := range pkts {
+		pkt, d, now := sp.pkt, sp.d, sp.at
+		want := bytes.Clone(pkt)
+		var p Packet
+		p.Parse(want)
+		wv := ref.Rewrite(&p, d, &f.keys[1-d], now, true)
+
+		got := bytes.Clone(pkt)
+		var gv Verdict
+		if i%2 == 0 {
+			out, _, _, counter := f.run(got, now)
+			if counter == CounterPass {
+				t.Fatalf("packet %d passed", i)
+			}
+			gv, got = Verdict(counter), out
+		} else {
+			// Demote, run the engine, promote.
+			st, err := f.dp.Flow(f.id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			eng := FlowFromState(st)
+			var q Packet
+			q.Parse(got)
+			gv = eng.Rewrite(&q, d, &f.keys[1-d], now, true)
+			if err := f.dp.PutFlow(f.id, f.keys, eng.State()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if gv != wv || (wv == Forward && !bytes.Equal(got, want)) {
+			t.Fatalf("packet %d: %v, reference %v; bytes equal %v", i, gv, wv, bytes.Equal(got, want))
+		}
+	}
+	st, err := f.dp.Flow(f.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st != ref.State() {
+		t.Fatalf("final state differs:\n got %+v\nwant %+v", st, ref.State())
+	}
+}
+
+// sent is a packet diffSequence sent, its direction and time.
+type sent struct {
+	pkt []byte
+	d   Dir
+	at  int64
+}
+
+// recording, when set, collects what diffSequence sends.
+var recording *[]sent

@@ -6,7 +6,8 @@
 // per-flow state that user space writes into two maps:
 //
 //   splice_tuples  4-tuple of an arriving packet -> flow id, direction,
-//                  output addresses (constant while the flow lives)
+//                  output addresses (constant while the flow lives),
+//                  and whether to pass payload on (a watched flow)
 //   splice_flows   flow id -> both directions' rewrite parameters and
 //                  tracking state, under a bpf_spin_lock
 //
@@ -237,13 +238,14 @@ struct opts {
 	__u32 sack_len;
 };
 
-// A parsed packet and what the rewrite decided; kept in a per-CPU scratch
-// map, as it exceeds what the stack comfortably holds.
+// Per-CPU scratch space: the TCP header before and after the rewrite and
+// the addresses, for bpf_csum_diff. A map value rather than the stack:
+// the option walk and the SACK edges index it with variable offsets.
 struct scratch {
-	__u8 th[BUF];  // the TCP header as edited
-	__u8 old[BUF]; // as received
-	__u8 addrs[32];        // addresses as received (v4: 8 bytes)
-	__u8 naddrs[32];       // as sent
+	__u8 th[BUF];    // the TCP header as edited
+	__u8 old[BUF];   // as received
+	__u8 addrs[32];  // addresses as received (v4: 8 bytes)
+	__u8 naddrs[32]; // as sent
 };
 
 struct {

@@ -245,10 +245,45 @@ func (dp *Datapath) Flow(id uint64) (splice.State, error) {
 	return dp.state(&v), nil
 }
 
-// DeleteFlow removes a flow's tuples and then its state (demotion: read
-// the state with Flow after the tuples are gone; see the package doc for
-// what a later phase must add: packets already past the tuple lookup may
-// still update the state for the rest of an RCU grace period).
+// Demote takes a flow back from the program (for the Go engine, with
+// splice.FlowFromState): it removes the flow's tuples, so that its
+// packets pass to the queue from then on, waits until every run of the
+// program that may have found them has ended, and returns the flow's
+// final state and deletes it. On error the flow may be half removed:
+// retire it with DeleteFlow.
+func (dp *Datapath) Demote(id uint64, keys [2]splice.Key) (splice.State, error) {
+	for _, k := range keys {
+		if err := dp.objs.SpliceTuples.Delete(tuple(k)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return splice.State{}, fmt.Errorf("flow %d tuple %v: %w", id, k, err)
+		}
+	}
+	if err := waitPrograms(); err != nil {
+		return splice.State{}, err
+	}
+	st, err := dp.Flow(id)
+	if err != nil {
+		return splice.State{}, err
+	}
+	if err := dp.objs.SpliceFlows.Delete(id); err != nil {
+		return splice.State{}, fmt.Errorf("flow %d: %w", id, err)
+	}
+	return st, nil
+}
+
+// waitPrograms returns once every run of a BPF program that began before
+// it has ended. tc and tcx programs run inside an RCU read-side critical
+// section, and membarrier(MEMBARRIER_CMD_GLOBAL) is a synchronize_rcu (it
+// fails on nohz_full kernels).
+func waitPrograms() error {
+	const membarrierCmdGlobal = 1
+	if _, _, e := unix.Syscall(unix.SYS_MEMBARRIER, membarrierCmdGlobal, 0, 0); e != 0 {
+		return fmt.Errorf("membarrier: waiting for programs in flight: %w", e)
+	}
+	return nil
+}
+
+// DeleteFlow removes a flow's tuples and then its state: the flow is
+// retired and nobody needs its state (see Demote).
 func (dp *Datapath) DeleteFlow(id uint64, keys [2]splice.Key) error {
 	var errs []error
 	for _, k := range keys {

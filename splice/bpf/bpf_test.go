@@ -255,3 +255,29 @@ func BenchmarkProgram(b *testing.B) {
 		})
 	}
 }
+
+// TestDemote: the state Demote returns is the engine's after the same
+// packets, and the flow's packets pass to the queue afterwards.
+func TestDemote(t *testing.T) {
+	f := newFixture(t, true, true)
+	data := f.c2s(1000, 0xfffffff0, FlagACK)
+	data.payload = []byte("abc")
+	data.opts = tsOpt(10, 20)
+	f.want(f.at(data, C2S, 1), Forward, "data")
+	f.want(f.at(f.s2c(0xffffff00, 0x7ffffff0+3, FlagACK|FlagFIN), S2C, 2), Forward, "FIN")
+	st, err := f.dp.Demote(f.id, f.keys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st != f.flow.State() {
+		t.Fatalf("demoted state differs:\n got %+v\nwant %+v", st, f.flow.State())
+	}
+	b := data.bytes()
+	out, ret, mark, counter := f.run(b, f.start()+3)
+	if counter != CounterPass || ret != RetNext || mark != 0 || !bytes.Equal(out, b) {
+		t.Fatalf("after demotion: counter %d ret %#x mark %#x", counter, ret, mark)
+	}
+	if _, err := f.dp.Flow(f.id); err == nil {
+		t.Fatal("the flow's entry survived its demotion")
+	}
+}

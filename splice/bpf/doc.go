@@ -24,9 +24,11 @@
 // unsent data, RST out of window, duplicates at the end of a flow) it
 // drops.
 //
-// Not yet: attaching (tcx), pinning, the gateway's promotion and demotion
-// (a demotion must also wait out packets that found the tuple before it
-// was deleted), per-flow statistics and idle reports. The differential
+// PutFlow promotes a flow (writes its state and tuples), Demote takes it
+// back (removes the tuples, waits out the program runs that may still
+// hold them, returns the state). Not yet: attaching (tcx), pinning, the
+// gateway's use of promotion and demotion, per-flow statistics and idle
+// reports. The differential
 // tests (run as root) feed the same packets, flow state and time to the
 // program, through BPF_PROG_TEST_RUN, and to the engine.
 package bpf

@@ -221,6 +221,8 @@ type seg struct {
 	payload  []byte
 	ipOpts   []byte // IPv4 options (multiple of 4)
 	hopByHop bool   // IPv6: an 8-byte hop-by-hop header before TCP
+	ext      []byte // IPv6: raw extension headers before TCP (instead)
+	extNext  byte   // the first of them
 }
 
 func (s seg) bytes() []byte {
@@ -259,6 +261,9 @@ func (s seg) bytes() []byte {
 	if s.hopByHop {
 		ext = []byte{6, 0, 1, 4, 0, 0, 0, 0}
 		next = 0
+	}
+	if s.ext != nil {
+		ext, next = s.ext, s.extNext
 	}
 	ip := make([]byte, 40, 40+len(ext)+len(tcp))
 	ip[0] = 0x60

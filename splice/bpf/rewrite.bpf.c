@@ -39,6 +39,9 @@
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
 #define IPPROTO_TCP 6
+#define IPV6_HOPOPTS 0
+#define IPV6_DSTOPTS 60
+#define MAX_EXT 4 // IPv6 extension headers walked
 
 #define FLAG_FIN 0x01
 #define FLAG_SYN 0x02
@@ -509,11 +512,31 @@ int splice_rewrite(struct __sk_buff *skb)
 		if (bpf_skb_load_bytes(skb, l3, ip, 40))
 			goto pass;
 		__u32 plen = ((__u32)ip[4] << 8) | ip[5];
-		// Extension headers (the engine walks some) and jumbograms: pass.
-		if ((ip[0] >> 4) != 6 || ip[6] != IPPROTO_TCP || plen == 0 || l3 + 40 + plen > skb->len)
+		// Jumbograms and packets longer than the skb: the engine's.
+		if ((ip[0] >> 4) != 6 || plen == 0 || l3 + 40 + plen > skb->len)
 			goto pass;
 		l4 = l3 + 40;
 		ip_end = l4 + plen;
+		// Hop-by-hop and destination options headers, as the engine
+		// walks them (up to MAX_EXT). Anything else, a routing header
+		// included (its final destination would enter the TCP
+		// pseudo-header), goes to the queue.
+		__u8 next = ip[6];
+		for (int k = 0; k < MAX_EXT; k++) {
+			if (next == IPPROTO_TCP)
+				break;
+			if (next != IPV6_HOPOPTS && next != IPV6_DSTOPTS)
+				goto pass;
+			__u8 eh[2];
+			if (l4 + 8 > ip_end || bpf_skb_load_bytes(skb, l4, eh, 2))
+				goto pass;
+			next = eh[0];
+			l4 += 8 + (__u32)eh[1] * 8;
+			if (l4 > ip_end)
+				goto pass;
+		}
+		if (next != IPPROTO_TCP)
+			goto pass;
 		addr_off = l3 + 8;
 		__builtin_memcpy(key.src, &ip[8], 16);
 		__builtin_memcpy(key.dst, &ip[24], 16);

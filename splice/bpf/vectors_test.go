@@ -206,8 +206,9 @@ func TestDiffOneLegOptions(t *testing.T) {
 
 // TestDiffChecksums: IPv4 options, payload sizes odd and even. (The
 // engine's test uses 65000-byte payloads; BPF_PROG_TEST_RUN takes at most
-// about a page, and cannot mark a packet CHECKSUM_PARTIAL.) An IPv6
-// hop-by-hop header is one the program passes to the engine.
+// about a page, and cannot mark a packet CHECKSUM_PARTIAL.) IPv6
+// hop-by-hop and destination options headers are walked; a routing
+// header is one the program passes to the engine.
 func TestDiffChecksums(t *testing.T) {
 	each(t, func(t *testing.T, v6, nat bool) {
 		f := newFixture(t, v6, nat)
@@ -229,8 +230,17 @@ func TestDiffChecksums(t *testing.T) {
 			s := f.c2s(seq, 0xfffffff0, FlagACK)
 			s.hopByHop = true
 			s.payload = []byte("x")
+			f.want(f.at(s, C2S, 2), Forward, "hop-by-hop")
+			// Hop-by-hop, then destination options of 16 bytes.
+			s.hopByHop = false
+			s.ext = []byte{60, 0, 1, 4, 0, 0, 0, 0, 6, 1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+			s.extNext = 0
+			f.want(f.at(s, C2S, 3), Forward, "hop-by-hop and destination options")
+			// A routing header goes to the engine.
+			s.ext = []byte{6, 0, 0, 0, 0, 0, 0, 0}
+			s.extNext = 43
 			f.allowPass = true
-			f.want(f.at(s, C2S, 2), Forward, "hop-by-hop (through the engine)")
+			f.want(f.at(s, C2S, 4), Forward, "routing header (through the engine)")
 			if f.passes != 1 {
 				t.Fatalf("passes %d, want 1", f.passes)
 			}

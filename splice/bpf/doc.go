@@ -15,8 +15,10 @@
 // The program handles what it can prove equal to the engine and leaves
 // everything else alone: a packet of no flow, not IPv4 or IPv6 in an
 // Ethernet frame, an IPv4 fragment or one with a bad header checksum, an
-// IPv6 packet with extension headers, a TCP header with more than one
-// timestamps or SACK option or an option walk longer than 15 steps, and
+// IPv6 packet with extension headers other than hop-by-hop and
+// destination options (or more than four), a TCP header with more than
+// one timestamps or SACK option or an option walk longer than 15 steps,
+// and
 // the client's packets with payload on a watched flow (SetWatch) are
 // returned with TCX_NEXT untouched and unmarked, for the divert rule to
 // queue them to the Go engine. What it rewrote carries the mark bits of

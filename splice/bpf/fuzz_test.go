@@ -40,6 +40,8 @@ func fuzzSeeds() [][]byte {
 		mk(false, nil, FlagFIN|FlagACK, 10),
 		mk(true, append([]byte{OptNOP}, append(tsOpt(7, 8)[2:], sackOpt(sa(1), sa(2))[1:]...)...), FlagACK, 3),
 		mk(false, append(tsOpt(1, 2), OptEOL, OptSACK, 10, 1, 2, 3, 4, 5, 6, 7, 8), FlagACK, 0),
+		seg{src: cAddr6, dst: sAddr6, seq: 1000, ack: 0xfffffff0, flags: FlagACK, win: 100, opts: tsOpt(1, 2),
+			payload: []byte("x"), hopByHop: true}.bytes(),
 	}
 }
 

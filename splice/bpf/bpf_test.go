@@ -4,6 +4,7 @@ package bpf
 
 import (
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -279,5 +280,37 @@ func TestDemote(t *testing.T) {
 	}
 	if _, err := f.dp.Flow(f.id); err == nil {
 		t.Fatal("the flow's entry survived its demotion")
+	}
+}
+
+// TestMark: the mark bits are configurable and ORed into the skb's mark,
+// keeping the bits already there.
+func TestMark(t *testing.T) {
+	requireRoot(t)
+	dp, err := Load(Options{Mark: 0x4, fakeClock: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	fx := newFixture(t, false, false) // for its parameters and packets
+	f, err := NewFlow(&fx.p, fx.start())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.PutFlow(1, fx.keys, f.State()); err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.setNow(fx.start() + 1); err != nil {
+		t.Fatal(err)
+	}
+	in := frame(fx.c2s(1000, 0xfffffff0, FlagACK).bytes())
+	ctxIn := binary.NativeEndian.AppendUint32(make([]byte, 8), 0x100) // len, pkt_type, mark
+	ctxOut := make([]byte, 512)
+	ret, err := dp.Program().Run(&ebpf.RunOptions{Data: in, DataOut: make([]byte, len(in)+256), Context: ctxIn, ContextOut: ctxOut})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if mark := binary.NativeEndian.Uint32(ctxOut[8:]); ret != RetNext || mark != 0x104 {
+		t.Fatalf("return %#x, mark %#x, want %#x and 0x104", ret, mark, uint32(RetNext))
 	}
 }

@@ -36,7 +36,7 @@ type Options struct {
 	// Mark is ORed into skb->mark of rewritten packets (DefaultMark when 0).
 	Mark uint32
 	// fakeClock makes the program read its clock from the fake_now
-	// variable (SetNow): the tests give both engines the same time.
+	// variable (setNow): the tests give both engines the same time.
 	fakeClock bool
 }
 
@@ -46,7 +46,6 @@ type Datapath struct {
 	// clockOffset converts the program's clock (CLOCK_BOOTTIME) to unix
 	// nanoseconds: unix = prog + clockOffset. 0 with the fake clock.
 	clockOffset int64
-	fake        bool
 }
 
 // Load loads the program and creates its maps.
@@ -67,7 +66,7 @@ func Load(opts Options) (*Datapath, error) {
 			return nil, err
 		}
 	}
-	dp := &Datapath{fake: opts.fakeClock}
+	dp := &Datapath{}
 	if err := spec.LoadAndAssign(&dp.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {

@@ -17,7 +17,8 @@ BIN      := bin
 CMDS     := spliced splicectl spliced-demo spliced-bench
 TESTFLAGS ?=
 
-.PHONY: all build test test-race check fuzz demo bench bench-quick install clean deps-demo deps-test deps-bench
+.PHONY: all build test test-race check fuzz demo bench bench-quick install clean deps-demo deps-test deps-bench \
+	generate generate-check deps-generate
 
 all: build
 
@@ -57,8 +58,35 @@ fuzz:
 		done; \
 	done
 
-deps-demo deps-test deps-bench:
+deps-demo deps-test deps-bench deps-generate:
 	@$(DEPS) $(patsubst deps-%,%,$@)
+
+# The BPF program of splice/bpf, compiled by bpf2go with Debian's clang
+# and libbpf-dev into rewrite_bpfel.{o,go}. Both are committed, so that
+# go build needs no clang; after changing the C source, run make generate
+# and commit the result. Debian keeps the uapi asm headers in the
+# multiarch include directory, which clang -target bpf does not search.
+BPF_PKG       := splice/bpf
+BPF_MULTIARCH := $(shell dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || clang -print-multiarch 2>/dev/null)
+BPF_GEN        = BPF2GO_CFLAGS="-I/usr/include/$(BPF_MULTIARCH)" $(GO) generate .
+
+generate: deps-generate
+	cd $(BPF_PKG) && $(BPF_GEN)
+
+# The committed objects are what the source compiles to: regenerate in a
+# scratch copy of the package (a dot directory, which ./... skips) and
+# compare byte for byte. bpf2go builds reproducibly: no clang version in
+# the object, the source directory mapped away from the debug info.
+generate-check: deps-generate
+	@set -e; tmp=$$(mktemp -d $(BPF_PKG)/.gencheck.XXXXXX); trap 'rm -rf "$$tmp"' EXIT; \
+	cp $(BPF_PKG)/rewrite.bpf.c $(BPF_PKG)/doc.go "$$tmp"/; \
+	(cd "$$tmp" && $(BPF_GEN)); \
+	for f in rewrite_bpfel.o rewrite_bpfel.go; do \
+		if ! cmp -s "$$tmp/$$f" $(BPF_PKG)/$$f; then \
+			echo "generate-check: $(BPF_PKG)/$$f does not match its source: run make generate and commit it"; exit 1; \
+		fi; \
+	done; \
+	echo "generate-check: $(BPF_PKG) objects match rewrite.bpf.c"
 
 demo: deps-demo build
 	$(BIN)/spliced-demo -spliced $(BIN)/spliced

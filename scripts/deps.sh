@@ -3,7 +3,7 @@
 # `make check` run, and the Debian packages that provide them. `make demo`,
 # `make test`, `make bench` and .ci/run call it first.
 #
-#   scripts/deps.sh [--check] GROUP...    GROUP: demo, test, bench, check, all
+#   scripts/deps.sh [--check] GROUP...    GROUP: demo, test, bench, check, generate, all
 #   scripts/deps.sh --list                every entry: tool package groups
 #
 # Nothing missing: it says so in one line and exits 0. Something missing:
@@ -38,12 +38,15 @@ deps=(
   "tshark    tshark            test bench"      # packet captures, the sequence trace
   "hping3    hping3            test"            # crafted and flooding TCP
   "scapy     python3-scapy     test"            # forged segments (a python3 module)
-  "make      make              test check"
+  "make      make              test check generate"
   "dpkg      dpkg              test"            # TestDebianPackage: dpkg --root, dpkg-deb
   "git       git               check"           # git ls-files in make check
-  "ca-certs  ca-certificates   demo test bench check" # Go module downloads over HTTPS
+  "ca-certs  ca-certificates   demo test bench check generate" # Go module downloads over HTTPS
+  "clang     clang             generate"        # make generate: the BPF program of splice/bpf
+  "llvm-strip llvm             generate"        # bpf2go strips DWARF from the object
+  "libbpf    libbpf-dev        generate"        # bpf/bpf_helpers.h
 )
-groups=(demo test bench check all)
+groups=(demo test bench check generate all)
 ca_file=/etc/ssl/certs/ca-certificates.crt
 
 usage() {
@@ -65,6 +68,7 @@ have() {
     return 1
     ;;
   ca-certs) [[ -s $ca_file ]] ;;
+  libbpf) [[ -r /usr/include/bpf/bpf_helpers.h ]] ;;
   *) command -v "$1" >/dev/null 2>&1 ;;
   esac
 }

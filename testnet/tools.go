@@ -32,6 +32,9 @@ var debianPackages = map[string]string{
 	"make":      "make",
 	"dpkg":      "dpkg",
 	"git":       "git",
+	// make generate (the BPF program of splice/bpf)
+	"clang":      "clang",
+	"llvm-strip": "llvm",
 }
 
 // DebianPackage returns the Debian package that provides the command

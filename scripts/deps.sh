@@ -161,6 +161,7 @@ if ! apt-get update -qq >"$log" 2>&1 ||
   exit 1
 fi
 rm -f "$log"
+installed=("${pkgs[@]}")
 hash -r
 find_missing
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -168,4 +169,4 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   echo "deps: still missing after apt-get install; is /usr/sbin in PATH ($PATH)?" >&2
   exit 1
 fi
-echo "deps: ${want[*]}: installed ${pkgs[*]}; every tool is installed"
+echo "deps: ${want[*]}: installed ${installed[*]}; every tool is installed"

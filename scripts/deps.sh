@@ -14,9 +14,10 @@
 # - otherwise (not root, no apt-get, or --check) it names each missing
 #   tool with its Debian package and exits 1 without changing anything.
 #
-# Checking uses bash builtins only (and python3 to import scapy), so it
-# works with any PATH; tools are looked up in PATH as the tests and the
-# benchmark look them up.
+# Checking uses bash builtins only (and python3 to import scapy, nc -h
+# to tell OpenBSD's netcat from other variants), so it works with any
+# PATH; tools are looked up in PATH as the tests and the benchmark look
+# them up.
 set -uo pipefail
 
 # tool       Debian package    groups          what uses it
@@ -38,6 +39,11 @@ deps=(
   "tshark    tshark            test bench"      # packet captures, the sequence trace
   "hping3    hping3            test"            # crafted and flooding TCP
   "scapy     python3-scapy     test"            # forged segments (a python3 module)
+  "sshd      openssh-server    test"            # TestLabSOCKSSSH's server
+  "ssh       openssh-client    test"            # TestLabSOCKSSSH: ssh and scp through SOCKS5
+  "scp       openssh-client    test"
+  "ssh-keygen openssh-client   test"            # the test's throwaway keys
+  "nc        netcat-openbsd    test"            # ssh's ProxyCommand (nc -X 5 -x); must be OpenBSD's
   "make      make              test check"
   "dpkg      dpkg              test"            # TestDebianPackage: dpkg --root, dpkg-deb
   "git       git               check"           # git ls-files in make check
@@ -65,6 +71,14 @@ have() {
     return 1
     ;;
   ca-certs) [[ -s $ca_file ]] ;;
+  nc)
+    # Only OpenBSD's netcat has -X 5 -x (SOCKS5); netcat-traditional,
+    # ncat or busybox may own the name nc instead.
+    command -v nc >/dev/null 2>&1 || return 1
+    local help
+    help=$(nc -h 2>&1 </dev/null)
+    [[ $help == *OpenBSD* ]]
+    ;;
   *) command -v "$1" >/dev/null 2>&1 ;;
   esac
 }
@@ -101,7 +115,11 @@ find_missing() {
     for g in "${want[@]}"; do
       if [[ $g == all || " $needed " == *" $g "* ]]; then
         if ! have "$tool"; then
-          missing+=("$tool ($pkg)")
+          if [[ $tool == nc ]] && command -v nc >/dev/null 2>&1; then
+            missing+=("$tool ($pkg; the nc in PATH, $(command -v nc), is not OpenBSD's: with netcat-openbsd installed, update-alternatives --set nc /bin/nc.openbsd)")
+          else
+            missing+=("$tool ($pkg)")
+          fi
           [[ " ${pkgs[*]} " == *" $pkg "* ]] || pkgs+=("$pkg")
         fi
         break

@@ -14,9 +14,10 @@
 # - otherwise (not root, no apt-get, or --check) it names each missing
 #   tool with its Debian package and exits 1 without changing anything.
 #
-# Checking uses bash builtins only (and python3 to import scapy), so it
-# works with any PATH; tools are looked up in PATH as the tests and the
-# benchmark look them up.
+# Checking uses bash builtins only (and python3 to import scapy, nc -h
+# to tell OpenBSD's netcat from other variants), so it works with any
+# PATH; tools are looked up in PATH as the tests and the benchmark look
+# them up.
 set -uo pipefail
 
 # tool       Debian package    groups          what uses it
@@ -38,6 +39,11 @@ deps=(
   "tshark    tshark            test bench"      # packet captures, the sequence trace
   "hping3    hping3            test"            # crafted and flooding TCP
   "scapy     python3-scapy     test"            # forged segments (a python3 module)
+  "sshd      openssh-server    test"            # TestLabSOCKSSSH's server
+  "ssh       openssh-client    test"            # TestLabSOCKSSSH: ssh and scp through SOCKS5
+  "scp       openssh-client    test"
+  "ssh-keygen openssh-client   test"            # the test's throwaway keys
+  "nc        netcat-openbsd    test"            # ssh's ProxyCommand (nc -X 5 -x); must be OpenBSD's
   "make      make              test check generate"
   "dpkg      dpkg              test"            # TestDebianPackage: dpkg --root, dpkg-deb
   "git       git               check"           # git ls-files in make check
@@ -69,6 +75,14 @@ have() {
     ;;
   ca-certs) [[ -s $ca_file ]] ;;
   libbpf) [[ -r /usr/include/bpf/bpf_helpers.h ]] ;;
+  nc)
+    # Only OpenBSD's netcat has -X 5 -x (SOCKS5); netcat-traditional,
+    # ncat or busybox may own the name nc instead.
+    command -v nc >/dev/null 2>&1 || return 1
+    local help
+    help=$(nc -h 2>&1 </dev/null)
+    [[ $help == *OpenBSD* ]]
+    ;;
   *) command -v "$1" >/dev/null 2>&1 ;;
   esac
 }
@@ -105,7 +119,11 @@ find_missing() {
     for g in "${want[@]}"; do
       if [[ $g == all || " $needed " == *" $g "* ]]; then
         if ! have "$tool"; then
-          missing+=("$tool ($pkg)")
+          if [[ $tool == nc ]] && command -v nc >/dev/null 2>&1; then
+            missing+=("$tool ($pkg; the nc in PATH, $(command -v nc), is not OpenBSD's: with netcat-openbsd installed, update-alternatives --set nc /bin/nc.openbsd)")
+          else
+            missing+=("$tool ($pkg)")
+          fi
           [[ " ${pkgs[*]} " == *" $pkg "* ]] || pkgs+=("$pkg")
         fi
         break
@@ -165,6 +183,7 @@ if ! apt-get update -qq >"$log" 2>&1 ||
   exit 1
 fi
 rm -f "$log"
+installed=("${pkgs[@]}")
 hash -r
 find_missing
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -172,4 +191,4 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   echo "deps: still missing after apt-get install; is /usr/sbin in PATH ($PATH)?" >&2
   exit 1
 fi
-echo "deps: ${want[*]}: installed ${pkgs[*]}; every tool is installed"
+echo "deps: ${want[*]}: installed ${installed[*]}; every tool is installed"

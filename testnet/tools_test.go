@@ -89,7 +89,11 @@ func TestDepsScriptNamesMissingTools(t *testing.T) {
 		case "scapy":
 			name = "python3" // `python3 -c 'import scapy'` succeeds
 		}
-		if err := os.WriteFile(filepath.Join(dir, name), []byte("#!/bin/sh\nexit 0\n"), 0o755); err != nil {
+		stub := "#!/bin/sh\nexit 0\n"
+		if name == "nc" {
+			stub = "#!/bin/sh\necho 'OpenBSD netcat (stub)' >&2\nexit 1\n" // as nc -h
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(stub), 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -151,7 +155,19 @@ func TestDepsScriptNamesMissingTools(t *testing.T) {
 			t.Errorf("--check check: exit %d, want 0:\n%s", code, out)
 		}
 	}
+	// Another netcat owns the name nc: deps.sh and CheckTools say so.
+	if err := os.WriteFile(filepath.Join(dir, "nc"), []byte("#!/bin/sh\necho '[v1.10-47]' >&2\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if out, code := runDeps(t, dir, "--check", "test"); code != 1 || !strings.Contains(out, "nc (netcat-openbsd; the nc in PATH") {
+		t.Errorf("another nc: exit %d, want 1 naming nc as not OpenBSD's:\n%s", code, out)
+	}
 	if out, code := runDeps(t, dir, "--check", "nonsense"); code != 2 || !strings.Contains(out, "unknown group nonsense") {
 		t.Errorf("unknown group: exit %d, want 2:\n%s", code, out)
+	}
+	// (last: runDeps looks bash up in PATH)
+	t.Setenv("PATH", dir)
+	if err := CheckTools("nc", "curl"); err == nil || !strings.Contains(err.Error(), "is not OpenBSD's netcat") || strings.Contains(err.Error(), "curl") {
+		t.Errorf("CheckTools with another nc: %v", err)
 	}
 }

@@ -12,7 +12,7 @@ const (
 	Malformed
 	// Unsupported: valid, but not something the engine rewrites: not TCP,
 	// a fragment, an IPv6 jumbogram or extension header it does not walk
-	// (fragment, AH, ESP, unknown).
+	// (routing, fragment, AH, ESP, unknown).
 	Unsupported
 )
 
@@ -129,7 +129,12 @@ func (p *Packet) Parse(b []byte) Status {
 		next, off := ip.NextHeader(), IPv6HeaderLen
 		for next != protoTCP {
 			switch next {
-			case ipv6HopByHop, ipv6Routing, ipv6DestOptions:
+			case ipv6HopByHop, ipv6DestOptions:
+				// Not ipv6Routing: with segments left, the fixed header's
+				// destination is not the final one, which the TCP checksum's
+				// pseudo-header holds; a rewrite of addresses and checksum
+				// from it would be wrong. No spliced flow has a reason to
+				// carry one: Unsupported (dropped).
 				if off+8 > end {
 					return Malformed
 				}

@@ -551,6 +551,16 @@ func TestParse(t *testing.T) {
 			b[6] = 44
 			return b
 		}(), Unsupported},
+		{"ipv6 routing header", func() []byte {
+			// Routing header (43) with segments left: the fixed header's
+			// destination is not the final one.
+			b := newFixtureSeg(true).bytes()
+			ext := []byte{6, 0, 0, 1, 0, 0, 0, 0}
+			b = append(b[:40], append(ext, b[40:]...)...)
+			b[6] = 43
+			binary.BigEndian.PutUint16(b[4:], binary.BigEndian.Uint16(b[4:])+8)
+			return b
+		}(), Unsupported},
 		{"ipv6 jumbo", func() []byte {
 			b := newFixtureSeg(true).bytes()
 			b[4], b[5] = 0, 0

@@ -61,6 +61,19 @@ type Engine struct {
 	// StalledFlows counts directions of spliced flows that stalled (see
 	// splice.stall_after).
 	StalledFlows uint64 `json:"stalled_flows,omitempty"`
+	// Phases: where recent completed splices and unsplices spent their
+	// time.
+	Phases []Phase `json:"phases,omitempty"`
+}
+
+// Phase is one phase of a transition (splice or unsplice) over recent
+// completed transitions.
+type Phase struct {
+	Transition string `json:"transition"` // splice or unsplice
+	Name       string `json:"name"`       // divert, drain, barrier, capture, install, release, rebuild, hand_back
+	Count      uint64 `json:"count"`      // transitions that ran it
+	P50Us      int64  `json:"p50_us"`
+	P99Us      int64  `json:"p99_us"`
 }
 
 // Queue is one NFQUEUE's counters: ours, then the kernel's.

@@ -209,6 +209,15 @@ func (c *cli) status(ctx context.Context, args []string) error {
 			sort.Strings(parts)
 			fmt.Fprintf(c.out, "engine verdicts: %s\n", strings.Join(parts, ", "))
 		}
+		if len(e.Phases) > 0 {
+			fmt.Fprintf(c.out, "\ntransition phases (recent completed transitions):\n")
+			w := c.table()
+			fmt.Fprintln(w, "TRANSITION\tPHASE\tCOUNT\tp50\tp99")
+			for _, p := range e.Phases {
+				fmt.Fprintf(w, "%s\t%s\t%d\t%dµs\t%dµs\n", p.Transition, p.Name, p.Count, p.P50Us, p.P99Us)
+			}
+			w.Flush()
+		}
 	}
 	return nil
 }

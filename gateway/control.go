@@ -135,7 +135,7 @@ func (g *Gateway) Status() api.Status {
 		e := api.Engine{Name: "splice", Splices: g.spliceLatency.count.Load(), SpliceAborts: g.spliceAborts.Load(),
 			SpliceP50Us: g.spliceLatency.percentile(0.5).Microseconds(), SpliceP99Us: g.spliceLatency.percentile(0.99).Microseconds(),
 			Verdicts: map[string]uint64{}, QueueBackend: cfg.Kernel.NFQueue, InjectFailures: g.injectErrors.Load(),
-			StalledFlows: g.stalledFlows.Load()}
+			StalledFlows: g.stalledFlows.Load(), Phases: g.phaseTable()}
 		for _, en := range g.engine.Entries() {
 			s := en.Stats()
 			e.BytesC2S += s[splice.C2S].Bytes

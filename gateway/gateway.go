@@ -90,6 +90,7 @@ type Gateway struct {
 	lastDrift      string // the drift last reported with kernel.repair off
 
 	spliceLatency             latencies
+	phases                    [numSteps]latencies // see phase
 	spliceAborts              atomic.Uint64
 	unsplices, unspliceAborts atomic.Uint64
 	injectErrors              atomic.Uint64

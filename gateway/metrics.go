@@ -62,7 +62,7 @@ var (
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens, descPhase} {
 		ch <- d
 	}
 }
@@ -99,6 +99,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descUnspliceAborts, prometheus.CounterValue, float64(g.unspliceAborts.Load()))
 	ch <- prometheus.MustNewConstMetric(descStalled, prometheus.CounterValue, float64(g.stalledFlows.Load()))
 	ch <- g.spliceLatency.histogram()
+	g.phaseHistograms(ch)
 	for _, e := range st.Engines {
 		for _, q := range e.Queues {
 			n := strconv.Itoa(int(q.Number))
@@ -117,6 +118,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 // histogram summarizes the recent splice durations as a Prometheus
 // histogram.
 func (l *latencies) histogram() prometheus.Metric {
+	return l.histogramOf(descLatency)
+}
+
+// histogramOf summarizes the recent samples as a histogram of desc.
+func (l *latencies) histogramOf(desc *prometheus.Desc, labels ...string) prometheus.Metric {
 	bounds := []float64{50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1, 5}
 	buckets := map[float64]uint64{}
 	l.mu.Lock()
@@ -132,7 +138,7 @@ func (l *latencies) histogram() prometheus.Metric {
 	}
 	n := uint64(len(l.samples))
 	l.mu.Unlock()
-	return prometheus.MustNewConstHistogram(descLatency, n, sum, buckets)
+	return prometheus.MustNewConstHistogram(desc, n, sum, buckets, labels...)
 }
 
 // proxyCollector reports the metrics of each service's proxy

@@ -72,13 +72,15 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	}
 	f.SetState(proxy.StateSplicing)
 	g.transitions.add(tr)
+	sw := newStopwatch(start)
 	if err := g.diverter.Add(tr.queue, tr.keys[0], tr.keys[1]); err != nil {
 		g.transitions.remove(tr)
 		f.SetState(proxy.StateProxied)
 		return &SpliceError{Reason: "divert the flow", Err: err}
 	}
+	sw.lap(stepDivert)
 	drain := g.drainTimeout(f.Service)
-	caps, err := g.quiesceAndCapture(ctx, tr, f, client, upstream, start.Add(drain))
+	caps, err := g.quiesceAndCapture(ctx, tr, f, client, upstream, start.Add(drain), sw)
 	if err != nil {
 		g.abort(tr, f)
 		return err
@@ -92,12 +94,14 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		g.abort(tr, f)
 		return &SpliceError{Reason: "build the engine flow", Err: err}
 	}
+	sw.lap(stepInstall)
 	// Point of no return: in repair mode, Close sends nothing.
 	client.Close()
 	upstream.Close()
 	unpin := g.queues.Pin(int(tr.queue)) // in order with the queue's reader
 	sent, released, injectErr := g.release(tr, entry, &params)
 	unpin()
+	sw.lap(stepRelease)
 	if injectErr != nil {
 		// Not fatal: the sender never had those bytes acknowledged and
 		// retransmits them through the engine.
@@ -108,6 +112,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	back := g.handOver(tr, f, entry)
 	took := time.Since(start)
 	g.spliceLatency.observe(took)
+	sw.commit(g)
 	if !back {
 		f.SplicedAt.Store(time.Now().UnixNano())
 		f.SetState(proxy.StateSpliced)
@@ -138,7 +143,7 @@ func (g *Gateway) drainTimeout(service string) time.Duration {
 // quiesceAndCapture runs steps 2 and 3 and returns the captured
 // connections (client side first). On error both sockets are usable and the
 // transition is not frozen.
-func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *proxy.Flow, client, upstream *net.TCPConn, deadline time.Time) ([2]splice.Conn, error) {
+func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *proxy.Flow, client, upstream *net.TCPConn, deadline time.Time, sw *stopwatch) ([2]splice.Conn, error) {
 	var caps [2]splice.Conn
 	buf := drainBufs.Get().(*[]byte)
 	defer drainBufs.Put(buf)
@@ -155,12 +160,14 @@ func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *prox
 			tr.mu.Lock()
 			tr.phase = phaseFrozen
 			tr.mu.Unlock()
+			sw.lap(stepDrain)
 			// Nothing reaches the sockets now; make sure nothing did
 			// between the check and the freeze, including packets the
 			// queue's reader let through before the freeze but whose
 			// verdicts were still in its batch: one arriving after the
 			// capture would meet no socket and draw a reset.
 			g.queues.Barrier(int(tr.queue))
+			sw.lap(stepBarrier)
 			if empty, err = queuesEmpty(client, upstream); err == nil && empty {
 				break
 			}
@@ -185,6 +192,7 @@ func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *prox
 		g.unfreeze(tr)
 		return caps, &SpliceError{Reason: "capture the upstream connection", Err: err}
 	}
+	sw.lap(stepCapture)
 	return caps, nil
 }
 

@@ -89,13 +89,16 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 // rebuild, release, resume.
 func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *transition, start time.Time) error {
 	f := sf.flow
+	sw := newStopwatch(start)
 	if err := g.unspliceDrain(ctx, tr, start.Add(g.drainTimeout(f.Service))); err != nil {
 		return g.abandonUnsplice(sf, tr, err)
 	}
+	sw.lap(stepUnspliceDrain)
 	tr.mu.Lock()
 	tr.phase = phaseFrozen
 	tr.mu.Unlock()
 	g.queues.Barrier(int(tr.queue)) // what the engine forwarded before the freeze is out
+	sw.lap(stepUnspliceBarrier)
 	snap := sf.entry.Snapshot()
 	client, server := rebuiltConns(&sf.params, snap, time.Since(sf.splicedAt))
 	cc, err := tcprepair.Restore(&client)
@@ -107,6 +110,7 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 		cc.Close() // in repair mode: silent
 		return g.abandonUnsplice(sf, tr, fmt.Errorf("rebuild the server's connection: %w", err))
 	}
+	sw.lap(stepRebuild)
 	// Point of no return: the engine lets go of the flow.
 	g.splicedMu.Lock()
 	delete(g.spliced, f.ID)
@@ -121,6 +125,7 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	unpin := g.queues.Pin(int(tr.queue)) // in order with the queue's reader
 	released := g.releaseToSockets(tr, client.SndNxt, server.SndNxt)
 	unpin()
+	sw.lap(stepUnspliceRelease)
 	g.addPassthrough(f.ID, tr)
 	g.unsplices.Add(1)
 	st := sf.entry.Stats()
@@ -137,7 +142,10 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 		g.log.Error("unsplice: the proxy did not take the flow back; resetting it", logging.KeyFlow, f.ID)
 		proxy.Reset(cc)
 		proxy.Reset(sc)
+		return nil
 	}
+	sw.lap(stepHandBack)
+	sw.commit(g)
 	return nil
 }
 

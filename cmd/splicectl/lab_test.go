@@ -147,8 +147,21 @@ func TestLabCtl(t *testing.T) {
 	if st.Flows[api.StateProxied] != 1 || st.Flows[api.StateSpliced] != 1 || len(st.Engines) != 2 || st.Version == "" {
 		t.Fatalf("status: %+v", st)
 	}
-	if out, code := runCtl(t, d, "status"); code != 0 || !strings.Contains(out, "1 proxied, 0 splicing, 1 spliced") || !strings.Contains(out, "KERNEL USER_DROPPED") {
+	if out, code := runCtl(t, d, "status"); code != 0 || !strings.Contains(out, "1 proxied, 0 splicing, 1 spliced") || !strings.Contains(out, "KERNEL USER_DROPPED") ||
+		!strings.Contains(out, "transition phases") {
 		t.Fatalf("status table (exit %d):\n%s", code, out)
+	}
+	// Every phase of the splice was timed once.
+	phases := map[string]uint64{}
+	for _, e := range st.Engines {
+		for _, p := range e.Phases {
+			phases[p.Transition+" "+p.Name] = p.Count
+		}
+	}
+	for _, name := range []string{"divert", "drain", "barrier", "capture", "install", "release"} {
+		if phases["splice "+name] != 1 {
+			t.Errorf("splice phase %s timed %d times, want 1: %v", name, phases["splice "+name], phases)
+		}
 	}
 
 	var flows []api.Flow
@@ -236,7 +249,10 @@ func TestLabCtl(t *testing.T) {
 	resp.Body.Close()
 	metrics := string(b)
 	for _, want := range []string{`spliced_flows{state="spliced"} 2`, "spliced_splices_total 3", "spliced_unsplices_total 1", "spliced_splice_duration_seconds_bucket",
-		`spliced_bytes_total{direction="c2s",engine="splice"}`, `spliced_packets_total{verdict="forward"}`, "spliced_queue_kernel_drops_total", "spliced_rewrite_errors_total"} {
+		`spliced_bytes_total{direction="c2s",engine="splice"}`, `spliced_packets_total{verdict="forward"}`, "spliced_queue_kernel_drops_total", "spliced_rewrite_errors_total",
+		`spliced_transition_phase_seconds_count{phase="capture",transition="splice"} 3`,
+		`spliced_transition_phase_seconds_count{phase="rebuild",transition="unsplice"} 1`,
+		`spliced_transition_phase_seconds_count{phase="hand_back",transition="unsplice"} 1`} {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("metrics lack %q", want)
 		}

@@ -124,9 +124,37 @@ func measureLatency(env *Env, opt *Options) *Latency {
 	res.IdleP50, res.IdleP99 = percentile(idleT, 0.5), percentile(idleT, 0.99)
 	res.BusyP50, res.BusyP99 = percentile(busyT, 0.5), percentile(busyT, 0.99)
 	res.StallP50, res.StallP99 = percentile(stalls, 0.5), percentile(stalls, 0.99)
+	res.Phases = append(phasesFor(d.Lines(), "idle", fmt.Sprintf("%s:%d", lab.Server().IPv4, portIdle)),
+		phasesFor(d.Lines(), "busy", fmt.Sprintf("%s:%d", lab.Server().IPv4, portBusy))...)
 	fmt.Fprintf(opt.Log, "   idle %d: p50 %.0f µs p99 %.0f µs; busy %d: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms\n",
 		res.IdleSamples, res.IdleP50, res.IdleP99, res.BusySamples, res.BusyP50, res.BusyP99, res.StallP50, res.StallP99)
 	return res
+}
+
+// splicePhases are the phases of a splice in the order they run (the
+// gateway's "phases_us" log attribute).
+var splicePhases = []string{"divert", "drain", "barrier", "capture", "install", "release"}
+
+// phasesFor summarizes the phases of the splices of flows to server.
+func phasesFor(lines []map[string]any, kind, server string) []PhaseLatency {
+	var out []PhaseLatency
+	for _, name := range splicePhases {
+		var v []float64
+		for _, l := range lines {
+			if l["msg"] != "flow spliced" || l["server"] != server {
+				continue
+			}
+			if ph, ok := l["phases_us"].(map[string]any); ok {
+				if us, ok := ph[name].(float64); ok {
+					v = append(v, us)
+				}
+			}
+		}
+		if len(v) > 0 {
+			out = append(out, PhaseLatency{Flows: kind, Phase: name, P50: percentile(v, 0.5), P99: percentile(v, 0.99)})
+		}
+	}
+	return out
 }
 
 // busyFlow sends size bytes each way at once and returns the longest gap

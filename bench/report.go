@@ -74,7 +74,28 @@ type Latency struct {
 	// Stall: the longest gap between two reads at the receiver of a busy
 	// flow around its splice, ms.
 	StallP50, StallP99 float64
-	Error              string `json:"error,omitempty"`
+	// Phases: where the splice time went, per phase of the gateway's
+	// transition (the "phases_us" of its log lines), idle and busy flows.
+	Phases []PhaseLatency `json:"phases,omitempty"`
+	Error  string         `json:"error,omitempty"`
+}
+
+// PhaseLatency is one phase of the splices of idle or busy flows, µs.
+type PhaseLatency struct {
+	Flows    string  `json:"flows"` // idle or busy
+	Phase    string  `json:"phase"`
+	P50, P99 float64 `json:",omitempty"`
+}
+
+// phaseOrder lists the phases in the order they first appear.
+func phaseOrder(ps []PhaseLatency) []string {
+	var names []string
+	for _, p := range ps {
+		if !slices.Contains(names, p.Phase) {
+			names = append(names, p.Phase)
+		}
+	}
+	return names
 }
 
 // Memory compares established flows proxied and spliced.
@@ -199,6 +220,23 @@ func (r *Report) Markdown() string {
 			fmt.Fprintf(&b, "| idle flow, splice time | %d | %.0f µs | %.0f µs |\n", l.IdleSamples, l.IdleP50, l.IdleP99)
 			fmt.Fprintf(&b, "| busy flow, splice time | %d | %.0f µs | %.0f µs |\n", l.BusySamples, l.BusyP50, l.BusyP99)
 			fmt.Fprintf(&b, "| busy flow, longest stall at the receiver | %d | %.1f ms | %.1f ms |\n\n", l.BusySamples, l.StallP50, l.StallP99)
+			if len(l.Phases) > 0 {
+				fmt.Fprintf(&b, "| splice phase | idle p50 | idle p99 | busy p50 | busy p99 |\n|---|---|---|---|---|\n")
+				for _, name := range phaseOrder(l.Phases) {
+					var cells []string
+					for _, kind := range []string{"idle", "busy"} {
+						p, p99 := "-", "-"
+						for _, ph := range l.Phases {
+							if ph.Flows == kind && ph.Phase == name {
+								p, p99 = fmt.Sprintf("%.0f µs", ph.P50), fmt.Sprintf("%.0f µs", ph.P99)
+							}
+						}
+						cells = append(cells, p, p99)
+					}
+					fmt.Fprintf(&b, "| %s | %s |\n", name, strings.Join(cells, " | "))
+				}
+				b.WriteString("\n")
+			}
 		}
 	}
 	if m := r.Memory; m != nil {

@@ -23,7 +23,8 @@ func fixedReport() *Report {
 	return &Report{
 		Commit: "abc123", Kernel: "6.18", CPUs: 2, Date: "2026-11-26", Repetitions: 3, Seconds: 1,
 		Configs: []ConfigResult{cfg("routing", 20000, ""), cfg("haproxy", 0, "haproxy is not installed"), cfg("spliced-copy", 10000, ""), cfg("spliced-splice", 15000, "")},
-		Latency: &Latency{IdleSamples: 10, IdleP50: 80, IdleP99: 120, BusySamples: 10, BusyP50: 1500, BusyP99: 7000, StallP50: 2, StallP99: 8},
+		Latency: &Latency{IdleSamples: 10, IdleP50: 80, IdleP99: 120, BusySamples: 10, BusyP50: 1500, BusyP99: 7000, StallP50: 2, StallP99: 8,
+			Phases: append(phasesFor(phaseLines, "idle", "10.2.0.2:7101"), phasesFor(phaseLines, "busy", "10.2.0.2:7102")...)},
 		Memory: &Memory{Flows: 100, Proxied: MemSample{DaemonRSS: 30 << 20, BaseRSS: 10 << 20, DaemonLive: 22 << 20, BaseLive: 2 << 20, SocketMem: 4 << 20, Sockets: 200},
 			Spliced: MemSample{DaemonRSS: 11 << 20, BaseRSS: 10 << 20, DaemonLive: 3 << 20, BaseLive: 2 << 20}, Ratio: 0.04, PerFlowB: 300},
 		Trace: &Trace{Points: [][2]float64{{0, 0}, {1, 1 << 20}, {2, 3 << 20}}, SpliceStartMS: 0.9, SpliceEndMS: 1.1},
@@ -33,6 +34,15 @@ func fixedReport() *Report {
 // TestReportGenerator checks the report on fixed input: medians, ratios
 // against both baselines, a failed configuration shown with its reason, a
 // missing measure shown as failed, and all three outputs written.
+// phaseLines are daemon log lines of splices of idle (port 7101) and
+// busy (7102) flows.
+var phaseLines = []map[string]any{
+	{"msg": "flow spliced", "server": "10.2.0.2:7101", "phases_us": map[string]any{"divert": 40.0, "drain": 10.0, "capture": 30.0}},
+	{"msg": "flow spliced", "server": "10.2.0.2:7101", "phases_us": map[string]any{"divert": 60.0, "drain": 20.0, "capture": 50.0}},
+	{"msg": "flow spliced", "server": "10.2.0.2:7102", "phases_us": map[string]any{"divert": 45.0, "drain": 9000.0}},
+	{"msg": "flow opened", "server": "10.2.0.2:7101"},
+}
+
 func TestReportGenerator(t *testing.T) {
 	r := fixedReport()
 	md := r.Markdown()
@@ -45,6 +55,10 @@ func TestReportGenerator(t *testing.T) {
 		"### Ratio to routing",
 		"| spliced-copy | 0.50 |",
 		"| idle flow, splice time | 10 | 80 µs | 120 µs |",
+		"| splice phase | idle p50 | idle p99 | busy p50 | busy p99 |",
+		"| divert | 60 µs | 60 µs | 45 µs | 45 µs |", // the percentile of two samples rounds up
+		"| drain | 20 µs | 20 µs | 9000 µs | 9000 µs |",
+		"| capture | 50 µs | 50 µs | - | - |",
 		"| proxied | 20.0 MiB | 20.0 MiB | 4.0 MiB | 200 | 24.0 MiB |",
 		"Spliced flows cost 4.0% of proxied ones",
 	} {

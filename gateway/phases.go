@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"log/slog"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -73,6 +74,17 @@ func (s *stopwatch) commit(g *Gateway) {
 			g.phases[p].observe(s.laps[p])
 		}
 	}
+}
+
+// attrs are the laps for the transition's log line, in microseconds.
+func (s *stopwatch) attrs() slog.Attr {
+	var a []any
+	for p := range numSteps {
+		if s.ran[p] {
+			a = append(a, stepNames[p].name, s.laps[p].Microseconds())
+		}
+	}
+	return slog.Group("phases_us", a...)
 }
 
 // phaseTable returns the recent samples of every phase that has any.

@@ -121,7 +121,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		logging.KeyClient, f.Client, logging.KeyServer, f.Server,
 		logging.KeyBytesC2S, f.C2S.Load(), logging.KeyBytesS2C, f.S2C.Load(),
 		"took_us", took.Microseconds(), "taken_over_bytes", tr.takenLen[0]+tr.takenLen[1],
-		"injected_packets", sent, "held_packets", released)
+		"injected_packets", sent, "held_packets", released, sw.attrs())
 	g.flowEvent(api.EventSpliced, f, fmt.Sprintf("took %d µs", took.Microseconds()))
 	return nil
 }

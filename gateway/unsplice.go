@@ -136,7 +136,7 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	g.log.Info("flow unspliced", logging.KeyFlow, f.ID, logging.KeyService, f.Service,
 		logging.KeyClient, f.Client, logging.KeyServer, f.Server,
 		"took_us", took.Microseconds(), "held_packets", released,
-		"spliced_bytes_c2s", st[splice.C2S].Bytes, "spliced_bytes_s2c", st[splice.S2C].Bytes)
+		"spliced_bytes_c2s", st[splice.C2S].Bytes, "spliced_bytes_s2c", st[splice.S2C].Bytes, sw.attrs())
 	g.flowEvent(api.EventUnspliced, f, fmt.Sprintf("took %d µs", took.Microseconds()))
 	if !f.Resume(cc, sc) {
 		g.log.Error("unsplice: the proxy did not take the flow back; resetting it", logging.KeyFlow, f.ID)

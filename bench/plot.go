@@ -84,7 +84,7 @@ func (r *Report) barChart(file, title, unit string, keys []string) error {
 
 func (t *Trace) draw(file string) error {
 	p := plot.New()
-	p.Title.Text = "Sequence number of a busy flow across its splice (client to server)"
+	p.Title.Text = "Sequence number of a busy flow across its splice and unsplice (client to server)"
 	p.X.Label.Text = "time (ms)"
 	p.Y.Label.Text = "sequence offset (MB)"
 	pts := make(plotter.XYs, len(t.Points))
@@ -102,18 +102,26 @@ func (t *Trace) draw(file string) error {
 	for _, pt := range pts {
 		ymax = max(ymax, pt.Y)
 	}
-	var mark *plotter.Line
-	for _, x := range []float64{t.SpliceStartMS, t.SpliceEndMS} {
-		l, err := plotter.NewLine(plotter.XYs{{X: x, Y: 0}, {X: x, Y: ymax}})
-		if err != nil {
-			return err
-		}
-		l.Color = plotutil.Color(1)
-		p.Add(l)
-		mark = l
-	}
 	p.Legend.Add("client-to-server segments at the server", sc)
-	p.Legend.Add(fmt.Sprintf("splice: %.1f–%.1f ms", t.SpliceStartMS, t.SpliceEndMS), mark)
+	for i, tr := range []struct {
+		name       string
+		start, end float64
+	}{{"splice", t.SpliceStartMS, t.SpliceEndMS}, {"unsplice", t.UnspliceStartMS, t.UnspliceEndMS}} {
+		if tr.start == 0 && tr.end == 0 {
+			continue
+		}
+		var mark *plotter.Line
+		for _, x := range []float64{tr.start, tr.end} {
+			l, err := plotter.NewLine(plotter.XYs{{X: x, Y: 0}, {X: x, Y: ymax}})
+			if err != nil {
+				return err
+			}
+			l.Color = plotutil.Color(1 + i)
+			p.Add(l)
+			mark = l
+		}
+		p.Legend.Add(fmt.Sprintf("%s: %.1f–%.1f ms", tr.name, tr.start, tr.end), mark)
+	}
 	p.Legend.Top = true
 	p.Legend.Left = true
 	return p.Save(180*vg.Millimeter, 110*vg.Millimeter, file)

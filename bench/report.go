@@ -127,9 +127,13 @@ func (m MemSample) Total() int64 { return max(m.DaemonLive-m.BaseLive, 0) + m.So
 
 // Trace is the sequence-number trace of a flow across its splice.
 type Trace struct {
-	Points        [][2]float64 `json:"-"` // ms since start, relative sequence (bytes)
-	SpliceStartMS float64      `json:"splice_start_ms"`
-	SpliceEndMS   float64      `json:"splice_end_ms"`
+	Points          [][2]float64 `json:"-"` // ms since start, relative sequence (bytes)
+	Segments        int          `json:"segments"`
+	Dropped         int          `json:"dropped"` // packets the capture lost
+	SpliceStartMS   float64      `json:"splice_start_ms"`
+	SpliceEndMS     float64      `json:"splice_end_ms"`
+	UnspliceStartMS float64      `json:"unsplice_start_ms"`
+	UnspliceEndMS   float64      `json:"unsplice_end_ms"`
 	Picture       string       `json:"picture,omitempty"`
 	Error         string       `json:"error,omitempty"`
 }

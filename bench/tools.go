@@ -33,8 +33,5 @@ func Tools(opt Options) []string {
 	if want("http") {
 		add("nginx", "wrk", "ss")
 	}
-	if want("trace") {
-		add("tshark")
-	}
 	return tools
 }

@@ -4,10 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
-	"os/exec"
-	"path/filepath"
-	"strconv"
-	"strings"
+	"sync"
 	"time"
 
 	"spliced/testnet"
@@ -29,13 +26,14 @@ services:
 
 // measureTrace records, at the server, the sequence numbers of a busy
 // flow's client-to-server segments while the flow is spliced mid-transfer
-// (the paper's figure 10).
+// and unspliced again later (the paper's figure 10). The capture is a
+// packet socket of the bench's own, open before the first byte is sent
+// and timestamped by the kernel's clock, the clock of the daemon's log
+// lines that mark the transitions; a capture tool started in the
+// background missed the start of the flow (the splice marks came out a
+// second before the first captured segment).
 func measureTrace(env *Env, opt *Options) *Trace {
 	res := &Trace{}
-	if _, err := exec.LookPath("tshark"); err != nil {
-		res.Error = "tshark is not installed (apt-get install tshark)"
-		return res
-	}
 	lab, err := testnet.New(testnet.Options{})
 	if err != nil {
 		res.Error = err.Error()
@@ -50,64 +48,101 @@ func measureTrace(env *Env, opt *Options) *Trace {
 		res.Error = err.Error()
 		return res
 	}
-	pcap := filepath.Join(env.Dir, "trace.pcap")
-	stop, err := lab.Server().Capture("eth0", pcap, fmt.Sprintf("tcp dst port %d", portTrace))
+	var sn *sniffer
+	err = lab.Server().Do(func() error {
+		var err error
+		sn, err = newSniffer("eth0", portTrace)
+		return err
+	})
 	if err != nil {
-		res.Error = "tshark: " + err.Error()
+		res.Error = "capture: " + err.Error()
 		return res
 	}
+	points := make(chan [][3]float64, 1)
+	go func() { points <- sn.run() }()
 	srv := netip.AddrPortFrom(lab.Server().IPv4, portTrace)
 	ln, err := lab.Server().Listen(srv)
 	if err != nil {
-		stop()
+		sn.close()
 		res.Error = err.Error()
 		return res
 	}
-	tr := testnet.RunTransfer(lab.Client(), ln, srv, testnet.TransferOptions{C2S: 128 << 20, S2C: 128 << 20, Seed: 3})
+	// Unsplice when three quarters are sent, from another goroutine: the
+	// sender goes on meanwhile.
+	var once sync.Once
+	unspliced := make(chan error, 1)
+	const size = 128 << 20
+	progress := func(sent int64) {
+		if sent < size*3/4 {
+			return
+		}
+		once.Do(func() {
+			go func() {
+				rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" })
+				if rec == nil {
+					unspliced <- fmt.Errorf("not spliced by three quarters of the transfer")
+					return
+				}
+				_, err := d.Client().Unsplice(context.Background(), uint64(rec["flow"].(float64)))
+				unspliced <- err
+			}()
+		})
+	}
+	tr := testnet.RunTransfer(lab.Client(), ln, srv, testnet.TransferOptions{C2S: size, S2C: size, Seed: 3, Progress: progress})
 	ln.Close()
-	time.Sleep(200 * time.Millisecond)
-	stop()
+	time.Sleep(100 * time.Millisecond)
+	sn.close()
+	pts := <-points
 	if err := tr.Check(); err != nil {
 		res.Error = "transfer: " + err.Error()
 		return res
 	}
-	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" })
-	if rec == nil {
-		res.Error = "the flow was not spliced"
-		return res
-	}
-	end, err := time.Parse(time.RFC3339Nano, rec["time"].(string))
-	if err != nil {
-		res.Error = err.Error()
-		return res
-	}
-	start := end.Add(-time.Duration(rec["took_us"].(float64)) * time.Microsecond)
-	out, err := exec.CommandContext(context.Background(), "tshark", "-r", pcap, "-T", "fields",
-		"-e", "frame.time_epoch", "-e", "tcp.seq_raw", "-e", "tcp.len", "-Y", "tcp.len > 0").Output()
-	if err != nil {
-		res.Error = "read capture: " + err.Error()
-		return res
-	}
-	var t0 float64
-	var seq0 uint32
-	for i, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 3 {
-			continue
+	select {
+	case err := <-unspliced:
+		if err != nil {
+			res.Error = "unsplice: " + err.Error()
+			return res
 		}
-		ts, _ := strconv.ParseFloat(f[0], 64)
-		seq, _ := strconv.ParseUint(f[1], 10, 32)
-		if i == 0 {
-			t0, seq0 = ts, uint32(seq)
-		}
-		res.Points = append(res.Points, [2]float64{(ts - t0) * 1000, float64(uint32(seq) - seq0)})
+	case <-time.After(10 * time.Second):
+		res.Error = "the unsplice did not return"
+		return res
 	}
-	if len(res.Points) == 0 {
+	if len(pts) == 0 {
 		res.Error = "no packets captured"
 		return res
 	}
-	epoch := func(t time.Time) float64 { return float64(t.UnixNano())/1e9 - t0 }
-	res.SpliceStartMS, res.SpliceEndMS = epoch(start)*1000, epoch(end)*1000
-	fmt.Fprintf(opt.Log, "   %d segments, splice %.1f–%.1f ms\n", len(res.Points), res.SpliceStartMS, res.SpliceEndMS)
+	t0, seq0 := pts[0][0], uint32(pts[0][1])
+	for _, p := range pts {
+		res.Points = append(res.Points, [2]float64{(p[0] - t0) * 1000, float64(uint32(p[1]) - seq0)})
+	}
+	res.Segments, res.Dropped = len(pts), sn.dropped()
+	mark := func(msg string) (startMS, endMS float64, err error) {
+		rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == msg })
+		if rec == nil {
+			return 0, 0, fmt.Errorf("no %q record", msg)
+		}
+		end, err := time.Parse(time.RFC3339Nano, rec["time"].(string))
+		if err != nil {
+			return 0, 0, err
+		}
+		start := end.Add(-time.Duration(rec["took_us"].(float64)) * time.Microsecond)
+		ms := func(t time.Time) float64 { return (float64(t.UnixNano())/1e9 - t0) * 1000 }
+		return ms(start), ms(end), nil
+	}
+	if res.SpliceStartMS, res.SpliceEndMS, err = mark("flow spliced"); err != nil {
+		res.Error = err.Error()
+		return res
+	}
+	if res.UnspliceStartMS, res.UnspliceEndMS, err = mark("flow unspliced"); err != nil {
+		res.Error = err.Error()
+		return res
+	}
+	last := res.Points[len(res.Points)-1][0]
+	if res.SpliceStartMS < 0 || res.UnspliceEndMS > last {
+		res.Error = fmt.Sprintf("the transitions (%.1f and %.1f ms) lie outside the captured segments (0 to %.1f ms)", res.SpliceStartMS, res.UnspliceEndMS, last)
+		return res
+	}
+	fmt.Fprintf(opt.Log, "   %d segments (%d dropped by the capture), splice %.1f–%.1f ms, unsplice %.1f–%.1f ms\n",
+		res.Segments, res.Dropped, res.SpliceStartMS, res.SpliceEndMS, res.UnspliceStartMS, res.UnspliceEndMS)
 	return res
 }

@@ -36,7 +36,7 @@ deps=(
   "nginx     nginx-light       test bench"      # HTTP backends
   "vsftpd    vsftpd            test"            # FTP server
   "lftp      lftp              test"            # FTP client
-  "tshark    tshark            test bench"      # packet captures, the sequence trace
+  "tshark    tshark            test"            # packet captures
   "hping3    hping3            test"            # crafted and flooding TCP
   "scapy     python3-scapy     test"            # forged segments (a python3 module)
   "sshd      openssh-server    test"            # TestLabSOCKSSSH's server

@@ -134,8 +134,8 @@ type Trace struct {
 	SpliceEndMS     float64      `json:"splice_end_ms"`
 	UnspliceStartMS float64      `json:"unsplice_start_ms"`
 	UnspliceEndMS   float64      `json:"unsplice_end_ms"`
-	Picture       string       `json:"picture,omitempty"`
-	Error         string       `json:"error,omitempty"`
+	Picture         string       `json:"picture,omitempty"`
+	Error           string       `json:"error,omitempty"`
 }
 
 // Report is a whole run.

@@ -32,6 +32,7 @@ deps=(
   "curl      curl              test"            # HTTP and FTP clients
   "wrk       wrk               test bench"      # HTTP load
   "haproxy   haproxy           test bench"      # the benchmark's reference proxy
+  "danted    dante-server      bench"           # the benchmark's reference SOCKS5 server
   "nginx     nginx-light       test bench"      # HTTP backends
   "vsftpd    vsftpd            test"            # FTP server
   "lftp      lftp              test"            # FTP client
@@ -141,7 +142,7 @@ fi
 
 echo "deps: installing Debian packages: ${pkgs[*]}"
 export DEBIAN_FRONTEND=noninteractive
-# Installed servers (nginx, haproxy, vsftpd) must not start on the host:
+# Installed servers (nginx, haproxy, vsftpd, danted) must not start on the host:
 # tests start their own inside lab namespaces. A policy-rc.d that exits
 # 101 forbids it; one already there is put back afterwards.
 rcd=/usr/sbin/policy-rc.d
@@ -162,10 +163,11 @@ if ! apt-get update -qq >"$log" 2>&1 ||
 fi
 rm -f "$log"
 hash -r
+installed=("${pkgs[@]}")
 find_missing
 if [[ ${#missing[@]} -gt 0 ]]; then
   report
   echo "deps: still missing after apt-get install; is /usr/sbin in PATH ($PATH)?" >&2
   exit 1
 fi
-echo "deps: ${want[*]}: installed ${pkgs[*]}; every tool is installed"
+echo "deps: ${want[*]}: installed ${installed[*]}; every tool is installed"

@@ -24,6 +24,7 @@ var debianPackages = map[string]string{
 	"curl":      "curl",
 	"wrk":       "wrk",
 	"haproxy":   "haproxy",
+	"danted":    "dante-server",
 	"nginx":     "nginx-light",
 	"vsftpd":    "vsftpd",
 	"lftp":      "lftp",

@@ -14,6 +14,12 @@
 // flow sees; memory of many established flows proxied and spliced; and a
 // sequence-number trace of a busy flow across the splice point.
 //
+// SOCKS5: Dante (danted) and spliced's socks5 proxy, relaying and
+// splicing, each on the gateway's address and driven by the same Go
+// client: connection setup rate (handshake, CONNECT, one byte each way,
+// close), 1-byte request/response on established SOCKS connections, bulk
+// client to server, and gateway CPU per connection and per GB.
+//
 // Everything runs in testnet labs; nothing here is a test, and nothing is
 // asserted about time: the report shows what was measured.
 package bench

@@ -87,6 +87,13 @@ func requestResponse(client, server *testnet.Host, size, conns int, d time.Durat
 		cs[i].SetNoDelay(true)
 		defer cs[i].Close()
 	}
+	return rrLoop(cs, size, d)
+}
+
+// rrLoop runs size-byte ping-pong on established connections, each
+// to an echo server of size-byte messages, for d and returns
+// transactions per second.
+func rrLoop(cs []*net.TCPConn, size int, d time.Duration) (float64, error) {
 	// A first exchange on every connection, so that a configuration that
 	// splices at connect has spliced before the clock starts.
 	buf := make([]byte, size)
@@ -216,7 +223,9 @@ func (m cpuMeter) read() cpuSample {
 
 func (a cpuSample) sub(b cpuSample) time.Duration { return (a.proc - b.proc) + (a.softirq - b.softirq) }
 
-// procCPU is a process's user plus system time.
+// procCPU is a process's user plus system time, with that of its
+// children that ended and were waited for (a server that forks workers,
+// as Dante does, keeps the time of the ones that ended).
 func procCPU(pid int) time.Duration {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
@@ -228,10 +237,13 @@ func procCPU(pid int) time.Duration {
 		return 0
 	}
 	f := strings.Fields(s[i+1:])
-	if len(f) < 13 {
+	if len(f) < 15 {
 		return 0
 	}
-	u, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(u+st) * clockTick
+	var ticks int64
+	for _, i := range []int{11, 12, 13, 14} { // utime stime cutime cstime
+		v, _ := strconv.ParseInt(f[i], 10, 64)
+		ticks += v
+	}
+	return time.Duration(ticks) * clockTick
 }

@@ -148,11 +148,13 @@ type Report struct {
 	Repetitions int            `json:"repetitions"`
 	Seconds     float64        `json:"seconds_per_measure"`
 	Configs     []ConfigResult `json:"configs"`
-	Latency     *Latency       `json:"splice_latency,omitempty"`
-	Memory      *Memory        `json:"memory,omitempty"`
-	Trace       *Trace         `json:"trace,omitempty"`
-	HTTP        *HTTP          `json:"http,omitempty"`
-	Pictures    []string       `json:"pictures,omitempty"`
+	// SOCKS are the SOCKS5 servers, measured with SOCKSMetrics.
+	SOCKS    []ConfigResult `json:"socks5,omitempty"`
+	Latency  *Latency       `json:"splice_latency,omitempty"`
+	Memory   *Memory        `json:"memory,omitempty"`
+	Trace    *Trace         `json:"trace,omitempty"`
+	HTTP     *HTTP          `json:"http,omitempty"`
+	Pictures []string       `json:"pictures,omitempty"`
 }
 
 // Config returns the result of a configuration by name.
@@ -178,41 +180,29 @@ func (r *Report) Markdown() string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "Measured %s on Linux %s, %d CPUs, commit %s; %d repetitions of %.0f s each, median (min–max).\n\n",
 		r.Date, r.Kernel, r.CPUs, r.Commit, r.Repetitions, r.Seconds)
-	cols := []string{"configuration"}
-	for _, m := range Metrics {
-		cols = append(cols, fmt.Sprintf("%s (%s)", m.Title, m.Unit))
+	if len(r.Configs) > 0 {
+		b.WriteString("### Measured\n\n")
+		configTable(&b, r.Configs, Metrics, measured)
+		for _, base := range []string{BaselineCopy, BaselineRouting} {
+			bc := r.Config(base)
+			fmt.Fprintf(&b, "### Ratio to %s (median / median; above 1 is better)\n\n", base)
+			configTable(&b, r.Configs, Metrics, func(c *ConfigResult, m Metric) string {
+				return ratio(c, bc, m)
+			})
+		}
 	}
-	table := func(cell func(c *ConfigResult, m Metric) string) {
-		fmt.Fprintf(&b, "| %s |\n|%s\n", strings.Join(cols, " | "), strings.Repeat("---|", len(cols)))
-		for i := range r.Configs {
-			c := &r.Configs[i]
-			row := []string{c.Name}
-			for _, m := range Metrics {
-				row = append(row, cell(c, m))
+	if len(r.SOCKS) > 0 {
+		b.WriteString("### SOCKS5 (CONNECT from the client to an echo server or sink; the server on the gateway's address; no authentication)\n\n")
+		configTable(&b, r.SOCKS, SOCKSMetrics, measured)
+		var base *ConfigResult
+		for i := range r.SOCKS {
+			if r.SOCKS[i].Name == BaselineSOCKS {
+				base = &r.SOCKS[i]
 			}
-			fmt.Fprintf(&b, "| %s |\n", strings.Join(row, " | "))
 		}
-		b.WriteString("\n")
-	}
-	b.WriteString("### Measured\n\n")
-	table(func(c *ConfigResult, m Metric) string {
-		if c.Failed != "" {
-			return "failed: " + c.Failed
-		}
-		st, ok := c.Metrics[m.Key]
-		if !ok {
-			if e := c.Errors[m.Key]; e != "" {
-				return "failed: " + e
-			}
-			return "n/a"
-		}
-		return fmt.Sprintf("%s (%s–%s)", num(st.Median), num(st.Min), num(st.Max))
-	})
-	for _, base := range []string{BaselineCopy, BaselineRouting} {
-		bc := r.Config(base)
-		fmt.Fprintf(&b, "### Ratio to %s (median / median; above 1 is better)\n\n", base)
-		table(func(c *ConfigResult, m Metric) string {
-			return ratio(c, bc, m)
+		fmt.Fprintf(&b, "Ratio to %s (median / median; above 1 is better):\n\n", BaselineSOCKS)
+		configTable(&b, r.SOCKS, SOCKSMetrics, func(c *ConfigResult, m Metric) string {
+			return ratio(c, base, m)
 		})
 	}
 	if l := r.Latency; l != nil {
@@ -291,6 +281,41 @@ func (r *Report) Markdown() string {
 		fmt.Fprintf(&b, "### Sequence trace\n\nfailed: %s\n\n", t.Error)
 	}
 	return b.String()
+}
+
+// configTable writes a table with a row per configuration and a column
+// per metric.
+func configTable(b *strings.Builder, configs []ConfigResult, metrics []Metric, cell func(c *ConfigResult, m Metric) string) {
+	cols := []string{"configuration"}
+	for _, m := range metrics {
+		cols = append(cols, fmt.Sprintf("%s (%s)", m.Title, m.Unit))
+	}
+	fmt.Fprintf(b, "| %s |\n|%s\n", strings.Join(cols, " | "), strings.Repeat("---|", len(cols)))
+	for i := range configs {
+		c := &configs[i]
+		row := []string{c.Name}
+		for _, m := range metrics {
+			row = append(row, cell(c, m))
+		}
+		fmt.Fprintf(b, "| %s |\n", strings.Join(row, " | "))
+	}
+	b.WriteString("\n")
+}
+
+// measured is a cell of the measured table: median (min–max), or why
+// the measure is missing.
+func measured(c *ConfigResult, m Metric) string {
+	if c.Failed != "" {
+		return "failed: " + c.Failed
+	}
+	st, ok := c.Metrics[m.Key]
+	if !ok {
+		if e := c.Errors[m.Key]; e != "" {
+			return "failed: " + e
+		}
+		return "n/a"
+	}
+	return fmt.Sprintf("%s (%s–%s)", num(st.Median), num(st.Min), num(st.Max))
 }
 
 func ratio(c, base *ConfigResult, m Metric) string {

@@ -27,8 +27,17 @@ func fixedReport() *Report {
 			Phases: append(phasesFor(phaseLines, "idle", "10.2.0.2:7101"), phasesFor(phaseLines, "busy", "10.2.0.2:7102")...)},
 		Memory: &Memory{Flows: 100, Proxied: MemSample{DaemonRSS: 30 << 20, BaseRSS: 10 << 20, DaemonLive: 22 << 20, BaseLive: 2 << 20, SocketMem: 4 << 20, Sockets: 200},
 			Spliced: MemSample{DaemonRSS: 11 << 20, BaseRSS: 10 << 20, DaemonLive: 3 << 20, BaseLive: 2 << 20}, Ratio: 0.04, PerFlowB: 300},
+		SOCKS: []ConfigResult{socksCfg("dante", 1000), socksCfg("spliced-socks5-copy", 2000), {Name: "spliced-socks5-splice", Failed: "daemon not ready"}},
 		Trace: &Trace{Points: [][2]float64{{0, 0}, {1, 1 << 20}, {2, 3 << 20}}, SpliceStartMS: 0.9, SpliceEndMS: 1.1},
 	}
+}
+
+func socksCfg(name string, setup float64) ConfigResult {
+	c := ConfigResult{Name: name, Metrics: map[string]Stat{}}
+	for _, m := range SOCKSMetrics {
+		c.Metrics[m.Key] = NewStat([]float64{setup, setup * 2})
+	}
+	return c
 }
 
 // TestReportGenerator checks the report on fixed input: medians, ratios
@@ -61,6 +70,13 @@ func TestReportGenerator(t *testing.T) {
 		"| capture | 50 µs | 50 µs | - | - |",
 		"| proxied | 20.0 MiB | 20.0 MiB | 4.0 MiB | 200 | 24.0 MiB |",
 		"Spliced flows cost 4.0% of proxied ones",
+		"### SOCKS5 (",
+		"| configuration | setup + 1-byte exchange, 8 loops (conn/s) | 1-byte RR, 1 conn (tx/s) | 1-byte RR, 8 conns (tx/s) | bulk client→server (Gbit/s) | gateway CPU per connection (µs) | gateway CPU per GB (s) |",
+		"| dante | 1500 (1000–2000) |",
+		"| spliced-socks5-splice | failed: daemon not ready |",
+		"Ratio to dante",
+		"| spliced-socks5-copy | 2.00 | 2.00 | 2.00 | 2.00 | 0.50 | 0.50 |", // CPU: lower is better
+		"| spliced-socks5-splice | failed | failed |",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("markdown lacks %q:\n%s", want, md)
@@ -78,8 +94,18 @@ func TestReportGenerator(t *testing.T) {
 	}
 	var back Report
 	js, _ := os.ReadFile(filepath.Join(dir, "latest.json"))
-	if err := json.Unmarshal(js, &back); err != nil || back.Config("haproxy").Failed == "" || back.Commit != "abc123" {
+	if err := json.Unmarshal(js, &back); err != nil || back.Config("haproxy").Failed == "" || back.Commit != "abc123" ||
+		len(back.SOCKS) != 3 || back.SOCKS[1].Metrics["setup_8c"].Median != 3000 {
 		t.Fatalf("json round trip: %v %+v", err, back)
+	}
+}
+
+// A run of the SOCKS5 part alone has no tables of the gateways.
+func TestReportSOCKSOnly(t *testing.T) {
+	r := &Report{SOCKS: []ConfigResult{socksCfg("spliced-socks5-copy", 2000)}}
+	md := r.Markdown()
+	if strings.Contains(md, "### Measured") || !strings.Contains(md, "| spliced-socks5-copy | no baseline |") {
+		t.Errorf("markdown of the SOCKS5 part alone:\n%s", md)
 	}
 }
 

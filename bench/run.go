@@ -71,6 +71,13 @@ func Run(opt Options) (*Report, error) {
 		fmt.Fprintf(opt.Log, "== %s: %s\n", g.name, g.desc)
 		r.Configs = append(r.Configs, measureGateway(env, g, &opt))
 	}
+	for _, s := range SOCKSServers {
+		if len(opt.Only) > 0 && !contains(opt.Only, s.name) && !contains(opt.Only, "socks") {
+			continue
+		}
+		fmt.Fprintf(opt.Log, "== %s: %s\n", s.name, s.desc)
+		r.SOCKS = append(r.SOCKS, measureSOCKS(env, s, &opt))
+	}
 	if len(opt.Only) == 0 || contains(opt.Only, "latency") {
 		fmt.Fprintln(opt.Log, "== splice latency")
 		r.Latency = measureLatency(env, &opt)

@@ -27,6 +27,15 @@ func Tools(opt Options) []string {
 			add("haproxy", "pgrep")
 		}
 	}
+	for _, s := range SOCKSServers {
+		if !want(s.name) && !want("socks") {
+			continue
+		}
+		add("ss") // the server's listener
+		if s.name == "dante" {
+			add("danted")
+		}
+	}
 	if want("memory") {
 		add("ss", "cat")
 	}

@@ -29,6 +29,15 @@ func TestToolsInDepsBenchGroup(t *testing.T) {
 	if got := Tools(Options{Only: []string{"latency"}}); !slices.Equal(got, []string{"ip"}) {
 		t.Errorf("latency alone needs %v, want [ip]", got)
 	}
+	for only, want := range map[string][]string{
+		"dante":                 {"ip", "ss", "danted"},
+		"socks":                 {"ip", "ss", "danted"},
+		"spliced-socks5-splice": {"ip", "ss"},
+	} {
+		if got := Tools(Options{Only: []string{only}}); !slices.Equal(got, want) {
+			t.Errorf("%s needs %v, want %v", only, got, want)
+		}
+	}
 }
 
 // A missing tool fails the run at once, before any lab or measure,
@@ -39,7 +48,7 @@ func TestRunWithoutToolsFailsAtOnce(t *testing.T) {
 	if err == nil {
 		t.Fatal("Run succeeded without any tool in PATH")
 	}
-	for _, want := range []string{"iperf3 (Debian package iperf3)", "haproxy (Debian package haproxy)", "wrk (Debian package wrk)", "nginx (Debian package nginx-light)", "-only"} {
+	for _, want := range []string{"iperf3 (Debian package iperf3)", "haproxy (Debian package haproxy)", "wrk (Debian package wrk)", "nginx (Debian package nginx-light)", "danted (Debian package dante-server)", "-only"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error does not name %q: %v", want, err)
 		}

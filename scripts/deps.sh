@@ -33,6 +33,7 @@ deps=(
   "curl      curl              test"            # HTTP and FTP clients
   "wrk       wrk               test bench"      # HTTP load
   "haproxy   haproxy           test bench"      # the benchmark's reference proxy
+  "danted    dante-server      bench"           # the benchmark's reference SOCKS5 server
   "nginx     nginx-light       test bench"      # HTTP backends
   "vsftpd    vsftpd            test"            # FTP server
   "lftp      lftp              test"            # FTP client
@@ -163,7 +164,7 @@ fi
 
 echo "deps: installing Debian packages: ${pkgs[*]}"
 export DEBIAN_FRONTEND=noninteractive
-# Installed servers (nginx, haproxy, vsftpd) must not start on the host:
+# Installed servers (nginx, haproxy, vsftpd, danted) must not start on the host:
 # tests start their own inside lab namespaces. A policy-rc.d that exits
 # 101 forbids it; one already there is put back afterwards.
 rcd=/usr/sbin/policy-rc.d
@@ -185,6 +186,7 @@ fi
 rm -f "$log"
 installed=("${pkgs[@]}")
 hash -r
+installed=("${pkgs[@]}")
 find_missing
 if [[ ${#missing[@]} -gt 0 ]]; then
   report

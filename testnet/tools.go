@@ -37,6 +37,7 @@ var debianPackages = map[string]string{
 	"make":       "make",
 	"dpkg":       "dpkg",
 	"git":        "git",
+	"danted":     "dante-server",
 	// make generate (the BPF program of splice/bpf)
 	"clang":      "clang",
 	"llvm-strip": "llvm",

@@ -12,11 +12,18 @@ import (
 // or dot segments, holds only path bytes, and normalises to itself; so do
 // its other readings.
 func FuzzNormalizePath(f *testing.F) {
-	for _, s := range []string{"/", "/a/../b", "/%61dmin/", "//x/./y/..", "/a/..%2F..%2fb", "/a;x/..;/b", "/a\\b", "/%zz", "/%00", "/\xc3\xa9"} {
+	for _, s := range []string{"/", "/a/../b", "/%61dmin/", "//x/./y/..", "/a/..%2F..%2fb", "/a;x/..;/b", "/a\\b", "/%zz", "/%00", "/\xc3\xa9", "/a/b/", "/a.b/.c/..d", "/a//", "/x/.", "/@:!$&'()*+,="} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, p string) {
 		norm, alt, err := normalizePath(p)
+		if plainPath(p) {
+			// The shortcut must say what the full normalisation says.
+			fnorm, falt, ferr := normalizeFully(p)
+			if ferr != nil || fnorm != p || len(falt) != 0 || norm != p || alt != nil {
+				t.Fatalf("%q: a plain path, but normalises to %q %q (%v)", p, fnorm, falt, ferr)
+			}
+		}
 		if err != nil {
 			return
 		}

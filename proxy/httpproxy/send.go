@@ -97,6 +97,21 @@ func (b *sendBuf) WriteString(s string) (int, error) {
 	return len(s), nil
 }
 
+// WriteByte makes b an io.ByteWriter, which Request.Write takes as
+// buffered: it would wrap anything else in a bufio.Writer of its own.
+func (b *sendBuf) WriteByte(c byte) error {
+	if b.err != nil {
+		return b.err
+	}
+	if len(b.buf) == cap(b.buf) {
+		if err := b.Flush(); err != nil {
+			return err
+		}
+	}
+	b.buf = append(b.buf, c)
+	return nil
+}
+
 // minRead is the least free space ReadFrom reads into; with less, it
 // writes what it has first.
 const minRead = 4 << 10

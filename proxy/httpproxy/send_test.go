@@ -63,7 +63,11 @@ func TestSendBufOrder(t *testing.T) {
 				data[j] = byte(rng.Uint32())
 			}
 			want.Write(data)
-			switch rng.IntN(3) {
+			switch rng.IntN(4) {
+			case 3:
+				for _, c := range data {
+					b.WriteByte(c)
+				}
 			case 0:
 				b.Write(data)
 			case 1:

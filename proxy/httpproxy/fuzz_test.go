@@ -3,6 +3,8 @@ package httpproxy
 import (
 	"bufio"
 	"bytes"
+	"errors"
+	"fmt"
 	"io"
 	"strings"
 	"testing"
@@ -52,7 +54,8 @@ func FuzzNormalizePath(f *testing.F) {
 	})
 }
 
-// FuzzReadRequest: whatever the bytes, readRequest does not panic; a
+// FuzzReadRequest: whatever the bytes, readRequest does not panic; it
+// reads a head that fits its buffer as it reads a longer one; a
 // request it accepts, written as the proxy writes it to a backend, reads
 // back with the same host, target and body.
 func FuzzReadRequest(f *testing.F) {
@@ -60,6 +63,12 @@ func FuzzReadRequest(f *testing.F) {
 		f.Add([]byte(c.raw))
 	}
 	f.Fuzz(func(t *testing.T, raw []byte) {
+		// The smallest buffer: nearly every head is read into memory.
+		long, lerr := readRequest(bufio.NewReaderSize(bytes.NewReader(raw), 16))
+		peeked, perr := readRequest(bufio.NewReader(bytes.NewReader(raw)))
+		if got, want := readOutcome(long, lerr), readOutcome(peeked, perr); got != want {
+			t.Fatalf("%q: read from a small buffer: %s; from the default one: %s", raw, got, want)
+		}
 		rq, err := readRequest(bufio.NewReader(bytes.NewReader(raw)))
 		if err != nil {
 			return
@@ -91,4 +100,23 @@ func FuzzReadRequest(f *testing.F) {
 			t.Fatalf("body %q forwarded as %q (%v)", body, got, err)
 		}
 	})
+}
+
+// readOutcome sums up what readRequest made of some bytes: the error's
+// status, or the request as it would be forwarded and its body.
+func readOutcome(rq *request, err error) string {
+	if err != nil {
+		var re *requestError
+		if errors.As(err, &re) {
+			return fmt.Sprintf("refused %d", re.status)
+		}
+		return "error " + err.Error()
+	}
+	body, err := io.ReadAll(rq.Body)
+	if be := rq.bodyFailed(); be != nil {
+		// How a bad body fails depends on the buffer (a chunk line
+		// longer than it); that it fails, and why, does not.
+		return fmt.Sprintf("%s %q %q body failed, framing %v", rq.Method, rq.host, rq.path, be.framing)
+	}
+	return fmt.Sprintf("%s %q %q %q %v %v %d %v body %q %v", rq.Method, rq.host, rq.path, rq.alt, rq.URL, rq.Header, rq.ContentLength, rq.upgrade, body, err)
 }

@@ -59,7 +59,7 @@ func readRaw(r *bufio.Reader) error {
 		if len(line) == 2 {
 			break
 		}
-		if k, v, ok := bytes.Cut(line, []byte(":")); ok && string(bytes.ToLower(k)) == "content-length" {
+		if k, v, ok := bytes.Cut(line, []byte(":")); ok && bytes.EqualFold(k, []byte("Content-Length")) {
 			length, _ = strconv.Atoi(string(bytes.TrimSpace(v)))
 		}
 	}

@@ -123,8 +123,10 @@ func (p *Proxy) handle(c *net.TCPConn) {
 // route returns the pool for a host (its port ignored) and a normalised
 // path, or nil.
 func (p *Proxy) route(host, path string) *pool {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
+	if strings.IndexByte(host, ':') >= 0 { // else SplitHostPort fails
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
 	}
 	host = strings.TrimSuffix(host, ".")
 	for _, pl := range p.pools {
@@ -193,6 +195,9 @@ type conn struct {
 	// flush it before they read a socket.
 	out            *sendBuf
 	clientRd, upRd flushReader
+	toClient, toUp countingWriter
+	clientIP       string    // the X-Forwarded-For entry, once made
+	xff            [1]string // the field's value for the request in flight
 	// respEnd is the value of flow.S2C at which the response in flight
 	// ends: after an unsplice in its middle, the rest is relayed first.
 	respEnd int64
@@ -408,11 +413,17 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	req := rq.Request
 	switch conf.Forwarded {
 	case "x-forwarded-for":
-		ip := c.flow.Client.Addr().String()
+		if c.clientIP == "" {
+			c.clientIP = c.flow.Client.Addr().String()
+		}
+		ip := c.clientIP
 		if prior := req.Header.Get("X-Forwarded-For"); prior != "" {
 			ip = prior + ", " + ip
 		}
-		req.Header.Set("X-Forwarded-For", ip)
+		// req.Header.Set without a new slice: the request does not
+		// outlive the exchange.
+		c.xff[0] = ip
+		req.Header["X-Forwarded-For"] = c.xff[:]
 	case "via":
 		req.Header.Add("Via", fmt.Sprintf("%d.%d spliced", req.ProtoMajor, req.ProtoMinor))
 	}
@@ -421,7 +432,8 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		// which needs one.
 		req.Host = c.upTo.addr.String()
 	}
-	out.reset(&countingWriter{w: c.up, n: &c.flow.C2S})
+	c.toUp = countingWriter{w: c.up, n: &c.flow.C2S}
+	out.reset(&c.toUp)
 	err = req.Write(out)
 	if err == nil {
 		err = out.Flush()
@@ -437,7 +449,8 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		}
 		return true, false, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
 	}
-	out.reset(&countingWriter{w: c.client, n: &c.flow.S2C})
+	c.toClient = countingWriter{w: c.client, n: &c.flow.S2C}
+	out.reset(&c.toClient)
 	var resp *http.Response
 	for {
 		resp, err = http.ReadResponse(c.ur, req)
@@ -612,17 +625,6 @@ func (c *conn) reply(code int, msg string) {
 	body := fmt.Sprintf("%d %s: %s\n", code, http.StatusText(code), msg)
 	fmt.Fprintf(c.client, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
 		code, http.StatusText(code), len(body), body)
-}
-
-func headerHas(h http.Header, key, token string) bool {
-	for _, v := range h.Values(key) {
-		for _, t := range strings.Split(v, ",") {
-			if strings.EqualFold(strings.TrimSpace(t), token) {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // countingWriter adds what it writes to a flow counter.

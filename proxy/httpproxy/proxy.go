@@ -33,7 +33,16 @@ type Proxy struct {
 	// connection holds one only while it relays a request and its
 	// response, not while it waits for the next request.
 	sendBufs sync.Pool
+	// upReaders holds the upstream readers (*bufio.Reader of
+	// upReadSize) of connections between exchanges.
+	upReaders sync.Pool
 }
+
+// upReadSize is the buffer the proxy reads a response into: a head and
+// a small body (16 KiB, HAProxy's default buffer) come in one read and
+// go out in one write. A connection holds it only while a response is
+// in flight.
+const upReadSize = 16 << 10
 
 // pool is the backends of one route, with its counters.
 type pool struct {
@@ -211,8 +220,10 @@ func (c *conn) attach(client, up *net.TCPConn) {
 	c.up, c.ur = up, nil
 	c.mu.Unlock()
 	if up != nil {
+		// A fresh reader (c.ur was set to nil): nothing read from the
+		// sockets before the splice is read again.
 		c.upRd = flushReader{r: up, out: &c.out}
-		c.ur = bufio.NewReader(&c.upRd)
+		c.upReader()
 	}
 	c.flow.SetResume(func(client, up *net.TCPConn) {
 		c.p.Go(func() {
@@ -269,7 +280,36 @@ func (c *conn) closeUpstream() {
 		c.mu.Lock()
 		c.up = nil
 		c.mu.Unlock()
-		c.ur, c.upTo = nil, nil
+		c.upTo = nil
+		if c.ur != nil {
+			c.ur.Reset(nil)
+			c.p.upReaders.Put(c.ur)
+			c.ur = nil
+		}
+	}
+}
+
+// upReader makes c.ur a reader of the upstream connection, from the
+// pool unless it has one.
+func (c *conn) upReader() {
+	if c.ur != nil {
+		return
+	}
+	r, _ := c.p.upReaders.Get().(*bufio.Reader)
+	if r == nil {
+		r = bufio.NewReaderSize(nil, upReadSize)
+	}
+	r.Reset(&c.upRd)
+	c.ur = r
+}
+
+// releaseUpReader gives c.ur back to the pool between exchanges, unless
+// it holds bytes the backend sent beyond its response.
+func (c *conn) releaseUpReader() {
+	if c.ur != nil && c.ur.Buffered() == 0 {
+		c.ur.Reset(nil)
+		c.p.upReaders.Put(c.ur)
+		c.ur = nil
 	}
 }
 
@@ -386,7 +426,7 @@ func (c *conn) connect(pl *pool) error {
 		c.up = up
 		c.mu.Unlock()
 		c.upRd = flushReader{r: up, out: &c.out}
-		c.ur, c.upTo = bufio.NewReader(&c.upRd), b
+		c.upTo = b
 		c.flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), b.addr)
 		return nil
 	}
@@ -398,11 +438,14 @@ func (c *conn) connect(pl *pool) error {
 // means the client's body was malformed (the client was answered).
 func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 	out := c.sendBuf()
+	c.upReader()
 	done, spliced, err = c.relay(rq, out)
 	if !spliced {
 		// Spliced, the connection is no longer this goroutine's: the
-		// buffer went back before the splice.
+		// send buffer went back before the splice, and the upstream
+		// reader stays with the flow.
 		c.releaseSendBuf()
+		c.releaseUpReader()
 	}
 	return done, spliced, err
 }

@@ -182,3 +182,83 @@ func TestStreamingResponses(t *testing.T) {
 		})
 	}
 }
+
+// TestLargeBodies: a body relayed socket to socket (kernelCopyMin and
+// more) arrives whole, the connection then serves the next request, and
+// a backend that ends the body early gets the client's connection
+// closed rather than a response read as shorter.
+func TestLargeBodies(t *testing.T) {
+	b := startBackend(t)
+	body := strings.Repeat("0123456789abcdef", (kernelCopyMin+100000)/16)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		switch req.URL.Path {
+		case "/a/large":
+			fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+		case "/a/short":
+			fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(body)+1, body)
+			w.(net.Conn).Close()
+		default:
+			return false
+		}
+		return true
+	}
+	_, addr := testService(t, b)
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(c)
+	for _, path := range []string{"/a/large", "/a/x", "/a/large", "/a/short"} {
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: t\r\n\r\n", path)
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		got, err := io.ReadAll(resp.Body)
+		switch path {
+		case "/a/large":
+			if err != nil || string(got) != body {
+				t.Fatalf("%s: %d bytes (want %d), %v", path, len(got), len(body), err)
+			}
+		case "/a/short":
+			if err == nil {
+				t.Fatalf("%s: a body cut short read as whole (%d bytes)", path, len(got))
+			}
+		default:
+			if err != nil || !strings.HasPrefix(string(got), "backend saw GET /a/x") {
+				t.Fatalf("%s: %q, %v", path, got, err)
+			}
+		}
+	}
+}
+
+// TestStreamingRequestBody: the head and first part of a request body
+// reach the backend while the client is still sending the rest.
+func TestStreamingRequestBody(t *testing.T) {
+	b := startBackend(t)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		if req.URL.Path != "/a/upload" {
+			return false
+		}
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		return true
+	}
+	_, addr := testService(t, b)
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprint(c, "POST /a/upload HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nfirst")
+	if err := poll(func() bool { return len(b.seen()) > 0 }); err != nil {
+		t.Fatal("the backend got no head while the body was incomplete")
+	}
+	fmt.Fprint(c, "-rest")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("%v %v", resp, err)
+	}
+}

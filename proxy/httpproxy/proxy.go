@@ -611,7 +611,7 @@ const kernelCopyMin = 64 << 10
 func (c *conn) relayLarge(out *sendBuf, resp *http.Response) error {
 	resp.Header.Set("Content-Length", strconv.FormatInt(resp.ContentLength, 10))
 	writeHead(out, resp)
-	ahead := int64(c.ur.Buffered())
+	ahead := min(int64(c.ur.Buffered()), resp.ContentLength)
 	if _, err := io.CopyN(out, c.ur, ahead); err != nil {
 		return err
 	}

@@ -32,10 +32,9 @@
 // response cost two writes, one each way (the head and the body bytes
 // already read are gathered in a pooled send buffer, flushed whenever
 // the proxy is about to wait on a socket, so nothing streams late), two
-// reads and the two reads the netpoller makes before it parks. A body
-// with at least 64 KiB still unread goes from socket to socket through
-// splice(2). The head is checked in place in the connection's buffer;
-// what allocates is net/http's parsing and writing of the two heads.
+// reads and the two reads the netpoller makes before it parks. The head
+// is checked in place in the connection's buffer; what allocates is
+// net/http's parsing and writing of the two heads.
 //
 // Errors get what a careful proxy answers: a malformed request 400 (and
 // the connection closes), a request no route matches 404, a denied route

@@ -550,12 +550,6 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	}
 	sp := c.p.splicing()
 	if sp == nil || resp.ContentLength < int64(conf.SpliceMin) || req.Method == http.MethodHead || closeAfter || c.cr.Buffered() > 0 {
-		if resp.ContentLength-int64(c.ur.Buffered()) >= kernelCopyMin && req.Method != http.MethodHead && !closeAfter {
-			if err := c.relayLarge(out, resp); err != nil {
-				return true, false, fmt.Errorf("relay the response: %w", err)
-			}
-			return false, false, nil
-		}
 		err := resp.Write(out)
 		if err == nil {
 			err = out.Flush()
@@ -597,41 +591,6 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		}
 	}
 	return false, false, nil
-}
-
-// kernelCopyMin is the body, beyond what the proxy has read, from which
-// a relayed response's body goes from socket to socket through splice(2)
-// (net.TCPConn.ReadFrom) rather than through the proxy's buffers.
-const kernelCopyMin = 64 << 10
-
-// relayLarge relays a response with a large Content-Length: the head and
-// the body bytes already read in one write, then the rest of the body
-// from the upstream socket to the client's, which net.TCPConn.ReadFrom
-// does with splice(2), without copying it through user space.
-func (c *conn) relayLarge(out *sendBuf, resp *http.Response) error {
-	resp.Header.Set("Content-Length", strconv.FormatInt(resp.ContentLength, 10))
-	writeHead(out, resp)
-	ahead := min(int64(c.ur.Buffered()), resp.ContentLength)
-	if _, err := io.CopyN(out, c.ur, ahead); err != nil {
-		return err
-	}
-	if err := out.Flush(); err != nil {
-		return err
-	}
-	// A MiB at a time, so the flow's counter moves while it flows.
-	for rest := resp.ContentLength - ahead; rest > 0; {
-		want := min(rest, 1<<20)
-		n, err := c.client.ReadFrom(&io.LimitedReader{R: c.up, N: want})
-		c.flow.S2C.Add(n)
-		rest -= n
-		if err != nil {
-			return err
-		}
-		if n < want {
-			return fmt.Errorf("the backend ended the body %d bytes short of its Content-Length %d", rest, resp.ContentLength)
-		}
-	}
-	return nil
 }
 
 // spliceUpgrade passes an upgraded connection (WebSocket and the like)

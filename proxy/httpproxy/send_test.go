@@ -183,13 +183,13 @@ func TestStreamingResponses(t *testing.T) {
 	}
 }
 
-// TestLargeBodies: a body relayed socket to socket (kernelCopyMin and
-// more) arrives whole, the connection then serves the next request, and
-// a backend that ends the body early gets the client's connection
-// closed rather than a response read as shorter.
+// TestLargeBodies: a body larger than the send buffer arrives whole,
+// the connection then serves the next request, and a backend that ends
+// the body early gets the client's connection closed rather than a
+// response read as shorter.
 func TestLargeBodies(t *testing.T) {
 	b := startBackend(t)
-	body := strings.Repeat("0123456789abcdef", (kernelCopyMin+100000)/16)
+	body := strings.Repeat("0123456789abcdef", (4*sendBufSize+100000)/16)
 	b.respond = func(w io.Writer, req *http.Request) bool {
 		switch req.URL.Path {
 		case "/a/large":

@@ -31,6 +31,7 @@ type Config struct {
 	Limits   Limits    `yaml:"limits"`
 	Control  Control   `yaml:"control"`
 	Metrics  Metrics   `yaml:"metrics"`
+	Debug    Debug     `yaml:"debug"`
 	Services []Service `yaml:"services"`
 
 	// File is where the configuration was read from ("<default>" for the
@@ -137,6 +138,16 @@ type Metrics struct {
 	// Listen is the address of /metrics, e.g. 127.0.0.1:9410; empty
 	// disables it.
 	Listen string `yaml:"listen"`
+}
+
+// Debug holds what helps a developer look inside a running daemon; all of
+// it is off by default.
+type Debug struct {
+	// Pprof is the address of Go's net/http/pprof handlers
+	// (/debug/pprof/), e.g. 127.0.0.1:6060; empty disables them. They
+	// show the daemon's memory and goroutines to whoever reaches the
+	// address: bind it to a loopback address.
+	Pprof string `yaml:"pprof"`
 }
 
 // UpstreamMode says which source address the server sees.

@@ -200,6 +200,12 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 		return err
 	}
 	defer stopMetrics()
+	stopPprof, err := servePprof(cfg.Debug.Pprof)
+	if err != nil {
+		stop()
+		return err
+	}
+	defer stopPprof()
 
 	bg, stopBG := context.WithCancel(context.Background())
 	var wg sync.WaitGroup

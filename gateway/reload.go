@@ -118,6 +118,9 @@ func restartOnly(old, cfg *config.Config) error {
 	if old.Metrics != cfg.Metrics {
 		changed = append(changed, "metrics")
 	}
+	if old.Debug != cfg.Debug {
+		changed = append(changed, "debug")
+	}
 	if old.Log != cfg.Log {
 		changed = append(changed, "log")
 	}

@@ -166,7 +166,7 @@ func forbidden(head string) string {
 }
 
 // testService starts a proxy for routes to b on a loopback listener.
-func testService(t *testing.T, b *fakeBackend) (*Proxy, string) {
+func testService(t testing.TB, b *fakeBackend) (*Proxy, string) {
 	t.Helper()
 	cfg, err := config.Parse("test", []byte(fmt.Sprintf(`
 services:

@@ -3,6 +3,8 @@ package httpproxy
 import (
 	"bufio"
 	"bytes"
+	"errors"
+	"fmt"
 	"io"
 	"strings"
 	"testing"
@@ -12,11 +14,18 @@ import (
 // or dot segments, holds only path bytes, and normalises to itself; so do
 // its other readings.
 func FuzzNormalizePath(f *testing.F) {
-	for _, s := range []string{"/", "/a/../b", "/%61dmin/", "//x/./y/..", "/a/..%2F..%2fb", "/a;x/..;/b", "/a\\b", "/%zz", "/%00", "/\xc3\xa9"} {
+	for _, s := range []string{"/", "/a/../b", "/%61dmin/", "//x/./y/..", "/a/..%2F..%2fb", "/a;x/..;/b", "/a\\b", "/%zz", "/%00", "/\xc3\xa9", "/a/b/", "/a.b/.c/..d", "/a//", "/x/.", "/@:!$&'()*+,="} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, p string) {
 		norm, alt, err := normalizePath(p)
+		if plainPath(p) {
+			// The shortcut must say what the full normalisation says.
+			fnorm, falt, ferr := normalizeFully(p)
+			if ferr != nil || fnorm != p || len(falt) != 0 || norm != p || alt != nil {
+				t.Fatalf("%q: a plain path, but normalises to %q %q (%v)", p, fnorm, falt, ferr)
+			}
+		}
 		if err != nil {
 			return
 		}
@@ -45,7 +54,8 @@ func FuzzNormalizePath(f *testing.F) {
 	})
 }
 
-// FuzzReadRequest: whatever the bytes, readRequest does not panic; a
+// FuzzReadRequest: whatever the bytes, readRequest does not panic; it
+// reads a head that fits its buffer as it reads a longer one; a
 // request it accepts, written as the proxy writes it to a backend, reads
 // back with the same host, target and body.
 func FuzzReadRequest(f *testing.F) {
@@ -53,6 +63,12 @@ func FuzzReadRequest(f *testing.F) {
 		f.Add([]byte(c.raw))
 	}
 	f.Fuzz(func(t *testing.T, raw []byte) {
+		// The smallest buffer: nearly every head is read into memory.
+		long, lerr := readRequest(bufio.NewReaderSize(bytes.NewReader(raw), 16))
+		peeked, perr := readRequest(bufio.NewReader(bytes.NewReader(raw)))
+		if got, want := readOutcome(long, lerr), readOutcome(peeked, perr); got != want {
+			t.Fatalf("%q: read from a small buffer: %s; from the default one: %s", raw, got, want)
+		}
 		rq, err := readRequest(bufio.NewReader(bytes.NewReader(raw)))
 		if err != nil {
 			return
@@ -84,4 +100,23 @@ func FuzzReadRequest(f *testing.F) {
 			t.Fatalf("body %q forwarded as %q (%v)", body, got, err)
 		}
 	})
+}
+
+// readOutcome sums up what readRequest made of some bytes: the error's
+// status, or the request as it would be forwarded and its body.
+func readOutcome(rq *request, err error) string {
+	if err != nil {
+		var re *requestError
+		if errors.As(err, &re) {
+			return fmt.Sprintf("refused %d", re.status)
+		}
+		return "error " + err.Error()
+	}
+	body, err := io.ReadAll(rq.Body)
+	if be := rq.bodyFailed(); be != nil {
+		// How a bad body fails depends on the buffer (a chunk line
+		// longer than it); that it fails, and why, does not.
+		return fmt.Sprintf("%s %q %q body failed, framing %v", rq.Method, rq.host, rq.path, be.framing)
+	}
+	return fmt.Sprintf("%s %q %q %q %v %v %d %v body %q %v", rq.Method, rq.host, rq.path, rq.alt, rq.URL, rq.Header, rq.ContentLength, rq.upgrade, body, err)
 }

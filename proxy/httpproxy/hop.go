@@ -27,16 +27,73 @@ var hopByHop = []string{
 }
 
 // removeHopByHop deletes from h the hop-by-hop fields and every field
-// Connection names.
+// Connection names. The usual Connection values (keep-alive, close,
+// upgrade) cost no allocation.
 func removeHopByHop(h http.Header) {
 	for _, v := range h["Connection"] {
-		for _, name := range strings.Split(v, ",") {
-			if name = textproto.TrimString(name); name != "" {
-				h.Del(name)
+		for v != "" {
+			var name string
+			name, v, _ = strings.Cut(v, ",")
+			if name = textproto.TrimString(name); name != "" && !isHopByHop(name) {
+				deleteField(h, name)
 			}
 		}
 	}
 	for _, name := range hopByHop {
 		delete(h, name)
 	}
+}
+
+// deleteField is h.Del(name) without allocating a canonical name: the
+// keys of a parsed header are canonical tokens, so the one h.Del removes
+// is the key equal to name but for ASCII case.
+func deleteField(h http.Header, name string) {
+	for k := range h {
+		if asciiEqualFold(k, name) {
+			delete(h, k)
+		}
+	}
+}
+
+func asciiEqualFold(a, b string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := 0; i < len(a); i++ {
+		if lower(a[i]) != lower(b[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+func lower(c byte) byte {
+	if 'A' <= c && c <= 'Z' {
+		return c + 'a' - 'A'
+	}
+	return c
+}
+
+// isHopByHop: name is one of hopByHop (deleted anyway), in any case.
+func isHopByHop(name string) bool {
+	for _, h := range hopByHop {
+		if asciiEqualFold(name, h) {
+			return true
+		}
+	}
+	return false
+}
+
+// headerHas: a field key of h lists token (comma-separated, any case).
+func headerHas(h http.Header, key, token string) bool {
+	for _, v := range h[key] {
+		for v != "" {
+			var t string
+			t, v, _ = strings.Cut(v, ",")
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
 }

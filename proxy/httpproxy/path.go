@@ -34,6 +34,17 @@ func normalizePath(p string) (norm string, alt []string, err error) {
 	if p == "" || p[0] != '/' {
 		return "", nil, badRequest("request path %q does not start with /", truncate([]byte(p)))
 	}
+	if plainPath(p) {
+		// The common case, allocation-free: nothing to decode, escape
+		// or resolve, and no other reading.
+		return p, nil, nil
+	}
+	return normalizeFully(p)
+}
+
+// normalizeFully is normalizePath without the shortcut for plain paths
+// (p starts with /).
+func normalizeFully(p string) (norm string, alt []string, err error) {
 	var b strings.Builder
 	b.Grow(len(p))
 	for i := 0; i < len(p); i++ {
@@ -65,17 +76,51 @@ func normalizePath(p string) (norm string, alt []string, err error) {
 	norm = removeDotSegments(enc)
 	// The other readings: ;parameters dropped, %2F and %5C as slashes,
 	// both.
-	slashes := strings.NewReplacer("%2F", "/", "%5C", "/")
 	for _, v := range []string{
 		dropParams(enc),
-		slashes.Replace(enc),
-		dropParams(slashes.Replace(enc)),
+		slashReplacer.Replace(enc),
+		dropParams(slashReplacer.Replace(enc)),
 	} {
 		if v = removeDotSegments(v); v != norm && !contains(alt, v) {
 			alt = append(alt, v)
 		}
 	}
 	return norm, alt, nil
+}
+
+// slashReplacer reads %2F and %5C as slashes (a normalised path has
+// upper-case escapes).
+var slashReplacer = strings.NewReplacer("%2F", "/", "%5C", "/")
+
+// plainPath: p is an absolute path that is its own normal form and has no
+// other reading: only bytes that stay as they are (no %, no ;), and no
+// empty (but the last), "." or ".." segment.
+func plainPath(p string) bool {
+	if p == "" || p[0] != '/' {
+		return false
+	}
+	seg := 1 // where the current segment starts
+	for i := 1; i <= len(p); i++ {
+		if i < len(p) {
+			c := p[i]
+			if c != '/' {
+				if c == '%' || c == ';' || !isPathByte(c) {
+					return false
+				}
+				continue
+			}
+		}
+		switch p[seg:i] {
+		case "":
+			if i < len(p) {
+				return false
+			}
+		case ".", "..":
+			return false
+		}
+		seg = i + 1
+	}
+	return true
 }
 
 // removeDotSegments resolves "." and ".." segments of an absolute path

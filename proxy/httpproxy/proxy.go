@@ -29,7 +29,20 @@ type Proxy struct {
 	proxy.Base
 	poolsOnce sync.Once
 	pools     []*pool
+	// sendBufs holds the *sendBuf of exchanges not in flight: a
+	// connection holds one only while it relays a request and its
+	// response, not while it waits for the next request.
+	sendBufs sync.Pool
+	// upReaders holds the upstream readers (*bufio.Reader of
+	// upReadSize) of connections between exchanges.
+	upReaders sync.Pool
 }
+
+// upReadSize is the buffer the proxy reads a response into: a head and
+// a small body (16 KiB, HAProxy's default buffer) come in one read and
+// go out in one write. A connection holds it only while a response is
+// in flight.
+const upReadSize = 16 << 10
 
 // pool is the backends of one route, with its counters.
 type pool struct {
@@ -119,8 +132,10 @@ func (p *Proxy) handle(c *net.TCPConn) {
 // route returns the pool for a host (its port ignored) and a normalised
 // path, or nil.
 func (p *Proxy) route(host, path string) *pool {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
+	if strings.IndexByte(host, ':') >= 0 { // else SplitHostPort fails
+		if h, _, err := net.SplitHostPort(host); err == nil {
+			host = h
+		}
 	}
 	host = strings.TrimSuffix(host, ".")
 	for _, pl := range p.pools {
@@ -184,6 +199,14 @@ type conn struct {
 	up     *net.TCPConn
 	ur     *bufio.Reader
 	upTo   *backend
+	// out gathers what the exchange in flight writes (nil between
+	// exchanges); cr and ur read through clientRd and upRd, which
+	// flush it before they read a socket.
+	out            *sendBuf
+	clientRd, upRd flushReader
+	toClient, toUp countingWriter
+	clientIP       string    // the X-Forwarded-For entry, once made
+	xff            [1]string // the field's value for the request in flight
 	// respEnd is the value of flow.S2C at which the response in flight
 	// ends: after an unsplice in its middle, the rest is relayed first.
 	respEnd int64
@@ -191,12 +214,16 @@ type conn struct {
 
 // attach starts using new sockets (after accept, or after an unsplice).
 func (c *conn) attach(client, up *net.TCPConn) {
+	c.clientRd = flushReader{r: client, out: &c.out}
 	c.mu.Lock()
-	c.client, c.cr = client, bufio.NewReader(client)
+	c.client, c.cr = client, bufio.NewReader(&c.clientRd)
 	c.up, c.ur = up, nil
 	c.mu.Unlock()
 	if up != nil {
-		c.ur = bufio.NewReader(up)
+		// A fresh reader (c.ur was set to nil): nothing read from the
+		// sockets before the splice is read again.
+		c.upRd = flushReader{r: up, out: &c.out}
+		c.upReader()
 	}
 	c.flow.SetResume(func(client, up *net.TCPConn) {
 		c.p.Go(func() {
@@ -253,7 +280,36 @@ func (c *conn) closeUpstream() {
 		c.mu.Lock()
 		c.up = nil
 		c.mu.Unlock()
-		c.ur, c.upTo = nil, nil
+		c.upTo = nil
+		if c.ur != nil {
+			c.ur.Reset(nil)
+			c.p.upReaders.Put(c.ur)
+			c.ur = nil
+		}
+	}
+}
+
+// upReader makes c.ur a reader of the upstream connection, from the
+// pool unless it has one.
+func (c *conn) upReader() {
+	if c.ur != nil {
+		return
+	}
+	r, _ := c.p.upReaders.Get().(*bufio.Reader)
+	if r == nil {
+		r = bufio.NewReaderSize(nil, upReadSize)
+	}
+	r.Reset(&c.upRd)
+	c.ur = r
+}
+
+// releaseUpReader gives c.ur back to the pool between exchanges, unless
+// it holds bytes the backend sent beyond its response.
+func (c *conn) releaseUpReader() {
+	if c.ur != nil && c.ur.Buffered() == 0 {
+		c.ur.Reset(nil)
+		c.p.upReaders.Put(c.ur)
+		c.ur = nil
 	}
 }
 
@@ -369,7 +425,8 @@ func (c *conn) connect(pl *pool) error {
 		c.mu.Lock()
 		c.up = up
 		c.mu.Unlock()
-		c.ur, c.upTo = bufio.NewReader(up), b
+		c.upRd = flushReader{r: up, out: &c.out}
+		c.upTo = b
 		c.flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), b.addr)
 		return nil
 	}
@@ -380,15 +437,36 @@ func (c *conn) connect(pl *pool) error {
 // ends after it; spliced: the gateway took the flow. A *requestError
 // means the client's body was malformed (the client was answered).
 func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
+	out := c.sendBuf()
+	c.upReader()
+	done, spliced, err = c.relay(rq, out)
+	if !spliced {
+		// Spliced, the connection is no longer this goroutine's: the
+		// send buffer went back before the splice, and the upstream
+		// reader stays with the flow.
+		c.releaseSendBuf()
+		c.releaseUpReader()
+	}
+	return done, spliced, err
+}
+
+// relay is exchange with the send buffer, out.
+func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) {
 	conf := c.p.conf()
 	req := rq.Request
 	switch conf.Forwarded {
 	case "x-forwarded-for":
-		ip := c.flow.Client.Addr().String()
+		if c.clientIP == "" {
+			c.clientIP = c.flow.Client.Addr().String()
+		}
+		ip := c.clientIP
 		if prior := req.Header.Get("X-Forwarded-For"); prior != "" {
 			ip = prior + ", " + ip
 		}
-		req.Header.Set("X-Forwarded-For", ip)
+		// req.Header.Set without a new slice: the request does not
+		// outlive the exchange.
+		c.xff[0] = ip
+		req.Header["X-Forwarded-For"] = c.xff[:]
 	case "via":
 		req.Header.Add("Via", fmt.Sprintf("%d.%d spliced", req.ProtoMajor, req.ProtoMinor))
 	}
@@ -397,11 +475,11 @@ func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 		// which needs one.
 		req.Host = c.upTo.addr.String()
 	}
-	uw := &countingWriter{w: c.up, n: &c.flow.C2S}
-	bw := bufio.NewWriter(uw)
-	err = req.Write(bw)
+	c.toUp = countingWriter{w: c.up, n: &c.flow.C2S}
+	out.reset(&c.toUp)
+	err = req.Write(out)
 	if err == nil {
-		err = bw.Flush()
+		err = out.Flush()
 	}
 	if err != nil {
 		if be := rq.bodyFailed(); be != nil {
@@ -414,7 +492,8 @@ func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 		}
 		return true, false, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
 	}
-	cw := &countingWriter{w: c.client, n: &c.flow.S2C}
+	c.toClient = countingWriter{w: c.client, n: &c.flow.S2C}
+	out.reset(&c.toClient)
 	var resp *http.Response
 	for {
 		resp, err = http.ReadResponse(c.ur, req)
@@ -438,7 +517,8 @@ func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 			removeHopByHop(resp.Header)
 			resp.Header["Connection"] = []string{"Upgrade"}
 			resp.Header["Upgrade"] = upgradeTo
-			if err := writeHead(cw, resp); err != nil {
+			writeHead(out, resp)
+			if err := out.Flush(); err != nil {
 				return true, false, fmt.Errorf("relay the response header: %w", err)
 			}
 			return c.spliceUpgrade()
@@ -452,9 +532,9 @@ func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 		// client's next request.
 		if req.ProtoAtLeast(1, 1) {
 			removeHopByHop(resp.Header)
-			if err := writeHead(cw, resp); err != nil {
-				return true, false, fmt.Errorf("relay an interim response: %w", err)
-			}
+			// Written when the proxy next reads the backend (or with
+			// the final response, if that came with it).
+			writeHead(out, resp)
 		}
 	}
 	// The body is resp.Body when the proxy relays it, and the raw stream
@@ -470,7 +550,10 @@ func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 	}
 	sp := c.p.splicing()
 	if sp == nil || resp.ContentLength < int64(conf.SpliceMin) || req.Method == http.MethodHead || closeAfter || c.cr.Buffered() > 0 {
-		err := resp.Write(cw)
+		err := resp.Write(out)
+		if err == nil {
+			err = out.Flush()
+		}
 		resp.Body.Close()
 		if err != nil {
 			return true, false, fmt.Errorf("relay the response: %w", err)
@@ -480,15 +563,17 @@ func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 	// Splice while the body flows: the header and what the proxy already
 	// read of the body go first, then the sockets go to the gateway.
 	resp.Header.Set("Content-Length", strconv.FormatInt(resp.ContentLength, 10))
-	if err := writeHead(cw, resp); err != nil {
-		return true, false, fmt.Errorf("relay the response header: %w", err)
-	}
+	writeHead(out, resp)
 	ahead := min(int64(c.ur.Buffered()), resp.ContentLength)
-	if _, err := io.CopyN(cw, c.ur, ahead); err != nil {
+	if _, err := io.CopyN(out, c.ur, ahead); err != nil {
 		return true, false, fmt.Errorf("relay the response: %w", err)
+	}
+	if err := out.Flush(); err != nil {
+		return true, false, fmt.Errorf("relay the response header: %w", err)
 	}
 	c.respEnd = c.flow.S2C.Load() + resp.ContentLength - ahead
 	c.flow.UnspliceOnClientData.Store(true)
+	c.releaseSendBuf()
 	serr := sp.Splice(c.p.FlowContext(), c.flow, c.client, c.up)
 	if serr == nil {
 		return false, true, nil
@@ -525,6 +610,7 @@ func (c *conn) spliceUpgrade() (done, spliced bool, err error) {
 	}
 	c.flow.UnspliceOnClientData.Store(false)
 	c.flow.SetResume(nil)
+	c.releaseSendBuf()
 	if sp := c.p.splicing(); sp != nil {
 		if err := sp.Splice(c.p.FlowContext(), c.flow, c.client, c.up); err == nil {
 			return false, true, nil
@@ -538,14 +624,35 @@ func (c *conn) spliceUpgrade() (done, spliced bool, err error) {
 	return true, false, nil
 }
 
-// writeHead writes a response's status line and header (no framing of its
-// own: the caller set what the header must say).
-func writeHead(w io.Writer, resp *http.Response) error {
-	bw := bufio.NewWriter(w)
-	fmt.Fprintf(bw, "HTTP/%d.%d %s\r\n", resp.ProtoMajor, resp.ProtoMinor, resp.Status)
-	resp.Header.Write(bw)
-	bw.WriteString("\r\n")
-	return bw.Flush()
+// writeHead buffers a response's status line and header (no framing of
+// its own: the caller set what the header must say); a write error shows
+// at the next Flush.
+func writeHead(b *sendBuf, resp *http.Response) {
+	fmt.Fprintf(b, "HTTP/%d.%d %s\r\n", resp.ProtoMajor, resp.ProtoMinor, resp.Status)
+	resp.Header.Write(b)
+	b.WriteString("\r\n")
+}
+
+// sendBuf gives the connection a send buffer for an exchange.
+func (c *conn) sendBuf() *sendBuf {
+	b, _ := c.p.sendBufs.Get().(*sendBuf)
+	if b == nil {
+		b = newSendBuf()
+	}
+	c.out = b
+	return b
+}
+
+// releaseSendBuf returns the exchange's send buffer, if it still has
+// one, to the pool. It must be flushed.
+func (c *conn) releaseSendBuf() {
+	b := c.out
+	if b == nil {
+		return
+	}
+	c.out = nil
+	b.reset(nil)
+	c.p.sendBufs.Put(b)
 }
 
 // bodyFailed returns how the client's request body failed, if it did.
@@ -561,17 +668,6 @@ func (c *conn) reply(code int, msg string) {
 	body := fmt.Sprintf("%d %s: %s\n", code, http.StatusText(code), msg)
 	fmt.Fprintf(c.client, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
 		code, http.StatusText(code), len(body), body)
-}
-
-func headerHas(h http.Header, key, token string) bool {
-	for _, v := range h.Values(key) {
-		for _, t := range strings.Split(v, ",") {
-			if strings.EqualFold(strings.TrimSpace(t), token) {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // countingWriter adds what it writes to a flow counter.

@@ -74,24 +74,46 @@ type request struct {
 // paths with dot segments, which it neither resolves nor rejects. So the
 // head is checked here first, and ReadRequest only parses a head that
 // passed.
+//
+// A head that fits in r's buffer (the common case) is checked where it
+// lies (peekHead) and then parsed from r itself; a longer one is read
+// into memory first.
 func readRequest(r *bufio.Reader) (*request, error) {
-	head, err := readHead(r)
-	if err != nil {
+	var f headFacts
+	var req *http.Request
+	n, empty, err := peekHead(r)
+	switch {
+	case err != nil:
 		return nil, err
-	}
-	f, err := checkHead(head)
-	if err != nil {
-		return nil, err
-	}
-	req, err := http.ReadRequest(bufio.NewReader(bytes.NewReader(head)))
-	if err != nil {
-		return nil, badRequest("%v", err)
+	case n > 0:
+		head, _ := r.Peek(n)
+		if f, err = checkHead(head); err != nil {
+			return nil, err
+		}
+		// ReadRequest consumes exactly the head: its body readers
+		// read nothing until used, and the proxy replaces them.
+		if req, err = http.ReadRequest(r); err != nil {
+			return nil, badRequest("%v", err)
+		}
+	default:
+		head, err := readHead(r, empty)
+		if err != nil {
+			return nil, err
+		}
+		if f, err = checkHead(head); err != nil {
+			return nil, err
+		}
+		if req, err = http.ReadRequest(bufio.NewReader(bytes.NewReader(head))); err != nil {
+			return nil, badRequest("%v", err)
+		}
 	}
 	rq := &request{Request: req}
-	if err := rq.setTarget(f.target); err != nil {
+	// RequestURI is the target checkRequestLine checked: both split
+	// the request line at its two single spaces.
+	if err := rq.setTarget(req.RequestURI); err != nil {
 		return nil, err
 	}
-	if err := rq.setHost(f); err != nil {
+	if err := rq.setHost(&f); err != nil {
 		return nil, err
 	}
 	// The body: ReadRequest framed it on the head alone; the proxy reads
@@ -122,7 +144,7 @@ func readRequest(r *bufio.Reader) (*request, error) {
 		rq.upgrade = false
 	}
 	removeHopByHop(req.Header)
-	req.Header.Del("HTTP2-Settings")
+	delete(req.Header, "Http2-Settings") // as net/http's parser spells it
 	if rq.upgrade {
 		req.Header["Connection"] = []string{"Upgrade"}
 		req.Header["Upgrade"] = upgradeTo
@@ -256,13 +278,58 @@ func validHost(h string) bool {
 	return true
 }
 
+// peekHead waits until r's buffer holds a whole request head, the
+// request line through the empty line that ends it, and returns its
+// length, reading nothing more: r.Peek(n) is the head. Empty lines before
+// the request line are skipped (a few; empty says how many). n is 0 when
+// the head does not fit in r's buffer: readHead reads it then. io.EOF
+// means the client closed before a request began. The limits and errors
+// are readHead's.
+func peekHead(r *bufio.Reader) (n, empty int, err error) {
+	scanned, lines := 0, 0 // bytes of whole lines looked at; lines of the head
+	for {
+		buf, _ := r.Peek(r.Buffered())
+		for {
+			i := bytes.IndexByte(buf[scanned:], '\n')
+			if i < 0 {
+				break
+			}
+			line := buf[scanned : scanned+i+1]
+			scanned += i + 1
+			if lines == 0 && string(line) == "\r\n" && empty < maxEmptyLines {
+				empty++
+				r.Discard(2)
+				buf, scanned = buf[2:], scanned-2
+				continue
+			}
+			lines++
+			if lines > 1 && (string(line) == "\r\n" || string(line) == "\n") {
+				return scanned, empty, nil
+			}
+			if lines > maxHeadLines {
+				return 0, empty, &requestError{status: http.StatusRequestHeaderFieldsTooLarge, reason: fmt.Sprintf("request head over %d lines", maxHeadLines)}
+			}
+		}
+		if len(buf) == r.Size() {
+			return 0, empty, nil // longer than the buffer
+		}
+		if _, err := r.Peek(len(buf) + 1); err != nil && r.Buffered() == len(buf) {
+			if errors.Is(err, io.EOF) && len(buf) > 0 {
+				return 0, empty, badRequest("incomplete request head")
+			}
+			return 0, empty, err
+		}
+	}
+}
+
 // readHead reads a request head, the request line through the empty line
 // that ends it, and nothing more: the body and any pipelined request stay
-// in r. Empty lines before the request line are skipped (a few). io.EOF
-// means the client closed before a request began.
-func readHead(r *bufio.Reader) ([]byte, error) {
+// in r. Empty lines before the request line are skipped (a few, less the
+// empty already skipped). io.EOF means the client closed before a request
+// began.
+func readHead(r *bufio.Reader, empty int) ([]byte, error) {
 	var head []byte
-	lines, empty := 0, 0
+	lines := 0
 	for {
 		line, err := r.ReadSlice('\n')
 		head = append(head, line...)
@@ -296,7 +363,7 @@ func readHead(r *bufio.Reader) ([]byte, error) {
 
 // headFacts is what checkHead learned from a head.
 type headFacts struct {
-	target  string
+	http10  bool  // the version is HTTP/1.0
 	hosts   int   // Host fields
 	chunked bool  // Transfer-Encoding: chunked
 	length  int64 // Content-Length, 0 when absent
@@ -317,23 +384,25 @@ type headFacts struct {
 //     value: legitimate senders write them so, and the variants are what
 //     desynchronisation attacks use;
 //   - at most one Host.
-func checkHead(head []byte) (*headFacts, error) {
-	f := &headFacts{}
+//
+// A head that passes costs no allocation.
+func checkHead(head []byte) (headFacts, error) {
+	var f headFacts
 	var te, cl int
 	for n := 0; len(head) > 0; n++ {
 		i := bytes.IndexByte(head, '\n')
 		line := head[:i+1]
 		head = head[i+1:]
 		if i == 0 || line[i-1] != '\r' {
-			return nil, badRequest("line ending in a bare LF")
+			return f, badRequest("line ending in a bare LF")
 		}
 		line = line[:i-1]
 		if bytes.IndexByte(line, '\r') >= 0 {
-			return nil, badRequest("bare CR in a line")
+			return f, badRequest("bare CR in a line")
 		}
 		if n == 0 {
-			if err := checkRequestLine(string(line), f); err != nil {
-				return nil, err
+			if err := checkRequestLine(line, &f); err != nil {
+				return f, err
 			}
 			continue
 		}
@@ -341,99 +410,108 @@ func checkHead(head []byte) (*headFacts, error) {
 			break // the end of the head
 		}
 		if line[0] == ' ' || line[0] == '\t' {
-			return nil, badRequest("obs-fold (a field line continued on the next line)")
+			return f, badRequest("obs-fold (a field line continued on the next line)")
 		}
 		colon := bytes.IndexByte(line, ':')
 		if colon <= 0 {
-			return nil, badRequest("field line without a name and colon: %q", truncate(line))
+			return f, badRequest("field line without a name and colon: %q", truncate(line))
 		}
-		name, value := string(line[:colon]), line[colon+1:]
-		for _, c := range []byte(name) {
+		name, value := line[:colon], line[colon+1:]
+		for _, c := range name {
 			if !isTchar(c) {
-				return nil, badRequest("invalid field name %q", truncate(line[:colon]))
+				return f, badRequest("invalid field name %q", truncate(name))
 			}
 		}
 		for _, c := range value {
 			if c < ' ' && c != '\t' || c == 0x7f {
-				return nil, badRequest("control byte in field %s", name)
+				return f, badRequest("control byte in field %s", name)
 			}
 		}
 		switch {
-		case strings.EqualFold(name, "Host"):
+		case bytes.EqualFold(name, []byte("Host")):
 			f.hosts++
 			if f.hosts > 1 {
-				return nil, badRequest("more than one Host")
+				return f, badRequest("more than one Host")
 			}
-		case strings.EqualFold(name, "Transfer-Encoding"):
+		case bytes.EqualFold(name, []byte("Transfer-Encoding")):
 			te++
-			if v := strictValue(value); !strings.EqualFold(v, "chunked") {
-				return nil, badRequest("Transfer-Encoding %q: only a single \"chunked\" is accepted", truncate(value))
+			if v := strictValue(value); !bytes.EqualFold(v, []byte("chunked")) {
+				return f, badRequest("Transfer-Encoding %q: only a single \"chunked\" is accepted", truncate(value))
 			}
 			f.chunked = true
-		case strings.EqualFold(name, "Content-Length"):
+		case bytes.EqualFold(name, []byte("Content-Length")):
 			cl++
 			v := strictValue(value)
-			if v == "" || len(v) > 18 || strings.Trim(v, "0123456789") != "" {
-				return nil, badRequest("invalid Content-Length %q", truncate(value))
+			if len(v) == 0 || len(v) > 18 || !allDigits(v) {
+				return f, badRequest("invalid Content-Length %q", truncate(value))
 			}
-			for _, c := range []byte(v) {
+			for _, c := range v {
 				f.length = f.length*10 + int64(c-'0')
 			}
 		}
 	}
 	switch {
 	case te > 1:
-		return nil, badRequest("more than one Transfer-Encoding")
+		return f, badRequest("more than one Transfer-Encoding")
 	case cl > 1:
-		return nil, badRequest("more than one Content-Length")
+		return f, badRequest("more than one Content-Length")
 	case te > 0 && cl > 0:
-		return nil, badRequest("both Transfer-Encoding and Content-Length")
-	case te > 0 && strings.HasSuffix(f.target, " HTTP/1.0"):
-		return nil, badRequest("Transfer-Encoding in an HTTP/1.0 request")
+		return f, badRequest("both Transfer-Encoding and Content-Length")
+	case te > 0 && f.http10:
+		return f, badRequest("Transfer-Encoding in an HTTP/1.0 request")
 	}
-	f.target, _, _ = strings.Cut(f.target, " ")
 	return f, nil
 }
 
 // checkRequestLine checks method SP request-target SP HTTP-version and
-// leaves "target version" in f.target.
-func checkRequestLine(line string, f *headFacts) error {
-	method, rest, ok1 := strings.Cut(line, " ")
-	target, version, ok2 := strings.Cut(rest, " ")
-	if !ok1 || !ok2 || method == "" || target == "" || strings.Contains(version, " ") {
-		return badRequest("malformed request line %q", truncate([]byte(line)))
+// notes an HTTP/1.0 version in f.
+func checkRequestLine(line []byte, f *headFacts) error {
+	method, rest, ok1 := bytes.Cut(line, []byte(" "))
+	target, version, ok2 := bytes.Cut(rest, []byte(" "))
+	if !ok1 || !ok2 || len(method) == 0 || len(target) == 0 || bytes.IndexByte(version, ' ') >= 0 {
+		return badRequest("malformed request line %q", truncate(line))
 	}
-	for _, c := range []byte(method) {
+	for _, c := range method {
 		if !isTchar(c) {
-			return badRequest("invalid method %q", truncate([]byte(method)))
+			return badRequest("invalid method %q", truncate(method))
 		}
 	}
-	for _, c := range []byte(target) {
+	for _, c := range target {
 		if c <= ' ' || c == 0x7f {
 			return badRequest("control byte in the request target")
 		}
 	}
-	switch version {
-	case "HTTP/1.1", "HTTP/1.0":
+	switch {
+	case string(version) == "HTTP/1.1":
+	case string(version) == "HTTP/1.0":
+		f.http10 = true
 	default:
-		if len(version) == 8 && strings.HasPrefix(version, "HTTP/") && isDigit(version[5]) && version[6] == '.' && isDigit(version[7]) {
-			return &requestError{status: http.StatusHTTPVersionNotSupported, reason: "version " + version}
+		if len(version) == 8 && bytes.HasPrefix(version, []byte("HTTP/")) && isDigit(version[5]) && version[6] == '.' && isDigit(version[7]) {
+			return &requestError{status: http.StatusHTTPVersionNotSupported, reason: "version " + string(version)}
 		}
-		return badRequest("malformed HTTP version %q", truncate([]byte(version)))
+		return badRequest("malformed HTTP version %q", truncate(version))
 	}
-	f.target = target + " " + version
 	return nil
 }
 
 // strictValue returns a framing field's value: one optional space after
-// the colon, and nothing else around it (anything else returns "", which
-// no caller accepts).
-func strictValue(v []byte) string {
-	s := strings.TrimPrefix(string(v), " ")
-	if s == "" || strings.ContainsAny(s[:1], " \t") || strings.ContainsAny(s[len(s)-1:], " \t") {
-		return ""
+// the colon, and nothing else around it (anything else returns nothing,
+// which no caller accepts).
+func strictValue(v []byte) []byte {
+	v = bytes.TrimPrefix(v, []byte(" "))
+	if len(v) == 0 || v[0] == ' ' || v[0] == '\t' || v[len(v)-1] == ' ' || v[len(v)-1] == '\t' {
+		return nil
 	}
-	return s
+	return v
+}
+
+func allDigits(b []byte) bool {
+	for _, c := range b {
+		if !isDigit(c) {
+			return false
+		}
+	}
+	return true
 }
 
 func truncate(b []byte) string {

@@ -43,6 +43,7 @@ type Options struct {
 // Datapath is the loaded program and its maps.
 type Datapath struct {
 	objs rewriteObjects
+	mark uint32
 	// clockOffset converts the program's clock (CLOCK_BOOTTIME) to unix
 	// nanoseconds: unix = prog + clockOffset. 0 with the fake clock.
 	clockOffset int64
@@ -66,7 +67,7 @@ func Load(opts Options) (*Datapath, error) {
 			return nil, err
 		}
 	}
-	dp := &Datapath{}
+	dp := &Datapath{mark: mark}
 	if err := spec.LoadAndAssign(&dp.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {

@@ -109,7 +109,7 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 // restartOnly refuses changes that cannot be applied to a running daemon.
 func restartOnly(old, cfg *config.Config) error {
 	var changed []string
-	if old.Kernel != cfg.Kernel {
+	if !reflect.DeepEqual(old.Kernel, cfg.Kernel) {
 		changed = append(changed, "kernel")
 	}
 	if old.Control != cfg.Control {

@@ -64,6 +64,7 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 			closeOpened()
 			return err
 		}
+		m = g.withSkipMark(m)
 	}
 	// Replace the services' rules and sets in place: the base chains,
 	// and with them the hooks that queued packets resume at, stay (see

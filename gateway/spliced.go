@@ -66,6 +66,7 @@ func (g *Gateway) reap(now time.Time) {
 	var reasons []string
 	var stalls []stallReport
 	g.splicedMu.Lock()
+	g.syncOffloaded(now)
 	for id, sf := range g.spliced {
 		snap := sf.entry.Snapshot()
 		reason := ""
@@ -119,6 +120,7 @@ func (g *Gateway) reap(now time.Time) {
 	}
 	byQueue := map[uint16][]splice.Key{}
 	for _, sf := range done {
+		g.retireOffloaded(sf)
 		g.engine.Delete(sf.entry)
 		byQueue[sf.queue] = append(byQueue[sf.queue], sf.keys[0], sf.keys[1])
 		g.flows.Remove(sf.flow)

@@ -48,7 +48,7 @@ func (e *Entry) Offload(put func(State) error) error {
 // entry's lock (TryProcess waits meanwhile, so the flow's next packet in
 // the engine sees the state get returned). On error the flow stays
 // offloaded.
-func (e *Entry) Reclaim(get func() (State, error)) error {
+func (e *Entry) Reclaim(get func() (State, error), now int64) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if !e.offloaded {
@@ -58,7 +58,7 @@ func (e *Entry) Reclaim(get func() (State, error)) error {
 	if err != nil {
 		return err
 	}
-	e.flow = FlowFromState(st)
+	e.absorb(st, now)
 	e.offloaded = false
 	return nil
 }
@@ -72,16 +72,21 @@ func (e *Entry) Offloaded() bool {
 
 // SetSnapshot replaces the engine's copy of an offloaded flow's state
 // with the other datapath's, read at now, for readers (Snapshot, Stats)
-// only: the reaper and the API see the flow through it. Stats count the
-// stream bytes the state moved by (not packets, which the other datapath
-// does not count per flow) and progress as Process does. It changes
+// only: the reaper and the API see the flow through it. It changes
 // nothing of a flow the engine runs.
 func (e *Entry) SetSnapshot(st State, now int64) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if !e.offloaded {
-		return
+	if e.offloaded {
+		e.absorb(st, now)
 	}
+}
+
+// absorb replaces the flow's state (e.mu held) with another datapath's.
+// Stats count the stream bytes the state moved by (not packets, which
+// the other datapath does not count per flow) and progress as Process
+// does.
+func (e *Entry) absorb(st State, now int64) {
 	nf := FlowFromState(st)
 	for d := range e.flow.d {
 		o, n := &e.flow.d[d], &nf.d[d]

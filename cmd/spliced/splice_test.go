@@ -26,6 +26,13 @@ import (
 // the proxy copying every byte, once spliced mid-transfer.
 var modes = []string{"copy", "splice"}
 
+// bpfModes adds splice-bpf: spliced as in splice, then rewritten by the
+// kernel datapath (kernel.datapath: bpf).
+var bpfModes = []string{"copy", "splice", "splice-bpf"}
+
+// spliceMode reports whether a mode splices.
+func spliceMode(mode string) bool { return mode != "copy" }
+
 // scenario is one data-path test.
 type scenario struct {
 	lab      testnet.Options
@@ -46,14 +53,17 @@ type scenario struct {
 }
 
 func scenarioConfig(sc *scenario, mode string) string {
-	splice := "never"
-	if mode == "splice" {
+	splice, kernel := "never", ""
+	if spliceMode(mode) {
 		splice = "bytes"
+	}
+	if mode == "splice-bpf" {
+		kernel = "kernel:\n  datapath: bpf\n"
 	}
 	return fmt.Sprintf(`
 log:
   level: debug
-services:
+%sservices:
   - name: fwd
     listen: 15001
     ports: ["%d"]
@@ -61,7 +71,7 @@ services:
     splice:
       mode: %s
       bytes: %d
-`, sc.port, sc.upstream, splice, max(sc.spliceAt, 1))
+`, kernel, sc.port, sc.upstream, splice, max(sc.spliceAt, 1))
 }
 
 // run builds a lab, starts the daemon, runs a bidirectional transfer and
@@ -86,18 +96,39 @@ func (sc *scenario) run(t *testing.T, mode string) *testnet.Daemon {
 	}
 	defer ln.Close()
 
-	var proofOnce sync.Once
-	var proofErr error
+	var proofOnce, bpfOnce sync.Once
+	var proofErr, bpfErr error
+	var bpfStart bpfCount
 	opt := testnet.TransferOptions{C2S: sc.size, S2C: sc.size, Seed: rand.Uint64(), Timeout: sc.timeout}
-	if (sc.proof && mode == "splice") || sc.midway != nil {
+	if (sc.proof && spliceMode(mode)) || sc.midway != nil {
 		opt.Progress = func(sent int64) {
 			if sent >= sc.size*3/5 {
 				proofOnce.Do(func() {
-					if sc.proof && mode == "splice" {
-						proofErr = provenSpliced(lab, d)
+					if sc.proof && spliceMode(mode) {
+						proofErr = provenSpliced(lab, d, mode == "splice-bpf")
+						if mode == "splice-bpf" && proofErr == nil {
+							bpfStart, proofErr = bpfCounts(lab, d)
+						}
 					}
 					if sc.midway != nil {
 						sc.midway(t, lab, d)
+					}
+				})
+			}
+			if sent >= sc.size*4/5 && sc.proof && mode == "splice-bpf" && proofErr == nil {
+				// A fifth of the data since 3/5: the program rewrote it
+				// all, the queues took none of it.
+				bpfOnce.Do(func() {
+					end, err := bpfCounts(lab, d)
+					switch {
+					case err != nil:
+						bpfErr = err
+					case end.queued != bpfStart.queued:
+						bpfErr = fmt.Errorf("the queues took %d packets while the flow was on the bpf datapath", end.queued-bpfStart.queued)
+					case end.forwarded <= bpfStart.forwarded:
+						bpfErr = fmt.Errorf("the program forwarded nothing (%d -> %d)", bpfStart.forwarded, end.forwarded)
+					default:
+						t.Logf("from 3/5 to 4/5 of the data: the program forwarded %d packets, the queues took %d", end.forwarded-bpfStart.forwarded, end.queued-bpfStart.queued)
 					}
 				})
 			}
@@ -113,6 +144,9 @@ func (sc *scenario) run(t *testing.T, mode string) *testnet.Daemon {
 	if proofErr != nil {
 		t.Fatalf("splice not proven: %v", proofErr)
 	}
+	if bpfErr != nil {
+		t.Fatalf("bpf datapath not proven: %v\n%s", bpfErr, tail(d.Log(), 30))
+	}
 	want := lab.Client().Addr(sc.v6)
 	if sc.upstream == "nat" {
 		want = lab.GatewayServerSide[0].Addr(sc.v6)
@@ -121,7 +155,7 @@ func (sc *scenario) run(t *testing.T, mode string) *testnet.Daemon {
 		t.Errorf("server saw %v, want %v", tr.Server.Peer.Addr(), want)
 	}
 	spliced := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" }) != nil
-	if spliced != (mode == "splice") {
+	if spliced != spliceMode(mode) {
 		t.Fatalf("mode %s: flow spliced = %v\n%s", mode, spliced, tail(d.Log(), 30))
 	}
 	if tr.Check() == nil {
@@ -137,7 +171,7 @@ func (sc *scenario) run(t *testing.T, mode string) *testnet.Daemon {
 // (unlike a queue counter that must grow): a transfer's Progress callback
 // calls it on the sending goroutine, which sends nothing meanwhile, and
 // the rest of the transfer may have arrived already.
-func provenSpliced(lab *testnet.Lab, d *testnet.Daemon) error {
+func provenSpliced(lab *testnet.Lab, d *testnet.Daemon, bpf bool) error {
 	if err := d.WaitLog(10*time.Second, func(l map[string]any) bool { return l["msg"] == "flow spliced" }); err != nil {
 		return fmt.Errorf("no splice within 10s: %w", err)
 	}
@@ -160,8 +194,33 @@ func provenSpliced(lab *testnet.Lab, d *testnet.Daemon) error {
 		if engine <= uint64(taken) {
 			return fmt.Errorf("the engine forwarded %d bytes of flow %v, no more than the %d taken over at the splice", engine, rec["flow"], uint64(taken))
 		}
+		if want := map[bool]string{true: "bpf", false: "nfqueue"}[bpf]; f.Datapath != want {
+			return fmt.Errorf("flow %v is on datapath %q, want %q", rec["flow"], f.Datapath, want)
+		}
 		return nil
 	})
+}
+
+// bpfCount is what the kernel queued and what the program forwarded.
+type bpfCount struct{ queued, forwarded uint64 }
+
+func bpfCounts(lab *testnet.Lab, d *testnet.Daemon) (bpfCount, error) {
+	var c bpfCount
+	var err error
+	if c.queued, err = queuedPackets(lab); err != nil {
+		return c, err
+	}
+	st, err := d.Client().Status(context.Background())
+	if err != nil {
+		return c, err
+	}
+	for _, e := range st.Engines {
+		if e.Datapath == "bpf" {
+			c.forwarded = e.BPFVerdicts["forward"]
+			return c, nil
+		}
+	}
+	return c, fmt.Errorf("no engine on the bpf datapath in the status")
 }
 
 // splicedAway checks that the gateway holds no TCP socket whose peer is
@@ -232,8 +291,12 @@ func tail(s string, n int) string {
 // directions flow, or copied throughout. SHA-256 equal both ways; in
 // splice mode the gateway holds no socket for the flow mid-transfer and
 // the queue counters grow.
+//
+// splice-bpf: the flow then runs on the kernel datapath: its flow record
+// says so, and from 3/5 to 4/5 of the data the program's forward counter
+// grows while the queues take no packet.
 func TestLabDataPath(t *testing.T) {
-	for _, mode := range modes {
+	for _, mode := range bpfModes {
 		for _, upstream := range []string{"transparent", "nat"} {
 			for _, v6 := range []bool{false, true} {
 				t.Run(fmt.Sprintf("%s/%s/v6=%v", mode, upstream, v6), func(t *testing.T) {

@@ -190,6 +190,12 @@ func (dp *Datapath) state(v *rewriteFlowVal) splice.State {
 // finds a tuple without its flow. An existing flow's state is replaced
 // under its spin lock.
 func (dp *Datapath) PutFlow(id uint64, keys [2]splice.Key, st splice.State) error {
+	return dp.PutFlowWatch(id, keys, st, false)
+}
+
+// PutFlowWatch is PutFlow with the client's tuple watched from the start
+// (see SetWatch): no client payload is rewritten before the watch is on.
+func (dp *Datapath) PutFlowWatch(id uint64, keys [2]splice.Key, st splice.State, watch bool) error {
 	for _, s := range st.Dirs {
 		if s.WSIn > 14 || s.WSOut > 14 {
 			return fmt.Errorf("window scale %d/%d above 14", s.WSIn, s.WSOut)
@@ -208,6 +214,9 @@ func (dp *Datapath) PutFlow(id uint64, keys [2]splice.Key, st splice.State) erro
 	for d := range keys {
 		o := keys[1-d]
 		tv := rewriteTupleVal{FlowId: id, Dir: uint32(d), OutSrc: o.Dst, OutDst: o.Src}
+		if watch && d == int(splice.C2S) {
+			tv.Flags = tuplePassData
+		}
 		if err := dp.objs.SpliceTuples.Update(tuple(keys[d]), &tv, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("flow %d tuple %v: %w", id, keys[d], err)
 		}

@@ -786,18 +786,23 @@ services:
 // and spliced again several times by the API while data flows: after each
 // unsplice the gateway holds its sockets again (ss) and relays; after each
 // splice it holds none; every byte arrives intact both ways. Transparent
-// IPv4 and NAT IPv6.
+// IPv4 and NAT IPv6. With the bpf datapath, each splice puts the flow
+// on the program and each unsplice takes it back first.
 func TestLabUnspliceUnderLoad(t *testing.T) {
 	for _, c := range []struct {
 		name     string
 		upstream string
 		v6       bool
-	}{{"transparent ipv4", "transparent", false}, {"nat ipv6", "nat", true}} {
+		datapath string
+	}{{"transparent ipv4", "transparent", false, "nfqueue"}, {"nat ipv6", "nat", true, "nfqueue"},
+		{"bpf transparent ipv4", "transparent", false, "bpf"}, {"bpf nat ipv6", "nat", true, "bpf"}} {
 		t.Run(c.name, func(t *testing.T) {
 			lab := testnet.NewT(t, testnet.Options{})
 			d := testnet.StartDaemon(t, lab, fmt.Sprintf(`
 log:
   level: debug
+kernel:
+  datapath: %s
 services:
   - name: fwd
     listen: 15001
@@ -806,7 +811,7 @@ services:
     splice:
       mode: bytes
       bytes: 1MiB
-`, c.upstream))
+`, c.datapath, c.upstream))
 			srv := netip.AddrPortFrom(lab.Server().Addr(c.v6), 5001)
 			ln, err := lab.Server().Listen(srv)
 			if err != nil {
@@ -850,6 +855,9 @@ services:
 				if f.State != api.StateSpliced {
 					t.Fatalf("after splice: state %s", f.State)
 				}
+				if f.Datapath != c.datapath {
+					t.Fatalf("after splice: datapath %q, want %q", f.Datapath, c.datapath)
+				}
 				if err := gatewayHasSocket(lab, f.ClientLeg.Remote); err == nil {
 					t.Fatalf("after splice %d the gateway still has a socket of %s", cycles+1, f.ClientLeg.Remote)
 				}
@@ -862,6 +870,21 @@ services:
 			}
 			if cycles < 3 {
 				t.Fatalf("only %d unsplice/splice cycles happened while the transfer ran; make it longer", cycles)
+			}
+			if c.datapath == "bpf" {
+				st, err := client.Status(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, e := range st.Engines {
+					if e.Name != "splice" {
+						continue
+					}
+					if e.BPFPromotions < uint64(cycles)+1 || e.BPFDemotions < uint64(cycles) || e.BPFVerdicts["forward"] == 0 {
+						t.Fatalf("bpf datapath: %d promotions, %d demotions, verdicts %v after %d cycles", e.BPFPromotions, e.BPFDemotions, e.BPFVerdicts, cycles)
+					}
+					t.Logf("bpf datapath: %d promotions, %d demotions, %d stragglers run, verdicts %v", e.BPFPromotions, e.BPFDemotions, e.BPFStragglers, e.BPFVerdicts)
+				}
 			}
 			var took []string
 			for _, l := range d.Lines() {

@@ -161,6 +161,19 @@ func (sc *scenario) run(t *testing.T, mode string) *testnet.Daemon {
 	if tr.Check() == nil {
 		t.Logf("%s: %d MB each way in %v", mode, sc.size>>20, tr.Elapsed.Round(time.Millisecond))
 	}
+	if mode == "splice-bpf" && sc.proof && tr.Check() == nil {
+		// The daemon retires the flow from the program's state: FIN
+		// both ways, acknowledged (after a linger of 5 s).
+		if err := d.WaitLog(15*time.Second, func(l map[string]any) bool {
+			return l["msg"] == "flow closed" && l["mode"] == "spliced"
+		}); err != nil {
+			t.Fatalf("the bpf flow was not retired: %v\n%s", err, tail(d.Log(), 20))
+		}
+		rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow closed" && l["mode"] == "spliced" })
+		if rec["reason"] != "finished" || rec["bytes_c2s"] != float64(sc.size) || rec["bytes_s2c"] != float64(sc.size) {
+			t.Errorf("flow closed: reason %v, bytes %v/%v, want finished, %d each way", rec["reason"], rec["bytes_c2s"], rec["bytes_s2c"], sc.size)
+		}
+	}
 	return d
 }
 
@@ -701,10 +714,18 @@ func dumpPrefix(t *testing.T) string {
 // ends at both ends with a reset, instead of hanging until their own
 // timeouts.
 func TestLabSplicedFlowsEndWithResets(t *testing.T) {
+	for _, dp := range []string{"nfqueue", "bpf"} {
+		t.Run(dp, func(t *testing.T) { testSplicedFlowsEndWithResets(t, dp) })
+	}
+}
+
+func testSplicedFlowsEndWithResets(t *testing.T, datapath string) {
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, `
 log:
   level: debug
+kernel:
+  datapath: `+datapath+`
 services:
   - name: idle
     listen: 15001
@@ -736,7 +757,7 @@ services:
 		}
 		t.Cleanup(func() { c.Close(); s.Close() })
 		if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
-			return l["msg"] == "flow spliced" && l["client"] == c.LocalAddr().String()
+			return l["msg"] == "flow spliced" && l["client"] == c.LocalAddr().String() && l["datapath"] == datapath
 		}); err != nil {
 			t.Fatal(err)
 		}

@@ -34,7 +34,7 @@ type kernelPath struct {
 	// flow stays on the Go engine), demotions, and packets of promoted
 	// flows that reached the queue and were run through the program
 	// (stragglers, see forwardOffloaded).
-	promotions, promoteFailures, demotions, stragglers atomic.Uint64
+	promotions, promoteFailures, demotions, stragglers, stragglersDropped atomic.Uint64
 }
 
 func (k *kernelPath) close() {
@@ -128,23 +128,31 @@ func (g *Gateway) datapathName() string {
 // promote hands a spliced flow, just released by the Go engine, to the
 // program.
 //
-// The order, and why it is exact: the entry's lock serializes the copy
-// with the Go engine's processing (splice.Entry.Offload). Every packet
-// the engine processed before is in the state copied; the program's
-// entry is written (PutFlowWatch: state, then both tuples) under the same
-// lock, and from then the engine refuses the flow's packets
-// (TryProcess). A packet that reaches ingress after the tuples exist is
-// rewritten by the program from that state. A packet that passed
-// ingress before (it is on its way to the queue, or in it: a straggler)
-// is not processed by the engine but run through the program against the
-// same live maps (forwardOffloaded, BPF_PROG_TEST_RUN), so its update
-// lands in the one state that now exists, under the program's spin lock.
-// No update is lost or applied twice. What remains is order: a straggler
-// leaves after packets that arrived later and took the kernel path, as
-// if the network had reordered them, which the engine and TCP handle
-// (the engine's checks use highest-seen values and windows, not arrival
-// order). Holding the new packets instead is not possible at ingress, and
-// dropping them would cost retransmissions.
+// The order, and why no update is lost or applied twice: the entry's
+// lock serializes the copy with the Go engine's processing
+// (splice.Entry.Offload). Every packet the engine processed before is in
+// the state copied; the program's entry is written (PutFlowWatch: state,
+// then both tuples) under the same lock, and from then on the engine
+// refuses the flow's packets (TryProcess). A packet that reaches ingress
+// after the tuples exist is rewritten by the program from that state. A
+// packet that passed ingress before (on its way to the queue, or in it:
+// a straggler) is never processed by the engine again: it is run through
+// the program against the same live maps (forwardOffloaded,
+// BPF_PROG_TEST_RUN), so whatever it changes lands in the one state that
+// now exists, under the program's spin lock.
+//
+// What a copy cannot fix is order: stragglers come out after packets
+// that arrived later and took the kernel path. Under load a queue holds
+// hundreds of a flow's packets, so a straggler with data would arrive a
+// whole queue late: past the receiver's reordering window (the sender
+// retransmits it anyway) and, near the end of a flow, after a socket
+// closed (a reset; a late pure ACK draws one too). So a straggler is
+// run, then dropped: for the state and the ends it is a segment lost
+// after the gateway, which the sender repairs once, through the program.
+// FINs and RSTs are run and forwarded (a FIN dropped after the program
+// saw it would be taken for a duplicate when retransmitted; nothing
+// repeats a RST). Holding the new packets instead is not possible at
+// ingress; dropping them would stall the flow until a timeout.
 //
 // A watched flow (the HTTP proxy's) is written with its watch on, so the
 // client's next request is never rewritten by the program. On failure
@@ -225,6 +233,40 @@ func (g *Gateway) retireOffloaded(sf *splicedFlow) {
 // processes the packet with the engine.
 func (g *Gateway) forwardOffloaded(e *splice.Entry, d splice.Dir, p *splice.Packet, np *nfq.Packet) (dec nfq.Decision, done bool) {
 	k := g.kpath
+	if p.TCP().Flags()&(splice.FlagFIN|splice.FlagRST) == 0 {
+		// A packet that passed ingress before the flow's entry was
+		// written (a straggler), or that the program passed on. The program
+		// decides which, on the packet or, for a GSO packet too long to
+		// run, on its first segment. A straggler it takes in (its state
+		// moves as for any forwarded packet) but it is dropped: packets
+		// that arrived after it took the kernel path and are out
+		// already; sent now, it would come a queue's depth late, more
+		// than a receiver takes for reordering under load, so the sender
+		// retransmits it anyway, and copies that arrive after the flow
+		// closed draw resets (a late pure ACK too). Dropped, it is a loss
+		// after the gateway, which the sender repairs once (SACK),
+		// through the program; a later ACK carries a lost one's news. A
+		// FIN is never dropped here (a retransmitted one would be taken
+		// for a duplicate), nor a RST (nothing repeats it).
+		run := p.Bytes()
+		if len(run) > bpf.MaxRunLen {
+			segs := segments(run, bpf.MaxRunLen-120)
+			if len(segs) == 0 {
+				return nfq.Drop, true
+			}
+			run = segs[0]
+		}
+		if _, res, err := k.dp.Run(run); err == nil && res != bpf.RunPass {
+			k.stragglers.Add(1)
+			k.stragglersDropped.Add(1)
+			return nfq.Drop, true
+		}
+		if err := g.reclaim(e); err != nil {
+			g.log.Warn("packet passed by the bpf datapath", logging.KeyFlow, e.ID, logging.Err(err))
+			return nfq.Drop, true
+		}
+		return 0, false
+	}
 	b := p.Bytes()
 	if len(b) <= bpf.MaxRunLen {
 		out, res, err := k.dp.Run(b)
@@ -245,40 +287,8 @@ func (g *Gateway) forwardOffloaded(e *splice.Entry, d splice.Dir, p *splice.Pack
 				return nfq.Drop, true
 			}
 		}
-	} else if segs := segments(b, g.runWire(e, d)); len(segs) > 0 {
-		k.stragglers.Add(1)
-		for i, seg := range segs {
-			out, res, err := k.dp.Run(seg)
-			if err != nil || res == bpf.RunPass {
-				// The rest is the Go engine's.
-				if err := g.reclaim(e); err != nil {
-					g.log.Warn("straggler", logging.KeyFlow, e.ID, logging.Err(err))
-					return nfq.Drop, true
-				}
-				now := time.Now().UnixNano()
-				for _, seg := range segs[i:] {
-					var q splice.Packet
-					if q.Parse(seg) != splice.OK {
-						continue
-					}
-					v := e.Process(&q, d, now, false)
-					g.counters.verdicts[v].Add(1)
-					if v == splice.Forward {
-						g.send(&q)
-					}
-				}
-				return nfq.Drop, true
-			}
-			if res == bpf.RunForward {
-				var q splice.Packet
-				if q.Parse(out) == splice.OK {
-					fullChecksum(&q)
-					g.send(&q)
-				}
-			}
-		}
-		return nfq.Drop, true // its bytes went out in segments
 	}
+	// Passed on by the program (or too long to run): the Go engine's.
 	if err := g.reclaim(e); err != nil {
 		g.log.Warn("packet passed by the bpf datapath", logging.KeyFlow, e.ID, logging.Err(err))
 		return nfq.Drop, true
@@ -290,26 +300,6 @@ func (g *Gateway) send(p *splice.Packet) {
 	if err := g.inject.send(p); err != nil {
 		g.injectErrors.Add(1)
 	}
-}
-
-// runWire is the TCP segment size stragglers of direction d are cut to:
-// what the receiving leg takes, and what the program can be run on.
-func (g *Gateway) runWire(e *splice.Entry, d splice.Dir) int {
-	g.splicedMu.Lock()
-	sf := g.spliced[e.ID]
-	g.splicedMu.Unlock()
-	wire := 536 + splice.TCPMinHeaderLen
-	if sf != nil {
-		r := &sf.params.Server
-		if d == splice.S2C {
-			r = &sf.params.Client
-		}
-		wire = max(int(r.MSS), 536) + splice.TCPMinHeaderLen
-		if r.Timestamps {
-			wire += 12
-		}
-	}
-	return min(wire, bpf.MaxRunLen-120) // room for the IP headers
 }
 
 // fullChecksum computes a packet's TCP checksum in full.

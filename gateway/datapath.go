@@ -32,9 +32,9 @@ type kernelPath struct {
 	at *bpf.Attachment
 	// Counted by the gateway: promotions, promotions that failed (the
 	// flow stays on the Go engine), demotions, and packets of promoted
-	// flows that reached the queue and were run through the program
-	// (stragglers, see forwardOffloaded).
-	promotions, promoteFailures, demotions, stragglers, stragglersDropped atomic.Uint64
+	// flows that passed ingress before the flow was promoted and were
+	// dropped (stragglers, see promote).
+	promotions, promoteFailures, demotions, stragglers atomic.Uint64
 }
 
 func (k *kernelPath) close() {
@@ -134,25 +134,28 @@ func (g *Gateway) datapathName() string {
 // the state copied; the program's entry is written (PutFlowWatch: state,
 // then both tuples) under the same lock, and from then on the engine
 // refuses the flow's packets (TryProcess). A packet that reaches ingress
-// after the tuples exist is rewritten by the program from that state. A
-// packet that passed ingress before (on its way to the queue, or in it:
-// a straggler) is never processed by the engine again: it is run through
-// the program against the same live maps (forwardOffloaded,
-// BPF_PROG_TEST_RUN), so whatever it changes lands in the one state that
-// now exists, under the program's spin lock.
+// after the tuples exist is rewritten by the program from that state.
 //
-// What a copy cannot fix is order: stragglers come out after packets
-// that arrived later and took the kernel path. Under load a queue holds
-// hundreds of a flow's packets, so a straggler with data would arrive a
-// whole queue late: past the receiver's reordering window (the sender
-// retransmits it anyway) and, near the end of a flow, after a socket
-// closed (a reset; a late pure ACK draws one too). So a straggler is
-// run, then dropped: for the state and the ends it is a segment lost
-// after the gateway, which the sender repairs once, through the program.
-// FINs and RSTs are run and forwarded (a FIN dropped after the program
-// saw it would be taken for a duplicate when retransmitted; nothing
-// repeats a RST). Holding the new packets instead is not possible at
-// ingress; dropping them would stall the flow until a timeout.
+// A packet that passed ingress before (on its way to the queue, or in
+// it: a straggler) is never processed by the engine, nor forwarded: it
+// is dropped (forwardOffloaded). Forwarded, even rewritten by the program
+// against the live maps, it would come out a queue's depth after packets
+// that arrived later and took the kernel path: under load hundreds of
+// packets, past a receiver's reordering window (the sender retransmits
+// anyway) and near the end of a flow after a socket closed (a reset).
+// Dropped, it is a packet lost before the gateway: the state never saw
+// it, and the sender's retransmission goes through the program like any
+// new packet (in an unsplice's drain too: it is not data the ends must
+// acknowledge before the sockets are rebuilt).
+//
+// Which queued packets are stragglers is exact: after the tuples exist,
+// WaitPrograms waits out every receive path that ran the program before,
+// which queues its packet in the same path; then the queue's last packet
+// ID bounds the stragglers. Later packets of the flow in the queue are
+// ones the program passed on (the next request of a watched flow, a
+// layout it does not handle): the flow goes back to the Go engine for
+// them (reclaim). Until the bound is known, every queued packet of the
+// flow counts as a straggler.
 //
 // A watched flow (the HTTP proxy's) is written with its watch on, so the
 // client's next request is never rewritten by the program. On failure
@@ -163,6 +166,7 @@ func (g *Gateway) promote(sf *splicedFlow) {
 		return
 	}
 	e := sf.entry
+	sf.stragglersTo.Store(0)
 	err := e.Offload(func(st splice.State) error {
 		return k.dp.PutFlowWatch(e.ID, e.Keys, st, e.Watch.Load())
 	})
@@ -173,7 +177,22 @@ func (g *Gateway) promote(sf *splicedFlow) {
 		return
 	}
 	k.promotions.Add(1)
+	queue := g.manager().Spec().Divert.Queue + sf.queue
+	if err := bpf.WaitPrograms(); err != nil {
+		g.log.Warn("promote: the flow's queued packets are all taken for stragglers", logging.KeyFlow, e.ID, logging.Err(err))
+	} else if ks, err := nfq.ReadKernelStats(); err != nil {
+		g.log.Warn("promote: the flow's queued packets are all taken for stragglers", logging.KeyFlow, e.ID, logging.Err(err))
+	} else {
+		sf.stragglersTo.Store(1<<32 | uint64(ks[queue].IDSequence))
+	}
 	g.log.Debug("flow promoted to the bpf datapath", logging.KeyFlow, e.ID)
+}
+
+// straggler reports whether a queued packet with this ID passed ingress
+// before the flow's program entry existed (see promote).
+func (sf *splicedFlow) straggler(id uint32) bool {
+	to := sf.stragglersTo.Load()
+	return to == 0 || int32(id-uint32(to)) <= 0
 }
 
 // reclaim takes a promoted flow back from the program (demotion): its
@@ -223,90 +242,24 @@ func (g *Gateway) retireOffloaded(sf *splicedFlow) {
 	}
 }
 
-// forwardOffloaded handles a queued packet of a promoted flow: one that
-// passed ingress before the flow's entry was written (see promote), or
-// one the program passed on. It runs the packet through the program
-// against the live maps; a packet longer than the program can be run on
-// is cut into segments the receiving leg takes, each run and sent with
-// the raw socket. done is false when the program leaves the packet to
-// the Go engine: the flow was taken back (reclaim), and the caller
-// processes the packet with the engine.
-func (g *Gateway) forwardOffloaded(e *splice.Entry, d splice.Dir, p *splice.Packet, np *nfq.Packet) (dec nfq.Decision, done bool) {
+// forwardOffloaded handles a queued packet of a promoted flow: a
+// straggler is dropped (see promote); a packet the program passed on is
+// the Go engine's: the flow is taken back (reclaim) and done is false,
+// for the caller to process the packet with the engine.
+func (g *Gateway) forwardOffloaded(e *splice.Entry, np *nfq.Packet) (dec nfq.Decision, done bool) {
 	k := g.kpath
-	if p.TCP().Flags()&(splice.FlagFIN|splice.FlagRST) == 0 {
-		// A packet that passed ingress before the flow's entry was
-		// written (a straggler), or that the program passed on. The program
-		// decides which, on the packet or, for a GSO packet too long to
-		// run, on its first segment. A straggler it takes in (its state
-		// moves as for any forwarded packet) but it is dropped: packets
-		// that arrived after it took the kernel path and are out
-		// already; sent now, it would come a queue's depth late, more
-		// than a receiver takes for reordering under load, so the sender
-		// retransmits it anyway, and copies that arrive after the flow
-		// closed draw resets (a late pure ACK too). Dropped, it is a loss
-		// after the gateway, which the sender repairs once (SACK),
-		// through the program; a later ACK carries a lost one's news. A
-		// FIN is never dropped here (a retransmitted one would be taken
-		// for a duplicate), nor a RST (nothing repeats it).
-		run := p.Bytes()
-		if len(run) > bpf.MaxRunLen {
-			segs := segments(run, bpf.MaxRunLen-120)
-			if len(segs) == 0 {
-				return nfq.Drop, true
-			}
-			run = segs[0]
-		}
-		if _, res, err := k.dp.Run(run); err == nil && res != bpf.RunPass {
-			k.stragglers.Add(1)
-			k.stragglersDropped.Add(1)
-			return nfq.Drop, true
-		}
-		if err := g.reclaim(e); err != nil {
-			g.log.Warn("packet passed by the bpf datapath", logging.KeyFlow, e.ID, logging.Err(err))
-			return nfq.Drop, true
-		}
-		return 0, false
+	g.splicedMu.Lock()
+	sf := g.spliced[e.ID]
+	g.splicedMu.Unlock()
+	if sf == nil || sf.straggler(np.ID) {
+		k.stragglers.Add(1)
+		return nfq.Drop, true
 	}
-	b := p.Bytes()
-	if len(b) <= bpf.MaxRunLen {
-		out, res, err := k.dp.Run(b)
-		if err == nil {
-			switch res {
-			case bpf.RunForward:
-				k.stragglers.Add(1)
-				copy(b, out)
-				var q splice.Packet
-				if q.Parse(b) != splice.OK {
-					return nfq.Drop, true
-				}
-				fullChecksum(&q)
-				np.Data = q.Bytes()
-				return nfq.AcceptModified, true
-			case bpf.RunDrop:
-				k.stragglers.Add(1)
-				return nfq.Drop, true
-			}
-		}
-	}
-	// Passed on by the program (or too long to run): the Go engine's.
 	if err := g.reclaim(e); err != nil {
-		g.log.Warn("packet passed by the bpf datapath", logging.KeyFlow, e.ID, logging.Err(err))
+		g.log.Warn("packet passed on by the bpf datapath", logging.KeyFlow, e.ID, logging.Err(err))
 		return nfq.Drop, true
 	}
 	return 0, false
-}
-
-func (g *Gateway) send(p *splice.Packet) {
-	if err := g.inject.send(p); err != nil {
-		g.injectErrors.Add(1)
-	}
-}
-
-// fullChecksum computes a packet's TCP checksum in full.
-func fullChecksum(p *splice.Packet) {
-	t := p.TCP()
-	t.SetChecksum(0)
-	t.SetChecksum(splice.TCPChecksum(p.Src(), p.Dst(), p.Segment()))
 }
 
 // bpfVerdictName names the program's counter i.

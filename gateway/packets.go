@@ -56,7 +56,7 @@ func forward(g *Gateway, e *splice.Entry, d splice.Dir, p *splice.Packet, np *nf
 	for {
 		if g.kpath != nil && e.Offloaded() {
 			// Promoted to the bpf datapath (see promote).
-			if dec, done := g.forwardOffloaded(e, d, p, np); done {
+			if dec, done := g.forwardOffloaded(e, np); done {
 				return dec
 			}
 		}

@@ -25,6 +25,10 @@ type splicedFlow struct {
 	splicedAt time.Time
 	finished  time.Time // when the engine first saw it finished
 	stall     stallWatch
+	// stragglersTo: on the bpf datapath, 1<<32 | the ID of the last
+	// packet its queue took before the program's entry was written (see
+	// promote); 0 until known.
+	stragglersTo atomic.Uint64
 }
 
 // Linger keeps a finished flow diverted for a while, so that a lost final

@@ -706,7 +706,7 @@ func testSpliceAnyMoment(t *testing.T, datapath string) {
 		}
 		for _, e := range st.Engines {
 			if e.Datapath == "bpf" {
-				t.Logf("bpf: %d promoted, %d failed, %d demoted, %d stragglers run; program verdicts %v", e.BPFPromotions, e.BPFPromoteFails, e.BPFDemotions, e.BPFStragglers, e.BPFVerdicts)
+				t.Logf("bpf: %d promoted, %d failed, %d demoted, %d stragglers dropped; program verdicts %v", e.BPFPromotions, e.BPFPromoteFails, e.BPFDemotions, e.BPFStragglers, e.BPFVerdicts)
 			}
 		}
 	}
@@ -934,7 +934,7 @@ services:
 					if e.BPFPromotions < uint64(cycles)+1 || e.BPFDemotions < uint64(cycles) || e.BPFVerdicts["forward"] == 0 {
 						t.Fatalf("bpf datapath: %d promotions, %d demotions, verdicts %v after %d cycles", e.BPFPromotions, e.BPFDemotions, e.BPFVerdicts, cycles)
 					}
-					t.Logf("bpf datapath: %d promotions, %d demotions, %d stragglers run, verdicts %v", e.BPFPromotions, e.BPFDemotions, e.BPFStragglers, e.BPFVerdicts)
+					t.Logf("bpf datapath: %d promotions, %d demotions, %d stragglers dropped, verdicts %v", e.BPFPromotions, e.BPFDemotions, e.BPFStragglers, e.BPFVerdicts)
 				}
 			}
 			var took []string

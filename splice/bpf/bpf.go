@@ -279,10 +279,15 @@ func (dp *Datapath) Demote(id uint64, keys [2]splice.Key) (splice.State, error) 
 	return st, nil
 }
 
-// waitPrograms returns once every run of a BPF program that began before
-// it has ended. tc and tcx programs run inside an RCU read-side critical
-// section, and membarrier(MEMBARRIER_CMD_GLOBAL) is a synchronize_rcu (it
-// fails on nohz_full kernels).
+// WaitPrograms returns once every run of a BPF program that began before
+// it has ended, and with it the receive path that ran it: a packet that
+// passed tcx ingress before it was called has been handed on (to
+// netfilter, and a queue) when it returns. tc and tcx programs run
+// inside the RCU read-side critical section of the receive path, and
+// membarrier(MEMBARRIER_CMD_GLOBAL) is a synchronize_rcu (it fails on
+// nohz_full kernels).
+func WaitPrograms() error { return waitPrograms() }
+
 func waitPrograms() error {
 	const membarrierCmdGlobal = 1
 	if _, _, e := unix.Syscall(unix.SYS_MEMBARRIER, membarrierCmdGlobal, 0, 0); e != 0 {

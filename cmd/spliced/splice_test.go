@@ -158,6 +158,12 @@ func (sc *scenario) run(t *testing.T, mode string) *testnet.Daemon {
 	if spliced != spliceMode(mode) {
 		t.Fatalf("mode %s: flow spliced = %v\n%s", mode, spliced, tail(d.Log(), 30))
 	}
+	if mode == "splice-bpf" {
+		rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" })
+		if rec["datapath"] != "bpf" {
+			t.Fatalf("the flow was spliced on datapath %v, not bpf", rec["datapath"])
+		}
+	}
 	if tr.Check() == nil {
 		t.Logf("%s: %d MB each way in %v", mode, sc.size>>20, tr.Elapsed.Round(time.Millisecond))
 	}
@@ -375,11 +381,11 @@ func TestLabLegDifferences(t *testing.T) {
 		}},
 	}
 	for _, c := range cases {
-		for _, mode := range modes {
+		for _, mode := range bpfModes {
 			t.Run(c.name+"/"+mode, func(t *testing.T) {
 				sc := &scenario{lab: c.lab, size: 50 << 20, spliceAt: 5<<20 + rand.Int64N(10<<20)}
 				d := sc.run(t, mode)
-				if mode != "splice" {
+				if !spliceMode(mode) {
 					return
 				}
 				rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "captured" })
@@ -397,7 +403,7 @@ func TestLabLegDifferences(t *testing.T) {
 // flow leaves no conntrack entry behind (its packets are untracked, so the
 // entry of its proxied start would otherwise stay ESTABLISHED for days).
 func TestLabConntrackInvalidDrop(t *testing.T) {
-	for _, mode := range modes {
+	for _, mode := range bpfModes {
 		t.Run(mode, func(t *testing.T) {
 			var lab *testnet.Lab
 			sc := &scenario{size: 50 << 20, spliceAt: 8 << 20, setup: func(t *testing.T, l *testnet.Lab) {
@@ -415,7 +421,7 @@ func TestLabConntrackInvalidDrop(t *testing.T) {
 			switch {
 			case mode == "copy" && entries == 0:
 				t.Errorf("conntrack tracked nothing of the proxied flow, so the spliced case proves nothing:\n%s", out)
-			case mode == "splice" && entries > 0:
+			case spliceMode(mode) && entries > 0:
 				t.Errorf("the spliced flow left conntrack entries:\n%s", out)
 			}
 			t.Logf("conntrack entries of the flow after it ended: %d", entries)
@@ -518,7 +524,7 @@ func tcpExt(nss []*testnet.NS, counter string) (uint64, error) {
 // TestLabLossDuringSplice: 3% random loss on both sides of the gateway for
 // the whole transfer, transition included; everything arrives intact.
 func TestLabLossDuringSplice(t *testing.T) {
-	for _, mode := range modes {
+	for _, mode := range bpfModes {
 		t.Run(mode, func(t *testing.T) {
 			var lossy []*testnet.NS
 			sc := &scenario{size: 64 << 20, spliceAt: 16 << 20, timeout: 5 * time.Minute, setup: func(t *testing.T, lab *testnet.Lab) {

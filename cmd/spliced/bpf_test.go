@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -85,6 +86,33 @@ services:
 		!strings.Contains(out, "meta mark & 0x20000000 == 0x20000000 notrack accept") {
 		t.Errorf("spliced -check: %v\n%s", err, out)
 	}
+
+	// The skip rule survives a table repair and a reload.
+	const skip = "meta mark & 0x20000000 == 0x20000000 notrack accept"
+	hasSkip := func(when string) {
+		t.Helper()
+		out, err := lab.Gateway.Run("nft", "list", "chain", "inet", "spliced", "divert")
+		if err != nil || !strings.Contains(out, skip) {
+			t.Fatalf("%s: the divert chain lacks the skip rule: %v\n%s", when, err, out)
+		}
+	}
+	hasSkip("at start")
+	if out, err := lab.Gateway.Run("nft", "delete", "table", "inet", "spliced"); err != nil {
+		t.Fatalf("nft delete table: %v: %s", err, out)
+	}
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "ruleset restored" }); err != nil {
+		t.Fatal(err)
+	}
+	hasSkip("after a repair")
+	more := cfg + "  - name: more\n    listen: 15002\n    ports: [\"5002\"]\n"
+	if err := os.WriteFile(d.Config, []byte(more), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d.Signal(syscall.SIGHUP)
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "configuration reloaded" }); err != nil {
+		t.Fatalf("%v\n%s", err, tail(d.Log(), 10))
+	}
+	hasSkip("after a reload")
 
 	// A flow spliced on the program: bytes both ways.
 	dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)

@@ -61,6 +61,17 @@ type Engine struct {
 	// StalledFlows counts directions of spliced flows that stalled (see
 	// splice.stall_after).
 	StalledFlows uint64 `json:"stalled_flows,omitempty"`
+	// Datapath of new spliced flows: nfqueue or bpf. With bpf: the
+	// interfaces the program is attached to, its packet counts by verdict
+	// (over every flow; "pass": left to the queue), and the flows moved
+	// to it and back.
+	Datapath        string            `json:"datapath,omitempty"`
+	BPFInterfaces   []string          `json:"bpf_interfaces,omitempty"`
+	BPFVerdicts     map[string]uint64 `json:"bpf_verdicts,omitempty"`
+	BPFPromotions   uint64            `json:"bpf_promotions,omitempty"`
+	BPFPromoteFails uint64            `json:"bpf_promote_failures,omitempty"`
+	BPFDemotions    uint64            `json:"bpf_demotions,omitempty"`
+	BPFStragglers   uint64            `json:"bpf_stragglers,omitempty"`
 	// Phases: where recent completed splices and unsplices spent their
 	// time.
 	Phases []Phase `json:"phases,omitempty"`
@@ -127,6 +138,10 @@ type Flow struct {
 	// Engine is what the splice engine tracks of each direction of a
 	// spliced flow (client to server first).
 	Engine []Direction `json:"engine,omitempty"`
+	// Datapath rewrites a spliced flow's packets: "nfqueue" (the Go
+	// engine) or "bpf" (the kernel program; packet counts are then not
+	// kept per flow).
+	Datapath string `json:"datapath,omitempty"`
 }
 
 // Direction is the splice engine's state of one direction of a flow.

@@ -89,7 +89,32 @@ type Kernel struct {
 	// the kernel if spliced dies without removing it (default 24h); live
 	// flows are refreshed.
 	DivertTimeout Duration `yaml:"divert_timeout"`
+	// Datapath is where spliced flows' packets are rewritten: "nfqueue"
+	// (default: the Go engine, fed by NFQUEUE), "bpf" (a BPF program at
+	// tcx ingress of Interfaces rewrites established spliced flows in the
+	// kernel; the Go engine splices and unsplices them, and takes the
+	// packets the program leaves alone; spliced does not start without
+	// it) or "auto" (bpf where the program loads and attaches, else
+	// nfqueue; the log says which and why).
+	Datapath string `yaml:"datapath"`
+	// Interfaces are the interfaces the bpf datapath attaches to (default:
+	// every interface but lo present when spliced starts; interfaces that
+	// appear later are not attached to: their spliced packets go through
+	// NFQUEUE as with nfqueue).
+	Interfaces []string `yaml:"interfaces"`
 }
+
+// Datapath values.
+const (
+	DatapathNFQueue = "nfqueue"
+	DatapathBPF     = "bpf"
+	DatapathAuto    = "auto"
+)
+
+// BPFMark is the mark bit the bpf datapath sets on the packets it
+// rewrote (the divert rule skips them); kernel.mark and kernel.ct_mark
+// must not use it with that datapath.
+const BPFMark = 0x20000000
 
 // SpliceMode says when a service's forwarder splices a flow.
 type SpliceMode string
@@ -332,6 +357,7 @@ func (c *Config) applyDefaults() {
 	SetDefault(&c.Kernel.QueueLen, DefaultQueueLen)
 	SetDefault(&c.Kernel.DivertTimeout, Duration(DefaultDivertTimeout))
 	SetDefault(&c.Kernel.NFQueue, "lean")
+	SetDefault(&c.Kernel.Datapath, DatapathNFQueue)
 	SetDefault(&c.Kernel.Repair, "on")
 	SetDefault(&c.Control.Socket, "/run/spliced/spliced.sock")
 	if c.Control.Socket == "off" {

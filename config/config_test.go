@@ -96,6 +96,12 @@ func TestParseErrors(t *testing.T) {
 		{"listen_on twice", "services:\n  - name: a\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n  - name: b\n    listen_mode: direct\n    listen_on: [\"10.1.0.1:80\"]\n    forward:\n      backends: [\"10.2.0.2:80\"]\n", []string{"line 9: services[1].listen_on[0]:", `service "a"`}},
 		{"key twice", "log:\n  level: info\n  level: debug\n", []string{"line 3: log.level:", "twice"}},
 		{"queue length", "kernel:\n  queue_len: 2\nservices: []\n", []string{"line 2: kernel.queue_len:", "8-1048576"}},
+		{"datapath", "kernel:\n  datapath: ebpf\n", []string{"line 2: kernel.datapath:", `"ebpf"`, "nfqueue", "bpf", "auto"}},
+		{"interfaces without bpf", "kernel:\n  interfaces: [eth0]\n", []string{"kernel.interfaces:", "needs kernel.datapath bpf or auto"}},
+		{"loopback interface", "kernel:\n  datapath: bpf\n  interfaces: [eth0, lo]\n", []string{"kernel.interfaces[1]:", "loopback"}},
+		{"interface twice", "kernel:\n  datapath: auto\n  interfaces: [eth0, eth0]\n", []string{"kernel.interfaces[1]:", "twice"}},
+		{"bad interface name", "kernel:\n  datapath: auto\n  interfaces: [\"eth0:1\"]\n", []string{"kernel.interfaces[0]:", "not an interface name"}},
+		{"mark on the bpf bit", "kernel:\n  datapath: bpf\n  mark: 0x20000001\n", []string{"line 3: kernel.mark:", "0x20000000"}},
 		{"listen backlog", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    backlog: 100000\n", []string{"line 5: services[0].backlog:", "1-65535"}},
 	}
 	for _, c := range cases {

@@ -11,6 +11,7 @@ import (
 var (
 	tableNameRE   = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_]{0,31}$`)
 	serviceNameRE = regexp.MustCompile(`^[a-z][a-z0-9_]{0,23}$`)
+	ifaceNameRE   = regexp.MustCompile(`^[^/:\s]{1,15}$`)
 )
 
 func (c *Config) validate(idx *keyIndex) error {
@@ -50,6 +51,28 @@ func (c *Config) validate(idx *keyIndex) error {
 	case "lean", "go-nfqueue":
 	default:
 		bad("kernel.nfqueue", c.Kernel.NFQueue, "is not a queue backend; use lean (default) or go-nfqueue")
+	}
+	switch c.Kernel.Datapath {
+	case DatapathNFQueue:
+	case DatapathBPF, DatapathAuto:
+		if uint32(c.Kernel.Mark)&BPFMark != 0 {
+			bad("kernel.mark", fmt.Sprintf("%#x", uint32(c.Kernel.Mark)), "uses bit %#x, which the %s datapath sets on the packets it rewrote; use other bits", BPFMark, c.Kernel.Datapath)
+		}
+	default:
+		bad("kernel.datapath", c.Kernel.Datapath, "is not a datapath; use nfqueue (default: the Go engine through NFQUEUE), bpf (a BPF program at tcx ingress; spliced fails to start without it) or auto (bpf where it loads and attaches, else nfqueue)")
+	}
+	for i, name := range c.Kernel.Interfaces {
+		switch {
+		case !ifaceNameRE.MatchString(name):
+			bad(fmt.Sprintf("kernel.interfaces[%d]", i), name, "is not an interface name (1-15 characters, no /, : or white space)")
+		case name == "lo":
+			bad(fmt.Sprintf("kernel.interfaces[%d]", i), name, "is the loopback interface; spliced flows' packets never arrive there")
+		case slices.Contains(c.Kernel.Interfaces[:i], name):
+			bad(fmt.Sprintf("kernel.interfaces[%d]", i), name, "is listed twice")
+		}
+	}
+	if len(c.Kernel.Interfaces) > 0 && c.Kernel.Datapath == DatapathNFQueue {
+		bad("kernel.interfaces", fmt.Sprint(c.Kernel.Interfaces), "needs kernel.datapath bpf or auto (the nfqueue datapath attaches nothing)")
 	}
 	if c.Kernel.DivertTimeout.D() < time.Second {
 		bad("kernel.divert_timeout", c.Kernel.DivertTimeout.D().String(), "is too short: live flows' entries are refreshed every third of it; use at least 1s (default %v)", DefaultDivertTimeout)

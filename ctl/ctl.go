@@ -219,6 +219,28 @@ func (c *cli) status(ctx context.Context, args []string) error {
 			w.Flush()
 		}
 	}
+	for _, e := range st.Engines {
+		if e.Datapath == "" {
+			continue
+		}
+		fmt.Fprintf(c.out, "\ndatapath: %s", e.Datapath)
+		if len(e.BPFInterfaces) > 0 {
+			fmt.Fprintf(c.out, " (tcx ingress of %s)", strings.Join(e.BPFInterfaces, ", "))
+		}
+		fmt.Fprintln(c.out)
+		if e.Datapath == "bpf" {
+			var parts []string
+			for k, v := range e.BPFVerdicts {
+				if v > 0 {
+					parts = append(parts, fmt.Sprintf("%s %d", k, v))
+				}
+			}
+			sort.Strings(parts)
+			fmt.Fprintf(c.out, "bpf verdicts: %s\n", strings.Join(parts, ", "))
+			fmt.Fprintf(c.out, "bpf flows: %d promoted, %d promotions failed, %d demoted, %d stragglers dropped\n",
+				e.BPFPromotions, e.BPFPromoteFails, e.BPFDemotions, e.BPFStragglers)
+		}
+	}
 	return nil
 }
 
@@ -298,6 +320,9 @@ func (c *cli) printFlow(f *api.Flow) error {
 	fmt.Fprintf(w, "client leg\t%s -> %s\n", f.ClientLeg.Remote, f.ClientLeg.Local)
 	fmt.Fprintf(w, "server leg\t%s -> %s\n", f.ServerLeg.Local, f.ServerLeg.Remote)
 	fmt.Fprintf(w, "bytes\t%s client->server, %s server->client\n", bytesStr(f.BytesC2S), bytesStr(f.BytesS2C))
+	if f.Datapath != "" {
+		fmt.Fprintf(w, "datapath\t%s\n", f.Datapath)
+	}
 	fmt.Fprintf(w, "packets since splice\t%d client->server, %d server->client\n", f.PacketsC2S, f.PacketsS2C)
 	fmt.Fprintf(w, "age\t%s (since %s)\n", time.Duration(f.AgeSec*float64(time.Second)).Round(time.Millisecond), f.Started.Format(time.RFC3339))
 	if f.SplicedAt != nil {

@@ -135,7 +135,13 @@ func (g *Gateway) Status() api.Status {
 		e := api.Engine{Name: "splice", Splices: g.spliceLatency.count.Load(), SpliceAborts: g.spliceAborts.Load(),
 			SpliceP50Us: g.spliceLatency.percentile(0.5).Microseconds(), SpliceP99Us: g.spliceLatency.percentile(0.99).Microseconds(),
 			Verdicts: map[string]uint64{}, QueueBackend: cfg.Kernel.NFQueue, InjectFailures: g.injectErrors.Load(),
-			StalledFlows: g.stalledFlows.Load(), Phases: g.phaseTable()}
+			StalledFlows: g.stalledFlows.Load(), Datapath: g.datapathName(), Phases: g.phaseTable()}
+		if k := g.kpath; k != nil {
+			e.BPFInterfaces = k.at.Interfaces()
+			e.BPFVerdicts = g.bpfCounters()
+			e.BPFPromotions, e.BPFPromoteFails = k.promotions.Load(), k.promoteFailures.Load()
+			e.BPFDemotions, e.BPFStragglers = k.demotions.Load(), k.stragglers.Load()
+		}
 		for _, en := range g.engine.Entries() {
 			s := en.Stats()
 			e.BytesC2S += s[splice.C2S].Bytes
@@ -193,6 +199,7 @@ func describeFlow(f *proxy.Flow, sf *splicedFlow) api.Flow {
 		af.BytesS2C += s[splice.S2C].Bytes
 		af.PacketsC2S, af.PacketsS2C = s[splice.C2S].Packets, s[splice.S2C].Packets
 		af.Engine = engineState(sf, time.Now())
+		af.Datapath = datapathOf(sf.entry)
 	}
 	return af
 }

@@ -76,6 +76,7 @@ type Gateway struct {
 	transitions transitions
 	counters    engineCounters
 	nextQueue   atomic.Uint32
+	kpath       *kernelPath // the bpf datapath; nil with nfqueue
 
 	splicedMu sync.Mutex
 	spliced   map[uint64]*splicedFlow
@@ -167,6 +168,9 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 		g.rulesMu.Unlock()
 		return err
 	}
+	if m := g.withSkipMark(g.manager()); m != g.manager() {
+		g.snap.Store(&snapshot{cfg: cfg, rules: m})
+	}
 	for i := range cfg.Services {
 		if err := g.startService(&cfg.Services[i]); err != nil {
 			g.abortStart()
@@ -241,7 +245,7 @@ func (g *Gateway) logReady() {
 	if spec.Divert.Enabled {
 		queue = fmt.Sprintf("%d-%d (%s, %s)", spec.Divert.Queue, spec.Divert.Queue+spec.Divert.Queues-1, queueKind(spec.Divert.NativeQueue), cfg.Kernel.NFQueue)
 	}
-	g.log.Info("ready", logging.KeyTable, "inet "+spec.Table, "services", len(cfg.Services),
+	g.log.Info("ready", logging.KeyTable, "inet "+spec.Table, "services", len(cfg.Services), "datapath", g.datapathName(),
 		"mark", fmt.Sprintf("0x%x", spec.Mark), "route_table", spec.RouteTable, logging.KeyQueue, queue,
 		logging.KeyFile, cfg.File, "control", cfg.Control.Socket, "version", Version())
 }
@@ -288,6 +292,7 @@ func (g *Gateway) shutdown() error {
 		// lives in it): end them at both ends before the table goes.
 		var live []*splicedFlow
 		g.splicedMu.Lock()
+		g.syncOffloaded(time.Now())
 		for _, sf := range g.spliced {
 			if !sf.entry.Snapshot().Finished() {
 				live = append(live, sf)
@@ -357,6 +362,15 @@ func (g *Gateway) logStats() {
 			attrs = append(attrs, splice.Verdict(v).String(), n)
 		}
 	}
+	if k := g.kpath; k != nil {
+		attrs = append(attrs, "bpf_promotions", k.promotions.Load(), "bpf_promote_failures", k.promoteFailures.Load(),
+			"bpf_demotions", k.demotions.Load(), "bpf_stragglers", k.stragglers.Load())
+		for name, n := range g.bpfCounters() {
+			if n > 0 {
+				attrs = append(attrs, "bpf_"+name, n)
+			}
+		}
+	}
 	for _, q := range g.queues.Stats() {
 		attrs = append(attrs, fmt.Sprintf("queue%d", q.Queue), fmt.Sprintf("received=%d modified=%d accepted=%d dropped=%d errors=%d overruns=%d reopens=%d kernel_queue_dropped=%d kernel_user_dropped=%d",
 			q.Received, q.Modified, q.Accepted, q.Dropped, q.Errors, q.Overruns, q.Reopens, q.Kernel.QueueDropped, q.Kernel.UserDropped))
@@ -379,11 +393,22 @@ func (g *Gateway) startSplicing(ctx context.Context, cfg *config.Config, m *rule
 	}
 	g.inject, g.engine, g.diverter = inj, splice.NewTable(), div
 	g.conntrack = newConntrackCleaner(g.log.With(logging.KeyComponent, "conntrack"))
+	if err := g.startDatapath(cfg); err != nil {
+		g.conntrack.Close()
+		div.Close()
+		inj.Close()
+		g.inject, g.engine, g.diverter, g.conntrack = nil, nil, nil, nil
+		return err
+	}
 	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues, MaxQueueLen: cfg.Kernel.QueueLen, Library: cfg.Kernel.NFQueue == "go-nfqueue"}, func(uint16) nfq.Handler {
 		h := &packetHandler{g: g}
 		return h.handle
 	}, g.log.With(logging.KeyComponent, "nfq"))
 	if err != nil {
+		if g.kpath != nil {
+			g.kpath.close()
+			g.kpath = nil
+		}
 		g.conntrack.Close()
 		div.Close()
 		inj.Close()
@@ -407,6 +432,9 @@ func (g *Gateway) stopSplicing() {
 		return
 	}
 	g.queues.Close()
+	if g.kpath != nil {
+		g.kpath.close() // detached: its links are not pinned
+	}
 	g.inject.Close()
 	g.conntrack.Close()
 	g.diverter.Close()
@@ -476,7 +504,9 @@ func (g *Gateway) stopServices() {
 }
 
 // Cleanup removes the kernel state a configuration would install, for
-// `spliced -cleanup` after the daemon was killed.
+// `spliced -cleanup` after the daemon was killed. The bpf datapath leaves
+// nothing: its tcx links and maps are not pinned and went with the
+// process.
 func Cleanup(cfg *config.Config) error {
 	if err := rules.Cleanup(rules.FromConfig(cfg), 0); err != nil {
 		return fmt.Errorf("cleanup: %w", err)

@@ -46,6 +46,8 @@ var (
 	descBytes = prometheus.NewDesc("spliced_bytes_total", "Payload bytes moved, by engine (proxy, splice) and direction (c2s, s2c).",
 		[]string{"engine", "direction"}, nil)
 	descPackets        = prometheus.NewDesc("spliced_packets_total", "Packets the splice engine handled, by verdict.", []string{"verdict"}, nil)
+	descBPFPackets     = prometheus.NewDesc("spliced_bpf_packets_total", "Packets the bpf datapath handled, by verdict (pass: left to the queue).", []string{"verdict"}, nil)
+	descBPFMoves       = prometheus.NewDesc("spliced_bpf_flow_moves_total", "Spliced flows moved to the bpf datapath (promoted), failed to, and back (demoted).", []string{"move"}, nil)
 	descSplices        = prometheus.NewDesc("spliced_splices_total", "Flows spliced.", nil, nil)
 	descAborts         = prometheus.NewDesc("spliced_splice_aborts_total", "Splices abandoned (the flow stayed proxied).", nil, nil)
 	descUnsplices      = prometheus.NewDesc("spliced_unsplices_total", "Spliced flows given back to their proxy.", nil, nil)
@@ -62,7 +64,7 @@ var (
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens, descPhase} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens, descBPFPackets, descBPFMoves, descPhase} {
 		ch <- d
 	}
 }
@@ -92,6 +94,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		case splice.DropMalformed, splice.DropUnsupported, splice.DropNoFlow:
 			rewriteErrors += n
 		}
+	}
+	if k := g.kpath; k != nil {
+		for name, n := range g.bpfCounters() {
+			ch <- prometheus.MustNewConstMetric(descBPFPackets, prometheus.CounterValue, float64(n), name)
+		}
+		ch <- prometheus.MustNewConstMetric(descBPFMoves, prometheus.CounterValue, float64(k.promotions.Load()), "promoted")
+		ch <- prometheus.MustNewConstMetric(descBPFMoves, prometheus.CounterValue, float64(k.promoteFailures.Load()), "promote_failed")
+		ch <- prometheus.MustNewConstMetric(descBPFMoves, prometheus.CounterValue, float64(k.demotions.Load()), "demoted")
 	}
 	ch <- prometheus.MustNewConstMetric(descSplices, prometheus.CounterValue, float64(g.spliceLatency.count.Load()))
 	ch <- prometheus.MustNewConstMetric(descAborts, prometheus.CounterValue, float64(g.spliceAborts.Load()))

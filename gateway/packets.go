@@ -53,12 +53,26 @@ func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 
 // forward runs the engine on a packet of a spliced flow.
 func forward(g *Gateway, e *splice.Entry, d splice.Dir, p *splice.Packet, np *nfq.Packet) nfq.Decision {
-	if d == splice.C2S && e.Watch.Load() && newData(p, e.HighestSeq(splice.C2S)) {
-		if g.unspliceOnData(e, np) {
-			return nfq.Hold
+	for {
+		if g.kpath != nil && e.Offloaded() {
+			// Promoted to the bpf datapath (see promote).
+			if dec, done := g.forwardOffloaded(e, np); done {
+				return dec
+			}
 		}
+		if d == splice.C2S && e.Watch.Load() && newData(p, e.HighestSeq(splice.C2S)) {
+			if g.unspliceOnData(e, np) {
+				return nfq.Hold
+			}
+		}
+		if v, ok := e.TryProcess(p, d, time.Now().UnixNano(), !np.CsumNotReady); ok {
+			return verdictOf(g, v, p, np)
+		}
+		// Promoted between the checks: again.
 	}
-	v := e.Process(p, d, time.Now().UnixNano(), !np.CsumNotReady)
+}
+
+func verdictOf(g *Gateway, v splice.Verdict, p *splice.Packet, np *nfq.Packet) nfq.Decision {
 	g.counters.verdicts[v].Add(1)
 	if v != splice.Forward {
 		return nfq.Drop

@@ -25,6 +25,7 @@ const (
 	stepCapture             // both sockets captured with TCP_REPAIR
 	stepInstall             // the engine's flow built
 	stepRelease             // taken-over payload injected, held packets released
+	stepPromote             // the flow handed to the BPF program (bpf datapath only)
 	// Unsplice.
 	stepUnspliceDrain   // both ends acknowledged everything the engine forwarded
 	stepUnspliceBarrier // the queue's batched verdicts flushed after the freeze
@@ -41,6 +42,7 @@ var stepNames = [numSteps]struct{ transition, name string }{
 	stepCapture:         {"splice", "capture"},
 	stepInstall:         {"splice", "install"},
 	stepRelease:         {"splice", "release"},
+	stepPromote:         {"splice", "promote"},
 	stepUnspliceDrain:   {"unsplice", "drain"},
 	stepUnspliceBarrier: {"unsplice", "barrier"},
 	stepRebuild:         {"unsplice", "rebuild"},

@@ -64,6 +64,7 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 			closeOpened()
 			return err
 		}
+		m = g.withSkipMark(m)
 	}
 	// Replace the services' rules and sets in place: the base chains,
 	// and with them the hooks that queued packets resume at, stay (see
@@ -109,7 +110,7 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 // restartOnly refuses changes that cannot be applied to a running daemon.
 func restartOnly(old, cfg *config.Config) error {
 	var changed []string
-	if old.Kernel != cfg.Kernel {
+	if !reflect.DeepEqual(old.Kernel, cfg.Kernel) {
 		changed = append(changed, "kernel")
 	}
 	if old.Control != cfg.Control {

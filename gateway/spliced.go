@@ -25,6 +25,10 @@ type splicedFlow struct {
 	splicedAt time.Time
 	finished  time.Time // when the engine first saw it finished
 	stall     stallWatch
+	// stragglersTo: on the bpf datapath, 1<<32 | the ID of the last
+	// packet its queue took before the program's entry was written (see
+	// promote); 0 until known.
+	stragglersTo atomic.Uint64
 }
 
 // Linger keeps a finished flow diverted for a while, so that a lost final
@@ -66,6 +70,7 @@ func (g *Gateway) reap(now time.Time) {
 	var reasons []string
 	var stalls []stallReport
 	g.splicedMu.Lock()
+	g.syncOffloaded(now)
 	for id, sf := range g.spliced {
 		snap := sf.entry.Snapshot()
 		reason := ""
@@ -119,6 +124,7 @@ func (g *Gateway) reap(now time.Time) {
 	}
 	byQueue := map[uint16][]splice.Key{}
 	for _, sf := range done {
+		g.retireOffloaded(sf)
 		g.engine.Delete(sf.entry)
 		byQueue[sf.queue] = append(byQueue[sf.queue], sf.keys[0], sf.keys[1])
 		g.flows.Remove(sf.flow)

@@ -110,6 +110,15 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	g.addSpliced(f, entry, tr.keys, tr.queue, &params)
 	g.conntrack.forget(tr.keys)
 	back := g.handOver(tr, f, entry)
+	if !back {
+		g.splicedMu.Lock()
+		sf := g.spliced[f.ID]
+		g.splicedMu.Unlock()
+		if sf != nil && g.kpath != nil {
+			g.promote(sf)
+			sw.lap(stepPromote)
+		}
+	}
 	took := time.Since(start)
 	g.spliceLatency.observe(took)
 	sw.commit(g)
@@ -121,7 +130,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		logging.KeyClient, f.Client, logging.KeyServer, f.Server,
 		logging.KeyBytesC2S, f.C2S.Load(), logging.KeyBytesS2C, f.S2C.Load(),
 		"took_us", took.Microseconds(), "taken_over_bytes", tr.takenLen[0]+tr.takenLen[1],
-		"injected_packets", sent, "held_packets", released, sw.attrs())
+		"injected_packets", sent, "held_packets", released, "datapath", datapathOf(entry), sw.attrs())
 	g.flowEvent(api.EventSpliced, f, fmt.Sprintf("took %d µs", took.Microseconds()))
 	return nil
 }

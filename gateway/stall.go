@@ -43,7 +43,9 @@ type stallReport struct {
 func checkStall(sf *splicedFlow, snap *splice.Flow, now time.Time, after time.Duration) []splice.Dir {
 	st := sf.entry.Stats()
 	w := &sf.stall
-	if seen := st[0].Packets + st[0].Dropped + st[1].Packets + st[1].Dropped; seen != w.seen || w.activeAt.IsZero() {
+	// Packets the engine handled, and for a flow on the bpf datapath
+	// (which counts no packets per flow) the time it last forwarded one.
+	if seen := st[0].Packets + st[0].Dropped + st[1].Packets + st[1].Dropped + uint64(snap.LastSeen()); seen != w.seen || w.activeAt.IsZero() {
 		w.seen, w.activeAt = seen, now
 	}
 	var newly []splice.Dir

@@ -44,6 +44,9 @@ func (g *Gateway) Unsplice(ctx context.Context, f *proxy.Flow) error {
 	if !f.CanResume() {
 		return fmt.Errorf("flow %d: its proxy (%s) cannot take it back", f.ID, f.Proxy)
 	}
+	if err := g.reclaim(sf.entry); err != nil {
+		return err
+	}
 	if snap := sf.entry.Snapshot(); snap.Finished() || snap.FINSeen(splice.C2S) || snap.FINSeen(splice.S2C) {
 		return fmt.Errorf("flow %d is closing (a FIN or RST went through); it ends spliced", f.ID)
 	}
@@ -59,6 +62,10 @@ func (g *Gateway) Unsplice(ctx context.Context, f *proxy.Flow) error {
 // back to its proxy in the background. It reports false when the flow is
 // not the gateway's to unsplice (the packet is then forwarded).
 func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
+	if err := g.reclaim(e); err != nil {
+		g.log.Warn("unsplice on client data", logging.KeyFlow, e.ID, logging.Err(err))
+		return false
+	}
 	if !e.Watch.CompareAndSwap(true, false) {
 		return false
 	}
@@ -244,6 +251,12 @@ func (g *Gateway) resplice(tr *transition, f *proxy.Flow) {
 	g.transitions.remove(tr)
 	g.unspliceAborts.Add(1)
 	f.SetState(proxy.StateSpliced)
+	g.splicedMu.Lock()
+	sf := g.spliced[f.ID]
+	g.splicedMu.Unlock()
+	if sf != nil {
+		g.promote(sf) // back to the program
+	}
 }
 
 // releaseToSockets lets the held packets reach the rebuilt sockets, in

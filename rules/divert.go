@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/xt"
 	"golang.org/x/sys/unix"
@@ -36,6 +37,13 @@ type Divert struct {
 	// without CONFIG_NFT_QUEUE) the xtables NFQUEUE target is used through
 	// nft_compat. Install probes and sets it.
 	NativeQueue bool
+	// SkipMark, when not 0, is the mark bit of packets another datapath
+	// rewrote already (the kernel datapath, package splice/bpf, at tcx
+	// ingress): the first rule of the divert chain untracks such packets
+	// (as the queue rules untrack what the Go engine rewrites) and
+	// accepts them, so that they never reach the sets and the queues and
+	// are never rewritten twice.
+	SkipMark uint32
 }
 
 // ChainDivert is the chain of the divert rules.
@@ -78,6 +86,9 @@ func queueDivert(c *nftables.Conn, spec *Spec, t *nftables.Table, live map[uint1
 		Name: ChainDivert, Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPrerouting, Priority: &[]nftables.ChainPriority{divertPriority}[0],
 	})
+	if d.SkipMark != 0 {
+		c.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: skipMarkedExprs(d.SkipMark)})
+	}
 	for i := range d.Queues {
 		v4els, v6els := elementsOf(live[i], d.Timeout)
 		for _, v6 := range []bool{false, true} {
@@ -93,6 +104,19 @@ func queueDivert(c *nftables.Conn, spec *Spec, t *nftables.Table, live map[uint1
 		}
 	}
 	return nil
+}
+
+// skipMarkedExprs is "meta mark & M == M notrack accept".
+func skipMarkedExprs(mark uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(mark),
+			Xor:  binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(mark)},
+		&expr.Notrack{},
+		&expr.Verdict{Kind: expr.VerdictAccept},
+	}
 }
 
 func divertExprs(d *Divert, queue uint16, set *nftables.Set, v6 bool) []expr.Any {
@@ -327,6 +351,9 @@ func (d *Diverter) apply(q uint16, keys []splice.Key, op func(*nftables.Set, []n
 func renderDivert(d *Divert) []string {
 	timeout := formatNFTDuration(d.Timeout)
 	var out, rules []string
+	if d.SkipMark != 0 {
+		rules = append(rules, fmt.Sprintf("meta mark & 0x%08x == 0x%08x notrack accept", d.SkipMark, d.SkipMark))
+	}
 	for i := range d.Queues {
 		for _, fam := range []struct {
 			v6       bool

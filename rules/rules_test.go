@@ -75,10 +75,15 @@ func TestSpecMergesAndSplits(t *testing.T) {
 // proving the text is real nft syntax.
 func TestRoundTrip(t *testing.T) {
 	testnet.Privileged(t, "nft")
-	for _, divert := range []bool{false, true} {
-		t.Run(fmt.Sprintf("divert=%v", divert), func(t *testing.T) {
+	for _, c := range []struct {
+		divert   bool
+		skipMark uint32
+	}{{false, 0}, {true, 0}, {true, 0x20000000}} {
+		divert := c.divert
+		t.Run(fmt.Sprintf("divert=%v/skip_mark=%#x", divert, c.skipMark), func(t *testing.T) {
 			spec := sampleSpec(t)
 			spec.Divert.Enabled = divert
+			spec.Divert.SkipMark = c.skipMark
 			ns := testnet.Scratch(t)
 			m := NewManager(spec, WithNetNS(ns.OpenT(t)))
 			for i := 0; i < 2; i++ { // the second install proves idempotence
@@ -138,8 +143,22 @@ func checkQueueTarget(t *testing.T, ns *testnet.NS, spec *Spec) {
 		t.Fatal(err)
 	}
 	rules, err := c.GetRules(spec.table(), &nftables.Chain{Name: ChainDivert, Table: spec.table()})
-	if err != nil || len(rules) != 2*int(spec.Divert.Queues) {
-		t.Fatalf("divert rules: %d, %v", len(rules), err)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if spec.Divert.SkipMark != 0 {
+		// The first rule accepts what the kernel datapath rewrote.
+		if len(rules) == 0 {
+			t.Fatal("no divert rules")
+		}
+		last := rules[0].Exprs[len(rules[0].Exprs)-1]
+		if v, ok := last.(*expr.Verdict); !ok || v.Kind != expr.VerdictAccept {
+			t.Fatalf("the skip rule ends in %#v", last)
+		}
+		rules = rules[1:]
+	}
+	if len(rules) != 2*int(spec.Divert.Queues) {
+		t.Fatalf("divert rules: %d", len(rules))
 	}
 	for i, r := range rules {
 		want := spec.Divert.Queue + uint16(i/2) // IPv4 and IPv6 rule per queue

@@ -20,6 +20,102 @@ type Entry struct {
 	mu    sync.Mutex // packets of one flow may arrive on several queues
 	flow  Flow
 	stats [2]DirStats
+	// offloaded: another datapath (the kernel's, package splice/bpf)
+	// holds the flow's state and rewrites its packets; flow is stale
+	// until Reclaim.
+	offloaded bool
+}
+
+// Offload hands the flow to another datapath: put receives the flow's
+// state, under the entry's lock, and from then on (if put succeeds)
+// TryProcess refuses the flow's packets until Reclaim. A packet the
+// engine processed is in the state put receives, or is refused: none
+// is lost between the two.
+func (e *Entry) Offload(put func(State) error) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.offloaded {
+		return fmt.Errorf("flow %d is offloaded already", e.ID)
+	}
+	if err := put(e.flow.State()); err != nil {
+		return err
+	}
+	e.offloaded = true
+	return nil
+}
+
+// Reclaim takes an offloaded flow back: get returns its state, under the
+// entry's lock (TryProcess waits meanwhile, so the flow's next packet in
+// the engine sees the state get returned). On error the flow stays
+// offloaded.
+func (e *Entry) Reclaim(get func() (State, error), now int64) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if !e.offloaded {
+		return nil
+	}
+	st, err := get()
+	if err != nil {
+		return err
+	}
+	e.absorb(st, now)
+	e.offloaded = false
+	return nil
+}
+
+// Offloaded reports whether another datapath holds the flow.
+func (e *Entry) Offloaded() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.offloaded
+}
+
+// SetSnapshot replaces the engine's copy of an offloaded flow's state
+// with the other datapath's, read at now, for readers (Snapshot, Stats)
+// only: the reaper and the API see the flow through it. It changes
+// nothing of a flow the engine runs.
+func (e *Entry) SetSnapshot(st State, now int64) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.offloaded {
+		e.absorb(st, now)
+	}
+}
+
+// absorb replaces the flow's state (e.mu held) with another datapath's.
+// Stats count the stream bytes the state moved by (not packets, which
+// the other datapath does not count per flow) and progress as Process
+// does.
+func (e *Entry) absorb(st State, now int64) {
+	nf := FlowFromState(st)
+	for d := range e.flow.d {
+		o, n := &e.flow.d[d], &nf.d[d]
+		if o.sndNxt.LessThan(n.sndNxt) {
+			moved := uint32(n.sndNxt - o.sndNxt)
+			if n.flags&dirFIN != 0 && o.flags&dirFIN == 0 && moved > 0 {
+				moved-- // the FIN takes a sequence number, no byte
+			}
+			if o.sndNxt == o.ackSeen {
+				e.stats[d].ProgressAt = now
+			}
+			e.stats[d].Bytes += uint64(moved)
+		}
+		if o.ackSeen.LessThan(n.ackSeen) {
+			e.stats[d].ProgressAt = now
+		}
+	}
+	e.flow = nf
+}
+
+// TryProcess is Process for a flow that may be offloaded: it reports
+// false, and does nothing, when it is.
+func (e *Entry) TryProcess(p *Packet, d Dir, now int64, csumComplete bool) (Verdict, bool) {
+	e.mu.Lock()
+	if e.offloaded {
+		e.mu.Unlock()
+		return 0, false
+	}
+	return e.process(p, d, now, csumComplete), true
 }
 
 // LearnAck takes in the acknowledgment of a packet the gateway holds
@@ -67,6 +163,11 @@ type DirStats struct {
 // under the entry's lock.
 func (e *Entry) Process(p *Packet, d Dir, now int64, csumComplete bool) Verdict {
 	e.mu.Lock()
+	return e.process(p, d, now, csumComplete)
+}
+
+// process is Process with the lock held; it releases it.
+func (e *Entry) process(p *Packet, d Dir, now int64, csumComplete bool) Verdict {
 	s, o := &e.flow.d[d], &e.flow.d[1-d]
 	before, idle, acked := s.sndNxt, s.sndNxt == s.ackSeen, o.ackSeen
 	v := e.flow.Rewrite(p, d, &e.Keys[1-d], now, csumComplete)

@@ -315,7 +315,7 @@ func TestLabFTPSplicedMidTransfer(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	proofErr := provenSpliced(fl.lab, fl.d)
+	proofErr := provenSpliced(fl.lab, fl.d, false)
 	ctl, ssErr := fl.lab.Gateway.Run("ss", "-tanH", "state", "established", "sport", "= :21")
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("curl: %v: %s", err, stderr.String())

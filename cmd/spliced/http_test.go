@@ -39,14 +39,17 @@ const (
 )
 
 func httpConfig(mode string) string {
-	splice := "never"
-	if mode == "splice" {
+	splice, kernel := "never", ""
+	if spliceMode(mode) {
 		splice = "immediate"
+	}
+	if mode == "splice-bpf" {
+		kernel = "kernel:\n  datapath: bpf\n"
 	}
 	return fmt.Sprintf(`
 log:
   level: debug
-metrics:
+%smetrics:
   listen: 127.0.0.1:9410
 services:
   - name: web
@@ -72,7 +75,7 @@ services:
           path: /
           backends: ["10.2.0.2:8080", "10.2.1.2:8080"]
           balance: least_conn
-`, splice)
+`, kernel, splice)
 }
 
 func startHTTPLab(t *testing.T, mode string, opt testnet.Options, setup func(*testnet.Lab)) *httpLab {
@@ -226,7 +229,7 @@ func (hl *httpLab) keepAliveLoop(t *testing.T, n int, proofEvery int, mode strin
 			continue
 		}
 		big++
-		if mode != "splice" || proofEvery == 0 || big%proofEvery != 0 {
+		if !spliceMode(mode) || proofEvery == 0 || big%proofEvery != 0 {
 			hl.expect(hc, path)
 			continue
 		}
@@ -255,20 +258,41 @@ func (hl *httpLab) keepAliveLoop(t *testing.T, n int, proofEvery int, mode strin
 // every big response is spliced (and proven so regularly: no gateway
 // socket) and the flow is unspliced for every request after one.
 func TestLabHTTPKeepAlive(t *testing.T) {
-	for _, mode := range modes {
+	for _, mode := range bpfModes {
 		t.Run(mode, func(t *testing.T) {
 			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
 			big := hl.keepAliveLoop(t, 200, 20, mode)
 			spliced, unspliced := hl.count("flow spliced"), hl.count("flow unspliced")
 			want := 0
-			if mode == "splice" {
+			if spliceMode(mode) {
 				want = big
 			}
 			if spliced != want {
 				t.Errorf("%s: %d big responses, %d splices, want %d", mode, big, spliced, want)
 			}
-			if mode == "splice" && unspliced < big-1 {
+			if spliceMode(mode) && unspliced < big-1 {
 				t.Errorf("%d unsplices for %d spliced responses", unspliced, spliced)
+			}
+			if mode == "splice-bpf" {
+				// Responses ran on the program; the next request, which
+				// the program passes to the queue, took the flow back to
+				// the Go engine for its unsplice. (The datapath in a
+				// "flow spliced" record is a snapshot: a request that
+				// comes at once demotes the flow before it is logged.)
+				st, err := hl.d.Client().Status(t.Context())
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, e := range st.Engines {
+					if e.Datapath == "bpf" {
+						// Each promoted flow but the last is demoted by the
+						// next request; the last one ends spliced.
+						if e.BPFPromotions < uint64(spliced)/2 || e.BPFDemotions+1 < e.BPFPromotions || e.BPFVerdicts["pass"] == 0 {
+							t.Errorf("%d splices, %d promotions, %d demotions, program verdicts %v", spliced, e.BPFPromotions, e.BPFDemotions, e.BPFVerdicts)
+						}
+						t.Logf("bpf: %d promotions, %d demotions, %d stragglers dropped, forwarded %d", e.BPFPromotions, e.BPFDemotions, e.BPFStragglers, e.BPFVerdicts["forward"])
+					}
+				}
 			}
 			// Counters per route and backend: 100 requests each way.
 			metrics := hl.metrics(t)
@@ -292,7 +316,7 @@ func TestLabHTTPKeepAlive(t *testing.T) {
 // response, the proxy relays its rest, then serves the next one, to the
 // other backend; everything arrives intact and in order.
 func TestLabHTTPPipelined(t *testing.T) {
-	for _, mode := range modes {
+	for _, mode := range bpfModes {
 		t.Run(mode, func(t *testing.T) {
 			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
 			if dir := os.Getenv("SPLICED_CAPTURE"); dir != "" {
@@ -319,7 +343,7 @@ func TestLabHTTPPipelined(t *testing.T) {
 				if err != nil || code != 200 {
 					t.Fatalf("%s: status %d, %v", paths[i], code, err)
 				}
-				if mode == "splice" && strings.HasSuffix(paths[i], "huge.bin") {
+				if spliceMode(mode) && strings.HasSuffix(paths[i], "huge.bin") {
 					// Read a part, as a client does: a receiver that reads
 					// nothing would hold the splice's drain until its
 					// timeout (the response then stays proxied).
@@ -336,7 +360,7 @@ func TestLabHTTPPipelined(t *testing.T) {
 				hl.expectBody(hc, paths[i])
 			}
 			mid := hl.count("http: relaying the rest of a response after an unsplice")
-			if mode == "splice" && mid < busy {
+			if spliceMode(mode) && mid < busy {
 				t.Errorf("%d unsplices in the middle of a response, want %d (one per huge response)\n%s", mid, busy, tail(hl.d.Log(), 30))
 			}
 			t.Logf("%s: %d pipelined requests intact; %d splices, %d unsplices, %d in the middle of a response (took %s µs)",

@@ -103,10 +103,29 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch {
 	case *check:
 		fmt.Fprintf(stdout, "# %s: valid; spliced would install:\n", cfg.File)
-		fmt.Fprint(stdout, rules.Render(rules.FromConfig(cfg)))
 		spec := rules.FromConfig(cfg)
+		if cfg.Kernel.Datapath != config.DatapathNFQueue && spec.Divert.Enabled {
+			spec.Divert.SkipMark = config.BPFMark // when the program attaches
+		}
+		fmt.Fprint(stdout, rules.Render(spec))
 		fmt.Fprintf(stdout, "# policy routing (IPv4 and IPv6):\n#   ip rule add fwmark 0x%x/0x%x lookup %d priority %d proto %d\n#   ip route add local default dev lo table %d proto %d\n",
 			spec.Mark, spec.Mark, spec.RouteTable, spec.RulePriority, rules.RouteProtocol, spec.RouteTable, rules.RouteProtocol)
+		fmt.Fprintf(stdout, "# datapath: %s\n", cfg.Kernel.Datapath)
+		if cfg.Kernel.Datapath != config.DatapathNFQueue {
+			ifaces, err := gateway.Interfaces(cfg)
+			if err != nil {
+				fmt.Fprintln(stderr, "spliced:", err)
+				return 1
+			}
+			how := "kernel.interfaces"
+			if len(cfg.Kernel.Interfaces) == 0 {
+				how = "every interface but lo present now"
+			}
+			fmt.Fprintf(stdout, "#   BPF program at tcx ingress of: %s (%s)\n", strings.Join(ifaces, ", "), how)
+			if cfg.Kernel.Datapath == config.DatapathAuto {
+				fmt.Fprintf(stdout, "#   if it does not load or attach: nfqueue, without the divert chain's first rule\n")
+			}
+		}
 		return 0
 	case *cleanup:
 		if err := gateway.Cleanup(cfg); err != nil {

@@ -43,6 +43,7 @@ type Options struct {
 // Datapath is the loaded program and its maps.
 type Datapath struct {
 	objs rewriteObjects
+	mark uint32
 	// clockOffset converts the program's clock (CLOCK_BOOTTIME) to unix
 	// nanoseconds: unix = prog + clockOffset. 0 with the fake clock.
 	clockOffset int64
@@ -66,7 +67,7 @@ func Load(opts Options) (*Datapath, error) {
 			return nil, err
 		}
 	}
-	dp := &Datapath{}
+	dp := &Datapath{mark: mark}
 	if err := spec.LoadAndAssign(&dp.objs, nil); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
@@ -189,6 +190,12 @@ func (dp *Datapath) state(v *rewriteFlowVal) splice.State {
 // finds a tuple without its flow. An existing flow's state is replaced
 // under its spin lock.
 func (dp *Datapath) PutFlow(id uint64, keys [2]splice.Key, st splice.State) error {
+	return dp.PutFlowWatch(id, keys, st, false)
+}
+
+// PutFlowWatch is PutFlow with the client's tuple watched from the start
+// (see SetWatch): no client payload is rewritten before the watch is on.
+func (dp *Datapath) PutFlowWatch(id uint64, keys [2]splice.Key, st splice.State, watch bool) error {
 	for _, s := range st.Dirs {
 		if s.WSIn > 14 || s.WSOut > 14 {
 			return fmt.Errorf("window scale %d/%d above 14", s.WSIn, s.WSOut)
@@ -207,6 +214,9 @@ func (dp *Datapath) PutFlow(id uint64, keys [2]splice.Key, st splice.State) erro
 	for d := range keys {
 		o := keys[1-d]
 		tv := rewriteTupleVal{FlowId: id, Dir: uint32(d), OutSrc: o.Dst, OutDst: o.Src}
+		if watch && d == int(splice.C2S) {
+			tv.Flags = tuplePassData
+		}
 		if err := dp.objs.SpliceTuples.Update(tuple(keys[d]), &tv, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("flow %d tuple %v: %w", id, keys[d], err)
 		}
@@ -269,10 +279,15 @@ func (dp *Datapath) Demote(id uint64, keys [2]splice.Key) (splice.State, error) 
 	return st, nil
 }
 
-// waitPrograms returns once every run of a BPF program that began before
-// it has ended. tc and tcx programs run inside an RCU read-side critical
-// section, and membarrier(MEMBARRIER_CMD_GLOBAL) is a synchronize_rcu (it
-// fails on nohz_full kernels).
+// WaitPrograms returns once every run of a BPF program that began before
+// it has ended, and with it the receive path that ran it: a packet that
+// passed tcx ingress before it was called has been handed on (to
+// netfilter, and a queue) when it returns. tc and tcx programs run
+// inside the RCU read-side critical section of the receive path, and
+// membarrier(MEMBARRIER_CMD_GLOBAL) is a synchronize_rcu (it fails on
+// nohz_full kernels).
+func WaitPrograms() error { return waitPrograms() }
+
 func waitPrograms() error {
 	const membarrierCmdGlobal = 1
 	if _, _, e := unix.Syscall(unix.SYS_MEMBARRIER, membarrierCmdGlobal, 0, 0); e != 0 {

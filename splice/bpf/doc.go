@@ -28,9 +28,10 @@
 //
 // PutFlow promotes a flow (writes its state and tuples), Demote takes it
 // back (removes the tuples, waits out the program runs that may still
-// hold them, returns the state). Not yet: attaching (tcx), pinning, the
-// gateway's use of promotion and demotion, per-flow statistics and idle
-// reports. The differential
+// hold them, returns the state); Attach attaches it at tcx ingress (not
+// pinned: the links go with the process). The gateway promotes and
+// demotes flows (gateway/datapath.go). Not yet: pinning, per-flow
+// statistics. The differential
 // tests (run as root) feed the same packets, flow state and time to the
 // program, through BPF_PROG_TEST_RUN, and to the engine.
 package bpf

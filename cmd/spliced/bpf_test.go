@@ -1,0 +1,237 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"spliced/testnet"
+)
+
+// tcxIngress counts the programs attached at tcx ingress of every
+// interface of the gateway namespace, by interface.
+func tcxIngress(t *testing.T, lab *testnet.Lab) map[string]int {
+	t.Helper()
+	out := map[string]int{}
+	err := lab.Gateway.Do(func() error {
+		ifs, err := net.Interfaces()
+		if err != nil {
+			return err
+		}
+		for _, ifi := range ifs {
+			r, err := link.QueryPrograms(link.QueryOptions{Target: ifi.Index, Attach: ebpf.AttachTCXIngress})
+			if err != nil {
+				return fmt.Errorf("%s: %w", ifi.Name, err)
+			}
+			out[ifi.Name] = len(r.Programs)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// TestLabBPFAttach: with kernel.datapath bpf the program is attached at
+// tcx ingress of every interface but lo, a spliced flow runs on it, and
+// once the daemon is killed (kill -9: no cleanup of its own) nothing is
+// left attached: the links were the process's. `spliced -check` prints
+// what it would attach.
+func TestLabBPFAttach(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	if n := tcxIngress(t, lab); sum(n) != 0 {
+		t.Fatalf("programs attached before the daemon runs: %v", n)
+	}
+	cfg := `
+log:
+  level: debug
+kernel:
+  datapath: bpf
+services:
+  - name: fwd
+    listen: 15001
+    ports: ["5001"]
+    splice:
+      mode: immediate
+`
+	d := testnet.StartDaemon(t, lab, cfg)
+	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "datapath" })
+	if rec == nil || rec["datapath"] != "bpf" {
+		t.Fatalf("datapath log: %v", rec)
+	}
+	t.Logf("datapath: %v on %v (%v)", rec["datapath"], rec["interfaces"], rec["reason"])
+	attached := tcxIngress(t, lab)
+	for name, n := range attached {
+		want := 1
+		if name == "lo" {
+			want = 0
+		}
+		if n != want {
+			t.Errorf("%s: %d programs at tcx ingress, want %d (%v)", name, n, want, attached)
+		}
+	}
+	out, err := d.Run("-config", d.Config, "-check")
+	if err != nil || !strings.Contains(out, "# datapath: bpf") || !strings.Contains(out, "BPF program at tcx ingress of: ") ||
+		!strings.Contains(out, "meta mark & 0x20000000 == 0x20000000 notrack accept") {
+		t.Errorf("spliced -check: %v\n%s", err, out)
+	}
+
+	// The skip rule survives a table repair and a reload.
+	const skip = "meta mark & 0x20000000 == 0x20000000 notrack accept"
+	hasSkip := func(when string) {
+		t.Helper()
+		out, err := lab.Gateway.Run("nft", "list", "chain", "inet", "spliced", "divert")
+		if err != nil || !strings.Contains(out, skip) {
+			t.Fatalf("%s: the divert chain lacks the skip rule: %v\n%s", when, err, out)
+		}
+	}
+	hasSkip("at start")
+	if out, err := lab.Gateway.Run("nft", "delete", "table", "inet", "spliced"); err != nil {
+		t.Fatalf("nft delete table: %v: %s", err, out)
+	}
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "ruleset restored" }); err != nil {
+		t.Fatal(err)
+	}
+	hasSkip("after a repair")
+	more := cfg + "  - name: more\n    listen: 15002\n    ports: [\"5002\"]\n"
+	if err := os.WriteFile(d.Config, []byte(more), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d.Signal(syscall.SIGHUP)
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "configuration reloaded" }); err != nil {
+		t.Fatalf("%v\n%s", err, tail(d.Log(), 10))
+	}
+	hasSkip("after a reload")
+
+	// A flow spliced on the program: bytes both ways.
+	dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)
+	ln, err := lab.Server().Listen(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := lab.Client().Dial(dst, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ln.SetDeadline(time.Now().Add(5 * time.Second))
+	s, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
+		return l["msg"] == "flow spliced" && l["datapath"] == "bpf"
+	}); err != nil {
+		t.Fatalf("%v\n%s", err, tail(d.Log(), 20))
+	}
+	for _, pair := range [][2]*net.TCPConn{{c, s}, {s, c}} {
+		if _, err := pair[0].Write([]byte("hello")); err != nil {
+			t.Fatal(err)
+		}
+		pair[1].SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(pair[1], make([]byte, 5)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := bpfForwarded(t, d); n < 2 {
+		t.Errorf("the program forwarded %d packets", n)
+	}
+
+	d.Kill()
+	if err := testnet.Poll(5*time.Second, func() error {
+		if n := tcxIngress(t, lab); sum(n) != 0 {
+			return fmt.Errorf("programs still attached after kill -9: %v", n)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := d.Run("-cleanup"); err != nil {
+		t.Errorf("spliced -cleanup: %v\n%s", err, out)
+	}
+}
+
+func sum(m map[string]int) int {
+	n := 0
+	for _, v := range m {
+		n += v
+	}
+	return n
+}
+
+func bpfForwarded(t *testing.T, d *testnet.Daemon) uint64 {
+	t.Helper()
+	st, err := d.Client().Status(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range st.Engines {
+		if e.Datapath == "bpf" {
+			return e.BPFVerdicts["forward"]
+		}
+	}
+	t.Fatalf("no engine on the bpf datapath: %+v", st.Engines)
+	return 0
+}
+
+// TestLabBPFAutoFallback: with kernel.datapath auto, a program that cannot
+// attach (the interface does not exist) leaves the flows on NFQUEUE, the
+// log says why, and flows splice as before; bpf refuses to start.
+func TestLabBPFAutoFallback(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	cfg := `
+log:
+  level: debug
+kernel:
+  datapath: %s
+  interfaces: [nosuch0]
+services:
+  - name: fwd
+    listen: 15001
+    ports: ["5001"]
+    splice:
+      mode: bytes
+      bytes: 1MiB
+`
+	d := testnet.StartDaemon(t, lab, fmt.Sprintf(cfg, "auto"))
+	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "datapath" })
+	if rec == nil || rec["datapath"] != "nfqueue" || !strings.HasPrefix(fmt.Sprint(rec["reason"]), "bpf: ") ||
+		!strings.HasSuffix(fmt.Sprint(rec["reason"]), "; using nfqueue") {
+		t.Fatalf("datapath log: %v", rec)
+	}
+	t.Logf("auto: %v", rec["reason"])
+	if n := tcxIngress(t, lab); sum(n) != 0 {
+		t.Errorf("programs attached: %v", n)
+	}
+	if err := d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+
+	file := filepath.Join(t.TempDir(), "bpf.yaml")
+	if err := os.WriteFile(file, []byte(fmt.Sprintf(cfg, "bpf")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := d.Run("-config", file, "-socket", "off")
+	if err == nil || !strings.Contains(out, "kernel.datapath bpf") || !strings.Contains(out, "nosuch0") {
+		t.Fatalf("spliced with datapath bpf and no interface to attach to: %v\n%s", err, out)
+	}
+	if n := tcxIngress(t, lab); sum(n) != 0 {
+		t.Errorf("programs attached after a failed start: %v", n)
+	}
+	if tbl, _ := lab.Gateway.Run("nft", "list", "tables"); strings.Contains(tbl, "spliced") {
+		t.Errorf("a failed start left the table: %s", tbl)
+	}
+}

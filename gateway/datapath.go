@@ -1,0 +1,300 @@
+package gateway
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"spliced/config"
+	"spliced/logging"
+	"spliced/nfq"
+	"spliced/rules"
+	"spliced/splice"
+	"spliced/splice/bpf"
+)
+
+// The kernel datapath (kernel.datapath bpf or auto): the program of
+// package splice/bpf at tcx ingress rewrites established spliced flows.
+// The Go engine stays the reference and the path of every transition:
+// a flow is spliced by the engine as always, then promoted (its state
+// copied into the program's maps); it is demoted (the state read back)
+// before an unsplice, and whenever the program passes one of its packets
+// to the queue (the next request on a watched flow, a layout the program
+// does not handle). The reaper reads the program's state of promoted
+// flows to retire them.
+
+// kernelPath is the loaded and attached program.
+type kernelPath struct {
+	dp *bpf.Datapath
+	at *bpf.Attachment
+	// Counted by the gateway: promotions, promotions that failed (the
+	// flow stays on the Go engine), demotions, and packets of promoted
+	// flows that passed ingress before the flow was promoted and were
+	// dropped (stragglers, see promote).
+	promotions, promoteFailures, demotions, stragglers atomic.Uint64
+}
+
+func (k *kernelPath) close() {
+	if k.at != nil {
+		k.at.Close()
+	}
+	k.dp.Close()
+}
+
+// Interfaces returns the interfaces the bpf datapath attaches to under
+// cfg: kernel.interfaces, or every interface but loopback now present.
+func Interfaces(cfg *config.Config) ([]string, error) {
+	if len(cfg.Kernel.Interfaces) > 0 {
+		return cfg.Kernel.Interfaces, nil
+	}
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return nil, fmt.Errorf("list interfaces: %w", err)
+	}
+	var out []string
+	for _, ifi := range ifs {
+		if ifi.Flags&net.FlagLoopback == 0 {
+			out = append(out, ifi.Name)
+		}
+	}
+	return out, nil
+}
+
+// startDatapath loads and attaches the program when cfg asks for it. With
+// auto, a failure is logged and the flows stay on NFQUEUE.
+func (g *Gateway) startDatapath(cfg *config.Config) error {
+	mode := cfg.Kernel.Datapath
+	if mode == config.DatapathNFQueue || mode == "" {
+		g.log.Info("datapath", "datapath", "nfqueue", logging.KeyReason, "kernel.datapath: nfqueue")
+		return nil
+	}
+	k, ifaces, err := loadKernelPath(cfg)
+	if err != nil {
+		if mode == config.DatapathBPF {
+			return fmt.Errorf("kernel.datapath bpf: %w", err)
+		}
+		g.log.Warn("datapath", "datapath", "nfqueue", logging.KeyReason, "bpf: "+err.Error()+"; using nfqueue")
+		return nil
+	}
+	g.kpath = k
+	g.log.Info("datapath", "datapath", "bpf", "interfaces", strings.Join(ifaces, ","),
+		logging.KeyReason, "kernel.datapath: "+mode+"; the program is attached at tcx ingress",
+		"mark", fmt.Sprintf("0x%x", uint32(config.BPFMark)))
+	return nil
+}
+
+func loadKernelPath(cfg *config.Config) (*kernelPath, []string, error) {
+	ifaces, err := Interfaces(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(ifaces) == 0 {
+		return nil, nil, errors.New("no interface to attach to")
+	}
+	dp, err := bpf.Load(bpf.Options{Mark: config.BPFMark})
+	if err != nil {
+		return nil, nil, err
+	}
+	at, err := dp.Attach(ifaces)
+	if err != nil {
+		dp.Close()
+		return nil, nil, err
+	}
+	return &kernelPath{dp: dp, at: at}, ifaces, nil
+}
+
+// withSkipMark returns m, or a manager whose divert chain skips what the
+// program rewrote when the program runs.
+func (g *Gateway) withSkipMark(m *rules.Manager) *rules.Manager {
+	spec := m.Spec()
+	if g.kpath == nil || !spec.Divert.Enabled || spec.Divert.SkipMark == g.kpath.dp.Mark() {
+		return m
+	}
+	spec.Divert.SkipMark = g.kpath.dp.Mark()
+	return m.WithSpec(spec)
+}
+
+// datapathName says which datapath rewrites new spliced flows.
+func (g *Gateway) datapathName() string {
+	if g.kpath != nil {
+		return "bpf"
+	}
+	return "nfqueue"
+}
+
+// promote hands a spliced flow, just released by the Go engine, to the
+// program.
+//
+// The order, and why no update is lost or applied twice: the entry's
+// lock serializes the copy with the Go engine's processing
+// (splice.Entry.Offload). Every packet the engine processed before is in
+// the state copied; the program's entry is written (PutFlowWatch: state,
+// then both tuples) under the same lock, and from then on the engine
+// refuses the flow's packets (TryProcess). A packet that reaches ingress
+// after the tuples exist is rewritten by the program from that state.
+//
+// A packet that passed ingress before (on its way to the queue, or in
+// it: a straggler) is never processed by the engine, nor forwarded: it
+// is dropped (forwardOffloaded). Forwarded, even rewritten by the program
+// against the live maps, it would come out a queue's depth after packets
+// that arrived later and took the kernel path: under load hundreds of
+// packets, past a receiver's reordering window (the sender retransmits
+// anyway) and near the end of a flow after a socket closed (a reset).
+// Dropped, it is a packet lost before the gateway: the state never saw
+// it, and the sender's retransmission goes through the program like any
+// new packet (in an unsplice's drain too: it is not data the ends must
+// acknowledge before the sockets are rebuilt).
+//
+// Which queued packets are stragglers is exact: after the tuples exist,
+// WaitPrograms waits out every receive path that ran the program before,
+// which queues its packet in the same path; then the queue's last packet
+// ID bounds the stragglers. Later packets of the flow in the queue are
+// ones the program passed on (the next request of a watched flow, a
+// layout it does not handle): the flow goes back to the Go engine for
+// them (reclaim). Until the bound is known, every queued packet of the
+// flow counts as a straggler.
+//
+// A watched flow (the HTTP proxy's) is written with its watch on, so the
+// client's next request is never rewritten by the program. On failure
+// the flow stays on the Go engine, which is always correct.
+func (g *Gateway) promote(sf *splicedFlow) {
+	k := g.kpath
+	if k == nil {
+		return
+	}
+	e := sf.entry
+	sf.stragglersTo.Store(0)
+	err := e.Offload(func(st splice.State) error {
+		return k.dp.PutFlowWatch(e.ID, e.Keys, st, e.Watch.Load())
+	})
+	if err != nil {
+		k.promoteFailures.Add(1)
+		k.dp.DeleteFlow(e.ID, e.Keys)
+		g.log.Warn("promote to the bpf datapath failed; the flow stays on the Go engine", logging.KeyFlow, e.ID, logging.Err(err))
+		return
+	}
+	k.promotions.Add(1)
+	queue := g.manager().Spec().Divert.Queue + sf.queue
+	if err := bpf.WaitPrograms(); err != nil {
+		g.log.Warn("promote: the flow's queued packets are all taken for stragglers", logging.KeyFlow, e.ID, logging.Err(err))
+	} else if ks, err := nfq.ReadKernelStats(); err != nil {
+		g.log.Warn("promote: the flow's queued packets are all taken for stragglers", logging.KeyFlow, e.ID, logging.Err(err))
+	} else {
+		sf.stragglersTo.Store(1<<32 | uint64(ks[queue].IDSequence))
+	}
+	g.log.Debug("flow promoted to the bpf datapath", logging.KeyFlow, e.ID)
+}
+
+// straggler reports whether a queued packet with this ID passed ingress
+// before the flow's program entry existed (see promote).
+func (sf *splicedFlow) straggler(id uint32) bool {
+	to := sf.stragglersTo.Load()
+	return to == 0 || int32(id-uint32(to)) <= 0
+}
+
+// reclaim takes a promoted flow back from the program (demotion): its
+// tuples go, the program runs that may still hold them end, and its
+// state goes back to the engine. The flow's packets meanwhile wait for
+// the entry's lock. It does nothing for a flow on the Go engine.
+func (g *Gateway) reclaim(e *splice.Entry) error {
+	k := g.kpath
+	if k == nil || !e.Offloaded() {
+		return nil
+	}
+	err := e.Reclaim(func() (splice.State, error) { return k.dp.Demote(e.ID, e.Keys) }, time.Now().UnixNano())
+	if err != nil {
+		k.dp.DeleteFlow(e.ID, e.Keys)
+		return fmt.Errorf("demote flow %d from the bpf datapath: %w", e.ID, err)
+	}
+	k.demotions.Add(1)
+	g.log.Debug("flow demoted from the bpf datapath", logging.KeyFlow, e.ID)
+	return nil
+}
+
+// syncOffloaded refreshes the engine's view of every promoted flow from
+// the program's state (splicedMu held), for the reaper and the API.
+func (g *Gateway) syncOffloaded(now time.Time) {
+	k := g.kpath
+	if k == nil {
+		return
+	}
+	for _, sf := range g.spliced {
+		if !sf.entry.Offloaded() {
+			continue
+		}
+		st, err := k.dp.Flow(sf.entry.ID)
+		if err != nil {
+			continue // demoted meanwhile, or gone
+		}
+		sf.entry.SetSnapshot(st, now.UnixNano())
+	}
+}
+
+// retireOffloaded removes a retired flow's program entry.
+func (g *Gateway) retireOffloaded(sf *splicedFlow) {
+	if k := g.kpath; k != nil && sf.entry.Offloaded() {
+		if err := k.dp.DeleteFlow(sf.entry.ID, sf.entry.Keys); err != nil {
+			g.log.Error("remove the bpf datapath's entry", logging.KeyFlow, sf.entry.ID, logging.Err(err))
+		}
+	}
+}
+
+// forwardOffloaded handles a queued packet of a promoted flow: a
+// straggler is dropped (see promote); a packet the program passed on is
+// the Go engine's: the flow is taken back (reclaim) and done is false,
+// for the caller to process the packet with the engine.
+func (g *Gateway) forwardOffloaded(e *splice.Entry, np *nfq.Packet) (dec nfq.Decision, done bool) {
+	k := g.kpath
+	g.splicedMu.Lock()
+	sf := g.spliced[e.ID]
+	g.splicedMu.Unlock()
+	if sf == nil || sf.straggler(np.ID) {
+		k.stragglers.Add(1)
+		return nfq.Drop, true
+	}
+	if err := g.reclaim(e); err != nil {
+		g.log.Warn("packet passed on by the bpf datapath", logging.KeyFlow, e.ID, logging.Err(err))
+		return nfq.Drop, true
+	}
+	return 0, false
+}
+
+// bpfVerdictName names the program's counter i.
+func bpfVerdictName(i int) string {
+	switch i {
+	case bpf.CounterPass:
+		return "pass"
+	case bpf.CounterError:
+		return "error"
+	}
+	return splice.Verdict(i).String()
+}
+
+// bpfCounters returns the program's per-verdict packet counts by name, or
+// nil without the program.
+func (g *Gateway) bpfCounters() map[string]uint64 {
+	k := g.kpath
+	if k == nil {
+		return nil
+	}
+	c, err := k.dp.Counters()
+	if err != nil {
+		return nil
+	}
+	out := map[string]uint64{}
+	for i, n := range c {
+		out[bpfVerdictName(i)] = n
+	}
+	return out
+}
+
+// datapathOf names the datapath a spliced flow is on.
+func datapathOf(e *splice.Entry) string {
+	if e.Offloaded() {
+		return "bpf"
+	}
+	return "nfqueue"
+}

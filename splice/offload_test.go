@@ -1,0 +1,83 @@
+package splice
+
+import (
+	"errors"
+	"testing"
+)
+
+// TestEntryOffload: while a flow is offloaded the engine refuses its
+// packets and changes nothing; Offload hands over the state every
+// processed packet left, Reclaim takes another datapath's state back
+// (counting the stream bytes it moved), and a failed put or get leaves
+// the flow where it was.
+func TestEntryOffload(t *testing.T) {
+	f := newFixture(t, false, true)
+	e := f.e
+	data := func(seq uint32, n int) []byte {
+		s := f.c2s(seq, 0xfffffff0, FlagACK)
+		s.opts, s.payload = tsOpt(10, 900000), make([]byte, n)
+		return s.bytes()
+	}
+	var p Packet
+	if p.Parse(data(1000, 100)) != OK {
+		t.Fatal("parse")
+	}
+	if v, ok := e.TryProcess(&p, C2S, 1, true); !ok || v != Forward {
+		t.Fatalf("TryProcess before offload: %v %v", v, ok)
+	}
+	if err := e.Offload(func(State) error { return errors.New("no") }); err == nil || e.Offloaded() {
+		t.Fatalf("a failed put offloaded the flow (%v)", err)
+	}
+	var handed State
+	if err := e.Offload(func(s State) error { handed = s; return nil }); err != nil || !e.Offloaded() {
+		t.Fatalf("offload: %v", err)
+	}
+	if handed != stateOf(e) || handed.Dirs[C2S].SndNxt != 1100 {
+		t.Fatalf("handed state %+v, want the engine's with snd_nxt 1100", handed.Dirs[C2S])
+	}
+	if err := e.Offload(func(State) error { return nil }); err == nil {
+		t.Fatal("offloaded twice")
+	}
+	before := e.Snapshot()
+	if p.Parse(data(1100, 100)) != OK {
+		t.Fatal("parse")
+	}
+	if _, ok := e.TryProcess(&p, C2S, 2, true); ok {
+		t.Fatal("TryProcess processed a packet of an offloaded flow")
+	}
+	if e.Snapshot() != before {
+		t.Fatal("a refused packet changed the state")
+	}
+	// The other datapath forwarded 300 more bytes.
+	moved := handed
+	moved.Dirs[C2S].SndNxt = 1400
+	e.SetSnapshot(moved, 3)
+	if st := e.Stats(); st[C2S].Bytes != 400 {
+		t.Fatalf("bytes after the snapshot: %d, want 400", st[C2S].Bytes)
+	}
+	if err := e.Reclaim(func() (State, error) { return State{}, errors.New("no") }, 4); err == nil || !e.Offloaded() {
+		t.Fatalf("a failed get reclaimed the flow (%v)", err)
+	}
+	moved.Dirs[C2S].SndNxt = 1500
+	if err := e.Reclaim(func() (State, error) { return moved, nil }, 5); err != nil || e.Offloaded() {
+		t.Fatalf("reclaim: %v", err)
+	}
+	if stateOf(e) != moved || e.Stats()[C2S].Bytes != 500 {
+		t.Fatalf("after reclaim: state %+v bytes %d", stateOf(e).Dirs[C2S], e.Stats()[C2S].Bytes)
+	}
+	e.SetSnapshot(handed, 6) // ignored: the engine runs the flow again
+	if stateOf(e) != moved {
+		t.Fatal("SetSnapshot changed a flow the engine runs")
+	}
+	if p.Parse(data(1500, 100)) != OK {
+		t.Fatal("parse")
+	}
+	if v, ok := e.TryProcess(&p, C2S, 7, true); !ok || v != Forward || e.HighestSeq(C2S) != 1600 {
+		t.Fatalf("TryProcess after reclaim: %v %v, highest %d", v, ok, e.HighestSeq(C2S))
+	}
+}
+
+func stateOf(e *Entry) State {
+	f := e.Snapshot()
+	return f.State()
+}

@@ -157,21 +157,28 @@ func measureGateway(env *Env, g gateway, opt *Options) ConfigResult {
 				add("cpu_s_per_gb", cpu.Seconds()/gb, nil)
 			}
 		}
-		fmt.Fprintf(opt.Log, "   repetition %d: %s\n", rep, summary(samples))
+		fmt.Fprintf(opt.Log, "   repetition %d: %s\n", rep, summary(Metrics, samples))
 	}
+	res.finish(samples)
+	return res
+}
+
+// finish turns the repetitions' samples into statistics; an error of a
+// metric measured at least once is dropped.
+func (res *ConfigResult) finish(samples map[string][]float64) {
 	for k, v := range samples {
 		res.Metrics[k] = NewStat(v)
-		delete(res.Errors, k) // measured at least once
+		delete(res.Errors, k)
 	}
 	if len(res.Errors) == 0 {
 		res.Errors = nil
 	}
-	return res
 }
 
-func summary(samples map[string][]float64) string {
+// summary is one repetition's last sample of each metric, for the log.
+func summary(metrics []Metric, samples map[string][]float64) string {
 	var parts []string
-	for _, m := range Metrics {
+	for _, m := range metrics {
 		if v := samples[m.Key]; len(v) > 0 {
 			parts = append(parts, fmt.Sprintf("%s=%s", m.Key, num(v[len(v)-1])))
 		}

@@ -136,26 +136,10 @@ func measureSOCKS(env *Env, s socksServer, opt *Options) ConfigResult {
 		if err == nil && gbps > 0 {
 			add("cpu_s_per_gb", cpu.Seconds()/(gbps*opt.Measure.Seconds()/8), nil)
 		}
-		fmt.Fprintf(opt.Log, "   repetition %d: %s\n", rep, socksSummary(samples))
+		fmt.Fprintf(opt.Log, "   repetition %d: %s\n", rep, summary(SOCKSMetrics, samples))
 	}
-	for k, v := range samples {
-		res.Metrics[k] = NewStat(v)
-		delete(res.Errors, k) // measured at least once
-	}
-	if len(res.Errors) == 0 {
-		res.Errors = nil
-	}
+	res.finish(samples)
 	return res
-}
-
-func socksSummary(samples map[string][]float64) string {
-	var parts []string
-	for _, m := range SOCKSMetrics {
-		if v := samples[m.Key]; len(v) > 0 {
-			parts = append(parts, fmt.Sprintf("%s=%s", m.Key, num(v[len(v)-1])))
-		}
-	}
-	return strings.Join(parts, " ")
 }
 
 // socksConnect does a SOCKS5 CONNECT to dst on c, a fresh connection to

@@ -17,11 +17,15 @@ packets of each of these kinds:
 
 and COUNT/10 of
 
-  rst_in_window  RST with a sequence number 200000-400000 past the
+  rst_in_window  RST with a sequence number 16384-400000 past the
                  current one (learned again every 10 packets): in the
                  window of a busy flow (but not at rcv_nxt), so the
                  receiver must answer with a challenge ACK and keep the
-                 connection (RFC 5961 3.2)
+                 connection (RFC 5961 3.2). The spread covers a fast
+                 flow, which moves past small offsets before they
+                 arrive, and a slow one (a gateway under the race
+                 detector), whose receive window is smaller than the
+                 large offsets.
 
 It prints one JSON line: the counts sent per kind.
 """
@@ -57,7 +61,7 @@ def main():
         for i in range(count // 10):
             if i % 10 == 0:
                 seq, ack = current()
-            s.send(ip / TCP(sport=sport, dport=dport, flags="R", seq=(seq + random.randint(200000, 400000)) % 2**32))
+            s.send(ip / TCP(sport=sport, dport=dport, flags="R", seq=(seq + random.randint(16384, 400000)) % 2**32))
         sent["ack"] = count
         for i in range(count):
             if i % 25 == 0:

@@ -318,13 +318,6 @@ func TestLabHTTPKeepAlive(t *testing.T) {
 func TestLabHTTPPipelined(t *testing.T) {
 	for _, mode := range bpfModes {
 		t.Run(mode, func(t *testing.T) {
-			if mode == "splice-bpf" && os.Getenv(testnet.RaceEnv) != "" {
-				// Open defect of the opt-in bpf datapath (README, kernel
-				// datapath): once in 8 runs under the race detector the
-				// rest of a response unspliced mid-way never reached the
-				// client. Without -race this case runs in make test.
-				t.Skip("known stall on the bpf datapath under -race (unsplice mid-response); see the README's kernel datapath section")
-			}
 			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
 			if dir := os.Getenv("SPLICED_CAPTURE"); dir != "" {
 				stop, err := hl.lab.Client().Capture("eth0", dir+"client.pcap", "tcp port 80")

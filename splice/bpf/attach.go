@@ -6,47 +6,125 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 )
 
 // Attachment is the program attached at tcx ingress of some interfaces.
-// The links are not pinned: they belong to the process and go away with
-// it, however it ends (the kernel drops a tcx link when its last file
-// descriptor closes).
+// Without a pin directory the links belong to the process and go away
+// with it, however it ends (the kernel drops a tcx link when its last
+// file descriptor closes). With one (Options.PinDir) they are pinned
+// there and stay attached after the process ends, until Detach or
+// RemovePins.
 type Attachment struct {
-	links []link.Link
-	names []string
+	links  []link.Link
+	names  []string
+	pinDir string
+	// Updated are the interfaces whose pinned link an earlier daemon
+	// left and Attach moved to this program; Dropped the pinned links of
+	// interfaces no longer attached to (their interface is gone, or not
+	// in the list), which Attach detached.
+	Updated, Dropped []string
 }
 
 // Attach attaches the program at tcx ingress of every named interface,
 // after the programs already there (it returns TCX_NEXT, so those after
-// it run too). On error nothing stays attached.
+// it run too). With a pin directory, a link pinned there for the
+// interface is moved to this program (link update: the program is
+// replaced in place, no packet sees neither), new links are pinned, and
+// pinned links of other interfaces are detached. On error nothing this
+// call attached stays attached (links it updated keep this program:
+// both programs share the maps).
 func (dp *Datapath) Attach(ifaces []string) (*Attachment, error) {
-	a := &Attachment{}
+	a := &Attachment{pinDir: dp.pinDir}
+	fail := func(err error) (*Attachment, error) {
+		for i, l := range a.links {
+			if !slices.Contains(a.Updated, a.names[i]) {
+				l.Unpin()
+			}
+			l.Close()
+		}
+		a.links, a.names = nil, nil
+		return nil, err
+	}
 	for _, name := range ifaces {
 		ifi, err := net.InterfaceByName(name)
 		if err != nil {
-			a.Close()
-			return nil, fmt.Errorf("interface %s: %w", name, err)
+			return fail(fmt.Errorf("interface %s: %w", name, err))
+		}
+		if l := dp.updatePinned(ifi); l != nil {
+			a.links = append(a.links, l)
+			a.names = append(a.names, name)
+			a.Updated = append(a.Updated, name)
+			continue
 		}
 		l, err := link.AttachTCX(link.TCXOptions{Interface: ifi.Index, Program: dp.objs.SpliceRewrite,
 			Attach: ebpf.AttachTCXIngress, Anchor: link.Tail()})
 		if err != nil {
-			a.Close()
-			return nil, fmt.Errorf("tcx attach at ingress of %s: %w", name, err)
+			return fail(fmt.Errorf("tcx attach at ingress of %s: %w", name, err))
+		}
+		if dp.pinDir != "" {
+			if err := l.Pin(linkPin(dp.pinDir, name)); err != nil {
+				l.Close()
+				return fail(fmt.Errorf("pin the tcx link of %s: %w", name, err))
+			}
 		}
 		a.links = append(a.links, l)
 		a.names = append(a.names, name)
 	}
+	if dp.pinDir != "" {
+		ents, _ := os.ReadDir(dp.pinDir)
+		for _, e := range ents {
+			name, ok := strings.CutPrefix(e.Name(), pinLinkPrefix)
+			if !ok || slices.Contains(a.names, name) {
+				continue
+			}
+			os.Remove(filepath.Join(dp.pinDir, e.Name())) // detaches it: nothing else holds it
+			a.Dropped = append(a.Dropped, name)
+		}
+	}
 	return a, nil
+}
+
+func linkPin(dir, iface string) string { return filepath.Join(dir, pinLinkPrefix+iface) }
+
+// updatePinned moves the link pinned for ifi to this program, and returns
+// it; nil when there is none, or it cannot be reused (attached elsewhere:
+// the interface was recreated; defunct), which is then removed.
+func (dp *Datapath) updatePinned(ifi *net.Interface) link.Link {
+	if dp.pinDir == "" {
+		return nil
+	}
+	path := linkPin(dp.pinDir, ifi.Name)
+	l, err := link.LoadPinnedLink(path, nil)
+	if err != nil {
+		os.Remove(path)
+		return nil
+	}
+	info, err := l.Info()
+	if err == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifi.Index && ebpf.AttachType(info.TCX().AttachType) == ebpf.AttachTCXIngress {
+		err = l.Update(dp.objs.SpliceRewrite)
+	} else if err == nil {
+		err = errors.New("attached elsewhere")
+	}
+	if err != nil {
+		l.Unpin()
+		l.Close()
+		return nil
+	}
+	return l
 }
 
 // Interfaces are the interfaces the program is attached to.
 func (a *Attachment) Interfaces() []string { return a.names }
 
-// Close detaches the program everywhere.
+// Close releases the links: unpinned ones are detached, pinned ones stay
+// attached (Detach detaches them too).
 func (a *Attachment) Close() error {
 	var errs []error
 	for _, l := range a.links {
@@ -56,6 +134,19 @@ func (a *Attachment) Close() error {
 	}
 	a.links, a.names = nil, nil
 	return errors.Join(errs...)
+}
+
+// Detach unpins the links and detaches the program everywhere.
+func (a *Attachment) Detach() error {
+	var errs []error
+	for _, l := range a.links {
+		if a.pinDir != "" {
+			if err := l.Unpin(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(append(errs, a.Close())...)
 }
 
 // Mark is the mark bit the program sets on what it rewrote.

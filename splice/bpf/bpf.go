@@ -35,6 +35,10 @@ const (
 type Options struct {
 	// Mark is ORed into skb->mark of rewritten packets (DefaultMark when 0).
 	Mark uint32
+	// PinDir, when set, is a directory in a bpf file system where the
+	// maps (and, by Attach, the links) are pinned, or found pinned by an
+	// earlier daemon and reused (see pin.go).
+	PinDir string
 	// fakeClock makes the program read its clock from the fake_now
 	// variable (setNow): the tests give both engines the same time.
 	fakeClock bool
@@ -47,13 +51,30 @@ type Datapath struct {
 	// clockOffset converts the program's clock (CLOCK_BOOTTIME) to unix
 	// nanoseconds: unix = prog + clockOffset. 0 with the fake clock.
 	clockOffset int64
+	// meta holds the gateway's record of each flow (SetMeta).
+	meta *ebpf.Map
+	// pinDir is Options.PinDir; reused: the pinned maps existed.
+	pinDir string
+	reused bool
 }
 
-// Load loads the program and creates its maps.
+// Load loads the program and creates its maps, or, with Options.PinDir,
+// reuses the maps pinned there (Reused). Pins it cannot reuse are not
+// touched: it returns an *IncompatibleError.
 func Load(opts Options) (*Datapath, error) {
 	spec, err := loadRewrite()
 	if err != nil {
 		return nil, err
+	}
+	var collOpts ebpf.CollectionOptions
+	var layout [32]byte
+	var netns uint64
+	var reused bool
+	if opts.PinDir != "" {
+		if reused, layout, netns, err = loadPinned(spec, opts.PinDir); err != nil {
+			return nil, err
+		}
+		collOpts.Maps.PinPath = opts.PinDir
 	}
 	mark := opts.Mark
 	if mark == 0 {
@@ -67,13 +88,25 @@ func Load(opts Options) (*Datapath, error) {
 			return nil, err
 		}
 	}
-	dp := &Datapath{mark: mark}
-	if err := spec.LoadAndAssign(&dp.objs, nil); err != nil {
+	dp := &Datapath{mark: mark, pinDir: opts.PinDir, reused: reused}
+	if err := spec.LoadAndAssign(&dp.objs, &collOpts); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("load splice program: %+v", ve)
 		}
+		if errors.Is(err, ebpf.ErrMapIncompatible) {
+			return nil, &IncompatibleError{Dir: opts.PinDir, Reason: err.Error()}
+		}
 		return nil, fmt.Errorf("load splice program: %w", err)
+	}
+	if opts.PinDir != "" {
+		err = dp.finishPins(layout, netns)
+	} else {
+		dp.meta, err = ebpf.NewMap(metaSpec())
+	}
+	if err != nil {
+		dp.Close()
+		return nil, err
 	}
 	if !opts.fakeClock {
 		dp.clockOffset, err = bootClockOffset()
@@ -96,8 +129,13 @@ func bootClockOffset() (int64, error) {
 	return real.Nano() - boot.Nano(), nil
 }
 
-// Close releases the program and the maps.
-func (dp *Datapath) Close() error { return dp.objs.Close() }
+// Close releases the program and the maps (pinned ones stay pinned).
+func (dp *Datapath) Close() error {
+	if dp.meta != nil {
+		dp.meta.Close()
+	}
+	return dp.objs.Close()
+}
 
 // Program is the tc/tcx ingress program.
 func (dp *Datapath) Program() *ebpf.Program { return dp.objs.SpliceRewrite }
@@ -276,6 +314,9 @@ func (dp *Datapath) Demote(id uint64, keys [2]splice.Key) (splice.State, error) 
 	if err := dp.objs.SpliceFlows.Delete(id); err != nil {
 		return splice.State{}, fmt.Errorf("flow %d: %w", id, err)
 	}
+	if err := dp.deleteMeta(id); err != nil {
+		return splice.State{}, err
+	}
 	return st, nil
 }
 
@@ -306,6 +347,9 @@ func (dp *Datapath) DeleteFlow(id uint64, keys [2]splice.Key) error {
 		}
 	}
 	if err := dp.objs.SpliceFlows.Delete(id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		errs = append(errs, err)
+	}
+	if err := dp.deleteMeta(id); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)

@@ -28,10 +28,13 @@
 //
 // PutFlow promotes a flow (writes its state and tuples), Demote takes it
 // back (removes the tuples, waits out the program runs that may still
-// hold them, returns the state); Attach attaches it at tcx ingress (not
-// pinned: the links go with the process). The gateway promotes and
-// demotes flows (gateway/datapath.go). Not yet: pinning, per-flow
-// statistics. The differential
+// hold them, returns the state); Attach attaches it at tcx ingress. With
+// Options.PinDir (a bpffs directory) the maps and links are pinned and
+// outlive the process: the kernel keeps rewriting the flows, and the next
+// Load reuses the maps, Attach moves the links to the new program, and
+// PinnedFlows lists the flows to adopt; RemovePins ends it (pin.go).
+// The gateway promotes, demotes and adopts flows (gateway/datapath.go,
+// gateway/adopt.go). Not yet: per-flow statistics. The differential
 // tests (run as root) feed the same packets, flow state and time to the
 // program, through BPF_PROG_TEST_RUN, and to the engine.
 package bpf

@@ -1,0 +1,255 @@
+//go:build linux && (386 || amd64 || arm || arm64 || loong64 || mips64le || mipsle || ppc64le || riscv64)
+
+package bpf
+
+import (
+	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"golang.org/x/sys/unix"
+
+	. "spliced/splice"
+)
+
+// bpffs mounts a private bpf file system for a test and unmounts it
+// (freeing whatever is still pinned) at the end.
+func bpffs(t *testing.T) string {
+	t.Helper()
+	requireRoot(t)
+	root := t.TempDir()
+	if err := MountBPFFS(root); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(root, unix.MNT_DETACH); err != nil {
+			t.Error(err)
+		}
+	})
+	if !IsBPFFS(root) {
+		t.Fatal("MountBPFFS did not mount a bpf file system")
+	}
+	if err := MountBPFFS(root); err != nil { // mounted already: nothing to do
+		t.Fatal(err)
+	}
+	return root
+}
+
+// inNetNS runs fn on a thread of its own in a new network namespace
+// (lo, down, is its only interface), so that the links it attaches touch nothing of the
+// host; the thread is discarded after.
+func inNetNS(t *testing.T, fn func()) {
+	t.Helper()
+	done := make(chan struct{})
+	var failed error
+	go func() {
+		defer close(done)
+		runtime.LockOSThread() // never unlocked: the thread dies with the namespace
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			failed = err
+			return
+		}
+		fn()
+	}()
+	<-done
+	if failed != nil {
+		t.Fatal(failed)
+	}
+}
+
+// attachedIDs are the programs at tcx ingress of lo.
+func attachedIDs(t *testing.T) []ebpf.ProgramID {
+	t.Helper()
+	r, err := link.QueryPrograms(link.QueryOptions{Target: 1, Attach: ebpf.AttachTCXIngress})
+	if err != nil {
+		t.Error(err)
+		return nil
+	}
+	var ids []ebpf.ProgramID
+	for _, p := range r.Programs {
+		ids = append(ids, p.ID)
+	}
+	return ids
+}
+
+func progID(t *testing.T, dp *Datapath) ebpf.ProgramID {
+	t.Helper()
+	info, err := dp.Program().Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	return id
+}
+
+// TestPinReuse: a daemon's pinned maps and link outlive it (its file
+// descriptors closed, as a kill -9 closes them): the program stays
+// attached and the flow's state stays. The next Load reuses the maps and
+// finds the flow (state, tuples, watch, meta), and Attach moves the
+// pinned link to the new program in place. Pins of another layout or
+// another network namespace are refused, and RemovePins detaches and
+// frees everything.
+func TestPinReuse(t *testing.T) {
+	root := bpffs(t)
+	dir := PinDir(root, "lab")
+	r := rand.New(rand.NewPCG(3, 4))
+	now := time.Now().UnixNano()
+	keys := [2]Key{KeyFrom(cAddr4, sAddr4), KeyFrom(sAddr4, gAddr4)}
+	st := randomState(r, now)
+	for d := range st.Dirs {
+		st.Dirs[d].WSIn, st.Dirs[d].WSOut = 7, 9
+	}
+	inNetNS(t, func() {
+		// The first daemon.
+		dp1, err := Load(Options{PinDir: dir})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		if dp1.Reused() {
+			t.Error("a first Load reports reused pins")
+		}
+		if err := dp1.PutFlowWatch(42, keys, st, true); err != nil {
+			t.Error(err)
+		}
+		if err := dp1.SetMeta(42, []byte(`{"service":"web"}`)); err != nil {
+			t.Error(err)
+		}
+		if err := dp1.PutFlow(43, keys, st); err != nil { // shares the tuples: 43 loses them
+			t.Error(err)
+		}
+		if err := dp1.PutFlowWatch(42, keys, st, true); err != nil {
+			t.Error(err)
+		}
+		at1, err := dp1.Attach([]string{"lo"})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		first := progID(t, dp1)
+		// kill -9: the process's descriptors close.
+		at1.Close()
+		dp1.Close()
+		if ids := attachedIDs(t); len(ids) != 1 || ids[0] != first {
+			t.Errorf("after the first daemon's end: programs %v at ingress of lo, want [%d]", ids, first)
+		}
+
+		// The second daemon.
+		dp2, err := Load(Options{PinDir: dir})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer dp2.Close()
+		if !dp2.Reused() {
+			t.Error("the pinned maps were not reused")
+		}
+		flows, broken, err := dp2.PinnedFlows()
+		if err != nil {
+			t.Error(err)
+		}
+		if len(flows) != 1 || len(broken) != 1 || broken[0] != 43 {
+			t.Errorf("pinned flows %+v, broken %v; want flow 42, broken 43", flows, broken)
+		} else if f := flows[0]; f.ID != 42 || f.Keys != keys || !f.Watch || !sameState(f.State, st) || string(f.Meta) != `{"service":"web"}` {
+			t.Errorf("pinned flow %+v, want keys %v, watched, state %+v and its meta", f, keys, st)
+		}
+		at2, err := dp2.Attach([]string{"lo"})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		second := progID(t, dp2)
+		if len(at2.Updated) != 1 || at2.Updated[0] != "lo" {
+			t.Errorf("Attach updated %v, want the pinned link of lo", at2.Updated)
+		}
+		if ids := attachedIDs(t); len(ids) != 1 || ids[0] != second || second == first {
+			t.Errorf("after the update: programs %v at ingress of lo, want only the new one %d (old %d)", ids, second, first)
+		}
+		at2.Close()
+		if ids := attachedIDs(t); len(ids) != 1 {
+			t.Errorf("closing a pinned link detached it: %v", ids)
+		}
+
+		// Another layout: refused, not touched.
+		lm, err := ebpf.LoadPinnedMap(filepath.Join(dir, pinLayout), nil)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		var lv layoutValue
+		lm.Lookup(uint32(0), &lv)
+		good := lv
+		lv.Layout[0] ^= 1
+		lm.Put(uint32(0), lv)
+		var ie *IncompatibleError
+		if _, err := Load(Options{PinDir: dir}); !errors.As(err, &ie) || ie.OtherNetNS {
+			t.Errorf("Load over pins of another layout: %v", err)
+		}
+		if _, err := OpenPinned(dir); !errors.As(err, &ie) {
+			t.Errorf("OpenPinned over pins of another layout: %v", err)
+		}
+		lm.Put(uint32(0), good)
+		lm.Close()
+		op, err := OpenPinned(dir)
+		if err != nil || op == nil {
+			t.Errorf("OpenPinned: %v", err)
+		} else {
+			if flows, _, err := op.PinnedFlows(); err != nil || len(flows) != 1 {
+				t.Errorf("OpenPinned: flows %+v, %v", flows, err)
+			}
+			op.Close()
+		}
+		t.Logf("pinned: %v", ls(dir))
+	})
+
+	// From another network namespace: refused.
+	var ie *IncompatibleError
+	if _, err := Load(Options{PinDir: dir}); !errors.As(err, &ie) || !ie.OtherNetNS {
+		t.Errorf("Load from another network namespace: %v", err)
+	}
+	if err := RemovePins(dir); err != nil {
+		t.Fatal(err)
+	}
+	if HasPins(dir) || exists(dir) || exists(filepath.Dir(dir)) {
+		t.Errorf("RemovePins left %v", ls(root))
+	}
+	if dp, err := OpenPinned(dir); dp != nil || err != nil {
+		t.Errorf("OpenPinned without pins: %v, %v", dp, err)
+	}
+}
+
+// sameState compares states whose times went through two daemons' clock
+// conversions (each samples CLOCK_BOOTTIME against CLOCK_REALTIME): equal
+// but for times, which may differ by a millisecond.
+func sameState(a, b State) bool {
+	near := func(x, y *int64) bool {
+		ok := *x-*y < 1e6 && *y-*x < 1e6
+		*x, *y = 0, 0
+		return ok
+	}
+	ok := near(&a.LastSeen, &b.LastSeen)
+	for d := range a.Dirs {
+		ok = near(&a.Dirs[d].FINAt, &b.Dirs[d].FINAt) && ok
+	}
+	return ok && a == b
+}
+
+func exists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+func ls(dir string) []string {
+	var out []string
+	filepath.WalkDir(dir, func(p string, _ os.DirEntry, _ error) error {
+		out = append(out, p)
+		return nil
+	})
+	return out
+}

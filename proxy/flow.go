@@ -167,6 +167,25 @@ func (t *FlowTable) Admit(f *Flow) bool {
 	return true
 }
 
+// Adopt adds a flow that keeps the ID it was given (a spliced flow a
+// restarted daemon found in the kernel), even above the cap; IDs handed
+// out later are above it.
+func (t *FlowTable) Adopt(f *Flow) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if f.ID == 0 || t.flows[f.ID] != nil {
+		return false
+	}
+	for {
+		n := t.nextID.Load()
+		if n >= f.ID || t.nextID.CompareAndSwap(n, f.ID) {
+			break
+		}
+	}
+	t.flows[f.ID] = f
+	return true
+}
+
 // Remove drops f from the table.
 func (t *FlowTable) Remove(f *Flow) {
 	t.mu.Lock()

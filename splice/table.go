@@ -239,6 +239,28 @@ func (t *Table) Add(id uint64, p *Params, now int64) (*Entry, error) {
 	return e, nil
 }
 
+// Adopt inserts a flow that another datapath holds (offloaded: the
+// engine refuses its packets until Reclaim) from that datapath's state:
+// a flow a restarted daemon finds in the kernel's maps. Its stats start
+// at zero.
+func (t *Table) Adopt(id uint64, keys [2]Key, st State, now int64) (*Entry, error) {
+	e := &Entry{ID: id, Keys: keys, flow: FlowFromState(st), offloaded: true}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if keys[C2S] == keys[S2C] {
+		return nil, fmt.Errorf("both directions have the tuple %v", keys[C2S])
+	}
+	for _, k := range keys {
+		if old, ok := t.m[k]; ok {
+			return nil, fmt.Errorf("tuple %v already belongs to spliced flow %d", k, old.ID)
+		}
+	}
+	e.stats[C2S].ProgressAt, e.stats[S2C].ProgressAt = now, now
+	t.m[keys[C2S]] = e
+	t.m[keys[S2C]] = e
+	return e, nil
+}
+
 // Lookup finds the flow of a packet key and the direction it travels.
 func (t *Table) Lookup(k Key) (*Entry, Dir, bool) {
 	t.mu.RLock()

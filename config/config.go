@@ -102,6 +102,11 @@ type Kernel struct {
 	// appear later are not attached to: their spliced packets go through
 	// NFQUEUE as with nfqueue).
 	Interfaces []string `yaml:"interfaces"`
+	// BPFFS is where a bpf file system is mounted (default /sys/fs/bpf;
+	// spliced mounts one there if none is). The bpf datapath pins its
+	// maps and links in BPFFS/spliced/TABLE, so that spliced flows
+	// outlive the daemon and the next one adopts them.
+	BPFFS string `yaml:"bpffs"`
 }
 
 // Datapath values.
@@ -341,6 +346,7 @@ const (
 	DefaultDivertTimeout  = 24 * time.Hour
 	DefaultDrainTimeout   = 5 * time.Second
 	DefaultStallAfter     = 15 * time.Second
+	DefaultBPFFS          = "/sys/fs/bpf"
 )
 
 func (c *Config) applyDefaults() {
@@ -358,6 +364,7 @@ func (c *Config) applyDefaults() {
 	SetDefault(&c.Kernel.DivertTimeout, Duration(DefaultDivertTimeout))
 	SetDefault(&c.Kernel.NFQueue, "lean")
 	SetDefault(&c.Kernel.Datapath, DatapathNFQueue)
+	SetDefault(&c.Kernel.BPFFS, DefaultBPFFS)
 	SetDefault(&c.Kernel.Repair, "on")
 	SetDefault(&c.Control.Socket, "/run/spliced/spliced.sock")
 	if c.Control.Socket == "off" {

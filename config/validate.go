@@ -3,6 +3,7 @@ package config
 import (
 	"fmt"
 	"net/netip"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"time"
@@ -73,6 +74,9 @@ func (c *Config) validate(idx *keyIndex) error {
 	}
 	if len(c.Kernel.Interfaces) > 0 && c.Kernel.Datapath == DatapathNFQueue {
 		bad("kernel.interfaces", fmt.Sprint(c.Kernel.Interfaces), "needs kernel.datapath bpf or auto (the nfqueue datapath attaches nothing)")
+	}
+	if !filepath.IsAbs(c.Kernel.BPFFS) || filepath.Clean(c.Kernel.BPFFS) != c.Kernel.BPFFS {
+		bad("kernel.bpffs", c.Kernel.BPFFS, "is not a clean absolute path; use the mount point of a bpf file system such as /sys/fs/bpf (default)")
 	}
 	if c.Kernel.DivertTimeout.D() < time.Second {
 		bad("kernel.divert_timeout", c.Kernel.DivertTimeout.D().String(), "is too short: live flows' entries are refreshed every third of it; use at least 1s (default %v)", DefaultDivertTimeout)

@@ -142,6 +142,10 @@ type Flow struct {
 	// engine) or "bpf" (the kernel program; packet counts are then not
 	// kept per flow).
 	Datapath string `json:"datapath,omitempty"`
+	// Adopted: spliced by an earlier daemon and adopted from the bpf
+	// datapath's pinned maps when this one started; no proxy owns it,
+	// so it cannot be unspliced.
+	Adopted bool `json:"adopted,omitempty"`
 }
 
 // Direction is the splice engine's state of one direction of a flow.

@@ -323,6 +323,9 @@ func (c *cli) printFlow(f *api.Flow) error {
 	if f.Datapath != "" {
 		fmt.Fprintf(w, "datapath\t%s\n", f.Datapath)
 	}
+	if f.Adopted {
+		fmt.Fprintf(w, "adopted\tafter a restart, from the bpf datapath's pins (no proxy owns it: it cannot be unspliced)\n")
+	}
 	fmt.Fprintf(w, "packets since splice\t%d client->server, %d server->client\n", f.PacketsC2S, f.PacketsS2C)
 	fmt.Fprintf(w, "age\t%s (since %s)\n", time.Duration(f.AgeSec*float64(time.Second)).Round(time.Millisecond), f.Started.Format(time.RFC3339))
 	if f.SplicedAt != nil {

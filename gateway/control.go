@@ -200,6 +200,7 @@ func describeFlow(f *proxy.Flow, sf *splicedFlow) api.Flow {
 		af.PacketsC2S, af.PacketsS2C = s[splice.C2S].Packets, s[splice.S2C].Packets
 		af.Engine = engineState(sf, time.Now())
 		af.Datapath = datapathOf(sf.entry)
+		af.Adopted = sf.adopted
 	}
 	return af
 }

@@ -37,11 +37,24 @@ type kernelPath struct {
 	promotions, promoteFailures, demotions, stragglers atomic.Uint64
 }
 
-func (k *kernelPath) close() {
+// close releases the program. Pinned, it stays attached with its maps
+// (the flows keep being rewritten; the next daemon adopts them) unless
+// remove: then the links are detached and the pins removed.
+func (k *kernelPath) close(remove bool) error {
+	var errs []error
 	if k.at != nil {
-		k.at.Close()
+		if remove {
+			errs = append(errs, k.at.Detach())
+		} else {
+			errs = append(errs, k.at.Close())
+		}
 	}
-	k.dp.Close()
+	dir := k.dp.PinDir()
+	errs = append(errs, k.dp.Close())
+	if remove && dir != "" {
+		errs = append(errs, bpf.RemovePins(dir))
+	}
+	return errors.Join(errs...)
 }
 
 // Interfaces returns the interfaces the bpf datapath attaches to under
@@ -71,7 +84,7 @@ func (g *Gateway) startDatapath(cfg *config.Config) error {
 		g.log.Info("datapath", "datapath", "nfqueue", logging.KeyReason, "kernel.datapath: nfqueue")
 		return nil
 	}
-	k, ifaces, err := loadKernelPath(cfg)
+	k, ifaces, err := g.loadKernelPath(cfg)
 	if err != nil {
 		if mode == config.DatapathBPF {
 			return fmt.Errorf("kernel.datapath bpf: %w", err)
@@ -82,11 +95,16 @@ func (g *Gateway) startDatapath(cfg *config.Config) error {
 	g.kpath = k
 	g.log.Info("datapath", "datapath", "bpf", "interfaces", strings.Join(ifaces, ","),
 		logging.KeyReason, "kernel.datapath: "+mode+"; the program is attached at tcx ingress",
-		"mark", fmt.Sprintf("0x%x", uint32(config.BPFMark)))
+		"mark", fmt.Sprintf("0x%x", uint32(config.BPFMark)), "pins", k.dp.PinDir(), "reused_pins", k.dp.Reused(),
+		"links_updated", strings.Join(k.at.Updated, ","), "links_dropped", strings.Join(k.at.Dropped, ","))
 	return nil
 }
 
-func loadKernelPath(cfg *config.Config) (*kernelPath, []string, error) {
+// loadKernelPath loads the program with its maps pinned under cfg's pin
+// directory (reusing pins an earlier daemon left) and attaches it. Pins
+// it cannot reuse are removed first, unless they belong to another
+// network namespace (an error: another daemon may be using them).
+func (g *Gateway) loadKernelPath(cfg *config.Config) (*kernelPath, []string, error) {
 	ifaces, err := Interfaces(cfg)
 	if err != nil {
 		return nil, nil, err
@@ -94,13 +112,34 @@ func loadKernelPath(cfg *config.Config) (*kernelPath, []string, error) {
 	if len(ifaces) == 0 {
 		return nil, nil, errors.New("no interface to attach to")
 	}
-	dp, err := bpf.Load(bpf.Options{Mark: config.BPFMark})
+	if err := bpf.MountBPFFS(cfg.Kernel.BPFFS); err != nil {
+		return nil, nil, err
+	}
+	dir := pinDir(cfg)
+	opts := bpf.Options{Mark: config.BPFMark, PinDir: dir}
+	dp, err := bpf.Load(opts)
+	var ie *bpf.IncompatibleError
+	if errors.As(err, &ie) && !ie.OtherNetNS {
+		g.log.Error("pins of the bpf datapath removed: "+ie.Reason+"; their flows cannot be read, so they are neither adopted nor reset (the ends drop their packets, unrewritten, and time out)", "pins", dir)
+		if err := bpf.RemovePins(dir); err != nil {
+			return nil, nil, fmt.Errorf("remove the bpf datapath's pins: %w", err)
+		}
+		dp, err = bpf.Load(opts)
+	}
+	if errors.As(err, &ie) && ie.OtherNetNS {
+		return nil, nil, fmt.Errorf("%w: another spliced uses %s; give this one another kernel.table or kernel.bpffs", err, dir)
+	}
 	if err != nil {
 		return nil, nil, err
 	}
 	at, err := dp.Attach(ifaces)
 	if err != nil {
-		dp.Close()
+		if !dp.Reused() {
+			dp.Close()
+			bpf.RemovePins(dir)
+		} else {
+			dp.Close() // the pins stay: an earlier daemon's flows run on them
+		}
 		return nil, nil, err
 	}
 	return &kernelPath{dp: dp, at: at}, ifaces, nil
@@ -167,6 +206,7 @@ func (g *Gateway) promote(sf *splicedFlow) {
 	}
 	e := sf.entry
 	sf.stragglersTo.Store(0)
+	g.recordMeta(sf)
 	err := e.Offload(func(st splice.State) error {
 		return k.dp.PutFlowWatch(e.ID, e.Keys, st, e.Watch.Load())
 	})

@@ -30,6 +30,7 @@ package gateway
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -87,6 +88,11 @@ type Gateway struct {
 	passthrough map[uint64]*transition
 
 	restoreSysctls func()
+	// removePins: stopping detaches the bpf datapath and removes its
+	// pins (a shutdown); otherwise (a failed start) they stay.
+	removePins bool
+	// handingOver: HandOver was called.
+	handingOver atomic.Bool
 	events         events
 	lastDrift      string // the drift last reported with kernel.repair off
 
@@ -171,6 +177,13 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	if m := g.withSkipMark(g.manager()); m != g.manager() {
 		g.snap.Store(&snapshot{cfg: cfg, rules: m})
 	}
+	if g.kpath != nil {
+		// Before any flow gets an ID, and before the table is replaced:
+		// the new one carries the adopted flows' divert entries.
+		g.adoptPinned()
+	} else if err := dropPinned(cfg, g.inject, g.log); err != nil {
+		g.log.Error("end the flows pinned by an earlier daemon's bpf datapath", logging.Err(err))
+	}
 	for i := range cfg.Services {
 		if err := g.startService(&cfg.Services[i]); err != nil {
 			g.abortStart()
@@ -178,7 +191,7 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 			return err
 		}
 	}
-	if err := g.manager().Install(nil); err != nil {
+	if err := g.manager().Install(g.refreshable()); err != nil {
 		g.manager().Remove()
 		g.shutdown()
 		g.rulesMu.Unlock()
@@ -235,7 +248,52 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	stopBG()
 	wg.Wait()
 	g.logStats()
+	if g.handingOver.Load() && g.kpath != nil && g.kpath.dp.PinDir() != "" {
+		g.rulesMu.Lock()
+		g.running = false
+		g.rulesMu.Unlock()
+		g.leave()
+		return ErrHandedOver
+	}
 	return stop()
+}
+
+// ErrHandedOver is Run's result after HandOver: the daemon left its
+// spliced flows to the kernel.
+var ErrHandedOver = errors.New("spliced flows left to the bpf datapath for the next daemon")
+
+// HandOver makes Run, once its context is done, leave the flows on the
+// bpf datapath running (pins, links, table and divert entries stay, as
+// after a kill -9) instead of resetting them, for a new daemon to adopt
+// (spliced does this on SIGUSR2). Without the bpf datapath the shutdown
+// is the ordinary one: the flows' state lives in the daemon.
+func (g *Gateway) HandOver() { g.handingOver.Store(true) }
+
+// leave ends the daemon without ending the flows the program rewrites:
+// flows on the Go engine (not promoted) are reset, since nobody can
+// continue them; proxied flows end with their sockets; the table, its
+// divert entries and the sysctls stay (spliced NAT flows need
+// accept_local).
+func (g *Gateway) leave() {
+	var goEngine []*splicedFlow
+	kept := 0
+	g.splicedMu.Lock()
+	g.syncOffloaded(time.Now())
+	for _, sf := range g.spliced {
+		switch {
+		case sf.entry.Offloaded():
+			kept++
+		case !sf.entry.Snapshot().Finished():
+			goEngine = append(goEngine, sf)
+		}
+	}
+	g.splicedMu.Unlock()
+	if len(goEngine) > 0 {
+		g.log.Info("resetting spliced flows on the Go engine", "flows", len(goEngine), "packets", g.resetSpliced(goEngine))
+	}
+	g.log.Info("leaving spliced flows to the bpf datapath", "flows", kept, "pins", g.kpath.dp.PinDir())
+	g.stopServices()
+	g.stopSplicing() // removePins is false: the pins and links stay
 }
 
 func (g *Gateway) logReady() {
@@ -287,6 +345,7 @@ func (g *Gateway) abortStart() {
 }
 
 func (g *Gateway) shutdown() error {
+	g.removePins = true
 	if g.splicing() {
 		// Spliced flows cannot outlive the daemon (their rewrite state
 		// lives in it): end them at both ends before the table goes.
@@ -406,7 +465,7 @@ func (g *Gateway) startSplicing(ctx context.Context, cfg *config.Config, m *rule
 	}, g.log.With(logging.KeyComponent, "nfq"))
 	if err != nil {
 		if g.kpath != nil {
-			g.kpath.close()
+			g.kpath.close(!g.kpath.dp.Reused())
 			g.kpath = nil
 		}
 		g.conntrack.Close()
@@ -433,7 +492,12 @@ func (g *Gateway) stopSplicing() {
 	}
 	g.queues.Close()
 	if g.kpath != nil {
-		g.kpath.close() // detached: its links are not pinned
+		// Detached and unpinned at a shutdown (the flows were reset);
+		// after a failed start, pins stay for the flows of an earlier
+		// daemon, and a later start.
+		if err := g.kpath.close(g.removePins); err != nil {
+			g.log.Error("detach the bpf datapath and remove its pins", logging.Err(err))
+		}
 	}
 	g.inject.Close()
 	g.conntrack.Close()
@@ -504,11 +568,24 @@ func (g *Gateway) stopServices() {
 }
 
 // Cleanup removes the kernel state a configuration would install, for
-// `spliced -cleanup` after the daemon was killed. The bpf datapath leaves
-// nothing: its tcx links and maps are not pinned and went with the
-// process.
-func Cleanup(cfg *config.Config) error {
+// `spliced -cleanup` after the daemon was killed: the flows the bpf
+// datapath still rewrites from its pins are reset at both ends and the
+// pins removed (see dropPinned), then the table and policy routing go.
+//
+// With keepFlows the pins stay (and the program keeps rewriting their
+// flows, which need neither the table nor the routing): the systemd
+// unit's clean-up after a failure, before the restart that adopts them.
+func Cleanup(cfg *config.Config, log *slog.Logger, keepFlows bool) error {
+	var errs []error
+	if !keepFlows {
+		if err := dropPinned(cfg, nil, log); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if err := rules.Cleanup(rules.FromConfig(cfg), 0); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("cleanup: %w", err)
 	}
 	return nil

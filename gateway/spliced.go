@@ -29,6 +29,9 @@ type splicedFlow struct {
 	// packet its queue took before the program's entry was written (see
 	// promote); 0 until known.
 	stragglersTo atomic.Uint64
+	// adopted: spliced by an earlier daemon, found in the bpf datapath's
+	// pinned maps at the start (see adoptPinned); no proxy owns it.
+	adopted bool
 }
 
 // Linger keeps a finished flow diverted for a while, so that a lost final

@@ -41,6 +41,9 @@ func (g *Gateway) Unsplice(ctx context.Context, f *proxy.Flow) error {
 	if sf == nil {
 		return fmt.Errorf("flow %d is not spliced", f.ID)
 	}
+	if sf.adopted {
+		return errAdopted(f.ID)
+	}
 	if !f.CanResume() {
 		return fmt.Errorf("flow %d: its proxy (%s) cannot take it back", f.ID, f.Proxy)
 	}
@@ -72,7 +75,8 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 	g.splicedMu.Lock()
 	sf := g.spliced[e.ID]
 	g.splicedMu.Unlock()
-	if sf == nil || !sf.flow.CanResume() {
+	adopted := sf != nil && sf.adopted && sf.flow.UnspliceOnClientData.Load()
+	if sf == nil || !sf.flow.CanResume() && !adopted {
 		return false
 	}
 	tr := &transition{keys: sf.keys, queue: sf.queue, phase: phaseUnsplicing, entry: sf.entry}
@@ -84,6 +88,15 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 	tr.held = append(tr.held, np.Detach())
 	sf.flow.SetState(proxy.StateSplicing)
 	g.transitions.add(tr)
+	if adopted {
+		// No proxy can route the client's next request: the flow ends,
+		// as when an unsplice fails (abandonUnsplice).
+		go func() {
+			err := g.abandonUnsplice(sf, tr, errAdopted(sf.flow.ID))
+			g.log.Warn("next request on an adopted flow", logging.KeyFlow, sf.flow.ID, logging.Err(err))
+		}()
+		return true
+	}
 	go func() {
 		if err := g.completeUnsplice(context.Background(), sf, tr, time.Now()); err != nil {
 			g.log.Warn("unsplice abandoned", logging.KeyFlow, sf.flow.ID, logging.Err(err))

@@ -33,14 +33,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.SetOutput(stderr)
 	configFile := fs.String("config", "", "configuration file (default: the embedded default, which intercepts nothing)")
 	check := fs.Bool("check", false, "validate the configuration, print the nftables table it would install, and exit")
-	cleanup := fs.Bool("cleanup", false, "remove the table, ip rules and routes the configuration installs (after a crash), and exit")
+	cleanup := fs.Bool("cleanup", false, "remove the table, ip rules and routes the configuration installs (after a crash), reset the flows the bpf datapath still rewrites and remove its pins, and exit")
+	keepFlows := fs.Bool("keep-flows", false, "with -cleanup: leave the bpf datapath's pinned flows running, for the next spliced to adopt")
 	logFormat := fs.String("log-format", "", "override log.format: auto, text or json")
 	logLevel := fs.String("log-level", "", "override log.level: debug, info, warn or error")
 	socket := fs.String("socket", "", "override control.socket: the control API's Unix socket (\"off\" disables it)")
 	hashPassword := fs.Bool("hash-password", false, "read a password from stdin (first line) and print its hash for a socks5 users file, then exit")
 	showVersion := fs.Bool("version", false, "print the version (the Debian package's) and how it was built, and exit")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: spliced [-config FILE] [-check | -cleanup] [-log-format F] [-log-level L] [-socket PATH]\n       spliced -version\n       spliced -hash-password < password\n\n")
+		fmt.Fprintf(stderr, "usage: spliced [-config FILE] [-check | -cleanup [-keep-flows]] [-log-format F] [-log-level L] [-socket PATH]\n       spliced -version\n       spliced -hash-password < password\n\n")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -128,19 +129,23 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		return 0
 	case *cleanup:
-		if err := gateway.Cleanup(cfg); err != nil {
+		if err := gateway.Cleanup(cfg, log, *keepFlows); err != nil {
 			log.Error("cleanup failed", logging.Err(err))
 			return 1
 		}
-		log.Info("removed spliced's kernel state", logging.KeyTable, "inet "+cfg.Kernel.Table)
+		log.Info("removed spliced's kernel state", logging.KeyTable, "inet "+cfg.Kernel.Table, "kept_bpf_flows", *keepFlows)
 		return 0
+	}
+	if *keepFlows {
+		fmt.Fprintln(stderr, "spliced: -keep-flows goes with -cleanup")
+		return 2
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	gw := gateway.New(cfg, log)
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGHUP)
+	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGHUP, syscall.SIGUSR2)
 	defer signal.Stop(sigs)
 	go func() {
 		for sig := range sigs {
@@ -149,17 +154,32 @@ func run(args []string, stdout, stderr io.Writer) int {
 				gw.LogState()
 			case syscall.SIGHUP:
 				reload(ctx, gw, *configFile, overrides, log)
+			case syscall.SIGUSR2:
+				// Exit, leaving the bpf datapath's spliced flows to the
+				// kernel for the next daemon (a restart that keeps them).
+				log.Info("SIGUSR2: exiting; spliced flows on the bpf datapath keep running for the next spliced")
+				gw.HandOver()
+				stop()
 			}
 		}
 	}()
 	err = gw.Run(ctx, func() { sdnotify.Notify("READY=1") })
 	sdnotify.Notify("STOPPING=1")
+	if errors.Is(err, gateway.ErrHandedOver) {
+		return ExitHandedOver
+	}
 	if err != nil && !errors.Is(err, context.Canceled) {
 		log.Error("spliced stopped", logging.Err(err))
 		return 1
 	}
 	return 0
 }
+
+// ExitHandedOver is the exit status after SIGUSR2 left the spliced flows
+// to the bpf datapath (EX_TEMPFAIL): not a success, so that systemd's
+// Restart=on-failure starts the daemon that adopts them, and its
+// ExecStopPost cleans up with -keep-flows.
+const ExitHandedOver = 75
 
 // reload reads the configuration file again and applies it; a file that
 // does not validate, or a change that needs a restart, leaves everything as

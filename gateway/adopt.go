@@ -1,0 +1,242 @@
+package gateway
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"time"
+
+	"spliced/config"
+	"spliced/logging"
+	"spliced/nfq"
+	"spliced/proxy"
+	"spliced/splice"
+	"spliced/splice/bpf"
+)
+
+// Restarts on the bpf datapath. The program's maps and tcx links are
+// pinned in bpffs (kernel.bpffs/spliced/TABLE): when the daemon dies
+// (kill -9, a crash) the kernel keeps rewriting its promoted flows, and
+// the divert chain it left keeps skipping what the program marked. The
+// next daemon with the same configuration reuses the maps, moves the
+// links to its program, and adopts every flow in them (adoptPinned): a
+// splicedFlow rebuilt from the program's state, the tuples and the
+// gateway's per-flow record (flowMeta, written at promotion), listed,
+// retired and reset like any other, but owned by no proxy: it cannot be
+// unspliced, and a watched (HTTP) flow whose client sends its next
+// request is reset, since no proxy can route that request.
+//
+// A daemon that will not run the program over pins (kernel.datapath
+// nfqueue, no service that splices, auto falling back) resets the pinned
+// flows and removes the pins (dropPinned), as spliced -cleanup does: the
+// Go engine could take them over, but the choice is the operator's
+// configuration, and a flow reset at both ends is never left hanging.
+
+// flowMeta is what the gateway knows of a promoted flow beyond the
+// program's state: stored with it in the pinned meta map, read back by
+// the daemon that adopts the flow.
+type flowMeta struct {
+	Service   string `json:"s,omitempty"`
+	Proxy     string `json:"p,omitempty"`
+	Started   int64  `json:"t,omitempty"`
+	SplicedAt int64  `json:"a,omitempty"`
+	Queue     uint16 `json:"q"`
+	Watch     bool   `json:"w,omitempty"` // UnspliceOnClientData
+	Server    string `json:"o,omitempty"` // the original destination, when not the client's tuple's
+	Local     string `json:"l,omitempty"`
+	User      string `json:"u,omitempty"`
+}
+
+func metaOf(sf *splicedFlow) []byte {
+	f := sf.flow
+	m := flowMeta{Service: f.Service, Proxy: f.Proxy, Started: f.Started.UnixNano(), SplicedAt: sf.splicedAt.UnixNano(),
+		Queue: sf.queue, Watch: f.UnspliceOnClientData.Load(), User: f.User}
+	if c := sf.keys[splice.C2S]; f.Server != keyAddrPort(c.Dst, c.DstPort) {
+		m.Server = f.Server.String()
+	}
+	if f.Local.IsValid() {
+		m.Local = f.Local.String()
+	}
+	b, _ := json.Marshal(m)
+	if len(b) > bpf.MetaSize {
+		m.User, m.Local = "", ""
+		b, _ = json.Marshal(m)
+	}
+	return b
+}
+
+// recordMeta stores a flow's record for a daemon that may adopt it.
+func (g *Gateway) recordMeta(sf *splicedFlow) {
+	if err := g.kpath.dp.SetMeta(sf.entry.ID, metaOf(sf)); err != nil {
+		g.log.Debug("record a promoted flow for adoption", logging.KeyFlow, sf.entry.ID, logging.Err(err))
+	}
+}
+
+func keyAddrPort(a [16]byte, port uint16) netip.AddrPort {
+	return netip.AddrPortFrom(netip.AddrFrom16(a).Unmap(), port)
+}
+
+// pinDir is the bpf datapath's pin directory under cfg.
+func pinDir(cfg *config.Config) string { return bpf.PinDir(cfg.Kernel.BPFFS, cfg.Kernel.Table) }
+
+// adoptPinned adopts the flows an earlier daemon left in the pinned maps
+// the program was loaded with. Called at the start, before any service
+// accepts a flow (adopted flows keep their IDs) and before the table is
+// installed (Run carries their divert entries into it).
+func (g *Gateway) adoptPinned() {
+	k := g.kpath
+	if k == nil || !k.dp.Reused() {
+		return
+	}
+	flows, broken, err := k.dp.PinnedFlows()
+	if err != nil {
+		g.log.Error("read the bpf datapath's pinned flows; none adopted", logging.Err(err))
+		return
+	}
+	if len(broken) > 0 {
+		g.log.Warn("incomplete flows in the pinned maps removed (a daemon died while it wrote or removed them)", "flows", broken)
+	}
+	now := time.Now()
+	spec := g.manager().Spec()
+	var ids []uint64
+	for _, pf := range flows {
+		sf, err := g.adoptOne(pf, now, int(max(spec.Divert.Queues, 1)), spec.Divert.Queue)
+		if err != nil {
+			g.log.Warn("pinned flow not adopted; removed from the bpf datapath", logging.KeyFlow, pf.ID, logging.Err(err))
+			k.dp.DeleteFlow(pf.ID, pf.Keys)
+			continue
+		}
+		ids = append(ids, pf.ID)
+		f := sf.flow
+		g.log.Debug("flow adopted", logging.KeyFlow, f.ID, logging.KeyService, f.Service, logging.KeyClient, f.Client,
+			logging.KeyServer, f.Server, "finished", sf.entry.Snapshot().Finished())
+	}
+	g.log.Info("adopted spliced flows from the bpf datapath", "flows", len(ids), "pins", k.dp.PinDir())
+}
+
+func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQueue uint16) (*splicedFlow, error) {
+	var m flowMeta
+	if pf.Meta != nil {
+		if err := json.Unmarshal(pf.Meta, &m); err != nil {
+			return nil, fmt.Errorf("its record: %w", err)
+		}
+	}
+	c2s, s2c := pf.Keys[splice.C2S], pf.Keys[splice.S2C]
+	server := keyAddrPort(c2s.Dst, c2s.DstPort)
+	if m.Server != "" {
+		if ap, err := netip.ParseAddrPort(m.Server); err == nil {
+			server = ap
+		}
+	}
+	f := proxy.NewFlow(m.Service, m.Proxy, keyAddrPort(c2s.Src, c2s.SrcPort), server)
+	f.ID = pf.ID
+	if m.Started != 0 {
+		f.Started = time.Unix(0, m.Started)
+	}
+	f.SetServerLeg(keyAddrPort(s2c.Dst, s2c.DstPort), keyAddrPort(s2c.Src, s2c.SrcPort))
+	if m.Local != "" {
+		f.Local, _ = netip.ParseAddrPort(m.Local)
+	}
+	f.User = m.User
+	f.UnspliceOnClientData.Store(m.Watch)
+	splicedAt := now
+	if m.SplicedAt != 0 {
+		splicedAt = time.Unix(0, m.SplicedAt)
+	}
+	f.SplicedAt.Store(splicedAt.UnixNano())
+	f.SetState(proxy.StateSpliced)
+	q := m.Queue
+	if int(q) >= queues {
+		q = uint16(pf.ID % uint64(queues))
+	}
+	e, err := g.engine.Adopt(pf.ID, pf.Keys, pf.State, now.UnixNano())
+	if err != nil {
+		return nil, err
+	}
+	e.Watch.Store(pf.Watch)
+	if !g.flows.Adopt(f) {
+		g.engine.Delete(e)
+		return nil, errors.New("its ID is taken")
+	}
+	sf := &splicedFlow{flow: f, entry: e, keys: pf.Keys, queue: q, splicedAt: splicedAt, adopted: true}
+	// Its packets in the queue from now on are ones the program passed
+	// on, never stragglers (see promote).
+	seq := uint64(0)
+	if ks, err := nfq.ReadKernelStats(); err == nil {
+		seq = uint64(ks[firstQueue+q].IDSequence)
+	}
+	sf.stragglersTo.Store(1<<32 | seq)
+	g.splicedMu.Lock()
+	g.spliced[f.ID] = sf
+	g.jumped[serverLeg(f)] = time.Time{}
+	g.splicedMu.Unlock()
+	return sf, nil
+}
+
+// errAdopted is why an adopted flow cannot be unspliced.
+func errAdopted(id uint64) error {
+	return fmt.Errorf("flow %d was spliced by an earlier spliced and adopted from the bpf datapath after a restart: no proxy socket owns it, so it cannot be unspliced; it stays spliced until it ends", id)
+}
+
+// dropPinned ends the flows pinned under cfg's pin directory and removes
+// the pins, for a daemon (or spliced -cleanup) that does not run the bpf
+// datapath over them: the links go first (no program rewrites the flows
+// any more), then each flow is reset at both ends from its last state.
+// inj may be nil (a raw socket is opened for the resets). Pins of
+// another network namespace are left alone (another daemon may use
+// them); pins that cannot be read are removed without resets.
+func dropPinned(cfg *config.Config, inj *injector, log *slog.Logger) error {
+	dir := pinDir(cfg)
+	if !bpf.HasPins(dir) {
+		return nil
+	}
+	dp, err := bpf.OpenPinned(dir)
+	var ie *bpf.IncompatibleError
+	switch {
+	case errors.As(err, &ie) && ie.OtherNetNS:
+		log.Warn("pins of the bpf datapath left alone: "+ie.Reason, "pins", dir)
+		return nil
+	case errors.As(err, &ie):
+		log.Error("pins of the bpf datapath removed without resetting their flows (they cannot be read): "+ie.Reason, "pins", dir)
+		return bpf.RemovePins(dir)
+	case err != nil:
+		return err
+	case dp == nil:
+		return nil
+	}
+	defer dp.Close()
+	// Our descriptors keep the maps; the pinned links go with their pins.
+	if err := bpf.RemovePins(dir); err != nil {
+		return fmt.Errorf("remove the bpf datapath's pins: %w", err)
+	}
+	if err := bpf.WaitPrograms(); err != nil {
+		return err
+	}
+	flows, _, err := dp.PinnedFlows()
+	if err != nil {
+		return err
+	}
+	if inj == nil && len(flows) > 0 {
+		if inj, err = newInjector(); err != nil {
+			return err
+		}
+		defer inj.Close()
+	}
+	sent := 0
+	for _, pf := range flows {
+		snap := splice.FlowFromState(pf.State)
+		if snap.Finished() {
+			continue
+		}
+		for _, b := range resetPackets(snap, pf.Keys) {
+			var p splice.Packet
+			if p.Parse(b) == splice.OK && inj.send(&p) == nil {
+				sent++
+			}
+		}
+	}
+	log.Info("flows of the bpf datapath's pins reset and the pins removed", "flows", len(flows), "packets", sent, "pins", dir)
+	return nil
+}

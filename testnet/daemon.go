@@ -241,6 +241,17 @@ func (d *Daemon) signal(sig syscall.Signal) error {
 	return d.err
 }
 
+// Wait waits up to within for the daemon to exit (after a signal sent
+// with Signal) and returns its exit error.
+func (d *Daemon) Wait(within time.Duration) error {
+	select {
+	case <-d.done:
+		return d.err
+	case <-time.After(within):
+		return fmt.Errorf("daemon still running after %v", within)
+	}
+}
+
 // Pid is the daemon's process ID.
 func (d *Daemon) Pid() int { return d.cmd.Process.Pid }
 

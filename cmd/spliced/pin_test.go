@@ -1,0 +1,503 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"spliced/api"
+	"spliced/splice"
+	"spliced/splice/bpf"
+	"spliced/testnet"
+)
+
+// pinConfig is a bpf datapath whose pins live in bpffs (a test's own
+// mount, see testnet.BPFFS).
+func pinConfig(datapath, bpffs string) string {
+	return fmt.Sprintf(`
+log:
+  level: debug
+kernel:
+  datapath: %s
+  bpffs: %s
+services:
+  - name: fwd
+    listen: 15001
+    ports: ["5001"]
+    idle_timeout: 1m
+    splice:
+      mode: immediate
+`, datapath, bpffs)
+}
+
+// pinnedBytes sums, over the flows in the pins of table spliced, the
+// stream bytes each direction's sender has had forwarded (the state's
+// SndNxt, from where it was first seen). It reads the pinned maps
+// directly, from the gateway's namespace: it works while no daemon runs.
+type pinnedBytes struct {
+	first map[uint64][2]splice.Seq
+}
+
+func (pb *pinnedBytes) read(t *testing.T, lab *testnet.Lab, root string) (flows int, moved uint64) {
+	t.Helper()
+	err := lab.Gateway.Do(func() error {
+		dp, err := bpf.OpenPinned(bpf.PinDir(root, "spliced"))
+		if err != nil || dp == nil {
+			return fmt.Errorf("open the pins: %v", err)
+		}
+		defer dp.Close()
+		fs, _, err := dp.PinnedFlows()
+		if err != nil {
+			return err
+		}
+		if pb.first == nil {
+			pb.first = map[uint64][2]splice.Seq{}
+		}
+		for _, f := range fs {
+			now := [2]splice.Seq{f.State.Dirs[0].SndNxt, f.State.Dirs[1].SndNxt}
+			first, ok := pb.first[f.ID]
+			if !ok {
+				pb.first[f.ID] = now
+				first = now
+			}
+			moved += uint64(uint32(now[0]-first[0])) + uint64(uint32(now[1]-first[1]))
+		}
+		flows = len(fs)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return flows, moved
+}
+
+// waitMoving waits until the pins hold n flows each of which moved at
+// least 256 KiB each way since first seen: every transfer runs at both
+// ends, on the program.
+func waitMoving(t *testing.T, lab *testnet.Lab, root string, n int) {
+	t.Helper()
+	var pb pinnedBytes
+	last := map[uint64][2]splice.Seq{}
+	err := testnet.Poll(30*time.Second, func() error {
+		k, _ := pb.read(t, lab, root)
+		err := lab.Gateway.Do(func() error {
+			dp, err := bpf.OpenPinned(bpf.PinDir(root, "spliced"))
+			if err != nil || dp == nil {
+				return fmt.Errorf("open the pins: %v", err)
+			}
+			defer dp.Close()
+			fs, _, err := dp.PinnedFlows()
+			for _, f := range fs {
+				last[f.ID] = [2]splice.Seq{f.State.Dirs[0].SndNxt, f.State.Dirs[1].SndNxt}
+			}
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		moving := 0
+		for id, now := range last {
+			first := pb.first[id]
+			if uint32(now[0]-first[0]) >= 256<<10 && uint32(now[1]-first[1]) >= 256<<10 {
+				moving++
+			}
+		}
+		if k < n || moving < n {
+			return fmt.Errorf("%d flows pinned, %d of them moving both ways; want %d", k, moving, n)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func pins(dir string) []string {
+	ents, _ := os.ReadDir(dir)
+	var out []string
+	for _, e := range ents {
+		out = append(out, e.Name())
+	}
+	return out
+}
+
+// TestLabBPFRestartKeepsFlows: 20 flows spliced on the bpf datapath,
+// with bulk transfers running both ways, survive a kill -9 of the
+// daemon: while no daemon runs the kernel keeps rewriting them (the
+// pinned program's state shows the bytes it forwarded meanwhile); a new
+// daemon with the same configuration adopts every one (listed by the
+// API as adopted, on bpf; unsplicing one is refused), every transfer
+// completes intact (SHA-256 both ways), and the reaper retires them all.
+// The pins stay while it runs; a SIGTERM resets the flows it spliced
+// itself at both ends and removes the pins and links.
+func TestLabBPFRestartKeepsFlows(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	root := testnet.BPFFS(t)
+	dir := bpf.PinDir(root, "spliced")
+	cfg := pinConfig("bpf", root)
+	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
+	ln, err := lab.Server().Listen(srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := testnet.NewMux(ln)
+	defer mux.Close()
+
+	old := testnet.StartDaemon(t, lab, cfg)
+	const flows = 20
+	const size = 48 << 20 // each way
+	const rate = 3 << 20  // bytes per second each way: about 16 s a flow
+	results := make([]*testnet.Transfer, flows)
+	var wg sync.WaitGroup
+	for i := range flows {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i] = mux.Transfer(lab.Client(), srv, testnet.TransferOptions{C2S: size, S2C: size, Seed: uint64(1000 + 2*i), Rate: rate, Timeout: 3 * time.Minute})
+		}()
+	}
+	if err := testnet.Poll(30*time.Second, func() error {
+		fs, err := old.Client().Flows(t.Context(), api.FlowFilter{})
+		if err != nil {
+			return err
+		}
+		n := 0
+		for _, f := range fs {
+			if f.Datapath == "bpf" {
+				n++
+			}
+		}
+		if n < flows {
+			return fmt.Errorf("%d of %d flows on the bpf datapath", n, flows)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("%v\n%s", err, tail(old.Log(), 20))
+	}
+	if p := pins(dir); !slices.Contains(p, "splice_flows") || !slices.ContainsFunc(p, func(n string) bool { return strings.HasPrefix(n, "tcx_ingress_") }) {
+		t.Fatalf("pins while the daemon runs: %v", p)
+	}
+
+	waitMoving(t, lab, root, flows)
+
+	// kill -9: nothing runs but the kernel.
+	old.Kill()
+	killed := time.Now()
+	var pb pinnedBytes
+	if n, _ := pb.read(t, lab, root); n != flows {
+		t.Fatalf("%d flows in the pins after kill -9, want %d", n, flows)
+	}
+	const gap = 64 << 20
+	var movedWhileDown uint64
+	if err := testnet.Poll(30*time.Second, func() error {
+		_, movedWhileDown = pb.read(t, lab, root)
+		if movedWhileDown < gap {
+			return fmt.Errorf("%d bytes forwarded by the kernel since the kill", movedWhileDown)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("the flows stopped with the daemon: %v", err)
+	}
+	down := time.Since(killed)
+	if n := sum(tcxIngress(t, lab)); n == 0 {
+		t.Fatal("no program attached after kill -9")
+	}
+
+	// The new daemon adopts them.
+	d := testnet.StartDaemon(t, lab, cfg)
+	_, movedBeforeStart := pb.read(t, lab, root)
+	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "adopted spliced flows from the bpf datapath" })
+	if rec == nil || rec["flows"] != float64(flows) {
+		t.Fatalf("adoption log: %v\n%s", rec, tail(d.Log(), 30))
+	}
+	fs, err := d.Client().Flows(t.Context(), api.FlowFilter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	adopted := 0
+	var one uint64
+	for _, f := range fs {
+		if f.Adopted && f.Datapath == "bpf" && f.State == api.StateSpliced && f.Service == "fwd" {
+			adopted++
+			one = f.ID
+		}
+	}
+	if adopted != flows {
+		t.Fatalf("%d of %d flows listed as adopted on bpf: %+v", adopted, flows, fs)
+	}
+	if _, err := d.Client().Unsplice(t.Context(), one); err == nil || !strings.Contains(err.Error(), "adopted") {
+		t.Errorf("unsplice of an adopted flow: %v, want a refusal naming adoption", err)
+	}
+	wg.Wait()
+	intact := 0
+	for i, r := range results {
+		if err := r.Check(); err != nil {
+			t.Errorf("flow %d: %v", i, err)
+		} else {
+			intact++
+		}
+	}
+	var left []api.Flow
+	if err := testnet.Poll(30*time.Second, func() error {
+		left, err = d.Client().Flows(t.Context(), api.FlowFilter{})
+		if err != nil {
+			return err
+		}
+		if len(left) > 0 {
+			return fmt.Errorf("%d flows still listed", len(left))
+		}
+		return nil
+	}); err != nil {
+		t.Errorf("adopted flows not retired: %v: %+v", err, left)
+	}
+	closed := map[string]int{}
+	if err := testnet.Poll(10*time.Second, func() error { // the log may lag behind the API
+		clear(closed)
+		n := 0
+		for _, l := range d.Lines() {
+			if l["msg"] == "flow closed" {
+				closed[fmt.Sprint(l["reason"])]++
+				n++
+			}
+		}
+		if n < flows {
+			return fmt.Errorf("%d flows logged closed", n)
+		}
+		return nil
+	}); err != nil {
+		t.Error(err)
+	}
+	if closed["finished"] != flows {
+		t.Errorf("flows closed by reason: %v, want all %d finished", closed, flows)
+	}
+	if p := pins(dir); !slices.Contains(p, "splice_flows") || !slices.ContainsFunc(p, func(n string) bool { return strings.HasPrefix(n, "tcx_ingress_") }) {
+		t.Errorf("pins while the new daemon runs: %v", p)
+	}
+	t.Logf("%d flows, %d MiB each way at %d MiB/s: %d intact; no daemon for %v, while the kernel forwarded %.1f MiB of them (%.1f MiB until the new daemon was ready); %d adopted, retired: %v",
+		flows, size>>20, rate>>20, intact, down.Round(time.Millisecond), float64(movedWhileDown)/(1<<20), float64(movedBeforeStart)/(1<<20), adopted, closed)
+
+	// SIGTERM with flows of its own: reset at both ends, pins gone.
+	const live = 2
+	ends := make([]*testnet.Transfer, live)
+	var wg2 sync.WaitGroup
+	for i := range live {
+		wg2.Add(1)
+		go func() {
+			defer wg2.Done()
+			ends[i] = mux.Transfer(lab.Client(), srv, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Seed: uint64(5000 + 2*i), Rate: 1 << 20, Timeout: time.Minute})
+		}()
+	}
+	if err := d.WaitLog(20*time.Second, func(l map[string]any) bool {
+		n := 0
+		for _, l := range d.Lines() {
+			if l["msg"] == "flow promoted to the bpf datapath" {
+				n++
+			}
+		}
+		return n >= live
+	}); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	if err := d.Stop(); err != nil {
+		t.Errorf("SIGTERM: %v", err)
+	}
+	wg2.Wait()
+	for i, r := range ends {
+		if r.Client.Err == nil || r.Server.Err == nil || !strings.Contains(r.Client.Err.Error(), "reset") || !strings.Contains(r.Server.Err.Error(), "reset") {
+			t.Errorf("flow %d at SIGTERM: client %v, server %v; want a reset at both ends", i, r.Client.Err, r.Server.Err)
+		}
+		if err := r.CheckPrefix(); err != nil {
+			t.Errorf("flow %d: %v", i, err)
+		}
+	}
+	t.Logf("SIGTERM: %d live flows reset at both ends within %v", live, time.Since(stopped).Round(time.Millisecond))
+	if p := pins(dir); len(p) > 0 || exists(dir) {
+		t.Errorf("pins after SIGTERM: %v", p)
+	}
+	if n := sum(tcxIngress(t, lab)); n != 0 {
+		t.Errorf("%d programs attached after SIGTERM", n)
+	}
+}
+
+func exists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+// TestLabBPFPinsDropped: flows an earlier daemon left on the pinned bpf
+// datapath are never left hanging by a start that does not run the
+// program over them: a daemon started with kernel.datapath nfqueue, and
+// spliced -cleanup, reset them at both ends and remove the pins and the
+// links.
+func TestLabBPFPinsDropped(t *testing.T) {
+	for _, how := range []string{"nfqueue", "cleanup"} {
+		t.Run(how, func(t *testing.T) {
+			lab := testnet.NewT(t, testnet.Options{})
+			root := testnet.BPFFS(t)
+			dir := bpf.PinDir(root, "spliced")
+			srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
+			ln, err := lab.Server().Listen(srv)
+			if err != nil {
+				t.Fatal(err)
+			}
+			mux := testnet.NewMux(ln)
+			defer mux.Close()
+			old := testnet.StartDaemon(t, lab, pinConfig("bpf", root))
+			const n = 4
+			res := make([]*testnet.Transfer, n)
+			var wg sync.WaitGroup
+			for i := range n {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					res[i] = mux.Transfer(lab.Client(), srv, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Seed: uint64(7000 + 2*i), Rate: 1 << 20, Timeout: time.Minute})
+				}()
+			}
+			if err := testnet.Poll(20*time.Second, func() error {
+				k := 0
+				for _, l := range old.Lines() {
+					if l["msg"] == "flow promoted to the bpf datapath" {
+						k++
+					}
+				}
+				if k < n {
+					return fmt.Errorf("%d of %d flows promoted", k, n)
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			waitMoving(t, lab, root, n)
+			old.Kill()
+			if len(pins(dir)) == 0 {
+				t.Fatal("no pins after kill -9")
+			}
+			start := time.Now()
+			switch how {
+			case "nfqueue":
+				d := testnet.StartDaemon(t, lab, pinConfig("nfqueue", root))
+				rec := d.FindLog(func(l map[string]any) bool {
+					return l["msg"] == "flows of the bpf datapath's pins reset and the pins removed"
+				})
+				if rec == nil || rec["flows"] != float64(n) {
+					t.Errorf("log of the pinned flows: %v\n%s", rec, tail(d.Log(), 20))
+				}
+			case "cleanup":
+				if out, err := old.Run("-config", old.Config, "-cleanup"); err != nil || !strings.Contains(out, "pins reset") {
+					t.Errorf("spliced -cleanup: %v\n%s", err, out)
+				}
+			}
+			wg.Wait()
+			for i, r := range res {
+				if r.Client.Err == nil || r.Server.Err == nil || !strings.Contains(r.Client.Err.Error(), "reset") || !strings.Contains(r.Server.Err.Error(), "reset") {
+					t.Errorf("flow %d: client %v, server %v; want a reset at both ends", i, r.Client.Err, r.Server.Err)
+				}
+				if err := r.CheckPrefix(); err != nil {
+					t.Errorf("flow %d: %v", i, err)
+				}
+			}
+			t.Logf("%s: %d pinned flows reset at both ends within %v", how, n, time.Since(start).Round(time.Millisecond))
+			if p := pins(dir); len(p) > 0 {
+				t.Errorf("pins left: %v", p)
+			}
+			if k := sum(tcxIngress(t, lab)); k != 0 {
+				t.Errorf("%d programs attached", k)
+			}
+			if _, err := os.Stat(filepath.Dir(dir)); err == nil {
+				t.Errorf("%s left", filepath.Dir(dir))
+			}
+		})
+	}
+}
+
+// TestLabBPFHandOver: the restart that keeps flows under systemd. SIGUSR2
+// makes the daemon exit with status 75 leaving its bpf-spliced flows to
+// the kernel; the unit's ExecStopPost for a failed run (spliced -cleanup
+// -keep-flows) removes the table and routing but not the pins; the flows
+// keep moving; the restarted daemon adopts them and they complete
+// intact.
+func TestLabBPFHandOver(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	root := testnet.BPFFS(t)
+	cfg := pinConfig("bpf", root)
+	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
+	ln, err := lab.Server().Listen(srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := testnet.NewMux(ln)
+	defer mux.Close()
+	old := testnet.StartDaemon(t, lab, cfg)
+	const n = 4
+	res := make([]*testnet.Transfer, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res[i] = mux.Transfer(lab.Client(), srv, testnet.TransferOptions{C2S: 32 << 20, S2C: 32 << 20, Seed: uint64(9000 + 2*i), Rate: 4 << 20, Timeout: 2 * time.Minute})
+		}()
+	}
+	if err := testnet.Poll(20*time.Second, func() error {
+		k := 0
+		for _, l := range old.Lines() {
+			if l["msg"] == "flow promoted to the bpf datapath" {
+				k++
+			}
+		}
+		if k < n {
+			return fmt.Errorf("%d of %d flows promoted", k, n)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	waitMoving(t, lab, root, n)
+	old.Signal(syscall.SIGUSR2)
+	err = old.Wait(20 * time.Second)
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 75 {
+		t.Fatalf("exit after SIGUSR2: %v, want status 75\n%s", err, tail(old.Log(), 10))
+	}
+	if out, err := old.Run("-config", old.Config, "-cleanup", "-keep-flows"); err != nil {
+		t.Fatalf("spliced -cleanup -keep-flows: %v\n%s", err, out)
+	}
+	if out, _ := lab.Gateway.Run("nft", "list", "tables"); strings.Contains(out, "spliced") {
+		t.Errorf("the table stays after the clean-up: %s", out)
+	}
+	var pb pinnedBytes
+	if k, _ := pb.read(t, lab, root); k != n {
+		t.Fatalf("%d flows pinned after the hand-over, want %d", k, n)
+	}
+	var moved uint64
+	if err := testnet.Poll(20*time.Second, func() error {
+		if _, moved = pb.read(t, lab, root); moved < 8<<20 {
+			return fmt.Errorf("%d bytes moved", moved)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("the flows stopped after the hand-over and clean-up: %v", err)
+	}
+	d := testnet.StartDaemon(t, lab, cfg)
+	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "adopted spliced flows from the bpf datapath" })
+	if rec == nil || rec["flows"] != float64(n) {
+		t.Errorf("adoption log: %v", rec)
+	}
+	wg.Wait()
+	for i, r := range res {
+		if err := r.Check(); err != nil {
+			t.Errorf("flow %d: %v", i, err)
+		}
+	}
+	t.Logf("SIGUSR2: exit status 75; %d flows kept, %.1f MiB moved with neither daemon nor table, adopted by the next daemon, all intact", n, float64(moved)/(1<<20))
+}

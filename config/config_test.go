@@ -101,6 +101,7 @@ func TestParseErrors(t *testing.T) {
 		{"loopback interface", "kernel:\n  datapath: bpf\n  interfaces: [eth0, lo]\n", []string{"kernel.interfaces[1]:", "loopback"}},
 		{"interface twice", "kernel:\n  datapath: auto\n  interfaces: [eth0, eth0]\n", []string{"kernel.interfaces[1]:", "twice"}},
 		{"bad interface name", "kernel:\n  datapath: auto\n  interfaces: [\"eth0:1\"]\n", []string{"kernel.interfaces[0]:", "not an interface name"}},
+		{"relative bpffs", "kernel:\n  bpffs: sys/fs/bpf\n", []string{"kernel.bpffs:", "not a clean absolute path"}},
 		{"mark on the bpf bit", "kernel:\n  datapath: bpf\n  mark: 0x20000001\n", []string{"line 3: kernel.mark:", "0x20000000"}},
 		{"listen backlog", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    backlog: 100000\n", []string{"line 5: services[0].backlog:", "1-65535"}},
 	}

@@ -22,10 +22,13 @@
 // transitions.mu; mu (services) is never held with another.
 //
 // What happens to flows when the daemon goes: proxied flows end with their
-// sockets. Spliced flows live only in the daemon's memory; once it is gone
-// their packets are dropped (the queues have no bypass: an unrewritten
-// packet would corrupt the flow) and, after a clean shutdown removed the
-// table, reach the ends unrewritten, which answer with resets.
+// sockets. Spliced flows on the Go engine live only in the daemon's
+// memory; once it is gone their packets are dropped (the queues have no
+// bypass: an unrewritten packet would corrupt the flow) and, after a clean
+// shutdown removed the table, reach the ends unrewritten, which answer
+// with resets. Flows on the bpf datapath live in pinned maps: after a kill
+// -9 the kernel keeps rewriting them and the next daemon adopts them
+// (adopt.go); a clean shutdown resets them and removes the pins.
 package gateway
 
 import (
@@ -93,8 +96,8 @@ type Gateway struct {
 	removePins bool
 	// handingOver: HandOver was called.
 	handingOver atomic.Bool
-	events         events
-	lastDrift      string // the drift last reported with kernel.repair off
+	events      events
+	lastDrift   string // the drift last reported with kernel.repair off
 
 	spliceLatency             latencies
 	phases                    [numSteps]latencies // see phase

@@ -46,8 +46,11 @@ func tcxIngress(t *testing.T, lab *testnet.Lab) map[string]int {
 // TestLabBPFAttach: with kernel.datapath bpf the program is attached at
 // tcx ingress of every interface but lo, a spliced flow runs on it, and
 // once the daemon is killed (kill -9: no cleanup of its own) nothing is
-// left attached: the links were the process's. `spliced -check` prints
-// what it would attach.
+// left attached: its links are pinned in the default bpffs, which the
+// daemon mounted itself in the mount namespace `ip netns exec` gave it,
+// and which goes with it (TestLabBPFRestartKeepsFlows pins in a bpffs
+// that outlives the daemon). `spliced -check` prints what it would
+// attach.
 func TestLabBPFAttach(t *testing.T) {
 	lab := testnet.NewT(t, testnet.Options{})
 	if n := tcxIngress(t, lab); sum(n) != 0 {

@@ -22,6 +22,7 @@ import (
 	"spliced/logging"
 	"spliced/proxy/socks5"
 	"spliced/rules"
+	"spliced/splice/bpf"
 )
 
 func main() {
@@ -123,6 +124,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 				how = "every interface but lo present now"
 			}
 			fmt.Fprintf(stdout, "#   BPF program at tcx ingress of: %s (%s)\n", strings.Join(ifaces, ", "), how)
+			fmt.Fprintf(stdout, "#   maps and links pinned in %s (kernel.bpffs/spliced/TABLE): spliced flows outlive the daemon\n", bpf.PinDir(cfg.Kernel.BPFFS, cfg.Kernel.Table))
 			if cfg.Kernel.Datapath == config.DatapathAuto {
 				fmt.Fprintf(stdout, "#   if it does not load or attach: nfqueue, without the divert chain's first rule\n")
 			}

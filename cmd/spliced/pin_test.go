@@ -296,17 +296,7 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 			ends[i] = mux.Transfer(lab.Client(), srv, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Seed: uint64(5000 + 2*i), Rate: 1 << 20, Timeout: time.Minute})
 		}()
 	}
-	if err := d.WaitLog(20*time.Second, func(l map[string]any) bool {
-		n := 0
-		for _, l := range d.Lines() {
-			if l["msg"] == "flow promoted to the bpf datapath" {
-				n++
-			}
-		}
-		return n >= live
-	}); err != nil {
-		t.Fatal(err)
-	}
+	waitMoving(t, lab, root, live)
 	stopped := time.Now()
 	if err := d.Stop(); err != nil {
 		t.Errorf("SIGTERM: %v", err)

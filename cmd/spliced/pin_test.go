@@ -3,6 +3,8 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -490,4 +492,71 @@ func TestLabBPFHandOver(t *testing.T) {
 		}
 	}
 	t.Logf("SIGUSR2: exit status 75; %d flows kept, %.1f MiB moved with neither daemon nor table, adopted by the next daemon, all intact", n, float64(moved)/(1<<20))
+}
+
+// TestLabBPFAdoptedIdle: an adopted flow that stays idle is retired at
+// its service's idle_timeout, as any spliced flow: both ends get a
+// reset, and the flow and its pinned entry go.
+func TestLabBPFAdoptedIdle(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	root := testnet.BPFFS(t)
+	cfg := strings.Replace(pinConfig("bpf", root), "idle_timeout: 1m", "idle_timeout: 3s", 1)
+	dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)
+	ln, err := lab.Server().Listen(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	old := testnet.StartDaemon(t, lab, cfg)
+	c, err := lab.Client().Dial(dst, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ln.SetDeadline(time.Now().Add(5 * time.Second))
+	s, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := old.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "flow promoted to the bpf datapath" }); err != nil {
+		t.Fatal(err)
+	}
+	hello := func(what string) {
+		t.Helper()
+		for _, pair := range [][2]*net.TCPConn{{c, s}, {s, c}} {
+			if _, err := pair[0].Write([]byte("hello")); err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+			pair[1].SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(pair[1], make([]byte, 5)); err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+		}
+	}
+	hello("before the kill")
+	old.Kill()
+	hello("with no daemon")
+	d := testnet.StartDaemon(t, lab, cfg)
+	hello("adopted")
+	quiet := time.Now()
+	if err := d.WaitLog(15*time.Second, func(l map[string]any) bool { return l["msg"] == "flow closed" }); err != nil {
+		t.Fatal(err)
+	}
+	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow closed" })
+	took := time.Since(quiet)
+	if rec["reason"] != "idle" {
+		t.Errorf("adopted flow closed: %v, want reason idle", rec)
+	}
+	for _, e := range []*net.TCPConn{c, s} {
+		e.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := e.Read(make([]byte, 1)); err == nil || !strings.Contains(err.Error(), "reset") {
+			t.Errorf("%v after the idle timeout: %v, want a reset", e.LocalAddr(), err)
+		}
+	}
+	var pb pinnedBytes
+	if n, _ := pb.read(t, lab, root); n != 0 {
+		t.Errorf("%d flows left in the pins", n)
+	}
+	t.Logf("adopted idle flow retired %v after its last packet (idle_timeout 3s), both ends reset", took.Round(time.Millisecond))
 }

@@ -560,3 +560,41 @@ func TestLabBPFAdoptedIdle(t *testing.T) {
 	}
 	t.Logf("adopted idle flow retired %v after its last packet (idle_timeout 3s), both ends reset", took.Round(time.Millisecond))
 }
+
+// TestLabBPFAdoptedHTTPRequest: an HTTP keep-alive flow whose response
+// was spliced on bpf is watched for the client's next request, which
+// the proxy must read and route. Adopted after a kill -9, no proxy owns
+// it: its next request is never forwarded; the flow is reset at both
+// ends instead.
+func TestLabBPFAdoptedHTTPRequest(t *testing.T) {
+	hl := startHTTPLab(t, "splice-bpf", testnet.Options{}, nil)
+	hl.d.Stop()
+	root := testnet.BPFFS(t)
+	cfg := strings.Replace(httpConfig("splice-bpf"), "datapath: bpf\n", "datapath: bpf\n  bpffs: "+root+"\n", 1)
+	old := testnet.StartDaemon(t, hl.lab, cfg)
+	hc := hl.dial(t)
+	hc.send("/a/huge.bin")
+	hl.d = old
+	hl.expect(hc, "/a/huge.bin")
+	if err := old.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "flow promoted to the bpf datapath" }); err != nil {
+		t.Fatal(err)
+	}
+	old.Kill()
+	d := testnet.StartDaemon(t, hl.lab, cfg)
+	hl.d = d
+	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "adopted spliced flows from the bpf datapath" })
+	if rec == nil || rec["flows"] != float64(1) {
+		t.Fatalf("adoption log: %v\n%s", rec, tail(d.Log(), 20))
+	}
+	hc.send("/a/small.bin")
+	code, _, err := hc.response()
+	if err == nil {
+		t.Fatalf("the next request on an adopted flow got a response (status %d): it reached a backend unrouted", code)
+	}
+	if err := d.WaitLog(10*time.Second, func(l map[string]any) bool {
+		return l["msg"] == "flow closed" && strings.HasPrefix(fmt.Sprint(l["reason"]), "unsplice abandoned, flow reset")
+	}); err != nil {
+		t.Errorf("the adopted flow was not reset: %v\n%s", err, tail(d.Log(), 20))
+	}
+	t.Logf("next request on the adopted flow: %v", err)
+}

@@ -38,6 +38,13 @@ services:
     idle_timeout: 1m
     splice:
       mode: immediate
+  - name: nat
+    listen: 15002
+    ports: ["5002"]
+    upstream: nat
+    idle_timeout: 1m
+    splice:
+      mode: immediate
 `, datapath, bpffs)
 }
 
@@ -153,6 +160,15 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 	}
 	mux := testnet.NewMux(ln)
 	defer mux.Close()
+	// Every other flow through the NAT service: the server sees the
+	// gateway's address, and the program rewrites addresses too.
+	natSrv := netip.AddrPortFrom(lab.Server().IPv4, 5002)
+	natLn, err := lab.Server().Listen(natSrv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	natMux := testnet.NewMux(natLn)
+	defer natMux.Close()
 
 	old := testnet.StartDaemon(t, lab, cfg)
 	const flows = 20
@@ -164,7 +180,11 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			results[i] = mux.Transfer(lab.Client(), srv, testnet.TransferOptions{C2S: size, S2C: size, Seed: uint64(1000 + 2*i), Rate: rate, Timeout: 3 * time.Minute})
+			m, dst := mux, srv
+			if i%2 == 1 {
+				m, dst = natMux, natSrv
+			}
+			results[i] = m.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: size, S2C: size, Seed: uint64(1000 + 2*i), Rate: rate, Timeout: 3 * time.Minute})
 		}()
 	}
 	if err := testnet.Poll(30*time.Second, func() error {
@@ -227,11 +247,20 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 	}
 	adopted := 0
 	var one uint64
+	bySvc := map[string]int{}
 	for _, f := range fs {
-		if f.Adopted && f.Datapath == "bpf" && f.State == api.StateSpliced && f.Service == "fwd" {
+		if f.Adopted && f.Datapath == "bpf" && f.State == api.StateSpliced {
 			adopted++
 			one = f.ID
+			bySvc[f.Service]++
+			// NAT: the server leg starts at the gateway, not the client.
+			if nat := f.Service == "nat"; nat == strings.HasPrefix(f.ServerLeg.Local, lab.Client().IPv4.String()+":") {
+				t.Errorf("adopted flow %d of service %s: server leg %+v", f.ID, f.Service, f.ServerLeg)
+			}
 		}
+	}
+	if bySvc["fwd"] != flows/2 || bySvc["nat"] != flows/2 {
+		t.Errorf("adopted flows by service: %v", bySvc)
 	}
 	if adopted != flows {
 		t.Fatalf("%d of %d flows listed as adopted on bpf: %+v", adopted, flows, fs)
@@ -284,7 +313,7 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 	if p := pins(dir); !slices.Contains(p, "splice_flows") || !slices.ContainsFunc(p, func(n string) bool { return strings.HasPrefix(n, "tcx_ingress_") }) {
 		t.Errorf("pins while the new daemon runs: %v", p)
 	}
-	t.Logf("%d flows, %d MiB each way at %d MiB/s: %d intact; no daemon for %v, while the kernel forwarded %.1f MiB of them (%.1f MiB until the new daemon was ready); %d adopted, retired: %v",
+	t.Logf("%d flows (half transparent, half NAT), %d MiB each way at %d MiB/s: %d intact; no daemon for %v, while the kernel forwarded %.1f MiB of them (%.1f MiB until the new daemon was ready); %d adopted, retired: %v",
 		flows, size>>20, rate>>20, intact, down.Round(time.Millisecond), float64(movedWhileDown)/(1<<20), float64(movedBeforeStart)/(1<<20), adopted, closed)
 
 	// SIGTERM with flows of its own: reset at both ends, pins gone.

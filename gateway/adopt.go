@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"time"
 
 	"spliced/config"
@@ -173,6 +175,23 @@ func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQu
 	g.jumped[serverLeg(f)] = time.Time{}
 	g.splicedMu.Unlock()
 	return sf, nil
+}
+
+// warnOtherPins logs the pin directories of other tables under cfg's
+// bpffs: another daemon's (in another network namespace), or ones a
+// daemon left under another kernel.table, whose flows the old program
+// keeps rewriting. They are not touched.
+func warnOtherPins(cfg *config.Config, log *slog.Logger) {
+	ents, err := os.ReadDir(filepath.Dir(pinDir(cfg)))
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if e.Name() != cfg.Kernel.Table {
+			log.Warn("pins of another table left alone (another spliced's, or a killed one's with another kernel.table: spliced -cleanup with its configuration removes them and resets their flows)",
+				"pins", filepath.Join(filepath.Dir(pinDir(cfg)), e.Name()))
+		}
+	}
 }
 
 // errAdopted is why an adopted flow cannot be unspliced.

@@ -180,6 +180,7 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	if m := g.withSkipMark(g.manager()); m != g.manager() {
 		g.snap.Store(&snapshot{cfg: cfg, rules: m})
 	}
+	warnOtherPins(cfg, g.log)
 	if g.kpath != nil {
 		// Before any flow gets an ID, and before the table is replaced:
 		// the new one carries the adopted flows' divert entries.

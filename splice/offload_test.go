@@ -81,3 +81,45 @@ func stateOf(e *Entry) State {
 	f := e.Snapshot()
 	return f.State()
 }
+
+// TestTableAdopt: a flow adopted from another datapath's state is in the
+// table under both keys, offloaded (its packets refused) until Reclaim,
+// which gives the engine that state; a key already taken refuses it.
+func TestTableAdopt(t *testing.T) {
+	f := newFixture(t, false, true)
+	st := stateOf(f.e)
+	tab := NewTable()
+	e, err := tab.Adopt(7, f.e.Keys, st, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !e.Offloaded() || stateOf(e) != st || tab.Len() != 1 {
+		t.Fatalf("adopted: offloaded %v, state equal %v, len %d", e.Offloaded(), stateOf(e) == st, tab.Len())
+	}
+	for d, k := range f.e.Keys {
+		if got, dir, ok := tab.Lookup(k); !ok || got != e || dir != Dir(d) {
+			t.Fatalf("lookup %v: %v %v %v", k, got, dir, ok)
+		}
+	}
+	var p Packet
+	s := f.c2s(1000, 0xfffffff0, FlagACK)
+	s.opts, s.payload = tsOpt(10, 900000), make([]byte, 100)
+	if p.Parse(s.bytes()) != OK {
+		t.Fatal("parse")
+	}
+	if _, ok := e.TryProcess(&p, C2S, 2, true); ok {
+		t.Fatal("an adopted flow's packet was processed before Reclaim")
+	}
+	if err := e.Reclaim(func() (State, error) { return st, nil }, 3); err != nil || e.Offloaded() {
+		t.Fatalf("reclaim: %v", err)
+	}
+	if v, ok := e.TryProcess(&p, C2S, 4, true); !ok || v != Forward {
+		t.Fatalf("after reclaim: %v %v", v, ok)
+	}
+	if _, err := tab.Adopt(8, f.e.Keys, st, 5); err == nil {
+		t.Fatal("adopted a flow whose tuples belong to another")
+	}
+	if _, err := NewTable().Adopt(9, [2]Key{f.e.Keys[0], f.e.Keys[0]}, st, 5); err == nil {
+		t.Fatal("adopted a flow with one tuple for both directions")
+	}
+}

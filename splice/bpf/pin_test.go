@@ -5,6 +5,7 @@ package bpf
 import (
 	"errors"
 	"math/rand/v2"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -91,7 +92,9 @@ func progID(t *testing.T, dp *Datapath) ebpf.ProgramID {
 // TestPinReuse: a daemon's pinned maps and link outlive it (its file
 // descriptors closed, as a kill -9 closes them): the program stays
 // attached and the flow's state stays. The next Load reuses the maps and
-// finds the flow (state, tuples, watch, meta), and Attach moves the
+// finds the flow (state, tuples, watch, meta), its program rewrites the
+// flow from the state the first one left (BPF_PROG_TEST_RUN, compared
+// with the engine as the differential tests do), and Attach moves the
 // pinned link to the new program in place. Pins of another layout or
 // another network namespace are refused, and RemovePins detaches and
 // frees everything.
@@ -105,15 +108,32 @@ func TestPinReuse(t *testing.T) {
 	for d := range st.Dirs {
 		st.Dirs[d].WSIn, st.Dirs[d].WSOut = 7, 9
 	}
+	// A real flow for the program to rewrite after the reload (its own
+	// tuples: the client's and the gateway's ports differ from flow 42's).
+	c50, g50 := netip.AddrPortFrom(cAddr4.Addr(), 40050), netip.AddrPortFrom(gAddr4.Addr(), 50050)
+	fp := Params{
+		Client: Conn{Local: sAddr4, Remote: c50, SndNxt: 0xfffffff0, RcvNxt: 1000, SndWnd: 64000, RcvWnd: 64000,
+			SndWscale: 7, RcvWscale: 5, MSS: 1460, SACK: true, Timestamps: true, TSval: 5000},
+		Server: Conn{Local: g50, Remote: sAddr4, SndNxt: 0x7ffffff0, RcvNxt: 0xffffff00, SndWnd: 64000, RcvWnd: 64000,
+			SndWscale: 9, RcvWscale: 7, MSS: 1460, SACK: true, Timestamps: true, TSval: 900000},
+	}
+	real, err := NewFlow(&fp, fixtureStart)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var reloaded *Datapath // the second daemon's, kept open for the packets
 	inNetNS(t, func() {
 		// The first daemon.
-		dp1, err := Load(Options{PinDir: dir})
+		dp1, err := Load(Options{PinDir: dir, fakeClock: true})
 		if err != nil {
 			t.Error(err)
 			return
 		}
 		if dp1.Reused() {
 			t.Error("a first Load reports reused pins")
+		}
+		if err := dp1.PutFlow(50, fp.Keys(), real.State()); err != nil {
+			t.Error(err)
 		}
 		if err := dp1.PutFlowWatch(42, keys, st, true); err != nil {
 			t.Error(err)
@@ -141,12 +161,12 @@ func TestPinReuse(t *testing.T) {
 		}
 
 		// The second daemon.
-		dp2, err := Load(Options{PinDir: dir})
+		dp2, err := Load(Options{PinDir: dir, fakeClock: true})
 		if err != nil {
 			t.Error(err)
 			return
 		}
-		defer dp2.Close()
+		reloaded = dp2
 		if !dp2.Reused() {
 			t.Error("the pinned maps were not reused")
 		}
@@ -154,8 +174,8 @@ func TestPinReuse(t *testing.T) {
 		if err != nil {
 			t.Error(err)
 		}
-		if len(flows) != 1 || len(broken) != 1 || broken[0] != 43 {
-			t.Errorf("pinned flows %+v, broken %v; want flow 42, broken 43", flows, broken)
+		if len(flows) != 2 || len(broken) != 1 || broken[0] != 43 || flows[1].ID != 50 || flows[1].State != real.State() {
+			t.Errorf("pinned flows %+v, broken %v; want flows 42 and 50, broken 43", flows, broken)
 		} else if f := flows[0]; f.ID != 42 || f.Keys != keys || !f.Watch || !sameState(f.State, st) || string(f.Meta) != `{"service":"web"}` {
 			t.Errorf("pinned flow %+v, want keys %v, watched, state %+v and its meta", f, keys, st)
 		}
@@ -200,13 +220,32 @@ func TestPinReuse(t *testing.T) {
 		if err != nil || op == nil {
 			t.Errorf("OpenPinned: %v", err)
 		} else {
-			if flows, _, err := op.PinnedFlows(); err != nil || len(flows) != 1 {
+			if flows, _, err := op.PinnedFlows(); err != nil || len(flows) != 2 {
 				t.Errorf("OpenPinned: flows %+v, %v", flows, err)
 			}
 			op.Close()
 		}
 		t.Logf("pinned: %v", ls(dir))
 	})
+
+	if reloaded == nil {
+		t.FailNow()
+	}
+	t.Cleanup(func() { reloaded.Close() })
+	// The reloaded program rewrites flow 50 from the state the first
+	// daemon wrote, exactly as the engine does from the same state.
+	h := &harness{t: t, dp: reloaded, id: 50, keys: fp.Keys(), flow: real}
+	for i, pkt := range []struct {
+		s seg
+		d Dir
+	}{
+		{seg{src: c50, dst: sAddr4, seq: 1000, ack: 0xfffffff0, flags: FlagACK | FlagPSH, win: 500, opts: tsOpt(10, 900000), payload: make([]byte, 100)}, C2S},
+		{seg{src: sAddr4, dst: g50, seq: 0xfffffff0, ack: 0x7ffffff0 + 100, flags: FlagACK, win: 700, opts: tsOpt(900100, 5010)}, S2C},
+	} {
+		if v := h.step(pkt.s.bytes(), pkt.d, fixtureStart+int64(i+1)*1e6); v != int(Forward) {
+			t.Errorf("packet %d after the reload: verdict %v", i, Verdict(v))
+		}
+	}
 
 	// From another network namespace: refused.
 	var ie *IncompatibleError

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
 	"spliced/api"
 	"spliced/splice"
 	"spliced/splice/bpf"
@@ -626,4 +628,77 @@ func TestLabBPFAdoptedHTTPRequest(t *testing.T) {
 		t.Errorf("the adopted flow was not reset: %v\n%s", err, tail(d.Log(), 20))
 	}
 	t.Logf("next request on the adopted flow: %v", err)
+}
+
+// TestLabBPFPinsOtherVersion: pins whose layout record names another
+// version of the program are not reused: the daemon logs why, removes
+// them (their flows cannot be read, so they end: nothing wrong reaches
+// an end) and runs on fresh pins.
+func TestLabBPFPinsOtherVersion(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	root := testnet.BPFFS(t)
+	dir := bpf.PinDir(root, "spliced")
+	cfg := pinConfig("bpf", root)
+	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
+	ln, err := lab.Server().Listen(srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := testnet.NewMux(ln)
+	defer mux.Close()
+	old := testnet.StartDaemon(t, lab, cfg)
+	const n = 2
+	res := make([]*testnet.Transfer, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res[i] = mux.Transfer(lab.Client(), srv, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Seed: uint64(8000 + 2*i), Rate: 1 << 20, Timeout: 8 * time.Second})
+		}()
+	}
+	waitMoving(t, lab, root, n)
+	old.Kill()
+	// Another version: its layout hash differs.
+	err = lab.Gateway.Do(func() error {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, "splice_layout"), nil)
+		if err != nil {
+			return err
+		}
+		defer m.Close()
+		v := make([]byte, m.ValueSize())
+		if err := m.Lookup(uint32(0), &v); err != nil {
+			return err
+		}
+		v[0] ^= 0xff
+		return m.Put(uint32(0), v)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := testnet.StartDaemon(t, lab, cfg)
+	rec := d.FindLog(func(l map[string]any) bool {
+		return strings.HasPrefix(fmt.Sprint(l["msg"]), "pins of the bpf datapath removed: another version of the program made them")
+	})
+	if rec == nil {
+		t.Errorf("no log of the pins of another version\n%s", tail(d.Log(), 20))
+	}
+	if dp := d.FindLog(func(l map[string]any) bool { return l["msg"] == "datapath" }); dp == nil || dp["reused_pins"] != false {
+		t.Errorf("datapath log: %v", dp)
+	}
+	wg.Wait()
+	for i, r := range res {
+		if err := r.CheckPrefix(); err != nil {
+			t.Errorf("old flow %d: %v", i, err)
+		}
+	}
+	// The new daemon splices on fresh pins.
+	tr := mux.Transfer(lab.Client(), srv, testnet.TransferOptions{C2S: 4 << 20, S2C: 4 << 20, Seed: 8100, Timeout: 30 * time.Second})
+	if err := tr.Check(); err != nil {
+		t.Errorf("a new flow: %v", err)
+	}
+	if p := pins(dir); !slices.Contains(p, "splice_layout") {
+		t.Errorf("pins of the new daemon: %v", p)
+	}
+	t.Logf("pins of another version: %v; the new daemon runs on fresh pins %v", rec["msg"], pins(dir))
 }

@@ -287,7 +287,15 @@ func (n *NS) Capture(dev, file, filter string) (stop func(), err error) {
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	time.Sleep(500 * time.Millisecond) // tshark needs a moment before it captures
+	// tshark writes the file's header once it captures; under load
+	// (the race detector, a loaded machine) that takes seconds, and a
+	// fixed pause loses the start of what a test wants to see.
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if fi, err := os.Stat(file); err == nil && fi.Size() > 0 {
+			break
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
 	return func() {
 		cmd.Process.Signal(syscall.SIGINT)
 		cmd.Wait()

@@ -325,6 +325,11 @@ func TestLabHTTPPipelined(t *testing.T) {
 					t.Fatal(err)
 				}
 				defer stop()
+				stop2, err := hl.lab.Server().Capture("eth0", dir+"server.pcap", "tcp port 8080")
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer stop2()
 			}
 			hc := hl.dial(t)
 			// Each next request goes out while the previous response

@@ -198,8 +198,8 @@ func (r *Report) Markdown() string {
 		configTable(&b, r.Configs, Metrics, measured)
 		for _, base := range []string{BaselineCopy, BaselineRouting, BaselineRoutingNFT} {
 			bc := r.Config(base)
-			if bc == nil && base == BaselineRoutingNFT {
-				continue // a partial run (-only)
+			if bc == nil {
+				continue // a partial run (-only) without this baseline
 			}
 			fmt.Fprintf(&b, "### Ratio to %s (median / median; above 1 is better)\n\n", base)
 			configTable(&b, r.Configs, Metrics, func(c *ConfigResult, m Metric) string {

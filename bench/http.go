@@ -39,16 +39,22 @@ const (
 	httpHugeSize  = 32 << 20
 )
 
+// httpFiles are the files the backend nginx serves, by name.
+var httpFiles = map[string]int64{
+	"small.bin": httpSmallSize, "medium.bin": 64 << 10, "big.bin": httpBigSize,
+	"large.bin": 16 << 20, "huge.bin": httpHugeSize,
+}
+
 func httpBenchConfig(mode string) string {
-	return fmt.Sprintf(`
-log:
-  level: info
-limits:
-  max_flows: 30000
-services:
-  - name: web
-    listen: 15080
-    ports: ["80"]
+	return "\nlog:\n  level: info\nlimits:\n  max_flows: 30000\nservices:\n" + httpService("web", 15080, 80, mode)
+}
+
+// httpService is a service of spliced's HTTP proxy: its TPROXY listener
+// on listen intercepts port and sends every request to the bench's nginx.
+func httpService(name string, listen, port uint16, mode string) string {
+	return fmt.Sprintf(`  - name: %s
+    listen: %d
+    ports: ["%d"]
     proxy: http
     idle_timeout: 1m
     splice:
@@ -57,7 +63,7 @@ services:
       routes:
         - path: /
           backends: ["%s:%d"]
-`, mode, "10.2.0.2", testnet.NginxPort)
+`, name, listen, port, mode, "10.2.0.2", testnet.NginxPort)
 }
 
 // startNginx runs nginx in the server namespace with the bench's files.
@@ -66,7 +72,7 @@ func startNginx(env *Env, lab *testnet.Lab) (stop func(), err error) {
 	if err := os.MkdirAll(filepath.Join(root, "www"), 0o755); err != nil {
 		return nil, err
 	}
-	for name, size := range map[string]int64{"big.bin": httpBigSize, "small.bin": httpSmallSize, "huge.bin": httpHugeSize} {
+	for name, size := range httpFiles {
 		f, err := os.Create(filepath.Join(root, "www", name))
 		if err != nil {
 			return nil, err

@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"spliced/config"
 	_ "spliced/proxy/httpproxy" // registers the http section
@@ -55,7 +56,7 @@ func TestHTTPPeersTables(t *testing.T) {
 		}
 	}
 	// Only the cells measured have rows.
-	if strings.Contains(md, "16 MiB") || strings.Contains(md, "64 KiB") {
+	if strings.Contains(md, "| 16 MiB") || strings.Contains(md, "| 64 KiB") {
 		t.Errorf("rows of cells not measured:\n%s", md)
 	}
 	// Without the relayed row or the peers there is no ratio.
@@ -133,5 +134,21 @@ func TestPeerConfigs(t *testing.T) {
 		if s.Proxy != "http" || s.Splice.Mode != want.mode || len(s.Ports) != 1 || s.Ports[0].String() != want.port {
 			t.Errorf("service %d: %+v", i, s)
 		}
+	}
+}
+
+func TestHTTPCellDuration(t *testing.T) {
+	opt := &Options{Measure: 3 * time.Second}
+	for _, c := range httpCells {
+		want := 3 * time.Second
+		if c.key == "16m_64c" {
+			want = 12 * time.Second
+		}
+		if got := c.duration(opt); got != want {
+			t.Errorf("%s runs %v, want %v", c.key, got, want)
+		}
+	}
+	if d := httpPeersDuration(&Options{Measure: time.Second, Quick: true, Repetitions: 3}, 4); d != 4*3*4*1100*time.Millisecond {
+		t.Errorf("quick part takes %v", d)
 	}
 }

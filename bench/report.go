@@ -159,12 +159,15 @@ type Report struct {
 	Seconds     float64        `json:"seconds_per_measure"`
 	Configs     []ConfigResult `json:"configs"`
 	// SOCKS are the SOCKS5 servers, measured with SOCKSMetrics.
-	SOCKS    []ConfigResult `json:"socks5,omitempty"`
-	Latency  *Latency       `json:"splice_latency,omitempty"`
-	Memory   *Memory        `json:"memory,omitempty"`
-	Trace    *Trace         `json:"trace,omitempty"`
-	HTTP     *HTTP          `json:"http,omitempty"`
-	Pictures []string       `json:"pictures,omitempty"`
+	SOCKS   []ConfigResult `json:"socks5,omitempty"`
+	Latency *Latency       `json:"splice_latency,omitempty"`
+	Memory  *Memory        `json:"memory,omitempty"`
+	Trace   *Trace         `json:"trace,omitempty"`
+	HTTP    *HTTP          `json:"http,omitempty"`
+	// HTTPPeers are the HTTP proxies side by side, measured per cell of
+	// httpCells with httpMeasures.
+	HTTPPeers []ConfigResult `json:"http_peers,omitempty"`
+	Pictures  []string       `json:"pictures,omitempty"`
 }
 
 // Config returns the result of a configuration by name.
@@ -304,6 +307,9 @@ func (r *Report) Markdown() string {
 			fmt.Fprintf(&b, "| busy (next request while the response flows) | %d | %.0f µs | %.0f µs |\n\n", h.BusySamples, h.BusyP50, h.BusyP99)
 		}
 	}
+	if len(r.HTTPPeers) > 0 {
+		httpPeersTables(&b, r.HTTPPeers)
+	}
 	if t := r.Trace; t != nil && t.Error != "" {
 		fmt.Fprintf(&b, "### Sequence trace\n\nfailed: %s\n\n", t.Error)
 	}
@@ -411,4 +417,80 @@ func (r *Report) Write(dir string) error {
 		md += fmt.Sprintf("![%s](%s)\n\n", strings.TrimSuffix(p, ".png"), p)
 	}
 	return os.WriteFile(filepath.Join(dir, "latest.md"), []byte(md), 0o644)
+}
+
+// httpPeersTables writes the HTTP proxies side by side: a table per
+// measure, with a row per cell measured and a column per proxy, and the
+// ratio of spliced relaying to the better peer.
+func httpPeersTables(b *strings.Builder, rows []ConfigResult) {
+	b.WriteString("### HTTP proxy next to nginx and HAProxy\n\n")
+	b.WriteString("The same nginx backend, wrk -t2 --latency from the client; nginx and HAProxy on the gateway's address, " +
+		"spliced's HTTP proxy transparent (through its TPROXY listener); gateway CPU per request: user and system time " +
+		"of the proxy's processes over the run, divided by the requests wrk completed. " +
+		"16 MiB on 64 connections runs four times as long (a GiB in flight). " +
+		"Median (min–max); ratio: spliced relayed / the better of nginx and HAProxy in that cell (above 1 is better).\n\n")
+	var relayed *ConfigResult
+	var peers []*ConfigResult
+	for i := range rows {
+		switch {
+		case rows[i].Name == httpRelayed:
+			relayed = &rows[i]
+		case slices.Contains(httpPeerNames, rows[i].Name):
+			peers = append(peers, &rows[i])
+		}
+	}
+	for _, measure := range httpMeasures {
+		fmt.Fprintf(b, "%s (%s):\n\n", strings.ToUpper(measure.Title[:1])+measure.Title[1:], measure.Unit)
+		cols := []string{"responses, connections"}
+		for _, c := range rows {
+			cols = append(cols, c.Name)
+		}
+		cols = append(cols, "relayed / better peer")
+		fmt.Fprintf(b, "| %s |\n|%s\n", strings.Join(cols, " | "), strings.Repeat("---|", len(cols)))
+		for _, m := range httpCellMetrics(measure) {
+			if !measuredBy(rows, m) {
+				continue
+			}
+			cells := []string{m.Title}
+			for i := range rows {
+				cells = append(cells, measured(&rows[i], m))
+			}
+			cells = append(cells, ratioToBetter(relayed, peers, m))
+			fmt.Fprintf(b, "| %s |\n", strings.Join(cells, " | "))
+		}
+		b.WriteString("\n")
+	}
+}
+
+// measuredBy tells whether any row measured m or failed to.
+func measuredBy(rows []ConfigResult, m Metric) bool {
+	for _, c := range rows {
+		if _, ok := c.Metrics[m.Key]; ok || c.Errors[m.Key] != "" {
+			return true
+		}
+	}
+	return false
+}
+
+// ratioToBetter is c's ratio to the best of peers in m (the highest, or
+// the lowest where lower is better), naming it.
+func ratioToBetter(c *ConfigResult, peers []*ConfigResult, m Metric) string {
+	var best *ConfigResult
+	for _, p := range peers {
+		st, ok := p.Metrics[m.Key]
+		if p.Failed != "" || !ok || st.Median == 0 {
+			continue
+		}
+		if best == nil || (st.Median > best.Metrics[m.Key].Median) != m.Lower {
+			best = p
+		}
+	}
+	if c == nil || best == nil {
+		return "n/a"
+	}
+	r := ratio(c, best, m)
+	if r == "n/a" || r == "failed" {
+		return r
+	}
+	return fmt.Sprintf("%s (%s)", r, best.Name)
 }

@@ -42,5 +42,11 @@ func Tools(opt Options) []string {
 	if want("http") {
 		add("nginx", "wrk", "ss")
 	}
+	for _, p := range selectedHTTPPeers(opt) {
+		add("nginx", "wrk", "ss") // the backend; ss sees the peers' listeners
+		if p.name == "http-haproxy" {
+			add("haproxy")
+		}
+	}
 	return tools
 }

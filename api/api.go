@@ -70,8 +70,11 @@ type Engine struct {
 	BPFVerdicts     map[string]uint64 `json:"bpf_verdicts,omitempty"`
 	BPFPromotions   uint64            `json:"bpf_promotions,omitempty"`
 	BPFPromoteFails uint64            `json:"bpf_promote_failures,omitempty"`
-	BPFDemotions    uint64            `json:"bpf_demotions,omitempty"`
-	BPFStragglers   uint64            `json:"bpf_stragglers,omitempty"`
+	// BPFPromoteSkipped: splices not promoted because an unsplice of the
+	// flow began first (the HTTP proxy's next request).
+	BPFPromoteSkipped uint64 `json:"bpf_promote_skipped,omitempty"`
+	BPFDemotions      uint64 `json:"bpf_demotions,omitempty"`
+	BPFStragglers     uint64 `json:"bpf_stragglers,omitempty"`
 	// Phases: where recent completed splices and unsplices spent their
 	// time.
 	Phases []Phase `json:"phases,omitempty"`

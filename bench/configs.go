@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 
 	"spliced/config"
 	"spliced/rules"
+	"spliced/splice/bpf"
 	"spliced/testnet"
 )
 
@@ -31,11 +33,18 @@ type gateway struct {
 
 // splicedConfig is the daemon configuration of the spliced setups.
 func splicedConfig(mode, nfqueue string) string {
+	return splicedDatapathConfig(mode, nfqueue, "nfqueue")
+}
+
+// splicedDatapathConfig is splicedConfig with the datapath of established
+// spliced flows (kernel.datapath).
+func splicedDatapathConfig(mode, nfqueue, datapath string) string {
 	return fmt.Sprintf(`
 log:
   level: warn
 kernel:
   nfqueue: %s
+  datapath: %s
 limits:
   max_flows: 30000
 services:
@@ -44,12 +53,16 @@ services:
     ports: ["%d", "%d"]
     splice:
       mode: %s
-`, nfqueue, portRR, portIperf, mode)
+`, nfqueue, datapath, portRR, portIperf, mode)
 }
 
 func splicedGateway(name, desc, mode, nfqueue string) gateway {
+	return splicedDatapathGateway(name, desc, mode, nfqueue, "nfqueue")
+}
+
+func splicedDatapathGateway(name, desc, mode, nfqueue, datapath string) gateway {
 	return gateway{name: name, desc: desc, setup: func(env *Env, lab *testnet.Lab) (func() []int, func(), error) {
-		d, err := testnet.LaunchDaemon(lab, env.Spliced, env.Dir, splicedConfig(mode, nfqueue))
+		d, err := testnet.LaunchDaemon(lab, env.Spliced, env.Dir, splicedDatapathConfig(mode, nfqueue, datapath))
 		if d == nil {
 			return nil, nil, err
 		}
@@ -67,22 +80,68 @@ var Gateways = []gateway{
 		setup: func(*Env, *testnet.Lab) (func() []int, func(), error) { return nil, func() {}, nil }},
 	{name: "routing-nft", desc: "kernel routing with an nftables forward filter and conntrack",
 		setup: func(_ *Env, lab *testnet.Lab) (func() []int, func(), error) {
-			for _, c := range []string{
-				"add table inet filter",
-				"add chain inet filter forward { type filter hook forward priority 0; policy drop; }",
-				"add rule inet filter forward ct state established,related accept",
-				fmt.Sprintf("add rule inet filter forward tcp dport { %d, %d } ct state new accept", portRR, portIperf),
-			} {
-				if out, err := lab.Gateway.Run("nft", c); err != nil {
-					return nil, nil, fmt.Errorf("nft %s: %w %s", c, err, out)
-				}
-			}
-			return nil, func() {}, nil
+			return nil, func() {}, nftFilter(lab)
 		}},
+	{name: "routing-bpf-attached", desc: "routing-nft with spliced's BPF program attached at tcx ingress of the gateway's interfaces, no spliced flow (what the program costs every packet)",
+		setup: bpfAttachedGateway},
 	{name: "haproxy", desc: "HAProxy in TCP mode, transparent (usesrc clientip), splice-auto", setup: haproxyGateway},
 	splicedGateway(BaselineCopy, "spliced, proxied: the plain forwarder relays every byte (the paper's 2-path forwarder)", "never", "lean"),
 	splicedGateway("spliced-splice", "spliced, spliced at connect: NFQUEUE with the lean loop (the paper's FWD)", "immediate", "lean"),
 	splicedGateway("spliced-splice-gonfq", "spliced, spliced at connect: NFQUEUE through the go-nfqueue library", "immediate", "go-nfqueue"),
+	splicedDatapathGateway("spliced-splice-bpf", "spliced, spliced at connect, then rewritten in the kernel by the BPF program at tcx ingress (kernel.datapath: bpf)", "immediate", "lean", "bpf"),
+}
+
+// nftFilter installs routing-nft's forward filter: conntrack and an
+// accept of the bench ports.
+func nftFilter(lab *testnet.Lab) error {
+	for _, c := range []string{
+		"add table inet filter",
+		"add chain inet filter forward { type filter hook forward priority 0; policy drop; }",
+		"add rule inet filter forward ct state established,related accept",
+		fmt.Sprintf("add rule inet filter forward tcp dport { %d, %d } ct state new accept", portRR, portIperf),
+	} {
+		if out, err := lab.Gateway.Run("nft", c); err != nil {
+			return fmt.Errorf("nft %s: %w %s", c, err, out)
+		}
+	}
+	return nil
+}
+
+// bpfAttachedGateway is routing-nft with the rewrite program attached at
+// tcx ingress of every gateway interface but lo, as the daemon attaches
+// it, with no flow in its map: every packet runs the program's lookup
+// and goes on.
+func bpfAttachedGateway(_ *Env, lab *testnet.Lab) (func() []int, func(), error) {
+	if err := nftFilter(lab); err != nil {
+		return nil, nil, err
+	}
+	dp, err := bpf.Load(bpf.Options{})
+	if err != nil {
+		return nil, nil, fmt.Errorf("load the BPF program: %w", err)
+	}
+	var att *bpf.Attachment
+	err = lab.Gateway.Do(func() error {
+		ifs, err := net.Interfaces()
+		if err != nil {
+			return err
+		}
+		var names []string
+		for _, ifi := range ifs {
+			if ifi.Flags&net.FlagLoopback == 0 {
+				names = append(names, ifi.Name)
+			}
+		}
+		att, err = dp.Attach(names)
+		return err
+	})
+	if err != nil {
+		dp.Close()
+		return nil, nil, err
+	}
+	return nil, func() {
+		att.Close()
+		dp.Close()
+	}, nil
 }
 
 // maxconn stays below what the open-file limit (20,000 on some machines)

@@ -20,6 +20,14 @@
 // close), 1-byte request/response on established SOCKS connections, bulk
 // client to server, and gateway CPU per connection and per GB.
 //
+// HTTP: nginx (proxy_pass, upstream keepalive, 2 workers) and HAProxy
+// (mode http, http-reuse always, 2 threads) on the gateway's address,
+// and spliced's HTTP proxy relaying and splicing, side by side in one lab
+// in front of one nginx backend, driven by wrk: requests per second, p99
+// latency and gateway CPU per request, for responses of 4 KiB to 16 MiB
+// on 8 and 64 connections and for one request per connection. The
+// spliced rows' ratio to the better peer is the goal of issue 16.
+//
 // Everything runs in testnet labs; nothing here is a test, and nothing is
 // asserted about time: the report shows what was measured.
 package bench

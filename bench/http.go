@@ -39,16 +39,22 @@ const (
 	httpHugeSize  = 32 << 20
 )
 
+// httpFiles are the files the backend nginx serves, by name.
+var httpFiles = map[string]int64{
+	"small.bin": httpSmallSize, "medium.bin": 64 << 10, "big.bin": httpBigSize,
+	"large.bin": 16 << 20, "huge.bin": httpHugeSize,
+}
+
 func httpBenchConfig(mode string) string {
-	return fmt.Sprintf(`
-log:
-  level: info
-limits:
-  max_flows: 30000
-services:
-  - name: web
-    listen: 15080
-    ports: ["80"]
+	return "\nlog:\n  level: info\nlimits:\n  max_flows: 30000\nservices:\n" + httpService("web", 15080, 80, mode)
+}
+
+// httpService is a service of spliced's HTTP proxy: its TPROXY listener
+// on listen intercepts port and sends every request to the bench's nginx.
+func httpService(name string, listen, port uint16, mode string) string {
+	return fmt.Sprintf(`  - name: %s
+    listen: %d
+    ports: ["%d"]
     proxy: http
     idle_timeout: 1m
     splice:
@@ -57,7 +63,7 @@ services:
       routes:
         - path: /
           backends: ["%s:%d"]
-`, mode, "10.2.0.2", testnet.NginxPort)
+`, name, listen, port, mode, "10.2.0.2", testnet.NginxPort)
 }
 
 // startNginx runs nginx in the server namespace with the bench's files.
@@ -66,7 +72,7 @@ func startNginx(env *Env, lab *testnet.Lab) (stop func(), err error) {
 	if err := os.MkdirAll(filepath.Join(root, "www"), 0o755); err != nil {
 		return nil, err
 	}
-	for name, size := range map[string]int64{"big.bin": httpBigSize, "small.bin": httpSmallSize, "huge.bin": httpHugeSize} {
+	for name, size := range httpFiles {
 		f, err := os.Create(filepath.Join(root, "www", name))
 		if err != nil {
 			return nil, err
@@ -80,24 +86,92 @@ func startNginx(env *Env, lab *testnet.Lab) (stop func(), err error) {
 	return lab.Server().StartNginx(root)
 }
 
-var wrkRate = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+// wrkRun is what one wrk run measured.
+type wrkRun struct {
+	Requests int64         // responses completed
+	Elapsed  time.Duration // the run's length as wrk timed it
+	Rate     float64       // requests per second
+	P99      time.Duration // 99th percentile latency (--latency)
+}
 
-// wrk runs wrk from the client namespace and returns requests per second.
-func wrk(lab *testnet.Lab, url string, d time.Duration) (float64, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), d+30*time.Second)
+var (
+	wrkRate     = regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+	wrkRequests = regexp.MustCompile(`(\d+) requests in ([0-9.]+[a-z]+)`)
+	wrkP99      = regexp.MustCompile(`(?m)^\s*99%\s+([0-9.]+[a-z]+)\s*$`)
+)
+
+// parseWrk reads wrk's output (run with --latency). A run that saw
+// responses other than 2xx or 3xx, or socket errors, failed.
+func parseWrk(out string) (wrkRun, error) {
+	var r wrkRun
+	if strings.Contains(out, "Non-2xx") || strings.Contains(out, "Socket errors") {
+		return r, fmt.Errorf("wrk saw errors: %s", tailStr(out, 300))
+	}
+	m := wrkRate.FindStringSubmatch(out)
+	n := wrkRequests.FindStringSubmatch(out)
+	if m == nil || n == nil {
+		return r, fmt.Errorf("wrk printed no rate: %s", tailStr(out, 300))
+	}
+	var err error
+	if r.Rate, err = strconv.ParseFloat(m[1], 64); err != nil {
+		return r, err
+	}
+	if r.Requests, err = strconv.ParseInt(n[1], 10, 64); err != nil {
+		return r, err
+	}
+	if r.Elapsed, err = wrkDuration(n[2]); err != nil {
+		return r, err
+	}
+	if p := wrkP99.FindStringSubmatch(out); p != nil {
+		if r.P99, err = wrkDuration(p[1]); err != nil {
+			return r, err
+		}
+	}
+	return r, nil
+}
+
+// wrkDuration reads a time as wrk prints it: a number and us, ms, s, m
+// or h.
+func wrkDuration(s string) (time.Duration, error) {
+	i := strings.IndexFunc(s, func(r rune) bool { return r >= 'a' && r <= 'z' })
+	unit := map[string]time.Duration{"us": time.Microsecond, "ms": time.Millisecond, "s": time.Second, "m": time.Minute, "h": time.Hour}[s[max(i, 0):]]
+	v, err := strconv.ParseFloat(s[:max(i, 0)], 64)
+	if i < 0 || unit == 0 || err != nil {
+		return 0, fmt.Errorf("wrk printed %q, not a time", s)
+	}
+	return time.Duration(v * float64(unit)), nil
+}
+
+// wrkOptions are the load of a wrk run: two threads, conns connections,
+// for d; closing asks for one request per connection.
+type wrkOptions struct {
+	conns   int
+	d       time.Duration
+	closing bool
+}
+
+// runWrk runs wrk from the client namespace.
+func runWrk(lab *testnet.Lab, url string, o wrkOptions) (wrkRun, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), o.d+30*time.Second)
 	defer cancel()
-	out, err := lab.Client().Command(ctx, "wrk", "-t2", "-c8", "-d"+strconv.Itoa(int(d.Seconds()))+"s", url).CombinedOutput()
+	// A 16 MiB response on 64 connections may take longer than wrk's
+	// default timeout of 2 s, which it would count as an error.
+	args := []string{"-t2", "-c" + strconv.Itoa(o.conns), "-d" + strconv.Itoa(int(max(o.d, time.Second).Seconds())) + "s", "--latency", "--timeout", "20s"}
+	if o.closing {
+		args = append(args, "-H", "Connection: close")
+	}
+	out, err := lab.Client().Command(ctx, "wrk", append(args, url)...).CombinedOutput()
 	if err != nil {
-		return 0, fmt.Errorf("wrk: %w: %s", err, tailStr(string(out), 300))
+		return wrkRun{}, fmt.Errorf("wrk: %w: %s", err, tailStr(string(out), 300))
 	}
-	m := wrkRate.FindSubmatch(out)
-	if m == nil {
-		return 0, fmt.Errorf("wrk printed no rate: %s", tailStr(string(out), 300))
-	}
-	if strings.Contains(string(out), "Non-2xx") || strings.Contains(string(out), "Socket errors") {
-		return 0, fmt.Errorf("wrk saw errors: %s", tailStr(string(out), 300))
-	}
-	return strconv.ParseFloat(string(m[1]), 64)
+	return parseWrk(string(out))
+}
+
+// wrk runs wrk from the client namespace on 8 connections and returns
+// requests per second.
+func wrk(lab *testnet.Lab, url string, d time.Duration) (float64, error) {
+	r, err := runWrk(lab, url, wrkOptions{conns: 8, d: d})
+	return r.Rate, err
 }
 
 func measureHTTP(env *Env, opt *Options) *HTTP {
@@ -129,7 +203,7 @@ func measureHTTP(env *Env, opt *Options) *HTTP {
 		for _, file := range []string{"big", "small"} {
 			var samples []float64
 			for range opt.Repetitions {
-				r, err := wrk(lab, fmt.Sprintf("http://%s/%s.bin", vip, file), max(opt.Measure, time.Second))
+				r, err := wrk(lab, fmt.Sprintf("http://%s/%s.bin", vip, file), opt.Measure)
 				if err != nil {
 					res.Error = fmt.Sprintf("%s %s: %v%s", mode, file, err, warnings(d))
 					d.Stop()

@@ -223,6 +223,11 @@ func (m cpuMeter) read() cpuSample {
 
 func (a cpuSample) sub(b cpuSample) time.Duration { return (a.proc - b.proc) + (a.softirq - b.softirq) }
 
+// procSub is the processes' time alone, without the machine's softirq
+// time (which counts the other namespaces' packets, and on a shared
+// machine other work too).
+func (a cpuSample) procSub(b cpuSample) time.Duration { return a.proc - b.proc }
+
 // procCPU is a process's user plus system time, with that of its
 // children that ended and were waited for (a server that forks workers,
 // as Dante does, keeps the time of the ones that ended).

@@ -12,15 +12,18 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"spliced/splice/bpf"
 	"spliced/testnet"
 )
 
 const portMemory = 7200
 
-func memoryConfig(mode string) string {
+func memoryConfig(mode, datapath string) string {
 	return fmt.Sprintf(`
 log:
   level: info
+kernel:
+  datapath: %s
 limits:
   max_flows: 30000
 services:
@@ -29,7 +32,7 @@ services:
     ports: ["%d"]
     splice:
       mode: %s
-`, portMemory, mode)
+`, datapath, portMemory, mode)
 }
 
 // measureMemory establishes opt.Flows idle flows through a fresh daemon,
@@ -42,21 +45,24 @@ func measureMemory(env *Env, opt *Options) *Memory {
 	if note != "" {
 		fmt.Fprintf(opt.Log, "   %s\n", note)
 	}
+	res.SplicedBPF = &MemSample{}
 	for _, v := range []struct {
-		mode string
-		into *MemSample
-	}{{"never", &res.Proxied}, {"immediate", &res.Spliced}} {
-		if err := memorySample(env, opt, flows, v.mode, v.into); err != nil {
-			res.Error = fmt.Sprintf("%s flows: %v", v.mode, err)
+		mode, datapath string
+		into           *MemSample
+	}{{"never", "nfqueue", &res.Proxied}, {"immediate", "nfqueue", &res.Spliced}, {"immediate", "bpf", res.SplicedBPF}} {
+		if err := memorySample(env, opt, flows, v.mode, v.datapath, v.into); err != nil {
+			res.Error = fmt.Sprintf("%s flows (%s): %v", v.mode, v.datapath, err)
 			return res
 		}
-		fmt.Fprintf(opt.Log, "   %s: daemon RSS %s -> %s, socket memory %s, %d sockets\n", v.mode,
+		fmt.Fprintf(opt.Log, "   %s (%s): daemon RSS %s -> %s, socket memory %s, %d sockets\n", v.mode, v.datapath,
 			bytesStr(v.into.BaseRSS), bytesStr(v.into.DaemonRSS), bytesStr(v.into.SocketMem), v.into.Sockets)
 	}
 	if p := res.Proxied.Total(); p > 0 {
 		res.Ratio = float64(res.Spliced.Total()) / float64(p)
+		res.RatioBPF = float64(res.SplicedBPF.Total()) / float64(p)
 	}
 	res.PerFlowB = float64(res.Spliced.Total()) / float64(flows)
+	res.PerFlowBPFB = float64(res.SplicedBPF.Total()) / float64(flows)
 	return res
 }
 
@@ -98,7 +104,7 @@ func Hold(addr string) error {
 	}
 }
 
-func memorySample(env *Env, opt *Options, flows int, mode string, into *MemSample) error {
+func memorySample(env *Env, opt *Options, flows int, mode, datapath string, into *MemSample) error {
 	lab, err := testnet.New(testnet.Options{
 		// The client opens every flow from its own port.
 		ClientSysctls: map[string]string{"net.ipv4.ip_local_port_range": "10000 65000"},
@@ -107,7 +113,7 @@ func memorySample(env *Env, opt *Options, flows int, mode string, into *MemSampl
 		return err
 	}
 	defer lab.Close()
-	d, err := testnet.LaunchDaemon(lab, env.Spliced, env.Dir, memoryConfig(mode))
+	d, err := testnet.LaunchDaemon(lab, env.Spliced, env.Dir, memoryConfig(mode, datapath))
 	if d != nil {
 		defer d.Stop()
 	}
@@ -195,6 +201,9 @@ func memorySample(env *Env, opt *Options, flows int, mode string, into *MemSampl
 		return err
 	}
 	into.Sockets = after.inuse - before.inuse
+	if datapath == "bpf" {
+		into.MapBytes = int64(flows) * int64(bpf.FlowEntryBytes())
+	}
 	// The kernel's TCP buffer pages are counted for all namespaces
 	// together, and idle flows hold almost none; what each gateway socket
 	// surely costs is its slab objects. Count both.

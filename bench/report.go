@@ -100,13 +100,19 @@ func phaseOrder(ps []PhaseLatency) []string {
 
 // Memory compares established flows proxied and spliced.
 type Memory struct {
-	Flows    int       `json:"flows"`
-	Note     string    `json:"note,omitempty"`
-	Proxied  MemSample `json:"proxied"`
-	Spliced  MemSample `json:"spliced"`
-	Error    string    `json:"error,omitempty"`
-	Ratio    float64   `json:"ratio"` // spliced total / proxied total
-	PerFlowB float64   `json:"spliced_bytes_per_flow"`
+	Flows   int       `json:"flows"`
+	Note    string    `json:"note,omitempty"`
+	Proxied MemSample `json:"proxied"`
+	Spliced MemSample `json:"spliced"`
+	// SplicedBPF: spliced and promoted to the kernel datapath; its total
+	// includes the flows' elements in the program's maps (MapBytes).
+	SplicedBPF *MemSample `json:"spliced_bpf,omitempty"`
+	Error      string     `json:"error,omitempty"`
+	Ratio      float64    `json:"ratio"` // spliced total / proxied total
+	PerFlowB   float64    `json:"spliced_bytes_per_flow"`
+	// The same for the bpf datapath.
+	RatioBPF    float64 `json:"ratio_bpf,omitempty"`
+	PerFlowBPFB float64 `json:"spliced_bpf_bytes_per_flow,omitempty"`
 }
 
 // MemSample is the gateway's memory with the flows established.
@@ -119,11 +125,15 @@ type MemSample struct {
 	BaseLive   int64 `json:"daemon_live_before_bytes"`
 	SocketMem  int64 `json:"kernel_socket_mem_bytes"`
 	Sockets    int   `json:"tcp_sockets"`
+	// MapBytes: the keys and values of the flows' elements in the BPF
+	// program's maps (bpf datapath only; the maps are preallocated, so
+	// the kernel holds this memory whether or not the flows exist).
+	MapBytes int64 `json:"bpf_map_bytes,omitempty"`
 }
 
 // Total is the memory the flows cost the gateway: the daemon's live
-// memory growth plus kernel socket memory.
-func (m MemSample) Total() int64 { return max(m.DaemonLive-m.BaseLive, 0) + m.SocketMem }
+// memory growth plus kernel socket memory plus their BPF map elements.
+func (m MemSample) Total() int64 { return max(m.DaemonLive-m.BaseLive, 0) + m.SocketMem + m.MapBytes }
 
 // Trace is the sequence-number trace of a flow across its splice.
 type Trace struct {
@@ -149,12 +159,15 @@ type Report struct {
 	Seconds     float64        `json:"seconds_per_measure"`
 	Configs     []ConfigResult `json:"configs"`
 	// SOCKS are the SOCKS5 servers, measured with SOCKSMetrics.
-	SOCKS    []ConfigResult `json:"socks5,omitempty"`
-	Latency  *Latency       `json:"splice_latency,omitempty"`
-	Memory   *Memory        `json:"memory,omitempty"`
-	Trace    *Trace         `json:"trace,omitempty"`
-	HTTP     *HTTP          `json:"http,omitempty"`
-	Pictures []string       `json:"pictures,omitempty"`
+	SOCKS   []ConfigResult `json:"socks5,omitempty"`
+	Latency *Latency       `json:"splice_latency,omitempty"`
+	Memory  *Memory        `json:"memory,omitempty"`
+	Trace   *Trace         `json:"trace,omitempty"`
+	HTTP    *HTTP          `json:"http,omitempty"`
+	// HTTPPeers are the HTTP proxies side by side, measured per cell of
+	// httpCells with httpMeasures.
+	HTTPPeers []ConfigResult `json:"http_peers,omitempty"`
+	Pictures  []string       `json:"pictures,omitempty"`
 }
 
 // Config returns the result of a configuration by name.
@@ -171,6 +184,9 @@ func (r *Report) Config(name string) *ConfigResult {
 const (
 	BaselineCopy    = "spliced-copy"
 	BaselineRouting = "routing"
+	// The kernel datapath's goals are set against routing with a filter
+	// and conntrack, what a router with a firewall does anyway.
+	BaselineRoutingNFT = "routing-nft"
 )
 
 // Markdown renders the report: one table in the shape of the paper's
@@ -183,8 +199,11 @@ func (r *Report) Markdown() string {
 	if len(r.Configs) > 0 {
 		b.WriteString("### Measured\n\n")
 		configTable(&b, r.Configs, Metrics, measured)
-		for _, base := range []string{BaselineCopy, BaselineRouting} {
+		for _, base := range []string{BaselineCopy, BaselineRouting, BaselineRoutingNFT} {
 			bc := r.Config(base)
+			if bc == nil {
+				continue // a partial run (-only) without this baseline
+			}
 			fmt.Fprintf(&b, "### Ratio to %s (median / median; above 1 is better)\n\n", base)
 			configTable(&b, r.Configs, Metrics, func(c *ConfigResult, m Metric) string {
 				return ratio(c, bc, m)
@@ -238,15 +257,26 @@ func (r *Report) Markdown() string {
 		if m.Error != "" {
 			fmt.Fprintf(&b, "failed: %s\n\n", m.Error)
 		} else {
-			fmt.Fprintf(&b, "| %d flows | daemon live memory growth | daemon RSS growth | kernel socket memory | gateway TCP sockets | total (live + kernel) |\n|---|---|---|---|---|---|\n", m.Flows)
-			for _, row := range []struct {
+			fmt.Fprintf(&b, "| %d flows | daemon live memory growth | daemon RSS growth | kernel socket memory | BPF map elements | gateway TCP sockets | total (live + kernel) |\n|---|---|---|---|---|---|---|\n", m.Flows)
+			rows := []struct {
 				name string
 				s    MemSample
-			}{{"proxied", m.Proxied}, {"spliced", m.Spliced}} {
-				fmt.Fprintf(&b, "| %s | %s | %s | %s | %d | %s |\n", row.name, bytesStr(max(row.s.DaemonLive-row.s.BaseLive, 0)),
-					bytesStr(max(row.s.DaemonRSS-row.s.BaseRSS, 0)), bytesStr(row.s.SocketMem), row.s.Sockets, bytesStr(row.s.Total()))
+			}{{"proxied", m.Proxied}, {"spliced", m.Spliced}}
+			if m.SplicedBPF != nil {
+				rows = append(rows, struct {
+					name string
+					s    MemSample
+				}{"spliced, bpf datapath", *m.SplicedBPF})
 			}
-			fmt.Fprintf(&b, "\nSpliced flows cost %.1f%% of proxied ones (%.0f bytes per flow).\n\n", 100*m.Ratio, m.PerFlowB)
+			for _, row := range rows {
+				fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %d | %s |\n", row.name, bytesStr(max(row.s.DaemonLive-row.s.BaseLive, 0)),
+					bytesStr(max(row.s.DaemonRSS-row.s.BaseRSS, 0)), bytesStr(row.s.SocketMem), bytesStr(row.s.MapBytes), row.s.Sockets, bytesStr(row.s.Total()))
+			}
+			fmt.Fprintf(&b, "\nSpliced flows cost %.1f%% of proxied ones (%.0f bytes per flow)", 100*m.Ratio, m.PerFlowB)
+			if m.SplicedBPF != nil {
+				fmt.Fprintf(&b, "; on the bpf datapath %.1f%% (%.0f bytes per flow)", 100*m.RatioBPF, m.PerFlowBPFB)
+			}
+			b.WriteString(".\n\n")
 			if m.Note != "" {
 				fmt.Fprintf(&b, "Note: %s.\n\n", m.Note)
 			}
@@ -276,6 +306,9 @@ func (r *Report) Markdown() string {
 			fmt.Fprintf(&b, "| idle (next request after the whole response) | %d | %.0f µs | %.0f µs |\n", h.IdleSamples, h.IdleP50, h.IdleP99)
 			fmt.Fprintf(&b, "| busy (next request while the response flows) | %d | %.0f µs | %.0f µs |\n\n", h.BusySamples, h.BusyP50, h.BusyP99)
 		}
+	}
+	if len(r.HTTPPeers) > 0 {
+		httpPeersTables(&b, r.HTTPPeers)
 	}
 	if t := r.Trace; t != nil && t.Error != "" {
 		fmt.Fprintf(&b, "### Sequence trace\n\nfailed: %s\n\n", t.Error)
@@ -384,4 +417,80 @@ func (r *Report) Write(dir string) error {
 		md += fmt.Sprintf("![%s](%s)\n\n", strings.TrimSuffix(p, ".png"), p)
 	}
 	return os.WriteFile(filepath.Join(dir, "latest.md"), []byte(md), 0o644)
+}
+
+// httpPeersTables writes the HTTP proxies side by side: a table per
+// measure, with a row per cell measured and a column per proxy, and the
+// ratio of spliced relaying to the better peer.
+func httpPeersTables(b *strings.Builder, rows []ConfigResult) {
+	b.WriteString("### HTTP proxy next to nginx and HAProxy\n\n")
+	b.WriteString("The same nginx backend, wrk -t2 --latency from the client; nginx and HAProxy on the gateway's address, " +
+		"spliced's HTTP proxy transparent (through its TPROXY listener); gateway CPU per request: user and system time " +
+		"of the proxy's processes over the run, divided by the requests wrk completed. " +
+		"16 MiB on 64 connections runs four times as long (a GiB in flight). " +
+		"Median (min–max); ratio: spliced relayed / the better of nginx and HAProxy in that cell (above 1 is better).\n\n")
+	var relayed *ConfigResult
+	var peers []*ConfigResult
+	for i := range rows {
+		switch {
+		case rows[i].Name == httpRelayed:
+			relayed = &rows[i]
+		case slices.Contains(httpPeerNames, rows[i].Name):
+			peers = append(peers, &rows[i])
+		}
+	}
+	for _, measure := range httpMeasures {
+		fmt.Fprintf(b, "%s (%s):\n\n", strings.ToUpper(measure.Title[:1])+measure.Title[1:], measure.Unit)
+		cols := []string{"responses, connections"}
+		for _, c := range rows {
+			cols = append(cols, c.Name)
+		}
+		cols = append(cols, "relayed / better peer")
+		fmt.Fprintf(b, "| %s |\n|%s\n", strings.Join(cols, " | "), strings.Repeat("---|", len(cols)))
+		for _, m := range httpCellMetrics(measure) {
+			if !measuredBy(rows, m) {
+				continue
+			}
+			cells := []string{m.Title}
+			for i := range rows {
+				cells = append(cells, measured(&rows[i], m))
+			}
+			cells = append(cells, ratioToBetter(relayed, peers, m))
+			fmt.Fprintf(b, "| %s |\n", strings.Join(cells, " | "))
+		}
+		b.WriteString("\n")
+	}
+}
+
+// measuredBy tells whether any row measured m or failed to.
+func measuredBy(rows []ConfigResult, m Metric) bool {
+	for _, c := range rows {
+		if _, ok := c.Metrics[m.Key]; ok || c.Errors[m.Key] != "" {
+			return true
+		}
+	}
+	return false
+}
+
+// ratioToBetter is c's ratio to the best of peers in m (the highest, or
+// the lowest where lower is better), naming it.
+func ratioToBetter(c *ConfigResult, peers []*ConfigResult, m Metric) string {
+	var best *ConfigResult
+	for _, p := range peers {
+		st, ok := p.Metrics[m.Key]
+		if p.Failed != "" || !ok || st.Median == 0 {
+			continue
+		}
+		if best == nil || (st.Median > best.Metrics[m.Key].Median) != m.Lower {
+			best = p
+		}
+	}
+	if c == nil || best == nil {
+		return "n/a"
+	}
+	r := ratio(c, best, m)
+	if r == "n/a" || r == "failed" {
+		return r
+	}
+	return fmt.Sprintf("%s (%s)", r, best.Name)
 }

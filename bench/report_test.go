@@ -26,7 +26,9 @@ func fixedReport() *Report {
 		Latency: &Latency{IdleSamples: 10, IdleP50: 80, IdleP99: 120, BusySamples: 10, BusyP50: 1500, BusyP99: 7000, StallP50: 2, StallP99: 8,
 			Phases: append(phasesFor(phaseLines, "idle", "10.2.0.2:7101"), phasesFor(phaseLines, "busy", "10.2.0.2:7102")...)},
 		Memory: &Memory{Flows: 100, Proxied: MemSample{DaemonRSS: 30 << 20, BaseRSS: 10 << 20, DaemonLive: 22 << 20, BaseLive: 2 << 20, SocketMem: 4 << 20, Sockets: 200},
-			Spliced: MemSample{DaemonRSS: 11 << 20, BaseRSS: 10 << 20, DaemonLive: 3 << 20, BaseLive: 2 << 20}, Ratio: 0.04, PerFlowB: 300},
+			Spliced:    MemSample{DaemonRSS: 11 << 20, BaseRSS: 10 << 20, DaemonLive: 3 << 20, BaseLive: 2 << 20},
+			SplicedBPF: &MemSample{DaemonRSS: 11 << 20, BaseRSS: 10 << 20, DaemonLive: 3 << 20, BaseLive: 2 << 20, MapBytes: 1 << 20},
+			Ratio:      0.04, PerFlowB: 300, RatioBPF: 0.08, PerFlowBPFB: 600},
 		SOCKS: []ConfigResult{socksCfg("dante", 1000), socksCfg("spliced-socks5-copy", 2000), {Name: "spliced-socks5-splice", Failed: "daemon not ready"}},
 		Trace: &Trace{Points: [][2]float64{{0, 0}, {1, 1 << 20}, {2, 3 << 20}}, SpliceStartMS: 0.9, SpliceEndMS: 1.1},
 	}
@@ -68,7 +70,9 @@ func TestReportGenerator(t *testing.T) {
 		"| divert | 60 µs | 60 µs | 45 µs | 45 µs |", // the percentile of two samples rounds up
 		"| drain | 20 µs | 20 µs | 9000 µs | 9000 µs |",
 		"| capture | 50 µs | 50 µs | - | - |",
-		"| proxied | 20.0 MiB | 20.0 MiB | 4.0 MiB | 200 | 24.0 MiB |",
+		"| proxied | 20.0 MiB | 20.0 MiB | 4.0 MiB | 0 B | 200 | 24.0 MiB |",
+		"| spliced, bpf datapath | 1.0 MiB | 1.0 MiB | 0 B | 1.0 MiB | 0 | 2.0 MiB |",
+		"on the bpf datapath 8.0% (600 bytes per flow)",
 		"Spliced flows cost 4.0% of proxied ones",
 		"### SOCKS5 (",
 		"| configuration | setup + 1-byte exchange, 8 loops (conn/s) | 1-byte RR, 1 conn (tx/s) | 1-byte RR, 8 conns (tx/s) | bulk client→server (Gbit/s) | gateway CPU per connection (µs) | gateway CPU per GB (s) |",

@@ -90,6 +90,10 @@ func Run(opt Options) (*Report, error) {
 		fmt.Fprintln(opt.Log, "== http proxy")
 		r.HTTP = measureHTTP(env, &opt)
 	}
+	if peers := selectedHTTPPeers(opt); len(peers) > 0 {
+		fmt.Fprintf(opt.Log, "== http proxy next to nginx and HAProxy (about %s)\n", httpPeersDuration(&opt, len(peers)).Round(time.Second))
+		r.HTTPPeers = measureHTTPPeers(env, peers, &opt)
+	}
 	if len(opt.Only) == 0 || contains(opt.Only, "trace") {
 		fmt.Fprintln(opt.Log, "== sequence trace")
 		r.Trace = measureTrace(env, &opt)

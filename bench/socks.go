@@ -63,11 +63,12 @@ var SOCKSServers = []socksServer{
 	{name: "spliced-socks5-splice", desc: "spliced's SOCKS5 proxy, spliced after the reply (splice mode immediate)", setup: splicedSOCKS("immediate")},
 }
 
-// socksLabOptions: the setup rate opens and closes thousands of
-// connections a second; the client (which closes first) and the gateway
-// (which closes first towards the server when it relays) may reuse ports
-// in TIME_WAIT, from a wide range, for every configuration alike.
-var socksLabOptions = testnet.Options{
+// churnLabOptions: the SOCKS5 setup rate and HTTP with one request per
+// connection open and close thousands of connections a second; the
+// client and the gateway (which closes first towards the server when it
+// relays) may reuse ports in TIME_WAIT, from a wide range, for every
+// configuration alike.
+var churnLabOptions = testnet.Options{
 	ClientSysctls:  map[string]string{"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024 65535"},
 	GatewaySysctls: map[string]string{"net.ipv4.tcp_tw_reuse": "1", "net.ipv4.ip_local_port_range": "1024 65535"},
 }
@@ -75,7 +76,7 @@ var socksLabOptions = testnet.Options{
 // measureSOCKS runs every SOCKS5 measure Repetitions times in one lab.
 func measureSOCKS(env *Env, s socksServer, opt *Options) ConfigResult {
 	res := ConfigResult{Name: s.name, Description: s.desc, Metrics: map[string]Stat{}, Errors: map[string]string{}}
-	lab, err := testnet.New(socksLabOptions)
+	lab, err := testnet.New(churnLabOptions)
 	if err != nil {
 		res.Failed = "build the lab: " + err.Error()
 		return res
@@ -475,8 +476,21 @@ func danteGateway(env *Env, lab *testnet.Lab, listen netip.AddrPort) (func() []i
 	if err := os.WriteFile(file, []byte(danteConfig(listen, lab.GatewayServerSide[0].IPv4, clientPrefix(lab), logFile)), 0o644); err != nil {
 		return nil, nil, err
 	}
-	// ip netns exec runs danted in its own process (exec, no fork).
-	cmd := lab.Gateway.Command(context.Background(), bin, "-f", file)
+	pids, teardown, err := startServer(lab, listen.Port(), bin, "-f", file)
+	if err != nil {
+		log, _ := os.ReadFile(logFile)
+		return nil, nil, fmt.Errorf("danted: %w %s", err, tailStr(string(log), 300))
+	}
+	return pids, teardown, nil
+}
+
+// startServer runs a server (bin and its arguments) in the gateway
+// namespace, in the foreground in its own process group, and waits until
+// it listens on port. pids are the server's process and its descendants
+// (servers that fork workers: Dante, nginx); teardown ends the group.
+func startServer(lab *testnet.Lab, port uint16, bin string, args ...string) (pids func() []int, teardown func(), err error) {
+	// ip netns exec runs the server in its own process (exec, no fork).
+	cmd := lab.Gateway.Command(context.Background(), bin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
@@ -486,7 +500,7 @@ func danteGateway(env *Env, lab *testnet.Lab, listen netip.AddrPort) (func() []i
 	pid := cmd.Process.Pid
 	exited := make(chan struct{})
 	go func() { cmd.Wait(); close(exited) }()
-	teardown := func() {
+	teardown = func() {
 		syscall.Kill(-pid, syscall.SIGTERM)
 		select {
 		case <-exited:
@@ -498,10 +512,9 @@ func danteGateway(env *Env, lab *testnet.Lab, listen netip.AddrPort) (func() []i
 		// in the same group.
 		syscall.Kill(-pid, syscall.SIGKILL)
 	}
-	if err := lab.Gateway.WaitListening(listen.Port(), 10*time.Second); err != nil {
-		log, _ := os.ReadFile(logFile)
+	if err := lab.Gateway.WaitListening(port, 10*time.Second); err != nil {
 		teardown()
-		return nil, nil, fmt.Errorf("danted: %w: %s %s", err, tailStr(stderr.String(), 300), tailStr(string(log), 300))
+		return nil, nil, fmt.Errorf("%w: %s", err, tailStr(stderr.String(), 300))
 	}
 	return func() []int { return append([]int{pid}, descendants(pid)...) }, teardown, nil
 }

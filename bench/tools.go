@@ -21,7 +21,7 @@ func Tools(opt Options) []string {
 		}
 		add("iperf3", "ss") // bulk measures; ss sees iperf3's listener
 		switch g.name {
-		case "routing-nft":
+		case "routing-nft", "routing-bpf-attached":
 			add("nft")
 		case "haproxy":
 			add("haproxy", "pgrep")
@@ -41,6 +41,12 @@ func Tools(opt Options) []string {
 	}
 	if want("http") {
 		add("nginx", "wrk", "ss")
+	}
+	for _, p := range selectedHTTPPeers(opt) {
+		add("nginx", "wrk", "ss") // the backend; ss sees the peers' listeners
+		if p.name == "http-haproxy" {
+			add("haproxy")
+		}
 	}
 	return tools
 }

@@ -33,6 +33,8 @@ func TestToolsInDepsBenchGroup(t *testing.T) {
 		"dante":                 {"ip", "ss", "danted"},
 		"socks":                 {"ip", "ss", "danted"},
 		"spliced-socks5-splice": {"ip", "ss"},
+		"httppeers":             {"ip", "nginx", "wrk", "ss", "haproxy"},
+		"spliced-http-copy":     {"ip", "nginx", "wrk", "ss"},
 	} {
 		if got := Tools(Options{Only: []string{only}}); !slices.Equal(got, want) {
 			t.Errorf("%s needs %v, want %v", only, got, want)

@@ -237,8 +237,8 @@ func (c *cli) status(ctx context.Context, args []string) error {
 			}
 			sort.Strings(parts)
 			fmt.Fprintf(c.out, "bpf verdicts: %s\n", strings.Join(parts, ", "))
-			fmt.Fprintf(c.out, "bpf flows: %d promoted, %d promotions failed, %d demoted, %d stragglers dropped\n",
-				e.BPFPromotions, e.BPFPromoteFails, e.BPFDemotions, e.BPFStragglers)
+			fmt.Fprintf(c.out, "bpf flows: %d promoted, %d promotions failed, %d not promoted (unspliced first), %d demoted, %d stragglers dropped\n",
+				e.BPFPromotions, e.BPFPromoteFails, e.BPFPromoteSkipped, e.BPFDemotions, e.BPFStragglers)
 		}
 	}
 	return nil

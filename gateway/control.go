@@ -140,6 +140,7 @@ func (g *Gateway) Status() api.Status {
 			e.BPFInterfaces = k.at.Interfaces()
 			e.BPFVerdicts = g.bpfCounters()
 			e.BPFPromotions, e.BPFPromoteFails = k.promotions.Load(), k.promoteFailures.Load()
+			e.BPFPromoteSkipped = k.promoteSkipped.Load()
 			e.BPFDemotions, e.BPFStragglers = k.demotions.Load(), k.stragglers.Load()
 		}
 		for _, en := range g.engine.Entries() {

@@ -35,6 +35,9 @@ type kernelPath struct {
 	// flows that passed ingress before the flow was promoted and were
 	// dropped (stragglers, see promote).
 	promotions, promoteFailures, demotions, stragglers atomic.Uint64
+	// promoteSkipped: splices whose flow was being unspliced before the
+	// promotion could take it (the next request came first).
+	promoteSkipped atomic.Uint64
 }
 
 // close releases the program. Pinned, it stays attached with its maps
@@ -205,11 +208,20 @@ func (g *Gateway) promote(sf *splicedFlow) {
 		return
 	}
 	e := sf.entry
+	queue := g.manager().Spec().Divert.Queue + sf.queue
+	awaitEmptyQueue(queue, promoteQuietWait)
 	sf.stragglersTo.Store(0)
 	g.recordMeta(sf)
 	err := e.Offload(func(st splice.State) error {
 		return k.dp.PutFlowWatch(e.ID, e.Keys, st, e.Watch.Load())
 	})
+	if errors.Is(err, splice.ErrPinned) {
+		// An unsplice began while the promotion waited: the flow is
+		// going back to its proxy and stays with the Go engine.
+		k.promoteSkipped.Add(1)
+		g.log.Debug("promote: the flow is being unspliced; it stays on the Go engine", logging.KeyFlow, e.ID)
+		return
+	}
 	if err != nil {
 		k.promoteFailures.Add(1)
 		k.dp.DeleteFlow(e.ID, e.Keys)
@@ -217,7 +229,6 @@ func (g *Gateway) promote(sf *splicedFlow) {
 		return
 	}
 	k.promotions.Add(1)
-	queue := g.manager().Spec().Divert.Queue + sf.queue
 	if err := bpf.WaitPrograms(); err != nil {
 		g.log.Warn("promote: the flow's queued packets are all taken for stragglers", logging.KeyFlow, e.ID, logging.Err(err))
 	} else if ks, err := nfq.ReadKernelStats(); err != nil {
@@ -226,6 +237,30 @@ func (g *Gateway) promote(sf *splicedFlow) {
 		sf.stragglersTo.Store(1<<32 | uint64(ks[queue].IDSequence))
 	}
 	g.log.Debug("flow promoted to the bpf datapath", logging.KeyFlow, e.ID)
+}
+
+// promoteQuietWait bounds how long a promotion waits for its queue to
+// hold no packet: a straggler costs its sender a loss episode (a
+// retransmission timeout, for the last packets of a response), a wait
+// only this much time on the splice.
+const promoteQuietWait = 5 * time.Millisecond
+
+// awaitEmptyQueue waits until the kernel queue holds no packet (none
+// waiting for a verdict), for at most max. The flow's packets keep going
+// through the Go engine meanwhile. A promotion at that moment leaves
+// stragglers only among the packets that passed ingress while the entry
+// was written (microseconds), instead of the whole queue's backlog of the
+// flow; most often none. Under sustained load the queue may never empty:
+// the promotion then goes ahead and its stragglers are dropped.
+func awaitEmptyQueue(queue uint16, max time.Duration) {
+	deadline := time.Now().Add(max)
+	for {
+		ks, err := nfq.ReadKernelStats()
+		if err != nil || ks[queue].Waiting == 0 || time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(50 * time.Microsecond)
+	}
 }
 
 // straggler reports whether a queued packet with this ID passed ingress

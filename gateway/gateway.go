@@ -427,6 +427,7 @@ func (g *Gateway) logStats() {
 	}
 	if k := g.kpath; k != nil {
 		attrs = append(attrs, "bpf_promotions", k.promotions.Load(), "bpf_promote_failures", k.promoteFailures.Load(),
+			"bpf_promote_skipped", k.promoteSkipped.Load(),
 			"bpf_demotions", k.demotions.Load(), "bpf_stragglers", k.stragglers.Load())
 		for name, n := range g.bpfCounters() {
 			if n > 0 {

@@ -101,6 +101,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(descBPFMoves, prometheus.CounterValue, float64(k.promotions.Load()), "promoted")
 		ch <- prometheus.MustNewConstMetric(descBPFMoves, prometheus.CounterValue, float64(k.promoteFailures.Load()), "promote_failed")
+		ch <- prometheus.MustNewConstMetric(descBPFMoves, prometheus.CounterValue, float64(k.promoteSkipped.Load()), "promote_skipped")
 		ch <- prometheus.MustNewConstMetric(descBPFMoves, prometheus.CounterValue, float64(k.demotions.Load()), "demoted")
 	}
 	ch <- prometheus.MustNewConstMetric(descSplices, prometheus.CounterValue, float64(g.spliceLatency.count.Load()))

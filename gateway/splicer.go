@@ -110,6 +110,9 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	g.addSpliced(f, entry, tr.keys, tr.queue, &params)
 	g.conntrack.forget(tr.keys)
 	back := g.handOver(tr, f, entry)
+	if back && g.kpath != nil {
+		g.kpath.promoteSkipped.Add(1) // going straight back to its proxy
+	}
 	if !back {
 		g.splicedMu.Lock()
 		sf := g.spliced[f.ID]

@@ -47,10 +47,13 @@ func (g *Gateway) Unsplice(ctx context.Context, f *proxy.Flow) error {
 	if !f.CanResume() {
 		return fmt.Errorf("flow %d: its proxy (%s) cannot take it back", f.ID, f.Proxy)
 	}
+	sf.entry.Pin() // no promotion from here on (see Entry.Pin)
 	if err := g.reclaim(sf.entry); err != nil {
+		sf.entry.Unpin()
 		return err
 	}
 	if snap := sf.entry.Snapshot(); snap.Finished() || snap.FINSeen(splice.C2S) || snap.FINSeen(splice.S2C) {
+		sf.entry.Unpin()
 		return fmt.Errorf("flow %d is closing (a FIN or RST went through); it ends spliced", f.ID)
 	}
 	sf.entry.Watch.Store(false)
@@ -65,11 +68,14 @@ func (g *Gateway) Unsplice(ctx context.Context, f *proxy.Flow) error {
 // back to its proxy in the background. It reports false when the flow is
 // not the gateway's to unsplice (the packet is then forwarded).
 func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
+	e.Pin() // no promotion from here on (see Entry.Pin)
 	if err := g.reclaim(e); err != nil {
+		e.Unpin()
 		g.log.Warn("unsplice on client data", logging.KeyFlow, e.ID, logging.Err(err))
 		return false
 	}
 	if !e.Watch.CompareAndSwap(true, false) {
+		e.Unpin()
 		return false
 	}
 	g.splicedMu.Lock()
@@ -77,6 +83,7 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 	g.splicedMu.Unlock()
 	adopted := sf != nil && sf.adopted && sf.flow.UnspliceOnClientData.Load()
 	if sf == nil || !sf.flow.CanResume() && !adopted {
+		e.Unpin()
 		return false
 	}
 	tr := &transition{keys: sf.keys, queue: sf.queue, phase: phaseUnsplicing, entry: sf.entry}
@@ -268,6 +275,7 @@ func (g *Gateway) resplice(tr *transition, f *proxy.Flow) {
 	sf := g.spliced[f.ID]
 	g.splicedMu.Unlock()
 	if sf != nil {
+		sf.entry.Unpin()
 		g.promote(sf) // back to the program
 	}
 }

@@ -108,13 +108,18 @@ func queueDivert(c *nftables.Conn, spec *Spec, t *nftables.Table, live map[uint1
 
 // skipMarkedExprs is "meta mark & M == M notrack accept".
 func skipMarkedExprs(mark uint32) []expr.Any {
+	e := markedExprs(mark)
+	return append(e[:len(e)-1:len(e)-1], &expr.Notrack{}, &expr.Verdict{Kind: expr.VerdictAccept})
+}
+
+// markedExprs is "meta mark & M == M accept".
+func markedExprs(mark uint32) []expr.Any {
 	return []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
 			Mask: binaryutil.NativeEndian.PutUint32(mark),
 			Xor:  binaryutil.NativeEndian.PutUint32(0)},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(mark)},
-		&expr.Notrack{},
 		&expr.Verdict{Kind: expr.VerdictAccept},
 	}
 }

@@ -40,6 +40,11 @@ func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) er
 		Priority: nftables.ChainPriorityMangle,
 	})
 	svc := c.AddChain(&nftables.Chain{Name: ChainServices, Table: t})
+	if spec.Divert.Enabled && spec.Divert.SkipMark != 0 {
+		// What the kernel datapath rewrote belongs to a spliced flow, for
+		// which no gateway socket exists: spare it the socket lookups.
+		c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: markedExprs(spec.Divert.SkipMark)})
+	}
 	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: concat(
 		l4protoTCP(),
 		matchCtMark(spec.CtMark),

@@ -85,11 +85,15 @@ func Render(spec Spec) string {
 	if spec.Divert.Enabled {
 		blocks = append(blocks, divert[len(divert)-1]) // chain
 	}
-	blocks = append(blocks, renderChain(ChainPrerouting, "type filter hook prerouting priority mangle; policy accept;", []string{
+	var pre []string
+	if spec.Divert.Enabled && spec.Divert.SkipMark != 0 {
+		pre = append(pre, fmt.Sprintf("meta mark & 0x%08x == 0x%08x accept", spec.Divert.SkipMark, spec.Divert.SkipMark))
+	}
+	blocks = append(blocks, renderChain(ChainPrerouting, "type filter hook prerouting priority mangle; policy accept;", append(pre,
 		fmt.Sprintf("meta l4proto tcp %s socket transparent 1 ct mark set ct mark & 0x%08x", ctMarkMatch(spec.CtMark), ^spec.CtMark),
 		fmt.Sprintf("meta l4proto tcp socket transparent 1 %s accept", markSet(spec.Mark)),
-		"jump " + ChainServices,
-	}))
+		"jump "+ChainServices,
+	)))
 	var svcRules []string
 	for i := range spec.Services {
 		svcRules = append(svcRules, serviceRuleText(spec, &spec.Services[i])...)

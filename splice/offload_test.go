@@ -123,3 +123,19 @@ func TestTableAdopt(t *testing.T) {
 		t.Fatal("adopted a flow with one tuple for both directions")
 	}
 }
+
+// TestEntryPinRefusesOffload: a pinned flow (an unsplice is taking it
+// back) is never offloaded, and put is not even called; Unpin allows it
+// again.
+func TestEntryPinRefusesOffload(t *testing.T) {
+	e := newFixture(t, false, false).e
+	e.Pin()
+	called := false
+	if err := e.Offload(func(State) error { called = true; return nil }); !errors.Is(err, ErrPinned) || called || e.Offloaded() {
+		t.Fatalf("offload of a pinned flow: err %v, put called %v, offloaded %v", err, called, e.Offloaded())
+	}
+	e.Unpin()
+	if err := e.Offload(func(State) error { return nil }); err != nil || !e.Offloaded() {
+		t.Fatalf("offload after Unpin: %v", err)
+	}
+}

@@ -96,6 +96,7 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		return v
 	}
 	raiseSeq := p.SegmentLen() == 0 && flags&FlagRST == 0 && seq.LessThan(s.ackSeen) && seq != s.ackSeen.Sub(1)
+	lowerSeq := p.SegmentLen() == 0 && flags&FlagRST == 0 && s.sndNxt.LessThan(seq)
 
 	// Committed: from here on the packet is forwarded.
 	var oldSum uint64
@@ -151,6 +152,19 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		// and a sender whose window-opening ACK was lost would probe a
 		// closed window for ever.
 		seq = s.ackSeen
+	}
+	if lowerSeq {
+		// A pure ACK from beyond the data forwarded: the sender sent
+		// data the flow did not forward (held for an unsplice, passed
+		// to the proxy, lost before the gateway). Its receiver must not
+		// see that sequence number: a TCP takes the window of an
+		// in-window ACK only from a segment at or after the one that
+		// last set it (snd_wl1, RFC 9293 3.10.7.4), so after such an
+		// ACK with a closed window, the window updates of a socket
+		// rebuilt at the data forwarded (an unsplice) are ignored and
+		// the flow stalls for ever. A pure ACK's sequence number carries
+		// no data: move it back to the end of what was forwarded.
+		seq = s.sndNxt
 	}
 	t.SetSeq(seq.Add(s.seqOff))
 	if flags&FlagACK != 0 {

@@ -688,6 +688,38 @@ func TestWindowProbeKeepsItsSequence(t *testing.T) {
 	}
 }
 
+// TestPureAckBeyondForwardedGoesBack: a pure ACK whose sequence number
+// lies beyond the data forwarded (the sender's next request held for an
+// unsplice) goes out at the end of what was forwarded. Forwarded as it
+// came, its receiver would take it as the latest window update (snd_wl1),
+// ignore the window updates of the socket an unsplice rebuilds at the data
+// forwarded, and with a closed window stall for ever.
+func TestPureAckBeyondForwardedGoesBack(t *testing.T) {
+	for _, nat := range []bool{false, true} {
+		f := newFixture(t, false, nat)
+		cli := f.c2s(1000, sa(0), FlagACK)
+		cli.payload = make([]byte, 0x300)
+		f.run(t, cli.bytes(), C2S, true)
+		// 40 bytes of the client's next request were not forwarded; its
+		// pure ACKs carry the sequence number after them.
+		b := f.c2s(1000+0x300+40, sa(0), FlagACK).bytes()
+		if v := f.run(t, b, C2S, true); v != Forward {
+			t.Fatalf("nat %v: verdict %v", nat, v)
+		}
+		if got, want := decoded(t, b).Seq, uint32(Seq(1000+0x300).Add(dC2S)); got != want {
+			t.Fatalf("nat %v: pure ACK seq %#x, want %#x (the end of the data forwarded)", nat, got, want)
+		}
+		// Data keeps its sequence number: it is what it is.
+		data := f.c2s(1000+0x300+40, sa(0), FlagACK)
+		data.payload = make([]byte, 10)
+		b = data.bytes()
+		f.run(t, b, C2S, true)
+		if got, want := decoded(t, b).Seq, uint32(Seq(1000+0x300+40).Add(dC2S)); got != want {
+			t.Fatalf("nat %v: data seq %#x, want %#x", nat, got, want)
+		}
+	}
+}
+
 // TestProgressClock: a direction's progress clock starts when data goes
 // out while none was outstanding and moves when the receiver acknowledges
 // new data; retransmissions and duplicate ACKs leave it alone, so data

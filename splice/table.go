@@ -1,6 +1,7 @@
 package splice
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -24,6 +25,29 @@ type Entry struct {
 	// holds the flow's state and rewrites its packets; flow is stale
 	// until Reclaim.
 	offloaded bool
+	// pinned: the flow must stay on this engine (an unsplice is taking
+	// it back); Offload refuses it.
+	pinned bool
+}
+
+// ErrPinned is Offload's error for a pinned flow.
+var ErrPinned = errors.New("the flow is pinned to the Go engine (an unsplice is taking it back)")
+
+// Pin keeps the flow on this engine: Offload refuses it until Unpin. An
+// unsplice pins the flow before it takes it back (Reclaim), so an
+// offload running meanwhile cannot hand the flow to the other datapath
+// after the unsplice has begun.
+func (e *Entry) Pin() {
+	e.mu.Lock()
+	e.pinned = true
+	e.mu.Unlock()
+}
+
+// Unpin ends Pin: the flow may be offloaded again.
+func (e *Entry) Unpin() {
+	e.mu.Lock()
+	e.pinned = false
+	e.mu.Unlock()
 }
 
 // Offload hands the flow to another datapath: put receives the flow's
@@ -36,6 +60,9 @@ func (e *Entry) Offload(put func(State) error) error {
 	defer e.mu.Unlock()
 	if e.offloaded {
 		return fmt.Errorf("flow %d is offloaded already", e.ID)
+	}
+	if e.pinned {
+		return ErrPinned
 	}
 	if err := put(e.flow.State()); err != nil {
 		return err

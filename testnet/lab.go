@@ -49,6 +49,12 @@ type Options struct {
 
 	// MTU of the client-side and server-side links; 0 means 1500.
 	ClientMTU, ServerMTU int
+
+	// OffloadsOff turns the veth offloads off on every lab interface
+	// (ethtool -K: segmentation, receive aggregation, checksums), so each
+	// packet is one wire-sized segment with a complete checksum, as on
+	// many routers' NICs, instead of 64 KB GSO packets with partial ones.
+	OffloadsOff bool
 }
 
 // Host is one namespace of a lab with its addresses on its link to the
@@ -170,6 +176,11 @@ func (l *Lab) build(opt Options) error {
 		}
 		return nil
 	}
+	if opt.OffloadsOff {
+		if err := l.offloadsOff(); err != nil {
+			return err
+		}
+	}
 	if err := apply(l.Clients, opt.ClientSysctls); err != nil {
 		return err
 	}
@@ -177,6 +188,22 @@ func (l *Lab) build(opt Options) error {
 		return err
 	}
 	return apply([]*Host{l.Gateway}, opt.GatewaySysctls)
+}
+
+// offloadsOff turns off segmentation, aggregation and checksum offloads
+// at both ends of every lab link.
+func (l *Lab) offloadsOff() error {
+	var hosts []*Host
+	hosts = append(hosts, l.Clients...)
+	hosts = append(hosts, l.Servers...)
+	hosts = append(hosts, l.GatewayClientSide...)
+	hosts = append(hosts, l.GatewayServerSide...)
+	for _, h := range hosts {
+		if out, err := h.Run("ethtool", "-K", h.Dev, "tso", "off", "gso", "off", "gro", "off", "tx", "off", "rx", "off"); err != nil {
+			return fmt.Errorf("offloads off on %s %s: %w: %s", h.Name, h.Dev, err, out)
+		}
+	}
+	return nil
 }
 
 func (l *Lab) addNS(name string) (*NS, error) {
@@ -287,7 +314,15 @@ func (n *NS) Capture(dev, file, filter string) (stop func(), err error) {
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	time.Sleep(500 * time.Millisecond) // tshark needs a moment before it captures
+	// tshark writes the file's header once it captures; under load
+	// (the race detector, a loaded machine) that takes seconds, and a
+	// fixed pause loses the start of what a test wants to see.
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if fi, err := os.Stat(file); err == nil && fi.Size() > 0 {
+			break
+		}
+	}
+	time.Sleep(200 * time.Millisecond)
 	return func() {
 		cmd.Process.Signal(syscall.SIGINT)
 		cmd.Wait()

@@ -18,7 +18,7 @@ func main() {
 	out := flag.String("out", "bench/results", "directory for latest.json, latest.md and the pictures")
 	reps := flag.Int("reps", 3, "repetitions per configuration")
 	flows := flag.Int("flows", 0, "established flows for the memory measure (default 10000; quick 2000)")
-	only := flag.String("only", "", "comma-separated configurations or parts (latency, memory, http, trace; socks for every SOCKS5 server) to run")
+	only := flag.String("only", "", "comma-separated configurations or parts (latency, memory, http, trace; socks for every SOCKS5 server; httppeers for the HTTP proxies next to nginx and HAProxy, which http includes) to run")
 	hold := flag.String("hold", "", "internal: accept and hold connections on this address (memory measure)")
 	flag.Parse()
 	if *hold != "" {

@@ -315,17 +315,46 @@ func tail(s string, n int) string {
 // says so, and from 3/5 to 4/5 of the data the program's forward counter
 // grows while the queues take no packet.
 func TestLabDataPath(t *testing.T) {
+	eachDataPath(t, func(t *testing.T, mode, upstream string, v6 bool) {
+		sc := &scenario{v6: v6, upstream: upstream, size: 200 << 20,
+			spliceAt: 10<<20 + rand.Int64N(40<<20), proof: true}
+		sc.run(t, mode)
+	})
+}
+
+// eachDataPath runs fn as a subtest for every mode (copy, splice on
+// NFQUEUE, splice on bpf), upstream (transparent, NAT) and IP version.
+func eachDataPath(t *testing.T, fn func(t *testing.T, mode, upstream string, v6 bool)) {
 	for _, mode := range bpfModes {
 		for _, upstream := range []string{"transparent", "nat"} {
 			for _, v6 := range []bool{false, true} {
-				t.Run(fmt.Sprintf("%s/%s/v6=%v", mode, upstream, v6), func(t *testing.T) {
-					sc := &scenario{v6: v6, upstream: upstream, size: 200 << 20,
-						spliceAt: 10<<20 + rand.Int64N(40<<20), proof: true}
-					sc.run(t, mode)
-				})
+				t.Run(fmt.Sprintf("%s/%s/v6=%v", mode, upstream, v6), func(t *testing.T) { fn(t, mode, upstream, v6) })
 			}
 		}
 	}
+}
+
+// TestLabDataPathOffloadsOff is TestLabDataPath with the veth offloads
+// off at both ends of every link: wire-sized segments with complete
+// checksums reach the engine and the program, instead of 64 KB GSO
+// packets with partial checksums.
+func TestLabDataPathOffloadsOff(t *testing.T) {
+	eachDataPath(t, func(t *testing.T, mode, upstream string, v6 bool) {
+		sc := &scenario{v6: v6, upstream: upstream, size: 64 << 20,
+			spliceAt: 4<<20 + rand.Int64N(16<<20), proof: true,
+			lab: testnet.Options{OffloadsOff: true},
+			setup: func(t *testing.T, lab *testnet.Lab) {
+				for _, h := range []*testnet.Host{lab.Client(), lab.Gateway, lab.GatewayServerSide[0], lab.Server()} {
+					out := h.MustRun("ethtool", "-k", h.Dev)
+					for _, f := range []string{"tcp-segmentation-offload: off", "generic-segmentation-offload: off", "generic-receive-offload: off", "tx-checksumming: off"} {
+						if !strings.Contains(out, f) {
+							t.Fatalf("%s %s: want %q:\n%s", h.Name, h.Dev, f, out)
+						}
+					}
+				}
+			}}
+		sc.run(t, mode)
+	})
 }
 
 // TestLabLegDifferences forces what one host hides, each difference in its

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -135,6 +136,15 @@ func (dp *Datapath) Close() error {
 		dp.meta.Close()
 	}
 	return dp.objs.Close()
+}
+
+// FlowEntryBytes is what a spliced flow occupies in the program's maps:
+// the keys and values of its two tuple elements and of its flow element.
+// The kernel preallocates the maps' elements when the program loads, so
+// this memory is taken whether or not the flows exist.
+func FlowEntryBytes() int {
+	return 2*int(unsafe.Sizeof(rewriteTuple{})+unsafe.Sizeof(rewriteTupleVal{})) +
+		int(unsafe.Sizeof(uint64(0))+unsafe.Sizeof(rewriteFlowVal{}))
 }
 
 // Program is the tc/tcx ingress program.

@@ -411,6 +411,10 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 		}
 	}
 	int raise_seq = seg_len == 0 && !(flags & FLAG_RST) && before(seq, s->ack_seen) && seq != s->ack_seen - 1;
+	// A pure ACK from beyond the data forwarded goes back to its end
+	// (splice.Flow.Rewrite: a receiver takes the window only from a
+	// segment at or after the one that last set it).
+	int lower_seq = seg_len == 0 && !(flags & FLAG_RST) && before(s->snd_nxt, seq);
 
 	// Committed.
 	if (seg_len > 0)
@@ -436,6 +440,8 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 	dc->dport = s->dst_port;
 	if (raise_seq)
 		seq = s->ack_seen;
+	if (lower_seq)
+		seq = s->snd_nxt;
 	dc->seq = seq + s->seq_off;
 	dc->ack = ack;
 	if (flags & FLAG_ACK)

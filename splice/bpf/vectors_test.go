@@ -397,6 +397,9 @@ func TestDiffWindowProbe(t *testing.T) {
 			f.want(f.at(f.c2s(1000+0x300-1, sa(0), FlagACK), C2S, 3), Forward, "probe")
 		}
 		f.want(f.at(f.c2s(1500, 0xfffffff0, FlagACK), C2S, 4), Forward, "pure ACK ahead")
+		f.want(f.at(f.c2s(1000+0x300+40, 0xfffffff0, FlagACK), C2S, 5), Forward, "pure ACK beyond the data forwarded")
+		fin := f.c2s(1000+0x300+40, 0xfffffff0, FlagACK|FlagFIN)
+		f.want(f.at(fin, C2S, 6), Forward, "FIN beyond the data forwarded")
 	})
 }
 

@@ -1,7 +1,7 @@
 package gateway
 
 import (
-	"encoding/json"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -37,36 +37,72 @@ import (
 // configuration, and a flow reset at both ends is never left hanging.
 
 // flowMeta is what the gateway knows of a promoted flow beyond the
-// program's state: stored with it in the pinned meta map, read back by
-// the daemon that adopts the flow.
+// program's state: stored with it in the pinned meta map (a compact
+// record: it is kernel memory per flow), read back by the daemon that
+// adopts the flow. The client's and server's addresses come from the
+// tuples; a SOCKS5 user and a direct service's listen address are not
+// kept.
 type flowMeta struct {
-	Service   string `json:"s,omitempty"`
-	Proxy     string `json:"p,omitempty"`
-	Started   int64  `json:"t,omitempty"`
-	SplicedAt int64  `json:"a,omitempty"`
-	Queue     uint16 `json:"q"`
-	Watch     bool   `json:"w,omitempty"` // UnspliceOnClientData
-	Server    string `json:"o,omitempty"` // the original destination, when not the client's tuple's
-	Local     string `json:"l,omitempty"`
-	User      string `json:"u,omitempty"`
+	Service   string // at most 24 bytes (config's service names)
+	Proxy     string // at most 15 bytes
+	Started   int64  // unix nanoseconds
+	SplicedAt int64
+	Queue     uint16
+	Watch     bool // UnspliceOnClientData
+}
+
+const metaVersion = 1
+
+func (m *flowMeta) marshal() []byte {
+	svc, prx := m.Service[:min(len(m.Service), 24)], m.Proxy[:min(len(m.Proxy), 15)]
+	b := make([]byte, 0, bpf.MetaSize)
+	b = append(b, metaVersion, byte(len(svc)))
+	b = append(b, svc...)
+	b = append(b, byte(len(prx)))
+	b = append(b, prx...)
+	b = binary.LittleEndian.AppendUint64(b, uint64(m.Started))
+	b = binary.LittleEndian.AppendUint64(b, uint64(m.SplicedAt))
+	b = binary.LittleEndian.AppendUint16(b, m.Queue)
+	var flags byte
+	if m.Watch {
+		flags |= 1
+	}
+	return append(b, flags)
+}
+
+func (m *flowMeta) unmarshal(b []byte) error {
+	bad := errors.New("malformed record")
+	if len(b) < 2 || b[0] != metaVersion {
+		return bad
+	}
+	field := func() (string, bool) {
+		if len(b) < 1 || len(b) < 1+int(b[0]) {
+			return "", false
+		}
+		s := string(b[1 : 1+b[0]])
+		b = b[1+b[0]:]
+		return s, true
+	}
+	b = b[1:]
+	var ok bool
+	if m.Service, ok = field(); !ok {
+		return bad
+	}
+	if m.Proxy, ok = field(); !ok || len(b) != 8+8+2+1 {
+		return bad
+	}
+	m.Started = int64(binary.LittleEndian.Uint64(b))
+	m.SplicedAt = int64(binary.LittleEndian.Uint64(b[8:]))
+	m.Queue = binary.LittleEndian.Uint16(b[16:])
+	m.Watch = b[18]&1 != 0
+	return nil
 }
 
 func metaOf(sf *splicedFlow) []byte {
 	f := sf.flow
 	m := flowMeta{Service: f.Service, Proxy: f.Proxy, Started: f.Started.UnixNano(), SplicedAt: sf.splicedAt.UnixNano(),
-		Queue: sf.queue, Watch: f.UnspliceOnClientData.Load(), User: f.User}
-	if c := sf.keys[splice.C2S]; f.Server != keyAddrPort(c.Dst, c.DstPort) {
-		m.Server = f.Server.String()
-	}
-	if f.Local.IsValid() {
-		m.Local = f.Local.String()
-	}
-	b, _ := json.Marshal(m)
-	if len(b) > bpf.MetaSize {
-		m.User, m.Local = "", ""
-		b, _ = json.Marshal(m)
-	}
-	return b
+		Queue: sf.queue, Watch: f.UnspliceOnClientData.Load()}
+	return m.marshal()
 }
 
 // recordMeta stores a flow's record for a daemon that may adopt it.
@@ -121,27 +157,17 @@ func (g *Gateway) adoptPinned() {
 func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQueue uint16) (*splicedFlow, error) {
 	var m flowMeta
 	if pf.Meta != nil {
-		if err := json.Unmarshal(pf.Meta, &m); err != nil {
+		if err := m.unmarshal(pf.Meta); err != nil {
 			return nil, fmt.Errorf("its record: %w", err)
 		}
 	}
 	c2s, s2c := pf.Keys[splice.C2S], pf.Keys[splice.S2C]
-	server := keyAddrPort(c2s.Dst, c2s.DstPort)
-	if m.Server != "" {
-		if ap, err := netip.ParseAddrPort(m.Server); err == nil {
-			server = ap
-		}
-	}
-	f := proxy.NewFlow(m.Service, m.Proxy, keyAddrPort(c2s.Src, c2s.SrcPort), server)
+	f := proxy.NewFlow(m.Service, m.Proxy, keyAddrPort(c2s.Src, c2s.SrcPort), keyAddrPort(c2s.Dst, c2s.DstPort))
 	f.ID = pf.ID
 	if m.Started != 0 {
 		f.Started = time.Unix(0, m.Started)
 	}
 	f.SetServerLeg(keyAddrPort(s2c.Dst, s2c.DstPort), keyAddrPort(s2c.Src, s2c.SrcPort))
-	if m.Local != "" {
-		f.Local, _ = netip.ParseAddrPort(m.Local)
-	}
-	f.User = m.User
 	f.UnspliceOnClientData.Store(m.Watch)
 	splicedAt := now
 	if m.SplicedAt != 0 {

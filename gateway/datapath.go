@@ -219,6 +219,7 @@ func (g *Gateway) promote(sf *splicedFlow) {
 		// An unsplice began while the promotion waited: the flow is
 		// going back to its proxy and stays with the Go engine.
 		k.promoteSkipped.Add(1)
+		k.dp.DeleteMeta(e.ID)
 		g.log.Debug("promote: the flow is being unspliced; it stays on the Go engine", logging.KeyFlow, e.ID)
 		return
 	}

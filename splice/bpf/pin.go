@@ -40,8 +40,9 @@ const (
 // the global variables are not: they hold nothing across packets).
 var pinnedMaps = []string{rewriteMapSpliceTuples, rewriteMapSpliceFlows, rewriteMapSpliceVerdicts}
 
-// MetaSize is the largest meta record SetMeta stores per flow.
-const MetaSize = 254
+// MetaSize is the largest meta record SetMeta stores per flow (the value
+// is 64 bytes: a promoted flow's kernel memory, see FlowEntryBytes).
+const MetaSize = 62
 
 // metaValue is splice_meta's value: a length and the record.
 type metaValue struct {
@@ -421,6 +422,10 @@ func (dp *Datapath) SetMeta(id uint64, b []byte) error {
 	}
 	return nil
 }
+
+// DeleteMeta removes a flow's record (one that was not promoted after
+// all).
+func (dp *Datapath) DeleteMeta(id uint64) error { return dp.deleteMeta(id) }
 
 func (dp *Datapath) deleteMeta(id uint64) error {
 	if dp.meta == nil {

@@ -28,10 +28,11 @@ type Config struct {
 	// than relayed (policy.go); always splices every one (the
 	// behaviour before the policy existed).
 	SplicePolicy string `yaml:"splice_policy"`
-	// SpliceExplore: with the measured policy, 1 in this many eligible
-	// responses goes the way the estimates did not choose, so that both
-	// estimates stay fresh (default 20; 0 never, leaving the estimates
-	// as they are once the choice settles).
+	// SpliceExplore: with the measured policy, now and then an eligible
+	// response goes the way the estimates did not choose, so that both
+	// estimates stay fresh; exploring costs at most 1/SpliceExplore of
+	// the responses' predicted time (Explorer; default 50, so 2%; 0
+	// never, leaving the estimates as they are once the choice settles).
 	SpliceExplore *int `yaml:"splice_explore"`
 	// Forwarded is the header that tells backends who the client is:
 	// x-forwarded-for (default), via, or none.
@@ -64,7 +65,7 @@ const (
 // Defaults of the http section.
 const (
 	DefaultSpliceMin      = 64 << 10
-	DefaultSpliceExplore  = 20
+	DefaultSpliceExplore  = 50
 	DefaultBackendDownFor = 10 * time.Second
 )
 
@@ -116,7 +117,7 @@ func validate(s *config.Service, bad func(key, value, msg string)) {
 		bad("http.splice_policy", c.SplicePolicy, "is not a splice policy; use measured or always")
 	}
 	if c.SpliceExplore != nil && *c.SpliceExplore < 0 {
-		bad("http.splice_explore", fmt.Sprint(*c.SpliceExplore), "is negative; use 0 (never) or N (1 in N eligible responses)")
+		bad("http.splice_explore", fmt.Sprint(*c.SpliceExplore), "is negative; use 0 (never) or N (exploring costs at most 1/N of the predicted time)")
 	}
 	switch c.Forwarded {
 	case "x-forwarded-for", "via", "none":

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/http"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -37,9 +38,10 @@ import (
 // Until there are estimates the proxy measures: eligible responses are
 // relayed while R has fewer than minFitSamples samples (relaying costs
 // nothing extra and small responses feed R too), then spliced while S
-// or the transition costs are missing. After that, 1 in splice_explore
-// eligible responses goes the way the model did not choose, so that the
-// other estimate stays fresh (reason explore).
+// or the transition costs are missing. After that, now and then an
+// eligible response goes the way the model did not choose, so that the
+// other estimate stays fresh (reason explore; Explorer says when: at
+// most 1/splice_explore of the predicted time goes to exploring).
 type decision struct {
 	splice bool
 	reason reason
@@ -98,6 +100,36 @@ func Decide(length int64, est Estimates, explore bool) (splice bool, why string,
 	return d.splice, d.reason.String(), d.relayed, d.spliced
 }
 
+// Explorer decides when the measured policy explores. For each response
+// the model decided it saves 1/N of the predicted time of the way
+// chosen, and it explores once the savings cover what going the other
+// way is predicted to cost more (the gap between the two predictions),
+// then saves from zero again. So exploring costs at most 1/N of the
+// predicted time, and comes often where the two ways are close (where
+// fresh estimates decide) and seldom where one is far better. N <= 0
+// never explores. Integer nanoseconds: a test replays it exactly.
+type Explorer struct {
+	N     int64
+	saved int64
+}
+
+// Next reports whether the response with these predictions explores.
+func (x *Explorer) Next(relayed, spliced time.Duration) bool {
+	if x.N <= 0 {
+		return false
+	}
+	best, gap := int64(min(relayed, spliced)), int64(relayed-spliced)
+	if gap < 0 {
+		gap = -gap
+	}
+	x.saved = min(x.saved+best/x.N, gap)
+	if x.saved < gap {
+		return false
+	}
+	x.saved = 0
+	return true
+}
+
 func decide(length int64, est Estimates, explore bool) decision {
 	switch {
 	case !est.Relayed.OK:
@@ -120,10 +152,9 @@ func decide(length int64, est Estimates, explore bool) decision {
 // spliceState is a proxy's measurements and decisions.
 type spliceState struct {
 	relayed, spliced sizeFit
-	// eligible counts the eligible responses decided with estimates
-	// (for exploring).
-	eligible  atomic.Uint64
-	decisions [2][numReasons]atomic.Uint64 // [spliced][reason]
+	mu               sync.Mutex
+	explorer         Explorer                     // under mu
+	decisions        [2][numReasons]atomic.Uint64 // [spliced][reason]
 }
 
 // estimates returns the current estimates, with sp's transition costs.
@@ -163,12 +194,19 @@ func (c *conn) decideResponse(sp proxy.Splicer, req *http.Request, resp *http.Re
 	default:
 		st := &c.p.splice
 		est = st.estimates(sp)
-		explore := false
-		if est.Relayed.OK && est.Spliced.OK && est.TransitionOK {
-			n := st.eligible.Add(1)
-			explore = conf.SpliceExplore != nil && *conf.SpliceExplore > 0 && n%uint64(*conf.SpliceExplore) == 0
+		d = decide(resp.ContentLength, est, false)
+		if d.reason != reasonMeasure {
+			st.mu.Lock()
+			st.explorer.N = 0
+			if conf.SpliceExplore != nil {
+				st.explorer.N = int64(*conf.SpliceExplore)
+			}
+			explore := st.explorer.Next(d.relayed, d.spliced)
+			st.mu.Unlock()
+			if explore {
+				d = decide(resp.ContentLength, est, true)
+			}
 		}
-		d = decide(resp.ContentLength, est, explore)
 	}
 	spliced := 0
 	if d.splice {

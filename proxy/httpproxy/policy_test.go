@@ -3,6 +3,7 @@ package httpproxy
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"log/slog"
 	"math"
 	"net"
@@ -199,19 +200,27 @@ func TestDecideResponse(t *testing.T) {
 		p.splice.spliced.add(n, 50*time.Microsecond+time.Duration(n/4))
 	}
 	// 1 MiB: relayed 1.15 ms, spliced 2 + 0.31 ms; 16 MiB: 16.9 ms and
-	// 2 + 4.2 ms. Every 3rd eligible decision explores.
-	for i := 1; i <= 12; i++ {
+	// 2 + 4.2 ms. An Explorer replayed alongside says which explore.
+	want := map[string]uint64{}
+	x := Explorer{N: int64(explore)}
+	est := p.splice.estimates(sp)
+	for i := 1; i <= 40; i++ {
 		n, pays := int64(1<<20), false
 		if i%2 == 0 {
 			n, pays = 16<<20, true
 		}
-		if i%explore == 0 {
-			check("explore", get, n, false, !pays, "explore")
-		} else if pays {
-			check("16 MiB", get, n, false, true, "pays")
-		} else {
-			check("1 MiB", get, n, false, false, "does_not_pay")
+		splice, why, relayed, spliced := Decide(n, est, false)
+		if splice != pays || (relayed > spliced) != pays {
+			t.Fatalf("%d bytes: splice %v (%s), predicted relayed %v, spliced %v", n, splice, why, relayed, spliced)
 		}
+		if x.Next(relayed, spliced) {
+			splice, why = !splice, "explore"
+		}
+		want[decisionName(splice)+"/"+why]++
+		check(fmt.Sprint(n), get, n, false, splice, why)
+	}
+	if want["relayed/explore"]+want["spliced/explore"] == 0 || want["spliced/pays"] == 0 || want["relayed/does_not_pay"] == 0 {
+		t.Errorf("the run lacks a kind of decision: %v", want)
 	}
 	// Pipelined: a request buffered already.
 	c.cr = bufio.NewReader(strings.NewReader("GET / HTTP/1.1\r\n"))
@@ -230,9 +239,10 @@ func TestDecideResponse(t *testing.T) {
 			}
 		}
 	}
-	want := map[string]uint64{"relayed/head": 1, "relayed/closing": 1, "relayed/no_length": 1, "relayed/below_splice_min": 2,
-		"relayed/measure": 1, "spliced/measure": 2, "spliced/pays": 4, "relayed/does_not_pay": 4, "spliced/explore": 2, "relayed/explore": 2,
-		"relayed/pipelined": 1, "spliced/always": 1}
+	for k, v := range map[string]uint64{"relayed/head": 1, "relayed/closing": 1, "relayed/no_length": 1, "relayed/below_splice_min": 2,
+		"relayed/measure": 1, "spliced/measure": 2, "relayed/pipelined": 1, "spliced/always": 1} {
+		want[k] = v
+	}
 	for k, v := range want {
 		if counts[k] != v {
 			t.Errorf("%s: %d decisions, want %d (all: %v)", k, counts[k], v, counts)
@@ -240,5 +250,56 @@ func TestDecideResponse(t *testing.T) {
 	}
 	if len(counts) != len(want) {
 		t.Errorf("decisions %v, want %v", counts, want)
+	}
+}
+
+// TestExplorer: exploring costs at most 1/N of the predicted time of
+// the ways chosen, comes every time where the two ways are within 1/N,
+// seldom where one is far better, and savings do not pile up into a
+// burst when the gap narrows.
+func TestExplorer(t *testing.T) {
+	ms := func(f float64) time.Duration { return time.Duration(f * 1e6) }
+	for _, c := range []struct {
+		n                 int64
+		relayed, spliced  time.Duration
+		decisions, explor int
+	}{
+		{0, ms(1), ms(5), 400, 0},
+		{10, ms(1), ms(5), 400, 10},    // gap 4 ms, saves 0.1 ms each
+		{10, ms(5), ms(1), 400, 10},    // the other way round
+		{10, ms(1), ms(1.1), 400, 400}, // gap 0.1 ms = 1/10 of 1 ms: every time
+		{50, ms(1), ms(30), 10000, 6},  // 1 MiB on NFQUEUE: 1 in 1450
+	} {
+		x := Explorer{N: c.n}
+		got := 0
+		var cost, total time.Duration
+		for range c.decisions {
+			total += min(c.relayed, c.spliced)
+			if x.Next(c.relayed, c.spliced) {
+				got++
+				cost += max(c.relayed, c.spliced) - min(c.relayed, c.spliced)
+			}
+		}
+		if c.n > 0 && cost > total/time.Duration(c.n) {
+			t.Errorf("N %d, %v/%v: exploring cost %v of %v", c.n, c.relayed, c.spliced, cost, total)
+		}
+		if got != c.explor {
+			t.Errorf("N %d, %v/%v: %d explorations in %d, want %d", c.n, c.relayed, c.spliced, got, c.decisions, c.explor)
+		}
+	}
+	// Far apart for long, then close: one exploration at once, then the
+	// usual pace, not a burst of the savings.
+	x := Explorer{N: 10}
+	for range 900 { // 990 would pay for one
+		if x.Next(ms(1), ms(100)) {
+			t.Fatal("explored 99 ms for 1 ms savings")
+		}
+	}
+	var seq []bool
+	for range 6 {
+		seq = append(seq, x.Next(ms(1), ms(1.2))) // gap 2 decisions' savings
+	}
+	if fmt.Sprint(seq) != "[true false true false true false]" {
+		t.Errorf("after the gap narrowed: %v", seq)
 	}
 }

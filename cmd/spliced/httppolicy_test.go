@@ -81,6 +81,10 @@ func TestLabHTTPSplicePolicy(t *testing.T) {
 			}
 			continue
 		}
+		if l["deferred"] != nil {
+			// Only with another spliced connection open.
+			t.Errorf("decision %d (%s): deferred on the only connection: %v", i, path, l)
+		}
 		est, ok := l["estimates"].(map[string]any)
 		if !ok {
 			t.Fatalf("decision %d (%s, %s/%s) logged no estimates: %v", i, path, decision, why, l)

@@ -8,6 +8,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -169,7 +170,13 @@ func TestDecideResponse(t *testing.T) {
 	p := testProxy(Route{Path: "/", Action: config.Allow, Backends: backends("10.0.0.1:80"), Balance: "round_robin"})
 	conf := p.conf()
 	conf.SpliceMin, conf.SplicePolicy, conf.SpliceExplore = 64<<10, PolicyMeasured, &explore
-	c := &conn{p: p, log: slog.New(slog.DiscardHandler), cr: bufio.NewReader(strings.NewReader(""))}
+	p.Flows = proxy.NewFlowTable(10)
+	flow := func() *proxy.Flow {
+		f := proxy.NewFlow("web", Kind, netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+		p.Flows.Admit(f)
+		return f
+	}
+	c := &conn{p: p, flow: flow(), log: slog.New(slog.DiscardHandler), cr: bufio.NewReader(strings.NewReader(""))}
 	sp := &fakeSplicer{}
 	get := &http.Request{Method: http.MethodGet}
 	resp := func(n int64) *http.Response { return &http.Response{ContentLength: n} }
@@ -195,6 +202,15 @@ func TestDecideResponse(t *testing.T) {
 	check("relayed known", get, 1<<20, false, true, "measure")
 	sp.costs = proxy.TransitionCosts{Splice: time.Millisecond, Unsplice: time.Millisecond, Splices: 3, Unsplices: 3}
 	check("costs known", get, 1<<20, false, true, "measure")
+	// Another connection that was spliced is open: the splice to
+	// measure is left to it (this one stays clear of the queue).
+	other := flow()
+	p.splice.markDiverted(other.ID)
+	if d := c.decideResponse(sp, get, resp(1<<20), false); d.splice || d.reason != reasonMeasure || !d.deferred {
+		t.Fatalf("measure with another diverted connection open: %+v", d)
+	}
+	p.Flows.Remove(other) // it ended: this one measures
+	check("the other ended", get, 1<<20, false, true, "measure")
 	// Spliced responses measured: 4 GB/s + 50 µs.
 	for _, n := range []int64{64 << 10, 1 << 20, 16 << 20} {
 		p.splice.spliced.add(n, 50*time.Microsecond+time.Duration(n/4))
@@ -222,6 +238,21 @@ func TestDecideResponse(t *testing.T) {
 	if want["relayed/explore"]+want["spliced/explore"] == 0 || want["spliced/pays"] == 0 || want["relayed/does_not_pay"] == 0 {
 		t.Errorf("the run lacks a kind of decision: %v", want)
 	}
+	// With another diverted connection open, a splice to explore waits
+	// for it (1 MiB: the model relays); once this connection was
+	// spliced itself, the exploration that was due comes at once.
+	other = flow()
+	p.splice.markDiverted(other.ID)
+	for range 10 {
+		d := c.decideResponse(sp, get, resp(1<<20), false)
+		if d.splice || d.reason != reasonDoesNotPay {
+			t.Fatalf("explored with another diverted connection open: %+v", d)
+		}
+		want["relayed/does_not_pay"]++
+	}
+	c.everSpliced = true
+	check("diverted itself", get, 1<<20, false, true, "explore")
+	want["spliced/explore"]++
 	// Pipelined: a request buffered already.
 	c.cr = bufio.NewReader(strings.NewReader("GET / HTTP/1.1\r\n"))
 	c.cr.Peek(1)
@@ -240,7 +271,7 @@ func TestDecideResponse(t *testing.T) {
 		}
 	}
 	for k, v := range map[string]uint64{"relayed/head": 1, "relayed/closing": 1, "relayed/no_length": 1, "relayed/below_splice_min": 2,
-		"relayed/measure": 1, "spliced/measure": 2, "relayed/pipelined": 1, "spliced/always": 1} {
+		"relayed/measure": 2, "spliced/measure": 3, "relayed/pipelined": 1, "spliced/always": 1} {
 		want[k] = v
 	}
 	for k, v := range want {

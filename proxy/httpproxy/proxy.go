@@ -216,6 +216,9 @@ type conn struct {
 	// splice policy's estimates; its delivery ends when the client's
 	// next request comes (policy.go).
 	relayedSample, splicedSample bodySample
+	// everSpliced: the flow was spliced (its packets pass the gateway's
+	// queue from then on; spliceState.diverted).
+	everSpliced bool
 }
 
 // attach starts using new sockets (after accept, or after an unsplice).
@@ -595,6 +598,10 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	// Set before the splice: once spliced, the flow is the resumed
 	// goroutine's, which records it (endSpliced).
 	c.splicedSample = bodySample{length: resp.ContentLength}
+	if !c.everSpliced {
+		c.everSpliced = true
+		c.p.splice.markDiverted(c.flow.ID)
+	}
 	serr := sp.Splice(c.p.FlowContext(), c.flow, c.client, c.up)
 	if serr == nil {
 		return false, true, nil

@@ -219,6 +219,7 @@ type conn struct {
 	// everSpliced: the flow was spliced (its packets pass the gateway's
 	// queue from then on; spliceState.diverted).
 	everSpliced bool
+	exchanges   int // requests relayed on the connection
 }
 
 // attach starts using new sockets (after accept, or after an unsplice).
@@ -468,6 +469,7 @@ func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 
 // relay is exchange with the send buffer, out.
 func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) {
+	c.exchanges++
 	conf := c.p.conf()
 	req := rq.Request
 	switch conf.Forwarded {
@@ -576,7 +578,10 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		if err != nil {
 			return true, false, fmt.Errorf("relay the response: %w", err)
 		}
-		if sp != nil && req.Method != http.MethodHead && resp.ContentLength >= 0 {
+		if sp != nil && req.Method != http.MethodHead && resp.ContentLength >= 0 && c.exchanges > 1 {
+			// Not a connection's first response: its time is that of
+			// new connections' slow start (many at once when a client
+			// starts), not of relaying.
 			c.relayedSample = bodySample{length: resp.ContentLength, head: head}
 		}
 		return closeAfter, false, nil

@@ -45,13 +45,20 @@ var httpFiles = map[string]int64{
 	"large.bin": 16 << 20, "huge.bin": httpHugeSize,
 }
 
+// httpBenchConfig is the daemon of the HTTP rows: "spliced per response"
+// splices every response from splice_min on (splice_policy: always), the
+// cost the measured policy weighs.
 func httpBenchConfig(mode string) string {
-	return "\nlog:\n  level: info\nlimits:\n  max_flows: 30000\nservices:\n" + httpService("web", 15080, 80, mode)
+	return "\nlog:\n  level: info\nlimits:\n  max_flows: 30000\nservices:\n" + httpService("web", 15080, 80, mode, "always")
 }
 
 // httpService is a service of spliced's HTTP proxy: its TPROXY listener
 // on listen intercepts port and sends every request to the bench's nginx.
-func httpService(name string, listen, port uint16, mode string) string {
+// policy is its splice_policy (the default when empty).
+func httpService(name string, listen, port uint16, mode, policy string) string {
+	if policy != "" {
+		policy = "\n      splice_policy: " + policy
+	}
 	return fmt.Sprintf(`  - name: %s
     listen: %d
     ports: ["%d"]
@@ -59,11 +66,11 @@ func httpService(name string, listen, port uint16, mode string) string {
     idle_timeout: 1m
     splice:
       mode: %s
-    http:
+    http:%s
       routes:
         - path: /
           backends: ["%s:%d"]
-`, name, listen, port, mode, "10.2.0.2", testnet.NginxPort)
+`, name, listen, port, mode, policy, "10.2.0.2", testnet.NginxPort)
 }
 
 // startNginx runs nginx in the server namespace with the bench's files.

@@ -94,7 +94,7 @@ var HTTPPeers = []httpPeer{
 	{name: "http-nginx", desc: "nginx proxy_pass, upstream keepalive, 2 workers, on the gateway's address", start: nginxPeer, port: portNginxPeer},
 	{name: "http-haproxy", desc: "HAProxy mode http, http-reuse always, 2 threads, on the gateway's address", start: haproxyPeer, port: portHAProxyPeer},
 	{name: "spliced-http-copy", desc: "spliced proxy: http, transparent, relaying every response (splice mode never)", splice: "never", port: 80},
-	{name: "spliced-http-splice", desc: "spliced proxy: http, transparent, splicing responses from splice_min (64 KiB) on (splice mode immediate)", splice: "immediate", port: 81},
+	{name: "spliced-http-splice", desc: "spliced proxy: http, transparent, splicing responses from splice_min (64 KiB) on where the measured policy finds it pays (splice mode immediate, the default splice_policy)", splice: "immediate", port: 81},
 }
 
 // The ratio column compares the relayed row with the better of the
@@ -229,7 +229,7 @@ func splicedPeersConfig(peers []httpPeer) string {
 	listen := uint16(15080)
 	for _, p := range peers {
 		if p.start == nil {
-			b.WriteString(httpService("web_"+p.splice, listen, p.port, p.splice))
+			b.WriteString(httpService("web_"+p.splice, listen, p.port, p.splice, "")) // the default policy (measured)
 			listen++
 		}
 	}

@@ -101,6 +101,7 @@ type Gateway struct {
 
 	spliceLatency             latencies
 	phases                    [numSteps]latencies // see phase
+	spliceCost, unspliceCost  movingCost          // see TransitionCosts
 	spliceAborts              atomic.Uint64
 	unsplices, unspliceAborts atomic.Uint64
 	injectErrors              atomic.Uint64

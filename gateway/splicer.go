@@ -124,6 +124,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	}
 	took := time.Since(start)
 	g.spliceLatency.observe(took)
+	g.spliceCost.observe(took)
 	sw.commit(g)
 	if !back {
 		f.SplicedAt.Store(time.Now().UnixNano())

@@ -104,8 +104,9 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 		}()
 		return true
 	}
+	start := time.Now() // the client's next data came
 	go func() {
-		if err := g.completeUnsplice(context.Background(), sf, tr, time.Now()); err != nil {
+		if err := g.completeUnsplice(context.Background(), sf, tr, start); err != nil {
 			g.log.Warn("unsplice abandoned", logging.KeyFlow, sf.flow.ID, logging.Err(err))
 		}
 	}()
@@ -116,6 +117,7 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 // rebuild, release, resume.
 func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *transition, start time.Time) error {
 	f := sf.flow
+	f.UnspliceStarted.Store(start.UnixNano())
 	sw := newStopwatch(start)
 	if err := g.unspliceDrain(ctx, tr, start.Add(g.drainTimeout(f.Service))); err != nil {
 		return g.abandonUnsplice(sf, tr, err)
@@ -173,6 +175,7 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	}
 	sw.lap(stepHandBack)
 	sw.commit(g)
+	g.unspliceCost.observe(time.Since(start))
 	return nil
 }
 

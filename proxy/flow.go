@@ -52,6 +52,11 @@ type Flow struct {
 	// SplicedAt is when the flow was last spliced (unix nanoseconds, 0 if
 	// never).
 	SplicedAt atomic.Int64
+	// UnspliceStarted is when the flow's last unsplice began (unix
+	// nanoseconds, 0 if never): for a flow unspliced on client data,
+	// when the gateway saw the client's next data. Set before the
+	// proxy gets the flow back.
+	UnspliceStarted atomic.Int64
 
 	// Backend is the address the upstream connection goes to (for the
 	// forwarder, the original destination).

@@ -33,6 +33,24 @@ type Splicer interface {
 	Splice(ctx context.Context, f *Flow, client, upstream *net.TCPConn) error
 }
 
+// TransitionCosts are what a splicer measured its recent completed
+// transitions to take on this machine: moving averages of the time from
+// the start of a splice to the flow spliced, and from the start of an
+// unsplice (for a flow watched for client data, the client's next data)
+// to the sockets handed back to the proxy. The counts are of the
+// transitions measured; a zero count means no estimate yet.
+type TransitionCosts struct {
+	Splice, Unsplice   time.Duration
+	Splices, Unsplices uint64
+}
+
+// CostReporter is implemented by splicers that measure their
+// transitions (the gateway): a proxy weighs a splice against relaying
+// with it.
+type CostReporter interface {
+	TransitionCosts() TransitionCosts
+}
+
 // Forwarder is the plain forwarding proxy of one service. Its splicer,
 // once set, splices flows when the service's splice policy says so, or
 // when someone calls Flow.RequestSplice.

@@ -33,9 +33,10 @@ type httpLab struct {
 }
 
 const (
-	httpSmall = 4 << 10
-	httpBig   = 1 << 20
-	httpHuge  = 50 << 20
+	httpSmall  = 4 << 10
+	httpMedium = 256 << 10
+	httpBig    = 1 << 20
+	httpHuge   = 50 << 20
 )
 
 func httpConfig(mode string) string {
@@ -60,6 +61,7 @@ services:
       mode: %s
     http:
       splice_min: 64KiB
+      splice_policy: always
       routes:
         - path: /a/
           backends: ["10.2.0.2:8080"]
@@ -80,6 +82,12 @@ services:
 
 func startHTTPLab(t *testing.T, mode string, opt testnet.Options, setup func(*testnet.Lab)) *httpLab {
 	t.Helper()
+	return startHTTPLabConf(t, httpConfig(mode), opt, setup)
+}
+
+// startHTTPLabConf is startHTTPLab with the daemon's configuration.
+func startHTTPLabConf(t *testing.T, conf string, opt testnet.Options, setup func(*testnet.Lab)) *httpLab {
+	t.Helper()
 	testnet.Privileged(t, "nginx")
 	opt.Servers = 2
 	hl := &httpLab{lab: testnet.NewT(t, opt), sums: map[string]string{}}
@@ -93,7 +101,7 @@ func startHTTPLab(t *testing.T, mode string, opt testnet.Options, setup func(*te
 		if err := os.MkdirAll(www, 0o755); err != nil {
 			t.Fatal(err)
 		}
-		for i, size := range map[string]int64{"small.bin": httpSmall, "big.bin": httpBig, "huge.bin": httpHuge} {
+		for i, size := range map[string]int64{"small.bin": httpSmall, "medium.bin": httpMedium, "big.bin": httpBig, "huge.bin": httpHuge} {
 			f, err := os.Create(filepath.Join(www, i))
 			if err != nil {
 				t.Fatal(err)
@@ -109,7 +117,7 @@ func startHTTPLab(t *testing.T, mode string, opt testnet.Options, setup func(*te
 		}
 		t.Cleanup(stop)
 	}
-	hl.d = testnet.StartDaemon(t, hl.lab, httpConfig(mode))
+	hl.d = testnet.StartDaemon(t, hl.lab, conf)
 	hl.vip = netip.AddrPortFrom(hl.lab.Server().IPv4, 80)
 	return hl
 }
@@ -769,6 +777,7 @@ services:
       drain_timeout: 500ms
     http:
       splice_min: 1
+      splice_policy: always
       routes:
         - path: /private/
           action: deny

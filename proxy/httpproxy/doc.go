@@ -2,8 +2,9 @@
 // and 3.4): clients talk to one address; the proxy reads each request in
 // control mode, picks a backend pool by Host and path prefix,
 // forwards the request, and, when the response is large (Content-Length
-// of at least splice_min), splices the connection while the response
-// flows. The gateway watches the spliced flow: when the client sends its
+// of at least splice_min) and splicing it pays by the estimates measured
+// on this machine (policy.go; splice_policy always splices every large
+// one), splices the connection while the response flows. The gateway watches the spliced flow: when the client sends its
 // next request, it unsplices the flow and hands both sockets back, and the
 // proxy reads and routes that request, to another backend if its route
 // says so, and splices again.

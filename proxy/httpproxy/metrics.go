@@ -15,5 +15,5 @@ func (p *Proxy) Metrics() []proxy.Metric {
 				Counter: true, Labels: labels, Values: []string{b.Route, b.Backend}, Value: float64(b.Failures)})
 		}
 	}
-	return out
+	return append(out, p.spliceMetrics()...)
 }

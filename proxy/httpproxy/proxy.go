@@ -36,6 +36,8 @@ type Proxy struct {
 	// upReaders holds the upstream readers (*bufio.Reader of
 	// upReadSize) of connections between exchanges.
 	upReaders sync.Pool
+	// splice is the splice policy's measurements and decisions.
+	splice spliceState
 }
 
 // upReadSize is the buffer the proxy reads a response into: a head and
@@ -210,6 +212,14 @@ type conn struct {
 	// respEnd is the value of flow.S2C at which the response in flight
 	// ends: after an unsplice in its middle, the rest is relayed first.
 	respEnd int64
+	// relayedSample and splicedSample are the last response's, for the
+	// splice policy's estimates; its delivery ends when the client's
+	// next request comes (policy.go).
+	relayedSample, splicedSample bodySample
+	// everSpliced: the flow was spliced (its packets pass the gateway's
+	// queue from then on; spliceState.diverted).
+	everSpliced bool
+	exchanges   int // requests relayed on the connection
 }
 
 // attach starts using new sockets (after accept, or after an unsplice).
@@ -320,7 +330,9 @@ func (c *conn) serve() (reason string, spliced bool) {
 	for {
 		// The rest of a response an unsplice interrupted (a client that
 		// pipelines), before the next request.
-		if rest := c.respEnd - c.flow.S2C.Load(); rest > 0 && c.ur != nil {
+		rest := c.respEnd - c.flow.S2C.Load()
+		c.endSpliced(rest)
+		if rest > 0 && c.ur != nil {
 			c.log.Debug("http: relaying the rest of a response after an unsplice", "bytes", rest)
 			n, err := io.CopyN(c.client, c.ur, rest)
 			c.flow.S2C.Add(n)
@@ -331,6 +343,11 @@ func (c *conn) serve() (reason string, spliced bool) {
 		c.client.SetReadDeadline(time.Now().Add(svc.IdleTimeout.D()))
 		rq, err := readRequest(c.cr)
 		c.client.SetReadDeadline(time.Time{})
+		if err == nil {
+			c.endRelayed(time.Now())
+		} else {
+			c.relayedSample = bodySample{}
+		}
 		var pl *pool
 		if err == nil {
 			pl, err = c.p.routeRequest(rq)
@@ -452,6 +469,7 @@ func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 
 // relay is exchange with the send buffer, out.
 func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) {
+	c.exchanges++
 	conf := c.p.conf()
 	req := rq.Request
 	switch conf.Forwarded {
@@ -495,8 +513,10 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	c.toClient = countingWriter{w: c.client, n: &c.flow.S2C}
 	out.reset(&c.toClient)
 	var resp *http.Response
+	var head time.Time
 	for {
 		resp, err = http.ReadResponse(c.ur, req)
+		head = time.Now()
 		if err != nil {
 			c.reply(http.StatusBadGateway, "the backend's response was unreadable")
 			c.upTo.failures.Add(1)
@@ -549,7 +569,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		resp.Header.Set("Connection", "keep-alive")
 	}
 	sp := c.p.splicing()
-	if sp == nil || resp.ContentLength < int64(conf.SpliceMin) || req.Method == http.MethodHead || closeAfter || c.cr.Buffered() > 0 {
+	if d := c.decideResponse(sp, req, resp, closeAfter); !d.splice {
 		err := resp.Write(out)
 		if err == nil {
 			err = out.Flush()
@@ -557,6 +577,12 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		resp.Body.Close()
 		if err != nil {
 			return true, false, fmt.Errorf("relay the response: %w", err)
+		}
+		if sp != nil && req.Method != http.MethodHead && resp.ContentLength >= 0 && c.exchanges > 1 {
+			// Not a connection's first response: its time is that of
+			// new connections' slow start (many at once when a client
+			// starts), not of relaying.
+			c.relayedSample = bodySample{length: resp.ContentLength, head: head}
 		}
 		return closeAfter, false, nil
 	}
@@ -574,10 +600,18 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	c.respEnd = c.flow.S2C.Load() + resp.ContentLength - ahead
 	c.flow.UnspliceOnClientData.Store(true)
 	c.releaseSendBuf()
+	// Set before the splice: once spliced, the flow is the resumed
+	// goroutine's, which records it (endSpliced).
+	c.splicedSample = bodySample{length: resp.ContentLength}
+	if !c.everSpliced {
+		c.everSpliced = true
+		c.p.splice.markDiverted(c.flow.ID)
+	}
 	serr := sp.Splice(c.p.FlowContext(), c.flow, c.client, c.up)
 	if serr == nil {
 		return false, true, nil
 	}
+	c.splicedSample = bodySample{}
 	c.flow.SetSpliceError(serr)
 	// Common and harmless when the client asks again at once: the
 	// response ends proxied.
@@ -611,6 +645,7 @@ func (c *conn) spliceUpgrade() (done, spliced bool, err error) {
 	c.flow.UnspliceOnClientData.Store(false)
 	c.flow.SetResume(nil)
 	c.releaseSendBuf()
+	c.splicedSample = bodySample{}
 	if sp := c.p.splicing(); sp != nil {
 		if err := sp.Splice(c.p.FlowContext(), c.flow, c.client, c.up); err == nil {
 			return false, true, nil

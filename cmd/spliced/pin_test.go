@@ -357,6 +357,52 @@ func exists(p string) bool {
 	return err == nil
 }
 
+// pinnedFlows is a lab whose daemon runs the bpf datapath with its pins
+// in a private bpffs, and transfers through it that were all promoted.
+type pinnedFlows struct {
+	lab  *testnet.Lab
+	root string // the bpffs
+	srv  netip.AddrPort
+	mux  *testnet.Mux
+	d    *testnet.Daemon
+	res  []*testnet.Transfer
+	wg   sync.WaitGroup
+}
+
+// startPinnedFlows starts n transfers (opt, with seeds seed, seed+2, ...)
+// through a daemon on the bpf datapath and waits until each was
+// promoted to the program.
+func startPinnedFlows(t *testing.T, n int, seed uint64, opt testnet.TransferOptions) *pinnedFlows {
+	t.Helper()
+	pf := &pinnedFlows{lab: testnet.NewT(t, testnet.Options{}), root: testnet.BPFFS(t), res: make([]*testnet.Transfer, n)}
+	pf.srv = netip.AddrPortFrom(pf.lab.Server().IPv4, 5001)
+	ln, err := pf.lab.Server().Listen(pf.srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pf.mux = testnet.NewMux(ln)
+	t.Cleanup(func() { pf.mux.Close() })
+	pf.d = testnet.StartDaemon(t, pf.lab, pinConfig("bpf", pf.root))
+	for i := range n {
+		pf.wg.Add(1)
+		go func() {
+			defer pf.wg.Done()
+			o := opt
+			o.Seed = seed + uint64(2*i)
+			pf.res[i] = pf.mux.Transfer(pf.lab.Client(), pf.srv, o)
+		}()
+	}
+	if err := testnet.Poll(20*time.Second, func() error {
+		if k := countMsg(pf.d, "flow promoted to the bpf datapath"); k < n {
+			return fmt.Errorf("%d of %d flows promoted", k, n)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return pf
+}
+
 // TestLabBPFPinsDropped: flows an earlier daemon left on the pinned bpf
 // datapath are never left hanging by a start that does not run the
 // program over them: a daemon started with kernel.datapath nfqueue, and
@@ -365,41 +411,10 @@ func exists(p string) bool {
 func TestLabBPFPinsDropped(t *testing.T) {
 	for _, how := range []string{"nfqueue", "cleanup"} {
 		t.Run(how, func(t *testing.T) {
-			lab := testnet.NewT(t, testnet.Options{})
-			root := testnet.BPFFS(t)
-			dir := bpf.PinDir(root, "spliced")
-			srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
-			ln, err := lab.Server().Listen(srv)
-			if err != nil {
-				t.Fatal(err)
-			}
-			mux := testnet.NewMux(ln)
-			defer mux.Close()
-			old := testnet.StartDaemon(t, lab, pinConfig("bpf", root))
 			const n = 4
-			res := make([]*testnet.Transfer, n)
-			var wg sync.WaitGroup
-			for i := range n {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					res[i] = mux.Transfer(lab.Client(), srv, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Seed: uint64(7000 + 2*i), Rate: 1 << 20, Timeout: time.Minute})
-				}()
-			}
-			if err := testnet.Poll(20*time.Second, func() error {
-				k := 0
-				for _, l := range old.Lines() {
-					if l["msg"] == "flow promoted to the bpf datapath" {
-						k++
-					}
-				}
-				if k < n {
-					return fmt.Errorf("%d of %d flows promoted", k, n)
-				}
-				return nil
-			}); err != nil {
-				t.Fatal(err)
-			}
+			pf := startPinnedFlows(t, n, 7000, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Rate: 1 << 20, Timeout: time.Minute})
+			lab, root, old, res := pf.lab, pf.root, pf.d, pf.res
+			dir := bpf.PinDir(root, "spliced")
 			waitMoving(t, lab, root, n)
 			old.Kill()
 			if len(pins(dir)) == 0 {
@@ -420,7 +435,7 @@ func TestLabBPFPinsDropped(t *testing.T) {
 					t.Errorf("spliced -cleanup: %v\n%s", err, out)
 				}
 			}
-			wg.Wait()
+			pf.wg.Wait()
 			for i, r := range res {
 				if r.Client.Err == nil || r.Server.Err == nil || !strings.Contains(r.Client.Err.Error(), "reset") || !strings.Contains(r.Server.Err.Error(), "reset") {
 					t.Errorf("flow %d: client %v, server %v; want a reset at both ends", i, r.Client.Err, r.Server.Err)
@@ -450,44 +465,13 @@ func TestLabBPFPinsDropped(t *testing.T) {
 // keep moving; the restarted daemon adopts them and they complete
 // intact.
 func TestLabBPFHandOver(t *testing.T) {
-	lab := testnet.NewT(t, testnet.Options{})
-	root := testnet.BPFFS(t)
-	cfg := pinConfig("bpf", root)
-	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
-	ln, err := lab.Server().Listen(srv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := testnet.NewMux(ln)
-	defer mux.Close()
-	old := testnet.StartDaemon(t, lab, cfg)
 	const n = 4
-	res := make([]*testnet.Transfer, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			res[i] = mux.Transfer(lab.Client(), srv, testnet.TransferOptions{C2S: 32 << 20, S2C: 32 << 20, Seed: uint64(9000 + 2*i), Rate: 4 << 20, Timeout: 2 * time.Minute})
-		}()
-	}
-	if err := testnet.Poll(20*time.Second, func() error {
-		k := 0
-		for _, l := range old.Lines() {
-			if l["msg"] == "flow promoted to the bpf datapath" {
-				k++
-			}
-		}
-		if k < n {
-			return fmt.Errorf("%d of %d flows promoted", k, n)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	pf := startPinnedFlows(t, n, 9000, testnet.TransferOptions{C2S: 32 << 20, S2C: 32 << 20, Rate: 4 << 20, Timeout: 2 * time.Minute})
+	lab, root, old, res := pf.lab, pf.root, pf.d, pf.res
+	cfg := pinConfig("bpf", root)
 	waitMoving(t, lab, root, n)
 	old.Signal(syscall.SIGUSR2)
-	err = old.Wait(20 * time.Second)
+	err := old.Wait(20 * time.Second)
 	var ee *exec.ExitError
 	if !errors.As(err, &ee) || ee.ExitCode() != 75 {
 		t.Fatalf("exit after SIGUSR2: %v, want status 75\n%s", err, tail(old.Log(), 10))
@@ -516,7 +500,7 @@ func TestLabBPFHandOver(t *testing.T) {
 	if rec == nil || rec["flows"] != float64(n) {
 		t.Errorf("adoption log: %v", rec)
 	}
-	wg.Wait()
+	pf.wg.Wait()
 	for i, r := range res {
 		if err := r.Check(); err != nil {
 			t.Errorf("flow %d: %v", i, err)
@@ -635,32 +619,15 @@ func TestLabBPFAdoptedHTTPRequest(t *testing.T) {
 // them (their flows cannot be read, so they end: nothing wrong reaches
 // an end) and runs on fresh pins.
 func TestLabBPFPinsOtherVersion(t *testing.T) {
-	lab := testnet.NewT(t, testnet.Options{})
-	root := testnet.BPFFS(t)
+	const n = 2
+	pf := startPinnedFlows(t, n, 8000, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Rate: 1 << 20, Timeout: 8 * time.Second})
+	lab, root, old, res, mux, srv := pf.lab, pf.root, pf.d, pf.res, pf.mux, pf.srv
 	dir := bpf.PinDir(root, "spliced")
 	cfg := pinConfig("bpf", root)
-	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
-	ln, err := lab.Server().Listen(srv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := testnet.NewMux(ln)
-	defer mux.Close()
-	old := testnet.StartDaemon(t, lab, cfg)
-	const n = 2
-	res := make([]*testnet.Transfer, n)
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			res[i] = mux.Transfer(lab.Client(), srv, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Seed: uint64(8000 + 2*i), Rate: 1 << 20, Timeout: 8 * time.Second})
-		}()
-	}
 	waitMoving(t, lab, root, n)
 	old.Kill()
 	// Another version: its layout hash differs.
-	err = lab.Gateway.Do(func() error {
+	err := lab.Gateway.Do(func() error {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, "splice_layout"), nil)
 		if err != nil {
 			return err
@@ -686,7 +653,7 @@ func TestLabBPFPinsOtherVersion(t *testing.T) {
 	if dp := d.FindLog(func(l map[string]any) bool { return l["msg"] == "datapath" }); dp == nil || dp["reused_pins"] != false {
 		t.Errorf("datapath log: %v", dp)
 	}
-	wg.Wait()
+	pf.wg.Wait()
 	for i, r := range res {
 		if err := r.CheckPrefix(); err != nil {
 			t.Errorf("old flow %d: %v", i, err)

@@ -248,13 +248,9 @@ func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net
 			n, err := m.src.Read(buf[:min(inq, len(buf))])
 			m.src.SetReadDeadline(time.Time{})
 			if n > 0 {
-				m.dst.SetWriteDeadline(deadline)
-				_, werr := m.dst.Write(buf[:n])
-				m.dst.SetWriteDeadline(time.Time{})
-				m.n.Add(int64(n))
+				w, werr := writeQueued(m.dst, buf[:n], deadline, g.idleTimeout(f.Service))
+				m.n.Add(int64(w))
 				if werr != nil {
-					// Bytes read but not written: the proxy could not have
-					// done better; the flow is broken either way.
 					return &SpliceError{Reason: "move queued bytes", Err: werr}
 				}
 			}
@@ -268,6 +264,35 @@ func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net
 	}
 	return nil
 }
+
+// writeQueued writes bytes a drain read from one socket to the other. By
+// the drain's deadline it gives up the splice (errSlowReceiver), but
+// only after the bytes are written, for as long as the flow may be idle:
+// they were read from the sender's socket and acknowledged to it, so a
+// byte not written would be a byte lost, and the proxy, which counts on
+// the flow's byte count to relay the rest, would leave the receiver
+// waiting for it for ever. It returns how many bytes it wrote.
+func writeQueued(dst *net.TCPConn, b []byte, deadline time.Time, idle time.Duration) (int, error) {
+	dst.SetWriteDeadline(deadline)
+	w, err := dst.Write(b)
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		if idle <= 0 {
+			idle = 5 * time.Minute
+		}
+		dst.SetWriteDeadline(time.Now().Add(idle))
+		var w2 int
+		w2, err = dst.Write(b[w:])
+		w += w2
+		if err == nil {
+			err = errSlowReceiver
+		}
+	}
+	dst.SetWriteDeadline(time.Time{})
+	return w, err
+}
+
+// errSlowReceiver: a drain wrote what it read only after its deadline.
+var errSlowReceiver = errors.New("the receiver took the bytes queued for it only after the drain timeout")
 
 func queuesEmpty(conns ...*net.TCPConn) (bool, error) {
 	for _, c := range conns {

@@ -1,0 +1,54 @@
+package gateway
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+)
+
+// TestWriteQueuedLosesNothing: a drain that reads bytes and cannot write
+// them by its deadline (the receiver is not reading) gives up the splice
+// only after it wrote them all, so the proxy that takes the flow back
+// loses no byte (before: the bytes read were dropped and the receiver
+// waited for them for ever).
+func TestWriteQueuedLosesNothing(t *testing.T) {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	dst, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dst.Close()
+	recv, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer recv.Close()
+	dst.SetWriteBuffer(64 << 10)
+	recv.SetReadBuffer(64 << 10)
+	payload := bytes.Repeat([]byte("0123456789abcdef"), 1<<20) // 16 MiB: more than both buffers hold
+	deadline := time.Now().Add(50 * time.Millisecond)
+	got := make(chan []byte, 1)
+	go func() {
+		// Start reading only after the drain's deadline passed.
+		time.Sleep(time.Until(deadline) + 100*time.Millisecond)
+		b, _ := io.ReadAll(io.LimitReader(recv, int64(len(payload))))
+		got <- b
+	}()
+	w, err := writeQueued(dst, payload, deadline, time.Minute)
+	if !errors.Is(err, errSlowReceiver) {
+		t.Fatalf("writeQueued: %v, want errSlowReceiver", err)
+	}
+	if w != len(payload) {
+		t.Fatalf("wrote %d of %d bytes", w, len(payload))
+	}
+	if b := <-got; !bytes.Equal(b, payload) {
+		t.Fatalf("the receiver got %d bytes, not the %d written", len(b), len(payload))
+	}
+}

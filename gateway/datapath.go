@@ -209,7 +209,7 @@ func (g *Gateway) promote(sf *splicedFlow) {
 	}
 	e := sf.entry
 	queue := g.manager().Spec().Divert.Queue + sf.queue
-	awaitEmptyQueue(queue, promoteQuietWait)
+	awaitEmptyQueue(queue, promoteQuietWait, 50*time.Microsecond)
 	sf.stragglersTo.Store(0)
 	g.recordMeta(sf)
 	err := e.Offload(func(st splice.State) error {
@@ -253,14 +253,21 @@ const promoteQuietWait = 5 * time.Millisecond
 // was written (microseconds), instead of the whole queue's backlog of the
 // flow; most often none. Under sustained load the queue may never empty:
 // the promotion then goes ahead and its stragglers are dropped.
-func awaitEmptyQueue(queue uint16, max time.Duration) {
+// It reports whether the queue was empty.
+func awaitEmptyQueue(queue uint16, max, every time.Duration) bool {
 	deadline := time.Now().Add(max)
 	for {
 		ks, err := nfq.ReadKernelStats()
-		if err != nil || ks[queue].Waiting == 0 || time.Now().After(deadline) {
-			return
+		if err != nil {
+			return false
 		}
-		time.Sleep(50 * time.Microsecond)
+		if ks[queue].Waiting == 0 {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(every)
 	}
 }
 

@@ -89,6 +89,9 @@ type Gateway struct {
 	jumped map[[2]netip.AddrPort]time.Time
 	// passthrough holds the transitions of unspliced flows, by flow ID.
 	passthrough map[uint64]*transition
+	// retiring: flows whose passthrough is ending (retirePassthrough),
+	// closed when it has; a new splice of the flow waits for it.
+	retiring map[uint64]chan struct{}
 
 	restoreSysctls func()
 	// removePins: stopping detaches the bpf datapath and removes its
@@ -104,13 +107,16 @@ type Gateway struct {
 	spliceCost, unspliceCost  movingCost          // see TransitionCosts
 	spliceAborts              atomic.Uint64
 	unsplices, unspliceAborts atomic.Uint64
-	injectErrors              atomic.Uint64
-	stalledFlows              atomic.Uint64
-	stallLog                  *logging.Limiter
-	reloads                   atomic.Int64
-	divertRefreshes           atomic.Uint64
-	divertRefreshErrors       atomic.Uint64
-	repairs                   atomic.Int64
+	// passthroughsRetired: unspliced flows whose divert entries went
+	// (retirePassthrough).
+	passthroughsRetired atomic.Uint64
+	injectErrors        atomic.Uint64
+	stalledFlows        atomic.Uint64
+	stallLog            *logging.Limiter
+	reloads             atomic.Int64
+	divertRefreshes     atomic.Uint64
+	divertRefreshErrors atomic.Uint64
+	repairs             atomic.Int64
 	// Bytes of flows that ended, by engine and direction.
 	closedProxied, closedSpliced [2]atomic.Uint64
 }
@@ -143,6 +149,7 @@ func New(cfg *config.Config, log *slog.Logger) *Gateway {
 		spliced:     map[uint64]*splicedFlow{},
 		jumped:      map[[2]netip.AddrPort]time.Time{},
 		passthrough: map[uint64]*transition{},
+		retiring:    map[uint64]chan struct{}{},
 		stallLog:    logging.NewLimiter(time.Second),
 	}
 	g.snap.Store(&snapshot{cfg: cfg, rules: rules.NewManager(rules.FromConfig(cfg))})
@@ -415,7 +422,7 @@ func (g *Gateway) logStats() {
 		return
 	}
 	attrs := []any{"splices", g.spliceLatency.count.Load(), "splice_aborts", g.spliceAborts.Load(),
-		"unsplices", g.unsplices.Load(), "unsplice_aborts", g.unspliceAborts.Load(),
+		"unsplices", g.unsplices.Load(), "unsplice_aborts", g.unspliceAborts.Load(), "passthroughs_retired", g.passthroughsRetired.Load(),
 		"splice_p50_us", g.spliceLatency.percentile(0.5).Microseconds(), "splice_p99_us", g.spliceLatency.percentile(0.99).Microseconds(),
 		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load(), "stalled_flows", g.stalledFlows.Load()}
 	if c := g.conntrack; c != nil {

@@ -221,11 +221,67 @@ func (g *Gateway) takePassthrough(id uint64) *transition {
 	g.splicedMu.Lock()
 	tr := g.passthrough[id]
 	delete(g.passthrough, id)
+	ending := g.retiring[id]
 	g.splicedMu.Unlock()
+	if ending != nil {
+		<-ending // its divert entries are going: let them go first
+	}
 	if tr != nil {
 		g.transitions.remove(tr)
 	}
 	return tr
+}
+
+// passthroughQuiet bounds how long an unspliced flow's passthrough waits
+// for its queue to empty before it ends (retirePassthrough), and
+// passthroughDrain how long it then waits for the packets already queued.
+const (
+	passthroughQuiet = 2 * time.Second
+	passthroughDrain = 100 * time.Millisecond
+)
+
+// retirePassthrough ends an unspliced flow's passthrough once its queue
+// holds no packet: its divert entries go, so its packets reach the
+// sockets by the kernel's path again instead of crossing the queue for
+// the rest of the flow's life (every packet through user space, a
+// lasting cost of each splice). The transition stays until the packets
+// queued before the entries went are through (it accepts them
+// unchanged); one that was on its way may arrive after a later one that
+// took the kernel's path, a reordering TCP absorbs. When the queue does
+// not empty in time (other flows keep it busy), the passthrough stays,
+// as it did before: correct, only slower. A splice of the flow meanwhile
+// waits (takePassthrough) and then adds its entries again.
+func (g *Gateway) retirePassthrough(id uint64, tr *transition) {
+	queue := g.manager().Spec().Divert.Queue + tr.queue
+	if !awaitEmptyQueue(queue, passthroughQuiet, time.Millisecond) {
+		return
+	}
+	g.splicedMu.Lock()
+	if g.passthrough[id] != tr {
+		g.splicedMu.Unlock()
+		return // spliced again, or ended
+	}
+	ending := make(chan struct{})
+	g.retiring[id] = ending
+	g.splicedMu.Unlock()
+	err := g.diverter.Delete(tr.queue, tr.keys[0], tr.keys[1])
+	if err != nil {
+		g.log.Warn("remove divert entries of an unspliced flow; its packets keep crossing the queue", logging.KeyFlow, id, logging.Err(err))
+	} else {
+		awaitEmptyQueue(queue, passthroughDrain, 100*time.Microsecond)
+	}
+	g.splicedMu.Lock()
+	retired := err == nil && g.passthrough[id] == tr
+	if retired {
+		delete(g.passthrough, id)
+	}
+	delete(g.retiring, id)
+	g.splicedMu.Unlock()
+	if retired {
+		g.transitions.remove(tr)
+		g.passthroughsRetired.Add(1)
+	}
+	close(ending)
 }
 
 // endPassthrough is called when a flow ends in its proxy: if it was

@@ -156,6 +156,7 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	unpin()
 	sw.lap(stepUnspliceRelease)
 	g.addPassthrough(f.ID, tr)
+	go g.retirePassthrough(f.ID, tr)
 	g.unsplices.Add(1)
 	st := sf.entry.Stats()
 	f.C2S.Add(int64(st[splice.C2S].Bytes))

@@ -1075,3 +1075,68 @@ func truncateBytes(b []byte, n int) []byte {
 	}
 	return b
 }
+
+// queueReceived is what the daemon's queues received, all together.
+func queueReceived(t *testing.T, d *testnet.Daemon) uint64 {
+	t.Helper()
+	st, err := d.Client().Status(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n uint64
+	for _, e := range st.Engines {
+		for _, q := range e.Queues {
+			n += q.Received
+		}
+	}
+	return n
+}
+
+// TestLabHTTPUnsplicedLeavesQueue: once an unspliced flow's queue is
+// empty, its divert entries go, so the responses relayed after it no
+// longer cross the queue; a later response is spliced again (the entries
+// come back) and every body is intact.
+func TestLabHTTPUnsplicedLeavesQueue(t *testing.T) {
+	for _, mode := range []string{"splice", "splice-bpf"} {
+		t.Run(mode, func(t *testing.T) {
+			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
+			hc := hl.dial(t)
+			get := func(path string) {
+				hc.send(path)
+				hl.expect(hc, path)
+			}
+			get("/a/big.bin") // spliced
+			get("/a/small.bin")
+			if err := hl.d.WaitLog(10*time.Second, func(map[string]any) bool { return hl.count("flow unspliced") == 1 }); err != nil {
+				t.Fatalf("not unspliced: %v\n%s", err, tail(hl.d.Log(), 20))
+			}
+			if err := testnet.Poll(10*time.Second, func() error {
+				out, err := hl.lab.Gateway.Run("nft", "list", "table", "inet", "spliced")
+				if err != nil {
+					return err
+				}
+				for _, set := range strings.Split(out, "\tset ")[1:] {
+					if strings.HasPrefix(set, "divert") && strings.Contains(set, "elements = ") {
+						return fmt.Errorf("divert entries stay:\n%s", set)
+					}
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			before := queueReceived(t, hl.d)
+			for range 20 {
+				get("/b/small.bin")
+			}
+			if after := queueReceived(t, hl.d); after != before {
+				t.Errorf("20 relayed responses after the unsplice crossed the queue: %d packets", after-before)
+			}
+			get("/b/big.bin") // spliced again
+			get("/a/small.bin")
+			if n := hl.count("flow spliced"); n != 2 {
+				t.Errorf("%d splices, want 2\n%s", n, tail(hl.d.Log(), 20))
+			}
+			t.Logf("%s: divert entries gone after the unsplice; 20 relayed responses, 0 packets queued; spliced again", mode)
+		})
+	}
+}

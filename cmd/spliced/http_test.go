@@ -351,7 +351,12 @@ func TestLabHTTPPipelined(t *testing.T) {
 			// the unsplice happens in the middle of it.
 			paths := []string{"/a/huge.bin", "/b/huge.bin", "/a/big.bin", "/b/huge.bin", "/a/small.bin", "/b/big.bin"}
 			hc.send(paths[0])
-			splicedBefore := 0 // splices when the request of response i went out
+			// Response i's own splice is the one logged with more bytes
+			// relayed than the bodies of all responses before it: an
+			// earlier response's splice may be logged after response i
+			// started (pipelined), so counting splices cannot tell them
+			// apart.
+			var before int64 // body bytes of the responses before i
 			busy := 0
 			for i := range paths {
 				if i+1 == len(paths) {
@@ -369,14 +374,17 @@ func TestLabHTTPPipelined(t *testing.T) {
 					if err := readBodyStart(hc, 1<<20); err != nil {
 						t.Fatal(err)
 					}
-					if err := hl.d.WaitLog(10*time.Second, func(map[string]any) bool { return hl.count("flow spliced") > splicedBefore }); err != nil {
+					if err := hl.d.WaitLog(10*time.Second, func(l map[string]any) bool {
+						n, _ := l["bytes_s2c"].(float64)
+						return l["msg"] == "flow spliced" && int64(n) >= before
+					}); err != nil {
 						t.Fatalf("%s not spliced: %v", paths[i], err)
 					}
 					busy++
 				}
-				splicedBefore = hl.count("flow spliced")
 				hc.send(paths[i+1])
 				hl.expectBody(hc, paths[i])
+				before += httpBodySize(paths[i])
 			}
 			mid := hl.count("http: relaying the rest of a response after an unsplice")
 			if spliceMode(mode) && mid < busy {
@@ -386,6 +394,16 @@ func TestLabHTTPPipelined(t *testing.T) {
 				mode, len(paths), hl.count("flow spliced"), hl.count("flow unspliced"), mid, hl.took("flow unspliced"))
 		})
 	}
+}
+
+// httpBodySize is the size of a lab file by its path.
+func httpBodySize(path string) int64 {
+	for name, n := range map[string]int64{"small.bin": httpSmall, "medium.bin": httpMedium, "big.bin": httpBig, "huge.bin": httpHuge} {
+		if strings.HasSuffix(path, "/"+name) {
+			return n
+		}
+	}
+	panic("no lab file " + path)
 }
 
 // pendingResp is a response whose header was read and whose body was not

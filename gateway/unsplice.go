@@ -29,9 +29,10 @@ import (
 //     the sockets sent (a fresh socket drops a segment acknowledging less
 //     than its snd_una), and hand the sockets to the proxy.
 //
-// The divert entries stay for the life of the flow: the queue passes its
-// packets unchanged while it is proxied (deleting an entry while data
-// flows lets new packets overtake held ones, and costs milliseconds).
+// The divert entries stay while packets of the flow may be queued: the
+// queue passes them unchanged, and deleting an entry while data flows
+// lets new packets overtake held ones. They go once the queue is empty
+// (retirePassthrough).
 // On error the flow stays spliced and nothing was lost.
 func (g *Gateway) Unsplice(ctx context.Context, f *proxy.Flow) error {
 	start := time.Now()

@@ -23,6 +23,15 @@ var build struct {
 	err  error
 }
 
+// RemoveBinaries removes what Binary built, for a test binary's TestMain
+// to call after its tests ran (each test process builds its own copies:
+// about 20 MB a process, which would pile up in the temporary directory).
+func RemoveBinaries() {
+	if build.dir != "" {
+		os.RemoveAll(build.dir)
+	}
+}
+
 // RaceEnv is the environment variable that makes Binary build with the
 // race detector even when the test binary itself runs without it (make
 // test-race sets it).

@@ -450,3 +450,10 @@ func (e *eventLog) waitKind(kind string, within time.Duration) error {
 		}
 	}
 }
+
+// TestMain removes the daemon binaries the lab tests built.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	testnet.RemoveBinaries()
+	os.Exit(code)
+}

@@ -23,6 +23,7 @@ import (
 func TestMain(m *testing.M) {
 	before := hostNetState()
 	code := m.Run()
+	testnet.RemoveBinaries()
 	if after := hostNetState(); after != before {
 		fmt.Fprintf(os.Stderr, "FAIL: the tests changed the host's network state\nbefore:\n%s\nafter:\n%s\n", before, after)
 		code = 1

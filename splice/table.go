@@ -252,17 +252,21 @@ func (t *Table) Add(id uint64, p *Params, now int64) (*Entry, error) {
 		return nil, err
 	}
 	keys := p.Keys()
-	e := &Entry{ID: id, Keys: keys, flow: f}
+	return t.insert(&Entry{ID: id, Keys: keys, flow: f}, now)
+}
+
+// insert adds an entry under both its keys, unless a key is taken.
+func (t *Table) insert(e *Entry, now int64) (*Entry, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	for _, k := range keys {
+	for _, k := range e.Keys {
 		if old, ok := t.m[k]; ok {
 			return nil, fmt.Errorf("tuple %v already belongs to spliced flow %d", k, old.ID)
 		}
 	}
 	e.stats[C2S].ProgressAt, e.stats[S2C].ProgressAt = now, now
-	t.m[keys[C2S]] = e
-	t.m[keys[S2C]] = e
+	t.m[e.Keys[C2S]] = e
+	t.m[e.Keys[S2C]] = e
 	return e, nil
 }
 
@@ -271,21 +275,10 @@ func (t *Table) Add(id uint64, p *Params, now int64) (*Entry, error) {
 // a flow a restarted daemon finds in the kernel's maps. Its stats start
 // at zero.
 func (t *Table) Adopt(id uint64, keys [2]Key, st State, now int64) (*Entry, error) {
-	e := &Entry{ID: id, Keys: keys, flow: FlowFromState(st), offloaded: true}
-	t.mu.Lock()
-	defer t.mu.Unlock()
 	if keys[C2S] == keys[S2C] {
 		return nil, fmt.Errorf("both directions have the tuple %v", keys[C2S])
 	}
-	for _, k := range keys {
-		if old, ok := t.m[k]; ok {
-			return nil, fmt.Errorf("tuple %v already belongs to spliced flow %d", k, old.ID)
-		}
-	}
-	e.stats[C2S].ProgressAt, e.stats[S2C].ProgressAt = now, now
-	t.m[keys[C2S]] = e
-	t.m[keys[S2C]] = e
-	return e, nil
+	return t.insert(&Entry{ID: id, Keys: keys, flow: FlowFromState(st), offloaded: true}, now)
 }
 
 // Lookup finds the flow of a packet key and the direction it travels.

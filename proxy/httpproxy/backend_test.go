@@ -101,14 +101,22 @@ func (b *fakeBackend) serve(c net.Conn) {
 	}
 }
 
-// settle waits until the proxy has no flow left and the backend has
-// accepted and finished every connection the proxy made: the kernel's
+// settle waits until the proxy has no flow left, closes its idle
+// upstream connections, and waits until the backend has accepted and
+// finished every connection the proxy made: the kernel's
 // accept queue is FIFO, so once a connection made now is accepted, all
 // earlier ones were.
 func (b *fakeBackend) settle(t *testing.T, p *Proxy) {
 	t.Helper()
 	if err := poll(func() bool { return p.Flows.Len() == 0 }); err != nil {
 		t.Fatalf("proxy flows still open: %d", p.Flows.Len())
+	}
+	// The idle upstream connections the flows left are closed: the
+	// backend then finishes every connection.
+	for _, pl := range p.pools {
+		for _, be := range pl.backends {
+			be.idle.prune(time.Now(), 0)
+		}
 	}
 	c, err := net.Dial("tcp4", b.ln.Addr().String())
 	if err != nil {
@@ -168,6 +176,13 @@ func forbidden(head string) string {
 // testService starts a proxy for routes to b on a loopback listener.
 func testService(t testing.TB, b *fakeBackend) (*Proxy, string) {
 	t.Helper()
+	return testServiceWith(t, b, "")
+}
+
+// testServiceWith is testService with more keys of the http section
+// (YAML lines indented by six spaces).
+func testServiceWith(t testing.TB, b *fakeBackend, httpKeys string) (*Proxy, string) {
+	t.Helper()
 	cfg, err := config.Parse("test", []byte(fmt.Sprintf(`
 services:
   - name: web
@@ -178,14 +193,14 @@ services:
       mode: never
     idle_timeout: 5s
     http:
-      routes:
+%s      routes:
         - host: secret.example
           action: deny
         - path: /admin/
           action: deny
         - path: /a/
           backends: ["%s"]
-`, b.ln.Addr())))
+`, httpKeys, b.ln.Addr())))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -40,6 +40,17 @@ type Config struct {
 	// BackendDownFor is how long a backend that failed a connect is
 	// skipped (default 10s).
 	BackendDownFor config.Duration `yaml:"backend_down_for"`
+	// UpstreamKeepalive is how many idle connections to each backend
+	// the proxy keeps for later requests from any client (default 64;
+	// 0 closes each with its client connection). See idlePool.
+	UpstreamKeepalive *int `yaml:"upstream_keepalive"`
+	// UpstreamIdleTimeout is how long an idle upstream connection is
+	// kept (default 30s). Keep it below the backends' own keep-alive
+	// timeout (nginx 75s, Apache 5s): a connection the backend closed
+	// is noticed before it is used, but a close racing a request costs
+	// that request a new connection (an idempotent request without a
+	// body) or a 502 (any other).
+	UpstreamIdleTimeout config.Duration `yaml:"upstream_idle_timeout"`
 }
 
 // Route sends requests for a host and path prefix to a backend pool.
@@ -64,9 +75,11 @@ const (
 
 // Defaults of the http section.
 const (
-	DefaultSpliceMin      = 64 << 10
-	DefaultSpliceExplore  = 50
-	DefaultBackendDownFor = 10 * time.Second
+	DefaultSpliceMin           = 64 << 10
+	DefaultSpliceExplore       = 50
+	DefaultBackendDownFor      = 10 * time.Second
+	DefaultUpstreamKeepalive   = 64
+	DefaultUpstreamIdleTimeout = 30 * time.Second
 )
 
 // Registration is the http proxy's kind.
@@ -98,6 +111,11 @@ func defaults(s *config.Service) {
 	}
 	config.SetDefault(&c.Forwarded, "x-forwarded-for")
 	config.SetDefault(&c.BackendDownFor, config.Duration(DefaultBackendDownFor))
+	if c.UpstreamKeepalive == nil {
+		n := DefaultUpstreamKeepalive
+		c.UpstreamKeepalive = &n
+	}
+	config.SetDefault(&c.UpstreamIdleTimeout, config.Duration(DefaultUpstreamIdleTimeout))
 	for j := range c.Routes {
 		r := &c.Routes[j]
 		config.SetDefault(&r.Path, "/")
@@ -118,6 +136,12 @@ func validate(s *config.Service, bad func(key, value, msg string)) {
 	}
 	if c.SpliceExplore != nil && *c.SpliceExplore < 0 {
 		bad("http.splice_explore", fmt.Sprint(*c.SpliceExplore), "is negative; use 0 (never) or N (exploring costs at most 1/N of the predicted time)")
+	}
+	if c.UpstreamKeepalive != nil && *c.UpstreamKeepalive < 0 {
+		bad("http.upstream_keepalive", fmt.Sprint(*c.UpstreamKeepalive), "is negative; use 0 (no idle upstream connections kept) or N (idle connections kept per backend)")
+	}
+	if c.UpstreamIdleTimeout < 0 {
+		bad("http.upstream_idle_timeout", c.UpstreamIdleTimeout.D().String(), "is negative; use a duration such as 30s")
 	}
 	switch c.Forwarded {
 	case "x-forwarded-for", "via", "none":

@@ -63,13 +63,23 @@ type backend struct {
 	downUntil atomic.Int64 // unix nanoseconds; skipped until then
 	requests  atomic.Uint64
 	failures  atomic.Uint64
+	// idle are its idle connections; dialed and reused count how
+	// client connections got theirs, retries the requests sent again on
+	// a new connection after the backend closed a used one (roundTrip).
+	idle                    idlePool
+	dialed, reused, retries atomic.Uint64
 }
 
 // BackendStats are the counters of one backend of one route.
 type BackendStats struct {
 	Route, Backend     string
 	Requests, Failures uint64 // requests sent to it; connects that failed
-	Active             int32  // connections open to it now
+	Active             int32  // connections to it a client connection uses now
+	Idle               int    // idle connections to it kept for later requests
+	// Dialed and Reused count the connections client connections got
+	// by connecting and from the idle ones; Retries the requests sent
+	// again on a new connection when the backend had closed a used one.
+	Dialed, Reused, Retries uint64
 }
 
 // Stats returns the counters of every route's backends, and of the
@@ -81,7 +91,8 @@ func (p *Proxy) Stats() []BackendStats {
 		route := pl.route.Host + pl.route.Path
 		out = append(out, BackendStats{Route: route, Requests: pl.requests.Load()})
 		for _, b := range pl.backends {
-			out = append(out, BackendStats{Route: route, Backend: b.addr.String(), Requests: b.requests.Load(), Failures: b.failures.Load(), Active: b.active.Load()})
+			out = append(out, BackendStats{Route: route, Backend: b.addr.String(), Requests: b.requests.Load(), Failures: b.failures.Load(),
+				Active: b.active.Load(), Idle: b.idle.len(), Dialed: b.dialed.Load(), Reused: b.reused.Load(), Retries: b.retries.Load()})
 		}
 	}
 	return out
@@ -114,7 +125,43 @@ func (p *Proxy) initPools() {
 // Connections already open keep running; CloseFlows ends them.
 func (p *Proxy) Serve(ctx context.Context, listeners ...*net.TCPListener) error {
 	p.initPools()
+	defer p.keepIdle()()
 	return p.ServeWith(ctx, listeners, p.handle)
+}
+
+// keepIdle closes idle upstream connections as they expire, until the
+// returned function is called, which closes them all: a proxy that no
+// longer serves (stopped, or replaced by a reload) keeps none, and
+// connections its flows give back later are closed.
+func (p *Proxy) keepIdle() (stop func()) {
+	maxIdle := p.conf().UpstreamIdleTimeout.D()
+	done, exited := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(exited)
+		t := time.NewTicker(max(maxIdle/4, 100*time.Millisecond))
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case now := <-t.C:
+				for _, pl := range p.pools {
+					for _, b := range pl.backends {
+						b.idle.prune(now, maxIdle)
+					}
+				}
+			}
+		}
+	}()
+	return func() {
+		close(done)
+		<-exited
+		for _, pl := range p.pools {
+			for _, b := range pl.backends {
+				b.idle.close()
+			}
+		}
+	}
 }
 
 func (p *Proxy) handle(c *net.TCPConn) {
@@ -219,7 +266,12 @@ type conn struct {
 	// everSpliced: the flow was spliced (its packets pass the gateway's
 	// queue from then on; spliceState.diverted).
 	everSpliced bool
-	exchanges   int // requests relayed on the connection
+	// upUsed: up carried an exchange before the one in flight, so its
+	// backend may have closed it meanwhile (roundTrip retries).
+	// upReusable: up's last exchange ended cleanly and its backend keeps
+	// it open, so it may serve other clients (releaseUpstream).
+	upUsed, upReusable bool
+	exchanges          int // requests relayed on the connection
 }
 
 // attach starts using new sockets (after accept, or after an unsplice).
@@ -234,6 +286,7 @@ func (c *conn) attach(client, up *net.TCPConn) {
 		// sockets before the splice is read again.
 		c.upRd = flushReader{r: up, out: &c.out}
 		c.upReader()
+		c.upUsed, c.upReusable = true, false
 	}
 	c.flow.SetResume(func(client, up *net.TCPConn) {
 		c.p.Go(func() {
@@ -253,7 +306,7 @@ func (c *conn) run() {
 		return // the gateway owns the flow; it hands it back or ends it
 	}
 	c.client.Close()
-	c.closeUpstream()
+	c.releaseUpstream()
 	c.flow.SetResume(nil)
 	c.flow.SetState(proxy.StateClosing)
 	level := slog.LevelInfo
@@ -276,6 +329,28 @@ func (c *conn) closeConns() {
 	c.mu.Unlock()
 	client.Close()
 	if up != nil {
+		up.Close()
+	}
+}
+
+// releaseUpstream gives the upstream connection to its backend's idle
+// connections when it can serve another client, else closes it (run's
+// goroutine only).
+func (c *conn) releaseUpstream() {
+	keep := *c.p.conf().UpstreamKeepalive
+	if c.up == nil || !c.upReusable || c.everSpliced || c.ur != nil || keep == 0 {
+		// c.ur is kept between exchanges only when the backend sent
+		// more than its response.
+		c.closeUpstream()
+		return
+	}
+	up, b := c.up, c.upTo
+	b.active.Add(-1)
+	c.mu.Lock()
+	c.up = nil
+	c.mu.Unlock()
+	c.upTo = nil
+	if !b.idle.put(up, time.Now(), keep) {
 		up.Close()
 	}
 }
@@ -423,31 +498,73 @@ func (c *conn) connect(pl *pool) error {
 				return nil
 			}
 		}
-		c.closeUpstream()
+		c.releaseUpstream()
 	}
-	svc := c.p.Service
+	conf := c.p.conf()
 	var errs []error
-	for _, b := range pl.pick(time.Now()) {
-		ctx, cancel := context.WithTimeout(c.p.FlowContext(), svc.ConnectTimeout.D())
-		up, err := proxy.DialUpstream(ctx, false, c.flow.Client, b.addr, svc.ConnectTimeout.D())
-		cancel()
+	now := time.Now()
+	for _, b := range pl.pick(now) {
+		if *conf.UpstreamKeepalive > 0 {
+			if up := b.idle.take(now, conf.UpstreamIdleTimeout.D()); up != nil {
+				b.reused.Add(1)
+				c.useUpstream(b, up, true)
+				return nil
+			}
+		}
+		up, err := c.dial(b)
 		if err != nil {
-			b.failures.Add(1)
-			b.downUntil.Store(time.Now().Add(c.p.conf().BackendDownFor.D()).UnixNano())
-			c.p.LogLimitedTo(c.log, "http backend failed "+b.addr.String(), slog.LevelWarn, "http: backend failed, skipping it for a while", "backend", b.addr, "for", c.p.conf().BackendDownFor.D(), logging.Err(err))
 			errs = append(errs, err)
 			continue
 		}
-		b.active.Add(1)
-		c.mu.Lock()
-		c.up = up
-		c.mu.Unlock()
-		c.upRd = flushReader{r: up, out: &c.out}
-		c.upTo = b
-		c.flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), b.addr)
+		c.useUpstream(b, up, false)
 		return nil
 	}
 	return errors.Join(errs...)
+}
+
+// dial connects to b, marking it down for a while if that fails.
+func (c *conn) dial(b *backend) (*net.TCPConn, error) {
+	svc := c.p.Service
+	ctx, cancel := context.WithTimeout(c.p.FlowContext(), svc.ConnectTimeout.D())
+	up, err := proxy.DialUpstream(ctx, false, c.flow.Client, b.addr, svc.ConnectTimeout.D())
+	cancel()
+	if err != nil {
+		b.failures.Add(1)
+		downFor := c.p.conf().BackendDownFor.D()
+		b.downUntil.Store(time.Now().Add(downFor).UnixNano())
+		c.p.LogLimitedTo(c.log, "http backend failed "+b.addr.String(), slog.LevelWarn, "http: backend failed, skipping it for a while", "backend", b.addr, "for", downFor, logging.Err(err))
+		return nil, err
+	}
+	b.dialed.Add(1)
+	return up, nil
+}
+
+// useUpstream makes up, a connection to b, the connection's upstream;
+// used: it carried exchanges before (an idle connection).
+func (c *conn) useUpstream(b *backend, up *net.TCPConn, used bool) {
+	b.active.Add(1)
+	c.mu.Lock()
+	c.up = up
+	c.mu.Unlock()
+	c.upRd = flushReader{r: up, out: &c.out}
+	c.upTo = b
+	c.upUsed, c.upReusable = used, false
+	c.flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), b.addr)
+}
+
+// redial replaces a used upstream connection its backend closed by a
+// new one to the same backend, for roundTrip's retry.
+func (c *conn) redial() error {
+	b := c.upTo
+	b.retries.Add(1)
+	c.closeUpstream()
+	up, err := c.dial(b)
+	if err != nil {
+		return err
+	}
+	c.useUpstream(b, up, false)
+	c.upReader()
+	return nil
 }
 
 // exchange forwards one request and its response. done: the connection
@@ -493,35 +610,17 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		// which needs one.
 		req.Host = c.upTo.addr.String()
 	}
-	c.toUp = countingWriter{w: c.up, n: &c.flow.C2S}
-	out.reset(&c.toUp)
-	err = req.Write(out)
-	if err == nil {
-		err = out.Flush()
+	reqClose := req.Close
+	if *conf.UpstreamKeepalive > 0 {
+		// The client's "Connection: close" (or HTTP/1.0) ends its own
+		// connection, not the upstream one, which other clients reuse.
+		req.Close = false
 	}
+	resp, head, err := c.send(rq, out)
 	if err != nil {
-		if be := rq.bodyFailed(); be != nil {
-			// The backend got a request cut short; both connections
-			// close, so nothing after it is read as a request.
-			if be.framing {
-				return true, false, &requestError{status: http.StatusBadRequest, reason: be.Error()}
-			}
-			return true, false, fmt.Errorf("client: %w", be)
-		}
-		return true, false, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
+		return true, false, err
 	}
-	c.toClient = countingWriter{w: c.client, n: &c.flow.S2C}
-	out.reset(&c.toClient)
-	var resp *http.Response
-	var head time.Time
 	for {
-		resp, err = http.ReadResponse(c.ur, req)
-		head = time.Now()
-		if err != nil {
-			c.reply(http.StatusBadGateway, "the backend's response was unreadable")
-			c.upTo.failures.Add(1)
-			return true, false, fmt.Errorf("read the response of %s: %w", c.upTo.addr, err)
-		}
 		if resp.StatusCode == http.StatusSwitchingProtocols {
 			// Only now, with the backend's consent, is the connection
 			// a tunnel: an upgrade request answered otherwise is an
@@ -556,11 +655,17 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 			// the final response, if that came with it).
 			writeHead(out, resp)
 		}
+		resp, err = http.ReadResponse(c.ur, req)
+		head = time.Now()
+		if err != nil {
+			return true, false, c.unreadable(err)
+		}
 	}
 	// The body is resp.Body when the proxy relays it, and the raw stream
 	// (c.ur) when it splices: resp.Body is then never read nor closed
 	// (closing drains what it believes unread).
-	closeAfter := req.Close || resp.Close
+	closeAfter := reqClose || resp.Close
+	upClose := resp.Close
 	removeHopByHop(resp.Header)
 	resp.Close = closeAfter // resp.Write says Connection: close
 	if !closeAfter && !req.ProtoAtLeast(1, 1) {
@@ -578,6 +683,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		if err != nil {
 			return true, false, fmt.Errorf("relay the response: %w", err)
 		}
+		c.upUsed, c.upReusable = true, !upClose
 		if sp != nil && req.Method != http.MethodHead && resp.ContentLength >= 0 && c.exchanges > 1 {
 			// Not a connection's first response: its time is that of
 			// new connections' slow start (many at once when a client
@@ -625,6 +731,73 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		}
 	}
 	return false, false, nil
+}
+
+// send writes the request to the backend and reads the head of its
+// first response. A connection that served earlier requests may have been
+// closed by its backend while idle, and the request then meets a closed
+// connection before any byte of a response: an idempotent request
+// without a body (nothing of it is lost: the proxy holds all of it) is
+// sent again, once, on a new connection to the same backend, as browsers
+// do (RFC 9110, section 9.2.2). Any other fails with a 502.
+func (c *conn) send(rq *request, out *sendBuf) (*http.Response, time.Time, error) {
+	req := rq.Request
+	for attempt := 0; ; attempt++ {
+		retry := attempt == 0 && c.upUsed && rq.body == nil && idempotent(req.Method)
+		c.upReusable = false
+		c.toUp = countingWriter{w: c.up, n: &c.flow.C2S}
+		out.reset(&c.toUp)
+		err := req.Write(out)
+		if err == nil {
+			err = out.Flush()
+		}
+		if err == nil {
+			c.toClient = countingWriter{w: c.client, n: &c.flow.S2C}
+			out.reset(&c.toClient)
+			read := c.upRd.n
+			resp, err := http.ReadResponse(c.ur, req)
+			if err == nil {
+				return resp, time.Now(), nil
+			}
+			var ne net.Error
+			if !retry || c.upRd.n != read || errors.As(err, &ne) && ne.Timeout() {
+				return nil, time.Time{}, c.unreadable(err)
+			}
+		} else if !retry {
+			if be := rq.bodyFailed(); be != nil {
+				// The backend got a request cut short; both connections
+				// close, so nothing after it is read as a request.
+				if be.framing {
+					return nil, time.Time{}, &requestError{status: http.StatusBadRequest, reason: be.Error()}
+				}
+				return nil, time.Time{}, fmt.Errorf("client: %w", be)
+			}
+			return nil, time.Time{}, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
+		}
+		c.log.Debug("http: the backend closed a used connection; sending the request again on a new one", "backend", c.upTo.addr, logging.Err(err))
+		if err := c.redial(); err != nil {
+			c.reply(http.StatusBadGateway, "no backend of this route answers")
+			return nil, time.Time{}, fmt.Errorf("connect again to send a request: %w", err)
+		}
+	}
+}
+
+// unreadable answers the client 502 for a response the backend did not
+// send whole, and returns the error.
+func (c *conn) unreadable(err error) error {
+	c.reply(http.StatusBadGateway, "the backend's response was unreadable")
+	c.upTo.failures.Add(1)
+	return fmt.Errorf("read the response of %s: %w", c.upTo.addr, err)
+}
+
+// idempotent reports whether a request with this method may be sent
+// again after a connection failed under it (RFC 9110, section 9.2.2).
+func idempotent(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace, http.MethodPut, http.MethodDelete:
+		return true
+	}
+	return false
 }
 
 // spliceUpgrade passes an upgraded connection (WebSocket and the like)

@@ -152,6 +152,7 @@ func (b *sendBuf) ReadFrom(r io.Reader) (int64, error) {
 type flushReader struct {
 	r   io.Reader
 	out **sendBuf // the connection's buffer of the exchange in flight; nil between exchanges
+	n   int64     // bytes read
 }
 
 func (f *flushReader) Read(p []byte) (int, error) {
@@ -160,5 +161,7 @@ func (f *flushReader) Read(p []byte) (int, error) {
 			return 0, err
 		}
 	}
-	return f.r.Read(p)
+	n, err := f.r.Read(p)
+	f.n += int64(n)
+	return n, err
 }

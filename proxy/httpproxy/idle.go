@@ -1,0 +1,121 @@
+package httpproxy
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// idlePool holds a backend's idle upstream connections (upstream
+// keep-alive, as nginx's `keepalive` and HAProxy's `http-reuse`): a
+// client connection that ends gives its upstream connection back, and the
+// next request to that backend from any client takes it instead of
+// connecting. That saves a TCP handshake and teardown at the gateway and
+// at the backend for every client connection, which is most of the cost
+// of a client that sends one request per connection.
+//
+// Only connections whose every exchange ended cleanly, whose backend did
+// not ask to close, and that were never spliced come back (conn.release).
+type idlePool struct {
+	mu     sync.Mutex
+	conns  []idleConn // oldest first; taken from the end (the freshest)
+	closed bool
+}
+
+type idleConn struct {
+	c     *net.TCPConn
+	since time.Time
+}
+
+// put keeps c unless the pool holds max already or is closed; it
+// reports whether it kept it (if not, the caller closes it).
+func (ip *idlePool) put(c *net.TCPConn, now time.Time, max int) bool {
+	ip.mu.Lock()
+	defer ip.mu.Unlock()
+	if ip.closed || len(ip.conns) >= max {
+		return false
+	}
+	ip.conns = append(ip.conns, idleConn{c: c, since: now})
+	return true
+}
+
+// take returns the freshest idle connection that is still open and
+// idle for less than maxIdle, closing those it finds expired or closed
+// by the backend; nil when there is none.
+func (ip *idlePool) take(now time.Time, maxIdle time.Duration) *net.TCPConn {
+	for {
+		ip.mu.Lock()
+		n := len(ip.conns)
+		if n == 0 {
+			ip.mu.Unlock()
+			return nil
+		}
+		ic := ip.conns[n-1]
+		ip.conns[n-1] = idleConn{}
+		ip.conns = ip.conns[:n-1]
+		ip.mu.Unlock()
+		if now.Sub(ic.since) < maxIdle && quiet(ic.c) {
+			return ic.c
+		}
+		// The freshest is expired or gone: so may be the older ones,
+		// which the next turn (or prune) looks at.
+		ic.c.Close()
+	}
+}
+
+// prune closes the connections idle for maxIdle or more.
+func (ip *idlePool) prune(now time.Time, maxIdle time.Duration) {
+	ip.mu.Lock()
+	i := 0
+	for i < len(ip.conns) && now.Sub(ip.conns[i].since) >= maxIdle {
+		i++
+	}
+	expired := append([]idleConn(nil), ip.conns[:i]...)
+	ip.conns = append(ip.conns[:0], ip.conns[i:]...)
+	ip.mu.Unlock()
+	for _, ic := range expired {
+		ic.c.Close()
+	}
+}
+
+// close closes every idle connection, and the pool: what is put in it
+// later is refused.
+func (ip *idlePool) close() {
+	ip.mu.Lock()
+	conns := ip.conns
+	ip.conns, ip.closed = nil, true
+	ip.mu.Unlock()
+	for _, ic := range conns {
+		ic.c.Close()
+	}
+}
+
+// len is the number of idle connections.
+func (ip *idlePool) len() int {
+	ip.mu.Lock()
+	defer ip.mu.Unlock()
+	return len(ip.conns)
+}
+
+// quiet reports whether an idle connection can carry a request: the
+// backend has neither closed nor reset it, nor sent anything unasked
+// (a late 408, say, which would be read as the next request's answer).
+// One non-blocking peek; a backend that closes right after it is
+// covered by conn.roundTrip's retry.
+func quiet(c *net.TCPConn) bool {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var b [1]byte
+	ok := false
+	err = rc.Read(func(fd uintptr) bool {
+		_, _, rerr := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		ok = errors.Is(rerr, unix.EAGAIN)
+		return true // never wait
+	})
+	return err == nil && ok
+}

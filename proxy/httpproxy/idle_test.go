@@ -1,0 +1,290 @@
+package httpproxy
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"spliced/proxy"
+)
+
+// accepted is how many connections b accepted.
+func (b *fakeBackend) accepted() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.peers)
+}
+
+// backendStats returns the counters of the /a/ route's backend.
+func backendStats(t *testing.T, p *Proxy) BackendStats {
+	t.Helper()
+	for _, s := range p.Stats() {
+		if s.Route == "/a/" && s.Backend != "" {
+			return s
+		}
+	}
+	t.Fatal("no stats for the /a/ backend")
+	return BackendStats{}
+}
+
+// oneRequest sends raw on a new client connection and returns the
+// response's status and body.
+func oneRequest(t *testing.T, addr, raw string) (int, string) {
+	t.Helper()
+	codes, bodies := exchangeRaw(t, addr, raw, 1)
+	if len(codes) != 1 {
+		t.Fatalf("%q: %d responses %q, want 1", raw, len(codes), bodies)
+	}
+	return codes[0], bodies[0]
+}
+
+// TestUpstreamReuse: clients that send one request per connection
+// (Connection: close, or HTTP/1.0) share one upstream connection, which
+// the backend is never told to close; with upstream_keepalive 0 each
+// client connection has its own and the close is passed on.
+func TestUpstreamReuse(t *testing.T) {
+	for _, c := range []struct {
+		name, keys      string
+		dialed, reused  uint64
+		closeAtBackend  bool
+		idleAfter       int
+		backendAccepted int
+	}{
+		{name: "default", dialed: 1, reused: 9, idleAfter: 1, backendAccepted: 1},
+		{name: "keepalive off", keys: "      upstream_keepalive: 0\n", dialed: 10, closeAtBackend: true, backendAccepted: 10},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			b := startBackend(t)
+			p, addr := testServiceWith(t, b, c.keys)
+			for i := range 10 {
+				raw := fmt.Sprintf("GET /a/%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", i)
+				if i%2 == 1 {
+					raw = fmt.Sprintf("GET /a/%d HTTP/1.0\r\n\r\n", i)
+				}
+				code, body := oneRequest(t, addr, raw)
+				if want := fmt.Sprintf("backend saw GET /a/%d body \"\"", i); code != 200 || body != want {
+					t.Fatalf("request %d: %d %q, want 200 %q", i, code, body, want)
+				}
+				// The proxy gives the upstream connection back after the
+				// response went out: a client that comes sooner gets
+				// another one, which this test does not count.
+				if err := poll(func() bool { return p.Flows.Len() == 0 }); err != nil {
+					t.Fatal("flows still open")
+				}
+			}
+			st := backendStats(t, p)
+			if st.Dialed != c.dialed || st.Reused != c.reused || st.Idle != c.idleAfter || st.Active != 0 || st.Retries != 0 {
+				t.Errorf("stats %+v, want dialed %d, reused %d, idle %d, none active, no retry", st, c.dialed, c.reused, c.idleAfter)
+			}
+			if n := b.accepted(); n != c.backendAccepted {
+				t.Errorf("the backend accepted %d connections, want %d", n, c.backendAccepted)
+			}
+			for _, h := range b.seen() {
+				if got := strings.Contains(strings.ToLower(h), "connection: close"); got != c.closeAtBackend {
+					t.Errorf("request head at the backend says Connection: close %v, want %v:\n%s", got, c.closeAtBackend, h)
+				}
+			}
+		})
+	}
+}
+
+// TestUpstreamNotReused: an upstream connection goes back to the idle
+// ones only when it can serve another client: not when the backend said
+// it closes, not after a response the client did not take whole, and not
+// once idle for upstream_idle_timeout.
+func TestUpstreamNotReused(t *testing.T) {
+	t.Run("backend closes", func(t *testing.T) {
+		b := startBackend(t)
+		b.respond = func(w io.Writer, req *http.Request) bool {
+			fmt.Fprint(w, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+			w.(net.Conn).Close()
+			return true
+		}
+		p, addr := testService(t, b)
+		for range 3 {
+			if code, body := oneRequest(t, addr, "GET /a/ HTTP/1.1\r\nHost: x\r\n\r\n"); code != 200 || body != "ok" {
+				t.Fatalf("%d %q", code, body)
+			}
+		}
+		if err := poll(func() bool { return p.Flows.Len() == 0 }); err != nil {
+			t.Fatal("flows still open")
+		}
+		if st := backendStats(t, p); st.Dialed != 3 || st.Reused != 0 || st.Idle != 0 {
+			t.Errorf("stats %+v, want 3 dialed, none reused or idle", st)
+		}
+	})
+	t.Run("client leaves mid-response", func(t *testing.T) {
+		b := startBackend(t)
+		big := strings.Repeat("x", 64<<20) // more than the socket buffers hold
+		b.respond = func(w io.Writer, req *http.Request) bool {
+			fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(big), big)
+			return true
+		}
+		p, addr := testService(t, b)
+		c, err := net.Dial("tcp4", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprint(c, "GET /a/ HTTP/1.1\r\nHost: x\r\n\r\n")
+		if _, err := io.ReadFull(c, make([]byte, 1000)); err != nil {
+			t.Fatal(err)
+		}
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+		if err := poll(func() bool { return p.Flows.Len() == 0 }); err != nil {
+			t.Fatal("flows still open")
+		}
+		if st := backendStats(t, p); st.Idle != 0 {
+			t.Errorf("stats %+v: an upstream connection with a response half relayed was kept", st)
+		}
+	})
+	t.Run("idle timeout", func(t *testing.T) {
+		b := startBackend(t)
+		p, addr := testServiceWith(t, b, "      upstream_idle_timeout: 20ms\n")
+		oneRequest(t, addr, "GET /a/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+		// The idle connection is closed after 20 ms (by the janitor, or
+		// found expired when taken): well before 200 ms.
+		time.Sleep(200 * time.Millisecond)
+		if code, _ := oneRequest(t, addr, "GET /a/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"); code != 200 {
+			t.Fatalf("status %d", code)
+		}
+		if st := backendStats(t, p); st.Dialed != 2 || st.Reused != 0 {
+			t.Errorf("stats %+v, want 2 dialed, none reused", st)
+		}
+	})
+}
+
+// TestUpstreamClosedWhileIdle: a backend that closes its connection after
+// each response without saying so costs nothing but a new connection:
+// the proxy sees the close before it uses the idle connection, or, when
+// the close comes too late for that, sends the request again.
+func TestUpstreamClosedWhileIdle(t *testing.T) {
+	b := startBackend(t)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(req.URL.Path), req.URL.Path)
+		w.(net.Conn).Close()
+		return true
+	}
+	p, addr := testService(t, b)
+	for i := range 20 {
+		path := fmt.Sprintf("/a/%d", i)
+		if code, body := oneRequest(t, addr, "GET "+path+" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"); code != 200 || body != path {
+			t.Fatalf("request %d: %d %q", i, code, body)
+		}
+	}
+	if st := backendStats(t, p); st.Dialed != 20 || st.Failures != 0 {
+		t.Errorf("stats %+v, want 20 dialed, no failure", st)
+	}
+}
+
+// TestUpstreamRetry: when the backend closes a used connection just as a
+// request goes out on it (after the proxy checked it), a GET is sent
+// again on a new connection and answered; a POST with a body is not sent
+// again (it may have been acted on) and gets 502.
+func TestUpstreamRetry(t *testing.T) {
+	b := startBackend(t)
+	var mu sync.Mutex
+	served := map[io.Writer]int{}
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		mu.Lock()
+		served[w]++
+		n := served[w]
+		mu.Unlock()
+		if n > 1 {
+			// The request was read, and the connection closes unanswered:
+			// what a backend closing an idle connection at that moment does.
+			w.(net.Conn).Close()
+			return true
+		}
+		body, _ := io.ReadAll(req.Body)
+		msg := req.Method + " " + req.URL.Path + " " + string(body)
+		fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(msg), msg)
+		return true
+	}
+	p, addr := testService(t, b)
+	get := "GET /a/%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+	for _, name := range []string{"first", "second"} {
+		if code, body := oneRequest(t, addr, fmt.Sprintf(get, name)); code != 200 || body != "GET /a/"+name+" " {
+			t.Fatalf("%s GET: %d %q", name, code, body)
+		}
+		// Its upstream connection is given back before the next.
+		if err := poll(func() bool { return p.Flows.Len() == 0 }); err != nil {
+			t.Fatal("flows still open")
+		}
+	}
+	if st := backendStats(t, p); st.Retries != 1 || st.Dialed != 2 || st.Reused != 1 {
+		t.Errorf("after the GETs: stats %+v, want 1 retry, 2 dialed, 1 reused", st)
+	}
+	code, _ := oneRequest(t, addr, "POST /a/p HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\ndata")
+	if code != http.StatusBadGateway {
+		t.Errorf("POST on a connection closed under it: status %d, want 502", code)
+	}
+	if st := backendStats(t, p); st.Retries != 1 {
+		t.Errorf("after the POST: stats %+v, want still 1 retry", st)
+	}
+	posts := 0
+	for _, l := range firstLines(b.seen()) {
+		if strings.HasPrefix(l, "POST") {
+			posts++
+		}
+	}
+	if posts != 1 {
+		t.Errorf("the backend read the POST %d times, want once", posts)
+	}
+}
+
+// TestUpstreamClosedOnStop: when the proxy stops serving (a stop, or a
+// reload that replaces it), its idle upstream connections close, and one
+// a flow still open gives back later is closed too.
+func TestUpstreamClosedOnStop(t *testing.T) {
+	b := startBackend(t)
+	p, _ := testService(t, b) // its configuration, for a proxy this test stops
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p2 := &Proxy{Base: proxy.Base{Service: p.Service, Flows: proxy.NewFlowTable(10)}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { p2.Serve(ctx, ln); close(done) }()
+	defer func() { cancel(); ln.Close(); <-done; p2.CloseFlows() }()
+	// A flow that stays open over the stop, holding an upstream
+	// connection it will give back, and one that leaves its upstream
+	// connection idle.
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	fmt.Fprint(c, "GET /a/open HTTP/1.1\r\nHost: x\r\n\r\n")
+	if resp, err := http.ReadResponse(r, nil); err != nil || resp.StatusCode != 200 {
+		t.Fatal(resp, err)
+	} else {
+		io.ReadAll(io.LimitReader(resp.Body, resp.ContentLength))
+	}
+	oneRequest(t, ln.Addr().String(), "GET /a/idle HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+	if err := poll(func() bool { return p2.Flows.Len() == 1 && b.active.Load() == 2 }); err != nil {
+		t.Fatalf("backend connections open: %d, want 2", b.active.Load())
+	}
+	cancel()
+	ln.Close()
+	<-done
+	if err := poll(func() bool { return b.active.Load() == 1 }); err != nil {
+		t.Fatalf("after the stop: backend connections open %d, want 1 (the open flow's)", b.active.Load())
+	}
+	fmt.Fprint(c, "GET /a/last HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+	if resp, err := http.ReadResponse(r, nil); err != nil || resp.StatusCode != 200 {
+		t.Fatal(resp, err)
+	}
+	if err := poll(func() bool { return b.active.Load() == 0 }); err != nil {
+		t.Fatalf("after the last flow: backend connections open %d, want 0", b.active.Load())
+	}
+}

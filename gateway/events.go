@@ -3,6 +3,7 @@ package gateway
 import (
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"spliced/api"
@@ -15,6 +16,8 @@ import (
 type events struct {
 	mu   sync.Mutex
 	subs map[chan api.Event]*int
+	// n is len(subs): an event nobody reads is not even described.
+	n atomic.Int32
 }
 
 func (e *events) subscribe() (<-chan api.Event, func()) {
@@ -25,10 +28,12 @@ func (e *events) subscribe() (<-chan api.Event, func()) {
 		e.subs = map[chan api.Event]*int{}
 	}
 	e.subs[ch] = &lost
+	e.n.Store(int32(len(e.subs)))
 	e.mu.Unlock()
 	return ch, func() {
 		e.mu.Lock()
 		delete(e.subs, ch)
+		e.n.Store(int32(len(e.subs)))
 		e.mu.Unlock()
 	}
 }
@@ -57,6 +62,9 @@ func (e *events) publish(ev api.Event) {
 
 // flowEvent publishes an event about a flow.
 func (g *Gateway) flowEvent(kind string, f *proxy.Flow, detail string) {
+	if g.events.n.Load() == 0 {
+		return // a proxy's flows come and go by the thousand a second
+	}
 	af := g.apiFlow(f)
 	g.events.publish(api.Event{Kind: kind, Flow: &af, Detail: detail})
 }

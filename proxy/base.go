@@ -146,7 +146,8 @@ func (b *Base) Admit(c *net.TCPConn, flow *Flow) (*slog.Logger, bool) {
 			"fix", "raise limits.max_flows or add gateways")
 		return nil, false
 	}
-	log := b.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
+	// Formatted only if the flow logs a line: most never do.
+	log := logging.With(b.Log, logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
 	if b.Service.Access.Decide(flow.Client.Addr(), flow.Server) == config.Deny {
 		reset(c)
 		b.Flows.Remove(flow)

@@ -100,7 +100,7 @@ func (m *flowMeta) unmarshal(b []byte) error {
 
 func metaOf(sf *splicedFlow) []byte {
 	f := sf.flow
-	m := flowMeta{Service: f.Service, Proxy: f.Proxy, Started: f.Started.UnixNano(), SplicedAt: sf.splicedAt.UnixNano(),
+	m := flowMeta{Service: f.Service, Proxy: f.Proxy, Started: f.Started.UnixNano(), SplicedAt: sf.splicedAt,
 		Queue: sf.queue, Watch: f.UnspliceOnClientData.Load()}
 	return m.marshal()
 }
@@ -188,7 +188,7 @@ func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQu
 		g.engine.Delete(e)
 		return nil, errors.New("its ID is taken")
 	}
-	sf := &splicedFlow{flow: f, entry: e, keys: pf.Keys, queue: q, splicedAt: splicedAt, adopted: true}
+	sf := &splicedFlow{flow: f, entry: e, queue: q, splicedAt: splicedAt.UnixNano(), adopted: true}
 	// Its packets in the queue from now on are ones the program passed
 	// on, never stragglers (see promote).
 	seq := uint64(0)

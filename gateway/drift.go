@@ -152,7 +152,8 @@ func (g *Gateway) liveDivert() map[uint16][]splice.Key {
 	out := map[uint16][]splice.Key{}
 	g.splicedMu.Lock()
 	for _, sf := range g.spliced {
-		out[sf.queue] = append(out[sf.queue], sf.keys[0], sf.keys[1])
+		k := sf.keys()
+		out[sf.queue] = append(out[sf.queue], k[0], k[1])
 	}
 	g.splicedMu.Unlock()
 	g.transitions.mu.RLock()

@@ -233,6 +233,11 @@ func (ts *transitions) remove(tr *transition) {
 	ts.mu.Lock()
 	delete(ts.m, tr.keys[0])
 	delete(ts.m, tr.keys[1])
+	if len(ts.m) == 0 {
+		// A map keeps the space of its largest size: after a burst of
+		// splices (thousands at once) it would hold it for ever.
+		ts.m = nil
+	}
 	ts.mu.Unlock()
 	ts.active.Add(-1)
 }

@@ -61,7 +61,8 @@ func (g *Gateway) refreshable() map[uint16][]splice.Key {
 	g.splicedMu.Lock()
 	defer g.splicedMu.Unlock()
 	for _, sf := range g.spliced {
-		out[sf.queue] = append(out[sf.queue], sf.keys[0], sf.keys[1])
+		k := sf.keys()
+		out[sf.queue] = append(out[sf.queue], k[0], k[1])
 	}
 	for _, tr := range g.passthrough {
 		out[tr.queue] = append(out[tr.queue], tr.keys[0], tr.keys[1])

@@ -80,7 +80,7 @@ func rstPacket(k splice.Key, seq uint32) []byte {
 func (g *Gateway) resetSpliced(flows []*splicedFlow) int {
 	sent := 0
 	for _, sf := range flows {
-		for _, b := range resetPackets(sf.entry.Snapshot(), sf.keys) {
+		for _, b := range resetPackets(sf.entry.Snapshot(), sf.keys()) {
 			var p splice.Packet
 			if r := p.Parse(b); r != splice.OK {
 				g.log.Error("build reset", logging.KeyFlow, sf.flow.ID, logging.Err(fmt.Errorf("%v", r)))

@@ -15,23 +15,60 @@ import (
 	"spliced/splice"
 )
 
-// splicedFlow is a flow the engine forwards.
+// splicedFlow is the gateway's record of a flow the engine forwards (or,
+// promoted, the bpf datapath). It is kept small: a gateway holds one per
+// spliced flow, and on the bpf datapath it is most of what a flow costs
+// in the daemon. What can be rebuilt is not kept: the tuples are the
+// engine entry's, the captured connections are rebuilt for an unsplice
+// from the tuples, the engine's state and legs (see params).
 type splicedFlow struct {
-	flow      *proxy.Flow
-	entry     *splice.Entry
-	keys      [2]splice.Key
-	queue     uint16
-	params    splice.Params // the captured connections, for unsplice
-	splicedAt time.Time
-	finished  time.Time // when the engine first saw it finished
-	stall     stallWatch
+	flow  *proxy.Flow
+	entry *splice.Entry
+	// splicedAt is when the flow was spliced, finished when the reaper
+	// first saw it finished (unix nanoseconds; 0: not yet).
+	splicedAt, finished int64
 	// stragglersTo: on the bpf datapath, 1<<32 | the ID of the last
 	// packet its queue took before the program's entry was written (see
 	// promote); 0 until known.
 	stragglersTo atomic.Uint64
+	stall        stallWatch
+	// legs: what an unsplice needs of the connections captured at the
+	// splice (client's leg, server's leg) beyond the tuples and the
+	// engine's state. Zero for an adopted flow, which is never unspliced.
+	legs  [2]capturedLeg
+	queue uint16
 	// adopted: spliced by an earlier daemon, found in the bpf datapath's
 	// pinned maps at the start (see adoptPinned); no proxy owns it.
 	adopted bool
+}
+
+// capturedLeg is the part of a captured connection (splice.Conn) that
+// neither the flow's tuples nor the engine's state hold.
+type capturedLeg struct {
+	tsval                uint32
+	mss                  uint16
+	sndWscale, rcvWscale uint8
+	sack, timestamps     bool
+}
+
+func legOf(c *splice.Conn) capturedLeg {
+	return capturedLeg{tsval: c.TSval, mss: c.MSS, sndWscale: c.SndWscale, rcvWscale: c.RcvWscale, sack: c.SACK, timestamps: c.Timestamps}
+}
+
+// keys are the flow's input tuples (client's, server's).
+func (sf *splicedFlow) keys() [2]splice.Key { return sf.entry.Keys }
+
+// params rebuilds the connections captured at the splice, as far as an
+// unsplice uses them (rebuiltConns): addresses from the tuples, options
+// and clocks from legs; sequence numbers and windows are left zero (the
+// unsplice takes them from the engine's state).
+func (sf *splicedFlow) params() splice.Params {
+	k := sf.entry.Keys
+	conn := func(in splice.Key, l capturedLeg) splice.Conn {
+		return splice.Conn{Local: in.DstAddrPort(), Remote: in.SrcAddrPort(), SndWscale: l.sndWscale, RcvWscale: l.rcvWscale,
+			MSS: l.mss, SACK: l.sack, Timestamps: l.timestamps, TSval: l.tsval}
+	}
+	return splice.Params{Client: conn(k[splice.C2S], sf.legs[0]), Server: conn(k[splice.S2C], sf.legs[1])}
 }
 
 // Linger keeps a finished flow diverted for a while, so that a lost final
@@ -42,10 +79,13 @@ const finishedLinger = 5 * time.Second
 // still hold it in TIME_WAIT: Linux's TCP_TIMEWAIT_LEN (60 s) and some.
 const timeWaitMargin = 65 * time.Second
 
-func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, keys [2]splice.Key, queue uint16, params *splice.Params) {
+// addSpliced records a flow just spliced. Its server leg needs no entry
+// in jumped while it lives: avoidPort finds it in the engine's table.
+func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, queue uint16, params *splice.Params) {
+	sf := &splicedFlow{flow: f, entry: e, queue: queue, splicedAt: time.Now().UnixNano(),
+		legs: [2]capturedLeg{legOf(&params.Client), legOf(&params.Server)}}
 	g.splicedMu.Lock()
-	g.spliced[f.ID] = &splicedFlow{flow: f, entry: e, keys: keys, queue: queue, params: *params, splicedAt: time.Now()}
-	g.jumped[serverLeg(f)] = time.Time{} // until it ends
+	g.spliced[f.ID] = sf
 	g.splicedMu.Unlock()
 }
 
@@ -56,11 +96,22 @@ func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, keys [2]splice.Key,
 // SYN on the same 4-tuple carries the gateway's own, older clock, fails
 // PAWS, and gets the old connection's ACK, which the gateway's socket
 // answers with a RST before it retries. Another port avoids the dance.
+//
+// jumped holds the server legs of flows that ended or were unspliced; a
+// flow spliced now is in the engine's table, under its server's tuple
+// (server to upstream), which is checked too.
 func (g *Gateway) avoidPort(client, server netip.AddrPort) bool {
 	g.splicedMu.Lock()
-	defer g.splicedMu.Unlock()
 	until, ok := g.jumped[[2]netip.AddrPort{client, server}]
-	return ok && (until.IsZero() || time.Now().Before(until))
+	g.splicedMu.Unlock()
+	if ok && (until.IsZero() || time.Now().Before(until)) {
+		return true
+	}
+	if !g.splicing() {
+		return false
+	}
+	_, d, live := g.engine.Lookup(splice.KeyFrom(server, client))
+	return live && d == splice.S2C
 }
 
 // reap removes spliced flows that ended (FIN both ways and acknowledged,
@@ -79,10 +130,10 @@ func (g *Gateway) reap(now time.Time) {
 		reason := ""
 		switch {
 		case snap.Finished():
-			if sf.finished.IsZero() {
-				sf.finished = now
+			if sf.finished == 0 {
+				sf.finished = now.UnixNano()
 			}
-			if now.Sub(sf.finished) >= finishedLinger {
+			if now.Sub(time.Unix(0, sf.finished)) >= finishedLinger {
 				reason = "finished"
 			}
 		case snap.Idle(now.UnixNano(), int64(g.idleTimeout(sf.flow.Service))):
@@ -94,7 +145,7 @@ func (g *Gateway) reap(now time.Time) {
 		}
 		if reason != "" {
 			delete(g.spliced, id)
-			sf.finished = now
+			sf.finished = now.UnixNano()
 			done = append(done, sf)
 			reasons = append(reasons, reason)
 			if reason == "idle" {
@@ -129,7 +180,8 @@ func (g *Gateway) reap(now time.Time) {
 	for _, sf := range done {
 		g.retireOffloaded(sf)
 		g.engine.Delete(sf.entry)
-		byQueue[sf.queue] = append(byQueue[sf.queue], sf.keys[0], sf.keys[1])
+		k := sf.keys()
+		byQueue[sf.queue] = append(byQueue[sf.queue], k[0], k[1])
 		g.flows.Remove(sf.flow)
 	}
 	if err := g.diverter.DeleteMany(byQueue); err != nil {

@@ -107,7 +107,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		// retransmits them through the engine.
 		g.log.Warn("inject taken-over payload", logging.KeyFlow, f.ID, logging.Err(injectErr))
 	}
-	g.addSpliced(f, entry, tr.keys, tr.queue, &params)
+	g.addSpliced(f, entry, tr.queue, &params)
 	g.conntrack.forget(tr.keys)
 	back := g.handOver(tr, f, entry)
 	if back && g.kpath != nil {

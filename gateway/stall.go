@@ -24,8 +24,8 @@ import (
 // stallWatch is what the reaper remembers of a spliced flow between its
 // rounds.
 type stallWatch struct {
-	seen     uint64    // packets of the flow the engine handled, both ways
-	activeAt time.Time // when that number last grew
+	seen     uint64 // packets of the flow the engine handled, both ways
+	activeAt int64  // when that number last grew (unix nanoseconds)
 	// stalled: reported, until the direction moves again. Atomic: the
 	// API reads it without the reaper's lock.
 	stalled [2]atomic.Bool
@@ -45,8 +45,8 @@ func checkStall(sf *splicedFlow, snap *splice.Flow, now time.Time, after time.Du
 	w := &sf.stall
 	// Packets the engine handled, and for a flow on the bpf datapath
 	// (which counts no packets per flow) the time it last forwarded one.
-	if seen := st[0].Packets + st[0].Dropped + st[1].Packets + st[1].Dropped + uint64(snap.LastSeen()); seen != w.seen || w.activeAt.IsZero() {
-		w.seen, w.activeAt = seen, now
+	if seen := st[0].Packets + st[0].Dropped + st[1].Packets + st[1].Dropped + uint64(snap.LastSeen()); seen != w.seen || w.activeAt == 0 {
+		w.seen, w.activeAt = seen, now.UnixNano()
 	}
 	var newly []splice.Dir
 	for d := range splice.Dir(2) {
@@ -54,7 +54,7 @@ func checkStall(sf *splicedFlow, snap *splice.Flow, now time.Time, after time.Du
 		switch {
 		case !stuck:
 			w.stalled[d].Store(false)
-		case !w.stalled[d].Load() && now.Sub(w.activeAt) < after:
+		case !w.stalled[d].Load() && now.Sub(time.Unix(0, w.activeAt)) < after:
 			w.stalled[d].Store(true)
 			newly = append(newly, d)
 		}

@@ -58,7 +58,7 @@ func (g *Gateway) Unsplice(ctx context.Context, f *proxy.Flow) error {
 		return fmt.Errorf("flow %d is closing (a FIN or RST went through); it ends spliced", f.ID)
 	}
 	sf.entry.Watch.Store(false)
-	tr := &transition{keys: sf.keys, queue: sf.queue, phase: phaseUnsplicing, entry: sf.entry}
+	tr := &transition{keys: sf.keys(), queue: sf.queue, phase: phaseUnsplicing, entry: sf.entry}
 	f.SetState(proxy.StateSplicing)
 	g.transitions.add(tr)
 	return g.completeUnsplice(ctx, sf, tr, start)
@@ -87,7 +87,7 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 		e.Unpin()
 		return false
 	}
-	tr := &transition{keys: sf.keys, queue: sf.queue, phase: phaseUnsplicing, entry: sf.entry}
+	tr := &transition{keys: sf.keys(), queue: sf.queue, phase: phaseUnsplicing, entry: sf.entry}
 	var p splice.Packet
 	if p.Parse(np.Data) == splice.OK {
 		e.LearnAck(&p, splice.C2S) // see transition.handle
@@ -130,7 +130,8 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	g.queues.Barrier(int(tr.queue)) // what the engine forwarded before the freeze is out
 	sw.lap(stepUnspliceBarrier)
 	snap := sf.entry.Snapshot()
-	client, server := rebuiltConns(&sf.params, snap, time.Since(sf.splicedAt))
+	params := sf.params()
+	client, server := rebuiltConns(&params, snap, time.Since(time.Unix(0, sf.splicedAt)))
 	cc, err := tcprepair.Restore(&client)
 	if err != nil {
 		return g.abandonUnsplice(sf, tr, fmt.Errorf("rebuild the client's connection: %w", err))
@@ -144,6 +145,9 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	// Point of no return: the engine lets go of the flow.
 	g.splicedMu.Lock()
 	delete(g.spliced, f.ID)
+	// The rebuilt server socket keeps the jumped clock for the rest of
+	// the flow (see avoidPort), which leaves the engine's table now.
+	g.jumped[serverLeg(f)] = time.Time{}
 	g.splicedMu.Unlock()
 	g.engine.Delete(sf.entry)
 	g.conntrack.forget(tr.keys)

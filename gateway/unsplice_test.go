@@ -41,3 +41,32 @@ func TestRebuiltConnsRoundTrip(t *testing.T) {
 		t.Errorf("peer windows %d, %d; want the captured %d, %d", c.SndWnd, s.SndWnd, p.Client.SndWnd, p.Server.SndWnd)
 	}
 }
+
+// TestSplicedFlowParams: the compact record of a spliced flow rebuilds
+// the sockets an unsplice needs exactly as the captured connections do.
+func TestSplicedFlowParams(t *testing.T) {
+	for _, addrs := range [][3]string{
+		{"10.1.0.2:40000", "10.2.0.2:80", "10.2.0.1:50000"},
+		{"[fd00:1::2]:40000", "[fd00:2::2]:443", "[fd00:1::2]:40000"},
+	} {
+		client, server, up := netip.MustParseAddrPort(addrs[0]), netip.MustParseAddrPort(addrs[1]), netip.MustParseAddrPort(addrs[2])
+		p := splice.Params{
+			Client: splice.Conn{Local: server, Remote: client, SndNxt: 0xfffffff0, RcvNxt: 1000, SndWnd: 64000, RcvWnd: 65000,
+				SndWscale: 7, RcvWscale: 8, MSS: 1448, SACK: true, Timestamps: true, TSval: 5000},
+			Server: splice.Conn{Local: up, Remote: server, SndNxt: 0x7ffffff0, RcvNxt: 123, SndWnd: 66000, RcvWnd: 67000,
+				SndWscale: 9, RcvWscale: 6, MSS: 1380, SACK: false, Timestamps: true, TSval: 900000},
+		}
+		e, err := splice.NewTable().Add(1, &p, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sf := &splicedFlow{entry: e, legs: [2]capturedLeg{legOf(&p.Client), legOf(&p.Server)}}
+		rp := sf.params()
+		f := e.Snapshot()
+		wc, ws := rebuiltConns(&p, f, time.Second)
+		gc, gs := rebuiltConns(&rp, f, time.Second)
+		if wc != gc || ws != gs {
+			t.Errorf("%v: rebuilt from the record\n%+v\n%+v\nwant\n%+v\n%+v", addrs, gc, gs, wc, ws)
+		}
+	}
+}

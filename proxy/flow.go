@@ -68,10 +68,13 @@ type Flow struct {
 	User string
 	// legMu guards Upstream and Backend once the flow is in the table: a
 	// proxy changes them (the HTTP proxy reconnects to another backend)
-	// with SetServerLeg while others read them with ServerLeg.
+	// with SetServerLeg while others read them with ServerLeg. It guards
+	// spliceReq's creation too.
 	legMu sync.Mutex
 
 	// spliceReq carries requests (an operator's) to splice the flow now.
+	// Made on first use (under legMu): a flow spliced at once never
+	// needs it, and a spliced flow keeps as little as it can.
 	spliceReq chan struct{}
 	// spliceErr is why the last splice was abandoned, if it was.
 	spliceErr atomic.Pointer[string]
@@ -110,7 +113,7 @@ func (f *Flow) Resume(client, upstream *net.TCPConn) bool {
 
 // NewFlow returns a flow in state proxied.
 func NewFlow(service, proxy string, client, server netip.AddrPort) *Flow {
-	return &Flow{Service: service, Proxy: proxy, Client: client, Server: server, Backend: server, Started: time.Now(), spliceReq: make(chan struct{}, 1)}
+	return &Flow{Service: service, Proxy: proxy, Client: client, Server: server, Backend: server, Started: time.Now()}
 }
 
 // State returns the flow's current state.
@@ -124,13 +127,22 @@ func (f *Flow) SetState(s State) { f.state.Store(int32(s)) }
 func (f *Flow) RequestSplice() {
 	f.spliceErr.Store(nil)
 	select {
-	case f.spliceReq <- struct{}{}:
+	case f.requests() <- struct{}{}:
 	default: // a request is pending already
 	}
 }
 
 // SpliceRequested delivers the requests of RequestSplice.
-func (f *Flow) SpliceRequested() <-chan struct{} { return f.spliceReq }
+func (f *Flow) SpliceRequested() <-chan struct{} { return f.requests() }
+
+func (f *Flow) requests() chan struct{} {
+	f.legMu.Lock()
+	defer f.legMu.Unlock()
+	if f.spliceReq == nil {
+		f.spliceReq = make(chan struct{}, 1)
+	}
+	return f.spliceReq
+}
 
 // SetSpliceError records why a splice was abandoned.
 func (f *Flow) SetSpliceError(err error) {

@@ -249,8 +249,10 @@ func (f *Forwarder) serve(flow *Flow, client, upstream *net.TCPConn, log *slog.L
 	relay := &Relay{Client: client, Upstream: upstream, Flow: flow, IdleTimeout: f.Service.IdleTimeout.D()}
 	stop := context.AfterFunc(f.FlowContext(), relay.Close)
 	defer stop()
+	// The resume function outlives a splice: it captures no logger (a
+	// spliced flow keeps as little as it can), the flow's is made again.
 	flow.SetResume(func(client, upstream *net.TCPConn) {
-		f.Go(func() { f.serve(flow, client, upstream, log, false) })
+		f.Go(func() { f.serve(flow, client, upstream, f.flowLog(flow), false) })
 	})
 	if f.relayAndSplice(flow, relay, log, policy) {
 		return // the gateway owns the flow now, and logs its end
@@ -259,6 +261,17 @@ func (f *Forwarder) serve(flow *Flow, client, upstream *net.TCPConn, log *slog.L
 	flow.SetState(StateClosing)
 	f.Event(EventClosed, flow, "")
 	f.Flows.Remove(flow)
+}
+
+// flowLog is the logger of a flow given back by an unsplice: the
+// service's, with the attributes Admit gives a flow's logger (and the
+// SOCKS5 user).
+func (f *Forwarder) flowLog(flow *Flow) *slog.Logger {
+	log := f.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
+	if flow.User != "" {
+		log = log.With("user", flow.User)
+	}
+	return log
 }
 
 // relayAndSplice relays the flow, splicing it when the service's policy
@@ -270,6 +283,12 @@ func (f *Forwarder) relayAndSplice(flow *Flow, relay *Relay, log *slog.Logger, p
 		pol.Mode = config.SpliceNever
 	}
 	if f.Splicer() != nil {
+		// Splice at once before anything else runs for the flow (no
+		// goroutine waits for an operator's request meanwhile: thousands
+		// of flows may be splicing at once).
+		if pol.Mode == config.SpliceImmediate && f.trySplice(flow, relay, log) {
+			return true
+		}
 		done := make(chan struct{})
 		defer close(done)
 		go func() {
@@ -283,10 +302,6 @@ func (f *Forwarder) relayAndSplice(flow *Flow, relay *Relay, log *slog.Logger, p
 			}
 		}()
 		switch pol.Mode {
-		case config.SpliceImmediate:
-			if f.trySplice(flow, relay, log) {
-				return true
-			}
 		case config.SpliceBytes:
 			relay.PauseAfter = int64(pol.Bytes)
 		case config.SpliceTime:

@@ -1,0 +1,64 @@
+package gateway
+
+import (
+	"io"
+	"log/slog"
+	"net/netip"
+	"testing"
+	"time"
+
+	"spliced/config"
+	"spliced/proxy"
+	"spliced/splice"
+)
+
+// TestAvoidPort: a transparent upstream connection avoids the client's
+// port while a spliced flow holds that server leg (found in the engine's
+// table, not in jumped), and after it ended for the TIME_WAIT margin.
+func TestAvoidPort(t *testing.T) {
+	cfg, err := config.LoadDefault()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	client, server := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
+	if g.avoidPort(client, server) {
+		t.Fatal("avoided before splicing runs")
+	}
+	g.engine = splice.NewTable()
+	g.spliceOn.Store(true)
+	f := proxy.NewFlow("svc", "forward", client, server)
+	f.SetServerLeg(client, server) // transparent, the client's port
+	p := splice.Params{
+		Client: splice.Conn{Local: server, Remote: client, SndWscale: 7, RcvWscale: 7},
+		Server: splice.Conn{Local: client, Remote: server, SndWscale: 7, RcvWscale: 7},
+	}
+	e, err := g.engine.Add(1, &p, time.Now().UnixNano())
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.addSpliced(f, e, 0, &p)
+	if len(g.jumped) != 0 {
+		t.Errorf("jumped holds %d legs for a live flow", len(g.jumped))
+	}
+	if !g.avoidPort(client, server) {
+		t.Error("the server leg of a live spliced flow is not avoided")
+	}
+	// The reverse tuple is the flow's client leg, not a server leg.
+	if g.avoidPort(server, client) {
+		t.Error("a client leg is avoided")
+	}
+	if g.avoidPort(netip.AddrPortFrom(client.Addr(), 40001), server) {
+		t.Error("another port is avoided")
+	}
+	// Ended: the reaper's margin.
+	g.jumped[serverLeg(f)] = time.Now().Add(timeWaitMargin)
+	g.engine.Delete(e)
+	if !g.avoidPort(client, server) {
+		t.Error("the server leg of an ended flow is not avoided within the margin")
+	}
+	g.jumped[serverLeg(f)] = time.Now().Add(-time.Second)
+	if g.avoidPort(client, server) {
+		t.Error("avoided after the margin")
+	}
+}

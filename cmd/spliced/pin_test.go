@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -141,8 +142,9 @@ func pins(dir string) []string {
 	return out
 }
 
-// TestLabBPFRestartKeepsFlows: 20 flows spliced on the bpf datapath,
-// with bulk transfers running both ways, survive a kill -9 of the
+// TestLabBPFRestartKeepsFlows: 1000 flows spliced on the bpf datapath
+// (SPLICED_RESTART_FLOWS sets the number; half transparent, half NAT),
+// with paced transfers running both ways, survive a kill -9 of the
 // daemon: while no daemon runs the kernel keeps rewriting them (the
 // pinned program's state shows the bytes it forwarded meanwhile); a new
 // daemon with the same configuration adopts every one (listed by the
@@ -173,9 +175,20 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 	defer natMux.Close()
 
 	old := testnet.StartDaemon(t, lab, cfg)
-	const flows = 20
-	const size = 48 << 20 // each way
-	const rate = 3 << 20  // bytes per second each way: about 16 s a flow
+	flows := 1000
+	if s := os.Getenv("SPLICED_RESTART_FLOWS"); s != "" {
+		var err error
+		if flows, err = strconv.Atoi(s); err != nil || flows < 2 {
+			t.Fatalf("SPLICED_RESTART_FLOWS=%q: want a number of flows, at least 2", s)
+		}
+	}
+	// Every flow moves about 48 s at its pace, whatever their number:
+	// long enough to be spliced, seen moving, killed under and adopted.
+	// The aggregate stays at or below about 120 MiB/s each way (20
+	// flows: 3 MiB/s each, 1000 flows: 128 KiB/s each).
+	rate := int64(min(3<<20, max(128<<10, (120<<20)/flows/(64<<10)*(64<<10)))) // bytes per second each way
+	size := int(48 * rate)                                                     // each way
+	started := time.Now()
 	results := make([]*testnet.Transfer, flows)
 	var wg sync.WaitGroup
 	for i := range flows {
@@ -186,10 +199,10 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 			if i%2 == 1 {
 				m, dst = natMux, natSrv
 			}
-			results[i] = m.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: size, S2C: size, Seed: uint64(1000 + 2*i), Rate: rate, Timeout: 3 * time.Minute})
+			results[i] = m.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: int64(size), S2C: int64(size), Seed: uint64(1000 + 2*i), Rate: rate, Timeout: 3 * time.Minute})
 		}()
 	}
-	if err := testnet.Poll(30*time.Second, func() error {
+	if err := testnet.Poll(60*time.Second, func() error {
 		fs, err := old.Client().Flows(t.Context(), api.FlowFilter{})
 		if err != nil {
 			return err
@@ -201,12 +214,14 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 			}
 		}
 		if n < flows {
+			time.Sleep(200 * time.Millisecond) // listing 1000 flows is not free
 			return fmt.Errorf("%d of %d flows on the bpf datapath", n, flows)
 		}
 		return nil
 	}); err != nil {
 		t.Fatalf("%v\n%s", err, tail(old.Log(), 20))
 	}
+	allSpliced := time.Since(started)
 	if p := pins(dir); !slices.Contains(p, "splice_flows") || !slices.ContainsFunc(p, func(n string) bool { return strings.HasPrefix(n, "tcx_ingress_") }) {
 		t.Fatalf("pins while the daemon runs: %v", p)
 	}
@@ -271,6 +286,7 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 		t.Errorf("unsplice of an adopted flow: %v, want a refusal naming adoption", err)
 	}
 	wg.Wait()
+	done := time.Since(started)
 	intact := 0
 	for i, r := range results {
 		if err := r.Check(); err != nil {
@@ -315,8 +331,8 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 	if p := pins(dir); !slices.Contains(p, "splice_flows") || !slices.ContainsFunc(p, func(n string) bool { return strings.HasPrefix(n, "tcx_ingress_") }) {
 		t.Errorf("pins while the new daemon runs: %v", p)
 	}
-	t.Logf("%d flows (half transparent, half NAT), %d MiB each way at %d MiB/s: %d intact; no daemon for %v, while the kernel forwarded %.1f MiB of them (%.1f MiB until the new daemon was ready); %d adopted, retired: %v",
-		flows, size>>20, rate>>20, intact, down.Round(time.Millisecond), float64(movedWhileDown)/(1<<20), float64(movedBeforeStart)/(1<<20), adopted, closed)
+	t.Logf("%d flows (half transparent, half NAT), %.1f MiB each way at %d KiB/s: all on the bpf datapath %v after the first dial; %d intact; no daemon for %v, while the kernel forwarded %.1f MiB of them (%.1f MiB until the new daemon was ready); %d adopted, retired: %v; transfers done %v after the first dial",
+		flows, float64(size)/(1<<20), rate>>10, allSpliced.Round(time.Millisecond), intact, down.Round(time.Millisecond), float64(movedWhileDown)/(1<<20), float64(movedBeforeStart)/(1<<20), adopted, closed, done.Round(time.Millisecond))
 
 	// SIGTERM with flows of its own: reset at both ends, pins gone.
 	const live = 2

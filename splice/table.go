@@ -281,6 +281,19 @@ func (t *Table) Adopt(id uint64, keys [2]Key, st State, now int64) (*Entry, erro
 	return t.insert(&Entry{ID: id, Keys: keys, flow: FlowFromState(st), offloaded: true}, now)
 }
 
+// AdoptRelearn inserts a flow on this engine from a record of its state
+// that may be old (see Flow.Relearn): the tracking state is relearned
+// from the flow's next packets, and it counts as seen now.
+func (t *Table) AdoptRelearn(id uint64, keys [2]Key, st State, now int64) (*Entry, error) {
+	if keys[C2S] == keys[S2C] {
+		return nil, fmt.Errorf("both directions have the tuple %v", keys[C2S])
+	}
+	f := FlowFromState(st)
+	f.Relearn()
+	f.lastSeen = now
+	return t.insert(&Entry{ID: id, Keys: keys, flow: f}, now)
+}
+
 // Lookup finds the flow of a packet key and the direction it travels.
 func (t *Table) Lookup(k Key) (*Entry, Dir, bool) {
 	t.mu.RLock()

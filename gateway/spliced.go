@@ -30,8 +30,11 @@ type splicedFlow struct {
 	// promote); 0 until known.
 	stragglersTo atomic.Uint64
 	// adopted: spliced by an earlier daemon, found in the bpf datapath's
-	// pinned maps at the start (see adoptPinned); no proxy owns it.
+	// pinned maps (see adoptPinned) or the nfqueue datapath's record
+	// (adoptStored) at the start; no proxy owns it.
 	adopted bool
+	// stored: the flow is in the nfqueue datapath's record (see store.go).
+	stored atomic.Bool
 }
 
 // Linger keeps a finished flow diverted for a while, so that a lost final
@@ -69,6 +72,7 @@ func (g *Gateway) reap(now time.Time) {
 	if !g.splicing() {
 		return
 	}
+	g.syncStored(now)
 	var done, idle []*splicedFlow
 	var reasons []string
 	var stalls []stallReport
@@ -128,6 +132,7 @@ func (g *Gateway) reap(now time.Time) {
 	byQueue := map[uint16][]splice.Key{}
 	for _, sf := range done {
 		g.retireOffloaded(sf)
+		g.unstore(sf)
 		g.engine.Delete(sf.entry)
 		byQueue[sf.queue] = append(byQueue[sf.queue], sf.keys[0], sf.keys[1])
 		g.flows.Remove(sf.flow)

@@ -145,6 +145,7 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	g.splicedMu.Lock()
 	delete(g.spliced, f.ID)
 	g.splicedMu.Unlock()
+	g.unstore(sf)
 	g.engine.Delete(sf.entry)
 	g.conntrack.forget(tr.keys)
 	for _, c := range []*net.TCPConn{cc, sc} {
@@ -237,6 +238,7 @@ func (g *Gateway) abandonUnsplice(sf *splicedFlow, tr *transition, why error) er
 	g.splicedMu.Unlock()
 	if mine {
 		g.resetSpliced([]*splicedFlow{sf})
+		g.unstore(sf)
 		g.engine.Delete(sf.entry)
 	}
 	g.transitions.remove(tr)

@@ -31,11 +31,16 @@ func TestRelearn(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.e = e
+	for d := range 2 {
+		if w := e.Snapshot().d[d].maxWin; w != 0xffff<<7 {
+			t.Errorf("%v: largest window %d after adoption, want %d", Dir(d), w, 0xffff<<7)
+		}
+	}
 	if snap := e.Snapshot(); !snap.Relearning(C2S) || !snap.Relearning(S2C) || snap.LastSeen() != 7 || e.Offloaded() {
 		t.Fatalf("adopted: relearning %v/%v, last seen %d, offloaded %v", snap.Relearning(C2S), snap.Relearning(S2C), snap.LastSeen(), e.Offloaded())
 	}
 	// Behind the record: still dropped.
-	if v := f.run(t, f.c2s(uint32(Seq(1000).Sub(200000)), 0xfffffff0, FlagACK).bytes(), C2S, true); v != DropSeq {
+	if v := f.run(t, f.c2s(uint32(Seq(1000).Sub(20_000_000)), 0xfffffff0, FlagACK).bytes(), C2S, true); v != DropSeq {
 		t.Fatalf("data behind the record: %v, want %v", v, DropSeq)
 	}
 	// The client's new data, acknowledging what the server sent since.

@@ -140,7 +140,7 @@ func (g *Gateway) adoptPinned() {
 	spec := g.manager().Spec()
 	var ids []uint64
 	for _, pf := range flows {
-		sf, err := g.adoptOne(pf, now, int(max(spec.Divert.Queues, 1)), spec.Divert.Queue, false)
+		sf, err := g.adoptOne(pf, now, int(max(spec.Divert.Queues, 1)), spec.Divert.Queue, false, g.engine)
 		if err != nil {
 			g.log.Warn("pinned flow not adopted; removed from the bpf datapath", logging.KeyFlow, pf.ID, logging.Err(err))
 			k.dp.DeleteFlow(pf.ID, pf.Keys)
@@ -155,8 +155,8 @@ func (g *Gateway) adoptPinned() {
 }
 
 // adoptOne adopts a flow of the bpf datapath's pins, or with relearn one
-// of the nfqueue datapath's record onto the Go engine (see store.go).
-func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQueue uint16, relearn bool) (*splicedFlow, error) {
+// of the nfqueue datapath's record (see store.go), into tab.
+func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQueue uint16, relearn bool, tab *splice.Table) (*splicedFlow, error) {
 	var m flowMeta
 	if pf.Meta != nil {
 		if err := m.unmarshal(pf.Meta); err != nil {
@@ -181,9 +181,9 @@ func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQu
 	if int(q) >= queues {
 		q = uint16(pf.ID % uint64(queues))
 	}
-	adopt := g.engine.Adopt
+	adopt := tab.Adopt
 	if relearn {
-		adopt = g.engine.AdoptRelearn
+		adopt = tab.AdoptRelearn
 	}
 	e, err := adopt(pf.ID, pf.Keys, pf.State, now.UnixNano())
 	if err != nil {
@@ -191,7 +191,7 @@ func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQu
 	}
 	e.Watch.Store(pf.Watch)
 	if !g.flows.Adopt(f) {
-		g.engine.Delete(e)
+		tab.Delete(e)
 		return nil, errors.New("its ID is taken")
 	}
 	sf := &splicedFlow{flow: f, entry: e, keys: pf.Keys, queue: q, splicedAt: splicedAt, adopted: true}

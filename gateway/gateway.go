@@ -88,6 +88,9 @@ type Gateway struct {
 	store       *bpf.Datapath
 	storeClosed atomic.Bool
 	storeSynced time.Time
+	// pendingStored: flows adopted from the record, not yet handed to
+	// the engine (see activateStored).
+	pendingStored []*splicedFlow
 
 	splicedMu sync.Mutex
 	spliced   map[uint64]*splicedFlow
@@ -221,6 +224,7 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 		g.rulesMu.Unlock()
 		return err
 	}
+	g.activateStored()
 	g.running = true
 	g.rulesMu.Unlock()
 	stop := func() error {

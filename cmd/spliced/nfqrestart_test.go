@@ -103,27 +103,41 @@ func TestLabNFQueueRestartKeepsFlows(t *testing.T) {
 			results[i] = m.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: size, S2C: size, Seed: uint64(3000 + 2*i), Rate: rate, Timeout: 3 * time.Minute})
 		}()
 	}
+	// A splice under this load may give up (drain timeout) and leave
+	// its flow proxied: such a flow dies with the daemon's sockets, as
+	// every proxied flow does; what arrived must be a clean prefix.
+	proxied := map[string]bool{} // client addresses
+	spliced := 0
 	if err := testnet.Poll(60*time.Second, func() error {
 		fs, err := old.Client().Flows(t.Context(), api.FlowFilter{})
 		if err != nil {
 			return err
 		}
-		n := 0
+		spliced = 0
 		for _, f := range fs {
 			if f.Datapath == "nfqueue" && f.State == api.StateSpliced {
-				n++
+				spliced++
 			}
 		}
-		if n < flows {
-			time.Sleep(200 * time.Millisecond)
-			return fmt.Errorf("%d of %d flows spliced", n, flows)
+		clear(proxied)
+		for _, l := range old.Lines() {
+			if l["msg"] == "flow stays proxied" {
+				proxied[fmt.Sprint(l["client"])] = true
+			}
 		}
-		if k := storedFlows(t, lab, root); k < flows {
-			return fmt.Errorf("%d of %d flows recorded", k, flows)
+		if spliced+len(proxied) < flows {
+			time.Sleep(200 * time.Millisecond)
+			return fmt.Errorf("%d of %d flows spliced, %d stay proxied", spliced, flows, len(proxied))
+		}
+		if k := storedFlows(t, lab, root); k < spliced {
+			return fmt.Errorf("%d of %d spliced flows recorded", k, spliced)
 		}
 		return nil
 	}); err != nil {
 		t.Fatalf("%v\n%s", err, tail(old.Log(), 20))
+	}
+	if len(proxied) > flows/100 {
+		t.Fatalf("%d of %d flows stayed proxied", len(proxied), flows)
 	}
 	allSpliced := time.Since(started)
 	time.Sleep(2 * time.Second) // the flows move on from their first record
@@ -131,8 +145,8 @@ func TestLabNFQueueRestartKeepsFlows(t *testing.T) {
 	// kill -9: the record and the table stay.
 	old.Kill()
 	killed := time.Now()
-	if n := storedFlows(t, lab, root); n != flows {
-		t.Fatalf("%d flows in the record after kill -9, want %d", n, flows)
+	if n := storedFlows(t, lab, root); n != spliced {
+		t.Fatalf("%d flows in the record after kill -9, want %d", n, spliced)
 	}
 	time.Sleep(time.Second) // no daemon: the flows' packets are dropped
 
@@ -141,7 +155,7 @@ func TestLabNFQueueRestartKeepsFlows(t *testing.T) {
 	rec := d.FindLog(func(l map[string]any) bool {
 		return l["msg"] == "adopted spliced flows from the nfqueue datapath's record"
 	})
-	if rec == nil || rec["flows"] != float64(flows) {
+	if rec == nil || rec["flows"] != float64(spliced) {
 		t.Fatalf("adoption log: %v\n%s", rec, tail(d.Log(), 30))
 	}
 	fs, err := d.Client().Flows(t.Context(), api.FlowFilter{})
@@ -161,11 +175,11 @@ func TestLabNFQueueRestartKeepsFlows(t *testing.T) {
 			}
 		}
 	}
-	if bySvc["fwd"] != flows/2 || bySvc["nat"] != flows/2 {
+	if bySvc["fwd"]+bySvc["nat"] != spliced || bySvc["fwd"] < spliced/2-len(proxied) || bySvc["nat"] < spliced/2-len(proxied) {
 		t.Errorf("adopted flows by service: %v", bySvc)
 	}
-	if adopted != flows {
-		t.Fatalf("%d of %d flows listed as adopted on nfqueue", adopted, flows)
+	if adopted != spliced {
+		t.Fatalf("%d of %d spliced flows listed as adopted on nfqueue", adopted, spliced)
 	}
 	if _, err := d.Client().Unsplice(t.Context(), one); err == nil || !strings.Contains(err.Error(), "adopted") {
 		t.Errorf("unsplice of an adopted flow: %v, want a refusal naming adoption", err)
@@ -174,6 +188,12 @@ func TestLabNFQueueRestartKeepsFlows(t *testing.T) {
 	done := time.Since(started)
 	intact := 0
 	for i, r := range results {
+		if proxied[r.Client.Local.String()] {
+			if err := r.CheckPrefix(); err != nil {
+				t.Errorf("flow %d (proxied): %v", i, err)
+			}
+			continue
+		}
 		if err := r.Check(); err != nil {
 			t.Errorf("flow %d: %v", i, err)
 		} else {
@@ -203,21 +223,21 @@ func TestLabNFQueueRestartKeepsFlows(t *testing.T) {
 				n++
 			}
 		}
-		if n < flows {
+		if n < spliced {
 			return fmt.Errorf("%d flows logged closed", n)
 		}
 		return nil
 	}); err != nil {
 		t.Error(err)
 	}
-	if closed["finished"] != flows {
-		t.Errorf("flows closed by reason: %v, want all %d finished", closed, flows)
+	if closed["finished"] != spliced {
+		t.Errorf("flows closed by reason: %v, want all %d finished", closed, spliced)
 	}
 	if n := storedFlows(t, lab, root); n != 0 {
 		t.Errorf("%d flows left in the record after they all ended", n)
 	}
-	t.Logf("%d flows (half transparent, half NAT), %.1f MiB each way at %d KiB/s: all spliced on nfqueue and recorded %v after the first dial; kill -9, no daemon for %v; %d adopted; %d intact; retired: %v; transfers done %v after the first dial",
-		flows, float64(size)/(1<<20), rate>>10, allSpliced.Round(time.Millisecond), down.Round(time.Millisecond), adopted, intact, closed, done.Round(time.Millisecond))
+	t.Logf("%d flows (half transparent, half NAT), %.1f MiB each way at %d KiB/s: %d spliced on nfqueue and recorded, %d stayed proxied (drain timeout), %v after the first dial; kill -9, no daemon for %v; %d adopted; %d of %d spliced intact; retired: %v; transfers done %v after the first dial",
+		flows, float64(size)/(1<<20), rate>>10, spliced, len(proxied), allSpliced.Round(time.Millisecond), down.Round(time.Millisecond), adopted, intact, spliced, closed, done.Round(time.Millisecond))
 
 	// SIGTERM with flows of its own: reset at both ends, record gone.
 	const live = 2

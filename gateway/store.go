@@ -107,6 +107,14 @@ func (g *Gateway) storeFlow(sf *splicedFlow) {
 		return
 	}
 	sf.stored.Store(true)
+	// Retired meanwhile (the reaper unstores after it removes the flow
+	// from g.spliced): no record may outlive the flow.
+	g.splicedMu.Lock()
+	cur := g.spliced[e.ID]
+	g.splicedMu.Unlock()
+	if cur != sf {
+		g.unstore(sf)
+	}
 }
 
 // unstore removes a flow's record: it left the engine.

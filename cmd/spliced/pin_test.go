@@ -202,38 +202,52 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 			results[i] = m.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: int64(size), S2C: int64(size), Seed: uint64(1000 + 2*i), Rate: rate, Timeout: 3 * time.Minute})
 		}()
 	}
+	// A splice under this load may give up (drain timeout) and leave
+	// its flow proxied: such a flow dies with the daemon's sockets, as
+	// every proxied flow does; what arrived must be a clean prefix.
+	proxied := map[string]bool{} // client addresses
+	spliced := 0
 	if err := testnet.Poll(60*time.Second, func() error {
 		fs, err := old.Client().Flows(t.Context(), api.FlowFilter{})
 		if err != nil {
 			return err
 		}
-		n := 0
+		spliced = 0
 		for _, f := range fs {
 			if f.Datapath == "bpf" {
-				n++
+				spliced++
 			}
 		}
-		if n < flows {
+		clear(proxied)
+		for _, l := range old.Lines() {
+			if l["msg"] == "flow stays proxied" {
+				proxied[fmt.Sprint(l["client"])] = true
+			}
+		}
+		if spliced+len(proxied) < flows {
 			time.Sleep(200 * time.Millisecond) // listing 1000 flows is not free
-			return fmt.Errorf("%d of %d flows on the bpf datapath", n, flows)
+			return fmt.Errorf("%d of %d flows on the bpf datapath, %d stay proxied", spliced, flows, len(proxied))
 		}
 		return nil
 	}); err != nil {
 		t.Fatalf("%v\n%s", err, tail(old.Log(), 20))
 	}
 	allSpliced := time.Since(started)
+	if len(proxied) > flows/100 {
+		t.Fatalf("%d of %d flows stayed proxied", len(proxied), flows)
+	}
 	if p := pins(dir); !slices.Contains(p, "splice_flows") || !slices.ContainsFunc(p, func(n string) bool { return strings.HasPrefix(n, "tcx_ingress_") }) {
 		t.Fatalf("pins while the daemon runs: %v", p)
 	}
 
-	waitMoving(t, lab, root, flows)
+	waitMoving(t, lab, root, spliced)
 
 	// kill -9: nothing runs but the kernel.
 	old.Kill()
 	killed := time.Now()
 	var pb pinnedBytes
-	if n, _ := pb.read(t, lab, root); n != flows {
-		t.Fatalf("%d flows in the pins after kill -9, want %d", n, flows)
+	if n, _ := pb.read(t, lab, root); n != spliced {
+		t.Fatalf("%d flows in the pins after kill -9, want %d", n, spliced)
 	}
 	const gap = 64 << 20
 	var movedWhileDown uint64
@@ -255,7 +269,7 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 	d := testnet.StartDaemon(t, lab, cfg)
 	_, movedBeforeStart := pb.read(t, lab, root)
 	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "adopted spliced flows from the bpf datapath" })
-	if rec == nil || rec["flows"] != float64(flows) {
+	if rec == nil || rec["flows"] != float64(spliced) {
 		t.Fatalf("adoption log: %v\n%s", rec, tail(d.Log(), 30))
 	}
 	fs, err := d.Client().Flows(t.Context(), api.FlowFilter{})
@@ -276,11 +290,11 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 			}
 		}
 	}
-	if bySvc["fwd"] != flows/2 || bySvc["nat"] != flows/2 {
+	if bySvc["fwd"]+bySvc["nat"] != spliced || bySvc["fwd"] < spliced/2-len(proxied) || bySvc["nat"] < spliced/2-len(proxied) {
 		t.Errorf("adopted flows by service: %v", bySvc)
 	}
-	if adopted != flows {
-		t.Fatalf("%d of %d flows listed as adopted on bpf: %+v", adopted, flows, fs)
+	if adopted != spliced {
+		t.Fatalf("%d of %d spliced flows listed as adopted on bpf", adopted, spliced)
 	}
 	if _, err := d.Client().Unsplice(t.Context(), one); err == nil || !strings.Contains(err.Error(), "adopted") {
 		t.Errorf("unsplice of an adopted flow: %v, want a refusal naming adoption", err)
@@ -289,6 +303,12 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 	done := time.Since(started)
 	intact := 0
 	for i, r := range results {
+		if proxied[r.Client.Local.String()] {
+			if err := r.CheckPrefix(); err != nil {
+				t.Errorf("flow %d (proxied): %v", i, err)
+			}
+			continue
+		}
 		if err := r.Check(); err != nil {
 			t.Errorf("flow %d: %v", i, err)
 		} else {
@@ -318,21 +338,21 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 				n++
 			}
 		}
-		if n < flows {
+		if n < spliced {
 			return fmt.Errorf("%d flows logged closed", n)
 		}
 		return nil
 	}); err != nil {
 		t.Error(err)
 	}
-	if closed["finished"] != flows {
-		t.Errorf("flows closed by reason: %v, want all %d finished", closed, flows)
+	if closed["finished"] != spliced {
+		t.Errorf("flows closed by reason: %v, want all %d finished", closed, spliced)
 	}
 	if p := pins(dir); !slices.Contains(p, "splice_flows") || !slices.ContainsFunc(p, func(n string) bool { return strings.HasPrefix(n, "tcx_ingress_") }) {
 		t.Errorf("pins while the new daemon runs: %v", p)
 	}
-	t.Logf("%d flows (half transparent, half NAT), %.1f MiB each way at %d KiB/s: all on the bpf datapath %v after the first dial; %d intact; no daemon for %v, while the kernel forwarded %.1f MiB of them (%.1f MiB until the new daemon was ready); %d adopted, retired: %v; transfers done %v after the first dial",
-		flows, float64(size)/(1<<20), rate>>10, allSpliced.Round(time.Millisecond), intact, down.Round(time.Millisecond), float64(movedWhileDown)/(1<<20), float64(movedBeforeStart)/(1<<20), adopted, closed, done.Round(time.Millisecond))
+	t.Logf("%d flows (half transparent, half NAT), %.1f MiB each way at %d KiB/s: %d on the bpf datapath, %d stayed proxied (drain timeout), %v after the first dial; %d of them intact; no daemon for %v, while the kernel forwarded %.1f MiB of them (%.1f MiB until the new daemon was ready); %d adopted, retired: %v; transfers done %v after the first dial",
+		flows, float64(size)/(1<<20), rate>>10, spliced, len(proxied), allSpliced.Round(time.Millisecond), intact, down.Round(time.Millisecond), float64(movedWhileDown)/(1<<20), float64(movedBeforeStart)/(1<<20), adopted, closed, done.Round(time.Millisecond))
 
 	// SIGTERM with flows of its own: reset at both ends, pins gone.
 	const live = 2

@@ -54,7 +54,12 @@ func TestLabNFQueueRestartKeepsFlows(t *testing.T) {
 	lab := testnet.NewT(t, testnet.Options{})
 	root := testnet.BPFFS(t)
 	store := filepath.Join(root, "spliced-nfqueue", "spliced")
-	cfg := pinConfig("nfqueue", root)
+	// 1000 splices at once through the queues, on a machine that may
+	// run other labs: give each drain time (the default is 5 s).
+	cfg := strings.ReplaceAll(pinConfig("nfqueue", root), "      mode: immediate\n", "      mode: immediate\n      drain_timeout: 30s\n")
+	if strings.Count(cfg, "drain_timeout: 30s") != 2 {
+		t.Fatalf("configuration without the drain timeouts:\n%s", cfg)
+	}
 	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
 	ln, err := lab.Server().Listen(srv)
 	if err != nil {

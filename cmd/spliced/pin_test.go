@@ -156,7 +156,12 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 	lab := testnet.NewT(t, testnet.Options{})
 	root := testnet.BPFFS(t)
 	dir := bpf.PinDir(root, "spliced")
-	cfg := pinConfig("bpf", root)
+	// 1000 splices at once, on a machine that may run other labs: give
+	// each drain time (the default is 5 s).
+	cfg := strings.ReplaceAll(pinConfig("bpf", root), "      mode: immediate\n", "      mode: immediate\n      drain_timeout: 30s\n")
+	if strings.Count(cfg, "drain_timeout: 30s") != 2 {
+		t.Fatalf("configuration without the drain timeouts:\n%s", cfg)
+	}
 	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
 	ln, err := lab.Server().Listen(srv)
 	if err != nil {

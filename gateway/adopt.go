@@ -140,7 +140,7 @@ func (g *Gateway) adoptPinned() {
 	spec := g.manager().Spec()
 	var ids []uint64
 	for _, pf := range flows {
-		sf, err := g.adoptOne(pf, now, int(max(spec.Divert.Queues, 1)), spec.Divert.Queue)
+		sf, err := g.adoptOne(pf, now, int(max(spec.Divert.Queues, 1)), spec.Divert.Queue, false, g.engine)
 		if err != nil {
 			g.log.Warn("pinned flow not adopted; removed from the bpf datapath", logging.KeyFlow, pf.ID, logging.Err(err))
 			k.dp.DeleteFlow(pf.ID, pf.Keys)
@@ -154,7 +154,9 @@ func (g *Gateway) adoptPinned() {
 	g.log.Info("adopted spliced flows from the bpf datapath", "flows", len(ids), "pins", k.dp.PinDir())
 }
 
-func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQueue uint16) (*splicedFlow, error) {
+// adoptOne adopts a flow of the bpf datapath's pins, or with relearn one
+// of the nfqueue datapath's record (see store.go), into tab.
+func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQueue uint16, relearn bool, tab *splice.Table) (*splicedFlow, error) {
 	var m flowMeta
 	if pf.Meta != nil {
 		if err := m.unmarshal(pf.Meta); err != nil {
@@ -179,23 +181,29 @@ func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQu
 	if int(q) >= queues {
 		q = uint16(pf.ID % uint64(queues))
 	}
-	e, err := g.engine.Adopt(pf.ID, pf.Keys, pf.State, now.UnixNano())
+	adopt := tab.Adopt
+	if relearn {
+		adopt = tab.AdoptRelearn
+	}
+	e, err := adopt(pf.ID, pf.Keys, pf.State, now.UnixNano())
 	if err != nil {
 		return nil, err
 	}
 	e.Watch.Store(pf.Watch)
 	if !g.flows.Adopt(f) {
-		g.engine.Delete(e)
+		tab.Delete(e)
 		return nil, errors.New("its ID is taken")
 	}
 	sf := &splicedFlow{flow: f, entry: e, queue: q, splicedAt: splicedAt.UnixNano(), adopted: true}
 	// Its packets in the queue from now on are ones the program passed
 	// on, never stragglers (see promote).
-	seq := uint64(0)
-	if ks, err := nfq.ReadKernelStats(); err == nil {
-		seq = uint64(ks[firstQueue+q].IDSequence)
+	if !relearn {
+		seq := uint64(0)
+		if ks, err := nfq.ReadKernelStats(); err == nil {
+			seq = uint64(ks[firstQueue+q].IDSequence)
+		}
+		sf.stragglersTo.Store(1<<32 | seq)
 	}
-	sf.stragglersTo.Store(1<<32 | seq)
 	g.splicedMu.Lock()
 	g.spliced[f.ID] = sf
 	g.jumped[serverLeg(f)] = time.Time{}
@@ -222,7 +230,7 @@ func warnOtherPins(cfg *config.Config, log *slog.Logger) {
 
 // errAdopted is why an adopted flow cannot be unspliced.
 func errAdopted(id uint64) error {
-	return fmt.Errorf("flow %d was spliced by an earlier spliced and adopted from the bpf datapath after a restart: no proxy socket owns it, so it cannot be unspliced; it stays spliced until it ends", id)
+	return fmt.Errorf("flow %d was spliced by an earlier spliced and adopted after a restart: no proxy socket owns it, so it cannot be unspliced; it stays spliced until it ends", id)
 }
 
 // dropPinned ends the flows pinned under cfg's pin directory and removes
@@ -233,7 +241,18 @@ func errAdopted(id uint64) error {
 // another network namespace are left alone (another daemon may use
 // them); pins that cannot be read are removed without resets.
 func dropPinned(cfg *config.Config, inj *injector, log *slog.Logger) error {
-	dir := pinDir(cfg)
+	return dropPinnedDir(pinDir(cfg), "the bpf datapath's pins", inj, log)
+}
+
+// dropStored is dropPinned for the nfqueue datapath's record of spliced
+// flows (see store.go): the flows are reset from their last recorded
+// state (at most storeSync old: an end whose flow moved since answers
+// the reset with a challenge ACK instead, and times out).
+func dropStored(cfg *config.Config, inj *injector, log *slog.Logger) error {
+	return dropPinnedDir(storeDir(cfg), "the nfqueue datapath's record", inj, log)
+}
+
+func dropPinnedDir(dir, what string, inj *injector, log *slog.Logger) error {
 	if !bpf.HasPins(dir) {
 		return nil
 	}
@@ -241,10 +260,10 @@ func dropPinned(cfg *config.Config, inj *injector, log *slog.Logger) error {
 	var ie *bpf.IncompatibleError
 	switch {
 	case errors.As(err, &ie) && ie.OtherNetNS:
-		log.Warn("pins of the bpf datapath left alone: "+ie.Reason, "pins", dir)
+		log.Warn(what+" left alone: "+ie.Reason, "pins", dir)
 		return nil
 	case errors.As(err, &ie):
-		log.Error("pins of the bpf datapath removed without resetting their flows (they cannot be read): "+ie.Reason, "pins", dir)
+		log.Error(what+" removed without resetting their flows (they cannot be read): "+ie.Reason, "pins", dir)
 		return bpf.RemovePins(dir)
 	case err != nil:
 		return err
@@ -254,7 +273,7 @@ func dropPinned(cfg *config.Config, inj *injector, log *slog.Logger) error {
 	defer dp.Close()
 	// Our descriptors keep the maps; the pinned links go with their pins.
 	if err := bpf.RemovePins(dir); err != nil {
-		return fmt.Errorf("remove the bpf datapath's pins: %w", err)
+		return fmt.Errorf("remove %s: %w", what, err)
 	}
 	if err := bpf.WaitPrograms(); err != nil {
 		return err
@@ -282,6 +301,6 @@ func dropPinned(cfg *config.Config, inj *injector, log *slog.Logger) error {
 			}
 		}
 	}
-	log.Info("flows of the bpf datapath's pins reset and the pins removed", "flows", len(flows), "packets", sent, "pins", dir)
+	log.Info("flows of "+what+" reset and the pins removed", "flows", len(flows), "packets", sent, "pins", dir)
 	return nil
 }

@@ -50,6 +50,7 @@ import (
 	_ "spliced/proxy/all" // every proxy kind
 	"spliced/rules"
 	"spliced/splice"
+	"spliced/splice/bpf"
 )
 
 // Gateway runs the services of one configuration.
@@ -81,6 +82,15 @@ type Gateway struct {
 	counters    engineCounters
 	nextQueue   atomic.Uint32
 	kpath       *kernelPath // the bpf datapath; nil with nfqueue
+	// store: with nfqueue, the record of spliced flows that outlives the
+	// daemon (see store.go); nil without. storeSynced: the reaper's
+	// last refresh of it.
+	store       *bpf.Datapath
+	storeClosed atomic.Bool
+	storeSynced time.Time
+	// pendingStored: flows adopted from the record, not yet handed to
+	// the engine (see activateStored).
+	pendingStored []*splicedFlow
 
 	splicedMu sync.Mutex
 	spliced   map[uint64]*splicedFlow
@@ -189,12 +199,17 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 		g.snap.Store(&snapshot{cfg: cfg, rules: m})
 	}
 	warnOtherPins(cfg, g.log)
+	// Before any flow gets an ID, and before the table is replaced: the
+	// new one carries the adopted flows' divert entries.
 	if g.kpath != nil {
-		// Before any flow gets an ID, and before the table is replaced:
-		// the new one carries the adopted flows' divert entries.
 		g.adoptPinned()
 	} else if err := dropPinned(cfg, g.inject, g.log); err != nil {
 		g.log.Error("end the flows pinned by an earlier daemon's bpf datapath", logging.Err(err))
+	}
+	if g.store != nil {
+		g.adoptStored()
+	} else if err := dropStored(cfg, g.inject, g.log); err != nil {
+		g.log.Error("end the flows an earlier daemon recorded for the nfqueue datapath", logging.Err(err))
 	}
 	for i := range cfg.Services {
 		if err := g.startService(&cfg.Services[i]); err != nil {
@@ -209,6 +224,7 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 		g.rulesMu.Unlock()
 		return err
 	}
+	g.activateStored()
 	g.running = true
 	g.rulesMu.Unlock()
 	stop := func() error {
@@ -472,6 +488,9 @@ func (g *Gateway) startSplicing(ctx context.Context, cfg *config.Config, m *rule
 		g.inject, g.engine, g.diverter, g.conntrack = nil, nil, nil, nil
 		return err
 	}
+	if g.kpath == nil {
+		g.openStore(cfg)
+	}
 	qs, err := nfq.Open(context.WithoutCancel(ctx), nfq.Config{First: d.Queue, Count: d.Queues, MaxQueueLen: cfg.Kernel.QueueLen, Library: cfg.Kernel.NFQueue == "go-nfqueue"}, func(uint16) nfq.Handler {
 		h := &packetHandler{g: g}
 		return h.handle
@@ -481,6 +500,8 @@ func (g *Gateway) startSplicing(ctx context.Context, cfg *config.Config, m *rule
 			g.kpath.close(!g.kpath.dp.Reused())
 			g.kpath = nil
 		}
+		g.closeStore(false)
+		g.store = nil
 		g.conntrack.Close()
 		div.Close()
 		inj.Close()
@@ -512,6 +533,7 @@ func (g *Gateway) stopSplicing() {
 			g.log.Error("detach the bpf datapath and remove its pins", logging.Err(err))
 		}
 	}
+	g.closeStore(g.removePins)
 	g.inject.Close()
 	g.conntrack.Close()
 	g.diverter.Close()
@@ -592,6 +614,9 @@ func Cleanup(cfg *config.Config, log *slog.Logger, keepFlows bool) error {
 	var errs []error
 	if !keepFlows {
 		if err := dropPinned(cfg, nil, log); err != nil {
+			errs = append(errs, err)
+		}
+		if err := dropStored(cfg, nil, log); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -38,8 +38,11 @@ type splicedFlow struct {
 	legs  [2]capturedLeg
 	queue uint16
 	// adopted: spliced by an earlier daemon, found in the bpf datapath's
-	// pinned maps at the start (see adoptPinned); no proxy owns it.
+	// pinned maps (see adoptPinned) or the nfqueue datapath's record
+	// (adoptStored) at the start; no proxy owns it.
 	adopted bool
+	// stored: the flow is in the nfqueue datapath's record (see store.go).
+	stored atomic.Bool
 }
 
 // capturedLeg is the part of a captured connection (splice.Conn) that
@@ -120,6 +123,7 @@ func (g *Gateway) reap(now time.Time) {
 	if !g.splicing() {
 		return
 	}
+	g.syncStored(now)
 	var done, idle []*splicedFlow
 	var reasons []string
 	var stalls []stallReport
@@ -179,6 +183,7 @@ func (g *Gateway) reap(now time.Time) {
 	byQueue := map[uint16][]splice.Key{}
 	for _, sf := range done {
 		g.retireOffloaded(sf)
+		g.unstore(sf)
 		g.engine.Delete(sf.entry)
 		k := sf.keys()
 		byQueue[sf.queue] = append(byQueue[sf.queue], k[0], k[1])

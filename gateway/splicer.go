@@ -120,6 +120,8 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		if sf != nil && g.kpath != nil {
 			g.promote(sf)
 			sw.lap(stepPromote)
+		} else if sf != nil {
+			g.storeFlow(sf)
 		}
 	}
 	took := time.Since(start)

@@ -149,6 +149,7 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	// the flow (see avoidPort), which leaves the engine's table now.
 	g.jumped[serverLeg(f)] = time.Time{}
 	g.splicedMu.Unlock()
+	g.unstore(sf)
 	g.engine.Delete(sf.entry)
 	g.conntrack.forget(tr.keys)
 	for _, c := range []*net.TCPConn{cc, sc} {
@@ -241,6 +242,7 @@ func (g *Gateway) abandonUnsplice(sf *splicedFlow, tr *transition, why error) er
 	g.splicedMu.Unlock()
 	if mine {
 		g.resetSpliced([]*splicedFlow{sf})
+		g.unstore(sf)
 		g.engine.Delete(sf.entry)
 	}
 	g.transitions.remove(tr)

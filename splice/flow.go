@@ -123,6 +123,30 @@ type Flow struct {
 
 const flowRST = 1
 
+// flowRelearn << d (in Flow.closed): direction d's tracking state
+// (sndNxt, ackSeen) is an old record, behind what the ends did since (see
+// Relearn).
+const flowRelearn = 2
+
+func (f *Flow) relearning(d Dir) bool { return f.closed&(flowRelearn<<d) != 0 }
+
+// Relearn marks the flow's tracking state as an old record of a flow
+// that kept running while nobody tracked it (a daemon restarted on the
+// nfqueue datapath: the record was written before it died, and the ends
+// went on sending, or retransmitting, since). Until the receiver of a
+// direction acknowledges something, that direction's packets are
+// checked only against the record's lower bounds (everything the ends
+// send now lies at or after what the record saw) and raise the tracking
+// state to what they carry; the receiver's first acknowledgment makes
+// the direction's state current again, and the usual checks resume.
+// Nothing else changes: the offsets, timestamps and window scales are
+// the splice's, which did not move.
+func (f *Flow) Relearn() { f.closed |= flowRelearn | flowRelearn<<1 }
+
+// Relearning reports whether direction d's tracking state is still
+// being relearned (see Relearn).
+func (f Flow) Relearning(d Dir) bool { return f.relearning(d) }
+
 // NewFlow builds the state for a splice. now is the current time in unix
 // nanoseconds.
 func NewFlow(p *Params, now int64) (Flow, error) {

@@ -73,21 +73,24 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 	// Checks, after conntrack's tcp_in_window and RFC 5961, in the
 	// sender's own sequence space.
 	win := max(s.maxWin, 1)
+	relearnS, relearnO := f.relearning(d), f.relearning(1-d)
 	if flags&FlagRST != 0 {
-		if !seq.InWindow(s.ackSeen, win+1) {
+		// Relearning (see Relearn), the sender's snd_nxt, where its RST
+		// lies, is anywhere at or after what the record acknowledged.
+		if relearnS && seq.LessThan(s.ackSeen) || !relearnS && !seq.InWindow(s.ackSeen, win+1) {
 			return DropRST
 		}
 	} else {
 		upper := s.ackSeen.Add(win)
 		lower := s.sndNxt.Sub(max(s.maxWin, minWindow))
-		if upper.LessThan(seq) || end.LessThan(lower) {
+		if !relearnS && upper.LessThan(seq) || end.LessThan(lower) {
 			return DropSeq
 		}
 	}
 	var ackIn Seq
 	if flags&FlagACK != 0 {
 		ackIn = t.Ack().Sub(o.seqOff)
-		if o.sndNxt.LessThan(ackIn) || ackIn.LessThan(o.ackSeen.Sub(max(o.maxWin, minWindow))) {
+		if !relearnO && o.sndNxt.LessThan(ackIn) || ackIn.LessThan(o.ackSeen.Sub(max(o.maxWin, minWindow))) {
 			return DropAck
 		}
 	}
@@ -96,7 +99,8 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		return v
 	}
 	raiseSeq := p.SegmentLen() == 0 && flags&FlagRST == 0 && seq.LessThan(s.ackSeen) && seq != s.ackSeen.Sub(1)
-	lowerSeq := p.SegmentLen() == 0 && flags&FlagRST == 0 && s.sndNxt.LessThan(seq)
+	// Relearning, what the record forwarded is no bound: the ends moved on.
+	lowerSeq := p.SegmentLen() == 0 && flags&FlagRST == 0 && s.sndNxt.LessThan(seq) && !relearnS
 
 	// Committed: from here on the packet is forwarded.
 	var oldSum uint64
@@ -112,6 +116,14 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		s.finAt = now
 	}
 	if flags&FlagACK != 0 {
+		if relearnO {
+			// The receiver's acknowledgment is its rcv_nxt now: it covers
+			// all the other direction's data that reached it, forwarded
+			// by the earlier daemon or since; what it has not received
+			// comes again (retransmitted) and raises sndNxt.
+			o.sndNxt = maxSeq(o.sndNxt, ackIn)
+			f.closed &^= flowRelearn << (1 - d)
+		}
 		o.ackSeen = maxSeq(o.ackSeen, ackIn)
 		if o.flags&dirFIN != 0 && o.finSeq.LessThan(ackIn) {
 			o.flags |= dirFINAcked

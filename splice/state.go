@@ -8,6 +8,9 @@ type State struct {
 	Dirs     [2]DirState // indexed by Dir
 	LastSeen int64       // unix nanoseconds of the last forwarded packet
 	RST      bool        // a RST that ends the flow was forwarded
+	// Relearn: a direction's tracking state is being relearned (see
+	// Flow.Relearn).
+	Relearn [2]bool
 }
 
 // DirState is one direction's rewrite parameters and tracking state, in
@@ -56,6 +59,9 @@ func (f *Flow) State() State {
 	}
 	s.LastSeen = f.lastSeen
 	s.RST = f.closed&flowRST != 0
+	for d := range s.Relearn {
+		s.Relearn[d] = f.relearning(Dir(d))
+	}
 	return s
 }
 
@@ -73,6 +79,11 @@ func FlowFromState(s State) Flow {
 	f.lastSeen = s.LastSeen
 	if s.RST {
 		f.closed = flowRST
+	}
+	for d, r := range s.Relearn {
+		if r {
+			f.closed |= flowRelearn << d
+		}
 	}
 	return f
 }

@@ -281,6 +281,27 @@ func (t *Table) Adopt(id uint64, keys [2]Key, st State, now int64) (*Entry, erro
 	return t.insert(&Entry{ID: id, Keys: keys, flow: FlowFromState(st), offloaded: true}, now)
 }
 
+// AdoptRelearn inserts a flow on this engine from a record of its state
+// that may be old (see Flow.Relearn): the tracking state is relearned
+// from the flow's next packets, each direction's largest window is the
+// largest its receiver can advertise, and it counts as seen now.
+func (t *Table) AdoptRelearn(id uint64, keys [2]Key, st State, now int64) (*Entry, error) {
+	if keys[C2S] == keys[S2C] {
+		return nil, fmt.Errorf("both directions have the tuple %v", keys[C2S])
+	}
+	f := FlowFromState(st)
+	f.Relearn()
+	f.lastSeen = now
+	// The record's largest windows are old too: the ends may have
+	// opened them since, and the senders filled them. Take the largest
+	// window each receiver can advertise, so that no retransmission of
+	// what was in flight falls below the lower bound of the checks.
+	for d := range f.d {
+		f.d[d].maxWin = max(f.d[d].maxWin, 0xffff<<f.d[1-d].wsIn)
+	}
+	return t.insert(&Entry{ID: id, Keys: keys, flow: f}, now)
+}
+
 // Lookup finds the flow of a packet key and the direction it travels.
 func (t *Table) Lookup(k Key) (*Entry, Dir, bool) {
 	t.mu.RLock()

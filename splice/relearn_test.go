@@ -1,0 +1,83 @@
+package splice
+
+import "testing"
+
+// TestRelearn: a flow adopted from an old record of its state (the ends
+// moved megabytes on since) forwards the ends' packets, relearns each
+// direction's tracking state from the receiver's first acknowledgment,
+// and checks strictly from then on. Without Relearn the same packets
+// are dropped.
+func TestRelearn(t *testing.T) {
+	const cMoved, sMoved = 10_000_000, 5_000_000 // bytes each end sent since the record
+	clientData := func(f *fixture, off uint32) []byte {
+		s := f.c2s(1000+off, uint32(Seq(0xfffffff0).Add(sMoved)), FlagACK)
+		s.payload = []byte("x")
+		return s.bytes()
+	}
+	serverData := func(f *fixture, off uint32) []byte {
+		s := f.s2c(uint32(Seq(0xffffff00).Add(off)), 0x7ffffff0+cMoved+1, FlagACK)
+		s.payload = []byte("y")
+		return s.bytes()
+	}
+
+	stale := newFixture(t, false, false)
+	if v := stale.run(t, clientData(stale, cMoved), C2S, true); v != DropSeq {
+		t.Fatalf("old record without Relearn: %v, want %v", v, DropSeq)
+	}
+
+	f := newFixture(t, false, false)
+	e, err := NewTable().AdoptRelearn(1, f.e.Keys, snapState(f.e), 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.e = e
+	for d := range 2 {
+		if w := e.Snapshot().d[d].maxWin; w != 0xffff<<7 {
+			t.Errorf("%v: largest window %d after adoption, want %d", Dir(d), w, 0xffff<<7)
+		}
+	}
+	if snap := e.Snapshot(); !snap.Relearning(C2S) || !snap.Relearning(S2C) || snap.LastSeen() != 7 || e.Offloaded() {
+		t.Fatalf("adopted: relearning %v/%v, last seen %d, offloaded %v", snap.Relearning(C2S), snap.Relearning(S2C), snap.LastSeen(), e.Offloaded())
+	}
+	// Behind the record: still dropped.
+	if v := f.run(t, f.c2s(uint32(Seq(1000).Sub(20_000_000)), 0xfffffff0, FlagACK).bytes(), C2S, true); v != DropSeq {
+		t.Fatalf("data behind the record: %v, want %v", v, DropSeq)
+	}
+	// The client's new data, acknowledging what the server sent since.
+	if v := f.run(t, clientData(f, cMoved), C2S, true); v != Forward {
+		t.Fatalf("client data after the record: %v, want %v", v, Forward)
+	}
+	snap := e.Snapshot()
+	if !snap.Relearning(C2S) || snap.Relearning(S2C) || snap.Info(S2C).HighestAck != Seq(0xffffff00).Add(sMoved) {
+		t.Fatalf("after the client's ACK: relearning %v/%v, s2c %+v", snap.Relearning(C2S), snap.Relearning(S2C), snap.Info(S2C))
+	}
+	// The server's direction is current again: data beyond the client's
+	// window is dropped, data at its rcv_nxt passes.
+	if v := f.run(t, serverData(f, sMoved+20_000_000), S2C, true); v != DropSeq {
+		t.Fatalf("server data beyond the relearned window: %v, want %v", v, DropSeq)
+	}
+	if v := f.run(t, serverData(f, sMoved), S2C, true); v != Forward {
+		t.Fatalf("server data at the client's rcv_nxt: %v, want %v", v, Forward)
+	}
+	snap = e.Snapshot()
+	if snap.Relearning(C2S) || snap.Info(C2S).HighestAck != Seq(1000+cMoved+1) {
+		t.Fatalf("after the server's ACK: relearning c2s %v, c2s %+v", snap.Relearning(C2S), snap.Info(C2S))
+	}
+	if v := f.run(t, clientData(f, cMoved+1+20_000_000), C2S, true); v != DropSeq {
+		t.Fatalf("client data beyond the relearned window: %v, want %v", v, DropSeq)
+	}
+	// Lossless through State.
+	if g := FlowFromState(snapState(e)); g != snap {
+		t.Fatalf("state round trip: %+v != %+v", g, snap)
+	}
+	st := snapState(e)
+	st.Relearn = [2]bool{true, false}
+	if g := FlowFromState(st); !g.Relearning(C2S) || g.Relearning(S2C) {
+		t.Fatal("State.Relearn not carried")
+	}
+}
+
+func snapState(e *Entry) State {
+	f := e.Snapshot()
+	return f.State()
+}

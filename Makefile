@@ -29,7 +29,7 @@ build:
 # the tools they use. The summary fails the run when a test fails, or when
 # one skipped although we are root.
 test: deps-test
-	set -o pipefail; $(GO) test -count=1 -timeout 20m -json $(TESTFLAGS) ./... | $(GO) run ./internal/testsummary
+	set -o pipefail; $(GO) test -count=1 -timeout 14m -json $(TESTFLAGS) ./... | $(GO) run ./internal/testsummary
 
 # The same under the race detector; the daemons the lab tests start are
 # built with -race too (testnet.Binary, SPLICED_RACE) and a race they

@@ -1,0 +1,95 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"spliced/testnet"
+)
+
+// TestLabPortReuseAfterTimeWait: a client may connect again from the
+// port of a connection whose intercepted socket on the gateway is in
+// TIME_WAIT (the gateway closed first). A client that opens thousands of
+// connections a second (one request per connection) reuses its ports
+// within the 60 s of TIME_WAIT. The new SYN must reach the service's
+// listener (TPROXY takes a SYN from a TIME_WAIT socket to the listener);
+// delivered to the TIME_WAIT socket instead, it is answered with an ACK,
+// reset by the client, and the connection fails until TIME_WAIT ends.
+func TestLabPortReuseAfterTimeWait(t *testing.T) {
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("v6=%v", v6), func(t *testing.T) {
+			lab := testnet.NewT(t, testnet.Options{})
+			testnet.StartDaemon(t, lab, fmt.Sprintf(forwardConfig, "nat"))
+			srv := netip.AddrPortFrom(lab.Server().Addr(v6), 5001)
+			ln, err := lab.Server().Listen(srv)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			go func() {
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					// The server answers and closes first, so the
+					// gateway's client-side socket closes first.
+					fmt.Fprint(c, "hello\n")
+					c.Close()
+				}
+			}()
+			local := netip.AddrPortFrom(lab.Client().Addr(v6), 41234)
+			for i := range 3 {
+				got, err := exchangeFrom(lab.Client(), local, srv)
+				if err != nil || got != "hello\n" {
+					state, _ := lab.Gateway.Run("ss", "-tan", "state", "time-wait")
+					t.Fatalf("connection %d from %v: %q, %v\ngateway sockets in TIME_WAIT:\n%s", i+1, local, got, err, state)
+				}
+				if i == 0 {
+					// The first connection's socket at the gateway
+					// waits in TIME_WAIT (or the test proves nothing).
+					out, err := lab.Gateway.Run("ss", "-Htan", "state", "time-wait")
+					if err != nil || !strings.Contains(out, local.String()) {
+						t.Fatalf("no gateway socket in TIME_WAIT for %v (%v):\n%s", local, err, out)
+					}
+				}
+			}
+		})
+	}
+}
+
+// exchangeFrom connects from local to srv inside h's namespace, reads
+// what the server sends until it closes, and closes.
+func exchangeFrom(h *testnet.Host, local, srv netip.AddrPort) (string, error) {
+	var got string
+	err := h.Do(func() error {
+		d := net.Dialer{
+			LocalAddr: net.TCPAddrFromAddrPort(local),
+			Timeout:   3 * time.Second, // SYN retransmissions at 1 s and 3 s
+			Control: func(_, _ string, c syscall.RawConn) error {
+				var serr error
+				c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1) })
+				return serr
+			},
+		}
+		c, err := d.DialContext(context.Background(), "tcp", srv.String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		b, err := io.ReadAll(c)
+		got = string(b)
+		return err
+	})
+	return got, err
+}

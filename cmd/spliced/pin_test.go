@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -19,7 +18,6 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"spliced/api"
 	"spliced/splice"
 	"spliced/splice/bpf"
 	"spliced/testnet"
@@ -156,91 +154,16 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 	lab := testnet.NewT(t, testnet.Options{})
 	root := testnet.BPFFS(t)
 	dir := bpf.PinDir(root, "spliced")
-	// 1000 splices at once, on a machine that may run other labs: give
-	// each drain time (the default is 5 s).
-	cfg := strings.ReplaceAll(pinConfig("bpf", root), "      mode: immediate\n", "      mode: immediate\n      drain_timeout: 30s\n")
-	if strings.Count(cfg, "drain_timeout: 30s") != 2 {
-		t.Fatalf("configuration without the drain timeouts:\n%s", cfg)
-	}
-	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
-	ln, err := lab.Server().Listen(srv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := testnet.NewMux(ln)
-	defer mux.Close()
-	// Every other flow through the NAT service: the server sees the
-	// gateway's address, and the program rewrites addresses too.
-	natSrv := netip.AddrPortFrom(lab.Server().IPv4, 5002)
-	natLn, err := lab.Server().Listen(natSrv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	natMux := testnet.NewMux(natLn)
-	defer natMux.Close()
-
+	cfg := pinnedRestartConfig(t, "bpf", root)
 	old := testnet.StartDaemon(t, lab, cfg)
-	flows := 1000
-	if s := os.Getenv("SPLICED_RESTART_FLOWS"); s != "" {
-		var err error
-		if flows, err = strconv.Atoi(s); err != nil || flows < 2 {
-			t.Fatalf("SPLICED_RESTART_FLOWS=%q: want a number of flows, at least 2", s)
-		}
-	}
 	// Every flow moves about 48 s at its pace, whatever their number:
 	// long enough to be spliced, seen moving, killed under and adopted.
 	// The aggregate stays at or below about 120 MiB/s each way (20
 	// flows: 3 MiB/s each, 1000 flows: 128 KiB/s each).
-	rate := int64(min(3<<20, max(128<<10, (120<<20)/flows/(64<<10)*(64<<10)))) // bytes per second each way
-	size := int(48 * rate)                                                     // each way
-	started := time.Now()
-	results := make([]*testnet.Transfer, flows)
-	var wg sync.WaitGroup
-	for i := range flows {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			m, dst := mux, srv
-			if i%2 == 1 {
-				m, dst = natMux, natSrv
-			}
-			results[i] = m.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: int64(size), S2C: int64(size), Seed: uint64(1000 + 2*i), Rate: rate, Timeout: 3 * time.Minute})
-		}()
-	}
-	// A splice under this load may give up (drain timeout) and leave
-	// its flow proxied: such a flow dies with the daemon's sockets, as
-	// every proxied flow does; what arrived must be a clean prefix.
-	proxied := map[string]bool{} // client addresses
-	spliced := 0
-	if err := testnet.Poll(60*time.Second, func() error {
-		fs, err := old.Client().Flows(t.Context(), api.FlowFilter{})
-		if err != nil {
-			return err
-		}
-		spliced = 0
-		for _, f := range fs {
-			if f.Datapath == "bpf" {
-				spliced++
-			}
-		}
-		clear(proxied)
-		for _, l := range old.Lines() {
-			if l["msg"] == "flow stays proxied" {
-				proxied[fmt.Sprint(l["client"])] = true
-			}
-		}
-		if spliced+len(proxied) < flows {
-			time.Sleep(200 * time.Millisecond) // listing 1000 flows is not free
-			return fmt.Errorf("%d of %d flows on the bpf datapath, %d stay proxied", spliced, flows, len(proxied))
-		}
-		return nil
-	}); err != nil {
-		t.Fatalf("%v\n%s", err, tail(old.Log(), 20))
-	}
-	allSpliced := time.Since(started)
-	if len(proxied) > flows/100 {
-		t.Fatalf("%d of %d flows stayed proxied", len(proxied), flows)
-	}
+	rf := startRestartFlows(t, lab, func(flows int) int64 {
+		return int64(min(3<<20, max(128<<10, (120<<20)/flows/(64<<10)*(64<<10))))
+	}, 1000)
+	spliced, proxied, allSpliced := rf.waitSpliced(t, old, "bpf", func(int) error { return nil })
 	if p := pins(dir); !slices.Contains(p, "splice_flows") || !slices.ContainsFunc(p, func(n string) bool { return strings.HasPrefix(n, "tcx_ingress_") }) {
 		t.Fatalf("pins while the daemon runs: %v", p)
 	}
@@ -277,87 +200,16 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 	if rec == nil || rec["flows"] != float64(spliced) {
 		t.Fatalf("adoption log: %v\n%s", rec, tail(d.Log(), 30))
 	}
-	fs, err := d.Client().Flows(t.Context(), api.FlowFilter{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	adopted := 0
-	var one uint64
-	bySvc := map[string]int{}
-	for _, f := range fs {
-		if f.Adopted && f.Datapath == "bpf" && f.State == api.StateSpliced {
-			adopted++
-			one = f.ID
-			bySvc[f.Service]++
-			// NAT: the server leg starts at the gateway, not the client.
-			if nat := f.Service == "nat"; nat == strings.HasPrefix(f.ServerLeg.Local, lab.Client().IPv4.String()+":") {
-				t.Errorf("adopted flow %d of service %s: server leg %+v", f.ID, f.Service, f.ServerLeg)
-			}
-		}
-	}
-	if bySvc["fwd"]+bySvc["nat"] != spliced || bySvc["fwd"] < spliced/2-len(proxied) || bySvc["nat"] < spliced/2-len(proxied) {
-		t.Errorf("adopted flows by service: %v", bySvc)
-	}
-	if adopted != spliced {
-		t.Fatalf("%d of %d spliced flows listed as adopted on bpf", adopted, spliced)
-	}
-	if _, err := d.Client().Unsplice(t.Context(), one); err == nil || !strings.Contains(err.Error(), "adopted") {
-		t.Errorf("unsplice of an adopted flow: %v, want a refusal naming adoption", err)
-	}
-	wg.Wait()
-	done := time.Since(started)
-	intact := 0
-	for i, r := range results {
-		if proxied[r.Client.Local.String()] {
-			if err := r.CheckPrefix(); err != nil {
-				t.Errorf("flow %d (proxied): %v", i, err)
-			}
-			continue
-		}
-		if err := r.Check(); err != nil {
-			t.Errorf("flow %d: %v", i, err)
-		} else {
-			intact++
-		}
-	}
-	var left []api.Flow
-	if err := testnet.Poll(30*time.Second, func() error {
-		left, err = d.Client().Flows(t.Context(), api.FlowFilter{})
-		if err != nil {
-			return err
-		}
-		if len(left) > 0 {
-			return fmt.Errorf("%d flows still listed", len(left))
-		}
-		return nil
-	}); err != nil {
-		t.Errorf("adopted flows not retired: %v: %+v", err, left)
-	}
-	closed := map[string]int{}
-	if err := testnet.Poll(10*time.Second, func() error { // the log may lag behind the API
-		clear(closed)
-		n := 0
-		for _, l := range d.Lines() {
-			if l["msg"] == "flow closed" {
-				closed[fmt.Sprint(l["reason"])]++
-				n++
-			}
-		}
-		if n < spliced {
-			return fmt.Errorf("%d flows logged closed", n)
-		}
-		return nil
-	}); err != nil {
-		t.Error(err)
-	}
-	if closed["finished"] != spliced {
-		t.Errorf("flows closed by reason: %v, want all %d finished", closed, spliced)
-	}
+	adopted := checkAdopted(t, d, lab, "bpf", spliced, proxied)
+	rf.wg.Wait()
+	done := time.Since(rf.started)
+	intact := checkRestartedTransfers(t, rf.results, proxied)
+	closed := checkRetired(t, d, spliced)
 	if p := pins(dir); !slices.Contains(p, "splice_flows") || !slices.ContainsFunc(p, func(n string) bool { return strings.HasPrefix(n, "tcx_ingress_") }) {
 		t.Errorf("pins while the new daemon runs: %v", p)
 	}
 	t.Logf("%d flows (half transparent, half NAT), %.1f MiB each way at %d KiB/s: %d on the bpf datapath, %d stayed proxied (drain timeout), %v after the first dial; %d of them intact; no daemon for %v, while the kernel forwarded %.1f MiB of them (%.1f MiB until the new daemon was ready); %d adopted, retired: %v; transfers done %v after the first dial",
-		flows, float64(size)/(1<<20), rate>>10, spliced, len(proxied), allSpliced.Round(time.Millisecond), intact, down.Round(time.Millisecond), float64(movedWhileDown)/(1<<20), float64(movedBeforeStart)/(1<<20), adopted, closed, done.Round(time.Millisecond))
+		rf.flows, float64(rf.size)/(1<<20), rf.rate>>10, spliced, len(proxied), allSpliced.Round(time.Millisecond), intact, down.Round(time.Millisecond), float64(movedWhileDown)/(1<<20), float64(movedBeforeStart)/(1<<20), adopted, closed, done.Round(time.Millisecond))
 
 	// SIGTERM with flows of its own: reset at both ends, pins gone.
 	const live = 2
@@ -367,7 +219,7 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 		wg2.Add(1)
 		go func() {
 			defer wg2.Done()
-			ends[i] = mux.Transfer(lab.Client(), srv, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Seed: uint64(5000 + 2*i), Rate: 1 << 20, Timeout: time.Minute})
+			ends[i] = rf.mux.Transfer(lab.Client(), rf.srv, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Seed: uint64(5000 + 2*i), Rate: 1 << 20, Timeout: time.Minute})
 		}()
 	}
 	waitMoving(t, lab, root, live)
@@ -376,14 +228,7 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 		t.Errorf("SIGTERM: %v", err)
 	}
 	wg2.Wait()
-	for i, r := range ends {
-		if r.Client.Err == nil || r.Server.Err == nil || !strings.Contains(r.Client.Err.Error(), "reset") || !strings.Contains(r.Server.Err.Error(), "reset") {
-			t.Errorf("flow %d at SIGTERM: client %v, server %v; want a reset at both ends", i, r.Client.Err, r.Server.Err)
-		}
-		if err := r.CheckPrefix(); err != nil {
-			t.Errorf("flow %d: %v", i, err)
-		}
-	}
+	checkResetAtStop(t, ends)
 	t.Logf("SIGTERM: %d live flows reset at both ends within %v", live, time.Since(stopped).Round(time.Millisecond))
 	if p := pins(dir); len(p) > 0 || exists(dir) {
 		t.Errorf("pins after SIGTERM: %v", p)

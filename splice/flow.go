@@ -104,7 +104,7 @@ type dirState struct {
 	tsVal   uint32 // last TSval and TSecr the sender sent (input values)
 	tsEcr   uint32
 	finSeq  Seq
-	finAt   int64  // when the FIN was first forwarded, unix nanoseconds
+	finAt   int64  // when the FIN was first forwarded, then when first acknowledged; unix nanoseconds
 	srcPort uint16 // output ports
 	dstPort uint16
 	wsIn    uint8 // shift of the window field as received

@@ -125,8 +125,11 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 			f.closed &^= flowRelearn << (1 - d)
 		}
 		o.ackSeen = maxSeq(o.ackSeen, ackIn)
-		if o.flags&dirFIN != 0 && o.finSeq.LessThan(ackIn) {
+		if o.flags&(dirFIN|dirFINAcked) == dirFIN && o.finSeq.LessThan(ackIn) {
+			// The end's timer restarts: repeats that crossed this ACK
+			// are spurious however late it came (see spuriousEnd).
 			o.flags |= dirFINAcked
+			o.finAt = now
 		}
 	}
 	if flags&FlagRST != 0 && (seq == s.sndNxt || seq == s.ackSeen) {
@@ -206,23 +209,28 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 const finDupWindow = int64(100 * time.Millisecond)
 
 // spuriousEnd recognizes spurious retransmissions at the end of a flow,
-// and the duplicate ACKs they draw. When the gateway's latency jitters by
-// a few milliseconds, a sender retransmits (a tail loss probe of its FIN,
-// a SACK recovery of a segment that was only late) although the original
-// is on its way. The receiver answers each duplicate with a duplicate ACK;
-// the first ACK of the last FIN closes the sender's socket, and the sender
-// answers every later one with a reset. Three cases are dropped:
+// and the duplicate ACKs they draw. When the gateway's latency jitters, a
+// sender retransmits (a tail loss probe of its FIN, a SACK recovery of a
+// segment that was only late, its FIN again while the ACK of it waits in
+// a slow queue) although the original is on its way. The receiver answers
+// each duplicate with a duplicate ACK; the first ACK of the last FIN
+// closes the sender's socket, and the sender answers every later one with
+// a reset. Three cases are dropped (a FIN's time, finAt, is when it was
+// forwarded and again when it was first acknowledged):
 //
-//   - a repeat of a FIN forwarded less than finDupWindow ago, with nothing
-//     new in it; should the original be lost, the sender's retransmission
-//     timeout repeats it again, later, and that one passes;
+//   - a repeat of a FIN less than finDupWindow after its time, with
+//     nothing new in it; should the original or its ACK be lost, the
+//     sender's retransmission timeout repeats it again, later, and that
+//     one passes;
 //   - after both FINs were acknowledged, the first segment that holds only
 //     acknowledged data; a second one passes (the sender lost its ACK);
 //   - after both FINs were acknowledged, less than finDupWindow after the
-//     last FIN, a pure ACK that acknowledges nothing new: the ACK that
-//     closed the flow went through already. Should it be lost beyond the
-//     gateway, the peer's FIN comes again after its retransmission
-//     timeout, and the ACK that answers it passes.
+//     later FIN's time (the ACK that finished the flow), a pure ACK that
+//     acknowledges nothing new: the ACK that closed the flow went through
+//     already, and duplicates drawn by repeats that crossed it, however
+//     late it came, would only meet a closed socket. Should it be lost
+//     beyond the gateway, the peer's FIN comes again after its
+//     retransmission timeout, and the ACK that answers it passes.
 func (f *Flow) spuriousEnd(s, o *dirState, flags uint8, segLen uint32, end, ackIn Seq, now int64) Verdict {
 	if segLen == 0 {
 		if flags&(FlagACK|FlagRST) == FlagACK && f.Finished() && !o.ackSeen.LessThan(ackIn) &&

@@ -492,6 +492,44 @@ func TestDuplicateFinalACK(t *testing.T) {
 	}
 }
 
+// TestLateFinalACK: the ACK of the last FIN waits in a slow queue for
+// seconds while its sender's FIN retransmissions pass (each draws a
+// duplicate ACK from the receiver, now in TIME_WAIT). When the late ACK
+// finishes the flow, the duplicate ACKs queued behind it are dropped: the
+// sender's socket just closed and would answer each with a reset. So is a
+// FIN repeat that crossed the ACK; later repeats and their ACKs pass as
+// after a timely ACK (the first after the end is dropped, the next goes).
+func TestLateFinalACK(t *testing.T) {
+	f := newFixture(t, false, false)
+	ms := int64(time.Millisecond)
+	serverFIN := f.s2c(0xffffff00, 0x7ffffff1, FlagACK|FlagFIN)
+	lastACK := f.c2s(1001, 0xfffffff1, FlagACK)
+	steps := []struct {
+		name string
+		s    seg
+		d    Dir
+		at   int64
+		want Verdict
+	}{
+		{"client FIN", f.c2s(1000, 0xfffffff0, FlagACK|FlagFIN), C2S, 0, Forward},
+		{"server FIN, acking the client's", serverFIN, S2C, 1 * ms, Forward},
+		{"server FIN again (its ACK is late)", serverFIN, S2C, 400 * ms, Forward},
+		{"server FIN once more", serverFIN, S2C, 1200 * ms, Forward},
+		{"the late ACK of the server's FIN", lastACK, C2S, 1800 * ms, Forward},
+		{"duplicate ACK drawn by the first repeat", lastACK, C2S, 1801 * ms, DropDuplicate},
+		{"duplicate ACK drawn by the second repeat", lastACK, C2S, 1802 * ms, DropDuplicate},
+		{"a repeat that crossed the ACK", serverFIN, S2C, 1850 * ms, DropDuplicate},
+		{"a repeat after the RTO, the first after the end", serverFIN, S2C, 2300 * ms, DropDuplicate},
+		{"the next repeat", serverFIN, S2C, 2800 * ms, Forward},
+		{"the ACK that answers it", lastACK, C2S, 2801 * ms, Forward},
+	}
+	for _, st := range steps {
+		if v := f.runAt(t, st.s.bytes(), st.d, true, st.at); v != st.want {
+			t.Errorf("%s: %v, want %v", st.name, v, st.want)
+		}
+	}
+}
+
 // TestPureAckDoesNotAdvanceHighestSeq: unsplice relies on the highest
 // sequence sent advancing only with data or FIN; a pure ACK carries the
 // sender's snd_nxt, which may cover data the gateway holds back.

@@ -26,7 +26,7 @@ type DirState struct {
 	TSval   uint32 // last TSval and TSecr the sender sent (input values)
 	TSecr   uint32
 	FINSeq  Seq
-	FINAt   int64  // when the FIN was first forwarded, unix nanoseconds
+	FINAt   int64  // when the FIN was first forwarded, then when first acknowledged; unix nanoseconds
 	SrcPort uint16 // output ports
 	DstPort uint16
 	WSIn    uint8 // shift of the window field as received

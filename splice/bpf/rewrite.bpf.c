@@ -426,8 +426,10 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 	}
 	if (flags & FLAG_ACK) {
 		o->ack_seen = max_seq(o->ack_seen, ack_in);
-		if ((o->flags & DIR_FIN) && before(o->fin_seq, ack_in))
+		if ((o->flags & (DIR_FIN | DIR_FIN_ACKED)) == DIR_FIN && before(o->fin_seq, ack_in)) {
 			o->flags |= DIR_FIN_ACKED;
+			o->fin_at = now; // see splice.Flow.spuriousEnd
+		}
 	}
 	if ((flags & FLAG_RST) && (seq == s->snd_nxt || seq == s->ack_seen))
 		f->closed |= FLOW_RST;

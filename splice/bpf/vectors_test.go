@@ -364,6 +364,26 @@ func TestDiffDuplicateFinalACK(t *testing.T) {
 	})
 }
 
+// TestDiffLateFinalACK is splice's TestLateFinalACK on both engines.
+func TestDiffLateFinalACK(t *testing.T) {
+	each(t, func(t *testing.T, v6, nat bool) {
+		f := newFixture(t, v6, nat)
+		serverFIN := f.s2c(0xffffff00, 0x7ffffff1, FlagACK|FlagFIN)
+		lastACK := f.c2s(1001, 0xfffffff1, FlagACK)
+		f.want(f.at(f.c2s(1000, 0xfffffff0, FlagACK|FlagFIN), C2S, 0), Forward, "client FIN")
+		f.want(f.at(serverFIN, S2C, ms), Forward, "server FIN")
+		f.want(f.at(serverFIN, S2C, 400*ms), Forward, "server FIN again")
+		f.want(f.at(serverFIN, S2C, 1200*ms), Forward, "server FIN once more")
+		f.want(f.at(lastACK, C2S, 1800*ms), Forward, "late ACK")
+		f.want(f.at(lastACK, C2S, 1801*ms), DropDuplicate, "duplicate ACK")
+		f.want(f.at(lastACK, C2S, 1802*ms), DropDuplicate, "another duplicate ACK")
+		f.want(f.at(serverFIN, S2C, 1850*ms), DropDuplicate, "repeat that crossed the ACK")
+		f.want(f.at(serverFIN, S2C, 2300*ms), DropDuplicate, "first repeat after the end")
+		f.want(f.at(serverFIN, S2C, 2800*ms), Forward, "next repeat")
+		f.want(f.at(lastACK, C2S, 2801*ms), Forward, "ACK of it")
+	})
+}
+
 func TestDiffStalePureAckSeqRaised(t *testing.T) {
 	each(t, func(t *testing.T, v6, nat bool) {
 		f := newFixture(t, v6, nat)

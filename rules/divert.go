@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
@@ -181,10 +182,25 @@ func divertKey(k splice.Key) []byte {
 // Diverter adds and removes the set elements of spliced flows. It keeps
 // one netlink connection open; safe for concurrent use.
 type Diverter struct {
-	mu      sync.Mutex
+	mu      sync.Mutex // one transaction at a time
 	c       *nftables.Conn
 	table   *nftables.Table
 	timeout time.Duration
+
+	// Adds that wait for a transaction (see Add), and how many
+	// transactions carried adds.
+	pendingMu  sync.Mutex
+	pending    []*addRequest
+	addCommits atomic.Uint64
+}
+
+// addRequest is one Add waiting for a transaction; done and err are
+// written under Diverter.mu.
+type addRequest struct {
+	q    uint16
+	keys []splice.Key
+	done bool
+	err  error
 }
 
 // NewDiverter opens the connection used for element updates.
@@ -229,8 +245,59 @@ func elementsOf(keys []splice.Key, timeout time.Duration) (v4, v6 []nftables.Set
 }
 
 // Add diverts the flows with these tuples to queue index q (0-based).
+//
+// Adds are committed in groups: a transaction costs about the same for
+// one element as for many, and splices come in bursts (a service's
+// connections spliced right after connect). An Add that finds another
+// transaction running waits for it, then commits every Add that queued
+// meanwhile in one transaction, unless one of those did it already.
 func (d *Diverter) Add(q uint16, keys ...splice.Key) error {
-	return d.apply(q, keys, func(s *nftables.Set, els []nftables.SetElement) error { return d.c.SetAddElements(s, els) })
+	r := &addRequest{q: q, keys: keys}
+	d.pendingMu.Lock()
+	d.pending = append(d.pending, r)
+	d.pendingMu.Unlock()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if r.done {
+		return r.err
+	}
+	d.pendingMu.Lock()
+	batch := d.pending
+	d.pending = nil
+	d.pendingMu.Unlock()
+	d.addLocked(batch)
+	return r.err
+}
+
+// addLocked commits the adds of batch in one transaction (d.mu held). If
+// it fails, each add is tried alone, so that one bad request fails only
+// its own caller.
+func (d *Diverter) addLocked(batch []*addRequest) {
+	defer func() {
+		for _, r := range batch {
+			r.done = true
+		}
+	}()
+	add := func(s *nftables.Set, els []nftables.SetElement) error { return d.c.SetAddElements(s, els) }
+	d.addCommits.Add(1)
+	if len(batch) == 1 {
+		batch[0].err = d.applyLocked(batch[0].q, batch[0].keys, add)
+		return
+	}
+	for _, r := range batch {
+		// Only a malformed element fails here; the caller removes
+		// whatever part of its request went in (see Add's callers).
+		r.err = d.queueLocked(r.q, r.keys, add)
+	}
+	if d.c.Flush() == nil {
+		return
+	}
+	// A failed transaction changed nothing: each add alone.
+	for _, r := range batch {
+		if r.err == nil {
+			r.err = d.applyLocked(r.q, r.keys, add)
+		}
+	}
 }
 
 // Delete stops diverting these tuples from queue index q. Missing
@@ -331,9 +398,27 @@ func (d *Diverter) Refresh(live func() map[uint16][]splice.Key) (int, error) {
 }
 
 func (d *Diverter) apply(q uint16, keys []splice.Key, op func(*nftables.Set, []nftables.SetElement) error) error {
-	v4, v6 := d.elements(keys, d.timeout)
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	return d.applyLocked(q, keys, op)
+}
+
+// applyLocked runs op on the tuples' elements in one transaction (d.mu
+// held).
+func (d *Diverter) applyLocked(q uint16, keys []splice.Key, op func(*nftables.Set, []nftables.SetElement) error) error {
+	if err := d.queueLocked(q, keys, op); err != nil {
+		return err
+	}
+	if err := d.c.Flush(); err != nil {
+		return fmt.Errorf("update divert sets: %w", err)
+	}
+	return nil
+}
+
+// queueLocked adds op on the tuples' elements to the transaction being
+// built (d.mu held).
+func (d *Diverter) queueLocked(q uint16, keys []splice.Key, op func(*nftables.Set, []nftables.SetElement) error) error {
+	v4, v6 := d.elements(keys, d.timeout)
 	for _, x := range []struct {
 		v6  bool
 		els []nftables.SetElement
@@ -344,9 +429,6 @@ func (d *Diverter) apply(q uint16, keys []splice.Key, op func(*nftables.Set, []n
 		if err := op(divertSet(d.table, q, x.v6, d.timeout), x.els); err != nil {
 			return err
 		}
-	}
-	if err := d.c.Flush(); err != nil {
-		return fmt.Errorf("update divert sets: %w", err)
 	}
 	return nil
 }

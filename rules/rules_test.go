@@ -8,7 +8,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -220,6 +222,69 @@ func TestDiverter(t *testing.T) {
 	out, _ = ns.Run("nft", "list", "table", "inet", spec.Table)
 	if strings.Contains(out, "40000") {
 		t.Errorf("elements left:\n%s", out)
+	}
+}
+
+// TestDiverterGroupsAdds: adds that queue while a transaction runs are
+// committed together in the next one, and a request that fails the
+// group's transaction fails alone.
+func TestDiverterGroupsAdds(t *testing.T) {
+	testnet.Privileged(t, "nft")
+	spec := sampleSpec(t)
+	ns := testnet.Scratch(t)
+	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
+	if err := m.Install(nil); err != nil {
+		t.Fatal(err)
+	}
+	d, err := m.NewDiverter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	key := func(i int) splice.Key {
+		return splice.KeyFrom(netip.AddrPortFrom(netip.MustParseAddr("10.1.0.2"), uint16(20000+i)), netip.MustParseAddrPort("10.2.0.2:80"))
+	}
+	const n = 40
+	errs := make([]error, n+1)
+	var wg sync.WaitGroup
+	d.Exclusive(func() { // a transaction running: every Add queues
+		for i := range n + 1 {
+			q := uint16(1)
+			if i == n {
+				q = 7 // no such queue's set: the group's transaction fails
+			}
+			wg.Add(1)
+			go func() { defer wg.Done(); errs[i] = d.Add(q, key(i), key(i).Reverse()) }()
+		}
+		for {
+			d.pendingMu.Lock()
+			queued := len(d.pending)
+			d.pendingMu.Unlock()
+			if queued == n+1 {
+				break
+			}
+			runtime.Gosched()
+		}
+	})
+	wg.Wait()
+	for i, err := range errs[:n] {
+		if err != nil {
+			t.Errorf("add %d: %v", i, err)
+		}
+	}
+	if errs[n] == nil {
+		t.Error("add to a queue without a set: no error")
+	}
+	if c := d.addCommits.Load(); c != 1 {
+		t.Errorf("%d groups committed, want 1 (%d adds queued together)", c, n+1)
+	}
+	out, _ := ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(1, false))
+	for i := range n {
+		for _, want := range []string{fmt.Sprintf("10.1.0.2 . %d . 10.2.0.2 . 80", 20000+i), fmt.Sprintf("10.2.0.2 . 80 . 10.1.0.2 . %d", 20000+i)} {
+			if !strings.Contains(out, want) {
+				t.Errorf("divert4 lacks %q", want)
+			}
+		}
 	}
 }
 

@@ -74,6 +74,8 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	g.transitions.add(tr)
 	sw := newStopwatch(start)
 	if err := g.diverter.Add(tr.queue, tr.keys[0], tr.keys[1]); err != nil {
+		// Part of it may have gone in with other splices' entries.
+		g.diverter.Delete(tr.queue, tr.keys[0], tr.keys[1])
 		g.transitions.remove(tr)
 		f.SetState(proxy.StateProxied)
 		return &SpliceError{Reason: "divert the flow", Err: err}
@@ -98,9 +100,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	// Point of no return: in repair mode, Close sends nothing.
 	client.Close()
 	upstream.Close()
-	unpin := g.queues.Pin(int(tr.queue)) // in order with the queue's reader
 	sent, released, injectErr := g.release(tr, entry, &params)
-	unpin()
 	sw.lap(stepRelease)
 	if injectErr != nil {
 		// Not fatal: the sender never had those bytes acknowledged and
@@ -388,8 +388,22 @@ func (g *Gateway) handOver(tr *transition, f *proxy.Flow, e *splice.Entry) bool 
 
 // release finishes a splice (step 4): the payload taken over goes out
 // first, segmented for the receiving leg and rewritten by the engine, then
-// the held packets go through the engine in the order they came.
+// the held packets go through the engine in the order they came, from the
+// queue's CPU (in order with its reader). A flow that had nothing taken
+// over nor held, an idle one, just changes phase: moving the thread to
+// another CPU and back costs more than the rest of such a splice.
 func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params) (sent, released int, injectErr error) {
+	tr.mu.Lock()
+	if len(tr.held) == 0 && len(tr.taken[splice.C2S]) == 0 && len(tr.taken[splice.S2C]) == 0 {
+		tr.entry = e
+		tr.phase = phaseSpliced
+		tr.mu.Unlock()
+		return 0, 0, nil
+	}
+	tr.mu.Unlock()
+	// Packets held meanwhile join tr.held: the phase is still frozen.
+	unpin := g.queues.Pin(int(tr.queue))
+	defer unpin()
 	tr.mu.Lock()
 	defer tr.mu.Unlock()
 	tr.entry = e

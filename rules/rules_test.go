@@ -185,9 +185,11 @@ func checkQueueTarget(t *testing.T, ns *testnet.NS, spec *Spec) {
 }
 
 // TestDiverter adds and deletes flow elements in both families.
-func TestDiverter(t *testing.T) {
+// installedDiverter installs spec in a scratch namespace and opens a
+// Diverter on it, closed when the test ends.
+func installedDiverter(t *testing.T, spec Spec) (*Diverter, *testnet.NS) {
+	t.Helper()
 	testnet.Privileged(t, "nft")
-	spec := sampleSpec(t)
 	ns := testnet.Scratch(t)
 	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
 	if err := m.Install(nil); err != nil {
@@ -197,7 +199,13 @@ func TestDiverter(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer d.Close()
+	t.Cleanup(func() { d.Close() })
+	return d, ns
+}
+
+func TestDiverter(t *testing.T) {
+	spec := sampleSpec(t)
+	d, ns := installedDiverter(t, spec)
 	k4 := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
 	k6 := splice.KeyFrom(netip.MustParseAddrPort("[fd00:1::2]:40000"), netip.MustParseAddrPort("[fd00:2::2]:80"))
 	if err := d.Add(1, k4, k4.Reverse(), k6); err != nil {
@@ -229,18 +237,8 @@ func TestDiverter(t *testing.T) {
 // committed together in the next one, and a request that fails the
 // group's transaction fails alone.
 func TestDiverterGroupsAdds(t *testing.T) {
-	testnet.Privileged(t, "nft")
 	spec := sampleSpec(t)
-	ns := testnet.Scratch(t)
-	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
-	if err := m.Install(nil); err != nil {
-		t.Fatal(err)
-	}
-	d, err := m.NewDiverter()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d, ns := installedDiverter(t, spec)
 	key := func(i int) splice.Key {
 		return splice.KeyFrom(netip.AddrPortFrom(netip.MustParseAddr("10.1.0.2"), uint16(20000+i)), netip.MustParseAddrPort("10.2.0.2:80"))
 	}
@@ -291,19 +289,9 @@ func TestDiverterGroupsAdds(t *testing.T) {
 // TestDiverterRefresh: a refresh restarts the timeout of existing elements
 // and recreates lost ones, in both families.
 func TestDiverterRefresh(t *testing.T) {
-	testnet.Privileged(t, "nft")
 	spec := sampleSpec(t)
 	spec.Divert.Timeout = 3 * time.Second
-	ns := testnet.Scratch(t)
-	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
-	if err := m.Install(nil); err != nil {
-		t.Fatal(err)
-	}
-	d, err := m.NewDiverter()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
+	d, ns := installedDiverter(t, spec)
 	k4 := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
 	k6 := splice.KeyFrom(netip.MustParseAddrPort("[fd00:1::2]:40000"), netip.MustParseAddrPort("[fd00:2::2]:80"))
 	if err := d.Add(0, k4, k6); err != nil {

@@ -133,7 +133,7 @@ func measureLatency(env *Env, opt *Options) *Latency {
 
 // splicePhases are the phases of a splice in the order they run (the
 // gateway's "phases_us" log attribute).
-var splicePhases = []string{"divert", "drain", "barrier", "capture", "install", "release", "promote"}
+var splicePhases = []string{"divert", "drain", "barrier", "capture", "install", "release", "promote", "record"}
 
 // phasesFor summarizes the phases of the splices of flows to server.
 func phasesFor(lines []map[string]any, kind, server string) []PhaseLatency {

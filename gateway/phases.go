@@ -26,6 +26,7 @@ const (
 	stepInstall             // the engine's flow built
 	stepRelease             // taken-over payload injected, held packets released
 	stepPromote             // the flow handed to the BPF program (bpf datapath only)
+	stepRecord              // the spliced flow listed, handed to the table, recorded for restarts
 	// Unsplice.
 	stepUnspliceDrain   // both ends acknowledged everything the engine forwarded
 	stepUnspliceBarrier // the queue's batched verdicts flushed after the freeze
@@ -43,6 +44,7 @@ var stepNames = [numSteps]struct{ transition, name string }{
 	stepInstall:         {"splice", "install"},
 	stepRelease:         {"splice", "release"},
 	stepPromote:         {"splice", "promote"},
+	stepRecord:          {"splice", "record"},
 	stepUnspliceDrain:   {"unsplice", "drain"},
 	stepUnspliceBarrier: {"unsplice", "barrier"},
 	stepRebuild:         {"unsplice", "rebuild"},

@@ -118,10 +118,12 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		sf := g.spliced[f.ID]
 		g.splicedMu.Unlock()
 		if sf != nil && g.kpath != nil {
+			sw.lap(stepRecord)
 			g.promote(sf)
 			sw.lap(stepPromote)
 		} else if sf != nil {
 			g.storeFlow(sf)
+			sw.lap(stepRecord)
 		}
 	}
 	took := time.Since(start)

@@ -158,7 +158,7 @@ func TestLabCtl(t *testing.T) {
 			phases[p.Transition+" "+p.Name] = p.Count
 		}
 	}
-	for _, name := range []string{"divert", "drain", "barrier", "capture", "install", "release"} {
+	for _, name := range []string{"divert", "drain", "barrier", "capture", "install", "release", "record"} {
 		if phases["splice "+name] != 1 {
 			t.Errorf("splice phase %s timed %d times, want 1: %v", name, phases["splice "+name], phases)
 		}

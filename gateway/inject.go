@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"runtime"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -43,6 +45,96 @@ func (in *injector) send(p *splice.Packet) error {
 		return unix.Sendto(in.fd6, p.Bytes(), 0, &unix.SockaddrInet6{Addr: dst.As16()})
 	}
 	return unix.Sendto(in.fd4, p.Bytes(), 0, &unix.SockaddrInet4{Addr: dst.As4()})
+}
+
+// injectBatch is how many packets sendAll hands the kernel per system
+// call.
+const injectBatch = 64
+
+// sendAll transmits complete IP packets in order, up to injectBatch per
+// sendmmsg: a busy flow's splice releases thousands of segments taken
+// over during its drain, and a system call each was most of its release
+// phase. A packet the kernel refuses is skipped (its sender still has it
+// unacknowledged and sends it again); sendAll returns how many went out
+// and the first error.
+func (in *injector) sendAll(pkts [][]byte) (sent int, err error) {
+	var (
+		msgs [injectBatch]unix.Mmsghdr
+		iovs [injectBatch]unix.Iovec
+		sa4  [injectBatch]unix.RawSockaddrInet4
+		sa6  [injectBatch]unix.RawSockaddrInet6
+	)
+	for len(pkts) > 0 {
+		// A run of one family, for one socket; the destination is the
+		// IP header's.
+		v6 := ipVersion(pkts[0]) == 6
+		n := 0
+		for ; n < len(pkts) && n < injectBatch; n++ {
+			b := pkts[n]
+			if v := ipVersion(b); v6 && (v != 6 || len(b) < splice.IPv6HeaderLen) || !v6 && (v != 4 || len(b) < 20) {
+				break
+			}
+			iovs[n] = iovec(b)
+			msgs[n] = unix.Mmsghdr{}
+			msgs[n].Hdr.Iov = &iovs[n]
+			msgs[n].Hdr.SetIovlen(1)
+			if v6 {
+				sa6[n] = unix.RawSockaddrInet6{Family: unix.AF_INET6}
+				copy(sa6[n].Addr[:], b[24:40])
+				msgs[n].Hdr.Name = (*byte)(unsafe.Pointer(&sa6[n]))
+				msgs[n].Hdr.Namelen = unix.SizeofSockaddrInet6
+			} else {
+				sa4[n] = unix.RawSockaddrInet4{Family: unix.AF_INET}
+				copy(sa4[n].Addr[:], b[16:20])
+				msgs[n].Hdr.Name = (*byte)(unsafe.Pointer(&sa4[n]))
+				msgs[n].Hdr.Namelen = unix.SizeofSockaddrInet4
+			}
+		}
+		if n == 0 {
+			// Too short for its IP header: no packet the kernel takes.
+			if err == nil {
+				err = fmt.Errorf("inject: not an IP packet (%d bytes)", len(pkts[0]))
+			}
+			pkts = pkts[1:]
+			continue
+		}
+		fd := in.fd4
+		if v6 {
+			fd = in.fd6
+		}
+		r, _, errno := unix.Syscall6(unix.SYS_SENDMMSG, uintptr(fd), uintptr(unsafe.Pointer(&msgs[0])), uintptr(n), 0, 0, 0)
+		runtime.KeepAlive(pkts)
+		done := int(r)
+		if errno != 0 {
+			if errno == unix.EINTR {
+				continue
+			}
+			// The first packet of the run failed (sendmmsg reports an
+			// error only when it sent nothing): skip it.
+			if err == nil {
+				err = errno
+			}
+			done = 1
+		} else {
+			sent += done
+		}
+		pkts = pkts[done:]
+	}
+	return sent, err
+}
+
+// ipVersion is the version field of a packet's IP header (0 if empty).
+func ipVersion(b []byte) byte {
+	if len(b) == 0 {
+		return 0
+	}
+	return b[0] >> 4
+}
+
+func iovec(b []byte) unix.Iovec {
+	v := unix.Iovec{Base: &b[0]}
+	v.SetLen(len(b))
+	return v
 }
 
 // stripPayload turns a parsed packet, in place, into the pure ACK it

@@ -426,9 +426,11 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 	// window would shrink the receiver's view below data already sent.
 	senders := [2]*splice.Conn{&params.Client, &params.Server}
 	var p splice.Packet
+	var out [][]byte
 	for d := range 2 {
 		c := senders[d]
 		win := uint16(min(c.SndWnd>>c.SndWscale, 0xffff))
+		out = out[:0]
 		for _, b := range tr.taken[d] {
 			for _, seg := range segments(b, wire[d]) {
 				if p.Parse(seg) != splice.OK {
@@ -437,17 +439,19 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 				freshen(&p, c.SndNxt, win)
 				v := e.Process(&p, splice.Dir(d), now, false)
 				g.counters.verdicts[v].Add(1)
-				if v != splice.Forward {
-					continue
+				if v == splice.Forward {
+					out = append(out, p.Bytes())
 				}
-				if err := g.inject.send(&p); err != nil {
-					g.injectErrors.Add(1)
-					if injectErr == nil {
-						injectErr = err
-					}
-					continue // the sender still has it unacknowledged
-				}
-				sent++
+			}
+		}
+		// In order, batched; one the kernel refuses is skipped: its
+		// sender still has it unacknowledged and sends it again.
+		n, err := g.inject.sendAll(out)
+		sent += n
+		if n < len(out) {
+			g.injectErrors.Add(uint64(len(out) - n))
+			if injectErr == nil {
+				injectErr = err
 			}
 		}
 	}

@@ -23,7 +23,8 @@ import (
 // within the 60 s of TIME_WAIT. The new SYN must reach the service's
 // listener (TPROXY takes a SYN from a TIME_WAIT socket to the listener);
 // delivered to the TIME_WAIT socket instead, it is answered with an ACK,
-// reset by the client, and the connection fails until TIME_WAIT ends.
+// reset by the client, and the connection waits for the client's SYN
+// retransmission (1 s): the client's socket counts it.
 func TestLabPortReuseAfterTimeWait(t *testing.T) {
 	for _, v6 := range []bool{false, true} {
 		t.Run(fmt.Sprintf("v6=%v", v6), func(t *testing.T) {
@@ -49,7 +50,10 @@ func TestLabPortReuseAfterTimeWait(t *testing.T) {
 			}()
 			local := netip.AddrPortFrom(lab.Client().Addr(v6), 41234)
 			for i := range 3 {
-				got, err := exchangeFrom(lab.Client(), local, srv)
+				got, synRetrans, err := exchangeFrom(lab.Client(), local, srv)
+				if err == nil && synRetrans != 0 {
+					err = fmt.Errorf("the client's SYN was retransmitted %d times", synRetrans)
+				}
 				if err != nil || got != "hello\n" {
 					state, _ := lab.Gateway.Run("ss", "-tan", "state", "time-wait")
 					t.Fatalf("connection %d from %v: %q, %v\ngateway sockets in TIME_WAIT:\n%s", i+1, local, got, err, state)
@@ -68,9 +72,11 @@ func TestLabPortReuseAfterTimeWait(t *testing.T) {
 }
 
 // exchangeFrom connects from local to srv inside h's namespace, reads
-// what the server sends until it closes, and closes.
-func exchangeFrom(h *testnet.Host, local, srv netip.AddrPort) (string, error) {
+// what the server sends until it closes, and closes. It also returns how
+// many times the client's socket retransmitted, its SYN included.
+func exchangeFrom(h *testnet.Host, local, srv netip.AddrPort) (string, uint32, error) {
 	var got string
+	var retrans uint32
 	err := h.Do(func() error {
 		d := net.Dialer{
 			LocalAddr: net.TCPAddrFromAddrPort(local),
@@ -86,10 +92,25 @@ func exchangeFrom(h *testnet.Host, local, srv netip.AddrPort) (string, error) {
 			return err
 		}
 		defer c.Close()
+		raw, err := c.(*net.TCPConn).SyscallConn()
+		if err != nil {
+			return err
+		}
+		var infoErr error
+		raw.Control(func(fd uintptr) {
+			var info *unix.TCPInfo
+			info, infoErr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+			if infoErr == nil {
+				retrans = info.Total_retrans
+			}
+		})
+		if infoErr != nil {
+			return infoErr
+		}
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		b, err := io.ReadAll(c)
 		got = string(b)
 		return err
 	})
-	return got, err
+	return got, retrans, err
 }

@@ -54,14 +54,20 @@ func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) er
 		},
 		setCtMark(spec.CtMark, false),
 	)})
-	// A SYN goes to the services chain even when a socket claims it: the
-	// socket may be a TIME_WAIT one (the gateway closed first and the
-	// client reuses its port), which would answer with an ACK (no
-	// listener holds the original destination); TPROXY hands such a SYN
-	// to the listener and ends the TIME_WAIT socket.
+	// A SYN tries the services before the socket rule: a socket may
+	// claim it that is in TIME_WAIT (the gateway closed first and the
+	// client reuses its port), and would answer it with an ACK, as no
+	// listener holds the original destination; TPROXY hands such a SYN
+	// to the service's listener and ends the TIME_WAIT socket. A SYN no
+	// service takes comes back for the socket rule (an FTP data
+	// listener bound transparently to the server's address).
 	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: concat(
 		l4protoTCP(),
-		tcpFlagsNot(flagSYN|flagACK, flagSYN),
+		tcpFlags(flagSYN|flagACK, flagSYN),
+		[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainServices}},
+	)})
+	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: concat(
+		l4protoTCP(),
 		[]expr.Any{
 			&expr.Socket{Key: expr.SocketKeyTransparent, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}},
@@ -183,13 +189,6 @@ func tcpFlags(mask, want byte) []expr.Any {
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{mask}, Xor: []byte{0}},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{want}},
 	}
-}
-
-// tcpFlagsNot is "tcp flags & mask != want".
-func tcpFlagsNot(mask, want byte) []expr.Any {
-	e := tcpFlags(mask, want)
-	e[len(e)-1].(*expr.Cmp).Op = expr.CmpOpNeq
-	return e
 }
 
 // matchCtMark is "ct mark & C == C". An untracked packet has no ct mark

@@ -91,7 +91,8 @@ func Render(spec Spec) string {
 	}
 	blocks = append(blocks, renderChain(ChainPrerouting, "type filter hook prerouting priority mangle; policy accept;", append(pre,
 		fmt.Sprintf("meta l4proto tcp %s socket transparent 1 ct mark set ct mark & 0x%08x", ctMarkMatch(spec.CtMark), ^spec.CtMark),
-		fmt.Sprintf("tcp flags != syn / syn,ack socket transparent 1 %s accept", markSet(spec.Mark)),
+		"tcp flags syn / syn,ack jump "+ChainServices,
+		fmt.Sprintf("meta l4proto tcp socket transparent 1 %s accept", markSet(spec.Mark)),
 		"jump "+ChainServices,
 	)))
 	var svcRules []string

@@ -130,6 +130,30 @@ type transition struct {
 	// go the table's way.
 	done     bool
 	takenLen [2]int
+	// progress wakes the goroutine that drains the flow when the queue's
+	// reader handled one of its packets (an ACK the drain waits for may
+	// have come): buffered, one pending wake at most.
+	progress chan struct{}
+}
+
+// newTransition returns a transition of the flow with these input tuples
+// (from the client, from the server) on the queue with this index.
+func newTransition(keys [2]splice.Key, queue uint16, phase phase, entry *splice.Entry) *transition {
+	return &transition{keys: keys, queue: queue, phase: phase, entry: entry, progress: make(chan struct{}, 1)}
+}
+
+// wait returns when the queue's reader handled a packet of the flow
+// (true) or after d (false), whichever comes first; t is the caller's
+// timer, stopped on return.
+func (tr *transition) wait(t *time.Timer, d time.Duration) bool {
+	t.Reset(d)
+	defer t.Stop()
+	select {
+	case <-tr.progress:
+		return true
+	case <-t.C:
+		return false
+	}
 }
 
 func (tr *transition) dir(k splice.Key) splice.Dir {
@@ -143,6 +167,16 @@ func (tr *transition) dir(k splice.Key) splice.Dir {
 func (tr *transition) handle(g *Gateway, p *splice.Packet, np *nfq.Packet, key splice.Key) nfq.Decision {
 	tr.mu.Lock()
 	defer tr.mu.Unlock()
+	d := tr.decide(g, p, np, key)
+	select {
+	case tr.progress <- struct{}{}:
+	default:
+	}
+	return d
+}
+
+// decide is handle's decision (tr.mu held).
+func (tr *transition) decide(g *Gateway, p *splice.Packet, np *nfq.Packet, key splice.Key) nfq.Decision {
 	switch tr.phase {
 	case phaseFrozen:
 		g.counters.held.Add(1)

@@ -59,17 +59,18 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		return &SpliceError{Reason: "splicing is not enabled (no service has a splice mode)"}
 	}
 	start := time.Now()
-	tr := &transition{watchClient: f.UnspliceOnClientData.Load(), keys: [2]splice.Key{
-		splice.KeyFrom(addrPort(client.RemoteAddr()), addrPort(client.LocalAddr())),
-		splice.KeyFrom(addrPort(upstream.RemoteAddr()), addrPort(upstream.LocalAddr())),
-	}}
 	// Spread flows over the queues (cores); both directions of a flow go
 	// to the same queue, so its packets stay in order. A flow spliced
 	// before and unspliced keeps its queue and its divert entries.
-	tr.queue = uint16(g.nextQueue.Add(1) % uint32(g.manager().Spec().Divert.Queues))
+	queue := uint16(g.nextQueue.Add(1) % uint32(g.manager().Spec().Divert.Queues))
 	if pt := g.takePassthrough(f.ID); pt != nil {
-		tr.queue = pt.queue
+		queue = pt.queue
 	}
+	tr := newTransition([2]splice.Key{
+		splice.KeyFrom(addrPort(client.RemoteAddr()), addrPort(client.LocalAddr())),
+		splice.KeyFrom(addrPort(upstream.RemoteAddr()), addrPort(upstream.LocalAddr())),
+	}, queue, phaseDraining, nil)
+	tr.watchClient = f.UnspliceOnClientData.Load()
 	f.SetState(proxy.StateSplicing)
 	g.transitions.add(tr)
 	sw := newStopwatch(start)
@@ -196,8 +197,12 @@ func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *prox
 		if err := ctx.Err(); err != nil {
 			return caps, &SpliceError{Reason: "cancelled", Err: err}
 		}
+		// What the drain waits for (the peers' ACKs reaching the
+		// sockets) comes at the end of the reader's batches, not when it
+		// decides: check again soon, less often the longer it lasts, but
+		// at least every 250 µs (a check is a few ioctls).
 		time.Sleep(wait)
-		wait = min(wait*2, time.Millisecond)
+		wait = min(wait*2, 250*time.Microsecond)
 	}
 	var err error
 	if caps[0], err = tcprepair.Capture(client); err != nil {

@@ -58,7 +58,7 @@ func (g *Gateway) Unsplice(ctx context.Context, f *proxy.Flow) error {
 		return fmt.Errorf("flow %d is closing (a FIN or RST went through); it ends spliced", f.ID)
 	}
 	sf.entry.Watch.Store(false)
-	tr := &transition{keys: sf.keys(), queue: sf.queue, phase: phaseUnsplicing, entry: sf.entry}
+	tr := newTransition(sf.keys(), sf.queue, phaseUnsplicing, sf.entry)
 	f.SetState(proxy.StateSplicing)
 	g.transitions.add(tr)
 	return g.completeUnsplice(ctx, sf, tr, start)
@@ -87,7 +87,7 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 		e.Unpin()
 		return false
 	}
-	tr := &transition{keys: sf.keys(), queue: sf.queue, phase: phaseUnsplicing, entry: sf.entry}
+	tr := newTransition(sf.keys(), sf.queue, phaseUnsplicing, sf.entry)
 	var p splice.Packet
 	if p.Parse(np.Data) == splice.OK {
 		e.LearnAck(&p, splice.C2S) // see transition.handle
@@ -187,8 +187,12 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 }
 
 // unspliceDrain waits until each end acknowledged everything the engine
-// forwarded to it.
+// forwarded to it. What it waits for comes in the flow's packets: it
+// checks again whenever the queue's reader handled one, and every
+// millisecond for the deadline and ctx.
 func (g *Gateway) unspliceDrain(ctx context.Context, tr *transition, deadline time.Time) error {
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
 	for {
 		snap := tr.entry.Snapshot()
 		if snap.Finished() {
@@ -202,11 +206,10 @@ func (g *Gateway) unspliceDrain(ctx context.Context, tr *transition, deadline ti
 			return fmt.Errorf("unsplice abandoned: the ends did not acknowledge everything forwarded to them in time (client->server %d bytes, server->client %d bytes unacknowledged)",
 				uint32(c2s.HighestSeq-c2s.HighestAck), uint32(s2c.HighestSeq-s2c.HighestAck))
 		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("unsplice abandoned: %w", ctx.Err())
-		case <-time.After(200 * time.Microsecond):
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("unsplice abandoned: %w", err)
 		}
+		tr.wait(timer, time.Millisecond)
 	}
 }
 

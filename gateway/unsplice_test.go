@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"spliced/nfq"
 	"spliced/splice"
 )
 
@@ -68,5 +69,32 @@ func TestSplicedFlowParams(t *testing.T) {
 		if wc != gc || ws != gs {
 			t.Errorf("%v: rebuilt from the record\n%+v\n%+v\nwant\n%+v\n%+v", addrs, gc, gs, wc, ws)
 		}
+	}
+}
+
+// TestTransitionWakesDrain: every packet the queue's reader hands to a
+// flow in transition wakes the goroutine draining it, without ever
+// blocking the reader (one wake waits at most).
+func TestTransitionWakesDrain(t *testing.T) {
+	keys := [2]splice.Key{
+		splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")),
+		splice.KeyFrom(netip.MustParseAddrPort("10.2.0.2:80"), netip.MustParseAddrPort("10.2.0.1:50000")),
+	}
+	tr := newTransition(keys, 0, phaseAborted, nil)
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	if tr.wait(timer, 0) {
+		t.Fatal("woken before any packet")
+	}
+	for range 3 { // the reader never blocks on a wake nobody took
+		if d := tr.handle(nil, nil, nil, keys[1]); d != nfq.Accept {
+			t.Fatalf("an aborted transition decided %v, want accept", d)
+		}
+	}
+	if !tr.wait(timer, time.Hour) {
+		t.Fatal("a handled packet did not wake the drain")
+	}
+	if tr.wait(timer, 0) {
+		t.Fatal("three packets left more than one wake")
 	}
 }

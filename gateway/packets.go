@@ -170,6 +170,9 @@ func (tr *transition) handle(g *Gateway, p *splice.Packet, np *nfq.Packet, key s
 	d := tr.decide(g, p, np, key)
 	select {
 	case tr.progress <- struct{}{}:
+		if np != nil {
+			np.Readied() // the drain may wait for it
+		}
 	default:
 	}
 	return d

@@ -96,6 +96,7 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 	tr.held = append(tr.held, np.Detach())
 	sf.flow.SetState(proxy.StateSplicing)
 	g.transitions.add(tr)
+	np.Readied() // the goroutine started below
 	if adopted {
 		// No proxy can route the client's next request: the flow ends,
 		// as when an unsplice fails (abandonUnsplice).

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -109,6 +110,9 @@ type leanQueue struct {
 	// not all sent; flushed counts the batches it sent (see Barrier).
 	busy    atomic.Bool
 	flushed atomic.Uint64
+	// yield: a handler made a goroutine runnable during this batch
+	// (Packet.Readied); only the reader's goroutine touches it.
+	yield bool
 }
 
 // barrier waits until every verdict the reader decided so far reached the
@@ -449,6 +453,13 @@ func (q *leanQueue) loop() {
 		}
 		q.flushed.Add(1)
 		q.busy.Store(false)
+		if q.yield {
+			// Let the goroutines the batch readied run on this P now,
+			// rather than after the runtime takes it from the reader
+			// blocked in recvmmsg.
+			q.yield = false
+			runtime.Gosched()
+		}
 	}
 }
 
@@ -604,6 +615,8 @@ func (q *leanQueue) close() error {
 }
 
 func (q *leanQueue) number() uint16 { return q.num }
+
+func (q *leanQueue) readied() { q.yield = true }
 
 // iovec is an iovec of n bytes at p; its length field is 32 bits wide on
 // 32-bit architectures (arm, mipsle) and 64 on the others.

@@ -3,6 +3,7 @@ package nfq
 import (
 	"bufio"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -75,8 +76,14 @@ func queueAcceptHoldDrop(t *testing.T, library bool) {
 	var mode atomic.Int32 // 0 accept, 1 hold the next packet, 2 drop
 	var mu sync.Mutex
 	var held []*Packet
+	var woken atomic.Int64
 	h := func(p *Packet) Decision {
-		seen.Add(1)
+		if seen.Add(1)%64 == 0 {
+			// A handler that starts a goroutine says so; the reader
+			// yields after the batch and goes on.
+			p.Readied()
+			go woken.Add(1)
+		}
 		if p.GSO {
 			gso.Add(1)
 		}
@@ -175,6 +182,14 @@ func queueAcceptHoldDrop(t *testing.T, library bool) {
 		t.Fatalf("stats %+v (handler saw %d before reading them, %d after)", st, before, after)
 	}
 	t.Logf("packets %d, of which GSO %d; stats %+v", seen.Load(), gso.Load(), st)
+	if err := testnet.Poll(5*time.Second, func() error {
+		if woken.Load() < seen.Load()/64 {
+			return fmt.Errorf("%d of the %d goroutines the handler started ran", woken.Load(), seen.Load()/64)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
 
 	mode.Store(2)
 	if _, err := lab.Client().Dial(srv, 500*time.Millisecond); err == nil {

@@ -163,7 +163,29 @@ func queueAcceptHoldDrop(t *testing.T, library bool) {
 	if err != nil {
 		t.Fatalf("connect with a held SYN: %v", err)
 	}
-	if _, err := c.Write(make([]byte, 8<<20)); err != nil {
+	// Barriers while the reader works: each returns (the reader wakes
+	// the ones that wait for its batch).
+	barriers := make(chan int)
+	writing := make(chan struct{})
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-writing:
+				barriers <- n
+				return
+			default:
+			}
+			set.Barrier(0)
+			n++
+		}
+	}()
+	_, err = c.Write(make([]byte, 8<<20))
+	close(writing)
+	if n := <-barriers; n == 0 {
+		t.Error("no barrier returned during the transfer")
+	}
+	if err != nil {
 		t.Fatal(err)
 	}
 	c.Close()

@@ -1,6 +1,9 @@
 package splice
 
-import "testing"
+import (
+	"encoding/binary"
+	"testing"
+)
 
 // TestRelearn: a flow adopted from an old record of its state (the ends
 // moved megabytes on since) forwards the ends' packets, relearns each
@@ -80,4 +83,60 @@ func TestRelearn(t *testing.T) {
 func snapState(e *Entry) State {
 	f := e.Snapshot()
 	return f.State()
+}
+
+// TestRelearnAcrossAHole: the earlier daemon forwarded the client's data
+// past the record, but one segment of it never reached the server, which
+// holds the rest out of order and says so in SACK blocks. When the client
+// retransmits the missing segment, the server acknowledges everything at
+// once, far beyond what the adopted flow saw forwarded. That ACK must pass
+// (dropped, the client never learns the data arrived, retransmits the
+// same segment for ever and the flow stalls: seen in the 1000-flow restart
+// test); the direction stays relearning until an ACK shows no hole.
+func TestRelearnAcrossAHole(t *testing.T) {
+	const moved = 3_000_000 // client bytes the earlier daemon forwarded past the record
+	hole := Seq(1000).Add(moved - 3000)
+	end := Seq(1000).Add(moved)
+	f := newFixture(t, false, false)
+	e, err := NewTable().AdoptRelearn(1, f.e.Keys, snapState(f.e), 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.e = e
+	seqOff := uint32(0x7ffffff0 - 1000) // the client's data on the server's leg
+	sack := func(left, right Seq) []byte {
+		o := []byte{OptNOP, OptNOP, OptSACK, 10, 0, 0, 0, 0, 0, 0, 0, 0}
+		binary.BigEndian.PutUint32(o[4:], uint32(left)+seqOff)
+		binary.BigEndian.PutUint32(o[8:], uint32(right)+seqOff)
+		return o
+	}
+	// The server's duplicate ACK of the hole, with the block it holds.
+	dup := f.s2c(0xffffff00, uint32(hole)+seqOff, FlagACK)
+	dup.opts = sack(hole.Add(1000), end)
+	if v := f.run(t, dup.bytes(), S2C, true); v != Forward {
+		t.Fatalf("the server's duplicate ACK: %v, want %v", v, Forward)
+	}
+	if !e.Snapshot().Relearning(C2S) {
+		t.Fatal("an ACK with a hole behind its SACK block ended the relearning")
+	}
+	// The client retransmits the missing segment.
+	re := f.c2s(uint32(hole), 0xfffffff0, FlagACK)
+	re.payload = make([]byte, 1000)
+	if v := f.run(t, re.bytes(), C2S, true); v != Forward {
+		t.Fatalf("the retransmission: %v, want %v", v, Forward)
+	}
+	// The server now has everything and acknowledges it.
+	all := f.s2c(0xffffff00, uint32(end)+seqOff, FlagACK)
+	if v := f.run(t, all.bytes(), S2C, true); v != Forward {
+		t.Fatalf("the server's ACK of all it holds: %v, want %v", v, Forward)
+	}
+	snap := e.Snapshot()
+	if snap.Relearning(C2S) || snap.Info(C2S).HighestAck != end || snap.Info(C2S).HighestSeq != end {
+		t.Fatalf("after the ACK of everything: relearning %v, c2s %+v", snap.Relearning(C2S), snap.Info(C2S))
+	}
+	// Current again: an ACK of data nobody sent is dropped.
+	beyond := f.s2c(0xffffff00, uint32(end.Add(100_000))+seqOff, FlagACK)
+	if v := f.run(t, beyond.bytes(), S2C, true); v != DropAck {
+		t.Fatalf("an ACK beyond the data: %v, want %v", v, DropAck)
+	}
 }

@@ -120,9 +120,18 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 			// The receiver's acknowledgment is its rcv_nxt now: it covers
 			// all the other direction's data that reached it, forwarded
 			// by the earlier daemon or since; what it has not received
-			// comes again (retransmitted) and raises sndNxt.
+			// comes again (retransmitted) and raises sndNxt. Unless it
+			// holds data past a hole (SACK blocks beyond the ACK): that
+			// came from the earlier daemon too, and once the hole is
+			// filled the receiver acknowledges all of it at once. Until
+			// an ACK shows no hole, the direction keeps relearning, its
+			// sndNxt raised to the blocks (within the receiver's window).
 			o.sndNxt = maxSeq(o.sndNxt, ackIn)
-			f.closed &^= flowRelearn << (1 - d)
+			if top, ok := sackTop(t.Options(), o.seqOff); ok && ackIn.LessThan(top) {
+				o.sndNxt = maxSeq(o.sndNxt, minSeq(top, ackIn.Add(max(o.maxWin, minWindow))))
+			} else {
+				f.closed &^= flowRelearn << (1 - d)
+			}
 		}
 		o.ackSeen = maxSeq(o.ackSeen, ackIn)
 		if o.flags&(dirFIN|dirFINAcked) == dirFIN && o.finSeq.LessThan(ackIn) {
@@ -319,6 +328,39 @@ func (f *Flow) rewriteOptions(opts []byte, s, o *dirState) {
 		}
 		i += n
 	}
+}
+
+// sackTop is the highest right edge of the SACK blocks in opts, less
+// off (in the data sender's sequence space); ok is false when there is
+// none. It walks the options as rewriteOptions does.
+func sackTop(opts []byte, off uint32) (top Seq, ok bool) {
+	for i := 0; i < len(opts); {
+		kind := opts[i]
+		if kind == OptEOL {
+			break
+		}
+		if kind == OptNOP {
+			i++
+			continue
+		}
+		if i+1 >= len(opts) {
+			break
+		}
+		n := int(opts[i+1])
+		if n < 2 || i+n > len(opts) {
+			break
+		}
+		if kind == OptSACK && n >= 2+optSACKBlockLen && (n-2)%optSACKBlockLen == 0 {
+			for b := 2 + 4; b < n; b += optSACKBlockLen {
+				right := Seq(binary.BigEndian.Uint32(opts[i+b:]) - off)
+				if !ok || top.LessThan(right) {
+					top, ok = right, true
+				}
+			}
+		}
+		i += n
+	}
+	return top, ok
 }
 
 func (s *dirState) rewriteTimestamps(opt []byte, o *dirState) {

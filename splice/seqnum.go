@@ -23,6 +23,14 @@ func (s Seq) Size(t Seq) uint32 { return uint32(t - s) }
 // InWindow reports whether s lies in [first, first+size).
 func (s Seq) InWindow(first Seq, size uint32) bool { return uint32(s-first) < size }
 
+// minSeq returns the earlier of a and b.
+func minSeq(a, b Seq) Seq {
+	if b.LessThan(a) {
+		return b
+	}
+	return a
+}
+
 // maxSeq returns the later of a and b.
 func maxSeq(a, b Seq) Seq {
 	if a.LessThan(b) {

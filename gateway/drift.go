@@ -146,23 +146,28 @@ func (g *Gateway) installLive(m *rules.Manager) error {
 	return err
 }
 
-// liveDivert returns the divert tuples of every flow that is spliced or
-// being spliced, by queue index.
+// liveDivert returns the divert tuples of every flow that is spliced,
+// being spliced or unspliced, or unspliced with its entries kept
+// (passthrough), by queue index.
 func (g *Gateway) liveDivert() map[uint16][]splice.Key {
+	// An unsplicing flow is both spliced and in transition: a set takes
+	// each element once.
 	out := map[uint16][]splice.Key{}
-	g.splicedMu.Lock()
-	for _, sf := range g.spliced {
-		k := sf.keys()
-		out[sf.queue] = append(out[sf.queue], k[0], k[1])
-	}
-	g.splicedMu.Unlock()
-	g.transitions.mu.RLock()
-	seen := map[*transition]bool{}
-	for _, tr := range g.transitions.m {
-		if !seen[tr] {
-			seen[tr] = true
-			out[tr.queue] = append(out[tr.queue], tr.keys[0], tr.keys[1])
+	seen := map[splice.Key]bool{}
+	add := func(q uint16, k splice.Key) {
+		if !seen[k] {
+			seen[k] = true
+			out[q] = append(out[q], k)
 		}
+	}
+	for q, keys := range g.refreshable() {
+		for _, k := range keys {
+			add(q, k)
+		}
+	}
+	g.transitions.mu.RLock()
+	for k, tr := range g.transitions.m {
+		add(tr.queue, k)
 	}
 	g.transitions.mu.RUnlock()
 	return out

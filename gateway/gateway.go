@@ -218,7 +218,11 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 			return err
 		}
 	}
-	if err := g.manager().Install(g.refreshable()); err != nil {
+	// A flow may have been spliced already: the old table took its SYN
+	// to a listener started above, and its divert entries went into the
+	// old table's sets. The new table carries them (installLive: no
+	// splice adds or removes an entry meanwhile).
+	if err := g.installLive(g.manager()); err != nil {
 		g.manager().Remove()
 		g.shutdown()
 		g.rulesMu.Unlock()

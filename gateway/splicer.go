@@ -133,7 +133,10 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	sw.commit(g)
 	if !back {
 		f.SplicedAt.Store(time.Now().UnixNano())
-		f.SetState(proxy.StateSpliced)
+		// Unless the flow moved on meanwhile: the client's next request
+		// may have unspliced it while it was recorded or promoted (the
+		// unsplice set Splicing, then Proxied), or it may be closing.
+		f.ChangeState(proxy.StateSplicing, proxy.StateSpliced)
 	}
 	g.log.Info("flow spliced", logging.KeyFlow, f.ID, logging.KeyService, f.Service,
 		logging.KeyClient, f.Client, logging.KeyServer, f.Server,

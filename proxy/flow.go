@@ -122,6 +122,10 @@ func (f *Flow) State() State { return State(f.state.Load()) }
 // SetState changes the flow's state.
 func (f *Flow) SetState(s State) { f.state.Store(int32(s)) }
 
+// ChangeState changes the flow's state to s if it is from, and reports
+// whether it did.
+func (f *Flow) ChangeState(from, s State) bool { return f.state.CompareAndSwap(int32(from), int32(s)) }
+
 // RequestSplice asks the proxy relaying the flow to splice it as soon as it
 // can. It returns at once; State and SpliceError tell what happened.
 func (f *Flow) RequestSplice() {

@@ -287,78 +287,75 @@ func scaleWindow(field uint16, in, out uint8) uint16 {
 	return uint16(v)
 }
 
-// rewriteOptions walks the options the way Linux's tcp_parse_options
-// does, so that the engine and the receiver agree on what each byte is: it
-// stops at EOL and at a malformed length, and options with an unexpected
-// length are left alone (the receiver ignores them too).
+// nextOption reads the TCP option at opts[i:] the way Linux's
+// tcp_parse_options does, so that the engine and the receiver agree on
+// what each byte is: it returns the option's kind, its bytes (kind and
+// length included; nil for a NOP) and where the next one starts, and ok
+// false at EOL, at the end and at a malformed length, where the walk
+// stops.
+func nextOption(opts []byte, i int) (kind byte, opt []byte, next int, ok bool) {
+	if i >= len(opts) || opts[i] == OptEOL {
+		return 0, nil, 0, false
+	}
+	if opts[i] == OptNOP {
+		return OptNOP, nil, i + 1, true
+	}
+	if i+1 >= len(opts) {
+		return 0, nil, 0, false
+	}
+	n := int(opts[i+1])
+	if n < 2 || i+n > len(opts) {
+		return 0, nil, 0, false
+	}
+	return opts[i], opts[i : i+n], i + n, true
+}
+
+// sackBlocks reports whether opt (a SACK option) has the length of one or
+// more whole blocks; the receiver ignores one that has not.
+func sackBlocks(opt []byte) bool {
+	return len(opt) >= 2+optSACKBlockLen && (len(opt)-2)%optSACKBlockLen == 0
+}
+
+// rewriteOptions rewrites the options the receiver reads (nextOption);
+// options with an unexpected length are left alone (the receiver ignores
+// them too).
 func (f *Flow) rewriteOptions(opts []byte, s, o *dirState) {
-	for i := 0; i < len(opts); {
-		kind := opts[i]
-		if kind == OptEOL {
-			return
-		}
-		if kind == OptNOP {
-			i++
-			continue
-		}
-		if i+1 >= len(opts) {
-			return
-		}
-		n := int(opts[i+1])
-		if n < 2 || i+n > len(opts) {
-			return
-		}
-		opt := opts[i : i+n]
+	for kind, opt, i, ok := nextOption(opts, 0); ok; kind, opt, i, ok = nextOption(opts, i) {
 		switch kind {
 		case OptTimestamps:
-			if n == optTimestampsLen {
+			if len(opt) == optTimestampsLen {
 				s.rewriteTimestamps(opt, o)
 			}
 		case OptSACK:
-			if n >= 2+optSACKBlockLen && (n-2)%optSACKBlockLen == 0 {
-				if s.flags&dirStripSACK != 0 {
-					nop(opt)
-				} else {
-					for b := 2; b < n; b += 4 {
-						v := binary.BigEndian.Uint32(opt[b:])
-						binary.BigEndian.PutUint32(opt[b:], v-o.seqOff)
-					}
-				}
+			if !sackBlocks(opt) {
+				break
+			}
+			if s.flags&dirStripSACK != 0 {
+				nop(opt)
+				break
+			}
+			for b := 2; b < len(opt); b += 4 {
+				v := binary.BigEndian.Uint32(opt[b:])
+				binary.BigEndian.PutUint32(opt[b:], v-o.seqOff)
 			}
 		}
-		i += n
 	}
 }
 
 // sackTop is the highest right edge of the SACK blocks in opts, less
 // off (in the data sender's sequence space); ok is false when there is
-// none. It walks the options as rewriteOptions does.
+// none.
 func sackTop(opts []byte, off uint32) (top Seq, ok bool) {
-	for i := 0; i < len(opts); {
-		kind := opts[i]
-		if kind == OptEOL {
-			break
-		}
-		if kind == OptNOP {
-			i++
+	for kind, opt, i, more := nextOption(opts, 0); more; kind, opt, i, more = nextOption(opts, i) {
+		if kind != OptSACK || !sackBlocks(opt) {
 			continue
 		}
-		if i+1 >= len(opts) {
-			break
-		}
-		n := int(opts[i+1])
-		if n < 2 || i+n > len(opts) {
-			break
-		}
-		if kind == OptSACK && n >= 2+optSACKBlockLen && (n-2)%optSACKBlockLen == 0 {
-			for b := 2 + 4; b < n; b += optSACKBlockLen {
-				right := Seq(binary.BigEndian.Uint32(opts[i+b:]) - off)
-				if !ok || top.LessThan(right) {
-					top, ok = right, true
-				}
+		for b := 2 + 4; b < len(opt); b += optSACKBlockLen {
+			right := Seq(binary.BigEndian.Uint32(opt[b:]) - off)
+			if !ok || top.LessThan(right) {
+				top, ok = right, true
 			}
 		}
-		i += n
 	}
 	return top, ok
 }

@@ -200,12 +200,13 @@ func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *prox
 		if err := ctx.Err(); err != nil {
 			return caps, &SpliceError{Reason: "cancelled", Err: err}
 		}
-		// What the drain waits for (the peers' ACKs reaching the
-		// sockets) comes at the end of the reader's batches, not when it
-		// decides: check again soon, less often the longer it lasts, but
-		// at least every 250 µs (a check is a few ioctls).
+		// Check again soon, less often the longer it lasts, and at
+		// least every millisecond: a check is a few ioctls, and a
+		// thousand flows may drain at once (a cap of 250 µs was tried;
+		// CI then saw 1000 concurrent splices take 10-30 s, and 16 of
+		// them hit their drain timeout).
 		time.Sleep(wait)
-		wait = min(wait*2, 250*time.Microsecond)
+		wait = min(wait*2, time.Millisecond)
 	}
 	var err error
 	if caps[0], err = tcprepair.Capture(client); err != nil {

@@ -196,7 +196,16 @@ func provenSpliced(lab *testnet.Lab, d *testnet.Daemon, bpf bool) error {
 	}
 	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" })
 	client := fmt.Sprint(rec["client"])
-	if err := noSocketOf(lab, client); err != nil {
+	// The client's socket of the flow, by its local address too when the
+	// debug log has it: another connection of the client may share its
+	// port (an FTP client's control and data connections, to two ports).
+	local := ""
+	if capt := d.FindLog(func(l map[string]any) bool { return l["msg"] == "captured" && l["flow"] == rec["flow"] }); capt != nil {
+		if leg, ok := capt["client_leg"].(map[string]any); ok {
+			local = fmt.Sprint(leg["local"])
+		}
+	}
+	if err := noSocketOf(lab, client, local); err != nil {
 		return err
 	}
 	id, _ := rec["flow"].(float64)
@@ -249,7 +258,7 @@ func splicedAway(lab *testnet.Lab, client string) error {
 	if err != nil {
 		return err
 	}
-	if err := noSocketOf(lab, client); err != nil {
+	if err := noSocketOf(lab, client, ""); err != nil {
 		return err
 	}
 	return testnet.Poll(5*time.Second, func() error {
@@ -265,14 +274,15 @@ func splicedAway(lab *testnet.Lab, client string) error {
 }
 
 // noSocketOf checks that the gateway holds no TCP socket whose peer is
-// client.
-func noSocketOf(lab *testnet.Lab, client string) error {
+// client, and whose local address is local unless that is empty.
+func noSocketOf(lab *testnet.Lab, client, local string) error {
 	out, err := lab.Gateway.Run("ss", "-tanH", "state", "all")
 	if err != nil {
 		return err
 	}
 	for _, line := range strings.Split(out, "\n") {
-		if strings.Contains(line, client+" ") || strings.HasSuffix(line, client) {
+		f := strings.Fields(line) // state, recv-q, send-q, local, peer
+		if len(f) >= 5 && f[4] == client && (local == "" || f[3] == local) {
 			return fmt.Errorf("the gateway still has a socket of spliced flow %s: %s", client, line)
 		}
 	}

@@ -75,6 +75,11 @@ type Engine struct {
 	BPFPromoteSkipped uint64 `json:"bpf_promote_skipped,omitempty"`
 	BPFDemotions      uint64 `json:"bpf_demotions,omitempty"`
 	BPFStragglers     uint64 `json:"bpf_stragglers,omitempty"`
+	// DivertByCommand and DivertByNetlink: splices whose divert entries
+	// went in from the packet path (command packets) and through a
+	// netlink transaction (a command failed or was not confirmed).
+	DivertByCommand uint64 `json:"divert_by_command,omitempty"`
+	DivertByNetlink uint64 `json:"divert_by_netlink,omitempty"`
 	// Phases: where recent completed splices and unsplices spent their
 	// time.
 	Phases []Phase `json:"phases,omitempty"`

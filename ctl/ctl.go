@@ -209,6 +209,9 @@ func (c *cli) status(ctx context.Context, args []string) error {
 			sort.Strings(parts)
 			fmt.Fprintf(c.out, "engine verdicts: %s\n", strings.Join(parts, ", "))
 		}
+		if e.DivertByCommand+e.DivertByNetlink > 0 {
+			fmt.Fprintf(c.out, "divert entries added: %d by command packet, %d by netlink\n", e.DivertByCommand, e.DivertByNetlink)
+		}
 		if len(e.Phases) > 0 {
 			fmt.Fprintf(c.out, "\ntransition phases (recent completed transitions):\n")
 			w := c.table()

@@ -2,6 +2,8 @@ package gateway
 
 import (
 	"context"
+	"fmt"
+	"net/netip"
 	"time"
 
 	"github.com/google/nftables"
@@ -143,8 +145,50 @@ func (g *Gateway) installLive(m *rules.Manager) error {
 	}
 	var err error
 	g.diverter.Exclusive(func() { err = m.Install(g.liveDivert()) })
+	if err == nil {
+		g.checkDivertCommands()
+	}
 	return err
 }
+
+// checkDivertCommands turns divert commands (see rules.Divert) on when
+// they work in the table just installed, off when they do not: a command
+// for a test tuple (loopback, port 0: never a flow's) must be taken and
+// add its element. Splices add entries through netlink meanwhile and
+// while they are off.
+func (g *Gateway) checkDivertCommands() {
+	k := splice.KeyFrom(netip.MustParseAddrPort("127.0.0.1:0"), netip.MustParseAddrPort("127.0.0.1:0"))
+	err := g.diverter.Commands(func() error { return g.inject.sendDivertCommands(0, []splice.Key{k}) })
+	if err == nil {
+		var ok bool
+		if ok, err = g.diverter.Has(0, k); err == nil && !ok {
+			err = fmt.Errorf("its send reported it taken, but its element is not in the set: does an earlier output chain drop packets marked 0x%08x?", rules.DivertCommandMark)
+		}
+	}
+	if derr := g.diverter.Delete(0, k); derr != nil && err == nil {
+		err = fmt.Errorf("remove the test element: %w", derr)
+	}
+	mode := divertByCommand
+	if err != nil {
+		mode = divertByNetlink
+	}
+	if was := g.divertMode.Swap(mode); was == mode {
+		return
+	}
+	if err != nil {
+		g.log.Warn("divert commands do not work here; splices add divert entries through netlink (50-500 µs slower)", logging.Err(err))
+		return
+	}
+	g.log.Debug("divert commands work: splices add divert entries from the packet path")
+}
+
+// How splices add divert entries (Gateway.divertMode): through netlink
+// until a check showed that commands work.
+const (
+	divertUnchecked int32 = iota
+	divertByCommand
+	divertByNetlink
+)
 
 // liveDivert returns the divert tuples of every flow that is spliced,
 // being spliced or unspliced, or unspliced with its entries kept

@@ -121,12 +121,17 @@ type Gateway struct {
 	// (retirePassthrough).
 	passthroughsRetired atomic.Uint64
 	injectErrors        atomic.Uint64
-	stalledFlows        atomic.Uint64
-	stallLog            *logging.Limiter
-	reloads             atomic.Int64
-	divertRefreshes     atomic.Uint64
-	divertRefreshErrors atomic.Uint64
-	repairs             atomic.Int64
+	// Splices whose divert entries went in by command packets, and by
+	// netlink; whether commands work here (see checkDivertCommands).
+	divertCommands, divertNetlink atomic.Uint64
+	divertMode                    atomic.Int32
+	divertLog                     *logging.Limiter
+	stalledFlows                  atomic.Uint64
+	stallLog                      *logging.Limiter
+	reloads                       atomic.Int64
+	divertRefreshes               atomic.Uint64
+	divertRefreshErrors           atomic.Uint64
+	repairs                       atomic.Int64
 	// Bytes of flows that ended, by engine and direction.
 	closedProxied, closedSpliced [2]atomic.Uint64
 }
@@ -161,6 +166,7 @@ func New(cfg *config.Config, log *slog.Logger) *Gateway {
 		passthrough: map[uint64]*transition{},
 		retiring:    map[uint64]chan struct{}{},
 		stallLog:    logging.NewLimiter(time.Second),
+		divertLog:   logging.NewLimiter(time.Minute),
 	}
 	g.snap.Store(&snapshot{cfg: cfg, rules: rules.NewManager(rules.FromConfig(cfg))})
 	return g
@@ -444,7 +450,8 @@ func (g *Gateway) logStats() {
 	attrs := []any{"splices", g.spliceLatency.count.Load(), "splice_aborts", g.spliceAborts.Load(),
 		"unsplices", g.unsplices.Load(), "unsplice_aborts", g.unspliceAborts.Load(), "passthroughs_retired", g.passthroughsRetired.Load(),
 		"splice_p50_us", g.spliceLatency.percentile(0.5).Microseconds(), "splice_p99_us", g.spliceLatency.percentile(0.99).Microseconds(),
-		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load(), "stalled_flows", g.stalledFlows.Load()}
+		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load(), "stalled_flows", g.stalledFlows.Load(),
+		"divert_by_command", g.divertCommands.Load(), "divert_by_netlink", g.divertNetlink.Load()}
 	if c := g.conntrack; c != nil {
 		attrs = append(attrs, "conntrack_deleted", c.deleted.Load(), "conntrack_delete_failed", c.failed.Load())
 	}

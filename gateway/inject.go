@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"spliced/rules"
 	"spliced/splice"
 )
 
@@ -46,6 +47,39 @@ func (in *injector) send(p *splice.Packet) error {
 	}
 	return unix.Sendto(in.fd4, p.Bytes(), 0, &unix.SockaddrInet4{Addr: dst.As4()})
 }
+
+// sendDivertCommands sends the divert command packets of tuples on queue
+// index q (see rules.Divert), each marked for that queue's command rule
+// by an SO_MARK control message. The rule drops a command it took, so a
+// send that fails with EPERM is a command done; one that succeeds went
+// past the rules (errCommandNotTaken).
+func (in *injector) sendDivertCommands(q uint16, keys []splice.Key) error {
+	var oob [24]byte // unix.CmsgSpace(4)
+	h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
+	h.Level, h.Type = unix.SOL_SOCKET, unix.SO_MARK
+	h.SetLen(unix.CmsgLen(4))
+	binary.NativeEndian.PutUint32(oob[unix.CmsgLen(0):], rules.DivertCommandMark+uint32(q))
+	var buf [splice.IPv6HeaderLen + splice.TCPMinHeaderLen]byte
+	for _, k := range keys {
+		b := rules.AppendDivertCommand(buf[:0], k)
+		var err error
+		if k.IsIPv4() {
+			err = unix.Sendmsg(in.fd4, b, oob[:unix.CmsgSpace(4)], &unix.SockaddrInet4{Addr: [4]byte(k.Dst[12:])}, 0)
+		} else {
+			err = unix.Sendmsg(in.fd6, b, oob[:unix.CmsgSpace(4)], &unix.SockaddrInet6{Addr: k.Dst}, 0)
+		}
+		switch {
+		case err == nil:
+			return fmt.Errorf("divert command for %v: %w", k, errCommandNotTaken)
+		case !errors.Is(err, unix.EPERM):
+			return fmt.Errorf("send the divert command for %v: %w", k, err)
+		}
+	}
+	return nil
+}
+
+// errCommandNotTaken: a divert command went past the divertcmd chain.
+var errCommandNotTaken = errors.New("no rule of the divertcmd chain took it (was the table changed?)")
 
 // injectBatch is how many packets sendAll hands the kernel per system
 // call.

@@ -61,10 +61,11 @@ var (
 	descRepairs       = prometheus.NewDesc("spliced_ruleset_repairs_total", "Times the table was restored after someone changed it.", nil, nil)
 	descReopens       = prometheus.NewDesc("spliced_queue_reopens_total", "Times a queue's reader failed to receive and reopened its socket.", []string{"queue"}, nil)
 	descRefreshes     = prometheus.NewDesc("spliced_divert_refreshes_total", "Rounds that restarted the timeout of live flows' divert entries, by result (ok, failed).", []string{"result"}, nil)
+	descDivertAdds    = prometheus.NewDesc("spliced_divert_adds_total", "Splices by how their divert entries went in: command (packets, microseconds) or netlink (a transaction, when a command failed or was not confirmed).", []string{"path"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens, descBPFPackets, descBPFMoves, descPhase} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens, descBPFPackets, descBPFMoves, descPhase, descDivertAdds} {
 		ch <- d
 	}
 }
@@ -83,6 +84,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	failed := g.divertRefreshErrors.Load()
 	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(g.divertRefreshes.Load()-failed), "ok")
 	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(failed), "failed")
+	ch <- prometheus.MustNewConstMetric(descDivertAdds, prometheus.CounterValue, float64(g.divertCommands.Load()), "command")
+	ch <- prometheus.MustNewConstMetric(descDivertAdds, prometheus.CounterValue, float64(g.divertNetlink.Load()), "netlink")
 	if !g.splicing() {
 		return
 	}

@@ -19,7 +19,7 @@ type step int
 
 const (
 	// Splice.
-	stepDivert  step = iota // divert entries added (a netlink round trip)
+	stepDivert  step = iota // divert entries added (command packets, or a netlink round trip)
 	stepDrain               // queued bytes moved, both ends acknowledged everything
 	stepBarrier             // the queue's batched verdicts flushed after the freeze
 	stepCapture             // both sockets captured with TCP_REPAIR

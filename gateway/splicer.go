@@ -74,7 +74,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	f.SetState(proxy.StateSplicing)
 	g.transitions.add(tr)
 	sw := newStopwatch(start)
-	if err := g.diverter.Add(tr.queue, tr.keys[0], tr.keys[1]); err != nil {
+	if err := g.divert(tr); err != nil {
 		// Part of it may have gone in with other splices' entries.
 		g.diverter.Delete(tr.queue, tr.keys[0], tr.keys[1])
 		g.transitions.remove(tr)
@@ -148,6 +148,25 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 }
 
 // legAttrs describes a captured connection for the log.
+// divert adds the divert entries of a splice's tuples: from the packet
+// path, by a command packet per tuple (see rules.Divert), or through a
+// netlink transaction when commands are off (see checkDivertCommands) or
+// one was not taken, which also reports why nothing can be added.
+func (g *Gateway) divert(tr *transition) error {
+	if g.divertMode.Load() == divertByCommand {
+		err := g.diverter.Commands(func() error { return g.inject.sendDivertCommands(tr.queue, tr.keys[:]) })
+		if err == nil {
+			g.divertCommands.Add(1)
+			return nil
+		}
+		if ok, suppressed := g.divertLog.Allow("command"); ok {
+			g.log.Warn("divert command failed; adding the flow's divert entries through netlink", logging.Err(err), "suppressed", suppressed)
+		}
+	}
+	g.divertNetlink.Add(1)
+	return g.diverter.Add(tr.queue, tr.keys[0], tr.keys[1])
+}
+
 func legAttrs(name string, c *splice.Conn) slog.Attr {
 	return slog.Group(name, "local", c.Local, "remote", c.Remote, "snd_nxt", uint32(c.SndNxt), "rcv_nxt", uint32(c.RcvNxt),
 		"snd_wnd", c.SndWnd, "rcv_wnd", c.RcvWnd, "snd_wscale", c.SndWscale, "rcv_wscale", c.RcvWscale,

@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -26,6 +27,18 @@ import (
 // per flow, rather than letting the kernel hash addresses, spreads flows
 // between the same two hosts over all queues (cores) while both directions
 // of one flow stay on one queue, in order.
+//
+// Elements are added from the packet path too, which costs microseconds
+// where a netlink transaction costs 50-500: the sets are dynamic, and an
+// output chain (divertcmd) turns a command packet the gateway sends
+// through a raw socket with the mark DivertCommandMark+i (built by
+// AppendDivertCommand: the tuple in its IP and TCP headers) into an
+// update of the sets of queue i, and drops it. The update is done when
+// the send returns, and the drop makes the send fail with EPERM: that
+// failure is the command's success. A command no rule took (the chain
+// was changed, or the set is full and the update failed) leaves the
+// machine, harmless, and its send succeeds: the gateway then adds the
+// elements through netlink, which says what is wrong.
 type Divert struct {
 	Enabled bool
 	// Queue is the first NFQUEUE number, Queues how many there are.
@@ -49,6 +62,50 @@ type Divert struct {
 
 // ChainDivert is the chain of the divert rules.
 const ChainDivert = "divert"
+
+// ChainDivertCommand is the output chain that turns divert command
+// packets into set elements.
+const ChainDivertCommand = "divertcmd"
+
+// DivertCommandMark is the mark of the command packets that divert a
+// tuple to queue index 0; queue index i uses DivertCommandMark+i. Any
+// packet with such a mark that the output path sees is taken for a
+// command.
+const DivertCommandMark = 0x5c1d0000
+
+// AppendDivertCommand appends to b the command packet that diverts tuple
+// k: an IP packet from k's source to its destination carrying a TCP
+// header with k's ports. Should it ever leave the machine (no rule took
+// it), it does no harm: no flag is set, its TCP checksum is wrong, and
+// its TTL is 1.
+func AppendDivertCommand(b []byte, k splice.Key) []byte {
+	start := len(b)
+	if k.IsIPv4() {
+		b = append(b, 0x45, 0, 0, 40, 0, 0, 0x40, 0, 1, unix.IPPROTO_TCP, 0, 0)
+		b = append(b, k.Src[12:]...)
+		b = append(b, k.Dst[12:]...)
+		splice.IPv4(b[start:]).UpdateChecksum()
+	} else {
+		b = append(b, 0x60, 0, 0, 0, 0, 20, unix.IPPROTO_TCP, 1)
+		b = append(b, k.Src[:]...)
+		b = append(b, k.Dst[:]...)
+	}
+	tcp := len(b)
+	b = binary.BigEndian.AppendUint16(b, k.SrcPort)
+	b = binary.BigEndian.AppendUint16(b, k.DstPort)
+	// seq, ack, data offset 5 and no flags, window, checksum (below),
+	// urgent pointer.
+	b = append(b, 0, 0, 0, 0, 0, 0, 0, 0, 5<<4, 0, 0, 0, 0, 0, 0, 0)
+	src, dst := k.Src[:], k.Dst[:]
+	if k.IsIPv4() {
+		src, dst = src[12:], dst[12:]
+	}
+	// The right checksum with its top bit flipped: wrong, and not the
+	// other form of the same one's-complement sum (0 and 0xffff).
+	sum := splice.TCPChecksum(src, dst, b[tcp:])
+	binary.BigEndian.PutUint16(b[tcp+16:], sum^0x8000)
+	return b
+}
 
 // DivertSetName is the name of the divert set of queue index i (0-based)
 // for one family: divert4_0, divert6_0, divert4_1, ...
@@ -74,10 +131,16 @@ func divertSetType(v6 bool) nftables.SetDatatype {
 	return nftables.MustConcatSetType(addr, nftables.TypeInetService, addr, nftables.TypeInetService)
 }
 
+// divertSet is the divert set of queue index i: dynamic, so that the
+// command rules can add to it.
 func divertSet(t *nftables.Table, i uint16, v6 bool, timeout time.Duration) *nftables.Set {
 	return &nftables.Set{Table: t, Name: DivertSetName(i, v6), KeyType: divertSetType(v6), Concatenation: true,
-		HasTimeout: true, Timeout: timeout}
+		HasTimeout: true, Timeout: timeout, Dynamic: true, Size: divertSetSize}
 }
+
+// divertSetSize bounds the elements of one divert set (two per flow); the
+// kernel would bound a dynamic set without a size to 65,535.
+const divertSetSize = 1 << 22
 
 // queueDivert adds the divert sets and chain to a batch, with the tuples
 // of live flows (by queue index) as elements.
@@ -90,6 +153,10 @@ func queueDivert(c *nftables.Conn, spec *Spec, t *nftables.Table, live map[uint1
 	if d.SkipMark != 0 {
 		c.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: skipMarkedExprs(d.SkipMark)})
 	}
+	cmds := c.AddChain(&nftables.Chain{
+		Name: ChainDivertCommand, Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookOutput, Priority: &[]nftables.ChainPriority{divertPriority}[0],
+	})
 	for i := range d.Queues {
 		v4els, v6els := elementsOf(live[i], d.Timeout)
 		for _, v6 := range []bool{false, true} {
@@ -102,6 +169,7 @@ func queueDivert(c *nftables.Conn, spec *Spec, t *nftables.Table, live map[uint1
 				return fmt.Errorf("add set %s: %w", set.Name, err)
 			}
 			c.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: divertExprs(d, d.Queue+i, set, v6)})
+			c.AddRule(&nftables.Rule{Table: t, Chain: cmds, Exprs: divertCommandExprs(i, set, v6)})
 		}
 	}
 	return nil
@@ -126,6 +194,30 @@ func markedExprs(mark uint32) []expr.Any {
 }
 
 func divertExprs(d *Divert, queue uint16, set *nftables.Set, v6 bool) []expr.Any {
+	e := append(tupleExprs(v6),
+		&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
+		&expr.Notrack{},
+	)
+	return append(e, queueExprs(d, queue)...)
+}
+
+// divertCommandExprs is the command rule of queue index i: "meta mark
+// DivertCommandMark+i <tuple> update @set drop". An update restarts the
+// timeout of an element that exists.
+func divertCommandExprs(i uint16, set *nftables.Set, v6 bool) []expr.Any {
+	e := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(DivertCommandMark + uint32(i))},
+	}
+	e = append(e, tupleExprs(v6)...)
+	return append(e,
+		&expr.Dynset{SrcRegKey: 1, SetName: set.Name, SetID: set.ID, Operation: uint32(unix.NFT_DYNSET_OP_UPDATE)},
+		&expr.Verdict{Kind: expr.VerdictDrop})
+}
+
+// tupleExprs loads a TCP packet's 4-tuple of one family into the
+// registers of a set key (it matches only that family and TCP).
+func tupleExprs(v6 bool) []expr.Any {
 	nfproto := byte(unix.NFPROTO_IPV4)
 	src, dst, alen := uint32(12), uint32(16), uint32(4)
 	// 32-bit registers: each field of the concatenation starts in the
@@ -145,11 +237,15 @@ func divertExprs(d *Divert, queue uint16, set *nftables.Set, v6 bool) []expr.Any
 		&expr.Payload{DestRegister: regs[1], Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 2},
 		&expr.Payload{DestRegister: regs[2], Base: expr.PayloadBaseNetworkHeader, Offset: dst, Len: alen},
 		&expr.Payload{DestRegister: regs[3], Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
-		&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
-		&expr.Notrack{},
 	)
+	return e
+}
+
+// queueExprs queue a packet to queue, with the nft queue expression or
+// the xtables target.
+func queueExprs(d *Divert, queue uint16) []expr.Any {
 	if d.NativeQueue {
-		return append(e, &expr.Queue{Num: queue, Total: 1})
+		return []expr.Any{&expr.Queue{Num: queue, Total: 1}}
 	}
 	// struct xt_NFQ_info_v3 { u16 queuenum; u16 queues_total; u16 flags; }
 	// in host byte order, padded to 8 bytes.
@@ -157,7 +253,7 @@ func divertExprs(d *Divert, queue uint16, set *nftables.Set, v6 bool) []expr.Any
 	binary.NativeEndian.PutUint16(info[0:], queue)
 	binary.NativeEndian.PutUint16(info[2:], 1)
 	binary.NativeEndian.PutUint16(info[4:], xtNFQFlags)
-	return append(e, &expr.Target{Name: "NFQUEUE", Rev: 3, Info: &[]xt.Unknown{info}[0]})
+	return []expr.Any{&expr.Target{Name: "NFQUEUE", Rev: 3, Info: &[]xt.Unknown{info}[0]}}
 }
 
 // divertKey encodes a 4-tuple as a set key: each field padded to a
@@ -182,6 +278,9 @@ func divertKey(k splice.Key) []byte {
 // Diverter adds and removes the set elements of spliced flows. It keeps
 // one netlink connection open; safe for concurrent use.
 type Diverter struct {
+	// cmdMu: divert commands (read side, see Commands) are sent while no
+	// table install runs (write side, see Exclusive), as adds are.
+	cmdMu   sync.RWMutex
 	mu      sync.Mutex // one transaction at a time
 	c       *nftables.Conn
 	table   *nftables.Table
@@ -219,9 +318,39 @@ func (m *Manager) NewDiverter() (*Diverter, error) {
 // Exclusive runs fn while no element is added or deleted, for a table
 // reinstall that must carry every live element over.
 func (d *Diverter) Exclusive(fn func()) {
+	d.cmdMu.Lock()
+	defer d.cmdMu.Unlock()
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	fn()
+}
+
+// Commands runs send, which sends divert commands (see Divert), while no
+// table install runs: the install carries the elements of the flows it
+// was given, and a command that raced it could add to the sets it
+// replaces.
+func (d *Diverter) Commands(send func() error) error {
+	d.cmdMu.RLock()
+	defer d.cmdMu.RUnlock()
+	return send()
+}
+
+// Has reports whether tuple k is in the divert sets of queue index q. It
+// lists the whole set: for checks, not for every flow.
+func (d *Diverter) Has(q uint16, k splice.Key) (bool, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	els, err := d.c.GetSetElements(divertSet(d.table, q, !k.IsIPv4(), d.timeout))
+	if err != nil {
+		return false, fmt.Errorf("list divert set: %w", err)
+	}
+	want := divertKey(k)
+	for _, e := range els {
+		if bytes.Equal(e.Key, want) {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // Close releases the netlink connection.
@@ -434,10 +563,10 @@ func (d *Diverter) queueLocked(q uint16, keys []splice.Key, op func(*nftables.Se
 }
 
 // renderDivert renders the divert sets (without their elements, which
-// come and go with flows) and chain: the sets, then the chain last.
-func renderDivert(d *Divert) []string {
+// come and go with flows) and chains.
+func renderDivert(d *Divert) (sets, chains []string) {
 	timeout := formatNFTDuration(d.Timeout)
-	var out, rules []string
+	var out, rules, cmds []string
 	if d.SkipMark != 0 {
 		rules = append(rules, fmt.Sprintf("meta mark & 0x%08x == 0x%08x notrack accept", d.SkipMark, d.SkipMark))
 	}
@@ -447,11 +576,15 @@ func renderDivert(d *Divert) []string {
 			ip, addr string
 		}{{false, "ip", "ipv4_addr"}, {true, "ip6", "ipv6_addr"}} {
 			name := DivertSetName(i, fam.v6)
-			out = append(out, fmt.Sprintf("\tset %s {\n\t\ttype %s . inet_service . %s . inet_service\n\t\ttimeout %s\n\t}\n", name, fam.addr, fam.addr, timeout))
-			rules = append(rules, fmt.Sprintf("%s saddr . tcp sport . %s daddr . tcp dport @%s notrack %s", fam.ip, fam.ip, name, queueStatement(d.Queue+i)))
+			tuple := fmt.Sprintf("%s saddr . tcp sport . %s daddr . tcp dport", fam.ip, fam.ip)
+			out = append(out, fmt.Sprintf("\tset %s {\n\t\ttype %s . inet_service . %s . inet_service\n\t\tsize %d\n\t\tflags dynamic,timeout\n\t\ttimeout %s\n\t}\n",
+				name, fam.addr, fam.addr, divertSetSize, timeout))
+			rules = append(rules, fmt.Sprintf("%s @%s notrack %s", tuple, name, queueStatement(d.Queue+i)))
+			cmds = append(cmds, fmt.Sprintf("meta mark 0x%08x update @%s { %s } drop", DivertCommandMark+uint32(i), name, tuple))
 		}
 	}
-	return append(out, renderChain(ChainDivert, "type filter hook prerouting priority raw; policy accept;", rules))
+	return out, []string{renderChain(ChainDivert, "type filter hook prerouting priority raw; policy accept;", rules),
+		renderChain(ChainDivertCommand, "type filter hook output priority raw; policy accept;", cmds)}
 }
 
 func queueStatement(queue uint16) string { return fmt.Sprintf("queue num %d", queue) }

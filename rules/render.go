@@ -72,19 +72,18 @@ const (
 func Render(spec Spec) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "table inet %s {\n", spec.Table)
-	var blocks, divert []string
+	var blocks, divertChains []string
 	if spec.Divert.Enabled {
-		divert = renderDivert(&spec.Divert)
-		blocks = append(blocks, divert[:len(divert)-1]...) // sets
+		var sets []string
+		sets, divertChains = renderDivert(&spec.Divert)
+		blocks = append(blocks, sets...)
 	}
 	for i := range spec.Services {
 		for _, d := range spec.Services[i].sets() {
 			blocks = append(blocks, renderSet(d))
 		}
 	}
-	if spec.Divert.Enabled {
-		blocks = append(blocks, divert[len(divert)-1]) // chain
-	}
+	blocks = append(blocks, divertChains...)
 	var pre []string
 	if spec.Divert.Enabled && spec.Divert.SkipMark != 0 {
 		pre = append(pre, fmt.Sprintf("meta mark & 0x%08x == 0x%08x accept", spec.Divert.SkipMark, spec.Divert.SkipMark))

@@ -2,6 +2,7 @@ package rules
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -18,6 +19,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/xt"
+	"golang.org/x/sys/unix"
 
 	"spliced/config"
 	"spliced/splice"
@@ -474,5 +476,71 @@ func TestDriftWithoutNFT(t *testing.T) {
 		if err != nil || !strings.Contains(diff, tc.want) {
 			t.Errorf("%s: diff %q (want %q), err %v", tc.name, diff, tc.want, err)
 		}
+	}
+}
+
+// TestDivertCommand: a command packet sent with the mark of queue index i
+// adds its tuple to that queue's divert sets, and its send fails with
+// EPERM (the drop that says the rule took it); a command with the mark of
+// a queue that does not exist adds nothing and its send succeeds (no rule
+// took it: it goes out).
+func TestDivertCommand(t *testing.T) {
+	spec := sampleSpec(t)
+	_, ns := installedDiverter(t, spec)
+	for _, args := range [][]string{
+		{"ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"},
+		{"ip", "link", "set", "d0", "up"},
+		{"ip", "link", "set", "d1", "up"},
+		{"ip", "addr", "add", "10.9.9.1/8", "dev", "d0"},
+		{"ip", "addr", "add", "fd00::1/16", "dev", "d0", "nodad"},
+		// What passes the divert command chain.
+		{"nft", "add table inet probe; add chain inet probe out { type filter hook output priority 100; }; add rule inet probe out meta mark & 0xffff0000 == 0x5c1d0000 counter"},
+	} {
+		if out, err := ns.Run(args[0], args[1:]...); err != nil {
+			t.Fatalf("%v: %v: %s", args, err, out)
+		}
+	}
+	k4 := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	k6 := splice.KeyFrom(netip.MustParseAddrPort("[fd00:1::2]:40000"), netip.MustParseAddrPort("[fd00:2::2]:80"))
+	lost := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.3:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	send := func(k splice.Key, mark uint32) error {
+		fam, sa := unix.AF_INET, unix.Sockaddr(&unix.SockaddrInet4{Addr: [4]byte(k.Dst[12:])})
+		if !k.IsIPv4() {
+			fam, sa = unix.AF_INET6, &unix.SockaddrInet6{Addr: k.Dst}
+		}
+		s, err := unix.Socket(fam, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(s)
+		if err := unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_MARK, int(mark)); err != nil {
+			return err
+		}
+		return unix.Sendto(s, AppendDivertCommand(nil, k), 0, sa)
+	}
+	var errs [3]error
+	if err := ns.Do(func() error {
+		errs = [3]error{send(k4, DivertCommandMark+1), send(k6, DivertCommandMark+1), send(lost, DivertCommandMark+7)}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if !errors.Is(errs[0], unix.EPERM) || !errors.Is(errs[1], unix.EPERM) || errs[2] != nil {
+		t.Errorf("sends returned %v, want EPERM, EPERM (taken) and nil (not taken)", errs)
+	}
+	out, _ := ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(1, false))
+	if !strings.Contains(out, "10.1.0.2 . 40000 . 10.2.0.2 . 80") || strings.Contains(out, "10.1.0.3") {
+		t.Errorf("divert4_1 after the commands:\n%s", out)
+	}
+	out, _ = ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(1, true))
+	if !strings.Contains(out, "fd00:1::2 . 40000 . fd00:2::2 . 80") {
+		t.Errorf("divert6_1 after the commands:\n%s", out)
+	}
+	out, _ = ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(0, false))
+	if strings.Contains(out, "10.1.0") {
+		t.Errorf("divert4_0 after commands for queue index 1:\n%s", out)
+	}
+	if out, _ := ns.Run("nft", "list", "chain", "inet", "probe", "out"); !strings.Contains(out, "counter packets 1 bytes 40") {
+		t.Errorf("want only the command no rule took past the divert command chain:\n%s", out)
 	}
 }

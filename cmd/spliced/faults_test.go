@@ -426,3 +426,31 @@ func TestLabClientVanishes(t *testing.T) {
 		})
 	}
 }
+
+// TestLabDivertCommandsBlocked: another table's output chain, earlier
+// than spliced's, drops every packet with spliced's divert command marks.
+// The start's check sees that commands do not add their elements, says
+// so, and splices add divert entries through netlink: the flow splices
+// and arrives intact. Without the blocking chain, the same splice uses
+// commands (the data-path tests check that).
+func TestLabDivertCommandsBlocked(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	nft(t, &lab.Gateway.NS, "add table inet block",
+		"add chain inet block out { type filter hook output priority -400; }",
+		"add rule inet block out meta mark & 0xffff0000 == 0x5c1d0000 counter drop")
+	sc := &scenario{size: 8 << 20, spliceAt: 1 << 20}
+	d := sc.runIn(t, lab, "splice")
+	rec := d.FindLog(func(l map[string]any) bool {
+		return strings.HasPrefix(fmt.Sprint(l["msg"]), "divert commands do not work here")
+	})
+	if rec == nil || !strings.Contains(fmt.Sprint(rec["err"]), "not in the set") {
+		t.Errorf("no warning that divert commands do not work: %v\n%s", rec, tail(d.Log(), 20))
+	}
+	e := spliceEngine(t, d)
+	if e.DivertByCommand != 0 || e.DivertByNetlink != 1 {
+		t.Errorf("divert entries added by command %d times, by netlink %d times; want once by netlink", e.DivertByCommand, e.DivertByNetlink)
+	}
+	if n := counted(t, &lab.Gateway.NS, "block"); n == 0 {
+		t.Error("the blocking chain saw no command: the check did not run")
+	}
+}

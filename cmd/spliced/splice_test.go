@@ -78,13 +78,27 @@ log:
 // checks it. It returns the daemon for further checks.
 func (sc *scenario) run(t *testing.T, mode string) *testnet.Daemon {
 	t.Helper()
+	d := sc.runIn(t, testnet.NewT(t, sc.lab), mode)
+	if spliceMode(mode) {
+		// Its divert entries went in by command packets, not by a
+		// netlink transaction.
+		e := spliceEngine(t, d)
+		if e.DivertByCommand == 0 || e.DivertByNetlink != 0 {
+			t.Errorf("divert entries added by command %d times, by netlink %d times; want only by command", e.DivertByCommand, e.DivertByNetlink)
+		}
+	}
+	return d
+}
+
+// runIn is run in a lab made already.
+func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.Daemon {
+	t.Helper()
 	if sc.port == 0 {
 		sc.port = 5001
 	}
 	if sc.upstream == "" {
 		sc.upstream = "transparent"
 	}
-	lab := testnet.NewT(t, sc.lab)
 	if sc.setup != nil {
 		sc.setup(t, lab)
 	}

@@ -77,7 +77,7 @@ type Engine struct {
 	BPFStragglers     uint64 `json:"bpf_stragglers,omitempty"`
 	// DivertByCommand and DivertByNetlink: splices whose divert entries
 	// went in from the packet path (command packets) and through a
-	// netlink transaction (a command failed or was not confirmed).
+	// netlink transaction (commands off, or one not taken).
 	DivertByCommand uint64 `json:"divert_by_command,omitempty"`
 	DivertByNetlink uint64 `json:"divert_by_netlink,omitempty"`
 	// Phases: where recent completed splices and unsplices spent their

@@ -61,7 +61,7 @@ var (
 	descRepairs       = prometheus.NewDesc("spliced_ruleset_repairs_total", "Times the table was restored after someone changed it.", nil, nil)
 	descReopens       = prometheus.NewDesc("spliced_queue_reopens_total", "Times a queue's reader failed to receive and reopened its socket.", []string{"queue"}, nil)
 	descRefreshes     = prometheus.NewDesc("spliced_divert_refreshes_total", "Rounds that restarted the timeout of live flows' divert entries, by result (ok, failed).", []string{"result"}, nil)
-	descDivertAdds    = prometheus.NewDesc("spliced_divert_adds_total", "Splices by how their divert entries went in: command (packets, microseconds) or netlink (a transaction, when a command failed or was not confirmed).", []string{"path"}, nil)
+	descDivertAdds    = prometheus.NewDesc("spliced_divert_adds_total", "Splices by how their divert entries went in: command (packets, microseconds) or netlink (a transaction: commands off, or one not taken).", []string{"path"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {

@@ -1,7 +1,6 @@
 package gateway
 
 import (
-	"encoding/binary"
 	"fmt"
 
 	"spliced/logging"
@@ -31,48 +30,10 @@ func resetPackets(f splice.Flow, keys [2]splice.Key) [][]byte {
 			seqs = append(seqs, info.HighestSeq)
 		}
 		for _, s := range seqs {
-			out = append(out, rstPacket(out4, uint32(s)+info.SeqOffset))
+			out = append(out, splice.AppendBareSegment(nil, out4, splice.Seq(uint32(s)+info.SeqOffset), splice.FlagRST, 64))
 		}
 	}
 	return out
-}
-
-// rstPacket builds an IPv4 or IPv6 packet with tuple k holding a bare
-// RST.
-func rstPacket(k splice.Key, seq uint32) []byte {
-	src, dst := k.Src, k.Dst
-	v4 := k.IsIPv4()
-	var b []byte
-	var ipSrc, ipDst []byte
-	if v4 {
-		b = make([]byte, splice.IPv4MinHeaderLen+splice.TCPMinHeaderLen)
-		b[splice.IPv4VersionIHLOffset] = 0x45
-		binary.BigEndian.PutUint16(b[splice.IPv4TotalLenOffset:], uint16(len(b)))
-		binary.BigEndian.PutUint16(b[splice.IPv4FlagsFragOffset:], 0x4000) // DF
-		b[8] = 64                                                          // TTL
-		b[splice.IPv4ProtocolOffset] = 6
-		copy(b[splice.IPv4SrcOffset:], src[12:])
-		copy(b[splice.IPv4DstOffset:], dst[12:])
-		splice.IPv4(b).UpdateChecksum()
-		ipSrc, ipDst = src[12:], dst[12:]
-	} else {
-		b = make([]byte, splice.IPv6HeaderLen+splice.TCPMinHeaderLen)
-		b[0] = 0x60
-		binary.BigEndian.PutUint16(b[splice.IPv6PayloadLenOffset:], splice.TCPMinHeaderLen)
-		b[splice.IPv6NextHeaderOffset] = 6
-		b[7] = 64 // hop limit
-		copy(b[splice.IPv6SrcOffset:], src[:])
-		copy(b[splice.IPv6DstOffset:], dst[:])
-		ipSrc, ipDst = src[:], dst[:]
-	}
-	t := splice.TCP(b[len(b)-splice.TCPMinHeaderLen:])
-	t.SetSrcPort(k.SrcPort)
-	t.SetDstPort(k.DstPort)
-	t.SetSeq(splice.Seq(seq))
-	t[splice.TCPDataOffOffset] = splice.TCPMinHeaderLen / 4 << 4
-	t.SetFlags(splice.FlagRST)
-	t.SetChecksum(splice.TCPChecksum(ipSrc, ipDst, t))
-	return b
 }
 
 // resetSpliced sends the resets of flows to both of their ends, and

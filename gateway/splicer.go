@@ -147,7 +147,6 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	return nil
 }
 
-// legAttrs describes a captured connection for the log.
 // divert adds the divert entries of a splice's tuples: from the packet
 // path, by a command packet per tuple (see rules.Divert), or through a
 // netlink transaction when commands are off (see checkDivertCommands) or
@@ -167,6 +166,7 @@ func (g *Gateway) divert(tr *transition) error {
 	return g.diverter.Add(tr.queue, tr.keys[0], tr.keys[1])
 }
 
+// legAttrs describes a captured connection for the log.
 func legAttrs(name string, c *splice.Conn) slog.Attr {
 	return slog.Group(name, "local", c.Local, "remote", c.Remote, "snd_nxt", uint32(c.SndNxt), "rcv_nxt", uint32(c.RcvNxt),
 		"snd_wnd", c.SndWnd, "rcv_wnd", c.RcvWnd, "snd_wscale", c.SndWscale, "rcv_wscale", c.RcvWscale,

@@ -31,7 +31,6 @@ const (
 
 	nfqaPacketHdr  = 1
 	nfqaVerdictHdr = 2
-	nfqaMark       = 3
 	nfqaPayload    = 10
 	nfqaCapLen     = 13
 	nfqaSkbInfo    = 14
@@ -534,10 +533,6 @@ func (q *leanQueue) packet(attrs []byte) {
 			}
 		case nfqaPayload:
 			p.Data = v
-		case nfqaMark:
-			if len(v) >= 4 {
-				p.Mark = binary.BigEndian.Uint32(v)
-			}
 		case nfqaSkbInfo:
 			if len(v) >= 4 {
 				info := binary.BigEndian.Uint32(v)

@@ -80,8 +80,6 @@ type Packet struct {
 	CsumNotReady bool
 	// GSO: the packet is a GSO super-packet, longer than the MTU.
 	GSO bool
-	// Mark is the packet's mark (skb->mark), 0 when it has none.
-	Mark uint32
 
 	q   backend
 	gen uint32 // the lean queue's socket it came from
@@ -359,9 +357,6 @@ func (q *libQueue) receive(gen uint32, a nfqueue.Attribute) int {
 		info := binary.BigEndian.Uint32(*a.SkbInfo)
 		p.CsumNotReady = info&skbCsumNotReady != 0
 		p.GSO = info&skbGSO != 0
-	}
-	if a.Mark != nil {
-		p.Mark = *a.Mark
 	}
 	d := q.handler(p)
 	if d == Hold {

@@ -34,12 +34,8 @@ func TestParseKernelStats(t *testing.T) {
 	}
 }
 
-// queueMark is the mark queueRule gives the packets it queues.
-const queueMark = 0x5c1d0042
-
 // queueRule makes the gateway queue forwarded TCP packets to port to
-// queue num, with the xtables NFQUEUE target (no bypass), marked with
-// queueMark.
+// queue num, with the xtables NFQUEUE target (no bypass).
 func queueRule(t *testing.T, gw *testnet.NS, num uint16, port uint16) {
 	t.Helper()
 	c, err := nftables.New(nftables.WithNetNSFd(gw.OpenT(t)))
@@ -57,8 +53,6 @@ func queueRule(t *testing.T, gw *testnet.NS, num uint16, port uint16) {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
 		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binary.BigEndian.AppendUint16(nil, port)},
-		&expr.Immediate{Register: 1, Data: binary.NativeEndian.AppendUint32(nil, queueMark)},
-		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
 		&expr.Target{Name: "NFQUEUE", Rev: 3, Info: &[]xt.Unknown{info}[0]},
 	}})
 	if err := c.Flush(); err != nil {
@@ -67,7 +61,7 @@ func queueRule(t *testing.T, gw *testnet.NS, num uint16, port uint16) {
 }
 
 // TestQueueAcceptHoldDrop runs a real queue in a lab gateway, with each
-// backend: packets are seen with their mark and GSO info, a held SYN is released later,
+// backend: packets are seen with GSO info, a held SYN is released later,
 // kernel counters are read back, and a drop handler stops the flow.
 func TestQueueAcceptHoldDrop(t *testing.T) {
 	for _, library := range []bool{false, true} {
@@ -78,7 +72,7 @@ func TestQueueAcceptHoldDrop(t *testing.T) {
 func queueAcceptHoldDrop(t *testing.T, library bool) {
 	lab := testnet.NewT(t, testnet.Options{})
 	queueRule(t, &lab.Gateway.NS, 77, 7000)
-	var seen, gso, unmarked atomic.Int64
+	var seen, gso atomic.Int64
 	var mode atomic.Int32 // 0 accept, 1 hold the next packet, 2 drop
 	var mu sync.Mutex
 	var held []*Packet
@@ -92,9 +86,6 @@ func queueAcceptHoldDrop(t *testing.T, library bool) {
 		}
 		if p.GSO {
 			gso.Add(1)
-		}
-		if p.Mark != queueMark {
-			unmarked.Add(1)
 		}
 		switch mode.Load() {
 		case 1:
@@ -200,9 +191,6 @@ func queueAcceptHoldDrop(t *testing.T, library bool) {
 	c.Close()
 	if seen.Load() < 10 {
 		t.Fatalf("handler saw %d packets", seen.Load())
-	}
-	if n := unmarked.Load(); n != 0 {
-		t.Fatalf("%d of %d packets came without their mark 0x%x", n, seen.Load(), queueMark)
 	}
 	// The connection's last packets may still be arriving: a backend
 	// counts a packet just before its handler sees it, so the counter lies

@@ -79,31 +79,11 @@ const DivertCommandMark = 0x5c1d0000
 // it), it does no harm: no flag is set, its TCP checksum is wrong, and
 // its TTL is 1.
 func AppendDivertCommand(b []byte, k splice.Key) []byte {
-	start := len(b)
-	if k.IsIPv4() {
-		b = append(b, 0x45, 0, 0, 40, 0, 0, 0x40, 0, 1, unix.IPPROTO_TCP, 0, 0)
-		b = append(b, k.Src[12:]...)
-		b = append(b, k.Dst[12:]...)
-		splice.IPv4(b[start:]).UpdateChecksum()
-	} else {
-		b = append(b, 0x60, 0, 0, 0, 0, 20, unix.IPPROTO_TCP, 1)
-		b = append(b, k.Src[:]...)
-		b = append(b, k.Dst[:]...)
-	}
-	tcp := len(b)
-	b = binary.BigEndian.AppendUint16(b, k.SrcPort)
-	b = binary.BigEndian.AppendUint16(b, k.DstPort)
-	// seq, ack, data offset 5 and no flags, window, checksum (below),
-	// urgent pointer.
-	b = append(b, 0, 0, 0, 0, 0, 0, 0, 0, 5<<4, 0, 0, 0, 0, 0, 0, 0)
-	src, dst := k.Src[:], k.Dst[:]
-	if k.IsIPv4() {
-		src, dst = src[12:], dst[12:]
-	}
+	b = splice.AppendBareSegment(b, k, 0, 0, 1)
 	// The right checksum with its top bit flipped: wrong, and not the
 	// other form of the same one's-complement sum (0 and 0xffff).
-	sum := splice.TCPChecksum(src, dst, b[tcp:])
-	binary.BigEndian.PutUint16(b[tcp+16:], sum^0x8000)
+	t := splice.TCP(b[len(b)-splice.TCPMinHeaderLen:])
+	t.SetChecksum(t.Checksum() ^ 0x8000)
 	return b
 }
 

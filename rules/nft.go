@@ -101,11 +101,11 @@ func queueServices(c *nftables.Conn, spec *Spec, t *nftables.Table, chain *nftab
 			if !fam.on {
 				continue
 			}
-			for _, cookieACK := range []bool{false, true} {
+			for _, kind := range []serviceRule{ruleSYNConntrack, ruleSYN, ruleCookieACK} {
 				c.AddRule(&nftables.Rule{
 					Table:    t,
 					Chain:    chain,
-					Exprs:    serviceExprs(spec, s, sets, fam.v6, cookieACK),
+					Exprs:    serviceExprs(spec, s, sets, fam.v6, kind),
 					UserData: userdata.AppendString(nil, userdata.TypeComment, ruleComment(s)),
 				})
 			}
@@ -114,14 +114,33 @@ func queueServices(c *nftables.Conn, spec *Spec, t *nftables.Table, chain *nftab
 	return nil
 }
 
-// serviceExprs is one TPROXY rule of a service: for SYNs, or (cookieACK)
-// for the ACK that completes a handshake the listener answered with a SYN
-// cookie. Such an ACK finds no socket (the listener kept no request), so
-// the socket rule of the prerouting chain does not deliver it; the
-// conntrack mark set on the SYN says it belongs to the listener. Any
-// other packet without a socket is routed on as before: a listener would
-// answer it with a reset.
-func serviceExprs(spec *Spec, s *Service, sets map[string]*nftables.Set, v6, cookieACK bool) []expr.Any {
+// serviceRule is one of a service's rules, per address family.
+type serviceRule int
+
+const (
+	// ruleSYNConntrack sets spliced's conntrack mark bit on a SYN's
+	// connection (see ruleCookieACK). It is a rule of its own because a
+	// packet conntrack did not take (INVALID: a SYN from the reply side
+	// of a stale entry, as when the gateway's own socket started a
+	// connection's current entry and the client now reuses the port)
+	// has no ct mark, and reading it ends the rule: in the SYN's rule it
+	// would skip the TPROXY statement after it, and the SYN, already
+	// marked for local delivery, would find no socket and be lost.
+	ruleSYNConntrack serviceRule = iota
+	// ruleSYN sends a new connection's SYN to the listener.
+	ruleSYN
+	// ruleCookieACK sends the ACK that completes a handshake the
+	// listener answered with a SYN cookie to the listener. Such an ACK
+	// finds no socket (the listener kept no request), so the socket rule
+	// of the prerouting chain does not deliver it; the conntrack mark
+	// set on the SYN says it belongs to the listener. Any other packet
+	// without a socket is routed on as before: a listener would answer
+	// it with a reset.
+	ruleCookieACK
+)
+
+// serviceExprs is one rule of a service (see serviceRule).
+func serviceExprs(spec *Spec, s *Service, sets map[string]*nftables.Set, v6 bool, kind serviceRule) []expr.Any {
 	nfproto, tproxyFamily := byte(unix.NFPROTO_IPV4), byte(unix.NFPROTO_IPV4)
 	saddrOff, daddrOff, addrLen := uint32(12), uint32(16), uint32(4)
 	if v6 {
@@ -150,17 +169,19 @@ func serviceExprs(spec *Spec, s *Service, sets map[string]*nftables.Set, v6, coo
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: daddrOff, Len: addrLen},
 			lookup(addrSet(s.Name, "dst", v6)))
 	}
-	if cookieACK {
+	switch kind {
+	case ruleSYNConntrack:
+		// tcp flags & (syn|ack) == syn: new connections only.
+		e = append(e, tcpFlags(flagSYN|flagACK, flagSYN)...)
+		return append(e, setCtMark(spec.CtMark, true)...)
+	case ruleSYN:
+		e = append(e, tcpFlags(flagSYN|flagACK, flagSYN)...)
+	case ruleCookieACK:
 		// ct mark & C == C, tcp flags & (syn|rst|ack) == ack.
 		e = append(e, matchCtMark(spec.CtMark)...)
 		e = append(e, tcpFlags(flagSYN|flagRST|flagACK, flagACK)...)
-		e = append(e, setMark(spec.Mark)...)
-	} else {
-		// tcp flags & (syn|ack) == syn: new connections only.
-		e = append(e, tcpFlags(flagSYN|flagACK, flagSYN)...)
-		e = append(e, setMark(spec.Mark)...)
-		e = append(e, setCtMark(spec.CtMark, true)...)
 	}
+	e = append(e, setMark(spec.Mark)...)
 	return append(e,
 		&expr.Immediate{Register: 1, Data: binaryutil.BigEndian.PutUint16(s.Listen)},
 		&expr.TProxy{Family: tproxyFamily, TableFamily: unix.NFPROTO_INET, RegPort: 1},

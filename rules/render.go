@@ -183,11 +183,12 @@ func serviceRuleText(spec Spec, s *Service) []string {
 		if !s.AnyDst {
 			r = append(r, fmt.Sprintf("%s daddr @%s", fam.ip, addrSet(s.Name, "dst", fam.v6)))
 		}
-		tproxy := fmt.Sprintf("tproxy %s to :%d accept comment %q", fam.ip, s.Listen, ruleComment(s))
-		syn := append(slices.Clip(r), "tcp flags syn / syn,ack", markSet(spec.Mark),
-			fmt.Sprintf("ct mark set ct mark | 0x%08x", spec.CtMark), tproxy)
+		comment := fmt.Sprintf("comment %q", ruleComment(s))
+		tproxy := fmt.Sprintf("tproxy %s to :%d accept %s", fam.ip, s.Listen, comment)
+		ct := append(slices.Clip(r), "tcp flags syn / syn,ack", fmt.Sprintf("ct mark set ct mark | 0x%08x", spec.CtMark), comment)
+		syn := append(slices.Clip(r), "tcp flags syn / syn,ack", markSet(spec.Mark), tproxy)
 		ack := append(slices.Clip(r), ctMarkMatch(spec.CtMark), "tcp flags ack / syn,rst,ack", markSet(spec.Mark), tproxy)
-		out = append(out, strings.Join(syn, " "), strings.Join(ack, " "))
+		out = append(out, strings.Join(ct, " "), strings.Join(syn, " "), strings.Join(ack, " "))
 	}
 	return out
 }

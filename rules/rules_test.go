@@ -466,7 +466,7 @@ func TestDriftWithoutNFT(t *testing.T) {
 	for _, tc := range []struct {
 		name, cmd, want string
 	}{
-		{"flushed services chain", "flush chain inet spl_rt services", "-chain services rules 10"},
+		{"flushed services chain", "flush chain inet spl_rt services", "-chain services rules 15"},
 		{"deleted table", "delete table inet spl_rt", "is gone"},
 	} {
 		if out, err := ns.Command(t.Context(), nft, tc.cmd).CombinedOutput(); err != nil {

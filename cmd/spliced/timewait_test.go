@@ -114,3 +114,62 @@ func exchangeFrom(h *testnet.Host, local, srv netip.AddrPort) (string, uint32, e
 	})
 	return got, retrans, err
 }
+
+// TestLabPortReuseOverStaleConntrack: a client reuses the port of a
+// connection whose conntrack entry the gateway's own socket started (the
+// entry's original direction is from the service's address to the
+// client) and which is not over in conntrack's eyes (CLOSE after a
+// reset, or ESTABLISHED). Conntrack cannot reopen such an entry from its
+// reply side and leaves the new SYN untracked (INVALID); that SYN must
+// still reach the service's listener. It used to be marked for local
+// delivery, skip the TPROXY statement (the rule's ct mark read ended it),
+// find no socket, and be lost: the client retransmitted its SYN until it
+// gave up, one request per connection slowed to a crawl.
+func TestLabPortReuseOverStaleConntrack(t *testing.T) {
+	testnet.Privileged(t, "conntrack")
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("v6=%v", v6), func(t *testing.T) {
+			lab := testnet.NewT(t, testnet.Options{})
+			testnet.StartDaemon(t, lab, fmt.Sprintf(forwardConfig, "nat"))
+			srv := netip.AddrPortFrom(lab.Server().Addr(v6), 5001)
+			ln, err := lab.Server().Listen(srv)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			go func() {
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					fmt.Fprint(c, "hello\n")
+					c.Close()
+				}
+			}()
+			family := "ipv4"
+			if v6 {
+				family = "ipv6"
+			}
+			for i, state := range []string{"CLOSE", "ESTABLISHED"} {
+				local := netip.AddrPortFrom(lab.Client().Addr(v6), uint16(41300+i))
+				// The entry the gateway's socket would start: from the
+				// service's address (the server's) to the client.
+				if out, err := lab.Gateway.Run("conntrack", "-I", "-p", "tcp",
+					"-s", srv.Addr().String(), "--sport", fmt.Sprint(srv.Port()),
+					"-d", local.Addr().String(), "--dport", fmt.Sprint(local.Port()),
+					"--state", state, "--timeout", "60", "-u", "ASSURED"); err != nil {
+					t.Fatalf("insert the stale entry: %v %s", err, out)
+				}
+				got, synRetrans, err := exchangeFrom(lab.Client(), local, srv)
+				if err == nil && synRetrans != 0 {
+					err = fmt.Errorf("the client's SYN was retransmitted %d times", synRetrans)
+				}
+				if err != nil || got != "hello\n" {
+					ct, _ := lab.Gateway.Run("conntrack", "-L", "-f", family, "-p", "tcp")
+					t.Fatalf("over a stale %s entry, connection from %v: %q, %v\ngateway conntrack:\n%s", state, local, got, err, ct)
+				}
+			}
+		})
+	}
+}

@@ -453,7 +453,7 @@ func (g *Gateway) logStats() {
 		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load(), "stalled_flows", g.stalledFlows.Load(),
 		"divert_by_command", g.divertCommands.Load(), "divert_by_netlink", g.divertNetlink.Load()}
 	if c := g.conntrack; c != nil {
-		attrs = append(attrs, "conntrack_deleted", c.deleted.Load(), "conntrack_delete_failed", c.failed.Load())
+		attrs = append(attrs, "conntrack_loosened", c.loosened.Load(), "conntrack_deleted", c.deleted.Load(), "conntrack_update_failed", c.failed.Load())
 	}
 	for v := range splice.NumVerdicts {
 		if n := g.counters.verdicts[v].Load(); n > 0 {

@@ -186,6 +186,7 @@ func (g *Gateway) reap(now time.Time) {
 		g.unstore(sf)
 		g.engine.Delete(sf.entry)
 		k := sf.keys()
+		g.conntrack.forget(k)
 		byQueue[sf.queue] = append(byQueue[sf.queue], k[0], k[1])
 		g.flows.Remove(sf.flow)
 	}

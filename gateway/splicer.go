@@ -109,7 +109,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		g.log.Warn("inject taken-over payload", logging.KeyFlow, f.ID, logging.Err(injectErr))
 	}
 	g.addSpliced(f, entry, tr.queue, &params)
-	g.conntrack.forget(tr.keys)
+	g.conntrack.loosen(tr.keys)
 	back := g.handOver(tr, f, entry)
 	if back && g.kpath != nil {
 		g.kpath.promoteSkipped.Add(1) // going straight back to its proxy

@@ -240,6 +240,7 @@ func (g *Gateway) activateStored() {
 		delete(g.spliced, sf.flow.ID)
 		g.splicedMu.Unlock()
 		g.unstore(sf)
+		g.conntrack.forget(sf.keys())
 		g.flows.Remove(sf.flow)
 	}
 	g.log.Debug("adopted flows handed to the engine", "flows", len(pending)-len(gone), "waited_us", time.Since(start).Microseconds())

@@ -152,7 +152,6 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	g.splicedMu.Unlock()
 	g.unstore(sf)
 	g.engine.Delete(sf.entry)
-	g.conntrack.forget(tr.keys)
 	for _, c := range []*net.TCPConn{cc, sc} {
 		if err := tcprepair.Resume(c); err != nil {
 			g.log.Error("unsplice: leave repair mode", logging.KeyFlow, f.ID, logging.Err(err))
@@ -248,6 +247,7 @@ func (g *Gateway) abandonUnsplice(sf *splicedFlow, tr *transition, why error) er
 		g.resetSpliced([]*splicedFlow{sf})
 		g.unstore(sf)
 		g.engine.Delete(sf.entry)
+		g.conntrack.forget(sf.keys())
 	}
 	g.transitions.remove(tr)
 	if !mine {

@@ -16,8 +16,11 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"spliced/api"
 	"spliced/testnet"
@@ -1164,4 +1167,104 @@ func TestLabHTTPUnsplicedLeavesQueue(t *testing.T) {
 			t.Logf("%s: divert entries gone after the unsplice; 20 relayed responses, 0 packets queued; spliced again", mode)
 		})
 	}
+}
+
+// TestLabHTTPUnsplicedConntrack: after an unsplice the flow's conntrack
+// entry still runs from the client (the direction its SYN gave it), so
+// that when the client resets the connection and connects again from the
+// same port, conntrack takes the new SYN, and an operator's `ct state
+// invalid drop` lets it through. Before, a splice deleted the entry and
+// the rebuilt socket's first packet (the client's still crossed the queue
+// untracked) started one from the service's address to the client:
+// conntrack held the client's next SYN from that port INVALID.
+func TestLabHTTPUnsplicedConntrack(t *testing.T) {
+	for _, mode := range []string{"splice", "splice-bpf"} {
+		t.Run(mode, func(t *testing.T) {
+			testnet.Privileged(t, "nft", "conntrack")
+			hl := startHTTPLab(t, mode, testnet.Options{}, func(lab *testnet.Lab) {
+				nft(t, &lab.Gateway.NS, "add table inet operator",
+					"add chain inet operator input { type filter hook input priority 0; }",
+					"add rule inet operator input ct state invalid counter drop")
+			})
+			hc := hl.dial(t)
+			local := hc.c.LocalAddr().(*net.TCPAddr).AddrPort()
+			hc.send("/a/big.bin") // spliced
+			hl.expect(hc, "/a/big.bin")
+			hc.send("/a/small.bin") // unspliced
+			hl.expect(hc, "/a/small.bin")
+			if err := hl.d.WaitLog(10*time.Second, func(map[string]any) bool { return hl.count("flow unspliced") == 1 }); err != nil {
+				t.Fatalf("not unspliced: %v\n%s", err, tail(hl.d.Log(), 20))
+			}
+			hc.send("/a/small.bin") // relayed, tracked both ways once the passthrough ends
+			hl.expect(hc, "/a/small.bin")
+			entry := func() string {
+				out, _ := hl.lab.Gateway.Run("conntrack", "-L", "-p", "tcp")
+				for _, l := range strings.Split(out, "\n") {
+					if strings.Contains(l, fmt.Sprintf("port=%d ", local.Port())) {
+						return l
+					}
+				}
+				return ""
+			}
+			e := entry()
+			if want := fmt.Sprintf("src=%s dst=%s sport=%d dport=80 ", local.Addr(), hl.vip.Addr(), local.Port()); !strings.Contains(e, want) || strings.Index(e, "src=") != strings.Index(e, want) {
+				t.Fatalf("the flow's conntrack entry after the unsplice: %q, want it from the client (%q first)", e, want)
+			}
+			// The client resets the connection and connects again from
+			// its port.
+			hc.c.SetLinger(0)
+			hc.c.Close()
+			again, synRetrans := hl.dialFrom(t, local)
+			if synRetrans != 0 {
+				t.Fatalf("the client's SYN from %v was retransmitted %d times; conntrack: %q; invalid dropped: %d", local, synRetrans, entry(), counted(t, &hl.lab.Gateway.NS, "operator"))
+			}
+			again.send("/b/small.bin")
+			hl.expect(again, "/b/small.bin")
+			if n := counted(t, &hl.lab.Gateway.NS, "operator"); n != 0 {
+				t.Errorf("the operator's rule dropped %d invalid packets", n)
+			}
+			t.Logf("%s: conntrack entry after the unsplice %q; a reset, a new connection from %v: no SYN retransmission, 0 invalid", mode, e, local)
+		})
+	}
+}
+
+// dialFrom connects from local (a port of an earlier connection) and
+// returns the connection and how often its SYN was retransmitted.
+func (hl *httpLab) dialFrom(t *testing.T, local netip.AddrPort) (*httpClient, uint32) {
+	t.Helper()
+	var c *net.TCPConn
+	var retrans uint32
+	err := hl.lab.Client().Do(func() error {
+		d := net.Dialer{
+			LocalAddr: net.TCPAddrFromAddrPort(local),
+			Timeout:   5 * time.Second,
+			Control: func(_, _ string, rc syscall.RawConn) error {
+				var serr error
+				rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1) })
+				return serr
+			},
+		}
+		nc, err := d.DialContext(t.Context(), "tcp", hl.vip.String())
+		if err != nil {
+			return err
+		}
+		c = nc.(*net.TCPConn)
+		raw, err := c.SyscallConn()
+		if err != nil {
+			return err
+		}
+		var infoErr error
+		raw.Control(func(fd uintptr) {
+			var info *unix.TCPInfo
+			if info, infoErr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); infoErr == nil {
+				retrans = info.Total_retrans
+			}
+		})
+		return infoErr
+	})
+	if err != nil {
+		t.Fatalf("connect from %v: %v", local, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return &httpClient{t: t, c: c, r: bufio.NewReader(c)}, retrans
 }

@@ -16,11 +16,8 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"spliced/api"
 	"spliced/testnet"
@@ -1232,36 +1229,7 @@ func TestLabHTTPUnsplicedConntrack(t *testing.T) {
 // returns the connection and how often its SYN was retransmitted.
 func (hl *httpLab) dialFrom(t *testing.T, local netip.AddrPort) (*httpClient, uint32) {
 	t.Helper()
-	var c *net.TCPConn
-	var retrans uint32
-	err := hl.lab.Client().Do(func() error {
-		d := net.Dialer{
-			LocalAddr: net.TCPAddrFromAddrPort(local),
-			Timeout:   5 * time.Second,
-			Control: func(_, _ string, rc syscall.RawConn) error {
-				var serr error
-				rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1) })
-				return serr
-			},
-		}
-		nc, err := d.DialContext(t.Context(), "tcp", hl.vip.String())
-		if err != nil {
-			return err
-		}
-		c = nc.(*net.TCPConn)
-		raw, err := c.SyscallConn()
-		if err != nil {
-			return err
-		}
-		var infoErr error
-		raw.Control(func(fd uintptr) {
-			var info *unix.TCPInfo
-			if info, infoErr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); infoErr == nil {
-				retrans = info.Total_retrans
-			}
-		})
-		return infoErr
-	})
+	c, retrans, err := dialFrom(hl.lab.Client(), local, hl.vip, 5*time.Second)
 	if err != nil {
 		t.Fatalf("connect from %v: %v", local, err)
 	}

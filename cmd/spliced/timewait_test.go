@@ -31,23 +31,9 @@ func TestLabPortReuseAfterTimeWait(t *testing.T) {
 			lab := testnet.NewT(t, testnet.Options{})
 			testnet.StartDaemon(t, lab, fmt.Sprintf(forwardConfig, "nat"))
 			srv := netip.AddrPortFrom(lab.Server().Addr(v6), 5001)
-			ln, err := lab.Server().Listen(srv)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
-			go func() {
-				for {
-					c, err := ln.Accept()
-					if err != nil {
-						return
-					}
-					// The server answers and closes first, so the
-					// gateway's client-side socket closes first.
-					fmt.Fprint(c, "hello\n")
-					c.Close()
-				}
-			}()
+			// The server closes first, so the gateway's client-side
+			// socket closes first.
+			serveHello(t, lab.Server(), srv)
 			local := netip.AddrPortFrom(lab.Client().Addr(v6), 41234)
 			for i := range 3 {
 				got, synRetrans, err := exchangeFrom(lab.Client(), local, srv)
@@ -71,48 +57,79 @@ func TestLabPortReuseAfterTimeWait(t *testing.T) {
 	}
 }
 
+// serveHello accepts connections on addr in h's namespace until the test
+// ends, sends each "hello\n" and closes it.
+func serveHello(t *testing.T, h *testnet.Host, addr netip.AddrPort) {
+	t.Helper()
+	ln, err := h.Listen(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			fmt.Fprint(c, "hello\n")
+			c.Close()
+		}
+	}()
+}
+
 // exchangeFrom connects from local to srv inside h's namespace, reads
 // what the server sends until it closes, and closes. It also returns how
 // many times the client's socket retransmitted, its SYN included.
 func exchangeFrom(h *testnet.Host, local, srv netip.AddrPort) (string, uint32, error) {
-	var got string
+	c, retrans, err := dialFrom(h, local, srv, 3*time.Second) // SYN retransmissions at 1 s and 3 s
+	if err != nil {
+		return "", retrans, err
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	b, err := io.ReadAll(c)
+	return string(b), retrans, err
+}
+
+// dialFrom connects from local (the port of an earlier connection, hence
+// SO_REUSEADDR) to dst inside h's namespace, and returns how many times
+// the socket retransmitted by then: its SYN's retransmissions.
+func dialFrom(h *testnet.Host, local, dst netip.AddrPort, timeout time.Duration) (*net.TCPConn, uint32, error) {
+	var c *net.TCPConn
 	var retrans uint32
 	err := h.Do(func() error {
 		d := net.Dialer{
 			LocalAddr: net.TCPAddrFromAddrPort(local),
-			Timeout:   3 * time.Second, // SYN retransmissions at 1 s and 3 s
-			Control: func(_, _ string, c syscall.RawConn) error {
+			Timeout:   timeout,
+			Control: func(_, _ string, rc syscall.RawConn) error {
 				var serr error
-				c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1) })
+				rc.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEADDR, 1) })
 				return serr
 			},
 		}
-		c, err := d.DialContext(context.Background(), "tcp", srv.String())
+		nc, err := d.DialContext(context.Background(), "tcp", dst.String())
 		if err != nil {
 			return err
 		}
-		defer c.Close()
-		raw, err := c.(*net.TCPConn).SyscallConn()
+		c = nc.(*net.TCPConn)
+		raw, err := c.SyscallConn()
 		if err != nil {
 			return err
 		}
 		var infoErr error
 		raw.Control(func(fd uintptr) {
 			var info *unix.TCPInfo
-			info, infoErr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-			if infoErr == nil {
+			if info, infoErr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); infoErr == nil {
 				retrans = info.Total_retrans
 			}
 		})
 		if infoErr != nil {
-			return infoErr
+			c.Close()
 		}
-		c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		b, err := io.ReadAll(c)
-		got = string(b)
-		return err
+		return infoErr
 	})
-	return got, retrans, err
+	return c, retrans, err
 }
 
 // TestLabPortReuseOverStaleConntrack: a client reuses the port of a
@@ -132,21 +149,7 @@ func TestLabPortReuseOverStaleConntrack(t *testing.T) {
 			lab := testnet.NewT(t, testnet.Options{})
 			testnet.StartDaemon(t, lab, fmt.Sprintf(forwardConfig, "nat"))
 			srv := netip.AddrPortFrom(lab.Server().Addr(v6), 5001)
-			ln, err := lab.Server().Listen(srv)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
-			go func() {
-				for {
-					c, err := ln.Accept()
-					if err != nil {
-						return
-					}
-					fmt.Fprint(c, "hello\n")
-					c.Close()
-				}
-			}()
+			serveHello(t, lab.Server(), srv)
 			family := "ipv4"
 			if v6 {
 				family = "ipv6"

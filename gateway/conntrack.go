@@ -60,13 +60,13 @@ type conntrackWork struct {
 // nothing) if ctnetlink is unavailable.
 func newConntrackCleaner(log *slog.Logger) *conntrackCleaner {
 	conn, err := conntrack.Dial(nil)
-	if err != nil {
-		log.Warn("ctnetlink unavailable: conntrack entries of spliced flows will linger until they time out (load nf_conntrack_netlink)", logging.Err(err))
-		return nil
+	var nl *netlink.Conn
+	if err == nil {
+		if nl, err = netlink.Dial(unix.NETLINK_NETFILTER, nil); err != nil {
+			conn.Close()
+		}
 	}
-	nl, err := netlink.Dial(unix.NETLINK_NETFILTER, nil)
 	if err != nil {
-		conn.Close()
 		log.Warn("ctnetlink unavailable: conntrack entries of spliced flows will linger until they time out (load nf_conntrack_netlink)", logging.Err(err))
 		return nil
 	}
@@ -99,15 +99,14 @@ func (c *conntrackCleaner) queue(w conntrackWork) {
 func (c *conntrackCleaner) run() {
 	defer close(c.done)
 	for w := range c.work {
+		do := c.loosenEntry
+		if w.delete {
+			do = c.delete
+		}
 		client, server := w.keys[splice.C2S], w.keys[splice.S2C].Reverse()
-		for i, k := range []splice.Key{client, server} {
-			switch {
-			case i == 1 && server == client:
-			case w.delete:
-				c.delete(k)
-			default:
-				c.loosenEntry(k)
-			}
+		do(client)
+		if server != client {
+			do(server)
 		}
 	}
 }

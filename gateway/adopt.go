@@ -128,7 +128,7 @@ func (g *Gateway) adoptPinned() {
 	if k == nil || !k.dp.Reused() {
 		return
 	}
-	flows, broken, err := k.dp.PinnedFlows()
+	flows, broken, err := k.dp.TakePinnedFlows()
 	if err != nil {
 		g.log.Error("read the bpf datapath's pinned flows; none adopted", logging.Err(err))
 		return

@@ -157,7 +157,7 @@ func (g *Gateway) adoptStored() {
 	if s == nil || !s.Reused() {
 		return
 	}
-	flows, broken, err := s.PinnedFlows()
+	flows, broken, err := s.TakePinnedFlows()
 	if err != nil {
 		g.log.Error("read the record of spliced flows; none adopted", logging.Err(err))
 		return

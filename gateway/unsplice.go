@@ -23,8 +23,9 @@ import (
 //     this, a segment lost in flight would never be resent: the rebuilt
 //     socket would believe it acknowledged);
 //  2. freeze: every packet is held; two sockets are rebuilt with
-//     TCP_REPAIR from the engine's tracked state, their conntrack entries
-//     are deleted, and they leave repair mode;
+//     TCP_REPAIR from the engine's tracked state and leave repair mode
+//     (they continue the conntrack entries the splice kept: see
+//     conntrackCleaner);
 //  3. release the held packets to the sockets, their ACKs raised to what
 //     the sockets sent (a fresh socket drops a segment acknowledging less
 //     than its snd_una), and hand the sockets to the proxy.

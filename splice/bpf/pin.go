@@ -343,11 +343,24 @@ type PinnedFlow struct {
 	Meta  []byte // what SetMeta stored, nil if nothing
 }
 
-// PinnedFlows returns every complete flow in the maps: one with its state
-// and both tuples. Incomplete ones (a tuple or the state missing, as a
-// daemon killed while it wrote or removed a flow leaves them) are
-// removed and their IDs returned in broken.
+// PinnedFlows returns every complete flow in the maps (one with its state
+// and both tuples) and the IDs of incomplete ones in broken: a tuple or
+// the state missing, as a daemon killed while it wrote or removed a flow
+// leaves them, and as a running daemon's record shows while it writes
+// one. It changes nothing, so that a reader beside a running daemon
+// (spliced -cleanup's, a test's) never removes the flow being written.
 func (dp *Datapath) PinnedFlows() (flows []PinnedFlow, broken []uint64, err error) {
+	return dp.pinnedFlows(false)
+}
+
+// TakePinnedFlows is PinnedFlows for the daemon that owns the maps, at
+// its start and before it writes any flow: it also removes the
+// incomplete flows.
+func (dp *Datapath) TakePinnedFlows() (flows []PinnedFlow, broken []uint64, err error) {
+	return dp.pinnedFlows(true)
+}
+
+func (dp *Datapath) pinnedFlows(removeBroken bool) (flows []PinnedFlow, broken []uint64, err error) {
 	type half struct {
 		keys  [2]splice.Key
 		have  [2]bool
@@ -394,7 +407,9 @@ func (dp *Datapath) PinnedFlows() (flows []PinnedFlow, broken []uint64, err erro
 		h := byID[id]
 		st, err := dp.Flow(id)
 		if err != nil || !h.have[0] || !h.have[1] {
-			dp.DeleteFlow(id, h.keys)
+			if removeBroken {
+				dp.DeleteFlow(id, h.keys)
+			}
 			broken = append(broken, id)
 			continue
 		}

@@ -170,9 +170,19 @@ func TestPinReuse(t *testing.T) {
 		if !dp2.Reused() {
 			t.Error("the pinned maps were not reused")
 		}
-		flows, broken, err := dp2.PinnedFlows()
+		// A reader changes nothing (a daemon may be writing flow 43):
+		// twice, then the owner takes the flows and removes it.
+		for range 2 {
+			if _, broken, err := dp2.PinnedFlows(); err != nil || len(broken) != 1 || broken[0] != 43 {
+				t.Errorf("PinnedFlows: broken %v, %v; want [43], still there", broken, err)
+			}
+		}
+		flows, broken, err := dp2.TakePinnedFlows()
 		if err != nil {
 			t.Error(err)
+		}
+		if _, after, err := dp2.PinnedFlows(); err != nil || len(after) != 0 {
+			t.Errorf("after TakePinnedFlows: broken %v, %v; want none", after, err)
 		}
 		if len(flows) != 2 || len(broken) != 1 || broken[0] != 43 || flows[1].ID != 50 || flows[1].State != real.State() {
 			t.Errorf("pinned flows %+v, broken %v; want flows 42 and 50, broken 43", flows, broken)

@@ -61,7 +61,7 @@ func TestStore(t *testing.T) {
 		if !s2.Reused() {
 			t.Error("the second OpenStore did not find the pins")
 		}
-		fs, broken, err := s2.PinnedFlows()
+		fs, broken, err := s2.TakePinnedFlows()
 		if err != nil || len(broken) > 0 || len(fs) != 1 {
 			t.Errorf("pinned flows %+v, broken %v, %v", fs, broken, err)
 		} else if f := fs[0]; f.ID != 7 || f.Keys != keys || f.State != st2 || string(f.Meta) != "record" {

@@ -10,6 +10,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -700,6 +702,26 @@ func testSpliceAnyMoment(t *testing.T, datapath string) {
 		}
 		defer stop2()
 	}
+	// Every FIN and RST at both ends, always: when an end sends or gets
+	// a reset, they show which segment drew it (a FIN retransmitted
+	// after the flow closed, ...), as the next failure's evidence.
+	var finRST []string
+	var stopCaptures []func()
+	for _, h := range []*testnet.Host{lab.Client(), lab.Server()} {
+		file := filepath.Join(t.TempDir(), h.Name+"-fin-rst.pcap")
+		stop, err := h.Capture("eth0", file, "tcp[tcpflags] & (tcp-fin|tcp-rst) != 0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		finRST = append(finRST, file)
+		stopCaptures = append(stopCaptures, stop)
+	}
+	stopCapturing := sync.OnceFunc(func() {
+		for _, stop := range stopCaptures {
+			stop()
+		}
+	})
+	defer stopCapturing()
 	d := testnet.StartDaemon(t, lab, cfg.String())
 	lns := make([]*testnet.Mux, services)
 	for i := range lns {
@@ -783,6 +805,16 @@ func testSpliceAnyMoment(t *testing.T, datapath string) {
 		if n := counted(t, ns, "rst"); n != 0 {
 			seen, _ := ns.Run("nft", "list", "set", "inet", "rst", "seen")
 			t.Errorf("%s saw %d RST packets:\n%s", ns.Name, n, seen)
+			stopCapturing()
+			for _, port := range regexp.MustCompile(`10\.1\.0\.2 \. (\d+) \.|\. 10\.1\.0\.2 \. (\d+)`).FindAllStringSubmatch(seen, -1) {
+				p := cmp.Or(port[1], port[2])
+				for _, file := range finRST {
+					out, _ := exec.Command("tshark", "-r", file, "-t", "ad", "-Y", "tcp.port == "+p,
+						"-T", "fields", "-e", "frame.time", "-e", "ip.src", "-e", "tcp.srcport", "-e", "ip.dst", "-e", "tcp.dstport",
+						"-e", "tcp.flags.str", "-e", "tcp.seq_raw", "-e", "tcp.ack_raw", "-e", "tcp.len").CombinedOutput()
+					t.Logf("FIN and RST packets of port %s in %s:\n%s", p, filepath.Base(file), out)
+				}
+			}
 		}
 	}
 	t.Logf("%d flows, %d spliced", flows, spliced)

@@ -14,8 +14,8 @@ import (
 )
 
 // TestConntrackLoosenAndForget: at a splice the flow's entries stay and
-// take liberal window tracking in both directions, their state and window
-// scales kept (ctnetlink's update sets all three); at the flow's end they
+// take liberal window tracking in both directions, their state kept
+// (the update sends only the two flag bytes); at the flow's end they
 // are deleted, whichever way they run. NAT: the client's connection and
 // the gateway's to the server are two entries.
 func TestConntrackLoosenAndForget(t *testing.T) {

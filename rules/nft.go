@@ -170,12 +170,12 @@ func serviceExprs(spec *Spec, s *Service, sets map[string]*nftables.Set, v6 bool
 			lookup(addrSet(s.Name, "dst", v6)))
 	}
 	switch kind {
-	case ruleSYNConntrack:
+	case ruleSYNConntrack, ruleSYN:
 		// tcp flags & (syn|ack) == syn: new connections only.
 		e = append(e, tcpFlags(flagSYN|flagACK, flagSYN)...)
-		return append(e, setCtMark(spec.CtMark, true)...)
-	case ruleSYN:
-		e = append(e, tcpFlags(flagSYN|flagACK, flagSYN)...)
+		if kind == ruleSYNConntrack {
+			return append(e, setCtMark(spec.CtMark, true)...)
+		}
 	case ruleCookieACK:
 		// ct mark & C == C, tcp flags & (syn|rst|ack) == ack.
 		e = append(e, matchCtMark(spec.CtMark)...)

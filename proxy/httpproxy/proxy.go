@@ -254,6 +254,7 @@ type conn struct {
 	out            *sendBuf
 	clientRd, upRd flushReader
 	toClient, toUp countingWriter
+	clientIO, upIO rawSock   // the sockets' reads and writes
 	clientIP       string    // the X-Forwarded-For entry, once made
 	xff            [1]string // the field's value for the request in flight
 	// respEnd is the value of flow.S2C at which the response in flight
@@ -276,7 +277,8 @@ type conn struct {
 
 // attach starts using new sockets (after accept, or after an unsplice).
 func (c *conn) attach(client, up *net.TCPConn) {
-	c.clientRd = flushReader{r: client, out: &c.out}
+	c.clientIO.reset(client)
+	c.clientRd = flushReader{r: &c.clientIO, out: &c.out}
 	c.mu.Lock()
 	c.client, c.cr = client, bufio.NewReader(&c.clientRd)
 	c.up, c.ur = up, nil
@@ -284,7 +286,8 @@ func (c *conn) attach(client, up *net.TCPConn) {
 	if up != nil {
 		// A fresh reader (c.ur was set to nil): nothing read from the
 		// sockets before the splice is read again.
-		c.upRd = flushReader{r: up, out: &c.out}
+		c.upIO.reset(up)
+		c.upRd = flushReader{r: &c.upIO, out: &c.out}
 		c.upReader()
 		c.upUsed, c.upReusable = true, false
 	}
@@ -546,7 +549,8 @@ func (c *conn) useUpstream(b *backend, up *net.TCPConn, used bool) {
 	c.mu.Lock()
 	c.up = up
 	c.mu.Unlock()
-	c.upRd = flushReader{r: up, out: &c.out}
+	c.upIO.reset(up)
+	c.upRd = flushReader{r: &c.upIO, out: &c.out}
 	c.upTo = b
 	c.upUsed, c.upReusable = used, false
 	c.flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), b.addr)
@@ -745,14 +749,14 @@ func (c *conn) send(rq *request, out *sendBuf) (*http.Response, time.Time, error
 	for attempt := 0; ; attempt++ {
 		retry := attempt == 0 && c.upUsed && rq.body == nil && idempotent(req.Method)
 		c.upReusable = false
-		c.toUp = countingWriter{w: c.up, n: &c.flow.C2S}
+		c.toUp = countingWriter{w: &c.upIO, n: &c.flow.C2S}
 		out.reset(&c.toUp)
 		err := req.Write(out)
 		if err == nil {
 			err = out.Flush()
 		}
 		if err == nil {
-			c.toClient = countingWriter{w: c.client, n: &c.flow.S2C}
+			c.toClient = countingWriter{w: &c.clientIO, n: &c.flow.S2C}
 			out.reset(&c.toClient)
 			read := c.upRd.n
 			resp, err := http.ReadResponse(c.ur, req)

@@ -189,12 +189,9 @@ func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *prox
 	defer drainBufs.Put(buf)
 	wait := 20 * time.Microsecond
 	for {
-		if err := g.drainStep(tr, f, client, upstream, *buf, deadline); err != nil {
-			return caps, err
-		}
-		empty, err := queuesEmpty(client, upstream)
+		empty, err := g.drainStep(tr, f, client, upstream, *buf, deadline)
 		if err != nil {
-			return caps, &SpliceError{Reason: "read socket queues", Err: err}
+			return caps, err
 		}
 		if empty {
 			tr.mu.Lock()
@@ -245,21 +242,30 @@ func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *prox
 var drainBufs = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
 
 // drainStep moves bytes the sockets received (and acknowledged) to the
-// other side, as the proxy would have.
-func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net.TCPConn, buf []byte, deadline time.Time) error {
+// other side, as the proxy would have. It reports whether both sockets
+// were empty when it looked (nothing received unread, nothing sent
+// unacknowledged, nothing moved): the queue sizes it reads for the move
+// answer that too, so a splice asks each socket once per round.
+func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net.TCPConn, buf []byte, deadline time.Time) (empty bool, err error) {
 	tr.mu.Lock()
 	reset, clientData := tr.reset, tr.clientData
 	tr.mu.Unlock()
 	if reset {
-		return &SpliceError{Reason: "the flow was reset"}
+		return false, &SpliceError{Reason: "the flow was reset"}
 	}
 	if clientData {
-		return &SpliceError{Reason: "the client sent its next request; the proxy reads it first"}
+		return false, &SpliceError{Reason: "the client sent its next request; the proxy reads it first"}
 	}
+	empty = true
 	if tr.watchClient {
-		if inq, _, err := tcprepair.Queues(client); err == nil && inq > 0 {
-			return &SpliceError{Reason: "the client sent its next request; the proxy reads it first"}
+		inq, outq, err := tcprepair.Queues(client)
+		if err != nil {
+			return false, &SpliceError{Reason: "read socket queues", Err: err}
 		}
+		if inq > 0 {
+			return false, &SpliceError{Reason: "the client sent its next request; the proxy reads it first"}
+		}
+		empty = outq == 0
 	}
 	for _, m := range []struct {
 		src, dst *net.TCPConn
@@ -268,14 +274,19 @@ func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net
 		if tr.watchClient && m.src == client {
 			continue // the proxy reads the client's requests itself (checked above)
 		}
-		for {
-			inq, _, err := tcprepair.Queues(m.src)
+		for first := true; ; first = false {
+			inq, outq, err := tcprepair.Queues(m.src)
 			if err != nil {
-				return &SpliceError{Reason: "read socket queues", Err: err}
+				return false, &SpliceError{Reason: "read socket queues", Err: err}
+			}
+			if first && outq > 0 {
+				empty = false
 			}
 			if inq == 0 {
 				break
 			}
+			// Bytes moved: the destination's send queue is not empty.
+			empty = false
 			m.src.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
 			n, err := m.src.Read(buf[:min(inq, len(buf))])
 			m.src.SetReadDeadline(time.Time{})
@@ -283,18 +294,18 @@ func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net
 				w, werr := writeQueued(m.dst, buf[:n], deadline, g.idleTimeout(f.Service))
 				m.n.Add(int64(w))
 				if werr != nil {
-					return &SpliceError{Reason: "move queued bytes", Err: werr}
+					return false, &SpliceError{Reason: "move queued bytes", Err: werr}
 				}
 			}
 			if errors.Is(err, io.EOF) {
-				return &SpliceError{Reason: "the flow is half-closed"}
+				return false, &SpliceError{Reason: "the flow is half-closed"}
 			}
 			if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
-				return &SpliceError{Reason: "read queued bytes", Err: err}
+				return false, &SpliceError{Reason: "read queued bytes", Err: err}
 			}
 		}
 	}
-	return nil
+	return empty, nil
 }
 
 // writeQueued writes bytes a drain read from one socket to the other. By

@@ -124,9 +124,10 @@ func capture(fd int, st *splice.Conn) error {
 	if err != nil {
 		return err
 	}
-	if err := unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, noQueue); err != nil {
-		return &OpError{"TCP_REPAIR_QUEUE", err}
-	}
+	// The repair queue stays selected: it matters only in repair mode,
+	// which a captured socket leaves only by its close or by Leave, and
+	// TCP_REPAIR on selects no queue again (one system call less per
+	// socket on a splice's path).
 	st.RcvNxt, st.SndNxt = splice.Seq(rcv), splice.Seq(snd)
 
 	// struct tcp_repair_window { snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup }

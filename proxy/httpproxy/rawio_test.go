@@ -121,6 +121,26 @@ func TestRawSock(t *testing.T) {
 			t.Fatalf("got %#v, want a *net.OpError of op read", err)
 		}
 	})
+	t.Run("write after a reset", func(t *testing.T) {
+		// The peer's reset makes the next writes fail (ECONNRESET, then
+		// EPIPE, whose SIGPIPE the runtime ignores for a socket): an
+		// error, not the end of the daemon.
+		a, b := tcpPair(t)
+		var rb rawSock
+		rb.reset(b)
+		a.SetLinger(0)
+		a.Close()
+		time.Sleep(20 * time.Millisecond)
+		var err error
+		for range 3 {
+			if _, err = rb.Write([]byte("late")); err != nil {
+				break
+			}
+		}
+		if !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.EPIPE) {
+			t.Fatalf("got %v, want ECONNRESET or EPIPE", err)
+		}
+	})
 	t.Run("no allocation per call", func(t *testing.T) {
 		a, b := tcpPair(t)
 		var ra, rb rawSock

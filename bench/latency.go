@@ -13,8 +13,9 @@ import (
 )
 
 const (
-	portIdle = 7101
-	portBusy = 7102
+	portIdle      = 7101
+	portBusy      = 7102
+	portBusyFixed = 7103
 )
 
 const latencyConfig = `
@@ -33,6 +34,13 @@ services:
     splice:
       mode: bytes
       bytes: 8MiB
+  - name: busyfixed
+    listen: 15003
+    ports: ["7103"]
+    splice:
+      mode: bytes
+      bytes: 8MiB
+      socket_buffer: 256KiB
 `
 
 // measureLatency splices idle flows (nothing in flight) and busy ones
@@ -103,22 +111,32 @@ func measureLatency(env *Env, opt *Options) *Latency {
 		c.Close()
 	}
 
-	// Busy flows, one after another.
-	bln, err := lab.Server().Listen(netip.AddrPortFrom(lab.Server().IPv4, portBusy))
-	if err != nil {
-		res.Error = err.Error()
-		return res
-	}
-	defer bln.Close()
-	var stalls []float64
-	for range n {
-		stall, err := busyFlow(lab, bln, 32<<20)
+	// Busy flows, one after another; then the same with the sockets'
+	// buffers fixed (splice.socket_buffer).
+	var stalls, stallsFixed []float64
+	for _, b := range []struct {
+		port   uint16
+		stalls *[]float64
+	}{{portBusy, &stalls}, {portBusyFixed, &stallsFixed}} {
+		bln, err := lab.Server().Listen(netip.AddrPortFrom(lab.Server().IPv4, b.port))
 		if err != nil {
-			res.Error = "busy flow: " + err.Error()
+			res.Error = err.Error()
 			return res
 		}
-		stalls = append(stalls, float64(stall.Microseconds())/1000)
+		defer bln.Close()
+		for range n {
+			stall, err := busyFlow(lab, bln, b.port, 32<<20)
+			if err != nil {
+				res.Error = "busy flow: " + err.Error()
+				return res
+			}
+			*b.stalls = append(*b.stalls, float64(stall.Microseconds())/1000)
+		}
 	}
+	fixedT := tookFor(portBusyFixed)
+	res.BusyFixedSamples = len(fixedT)
+	res.BusyFixedP50, res.BusyFixedP99 = percentile(fixedT, 0.5), percentile(fixedT, 0.99)
+	res.StallFixedP50, res.StallFixedP99 = percentile(stallsFixed, 0.5), percentile(stallsFixed, 0.99)
 	idleT, busyT := tookFor(portIdle), tookFor(portBusy)
 	res.IdleSamples, res.BusySamples = len(idleT), len(busyT)
 	res.IdleP50, res.IdleP99 = percentile(idleT, 0.5), percentile(idleT, 0.99)
@@ -126,8 +144,9 @@ func measureLatency(env *Env, opt *Options) *Latency {
 	res.StallP50, res.StallP99 = percentile(stalls, 0.5), percentile(stalls, 0.99)
 	res.Phases = append(phasesFor(d.Lines(), "idle", fmt.Sprintf("%s:%d", lab.Server().IPv4, portIdle)),
 		phasesFor(d.Lines(), "busy", fmt.Sprintf("%s:%d", lab.Server().IPv4, portBusy))...)
-	fmt.Fprintf(opt.Log, "   idle %d: p50 %.0f µs p99 %.0f µs; busy %d: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms\n",
-		res.IdleSamples, res.IdleP50, res.IdleP99, res.BusySamples, res.BusyP50, res.BusyP99, res.StallP50, res.StallP99)
+	fmt.Fprintf(opt.Log, "   idle %d: p50 %.0f µs p99 %.0f µs; busy %d: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms; socket_buffer 256KiB: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms\n",
+		res.IdleSamples, res.IdleP50, res.IdleP99, res.BusySamples, res.BusyP50, res.BusyP99, res.StallP50, res.StallP99,
+		res.BusyFixedP50, res.BusyFixedP99, res.StallFixedP50, res.StallFixedP99)
 	return res
 }
 
@@ -159,7 +178,7 @@ func phasesFor(lines []map[string]any, kind, server string) []PhaseLatency {
 
 // busyFlow sends size bytes each way at once and returns the longest gap
 // between two reads at either receiver.
-func busyFlow(lab *testnet.Lab, ln *net.TCPListener, size int64) (time.Duration, error) {
+func busyFlow(lab *testnet.Lab, ln *net.TCPListener, port uint16, size int64) (time.Duration, error) {
 	accepted := make(chan *net.TCPConn, 1)
 	go func() {
 		c, err := ln.AcceptTCP()
@@ -169,7 +188,7 @@ func busyFlow(lab *testnet.Lab, ln *net.TCPListener, size int64) (time.Duration,
 		}
 		accepted <- c
 	}()
-	c, err := lab.Client().Dial(netip.AddrPortFrom(lab.Server().IPv4, portBusy), 5*time.Second)
+	c, err := lab.Client().Dial(netip.AddrPortFrom(lab.Server().IPv4, port), 5*time.Second)
 	if err != nil {
 		return 0, err
 	}

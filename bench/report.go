@@ -74,6 +74,10 @@ type Latency struct {
 	// Stall: the longest gap between two reads at the receiver of a busy
 	// flow around its splice, ms.
 	StallP50, StallP99 float64
+	// The same busy flows in a service with splice.socket_buffer 256KiB.
+	BusyFixedSamples             int `json:"busy_fixed_samples"`
+	BusyFixedP50, BusyFixedP99   float64
+	StallFixedP50, StallFixedP99 float64
 	// Phases: where the splice time went, per phase of the gateway's
 	// transition (the "phases_us" of its log lines), idle and busy flows.
 	Phases []PhaseLatency `json:"phases,omitempty"`
@@ -232,7 +236,12 @@ func (r *Report) Markdown() string {
 			fmt.Fprintf(&b, "| | flows | p50 | p99 |\n|---|---|---|---|\n")
 			fmt.Fprintf(&b, "| idle flow, splice time | %d | %.0f µs | %.0f µs |\n", l.IdleSamples, l.IdleP50, l.IdleP99)
 			fmt.Fprintf(&b, "| busy flow, splice time | %d | %.0f µs | %.0f µs |\n", l.BusySamples, l.BusyP50, l.BusyP99)
-			fmt.Fprintf(&b, "| busy flow, longest stall at the receiver | %d | %.1f ms | %.1f ms |\n\n", l.BusySamples, l.StallP50, l.StallP99)
+			fmt.Fprintf(&b, "| busy flow, longest stall at the receiver | %d | %.1f ms | %.1f ms |\n", l.BusySamples, l.StallP50, l.StallP99)
+			if l.BusyFixedSamples > 0 {
+				fmt.Fprintf(&b, "| busy flow, socket_buffer 256KiB, splice time | %d | %.0f µs | %.0f µs |\n", l.BusyFixedSamples, l.BusyFixedP50, l.BusyFixedP99)
+				fmt.Fprintf(&b, "| busy flow, socket_buffer 256KiB, longest stall | %d | %.1f ms | %.1f ms |\n", l.BusyFixedSamples, l.StallFixedP50, l.StallFixedP99)
+			}
+			b.WriteString("\n")
 			if len(l.Phases) > 0 {
 				fmt.Fprintf(&b, "| splice phase | idle p50 | idle p99 | busy p50 | busy p99 |\n|---|---|---|---|---|\n")
 				for _, name := range phaseOrder(l.Phases) {

@@ -24,6 +24,7 @@ func fixedReport() *Report {
 		Commit: "abc123", Kernel: "6.18", CPUs: 2, Date: "2026-11-26", Repetitions: 3, Seconds: 1,
 		Configs: []ConfigResult{cfg("routing", 20000, ""), cfg("haproxy", 0, "haproxy is not installed"), cfg("spliced-copy", 10000, ""), cfg("spliced-splice", 15000, "")},
 		Latency: &Latency{IdleSamples: 10, IdleP50: 80, IdleP99: 120, BusySamples: 10, BusyP50: 1500, BusyP99: 7000, StallP50: 2, StallP99: 8,
+			BusyFixedSamples: 10, BusyFixedP50: 700, BusyFixedP99: 3000, StallFixedP50: 1, StallFixedP99: 4,
 			Phases: append(phasesFor(phaseLines, "idle", "10.2.0.2:7101"), phasesFor(phaseLines, "busy", "10.2.0.2:7102")...)},
 		Memory: &Memory{Flows: 100, Proxied: MemSample{DaemonRSS: 30 << 20, BaseRSS: 10 << 20, DaemonLive: 22 << 20, BaseLive: 2 << 20, SocketMem: 4 << 20, Sockets: 200},
 			Spliced:    MemSample{DaemonRSS: 11 << 20, BaseRSS: 10 << 20, DaemonLive: 3 << 20, BaseLive: 2 << 20},
@@ -66,6 +67,7 @@ func TestReportGenerator(t *testing.T) {
 		"### Ratio to routing",
 		"| spliced-copy | 0.50 |",
 		"| idle flow, splice time | 10 | 80 µs | 120 µs |",
+		"| busy flow, socket_buffer 256KiB, longest stall | 10 | 1.0 ms | 4.0 ms |",
 		"| splice phase | idle p50 | idle p99 | busy p50 | busy p99 |",
 		"| divert | 60 µs | 60 µs | 45 µs | 45 µs |", // the percentile of two samples rounds up
 		"| drain | 20 µs | 20 µs | 9000 µs | 9000 µs |",

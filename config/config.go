@@ -145,7 +145,21 @@ type Splice struct {
 	// is reported as stalled (counted, logged with the engine's state;
 	// default 15s). A stall is a bug to report, not a state to wait out.
 	StallAfter Duration `yaml:"stall_after"`
+	// SocketBuffer, when set, fixes the send and receive buffers of a
+	// relayed flow's two sockets (SO_SNDBUF, SO_RCVBUF) instead of the
+	// kernel's autotuning: what the sockets hold when a splice starts is
+	// what its drain must move and the peers acknowledge, and the
+	// receive window bounds what arrives during the drain and is
+	// released after it. Smaller buffers make a busy flow's splice
+	// shorter, and cap the relayed phase at SocketBuffer per round trip.
+	SocketBuffer ByteSize `yaml:"socket_buffer"`
 }
+
+// Bounds of splice.socket_buffer.
+const (
+	MinSocketBuffer = 16 << 10
+	MaxSocketBuffer = 64 << 20
+)
 
 // Limits bound what the daemon holds.
 type Limits struct {

@@ -103,6 +103,8 @@ func TestParseErrors(t *testing.T) {
 		{"bad interface name", "kernel:\n  datapath: auto\n  interfaces: [\"eth0:1\"]\n", []string{"kernel.interfaces[0]:", "not an interface name"}},
 		{"relative bpffs", "kernel:\n  bpffs: sys/fs/bpf\n", []string{"kernel.bpffs:", "not a clean absolute path"}},
 		{"mark on the bpf bit", "kernel:\n  datapath: bpf\n  mark: 0x20000001\n", []string{"line 3: kernel.mark:", "0x20000000"}},
+		{"socket buffer too small", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    splice:\n      mode: bytes\n      bytes: 1MiB\n      socket_buffer: 4KiB\n", []string{"services[0].splice.socket_buffer:", `"4096"`, "16KiB to 64MiB"}},
+		{"socket buffer without splicing", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    splice:\n      socket_buffer: 256KiB\n", []string{"services[0].splice.socket_buffer:", "never splices", "set splice.mode"}},
 		{"listen backlog", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    backlog: 100000\n", []string{"line 5: services[0].backlog:", "1-65535"}},
 	}
 	for _, c := range cases {

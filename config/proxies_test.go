@@ -28,6 +28,7 @@ func TestProxyParseErrors(t *testing.T) {
 		{"socks5 bad resolver", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      resolver: dns.example\n", []string{"line 6: services[0].socks5.resolver:", "address and port"}},
 		{"socks5 unknown key", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      user_file: x\n", []string{"line 6: services[0].socks5.user_file:", `did you mean "users_file"`}},
 		{"socks5 transparent", "services:\n  - name: s\n    proxy: socks5\n    listen_mode: transparent\n    listen: 1\n    ports: [\"1080\"]\n", []string{"line 4: services[0].listen_mode:", "not a listen mode of proxy socks5", "use direct"}},
+		{"socket buffer on http", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    proxy: http\n    splice:\n      mode: immediate\n      socket_buffer: 256KiB\n    http:\n      routes:\n        - path: /\n          backends: [\"10.2.0.2:80\"]\n", []string{"services[0].splice.socket_buffer:", "forward and socks5", "remove it"}},
 		{"socks5 no listen_on", "services:\n  - name: s\n    proxy: socks5\n", []string{"services[0]:", "no listen_on"}},
 		{"socks5 bad domain", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      rules:\n        - action: deny\n          domains: [\"bad domain\"]\n", []string{"line 8: services[0].socks5.rules[0].domains[0]:", "not a domain name"}},
 	}

@@ -145,6 +145,16 @@ func (c *Config) validate(idx *keyIndex) error {
 		case s.Splice.Mode == SpliceTime && s.Splice.After <= 0:
 			bad(p+".splice", string(s.Splice.Mode), "needs splice.after, how long after the connect to splice, such as 10s")
 		}
+		if b := s.Splice.SocketBuffer; b != 0 {
+			switch {
+			case b < MinSocketBuffer || b > MaxSocketBuffer:
+				bad(p+".splice.socket_buffer", fmt.Sprint(int64(b)), "is out of range; use 16KiB to 64MiB (such as 256KiB), or leave it out for the kernel's autotuning")
+			case s.Proxy != "" && s.Proxy != ProxyForward && s.Proxy != "socks5":
+				bad(p+".splice.socket_buffer", fmt.Sprint(int64(b)), "applies to the flows of forward and socks5 services (relayed, then spliced); proxy %s does not use it, so remove it", s.Proxy)
+			case s.Splice.Mode == SpliceNever || s.Splice.Mode == "":
+				bad(p+".splice.socket_buffer", fmt.Sprint(int64(b)), "bounds what a splice must drain, and this service never splices; remove it, or set splice.mode")
+			}
+		}
 		if def != nil && def.Validate != nil {
 			def.Validate(s, func(key, value, msg string) {
 				if key != "" {

@@ -246,6 +246,15 @@ func (f *Forwarder) handleDirect(c *net.TCPConn, flow *Flow) {
 // is spliced again only on request). Once spliced, the gateway may give
 // the flow back (Flow.Resume): it is then served again.
 func (f *Forwarder) serve(flow *Flow, client, upstream *net.TCPConn, log *slog.Logger, policy bool) {
+	if size := int(f.Service.Splice.SocketBuffer); size > 0 {
+		// Before any byte is relayed: a smaller buffer set later would
+		// not bound what the sockets already hold.
+		for _, c := range []*net.TCPConn{client, upstream} {
+			if err := setSocketBuffers(c, size); err != nil {
+				log.Debug("set the socket buffers (splice.socket_buffer)", logging.Err(err))
+			}
+		}
+	}
 	relay := &Relay{Client: client, Upstream: upstream, Flow: flow, IdleTimeout: f.Service.IdleTimeout.D()}
 	stop := context.AfterFunc(f.FlowContext(), relay.Close)
 	defer stop()

@@ -129,6 +129,12 @@ func addrPort(a net.Addr) netip.AddrPort {
 }
 
 // reset closes c with a RST instead of a FIN, for refused or failed flows.
+// setSocketBuffers fixes c's send and receive buffers at size bytes
+// (splice.socket_buffer), which turns the kernel's autotuning of both off.
+func setSocketBuffers(c *net.TCPConn, size int) error {
+	return errors.Join(c.SetReadBuffer(size), c.SetWriteBuffer(size))
+}
+
 func reset(c *net.TCPConn) {
 	c.SetLinger(0)
 	c.Close()

@@ -8,6 +8,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+
 	"spliced/config"
 	"spliced/logging"
 	"spliced/nfq"
@@ -38,12 +41,18 @@ type kernelPath struct {
 	// promoteSkipped: splices whose flow was being unspliced before the
 	// promotion could take it (the next request came first).
 	promoteSkipped atomic.Uint64
+	// stopFollowing ends followInterfaces (nil when it does not run).
+	stopFollowing func()
 }
 
 // close releases the program. Pinned, it stays attached with its maps
 // (the flows keep being rewritten; the next daemon adopts them) unless
 // remove: then the links are detached and the pins removed.
 func (k *kernelPath) close(remove bool) error {
+	if k.stopFollowing != nil {
+		k.stopFollowing()
+		k.stopFollowing = nil
+	}
 	var errs []error
 	if k.at != nil {
 		if remove {
@@ -96,11 +105,55 @@ func (g *Gateway) startDatapath(cfg *config.Config) error {
 		return nil
 	}
 	g.kpath = k
+	if len(cfg.Kernel.Interfaces) == 0 {
+		k.stopFollowing = g.followInterfaces(k, cfg)
+	}
 	g.log.Info("datapath", "datapath", "bpf", "interfaces", strings.Join(ifaces, ","),
 		logging.KeyReason, "kernel.datapath: "+mode+"; the program is attached at tcx ingress",
 		"mark", fmt.Sprintf("0x%x", uint32(config.BPFMark)), "pins", k.dp.PinDir(), "reused_pins", k.dp.Reused(),
 		"links_updated", strings.Join(k.at.Updated, ","), "links_dropped", strings.Join(k.at.Dropped, ","))
 	return nil
+}
+
+// followInterfaces keeps the program attached at every interface but
+// loopback (kernel.interfaces unset) as interfaces come and go: on each
+// link notification of rtnetlink it attaches to new ones and lets go of
+// the links of those gone. It returns the function that stops it. A
+// failure to listen is logged: the interfaces of the start stay
+// attached, and spliced packets that enter elsewhere go through the
+// queue.
+func (g *Gateway) followInterfaces(k *kernelPath, cfg *config.Config) (stop func()) {
+	conn, err := netlink.Dial(unix.NETLINK_ROUTE, &netlink.Config{Groups: unix.RTMGRP_LINK})
+	if err != nil {
+		g.log.Warn("datapath: interfaces that appear later will not be attached to", logging.Err(err))
+		return nil
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			// First for what appeared between the start's listing and
+			// the subscription, then on any link message (or an
+			// overrun, ENOBUFS).
+			if want, err := Interfaces(cfg); err == nil {
+				added, removed, err := k.at.Sync(want)
+				if len(added) > 0 || len(removed) > 0 {
+					g.log.Info("datapath: interfaces changed", "attached", strings.Join(added, ","), "released", strings.Join(removed, ","),
+						"interfaces", strings.Join(k.at.Interfaces(), ","))
+				}
+				if err != nil {
+					g.log.Warn("datapath: could not attach to an interface; its spliced packets go through the queue", logging.Err(err))
+				}
+			}
+			if _, err := conn.Receive(); err != nil && !errors.Is(err, unix.ENOBUFS) {
+				return // closed
+			}
+		}
+	}()
+	return func() {
+		conn.Close()
+		<-done
+	}
 }
 
 // loadKernelPath loads the program with its maps pinned under cfg's pin

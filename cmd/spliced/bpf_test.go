@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"crypto/rand"
 	"fmt"
 	"io"
 	"net"
@@ -236,5 +238,116 @@ services:
 	}
 	if tbl, _ := lab.Gateway.Run("nft", "list", "tables"); strings.Contains(tbl, "spliced") {
 		t.Errorf("a failed start left the table: %s", tbl)
+	}
+}
+
+// TestLabBPFHotPluggedInterface: with kernel.interfaces unset, an
+// interface that appears after the start gets the program at its tcx
+// ingress, and a flow that enters the gateway through it is rewritten
+// by the program (bytes intact both ways, the program's counter grows
+// and the queues' does not: unattached, the flow's packets from that
+// interface would reach the queue); when the interface goes, its link is
+// let go.
+func TestLabBPFHotPluggedInterface(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	d := testnet.StartDaemon(t, lab, `
+log:
+  level: info
+kernel:
+  datapath: bpf
+services:
+  - name: fwd
+    listen: 15001
+    ports: ["5001"]
+    splice:
+      mode: immediate
+`)
+	run := func(ns *testnet.NS, args ...string) {
+		t.Helper()
+		if out, err := ns.Run(args[0], args[1:]...); err != nil {
+			t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	// A second link between the client and the gateway, made now, and
+	// the client's route to the server through it.
+	gw, cl := &lab.Gateway.NS, &lab.Client().NS
+	run(gw, "ip", "link", "add", "hot0", "type", "veth", "peer", "name", "hotc", "netns", cl.Name)
+	run(gw, "ip", "addr", "add", "10.9.0.1/24", "dev", "hot0")
+	run(gw, "ip", "link", "set", "hot0", "up")
+	run(cl, "ip", "addr", "add", "10.9.0.2/24", "dev", "hotc")
+	run(cl, "ip", "link", "set", "hotc", "up")
+	run(cl, "ip", "route", "add", lab.Server().IPv4.String()+"/32", "via", "10.9.0.1", "dev", "hotc", "src", "10.9.0.2")
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
+		return l["msg"] == "datapath: interfaces changed" && strings.Contains(fmt.Sprint(l["attached"]), "hot0")
+	}); err != nil {
+		t.Fatalf("the new interface was not attached to: %v\n%s", err, tail(d.Log(), 10))
+	}
+	if n := tcxIngress(t, lab)["hot0"]; n != 1 {
+		t.Fatalf("%d programs at tcx ingress of hot0, want 1", n)
+	}
+
+	dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)
+	ln, err := lab.Server().Listen(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	c, err := lab.Client().Dial(dst, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if a := c.LocalAddr().(*net.TCPAddr).IP.String(); a != "10.9.0.2" {
+		t.Fatalf("the client connected from %s, not through hot0", a)
+	}
+	ln.SetDeadline(time.Now().Add(5 * time.Second))
+	s, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
+		return l["msg"] == "flow spliced" && l["datapath"] == "bpf"
+	}); err != nil {
+		t.Fatalf("%v\n%s", err, tail(d.Log(), 20))
+	}
+	before, err := bpfCounts(lab, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, 4<<20)
+	rand.Read(data)
+	for _, pair := range [][2]*net.TCPConn{{c, s}, {s, c}} {
+		errc := make(chan error, 1)
+		go func() {
+			_, err := pair[0].Write(data)
+			errc <- err
+		}()
+		pair[1].SetReadDeadline(time.Now().Add(20 * time.Second))
+		got := make([]byte, len(data))
+		if _, err := io.ReadFull(pair[1], got); err != nil {
+			t.Fatalf("read: %v\n%s", err, tail(d.Log(), 10))
+		}
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, data) {
+			t.Fatal("the bytes read are not the bytes written")
+		}
+	}
+	after, err := bpfCounts(lab, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.forwarded <= before.forwarded || after.queued != before.queued {
+		t.Errorf("program forwarded %d -> %d, queued %d -> %d: want the program's count up and the queues' unchanged",
+			before.forwarded, after.forwarded, before.queued, after.queued)
+	}
+
+	run(gw, "ip", "link", "del", "hot0")
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
+		return l["msg"] == "datapath: interfaces changed" && strings.Contains(fmt.Sprint(l["released"]), "hot0")
+	}); err != nil {
+		t.Fatalf("the link of the deleted interface was not let go of: %v\n%s", err, tail(d.Log(), 10))
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -22,6 +23,8 @@ import (
 // there and stay attached after the process ends, until Detach or
 // RemovePins.
 type Attachment struct {
+	dp     *Datapath
+	mu     sync.Mutex // links and names: Sync runs beside the readers
 	links  []link.Link
 	names  []string
 	pinDir string
@@ -41,7 +44,7 @@ type Attachment struct {
 // call attached stays attached (links it updated keep this program:
 // both programs share the maps).
 func (dp *Datapath) Attach(ifaces []string) (*Attachment, error) {
-	a := &Attachment{pinDir: dp.pinDir}
+	a := &Attachment{dp: dp, pinDir: dp.pinDir}
 	fail := func(err error) (*Attachment, error) {
 		for i, l := range a.links {
 			if !slices.Contains(a.Updated, a.names[i]) {
@@ -63,16 +66,9 @@ func (dp *Datapath) Attach(ifaces []string) (*Attachment, error) {
 			a.Updated = append(a.Updated, name)
 			continue
 		}
-		l, err := link.AttachTCX(link.TCXOptions{Interface: ifi.Index, Program: dp.objs.SpliceRewrite,
-			Attach: ebpf.AttachTCXIngress, Anchor: link.Tail()})
+		l, err := dp.attachNew(ifi)
 		if err != nil {
-			return fail(fmt.Errorf("tcx attach at ingress of %s: %w", name, err))
-		}
-		if dp.pinDir != "" {
-			if err := l.Pin(linkPin(dp.pinDir, name)); err != nil {
-				l.Close()
-				return fail(fmt.Errorf("pin the tcx link of %s: %w", name, err))
-			}
+			return fail(err)
 		}
 		a.links = append(a.links, l)
 		a.names = append(a.names, name)
@@ -89,6 +85,77 @@ func (dp *Datapath) Attach(ifaces []string) (*Attachment, error) {
 		}
 	}
 	return a, nil
+}
+
+// attachNew attaches the program at tcx ingress of ifi, after the
+// programs there, and pins the link when the datapath pins.
+func (dp *Datapath) attachNew(ifi *net.Interface) (link.Link, error) {
+	l, err := link.AttachTCX(link.TCXOptions{Interface: ifi.Index, Program: dp.objs.SpliceRewrite,
+		Attach: ebpf.AttachTCXIngress, Anchor: link.Tail()})
+	if err != nil {
+		return nil, fmt.Errorf("tcx attach at ingress of %s: %w", ifi.Name, err)
+	}
+	if dp.pinDir != "" {
+		if err := l.Pin(linkPin(dp.pinDir, ifi.Name)); err != nil {
+			l.Close()
+			return nil, fmt.Errorf("pin the tcx link of %s: %w", ifi.Name, err)
+		}
+	}
+	return l, nil
+}
+
+// Sync makes the attachment follow the interfaces present: it attaches
+// the program at ingress of each interface of want it is not attached
+// to, and lets go of the links of interfaces no longer in want (gone,
+// renamed, moved to another namespace: their links are defunct). It
+// returns what it attached and let go of; an interface it could not
+// attach to is in the error and stays unattached (its spliced packets
+// go through the queue), the others are attached.
+func (a *Attachment) Sync(want []string) (added, removed []string, err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	var errs []error
+	keep := a.links[:0]
+	names := a.names[:0]
+	for i, l := range a.links {
+		name := a.names[i]
+		ifi, ierr := net.InterfaceByName(name)
+		if slices.Contains(want, name) && ierr == nil && a.attachedTo(l, ifi) {
+			keep, names = append(keep, l), append(names, name)
+			continue
+		}
+		if a.pinDir != "" {
+			l.Unpin()
+		}
+		l.Close()
+		removed = append(removed, name)
+	}
+	a.links, a.names = keep, names
+	for _, name := range want {
+		if slices.Contains(a.names, name) {
+			continue
+		}
+		ifi, ierr := net.InterfaceByName(name)
+		if ierr != nil {
+			continue // gone again meanwhile
+		}
+		l, aerr := a.dp.attachNew(ifi)
+		if aerr != nil {
+			errs = append(errs, aerr)
+			continue
+		}
+		a.links = append(a.links, l)
+		a.names = append(a.names, name)
+		added = append(added, name)
+	}
+	return added, removed, errors.Join(errs...)
+}
+
+// attachedTo reports whether l is still attached at ingress of ifi (an
+// interface of that name may be a new one, with another index).
+func (a *Attachment) attachedTo(l link.Link, ifi *net.Interface) bool {
+	info, err := l.Info()
+	return err == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifi.Index
 }
 
 func linkPin(dir, iface string) string { return filepath.Join(dir, pinLinkPrefix+iface) }
@@ -121,11 +188,21 @@ func (dp *Datapath) updatePinned(ifi *net.Interface) link.Link {
 }
 
 // Interfaces are the interfaces the program is attached to.
-func (a *Attachment) Interfaces() []string { return a.names }
+func (a *Attachment) Interfaces() []string {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Clone(a.names)
+}
 
 // Close releases the links: unpinned ones are detached, pinned ones stay
 // attached (Detach detaches them too).
 func (a *Attachment) Close() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.closeLocked()
+}
+
+func (a *Attachment) closeLocked() error {
 	var errs []error
 	for _, l := range a.links {
 		if err := l.Close(); err != nil {
@@ -138,6 +215,8 @@ func (a *Attachment) Close() error {
 
 // Detach unpins the links and detaches the program everywhere.
 func (a *Attachment) Detach() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
 	var errs []error
 	for _, l := range a.links {
 		if a.pinDir != "" {
@@ -146,7 +225,7 @@ func (a *Attachment) Detach() error {
 			}
 		}
 	}
-	return errors.Join(append(errs, a.Close())...)
+	return errors.Join(append(errs, a.closeLocked())...)
 }
 
 // Mark is the mark bit the program sets on what it rewrote.

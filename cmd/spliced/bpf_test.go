@@ -286,26 +286,10 @@ services:
 		t.Fatalf("%d programs at tcx ingress of hot0, want 1", n)
 	}
 
-	dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)
-	ln, err := lab.Server().Listen(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	c, err := lab.Client().Dial(dst, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c, s := connectThrough(t, lab, netip.AddrPortFrom(lab.Server().IPv4, 5001))
 	if a := c.LocalAddr().(*net.TCPAddr).IP.String(); a != "10.9.0.2" {
 		t.Fatalf("the client connected from %s, not through hot0", a)
 	}
-	ln.SetDeadline(time.Now().Add(5 * time.Second))
-	s, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
 	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
 		return l["msg"] == "flow spliced" && l["datapath"] == "bpf"
 	}); err != nil {

@@ -49,29 +49,14 @@ services:
 		fixed bool
 	}{{5101, true}, {5102, false}} {
 		t.Run(fmt.Sprint(c.port), func(t *testing.T) {
-			dst := netip.AddrPortFrom(lab.Server().IPv4, c.port)
-			ln, err := lab.Server().Listen(dst)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
-			cl, err := lab.Client().Dial(dst, 5*time.Second)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer cl.Close()
-			ln.SetDeadline(time.Now().Add(5 * time.Second))
-			sv, err := ln.AcceptTCP()
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer sv.Close()
+			cl, sv := connectThrough(t, lab, netip.AddrPortFrom(lab.Server().IPv4, c.port))
 
 			// Both gateway sockets of the flow, before any data (the
 			// proxy sets the sizes right after its upstream connect,
 			// which the server's accept may beat: poll).
 			var out string
-			err = testnet.Poll(5*time.Second, func() error {
+			err := testnet.Poll(5*time.Second, func() error {
+				var err error
 				if out, err = lab.Gateway.Run("ss", "-tnm", "state", "established", fmt.Sprintf("( sport = :%d or dport = :%d )", c.port, c.port)); err != nil {
 					return err
 				}

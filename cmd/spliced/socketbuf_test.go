@@ -77,7 +77,19 @@ services:
 				t.Fatalf("%v; ss shows:\n%s", err, out)
 			}
 
-			// 8 MiB each way: relayed, spliced at 4 MiB, intact.
+			// 8 MiB each way: relayed, spliced at 4 MiB, intact. The
+			// ends close only once the flow is spliced: the buffers
+			// along the path can hold all of it, and a FIN that reached
+			// the gateway first would leave the flow half-closed, which
+			// is not spliced.
+			spliced := make(chan error, 1)
+			go func() {
+				spliced <- d.WaitLog(20*time.Second, func(l map[string]any) bool {
+					return l["msg"] == "flow spliced" && l["client"] == cl.LocalAddr().String()
+				})
+			}()
+			var splicedErr error
+			splicedOnce := sync.OnceFunc(func() { splicedErr = <-spliced })
 			var wg sync.WaitGroup
 			errs := make(chan error, 4)
 			for _, pair := range [][2]*net.TCPConn{{cl, sv}, {sv, cl}} {
@@ -90,6 +102,7 @@ services:
 					if _, err := pair[0].Write(data); err != nil {
 						errs <- err
 					}
+					splicedOnce()
 					pair[0].CloseWrite()
 				}()
 				go func() {
@@ -110,10 +123,9 @@ services:
 			for err := range errs {
 				t.Error(err)
 			}
-			if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
-				return l["msg"] == "flow spliced" && l["client"] == cl.LocalAddr().String()
-			}); err != nil {
-				t.Errorf("the flow was not spliced: %v\n%s", err, tail(d.Log(), 10))
+			splicedOnce()
+			if splicedErr != nil {
+				t.Errorf("the flow was not spliced: %v\n%s", splicedErr, tail(d.Log(), 10))
 			}
 		})
 	}

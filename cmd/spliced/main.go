@@ -121,7 +121,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			}
 			how := "kernel.interfaces"
 			if len(cfg.Kernel.Interfaces) == 0 {
-				how = "every interface but lo present now"
+				how = "every interface but lo present now, and those that appear later"
 			}
 			fmt.Fprintf(stdout, "#   BPF program at tcx ingress of: %s (%s)\n", strings.Join(ifaces, ", "), how)
 			fmt.Fprintf(stdout, "#   maps and links pinned in %s (kernel.bpffs/spliced/TABLE): spliced flows outlive the daemon\n", bpf.PinDir(cfg.Kernel.BPFFS, cfg.Kernel.Table))

@@ -274,12 +274,12 @@ func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net
 		if tr.watchClient && m.src == client {
 			continue // the proxy reads the client's requests itself (checked above)
 		}
-		for first := true; ; first = false {
+		for {
 			inq, outq, err := tcprepair.Queues(m.src)
 			if err != nil {
 				return false, &SpliceError{Reason: "read socket queues", Err: err}
 			}
-			if first && outq > 0 {
+			if outq > 0 {
 				empty = false
 			}
 			if inq == 0 {

@@ -20,8 +20,8 @@
 // accepts framing that a proxy in front or the backend behind can read
 // another way (Content-Length with Transfer-Encoding, repeated
 // Content-Length, obs-fold, bare LF, ...); what is ambiguous gets 400 and
-// the connection closes. The body is framed by the proxy and re-framed by
-// net/http towards the backend. Paths are normalised before routing
+// the connection closes. The body is framed by the proxy and re-framed
+// towards the backend (head.go). Paths are normalised before routing
 // (path.go) and the normalised form is forwarded, so the target a backend
 // sees is the one the proxy routed on; a path some backend could read
 // another way (%2F, ;parameters, backslashes) that would then route
@@ -34,8 +34,9 @@
 // already read are gathered in a pooled send buffer, flushed whenever
 // the proxy is about to wait on a socket, so nothing streams late), two
 // reads and the two reads the netpoller makes before it parks. The head
-// is checked in place in the connection's buffer; what allocates is
-// net/http's parsing and writing of the two heads.
+// is checked in place in the connection's buffer and both heads are
+// written by the proxy itself (head.go); what allocates is net/http's
+// parsing of the two heads.
 //
 // Errors get what a careful proxy answers: a malformed request 400 (and
 // the connection closes), a request no route matches 404, a denied route

@@ -13,7 +13,7 @@ import (
 // intermediaries still follow, Trailer, Proxy-Authenticate and
 // Proxy-Authorization: credentials meant for the gateway never go on).
 // Transfer-Encoding and Content-Length are not in the header the proxy
-// writes anyway: net/http writes the framing it chose.
+// writes anyway: the proxy writes the framing it chose (head.go).
 var hopByHop = []string{
 	"Connection",
 	"Proxy-Connection",

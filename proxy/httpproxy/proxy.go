@@ -257,6 +257,7 @@ type conn struct {
 	clientIO, upIO rawSock   // the sockets' reads and writes
 	clientIP       string    // the X-Forwarded-For entry, once made
 	xff            [1]string // the field's value for the request in flight
+	scratch        scratch   // for writing heads (head.go)
 	// respEnd is the value of flow.S2C at which the response in flight
 	// ends: after an unsplice in its middle, the rest is relayed first.
 	respEnd int64
@@ -640,7 +641,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 			removeHopByHop(resp.Header)
 			resp.Header["Connection"] = []string{"Upgrade"}
 			resp.Header["Upgrade"] = upgradeTo
-			writeHead(out, resp)
+			writeHead(out, resp, &c.scratch)
 			if err := out.Flush(); err != nil {
 				return true, false, fmt.Errorf("relay the response header: %w", err)
 			}
@@ -657,7 +658,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 			removeHopByHop(resp.Header)
 			// Written when the proxy next reads the backend (or with
 			// the final response, if that came with it).
-			writeHead(out, resp)
+			writeHead(out, resp, &c.scratch)
 		}
 		resp, err = http.ReadResponse(c.ur, req)
 		head = time.Now()
@@ -671,7 +672,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	closeAfter := reqClose || resp.Close
 	upClose := resp.Close
 	removeHopByHop(resp.Header)
-	resp.Close = closeAfter // resp.Write says Connection: close
+	resp.Close = closeAfter // writeResponse says Connection: close
 	if !closeAfter && !req.ProtoAtLeast(1, 1) {
 		// An HTTP/1.0 client that asked to keep the connection keeps it
 		// only when told.
@@ -679,7 +680,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	}
 	sp := c.p.splicing()
 	if d := c.decideResponse(sp, req, resp, closeAfter); !d.splice {
-		err := resp.Write(out)
+		err := writeResponse(out, resp, &c.scratch)
 		if err == nil {
 			err = out.Flush()
 		}
@@ -699,7 +700,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	// Splice while the body flows: the header and what the proxy already
 	// read of the body go first, then the sockets go to the gateway.
 	resp.Header.Set("Content-Length", strconv.FormatInt(resp.ContentLength, 10))
-	writeHead(out, resp)
+	writeHead(out, resp, &c.scratch)
 	ahead := min(int64(c.ur.Buffered()), resp.ContentLength)
 	if _, err := io.CopyN(out, c.ur, ahead); err != nil {
 		return true, false, fmt.Errorf("relay the response: %w", err)
@@ -751,7 +752,7 @@ func (c *conn) send(rq *request, out *sendBuf) (*http.Response, time.Time, error
 		c.upReusable = false
 		c.toUp = countingWriter{w: &c.upIO, n: &c.flow.C2S}
 		out.reset(&c.toUp)
-		err := req.Write(out)
+		err := writeRequest(out, req, &c.scratch)
 		if err == nil {
 			err = out.Flush()
 		}
@@ -834,15 +835,6 @@ func (c *conn) spliceUpgrade() (done, spliced bool, err error) {
 		return true, false, fmt.Errorf("upgraded connection: %s: %w", outcome, err)
 	}
 	return true, false, nil
-}
-
-// writeHead buffers a response's status line and header (no framing of
-// its own: the caller set what the header must say); a write error shows
-// at the next Flush.
-func writeHead(b *sendBuf, resp *http.Response) {
-	fmt.Fprintf(b, "HTTP/%d.%d %s\r\n", resp.ProtoMajor, resp.ProtoMinor, resp.Status)
-	resp.Header.Write(b)
-	b.WriteString("\r\n")
 }
 
 // sendBuf gives the connection a send buffer for an exchange.

@@ -37,7 +37,7 @@ func badRequest(format string, args ...any) error {
 }
 
 // request is a request as the proxy routes and forwards it: the
-// http.Request is what goes to the backend (req.Write), host and path
+// http.Request is what goes to the backend (writeRequest), host and path
 // what it was routed on; they are the same values, so a backend sees
 // exactly the target the proxy decided on.
 type request struct {
@@ -150,13 +150,14 @@ func readRequest(r *bufio.Reader) (*request, error) {
 		req.Header["Upgrade"] = upgradeTo
 	}
 	if _, ok := req.Header["User-Agent"]; !ok {
-		// req.Write would add Go's own; a proxy adds nothing.
+		// req.Write would add Go's own (writeRequest falls back on it
+		// for targets it does not know); a proxy adds nothing.
 		req.Header["User-Agent"] = []string{""}
 	}
 	return rq, nil
 }
 
-// setTarget normalises the request target and makes it the one req.Write
+// setTarget normalises the request target and makes it the one writeRequest
 // sends, in origin form.
 func (rq *request) setTarget(target string) error {
 	req := rq.Request

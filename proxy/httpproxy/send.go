@@ -10,7 +10,7 @@ import (
 const sendBufSize = 32 << 10
 
 // sendBuf gathers what the proxy writes to one socket, so that a message
-// head written field by field (net/http writes each header field in four
+// head written field by field (head.go writes each header field in four
 // pieces) and the part of the body already read go out in one write.
 //
 // Nothing waits in it for more data: the connection's readers

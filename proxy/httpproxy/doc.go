@@ -16,7 +16,7 @@
 // responses are never spliced, for the same reason.
 //
 // Requests are read strictly (request.go, body.go): the head is checked
-// against RFC 9112 before net/http parses it, since net/http alone
+// against RFC 9112 before it is parsed, since net/http alone
 // accepts framing that a proxy in front or the backend behind can read
 // another way (Content-Length with Transfer-Encoding, repeated
 // Content-Length, obs-fold, bare LF, ...); what is ambiguous gets 400 and
@@ -34,9 +34,9 @@
 // already read are gathered in a pooled send buffer, flushed whenever
 // the proxy is about to wait on a socket, so nothing streams late), two
 // reads and the two reads the netpoller makes before it parks. The head
-// is checked in place in the connection's buffer and both heads are
-// written by the proxy itself (head.go); what allocates is net/http's
-// parsing of the two heads.
+// is checked in place in the connection's buffer; the proxy parses
+// (parse.go) and writes (head.go) both heads itself, and what allocates
+// is the parsed heads: a string each, their header maps and values.
 //
 // Errors get what a careful proxy answers: a malformed request 400 (and
 // the connection closes), a request no route matches 404, a denied route

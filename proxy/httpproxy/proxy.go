@@ -262,6 +262,7 @@ type conn struct {
 	clientIP       string    // the X-Forwarded-For entry, once made
 	xff            [1]string // the field's value for the request in flight
 	scratch        scratch   // for writing heads (head.go)
+	respBody       respBody  // the body of a response parse.go parsed
 	// respEnd is the value of flow.S2C at which the response in flight
 	// ends: after an unsplice in its middle, the rest is relayed first.
 	respEnd int64
@@ -679,7 +680,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 			// the final response, if that came with it).
 			writeHead(out, resp, &c.scratch)
 		}
-		resp, err = http.ReadResponse(c.ur, req)
+		resp, err = readResponse(c.ur, req, &c.respBody)
 		head = time.Now()
 		if err != nil {
 			return true, false, c.unreadable(err)
@@ -779,7 +780,7 @@ func (c *conn) send(rq *request, out *sendBuf) (*http.Response, time.Time, error
 			c.toClient = countingWriter{w: &c.clientIO, n: &c.flow.S2C}
 			out.reset(&c.toClient)
 			read := c.upRd.n
-			resp, err := http.ReadResponse(c.ur, req)
+			resp, err := readResponse(c.ur, req, &c.respBody)
 			if err == nil {
 				return resp, time.Now(), nil
 			}

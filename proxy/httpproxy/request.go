@@ -72,12 +72,11 @@ type request struct {
 // "Transfer-Encoding " that it would forward), chunk sizes followed by
 // spaces, HTTP/1.1 without Host, "HTTP/2.0" on a 1.x request line, and
 // paths with dot segments, which it neither resolves nor rejects. So the
-// head is checked here first, and ReadRequest only parses a head that
-// passed.
+// head is checked here first, and parsed (parseRequest, as ReadRequest
+// would) only when it passed.
 //
-// A head that fits in r's buffer (the common case) is checked where it
-// lies (peekHead) and then parsed from r itself; a longer one is read
-// into memory first.
+// A head that fits in r's buffer (the common case) is checked and parsed
+// where it lies (peekHead); a longer one is read into memory first.
 func readRequest(r *bufio.Reader) (*request, error) {
 	var f headFacts
 	var req *http.Request
@@ -90,11 +89,10 @@ func readRequest(r *bufio.Reader) (*request, error) {
 		if f, err = checkHead(head); err != nil {
 			return nil, err
 		}
-		// ReadRequest consumes exactly the head: its body readers
-		// read nothing until used, and the proxy replaces them.
-		if req, err = http.ReadRequest(r); err != nil {
-			return nil, badRequest("%v", err)
+		if req, err = parseRequest(head, &f); err != nil {
+			return nil, err
 		}
+		r.Discard(n)
 	default:
 		head, err := readHead(r, empty)
 		if err != nil {
@@ -103,8 +101,8 @@ func readRequest(r *bufio.Reader) (*request, error) {
 		if f, err = checkHead(head); err != nil {
 			return nil, err
 		}
-		if req, err = http.ReadRequest(bufio.NewReader(bytes.NewReader(head))); err != nil {
-			return nil, badRequest("%v", err)
+		if req, err = parseRequest(head, &f); err != nil {
+			return nil, err
 		}
 	}
 	rq := &request{Request: req}
@@ -116,8 +114,8 @@ func readRequest(r *bufio.Reader) (*request, error) {
 	if err := rq.setHost(&f); err != nil {
 		return nil, err
 	}
-	// The body: ReadRequest framed it on the head alone; the proxy reads
-	// it from the connection with its own strict framing.
+	// The body: the proxy reads it from the connection with its own
+	// strict framing.
 	req.Trailer = nil // request trailers are dropped (RFC 9110 6.5.1 allows it)
 	switch {
 	case f.chunked:
@@ -176,7 +174,7 @@ func (rq *request) setTarget(target string) error {
 		return nil
 	case target[0] != '/':
 		// absolute-form (RFC 9112 3.2.2): its authority replaces Host,
-		// which ReadRequest did; the path is read like origin-form.
+		// which parseRequest did; the path is read like origin-form.
 		i := strings.Index(target, "://")
 		if i < 0 || !strings.EqualFold(target[:i], "http") && !strings.EqualFold(target[:i], "https") {
 			return badRequest("request target %q is neither a path nor an http URI", target)
@@ -207,7 +205,7 @@ func (rq *request) setTarget(target string) error {
 }
 
 // setHost checks and normalises the host the request is routed on:
-// the absolute-form target's authority or else Host (ReadRequest chose
+// the absolute-form target's authority or else Host (parseRequest chose
 // it), lower case, a trailing dot of a name removed (a.example. and
 // a.example are the same host to DNS and to nginx).
 func (rq *request) setHost(f *headFacts) error {

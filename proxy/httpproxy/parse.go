@@ -1,0 +1,266 @@
+package httpproxy
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"io"
+	"net/http"
+	"net/textproto"
+	"strings"
+)
+
+// The proxy parses the heads it reads itself: net/http's ReadRequest and
+// ReadResponse read a head line by line through a textproto reader,
+// canonicalise every name and allocate each value; with their callers
+// they were 13% of the CPU a small response cost (pprof, 4 KiB
+// responses, 64 connections). Here a head is converted to one string
+// and its fields are substrings of it.
+//
+// A request head is parsed only after checkHead accepted it, strictly; a
+// response head is parsed here when it has the common shape (a status
+// line, CRLF field lines of token names, a single Content-Length, no
+// Transfer-Encoding, a status that has a body, not a response to HEAD),
+// and every other response is left to http.ReadResponse, whose rules
+// for them are what the proxy relays by.
+
+// parseRequest makes the request of a head checkHead accepted (f is what
+// it found), as http.ReadRequest would, but the fields a proxy leaves
+// alone (ReadRequest adds a Cache-Control for a Pragma: no-cache) and the
+// URL (setTarget sets it).
+func parseRequest(head []byte, f *headFacts) (*http.Request, error) {
+	s := string(head)
+	i := strings.Index(s, "\r\n")
+	line, fields := s[:i], s[i+2:]
+	method, rest, _ := strings.Cut(line, " ")
+	target, version, _ := strings.Cut(rest, " ")
+	req := &http.Request{Method: method, RequestURI: target, Proto: version, ProtoMajor: 1, ProtoMinor: 1}
+	if f.http10 {
+		req.ProtoMinor = 0
+	}
+	req.Header = make(http.Header, strings.Count(fields, "\n"))
+	if !parseFields(fields, req.Header) {
+		// checkHead accepted what parseFields refuses: a bug, not the
+		// client's fault, but nothing to forward either.
+		return nil, badRequest("unparsable request head")
+	}
+	req.Host = absoluteAuthority(target)
+	if req.Host == "" {
+		req.Host = req.Header.Get("Host")
+	}
+	delete(req.Header, "Host")
+	if f.chunked {
+		delete(req.Header, "Transfer-Encoding") // the proxy frames the body
+	}
+	req.Close = shouldClose(req.ProtoMinor, req.Header)
+	return req, nil
+}
+
+// absoluteAuthority is the authority of an absolute-form target
+// ("http://host:port/path"), else "".
+func absoluteAuthority(target string) string {
+	if target == "" || target[0] == '/' || target == "*" {
+		return ""
+	}
+	_, rest, ok := strings.Cut(target, "://")
+	if !ok {
+		return ""
+	}
+	if end := strings.IndexAny(rest, "/?"); end >= 0 {
+		rest = rest[:end]
+	}
+	// User information is not part of the host (setTarget refuses it).
+	return rest[strings.LastIndexByte(rest, '@')+1:]
+}
+
+// shouldClose: the connection ends after this message (RFC 9112 9.3):
+// HTTP/1.1 unless it says close, HTTP/1.0 unless it says keep-alive.
+func shouldClose(minor int, h http.Header) bool {
+	if headerHas(h, "Connection", "close") {
+		return true
+	}
+	return minor == 0 && !headerHas(h, "Connection", "keep-alive")
+}
+
+// parseFields adds the field lines of s to h: each "name: value\r\n",
+// the last one followed by the empty line "\r\n" that ends the head.
+// Names are canonicalised as net/http does; values lose the blanks
+// around them. It reports false, leaving h partly filled, for anything
+// but that shape: a line not ending in CRLF, a bare CR, an obs-fold, a
+// name that is not a token, a control byte in a value.
+func parseFields(s string, h http.Header) bool {
+	var backing []string // one value per field, sliced from one allocation
+	for {
+		i := strings.IndexByte(s, '\n')
+		if i < 1 || s[i-1] != '\r' {
+			return false
+		}
+		line := s[:i-1]
+		s = s[i+1:]
+		if line == "" {
+			return s == ""
+		}
+		colon := strings.IndexByte(line, ':')
+		if colon <= 0 {
+			return false
+		}
+		name, value := line[:colon], strings.Trim(line[colon+1:], " \t")
+		for j := 0; j < len(name); j++ {
+			if !isTchar(name[j]) {
+				return false
+			}
+		}
+		for j := 0; j < len(value); j++ {
+			if c := value[j]; c < ' ' && c != '\t' || c == 0x7f {
+				return false
+			}
+		}
+		key := textproto.CanonicalMIMEHeaderKey(name) // no copy when canonical already
+		if vs, ok := h[key]; ok {
+			h[key] = append(vs, value)
+			continue
+		}
+		if len(backing) == 0 {
+			backing = make([]string, strings.Count(s, "\n")+1)
+		}
+		backing[0] = value
+		h[key] = backing[:1:1]
+		backing = backing[1:]
+	}
+}
+
+// respBody reads a response body of known length from the upstream
+// reader. Close does not read the rest: a response the proxy did not
+// relay whole ends the upstream connection.
+type respBody struct {
+	r    *bufio.Reader
+	left int64
+}
+
+func (b *respBody) Read(p []byte) (int, error) {
+	if b.left <= 0 {
+		return 0, io.EOF
+	}
+	if int64(len(p)) > b.left {
+		p = p[:b.left]
+	}
+	n, err := b.r.Read(p)
+	b.left -= int64(n)
+	if errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	return n, err
+}
+
+func (b *respBody) Close() error { return nil }
+
+// readResponse reads the head of the response to req from r, parsing
+// it here when it has the common shape (body is then its Body), and
+// with http.ReadResponse otherwise.
+func readResponse(r *bufio.Reader, req *http.Request, body *respBody) (*http.Response, error) {
+	n, err := peekResponseHead(r)
+	if err != nil {
+		return nil, err
+	}
+	if n > 0 && req.Method != http.MethodHead {
+		head, _ := r.Peek(n)
+		if resp := parseResponse(head, req); resp != nil {
+			r.Discard(n)
+			*body = respBody{r: r, left: resp.ContentLength}
+			resp.Body = body
+			return resp, nil
+		}
+	}
+	return http.ReadResponse(r, req)
+}
+
+// peekResponseHead waits until r's buffer holds a whole response head
+// and returns its length, reading nothing; 0 when the head does not fit
+// in the buffer or a line of it ends in a bare LF (http.ReadResponse
+// reads those).
+func peekResponseHead(r *bufio.Reader) (int, error) {
+	scanned := 0 // bytes of whole lines looked at
+	for {
+		buf, _ := r.Peek(r.Buffered())
+		for {
+			i := bytes.IndexByte(buf[scanned:], '\n')
+			if i < 0 {
+				break
+			}
+			end := scanned + i
+			if end == 0 || buf[end-1] != '\r' {
+				return 0, nil
+			}
+			if scanned > 0 && end == scanned+1 {
+				return end + 1, nil // the empty line
+			}
+			scanned = end + 1
+		}
+		if len(buf) == r.Size() {
+			return 0, nil
+		}
+		if _, err := r.Peek(len(buf) + 1); err != nil && r.Buffered() == len(buf) {
+			if errors.Is(err, io.EOF) && len(buf) > 0 {
+				return 0, io.ErrUnexpectedEOF
+			}
+			return 0, err
+		}
+	}
+}
+
+// parseResponse makes the response of head as http.ReadResponse would,
+// if it has the common shape, else nil.
+func parseResponse(head []byte, req *http.Request) *http.Response {
+	// "HTTP/1.x NNN", then a reason phrase after a space, or nothing.
+	if len(head) < 12 || string(head[:7]) != "HTTP/1." || head[7] != '0' && head[7] != '1' || head[8] != ' ' ||
+		!isDigit(head[9]) || !isDigit(head[10]) || !isDigit(head[11]) {
+		return nil
+	}
+	code := int(head[9]-'0')*100 + int(head[10]-'0')*10 + int(head[11]-'0')
+	if code < 200 || !bodyAllowed(code) {
+		return nil
+	}
+	s := string(head)
+	i := strings.Index(s, "\r\n")
+	line, fields := s[:i], s[i+2:]
+	if len(line) > 12 && line[12] != ' ' {
+		return nil
+	}
+	for j := 13; j < len(line); j++ {
+		if c := line[j]; c < ' ' && c != '\t' || c == 0x7f {
+			return nil
+		}
+	}
+	resp := &http.Response{Status: line[9:], StatusCode: code, Proto: line[:8], ProtoMajor: 1, ProtoMinor: int(head[7] - '0'), Request: req}
+	resp.Header = make(http.Header, strings.Count(fields, "\n"))
+	if !parseFields(fields, resp.Header) {
+		return nil
+	}
+	if _, ok := resp.Header["Transfer-Encoding"]; ok {
+		return nil
+	}
+	cl := resp.Header["Content-Length"]
+	if len(cl) != 1 {
+		return nil
+	}
+	n := int64(0)
+	if len(cl[0]) == 0 || len(cl[0]) > 18 {
+		return nil
+	}
+	for j := 0; j < len(cl[0]); j++ {
+		c := cl[0][j]
+		if !isDigit(c) {
+			return nil
+		}
+		n = n*10 + int64(c-'0')
+	}
+	if n == 0 {
+		return nil // Response.Write and ReadResponse have their own rules for empty bodies
+	}
+	resp.ContentLength = n
+	resp.Close = shouldClose(resp.ProtoMinor, resp.Header)
+	if resp.Close && resp.ProtoMinor == 1 {
+		delete(resp.Header, "Connection") // as ReadResponse does
+	}
+	return resp
+}

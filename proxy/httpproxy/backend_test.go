@@ -183,6 +183,12 @@ func testService(t testing.TB, b *fakeBackend) (*Proxy, string) {
 // (YAML lines indented by six spaces).
 func testServiceWith(t testing.TB, b *fakeBackend, httpKeys string) (*Proxy, string) {
 	t.Helper()
+	return testServiceIdle(t, b, httpKeys, "5s")
+}
+
+// testServiceIdle is testServiceWith with an idle_timeout.
+func testServiceIdle(t testing.TB, b *fakeBackend, httpKeys, idle string) (*Proxy, string) {
+	t.Helper()
 	cfg, err := config.Parse("test", []byte(fmt.Sprintf(`
 services:
   - name: web
@@ -191,7 +197,7 @@ services:
     proxy: http
     splice:
       mode: never
-    idle_timeout: 5s
+    idle_timeout: %s
     http:
 %s      routes:
         - host: secret.example
@@ -200,7 +206,7 @@ services:
           action: deny
         - path: /a/
           backends: ["%s"]
-`, httpKeys, b.ln.Addr())))
+`, idle, httpKeys, b.ln.Addr())))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -288,3 +288,67 @@ func TestUpstreamClosedOnStop(t *testing.T) {
 		t.Fatalf("after the last flow: backend connections open %d, want 0", b.active.Load())
 	}
 }
+
+// TestClientIdleTimeout: a client connection idle between requests for
+// idle_timeout is closed, not sooner than deadlineSlack before it; a
+// client that keeps asking keeps its connection past it, and a body that
+// takes longer than it to come is not cut (the deadline moves only now
+// and then, and not while a body comes).
+func TestClientIdleTimeout(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	b := startBackend(t)
+	_, addr := testServiceIdle(t, b, "", idle.String())
+	dial := func() (*net.TCPConn, *bufio.Reader) {
+		conn, err := net.Dial("tcp4", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		return conn.(*net.TCPConn), bufio.NewReader(conn)
+	}
+	expect := func(r *bufio.Reader, want string) {
+		t.Helper()
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 || string(body) != want {
+			t.Fatalf("%d %q, want 200 %q", resp.StatusCode, body, want)
+		}
+	}
+
+	t.Run("idle between requests", func(t *testing.T) {
+		c, r := dial()
+		io.WriteString(c, "GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+		expect(r, `backend saw GET /a/1 body ""`)
+		start := time.Now()
+		if n, err := r.ReadByte(); err != io.EOF {
+			t.Fatalf("read %q, %v; want the proxy's close (EOF)", n, err)
+		}
+		if waited := time.Since(start); waited < idle-min(deadlineSlack, idle/16) {
+			t.Errorf("closed after %v idle, idle_timeout is %v", waited, idle)
+		}
+	})
+	t.Run("asking across the timeout", func(t *testing.T) {
+		c, r := dial()
+		start := time.Now()
+		for i := 0; time.Since(start) < 3*idle; i++ {
+			fmt.Fprintf(c, "GET /a/%d HTTP/1.1\r\nHost: x\r\n\r\n", i)
+			expect(r, fmt.Sprintf(`backend saw GET /a/%d body ""`, i))
+			time.Sleep(idle / 4)
+		}
+	})
+	t.Run("slow body", func(t *testing.T) {
+		c, r := dial()
+		io.WriteString(c, "GET /a/0 HTTP/1.1\r\nHost: x\r\n\r\n") // the deadline is set
+		expect(r, `backend saw GET /a/0 body ""`)
+		io.WriteString(c, "POST /a/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n")
+		for _, s := range []string{"s", "l", "o", "w"} {
+			time.Sleep(idle / 2)
+			io.WriteString(c, s)
+		}
+		expect(r, `backend saw POST /a/1 body "slow"`)
+	})
+}

@@ -262,6 +262,7 @@ type conn struct {
 	clientIP       string    // the X-Forwarded-For entry, once made
 	xff            [1]string // the field's value for the request in flight
 	scratch        scratch   // for writing heads (head.go)
+	readDeadline   time.Time // of client, zero when none (idleDeadline)
 	respBody       respBody  // the body of a response parse.go parsed
 	// respEnd is the value of flow.S2C at which the response in flight
 	// ends: after an unsplice in its middle, the rest is relayed first.
@@ -284,6 +285,7 @@ type conn struct {
 // attach starts using new sockets (after accept, or after an unsplice).
 func (c *conn) attach(client, up *net.TCPConn) {
 	c.clientIO.reset(client)
+	c.readDeadline = time.Time{}
 	c.clientRd = flushReader{r: &c.clientIO, out: &c.out}
 	cr, _ := c.p.clientReaders.Get().(*bufio.Reader)
 	if cr == nil {
@@ -422,6 +424,23 @@ func (c *conn) releaseUpReader() {
 	}
 }
 
+// deadlineSlack is how much earlier than the idle timeout a connection
+// may time out waiting for a request: the read deadline is moved when it
+// is that far behind, not for every request (each move is a timer
+// operation in the runtime, and every request made two).
+const deadlineSlack = time.Second
+
+// idleDeadline makes the client's read deadline now+idle, give or take
+// deadlineSlack (less when idle is short).
+func (c *conn) idleDeadline(now time.Time, idle time.Duration) {
+	want := now.Add(idle)
+	if !c.readDeadline.IsZero() && want.Sub(c.readDeadline) < min(deadlineSlack, idle/16) {
+		return
+	}
+	c.client.SetReadDeadline(want)
+	c.readDeadline = want
+}
+
 // serve is the request loop. It returns why the connection ended, or
 // spliced when the gateway took it.
 func (c *conn) serve() (reason string, spliced bool) {
@@ -439,9 +458,16 @@ func (c *conn) serve() (reason string, spliced bool) {
 				return "relay the rest of a response: " + err.Error(), false
 			}
 		}
-		c.client.SetReadDeadline(time.Now().Add(svc.IdleTimeout.D()))
+		now := time.Now()
+		c.idleDeadline(now, svc.IdleTimeout.D())
 		rq, err := readRequest(c.cr)
-		c.client.SetReadDeadline(time.Time{})
+		if err == nil && (rq.body != nil || rq.upgrade) {
+			// A body may take longer than the idle timeout to come, and
+			// a tunnel lives on; a request without either leaves the
+			// deadline for the next request.
+			c.client.SetReadDeadline(time.Time{})
+			c.readDeadline = time.Time{}
+		}
 		if err == nil {
 			c.endRelayed(time.Now())
 		} else {

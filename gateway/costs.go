@@ -42,6 +42,7 @@ func (g *Gateway) TransitionCosts() proxy.TransitionCosts {
 	var c proxy.TransitionCosts
 	c.Splice, c.Splices = g.spliceCost.get()
 	c.Unsplice, c.Unsplices = g.unspliceCost.get()
+	c.QueuedBytes = g.kpath == nil
 	return c
 }
 

@@ -42,6 +42,9 @@ type Splicer interface {
 type TransitionCosts struct {
 	Splice, Unsplice   time.Duration
 	Splices, Unsplices uint64
+	// QueuedBytes: spliced flows' packets pass through the daemon
+	// (NFQUEUE), which costs the gateway more CPU per byte than relaying.
+	QueuedBytes bool
 }
 
 // CostReporter is implemented by splicers that measure their

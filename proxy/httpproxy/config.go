@@ -34,6 +34,10 @@ type Config struct {
 	// the responses' predicted time (Explorer; default 50, so 2%; 0
 	// never, leaving the estimates as they are once the choice settles).
 	SpliceExplore *int `yaml:"splice_explore"`
+	// SpliceIdleMin: with the measured policy on the nfqueue datapath,
+	// responses are relayed while the machine's share of idle CPU is
+	// below this many percent (cpuLoad; default 10; 0 never looks).
+	SpliceIdleMin *int `yaml:"splice_idle_min"`
 	// Forwarded is the header that tells backends who the client is:
 	// x-forwarded-for (default), via, or none.
 	Forwarded string `yaml:"forwarded"`
@@ -77,6 +81,7 @@ const (
 const (
 	DefaultSpliceMin           = 64 << 10
 	DefaultSpliceExplore       = 50
+	DefaultSpliceIdleMin       = 10
 	DefaultBackendDownFor      = 10 * time.Second
 	DefaultUpstreamKeepalive   = 64
 	DefaultUpstreamIdleTimeout = 30 * time.Second
@@ -109,6 +114,10 @@ func defaults(s *config.Service) {
 		n := DefaultSpliceExplore
 		c.SpliceExplore = &n
 	}
+	if c.SpliceIdleMin == nil {
+		n := DefaultSpliceIdleMin
+		c.SpliceIdleMin = &n
+	}
 	config.SetDefault(&c.Forwarded, "x-forwarded-for")
 	config.SetDefault(&c.BackendDownFor, config.Duration(DefaultBackendDownFor))
 	if c.UpstreamKeepalive == nil {
@@ -136,6 +145,9 @@ func validate(s *config.Service, bad func(key, value, msg string)) {
 	}
 	if c.SpliceExplore != nil && *c.SpliceExplore < 0 {
 		bad("http.splice_explore", fmt.Sprint(*c.SpliceExplore), "is negative; use 0 (never) or N (exploring costs at most 1/N of the predicted time)")
+	}
+	if c.SpliceIdleMin != nil && (*c.SpliceIdleMin < 0 || *c.SpliceIdleMin > 100) {
+		bad("http.splice_idle_min", fmt.Sprint(*c.SpliceIdleMin), "is not a percentage; use 0 (never look at the CPU) to 100")
 	}
 	if c.UpstreamKeepalive != nil && *c.UpstreamKeepalive < 0 {
 		bad("http.upstream_keepalive", fmt.Sprint(*c.UpstreamKeepalive), "is negative; use 0 (no idle upstream connections kept) or N (idle connections kept per backend)")

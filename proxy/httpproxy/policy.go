@@ -66,6 +66,7 @@ const (
 	reasonPays
 	reasonDoesNotPay
 	reasonExplore
+	reasonCPUBusy
 	numReasons
 )
 
@@ -81,6 +82,7 @@ var reasonNames = [numReasons]string{
 	reasonPays:       "pays",
 	reasonDoesNotPay: "does_not_pay",
 	reasonExplore:    "explore",
+	reasonCPUBusy:    "cpu_busy",
 }
 
 func (r reason) String() string { return reasonNames[r] }
@@ -93,6 +95,12 @@ type Estimates struct {
 	TransitionOK bool
 	// Relayed and Spliced are the body times' lines.
 	Relayed, Spliced Fit
+	// QueuedBytes: spliced bytes pass through the daemon (the nfqueue
+	// datapath), costing more CPU than relaying them; CPUBusy: the
+	// machine's idle CPU share is below splice_idle_min (cpuLoad). Both
+	// together, the policy relays: times would favour a splice that
+	// slows everything else (reason cpu_busy).
+	QueuedBytes, CPUBusy bool
 }
 
 // Decide is the measured policy for an eligible response of length
@@ -144,6 +152,8 @@ func (x *Explorer) Spend() { x.saved = 0 }
 
 func decide(length int64, est Estimates, explore bool) decision {
 	switch {
+	case est.QueuedBytes && est.CPUBusy:
+		return decision{splice: false, reason: reasonCPUBusy}
 	case !est.Relayed.OK:
 		return decision{splice: false, reason: reasonMeasure}
 	case !est.Spliced.OK || !est.TransitionOK:
@@ -164,6 +174,7 @@ func decide(length int64, est Estimates, explore bool) decision {
 // spliceState is a proxy's measurements and decisions.
 type spliceState struct {
 	relayed, spliced sizeFit
+	cpu              cpuLoad
 	mu               sync.Mutex
 	explorer         Explorer // under mu
 	// diverted are the IDs of the proxy's flows that were spliced:
@@ -178,13 +189,20 @@ type spliceState struct {
 	decisions [2][numReasons]atomic.Uint64 // [spliced][reason]
 }
 
-// estimates returns the current estimates, with sp's transition costs.
-func (s *spliceState) estimates(sp proxy.Splicer) Estimates {
+// estimates returns the current estimates, with sp's transition costs;
+// the CPU is looked at when splicing costs more of it per byte and
+// idleMin (percent) is set.
+func (s *spliceState) estimates(sp proxy.Splicer, idleMin int) Estimates {
 	est := Estimates{Relayed: s.relayed.fit(), Spliced: s.spliced.fit()}
 	if cr, ok := sp.(proxy.CostReporter); ok {
 		c := cr.TransitionCosts()
 		est.Transition = c.Splice + c.Unsplice
 		est.TransitionOK = c.Splices > 0 && c.Unsplices > 0
+		est.QueuedBytes = c.QueuedBytes
+	}
+	if est.QueuedBytes && idleMin > 0 {
+		idle := s.cpu.idleShare(time.Now())
+		est.CPUBusy = idle >= 0 && idle*100 < float64(idleMin)
 	}
 	return est
 }
@@ -214,7 +232,11 @@ func (c *conn) decideResponse(sp proxy.Splicer, req *http.Request, resp *http.Re
 		d = decision{splice: true, reason: reasonAlways}
 	default:
 		st := &c.p.splice
-		est = st.estimates(sp)
+		idleMin := 0
+		if conf.SpliceIdleMin != nil {
+			idleMin = *conf.SpliceIdleMin
+		}
+		est = st.estimates(sp, idleMin)
 		d = decide(resp.ContentLength, est, false)
 		// A splice only to measure or explore is left to a connection
 		// spliced before, when another one is open (spliceState.diverted).
@@ -222,7 +244,7 @@ func (c *conn) decideResponse(sp proxy.Splicer, req *http.Request, resp *http.Re
 		if d.reason == reasonMeasure && d.splice && elsewhere {
 			d.splice, d.deferred = false, true
 		}
-		if d.reason != reasonMeasure {
+		if d.reason != reasonMeasure && d.reason != reasonCPUBusy {
 			st.mu.Lock()
 			st.explorer.N = 0
 			if conf.SpliceExplore != nil {
@@ -260,6 +282,7 @@ func (c *conn) logDecision(d decision, length int64, est Estimates) {
 		attrs = append(attrs, "deferred", true)
 	}
 	if d.reason >= reasonMeasure {
+		attrs = append(attrs, "queued_bytes", est.QueuedBytes, "cpu_busy", est.CPUBusy)
 		attrs = append(attrs,
 			"predicted_relayed_ns", int64(d.relayed), "predicted_spliced_ns", int64(d.spliced),
 			slog.Group("estimates",
@@ -329,7 +352,7 @@ func (p *Proxy) spliceMetrics() []proxy.Metric {
 	if p.splicing() == nil {
 		return out
 	}
-	est := st.estimates(p.splicing())
+	est := st.estimates(p.splicing(), 0) // the CPU is not sampled for a scrape
 	out = append(out, proxy.Metric{Name: "spliced_http_splice_transition_seconds",
 		Help:  "The moving estimate of a splice plus its unsplice the measured policy weighs (0: not measured yet).",
 		Value: est.Transition.Seconds()})

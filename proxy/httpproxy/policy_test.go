@@ -58,6 +58,13 @@ func TestDecide(t *testing.T) {
 		{"1 GiB, spliced slower per byte: never pays", 1 << 30, Estimates{Relayed: relay, Spliced: slowSplice, Transition: 50 * time.Microsecond, TransitionOK: true}, false, false, "does_not_pay"},
 		{"64 KiB, 50 µs transition, fast splice: pays", 64 * KiB, Estimates{Relayed: relay, Spliced: fastSplice, Transition: 50 * time.Microsecond, TransitionOK: true}, false, true, "pays"},
 		{"64 KiB, 500 µs transition: does not pay", 64 * KiB, Estimates{Relayed: relay, Spliced: fastSplice, Transition: 500 * time.Microsecond, TransitionOK: true}, false, false, "does_not_pay"},
+		// Queued bytes (nfqueue) on saturated CPUs: relayed, whatever
+		// the times say, exploring and measuring included.
+		{"16 MiB pays, queued, CPU busy", 16 * MiB, Estimates{Relayed: relay, Spliced: fastSplice, Transition: 3 * time.Millisecond, TransitionOK: true, QueuedBytes: true, CPUBusy: true}, false, false, "cpu_busy"},
+		{"16 MiB, queued, CPU busy, explore", 16 * MiB, Estimates{Relayed: relay, Spliced: fastSplice, Transition: 3 * time.Millisecond, TransitionOK: true, QueuedBytes: true, CPUBusy: true}, true, false, "cpu_busy"},
+		{"to measure, queued, CPU busy", MiB, Estimates{Relayed: relay, QueuedBytes: true, CPUBusy: true}, false, false, "cpu_busy"},
+		{"16 MiB, queued, CPU free: pays", 16 * MiB, Estimates{Relayed: relay, Spliced: fastSplice, Transition: 3 * time.Millisecond, TransitionOK: true, QueuedBytes: true}, false, true, "pays"},
+		{"16 MiB, CPU busy, in the kernel: pays", 16 * MiB, Estimates{Relayed: relay, Spliced: fastSplice, Transition: 3 * time.Millisecond, TransitionOK: true, CPUBusy: true}, false, true, "pays"},
 	} {
 		splice, why, relayed, spliced := Decide(c.length, c.est, c.explore)
 		if splice != c.splice || why != c.why {
@@ -219,7 +226,7 @@ func TestDecideResponse(t *testing.T) {
 	// 2 + 4.2 ms. An Explorer replayed alongside says which explore.
 	want := map[string]uint64{}
 	x := Explorer{N: int64(explore)}
-	est := p.splice.estimates(sp)
+	est := p.splice.estimates(sp, 0)
 	for i := 1; i <= 40; i++ {
 		n, pays := int64(1<<20), false
 		if i%2 == 0 {
@@ -258,6 +265,23 @@ func TestDecideResponse(t *testing.T) {
 	c.cr.Peek(1)
 	check("pipelined", get, 1<<20, false, false, "pipelined")
 	c.cr = bufio.NewReader(strings.NewReader(""))
+	// The CPUs saturated (no idle time between two samples): with
+	// queued bytes (nfqueue) the model's splice is relayed, in the
+	// kernel it stands; with splice_idle_min 0 nobody looks.
+	busy := uint64(0)
+	p.splice.cpu.read = func() (uint64, uint64, bool) { busy += 100; return busy, busy, true }
+	idleMin := 10
+	conf.SpliceIdleMin = &idleMin
+	sp.costs.QueuedBytes = true
+	p.splice.cpu.idleShare(time.Now().Add(-time.Hour)) // the first sample
+	check("16 MiB, CPU busy, queued", get, 16<<20, false, false, "cpu_busy")
+	sp.costs.QueuedBytes = false
+	check("16 MiB, CPU busy, in the kernel", get, 16<<20, false, true, "pays")
+	sp.costs.QueuedBytes = true
+	idleMin = 0
+	check("16 MiB, CPU not looked at", get, 16<<20, false, true, "pays")
+	want["relayed/cpu_busy"]++
+	want["spliced/pays"] += 2
 	conf.SplicePolicy = PolicyAlways
 	check("always", get, 1<<20, false, true, "always")
 	check("always, small", get, 4<<10, false, false, "below_splice_min")
@@ -332,5 +356,45 @@ func TestExplorer(t *testing.T) {
 	}
 	if fmt.Sprint(seq) != "[true false true false true false]" {
 		t.Errorf("after the gap narrowed: %v", seq)
+	}
+}
+
+// TestCPULoad: the idle share is that of the last sampled period, known
+// from the second sample on, sampled at most every cpuSampleEvery;
+// /proc/stat's line parses, and the real one reads.
+func TestCPULoad(t *testing.T) {
+	samples := [][2]uint64{{100, 1000}, {190, 1100}, {290, 1200}, {300, 1300}}
+	i := 0
+	l := cpuLoad{read: func() (uint64, uint64, bool) { s := samples[i]; i++; return s[0], s[1], true }, idle: -1}
+	now := time.Now()
+	for _, c := range []struct {
+		after time.Duration
+		want  float64
+	}{
+		{0, -1},                   // one sample: unknown
+		{cpuSampleEvery / 2, -1},  // too soon: not sampled
+		{cpuSampleEvery, 0.1},     // 90 busy of 100
+		{2 * cpuSampleEvery, 0},   // 100 of 100
+		{2*cpuSampleEvery + 1, 0}, // too soon
+		{3 * cpuSampleEvery, 0.9}, // 10 of 100
+	} {
+		if got := l.idleShare(now.Add(c.after)); got < c.want-1e-9 || got > c.want+1e-9 {
+			t.Errorf("after %v: idle %v, want %v", c.after, got, c.want)
+		}
+	}
+	if i != len(samples) {
+		t.Errorf("%d samples read, want %d", i, len(samples))
+	}
+	busy, total, ok := parseCPULine([]byte("cpu  10 1 5 100 4 2 3 0 7 0"))
+	if !ok || busy != 21 || total != 125 {
+		t.Errorf("parseCPULine: busy %d total %d ok %v, want 21 125 true", busy, total, ok)
+	}
+	for _, bad := range []string{"cpu0 1 2 3 4 5 6 7 8", "cpu 1 2 3", "cpu 1 2 x 4 5 6 7 8", ""} {
+		if _, _, ok := parseCPULine([]byte(bad)); ok {
+			t.Errorf("parseCPULine(%q) ok", bad)
+		}
+	}
+	if _, total, ok := readProcStat(); !ok || total == 0 {
+		t.Errorf("readProcStat: total %d ok %v", total, ok)
 	}
 }

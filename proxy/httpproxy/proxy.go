@@ -765,6 +765,10 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		c.p.splice.markDiverted(c.flow.ID)
 	}
 	serr := sp.Splice(c.p.FlowContext(), c.flow, c.client, c.up)
+	// The gateway's drain sets and clears the sockets' read deadlines:
+	// should the proxy keep the connection, the next request sets its
+	// own.
+	c.readDeadline = time.Time{}
 	if serr == nil {
 		return false, true, nil
 	}

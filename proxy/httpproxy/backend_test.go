@@ -189,6 +189,12 @@ func testServiceWith(t testing.TB, b *fakeBackend, httpKeys string) (*Proxy, str
 // testServiceIdle is testServiceWith with an idle_timeout.
 func testServiceIdle(t testing.TB, b *fakeBackend, httpKeys, idle string) (*Proxy, string) {
 	t.Helper()
+	return testServiceMode(t, b, httpKeys, idle, "never")
+}
+
+// testServiceMode is testServiceIdle with a splice mode.
+func testServiceMode(t testing.TB, b *fakeBackend, httpKeys, idle, mode string) (*Proxy, string) {
+	t.Helper()
 	cfg, err := config.Parse("test", []byte(fmt.Sprintf(`
 services:
   - name: web
@@ -196,7 +202,7 @@ services:
     ports: ["80"]
     proxy: http
     splice:
-      mode: never
+      mode: %s
     idle_timeout: %s
     http:
 %s      routes:
@@ -206,7 +212,7 @@ services:
           action: deny
         - path: /a/
           backends: ["%s"]
-`, idle, httpKeys, b.ln.Addr())))
+`, mode, idle, httpKeys, b.ln.Addr())))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -3,12 +3,14 @@ package httpproxy
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -351,4 +353,47 @@ func TestClientIdleTimeout(t *testing.T) {
 		}
 		expect(r, `backend saw POST /a/1 body "slow"`)
 	})
+}
+
+// clearingSplicer fails every splice after clearing the client's read
+// deadline, as the gateway's drain leaves it.
+type clearingSplicer struct{ calls atomic.Int32 }
+
+func (s *clearingSplicer) Splice(_ context.Context, _ *proxy.Flow, client, _ *net.TCPConn) error {
+	s.calls.Add(1)
+	client.SetReadDeadline(time.Time{})
+	return errors.New("no splice in this test")
+}
+
+// TestIdleTimeoutAfterFailedSplice: a response whose splice failed is
+// relayed, and the connection still times out idle afterwards (the
+// splice attempt cleared the deadline the proxy had set).
+func TestIdleTimeoutAfterFailedSplice(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	b := startBackend(t)
+	p, addr := testServiceMode(t, b, "      splice_min: 1\n      splice_policy: always\n", idle.String(), "immediate")
+	sp := &clearingSplicer{}
+	p.SetSplicer(sp)
+	conn, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	r := bufio.NewReader(conn)
+	io.WriteString(conn, "GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+	resp, err := http.ReadResponse(r, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if want := `backend saw GET /a/1 body ""`; resp.StatusCode != 200 || string(body) != want {
+		t.Fatalf("%d %q, want 200 %q", resp.StatusCode, body, want)
+	}
+	if sp.calls.Load() != 1 {
+		t.Fatalf("%d splices tried, want 1", sp.calls.Load())
+	}
+	if n, err := r.ReadByte(); err != io.EOF {
+		t.Fatalf("read %q, %v; want the proxy's close after idle_timeout (EOF)", n, err)
+	}
 }

@@ -58,18 +58,7 @@ func TestLabBPFAttach(t *testing.T) {
 	if n := tcxIngress(t, lab); sum(n) != 0 {
 		t.Fatalf("programs attached before the daemon runs: %v", n)
 	}
-	cfg := `
-log:
-  level: debug
-kernel:
-  datapath: bpf
-services:
-  - name: fwd
-    listen: 15001
-    ports: ["5001"]
-    splice:
-      mode: immediate
-`
+	cfg := bpfForwardConfig("debug")
 	d := testnet.StartDaemon(t, lab, cfg)
 	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "datapath" })
 	if rec == nil || rec["datapath"] != "bpf" {
@@ -250,18 +239,7 @@ services:
 // let go.
 func TestLabBPFHotPluggedInterface(t *testing.T) {
 	lab := testnet.NewT(t, testnet.Options{})
-	d := testnet.StartDaemon(t, lab, `
-log:
-  level: info
-kernel:
-  datapath: bpf
-services:
-  - name: fwd
-    listen: 15001
-    ports: ["5001"]
-    splice:
-      mode: immediate
-`)
+	d := testnet.StartDaemon(t, lab, bpfForwardConfig("info"))
 	run := func(ns *testnet.NS, args ...string) {
 		t.Helper()
 		if out, err := ns.Run(args[0], args[1:]...); err != nil {
@@ -334,4 +312,21 @@ services:
 	}); err != nil {
 		t.Fatalf("the link of the deleted interface was not let go of: %v\n%s", err, tail(d.Log(), 10))
 	}
+}
+
+// bpfForwardConfig is a daemon on the bpf datapath with one forwarding
+// service (port 5001, listener 15001) that splices at once.
+func bpfForwardConfig(logLevel string) string {
+	return `
+log:
+  level: ` + logLevel + `
+kernel:
+  datapath: bpf
+services:
+  - name: fwd
+    listen: 15001
+    ports: ["5001"]
+    splice:
+      mode: immediate
+`
 }

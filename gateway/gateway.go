@@ -44,6 +44,7 @@ import (
 	"time"
 
 	"spliced/config"
+	"spliced/internal/workpool"
 	"spliced/logging"
 	"spliced/nfq"
 	"spliced/proxy"
@@ -81,7 +82,9 @@ type Gateway struct {
 	transitions transitions
 	counters    engineCounters
 	nextQueue   atomic.Uint32
-	kpath       *kernelPath // the bpf datapath; nil with nfqueue
+	// workers run the transitions (see transitionWorker).
+	workers *workpool.Pool
+	kpath   *kernelPath // the bpf datapath; nil with nfqueue
 	// store: with nfqueue, the record of spliced flows that outlives the
 	// daemon (see store.go); nil without. storeSynced: the reaper's
 	// last refresh of it.
@@ -167,6 +170,7 @@ func New(cfg *config.Config, log *slog.Logger) *Gateway {
 		retiring:    map[uint64]chan struct{}{},
 		stallLog:    logging.NewLimiter(time.Second),
 		divertLog:   logging.NewLimiter(time.Minute),
+		workers:     workpool.New(transitionWorkerIdle),
 	}
 	g.snap.Store(&snapshot{cfg: cfg, rules: rules.NewManager(rules.FromConfig(cfg))})
 	return g
@@ -406,6 +410,7 @@ func (g *Gateway) shutdown() error {
 	}
 	g.stopServices()
 	g.stopSplicing()
+	g.workers.Close()
 	if g.restoreSysctls != nil {
 		g.restoreSysctls()
 	}

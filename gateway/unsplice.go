@@ -35,8 +35,16 @@ import (
 // lets new packets overtake held ones. They go once the queue is empty
 // (retirePassthrough).
 // On error the flow stays spliced and nothing was lost.
+//
+// Like Splice, it runs on a transition worker.
 func (g *Gateway) Unsplice(ctx context.Context, f *proxy.Flow) error {
 	start := time.Now()
+	done := make(chan error, 1)
+	g.workers.Go(func() { done <- g.unsplice(ctx, start, f) })
+	return <-done
+}
+
+func (g *Gateway) unsplice(ctx context.Context, start time.Time, f *proxy.Flow) error {
 	g.splicedMu.Lock()
 	sf := g.spliced[f.ID]
 	g.splicedMu.Unlock()
@@ -108,11 +116,11 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 		return true
 	}
 	start := time.Now() // the client's next data came
-	go func() {
+	g.workers.Go(func() {
 		if err := g.completeUnsplice(context.Background(), sf, tr, start); err != nil {
 			g.log.Warn("unsplice abandoned", logging.KeyFlow, sf.flow.ID, logging.Err(err))
 		}
-	}()
+	})
 	return true
 }
 

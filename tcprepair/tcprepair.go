@@ -86,13 +86,24 @@ func Capture(c *net.TCPConn) (splice.Conn, error) {
 	st.Local = unmap(local)
 	st.Remote = unmap(remote)
 	err := control(c, func(fd int) error {
-		var info [8]byte
+		// The state, options, window scales and MSS, read before the
+		// repair mode, which changes none of them (one system call for
+		// the check and the capture).
+		var info [104]byte
 		if err := getsockopt(fd, unix.TCP_INFO, unsafe.Pointer(&info), unsafe.Sizeof(info)); err != nil {
 			return &OpError{"TCP_INFO", err}
 		}
 		if info[0] != tcpEstablished {
 			return fmt.Errorf("%w: state %s", ErrNotEstablished, tcpStateName(info[0]))
 		}
+		opts := info[tcpInfoOptions]
+		st.Timestamps = opts&tcpiOptTimestamp != 0
+		st.SACK = opts&tcpiOptSACK != 0
+		if opts&tcpiOptWscale != 0 {
+			st.SndWscale = info[tcpInfoWscale] & 0x0f
+			st.RcvWscale = info[tcpInfoWscale] >> 4
+		}
+		st.MSS = uint16(binary.NativeEndian.Uint32(info[tcpInfoSndMSS:]))
 		if err := unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 			return &OpError{"TCP_REPAIR on", err}
 		}
@@ -144,19 +155,6 @@ func capture(fd int, st *splice.Conn) error {
 	// Since Linux 6.7 bit 0 flags a microsecond clock; it is not part of
 	// the value.
 	st.TSval = uint32(ts) &^ 1
-
-	var info [104]byte
-	if err := getsockopt(fd, unix.TCP_INFO, unsafe.Pointer(&info), unsafe.Sizeof(info)); err != nil {
-		return &OpError{"TCP_INFO", err}
-	}
-	opts := info[tcpInfoOptions]
-	st.Timestamps = opts&tcpiOptTimestamp != 0
-	st.SACK = opts&tcpiOptSACK != 0
-	if opts&tcpiOptWscale != 0 {
-		st.SndWscale = info[tcpInfoWscale] & 0x0f
-		st.RcvWscale = info[tcpInfoWscale] >> 4
-	}
-	st.MSS = uint16(binary.NativeEndian.Uint32(info[tcpInfoSndMSS:]))
 	return nil
 }
 

@@ -26,7 +26,7 @@ const (
 	stepInstall             // the engine's flow built
 	stepRelease             // taken-over payload injected, held packets released
 	stepPromote             // the flow handed to the BPF program (bpf datapath only)
-	stepRecord              // the spliced flow listed, handed to the table, recorded for restarts
+	stepRecord              // the spliced flow listed and handed to the table (recorded for restarts after)
 	// Unsplice.
 	stepUnspliceDrain   // both ends acknowledged everything the engine forwarded
 	stepUnspliceBarrier // the queue's batched verdicts flushed after the freeze

@@ -63,8 +63,27 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	}
 	start := time.Now()
 	done := make(chan error, 1)
-	g.workers.Go(func() { done <- g.splice(ctx, start, f, client, upstream) })
+	g.workers.Go(func() {
+		var after spliceAfter
+		err := g.splice(ctx, start, f, client, upstream, &after)
+		done <- err
+		after.run(g)
+	})
 	return <-done
+}
+
+// spliceAfter is what a splice leaves to do once its caller went on: the
+// flow is the engine's then, and nothing here delays its packets.
+type spliceAfter struct {
+	// record is the spliced flow to record for a restart (see store.go);
+	// one that left the engine meanwhile loses its record again.
+	record *splicedFlow
+}
+
+func (a *spliceAfter) run(g *Gateway) {
+	if a.record != nil {
+		g.storeFlow(a.record)
+	}
 }
 
 // transitionWorkerIdle is how long a goroutine that ran a splice or an
@@ -77,7 +96,8 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 // proxy's goroutine and 4 µs on a reused one.
 const transitionWorkerIdle = 10 * time.Second
 
-func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, client, upstream *net.TCPConn) error {
+// splice is Splice on a worker; it leaves the rest to after.
+func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, client, upstream *net.TCPConn, after *spliceAfter) error {
 	// Spread flows over the queues (cores); both directions of a flow go
 	// to the same queue, so its packets stay in order. A flow spliced
 	// before and unspliced keeps its queue and its divert entries.
@@ -119,7 +139,12 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 		return &SpliceError{Reason: "build the engine flow", Err: err}
 	}
 	sw.lap(stepInstall)
-	// Point of no return: in repair mode, Close sends nothing.
+	// Point of no return: in repair mode, Close sends nothing. The
+	// sockets go before any packet goes through the engine: a packet
+	// it forwards goes on through the prerouting rules after its
+	// verdict, and a socket lookup there (TPROXY) would still find them
+	// and take it (closing them after the release stalled busy flows
+	// for a retransmission timeout, 200 ms).
 	client.Close()
 	upstream.Close()
 	sent, released, injectErr := g.release(tr, entry, &params)
@@ -144,7 +169,7 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 			g.promote(sf)
 			sw.lap(stepPromote)
 		} else if sf != nil {
-			g.storeFlow(sf)
+			after.record = sf
 			sw.lap(stepRecord)
 		}
 	}

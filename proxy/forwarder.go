@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"spliced/config"
+	"spliced/internal/workpool"
 	"spliced/logging"
 )
 
@@ -144,34 +145,14 @@ const handlerIdle = 2 * time.Second
 
 // acceptLoop accepts connections on ln and runs handle on each in a
 // goroutine that wg counts while it handles it. A goroutine that is done
-// with its connection takes the next one accepted within handlerIdle:
-// a new goroutine grows its stack by copying it, several times before
-// it gets to an HTTP request's deepest calls, which was 5% of the CPU a
-// short connection cost the HTTP proxy (pprof, one request per
-// connection).
+// with its connection takes the next one accepted within handlerIdle
+// (see workpool): a new goroutine grows its stack by copying it, several
+// times before it gets to an HTTP request's deepest calls, which was 5%
+// of the CPU a short connection cost the HTTP proxy (pprof, one request
+// per connection).
 func acceptLoop(ctx context.Context, ln *net.TCPListener, wg *sync.WaitGroup, handle func(*net.TCPConn), acceptFailed func(error)) error {
-	next := make(chan *net.TCPConn) // to an idle handler
-	done := make(chan struct{})     // the loop ended: idle handlers end
-	defer close(done)
-	handler := func(c *net.TCPConn) {
-		var idle *time.Timer
-		for c != nil {
-			handle(c)
-			wg.Done()
-			if idle == nil {
-				idle = time.NewTimer(handlerIdle)
-			} else {
-				idle.Reset(handlerIdle)
-			}
-			select {
-			case c = <-next:
-			case <-idle.C:
-				c = nil
-			case <-done:
-				c = nil
-			}
-		}
-	}
+	handlers := workpool.New(handlerIdle)
+	defer handlers.Close() // the loop ended: idle handlers end
 	for {
 		c, err := ln.AcceptTCP()
 		if err != nil {
@@ -190,11 +171,10 @@ func acceptLoop(ctx context.Context, ln *net.TCPListener, wg *sync.WaitGroup, ha
 			continue
 		}
 		wg.Add(1)
-		select {
-		case next <- c:
-		default:
-			go handler(c)
-		}
+		handlers.Go(func() {
+			handle(c)
+			wg.Done()
+		})
 	}
 }
 

@@ -13,7 +13,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
+	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -23,7 +23,6 @@ import (
 
 // Repair queue selectors (TCP_REPAIR_QUEUE).
 const (
-	noQueue   = 0
 	recvQueue = 1
 	sendQueue = 2
 )
@@ -205,8 +204,8 @@ func tcpStateName(s uint8) string {
 }
 
 // Restore builds a connected socket in state ESTABLISHED from st, without
-// a handshake (the CRIU recipe): SO_REUSEADDR and IP_TRANSPARENT (Local
-// may be an address that is not the gateway's), repair mode, the queue
+// a handshake (the CRIU recipe): IP_TRANSPARENT (Local may be an
+// address that is not the gateway's), repair mode, the queue
 // sequence numbers, the MSS clamp, bind and connect (no SYN is sent), then
 // the negotiated options, the timestamp clock and the windows. The socket
 // stays in repair mode, silent, until Resume.
@@ -215,96 +214,103 @@ func tcpStateName(s uint8) string {
 // rcv_nxt; st.SndWnd is the peer's window and st.RcvWnd the socket's own,
 // in bytes; st.TSval is the clock value the next segment carries.
 func Restore(st *splice.Conn) (*net.TCPConn, error) {
+	network := "tcp4"
 	family := unix.AF_INET
 	if st.Local.Addr().Is6() {
-		family = unix.AF_INET6
+		network, family = "tcp6", unix.AF_INET6
 	}
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	// Through a net.Dialer, whose Control runs the steps before bind and
+	// connect: net.FileConn would dup the socket, set it non-blocking
+	// and ask its type, and turn on keep-alive (nine system calls of
+	// about 27 a socket; the proxies' own sockets have no keep-alive).
+	var stepErr error
+	d := net.Dialer{
+		KeepAlive: -1,
+		LocalAddr: net.TCPAddrFromAddrPort(st.Local),
+		Control: func(_, _ string, rc syscall.RawConn) error {
+			if err := rc.Control(func(fd uintptr) { stepErr = beforeConnect(int(fd), family, st) }); err != nil {
+				return err
+			}
+			return stepErr
+		},
+	}
+	c, err := d.Dial(network, st.Remote.String())
 	if err != nil {
-		return nil, &OpError{"socket", err}
+		if stepErr != nil {
+			return nil, stepErr
+		}
+		return nil, &OpError{"bind " + st.Local.String() + ", connect " + st.Remote.String(), err}
 	}
-	if err := restore(fd, family, st); err != nil {
-		unix.Close(fd)
+	tc := c.(*net.TCPConn)
+	if err := control(tc, func(fd int) error { return afterConnect(fd, st) }); err != nil {
+		tc.Close() // in repair mode: silent
 		return nil, err
 	}
-	f := os.NewFile(uintptr(fd), "tcp-restored")
-	defer f.Close()
-	c, err := net.FileConn(f)
-	if err != nil {
-		return nil, &OpError{"FileConn", err}
-	}
-	return c.(*net.TCPConn), nil
+	return tc, nil
 }
 
-func restore(fd, family int, st *splice.Conn) error {
+// beforeConnect runs the steps of a restore that come before bind and
+// connect.
+func beforeConnect(fd, family int, st *splice.Conn) error {
 	setInt := func(level, opt, v int, name string) error {
 		if err := unix.SetsockoptInt(fd, level, opt, v); err != nil {
 			return &OpError{name, err}
 		}
 		return nil
 	}
-	transparent := func() error {
-		if family == unix.AF_INET6 {
-			return setInt(unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1, "IPV6_TRANSPARENT")
+	if family == unix.AF_INET6 {
+		if err := setInt(unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1, "IPV6_TRANSPARENT"); err != nil {
+			return err
 		}
-		return setInt(unix.SOL_IP, unix.IP_TRANSPARENT, 1, "IP_TRANSPARENT")
+	} else if err := setInt(unix.SOL_IP, unix.IP_TRANSPARENT, 1, "IP_TRANSPARENT"); err != nil {
+		return err
 	}
-	steps := []func() error{
-		transparent,
-		// SO_REUSEADDR before repair mode: the tuple may still be bound
-		// by a socket the splice closed silently.
-		func() error { return setInt(unix.SOL_SOCKET, unix.SO_REUSEADDR, 1, "SO_REUSEADDR") },
-		func() error { return setInt(unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON, "TCP_REPAIR on") },
-		func() error { return setInt(unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, recvQueue, "TCP_REPAIR_QUEUE") },
-		func() error {
-			return setInt(unix.SOL_TCP, unix.TCP_QUEUE_SEQ, int(int32(st.RcvNxt)), "TCP_QUEUE_SEQ recv")
-		},
-		func() error { return setInt(unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, sendQueue, "TCP_REPAIR_QUEUE") },
-		func() error {
-			return setInt(unix.SOL_TCP, unix.TCP_QUEUE_SEQ, int(int32(st.SndNxt)), "TCP_QUEUE_SEQ send")
-		},
-		func() error { return setInt(unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, noQueue, "TCP_REPAIR_QUEUE") },
+	steps := []struct {
+		level, opt, v int
+		name          string
+	}{
+		// Repair mode also forces the reuse of the local address
+		// (SK_FORCE_REUSE): bind takes the port even while another
+		// socket holds it (SO_REUSEADDR, set here before, was
+		// overwritten by it).
+		{unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON, "TCP_REPAIR on"},
+		{unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, recvQueue, "TCP_REPAIR_QUEUE"},
+		{unix.SOL_TCP, unix.TCP_QUEUE_SEQ, int(int32(st.RcvNxt)), "TCP_QUEUE_SEQ recv"},
+		{unix.SOL_TCP, unix.TCP_REPAIR_QUEUE, sendQueue, "TCP_REPAIR_QUEUE"},
+		// The send queue stays selected: the selection matters only
+		// to writes in repair mode, which a restored socket gets none
+		// of (see capture).
+		{unix.SOL_TCP, unix.TCP_QUEUE_SEQ, int(int32(st.SndNxt)), "TCP_QUEUE_SEQ send"},
 		// Without it the cached MSS would be 536 until the options are
 		// set. The kernel bounds TCP_MAXSEG by 32767 (loopback's MSS is
 		// larger); TCP_REPAIR_OPTIONS sets the real clamp.
-		func() error {
-			return setInt(unix.SOL_TCP, unix.TCP_MAXSEG, int(min(mssClamp(st), 32767)), "TCP_MAXSEG")
-		},
-		func() error {
-			if err := unix.Bind(fd, sockaddr(st.Local)); err != nil {
-				return &OpError{"bind " + st.Local.String(), err}
-			}
-			return nil
-		},
-		func() error {
-			if err := unix.Connect(fd, sockaddr(st.Remote)); err != nil {
-				return &OpError{"connect " + st.Remote.String(), err}
-			}
-			return nil
-		},
-		// Options and windows only after connect, which resets them.
-		func() error { return repairOptions(fd, st) },
-		func() error {
-			if !st.Timestamps {
-				return nil
-			}
-			return setInt(unix.SOL_TCP, unix.TCP_TIMESTAMP, int(int32(st.TSval&^1)), "TCP_TIMESTAMP")
-		},
-		func() error {
-			// struct tcp_repair_window { snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup }
-			win := [5]uint32{uint32(st.RcvNxt), st.SndWnd, max(st.SndWnd, st.RcvWnd), st.RcvWnd, uint32(st.RcvNxt)}
-			_, _, errno := unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_TCP, unix.TCP_REPAIR_WINDOW,
-				uintptr(unsafe.Pointer(&win)), unsafe.Sizeof(win), 0)
-			if errno != 0 {
-				return &OpError{"TCP_REPAIR_WINDOW", errno}
-			}
-			return nil
-		},
+		{unix.SOL_TCP, unix.TCP_MAXSEG, int(min(mssClamp(st), 32767)), "TCP_MAXSEG"},
 	}
-	for _, step := range steps {
-		if err := step(); err != nil {
+	for _, s := range steps {
+		if err := setInt(s.level, s.opt, s.v, s.name); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// afterConnect runs the steps of a restore that come after connect,
+// which resets them: the options, the timestamp clock and the windows.
+func afterConnect(fd int, st *splice.Conn) error {
+	if err := repairOptions(fd, st); err != nil {
+		return err
+	}
+	if st.Timestamps {
+		if err := unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_TIMESTAMP, int(int32(st.TSval&^1))); err != nil {
+			return &OpError{"TCP_TIMESTAMP", err}
+		}
+	}
+	// struct tcp_repair_window { snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup }
+	win := [5]uint32{uint32(st.RcvNxt), st.SndWnd, max(st.SndWnd, st.RcvWnd), st.RcvWnd, uint32(st.RcvNxt)}
+	_, _, errno := unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_TCP, unix.TCP_REPAIR_WINDOW,
+		uintptr(unsafe.Pointer(&win)), unsafe.Sizeof(win), 0)
+	if errno != 0 {
+		return &OpError{"TCP_REPAIR_WINDOW", errno}
 	}
 	return nil
 }
@@ -343,13 +349,6 @@ func repairOptions(fd int, st *splice.Conn) error {
 		return &OpError{"TCP_REPAIR_OPTIONS", errno}
 	}
 	return nil
-}
-
-func sockaddr(ap netip.AddrPort) unix.Sockaddr {
-	if ap.Addr().Is4() {
-		return &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}
-	}
-	return &unix.SockaddrInet6{Addr: ap.Addr().As16(), Port: int(ap.Port())}
 }
 
 // Resume takes a restored socket out of repair mode; the kernel sends a

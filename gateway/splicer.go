@@ -64,26 +64,17 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	start := time.Now()
 	done := make(chan error, 1)
 	g.workers.Go(func() {
-		var after spliceAfter
-		err := g.splice(ctx, start, f, client, upstream, &after)
+		record, err := g.splice(ctx, start, f, client, upstream)
 		done <- err
-		after.run(g)
+		if record != nil {
+			// Once the caller went on: the flow is the engine's, and
+			// its record for a restart (see store.go) delays no packet
+			// of it. A flow that left the engine meanwhile loses the
+			// record again.
+			g.storeFlow(record)
+		}
 	})
 	return <-done
-}
-
-// spliceAfter is what a splice leaves to do once its caller went on: the
-// flow is the engine's then, and nothing here delays its packets.
-type spliceAfter struct {
-	// record is the spliced flow to record for a restart (see store.go);
-	// one that left the engine meanwhile loses its record again.
-	record *splicedFlow
-}
-
-func (a *spliceAfter) run(g *Gateway) {
-	if a.record != nil {
-		g.storeFlow(a.record)
-	}
 }
 
 // transitionWorkerIdle is how long a goroutine that ran a splice or an
@@ -96,8 +87,9 @@ func (a *spliceAfter) run(g *Gateway) {
 // proxy's goroutine and 4 µs on a reused one.
 const transitionWorkerIdle = 10 * time.Second
 
-// splice is Splice on a worker; it leaves the rest to after.
-func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, client, upstream *net.TCPConn, after *spliceAfter) error {
+// splice is Splice on a worker. It returns the spliced flow to record
+// for a restart, if any.
+func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, client, upstream *net.TCPConn) (record *splicedFlow, err error) {
 	// Spread flows over the queues (cores); both directions of a flow go
 	// to the same queue, so its packets stay in order. A flow spliced
 	// before and unspliced keeps its queue and its divert entries.
@@ -118,14 +110,14 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 		g.diverter.Delete(tr.queue, tr.keys[0], tr.keys[1])
 		g.transitions.remove(tr)
 		f.SetState(proxy.StateProxied)
-		return &SpliceError{Reason: "divert the flow", Err: err}
+		return nil, &SpliceError{Reason: "divert the flow", Err: err}
 	}
 	sw.lap(stepDivert)
 	drain := g.drainTimeout(f.Service)
 	caps, err := g.quiesceAndCapture(ctx, tr, f, client, upstream, start.Add(drain), sw)
 	if err != nil {
 		g.abort(tr, f)
-		return err
+		return nil, err
 	}
 	params := splice.Params{Client: caps[0], Server: caps[1]}
 	if g.log.Enabled(ctx, slog.LevelDebug) { // legAttrs allocates
@@ -136,7 +128,7 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 		tcprepair.Leave(client)
 		tcprepair.Leave(upstream)
 		g.abort(tr, f)
-		return &SpliceError{Reason: "build the engine flow", Err: err}
+		return nil, &SpliceError{Reason: "build the engine flow", Err: err}
 	}
 	sw.lap(stepInstall)
 	// Point of no return: in repair mode, Close sends nothing. The
@@ -169,7 +161,7 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 			g.promote(sf)
 			sw.lap(stepPromote)
 		} else if sf != nil {
-			after.record = sf
+			record = sf
 			sw.lap(stepRecord)
 		}
 	}
@@ -190,7 +182,7 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 		"took_us", took.Microseconds(), "taken_over_bytes", tr.takenLen[0]+tr.takenLen[1],
 		"injected_packets", sent, "held_packets", released, "datapath", datapathOf(entry), sw.attrs())
 	g.flowEvent(api.EventSpliced, f, fmt.Sprintf("took %d µs", took.Microseconds()))
-	return nil
+	return record, nil
 }
 
 // divert adds the divert entries of a splice's tuples: from the packet

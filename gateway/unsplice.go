@@ -166,9 +166,7 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 			g.log.Error("unsplice: leave repair mode", logging.KeyFlow, f.ID, logging.Err(err))
 		}
 	}
-	unpin := g.queues.Pin(int(tr.queue)) // in order with the queue's reader
 	released := g.releaseToSockets(tr, client.SndNxt, server.SndNxt)
-	unpin()
 	sw.lap(stepUnspliceRelease)
 	g.addPassthrough(f.ID, tr)
 	go g.retirePassthrough(f.ID, tr)
@@ -310,6 +308,19 @@ func (g *Gateway) resplice(tr *transition, f *proxy.Flow) {
 // what the client's and the server's socket sent: held packets that
 // acknowledge less get their ACK raised to it.
 func (g *Gateway) releaseToSockets(tr *transition, sndClient, sndServer splice.Seq) int {
+	// Nothing held (an unsplice asked for by splicectl, on an idle
+	// flow): the phase changes, and the thread stays where it is
+	// (see release).
+	tr.mu.Lock()
+	if len(tr.held) == 0 {
+		tr.phase = phaseAborted
+		tr.mu.Unlock()
+		return 0
+	}
+	tr.mu.Unlock()
+	// Packets held meanwhile join tr.held: the phase is still frozen.
+	unpin := g.queues.Pin(int(tr.queue)) // in order with the queue's reader
+	defer unpin()
 	tr.mu.Lock()
 	defer tr.mu.Unlock()
 	tr.phase = phaseAborted

@@ -765,13 +765,14 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		c.p.splice.markDiverted(c.flow.ID)
 	}
 	serr := sp.Splice(c.p.FlowContext(), c.flow, c.client, c.up)
-	// The gateway's drain sets and clears the sockets' read deadlines:
-	// should the proxy keep the connection, the next request sets its
-	// own.
-	c.readDeadline = time.Time{}
 	if serr == nil {
+		// Nothing of c may be touched from here: an unsplice may have
+		// handed the flow to a new goroutine already (attach).
 		return false, true, nil
 	}
+	// The gateway's drain sets and clears the sockets' read deadlines:
+	// the next request sets its own.
+	c.readDeadline = time.Time{}
 	c.splicedSample = bodySample{}
 	c.flow.SetSpliceError(serr)
 	// Common and harmless when the client asks again at once: the

@@ -88,7 +88,12 @@ type Gateway struct {
 	// store: with nfqueue, the record of spliced flows that outlives the
 	// daemon (see store.go); nil without. storeSynced: the reaper's
 	// last refresh of it.
-	store       *bpf.Datapath
+	store *bpf.Datapath
+	// storeMu: closeStore holds it to write, the store's users (a
+	// splice's worker records its flow after the splice returned,
+	// unsplices and the reaper remove or refresh records) to read, and
+	// they check storeClosed under it.
+	storeMu     sync.RWMutex
 	storeClosed atomic.Bool
 	storeSynced time.Time
 	// pendingStored: flows adopted from the record, not yet handed to

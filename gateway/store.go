@@ -77,7 +77,12 @@ func (g *Gateway) openStore(cfg *config.Config) {
 // closeStore releases the record; at a shutdown (remove) it goes.
 func (g *Gateway) closeStore(remove bool) {
 	s := g.store
-	if s == nil || g.storeClosed.Swap(true) {
+	if s == nil {
+		return
+	}
+	g.storeMu.Lock()
+	defer g.storeMu.Unlock()
+	if g.storeClosed.Swap(true) {
 		return
 	}
 	dir := s.PinDir()
@@ -91,10 +96,11 @@ func (g *Gateway) closeStore(remove bool) {
 
 // storeFlow records a flow the engine spliced, for the next daemon.
 func (g *Gateway) storeFlow(sf *splicedFlow) {
-	s := g.store
+	s := g.openedStore()
 	if s == nil {
 		return
 	}
+	defer g.storeMu.RUnlock()
 	e := sf.entry
 	snap := e.Snapshot()
 	err := s.PutFlowWatch(e.ID, e.Keys, snap.State(), e.Watch.Load())
@@ -113,13 +119,34 @@ func (g *Gateway) storeFlow(sf *splicedFlow) {
 	cur := g.spliced[e.ID]
 	g.splicedMu.Unlock()
 	if cur != sf {
-		g.unstore(sf)
+		g.unstoreFrom(s, sf)
 	}
+}
+
+// openedStore returns the record, read-locked, or nil (no record, or
+// closed).
+func (g *Gateway) openedStore() *bpf.Datapath {
+	if g.store == nil {
+		return nil
+	}
+	g.storeMu.RLock()
+	if g.storeClosed.Load() {
+		g.storeMu.RUnlock()
+		return nil
+	}
+	return g.store
 }
 
 // unstore removes a flow's record: it left the engine.
 func (g *Gateway) unstore(sf *splicedFlow) {
-	if s := g.store; s != nil && sf.stored.Swap(false) {
+	if s := g.openedStore(); s != nil {
+		g.unstoreFrom(s, sf)
+		g.storeMu.RUnlock()
+	}
+}
+
+func (g *Gateway) unstoreFrom(s *bpf.Datapath, sf *splicedFlow) {
+	if sf.stored.Swap(false) {
 		if err := s.DeleteFlow(sf.entry.ID, sf.entry.Keys); err != nil {
 			g.log.Debug("remove a spliced flow's record", logging.KeyFlow, sf.entry.ID, logging.Err(err))
 		}
@@ -129,10 +156,14 @@ func (g *Gateway) unstore(sf *splicedFlow) {
 // syncStored refreshes the recorded state of the recorded flows, at most
 // every storeSync.
 func (g *Gateway) syncStored(now time.Time) {
-	s := g.store
-	if s == nil || now.Sub(g.storeSynced) < storeSync {
+	if g.store == nil || now.Sub(g.storeSynced) < storeSync {
 		return
 	}
+	s := g.openedStore()
+	if s == nil {
+		return
+	}
+	defer g.storeMu.RUnlock()
 	g.storeSynced = now
 	g.splicedMu.Lock()
 	fs := make([]*splicedFlow, 0, len(g.spliced))

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -107,6 +108,13 @@ func measureLatency(env *Env, opt *Options) *Latency {
 		}
 		return nil
 	})
+	idleServer := fmt.Sprintf("%s:%d", lab.Server().IPv4, portIdle)
+	idleT := tookFor(portIdle)
+	idlePhases := phasesFor(d.Lines(), "flow spliced", splicePhases, "idle", idleServer)
+	// The same idle flows unspliced (splicectl unsplice), one at a time
+	// on an otherwise quiet gateway; their proxy would splice them again
+	// after 300 ms, by when they are closed.
+	unspliced := unspliceIdle(d, idleServer)
 	for _, c := range idle {
 		c.Close()
 	}
@@ -137,30 +145,67 @@ func measureLatency(env *Env, opt *Options) *Latency {
 	res.BusyFixedSamples = len(fixedT)
 	res.BusyFixedP50, res.BusyFixedP99 = percentile(fixedT, 0.5), percentile(fixedT, 0.99)
 	res.StallFixedP50, res.StallFixedP99 = percentile(stallsFixed, 0.5), percentile(stallsFixed, 0.99)
-	idleT, busyT := tookFor(portIdle), tookFor(portBusy)
+	busyT := tookFor(portBusy)
 	res.IdleSamples, res.BusySamples = len(idleT), len(busyT)
+	res.UnspliceSamples = len(unspliced)
+	res.UnspliceP50, res.UnspliceP99 = percentile(unspliced, 0.5), percentile(unspliced, 0.99)
 	res.IdleP50, res.IdleP99 = percentile(idleT, 0.5), percentile(idleT, 0.99)
 	res.BusyP50, res.BusyP99 = percentile(busyT, 0.5), percentile(busyT, 0.99)
 	res.StallP50, res.StallP99 = percentile(stalls, 0.5), percentile(stalls, 0.99)
-	res.Phases = append(phasesFor(d.Lines(), "idle", fmt.Sprintf("%s:%d", lab.Server().IPv4, portIdle)),
-		phasesFor(d.Lines(), "busy", fmt.Sprintf("%s:%d", lab.Server().IPv4, portBusy))...)
-	fmt.Fprintf(opt.Log, "   idle %d: p50 %.0f µs p99 %.0f µs; busy %d: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms; socket_buffer 256KiB: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms\n",
-		res.IdleSamples, res.IdleP50, res.IdleP99, res.BusySamples, res.BusyP50, res.BusyP99, res.StallP50, res.StallP99,
+	res.Phases = append(idlePhases, phasesFor(d.Lines(), "flow spliced", splicePhases, "busy", fmt.Sprintf("%s:%d", lab.Server().IPv4, portBusy))...)
+	res.UnsplicePhases = phasesFor(d.Lines(), "flow unspliced", unsplicePhases, "idle", idleServer)
+	fmt.Fprintf(opt.Log, "   idle %d: p50 %.0f µs p99 %.0f µs; unsplice %d: p50 %.0f µs p99 %.0f µs; busy %d: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms; socket_buffer 256KiB: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms\n",
+		res.IdleSamples, res.IdleP50, res.IdleP99, res.UnspliceSamples, res.UnspliceP50, res.UnspliceP99,
+		res.BusySamples, res.BusyP50, res.BusyP99, res.StallP50, res.StallP99,
 		res.BusyFixedP50, res.BusyFixedP99, res.StallFixedP50, res.StallFixedP99)
 	return res
 }
 
-// splicePhases are the phases of a splice in the order they run (the
-// gateway's "phases_us" log attribute).
-var splicePhases = []string{"divert", "drain", "barrier", "capture", "install", "release", "promote", "record"}
+// unspliceIdle unsplices every spliced flow to server through the
+// control API, one after the other, and returns the unsplice times the
+// gateway logged for them (µs).
+func unspliceIdle(d *testnet.Daemon, server string) []float64 {
+	var ids []uint64
+	for _, l := range d.Lines() {
+		if l["msg"] == "flow spliced" && l["server"] == server {
+			if id, ok := l["flow"].(float64); ok {
+				ids = append(ids, uint64(id))
+			}
+		}
+	}
+	for _, id := range ids {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		d.Client().Unsplice(ctx, id) // a failure shows as a missing sample
+		cancel()
+		time.Sleep(5 * time.Millisecond) // one at a time, the gateway idle between
+	}
+	var out []float64
+	for _, l := range d.Lines() {
+		if l["msg"] == "flow unspliced" && l["server"] == server {
+			if v, ok := l["took_us"].(float64); ok {
+				out = append(out, v)
+			}
+		}
+	}
+	return out
+}
 
-// phasesFor summarizes the phases of the splices of flows to server.
-func phasesFor(lines []map[string]any, kind, server string) []PhaseLatency {
+// splicePhases and unsplicePhases are the phases of a splice and of an
+// unsplice in the order they run (the gateway's "phases_us" log
+// attribute).
+var (
+	splicePhases   = []string{"divert", "drain", "barrier", "capture", "install", "release", "promote", "record"}
+	unsplicePhases = []string{"drain", "barrier", "rebuild", "release"}
+)
+
+// phasesFor summarizes the phases (names, in order) of the transitions
+// logged with msg of flows to server.
+func phasesFor(lines []map[string]any, msg string, names []string, kind, server string) []PhaseLatency {
 	var out []PhaseLatency
-	for _, name := range splicePhases {
+	for _, name := range names {
 		var v []float64
 		for _, l := range lines {
-			if l["msg"] != "flow spliced" || l["server"] != server {
+			if l["msg"] != msg || l["server"] != server {
 				continue
 			}
 			if ph, ok := l["phases_us"].(map[string]any); ok {

@@ -81,7 +81,12 @@ type Latency struct {
 	// Phases: where the splice time went, per phase of the gateway's
 	// transition (the "phases_us" of its log lines), idle and busy flows.
 	Phases []PhaseLatency `json:"phases,omitempty"`
-	Error  string         `json:"error,omitempty"`
+	// The idle flows unspliced (splicectl unsplice), one at a time: the
+	// unsplice time the gateway measured, µs, and its phases.
+	UnspliceSamples          int `json:"unsplice_samples"`
+	UnspliceP50, UnspliceP99 float64
+	UnsplicePhases           []PhaseLatency `json:"unsplice_phases,omitempty"`
+	Error                    string         `json:"error,omitempty"`
 }
 
 // PhaseLatency is one phase of the splices of idle or busy flows, µs.
@@ -235,6 +240,9 @@ func (r *Report) Markdown() string {
 		} else {
 			fmt.Fprintf(&b, "| | flows | p50 | p99 |\n|---|---|---|---|\n")
 			fmt.Fprintf(&b, "| idle flow, splice time | %d | %.0f µs | %.0f µs |\n", l.IdleSamples, l.IdleP50, l.IdleP99)
+			if l.UnspliceSamples > 0 {
+				fmt.Fprintf(&b, "| idle flow, unsplice time (splicectl unsplice, one at a time) | %d | %.0f µs | %.0f µs |\n", l.UnspliceSamples, l.UnspliceP50, l.UnspliceP99)
+			}
 			fmt.Fprintf(&b, "| busy flow, splice time | %d | %.0f µs | %.0f µs |\n", l.BusySamples, l.BusyP50, l.BusyP99)
 			fmt.Fprintf(&b, "| busy flow, longest stall at the receiver | %d | %.1f ms | %.1f ms |\n", l.BusySamples, l.StallP50, l.StallP99)
 			if l.BusyFixedSamples > 0 {
@@ -256,6 +264,13 @@ func (r *Report) Markdown() string {
 						cells = append(cells, p, p99)
 					}
 					fmt.Fprintf(&b, "| %s | %s |\n", name, strings.Join(cells, " | "))
+				}
+				b.WriteString("\n")
+			}
+			if len(l.UnsplicePhases) > 0 {
+				fmt.Fprintf(&b, "| unsplice phase (idle flows) | p50 | p99 |\n|---|---|---|\n")
+				for _, ph := range l.UnsplicePhases {
+					fmt.Fprintf(&b, "| %s | %.0f µs | %.0f µs |\n", ph.Phase, ph.P50, ph.P99)
 				}
 				b.WriteString("\n")
 			}

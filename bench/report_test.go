@@ -25,7 +25,10 @@ func fixedReport() *Report {
 		Configs: []ConfigResult{cfg("routing", 20000, ""), cfg("haproxy", 0, "haproxy is not installed"), cfg("spliced-copy", 10000, ""), cfg("spliced-splice", 15000, "")},
 		Latency: &Latency{IdleSamples: 10, IdleP50: 80, IdleP99: 120, BusySamples: 10, BusyP50: 1500, BusyP99: 7000, StallP50: 2, StallP99: 8,
 			BusyFixedSamples: 10, BusyFixedP50: 700, BusyFixedP99: 3000, StallFixedP50: 1, StallFixedP99: 4,
-			Phases: append(phasesFor(phaseLines, "idle", "10.2.0.2:7101"), phasesFor(phaseLines, "busy", "10.2.0.2:7102")...)},
+			Phases: append(phasesFor(phaseLines, "flow spliced", splicePhases, "idle", "10.2.0.2:7101"),
+				phasesFor(phaseLines, "flow spliced", splicePhases, "busy", "10.2.0.2:7102")...),
+			UnspliceSamples: 2, UnspliceP50: 90, UnspliceP99: 300,
+			UnsplicePhases: phasesFor(phaseLines, "flow unspliced", unsplicePhases, "idle", "10.2.0.2:7101")},
 		Memory: &Memory{Flows: 100, Proxied: MemSample{DaemonRSS: 30 << 20, BaseRSS: 10 << 20, DaemonLive: 22 << 20, BaseLive: 2 << 20, SocketMem: 4 << 20, Sockets: 200},
 			Spliced:    MemSample{DaemonRSS: 11 << 20, BaseRSS: 10 << 20, DaemonLive: 3 << 20, BaseLive: 2 << 20},
 			SplicedBPF: &MemSample{DaemonRSS: 11 << 20, BaseRSS: 10 << 20, DaemonLive: 3 << 20, BaseLive: 2 << 20, MapBytes: 1 << 20},
@@ -53,6 +56,8 @@ var phaseLines = []map[string]any{
 	{"msg": "flow spliced", "server": "10.2.0.2:7101", "phases_us": map[string]any{"divert": 60.0, "drain": 20.0, "capture": 50.0}},
 	{"msg": "flow spliced", "server": "10.2.0.2:7102", "phases_us": map[string]any{"divert": 45.0, "drain": 9000.0}},
 	{"msg": "flow opened", "server": "10.2.0.2:7101"},
+	{"msg": "flow unspliced", "server": "10.2.0.2:7101", "phases_us": map[string]any{"drain": 5.0, "rebuild": 70.0, "release": 12.0}},
+	{"msg": "flow unspliced", "server": "10.2.0.2:7101", "phases_us": map[string]any{"drain": 7.0, "rebuild": 90.0, "release": 14.0}},
 }
 
 func TestReportGenerator(t *testing.T) {
@@ -72,6 +77,10 @@ func TestReportGenerator(t *testing.T) {
 		"| divert | 60 µs | 60 µs | 45 µs | 45 µs |", // the percentile of two samples rounds up
 		"| drain | 20 µs | 20 µs | 9000 µs | 9000 µs |",
 		"| capture | 50 µs | 50 µs | - | - |",
+		"| idle flow, unsplice time (splicectl unsplice, one at a time) | 2 | 90 µs | 300 µs |",
+		"| unsplice phase (idle flows) | p50 | p99 |",
+		"| rebuild | 90 µs | 90 µs |",
+		"| release | 14 µs | 14 µs |",
 		"| proxied | 20.0 MiB | 20.0 MiB | 4.0 MiB | 0 B | 200 | 24.0 MiB |",
 		"| spliced, bpf datapath | 1.0 MiB | 1.0 MiB | 0 B | 1.0 MiB | 0 | 2.0 MiB |",
 		"on the bpf datapath 8.0% (600 bytes per flow)",

@@ -314,15 +314,22 @@ func TestLabBPFHotPluggedInterface(t *testing.T) {
 	}
 }
 
-// bpfForwardConfig is a daemon on the bpf datapath with one forwarding
-// service (port 5001, listener 15001) that splices at once.
+// bpfForwardConfig is splicingForwardConfig on the bpf datapath.
 func bpfForwardConfig(logLevel string) string {
+	return splicingForwardConfig(logLevel, "  datapath: bpf\n")
+}
+
+// splicingForwardConfig is a daemon with one forwarding service (port 5001,
+// listener 15001) that splices at once; kernel is the lines of its
+// kernel section (none when empty).
+func splicingForwardConfig(logLevel, kernel string) string {
+	if kernel != "" {
+		kernel = "kernel:\n" + kernel
+	}
 	return `
 log:
   level: ` + logLevel + `
-kernel:
-  datapath: bpf
-services:
+` + kernel + `services:
   - name: fwd
     listen: 15001
     ports: ["5001"]

@@ -9,18 +9,7 @@ import (
 	"spliced/testnet"
 )
 
-const longLivedConfig = `
-log:
-  level: debug
-kernel:
-  divert_timeout: 2s
-services:
-  - name: fwd
-    listen: 15001
-    ports: ["5001"]
-    splice:
-      mode: immediate
-`
+var longLivedConfig = splicingForwardConfig("debug", "  divert_timeout: 2s\n")
 
 // TestLabFlowOutlivesDivertTimeout: with kernel.divert_timeout at 2 s, a
 // spliced flow runs for over 20 s (ten timeouts), sending steadily and

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"strconv"
@@ -12,19 +11,10 @@ import (
 	"spliced/testnet"
 )
 
-const queueFaultConfig = `
-log:
-  level: debug
-kernel:
-  queues: 1
-  nfqueue: %s
-services:
-  - name: fwd
-    listen: 15001
-    ports: ["5001"]
-    splice:
-      mode: immediate
-`
+// queueFaultConfig is a forwarding daemon on one queue read by backend.
+func queueFaultConfig(backend string) string {
+	return splicingForwardConfig("debug", "  queues: 1\n  nfqueue: "+backend+"\n")
+}
 
 // TestLabQueueReaderFails: the daemon's queue reader fails a receive in
 // the middle of a spliced transfer (the nfq test hook, as a broken socket
@@ -40,7 +30,7 @@ func TestLabQueueReaderFails(t *testing.T) {
 
 func queueReaderFails(t *testing.T, backend string, faultAfter uint64) {
 	lab := testnet.NewT(t, testnet.Options{})
-	d := testnet.StartDaemon(t, lab, fmt.Sprintf(queueFaultConfig, backend))
+	d := testnet.StartDaemon(t, lab, queueFaultConfig(backend))
 	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
 	ln, err := lab.Server().Listen(srv)
 	if err != nil {

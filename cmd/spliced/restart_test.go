@@ -11,16 +11,7 @@ import (
 	"spliced/testnet"
 )
 
-const restartConfig = `
-log:
-  level: debug
-services:
-  - name: fwd
-    listen: 15001
-    ports: ["5001"]
-    splice:
-      mode: immediate
-`
+var restartConfig = splicingForwardConfig("debug", "")
 
 // TestLabRestartRace: a daemon splicing at once is killed with -9 while a
 // spliced flow runs (its table, routes and divert entries stay behind);

@@ -306,7 +306,10 @@ func afterConnect(fd int, st *splice.Conn) error {
 		}
 	}
 	// struct tcp_repair_window { snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup }
-	win := [5]uint32{uint32(st.RcvNxt), st.SndWnd, max(st.SndWnd, st.RcvWnd), st.RcvWnd, uint32(st.RcvNxt)}
+	// snd_wl1 one before rcv_nxt: the peer's next segment updates the
+	// window even when it carries no data and a smaller window (what
+	// the window probe of TCP_REPAIR_OFF arranges; see Resume).
+	win := [5]uint32{uint32(st.RcvNxt - 1), st.SndWnd, max(st.SndWnd, st.RcvWnd), st.RcvWnd, uint32(st.RcvNxt)}
 	_, _, errno := unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_TCP, unix.TCP_REPAIR_WINDOW,
 		uintptr(unsafe.Pointer(&win)), unsafe.Sizeof(win), 0)
 	if errno != 0 {
@@ -351,11 +354,18 @@ func repairOptions(fd int, st *splice.Conn) error {
 	return nil
 }
 
-// Resume takes a restored socket out of repair mode; the kernel sends a
-// window probe, and the connection runs as any other.
+// Resume takes a restored socket out of repair mode, and the connection
+// runs as any other.
+//
+// It sends no window probe (TCP_REPAIR_OFF_NO_WP). CRIU's probe makes
+// the peer answer with its current window; a restored socket already has
+// it (Restore's SndWnd, and snd_wl1 lets the next segment update it), and
+// a zero window arms the persist timer once the socket has something to
+// send, as on any connection. The probe and its answer cost two packets
+// through the gateway's queue per socket, on an unsplice's critical path.
 func Resume(c *net.TCPConn) error {
 	return control(c, func(fd int) error {
-		if err := unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF); err != nil {
+		if err := unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_OFF_NO_WP); err != nil {
 			return &OpError{"TCP_REPAIR off", err}
 		}
 		return nil

@@ -159,8 +159,9 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	// the flow (see avoidPort), which leaves the engine's table now.
 	g.jumped[serverLeg(f)] = time.Time{}
 	g.splicedMu.Unlock()
-	g.unstore(sf)
 	g.engine.Delete(sf.entry)
+	// The record for restarts goes after the hand back (unstoreUnspliced).
+	defer g.unstoreUnspliced(sf)
 	for _, c := range []*net.TCPConn{cc, sc} {
 		if err := tcprepair.Resume(c); err != nil {
 			g.log.Error("unsplice: leave repair mode", logging.KeyFlow, f.ID, logging.Err(err))
@@ -191,6 +192,33 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	sw.commit(g)
 	g.unspliceCost.observe(time.Since(start))
 	return nil
+}
+
+// unstoreUnspliced removes the record for restarts of a flow given back
+// to its proxy, once the proxy has it: four map deletions that need not
+// delay the hand back (a daemon killed in between would adopt a flow
+// whose sockets died with it, which then times out). The proxy may have
+// spliced the flow again meanwhile, and the record, keyed by the flow's
+// ID and tuples, is then the new splice's: its storeFlow overwrites it or
+// removes it, so it stays. storeMu, held exclusively, orders the check
+// with that storeFlow.
+func (g *Gateway) unstoreUnspliced(sf *splicedFlow) {
+	if g.store == nil || !sf.stored.Load() {
+		return
+	}
+	g.storeMu.Lock()
+	defer g.storeMu.Unlock()
+	if g.storeClosed.Load() {
+		return
+	}
+	g.splicedMu.Lock()
+	respliced := g.spliced[sf.flow.ID] != nil
+	g.splicedMu.Unlock()
+	if respliced {
+		sf.stored.Store(false)
+		return
+	}
+	g.unstoreFrom(g.store, sf)
 }
 
 // unspliceDrain waits until each end acknowledged everything the engine

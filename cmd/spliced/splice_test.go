@@ -936,7 +936,9 @@ services:
 // unsplice the gateway holds its sockets again (ss) and relays; after each
 // splice it holds none; every byte arrives intact both ways. Transparent
 // IPv4 and NAT IPv6. With the bpf datapath, each splice puts the flow
-// on the program and each unsplice takes it back first.
+// on the program and each unsplice takes it back first. On nfqueue the
+// record for restarts follows: each splice records the flow, and it is
+// gone when an unsplice returns.
 func TestLabUnspliceUnderLoad(t *testing.T) {
 	for _, c := range []struct {
 		name     string
@@ -947,11 +949,13 @@ func TestLabUnspliceUnderLoad(t *testing.T) {
 		{"bpf transparent ipv4", "transparent", false, "bpf"}, {"bpf nat ipv6", "nat", true, "bpf"}} {
 		t.Run(c.name, func(t *testing.T) {
 			lab := testnet.NewT(t, testnet.Options{})
+			root := testnet.BPFFS(t)
 			d := testnet.StartDaemon(t, lab, fmt.Sprintf(`
 log:
   level: debug
 kernel:
   datapath: %s
+  bpffs: %s
 services:
   - name: fwd
     listen: 15001
@@ -960,7 +964,23 @@ services:
     splice:
       mode: bytes
       bytes: 1MiB
-`, c.datapath, c.upstream))
+`, c.datapath, root, c.upstream))
+			// recorded waits until the record holds want flows (a splice
+			// records its flow after it returned).
+			recorded := func(when string, want int) {
+				t.Helper()
+				if c.datapath != "nfqueue" {
+					return
+				}
+				if err := testnet.Poll(5*time.Second, func() error {
+					if n := storedFlows(t, lab, root); n != want {
+						return fmt.Errorf("%s: %d flows in the record, want %d", when, n, want)
+					}
+					return nil
+				}); err != nil {
+					t.Fatal(err)
+				}
+			}
 			srv := netip.AddrPortFrom(lab.Server().Addr(c.v6), 5001)
 			ln, err := lab.Server().Listen(srv)
 			if err != nil {
@@ -976,6 +996,7 @@ services:
 				t.Fatal(err)
 			}
 			id := uint64(d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" })["flow"].(float64))
+			recorded("after the first splice", 1)
 			client := d.Client()
 			ctx := context.Background()
 			cycles := 0
@@ -992,6 +1013,11 @@ services:
 				}
 				if err := gatewayHasSocket(lab, f.ClientLeg.Remote); err != nil {
 					t.Fatalf("after unsplice %d: %v", cycles+1, err)
+				}
+				if c.datapath == "nfqueue" {
+					if n := storedFlows(t, lab, root); n != 0 {
+						t.Fatalf("after unsplice %d: %d flows in the record, want none", cycles+1, n)
+					}
 				}
 				time.Sleep(100 * time.Millisecond) // relayed by the proxy meanwhile
 				f, err = client.Splice(ctx, id)
@@ -1010,6 +1036,7 @@ services:
 				if err := gatewayHasSocket(lab, f.ClientLeg.Remote); err == nil {
 					t.Fatalf("after splice %d the gateway still has a socket of %s", cycles+1, f.ClientLeg.Remote)
 				}
+				recorded(fmt.Sprintf("after splice %d", cycles+1), 1)
 				cycles++
 				time.Sleep(100 * time.Millisecond)
 			}

@@ -17,6 +17,7 @@ const (
 	portIdle      = 7101
 	portBusy      = 7102
 	portBusyFixed = 7103
+	portBusyNever = 7104
 )
 
 const latencyConfig = `
@@ -42,6 +43,11 @@ services:
       mode: bytes
       bytes: 8MiB
       socket_buffer: 256KiB
+  - name: busynever
+    listen: 15004
+    ports: ["7104"]
+    splice:
+      mode: never
 `
 
 // measureLatency splices idle flows (nothing in flight) and busy ones
@@ -120,27 +126,34 @@ func measureLatency(env *Env, opt *Options) *Latency {
 	}
 
 	// Busy flows, one after another; then the same with the sockets'
-	// buffers fixed (splice.socket_buffer).
-	var stalls, stallsFixed []float64
-	for _, b := range []struct {
-		port   uint16
-		stalls *[]float64
-	}{{portBusy, &stalls}, {portBusyFixed, &stallsFixed}} {
-		bln, err := lab.Server().Listen(netip.AddrPortFrom(lab.Server().IPv4, b.port))
+	// buffers fixed (splice.socket_buffer); then never spliced, for the
+	// gaps a saturated machine makes without a splice.
+	busy := map[uint16][]*busyResult{}
+	for _, port := range []uint16{portBusy, portBusyFixed, portBusyNever} {
+		bln, err := lab.Server().Listen(netip.AddrPortFrom(lab.Server().IPv4, port))
 		if err != nil {
 			res.Error = err.Error()
 			return res
 		}
 		defer bln.Close()
 		for range n {
-			stall, err := busyFlow(lab, bln, b.port, 32<<20)
+			r, err := busyFlow(lab, bln, port, 32<<20)
 			if err != nil {
 				res.Error = "busy flow: " + err.Error()
 				return res
 			}
-			*b.stalls = append(*b.stalls, float64(stall.Microseconds())/1000)
+			busy[port] = append(busy[port], r)
 		}
 	}
+	spliced := splicedWindows(d.Lines())
+	stalls, across := stallsOf(busy[portBusy], spliced)
+	stallsFixed, acrossFixed := stallsOf(busy[portBusyFixed], spliced)
+	stallsNever, _ := stallsOf(busy[portBusyNever], nil)
+	res.StallAcrossSamples, res.StallFixedAcrossSamples = len(across), len(acrossFixed)
+	res.StallAcrossP50, res.StallAcrossP99 = percentile(across, 0.5), percentile(across, 0.99)
+	res.StallFixedAcrossP50, res.StallFixedAcrossP99 = percentile(acrossFixed, 0.5), percentile(acrossFixed, 0.99)
+	res.NeverSamples = len(stallsNever)
+	res.StallNeverP50, res.StallNeverP99 = percentile(stallsNever, 0.5), percentile(stallsNever, 0.99)
 	fixedT := tookFor(portBusyFixed)
 	res.BusyFixedSamples = len(fixedT)
 	res.BusyFixedP50, res.BusyFixedP99 = percentile(fixedT, 0.5), percentile(fixedT, 0.99)
@@ -154,11 +167,84 @@ func measureLatency(env *Env, opt *Options) *Latency {
 	res.StallP50, res.StallP99 = percentile(stalls, 0.5), percentile(stalls, 0.99)
 	res.Phases = append(idlePhases, phasesFor(d.Lines(), "flow spliced", splicePhases, "busy", fmt.Sprintf("%s:%d", lab.Server().IPv4, portBusy))...)
 	res.UnsplicePhases = phasesFor(d.Lines(), "flow unspliced", unsplicePhases, "idle", idleServer)
-	fmt.Fprintf(opt.Log, "   idle %d: p50 %.0f µs p99 %.0f µs; unsplice %d: p50 %.0f µs p99 %.0f µs; busy %d: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms; socket_buffer 256KiB: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms\n",
+	fmt.Fprintf(opt.Log, "   idle %d: p50 %.0f µs p99 %.0f µs; unsplice %d: p50 %.0f µs p99 %.0f µs; busy %d: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms, across the splice p50 %.1f ms p99 %.1f ms; socket_buffer 256KiB: p50 %.0f µs p99 %.0f µs, stall p50 %.1f ms p99 %.1f ms, across the splice p50 %.1f ms p99 %.1f ms; never spliced: stall p50 %.1f ms p99 %.1f ms\n",
 		res.IdleSamples, res.IdleP50, res.IdleP99, res.UnspliceSamples, res.UnspliceP50, res.UnspliceP99,
-		res.BusySamples, res.BusyP50, res.BusyP99, res.StallP50, res.StallP99,
-		res.BusyFixedP50, res.BusyFixedP99, res.StallFixedP50, res.StallFixedP99)
+		res.BusySamples, res.BusyP50, res.BusyP99, res.StallP50, res.StallP99, res.StallAcrossP50, res.StallAcrossP99,
+		res.BusyFixedP50, res.BusyFixedP99, res.StallFixedP50, res.StallFixedP99, res.StallFixedAcrossP50, res.StallFixedAcrossP99,
+		res.StallNeverP50, res.StallNeverP99)
 	return res
+}
+
+// busyResult is what the receivers of one busy flow saw.
+type busyResult struct {
+	client string // the client's address, as the gateway logs it
+	// reads: when each receiver's reads returned data (client, server).
+	reads [2][]time.Time
+}
+
+// longestGap is the longest time between two reads of a receiver of the
+// flow.
+func (r *busyResult) longestGap() time.Duration {
+	var longest time.Duration
+	for _, ts := range r.reads {
+		for i := 1; i < len(ts); i++ {
+			longest = max(longest, ts[i].Sub(ts[i-1]))
+		}
+	}
+	return longest
+}
+
+// gapAcross is the longest time between two reads of a receiver that
+// overlaps [from, to]: the pause the splice made, including the one that
+// ends with the first read after it completed. ok is false when no
+// receiver read on both sides of the window.
+func (r *busyResult) gapAcross(from, to time.Time) (gap time.Duration, ok bool) {
+	for _, ts := range r.reads {
+		for i := 1; i < len(ts); i++ {
+			if ts[i-1].Before(to) && ts[i].After(from) {
+				gap, ok = max(gap, ts[i].Sub(ts[i-1])), true
+			}
+		}
+	}
+	return gap, ok
+}
+
+// spliceWindow is when the gateway spliced a flow: from the splice's
+// start to the "flow spliced" line (both on the machine's clock).
+type spliceWindow struct{ from, to time.Time }
+
+// splicedWindows returns the splice windows of the logged splices by
+// client address.
+func splicedWindows(lines []map[string]any) map[string]spliceWindow {
+	out := map[string]spliceWindow{}
+	for _, l := range lines {
+		if l["msg"] != "flow spliced" {
+			continue
+		}
+		client, _ := l["client"].(string)
+		ts, _ := l["time"].(string)
+		took, _ := l["took_us"].(float64)
+		to, err := time.Parse(time.RFC3339Nano, ts)
+		if client == "" || err != nil {
+			continue
+		}
+		out[client] = spliceWindow{to.Add(-time.Duration(took) * time.Microsecond), to}
+	}
+	return out
+}
+
+// stallsOf returns the longest gap of each flow, and the gap across its
+// splice for each flow the gateway spliced (in windows), in ms.
+func stallsOf(flows []*busyResult, windows map[string]spliceWindow) (longest, across []float64) {
+	for _, r := range flows {
+		longest = append(longest, float64(r.longestGap().Microseconds())/1000)
+		if w, ok := windows[r.client]; ok {
+			if g, ok := r.gapAcross(w.from, w.to); ok {
+				across = append(across, float64(g.Microseconds())/1000)
+			}
+		}
+	}
+	return longest, across
 }
 
 // unspliceIdle unsplices every spliced flow to server through the
@@ -223,7 +309,7 @@ func phasesFor(lines []map[string]any, msg string, names []string, kind, server 
 
 // busyFlow sends size bytes each way at once and returns the longest gap
 // between two reads at either receiver.
-func busyFlow(lab *testnet.Lab, ln *net.TCPListener, port uint16, size int64) (time.Duration, error) {
+func busyFlow(lab *testnet.Lab, ln *net.TCPListener, port uint16, size int64) (*busyResult, error) {
 	accepted := make(chan *net.TCPConn, 1)
 	go func() {
 		c, err := ln.AcceptTCP()
@@ -235,15 +321,15 @@ func busyFlow(lab *testnet.Lab, ln *net.TCPListener, port uint16, size int64) (t
 	}()
 	c, err := lab.Client().Dial(netip.AddrPortFrom(lab.Server().IPv4, port), 5*time.Second)
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	s := <-accepted
 	if s == nil {
 		c.Close()
-		return 0, fmt.Errorf("accept failed")
+		return nil, fmt.Errorf("accept failed")
 	}
+	r := &busyResult{client: c.LocalAddr().String()}
 	var wg sync.WaitGroup
-	gaps := make([]time.Duration, 2)
 	errs := make([]error, 4)
 	for i, conn := range []*net.TCPConn{c, s} {
 		conn.SetDeadline(time.Now().Add(time.Minute))
@@ -255,7 +341,7 @@ func busyFlow(lab *testnet.Lab, ln *net.TCPListener, port uint16, size int64) (t
 		}()
 		go func() {
 			defer wg.Done()
-			gaps[i], errs[2*i+1] = readGaps(conn)
+			r.reads[i], errs[2*i+1] = readTimes(conn)
 		}()
 	}
 	wg.Wait()
@@ -263,29 +349,26 @@ func busyFlow(lab *testnet.Lab, ln *net.TCPListener, port uint16, size int64) (t
 	s.Close()
 	for _, e := range errs {
 		if e != nil {
-			return 0, e
+			return nil, e
 		}
 	}
-	return max(gaps[0], gaps[1]), nil
+	return r, nil
 }
 
-// readGaps reads to EOF and returns the longest time between two reads.
-func readGaps(c *net.TCPConn) (time.Duration, error) {
+// readTimes reads to EOF and returns when each read returned data.
+func readTimes(c *net.TCPConn) ([]time.Time, error) {
 	buf := make([]byte, 256<<10)
-	var longest time.Duration
-	last := time.Time{}
+	var times []time.Time
 	for {
-		_, err := c.Read(buf)
-		now := time.Now()
-		if !last.IsZero() && err == nil {
-			longest = max(longest, now.Sub(last))
+		n, err := c.Read(buf)
+		if n > 0 {
+			times = append(times, time.Now())
 		}
-		last = now
 		if err == io.EOF {
-			return longest, nil
+			return times, nil
 		}
 		if err != nil {
-			return longest, err
+			return times, err
 		}
 	}
 }

@@ -71,13 +71,23 @@ type Latency struct {
 	IdleP50, IdleP99 float64
 	BusySamples      int `json:"busy_samples"`
 	BusyP50, BusyP99 float64
-	// Stall: the longest gap between two reads at the receiver of a busy
-	// flow around its splice, ms.
+	// Stall: the longest gap between two reads at a receiver of a busy
+	// flow, over its whole transfer, ms.
 	StallP50, StallP99 float64
+	// StallAcross: the longest gap that overlaps the flow's splice (from
+	// its start to the gateway's "flow spliced"), ms.
+	StallAcrossSamples             int `json:"stall_across_samples"`
+	StallAcrossP50, StallAcrossP99 float64
 	// The same busy flows in a service with splice.socket_buffer 256KiB.
-	BusyFixedSamples             int `json:"busy_fixed_samples"`
-	BusyFixedP50, BusyFixedP99   float64
-	StallFixedP50, StallFixedP99 float64
+	BusyFixedSamples                         int `json:"busy_fixed_samples"`
+	BusyFixedP50, BusyFixedP99               float64
+	StallFixedP50, StallFixedP99             float64
+	StallFixedAcrossSamples                  int `json:"stall_fixed_across_samples"`
+	StallFixedAcrossP50, StallFixedAcrossP99 float64
+	// The same busy flows never spliced (splice.mode never): the gaps the
+	// saturated machine makes without a splice, ms.
+	NeverSamples                 int `json:"never_samples"`
+	StallNeverP50, StallNeverP99 float64
 	// Phases: where the splice time went, per phase of the gateway's
 	// transition (the "phases_us" of its log lines), idle and busy flows.
 	Phases []PhaseLatency `json:"phases,omitempty"`
@@ -245,9 +255,18 @@ func (r *Report) Markdown() string {
 			}
 			fmt.Fprintf(&b, "| busy flow, splice time | %d | %.0f µs | %.0f µs |\n", l.BusySamples, l.BusyP50, l.BusyP99)
 			fmt.Fprintf(&b, "| busy flow, longest stall at the receiver | %d | %.1f ms | %.1f ms |\n", l.BusySamples, l.StallP50, l.StallP99)
+			if l.StallAcrossSamples > 0 {
+				fmt.Fprintf(&b, "| busy flow, longest stall across its splice | %d | %.1f ms | %.1f ms |\n", l.StallAcrossSamples, l.StallAcrossP50, l.StallAcrossP99)
+			}
 			if l.BusyFixedSamples > 0 {
 				fmt.Fprintf(&b, "| busy flow, socket_buffer 256KiB, splice time | %d | %.0f µs | %.0f µs |\n", l.BusyFixedSamples, l.BusyFixedP50, l.BusyFixedP99)
 				fmt.Fprintf(&b, "| busy flow, socket_buffer 256KiB, longest stall | %d | %.1f ms | %.1f ms |\n", l.BusyFixedSamples, l.StallFixedP50, l.StallFixedP99)
+			}
+			if l.StallFixedAcrossSamples > 0 {
+				fmt.Fprintf(&b, "| busy flow, socket_buffer 256KiB, longest stall across its splice | %d | %.1f ms | %.1f ms |\n", l.StallFixedAcrossSamples, l.StallFixedAcrossP50, l.StallFixedAcrossP99)
+			}
+			if l.NeverSamples > 0 {
+				fmt.Fprintf(&b, "| busy flow never spliced (`mode: never`), longest stall | %d | %.1f ms | %.1f ms |\n", l.NeverSamples, l.StallNeverP50, l.StallNeverP99)
 			}
 			b.WriteString("\n")
 			if len(l.Phases) > 0 {

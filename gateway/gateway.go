@@ -175,7 +175,7 @@ func New(cfg *config.Config, log *slog.Logger) *Gateway {
 		retiring:    map[uint64]chan struct{}{},
 		stallLog:    logging.NewLimiter(time.Second),
 		divertLog:   logging.NewLimiter(time.Minute),
-		workers:     workpool.New(transitionWorkerIdle),
+		workers:     workpool.New(transitionWorkerIdle, transitionWorkersIdleMax),
 	}
 	g.snap.Store(&snapshot{cfg: cfg, rules: rules.NewManager(rules.FromConfig(cfg))})
 	return g

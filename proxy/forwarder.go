@@ -143,6 +143,12 @@ func ServeListeners(ctx context.Context, listeners []*net.TCPListener, wg *sync.
 // for the next one before it ends.
 const handlerIdle = 2 * time.Second
 
+// handlersIdleMax is how many such goroutines wait at most, per
+// listener: enough for the connections a busy service accepts while
+// others end, few enough that a burst of connections (each handed to the
+// gateway at once by a splice) leaves no crowd of idle stacks.
+const handlersIdleMax = 64
+
 // acceptLoop accepts connections on ln and runs handle on each in a
 // goroutine that wg counts while it handles it. A goroutine that is done
 // with its connection takes the next one accepted within handlerIdle
@@ -151,7 +157,7 @@ const handlerIdle = 2 * time.Second
 // of the CPU a short connection cost the HTTP proxy (pprof, one request
 // per connection).
 func acceptLoop(ctx context.Context, ln *net.TCPListener, wg *sync.WaitGroup, handle func(*net.TCPConn), acceptFailed func(error)) error {
-	handlers := workpool.New(handlerIdle)
+	handlers := workpool.New(handlerIdle, handlersIdleMax)
 	defer handlers.Close() // the loop ended: idle handlers end
 	for {
 		c, err := ln.AcceptTCP()

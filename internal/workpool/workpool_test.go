@@ -24,7 +24,7 @@ func goroutineID() string {
 // TestReuse: a goroutine done with a function takes the next one given
 // to the pool (Go hands it to a waiting goroutine, here waited for).
 func TestReuse(t *testing.T) {
-	p := New(time.Hour)
+	p := New(time.Hour, 64)
 	defer p.Close()
 	var ids []string
 	done := make(chan string)
@@ -48,7 +48,7 @@ func TestReuse(t *testing.T) {
 // TestConcurrent: Go never waits for a busy goroutine; every function
 // runs once.
 func TestConcurrent(t *testing.T) {
-	p := New(time.Hour)
+	p := New(time.Hour, 64)
 	defer p.Close()
 	var ran atomic.Int64
 	release := make(chan struct{})
@@ -67,7 +67,7 @@ func TestConcurrent(t *testing.T) {
 // TestEnds: idle goroutines end after the idle time and at Close.
 func TestEnds(t *testing.T) {
 	before := runtime.NumGoroutine()
-	p := New(20 * time.Millisecond)
+	p := New(20*time.Millisecond, 64)
 	var wg sync.WaitGroup
 	for range 10 {
 		wg.Add(1)
@@ -76,7 +76,7 @@ func TestEnds(t *testing.T) {
 	wg.Wait()
 	waitGoroutines(t, before)
 
-	q := New(time.Hour)
+	q := New(time.Hour, 64)
 	done := make(chan struct{})
 	q.Go(func() { close(done) })
 	<-done
@@ -97,4 +97,36 @@ func waitGoroutines(t *testing.T, want int) {
 		time.Sleep(time.Millisecond)
 	}
 	t.Fatalf("%d goroutines, want %d", runtime.NumGoroutine(), want)
+}
+
+// TestMaxIdle: after a burst of functions, at most maxIdle goroutines
+// wait for work; the others ended, and the ones left take new work.
+func TestMaxIdle(t *testing.T) {
+	before := runtime.NumGoroutine()
+	const maxIdle = 4
+	p := New(time.Hour, maxIdle)
+	release := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 40 {
+		wg.Add(1)
+		p.Go(func() { <-release; wg.Done() })
+	}
+	close(release)
+	wg.Wait()
+	waitGoroutines(t, before+maxIdle)
+	if n := p.Idle(); n != maxIdle {
+		t.Fatalf("%d goroutines wait for work, want %d", n, maxIdle)
+	}
+	if n := runtime.NumGoroutine(); n != before+maxIdle {
+		t.Fatalf("%d goroutines, want %d (%d waiting)", n, before+maxIdle, maxIdle)
+	}
+	ran := make(chan struct{})
+	p.Go(func() { close(ran) })
+	<-ran
+	waitGoroutines(t, before+maxIdle)
+	p.Close()
+	waitGoroutines(t, before)
+	if n := p.Idle(); n != 0 {
+		t.Fatalf("%d goroutines wait for work after Close", n)
+	}
 }

@@ -499,12 +499,7 @@ int splice_rewrite(struct __sk_buff *skb)
 		// Fragments and non-TCP: the engine does not rewrite them.
 		if (ip[9] != IPPROTO_TCP || (((__u32)ip[6] << 8 | ip[7]) & 0x3fff))
 			goto pass;
-		// A bad header checksum: the Go engine recomputes it when it
-		// rewrites addresses, the incremental update here would not.
-		if (ihl > 60 || bpf_skb_load_bytes(skb, l3, ip, ihl))
-			goto pass;
-		__s64 hs = bpf_csum_diff(0, 0, (__be32 *)ip, ihl, 0);
-		if (hs < 0 || fold(hs) != 0xffff)
+		if (ihl > 60)
 			goto pass;
 		l4 = l3 + ihl;
 		ip_end = l3 + tot;
@@ -554,12 +549,30 @@ int splice_rewrite(struct __sk_buff *skb)
 	if (ip_end - l4 < 20)
 		goto pass;
 
+	// The flow first: most packets belong to no spliced flow, and
+	// everything below that leads to a pass anyway costs them nothing.
+	__u8 hdr[20];
+	if (bpf_skb_load_bytes(skb, l4, hdr, 20))
+		goto pass;
+	__builtin_memcpy(&key.sport, &hdr[0], 2);
+	__builtin_memcpy(&key.dport, &hdr[2], 2);
+	struct tuple_val *tv = bpf_map_lookup_elem(&splice_tuples, &key);
+	if (!tv)
+		goto pass;
+
+	if (!v6) {
+		// A bad header checksum: the Go engine recomputes it when it
+		// rewrites addresses, the incremental update here would not.
+		__u32 ihl = l4 - l3;
+		if (ihl > 60 || bpf_skb_load_bytes(skb, l3, ip, ihl))
+			goto pass;
+		__s64 hs = bpf_csum_diff(0, 0, (__be32 *)ip, ihl, 0);
+		if (hs < 0 || fold(hs) != 0xffff)
+			goto pass;
+	}
 	__u32 zero = 0;
 	struct scratch *sc = bpf_map_lookup_elem(&splice_scratch, &zero);
 	if (!sc)
-		goto pass;
-	__u8 hdr[20];
-	if (bpf_skb_load_bytes(skb, l4, hdr, 20))
 		goto pass;
 	__u32 hl = (hdr[12] >> 4) * 4;
 	if (hl < 20 || hl > ip_end - l4)
@@ -567,11 +580,6 @@ int splice_rewrite(struct __sk_buff *skb)
 	if (bpf_skb_load_bytes(skb, l4, sc->old, hl & 63))
 		goto pass;
 
-	__builtin_memcpy(&key.sport, &hdr[0], 2);
-	__builtin_memcpy(&key.dport, &hdr[2], 2);
-	struct tuple_val *tv = bpf_map_lookup_elem(&splice_tuples, &key);
-	if (!tv)
-		goto pass;
 	__u64 id = tv->flow_id;
 	__u32 dir = tv->dir;
 	if (dir > 1)

@@ -3,9 +3,11 @@
 // A goroutine that is done with one function waits a while for the next
 // instead of ending, unless enough goroutines wait already: after a burst
 // (a thousand flows spliced at once) the pool keeps a few, not one per
-// function of the burst, each with its grown stack. A new goroutine starts on a small stack and grows it
-// by copying, several times before it reaches the deep calls of a splice
-// or an HTTP request; on this project's VMs the kernel's first access to
+// function of the burst, each with its grown stack.
+//
+// A new goroutine starts on a small stack and grows it by copying,
+// several times before it reaches the deep calls of a splice or an HTTP
+// request; on this project's VMs the kernel's first access to
 // a fresh stack page also costs tens of microseconds (a BPF map update
 // from a new goroutine took 40-180 µs, from a reused one 4 µs). A reused
 // goroutine keeps its grown stack, already known to the kernel.

@@ -183,15 +183,10 @@ type busyResult struct {
 }
 
 // longestGap is the longest time between two reads of a receiver of the
-// flow.
+// flow: the gap across a window that spans the whole transfer.
 func (r *busyResult) longestGap() time.Duration {
-	var longest time.Duration
-	for _, ts := range r.reads {
-		for i := 1; i < len(ts); i++ {
-			longest = max(longest, ts[i].Sub(ts[i-1]))
-		}
-	}
-	return longest
+	g, _ := r.gapAcross(time.Time{}, time.Unix(1<<62, 0))
+	return g
 }
 
 // gapAcross is the longest time between two reads of a receiver that

@@ -563,7 +563,7 @@ int splice_rewrite(struct __sk_buff *skb)
 	if (!v6) {
 		// A bad header checksum: the Go engine recomputes it when it
 		// rewrites addresses, the incremental update here would not.
-		__u32 ihl = l4 - l3;
+		__u32 ihl = l4 - l3; // at most 60 (checked above); the verifier needs the bound here
 		if (ihl > 60 || bpf_skb_load_bytes(skb, l3, ip, ihl))
 			goto pass;
 		__s64 hs = bpf_csum_diff(0, 0, (__be32 *)ip, ihl, 0);

@@ -1076,7 +1076,9 @@ services:
 // gatewayHasSocket reports (nil) whether the gateway namespace holds a TCP
 // socket talking to client.
 func gatewayHasSocket(lab *testnet.Lab, client string) error {
-	out, err := lab.Gateway.Run("ss", "-tanH", "state", "established")
+	// Any state of a connection: a transfer may end (a FIN, CLOSE_WAIT)
+	// right after an unsplice handed the rebuilt sockets back.
+	out, err := lab.Gateway.Run("ss", "-tanH", "state", "connected")
 	if err != nil {
 		return err
 	}
@@ -1085,5 +1087,5 @@ func gatewayHasSocket(lab *testnet.Lab, client string) error {
 			return nil
 		}
 	}
-	return fmt.Errorf("no established gateway socket talks to %s:\n%s", client, out)
+	return fmt.Errorf("no gateway socket talks to %s:\n%s", client, out)
 }

@@ -1006,7 +1006,7 @@ services:
 					if strings.Contains(err.Error(), "closing") || strings.Contains(err.Error(), "not spliced") {
 						break // the transfer ended first
 					}
-					t.Fatalf("unsplice %d: %v\n%s", cycles+1, err, tail(d.Log(), 20))
+					t.Fatalf("unsplice %d: %v\n%s\n%s", cycles+1, err, tail(d.Log(), 20), socketStates(lab))
 				}
 				if f.State != api.StateProxied {
 					t.Fatalf("after unsplice: state %s", f.State)
@@ -1025,7 +1025,7 @@ services:
 					if strings.Contains(err.Error(), "half-closed") || strings.Contains(err.Error(), "ended") {
 						break
 					}
-					t.Fatalf("splice again %d: %v\n%s", cycles+1, err, tail(d.Log(), 20))
+					t.Fatalf("splice again %d: %v\n%s\n%s", cycles+1, err, tail(d.Log(), 20), socketStates(lab))
 				}
 				if f.State != api.StateSpliced {
 					t.Fatalf("after splice: state %s", f.State)
@@ -1075,6 +1075,24 @@ services:
 
 // gatewayHasSocket reports (nil) whether the gateway namespace holds a TCP
 // socket talking to client.
+// socketStates is what the kernel says of the lab's TCP connections
+// (windows, timers, retransmissions, buffers), for a failure that a flow
+// stalled.
+func socketStates(lab *testnet.Lab) string {
+	var b strings.Builder
+	for _, h := range []struct {
+		name string
+		host *testnet.Host
+	}{{"gateway", lab.Gateway}, {"client", lab.Client()}, {"server", lab.Server()}} {
+		out, err := h.host.Run("ss", "-tinemoH", "state", "connected")
+		if err != nil {
+			out = err.Error()
+		}
+		fmt.Fprintf(&b, "ss in %s:\n%s\n", h.name, out)
+	}
+	return b.String()
+}
+
 func gatewayHasSocket(lab *testnet.Lab, client string) error {
 	// Any state of a connection: a transfer may end (a FIN, CLOSE_WAIT)
 	// right after an unsplice handed the rebuilt sockets back.

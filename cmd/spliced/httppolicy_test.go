@@ -83,6 +83,18 @@ func TestLabHTTPSplicePolicy(t *testing.T) {
 			}
 			continue
 		}
+		onTheWay, ok := l["body_on_the_way"].(float64)
+		if !ok || onTheWay > float64(length) {
+			t.Fatalf("decision %d (%s, %s/%s): body_on_the_way %v of %d bytes", i, path, decision, why, l["body_on_the_way"], length)
+		}
+		if why == "arrived" || onTheWay < 64<<10 {
+			// Less than splice_min still to come: relayed.
+			if decision != "relayed" || why != "arrived" {
+				t.Errorf("decision %d (%s): %s/%s with %v bytes on their way", i, path, decision, why, onTheWay)
+			}
+			t.Logf("%2d %-14s %-8s %-13s %d bytes on their way", i, path, decision, why, int64(onTheWay))
+			continue
+		}
 		if l["deferred"] != nil {
 			// Only with another spliced connection open.
 			t.Errorf("decision %d (%s): deferred on the only connection: %v", i, path, l)

@@ -183,7 +183,7 @@ func TestDecideResponse(t *testing.T) {
 		p.Flows.Admit(f)
 		return f
 	}
-	c := &conn{p: p, flow: flow(), log: slog.New(slog.DiscardHandler), cr: bufio.NewReader(strings.NewReader(""))}
+	c := &conn{p: p, flow: flow(), log: slog.New(slog.DiscardHandler), cr: bufio.NewReader(strings.NewReader("")), ur: bufio.NewReader(strings.NewReader(""))}
 	sp := &fakeSplicer{}
 	get := &http.Request{Method: http.MethodGet}
 	resp := func(n int64) *http.Response { return &http.Response{ContentLength: n} }
@@ -260,6 +260,31 @@ func TestDecideResponse(t *testing.T) {
 	c.everSpliced = true
 	check("diverted itself", get, 1<<20, false, true, "explore")
 	want["spliced/explore"]++
+	// The body at the gateway already, but for less than splice_min:
+	// read into the proxy's buffer, or received by its socket unread.
+	c.ur = bufio.NewReader(strings.NewReader(strings.Repeat("b", 4096)))
+	c.ur.Peek(1)
+	check("arrived, read", get, 64<<10+4095, false, false, "arrived")
+	// One byte more is on its way: the model decides.
+	if d := c.decideResponse(sp, get, resp(64<<10+4096), false); d.reason == reasonArrived || d.onTheWay != 64<<10 {
+		t.Fatalf("splice_min on its way: %+v", d)
+	} else {
+		want[decisionName(d.splice)+"/"+d.reason.String()]++
+	}
+	c.ur = bufio.NewReader(strings.NewReader(""))
+	up, backend := tcpPair(t)
+	c.up = up
+	if _, err := backend.Write(make([]byte, 48<<10)); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); receivedUnread(up) < 48<<10; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the socket received %d of 48 KiB", receivedUnread(up))
+		}
+	}
+	check("arrived, unread", get, 112<<10-1, false, false, "arrived")
+	c.up = nil
+	want["relayed/arrived"] += 2
 	// Pipelined: a request buffered already.
 	c.cr = bufio.NewReader(strings.NewReader("GET / HTTP/1.1\r\n"))
 	c.cr.Peek(1)

@@ -120,10 +120,13 @@ type Gateway struct {
 	events      events
 	lastDrift   string // the drift last reported with kernel.repair off
 
-	spliceLatency             latencies
-	phases                    [numSteps]latencies // see phase
-	spliceCost, unspliceCost  movingCost          // see TransitionCosts
-	spliceAborts              atomic.Uint64
+	spliceLatency            latencies
+	phases                   [numSteps]latencies // see phase
+	spliceCost, unspliceCost movingCost          // see TransitionCosts
+	spliceAborts             atomic.Uint64
+	// lateBytes counts captures undone because a socket received bytes
+	// after its queues were found empty (see lateBytes).
+	lateBytes                 atomic.Uint64
 	unsplices, unspliceAborts atomic.Uint64
 	// passthroughsRetired: unspliced flows whose divert entries went
 	// (retirePassthrough).
@@ -457,7 +460,7 @@ func (g *Gateway) logStats() {
 	if !g.splicing() {
 		return
 	}
-	attrs := []any{"splices", g.spliceLatency.count.Load(), "splice_aborts", g.spliceAborts.Load(),
+	attrs := []any{"splices", g.spliceLatency.count.Load(), "splice_aborts", g.spliceAborts.Load(), "captures_redone", g.lateBytes.Load(),
 		"unsplices", g.unsplices.Load(), "unsplice_aborts", g.unspliceAborts.Load(), "passthroughs_retired", g.passthroughsRetired.Load(),
 		"splice_p50_us", g.spliceLatency.percentile(0.5).Microseconds(), "splice_p99_us", g.spliceLatency.percentile(0.99).Microseconds(),
 		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load(), "stalled_flows", g.stalledFlows.Load(),

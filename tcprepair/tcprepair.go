@@ -46,6 +46,20 @@ type OpError struct {
 func (e *OpError) Error() string { return "tcprepair: " + e.Op + ": " + e.Err.Error() }
 func (e *OpError) Unwrap() error { return e.Err }
 
+// Unread returns the bytes in a socket's receive queue (SIOCINQ); it
+// answers in repair mode too.
+func Unread(c *net.TCPConn) (int, error) {
+	var n int
+	err := control(c, func(fd int) error {
+		var err error
+		if n, err = unix.IoctlGetInt(fd, unix.SIOCINQ); err != nil {
+			return &OpError{"SIOCINQ", err}
+		}
+		return nil
+	})
+	return n, err
+}
+
 // Queues returns the bytes in a socket's receive queue (unread) and send
 // queue (not yet acknowledged by the peer).
 func Queues(c *net.TCPConn) (inq, outq int, err error) {

@@ -178,3 +178,43 @@ func TestRestoreContinuesConnection(t *testing.T) {
 		})
 	}
 }
+
+// TestUnreadAfterCapture: bytes that reach a socket after its capture are
+// queued and acknowledged as usual (repair mode stops what the socket
+// sends, not what it receives), and Unread sees them: what the splice's
+// check after a capture relies on (gateway.lateBytes). Left in the socket,
+// they would be lost with it while their sender counts them delivered.
+func TestUnreadAfterCapture(t *testing.T) {
+	testnet.Privileged(t)
+	a, b := pair(t, "tcp4", "127.0.0.1:0")
+	if n, err := Unread(a); err != nil || n != 0 {
+		t.Fatalf("before: %d unread, %v", n, err)
+	}
+	if _, err := Capture(a); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Write([]byte("late")); err != nil {
+		t.Fatal(err)
+	}
+	testnet.Eventually(t, 5*time.Second, func() error {
+		if n, err := Unread(a); err != nil || n != 4 {
+			return fmt.Errorf("captured socket: %d bytes unread (%v), want 4", n, err)
+		}
+		return nil
+	})
+	testnet.Eventually(t, 5*time.Second, func() error {
+		if _, out, err := Queues(b); err != nil || out != 0 {
+			return fmt.Errorf("the sender has %d bytes unacknowledged (%v)", out, err)
+		}
+		return nil
+	})
+	// Out of repair mode the bytes are read as any others.
+	if err := Leave(a); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4)
+	a.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(a, got); err != nil || string(got) != "late" {
+		t.Fatalf("read %q after leaving repair mode: %v", got, err)
+	}
+}

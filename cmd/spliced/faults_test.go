@@ -45,13 +45,7 @@ kernel:
 // splice mode, was spliced). It returns the transfers' failures.
 func busyFlows(t *testing.T, lab *testnet.Lab, d *testnet.Daemon, mode string, n int, dur time.Duration, fault func()) []string {
 	t.Helper()
-	dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)
-	ln, err := lab.Server().Listen(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := testnet.NewMux(ln)
-	defer mux.Close()
+	mux, dst := serverMux(t, lab)
 	const rate = 1 << 20
 	size := int64(dur.Seconds() * rate)
 	seed := rand.Uint64()
@@ -91,6 +85,20 @@ func busyFlows(t *testing.T, lab *testnet.Lab, d *testnet.Daemon, mode string, n
 	fault()
 	wg.Wait()
 	return failures
+}
+
+// serverMux listens on port 5001 of the lab's server and returns the mux
+// that accepts its connections (closed with the test), and the address.
+func serverMux(t *testing.T, lab *testnet.Lab) (*testnet.Mux, netip.AddrPort) {
+	t.Helper()
+	dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)
+	ln, err := lab.Server().Listen(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mux := testnet.NewMux(ln)
+	t.Cleanup(func() { mux.Close() })
+	return mux, dst
 }
 
 // noFlowsLeft waits until the daemon holds no flow.

@@ -2,7 +2,6 @@ package main
 
 import (
 	"math/rand/v2"
-	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -22,13 +21,7 @@ var restartConfig = splicingForwardConfig("debug", "")
 // ways) or fails at connect; the daemon neither crashes nor panics.
 func TestLabRestartRace(t *testing.T) {
 	lab := testnet.NewT(t, testnet.Options{})
-	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
-	ln, err := lab.Server().Listen(srv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := testnet.NewMux(ln)
-	defer mux.Close()
+	mux, srv := serverMux(t, lab)
 
 	// The first daemon, killed mid-flow.
 	old := testnet.StartDaemon(t, lab, restartConfig)

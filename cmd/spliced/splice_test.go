@@ -1128,13 +1128,7 @@ func gatewayHasSocket(lab *testnet.Lab, client string) error {
 func TestLabSpliceAtConnect(t *testing.T) {
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, faultConfig("splice", ""))
-	dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)
-	ln, err := lab.Server().Listen(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mux := testnet.NewMux(ln)
-	defer mux.Close()
+	mux, dst := serverMux(t, lab)
 	const flows, atOnce = 400, 32
 	jobs := make(chan int)
 	var wg sync.WaitGroup

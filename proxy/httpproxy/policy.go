@@ -10,8 +10,7 @@ import (
 	"time"
 
 	"spliced/proxy"
-
-	"golang.org/x/sys/unix"
+	"spliced/tcprepair"
 )
 
 // Whether a response is spliced (policy.go): the proxy's choice per
@@ -74,13 +73,13 @@ const (
 	reasonPipelined
 	reasonNoLength
 	reasonBelowMin
+	reasonArrived
 	reasonAlways
 	reasonMeasure
 	reasonPays
 	reasonDoesNotPay
 	reasonExplore
 	reasonCPUBusy
-	reasonArrived
 	numReasons
 )
 
@@ -91,13 +90,13 @@ var reasonNames = [numReasons]string{
 	reasonPipelined:  "pipelined",
 	reasonNoLength:   "no_length",
 	reasonBelowMin:   "below_splice_min",
+	reasonArrived:    "arrived",
 	reasonAlways:     "always",
 	reasonMeasure:    "measure",
 	reasonPays:       "pays",
 	reasonDoesNotPay: "does_not_pay",
 	reasonExplore:    "explore",
 	reasonCPUBusy:    "cpu_busy",
-	reasonArrived:    "arrived",
 }
 
 func (r reason) String() string { return reasonNames[r] }
@@ -309,10 +308,6 @@ func (c *conn) logDecision(d decision, length int64, est Estimates) {
 	if d.reason == reasonArrived || d.reason >= reasonMeasure {
 		attrs = append(attrs, "body_on_the_way", d.onTheWay)
 	}
-	if d.reason == reasonArrived {
-		c.log.Debug("http splice decision", attrs...)
-		return
-	}
 	if d.reason >= reasonMeasure {
 		attrs = append(attrs, "queued_bytes", est.QueuedBytes, "cpu_busy", est.CPUBusy)
 		attrs = append(attrs,
@@ -331,12 +326,10 @@ func receivedUnread(c *net.TCPConn) int64 {
 	if c == nil {
 		return 0
 	}
-	rc, err := c.SyscallConn()
+	n, err := tcprepair.Unread(c)
 	if err != nil {
 		return 0
 	}
-	n := 0
-	rc.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
 	return int64(n)
 }
 

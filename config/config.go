@@ -107,6 +107,13 @@ type Kernel struct {
 	// maps and links in BPFFS/spliced/TABLE, so that spliced flows
 	// outlive the daemon and the next one adopts them.
 	BPFFS string `yaml:"bpffs"`
+	// BPFForward is how the bpf datapath forwards the packets it
+	// rewrote: "redirect" (default: straight to the device the routing
+	// table gives their destination, with bpf_fib_lookup and
+	// bpf_redirect, skipping netfilter's forward and postrouting hooks;
+	// egress qdiscs still apply) or "stack" (on through the kernel's
+	// forwarding path, its netfilter hooks included).
+	BPFForward string `yaml:"bpf_forward"`
 }
 
 // Datapath values.
@@ -114,6 +121,12 @@ const (
 	DatapathNFQueue = "nfqueue"
 	DatapathBPF     = "bpf"
 	DatapathAuto    = "auto"
+)
+
+// BPFForward values.
+const (
+	BPFForwardRedirect = "redirect"
+	BPFForwardStack    = "stack"
 )
 
 // BPFMark is the mark bit the bpf datapath sets on the packets it
@@ -379,6 +392,7 @@ func (c *Config) applyDefaults() {
 	SetDefault(&c.Kernel.NFQueue, "lean")
 	SetDefault(&c.Kernel.Datapath, DatapathNFQueue)
 	SetDefault(&c.Kernel.BPFFS, DefaultBPFFS)
+	SetDefault(&c.Kernel.BPFForward, BPFForwardRedirect)
 	SetDefault(&c.Kernel.Repair, "on")
 	SetDefault(&c.Control.Socket, "/run/spliced/spliced.sock")
 	if c.Control.Socket == "off" {

@@ -62,6 +62,11 @@ func (c *Config) validate(idx *keyIndex) error {
 	default:
 		bad("kernel.datapath", c.Kernel.Datapath, "is not a datapath; use nfqueue (default: the Go engine through NFQUEUE), bpf (a BPF program at tcx ingress; spliced fails to start without it) or auto (bpf where it loads and attaches, else nfqueue)")
 	}
+	switch c.Kernel.BPFForward {
+	case BPFForwardRedirect, BPFForwardStack:
+	default:
+		bad("kernel.bpf_forward", c.Kernel.BPFForward, "is not a way to forward; use redirect (default: straight to the egress device) or stack (through the kernel's forwarding path and its netfilter hooks)")
+	}
 	for i, name := range c.Kernel.Interfaces {
 		switch {
 		case !ifaceNameRE.MatchString(name):

@@ -172,7 +172,7 @@ func (g *Gateway) loadKernelPath(cfg *config.Config) (*kernelPath, []string, err
 		return nil, nil, err
 	}
 	dir := pinDir(cfg)
-	opts := bpf.Options{Mark: config.BPFMark, PinDir: dir}
+	opts := bpf.Options{Mark: config.BPFMark, PinDir: dir, Redirect: cfg.Kernel.BPFForward == config.BPFForwardRedirect}
 	dp, err := bpf.Load(opts)
 	var ie *bpf.IncompatibleError
 	if errors.As(err, &ie) && !ie.OtherNetNS {
@@ -405,6 +405,8 @@ func bpfVerdictName(i int) string {
 		return "pass"
 	case bpf.CounterError:
 		return "error"
+	case bpf.CounterRedirect:
+		return "redirected"
 	}
 	return splice.Verdict(i).String()
 }

@@ -46,7 +46,7 @@ var (
 	descBytes = prometheus.NewDesc("spliced_bytes_total", "Payload bytes moved, by engine (proxy, splice) and direction (c2s, s2c).",
 		[]string{"engine", "direction"}, nil)
 	descPackets        = prometheus.NewDesc("spliced_packets_total", "Packets the splice engine handled, by verdict.", []string{"verdict"}, nil)
-	descBPFPackets     = prometheus.NewDesc("spliced_bpf_packets_total", "Packets the bpf datapath handled, by verdict (pass: left to the queue).", []string{"verdict"}, nil)
+	descBPFPackets     = prometheus.NewDesc("spliced_bpf_packets_total", "Packets the bpf datapath handled, by verdict (pass: left to the queue; redirected: forwarded packets it sent to their egress device itself, counted in forward too).", []string{"verdict"}, nil)
 	descBPFMoves       = prometheus.NewDesc("spliced_bpf_flow_moves_total", "Spliced flows moved to the bpf datapath (promoted), failed to, and back (demoted).", []string{"move"}, nil)
 	descSplices        = prometheus.NewDesc("spliced_splices_total", "Flows spliced.", nil, nil)
 	descAborts         = prometheus.NewDesc("spliced_splice_aborts_total", "Splices abandoned (the flow stayed proxied).", nil, nil)

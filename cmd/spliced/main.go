@@ -124,6 +124,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 				how = "every interface but lo present now, and those that appear later"
 			}
 			fmt.Fprintf(stdout, "#   BPF program at tcx ingress of: %s (%s)\n", strings.Join(ifaces, ", "), how)
+			if cfg.Kernel.BPFForward == config.BPFForwardRedirect {
+				fmt.Fprintf(stdout, "#   rewritten packets sent straight to their egress device (kernel.bpf_forward: redirect)\n")
+			} else {
+				fmt.Fprintf(stdout, "#   rewritten packets forwarded by the kernel's stack (kernel.bpf_forward: stack)\n")
+			}
 			fmt.Fprintf(stdout, "#   maps and links pinned in %s (kernel.bpffs/spliced/TABLE): spliced flows outlive the daemon\n", bpf.PinDir(cfg.Kernel.BPFFS, cfg.Kernel.Table))
 			if cfg.Kernel.Datapath == config.DatapathAuto {
 				fmt.Fprintf(stdout, "#   if it does not load or attach: nfqueue, without the divert chain's first rule\n")

@@ -29,8 +29,14 @@ import (
 var modes = []string{"copy", "splice"}
 
 // bpfModes adds splice-bpf: spliced as in splice, then rewritten by the
-// kernel datapath (kernel.datapath: bpf).
+// kernel datapath (kernel.datapath: bpf), which sends what it rewrote
+// straight to the egress device (kernel.bpf_forward: redirect, the
+// default). splice-bpf-stack is splice-bpf with the rewritten packets
+// forwarded by the stack (bpf_forward: stack; TestLabDataPathBPFStack).
 var bpfModes = []string{"copy", "splice", "splice-bpf"}
+
+// bpfMode reports whether a mode puts spliced flows on the bpf datapath.
+func bpfMode(mode string) bool { return strings.HasPrefix(mode, "splice-bpf") }
 
 // spliceMode reports whether a mode splices.
 func spliceMode(mode string) bool { return mode != "copy" }
@@ -59,8 +65,11 @@ func scenarioConfig(sc *scenario, mode string) string {
 	if spliceMode(mode) {
 		splice = "bytes"
 	}
-	if mode == "splice-bpf" {
+	switch mode {
+	case "splice-bpf":
 		kernel = "kernel:\n  datapath: bpf\n"
+	case "splice-bpf-stack":
+		kernel = "kernel:\n  datapath: bpf\n  bpf_forward: stack\n"
 	}
 	return fmt.Sprintf(`
 log:
@@ -121,8 +130,8 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 			if sent >= sc.size*3/5 {
 				proofOnce.Do(func() {
 					if sc.proof && spliceMode(mode) {
-						proofErr = provenSpliced(lab, d, mode == "splice-bpf")
-						if mode == "splice-bpf" && proofErr == nil {
+						proofErr = provenSpliced(lab, d, bpfMode(mode))
+						if bpfMode(mode) && proofErr == nil {
 							bpfStart, proofErr = bpfCounts(lab, d)
 						}
 					}
@@ -131,9 +140,12 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 					}
 				})
 			}
-			if sent >= sc.size*4/5 && sc.proof && mode == "splice-bpf" && proofErr == nil {
+			if sent >= sc.size*4/5 && sc.proof && bpfMode(mode) && proofErr == nil {
 				// A fifth of the data since 3/5: the program rewrote it
-				// all, the queues took none of it.
+				// all, the queues took none of it. With stack it sent
+				// none of them to the egress device itself (with
+				// redirect, all: checked once the flow is over, as the
+				// two counters are read one after the other).
 				bpfOnce.Do(func() {
 					end, err := bpfCounts(lab, d)
 					switch {
@@ -143,8 +155,10 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 						bpfErr = fmt.Errorf("the queues took %d packets while the flow was on the bpf datapath", end.queued-bpfStart.queued)
 					case end.forwarded <= bpfStart.forwarded:
 						bpfErr = fmt.Errorf("the program forwarded nothing (%d -> %d)", bpfStart.forwarded, end.forwarded)
+					case mode == "splice-bpf-stack" && end.redirected != 0:
+						bpfErr = fmt.Errorf("the program redirected %d packets with bpf_forward: stack", end.redirected)
 					default:
-						t.Logf("from 3/5 to 4/5 of the data: the program forwarded %d packets, the queues took %d", end.forwarded-bpfStart.forwarded, end.queued-bpfStart.queued)
+						t.Logf("from 3/5 to 4/5 of the data: the program forwarded %d packets (redirected %d), the queues took %d", end.forwarded-bpfStart.forwarded, end.redirected-bpfStart.redirected, end.queued-bpfStart.queued)
 					}
 				})
 			}
@@ -174,7 +188,7 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 	if spliced != spliceMode(mode) {
 		t.Fatalf("mode %s: flow spliced = %v\n%s", mode, spliced, tail(d.Log(), 30))
 	}
-	if mode == "splice-bpf" {
+	if bpfMode(mode) {
 		rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" })
 		if rec["datapath"] != "bpf" {
 			t.Fatalf("the flow was spliced on datapath %v, not bpf", rec["datapath"])
@@ -183,7 +197,7 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 	if tr.Check() == nil {
 		t.Logf("%s: %d MB each way in %v", mode, sc.size>>20, tr.Elapsed.Round(time.Millisecond))
 	}
-	if mode == "splice-bpf" && sc.proof && tr.Check() == nil {
+	if bpfMode(mode) && sc.proof && tr.Check() == nil {
 		// The daemon retires the flow from the program's state: FIN
 		// both ways, acknowledged (after a linger of 5 s).
 		if err := d.WaitLog(15*time.Second, func(l map[string]any) bool {
@@ -194,6 +208,14 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 		rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow closed" && l["mode"] == "spliced" })
 		if rec["reason"] != "finished" || rec["bytes_c2s"] != float64(sc.size) || rec["bytes_s2c"] != float64(sc.size) {
 			t.Errorf("flow closed: reason %v, bytes %v/%v, want finished, %d each way", rec["reason"], rec["bytes_c2s"], rec["bytes_s2c"], sc.size)
+		}
+		// The flow is over: the counters stand still. With redirect
+		// the program sent every packet it forwarded to the egress
+		// device itself (every destination in the lab is routed).
+		if c, err := bpfCounts(lab, d); err != nil {
+			t.Error(err)
+		} else if mode == "splice-bpf" && c.redirected != c.forwarded {
+			t.Errorf("the program forwarded %d packets and redirected %d; want all redirected", c.forwarded, c.redirected)
 		}
 	}
 	return d
@@ -245,8 +267,9 @@ func provenSpliced(lab *testnet.Lab, d *testnet.Daemon, bpf bool) error {
 	})
 }
 
-// bpfCount is what the kernel queued and what the program forwarded.
-type bpfCount struct{ queued, forwarded uint64 }
+// bpfCount is what the kernel queued and what the program forwarded, and
+// of that what it sent to the egress device itself.
+type bpfCount struct{ queued, forwarded, redirected uint64 }
 
 func bpfCounts(lab *testnet.Lab, d *testnet.Daemon) (bpfCount, error) {
 	var c bpfCount
@@ -261,6 +284,7 @@ func bpfCounts(lab *testnet.Lab, d *testnet.Daemon) (bpfCount, error) {
 	for _, e := range st.Engines {
 		if e.Datapath == "bpf" {
 			c.forwarded = e.BPFVerdicts["forward"]
+			c.redirected = e.BPFVerdicts["redirected"]
 			return c, nil
 		}
 	}
@@ -346,6 +370,21 @@ func TestLabDataPath(t *testing.T) {
 			spliceAt: 10<<20 + rand.Int64N(40<<20), proof: true}
 		sc.run(t, mode)
 	})
+}
+
+// TestLabDataPathBPFStack is TestLabDataPath on the bpf datapath with
+// bpf_forward: stack: the program rewrites, the kernel's forwarding path
+// (routing, netfilter's forward hooks) forwards.
+func TestLabDataPathBPFStack(t *testing.T) {
+	for _, upstream := range []string{"transparent", "nat"} {
+		for _, v6 := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/v6=%v", upstream, v6), func(t *testing.T) {
+				sc := &scenario{v6: v6, upstream: upstream, size: 64 << 20,
+					spliceAt: 4<<20 + rand.Int64N(16<<20), proof: true}
+				sc.run(t, "splice-bpf-stack")
+			})
+		}
+	}
 }
 
 // eachDataPath runs fn as a subtest for every mode (copy, splice on

@@ -22,7 +22,10 @@ const DefaultMark = 0x20000000
 const (
 	CounterPass  = 9  // not handled: passed on untouched (to the queue)
 	CounterError = 10 // a helper failed after the state moved on: dropped
-	NumCounters  = 11
+	// CounterRedirect counts the forwarded packets (counted in
+	// splice.Forward too) sent to their egress device (Options.Redirect).
+	CounterRedirect = 11
+	NumCounters     = 12
 )
 
 // Return codes of the program (tcx; the same numbers as TC_ACT_UNSPEC and
@@ -40,6 +43,9 @@ type Options struct {
 	// maps (and, by Attach, the links) are pinned, or found pinned by an
 	// earlier daemon and reused (see pin.go).
 	PinDir string
+	// Redirect sends rewritten packets straight to their egress device
+	// (bpf_fib_lookup, bpf_redirect) rather than on through the stack.
+	Redirect bool
 	// fakeClock makes the program read its clock from the fake_now
 	// variable (setNow): the tests give both engines the same time.
 	fakeClock bool
@@ -83,6 +89,11 @@ func Load(opts Options) (*Datapath, error) {
 	}
 	if err := spec.Variables["rewritten_mark"].Set(mark); err != nil {
 		return nil, err
+	}
+	if opts.Redirect {
+		if err := spec.Variables["redirect_out"].Set(uint8(1)); err != nil {
+			return nil, err
+		}
 	}
 	if opts.fakeClock {
 		if err := spec.Variables["fake_clock"].Set(uint8(1)); err != nil {

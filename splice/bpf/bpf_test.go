@@ -9,6 +9,8 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -17,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	. "spliced/splice"
+	"spliced/testnet"
 )
 
 // randomState is a state with every field set.
@@ -312,5 +315,86 @@ func TestMark(t *testing.T) {
 	}
 	if mark := binary.NativeEndian.Uint32(ctxOut[8:]); ret != RetNext || mark != 0x104 {
 		t.Fatalf("return %#x, mark %#x, want %#x and 0x104", ret, mark, uint32(RetNext))
+	}
+}
+
+// TestRedirect: with Options.Redirect a rewritten packet is sent to the
+// device the FIB gives its destination (TC_ACT_REDIRECT, counted as
+// redirected) and everything the lookup does not resolve to a forwarding
+// route goes on through the stack rewritten as before (TCX_NEXT): with
+// forwarding off on the device it came in on, and towards a destination
+// with no route.
+func TestRedirect(t *testing.T) {
+	requireRoot(t)
+	ns := testnet.Scratch(t)
+	for _, args := range [][]string{
+		{"link", "add", "in0", "type", "veth", "peer", "in1"}, {"link", "add", "out0", "type", "veth", "peer", "out1"},
+		{"link", "set", "in0", "up"}, {"link", "set", "in1", "up"}, {"link", "set", "out0", "up"}, {"link", "set", "out1", "up"},
+		{"addr", "add", "10.1.0.1/24", "dev", "in0"}, {"addr", "add", "10.2.0.1/24", "dev", "out0"},
+	} {
+		ns.MustRun("ip", args...)
+	}
+	in0, err := strconv.Atoi(strings.TrimSpace(ns.MustRun("cat", "/sys/class/net/in0/ifindex")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	const tcActRedirect = 7
+	for _, c := range []struct {
+		name       string
+		forwarding string
+		route      bool // whether the server's subnet is routed
+		want       uint32
+	}{
+		{"routed", "1", true, tcActRedirect},
+		{"forwarding off", "0", true, RetNext},
+		{"no route", "1", false, RetNext},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if err := ns.Sysctl("net.ipv4.conf.all.forwarding", c.forwarding); err != nil {
+				t.Fatal(err)
+			}
+			ns.Run("ip", "route", "del", "10.2.0.0/24") // connected route, present or not
+			if c.route {
+				ns.MustRun("ip", "route", "add", "10.2.0.0/24", "dev", "out0")
+			}
+			err := ns.Do(func() error {
+				dp, err := Load(Options{Redirect: true, fakeClock: true})
+				if err != nil {
+					return err
+				}
+				defer dp.Close()
+				fx := newFixture(t, false, false)
+				f, err := NewFlow(&fx.p, fx.start())
+				if err != nil {
+					return err
+				}
+				if err := dp.PutFlow(1, fx.keys, f.State()); err != nil {
+					return err
+				}
+				if err := dp.setNow(fx.start() + 1); err != nil {
+					return err
+				}
+				in := frame(fx.c2s(1000, 0xfffffff0, FlagACK).bytes())
+				// struct __sk_buff up to ifindex: the packet came in on in0.
+				ctx := make([]byte, 44)
+				binary.NativeEndian.PutUint32(ctx[36:], uint32(in0))
+				ret, err := dp.Program().Run(&ebpf.RunOptions{Data: in, DataOut: make([]byte, len(in)+256), Context: ctx})
+				if err != nil {
+					return err
+				}
+				n, err := dp.Counters()
+				if err != nil {
+					return err
+				}
+				wantRedirected := map[bool]uint64{true: 1, false: 0}[c.want == tcActRedirect]
+				if ret != c.want || n[Forward] != 1 || n[CounterRedirect] != wantRedirected {
+					return fmt.Errorf("return %#x, forwarded %d, redirected %d; want %#x, 1, %d", ret, n[Forward], n[CounterRedirect], c.want, wantRedirected)
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }

@@ -35,6 +35,9 @@
 #define TCX_NEXT -1
 #define TCX_DROP 2
 
+#define AF_INET 2
+#define AF_INET6 10
+
 #define ETH_HLEN 14
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
@@ -86,7 +89,8 @@ enum verdict {
 	V_DROP_DUPLICATE = 8,
 	V_PASS = 9,  // not handled: passed on untouched, to the queue
 	V_ERROR = 10, // a helper failed after the state was updated: dropped
-	V_NUM = 11,
+	V_REDIRECT = 11, // forwarded packets sent to their device (redirect)
+	V_NUM = 12,
 };
 
 // The 4-tuple of an arriving packet, IPv4 addresses IPv4-mapped as in
@@ -161,6 +165,9 @@ volatile const __u32 rewritten_mark = 0x20000000;
 // Tests set fake_clock at load time and then fake_now: the program's clock
 // is otherwise bpf_ktime_get_boot_ns.
 volatile const __u8 fake_clock = 0;
+// redirect_out: send a rewritten packet straight to its egress device
+// (see redirect) instead of on through the stack.
+volatile const __u8 redirect_out = 0;
 volatile __s64 fake_now = 0;
 
 static __always_inline int before(__u32 a, __u32 b) { return (__s32)(a - b) < 0; }
@@ -472,6 +479,55 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 	dc->verdict = V_FORWARD;
 }
 
+// redirect sends a rewritten packet to the device the FIB gives its
+// destination, through the neighbour subsystem (bpf_redirect_neigh: it
+// resolves and confirms the next hop's address as the stack would): the
+// stack's forwarding (netfilter's hooks, the routing decision per
+// packet) is skipped, as a spliced flow's packets need none of it (the
+// divert chain exempts them from conntrack already). Egress qdiscs still
+// apply. Anything the FIB lookup does not resolve to a forwarding route
+// (a local destination, forwarding off on the device the packet came in
+// on, a packet too big for its egress device, a kernel that does not
+// know the lookup's flags) goes on through the stack, which handles it.
+static __always_inline int redirect(struct __sk_buff *skb, int v6, __u32 l3, __u16 sport, __u16 dport)
+{
+	struct bpf_fib_lookup p = {};
+	p.l4_protocol = IPPROTO_TCP;
+	p.sport = bpf_htons(sport);
+	p.dport = bpf_htons(dport);
+	p.ifindex = skb->ingress_ifindex;
+	if (v6) {
+		__u8 h[40];
+		if (bpf_skb_load_bytes(skb, l3, h, 40))
+			return TCX_NEXT;
+		p.family = AF_INET6;
+		__builtin_memcpy(&p.flowinfo, h, 4);
+		p.flowinfo &= bpf_htonl(0x0fffffff);
+		__builtin_memcpy(p.ipv6_src, &h[8], 16);
+		__builtin_memcpy(p.ipv6_dst, &h[24], 16);
+	} else {
+		__u8 h[20];
+		if (bpf_skb_load_bytes(skb, l3, h, 20))
+			return TCX_NEXT;
+		p.family = AF_INET;
+		p.tos = h[1];
+		__builtin_memcpy(&p.ipv4_src, &h[12], 4);
+		__builtin_memcpy(&p.ipv4_dst, &h[16], 4);
+	}
+	// tot_len 0: the kernel checks the skb against the egress device's
+	// MTU itself, a GSO skb by its segments.
+	if (bpf_fib_lookup(skb, &p, sizeof(p), BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_SUCCESS)
+		return TCX_NEXT;
+	// The lookup left the next hop in the destination fields.
+	struct bpf_redir_neigh nh = {.nh_family = p.family};
+	if (p.family == AF_INET6)
+		__builtin_memcpy(nh.ipv6_nh, p.ipv6_dst, 16);
+	else
+		nh.ipv4_nh = p.ipv4_dst;
+	count(V_REDIRECT);
+	return bpf_redirect_neigh(p.ifindex, &nh, sizeof(nh), 0);
+}
+
 SEC("tc")
 int splice_rewrite(struct __sk_buff *skb)
 {
@@ -704,6 +760,8 @@ int splice_rewrite(struct __sk_buff *skb)
 	}
 	skb->mark |= rewritten_mark;
 	count(V_FORWARD);
+	if (redirect_out)
+		return redirect(skb, v6, l3, dc.sport, dc.dport);
 	return TCX_NEXT;
 
 fail:

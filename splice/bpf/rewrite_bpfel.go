@@ -79,6 +79,7 @@ const (
 	rewriteProgSpliceRewrite = "splice_rewrite"
 	rewriteVarFakeClock      = "fake_clock"
 	rewriteVarFakeNow        = "fake_now"
+	rewriteVarRedirectOut    = "redirect_out"
 	rewriteVarRewrittenMark  = "rewritten_mark"
 )
 
@@ -143,6 +144,7 @@ type rewriteMapSpecs struct {
 type rewriteVariableSpecs struct {
 	FakeClock     *ebpf.VariableSpec `ebpf:"fake_clock"`
 	FakeNow       *ebpf.VariableSpec `ebpf:"fake_now"`
+	RedirectOut   *ebpf.VariableSpec `ebpf:"redirect_out"`
 	RewrittenMark *ebpf.VariableSpec `ebpf:"rewritten_mark"`
 }
 
@@ -187,6 +189,7 @@ func (m *rewriteMaps) Close() error {
 type rewriteVariables struct {
 	FakeClock     *ebpf.Variable `ebpf:"fake_clock"`
 	FakeNow       *ebpf.Variable `ebpf:"fake_now"`
+	RedirectOut   *ebpf.Variable `ebpf:"redirect_out"`
 	RewrittenMark *ebpf.Variable `ebpf:"rewritten_mark"`
 }
 

@@ -20,9 +20,11 @@ import (
 // HTTP is the HTTP proxy measured with wrk, relaying every byte and
 // splicing large responses, and the time its unsplices took.
 type HTTP struct {
-	// Requests per second by wrk, 8 connections, keyed "copy_big",
-	// "splice_big" (1 MiB responses, spliced) and "copy_small",
-	// "splice_small" (4 KiB responses, never spliced).
+	// Requests per second by wrk, 8 connections, keyed MODE_FILE: the
+	// modes copy (relayed), splice (spliced per response, NFQUEUE) and
+	// splicebpf (spliced per response, then on the bpf datapath); the
+	// files large (16 MiB), big (1 MiB) and small (4 KiB, below
+	// splice_min: never spliced).
 	Rates map[string]Stat `json:"requests_per_second"`
 	// Unsplice time as the gateway measured it, µs: idle (the client
 	// asks again after reading the whole response) and busy (the next
@@ -47,9 +49,17 @@ var httpFiles = map[string]int64{
 
 // httpBenchConfig is the daemon of the HTTP rows: "spliced per response"
 // splices every response from splice_min on (splice_policy: always), the
-// cost the measured policy weighs.
-func httpBenchConfig(mode string) string {
-	return "\nlog:\n  level: info\nlimits:\n  max_flows: 30000\nservices:\n" + httpService("web", 15080, 80, mode, "always")
+// cost the measured policy weighs; datapath is kernel.datapath.
+func httpBenchConfig(mode, datapath string) string {
+	return "\nlog:\n  level: info\nlimits:\n  max_flows: 30000\nkernel:\n  datapath: " + datapath + "\nservices:\n" + httpService("web", 15080, 80, mode, "always")
+}
+
+// httpModes are the columns of the HTTP table: the key in HTTP.Rates,
+// the splice mode and the datapath.
+var httpModes = []struct{ key, splice, datapath string }{
+	{"copy", "never", "nfqueue"},
+	{"splice", "immediate", "nfqueue"},
+	{"splicebpf", "immediate", "bpf"},
 }
 
 // httpService is a service of spliced's HTTP proxy: its TPROXY listener
@@ -197,9 +207,9 @@ func measureHTTP(env *Env, opt *Options) *HTTP {
 	defer stop()
 	vip := netip.AddrPortFrom(lab.Server().IPv4, 80)
 	var idle, busy []float64
-	for _, mode := range []string{"copy", "splice"} {
-		splice := map[string]string{"copy": "never", "splice": "immediate"}[mode]
-		d, err := testnet.LaunchDaemon(lab, env.Spliced, env.Dir, httpBenchConfig(splice))
+	for _, m := range httpModes {
+		mode := m.key
+		d, err := testnet.LaunchDaemon(lab, env.Spliced, env.Dir, httpBenchConfig(m.splice, m.datapath))
 		if err != nil {
 			if d != nil {
 				d.Stop()
@@ -207,7 +217,7 @@ func measureHTTP(env *Env, opt *Options) *HTTP {
 			res.Error = err.Error()
 			return res
 		}
-		for _, file := range []string{"big", "small"} {
+		for _, file := range []string{"large", "big", "small"} {
 			var samples []float64
 			for range opt.Repetitions {
 				r, err := wrk(lab, fmt.Sprintf("http://%s/%s.bin", vip, file), opt.Measure)
@@ -243,8 +253,11 @@ func measureHTTP(env *Env, opt *Options) *HTTP {
 	res.IdleSamples, res.BusySamples = len(idle), len(busy)
 	res.IdleP50, res.IdleP99 = percentile(idle, 0.5), percentile(idle, 0.99)
 	res.BusyP50, res.BusyP99 = percentile(busy, 0.5), percentile(busy, 0.99)
-	fmt.Fprintf(opt.Log, "   wrk 1 MiB: copy %.0f/s splice %.0f/s; 4 KiB: copy %.0f/s splice %.0f/s; unsplice idle %d p50 %.0f µs p99 %.0f µs, busy %d p50 %.0f µs p99 %.0f µs\n",
-		res.Rates["copy_big"].Median, res.Rates["splice_big"].Median, res.Rates["copy_small"].Median, res.Rates["splice_small"].Median,
+	for _, file := range []string{"large", "big", "small"} {
+		fmt.Fprintf(opt.Log, "   wrk %s: copy %.0f/s splice %.0f/s splice on bpf %.0f/s\n", file,
+			res.Rates["copy_"+file].Median, res.Rates["splice_"+file].Median, res.Rates["splicebpf_"+file].Median)
+	}
+	fmt.Fprintf(opt.Log, "   unsplice idle %d p50 %.0f µs p99 %.0f µs, busy %d p50 %.0f µs p99 %.0f µs\n",
 		res.IdleSamples, res.IdleP50, res.IdleP99, res.BusySamples, res.BusyP50, res.BusyP99)
 	return res
 }

@@ -110,7 +110,7 @@ type Kernel struct {
 	// BPFForward is how the bpf datapath forwards the packets it
 	// rewrote: "redirect" (default: straight to the device the routing
 	// table gives their destination, with bpf_fib_lookup and
-	// bpf_redirect, skipping netfilter's forward and postrouting hooks;
+	// bpf_redirect_neigh, skipping netfilter's forward and postrouting hooks;
 	// egress qdiscs still apply) or "stack" (on through the kernel's
 	// forwarding path, its netfilter hooks included).
 	BPFForward string `yaml:"bpf_forward"`

@@ -44,7 +44,7 @@ type Options struct {
 	// earlier daemon and reused (see pin.go).
 	PinDir string
 	// Redirect sends rewritten packets straight to their egress device
-	// (bpf_fib_lookup, bpf_redirect) rather than on through the stack.
+	// (bpf_fib_lookup, bpf_redirect_neigh) rather than on through the stack.
 	Redirect bool
 	// fakeClock makes the program read its clock from the fake_now
 	// variable (setNow): the tests give both engines the same time.

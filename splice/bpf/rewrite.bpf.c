@@ -489,7 +489,12 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 // (a local destination, forwarding off on the device the packet came in
 // on, a packet too big for its egress device, a kernel that does not
 // know the lookup's flags) goes on through the stack, which handles it.
-static __always_inline int redirect(struct __sk_buff *skb, int v6, __u32 l3, __u16 sport, __u16 dport)
+//
+// ip is the IP header as received (its first bytes give the TOS or flow
+// label), addrs the addresses as sent (source then destination: 4 bytes
+// each for IPv4, 16 for IPv6): what the rewrite already holds, so the
+// packet is not read again.
+static __always_inline int redirect(struct __sk_buff *skb, int v6, const __u8 *ip, const __u8 *addrs, __u16 sport, __u16 dport)
 {
 	struct bpf_fib_lookup p = {};
 	p.l4_protocol = IPPROTO_TCP;
@@ -497,22 +502,16 @@ static __always_inline int redirect(struct __sk_buff *skb, int v6, __u32 l3, __u
 	p.dport = bpf_htons(dport);
 	p.ifindex = skb->ingress_ifindex;
 	if (v6) {
-		__u8 h[40];
-		if (bpf_skb_load_bytes(skb, l3, h, 40))
-			return TCX_NEXT;
 		p.family = AF_INET6;
-		__builtin_memcpy(&p.flowinfo, h, 4);
+		__builtin_memcpy(&p.flowinfo, ip, 4);
 		p.flowinfo &= bpf_htonl(0x0fffffff);
-		__builtin_memcpy(p.ipv6_src, &h[8], 16);
-		__builtin_memcpy(p.ipv6_dst, &h[24], 16);
+		__builtin_memcpy(p.ipv6_src, addrs, 16);
+		__builtin_memcpy(p.ipv6_dst, &addrs[16], 16);
 	} else {
-		__u8 h[20];
-		if (bpf_skb_load_bytes(skb, l3, h, 20))
-			return TCX_NEXT;
 		p.family = AF_INET;
-		p.tos = h[1];
-		__builtin_memcpy(&p.ipv4_src, &h[12], 4);
-		__builtin_memcpy(&p.ipv4_dst, &h[16], 4);
+		p.tos = ip[1];
+		__builtin_memcpy(&p.ipv4_src, addrs, 4);
+		__builtin_memcpy(&p.ipv4_dst, &addrs[4], 4);
 	}
 	// tot_len 0: the kernel checks the skb against the egress device's
 	// MTU itself, a GSO skb by its segments.
@@ -760,8 +759,10 @@ int splice_rewrite(struct __sk_buff *skb)
 	}
 	skb->mark |= rewritten_mark;
 	count(V_FORWARD);
-	if (redirect_out)
-		return redirect(skb, v6, l3, dc.sport, dc.dport);
+	if (redirect_out) {
+		const __u8 *out = dc.addrs ? sc->naddrs : (v6 ? &ip[8] : &ip[12]);
+		return redirect(skb, v6, ip, out, dc.sport, dc.dport);
+	}
 	return TCX_NEXT;
 
 fail:

@@ -320,10 +320,11 @@ func TestMark(t *testing.T) {
 
 // TestRedirect: with Options.Redirect a rewritten packet is sent to the
 // device the FIB gives its destination (TC_ACT_REDIRECT, counted as
-// redirected) and everything the lookup does not resolve to a forwarding
-// route goes on through the stack rewritten as before (TCX_NEXT): with
-// forwarding off on the device it came in on, and towards a destination
-// with no route.
+// redirected) with its TTL (hop limit) one less, as the stack's
+// forwarding would, and everything else goes on through the stack
+// rewritten as before (TCX_NEXT), its TTL untouched: with forwarding off
+// on the device it came in on, towards a destination with no route, a
+// TTL that would run out here (the stack answers it), and IPv4 options.
 func TestRedirect(t *testing.T) {
 	requireRoot(t)
 	ns := testnet.Scratch(t)
@@ -331,6 +332,7 @@ func TestRedirect(t *testing.T) {
 		{"link", "add", "in0", "type", "veth", "peer", "in1"}, {"link", "add", "out0", "type", "veth", "peer", "out1"},
 		{"link", "set", "in0", "up"}, {"link", "set", "in1", "up"}, {"link", "set", "out0", "up"}, {"link", "set", "out1", "up"},
 		{"addr", "add", "10.1.0.1/24", "dev", "in0"}, {"addr", "add", "10.2.0.1/24", "dev", "out0"},
+		{"addr", "add", "fd00:1::1/64", "dev", "in0", "nodad"}, {"addr", "add", "fd00:2::1/64", "dev", "out0", "nodad"},
 	} {
 		ns.MustRun("ip", args...)
 	}
@@ -341,21 +343,36 @@ func TestRedirect(t *testing.T) {
 	const tcActRedirect = 7
 	for _, c := range []struct {
 		name       string
+		v6         bool
 		forwarding string
 		route      bool // whether the server's subnet is routed
+		ttl        uint8
+		ipOpts     []byte
 		want       uint32
+		wantTTL    uint8
 	}{
-		{"routed", "1", true, tcActRedirect},
-		{"forwarding off", "0", true, RetNext},
-		{"no route", "1", false, RetNext},
+		{"routed", false, "1", true, 64, nil, tcActRedirect, 63},
+		{"routed, TTL 2", false, "1", true, 2, nil, tcActRedirect, 1},
+		{"TTL 1", false, "1", true, 1, nil, RetNext, 1},
+		{"IPv4 options", false, "1", true, 64, []byte{1, 1, 1, 0}, RetNext, 64},
+		{"forwarding off", false, "0", true, 64, nil, RetNext, 64},
+		{"no route", false, "1", false, 64, nil, RetNext, 64},
+		{"IPv6 routed", true, "1", true, 64, nil, tcActRedirect, 63},
+		{"IPv6 hop limit 1", true, "1", true, 1, nil, RetNext, 1},
+		{"IPv6 forwarding off", true, "0", true, 64, nil, RetNext, 64},
+		{"IPv6 no route", true, "1", false, 64, nil, RetNext, 64},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			if err := ns.Sysctl("net.ipv4.conf.all.forwarding", c.forwarding); err != nil {
+			family, subnet, dev := "4", "10.2.0.0/24", "out0"
+			if c.v6 {
+				family, subnet = "6", "fd00:2::/64"
+			}
+			if err := ns.Sysctl("net.ipv"+family+".conf.all.forwarding", c.forwarding); err != nil {
 				t.Fatal(err)
 			}
-			ns.Run("ip", "route", "del", "10.2.0.0/24") // connected route, present or not
+			ns.Run("ip", "-"+family, "route", "del", subnet) // connected route, present or not
 			if c.route {
-				ns.MustRun("ip", "route", "add", "10.2.0.0/24", "dev", "out0")
+				ns.MustRun("ip", "-"+family, "route", "add", subnet, "dev", dev)
 			}
 			err := ns.Do(func() error {
 				dp, err := Load(Options{Redirect: true, fakeClock: true})
@@ -363,7 +380,7 @@ func TestRedirect(t *testing.T) {
 					return err
 				}
 				defer dp.Close()
-				fx := newFixture(t, false, false)
+				fx := newFixture(t, c.v6, false)
 				f, err := NewFlow(&fx.p, fx.start())
 				if err != nil {
 					return err
@@ -374,11 +391,14 @@ func TestRedirect(t *testing.T) {
 				if err := dp.setNow(fx.start() + 1); err != nil {
 					return err
 				}
-				in := frame(fx.c2s(1000, 0xfffffff0, FlagACK).bytes())
+				pkt := fx.c2s(1000, 0xfffffff0, FlagACK)
+				pkt.ttl, pkt.ipOpts = c.ttl, c.ipOpts
+				in := frame(pkt.bytes())
 				// struct __sk_buff up to ifindex: the packet came in on in0.
 				ctx := make([]byte, 44)
 				binary.NativeEndian.PutUint32(ctx[36:], uint32(in0))
-				ret, err := dp.Program().Run(&ebpf.RunOptions{Data: in, DataOut: make([]byte, len(in)+256), Context: ctx})
+				out := make([]byte, len(in)+256)
+				ret, err := dp.Program().Run(&ebpf.RunOptions{Data: in, DataOut: out, Context: ctx})
 				if err != nil {
 					return err
 				}
@@ -389,6 +409,22 @@ func TestRedirect(t *testing.T) {
 				wantRedirected := map[bool]uint64{true: 1, false: 0}[c.want == tcActRedirect]
 				if ret != c.want || n[Forward] != 1 || n[CounterRedirect] != wantRedirected {
 					return fmt.Errorf("return %#x, forwarded %d, redirected %d; want %#x, 1, %d", ret, n[Forward], n[CounterRedirect], c.want, wantRedirected)
+				}
+				ip := out[14:len(in)]
+				if c.v6 {
+					if ip[7] != c.wantTTL {
+						return fmt.Errorf("hop limit %d, want %d", ip[7], c.wantTTL)
+					}
+					return nil
+				}
+				if ip[8] != c.wantTTL {
+					return fmt.Errorf("TTL %d, want %d", ip[8], c.wantTTL)
+				}
+				hl := int(ip[0]&0x0f) * 4
+				fixed := append([]byte(nil), ip[:hl]...)
+				IPv4(fixed).UpdateChecksum()
+				if !bytes.Equal(fixed[10:12], ip[10:12]) {
+					return fmt.Errorf("header checksum %x, want %x", ip[10:12], fixed[10:12])
 				}
 				return nil
 			})

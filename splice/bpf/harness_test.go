@@ -223,9 +223,14 @@ type seg struct {
 	hopByHop bool   // IPv6: an 8-byte hop-by-hop header before TCP
 	ext      []byte // IPv6: raw extension headers before TCP (instead)
 	extNext  byte   // the first of them
+	ttl      uint8  // the TTL or hop limit; 0 is 64
 }
 
 func (s seg) bytes() []byte {
+	ttl := s.ttl
+	if ttl == 0 {
+		ttl = 64
+	}
 	opts := append([]byte(nil), s.opts...)
 	for len(opts)%4 != 0 {
 		opts = append(opts, splice.OptEOL)
@@ -248,7 +253,7 @@ func (s seg) bytes() []byte {
 		ip[0] = 0x40 | byte(hl/4)
 		binary.BigEndian.PutUint16(ip[2:], uint16(hl+len(tcp)))
 		ip[6] = 0x40 // DF
-		ip[8] = 64
+		ip[8] = ttl
 		ip[9] = 6
 		copy(ip[12:], src)
 		copy(ip[16:], dst)
@@ -269,7 +274,7 @@ func (s seg) bytes() []byte {
 	ip[0] = 0x60
 	binary.BigEndian.PutUint16(ip[4:], uint16(len(ext)+len(tcp)))
 	ip[6] = next
-	ip[7] = 64
+	ip[7] = ttl
 	copy(ip[8:], src)
 	copy(ip[24:], dst)
 	return append(append(ip, ext...), tcp...)

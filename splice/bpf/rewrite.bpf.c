@@ -485,17 +485,24 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 // stack's forwarding (netfilter's hooks, the routing decision per
 // packet) is skipped, as a spliced flow's packets need none of it (the
 // divert chain exempts them from conntrack already). Egress qdiscs still
-// apply. Anything the FIB lookup does not resolve to a forwarding route
-// (a local destination, forwarding off on the device the packet came in
-// on, a packet too big for its egress device, a kernel that does not
-// know the lookup's flags) goes on through the stack, which handles it.
+// apply. It does what the stack's forwarding would do to the packet:
+// the TTL (hop limit) goes down by one. Anything it would not forward
+// the same way goes on through the stack, which handles it: a TTL that
+// runs out here (the stack answers ICMP time exceeded), IPv4 options
+// (the stack updates some of them), and what the FIB lookup does not
+// resolve to a forwarding route (a local destination, forwarding off on
+// the device the packet came in on, a packet too big for its egress
+// device, a kernel that does not know the lookup's flags).
 //
 // ip is the IP header as received (its first bytes give the TOS or flow
-// label), addrs the addresses as sent (source then destination: 4 bytes
-// each for IPv4, 16 for IPv6): what the rewrite already holds, so the
-// packet is not read again.
+// label, the TTL or hop limit), addrs the addresses as sent (source then
+// destination: 4 bytes each for IPv4, 16 for IPv6): what the rewrite
+// already holds, so the packet is not read again.
 static __always_inline int redirect(struct __sk_buff *skb, int v6, const __u8 *ip, const __u8 *addrs, __u16 sport, __u16 dport)
 {
+	__u8 ttl = v6 ? ip[7] : ip[8];
+	if (ttl <= 1 || (!v6 && ip[0] != 0x45))
+		return TCX_NEXT;
 	struct bpf_fib_lookup p = {};
 	p.l4_protocol = IPPROTO_TCP;
 	p.sport = bpf_htons(sport);
@@ -517,6 +524,24 @@ static __always_inline int redirect(struct __sk_buff *skb, int v6, const __u8 *i
 	// MTU itself, a GSO skb by its segments.
 	if (bpf_fib_lookup(skb, &p, sizeof(p), BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_SUCCESS)
 		return TCX_NEXT;
+	__u8 left = ttl - 1;
+	if (v6) {
+		if (bpf_skb_store_bytes(skb, ETH_HLEN + 7, &left, 1, 0))
+			return TCX_NEXT;
+	} else {
+		// The header checksum covers the TTL with the protocol in one
+		// 16-bit word.
+		__be16 from = bpf_htons((__u16)ttl << 8 | IPPROTO_TCP);
+		__be16 to = bpf_htons((__u16)left << 8 | IPPROTO_TCP);
+		if (bpf_skb_store_bytes(skb, ETH_HLEN + 8, &left, 1, 0))
+			return TCX_NEXT;
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + 10, from, to, 2)) {
+			// The header would go out with a wrong checksum; the
+			// sender retransmits the packet.
+			count(V_ERROR);
+			return TCX_DROP;
+		}
+	}
 	// The lookup left the next hop in the destination fields.
 	struct bpf_redir_neigh nh = {.nh_family = p.family};
 	if (p.family == AF_INET6)

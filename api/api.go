@@ -58,6 +58,9 @@ type Engine struct {
 	Queues         []Queue           `json:"queues,omitempty"`
 	QueueBackend   string            `json:"queue_backend,omitempty"` // lean or go-nfqueue
 	InjectFailures uint64            `json:"inject_failures,omitempty"`
+	// InjectedGSO counts packets taken over during splices that were
+	// sent whole, as GSO packets, instead of in segments.
+	InjectedGSO uint64 `json:"injected_gso,omitempty"`
 	// StalledFlows counts directions of spliced flows that stalled (see
 	// splice.stall_after).
 	StalledFlows uint64 `json:"stalled_flows,omitempty"`

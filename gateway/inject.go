@@ -19,6 +19,8 @@ import (
 // the output path, so the divert chain (prerouting) never sees them again.
 type injector struct {
 	fd4, fd6 int
+	// gso sends taken-over packets longer than a segment whole (gso.go).
+	gso *gsoSender
 }
 
 func newInjector() (*injector, error) {
@@ -31,11 +33,11 @@ func newInjector() (*injector, error) {
 		unix.Close(fd4)
 		return nil, fmt.Errorf("raw IPv6 socket: %w (needs CAP_NET_RAW)", err)
 	}
-	return &injector{fd4: fd4, fd6: fd6}, nil
+	return &injector{fd4: fd4, fd6: fd6, gso: newGSOSender()}, nil
 }
 
 func (in *injector) Close() error {
-	return errors.Join(unix.Close(in.fd4), unix.Close(in.fd6))
+	return errors.Join(unix.Close(in.fd4), unix.Close(in.fd6), in.gso.Close())
 }
 
 // send transmits a complete IP packet (IPv4 with IP_HDRINCL semantics,

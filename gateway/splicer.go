@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -573,11 +574,68 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 	senders := [2]*splice.Conn{&params.Client, &params.Server}
 	var p splice.Packet
 	var out [][]byte
+	// In order, batched; one the kernel refuses is skipped: its sender
+	// still has it unacknowledged and sends it again.
+	flush := func() {
+		n, err := g.inject.sendAll(out)
+		sent += n
+		if n < len(out) {
+			g.injectErrors.Add(uint64(len(out) - n))
+			if injectErr == nil {
+				injectErr = err
+			}
+		}
+		out = out[:0]
+	}
 	for d := range 2 {
 		c := senders[d]
 		win := uint16(min(c.SndWnd>>c.SndWscale, 0xffff))
-		out = out[:0]
+		gso := g.inject.gso != nil
+		var via egress
+		resolved := false
 		for _, b := range tr.taken[d] {
+			// A packet longer than a segment goes whole, as a GSO packet
+			// (gso.go), when its way out resolves.
+			if gso && p.Parse(b) == splice.OK && gsoCandidate(&p, wire[d]-p.TCP().HeaderLen()) {
+				mss := wire[d] - p.TCP().HeaderLen()
+				freshen(&p, c.SndNxt, win)
+				v := e.Process(&p, splice.Dir(d), now, false)
+				if v == splice.Forward {
+					g.counters.verdicts[v].Add(1)
+					if !resolved {
+						resolved = true
+						dst, _ := netip.AddrFromSlice(p.Dst())
+						var err error
+						if via, err = g.inject.gso.resolve(dst.Unmap()); err != nil {
+							gso = false
+							g.log.Debug("taken-over payload goes in segments", "dst", dst.Unmap(), logging.Err(err))
+						}
+					}
+					if gso {
+						flush() // what went before it, first
+						err := g.inject.gso.send(via, &p, mss)
+						if err == nil {
+							sent++
+							g.injectedGSO.Add(1)
+							continue
+						}
+						gso = false
+						g.log.Debug("send taken-over payload as a GSO packet; sending it in segments", logging.Err(err))
+					}
+					// Rewritten already: only cut and checksummed.
+					for _, seg := range segments(p.Bytes(), wire[d]) {
+						var q splice.Packet
+						if q.Parse(seg) == splice.OK {
+							q.TCP().SetChecksum(0)
+							q.TCP().SetChecksum(splice.TCPChecksum(q.Src(), q.Dst(), q.Segment()))
+							out = append(out, seg)
+						}
+					}
+					continue
+				}
+				// Refused whole (beyond the receiver's window, say): its
+				// segments are weighed one by one, as any other's.
+			}
 			for _, seg := range segments(b, wire[d]) {
 				if p.Parse(seg) != splice.OK {
 					continue
@@ -590,16 +648,7 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 				}
 			}
 		}
-		// In order, batched; one the kernel refuses is skipped: its
-		// sender still has it unacknowledged and sends it again.
-		n, err := g.inject.sendAll(out)
-		sent += n
-		if n < len(out) {
-			g.injectErrors.Add(uint64(len(out) - n))
-			if injectErr == nil {
-				injectErr = err
-			}
-		}
+		flush()
 	}
 	tr.taken = [2][][]byte{}
 	for _, np := range tr.held {

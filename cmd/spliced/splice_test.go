@@ -97,8 +97,32 @@ func (sc *scenario) run(t *testing.T, mode string) *testnet.Daemon {
 		if e.DivertByCommand == 0 || e.DivertByNetlink != 0 {
 			t.Errorf("divert entries added by command %d times, by netlink %d times; want only by command", e.DivertByCommand, e.DivertByNetlink)
 		}
+		checkInjectedGSO(t, d, e, sc.lab.OffloadsOff)
 	}
 	return d
+}
+
+// checkInjectedGSO: payload taken over during a splice leaves whole, as
+// GSO packets, when it came in packets longer than a segment. With the
+// veth offloads on, senders hand the gateway packets of up to 64 KB, so
+// a splice that took over a megabyte or more sent some of them whole;
+// with the offloads off every packet is a segment and none goes so.
+func checkInjectedGSO(t *testing.T, d *testnet.Daemon, e api.Engine, offloadsOff bool) {
+	t.Helper()
+	var taken float64
+	for _, l := range d.Lines() {
+		if l["msg"] == "flow spliced" {
+			v, _ := l["taken_over_bytes"].(float64)
+			taken += v
+		}
+	}
+	switch {
+	case offloadsOff && e.InjectedGSO != 0:
+		t.Errorf("%d taken-over packets sent as GSO packets with the offloads off; want 0", e.InjectedGSO)
+	case !offloadsOff && taken >= 1<<20 && e.InjectedGSO == 0:
+		t.Errorf("%.0f bytes taken over at the splice, none sent as a GSO packet", taken)
+	}
+	t.Logf("taken over %.0f bytes; %d packets sent as GSO packets", taken, e.InjectedGSO)
 }
 
 // runIn is run in a lab made already.

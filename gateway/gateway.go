@@ -132,8 +132,9 @@ type Gateway struct {
 	// (retirePassthrough).
 	passthroughsRetired atomic.Uint64
 	injectErrors        atomic.Uint64
-	// injectedGSO counts taken-over packets sent whole (gso.go).
-	injectedGSO atomic.Uint64
+	// Taken-over packets sent whole (gso.go), and segments sent
+	// through the raw socket.
+	injectedGSO, injectedSegments atomic.Uint64
 	// Splices whose divert entries went in by command packets, and by
 	// netlink; whether commands work here (see checkDivertCommands).
 	divertCommands, divertNetlink atomic.Uint64
@@ -465,7 +466,7 @@ func (g *Gateway) logStats() {
 	attrs := []any{"splices", g.spliceLatency.count.Load(), "splice_aborts", g.spliceAborts.Load(), "captures_redone", g.lateBytes.Load(),
 		"unsplices", g.unsplices.Load(), "unsplice_aborts", g.unspliceAborts.Load(), "passthroughs_retired", g.passthroughsRetired.Load(),
 		"splice_p50_us", g.spliceLatency.percentile(0.5).Microseconds(), "splice_p99_us", g.spliceLatency.percentile(0.99).Microseconds(),
-		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load(), "injected_gso", g.injectedGSO.Load(), "stalled_flows", g.stalledFlows.Load(),
+		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load(), "injected_gso", g.injectedGSO.Load(), "injected_segments", g.injectedSegments.Load(), "stalled_flows", g.stalledFlows.Load(),
 		"divert_by_command", g.divertCommands.Load(), "divert_by_netlink", g.divertNetlink.Load()}
 	if c := g.conntrack; c != nil {
 		attrs = append(attrs, "conntrack_loosened", c.loosened.Load(), "conntrack_deleted", c.deleted.Load(), "conntrack_update_failed", c.failed.Load())

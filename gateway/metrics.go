@@ -61,11 +61,12 @@ var (
 	descRepairs       = prometheus.NewDesc("spliced_ruleset_repairs_total", "Times the table was restored after someone changed it.", nil, nil)
 	descReopens       = prometheus.NewDesc("spliced_queue_reopens_total", "Times a queue's reader failed to receive and reopened its socket.", []string{"queue"}, nil)
 	descRefreshes     = prometheus.NewDesc("spliced_divert_refreshes_total", "Rounds that restarted the timeout of live flows' divert entries, by result (ok, failed).", []string{"result"}, nil)
+	descTakenOver     = prometheus.NewDesc("spliced_taken_over_sent_total", "Packets of payload taken over during splices, sent on by the gateway: gso (a packet longer than a segment, whole) or segment (through the raw socket, one MSS each).", []string{"how"}, nil)
 	descDivertAdds    = prometheus.NewDesc("spliced_divert_adds_total", "Splices by how their divert entries went in: command (packets, microseconds) or netlink (a transaction: commands off, or one not taken).", []string{"path"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens, descBPFPackets, descBPFMoves, descPhase, descDivertAdds} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens, descBPFPackets, descBPFMoves, descPhase, descDivertAdds, descTakenOver} {
 		ch <- d
 	}
 }
@@ -86,6 +87,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(failed), "failed")
 	ch <- prometheus.MustNewConstMetric(descDivertAdds, prometheus.CounterValue, float64(g.divertCommands.Load()), "command")
 	ch <- prometheus.MustNewConstMetric(descDivertAdds, prometheus.CounterValue, float64(g.divertNetlink.Load()), "netlink")
+	ch <- prometheus.MustNewConstMetric(descTakenOver, prometheus.CounterValue, float64(g.injectedGSO.Load()), "gso")
+	ch <- prometheus.MustNewConstMetric(descTakenOver, prometheus.CounterValue, float64(g.injectedSegments.Load()), "segment")
 	if !g.splicing() {
 		return
 	}

@@ -579,6 +579,7 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 	flush := func() {
 		n, err := g.inject.sendAll(out)
 		sent += n
+		g.injectedSegments.Add(uint64(n))
 		if n < len(out) {
 			g.injectErrors.Add(uint64(len(out) - n))
 			if injectErr == nil {

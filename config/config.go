@@ -114,6 +114,14 @@ type Kernel struct {
 	// egress qdiscs still apply) or "stack" (on through the kernel's
 	// forwarding path, its netfilter hooks included).
 	BPFForward string `yaml:"bpf_forward"`
+	// Resend is how a splice sends on the payload it took over while
+	// the sockets drained: "gso" (default: a packet longer than a
+	// segment whole, as a GSO packet through a packet socket on its
+	// egress device, skipping netfilter's output and postrouting hooks;
+	// in segments where that does not resolve, and always while IPsec
+	// policies exist) or "raw" (one segment at a time through a raw IP
+	// socket and the IP output path, its netfilter hooks included).
+	Resend string `yaml:"resend"`
 }
 
 // Datapath values.
@@ -127,6 +135,12 @@ const (
 const (
 	BPFForwardRedirect = "redirect"
 	BPFForwardStack    = "stack"
+)
+
+// Resend values.
+const (
+	ResendGSO = "gso"
+	ResendRaw = "raw"
 )
 
 // BPFMark is the mark bit the bpf datapath sets on the packets it
@@ -393,6 +407,7 @@ func (c *Config) applyDefaults() {
 	SetDefault(&c.Kernel.Datapath, DatapathNFQueue)
 	SetDefault(&c.Kernel.BPFFS, DefaultBPFFS)
 	SetDefault(&c.Kernel.BPFForward, BPFForwardRedirect)
+	SetDefault(&c.Kernel.Resend, ResendGSO)
 	SetDefault(&c.Kernel.Repair, "on")
 	SetDefault(&c.Control.Socket, "/run/spliced/spliced.sock")
 	if c.Control.Socket == "off" {

@@ -98,6 +98,7 @@ func TestParseErrors(t *testing.T) {
 		{"queue length", "kernel:\n  queue_len: 2\nservices: []\n", []string{"line 2: kernel.queue_len:", "8-1048576"}},
 		{"datapath", "kernel:\n  datapath: ebpf\n", []string{"line 2: kernel.datapath:", `"ebpf"`, "nfqueue", "bpf", "auto"}},
 		{"bpf forward", "kernel:\n  datapath: bpf\n  bpf_forward: route\n", []string{"line 3: kernel.bpf_forward:", `"route"`, "redirect", "stack"}},
+		{"resend", "kernel:\n  resend: tso\n", []string{"line 2: kernel.resend:", `"tso"`, "gso", "raw"}},
 		{"interfaces without bpf", "kernel:\n  interfaces: [eth0]\n", []string{"kernel.interfaces:", "needs kernel.datapath bpf or auto"}},
 		{"loopback interface", "kernel:\n  datapath: bpf\n  interfaces: [eth0, lo]\n", []string{"kernel.interfaces[1]:", "loopback"}},
 		{"interface twice", "kernel:\n  datapath: auto\n  interfaces: [eth0, eth0]\n", []string{"kernel.interfaces[1]:", "twice"}},

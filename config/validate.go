@@ -67,6 +67,11 @@ func (c *Config) validate(idx *keyIndex) error {
 	default:
 		bad("kernel.bpf_forward", c.Kernel.BPFForward, "is not a way to forward; use redirect (default: straight to the egress device) or stack (through the kernel's forwarding path and its netfilter hooks)")
 	}
+	switch c.Kernel.Resend {
+	case ResendGSO, ResendRaw:
+	default:
+		bad("kernel.resend", c.Kernel.Resend, "is not a way to send taken-over payload; use gso (default: whole packets through the egress device) or raw (segments through the IP output path and its netfilter hooks)")
+	}
 	for i, name := range c.Kernel.Interfaces {
 		switch {
 		case !ifaceNameRE.MatchString(name):

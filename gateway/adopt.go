@@ -283,7 +283,7 @@ func dropPinnedDir(dir, what string, inj *injector, log *slog.Logger) error {
 		return err
 	}
 	if inj == nil && len(flows) > 0 {
-		if inj, err = newInjector(); err != nil {
+		if inj, err = newInjector(false); err != nil {
 			return err
 		}
 		defer inj.Close()

@@ -497,7 +497,7 @@ func (g *Gateway) logStats() {
 // the conntrack cleaner, the diverter, and the queues (last: their readers
 // use the rest at once), then publishes it.
 func (g *Gateway) startSplicing(ctx context.Context, cfg *config.Config, m *rules.Manager, d rules.Divert) error {
-	inj, err := newInjector()
+	inj, err := newInjector(cfg.Kernel.Resend == config.ResendGSO)
 	if err != nil {
 		return err
 	}

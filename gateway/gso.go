@@ -32,12 +32,18 @@ import (
 // next hop from the routing table (RTM_GETROUTE, as `ip route get`), the
 // next hop's link-layer address from the neighbour table (RTM_GETNEIGH),
 // the device's own address and type (RTM_GETLINK). Whatever this does not
-// resolve (a device that is not Ethernet, a multipath route, a neighbour
-// not known yet) goes the raw way, as before.
+// resolve (a device that is not Ethernet, a route with encapsulation, a
+// neighbour not known yet) goes the raw way, as before, and so does all
+// of it while the kernel holds IPsec policies for output or forwarding:
+// the IP output path applies them (xfrm), a packet socket would not.
+// The packets also skip netfilter's output and postrouting hooks, which
+// the raw socket's went through (the forward hook, where spliced
+// packets pass, neither saw).
 type gsoSender struct {
-	mu sync.Mutex
-	fd int // AF_PACKET, SOCK_RAW, PACKET_VNET_HDR; -1 until first used
-	nl *netlink.Conn
+	mu   sync.Mutex
+	fd   int // AF_PACKET, SOCK_RAW, PACKET_VNET_HDR; -1 until first used
+	nl   *netlink.Conn
+	xfrm *netlink.Conn // NETLINK_XFRM, for the IPsec policy count
 	// frame is the send buffer: the virtio-net header, the Ethernet
 	// header and the IP packet.
 	frame []byte
@@ -46,6 +52,7 @@ type gsoSender struct {
 // egress is where a packet leaves: a device and the Ethernet addresses.
 type egress struct {
 	ifindex  int
+	mtu      int
 	src, dst [6]byte
 }
 
@@ -59,6 +66,10 @@ const (
 
 // errNoEgress: the destination's way out is not one the sender handles.
 var errNoEgress = errors.New("gso: no Ethernet next hop resolved")
+
+// errIPsec: IPsec policies may apply to the packets; only the IP output
+// path applies them.
+var errIPsec = errors.New("gso: the kernel has IPsec policies for output or forwarding")
 
 func newGSOSender() *gsoSender { return &gsoSender{fd: -1} }
 
@@ -83,7 +94,13 @@ func (s *gsoSender) open() error {
 		unix.Close(fd)
 		return fmt.Errorf("gso: rtnetlink: %w", err)
 	}
-	s.fd, s.nl = fd, nl
+	xfrm, err := netlink.Dial(unix.NETLINK_XFRM, nil)
+	if err != nil {
+		unix.Close(fd)
+		nl.Close()
+		return fmt.Errorf("gso: xfrm netlink (to count IPsec policies): %w", err)
+	}
+	s.fd, s.nl, s.xfrm = fd, nl, xfrm
 	s.frame = make([]byte, virtioNetHdrLen+ethHeaderLen+0x10000+splice.IPv6HeaderLen)
 	return nil
 }
@@ -95,8 +112,8 @@ func (s *gsoSender) Close() error {
 	if s.fd < 0 {
 		return nil
 	}
-	err := errors.Join(unix.Close(s.fd), s.nl.Close())
-	s.fd, s.nl = -1, nil
+	err := errors.Join(unix.Close(s.fd), s.nl.Close(), s.xfrm.Close())
+	s.fd, s.nl, s.xfrm = -1, nil, nil
 	return err
 }
 
@@ -109,11 +126,14 @@ func (s *gsoSender) resolve(dst netip.Addr) (egress, error) {
 	if err := s.open(); err != nil {
 		return e, err
 	}
+	if err := s.noIPsec(); err != nil {
+		return e, err
+	}
 	ifindex, nextHop, err := s.route(dst)
 	if err != nil {
 		return e, err
 	}
-	if e.src, err = s.linkAddr(ifindex); err != nil {
+	if e.src, e.mtu, err = s.link(ifindex); err != nil {
 		return e, err
 	}
 	if e.dst, err = s.neighbour(ifindex, nextHop); err != nil {
@@ -170,8 +190,10 @@ func (s *gsoSender) route(dst netip.Addr) (uint32, netip.Addr, error) {
 			if a, ok := netip.AddrFromSlice(ad.Bytes()); ok {
 				nextHop = a.Unmap()
 			}
-		case unix.RTA_VIA, unix.RTA_MULTIPATH:
-			return 0, dst, errNoEgress // another family's next hop; several
+		case unix.RTA_VIA, unix.RTA_MULTIPATH, unix.RTA_ENCAP:
+			// Another family's next hop; several; an encapsulation
+			// (MPLS, seg6, ...) the output path would add.
+			return 0, dst, errNoEgress
 		}
 	}
 	if err := ad.Err(); err != nil {
@@ -183,9 +205,8 @@ func (s *gsoSender) route(dst netip.Addr) (uint32, netip.Addr, error) {
 	return oif, nextHop, nil
 }
 
-// linkAddr returns an Ethernet device's address.
-func (s *gsoSender) linkAddr(ifindex uint32) ([6]byte, error) {
-	var mac [6]byte
+// link returns an Ethernet device's address and MTU.
+func (s *gsoSender) link(ifindex uint32) (mac [6]byte, mtu int, err error) {
 	var ifi [unix.SizeofIfInfomsg]byte
 	binary.NativeEndian.PutUint32(ifi[4:], ifindex)
 	msgs, err := s.nl.Execute(netlink.Message{
@@ -193,30 +214,73 @@ func (s *gsoSender) linkAddr(ifindex uint32) ([6]byte, error) {
 		Data:   ifi[:],
 	})
 	if err != nil {
-		return mac, fmt.Errorf("gso: link %d: %w", ifindex, err)
+		return mac, 0, fmt.Errorf("gso: link %d: %w", ifindex, err)
 	}
 	if len(msgs) != 1 || len(msgs[0].Data) < unix.SizeofIfInfomsg {
-		return mac, errNoEgress
+		return mac, 0, errNoEgress
 	}
 	m := msgs[0].Data
 	if binary.NativeEndian.Uint16(m[2:]) != unix.ARPHRD_ETHER {
-		return mac, errNoEgress
+		return mac, 0, errNoEgress
 	}
 	ad, err := netlink.NewAttributeDecoder(m[unix.SizeofIfInfomsg:])
 	if err != nil {
-		return mac, err
+		return mac, 0, err
 	}
 	found := false
 	for ad.Next() {
-		if ad.Type() == unix.IFLA_ADDRESS && len(ad.Bytes()) == 6 {
-			copy(mac[:], ad.Bytes())
-			found = true
+		switch ad.Type() {
+		case unix.IFLA_ADDRESS:
+			if len(ad.Bytes()) == 6 {
+				copy(mac[:], ad.Bytes())
+				found = true
+			}
+		case unix.IFLA_MTU:
+			mtu = int(ad.Uint32())
 		}
 	}
-	if err := ad.Err(); err != nil || !found {
-		return mac, errors.Join(err, errNoEgress)
+	if err := ad.Err(); err != nil || !found || mtu == 0 {
+		return mac, 0, errors.Join(err, errNoEgress)
 	}
-	return mac, nil
+	return mac, mtu, nil
+}
+
+// noIPsec returns errIPsec while the kernel holds IPsec policies for
+// output or forwarding (XFRM_MSG_GETSPDINFO: the policy counts).
+func (s *gsoSender) noIPsec() error {
+	const (
+		xfrmMsgGetSPDInfo = 0x25 // XFRM_MSG_GETSPDINFO
+		xfrmaSPDInfo      = 1    // XFRMA_SPD_INFO: struct xfrmu_spdinfo
+	)
+	msgs, err := s.xfrm.Execute(netlink.Message{
+		Header: netlink.Header{Type: xfrmMsgGetSPDInfo, Flags: netlink.Request},
+		Data:   make([]byte, 4), // u32 flags
+	})
+	if err != nil {
+		return fmt.Errorf("gso: count IPsec policies: %w", err)
+	}
+	for _, m := range msgs {
+		if len(m.Data) < 4 {
+			continue
+		}
+		ad, err := netlink.NewAttributeDecoder(m.Data[4:])
+		if err != nil {
+			return err
+		}
+		for ad.Next() {
+			// incnt, outcnt, fwdcnt, inscnt, outscnt, fwdscnt
+			if b := ad.Bytes(); ad.Type() == xfrmaSPDInfo && len(b) >= 12 {
+				if binary.NativeEndian.Uint32(b[4:]) != 0 || binary.NativeEndian.Uint32(b[8:]) != 0 {
+					return errIPsec
+				}
+				return nil
+			}
+		}
+		if err := ad.Err(); err != nil {
+			return err
+		}
+	}
+	return errors.New("gso: the kernel did not say how many IPsec policies it holds")
 }
 
 // neighbour returns the link-layer address the neighbour table holds for
@@ -296,6 +360,11 @@ func (s *gsoSender) send(e egress, p *splice.Packet, mss int) error {
 	if n > len(s.frame) {
 		return fmt.Errorf("gso: packet of %d bytes", len(b))
 	}
+	// Each segment must fit the device (IPv4 options and IPv6 extension
+	// headers make the headers longer than the MSS assumes).
+	if mss = min(mss, e.mtu-ipLen-p.TCP().HeaderLen()); mss <= 0 {
+		return fmt.Errorf("gso: no room for payload in the device's MTU %d", e.mtu)
+	}
 	f := s.frame[:n]
 	f[0] = virtioNetHdrNeedsCsm
 	f[1] = virtioGSOTCPv4
@@ -304,12 +373,12 @@ func (s *gsoSender) send(e egress, p *splice.Packet, mss int) error {
 		f[1], ethType = virtioGSOTCPv6, unix.ETH_P_IPV6
 	}
 	hdrLen := ethHeaderLen + ipLen + p.TCP().HeaderLen()
-	// The header's 16-bit fields are little-endian (virtio 1.0; the
-	// kernel reads them so on little-endian machines, where this runs).
-	binary.LittleEndian.PutUint16(f[2:], uint16(hdrLen))
-	binary.LittleEndian.PutUint16(f[4:], uint16(mss))
-	binary.LittleEndian.PutUint16(f[6:], uint16(ethHeaderLen+ipLen)) // csum_start
-	binary.LittleEndian.PutUint16(f[8:], 16)                         // csum_offset: the TCP checksum
+	// A packet socket's virtio-net header is in the machine's byte
+	// order (legacy virtio).
+	binary.NativeEndian.PutUint16(f[2:], uint16(hdrLen))
+	binary.NativeEndian.PutUint16(f[4:], uint16(mss))
+	binary.NativeEndian.PutUint16(f[6:], uint16(ethHeaderLen+ipLen)) // csum_start
+	binary.NativeEndian.PutUint16(f[8:], 16)                         // csum_offset: the TCP checksum
 	eth := f[virtioNetHdrLen:]
 	copy(eth[0:6], e.dst[:])
 	copy(eth[6:12], e.src[:])
@@ -323,4 +392,9 @@ func (s *gsoSender) send(e egress, p *splice.Packet, mss int) error {
 // tcpFlagCWR is TCP's congestion window reduced flag.
 const tcpFlagCWR = 0x80
 
-func htons(v uint16) uint16 { return v<<8 | v>>8 }
+// htons puts v in network byte order, as sockaddr_ll's protocol wants.
+func htons(v uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], v)
+	return binary.NativeEndian.Uint16(b[:])
+}

@@ -60,11 +60,23 @@ func TestGSOSenderDelivers(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			a.MustRun("ethtool", "-K", "a0", "tx", tc.tx, "tso", tc.tso)
-			if err := gsoDelivery(a, b, s, netip.MustParseAddr(tc.dst)); err != nil {
+			if err := gsoDelivery(a, b, s, netip.MustParseAddr(tc.dst), 0); err != nil {
 				t.Fatal(err)
 			}
 		})
 	}
+	// A device whose MTU is below what the MSS assumes: the segments are
+	// cut to fit it (the receiving veth drops longer frames).
+	t.Run("IPv4 MTU below the MSS", func(t *testing.T) {
+		a.MustRun("ethtool", "-K", "a0", "tx", "off", "tso", "off")
+		a.MustRun("ip", "link", "set", "a0", "mtu", "1280")
+		b.MustRun("ip", "link", "set", "b0", "mtu", "1280")
+		defer a.MustRun("ip", "link", "set", "a0", "mtu", "1500")
+		defer b.MustRun("ip", "link", "set", "b0", "mtu", "1500")
+		if err := gsoDelivery(a, b, s, netip.MustParseAddr("10.9.0.2"), 1460); err != nil {
+			t.Fatal(err)
+		}
+	})
 	t.Run("refused", func(t *testing.T) {
 		err := a.Do(func() error {
 			for _, dst := range []string{"10.9.0.99", "10.9.0.1", "fd00:9::99"} {
@@ -77,12 +89,26 @@ func TestGSOSenderDelivers(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// An IPsec policy anywhere: the IP output path must apply it.
+		a.MustRun("ip", "xfrm", "policy", "add", "src", "10.9.0.0/24", "dst", "10.8.0.0/24", "dir", "out",
+			"tmpl", "src", "10.9.0.1", "dst", "10.9.0.7", "proto", "esp", "mode", "tunnel")
+		err = a.Do(func() error {
+			if _, err := s.resolve(netip.MustParseAddr("10.9.0.2")); !errors.Is(err, errIPsec) {
+				return fmt.Errorf("with an IPsec policy: %v; want %v", err, errIPsec)
+			}
+			return nil
+		})
+		a.MustRun("ip", "xfrm", "policy", "flush")
+		if err != nil {
+			t.Fatal(err)
+		}
 	})
 }
 
 // gsoDelivery connects a to b, captures a's end, sends the stream's next
-// bytes from it as one GSO packet and checks what b's socket reads.
-func gsoDelivery(a, b *testnet.NS, s *gsoSender, dst netip.Addr) error {
+// bytes from it as one GSO packet of segments of mss (0: the connection's
+// MSS) and checks what b's socket reads.
+func gsoDelivery(a, b *testnet.NS, s *gsoSender, dst netip.Addr, mss int) error {
 	var ln *net.TCPListener
 	if err := b.Do(func() (err error) {
 		ln, err = net.ListenTCP("tcp", net.TCPAddrFromAddrPort(netip.AddrPortFrom(dst, 0)))
@@ -118,12 +144,14 @@ func gsoDelivery(a, b *testnet.NS, s *gsoSender, dst netip.Addr) error {
 		io.ReadFull(peer, make([]byte, 1))
 		peer.Write([]byte("y"))
 		io.ReadFull(c, make([]byte, 1))
-		testnet.Poll(5*time.Second, func() error {
+		if err := testnet.Poll(5*time.Second, func() error {
 			if _, out, err := tcprepair.Queues(c); err != nil || out != 0 {
 				return errors.New("send queue not empty")
 			}
 			return nil
-		})
+		}); err != nil {
+			return err
+		}
 		st, err := tcprepair.Capture(c)
 		if err != nil {
 			return err
@@ -137,7 +165,10 @@ func gsoDelivery(a, b *testnet.NS, s *gsoSender, dst netip.Addr) error {
 		if err != nil {
 			return err
 		}
-		if err := s.send(e, &p, int(st.MSS)); err != nil {
+		if mss == 0 {
+			mss = int(st.MSS)
+		}
+		if err := s.send(e, &p, mss); err != nil {
 			return err
 		}
 		peer.SetReadDeadline(time.Now().Add(5 * time.Second))

@@ -23,7 +23,9 @@ type injector struct {
 	gso *gsoSender
 }
 
-func newInjector() (*injector, error) {
+// newInjector opens the raw sockets; gso: taken-over packets longer than
+// a segment go whole (kernel.resend: gso).
+func newInjector(gso bool) (*injector, error) {
 	fd4, err := unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_RAW)
 	if err != nil {
 		return nil, fmt.Errorf("raw IPv4 socket: %w (needs CAP_NET_RAW)", err)
@@ -33,11 +35,19 @@ func newInjector() (*injector, error) {
 		unix.Close(fd4)
 		return nil, fmt.Errorf("raw IPv6 socket: %w (needs CAP_NET_RAW)", err)
 	}
-	return &injector{fd4: fd4, fd6: fd6, gso: newGSOSender()}, nil
+	in := &injector{fd4: fd4, fd6: fd6}
+	if gso {
+		in.gso = newGSOSender()
+	}
+	return in, nil
 }
 
 func (in *injector) Close() error {
-	return errors.Join(unix.Close(in.fd4), unix.Close(in.fd6), in.gso.Close())
+	err := errors.Join(unix.Close(in.fd4), unix.Close(in.fd6))
+	if in.gso != nil {
+		err = errors.Join(err, in.gso.Close())
+	}
+	return err
 }
 
 // send transmits a complete IP packet (IPv4 with IP_HDRINCL semantics,

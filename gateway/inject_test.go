@@ -80,7 +80,7 @@ func TestSendAllInOrder(t *testing.T) {
 	var rx [2]int // raw TCP receivers, IPv4 and IPv6
 	if err := ns.Do(func() error {
 		var err error
-		if in, err = newInjector(); err != nil {
+		if in, err = newInjector(false); err != nil {
 			return err
 		}
 		for i, family := range []int{unix.AF_INET, unix.AF_INET6} {

@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -299,6 +298,22 @@ func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *prox
 	}
 }
 
+// takesWhole reports whether any of a direction's taken-over packets
+// would go whole, as a GSO packet (gso.go): the injector sends them so,
+// and one is longer than a segment of wire bytes.
+func (g *Gateway) takesWhole(taken [][]byte, wire int) bool {
+	if g.inject.gso == nil {
+		return false
+	}
+	var p splice.Packet
+	for _, b := range taken {
+		if p.Parse(b) == splice.OK && gsoCandidate(&p, wire-p.TCP().HeaderLen()) {
+			return true
+		}
+	}
+	return false
+}
+
 // captureBoth captures the client's connection, then the upstream one.
 // On error both are usable (out of repair mode).
 func captureBoth(client, upstream *net.TCPConn) ([2]splice.Conn, error) {
@@ -542,22 +557,6 @@ func (g *Gateway) handOver(tr *transition, f *proxy.Flow, e *splice.Entry) bool 
 // over nor held, an idle one, just changes phase: moving the thread to
 // another CPU and back costs more than the rest of such a splice.
 func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params) (sent, released int, injectErr error) {
-	tr.mu.Lock()
-	if len(tr.held) == 0 && len(tr.taken[splice.C2S]) == 0 && len(tr.taken[splice.S2C]) == 0 {
-		tr.entry = e
-		tr.phase = phaseSpliced
-		tr.mu.Unlock()
-		return 0, 0, nil
-	}
-	tr.mu.Unlock()
-	// Packets held meanwhile join tr.held: the phase is still frozen.
-	unpin := g.queues.Pin(int(tr.queue))
-	defer unpin()
-	tr.mu.Lock()
-	defer tr.mu.Unlock()
-	tr.entry = e
-	tr.phase = phaseSpliced
-	now := time.Now().UnixNano()
 	// The receiving leg's segment budget by direction of travel: its MSS
 	// (mss_cache, which leaves room for timestamps only when they were
 	// negotiated) plus the bare TCP header and those timestamps.
@@ -568,6 +567,37 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 			wire[d] += 12
 		}
 	}
+	tr.mu.Lock()
+	if len(tr.held) == 0 && len(tr.taken[splice.C2S]) == 0 && len(tr.taken[splice.S2C]) == 0 {
+		tr.entry = e
+		tr.phase = phaseSpliced
+		tr.mu.Unlock()
+		return 0, 0, nil
+	}
+	// The phase is frozen: nothing is taken over any more.
+	whole := [2]bool{g.takesWhole(tr.taken[0], wire[0]), g.takesWhole(tr.taken[1], wire[1])}
+	tr.mu.Unlock()
+	// Where packets sent whole leave, looked up before the flow's packets
+	// wait on tr.mu (netlink round trips). By direction of travel, the
+	// receiving leg's peer.
+	var via [2]egress
+	for d, r := range []*splice.Conn{&params.Server, &params.Client} {
+		if whole[d] {
+			var err error
+			if via[d], err = g.inject.gso.resolve(r.Remote.Addr()); err != nil {
+				whole[d] = false
+				g.log.Debug("taken-over payload goes in segments", "to", r.Remote.Addr(), logging.Err(err))
+			}
+		}
+	}
+	// Packets held meanwhile join tr.held: the phase is still frozen.
+	unpin := g.queues.Pin(int(tr.queue))
+	defer unpin()
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	tr.entry = e
+	tr.phase = phaseSpliced
+	now := time.Now().UnixNano()
 	// What each sender last told the gateway's socket: a segment taken
 	// over during the drain carries an older ack and window, and a stale
 	// window would shrink the receiver's view below data already sent.
@@ -591,38 +621,25 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 	for d := range 2 {
 		c := senders[d]
 		win := uint16(min(c.SndWnd>>c.SndWscale, 0xffff))
-		gso := g.inject.gso != nil
-		var via egress
-		resolved := false
+		gso := whole[d]
 		for _, b := range tr.taken[d] {
 			// A packet longer than a segment goes whole, as a GSO packet
-			// (gso.go), when its way out resolves.
+			// (gso.go), when its way out resolved.
 			if gso && p.Parse(b) == splice.OK && gsoCandidate(&p, wire[d]-p.TCP().HeaderLen()) {
 				mss := wire[d] - p.TCP().HeaderLen()
 				freshen(&p, c.SndNxt, win)
 				v := e.Process(&p, splice.Dir(d), now, false)
 				if v == splice.Forward {
 					g.counters.verdicts[v].Add(1)
-					if !resolved {
-						resolved = true
-						dst, _ := netip.AddrFromSlice(p.Dst())
-						var err error
-						if via, err = g.inject.gso.resolve(dst.Unmap()); err != nil {
-							gso = false
-							g.log.Debug("taken-over payload goes in segments", "dst", dst.Unmap(), logging.Err(err))
-						}
+					flush() // what went before it, first
+					err := g.inject.gso.send(via[d], &p, mss)
+					if err == nil {
+						sent++
+						g.injectedGSO.Add(1)
+						continue
 					}
-					if gso {
-						flush() // what went before it, first
-						err := g.inject.gso.send(via, &p, mss)
-						if err == nil {
-							sent++
-							g.injectedGSO.Add(1)
-							continue
-						}
-						gso = false
-						g.log.Debug("send taken-over payload as a GSO packet; sending it in segments", logging.Err(err))
-					}
+					gso = false
+					g.log.Debug("send taken-over payload as a GSO packet; sending it in segments", logging.Err(err))
 					// Rewritten already: only cut and checksummed.
 					for _, seg := range segments(p.Bytes(), wire[d]) {
 						var q splice.Packet

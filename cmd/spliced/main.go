@@ -134,6 +134,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 				fmt.Fprintf(stdout, "#   if it does not load or attach: nfqueue, without the divert chain's first rule\n")
 			}
 		}
+		if cfg.Kernel.Resend == config.ResendGSO {
+			fmt.Fprintf(stdout, "# payload a splice takes over: packets longer than a segment whole, as GSO packets on their egress device (kernel.resend: gso)\n")
+		} else {
+			fmt.Fprintf(stdout, "# payload a splice takes over: segments through the IP output path (kernel.resend: raw)\n")
+		}
 		return 0
 	case *cleanup:
 		if err := gateway.Cleanup(cfg, log, *keepFlows); err != nil {

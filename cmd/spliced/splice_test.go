@@ -58,6 +58,8 @@ type scenario struct {
 	// intact.
 	resets  bool
 	timeout time.Duration
+	// resendRaw: kernel.resend: raw (taken-over payload in segments).
+	resendRaw bool
 }
 
 func scenarioConfig(sc *scenario, mode string) string {
@@ -70,6 +72,12 @@ func scenarioConfig(sc *scenario, mode string) string {
 		kernel = "kernel:\n  datapath: bpf\n"
 	case "splice-bpf-stack":
 		kernel = "kernel:\n  datapath: bpf\n  bpf_forward: stack\n"
+	}
+	if sc.resendRaw {
+		if kernel == "" {
+			kernel = "kernel:\n"
+		}
+		kernel += "  resend: raw\n"
 	}
 	return fmt.Sprintf(`
 log:
@@ -97,17 +105,18 @@ func (sc *scenario) run(t *testing.T, mode string) *testnet.Daemon {
 		if e.DivertByCommand == 0 || e.DivertByNetlink != 0 {
 			t.Errorf("divert entries added by command %d times, by netlink %d times; want only by command", e.DivertByCommand, e.DivertByNetlink)
 		}
-		checkInjectedGSO(t, d, e, sc.lab.OffloadsOff)
+		checkInjectedGSO(t, d, e, !sc.lab.OffloadsOff && !sc.resendRaw)
 	}
 	return d
 }
 
 // checkInjectedGSO: payload taken over during a splice leaves whole, as
-// GSO packets, when it came in packets longer than a segment. With the
-// veth offloads on, senders hand the gateway packets of up to 64 KB, so
-// a splice that took over a megabyte or more sent some of them whole;
-// with the offloads off every packet is a segment and none goes so.
-func checkInjectedGSO(t *testing.T, d *testnet.Daemon, e api.Engine, offloadsOff bool) {
+// GSO packets, when it came in packets longer than a segment (gso). With
+// the veth offloads on, senders hand the gateway packets of up to 64 KB,
+// so a splice that took over a megabyte or more sent some of them whole;
+// with the offloads off every packet is a segment, and with
+// kernel.resend: raw every packet goes in segments: none goes whole.
+func checkInjectedGSO(t *testing.T, d *testnet.Daemon, e api.Engine, gso bool) {
 	t.Helper()
 	var taken float64
 	for _, l := range d.Lines() {
@@ -117,9 +126,9 @@ func checkInjectedGSO(t *testing.T, d *testnet.Daemon, e api.Engine, offloadsOff
 		}
 	}
 	switch {
-	case offloadsOff && e.InjectedGSO != 0:
-		t.Errorf("%d taken-over packets sent as GSO packets with the offloads off; want 0", e.InjectedGSO)
-	case !offloadsOff && taken >= 1<<20 && e.InjectedGSO == 0:
+	case !gso && e.InjectedGSO != 0:
+		t.Errorf("%d taken-over packets sent as GSO packets; want 0 (offloads off, or kernel.resend: raw)", e.InjectedGSO)
+	case gso && taken >= 1<<20 && e.InjectedGSO == 0:
 		t.Errorf("%.0f bytes taken over at the splice, none sent as a GSO packet", taken)
 	}
 	t.Logf("taken over %.0f bytes; %d packets sent as GSO packets", taken, e.InjectedGSO)
@@ -408,6 +417,19 @@ func TestLabDataPathBPFStack(t *testing.T) {
 				sc.run(t, "splice-bpf-stack")
 			})
 		}
+	}
+}
+
+// TestLabDataPathResendRaw is TestLabDataPath with kernel.resend: raw:
+// what a splice took over leaves in segments through the raw socket,
+// none whole, and the data arrives intact.
+func TestLabDataPathResendRaw(t *testing.T) {
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("v6=%v", v6), func(t *testing.T) {
+			sc := &scenario{v6: v6, upstream: "transparent", size: 64 << 20,
+				spliceAt: 4<<20 + rand.Int64N(16<<20), proof: true, resendRaw: true}
+			sc.run(t, "splice")
+		})
 	}
 }
 

@@ -135,6 +135,7 @@ type Gateway struct {
 	// Taken-over packets sent whole (gso.go), and segments sent
 	// through the raw socket.
 	injectedGSO, injectedSegments atomic.Uint64
+	gsoWarned                     atomic.Bool // the sender's sockets failed to open; said once
 	// Splices whose divert entries went in by command packets, and by
 	// netlink; whether commands work here (see checkDivertCommands).
 	divertCommands, divertNetlink atomic.Uint64

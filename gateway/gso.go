@@ -67,6 +67,11 @@ const (
 // errNoEgress: the destination's way out is not one the sender handles.
 var errNoEgress = errors.New("gso: no Ethernet next hop resolved")
 
+// errGSOSetup: the sender's sockets could not be opened (no CAP_NET_RAW,
+// or a sandbox that does not allow AF_PACKET or NETLINK_XFRM): every
+// taken-over packet goes in segments.
+var errGSOSetup = errors.New("gso: cannot open its sockets; taken-over payload goes in segments")
+
 // errIPsec: IPsec policies may apply to the packets; only the IP output
 // path applies them.
 var errIPsec = errors.New("gso: the kernel has IPsec policies for output or forwarding")
@@ -83,22 +88,22 @@ func (s *gsoSender) open() error {
 	// Protocol 0: the socket receives nothing.
 	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("gso: packet socket: %w", err)
+		return fmt.Errorf("%w: packet socket: %w (a systemd unit needs AF_PACKET in RestrictAddressFamilies)", errGSOSetup, err)
 	}
 	if err := unix.SetsockoptInt(fd, unix.SOL_PACKET, unix.PACKET_VNET_HDR, 1); err != nil {
 		unix.Close(fd)
-		return fmt.Errorf("gso: PACKET_VNET_HDR: %w", err)
+		return fmt.Errorf("%w: PACKET_VNET_HDR: %w", errGSOSetup, err)
 	}
 	nl, err := netlink.Dial(unix.NETLINK_ROUTE, nil)
 	if err != nil {
 		unix.Close(fd)
-		return fmt.Errorf("gso: rtnetlink: %w", err)
+		return fmt.Errorf("%w: rtnetlink: %w", errGSOSetup, err)
 	}
 	xfrm, err := netlink.Dial(unix.NETLINK_XFRM, nil)
 	if err != nil {
 		unix.Close(fd)
 		nl.Close()
-		return fmt.Errorf("gso: xfrm netlink (to count IPsec policies): %w", err)
+		return fmt.Errorf("%w: xfrm netlink (to count IPsec policies): %w", errGSOSetup, err)
 	}
 	s.fd, s.nl, s.xfrm = fd, nl, xfrm
 	s.frame = make([]byte, virtioNetHdrLen+ethHeaderLen+0x10000+splice.IPv6HeaderLen)

@@ -586,7 +586,11 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 			var err error
 			if via[d], err = g.inject.gso.resolve(r.Remote.Addr()); err != nil {
 				whole[d] = false
-				g.log.Debug("taken-over payload goes in segments", "to", r.Remote.Addr(), logging.Err(err))
+				if errors.Is(err, errGSOSetup) && g.gsoWarned.CompareAndSwap(false, true) {
+					g.log.Warn("taken-over payload goes in segments (kernel.resend: gso)", logging.Err(err))
+				} else {
+					g.log.Debug("taken-over payload goes in segments", "to", r.Remote.Addr(), logging.Err(err))
+				}
 			}
 		}
 	}

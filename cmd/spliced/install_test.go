@@ -38,7 +38,8 @@ func TestMakeInstall(t *testing.T) {
 	}
 	unit, _ := os.ReadFile(filepath.Join(dest, "usr/lib/systemd/system/spliced.service"))
 	for _, want := range []string{"Type=notify", "ExecStart=/usr/bin/spliced -config /etc/spliced/spliced.yaml", "ExecReload=/bin/kill -HUP $MAINPID",
-		"then exec /usr/bin/spliced -cleanup -config /etc/spliced/spliced.yaml; else exec /usr/bin/spliced -cleanup -keep-flows -config", "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW", "LimitNOFILE="} {
+		"then exec /usr/bin/spliced -cleanup -config /etc/spliced/spliced.yaml; else exec /usr/bin/spliced -cleanup -keep-flows -config", "CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_RAW", "LimitNOFILE=",
+		"RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK AF_PACKET"} {
 		if !strings.Contains(string(unit), want) {
 			t.Errorf("unit lacks %q", want)
 		}

@@ -47,6 +47,7 @@ func ListenTransparent(ctx context.Context, network string, port uint16, backlog
 		Control:   func(network, _ string, c syscall.RawConn) error { return setTransparent(network, c) },
 		KeepAlive: -1,
 	}
+	plainTCP(&lc)
 	ln, err := lc.Listen(ctx, network, addr.String())
 	if err != nil {
 		return nil, err
@@ -61,6 +62,17 @@ func ListenTransparent(ctx context.Context, network string, port uint16, backlog
 	}
 	return tl, nil
 }
+
+// plainTCP makes a listener's sockets plain TCP. Go's listeners use
+// Multipath TCP by default (since Go 1.24, where the kernel has it): the
+// gateway would answer a client's MP_CAPABLE and hold an MPTCP socket,
+// which has no TCP_REPAIR, so the flow could never be spliced ("TCP_REPAIR
+// on: protocol not available"); and a proxy in the middle would end the
+// client's multipath connection at the gateway. Plain TCP is what a
+// router in the path does to the client: the client falls back to TCP,
+// as it does with any server without MPTCP. The dialers say so too, in
+// case GODEBUG=multipathtcp turns it on for them.
+func plainTCP(lc *net.ListenConfig) { lc.SetMultipathTCP(false) }
 
 func setBacklog(ln *net.TCPListener, backlog int) error {
 	raw, err := ln.SyscallConn()
@@ -88,6 +100,7 @@ func DialUpstream(ctx context.Context, transparent bool, client, server netip.Ad
 	}
 	server = netip.AddrPortFrom(server.Addr().Unmap(), server.Port())
 	d := net.Dialer{Timeout: timeout, KeepAlive: -1}
+	d.SetMultipathTCP(false) // see plainTCP
 	if !transparent {
 		c, err := d.DialContext(ctx, network, server.String())
 		if err != nil {
@@ -146,6 +159,7 @@ func reset(c *net.TCPConn) {
 // accepts do.
 func ListenAt(ctx context.Context, addr netip.AddrPort, transparent bool) (*net.TCPListener, error) {
 	lc := net.ListenConfig{KeepAlive: -1}
+	plainTCP(&lc)
 	if transparent {
 		lc.Control = func(network, _ string, c syscall.RawConn) error { return setTransparent(network, c) }
 	}
@@ -161,6 +175,7 @@ func ListenAt(ctx context.Context, addr netip.AddrPort, transparent bool) (*net.
 // gateway's.
 func DialFrom(ctx context.Context, src netip.Addr, transparent bool, dst netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
 	d := net.Dialer{Timeout: timeout, KeepAlive: -1, LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src.Unmap(), 0))}
+	d.SetMultipathTCP(false) // see plainTCP
 	if transparent {
 		d.Control = func(network, _ string, c syscall.RawConn) error { return setTransparent(network, c) }
 	}

@@ -248,6 +248,9 @@ func Restore(st *splice.Conn) (*net.TCPConn, error) {
 			return stepErr
 		},
 	}
+	// A repaired socket is plain TCP, whatever GODEBUG=multipathtcp says:
+	// an MPTCP socket has no TCP_REPAIR.
+	d.SetMultipathTCP(false)
 	c, err := d.Dial(network, st.Remote.String())
 	if err != nil {
 		if stepErr != nil {

@@ -224,12 +224,17 @@ func (g *Gateway) datapathName() string {
 // program.
 //
 // The order, and why no update is lost or applied twice: the entry's
-// lock serializes the copy with the Go engine's processing
-// (splice.Entry.Offload). Every packet the engine processed before is in
-// the state copied; the program's entry is written (PutFlowWatch: state,
-// then both tuples) under the same lock, and from then on the engine
-// refuses the flow's packets (TryProcess). A packet that reaches ingress
-// after the tuples exist is rewritten by the program from that state.
+// lock serializes the handoff with the Go engine's processing. From
+// BeginOffload on the engine refuses the flow's packets (TryProcess), so
+// every packet it processed is in the state handed over; the queue's
+// barrier then waits until the verdicts it decided for them are sent
+// (a batch's verdicts go out together, and one the engine decided
+// before the program's entry existed must not reach the receiver after
+// packets the program forwarded later: at a flow's end an old ACK after
+// the server's socket closed drew a reset); then the program's entry is
+// written (PutFlowWatch: state, then both tuples) under the lock
+// (CompleteOffload). A packet that reaches ingress after the tuples
+// exist is rewritten by the program from that state.
 //
 // A packet that passed ingress before (on its way to the queue, or in
 // it: a straggler) is never processed by the engine, nor forwarded: it
@@ -265,9 +270,15 @@ func (g *Gateway) promote(sf *splicedFlow) {
 	awaitEmptyQueue(queue, promoteQuietWait, 50*time.Microsecond)
 	sf.stragglersTo.Store(0)
 	g.recordMeta(sf)
-	err := e.Offload(func(st splice.State) error {
-		return k.dp.PutFlowWatch(e.ID, e.Keys, st, e.Watch.Load())
-	})
+	err := e.BeginOffload()
+	if err == nil {
+		// Every packet the engine decided to forward leaves before the
+		// program forwards any of the flow's: see BeginOffload.
+		g.queues.Barrier(int(sf.queue))
+		err = e.CompleteOffload(func(st splice.State) error {
+			return k.dp.PutFlowWatch(e.ID, e.Keys, st, e.Watch.Load())
+		})
+	}
 	if errors.Is(err, splice.ErrPinned) {
 		// An unsplice began while the promotion waited: the flow is
 		// going back to its proxy and stays with the Go engine.

@@ -3,6 +3,7 @@ package splice
 import (
 	"errors"
 	"testing"
+	"time"
 )
 
 // TestEntryOffload: while a flow is offloaded the engine refuses its
@@ -137,5 +138,77 @@ func TestEntryPinRefusesOffload(t *testing.T) {
 	e.Unpin()
 	if err := e.Offload(func(State) error { return nil }); err != nil || !e.Offloaded() {
 		t.Fatalf("offload after Unpin: %v", err)
+	}
+}
+
+// TestEntryHandoff: between BeginOffload and CompleteOffload the engine
+// refuses the flow's packets and changes nothing, so the state handed
+// over is the one its last packet left; a Reclaim meanwhile (an unsplice
+// that pinned the flow) waits for the end of the handoff, which the pin
+// turns back: the flow stays on the engine, put is never called, and the
+// engine processes the flow's packets again. Without a pin the handoff
+// ends offloaded and the waiting Reclaim takes the flow back.
+func TestEntryHandoff(t *testing.T) {
+	for _, pin := range []bool{true, false} {
+		f := newFixture(t, false, true)
+		e := f.e
+		data := func(seq uint32) *Packet {
+			s := f.c2s(seq, 0xfffffff0, FlagACK)
+			s.opts, s.payload = tsOpt(10, 900000), make([]byte, 100)
+			var p Packet
+			if p.Parse(s.bytes()) != OK {
+				t.Fatal("parse")
+			}
+			return &p
+		}
+		want := stateOf(e)
+		if err := e.BeginOffload(); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.BeginOffload(); err == nil {
+			t.Fatal("a second handoff began during the first")
+		}
+		before := e.Snapshot()
+		if _, ok := e.TryProcess(data(1000), C2S, 1, true); ok || !e.Offloaded() {
+			t.Fatalf("during the handoff: processed %v, offloaded %v", ok, e.Offloaded())
+		}
+		if e.Snapshot() != before {
+			t.Fatal("a refused packet changed the state")
+		}
+		if pin {
+			e.Pin()
+		}
+		reclaimed := make(chan error)
+		go func() {
+			reclaimed <- e.Reclaim(func() (State, error) { return want, nil }, 2)
+		}()
+		select {
+		case err := <-reclaimed:
+			t.Fatalf("pin %v: Reclaim returned (%v) before the handoff ended", pin, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+		called := false
+		err := e.CompleteOffload(func(s State) error {
+			called = true
+			if s != want {
+				t.Error("the handed state is not the engine's")
+			}
+			return nil
+		})
+		if err := <-reclaimed; err != nil {
+			t.Fatalf("pin %v: Reclaim after the handoff: %v", pin, err)
+		}
+		if pin && (!errors.Is(err, ErrPinned) || called) || !pin && (err != nil || !called) {
+			t.Fatalf("pin %v: CompleteOffload: %v, put called %v", pin, err, called)
+		}
+		if e.Offloaded() {
+			t.Fatalf("pin %v: offloaded after Reclaim", pin)
+		}
+		if v, ok := e.TryProcess(data(1000), C2S, 3, true); !ok || v != Forward {
+			t.Fatalf("pin %v: the engine does not take the flow's packets again: %v %v", pin, v, ok)
+		}
+		if err := e.CompleteOffload(func(State) error { return nil }); err == nil {
+			t.Fatal("CompleteOffload without BeginOffload")
+		}
 	}
 }

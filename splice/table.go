@@ -18,16 +18,20 @@ type Entry struct {
 	// The engine itself never reads it.
 	Watch atomic.Bool
 
+	// Guarded by mu (next to Watch, where they cost no padding):
+	// offloaded: another datapath (the kernel's, package splice/bpf)
+	// holds the flow's state and rewrites its packets; flow is stale
+	// until Reclaim. pinned: the flow must stay on this engine (an
+	// unsplice is taking it back); Offload refuses it.
+	offloaded, pinned bool
+
 	mu    sync.Mutex // packets of one flow may arrive on several queues
 	flow  Flow
 	stats [2]DirStats
-	// offloaded: another datapath (the kernel's, package splice/bpf)
-	// holds the flow's state and rewrites its packets; flow is stale
-	// until Reclaim.
-	offloaded bool
-	// pinned: the flow must stay on this engine (an unsplice is taking
-	// it back); Offload refuses it.
-	pinned bool
+	// handoff, between BeginOffload and CompleteOffload: the engine
+	// refuses the flow's packets and nobody else rewrites them yet;
+	// CompleteOffload closes it, and Reclaim waits for that.
+	handoff chan struct{}
 }
 
 // ErrPinned is Offload's error for a pinned flow.
@@ -54,13 +58,49 @@ func (e *Entry) Unpin() {
 // state, under the entry's lock, and from then on (if put succeeds)
 // TryProcess refuses the flow's packets until Reclaim. A packet the
 // engine processed is in the state put receives, or is refused: none
-// is lost between the two.
+// is lost between the two. It is BeginOffload and CompleteOffload with
+// nothing between them.
 func (e *Entry) Offload(put func(State) error) error {
+	if err := e.BeginOffload(); err != nil {
+		return err
+	}
+	return e.CompleteOffload(put)
+}
+
+// BeginOffload starts handing the flow to another datapath: from now on
+// TryProcess refuses its packets (Offloaded reports true), so the state
+// CompleteOffload hands over is the one the engine's last packet left.
+// Between the two the caller makes sure that every packet the engine
+// decided to forward is out before the other datapath forwards any: a
+// verdict sent late would put an older packet behind newer ones (near
+// the end of a flow, an old ACK after the receiver's socket closed,
+// which answers it with a reset).
+func (e *Entry) BeginOffload() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.offloaded {
+	if e.offloaded || e.handoff != nil {
 		return fmt.Errorf("flow %d is offloaded already", e.ID)
 	}
+	if e.pinned {
+		return ErrPinned
+	}
+	e.handoff = make(chan struct{})
+	return nil
+}
+
+// CompleteOffload ends a handoff BeginOffload started: put receives the
+// flow's state, under the entry's lock; if it succeeds the other
+// datapath holds the flow until Reclaim. If it fails, or the flow was
+// pinned meanwhile (ErrPinned: an unsplice waits in Reclaim), the engine
+// takes the flow's packets again, from the same state.
+func (e *Entry) CompleteOffload(put func(State) error) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.handoff == nil {
+		return fmt.Errorf("flow %d: no offload begun", e.ID)
+	}
+	close(e.handoff)
+	e.handoff = nil
 	if e.pinned {
 		return ErrPinned
 	}
@@ -74,10 +114,17 @@ func (e *Entry) Offload(put func(State) error) error {
 // Reclaim takes an offloaded flow back: get returns its state, under the
 // entry's lock (TryProcess waits meanwhile, so the flow's next packet in
 // the engine sees the state get returned). On error the flow stays
-// offloaded.
+// offloaded. A handoff under way (BeginOffload) is waited for first: it
+// ends with the flow offloaded, or (pinned) back on the engine.
 func (e *Entry) Reclaim(get func() (State, error), now int64) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	for e.handoff != nil {
+		h := e.handoff
+		e.mu.Unlock()
+		<-h
+		e.mu.Lock()
+	}
 	if !e.offloaded {
 		return nil
 	}
@@ -90,11 +137,12 @@ func (e *Entry) Reclaim(get func() (State, error), now int64) error {
 	return nil
 }
 
-// Offloaded reports whether another datapath holds the flow.
+// Offloaded reports whether another datapath holds the flow, or is
+// being handed it (BeginOffload).
 func (e *Entry) Offloaded() bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return e.offloaded
+	return e.offloaded || e.handoff != nil
 }
 
 // SetSnapshot replaces the engine's copy of an offloaded flow's state
@@ -138,7 +186,7 @@ func (e *Entry) absorb(st State, now int64) {
 // false, and does nothing, when it is.
 func (e *Entry) TryProcess(p *Packet, d Dir, now int64, csumComplete bool) (Verdict, bool) {
 	e.mu.Lock()
-	if e.offloaded {
+	if e.offloaded || e.handoff != nil {
 		e.mu.Unlock()
 		return 0, false
 	}

@@ -1,9 +1,11 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -129,6 +131,9 @@ type restartFlows struct {
 	started time.Time
 	results []*testnet.Transfer
 	wg      sync.WaitGroup
+
+	mu     sync.Mutex
+	failed []string // transfers that ended with an error, while waiting
 }
 
 // pinnedRestartConfig is pinConfig for the datapath with 30 s drains: 1000
@@ -178,7 +183,13 @@ func startRestartFlows(t *testing.T, lab *testnet.Lab, rate func(flows int) int6
 			if i%2 == 1 {
 				m, dst = natMux, natSrv
 			}
-			r.results[i] = m.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: r.size, S2C: r.size, Seed: seed + uint64(2*i), Rate: r.rate, Timeout: 3 * time.Minute})
+			tr := m.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: r.size, S2C: r.size, Seed: seed + uint64(2*i), Rate: r.rate, Timeout: 3 * time.Minute})
+			r.results[i] = tr
+			if err := cmp.Or(tr.Client.Err, tr.Server.Err); err != nil {
+				r.mu.Lock()
+				r.failed = append(r.failed, fmt.Sprintf("flow %d (%v): %v", i, tr.Client.Local, err))
+				r.mu.Unlock()
+			}
 		}()
 	}
 	return r
@@ -195,6 +206,14 @@ func (r *restartFlows) waitSpliced(t *testing.T, d *testnet.Daemon, datapath str
 	t.Helper()
 	proxied = map[string]bool{}
 	if err := testnet.Poll(60*time.Second, func() error {
+		// A transfer that failed (a dial that timed out) is never
+		// listed: say why at once rather than wait for it.
+		r.mu.Lock()
+		failed := slices.Clone(r.failed)
+		r.mu.Unlock()
+		if len(failed) > 0 {
+			t.Fatalf("%d transfers failed while the flows were being spliced, the first: %s\n%s", len(failed), failed[0], tail(d.Log(), 20))
+		}
 		fs, err := d.Client().Flows(t.Context(), api.FlowFilter{})
 		if err != nil {
 			return err

@@ -739,7 +739,8 @@ func counted(t *testing.T, ns *testnet.NS, table string) uint64 {
 
 // TestLabSpliceAnyMoment: many flows, each spliced at a different moment
 // while data flows in both directions: no byte lost or duplicated, and no
-// RST on either side. SPLICED_FLOWS sets the number of flows (default 200).
+// RST on either side. SPLICED_FLOWS sets the number of flows (default 200),
+// SPLICED_SEED replays the random choices of a logged seed.
 func TestLabSpliceAnyMoment(t *testing.T) { testSpliceAnyMoment(t, "nfqueue") }
 
 // TestLabSpliceAnyMomentBPF is TestLabSpliceAnyMoment on the bpf
@@ -756,8 +757,14 @@ func testSpliceAnyMoment(t *testing.T, datapath string) {
 	}
 	const services = 8
 	seed := rand.Uint64()
+	if s := os.Getenv("SPLICED_SEED"); s != "" { // replay a failed run's choices
+		var err error
+		if seed, err = strconv.ParseUint(s, 10, 64); err != nil {
+			t.Fatalf("SPLICED_SEED=%q: want the seed a failed run logged", s)
+		}
+	}
 	rng := rand.New(rand.NewPCG(seed, 7))
-	t.Logf("seed %d", seed)
+	t.Logf("seed %d (SPLICED_SEED replays it)", seed)
 	var cfg strings.Builder
 	cfg.WriteString("log:\n  level: info\nkernel:\n  datapath: " + datapath + "\n  queues: " + cmp.Or(os.Getenv("SPLICED_QUEUES"), "2") + "\nservices:\n")
 	for i := range services {

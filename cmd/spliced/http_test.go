@@ -539,9 +539,26 @@ func TestLabHTTPInvalidDrop(t *testing.T) {
 			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
 			nft(t, &hl.lab.Gateway.NS, "add table inet fw",
 				"add chain inet fw forward_filter { type filter hook forward priority 0; }",
-				"add rule inet fw forward_filter ct state invalid drop",
+				"add rule inet fw forward_filter ct state invalid counter drop",
 				"add chain inet fw in { type filter hook input priority 0; }",
-				"add rule inet fw in ct state invalid drop")
+				"add rule inet fw in ct state invalid counter drop")
+			if dir := os.Getenv("SPLICED_CAPTURE"); dir != "" {
+				for _, h := range []*testnet.Host{hl.lab.Client(), hl.lab.Server()} {
+					stop, err := h.Capture("eth0", dir+mode+"-"+h.Name+".pcap", "tcp")
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer stop()
+				}
+			}
+			// Evidence for a failure: what the drop rules took, and what
+			// the gateway's TCP refused.
+			defer func() {
+				if t.Failed() {
+					fw, _ := hl.lab.Gateway.Run("nft", "list", "table", "inet", "fw")
+					t.Logf("the gateway's drop rules:\n%s\nthe gateway's TCP refused: %s", fw, tcpRejects(hl.lab.Gateway))
+				}
+			}()
 			big := hl.keepAliveLoop(t, 200, 20, mode)
 			hl.checkSpliced(t, mode, big)
 		})

@@ -279,12 +279,13 @@ func (g *Gateway) promote(sf *splicedFlow) {
 			return k.dp.PutFlowWatch(e.ID, e.Keys, st, e.Watch.Load())
 		})
 	}
-	if errors.Is(err, splice.ErrPinned) {
-		// An unsplice began while the promotion waited: the flow is
-		// going back to its proxy and stays with the Go engine.
+	if errors.Is(err, splice.ErrPinned) || errors.Is(err, splice.ErrGone) {
+		// An unsplice began while the promotion waited (the flow is
+		// going back to its proxy and stays with the Go engine), or the
+		// flow ended and was retired: nothing to hand over.
 		k.promoteSkipped.Add(1)
 		k.dp.DeleteMeta(e.ID)
-		g.log.Debug("promote: the flow is being unspliced; it stays on the Go engine", logging.KeyFlow, e.ID)
+		g.log.Debug("promote: the flow is being unspliced or has ended; it stays on the Go engine", logging.KeyFlow, e.ID, logging.Err(err))
 		return
 	}
 	if err != nil {

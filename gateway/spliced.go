@@ -182,9 +182,12 @@ func (g *Gateway) reap(now time.Time) {
 	}
 	byQueue := map[uint16][]splice.Key{}
 	for _, sf := range done {
+		// Out of the engine's table first: from then on no promotion
+		// under way can hand the flow to the program (splice.ErrGone),
+		// and what one handed over already is removed below.
+		g.engine.Delete(sf.entry)
 		g.retireOffloaded(sf)
 		g.unstore(sf)
-		g.engine.Delete(sf.entry)
 		k := sf.keys()
 		g.conntrack.forget(k)
 		byQueue[sf.queue] = append(byQueue[sf.queue], k[0], k[1])

@@ -143,11 +143,12 @@ func TestEntryPinRefusesOffload(t *testing.T) {
 
 // TestEntryHandoff: between BeginOffload and CompleteOffload the engine
 // refuses the flow's packets and changes nothing, so the state handed
-// over is the one its last packet left; a Reclaim meanwhile (an unsplice
-// that pinned the flow) waits for the end of the handoff, which the pin
-// turns back: the flow stays on the engine, put is never called, and the
-// engine processes the flow's packets again. Without a pin the handoff
-// ends offloaded and the waiting Reclaim takes the flow back.
+// over is the one its last packet left. A Reclaim meanwhile by an
+// unsplice, which pinned the flow, returns at once (it may run on the
+// queue reader the handoff waits for): the pin turns the handoff back,
+// put is never called, and the engine processes the flow's packets
+// again. Without a pin, Reclaim waits for the handoff, which ends
+// offloaded, and then takes the flow back.
 func TestEntryHandoff(t *testing.T) {
 	for _, pin := range []bool{true, false} {
 		f := newFixture(t, false, true)
@@ -182,10 +183,24 @@ func TestEntryHandoff(t *testing.T) {
 		go func() {
 			reclaimed <- e.Reclaim(func() (State, error) { return want, nil }, 2)
 		}()
-		select {
-		case err := <-reclaimed:
-			t.Fatalf("pin %v: Reclaim returned (%v) before the handoff ended", pin, err)
-		case <-time.After(50 * time.Millisecond):
+		if pin {
+			select {
+			case err := <-reclaimed:
+				if err != nil {
+					t.Fatalf("Reclaim of a pinned flow during the handoff: %v", err)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("Reclaim of a pinned flow waited for the handoff")
+			}
+			if _, ok := e.TryProcess(data(1000), C2S, 2, true); ok {
+				t.Fatal("the engine processed a packet before the handoff ended")
+			}
+		} else {
+			select {
+			case err := <-reclaimed:
+				t.Fatalf("Reclaim returned (%v) before the handoff ended", err)
+			case <-time.After(50 * time.Millisecond):
+			}
 		}
 		called := false
 		err := e.CompleteOffload(func(s State) error {
@@ -195,8 +210,10 @@ func TestEntryHandoff(t *testing.T) {
 			}
 			return nil
 		})
-		if err := <-reclaimed; err != nil {
-			t.Fatalf("pin %v: Reclaim after the handoff: %v", pin, err)
+		if !pin {
+			if err := <-reclaimed; err != nil {
+				t.Fatalf("Reclaim after the handoff: %v", err)
+			}
 		}
 		if pin && (!errors.Is(err, ErrPinned) || called) || !pin && (err != nil || !called) {
 			t.Fatalf("pin %v: CompleteOffload: %v, put called %v", pin, err, called)
@@ -210,5 +227,28 @@ func TestEntryHandoff(t *testing.T) {
 		if err := e.CompleteOffload(func(State) error { return nil }); err == nil {
 			t.Fatal("CompleteOffload without BeginOffload")
 		}
+	}
+}
+
+// TestEntryHandoffGone: a flow deleted from its table (retired) during a
+// handoff is not handed over (ErrGone: nobody would retire it from the
+// other datapath), and one deleted before is not even begun.
+func TestEntryHandoffGone(t *testing.T) {
+	f := newFixture(t, false, true)
+	tab := NewTable()
+	e, err := tab.Add(7, &f.p, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.BeginOffload(); err != nil {
+		t.Fatal(err)
+	}
+	tab.Delete(e)
+	called := false
+	if err := e.CompleteOffload(func(State) error { called = true; return nil }); !errors.Is(err, ErrGone) || called || e.Offloaded() {
+		t.Fatalf("handoff of a deleted flow: err %v, put called %v, offloaded %v", err, called, e.Offloaded())
+	}
+	if err := e.Offload(func(State) error { called = true; return nil }); !errors.Is(err, ErrGone) || called {
+		t.Fatalf("offload of a deleted flow: err %v, put called %v", err, called)
 	}
 }

@@ -22,8 +22,10 @@ type Entry struct {
 	// offloaded: another datapath (the kernel's, package splice/bpf)
 	// holds the flow's state and rewrites its packets; flow is stale
 	// until Reclaim. pinned: the flow must stay on this engine (an
-	// unsplice is taking it back); Offload refuses it.
-	offloaded, pinned bool
+	// unsplice is taking it back); Offload refuses it. gone: the flow
+	// left the table (it ended); Offload refuses it, so that no other
+	// datapath gets a flow nobody will retire.
+	offloaded, pinned, gone bool
 
 	mu    sync.Mutex // packets of one flow may arrive on several queues
 	flow  Flow
@@ -36,6 +38,9 @@ type Entry struct {
 
 // ErrPinned is Offload's error for a pinned flow.
 var ErrPinned = errors.New("the flow is pinned to the Go engine (an unsplice is taking it back)")
+
+// ErrGone is Offload's error for a flow deleted from its table.
+var ErrGone = errors.New("the flow ended (it left the splice table)")
 
 // Pin keeps the flow on this engine: Offload refuses it until Unpin. An
 // unsplice pins the flow before it takes it back (Reclaim), so an
@@ -84,6 +89,9 @@ func (e *Entry) BeginOffload() error {
 	if e.pinned {
 		return ErrPinned
 	}
+	if e.gone {
+		return ErrGone
+	}
 	e.handoff = make(chan struct{})
 	return nil
 }
@@ -91,8 +99,9 @@ func (e *Entry) BeginOffload() error {
 // CompleteOffload ends a handoff BeginOffload started: put receives the
 // flow's state, under the entry's lock; if it succeeds the other
 // datapath holds the flow until Reclaim. If it fails, or the flow was
-// pinned meanwhile (ErrPinned: an unsplice waits in Reclaim), the engine
-// takes the flow's packets again, from the same state.
+// pinned meanwhile (ErrPinned: an unsplice is taking it back) or left
+// its table (ErrGone), the engine takes the flow's packets again, from
+// the same state.
 func (e *Entry) CompleteOffload(put func(State) error) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -104,6 +113,9 @@ func (e *Entry) CompleteOffload(put func(State) error) error {
 	if e.pinned {
 		return ErrPinned
 	}
+	if e.gone {
+		return ErrGone
+	}
 	if err := put(e.flow.State()); err != nil {
 		return err
 	}
@@ -114,12 +126,14 @@ func (e *Entry) CompleteOffload(put func(State) error) error {
 // Reclaim takes an offloaded flow back: get returns its state, under the
 // entry's lock (TryProcess waits meanwhile, so the flow's next packet in
 // the engine sees the state get returned). On error the flow stays
-// offloaded. A handoff under way (BeginOffload) is waited for first: it
-// ends with the flow offloaded, or (pinned) back on the engine.
+// offloaded. During a handoff (BeginOffload) a pinned flow is the
+// engine's already: the pin turns the handoff back, and Reclaim returns
+// at once (an unsplice may call it from a queue's reader, which the
+// handoff waits for). An unpinned one waits for the handoff's end.
 func (e *Entry) Reclaim(get func() (State, error), now int64) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	for e.handoff != nil {
+	for e.handoff != nil && !e.pinned {
 		h := e.handoff
 		e.mu.Unlock()
 		<-h
@@ -373,6 +387,9 @@ func (t *Table) Delete(e *Entry) {
 		}
 	}
 	t.mu.Unlock()
+	e.mu.Lock()
+	e.gone = true
+	e.mu.Unlock()
 }
 
 // Len is the number of flows.

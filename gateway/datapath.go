@@ -266,18 +266,32 @@ func (g *Gateway) promote(sf *splicedFlow) {
 		return
 	}
 	e := sf.entry
+	if !sf.promoting.CompareAndSwap(false, true) {
+		// An earlier promotion still runs (an unsplice took the flow back
+		// and gave up meanwhile): it decides where the flow goes.
+		k.promoteSkipped.Add(1)
+		return
+	}
+	defer sf.promoting.Store(false)
 	queue := g.manager().Spec().Divert.Queue + sf.queue
 	awaitEmptyQueue(queue, promoteQuietWait, 50*time.Microsecond)
-	sf.stragglersTo.Store(0)
 	g.recordMeta(sf)
 	err := e.BeginOffload()
 	if err == nil {
+		// From here every queued packet of the flow is a straggler (the
+		// reader drops a flow's packets during its handoff anyway).
+		sf.stragglersTo.Store(0)
 		// Every packet the engine decided to forward leaves before the
 		// program forwards any of the flow's: see BeginOffload.
 		g.queues.Barrier(int(sf.queue))
 		err = e.CompleteOffload(func(st splice.State) error {
 			return k.dp.PutFlowWatch(e.ID, e.Keys, st, e.Watch.Load())
 		})
+	}
+	if errors.Is(err, splice.ErrOffloaded) {
+		// The program has it already: nothing to change.
+		k.promoteSkipped.Add(1)
+		return
 	}
 	if errors.Is(err, splice.ErrPinned) || errors.Is(err, splice.ErrGone) {
 		// An unsplice began while the promotion waited (the flow is
@@ -346,16 +360,24 @@ func (sf *splicedFlow) straggler(id uint32) bool {
 // reclaim takes a promoted flow back from the program (demotion): its
 // tuples go, the program runs that may still hold them end, and its
 // state goes back to the engine. The flow's packets meanwhile wait for
-// the entry's lock. It does nothing for a flow on the Go engine.
+// the entry's lock. It does nothing for a flow on the Go engine, nor for
+// a pinned one being handed over (the pin turns the handoff back); an
+// unpinned one being handed over is splice.ErrHandoff.
 func (g *Gateway) reclaim(e *splice.Entry) error {
 	k := g.kpath
 	if k == nil || !e.Offloaded() {
 		return nil
 	}
-	err := e.Reclaim(func() (splice.State, error) { return k.dp.Demote(e.ID, e.Keys) }, time.Now().UnixNano())
+	demoted, err := e.Reclaim(func() (splice.State, error) { return k.dp.Demote(e.ID, e.Keys) }, time.Now().UnixNano())
+	if errors.Is(err, splice.ErrHandoff) {
+		return err
+	}
 	if err != nil {
 		k.dp.DeleteFlow(e.ID, e.Keys)
 		return fmt.Errorf("demote flow %d from the bpf datapath: %w", e.ID, err)
+	}
+	if !demoted {
+		return nil
 	}
 	k.demotions.Add(1)
 	g.log.Debug("flow demoted from the bpf datapath", logging.KeyFlow, e.ID)
@@ -399,11 +421,16 @@ func (g *Gateway) forwardOffloaded(e *splice.Entry, np *nfq.Packet) (dec nfq.Dec
 	g.splicedMu.Lock()
 	sf := g.spliced[e.ID]
 	g.splicedMu.Unlock()
-	if sf == nil || sf.straggler(np.ID) {
+	// During a handoff every packet of the flow is a straggler,
+	// whatever the bound from an earlier promotion says.
+	if sf == nil || e.HandingOff() || sf.straggler(np.ID) {
 		k.stragglers.Add(1)
 		return nfq.Drop, true
 	}
-	if err := g.reclaim(e); err != nil {
+	if err := g.reclaim(e); errors.Is(err, splice.ErrHandoff) {
+		k.stragglers.Add(1) // a handoff began since the check above
+		return nfq.Drop, true
+	} else if err != nil {
 		g.log.Warn("packet passed on by the bpf datapath", logging.KeyFlow, e.ID, logging.Err(err))
 		return nfq.Drop, true
 	}

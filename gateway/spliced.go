@@ -31,7 +31,10 @@ type splicedFlow struct {
 	// packet its queue took before the program's entry was written (see
 	// promote); 0 until known.
 	stragglersTo atomic.Uint64
-	stall        stallWatch
+	// promoting: a promotion of the flow runs (one at a time: a second
+	// one would reset the first's straggler bound, see promote).
+	promoting atomic.Bool
+	stall     stallWatch
 	// legs: what an unsplice needs of the connections captured at the
 	// splice (client's leg, server's leg) beyond the tuples and the
 	// engine's state. Zero for an adopted flow, which is never unspliced.

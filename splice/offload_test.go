@@ -3,7 +3,6 @@ package splice
 import (
 	"errors"
 	"testing"
-	"time"
 )
 
 // TestEntryOffload: while a flow is offloaded the engine refuses its
@@ -56,11 +55,11 @@ func TestEntryOffload(t *testing.T) {
 	if st := e.Stats(); st[C2S].Bytes != 400 {
 		t.Fatalf("bytes after the snapshot: %d, want 400", st[C2S].Bytes)
 	}
-	if err := e.Reclaim(func() (State, error) { return State{}, errors.New("no") }, 4); err == nil || !e.Offloaded() {
+	if _, err := e.Reclaim(func() (State, error) { return State{}, errors.New("no") }, 4); err == nil || !e.Offloaded() {
 		t.Fatalf("a failed get reclaimed the flow (%v)", err)
 	}
 	moved.Dirs[C2S].SndNxt = 1500
-	if err := e.Reclaim(func() (State, error) { return moved, nil }, 5); err != nil || e.Offloaded() {
+	if demoted, err := e.Reclaim(func() (State, error) { return moved, nil }, 5); err != nil || !demoted || e.Offloaded() {
 		t.Fatalf("reclaim: %v", err)
 	}
 	if stateOf(e) != moved || e.Stats()[C2S].Bytes != 500 {
@@ -111,7 +110,7 @@ func TestTableAdopt(t *testing.T) {
 	if _, ok := e.TryProcess(&p, C2S, 2, true); ok {
 		t.Fatal("an adopted flow's packet was processed before Reclaim")
 	}
-	if err := e.Reclaim(func() (State, error) { return st, nil }, 3); err != nil || e.Offloaded() {
+	if _, err := e.Reclaim(func() (State, error) { return st, nil }, 3); err != nil || e.Offloaded() {
 		t.Fatalf("reclaim: %v", err)
 	}
 	if v, ok := e.TryProcess(&p, C2S, 4, true); !ok || v != Forward {
@@ -143,12 +142,12 @@ func TestEntryPinRefusesOffload(t *testing.T) {
 
 // TestEntryHandoff: between BeginOffload and CompleteOffload the engine
 // refuses the flow's packets and changes nothing, so the state handed
-// over is the one its last packet left. A Reclaim meanwhile by an
-// unsplice, which pinned the flow, returns at once (it may run on the
-// queue reader the handoff waits for): the pin turns the handoff back,
-// put is never called, and the engine processes the flow's packets
-// again. Without a pin, Reclaim waits for the handoff, which ends
-// offloaded, and then takes the flow back.
+// over is the one its last packet left. Reclaim never waits for the
+// handoff (one may run on the queue reader the handoff waits for): a
+// pinned flow (an unsplice) is the engine's already, the pin turns the
+// handoff back, put is never called, and the engine processes the
+// flow's packets again; an unpinned one is nobody's yet (ErrHandoff),
+// the handoff ends offloaded, and a Reclaim then takes it back.
 func TestEntryHandoff(t *testing.T) {
 	for _, pin := range []bool{true, false} {
 		f := newFixture(t, false, true)
@@ -166,11 +165,11 @@ func TestEntryHandoff(t *testing.T) {
 		if err := e.BeginOffload(); err != nil {
 			t.Fatal(err)
 		}
-		if err := e.BeginOffload(); err == nil {
-			t.Fatal("a second handoff began during the first")
+		if err := e.BeginOffload(); !errors.Is(err, ErrOffloaded) {
+			t.Fatalf("a second handoff during the first: %v", err)
 		}
 		before := e.Snapshot()
-		if _, ok := e.TryProcess(data(1000), C2S, 1, true); ok || !e.Offloaded() {
+		if _, ok := e.TryProcess(data(1000), C2S, 1, true); ok || !e.Offloaded() || !e.HandingOff() {
 			t.Fatalf("during the handoff: processed %v, offloaded %v", ok, e.Offloaded())
 		}
 		if e.Snapshot() != before {
@@ -179,49 +178,31 @@ func TestEntryHandoff(t *testing.T) {
 		if pin {
 			e.Pin()
 		}
-		reclaimed := make(chan error)
-		go func() {
-			reclaimed <- e.Reclaim(func() (State, error) { return want, nil }, 2)
-		}()
-		if pin {
-			select {
-			case err := <-reclaimed:
-				if err != nil {
-					t.Fatalf("Reclaim of a pinned flow during the handoff: %v", err)
-				}
-			case <-time.After(10 * time.Second):
-				t.Fatal("Reclaim of a pinned flow waited for the handoff")
-			}
-			if _, ok := e.TryProcess(data(1000), C2S, 2, true); ok {
-				t.Fatal("the engine processed a packet before the handoff ended")
-			}
-		} else {
-			select {
-			case err := <-reclaimed:
-				t.Fatalf("Reclaim returned (%v) before the handoff ended", err)
-			case <-time.After(50 * time.Millisecond):
-			}
+		get := func() (State, error) { return want, nil }
+		demoted, err := e.Reclaim(get, 2)
+		if pin && (demoted || err != nil) || !pin && (demoted || !errors.Is(err, ErrHandoff)) {
+			t.Fatalf("pin %v: Reclaim during the handoff: demoted %v, %v", pin, demoted, err)
+		}
+		if _, ok := e.TryProcess(data(1000), C2S, 2, true); ok {
+			t.Fatal("the engine processed a packet before the handoff ended")
 		}
 		called := false
-		err := e.CompleteOffload(func(s State) error {
+		err = e.CompleteOffload(func(s State) error {
 			called = true
 			if s != want {
 				t.Error("the handed state is not the engine's")
 			}
 			return nil
 		})
+		if pin && (!errors.Is(err, ErrPinned) || called || e.Offloaded()) || !pin && (err != nil || !called || !e.Offloaded()) {
+			t.Fatalf("pin %v: CompleteOffload: %v, put called %v, offloaded %v", pin, err, called, e.Offloaded())
+		}
 		if !pin {
-			if err := <-reclaimed; err != nil {
-				t.Fatalf("Reclaim after the handoff: %v", err)
+			if demoted, err := e.Reclaim(get, 3); !demoted || err != nil || e.Offloaded() {
+				t.Fatalf("Reclaim after the handoff: demoted %v, %v", demoted, err)
 			}
 		}
-		if pin && (!errors.Is(err, ErrPinned) || called) || !pin && (err != nil || !called) {
-			t.Fatalf("pin %v: CompleteOffload: %v, put called %v", pin, err, called)
-		}
-		if e.Offloaded() {
-			t.Fatalf("pin %v: offloaded after Reclaim", pin)
-		}
-		if v, ok := e.TryProcess(data(1000), C2S, 3, true); !ok || v != Forward {
+		if v, ok := e.TryProcess(data(1000), C2S, 4, true); !ok || v != Forward {
 			t.Fatalf("pin %v: the engine does not take the flow's packets again: %v %v", pin, v, ok)
 		}
 		if err := e.CompleteOffload(func(State) error { return nil }); err == nil {

@@ -24,16 +24,14 @@ type Entry struct {
 	// until Reclaim. pinned: the flow must stay on this engine (an
 	// unsplice is taking it back); Offload refuses it. gone: the flow
 	// left the table (it ended); Offload refuses it, so that no other
-	// datapath gets a flow nobody will retire.
-	offloaded, pinned, gone bool
+	// datapath gets a flow nobody will retire. handing: between
+	// BeginOffload and CompleteOffload the engine refuses the flow's
+	// packets and nobody else rewrites them yet.
+	offloaded, pinned, gone, handing bool
 
 	mu    sync.Mutex // packets of one flow may arrive on several queues
 	flow  Flow
 	stats [2]DirStats
-	// handoff, between BeginOffload and CompleteOffload: the engine
-	// refuses the flow's packets and nobody else rewrites them yet;
-	// CompleteOffload closes it, and Reclaim waits for that.
-	handoff chan struct{}
 }
 
 // ErrPinned is Offload's error for a pinned flow.
@@ -41,6 +39,15 @@ var ErrPinned = errors.New("the flow is pinned to the Go engine (an unsplice is 
 
 // ErrGone is Offload's error for a flow deleted from its table.
 var ErrGone = errors.New("the flow ended (it left the splice table)")
+
+// ErrOffloaded is Offload's error for a flow another datapath holds or
+// is being handed already.
+var ErrOffloaded = errors.New("the flow is offloaded already")
+
+// ErrHandoff is Reclaim's error for a flow being handed over (between
+// BeginOffload and CompleteOffload) that is not pinned: it is nobody's to
+// take back yet; the caller drops the packet that wanted it.
+var ErrHandoff = errors.New("the flow is being handed to another datapath")
 
 // Pin keeps the flow on this engine: Offload refuses it until Unpin. An
 // unsplice pins the flow before it takes it back (Reclaim), so an
@@ -83,8 +90,8 @@ func (e *Entry) Offload(put func(State) error) error {
 func (e *Entry) BeginOffload() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.offloaded || e.handoff != nil {
-		return fmt.Errorf("flow %d is offloaded already", e.ID)
+	if e.offloaded || e.handing {
+		return fmt.Errorf("flow %d: %w", e.ID, ErrOffloaded)
 	}
 	if e.pinned {
 		return ErrPinned
@@ -92,7 +99,7 @@ func (e *Entry) BeginOffload() error {
 	if e.gone {
 		return ErrGone
 	}
-	e.handoff = make(chan struct{})
+	e.handing = true
 	return nil
 }
 
@@ -105,11 +112,10 @@ func (e *Entry) BeginOffload() error {
 func (e *Entry) CompleteOffload(put func(State) error) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.handoff == nil {
+	if !e.handing {
 		return fmt.Errorf("flow %d: no offload begun", e.ID)
 	}
-	close(e.handoff)
-	e.handoff = nil
+	e.handing = false
 	if e.pinned {
 		return ErrPinned
 	}
@@ -125,30 +131,38 @@ func (e *Entry) CompleteOffload(put func(State) error) error {
 
 // Reclaim takes an offloaded flow back: get returns its state, under the
 // entry's lock (TryProcess waits meanwhile, so the flow's next packet in
-// the engine sees the state get returned). On error the flow stays
-// offloaded. During a handoff (BeginOffload) a pinned flow is the
-// engine's already: the pin turns the handoff back, and Reclaim returns
-// at once (an unsplice may call it from a queue's reader, which the
-// handoff waits for). An unpinned one waits for the handoff's end.
-func (e *Entry) Reclaim(get func() (State, error), now int64) error {
+// the engine sees the state get returned). It reports whether it took
+// the flow back; on error the flow stays offloaded. It never waits for a
+// handoff (one runs on a queue's reader, which the handoff waits for):
+// during one a pinned flow is the engine's already (the pin turns the
+// handoff back: false, nil), an unpinned one nobody's (ErrHandoff).
+func (e *Entry) Reclaim(get func() (State, error), now int64) (bool, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	for e.handoff != nil && !e.pinned {
-		h := e.handoff
-		e.mu.Unlock()
-		<-h
-		e.mu.Lock()
+	if e.handing {
+		if e.pinned {
+			return false, nil
+		}
+		return false, ErrHandoff
 	}
 	if !e.offloaded {
-		return nil
+		return false, nil
 	}
 	st, err := get()
 	if err != nil {
-		return err
+		return false, err
 	}
 	e.absorb(st, now)
 	e.offloaded = false
-	return nil
+	return true, nil
+}
+
+// HandingOff reports whether the flow is between BeginOffload and
+// CompleteOffload.
+func (e *Entry) HandingOff() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.handing
 }
 
 // Offloaded reports whether another datapath holds the flow, or is
@@ -156,7 +170,7 @@ func (e *Entry) Reclaim(get func() (State, error), now int64) error {
 func (e *Entry) Offloaded() bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return e.offloaded || e.handoff != nil
+	return e.offloaded || e.handing
 }
 
 // SetSnapshot replaces the engine's copy of an offloaded flow's state
@@ -200,7 +214,7 @@ func (e *Entry) absorb(st State, now int64) {
 // false, and does nothing, when it is.
 func (e *Entry) TryProcess(p *Packet, d Dir, now int64, csumComplete bool) (Verdict, bool) {
 	e.mu.Lock()
-	if e.offloaded || e.handoff != nil {
+	if e.offloaded || e.handing {
 		e.mu.Unlock()
 		return 0, false
 	}

@@ -117,6 +117,10 @@ type Gateway struct {
 	removePins bool
 	// handingOver: HandOver was called.
 	handingOver atomic.Bool
+	// promotionsRunning counts promote calls under way, which leave
+	// waits for: a flow being handed to the program is neither the
+	// engine's nor the program's yet.
+	promotionsRunning atomic.Int32
 	events      events
 	lastDrift   string // the drift last reported with kernel.repair off
 
@@ -329,25 +333,46 @@ func (g *Gateway) HandOver() { g.handingOver.Store(true) }
 // divert entries and the sysctls stay (spliced NAT flows need
 // accept_local).
 func (g *Gateway) leave() {
-	var goEngine []*splicedFlow
-	kept := 0
-	g.splicedMu.Lock()
-	g.syncOffloaded(time.Now())
-	for _, sf := range g.spliced {
-		switch {
-		case sf.entry.Offloaded():
-			kept++
-		case !sf.entry.Snapshot().Finished():
-			goEngine = append(goEngine, sf)
-		}
-	}
-	g.splicedMu.Unlock()
+	goEngine, kept := g.partitionForLeave(leavePromotionWait)
 	if len(goEngine) > 0 {
 		g.log.Info("resetting spliced flows on the Go engine", "flows", len(goEngine), "packets", g.resetSpliced(goEngine))
 	}
 	g.log.Info("leaving spliced flows to the bpf datapath", "flows", kept, "pins", g.kpath.dp.PinDir())
 	g.stopServices()
 	g.stopSplicing() // removePins is false: the pins and links stay
+}
+
+// leavePromotionWait bounds how long leave waits for promotions under
+// way (each waits at most promoteQuietWait for its queue, then for one
+// queue barrier).
+const leavePromotionWait = time.Second
+
+// partitionForLeave sorts the spliced flows for leave: the ones the
+// program rewrites (counted: they stay) and the unfinished ones on the Go
+// engine (returned: nobody would continue them). It first waits, for at
+// most wait, until no promotion runs: a flow in its handoff has no map
+// entry yet, and the program's entry written after the daemon closed its
+// maps would never come. A flow still in its handoff after the wait goes
+// with the Go engine's, reset rather than left without a datapath.
+func (g *Gateway) partitionForLeave(wait time.Duration) (goEngine []*splicedFlow, kept int) {
+	deadline := time.Now().Add(wait)
+	for g.promotionsRunning.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	g.splicedMu.Lock()
+	defer g.splicedMu.Unlock()
+	g.syncOffloaded(time.Now())
+	for _, sf := range g.spliced {
+		switch {
+		case sf.entry.HandingOff():
+			goEngine = append(goEngine, sf)
+		case sf.entry.Offloaded():
+			kept++
+		case !sf.entry.Snapshot().Finished():
+			goEngine = append(goEngine, sf)
+		}
+	}
+	return goEngine, kept
 }
 
 func (g *Gateway) logReady() {

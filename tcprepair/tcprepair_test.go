@@ -13,7 +13,7 @@ import (
 	"spliced/testnet"
 )
 
-func pair(t *testing.T, network, addr string) (a, b *net.TCPConn) {
+func pair(t testing.TB, network, addr string) (a, b *net.TCPConn) {
 	t.Helper()
 	ln, err := net.Listen(network, addr)
 	if err != nil {
@@ -216,5 +216,32 @@ func TestUnreadAfterCapture(t *testing.T) {
 	a.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if _, err := io.ReadFull(a, got); err != nil || string(got) != "late" {
 		t.Fatalf("read %q after leaving repair mode: %v", got, err)
+	}
+}
+
+// BenchmarkRestore: what an unsplice's rebuild costs per socket (Restore
+// and Resume; the rebuilt socket is closed in repair mode, silently, and
+// rebuilt again from the same state).
+func BenchmarkRestore(b *testing.B) {
+	ns := testnet.Scratch(b)
+	err := ns.Do(func() error {
+		a, _ := pair(b, "tcp4", "127.0.0.1:0")
+		st, err := Capture(a)
+		if err != nil {
+			return err
+		}
+		a.Close()
+		b.ReportAllocs()
+		for b.Loop() {
+			r, err := Restore(&st)
+			if err != nil {
+				return err
+			}
+			r.Close()
+		}
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
 	}
 }

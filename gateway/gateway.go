@@ -121,8 +121,8 @@ type Gateway struct {
 	// waits for: a flow being handed to the program is neither the
 	// engine's nor the program's yet.
 	promotionsRunning atomic.Int32
-	events      events
-	lastDrift   string // the drift last reported with kernel.repair off
+	events            events
+	lastDrift         string // the drift last reported with kernel.repair off
 
 	spliceLatency            latencies
 	phases                   [numSteps]latencies // see phase

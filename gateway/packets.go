@@ -266,10 +266,20 @@ func (ts *transitions) add(tr *transition) {
 	ts.active.Add(1)
 }
 
+// remove takes tr out of the index. A later transition of the same flow
+// may hold its tuples already: an unspliced flow's passthrough, retired
+// (retirePassthrough) just as the proxy splices the flow again, is removed
+// after the new splice was added. Its tuples stay the new one's; removed,
+// they would send the splice's packets to the engine, which has no entry
+// for the flow and drops them, and the drain would wait for ACKs that never
+// reach the sockets.
 func (ts *transitions) remove(tr *transition) {
 	ts.mu.Lock()
-	delete(ts.m, tr.keys[0])
-	delete(ts.m, tr.keys[1])
+	for _, k := range tr.keys {
+		if ts.m[k] == tr {
+			delete(ts.m, k)
+		}
+	}
 	if len(ts.m) == 0 {
 		// A map keeps the space of its largest size: after a burst of
 		// splices (thousands at once) it would hold it for ever.

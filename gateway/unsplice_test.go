@@ -181,3 +181,31 @@ func openFDs(t *testing.T) int {
 	}
 	return len(ents)
 }
+
+// TestTransitionsRemoveKeepsLater: removing an unspliced flow's passthrough
+// after the flow's next splice was added (retirePassthrough losing the
+// race with the proxy) leaves the splice's transition in place: its
+// packets must keep reaching it, not the engine, which has no entry for
+// the flow and would drop the ACKs its drain waits for.
+func TestTransitionsRemoveKeepsLater(t *testing.T) {
+	c, s := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
+	keys := [2]splice.Key{splice.KeyFrom(c, s), splice.KeyFrom(s, c)}
+	var ts transitions
+	passthrough := newTransition(keys, 0, phaseAborted, nil)
+	ts.add(passthrough)
+	next := newTransition(keys, 0, phaseDraining, nil)
+	ts.add(next)
+	ts.remove(passthrough)
+	for _, k := range keys {
+		if got := ts.get(k); got != next {
+			t.Errorf("tuple %v leads to %p after the passthrough left, want the splice's transition %p", k, got, next)
+		}
+	}
+	if n := ts.active.Load(); n != 1 {
+		t.Errorf("%d transitions active, want 1", n)
+	}
+	ts.remove(next)
+	if ts.get(keys[0]) != nil || ts.active.Load() != 0 {
+		t.Errorf("after both left: %p, %d active", ts.get(keys[0]), ts.active.Load())
+	}
+}

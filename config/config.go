@@ -115,12 +115,12 @@ type Kernel struct {
 	// forwarding path, its netfilter hooks included).
 	BPFForward string `yaml:"bpf_forward"`
 	// Resend is how a splice sends on the payload it took over while
-	// the sockets drained: "raw" (the default: one segment at a time
-	// through a raw IP socket and the IP output path, its netfilter
-	// hooks included) or "gso" (a packet longer than a segment whole, as
-	// a GSO packet through a packet socket on its egress device, skipping
-	// netfilter's output and postrouting hooks; in segments where that
-	// does not resolve, and always while IPsec policies exist).
+	// the sockets drained: "gso" (default: a packet longer than a
+	// segment whole, as a GSO packet through a packet socket on its
+	// egress device, skipping netfilter's output and postrouting hooks;
+	// in segments where that does not resolve, and always while IPsec
+	// policies exist) or "raw" (one segment at a time through a raw IP
+	// socket and the IP output path, its netfilter hooks included).
 	Resend string `yaml:"resend"`
 }
 
@@ -407,7 +407,7 @@ func (c *Config) applyDefaults() {
 	SetDefault(&c.Kernel.Datapath, DatapathNFQueue)
 	SetDefault(&c.Kernel.BPFFS, DefaultBPFFS)
 	SetDefault(&c.Kernel.BPFForward, BPFForwardRedirect)
-	SetDefault(&c.Kernel.Resend, ResendRaw)
+	SetDefault(&c.Kernel.Resend, ResendGSO)
 	SetDefault(&c.Kernel.Repair, "on")
 	SetDefault(&c.Control.Socket, "/run/spliced/spliced.sock")
 	if c.Control.Socket == "off" {

@@ -70,7 +70,7 @@ func (c *Config) validate(idx *keyIndex) error {
 	switch c.Kernel.Resend {
 	case ResendGSO, ResendRaw:
 	default:
-		bad("kernel.resend", c.Kernel.Resend, "is not a way to send taken-over payload; use raw (default: segments through the IP output path and its netfilter hooks) or gso (whole packets through the egress device)")
+		bad("kernel.resend", c.Kernel.Resend, "is not a way to send taken-over payload; use gso (default: whole packets through the egress device) or raw (segments through the IP output path and its netfilter hooks)")
 	}
 	for i, name := range c.Kernel.Interfaces {
 		switch {

@@ -78,7 +78,7 @@ func TestLabBPFAttach(t *testing.T) {
 	out, err := d.Run("-config", d.Config, "-check")
 	if err != nil || !strings.Contains(out, "# datapath: bpf") || !strings.Contains(out, "BPF program at tcx ingress of: ") ||
 		!strings.Contains(out, "straight to their egress device (kernel.bpf_forward: redirect)") ||
-		!strings.Contains(out, "segments through the IP output path (kernel.resend: raw)") ||
+		!strings.Contains(out, "GSO packets on their egress device (kernel.resend: gso)") ||
 		!strings.Contains(out, "meta mark & 0x20000000 == 0x20000000 notrack accept") {
 		t.Errorf("spliced -check: %v\n%s", err, out)
 	}

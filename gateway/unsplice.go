@@ -142,9 +142,14 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	snap := sf.entry.Snapshot()
 	params := sf.params()
 	client, server := rebuiltConns(&params, snap, time.Since(time.Unix(0, sf.splicedAt)))
-	cc, sc, err := g.restorePair(&client, &server)
+	cc, err := tcprepair.Restore(&client)
 	if err != nil {
-		return g.abandonUnsplice(sf, tr, err)
+		return g.abandonUnsplice(sf, tr, fmt.Errorf("rebuild the client's connection: %w", err))
+	}
+	sc, err := tcprepair.Restore(&server)
+	if err != nil {
+		cc.Close() // in repair mode: silent
+		return g.abandonUnsplice(sf, tr, fmt.Errorf("rebuild the server's connection: %w", err))
 	}
 	sw.lap(stepRebuild)
 	// Point of no return: the engine lets go of the flow.
@@ -187,40 +192,6 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	sw.commit(g)
 	g.unspliceCost.observe(time.Since(start))
 	return nil
-}
-
-// restorePair rebuilds a flow's two sockets at once, the server's on
-// another transition worker: each restore is about 18 system calls (40 µs
-// on an idle gateway of these VMs), most of an idle unsplice, and the two
-// sockets share nothing. Either both come back, or neither (a rebuilt
-// socket is closed in repair mode, silently).
-func (g *Gateway) restorePair(client, server *splice.Conn) (cc, sc *net.TCPConn, err error) {
-	type restored struct {
-		c   *net.TCPConn
-		err error
-	}
-	done := make(chan restored, 1)
-	g.workers.Go(func() {
-		c, err := tcprepair.Restore(server)
-		done <- restored{c, err}
-	})
-	cc, cerr := tcprepair.Restore(client)
-	r := <-done
-	sc = r.c
-	switch {
-	case cerr != nil:
-		err = fmt.Errorf("rebuild the client's connection: %w", cerr)
-	case r.err != nil:
-		err = fmt.Errorf("rebuild the server's connection: %w", r.err)
-	default:
-		return cc, sc, nil
-	}
-	for _, c := range []*net.TCPConn{cc, sc} {
-		if c != nil {
-			c.Close()
-		}
-	}
-	return nil, nil, err
 }
 
 // unstoreUnspliced removes the record for restarts of a flow given back

@@ -1,20 +1,12 @@
 package gateway
 
 import (
-	"io"
-	"log/slog"
-	"net"
 	"net/netip"
-	"os"
-	"strings"
 	"testing"
 	"time"
 
-	"spliced/config"
 	"spliced/nfq"
 	"spliced/splice"
-	"spliced/tcprepair"
-	"spliced/testnet"
 )
 
 // TestRebuiltConnsRoundTrip: unsplicing a flow the engine never forwarded
@@ -105,81 +97,6 @@ func TestTransitionWakesDrain(t *testing.T) {
 	if tr.wait(timer, 0) {
 		t.Fatal("three packets left more than one wake")
 	}
-}
-
-// TestRestorePair: an unsplice's two sockets are rebuilt together; when
-// one cannot be, the other is closed (no descriptor left behind) and the
-// error names the leg that failed.
-func TestRestorePair(t *testing.T) {
-	ns := testnet.Scratch(t)
-	cfg, err := config.LoadDefault()
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	t.Cleanup(g.workers.Close)
-	err = ns.Do(func() error {
-		ln, err := net.Listen("tcp4", "127.0.0.1:0")
-		if err != nil {
-			return err
-		}
-		defer ln.Close()
-		a, err := net.Dial("tcp4", ln.Addr().String())
-		if err != nil {
-			return err
-		}
-		b, err := ln.Accept()
-		if err != nil {
-			return err
-		}
-		defer b.Close()
-		st, err := tcprepair.Capture(a.(*net.TCPConn))
-		if err != nil {
-			return err
-		}
-		a.Close() // captured: in repair mode, silent
-		// A state no socket can be rebuilt from: an IPv6 peer for an
-		// IPv4 address.
-		bad := st
-		bad.Remote = netip.MustParseAddrPort("[2001:db8::1]:80")
-		fds := openFDs(t)
-		for _, c := range []struct {
-			client, server splice.Conn
-			fails          string
-		}{
-			{st, st, ""},
-			{bad, st, "rebuild the client's connection"},
-			{st, bad, "rebuild the server's connection"},
-		} {
-			cc, sc, err := g.restorePair(&c.client, &c.server)
-			if c.fails == "" {
-				if err != nil || cc == nil || sc == nil {
-					t.Errorf("both legs restorable: %v", err)
-					continue
-				}
-				cc.Close()
-				sc.Close()
-			} else if err == nil || !strings.Contains(err.Error(), c.fails) || cc != nil || sc != nil {
-				t.Errorf("got %v (sockets %v, %v); want the error %q and no socket", err, cc, sc, c.fails)
-			}
-			if n := openFDs(t); n != fds {
-				t.Errorf("%d descriptors open after restorePair (%q), %d before", n, c.fails, fds)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-}
-
-func openFDs(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
 }
 
 // TestTransitionsRemoveKeepsLater: removing an unspliced flow's passthrough

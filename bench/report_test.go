@@ -35,7 +35,7 @@ func fixedReport() *Report {
 			Ratio:      0.04, PerFlowB: 300, RatioBPF: 0.08, PerFlowBPFB: 600},
 		SOCKS: []ConfigResult{socksCfg("dante", 1000), socksCfg("spliced-socks5-copy", 2000), {Name: "spliced-socks5-splice", Failed: "daemon not ready"}},
 		HTTP: &HTTP{Rates: map[string]Stat{
-			"copy_large": NewStat([]float64{60, 70, 80}), "splice_large": NewStat([]float64{70}), "splicebpf_large": NewStat([]float64{140}),
+			"routed_large": NewStat([]float64{175}), "copy_large": NewStat([]float64{60, 70, 80}), "splice_large": NewStat([]float64{70}), "splicebpf_large": NewStat([]float64{140}),
 			"copy_small": NewStat([]float64{20000}), "splice_small": NewStat([]float64{19000}),
 		}},
 		Trace: &Trace{Points: [][2]float64{{0, 0}, {1, 1 << 20}, {2, 3 << 20}}, SpliceStartMS: 0.9, SpliceEndMS: 1.1},
@@ -78,9 +78,9 @@ func TestReportGenerator(t *testing.T) {
 		"| idle flow, splice time | 10 | 80 µs | 120 µs |",
 		"| busy flow, socket_buffer 256KiB, longest stall | 10 | 1.0 ms | 4.0 ms |",
 		"| splice phase | idle p50 | idle p99 | busy p50 | busy p99 |",
-		"| 16 MiB (spliced) | 70.0 (60.0–80.0) | 70.0 (70.0–70.0) | 1.00 | 140.0 (140.0–140.0) | 2.00 |",
-		"| 1 MiB (spliced) | n/a | n/a | n/a | n/a | n/a |",
-		"| 4 KiB (below splice_min) | 20000 (20000–20000) | 19000 (19000–19000) | 0.95 | n/a | n/a |",
+		"| 16 MiB (spliced) | 175.0 (175.0–175.0) | 2.50 | 70.0 (60.0–80.0) | 70.0 (70.0–70.0) | 1.00 | 140.0 (140.0–140.0) | 2.00 |",
+		"| 1 MiB (spliced) | n/a | n/a | n/a | n/a | n/a | n/a | n/a |",
+		"| 4 KiB (below splice_min) | n/a | n/a | 20000 (20000–20000) | 19000 (19000–19000) | 0.95 | n/a | n/a |",
 		"| divert | 60 µs | 60 µs | 45 µs | 45 µs |", // the percentile of two samples rounds up
 		"| drain | 20 µs | 20 µs | 9000 µs | 9000 µs |",
 		"| capture | 50 µs | 50 µs | - | - |",

@@ -273,8 +273,6 @@ func (g *Gateway) promote(sf *splicedFlow) {
 		return
 	}
 	defer sf.promoting.Store(false)
-	g.promotionsRunning.Add(1)
-	defer g.promotionsRunning.Add(-1)
 	queue := g.manager().Spec().Divert.Queue + sf.queue
 	awaitEmptyQueue(queue, promoteQuietWait, 50*time.Microsecond)
 	g.recordMeta(sf)

@@ -117,12 +117,12 @@ type Gateway struct {
 	removePins bool
 	// handingOver: HandOver was called.
 	handingOver atomic.Bool
-	// promotionsRunning counts promote calls under way, which leave
-	// waits for: a flow being handed to the program is neither the
-	// engine's nor the program's yet.
-	promotionsRunning atomic.Int32
-	events            events
-	lastDrift         string // the drift last reported with kernel.repair off
+	// transitionsRunning counts splices and unsplices under way on the
+	// workers (see runTransition), which leave waits for: a flow in one
+	// is neither the engine's nor the program's for sure.
+	transitionsRunning atomic.Int32
+	events             events
+	lastDrift          string // the drift last reported with kernel.repair off
 
 	spliceLatency            latencies
 	phases                   [numSteps]latencies // see phase
@@ -333,42 +333,66 @@ func (g *Gateway) HandOver() { g.handingOver.Store(true) }
 // divert entries and the sysctls stay (spliced NAT flows need
 // accept_local).
 func (g *Gateway) leave() {
-	goEngine, kept := g.partitionForLeave(leavePromotionWait)
+	// No proxy splices or takes back a flow from here on; transitions
+	// under way end (a splice still draining fails on its closed
+	// sockets), promotions included: a flow in its handoff has no map
+	// entry yet, and one written after the daemon closed its maps would
+	// never come.
+	g.stopServices()
+	if !awaitNone(&g.transitionsRunning, leaveTransitionWait) {
+		g.log.Warn("leaving while transitions still run; their flows are reset", "transitions", g.transitionsRunning.Load())
+	}
+	goEngine, kept := g.partitionForLeave()
 	if len(goEngine) > 0 {
 		g.log.Info("resetting spliced flows on the Go engine", "flows", len(goEngine), "packets", g.resetSpliced(goEngine))
 	}
 	g.log.Info("leaving spliced flows to the bpf datapath", "flows", kept, "pins", g.kpath.dp.PinDir())
-	g.stopServices()
 	g.stopSplicing() // removePins is false: the pins and links stay
 }
 
-// leavePromotionWait bounds how long leave waits for promotions under
-// way (each waits at most promoteQuietWait for its queue, then for one
-// queue barrier).
-const leavePromotionWait = time.Second
+// leaveTransitionWait bounds how long leave waits for transitions under
+// way: once the proxies have stopped, a splice or an unsplice lasts at
+// most a drain that fails at once, a capture or rebuild, a release and a
+// promotion (promoteQuietWait and one queue barrier).
+const leaveTransitionWait = 2 * time.Second
+
+// awaitNone waits until n is zero, for at most d, and reports whether it
+// is.
+func awaitNone(n *atomic.Int32, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for n.Load() > 0 {
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return true
+}
+
+// runTransition runs a splice's or an unsplice's work on a transition
+// worker, counted in transitionsRunning until it returns.
+func (g *Gateway) runTransition(fn func()) {
+	g.transitionsRunning.Add(1)
+	g.workers.Go(func() {
+		defer g.transitionsRunning.Add(-1)
+		fn()
+	})
+}
 
 // partitionForLeave sorts the spliced flows for leave: the ones the
 // program rewrites (counted: they stay) and the unfinished ones on the Go
-// engine (returned: nobody would continue them). It first waits, for at
-// most wait, until no promotion runs: a flow in its handoff has no map
-// entry yet, and the program's entry written after the daemon closed its
-// maps would never come. A flow still in its handoff after the wait goes
-// with the Go engine's, reset rather than left without a datapath.
-func (g *Gateway) partitionForLeave(wait time.Duration) (goEngine []*splicedFlow, kept int) {
-	deadline := time.Now().Add(wait)
-	for g.promotionsRunning.Load() > 0 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
+// engine (returned: nobody would continue them). A flow still in its
+// handoff (a transition leave gave up waiting for) goes with the Go
+// engine's, reset rather than left without a datapath.
+func (g *Gateway) partitionForLeave() (goEngine []*splicedFlow, kept int) {
 	g.splicedMu.Lock()
 	defer g.splicedMu.Unlock()
 	g.syncOffloaded(time.Now())
 	for _, sf := range g.spliced {
-		switch {
-		case sf.entry.HandingOff():
-			goEngine = append(goEngine, sf)
-		case sf.entry.Offloaded():
+		switch offloaded, handing := sf.entry.OffloadState(); {
+		case offloaded && !handing:
 			kept++
-		case !sf.entry.Snapshot().Finished():
+		case handing || !sf.entry.Snapshot().Finished():
 			goEngine = append(goEngine, sf)
 		}
 	}

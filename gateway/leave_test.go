@@ -4,6 +4,7 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -13,11 +14,10 @@ import (
 )
 
 // TestPartitionForLeave: leave keeps the flows the program rewrites and
-// resets the Go engine's unfinished ones; a flow whose promotion is under
-// way is waited for (kept once the program has it), and one still in its
-// handoff after the wait is reset with the Go engine's, never counted as
-// the program's while it has no map entry (the negative control is the
-// handoff left open with no promotion counted: the wait must not block).
+// resets the Go engine's unfinished ones, and a flow still in its handoff
+// (no map entry yet) goes with the Go engine's, never counted as the
+// program's. The negative control, by hand: counting a handoff as
+// offloaded (Offloaded alone) fails it.
 func TestPartitionForLeave(t *testing.T) {
 	cfg, err := config.LoadDefault()
 	if err != nil {
@@ -50,29 +50,14 @@ func TestPartitionForLeave(t *testing.T) {
 	if err := offloaded.entry.Offload(put); err != nil {
 		t.Fatal(err)
 	}
-	// A promotion under way that completes while leave waits.
-	promoted := add(3)
-	if err := promoted.entry.BeginOffload(); err != nil {
-		t.Fatal(err)
-	}
-	g.promotionsRunning.Add(1)
-	waiting := make(chan struct{})
-	go func() {
-		<-waiting
-		if err := promoted.entry.CompleteOffload(put); err != nil {
-			t.Error(err)
-		}
-		g.promotionsRunning.Add(-1)
-	}()
-	// A handoff nobody completes (its promotion counted as over).
-	stuck := add(4)
+	// A handoff nobody completes (a transition leave gave up on).
+	stuck := add(3)
 	if err := stuck.entry.BeginOffload(); err != nil {
 		t.Fatal(err)
 	}
-	close(waiting)
-	goEngine, kept := g.partitionForLeave(time.Minute)
-	if kept != 2 {
-		t.Errorf("kept %d flows for the program, want 2 (the offloaded one and the one promoted during the wait)", kept)
+	goEngine, kept := g.partitionForLeave()
+	if kept != 1 {
+		t.Errorf("kept %d flows for the program, want 1 (the offloaded one)", kept)
 	}
 	reset := map[*splicedFlow]bool{}
 	for _, sf := range goEngine {
@@ -80,5 +65,47 @@ func TestPartitionForLeave(t *testing.T) {
 	}
 	if len(goEngine) != 2 || !reset[onEngine] || !reset[stuck] {
 		t.Errorf("reset %d flows (Go engine's: %v, stuck in its handoff: %v), want exactly those two", len(goEngine), reset[onEngine], reset[stuck])
+	}
+}
+
+// TestAwaitNone: leave's wait for transitions returns once the last one
+// ends, and gives up (false) when one never does.
+func TestAwaitNone(t *testing.T) {
+	var n atomic.Int32
+	n.Add(2)
+	go func() {
+		n.Add(-1)
+		n.Add(-1)
+	}()
+	if !awaitNone(&n, time.Minute) {
+		t.Fatal("gave up with no transition left")
+	}
+	n.Add(1)
+	if awaitNone(&n, 10*time.Millisecond) || n.Load() != 1 {
+		t.Fatal("a transition that never ends was not waited out")
+	}
+}
+
+// TestRunTransitionCounts: a transition counts until its work returns.
+func TestRunTransitionCounts(t *testing.T) {
+	cfg, err := config.LoadDefault()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	t.Cleanup(g.workers.Close)
+	release := make(chan struct{})
+	started := make(chan struct{})
+	g.runTransition(func() {
+		close(started)
+		<-release
+	})
+	<-started
+	if n := g.transitionsRunning.Load(); n != 1 {
+		t.Errorf("%d transitions running during one, want 1", n)
+	}
+	close(release)
+	if !awaitNone(&g.transitionsRunning, time.Minute) {
+		t.Error("the transition stayed counted after it returned")
 	}
 }

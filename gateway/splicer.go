@@ -63,7 +63,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	}
 	start := time.Now()
 	done := make(chan error, 1)
-	g.workers.Go(func() {
+	g.runTransition(func() {
 		record, err := g.splice(ctx, start, f, client, upstream)
 		done <- err
 		if record != nil {
@@ -542,7 +542,7 @@ func (g *Gateway) handOver(tr *transition, f *proxy.Flow, e *splice.Entry) bool 
 	f.SplicedAt.Store(time.Now().UnixNano())
 	f.SetState(proxy.StateSplicing)
 	start := time.Now()
-	g.workers.Go(func() {
+	g.runTransition(func() {
 		if err := g.completeUnsplice(context.Background(), sf, tr, start); err != nil {
 			g.log.Warn("unsplice abandoned", logging.KeyFlow, f.ID, logging.Err(err))
 		}

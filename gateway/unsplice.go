@@ -40,7 +40,7 @@ import (
 func (g *Gateway) Unsplice(ctx context.Context, f *proxy.Flow) error {
 	start := time.Now()
 	done := make(chan error, 1)
-	g.workers.Go(func() { done <- g.unsplice(ctx, start, f) })
+	g.runTransition(func() { done <- g.unsplice(ctx, start, f) })
 	return <-done
 }
 
@@ -109,14 +109,14 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 	if adopted {
 		// No proxy can route the client's next request: the flow ends,
 		// as when an unsplice fails (abandonUnsplice).
-		go func() {
+		g.runTransition(func() {
 			err := g.abandonUnsplice(sf, tr, errAdopted(sf.flow.ID))
 			g.log.Warn("next request on an adopted flow", logging.KeyFlow, sf.flow.ID, logging.Err(err))
-		}()
+		})
 		return true
 	}
 	start := time.Now() // the client's next data came
-	g.workers.Go(func() {
+	g.runTransition(func() {
 		if err := g.completeUnsplice(context.Background(), sf, tr, start); err != nil {
 			g.log.Warn("unsplice abandoned", logging.KeyFlow, sf.flow.ID, logging.Err(err))
 		}

@@ -165,6 +165,15 @@ func (e *Entry) HandingOff() bool {
 	return e.handing
 }
 
+// OffloadState reports, read together, whether another datapath holds
+// the flow or is being handed it (offloaded, as Offloaded), and whether
+// the handoff is still under way (handing, as HandingOff).
+func (e *Entry) OffloadState() (offloaded, handing bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.offloaded || e.handing, e.handing
+}
+
 // Offloaded reports whether another datapath holds the flow, or is
 // being handed it (BeginOffload).
 func (e *Entry) Offloaded() bool {

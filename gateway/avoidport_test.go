@@ -62,3 +62,33 @@ func TestAvoidPort(t *testing.T) {
 		t.Error("avoided after the margin")
 	}
 }
+
+// TestJumpedLegExpiresAfterProxyClose: an unspliced flow's server leg
+// stays in jumped (no expiry) while its rebuilt socket lives; when the
+// flow then ends in its proxy the leg gets the TIME_WAIT margin, so the
+// reaper drops it later instead of keeping it for ever.
+func TestJumpedLegExpiresAfterProxyClose(t *testing.T) {
+	cfg, err := config.LoadDefault()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	client, server := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
+	g.engine = splice.NewTable()
+	g.spliceOn.Store(true)
+	f := proxy.NewFlow("svc", "http", client, server)
+	f.SetServerLeg(client, server)
+	g.jumped[serverLeg(f)] = time.Time{} // as completeUnsplice leaves it
+	g.forwarderEvent(proxy.EventClosed, f, "")
+	until, ok := g.jumped[serverLeg(f)]
+	if !ok || until.IsZero() {
+		t.Fatalf("after the proxy closed the flow: in jumped %v, until %v; want an expiry", ok, until)
+	}
+	if !g.avoidPort(client, server) {
+		t.Error("not avoided within the margin after the close")
+	}
+	g.reap(until.Add(time.Second))
+	if _, ok := g.jumped[serverLeg(f)]; ok {
+		t.Error("the reaper kept the leg after its margin")
+	}
+}

@@ -349,8 +349,17 @@ func (g *Gateway) retirePassthrough(id uint64, tr *transition) {
 }
 
 // endPassthrough is called when a flow ends in its proxy: if it was
-// unspliced, its divert entries go.
+// unspliced, its divert entries go, and its server leg, kept in jumped
+// for as long as the rebuilt socket lived (see completeUnsplice), now
+// leaves it once the server's TIME_WAIT is over (otherwise every flow
+// unspliced and then closed by its proxy stayed in jumped for ever).
 func (g *Gateway) endPassthrough(f *proxy.Flow) {
+	leg := serverLeg(f)
+	g.splicedMu.Lock()
+	if until, ok := g.jumped[leg]; ok && until.IsZero() && g.spliced[f.ID] == nil {
+		g.jumped[leg] = time.Now().Add(timeWaitMargin)
+	}
+	g.splicedMu.Unlock()
 	tr := g.takePassthrough(f.ID)
 	if tr == nil {
 		return

@@ -1,13 +1,10 @@
 package gateway
 
 import (
-	"io"
-	"log/slog"
 	"net/netip"
 	"testing"
 	"time"
 
-	"spliced/config"
 	"spliced/proxy"
 	"spliced/splice"
 )
@@ -16,11 +13,7 @@ import (
 // port while a spliced flow holds that server leg (found in the engine's
 // table, not in jumped), and after it ended for the TIME_WAIT margin.
 func TestAvoidPort(t *testing.T) {
-	cfg, err := config.LoadDefault()
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	g := quietGateway(t)
 	client, server := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
 	if g.avoidPort(client, server) {
 		t.Fatal("avoided before splicing runs")
@@ -68,11 +61,7 @@ func TestAvoidPort(t *testing.T) {
 // flow then ends in its proxy the leg gets the TIME_WAIT margin, so the
 // reaper drops it later instead of keeping it for ever.
 func TestJumpedLegExpiresAfterProxyClose(t *testing.T) {
-	cfg, err := config.LoadDefault()
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	g := quietGateway(t)
 	client, server := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
 	g.engine = splice.NewTable()
 	g.spliceOn.Store(true)

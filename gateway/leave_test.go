@@ -19,11 +19,7 @@ import (
 // program's. The negative control, by hand: counting a handoff as
 // offloaded (Offloaded alone) fails it.
 func TestPartitionForLeave(t *testing.T) {
-	cfg, err := config.LoadDefault()
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	g := quietGateway(t)
 	g.engine = splice.NewTable()
 	add := func(i int) *splicedFlow {
 		client := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, 0, byte(i)}), uint16(10000+i))
@@ -88,12 +84,7 @@ func TestAwaitNone(t *testing.T) {
 
 // TestRunTransitionCounts: a transition counts until its work returns.
 func TestRunTransitionCounts(t *testing.T) {
-	cfg, err := config.LoadDefault()
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	t.Cleanup(g.workers.Close)
+	g := quietGateway(t)
 	release := make(chan struct{})
 	started := make(chan struct{})
 	g.runTransition(func() {
@@ -108,4 +99,18 @@ func TestRunTransitionCounts(t *testing.T) {
 	if !awaitNone(&g.transitionsRunning, time.Minute) {
 		t.Error("the transition stayed counted after it returned")
 	}
+}
+
+// quietGateway is a gateway with the default configuration that logs
+// nowhere, for unit tests of its bookkeeping; its transition workers end
+// with the test.
+func quietGateway(t *testing.T) *Gateway {
+	t.Helper()
+	cfg, err := config.LoadDefault()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	t.Cleanup(g.workers.Close)
+	return g
 }

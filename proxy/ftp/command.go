@@ -1,18 +1,70 @@
 package ftp
 
 import (
+	"bytes"
 	"fmt"
 	"net/netip"
 	"strconv"
 	"strings"
 )
 
-// splitCommand returns the verb of a command line, upper-cased, and its
-// argument without the line ending.
+// Telnet commands a client may send on the control connection (RFC 854).
+const (
+	telnetIAC  = 0xff
+	telnetWILL = 0xfb // WILL, WONT, DO, DONT: 0xfb-0xfe, each with an option byte
+	telnetDONT = 0xfe
+)
+
+// cleanCommand returns a command line as the gateway reads it and passes
+// it on: Telnet commands removed (servers such as ProFTPD remove them
+// before they parse; IAC IAC, a literal 0xff, stays) and ending in CRLF.
+// A CR anywhere else (a line end to some servers, to others not) makes it
+// unusable: ok is false.
+func cleanCommand(line []byte) (clean []byte, ok bool) {
+	line = bytes.TrimSuffix(line, []byte("\n"))
+	line = bytes.TrimSuffix(line, []byte("\r"))
+	if bytes.IndexByte(line, '\r') >= 0 {
+		return nil, false
+	}
+	if bytes.IndexByte(line, telnetIAC) < 0 {
+		return append(line, '\r', '\n'), true
+	}
+	clean = make([]byte, 0, len(line)+2)
+	for i := 0; i < len(line); i++ {
+		if line[i] != telnetIAC {
+			clean = append(clean, line[i])
+			continue
+		}
+		switch {
+		case i+1 < len(line) && line[i+1] == telnetIAC:
+			clean = append(clean, telnetIAC, telnetIAC)
+			i++
+		case i+1 < len(line) && line[i+1] >= telnetWILL && line[i+1] <= telnetDONT:
+			i += 2 // and the option
+		default:
+			i++
+		}
+	}
+	return append(clean, '\r', '\n'), true
+}
+
+// isSpace is what servers take for white space between words (C's
+// isspace; ProFTPD splits commands with it).
+func isSpace(r rune) bool {
+	return r == ' ' || r == '\t' || r == '\v' || r == '\f' || r == '\r' || r == '\n'
+}
+
+// splitCommand returns the verb of a command line (from cleanCommand),
+// upper-cased, and its argument without the line ending. Leading white
+// space is skipped and any white space ends the verb, as servers read
+// it: a command the server takes for PORT is PORT to the gateway too.
 func splitCommand(line []byte) (verb, arg string) {
-	s := strings.TrimRight(string(line), "\r\n")
-	verb, arg, _ = strings.Cut(s, " ")
-	return strings.ToUpper(verb), arg
+	s := strings.TrimFunc(string(line), isSpace)
+	i := strings.IndexFunc(s, isSpace)
+	if i < 0 {
+		return strings.ToUpper(s), ""
+	}
+	return strings.ToUpper(s[:i]), strings.TrimLeftFunc(s[i:], isSpace)
 }
 
 // parsePORT parses the argument of PORT (RFC 959): h1,h2,h3,h4,p1,p2.

@@ -130,10 +130,16 @@ func (s *session) end(reply, reason string, attrs ...any) string {
 	return reason
 }
 
+// tellTimeout bounds the 421 that ends a session: a client that does not
+// read must not keep its session open.
+const tellTimeout = 2 * time.Second
+
 // tell sends the client the 421 reply that announces the end of the
-// session.
+// session. The write deadline bounds it, and a write of the other loop
+// blocked on a client that does not read, which holds clientMu.
 func (s *session) tell(why string) {
 	s.told.Store(true)
+	s.client.SetWriteDeadline(time.Now().Add(tellTimeout))
 	s.writeClient([]byte("421 " + why + ", closing control connection.\r\n"))
 }
 
@@ -187,6 +193,14 @@ func (s *session) clientLoop() string {
 			return s.end("NUL byte in command", "NUL byte in a command line")
 		}
 		s.flow.C2S.Add(int64(len(line)))
+		line, ok := cleanCommand(line)
+		if !ok {
+			s.p.LogLimitedTo(s.log, "ftp bare CR", slog.LevelInfo, "refused a command with a CR inside")
+			if err := s.writeClient([]byte("500 A CR inside a command line is refused by the gateway.\r\n")); err != nil {
+				return "write: " + err.Error()
+			}
+			continue
+		}
 		verb, arg := splitCommand(line)
 		switch verb {
 		case "PORT", "EPRT":
@@ -217,7 +231,8 @@ func (s *session) clientLoop() string {
 // 227 and 229 with the gateway's own data listener.
 func (s *session) serverLoop() string {
 	r := bufio.NewReaderSize(s.server, max(maxReplyLine, s.p.conf().MaxLine))
-	multi := 0 // code of the multi-line reply being read
+	multi := 0      // code of the multi-line reply being read
+	var held []byte // a multi-line 227 or 229 reply, held back until its final line
 	for {
 		line, err := r.ReadSlice('\n')
 		switch {
@@ -234,13 +249,30 @@ func (s *session) serverLoop() string {
 		s.flow.S2C.Add(int64(len(line)))
 		code, final := replyCode(line)
 		switch {
-		case multi != 0:
-			if code == multi && final {
-				multi = 0
+		case multi != 0 && (code != multi || !final):
+			if multi == 227 || multi == 229 {
+				if len(held)+len(line) > r.Size() {
+					return s.end("Server reply too long", "server passive reply too long", "limit", r.Size())
+				}
+				held = append(held, line...)
+				continue
 			}
 		case code != 0 && !final:
 			multi = code
+			if code == 227 || code == 229 {
+				// The client acts on the final line, and may read an
+				// address in any: the whole reply is the gateway's.
+				held = append(held[:0], line...)
+				continue
+			}
 		case code != 0:
+			if multi != 0 { // the final line of a multi-line reply
+				multi = 0
+				if len(held) > 0 {
+					line = append(held, line...)
+					held = held[:0]
+				}
+			}
 			s.mu.Lock()
 			pending := s.pending
 			if code >= 200 {

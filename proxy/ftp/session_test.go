@@ -1,0 +1,198 @@
+package ftp
+
+import (
+	"bufio"
+	"log/slog"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"spliced/config"
+	"spliced/proxy"
+)
+
+// sessionLab is one FTP session on loopback: the test plays the client
+// and the server; the session runs between them as if the client's
+// control connection to the server had been intercepted.
+type sessionLab struct {
+	s      *session
+	client *net.TCPConn // the test's end of the client leg
+	server *net.TCPConn // the test's end of the server leg
+	done   chan string  // the reason run returned
+}
+
+func startSession(t *testing.T, extra string) *sessionLab {
+	t.Helper()
+	cfg, err := config.Parse("ftp.yaml", []byte("services:\n  - name: ftp\n    listen: 15021\n    ports: [\"21\"]\n    proxy: ftp\n"+extra))
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Proxy{Base: proxy.Base{Service: &cfg.Services[0], Flows: proxy.NewFlowTable(100), Log: slog.New(slog.DiscardHandler)}}
+	lo := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}
+	srvLn, err := net.ListenTCP("tcp4", lo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srvLn.Close()
+	gwLn, err := net.ListenTCP("tcp4", lo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gwLn.Close()
+	client, err := net.DialTCP("tcp4", nil, gwLn.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gwClient, err := gwLn.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err := net.DialTCP("tcp4", nil, srvLn.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := srvLn.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	flow := proxy.NewFlow("ftp", KindControl, proxy.AddrPort(gwClient.RemoteAddr()), proxy.AddrPort(srvLn.Addr()))
+	flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), flow.Server)
+	p.Flows.Admit(flow)
+	l := &sessionLab{s: newSession(p, flow, gwClient, up, p.Log), client: client, server: server, done: make(chan string, 1)}
+	go func() { l.done <- l.s.run() }()
+	t.Cleanup(func() {
+		client.Close()
+		server.Close()
+		select {
+		case <-l.done:
+		case <-time.After(10 * time.Second):
+			t.Error("the session did not end after both peers closed")
+		}
+		p.CloseFlows()
+	})
+	return l
+}
+
+// readReply reads one reply (all its lines) from r.
+func readReply(t *testing.T, c *net.TCPConn, r *bufio.Reader) []string {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	var lines []string
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("read reply: %v (after %q)", err, lines)
+		}
+		lines = append(lines, line)
+		if code, final := replyCode([]byte(line)); code != 0 && final && (len(lines) == 1 || line[:3] == lines[0][:3]) {
+			return lines
+		}
+	}
+}
+
+// TestMultiLine227: a server that answers PASV with a multi-line 227
+// must not get its address to the client. The final line of a multi-line
+// reply is the reply a client acts on; the session passed every line of
+// it through unrewritten, so the client connected to whatever address and
+// port the server named (an FTP bounce against the client's side), and the
+// gateway's pending PASV stayed set for an unasked 227 later.
+func TestMultiLine227(t *testing.T) {
+	l := startSession(t, "    ftp:\n      data_ports: \"41000-41099\"\n")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	l.client.Write([]byte("PASV\r\n"))
+	l.server.SetReadDeadline(time.Now().Add(3 * time.Second))
+	if cmd, err := sr.ReadString('\n'); err != nil || cmd != "PASV\r\n" {
+		t.Fatalf("server got %q, %v", cmd, err)
+	}
+	l.server.Write([]byte("227-Entering Passive Mode (10,9,9,9,0,22)\r\n227 Entering Passive Mode (10,9,9,9,0,22).\r\n"))
+	reply := readReply(t, l.client, cr)
+	for _, line := range reply {
+		if strings.Contains(line, "10,9,9,9") {
+			t.Fatalf("the client got the server's own passive address: %q", reply)
+		}
+	}
+	if got := reply[len(reply)-1]; !strings.HasPrefix(got, "227 ") || !strings.Contains(got, "(127,0,0,1,") {
+		t.Fatalf("reply %q, want the gateway's 227", reply)
+	}
+}
+
+// TestClientThatDoesNotRead: a client that stops reading while replies
+// keep coming must not hold its session (and its slot of max_sessions)
+// for ever. The server loop blocked in a write to the client holding
+// clientMu; the idle timeout's and the session timeout's 421 then waited
+// for clientMu, run with them, and the session never ended (and
+// CloseFlows, waiting for it, never returned).
+func TestClientThatDoesNotRead(t *testing.T) {
+	l := startSession(t, "    idle_timeout: 1s\n    ftp:\n      session_timeout: 2s\n")
+	l.client.SetReadBuffer(4096)
+	l.s.client.SetWriteBuffer(4096)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() { // a server with a lot to say
+		line := []byte("211-" + strings.Repeat("x", 1000) + "\r\n")
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			l.server.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+			l.server.Write(line)
+		}
+	}()
+	start := time.Now()
+	select {
+	case reason := <-l.done:
+		t.Logf("session ended after %v: %s", time.Since(start).Round(time.Millisecond), reason)
+		l.done <- reason // for the cleanup
+	case <-time.After(10 * time.Second):
+		t.Fatal("the session of a client that does not read outlived its idle timeout (1s) and session timeout (2s)")
+	}
+}
+
+// TestCommandSmuggling: a command the server reads as PORT or EPRT must
+// be seen as one by the gateway. The session took the verb up to the
+// first space, so a PORT behind Telnet commands (IAC IP, which ProFTPD
+// strips, as clients send it before ABOR), leading whitespace or a tab
+// (ProFTPD splits words at any isspace) was not recognized and went to
+// the server as it was: the server connected wherever the client said
+// (FTP bounce), past the gateway's check and its NAT.
+func TestCommandSmuggling(t *testing.T) {
+	l := startSession(t, "")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	for _, cmd := range []string{
+		"\xff\xf4\xff\xf2PORT 10,9,9,9,4,1\r\n",
+		"\xff\xfb\x01PORT 10,9,9,9,4,1\r\n",
+		" PORT 10,9,9,9,4,1\r\n",
+		"\tPORT 10,9,9,9,4,1\r\n",
+		"PORT\t10,9,9,9,4,1\r\n",
+		"EPRT\v|1|10.9.9.9|1025|\r\n",
+		"NOOP\rPORT 10,9,9,9,4,1\r\n",
+	} {
+		l.client.Write([]byte(cmd + "NOOP\r\n"))
+		l.server.SetReadDeadline(time.Now().Add(3 * time.Second))
+		for {
+			got, err := sr.ReadString('\n')
+			if err != nil {
+				t.Fatalf("%q: server read: %v", cmd, err)
+			}
+			if strings.Contains(got, "10,9,9,9") || strings.Contains(got, "10.9.9.9") {
+				t.Fatalf("%q reached the server as %q", cmd, got)
+			}
+			if got == "NOOP\r\n" {
+				break
+			}
+		}
+		l.server.Write([]byte("200 NOOP ok.\r\n"))
+		if reply := readReply(t, l.client, cr); !strings.HasPrefix(reply[0], "50") {
+			t.Fatalf("%q: the client got %q, want a refusal", cmd, reply)
+		}
+		readReply(t, l.client, cr) // NOOP's
+	}
+	// ABOR as clients send it, behind IAC IP IAC DM, reaches the server.
+	l.client.Write([]byte("\xff\xf4\xff\xf2ABOR\r\n"))
+	if got, err := sr.ReadString('\n'); err != nil || !strings.HasSuffix(got, "ABOR\r\n") {
+		t.Fatalf("ABOR reached the server as %q, %v", got, err)
+	}
+}

@@ -29,7 +29,7 @@ type Proxy struct {
 	conf     *Config
 	resolver *net.Resolver
 	users    atomic.Pointer[users]
-	failed   failures
+	failed   *failures
 	sessions atomic.Int32
 
 	statsMu    sync.Mutex
@@ -41,7 +41,7 @@ type Proxy struct {
 func newProxy(s proxy.Setup) *Proxy {
 	p := &Proxy{Forwarder: proxy.Forwarder{Base: s.Base()}, results: map[string]uint64{}, connects: map[string]uint64{}}
 	p.conf = s.Service.Section().(*Config)
-	p.failed = failures{limit: p.conf.FailedLogins, backOff: p.conf.BackOff.D(), m: map[netip.Addr]*failure{}}
+	p.failed = newFailures(p.conf.FailedLogins, p.conf.BackOff.D())
 	p.resolver = net.DefaultResolver
 	if r := p.conf.Resolver; r != "" {
 		p.resolver = &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
@@ -73,7 +73,7 @@ func (p *Proxy) Reload() error {
 		return fmt.Errorf("socks5 users file %s: %w", p.conf.UsersFile, err)
 	}
 	p.users.Store(&u)
-	p.Log.Info("socks5: users file reloaded", logging.KeyFile, p.conf.UsersFile, "users", len(u))
+	p.Log.Info("socks5: users file reloaded", logging.KeyFile, p.conf.UsersFile, "users", len(u.hash))
 	return nil
 }
 
@@ -244,22 +244,21 @@ func (h *handshake) login() (result string, ok bool, err error) {
 	}
 	h.user = user
 	now := time.Now()
-	if blocked, until := p.failed.blocked(h.client.Addr(), now); blocked {
+	if blocked, until := p.failed.begin(h.client.Addr()); blocked {
 		c.Write([]byte{authVersion, 0x01})
 		p.LogLimited("socks5 backed off", slog.LevelWarn, "socks5: login from a backed-off source refused without a check",
 			logging.KeyClient, h.client, "user", user, "until", until.Format(time.RFC3339))
 		return resultBackedOff, false, nil
 	}
 	ok = (*p.users.Load()).check(user, pass)
+	backOff := p.failed.done(h.client.Addr(), user, ok, time.Now())
 	h.deadline = h.deadline.Add(time.Since(now))
 	c.SetDeadline(h.deadline)
 	if !ok {
 		c.Write([]byte{authVersion, 0x01})
-		backOff := p.failed.fail(h.client.Addr(), now)
 		p.LogLimited("socks5 login failed", slog.LevelWarn, "socks5: login failed", logging.KeyClient, h.client, "user", user, "back_off", backOff)
 		return resultAuthFailed, false, nil
 	}
-	p.failed.succeed(h.client.Addr())
 	if _, err := c.Write([]byte{authVersion, 0x00}); err != nil {
 		return resultClosed, false, err
 	}
@@ -298,6 +297,12 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 	var allowed []netip.AddrPort
 	for _, a := range addrs {
 		a = a.Unmap()
+		if a.IsUnspecified() {
+			// Not a destination: connect(2) takes 0.0.0.0 and :: for
+			// the gateway's loopback address, which rules on
+			// 127.0.0.0/8 or ::1 would not see.
+			continue
+		}
 		if act, _ := p.conf.decide(h.user, q.Name, a, q.Port); act == config.Deny {
 			continue
 		}

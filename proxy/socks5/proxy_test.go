@@ -17,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/bcrypt"
+
 	"spliced/config"
 	"spliced/internal/dnstest"
 	"spliced/proxy"
@@ -474,5 +476,203 @@ func BenchmarkConnectSetup(b *testing.B) {
 			n += m
 		}
 		c.Close()
+	}
+}
+
+// TestBackOffConcurrentLogins: failed_logins bounds the guesses a source
+// gets before it is backed off, however many logins it sends at once.
+// blocked was checked before the bcrypt check and the failure recorded
+// after it, so logins sent together all passed the check: max_sessions
+// guesses (1024 by default) per back-off instead of failed_logins.
+func TestBackOffConcurrentLogins(t *testing.T) {
+	l := startLab(t) // failed_logins: 3
+	wrong := cat(greetPass, login("alice", "nope"))
+	var wg sync.WaitGroup
+	for range 12 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			l.talk(t, "127.0.0.9", wrong, false)
+		}()
+	}
+	wg.Wait()
+	if checked := l.p.result(resultAuthFailed); checked > 3 {
+		t.Fatalf("%d passwords checked for one source sending 12 logins at once; failed_logins is 3 (%d backed off)",
+			checked, l.p.result(resultBackedOff))
+	}
+	// A legitimate burst (a browser's connections) all log in.
+	right := cat(greetPass, login("alice", "s3cret"))
+	var ok atomic.Int64
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if bytes.Equal(l.talk(t, "127.0.0.10", right, false), okPass) {
+				ok.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if ok.Load() != 8 {
+		t.Fatalf("%d of 8 concurrent right logins succeeded", ok.Load())
+	}
+}
+
+// TestBackOffNotResetByOtherUser: a source that knows one user's
+// password cannot clear its failed guesses at another's by logging in as
+// the first between guesses. Any success deleted the source's failures,
+// so two guesses and a login as bob, over and over, guessed alice's
+// password at full speed and was never backed off.
+func TestBackOffNotResetByOtherUser(t *testing.T) {
+	l := startLab(t) // failed_logins: 3
+	guess := cat(greetPass, login("alice", "nope"))
+	bob := cat(greetPass, login("bob", "s3cret"))
+	for round := range 3 {
+		for i := range 2 {
+			if got := l.talk(t, "127.0.0.11", guess, false); !bytes.Equal(got, []byte{5, 2, 1, 1}) {
+				t.Fatalf("round %d guess %d: got %x", round, i, got)
+			}
+		}
+		l.talk(t, "127.0.0.11", bob, false)
+	}
+	if n := l.p.result(resultBackedOff); n == 0 {
+		t.Fatalf("6 wrong passwords for alice, with bob's logins between them, were never backed off (failed_logins 3; %d checked)",
+			l.p.result(resultAuthFailed))
+	}
+	// The user who failed and then got it right is forgiven.
+	for range 2 {
+		l.talk(t, "127.0.0.12", guess, false)
+	}
+	right := cat(greetPass, login("alice", "s3cret"))
+	for i := range 3 {
+		if got := l.talk(t, "127.0.0.12", right, false); !bytes.Equal(got, okPass) {
+			t.Fatalf("alice's login %d after her own mistakes: got %x", i, got)
+		}
+		if i == 0 {
+			l.talk(t, "127.0.0.12", guess, false)
+			l.talk(t, "127.0.0.12", guess, false)
+		}
+	}
+}
+
+// TestConnectUnspecified: the unspecified address is not a destination
+// but, to Linux, the gateway itself (connect(2) to 0.0.0.0 or :: goes to
+// the loopback address). Rules that keep clients off the gateway's
+// loopback services (127.0.0.0/8, ::1) did not see it: CONNECT 0.0.0.0
+// reached them, as did a name resolving to 0.0.0.0.
+func TestConnectUnspecified(t *testing.T) {
+	svc, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}) // a loopback-only service
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	var reached atomic.Int64
+	go func() {
+		for {
+			c, err := svc.Accept()
+			if err != nil {
+				return
+			}
+			reached.Add(1)
+			c.Close()
+		}
+	}()
+	port := svc.Addr().(*net.TCPAddr).AddrPort().Port()
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dns := dnstest.Serve(pc, map[string][]netip.Addr{"zero.test": {netip.IPv4Unspecified()}})
+	defer dns.Close()
+	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
+services:
+  - name: socks
+    proxy: socks5
+    listen_on: ["127.0.0.1:1080"]
+    splice:
+      mode: never
+    socks5:
+      resolver: %s
+      rules:
+        - action: deny
+          destinations: [127.0.0.0/8, "::1/128"]
+`, dns.Addr())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := serveConfig(t, cfg)
+
+	for _, req := range map[string][]byte{
+		"127.0.0.1": connect4(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)),
+		"0.0.0.0":   connect4(netip.AddrPortFrom(netip.IPv4Unspecified(), port)),
+		"::":        append([]byte{5, CmdConnect, 0, AtypIPv6, 15: 0, 19: 0}, byte(port>>8), byte(port)),
+		"zero.test": connectName("zero.test", port),
+	} {
+		if got := l.talk(t, "127.0.0.1", cat(greetNone, req), false); !bytes.Equal(got, cat([]byte{5, 0}, failReply(NotAllowed))) {
+			t.Errorf("%x: got %x, want 0x02", req, got)
+		}
+	}
+	if n := reached.Load(); n != 0 {
+		t.Fatalf("a loopback-only service the rules deny was reached %d times", n)
+	}
+}
+
+// serveConfig runs the proxy of cfg's first service on loopback.
+func serveConfig(t *testing.T, cfg *config.Config) *lab {
+	t.Helper()
+	l := &lab{p: newProxy(proxy.Setup{Service: &cfg.Services[0], Flows: proxy.NewFlowTable(100), Log: slog.New(slog.DiscardHandler)})}
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.addr = ln.Addr().String()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { l.p.Serve(ctx, ln); close(done) }()
+	t.Cleanup(func() { cancel(); <-done; l.p.CloseFlows() })
+	return l
+}
+
+// TestUnknownUserTiming: an unknown user must cost the time a known
+// user's wrong password costs, whatever the cost of the file's hashes.
+// The dummy hash had cost 10 (HashCost) while the users file may hold
+// any bcrypt hash (htpasswd -B makes cost 5): with cost-4 hashes a wrong
+// password was answered in ~1 ms and an unknown user in ~60 ms, which
+// tells an attacker which names exist.
+func TestUnknownUserTiming(t *testing.T) {
+	hash, err := bcrypt.GenerateFromPassword([]byte("s3cret"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	users := filepath.Join(t.TempDir(), "users")
+	os.WriteFile(users, []byte("alice:"+string(hash)+"\nbob:"+string(hash)+"\n"), 0o600)
+	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
+services:
+  - name: socks
+    proxy: socks5
+    listen_on: ["127.0.0.1:1080"]
+    socks5:
+      users_file: %s
+      failed_logins: 1000
+`, users)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := serveConfig(t, cfg)
+	fastest := func(user string) time.Duration {
+		best := time.Hour
+		for range 5 {
+			start := time.Now()
+			if got := l.talk(t, "127.0.0.1", cat(greetPass, login(user, "guess")), false); !bytes.Equal(got, []byte{5, 2, 1, 1}) {
+				t.Fatalf("%s: got %x", user, got)
+			}
+			best = min(best, time.Since(start))
+		}
+		return best
+	}
+	fastest("nobody") // makes the dummy hash
+	known, unknown := fastest("alice"), fastest("mallory")
+	if unknown > 3*known+5*time.Millisecond {
+		t.Fatalf("a wrong password takes %v, an unknown user %v: the names in the users file can be told apart", known, unknown)
 	}
 }

@@ -27,17 +27,22 @@ func HashPassword(pass []byte) (string, error) {
 	return string(h), err
 }
 
-// users maps names to bcrypt hashes.
-type users map[string][]byte
+// users maps names to bcrypt hashes. dummy is checked for names not in
+// it: a hash of the cost the file's hashes have.
+type users struct {
+	hash  map[string][]byte
+	dummy []byte
+}
 
 // loadUsers reads a users file: "name:hash" lines, blank lines and #
 // comments ignored. Errors name the line and what to fix.
 func loadUsers(path string) (users, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("cannot be read (%v); create it with user:hash lines (spliced -hash-password makes a hash)", err)
+		return users{}, fmt.Errorf("cannot be read (%v); create it with user:hash lines (spliced -hash-password makes a hash)", err)
 	}
-	u := users{}
+	u := users{hash: map[string][]byte{}}
+	costs := map[int]int{} // users by cost
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	for n := 1; sc.Scan(); n++ {
 		line := strings.TrimSpace(sc.Text())
@@ -46,81 +51,147 @@ func loadUsers(path string) (users, error) {
 		}
 		name, hash, ok := strings.Cut(line, ":")
 		if !ok || name == "" || len(name) > 255 {
-			return nil, fmt.Errorf("line %d is not user:hash; write one user per line as name:$2a$... (spliced -hash-password makes the hash)", n)
+			return users{}, fmt.Errorf("line %d is not user:hash; write one user per line as name:$2a$... (spliced -hash-password makes the hash)", n)
 		}
-		if _, err := bcrypt.Cost([]byte(hash)); err != nil {
-			return nil, fmt.Errorf("line %d: the hash of user %q is not a bcrypt hash (%v); make one with spliced -hash-password", n, name, err)
+		cost, err := bcrypt.Cost([]byte(hash))
+		if err != nil {
+			return users{}, fmt.Errorf("line %d: the hash of user %q is not a bcrypt hash (%v); make one with spliced -hash-password", n, name, err)
 		}
-		if _, dup := u[name]; dup {
-			return nil, fmt.Errorf("line %d: user %q is listed twice; keep one", n, name)
+		if _, dup := u.hash[name]; dup {
+			return users{}, fmt.Errorf("line %d: user %q is listed twice; keep one", n, name)
 		}
-		u[name] = []byte(hash)
+		u.hash[name] = []byte(hash)
+		costs[cost]++
 	}
-	return u, sc.Err()
+	if err := sc.Err(); err != nil {
+		return users{}, err
+	}
+	common := HashCost
+	for c, n := range costs {
+		if n > costs[common] || n == costs[common] && c > common {
+			common = c
+		}
+	}
+	u.dummy = dummyHash(common)
+	return u, nil
 }
 
-// dummyHash is checked for unknown users, so that a missing user costs
-// the same time as a wrong password.
-var dummyHash = sync.OnceValue(func() []byte {
-	h, _ := bcrypt.GenerateFromPassword([]byte("spliced-dummy-password"), HashCost)
+// dummies holds a dummy hash per cost, made once: unknown users are
+// checked against one of the cost the users file's hashes have, so that
+// a missing user costs the same time as a wrong password (a file of
+// htpasswd's cost-5 hashes next to a cost-10 dummy told them apart).
+var dummies sync.Map // int -> []byte
+
+func dummyHash(cost int) []byte {
+	if h, ok := dummies.Load(cost); ok {
+		return h.([]byte)
+	}
+	h, _ := bcrypt.GenerateFromPassword([]byte("spliced-dummy-password"), cost)
+	dummies.Store(cost, h)
 	return h
-})
+}
 
 // check reports whether pass is user's password.
 func (u users) check(user string, pass []byte) bool {
-	h, ok := u[user]
+	h, ok := u.hash[user]
 	if !ok {
-		bcrypt.CompareHashAndPassword(dummyHash(), pass)
+		dummy := u.dummy
+		if dummy == nil {
+			dummy = dummyHash(HashCost)
+		}
+		bcrypt.CompareHashAndPassword(dummy, pass)
 		return false
 	}
 	return bcrypt.CompareHashAndPassword(h, pass) == nil
 }
 
 // failures tracks failed logins per source address, for back-off. It
-// holds at most maxTracked sources; when full it forgets those whose
-// back-off ended, then the oldest.
+// holds at most maxTracked sources (and those with a check running);
+// when full it forgets those whose back-off ended, then the oldest.
 type failures struct {
 	mu      sync.Mutex
+	cond    *sync.Cond // a check ended
 	limit   int
 	backOff time.Duration
 	m       map[netip.Addr]*failure
 }
 
 type failure struct {
-	count int
-	last  time.Time
-	until time.Time // backed off until then
+	count    int
+	last     time.Time
+	until    time.Time // backed off until then
+	checking int       // checks begun and not yet done
+	// user is whose password the failures of the streak guessed; mixed
+	// says they guessed several users'. A login forgives only its own
+	// user's mistakes.
+	user  string
+	mixed bool
 }
 
 const maxTracked = 4096
 
-// blocked reports whether logins from src are backed off now, and until
-// when.
-func (f *failures) blocked(src netip.Addr, now time.Time) (bool, time.Time) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	e := f.m[src]
-	if e == nil || !now.Before(e.until) {
-		return false, time.Time{}
-	}
-	return true, e.until
+func newFailures(limit int, backOff time.Duration) *failures {
+	f := &failures{limit: max(limit, 1), backOff: backOff, m: map[netip.Addr]*failure{}}
+	f.cond = sync.NewCond(&f.mu)
+	return f
 }
 
-// fail records a failed login from src and returns the back-off now in
-// force (0 if none).
-func (f *failures) fail(src netip.Addr, now time.Time) time.Duration {
+// begin is called before a password check from src. It reports whether
+// src is backed off now, and until when; if not, the check may run and
+// its result must be given to done. At most failed_logins minus the
+// streak's failures checks of one source run at once: a burst of logins
+// sent together waits for the checks ahead of it, so that it cannot
+// get more guesses than the back-off allows.
+func (f *failures) begin(src netip.Addr) (bool, time.Time) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	e := f.m[src]
-	if e == nil {
-		if len(f.m) >= maxTracked {
-			f.evict(now)
+	for {
+		now := time.Now()
+		e := f.m[src]
+		if e == nil {
+			if len(f.m) >= maxTracked {
+				f.evict(now)
+			}
+			e = &failure{}
+			f.m[src] = e
 		}
-		e = &failure{}
-		f.m[src] = e
+		if now.Before(e.until) {
+			return true, e.until
+		}
+		count := e.count
+		if now.Sub(e.last) > maxBackOff { // an old streak is forgiven
+			count = 0
+		}
+		if count+e.checking < f.limit {
+			e.checking++
+			return false, time.Time{}
+		}
+		f.cond.Wait()
 	}
+}
+
+// done records the result of a check begun with begin, for user. It
+// returns the back-off now in force (0 if none).
+func (f *failures) done(src netip.Addr, user string, ok bool, now time.Time) time.Duration {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	defer f.cond.Broadcast()
+	e := f.m[src] // there: an entry with a check running is never deleted
+	e.checking--
+	defer f.forget(src, e)
 	if now.Sub(e.last) > maxBackOff { // an old streak is forgiven
-		e.count = 0
+		e.count, e.user, e.mixed = 0, "", false
+	}
+	if ok {
+		if !e.mixed && (e.count == 0 || e.user == user) {
+			e.count, e.user, e.until = 0, "", time.Time{}
+		}
+		return 0
+	}
+	if e.count == 0 {
+		e.user = user
+	} else if e.user != user {
+		e.mixed = true
 	}
 	e.count++
 	e.last = now
@@ -133,17 +204,20 @@ func (f *failures) fail(src netip.Addr, now time.Time) time.Duration {
 	return d
 }
 
-// succeed forgets the failures of src.
-func (f *failures) succeed(src netip.Addr) {
-	f.mu.Lock()
-	delete(f.m, src)
-	f.mu.Unlock()
+// forget deletes an entry that holds nothing.
+func (f *failures) forget(src netip.Addr, e *failure) {
+	if e.count == 0 && e.checking == 0 && f.m[src] == e {
+		delete(f.m, src)
+	}
 }
 
 func (f *failures) evict(now time.Time) {
 	var oldest netip.Addr
 	var at time.Time
 	for a, e := range f.m {
+		if e.checking > 0 {
+			continue
+		}
 		if now.After(e.until) && now.Sub(e.last) > f.backOff {
 			delete(f.m, a)
 			continue
@@ -152,7 +226,7 @@ func (f *failures) evict(now time.Time) {
 			oldest, at = a, e.last
 		}
 	}
-	if len(f.m) >= maxTracked {
+	if len(f.m) >= maxTracked && !at.IsZero() {
 		delete(f.m, oldest)
 	}
 }

@@ -45,15 +45,22 @@ type session struct {
 	// (a 421): the close must then not lose that reply to a RST.
 	told atomic.Bool
 
-	mu        sync.Mutex
-	pending   string             // the client's PASV or EPSV awaiting the server's reply
+	mu sync.Mutex
+	// turns are the replies the client is owed, in the order of its
+	// commands (it may send several before reading a reply): the
+	// server's, to a command passed on, and the gateway's own, to one it
+	// answered itself, which waits behind the server's replies to
+	// earlier commands. The first is always the server's: a reply of the
+	// gateway's that comes first is written at once.
+	turns     []turn
 	dataLns   []*net.TCPListener // listeners of the data connection set up last, not yet connected
 	dataFlows []*proxy.Flow      // data connections that may still be open
 	transfers atomic.Int64
 }
 
 func newSession(p *Proxy, flow *proxy.Flow, client, server *net.TCPConn, log *slog.Logger) *session {
-	s := &session{p: p, flow: flow, client: client, server: server, log: log}
+	// The server's greeting is the first reply the client is owed.
+	s := &session{p: p, flow: flow, client: client, server: server, log: log, turns: []turn{{verb: greeting}}}
 	s.clientView = flow.Server.Addr()
 	s.external = p.conf().External.Addr
 	if !s.external.IsValid() {
@@ -165,6 +172,74 @@ func (s *session) writeServer(b []byte) error {
 	return err
 }
 
+// turn is a reply the client is owed (see session.turns).
+type turn struct {
+	verb  string // the client's command passed on to the server
+	reply []byte // the gateway's own reply (verb is then "")
+}
+
+// greeting is the turn of the server's greeting, which the client is
+// owed before any reply to its commands.
+const greeting = "(greeting)"
+
+// maxTurns bounds the replies a client may be owed: a client pipelining
+// without end, to a server that does not answer, must not grow them for
+// ever.
+const maxTurns = 128
+
+var errTooManyTurns = errors.New("more than 128 commands without a reply")
+
+// forward passes a client's command (verb, as the client sent it) on to
+// the server, whose next final reply answers it.
+func (s *session) forward(verb string, b []byte) error {
+	s.mu.Lock()
+	if len(s.turns) >= maxTurns {
+		s.mu.Unlock()
+		return errTooManyTurns
+	}
+	s.turns = append(s.turns, turn{verb: verb})
+	s.mu.Unlock()
+	return s.writeServer(b)
+}
+
+// answer gives the client the gateway's own reply to its command: now, or
+// after the server's replies to the client's earlier commands.
+func (s *session) answer(reply string) error {
+	s.mu.Lock()
+	if len(s.turns) == 0 {
+		s.mu.Unlock()
+		return s.writeClient([]byte(reply))
+	}
+	if len(s.turns) >= maxTurns {
+		s.mu.Unlock()
+		return errTooManyTurns
+	}
+	s.turns = append(s.turns, turn{reply: []byte(reply)})
+	s.mu.Unlock()
+	return nil
+}
+
+// answered takes the turn a final reply of the server answers: the verb
+// of the client's command (empty for a reply nobody asked for, such as
+// the greeting), and the gateway's replies that were waiting behind it.
+func (s *session) answered() (verb string, then [][]byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.turns) == 0 {
+		return "", nil
+	}
+	verb = s.turns[0].verb
+	s.turns = s.turns[1:]
+	for len(s.turns) > 0 && s.turns[0].verb == "" {
+		then = append(then, s.turns[0].reply)
+		s.turns = s.turns[1:]
+	}
+	if len(s.turns) == 0 {
+		s.turns = nil // let go of the array
+	}
+	return verb, then
+}
+
 // clientLoop reads the client's commands, complete lines only, and passes
 // them on, rewritten where they carry addresses.
 func (s *session) clientLoop() string {
@@ -196,8 +271,8 @@ func (s *session) clientLoop() string {
 		line, ok := cleanCommand(line)
 		if !ok {
 			s.p.LogLimitedTo(s.log, "ftp bare CR", slog.LevelInfo, "refused a command with a CR inside")
-			if err := s.writeClient([]byte("500 A CR inside a command line is refused by the gateway.\r\n")); err != nil {
-				return "write: " + err.Error()
+			if err := s.answer("500 A CR inside a command line is refused by the gateway.\r\n"); err != nil {
+				return s.failed(err)
 			}
 			continue
 		}
@@ -209,20 +284,20 @@ func (s *session) clientLoop() string {
 			err = s.passive(verb)
 		case "EPSV":
 			if arg != "" && arg != "1" && arg != "2" { // EPSV ALL
-				err = s.writeServer(line)
+				err = s.forward("EPSV ALL", line)
 				break
 			}
 			err = s.passive(verb)
 		case "AUTH":
 			s.p.LogLimitedTo(s.log, "ftp auth", slog.LevelInfo, "refused AUTH: TLS-wrapped FTP cannot be rewritten by the gateway; the client may go on in plain FTP", "mechanism", arg)
-			err = s.writeClient([]byte("534 TLS is not available through this gateway; use plain FTP.\r\n"))
+			err = s.answer("534 TLS is not available through this gateway; use plain FTP.\r\n")
 		case "LPRT", "LPSV":
-			err = s.writeClient([]byte("502 " + verb + " is not supported by the gateway; use EPRT or EPSV.\r\n"))
+			err = s.answer("502 " + verb + " is not supported by the gateway; use EPRT or EPSV.\r\n")
 		default:
-			err = s.writeServer(line)
+			err = s.forward(verb, line)
 		}
 		if err != nil {
-			return "write: " + err.Error()
+			return s.failed(err)
 		}
 	}
 }
@@ -234,6 +309,7 @@ func (s *session) serverLoop() string {
 	multi := 0      // code of the multi-line reply being read
 	var held []byte // a multi-line 227 or 229 reply, held back until its final line
 	for {
+		var then [][]byte // the gateway's replies that waited for this one
 		line, err := r.ReadSlice('\n')
 		switch {
 		case errors.Is(err, bufio.ErrBufferFull):
@@ -273,14 +349,12 @@ func (s *session) serverLoop() string {
 					held = held[:0]
 				}
 			}
-			s.mu.Lock()
-			pending := s.pending
+			var asked string
 			if code >= 200 {
-				s.pending = ""
+				asked, then = s.answered()
 			}
-			s.mu.Unlock()
 			if code == 227 || code == 229 {
-				if pending == "" {
+				if pending := asked; pending != "PASV" && pending != "EPSV" {
 					s.p.LogLimitedTo(s.log, "ftp unasked passive reply", slog.LevelWarn, "refused a passive-mode reply the client did not ask for", "reply", string(bytes.TrimSpace(line)))
 					line = []byte("425 Unexpected passive-mode reply refused by the gateway.\r\n")
 				} else {
@@ -290,6 +364,11 @@ func (s *session) serverLoop() string {
 		}
 		if err := s.writeClient(line); err != nil {
 			return "write: " + err.Error()
+		}
+		for _, reply := range then {
+			if err := s.writeClient(reply); err != nil {
+				return "write: " + err.Error()
+			}
 		}
 	}
 }
@@ -308,21 +387,21 @@ func (s *session) active(verb, arg string) error {
 	}
 	if err != nil {
 		s.p.LogLimitedTo(s.log, "ftp malformed "+verb, slog.LevelInfo, "refused a malformed "+verb, logging.Err(err))
-		return s.writeClient([]byte("501 Syntax error in the parameters of " + verb + ".\r\n"))
+		return s.answer("501 Syntax error in the parameters of " + verb + ".\r\n")
 	}
 	want = netip.AddrPortFrom(want.Addr().Unmap(), want.Port())
 	if want.Addr() != s.flow.Client.Addr() {
 		s.p.LogLimitedTo(s.log, "ftp bounce "+verb, slog.LevelWarn, "refused "+verb+" naming another host than the client (FTP bounce)", "named", want)
-		return s.writeClient([]byte("500 Illegal " + verb + " command: it must name your own address.\r\n"))
+		return s.answer("500 Illegal " + verb + " command: it must name your own address.\r\n")
 	}
 	if want.Port() < 1024 {
 		s.p.LogLimitedTo(s.log, "ftp privileged "+verb, slog.LevelWarn, "refused "+verb+" naming a privileged port", "named", want)
-		return s.writeClient([]byte("500 Illegal " + verb + " command: the port must be above 1023.\r\n"))
+		return s.answer("500 Illegal " + verb + " command: the port must be above 1023.\r\n")
 	}
 	lns, err := s.p.listenData(dataAddr{s.external, false})
 	if err != nil {
 		s.p.LogLimitedTo(s.log, "ftp data listener", slog.LevelError, "open a data listener", logging.Err(err))
-		return s.writeClient([]byte("425 The gateway cannot open a data connection.\r\n"))
+		return s.answer("425 The gateway cannot open a data connection.\r\n")
 	}
 	at := netip.AddrPortFrom(s.external, proxy.AddrPort(lns[0].Addr()).Port())
 	var cmd string
@@ -335,7 +414,7 @@ func (s *session) active(verb, arg string) error {
 	s.expectData(lns, s.flow.Server.Addr(), false, func(ctx context.Context) (*net.TCPConn, error) {
 		return proxy.DialFrom(ctx, s.clientView, true, want, timeout)
 	})
-	return s.writeServer([]byte(cmd + "\r\n"))
+	return s.forward(verb, []byte(cmd+"\r\n"))
 }
 
 // passive handles PASV and EPSV: the server will accept the data
@@ -346,10 +425,7 @@ func (s *session) passive(verb string) error {
 	if verb == "PASV" && s.flow.Server.Addr().Is4() {
 		up = "PASV"
 	}
-	s.mu.Lock()
-	s.pending = verb
-	s.mu.Unlock()
-	return s.writeServer([]byte(up + "\r\n"))
+	return s.forward(verb, []byte(up+"\r\n"))
 }
 
 // passiveReply turns the server's 227 or 229 into the gateway's: a data
@@ -560,4 +636,13 @@ func (s *session) dataOpen() bool {
 	}
 	s.dataFlows = open
 	return len(open) > 0
+}
+
+// failed is the reason a loop ends on a write error or a client owed
+// too many replies.
+func (s *session) failed(err error) string {
+	if errors.Is(err, errTooManyTurns) {
+		return s.end("Too many commands without a reply", "client pipelined more than 128 commands without a reply")
+	}
+	return "write: " + err.Error()
 }

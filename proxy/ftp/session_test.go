@@ -2,6 +2,7 @@ package ftp
 
 import (
 	"bufio"
+	"io"
 	"log/slog"
 	"net"
 	"strings"
@@ -61,6 +62,13 @@ func startSession(t *testing.T, extra string) *sessionLab {
 	p.Flows.Admit(flow)
 	l := &sessionLab{s: newSession(p, flow, gwClient, up, p.Log), client: client, server: server, done: make(chan string, 1)}
 	go func() { l.done <- l.s.run() }()
+	// The server's greeting, read by the client.
+	server.Write([]byte("220 ready\r\n"))
+	client.SetReadDeadline(time.Now().Add(3 * time.Second))
+	greet := make([]byte, len("220 ready\r\n"))
+	if _, err := io.ReadFull(client, greet); err != nil || string(greet) != "220 ready\r\n" {
+		t.Fatalf("the client got the greeting as %q, %v", greet, err)
+	}
 	t.Cleanup(func() {
 		client.Close()
 		server.Close()
@@ -194,5 +202,76 @@ func TestCommandSmuggling(t *testing.T) {
 	l.client.Write([]byte("\xff\xf4\xff\xf2ABOR\r\n"))
 	if got, err := sr.ReadString('\n'); err != nil || !strings.HasSuffix(got, "ABOR\r\n") {
 		t.Fatalf("ABOR reached the server as %q, %v", got, err)
+	}
+}
+
+// TestPipelinedPASV: a client may send commands before it read the
+// replies to earlier ones. The session kept one pending PASV that any
+// final reply cleared, so TYPE I and PASV sent together got the PASV a
+// 425: the 200 of TYPE cleared it before the 227 came.
+func TestPipelinedPASV(t *testing.T) {
+	l := startSession(t, "    ftp:\n      data_ports: \"41100-41199\"\n")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	l.client.Write([]byte("TYPE I\r\nPASV\r\n"))
+	l.server.SetReadDeadline(time.Now().Add(3 * time.Second))
+	for _, want := range []string{"TYPE I\r\n", "PASV\r\n"} {
+		if got, err := sr.ReadString('\n'); err != nil || got != want {
+			t.Fatalf("server got %q, %v; want %q", got, err, want)
+		}
+	}
+	l.server.Write([]byte("200 Type set to I.\r\n227 Entering Passive Mode (127,0,0,1,4,1).\r\n"))
+	if reply := readReply(t, l.client, cr); !strings.HasPrefix(reply[0], "200 ") {
+		t.Fatalf("TYPE got %q", reply)
+	}
+	if reply := readReply(t, l.client, cr); !strings.HasPrefix(reply[0], "227 ") {
+		t.Fatalf("PASV got %q, want the gateway's 227", reply)
+	}
+}
+
+// TestGatewayRepliesInOrder: the gateway's own reply to a command (534 to
+// AUTH here) comes after the server's replies to the commands the client
+// sent before it, as a client that pipelines counts them.
+func TestGatewayRepliesInOrder(t *testing.T) {
+	l := startSession(t, "")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	l.client.Write([]byte("NOOP\r\nAUTH TLS\r\nSYST\r\n"))
+	l.server.SetReadDeadline(time.Now().Add(3 * time.Second))
+	for _, want := range []string{"NOOP\r\n", "SYST\r\n"} {
+		if got, err := sr.ReadString('\n'); err != nil || got != want {
+			t.Fatalf("server got %q, %v; want %q", got, err, want)
+		}
+	}
+	// The server answers late: the 534 waits for the NOOP's 200.
+	time.Sleep(50 * time.Millisecond)
+	l.server.Write([]byte("200 NOOP ok.\r\n215 UNIX Type: L8\r\n"))
+	for _, want := range []string{"200 ", "534 ", "215 "} {
+		if reply := readReply(t, l.client, cr); !strings.HasPrefix(reply[0], want) {
+			t.Fatalf("got %q, want a reply starting %q", reply, want)
+		}
+	}
+}
+
+// TestTooManyTurns: a client that pipelines without end to a server that
+// does not answer is told and dropped, before the replies it is owed
+// grow without bound.
+func TestTooManyTurns(t *testing.T) {
+	l := startSession(t, "")
+	var b strings.Builder
+	for range maxTurns + 1 {
+		b.WriteString("AUTH TLS\r\n")
+	}
+	l.client.Write([]byte("NOOP\r\n" + b.String()))
+	select {
+	case reason := <-l.done:
+		if !strings.Contains(reason, "128") {
+			t.Errorf("the session ended for %q", reason)
+		}
+		l.done <- reason // for the cleanup
+	case <-time.After(5 * time.Second):
+		t.Fatal("the session went on owing more than maxTurns replies")
+	}
+	cr := bufio.NewReader(l.client)
+	if reply := readReply(t, l.client, cr); !strings.HasPrefix(reply[0], "421 ") {
+		t.Errorf("the client got %q, want the 421 that ends the session", reply)
 	}
 }

@@ -107,12 +107,14 @@ func (s *session) run() string {
 	} else {
 		s.client.Close()
 	}
-	s.mu.Lock()
-	closeAll(s.dataLns)
-	s.mu.Unlock()
 	for ; waiting > 0; waiting-- {
 		<-reasons
 	}
+	// After both loops ended: a 227 handled while the session closed may
+	// have opened listeners just now.
+	s.mu.Lock()
+	closeAll(s.dataLns)
+	s.mu.Unlock()
 	return reason
 }
 

@@ -676,3 +676,29 @@ services:
 		t.Fatalf("a wrong password takes %v, an unknown user %v: the names in the users file can be told apart", known, unknown)
 	}
 }
+
+// TestBackOffIPv6Prefix: failures from IPv6 sources count against their
+// /64, which one host commonly holds whole: a guesser that takes a new
+// address of its /64 for every guess is backed off all the same, and
+// other /64s and IPv4 sources are not.
+func TestBackOffIPv6Prefix(t *testing.T) {
+	f := newFailures(3, time.Minute)
+	for i := range 3 {
+		src := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(i + 1)})
+		if blocked, _ := f.begin(src); blocked {
+			t.Fatalf("guess %d from %v backed off already", i, src)
+		}
+		f.done(src, "alice", false, time.Now())
+	}
+	if blocked, _ := f.begin(netip.MustParseAddr("2001:db8::99")); !blocked {
+		t.Error("a fourth address of the same /64 is not backed off after 3 failures of the prefix")
+	}
+	for _, other := range []string{"2001:db8:0:1::1", "192.0.2.1", "::ffff:192.0.2.2"} {
+		a := netip.MustParseAddr(other)
+		if blocked, _ := f.begin(a); blocked {
+			t.Errorf("%v is backed off by another /64's failures", a)
+		} else {
+			f.done(a, "alice", true, time.Now())
+		}
+	}
+}

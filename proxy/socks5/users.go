@@ -130,6 +130,21 @@ type failure struct {
 
 const maxTracked = 4096
 
+// source is the source a client's failures count against: its IPv4
+// address, or the /64 of its IPv6 address, which one host commonly holds
+// whole (and could otherwise change for every guess).
+func source(a netip.Addr) netip.Addr {
+	a = a.Unmap()
+	if a.Is4() {
+		return a
+	}
+	p, err := a.Prefix(64)
+	if err != nil {
+		return a
+	}
+	return p.Addr()
+}
+
 func newFailures(limit int, backOff time.Duration) *failures {
 	f := &failures{limit: max(limit, 1), backOff: backOff, m: map[netip.Addr]*failure{}}
 	f.cond = sync.NewCond(&f.mu)
@@ -143,6 +158,7 @@ func newFailures(limit int, backOff time.Duration) *failures {
 // sent together waits for the checks ahead of it, so that it cannot
 // get more guesses than the back-off allows.
 func (f *failures) begin(src netip.Addr) (bool, time.Time) {
+	src = source(src)
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	for {
@@ -173,6 +189,7 @@ func (f *failures) begin(src netip.Addr) (bool, time.Time) {
 // done records the result of a check begun with begin, for user. It
 // returns the back-off now in force (0 if none).
 func (f *failures) done(src netip.Addr, user string, ok bool, now time.Time) time.Duration {
+	src = source(src)
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	defer f.cond.Broadcast()

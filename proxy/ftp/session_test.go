@@ -82,6 +82,17 @@ func startSession(t *testing.T, extra string) *sessionLab {
 	return l
 }
 
+// serverGets checks that the server reads these command lines next.
+func (l *sessionLab) serverGets(t *testing.T, sr *bufio.Reader, want ...string) {
+	t.Helper()
+	l.server.SetReadDeadline(time.Now().Add(3 * time.Second))
+	for _, w := range want {
+		if got, err := sr.ReadString('\n'); err != nil || got != w {
+			t.Fatalf("server got %q, %v; want %q", got, err, w)
+		}
+	}
+}
+
 // readReply reads one reply (all its lines) from r.
 func readReply(t *testing.T, c *net.TCPConn, r *bufio.Reader) []string {
 	t.Helper()
@@ -213,12 +224,7 @@ func TestPipelinedPASV(t *testing.T) {
 	l := startSession(t, "    ftp:\n      data_ports: \"41100-41199\"\n")
 	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
 	l.client.Write([]byte("TYPE I\r\nPASV\r\n"))
-	l.server.SetReadDeadline(time.Now().Add(3 * time.Second))
-	for _, want := range []string{"TYPE I\r\n", "PASV\r\n"} {
-		if got, err := sr.ReadString('\n'); err != nil || got != want {
-			t.Fatalf("server got %q, %v; want %q", got, err, want)
-		}
-	}
+	l.serverGets(t, sr, "TYPE I\r\n", "PASV\r\n")
 	l.server.Write([]byte("200 Type set to I.\r\n227 Entering Passive Mode (127,0,0,1,4,1).\r\n"))
 	if reply := readReply(t, l.client, cr); !strings.HasPrefix(reply[0], "200 ") {
 		t.Fatalf("TYPE got %q", reply)
@@ -235,12 +241,7 @@ func TestGatewayRepliesInOrder(t *testing.T) {
 	l := startSession(t, "")
 	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
 	l.client.Write([]byte("NOOP\r\nAUTH TLS\r\nSYST\r\n"))
-	l.server.SetReadDeadline(time.Now().Add(3 * time.Second))
-	for _, want := range []string{"NOOP\r\n", "SYST\r\n"} {
-		if got, err := sr.ReadString('\n'); err != nil || got != want {
-			t.Fatalf("server got %q, %v; want %q", got, err, want)
-		}
-	}
+	l.serverGets(t, sr, "NOOP\r\n", "SYST\r\n")
 	// The server answers late: the 534 waits for the NOOP's 200.
 	time.Sleep(50 * time.Millisecond)
 	l.server.Write([]byte("200 NOOP ok.\r\n215 UNIX Type: L8\r\n"))

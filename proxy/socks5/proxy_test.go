@@ -121,9 +121,15 @@ services:
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc := &cfg.Services[0]
 	l.log = &syncBuffer{}
-	l.p = newProxy(proxy.Setup{Service: svc, Flows: proxy.NewFlowTable(100), Log: slog.New(slog.NewJSONHandler(l.log, nil))})
+	l.serve(t, &cfg.Services[0], slog.New(slog.NewJSONHandler(l.log, nil)))
+	return l
+}
+
+// serve runs the proxy of svc on loopback until the test ends.
+func (l *lab) serve(t testing.TB, svc *config.Service, log *slog.Logger) {
+	t.Helper()
+	l.p = newProxy(proxy.Setup{Service: svc, Flows: proxy.NewFlowTable(100), Log: log})
 	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
@@ -133,7 +139,6 @@ services:
 	done := make(chan struct{})
 	go func() { l.p.Serve(ctx, ln); close(done) }()
 	t.Cleanup(func() { cancel(); <-done; l.p.CloseFlows() })
-	return l
 }
 
 // talk connects from src, sends in, half-closes unless keepOpen, and
@@ -620,16 +625,8 @@ services:
 // serveConfig runs the proxy of cfg's first service on loopback.
 func serveConfig(t *testing.T, cfg *config.Config) *lab {
 	t.Helper()
-	l := &lab{p: newProxy(proxy.Setup{Service: &cfg.Services[0], Flows: proxy.NewFlowTable(100), Log: slog.New(slog.DiscardHandler)})}
-	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.addr = ln.Addr().String()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { l.p.Serve(ctx, ln); close(done) }()
-	t.Cleanup(func() { cancel(); <-done; l.p.CloseFlows() })
+	l := &lab{}
+	l.serve(t, &cfg.Services[0], slog.New(slog.DiscardHandler))
 	return l
 }
 

@@ -295,7 +295,7 @@ func TestUpstreamClosedOnStop(t *testing.T) {
 // idle_timeout is closed, not sooner than deadlineSlack before it; a
 // client that keeps asking keeps its connection past it, and a body that
 // takes longer than it to come is not cut (the deadline moves only now
-// and then, and not while a body comes).
+// and then, and with each read of a body).
 func TestClientIdleTimeout(t *testing.T) {
 	const idle = 300 * time.Millisecond
 	b := startBackend(t)
@@ -406,5 +406,62 @@ func TestIdleTimeoutAfterFailedSplice(t *testing.T) {
 	}
 	if n := sp.calls.Load(); n != 1 {
 		t.Fatalf("%d splices tried, want 1", n)
+	}
+}
+
+// TestStalledBodyTimesOut: a client that sends a request head with a
+// body and then nothing more (or stops halfway through the body) holds
+// its connection, and one to the backend, only for idle_timeout, as
+// idle_timeout promises ("nothing moved either way for this long"):
+// before, the deadline was lifted for the body and nothing ended the
+// wait but the client.
+func TestStalledBodyTimesOut(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	b := startBackend(t)
+	_, addr := testServiceIdle(t, b, "", idle.String())
+	for _, c := range []struct{ name, raw string }{
+		{"length", "POST /a/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab"},
+		{"chunked", "POST /a/1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			conn, err := net.Dial("tcp4", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			io.WriteString(conn, c.raw)
+			start := time.Now()
+			conn.SetReadDeadline(start.Add(5 * time.Second))
+			_, err = io.ReadAll(conn)
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Fatalf("the proxy still holds a stalled body after %v (idle_timeout %v)", time.Since(start).Round(time.Millisecond), idle)
+			}
+		})
+	}
+}
+
+// TestStalledReaderTimesOut: a client that asks for a large response and
+// never reads it holds its connection only for idle_timeout: the proxy's
+// write to it waits that long at most, as its reads do.
+func TestStalledReaderTimesOut(t *testing.T) {
+	const idle = 300 * time.Millisecond
+	b := startBackend(t)
+	body := strings.Repeat("x", 32<<20)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		fmt.Fprintf(w, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+		return true
+	}
+	p, addr := testServiceIdle(t, b, "", idle.String())
+	conn, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	io.WriteString(conn, "GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+	// The client reads nothing: the proxy's write fills the sockets'
+	// buffers and waits.
+	if err := poll(func() bool { return p.Flows.Len() == 0 }); err != nil {
+		t.Fatalf("the proxy still holds a client that reads nothing after 5s (idle_timeout %v)", idle)
 	}
 }

@@ -74,23 +74,36 @@ func normalizeFully(p string) (norm string, alt []string, err error) {
 	}
 	enc := b.String()
 	norm = removeDotSegments(enc)
-	// The other readings: ;parameters dropped, %2F and %5C as slashes,
-	// both.
-	for _, v := range []string{
-		dropParams(enc),
-		slashReplacer.Replace(enc),
-		dropParams(slashReplacer.Replace(enc)),
-	} {
-		if v = removeDotSegments(v); v != norm && !contains(alt, v) {
-			alt = append(alt, v)
+	// The other readings: ;parameters dropped, %2F or %5C or both as
+	// slashes (nginx takes %2F as a slash and %5C as a backslash, which
+	// on Unix is none; Windows servers take both), and the parameters
+	// dropped before or after the decoding: Tomcat drops those of each
+	// raw segment first (so in /a/..%2Fadmin;%2F..%2Fa/x the parameter
+	// hides two slashes, and it reads /admin/x), a server that decodes
+	// first reads /a/x.
+	for _, slashes := range slashReplacers {
+		for _, v := range []string{
+			slashes.Replace(enc),
+			dropParams(slashes.Replace(enc)),
+			slashes.Replace(dropParams(enc)),
+		} {
+			if v = removeDotSegments(v); v != norm && !contains(alt, v) {
+				alt = append(alt, v)
+			}
 		}
 	}
 	return norm, alt, nil
 }
 
-// slashReplacer reads %2F and %5C as slashes (a normalised path has
-// upper-case escapes).
-var slashReplacer = strings.NewReplacer("%2F", "/", "%5C", "/")
+// slashReplacers are the ways a server may read encoded slashes in a
+// normalised path (which has upper-case escapes): none, %2F, %5C or both
+// as slashes.
+var slashReplacers = []*strings.Replacer{
+	strings.NewReplacer(),
+	strings.NewReplacer("%2F", "/"),
+	strings.NewReplacer("%5C", "/"),
+	strings.NewReplacer("%2F", "/", "%5C", "/"),
+}
 
 // plainPath: p is an absolute path that is its own normal form and has no
 // other reading: only bytes that stay as they are (no %, no ;), and no

@@ -116,7 +116,7 @@ func (p *Proxy) initPools() {
 	p.poolsOnce.Do(func() {
 		for i := range p.conf().Routes {
 			r := &p.conf().Routes[i]
-			pl := &pool{route: r, host: strings.TrimSuffix(strings.ToLower(r.Host), "."), path: routePath(r.Path)}
+			pl := &pool{route: r, host: hostName(strings.ToLower(r.Host)), path: routePath(r.Path)}
 			for _, b := range r.Backends {
 				pl.backends = append(pl.backends, &backend{addr: b.AddrPort})
 			}
@@ -185,18 +185,36 @@ func (p *Proxy) handle(c *net.TCPConn) {
 // route returns the pool for a host (its port ignored) and a normalised
 // path, or nil.
 func (p *Proxy) route(host, path string) *pool {
-	if strings.IndexByte(host, ':') >= 0 { // else SplitHostPort fails
-		if h, _, err := net.SplitHostPort(host); err == nil {
-			host = h
-		}
-	}
-	host = strings.TrimSuffix(host, ".")
+	host = hostName(host)
 	for _, pl := range p.pools {
 		if (pl.host == "" || strings.EqualFold(pl.host, host)) && pathMatches(pl.path, path) {
 			return pl
 		}
 	}
 	return nil
+}
+
+// hostName is the host a route compares: without a port and a trailing
+// dot, an IPv6 literal without its brackets and in its canonical form
+// (RFC 5952), so that [2001:db8::1], [2001:db8:0::1]:80 and a route's
+// 2001:db8::1 are one host.
+func hostName(host string) string {
+	switch n := strings.Count(host, ":"); {
+	case strings.HasPrefix(host, "["):
+		end := strings.IndexByte(host, ']')
+		if end < 0 {
+			return host
+		}
+		host = host[1:end]
+	case n == 1:
+		host = host[:strings.IndexByte(host, ':')]
+	case n == 0:
+		return strings.TrimSuffix(host, ".")
+	}
+	if a, err := netip.ParseAddr(host); err == nil && a.Is6() {
+		return a.String()
+	}
+	return strings.TrimSuffix(host, ".")
 }
 
 // routeRequest routes a request, refusing it (400) when a reading of its
@@ -263,10 +281,20 @@ type conn struct {
 	xff            [1]string // the field's value for the request in flight
 	scratch        scratch   // for writing heads (head.go)
 	readDeadline   time.Time // of client, zero when none (idleDeadline)
-	respBody       respBody  // the body of a response parse.go parsed
+	// bodyIdle is the idle timeout while a request body is read (0
+	// otherwise): clientRd moves the read deadline on each read.
+	bodyIdle time.Duration
+	// writeDeadline is client's write deadline, zero when none
+	// (writeIdle): a client that stops reading a response holds the
+	// connection for the idle timeout, not for ever.
+	writeDeadline time.Time
+	respBody      respBody // the body of a response parse.go parsed
 	// respEnd is the value of flow.S2C at which the response in flight
 	// ends: after an unsplice in its middle, the rest is relayed first.
 	respEnd int64
+	// spliceOut: a response was spliced and the flow came back; serve
+	// checks that the backend sent no more than it (respEnd).
+	spliceOut bool
 	// relayedSample and splicedSample are the last response's, for the
 	// splice policy's estimates; its delivery ends when the client's
 	// next request comes (policy.go).
@@ -285,8 +313,8 @@ type conn struct {
 // attach starts using new sockets (after accept, or after an unsplice).
 func (c *conn) attach(client, up *net.TCPConn) {
 	c.clientIO.reset(client)
-	c.readDeadline = time.Time{}
-	c.clientRd = flushReader{r: &c.clientIO, out: &c.out}
+	c.readDeadline, c.writeDeadline = time.Time{}, time.Time{}
+	c.clientRd = flushReader{r: &c.clientIO, out: &c.out, body: c}
 	cr, _ := c.p.clientReaders.Get().(*bufio.Reader)
 	if cr == nil {
 		cr = bufio.NewReader(nil)
@@ -441,6 +469,20 @@ func (c *conn) idleDeadline(now time.Time, idle time.Duration) {
 	c.readDeadline = want
 }
 
+// writeIdle makes the client's write deadline now plus the idle timeout,
+// give or take deadlineSlack, as idleDeadline does for reads: every write
+// to the client comes after it, so a client that takes nothing for that
+// long ends the connection.
+func (c *conn) writeIdle(now time.Time) {
+	idle := c.p.Service.IdleTimeout.D()
+	want := now.Add(idle)
+	if !c.writeDeadline.IsZero() && want.Sub(c.writeDeadline) < min(deadlineSlack, idle/16) {
+		return
+	}
+	c.client.SetWriteDeadline(want)
+	c.writeDeadline = want
+}
+
 // serve is the request loop. It returns why the connection ended, or
 // spliced when the gateway took it.
 func (c *conn) serve() (reason string, spliced bool) {
@@ -450,23 +492,37 @@ func (c *conn) serve() (reason string, spliced bool) {
 		// pipelines), before the next request.
 		rest := c.respEnd - c.flow.S2C.Load()
 		c.endSpliced(rest)
+		if c.spliceOut {
+			c.spliceOut = false
+			if rest < 0 {
+				// The backend sent more than its response while it was
+				// spliced, and the client got it unseen: it answers the
+				// client's next request, and every response relayed from
+				// now on would answer the request after its own.
+				return c.overran(-rest), false
+			}
+		}
 		if rest > 0 && c.ur != nil {
 			c.log.Debug("http: relaying the rest of a response after an unsplice", "bytes", rest)
-			n, err := io.CopyN(c.client, c.ur, rest)
-			c.flow.S2C.Add(n)
-			if err != nil {
+			if _, err := io.CopyN(&countingWriter{w: c.client, n: &c.flow.S2C, idle: c}, c.ur, rest); err != nil {
 				return "relay the rest of a response: " + err.Error(), false
 			}
 		}
 		now := time.Now()
+		c.bodyIdle = 0
 		c.idleDeadline(now, svc.IdleTimeout.D())
 		rq, err := readRequest(c.cr)
-		if err == nil && (rq.body != nil || rq.upgrade) {
-			// A body may take longer than the idle timeout to come, and
-			// a tunnel lives on; a request without either leaves the
-			// deadline for the next request.
+		switch {
+		case err != nil:
+		case rq.upgrade:
+			// A tunnel lives on (its relay or splice has its own idle
+			// timeout).
 			c.client.SetReadDeadline(time.Time{})
 			c.readDeadline = time.Time{}
+		case rq.body != nil:
+			// A body may take longer than the idle timeout to come, but
+			// not stall for longer: each read of it moves the deadline.
+			c.bodyIdle = svc.IdleTimeout.D()
 		}
 		if err == nil {
 			c.endRelayed(time.Now())
@@ -520,6 +576,16 @@ func (c *conn) serve() (reason string, spliced bool) {
 			return "finished", spliced
 		}
 	}
+}
+
+// overran counts a backend that sent extra bytes beyond a spliced
+// response (the client got them) and returns why the connection ends.
+func (c *conn) overran(extra int64) string {
+	if c.upTo != nil {
+		c.upTo.failures.Add(1)
+	}
+	c.p.LogLimitedTo(c.log, "http overrun", slog.LevelWarn, "http: the backend sent more than its spliced response; closing the connection", "bytes", extra)
+	return "the backend sent more than its spliced response"
 }
 
 // Reasons a connection ends for a request the proxy refused. Their log
@@ -760,6 +826,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	// Set before the splice: once spliced, the flow is the resumed
 	// goroutine's, which records it (endSpliced).
 	c.splicedSample = bodySample{length: resp.ContentLength}
+	c.spliceOut = true
 	if !c.everSpliced {
 		c.everSpliced = true
 		c.p.splice.markDiverted(c.flow.ID)
@@ -772,19 +839,20 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	}
 	// The gateway's drain sets and clears the sockets' read deadlines:
 	// the next request sets its own.
-	c.readDeadline = time.Time{}
+	c.readDeadline, c.writeDeadline = time.Time{}, time.Time{}
 	c.splicedSample = bodySample{}
+	c.spliceOut = false
 	c.flow.SetSpliceError(serr)
 	// Common and harmless when the client asks again at once: the
 	// response ends proxied.
 	c.log.Debug("http: response stays proxied", logging.Err(serr))
 	c.p.Event(proxy.EventSpliceFailed, c.flow, serr.Error())
 	if rest := c.respEnd - c.flow.S2C.Load(); rest > 0 {
-		n, err := io.CopyN(c.client, c.ur, rest)
-		c.flow.S2C.Add(n)
-		if err != nil {
+		if _, err := io.CopyN(&countingWriter{w: c.client, n: &c.flow.S2C, idle: c}, c.ur, rest); err != nil {
 			return true, false, fmt.Errorf("relay the response: %w", err)
 		}
+	} else if rest < 0 {
+		return true, false, errors.New(c.overran(-rest))
 	}
 	return false, false, nil
 }
@@ -808,7 +876,7 @@ func (c *conn) send(rq *request, out *sendBuf) (*http.Response, time.Time, error
 			err = out.Flush()
 		}
 		if err == nil {
-			c.toClient = countingWriter{w: &c.clientIO, n: &c.flow.S2C}
+			c.toClient = countingWriter{w: &c.clientIO, n: &c.flow.S2C, idle: c}
 			out.reset(&c.toClient)
 			read := c.upRd.n
 			resp, err := readResponse(c.ur, req, &c.respBody)
@@ -871,6 +939,9 @@ func (c *conn) spliceUpgrade() (done, spliced bool, err error) {
 		c.ur.Discard(n)
 		c.flow.S2C.Add(int64(n))
 	}
+	// The tunnel's relay or splice has its own idle timeout.
+	c.client.SetWriteDeadline(time.Time{})
+	c.writeDeadline = time.Time{}
 	c.flow.UnspliceOnClientData.Store(false)
 	c.flow.SetResume(nil)
 	c.releaseSendBuf()
@@ -921,17 +992,24 @@ func (rq *request) bodyFailed() *bodyError {
 // reply sends the client an error response that closes the connection.
 func (c *conn) reply(code int, msg string) {
 	body := fmt.Sprintf("%d %s: %s\n", code, http.StatusText(code), msg)
+	c.writeIdle(time.Now())
 	fmt.Fprintf(c.client, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s",
 		code, http.StatusText(code), len(body), body)
 }
 
-// countingWriter adds what it writes to a flow counter.
+// countingWriter adds what it writes to a flow counter; idle: it writes
+// to that connection's client, whose write deadline it moves first
+// (writeIdle).
 type countingWriter struct {
-	w io.Writer
-	n *atomic.Int64
+	w    io.Writer
+	n    *atomic.Int64
+	idle *conn
 }
 
 func (w *countingWriter) Write(p []byte) (int, error) {
+	if c := w.idle; c != nil {
+		c.writeIdle(time.Now())
+	}
 	n, err := w.w.Write(p)
 	w.n.Add(int64(n))
 	return n, err

@@ -87,3 +87,23 @@ func TestPick(t *testing.T) {
 		t.Errorf("least_conn picked %v", got.addr)
 	}
 }
+
+// TestRouteIPv6Host: a route for an IPv6 literal matches the request's
+// Host with and without a port, in any of its spellings: a deny route
+// for [2001:db8::1] must hold for "Host: [2001:db8::1]:80" too.
+func TestRouteIPv6Host(t *testing.T) {
+	for _, routeHost := range []string{"[2001:db8::1]", "2001:db8::1", "[2001:DB8:0::1]"} {
+		p := testProxy(
+			Route{Host: routeHost, Path: "/", Action: config.Deny},
+			Route{Path: "/", Action: config.Allow, Backends: backends("10.0.0.1:80"), Balance: "round_robin"},
+		)
+		for _, host := range []string{"[2001:db8::1]", "[2001:db8::1]:80", "[2001:db8:0:0::1]", "[2001:db8:0:0::1]:8080"} {
+			if got := p.route(host, "/x"); got != p.pools[0] {
+				t.Errorf("route host %q, Host %q: not the deny route", routeHost, host)
+			}
+		}
+		if got := p.route("[2001:db8::2]", "/x"); got != p.pools[1] {
+			t.Errorf("route host %q: another address took the deny route", routeHost)
+		}
+	}
+}

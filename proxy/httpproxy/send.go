@@ -2,6 +2,7 @@ package httpproxy
 
 import (
 	"io"
+	"time"
 )
 
 // sendBufSize is how much of a message the proxy gathers before it must
@@ -153,6 +154,11 @@ type flushReader struct {
 	r   io.Reader
 	out **sendBuf // the connection's buffer of the exchange in flight; nil between exchanges
 	n   int64     // bytes read
+	// body is the connection whose client this reads (nil: the
+	// backend's): while a request body comes (body.bodyIdle), each read
+	// moves the read deadline, so a body that stalls for idle_timeout
+	// ends the connection and a slow one that keeps coming does not.
+	body *conn
 }
 
 func (f *flushReader) Read(p []byte) (int, error) {
@@ -160,6 +166,9 @@ func (f *flushReader) Read(p []byte) (int, error) {
 		if err := b.Flush(); err != nil {
 			return 0, err
 		}
+	}
+	if c := f.body; c != nil && c.bodyIdle > 0 {
+		c.idleDeadline(time.Now(), c.bodyIdle)
 	}
 	n, err := f.r.Read(p)
 	f.n += int64(n)

@@ -215,6 +215,15 @@ func (tr *transition) decide(g *Gateway, p *splice.Packet, np *nfq.Packet, key s
 
 // drain handles a packet while the sockets drain (tr.mu held).
 func (tr *transition) drain(g *Gateway, p *splice.Packet, np *nfq.Packet, key splice.Key) nfq.Decision {
+	if !np.CsumNotReady && !checksumValid(p) {
+		// Corrupted or forged: its receiver would drop it. Taken over,
+		// its copy would leave with a checksum computed afresh (see
+		// release), and the stripped ACK would reach the socket with one:
+		// corrupted bytes delivered and acknowledged, or a RST that
+		// abandons the splice.
+		g.counters.verdicts[splice.DropMalformed].Add(1)
+		return nfq.Drop
+	}
 	t := p.TCP()
 	if t.Flags()&splice.FlagRST != 0 {
 		// The flow is being reset: give up the splice, let the RST reach
@@ -287,6 +296,12 @@ func (ts *transitions) remove(tr *transition) {
 	}
 	ts.mu.Unlock()
 	ts.active.Add(-1)
+}
+
+// checksumValid reports whether a packet's complete TCP checksum (not
+// a CHECKSUM_PARTIAL one) is right.
+func checksumValid(p *splice.Packet) bool {
+	return splice.TCPChecksum(p.Src(), p.Dst(), p.Segment()) == 0
 }
 
 // newData reports whether a packet carries a byte or a FIN beyond sent,

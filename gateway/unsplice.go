@@ -365,11 +365,7 @@ func (g *Gateway) releaseToSockets(tr *transition, sndClient, sndServer splice.S
 			// makes the kernel trust the checksum field, which a packet
 			// from a local sender (CHECKSUM_PARTIAL) does not hold yet.
 			d = nfq.Accept
-			t := p.TCP()
-			if t.Flags()&splice.FlagACK != 0 && t.Ack().LessThan(snd) {
-				t.SetAck(snd)
-				t.SetChecksum(0)
-				t.SetChecksum(splice.TCPChecksum(p.Src(), p.Dst(), p.Segment()))
+			if raiseAck(&p, snd, !np.CsumNotReady) {
 				np.Data = p.Bytes()
 				d = nfq.AcceptModified
 			}
@@ -379,6 +375,31 @@ func (g *Gateway) releaseToSockets(tr *transition, sndClient, sndServer splice.S
 	}
 	tr.held = nil
 	return n
+}
+
+// raiseAck raises a held packet's acknowledgment to snd when it is
+// behind, and reports whether it did. A complete checksum (complete) is
+// updated for the change only (RFC 1624): a packet corrupted on its way
+// keeps a checksum its receiver refuses. Computed afresh, it would make
+// the corruption valid, and the rebuilt socket would take the bytes and
+// acknowledge them. A CHECKSUM_PARTIAL packet's field holds only the
+// pseudo-header sum; after a verdict with data the kernel trusts the
+// field, so it gets the full checksum.
+func raiseAck(p *splice.Packet, snd splice.Seq, complete bool) bool {
+	t := p.TCP()
+	if t.Flags()&splice.FlagACK == 0 || !t.Ack().LessThan(snd) {
+		return false
+	}
+	if complete {
+		old := splice.Fold(splice.Sum(t[splice.TCPAckOffset:splice.TCPAckOffset+4], 0))
+		t.SetAck(snd)
+		t.SetChecksum(splice.UpdateChecksum(t.Checksum(), old, splice.Fold(splice.Sum(t[splice.TCPAckOffset:splice.TCPAckOffset+4], 0))))
+		return true
+	}
+	t.SetAck(snd)
+	t.SetChecksum(0)
+	t.SetChecksum(splice.TCPChecksum(p.Src(), p.Dst(), p.Segment()))
+	return true
 }
 
 // rebuiltConns returns the states of the two sockets that continue a

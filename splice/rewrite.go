@@ -108,6 +108,16 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		oldSum = headerSum(p)
 	}
 	if p.SegmentLen() > 0 {
+		// A segment that starts in the window may end beyond it (forged,
+		// or corrupted: its receiver drops it). Its end must not raise
+		// the lower bound above what the receiver still waits for, or
+		// every later segment ending near the acknowledged point (the
+		// retransmission of a lost one) is dropped for ever: the
+		// receiver's largest window grows by the excess, as conntrack's
+		// td_maxwin does (tcp_in_window).
+		if top := s.ackSeen.Add(win); !relearnS && top.LessThan(end) {
+			s.maxWin += top.Size(end)
+		}
 		s.sndNxt = maxSeq(s.sndNxt, end)
 	}
 	if flags&FlagFIN != 0 && s.flags&dirFIN == 0 {

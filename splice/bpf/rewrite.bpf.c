@@ -424,8 +424,16 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 	int lower_seq = seg_len == 0 && !(flags & FLAG_RST) && before(s->snd_nxt, seq);
 
 	// Committed.
-	if (seg_len > 0)
+	if (seg_len > 0) {
+		// A segment ending beyond the window grows the receiver's
+		// largest window by the excess (splice.Flow.Rewrite, after
+		// conntrack's td_maxwin), so that its end cannot raise the lower
+		// bound above what the receiver still waits for.
+		__u32 top = s->ack_seen + win;
+		if (before(top, end))
+			s->max_win += end - top;
 		s->snd_nxt = max_seq(s->snd_nxt, end);
+	}
 	if ((flags & FLAG_FIN) && !(s->flags & DIR_FIN)) {
 		s->flags |= DIR_FIN;
 		s->fin_seq = end - 1;

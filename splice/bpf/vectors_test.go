@@ -468,3 +468,20 @@ func TestDiffPassesUntouched(t *testing.T) {
 		}
 	}
 }
+
+// TestDiffSegmentBeyondWindow: the engine's
+// TestSegmentBeyondWindowKeepsRetransmissions: a segment from the
+// window's edge to beyond it grows the receiver's largest window, and the
+// sender's next data at the acknowledged point still passes.
+func TestDiffSegmentBeyondWindow(t *testing.T) {
+	const win = 1 << 20
+	each(t, func(t *testing.T, v6, nat bool) {
+		f := newFixture(t, v6, nat, func(p *Params) { p.Client.RcvWnd, p.Server.SndWnd = win, win })
+		forged := f.c2s(1000+win, 0, 0)
+		forged.payload = make([]byte, 1460)
+		f.want(f.at(forged, C2S, 1), Forward, "segment at the window's edge")
+		next := f.c2s(1000, 0xfffffff0, FlagACK|FlagPSH)
+		next.payload = make([]byte, 100)
+		f.want(f.at(next, C2S, 2), Forward, "the next data at the acknowledged point")
+	})
+}

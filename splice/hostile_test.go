@@ -1,0 +1,72 @@
+package splice
+
+import (
+	"encoding/binary"
+	"os"
+	"testing"
+
+	"github.com/google/gopacket/layers"
+)
+
+// TestSegmentBeyondWindowKeepsRetransmissions: a segment that starts at
+// the right edge of the window (accepted, as conntrack accepts it) but
+// ends beyond it, forged or corrupted (a receiver drops it), must not
+// raise the lower bound of the checks above what the receiver still
+// waits for. Before, it moved sndNxt a payload past the window, and
+// every later segment of the sender that ended within that payload's
+// length of the acknowledged point (its next data, or the retransmission
+// of a lost segment) was dropped as too old: the direction stalled for
+// ever. conntrack grows the receiver's largest window by the excess
+// (tcp_in_window, td_maxwin) for this reason.
+func TestSegmentBeyondWindowKeepsRetransmissions(t *testing.T) {
+	const win = 1 << 20 // a window above minWindow, as window scaling gives
+	f := newFixture(t, false, false, func(p *Params) {
+		p.Client.RcvWnd, p.Server.SndWnd = win, win
+	})
+	forged := f.c2s(1000+win, 0, 0) // no ACK: nothing else to guess
+	forged.payload = make([]byte, 1460)
+	if v := f.run(t, forged.bytes(), C2S, true); v != Forward {
+		t.Fatalf("segment at the window's edge: %v, want forward (as before)", v)
+	}
+	for _, n := range []int{1, 100, 1448} {
+		s := f.c2s(1000, 0xfffffff0, FlagACK|FlagPSH)
+		s.payload = make([]byte, n)
+		if v := f.run(t, s.bytes(), C2S, true); v != Forward {
+			t.Errorf("the client's next %d bytes at the acknowledged point: %v, want forward", n, v)
+		}
+	}
+}
+
+// TestForgedTSvalBeforeFirstPacket (known defect, not fixed; run with
+// SPLICED_KNOWN_DEFECTS=1): the engine learns a direction's timestamp
+// offset from the first packet that passes its checks, and a packet
+// without the ACK flag needs only a sequence number in a window of
+// about maxWin+66000 (a receiver in a synchronized state drops it
+// unread, RFC 9293 3.10.7.4). A forged one, before the sender's first
+// packet after the splice, with a TSval about 2^31-2^28 ahead of the
+// sender's clock, sets an offset that puts every later real TSval
+// behind the receiver's TS.Recent: PAWS drops them all, the direction
+// stalls for ever.
+func TestForgedTSvalBeforeFirstPacket(t *testing.T) {
+	if os.Getenv("SPLICED_KNOWN_DEFECTS") == "" {
+		t.Skip("known defect; SPLICED_KNOWN_DEFECTS=1 runs it")
+	}
+	f := newFixture(t, false, false)
+	forged := f.c2s(1000, 0, 0) // no ACK flag
+	forged.opts = tsOpt(100+0x78000000, 0)
+	forged.payload = []byte("x")
+	f.run(t, forged.bytes(), C2S, true)
+	real := f.c2s(1000, 0xfffffff0, FlagACK)
+	real.opts = tsOpt(101, 4990)
+	b := real.bytes()
+	if v := f.run(t, b, C2S, true); v != Forward {
+		t.Fatalf("the client's real packet: %v", v)
+	}
+	o, _ := findOpt(decoded(t, b), layers.TCPOptionKindTimestamps)
+	out := binary.BigEndian.Uint32(o.OptionData)
+	// The server's TS.Recent is its old peer's clock: the gateway's
+	// upstream socket, 900000 at the capture.
+	if int32(out-900000) < 0 {
+		t.Errorf("the client's real TSval leaves as %d, %d ticks behind the server's TS.Recent (900000): PAWS drops it", out, int32(900000-out))
+	}
+}

@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"reflect"
 	"regexp"
@@ -50,11 +51,24 @@ func (es Errors) Error() string {
 	return strings.Join(lines, "\n")
 }
 
+// MaxFileSize bounds a configuration file: a configuration is a few
+// kilobytes, and a path naming something else (a device, a log) must not
+// be read into memory until the process dies.
+const MaxFileSize = 4 << 20
+
 // LoadFile reads and validates a configuration file.
 func LoadFile(path string) (*Config, error) {
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	if len(data) > MaxFileSize {
+		return nil, fmt.Errorf("config %s: is larger than %d MiB; a configuration is a few kilobytes: check the path", path, MaxFileSize>>20)
 	}
 	return Parse(path, data)
 }
@@ -103,16 +117,23 @@ func Parse(file string, data []byte) (*Config, error) {
 // syntaxError reports a YAML syntax error at the line where the file stops
 // being valid YAML: one after the longest prefix of whole lines that still
 // parses. (The parser's own line number points at the start of the
-// enclosing block, off by one.)
+// enclosing block, off by one.) The prefix is found by bisection: trying
+// every prefix costs a parse per line, minutes for a file of megabytes.
 func syntaxError(file string, data []byte, err error) *Error {
 	msg := lineRE.ReplaceAllString(strings.TrimPrefix(err.Error(), "yaml: "), "")
 	lines := strings.SplitAfter(string(data), "\n")
-	good := 0
-	for n := len(lines) - 1; n > 0; n-- {
+	parses := func(n int) bool {
 		var probe yaml.Node
-		if yaml.Unmarshal([]byte(strings.Join(lines[:n], "")), &probe) == nil {
-			good = n
-			break
+		return yaml.Unmarshal([]byte(strings.Join(lines[:n], "")), &probe) == nil
+	}
+	// lines[:good] parses (the empty prefix does), lines[:bad] does not.
+	good, bad := 0, len(lines)
+	for bad-good > 1 {
+		mid := good + (bad-good)/2
+		if parses(mid) {
+			good = mid
+		} else {
+			bad = mid
 		}
 	}
 	return &Error{File: file, Line: good + 1, Msg: "is not valid YAML: " + msg}
@@ -160,7 +181,15 @@ var typeRE = regexp.MustCompile("cannot unmarshal !!\\w+ `?([^`]*)`? into (\\S+)
 type keyIndex struct {
 	lines map[string]int
 	paths map[[2]int]string // [line, column] of a value -> its key path
+	// visits counts the values walked, aliases expanded: aliases nested
+	// along the configuration's types multiply, so a file of kilobytes
+	// can name billions of values.
+	visits int
 }
+
+// maxValues bounds the values a file may name, aliases expanded; a large
+// configuration has thousands.
+const maxValues = 200000
 
 // pathAt returns the key path of the value at line and column; with column
 // 0 (unknown), the deepest key whose value is on that line.
@@ -201,6 +230,12 @@ func (k *keyIndex) walk(n *yaml.Node, t reflect.Type, path string, report func(l
 	}
 	if n.Kind == yaml.AliasNode {
 		n = n.Alias
+	}
+	if k.visits++; k.visits > maxValues {
+		if k.visits == maxValues+1 {
+			report(n.Line, path, fmt.Sprintf("makes the file name more than %d values through aliases (*name); write the repeated parts out, or use fewer nested aliases", maxValues))
+		}
+		return
 	}
 	switch {
 	case t.Kind() == reflect.Struct && n.Kind == yaml.MappingNode && !hasUnmarshaler(t):

@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"math"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -139,6 +140,14 @@ func ParsePrefix(s string) (Prefix, error) {
 	if p.Masked() != p {
 		return Prefix{}, fmt.Errorf("has host bits set; write the network address %s", p.Masked())
 	}
+	if p.Addr().Is4In6() {
+		// Flows have IPv4 addresses (a bare mapped address is unmapped
+		// too): an IPv4-mapped prefix would match none of them.
+		if p.Bits() < 96 {
+			return Prefix{}, fmt.Errorf("mixes IPv4-mapped and other IPv6 addresses; write the IPv4 and IPv6 parts as separate prefixes")
+		}
+		p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96)
+	}
 	return Prefix{p}, nil
 }
 
@@ -205,6 +214,9 @@ func ParseByteSize(s string) (int64, error) {
 	v, err := strconv.ParseInt(num, 10, 64)
 	if err != nil || mult == 0 || v < 0 {
 		return 0, fmt.Errorf(`not a size; use bytes or a number with B, KB, MB, GB, KiB, MiB or GiB, such as "1MiB"`)
+	}
+	if v > math.MaxInt64/mult {
+		return 0, fmt.Errorf(`is too large a size; use at most 8EB`)
 	}
 	return v * mult, nil
 }

@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"spliced/api"
@@ -32,14 +33,23 @@ func (g *Gateway) serveControl(ctx context.Context, path, group string) (func(),
 	if path == "" {
 		return func() {}, nil
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	if err := checkSocketDir(dir); err != nil {
 		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	if c, err := net.Dial("unix", path); err == nil {
 		c.Close()
 		return nil, fmt.Errorf("control socket %s: another spliced answers there; stop it or set control.socket", path)
 	}
-	os.Remove(path) // stale, from a daemon that died
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("control socket %s: there is a %s there, not a socket; spliced replaces only a stale socket: move it away or set control.socket", path, fileKind(fi.Mode()))
+		}
+		os.Remove(path) // stale, from a daemon that died
+	}
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		return nil, fmt.Errorf("control socket %s: %w", path, err)
@@ -70,6 +80,40 @@ func (g *Gateway) serveControl(ctx context.Context, path, group string) (func(),
 		srv.Shutdown(sctx)
 		os.Remove(path)
 	}, nil
+}
+
+// checkSocketDir refuses a directory where someone else could replace
+// the socket between its creation and its chown and chmod (which follow
+// a symbolic link put in its place): one that belongs to another user, or
+// that others may write to without the sticky bit.
+func checkSocketDir(dir string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	if uid := os.Geteuid(); st.Uid != uint32(uid) && st.Uid != 0 {
+		return fmt.Errorf("its directory %s belongs to user %d; put the socket in a directory of root's, such as /run/spliced (control.socket)", dir, st.Uid)
+	}
+	if fi.Mode().Perm()&0o022 != 0 && fi.Mode()&os.ModeSticky == 0 {
+		return fmt.Errorf("its directory %s is writable by others (mode %v); put the socket in a directory only root writes, such as /run/spliced (control.socket), or chmod go-w %s", dir, fi.Mode().Perm(), dir)
+	}
+	return nil
+}
+
+func fileKind(m os.FileMode) string {
+	switch {
+	case m.IsRegular():
+		return "regular file"
+	case m.IsDir():
+		return "directory"
+	case m&os.ModeSymlink != 0:
+		return "symbolic link"
+	}
+	return "file of mode " + m.String()
 }
 
 func (g *Gateway) apiHandler() http.Handler {

@@ -211,6 +211,13 @@ func (g *Gateway) Flows() *proxy.FlowTable { return g.flows }
 func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	g.started = time.Now()
 	cfg := g.config()
+	// Before anything is touched: a second daemon on this table would
+	// replace the first one's table and end the flows it recorded.
+	unlock, err := lockTable(cfg.Kernel.Table)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	// A reload (SIGHUP) waits until the start is complete.
 	g.rulesMu.Lock()
 	// Everything a flow may need exists before the first listener does:
@@ -428,7 +435,7 @@ func (g *Gateway) prepareSplicing(ctx context.Context, cfg *config.Config, m *ru
 		}
 	}
 	if needsAcceptLocal(cfg) && g.restoreSysctls == nil {
-		restore, err := g.enableAcceptLocal()
+		restore, err := g.enableAcceptLocal(cfg.Kernel.Table)
 		if err != nil {
 			return err
 		}
@@ -688,6 +695,11 @@ func (g *Gateway) stopServices() {
 // flows, which need neither the table nor the routing): the systemd
 // unit's clean-up after a failure, before the restart that adopts them.
 func Cleanup(cfg *config.Config, log *slog.Logger, keepFlows bool) error {
+	unlock, err := lockTable(cfg.Kernel.Table)
+	if err != nil {
+		return fmt.Errorf("cleanup: %w (a running daemon removes its own state when it stops)", err)
+	}
+	defer unlock()
 	var errs []error
 	if !keepFlows {
 		if err := dropPinned(cfg, nil, log); err != nil {
@@ -698,6 +710,13 @@ func Cleanup(cfg *config.Config, log *slog.Logger, keepFlows bool) error {
 		}
 	}
 	if err := rules.Cleanup(rules.FromConfig(cfg), 0); err != nil {
+		errs = append(errs, err)
+	}
+	// With -keep-flows too: systemd removes /run/spliced, and the record
+	// with it, when the unit stops after a failure. The next daemon sets
+	// it again as it starts; until then a kept NAT flow forwarded by the
+	// stack (kernel.bpf_forward: stack) loses packets, which TCP resends.
+	if err := restoreAcceptLocal(cfg.Kernel.Table); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {

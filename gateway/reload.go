@@ -48,8 +48,19 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 			}
 		}
 	}
+	// A changed service keeps its sockets where its addresses stay (the
+	// old ones hold them: a new socket could not bind), and so do the
+	// connections waiting in their accept queues.
+	var held []*net.TCPListener
+	g.mu.Lock()
+	for _, name := range removed {
+		if s := g.services[name]; s != nil {
+			held = append(held, s.listeners...)
+		}
+	}
+	g.mu.Unlock()
 	for _, s := range added {
-		lns, err := proxy.ListenService(ctx, s)
+		lns, err := proxy.ListenServiceReusing(ctx, s, held)
 		if err != nil {
 			closeOpened()
 			return fmt.Errorf("reload %s: %w", cfg.File, err)

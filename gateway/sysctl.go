@@ -3,7 +3,10 @@ package gateway
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
+
+	"golang.org/x/sys/unix"
 
 	"spliced/config"
 	"spliced/logging"
@@ -25,23 +28,77 @@ func needsAcceptLocal(cfg *config.Config) bool {
 	return false
 }
 
+// acceptLocalRecord is where the value accept_local had before spliced
+// set it is kept while spliced runs, per table and network namespace
+// (beside the table's lock), so that after a kill -9 the next daemon or
+// -cleanup can restore it; "" where it cannot be named.
+func acceptLocalRecord(table string) string {
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
+		return ""
+	}
+	return filepath.Join(RunDir, fmt.Sprintf("table-%s.netns-%d-%d.accept_local", table, st.Dev, st.Ino))
+}
+
 // enableAcceptLocal sets accept_local and returns a function restoring
-// the previous value.
-func (g *Gateway) enableAcceptLocal() (restore func(), err error) {
-	old, err := os.ReadFile(acceptLocal)
+// the value it had before spliced set it: the one recorded by a daemon
+// that died without restoring it, else the present one.
+func (g *Gateway) enableAcceptLocal(table string) (restore func(), err error) {
+	cur, err := os.ReadFile(acceptLocal)
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", acceptLocal, err)
+	}
+	old := cur
+	rec := acceptLocalRecord(table)
+	if rec != "" {
+		if saved, err := os.ReadFile(rec); err == nil && len(strings.TrimSpace(string(saved))) > 0 {
+			old = saved // set by a daemon that was killed
+			g.log.Info("net.ipv4.conf.all.accept_local was set by a spliced that did not stop cleanly; its earlier value is restored at shutdown", "value", strings.TrimSpace(string(saved)))
+		} else if strings.TrimSpace(string(cur)) != "1" {
+			if err := os.MkdirAll(RunDir, 0o755); err == nil {
+				if err := os.WriteFile(rec, old, 0o600); err != nil {
+					g.log.Warn("cannot record net.ipv4.conf.all.accept_local: after a kill -9 it stays 1", logging.Err(err))
+					rec = ""
+				}
+			}
+		}
 	}
 	if strings.TrimSpace(string(old)) == "1" {
 		return func() {}, nil
 	}
-	if err := os.WriteFile(acceptLocal, []byte("1"), 0o644); err != nil {
-		return nil, fmt.Errorf("set %s: %w (spliced NAT flows need it)", acceptLocal, err)
+	if strings.TrimSpace(string(cur)) != "1" {
+		if err := os.WriteFile(acceptLocal, []byte("1"), 0o644); err != nil {
+			if rec != "" {
+				os.Remove(rec)
+			}
+			return nil, fmt.Errorf("set %s: %w (spliced NAT flows need it)", acceptLocal, err)
+		}
 	}
 	g.log.Info("enabled net.ipv4.conf.all.accept_local: spliced NAT flows forward packets with the gateway's own source address; restored at shutdown")
 	return func() {
 		if err := os.WriteFile(acceptLocal, old, 0o644); err != nil {
 			g.log.Error("restore net.ipv4.conf.all.accept_local", logging.Err(err))
+			return
+		}
+		if rec != "" {
+			os.Remove(rec)
 		}
 	}, nil
+}
+
+// restoreAcceptLocal gives accept_local back the value a killed daemon
+// recorded before it set it (spliced -cleanup).
+func restoreAcceptLocal(table string) error {
+	rec := acceptLocalRecord(table)
+	if rec == "" {
+		return nil
+	}
+	saved, err := os.ReadFile(rec)
+	if err != nil {
+		return nil // nothing recorded: nothing to restore
+	}
+	if err := os.WriteFile(acceptLocal, saved, 0o644); err != nil {
+		return fmt.Errorf("restore %s: %w", acceptLocal, err)
+	}
+	return os.Remove(rec)
 }

@@ -20,6 +20,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"spliced/config"
 	"spliced/internal/workpool"
 	"spliced/logging"
@@ -395,34 +397,100 @@ const (
 // ListenService opens the service's listeners: its IPv4 and IPv6 TPROXY
 // listeners, or in direct mode a plain listener on each listen_on address.
 func ListenService(ctx context.Context, svc *config.Service) ([]*net.TCPListener, error) {
+	return ListenServiceReusing(ctx, svc, nil)
+}
+
+// ListenServiceReusing is ListenService for a reload: where one of held
+// (the listeners of a service being replaced) already listens on an
+// address the service needs, the service gets a duplicate of that socket
+// instead of a new one, which could not bind the address while the old
+// one holds it; the connections in its accept queue are kept. The held
+// listeners stay open: their service closes them when it stops.
+func ListenServiceReusing(ctx context.Context, svc *config.Service, held []*net.TCPListener) ([]*net.TCPListener, error) {
 	var lns []*net.TCPListener
+	fail := func(err error) ([]*net.TCPListener, error) {
+		for _, l := range lns {
+			l.Close()
+		}
+		return nil, err
+	}
+	open := func(addr netip.AddrPort, transparent bool) (*net.TCPListener, error) {
+		for _, h := range held {
+			if addrPort(h.Addr()) == addr && isTransparent(h) == transparent {
+				return dupListener(h, svc.Backlog)
+			}
+		}
+		if transparent {
+			network := "tcp4"
+			if addr.Addr().Is6() {
+				network = "tcp6"
+			}
+			return ListenTransparent(ctx, network, addr.Port(), svc.Backlog)
+		}
+		ln, err := ListenAt(ctx, addr, false)
+		if err == nil && svc.Backlog > 0 {
+			if err = setBacklog(ln, svc.Backlog); err != nil {
+				ln.Close()
+			}
+		}
+		return ln, err
+	}
 	if svc.ListenMode == config.ListenDirect {
 		for _, a := range svc.ListenOn {
-			ln, err := ListenAt(ctx, a.AddrPort, false)
-			if err == nil && svc.Backlog > 0 {
-				if err = setBacklog(ln, svc.Backlog); err != nil {
-					ln.Close()
-				}
-			}
+			ln, err := open(a.AddrPort, false)
 			if err != nil {
-				for _, l := range lns {
-					l.Close()
-				}
-				return nil, fmt.Errorf("service %s: listen on %s: %w", svc.Name, a, err)
+				return fail(fmt.Errorf("service %s: listen on %s: %w", svc.Name, a, err))
 			}
 			lns = append(lns, ln)
 		}
 		return lns, nil
 	}
-	for _, network := range []string{"tcp4", "tcp6"} {
-		ln, err := ListenTransparent(ctx, network, uint16(svc.Listen), svc.Backlog)
+	for _, a := range []netip.Addr{netip.IPv4Unspecified(), netip.IPv6Unspecified()} {
+		ln, err := open(netip.AddrPortFrom(a, uint16(svc.Listen)), true)
 		if err != nil {
-			for _, l := range lns {
-				l.Close()
-			}
-			return nil, fmt.Errorf("service %s: listen %s port %d: %w", svc.Name, network, svc.Listen, err)
+			return fail(fmt.Errorf("service %s: listen %s port %d: %w", svc.Name, family(a), svc.Listen, err))
 		}
 		lns = append(lns, ln)
 	}
 	return lns, nil
+}
+
+// dupListener returns a listener on a duplicate of ln's socket, with the
+// accept queue length backlog (0: unchanged).
+func dupListener(ln *net.TCPListener, backlog int) (*net.TCPListener, error) {
+	f, err := ln.File()
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	l, err := net.FileListener(f)
+	if err != nil {
+		return nil, err
+	}
+	tl := l.(*net.TCPListener)
+	if backlog > 0 {
+		if err := setBacklog(tl, backlog); err != nil {
+			tl.Close()
+			return nil, err
+		}
+	}
+	return tl, nil
+}
+
+// isTransparent reports whether a listener has IP_TRANSPARENT (or
+// IPV6_TRANSPARENT) set.
+func isTransparent(ln *net.TCPListener) bool {
+	raw, err := ln.SyscallConn()
+	if err != nil {
+		return false
+	}
+	v := 0
+	raw.Control(func(fd uintptr) {
+		if addrPort(ln.Addr()).Addr().Is4() {
+			v, _ = unix.GetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT)
+		} else {
+			v, _ = unix.GetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT)
+		}
+	})
+	return v == 1
 }

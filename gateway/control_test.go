@@ -1,0 +1,77 @@
+package gateway
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"spliced/config"
+)
+
+func controlTestGateway() *Gateway {
+	return New(&config.Config{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+}
+
+// TestControlSocketKeepsOtherFiles: a control.socket (or -socket) that
+// names an existing file that is not a socket, by a typo or a wrong
+// path, deleted that file without a word and put the socket in its place.
+func TestControlSocketKeepsOtherFiles(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "spliced.yaml")
+	if err := os.WriteFile(path, []byte("precious\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	stop, err := controlTestGateway().serveControl(context.Background(), path, "")
+	if err == nil {
+		stop()
+	}
+	data, rerr := os.ReadFile(path)
+	if rerr != nil || string(data) != "precious\n" {
+		t.Fatalf("the file at the socket's path is gone or changed (%v); serveControl said %v", rerr, err)
+	}
+	if err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Fatalf("want a refusal naming the file, got %v", err)
+	}
+}
+
+// TestControlSocketStaleReplaced: a stale socket (its daemon died) is
+// replaced.
+func TestControlSocketStaleReplaced(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(false)
+	ln.Close()
+	stop, err := controlTestGateway().serveControl(context.Background(), path, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop()
+}
+
+// TestControlSocketDirWritableByOthers: in a directory others may write
+// to (no sticky bit), someone can swap the socket for a symbolic link
+// between net.Listen and the chown/chmod that follow it, and have
+// spliced chown and chmod any file (0660 to control.group). Refused.
+func TestControlSocketDirWritableByOthers(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "open")
+	if err := os.Mkdir(dir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(dir, 0o777)
+	stop, err := controlTestGateway().serveControl(context.Background(), filepath.Join(dir, "s.sock"), "")
+	if err == nil {
+		stop()
+		t.Fatal("a control socket in a directory everyone may write to was accepted")
+	}
+	if !strings.Contains(err.Error(), "writable by others") {
+		t.Fatalf("error does not say why: %v", err)
+	}
+}

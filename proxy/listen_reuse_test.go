@@ -1,0 +1,51 @@
+package proxy
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"testing"
+
+	"spliced/config"
+)
+
+// TestListenServiceReusing: a service changed by a reload gets the old
+// service's socket where its address stays, so it can listen at all (a
+// second socket cannot bind the address), and a connection waiting in
+// the accept queue when the old service closes its listener is accepted
+// by the new one.
+func TestListenServiceReusing(t *testing.T) {
+	probe, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := netip.MustParseAddrPort(probe.Addr().String())
+	probe.Close()
+	svc := &config.Service{Name: "d", ListenMode: config.ListenDirect, Backlog: 16,
+		ListenOn: []config.AddrPort{{AddrPort: addr}}}
+	old, err := ListenService(context.Background(), svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed := *svc
+	changed.Backlog = 32
+	if _, err := ListenService(context.Background(), &changed); err == nil {
+		t.Fatal("a second socket bound the address: the test proves nothing")
+	}
+	lns, err := ListenServiceReusing(context.Background(), &changed, old)
+	if err != nil {
+		t.Fatalf("reload of a changed service: %v", err)
+	}
+	defer lns[0].Close()
+	c, err := net.Dial("tcp4", addr.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	old[0].Close() // the old service stops
+	a, err := lns[0].AcceptTCP()
+	if err != nil {
+		t.Fatalf("the queued connection was lost with the old listener: %v", err)
+	}
+	a.Close()
+}

@@ -2,7 +2,6 @@ package splice
 
 import (
 	"encoding/binary"
-	"os"
 	"testing"
 
 	"github.com/google/gopacket/layers"
@@ -23,7 +22,7 @@ func TestSegmentBeyondWindowKeepsRetransmissions(t *testing.T) {
 	f := newFixture(t, false, false, func(p *Params) {
 		p.Client.RcvWnd, p.Server.SndWnd = win, win
 	})
-	forged := f.c2s(1000+win, 0, 0) // no ACK: nothing else to guess
+	forged := f.c2s(1000+win, 0xfffffff0, FlagACK)
 	forged.payload = make([]byte, 1460)
 	if v := f.run(t, forged.bytes(), C2S, true); v != Forward {
 		t.Fatalf("segment at the window's edge: %v, want forward (as before)", v)
@@ -37,25 +36,24 @@ func TestSegmentBeyondWindowKeepsRetransmissions(t *testing.T) {
 	}
 }
 
-// TestForgedTSvalBeforeFirstPacket (known defect, not fixed; run with
-// SPLICED_KNOWN_DEFECTS=1): the engine learns a direction's timestamp
-// offset from the first packet that passes its checks, and a packet
-// without the ACK flag needs only a sequence number in a window of
-// about maxWin+66000 (a receiver in a synchronized state drops it
+// TestForgedTSvalBeforeFirstPacket: the engine learns a direction's
+// timestamp offset from the first packet that passes its checks. A
+// packet without the ACK flag needed only a sequence number in a window
+// of about maxWin+66000 (a receiver in a synchronized state drops it
 // unread, RFC 9293 3.10.7.4). A forged one, before the sender's first
 // packet after the splice, with a TSval about 2^31-2^28 ahead of the
-// sender's clock, sets an offset that puts every later real TSval
-// behind the receiver's TS.Recent: PAWS drops them all, the direction
-// stalls for ever.
+// sender's clock, set an offset that put every later real TSval behind
+// the receiver's TS.Recent: PAWS dropped them all, the direction stalled
+// for ever. Such packets are now dropped, so a forger must also hit an
+// acceptable acknowledgment.
 func TestForgedTSvalBeforeFirstPacket(t *testing.T) {
-	if os.Getenv("SPLICED_KNOWN_DEFECTS") == "" {
-		t.Skip("known defect; SPLICED_KNOWN_DEFECTS=1 runs it")
-	}
 	f := newFixture(t, false, false)
 	forged := f.c2s(1000, 0, 0) // no ACK flag
 	forged.opts = tsOpt(100+0x78000000, 0)
 	forged.payload = []byte("x")
-	f.run(t, forged.bytes(), C2S, true)
+	if v := f.run(t, forged.bytes(), C2S, true); v != DropAck {
+		t.Fatalf("a segment without ACK: %v, want %v", v, DropAck)
+	}
 	real := f.c2s(1000, 0xfffffff0, FlagACK)
 	real.opts = tsOpt(101, 4990)
 	b := real.bytes()

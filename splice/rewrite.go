@@ -88,6 +88,13 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		}
 	}
 	var ackIn Seq
+	if flags&(FlagACK|FlagRST) == 0 {
+		// A receiver in a synchronized state drops a segment without ACK
+		// unread (RFC 9293 3.10.7.4), and one that needs no acceptable
+		// ACK is easy to forge: the first packet after a splice teaches
+		// the engine its sender's timestamp clock.
+		return DropAck
+	}
 	if flags&FlagACK != 0 {
 		ackIn = t.Ack().Sub(o.seqOff)
 		if !relearnO && o.sndNxt.LessThan(ackIn) || ackIn.LessThan(o.ackSeen.Sub(max(o.maxWin, minWindow))) {

@@ -388,6 +388,12 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 		}
 	}
 	__u32 ack_in = 0;
+	if (!(flags & (FLAG_ACK | FLAG_RST))) {
+		// Dropped unread by a synchronized receiver (RFC 9293 3.10.7.4),
+		// and easy to forge (splice.Flow.Rewrite).
+		dc->verdict = V_DROP_ACK;
+		return;
+	}
 	if (flags & FLAG_ACK) {
 		ack_in = ack - o->seq_off;
 		if (before(o->snd_nxt, ack_in) || before(ack_in, o->ack_seen - max_u32(o->max_win, MIN_WINDOW))) {

@@ -283,7 +283,7 @@ func TestDiffForgedSegments(t *testing.T) {
 			s.payload = []byte("x")
 			return s
 		}, C2S, Forward},
-		{"no ACK flag", func(f *fixture) seg { return f.c2s(1000, 0x12345678, FlagPSH) }, C2S, Forward},
+		{"no ACK flag", func(f *fixture) seg { return f.c2s(1000, 0x12345678, FlagPSH) }, C2S, DropAck},
 	}
 	for _, c := range cases {
 		each(t, func(t *testing.T, v6, nat bool) {
@@ -477,7 +477,7 @@ func TestDiffSegmentBeyondWindow(t *testing.T) {
 	const win = 1 << 20
 	each(t, func(t *testing.T, v6, nat bool) {
 		f := newFixture(t, v6, nat, func(p *Params) { p.Client.RcvWnd, p.Server.SndWnd = win, win })
-		forged := f.c2s(1000+win, 0, 0)
+		forged := f.c2s(1000+win, 0xfffffff0, FlagACK)
 		forged.payload = make([]byte, 1460)
 		f.want(f.at(forged, C2S, 1), Forward, "segment at the window's edge")
 		next := f.c2s(1000, 0xfffffff0, FlagACK|FlagPSH)

@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/net/netutil"
+
 	"spliced/api"
 	"spliced/internal/version"
 	"spliced/proxy"
@@ -26,6 +28,12 @@ import (
 
 // Version is spliced's version (package internal/version).
 func Version() string { return version.Get().String() }
+
+// controlIdleTimeout closes a control connection idle between requests.
+var controlIdleTimeout = time.Minute
+
+// controlMaxConns bounds the control connections served at once.
+var controlMaxConns = 64
 
 // serveControl opens the control socket and serves the API until ctx is
 // done.
@@ -72,8 +80,12 @@ func (g *Gateway) serveControl(ctx context.Context, path, group string) (func(),
 		ln.Close()
 		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
-	srv := &http.Server{Handler: g.apiHandler(), ReadHeaderTimeout: 5 * time.Second}
-	go srv.Serve(ln)
+	// A client of the socket may hold connections open: each costs the
+	// daemon a descriptor, which the proxies' sockets share. Idle ones
+	// close after controlIdleTimeout, and beyond controlMaxConns the
+	// next waits in the accept queue (an event stream counts as one).
+	srv := &http.Server{Handler: g.apiHandler(), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: controlIdleTimeout}
+	go srv.Serve(netutil.LimitListener(ln, controlMaxConns))
 	return func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()

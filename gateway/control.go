@@ -17,8 +17,6 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/net/netutil"
-
 	"spliced/api"
 	"spliced/internal/version"
 	"spliced/proxy"
@@ -31,9 +29,6 @@ func Version() string { return version.Get().String() }
 
 // controlIdleTimeout closes a control connection idle between requests.
 var controlIdleTimeout = time.Minute
-
-// controlMaxConns bounds the control connections served at once.
-var controlMaxConns = 64
 
 // serveControl opens the control socket and serves the API until ctx is
 // done.
@@ -80,12 +75,14 @@ func (g *Gateway) serveControl(ctx context.Context, path, group string) (func(),
 		ln.Close()
 		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
-	// A client of the socket may hold connections open: each costs the
-	// daemon a descriptor, which the proxies' sockets share. Idle ones
-	// close after controlIdleTimeout, and beyond controlMaxConns the
-	// next waits in the accept queue (an event stream counts as one).
+	// A client of the socket may leave connections open: each costs the
+	// daemon a descriptor, which the proxies' sockets share. One that
+	// sends no request closes after ReadHeaderTimeout, an idle one after
+	// controlIdleTimeout. (A cap on connections was tried: a client that
+	// leaked its idle connections, as a new http.Client per request does,
+	// then stalled every client for the idle timeout.)
 	srv := &http.Server{Handler: g.apiHandler(), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: controlIdleTimeout}
-	go srv.Serve(netutil.LimitListener(ln, controlMaxConns))
+	go srv.Serve(ln)
 	return func() {
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()

@@ -8,6 +8,8 @@ import (
 	"hash"
 	"io"
 	"net/netip"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync/atomic"
@@ -42,6 +44,14 @@ services:
 	dst := netip.AddrPortFrom(lab.Server().Addr(false), 7100)
 	c, s := connectThrough(t, lab, dst)
 	id := waitSpliced(t, d)
+	// What the client sees, to explain a failure: TCP's recovery after
+	// the loss decides whether the flow stalls a second time.
+	capture := filepath.Join(t.TempDir(), "client.pcap")
+	stopCapture, err := lab.Client().NS.Capture("eth0", capture, "tcp port 7100")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stopCapture()
 
 	// The client sends until told to stop.
 	deadline := time.Now().Add(2 * time.Minute)
@@ -125,6 +135,7 @@ services:
 	}
 
 	nft(t, &lab.Server().NS, "delete table inet lose")
+	lossEnded := time.Now()
 	before := got.n.Load()
 	testnet.Eventually(t, 30*time.Second, func() error {
 		if n := got.n.Load(); n < before+(1<<20) {
@@ -150,8 +161,49 @@ services:
 		return nil
 	})
 	if n := stalledFlows(t, d); n != 1 {
-		t.Errorf("stalled flows counted: %d, want 1", n)
+		stopCapture()
+		t.Errorf("stalled flows counted: %d, want 1\nclient TCP: %s\nserver TCP: %s\nthe client's packets from 0.5 s before the loss ended:\n%s",
+			n, tcpRecovery(lab.Client()), tcpRecovery(lab.Server()), decodeCapture(capture, lossEnded.Add(-500*time.Millisecond), 400))
 	}
+}
+
+// tcpRecovery summarises a host's counters of TCP loss recovery (nstat,
+// since the namespace was made).
+func tcpRecovery(h *testnet.Host) string {
+	out, err := h.Run("nstat", "-asz")
+	if err != nil {
+		return err.Error()
+	}
+	var parts []string
+	for _, line := range strings.Split(out, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		switch strings.TrimPrefix(f[0], "TcpExt") {
+		case "TcpRetransSegs", "TCPTimeouts", "TCPLossUndo", "TCPSpuriousRTOs", "TCPLossFailures", "TCPFastRetrans",
+			"TCPSlowStartRetrans", "TCPLostRetransmit", "TCPSackRecovery", "TCPOFOQueue", "TCPPartialUndo", "TCPFullUndo",
+			"TCPDSACKUndo", "TCPRetransFail", "TCPSpuriousRtxHostQueues", "PAWSEstab", "TCPACKSkippedPAWS", "TCPSACKReneging":
+			parts = append(parts, f[0]+"="+f[1])
+		}
+	}
+	return strings.Join(parts, " ")
+}
+
+// decodeCapture lists at most max packets of a capture from since on, as
+// tshark summarises them (retransmissions and duplicate ACKs named,
+// sequence numbers relative, SACK blocks and timestamps shown).
+func decodeCapture(file string, since time.Time, max int) string {
+	out, err := exec.Command("tshark", "-r", file, "-Y", fmt.Sprintf("frame.time_epoch >= %d.%09d", since.Unix(), since.Nanosecond()),
+		"-T", "fields", "-e", "frame.time", "-e", "_ws.col.Info").Output()
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) > max {
+		lines = append(lines[:max], fmt.Sprintf("(%d more)", len(lines)-max))
+	}
+	if err != nil {
+		lines = append(lines, err.Error())
+	}
+	return strings.Join(lines, "\n")
 }
 
 const stallMsg = "spliced flow stalled: data unacknowledged while the flow is alive; please report it with this line"

@@ -55,6 +55,13 @@ type Config struct {
 	// that request a new connection (an idempotent request without a
 	// body) or a 502 (any other).
 	UpstreamIdleTimeout config.Duration `yaml:"upstream_idle_timeout"`
+	// UpstreamTimeout is how long the proxy waits for a backend to send
+	// the next bytes of its response or to take the next bytes of a
+	// request (default 60s, nginx's proxy_read_timeout and
+	// proxy_send_timeout; 0 waits for ever). A backend that takes
+	// longer before its response's head gets the client a 504; one that
+	// stops in the middle of a body ends the client's connection.
+	UpstreamTimeout *config.Duration `yaml:"upstream_timeout"`
 }
 
 // Route sends requests for a host and path prefix to a backend pool.
@@ -85,6 +92,7 @@ const (
 	DefaultBackendDownFor      = 10 * time.Second
 	DefaultUpstreamKeepalive   = 64
 	DefaultUpstreamIdleTimeout = 30 * time.Second
+	DefaultUpstreamTimeout     = 60 * time.Second
 )
 
 // Registration is the http proxy's kind.
@@ -125,6 +133,10 @@ func defaults(s *config.Service) {
 		c.UpstreamKeepalive = &n
 	}
 	config.SetDefault(&c.UpstreamIdleTimeout, config.Duration(DefaultUpstreamIdleTimeout))
+	if c.UpstreamTimeout == nil {
+		d := config.Duration(DefaultUpstreamTimeout)
+		c.UpstreamTimeout = &d
+	}
 	for j := range c.Routes {
 		r := &c.Routes[j]
 		config.SetDefault(&r.Path, "/")
@@ -151,9 +163,6 @@ func validate(s *config.Service, bad func(key, value, msg string)) {
 	}
 	if c.UpstreamKeepalive != nil && *c.UpstreamKeepalive < 0 {
 		bad("http.upstream_keepalive", fmt.Sprint(*c.UpstreamKeepalive), "is negative; use 0 (no idle upstream connections kept) or N (idle connections kept per backend)")
-	}
-	if c.UpstreamIdleTimeout < 0 {
-		bad("http.upstream_idle_timeout", c.UpstreamIdleTimeout.D().String(), "is negative; use a duration such as 30s")
 	}
 	switch c.Forwarded {
 	case "x-forwarded-for", "via", "none":

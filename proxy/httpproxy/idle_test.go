@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"spliced/config"
 	"spliced/proxy"
 )
 
@@ -463,5 +464,155 @@ func TestStalledReaderTimesOut(t *testing.T) {
 	// buffers and waits.
 	if err := poll(func() bool { return p.Flows.Len() == 0 }); err != nil {
 		t.Fatalf("the proxy still holds a client that reads nothing after 5s (idle_timeout %v)", idle)
+	}
+}
+
+// TestUpstreamTimeout: a backend that stops answering or reading holds a
+// client's connection for http.upstream_timeout, not for ever. Before
+// any of the response the client gets a 504; in the middle of a body its
+// connection ends.
+func TestUpstreamTimeout(t *testing.T) {
+	const keys = "      upstream_timeout: 300ms\n"
+	// hang holds a backend's connection without a word until the test
+	// ends.
+	hang := make(chan struct{})
+	t.Cleanup(func() { close(hang) })
+	// readAll reads what the proxy sends the client; a read that times
+	// out means the proxy still waits for the backend.
+	readAll := func(t *testing.T, c net.Conn) string {
+		t.Helper()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		got, err := io.ReadAll(c)
+		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+			t.Fatalf("the proxy still waits for a backend that stopped (upstream_timeout 300ms); the client got %q", got)
+		}
+		return string(got)
+	}
+	t.Run("no response", func(t *testing.T) {
+		b := startBackend(t)
+		b.respond = func(io.Writer, *http.Request) bool { <-hang; return true }
+		_, addr := testServiceWith(t, b, keys)
+		c, err := net.Dial("tcp4", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprint(c, "GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+		if got := readAll(t, c); !strings.HasPrefix(got, "HTTP/1.1 504 ") || !strings.Contains(got, "upstream_timeout") {
+			t.Errorf("the client got %q, want a 504 that names http.upstream_timeout", got)
+		}
+	})
+	t.Run("body stops", func(t *testing.T) {
+		b := startBackend(t)
+		b.respond = func(w io.Writer, _ *http.Request) bool {
+			fmt.Fprint(w, "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+			<-hang
+			return true
+		}
+		_, addr := testServiceWith(t, b, keys)
+		c, err := net.Dial("tcp4", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		fmt.Fprint(c, "GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+		if got := readAll(t, c); !strings.HasPrefix(got, "HTTP/1.1 200 ") || !strings.HasSuffix(got, "\r\n\r\n0123456789") {
+			t.Errorf("the client got %q, want the head and the 10 bytes sent, then the end", got)
+		}
+	})
+	t.Run("request not read", func(t *testing.T) {
+		// A backend that reads a request's head and none of its body.
+		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					defer c.Close()
+					http.ReadRequest(bufio.NewReader(c))
+					<-hang
+				}()
+			}
+		}()
+		_, addr := testServiceWith(t, &fakeBackend{ln: ln}, keys)
+		c, err := net.Dial("tcp4", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		const size = 1 << 30 // far more than the sockets' buffers hold
+		fmt.Fprintf(c, "POST /a/1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", size)
+		go func() {
+			// Until the proxy stops reading and closes.
+			c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			buf := make([]byte, 256<<10)
+			for n := 0; n < size; n += len(buf) {
+				if _, err := c.Write(buf); err != nil {
+					return
+				}
+			}
+		}()
+		if got := readAll(t, c); !strings.HasPrefix(got, "HTTP/1.1 504 ") || !strings.Contains(got, "upstream_timeout") {
+			t.Errorf("the client got %q, want a 504 that names http.upstream_timeout", got)
+		}
+	})
+	t.Run("idle connection kept", func(t *testing.T) {
+		// An upstream connection kept idle for longer than the timeout
+		// is still used: the timeout runs only while the proxy waits.
+		b := startBackend(t)
+		p, addr := testServiceWith(t, b, "      upstream_timeout: 100ms\n")
+		for range 2 {
+			if code, _ := oneRequest(t, addr, "GET /a/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"); code != 200 {
+				t.Fatalf("status %d", code)
+			}
+			time.Sleep(300 * time.Millisecond)
+		}
+		if st := backendStats(t, p); st.Dialed != 1 || st.Reused != 1 {
+			t.Errorf("stats %+v, want 1 dialed and reused once", st)
+		}
+	})
+}
+
+// TestUpstreamTimeoutConfig: upstream_timeout defaults to 60s, 0 turns it
+// off, and a negative one is refused with the key and the fix named
+// (by config.Duration).
+func TestUpstreamTimeoutConfig(t *testing.T) {
+	for _, c := range []struct {
+		line, want, err string
+	}{
+		{line: "", want: "1m0s"},
+		{line: "      upstream_timeout: 0s\n", want: "0s"},
+		{line: "      upstream_timeout: 5m\n", want: "5m0s"},
+		{line: "      upstream_timeout: -1s\n", err: "http.upstream_timeout"},
+	} {
+		cfg, err := config.Parse("test", []byte(`
+services:
+  - name: web
+    listen: 15080
+    ports: ["80"]
+    proxy: http
+    http:
+`+c.line+`      routes:
+        - path: /
+          backends: ["10.2.0.2:80"]
+`))
+		if c.err != "" {
+			if err == nil || !strings.Contains(err.Error(), c.err) || !strings.Contains(err.Error(), "use a positive value") {
+				t.Errorf("%q: error %v, want one naming %s and the fix", c.line, err, c.err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("%q: %v", c.line, err)
+		}
+		if got := cfg.Services[0].Section().(*Config).UpstreamTimeout.D().String(); got != c.want {
+			t.Errorf("%q: upstream_timeout %s, want %s", c.line, got, c.want)
+		}
 	}
 }

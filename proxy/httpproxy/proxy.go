@@ -288,7 +288,11 @@ type conn struct {
 	// (writeIdle): a client that stops reading a response holds the
 	// connection for the idle timeout, not for ever.
 	writeDeadline time.Time
-	respBody      respBody // the body of a response parse.go parsed
+	// upDeadline is up's deadline, zero when none (upstreamDeadline): a
+	// backend that stops answering or reading holds the connection for
+	// http.upstream_timeout, not for ever.
+	upDeadline time.Time
+	respBody   respBody // the body of a response parse.go parsed
 	// respEnd is the value of flow.S2C at which the response in flight
 	// ends: after an unsplice in its middle, the rest is relayed first.
 	respEnd int64
@@ -328,7 +332,8 @@ func (c *conn) attach(client, up *net.TCPConn) {
 		// A fresh reader (c.ur was set to nil): nothing read from the
 		// sockets before the splice is read again.
 		c.upIO.reset(up)
-		c.upRd = flushReader{r: &c.upIO, out: &c.out}
+		c.upRd = flushReader{r: &c.upIO, out: &c.out, up: c}
+		c.upDeadline = time.Time{}
 		c.upReader()
 		c.upUsed, c.upReusable = true, false
 	}
@@ -399,6 +404,10 @@ func (c *conn) releaseUpstream() {
 		return
 	}
 	up, b := c.up, c.upTo
+	// Kept, its deadline would pass while it is idle, and the check
+	// before it is used (quiet) would take it for closed.
+	up.SetDeadline(time.Time{})
+	c.upDeadline = time.Time{}
 	b.active.Add(-1)
 	c.mu.Lock()
 	c.up = nil
@@ -481,6 +490,27 @@ func (c *conn) writeIdle(now time.Time) {
 	}
 	c.client.SetWriteDeadline(want)
 	c.writeDeadline = want
+}
+
+// upstreamDeadline makes up's deadline now plus http.upstream_timeout,
+// give or take deadlineSlack, as idleDeadline does for the client: every
+// read of and write to the backend comes after it, so a backend that
+// sends or takes nothing for that long ends the exchange.
+func (c *conn) upstreamDeadline(now time.Time) {
+	timeout := c.p.conf().UpstreamTimeout.D()
+	if timeout <= 0 {
+		if !c.upDeadline.IsZero() { // a reload turned it off
+			c.up.SetDeadline(time.Time{})
+			c.upDeadline = time.Time{}
+		}
+		return
+	}
+	want := now.Add(timeout)
+	if !c.upDeadline.IsZero() && want.Sub(c.upDeadline) < min(deadlineSlack, timeout/16) {
+		return
+	}
+	c.up.SetDeadline(want)
+	c.upDeadline = want
 }
 
 // serve is the request loop. It returns why the connection ended, or
@@ -663,7 +693,8 @@ func (c *conn) useUpstream(b *backend, up *net.TCPConn, used bool) {
 	c.up = up
 	c.mu.Unlock()
 	c.upIO.reset(up)
-	c.upRd = flushReader{r: &c.upIO, out: &c.out}
+	c.upRd = flushReader{r: &c.upIO, out: &c.out, up: c}
+	c.upDeadline = time.Time{}
 	c.upTo = b
 	c.upUsed, c.upReusable = used, false
 	c.flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), b.addr)
@@ -839,7 +870,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	}
 	// The gateway's drain sets and clears the sockets' read deadlines:
 	// the next request sets its own.
-	c.readDeadline, c.writeDeadline = time.Time{}, time.Time{}
+	c.readDeadline, c.writeDeadline, c.upDeadline = time.Time{}, time.Time{}, time.Time{}
 	c.splicedSample = bodySample{}
 	c.spliceOut = false
 	c.flow.SetSpliceError(serr)
@@ -869,7 +900,7 @@ func (c *conn) send(rq *request, out *sendBuf) (*http.Response, time.Time, error
 	for attempt := 0; ; attempt++ {
 		retry := attempt == 0 && c.upUsed && rq.body == nil && idempotent(req.Method)
 		c.upReusable = false
-		c.toUp = countingWriter{w: &c.upIO, n: &c.flow.C2S}
+		c.toUp = countingWriter{w: &c.upIO, n: &c.flow.C2S, up: c}
 		out.reset(&c.toUp)
 		err := writeRequest(out, req, &c.scratch)
 		if err == nil {
@@ -896,6 +927,11 @@ func (c *conn) send(rq *request, out *sendBuf) (*http.Response, time.Time, error
 				}
 				return nil, time.Time{}, fmt.Errorf("client: %w", be)
 			}
+			if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+				// Nothing of a response came: the client may be told.
+				c.reply(http.StatusGatewayTimeout, "the backend took no more of the request within http.upstream_timeout")
+				c.upTo.failures.Add(1)
+			}
 			return nil, time.Time{}, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
 		}
 		c.log.Debug("http: the backend closed a used connection; sending the request again on a new one", "backend", c.upTo.addr, logging.Err(err))
@@ -907,9 +943,14 @@ func (c *conn) send(rq *request, out *sendBuf) (*http.Response, time.Time, error
 }
 
 // unreadable answers the client 502 for a response the backend did not
-// send whole, and returns the error.
+// send whole (504 when it sent nothing for http.upstream_timeout), and
+// returns the error.
 func (c *conn) unreadable(err error) error {
-	c.reply(http.StatusBadGateway, "the backend's response was unreadable")
+	if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+		c.reply(http.StatusGatewayTimeout, "the backend did not answer within http.upstream_timeout")
+	} else {
+		c.reply(http.StatusBadGateway, "the backend's response was unreadable")
+	}
 	c.upTo.failures.Add(1)
 	return fmt.Errorf("read the response of %s: %w", c.upTo.addr, err)
 }
@@ -941,7 +982,8 @@ func (c *conn) spliceUpgrade() (done, spliced bool, err error) {
 	}
 	// The tunnel's relay or splice has its own idle timeout.
 	c.client.SetWriteDeadline(time.Time{})
-	c.writeDeadline = time.Time{}
+	c.up.SetDeadline(time.Time{})
+	c.writeDeadline, c.upDeadline = time.Time{}, time.Time{}
 	c.flow.UnspliceOnClientData.Store(false)
 	c.flow.SetResume(nil)
 	c.releaseSendBuf()
@@ -999,16 +1041,20 @@ func (c *conn) reply(code int, msg string) {
 
 // countingWriter adds what it writes to a flow counter; idle: it writes
 // to that connection's client, whose write deadline it moves first
-// (writeIdle).
+// (writeIdle); up: to that connection's backend, whose deadline it moves
+// first (upstreamDeadline).
 type countingWriter struct {
-	w    io.Writer
-	n    *atomic.Int64
-	idle *conn
+	w        io.Writer
+	n        *atomic.Int64
+	idle, up *conn
 }
 
 func (w *countingWriter) Write(p []byte) (int, error) {
 	if c := w.idle; c != nil {
 		c.writeIdle(time.Now())
+	}
+	if c := w.up; c != nil {
+		c.upstreamDeadline(time.Now())
 	}
 	n, err := w.w.Write(p)
 	w.n.Add(int64(n))

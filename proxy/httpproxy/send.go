@@ -159,6 +159,9 @@ type flushReader struct {
 	// moves the read deadline, so a body that stalls for idle_timeout
 	// ends the connection and a slow one that keeps coming does not.
 	body *conn
+	// up is the connection whose backend this reads: each read moves
+	// the backend's deadline (upstreamDeadline).
+	up *conn
 }
 
 func (f *flushReader) Read(p []byte) (int, error) {
@@ -169,6 +172,9 @@ func (f *flushReader) Read(p []byte) (int, error) {
 	}
 	if c := f.body; c != nil && c.bodyIdle > 0 {
 		c.idleDeadline(time.Now(), c.bodyIdle)
+	}
+	if c := f.up; c != nil {
+		c.upstreamDeadline(time.Now())
 	}
 	n, err := f.r.Read(p)
 	f.n += int64(n)

@@ -5,8 +5,12 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"testing"
 	"time"
+
+	"spliced/nfq"
+	"spliced/splice"
 )
 
 // TestWriteQueuedLosesNothing: a drain that reads bytes and cannot write
@@ -50,5 +54,29 @@ func TestWriteQueuedLosesNothing(t *testing.T) {
 	}
 	if b := <-got; !bytes.Equal(b, payload) {
 		t.Fatalf("the receiver got %d bytes, not the %d written", len(b), len(payload))
+	}
+}
+
+// TestDrainLeavesRSTsToTheSocket: a RST that arrives while a splice
+// drains goes to the socket, which resets only for one at exactly its
+// rcv_nxt (RFC 5961), and does not end the splice by itself: when any
+// RST did, a blind attacker who sprays RSTs kept every flow relayed.
+func TestDrainLeavesRSTsToTheSocket(t *testing.T) {
+	c, s := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
+	keys := [2]splice.Key{splice.KeyFrom(c, s), splice.KeyFrom(s, netip.MustParseAddrPort("10.1.0.2:40001"))}
+	tr := newTransition(keys, 0, phaseDraining, nil)
+	b := splice.AppendBareSegment(nil, keys[0], splice.Seq(123456789), splice.FlagRST, 64)
+	var p splice.Packet
+	if p.Parse(b) != splice.OK {
+		t.Fatal("parse")
+	}
+	tr.mu.Lock()
+	d := tr.drain(&Gateway{}, &p, &nfq.Packet{Data: b}, keys[0])
+	tr.mu.Unlock()
+	if d != nfq.Accept {
+		t.Errorf("a RST while draining: %v, want it accepted to the socket", d)
+	}
+	if err := tr.interrupted(); err != nil {
+		t.Errorf("a RST the socket may well refuse ended the splice: %v", err)
 	}
 }

@@ -415,15 +415,11 @@ func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net
 }
 
 // interrupted says why a splice must give up, seen by the packet path
-// while it drained: the flow was reset, or the client of a watched flow
-// sent its next request.
+// while it drained: the client of a watched flow sent its next request.
 func (tr *transition) interrupted() error {
 	tr.mu.Lock()
-	reset, clientData := tr.reset, tr.clientData
+	clientData := tr.clientData
 	tr.mu.Unlock()
-	if reset {
-		return &SpliceError{Reason: "the flow was reset"}
-	}
 	if clientData {
 		return &SpliceError{Reason: "the client sent its next request; the proxy reads it first"}
 	}

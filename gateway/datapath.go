@@ -14,6 +14,7 @@ import (
 	"spliced/config"
 	"spliced/logging"
 	"spliced/nfq"
+	"spliced/proxy"
 	"spliced/rules"
 	"spliced/splice"
 	"spliced/splice/bpf"
@@ -434,7 +435,50 @@ func (g *Gateway) forwardOffloaded(e *splice.Entry, np *nfq.Packet) (dec nfq.Dec
 		g.log.Warn("packet passed on by the bpf datapath", logging.KeyFlow, e.ID, logging.Err(err))
 		return nfq.Drop, true
 	}
+	sf.passOns.Add(1)
+	sf.passedOn.Store(time.Now().UnixNano())
 	return 0, false
+}
+
+// repromoteDue reports whether a flow the program passed back to the Go
+// engine (a packet it does not handle, see forwardOffloaded) should go
+// back to the program at now (splicedMu held). One odd packet, which
+// anyone who knows the tuple can forge, would otherwise keep a flow on
+// the slower path for the rest of its life; a flow whose packets keep
+// coming back waits longer each time: a second after its first return,
+// doubling up to repromoteMax.
+func (sf *splicedFlow) repromoteDue(now time.Time) bool {
+	at := sf.passedOn.Load()
+	if at == 0 || sf.finished != 0 || sf.entry.Offloaded() || sf.flow.State() != proxy.StateSpliced {
+		return false
+	}
+	wait := repromoteMax
+	if n := max(sf.passOns.Load(), 1); n <= 7 {
+		wait = min(time.Second<<(n-1), repromoteMax)
+	}
+	return now.Sub(time.Unix(0, at)) >= wait
+}
+
+// repromoteMax is the longest a flow the program passed back waits before
+// it is promoted again.
+const repromoteMax = time.Minute
+
+// repromote promotes flows again (repromoteDue), one after the other in
+// the background: a promotion waits for the queue and its barrier, which
+// the reaper must not. A round still running takes the next round's
+// flows at the reaper's next tick.
+func (g *Gateway) repromote(flows []*splicedFlow) {
+	if len(flows) == 0 || g.kpath == nil || !g.repromoting.CompareAndSwap(false, true) {
+		return
+	}
+	go func() {
+		defer g.repromoting.Store(false)
+		for _, sf := range flows {
+			sf.passedOn.Store(0)
+			g.log.Debug("promoting again a flow the bpf datapath passed back", logging.KeyFlow, sf.entry.ID, "returns", sf.passOns.Load())
+			g.promote(sf)
+		}
+	}()
 }
 
 // bpfVerdictName names the program's counter i.

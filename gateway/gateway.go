@@ -146,11 +146,13 @@ type Gateway struct {
 	divertMode                    atomic.Int32
 	divertLog                     *logging.Limiter
 	stalledFlows                  atomic.Uint64
-	stallLog                      *logging.Limiter
-	reloads                       atomic.Int64
-	divertRefreshes               atomic.Uint64
-	divertRefreshErrors           atomic.Uint64
-	repairs                       atomic.Int64
+	// repromoting: a round of repromote runs.
+	repromoting         atomic.Bool
+	stallLog            *logging.Limiter
+	reloads             atomic.Int64
+	divertRefreshes     atomic.Uint64
+	divertRefreshErrors atomic.Uint64
+	repairs             atomic.Int64
 	// Bytes of flows that ended, by engine and direction.
 	closedProxied, closedSpliced [2]atomic.Uint64
 }

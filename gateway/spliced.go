@@ -34,7 +34,14 @@ type splicedFlow struct {
 	// promoting: a promotion of the flow runs (one at a time: a second
 	// one would reset the first's straggler bound, see promote).
 	promoting atomic.Bool
-	stall     stallWatch
+	// passedOn: when the program last passed one of the flow's packets
+	// to the queue and the flow came back to the Go engine (unix
+	// nanoseconds; 0: not since its last promotion). passOns counts
+	// those returns, for the back-off before the reaper promotes the
+	// flow again (repromote).
+	passedOn atomic.Int64
+	passOns  atomic.Uint32
+	stall    stallWatch
 	// legs: what an unsplice needs of the connections captured at the
 	// splice (client's leg, server's leg) beyond the tuples and the
 	// engine's state. Zero for an adopted flow, which is never unspliced.
@@ -130,9 +137,13 @@ func (g *Gateway) reap(now time.Time) {
 	var done, idle []*splicedFlow
 	var reasons []string
 	var stalls []stallReport
+	var again []*splicedFlow
 	g.splicedMu.Lock()
 	g.syncOffloaded(now)
 	for id, sf := range g.spliced {
+		if sf.repromoteDue(now) {
+			again = append(again, sf)
+		}
 		snap := sf.entry.Snapshot()
 		reason := ""
 		switch {
@@ -169,6 +180,7 @@ func (g *Gateway) reap(now time.Time) {
 	}
 	g.splicedMu.Unlock()
 	g.reportStalls(stalls)
+	g.repromote(again)
 	if len(done) == 0 {
 		return
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	"spliced/api"
 	"spliced/testnet"
 )
 
@@ -157,6 +158,65 @@ func TestLabBPFAttach(t *testing.T) {
 	}
 	if out, err := d.Run("-cleanup"); err != nil {
 		t.Errorf("spliced -cleanup: %v\n%s", err, out)
+	}
+}
+
+// TestLabBPFRepromote: a packet the program does not handle (here one
+// forged on the flow's tuple with 20 NOPs, more options than the program
+// walks) sends the flow back to the Go engine, and the reaper promotes it
+// again a second later: one such packet, which anyone who knows the tuple
+// can send, no longer keeps a flow off the kernel path for good. The
+// flow's bytes go through the program afterwards.
+func TestLabBPFRepromote(t *testing.T) {
+	py := scapyPython(t)
+	lab := testnet.NewT(t, testnet.Options{})
+	d := testnet.StartDaemon(t, lab, bpfForwardConfig("debug"))
+	dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)
+	c, s := connectThrough(t, lab, dst)
+	id := waitSpliced(t, d)
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "flow promoted to the bpf datapath" }); err != nil {
+		t.Fatalf("%v\n%s", err, tail(d.Log(), 20))
+	}
+	client := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	const script = `import sys
+from scapy.all import IP, TCP, send, conf
+conf.verb = 0
+send(IP(src=sys.argv[1], dst=sys.argv[3])/TCP(sport=int(sys.argv[2]), dport=int(sys.argv[4]), flags="A",
+     seq=12345, ack=67890, options=[("NOP", None)]*20), iface="eth0")
+`
+	if out, err := lab.Client().NS.Command(t.Context(), py, "-c", script, client.Addr().String(), fmt.Sprint(client.Port()),
+		dst.Addr().String(), fmt.Sprint(dst.Port())).CombinedOutput(); err != nil {
+		t.Fatalf("scapy: %v\n%s", err, out)
+	}
+	if err := d.WaitLog(10*time.Second, func(l map[string]any) bool { return l["msg"] == "promoting again a flow the bpf datapath passed back" }); err != nil {
+		t.Fatalf("the flow was not promoted again: %v\n%s", err, tail(d.Log(), 20))
+	}
+	var e api.Engine
+	if err := testnet.Poll(5*time.Second, func() error {
+		e = spliceEngine(t, d)
+		if e.BPFDemotions != 1 || e.BPFPromotions != 2 {
+			return fmt.Errorf("bpf datapath: %d promotions, %d demotions; want 2 and 1", e.BPFPromotions, e.BPFDemotions)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	f, err := d.Client().Flow(t.Context(), id)
+	if err != nil || f.Datapath != "bpf" {
+		t.Fatalf("flow %d after its second promotion: %+v, %v; want it on bpf", id, f, err)
+	}
+	before := bpfForwarded(t, d)
+	for _, pair := range [][2]*net.TCPConn{{c, s}, {s, c}} {
+		if _, err := pair[0].Write([]byte("hello")); err != nil {
+			t.Fatal(err)
+		}
+		pair[1].SetReadDeadline(time.Now().Add(5 * time.Second))
+		if _, err := io.ReadFull(pair[1], make([]byte, 5)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := bpfForwarded(t, d) - before; n < 2 {
+		t.Errorf("the program forwarded %d packets after the flow came back to it, want the data both ways", n)
 	}
 }
 

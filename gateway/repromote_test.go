@@ -1,0 +1,71 @@
+package gateway
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+
+	"spliced/proxy"
+	"spliced/splice"
+)
+
+// TestRepromoteBackOff: a flow the bpf datapath passed back to the Go
+// engine (one packet it does not handle, which anyone who knows the
+// tuple can forge) is promoted again by the reaper: a second after its
+// first return, twice as long after each later one, a minute at most;
+// never while it is not spliced (an unsplice under way), has finished,
+// or is on the program already.
+func TestRepromoteBackOff(t *testing.T) {
+	c, s := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
+	k := [2]splice.Key{splice.KeyFrom(c, s), splice.KeyFrom(s, c)}
+	p := splice.Params{
+		Client: splice.Conn{Local: k[0].DstAddrPort(), Remote: k[0].SrcAddrPort(), SndNxt: 1, RcvNxt: 1, SndWnd: 64000, RcvWnd: 64000, MSS: 1448},
+		Server: splice.Conn{Local: k[1].DstAddrPort(), Remote: k[1].SrcAddrPort(), SndNxt: 1, RcvNxt: 1, SndWnd: 64000, RcvWnd: 64000, MSS: 1448},
+	}
+	e, err := splice.NewTable().Add(1, &p, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &proxy.Flow{}
+	f.SetState(proxy.StateSpliced)
+	sf := &splicedFlow{flow: f, entry: e}
+	t0 := time.Unix(1000, 0)
+	if sf.repromoteDue(t0.Add(time.Hour)) {
+		t.Fatal("a flow never passed back is due for a promotion")
+	}
+	for n, wait := range []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 16 * time.Second,
+		32 * time.Second, time.Minute, time.Minute, time.Minute} {
+		sf.passedOn.Store(t0.UnixNano())
+		sf.passOns.Add(1)
+		if sf.repromoteDue(t0.Add(wait - time.Millisecond)) {
+			t.Errorf("return %d: due %v after it, want %v", n+1, wait-time.Millisecond, wait)
+		}
+		if !sf.repromoteDue(t0.Add(wait)) {
+			t.Errorf("return %d: not due %v after it", n+1, wait)
+		}
+	}
+	sf.passOns.Store(1 << 31) // the shift must not wrap
+	if sf.repromoteDue(t0.Add(time.Second)) || !sf.repromoteDue(t0.Add(time.Minute)) {
+		t.Error("after many returns the wait is not a minute")
+	}
+	late := t0.Add(time.Hour)
+	f.SetState(proxy.StateSplicing) // as an unsplice sets it
+	if sf.repromoteDue(late) {
+		t.Error("due while being unspliced")
+	}
+	f.SetState(proxy.StateSpliced)
+	sf.finished = 1
+	if sf.repromoteDue(late) {
+		t.Error("due after it finished")
+	}
+	sf.finished = 0
+	if !sf.repromoteDue(late) {
+		t.Error("not due an hour after its last return")
+	}
+	if err := e.Offload(func(splice.State) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if sf.repromoteDue(late) {
+		t.Error("due while on the program")
+	}
+}

@@ -17,7 +17,7 @@ BIN      := bin
 CMDS     := spliced splicectl spliced-demo spliced-bench
 TESTFLAGS ?=
 
-.PHONY: all build test test-race check fuzz demo bench bench-quick install clean deps-demo deps-test deps-bench \
+.PHONY: all build test test-race check fuzz demo bench bench-quick install clean deps-demo deps-test deps-bench deb-prebuild \
 	generate generate-check deps-generate
 
 all: build
@@ -28,8 +28,17 @@ build:
 # Every package's tests, lab tests included (as root), after installing
 # the tools they use. The summary fails the run when a test fails, or when
 # one skipped although we are root.
-test: deps-test
+test: deps-test deb-prebuild
 	set -o pipefail; $(GO) test -count=1 -timeout 14m -json $(TESTFLAGS) ./... | $(GO) run ./internal/testsummary
+
+# What TestDebianPackage's `make deb` compiles: nfpm, and the binaries
+# built with -trimpath. On a fresh machine that is two minutes of
+# compiling (measured: 70 s and 49 s), done here so that it does not
+# count against the test timeout of cmd/spliced, whose lab tests need
+# the time (cmd/spliced took 821 s of its 840 on a fresh machine).
+deb-prebuild:
+	$(GO) tool -n nfpm >/dev/null
+	env CGO_ENABLED=0 GOOS=linux $(GOARCH_$(ARCH)) $(GO) build -trimpath -o /dev/null ./cmd/spliced ./cmd/splicectl
 
 # The same under the race detector; the daemons the lab tests start are
 # built with -race too (testnet.Binary, SPLICED_RACE) and a race they

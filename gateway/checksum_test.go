@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"testing"
 
+	"spliced/config"
 	"spliced/nfq"
 	"spliced/splice"
 )
@@ -59,7 +60,7 @@ func TestDrainRefusesCorruptSegment(t *testing.T) {
 			t.Fatal("test packet: bad checksum")
 		}
 		b[len(b)-5] ^= 0x20 // a bit flipped in the payload
-		np := &nfq.Packet{Data: b, CsumNotReady: partial}
+		np := &nfq.Packet{Data: b, CsumNotReady: partial, CsumNotVerified: !partial}
 		var p splice.Packet
 		if p.Parse(b) != splice.OK {
 			t.Fatal("parse")
@@ -118,5 +119,53 @@ func TestReleasedAckKeepsCorruption(t *testing.T) {
 		if raiseAck(&p, 0x10000, !tc.partial) {
 			t.Errorf("%s: an ACK at snd raised again", tc.name)
 		}
+	}
+}
+
+// TestForwardDropsUnverifiedCorruption: a spliced flow's packet whose
+// checksum nothing verified (NFQA_SKB_CSUM_NOTVERIFIED) and is wrong is
+// dropped before the engine sees it, as its receiver would drop it:
+// before, the engine learned from it (a corrupted ACK number or
+// timestamp taken for the flow's) and forwarded it with the corruption
+// kept. The same packet intact is forwarded, and a packet whose checksum
+// the NIC verified is not summed again.
+func TestForwardDropsUnverifiedCorruption(t *testing.T) {
+	g := New(&config.Config{}, nil)
+	c, s := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
+	k := [2]splice.Key{splice.KeyFrom(c, s), splice.KeyFrom(s, c)}
+	p := splice.Params{
+		Client: splice.Conn{Local: k[0].DstAddrPort(), Remote: k[0].SrcAddrPort(), SndNxt: 5000, RcvNxt: 1000, SndWnd: 64000, RcvWnd: 64000, MSS: 1448},
+		Server: splice.Conn{Local: k[1].DstAddrPort(), Remote: k[1].SrcAddrPort(), SndNxt: 1000, RcvNxt: 5000, SndWnd: 64000, RcvWnd: 64000, MSS: 1448},
+	}
+	e, err := splice.NewTable().Add(1, &p, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	send := func(corrupt, verified bool) nfq.Decision {
+		b := dataPacket(c, s, 1000, 5000, []byte("0123456789"), false)
+		if corrupt {
+			b[len(b)-1] ^= 0x01
+		}
+		var pkt splice.Packet
+		if pkt.Parse(b) != splice.OK {
+			t.Fatal("parse")
+		}
+		return forward(g, e, splice.C2S, &pkt, &nfq.Packet{Data: b, CsumNotVerified: !verified})
+	}
+	before := e.HighestSeq(splice.C2S)
+	if d := send(true, false); d != nfq.Drop {
+		t.Errorf("a corrupted packet nothing verified: %v, want drop", d)
+	}
+	if n := g.counters.verdicts[splice.DropMalformed].Load(); n != 1 {
+		t.Errorf("drop_malformed counted %d, want 1", n)
+	}
+	if got := e.HighestSeq(splice.C2S); got != before {
+		t.Errorf("the engine learned from a corrupted packet: highest sequence %d, was %d", got, before)
+	}
+	if d := send(false, false); d != nfq.AcceptModified {
+		t.Errorf("the intact packet: %v, want it forwarded", d)
+	}
+	if d := send(true, true); d != nfq.AcceptModified {
+		t.Errorf("a packet the NIC verified: %v, want it forwarded without a second check", d)
 	}
 }

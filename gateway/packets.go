@@ -53,6 +53,16 @@ func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 
 // forward runs the engine on a packet of a spliced flow.
 func forward(g *Gateway, e *splice.Entry, d splice.Dir, p *splice.Packet, np *nfq.Packet) nfq.Decision {
+	if np.CsumNotVerified && !checksumValid(p) {
+		// Corrupted on the way, or forged: its receiver drops it, and
+		// the engine must not learn from it either (a corrupted ACK
+		// number or timestamp taken for the flow's) nor give it to the
+		// program's owner (a garbled option layout would demote a bpf
+		// flow). Only packets nothing verified are summed here: a NIC's
+		// verdict (CHECKSUM_UNNECESSARY) is taken as the kernel takes it.
+		g.counters.verdicts[splice.DropMalformed].Add(1)
+		return nfq.Drop
+	}
 	for {
 		if g.kpath != nil && e.Offloaded() {
 			// Promoted to the bpf datapath (see promote).
@@ -214,7 +224,7 @@ func (tr *transition) decide(g *Gateway, p *splice.Packet, np *nfq.Packet, key s
 
 // drain handles a packet while the sockets drain (tr.mu held).
 func (tr *transition) drain(g *Gateway, p *splice.Packet, np *nfq.Packet, key splice.Key) nfq.Decision {
-	if !np.CsumNotReady && !checksumValid(p) {
+	if np.CsumNotVerified && !checksumValid(p) {
 		// Corrupted or forged: its receiver would drop it. Taken over,
 		// its copy would leave with a checksum computed afresh (see
 		// release), and the stripped ACK would reach the socket with one:

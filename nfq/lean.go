@@ -537,6 +537,7 @@ func (q *leanQueue) packet(attrs []byte) {
 			if len(v) >= 4 {
 				info := binary.BigEndian.Uint32(v)
 				p.CsumNotReady = info&skbCsumNotReady != 0
+				p.CsumNotVerified = info&skbCsumNotVerified != 0
 				p.GSO = info&skbGSO != 0
 			}
 		case nfqaCapLen:

@@ -65,8 +65,9 @@ func (d Decision) String() string {
 
 // skb info flags (NFQA_SKB_INFO).
 const (
-	skbCsumNotReady = 1 << 0
-	skbGSO          = 1 << 1
+	skbCsumNotReady    = 1 << 0
+	skbGSO             = 1 << 1
+	skbCsumNotVerified = 1 << 2
 )
 
 // Packet is one queued packet.
@@ -78,6 +79,11 @@ type Packet struct {
 	// CsumNotReady: the TCP checksum field holds only the pseudo-header
 	// sum (CHECKSUM_PARTIAL); the packet's checksum is not complete.
 	CsumNotReady bool
+	// CsumNotVerified: nothing checked the TCP checksum yet (neither the
+	// NIC nor the kernel: CHECKSUM_NONE or CHECKSUM_COMPLETE); it may be
+	// wrong. Clear for a packet whose checksum was verified
+	// (CHECKSUM_UNNECESSARY), or is not complete (CsumNotReady).
+	CsumNotVerified bool
 	// GSO: the packet is a GSO super-packet, longer than the MTU.
 	GSO bool
 
@@ -356,6 +362,7 @@ func (q *libQueue) receive(gen uint32, a nfqueue.Attribute) int {
 	if a.SkbInfo != nil && len(*a.SkbInfo) >= 4 {
 		info := binary.BigEndian.Uint32(*a.SkbInfo)
 		p.CsumNotReady = info&skbCsumNotReady != 0
+		p.CsumNotVerified = info&skbCsumNotVerified != 0
 		p.GSO = info&skbGSO != 0
 	}
 	d := q.handler(p)

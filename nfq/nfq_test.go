@@ -274,3 +274,74 @@ func queueReopens(t *testing.T, library bool) {
 		t.Fatalf("verdict for a packet of the old socket: %v, want errStale", err)
 	}
 }
+
+// TestQueueChecksumFlags: each backend reports what the kernel says of a
+// packet's TCP checksum: not ready (CHECKSUM_PARTIAL: the sender left it
+// to an offload) or not verified (a complete checksum nothing checked).
+// A veth never verifies one (a NIC's CHECKSUM_UNNECESSARY, neither flag,
+// cannot be made here).
+func TestQueueChecksumFlags(t *testing.T) {
+	for _, library := range []bool{false, true} {
+		t.Run(map[bool]string{false: "lean", true: "library"}[library], func(t *testing.T) { queueChecksumFlags(t, library) })
+	}
+}
+
+func queueChecksumFlags(t *testing.T, library bool) {
+	lab := testnet.NewT(t, testnet.Options{})
+	queueRule(t, &lab.Gateway.NS, 78, 7001)
+	var notReady, notVerified, neither atomic.Int64
+	h := func(p *Packet) Decision {
+		if len(p.Data) > 100 { // data, not the handshake's or pure ACKs
+			switch {
+			case p.CsumNotReady && !p.CsumNotVerified:
+				notReady.Add(1)
+			case p.CsumNotVerified && !p.CsumNotReady:
+				notVerified.Add(1)
+			case !p.CsumNotReady && !p.CsumNotVerified:
+				neither.Add(1)
+			}
+		}
+		return Accept
+	}
+	set, err := Open(t.Context(), Config{First: 78, Count: 1, NetNS: lab.Gateway.OpenT(t), Library: library}, func(uint16) Handler { return h }, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer set.Close()
+	srv := netip.AddrPortFrom(lab.Server().IPv4, 7001)
+	ln, err := lab.Server().Listen(srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	for _, c := range []struct {
+		name     string
+		clientTx string // ethtool -K: the client's checksum offload
+		want     *atomic.Int64
+	}{
+		{"offloaded", "on", &notReady},
+		{"complete", "off", &notVerified},
+	} {
+		lab.Client().MustRun("ethtool", "-K", lab.Client().Dev, "tx", c.clientTx)
+		notReady.Store(0)
+		notVerified.Store(0)
+		neither.Store(0)
+		conn, err := lab.Client().Dial(srv, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln.SetDeadline(time.Now().Add(5 * time.Second))
+		s, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		go func() { conn.Write(make([]byte, 256<<10)); conn.Close() }()
+		if _, err := io.Copy(io.Discard, s); err != nil {
+			t.Fatal(err)
+		}
+		s.Close()
+		if c.want.Load() == 0 || notReady.Load()+notVerified.Load()+neither.Load() != c.want.Load() {
+			t.Errorf("%s: data packets not ready %d, not verified %d, neither %d; want all in one", c.name, notReady.Load(), notVerified.Load(), neither.Load())
+		}
+	}
+}

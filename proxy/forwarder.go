@@ -486,11 +486,8 @@ func isTransparent(ln *net.TCPListener) bool {
 	}
 	v := 0
 	raw.Control(func(fd uintptr) {
-		if addrPort(ln.Addr()).Addr().Is4() {
-			v, _ = unix.GetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT)
-		} else {
-			v, _ = unix.GetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT)
-		}
+		level, opt := transparentOption(!addrPort(ln.Addr()).Addr().Is4())
+		v, _ = unix.GetsockoptInt(int(fd), level, opt)
 	})
 	return v == 1
 }

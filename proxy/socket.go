@@ -18,11 +18,8 @@ import (
 func setTransparent(network string, c syscall.RawConn) error {
 	var serr error
 	err := c.Control(func(fd uintptr) {
-		if network == "tcp6" {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1)
-		} else {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1)
-		}
+		level, opt := transparentOption(network == "tcp6")
+		serr = unix.SetsockoptInt(int(fd), level, opt, 1)
 	})
 	if err != nil {
 		return err
@@ -31,6 +28,15 @@ func setTransparent(network string, c syscall.RawConn) error {
 		return fmt.Errorf("set transparent: %w (needs CAP_NET_ADMIN)", serr)
 	}
 	return nil
+}
+
+// transparentOption is the socket option that makes a socket of the
+// family transparent (TPROXY): IP_TRANSPARENT, or IPV6_TRANSPARENT.
+func transparentOption(v6 bool) (level, opt int) {
+	if v6 {
+		return unix.SOL_IPV6, unix.IPV6_TRANSPARENT
+	}
+	return unix.SOL_IP, unix.IP_TRANSPARENT
 }
 
 // ListenTransparent opens a TPROXY listener on port for one family

@@ -85,11 +85,12 @@ type Daemon struct {
 	ns     *NS
 	bin    string
 
-	mu    sync.Mutex
-	lines []map[string]any
-	raw   []string
-	done  chan struct{}
-	err   error
+	mu     sync.Mutex
+	client *api.Client // Client's
+	lines  []map[string]any
+	raw    []string
+	done   chan struct{}
+	err    error
 }
 
 // StartDaemon writes config to a file and runs `spliced -config FILE` in
@@ -153,7 +154,16 @@ func (d *Daemon) CheckRaces(t testing.TB) {
 }
 
 // Client is an API client for the daemon's control socket.
-func (d *Daemon) Client() *api.Client { return api.NewClient(d.Socket) }
+func (d *Daemon) Client() *api.Client {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	// One client, so that tests that poll reuse its connection instead
+	// of leaving one idle at the daemon per call.
+	if d.client == nil || d.client.Socket != d.Socket {
+		d.client = api.NewClient(d.Socket)
+	}
+	return d.client
+}
 
 func (d *Daemon) start(args ...string) error {
 	full := append([]string{"-config", d.Config, "-socket", d.Socket, "-log-format", "json"}, args...)

@@ -435,9 +435,20 @@ func (g *Gateway) forwardOffloaded(e *splice.Entry, np *nfq.Packet) (dec nfq.Dec
 		g.log.Warn("packet passed on by the bpf datapath", logging.KeyFlow, e.ID, logging.Err(err))
 		return nfq.Drop, true
 	}
-	sf.passOns.Add(1)
-	sf.passedOn.Store(time.Now().UnixNano())
+	sf.passedBack(time.Now().UnixNano())
 	return 0, false
+}
+
+// passedBack records that the program passed one of the flow's packets
+// on and the flow came back to the Go engine at now (unix nanoseconds).
+func (sf *splicedFlow) passedBack(now int64) {
+	if at := sf.repromotedAt.Load(); at != 0 && now-at < int64(repromoteQuick) {
+		sf.quickReturns.Add(1)
+	} else {
+		sf.quickReturns.Store(0)
+	}
+	sf.passOns.Add(1)
+	sf.passedOn.Store(now)
 }
 
 // repromoteDue reports whether a flow the program passed back to the Go
@@ -449,7 +460,8 @@ func (g *Gateway) forwardOffloaded(e *splice.Entry, np *nfq.Packet) (dec nfq.Dec
 // doubling up to repromoteMax.
 func (sf *splicedFlow) repromoteDue(now time.Time) bool {
 	at := sf.passedOn.Load()
-	if at == 0 || sf.finished != 0 || sf.entry.Offloaded() || sf.flow.State() != proxy.StateSpliced {
+	if at == 0 || sf.finished != 0 || sf.entry.Offloaded() || sf.flow.State() != proxy.StateSpliced ||
+		sf.quickReturns.Load() >= repromoteGiveUp {
 		return false
 	}
 	wait := repromoteMax
@@ -463,22 +475,36 @@ func (sf *splicedFlow) repromoteDue(now time.Time) bool {
 // it is promoted again.
 const repromoteMax = time.Minute
 
-// repromote promotes flows again (repromoteDue), one after the other in
-// the background: a promotion waits for the queue and its barrier, which
-// the reaper must not. A round still running takes the next round's
-// flows at the reaper's next tick.
+// A flow that comes back within repromoteQuick of being promoted again,
+// repromoteGiveUp times in a row, is not promoted again: its packets are
+// ones the program cannot handle (each promotion would cost it the
+// packets queued meanwhile, dropped as stragglers, for nothing).
+const (
+	repromoteQuick  = time.Second
+	repromoteGiveUp = 3
+)
+
+// repromote promotes flows again (repromoteDue), one after the other on
+// a transition worker: a promotion waits for the queue and its barrier,
+// which the reaper must not, and the daemon's end waits for it as for
+// any transition (a flow in its handoff has no map entry yet). A round
+// still running leaves the next round's flows to the reaper's next tick.
 func (g *Gateway) repromote(flows []*splicedFlow) {
-	if len(flows) == 0 || g.kpath == nil || !g.repromoting.CompareAndSwap(false, true) {
+	if len(flows) == 0 || g.kpath == nil || g.stopping.Load() || !g.repromoting.CompareAndSwap(false, true) {
 		return
 	}
-	go func() {
+	g.runTransition(func() {
 		defer g.repromoting.Store(false)
 		for _, sf := range flows {
+			if g.stopping.Load() {
+				return
+			}
 			sf.passedOn.Store(0)
+			sf.repromotedAt.Store(time.Now().UnixNano())
 			g.log.Debug("promoting again a flow the bpf datapath passed back", logging.KeyFlow, sf.entry.ID, "returns", sf.passOns.Load())
 			g.promote(sf)
 		}
-	}()
+	})
 }
 
 // bpfVerdictName names the program's counter i.

@@ -146,13 +146,14 @@ type Gateway struct {
 	divertMode                    atomic.Int32
 	divertLog                     *logging.Limiter
 	stalledFlows                  atomic.Uint64
-	// repromoting: a round of repromote runs.
-	repromoting         atomic.Bool
-	stallLog            *logging.Limiter
-	reloads             atomic.Int64
-	divertRefreshes     atomic.Uint64
-	divertRefreshErrors atomic.Uint64
-	repairs             atomic.Int64
+	// repromoting: a round of repromote runs. stopping: the daemon is
+	// ending (shutdown or leave): no more of them.
+	repromoting, stopping atomic.Bool
+	stallLog              *logging.Limiter
+	reloads               atomic.Int64
+	divertRefreshes       atomic.Uint64
+	divertRefreshErrors   atomic.Uint64
+	repairs               atomic.Int64
 	// Bytes of flows that ended, by engine and direction.
 	closedProxied, closedSpliced [2]atomic.Uint64
 }
@@ -347,6 +348,7 @@ func (g *Gateway) leave() {
 	// sockets), promotions included: a flow in its handoff has no map
 	// entry yet, and one written after the daemon closed its maps would
 	// never come.
+	g.stopping.Store(true)
 	g.stopServices()
 	if !awaitNone(&g.transitionsRunning, leaveTransitionWait) {
 		g.log.Warn("leaving while transitions still run; their flows are reset", "transitions", g.transitionsRunning.Load())
@@ -457,6 +459,7 @@ func (g *Gateway) abortStart() {
 }
 
 func (g *Gateway) shutdown() error {
+	g.stopping.Store(true)
 	g.removePins = true
 	if g.splicing() {
 		// Spliced flows cannot outlive the daemon (their rewrite state

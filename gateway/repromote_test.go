@@ -14,7 +14,8 @@ import (
 // tuple can forge) is promoted again by the reaper: a second after its
 // first return, twice as long after each later one, a minute at most;
 // never while it is not spliced (an unsplice under way), has finished,
-// or is on the program already.
+// or is on the program already, nor once it came back within a second of
+// its promotion three times in a row.
 func TestRepromoteBackOff(t *testing.T) {
 	c, s := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
 	k := [2]splice.Key{splice.KeyFrom(c, s), splice.KeyFrom(s, c)}
@@ -35,8 +36,7 @@ func TestRepromoteBackOff(t *testing.T) {
 	}
 	for n, wait := range []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 16 * time.Second,
 		32 * time.Second, time.Minute, time.Minute, time.Minute} {
-		sf.passedOn.Store(t0.UnixNano())
-		sf.passOns.Add(1)
+		sf.passedBack(t0.UnixNano())
 		if sf.repromoteDue(t0.Add(wait - time.Millisecond)) {
 			t.Errorf("return %d: due %v after it, want %v", n+1, wait-time.Millisecond, wait)
 		}
@@ -61,6 +61,23 @@ func TestRepromoteBackOff(t *testing.T) {
 	sf.finished = 0
 	if !sf.repromoteDue(late) {
 		t.Error("not due an hour after its last return")
+	}
+
+	// Back within a second of each promotion, three times in a row: its
+	// packets are ones the program cannot handle; it stays.
+	sf.passOns.Store(0)
+	for i := range repromoteGiveUp {
+		promoted := late.Add(time.Duration(i) * time.Hour)
+		sf.repromotedAt.Store(promoted.UnixNano())
+		sf.passedBack(promoted.Add(10 * time.Millisecond).UnixNano())
+		if due := sf.repromoteDue(promoted.Add(30 * time.Minute)); due != (i < repromoteGiveUp-1) {
+			t.Errorf("quick return %d: due %v", i+1, due)
+		}
+	}
+	// One that comes back later counts again from zero.
+	sf.passedBack(late.Add(100 * time.Hour).UnixNano())
+	if !sf.repromoteDue(late.Add(101 * time.Hour)) {
+		t.Error("a flow that came back long after its promotion is not due again")
 	}
 	if err := e.Offload(func(splice.State) error { return nil }); err != nil {
 		t.Fatal(err)

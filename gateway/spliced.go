@@ -41,7 +41,14 @@ type splicedFlow struct {
 	// flow again (repromote).
 	passedOn atomic.Int64
 	passOns  atomic.Uint32
-	stall    stallWatch
+	// repromotedAt: when the reaper last promoted the flow again (unix
+	// nanoseconds); quickReturns: how many times in a row it came back
+	// within repromoteQuick of that. A flow whose every packet is passed
+	// on (an interface the program does not parse, say) stays on the Go
+	// engine once that happened repromoteGiveUp times.
+	repromotedAt atomic.Int64
+	quickReturns atomic.Uint32
+	stall        stallWatch
 	// legs: what an unsplice needs of the connections captured at the
 	// splice (client's leg, server's leg) beyond the tuples and the
 	// engine's state. Zero for an adopted flow, which is never unspliced.
@@ -141,9 +148,6 @@ func (g *Gateway) reap(now time.Time) {
 	g.splicedMu.Lock()
 	g.syncOffloaded(now)
 	for id, sf := range g.spliced {
-		if sf.repromoteDue(now) {
-			again = append(again, sf)
-		}
 		snap := sf.entry.Snapshot()
 		reason := ""
 		switch {
@@ -159,6 +163,9 @@ func (g *Gateway) reap(now time.Time) {
 		default:
 			for _, d := range checkStall(sf, &snap, now, g.stallAfter(sf.flow.Service)) {
 				stalls = append(stalls, stallReport{sf, d})
+			}
+			if sf.repromoteDue(now) {
+				again = append(again, sf)
 			}
 		}
 		if reason != "" {

@@ -11,6 +11,7 @@ import (
 
 	"spliced/nfq"
 	"spliced/splice"
+	"spliced/tcprepair"
 )
 
 // TestWriteQueuedLosesNothing: a drain that reads bytes and cannot write
@@ -79,4 +80,66 @@ func TestDrainLeavesRSTsToTheSocket(t *testing.T) {
 	if err := tr.interrupted(); err != nil {
 		t.Errorf("a RST the socket may well refuse ended the splice: %v", err)
 	}
+}
+
+// TestDrainEndsOnReset: after a RST went to a socket while the sockets
+// drained, the drain looks at the sockets' state and gives up the splice
+// at once when one was reset. Its SIOCOUTQ still counts the data it had
+// not had acknowledged, so waiting for the queues to empty would wait
+// for the drain's timeout (a client that aborts a download as its
+// response is spliced); an in-window RST the socket refused ends
+// nothing.
+func TestDrainEndsOnReset(t *testing.T) {
+	pair := func() (*net.TCPConn, *net.TCPConn) {
+		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		a, err := net.DialTCP("tcp4", nil, ln.Addr().(*net.TCPAddr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := ln.AcceptTCP()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { a.Close(); b.Close() })
+		return a, b
+	}
+	a, b := pair()
+	c, _ := pair()
+	tr := newTransition([2]splice.Key{}, 0, phaseDraining, nil)
+	tr.rstSeen = true
+	if err := tr.interrupted(a, c); err != nil {
+		t.Fatalf("a RST no socket took ended the splice: %v", err)
+	}
+	// a sends more than b takes, then b resets: a is reset with data
+	// unacknowledged.
+	b.SetReadBuffer(4 << 10)
+	a.SetWriteDeadline(time.Now().Add(200 * time.Millisecond))
+	a.Write(make([]byte, 8<<20))
+	b.SetLinger(0)
+	b.Close()
+	if err := pollFor(func() bool { ok, _ := tcprepair.Established(a); return !ok }); err != nil {
+		t.Fatal("the reset did not reach the socket")
+	}
+	if _, outq, err := tcprepair.Queues(a); err != nil || outq == 0 {
+		t.Logf("the reset socket's send queue reads %d (%v); the case the check is for has some", outq, err)
+	}
+	err := tr.interrupted(a, c)
+	var se *SpliceError
+	if !errors.As(err, &se) || se.Reason != "the flow was reset" {
+		t.Errorf("a socket the RST reset: %v, want the splice given up (the flow was reset)", err)
+	}
+}
+
+// pollFor waits up to 5 s for cond.
+func pollFor(cond func() bool) error {
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		if cond() {
+			return nil
+		}
+	}
+	return errors.New("timed out")
 }

@@ -126,6 +126,9 @@ type transition struct {
 	entry *splice.Entry
 	taken [2][][]byte // payload packets taken over while draining, per direction
 	held  []*nfq.Packet
+	// rstSeen: a RST went to a socket while the sockets drained; the
+	// drain looks whether it reset one (drainStep).
+	rstSeen bool
 	// watchClient: the proxy reads every client request (HTTP); client
 	// data that arrives while draining is the next request, which the
 	// proxy must read itself: it reaches the socket, and the splice is
@@ -236,10 +239,11 @@ func (tr *transition) drain(g *Gateway, p *splice.Packet, np *nfq.Packet, key sp
 	t := p.TCP()
 	if t.Flags()&splice.FlagRST != 0 {
 		// The socket judges it (RFC 5961 3.2: only a RST at exactly its
-		// rcv_nxt resets it; any other draws a challenge ACK). One that
-		// resets it ends the splice when the drain next reads the socket
-		// or the capture finds it closed. Giving up the splice for any
-		// RST let a blind attacker keep every flow from being spliced.
+		// rcv_nxt resets it; any other draws a challenge ACK), and the
+		// drain gives up the splice when a socket was reset (drainStep).
+		// Giving up for any RST let a blind attacker keep every flow
+		// from being spliced.
+		tr.rstSeen = true
 		return nfq.Accept
 	}
 	if p.PayloadLen() == 0 && t.Flags()&splice.FlagFIN == 0 {

@@ -242,7 +242,7 @@ func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *prox
 		var empty bool
 		var err error
 		if optimistic {
-			empty, err = true, tr.interrupted()
+			empty, err = true, tr.interrupted(client, upstream)
 		} else {
 			empty, err = g.drainStep(tr, f, client, upstream, *buf, deadline)
 		}
@@ -359,7 +359,7 @@ var drainBufs = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &
 // unacknowledged, nothing moved): the queue sizes it reads for the move
 // answer that too, so a splice asks each socket once per round.
 func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net.TCPConn, buf []byte, deadline time.Time) (empty bool, err error) {
-	if err := tr.interrupted(); err != nil {
+	if err := tr.interrupted(client, upstream); err != nil {
 		return false, err
 	}
 	empty = true
@@ -415,11 +415,21 @@ func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net
 }
 
 // interrupted says why a splice must give up, seen by the packet path
-// while it drained: the client of a watched flow sent its next request.
-func (tr *transition) interrupted() error {
+// while it drained: the client of a watched flow sent its next request,
+// or a RST reset one of the sockets. (A reset socket's SIOCOUTQ still
+// counts what it had not had acknowledged: the drain would wait for it
+// until its timeout.)
+func (tr *transition) interrupted(conns ...*net.TCPConn) error {
 	tr.mu.Lock()
-	clientData := tr.clientData
+	clientData, rstSeen := tr.clientData, tr.rstSeen
 	tr.mu.Unlock()
+	if rstSeen {
+		for _, c := range conns {
+			if ok, err := tcprepair.Established(c); !ok {
+				return &SpliceError{Reason: "the flow was reset", Err: err}
+			}
+		}
+	}
 	if clientData {
 		return &SpliceError{Reason: "the client sent its next request; the proxy reads it first"}
 	}

@@ -75,6 +75,21 @@ func Queues(c *net.TCPConn) (inq, outq int, err error) {
 	return inq, outq, err
 }
 
+// Established reports whether the connection is in state ESTABLISHED
+// (TCP_INFO): false once a RST reset it, or a FIN went either way.
+func Established(c *net.TCPConn) (bool, error) {
+	var state uint8
+	err := control(c, func(fd int) error {
+		var info [8]byte // tcpi_state is the first byte
+		if err := getsockopt(fd, unix.TCP_INFO, unsafe.Pointer(&info), unsafe.Sizeof(info)); err != nil {
+			return &OpError{"TCP_INFO", err}
+		}
+		state = info[0]
+		return nil
+	})
+	return state == tcpEstablished, err
+}
+
 // ErrNotEstablished is returned by Capture for a connection that is not
 // in state ESTABLISHED: a FIN was sent or received, and the sequence
 // numbers no longer describe a byte stream alone.

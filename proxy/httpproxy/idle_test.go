@@ -562,6 +562,52 @@ func TestUpstreamTimeout(t *testing.T) {
 			t.Errorf("the client got %q, want a 504 that names http.upstream_timeout", got)
 		}
 	})
+	t.Run("slow request not read", func(t *testing.T) {
+		// A client that sends its body a little at a time to a backend
+		// that reads none of it: the proxy's write to the backend times
+		// out while it flushes before reading the client, and the client
+		// still gets the 504 (the backend's fault, not its own).
+		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			for {
+				c, err := ln.AcceptTCP()
+				if err != nil {
+					return
+				}
+				c.SetReadBuffer(4 << 10)
+				go func() {
+					defer c.Close()
+					http.ReadRequest(bufio.NewReader(c))
+					<-hang
+				}()
+			}
+		}()
+		_, addr := testServiceWith(t, &fakeBackend{ln: ln}, keys)
+		c, err := net.Dial("tcp4", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		const size = 1 << 30
+		fmt.Fprintf(c, "POST /a/1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", size)
+		go func() {
+			c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			buf := make([]byte, 16<<10)
+			for n := 0; n < size; n += len(buf) {
+				if _, err := c.Write(buf); err != nil {
+					return
+				}
+				time.Sleep(time.Millisecond)
+			}
+		}()
+		if got := readAll(t, c); !strings.HasPrefix(got, "HTTP/1.1 504 ") {
+			t.Errorf("the client got %q, want a 504", got)
+		}
+	})
 	t.Run("idle connection kept", func(t *testing.T) {
 		// An upstream connection kept idle for longer than the timeout
 		// is still used: the timeout runs only while the proxy waits.

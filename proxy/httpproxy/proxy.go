@@ -919,7 +919,10 @@ func (c *conn) send(rq *request, out *sendBuf) (*http.Response, time.Time, error
 				return nil, time.Time{}, c.unreadable(err)
 			}
 		} else if !retry {
-			if be := rq.bodyFailed(); be != nil {
+			// A failed write to the backend (out.err) is the backend's
+			// fault even when it surfaced in the body's reader, which
+			// flushes what it read so far before it reads more.
+			if be := rq.bodyFailed(); be != nil && out.err == nil {
 				// The backend got a request cut short; both connections
 				// close, so nothing after it is read as a request.
 				if be.framing {

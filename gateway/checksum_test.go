@@ -52,22 +52,18 @@ func checksumOK(b []byte) bool {
 func TestDrainRefusesCorruptSegment(t *testing.T) {
 	c, s := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
 	keys := [2]splice.Key{splice.KeyFrom(c, s), splice.KeyFrom(s, netip.MustParseAddrPort("10.1.0.2:40001"))}
-	g := &Gateway{}
 	for _, partial := range []bool{false, true} {
+		g := New(&config.Config{}, nil)
 		tr := newTransition(keys, 0, phaseDraining, nil)
+		g.transitions.add(tr)
+		tr.progress <- struct{}{} // a wake pending: handle tells no queue of this one (it has none)
 		b := dataPacket(c, s, 1000, 2000, []byte("GET /a HTTP/1.1\r\n\r\n"), partial)
 		if !partial && !checksumOK(b) {
 			t.Fatal("test packet: bad checksum")
 		}
 		b[len(b)-5] ^= 0x20 // a bit flipped in the payload
 		np := &nfq.Packet{Data: b, CsumNotReady: partial, CsumNotVerified: !partial}
-		var p splice.Packet
-		if p.Parse(b) != splice.OK {
-			t.Fatal("parse")
-		}
-		tr.mu.Lock()
-		d := tr.drain(g, &p, np, keys[0])
-		tr.mu.Unlock()
+		d := (&packetHandler{g: g}).handle(np)
 		if partial {
 			if d != nfq.AcceptModified || len(tr.taken[splice.C2S]) != 1 {
 				t.Errorf("CHECKSUM_PARTIAL segment: %v, %d taken over; want its ACK delivered and its payload taken over", d, len(tr.taken[splice.C2S]))
@@ -131,26 +127,24 @@ func TestReleasedAckKeepsCorruption(t *testing.T) {
 // the NIC verified is not summed again.
 func TestForwardDropsUnverifiedCorruption(t *testing.T) {
 	g := New(&config.Config{}, nil)
+	g.engine = splice.NewTable()
 	c, s := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
 	k := [2]splice.Key{splice.KeyFrom(c, s), splice.KeyFrom(s, c)}
 	p := splice.Params{
 		Client: splice.Conn{Local: k[0].DstAddrPort(), Remote: k[0].SrcAddrPort(), SndNxt: 5000, RcvNxt: 1000, SndWnd: 64000, RcvWnd: 64000, MSS: 1448},
 		Server: splice.Conn{Local: k[1].DstAddrPort(), Remote: k[1].SrcAddrPort(), SndNxt: 1000, RcvNxt: 5000, SndWnd: 64000, RcvWnd: 64000, MSS: 1448},
 	}
-	e, err := splice.NewTable().Add(1, &p, 0)
+	e, err := g.engine.Add(1, &p, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
+	h := &packetHandler{g: g}
 	send := func(corrupt, verified bool) nfq.Decision {
 		b := dataPacket(c, s, 1000, 5000, []byte("0123456789"), false)
 		if corrupt {
 			b[len(b)-1] ^= 0x01
 		}
-		var pkt splice.Packet
-		if pkt.Parse(b) != splice.OK {
-			t.Fatal("parse")
-		}
-		return forward(g, e, splice.C2S, &pkt, &nfq.Packet{Data: b, CsumNotVerified: !verified})
+		return h.handle(&nfq.Packet{Data: b, CsumNotVerified: !verified})
 	}
 	before := e.HighestSeq(splice.C2S)
 	if d := send(true, false); d != nfq.Drop {

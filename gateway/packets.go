@@ -34,6 +34,19 @@ func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 		g.counters.verdicts[splice.DropUnsupported].Add(1)
 		return nfq.Drop
 	}
+	if np.CsumNotVerified && !checksumValid(p) {
+		// Corrupted on the way, or forged: its receiver drops it, and
+		// nothing here may learn from it either: the engine would take a
+		// corrupted ACK number or timestamp for the flow's (in the
+		// unsplice's LearnAck too), a drain would take its payload over
+		// and the copy leave with a checksum computed afresh (see
+		// release), a garbled option layout would demote a bpf flow.
+		// Only packets nothing verified are summed: a NIC's verdict
+		// (CHECKSUM_UNNECESSARY) is taken as the kernel takes it. Held
+		// packets handled again later (unfreeze, release) came this way.
+		g.counters.verdicts[splice.DropMalformed].Add(1)
+		return nfq.Drop
+	}
 	key := p.KeyOf()
 	if g.transitions.active.Load() > 0 {
 		if tr := g.transitions.get(key); tr != nil {
@@ -53,16 +66,6 @@ func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 
 // forward runs the engine on a packet of a spliced flow.
 func forward(g *Gateway, e *splice.Entry, d splice.Dir, p *splice.Packet, np *nfq.Packet) nfq.Decision {
-	if np.CsumNotVerified && !checksumValid(p) {
-		// Corrupted on the way, or forged: its receiver drops it, and
-		// the engine must not learn from it either (a corrupted ACK
-		// number or timestamp taken for the flow's) nor give it to the
-		// program's owner (a garbled option layout would demote a bpf
-		// flow). Only packets nothing verified are summed here: a NIC's
-		// verdict (CHECKSUM_UNNECESSARY) is taken as the kernel takes it.
-		g.counters.verdicts[splice.DropMalformed].Add(1)
-		return nfq.Drop
-	}
 	for {
 		if g.kpath != nil && e.Offloaded() {
 			// Promoted to the bpf datapath (see promote).
@@ -226,16 +229,8 @@ func (tr *transition) decide(g *Gateway, p *splice.Packet, np *nfq.Packet, key s
 }
 
 // drain handles a packet while the sockets drain (tr.mu held).
+// A packet with a wrong checksum never gets here (handle drops it).
 func (tr *transition) drain(g *Gateway, p *splice.Packet, np *nfq.Packet, key splice.Key) nfq.Decision {
-	if np.CsumNotVerified && !checksumValid(p) {
-		// Corrupted or forged: its receiver would drop it. Taken over,
-		// its copy would leave with a checksum computed afresh (see
-		// release), and the stripped ACK would reach the socket with one:
-		// corrupted bytes delivered and acknowledged, or a RST that
-		// abandons the splice.
-		g.counters.verdicts[splice.DropMalformed].Add(1)
-		return nfq.Drop
-	}
 	t := p.TCP()
 	if t.Flags()&splice.FlagRST != 0 {
 		// The socket judges it (RFC 5961 3.2: only a RST at exactly its

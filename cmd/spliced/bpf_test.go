@@ -134,15 +134,7 @@ func TestLabBPFAttach(t *testing.T) {
 	}); err != nil {
 		t.Fatalf("%v\n%s", err, tail(d.Log(), 20))
 	}
-	for _, pair := range [][2]*net.TCPConn{{c, s}, {s, c}} {
-		if _, err := pair[0].Write([]byte("hello")); err != nil {
-			t.Fatal(err)
-		}
-		pair[1].SetReadDeadline(time.Now().Add(5 * time.Second))
-		if _, err := io.ReadFull(pair[1], make([]byte, 5)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	helloBothWays(t, "spliced", c, s)
 	if n := bpfForwarded(t, d); n < 2 {
 		t.Errorf("the program forwarded %d packets", n)
 	}
@@ -206,17 +198,24 @@ send(IP(src=sys.argv[1], dst=sys.argv[3])/TCP(sport=int(sys.argv[2]), dport=int(
 		t.Fatalf("flow %d after its second promotion: %+v, %v; want it on bpf", id, f, err)
 	}
 	before := bpfForwarded(t, d)
+	helloBothWays(t, "promoted again", c, s)
+	if n := bpfForwarded(t, d) - before; n < 2 {
+		t.Errorf("the program forwarded %d packets after the flow came back to it, want the data both ways", n)
+	}
+}
+
+// helloBothWays sends 5 bytes each way between the ends of a connection
+// and fails the test, saying when (what), unless they arrive within 5 s.
+func helloBothWays(t *testing.T, what string, c, s *net.TCPConn) {
+	t.Helper()
 	for _, pair := range [][2]*net.TCPConn{{c, s}, {s, c}} {
 		if _, err := pair[0].Write([]byte("hello")); err != nil {
-			t.Fatal(err)
+			t.Fatalf("%s: %v", what, err)
 		}
 		pair[1].SetReadDeadline(time.Now().Add(5 * time.Second))
 		if _, err := io.ReadFull(pair[1], make([]byte, 5)); err != nil {
-			t.Fatal(err)
+			t.Fatalf("%s: %v", what, err)
 		}
-	}
-	if n := bpfForwarded(t, d) - before; n < 2 {
-		t.Errorf("the program forwarded %d packets after the flow came back to it, want the data both ways", n)
 	}
 }
 

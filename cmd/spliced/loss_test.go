@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -384,6 +385,14 @@ services:
 // tcpRejects summarises the counters of segments a host's TCP refused
 // (nstat, since the namespace was made).
 func tcpRejects(h *testnet.Host) string {
+	return nstatCounters(h, "PAWSEstab", "TCPACKSkippedPAWS", "TCPACKSkippedSeq", "TCPChallengeACK", "TCPRcvQDrop",
+		"TCPZeroWindowDrop", "InCsumErrors", "TCPOFODrop", "TCPACKSkippedChallenge", "TCPTimeouts", "TCPLossProbes",
+		"TCPSpuriousRTOs", "TCPSYNChallenge", "TCPDSACKRecv", "TCPWinProbe", "TCPKeepAlive", "InErrs", "TCPAbortOnTimeout")
+}
+
+// nstatCounters lists a host's TCP counters (nstat, since the namespace
+// was made) named, without their Tcp or TcpExt prefix, in names.
+func nstatCounters(h *testnet.Host, names ...string) string {
 	out, err := h.Run("nstat", "-asz")
 	if err != nil {
 		return err.Error()
@@ -391,13 +400,7 @@ func tcpRejects(h *testnet.Host) string {
 	var parts []string
 	for _, line := range strings.Split(out, "\n") {
 		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		switch strings.TrimPrefix(strings.TrimPrefix(f[0], "Tcp"), "Ext") {
-		case "PAWSEstab", "TCPACKSkippedPAWS", "TCPACKSkippedSeq", "TCPChallengeACK", "TCPRcvQDrop",
-			"TCPZeroWindowDrop", "InCsumErrors", "TCPOFODrop", "TCPACKSkippedChallenge", "TCPTimeouts", "TCPLossProbes",
-			"TCPSpuriousRTOs", "TCPSYNChallenge", "TCPDSACKRecv", "TCPWinProbe", "TCPKeepAlive", "InErrs", "TCPAbortOnTimeout":
+		if len(f) >= 2 && slices.Contains(names, strings.TrimPrefix(strings.TrimPrefix(f[0], "Tcp"), "Ext")) {
 			parts = append(parts, f[0]+"="+f[1])
 		}
 	}

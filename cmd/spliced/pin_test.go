@@ -3,7 +3,6 @@ package main
 import (
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -423,18 +422,7 @@ func TestLabBPFAdoptedIdle(t *testing.T) {
 	if err := old.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "flow promoted to the bpf datapath" }); err != nil {
 		t.Fatal(err)
 	}
-	hello := func(what string) {
-		t.Helper()
-		for _, pair := range [][2]*net.TCPConn{{c, s}, {s, c}} {
-			if _, err := pair[0].Write([]byte("hello")); err != nil {
-				t.Fatalf("%s: %v", what, err)
-			}
-			pair[1].SetReadDeadline(time.Now().Add(5 * time.Second))
-			if _, err := io.ReadFull(pair[1], make([]byte, 5)); err != nil {
-				t.Fatalf("%s: %v", what, err)
-			}
-		}
-	}
+	hello := func(what string) { t.Helper(); helloBothWays(t, what, c, s) }
 	hello("before the kill")
 	old.Kill()
 	hello("with no daemon")

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -981,16 +980,7 @@ services:
 		}); err != nil {
 			t.Fatal(err)
 		}
-		// Data both ways through the engine.
-		for _, pair := range [][2]*net.TCPConn{{c, s}, {s, c}} {
-			if _, err := pair[0].Write([]byte("hello")); err != nil {
-				t.Fatal(err)
-			}
-			pair[1].SetReadDeadline(time.Now().Add(5 * time.Second))
-			if _, err := io.ReadFull(pair[1], make([]byte, 5)); err != nil {
-				t.Fatal(err)
-			}
-		}
+		helloBothWays(t, "through the engine", c, s)
 		return c, s
 	}
 	// reset waits for a reset on conn; the deadline only bounds a failure.

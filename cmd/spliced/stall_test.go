@@ -167,27 +167,11 @@ services:
 	}
 }
 
-// tcpRecovery summarises a host's counters of TCP loss recovery (nstat,
-// since the namespace was made).
+// tcpRecovery summarises a host's counters of TCP loss recovery.
 func tcpRecovery(h *testnet.Host) string {
-	out, err := h.Run("nstat", "-asz")
-	if err != nil {
-		return err.Error()
-	}
-	var parts []string
-	for _, line := range strings.Split(out, "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		switch strings.TrimPrefix(f[0], "TcpExt") {
-		case "TcpRetransSegs", "TCPTimeouts", "TCPLossUndo", "TCPSpuriousRTOs", "TCPLossFailures", "TCPFastRetrans",
-			"TCPSlowStartRetrans", "TCPLostRetransmit", "TCPSackRecovery", "TCPOFOQueue", "TCPPartialUndo", "TCPFullUndo",
-			"TCPDSACKUndo", "TCPRetransFail", "TCPSpuriousRtxHostQueues", "PAWSEstab", "TCPACKSkippedPAWS", "TCPSACKReneging":
-			parts = append(parts, f[0]+"="+f[1])
-		}
-	}
-	return strings.Join(parts, " ")
+	return nstatCounters(h, "RetransSegs", "TCPTimeouts", "TCPLossUndo", "TCPSpuriousRTOs", "TCPLossFailures", "TCPFastRetrans",
+		"TCPSlowStartRetrans", "TCPLostRetransmit", "TCPSackRecovery", "TCPOFOQueue", "TCPPartialUndo", "TCPFullUndo",
+		"TCPDSACKUndo", "TCPRetransFail", "TCPSpuriousRtxHostQueues", "PAWSEstab", "TCPACKSkippedPAWS", "TCPSACKReneging")
 }
 
 // decodeCapture lists at most max packets of a capture from since on, as

@@ -520,53 +520,11 @@ func TestUpstreamTimeout(t *testing.T) {
 			t.Errorf("the client got %q, want the head and the 10 bytes sent, then the end", got)
 		}
 	})
-	t.Run("request not read", func(t *testing.T) {
-		// A backend that reads a request's head and none of its body.
-		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				go func() {
-					defer c.Close()
-					http.ReadRequest(bufio.NewReader(c))
-					<-hang
-				}()
-			}
-		}()
-		_, addr := testServiceWith(t, &fakeBackend{ln: ln}, keys)
-		c, err := net.Dial("tcp4", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		const size = 1 << 30 // far more than the sockets' buffers hold
-		fmt.Fprintf(c, "POST /a/1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", size)
-		go func() {
-			// Until the proxy stops reading and closes.
-			c.SetWriteDeadline(time.Now().Add(10 * time.Second))
-			buf := make([]byte, 256<<10)
-			for n := 0; n < size; n += len(buf) {
-				if _, err := c.Write(buf); err != nil {
-					return
-				}
-			}
-		}()
-		if got := readAll(t, c); !strings.HasPrefix(got, "HTTP/1.1 504 ") || !strings.Contains(got, "upstream_timeout") {
-			t.Errorf("the client got %q, want a 504 that names http.upstream_timeout", got)
-		}
-	})
-	t.Run("slow request not read", func(t *testing.T) {
-		// A client that sends its body a little at a time to a backend
-		// that reads none of it: the proxy's write to the backend times
-		// out while it flushes before reading the client, and the client
-		// still gets the 504 (the backend's fault, not its own).
+	// deafUpload sends a 1 GiB body to a backend that reads the request's
+	// head and none of its body, chunk bytes at a time with pause between
+	// them, until the proxy stops reading; it returns what the client got.
+	deafUpload := func(t *testing.T, chunk int, pause time.Duration) string {
+		t.Helper()
 		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 		if err != nil {
 			t.Fatal(err)
@@ -592,19 +550,30 @@ func TestUpstreamTimeout(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		const size = 1 << 30
+		const size = 1 << 30 // far more than the sockets' buffers hold
 		fmt.Fprintf(c, "POST /a/1 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", size)
 		go func() {
 			c.SetWriteDeadline(time.Now().Add(10 * time.Second))
-			buf := make([]byte, 16<<10)
+			buf := make([]byte, chunk)
 			for n := 0; n < size; n += len(buf) {
 				if _, err := c.Write(buf); err != nil {
 					return
 				}
-				time.Sleep(time.Millisecond)
+				time.Sleep(pause)
 			}
 		}()
-		if got := readAll(t, c); !strings.HasPrefix(got, "HTTP/1.1 504 ") {
+		return readAll(t, c)
+	}
+	t.Run("request not read", func(t *testing.T) {
+		if got := deafUpload(t, 256<<10, 0); !strings.HasPrefix(got, "HTTP/1.1 504 ") || !strings.Contains(got, "upstream_timeout") {
+			t.Errorf("the client got %q, want a 504 that names http.upstream_timeout", got)
+		}
+	})
+	t.Run("slow request not read", func(t *testing.T) {
+		// The proxy's write to the backend times out while it flushes
+		// what it read before reading the client again: still the
+		// backend's fault, not the client's.
+		if got := deafUpload(t, 16<<10, time.Millisecond); !strings.HasPrefix(got, "HTTP/1.1 504 ") {
 			t.Errorf("the client got %q, want a 504", got)
 		}
 	})

@@ -166,6 +166,9 @@ func (d *Daemon) Client() *api.Client {
 }
 
 func (d *Daemon) start(args ...string) error {
+	d.mu.Lock()
+	d.client = nil // a connection to an earlier daemon on the socket is stale
+	d.mu.Unlock()
 	full := append([]string{"-config", d.Config, "-socket", d.Socket, "-log-format", "json"}, args...)
 	d.cmd = d.ns.Command(context.Background(), d.bin, full...)
 	stderr, err := d.cmd.StderrPipe()

@@ -467,14 +467,7 @@ func dupListener(ln *net.TCPListener, backlog int) (*net.TCPListener, error) {
 	if err != nil {
 		return nil, err
 	}
-	tl := l.(*net.TCPListener)
-	if backlog > 0 {
-		if err := setBacklog(tl, backlog); err != nil {
-			tl.Close()
-			return nil, err
-		}
-	}
-	return tl, nil
+	return withBacklog(l.(*net.TCPListener), backlog)
 }
 
 // isTransparent reports whether a listener has IP_TRANSPARENT (or

@@ -58,9 +58,14 @@ func ListenTransparent(ctx context.Context, network string, port uint16, backlog
 	if err != nil {
 		return nil, err
 	}
-	tl := ln.(*net.TCPListener)
+	return withBacklog(ln.(*net.TCPListener), backlog)
+}
+
+// withBacklog sets a listener's accept queue length (0: leaves it), or
+// closes it and says why it could not: listen(2) again on a listening
+// socket only sets its backlog.
+func withBacklog(tl *net.TCPListener, backlog int) (*net.TCPListener, error) {
 	if backlog > 0 {
-		// listen(2) again on a listening socket only sets its backlog.
 		if err := setBacklog(tl, backlog); err != nil {
 			tl.Close()
 			return nil, err

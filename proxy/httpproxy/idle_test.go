@@ -488,9 +488,12 @@ func TestUpstreamTimeout(t *testing.T) {
 		}
 		return string(got)
 	}
-	t.Run("no response", func(t *testing.T) {
+	// get asks a backend that answers with respond for /a/1 and returns
+	// what the client got.
+	get := func(t *testing.T, respond func(io.Writer, *http.Request) bool) string {
+		t.Helper()
 		b := startBackend(t)
-		b.respond = func(io.Writer, *http.Request) bool { <-hang; return true }
+		b.respond = respond
 		_, addr := testServiceWith(t, b, keys)
 		c, err := net.Dial("tcp4", addr)
 		if err != nil {
@@ -498,25 +501,21 @@ func TestUpstreamTimeout(t *testing.T) {
 		}
 		defer c.Close()
 		fmt.Fprint(c, "GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\n")
-		if got := readAll(t, c); !strings.HasPrefix(got, "HTTP/1.1 504 ") || !strings.Contains(got, "upstream_timeout") {
+		return readAll(t, c)
+	}
+	t.Run("no response", func(t *testing.T) {
+		got := get(t, func(io.Writer, *http.Request) bool { <-hang; return true })
+		if !strings.HasPrefix(got, "HTTP/1.1 504 ") || !strings.Contains(got, "upstream_timeout") {
 			t.Errorf("the client got %q, want a 504 that names http.upstream_timeout", got)
 		}
 	})
 	t.Run("body stops", func(t *testing.T) {
-		b := startBackend(t)
-		b.respond = func(w io.Writer, _ *http.Request) bool {
+		got := get(t, func(w io.Writer, _ *http.Request) bool {
 			fmt.Fprint(w, "HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
 			<-hang
 			return true
-		}
-		_, addr := testServiceWith(t, b, keys)
-		c, err := net.Dial("tcp4", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		fmt.Fprint(c, "GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\n")
-		if got := readAll(t, c); !strings.HasPrefix(got, "HTTP/1.1 200 ") || !strings.HasSuffix(got, "\r\n\r\n0123456789") {
+		})
+		if !strings.HasPrefix(got, "HTTP/1.1 200 ") || !strings.HasSuffix(got, "\r\n\r\n0123456789") {
 			t.Errorf("the client got %q, want the head and the 10 bytes sent, then the end", got)
 		}
 	})

@@ -467,15 +467,21 @@ func (c *conn) releaseUpReader() {
 // operation in the runtime, and every request made two).
 const deadlineSlack = time.Second
 
+// moveDeadline reports the deadline now+d to set in place of cur, the
+// one set (zero: none), and whether it is worth setting: not when cur is
+// behind it by less than deadlineSlack (less when d is short).
+func moveDeadline(cur, now time.Time, d time.Duration) (time.Time, bool) {
+	want := now.Add(d)
+	return want, cur.IsZero() || want.Sub(cur) >= min(deadlineSlack, d/16)
+}
+
 // idleDeadline makes the client's read deadline now+idle, give or take
-// deadlineSlack (less when idle is short).
+// deadlineSlack (moveDeadline).
 func (c *conn) idleDeadline(now time.Time, idle time.Duration) {
-	want := now.Add(idle)
-	if !c.readDeadline.IsZero() && want.Sub(c.readDeadline) < min(deadlineSlack, idle/16) {
-		return
+	if want, ok := moveDeadline(c.readDeadline, now, idle); ok {
+		c.client.SetReadDeadline(want)
+		c.readDeadline = want
 	}
-	c.client.SetReadDeadline(want)
-	c.readDeadline = want
 }
 
 // writeIdle makes the client's write deadline now plus the idle timeout,
@@ -483,13 +489,10 @@ func (c *conn) idleDeadline(now time.Time, idle time.Duration) {
 // to the client comes after it, so a client that takes nothing for that
 // long ends the connection.
 func (c *conn) writeIdle(now time.Time) {
-	idle := c.p.Service.IdleTimeout.D()
-	want := now.Add(idle)
-	if !c.writeDeadline.IsZero() && want.Sub(c.writeDeadline) < min(deadlineSlack, idle/16) {
-		return
+	if want, ok := moveDeadline(c.writeDeadline, now, c.p.Service.IdleTimeout.D()); ok {
+		c.client.SetWriteDeadline(want)
+		c.writeDeadline = want
 	}
-	c.client.SetWriteDeadline(want)
-	c.writeDeadline = want
 }
 
 // upstreamDeadline makes up's deadline now plus http.upstream_timeout,
@@ -505,12 +508,10 @@ func (c *conn) upstreamDeadline(now time.Time) {
 		}
 		return
 	}
-	want := now.Add(timeout)
-	if !c.upDeadline.IsZero() && want.Sub(c.upDeadline) < min(deadlineSlack, timeout/16) {
-		return
+	if want, ok := moveDeadline(c.upDeadline, now, timeout); ok {
+		c.up.SetDeadline(want)
+		c.upDeadline = want
 	}
-	c.up.SetDeadline(want)
-	c.upDeadline = want
 }
 
 // serve is the request loop. It returns why the connection ended, or

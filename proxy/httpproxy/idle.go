@@ -1,6 +1,7 @@
 package httpproxy
 
 import (
+	"bytes"
 	"errors"
 	"net"
 	"sync"
@@ -118,4 +119,43 @@ func quiet(c *net.TCPConn) bool {
 		return true // never wait
 	})
 	return err == nil && ok
+}
+
+// answered reports whether the backend has sent the start of a final
+// response that the proxy has not read yet (interim 1xx heads do not
+// count: a backend that said 100 Continue waits for the body). One
+// non-blocking peek; a backend that sent a response and then reset the
+// connection still has it read (the kernel keeps what arrived before a
+// reset).
+func (c *conn) answered() bool {
+	rc, err := c.up.SyscallConn()
+	if err != nil {
+		return false
+	}
+	var b [512]byte
+	n := 0
+	err = rc.Read(func(fd uintptr) bool {
+		n, _, _ = unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		return true // never wait
+	})
+	return err == nil && n > 0 && finalResponseBegins(b[:n])
+}
+
+// finalResponseBegins reports whether data, the start of what a backend
+// sent, holds more than interim (1xx) response heads.
+func finalResponseBegins(data []byte) bool {
+	for len(data) > 0 {
+		if len(data) < len("HTTP/1.1 1") {
+			return false // too little to tell yet
+		}
+		if !bytes.HasPrefix(data, []byte("HTTP/1.")) || data[9] != '1' {
+			return true
+		}
+		end := bytes.Index(data, []byte("\r\n\r\n"))
+		if end < 0 {
+			return false // an interim head, not whole yet
+		}
+		data = data[end+4:]
+	}
+	return false
 }

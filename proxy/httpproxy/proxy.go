@@ -69,9 +69,11 @@ type backend struct {
 	failures  atomic.Uint64
 	// idle are its idle connections; dialed and reused count how
 	// client connections got theirs, retries the requests sent again on
-	// a new connection after the backend closed a used one (roundTrip).
-	idle                    idlePool
-	dialed, reused, retries atomic.Uint64
+	// a new connection after the backend closed a used one (send),
+	// earlyResponses the responses that came before the backend took
+	// the whole request body (send).
+	idle                                    idlePool
+	dialed, reused, retries, earlyResponses atomic.Uint64
 }
 
 // BackendStats are the counters of one backend of one route.
@@ -82,8 +84,10 @@ type BackendStats struct {
 	Idle               int    // idle connections to it kept for later requests
 	// Dialed and Reused count the connections client connections got
 	// by connecting and from the idle ones; Retries the requests sent
-	// again on a new connection when the backend had closed a used one.
-	Dialed, Reused, Retries uint64
+	// again on a new connection when the backend had closed a used one;
+	// EarlyResponses the responses that came before the backend took
+	// the whole request body.
+	Dialed, Reused, Retries, EarlyResponses uint64
 }
 
 // Stats returns the counters of every route's backends, and of the
@@ -96,7 +100,8 @@ func (p *Proxy) Stats() []BackendStats {
 		out = append(out, BackendStats{Route: route, Requests: pl.requests.Load()})
 		for _, b := range pl.backends {
 			out = append(out, BackendStats{Route: route, Backend: b.addr.String(), Requests: b.requests.Load(), Failures: b.failures.Load(),
-				Active: b.active.Load(), Idle: b.idle.len(), Dialed: b.dialed.Load(), Reused: b.reused.Load(), Retries: b.retries.Load()})
+				Active: b.active.Load(), Idle: b.idle.len(), Dialed: b.dialed.Load(), Reused: b.reused.Load(), Retries: b.retries.Load(),
+				EarlyResponses: b.earlyResponses.Load()})
 		}
 	}
 	return out
@@ -292,6 +297,9 @@ type conn struct {
 	// backend that stops answering or reading holds the connection for
 	// http.upstream_timeout, not for ever.
 	upDeadline time.Time
+	// watchEarly: a request body goes to the backend, and a write that
+	// waits for it looks for an early response (writeUpstream).
+	watchEarly bool
 	respBody   respBody // the body of a response parse.go parsed
 	// respEnd is the value of flow.S2C at which the response in flight
 	// ends: after an unsplice in its middle, the rest is relayed first.
@@ -765,7 +773,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		// connection, not the upstream one, which other clients reuse.
 		req.Close = false
 	}
-	resp, head, err := c.send(rq, out)
+	resp, head, early, err := c.send(rq, out)
 	if err != nil {
 		return true, false, err
 	}
@@ -813,8 +821,11 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	// The body is resp.Body when the proxy relays it, and the raw stream
 	// (c.ur) when it splices: resp.Body is then never read nor closed
 	// (closing drains what it believes unread).
-	closeAfter := reqClose || resp.Close
-	upClose := resp.Close
+	// After an early response the rest of the request's body is still
+	// on its way: the client's connection cannot carry another request,
+	// nor the backend's.
+	closeAfter := reqClose || resp.Close || early
+	upClose := resp.Close || early
 	removeHopByHop(resp.Header)
 	resp.Close = closeAfter // writeResponse says Connection: close
 	if !closeAfter && !req.ProtoAtLeast(1, 1) {
@@ -896,28 +907,42 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 // without a body (nothing of it is lost: the proxy holds all of it) is
 // sent again, once, on a new connection to the same backend, as browsers
 // do (RFC 9110, section 9.2.2). Any other fails with a 502.
-func (c *conn) send(rq *request, out *sendBuf) (*http.Response, time.Time, error) {
+//
+// A backend may answer before it has read the whole body (a 413 or a
+// 401 for an upload it will not take) and then stop reading or close:
+// the response is relayed all the same (early; nginx does so too), not
+// a 504 after http.upstream_timeout or nothing at all.
+func (c *conn) send(rq *request, out *sendBuf) (resp *http.Response, head time.Time, early bool, err error) {
 	req := rq.Request
 	for attempt := 0; ; attempt++ {
 		retry := attempt == 0 && c.upUsed && rq.body == nil && idempotent(req.Method)
 		c.upReusable = false
 		c.toUp = countingWriter{w: &c.upIO, n: &c.flow.C2S, up: c}
 		out.reset(&c.toUp)
+		c.watchEarly = rq.body != nil
 		err := writeRequest(out, req, &c.scratch)
 		if err == nil {
 			err = out.Flush()
 		}
-		if err == nil {
+		c.watchEarly = false
+		// The backend's side failed (out.err: not the client's body)
+		// after a response began: the backend wants no more of it.
+		early := err != nil && rq.body != nil && out.err != nil && c.answered()
+		if early {
+			c.upTo.earlyResponses.Add(1)
+			c.log.Debug("http: the backend answered before it took the whole request body", "backend", c.upTo.addr, logging.Err(err))
+		}
+		if err == nil || early {
 			c.toClient = countingWriter{w: &c.clientIO, n: &c.flow.S2C, idle: c}
 			out.reset(&c.toClient)
 			read := c.upRd.n
 			resp, err := readResponse(c.ur, req, &c.respBody)
 			if err == nil {
-				return resp, time.Now(), nil
+				return resp, time.Now(), early, nil
 			}
 			var ne net.Error
 			if !retry || c.upRd.n != read || errors.As(err, &ne) && ne.Timeout() {
-				return nil, time.Time{}, c.unreadable(err)
+				return nil, time.Time{}, false, c.unreadable(err)
 			}
 		} else if !retry {
 			// A failed write to the backend (out.err) is the backend's
@@ -927,21 +952,21 @@ func (c *conn) send(rq *request, out *sendBuf) (*http.Response, time.Time, error
 				// The backend got a request cut short; both connections
 				// close, so nothing after it is read as a request.
 				if be.framing {
-					return nil, time.Time{}, &requestError{status: http.StatusBadRequest, reason: be.Error()}
+					return nil, time.Time{}, false, &requestError{status: http.StatusBadRequest, reason: be.Error()}
 				}
-				return nil, time.Time{}, fmt.Errorf("client: %w", be)
+				return nil, time.Time{}, false, fmt.Errorf("client: %w", be)
 			}
 			if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
 				// Nothing of a response came: the client may be told.
 				c.reply(http.StatusGatewayTimeout, "the backend took no more of the request within http.upstream_timeout")
 				c.upTo.failures.Add(1)
 			}
-			return nil, time.Time{}, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
+			return nil, time.Time{}, false, fmt.Errorf("write the request to %s: %w", c.upTo.addr, err)
 		}
 		c.log.Debug("http: the backend closed a used connection; sending the request again on a new one", "backend", c.upTo.addr, logging.Err(err))
 		if err := c.redial(); err != nil {
 			c.reply(http.StatusBadGateway, "no backend of this route answers")
-			return nil, time.Time{}, fmt.Errorf("connect again to send a request: %w", err)
+			return nil, time.Time{}, false, fmt.Errorf("connect again to send a request: %w", err)
 		}
 	}
 }
@@ -1058,9 +1083,59 @@ func (w *countingWriter) Write(p []byte) (int, error) {
 		c.writeIdle(time.Now())
 	}
 	if c := w.up; c != nil {
+		if c.watchEarly {
+			n, err := c.writeUpstream(p)
+			w.n.Add(int64(n))
+			return n, err
+		}
 		c.upstreamDeadline(time.Now())
 	}
 	n, err := w.w.Write(p)
 	w.n.Add(int64(n))
 	return n, err
+}
+
+// earlyPoll is how often a write of a request body that waits for the
+// backend looks for an early response (writeUpstream).
+const earlyPoll = 200 * time.Millisecond
+
+// errEarlyResponse ends the writing of a request whose backend answered
+// before it took the whole body.
+var errEarlyResponse = errors.New("the backend answered before it took the whole request")
+
+// writeUpstream writes p, part of a request with a body, to the backend.
+// While the backend takes nothing (its window closed: an upload it does
+// not read), it looks every earlyPoll for a response and ends with
+// errEarlyResponse when one began: a backend that refused an upload
+// with a 413 and waits for the proxy to read it gets it read, not a 504
+// after http.upstream_timeout. Each write that moves bytes moves the
+// backend's deadline, as countingWriter does.
+func (c *conn) writeUpstream(p []byte) (int, error) {
+	c.upstreamDeadline(time.Now())
+	n, err := c.upIO.WriteNow(p)
+	if err != nil || n == len(p) {
+		return n, err
+	}
+	defer func() { c.up.SetWriteDeadline(c.upDeadline) }() // what upstreamDeadline set last, or none
+	for n < len(p) {
+		now := time.Now()
+		if c.answered() {
+			return n, errEarlyResponse
+		}
+		wait := now.Add(earlyPoll)
+		if !c.upDeadline.IsZero() && c.upDeadline.Before(wait) {
+			wait = c.upDeadline
+		}
+		c.up.SetWriteDeadline(wait)
+		m, err := c.upIO.Write(p[n:])
+		n += m
+		if m > 0 {
+			c.upstreamDeadline(time.Now())
+		}
+		if ne := net.Error(nil); err != nil && (!errors.As(err, &ne) || !ne.Timeout() ||
+			!c.upDeadline.IsZero() && !time.Now().Before(c.upDeadline)) {
+			return n, err
+		}
+	}
+	return n, nil
 }

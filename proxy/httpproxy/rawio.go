@@ -31,10 +31,10 @@ type rawSock struct {
 	rc syscall.RawConn // nil: c's own Read and Write
 	// The call in flight, for callbacks bound once: a closure made per
 	// call would be an allocation per read and write.
-	buf           []byte
-	n             int
-	errno         syscall.Errno
-	reader, wrote func(fd uintptr) bool
+	buf                     []byte
+	n                       int
+	errno                   syscall.Errno
+	reader, wrote, wroteNow func(fd uintptr) bool
 }
 
 // reset makes s the socket c.
@@ -45,6 +45,7 @@ func (s *rawSock) reset(c *net.TCPConn) {
 	}
 	if s.reader == nil {
 		s.reader, s.wrote = s.readOnce, s.writeAll
+		s.wroteNow = func(fd uintptr) bool { s.writeAll(fd); return true }
 	}
 }
 
@@ -91,6 +92,25 @@ func (s *rawSock) Write(p []byte) (int, error) {
 	}
 	s.buf, s.n, s.errno = p, 0, 0
 	err := s.rc.Write(s.wrote)
+	n, errno := s.n, s.errno
+	s.buf = nil
+	switch {
+	case err != nil:
+		return n, s.opError("write", err)
+	case errno != 0:
+		return n, s.opError("write", os.NewSyscallError("write", errno))
+	}
+	return n, nil
+}
+
+// WriteNow writes what the socket takes of p without waiting: fewer than
+// len(p) bytes and no error when it is full.
+func (s *rawSock) WriteNow(p []byte) (int, error) {
+	if s.rc == nil {
+		return s.c.Write(p)
+	}
+	s.buf, s.n, s.errno = p, 0, 0
+	err := s.rc.Write(s.wroteNow)
 	n, errno := s.n, s.errno
 	s.buf = nil
 	switch {

@@ -1,0 +1,161 @@
+package httpproxy
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestEarlyResponse: a backend that answers an upload before it has read
+// the body (a 413 or 401 for a body it will not take) has its response
+// relayed to the client, whether it then closes the connection, keeps it
+// without reading, or reads the rest: not a 504 after
+// http.upstream_timeout (0 here: for ever), nor nothing at all. The
+// client's connection closes after it (the rest of its body cannot be
+// read as a request). An interim 100 Continue is no early response: the
+// body still goes to a backend that reads it late.
+func TestEarlyResponse(t *testing.T) {
+	const size = 256 << 20 // far more than the sockets between them hold
+	hang := make(chan struct{})
+	t.Cleanup(func() { close(hang) })
+	for _, c := range []struct {
+		name string
+		// backend answers a request whose head it read.
+		backend func(c *net.TCPConn, br *bufio.Reader)
+		status  int
+		early   uint64
+	}{
+		{"close", func(c *net.TCPConn, _ *bufio.Reader) {
+			fmt.Fprint(c, "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 5\r\n\r\nlarge")
+			c.Close() // unread data: a reset
+		}, 413, 1},
+		{"hold", func(c *net.TCPConn, _ *bufio.Reader) {
+			fmt.Fprint(c, "HTTP/1.1 401 Unauthorized\r\nContent-Length: 5\r\n\r\nwho's")
+			<-hang
+		}, 401, 1},
+		{"drain", func(c *net.TCPConn, br *bufio.Reader) {
+			fmt.Fprint(c, "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 5\r\nConnection: close\r\n\r\nlarge")
+			c.CloseWrite()
+			time.Sleep(3 * earlyPoll) // the proxy's writes wait meanwhile
+			io.Copy(io.Discard, br)
+		}, 413, 1},
+		{"continue", func(c *net.TCPConn, br *bufio.Reader) {
+			fmt.Fprint(c, "HTTP/1.1 100 Continue\r\n\r\n")
+			time.Sleep(3 * earlyPoll) // the proxy's writes wait meanwhile
+			n, _ := io.CopyN(io.Discard, br, size)
+			msg := fmt.Sprint(n)
+			fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s", len(msg), msg)
+			<-hang
+		}, 200, 0},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			go func() {
+				for {
+					bc, err := ln.AcceptTCP()
+					if err != nil {
+						return
+					}
+					go func() {
+						defer bc.Close()
+						br := bufio.NewReader(bc)
+						for {
+							l, err := br.ReadString('\n')
+							if err != nil {
+								return
+							}
+							if l == "\r\n" {
+								break
+							}
+						}
+						c.backend(bc, br)
+					}()
+				}
+			}()
+			p, addr := testServiceWith(t, &fakeBackend{ln: ln}, "      upstream_timeout: 0s\n")
+			cl, err := net.Dial("tcp4", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cl.Close()
+			fmt.Fprintf(cl, "POST /a/upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n", size)
+			go func() {
+				buf := make([]byte, 64<<10)
+				for n := 0; n < size; n += len(buf) {
+					if _, err := cl.Write(buf); err != nil {
+						return
+					}
+				}
+			}()
+			// A guard, not a measure: without the early response the
+			// proxy waits for ever.
+			cl.SetReadDeadline(time.Now().Add(30 * time.Second))
+			br := bufio.NewReader(cl)
+			resp, err := http.ReadResponse(br, nil)
+			if err == nil && resp.StatusCode == http.StatusContinue {
+				resp, err = http.ReadResponse(br, nil)
+			}
+			if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+				t.Fatal("no response: the proxy still sends the body to a backend that answered")
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, err := io.ReadAll(resp.Body)
+			if err != nil || resp.StatusCode != c.status {
+				t.Fatalf("the client got %d %q (%v), want %d", resp.StatusCode, body, err, c.status)
+			}
+			if c.name == "continue" && string(body) != fmt.Sprint(size) {
+				t.Errorf("the backend read %s bytes of the body, want %d", body, size)
+			}
+			if c.early > 0 {
+				if !resp.Close {
+					t.Errorf("the response says the connection stays open (header %v); the rest of the body would be read as a request", resp.Header)
+				}
+				// The proxy ends the client's connection: EOF, or a
+				// reset for the body it did not read.
+				if n, err := br.Read(make([]byte, 1)); n > 0 || err == nil || strings.Contains(err.Error(), "timeout") {
+					t.Errorf("after the response: %d bytes, %v; want the connection's end", n, err)
+				}
+			}
+			var early uint64
+			for _, s := range p.Stats() {
+				early += s.EarlyResponses
+			}
+			if early != c.early {
+				t.Errorf("early responses counted: %d, want %d", early, c.early)
+			}
+		})
+	}
+}
+
+func TestFinalResponseBegins(t *testing.T) {
+	for _, c := range []struct {
+		data string
+		want bool
+	}{
+		{"", false},
+		{"HTTP/1.", false}, // too little to tell
+		{"HTTP/1.1 413 Payload Too Large\r\n", true},
+		{"HTTP/1.1 100 Continue\r\n", false},
+		{"HTTP/1.1 100 Continue\r\n\r\n", false},
+		{"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", false},
+		{"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 401", true},
+		{"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.", false},
+		{"garbage that is no response", true}, // read, and refused as unreadable
+	} {
+		if got := finalResponseBegins([]byte(c.data)); got != c.want {
+			t.Errorf("finalResponseBegins(%q) = %v, want %v", c.data, got, c.want)
+		}
+	}
+}

@@ -504,6 +504,23 @@ func TestLabHTTPErrors(t *testing.T) {
 			hl.expect(next, "/b/small.bin")
 		})
 	}
+	// An upload larger than nginx takes (client_max_body_size, 1 MiB by
+	// default) gets nginx's 413, from curl as from any client, and the
+	// service goes on.
+	t.Run("upload over the backend's limit", func(t *testing.T) {
+		upload := filepath.Join(t.TempDir(), "upload")
+		if err := os.WriteFile(upload, make([]byte, 16<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		out, err := hl.lab.Client().Run("curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "30",
+			"--data-binary", "@"+upload, fmt.Sprintf("http://%s/a/upload", hl.vip))
+		if strings.TrimSpace(out) != "413" {
+			t.Fatalf("curl: %q, %v; want nginx's 413", out, err)
+		}
+		next := hl.dial(t)
+		next.send("/a/small.bin")
+		hl.expect(next, "/a/small.bin")
+	})
 	// A host route with two backends works as well.
 	hc := hl.dial(t)
 	fmt.Fprint(hc.c, "GET /a/small.bin HTTP/1.1\r\nHost: www.example\r\n\r\n")

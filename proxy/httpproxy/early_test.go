@@ -159,3 +159,44 @@ func TestFinalResponseBegins(t *testing.T) {
 		}
 	}
 }
+
+// TestRefusedUploadLingers: a client whose upload the proxy refuses (a
+// denied path here) reads the 403 and finishes sending its body without
+// a reset: the proxy sends its FIN and discards what still comes
+// (lingerClient), as nginx does, instead of resetting a connection with
+// unread data, which can take the response with it.
+func TestRefusedUploadLingers(t *testing.T) {
+	b := startBackend(t)
+	_, addr := testService(t, b)
+	cl, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	const size = 64 << 20
+	fmt.Fprintf(cl, "POST /admin/upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", size)
+	sent := make(chan error, 1)
+	go func() {
+		buf := make([]byte, 64<<10)
+		for n := 0; n < size; n += len(buf) {
+			if _, err := cl.Write(buf); err != nil {
+				sent <- fmt.Errorf("after %d bytes: %w", n, err)
+				return
+			}
+		}
+		sent <- cl.(*net.TCPConn).CloseWrite()
+	}()
+	cl.SetReadDeadline(time.Now().Add(30 * time.Second)) // a guard
+	br := bufio.NewReader(cl)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil || resp.StatusCode != http.StatusForbidden {
+		t.Fatalf("the client got %v, %v; want 403", resp, err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	if err := <-sent; err != nil {
+		t.Errorf("the client could not finish its upload: %v", err)
+	}
+	if n, err := br.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Errorf("after the response: %d bytes, %v; want the end (EOF)", n, err)
+	}
+}

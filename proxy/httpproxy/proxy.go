@@ -19,6 +19,7 @@ import (
 	"spliced/config"
 	"spliced/logging"
 	"spliced/proxy"
+	"spliced/tcprepair"
 )
 
 // Kind is the proxy kind flows of this package show.
@@ -300,6 +301,10 @@ type conn struct {
 	// watchEarly: a request body goes to the backend, and a write that
 	// waits for it looks for an early response (writeUpstream).
 	watchEarly bool
+	// bodyUnread: the last request has a body the proxy has not read
+	// whole (refused, or answered early): its client may still be
+	// sending it (lingerClient).
+	bodyUnread bool
 	respBody   respBody // the body of a response parse.go parsed
 	// respEnd is the value of flow.S2C at which the response in flight
 	// ends: after an unsplice in its middle, the rest is relayed first.
@@ -362,6 +367,10 @@ func (c *conn) run() {
 	if spliced {
 		return // the gateway owns the flow; it hands it back or ends it
 	}
+	c.releaseUpstream() // before a lingering close: another client may use it
+	if reason != reasonClientClosed {
+		c.lingerClient()
+	}
 	c.client.Close()
 	// Spliced, the reader is left alone: an unsplice may be attaching
 	// a new one already.
@@ -371,7 +380,6 @@ func (c *conn) run() {
 	c.mu.Unlock()
 	cr.Reset(nil)
 	c.p.clientReaders.Put(cr)
-	c.releaseUpstream()
 	c.flow.SetResume(nil)
 	c.flow.SetState(proxy.StateClosing)
 	level := slog.LevelInfo
@@ -386,6 +394,46 @@ func (c *conn) run() {
 	}
 	c.p.Event(proxy.EventClosed, c.flow, reason)
 	c.p.Flows.Remove(c.flow)
+}
+
+// Lingering close (nginx's lingering_time and lingering_timeout): how
+// long, at most, the proxy reads and discards what a client still sends
+// after its connection ended, and how long it waits for each next bytes.
+const (
+	lingerTime    = 30 * time.Second
+	lingerTimeout = 5 * time.Second
+)
+
+// lingerClient ends the client's connection gently when the client has
+// sent, or may still send, what the proxy will not read (the rest of an
+// upload refused with a 403 or 413, requests pipelined after a
+// "Connection: close"): closing
+// a socket with unread data resets the connection, and a client that
+// gets the reset before it read the response (a retransmitted one, or a
+// client whose system drops what it received on a reset) never sees why
+// its request failed. So the proxy sends its FIN and reads and discards
+// until the client closes too, stops sending for lingerTimeout, or
+// lingerTime passed; a shutdown closes the socket under it.
+func (c *conn) lingerClient() {
+	if n, err := tcprepair.Unread(c.client); !c.bodyUnread && c.cr.Buffered() == 0 && (err != nil || n == 0) {
+		return // nothing unread, nothing to come: the close is a FIN
+	}
+	if c.client.CloseWrite() != nil {
+		return
+	}
+	c.bodyIdle = 0 // else each read would move the deadline (clientRd)
+	end := time.Now().Add(lingerTime)
+	buf := make([]byte, 16<<10)
+	for {
+		wait := time.Now().Add(lingerTimeout)
+		if wait.After(end) {
+			wait = end
+		}
+		c.client.SetReadDeadline(wait)
+		if _, err := c.cr.Read(buf); err != nil {
+			return
+		}
+	}
 }
 
 // closeConns closes both sockets, from any goroutine (a shutdown): the
@@ -551,6 +599,7 @@ func (c *conn) serve() (reason string, spliced bool) {
 		c.bodyIdle = 0
 		c.idleDeadline(now, svc.IdleTimeout.D())
 		rq, err := readRequest(c.cr)
+		c.bodyUnread = err == nil && rq.body != nil
 		switch {
 		case err != nil:
 		case rq.upgrade:
@@ -579,7 +628,7 @@ func (c *conn) serve() (reason string, spliced bool) {
 			case errors.As(err, &re):
 				return c.malformed(re), false
 			case errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed):
-				return "client closed", false
+				return reasonClientClosed, false
 			case errors.As(err, &ne) && ne.Timeout():
 				return "idle", false
 			}
@@ -635,6 +684,10 @@ const (
 	reasonNoRoute   = "no route"
 	reasonDenied    = "denied"
 )
+
+// reasonClientClosed: the client ended the connection between requests
+// (nothing of it is left unread).
+const reasonClientClosed = "client closed"
 
 // malformed answers a refused request and logs it, rate-limited.
 func (c *conn) malformed(re *requestError) string {
@@ -925,6 +978,9 @@ func (c *conn) send(rq *request, out *sendBuf) (resp *http.Response, head time.T
 			err = out.Flush()
 		}
 		c.watchEarly = false
+		if err == nil {
+			c.bodyUnread = false
+		}
 		// The backend's side failed (out.err: not the client's body)
 		// after a response began: the backend wants no more of it.
 		early := err != nil && rq.body != nil && out.err != nil && c.answered()

@@ -86,31 +86,20 @@ func (s *rawSock) readOnce(fd uintptr) bool {
 	}
 }
 
-func (s *rawSock) Write(p []byte) (int, error) {
-	if s.rc == nil {
-		return s.c.Write(p)
-	}
-	s.buf, s.n, s.errno = p, 0, 0
-	err := s.rc.Write(s.wrote)
-	n, errno := s.n, s.errno
-	s.buf = nil
-	switch {
-	case err != nil:
-		return n, s.opError("write", err)
-	case errno != 0:
-		return n, s.opError("write", os.NewSyscallError("write", errno))
-	}
-	return n, nil
-}
+func (s *rawSock) Write(p []byte) (int, error) { return s.write(p, s.wrote) }
 
 // WriteNow writes what the socket takes of p without waiting: fewer than
 // len(p) bytes and no error when it is full.
-func (s *rawSock) WriteNow(p []byte) (int, error) {
+func (s *rawSock) WriteNow(p []byte) (int, error) { return s.write(p, s.wroteNow) }
+
+// write writes p with the callback wrote (writeAll, or wroteNow, which
+// never waits).
+func (s *rawSock) write(p []byte, wrote func(fd uintptr) bool) (int, error) {
 	if s.rc == nil {
 		return s.c.Write(p)
 	}
 	s.buf, s.n, s.errno = p, 0, 0
-	err := s.rc.Write(s.wroteNow)
+	err := s.rc.Write(wrote)
 	n, errno := s.n, s.errno
 	s.buf = nil
 	switch {

@@ -24,6 +24,7 @@ func TestEarlyResponse(t *testing.T) {
 	const size = 256 << 20 // far more than the sockets between them hold
 	hang := make(chan struct{})
 	t.Cleanup(func() { close(hang) })
+	readLate := make(chan int64, 1)
 	for _, c := range []struct {
 		name string
 		// backend answers a request whose head it read.
@@ -45,6 +46,16 @@ func TestEarlyResponse(t *testing.T) {
 			time.Sleep(3 * earlyPoll) // the proxy's writes wait meanwhile
 			io.Copy(io.Discard, br)
 		}, 413, 1},
+		// A response that does not refuse the body (a streaming
+		// upload's 200) lets the body go on to a backend that reads it
+		// late.
+		{"ok then read", func(c *net.TCPConn, br *bufio.Reader) {
+			fmt.Fprint(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+			time.Sleep(3 * earlyPoll) // the proxy's writes wait meanwhile
+			n, _ := io.CopyN(io.Discard, br, size)
+			readLate <- n
+			<-hang
+		}, 200, 0},
 		{"continue", func(c *net.TCPConn, br *bufio.Reader) {
 			fmt.Fprint(c, "HTTP/1.1 100 Continue\r\n\r\n")
 			time.Sleep(3 * earlyPoll) // the proxy's writes wait meanwhile
@@ -118,6 +129,11 @@ func TestEarlyResponse(t *testing.T) {
 			if c.name == "continue" && string(body) != fmt.Sprint(size) {
 				t.Errorf("the backend read %s bytes of the body, want %d", body, size)
 			}
+			if c.name == "ok then read" {
+				if n := <-readLate; n != size {
+					t.Errorf("the backend read %d bytes of the body, want %d", n, size)
+				}
+			}
 			if c.early > 0 {
 				if !resp.Close {
 					t.Errorf("the response says the connection stays open (header %v); the rest of the body would be read as a request", resp.Header)
@@ -139,23 +155,27 @@ func TestEarlyResponse(t *testing.T) {
 	}
 }
 
-func TestFinalResponseBegins(t *testing.T) {
+func TestFinalStatus(t *testing.T) {
 	for _, c := range []struct {
 		data string
-		want bool
+		want int
 	}{
-		{"", false},
-		{"HTTP/1.", false}, // too little to tell
-		{"HTTP/1.1 413 Payload Too Large\r\n", true},
-		{"HTTP/1.1 100 Continue\r\n", false},
-		{"HTTP/1.1 100 Continue\r\n\r\n", false},
-		{"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", false},
-		{"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 401", true},
-		{"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.", false},
-		{"garbage that is no response", true}, // read, and refused as unreadable
+		{"", 0},
+		{"HTTP/1.1 41", 0}, // too little to tell
+		{"HTTP/1.1 413 Payload Too Large\r\n", 413},
+		{"HTTP/1.1 200 OK\r\n", 200},
+		{"HTTP/1.1 100 Continue\r\n", 0},
+		{"HTTP/1.1 100 Continue\r\n\r\n", 0},
+		{"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", 0},
+		{"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 401 Unauthorized", 401},
+		{"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.", 0},
+		// What follows a 101 is the new protocol's, not a response.
+		{"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\nHELLO-WORLD!", 0},
+		{"garbage that is no response", 999}, // read, and refused as unreadable
+		{"HTTP/1.1 4x3 Nope\r\n", 999},
 	} {
-		if got := finalResponseBegins([]byte(c.data)); got != c.want {
-			t.Errorf("finalResponseBegins(%q) = %v, want %v", c.data, got, c.want)
+		if got := finalStatus([]byte(c.data)); got != c.want {
+			t.Errorf("finalStatus(%q) = %d, want %d", c.data, got, c.want)
 		}
 	}
 }

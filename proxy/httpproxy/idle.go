@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"net"
+	"net/http"
 	"sync"
 	"time"
 
@@ -121,16 +122,17 @@ func quiet(c *net.TCPConn) bool {
 	return err == nil && ok
 }
 
-// answered reports whether the backend has sent the start of a final
-// response that the proxy has not read yet (interim 1xx heads do not
-// count: a backend that said 100 Continue waits for the body). One
-// non-blocking peek; a backend that sent a response and then reset the
-// connection still has it read (the kernel keeps what arrived before a
-// reset).
-func (c *conn) answered() bool {
+// earlyStatus returns the status of a final response the backend has
+// sent and the proxy has not read yet, 0 if none (yet). Interim heads
+// are passed over (a backend that said 100 Continue waits for the body),
+// but a 101 is not: what follows it is the new protocol's, and the
+// request's body goes on. One non-blocking peek; a backend that sent a
+// response and then reset the connection still has it read (the kernel
+// keeps what arrived before a reset).
+func (c *conn) earlyStatus() int {
 	rc, err := c.up.SyscallConn()
 	if err != nil {
-		return false
+		return 0
 	}
 	var b [512]byte
 	n := 0
@@ -138,24 +140,37 @@ func (c *conn) answered() bool {
 		n, _, _ = unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
 		return true // never wait
 	})
-	return err == nil && n > 0 && finalResponseBegins(b[:n])
+	if err != nil || n <= 0 {
+		return 0
+	}
+	return finalStatus(b[:n])
 }
 
-// finalResponseBegins reports whether data, the start of what a backend
-// sent, holds more than interim (1xx) response heads.
-func finalResponseBegins(data []byte) bool {
+// finalStatus returns the status code of the first final response in
+// data, the start of what a backend sent: 0 when data holds interim
+// heads only, too little to tell, or a 101; 999 for what is no response
+// (read, it is refused as unreadable).
+func finalStatus(data []byte) int {
 	for len(data) > 0 {
-		if len(data) < len("HTTP/1.1 1") {
-			return false // too little to tell yet
+		if len(data) < len("HTTP/1.1 200") {
+			return 0 // too little to tell yet
 		}
-		if !bytes.HasPrefix(data, []byte("HTTP/1.")) || data[9] != '1' {
-			return true
+		code := data[9:12]
+		if !bytes.HasPrefix(data, []byte("HTTP/1.")) || data[8] != ' ' || !allDigits(code) {
+			return 999
+		}
+		status := int(code[0]-'0')*100 + int(code[1]-'0')*10 + int(code[2]-'0')
+		switch {
+		case status == http.StatusSwitchingProtocols:
+			return 0
+		case status >= 200:
+			return status
 		}
 		end := bytes.Index(data, []byte("\r\n\r\n"))
 		if end < 0 {
-			return false // an interim head, not whole yet
+			return 0 // an interim head, not whole yet
 		}
 		data = data[end+4:]
 	}
-	return false
+	return 0
 }

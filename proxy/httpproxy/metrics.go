@@ -25,7 +25,7 @@ func (p *Proxy) Metrics() []proxy.Metric {
 				Counter: true, Labels: howLabels, Values: []string{b.Route, b.Backend, "reused"}, Value: float64(b.Reused)},
 			proxy.Metric{Name: "spliced_http_upstream_retries_total", Help: "Requests sent again on a new connection because the backend had closed the used one under them.",
 				Counter: true, Labels: labels, Values: values, Value: float64(b.Retries)},
-			proxy.Metric{Name: "spliced_http_upstream_early_responses_total", Help: "Responses an HTTP backend sent before it took the whole request body (relayed; both connections then close).",
+			proxy.Metric{Name: "spliced_http_upstream_early_responses_total", Help: "Responses refusing a request that an HTTP backend sent before it took the whole body (relayed; both connections then close).",
 				Counter: true, Labels: labels, Values: values, Value: float64(b.EarlyResponses)},
 			proxy.Metric{Name: "spliced_http_upstream_idle_connections", Help: "Idle connections to an HTTP backend kept for later requests.",
 				Labels: labels, Values: values, Value: float64(b.Idle)},

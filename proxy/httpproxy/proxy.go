@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -303,9 +304,10 @@ type conn struct {
 	watchEarly bool
 	// bodyUnread: the last request has a body the proxy has not read
 	// whole (refused, or answered early): its client may still be
-	// sending it (lingerClient).
-	bodyUnread bool
-	respBody   respBody // the body of a response parse.go parsed
+	// sending it (lingerClient). clientStalled: a read of the client
+	// timed out; it had idle_timeout already and gets no lingering.
+	bodyUnread, clientStalled bool
+	respBody                  respBody // the body of a response parse.go parsed
 	// respEnd is the value of flow.S2C at which the response in flight
 	// ends: after an unsplice in its middle, the rest is relayed first.
 	respEnd int64
@@ -415,6 +417,9 @@ const (
 // until the client closes too, stops sending for lingerTimeout, or
 // lingerTime passed; a shutdown closes the socket under it.
 func (c *conn) lingerClient() {
+	if c.clientStalled {
+		return // silent for idle_timeout already
+	}
 	if n, err := tcprepair.Unread(c.client); !c.bodyUnread && c.cr.Buffered() == 0 && (err != nil || n == 0) {
 		return // nothing unread, nothing to come: the close is a FIN
 	}
@@ -423,14 +428,14 @@ func (c *conn) lingerClient() {
 	}
 	c.bodyIdle = 0 // else each read would move the deadline (clientRd)
 	end := time.Now().Add(lingerTime)
-	buf := make([]byte, 16<<10)
 	for {
+		c.cr.Discard(c.cr.Buffered())
 		wait := time.Now().Add(lingerTimeout)
 		if wait.After(end) {
 			wait = end
 		}
 		c.client.SetReadDeadline(wait)
-		if _, err := c.cr.Read(buf); err != nil {
+		if _, err := c.cr.Peek(1); err != nil {
 			return
 		}
 	}
@@ -598,6 +603,7 @@ func (c *conn) serve() (reason string, spliced bool) {
 		now := time.Now()
 		c.bodyIdle = 0
 		c.idleDeadline(now, svc.IdleTimeout.D())
+		c.clientStalled = false
 		rq, err := readRequest(c.cr)
 		c.bodyUnread = err == nil && rq.body != nil
 		switch {
@@ -837,6 +843,12 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 			// ordinary exchange, and the next request is read and
 			// routed like any (else a client would ask for an upgrade
 			// it knows fails and send anything after it, unrouted).
+			if early {
+				// Not found early (earlyStatus): a write failed after it.
+				c.reply(http.StatusBadGateway, "the backend switched protocols before it took the request's body")
+				c.upTo.failures.Add(1)
+				return true, false, fmt.Errorf("the response of %s: 101 before the request's body was sent", c.upTo.addr)
+			}
 			if !rq.upgrade {
 				c.reply(http.StatusBadGateway, "the backend switched protocols unasked")
 				c.upTo.failures.Add(1)
@@ -981,21 +993,24 @@ func (c *conn) send(rq *request, out *sendBuf) (resp *http.Response, head time.T
 		if err == nil {
 			c.bodyUnread = false
 		}
-		// The backend's side failed (out.err: not the client's body)
-		// after a response began: the backend wants no more of it.
-		early := err != nil && rq.body != nil && out.err != nil && c.answered()
-		if early {
-			c.upTo.earlyResponses.Add(1)
-			c.log.Debug("http: the backend answered before it took the whole request body", "backend", c.upTo.addr, logging.Err(err))
-		}
+		// The backend refused the body (errEarlyResponse), or its side
+		// failed (out.err: not the client's body) after a response
+		// began: the backend wants no more of it.
+		early := err != nil && rq.body != nil && out.err != nil &&
+			(errors.Is(err, errEarlyResponse) || c.earlyStatus() != 0)
 		if err == nil || early {
 			c.toClient = countingWriter{w: &c.clientIO, n: &c.flow.S2C, idle: c}
 			out.reset(&c.toClient)
 			read := c.upRd.n
-			resp, err := readResponse(c.ur, req, &c.respBody)
-			if err == nil {
+			resp, rerr := readResponse(c.ur, req, &c.respBody)
+			if rerr == nil {
+				if early {
+					c.upTo.earlyResponses.Add(1)
+					c.log.Debug("http: the backend answered before it took the whole request body", "backend", c.upTo.addr, "status", resp.StatusCode, logging.Err(err))
+				}
 				return resp, time.Now(), early, nil
 			}
+			err = rerr
 			var ne net.Error
 			if !retry || c.upRd.n != read || errors.As(err, &ne) && ne.Timeout() {
 				return nil, time.Time{}, false, c.unreadable(err)
@@ -1151,21 +1166,22 @@ func (w *countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// earlyPoll is how often a write of a request body that waits for the
-// backend looks for an early response (writeUpstream).
+// earlyPoll is how long a write of a request body may take nothing
+// before the proxy looks for an early response (writeUpstream).
 const earlyPoll = 200 * time.Millisecond
 
-// errEarlyResponse ends the writing of a request whose backend answered
-// before it took the whole body.
-var errEarlyResponse = errors.New("the backend answered before it took the whole request")
+// errEarlyResponse ends the writing of a request whose backend refused
+// it before it took the whole body.
+var errEarlyResponse = errors.New("the backend refused the request before it took the whole body")
 
 // writeUpstream writes p, part of a request with a body, to the backend.
-// While the backend takes nothing (its window closed: an upload it does
-// not read), it looks every earlyPoll for a response and ends with
-// errEarlyResponse when one began: a backend that refused an upload
-// with a 413 and waits for the proxy to read it gets it read, not a 504
-// after http.upstream_timeout. Each write that moves bytes moves the
-// backend's deadline, as countingWriter does.
+// When the backend takes nothing for earlyPoll and has sent a response
+// that refuses the request (status 400 or more: a 413 or 401 for an
+// upload it will not read), it ends with errEarlyResponse, and the proxy
+// relays that response instead of waiting http.upstream_timeout for a
+// backend that waits for it to be read. A backend that answered and goes
+// on reading (a streaming upload's 200) gets the whole body. Each write
+// that moves bytes moves the backend's deadline, as countingWriter does.
 func (c *conn) writeUpstream(p []byte) (int, error) {
 	c.upstreamDeadline(time.Now())
 	n, err := c.upIO.WriteNow(p)
@@ -1174,11 +1190,7 @@ func (c *conn) writeUpstream(p []byte) (int, error) {
 	}
 	defer func() { c.up.SetWriteDeadline(c.upDeadline) }() // what upstreamDeadline set last, or none
 	for n < len(p) {
-		now := time.Now()
-		if c.answered() {
-			return n, errEarlyResponse
-		}
-		wait := now.Add(earlyPoll)
+		wait := time.Now().Add(earlyPoll)
 		if !c.upDeadline.IsZero() && c.upDeadline.Before(wait) {
 			wait = c.upDeadline
 		}
@@ -1188,9 +1200,13 @@ func (c *conn) writeUpstream(p []byte) (int, error) {
 		if m > 0 {
 			c.upstreamDeadline(time.Now())
 		}
-		if ne := net.Error(nil); err != nil && (!errors.As(err, &ne) || !ne.Timeout() ||
-			!c.upDeadline.IsZero() && !time.Now().Before(c.upDeadline)) {
+		switch {
+		case err == nil:
+		case !errors.Is(err, os.ErrDeadlineExceeded),
+			!c.upDeadline.IsZero() && !time.Now().Before(c.upDeadline):
 			return n, err
+		case m == 0 && c.earlyStatus() >= 400:
+			return n, errEarlyResponse
 		}
 	}
 	return n, nil

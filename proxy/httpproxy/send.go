@@ -1,7 +1,9 @@
 package httpproxy
 
 import (
+	"errors"
 	"io"
+	"os"
 	"time"
 )
 
@@ -178,5 +180,8 @@ func (f *flushReader) Read(p []byte) (int, error) {
 	}
 	n, err := f.r.Read(p)
 	f.n += int64(n)
+	if c := f.body; c != nil && err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		c.clientStalled = true
+	}
 	return n, err
 }

@@ -220,3 +220,34 @@ func TestRefusedUploadLingers(t *testing.T) {
 		t.Errorf("after the response: %d bytes, %v; want the end (EOF)", n, err)
 	}
 }
+
+// TestNoLingerAfterStall: a client that stalled in its request body for
+// idle_timeout gets no lingering close: its connection ends at once,
+// and a further write of it meets a reset, not a proxy that reads on for
+// lingerTimeout.
+func TestNoLingerAfterStall(t *testing.T) {
+	b := startBackend(t)
+	_, addr := testServiceIdle(t, b, "", "300ms")
+	cl, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	fmt.Fprint(cl, "POST /a/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
+	cl.SetReadDeadline(time.Now().Add(10 * time.Second)) // a guard
+	if _, err := io.ReadAll(cl); err != nil {
+		t.Fatalf("the proxy did not end the stalled connection: %v", err)
+	}
+	// Short of lingerTimeout: a lingering proxy takes every write until
+	// then.
+	until := time.Now().Add(lingerTimeout - time.Second)
+	for {
+		if _, err := cl.Write([]byte("x")); err != nil {
+			return
+		}
+		if time.Now().After(until) {
+			t.Fatal("the proxy still reads a client that stalled for idle_timeout (a lingering close)")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -60,6 +60,31 @@ func startBackend(t *testing.T) *fakeBackend {
 	return b
 }
 
+// scriptedBackend is a backend that does what serve does with each
+// connection it accepts (closed after), byte by byte, on loopback until
+// the test ends.
+func scriptedBackend(t testing.TB, serve func(c *net.TCPConn)) *fakeBackend {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				serve(c)
+			}()
+		}
+	}()
+	return &fakeBackend{ln: ln}
+}
+
 // recorder keeps what the backend's parser consumed.
 type recorder struct {
 	r   io.Reader

@@ -13,38 +13,23 @@ import (
 // resp, allocating nothing per request: what a benchmark counts is the
 // proxy's.
 func rawBackend(b *testing.B, resp []byte) *fakeBackend {
-	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { ln.Close() })
-	go func() {
+	return scriptedBackend(b, func(c *net.TCPConn) {
+		buf := make([]byte, 8192)
+		have := 0
 		for {
-			c, err := ln.Accept()
+			n, err := c.Read(buf[have:])
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				buf := make([]byte, 8192)
-				have := 0
-				for {
-					n, err := c.Read(buf[have:])
-					if err != nil {
-						return
-					}
-					have += n
-					if bytes.HasSuffix(buf[:have], []byte("\r\n\r\n")) {
-						have = 0
-						if _, err := c.Write(resp); err != nil {
-							return
-						}
-					}
+			have += n
+			if bytes.HasSuffix(buf[:have], []byte("\r\n\r\n")) {
+				have = 0
+				if _, err := c.Write(resp); err != nil {
+					return
 				}
-			}()
+			}
 		}
-	}()
-	return &fakeBackend{ln: ln}
+	})
 }
 
 // readRaw reads one response with a Content-Length from r, allocating

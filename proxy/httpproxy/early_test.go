@@ -66,48 +66,27 @@ func TestEarlyResponse(t *testing.T) {
 		}, 200, 0},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
-			go func() {
+			b := scriptedBackend(t, func(bc *net.TCPConn) {
+				br := bufio.NewReader(bc)
 				for {
-					bc, err := ln.AcceptTCP()
+					l, err := br.ReadString('\n')
 					if err != nil {
 						return
 					}
-					go func() {
-						defer bc.Close()
-						br := bufio.NewReader(bc)
-						for {
-							l, err := br.ReadString('\n')
-							if err != nil {
-								return
-							}
-							if l == "\r\n" {
-								break
-							}
-						}
-						c.backend(bc, br)
-					}()
+					if l == "\r\n" {
+						break
+					}
 				}
-			}()
-			p, addr := testServiceWith(t, &fakeBackend{ln: ln}, "      upstream_timeout: 0s\n")
+				c.backend(bc, br)
+			})
+			p, addr := testServiceWith(t, b, "      upstream_timeout: 0s\n")
 			cl, err := net.Dial("tcp4", addr)
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer cl.Close()
 			fmt.Fprintf(cl, "POST /a/upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: %d\r\n\r\n", size)
-			go func() {
-				buf := make([]byte, 64<<10)
-				for n := 0; n < size; n += len(buf) {
-					if _, err := cl.Write(buf); err != nil {
-						return
-					}
-				}
-			}()
+			go sendBody(cl, size)
 			// A guard, not a measure: without the early response the
 			// proxy waits for ever.
 			cl.SetReadDeadline(time.Now().Add(30 * time.Second))
@@ -197,12 +176,9 @@ func TestRefusedUploadLingers(t *testing.T) {
 	fmt.Fprintf(cl, "POST /admin/upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n", size)
 	sent := make(chan error, 1)
 	go func() {
-		buf := make([]byte, 64<<10)
-		for n := 0; n < size; n += len(buf) {
-			if _, err := cl.Write(buf); err != nil {
-				sent <- fmt.Errorf("after %d bytes: %w", n, err)
-				return
-			}
+		if err := sendBody(cl, size); err != nil {
+			sent <- err
+			return
 		}
 		sent <- cl.(*net.TCPConn).CloseWrite()
 	}()
@@ -250,4 +226,15 @@ func TestNoLingerAfterStall(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// sendBody writes size zero bytes to c, 64 KiB at a time.
+func sendBody(c net.Conn, size int) error {
+	buf := make([]byte, 64<<10)
+	for n := 0; n < size; n += len(buf) {
+		if _, err := c.Write(buf); err != nil {
+			return fmt.Errorf("after %d bytes: %w", n, err)
+		}
+	}
+	return nil
 }

@@ -524,26 +524,12 @@ func TestUpstreamTimeout(t *testing.T) {
 	// them, until the proxy stops reading; it returns what the client got.
 	deafUpload := func(t *testing.T, chunk int, pause time.Duration) string {
 		t.Helper()
-		ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		go func() {
-			for {
-				c, err := ln.AcceptTCP()
-				if err != nil {
-					return
-				}
-				c.SetReadBuffer(4 << 10)
-				go func() {
-					defer c.Close()
-					http.ReadRequest(bufio.NewReader(c))
-					<-hang
-				}()
-			}
-		}()
-		_, addr := testServiceWith(t, &fakeBackend{ln: ln}, keys)
+		b := scriptedBackend(t, func(c *net.TCPConn) {
+			c.SetReadBuffer(4 << 10)
+			http.ReadRequest(bufio.NewReader(c))
+			<-hang
+		})
+		_, addr := testServiceWith(t, b, keys)
 		c, err := net.Dial("tcp4", addr)
 		if err != nil {
 			t.Fatal(err)

@@ -106,44 +106,45 @@ func (ip *idlePool) len() int {
 // backend has neither closed nor reset it, nor sent anything unasked
 // (a late 408, say, which would be read as the next request's answer).
 // One non-blocking peek; a backend that closes right after it is
-// covered by conn.roundTrip's retry.
+// covered by conn.send's retry.
 func quiet(c *net.TCPConn) bool {
-	rc, err := c.SyscallConn()
-	if err != nil {
-		return false
-	}
 	var b [1]byte
-	ok := false
-	err = rc.Read(func(fd uintptr) bool {
-		_, _, rerr := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		ok = errors.Is(rerr, unix.EAGAIN)
-		return true // never wait
-	})
-	return err == nil && ok
+	_, err := peek(c, b[:])
+	return errors.Is(err, unix.EAGAIN)
 }
 
 // earlyStatus returns the status of a final response the backend has
 // sent and the proxy has not read yet, 0 if none (yet). Interim heads
 // are passed over (a backend that said 100 Continue waits for the body),
 // but a 101 is not: what follows it is the new protocol's, and the
-// request's body goes on. One non-blocking peek; a backend that sent a
-// response and then reset the connection still has it read (the kernel
-// keeps what arrived before a reset).
+// request's body goes on. A backend that sent a response and then reset
+// the connection still has it read (the kernel keeps what arrived
+// before a reset).
 func (c *conn) earlyStatus() int {
-	rc, err := c.up.SyscallConn()
-	if err != nil {
-		return 0
-	}
 	var b [512]byte
-	n := 0
-	err = rc.Read(func(fd uintptr) bool {
-		n, _, _ = unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		return true // never wait
-	})
+	n, err := peek(c.up, b[:])
 	if err != nil || n <= 0 {
 		return 0
 	}
 	return finalStatus(b[:n])
+}
+
+// peek reads what c received into b without taking it and without
+// waiting: EAGAIN when nothing came, 0 bytes at the peer's FIN.
+func peek(c *net.TCPConn, b []byte) (n int, err error) {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		n, _, rerr = unix.Recvfrom(int(fd), b, unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		return true // never wait
+	})
+	if err != nil {
+		return 0, err
+	}
+	return n, rerr
 }
 
 // finalStatus returns the status code of the first final response in

@@ -409,8 +409,8 @@ const (
 // lingerClient ends the client's connection gently when the client has
 // sent, or may still send, what the proxy will not read (the rest of an
 // upload refused with a 403 or 413, requests pipelined after a
-// "Connection: close"): closing
-// a socket with unread data resets the connection, and a client that
+// "Connection: close"): closing a socket with unread data resets the
+// connection, and a client that
 // gets the reset before it read the response (a retransmitted one, or a
 // client whose system drops what it received on a reset) never sees why
 // its request failed. So the proxy sends its FIN and reads and discards

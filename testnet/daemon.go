@@ -87,10 +87,18 @@ type Daemon struct {
 
 	mu     sync.Mutex
 	client *api.Client // Client's
-	lines  []map[string]any
-	raw    []string
+	raw    []string    // every line logged, appended by the reader
 	done   chan struct{}
 	err    error
+
+	// The records of raw, parsed when a test asks (Lines): parsing in
+	// the reader made it slower than a daemon that logs a thousand
+	// splices at debug level, under the race detector, whose writes
+	// then blocked on the full pipe with packets held (transitions
+	// took seconds).
+	parseMu sync.Mutex
+	lines   []map[string]any
+	parsed  int // lines of raw parsed into lines
 }
 
 // StartDaemon writes config to a file and runs `spliced -config FILE` in
@@ -184,14 +192,9 @@ func (d *Daemon) start(args ...string) error {
 		sc := bufio.NewScanner(stderr)
 		sc.Buffer(make([]byte, 1<<20), 1<<20)
 		for sc.Scan() {
-			var m map[string]any
 			line := sc.Text()
-			json.Unmarshal([]byte(line), &m)
 			d.mu.Lock()
 			d.raw = append(d.raw, line)
-			if m != nil {
-				d.lines = append(d.lines, m)
-			}
 			d.mu.Unlock()
 		}
 		d.err = d.cmd.Wait()
@@ -209,8 +212,19 @@ func (d *Daemon) Log() string {
 
 // Lines returns the JSON log records so far.
 func (d *Daemon) Lines() []map[string]any {
+	d.parseMu.Lock()
+	defer d.parseMu.Unlock()
 	d.mu.Lock()
-	defer d.mu.Unlock()
+	fresh := d.raw[d.parsed:len(d.raw):len(d.raw)] // the reader appends past its end only
+	d.mu.Unlock()
+	for _, line := range fresh {
+		var m map[string]any
+		json.Unmarshal([]byte(line), &m)
+		if m != nil {
+			d.lines = append(d.lines, m)
+		}
+	}
+	d.parsed += len(fresh)
 	return append([]map[string]any(nil), d.lines...)
 }
 

@@ -127,7 +127,7 @@ type restartFlows struct {
 	mux     *testnet.Mux
 	flows   int
 	rate    int64 // bytes per second each way
-	size    int64 // bytes each way: about 48 s at rate
+	size    int64 // bytes each way: about 30 s at rate
 	started time.Time
 	results []*testnet.Transfer
 	wg      sync.WaitGroup
@@ -180,7 +180,7 @@ func startRestartFlows(t *testing.T, lab *testnet.Lab, rate func(flows int) int6
 		}
 	}
 	r.rate = rate(r.flows)
-	r.size = 48 * r.rate
+	r.size = 30 * r.rate
 	r.started = time.Now()
 	r.results = make([]*testnet.Transfer, r.flows)
 	for i := range r.flows {

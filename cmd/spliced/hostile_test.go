@@ -117,9 +117,9 @@ services:
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Paced, so that the flow is busy both ways for about 25 s: longer
-	// than forging takes.
-	const size, rate = 50 << 20, 2 << 20
+	// Paced, so that the flow is busy both ways for about 12 s: three
+	// times what forging took (3-4 s).
+	const size, rate = 24 << 20, 2 << 20
 	done := make(chan *testnet.Transfer, 1)
 	go func() {
 		done <- testnet.Exchange(c, s, testnet.TransferOptions{C2S: size, S2C: size, Seed: rand.Uint64(), Rate: rate, WriteSize: 16 << 10, Timeout: time.Minute})

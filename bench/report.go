@@ -163,8 +163,27 @@ type Trace struct {
 	SpliceEndMS     float64      `json:"splice_end_ms"`
 	UnspliceStartMS float64      `json:"unsplice_start_ms"`
 	UnspliceEndMS   float64      `json:"unsplice_end_ms"`
-	Picture         string       `json:"picture,omitempty"`
-	Error           string       `json:"error,omitempty"`
+	// The longest time between two captured segments, and when it
+	// ended: a stall of the flow (a retransmission timeout is 200 ms
+	// or more).
+	LargestGapMS   float64 `json:"largest_gap_ms"`
+	LargestGapAtMS float64 `json:"largest_gap_at_ms"`
+	// What the ends' TCP counted during the transfer (client, server):
+	// retransmission timeouts, and segments they dropped as beyond
+	// their receive window (payload a splice took over and sent on
+	// past the receiver's window does that).
+	Timeouts     [2]uint64 `json:"timeouts"`
+	BeyondWindow [2]uint64 `json:"beyond_window"`
+	Picture      string    `json:"picture,omitempty"`
+	Error        string    `json:"error,omitempty"`
+}
+
+// summary says what the trace shows in a line: its transitions, its
+// largest gap, and the ends' timeouts and beyond-window drops.
+func (t *Trace) summary() string {
+	return fmt.Sprintf("%d segments (%d dropped by the capture); splice %.1f–%.1f ms, unsplice %.1f–%.1f ms; largest gap %.1f ms (ending at %.1f ms); retransmission timeouts: client %d, server %d; segments dropped beyond the receive window: client %d, server %d",
+		t.Segments, t.Dropped, t.SpliceStartMS, t.SpliceEndMS, t.UnspliceStartMS, t.UnspliceEndMS, t.LargestGapMS, t.LargestGapAtMS,
+		t.Timeouts[0], t.Timeouts[1], t.BeyondWindow[0], t.BeyondWindow[1])
 }
 
 // Report is a whole run.
@@ -359,6 +378,8 @@ func (r *Report) Markdown() string {
 	}
 	if t := r.Trace; t != nil && t.Error != "" {
 		fmt.Fprintf(&b, "### Sequence trace\n\nfailed: %s\n\n", t.Error)
+	} else if t != nil {
+		fmt.Fprintf(&b, "### Sequence trace\n\n%s\n\n", t.summary())
 	}
 	return b.String()
 }

@@ -38,7 +38,8 @@ func fixedReport() *Report {
 			"routed_large": NewStat([]float64{175}), "copy_large": NewStat([]float64{60, 70, 80}), "splice_large": NewStat([]float64{70}), "splicebpf_large": NewStat([]float64{140}),
 			"copy_small": NewStat([]float64{20000}), "splice_small": NewStat([]float64{19000}),
 		}},
-		Trace: &Trace{Points: [][2]float64{{0, 0}, {1, 1 << 20}, {2, 3 << 20}}, SpliceStartMS: 0.9, SpliceEndMS: 1.1},
+		Trace: &Trace{Points: [][2]float64{{0, 0}, {1, 1 << 20}, {2, 3 << 20}}, Segments: 3, SpliceStartMS: 0.9, SpliceEndMS: 1.1,
+			UnspliceStartMS: 1.5, UnspliceEndMS: 1.6, LargestGapMS: 1, LargestGapAtMS: 2, Timeouts: [2]uint64{0, 1}, BeyondWindow: [2]uint64{7, 0}},
 	}
 }
 
@@ -99,6 +100,7 @@ func TestReportGenerator(t *testing.T) {
 		"Ratio to dante",
 		"| spliced-socks5-copy | 2.00 | 2.00 | 2.00 | 2.00 | 0.50 | 0.50 |", // CPU: lower is better
 		"| spliced-socks5-splice | failed | failed |",
+		"### Sequence trace\n\n3 segments (0 dropped by the capture); splice 0.9–1.1 ms, unsplice 1.5–1.6 ms; largest gap 1.0 ms (ending at 2.0 ms); retransmission timeouts: client 0, server 1; segments dropped beyond the receive window: client 7, server 0",
 	} {
 		if !strings.Contains(md, want) {
 			t.Errorf("markdown lacks %q:\n%s", want, md)

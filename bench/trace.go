@@ -91,7 +91,26 @@ func measureTrace(env *Env, opt *Options) *Trace {
 			}()
 		})
 	}
+	ends := []*testnet.NS{&lab.Client().NS, &lab.Server().NS}
+	var before [2]map[string]uint64
+	for i, ns := range ends {
+		if before[i], err = ns.Counters(); err != nil {
+			sn.close()
+			res.Error = err.Error()
+			return res
+		}
+	}
 	tr := testnet.RunTransfer(lab.Client(), ln, srv, testnet.TransferOptions{C2S: size, S2C: 4 * size, Seed: 3, Progress: progress})
+	for i, ns := range ends {
+		after, err := ns.Counters()
+		if err != nil {
+			sn.close()
+			res.Error = err.Error()
+			return res
+		}
+		res.Timeouts[i] = after["TcpExt.TCPTimeouts"] - before[i]["TcpExt.TCPTimeouts"]
+		res.BeyondWindow[i] = after["TcpExt.BeyondWindow"] - before[i]["TcpExt.BeyondWindow"]
+	}
 	ln.Close()
 	time.Sleep(100 * time.Millisecond)
 	sn.close()
@@ -119,6 +138,11 @@ func measureTrace(env *Env, opt *Options) *Trace {
 		res.Points = append(res.Points, [2]float64{(p[0] - t0) * 1000, float64(uint32(p[1]) - seq0)})
 	}
 	res.Segments, res.Dropped = len(pts), sn.dropped()
+	for i := 1; i < len(res.Points); i++ {
+		if gap := res.Points[i][0] - res.Points[i-1][0]; gap > res.LargestGapMS {
+			res.LargestGapMS, res.LargestGapAtMS = gap, res.Points[i][0]
+		}
+	}
 	mark := func(msg string) (startMS, endMS float64, err error) {
 		rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == msg })
 		if rec == nil {
@@ -145,7 +169,6 @@ func measureTrace(env *Env, opt *Options) *Trace {
 		res.Error = fmt.Sprintf("the transitions (%.1f and %.1f ms) lie outside the captured segments (0 to %.1f ms)", res.SpliceStartMS, res.UnspliceEndMS, last)
 		return res
 	}
-	fmt.Fprintf(opt.Log, "   %d segments (%d dropped by the capture), splice %.1f–%.1f ms, unsplice %.1f–%.1f ms\n",
-		res.Segments, res.Dropped, res.SpliceStartMS, res.SpliceEndMS, res.UnspliceStartMS, res.UnspliceEndMS)
+	fmt.Fprintf(opt.Log, "   %s\n", res.summary())
 	return res
 }

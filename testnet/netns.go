@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -125,6 +126,44 @@ func (n *NS) ReadSysctl(key string) (string, error) {
 		return err
 	})
 	return strings.TrimSpace(string(v)), err
+}
+
+// Counters reads the namespace's protocol counters, what nstat shows
+// (/proc/net/snmp and /proc/net/netstat), keyed by group and name:
+// "Tcp.RetransSegs", "TcpExt.TCPTimeouts".
+func (n *NS) Counters() (map[string]uint64, error) {
+	out := map[string]uint64{}
+	err := n.Do(func() error {
+		for _, file := range []string{"snmp", "netstat"} {
+			// thread-self: /proc/net is the process's namespace, not
+			// this thread's.
+			b, err := os.ReadFile("/proc/thread-self/net/" + file)
+			if err != nil {
+				return err
+			}
+			// Pairs of lines: "Group: names..." then "Group: values...".
+			lines := strings.Split(string(b), "\n")
+			for i := 0; i+1 < len(lines); i += 2 {
+				names, values := strings.Fields(lines[i]), strings.Fields(lines[i+1])
+				if len(names) < 2 || len(values) != len(names) || names[0] != values[0] {
+					continue
+				}
+				group := strings.TrimSuffix(names[0], ":")
+				for j := 1; j < len(names); j++ {
+					// Tcp MaxConn is -1: signed, where counters are not.
+					v, err := strconv.ParseInt(values[j], 10, 64)
+					if err == nil && v >= 0 {
+						out[group+"."+names[j]] = uint64(v)
+					}
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("counters of %s: %w", n.Name, err)
+	}
+	return out, nil
 }
 
 func syscallClose(fd int) { unix.Close(fd) }

@@ -234,27 +234,13 @@ func floodPackets(out string) int {
 // outRsts reads Tcp OutRsts (resets sent) of a namespace.
 func outRsts(t *testing.T, ns *testnet.NS) uint64 {
 	t.Helper()
-	out, err := ns.Run("cat", "/proc/net/snmp")
+	c, err := ns.Counters()
 	if err != nil {
 		t.Fatal(err)
 	}
-	var names []string
-	for _, line := range strings.Split(out, "\n") {
-		f := strings.Fields(line)
-		if len(f) == 0 || f[0] != "Tcp:" {
-			continue
-		}
-		if names == nil {
-			names = f
-			continue
-		}
-		for i, n := range names {
-			if n == "OutRsts" && i < len(f) {
-				v, _ := strconv.ParseUint(f[i], 10, 64)
-				return v
-			}
-		}
+	v, ok := c["Tcp.OutRsts"]
+	if !ok {
+		t.Fatalf("no Tcp OutRsts in %s's /proc/net/snmp", ns.Name)
 	}
-	t.Fatalf("no Tcp OutRsts in %s's /proc/net/snmp", ns.Name)
-	return 0
+	return v
 }

@@ -648,31 +648,15 @@ func pawsRejected(nss []*testnet.NS) (uint64, error) { return tcpExt(nss, "PAWSE
 func tcpExt(nss []*testnet.NS, counter string) (uint64, error) {
 	var sum uint64
 	for _, ns := range nss {
-		out, err := ns.Run("cat", "/proc/net/netstat")
+		c, err := ns.Counters()
 		if err != nil {
 			return 0, err
 		}
-		lines := strings.Split(out, "\n")
-		found := false
-		for i := 0; i+1 < len(lines); i += 2 {
-			names, values := strings.Fields(lines[i]), strings.Fields(lines[i+1])
-			if len(names) == 0 || names[0] != "TcpExt:" || len(values) != len(names) {
-				continue
-			}
-			for j, n := range names {
-				if n == counter {
-					v, err := strconv.ParseUint(values[j], 10, 64)
-					if err != nil {
-						return 0, err
-					}
-					sum += v
-					found = true
-				}
-			}
-		}
-		if !found {
+		v, ok := c["TcpExt."+counter]
+		if !ok {
 			return 0, fmt.Errorf("no TcpExt %s in %s's /proc/net/netstat", counter, ns.Name)
 		}
+		sum += v
 	}
 	return sum, nil
 }

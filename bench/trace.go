@@ -91,25 +91,31 @@ func measureTrace(env *Env, opt *Options) *Trace {
 			}()
 		})
 	}
-	ends := []*testnet.NS{&lab.Client().NS, &lab.Server().NS}
-	var before [2]map[string]uint64
-	for i, ns := range ends {
-		if before[i], err = ns.Counters(); err != nil {
-			sn.close()
-			res.Error = err.Error()
-			return res
+	// The client's and the server's counters.
+	ends := func() (c [2]map[string]uint64, err error) {
+		for i, ns := range []*testnet.NS{&lab.Client().NS, &lab.Server().NS} {
+			if c[i], err = ns.Counters(); err != nil {
+				return c, err
+			}
 		}
+		return c, nil
+	}
+	before, err := ends()
+	if err != nil {
+		sn.close()
+		res.Error = err.Error()
+		return res
 	}
 	tr := testnet.RunTransfer(lab.Client(), ln, srv, testnet.TransferOptions{C2S: size, S2C: 4 * size, Seed: 3, Progress: progress})
-	for i, ns := range ends {
-		after, err := ns.Counters()
-		if err != nil {
-			sn.close()
-			res.Error = err.Error()
-			return res
-		}
-		res.Timeouts[i] = after["TcpExt.TCPTimeouts"] - before[i]["TcpExt.TCPTimeouts"]
-		res.BeyondWindow[i] = after["TcpExt.BeyondWindow"] - before[i]["TcpExt.BeyondWindow"]
+	after, err := ends()
+	if err != nil {
+		sn.close()
+		res.Error = err.Error()
+		return res
+	}
+	for i := range after {
+		res.Timeouts[i] = after[i]["TcpExt.TCPTimeouts"] - before[i]["TcpExt.TCPTimeouts"]
+		res.BeyondWindow[i] = after[i]["TcpExt.BeyondWindow"] - before[i]["TcpExt.BeyondWindow"]
 	}
 	ln.Close()
 	time.Sleep(100 * time.Millisecond)

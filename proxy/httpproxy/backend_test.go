@@ -38,25 +38,14 @@ type fakeBackend struct {
 
 func startBackend(t *testing.T) *fakeBackend {
 	t.Helper()
-	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	b := &fakeBackend{ln: ln, peers: map[string]bool{}}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			b.active.Add(1)
-			b.mu.Lock()
-			b.peers[c.RemoteAddr().String()] = true
-			b.mu.Unlock()
-			go b.serve(c)
-		}
-	}()
+	b := &fakeBackend{peers: map[string]bool{}}
+	b.ln = acceptLoopback(t, func(c *net.TCPConn) {
+		b.active.Add(1)
+		b.mu.Lock()
+		b.peers[c.RemoteAddr().String()] = true
+		b.mu.Unlock()
+		go b.serve(c)
+	})
 	return b
 }
 
@@ -64,6 +53,18 @@ func startBackend(t *testing.T) *fakeBackend {
 // connection it accepts (closed after), byte by byte, on loopback until
 // the test ends.
 func scriptedBackend(t testing.TB, serve func(c *net.TCPConn)) *fakeBackend {
+	t.Helper()
+	return &fakeBackend{ln: acceptLoopback(t, func(c *net.TCPConn) {
+		go func() {
+			defer c.Close()
+			serve(c)
+		}()
+	})}
+}
+
+// acceptLoopback listens on a loopback port until the test ends and
+// hands each connection to accepted, on the accepting goroutine.
+func acceptLoopback(t testing.TB, accepted func(c *net.TCPConn)) *net.TCPListener {
 	t.Helper()
 	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
@@ -76,13 +77,10 @@ func scriptedBackend(t testing.TB, serve func(c *net.TCPConn)) *fakeBackend {
 			if err != nil {
 				return
 			}
-			go func() {
-				defer c.Close()
-				serve(c)
-			}()
+			accepted(c)
 		}
 	}()
-	return &fakeBackend{ln: ln}
+	return ln
 }
 
 // recorder keeps what the backend's parser consumed.

@@ -110,6 +110,9 @@ type dirState struct {
 	wsIn    uint8 // shift of the window field as received
 	wsOut   uint8 // shift of the window field as sent
 	flags   uint8
+	// winUnit: the sender advertised a window of at least one unit of
+	// wsOut (see scaleWindow).
+	winUnit bool
 }
 
 // Flow is the per-flow state of the engine for both directions: offsets,
@@ -169,6 +172,7 @@ func NewFlow(p *Params, now int64) (Flow, error) {
 		wsIn:    c.SndWscale,
 		wsOut:   s.RcvWscale,
 		flags:   dirFlags(c, s, keys[C2S], keys[S2C].Reverse()),
+		winUnit: c.SndWnd >= 1<<s.RcvWscale,
 	}
 	f.d[S2C] = dirState{
 		seqOff:  uint32(c.SndNxt - s.RcvNxt),
@@ -182,6 +186,7 @@ func NewFlow(p *Params, now int64) (Flow, error) {
 		wsIn:    s.SndWscale,
 		wsOut:   c.RcvWscale,
 		flags:   dirFlags(s, c, keys[S2C], keys[C2S].Reverse()),
+		winUnit: s.SndWnd >= 1<<c.RcvWscale,
 	}
 	return f, nil
 }

@@ -170,6 +170,7 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 	w := uint32(t.Window()) << s.wsIn
 	s.lastWin = w
 	o.maxWin = max(o.maxWin, w)
+	s.winUnit = s.winUnit || w>>s.wsOut != 0
 	f.lastSeen = now
 
 	t.SetSrcPort(s.srcPort)
@@ -211,7 +212,7 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 	if flags&FlagACK != 0 {
 		t.SetAck(t.Ack().Sub(o.seqOff))
 	}
-	t.SetWindow(scaleWindow(t.Window(), s.wsIn, s.wsOut))
+	t.SetWindow(scaleWindow(t.Window(), s.wsIn, s.wsOut, s.winUnit))
 	f.rewriteOptions(t.Options(), s, o)
 	if s.flags&dirAddrs != 0 {
 		p.setAddrs(&other.Dst, &other.Src)
@@ -288,8 +289,16 @@ func headerSum(p *Packet) uint64 {
 }
 
 // scaleWindow converts a window field from one shift to another, clamped
-// to the field, and never 0 unless it was 0.
-func scaleWindow(field uint16, in, out uint8) uint16 {
+// to the field and rounded down: a sender never learns of more window
+// than its receiver offered. A window below one unit of the output shift
+// (a receiver short of buffer space offers a few hundred bytes) becomes
+// 0 once the receiver has offered a whole unit (unit): it will offer one
+// again, and its window update then lets the sender go on. Rounded up
+// instead, the sender sent up to a whole unit and the receiver dropped
+// what lay beyond its window (TcpExtBeyondWindow), to be sent again after
+// a retransmission timeout. A receiver that never offered a unit (its
+// whole buffer smaller than one) gets 1: 0 would stop the flow for good.
+func scaleWindow(field uint16, in, out uint8, unit bool) uint16 {
 	if in == out {
 		return field
 	}
@@ -298,7 +307,7 @@ func scaleWindow(field uint16, in, out uint8) uint16 {
 	switch {
 	case v > 0xffff:
 		return 0xffff
-	case v == 0 && w != 0:
+	case v == 0 && w != 0 && !unit:
 		return 1
 	}
 	return uint16(v)

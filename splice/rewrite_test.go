@@ -132,19 +132,28 @@ func TestRewriteWindowScale(t *testing.T) {
 		field           uint16
 		dir             Dir
 		want            uint16
+		// The window the client offered the gateway before the splice
+		// (0: the fixture's, far above a unit of 2^14).
+		clientWnd uint32
 	}{
-		{"7 to 14 rounds down", 7, 7, 7, 14, 500, C2S, 500 << 7 >> 14},
-		{"7 to 14 never 0", 7, 7, 7, 14, 100, C2S, 1},
-		{"14 to 0 clamps", 7, 14, 0, 7, 500, S2C, 0xffff},
-		{"0 to 0 unchanged", 0, 0, 0, 0, 1234, C2S, 1234},
-		{"zero stays zero", 2, 2, 2, 9, 0, C2S, 0},
-		{"2 to 9", 2, 9, 9, 2, 40000, S2C, 40000 << 9 >> 9},
+		{"7 to 14 rounds down", 7, 7, 7, 14, 500, C2S, 500 << 7 >> 14, 0},
+		// The client offered 16 KiB or more before: it will again.
+		{"7 to 14 below a unit is 0", 7, 7, 7, 14, 100, C2S, 0, 0},
+		// The client never offered a unit: 0 would stop the flow.
+		{"7 to 14 never 0 from a small buffer", 7, 7, 7, 14, 100, C2S, 1, 100 << 7},
+		{"14 to 0 clamps", 7, 14, 0, 7, 500, S2C, 0xffff, 0},
+		{"0 to 0 unchanged", 0, 0, 0, 0, 1234, C2S, 1234, 0},
+		{"zero stays zero", 2, 2, 2, 9, 0, C2S, 0, 0},
+		{"2 to 9", 2, 9, 9, 2, 40000, S2C, 40000 << 9 >> 9, 0},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			f := newFixture(t, false, false, func(p *Params) {
 				p.Client.SndWscale, p.Client.RcvWscale = c.clientWS, c.gwToC
 				p.Server.SndWscale, p.Server.RcvWscale = c.srvWS, c.gwToS
+				if c.clientWnd != 0 {
+					p.Client.SndWnd = c.clientWnd
+				}
 			})
 			var s seg
 			if c.dir == C2S {
@@ -161,6 +170,28 @@ func TestRewriteWindowScale(t *testing.T) {
 				t.Errorf("window %d, want %d", got, c.want)
 			}
 		})
+	}
+}
+
+// TestRewriteWindowUnitLearned: a sender whose window was below a unit
+// of the output shift at the splice gets 1 for a window below a unit
+// until it offers a whole unit, and 0 from then on.
+func TestRewriteWindowUnitLearned(t *testing.T) {
+	f := newFixture(t, false, false, func(p *Params) {
+		p.Client.SndWscale, p.Client.RcvWscale = 7, 7
+		p.Server.SndWscale, p.Server.RcvWscale = 7, 14
+		p.Client.SndWnd = 100 << 7
+	})
+	for i, c := range []struct{ field, want uint16 }{{100, 1}, {200, 200 << 7 >> 14}, {100, 0}, {0, 0}, {300, 300 << 7 >> 14}, {100, 0}} {
+		s := f.c2s(1000, 0xfffffff0, FlagACK)
+		s.win = c.field
+		b := s.bytes()
+		if v := f.run(t, b, C2S, true); v != Forward {
+			t.Fatalf("packet %d: verdict %v", i, v)
+		}
+		if got := uint16(decoded(t, b).Window); got != c.want {
+			t.Errorf("packet %d, window field %d: %d, want %d", i, c.field, got, c.want)
+		}
 	}
 }
 

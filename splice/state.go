@@ -32,6 +32,7 @@ type DirState struct {
 	WSIn    uint8 // shift of the window field as received
 	WSOut   uint8 // shift of the window field as sent
 	Flags   uint8 // DirFlag bits
+	WinUnit bool  // the sender advertised a window of one unit of WSOut or more
 }
 
 // DirState.Flags bits (the engine's own encoding).
@@ -54,7 +55,7 @@ func (f *Flow) State() State {
 		s.Dirs[d] = DirState{
 			SeqOff: x.seqOff, TSOff: x.tsOff, TSJump: x.tsJump, SndNxt: x.sndNxt, AckSeen: x.ackSeen,
 			MaxWin: x.maxWin, LastWin: x.lastWin, TSval: x.tsVal, TSecr: x.tsEcr, FINSeq: x.finSeq,
-			FINAt: x.finAt, SrcPort: x.srcPort, DstPort: x.dstPort, WSIn: x.wsIn, WSOut: x.wsOut, Flags: x.flags,
+			FINAt: x.finAt, SrcPort: x.srcPort, DstPort: x.dstPort, WSIn: x.wsIn, WSOut: x.wsOut, Flags: x.flags, WinUnit: x.winUnit,
 		}
 	}
 	s.LastSeen = f.lastSeen
@@ -73,7 +74,7 @@ func FlowFromState(s State) Flow {
 		f.d[d] = dirState{
 			seqOff: x.SeqOff, tsOff: x.TSOff, tsJump: x.TSJump, sndNxt: x.SndNxt, ackSeen: x.AckSeen,
 			maxWin: x.MaxWin, lastWin: x.LastWin, tsVal: x.TSval, tsEcr: x.TSecr, finSeq: x.FINSeq,
-			finAt: x.FINAt, srcPort: x.SrcPort, dstPort: x.DstPort, wsIn: x.WSIn, wsOut: x.WSOut, flags: x.Flags,
+			finAt: x.FINAt, srcPort: x.SrcPort, dstPort: x.DstPort, wsIn: x.WSIn, wsOut: x.WSOut, flags: x.Flags, winUnit: x.WinUnit,
 		}
 	}
 	f.lastSeen = s.LastSeen

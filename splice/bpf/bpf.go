@@ -225,6 +225,10 @@ func (dp *Datapath) flowVal(st *splice.State) rewriteFlowVal {
 		x.FinSeq, x.FinAt = uint32(s.FINSeq), dp.toProg(s.FINAt)
 		x.SrcPort, x.DstPort = s.SrcPort, s.DstPort
 		x.WsIn, x.WsOut, x.Flags = s.WSIn, s.WSOut, s.Flags
+		x.WinUnit = 0
+		if s.WinUnit {
+			x.WinUnit = 1
+		}
 	}
 	return v
 }
@@ -243,6 +247,7 @@ func (dp *Datapath) state(v *rewriteFlowVal) splice.State {
 		s.FINSeq, s.FINAt = splice.Seq(x.FinSeq), dp.fromProg(x.FinAt)
 		s.SrcPort, s.DstPort = x.SrcPort, x.DstPort
 		s.WSIn, s.WSOut, s.Flags = x.WsIn, x.WsOut, x.Flags
+		s.WinUnit = x.WinUnit != 0
 	}
 	return st
 }

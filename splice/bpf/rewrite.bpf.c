@@ -129,7 +129,7 @@ struct dir_state {
 	__u8 ws_in;
 	__u8 ws_out;
 	__u8 flags;
-	__u8 pad;
+	__u8 win_unit; // splice's winUnit: 1 once the sender advertised a window of one unit of ws_out
 };
 
 struct flow_val {
@@ -181,7 +181,9 @@ static __always_inline void count(__u32 v)
 		*c += 1;
 }
 
-static __always_inline __u16 scale_window(__u16 field, __u8 in, __u8 out)
+// splice's scaleWindow: rounded down, 0 below one unit once the sender
+// offered a whole one.
+static __always_inline __u16 scale_window(__u16 field, __u8 in, __u8 out, __u8 unit)
 {
 	if (in == out)
 		return field;
@@ -189,7 +191,7 @@ static __always_inline __u16 scale_window(__u16 field, __u8 in, __u8 out)
 	__u64 v = w >> out;
 	if (v > 0xffff)
 		return 0xffff;
-	if (v == 0 && w != 0)
+	if (v == 0 && w != 0 && !unit)
 		return 1;
 	return (__u16)v;
 }
@@ -457,6 +459,8 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 	__u32 w = (__u32)window << s->ws_in;
 	s->last_win = w;
 	o->max_win = max_u32(o->max_win, w);
+	if (w >> s->ws_out)
+		s->win_unit = 1;
 	f->last_seen = now;
 
 	dc->sport = s->src_port;
@@ -469,7 +473,7 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 	dc->ack = ack;
 	if (flags & FLAG_ACK)
 		dc->ack = ack - o->seq_off;
-	dc->window = scale_window(window, s->ws_in, s->ws_out);
+	dc->window = scale_window(window, s->ws_in, s->ws_out, s->win_unit);
 	dc->sack_off = o->seq_off;
 	dc->strip_sack = (s->flags & DIR_STRIP_SACK) != 0;
 	if (op->ts_off) {

@@ -39,7 +39,7 @@ type rewriteFlowVal struct {
 		WsIn    uint8
 		WsOut   uint8
 		Flags   uint8
-		Pad     uint8
+		WinUnit uint8
 	}
 }
 

@@ -107,32 +107,41 @@ func TestDiffWindowScale(t *testing.T) {
 		name            string
 		clientWS, srvWS uint8
 		gwToC, gwToS    uint8
-		field           uint16
+		fields          []uint16 // one packet each, in order
 		dir             Dir
+		clientWnd       uint32 // the client's window before the splice (0: the fixture's)
 	}{
-		{"7 to 14 rounds down", 7, 7, 7, 14, 500, C2S},
-		{"7 to 14 never 0", 7, 7, 7, 14, 100, C2S},
-		{"14 to 0 clamps", 7, 14, 0, 7, 500, S2C},
-		{"0 to 0 unchanged", 0, 0, 0, 0, 1234, C2S},
-		{"zero stays zero", 2, 2, 2, 9, 0, C2S},
-		{"2 to 9", 2, 9, 9, 2, 40000, S2C},
+		{"7 to 14 rounds down", 7, 7, 7, 14, []uint16{500}, C2S, 0},
+		{"7 to 14 below a unit is 0", 7, 7, 7, 14, []uint16{100}, C2S, 0},
+		{"7 to 14 never 0 from a small buffer", 7, 7, 7, 14, []uint16{100}, C2S, 100 << 7},
+		// A unit offered after the splice counts too.
+		{"7 to 14 unit learned", 7, 7, 7, 14, []uint16{100, 200, 100}, C2S, 100 << 7},
+		{"14 to 0 clamps", 7, 14, 0, 7, []uint16{500}, S2C, 0},
+		{"0 to 0 unchanged", 0, 0, 0, 0, []uint16{1234}, C2S, 0},
+		{"zero stays zero", 2, 2, 2, 9, []uint16{0}, C2S, 0},
+		{"2 to 9", 2, 9, 9, 2, []uint16{40000}, S2C, 0},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			f := newFixture(t, false, false, func(p *Params) {
 				p.Client.SndWscale, p.Client.RcvWscale = c.clientWS, c.gwToC
 				p.Server.SndWscale, p.Server.RcvWscale = c.srvWS, c.gwToS
+				if c.clientWnd != 0 {
+					p.Client.SndWnd = c.clientWnd
+				}
 			})
-			var s seg
-			if c.dir == C2S {
-				s = f.c2s(1000, 0xfffffff0, FlagACK)
-			} else {
-				s = f.s2c(0xffffff00, 0x7ffffff0, FlagACK)
+			for i, field := range c.fields {
+				var s seg
+				if c.dir == C2S {
+					s = f.c2s(1000, 0xfffffff0, FlagACK)
+				} else {
+					s = f.s2c(0xffffff00, 0x7ffffff0, FlagACK)
+				}
+				s.win = field
+				f.want(f.at(s, c.dir, int64(2*i+1)), Forward, fmt.Sprintf("%s, window %d", c.name, field))
+				// And again: maxWin grew from the first.
+				f.want(f.at(s, c.dir, int64(2*i+2)), Forward, fmt.Sprintf("%s, window %d again", c.name, field))
 			}
-			s.win = c.field
-			f.want(f.at(s, c.dir, 1), Forward, c.name)
-			// And again: maxWin grew from the first.
-			f.want(f.at(s, c.dir, 2), Forward, c.name+" again")
 		})
 	}
 }

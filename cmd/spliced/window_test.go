@@ -159,6 +159,11 @@ func offeredWindows(t *testing.T, clientPcap, serverPcap string, port int, splic
 		edge splice.Seq
 	}
 	read := func(file string) []edge {
+		// The windows are scaled only if tshark saw the handshake.
+		syn, err := exec.Command("tshark", "-r", file, "-Y", fmt.Sprintf("tcp.srcport == %d && tcp.flags.syn == 1", port)).Output()
+		if err != nil || len(strings.TrimSpace(string(syn))) == 0 {
+			t.Fatalf("%s holds no SYN-ACK from port %d (%v): the capture missed the handshake", file, port, err)
+		}
 		out, err := exec.Command("tshark", "-r", file, "-o", "tcp.relative_sequence_numbers:FALSE",
 			"-Y", fmt.Sprintf("tcp.srcport == %d && tcp.flags.ack == 1 && tcp.flags.syn == 0 && tcp.flags.reset == 0", port),
 			"-T", "fields", "-e", "frame.time_epoch", "-e", "tcp.ack", "-e", "tcp.window_size").Output()

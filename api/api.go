@@ -83,6 +83,10 @@ type Engine struct {
 	// netlink transaction (commands off, or one not taken).
 	DivertByCommand uint64 `json:"divert_by_command,omitempty"`
 	DivertByNetlink uint64 `json:"divert_by_netlink,omitempty"`
+	// PMTUErrors: ICMP path MTU errors about spliced flows by result:
+	// translated (sent on to the sender of the segment they quote, in its
+	// terms), no_flow (sent on as they came), bad_checksum (dropped).
+	PMTUErrors map[string]uint64 `json:"pmtu_errors,omitempty"`
 	// Phases: where recent completed splices and unsplices spent their
 	// time.
 	Phases []Phase `json:"phases,omitempty"`

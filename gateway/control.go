@@ -190,6 +190,14 @@ func (g *Gateway) Status() api.Status {
 			Verdicts: map[string]uint64{}, QueueBackend: cfg.Kernel.NFQueue, InjectFailures: g.injectErrors.Load(), InjectedGSO: g.injectedGSO.Load(),
 			StalledFlows: g.stalledFlows.Load(), Datapath: g.datapathName(), Phases: g.phaseTable(),
 			DivertByCommand: g.divertCommands.Load(), DivertByNetlink: g.divertNetlink.Load()}
+		for r, name := range pmtuResultNames {
+			if n := g.counters.pmtu[r].Load(); n > 0 {
+				if e.PMTUErrors == nil {
+					e.PMTUErrors = map[string]uint64{}
+				}
+				e.PMTUErrors[name] = n
+			}
+		}
 		if k := g.kpath; k != nil {
 			e.BPFInterfaces = k.at.Interfaces()
 			e.BPFVerdicts = g.bpfCounters()

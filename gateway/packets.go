@@ -1,10 +1,13 @@
 package gateway
 
 import (
+	"context"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"spliced/logging"
 	"spliced/nfq"
 	"spliced/splice"
 )
@@ -21,7 +24,20 @@ type engineCounters struct {
 	verdicts [splice.NumVerdicts]atomic.Uint64
 	stripped atomic.Uint64 // payload packets taken over during a splice
 	held     atomic.Uint64 // packets held while a splice froze its flow
+	// Path MTU errors about spliced flows (see translatePMTU), by what
+	// became of them.
+	pmtu [numPMTUResults]atomic.Uint64
 }
+
+// What became of a path MTU error the rules queued.
+const (
+	pmtuTranslated  = iota // sent on in its sender's terms
+	pmtuNoFlow             // its flow ended meanwhile: sent on as it came
+	pmtuBadChecksum        // dropped: corrupted or forged
+	numPMTUResults
+)
+
+var pmtuResultNames = [numPMTUResults]string{"translated", "no_flow", "bad_checksum"}
 
 func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 	g := h.g
@@ -31,6 +47,9 @@ func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 		g.counters.verdicts[splice.DropMalformed].Add(1)
 		return nfq.Drop
 	case splice.Unsupported:
+		if m, ok := splice.ParseICMPError(np.Data); ok {
+			return g.translatePMTU(&m, np)
+		}
 		g.counters.verdicts[splice.DropUnsupported].Add(1)
 		return nfq.Drop
 	}
@@ -62,6 +81,33 @@ func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 		return nfq.Drop
 	}
 	return forward(g, e, d, p, np)
+}
+
+// translatePMTU sends on a path MTU error about a spliced flow (see
+// splice.ICMPError) in the terms of the sender of the segment it quotes;
+// the divert rules queue only errors whose quote, read backwards, is a
+// diverted tuple. Without the translation the sender would never learn
+// the smaller MTU and its flow would stall. The tuple may be a flow's
+// whose splice has not completed or that ended: then its sockets sent
+// the quoted segment, or none will need the error, and it goes on as it
+// came.
+func (g *Gateway) translatePMTU(m *splice.ICMPError, np *nfq.Packet) nfq.Decision {
+	e, x, ok := g.engine.Lookup(m.QuotedKey().Reverse())
+	if !ok {
+		g.counters.pmtu[pmtuNoFlow].Add(1)
+		return nfq.Accept
+	}
+	d := 1 - x // the quote's direction
+	if !m.Translate(e, d) {
+		g.counters.pmtu[pmtuBadChecksum].Add(1)
+		return nfq.Drop
+	}
+	g.counters.pmtu[pmtuTranslated].Add(1)
+	if g.log.Enabled(context.Background(), slog.LevelDebug) {
+		g.log.Debug("path MTU error translated", logging.KeyFlow, e.ID, "direction", d.String(), "mtu", m.MTU())
+	}
+	np.Data = m.Bytes()
+	return nfq.AcceptModified
 }
 
 // forward runs the engine on a packet of a spliced flow.

@@ -103,6 +103,11 @@ const divertPriority = nftables.ChainPriority(-300)
 // passed unrewritten would corrupt the flow.
 const xtNFQFlags = 0
 
+// xtNFQBypass lets a packet pass when no daemon listens on its queue
+// (NFQ_FLAG_BYPASS, the value of NFT_QUEUE_FLAG_BYPASS too): only for
+// packets that pass harmlessly as they are.
+const xtNFQBypass = 0x1
+
 func divertSetType(v6 bool) nftables.SetDatatype {
 	addr := nftables.TypeIPAddr
 	if v6 {
@@ -149,7 +154,9 @@ func queueDivert(c *nftables.Conn, spec *Spec, t *nftables.Table, live map[uint1
 				return fmt.Errorf("add set %s: %w", set.Name, err)
 			}
 			c.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: divertExprs(d, d.Queue+i, set, v6)})
+			c.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: pmtuExprs(d, d.Queue+i, set, v6)})
 			c.AddRule(&nftables.Rule{Table: t, Chain: cmds, Exprs: divertCommandExprs(i, set, v6)})
+			c.AddRule(&nftables.Rule{Table: t, Chain: cmds, Exprs: pmtuExprs(d, d.Queue+i, set, v6)})
 		}
 	}
 	return nil
@@ -179,6 +186,70 @@ func divertExprs(d *Divert, queue uint16, set *nftables.Set, v6 bool) []expr.Any
 		&expr.Notrack{},
 	)
 	return append(e, queueExprs(d, queue)...)
+}
+
+// pmtuExprs is the rule that queues a path MTU error about a spliced
+// flow to the flow's queue: an ICMP "fragmentation needed" or ICMPv6
+// "packet too big" whose quoted segment, read backwards, is a tuple of
+// the set: the quote is a packet the engine rewrote, going the other way.
+// The sender of that packet knows it by other numbers (another sequence
+// space, with NAT other addresses and ports), so it would ignore the
+// error and go on sending segments too big for the path, for good: the
+// engine translates the quote back (see splice.ICMPError). The rule is
+// in the divert chain, for errors that arrive (from a router beyond the
+// gateway, or with NAT addressed to the gateway), and in the output
+// chain, for the errors the gateway's own forwarding sends. Only a quote
+// with a plain IP header (no IPv4 options, no IPv6 extension headers)
+// matches; the engine handles no other. The queue bypasses a daemon that
+// is not there: the error then goes on as it came, as without the rule.
+func pmtuExprs(d *Divert, queue uint16, set *nftables.Set, v6 bool) []expr.Any {
+	nfproto, proto := byte(unix.NFPROTO_IPV4), byte(unix.IPPROTO_ICMP)
+	// Offsets from the start of the ICMP header: the quote starts after
+	// its 8 bytes; the quoted segment's ports after the quoted IP header.
+	typeCode := []byte{3, 4} // destination unreachable, fragmentation needed
+	verOff, verLen, ver := uint32(8), uint32(1), []byte{0x45}
+	nextOff := uint32(8 + 9)
+	src, dst, alen, l4 := uint32(8+12), uint32(8+16), uint32(4), uint32(8+20)
+	regs := [4]uint32{1, 9, 10, 11}
+	if v6 {
+		nfproto, proto = unix.NFPROTO_IPV6, unix.IPPROTO_ICMPV6
+		typeCode = []byte{2} // packet too big (its code is always 0)
+		verOff, verLen, ver = 8, 1, []byte{0x60}
+		nextOff = 8 + 6
+		src, dst, alen, l4 = 8+8, 8+24, 16, 8+40
+		regs = [4]uint32{1, 2, 13, 17}
+	}
+	e := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}},
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: uint32(len(typeCode))},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: typeCode},
+	}
+	if v6 {
+		// The version is the high nibble of the quote's first byte.
+		e = append(e,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: verOff, Len: verLen},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0xf0}, Xor: []byte{0}},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ver})
+	} else {
+		e = append(e,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: verOff, Len: verLen},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ver})
+	}
+	e = append(e,
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: nextOff, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_TCP}},
+		// The key of the other direction: the quote's destination first.
+		&expr.Payload{DestRegister: regs[0], Base: expr.PayloadBaseTransportHeader, Offset: dst, Len: alen},
+		&expr.Payload{DestRegister: regs[1], Base: expr.PayloadBaseTransportHeader, Offset: l4 + 2, Len: 2},
+		&expr.Payload{DestRegister: regs[2], Base: expr.PayloadBaseTransportHeader, Offset: src, Len: alen},
+		&expr.Payload{DestRegister: regs[3], Base: expr.PayloadBaseTransportHeader, Offset: l4, Len: 2},
+		&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
+		&expr.Notrack{},
+	)
+	return append(e, queueExprsFlags(d, queue, true)...)
 }
 
 // divertCommandExprs is the command rule of queue index i: "meta mark
@@ -224,15 +295,25 @@ func tupleExprs(v6 bool) []expr.Any {
 // queueExprs queue a packet to queue, with the nft queue expression or
 // the xtables target.
 func queueExprs(d *Divert, queue uint16) []expr.Any {
+	return queueExprsFlags(d, queue, false)
+}
+
+// queueExprsFlags is queueExprs, bypassing the queue when no daemon
+// listens if bypass is set.
+func queueExprsFlags(d *Divert, queue uint16, bypass bool) []expr.Any {
+	flags := uint16(xtNFQFlags)
+	if bypass {
+		flags |= xtNFQBypass
+	}
 	if d.NativeQueue {
-		return []expr.Any{&expr.Queue{Num: queue, Total: 1}}
+		return []expr.Any{&expr.Queue{Num: queue, Total: 1, Flag: expr.QueueFlag(flags)}}
 	}
 	// struct xt_NFQ_info_v3 { u16 queuenum; u16 queues_total; u16 flags; }
 	// in host byte order, padded to 8 bytes.
 	info := make([]byte, 8)
 	binary.NativeEndian.PutUint16(info[0:], queue)
 	binary.NativeEndian.PutUint16(info[2:], 1)
-	binary.NativeEndian.PutUint16(info[4:], xtNFQFlags)
+	binary.NativeEndian.PutUint16(info[4:], flags)
 	return []expr.Any{&expr.Target{Name: "NFQUEUE", Rev: 3, Info: &[]xt.Unknown{info}[0]}}
 }
 
@@ -559,12 +640,21 @@ func renderDivert(d *Divert) (sets, chains []string) {
 			tuple := fmt.Sprintf("%s saddr . tcp sport . %s daddr . tcp dport", fam.ip, fam.ip)
 			out = append(out, fmt.Sprintf("\tset %s {\n\t\ttype %s . inet_service . %s . inet_service\n\t\tsize %d\n\t\tflags dynamic,timeout\n\t\ttimeout %s\n\t}\n",
 				name, fam.addr, fam.addr, divertSetSize, timeout))
-			rules = append(rules, fmt.Sprintf("%s @%s notrack %s", tuple, name, queueStatement(d.Queue+i)))
-			cmds = append(cmds, fmt.Sprintf("meta mark 0x%08x update @%s { %s } drop", DivertCommandMark+uint32(i), name, tuple))
+			pmtu := fmt.Sprintf("%s @%s notrack %s bypass", pmtuText(fam.v6), name, queueStatement(d.Queue+i))
+			rules = append(rules, fmt.Sprintf("%s @%s notrack %s", tuple, name, queueStatement(d.Queue+i)), pmtu)
+			cmds = append(cmds, fmt.Sprintf("meta mark 0x%08x update @%s { %s } drop", DivertCommandMark+uint32(i), name, tuple), pmtu)
 		}
 	}
 	return out, []string{renderChain(ChainDivert, "type filter hook prerouting priority raw; policy accept;", rules),
 		renderChain(ChainDivertCommand, "type filter hook output priority raw; policy accept;", cmds)}
+}
+
+// pmtuText is the match of pmtuExprs as nft lists it, up to the set.
+func pmtuText(v6 bool) string {
+	if v6 {
+		return "icmpv6 type packet-too-big @th,64,8 & 0xf0 == 0x60 @th,112,8 0x6 @th,256,128 . @th,400,16 . @th,128,128 . @th,384,16"
+	}
+	return "icmp type destination-unreachable icmp code frag-needed @th,64,8 0x45 @th,136,8 0x6 @th,192,32 . @th,240,16 . @th,160,32 . @th,224,16"
 }
 
 func queueStatement(queue uint16) string { return fmt.Sprintf("queue num %d", queue) }

@@ -110,7 +110,9 @@ func Listing(spec Spec) string {
 	out := Render(spec)
 	if spec.Divert.Enabled && !spec.Divert.NativeQueue {
 		for i := range spec.Divert.Queues {
-			out = strings.ReplaceAll(out, " notrack "+queueStatement(spec.Divert.Queue+i)+"\n", " notrack \n")
+			q := queueStatement(spec.Divert.Queue + i)
+			out = strings.ReplaceAll(out, " notrack "+q+"\n", " notrack \n")
+			out = strings.ReplaceAll(out, " notrack "+q+" bypass\n", " notrack \n")
 		}
 	}
 	return out

@@ -139,7 +139,8 @@ func TestRoundTrip(t *testing.T) {
 }
 
 // checkQueueTarget reads the divert rules back through netlink and checks
-// the queue they end in: queue numbers, total, and no bypass or fail-open.
+// the queue they end in: queue numbers, total, and no bypass or fail-open
+// but for path MTU errors.
 func checkQueueTarget(t *testing.T, ns *testnet.NS, spec *Spec) {
 	t.Helper()
 	c, err := nftables.New(nftables.WithNetNSFd(ns.OpenT(t)))
@@ -161,14 +162,17 @@ func checkQueueTarget(t *testing.T, ns *testnet.NS, spec *Spec) {
 		}
 		rules = rules[1:]
 	}
-	if len(rules) != 2*int(spec.Divert.Queues) {
+	if len(rules) != 4*int(spec.Divert.Queues) {
 		t.Fatalf("divert rules: %d", len(rules))
 	}
 	for i, r := range rules {
-		want := spec.Divert.Queue + uint16(i/2) // IPv4 and IPv6 rule per queue
+		// Per queue, per family: the tuple rule, then the path MTU
+		// error rule, which alone bypasses a queue nobody listens on.
+		want := spec.Divert.Queue + uint16(i/4)
+		wantFlags := uint16(i % 2)
 		switch e := r.Exprs[len(r.Exprs)-1].(type) {
 		case *expr.Queue:
-			if e.Num != want || e.Total != 1 || e.Flag != 0 {
+			if e.Num != want || e.Total != 1 || uint16(e.Flag) != wantFlags {
 				t.Errorf("queue expression %+v", e)
 			}
 		case *expr.Target:
@@ -177,8 +181,8 @@ func checkQueueTarget(t *testing.T, ns *testnet.NS, spec *Spec) {
 				t.Fatalf("target %+v", e)
 			}
 			num, total, flags := binary.NativeEndian.Uint16(info), binary.NativeEndian.Uint16(info[2:]), binary.NativeEndian.Uint16(info[4:])
-			if num != want || total != 1 || flags != 0 {
-				t.Errorf("rule %d: NFQUEUE target num %d total %d flags %#x, want %d 1 0", i, num, total, flags, want)
+			if num != want || total != 1 || flags != wantFlags {
+				t.Errorf("rule %d: NFQUEUE target num %d total %d flags %#x, want %d 1 %#x", i, num, total, flags, want, wantFlags)
 			}
 		default:
 			t.Fatalf("divert rule ends in %T", e)

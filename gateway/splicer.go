@@ -61,6 +61,9 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	if !g.splicing() {
 		return &SpliceError{Reason: "splicing is not enabled (no service has a splice mode)"}
 	}
+	if reason := f.SpliceVetoed(addrPort(upstream.LocalAddr()), addrPort(upstream.RemoteAddr())); reason != "" {
+		return &SpliceError{Reason: reason + " (found at an earlier splice of the flow)"}
+	}
 	start := time.Now()
 	done := make(chan error, 1)
 	g.runTransition(func() {
@@ -131,6 +134,13 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 	if g.log.Enabled(ctx, slog.LevelDebug) { // legAttrs allocates
 		g.log.Debug("captured", logging.KeyFlow, f.ID, legAttrs("client_leg", &params.Client), legAttrs("server_leg", &params.Server))
 	}
+	if reason := segmentsTooBig(&params); reason != "" {
+		tcprepair.Leave(client)
+		tcprepair.Leave(upstream)
+		g.abort(tr, f)
+		f.VetoSplice(addrPort(upstream.LocalAddr()), addrPort(upstream.RemoteAddr()), reason)
+		return nil, &SpliceError{Reason: reason}
+	}
 	entry, err := g.engine.Add(f.ID, &params, time.Now().UnixNano())
 	if err != nil {
 		tcprepair.Leave(client)
@@ -193,6 +203,46 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 	return record, nil
 }
 
+// segmentsTooBig says why a captured flow must stay proxied when one
+// end would send the other segments too big for the other's window, or
+// returns "". Each end sends segments of up to the MSS the gateway's
+// socket announced to it (tcp_info's advmss, which the kernel lowers by
+// the timestamp option's 12 bytes when timestamps were negotiated: the
+// payload of a full segment), and a Linux sender never
+// sends part of a segment while it waits for window: it sends only on
+// its persist timer, about 1 KB every 200 ms in the lab, when the
+// receiver's window never holds a whole segment. Connected to such a
+// receiver itself, it would have sent segments of at most half the
+// largest window the receiver offered (tcp_bound_to_half_wnd), as the
+// gateway's socket does now: spliced, the flow would crawl (8 MiB to a
+// server offering at most 1,152 bytes: about 600 KB in 2 minutes, where
+// the proxy relays it in 4 s). Such a receiver (a tiny embedded TCP
+// stack, or one with a minimal SO_RCVBUF) is rare, and its flow is slow
+// anyway: proxying it costs little.
+func segmentsTooBig(p *splice.Params) string {
+	for _, d := range []struct {
+		from, to         *splice.Conn
+		sender, receiver string
+	}{{&p.Client, &p.Server, "client", "server"}, {&p.Server, &p.Client, "server", "client"}} {
+		seg := int(d.from.AdvMSS)
+		if limit := halfWindowBound(d.to.MaxWnd); limit > 0 && seg > limit {
+			return fmt.Sprintf("the %s's largest receive window (%d bytes) holds less than two of the %s's segments (%d bytes), "+
+				"so spliced the %s would send only on its persist timer", d.receiver, d.to.MaxWnd, d.sender, seg, d.sender)
+		}
+	}
+	return ""
+}
+
+// halfWindowBound is the largest segment a Linux sender sends to a peer
+// whose largest window was maxWnd (tcp_bound_to_half_wnd): half of it,
+// or all of it when it is at most the default MSS (536).
+func halfWindowBound(maxWnd uint32) int {
+	if maxWnd > 536 {
+		return int(maxWnd / 2)
+	}
+	return int(maxWnd)
+}
+
 // divert adds the divert entries of a splice's tuples: from the packet
 // path, by a command packet per tuple (see rules.Divert), or through a
 // netlink transaction when commands are off (see checkDivertCommands) or
@@ -216,7 +266,7 @@ func (g *Gateway) divert(tr *transition) error {
 func legAttrs(name string, c *splice.Conn) slog.Attr {
 	return slog.Group(name, "local", c.Local, "remote", c.Remote, "snd_nxt", uint32(c.SndNxt), "rcv_nxt", uint32(c.RcvNxt),
 		"snd_wnd", c.SndWnd, "rcv_wnd", c.RcvWnd, "snd_wscale", c.SndWscale, "rcv_wscale", c.RcvWscale,
-		"mss", c.MSS, "sack", c.SACK, "timestamps", c.Timestamps, "tsval", c.TSval)
+		"mss", c.MSS, "adv_mss", c.AdvMSS, "max_wnd", c.MaxWnd, "sack", c.SACK, "timestamps", c.Timestamps, "tsval", c.TSval)
 }
 
 func (g *Gateway) drainTimeout(service string) time.Duration {

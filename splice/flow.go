@@ -35,8 +35,14 @@ type Conn struct {
 	// SndWscale is the shift the peer applies to the windows it sends;
 	// RcvWscale the shift the socket applies to the windows it sends.
 	SndWscale, RcvWscale uint8
-	MSS                  uint16
-	SACK, Timestamps     bool // negotiated on this connection
+	// MSS is the socket's segment size toward its peer (tcp_info's
+	// snd_mss). AdvMSS is the MSS it announced to the peer, which bounds
+	// the peer's segments (payload and TCP options). MaxWnd is the
+	// largest window the peer ever offered the socket, bytes.
+	MSS              uint16
+	AdvMSS           uint16
+	MaxWnd           uint32
+	SACK, Timestamps bool // negotiated on this connection
 	// TSval is the socket's timestamp clock at capture (TCP_TIMESTAMP,
 	// with the microsecond-clock flag bit cleared).
 	TSval uint32

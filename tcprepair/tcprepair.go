@@ -32,6 +32,7 @@ const (
 	tcpInfoOptions   = 5 // tcpi_options
 	tcpInfoWscale    = 6 // tcpi_snd_wscale:4 (low nibble), tcpi_rcv_wscale:4
 	tcpInfoSndMSS    = 16
+	tcpInfoAdvMSS    = 84
 	tcpiOptTimestamp = 1
 	tcpiOptSACK      = 2
 	tcpiOptWscale    = 4
@@ -132,6 +133,7 @@ func Capture(c *net.TCPConn) (splice.Conn, error) {
 			st.RcvWscale = info[tcpInfoWscale] >> 4
 		}
 		st.MSS = uint16(binary.NativeEndian.Uint32(info[tcpInfoSndMSS:]))
+		st.AdvMSS = uint16(binary.NativeEndian.Uint32(info[tcpInfoAdvMSS:]))
 		if err := unix.SetsockoptInt(fd, unix.SOL_TCP, unix.TCP_REPAIR, unix.TCP_REPAIR_ON); err != nil {
 			return &OpError{"TCP_REPAIR on", err}
 		}
@@ -174,7 +176,7 @@ func capture(fd int, st *splice.Conn) error {
 	if err := getsockopt(fd, unix.TCP_REPAIR_WINDOW, unsafe.Pointer(&win), unsafe.Sizeof(win)); err != nil {
 		return &OpError{"TCP_REPAIR_WINDOW", err}
 	}
-	st.SndWnd, st.RcvWnd = win[1], win[3]
+	st.SndWnd, st.MaxWnd, st.RcvWnd = win[1], win[2], win[3]
 
 	ts, err := unix.GetsockoptInt(fd, unix.SOL_TCP, unix.TCP_TIMESTAMP)
 	if err != nil {

@@ -73,6 +73,14 @@ func TestCaptureMatchesPeer(t *testing.T) {
 			if !sa.SACK || !sa.Timestamps || sa.MSS == 0 || sa.TSval == 0 || sa.RcvWnd == 0 || sa.SndWnd == 0 {
 				t.Fatalf("capture incomplete: %+v", sa)
 			}
+			// b's segments (timestamps on) fit the MSS a announced; a's
+			// peer offered windows, the largest at least the last.
+			if sa.AdvMSS == 0 || int(sb.MSS)+12 > int(sa.AdvMSS) {
+				t.Fatalf("a announced MSS %d, b sends segments of %d", sa.AdvMSS, sb.MSS)
+			}
+			if sa.MaxWnd == 0 || sa.MaxWnd < sa.SndWnd {
+				t.Fatalf("a's peer's largest window %d, its last %d", sa.MaxWnd, sa.SndWnd)
+			}
 			if sa.SndWscale != sb.RcvWscale || sa.RcvWscale != sb.SndWscale {
 				t.Fatalf("window scales disagree: a %d/%d b %d/%d", sa.SndWscale, sa.RcvWscale, sb.SndWscale, sb.RcvWscale)
 			}

@@ -212,3 +212,63 @@ func offeredWindows(t *testing.T, clientPcap, serverPcap string, port int, splic
 	}
 	return w
 }
+
+// TestLabSpliceDeclinedTinyWindow: one end's receive buffer is so small
+// (tcp_rmem 4096) that its largest window holds less than two of the
+// other end's segments. Spliced, that end's peer would send only on its
+// persist timer (it keeps the segment size it has with the gateway, and
+// a Linux sender does not send part of a segment while it waits for
+// window): 8 MiB to a server offering at most 1,152 bytes crawled, about
+// 600 KB in 2 minutes, on both datapaths. The splice gives up after the
+// capture and says why; the flow stays proxied and completes intact.
+func TestLabSpliceDeclinedTinyWindow(t *testing.T) {
+	for _, tiny := range []string{"server", "client"} {
+		for i, datapath := range []string{"nfqueue", "bpf"} {
+			t.Run(tiny+"/"+datapath, func(t *testing.T) {
+				rmem := map[string]string{"net.ipv4.tcp_rmem": "4096 4096 4096"}
+				opts := testnet.Options{ServerSysctls: rmem}
+				sender := "client"
+				if tiny == "client" {
+					opts = testnet.Options{ClientSysctls: rmem}
+					sender = "server"
+				}
+				lab := testnet.NewT(t, opts)
+				port := 7410 + i
+				d := testnet.StartDaemon(t, lab, fmt.Sprintf(`
+log:
+  level: debug
+kernel:
+  datapath: %s
+services:
+  - name: tiny
+    listen: 15001
+    ports: ["%d"]
+    splice:
+      mode: immediate
+`, datapath, port))
+				srv := netip.AddrPortFrom(lab.Server().IPv4, uint16(port))
+				ln, err := lab.Server().Listen(srv)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer ln.Close()
+				tr := testnet.RunTransfer(lab.Client(), ln, srv, testnet.TransferOptions{C2S: 2 << 20, S2C: 2 << 20, Seed: 11, Timeout: time.Minute})
+				if err := tr.Check(); err != nil {
+					t.Fatalf("%v\n%s", err, tail(d.Log(), 20))
+				}
+				if d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" }) != nil {
+					t.Fatalf("the flow was spliced\n%s", tail(d.Log(), 20))
+				}
+				want := fmt.Sprintf("the %s's largest receive window", tiny)
+				rec := d.FindLog(func(l map[string]any) bool {
+					e, _ := l["err"].(string)
+					return l["msg"] == "flow stays proxied" && strings.Contains(e, want) && strings.Contains(e, "of the "+sender+"'s segments")
+				})
+				if rec == nil {
+					t.Fatalf("no \"flow stays proxied\" line saying %q\n%s", want, tail(d.Log(), 20))
+				}
+				t.Logf("%s: 2 MiB each way in %v; %s", datapath, tr.Elapsed.Round(time.Millisecond), rec["err"])
+			})
+		}
+	}
+}

@@ -58,6 +58,12 @@ func TestLabPathMTU(t *testing.T) {
 						if small == "client" {
 							sender = lab.Server()
 						}
+						// Not an assertion: an error can reach the sender
+						// after the data it quotes was resent in smaller
+						// segments and acknowledged (the first error made
+						// the sender resend everything in flight), and the
+						// sender then rightly ignores it. 0 in 48 local
+						// runs, 1 in one CI run.
 						ignored := nstatValue(t, &sender.NS, "TcpExtOutOfWindowIcmps")
 						ipv := "-4"
 						if v6 {

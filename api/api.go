@@ -85,7 +85,8 @@ type Engine struct {
 	DivertByNetlink uint64 `json:"divert_by_netlink,omitempty"`
 	// PMTUErrors: ICMP path MTU errors about spliced flows by result:
 	// translated (sent on to the sender of the segment they quote, in its
-	// terms), no_flow (sent on as they came), bad_checksum (dropped).
+	// terms), no_flow (sent on as they came), bad_checksum (dropped),
+	// unparsed (a form not translated: sent on as they came).
 	PMTUErrors map[string]uint64 `json:"pmtu_errors,omitempty"`
 	// Phases: where recent completed splices and unsplices spent their
 	// time.

@@ -213,8 +213,8 @@ func (c *cli) status(ctx context.Context, args []string) error {
 			fmt.Fprintf(c.out, "divert entries added: %d by command packet, %d by netlink\n", e.DivertByCommand, e.DivertByNetlink)
 		}
 		if len(e.PMTUErrors) > 0 {
-			fmt.Fprintf(c.out, "path MTU errors about spliced flows: %d translated, %d for no spliced flow, %d with a bad checksum\n",
-				e.PMTUErrors["translated"], e.PMTUErrors["no_flow"], e.PMTUErrors["bad_checksum"])
+			fmt.Fprintf(c.out, "path MTU errors about spliced flows: %d translated, %d for no spliced flow, %d with a bad checksum, %d not translatable\n",
+				e.PMTUErrors["translated"], e.PMTUErrors["no_flow"], e.PMTUErrors["bad_checksum"], e.PMTUErrors["unparsed"])
 		}
 		if len(e.Phases) > 0 {
 			fmt.Fprintf(c.out, "\ntransition phases (recent completed transitions):\n")

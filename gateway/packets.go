@@ -34,10 +34,11 @@ const (
 	pmtuTranslated  = iota // sent on in its sender's terms
 	pmtuNoFlow             // its flow ended meanwhile: sent on as it came
 	pmtuBadChecksum        // dropped: corrupted or forged
+	pmtuUnparsed           // not a form the engine translates: sent on as it came
 	numPMTUResults
 )
 
-var pmtuResultNames = [numPMTUResults]string{"translated", "no_flow", "bad_checksum"}
+var pmtuResultNames = [numPMTUResults]string{"translated", "no_flow", "bad_checksum", "unparsed"}
 
 func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 	g := h.g
@@ -49,6 +50,15 @@ func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 	case splice.Unsupported:
 		if m, ok := splice.ParseICMPError(np.Data); ok {
 			return g.translatePMTU(&m, np)
+		}
+		if splice.IsICMP(np.Data) {
+			// The rules queue only path MTU errors, but match more
+			// than the engine translates (IPv6 extension headers, the
+			// first fragment of an error, a quote short of the
+			// sequence number): such an error goes on as it came, as
+			// without the rule.
+			g.counters.pmtu[pmtuUnparsed].Add(1)
+			return nfq.Accept
 		}
 		g.counters.verdicts[splice.DropUnsupported].Add(1)
 		return nfq.Drop

@@ -9,10 +9,8 @@ import (
 
 // TestSegmentsTooBig: a flow stays proxied when one end's segments (the
 // MSS the gateway's socket announced to it, as tcp_info's advmss: net of
-// the timestamp option) exceed
-// half the other end's largest window (or all of it, up to 536 bytes),
-// as a Linux sender connected to that end itself would never send them;
-// otherwise it splices.
+// the timestamp option) are larger than the largest window the other end
+// offered; otherwise it splices.
 func TestSegmentsTooBig(t *testing.T) {
 	leg := func(advMSS uint16, maxWnd uint32) splice.Conn {
 		return splice.Conn{AdvMSS: advMSS, MaxWnd: maxWnd, Timestamps: true}
@@ -24,14 +22,12 @@ func TestSegmentsTooBig(t *testing.T) {
 	}{
 		{"common windows", leg(1448, 65535), leg(1448, 64240), ""},
 		{"server offers at most 1,152 bytes", leg(1448, 65535), leg(1448, 1152),
-			"the server's largest receive window (1152 bytes) holds less than two of the client's segments (1448 bytes)"},
-		{"client offers at most 2,048 bytes", leg(1448, 2048), leg(1448, 65535),
-			"the client's largest receive window (2048 bytes) holds less than two of the server's segments (1448 bytes)"},
-		{"two segments fit exactly", leg(1448, 65535), leg(1448, 2896), ""},
-		{"one byte short of two segments", leg(1448, 65535), leg(1448, 2895), "(2895 bytes)"},
-		{"a window up to 536 bytes bounds segments whole", leg(400, 65535), leg(1448, 500), ""},
-		{"a window of 500 bytes, segments of 536", leg(536, 65535), leg(1448, 500),
-			"the server's largest receive window (500 bytes)"},
+			"the server's largest receive window (1152 bytes) is smaller than the client's segments (1448 bytes)"},
+		{"client offers at most 1,152 bytes", leg(1448, 1152), leg(1448, 65535),
+			"the client's largest receive window (1152 bytes) is smaller than the server's segments (1448 bytes)"},
+		{"one segment fits exactly", leg(1448, 65535), leg(1448, 1448), ""},
+		{"one byte short of a segment", leg(1448, 65535), leg(1448, 1447), "(1447 bytes)"},
+		{"jumbo segments, a handshake window of two", leg(8948, 65535), leg(8936, 17872), ""},
 		{"an unknown largest window", leg(1448, 65535), leg(1448, 0), ""},
 	} {
 		t.Run(c.name, func(t *testing.T) {

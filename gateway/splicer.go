@@ -61,9 +61,6 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	if !g.splicing() {
 		return &SpliceError{Reason: "splicing is not enabled (no service has a splice mode)"}
 	}
-	if reason := f.SpliceVetoed(addrPort(upstream.LocalAddr()), addrPort(upstream.RemoteAddr())); reason != "" {
-		return &SpliceError{Reason: reason + " (found at an earlier splice of the flow)"}
-	}
 	start := time.Now()
 	done := make(chan error, 1)
 	g.runTransition(func() {
@@ -138,7 +135,6 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 		tcprepair.Leave(client)
 		tcprepair.Leave(upstream)
 		g.abort(tr, f)
-		f.VetoSplice(addrPort(upstream.LocalAddr()), addrPort(upstream.RemoteAddr()), reason)
 		return nil, &SpliceError{Reason: reason}
 	}
 	entry, err := g.engine.Add(f.ID, &params, time.Now().UnixNano())
@@ -204,43 +200,36 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 }
 
 // segmentsTooBig says why a captured flow must stay proxied when one
-// end would send the other segments too big for the other's window, or
-// returns "". Each end sends segments of up to the MSS the gateway's
-// socket announced to it (tcp_info's advmss, which the kernel lowers by
-// the timestamp option's 12 bytes when timestamps were negotiated: the
-// payload of a full segment), and a Linux sender never
-// sends part of a segment while it waits for window: it sends only on
-// its persist timer, about 1 KB every 200 ms in the lab, when the
-// receiver's window never holds a whole segment. Connected to such a
-// receiver itself, it would have sent segments of at most half the
-// largest window the receiver offered (tcp_bound_to_half_wnd), as the
-// gateway's socket does now: spliced, the flow would crawl (8 MiB to a
-// server offering at most 1,152 bytes: about 600 KB in 2 minutes, where
-// the proxy relays it in 4 s). Such a receiver (a tiny embedded TCP
-// stack, or one with a minimal SO_RCVBUF) is rare, and its flow is slow
-// anyway: proxying it costs little.
+// end's segments are larger than any window the other end ever offered,
+// or returns "". Each end sends segments of up to the MSS the gateway's
+// socket announced to it (tcp_info's advmss: the kernel lowers it by the
+// timestamp option's 12 bytes when timestamps were negotiated, so it is
+// a full segment's payload), and a Linux sender does not send part of a
+// segment while it waits for window: when the window never holds a whole
+// segment it sends only on its persist timer, about 1 KB every 200 ms in
+// the lab. Connected to such a receiver itself, it would have sent
+// segments of at most half the largest window the receiver offered
+// (tcp_bound_to_half_wnd), as the gateway's socket does now; spliced, the
+// flow crawls (8 MiB to a server offering at most 1,152 bytes: about
+// 600 KB in 2 minutes, where the proxy relays it in 4 s). Such a receiver
+// (a tiny embedded TCP stack, a minimal SO_RCVBUF) is rare, and its flow
+// slow anyway: proxying it costs little.
+//
+// A window between one and two segments is left alone: the sender then
+// sends a segment each time the window opens, which does not stall, and
+// a flow spliced as it connects knows only the handshake's windows,
+// which a receiver often widens later.
 func segmentsTooBig(p *splice.Params) string {
 	for _, d := range []struct {
 		from, to         *splice.Conn
 		sender, receiver string
 	}{{&p.Client, &p.Server, "client", "server"}, {&p.Server, &p.Client, "server", "client"}} {
-		seg := int(d.from.AdvMSS)
-		if limit := halfWindowBound(d.to.MaxWnd); limit > 0 && seg > limit {
-			return fmt.Sprintf("the %s's largest receive window (%d bytes) holds less than two of the %s's segments (%d bytes), "+
+		if seg := uint32(d.from.AdvMSS); d.to.MaxWnd > 0 && seg > d.to.MaxWnd {
+			return fmt.Sprintf("the %s's largest receive window (%d bytes) is smaller than the %s's segments (%d bytes), "+
 				"so spliced the %s would send only on its persist timer", d.receiver, d.to.MaxWnd, d.sender, seg, d.sender)
 		}
 	}
 	return ""
-}
-
-// halfWindowBound is the largest segment a Linux sender sends to a peer
-// whose largest window was maxWnd (tcp_bound_to_half_wnd): half of it,
-// or all of it when it is at most the default MSS (536).
-func halfWindowBound(maxWnd uint32) int {
-	if maxWnd > 536 {
-		return int(maxWnd / 2)
-	}
-	return int(maxWnd)
 }
 
 // divert adds the divert entries of a splice's tuples: from the packet

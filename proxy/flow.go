@@ -78,9 +78,6 @@ type Flow struct {
 	spliceReq chan struct{}
 	// spliceErr is why the last splice was abandoned, if it was.
 	spliceErr atomic.Pointer[string]
-	// spliceVeto: a splice found the flow cannot be spliced with its
-	// current server leg (see VetoSplice).
-	spliceVeto atomic.Pointer[spliceVeto]
 	// UnspliceOnClientData asks the gateway, when it splices the flow, to
 	// unsplice it as soon as the client sends new data (set by proxies
 	// that read every request, such as the HTTP proxy).
@@ -161,33 +158,6 @@ func (f *Flow) SetSpliceError(err error) {
 func (f *Flow) SpliceError() string {
 	if s := f.spliceErr.Load(); s != nil {
 		return *s
-	}
-	return ""
-}
-
-// spliceVeto is why the flow cannot be spliced while its server leg is
-// the connection between local and remote.
-type spliceVeto struct {
-	local, remote netip.AddrPort
-	reason        string
-}
-
-// VetoSplice records that the flow cannot be spliced while its server
-// leg is the connection from local to remote, and why: a property of the
-// two connections that does not change (the gateway found one end's
-// segments too big for the other end's window). Later splices of the
-// same legs give up at once instead of diverting and capturing the flow
-// again (the HTTP proxy splices per response); a new server leg (another
-// backend) clears it.
-func (f *Flow) VetoSplice(local, remote netip.AddrPort, reason string) {
-	f.spliceVeto.Store(&spliceVeto{local: local, remote: remote, reason: reason})
-}
-
-// SpliceVetoed returns the reason VetoSplice recorded for the server leg
-// from local to remote, or "".
-func (f *Flow) SpliceVetoed(local, remote netip.AddrPort) string {
-	if v := f.spliceVeto.Load(); v != nil && v.local == local && v.remote == remote {
-		return v.reason
 	}
 	return ""
 }

@@ -34,21 +34,3 @@ func TestFlowTableAdopt(t *testing.T) {
 		t.Fatalf("next ID %d, want 41", n.ID)
 	}
 }
-
-// TestSpliceVeto: a veto holds for the server leg it was recorded for,
-// and for no other (the HTTP proxy's next backend connection).
-func TestSpliceVeto(t *testing.T) {
-	f := &Flow{}
-	local := netip.MustParseAddrPort("10.2.0.1:40000")
-	remote := netip.MustParseAddrPort("10.2.0.2:80")
-	if r := f.SpliceVetoed(local, remote); r != "" {
-		t.Fatalf("vetoed before any veto: %q", r)
-	}
-	f.VetoSplice(local, remote, "windows too small")
-	if r := f.SpliceVetoed(local, remote); r != "windows too small" {
-		t.Errorf("same leg: %q", r)
-	}
-	if r := f.SpliceVetoed(netip.MustParseAddrPort("10.2.0.1:40001"), netip.MustParseAddrPort("10.2.0.3:80")); r != "" {
-		t.Errorf("another leg vetoed: %q", r)
-	}
-}

@@ -36,9 +36,10 @@ type Conn struct {
 	// RcvWscale the shift the socket applies to the windows it sends.
 	SndWscale, RcvWscale uint8
 	// MSS is the socket's segment size toward its peer (tcp_info's
-	// snd_mss). AdvMSS is the MSS it announced to the peer, which bounds
-	// the peer's segments (payload and TCP options). MaxWnd is the
-	// largest window the peer ever offered the socket, bytes.
+	// snd_mss). AdvMSS is the largest payload the peer may send in a
+	// segment (tcp_info's advmss: the MSS the socket announced, less
+	// the timestamp option when timestamps were negotiated). MaxWnd is
+	// the largest window the peer ever offered the socket, bytes.
 	MSS              uint16
 	AdvMSS           uint16
 	MaxWnd           uint32

@@ -79,7 +79,8 @@ func ParseICMPError(b []byte) (m ICMPError, ok bool) {
 			return m, false
 		}
 		m = ICMPError{b: b[:end], v6: true, icmp: IPv6HeaderLen, q: IPv6HeaderLen + icmpHeaderLen, qt: IPv6HeaderLen + icmpHeaderLen + IPv6HeaderLen}
-		if m.qt+quotedTCPMin > end || b[m.icmp] != icmpv6PacketTooBig || b[m.icmp+1] != 0 {
+		// Any code: RFC 4443 has the receiver ignore it.
+		if m.qt+quotedTCPMin > end || b[m.icmp] != icmpv6PacketTooBig {
 			return m, false
 		}
 		if b[m.q]>>4 != 6 || IPv6(b[m.q:]).NextHeader() != protoTCP {
@@ -89,6 +90,41 @@ func ParseICMPError(b []byte) (m ICMPError, ok bool) {
 		return m, false
 	}
 	return m, true
+}
+
+// IsICMP reports whether b is an ICMP or ICMPv6 packet (after any IPv6
+// extension headers), parsable as a path MTU error or not.
+func IsICMP(b []byte) bool {
+	if len(b) < 1 {
+		return false
+	}
+	switch b[0] >> 4 {
+	case 4:
+		return len(b) >= IPv4MinHeaderLen && IPv4(b).Protocol() == protoICMP
+	case 6:
+		if len(b) < IPv6HeaderLen {
+			return false
+		}
+		next, off := IPv6(b).NextHeader(), IPv6HeaderLen
+		for range 8 { // a bounded walk: no packet needs more
+			switch next {
+			case protoICMPv6:
+				return true
+			case ipv6HopByHop, ipv6DestOptions, ipv6Routing, ipv6Fragment:
+				if off+8 > len(b) {
+					return false
+				}
+				n := 8 // a fragment header is 8 bytes; its second byte is reserved
+				if next != ipv6Fragment {
+					n += int(b[off+1]) * 8
+				}
+				next, off = b[off], off+n
+			default:
+				return false
+			}
+		}
+	}
+	return false
 }
 
 // Bytes returns the packet.

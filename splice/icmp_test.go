@@ -210,7 +210,6 @@ func TestICMPErrorRefused(t *testing.T) {
 		}
 		muts := []mutation{
 			{"other ICMP type", func(b []byte) []byte { b[ipLen] = 11; return b }},
-			{"other code", func(b []byte) []byte { b[ipLen+1] = 1; return b }},
 			{"quote not TCP", func(b []byte) []byte {
 				if v6 {
 					b[ipLen+8+6] = 17
@@ -231,6 +230,7 @@ func TestICMPErrorRefused(t *testing.T) {
 		}
 		if !v6 {
 			muts = append(muts,
+				mutation{"other code", func(b []byte) []byte { b[ipLen+1] = 1; return b }},
 				mutation{"quote with IP options", func(b []byte) []byte { b[ipLen+8] = 0x46; return b }},
 				mutation{"a fragment", func(b []byte) []byte { b[6] |= 0x20; return b }},
 				mutation{"IP length beyond the packet", func(b []byte) []byte { binary.BigEndian.PutUint16(b[2:], uint16(len(b)+1)); return b }},
@@ -245,6 +245,14 @@ func TestICMPErrorRefused(t *testing.T) {
 			b := m.edit(append([]byte(nil), msg...))
 			if _, ok := ParseICMPError(b); ok {
 				t.Errorf("v6=%v %s: parsed", v6, m.name)
+			}
+		}
+		if v6 {
+			// RFC 4443: the receiver of a packet too big ignores its code.
+			b := append([]byte(nil), msg...)
+			b[ipLen+1] = 1
+			if _, ok := ParseICMPError(b); !ok {
+				t.Errorf("packet too big with code 1: not parsed")
 			}
 		}
 		// Every truncation, with the lengths in the headers made to
@@ -340,4 +348,40 @@ func FuzzICMPError(f *testing.F) {
 			t.Fatalf("translated error goes to % x, not the sender % x", m.outerDst(), sender)
 		}
 	})
+}
+
+// TestIsICMP: ICMP and ICMPv6 packets are told from others, behind IPv6
+// extension headers too, so that what the rules queued and the engine
+// does not translate goes on as it came.
+func TestIsICMP(t *testing.T) {
+	_, msg4 := icmpFixture(t, false)
+	_, msg6 := icmpFixture(t, true)
+	// withExt puts an extension header of type kind (its next header:
+	// ICMPv6) between msg6's IPv6 header and its ICMPv6 message.
+	withExt := func(kind byte, ext []byte) []byte {
+		b := append(append(append([]byte(nil), msg6[:40]...), ext...), msg6[40:]...)
+		b[6] = kind
+		return b
+	}
+	hopByHop := withExt(0, []byte{58, 0, 1, 4, 0, 0, 0, 0})
+	fragment := withExt(44, []byte{58, 0, 0, 1, 0, 0, 0, 1})
+	tcp := seg{src: cAddr6, dst: sAddr6, flags: FlagACK}.bytes()
+	for _, c := range []struct {
+		name string
+		b    []byte
+		want bool
+	}{
+		{"ICMP", msg4, true},
+		{"ICMPv6", msg6, true},
+		{"ICMPv6 behind hop-by-hop options", hopByHop, true},
+		{"ICMPv6 behind a fragment header", fragment, true},
+		{"IPv4 TCP", seg{src: cAddr4, dst: sAddr4, flags: FlagACK}.bytes(), false},
+		{"IPv6 TCP", tcp, false},
+		{"hop-by-hop cut short", hopByHop[:44], false},
+		{"empty", nil, false},
+	} {
+		if got := IsICMP(c.b); got != c.want {
+			t.Errorf("%s: %v, want %v", c.name, got, c.want)
+		}
+	}
 }

@@ -39,7 +39,7 @@ func TestLabPathMTU(t *testing.T) {
 							opts = testnet.Options{ClientMTU: 1400}
 						}
 						var lab *testnet.Lab
-						sc := &scenario{lab: opts, v6: v6, upstream: upstream, size: 32 << 20,
+						sc := &scenario{lab: opts, v6: v6, upstream: upstream, size: 16 << 20,
 							spliceAt: 1<<20 + rand.Int64N(2<<20),
 							setup:    func(t *testing.T, l *testnet.Lab) { lab = l }}
 						d := sc.run(t, mode)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"os/exec"
 	"path/filepath"
@@ -213,11 +214,11 @@ func offeredWindows(t *testing.T, clientPcap, serverPcap string, port int, splic
 	return w
 }
 
-// TestLabSpliceDeclinedTinyWindow: one end's receive buffer is so small
-// (tcp_rmem 4096) that its largest window holds less than two of the
-// other end's segments. Spliced, that end's peer would send only on its
-// persist timer (it keeps the segment size it has with the gateway, and
-// a Linux sender does not send part of a segment while it waits for
+// TestLabSpliceDeclinedTinyWindow: one end's receive buffer is the
+// smallest there is (SO_RCVBUF 1), so its largest window is smaller than
+// the other end's segments. Spliced, that end's peer would send only on
+// its persist timer (it keeps the segment size it has with the gateway,
+// and a Linux sender does not send part of a segment while it waits for
 // window): 8 MiB to a server offering at most 1,152 bytes crawled, about
 // 600 KB in 2 minutes, on both datapaths. The splice gives up after the
 // capture and says why; the flow stays proxied and completes intact.
@@ -225,14 +226,11 @@ func TestLabSpliceDeclinedTinyWindow(t *testing.T) {
 	for _, tiny := range []string{"server", "client"} {
 		for i, datapath := range []string{"nfqueue", "bpf"} {
 			t.Run(tiny+"/"+datapath, func(t *testing.T) {
-				rmem := map[string]string{"net.ipv4.tcp_rmem": "4096 4096 4096"}
-				opts := testnet.Options{ServerSysctls: rmem}
 				sender := "client"
 				if tiny == "client" {
-					opts = testnet.Options{ClientSysctls: rmem}
 					sender = "server"
 				}
-				lab := testnet.NewT(t, opts)
+				lab := testnet.NewT(t, testnet.Options{})
 				port := 7410 + i
 				d := testnet.StartDaemon(t, lab, fmt.Sprintf(`
 log:
@@ -252,7 +250,43 @@ services:
 					t.Fatal(err)
 				}
 				defer ln.Close()
-				tr := testnet.RunTransfer(lab.Client(), ln, srv, testnet.TransferOptions{C2S: 2 << 20, S2C: 2 << 20, Seed: 11, Timeout: time.Minute})
+				// The kernel raises SO_RCVBUF 1 to its minimum. Accepted
+				// sockets inherit the listener's.
+				smallest := func(_, _ string, rc syscall.RawConn) error {
+					var serr error
+					if err := rc.Control(func(fd uintptr) {
+						serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 1)
+					}); err != nil {
+						return err
+					}
+					return serr
+				}
+				if tiny == "server" {
+					rc, err := ln.SyscallConn()
+					if err != nil {
+						t.Fatal(err)
+					}
+					if err := smallest("", "", rc); err != nil {
+						t.Fatal(err)
+					}
+				}
+				var c net.Conn
+				dialer := net.Dialer{Timeout: 10 * time.Second}
+				if tiny == "client" {
+					dialer.Control = smallest
+				}
+				if err := lab.Client().Do(func() (err error) {
+					c, err = dialer.Dial("tcp4", srv.String())
+					return err
+				}); err != nil {
+					t.Fatal(err)
+				}
+				ln.SetDeadline(time.Now().Add(10 * time.Second))
+				s, err := ln.AcceptTCP()
+				if err != nil {
+					t.Fatal(err)
+				}
+				tr := testnet.Exchange(c.(*net.TCPConn), s, testnet.TransferOptions{C2S: 2 << 20, S2C: 2 << 20, Seed: 11, Timeout: time.Minute})
 				if err := tr.Check(); err != nil {
 					t.Fatalf("%v\n%s", err, tail(d.Log(), 20))
 				}
@@ -262,7 +296,7 @@ services:
 				want := fmt.Sprintf("the %s's largest receive window", tiny)
 				rec := d.FindLog(func(l map[string]any) bool {
 					e, _ := l["err"].(string)
-					return l["msg"] == "flow stays proxied" && strings.Contains(e, want) && strings.Contains(e, "of the "+sender+"'s segments")
+					return l["msg"] == "flow stays proxied" && strings.Contains(e, want) && strings.Contains(e, "smaller than the "+sender+"'s segments")
 				})
 				if rec == nil {
 					t.Fatalf("no \"flow stays proxied\" line saying %q\n%s", want, tail(d.Log(), 20))

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"strconv"
@@ -102,4 +103,70 @@ func nstatValue(t *testing.T, ns *testnet.NS, name string) uint64 {
 	}
 	t.Fatalf("nstat lists no %s:\n%s", name, out)
 	return 0
+}
+
+// TestLabPathMTUDrop: the server leg's MTU drops from 1500 to 1400 while
+// a spliced flow runs, after it moved to the bpf datapath, where the
+// program sends packets straight to their egress device. The client's
+// packets come as GSO packets (its TSO), and the gateway's egress device
+// cuts them into segments itself (its segmentation offloads are off):
+// the kernel's own MTU check for the program lets every GSO packet pass,
+// and their 1500-byte segments were dropped at the link (45 in a run)
+// with no error to the client (one error translated, from a single
+// segment). The program now checks a GSO packet by its segment size and
+// leaves one too big to the stack, which sends the error: nothing is
+// dropped at the link, on either datapath.
+func TestLabPathMTUDrop(t *testing.T) {
+	for _, v6 := range []bool{false, true} {
+		for _, mode := range bpfModes {
+			t.Run(fmt.Sprintf("v6=%v/%s", v6, mode), func(t *testing.T) {
+				var lab *testnet.Lab
+				sc := &scenario{v6: v6, size: 64 << 20, spliceAt: 1 << 20,
+					setup: func(t *testing.T, l *testnet.Lab) {
+						lab = l
+						l.Gateway.MustRun("ethtool", "-K", l.GatewayServerSide[0].Dev, "tso", "off", "gso", "off")
+					},
+					midway: func(t *testing.T, l *testnet.Lab, d *testnet.Daemon) {
+						l.Gateway.MustRun("ip", "link", "set", l.GatewayServerSide[0].Dev, "mtu", "1400")
+						l.Server().MustRun("ip", "link", "set", "eth0", "mtu", "1400")
+					}}
+				d := sc.run(t, mode)
+				sent := linkDropped(t, &lab.Gateway.NS, lab.GatewayServerSide[0].Dev, "tx")
+				received := linkDropped(t, &lab.Server().NS, "eth0", "rx")
+				if sent != 0 || received != 0 {
+					t.Errorf("the server's link dropped packets: %d sent by the gateway, %d received by the server", sent, received)
+				}
+				if spliceMode(mode) {
+					e := spliceEngine(t, d)
+					if e.PMTUErrors["translated"] == 0 {
+						t.Errorf("no path MTU error translated (%v): the test proves nothing", e.PMTUErrors)
+					}
+					t.Logf("path MTU errors: %v", e.PMTUErrors)
+				}
+			})
+		}
+	}
+}
+
+// linkDropped reads a link's count of dropped packets in one direction
+// (tx or rx).
+func linkDropped(t *testing.T, ns *testnet.NS, dev, dir string) uint64 {
+	t.Helper()
+	out, err := ns.Run("ip", "-j", "-s", "link", "show", dev)
+	if err != nil {
+		t.Fatalf("ip -s link show %s: %v: %s", dev, err, out)
+	}
+	var links []struct {
+		Stats64 map[string]struct {
+			Dropped uint64 `json:"dropped"`
+		} `json:"stats64"`
+	}
+	if err := json.Unmarshal([]byte(out), &links); err != nil || len(links) != 1 {
+		t.Fatalf("ip -j -s link show %s: %v: %s", dev, err, out)
+	}
+	st, ok := links[0].Stats64[dir]
+	if !ok {
+		t.Fatalf("no %s statistics for %s: %s", dir, dev, out)
+	}
+	return st.Dropped
 }

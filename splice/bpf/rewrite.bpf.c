@@ -515,8 +515,9 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 // ip is the IP header as received (its first bytes give the TOS or flow
 // label, the TTL or hop limit), addrs the addresses as sent (source then
 // destination: 4 bytes each for IPv4, 16 for IPv6): what the rewrite
-// already holds, so the packet is not read again.
-static __always_inline int redirect(struct __sk_buff *skb, int v6, const __u8 *ip, const __u8 *addrs, __u16 sport, __u16 dport)
+// already holds, so the packet is not read again. hdrs is the length of
+// the IP and TCP headers with their options and extensions.
+static __always_inline int redirect(struct __sk_buff *skb, int v6, const __u8 *ip, const __u8 *addrs, __u16 sport, __u16 dport, __u32 hdrs)
 {
 	__u8 ttl = v6 ? ip[7] : ip[8];
 	if (ttl <= 1 || (!v6 && ip[0] != 0x45))
@@ -538,8 +539,16 @@ static __always_inline int redirect(struct __sk_buff *skb, int v6, const __u8 *i
 		__builtin_memcpy(&p.ipv4_src, addrs, 4);
 		__builtin_memcpy(&p.ipv4_dst, &addrs[4], 4);
 	}
-	// tot_len 0: the kernel checks the skb against the egress device's
-	// MTU itself, a GSO skb by its segments.
+	// The MTU check: with tot_len 0 the kernel checks the skb's length
+	// against the egress device's MTU, but lets every GSO skb pass
+	// (is_skb_forwardable), whatever its segments: segments too big for
+	// the route would be lost beyond the device, and nobody would tell
+	// the sender. A GSO skb (GRO merged it, or a local sender's TSO) is
+	// checked by the size of its segments instead; one too big goes to
+	// the stack, whose forwarding checks each segment and sends the
+	// sender the path MTU error (which the queue's reader translates).
+	if (skb->gso_size)
+		p.tot_len = hdrs + skb->gso_size;
 	if (bpf_fib_lookup(skb, &p, sizeof(p), BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_SUCCESS)
 		return TCX_NEXT;
 	__u8 left = ttl - 1;
@@ -804,7 +813,7 @@ int splice_rewrite(struct __sk_buff *skb)
 	count(V_FORWARD);
 	if (redirect_out) {
 		const __u8 *out = dc.addrs ? sc->naddrs : (v6 ? &ip[8] : &ip[12]);
-		return redirect(skb, v6, ip, out, dc.sport, dc.dport);
+		return redirect(skb, v6, ip, out, dc.sport, dc.dport, l4 - l3 + hl);
 	}
 	return TCX_NEXT;
 

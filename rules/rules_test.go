@@ -188,6 +188,38 @@ func checkQueueTarget(t *testing.T, ns *testnet.NS, spec *Spec) {
 			t.Fatalf("divert rule ends in %T", e)
 		}
 	}
+	// The output chain: per queue, per family, the command rule (a
+	// drop) and the path MTU error rule, which bypasses.
+	cmds, err := c.GetRules(spec.table(), &nftables.Chain{Name: ChainDivertCommand, Table: spec.table()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cmds) != 4*int(spec.Divert.Queues) {
+		t.Fatalf("divertcmd rules: %d", len(cmds))
+	}
+	for i, r := range cmds {
+		last := r.Exprs[len(r.Exprs)-1]
+		if i%2 == 0 {
+			if v, ok := last.(*expr.Verdict); !ok || v.Kind != expr.VerdictDrop {
+				t.Errorf("divertcmd rule %d ends in %#v, want drop", i, last)
+			}
+			continue
+		}
+		want := spec.Divert.Queue + uint16(i/4)
+		switch e := last.(type) {
+		case *expr.Queue:
+			if e.Num != want || e.Flag != expr.QueueFlagBypass {
+				t.Errorf("divertcmd rule %d: queue expression %+v", i, e)
+			}
+		case *expr.Target:
+			info := *e.Info.(*xt.Unknown)
+			if num, flags := binary.NativeEndian.Uint16(info), binary.NativeEndian.Uint16(info[4:]); num != want || flags != xtNFQBypass {
+				t.Errorf("divertcmd rule %d: NFQUEUE target num %d flags %#x, want %d %#x", i, num, flags, want, xtNFQBypass)
+			}
+		default:
+			t.Fatalf("divertcmd rule %d ends in %T", i, e)
+		}
+	}
 }
 
 // TestDiverter adds and deletes flow elements in both families.

@@ -343,7 +343,14 @@ func afterConnect(fd int, st *splice.Conn) error {
 	// snd_wl1 one before rcv_nxt: the peer's next segment updates the
 	// window even when it carries no data and a smaller window (what
 	// the window probe of TCP_REPAIR_OFF arranges; see Resume).
-	win := [5]uint32{uint32(st.RcvNxt - 1), st.SndWnd, max(st.SndWnd, st.RcvWnd), st.RcvWnd, uint32(st.RcvNxt)}
+	// max_window: the peer's largest window as captured, when known (it
+	// bounds the socket's segments, and a later splice reads it back);
+	// otherwise the larger of the two windows.
+	maxWnd := max(st.SndWnd, st.RcvWnd)
+	if st.MaxWnd != 0 {
+		maxWnd = max(st.MaxWnd, st.SndWnd)
+	}
+	win := [5]uint32{uint32(st.RcvNxt - 1), st.SndWnd, maxWnd, st.RcvWnd, uint32(st.RcvNxt)}
 	_, _, errno := unix.Syscall6(unix.SYS_SETSOCKOPT, uintptr(fd), unix.SOL_TCP, unix.TCP_REPAIR_WINDOW,
 		uintptr(unsafe.Pointer(&win)), unsafe.Sizeof(win), 0)
 	if errno != 0 {

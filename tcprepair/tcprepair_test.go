@@ -155,6 +155,8 @@ func TestRestoreContinuesConnection(t *testing.T) {
 				st.RcvNxt += splice.Seq(c.rcvOff)
 				st.SndNxt += splice.Seq(c.sndOff)
 				st.TSval += 10
+				// A largest window no peer here offers, to find again.
+				st.MaxWnd = st.SndWnd + 12345
 				r, err := Restore(&st)
 				if err != nil {
 					return err
@@ -178,6 +180,24 @@ func TestRestoreContinuesConnection(t *testing.T) {
 				_, err = io.ReadFull(r, back)
 				if works := forth && err == nil && string(back) == string(reply); works != c.works {
 					return fmt.Errorf("peer read %q, rebuilt socket read %q (%v); want the connection to work: %v", got, back, err, c.works)
+				}
+				if !c.works {
+					return nil
+				}
+				// The rebuilt socket keeps the peer's largest window, as
+				// a splice of it reads it again.
+				testnet.Eventually(t, 5*time.Second, func() error {
+					if _, out, err := Queues(r); err != nil || out != 0 {
+						return errors.New("send queue not empty")
+					}
+					return nil
+				})
+				again, err := Capture(r)
+				if err != nil {
+					return err
+				}
+				if again.MaxWnd != st.MaxWnd {
+					return fmt.Errorf("rebuilt socket's peer's largest window %d, restored %d", again.MaxWnd, st.MaxWnd)
 				}
 				return nil
 			})

@@ -75,6 +75,25 @@ func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) er
 		setMark(spec.Mark),
 		[]expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}},
 	)})
+	// An ICMP error about a packet a transparent socket of the gateway
+	// sent (an upstream socket bound to the client's address) is
+	// addressed to that address, which is not the gateway's: without
+	// the mark it is forwarded to the client, which ignores it, and the
+	// socket never hears of it. A path MTU error lost so stalls the flow
+	// for good. The socket expression finds the socket by the error's
+	// quoted tuple.
+	for _, proto := range []byte{unix.IPPROTO_ICMP, unix.IPPROTO_ICMPV6} {
+		c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: concat(
+			[]expr.Any{
+				&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
+				&expr.Socket{Key: expr.SocketKeyTransparent, Register: 1},
+				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}},
+			},
+			setMark(spec.Mark),
+			[]expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}},
+		)})
+	}
 	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: []expr.Any{
 		&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainServices},
 	}})

@@ -4,9 +4,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"net/netip"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"spliced/testnet"
 )
@@ -169,4 +171,70 @@ func linkDropped(t *testing.T, ns *testnet.NS, dev, dir string) uint64 {
 		t.Fatalf("no %s statistics for %s: %s", dir, dev, out)
 	}
 	return st.Dropped
+}
+
+// TestLabPathMTUBeyond: the smaller MTU is not on the gateway's links
+// but beyond them: the server's host routes to the service's real host
+// over a link of MTU 1400, while that host announces an MSS of 1460 (a
+// route advmss, as a host whose own link is larger would). The router
+// that drops a too-big segment sends its error to the segment's source.
+// Proxied and transparent, that source is the client's address, bound
+// by the gateway's upstream socket: the error was forwarded to the
+// client, which ignored it (out of its window), and the gateway's socket
+// resent the same segments for ever (the server received 0 bytes of
+// 16 MiB in 20 s). Now the prerouting chain delivers an ICMP error whose
+// quoted tuple is a transparent socket's to the gateway. Spliced, the
+// errors the client's segments draw are translated for the client (see
+// TestLabPathMTU). Every mode, both upstreams, both families: the
+// transfer completes intact.
+func TestLabPathMTUBeyond(t *testing.T) {
+	for _, upstream := range []string{"transparent", "nat"} {
+		for _, v6 := range []bool{false, true} {
+			for _, mode := range bpfModes {
+				t.Run(fmt.Sprintf("%s/v6=%v/%s", upstream, v6, mode), func(t *testing.T) {
+					lab := testnet.NewT(t, testnet.Options{})
+					far := &testnet.Host{NS: *testnet.Scratch(t), IPv4: netip.MustParseAddr("10.3.0.2"), IPv6: netip.MustParseAddr("fd00:3::2")}
+					router := lab.Server()
+					router.MustRun("ip", "link", "add", "fr", "mtu", "1400", "type", "veth", "peer", "name", "eth0", "netns", far.Name)
+					router.MustRun("ip", "addr", "add", "10.3.0.1/24", "dev", "fr")
+					router.MustRun("ip", "addr", "add", "fd00:3::1/64", "dev", "fr", "nodad")
+					router.MustRun("ip", "link", "set", "fr", "up")
+					router.MustRun("sysctl", "-qw", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+					far.MustRun("ip", "addr", "add", "10.3.0.2/24", "dev", "eth0")
+					far.MustRun("ip", "addr", "add", "fd00:3::2/64", "dev", "eth0", "nodad")
+					far.MustRun("ip", "link", "set", "eth0", "up")
+					far.MustRun("ip", "link", "set", "lo", "up")
+					far.MustRun("ip", "route", "add", "default", "via", "10.3.0.1", "mtu", "1400", "advmss", "1460")
+					far.MustRun("ip", "-6", "route", "add", "default", "via", "fd00:3::1", "mtu", "1400", "advmss", "1440")
+					lab.Gateway.MustRun("ip", "route", "add", "10.3.0.0/24", "via", router.IPv4.String())
+					lab.Gateway.MustRun("ip", "-6", "route", "add", "fd00:3::/64", "via", router.IPv6.String())
+					sc := &scenario{upstream: upstream, port: 5001, spliceAt: 1 << 20}
+					d := testnet.StartDaemon(t, lab, scenarioConfig(sc, mode))
+					dst := netip.AddrPortFrom(far.Addr(v6), sc.port)
+					ln, err := far.Listen(dst)
+					if err != nil {
+						t.Fatal(err)
+					}
+					defer ln.Close()
+					tr := testnet.RunTransfer(lab.Client(), ln, dst, testnet.TransferOptions{C2S: 16 << 20, S2C: 16 << 20, Seed: 5, Timeout: time.Minute})
+					if err := tr.Check(); err != nil {
+						t.Fatalf("%v\nclient: %s\ngateway: %s\n%s", err, nstatCounters(lab.Client(), "OutOfWindowIcmps", "RetransSegs"),
+							nstatCounters(lab.Gateway, "OutOfWindowIcmps", "RetransSegs"), tail(d.Log(), 20))
+					}
+					spliced := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" }) != nil
+					if spliced != spliceMode(mode) {
+						t.Fatalf("mode %s: flow spliced = %v", mode, spliced)
+					}
+					if spliceMode(mode) {
+						e := spliceEngine(t, d)
+						if e.PMTUErrors["translated"] == 0 {
+							t.Errorf("no path MTU error translated (%v): the spliced part proves nothing", e.PMTUErrors)
+						}
+						t.Logf("path MTU errors: %v", e.PMTUErrors)
+					}
+					t.Logf("%s: 16 MiB each way in %v", mode, tr.Elapsed.Round(time.Millisecond))
+				})
+			}
+		}
+	}
 }

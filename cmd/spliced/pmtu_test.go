@@ -49,13 +49,7 @@ func TestLabPathMTU(t *testing.T) {
 						if !spliceMode(mode) {
 							return
 						}
-						e := spliceEngine(t, d)
-						if e.PMTUErrors["translated"] == 0 {
-							t.Errorf("no path MTU error translated (%v): the test proves nothing", e.PMTUErrors)
-						}
-						if n := e.PMTUErrors["bad_checksum"]; n > 0 {
-							t.Errorf("%d path MTU errors with a bad checksum", n)
-						}
+						errs := translatedPMTU(t, d)
 						// The sender is the end on the other leg.
 						sender := lab.Client()
 						if small == "client" {
@@ -79,12 +73,27 @@ func TestLabPathMTU(t *testing.T) {
 						if !strings.Contains(cache, "mtu 1400") {
 							t.Errorf("the sender learned no path MTU of 1400:\n%s", cache)
 						}
-						t.Logf("path MTU errors: %v; the sender ignored %d as out of its window; its route cache: %s", e.PMTUErrors, ignored, strings.TrimSpace(cache))
+						t.Logf("path MTU errors: %v; the sender ignored %d as out of its window; its route cache: %s", errs, ignored, strings.TrimSpace(cache))
 					})
 				}
 			}
 		}
 	}
+}
+
+// translatedPMTU checks that the daemon translated path MTU errors (else
+// the test proved nothing of the translation) and that none came with a
+// bad checksum, and returns its counts by result.
+func translatedPMTU(t *testing.T, d *testnet.Daemon) map[string]uint64 {
+	t.Helper()
+	errs := spliceEngine(t, d).PMTUErrors
+	if errs["translated"] == 0 {
+		t.Errorf("no path MTU error translated (%v): the test proves nothing", errs)
+	}
+	if n := errs["bad_checksum"]; n > 0 {
+		t.Errorf("%d path MTU errors with a bad checksum", n)
+	}
+	return errs
 }
 
 // nstatValue reads one counter of a namespace's network statistics.
@@ -139,11 +148,7 @@ func TestLabPathMTUDrop(t *testing.T) {
 					t.Errorf("the server's link dropped packets: %d sent by the gateway, %d received by the server", sent, received)
 				}
 				if spliceMode(mode) {
-					e := spliceEngine(t, d)
-					if e.PMTUErrors["translated"] == 0 {
-						t.Errorf("no path MTU error translated (%v): the test proves nothing", e.PMTUErrors)
-					}
-					t.Logf("path MTU errors: %v", e.PMTUErrors)
+					t.Logf("path MTU errors: %v", translatedPMTU(t, d))
 				}
 			})
 		}
@@ -226,11 +231,7 @@ func TestLabPathMTUBeyond(t *testing.T) {
 						t.Fatalf("mode %s: flow spliced = %v", mode, spliced)
 					}
 					if spliceMode(mode) {
-						e := spliceEngine(t, d)
-						if e.PMTUErrors["translated"] == 0 {
-							t.Errorf("no path MTU error translated (%v): the spliced part proves nothing", e.PMTUErrors)
-						}
-						t.Logf("path MTU errors: %v", e.PMTUErrors)
+						t.Logf("path MTU errors: %v", translatedPMTU(t, d))
 					}
 					t.Logf("%s: 16 MiB each way in %v", mode, tr.Elapsed.Round(time.Millisecond))
 				})

@@ -37,25 +37,8 @@ func TestLabSplicedSmallReceiveWindow(t *testing.T) {
 	for i, datapath := range []string{"nfqueue", "bpf"} {
 		t.Run(datapath, func(t *testing.T) {
 			lab := testnet.NewT(t, testnet.Options{})
-			port := 7400 + i
-			d := testnet.StartDaemon(t, lab, fmt.Sprintf(`
-log:
-  level: debug
-kernel:
-  datapath: %s
-services:
-  - name: small
-    listen: 15001
-    ports: ["%d"]
-    splice:
-      mode: immediate
-`, datapath, port))
-			srv := netip.AddrPortFrom(lab.Server().IPv4, uint16(port))
-			ln, err := lab.Server().Listen(srv)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
+			d, srv, ln := splicedAtConnect(t, lab, datapath, 7400+i)
+			port := int(srv.Port())
 			// Accepted sockets inherit the listener's buffer size.
 			rc, err := ln.SyscallConn()
 			if err != nil {
@@ -120,6 +103,32 @@ services:
 			}
 		})
 	}
+}
+
+// splicedAtConnect starts a daemon on datapath whose service splices the
+// flows to port as they connect, and a listener on the lab's server at
+// that port (closed when the test ends).
+func splicedAtConnect(t *testing.T, lab *testnet.Lab, datapath string, port int) (*testnet.Daemon, netip.AddrPort, *net.TCPListener) {
+	t.Helper()
+	d := testnet.StartDaemon(t, lab, fmt.Sprintf(`
+log:
+  level: debug
+kernel:
+  datapath: %s
+services:
+  - name: at_connect
+    listen: 15001
+    ports: ["%d"]
+    splice:
+      mode: immediate
+`, datapath, port))
+	srv := netip.AddrPortFrom(lab.Server().IPv4, uint16(port))
+	ln, err := lab.Server().Listen(srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return d, srv, ln
 }
 
 // c2sOffset is what the engine adds to the client's sequence numbers
@@ -231,25 +240,7 @@ func TestLabSpliceDeclinedTinyWindow(t *testing.T) {
 					sender = "server"
 				}
 				lab := testnet.NewT(t, testnet.Options{})
-				port := 7410 + i
-				d := testnet.StartDaemon(t, lab, fmt.Sprintf(`
-log:
-  level: debug
-kernel:
-  datapath: %s
-services:
-  - name: tiny
-    listen: 15001
-    ports: ["%d"]
-    splice:
-      mode: immediate
-`, datapath, port))
-				srv := netip.AddrPortFrom(lab.Server().IPv4, uint16(port))
-				ln, err := lab.Server().Listen(srv)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer ln.Close()
+				d, srv, ln := splicedAtConnect(t, lab, datapath, 7410+i)
 				// The kernel raises SO_RCVBUF 1 to its minimum. Accepted
 				// sockets inherit the listener's.
 				smallest := func(_, _ string, rc syscall.RawConn) error {

@@ -207,14 +207,14 @@ func pmtuExprs(d *Divert, queue uint16, set *nftables.Set, v6 bool) []expr.Any {
 	// Offsets from the start of the ICMP header: the quote starts after
 	// its 8 bytes; the quoted segment's ports after the quoted IP header.
 	typeCode := []byte{3, 4} // destination unreachable, fragmentation needed
-	verOff, verLen, ver := uint32(8), uint32(1), []byte{0x45}
+	verOff, ver := uint32(8), []byte{0x45}
 	nextOff := uint32(8 + 9)
 	src, dst, alen, l4 := uint32(8+12), uint32(8+16), uint32(4), uint32(8+20)
 	regs := [4]uint32{1, 9, 10, 11}
 	if v6 {
 		nfproto, proto = unix.NFPROTO_IPV6, unix.IPPROTO_ICMPV6
 		typeCode = []byte{2} // packet too big (its code is always 0)
-		verOff, verLen, ver = 8, 1, []byte{0x60}
+		ver = []byte{0x60}
 		nextOff = 8 + 6
 		src, dst, alen, l4 = 8+8, 8+24, 16, 8+40
 		regs = [4]uint32{1, 2, 13, 17}
@@ -230,12 +230,12 @@ func pmtuExprs(d *Divert, queue uint16, set *nftables.Set, v6 bool) []expr.Any {
 	if v6 {
 		// The version is the high nibble of the quote's first byte.
 		e = append(e,
-			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: verOff, Len: verLen},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: verOff, Len: 1},
 			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 1, Mask: []byte{0xf0}, Xor: []byte{0}},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ver})
 	} else {
 		e = append(e,
-			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: verOff, Len: verLen},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: verOff, Len: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ver})
 	}
 	e = append(e,

@@ -167,21 +167,9 @@ func (m *ICMPError) outerDst() []byte {
 // QuotedKey returns the tuple of the quoted segment, as it was sent. Read
 // backwards it is the input key of the other direction of its flow.
 func (m *ICMPError) QuotedKey() Key {
-	var k Key
 	src, dst := m.quotedAddrs()
-	if m.v6 {
-		copy(k.Src[:], src)
-		copy(k.Dst[:], dst)
-	} else {
-		copy(k.Src[:12], v4InV6Prefix[:])
-		copy(k.Src[12:], src)
-		copy(k.Dst[:12], v4InV6Prefix[:])
-		copy(k.Dst[12:], dst)
-	}
-	t := m.b[m.qt:]
-	k.SrcPort = binary.BigEndian.Uint16(t[TCPSrcPortOffset:])
-	k.DstPort = binary.BigEndian.Uint16(t[TCPDstPortOffset:])
-	return k
+	t := TCP(m.b[m.qt:])
+	return keyOf(src, dst, t.SrcPort(), t.DstPort())
 }
 
 // checksumValid reports whether the ICMP checksum verifies.

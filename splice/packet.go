@@ -173,18 +173,23 @@ var v4InV6Prefix = [12]byte{10: 0xff, 11: 0xff}
 
 // KeyOf returns the packet's key.
 func (p *Packet) KeyOf() Key {
-	var k Key
-	if p.v6 {
-		copy(k.Src[:], p.Src())
-		copy(k.Dst[:], p.Dst())
+	t := p.TCP()
+	return keyOf(p.Src(), p.Dst(), t.SrcPort(), t.DstPort())
+}
+
+// keyOf builds a key from raw addresses of one family (4 or 16 bytes,
+// as a header holds them) and ports.
+func keyOf(src, dst []byte, srcPort, dstPort uint16) Key {
+	k := Key{SrcPort: srcPort, DstPort: dstPort}
+	if len(src) == 16 {
+		copy(k.Src[:], src)
+		copy(k.Dst[:], dst)
 	} else {
 		copy(k.Src[:12], v4InV6Prefix[:])
 		copy(k.Dst[:12], v4InV6Prefix[:])
-		copy(k.Src[12:], p.Src())
-		copy(k.Dst[12:], p.Dst())
+		copy(k.Src[12:], src)
+		copy(k.Dst[12:], dst)
 	}
-	t := p.TCP()
-	k.SrcPort, k.DstPort = t.SrcPort(), t.DstPort()
 	return k
 }
 

@@ -279,7 +279,14 @@ func TestLabSpliceDeclinedTinyWindow(t *testing.T) {
 				}
 				tr := testnet.Exchange(c.(*net.TCPConn), s, testnet.TransferOptions{C2S: 2 << 20, S2C: 2 << 20, Seed: 11, Timeout: time.Minute})
 				if err := tr.Check(); err != nil {
-					t.Fatalf("%v\n%s", err, tail(d.Log(), 20))
+					// What each end's kernel did with the tiny window:
+					// drops for want of receive memory, retransmissions,
+					// probes; and the gateway's sockets as they stand.
+					counters := []string{"RcvQDrop", "PruneCalled", "RcvPruned", "OFODrop", "RetransSegs", "TCPTimeouts", "TCPWinProbe", "TCPZeroWindowDrop"}
+					ss, _ := lab.Gateway.Run("ss", "-tinm")
+					t.Fatalf("%v\nclient: %s\nserver: %s\ngateway: %s\n%s\n%s", err,
+						nstatCounters(lab.Client(), counters...), nstatCounters(lab.Server(), counters...),
+						nstatCounters(lab.Gateway, counters...), ss, tail(d.Log(), 20))
 				}
 				if d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" }) != nil {
 					t.Fatalf("the flow was spliced\n%s", tail(d.Log(), 20))

@@ -157,13 +157,22 @@ func (b *respBody) Close() error { return nil }
 // readResponse reads the head of the response to req from r, parsing
 // it here when it has the common shape (body is then its Body), and
 // with http.ReadResponse otherwise.
+//
+// Every head must fit in r's buffer (nginx refuses heads larger than
+// its proxy_buffer_size, 4 or 8 KiB), and what http.ReadResponse would
+// read differently from the bytes, or frame in a way RFC 9112 calls
+// faulty, is refused (badResponse): the response is not relayed and its
+// connection is not used again. A connection that goes back to the
+// shared pool after a response framed one way by the proxy and another
+// by its backend would hand the rest of that response to the next
+// client whose request it carries.
 func readResponse(r *bufio.Reader, req *http.Request, body *respBody) (*http.Response, error) {
-	n, err := peekResponseHead(r)
+	n, bareLF, err := peekResponseHead(r)
 	if err != nil {
 		return nil, err
 	}
-	if n > 0 && req.Method != http.MethodHead {
-		head, _ := r.Peek(n)
+	head, _ := r.Peek(n)
+	if !bareLF && req.Method != http.MethodHead {
 		if resp := parseResponse(head, req); resp != nil {
 			r.Discard(n)
 			*body = respBody{r: r, left: resp.ContentLength}
@@ -171,14 +180,37 @@ func readResponse(r *bufio.Reader, req *http.Request, body *respBody) (*http.Res
 			return resp, nil
 		}
 	}
-	return http.ReadResponse(r, req)
+	if err := checkResponseHead(head); err != nil {
+		return nil, err
+	}
+	resp, err := http.ReadResponse(r, req)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode < 100 {
+		// ReadResponse takes any three digits, "099" and "+99" too; the
+		// proxy would take it for an interim response and read its
+		// body as the next response. (Its body is not closed: Close
+		// would read it to its end; the connection is not used again.)
+		return nil, badResponse("status " + resp.Status[:min(len(resp.Status), 3)] + " below 100")
+	}
+	return resp, nil
 }
 
+// A badResponse is a response head the proxy refuses to relay.
+type badResponse string
+
+func (e badResponse) Error() string { return "malformed response: " + string(e) }
+
+// errResponseHeadTooLarge: the head did not fit in the upstream reader's
+// buffer (upReadSize).
+var errResponseHeadTooLarge = badResponse("the head is larger than 16 KiB")
+
 // peekResponseHead waits until r's buffer holds a whole response head
-// and returns its length, reading nothing; 0 when the head does not fit
-// in the buffer or a line of it ends in a bare LF (http.ReadResponse
-// reads those).
-func peekResponseHead(r *bufio.Reader) (int, error) {
+// and returns its length, reading nothing, and whether a line of it ends
+// in a bare LF (http.ReadResponse reads those, the fast path does not).
+// A head that does not fit in the buffer is errResponseHeadTooLarge.
+func peekResponseHead(r *bufio.Reader) (n int, bareLF bool, err error) {
 	scanned := 0 // bytes of whole lines looked at
 	for {
 		buf, _ := r.Peek(r.Buffered())
@@ -188,24 +220,70 @@ func peekResponseHead(r *bufio.Reader) (int, error) {
 				break
 			}
 			end := scanned + i
-			if end == 0 || buf[end-1] != '\r' {
-				return 0, nil
+			empty := end == scanned
+			if end > scanned && buf[end-1] == '\r' {
+				empty = end == scanned+1
+			} else {
+				bareLF = true
 			}
-			if scanned > 0 && end == scanned+1 {
-				return end + 1, nil // the empty line
+			if scanned > 0 && empty {
+				return end + 1, bareLF, nil // the empty line
 			}
 			scanned = end + 1
 		}
 		if len(buf) == r.Size() {
-			return 0, nil
+			return 0, false, errResponseHeadTooLarge
 		}
 		if _, err := r.Peek(len(buf) + 1); err != nil && r.Buffered() == len(buf) {
 			if errors.Is(err, io.EOF) && len(buf) > 0 {
-				return 0, io.ErrUnexpectedEOF
+				return 0, false, io.ErrUnexpectedEOF
 			}
-			return 0, err
+			return 0, false, err
 		}
 	}
+}
+
+// checkResponseHead refuses the heads that http.ReadResponse reads
+// differently from what a client or the backend may mean by them:
+//   - Transfer-Encoding with Content-Length (RFC 9112 6.3: "ought to be
+//     handled as an error"; ReadResponse drops the length), and
+//     Transfer-Encoding in an HTTP/1.0 response (6.1: the framing is
+//     faulty; ReadResponse ignores the coding);
+//   - a control byte in the status line (ReadResponse keeps a bare CR
+//     in the reason phrase, which a client may take for a line end).
+//
+// Field values need no check here: ReadResponse refuses control bytes
+// in them.
+func checkResponseHead(head []byte) error {
+	line, rest, _ := bytes.Cut(head, []byte{'\n'})
+	line = bytes.TrimSuffix(line, []byte{'\r'})
+	for _, c := range line {
+		if c < ' ' && c != '\t' || c == 0x7f {
+			return badResponse("a control byte in the status line")
+		}
+	}
+	var te, cl bool
+	for len(rest) > 0 {
+		var field []byte
+		field, rest, _ = bytes.Cut(rest, []byte{'\n'})
+		name, _, ok := bytes.Cut(field, []byte{':'})
+		if !ok {
+			continue
+		}
+		switch {
+		case asciiEqualFold(string(name), "Transfer-Encoding"):
+			te = true
+		case asciiEqualFold(string(name), "Content-Length"):
+			cl = true
+		}
+	}
+	switch {
+	case te && cl:
+		return badResponse("Transfer-Encoding and Content-Length together")
+	case te && bytes.HasPrefix(head, []byte("HTTP/1.0")):
+		return badResponse("Transfer-Encoding in an HTTP/1.0 response")
+	}
+	return nil
 }
 
 // parseResponse makes the response of head as http.ReadResponse would,

@@ -3,6 +3,7 @@ package httpproxy
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -146,20 +147,68 @@ var responseCorpus = []string{
 	"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
 	"HTTP/1.1 200 OK\r\nContent-Len",
 	"",
+	"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nhi",
+	"HTTP/1.1 +99 Odd\r\nContent-Length: 2\r\n\r\nhi",
+	"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+	"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n0\r\n\r\n",
+	"HTTP/1.1 200 OK\rSet-Cookie: s=1\r\nContent-Length: 2\r\n\r\nhi",
+}
+
+// refusedResponses are the heads of responseCorpus that readResponse
+// refuses although net/http reads them (badResponse).
+var refusedResponses = map[string]string{
+	"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nhi\r\n0\r\n\r\n": "Transfer-Encoding and Content-Length",
+	"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n0\r\n\r\n":            "Transfer-Encoding and Content-Length",
+	"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n":                      "HTTP/1.0 response",
+	"HTTP/1.1 200 O\x01K\r\nContent-Length: 2\r\n\r\nhi":                                             "control byte",
+	"HTTP/1.1 200 OK\rSet-Cookie: s=1\r\nContent-Length: 2\r\n\r\nhi":                                "control byte",
+	"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nhi":                                                "below 100",
+	"HTTP/1.1 +99 Odd\r\nContent-Length: 2\r\n\r\nhi":                                                "below 100",
+}
+
+// TestReadResponseRefuses: readResponse refuses the heads net/http reads
+// otherwise than a client or backend may mean them, with the reason,
+// and no other head of the corpus.
+func TestReadResponseRefuses(t *testing.T) {
+	for _, raw := range responseCorpus {
+		_, err := readResponse(bufio.NewReader(strings.NewReader(raw)), &http.Request{Method: http.MethodGet}, &respBody{})
+		var refused badResponse
+		want, ok := refusedResponses[raw]
+		switch {
+		case ok && !errors.As(err, &refused):
+			t.Errorf("%q: %v, want it refused (%s)", raw, err, want)
+		case ok && !strings.Contains(err.Error(), want):
+			t.Errorf("%q: %v, want a reason with %q", raw, err, want)
+		case !ok && errors.As(err, &refused):
+			t.Errorf("%q refused: %v", raw, err)
+		}
+	}
+	// A head that does not fit in the reader's buffer.
+	big := "HTTP/1.1 200 OK\r\nX: " + strings.Repeat("a", 5000) + "\r\nContent-Length: 2\r\n\r\nhi"
+	_, err := readResponse(bufio.NewReaderSize(strings.NewReader(big), 4096), &http.Request{Method: http.MethodGet}, &respBody{})
+	if !errors.Is(err, errResponseHeadTooLarge) {
+		t.Errorf("a 5 KB head through a 4 KiB reader: %v, want errResponseHeadTooLarge", err)
+	}
 }
 
 // compareResponse reads raw with readResponse and with http.ReadResponse
 // and reports how they differ ("" when they agree). A response
 // readResponse parsed itself must read as net/http reads it, and what
-// net/http refuses readResponse must leave to it.
+// net/http refuses readResponse must leave to it. What readResponse
+// refuses on purpose (badResponse: framing net/http reads one way and a
+// backend may mean another, a head larger than the reader's buffer)
+// net/http may take.
 func compareResponse(raw []byte, method string) (parsed bool, diff string) {
 	req := &http.Request{Method: method}
 	var body respBody
 	got, gerr := readResponse(bufio.NewReader(bytes.NewReader(raw)), req, &body)
 	want, werr := http.ReadResponse(bufio.NewReader(bytes.NewReader(raw)), req)
 	parsed = gerr == nil && got.Body == &body
+	var refused badResponse
 	switch {
 	case werr != nil && gerr != nil:
+		return parsed, ""
+	case werr == nil && errors.As(gerr, &refused):
 		return parsed, ""
 	case werr != nil || gerr != nil:
 		return parsed, fmt.Sprintf("readResponse: %v, ReadResponse: %v", gerr, werr)

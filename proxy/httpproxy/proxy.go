@@ -326,8 +326,18 @@ type conn struct {
 	// upReusable: up's last exchange ended cleanly and its backend keeps
 	// it open, so it may serve other clients (releaseUpstream).
 	upUsed, upReusable bool
-	exchanges          int // requests relayed on the connection
+	// upHeadAt: when up's last response head was read (connect).
+	upHeadAt  time.Time
+	exchanges int // requests relayed on the connection
 }
+
+// heldUpstreamCheck: a client connection that asks again this long or
+// longer after its last response head keeps its upstream connection
+// only if the backend sent nothing meanwhile (quiet, a system call);
+// one that asks sooner keeps it unchecked. A backend that ends an idle
+// connection (its keep-alive timeout, seconds) may say so first (408)
+// before it closes; that must not answer the client's next request.
+const heldUpstreamCheck = 100 * time.Millisecond
 
 // attach starts using new sockets (after accept, or after an unsplice).
 func (c *conn) attach(client, up *net.TCPConn) {
@@ -706,9 +716,18 @@ func (c *conn) malformed(re *requestError) string {
 // connect makes c.up a connection to a backend of pl, keeping the current
 // one when it is in the pool.
 func (c *conn) connect(pl *pool) error {
+	now := time.Now()
+	if c.up != nil && (c.ur != nil || now.Sub(c.upHeadAt) >= heldUpstreamCheck && !quiet(c.up)) {
+		// The backend sent more than its last response (c.ur holds
+		// it), or something unasked since (a 408 before it closes),
+		// or closed: what it sent would answer this request. The
+		// idle pool checks the same before it hands a connection out
+		// (take).
+		c.closeUpstream()
+	}
 	if c.up != nil {
 		for _, b := range pl.backends {
-			if b == c.upTo && b.downUntil.Load() <= time.Now().UnixNano() {
+			if b == c.upTo && b.downUntil.Load() <= now.UnixNano() {
 				return nil
 			}
 		}
@@ -716,7 +735,6 @@ func (c *conn) connect(pl *pool) error {
 	}
 	conf := c.p.conf()
 	var errs []error
-	now := time.Now()
 	for _, b := range pl.pick(now) {
 		if *conf.UpstreamKeepalive > 0 {
 			if up := b.idle.take(now, conf.UpstreamIdleTimeout.D()); up != nil {
@@ -883,6 +901,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 			return true, false, c.unreadable(err)
 		}
 	}
+	c.upHeadAt = head
 	// The body is resp.Body when the proxy relays it, and the raw stream
 	// (c.ur) when it splices: resp.Body is then never read nor closed
 	// (closing drains what it believes unread).
@@ -891,6 +910,13 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	// nor the backend's.
 	closeAfter := reqClose || resp.Close || early
 	upClose := resp.Close || early
+	if !req.ProtoAtLeast(1, 1) && len(resp.TransferEncoding) > 0 {
+		// An HTTP/1.0 client knows no chunked coding (RFC 9112 6.1):
+		// it gets the body decoded, ended by the connection's close.
+		resp.TransferEncoding = nil
+		resp.ContentLength = -1
+		closeAfter = true
+	}
 	removeHopByHop(resp.Header)
 	resp.Close = closeAfter // writeResponse says Connection: close
 	if !closeAfter && !req.ProtoAtLeast(1, 1) {

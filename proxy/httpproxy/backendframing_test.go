@@ -1,0 +1,302 @@
+package httpproxy
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// Backend responses whose framing the proxy could read differently from
+// the backend (and the rest of one response answer the next request, on
+// a connection the pool gives another client), heads without bound, and
+// connections kept after their backend sent something unasked.
+
+// readHTTPRequestHead reads one request head (up to its empty line) from r.
+func readHTTPRequestHead(r *bufio.Reader) error {
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return err
+		}
+		if line == "\r\n" {
+			return nil
+		}
+	}
+}
+
+// rawClient sends raw on a new connection, then reads everything until
+// the proxy closes (or 3 s pass) and returns it.
+func rawClient(t *testing.T, addr, raw string) string {
+	t.Helper()
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, raw)
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	b, _ := io.ReadAll(c)
+	return string(b)
+}
+
+// TestResponseStatusBelow100Refused: "HTTP/1.1 099" is a final response
+// with a body to net/http (ReadResponse takes any three digits), but the
+// proxy's interim loop (StatusCode >= 200) took it for a 1xx, never read
+// its body and parsed the body as the next response head: the client got
+// a status the backend never sent (999) and then a response the backend
+// wrote as body bytes. It gets 502.
+func TestResponseStatusBelow100Refused(t *testing.T) {
+	forged := "HTTP/1.1 200 OK\r\nContent-Length: 6\r\nX-Forged: 1\r\n\r\nforged"
+	b := scriptedBackend(t, func(c *net.TCPConn) {
+		if readHTTPRequestHead(bufio.NewReader(c)) != nil {
+			return
+		}
+		fmt.Fprintf(c, "HTTP/1.1 099 Odd\r\nContent-Length: %d\r\n\r\n%s", len(forged), forged)
+		io.Copy(io.Discard, c) // until the proxy closes
+	})
+	_, addr := testService(t, b)
+	got := rawClient(t, addr, "GET /a/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(strings.NewReader(got)), nil)
+	if err != nil {
+		t.Fatalf("client got %q: %v", got, err)
+	}
+	if resp.StatusCode != http.StatusBadGateway {
+		t.Errorf("the backend sent one response, status 099 with a %d-byte body; the client got, instead of 502:\n%q", len(forged), got)
+	}
+}
+
+// TestResponseChunkedToHTTP10Client: a chunked response to an HTTP/1.0
+// client is relayed chunked (Response.Write keeps the backend's
+// Transfer-Encoding), which RFC 9112 6.1 forbids: a 1.0 client takes the
+// chunk framing for body bytes, and one that asked for keep-alive gets a
+// response with no length that the proxy does not end with a close: it
+// waits for idle_timeout.
+func TestResponseChunkedToHTTP10Client(t *testing.T) {
+	b := startBackend(t)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+		return true
+	}
+	_, addr := testService(t, b)
+	t.Run("close", func(t *testing.T) {
+		got := rawClient(t, addr, "GET /a/x HTTP/1.0\r\n\r\n")
+		if strings.Contains(strings.ToLower(got), "transfer-encoding") || !strings.HasSuffix(got, "\r\n\r\nhello") {
+			t.Errorf("HTTP/1.0 client got %q, want a body of \"hello\" without chunked coding", got)
+		}
+	})
+	t.Run("keep-alive", func(t *testing.T) {
+		c, err := net.Dial("tcp4", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, "GET /a/x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+		c.SetReadDeadline(time.Now().Add(time.Second))
+		b, _ := io.ReadAll(c)
+		got := string(b)
+		head, _, _ := strings.Cut(got, "\r\n\r\n")
+		h := strings.ToLower(head)
+		if strings.Contains(h, "transfer-encoding") || !strings.Contains(h, "content-length") && strings.Contains(h, "keep-alive") {
+			t.Errorf("HTTP/1.0 keep-alive client got %q: no length an HTTP/1.0 client can use, and no close", got)
+		}
+	})
+}
+
+// TestResponseAmbiguousFramingNotPooled: a response with both
+// Transfer-Encoding and Content-Length was framed as net/http frames it
+// (chunked; the length dropped) and its connection went back to the
+// idle pool. A backend that framed it by Content-Length and sent the rest
+// of its body late had that rest read as the answer to the next client's
+// request, from another client. Such a response is refused (502, as
+// RFC 9112 6.3 advises) and its connection closed.
+func TestResponseAmbiguousFramingNotPooled(t *testing.T) {
+	tail := "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+	var conns atomic.Int32
+	b := scriptedBackend(t, func(c *net.TCPConn) {
+		first := conns.Add(1) == 1
+		r := bufio.NewReader(c)
+		for {
+			if readHTTPRequestHead(r) != nil {
+				return
+			}
+			if first {
+				// Framed by Content-Length: "0\r\n\r\n" and the tail are
+				// its body, the tail still being generated.
+				fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 5+len(tail))
+				// The tail comes later (the next request's arrival
+				// stands in for "later" to make the test deterministic).
+				if readHTTPRequestHead(r) != nil {
+					return
+				}
+				io.WriteString(c, tail)
+				first = false
+			}
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal")
+		}
+	})
+	p, addr := testService(t, b)
+	code, body := oneRequest(t, addr, "GET /a/1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+	if code != http.StatusBadGateway {
+		t.Errorf("client A: %d %q, want 502", code, body)
+	}
+	if err := poll(func() bool { return p.Flows.Len() == 0 }); err != nil {
+		t.Fatal("flows still open")
+	}
+	if st := backendStats(t, p); st.Idle != 0 {
+		t.Errorf("an upstream connection whose response had Transfer-Encoding and Content-Length was kept idle: %+v", st)
+	}
+	code, body = oneRequest(t, addr, "GET /a/2 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+	if code != http.StatusOK || body != "real" {
+		t.Errorf("client B got %d %q, want 200 \"real\" (\"forged\" is the rest of client A's response)", code, body)
+	}
+}
+
+// TestResponseHTTP10TransferEncodingNotPooled: an HTTP/1.0 response with
+// Transfer-Encoding must be treated as faulty and its connection closed
+// (RFC 9112 6.1); net/http ignores the coding, and the connection went
+// back to the pool. It is refused (502) and closed.
+func TestResponseHTTP10TransferEncodingNotPooled(t *testing.T) {
+	b := startBackend(t)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		io.WriteString(w, "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\nhi")
+		return true
+	}
+	p, addr := testService(t, b)
+	if code, body := oneRequest(t, addr, "GET /a/1 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"); code != http.StatusBadGateway {
+		t.Errorf("got %d %q, want 502", code, body)
+	}
+	if err := poll(func() bool { return p.Flows.Len() == 0 }); err != nil {
+		t.Fatal("flows still open")
+	}
+	if st := backendStats(t, p); st.Idle != 0 {
+		t.Errorf("an HTTP/1.0 response with Transfer-Encoding left its connection idle for reuse: %+v", st)
+	}
+}
+
+// TestResponseHeadBounded: a response head longer than the upstream
+// buffer (16 KiB) went to http.ReadResponse, which has no limit: the
+// proxy read a backend's endless header line into memory (48 MiB, all
+// the test sent). Such a head is refused (502) and the connection closed.
+func TestResponseHeadBounded(t *testing.T) {
+	const total = 48 << 20
+	var written atomic.Int64
+	done := make(chan struct{})
+	b := scriptedBackend(t, func(c *net.TCPConn) {
+		defer close(done)
+		if readHTTPRequestHead(bufio.NewReader(c)) != nil {
+			return
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nX-Big: ")
+		chunk := []byte(strings.Repeat("a", 1<<20))
+		c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		for written.Load() < total {
+			n, err := c.Write(chunk)
+			written.Add(int64(n))
+			if err != nil {
+				return
+			}
+		}
+	})
+	_, addr := testService(t, b)
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET /a/x HTTP/1.1\r\nHost: t\r\n\r\n")
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("backend still writing")
+	}
+	if n := written.Load(); n >= total {
+		t.Errorf("the proxy took a %d MiB response head (no limit)", n>>20)
+	}
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil || resp.StatusCode != http.StatusBadGateway {
+		t.Errorf("client got %v, %v; want 502", resp, err)
+	}
+}
+
+// TestHeldUpstreamUnaskedResponse: between two requests of one client
+// connection the proxy kept its upstream connection without the check
+// the idle pool makes (quiet): a backend that ends an idle connection
+// with an unasked 408 (as some servers do) had that 408 answer the
+// client's next request. A client that asks again heldUpstreamCheck or
+// later after its last response now has its request sent on another
+// connection when the backend sent anything meanwhile.
+func TestHeldUpstreamUnaskedResponse(t *testing.T) {
+	var conns atomic.Int32
+	firstDone := make(chan struct{})
+	b := scriptedBackend(t, func(c *net.TCPConn) {
+		first := conns.Add(1) == 1
+		if first {
+			defer close(firstDone)
+		}
+		r := bufio.NewReader(c)
+		for {
+			if readHTTPRequestHead(r) != nil {
+				return
+			}
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+			if first {
+				io.WriteString(c, "HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+				return
+			}
+		}
+	})
+	_, addr := testService(t, b)
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(c)
+	for i := range 2 {
+		io.WriteString(c, "GET /a/x HTTP/1.1\r\nHost: t\r\n\r\n")
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 {
+			t.Errorf("request %d: status %d, want 200 (the backend's unasked 408 answered it)", i, resp.StatusCode)
+		}
+		if i == 0 {
+			<-firstDone // the 408 was written (on loopback: received)
+			time.Sleep(heldUpstreamCheck)
+		}
+	}
+	if n := conns.Load(); n != 2 {
+		t.Errorf("%d backend connections, want 2", n)
+	}
+}
+
+// TestResponseBareCRInStatusLine: a bare CR in the backend's reason
+// phrase reached the client as it was (the fast path refuses the head,
+// but ReadResponse kept it and both writers copy the reason); a client
+// that ends lines at a bare CR read a header the backend's head did not
+// have. Such a head is refused (502).
+func TestResponseBareCRInStatusLine(t *testing.T) {
+	b := startBackend(t)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		io.WriteString(w, "HTTP/1.1 200 OK\rSet-Cookie: s=1\r\nContent-Length: 2\r\n\r\nhi")
+		return true
+	}
+	_, addr := testService(t, b)
+	got := rawClient(t, addr, "GET /a/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+	if strings.Contains(strings.ReplaceAll(got, "\r\n", ""), "\r") {
+		t.Errorf("bare CR relayed to the client: %q", got)
+	}
+	if !strings.HasPrefix(got, "HTTP/1.1 502 ") {
+		t.Errorf("client got %q, want 502", got)
+	}
+}

@@ -89,6 +89,11 @@ func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) er
 				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{proto}},
 				&expr.Socket{Key: expr.SocketKeyTransparent, Register: 1},
 				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}},
+				// Not a listener on the wildcard address (a TPROXY
+				// listener): the lookup by the quote's source port
+				// finds one for any forwarded host using that port.
+				&expr.Socket{Key: expr.SocketKeyWildcard, Register: 1},
+				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0}},
 			},
 			setMark(spec.Mark),
 			[]expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}},

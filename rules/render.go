@@ -92,8 +92,8 @@ func Render(spec Spec) string {
 		fmt.Sprintf("meta l4proto tcp %s socket transparent 1 ct mark set ct mark & 0x%08x", ctMarkMatch(spec.CtMark), ^spec.CtMark),
 		"tcp flags syn / syn,ack jump "+ChainServices,
 		fmt.Sprintf("meta l4proto tcp socket transparent 1 %s accept", markSet(spec.Mark)),
-		fmt.Sprintf("meta l4proto icmp socket transparent 1 %s accept", markSet(spec.Mark)),
-		fmt.Sprintf("meta l4proto ipv6-icmp socket transparent 1 %s accept", markSet(spec.Mark)),
+		fmt.Sprintf("meta l4proto icmp socket transparent 1 socket wildcard 0 %s accept", markSet(spec.Mark)),
+		fmt.Sprintf("meta l4proto ipv6-icmp socket transparent 1 socket wildcard 0 %s accept", markSet(spec.Mark)),
 		"jump "+ChainServices,
 	)))
 	var svcRules []string

@@ -1,6 +1,9 @@
 package splice
 
-import "encoding/binary"
+import (
+	"bytes"
+	"encoding/binary"
+)
 
 // Path MTU errors about spliced flows.
 //
@@ -87,6 +90,12 @@ func ParseICMPError(b []byte) (m ICMPError, ok bool) {
 			return m, false
 		}
 	default:
+		return m, false
+	}
+	// An error goes to the source of the packet it quotes (RFC 792;
+	// RFC 4443 section 2.4): one addressed elsewhere is about no packet
+	// the engine forwarded to that address.
+	if src, _ := m.quotedAddrs(); !bytes.Equal(m.outerDst(), src) {
 		return m, false
 	}
 	return m, true

@@ -385,3 +385,32 @@ func TestIsICMP(t *testing.T) {
 		}
 	}
 }
+
+// TestICMPErrorAddressedElsewhere: a path MTU error goes to the source
+// of the packet it quotes (RFC 792, RFC 4443 2.4). One addressed to
+// another host that crosses the gateway, quoting a spliced flow's
+// packet, is not an error for that flow: it is not rerouted to the
+// flow's sender (it was: a forger anywhere could steer errors to either
+// end of a spliced flow through the gateway).
+func TestICMPErrorAddressedElsewhere(t *testing.T) {
+	for _, v6 := range []bool{false, true} {
+		_, msg := icmpFixture(t, v6)
+		b := append([]byte(nil), msg...)
+		// Readdress it to a third host, with checksums that verify.
+		if v6 {
+			third := netip.MustParseAddr("fd00:77::9").As16()
+			copy(b[24:40], third[:])
+			binary.BigEndian.PutUint16(b[42:], 0)
+			pseudo := refSum(b[24:40], refSum(b[8:24], 0)) + 58 + uint32(len(b)-40)
+			binary.BigEndian.PutUint16(b[42:], ^refFold(refSum(b[40:], pseudo)))
+		} else {
+			third := netip.MustParseAddr("203.0.113.9").As4()
+			copy(b[16:20], third[:])
+			binary.BigEndian.PutUint16(b[10:], 0)
+			binary.BigEndian.PutUint16(b[10:], ^refFold(refSum(b[:20], 0)))
+		}
+		if _, ok := ParseICMPError(b); ok {
+			t.Errorf("v6=%v: an error addressed to a third host was taken for the spliced flow's", v6)
+		}
+	}
+}

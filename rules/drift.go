@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"os/exec"
+	"regexp"
 	"strings"
 	"time"
 )
@@ -29,7 +30,27 @@ func (m *Manager) KernelListing(ctx context.Context) (listing string, exists boo
 		}
 		return "", false, fmt.Errorf("nft list table inet %s: %w: %s", m.spec.Table, err, strings.TrimSpace(stderr.String()))
 	}
-	return StripDivertElements(string(out)), true, nil
+	return canonicalQueues(StripDivertElements(string(out))), true, nil
+}
+
+// nftQueueTo is the queue statement as nft 1.0.1 and later list it
+// ("queue to 100", "queue flags bypass to 100"); Render writes the form
+// older versions list and every version reads ("queue num 100 bypass").
+var nftQueueTo = regexp.MustCompile(`queue (?:flags bypass )?to ([0-9]+)`)
+
+// canonicalQueues rewrites the queue statements of an nft listing in
+// Render's form. Without it, on a kernel with the nft queue expression
+// (Debian's has it; the lab machines use the xtables target) every
+// comparison would find the divert rules changed, and the drift repair
+// would reinstall the table for good.
+func canonicalQueues(listing string) string {
+	return nftQueueTo.ReplaceAllStringFunc(listing, func(m string) string {
+		num := nftQueueTo.FindStringSubmatch(m)[1]
+		if strings.Contains(m, "bypass") {
+			return "queue num " + num + " bypass"
+		}
+		return "queue num " + num
+	})
 }
 
 // StripDivertElements removes the "elements = { ... }" block of every

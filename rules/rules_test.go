@@ -580,3 +580,32 @@ func TestDivertCommand(t *testing.T) {
 		t.Errorf("want only the command no rule took past the divert command chain:\n%s", out)
 	}
 }
+
+// TestCanonicalQueues: on a kernel with the nft queue expression, nft
+// 1.0.1 and later list the divert rules' queue statements as "queue to
+// N" and "queue flags bypass to N" (nftables' queue_stmt_print), where
+// Render writes "queue num N [bypass]". The drift check compares the
+// two: without canonicalQueues it found the table changed on every
+// look and reinstalled it for good. (This machine's kernel has no nft
+// queue expression, so the kernel listing cannot be taken here.)
+func TestCanonicalQueues(t *testing.T) {
+	spec := sampleSpec(t)
+	spec.Divert.NativeQueue = true
+	want := Listing(spec)
+	if !strings.Contains(want, "queue num ") || !strings.Contains(want, " bypass\n") {
+		t.Fatalf("the sample's listing has no queue statements with and without bypass:\n%s", want)
+	}
+	newer := regexp.MustCompile(`queue num ([0-9]+)( bypass)?`).ReplaceAllStringFunc(want, func(m string) string {
+		n := strings.Fields(m)[2]
+		if strings.HasSuffix(m, " bypass") {
+			return "queue flags bypass to " + n
+		}
+		return "queue to " + n
+	})
+	if got := canonicalQueues(newer); got != want {
+		t.Errorf("nft 1.0 form not made canonical:\n%s", UnifiedDiff("want", "got", want, got))
+	}
+	if got := canonicalQueues(want); got != want {
+		t.Errorf("the older form changed:\n%s", UnifiedDiff("want", "got", want, got))
+	}
+}

@@ -300,3 +300,62 @@ func TestResponseBareCRInStatusLine(t *testing.T) {
 		t.Errorf("client got %q, want 502", got)
 	}
 }
+
+// TestWebSocketUpgradeNeedsAccept: a 101 to a WebSocket upgrade opens a
+// tunnel (every byte after it goes to the backend unrouted) only with
+// the Sec-WebSocket-Accept of the request's key (RFC 6455 4.2.2). A
+// backend whose status a client can choose (a status echo) answered 101
+// without it, and the client's next "request" reached the backend past
+// the deny routes; now the client gets 502 and nothing more goes on.
+func TestWebSocketUpgradeNeedsAccept(t *testing.T) {
+	const key = "dGhlIHNhbXBsZSBub25jZQ=="
+	for _, c := range []struct {
+		name, accept string
+		tunnel       bool
+	}{
+		{"valid", "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=", true}, // RFC 6455's example
+		{"missing", "", false},
+		{"wrong", "AAAAAAAAAAAAAAAAAAAAAAAAAAA=", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			after := make(chan string, 1)
+			b := scriptedBackend(t, func(conn *net.TCPConn) {
+				r := bufio.NewReader(conn)
+				if readHTTPRequestHead(r) != nil {
+					return
+				}
+				io.WriteString(conn, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n")
+				if c.accept != "" {
+					io.WriteString(conn, "Sec-WebSocket-Accept: "+c.accept+"\r\n")
+				}
+				io.WriteString(conn, "\r\n")
+				conn.SetReadDeadline(time.Now().Add(time.Second))
+				line, _ := r.ReadString('\n')
+				after <- line
+			})
+			_, addr := testService(t, b)
+			conn, err := net.Dial("tcp4", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			io.WriteString(conn, "GET /a/ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "+key+"\r\n\r\n")
+			conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.WriteString(conn, "GET /private/ HTTP/1.1\r\n")
+			got := <-after
+			if c.tunnel {
+				if resp.StatusCode != http.StatusSwitchingProtocols || got != "GET /private/ HTTP/1.1\r\n" {
+					t.Errorf("valid handshake: status %d, the backend read %q after it; want 101 and a tunnel", resp.StatusCode, got)
+				}
+				return
+			}
+			if resp.StatusCode != http.StatusBadGateway || got != "" {
+				t.Errorf("status %d, the backend read %q after it; want 502 and nothing", resp.StatusCode, got)
+			}
+		})
+	}
+}

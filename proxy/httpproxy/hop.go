@@ -1,6 +1,8 @@
 package httpproxy
 
 import (
+	"crypto/sha1"
+	"encoding/base64"
 	"net/http"
 	"net/textproto"
 	"strings"
@@ -96,4 +98,11 @@ func headerHas(h http.Header, key, token string) bool {
 		}
 	}
 	return false
+}
+
+// websocketAccept is the Sec-WebSocket-Accept a WebSocket server answers
+// a handshake with key with (RFC 6455 4.2.2).
+func websocketAccept(key string) string {
+	h := sha1.Sum([]byte(key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"))
+	return base64.StdEncoding.EncodeToString(h[:])
 }

@@ -872,6 +872,18 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 				c.upTo.failures.Add(1)
 				return true, false, fmt.Errorf("the response of %s: 101 to a request that asked no upgrade", c.upTo.addr)
 			}
+			if headerHas(req.Header, "Upgrade", "websocket") &&
+				resp.Header.Get("Sec-WebSocket-Accept") != websocketAccept(req.Header.Get("Sec-WebSocket-Key")) {
+				// A WebSocket server proves that it read the handshake
+				// (RFC 6455 4.2.2). A 101 without the proof is not a
+				// WebSocket server's: one that makes its status what a
+				// client asks for (a status echo, a redirect checker)
+				// would open a tunnel to the backend for any request
+				// the client then sends, past the deny routes.
+				c.reply(http.StatusBadGateway, "the backend switched to WebSocket without the handshake's Sec-WebSocket-Accept")
+				c.upTo.failures.Add(1)
+				return true, false, fmt.Errorf("the response of %s: 101 to a WebSocket upgrade without a valid Sec-WebSocket-Accept", c.upTo.addr)
+			}
 			upgradeTo := resp.Header.Values("Upgrade")
 			removeHopByHop(resp.Header)
 			resp.Header["Connection"] = []string{"Upgrade"}

@@ -29,7 +29,13 @@ func cleanCommand(line []byte) (clean []byte, ok bool) {
 	if bytes.IndexByte(line, telnetIAC) < 0 {
 		return append(line, '\r', '\n'), true
 	}
-	clean = make([]byte, 0, len(line)+2)
+	return append(stripTelnet(line), '\r', '\n'), true
+}
+
+// stripTelnet returns a copy of line without its Telnet commands (IAC
+// and what follows it; an escaped 0xff, IAC IAC, stays).
+func stripTelnet(line []byte) []byte {
+	clean := make([]byte, 0, len(line)+2)
 	for i := 0; i < len(line); i++ {
 		if line[i] != telnetIAC {
 			clean = append(clean, line[i])
@@ -45,7 +51,27 @@ func cleanCommand(line []byte) (clean []byte, ok bool) {
 			i++
 		}
 	}
-	return append(clean, '\r', '\n'), true
+	return clean
+}
+
+// cleanReply makes a server's reply line read alike by every client: its
+// Telnet commands removed (a Telnet-aware client strips them before it
+// reads the code: "IAC NOP 227 ..." is a 227 to it, and would pass the
+// gateway unrewritten) and a CR inside it made a space (a client that
+// ends lines at a CR would read a second line). line ends in LF; the
+// result may be line itself.
+func cleanReply(line []byte) []byte {
+	body := bytes.TrimSuffix(bytes.TrimSuffix(line, []byte("\n")), []byte("\r"))
+	if bytes.IndexByte(body, telnetIAC) < 0 && bytes.IndexByte(body, '\r') < 0 {
+		return line
+	}
+	clean := stripTelnet(body)
+	for i, c := range clean {
+		if c == '\r' {
+			clean[i] = ' '
+		}
+	}
+	return append(clean, '\r', '\n')
 }
 
 // isSpace is what servers take for white space between words (C's
@@ -132,9 +158,15 @@ func formatEPRT(ap netip.AddrPort) string {
 // text free; the six numbers are what every client looks for). The
 // address is returned only to be logged: a session never uses it.
 func parse227(text string) (netip.AddrPort, error) {
-	// The first run of digits and commas with six numbers.
+	// The first run of digits and commas with six numbers, after the
+	// reply code of a line ("227 10,1,0,2,156,64" has no text between
+	// them, and spaces may be inside a run).
 	for i := 0; i < len(text); i++ {
 		if text[i] < '0' || text[i] > '9' {
+			continue
+		}
+		if (i == 0 || text[i-1] == '\n') && i+3 < len(text) && isDigit(text[i+1]) && isDigit(text[i+2]) && (text[i+3] == ' ' || text[i+3] == '-') {
+			i += 3 // the reply code
 			continue
 		}
 		j := i

@@ -41,6 +41,12 @@ type session struct {
 	external, internal, clientView netip.Addr
 
 	clientMu sync.Mutex // both loops write to the client
+	// order keeps the gateway's own replies in their place: a server
+	// reply's turn is taken and the reply written under it, and answer
+	// holds it while it decides to write at once (else a reply of the
+	// gateway's, to a command read while the server's reply to the one
+	// before was being written, could overtake it).
+	order sync.Mutex
 	// told is set when the gateway told the client it closes the session
 	// (a 421): the close must then not lose that reply to a RST.
 	told atomic.Bool
@@ -207,6 +213,8 @@ func (s *session) forward(verb string, b []byte) error {
 // answer gives the client the gateway's own reply to its command: now, or
 // after the server's replies to the client's earlier commands.
 func (s *session) answer(reply string) error {
+	s.order.Lock()
+	defer s.order.Unlock()
 	s.mu.Lock()
 	if len(s.turns) == 0 {
 		s.mu.Unlock()
@@ -246,18 +254,29 @@ func (s *session) answered() (verb string, then [][]byte) {
 // them on, rewritten where they carry addresses.
 func (s *session) clientLoop() string {
 	svc := s.p.Service
-	r := bufio.NewReaderSize(s.client, s.p.conf().MaxLine)
+	maxLine := s.p.conf().MaxLine
+	r := bufio.NewReaderSize(s.client, maxLine)
+	// partial is the start of a command line that an idle deadline cut
+	// (ReadSlice hands back, and takes, what it read so far).
+	var partial []byte
 	for {
 		if idle := svc.IdleTimeout.D(); idle > 0 {
 			s.client.SetReadDeadline(time.Now().Add(idle))
 		}
 		line, err := r.ReadSlice('\n')
+		if len(partial) > 0 {
+			partial = append(partial, line...)
+			line = partial
+		}
 		switch {
-		case errors.Is(err, bufio.ErrBufferFull):
-			return s.end("Command line too long", "command line longer than max_line", "max_line", s.p.conf().MaxLine)
+		case errors.Is(err, bufio.ErrBufferFull) || len(line) > maxLine:
+			return s.end("Command line too long", "command line longer than max_line", "max_line", maxLine)
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			if s.dataOpen() {
-				continue // a transfer is running: the control connection waits for it
+				// A transfer is running: the control connection waits
+				// for it, with what it read of a command kept.
+				partial = append(partial[:0:0], line...)
+				continue
 			}
 			s.tell("Idle timeout")
 			return "idle timeout"
@@ -266,6 +285,7 @@ func (s *session) clientLoop() string {
 		case err != nil:
 			return "client: " + err.Error()
 		}
+		partial = partial[:0]
 		if bytes.IndexByte(line, 0) >= 0 {
 			return s.end("NUL byte in command", "NUL byte in a command line")
 		}
@@ -325,15 +345,29 @@ func (s *session) serverLoop() string {
 			return s.end("NUL byte in server reply", "NUL byte in a server reply")
 		}
 		s.flow.S2C.Add(int64(len(line)))
+		line = cleanReply(line)
 		code, final := replyCode(line)
+		// A line is taken from the turns and written under order (see
+		// answer).
+		s.order.Lock()
 		switch {
 		case multi != 0 && (code != multi || !final):
 			if multi == 227 || multi == 229 {
 				if len(held)+len(line) > r.Size() {
+					s.order.Unlock()
 					return s.end("Server reply too long", "server passive reply too long", "limit", r.Size())
 				}
 				held = append(held, line...)
+				s.order.Unlock()
 				continue
+			}
+			if code != 0 && final {
+				// A line inside the reply that reads as the last line
+				// of another ("227 ..." inside a 200 reply): clients
+				// such as curl end a reply at any such line, and would
+				// take it for the answer. RFC 959 4.2 has servers pad
+				// it; the gateway does.
+				line = append([]byte{' '}, line...)
 			}
 		case code != 0 && !final:
 			multi = code
@@ -341,6 +375,7 @@ func (s *session) serverLoop() string {
 				// The client acts on the final line, and may read an
 				// address in any: the whole reply is the gateway's.
 				held = append(held[:0], line...)
+				s.order.Unlock()
 				continue
 			}
 		case code != 0:
@@ -364,13 +399,15 @@ func (s *session) serverLoop() string {
 				}
 			}
 		}
-		if err := s.writeClient(line); err != nil {
-			return "write: " + err.Error()
-		}
+		err = s.writeClient(line)
 		for _, reply := range then {
-			if err := s.writeClient(reply); err != nil {
-				return "write: " + err.Error()
+			if err == nil {
+				err = s.writeClient(reply)
 			}
+		}
+		s.order.Unlock()
+		if err != nil {
+			return "write: " + err.Error()
 		}
 	}
 }

@@ -1,0 +1,124 @@
+package ftp
+
+import (
+	"bufio"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"spliced/proxy"
+)
+
+// TestNestedPassiveLine: a server answers PASV (or EPSV) with a
+// multi-line reply of another code whose middle line is "227 ..." ("229
+// ..."). RFC 959 clients skip it, but curl ends a reply at any line that
+// starts with three digits and a space (LASTLINE in lib/ftp.c): it took
+// the server's own 227/229, unrewritten, as the answer to its PASV and
+// connected where the server said, past the gateway's data listener. The
+// gateway pads such a line (RFC 959 4.2 has servers do so), and the
+// client reads the whole reply, whose code is the server's 200.
+func TestNestedPassiveLine(t *testing.T) {
+	l := startSession(t, "    ftp:\n      data_ports: \"41200-41299\"\n")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	for _, c := range []struct{ cmd, reply, bad string }{ // bad: what the server's passive line names
+		{"PASV", "200-x\r\n227 Entering Passive Mode (10,9,9,9,0,22).\r\n200 x\r\n", "10,9,9,9"},
+		{"EPSV", "200-x\r\n229 Entering Extended Passive Mode (|||22|).\r\n200 x\r\n", "|||22|"},
+	} {
+		l.client.Write([]byte(c.cmd + "\r\n"))
+		l.serverGets(t, sr, c.cmd+"\r\n")
+		l.server.Write([]byte(c.reply))
+		lines := readReply(t, l.client, cr)
+		for _, line := range lines[1 : len(lines)-1] {
+			if code, final := replyCode([]byte(line)); code != 0 && final {
+				t.Errorf("%s: the client got %q inside the reply: a line curl takes for the reply's last", c.cmd, line)
+			}
+		}
+		if last := lines[len(lines)-1]; last != "200 x\r\n" || len(lines) != 3 || !strings.Contains(lines[1], c.bad) {
+			t.Errorf("%s: the client got %q, want the server's 3 lines, the middle one padded", c.cmd, lines)
+		}
+	}
+}
+
+// TestIACPrefixedPassiveLine: a server answers PASV with a 227 behind a
+// Telnet command (IAC NOP). The gateway saw no reply code and passed the
+// line through; a client that strips Telnet commands before it reads the
+// code (BSD/inetutils ftp's getreply) sees "227 ...(10,9,9,9,0,22)" and
+// connects to 10.9.9.9:22. The gateway strips them first now: the line
+// is the 227 of the PASV, rewritten.
+func TestIACPrefixedPassiveLine(t *testing.T) {
+	l := startSession(t, "    ftp:\n      data_ports: \"41300-41399\"\n")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	l.client.Write([]byte("PASV\r\n"))
+	l.serverGets(t, sr, "PASV\r\n")
+	l.server.Write([]byte("\xff\xf1227 Entering Passive Mode (10,9,9,9,0,22).\r\n227 Entering Passive Mode (127,0,0,1,4,1).\r\n"))
+	l.client.SetReadDeadline(time.Now().Add(3 * time.Second))
+	line, err := cr.ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(line, "10,9,9,9") || !strings.HasPrefix(line, "227 ") {
+		t.Errorf("the client got %q: want the gateway's 227 (a Telnet-aware client reads the server's as the 227 of its PASV)", line)
+	}
+}
+
+// TestGatewayReplyOvertakes: the gateway's own reply (502 to LPSV) to a
+// command read while the server's reply to the previous command was
+// being written (after answered emptied turns, before writeClient) was
+// written at once, ahead of the server's reply: the client paired them
+// the wrong way round (in 3 of 3 runs within 50 rounds).
+func TestGatewayReplyOvertakes(t *testing.T) {
+	l := startSession(t, "    ftp:\n      data_ports: \"41400-41999\"\n")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	for i := range 300 {
+		l.client.Write([]byte("PASV\r\n"))
+		l.serverGets(t, sr, "PASV\r\n")
+		done := make(chan struct{})
+		go func() {
+			l.server.Write([]byte("227 Entering Passive Mode (127,0,0,1,4,1).\r\n"))
+			close(done)
+		}()
+		l.client.Write([]byte("LPSV\r\n"))
+		<-done
+		first := readReply(t, l.client, cr)
+		second := readReply(t, l.client, cr)
+		if !strings.HasPrefix(first[0], "227 ") || !strings.HasPrefix(second[0], "502 ") {
+			t.Fatalf("round %d: PASV then LPSV got %q then %q; want the 227 first", i, first, second)
+		}
+	}
+}
+
+// TestPartialCommandAtIdleDeadline: while a data connection is open, the
+// idle deadline that fires in the middle of a command line made bufio's
+// ReadSlice hand back (and drop) the bytes read so far; the loop went on
+// and the rest of the line went to the server as a command of its own.
+func TestPartialCommandAtIdleDeadline(t *testing.T) {
+	l := startSession(t, "    idle_timeout: 1s\n")
+	f := proxy.NewFlow("ftp", KindData, l.s.flow.Client, l.s.flow.Server)
+	l.s.p.Flows.Admit(f)
+	defer l.s.p.Flows.Remove(f)
+	l.s.mu.Lock()
+	l.s.dataFlows = append(l.s.dataFlows, f)
+	l.s.mu.Unlock()
+	sr := bufio.NewReader(l.server)
+	l.client.Write([]byte("DELE old/a"))
+	time.Sleep(1500 * time.Millisecond)
+	l.client.Write([]byte(".txt\r\n"))
+	l.server.SetReadDeadline(time.Now().Add(3 * time.Second))
+	got, err := sr.ReadString('\n')
+	if err != nil || got != "DELE old/a.txt\r\n" {
+		t.Errorf("the server got %q, %v; want \"DELE old/a.txt\\r\\n\"", got, err)
+	}
+}
+
+// TestParse227NoText: RFC 1123 4.1.2.6 has clients scan a 227 for the
+// first digit; a 227 whose numbers follow the code directly was read as
+// one run with the code ("227 10") and refused (425).
+func TestParse227NoText(t *testing.T) {
+	want := netip.MustParseAddrPort("10.1.0.2:40000")
+	for _, text := range []string{"227 10,1,0,2,156,64", "227-x\r\n227 10,1,0,2,156,64", "227 =10,1,0,2,156,64"} {
+		if got, err := parse227(text); err != nil || got != want {
+			t.Errorf("%q: %v, %v; want %v", text, got, err, want)
+		}
+	}
+}

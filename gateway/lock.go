@@ -3,6 +3,10 @@ package gateway
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -14,52 +18,75 @@ var RunDir = "/run/spliced"
 // errTableLocked is lockTable's error when another daemon holds the table.
 var errTableLocked = errors.New("table locked")
 
-// lockName is the abstract socket address that marks the table's daemon.
-// Abstract socket addresses belong to a network namespace and need no
-// file, and the kernel frees them when the process ends (kill -9 too).
-func lockName(table string) string { return "@spliced/table/" + table }
+// lockPath is the file whose lock marks the daemon of table inet TABLE
+// in this process's network namespace, beside the accept_local record
+// ("" when the namespace cannot be named). It lives in RunDir, which
+// only root may write: the lock was an abstract socket address before,
+// which any local user could bind first (abstract addresses have no
+// permissions) and so keep spliced from starting, and spliced -cleanup
+// from removing a dead daemon's table.
+func lockPath(table string) string {
+	var st unix.Stat_t
+	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
+		return ""
+	}
+	return filepath.Join(RunDir, fmt.Sprintf("table-%s.netns-%d-%d.lock", table, st.Dev, st.Ino))
+}
 
 // lockTable takes the lock of table inet TABLE in this process's network
-// namespace: a listening socket bound to lockName, held until unlock or
-// the process's end. A second daemon on the same table would take over
-// the first one's table (the two then restore their own in turn, for
-// ever), and -cleanup would remove it and reset its flows.
+// namespace: an exclusive flock of lockPath, held until unlock or the
+// process's end (the kernel drops it at a kill -9 too). A second daemon
+// on the same table would take over the first one's table (the two then
+// restore their own in turn, for ever), and -cleanup would remove it and
+// reset its flows. The file holds the holder's pid, for the message.
 func lockTable(table string) (unlock func(), err error) {
-	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return nil, fmt.Errorf("lock table inet %s: %w", table, err)
+	path := lockPath(table)
+	if path == "" {
+		return nil, fmt.Errorf("lock table inet %s: cannot name this network namespace (/proc/self/ns/net)", table)
 	}
-	addr := &unix.SockaddrUnix{Name: lockName(table)}
-	if err := unix.Bind(fd, addr); err != nil {
-		unix.Close(fd)
-		if errors.Is(err, unix.EADDRINUSE) {
-			return nil, fmt.Errorf("%w: another spliced%s runs on table inet %s in this network namespace; stop it first, or give this one its own kernel.table (and ports)",
-				errTableLocked, lockHolder(addr), table)
+	if err := os.MkdirAll(RunDir, 0o755); err != nil {
+		return nil, fmt.Errorf("lock table inet %s: %w (spliced runs as root)", table, err)
+	}
+	for {
+		fd, err := unix.Open(path, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("lock table inet %s: %w", table, err)
 		}
-		return nil, fmt.Errorf("lock table inet %s: %w", table, err)
+		if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			unix.Close(fd)
+			if errors.Is(err, unix.EWOULDBLOCK) {
+				return nil, fmt.Errorf("%w: another spliced%s runs on table inet %s in this network namespace; stop it first, or give this one its own kernel.table (and ports)",
+					errTableLocked, lockHolder(path), table)
+			}
+			return nil, fmt.Errorf("lock table inet %s: %w", table, err)
+		}
+		// The holder before may have removed the file between our open
+		// and our lock (unlock removes it while it holds the lock): a
+		// lock on a removed file locks nothing; take the new one.
+		var held, now unix.Stat_t
+		if unix.Fstat(fd, &held) != nil || unix.Stat(path, &now) != nil || held.Ino != now.Ino || held.Dev != now.Dev {
+			unix.Close(fd)
+			continue
+		}
+		unix.Ftruncate(fd, 0)
+		unix.Pwrite(fd, []byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+		return func() {
+			unix.Unlink(path) // under the lock: see above
+			unix.Close(fd)
+		}, nil
 	}
-	// Listening lets another daemon ask who holds it (lockHolder).
-	if err := unix.Listen(fd, 1); err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("lock table inet %s: %w", table, err)
-	}
-	return func() { unix.Close(fd) }, nil
 }
 
 // lockHolder names the process that holds a table's lock, as " (pid N)",
 // or "" when it cannot tell.
-func lockHolder(addr *unix.SockaddrUnix) string {
-	fd, err := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC|unix.SOCK_NONBLOCK, 0)
+func lockHolder(path string) string {
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return ""
 	}
-	defer unix.Close(fd)
-	if err := unix.Connect(fd, addr); err != nil {
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil || pid <= 0 {
 		return ""
 	}
-	cred, err := unix.GetsockoptUcred(fd, unix.SOL_SOCKET, unix.SO_PEERCRED)
-	if err != nil || cred.Pid == 0 {
-		return ""
-	}
-	return fmt.Sprintf(" (pid %d)", cred.Pid)
+	return fmt.Sprintf(" (pid %d)", pid)
 }

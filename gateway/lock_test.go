@@ -1,0 +1,119 @@
+package gateway
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+
+	"golang.org/x/sys/unix"
+)
+
+// withRunDir points RunDir at a fresh directory, as /run/spliced is:
+// root's, mode 0755.
+func withRunDir(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	old := RunDir
+	RunDir = dir
+	t.Cleanup(func() { RunDir = old })
+	return dir
+}
+
+// TestTableLockExclusive: one holder per table and network namespace,
+// named by its pid; the lock and its file go with unlock.
+func TestTableLockExclusive(t *testing.T) {
+	withRunDir(t)
+	unlock, err := lockTable("locktest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = lockTable("locktest")
+	if !errors.Is(err, errTableLocked) || !strings.Contains(err.Error(), fmt.Sprintf("(pid %d)", os.Getpid())) {
+		t.Errorf("second lock: %v; want errTableLocked naming pid %d", err, os.Getpid())
+	}
+	other, err := lockTable("othertable")
+	if err != nil {
+		t.Errorf("another table's lock: %v", err)
+	} else {
+		other()
+	}
+	unlock()
+	if _, err := os.Stat(lockPath("locktest")); !os.IsNotExist(err) {
+		t.Errorf("lock file after unlock: %v", err)
+	}
+	again, err := lockTable("locktest")
+	if err != nil {
+		t.Fatalf("lock after unlock: %v", err)
+	}
+	again()
+}
+
+// TestTableLockSquatHelper is not a test: TestTableLockNotSquattable runs
+// it as user nobody, which tries to take the table's lock, and binds the
+// abstract address that was the lock before, then waits.
+func TestTableLockSquatHelper(t *testing.T) {
+	table := os.Getenv("SPLICED_SQUAT_TABLE")
+	if table == "" {
+		t.Skip("run by TestTableLockNotSquattable")
+	}
+	RunDir = os.Getenv("SPLICED_SQUAT_RUNDIR")
+	if err := syscall.Setgid(65534); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Setuid(65534); err != nil {
+		t.Fatal(err)
+	}
+	_, err := lockTable(table)
+	fd, _ := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM, 0)
+	unix.Bind(fd, &unix.SockaddrUnix{Name: "@spliced/table/" + table})
+	fmt.Printf("squatter done: %v\n", err)
+	bufio.NewReader(os.Stdin).ReadString('\n') // until the parent is done
+}
+
+// TestTableLockNotSquattable: the table lock was an abstract Unix socket
+// address, which any local user of the network namespace could bind
+// first (abstract addresses have no permissions), keeping spliced from
+// starting and spliced -cleanup (the unit's ExecStopPost) from removing
+// a dead daemon's table. A user other than root can take the lock now
+// neither way.
+func TestTableLockNotSquattable(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root (to run a process as another user), as make test runs")
+	}
+	dir := withRunDir(t)
+	const table = "squattest"
+	cmd := exec.Command(os.Args[0], "-test.run=^TestTableLockSquatHelper$", "-test.v")
+	cmd.Env = append(os.Environ(), "SPLICED_SQUAT_TABLE="+table, "SPLICED_SQUAT_RUNDIR="+dir)
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { stdin.Close(); cmd.Wait() }()
+	br := bufio.NewReader(stdout)
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("squatter: %v", err)
+		}
+		if strings.HasPrefix(line, "squatter done: ") {
+			if strings.Contains(line, "<nil>") {
+				t.Errorf("user nobody took the table's lock")
+			}
+			break
+		}
+	}
+	unlock, err := lockTable(table)
+	if err != nil {
+		t.Fatalf("root, with user nobody squatting: %v", err)
+	}
+	unlock()
+}

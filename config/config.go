@@ -400,7 +400,7 @@ func (c *Config) applyDefaults() {
 	SetDefault(&c.Kernel.RulePriority, DefaultRulePriority)
 	SetDefault(&c.Limits.MaxFlows, DefaultMaxFlows)
 	SetDefault(&c.Kernel.Queue, DefaultQueue)
-	SetDefault(&c.Kernel.Queues, runtime.NumCPU())
+	SetDefault(&c.Kernel.Queues, defaultQueues(runtime.NumCPU()))
 	SetDefault(&c.Kernel.QueueLen, DefaultQueueLen)
 	SetDefault(&c.Kernel.DivertTimeout, Duration(DefaultDivertTimeout))
 	SetDefault(&c.Kernel.NFQueue, "lean")
@@ -463,3 +463,11 @@ func (c *Config) Service(name string) *Service {
 
 // String of a service for logs.
 func (s *Service) String() string { return fmt.Sprintf("service %q", s.Name) }
+
+// MaxQueues bounds kernel.queues.
+const MaxQueues = 64
+
+// defaultQueues is kernel.queues when not set: one per CPU, at most
+// MaxQueues (a machine with more CPUs failed the validation of its own
+// default).
+func defaultQueues(cpus int) int { return min(max(cpus, 1), MaxQueues) }

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -136,4 +137,22 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("error without file name: %v", err)
 		}
 	})
+}
+
+// TestDefaultQueues: kernel.queues defaults to one queue per CPU, at
+// most MaxQueues: on a machine with more CPUs the default failed the
+// validation of kernel.queues (1-64) and the daemon did not start with
+// an empty configuration.
+func TestDefaultQueues(t *testing.T) {
+	for cpus, want := range map[int]int{1: 1, 2: 2, 64: 64, 65: 64, 96: 64, 512: 64} {
+		if got := defaultQueues(cpus); got != want {
+			t.Errorf("%d CPUs: %d queues, want %d", cpus, got, want)
+		}
+		c, err := Parse("t.yaml", []byte(fmt.Sprintf("kernel:\n  queues: %d\n", defaultQueues(cpus))))
+		if err != nil {
+			t.Errorf("%d CPUs: the default number of queues does not validate: %v", cpus, err)
+		} else if c.Kernel.Queues != want {
+			t.Errorf("%d CPUs: parsed %d queues", cpus, c.Kernel.Queues)
+		}
+	}
 }

@@ -37,8 +37,8 @@ func (c *Config) validate(idx *keyIndex) error {
 	case 253, 254, 255:
 		bad("kernel.route_table", fmt.Sprint(c.Kernel.RouteTable), "is a system routing table (default, main or local); use a table of its own such as 100")
 	}
-	if c.Kernel.Queues < 1 || c.Kernel.Queues > 64 {
-		bad("kernel.queues", fmt.Sprint(c.Kernel.Queues), "is not a usable number of queues; use 1-64 (0 means one per CPU)")
+	if c.Kernel.Queues < 1 || c.Kernel.Queues > MaxQueues {
+		bad("kernel.queues", fmt.Sprint(c.Kernel.Queues), "is not a usable number of queues; use 1-%d (0 means one per CPU, at most %d)", MaxQueues, MaxQueues)
 	} else if int(c.Kernel.Queue)+c.Kernel.Queues > 65536 {
 		bad("kernel.queue", fmt.Sprint(c.Kernel.Queue), "leaves no room for %d queues; use a queue number below %d", c.Kernel.Queues, 65536-c.Kernel.Queues)
 	}

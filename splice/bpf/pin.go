@@ -96,6 +96,13 @@ func MountBPFFS(root string) error {
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return fmt.Errorf("bpffs %s: %w", root, err)
 	}
+	// A mount hides what the directory holds: kernel.bpffs: /var would
+	// hide the system's files until a reboot.
+	if ents, err := os.ReadDir(root); err != nil {
+		return fmt.Errorf("bpffs %s: %w", root, err)
+	} else if len(ents) > 0 {
+		return fmt.Errorf("bpffs %s is a directory with files in it (%s ...), not a bpf file system: spliced mounts one only on an empty or new directory; set kernel.bpffs to /sys/fs/bpf or a new directory", root, ents[0].Name())
+	}
 	if err := unix.Mount("bpf", root, "bpf", 0, "mode=0700"); err != nil {
 		return fmt.Errorf("mount bpffs at %s: %w", root, err)
 	}

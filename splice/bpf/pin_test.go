@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -40,6 +41,25 @@ func bpffs(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return root
+}
+
+// TestMountBPFFSRefusesFullDirectory: a bpf file system mounted on a
+// directory hides its files; kernel.bpffs naming one (/var, say) is
+// refused, with nothing mounted.
+func TestMountBPFFSRefusesFullDirectory(t *testing.T) {
+	requireRoot(t)
+	root := t.TempDir()
+	if err := os.WriteFile(filepath.Join(root, "keep"), []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	err := MountBPFFS(root)
+	if IsBPFFS(root) {
+		unix.Unmount(root, unix.MNT_DETACH)
+		t.Fatal("mounted a bpf file system over a directory with a file in it")
+	}
+	if err == nil || !strings.Contains(err.Error(), "keep") {
+		t.Errorf("MountBPFFS: %v; want an error naming the file", err)
+	}
 }
 
 // inNetNS runs fn on a thread of its own in a new network namespace

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net"
 	"sync"
@@ -78,6 +79,11 @@ func (b *Base) Go(fn func()) {
 func (b *Base) ServeWith(ctx context.Context, listeners []*net.TCPListener, handle func(*net.TCPConn)) error {
 	b.init()
 	return ServeListeners(ctx, listeners, &b.wg, handle, func(err error) {
+		var ni *NotInterceptedError
+		if errors.As(err, &ni) {
+			b.LogLimited("not intercepted", slog.LevelWarn, "connection to the listen port refused", logging.KeyClient, ni.Client, logging.Err(err))
+			return
+		}
 		b.LogLimited("accept", slog.LevelWarn, "accept failed", logging.Err(err))
 	})
 }

@@ -161,8 +161,20 @@ const handlersIdleMax = 64
 func acceptLoop(ctx context.Context, ln *net.TCPListener, wg *sync.WaitGroup, handle func(*net.TCPConn), acceptFailed func(error)) error {
 	handlers := workpool.New(handlerIdle, handlersIdleMax)
 	defer handlers.Close() // the loop ended: idle handlers end
+	listenPort := addrPort(ln.Addr()).Port()
+	transparent := isTransparent(ln)
 	for {
 		c, err := ln.AcceptTCP()
+		if err == nil && transparent && addrPort(c.LocalAddr()).Port() == listenPort {
+			// Not intercepted: a client connected to the TPROXY
+			// listener itself (the gateway's address and the listen
+			// port). Its destination is the listener, so the proxy
+			// would connect to itself, again and again: one such
+			// connection to a NAT service made 5,000 flows.
+			acceptFailed(&NotInterceptedError{Client: addrPort(c.RemoteAddr()), Listener: addrPort(c.LocalAddr())})
+			reset(c)
+			continue
+		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -184,6 +196,14 @@ func acceptLoop(ctx context.Context, ln *net.TCPListener, wg *sync.WaitGroup, ha
 			wg.Done()
 		})
 	}
+}
+
+// NotInterceptedError is a connection a transparent service's listener
+// refused: one made to the listener itself, not intercepted.
+type NotInterceptedError struct{ Client, Listener netip.AddrPort }
+
+func (e *NotInterceptedError) Error() string {
+	return fmt.Sprintf("refused a connection from %s to the TPROXY listener %s itself: clients reach a transparent service through the ports it intercepts, not its listen port", e.Client, e.Listener)
 }
 
 func (f *Forwarder) handle(c *net.TCPConn) {

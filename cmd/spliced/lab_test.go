@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"spliced/api"
 	"spliced/testnet"
 )
 
@@ -100,6 +101,59 @@ func TestLabForward(t *testing.T) {
 						l["server"] == srv.String() && l["bytes_c2s"] == float64(size) && l["bytes_s2c"] == float64(size)
 				}); err != nil {
 					t.Fatalf("no 'flow closed' record with %d bytes each way for %v: %v\n%s", size, srv, err, d.Log())
+				}
+			})
+		}
+	}
+}
+
+// TestLabListenerNotReachableDirectly: a client that connects to a
+// transparent service's TPROXY listener itself (the gateway's address and
+// the listen port) is refused. Its destination was the listener, so the
+// proxy connected to itself, again and again: one such connection to a
+// NAT service made 5,000 flows in a minute (and in transparent mode one
+// flow that hung). The daemon resets it, logs why (rate-limited), and
+// keeps no flow.
+func TestLabListenerNotReachableDirectly(t *testing.T) {
+	for _, mode := range []string{"nat", "transparent"} {
+		for _, v6 := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/v6=%v", mode, v6), func(t *testing.T) {
+				lab := testnet.NewT(t, testnet.Options{})
+				d := testnet.StartDaemon(t, lab, fmt.Sprintf(forwardConfig, mode))
+				dst := netip.AddrPortFrom(lab.GatewayClientSide[0].Addr(v6), 15001)
+				// The reset may come before the dial returns.
+				c, err := lab.Client().Dial(dst, 5*time.Second)
+				if err == nil {
+					defer c.Close()
+					c.Write([]byte("hello"))
+					c.SetReadDeadline(time.Now().Add(10 * time.Second))
+					_, err = c.Read(make([]byte, 16))
+				}
+				if !errors.Is(err, syscall.ECONNRESET) {
+					t.Errorf("connect, write and read: %v; want a reset", err)
+				}
+				if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
+					client, _ := netip.ParseAddrPort(fmt.Sprint(l["client"]))
+					return l["msg"] == "connection to the listen port refused" && client.Addr() == lab.Client().Addr(v6)
+				}); err != nil {
+					t.Errorf("no refusal logged: %v\n%s", err, tail(d.Log(), 10))
+				}
+				flows, err := d.Client().Flows(t.Context(), api.FlowFilter{})
+				if err != nil || len(flows) != 0 {
+					t.Errorf("flows: %d, %v; want none", len(flows), err)
+				}
+				if l := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow opened" }); l != nil {
+					t.Errorf("a flow was opened: %v", l)
+				}
+				// Intercepted flows work as before.
+				srv := netip.AddrPortFrom(lab.Server().Addr(v6), 5001)
+				ln, err := lab.Server().Listen(srv)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer ln.Close()
+				if err := testnet.RunTransfer(lab.Client(), ln, srv, testnet.TransferOptions{C2S: 1 << 20, S2C: 1 << 20, Seed: 3}).Check(); err != nil {
+					t.Error(err)
 				}
 			})
 		}

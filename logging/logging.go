@@ -7,12 +7,17 @@
 package logging
 
 import (
+	"encoding"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/lmittmann/tint"
 	"golang.org/x/sys/unix"
@@ -43,19 +48,98 @@ func New(w io.Writer, format, level string) (*slog.Logger, error) {
 	if err := lvl.UnmarshalText([]byte(level)); err != nil {
 		return nil, fmt.Errorf("log level %q: use debug, info, warn or error", level)
 	}
+	f, ok := w.(*os.File)
+	terminal := ok && isTerminal(f)
 	if format == "auto" {
 		format = "json"
-		if f, ok := w.(*os.File); ok && isTerminal(f) {
+		if terminal {
 			format = "text"
 		}
 	}
 	switch format {
 	case "text":
-		return slog.New(tint.NewTextHandler(w, &tint.Options{Level: lvl, TimeFormat: time.TimeOnly})), nil
+		return slog.New(newText(w, lvl, terminal)), nil
 	case "json":
 		return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: lvl})), nil
 	}
 	return nil, fmt.Errorf("log format %q: use auto, text or json", format)
+}
+
+// newText returns tint's handler, colored only for a terminal (colors in
+// a journal or a file are noise), with every value a client may have
+// chosen made safe for a terminal by escapeAttr.
+func newText(w io.Writer, lvl slog.Level, color bool) slog.Handler {
+	return tint.NewTextHandler(w, &tint.Options{
+		Level:       lvl,
+		TimeFormat:  time.TimeOnly,
+		NoColor:     !color,
+		ReplaceAttr: escapeAttr,
+	})
+}
+
+// escapeAttr keeps terminal control sequences a client put in a value (a
+// SOCKS5 user name, an HTTP path, an error quoting either) out of the
+// text log. tint writes ESC unquoted, and in its colored mode turns every
+// "\x1b" of a quoted value back into ESC (so a value with the four
+// characters \x1b and a space is as bad as a real ESC); the message it
+// writes as it is. A string that holds a control byte (C0 or DEL), any
+// other unprintable character, invalid UTF-8 or the text \x1b becomes a
+// []byte, which tint quotes with strconv.Quote and nothing more: every
+// such byte is written as an escape, and nothing is turned back. An
+// error or other value whose text holds one is replaced by its text,
+// made safe the same way. The message, which tint never quotes, is
+// quoted here when it needs it.
+func escapeAttr(groups []string, a slog.Attr) slog.Attr {
+	var s string
+	switch a.Value.Kind() {
+	case slog.KindString:
+		s = a.Value.String()
+	case slog.KindAny:
+		switch v := a.Value.Any().(type) {
+		case []byte:
+			return a // quoted by tint
+		case encoding.TextMarshaler:
+			b, err := v.MarshalText()
+			if err != nil {
+				return a
+			}
+			s = string(b)
+		default:
+			s = fmt.Sprintf("%+v", v) // as tint formats it
+		}
+	default:
+		return a
+	}
+	if !needsEscape(s) {
+		return a
+	}
+	if len(groups) == 0 && a.Key == slog.MessageKey {
+		a.Value = slog.StringValue(strconv.Quote(s))
+	} else {
+		a.Value = slog.AnyValue([]byte(s))
+	}
+	return a
+}
+
+// needsEscape reports whether s holds anything a terminal could take for
+// a control sequence, or that tint's colored quoting would turn into one.
+func needsEscape(s string) bool {
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			if c < 0x20 || c == 0x7f {
+				return true
+			}
+			i++
+			continue
+		}
+		r, n := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError || !unicode.IsPrint(r) {
+			return true
+		}
+		i += n
+	}
+	return strings.Contains(s, `\x1b`)
 }
 
 func isTerminal(f *os.File) bool {

@@ -197,7 +197,7 @@ type Limits struct {
 
 // Control is the control API (splicectl).
 type Control struct {
-	// Socket is the Unix socket of the API (default
+	// Socket is the Unix socket of the API, an absolute path (default
 	// /run/spliced/spliced.sock); "off" disables it.
 	Socket string `yaml:"socket"`
 	// Group may use the socket (mode 0660); empty: root only (0600).
@@ -217,7 +217,7 @@ type Debug struct {
 	// Pprof is the address of Go's net/http/pprof handlers
 	// (/debug/pprof/), e.g. 127.0.0.1:6060; empty disables them. They
 	// show the daemon's memory and goroutines to whoever reaches the
-	// address: bind it to a loopback address.
+	// address, so it must be a loopback address (others are refused).
 	Pprof string `yaml:"pprof"`
 }
 

@@ -2,10 +2,12 @@ package config
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"time"
 )
 
@@ -13,6 +15,7 @@ var (
 	tableNameRE   = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_]{0,31}$`)
 	serviceNameRE = regexp.MustCompile(`^[a-z][a-z0-9_]{0,23}$`)
 	ifaceNameRE   = regexp.MustCompile(`^[^/:\s]{1,15}$`)
+	hostNameRE    = regexp.MustCompile(`^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$`)
 )
 
 func (c *Config) validate(idx *keyIndex) error {
@@ -90,6 +93,29 @@ func (c *Config) validate(idx *keyIndex) error {
 	}
 	if c.Kernel.DivertTimeout.D() < time.Second {
 		bad("kernel.divert_timeout", c.Kernel.DivertTimeout.D().String(), "is too short: live flows' entries are refreshed every third of it; use at least 1s (default %v)", DefaultDivertTimeout)
+	}
+	if sock := c.Control.Socket; sock != "" {
+		switch {
+		case !filepath.IsAbs(sock):
+			bad("control.socket", sock, "is not an absolute path; use one such as /run/spliced/spliced.sock (default), or off")
+		case len(sock) > maxSocketPath:
+			bad("control.socket", sock, "is longer than the %d bytes a Unix socket address holds; use a shorter path such as /run/spliced/spliced.sock (default)", maxSocketPath)
+		}
+	}
+	if a := c.Metrics.Listen; a != "" {
+		if _, _, msg := parseListen(a); msg != "" {
+			bad("metrics.listen", a, "%s; use an address and port such as 127.0.0.1:9410, or leave it empty for no metrics", msg)
+		}
+	}
+	if a := c.Debug.Pprof; a != "" {
+		host, _, msg := parseListen(a)
+		ip, err := netip.ParseAddr(host)
+		switch {
+		case msg != "":
+			bad("debug.pprof", a, "%s; use a loopback address and port such as 127.0.0.1:6060, or leave it empty for no profiling", msg)
+		case err != nil || !ip.Unmap().IsLoopback():
+			bad("debug.pprof", a, "is not a loopback address: Go's profiling handlers expose the daemon's memory contents (heap profiles, goroutine stacks, the command line) to whoever reaches them, so they must stay on 127.0.0.1 or ::1; use e.g. 127.0.0.1:6060 or [::1]:6060")
+		}
 	}
 	if c.Limits.MaxFlows < 0 {
 		bad("limits.max_flows", fmt.Sprint(c.Limits.MaxFlows), "is negative; use a positive number of flows (0 means the default %d)", DefaultMaxFlows)
@@ -200,6 +226,30 @@ func (c *Config) validate(idx *keyIndex) error {
 		return errs
 	}
 	return nil
+}
+
+// maxSocketPath is the longest path a Unix socket address holds (sun_path
+// less its terminating NUL).
+const maxSocketPath = 107
+
+// parseListen splits a TCP listen address (metrics.listen, debug.pprof)
+// as net.Listen reads it: host:port, the host empty (every address), an
+// IP address or a name, the port a number 1-65535 (net.Listen would look
+// a service name up, and take 0 for any free port). msg says what is
+// wrong, or is empty.
+func parseListen(a string) (host string, port uint16, msg string) {
+	host, p, err := net.SplitHostPort(a)
+	if err != nil {
+		return "", 0, "is not host:port (an IPv6 address goes in brackets: [::1]:9410)"
+	}
+	if _, err := netip.ParseAddr(host); err != nil && host != "" && !hostNameRE.MatchString(host) {
+		return "", 0, fmt.Sprintf("has host %q, not an IP address or host name", host)
+	}
+	n, err := strconv.ParseUint(p, 10, 16)
+	if err != nil || n == 0 {
+		return "", 0, fmt.Sprintf("has port %q, not a port number 1-65535", p)
+	}
+	return host, uint16(n), ""
 }
 
 // overlap reports whether two services could both match one flow, and a

@@ -66,3 +66,104 @@ func TestListenerKeysAccepted(t *testing.T) {
 		}
 	}
 }
+
+// TestListenPortCollisions: a transparent service's listener binds
+// 0.0.0.0 and [::] on its listen port; a direct service's listen_on on
+// the same port, or the metrics listener there, cannot bind. Such files
+// validated, and the daemon failed at its start (or a reload was
+// refused with a bind error, not a configuration error).
+func TestListenPortCollisions(t *testing.T) {
+	for _, doc := range []string{
+		"services:\n" +
+			"  - {name: web, listen: 15001, ports: [\"80\"]}\n" +
+			"  - {name: fwd, listen_mode: direct, listen_on: [\"10.1.0.1:15001\"], forward: {backends: [\"10.2.0.2:80\"]}}\n",
+		"metrics:\n  listen: \"127.0.0.1:15001\"\n" +
+			"services:\n  - {name: web, listen: 15001, ports: [\"80\"]}\n",
+		"services:\n" +
+			"  - {name: a, listen_mode: direct, listen_on: [\"0.0.0.0:1080\"], forward: {backends: [\"10.2.0.2:80\"]}}\n" +
+			"  - {name: b, listen_mode: direct, listen_on: [\"10.1.0.1:1080\"], forward: {backends: [\"10.2.0.3:80\"]}}\n",
+	} {
+		if _, err := Parse("collide.yaml", []byte(doc)); err == nil {
+			t.Errorf("accepted:\n%s", doc)
+		} else {
+			t.Logf("refused: %v", err)
+		}
+	}
+}
+
+// TestListenPortCollisionErrors: each clash is reported once, on the
+// later key, naming both listeners and the port.
+func TestListenPortCollisionErrors(t *testing.T) {
+	const web = "  - {name: web, listen: 15001, ports: [\"80\"]}\n"
+	fwd := func(name string, addrs ...string) string {
+		return "  - {name: " + name + ", listen_mode: direct, listen_on: [\"" + strings.Join(addrs, `", "`) + "\"], forward: {backends: [\"10.2.0.2:80\"]}}\n"
+	}
+	for _, c := range []struct {
+		in   string
+		want []string
+	}{
+		{"services:\n" + web + fwd("fwd", "10.1.0.1:15001"),
+			[]string{`line 3: services[1].listen_on[0]: "10.1.0.1:15001" of service "fwd" wants port 15001, which service "web" (services[0].listen) takes on 0.0.0.0 and [::]`}},
+		{"services:\n" + fwd("fwd", "[fd01::1]:15001") + web,
+			[]string{`line 3: services[1].listen: "15001" of service "web" wants port 15001 on 0.0.0.0 and [::] (its TPROXY listeners), which service "fwd" (services[0].listen_on[0]) takes on fd01::1`}},
+		{"metrics:\n  listen: \"localhost:15001\"\nservices:\n" + web,
+			[]string{`line 2: metrics.listen: "localhost:15001" wants port 15001, which service "web" (services[0].listen) takes on 0.0.0.0 and [::]`}},
+		{"debug:\n  pprof: \"[::1]:15001\"\nservices:\n" + web,
+			[]string{`debug.pprof: "[::1]:15001" wants port 15001`, `service "web"`}},
+		{"metrics:\n  listen: \":1080\"\nservices:\n" + fwd("fwd", "10.1.0.1:1080"),
+			[]string{`metrics.listen: ":1080" wants port 1080 on every address, which service "fwd" (services[0].listen_on[0]) takes on 10.1.0.1`}},
+		{"metrics:\n  listen: \"0.0.0.0:1080\"\nservices:\n" + fwd("fwd", "[fd01::1]:1080"),
+			[]string{`metrics.listen: "0.0.0.0:1080" wants port 1080 on every address`}},
+		{"metrics:\n  listen: \"127.0.0.1:6060\"\ndebug:\n  pprof: \"127.0.0.1:6060\"\n",
+			[]string{`line 4: debug.pprof: "127.0.0.1:6060" wants port 6060, which metrics.listen takes on 127.0.0.1`}},
+		{"services:\n" + fwd("fwd", "10.1.0.1:1080", "0.0.0.0:1080"),
+			[]string{`services[0].listen_on[1]: "0.0.0.0:1080" of service "fwd" wants port 1080, which service "fwd" (services[0].listen_on[0]) takes on 10.1.0.1`}},
+		{"services:\n" + fwd("a", "[::]:1080") + fwd("b", "[fd01::1]:1080"),
+			[]string{`services[1].listen_on[0]: "[fd01::1]:1080" of service "b" wants port 1080, which service "a" (services[0].listen_on[0]) takes on ::`}},
+	} {
+		_, err := Parse("bad.yaml", []byte(c.in))
+		if err == nil {
+			t.Errorf("accepted:\n%s", c.in)
+			continue
+		}
+		for _, w := range c.want {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("error %q lacks %q", err, w)
+			}
+		}
+		if n := strings.Count(err.Error(), "wants port"); n != 1 {
+			t.Errorf("%d clashes reported, want 1: %v", n, err)
+		}
+	}
+	// The service checks' own reports are not repeated.
+	for _, in := range []string{
+		"services:\n" + web + "  - {name: web2, listen: 15001, ports: [\"81\"]}\n",
+		"services:\n" + fwd("a", "10.1.0.1:1080") + fwd("b", "10.1.0.1:1080"),
+	} {
+		_, err := Parse("bad.yaml", []byte(in))
+		if err == nil || !strings.Contains(err.Error(), "already") || strings.Contains(err.Error(), "wants port") {
+			t.Errorf("%q: %v", in, err)
+		}
+	}
+}
+
+// TestListenPortsApart: listeners on one port that can all bind, or on
+// different ports, still load.
+func TestListenPortsApart(t *testing.T) {
+	const web = "  - {name: web, listen: 15001, ports: [\"80\"]}\n"
+	fwd := func(name string, addrs ...string) string {
+		return "  - {name: " + name + ", listen_mode: direct, listen_on: [\"" + strings.Join(addrs, `", "`) + "\"], forward: {backends: [\"10.2.0.2:80\"]}}\n"
+	}
+	for _, in := range []string{
+		"metrics:\n  listen: \"127.0.0.1:9410\"\ndebug:\n  pprof: \"127.0.0.1:6060\"\nservices:\n" + web + fwd("fwd", "10.1.0.1:1080", "[fd01::1]:1080"),
+		"services:\n" + fwd("fwd", "0.0.0.0:1080", "[::]:1080"),
+		"services:\n" + fwd("a", "0.0.0.0:1080") + fwd("b", "[fd01::1]:1080"),
+		"services:\n" + fwd("a", "10.1.0.1:1080") + fwd("b", "10.1.0.2:1080"),
+		"metrics:\n  listen: \"127.0.0.1:6060\"\ndebug:\n  pprof: \"[::1]:6060\"\n",
+		"metrics:\n  listen: \"127.0.0.1:1080\"\nservices:\n" + fwd("fwd", "10.1.0.1:1080"),
+	} {
+		if _, err := Parse("good.yaml", []byte(in)); err != nil {
+			t.Errorf("%q: %v", in, err)
+		}
+	}
+}

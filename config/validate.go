@@ -94,6 +94,7 @@ func (c *Config) validate(idx *keyIndex) error {
 	if c.Kernel.DivertTimeout.D() < time.Second {
 		bad("kernel.divert_timeout", c.Kernel.DivertTimeout.D().String(), "is too short: live flows' entries are refreshed every third of it; use at least 1s (default %v)", DefaultDivertTimeout)
 	}
+	pprofOK := false
 	if sock := c.Control.Socket; sock != "" {
 		switch {
 		case !filepath.IsAbs(sock):
@@ -115,6 +116,8 @@ func (c *Config) validate(idx *keyIndex) error {
 			bad("debug.pprof", a, "%s; use a loopback address and port such as 127.0.0.1:6060, or leave it empty for no profiling", msg)
 		case err != nil || !ip.Unmap().IsLoopback():
 			bad("debug.pprof", a, "is not a loopback address: Go's profiling handlers expose the daemon's memory contents (heap profiles, goroutine stacks, the command line) to whoever reaches them, so they must stay on 127.0.0.1 or ::1; use e.g. 127.0.0.1:6060 or [::1]:6060")
+		default:
+			pprofOK = true
 		}
 	}
 	if c.Limits.MaxFlows < 0 {
@@ -222,10 +225,138 @@ func (c *Config) validate(idx *keyIndex) error {
 			}
 		}
 	}
+	var lns []listener
+	for i := range c.Services {
+		s := &c.Services[i]
+		p := fmt.Sprintf("services[%d]", i)
+		switch {
+		case s.ListenMode == ListenDirect:
+			for j, a := range s.ListenOn {
+				lns = append(lns, listener{
+					key: fmt.Sprintf("%s.listen_on[%d]", p, j), value: a.String(), owner: fmt.Sprintf("service %q", s.Name),
+					port: a.Port(), addr: a.Addr(), direct: true,
+				})
+			}
+		case s.Listen != 0:
+			lns = append(lns, listener{
+				key: p + ".listen", value: fmt.Sprint(s.Listen), owner: fmt.Sprintf("service %q", s.Name),
+				port: uint16(s.Listen), all: true, transparent: true,
+			})
+		}
+	}
+	for _, k := range []struct {
+		key, value string
+		ok         bool
+	}{{"metrics.listen", c.Metrics.Listen, true}, {"debug.pprof", c.Debug.Pprof, pprofOK}} {
+		if k.value == "" || !k.ok {
+			continue
+		}
+		host, port, msg := parseListen(k.value)
+		if msg != "" {
+			continue
+		}
+		l := listener{key: k.key, value: k.value, port: port}
+		if ip, err := netip.ParseAddr(host); err == nil {
+			l.addr = ip.Unmap()
+		}
+		// net.Listen("tcp") takes every address of both families for
+		// an empty host, 0.0.0.0 or :: (one dual-stack socket).
+		l.all = host == "" || l.addr.IsUnspecified()
+		lns = append(lns, l)
+	}
+	for i := range lns {
+		for j := range i {
+			if clash(&lns[j], &lns[i]) {
+				bad(lns[i].key, lns[i].value, "%s", fmt.Sprintf("%swants port %d%s, which %s takes on %s: one of them could not bind; give one of them another port",
+					lns[i].of(), lns[i].port, lns[i].on(), lns[j].who(), lns[j].where()))
+				break
+			}
+		}
+	}
+
 	if len(errs) > 0 {
 		return errs
 	}
 	return nil
+}
+
+// listener is a TCP listener the configuration opens, for the check
+// that they can all bind.
+type listener struct {
+	key, value string
+	owner      string // service "web"; empty for metrics and pprof
+	port       uint16
+	addr       netip.Addr // invalid for a host name (resolved at start) or all
+	all        bool       // every address of both families
+	// transparent: a transparent service's TPROXY listeners (0.0.0.0 and
+	// [::], one per family); direct: one of listen_on.
+	transparent, direct bool
+}
+
+// clash reports whether a and b cannot both listen: on one port, one
+// takes every address, both take the same address, or one takes every
+// address of the other's family (a direct service's 0.0.0.0 or [::]).
+// Linux refuses such a bind while the other socket listens, whatever
+// SO_REUSEADDR says. Pairs the service checks above already report
+// (two transparent services on one port, one listen_on address twice)
+// are left out.
+func clash(a, b *listener) bool {
+	switch {
+	case a.port != b.port:
+		return false
+	case a.transparent && b.transparent:
+		return false
+	case a.direct && b.direct && a.addr == b.addr:
+		return false
+	case a.all || b.all:
+		return true
+	case !a.addr.IsValid() || !b.addr.IsValid():
+		return false
+	case a.addr.Is4() != b.addr.Is4():
+		return false
+	}
+	return a.addr == b.addr || a.addr.IsUnspecified() || b.addr.IsUnspecified()
+}
+
+// on says where l wants its port when it is every address.
+func (l *listener) on() string {
+	switch {
+	case l.transparent:
+		return " on 0.0.0.0 and [::] (its TPROXY listeners)"
+	case l.all:
+		return " on every address"
+	}
+	return ""
+}
+
+// of names l's service, if any, for an error keyed on l.
+func (l *listener) of() string {
+	if l.owner != "" {
+		return "of " + l.owner + " "
+	}
+	return ""
+}
+
+// who names l: its service and key, or its key.
+func (l *listener) who() string {
+	if l.owner != "" {
+		return fmt.Sprintf("%s (%s)", l.owner, l.key)
+	}
+	return l.key
+}
+
+// where says which addresses l takes.
+func (l *listener) where() string {
+	switch {
+	case l.transparent:
+		return "0.0.0.0 and [::]"
+	case l.all:
+		return "every address"
+	case l.addr.IsValid():
+		return l.addr.String()
+	}
+	host, _, _ := net.SplitHostPort(l.value)
+	return host
 }
 
 // maxSocketPath is the longest path a Unix socket address holds (sun_path

@@ -243,13 +243,18 @@ func (h *handshake) login() (result string, ok bool, err error) {
 		return failResult(err, resultAuthFailed), false, err
 	}
 	h.user = user
-	now := time.Now()
-	if blocked, until := p.failed.begin(h.client.Addr()); blocked {
+	// A wait for the source's other checks counts against the
+	// handshake's deadline; the check itself does not.
+	if blocked, until := p.failed.begin(h.client.Addr(), h.deadline); blocked {
+		if until.IsZero() {
+			return resultTimeout, false, errors.New("handshake_timeout passed while the login waited for the checks of its source's other logins")
+		}
 		c.Write([]byte{authVersion, 0x01})
 		p.LogLimited("socks5 backed off", slog.LevelWarn, "socks5: login from a backed-off source refused without a check",
 			logging.KeyClient, h.client, "user", user, "until", until.Format(time.RFC3339))
 		return resultBackedOff, false, nil
 	}
+	now := time.Now()
 	ok = (*p.users.Load()).check(user, pass)
 	backOff := p.failed.done(h.client.Addr(), user, ok, time.Now())
 	h.deadline = h.deadline.Add(time.Since(now))

@@ -686,17 +686,17 @@ func TestBackOffIPv6Prefix(t *testing.T) {
 	f := newFailures(3, time.Minute)
 	for i := range 3 {
 		src := netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 15: byte(i + 1)})
-		if blocked, _ := f.begin(src); blocked {
+		if blocked, _ := f.begin(src, time.Now().Add(time.Minute)); blocked {
 			t.Fatalf("guess %d from %v backed off already", i, src)
 		}
 		f.done(src, "alice", false, time.Now())
 	}
-	if blocked, _ := f.begin(netip.MustParseAddr("2001:db8::99")); !blocked {
+	if blocked, _ := f.begin(netip.MustParseAddr("2001:db8::99"), time.Now().Add(time.Minute)); !blocked {
 		t.Error("a fourth address of the same /64 is not backed off after 3 failures of the prefix")
 	}
 	for _, other := range []string{"2001:db8:0:1::1", "192.0.2.1", "::ffff:192.0.2.2"} {
 		a := netip.MustParseAddr(other)
-		if blocked, _ := f.begin(a); blocked {
+		if blocked, _ := f.begin(a, time.Now().Add(time.Minute)); blocked {
 			t.Errorf("%v is backed off by another /64's failures", a)
 		} else {
 			f.done(a, "alice", true, time.Now())

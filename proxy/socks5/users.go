@@ -110,7 +110,6 @@ func (u users) check(user string, pass []byte) bool {
 // when full it forgets those whose back-off ended, then the oldest.
 type failures struct {
 	mu      sync.Mutex
-	cond    *sync.Cond // a check ended
 	limit   int
 	backOff time.Duration
 	m       map[netip.Addr]*failure
@@ -121,6 +120,9 @@ type failure struct {
 	last     time.Time
 	until    time.Time // backed off until then
 	checking int       // checks begun and not yet done
+	// wake, when not nil, is closed when a check of the source ends:
+	// logins waiting for their turn look again.
+	wake chan struct{}
 	// user is whose password the failures of the streak guessed; mixed
 	// says they guessed several users'. A login forgives only its own
 	// user's mistakes.
@@ -146,21 +148,21 @@ func source(a netip.Addr) netip.Addr {
 }
 
 func newFailures(limit int, backOff time.Duration) *failures {
-	f := &failures{limit: max(limit, 1), backOff: backOff, m: map[netip.Addr]*failure{}}
-	f.cond = sync.NewCond(&f.mu)
-	return f
+	return &failures{limit: max(limit, 1), backOff: backOff, m: map[netip.Addr]*failure{}}
 }
 
 // begin is called before a password check from src. It reports whether
 // src is backed off now, and until when; if not, the check may run and
 // its result must be given to done. At most failed_logins minus the
-// streak's failures checks of one source run at once: a burst of logins
-// sent together waits for the checks ahead of it, so that it cannot
-// get more guesses than the back-off allows.
-func (f *failures) begin(src netip.Addr) (bool, time.Time) {
+// streak's failures checks of one source run at once, and one once a
+// back-off has ended (its failure backs the source off again): a burst
+// of logins sent together waits for the checks ahead of it, so that it
+// cannot get more guesses than the back-off allows. No login waits past
+// deadline: one still waiting then is refused as blocked with a zero
+// until.
+func (f *failures) begin(src netip.Addr, deadline time.Time) (blocked bool, until time.Time) {
 	src = source(src)
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	for {
 		now := time.Now()
 		e := f.m[src]
@@ -172,17 +174,40 @@ func (f *failures) begin(src netip.Addr) (bool, time.Time) {
 			f.m[src] = e
 		}
 		if now.Before(e.until) {
+			f.mu.Unlock()
 			return true, e.until
 		}
 		count := e.count
 		if now.Sub(e.last) > maxBackOff { // an old streak is forgiven
 			count = 0
 		}
-		if count+e.checking < f.limit {
+		// A back-off that ended leaves count at failed_logins or
+		// more: its source gets one check at a time, each failure
+		// backing it off again for twice as long.
+		if e.checking < max(f.limit-count, 1) {
 			e.checking++
+			f.mu.Unlock()
 			return false, time.Time{}
 		}
-		f.cond.Wait()
+		// Wait for a check of the source to end (e.checking > 0, so
+		// done will come and e stays in the map until then).
+		wait := deadline.Sub(now)
+		if wait <= 0 {
+			f.mu.Unlock()
+			return true, time.Time{}
+		}
+		if e.wake == nil {
+			e.wake = make(chan struct{})
+		}
+		wake := e.wake
+		f.mu.Unlock()
+		t := time.NewTimer(wait)
+		select {
+		case <-wake:
+			t.Stop()
+		case <-t.C:
+		}
+		f.mu.Lock()
 	}
 }
 
@@ -192,9 +217,12 @@ func (f *failures) done(src netip.Addr, user string, ok bool, now time.Time) tim
 	src = source(src)
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	defer f.cond.Broadcast()
 	e := f.m[src] // there: an entry with a check running is never deleted
 	e.checking--
+	if e.wake != nil {
+		close(e.wake)
+		e.wake = nil
+	}
 	defer f.forget(src, e)
 	if now.Sub(e.last) > maxBackOff { // an old streak is forgiven
 		e.count, e.user, e.mixed = 0, "", false

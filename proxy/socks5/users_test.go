@@ -1,0 +1,171 @@
+package socks5
+
+import (
+	"bytes"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/crypto/bcrypt"
+
+	"spliced/config"
+)
+
+// TestBackOffEnds: once a source's back-off is over, its next login gets
+// its check, and a failure then doubles the back-off. begin found the
+// streak's count (still failed_logins) not below failed_logins and
+// waited for a check to end, which none would: the login hung until 10
+// minutes after the last failure (the streak's forgiveness) and some
+// other check ended, whatever the handshake's deadline.
+func TestBackOffEnds(t *testing.T) {
+	f := newFailures(2, 50*time.Millisecond)
+	src := netip.MustParseAddr("192.0.2.1")
+	for range 2 {
+		if blocked, _ := f.begin(src, time.Now().Add(time.Minute)); blocked {
+			t.Fatal("blocked early")
+		}
+		f.done(src, "alice", false, time.Now())
+	}
+	if blocked, until := f.begin(src, time.Now().Add(time.Minute)); !blocked || until.IsZero() {
+		t.Fatalf("not backed off after 2 failures (blocked %v, until %v)", blocked, until)
+	}
+	time.Sleep(100 * time.Millisecond)
+	done := make(chan bool, 1)
+	go func() { b, _ := f.begin(src, time.Now().Add(time.Minute)); done <- b }()
+	select {
+	case blocked := <-done:
+		if blocked {
+			t.Fatal("a login after the back-off ended is refused without a check")
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("begin after the back-off ended blocks")
+	}
+	if d := f.done(src, "alice", false, time.Now()); d != 100*time.Millisecond {
+		t.Fatalf("a failure after the back-off backs off for %v, want 100ms (twice the first)", d)
+	}
+}
+
+// TestBackOffEndedOneCheck: after a back-off a source gets one check at a
+// time, so a burst cannot take more guesses than the doubled back-off
+// allows; a login waiting its turn gives up at its deadline, however
+// long the check ahead of it takes.
+func TestBackOffEndedOneCheck(t *testing.T) {
+	f := newFailures(2, 50*time.Millisecond)
+	src := netip.MustParseAddr("192.0.2.1")
+	for range 2 {
+		f.begin(src, time.Now().Add(time.Minute))
+		f.done(src, "alice", false, time.Now())
+	}
+	time.Sleep(100 * time.Millisecond)
+	// begin runs begin with a deadline after wait and returns its result,
+	// or fails the test if it has not returned in time: 2s after the
+	// deadline, or 3s for long waits (which these logins should not
+	// need).
+	begin := func(what string, wait time.Duration) (bool, time.Time) {
+		t.Helper()
+		type result struct {
+			blocked bool
+			until   time.Time
+		}
+		res := make(chan result, 1)
+		go func() { b, u := f.begin(src, time.Now().Add(wait)); res <- result{b, u} }()
+		select {
+		case r := <-res:
+			return r.blocked, r.until
+		case <-time.After(min(wait, time.Second) + 2*time.Second):
+			t.Fatalf("%s: begin has not returned in %v", what, min(wait, time.Second)+2*time.Second)
+			return false, time.Time{}
+		}
+	}
+	if blocked, _ := begin("the first login after the back-off", time.Minute); blocked {
+		t.Fatal("a login after the back-off ended is refused without a check")
+	}
+	// That check is running: a second login waits, until its deadline.
+	start := time.Now()
+	blocked, until := begin("a second login during the check", 200*time.Millisecond)
+	if d := time.Since(start); !blocked || !until.IsZero() || d < 200*time.Millisecond {
+		t.Fatalf("a second login during the one check: blocked %v, until %v after %v; want blocked, zero until, at its 200ms deadline",
+			blocked, until, d)
+	}
+	// A waiting login learns of the failure when the check ends.
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		f.done(src, "alice", false, time.Now())
+	}()
+	start = time.Now()
+	if blocked, until := begin("a login waiting for a failing check", 5*time.Second); !blocked || until.IsZero() {
+		t.Fatalf("a login waiting for a check that failed: blocked %v, until %v; want backed off", blocked, until)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("a login waited %v for a check that ended after 50ms", d)
+	}
+}
+
+// TestLoginAfterBackOff: through the proxy, logins from a source whose
+// back-off has ended are answered (one of a burst checked, the others
+// backed off again) within handshake_timeout, and the right password
+// logs in after the next back-off. They hung: one source could so hold
+// max_sessions handshakes and shut every client out.
+func TestLoginAfterBackOff(t *testing.T) {
+	hash, err := bcrypt.GenerateFromPassword([]byte("s3cret"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	users := filepath.Join(t.TempDir(), "users")
+	os.WriteFile(users, []byte("alice:"+string(hash)+"\n"), 0o600)
+	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
+services:
+  - name: socks
+    proxy: socks5
+    listen_on: ["127.0.0.1:1080"]
+    socks5:
+      users_file: %s
+      handshake_timeout: 1s
+      failed_logins: 2
+      back_off: 100ms
+`, users)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := serveConfig(t, cfg)
+	wrong := cat(greetPass, login("alice", "nope"))
+	refused := []byte{5, 2, 1, 1}
+	for i := range 3 { // the third is backed off
+		if got := l.talk(t, "127.0.0.20", wrong, false); !bytes.Equal(got, refused) {
+			t.Fatalf("attempt %d: got %x", i, got)
+		}
+	}
+	time.Sleep(150 * time.Millisecond)
+	answers := make([][]byte, 4)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for i := range answers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			answers[i] = l.talk(t, "127.0.0.20", wrong, false)
+		}()
+	}
+	wg.Wait()
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("4 logins after the back-off took %v; handshake_timeout is 1s", d)
+	}
+	for i, got := range answers {
+		if !bytes.Equal(got, refused) {
+			t.Fatalf("login %d after the back-off: got %x", i, got)
+		}
+	}
+	if n := l.p.result(resultAuthFailed); n != 3 {
+		t.Fatalf("%d passwords checked: 2, then 1 of the 4 sent after the back-off, want 3 (%d backed off)",
+			n, l.p.result(resultBackedOff))
+	}
+	time.Sleep(250 * time.Millisecond) // the back-off is 200ms now
+	right := cat(greetPass, login("alice", "s3cret"))
+	if got := l.talk(t, "127.0.0.20", right, false); !bytes.Equal(got, okPass) {
+		t.Fatalf("the right password after the second back-off: got %x", got)
+	}
+}

@@ -18,6 +18,12 @@ import (
 // becoming a lever for brute force.
 const HashCost = 10
 
+// MaxHashCost bounds the cost of the users file's hashes. Each step
+// doubles a check: cost 14 takes about 1-1.5 s of a core, and the 31
+// bcrypt accepts about 40 hours, spent at every load (the dummy hash
+// for unknown users has the file's cost) and at every login.
+const MaxHashCost = 14
+
 // HashPassword returns the users-file hash of a password (bcrypt).
 func HashPassword(pass []byte) (string, error) {
 	if len(pass) == 0 || len(pass) > 72 {
@@ -56,6 +62,10 @@ func loadUsers(path string) (users, error) {
 		cost, err := bcrypt.Cost([]byte(hash))
 		if err != nil {
 			return users{}, fmt.Errorf("line %d: the hash of user %q is not a bcrypt hash (%v); make one with spliced -hash-password", n, name, err)
+		}
+		if cost > MaxHashCost {
+			return users{}, fmt.Errorf("line %d: the hash of user %q has bcrypt cost %d, more than %d: loading the file and every login would take 2^%d times a cost-%d check (60-90 ms); make a hash of cost %d with spliced -hash-password",
+				n, name, cost, MaxHashCost, cost-HashCost, HashCost, HashCost)
 		}
 		if _, dup := u.hash[name]; dup {
 			return users{}, fmt.Errorf("line %d: user %q is listed twice; keep one", n, name)

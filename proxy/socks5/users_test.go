@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -167,5 +168,38 @@ services:
 	right := cat(greetPass, login("alice", "s3cret"))
 	if got := l.talk(t, "127.0.0.20", right, false); !bytes.Equal(got, okPass) {
 		t.Fatalf("the right password after the second back-off: got %x", got)
+	}
+}
+
+// TestUsersFileCostBounded: a hash of a cost above MaxHashCost is refused
+// at once, naming its line. bcrypt.Cost accepts costs up to 31, and
+// loadUsers makes a dummy hash at the file's most common cost: one line
+// of cost 31 (a typo, a hash pasted from another tool) made config
+// validation (spliced -check, the start, every SIGHUP) compute a cost-31
+// hash, 2^21 times the 60-90 ms of cost 10, about 40 hours of a core;
+// and then every login of an unknown user cost as much.
+func TestUsersFileCostBounded(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "users")
+	hash := "$2a$31$" + strings.Repeat("a", 53)
+	if err := os.WriteFile(path, []byte("# users\nalice:"+hash+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := loadUsers(path)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("a cost-31 hash was accepted")
+		}
+		for _, want := range []string{"line 2", "cost 31", "-hash-password"} {
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("error %q does not say %q", err, want)
+			}
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("loadUsers of a one-line users file with a cost-31 hash did not return within 3s")
 	}
 }

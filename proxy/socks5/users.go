@@ -4,13 +4,17 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
+
+	"spliced/config"
 )
 
 // HashCost is the bcrypt cost of the hashes HashPassword makes: about
@@ -40,12 +44,32 @@ type users struct {
 	dummy []byte
 }
 
+// maxUsersFileSize bounds a users file, as config.MaxFileSize does the
+// configuration: a line per user is far less, and a path naming
+// something else (a device, a log) must not be read into memory.
+const maxUsersFileSize = config.MaxFileSize
+
 // loadUsers reads a users file: "name:hash" lines, blank lines and #
 // comments ignored. Errors name the line and what to fix.
 func loadUsers(path string) (users, error) {
-	data, err := os.ReadFile(path)
+	f, err := os.Open(path)
 	if err != nil {
 		return users{}, fmt.Errorf("cannot be read (%v); create it with user:hash lines (spliced -hash-password makes a hash)", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return users{}, fmt.Errorf("cannot be read (%v); create it with user:hash lines (spliced -hash-password makes a hash)", err)
+	}
+	if err := checkUsersFile(path, fi); err != nil {
+		return users{}, err
+	}
+	data, err := io.ReadAll(io.LimitReader(f, maxUsersFileSize+1))
+	if err != nil {
+		return users{}, fmt.Errorf("cannot be read (%v); create it with user:hash lines (spliced -hash-password makes a hash)", err)
+	}
+	if len(data) > maxUsersFileSize {
+		return users{}, fmt.Errorf("is larger than %d MiB; a users file is a user:hash line per user: check the path", maxUsersFileSize>>20)
 	}
 	u := users{hash: map[string][]byte{}}
 	costs := map[int]int{} // users by cost
@@ -84,6 +108,20 @@ func loadUsers(path string) (users, error) {
 	}
 	u.dummy = dummyHash(common)
 	return u, nil
+}
+
+// checkUsersFile refuses a users file that someone other than the
+// daemon could change, and so add a login: one that belongs to another
+// user than root or the daemon's own (tests run as any user), or that
+// its group or others may write to. Errors say how to fix it.
+func checkUsersFile(path string, fi os.FileInfo) error {
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Uid != 0 && st.Uid != uint32(os.Geteuid()) {
+		return fmt.Errorf("belongs to user %d, who could add logins to it; make it root's: chown root %s", st.Uid, path)
+	}
+	if perm := fi.Mode().Perm(); perm&0o022 != 0 {
+		return fmt.Errorf("is writable by others than its owner (mode %v), who could add logins to it; chmod 600 %s", perm, path)
+	}
+	return nil
 }
 
 // dummies holds a dummy hash per cost, made once: unknown users are

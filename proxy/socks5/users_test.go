@@ -203,3 +203,77 @@ func TestUsersFileCostBounded(t *testing.T) {
 		t.Fatal("loadUsers of a one-line users file with a cost-31 hash did not return within 3s")
 	}
 }
+
+// TestUsersFileWritableByOthers: a users file that others than its owner
+// may write is refused, with the chmod that fixes it: whoever can write
+// it can add a login. loadUsers read it without a look at its mode.
+func TestUsersFileWritableByOthers(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "users")
+	h, err := HashPassword([]byte("pw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte("alice:"+h+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := loadUsers(path); err != nil {
+		t.Fatalf("mode 600: %v", err)
+	}
+	for _, mode := range []os.FileMode{0o666, 0o620, 0o602} {
+		if err := os.Chmod(path, mode); err != nil {
+			t.Fatal(err)
+		}
+		_, err := loadUsers(path)
+		if err == nil {
+			t.Fatalf("a users file of mode %v was accepted", mode)
+		}
+		if !strings.Contains(err.Error(), "chmod 600 "+path) {
+			t.Errorf("mode %v: error %q does not say chmod 600 %s", mode, err, path)
+		}
+	}
+}
+
+// TestUsersFileOtherOwner: a users file of a user other than root and the
+// daemon's is refused: its owner can add a login. Needs root, to give
+// the file away.
+func TestUsersFileOtherOwner(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to chown the file")
+	}
+	path := filepath.Join(t.TempDir(), "users")
+	h, err := HashPassword([]byte("pw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte("alice:"+h+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(path, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	_, err = loadUsers(path)
+	if err == nil {
+		t.Fatal("a users file of user 65534 was accepted by a daemon running as root")
+	}
+	if !strings.Contains(err.Error(), "user 65534") || !strings.Contains(err.Error(), "chown root "+path) {
+		t.Errorf("error %q does not name the owner and chown root %s", err, path)
+	}
+}
+
+// TestUsersFileSizeCapped: a users file larger than the configuration's
+// cap (4 MiB) is refused rather than read whole into memory: a path that
+// names a log or a device by mistake.
+func TestUsersFileSizeCapped(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "users")
+	line := "# " + strings.Repeat("x", 1021) + "\n" // 1 KiB
+	if err := os.WriteFile(path, []byte(strings.Repeat(line, 4<<10)+"#\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := loadUsers(path)
+	if err == nil {
+		t.Fatal("a users file of 4 MiB and 2 bytes was accepted")
+	}
+	if !strings.Contains(err.Error(), "larger than 4 MiB") {
+		t.Errorf("error %q does not say the file is too large", err)
+	}
+}

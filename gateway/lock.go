@@ -19,18 +19,35 @@ var RunDir = "/run/spliced"
 var errTableLocked = errors.New("table locked")
 
 // lockPath is the file whose lock marks the daemon of table inet TABLE
-// in this process's network namespace, beside the accept_local record
-// ("" when the namespace cannot be named). It lives in RunDir, which
-// only root may write: the lock was an abstract socket address before,
-// which any local user could bind first (abstract addresses have no
+// in this process's network namespace. It lives in RunDir, which only
+// root may write: the lock was an abstract socket address before, which
+// any local user could bind first (abstract addresses have no
 // permissions) and so keep spliced from starting, and spliced -cleanup
-// from removing a dead daemon's table.
+// from removing a dead daemon's table. The namespace is named by its
+// cookie (unique for the boot; Linux 5.14), else by the inode of
+// /proc/self/ns/net, else not at all (a chroot without /proc on an
+// older kernel: one namespace is all it sees).
 func lockPath(table string) string {
-	var st unix.Stat_t
-	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
-		return ""
+	name := "table-" + table
+	if c, err := netnsCookie(); err == nil {
+		name += fmt.Sprintf(".netns-cookie-%d", c)
+	} else {
+		var st unix.Stat_t
+		if err := unix.Stat("/proc/self/ns/net", &st); err == nil {
+			name += fmt.Sprintf(".netns-%d-%d", st.Dev, st.Ino)
+		}
 	}
-	return filepath.Join(RunDir, fmt.Sprintf("table-%s.netns-%d-%d.lock", table, st.Dev, st.Ino))
+	return filepath.Join(RunDir, name+".lock")
+}
+
+// netnsCookie is the cookie of the caller's network namespace.
+func netnsCookie() (uint64, error) {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer unix.Close(fd)
+	return unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
 }
 
 // lockTable takes the lock of table inet TABLE in this process's network
@@ -41,9 +58,6 @@ func lockPath(table string) string {
 // reset its flows. The file holds the holder's pid, for the message.
 func lockTable(table string) (unlock func(), err error) {
 	path := lockPath(table)
-	if path == "" {
-		return nil, fmt.Errorf("lock table inet %s: cannot name this network namespace (/proc/self/ns/net)", table)
-	}
 	if err := os.MkdirAll(RunDir, 0o755); err != nil {
 		return nil, fmt.Errorf("lock table inet %s: %w (spliced runs as root)", table, err)
 	}
@@ -73,6 +87,10 @@ func lockTable(table string) (unlock func(), err error) {
 		return func() {
 			unix.Unlink(path) // under the lock: see above
 			unix.Close(fd)
+			// Without systemd (whose RuntimeDirectory it is) nobody
+			// else removes the directory; one that still holds
+			// something stays.
+			unix.Rmdir(RunDir)
 		}, nil
 	}
 }

@@ -56,20 +56,21 @@ func TestTableLockExclusive(t *testing.T) {
 	again()
 }
 
-// TestTableLockSquatHelper is not a test: TestTableLockNotSquattable runs
-// it as user nobody, which tries to take the table's lock, and binds the
-// abstract address that was the lock before, then waits.
-func TestTableLockSquatHelper(t *testing.T) {
-	table := os.Getenv("SPLICED_SQUAT_TABLE")
-	if table == "" {
-		t.Skip("run by TestTableLockNotSquattable")
-	}
+// squatTable, in the environment, makes the test binary the squatter of
+// TestTableLockNotSquattable (see TestMain): as user nobody it tries to
+// take the table's lock, and binds the abstract address that was the
+// lock before, then waits until its stdin closes.
+const squatTable = "SPLICED_SQUAT_TABLE"
+
+func squatter(table string) {
 	RunDir = os.Getenv("SPLICED_SQUAT_RUNDIR")
 	if err := syscall.Setgid(65534); err != nil {
-		t.Fatal(err)
+		fmt.Println("setgid:", err)
+		return
 	}
 	if err := syscall.Setuid(65534); err != nil {
-		t.Fatal(err)
+		fmt.Println("setuid:", err)
+		return
 	}
 	_, err := lockTable(table)
 	fd, _ := unix.Socket(unix.AF_UNIX, unix.SOCK_STREAM, 0)
@@ -90,8 +91,8 @@ func TestTableLockNotSquattable(t *testing.T) {
 	}
 	dir := withRunDir(t)
 	const table = "squattest"
-	cmd := exec.Command(os.Args[0], "-test.run=^TestTableLockSquatHelper$", "-test.v")
-	cmd.Env = append(os.Environ(), "SPLICED_SQUAT_TABLE="+table, "SPLICED_SQUAT_RUNDIR="+dir)
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), squatTable+"="+table, "SPLICED_SQUAT_RUNDIR="+dir)
 	stdin, _ := cmd.StdinPipe()
 	stdout, _ := cmd.StdoutPipe()
 	if err := cmd.Start(); err != nil {

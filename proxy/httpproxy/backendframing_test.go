@@ -359,3 +359,75 @@ func TestWebSocketUpgradeNeedsAccept(t *testing.T) {
 		})
 	}
 }
+
+// TestHeldUpstreamKeptAfterUpstreamTimeout: a client that asks again
+// after a pause longer than http.upstream_timeout keeps its upstream
+// connection (the check of heldUpstreamCheck read it past the last
+// exchange's deadline, took the timeout for a closed connection and
+// dialled again).
+func TestHeldUpstreamKeptAfterUpstreamTimeout(t *testing.T) {
+	b := startBackend(t)
+	_, addr := testServiceWith(t, b, "      upstream_timeout: 200ms\n")
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	for i := range 2 {
+		if i == 1 {
+			time.Sleep(400 * time.Millisecond) // past upstream_timeout
+		}
+		io.WriteString(c, "GET /a/x HTTP/1.1\r\nHost: t\r\n\r\n")
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		io.ReadAll(resp.Body)
+	}
+	b.mu.Lock()
+	peers := len(b.peers)
+	b.mu.Unlock()
+	if peers != 1 {
+		t.Errorf("%d backend connections for two requests of one client connection, want 1", peers)
+	}
+}
+
+// TestUnsplicedKeepsUpstream: after a spliced response the client's next
+// request goes on the same backend connection (after the unsplice the
+// upstream reader is new and empty, which the check for bytes beyond a
+// response took for such bytes: every request after a splice dialled
+// again).
+func TestUnsplicedKeepsUpstream(t *testing.T) {
+	b := startBackend(t)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+		return true
+	}
+	p, addr := testServiceMode(t, b, "      splice_min: 1\n      splice_policy: always\n", "5s", "immediate")
+	p.SetSplicer(&pumpSplicer{p: p})
+	conn, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	r := bufio.NewReader(conn)
+	for i := range 3 {
+		io.WriteString(conn, "GET /a/x HTTP/1.1\r\nHost: x\r\n\r\n")
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		if body, _ := io.ReadAll(resp.Body); string(body) != "hello" {
+			t.Fatalf("request %d: %q", i, body)
+		}
+	}
+	b.mu.Lock()
+	peers := len(b.peers)
+	b.mu.Unlock()
+	if peers != 1 {
+		t.Errorf("%d backend connections for three spliced responses on one client connection, want 1", peers)
+	}
+}

@@ -717,7 +717,7 @@ func (c *conn) malformed(re *requestError) string {
 // one when it is in the pool.
 func (c *conn) connect(pl *pool) error {
 	now := time.Now()
-	if c.up != nil && (c.ur != nil || now.Sub(c.upHeadAt) >= heldUpstreamCheck && !quiet(c.up)) {
+	if c.up != nil && (c.ur != nil && c.ur.Buffered() > 0 || now.Sub(c.upHeadAt) >= heldUpstreamCheck && !c.upQuiet()) {
 		// The backend sent more than its last response (c.ur holds
 		// it), or something unasked since (a 408 before it closes),
 		// or closed: what it sent would answer this request. The
@@ -752,6 +752,18 @@ func (c *conn) connect(pl *pool) error {
 		return nil
 	}
 	return errors.Join(errs...)
+}
+
+// upQuiet is quiet(c.up) after a pause: the upstream deadline of the
+// last exchange may have passed meanwhile (upstream_timeout is shorter
+// than a client's idle_timeout), and a read past it fails whatever the
+// socket holds; the next exchange sets its own.
+func (c *conn) upQuiet() bool {
+	if !c.upDeadline.IsZero() {
+		c.up.SetDeadline(time.Time{})
+		c.upDeadline = time.Time{}
+	}
+	return quiet(c.up)
 }
 
 // dial connects to b, marking it down for a while if that fails.

@@ -331,7 +331,6 @@ func (s *session) serverLoop() string {
 	multi := 0      // code of the multi-line reply being read
 	var held []byte // a multi-line 227 or 229 reply, held back until its final line
 	for {
-		var then [][]byte // the gateway's replies that waited for this one
 		line, err := r.ReadSlice('\n')
 		switch {
 		case errors.Is(err, bufio.ErrBufferFull):
@@ -346,70 +345,76 @@ func (s *session) serverLoop() string {
 		}
 		s.flow.S2C.Add(int64(len(line)))
 		line = cleanReply(line)
-		code, final := replyCode(line)
-		// A line is taken from the turns and written under order (see
-		// answer).
-		s.order.Lock()
-		switch {
-		case multi != 0 && (code != multi || !final):
-			if multi == 227 || multi == 229 {
-				if len(held)+len(line) > r.Size() {
-					s.order.Unlock()
-					return s.end("Server reply too long", "server passive reply too long", "limit", r.Size())
-				}
-				held = append(held, line...)
-				s.order.Unlock()
-				continue
-			}
-			if code != 0 && final {
-				// A line inside the reply that reads as the last line
-				// of another ("227 ..." inside a 200 reply): clients
-				// such as curl end a reply at any such line, and would
-				// take it for the answer. RFC 959 4.2 has servers pad
-				// it; the gateway does.
-				line = append([]byte{' '}, line...)
-			}
-		case code != 0 && !final:
-			multi = code
-			if code == 227 || code == 229 {
-				// The client acts on the final line, and may read an
-				// address in any: the whole reply is the gateway's.
-				held = append(held[:0], line...)
-				s.order.Unlock()
-				continue
-			}
-		case code != 0:
-			if multi != 0 { // the final line of a multi-line reply
-				multi = 0
-				if len(held) > 0 {
-					line = append(held, line...)
-					held = held[:0]
-				}
-			}
-			var asked string
-			if code >= 200 {
-				asked, then = s.answered()
-			}
-			if code == 227 || code == 229 {
-				if pending := asked; pending != "PASV" && pending != "EPSV" {
-					s.p.LogLimitedTo(s.log, "ftp unasked passive reply", slog.LevelWarn, "refused a passive-mode reply the client did not ask for", "reply", string(bytes.TrimSpace(line)))
-					line = []byte("425 Unexpected passive-mode reply refused by the gateway.\r\n")
-				} else {
-					line = s.passiveReply(pending, code, line)
-				}
-			}
-		}
-		err = s.writeClient(line)
-		for _, reply := range then {
-			if err == nil {
-				err = s.writeClient(reply)
-			}
-		}
-		s.order.Unlock()
-		if err != nil {
-			return "write: " + err.Error()
+		if reason, done := s.serverLine(line, &multi, &held, r.Size()); done {
+			return reason
 		}
 	}
+}
+
+// serverLine handles one line of the server's (see serverLoop): a turn
+// is taken and the line written under order (see answer). done says the
+// session ends, for reason.
+func (s *session) serverLine(line []byte, multi *int, held *[]byte, limit int) (reason string, done bool) {
+	s.order.Lock()
+	defer s.order.Unlock() // also when a panic ends the session (guard)
+	var then [][]byte      // the gateway's replies that waited for this one
+	code, final := replyCode(line)
+	switch {
+	case *multi != 0 && (code != *multi || !final):
+		if *multi == 227 || *multi == 229 {
+			if len(*held)+len(line) > limit {
+				return s.end("Server reply too long", "server passive reply too long", "limit", limit), true
+			}
+			*held = append(*held, line...)
+			return "", false
+		}
+		if code != 0 && final {
+			// A line inside the reply that reads as the last line
+			// of another ("227 ..." inside a 200 reply): clients
+			// such as curl end a reply at any such line, and would
+			// take it for the answer. RFC 959 4.2 has servers pad
+			// it; the gateway does.
+			line = append([]byte{' '}, line...)
+		}
+	case code != 0 && !final:
+		*multi = code
+		if code == 227 || code == 229 {
+			// The client acts on the final line, and may read an
+			// address in any: the whole reply is the gateway's.
+			*held = append((*held)[:0], line...)
+			return "", false
+		}
+	case code != 0:
+		if *multi != 0 { // the final line of a multi-line reply
+			*multi = 0
+			if len(*held) > 0 {
+				line = append(*held, line...)
+				*held = (*held)[:0]
+			}
+		}
+		var asked string
+		if code >= 200 {
+			asked, then = s.answered()
+		}
+		if code == 227 || code == 229 {
+			if pending := asked; pending != "PASV" && pending != "EPSV" {
+				s.p.LogLimitedTo(s.log, "ftp unasked passive reply", slog.LevelWarn, "refused a passive-mode reply the client did not ask for", "reply", string(bytes.TrimSpace(line)))
+				line = []byte("425 Unexpected passive-mode reply refused by the gateway.\r\n")
+			} else {
+				line = s.passiveReply(pending, code, line)
+			}
+		}
+	}
+	err := s.writeClient(line)
+	for _, reply := range then {
+		if err == nil {
+			err = s.writeClient(reply)
+		}
+	}
+	if err != nil {
+		return "write: " + err.Error(), true
+	}
+	return "", false
 }
 
 // active handles PORT and EPRT: the client will accept the data

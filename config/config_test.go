@@ -86,7 +86,6 @@ func TestParseErrors(t *testing.T) {
 		{"duplicate name", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n  - name: a\n    listen: 2\n    ports: [\"81\"]\n", []string{"line 5: services[1].name:", "unique"}},
 		{"duplicate listen", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n  - name: b\n    listen: 1\n    ports: [\"81\"]\n", []string{"line 6: services[1].listen:", `service "a"`}},
 		{"no ports", "services:\n  - name: a\n    listen: 1\n", []string{"services[0]:", "has no ports"}},
-		{"listen port intercepted", "services:\n  - name: a\n    listen: 15001\n    ports: [\"80\", \"15000-15010\"]\n", []string{"services[0].ports[1]:", `"15000-15010"`, "own listen port 15001"}},
 		{"yaml syntax", "services:\n  - name: a\n   listen: 1\n", []string{"bad.yaml: line 3:", "is not valid YAML"}},
 		{"bad duration", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    idle_timeout: soon\n", []string{"line 5: services[0].idle_timeout:", `"soon"`, `"5s"`}},
 		{"bad listen mode", "services:\n  - name: a\n    listen_mode: direkt\n", []string{"line 3: services[0].listen_mode:", `"direkt"`, "transparent", "direct"}},

@@ -174,13 +174,7 @@ func (c *Config) validate(idx *keyIndex) error {
 			if len(s.Ports) == 0 {
 				bad(p, s.Name, "has no ports; list the destination ports to intercept, such as ports: [\"80\"]")
 			}
-			for j, r := range s.Ports {
-				if r.Contains(uint16(s.Listen)) {
-					// Its listener refuses connections to its own port
-					// (they would be connections to itself).
-					bad(fmt.Sprintf("%s.ports[%d]", p, j), r.String(), "holds the service's own listen port %d; pick a listen port outside the ports it intercepts", s.Listen)
-				}
-			}
+
 			if len(s.ListenOn) > 0 {
 				bad(p+".listen_on", s.ListenOn[0].String(), "is only for listen_mode: direct; remove it, or set listen_mode: direct")
 			}

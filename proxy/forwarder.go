@@ -165,12 +165,13 @@ func acceptLoop(ctx context.Context, ln *net.TCPListener, wg *sync.WaitGroup, ha
 	transparent := isTransparent(ln)
 	for {
 		c, err := ln.AcceptTCP()
-		if err == nil && transparent && addrPort(c.LocalAddr()).Port() == listenPort {
+		if err == nil && transparent && addrPort(c.LocalAddr()).Port() == listenPort && isOwnAddress(addrPort(c.LocalAddr()).Addr()) {
 			// Not intercepted: a client connected to the TPROXY
 			// listener itself (the gateway's address and the listen
 			// port). Its destination is the listener, so the proxy
 			// would connect to itself, again and again: one such
-			// connection to a NAT service made 5,000 flows.
+			// connection to a NAT service made 5,000 flows. (A service
+			// may intercept its own listen port on other hosts.)
 			acceptFailed(&NotInterceptedError{Client: addrPort(c.RemoteAddr()), Listener: addrPort(c.LocalAddr())})
 			reset(c)
 			continue
@@ -196,6 +197,28 @@ func acceptLoop(ctx context.Context, ln *net.TCPListener, wg *sync.WaitGroup, ha
 			wg.Done()
 		})
 	}
+}
+
+// isOwnAddress reports whether a is an address of the gateway's (of one
+// of its interfaces, or loopback). It reads the interfaces' addresses,
+// so it is for the rare case only.
+func isOwnAddress(a netip.Addr) bool {
+	a = a.Unmap()
+	if a.IsLoopback() || a.IsUnspecified() {
+		return true
+	}
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return true // cannot tell: refuse rather than loop
+	}
+	for _, ia := range addrs {
+		if n, ok := ia.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok && ip.Unmap() == a {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // NotInterceptedError is a connection a transparent service's listener

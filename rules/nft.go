@@ -40,6 +40,7 @@ func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) er
 		Priority: nftables.ChainPriorityMangle,
 	})
 	svc := c.AddChain(&nftables.Chain{Name: ChainServices, Table: t})
+	sockets := c.AddChain(&nftables.Chain{Name: ChainSockets, Table: t})
 	if spec.Divert.Enabled && spec.Divert.SkipMark != 0 {
 		// What the kernel datapath rewrote belongs to a spliced flow, for
 		// which no gateway socket exists: spare it the socket lookups.
@@ -51,6 +52,10 @@ func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) er
 		[]expr.Any{
 			&expr.Socket{Key: expr.SocketKeyTransparent, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}},
+			// A socket of the connection, not the listener that a SYN
+			// cookie's ACK finds (its handshake is not over).
+			&expr.Socket{Key: expr.SocketKeyWildcard, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{0}},
 		},
 		setCtMark(spec.CtMark, false),
 	)})
@@ -66,12 +71,29 @@ func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) er
 		tcpFlags(flagSYN|flagACK, flagSYN),
 		[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainServices}},
 	)})
+	// A packet for a transparent socket of the gateway goes to it, unless
+	// that socket is a TPROXY listener (bound to the wildcard address):
+	// the lookup finds one for a packet to any host on its port, and
+	// such a packet reaches a listener only through a service's TPROXY
+	// rule. Without the exception every flow through the gateway to a
+	// listen port (15001, say) was taken by that listener's service.
+	// The exception has a chain of its own: the wildcard key breaks the
+	// rule for a request or TIME_WAIT socket (not full sockets), which
+	// must match.
 	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: concat(
 		l4protoTCP(),
 		[]expr.Any{
 			&expr.Socket{Key: expr.SocketKeyTransparent, Register: 1},
 			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}},
+			&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainSockets},
 		},
+	)})
+	c.AddRule(&nftables.Rule{Table: t, Chain: sockets, Exprs: []expr.Any{
+		&expr.Socket{Key: expr.SocketKeyWildcard, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{1}},
+		&expr.Verdict{Kind: expr.VerdictReturn},
+	}})
+	c.AddRule(&nftables.Rule{Table: t, Chain: sockets, Exprs: concat(
 		setMark(spec.Mark),
 		[]expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}},
 	)})

@@ -62,6 +62,7 @@ func (s *Service) sets() []setDef {
 const (
 	ChainPrerouting = "prerouting"
 	ChainServices   = "services"
+	ChainSockets    = "sockets"
 )
 
 // Render returns the table as `nft list table inet NAME` prints it, with
@@ -89,9 +90,9 @@ func Render(spec Spec) string {
 		pre = append(pre, fmt.Sprintf("meta mark & 0x%08x == 0x%08x accept", spec.Divert.SkipMark, spec.Divert.SkipMark))
 	}
 	blocks = append(blocks, renderChain(ChainPrerouting, "type filter hook prerouting priority mangle; policy accept;", append(pre,
-		fmt.Sprintf("meta l4proto tcp %s socket transparent 1 ct mark set ct mark & 0x%08x", ctMarkMatch(spec.CtMark), ^spec.CtMark),
+		fmt.Sprintf("meta l4proto tcp %s socket transparent 1 socket wildcard 0 ct mark set ct mark & 0x%08x", ctMarkMatch(spec.CtMark), ^spec.CtMark),
 		"tcp flags syn / syn,ack jump "+ChainServices,
-		fmt.Sprintf("meta l4proto tcp socket transparent 1 %s accept", markSet(spec.Mark)),
+		"meta l4proto tcp socket transparent 1 jump "+ChainSockets,
 		fmt.Sprintf("meta l4proto icmp socket transparent 1 socket wildcard 0 %s accept", markSet(spec.Mark)),
 		fmt.Sprintf("meta l4proto ipv6-icmp socket transparent 1 socket wildcard 0 %s accept", markSet(spec.Mark)),
 		"jump "+ChainServices,
@@ -101,6 +102,10 @@ func Render(spec Spec) string {
 		svcRules = append(svcRules, serviceRuleText(spec, &spec.Services[i])...)
 	}
 	blocks = append(blocks, renderChain(ChainServices, "", svcRules))
+	blocks = append(blocks, renderChain(ChainSockets, "", []string{
+		"socket wildcard 1 return",
+		fmt.Sprintf("%s accept", markSet(spec.Mark)),
+	}))
 	b.WriteString(strings.Join(blocks, "\n"))
 	b.WriteString("}\n")
 	return b.String()

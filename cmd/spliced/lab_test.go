@@ -113,7 +113,8 @@ func TestLabForward(t *testing.T) {
 // proxy connected to itself, again and again: one such connection to a
 // NAT service made 5,000 flows in a minute (and in transparent mode one
 // flow that hung). The daemon resets it, logs why (rate-limited), and
-// keeps no flow.
+// keeps no flow. And a flow through the gateway to another host on the
+// listen port is routed, not taken by the service.
 func TestLabListenerNotReachableDirectly(t *testing.T) {
 	for _, mode := range []string{"nat", "transparent"} {
 		for _, v6 := range []bool{false, true} {
@@ -154,6 +155,26 @@ func TestLabListenerNotReachableDirectly(t *testing.T) {
 				defer ln.Close()
 				if err := testnet.RunTransfer(lab.Client(), ln, srv, testnet.TransferOptions{C2S: 1 << 20, S2C: 1 << 20, Seed: 3}).Check(); err != nil {
 					t.Error(err)
+				}
+				// A flow to another host's port 15001, which no service
+				// intercepts, is routed: the listener's socket used to
+				// claim it (the prerouting rule's socket lookup finds
+				// a wildcard listener for any address on its port), and
+				// the service took it.
+				other := netip.AddrPortFrom(lab.Server().Addr(v6), 15001)
+				oln, err := lab.Server().Listen(other)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer oln.Close()
+				tr := testnet.RunTransfer(lab.Client(), oln, other, testnet.TransferOptions{C2S: 1 << 20, S2C: 1 << 20, Seed: 4})
+				if err := tr.Check(); err != nil {
+					t.Errorf("a flow to %v (not intercepted): %v", other, err)
+				} else if tr.Server.Peer != tr.Client.Local {
+					t.Errorf("the server at %v saw %v, want the client's own %v (routed, not proxied)", other, tr.Server.Peer, tr.Client.Local)
+				}
+				if l := d.FindLog(func(l map[string]any) bool { return l["server"] == other.String() }); l != nil {
+					t.Errorf("the daemon handled the flow to %v: %v", other, l)
 				}
 			})
 		}

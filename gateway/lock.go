@@ -85,7 +85,14 @@ func lockTable(table string) (unlock func(), err error) {
 		unix.Ftruncate(fd, 0)
 		unix.Pwrite(fd, []byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 		return func() {
-			unix.Unlink(path) // under the lock: see above
+			// Under the lock (see above), and only the file locked: if
+			// the run directory was removed meanwhile (systemd removes
+			// its RuntimeDirectory when the unit stops), the path may
+			// be another daemon's lock now.
+			var now unix.Stat_t
+			if unix.Stat(path, &now) == nil && now.Ino == held.Ino && now.Dev == held.Dev {
+				unix.Unlink(path)
+			}
 			unix.Close(fd)
 			// Without systemd (whose RuntimeDirectory it is) nobody
 			// else removes the directory; one that still holds

@@ -253,26 +253,15 @@ func TestHeldUpstreamUnaskedResponse(t *testing.T) {
 		}
 	})
 	_, addr := testService(t, b)
-	c, err := net.Dial("tcp4", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	r := bufio.NewReader(c)
-	for i := range 2 {
-		io.WriteString(c, "GET /a/x HTTP/1.1\r\nHost: t\r\n\r\n")
-		resp, err := http.ReadResponse(r, nil)
-		if err != nil {
-			t.Fatalf("request %d: %v", i, err)
-		}
-		io.ReadAll(resp.Body)
-		if resp.StatusCode != 200 {
-			t.Errorf("request %d: status %d, want 200 (the backend's unasked 408 answered it)", i, resp.StatusCode)
-		}
+	status, _ := getsOnOneConnection(t, addr, 2, func(i int) {
 		if i == 0 {
 			<-firstDone // the 408 was written (on loopback: received)
 			time.Sleep(heldUpstreamCheck)
+		}
+	})
+	for i, st := range status {
+		if st != 200 {
+			t.Errorf("request %d: status %d, want 200 (the backend's unasked 408 answered it)", i, st)
 		}
 	}
 	if n := conns.Load(); n != 2 {
@@ -368,29 +357,9 @@ func TestWebSocketUpgradeNeedsAccept(t *testing.T) {
 func TestHeldUpstreamKeptAfterUpstreamTimeout(t *testing.T) {
 	b := startBackend(t)
 	_, addr := testServiceWith(t, b, "      upstream_timeout: 200ms\n")
-	c, err := net.Dial("tcp4", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	r := bufio.NewReader(c)
-	for i := range 2 {
-		if i == 1 {
-			time.Sleep(400 * time.Millisecond) // past upstream_timeout
-		}
-		io.WriteString(c, "GET /a/x HTTP/1.1\r\nHost: t\r\n\r\n")
-		c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		resp, err := http.ReadResponse(r, nil)
-		if err != nil {
-			t.Fatalf("request %d: %v", i, err)
-		}
-		io.ReadAll(resp.Body)
-	}
-	b.mu.Lock()
-	peers := len(b.peers)
-	b.mu.Unlock()
-	if peers != 1 {
-		t.Errorf("%d backend connections for two requests of one client connection, want 1", peers)
+	getsOnOneConnection(t, addr, 2, func(int) { time.Sleep(400 * time.Millisecond) }) // past upstream_timeout
+	if n := b.accepted(); n != 1 {
+		t.Errorf("%d backend connections for two requests of one client connection, want 1", n)
 	}
 }
 
@@ -407,27 +376,40 @@ func TestUnsplicedKeepsUpstream(t *testing.T) {
 	}
 	p, addr := testServiceMode(t, b, "      splice_min: 1\n      splice_policy: always\n", "5s", "immediate")
 	p.SetSplicer(&pumpSplicer{p: p})
-	conn, err := net.Dial("tcp4", addr)
+	_, bodies := getsOnOneConnection(t, addr, 3, nil)
+	for i, body := range bodies {
+		if body != "hello" {
+			t.Errorf("response %d: %q", i, body)
+		}
+	}
+	if n := b.accepted(); n != 1 {
+		t.Errorf("%d backend connections for three spliced responses on one client connection, want 1", n)
+	}
+}
+
+// getsOnOneConnection sends n requests for /a/x one after the other on
+// one connection to addr, calling between(i) after response i (when not
+// nil), and returns each response's status and body.
+func getsOnOneConnection(t *testing.T, addr string, n int, between func(i int)) (status []int, bodies []string) {
+	t.Helper()
+	c, err := net.Dial("tcp4", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer conn.Close()
-	conn.SetDeadline(time.Now().Add(10 * time.Second))
-	r := bufio.NewReader(conn)
-	for i := range 3 {
-		io.WriteString(conn, "GET /a/x HTTP/1.1\r\nHost: x\r\n\r\n")
+	defer c.Close()
+	r := bufio.NewReader(c)
+	for i := range n {
+		io.WriteString(c, "GET /a/x HTTP/1.1\r\nHost: t\r\n\r\n")
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		resp, err := http.ReadResponse(r, nil)
 		if err != nil {
 			t.Fatalf("request %d: %v", i, err)
 		}
-		if body, _ := io.ReadAll(resp.Body); string(body) != "hello" {
-			t.Fatalf("request %d: %q", i, body)
+		body, _ := io.ReadAll(resp.Body)
+		status, bodies = append(status, resp.StatusCode), append(bodies, string(body))
+		if between != nil {
+			between(i)
 		}
 	}
-	b.mu.Lock()
-	peers := len(b.peers)
-	b.mu.Unlock()
-	if peers != 1 {
-		t.Errorf("%d backend connections for three spliced responses on one client connection, want 1", peers)
-	}
+	return status, bodies
 }

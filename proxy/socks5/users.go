@@ -160,7 +160,11 @@ type failures struct {
 	mu      sync.Mutex
 	limit   int
 	backOff time.Duration
-	m       map[netip.Addr]*failure
+	// maxBackOff caps a back-off, and a streak is forgiven that long
+	// after its back-off ended with no failure since (maxBackOff; tests
+	// shorten it).
+	maxBackOff time.Duration
+	m          map[netip.Addr]*failure
 }
 
 type failure struct {
@@ -196,7 +200,7 @@ func source(a netip.Addr) netip.Addr {
 }
 
 func newFailures(limit int, backOff time.Duration) *failures {
-	return &failures{limit: max(limit, 1), backOff: backOff, m: map[netip.Addr]*failure{}}
+	return &failures{limit: max(limit, 1), backOff: backOff, maxBackOff: maxBackOff, m: map[netip.Addr]*failure{}}
 }
 
 // begin is called before a password check from src. It reports whether
@@ -226,7 +230,7 @@ func (f *failures) begin(src netip.Addr, deadline time.Time) (blocked bool, unti
 			return true, e.until
 		}
 		count := e.count
-		if now.Sub(e.last) > maxBackOff { // an old streak is forgiven
+		if f.forgiven(e, now) {
 			count = 0
 		}
 		// A back-off that ended leaves count at failed_logins or
@@ -272,7 +276,7 @@ func (f *failures) done(src netip.Addr, user string, ok bool, now time.Time) tim
 		e.wake = nil
 	}
 	defer f.forget(src, e)
-	if now.Sub(e.last) > maxBackOff { // an old streak is forgiven
+	if f.forgiven(e, now) {
 		e.count, e.user, e.mixed = 0, "", false
 	}
 	if ok {
@@ -292,9 +296,22 @@ func (f *failures) done(src netip.Addr, user string, ok bool, now time.Time) tim
 		return 0
 	}
 	d := f.backOff << min(e.count-f.limit, 10)
-	d = min(d, maxBackOff)
+	d = min(d, f.maxBackOff)
 	e.until = now.Add(d)
 	return d
+}
+
+// forgiven reports whether e's streak is old enough to be forgiven:
+// maxBackOff after its last failure and after its back-off ended. Timed
+// from the failure alone, a streak backed off for the longest time was
+// forgiven the moment its back-off ended, and its source had
+// failed_logins guesses at once again instead of one.
+func (f *failures) forgiven(e *failure, now time.Time) bool {
+	since := e.last
+	if e.until.After(since) {
+		since = e.until
+	}
+	return now.Sub(since) > f.maxBackOff
 }
 
 // forget deletes an entry that holds nothing.

@@ -277,3 +277,52 @@ func TestUsersFileSizeCapped(t *testing.T) {
 		t.Errorf("error %q does not say the file is too large", err)
 	}
 }
+
+// TestBackOffCapNotForgiven: a streak was forgiven maxBackOff after its
+// last failure, which is when a back-off at the cap (maxBackOff) ends:
+// at the cap a source got failed_logins guesses at once again, every
+// time, instead of one. It is forgiven maxBackOff after its back-off
+// ended, with no failure since. (The first back-off is at the cap here;
+// a late wake-up of up to 90 ms leaves the outcome alone.)
+func TestBackOffCapNotForgiven(t *testing.T) {
+	f := newFailures(3, 100*time.Millisecond)
+	f.maxBackOff = 100 * time.Millisecond
+	src := netip.MustParseAddr("192.0.2.7")
+	for range 3 {
+		if blocked, _ := f.begin(src, time.Now().Add(time.Second)); blocked {
+			t.Fatal("blocked early")
+		}
+		f.done(src, "alice", false, time.Now())
+	}
+	time.Sleep(110 * time.Millisecond) // the capped back-off ended
+	if blocked, _ := f.begin(src, time.Now().Add(time.Second)); blocked {
+		t.Fatal("the first login after the capped back-off is refused")
+	}
+	// A second login at once waits for the first's check; it gives up
+	// at its deadline.
+	if blocked, _ := f.begin(src, time.Now().Add(30*time.Millisecond)); !blocked {
+		t.Error("a second login at once was checked too: the streak was forgiven when its capped back-off ended")
+		f.done(src, "alice", true, time.Now())
+	}
+	f.done(src, "alice", true, time.Now())
+}
+
+// TestStreakForgivenAfterBackOff: maxBackOff after a back-off ended with
+// no failure since, a source has failed_logins checks at once again.
+func TestStreakForgivenAfterBackOff(t *testing.T) {
+	f := newFailures(2, 20*time.Millisecond)
+	f.maxBackOff = 40 * time.Millisecond
+	src := netip.MustParseAddr("192.0.2.8")
+	for range 2 {
+		f.begin(src, time.Now().Add(time.Second))
+		f.done(src, "alice", false, time.Now())
+	}
+	time.Sleep(20*time.Millisecond + 50*time.Millisecond) // the back-off, then more than maxBackOff
+	for i := range 2 {
+		if blocked, _ := f.begin(src, time.Now().Add(10*time.Millisecond)); blocked {
+			t.Fatalf("login %d at once after the streak's forgiveness: blocked", i)
+		}
+	}
+	f.done(src, "alice", true, time.Now())
+	f.done(src, "alice", true, time.Now())
+}

@@ -130,6 +130,32 @@ services:
 	return l
 }
 
+// usersConfig is the configuration of one SOCKS5 service on loopback
+// whose users file holds alice and bob (password s3cret, cheap hashes),
+// with socks5Keys (YAML lines indented by six spaces) in its socks5
+// section.
+func usersConfig(t *testing.T, socks5Keys string) *config.Config {
+	t.Helper()
+	hash, err := bcrypt.GenerateFromPassword([]byte("s3cret"), bcrypt.MinCost)
+	if err != nil {
+		t.Fatal(err)
+	}
+	users := filepath.Join(t.TempDir(), "users")
+	os.WriteFile(users, []byte("alice:"+string(hash)+"\nbob:"+string(hash)+"\n"), 0o600)
+	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
+services:
+  - name: socks
+    proxy: socks5
+    listen_on: ["127.0.0.1:1080"]
+    socks5:
+      users_file: %s
+%s`, users, socks5Keys)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
 // serve runs the proxy of svc on loopback until the test ends.
 func (l *lab) serve(t testing.TB, svc *config.Service, log *slog.Logger) {
 	t.Helper()
@@ -641,24 +667,7 @@ func serveConfig(t *testing.T, cfg *config.Config) *lab {
 // password was answered in ~1 ms and an unknown user in ~60 ms, which
 // tells an attacker which names exist.
 func TestUnknownUserTiming(t *testing.T) {
-	hash, err := bcrypt.GenerateFromPassword([]byte("s3cret"), bcrypt.MinCost)
-	if err != nil {
-		t.Fatal(err)
-	}
-	users := filepath.Join(t.TempDir(), "users")
-	os.WriteFile(users, []byte("alice:"+string(hash)+"\nbob:"+string(hash)+"\n"), 0o600)
-	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
-services:
-  - name: socks
-    proxy: socks5
-    listen_on: ["127.0.0.1:1080"]
-    socks5:
-      users_file: %s
-      failed_logins: 1000
-`, users)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := usersConfig(t, "      failed_logins: 1000\n")
 	l := serveConfig(t, cfg)
 	fastest := func(user string) time.Duration {
 		best := time.Hour

@@ -2,7 +2,6 @@ package socks5
 
 import (
 	"bytes"
-	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -10,10 +9,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"golang.org/x/crypto/bcrypt"
-
-	"spliced/config"
 )
 
 // TestBackOffEnds: once a source's back-off is over, its next login gets
@@ -112,26 +107,7 @@ func TestBackOffEndedOneCheck(t *testing.T) {
 // logs in after the next back-off. They hung: one source could so hold
 // max_sessions handshakes and shut every client out.
 func TestLoginAfterBackOff(t *testing.T) {
-	hash, err := bcrypt.GenerateFromPassword([]byte("s3cret"), bcrypt.MinCost)
-	if err != nil {
-		t.Fatal(err)
-	}
-	users := filepath.Join(t.TempDir(), "users")
-	os.WriteFile(users, []byte("alice:"+string(hash)+"\n"), 0o600)
-	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
-services:
-  - name: socks
-    proxy: socks5
-    listen_on: ["127.0.0.1:1080"]
-    socks5:
-      users_file: %s
-      handshake_timeout: 1s
-      failed_logins: 2
-      back_off: 100ms
-`, users)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	cfg := usersConfig(t, "      handshake_timeout: 1s\n      failed_logins: 2\n      back_off: 100ms\n")
 	l := serveConfig(t, cfg)
 	wrong := cat(greetPass, login("alice", "nope"))
 	refused := []byte{5, 2, 1, 1}
@@ -208,14 +184,7 @@ func TestUsersFileCostBounded(t *testing.T) {
 // may write is refused, with the chmod that fixes it: whoever can write
 // it can add a login. loadUsers read it without a look at its mode.
 func TestUsersFileWritableByOthers(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "users")
-	h, err := HashPassword([]byte("pw"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(path, []byte("alice:"+h+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := aliceUsersFile(t)
 	if _, err := loadUsers(path); err != nil {
 		t.Fatalf("mode 600: %v", err)
 	}
@@ -240,18 +209,11 @@ func TestUsersFileOtherOwner(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root to chown the file")
 	}
-	path := filepath.Join(t.TempDir(), "users")
-	h, err := HashPassword([]byte("pw"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(path, []byte("alice:"+h+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := aliceUsersFile(t)
 	if err := os.Chown(path, 65534, 65534); err != nil {
 		t.Fatal(err)
 	}
-	_, err = loadUsers(path)
+	_, err := loadUsers(path)
 	if err == nil {
 		t.Fatal("a users file of user 65534 was accepted by a daemon running as root")
 	}
@@ -325,4 +287,19 @@ func TestStreakForgivenAfterBackOff(t *testing.T) {
 	}
 	f.done(src, "alice", true, time.Now())
 	f.done(src, "alice", true, time.Now())
+}
+
+// aliceUsersFile writes a users file of mode 600 with one login, alice,
+// and returns its path.
+func aliceUsersFile(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "users")
+	h, err := HashPassword([]byte("pw"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte("alice:"+h+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }

@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"spliced/splice/bpf"
 )
 
 // RunDir holds what must outlive a daemon killed with SIGKILL, such as
@@ -29,7 +31,7 @@ var errTableLocked = errors.New("table locked")
 // older kernel: one namespace is all it sees).
 func lockPath(table string) string {
 	name := "table-" + table
-	if c, err := netnsCookie(); err == nil {
+	if c, err := bpf.NetNSCookie(); err == nil {
 		name += fmt.Sprintf(".netns-cookie-%d", c)
 	} else {
 		var st unix.Stat_t
@@ -38,16 +40,6 @@ func lockPath(table string) string {
 		}
 	}
 	return filepath.Join(RunDir, name+".lock")
-}
-
-// netnsCookie is the cookie of the caller's network namespace.
-func netnsCookie() (uint64, error) {
-	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		return 0, err
-	}
-	defer unix.Close(fd)
-	return unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
 }
 
 // lockTable takes the lock of table inet TABLE in this process's network

@@ -115,9 +115,9 @@ func IsBPFFS(root string) bool {
 	return unix.Statfs(root, &st) == nil && uint32(st.Type) == unix.BPF_FS_MAGIC
 }
 
-// netnsCookie is the cookie of the caller's network namespace: unique
+// NetNSCookie is the cookie of the caller's network namespace: unique
 // for the boot, never reused.
-func netnsCookie() (uint64, error) {
+func NetNSCookie() (uint64, error) {
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return 0, fmt.Errorf("network namespace cookie: %w", err)
@@ -200,7 +200,7 @@ func loadPinned(spec *ebpf.CollectionSpec, dir string) (reused bool, layout [32]
 	if layout, err = layoutOf(spec); err != nil {
 		return false, layout, 0, err
 	}
-	if netns, err = netnsCookie(); err != nil {
+	if netns, err = NetNSCookie(); err != nil {
 		return false, layout, 0, err
 	}
 	if reused, err = checkPins(dir, layout, netns); err != nil {
@@ -261,7 +261,7 @@ func OpenPinned(dir string) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
-	netns, err := netnsCookie()
+	netns, err := NetNSCookie()
 	if err != nil {
 		return nil, err
 	}

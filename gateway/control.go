@@ -53,27 +53,9 @@ func (g *Gateway) serveControl(ctx context.Context, path, group string) (func(),
 		}
 		os.Remove(path) // stale, from a daemon that died
 	}
-	ln, err := net.Listen("unix", path)
+	ln, err := listenPrivately(path, group)
 	if err != nil {
-		return nil, fmt.Errorf("control socket %s: %w", path, err)
-	}
-	mode := os.FileMode(0o600)
-	if group != "" {
-		gr, err := user.LookupGroup(group)
-		if err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("control.group %q: %w", group, err)
-		}
-		gid, _ := strconv.Atoi(gr.Gid)
-		if err := os.Chown(path, 0, gid); err != nil {
-			ln.Close()
-			return nil, fmt.Errorf("control socket %s: %w", path, err)
-		}
-		mode = 0o660
-	}
-	if err := os.Chmod(path, mode); err != nil {
-		ln.Close()
-		return nil, fmt.Errorf("control socket %s: %w", path, err)
+		return nil, err
 	}
 	// A client of the socket may leave connections open: each costs the
 	// daemon a descriptor, which the proxies' sockets share. One that
@@ -90,6 +72,56 @@ func (g *Gateway) serveControl(ctx context.Context, path, group string) (func(),
 		os.Remove(path)
 	}, nil
 }
+
+// listenPrivately opens a unix socket listener at path, owned by root
+// and the group (mode 0660), or root alone (0600). The socket is bound in
+// a new directory only root may enter, given its owner and mode there,
+// and then renamed to path: bound at path, it would be there with the
+// mode the umask leaves (0777 with umask 0) until the chmod, and a
+// connection made in that moment is served later, whatever the mode
+// became.
+func listenPrivately(path, group string) (*net.UnixListener, error) {
+	gid := -1
+	mode := os.FileMode(0o600)
+	if group != "" {
+		gr, err := user.LookupGroup(group)
+		if err != nil {
+			return nil, fmt.Errorf("control.group %q: %w", group, err)
+		}
+		gid, _ = strconv.Atoi(gr.Gid)
+		mode = 0o660
+	}
+	private, err := os.MkdirTemp(filepath.Dir(path), ".spliced-control-")
+	if err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	defer os.RemoveAll(private)
+	bound := filepath.Join(private, "s")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: bound, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	ln.SetUnlinkOnClose(false) // the shutdown removes path
+	afterControlBind(bound)
+	if gid >= 0 {
+		err = os.Chown(bound, 0, gid)
+	}
+	if err == nil {
+		err = os.Chmod(bound, mode)
+	}
+	if err == nil {
+		err = os.Rename(bound, path)
+	}
+	if err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// afterControlBind is a test's look at the moment between the bind and
+// the chmod.
+var afterControlBind = func(bound string) {}
 
 // checkSocketDir refuses a directory where someone else could replace
 // the socket between its creation and its chown and chmod (which follow

@@ -3,13 +3,16 @@ package gateway
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
+	"os/user"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -58,6 +61,80 @@ func TestControlSocketStaleReplaced(t *testing.T) {
 		t.Fatal(err)
 	}
 	stop()
+}
+
+// TestControlSocketNeverOpenToOthers: the socket used to be bound at its
+// path and chmod'ed after: with umask 0 it was there, mode 0777, until
+// the chmod, and a connection made then is served later. It is bound
+// where only root may enter and appears at its path with its mode set.
+func TestControlSocketNeverOpenToOthers(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.sock")
+	old := syscall.Umask(0)
+	defer syscall.Umask(old)
+	bound := ""
+	afterControlBind = func(b string) {
+		bound = b
+		if _, err := os.Lstat(path); err == nil {
+			t.Errorf("the socket is at %s before its mode is set", path)
+		}
+		fi, err := os.Stat(filepath.Dir(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm() != 0o700 {
+			t.Errorf("the socket is bound in %s, mode %v; want 0700", filepath.Dir(b), fi.Mode().Perm())
+		}
+	}
+	defer func() { afterControlBind = func(string) {} }()
+	stop, err := controlTestGateway().serveControl(context.Background(), path, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	if bound == "" {
+		t.Fatal("the bind was not seen")
+	}
+	fi, err := os.Lstat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o600 {
+		t.Errorf("%s: mode %v, want a socket of mode 0600", path, fi.Mode())
+	}
+	if _, err := os.Lstat(filepath.Dir(bound)); !os.IsNotExist(err) {
+		t.Errorf("the private directory %s is left behind (%v)", filepath.Dir(bound), err)
+	}
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatalf("the socket does not answer at its path: %v", err)
+	}
+	c.Close()
+}
+
+// TestControlSocketGroup: with control.group the socket is root's and the
+// group's, mode 0660, so the group's members may use splicectl.
+func TestControlSocketGroup(t *testing.T) {
+	gr, err := user.LookupGroup("daemon")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "s.sock")
+	stop, err := controlTestGateway().serveControl(context.Background(), path, "daemon")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	fi, err := os.Lstat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := fi.Sys().(*syscall.Stat_t)
+	if fi.Mode().Perm() != 0o660 || fmt.Sprint(st.Gid) != gr.Gid || st.Uid != 0 {
+		t.Errorf("%s: mode %v, owner %d:%d; want 0660, 0:%s", path, fi.Mode().Perm(), st.Uid, st.Gid, gr.Gid)
+	}
+	if _, err := controlTestGateway().serveControl(context.Background(), filepath.Join(t.TempDir(), "t.sock"), "no-such-group-here"); err == nil || !strings.Contains(err.Error(), "control.group") {
+		t.Errorf("an unknown group: %v; want an error naming control.group", err)
+	}
 }
 
 // TestControlSocketDirWritableByOthers: in a directory others may write

@@ -95,13 +95,8 @@ func (c *Config) validate(idx *keyIndex) error {
 		bad("kernel.divert_timeout", c.Kernel.DivertTimeout.D().String(), "is too short: live flows' entries are refreshed every third of it; use at least 1s (default %v)", DefaultDivertTimeout)
 	}
 	pprofOK := false
-	if sock := c.Control.Socket; sock != "" {
-		switch {
-		case !filepath.IsAbs(sock):
-			bad("control.socket", sock, "is not an absolute path; use one such as /run/spliced/spliced.sock (default), or off")
-		case len(sock) > maxSocketPath:
-			bad("control.socket", sock, "is longer than the %d bytes a Unix socket address holds; use a shorter path such as /run/spliced/spliced.sock (default)", maxSocketPath)
-		}
+	if msg := ControlSocketProblem(c.Control.Socket); msg != "" {
+		bad("control.socket", c.Control.Socket, "%s", msg)
 	}
 	if a := c.Metrics.Listen; a != "" {
 		if _, _, msg := parseListen(a); msg != "" {
@@ -351,6 +346,20 @@ func (l *listener) where() string {
 	}
 	host, _, _ := net.SplitHostPort(l.value)
 	return host
+}
+
+// ControlSocketProblem says what is wrong with sock as the control
+// socket's path (control.socket, or spliced's -socket flag), and how to
+// fix it; "" when nothing is, or sock is empty (no control socket).
+func ControlSocketProblem(sock string) string {
+	switch {
+	case sock == "":
+	case !filepath.IsAbs(sock):
+		return "is not an absolute path; use one such as /run/spliced/spliced.sock (default), or off"
+	case len(sock) > maxSocketPath:
+		return fmt.Sprintf("is longer than the %d bytes a Unix socket address holds; use a shorter path such as /run/spliced/spliced.sock (default)", maxSocketPath)
+	}
+	return ""
 }
 
 // maxSocketPath is the longest path a Unix socket address holds (sun_path

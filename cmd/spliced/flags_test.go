@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"os"
+	"path/filepath"
 	"regexp"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -31,5 +33,26 @@ func TestFlagsDocumented(t *testing.T) {
 	slices.Sort(documented)
 	if len(defined) < 7 || !slices.Equal(defined, documented) {
 		t.Errorf("flags %v, README's flag table %v", defined, documented)
+	}
+}
+
+// TestSocketFlagChecked: -socket overrides control.socket after the
+// file's validation, so a relative or too long path reached the listener
+// unchecked. It is refused as control.socket would be.
+func TestSocketFlagChecked(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "spliced.yaml")
+	if err := os.WriteFile(file, []byte("services:\n  - name: fwd\n    listen: 15001\n    ports: [\"5001\"]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, sock := range []string{"spliced.sock", "/run/" + strings.Repeat("x", 120)} {
+		var stdout, stderr bytes.Buffer
+		code := run([]string{"-config", file, "-socket", sock, "-check"}, &stdout, &stderr)
+		if code != 2 || !strings.Contains(stderr.String(), "-socket") || !strings.Contains(stderr.String(), "/run/spliced/spliced.sock") {
+			t.Errorf("-socket %s: exit %d, %q; want 2 and an error naming the flag and a usable path", sock, code, stderr.String())
+		}
+	}
+	var stdout, stderr bytes.Buffer
+	if code := run([]string{"-config", file, "-socket", "off", "-check"}, &stdout, &stderr); code != 0 {
+		t.Errorf("-socket off: exit %d, %s", code, stderr.String())
 	}
 }

@@ -96,6 +96,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	overrides(cfg)
+	if msg := config.ControlSocketProblem(cfg.Control.Socket); msg != "" {
+		fmt.Fprintf(stderr, "spliced: -socket %q %s\n", *socket, msg)
+		return 2
+	}
 	log, err := logging.New(stderr, cfg.Log.Format, cfg.Log.Level)
 	if err != nil {
 		fmt.Fprintln(stderr, "spliced:", err)

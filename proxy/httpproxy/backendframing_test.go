@@ -413,3 +413,54 @@ func getsOnOneConnection(t *testing.T, addr string, n int, between func(i int)) 
 	}
 	return status, bodies
 }
+
+// TestResponseInterimBounded: a backend that answered with 1xx responses
+// only was relayed for as long as it sent them: the client never got a
+// final response, and the proxy never stopped. After
+// maxInterimResponses the client gets 502, and the backend's connection
+// is closed.
+func TestResponseInterimBounded(t *testing.T) {
+	var sent atomic.Int32
+	closed := make(chan struct{})
+	b := scriptedBackend(t, func(c *net.TCPConn) {
+		defer close(closed)
+		if readHTTPRequestHead(bufio.NewReader(c)) != nil {
+			return
+		}
+		for range 10000 {
+			if _, err := io.WriteString(c, "HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"); err != nil {
+				return
+			}
+			sent.Add(1)
+		}
+		io.Copy(io.Discard, c) // until the proxy closes
+	})
+	_, addr := testService(t, b)
+	got := rawClient(t, addr, "GET /a/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+	r := bufio.NewReader(strings.NewReader(got))
+	interim := 0
+	for {
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatalf("after %d interim responses the client got %q...: %v", interim, got[:min(len(got), 200)], err)
+		}
+		if resp.StatusCode == http.StatusEarlyHints {
+			interim++
+			continue
+		}
+		if resp.StatusCode != http.StatusBadGateway {
+			t.Errorf("final status %d, want 502", resp.StatusCode)
+		}
+		break
+	}
+	// Those still in the send buffer when the proxy gives up are not
+	// sent: interim responses are optional.
+	if interim > maxInterimResponses {
+		t.Errorf("the client got %d interim responses, want at most %d", interim, maxInterimResponses)
+	}
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Errorf("the backend's connection is still open (%d interim responses sent)", sent.Load())
+	}
+}

@@ -202,6 +202,15 @@ type badResponse string
 
 func (e badResponse) Error() string { return "malformed response: " + string(e) }
 
+// maxInterimResponses bounds the interim (1xx) responses relayed before
+// a request's final response: a few are usual (100 Continue, 103 Early
+// Hints); Go's HTTP client allows 5.
+const maxInterimResponses = 16
+
+// errTooManyInterim: the backend sent more interim responses than
+// maxInterimResponses.
+var errTooManyInterim = badResponse("more than 16 interim (1xx) responses")
+
 // errResponseHeadTooLarge: the head did not fit in the upstream reader's
 // buffer (upReadSize).
 var errResponseHeadTooLarge = badResponse("the head is larger than 16 KiB")

@@ -866,7 +866,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	if err != nil {
 		return true, false, err
 	}
-	for {
+	for interim := 0; ; interim++ {
 		if resp.StatusCode == http.StatusSwitchingProtocols {
 			// Only now, with the backend's consent, is the connection
 			// a tunnel: an upgrade request answered otherwise is an
@@ -908,6 +908,12 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		}
 		if resp.StatusCode >= 200 {
 			break
+		}
+		if interim == maxInterimResponses {
+			// A backend that answers with interim responses only
+			// would keep the client waiting, and the proxy relaying,
+			// for as long as it likes.
+			return true, false, c.unreadable(errTooManyInterim)
 		}
 		// 1xx (100 Continue, 103 Early Hints): relayed to a client
 		// that understands them, and the final response follows. Taken

@@ -2,7 +2,9 @@
 // per-package summary with the full output of every failed test, and exits
 // non-zero when anything failed. Run as root, it also fails when any test
 // skipped: lab tests skip only without root, so a skip under root (as in
-// CI) is a missing test.
+// CI) is a missing test. It ends with the slowest top-level tests: the
+// lab package runs them one after the other, against make test's
+// timeout.
 package main
 
 import (
@@ -25,6 +27,7 @@ type event struct {
 func main() {
 	outputs := map[string][]string{} // package/test -> output lines
 	var failed, skipped []string
+	var timed []timing // top-level tests that ended
 	buildFailed := false
 	sc := bufio.NewScanner(os.Stdin)
 	sc.Buffer(make([]byte, 4<<20), 4<<20)
@@ -35,6 +38,9 @@ func main() {
 			continue
 		}
 		key := e.Package + " " + e.Test
+		if (e.Action == "pass" || e.Action == "fail") && e.Test != "" && !strings.Contains(e.Test, "/") {
+			timed = append(timed, timing{key, e.Elapsed})
+		}
 		switch e.Action {
 		case "output", "build-output":
 			outputs[key] = append(outputs[key], e.Output)
@@ -66,6 +72,7 @@ func main() {
 			delete(outputs, key)
 		}
 	}
+	printSlowest(timed, 10)
 	sort.Strings(skipped)
 	if len(skipped) > 0 {
 		fmt.Printf("\n%d skipped:\n  %s\n", len(skipped), strings.Join(skipped, "\n  "))
@@ -103,4 +110,21 @@ func skipReason(lines []string) string {
 		}
 	}
 	return "no reason given"
+}
+
+type timing struct {
+	test    string
+	elapsed float64
+}
+
+// printSlowest prints the n slowest tests of timed.
+func printSlowest(timed []timing, n int) {
+	if len(timed) == 0 {
+		return
+	}
+	sort.SliceStable(timed, func(i, j int) bool { return timed[i].elapsed > timed[j].elapsed })
+	fmt.Printf("\nslowest tests:\n")
+	for _, t := range timed[:min(n, len(timed))] {
+		fmt.Printf("  %7.1fs  %s\n", t.elapsed, t.test)
+	}
 }

@@ -34,7 +34,9 @@ type HTTP struct {
 	IdleSamples, BusySamples int
 	IdleP50, IdleP99         float64
 	BusyP50, BusyP99         float64
-	Error                    string `json:"error,omitempty"`
+	// The phases of the idle unsplices.
+	IdlePhases []PhaseLatency `json:"idle_unsplice_phases,omitempty"`
+	Error      string         `json:"error,omitempty"`
 }
 
 const (
@@ -234,6 +236,7 @@ func measureHTTP(env *Env, opt *Options) *HTTP {
 		}
 		if mode == "splice" {
 			idle = tookOf(d, "flow unspliced")
+			res.IdlePhases = phasesFor(d.Lines(), "flow unspliced", unsplicePhases, "idle", "")
 			n := 30
 			if opt.Quick {
 				n = 10
@@ -261,6 +264,9 @@ func measureHTTP(env *Env, opt *Options) *HTTP {
 	}
 	fmt.Fprintf(opt.Log, "   unsplice idle %d p50 %.0f µs p99 %.0f µs, busy %d p50 %.0f µs p99 %.0f µs\n",
 		res.IdleSamples, res.IdleP50, res.IdleP99, res.BusySamples, res.BusyP50, res.BusyP99)
+	for _, ph := range res.IdlePhases {
+		fmt.Fprintf(opt.Log, "   idle unsplice phase %s p50 %.0f µs p99 %.0f µs\n", ph.Phase, ph.P50, ph.P99)
+	}
 	return res
 }
 

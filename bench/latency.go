@@ -280,13 +280,13 @@ var (
 )
 
 // phasesFor summarizes the phases (names, in order) of the transitions
-// logged with msg of flows to server.
+// logged with msg of flows to server (of every flow for "").
 func phasesFor(lines []map[string]any, msg string, names []string, kind, server string) []PhaseLatency {
 	var out []PhaseLatency
 	for _, name := range names {
 		var v []float64
 		for _, l := range lines {
-			if l["msg"] != msg || l["server"] != server {
+			if l["msg"] != msg || server != "" && l["server"] != server {
 				continue
 			}
 			if ph, ok := l["phases_us"].(map[string]any); ok {

@@ -371,6 +371,15 @@ func (r *Report) Markdown() string {
 			fmt.Fprintf(&b, "\n| unsplice | samples | p50 | p99 |\n|---|---|---|---|\n")
 			fmt.Fprintf(&b, "| idle (next request after the whole response) | %d | %.0f µs | %.0f µs |\n", h.IdleSamples, h.IdleP50, h.IdleP99)
 			fmt.Fprintf(&b, "| busy (next request while the response flows) | %d | %.0f µs | %.0f µs |\n\n", h.BusySamples, h.BusyP50, h.BusyP99)
+			if len(h.IdlePhases) > 0 {
+				// From the client's next request: the drain phase
+				// includes the wait for a transition worker.
+				fmt.Fprintf(&b, "| idle unsplice phase | p50 | p99 |\n|---|---|---|\n")
+				for _, ph := range h.IdlePhases {
+					fmt.Fprintf(&b, "| %s | %.0f µs | %.0f µs |\n", ph.Phase, ph.P50, ph.P99)
+				}
+				b.WriteString("\n")
+			}
 		}
 	}
 	if len(r.HTTPPeers) > 0 {

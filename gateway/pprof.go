@@ -1,12 +1,10 @@
 package gateway
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"time"
 )
 
 // servePprof serves Go's profiling handlers under /debug/pprof/ on listen
@@ -27,11 +25,5 @@ func servePprof(listen string) (func(), error) {
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go srv.Serve(ln)
-	return func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-	}, nil
+	return serveHTTP(ln, mux, 0), nil
 }

@@ -1,0 +1,81 @@
+package gateway
+
+import (
+	"bufio"
+	"io"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+)
+
+// TestHTTPListenerLimits: a client of the metrics (or pprof) listener
+// kept a connection for ever by sending one request and then nothing,
+// and could keep as many as it liked, each a descriptor of the daemon's.
+// Idle connections now close, and connections beyond the cap are closed
+// at once while the others are served.
+func TestHTTPListenerLimits(t *testing.T) {
+	oldIdle, oldMax := httpIdleTimeout, httpMaxConns
+	httpIdleTimeout, httpMaxConns = 300*time.Millisecond, 4
+	defer func() { httpIdleTimeout, httpMaxConns = oldIdle, oldMax }()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := serveHTTP(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") }), time.Second)
+	defer stop()
+
+	// get sends one request on c and reports whether it was answered.
+	get := func(c net.Conn) bool {
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := io.WriteString(c, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"); err != nil {
+			return false
+		}
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}
+	var kept []net.Conn
+	defer func() {
+		for _, c := range kept {
+			c.Close()
+		}
+	}()
+	for i := range httpMaxConns {
+		c, err := net.Dial("tcp4", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		kept = append(kept, c)
+		if !get(c) {
+			t.Fatalf("connection %d of %d (the cap) was not served", i+1, httpMaxConns)
+		}
+	}
+	over, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if get(over) {
+		t.Errorf("a connection beyond the cap of %d was served", httpMaxConns)
+	}
+	over.Close()
+	// The kept connections idle past the timeout: the server closes them.
+	for i, c := range kept {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		if n, err := c.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+			t.Errorf("idle connection %d: read %d bytes, %v; want EOF (closed by the server)", i+1, n, err)
+		}
+	}
+	// Their slots are free again.
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if !get(c) {
+		t.Error("after the idle connections closed, a new one was not served")
+	}
+}

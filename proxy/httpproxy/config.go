@@ -38,6 +38,11 @@ type Config struct {
 	// responses are relayed while the machine's share of idle CPU is
 	// below this many percent (cpuLoad; default 10; 0 never looks).
 	SpliceIdleMin *int `yaml:"splice_idle_min"`
+	// PathsIgnoreCase: the backends read paths without regard to case
+	// (IIS and other Windows servers do): routes then match a path in
+	// any case, so a deny route for /admin/ holds for /ADMIN/ too.
+	// Default false: paths compare as RFC 3986 says, case-sensitively.
+	PathsIgnoreCase bool `yaml:"paths_ignore_case"`
 	// Forwarded is the header that tells backends who the client is:
 	// x-forwarded-for (default), via, or none.
 	Forwarded string `yaml:"forwarded"`

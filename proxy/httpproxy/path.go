@@ -196,11 +196,21 @@ func routePath(p string) string {
 // pathMatches: path is under prefix; a prefix ending in a slash also
 // matches the path without it (/admin for /admin/), which most servers
 // serve as the same directory (or redirect to it).
-func pathMatches(prefix, path string) bool {
-	if strings.HasPrefix(path, prefix) {
+//
+// fold compares ASCII letters without case (http.paths_ignore_case): the
+// other bytes of a normalised path are percent-encoded, with upper-case
+// hex digits, so they compare alike in any case.
+func pathMatches(prefix, path string, fold bool) bool {
+	if !fold {
+		if strings.HasPrefix(path, prefix) {
+			return true
+		}
+		return len(prefix) > 1 && prefix[len(prefix)-1] == '/' && path == prefix[:len(prefix)-1]
+	}
+	if len(path) >= len(prefix) && strings.EqualFold(path[:len(prefix)], prefix) {
 		return true
 	}
-	return len(prefix) > 1 && prefix[len(prefix)-1] == '/' && path == prefix[:len(prefix)-1]
+	return len(prefix) > 1 && prefix[len(prefix)-1] == '/' && strings.EqualFold(path, prefix[:len(prefix)-1])
 }
 
 func contains(list []string, s string) bool {

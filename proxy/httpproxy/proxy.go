@@ -193,8 +193,9 @@ func (p *Proxy) handle(c *net.TCPConn) {
 // path, or nil.
 func (p *Proxy) route(host, path string) *pool {
 	host = hostName(host)
+	fold := p.conf().PathsIgnoreCase
 	for _, pl := range p.pools {
-		if (pl.host == "" || strings.EqualFold(pl.host, host)) && pathMatches(pl.path, path) {
+		if (pl.host == "" || strings.EqualFold(pl.host, host)) && pathMatches(pl.path, path, fold) {
 			return pl
 		}
 	}

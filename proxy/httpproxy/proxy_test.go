@@ -1,7 +1,9 @@
 package httpproxy
 
 import (
+	"net/http"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -104,6 +106,66 @@ func TestRouteIPv6Host(t *testing.T) {
 		}
 		if got := p.route("[2001:db8::2]", "/x"); got != p.pools[1] {
 			t.Errorf("route host %q: another address took the deny route", routeHost)
+		}
+	}
+}
+
+// TestRouteIgnoreCase: with http.paths_ignore_case a route matches a path
+// in any case, so a deny route for /admin/ holds for a backend that
+// serves /ADMIN/ as /admin/ (IIS); without it paths compare exactly.
+func TestRouteIgnoreCase(t *testing.T) {
+	routes := []Route{
+		{Path: "/admin/", Action: config.Deny},
+		{Path: "/", Action: config.Allow, Backends: backends("10.0.0.1:80"), Balance: "round_robin"},
+	}
+	for _, fold := range []bool{false, true} {
+		p := testProxy(routes...)
+		p.conf().PathsIgnoreCase = fold
+		for _, c := range []struct {
+			path     string
+			denyFold bool // denied with fold; without, only the exact /admin
+		}{
+			{"/admin/x", true},
+			{"/admin", true},
+			{"/ADMIN/x", true},
+			{"/Admin", true},
+			{"/aDmIn/%2E", true},
+			{"/administrator", false},
+			{"/ADMINS/x", false},
+			{"/x/admin/", false},
+		} {
+			want := c.denyFold && (fold || strings.HasPrefix(c.path, "/admin"))
+			got := p.route("h", c.path) == p.pools[0]
+			if got != want {
+				t.Errorf("paths_ignore_case %v: %s denied %v, want %v", fold, c.path, got, want)
+			}
+		}
+	}
+}
+
+// TestPathsIgnoreCaseConfig: http.paths_ignore_case from the file makes
+// the deny route for /admin/ refuse /ADMIN/x and /Admin (403), which a
+// backend that ignores case would serve as /admin/; without it they
+// match no route (404), and /A/x reaches the /a/ route only with it.
+func TestPathsIgnoreCaseConfig(t *testing.T) {
+	for _, c := range []struct {
+		keys string
+		want int
+	}{
+		{"", http.StatusNotFound},
+		{"      paths_ignore_case: true\n", http.StatusForbidden},
+	} {
+		b := startBackend(t)
+		_, addr := testServiceWith(t, b, c.keys)
+		for _, path := range []string{"/ADMIN/x", "/Admin"} {
+			codes, _ := exchangeRaw(t, addr, "GET "+path+" HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", 1)
+			if len(codes) == 0 || codes[0] != c.want {
+				t.Errorf("%q, GET %s: %v, want %d", c.keys, path, codes, c.want)
+			}
+		}
+		codes, _ := exchangeRaw(t, addr, "GET /A/x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n", 1)
+		if want := map[bool]int{false: http.StatusNotFound, true: http.StatusOK}[c.keys != ""]; len(codes) == 0 || codes[0] != want {
+			t.Errorf("%q, GET /A/x: %v, want %d", c.keys, codes, want)
 		}
 	}
 }

@@ -129,7 +129,11 @@ func forward(g *Gateway, e *splice.Entry, d splice.Dir, p *splice.Packet, np *nf
 				return dec
 			}
 		}
-		if d == splice.C2S && e.Watch.Load() && newData(p, e.HighestSeq(splice.C2S)) {
+		if d == splice.C2S && e.Watch.Load() && newData(p, e.HighestSeq(splice.C2S)) && e.CheckHeld(p, d) == splice.Forward {
+			// Only a segment the engine would forward is the client's
+			// next request: a forged one beyond the window (new data by
+			// its sequence number alone) would start an unsplice, and
+			// end an adopted flow with a reset at both ends.
 			if g.unspliceOnData(e, np) {
 				return nfq.Hold
 			}
@@ -273,8 +277,13 @@ func (tr *transition) decide(g *Gateway, p *splice.Packet, np *nfq.Packet, key s
 			// Held for the rebuilt socket; what it acknowledges counts
 			// for the drain (the next request carries the client's ACK
 			// of the response: waiting for another one would wait for a
-			// retransmission).
-			tr.entry.LearnAck(p, d)
+			// retransmission). One that fails the engine's checks is
+			// dropped, as the engine drops it: its ACK would end the
+			// drain early.
+			if v := tr.entry.LearnAck(p, d); v != splice.Forward {
+				g.counters.verdicts[v].Add(1)
+				return nfq.Drop
+			}
 			g.counters.held.Add(1)
 			tr.held = append(tr.held, np.Detach())
 			return nfq.Hold
@@ -380,5 +389,6 @@ func newData(p *splice.Packet, sent splice.Seq) bool {
 // early reports whether a packet is client data of a watched flow that
 // arrived while its splice completes (tr.mu held): the proxy must read it.
 func (tr *transition) early(p *splice.Packet) bool {
-	return tr.watchClient && tr.dir(p.KeyOf()) == splice.C2S && newData(p, tr.entry.HighestSeq(splice.C2S))
+	return tr.watchClient && tr.dir(p.KeyOf()) == splice.C2S && newData(p, tr.entry.HighestSeq(splice.C2S)) &&
+		tr.entry.CheckHeld(p, splice.C2S) == splice.Forward
 }

@@ -61,46 +61,17 @@ const minWindow = 66000
 //
 // It does not allocate.
 func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete bool) Verdict {
+	ackIn, v := f.check(p, d, false)
+	if v != Forward {
+		return v
+	}
 	t := p.TCP()
 	flags := t.Flags()
-	if flags&FlagSYN != 0 {
-		return DropSYN
-	}
 	s, o := &f.d[d], &f.d[1-d]
 	seq := t.Seq()
 	end := seq.Add(p.SegmentLen())
-
-	// Checks, after conntrack's tcp_in_window and RFC 5961, in the
-	// sender's own sequence space.
 	win := max(s.maxWin, 1)
 	relearnS, relearnO := f.relearning(d), f.relearning(1-d)
-	if flags&FlagRST != 0 {
-		// Relearning (see Relearn), the sender's snd_nxt, where its RST
-		// lies, is anywhere at or after what the record acknowledged.
-		if relearnS && seq.LessThan(s.ackSeen) || !relearnS && !seq.InWindow(s.ackSeen, win+1) {
-			return DropRST
-		}
-	} else {
-		upper := s.ackSeen.Add(win)
-		lower := s.sndNxt.Sub(max(s.maxWin, minWindow))
-		if !relearnS && upper.LessThan(seq) || end.LessThan(lower) {
-			return DropSeq
-		}
-	}
-	var ackIn Seq
-	if flags&(FlagACK|FlagRST) == 0 {
-		// A receiver in a synchronized state drops a segment without ACK
-		// unread (RFC 9293 3.10.7.4), and one that needs no acceptable
-		// ACK is easy to forge: the first packet after a splice teaches
-		// the engine its sender's timestamp clock.
-		return DropAck
-	}
-	if flags&FlagACK != 0 {
-		ackIn = t.Ack().Sub(o.seqOff)
-		if !relearnO && o.sndNxt.LessThan(ackIn) || ackIn.LessThan(o.ackSeen.Sub(max(o.maxWin, minWindow))) {
-			return DropAck
-		}
-	}
 
 	if v := f.spuriousEnd(s, o, flags, p.SegmentLen(), end, ackIn, now); v != Forward {
 		return v
@@ -228,6 +199,52 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		t.SetChecksum(TCPChecksum(p.Src(), p.Dst(), p.Segment()))
 	}
 	return Forward
+}
+
+// check is Rewrite's checks of a packet of direction d, after
+// conntrack's tcp_in_window and RFC 5961, in the sender's own sequence
+// space: the verdict Rewrite gives the packet (unless it drops it as a
+// spurious duplicate) and, for an ACK, the acknowledgment number in the
+// space of the data it acknowledges. It changes nothing. oldAck lets an
+// acknowledgment pass however far it lies behind (see LearnAck).
+func (f *Flow) check(p *Packet, d Dir, oldAck bool) (ackIn Seq, v Verdict) {
+	t := p.TCP()
+	flags := t.Flags()
+	if flags&FlagSYN != 0 {
+		return 0, DropSYN
+	}
+	s, o := &f.d[d], &f.d[1-d]
+	seq := t.Seq()
+	end := seq.Add(p.SegmentLen())
+	win := max(s.maxWin, 1)
+	relearnS, relearnO := f.relearning(d), f.relearning(1-d)
+	if flags&FlagRST != 0 {
+		// Relearning (see Relearn), the sender's snd_nxt, where its RST
+		// lies, is anywhere at or after what the record acknowledged.
+		if relearnS && seq.LessThan(s.ackSeen) || !relearnS && !seq.InWindow(s.ackSeen, win+1) {
+			return 0, DropRST
+		}
+	} else {
+		upper := s.ackSeen.Add(win)
+		lower := s.sndNxt.Sub(max(s.maxWin, minWindow))
+		if !relearnS && upper.LessThan(seq) || end.LessThan(lower) {
+			return 0, DropSeq
+		}
+	}
+	if flags&(FlagACK|FlagRST) == 0 {
+		// A receiver in a synchronized state drops a segment without ACK
+		// unread (RFC 9293 3.10.7.4), and one that needs no acceptable
+		// ACK is easy to forge: the first packet after a splice teaches
+		// the engine its sender's timestamp clock.
+		return 0, DropAck
+	}
+	if flags&FlagACK != 0 {
+		ackIn = t.Ack().Sub(o.seqOff)
+		if !relearnO && o.sndNxt.LessThan(ackIn) || !oldAck && ackIn.LessThan(o.ackSeen.Sub(max(o.maxWin, minWindow))) {
+			return 0, DropAck
+		}
+	}
+	return ackIn, Forward
 }
 
 // finDupWindow is how soon after a FIN went through a retransmission of

@@ -232,22 +232,45 @@ func (e *Entry) TryProcess(p *Packet, d Dir, now int64, csumComplete bool) (Verd
 
 // LearnAck takes in the acknowledgment of a packet the gateway holds
 // instead of forwarding (an unsplice holds new data; its ACK says what the
-// sender received). It reports false when the acknowledgment fails the
-// engine's check, and then changes nothing.
-func (e *Entry) LearnAck(p *Packet, d Dir) bool {
+// sender received). The packet must pass the engine's checks, its
+// sequence number in the receiver's window included: a receiver reads
+// no ACK of a segment outside its window (tcp_validate_incoming checks
+// the sequence first), and a forged one, whose sequence number needs
+// only to lie ahead of what was forwarded to count as new data, would
+// end an unsplice's drain while data was still in flight. An
+// acknowledgment far behind passes (it teaches nothing): a held
+// packet's is raised to what the rebuilt socket sent before it goes on,
+// and on the bpf datapath the client's pure ACKs sent after its request
+// overtake it (the program forwards them while the request waits in
+// the queue), so by the time it is checked its ACK can lie more than a
+// window behind theirs. It returns the verdict of the checks (Forward:
+// the packet may be held) and changes nothing unless it is Forward.
+func (e *Entry) LearnAck(p *Packet, d Dir) Verdict {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	t := p.TCP()
-	if t.Flags()&FlagACK == 0 {
-		return false
+	ackIn, v := e.flow.check(p, d, true)
+	if v != Forward || p.TCP().Flags()&FlagACK == 0 {
+		return v
 	}
 	o := &e.flow.d[1-d]
-	ackIn := t.Ack().Sub(o.seqOff)
-	if o.sndNxt.LessThan(ackIn) || ackIn.LessThan(o.ackSeen.Sub(max(o.maxWin, minWindow))) {
-		return false
+	if o.sndNxt.LessThan(ackIn) {
+		// Relearning, the check lets it pass (see Relearn); a held
+		// packet teaches nothing beyond what was forwarded.
+		return Forward
 	}
 	o.ackSeen = maxSeq(o.ackSeen, ackIn)
-	return true
+	return Forward
+}
+
+// CheckHeld returns the verdict of LearnAck's checks of a packet of
+// direction d that the gateway would hold rather than forward (new data
+// for an unsplice), changing nothing: whether the packet may stand for
+// its sender at all.
+func (e *Entry) CheckHeld(p *Packet, d Dir) Verdict {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	_, v := e.flow.check(p, d, true)
+	return v
 }
 
 // HighestSeq is the end of what the engine forwarded in direction d, in

@@ -205,6 +205,12 @@ type transition struct {
 	// go the table's way.
 	done     bool
 	takenLen [2]int
+	// What bounds the acknowledgments of payload taken over (see
+	// ackFloor), by direction of the packets that carry them: the
+	// unacknowledged bytes of the socket they arrive at when the splice
+	// began, and the bytes the drain wrote to it since. The splice's
+	// goroutine owns them.
+	outq0, written [2]int
 	// progress wakes the goroutine that drains the flow when the queue's
 	// reader handled one of its packets (an ACK the drain waits for may
 	// have come): buffered, one pending wake at most.

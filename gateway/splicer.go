@@ -110,6 +110,15 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 		splice.KeyFrom(addrPort(upstream.RemoteAddr()), addrPort(upstream.LocalAddr())),
 	}, queue, phaseDraining, nil)
 	tr.watchClient = f.UnspliceOnClientData.Load()
+	// Before anything is diverted, so before anything is taken over:
+	// see ackFloor.
+	for d, c := range []*net.TCPConn{client, upstream} {
+		n, err := tcprepair.OutQ(c)
+		if err != nil {
+			return nil, &SpliceError{Reason: "read socket queues", Err: err}
+		}
+		tr.outq0[d] = n
+	}
 	f.SetState(proxy.StateSplicing)
 	g.transitions.add(tr)
 	sw := newStopwatch(start)
@@ -337,6 +346,22 @@ func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *prox
 	}
 }
 
+// ackFloor is the lowest acknowledgment that the socket connected to
+// the sender of direction d, captured as c, could have accepted from
+// any segment taken over since the splice began: its snd_una then, less
+// the largest window its peer offered (RFC 5961 5.2, as Linux bounds
+// it). A segment below it was refused by the socket, which got its ACK
+// information, and is forged or corrupted. Its payload must not go on
+// with the sender's latest acknowledgment (freshen) either: a blind
+// attacker would need only a sequence number in the window, and the
+// first segment through the engine teaches it the sender's timestamp
+// clock. The socket sent nothing but what the drain wrote since (the
+// proxy stopped writing), so its snd_una then was its write_seq at
+// capture less what was unacknowledged then and what the drain wrote.
+func (tr *transition) ackFloor(d splice.Dir, c *splice.Conn) splice.Seq {
+	return c.SndNxt.Sub(uint32(tr.outq0[d] + tr.written[d])).Sub(max(c.MaxWnd, c.SndWnd))
+}
+
 // takesWhole reports whether any of a direction's taken-over packets
 // would go whole, as a GSO packet (gso.go): the injector sends them so,
 // and one is longer than a segment of wire bytes.
@@ -415,7 +440,8 @@ func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net
 	for _, m := range []struct {
 		src, dst *net.TCPConn
 		n        *atomic.Int64
-	}{{client, upstream, &f.C2S}, {upstream, client, &f.S2C}} {
+		acks     splice.Dir // the direction whose packets acknowledge what dst sends
+	}{{client, upstream, &f.C2S, splice.S2C}, {upstream, client, &f.S2C, splice.C2S}} {
 		if tr.watchClient && m.src == client {
 			continue // the proxy reads the client's requests itself (checked above)
 		}
@@ -438,6 +464,7 @@ func (g *Gateway) drainStep(tr *transition, f *proxy.Flow, client, upstream *net
 			if n > 0 {
 				w, werr := writeQueued(m.dst, buf[:n], deadline, g.idleTimeout(f.Service))
 				m.n.Add(int64(w))
+				tr.written[m.acks] += w
 				if werr != nil {
 					return false, &SpliceError{Reason: "move queued bytes", Err: werr}
 				}
@@ -671,7 +698,13 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 		c := senders[d]
 		win := uint16(min(c.SndWnd>>c.SndWscale, 0xffff))
 		gso := whole[d]
+		floor := tr.ackFloor(splice.Dir(d), c)
 		for _, b := range tr.taken[d] {
+			if p.Parse(b) == splice.OK && p.TCP().Flags()&splice.FlagACK != 0 && p.TCP().Ack().LessThan(floor) {
+				// Its socket refused its acknowledgment (see ackFloor).
+				g.counters.verdicts[splice.DropAck].Add(1)
+				continue
+			}
 			// A packet longer than a segment goes whole, as a GSO packet
 			// (gso.go), when its way out resolved.
 			if gso && p.Parse(b) == splice.OK && gsoCandidate(&p, wire[d]-p.TCP().HeaderLen()) {

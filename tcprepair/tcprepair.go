@@ -76,6 +76,18 @@ func Queues(c *net.TCPConn) (inq, outq int, err error) {
 	return inq, outq, err
 }
 
+// OutQ returns the bytes in a socket's send queue not yet acknowledged
+// by the peer (SIOCOUTQ: write_seq - snd_una).
+func OutQ(c *net.TCPConn) (outq int, err error) {
+	err = control(c, func(fd int) error {
+		if outq, err = unix.IoctlGetInt(fd, unix.SIOCOUTQ); err != nil {
+			return &OpError{"SIOCOUTQ", err}
+		}
+		return nil
+	})
+	return outq, err
+}
+
 // Established reports whether the connection is in state ESTABLISHED
 // (TCP_INFO): false once a RST reset it, or a FIN went either way.
 func Established(c *net.TCPConn) (bool, error) {

@@ -68,3 +68,58 @@ func TestForgedTSvalBeforeFirstPacket(t *testing.T) {
 		t.Errorf("the client's real TSval leaves as %d, %d ticks behind the server's TS.Recent (900000): PAWS drops it", out, int32(900000-out))
 	}
 }
+
+// TestRSTAtTheFINAfterItsAck: a receiver that received its peer's FIN
+// (CLOSE_WAIT, LAST_ACK, CLOSING) accepts a RST one before its rcv_nxt,
+// at the FIN's own sequence number, as some stacks send it (Linux:
+// tcp_reset_check). The engine dropped it as before the window once the
+// FIN was acknowledged: the receiver never learned of the reset, and
+// the flow stayed in the table until its idle timeout. A RST there
+// before any FIN stays refused.
+func TestRSTAtTheFINAfterItsAck(t *testing.T) {
+	f := newFixture(t, false, false)
+	if v := f.run(t, f.c2s(999, 0xfffffff0, FlagRST).bytes(), C2S, true); v != DropRST {
+		t.Fatalf("a RST before the window, no FIN sent: %v, want %v", v, DropRST)
+	}
+	fin := f.c2s(1000, 0xfffffff0, FlagACK|FlagFIN)
+	fin.payload = []byte("bye")
+	if v := f.run(t, fin.bytes(), C2S, true); v != Forward {
+		t.Fatalf("the client's FIN: %v", v)
+	}
+	if v := f.run(t, f.s2c(0xffffff00, 0x7ffffff0+4, FlagACK).bytes(), S2C, true); v != Forward {
+		t.Fatalf("the server's ACK of the FIN: %v", v)
+	}
+	if v := f.run(t, f.c2s(1003, 0, FlagRST).bytes(), C2S, true); v != Forward {
+		t.Fatalf("a RST at the FIN's sequence number after the server acknowledged it: %v, want forward", v)
+	}
+	if !f.e.Snapshot().Finished() {
+		t.Error("the flow did not end with a RST its receiver accepts")
+	}
+}
+
+// TestRSTAtAForgedFIN: a forged FIN that passed the checks (a sequence
+// number in the window, an acceptable ACK) records a FIN at a place the
+// attacker chose, and the real stream goes on past it. A RST there is
+// not one a receiver accepts (its rcv_nxt lies elsewhere) and must not
+// end the flow: else after one forged FIN a second forged packet, at a
+// number the attacker knows, would take the flow out of the table.
+func TestRSTAtAForgedFIN(t *testing.T) {
+	f := newFixture(t, false, false)
+	if v := f.run(t, f.c2s(1000+30000, 0xfffffff0, FlagACK|FlagFIN).bytes(), C2S, true); v != Forward {
+		t.Fatalf("the forged FIN in the window: %v, want forward (as conntrack would)", v)
+	}
+	for seq := uint32(1000); seq < 41000; seq += 1000 {
+		d := f.c2s(seq, 0xfffffff0, FlagACK)
+		d.payload = make([]byte, 1000)
+		if v := f.run(t, d.bytes(), C2S, true); v != Forward {
+			t.Fatalf("the client's data at %d: %v", seq, v)
+		}
+		if v := f.run(t, f.s2c(0xffffff00, 0x7ffffff0-1000+seq+1000, FlagACK).bytes(), S2C, true); v != Forward {
+			t.Fatalf("the server's ACK of %d: %v", seq+1000, v)
+		}
+	}
+	f.run(t, f.c2s(1000+30000, 0, FlagRST).bytes(), C2S, true)
+	if f.e.Snapshot().Finished() {
+		t.Error("a RST at a forged FIN's sequence number, behind the stream, ended the flow")
+	}
+}

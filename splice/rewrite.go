@@ -129,7 +129,7 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 			o.finAt = now
 		}
 	}
-	if flags&FlagRST != 0 && (seq == s.sndNxt || seq == s.ackSeen) {
+	if flags&FlagRST != 0 && (seq == s.sndNxt || seq == s.ackSeen || s.rstAtFIN(seq)) {
 		// Only a RST the receiver accepts ends the flow: one at exactly
 		// its rcv_nxt (RFC 5961 3.2), which a real end sends as its
 		// snd_nxt or as the ack it received. Any other RST in the window
@@ -221,7 +221,7 @@ func (f *Flow) check(p *Packet, d Dir, oldAck bool) (ackIn Seq, v Verdict) {
 	if flags&FlagRST != 0 {
 		// Relearning (see Relearn), the sender's snd_nxt, where its RST
 		// lies, is anywhere at or after what the record acknowledged.
-		if relearnS && seq.LessThan(s.ackSeen) || !relearnS && !seq.InWindow(s.ackSeen, win+1) {
+		if !s.rstAtFIN(seq) && (relearnS && seq.LessThan(s.ackSeen) || !relearnS && !seq.InWindow(s.ackSeen, win+1)) {
 			return 0, DropRST
 		}
 	} else {
@@ -245,6 +245,18 @@ func (f *Flow) check(p *Packet, d Dir, oldAck bool) (ackIn Seq, v Verdict) {
 		}
 	}
 	return ackIn, Forward
+}
+
+// rstAtFIN reports whether a RST at seq lies at the sender's FIN, which
+// is the last thing it sent and which the receiver acknowledged: a
+// receiver that got the FIN (CLOSE_WAIT, LAST_ACK, CLOSING) accepts it
+// there, one before its rcv_nxt, as some stacks send it (Linux:
+// tcp_reset_check), and the window check would drop it. A FIN the
+// stream went on past (a forged one that passed the checks) is no
+// receiver's last: a RST there ends nothing.
+func (s *dirState) rstAtFIN(seq Seq) bool {
+	end := seq.Add(1)
+	return s.flags&dirFIN != 0 && seq == s.finSeq && s.ackSeen == end && s.sndNxt == end
 }
 
 // finDupWindow is how soon after a FIN went through a retransmission of

@@ -376,8 +376,11 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 	}
 	__u32 end = seq + seg_len;
 	__u32 win = s->max_win > 1 ? s->max_win : 1;
+	// A RST at the sender's FIN, its last, one before the rcv_nxt of a
+	// receiver that got it: accepted there (splice.dirState.rstAtFIN).
+	int rst_at_fin = (s->flags & DIR_FIN) && seq == s->fin_seq && s->ack_seen == seq + 1 && s->snd_nxt == seq + 1;
 	if (flags & FLAG_RST) {
-		if (!(seq - s->ack_seen < win + 1)) {
+		if (!rst_at_fin && !(seq - s->ack_seen < win + 1)) {
 			dc->verdict = V_DROP_RST;
 			return;
 		}
@@ -454,7 +457,7 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 			o->fin_at = now; // see splice.Flow.spuriousEnd
 		}
 	}
-	if ((flags & FLAG_RST) && (seq == s->snd_nxt || seq == s->ack_seen))
+	if ((flags & FLAG_RST) && (seq == s->snd_nxt || seq == s->ack_seen || rst_at_fin))
 		f->closed |= FLOW_RST;
 	__u32 w = (__u32)window << s->ws_in;
 	s->last_win = w;

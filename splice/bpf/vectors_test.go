@@ -494,3 +494,34 @@ func TestDiffSegmentBeyondWindow(t *testing.T) {
 		f.want(f.at(next, C2S, 2), Forward, "the next data at the acknowledged point")
 	})
 }
+
+// TestDiffRSTAtTheFIN: the engine's TestRSTAtTheFINAfterItsAck.
+func TestDiffRSTAtTheFIN(t *testing.T) {
+	each(t, func(t *testing.T, v6, nat bool) {
+		f := newFixture(t, v6, nat)
+		f.want(f.at(f.c2s(999, 0xfffffff0, FlagRST), C2S, 1), DropRST, "a RST before the window, no FIN sent")
+		fin := f.c2s(1000, 0xfffffff0, FlagACK|FlagFIN)
+		fin.payload = []byte("bye")
+		f.want(f.at(fin, C2S, 2), Forward, "client FIN")
+		f.want(f.at(f.s2c(0xffffff00, 1004+dC2S, FlagACK), S2C, 3), Forward, "the server's ACK of the FIN")
+		f.want(f.at(f.c2s(1003, 0, FlagRST), C2S, 4), Forward, "a RST at the FIN after its ACK")
+		if !f.flow.Finished() {
+			t.Fatal("the flow did not end")
+		}
+	})
+	// The engine's TestRSTAtAForgedFIN: a FIN the stream went on past.
+	each(t, func(t *testing.T, v6, nat bool) {
+		f := newFixture(t, v6, nat)
+		f.want(f.at(f.c2s(1000+30000, 0xfffffff0, FlagACK|FlagFIN), C2S, 1), Forward, "a forged FIN in the window")
+		for seq := uint32(1000); seq < 41000; seq += 1000 {
+			d := f.c2s(seq, 0xfffffff0, FlagACK)
+			d.payload = make([]byte, 1000)
+			f.want(f.at(d, C2S, 2), Forward, "the client's data")
+			f.want(f.at(f.s2c(0xffffff00, seq+1000+dC2S, FlagACK), S2C, 3), Forward, "the server's ACK")
+		}
+		f.want(f.at(f.c2s(1000+30000, 0, FlagRST), C2S, 4), DropRST, "a RST at the forged FIN")
+		if f.flow.Finished() {
+			t.Fatal("a RST at a forged FIN ended the flow")
+		}
+	})
+}

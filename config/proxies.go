@@ -205,7 +205,8 @@ type Forward struct {
 	// proxy relays now; spliced flows no longer count).
 	Balance string `yaml:"balance"`
 	// BackendDownFor is how long a backend that failed a connect is
-	// skipped (default 10s); the next backend is tried at once.
+	// skipped (default 10s); the next backend is tried then. When all
+	// are down, a flow tries the one down longest alone.
 	BackendDownFor Duration `yaml:"backend_down_for"`
 }
 

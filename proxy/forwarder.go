@@ -271,26 +271,35 @@ func (f *Forwarder) Forward(flow *Flow, client, upstream *net.TCPConn, log *slog
 }
 
 // handleDirect connects a direct flow to a backend of the pool, trying
-// the next one at once when a connect fails, and forwards it.
+// the next one when a connect fails, and forwards it. Each connect has
+// connect_timeout of its own: with one for all, a backend that never
+// answered used it up, and the next ones, left no time, failed at once
+// and were marked down although they were up.
 func (f *Forwarder) handleDirect(c *net.TCPConn, flow *Flow) {
 	svc, pool := f.Service, f.backends()
-	ctx, cancel := context.WithTimeout(f.FlowContext(), svc.ConnectTimeout.D())
 	var errs []error
 	var up *net.TCPConn
 	var backend *Backend
 	for _, b := range pool.Pick(time.Now()) {
+		ctx, cancel := context.WithTimeout(f.FlowContext(), svc.ConnectTimeout.D())
 		c, err := DialUpstream(ctx, false, flow.Client, b.Addr, svc.ConnectTimeout.D())
+		cancel()
 		if err != nil {
+			if f.FlowContext().Err() != nil {
+				// The service is stopping: the backend is not to blame.
+				errs = append(errs, err)
+				break
+			}
 			pool.Failed(b, time.Now())
 			f.LogLimited("backend failed "+b.Addr.String(), slog.LevelWarn, "backend failed, skipping it for a while",
 				"backend", b.Addr, "for", pool.downFor, logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.Err(err))
 			errs = append(errs, err)
 			continue
 		}
+		pool.Succeeded(b)
 		up, backend = c, b
 		break
 	}
-	cancel()
 	if up == nil {
 		reset(c)
 		f.Flows.Remove(flow)

@@ -35,16 +35,25 @@ func NewPool(addrs []netip.AddrPort, balance string, downFor time.Duration) *Poo
 }
 
 // Pick returns the backends in the order to try them: those not marked
-// down, by the balancing method; when all are down, all of them.
+// down, by the balancing method; when all are down, the one down
+// longest (whose down time ends first), alone. Trying every backend of
+// a dead pool made each client connection a connect to each of them,
+// and a client of hanging backends waited one connect timeout per
+// backend; one probe per flow still finds the first backend that comes
+// back, and the flows that come later take turns on the others.
 func (p *Pool) Pick(now time.Time) []*Backend {
 	var up []*Backend
+	var first *Backend
 	for _, b := range p.backends {
-		if b.downUntil.Load() <= now.UnixNano() {
+		until := b.downUntil.Load()
+		if until <= now.UnixNano() {
 			up = append(up, b)
+		} else if first == nil || until < first.downUntil.Load() {
+			first = b
 		}
 	}
 	if len(up) == 0 {
-		up = append(up, p.backends...)
+		return []*Backend{first}
 	}
 	if p.leastConn {
 		best := 0
@@ -63,6 +72,14 @@ func (p *Pool) Pick(now time.Time) []*Backend {
 func (p *Pool) Failed(b *Backend, now time.Time) {
 	b.failures.Add(1)
 	b.downUntil.Store(now.Add(p.downFor).UnixNano())
+}
+
+// Succeeded marks b up again: a backend tried while every one was down
+// answered, so the flows after it go to it and not to another probe.
+func (p *Pool) Succeeded(b *Backend) {
+	if b.downUntil.Load() != 0 {
+		b.downUntil.Store(0)
+	}
 }
 
 // Opened counts a flow to b; the returned function ends it.

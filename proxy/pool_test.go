@@ -17,8 +17,9 @@ func addrs(ss ...string) []netip.AddrPort {
 func first(bs []*Backend) string { return bs[0].Addr.String() }
 
 // TestPool: round robin rotates over the backends that are up, a failed
-// backend is skipped until its down time passes, all-down pools are
-// tried anyway, and least_conn picks the backend with fewest flows.
+// backend is skipped until its down time passes, an all-down pool tries
+// the backend down longest alone (up again once it answers), and
+// least_conn picks the backend with fewest flows.
 func TestPool(t *testing.T) {
 	now := time.Now()
 	p := NewPool(addrs("10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"), "round_robin", 10*time.Second)
@@ -41,9 +42,13 @@ func TestPool(t *testing.T) {
 		t.Fatalf("after the down time: %d backends", n)
 	}
 	p.Failed(p.backends[0], now)
-	p.Failed(p.backends[2], now)
-	if n := len(p.Pick(now.Add(time.Second))); n != 3 {
-		t.Fatalf("all down: %d backends tried", n)
+	p.Failed(p.backends[2], now.Add(-time.Second))
+	if got := p.Pick(now.Add(time.Second)); len(got) != 1 || first(got) != "10.0.0.3:80" {
+		t.Fatalf("all down: tried %d backends, first %s; want the one down longest alone", len(got), first(got))
+	}
+	p.Succeeded(p.backends[2])
+	if got := p.Pick(now.Add(time.Second)); len(got) != 1 || first(got) != "10.0.0.3:80" {
+		t.Fatalf("after the probe succeeded: tried %d, first %s; want 10.0.0.3:80, up again", len(got), first(got))
 	}
 
 	lc := NewPool(addrs("10.0.0.1:80", "10.0.0.2:80"), "least_conn", time.Second)

@@ -188,6 +188,13 @@ func validate(s *config.Service, bad func(key, value, msg string)) {
 // valid before name is resolved). known is false when a rule that needs
 // the address comes before any decision.
 func (c *Config) decide(user, name string, addr netip.Addr, port uint16) (action config.Action, known bool) {
+	action, known, _ = c.decideBy(user, name, addr, port)
+	return action, known
+}
+
+// decideBy is decide, also returning the prefix of the deciding rule's
+// destinations that contains addr, if that is how it matched.
+func (c *Config) decideBy(user, name string, addr netip.Addr, port uint16) (action config.Action, known bool, by netip.Prefix) {
 	for i := range c.Rules {
 		r := &c.Rules[i]
 		if len(r.Users) > 0 && !slices.Contains(r.Users, user) {
@@ -197,21 +204,52 @@ func (c *Config) decide(user, name string, addr netip.Addr, port uint16) (action
 			continue
 		}
 		if len(r.Domains) == 0 && len(r.Destinations) == 0 {
-			return r.Action, true
+			return r.Action, true, netip.Prefix{}
 		}
 		if name != "" && matchDomain(r.Domains, name) {
-			return r.Action, true
+			return r.Action, true, netip.Prefix{}
 		}
 		if len(r.Destinations) > 0 {
 			if !addr.IsValid() {
-				return "", false
+				return "", false, netip.Prefix{}
 			}
-			if slices.ContainsFunc(r.Destinations, func(p config.Prefix) bool { return p.Contains(addr.Unmap()) }) {
-				return r.Action, true
+			if i := slices.IndexFunc(r.Destinations, func(p config.Prefix) bool { return p.Contains(addr.Unmap()) }); i >= 0 {
+				return r.Action, true, r.Destinations[i].Prefix
 			}
 		}
 	}
-	return c.Default, true
+	return c.Default, true, netip.Prefix{}
+}
+
+// onGateway returns the range a destination belongs to when it is the
+// gateway itself or next to it, and no destination a client gets by
+// default: loopback (127.0.0.0/8, ::1), an address the gateway's
+// routing delivers locally (its own, as a /32 or /128), or link-local
+// (169.254.0.0/16, fe80::/10: neighbours of the gateway's links, such as
+// a cloud's metadata service). It returns an invalid prefix for any
+// other address.
+func onGateway(a netip.Addr) (netip.Prefix, string) {
+	a = a.Unmap()
+	switch {
+	case a.Is4() && a.IsLoopback():
+		return netip.MustParsePrefix("127.0.0.0/8"), "loopback"
+	case a.IsLoopback():
+		return netip.PrefixFrom(a, 128), "loopback"
+	case a.Is4() && a.IsLinkLocalUnicast():
+		return netip.MustParsePrefix("169.254.0.0/16"), "link-local"
+	case a.IsLinkLocalUnicast():
+		return netip.MustParsePrefix("fe80::/10"), "link-local"
+	case proxy.IsGatewayAddress(a):
+		return netip.PrefixFrom(a, a.BitLen()), "an address of the gateway"
+	}
+	return netip.Prefix{}, ""
+}
+
+// namedBy reports whether a rule's prefix names a destination of the
+// range r (onGateway): it lies inside r, so that a rule for wider
+// destinations (0.0.0.0/0, a LAN's /8) does not open the gateway.
+func namedBy(by, r netip.Prefix) bool {
+	return by.IsValid() && by.Bits() >= r.Bits() && r.Contains(by.Addr())
 }
 
 // matchDomain reports whether name is one of domains or a subdomain of

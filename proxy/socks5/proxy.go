@@ -300,6 +300,7 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 		}
 	}
 	var allowed []netip.AddrPort
+	var gateway string // why an address was refused as the gateway's
 	for _, a := range addrs {
 		a = a.Unmap()
 		if a.IsUnspecified() {
@@ -308,7 +309,15 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 			// 127.0.0.0/8 or ::1 would not see.
 			continue
 		}
-		if act, _ := p.conf.decide(h.user, q.Name, a, q.Port); act == config.Deny {
+		act, _, by := p.conf.decideBy(h.user, q.Name, a, q.Port)
+		if act == config.Deny {
+			continue
+		}
+		if r, why := onGateway(a); r.IsValid() && !namedBy(by, r) {
+			// The gateway's own services (debug.pprof, metrics, a
+			// router's management) and its links' neighbours are
+			// reached only where a rule names them.
+			gateway = fmt.Sprintf("%v is %s; a socks5 rule that allows it must name it in destinations (within %v)", a, why, r)
 			continue
 		}
 		dst := netip.AddrPortFrom(a, q.Port)
@@ -326,6 +335,9 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 	})
 	if len(allowed) == 0 {
 		h.answer(NotAllowed)
+		if gateway != "" {
+			return nil, nil, resultDenied, fmt.Errorf("destination %v refused: %s", addrs, gateway)
+		}
 		return nil, nil, resultDenied, fmt.Errorf("destination %v denied by rules", addrs)
 	}
 	flow := proxy.NewFlow(svc.Name, Kind, h.client, allowed[0])

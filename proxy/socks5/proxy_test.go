@@ -121,6 +121,8 @@ services:
           destinations: [127.0.0.2]
         - action: deny
           users: [bob]
+        - action: allow             # the test's servers are on loopback
+          destinations: [127.0.0.0/8]
 `, users, l.dns.Addr(), strings.Join(extra, ""))))
 	if err != nil {
 		t.Fatal(err)
@@ -710,5 +712,109 @@ func TestBackOffIPv6Prefix(t *testing.T) {
 		} else {
 			f.done(a, "alice", true, time.Now())
 		}
+	}
+}
+
+// TestGatewayDestinations: with no rules, a client could CONNECT to the
+// gateway's own services (loopback ones such as debug.pprof, which
+// exposes the daemon's memory, and metrics, or a router's management
+// on its own addresses) and to link-local neighbours (cloud metadata
+// at 169.254.169.254): the proxy is a relay into the router. Such
+// destinations are refused unless a rule allows them by name.
+func TestGatewayDestinations(t *testing.T) {
+	svc, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)}) // a loopback-only service
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer svc.Close()
+	var reached atomic.Int64
+	go func() {
+		for {
+			c, err := svc.Accept()
+			if err != nil {
+				return
+			}
+			reached.Add(1)
+			c.Close()
+		}
+	}()
+	port := svc.Addr().(*net.TCPAddr).AddrPort().Port()
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dns := dnstest.Serve(pc, map[string][]netip.Addr{"localhost.test": {netip.MustParseAddr("127.0.0.1")}})
+	defer dns.Close()
+	mapped := append([]byte{5, CmdConnect, 0, AtypIPv6, 14: 0xff, 15: 0xff, 16: 127, 19: 1}, byte(port>>8), byte(port))
+	refused := map[string][]byte{
+		"127.0.0.1":        connect4(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)),
+		"::ffff:127.0.0.1": mapped,
+		"localhost.test":   connectName("localhost.test", port),
+		"name 127.0.0.1":   connectName("127.0.0.1", port),
+		"169.254.255.254":  connect4(netip.MustParseAddrPort("169.254.255.254:9")),
+	}
+	// An address of one of the machine's interfaces, if it has one
+	// besides loopback: nothing listens there on the port (the service
+	// is on loopback), so before the fix the reply was 0x05.
+	if ifas, err := net.InterfaceAddrs(); err == nil {
+		for _, ia := range ifas {
+			if ipn, ok := ia.(*net.IPNet); ok && ipn.IP.To4() != nil && !ipn.IP.IsLoopback() && !ipn.IP.IsLinkLocalUnicast() {
+				a, _ := netip.AddrFromSlice(ipn.IP.To4())
+				refused["own "+a.String()] = connect4(netip.AddrPortFrom(a, port))
+				break
+			}
+		}
+	}
+	for _, rules := range []string{
+		"", // no rules: the default allows
+		"      rules:\n        - action: allow\n          destinations: [0.0.0.0/0, \"::/0\"]\n",
+		"      rules:\n        - action: allow\n          destinations: [127.0.0.2/32]\n",
+		"      rules:\n        - action: allow\n          ports: [\"1-65535\"]\n",
+	} {
+		cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
+services:
+  - name: socks
+    proxy: socks5
+    listen_on: ["127.0.0.1:1080"]
+    connect_timeout: 1s
+    splice:
+      mode: never
+    socks5:
+      resolver: %s
+%s`, dns.Addr(), rules)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := serveConfig(t, cfg)
+		for name, req := range refused {
+			if got := l.talk(t, "127.0.0.1", cat(greetNone, req), false); !bytes.Equal(got, cat([]byte{5, 0}, failReply(NotAllowed))) {
+				t.Errorf("rules %q: %s: got %x, want 0x02", rules, name, got)
+			}
+		}
+	}
+	if n := reached.Load(); n != 0 {
+		t.Fatalf("a loopback-only service was reached %d times", n)
+	}
+
+	// A rule that names the destination allows it.
+	cfg, err := config.Parse("test.yaml", []byte(`
+services:
+  - name: socks
+    proxy: socks5
+    listen_on: ["127.0.0.1:1080"]
+    splice:
+      mode: never
+    socks5:
+      rules:
+        - action: allow
+          destinations: [127.0.0.1/32]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := serveConfig(t, cfg)
+	got := l.talk(t, "127.0.0.1", cat(greetNone, refused["127.0.0.1"]), false)
+	if len(got) < 4 || got[3] != byte(Succeeded) {
+		t.Fatalf("allowed by a rule naming it: got %x, want success", got)
 	}
 }

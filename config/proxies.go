@@ -2,6 +2,7 @@ package config
 
 import (
 	"fmt"
+	"net/netip"
 	"reflect"
 	"slices"
 	"strings"
@@ -243,9 +244,38 @@ func init() {
 			if len(f.Backends) == 0 {
 				bad("forward", s.Name, "has no backends; a direct forwarder needs forward.backends, such as [\"10.2.0.2:8080\"]")
 			}
+			for j, b := range f.Backends {
+				key := fmt.Sprintf("forward.backends[%d]", j)
+				if b.Addr().Unmap().IsUnspecified() {
+					bad(key, b.String(), "is not an address to connect to (connect(2) takes it for the gateway's loopback); use the address of a server behind the gateway")
+					continue
+				}
+				if l, ok := OwnListener(s.ListenOn, b.AddrPort, false); ok {
+					bad(key, b.String(), fmt.Sprintf("is the service's own listen_on address %s: every flow would connect to the service again, until limits.max_flows is full; list the servers behind the gateway (a server on the gateway itself needs a port of its own)", l))
+				}
+			}
 			if s.Upstream != NAT {
 				bad("upstream", string(s.Upstream), "cannot be used by a direct forwarder: clients connect to the gateway, which connects to the backends from its own address; remove the key or set upstream: nat")
 			}
 		},
 	})
+}
+
+// OwnListener returns the address of listenOn that a connection to b
+// would reach: b itself, or a wildcard address (0.0.0.0, [::]) of b's
+// port and family when b is a loopback address or, if own, another
+// address of the gateway's. A direct forwarder's backend there is the
+// service itself.
+func OwnListener(listenOn []AddrPort, b netip.AddrPort, own bool) (netip.AddrPort, bool) {
+	ba := b.Addr().Unmap()
+	for _, l := range listenOn {
+		la := l.Addr().Unmap()
+		if l.Port() != b.Port() {
+			continue
+		}
+		if la == ba || la.IsUnspecified() && la.Is4() == ba.Is4() && (ba.IsLoopback() || own) {
+			return l.AddrPort, true
+		}
+	}
+	return netip.AddrPort{}, false
 }

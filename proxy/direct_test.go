@@ -1,12 +1,17 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -159,18 +164,7 @@ func failures(f *Forwarder) (n uint64) {
 // backend.
 func TestDirectAllBackendsDown(t *testing.T) {
 	f, addr := startDirect(t, time.Second, closedPort(t), closedPort(t), closedPort(t))
-	dial := func() {
-		t.Helper()
-		c, err := net.Dial("tcp4", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		if n, err := c.Read(make([]byte, 1)); err == nil {
-			t.Fatalf("read %d bytes through a dead pool", n)
-		}
-	}
+	dial := func() { t.Helper(); refusedDial(t, addr) }
 	dial()
 	if n := failures(f); n != 3 {
 		t.Fatalf("first flow: %d failed connects, want 3 (every backend tried)", n)
@@ -197,19 +191,95 @@ func TestDirectHangingPool(t *testing.T) {
 	dial := func() time.Duration {
 		t.Helper()
 		start := time.Now()
-		c, err := net.Dial("tcp4", addr)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(10 * time.Second))
-		if n, err := c.Read(make([]byte, 1)); err == nil {
-			t.Fatalf("read %d bytes through a dead pool", n)
-		}
+		refusedDial(t, addr)
 		return time.Since(start)
 	}
 	dial() // marks them down
 	if d := dial(); d > 2*timeout {
 		t.Fatalf("a client of an all-down pool waited %v, want about one connect timeout (%v)", d, timeout)
+	}
+}
+
+// TestDirectBackendIsItsListener: a direct forwarder listening on
+// every address whose backend is the gateway's own address on the same
+// port connects to itself. One client connection made a flow that
+// connected to the service again, which made another, until the flow
+// table was full: the service refused every client after that. Such a
+// backend is refused at the connect, with a log line that says why.
+func TestDirectBackendIsItsListener(t *testing.T) {
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4zero})
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := uint16(ln.Addr().(*net.TCPAddr).Port)
+	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
+services:
+  - name: d
+    listen_mode: direct
+    listen_on: ["0.0.0.0:%d"]
+    connect_timeout: 1s
+    forward:
+      backends: ["192.0.2.1:%d"]
+`, port, port)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The configuration refuses a loopback backend on the port of a
+	// wildcard listener; one of the gateway's other addresses it
+	// cannot tell: loopback stands in for it here.
+	fw := cfg.Services[0].Section().(*config.Forward)
+	fw.Backends[0].AddrPort = netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), port)
+	var log syncBuffer
+	f := &Forwarder{Base: Base{Service: &cfg.Services[0], Flows: NewFlowTable(50), Log: slog.New(slog.NewTextHandler(&log, nil))}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { f.Serve(ctx, ln); close(done) }()
+	defer func() { cancel(); <-done; f.CloseFlows() }()
+
+	refusedDial(t, netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port).String())
+	time.Sleep(200 * time.Millisecond)
+	if n := f.Flows.Len(); n != 0 {
+		t.Fatalf("%d flows in the table after the client's one was refused (max 50)", n)
+	}
+	if !strings.Contains(log.String(), "is this service's own listener") {
+		t.Fatalf("the log does not say why:\n%s", log.String())
+	}
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// refusedDial connects to addr and expects the connection to end with
+// nothing read. A reset can come before the connect returns (the
+// proxy accepts and resets at once on loopback): that counts too.
+func refusedDial(t *testing.T, addr string) {
+	t.Helper()
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		if errors.Is(err, syscall.ECONNRESET) {
+			return
+		}
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatalf("read %d bytes where the proxy should have refused", n)
+	} else if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("the proxy neither served nor ended the connection in 10 s")
 	}
 }

@@ -281,6 +281,14 @@ func (f *Forwarder) handleDirect(c *net.TCPConn, flow *Flow) {
 	var up *net.TCPConn
 	var backend *Backend
 	for _, b := range pool.Pick(time.Now()) {
+		if l, self := f.ownListener(b.Addr); self {
+			pool.Failed(b, time.Now())
+			f.LogLimited("backend is listener "+b.Addr.String(), slog.LevelError, "backend is this service's own listener, skipping it",
+				"backend", b.Addr, "listen_on", l, logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client,
+				"fix", "list the servers behind the gateway in forward.backends; a server on the gateway itself needs a port the service does not listen on")
+			errs = append(errs, fmt.Errorf("backend %s is this service's own listener %s", b.Addr, l))
+			continue
+		}
 		ctx, cancel := context.WithTimeout(f.FlowContext(), svc.ConnectTimeout.D())
 		c, err := DialUpstream(ctx, false, flow.Client, b.Addr, svc.ConnectTimeout.D())
 		cancel()
@@ -316,6 +324,23 @@ func (f *Forwarder) handleDirect(c *net.TCPConn, flow *Flow) {
 	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream), "listen", addrPort(c.LocalAddr()))
 	f.Event(EventOpened, flow, string(svc.Upstream))
 	f.serve(flow, c, up, log, true)
+}
+
+// ownListener reports whether a connect to backend would reach one of
+// the service's own listeners (a backend on the gateway, on a port it
+// listens on for every address), and which. The configuration refuses
+// the cases it can tell without the gateway's addresses; a flow sent
+// there would connect to the service again, and again, until the flow
+// table was full. Only a backend on a listen port costs a lookup.
+func (f *Forwarder) ownListener(backend netip.AddrPort) (netip.AddrPort, bool) {
+	l, ok := config.OwnListener(f.Service.ListenOn, backend, false)
+	if ok {
+		return l, true
+	}
+	if _, wild := config.OwnListener(f.Service.ListenOn, backend, true); wild && IsGatewayAddress(backend.Addr()) {
+		return config.OwnListener(f.Service.ListenOn, backend, true)
+	}
+	return netip.AddrPort{}, false
 }
 
 // serve relays a flow until it ends or is spliced. policy says whether

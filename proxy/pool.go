@@ -55,17 +55,22 @@ func (p *Pool) Pick(now time.Time) []*Backend {
 	if len(up) == 0 {
 		return []*Backend{first}
 	}
+	start := int(p.next.Add(1)-1) % len(up)
 	if p.leastConn {
-		best := 0
-		for i, b := range up {
-			if b.active.Load() < up[best].active.Load() {
+		// Ties go round: from a rotating start, the first with fewest
+		// flows. The first of them every time sent every flow to the
+		// first backend while none was relayed (flows one at a time,
+		// or spliced ones, which do not count).
+		best := start
+		for k := 1; k < len(up); k++ {
+			i := (start + k) % len(up)
+			if up[i].active.Load() < up[best].active.Load() {
 				best = i
 			}
 		}
-		return append(up[best:], up[:best]...)
+		start = best
 	}
-	i := int(p.next.Add(1)-1) % len(up)
-	return append(up[i:], up[:i]...)
+	return append(up[start:], up[:start]...)
 }
 
 // Failed marks b down for the pool's down time.

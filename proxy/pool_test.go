@@ -74,3 +74,29 @@ func equal(a, b []string) bool {
 	}
 	return true
 }
+
+// TestLeastConnTies: least_conn spreads flows over backends with as few
+// flows as each other. It took the first of them every time, so with
+// no flow relayed at the pick (flows one at a time, or spliced ones,
+// which no longer count) every flow went to the first backend.
+func TestLeastConnTies(t *testing.T) {
+	p := NewPool(addrs("10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"), "least_conn", time.Second)
+	seen := map[string]int{}
+	for range 6 {
+		seen[first(p.Pick(time.Now()))]++
+	}
+	for _, a := range []string{"10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"} {
+		if seen[a] != 2 {
+			t.Fatalf("6 picks with no flows: %v, want 2 each", seen)
+		}
+	}
+	// A backend with fewer flows still wins.
+	done := p.backends[0].Opened()
+	defer done()
+	p.backends[1].Opened()
+	for range 3 {
+		if got := first(p.Pick(time.Now())); got != "10.0.0.3:80" {
+			t.Fatalf("picked %s, want 10.0.0.3:80 (the only one without flows)", got)
+		}
+	}
+}

@@ -165,6 +165,11 @@ func validate(s *config.Service, bad func(key, value, msg string)) {
 	if c.MaxSessions < 0 {
 		bad("socks5.max_sessions", fmt.Sprint(c.MaxSessions), fmt.Sprintf("is negative; use a positive number of sessions (default %d)", DefaultMaxSessions))
 	}
+	if c.FailedLogins < 0 {
+		// max(limit, 1) took it for 1: a source backed off at its
+		// first failure, which no one who wrote -1 meant.
+		bad("socks5.failed_logins", fmt.Sprint(c.FailedLogins), fmt.Sprintf("is negative; use the number of failed logins from one source before it is backed off, at least 1 (default %d)", DefaultFailedLogins))
+	}
 	for i, r := range c.Rules {
 		p := fmt.Sprintf("socks5.rules[%d]", i)
 		if r.Action == "" {

@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"net/netip"
+	"strings"
 	"testing"
+
+	"spliced/config"
 )
 
 // TestReadRequest: request parsing, address types and limits, byte by
@@ -83,4 +86,19 @@ func FuzzHandshake(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestConfigRefusesNegatives: a negative failed_logins was taken as 1
+// (a source backed off at its first failure) without a word; it is
+// refused, naming the key, as a negative max_sessions is.
+func TestConfigRefusesNegatives(t *testing.T) {
+	for key, want := range map[string]string{
+		"failed_logins: -1": "services[0].socks5.failed_logins: \"-1\" is negative",
+		"max_sessions: -1":  "services[0].socks5.max_sessions: \"-1\" is negative",
+	} {
+		_, err := config.Parse("t.yaml", []byte("services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"127.0.0.1:1080\"]\n    socks5:\n      "+key+"\n"))
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("%s: %v, want an error with %q", key, err, want)
+		}
+	}
 }

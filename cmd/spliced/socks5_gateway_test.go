@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -169,5 +170,89 @@ services:
 		} else {
 			t.Logf("%s: %v bytes spliced c2s, %v s2c", svc, rec["spliced_bytes_c2s"], rec["spliced_bytes_s2c"])
 		}
+	}
+}
+
+// TestLabSOCKSEarlyData: a client that sends its payload with the
+// handshake, before the reply (as clients that pipeline do), on a
+// service that splices at once: the bytes that wait in the gateway's
+// socket behind the request reach the server after the splice, intact,
+// and the reply reaches the client before the server's bytes.
+func TestLabSOCKSEarlyData(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	gw, srv := lab.GatewayClientSide[0], lab.Server()
+	backend := netip.AddrPortFrom(srv.IPv4, 9000)
+	d := testnet.StartDaemon(t, lab, fmt.Sprintf(`
+log:
+  level: debug
+services:
+  - name: socks
+    proxy: socks5
+    listen_on: ["%s"]
+    splice:
+      mode: immediate
+`, netip.AddrPortFrom(gw.IPv4, 1080)))
+	ln, err := srv.Listen(backend)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	const size = 256 << 10
+	payload := make([]byte, size)
+	io.ReadFull(testnet.NewRandomStream(3), payload)
+	back := make([]byte, size)
+	io.ReadFull(testnet.NewRandomStream(4), back)
+	served := make(chan error, 1)
+	go func() {
+		ln.SetDeadline(time.Now().Add(20 * time.Second))
+		s, err := ln.AcceptTCP()
+		if err != nil {
+			served <- err
+			return
+		}
+		defer s.Close()
+		s.SetDeadline(time.Now().Add(20 * time.Second))
+		got := make([]byte, size)
+		if _, err := io.ReadFull(s, got); err != nil {
+			served <- fmt.Errorf("server read: %w", err)
+			return
+		}
+		if !bytes.Equal(got, payload) {
+			served <- errors.New("the server received other bytes than the client sent")
+			return
+		}
+		_, err = s.Write(back)
+		served <- err
+	}()
+	c, err := lab.Client().Dial(netip.AddrPortFrom(gw.IPv4, 1080), 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(20 * time.Second))
+	hello := append([]byte{5, 1, 0, 5, 1, 0}, atypAddr(backend)...)
+	wrote := make(chan error, 1)
+	go func() { _, err := c.Write(append(hello, payload...)); wrote <- err }()
+	reply := make([]byte, 12)
+	if _, err := io.ReadFull(c, reply); err != nil || reply[3] != 0 {
+		t.Fatalf("reply %x: %v", reply, err)
+	}
+	got := make([]byte, size)
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatalf("client read: %v (server: %v)", err, <-served)
+	}
+	if err := <-wrote; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-served; err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, back) {
+		t.Fatal("the client received other bytes than the server sent")
+	}
+	// The line comes once the splice is complete, which may be after
+	// the bytes it took over arrived.
+	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "flow spliced" }); err != nil {
+		t.Fatalf("the flow was not spliced: %v\n%s", err, tail(d.Log(), 20))
 	}
 }

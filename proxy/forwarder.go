@@ -513,10 +513,10 @@ func ListenServiceReusing(ctx context.Context, svc *config.Service, held []*net.
 		return ln, err
 	}
 	if svc.ListenMode == config.ListenDirect {
-		for _, a := range svc.ListenOn {
+		for j, a := range svc.ListenOn {
 			ln, err := open(a.AddrPort, false)
 			if err != nil {
-				return fail(fmt.Errorf("service %s: listen on %s: %w", svc.Name, a, err))
+				return fail(listenOnError(svc.Name, j, a.AddrPort, err))
 			}
 			lns = append(lns, ln)
 		}
@@ -530,6 +530,23 @@ func ListenServiceReusing(ctx context.Context, svc *config.Service, held []*net.
 		lns = append(lns, ln)
 	}
 	return lns, nil
+}
+
+// listenOnError says why a direct service could not listen on its
+// listen_on[j] address a, and what fixes it where the cause is usual.
+func listenOnError(service string, j int, a netip.AddrPort, err error) error {
+	hint := ""
+	switch {
+	case errors.Is(err, unix.EADDRNOTAVAIL):
+		sysctl := "net.ipv4.ip_nonlocal_bind"
+		if a.Addr().Is6() {
+			sysctl = "net.ipv6.ip_nonlocal_bind"
+		}
+		hint = fmt.Sprintf(": %v is no address of the gateway's interfaces; use one of them, or for an address that comes later (a VRRP address on a backup) set %s=1", a.Addr(), sysctl)
+	case errors.Is(err, unix.EADDRINUSE):
+		hint = fmt.Sprintf(": another socket listens there (ss -ltnp 'sport = :%d' shows which); stop it or use another port", a.Port())
+	}
+	return fmt.Errorf("service %s: listen_on[%d] %s: %w%s", service, j, a, err, hint)
 }
 
 // dupListener returns a listener on a duplicate of ln's socket, with the

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 
 	"spliced/config"
@@ -48,4 +49,26 @@ func TestListenServiceReusing(t *testing.T) {
 		t.Fatalf("the queued connection was lost with the old listener: %v", err)
 	}
 	a.Close()
+}
+
+// TestListenOnError: a direct service's listen_on address that is not
+// the gateway's, or that another socket holds, fails its start with the
+// key and the fix, not only the bind error.
+func TestListenOnError(t *testing.T) {
+	svc := &config.Service{Name: "d", ListenMode: config.ListenDirect, Backlog: 16,
+		ListenOn: []config.AddrPort{{AddrPort: netip.MustParseAddrPort("198.51.100.77:1080")}}}
+	_, err := ListenService(context.Background(), svc)
+	if err == nil || !strings.Contains(err.Error(), "listen_on[0] 198.51.100.77:1080") || !strings.Contains(err.Error(), "net.ipv4.ip_nonlocal_bind=1") {
+		t.Errorf("address not the gateway's: %v", err)
+	}
+	held, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	svc.ListenOn[0].AddrPort = netip.MustParseAddrPort(held.Addr().String())
+	_, err = ListenService(context.Background(), svc)
+	if err == nil || !strings.Contains(err.Error(), "another socket listens there") {
+		t.Errorf("address in use: %v", err)
+	}
 }

@@ -179,6 +179,18 @@ services:
 // socket behind the request reach the server after the splice, intact,
 // and the reply reaches the client before the server's bytes.
 func TestLabSOCKSEarlyData(t *testing.T) {
+	for _, fin := range []bool{false, true} {
+		t.Run(map[bool]string{false: "open", true: "fin"}[fin], func(t *testing.T) { socksEarlyData(t, fin) })
+	}
+}
+
+// socksEarlyData runs TestLabSOCKSEarlyData; with fin the client also
+// ends its side (shutdown) right behind its payload, before the reply,
+// as `printf ... | nc -X 5` does: whether the end arrives before the
+// splice (the flow stays proxied, half-closed) or after it, every byte
+// and the end reach the server, and the flow is closed once both ends
+// are done.
+func socksEarlyData(t *testing.T, fin bool) {
 	lab := testnet.NewT(t, testnet.Options{})
 	gw, srv := lab.GatewayClientSide[0], lab.Server()
 	backend := netip.AddrPortFrom(srv.IPv4, 9000)
@@ -221,6 +233,12 @@ services:
 			served <- errors.New("the server received other bytes than the client sent")
 			return
 		}
+		if fin {
+			if n, err := s.Read(make([]byte, 1)); err != io.EOF {
+				served <- fmt.Errorf("server: after the payload read %d bytes, %v; want the client's end", n, err)
+				return
+			}
+		}
 		_, err = s.Write(back)
 		served <- err
 	}()
@@ -232,7 +250,13 @@ services:
 	c.SetDeadline(time.Now().Add(20 * time.Second))
 	hello := append([]byte{5, 1, 0, 5, 1, 0}, atypAddr(backend)...)
 	wrote := make(chan error, 1)
-	go func() { _, err := c.Write(append(hello, payload...)); wrote <- err }()
+	go func() {
+		_, err := c.Write(append(hello, payload...))
+		if err == nil && fin {
+			err = c.CloseWrite()
+		}
+		wrote <- err
+	}()
 	reply := make([]byte, 12)
 	if _, err := io.ReadFull(c, reply); err != nil || reply[3] != 0 {
 		t.Fatalf("reply %x: %v", reply, err)
@@ -249,6 +273,19 @@ services:
 	}
 	if !bytes.Equal(got, back) {
 		t.Fatal("the client received other bytes than the server sent")
+	}
+	if fin {
+		// A spliced flow is retired a few seconds after both ends'
+		// FINs were acknowledged.
+		if err := d.WaitLog(20*time.Second, func(l map[string]any) bool { return l["msg"] == "flow closed" }); err != nil {
+			t.Fatal(err)
+		}
+		rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow closed" })
+		if rec["bytes_c2s"] != float64(size) || rec["bytes_s2c"] != float64(size) {
+			t.Fatalf("flow closed %v, want %d bytes each way", rec, size)
+		}
+		t.Logf("flow closed: mode %v, reason %v", rec["mode"], rec["reason"])
+		return
 	}
 	// The line comes once the splice is complete, which may be after
 	// the bytes it took over arrived.

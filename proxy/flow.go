@@ -169,11 +169,21 @@ type FlowTable struct {
 	nextID atomic.Uint64
 	mu     sync.Mutex
 	flows  map[uint64]*Flow
+	// perService counts the flows of each service, spliced ones
+	// included (a SOCKS5 service's max_sessions counts them).
+	perService map[string]int
 }
 
 // NewFlowTable returns a table admitting at most max flows at once.
 func NewFlowTable(max int) *FlowTable {
-	return &FlowTable{max: max, flows: map[uint64]*Flow{}}
+	return &FlowTable{max: max, flows: map[uint64]*Flow{}, perService: map[string]int{}}
+}
+
+// ServiceLen is the number of flows of a service, spliced ones included.
+func (t *FlowTable) ServiceLen(service string) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.perService[service]
 }
 
 // Admit gives f an ID and adds it, unless the table is full.
@@ -185,6 +195,7 @@ func (t *FlowTable) Admit(f *Flow) bool {
 	}
 	f.ID = t.nextID.Add(1)
 	t.flows[f.ID] = f
+	t.perService[f.Service]++
 	return true
 }
 
@@ -204,13 +215,19 @@ func (t *FlowTable) Adopt(f *Flow) bool {
 		}
 	}
 	t.flows[f.ID] = f
+	t.perService[f.Service]++
 	return true
 }
 
 // Remove drops f from the table.
 func (t *FlowTable) Remove(f *Flow) {
 	t.mu.Lock()
-	delete(t.flows, f.ID)
+	if t.flows[f.ID] == f {
+		delete(t.flows, f.ID)
+		if t.perService[f.Service]--; t.perService[f.Service] <= 0 {
+			delete(t.perService, f.Service)
+		}
+	}
 	t.mu.Unlock()
 }
 

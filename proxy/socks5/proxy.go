@@ -30,7 +30,7 @@ type Proxy struct {
 	resolver *net.Resolver
 	users    atomic.Pointer[users]
 	failed   *failures
-	sessions atomic.Int32
+	sessions atomic.Int32 // handshakes under way
 
 	statsMu    sync.Mutex
 	results    map[string]uint64 // handshakes by result
@@ -130,7 +130,11 @@ func (p *Proxy) Metrics() []proxy.Metric {
 // handle serves one client connection.
 func (p *Proxy) handle(c *net.TCPConn) {
 	client := proxy.AddrPort(c.RemoteAddr())
-	if n := p.sessions.Add(1); int(n) > p.conf.MaxSessions {
+	// Sessions are the handshakes under way and the service's flows,
+	// spliced ones included: a session that ended for the proxy when
+	// its flow was spliced did not count, so max_sessions let a client
+	// hold spliced connections up to limits.max_flows.
+	if n := p.sessions.Add(1); int(n)+p.Flows.ServiceLen(p.Service.Name) > p.conf.MaxSessions {
 		p.sessions.Add(-1)
 		// Counted before the reset: whoever sees the reset sees the count.
 		p.count(resultCap)
@@ -139,8 +143,8 @@ func (p *Proxy) handle(c *net.TCPConn) {
 			"max_sessions", p.conf.MaxSessions, logging.KeyClient, client, "fix", "raise socks5.max_sessions of the service")
 		return
 	}
-	defer p.sessions.Add(-1)
 	h := &handshake{p: p, c: c, client: client, deadline: time.Now().Add(p.conf.HandshakeTimeout.D())}
+	defer h.handshakeDone()
 	c.SetDeadline(h.deadline)
 	flow, up, result, err := h.run()
 	p.count(result)
@@ -170,6 +174,17 @@ type handshake struct {
 	// deadline bounds the client's part of the handshake; the gateway's
 	// own work (a password check) does not count.
 	deadline time.Time
+	// done: the handshake no longer counts in Proxy.sessions (its flow
+	// does, from its admission on).
+	done bool
+}
+
+// handshakeDone stops counting the handshake as a session, once.
+func (h *handshake) handshakeDone() {
+	if !h.done {
+		h.done = true
+		h.p.sessions.Add(-1)
+	}
 }
 
 func (h *handshake) dest() string {
@@ -342,7 +357,9 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 	}
 	flow := proxy.NewFlow(svc.Name, Kind, h.client, allowed[0])
 	flow.User, flow.Local = h.user, proxy.AddrPort(h.c.LocalAddr())
-	if !p.Flows.Admit(flow) {
+	admitted := p.Flows.Admit(flow)
+	h.handshakeDone() // the flow counts from now on
+	if !admitted {
 		h.answer(GeneralFailure)
 		p.LogLimited("cap", slog.LevelWarn, "flow cap reached, refusing new flows",
 			"max_flows", p.Flows.Max(), logging.KeyClient, flow.Client, "fix", "raise limits.max_flows or add gateways")

@@ -818,3 +818,58 @@ services:
 		t.Fatalf("allowed by a rule naming it: got %x, want success", got)
 	}
 }
+
+// takingSplicer takes every flow, as the gateway does when it splices:
+// the sockets are its own from then on (kept open here), and the flow
+// stays in the table until the gateway sees it end.
+type takingSplicer struct {
+	mu    sync.Mutex
+	conns []*net.TCPConn
+}
+
+func (s *takingSplicer) Splice(_ context.Context, _ *proxy.Flow, client, upstream *net.TCPConn) error {
+	s.mu.Lock()
+	s.conns = append(s.conns, client, upstream)
+	s.mu.Unlock()
+	return nil
+}
+
+func (s *takingSplicer) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range s.conns {
+		c.Close()
+	}
+}
+
+// TestMaxSessionsSpliced: max_sessions caps the service's connections,
+// established ones included, spliced or not. A session ended for the
+// proxy when its flow was spliced (splice.mode: immediate, the socks5
+// default), so a client could hold any number of spliced connections,
+// up to limits.max_flows, which every service shares.
+func TestMaxSessionsSpliced(t *testing.T) {
+	l := startLab(t, "      max_sessions: 2\n")
+	l.p.Service.Splice.Mode = config.SpliceImmediate
+	sp := &takingSplicer{}
+	defer sp.close()
+	l.p.SetSplicer(sp)
+	for i := range 4 {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.3")}} // no login
+		c, err := d.Dial("tcp4", l.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.Write(cat(greetNone, connect4(l.echo)))
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		got := make([]byte, 12)
+		n, _ := io.ReadFull(c, got)
+		ok := n == 12 && got[3] == byte(Succeeded)
+		if want := i < 2; ok != want {
+			t.Fatalf("connection %d: got %x, connected %v; want %v (max_sessions 2, %d flows in the table)", i+1, got[:n], ok, want, l.p.Flows.Len())
+		}
+	}
+	if n := l.p.result(resultCap); n != 2 {
+		t.Fatalf("session_cap counted %d times, want 2", n)
+	}
+}

@@ -197,7 +197,15 @@ func (h *handshake) dest() string {
 // answer sends a failure reply.
 func (h *handshake) answer(rep Reply) {
 	h.reply = rep
+	h.replyDeadline()
 	h.c.Write(appendReply(nil, rep, netip.AddrPort{}))
+}
+
+// replyDeadline gives the write of a reply to the request a deadline of
+// its own: the handshake's was the client's, and the gateway's resolve
+// and connect may have used it up.
+func (h *handshake) replyDeadline() {
+	h.c.SetWriteDeadline(time.Now().Add(h.p.conf.HandshakeTimeout.D()))
 }
 
 // run reads the handshake and connects. It returns the admitted flow
@@ -235,6 +243,11 @@ func (h *handshake) run() (*proxy.Flow, *net.TCPConn, string, error) {
 		return nil, nil, failResult(err, resultBadRequest), err
 	}
 	h.req = q
+	// The client's part of the handshake is done. What follows is the
+	// gateway's (rules, resolve, connect): it must not use up the
+	// client's deadline, or a reply after a slow resolve or connect
+	// could not be written, and a connected flow was thrown away.
+	c.SetDeadline(time.Time{})
 	if q.Cmd != CmdConnect {
 		h.answer(CommandNotSupported)
 		return nil, nil, resultCommand, fmt.Errorf("command 0x%02x is not served (only CONNECT)", q.Cmd)
@@ -377,6 +390,7 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 		}
 		flow.Server = dst
 		flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), dst)
+		h.replyDeadline()
 		if _, err := h.c.Write(appendReply(nil, Succeeded, flow.Upstream)); err != nil {
 			up.Close()
 			p.Flows.Remove(flow)

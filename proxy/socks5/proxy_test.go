@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -871,5 +872,72 @@ func TestMaxSessionsSpliced(t *testing.T) {
 	}
 	if n := l.p.result(resultCap); n != 2 {
 		t.Fatalf("session_cap counted %d times, want 2", n)
+	}
+}
+
+// slowListener returns a loopback listener whose accept queue is full
+// until free is called: a connect to it waits for its SYN to be
+// resent (1 s on Linux) and then succeeds, as one to a server that
+// is slow to answer does.
+func slowListener(t *testing.T) (addr netip.AddrPort, free func()) {
+	t.Helper()
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	raw, err := ln.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw.Control(func(fd uintptr) { syscall.Listen(int(fd), 0) })
+	addr = ln.Addr().(*net.TCPAddr).AddrPort()
+	for i := 0; ; i++ { // fill the queue
+		if i == 16 {
+			t.Fatal("the accept queue never filled")
+		}
+		c, err := net.DialTimeout("tcp4", addr.String(), 300*time.Millisecond)
+		if err != nil {
+			break
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	return addr, func() {
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				t.Cleanup(func() { c.Close() })
+			}
+		}()
+	}
+}
+
+// TestReplyAfterSlowConnect: handshake_timeout bounds the client's part
+// of the handshake, not the gateway's resolve and connect. A client
+// that sent its request in time, to a server that took a second to
+// answer, got no reply at all: the reply's write met the handshake's
+// deadline, and the connected flow was thrown away.
+func TestReplyAfterSlowConnect(t *testing.T) {
+	l := startLab(t) // handshake_timeout 2s, connect_timeout 2s
+	dst, free := slowListener(t)
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.3")}} // no login
+	c, err := d.Dial("tcp4", l.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(greetNone)
+	time.Sleep(1500 * time.Millisecond) // a slow client, in time
+	c.Write(connect4(dst))
+	time.Sleep(200 * time.Millisecond)
+	free() // the SYN resent about 1 s after the first gets through
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got := make([]byte, 12)
+	n, err := io.ReadFull(c, got)
+	if n < 4 || got[3] != byte(Succeeded) {
+		t.Fatalf("got %x (%v), want the success reply; log:\n%s", got[:n], err, l.log.String())
 	}
 }

@@ -151,7 +151,7 @@ func (p *Proxy) handle(c *net.TCPConn) {
 	if flow == nil {
 		if err != nil {
 			p.LogLimited("socks5 "+result, slog.LevelInfo, "socks5: request refused", logging.KeyClient, client,
-				"user", h.user, "destination", h.dest(), logging.KeyReason, result, "reply", h.reply.String(), logging.Err(err))
+				"user", h.user, "destination", h.dest(), logging.KeyReason, result, "reply", h.replyName(), logging.Err(err))
 		}
 		c.Close()
 		return
@@ -171,6 +171,8 @@ type handshake struct {
 	user   string
 	req    *Request
 	reply  Reply
+	// replied: reply was sent (a reply to the request).
+	replied bool
 	// deadline bounds the client's part of the handshake; the gateway's
 	// own work (a password check) does not count.
 	deadline time.Time
@@ -196,9 +198,19 @@ func (h *handshake) dest() string {
 
 // answer sends a failure reply.
 func (h *handshake) answer(rep Reply) {
-	h.reply = rep
+	h.reply, h.replied = rep, true
 	h.replyDeadline()
 	h.c.Write(appendReply(nil, rep, netip.AddrPort{}))
+}
+
+// replyName names the reply sent to the request, or "none": the zero
+// Reply is Succeeded, which the log showed for handshakes that ended
+// before any reply (a bad greeting, a failed login, a timeout).
+func (h *handshake) replyName() string {
+	if !h.replied {
+		return "none"
+	}
+	return h.reply.String()
 }
 
 // replyDeadline gives the write of a reply to the request a deadline of
@@ -396,7 +408,7 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 			p.Flows.Remove(flow)
 			return nil, nil, resultClosed, err
 		}
-		h.reply = Succeeded
+		h.reply, h.replied = Succeeded, true
 		p.statsMu.Lock()
 		p.connects[destClass(q)]++
 		p.statsMu.Unlock()

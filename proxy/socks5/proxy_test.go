@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -939,5 +940,25 @@ func TestReplyAfterSlowConnect(t *testing.T) {
 	n, err := io.ReadFull(c, got)
 	if n < 4 || got[3] != byte(Succeeded) {
 		t.Fatalf("got %x (%v), want the success reply; log:\n%s", got[:n], err, l.log.String())
+	}
+}
+
+// TestRefusedLogNamesReply: the log line of a refused handshake names
+// the reply the client got; one that ended before any reply said
+// "succeeded" (the zero reply code), which misled whoever read it.
+func TestRefusedLogNamesReply(t *testing.T) {
+	l := startLab(t)
+	l.talk(t, "127.0.0.1", []byte{4, 1, 0}, false) // not SOCKS 5
+	l.talk(t, "127.0.0.3", cat(greetNone, []byte{5, CmdBind, 0, AtypIPv4, 10, 0, 0, 1, 0, 80}), false)
+	var replies []string
+	for _, line := range strings.Split(strings.TrimSpace(l.log.String()), "\n") {
+		var rec map[string]any
+		if json.Unmarshal([]byte(line), &rec) == nil && rec["msg"] == "socks5: request refused" {
+			replies = append(replies, fmt.Sprint(rec["reason"], "/", rec["reply"]))
+		}
+	}
+	want := []string{"bad_greeting/none", "command_not_supported/command_not_supported"}
+	if strings.Join(replies, " ") != strings.Join(want, " ") {
+		t.Fatalf("refusals logged %v, want %v", replies, want)
 	}
 }

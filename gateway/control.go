@@ -74,12 +74,13 @@ func (g *Gateway) serveControl(ctx context.Context, path, group string) (func(),
 }
 
 // listenPrivately opens a unix socket listener at path, owned by root
-// and the group (mode 0660), or root alone (0600). The socket is bound in
-// a new directory only root may enter, given its owner and mode there,
-// and then renamed to path: bound at path, it would be there with the
-// mode the umask leaves (0777 with umask 0) until the chmod, and a
+// and the group (mode 0660), or root alone (0600). The socket gets its
+// mode before the bind (fchmod of the socket, which bind gives the file
+// less the umask): bound first and chmod'ed after, it was at path with
+// the mode the umask left (0777 with umask 0) until the chmod, and a
 // connection made in that moment is served later, whatever the mode
-// became.
+// became. The group's bits come with the chown: until then the file is
+// root's group's.
 func listenPrivately(path, group string) (*net.UnixListener, error) {
 	gid := -1
 	mode := os.FileMode(0o600)
@@ -91,26 +92,24 @@ func listenPrivately(path, group string) (*net.UnixListener, error) {
 		gid, _ = strconv.Atoi(gr.Gid)
 		mode = 0o660
 	}
-	private, err := os.MkdirTemp(filepath.Dir(path), ".spliced-control-")
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		var err error
+		if cerr := rc.Control(func(fd uintptr) { err = syscall.Fchmod(int(fd), 0o600) }); cerr != nil {
+			return cerr
+		}
+		return err
+	}}
+	l, err := lc.Listen(context.Background(), "unix", path)
 	if err != nil {
 		return nil, fmt.Errorf("control socket %s: %w", path, err)
 	}
-	defer os.RemoveAll(private)
-	bound := filepath.Join(private, "s")
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: bound, Net: "unix"})
-	if err != nil {
-		return nil, fmt.Errorf("control socket %s: %w", path, err)
-	}
-	ln.SetUnlinkOnClose(false) // the shutdown removes path
-	afterControlBind(bound)
+	ln := l.(*net.UnixListener)
+	afterControlBind(path)
 	if gid >= 0 {
-		err = os.Chown(bound, 0, gid)
+		err = os.Chown(path, 0, gid)
 	}
 	if err == nil {
-		err = os.Chmod(bound, mode)
-	}
-	if err == nil {
-		err = os.Rename(bound, path)
+		err = os.Chmod(path, mode) // the umask may have taken bits
 	}
 	if err != nil {
 		ln.Close()
@@ -120,8 +119,8 @@ func listenPrivately(path, group string) (*net.UnixListener, error) {
 }
 
 // afterControlBind is a test's look at the moment between the bind and
-// the chmod.
-var afterControlBind = func(bound string) {}
+// the chown and chmod.
+var afterControlBind = func(path string) {}
 
 // checkSocketDir refuses a directory where someone else could replace
 // the socket between its creation and its chown and chmod (which follow

@@ -692,14 +692,32 @@ func (g *Gateway) stopServices() {
 	}
 }
 
+// pinnedFlows counts the flows pinned in dir (the bpf datapath's pins or
+// the nfqueue datapath's record); 0 when there are none or they cannot be
+// read.
+func pinnedFlows(dir string) int {
+	if !bpf.HasPins(dir) {
+		return 0
+	}
+	dp, err := bpf.OpenPinned(dir)
+	if err != nil || dp == nil {
+		return 0
+	}
+	defer dp.Close()
+	flows, _, _ := dp.PinnedFlows()
+	return len(flows)
+}
+
 // Cleanup removes the kernel state a configuration would install, for
 // `spliced -cleanup` after the daemon was killed: the flows the bpf
 // datapath still rewrites from its pins are reset at both ends and the
 // pins removed (see dropPinned), then the table and policy routing go.
 //
-// With keepFlows the pins stay (and the program keeps rewriting their
-// flows, which need neither the table nor the routing): the systemd
-// unit's clean-up after a failure, before the restart that adopts them.
+// With keepFlows the pins and the nfqueue datapath's record stay, for the
+// restart that adopts their flows (the systemd unit's clean-up after a
+// failure); while there are such flows, the table stays with its divert
+// chains and sets only (rules.CleanupKeepDivert), so that their packets
+// are dropped until then, never delivered unrewritten.
 func Cleanup(cfg *config.Config, log *slog.Logger, keepFlows bool) error {
 	unlock, err := lockTable(cfg.Kernel.Table)
 	if err != nil {
@@ -715,7 +733,13 @@ func Cleanup(cfg *config.Config, log *slog.Logger, keepFlows bool) error {
 			errs = append(errs, err)
 		}
 	}
-	if err := rules.Cleanup(rules.FromConfig(cfg), 0); err != nil {
+	// Kept flows need the divert chain: without it their packets reach
+	// the ends unrewritten until the next daemon installs its table.
+	removeTable := rules.Cleanup
+	if keepFlows && (pinnedFlows(pinDir(cfg)) > 0 || pinnedFlows(storeDir(cfg)) > 0) {
+		removeTable = rules.CleanupKeepDivert
+	}
+	if err := removeTable(rules.FromConfig(cfg), 0); err != nil {
 		errs = append(errs, err)
 	}
 	// With -keep-flows too: systemd removes /run/spliced, and the record

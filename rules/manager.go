@@ -186,6 +186,42 @@ func Cleanup(spec Spec, netns int) error {
 	return errors.Join(errs...)
 }
 
+// CleanupKeepDivert is Cleanup for a dead daemon whose spliced flows a
+// new daemon will adopt (spliced -cleanup -keep-flows): the services'
+// rules go, so that nothing is intercepted any more (a SYN to a service
+// port is routed on, not handed to a listener that is gone), and so does
+// the policy routing, but the table stays with its divert chains and
+// sets: the kept flows' packets still reach their queues, which drop
+// them while no daemon reads them (no bypass), rather than reaching the
+// ends unrewritten (a NAT flow's server would send them to the gateway's
+// own address, whose stack answers with a reset). The next daemon
+// replaces the table; what is already gone is not an error.
+func CleanupKeepDivert(spec Spec, netns int) error {
+	m := &Manager{spec: spec, netns: netns, queue: &queueProbe{}}
+	var errs []error
+	c, err := m.nft()
+	if err != nil {
+		return err
+	}
+	if exists, err := tableExists(c, spec.Table); err != nil {
+		errs = append(errs, err)
+	} else if exists {
+		c.FlushChain(&nftables.Chain{Name: ChainServices, Table: spec.table()})
+		if err := c.Flush(); err != nil {
+			errs = append(errs, fmt.Errorf("remove the services of table inet %s: %w", spec.Table, err))
+		}
+	}
+	rt, err := m.rtnl()
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	defer rt.Close()
+	if err := removeRouting(rt, &spec); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
 // State reports what of spec is present in the kernel: whether the table
 // exists and how many of our ip rules and routes there are.
 func (m *Manager) State() (table bool, ipRules, routes int, err error) {

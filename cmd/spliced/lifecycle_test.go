@@ -1,0 +1,113 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"spliced/testnet"
+)
+
+// TestLabNFQueueCrashUnderSystemd: the restart after a crash as the
+// systemd unit runs it on the nfqueue datapath (the default): kill -9,
+// then the unit's ExecStopPost for a failed run (spliced -cleanup
+// -keep-flows), then, RestartSec later, a new daemon. The spliced flows
+// (transparent and NAT) are recorded and adopted by the new daemon, so
+// they must survive the clean-up between: their packets may be dropped
+// meanwhile, never delivered unrewritten (a NAT flow's server packets
+// reach the gateway's own address and its stack answers them with a
+// reset), and every transfer completes intact.
+func TestLabNFQueueCrashUnderSystemd(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	root := testnet.BPFFS(t)
+	cfg := pinnedRestartConfig(t, "nfqueue", root)
+	old := testnet.StartDaemon(t, lab, cfg)
+	listen := func(port uint16) (netip.AddrPort, *testnet.Mux) {
+		addr := netip.AddrPortFrom(lab.Server().IPv4, port)
+		ln, err := lab.Server().Listen(addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := testnet.NewMux(ln)
+		t.Cleanup(func() { m.Close() })
+		return addr, m
+	}
+	fwdSrv, fwdMux := listen(5001)
+	natSrv, natMux := listen(5002)
+	const n = 8
+	res := make([]*testnet.Transfer, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			m, dst := fwdMux, fwdSrv
+			if i%2 == 1 {
+				m, dst = natMux, natSrv
+			}
+			res[i] = m.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: 12 << 20, S2C: 12 << 20, Seed: 8100 + uint64(2*i), Rate: 1 << 20, Timeout: time.Minute})
+		}()
+	}
+	if err := testnet.Poll(20*time.Second, func() error {
+		if k := storedFlows(t, lab, root); k < n {
+			return fmt.Errorf("%d of %d flows recorded", k, n)
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("%v\n%s", err, tail(old.Log(), 20))
+	}
+	time.Sleep(time.Second)
+	old.Kill()
+	// What the unit runs after a failure, then RestartSec.
+	if out, err := old.Run("-config", old.Config, "-cleanup", "-keep-flows"); err != nil {
+		t.Fatalf("spliced -cleanup -keep-flows: %v\n%s", err, out)
+	}
+	if k := storedFlows(t, lab, root); k != n {
+		t.Fatalf("%d flows in the record after the clean-up, want %d", k, n)
+	}
+	checkKeptTable(t, lab)
+	time.Sleep(time.Second)
+	d := testnet.StartDaemon(t, lab, cfg)
+	rec := d.FindLog(func(l map[string]any) bool {
+		return l["msg"] == "adopted spliced flows from the nfqueue datapath's record"
+	})
+	if rec == nil || rec["flows"] != float64(n) {
+		t.Errorf("adoption log: %v\n%s", rec, tail(d.Log(), 30))
+	}
+	wg.Wait()
+	broken := 0
+	for i, r := range res {
+		if err := r.Check(); err != nil {
+			broken++
+			kind := "transparent"
+			if i%2 == 1 {
+				kind = "NAT"
+			}
+			t.Errorf("flow %d (%s): %v", i, kind, err)
+		}
+	}
+	t.Logf("kill -9, spliced -cleanup -keep-flows, restart: %d of %d flows intact", n-broken, n)
+	if out, _ := lab.Gateway.Run("nft", "list", "tables"); !strings.Contains(out, "spliced") {
+		t.Errorf("no table after the restart: %s", out)
+	}
+}
+
+// checkKeptTable checks the table spliced -cleanup -keep-flows leaves
+// while flows are kept: it intercepts nothing (no tproxy rule, no policy
+// routing), and its divert chain still queues the kept flows' packets.
+func checkKeptTable(t *testing.T, lab *testnet.Lab) {
+	t.Helper()
+	out, err := lab.Gateway.Run("nft", "list", "table", "inet", "spliced")
+	if err != nil {
+		t.Fatalf("no table after the clean-up with kept flows: %v\n%s", err, out)
+	}
+	if strings.Contains(out, "tproxy") || !strings.Contains(out, "chain divert {") {
+		t.Errorf("the table after the clean-up: want the divert chain and no tproxy rule:\n%s", out)
+	}
+	if out, _ := lab.Gateway.Run("ip", "rule", "list"); strings.Contains(out, "lookup 100") {
+		t.Errorf("policy routing after the clean-up:\n%s", out)
+	}
+}

@@ -364,13 +364,24 @@ func (q *leanQueue) configure(maxLen uint32, flags uint32) error {
 	for i, s := range steps {
 		err := q.request(nfqnlMsgConfig, s.attrs)
 		if err != nil && !(i == 0 && (errors.Is(err, unix.ENODEV) || errors.Is(err, unix.EPERM))) {
-			if errors.Is(err, unix.EBUSY) {
-				return fmt.Errorf("nfqueue %d: %s: %w (another program is bound to this queue; choose another kernel.queue)", q.num, s.what, err)
+			// The kernel refuses a bind to a queue another socket holds
+			// with EPERM (its owner check comes before EBUSY's), which
+			// reads as a missing capability: say who holds it.
+			if errors.Is(err, unix.EBUSY) || errors.Is(err, unix.EPERM) && boundElsewhere(q.num) {
+				return fmt.Errorf("nfqueue %d: %s: %w (another program is bound to this queue, such as another spliced with the same kernel.queue; choose another kernel.queue)", q.num, s.what, err)
 			}
 			return fmt.Errorf("nfqueue %d: %s: %w", q.num, s.what, err)
 		}
 	}
 	return nil
+}
+
+// boundElsewhere reports whether the kernel lists queue num as bound (to
+// another socket: called after our bind failed).
+func boundElsewhere(num uint16) bool {
+	ks, err := ReadKernelStats()
+	_, ok := ks[num]
+	return err == nil && ok
 }
 
 // request sends a config message with NLM_F_ACK and waits for the answer

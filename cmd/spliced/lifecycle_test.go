@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -110,4 +112,36 @@ func checkKeptTable(t *testing.T, lab *testnet.Lab) {
 	if out, _ := lab.Gateway.Run("ip", "rule", "list"); strings.Contains(out, "lookup 100") {
 		t.Errorf("policy routing after the clean-up:\n%s", out)
 	}
+}
+
+// TestLabSecondDaemonOtherTable: a second daemon in the same network
+// namespace with its own kernel.table but the first one's queues,
+// mark, routing table and listen ports does not start, and says which
+// setting collides.
+func TestLabSecondDaemonOtherTable(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	first := testnet.StartDaemon(t, lab, faultConfig("splice", ""))
+	out, err := first.Run("-config", writeConfig(t, faultConfig("splice", "  table: other\n")), "-socket", "off", "-log-format", "text")
+	t.Logf("second daemon: %v\n%s", err, out)
+	if err == nil {
+		t.Fatal("a second daemon on the first one's queues started")
+	}
+	// The kernel answers EPERM, which alone reads as a missing
+	// capability.
+	if !strings.Contains(out, "nfqueue 100: bind") || !strings.Contains(out, "another program is bound to this queue") || !strings.Contains(out, "kernel.queue") {
+		t.Errorf("the second daemon does not say that its queue is taken:\n%s", out)
+	}
+	if _, err := first.Client().Status(t.Context()); err != nil {
+		t.Errorf("the first daemon after the second one's attempt: %v", err)
+	}
+}
+
+// writeConfig writes a configuration file for a test and returns its path.
+func writeConfig(t *testing.T, cfg string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "spliced.yaml")
+	if err := os.WriteFile(p, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }

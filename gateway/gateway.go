@@ -216,7 +216,7 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	cfg := g.config()
 	// Before anything is touched: a second daemon on this table would
 	// replace the first one's table and end the flows it recorded.
-	unlock, err := lockTable(cfg.Kernel.Table)
+	unlock, err := lockDaemon(cfg)
 	if err != nil {
 		return err
 	}
@@ -719,7 +719,7 @@ func pinnedFlows(dir string) int {
 // chains and sets only (rules.CleanupKeepDivert), so that their packets
 // are dropped until then, never delivered unrewritten.
 func Cleanup(cfg *config.Config, log *slog.Logger, keepFlows bool) error {
-	unlock, err := lockTable(cfg.Kernel.Table)
+	unlock, err := lockDaemon(cfg)
 	if err != nil {
 		return fmt.Errorf("cleanup: %w (a running daemon removes its own state when it stops)", err)
 	}

@@ -10,6 +10,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"spliced/config"
 	"spliced/splice/bpf"
 )
 
@@ -17,8 +18,13 @@ import (
 // the value of a sysctl it changed (the systemd unit's RuntimeDirectory).
 var RunDir = "/run/spliced"
 
-// errTableLocked is lockTable's error when another daemon holds the table.
-var errTableLocked = errors.New("table locked")
+// errTableLocked is lockTable's error when another daemon holds the
+// table, errShared lockDaemon's when one on another table uses the
+// same kernel.mark or kernel.route_table.
+var (
+	errTableLocked = errors.New("table locked")
+	errShared      = errors.New("policy routing shared")
+)
 
 // lockPath is the file whose lock marks the daemon of table inet TABLE
 // in this process's network namespace. It lives in RunDir, which only
@@ -29,8 +35,10 @@ var errTableLocked = errors.New("table locked")
 // cookie (unique for the boot; Linux 5.14), else by the inode of
 // /proc/self/ns/net, else not at all (a chroot without /proc on an
 // older kernel: one namespace is all it sees).
-func lockPath(table string) string {
-	name := "table-" + table
+func lockPath(table string) string { return lockPathOf("table-" + table) }
+
+// lockPathOf is lockPath for the lock named name.
+func lockPathOf(name string) string {
 	if c, err := bpf.NetNSCookie(); err == nil {
 		name += fmt.Sprintf(".netns-cookie-%d", c)
 	} else {
@@ -49,22 +57,67 @@ func lockPath(table string) string {
 // restore their own in turn, for ever), and -cleanup would remove it and
 // reset its flows. The file holds the holder's pid, for the message.
 func lockTable(table string) (unlock func(), err error) {
-	path := lockPath(table)
+	return lockFile(lockPath(table), errTableLocked, func(holder string) string {
+		return fmt.Sprintf("another spliced%s runs on table inet %s in this network namespace; stop it first, or give this one its own kernel.table, kernel.queue, kernel.mark and kernel.route_table (and listen ports)",
+			holder, table)
+	})
+}
+
+// lockDaemon takes the locks of a daemon (or a -cleanup) of cfg: its
+// table's (lockTable), and those of the settings a daemon on another
+// table must not share, since its stop removes them: every ip rule with
+// its kernel.mark, and the routes of its kernel.route_table. Without
+// them a second daemon on its own table but the first one's mark (the
+// defaults) started, and its stop removed the first one's policy
+// routing: the first one's intercepted flows were routed past its
+// sockets until its drift check put the routing back.
+func lockDaemon(cfg *config.Config) (unlock func(), err error) {
+	unlocks := []func(){}
+	release := func() {
+		for i := len(unlocks) - 1; i >= 0; i-- {
+			unlocks[i]()
+		}
+	}
+	u, err := lockTable(cfg.Kernel.Table)
+	if err != nil {
+		return nil, err
+	}
+	unlocks = append(unlocks, u)
+	for _, r := range []struct{ name, setting string }{
+		{fmt.Sprintf("mark-%#x", uint32(cfg.Kernel.Mark)), fmt.Sprintf("kernel.mark %#x", uint32(cfg.Kernel.Mark))},
+		{fmt.Sprintf("route-table-%d", cfg.Kernel.RouteTable), fmt.Sprintf("kernel.route_table %d", cfg.Kernel.RouteTable)},
+	} {
+		u, err := lockFile(lockPathOf(r.name), errShared, func(holder string) string {
+			return fmt.Sprintf("another spliced%s in this network namespace uses %s (on another kernel.table); give each daemon its own kernel.mark and kernel.route_table (and kernel.queue): stopping one removes the other's policy routing",
+				holder, r.setting)
+		})
+		if err != nil {
+			release()
+			return nil, err
+		}
+		unlocks = append(unlocks, u)
+	}
+	return release, nil
+}
+
+// lockFile takes the lock of path (see lockTable); a lock held by
+// another process is the error locked, with what busy says, given
+// " (pid N)" or "".
+func lockFile(path string, locked error, busy func(holder string) string) (unlock func(), err error) {
 	if err := os.MkdirAll(RunDir, 0o755); err != nil {
-		return nil, fmt.Errorf("lock table inet %s: %w (spliced runs as root)", table, err)
+		return nil, fmt.Errorf("lock %s: %w (spliced runs as root)", path, err)
 	}
 	for {
 		fd, err := unix.Open(path, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o600)
 		if err != nil {
-			return nil, fmt.Errorf("lock table inet %s: %w", table, err)
+			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}
 		if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
 			unix.Close(fd)
 			if errors.Is(err, unix.EWOULDBLOCK) {
-				return nil, fmt.Errorf("%w: another spliced%s runs on table inet %s in this network namespace; stop it first, or give this one its own kernel.table (and ports)",
-					errTableLocked, lockHolder(path), table)
+				return nil, fmt.Errorf("%w: %s", locked, busy(lockHolder(path)))
 			}
-			return nil, fmt.Errorf("lock table inet %s: %w", table, err)
+			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}
 		// The holder before may have removed the file between our open
 		// and our lock (unlock removes it while it holds the lock): a

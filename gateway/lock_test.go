@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"spliced/config"
 )
 
 // withRunDir points RunDir at a fresh directory, as /run/spliced is:
@@ -117,4 +119,44 @@ func TestTableLockNotSquattable(t *testing.T) {
 		t.Fatalf("root, with user nobody squatting: %v", err)
 	}
 	unlock()
+}
+
+// TestDaemonLockSharedRouting: a daemon on another table but the same
+// kernel.mark or kernel.route_table is refused (its stop would remove
+// the first one's policy routing), naming the setting; one with its
+// own of both gets its locks, and every lock file goes with unlock.
+func TestDaemonLockSharedRouting(t *testing.T) {
+	dir := withRunDir(t)
+	cfg := func(table string, mark, routeTable uint32) *config.Config {
+		c := &config.Config{}
+		c.Kernel.Table, c.Kernel.Mark, c.Kernel.RouteTable = table, config.Hex32(mark), routeTable
+		return c
+	}
+	unlock, err := lockDaemon(cfg("first", 0x5c1, 100))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		cfg      *config.Config
+		sentinel error
+		want     string
+	}{
+		{cfg("first", 0x10, 200), errTableLocked, "runs on table inet first"},
+		{cfg("second", 0x5c1, 200), errShared, "uses kernel.mark 0x5c1"},
+		{cfg("second", 0x10, 100), errShared, "uses kernel.route_table 100"},
+	} {
+		_, err := lockDaemon(c.cfg)
+		if !errors.Is(err, c.sentinel) || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), fmt.Sprintf("(pid %d)", os.Getpid())) {
+			t.Errorf("table %s, mark %#x, route table %d: %v; want %v with %q and the pid", c.cfg.Kernel.Table, uint32(c.cfg.Kernel.Mark), c.cfg.Kernel.RouteTable, err, c.sentinel, c.want)
+		}
+	}
+	other, err := lockDaemon(cfg("second", 0x10, 200))
+	if err != nil {
+		t.Fatalf("a daemon with its own table, mark and routing table: %v", err)
+	}
+	other()
+	unlock()
+	if ents, err := os.ReadDir(dir); err == nil && len(ents) > 0 {
+		t.Errorf("left after unlock: %v", ents)
+	}
 }

@@ -115,13 +115,13 @@ func checkKeptTable(t *testing.T, lab *testnet.Lab) {
 }
 
 // TestLabSecondDaemonOtherTable: a second daemon in the same network
-// namespace with its own kernel.table but the first one's queues,
-// mark, routing table and listen ports does not start, and says which
-// setting collides.
+// namespace with its own kernel.table, kernel.mark and
+// kernel.route_table but the first one's queues (and listen ports) does
+// not start, and says that its queue is taken.
 func TestLabSecondDaemonOtherTable(t *testing.T) {
 	lab := testnet.NewT(t, testnet.Options{})
 	first := testnet.StartDaemon(t, lab, faultConfig("splice", ""))
-	out, err := first.Run("-config", writeConfig(t, faultConfig("splice", "  table: other\n")), "-socket", "off", "-log-format", "text")
+	out, err := first.Run("-config", writeConfig(t, faultConfig("splice", "  table: other\n  mark: 0x10\n  route_table: 200\n")), "-socket", "off", "-log-format", "text")
 	t.Logf("second daemon: %v\n%s", err, out)
 	if err == nil {
 		t.Fatal("a second daemon on the first one's queues started")
@@ -144,4 +144,33 @@ func writeConfig(t *testing.T, cfg string) string {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// TestLabSecondDaemonSharedRouting: a second daemon on its own table and
+// queues but the first one's kernel.mark and kernel.route_table (the
+// defaults) does not start, and says which setting it shares: its stop
+// removed every ip rule with the mark, the first daemon's included, and
+// the first one's intercepted flows were routed past its sockets until
+// its drift check (every 10 s) put the routing back. Neither does
+// spliced -cleanup with that configuration take the routing away.
+func TestLabSecondDaemonSharedRouting(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	first := testnet.StartDaemon(t, lab, faultConfig("splice", ""))
+	cfg2 := strings.NewReplacer("listen: 15001", "listen: 15101", `ports: ["5001"]`, `ports: ["5101"]`).Replace(faultConfig("splice", "  table: other\n  queue: 200\n"))
+	file2 := writeConfig(t, cfg2)
+	out, err := first.Run("-config", file2, "-socket", "off", "-log-format", "text")
+	t.Logf("second daemon: %v\n%s", err, out)
+	if err == nil || !strings.Contains(out, "uses kernel.mark 0x5c1") {
+		t.Errorf("a second daemon with the first one's kernel.mark: %v, want a refusal naming kernel.mark:\n%s", err, out)
+	}
+	out, err = first.Run("-config", file2, "-cleanup", "-log-format", "text")
+	if err == nil || !strings.Contains(out, "uses kernel.mark 0x5c1") {
+		t.Errorf("spliced -cleanup with the first one's kernel.mark: %v, want a refusal naming kernel.mark:\n%s", err, out)
+	}
+	if out, _ := lab.Gateway.Run("ip", "rule", "list"); !strings.Contains(out, "lookup 100") {
+		t.Errorf("the first daemon's ip rule is gone:\n%s", out)
+	}
+	if _, err := first.Client().Status(t.Context()); err != nil {
+		t.Errorf("the first daemon: %v", err)
+	}
 }

@@ -461,14 +461,17 @@ func (g *Gateway) abortStart() {
 func (g *Gateway) shutdown() error {
 	g.stopping.Store(true)
 	g.removePins = true
-	if g.splicing() {
-		// Spliced flows cannot outlive the daemon (their rewrite state
-		// lives in it): end them at both ends before the table goes.
+	// Spliced flows cannot outlive the daemon (their rewrite state lives
+	// in it): end them at both ends before the table goes, and once the
+	// proxies have stopped, those whose splice completed meanwhile.
+	reset := map[*splicedFlow]bool{}
+	resetLive := func() {
 		var live []*splicedFlow
 		g.splicedMu.Lock()
 		g.syncOffloaded(time.Now())
 		for _, sf := range g.spliced {
-			if !sf.entry.Snapshot().Finished() {
+			if !reset[sf] && !sf.entry.Snapshot().Finished() {
+				reset[sf] = true
 				live = append(live, sf)
 			}
 		}
@@ -477,11 +480,25 @@ func (g *Gateway) shutdown() error {
 			g.log.Info("resetting spliced flows", "flows", len(live), "packets", g.resetSpliced(live))
 		}
 	}
+	if g.splicing() {
+		resetLive()
+	}
 	err := g.manager().Remove()
 	if err != nil {
 		g.log.Error("remove kernel state", logging.Err(err))
 	}
 	g.stopServices()
+	if g.splicing() {
+		// The proxies kept splicing until they stopped: a splice past its
+		// capture completes (its sockets closed silently, in repair mode)
+		// and its flow, spliced after the resets above, would be left to
+		// no daemon, its ends waiting for ever. One still draining fails
+		// on its closed sockets.
+		if !awaitNone(&g.transitionsRunning, leaveTransitionWait) {
+			g.log.Warn("stopping while transitions still run", "transitions", g.transitionsRunning.Load())
+		}
+		resetLive()
+	}
 	g.stopSplicing()
 	g.workers.Close()
 	if g.restoreSysctls != nil {

@@ -174,3 +174,110 @@ func TestLabSecondDaemonSharedRouting(t *testing.T) {
 		t.Errorf("the first daemon: %v", err)
 	}
 }
+
+// TestLabStopDuringSplices: SIGTERM while flows are being spliced (new
+// ones keep arriving until the signal). Every flow ends at both ends
+// soon after the stop, with a reset or a close, none of them at its
+// transfer's deadline: a splice that completed after the stop had reset
+// the spliced flows had its sockets closed silently (in repair mode) and
+// no daemon any more, and both ends waited for ever.
+func TestLabStopDuringSplices(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	d := testnet.StartDaemon(t, lab, faultConfig("splice", ""))
+	mux, dst := serverMux(t, lab)
+	const deadline = 20 * time.Second
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var res []*testnet.Transfer
+	stopDial := make(chan struct{})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-stopDial:
+				return
+			default:
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				tr := mux.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Seed: 9100 + uint64(2*i), Rate: 256 << 10, WriteSize: 16 << 10, Timeout: deadline})
+				mu.Lock()
+				res = append(res, tr)
+				mu.Unlock()
+			}()
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	time.Sleep(time.Second)
+	close(stopDial)
+	// A burst of connections, whose splices run while the daemon stops.
+	for i := range 150 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			tr := mux.Transfer(lab.Client(), dst, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Seed: 19100 + uint64(2*i), Rate: 256 << 10, WriteSize: 16 << 10, Timeout: deadline})
+			mu.Lock()
+			res = append(res, tr)
+			mu.Unlock()
+		}()
+	}
+	time.Sleep(30 * time.Millisecond)
+	if err := d.Stop(); err != nil {
+		t.Errorf("SIGTERM: %v", err)
+	}
+	wg.Wait()
+	hung, connected, direct := 0, 0, 0
+	for i, r := range res {
+		if !r.Server.Local.IsValid() {
+			continue // it never reached the server (a dial the stop refused)
+		}
+		connected++
+		if r.Client.Received > 0 && r.Server.Received > 0 {
+			if err := r.CheckPrefix(); err != nil {
+				t.Errorf("flow %d: %v", i, err)
+			}
+		}
+		// A flow whose SYN came after the table was gone went straight
+		// to the server and moved data until the deadline (20 s at
+		// 256 KiB/s: 5 MiB); a hung one stopped at the stop (at most
+		// 1.5 s after the first dial: 384 KiB).
+		if r.Elapsed >= deadline-time.Second && r.Client.Received > 2<<20 && r.Server.Received > 2<<20 {
+			direct++
+			continue
+		}
+		if r.Elapsed >= deadline-time.Second || r.Client.Err == nil || r.Server.Err == nil {
+			hung++
+			if hung <= 5 {
+				t.Errorf("flow %d (%v) did not end at the stop: after %v, client %v, server %v", i, r.Client.Local, r.Elapsed.Round(time.Millisecond), r.Client.Err, r.Server.Err)
+			}
+		}
+	}
+	var slowest *testnet.Transfer
+	for _, r := range res {
+		if r.Server.Local.IsValid() && r.Client.Received <= 2<<20 && (slowest == nil || r.Elapsed > slowest.Elapsed) {
+			slowest = r
+		}
+	}
+	if slowest != nil {
+		t.Logf("slowest to end: %v: client %v, server %v", slowest.Elapsed.Round(time.Millisecond), slowest.Client.Err, slowest.Server.Err)
+	}
+	spliced := countMsg(d, "flow spliced")
+	after, resetting := 0, false
+	for _, l := range d.Lines() {
+		switch l["msg"] {
+		case "shutting down":
+			resetting = true
+		case "flow spliced", "flow stays proxied":
+			if resetting {
+				after++
+			}
+		}
+	}
+	t.Logf("%d splices ended after the stop began", after)
+	t.Logf("%d flows dialed, %d connected (%d after the table went), %d spliced; SIGTERM; %d did not end at the stop", len(res), connected, direct, spliced, hung)
+	if hung > 0 {
+		t.Errorf("%d of %d flows hung after the stop", hung, connected)
+	}
+}

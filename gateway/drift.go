@@ -20,8 +20,9 @@ import (
 const repairCheckEvery = 10 * time.Second
 
 // watchRuleset repairs our table when someone deletes or edits it: an
-// nftables monitor reports table, chain, rule and set changes at once; a
-// timer catches the rest. The repair reinstalls the whole table in one
+// nftables monitor reports table, chain, rule and set changes at once,
+// an rtnetlink one deleted ip rules and routes (watchRouting); a timer
+// catches the rest. The repair reinstalls the whole table in one
 // transaction with the divert entries of live spliced flows, so those
 // keep running.
 func (g *Gateway) watchRuleset(ctx context.Context) {
@@ -50,6 +51,9 @@ func (g *Gateway) watchRuleset(ctx context.Context) {
 				}
 			}()
 		}
+	}
+	if err := watchRouting(ctx, poke); err != nil {
+		g.log.Warn("cannot watch the policy routing; checking it every few seconds only", logging.Err(err))
 	}
 	tick := time.NewTicker(repairCheckEvery)
 	defer tick.Stop()

@@ -281,3 +281,49 @@ func TestLabStopDuringSplices(t *testing.T) {
 		t.Errorf("%d of %d flows hung after the stop", hung, connected)
 	}
 }
+
+// TestLabRoutingGone: spliced's ip rule, or its local route, deleted
+// under busy flows (as a network manager that removes foreign rules and
+// routes does when it restarts): the daemon notices at once, not at its
+// next periodic check (10 s later before: every intercepted flow
+// stalled meanwhile), and restores it; every transfer completes intact.
+func TestLabRoutingGone(t *testing.T) {
+	for _, c := range []struct {
+		what, mode string
+		del        []string
+		present    []string
+		want       string
+	}{
+		{"rule", "copy", []string{"-4", "rule", "del", "fwmark", "0x5c1/0x5c1", "lookup", "100"}, []string{"-4", "rule", "list"}, "lookup 100"},
+		{"rule", "splice", []string{"-4", "rule", "del", "fwmark", "0x5c1/0x5c1", "lookup", "100"}, []string{"-4", "rule", "list"}, "lookup 100"},
+		{"route", "copy", []string{"-4", "route", "del", "local", "default", "dev", "lo", "table", "100"}, []string{"-4", "route", "list", "table", "100"}, "local default"},
+	} {
+		t.Run(c.what+"/"+c.mode, func(t *testing.T) {
+			lab := testnet.NewT(t, testnet.Options{})
+			d := testnet.StartDaemon(t, lab, faultConfig(c.mode, ""))
+			const flows = 8
+			var repair time.Duration
+			failures := busyFlows(t, lab, d, c.mode, flows, 6*time.Second, func() {
+				start := time.Now()
+				if out, err := lab.Gateway.Run("ip", c.del...); err != nil {
+					t.Fatalf("ip %v: %v: %s", c.del, err, out)
+				}
+				testnet.Eventually(t, 15*time.Second, func() error {
+					out, err := lab.Gateway.Run("ip", c.present...)
+					if err != nil || !strings.Contains(out, c.want) {
+						return fmt.Errorf("ip %s not restored: %v", c.what, err)
+					}
+					return nil
+				})
+				repair = time.Since(start)
+			})
+			t.Logf("ip %s restored %v after its deletion; %d of %d flows failed", c.what, repair.Round(time.Millisecond), len(failures), flows)
+			if len(failures) > 0 {
+				t.Errorf("%d of %d flows failed:\n%s", len(failures), flows, strings.Join(failures, "\n"))
+			}
+			if repair > 2*time.Second {
+				t.Errorf("the ip %s came back %v after its deletion", c.what, repair.Round(time.Millisecond))
+			}
+		})
+	}
+}

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"strings"
 
 	"github.com/jsimonetti/rtnetlink/v2"
 	"github.com/mdlayher/netlink"
@@ -73,14 +75,38 @@ func installRouting(rt *rtnetlink.Conn, spec *Spec) error {
 		want := spec.ourRule(fam)
 		if !hasRule(existing, want) {
 			if err := rt.Rule.Add(want); err != nil {
-				return fmt.Errorf("add %s rule fwmark 0x%x lookup %d: %w", familyName(fam), spec.Mark, spec.RouteTable, err)
+				return fmt.Errorf("add %s rule fwmark 0x%x lookup %d: %w%s", familyName(fam), spec.Mark, spec.RouteTable, err, ipv6Off(fam, err))
 			}
 		}
 		if err := rt.Route.Replace(spec.ourRoute(fam)); err != nil {
-			return fmt.Errorf("add %s local route in table %d: %w", familyName(fam), spec.RouteTable, err)
+			return fmt.Errorf("add %s local route in table %d: %w%s", familyName(fam), spec.RouteTable, err, ipv6Off(fam, err))
 		}
 	}
 	return nil
+}
+
+// lo's disable_ipv6 sysctl (of the network namespace of the thread that
+// opens it).
+const loDisableIPv6 = "/proc/sys/net/ipv6/conf/lo/disable_ipv6"
+
+// ipv6Off explains an IPv6 routing error that comes from IPv6 being
+// disabled, which alone reads as a missing permission: the kernel
+// refuses a route on lo with EACCES while lo's disable_ipv6 is set (as
+// net.ipv6.conf.all.disable_ipv6=1 sets it), and every IPv6 request with
+// EAFNOSUPPORT when the kernel runs with ipv6.disable=1. "" otherwise.
+func ipv6Off(fam uint8, err error) string {
+	if fam != unix.AF_INET6 {
+		return ""
+	}
+	switch {
+	case errors.Is(err, unix.EAFNOSUPPORT):
+		return " (IPv6 is disabled in this kernel, ipv6.disable=1 on its command line: spliced needs IPv6 in the kernel for its policy routing; boot without it)"
+	case errors.Is(err, unix.EACCES):
+		if b, rerr := os.ReadFile(loDisableIPv6); rerr == nil && strings.TrimSpace(string(b)) == "1" {
+			return " (IPv6 is disabled on lo, net.ipv6.conf.lo.disable_ipv6=1, as net.ipv6.conf.all.disable_ipv6=1 sets it: spliced's local route for intercepted IPv6 packets is on lo; set net.ipv6.conf.lo.disable_ipv6=0, which enables IPv6 on no other interface)"
+		}
+	}
+	return ""
 }
 
 func hasRule(rules []rtnetlink.RuleMessage, want *rtnetlink.RuleMessage) bool {

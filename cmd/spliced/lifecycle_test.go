@@ -327,3 +327,26 @@ func TestLabRoutingGone(t *testing.T) {
 		})
 	}
 }
+
+// TestLabIPv6Disabled: on a gateway whose IPv6 is disabled
+// (net.ipv6.conf.all.disable_ipv6=1, as on many routers) spliced cannot
+// add its IPv6 local route on lo: it says so and how to fix it (the
+// error was "permission denied" alone), and starts once lo has IPv6.
+func TestLabIPv6Disabled(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	lab.Gateway.MustRun("sysctl", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.lo.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
+	d, err := testnet.LaunchDaemon(lab, testnet.Binary(t, "spliced"), t.TempDir(), faultConfig("splice", ""), "-log-format", "text")
+	if err == nil {
+		d.Stop()
+		t.Fatal("spliced started without IPv6 on lo")
+	}
+	if d != nil {
+		d.Stop()
+		d.Wait(10 * time.Second)
+	}
+	if !strings.Contains(err.Error(), "IPv6 local route") || !strings.Contains(err.Error(), "net.ipv6.conf.lo.disable_ipv6=0") {
+		t.Errorf("start without IPv6 on lo: %v; want the route, the cause and the fix", err)
+	}
+	lab.Gateway.MustRun("sysctl", "-w", "net.ipv6.conf.lo.disable_ipv6=0")
+	testnet.StartDaemon(t, lab, faultConfig("splice", ""))
+}

@@ -131,7 +131,7 @@ func (g *Gateway) repairDrift(ctx context.Context) {
 	g.log.Warn("ruleset drift: someone changed spliced's table or routing; restoring it",
 		logging.KeyTable, "inet "+m.Spec().Table, "table_present", table, "diff", detail)
 	g.events.publish(api.Event{Kind: api.EventDrift, Detail: detail})
-	if err := g.installLive(m); err != nil {
+	if err := g.repairLive(m); err != nil {
 		g.log.Error("restore the ruleset", logging.Err(err))
 		return
 	}
@@ -149,6 +149,20 @@ func (g *Gateway) installLive(m *rules.Manager) error {
 	}
 	var err error
 	g.diverter.Exclusive(func() { err = m.Install(g.liveDivert()) })
+	if err == nil {
+		g.checkDivertCommands()
+	}
+	return err
+}
+
+// repairLive is installLive for the drift check: the table is restored in
+// place where it still exists (rules.Manager.Repair).
+func (g *Gateway) repairLive(m *rules.Manager) error {
+	if !g.splicing() {
+		return m.Repair(nil)
+	}
+	var err error
+	g.diverter.Exclusive(func() { err = m.Repair(g.liveDivert()) })
 	if err == nil {
 		g.checkDivertCommands()
 	}

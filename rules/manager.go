@@ -127,6 +127,42 @@ func (m *Manager) Install(divert map[uint16][]splice.Key) error {
 	return installRouting(rt, &spec)
 }
 
+// Repair is Install for a table someone changed (the drift check): when
+// the table is there it is restored in place (queueInPlace), keeping its
+// base chains, and so their hooks. Replacing it whole lets a packet a
+// queue holds at that moment resume in the new table's hooks and pass
+// the divert chain again: a spliced transparent flow's packet, whose
+// tuple the rewrite keeps, was rewritten twice, and the flow stalled
+// (TestLabTableEdited). Where that cannot be done (no table, a base
+// chain changed) it replaces the table as Install does.
+func (m *Manager) Repair(divert map[uint16][]splice.Key) error {
+	c, err := m.nft()
+	if err != nil {
+		return err
+	}
+	spec := m.spec
+	if spec.Divert.Enabled {
+		if spec.Divert.NativeQueue, err = m.nativeQueue(); err != nil {
+			return err
+		}
+	}
+	if ok, err := tableExists(c, spec.Table); err != nil || !ok {
+		return m.Install(divert)
+	}
+	if err := queueInPlace(c, &spec, divert); err != nil {
+		return m.Install(divert)
+	}
+	if err := c.Flush(); err != nil {
+		return m.Install(divert)
+	}
+	rt, err := m.rtnl()
+	if err != nil {
+		return err
+	}
+	defer rt.Close()
+	return installRouting(rt, &spec)
+}
+
 // probeNativeQueue reports whether the kernel has the nft queue expression
 // (CONFIG_NFT_QUEUE): it adds a throwaway table with a queue rule and
 // deletes it in the same transaction, so nothing remains either way.

@@ -27,6 +27,56 @@ func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) er
 	c.AddTable(t)
 	c.DelTable(t)
 	c.AddTable(t)
+	return queueContents(c, spec, t, divert)
+}
+
+// queueInPlace adds to a batch what restores the existing table t to
+// spec without deleting it: every chain of t is flushed (and deleted if
+// spec has no such chain), every set but the divert sets spec has is
+// deleted, then the contents are added again. The base chains that stay
+// keep their hooks, so that a packet a queue holds resumes where it
+// would have (see Manager.UpdateServices); the divert sets keep their
+// elements. A base chain whose hook or priority was changed cannot be
+// updated: the batch then fails, and the caller replaces the table.
+func queueInPlace(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) error {
+	t := spec.table()
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return err
+	}
+	sets, err := c.GetSets(t)
+	if err != nil {
+		return err
+	}
+	ours := map[string]bool{ChainPrerouting: true, ChainServices: true, ChainSockets: true}
+	keep := map[string]bool{}
+	if spec.Divert.Enabled {
+		ours[ChainDivert], ours[ChainDivertCommand] = true, true
+		for i := range spec.Divert.Queues {
+			keep[DivertSetName(i, false)], keep[DivertSetName(i, true)] = true, true
+		}
+	}
+	for _, ch := range chains {
+		if ch.Table == nil || ch.Table.Name != spec.Table {
+			continue
+		}
+		c.FlushChain(&nftables.Chain{Name: ch.Name, Table: t})
+	}
+	for _, ch := range chains {
+		if ch.Table != nil && ch.Table.Name == spec.Table && !ours[ch.Name] {
+			c.DelChain(&nftables.Chain{Name: ch.Name, Table: t})
+		}
+	}
+	for _, st := range sets {
+		if !keep[st.Name] {
+			c.DelSet(&nftables.Set{Table: t, Name: st.Name})
+		}
+	}
+	return queueContents(c, spec, t, divert)
+}
+
+// queueContents adds the chains, rules and sets of spec to table t.
+func queueContents(c *nftables.Conn, spec *Spec, t *nftables.Table, divert map[uint16][]splice.Key) error {
 	if spec.Divert.Enabled {
 		if err := queueDivert(c, spec, t, divert); err != nil {
 			return err

@@ -350,3 +350,42 @@ func TestLabIPv6Disabled(t *testing.T) {
 	lab.Gateway.MustRun("sysctl", "-w", "net.ipv6.conf.lo.disable_ipv6=0")
 	testnet.StartDaemon(t, lab, faultConfig("splice", ""))
 }
+
+// TestLabTableEdited: someone edits spliced's table while transparent
+// spliced flows move data (a rule added to its prerouting chain, as an
+// operator's counter): the drift check restores the table, and every
+// transfer completes intact. A restore that re-creates the base chains
+// while a queue holds packets of spliced flows lets those packets pass
+// the new divert chain again (see rules.Manager.UpdateServices).
+func TestLabTableEdited(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	d := testnet.StartDaemon(t, lab, faultConfig("splice", ""))
+	const flows = 24
+	failures := busyFlows(t, lab, d, "splice", flows, 8*time.Second, func() {
+		for i := range 5 {
+			if out, err := lab.Gateway.Run("nft", "add", "rule", "inet", "spliced", "prerouting", "counter"); err != nil {
+				t.Fatalf("nft add rule: %v: %s", err, out)
+			}
+			if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
+				return l["msg"] == "ruleset restored" && countMsg(d, "ruleset restored") > i
+			}); err != nil {
+				t.Fatalf("edit %d not restored: %v", i, err)
+			}
+			time.Sleep(300 * time.Millisecond)
+		}
+		// What someone added goes too.
+		lab.Gateway.MustRun("nft", "add", "set", "inet", "spliced", "extra_set", "{ type ipv4_addr; }")
+		lab.Gateway.MustRun("nft", "add", "chain", "inet", "spliced", "extra_chain")
+		testnet.Eventually(t, 15*time.Second, func() error {
+			out, err := lab.Gateway.Run("nft", "list", "table", "inet", "spliced")
+			if err != nil || strings.Contains(out, "extra_") || !strings.Contains(out, "tproxy") {
+				return fmt.Errorf("table not restored: %v\n%s", err, out)
+			}
+			return nil
+		})
+	})
+	t.Logf("5 edits restored; %d of %d flows failed", len(failures), flows)
+	if len(failures) > 0 {
+		t.Errorf("%d of %d flows failed:\n%s", len(failures), flows, strings.Join(failures, "\n"))
+	}
+}

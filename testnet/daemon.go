@@ -136,17 +136,24 @@ func LaunchDaemon(lab *Lab, bin, dir, config string, args ...string) (*Daemon, e
 	}
 	// Ready when the control API answers: it opens after the kernel state
 	// is installed, whatever the log level.
+	// A daemon that exited fails at once: polling on took 15 s of the
+	// lab tests' time for every start meant to fail.
 	client := api.NewClient(d.Socket)
+	exited := false
 	if err := Poll(15*time.Second, func() error {
 		select {
 		case <-d.done:
-			return fmt.Errorf("daemon exited: %v", d.err)
+			exited = true
+			return nil
 		default:
 		}
 		_, err := client.Status(context.Background())
 		return err
 	}); err != nil {
 		return d, fmt.Errorf("daemon not ready: %w\n%s", err, d.Log())
+	}
+	if exited {
+		return d, fmt.Errorf("daemon not ready: daemon exited: %v\n%s", d.err, d.Log())
 	}
 	return d, nil
 }

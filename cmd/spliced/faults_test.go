@@ -131,7 +131,8 @@ func TestLabRulesetGone(t *testing.T) {
 				const flows = 24
 				var repair time.Duration
 				var start time.Time
-				failures := busyFlows(t, lab, d, mode, flows, 6*time.Second, func() {
+				// The repair takes about 150 ms: 3 s of flows span it.
+				failures := busyFlows(t, lab, d, mode, flows, 3*time.Second, func() {
 					start = time.Now()
 					if out, err := lab.Gateway.Run("nft", strings.Fields(cmd)...); err != nil {
 						t.Fatalf("nft %s: %v: %s", cmd, err, out)
@@ -179,7 +180,7 @@ func TestLabConntrackFlush(t *testing.T) {
 			d := testnet.StartDaemon(t, lab, faultConfig(mode, ""))
 			const flows = 24
 			entries := 0
-			failures := busyFlows(t, lab, d, mode, flows, 5*time.Second, func() {
+			failures := busyFlows(t, lab, d, mode, flows, 3*time.Second, func() {
 				out, _ := lab.Gateway.Run("conntrack", "-L")
 				entries = strings.Count(out, "\n")
 				time.Sleep(time.Second)

@@ -21,13 +21,21 @@ var (
 	// httpMaxConns caps the connections open at once; one more is
 	// closed as soon as it is accepted.
 	httpMaxConns = 32
+	// httpReadTimeout bounds the reading of a request, its body
+	// included (see serveHTTP).
+	httpReadTimeout = 10 * time.Second
 )
 
 // serveHTTP serves h on ln with the limits above, and a write timeout
 // (0: none; pprof's profiles take as long as asked). It returns the
 // function that stops it.
 func serveHTTP(ln net.Listener, h http.Handler, writeTimeout time.Duration) func() {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: httpIdleTimeout, WriteTimeout: writeTimeout}
+	// ReadTimeout covers a request's body: the handlers read none, and
+	// the server reads what is left of it (up to 256 KiB) before it
+	// answers; with no bound a client that stopped sending held its
+	// slot for ever.
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: httpReadTimeout,
+		IdleTimeout: httpIdleTimeout, WriteTimeout: writeTimeout}
 	go srv.Serve(&cappedListener{Listener: ln, slots: make(chan struct{}, httpMaxConns)})
 	return func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)

@@ -2,9 +2,11 @@ package gateway
 
 import (
 	"bufio"
+	"errors"
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"testing"
 	"time"
 )
@@ -77,5 +79,37 @@ func TestHTTPListenerLimits(t *testing.T) {
 	defer c.Close()
 	if !get(c) {
 		t.Error("after the idle connections closed, a new one was not served")
+	}
+}
+
+// TestHTTPListenerSlowBody: a client that sends a request with a body
+// and then stops sending keeps its connection, and so its slot, unless
+// the server bounds the time it reads a request: the handlers read no
+// body, the server then reads what is left of it (up to 256 KiB) to
+// reuse the connection, and neither the header nor the idle timeout
+// covers that read. httpMaxConns such clients would lock every scraper
+// out for as long as they liked.
+func TestHTTPListenerSlowBody(t *testing.T) {
+	oldIdle, oldMax, oldRead := httpIdleTimeout, httpMaxConns, httpReadTimeout
+	httpIdleTimeout, httpMaxConns, httpReadTimeout = 300*time.Millisecond, 1, 300*time.Millisecond
+	defer func() { httpIdleTimeout, httpMaxConns, httpReadTimeout = oldIdle, oldMax, oldRead }()
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := serveHTTP(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "ok\n") }), 0)
+	defer stop()
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, "GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nx"); err != nil {
+		t.Fatal(err)
+	}
+	// The server may answer first; it must close the connection.
+	c.SetReadDeadline(time.Now().Add(httpReadTimeout + 5*time.Second))
+	if _, err := io.Copy(io.Discard, c); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Error("a connection whose request body stopped coming was still open 5 s after the read timeout: it holds its slot for ever")
 	}
 }

@@ -55,7 +55,9 @@ func (p *Pool) Pick(now time.Time) []*Backend {
 	if len(up) == 0 {
 		return []*Backend{first}
 	}
-	start := int(p.next.Add(1)-1) % len(up)
+	// The remainder of the uint32, not of an int: int(uint32) is negative
+	// past 2^31 on 32-bit routers, and so would the start be.
+	start := int((p.next.Add(1) - 1) % uint32(len(up)))
 	if p.leastConn {
 		// Ties go round: from a rotating start, the first with fewest
 		// flows. The first of them every time sent every flow to the

@@ -100,3 +100,28 @@ func TestLeastConnTies(t *testing.T) {
 		}
 	}
 }
+
+// TestPickAfter2To31Picks: the rotating start is a uint32 counter. As
+// an int on a 32-bit router (armhf, mipsel, i386 packages) it turned
+// negative after 2^31 picks, and so did its remainder: the slice
+// expression panicked and took the daemon down, for round_robin and
+// (since least_conn ties take turns) least_conn alike. Run with
+// GOARCH=386 to see it on an amd64 machine.
+func TestPickAfter2To31Picks(t *testing.T) {
+	addrs := []netip.AddrPort{netip.MustParseAddrPort("10.2.0.2:80"), netip.MustParseAddrPort("10.2.0.3:80"), netip.MustParseAddrPort("10.2.0.4:80")}
+	for _, balance := range []string{"round_robin", "least_conn"} {
+		p := NewPool(addrs, balance, time.Second)
+		p.next.Store(1<<31 - 2)
+		seen := map[netip.AddrPort]int{}
+		for range 6 {
+			got := p.Pick(time.Now())
+			if len(got) != len(addrs) {
+				t.Fatalf("%s: picked %d backends, want %d", balance, len(got), len(addrs))
+			}
+			seen[got[0].Addr]++
+		}
+		if len(seen) != len(addrs) {
+			t.Errorf("%s: first picks across 2^31 went to %v, want every backend", balance, seen)
+		}
+	}
+}

@@ -259,7 +259,7 @@ func (pl *pool) pick(now time.Time) []*backend {
 		}
 		return append(up[best:], up[:best]...)
 	}
-	i := int(pl.next.Add(1)) % len(up)
+	i := int(pl.next.Add(1) % uint32(len(up))) // see proxy.Pool.Pick: not negative on 32-bit
 	return append(up[i:], up[:i]...)
 }
 

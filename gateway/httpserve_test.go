@@ -18,7 +18,10 @@ import (
 // at once while the others are served.
 func TestHTTPListenerLimits(t *testing.T) {
 	oldIdle, oldMax := httpIdleTimeout, httpMaxConns
-	httpIdleTimeout, httpMaxConns = 300*time.Millisecond, 4
+	// The idle timeout must not close the first connections before the
+	// one over the cap is tried (a few ms later; a second on a busy
+	// machine is ample).
+	httpIdleTimeout, httpMaxConns = time.Second, 4
 	defer func() { httpIdleTimeout, httpMaxConns = oldIdle, oldMax }()
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {

@@ -257,13 +257,20 @@ func (m *Mux) Transfer(client *Host, dst netip.AddrPort, opt TransferOptions) *T
 		c.Close()
 		return &Transfer{Client: Side{Err: fmt.Errorf("send token: %w", err)}}
 	}
+	// A connection the gateway accepted and then reset (a daemon that
+	// stops) never reaches the server: waited for 30 s whatever the
+	// transfer's own Timeout, it made a test 20 s longer.
+	wait := 30 * time.Second
+	if opt.Timeout > 0 {
+		wait = min(wait, opt.Timeout)
+	}
 	select {
 	case s := <-m.slot(tok):
 		m.mu.Lock()
 		delete(m.wait, tok)
 		m.mu.Unlock()
 		return Exchange(c, s, opt)
-	case <-time.After(30 * time.Second):
+	case <-time.After(wait):
 		c.Close()
 		return &Transfer{Server: Side{Err: fmt.Errorf("connection %v (token %d) never reached the server", c.LocalAddr(), tok)}}
 	}

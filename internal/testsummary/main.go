@@ -2,7 +2,7 @@
 // per-package summary with the full output of every failed test, and exits
 // non-zero when anything failed. Run as root, it also fails when any test
 // skipped: lab tests skip only without root, so a skip under root (as in
-// CI) is a missing test. It ends with the slowest top-level tests: the
+// CI) is a missing test. It ends with the 30 slowest top-level tests: the
 // lab package runs them one after the other, against make test's
 // timeout.
 package main
@@ -72,7 +72,7 @@ func main() {
 			delete(outputs, key)
 		}
 	}
-	printSlowest(timed, 10)
+	printSlowest(timed, 30)
 	sort.Strings(skipped)
 	if len(skipped) > 0 {
 		fmt.Printf("\n%d skipped:\n  %s\n", len(skipped), strings.Join(skipped, "\n  "))

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -858,14 +859,20 @@ func TestMaxSessionsSpliced(t *testing.T) {
 	for i := range 4 {
 		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.3")}} // no login
 		c, err := d.Dial("tcp4", l.addr)
-		if err != nil {
+		got := make([]byte, 12)
+		n := 0
+		switch {
+		case err == nil:
+			defer c.Close()
+			c.Write(cat(greetNone, connect4(l.echo)))
+			c.SetReadDeadline(time.Now().Add(3 * time.Second))
+			n, _ = io.ReadFull(c, got)
+		case !errors.Is(err, syscall.ECONNRESET):
 			t.Fatal(err)
 		}
-		defer c.Close()
-		c.Write(cat(greetNone, connect4(l.echo)))
-		c.SetReadDeadline(time.Now().Add(3 * time.Second))
-		got := make([]byte, 12)
-		n, _ := io.ReadFull(c, got)
+		// A connection over the cap is reset as soon as it is accepted:
+		// on loopback the reset can come before the dial returns (as in
+		// the CI's race run), and then the dial reports it.
 		ok := n == 12 && got[3] == byte(Succeeded)
 		if want := i < 2; ok != want {
 			t.Fatalf("connection %d: got %x, connected %v; want %v (max_sessions 2, %d flows in the table)", i+1, got[:n], ok, want, l.p.Flows.Len())

@@ -197,29 +197,7 @@ func (m *Manager) Remove() error {
 // with the spec's mark, our routes in the spec's table. netns 0 is the
 // caller's namespace.
 func Cleanup(spec Spec, netns int) error {
-	m := &Manager{spec: spec, netns: netns, queue: &queueProbe{}}
-	var errs []error
-	c, err := m.nft()
-	if err != nil {
-		return err
-	}
-	if exists, err := tableExists(c, spec.Table); err != nil {
-		errs = append(errs, err)
-	} else if exists {
-		c.DelTable(spec.table())
-		if err := c.Flush(); err != nil {
-			errs = append(errs, fmt.Errorf("delete table inet %s: %w", spec.Table, err))
-		}
-	}
-	rt, err := m.rtnl()
-	if err != nil {
-		return errors.Join(append(errs, err)...)
-	}
-	defer rt.Close()
-	if err := removeRouting(rt, &spec); err != nil {
-		errs = append(errs, err)
-	}
-	return errors.Join(errs...)
+	return cleanup(spec, netns, "delete table inet %s", func(c *nftables.Conn) { c.DelTable(spec.table()) })
 }
 
 // CleanupKeepDivert is Cleanup for a dead daemon whose spliced flows a
@@ -233,6 +211,14 @@ func Cleanup(spec Spec, netns int) error {
 // own address, whose stack answers with a reset). The next daemon
 // replaces the table; what is already gone is not an error.
 func CleanupKeepDivert(spec Spec, netns int) error {
+	return cleanup(spec, netns, "remove the services of table inet %s", func(c *nftables.Conn) {
+		c.FlushChain(&nftables.Chain{Name: ChainServices, Table: spec.table()})
+	})
+}
+
+// cleanup queues removeTable's change to spec's table when the table
+// exists (what names it in an error), then removes our policy routing.
+func cleanup(spec Spec, netns int, what string, removeTable func(*nftables.Conn)) error {
 	m := &Manager{spec: spec, netns: netns, queue: &queueProbe{}}
 	var errs []error
 	c, err := m.nft()
@@ -242,9 +228,9 @@ func CleanupKeepDivert(spec Spec, netns int) error {
 	if exists, err := tableExists(c, spec.Table); err != nil {
 		errs = append(errs, err)
 	} else if exists {
-		c.FlushChain(&nftables.Chain{Name: ChainServices, Table: spec.table()})
+		removeTable(c)
 		if err := c.Flush(); err != nil {
-			errs = append(errs, fmt.Errorf("remove the services of table inet %s: %w", spec.Table, err))
+			errs = append(errs, fmt.Errorf(what+": %w", spec.Table, err))
 		}
 	}
 	rt, err := m.rtnl()

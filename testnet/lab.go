@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -89,6 +90,10 @@ type Lab struct {
 	GatewayServerSide []*Host
 
 	all []*NS
+
+	// softnet is /proc/net/softnet_stat's dropped and time_squeeze per
+	// CPU when the lab was built: DropReport shows what changed since.
+	softnet [][2]uint64
 }
 
 // Client is the first client host.
@@ -114,7 +119,7 @@ func New(opt Options) (*Lab, error) {
 	if opt.Servers == 0 {
 		opt.Servers = 1
 	}
-	lab := &Lab{ID: fmt.Sprintf("%s%d-%d", Prefix, os.Getpid(), labCounter.Add(1))}
+	lab := &Lab{ID: fmt.Sprintf("%s%d-%d", Prefix, os.Getpid(), labCounter.Add(1)), softnet: softnetStat()}
 	if err := lab.build(opt); err != nil {
 		if cerr := lab.Close(); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("remove the partial lab: %w", cerr))
@@ -277,6 +282,68 @@ func (l *Lab) Close() error {
 	}
 	l.all = nil
 	return errors.Join(errs...)
+}
+
+// DropReport lists, per namespace, the protocol counters whose names say
+// a packet was lost or refused (drops, overflows, prunes, retransmitted
+// SYNs, timeouts) and are not zero, then the kernel's per-CPU backlog
+// drops (/proc/net/softnet_stat, shared by every namespace).
+func (l *Lab) DropReport() string {
+	var b strings.Builder
+	for _, ns := range l.all {
+		c, err := ns.Counters()
+		if err != nil {
+			fmt.Fprintf(&b, "%s: %v\n", ns.Name, err)
+			continue
+		}
+		var lost []string
+		for name, v := range c {
+			if v != 0 && isLossCounter(name) {
+				lost = append(lost, fmt.Sprintf("%s=%d", name, v))
+			}
+		}
+		slices.Sort(lost)
+		fmt.Fprintf(&b, "%s: %s\n", ns.Name, strings.Join(lost, " "))
+	}
+	for cpu, now := range softnetStat() {
+		var then [2]uint64
+		if cpu < len(l.softnet) {
+			then = l.softnet[cpu]
+		}
+		fmt.Fprintf(&b, "softnet cpu%d since the lab was built: dropped=%d time_squeeze=%d\n", cpu, now[0]-then[0], now[1]-then[1])
+	}
+	return b.String()
+}
+
+// softnetStat reads the dropped and time_squeeze columns of
+// /proc/net/softnet_stat, one pair per CPU: packets the per-CPU backlog
+// had no room for (net.core.netdev_max_backlog, host-wide), and receive
+// runs cut short by their budget.
+func softnetStat() [][2]uint64 {
+	s, err := os.ReadFile("/proc/net/softnet_stat")
+	if err != nil {
+		return nil
+	}
+	var out [][2]uint64
+	for _, line := range strings.Split(strings.TrimSpace(string(s)), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 3 {
+			continue
+		}
+		dropped, _ := strconv.ParseUint(f[1], 16, 64)
+		squeezed, _ := strconv.ParseUint(f[2], 16, 64)
+		out = append(out, [2]uint64{dropped, squeezed})
+	}
+	return out
+}
+
+func isLossCounter(name string) bool {
+	for _, w := range []string{"Drop", "Overflow", "Prune", "Collapse", "Timeout", "SynRetrans", "Fail", "Err", "Reset", "Abort", "Cookies", "Challenge"} {
+		if strings.Contains(name, w) {
+			return true
+		}
+	}
+	return false
 }
 
 // SweepStale removes lab namespaces whose creating process no longer

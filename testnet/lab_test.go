@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestLabRoutesBothFamilies(t *testing.T) {
@@ -163,5 +164,34 @@ func TestLabNewWithoutIP(t *testing.T) {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error %q does not say %q", err, want)
 		}
+	}
+}
+
+// TestLabDropReport: a refused connect shows in the report of the
+// client's namespace (Tcp.AttemptFails), and only there.
+func TestLabDropReport(t *testing.T) {
+	lab := NewT(t, Options{})
+	// Nothing listens on the server's port 7001: the server answers with
+	// a reset and the client counts a failed attempt.
+	if c, err := lab.Client().Dial(netip.AddrPortFrom(lab.Server().IPv4, 7001), 5*time.Second); err == nil {
+		c.Close()
+		t.Fatal("dial of a port nothing listens on succeeded")
+	}
+	report := lab.DropReport()
+	for _, line := range strings.Split(report, "\n") {
+		name, counters, _ := strings.Cut(line, ": ")
+		switch name {
+		case lab.Client().Name:
+			if !strings.Contains(counters, "Tcp.AttemptFails=1") {
+				t.Errorf("client line %q: want Tcp.AttemptFails=1", line)
+			}
+		case lab.Gateway.Name:
+			if strings.Contains(counters, "AttemptFails") {
+				t.Errorf("gateway line %q: the failed attempt was the client's", line)
+			}
+		}
+	}
+	if !strings.Contains(report, lab.Client().Name+": ") || !strings.Contains(report, "softnet cpu0 since the lab was built: dropped=") {
+		t.Errorf("report without the client's namespace or the softnet line:\n%s", report)
 	}
 }

@@ -33,6 +33,12 @@ func NewT(t testing.TB, opt Options) *Lab {
 		t.Fatalf("build lab: %v", err)
 	}
 	t.Cleanup(func() {
+		if t.Failed() || os.Getenv("SPLICED_LAB_DROPS") != "" {
+			// Where the lab's kernel lost packets: a flake's first clue
+			// (a SYN lost three times, an overflowing accept queue).
+			// SPLICED_LAB_DROPS=1 shows it for passing tests too.
+			t.Logf("lab drops at the failure:\n%s", lab.DropReport())
+		}
 		if err := lab.Close(); err != nil {
 			t.Errorf("remove lab: %v", err)
 		}

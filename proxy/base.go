@@ -22,6 +22,9 @@ type Base struct {
 	Log     *slog.Logger
 	// Events, if set, is told of what happens to flows (Event* kinds).
 	Events func(kind string, f *Flow, detail string)
+	// AvoidPort, if set, tells an upstream connection to take another
+	// local port (see AvoidFunc).
+	AvoidPort AvoidFunc
 
 	splicer     atomic.Pointer[Splicer]
 	once        sync.Once

@@ -62,10 +62,6 @@ type CostReporter interface {
 // when someone calls Flow.RequestSplice.
 type Forwarder struct {
 	Base
-	// AvoidPort, if set, tells a transparent upstream connection from
-	// the client's address and port to the server to take another port.
-	AvoidPort func(client, server netip.AddrPort) bool
-
 	poolOnce sync.Once
 	pool     *Pool // direct mode: the backends
 }
@@ -245,7 +241,7 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	if svc.Upstream == config.Transparent && f.AvoidPort != nil && f.AvoidPort(flow.Client, flow.Server) {
 		from = netip.AddrPortFrom(from.Addr(), 0)
 	}
-	up, err := DialUpstream(ctx, svc.Upstream == config.Transparent, from, flow.Server, svc.ConnectTimeout.D())
+	up, err := DialUpstream(ctx, svc.Upstream == config.Transparent, from, flow.Server, svc.ConnectTimeout.D(), f.AvoidPort)
 	cancel()
 	if err != nil {
 		reset(c)
@@ -290,7 +286,7 @@ func (f *Forwarder) handleDirect(c *net.TCPConn, flow *Flow) {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(f.FlowContext(), svc.ConnectTimeout.D())
-		c, err := DialUpstream(ctx, false, flow.Client, b.Addr, svc.ConnectTimeout.D())
+		c, err := DialUpstream(ctx, false, flow.Client, b.Addr, svc.ConnectTimeout.D(), f.AvoidPort)
 		cancel()
 		if err != nil {
 			if f.FlowContext().Err() != nil {

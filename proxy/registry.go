@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/netip"
 	"sync"
 
 	"spliced/config"
@@ -26,14 +25,14 @@ type Setup struct {
 	Flows   *FlowTable
 	Log     *slog.Logger
 	Events  func(kind string, f *Flow, detail string)
-	// AvoidPort tells a transparent upstream connection from the
-	// client's address and port to the server to take another port.
-	AvoidPort func(client, server netip.AddrPort) bool
+	// AvoidPort tells an upstream connection from a local address and
+	// port to a server to take another port (see AvoidFunc).
+	AvoidPort AvoidFunc
 }
 
 // Base returns the Base of a proxy made with s.
 func (s Setup) Base() Base {
-	return Base{Service: s.Service, Flows: s.Flows, Log: s.Log, Events: s.Events}
+	return Base{Service: s.Service, Flows: s.Flows, Log: s.Log, Events: s.Events, AvoidPort: s.AvoidPort}
 }
 
 // Kind is a kind of proxy: its configuration (section, defaults,
@@ -105,6 +104,6 @@ func New(s Setup) (Service, error) {
 
 func init() {
 	Register(Kind{Name: config.ProxyForward, New: func(s Setup) Service {
-		return &Forwarder{Base: s.Base(), AvoidPort: s.AvoidPort}
+		return &Forwarder{Base: s.Base()}
 	}})
 }

@@ -1,11 +1,16 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"net/netip"
+	"os"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -100,11 +105,19 @@ func setBacklog(ln *net.TCPListener, backlog int) error {
 	return nil
 }
 
+// AvoidFunc reports whether an upstream connection from local to server
+// must take another local port: a spliced flow holds that 4-tuple (its
+// gateway socket is gone, so the kernel sees the port as free and may
+// give it to a new connection to the same server, whose SYN then meets
+// the flow's established server), or the server may still hold it in
+// TIME_WAIT with a clock the splice moved ahead.
+type AvoidFunc func(local, server netip.AddrPort) bool
+
 // DialUpstream connects to server on behalf of client. Transparent mode
 // binds the client's address (and port where it is free, else an
 // ephemeral one) so the server sees the client; NAT mode uses the
-// gateway's own address.
-func DialUpstream(ctx context.Context, transparent bool, client, server netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
+// gateway's own address, on a local port that avoid (if not nil) accepts.
+func DialUpstream(ctx context.Context, transparent bool, client, server netip.AddrPort, timeout time.Duration, avoid AvoidFunc) (*net.TCPConn, error) {
 	network := "tcp4"
 	if server.Addr().Is6() && !server.Addr().Is4In6() {
 		network = "tcp6"
@@ -113,13 +126,9 @@ func DialUpstream(ctx context.Context, transparent bool, client, server netip.Ad
 	d := net.Dialer{Timeout: timeout, KeepAlive: -1}
 	d.SetMultipathTCP(false) // see plainTCP
 	if !transparent {
-		c, err := d.DialContext(ctx, network, server.String())
-		if err != nil {
-			return nil, err
-		}
-		return c.(*net.TCPConn), nil
+		return dialAvoiding(ctx, d, network, netip.Addr{}, server, nil, avoid)
 	}
-	d.Control = func(network, _ string, c syscall.RawConn) error {
+	opts := func(network string, c syscall.RawConn) error {
 		// SO_REUSEADDR lets the client's port be bound again while an
 		// earlier upstream connection from it (to another server port)
 		// sits in TIME_WAIT.
@@ -130,19 +139,181 @@ func DialUpstream(ctx context.Context, transparent bool, client, server netip.Ad
 		}
 		return setTransparent(network, c)
 	}
+	d.Control = func(network, _ string, c syscall.RawConn) error { return opts(network, c) }
 	src := netip.AddrPortFrom(client.Addr().Unmap(), client.Port())
-	d.LocalAddr = net.TCPAddrFromAddrPort(src)
-	c, err := d.DialContext(ctx, network, server.String())
-	if err != nil && (errors.Is(err, unix.EADDRINUSE) || errors.Is(err, unix.EADDRNOTAVAIL)) {
+	if src.Port() != 0 {
+		d.LocalAddr = net.TCPAddrFromAddrPort(src)
+		c, err := d.DialContext(ctx, network, server.String())
+		if err == nil {
+			return c.(*net.TCPConn), nil
+		}
+		if !errors.Is(err, unix.EADDRINUSE) && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			return nil, err
+		}
 		// The client's port is taken on the gateway (or the 4-tuple is
 		// still in TIME_WAIT): let the kernel choose one.
-		d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(src.Addr(), 0))
-		c, err = d.DialContext(ctx, network, server.String())
+		d.LocalAddr = nil
 	}
+	return dialAvoiding(ctx, d, network, src.Addr(), server, opts, avoid)
+}
+
+// errPortAvoided: the kernel gave a dial a local port that avoid refused.
+var errPortAvoided = errors.New("local port held by a spliced flow to the same server")
+
+// kernelPortTries is how many local ports the kernel may choose for a NAT
+// upstream connection before the dial chooses one itself. The kernel
+// moves on by 2 to 16 ports a connect to the same server
+// (__inet_hash_connect), so a second refusal in a row means refused
+// ports are dense where it looks (it prefers even ports, and it takes a
+// spliced flow's port for free).
+const kernelPortTries = 2
+
+// maxBindTries bounds the ports a dial binds itself, when the kernel's
+// choices were refused, before it gives up: ports taken on the gateway
+// fail the bind at once.
+const maxBindTries = 256
+
+// dialAvoiding dials server from src (the kernel's choice of address if
+// not valid) on a local port that avoid accepts: one the kernel chooses
+// as usual, and when the kernel's choices are refused, one the dial binds
+// itself, from net.ipv4.ip_local_port_range. opts, if not nil, sets the
+// socket's options before it binds.
+func dialAvoiding(ctx context.Context, d net.Dialer, network string, src netip.Addr, server netip.AddrPort, opts func(string, syscall.RawConn) error, avoid AvoidFunc) (*net.TCPConn, error) {
+	withOpts := func(network string, rc syscall.RawConn) error {
+		if opts != nil {
+			return opts(network, rc)
+		}
+		return nil
+	}
+	if avoid == nil {
+		if src.IsValid() {
+			d.LocalAddr = net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))
+		}
+		d.Control = func(network, _ string, rc syscall.RawConn) error { return withOpts(network, rc) }
+		c, err := d.DialContext(ctx, network, server.String())
+		if err != nil {
+			return nil, err
+		}
+		return c.(*net.TCPConn), nil
+	}
+	// The bind, if any, is startConnect's: the net package would bind
+	// after Control, and the connect in Control would have bound first.
+	d.LocalAddr = nil
+	var refused netip.AddrPort
+	d.Control = func(network, _ string, rc syscall.RawConn) error {
+		if err := withOpts(network, rc); err != nil {
+			return err
+		}
+		local, err := startConnect(rc, src, server, avoid)
+		if errors.Is(err, errPortAvoided) {
+			refused = local
+		}
+		return err
+	}
+	var err error
+	for range kernelPortTries {
+		var c net.Conn
+		if c, err = d.DialContext(ctx, network, server.String()); err == nil {
+			return c.(*net.TCPConn), nil
+		}
+		if !errors.Is(err, errPortAvoided) {
+			return nil, err
+		}
+	}
+	// The kernel's source address stays; the port is ours to choose.
+	d.Control = func(network, _ string, rc syscall.RawConn) error { return withOpts(network, rc) }
+	lo, hi := localPortRange()
+	n := hi - lo + 1
+	start := rand.IntN(n)
+	binds := 0
+	for i := 0; i < n && binds < maxBindTries; i++ {
+		local := netip.AddrPortFrom(refused.Addr(), uint16(lo+(start+i)%n))
+		if avoid(local, server) {
+			continue
+		}
+		binds++
+		d.LocalAddr = net.TCPAddrFromAddrPort(local)
+		var c net.Conn
+		if c, err = d.DialContext(ctx, network, server.String()); err == nil {
+			return c.(*net.TCPConn), nil
+		}
+		if !errors.Is(err, unix.EADDRINUSE) && !errors.Is(err, unix.EADDRNOTAVAIL) {
+			return nil, err
+		}
+	}
+	return nil, fmt.Errorf("dial %s: no local port of %d-%d (net.ipv4.ip_local_port_range) is free of spliced flows to it and of other sockets (%d tried): %w", server, lo, hi, binds, errPortAvoided)
+}
+
+// localPortRange is the network namespace's net.ipv4.ip_local_port_range
+// (for IPv6 too), or Linux's default where it cannot be read.
+func localPortRange() (lo, hi int) {
+	lo, hi = 32768, 60999
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
 	if err != nil {
-		return nil, err
+		return lo, hi
 	}
-	return c.(*net.TCPConn), nil
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
+		return lo, hi
+	}
+	l, err1 := strconv.Atoi(f[0])
+	h, err2 := strconv.Atoi(f[1])
+	if err1 != nil || err2 != nil || l < 1 || h > 65535 || l > h {
+		return lo, hi
+	}
+	return l, h
+}
+
+// startConnect binds src (if valid) and starts the connect before the
+// net package's own, because
+// the kernel chooses the local port only at connect and only then can
+// avoid judge it. The connect that follows sees this one in progress
+// (EALREADY, or EISCONN when it is done) and waits for it as for its
+// own. A refused port closes the socket; its SYN, already sent, meets
+// the spliced flow's server, whose answer (an ACK of that flow) the
+// flow's rewrite takes.
+func startConnect(rc syscall.RawConn, src netip.Addr, server netip.AddrPort, avoid AvoidFunc) (local netip.AddrPort, err error) {
+	cerr := rc.Control(func(fd uintptr) {
+		if src.IsValid() {
+			if e := unix.Bind(int(fd), sockaddrOf(netip.AddrPortFrom(src, 0))); e != nil {
+				err = os.NewSyscallError("bind", e)
+				return
+			}
+		}
+		if e := unix.Connect(int(fd), sockaddrOf(server)); e != nil && e != unix.EINPROGRESS && e != unix.EINTR {
+			err = os.NewSyscallError("connect", e)
+			return
+		}
+		sa, e := unix.Getsockname(int(fd))
+		if e != nil {
+			err = os.NewSyscallError("getsockname", e)
+			return
+		}
+		if local = addrPortOfSockaddr(sa); avoid(local, server) {
+			err = fmt.Errorf("%w: %v", errPortAvoided, local)
+		}
+	})
+	return local, cmp.Or(cerr, err)
+}
+
+// sockaddrOf is ap as a socket address of its family (ap unmapped).
+func sockaddrOf(ap netip.AddrPort) unix.Sockaddr {
+	if ap.Addr().Is4() {
+		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
+	}
+	return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+}
+
+// addrPortOfSockaddr is a socket's address as netip.AddrPort, IPv4
+// unmapped; the zero AddrPort for another family.
+func addrPortOfSockaddr(sa unix.Sockaddr) netip.AddrPort {
+	switch a := sa.(type) {
+	case *unix.SockaddrInet4:
+		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
+	case *unix.SockaddrInet6:
+		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port))
+	}
+	return netip.AddrPort{}
 }
 
 // addrPort returns a connection address as netip.AddrPort with IPv4
@@ -182,20 +353,17 @@ func ListenAt(ctx context.Context, addr netip.AddrPort, transparent bool) (*net.
 }
 
 // DialFrom connects to dst from the local address src (an ephemeral
-// port); transparent allows src to be an address that is not the
-// gateway's.
-func DialFrom(ctx context.Context, src netip.Addr, transparent bool, dst netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
-	d := net.Dialer{Timeout: timeout, KeepAlive: -1, LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src.Unmap(), 0))}
+// port that avoid, if not nil, accepts); transparent allows src to be an
+// address that is not the gateway's.
+func DialFrom(ctx context.Context, src netip.Addr, transparent bool, dst netip.AddrPort, timeout time.Duration, avoid AvoidFunc) (*net.TCPConn, error) {
+	d := net.Dialer{Timeout: timeout, KeepAlive: -1}
 	d.SetMultipathTCP(false) // see plainTCP
+	var opts func(string, syscall.RawConn) error
 	if transparent {
-		d.Control = func(network, _ string, c syscall.RawConn) error { return setTransparent(network, c) }
+		opts = setTransparent
 	}
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
-	c, err := d.DialContext(ctx, family(dst.Addr()), dst.String())
-	if err != nil {
-		return nil, err
-	}
-	return c.(*net.TCPConn), nil
+	return dialAvoiding(ctx, d, family(dst.Addr()), src.Unmap(), dst, opts, avoid)
 }
 
 func family(a netip.Addr) string {

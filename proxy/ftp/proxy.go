@@ -62,7 +62,7 @@ func (p *Proxy) handle(c *net.TCPConn) {
 		return
 	}
 	ctx, cancel := context.WithTimeout(p.FlowContext(), svc.ConnectTimeout.D())
-	up, err := proxy.DialUpstream(ctx, false, flow.Client, flow.Server, svc.ConnectTimeout.D())
+	up, err := proxy.DialUpstream(ctx, false, flow.Client, flow.Server, svc.ConnectTimeout.D(), p.AvoidPort)
 	cancel()
 	if err != nil {
 		c.Write([]byte("421 The gateway cannot reach the FTP server.\r\n"))

@@ -456,7 +456,7 @@ func (s *session) active(verb, arg string) error {
 	}
 	timeout := s.p.Service.ConnectTimeout.D()
 	s.expectData(lns, s.flow.Server.Addr(), false, func(ctx context.Context) (*net.TCPConn, error) {
-		return proxy.DialFrom(ctx, s.clientView, true, want, timeout)
+		return proxy.DialFrom(ctx, s.clientView, true, want, timeout, s.p.AvoidPort)
 	})
 	return s.forward(verb, []byte(cmd+"\r\n"))
 }
@@ -528,7 +528,7 @@ func (s *session) passiveReply(clientVerb string, code int, line []byte) []byte 
 	}
 	timeout := s.p.Service.ConnectTimeout.D()
 	s.expectData(lns, s.flow.Client.Addr(), true, func(ctx context.Context) (*net.TCPConn, error) {
-		return proxy.DialFrom(ctx, s.external, false, serverData, timeout)
+		return proxy.DialFrom(ctx, s.external, false, serverData, timeout, s.p.AvoidPort)
 	})
 	return []byte(reply(proxy.AddrPort(lns[0].Addr())))
 }

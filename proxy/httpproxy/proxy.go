@@ -771,7 +771,7 @@ func (c *conn) upQuiet() bool {
 func (c *conn) dial(b *backend) (*net.TCPConn, error) {
 	svc := c.p.Service
 	ctx, cancel := context.WithTimeout(c.p.FlowContext(), svc.ConnectTimeout.D())
-	up, err := proxy.DialUpstream(ctx, false, c.flow.Client, b.addr, svc.ConnectTimeout.D())
+	up, err := proxy.DialUpstream(ctx, false, c.flow.Client, b.addr, svc.ConnectTimeout.D(), c.p.AvoidPort)
 	cancel()
 	if err != nil {
 		b.failures.Add(1)

@@ -395,7 +395,7 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 	defer cancel()
 	var errs []error
 	for _, dst := range allowed {
-		up, err := proxy.DialUpstream(ctx, false, h.client, dst, svc.ConnectTimeout.D())
+		up, err := proxy.DialUpstream(ctx, false, h.client, dst, svc.ConnectTimeout.D(), p.AvoidPort)
 		if err != nil {
 			errs = append(errs, err)
 			continue

@@ -11,7 +11,8 @@ import (
 // TestMakeInstall installs into a scratch DESTDIR: both binaries, the
 // default configuration (valid, and kept when present), the systemd unit
 // pointing at them with the capabilities spliced needs and readiness
-// notification, and the bash completion.
+// notification, a reload that validates the file first, and the bash
+// completion.
 func TestMakeInstall(t *testing.T) {
 	if _, err := exec.LookPath("make"); err != nil {
 		t.Fatal("make is not installed")
@@ -43,6 +44,10 @@ func TestMakeInstall(t *testing.T) {
 		if !strings.Contains(string(unit), want) {
 			t.Errorf("unit lacks %q", want)
 		}
+	}
+	// The reload validates the file before it signals the daemon.
+	if c, k := strings.Index(string(unit), "ExecReload=/usr/bin/spliced -check -config /etc/spliced/spliced.yaml\n"), strings.Index(string(unit), "ExecReload=/bin/kill -HUP"); c < 0 || c > k {
+		t.Errorf("unit's ExecReload lines do not run spliced -check before the signal:\n%s", unit)
 	}
 	if strings.Contains(string(unit), "@") {
 		t.Errorf("unit has unfilled placeholders:\n%s", unit)

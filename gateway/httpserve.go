@@ -81,3 +81,16 @@ func (c *cappedConn) Close() error {
 	c.once.Do(func() { <-c.slots })
 	return c.Conn.Close()
 }
+
+// CloseWrite passes http.Server's half-close through: it sends the FIN
+// of a connection it ends after a response and waits before closing
+// (closeWriteAndWait), so that request bytes it did not read do not turn
+// the close into a reset that loses the response at the client. Without
+// it the wrapper hid the TCP connection's CloseWrite, and the server
+// closed at once.
+func (c *cappedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}

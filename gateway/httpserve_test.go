@@ -116,3 +116,48 @@ func TestHTTPListenerSlowBody(t *testing.T) {
 		t.Error("a connection whose request body stopped coming was still open 5 s after the read timeout: it holds its slot for ever")
 	}
 }
+
+// TestCappedConnCloseWrite: the connection wrapper of the listener cap
+// passes a half-close through (http.Server's closeWriteAndWait looks for
+// CloseWrite): the peer reads EOF while the connection still reads what
+// the peer sends. The wrapper hid it before, and the server closed at
+// once, with a reset where the client's request had bytes left unread.
+func TestCappedConnCloseWrite(t *testing.T) {
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	peer, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	raw, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	slots := make(chan struct{}, 1)
+	slots <- struct{}{}
+	var served net.Conn = &cappedConn{Conn: raw, slots: slots}
+	defer served.Close()
+	cw, ok := served.(interface{ CloseWrite() error })
+	if !ok {
+		t.Fatal("cappedConn has no CloseWrite")
+	}
+	if err := cw.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	peer.SetDeadline(time.Now().Add(5 * time.Second))
+	if n, err := peer.Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("peer read after the half-close: %d, %v; want EOF", n, err)
+	}
+	if _, err := io.WriteString(peer, "late"); err != nil {
+		t.Fatal(err)
+	}
+	served.SetDeadline(time.Now().Add(5 * time.Second))
+	b := make([]byte, 4)
+	if _, err := io.ReadFull(served, b); err != nil || string(b) != "late" {
+		t.Fatalf("read after the half-close: %q, %v", b, err)
+	}
+}

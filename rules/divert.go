@@ -123,6 +123,11 @@ func divertSet(t *nftables.Table, i uint16, v6 bool, timeout time.Duration) *nft
 		HasTimeout: true, Timeout: timeout, Dynamic: true, Size: divertSetSize}
 }
 
+// elementChunk is how many elements one netlink message carries: an
+// IPv6 divert element (a 40-byte key, a timeout and their headers) takes
+// about 64 bytes of the 64 KiB attribute that lists them.
+const elementChunk = 512
+
 // divertSetSize bounds the elements of one divert set (two per flow); the
 // kernel would bound a dynamic set without a size to 65,535.
 const divertSetSize = 1 << 22
@@ -150,8 +155,18 @@ func queueDivert(c *nftables.Conn, spec *Spec, t *nftables.Table, live map[uint1
 			if v6 {
 				els = v6els
 			}
-			if err := c.AddSet(set, els); err != nil {
+			if err := c.AddSet(set, nil); err != nil {
 				return fmt.Errorf("add set %s: %w", set.Name, err)
+			}
+			// One message per chunk: a netlink attribute (the list of
+			// a message's elements) holds at most 64 KiB, and the
+			// library does not check (a longer list's length wraps).
+			for len(els) > 0 {
+				chunk := els[:min(len(els), elementChunk)]
+				els = els[len(chunk):]
+				if err := c.SetAddElements(set, chunk); err != nil {
+					return fmt.Errorf("add elements to set %s: %w", set.Name, err)
+				}
 			}
 			c.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: divertExprs(d, d.Queue+i, set, v6)})
 			c.AddRule(&nftables.Rule{Table: t, Chain: chain, Exprs: pmtuExprs(d, d.Queue+i, set, v6)})
@@ -365,13 +380,9 @@ type addRequest struct {
 
 // NewDiverter opens the connection used for element updates.
 func (m *Manager) NewDiverter() (*Diverter, error) {
-	opts := []nftables.ConnOption{nftables.AsLasting()}
-	if m.netns != 0 {
-		opts = append(opts, nftables.WithNetNSFd(m.netns))
-	}
-	c, err := nftables.New(opts...)
+	c, err := nftConn(m.netns, true)
 	if err != nil {
-		return nil, fmt.Errorf("open nftables netlink: %w", err)
+		return nil, err
 	}
 	return &Diverter{c: c, table: m.spec.table(), timeout: m.spec.Divert.Timeout}, nil
 }

@@ -77,17 +77,7 @@ func (m *Manager) nativeQueue() (bool, error) {
 	return m.queue.native, nil
 }
 
-func (m *Manager) nft() (*nftables.Conn, error) {
-	var opts []nftables.ConnOption
-	if m.netns != 0 {
-		opts = append(opts, nftables.WithNetNSFd(m.netns))
-	}
-	c, err := nftables.New(opts...)
-	if err != nil {
-		return nil, fmt.Errorf("open nftables netlink: %w", err)
-	}
-	return c, nil
-}
+func (m *Manager) nft() (*nftables.Conn, error) { return nftConn(m.netns, false) }
 
 func (m *Manager) rtnl() (*rtnetlink.Conn, error) {
 	c, err := rtnetlink.Dial(&netlink.Config{NetNS: m.netns})

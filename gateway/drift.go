@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"time"
@@ -33,25 +34,7 @@ func (g *Gateway) watchRuleset(ctx context.Context) {
 		default:
 		}
 	}
-	if c, err := nftables.New(nftables.AsLasting()); err != nil {
-		g.log.Warn("cannot watch the ruleset; checking it every few seconds only", logging.Err(err))
-	} else {
-		defer c.CloseLasting()
-		mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(4096))
-		events, err := c.AddMonitor(mon)
-		if err != nil {
-			g.log.Warn("cannot watch the ruleset; checking it every few seconds only", logging.Err(err))
-		} else {
-			defer mon.Close()
-			go func() {
-				for ev := range events {
-					if g.concernsUs(ev) {
-						poke()
-					}
-				}
-			}()
-		}
-	}
+	go g.followRuleset(ctx, openRulesetMonitor, poke)
 	if err := watchRouting(ctx, poke); err != nil {
 		g.log.Warn("cannot watch the policy routing; checking it every few seconds only", logging.Err(err))
 	}
@@ -75,6 +58,82 @@ func (g *Gateway) watchRuleset(ctx context.Context) {
 		case <-tick.C:
 		}
 		g.repairDrift(ctx)
+	}
+}
+
+// openRulesetMonitor subscribes to the nftables events of the daemon's
+// network namespace; close ends the subscription.
+func openRulesetMonitor() (events <-chan *nftables.MonitorEvent, close func(), err error) {
+	// The kernel sends every event to every subscriber, set elements
+	// included (our own divert entries, thousands in a burst of
+	// splices): with the default receive buffer a burst overflowed it.
+	c, err := nftables.New(nftables.AsLasting(), nftables.WithSockOptions(rules.LargeBuffers))
+	if err != nil {
+		return nil, nil, err
+	}
+	mon := nftables.NewMonitor(nftables.WithMonitorEventBuffer(4096))
+	ch, err := c.AddMonitor(mon)
+	if err != nil {
+		c.CloseLasting()
+		return nil, nil, err
+	}
+	return ch, func() { mon.Close(); c.CloseLasting() }, nil
+}
+
+// monitorRetry is how long followRuleset waits before it opens the
+// monitor again after it failed or ended.
+var monitorRetry = time.Second
+
+// followRuleset pokes for every event open's monitor reports about our
+// table, until ctx ends. A monitor that fails (a receive error such as
+// an overflow, which ends the library's monitor for good) is opened
+// again, and a check runs at once for the events it may have lost;
+// before, the daemon went on with the periodic check alone and said
+// nothing.
+func (g *Gateway) followRuleset(ctx context.Context, open func() (<-chan *nftables.MonitorEvent, func(), error), poke func()) {
+	for {
+		events, closeMon, err := open()
+		if err == nil {
+			err = g.followEvents(ctx, events, poke)
+			closeMon()
+			// The library's goroutine may be blocked handing over an
+			// event: take what is left until it closes the channel.
+			go func() {
+				for range events {
+				}
+			}()
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		g.log.Warn("the nftables monitor failed; checking the ruleset now and every few seconds until it is back", logging.Err(err))
+		poke()
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(monitorRetry):
+		}
+	}
+}
+
+// followEvents pokes for the events of our table until events ends or
+// reports an error, or ctx ends.
+func (g *Gateway) followEvents(ctx context.Context, events <-chan *nftables.MonitorEvent, poke func()) error {
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case ev, ok := <-events:
+			if !ok {
+				return errors.New("monitor closed")
+			}
+			if ev.Error != nil {
+				return ev.Error
+			}
+			if g.concernsUs(ev) {
+				poke()
+			}
+		}
 	}
 }
 

@@ -22,7 +22,7 @@ const nftBuffer = 256 << 20
 // nftConn opens an nftables netlink connection in the namespace netns (0:
 // this process's) with large buffers; lasting keeps one socket open.
 func nftConn(netns int, lasting bool) (*nftables.Conn, error) {
-	opts := []nftables.ConnOption{nftables.WithSockOptions(largeBuffers)}
+	opts := []nftables.ConnOption{nftables.WithSockOptions(LargeBuffers)}
 	if lasting {
 		opts = append(opts, nftables.AsLasting())
 	}
@@ -36,10 +36,10 @@ func nftConn(netns int, lasting bool) (*nftables.Conn, error) {
 	return c, nil
 }
 
-// largeBuffers sets a netlink socket's buffers to nftBuffer, beyond
+// LargeBuffers sets a netlink socket's buffers to nftBuffer, beyond
 // net.core.{w,r}mem_max (CAP_NET_ADMIN, which spliced has); without the
 // capability (a test, -check) it takes what the limits allow.
-func largeBuffers(c *netlink.Conn) error {
+func LargeBuffers(c *netlink.Conn) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return err

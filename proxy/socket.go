@@ -176,8 +176,9 @@ const maxBindTries = 256
 // dialAvoiding dials server from src (the kernel's choice of address if
 // not valid) on a local port that avoid accepts: one the kernel chooses
 // as usual, and when the kernel's choices are refused, one the dial binds
-// itself, from net.ipv4.ip_local_port_range. opts, if not nil, sets the
-// socket's options before it binds.
+// itself, from net.ipv4.ip_local_port_range less the ports of
+// ip_local_reserved_ports. opts, if not nil, sets the socket's options
+// before it binds.
 func dialAvoiding(ctx context.Context, d net.Dialer, network string, src netip.Addr, server netip.AddrPort, opts func(string, syscall.RawConn) error, avoid AvoidFunc) (*net.TCPConn, error) {
 	withOpts := func(network string, rc syscall.RawConn) error {
 		if opts != nil {
@@ -223,12 +224,14 @@ func dialAvoiding(ctx context.Context, d net.Dialer, network string, src netip.A
 	// The kernel's source address stays; the port is ours to choose.
 	d.Control = func(network, _ string, rc syscall.RawConn) error { return withOpts(network, rc) }
 	lo, hi := localPortRange()
+	reserved := reservedPorts()
 	n := hi - lo + 1
 	start := rand.IntN(n)
 	binds := 0
 	for i := 0; i < n && binds < maxBindTries; i++ {
-		local := netip.AddrPortFrom(refused.Addr(), uint16(lo+(start+i)%n))
-		if avoid(local, server) {
+		port := uint16(lo + (start+i)%n)
+		local := netip.AddrPortFrom(refused.Addr(), port)
+		if reserved(port) || avoid(local, server) {
 			continue
 		}
 		binds++
@@ -241,7 +244,7 @@ func dialAvoiding(ctx context.Context, d net.Dialer, network string, src netip.A
 			return nil, err
 		}
 	}
-	return nil, fmt.Errorf("dial %s: no local port of %d-%d (net.ipv4.ip_local_port_range) is free of spliced flows to it and of other sockets (%d tried): %w", server, lo, hi, binds, errPortAvoided)
+	return nil, fmt.Errorf("dial %s: no local port of %d-%d (net.ipv4.ip_local_port_range, less ip_local_reserved_ports) is free of spliced flows to it and of other sockets (%d tried): %w", server, lo, hi, binds, errPortAvoided)
 }
 
 // localPortRange is the network namespace's net.ipv4.ip_local_port_range
@@ -262,6 +265,37 @@ func localPortRange() (lo, hi int) {
 		return lo, hi
 	}
 	return l, h
+}
+
+// reservedPorts reports the ports of the network namespace's
+// net.ipv4.ip_local_reserved_ports (for IPv6 too): the kernel never
+// chooses them for a connection, kept for services that bind them, and
+// neither does dialAvoiding. None where the list cannot be read.
+func reservedPorts() func(uint16) bool {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_reserved_ports")
+	if err != nil {
+		return func(uint16) bool { return false }
+	}
+	var ranges [][2]uint16
+	for f := range strings.SplitSeq(strings.TrimSpace(string(b)), ",") {
+		l, h, isRange := strings.Cut(f, "-")
+		if !isRange {
+			h = l
+		}
+		lo, err1 := strconv.ParseUint(l, 10, 16)
+		hi, err2 := strconv.ParseUint(h, 10, 16)
+		if err1 == nil && err2 == nil && lo <= hi {
+			ranges = append(ranges, [2]uint16{uint16(lo), uint16(hi)})
+		}
+	}
+	return func(port uint16) bool {
+		for _, r := range ranges {
+			if r[0] <= port && port <= r[1] {
+				return true
+			}
+		}
+		return false
+	}
 }
 
 // startConnect binds src (if valid) and starts the connect before the

@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"runtime"
 	"testing"
 	"time"
@@ -142,6 +143,46 @@ func TestDialAvoidingSkipsReservedPorts(t *testing.T) {
 					t.Errorf("connected from port %d; want one of 40010-40019 not refused (refused %v)", p, refused)
 				}
 			})
+		}
+	})
+}
+
+// TestDialAvoidingLinkLocal: a dial that checks its port (avoid set)
+// reaches a link-local server as one that does not: the server's zone
+// names the interface the connect needs.
+func TestDialAvoidingLinkLocal(t *testing.T) {
+	inNetNS(t, func() {
+		for _, args := range [][]string{{"link", "add", "d0", "type", "veth", "peer", "name", "d1"}, {"link", "set", "d1", "up"}, {"link", "set", "d0", "up"}, {"addr", "add", "fe80::1/64", "dev", "d0", "nodad"}} {
+			if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+				t.Errorf("ip %v: %v: %s", args, err, out)
+				return
+			}
+		}
+		server, stop := closingServer(t, "[fe80::1%d0]:5000")
+		defer stop()
+		server = netip.AddrPortFrom(server.Addr().WithZone("d0"), server.Port())
+		var asked []netip.AddrPort
+		avoid := func(local, _ netip.AddrPort) bool {
+			asked = append(asked, local)
+			return len(asked) <= kernelPortTries // the dial's own choice too
+		}
+		for _, from := range []bool{false, true} {
+			asked = nil
+			var c *net.TCPConn
+			var err error
+			if from {
+				c, err = DialFrom(context.Background(), server.Addr(), false, server, 5*time.Second, avoid)
+			} else {
+				c, err = DialUpstream(context.Background(), false, netip.MustParseAddrPort("192.0.2.1:1234"), server, 5*time.Second, avoid)
+			}
+			if err != nil {
+				t.Errorf("from=%v: %v", from, err)
+				continue
+			}
+			c.Close()
+			if len(asked) != kernelPortTries+1 {
+				t.Errorf("from=%v: avoid asked about %v; want the kernel's %d choices and the dial's own", from, asked, kernelPortTries)
+			}
 		}
 	})
 }

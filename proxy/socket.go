@@ -330,22 +330,45 @@ func startConnect(rc syscall.RawConn, src netip.Addr, server netip.AddrPort, avo
 	return local, cmp.Or(cerr, err)
 }
 
-// sockaddrOf is ap as a socket address of its family (ap unmapped).
+// sockaddrOf is ap as a socket address of its family (ap unmapped); an
+// IPv6 zone (a link-local address's interface) becomes its scope ID.
 func sockaddrOf(ap netip.AddrPort) unix.Sockaddr {
 	if ap.Addr().Is4() {
 		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
 	}
-	return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+	return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16(), ZoneId: zoneIndex(ap.Addr().Zone())}
+}
+
+// zoneIndex is the index of the interface an IPv6 zone names (a name or
+// a number); 0 for none or one not found.
+func zoneIndex(zone string) uint32 {
+	if zone == "" {
+		return 0
+	}
+	if ifi, err := net.InterfaceByName(zone); err == nil {
+		return uint32(ifi.Index)
+	}
+	n, _ := strconv.ParseUint(zone, 10, 32)
+	return uint32(n)
 }
 
 // addrPortOfSockaddr is a socket's address as netip.AddrPort, IPv4
-// unmapped; the zero AddrPort for another family.
+// unmapped, an IPv6 scope ID as its zone (the interface's name, as the
+// net package writes it); the zero AddrPort for another family.
 func addrPortOfSockaddr(sa unix.Sockaddr) netip.AddrPort {
 	switch a := sa.(type) {
 	case *unix.SockaddrInet4:
 		return netip.AddrPortFrom(netip.AddrFrom4(a.Addr), uint16(a.Port))
 	case *unix.SockaddrInet6:
-		return netip.AddrPortFrom(netip.AddrFrom16(a.Addr).Unmap(), uint16(a.Port))
+		addr := netip.AddrFrom16(a.Addr).Unmap()
+		if a.ZoneId != 0 && addr.Is6() {
+			zone := strconv.FormatUint(uint64(a.ZoneId), 10)
+			if ifi, err := net.InterfaceByIndex(int(a.ZoneId)); err == nil {
+				zone = ifi.Name
+			}
+			addr = addr.WithZone(zone)
+		}
+		return netip.AddrPortFrom(addr, uint16(a.Port))
 	}
 	return netip.AddrPort{}
 }

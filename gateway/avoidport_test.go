@@ -15,7 +15,7 @@ import (
 func TestAvoidPort(t *testing.T) {
 	g := quietGateway(t)
 	client, server := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
-	if g.avoidPort(client, server) {
+	if g.avoidPort(client, server) != proxy.AvoidNot {
 		t.Fatal("avoided before splicing runs")
 	}
 	g.engine = splice.NewTable()
@@ -34,24 +34,24 @@ func TestAvoidPort(t *testing.T) {
 	if len(g.jumped) != 0 {
 		t.Errorf("jumped holds %d legs for a live flow", len(g.jumped))
 	}
-	if !g.avoidPort(client, server) {
-		t.Error("the server leg of a live spliced flow is not avoided")
+	if a := g.avoidPort(client, server); a != proxy.AvoidLive {
+		t.Errorf("the server leg of a live spliced flow: %v, want AvoidLive", a)
 	}
 	// The reverse tuple is the flow's client leg, not a server leg.
-	if g.avoidPort(server, client) {
+	if g.avoidPort(server, client) != proxy.AvoidNot {
 		t.Error("a client leg is avoided")
 	}
-	if g.avoidPort(netip.AddrPortFrom(client.Addr(), 40001), server) {
+	if g.avoidPort(netip.AddrPortFrom(client.Addr(), 40001), server) != proxy.AvoidNot {
 		t.Error("another port is avoided")
 	}
 	// Ended: the reaper's margin.
 	g.jumped[serverLeg(f)] = time.Now().Add(timeWaitMargin)
 	g.engine.Delete(e)
-	if !g.avoidPort(client, server) {
-		t.Error("the server leg of an ended flow is not avoided within the margin")
+	if a := g.avoidPort(client, server); a != proxy.AvoidEnded {
+		t.Errorf("the server leg of an ended flow within the margin: %v, want AvoidEnded", a)
 	}
 	g.jumped[serverLeg(f)] = time.Now().Add(-time.Second)
-	if g.avoidPort(client, server) {
+	if g.avoidPort(client, server) != proxy.AvoidNot {
 		t.Error("avoided after the margin")
 	}
 }
@@ -73,8 +73,8 @@ func TestJumpedLegExpiresAfterProxyClose(t *testing.T) {
 	if !ok || until.IsZero() {
 		t.Fatalf("after the proxy closed the flow: in jumped %v, until %v; want an expiry", ok, until)
 	}
-	if !g.avoidPort(client, server) {
-		t.Error("not avoided within the margin after the close")
+	if a := g.avoidPort(client, server); a != proxy.AvoidEnded {
+		t.Errorf("within the margin after the close: %v, want AvoidEnded", a)
 	}
 	g.reap(until.Add(time.Second))
 	if _, ok := g.jumped[serverLeg(f)]; ok {

@@ -109,37 +109,38 @@ func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, queue uint16, param
 	g.splicedMu.Unlock()
 }
 
-// avoidPort reports whether an upstream connection from local to server
-// must take another local port (proxy.AvoidFunc). Two reasons:
+// avoidPort tells whether an upstream connection from local to server
+// should take another local port (proxy.AvoidFunc). Two reasons:
 //
 //   - A spliced flow holds the 4-tuple. Its gateway socket is gone, so
 //     the kernel sees the port as free and gives it to a new connection
 //     to the same server (NAT mode: after some thousand connections to
 //     it the kernel's port choice comes round again), whose SYN meets
 //     the flow's established server: a challenge ACK, diverted into the
-//     flow, never a SYN-ACK, and the connect times out.
+//     flow, never a SYN-ACK, and the connect times out (AvoidLive).
 //   - The engine moved the timestamps the server sees on a spliced flow
 //     about 2^30 ticks ahead (splice.pawsJump); while the server keeps
 //     that flow in TIME_WAIT, a new SYN on the same 4-tuple carries the
 //     gateway's own, older clock, fails PAWS, and gets the old
 //     connection's ACK, which the gateway's socket answers with a RST
-//     before it retries.
+//     before it retries (AvoidEnded).
 //
 // jumped holds the server legs of flows that ended or were unspliced; a
 // flow spliced now is in the engine's table, under its server's tuple
 // (server to upstream), which is checked too.
-func (g *Gateway) avoidPort(local, server netip.AddrPort) bool {
+func (g *Gateway) avoidPort(local, server netip.AddrPort) proxy.Avoid {
+	if g.splicing() {
+		if _, d, live := g.engine.Lookup(splice.KeyFrom(server, local)); live && d == splice.S2C {
+			return proxy.AvoidLive
+		}
+	}
 	g.splicedMu.Lock()
 	until, ok := g.jumped[[2]netip.AddrPort{local, server}]
 	g.splicedMu.Unlock()
 	if ok && (until.IsZero() || time.Now().Before(until)) {
-		return true
+		return proxy.AvoidEnded
 	}
-	if !g.splicing() {
-		return false
-	}
-	_, d, live := g.engine.Lookup(splice.KeyFrom(server, local))
-	return live && d == splice.S2C
+	return proxy.AvoidNot
 }
 
 // reap removes spliced flows that ended (FIN both ways and acknowledged,

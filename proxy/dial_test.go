@@ -41,7 +41,7 @@ func TestDialAvoidingTakesAnotherPort(t *testing.T) {
 			var mu sync.Mutex
 			refused := map[netip.AddrPort]bool{}
 			asked := 0
-			avoid := func(local, to netip.AddrPort) bool {
+			avoid := func(local, to netip.AddrPort) Avoid {
 				mu.Lock()
 				defer mu.Unlock()
 				if to != server {
@@ -53,7 +53,7 @@ func TestDialAvoidingTakesAnotherPort(t *testing.T) {
 				if len(refused) < 4 && !refused[local] {
 					refused[local] = true
 				}
-				return refused[local]
+				return liveIf(refused[local])
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
@@ -91,8 +91,39 @@ func TestDialAvoidingEveryPortRefused(t *testing.T) {
 	defer ln.Close()
 	server := ln.Addr().(*net.TCPAddr).AddrPort()
 	_, err = DialUpstream(context.Background(), false, netip.MustParseAddrPort("192.0.2.1:1234"), server, 5*time.Second,
-		func(netip.AddrPort, netip.AddrPort) bool { return true })
+		func(netip.AddrPort, netip.AddrPort) Avoid { return AvoidLive })
 	if !errors.Is(err, errPortAvoided) || !strings.Contains(err.Error(), "ip_local_port_range") {
 		t.Fatalf("dial with every port refused: %v; want errPortAvoided naming ip_local_port_range", err)
+	}
+}
+
+// liveIf is AvoidLive if held, else AvoidNot.
+func liveIf(held bool) Avoid {
+	if held {
+		return AvoidLive
+	}
+	return AvoidNot
+}
+
+// TestDialAvoidingTakesEndedPorts: a port of a spliced flow that ended
+// (AvoidEnded) is taken as the kernel chose it: under a high rate of
+// flows to one server, refusing those refused every port, and every new
+// connection to it failed.
+func TestDialAvoidingTakesEndedPorts(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	server := ln.Addr().(*net.TCPAddr).AddrPort()
+	asked := 0
+	c, err := DialUpstream(context.Background(), false, netip.MustParseAddrPort("192.0.2.1:1234"), server, 5*time.Second,
+		func(netip.AddrPort, netip.AddrPort) Avoid { asked++; return AvoidEnded })
+	if err != nil {
+		t.Fatalf("dial with every port of an ended flow: %v", err)
+	}
+	c.Close()
+	if asked != 1 {
+		t.Errorf("avoid asked %d times; want once (the kernel's choice, taken)", asked)
 	}
 }

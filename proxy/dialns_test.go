@@ -108,7 +108,7 @@ func TestDialAvoidingSkipsReservedPorts(t *testing.T) {
 			server, stop := closingServer(t, "127.0.0.1:5000")
 			defer stop()
 			// The kernel's choices are 40005 and 40009: refuse both.
-			avoid := func(local, _ netip.AddrPort) bool { return local.Port() == 40005 || local.Port() == 40009 }
+			avoid := func(local, _ netip.AddrPort) Avoid { return liveIf(local.Port() == 40005 || local.Port() == 40009) }
 			c, err := DialUpstream(context.Background(), false, client, server, 5*time.Second, avoid)
 			if err == nil {
 				t.Errorf("connected from %v, a reserved port; want errPortAvoided", c.LocalAddr())
@@ -127,11 +127,11 @@ func TestDialAvoidingSkipsReservedPorts(t *testing.T) {
 				server, stop := closingServer(t, "127.0.0.1:5000")
 				defer stop()
 				refused := map[uint16]bool{}
-				avoid := func(local, _ netip.AddrPort) bool {
+				avoid := func(local, _ netip.AddrPort) Avoid {
 					if len(refused) < kernelPortTries {
 						refused[local.Port()] = true
 					}
-					return refused[local.Port()]
+					return liveIf(refused[local.Port()])
 				}
 				c, err := DialUpstream(context.Background(), false, client, server, 5*time.Second, avoid)
 				if err != nil {
@@ -162,9 +162,9 @@ func TestDialAvoidingLinkLocal(t *testing.T) {
 		defer stop()
 		server = netip.AddrPortFrom(server.Addr().WithZone("d0"), server.Port())
 		var asked []netip.AddrPort
-		avoid := func(local, _ netip.AddrPort) bool {
+		avoid := func(local, _ netip.AddrPort) Avoid {
 			asked = append(asked, local)
-			return len(asked) <= kernelPortTries // the dial's own choice too
+			return liveIf(len(asked) <= kernelPortTries) // the dial's own choice too
 		}
 		for _, from := range []bool{false, true} {
 			asked = nil

@@ -238,7 +238,7 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	}
 	ctx, cancel := context.WithTimeout(f.FlowContext(), svc.ConnectTimeout.D())
 	from := flow.Client
-	if svc.Upstream == config.Transparent && f.AvoidPort != nil && f.AvoidPort(flow.Client, flow.Server) {
+	if svc.Upstream == config.Transparent && f.AvoidPort != nil && f.AvoidPort(flow.Client, flow.Server) != AvoidNot {
 		from = netip.AddrPortFrom(from.Addr(), 0)
 	}
 	up, err := DialUpstream(ctx, svc.Upstream == config.Transparent, from, flow.Server, svc.ConnectTimeout.D(), f.AvoidPort)

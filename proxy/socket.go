@@ -105,18 +105,36 @@ func setBacklog(ln *net.TCPListener, backlog int) error {
 	return nil
 }
 
-// AvoidFunc reports whether an upstream connection from local to server
-// must take another local port: a spliced flow holds that 4-tuple (its
-// gateway socket is gone, so the kernel sees the port as free and may
-// give it to a new connection to the same server, whose SYN then meets
-// the flow's established server), or the server may still hold it in
-// TIME_WAIT with a clock the splice moved ahead.
-type AvoidFunc func(local, server netip.AddrPort) bool
+// Avoid says whether an upstream connection from a local address and port
+// to a server should take another local port, and how much that matters.
+type Avoid uint8
+
+const (
+	// AvoidNot: nothing of the gateway's holds the 4-tuple.
+	AvoidNot Avoid = iota
+	// AvoidEnded: a spliced flow on the 4-tuple ended (or was unspliced)
+	// less than about a minute ago, and its server may still hold it in
+	// TIME_WAIT with a clock the splice moved ahead: a SYN on it then
+	// costs a reset and a retry a second later. A NAT dial takes such a
+	// port as the kernel would: under a high rate of flows to one server
+	// refusing them all would refuse every port.
+	AvoidEnded
+	// AvoidLive: a live spliced flow holds the 4-tuple. Its gateway socket
+	// is gone, so the kernel sees the port as free and may give it to a
+	// new connection to the same server, whose SYN meets the flow's
+	// established server and never gets a SYN-ACK. Never taken.
+	AvoidLive
+)
+
+// AvoidFunc tells how an upstream connection from local to server should
+// avoid that local port (Avoid).
+type AvoidFunc func(local, server netip.AddrPort) Avoid
 
 // DialUpstream connects to server on behalf of client. Transparent mode
 // binds the client's address (and port where it is free, else an
 // ephemeral one) so the server sees the client; NAT mode uses the
-// gateway's own address, on a local port that avoid (if not nil) accepts.
+// gateway's own address. A port the kernel chooses is never one avoid
+// (if not nil) says a live spliced flow holds.
 func DialUpstream(ctx context.Context, transparent bool, client, server netip.AddrPort, timeout time.Duration, avoid AvoidFunc) (*net.TCPConn, error) {
 	network := "tcp4"
 	if server.Addr().Is6() && !server.Addr().Is4In6() {
@@ -157,7 +175,8 @@ func DialUpstream(ctx context.Context, transparent bool, client, server netip.Ad
 	return dialAvoiding(ctx, d, network, src.Addr(), server, opts, avoid)
 }
 
-// errPortAvoided: the kernel gave a dial a local port that avoid refused.
+// errPortAvoided: the kernel gave a dial a local port that a live spliced
+// flow to the same server holds.
 var errPortAvoided = errors.New("local port held by a spliced flow to the same server")
 
 // kernelPortTries is how many local ports the kernel may choose for a NAT
@@ -174,8 +193,9 @@ const kernelPortTries = 2
 const maxBindTries = 256
 
 // dialAvoiding dials server from src (the kernel's choice of address if
-// not valid) on a local port that avoid accepts: one the kernel chooses
-// as usual, and when the kernel's choices are refused, one the dial binds
+// not valid) on a local port no live spliced flow to server holds
+// (AvoidLive): one the kernel chooses as usual, and when the kernel's
+// choices are refused, one the dial binds
 // itself, from net.ipv4.ip_local_port_range less the ports of
 // ip_local_reserved_ports. opts, if not nil, sets the socket's options
 // before it binds.
@@ -231,7 +251,7 @@ func dialAvoiding(ctx context.Context, d net.Dialer, network string, src netip.A
 	for i := 0; i < n && binds < maxBindTries; i++ {
 		port := uint16(lo + (start+i)%n)
 		local := netip.AddrPortFrom(refused.Addr(), port)
-		if reserved(port) || avoid(local, server) {
+		if reserved(port) || avoid(local, server) == AvoidLive {
 			continue
 		}
 		binds++
@@ -323,7 +343,7 @@ func startConnect(rc syscall.RawConn, src netip.Addr, server netip.AddrPort, avo
 			err = os.NewSyscallError("getsockname", e)
 			return
 		}
-		if local = addrPortOfSockaddr(sa); avoid(local, server) {
+		if local = addrPortOfSockaddr(sa); avoid(local, server) == AvoidLive {
 			err = fmt.Errorf("%w: %v", errPortAvoided, local)
 		}
 	})

@@ -51,7 +51,8 @@ func queueInPlace(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) 
 	ours := map[string]bool{ChainPrerouting: true, ChainServices: true, ChainSockets: true}
 	keep := map[string]bool{}
 	if spec.Divert.Enabled {
-		ours[ChainDivert], ours[ChainDivertCommand] = true, true
+		ours[ChainDivert], ours[ChainDivertQueues], ours[ChainDivertPMTU], ours[ChainDivertCommand] = true, true, true, true
+		keep[DivertAnySetName(false)], keep[DivertAnySetName(true)] = true, true
 		for i := range spec.Divert.Queues {
 			keep[DivertSetName(i, false)], keep[DivertSetName(i, true)] = true, true
 		}

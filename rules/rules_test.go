@@ -162,8 +162,31 @@ func checkQueueTarget(t *testing.T, ns *testnet.NS, spec *Spec) {
 		}
 		rules = rules[1:]
 	}
-	if len(rules) != 4*int(spec.Divert.Queues) {
-		t.Fatalf("divert rules: %d", len(rules))
+	// The gate: per family one lookup in the set of every queue's
+	// tuples, then the ICMP errors; each a goto.
+	if len(rules) != 4 {
+		t.Fatalf("divert rules after the skip rule: %d, want 4", len(rules))
+	}
+	for i, r := range rules {
+		want := []string{ChainDivertQueues, ChainDivertQueues, ChainDivertPMTU, ChainDivertPMTU}[i]
+		if v, ok := r.Exprs[len(r.Exprs)-1].(*expr.Verdict); !ok || v.Kind != expr.VerdictGoto || v.Chain != want {
+			t.Errorf("divert rule %d ends in %#v, want a goto %s", i, r.Exprs[len(r.Exprs)-1], want)
+		}
+	}
+	queues, err := c.GetRules(spec.table(), &nftables.Chain{Name: ChainDivertQueues, Table: spec.table()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pmtu, err := c.GetRules(spec.table(), &nftables.Chain{Name: ChainDivertPMTU, Table: spec.table()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(queues) != 2*int(spec.Divert.Queues) || len(pmtu) != 2*int(spec.Divert.Queues) {
+		t.Fatalf("%d queue rules and %d path MTU rules, want 2 per queue each", len(queues), len(pmtu))
+	}
+	rules = nil
+	for i := range queues {
+		rules = append(rules, queues[i], pmtu[i])
 	}
 	for i, r := range rules {
 		// Per queue, per family: the tuple rule, then the path MTU
@@ -258,6 +281,17 @@ func TestDiverter(t *testing.T) {
 	out, _ = ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(1, true))
 	if !strings.Contains(out, "fd00:1::2 . 40000 . fd00:2::2 . 80") {
 		t.Errorf("divert6 lacks the flow:\n%s", out)
+	}
+	// The gate's sets hold every queue's tuples.
+	out, _ = ns.Run("nft", "list", "set", "inet", spec.Table, DivertAnySetName(false))
+	for _, want := range []string{"10.1.0.2 . 40000 . 10.2.0.2 . 80", "10.2.0.2 . 80 . 10.1.0.2 . 40000"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("divert4_any lacks %q:\n%s", want, out)
+		}
+	}
+	out, _ = ns.Run("nft", "list", "set", "inet", spec.Table, DivertAnySetName(true))
+	if !strings.Contains(out, "fd00:1::2 . 40000 . fd00:2::2 . 80") {
+		t.Errorf("divert6_any lacks the flow:\n%s", out)
 	}
 	if err := d.Delete(1, k4, k6); err != nil {
 		t.Fatal(err)
@@ -572,6 +606,15 @@ func TestDivertCommand(t *testing.T) {
 	if !strings.Contains(out, "fd00:1::2 . 40000 . fd00:2::2 . 80") {
 		t.Errorf("divert6_1 after the commands:\n%s", out)
 	}
+	// The gate's sets too.
+	out, _ = ns.Run("nft", "list", "set", "inet", spec.Table, DivertAnySetName(false))
+	if !strings.Contains(out, "10.1.0.2 . 40000 . 10.2.0.2 . 80") || strings.Contains(out, "10.1.0.3") {
+		t.Errorf("divert4_any after the commands:\n%s", out)
+	}
+	out, _ = ns.Run("nft", "list", "set", "inet", spec.Table, DivertAnySetName(true))
+	if !strings.Contains(out, "fd00:1::2 . 40000 . fd00:2::2 . 80") {
+		t.Errorf("divert6_any after the commands:\n%s", out)
+	}
 	out, _ = ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(0, false))
 	if strings.Contains(out, "10.1.0") {
 		t.Errorf("divert4_0 after commands for queue index 1:\n%s", out)
@@ -607,5 +650,29 @@ func TestCanonicalQueues(t *testing.T) {
 	}
 	if got := canonicalQueues(want); got != want {
 		t.Errorf("the older form changed:\n%s", UnifiedDiff("want", "got", want, got))
+	}
+}
+
+// TestDiverterDeleteOneSetLost: a tuple one set lost (an element timed
+// out there, or someone deleted it) is still deleted from the other:
+// the transaction of both fails, and the one-by-one fallback takes each
+// set on its own.
+func TestDiverterDeleteOneSetLost(t *testing.T) {
+	spec := sampleSpec(t)
+	d, ns := installedDiverter(t, spec)
+	k := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	for _, lost := range []string{DivertSetName(1, false), DivertAnySetName(false)} {
+		if err := d.Add(1, k, k.Reverse()); err != nil {
+			t.Fatal(err)
+		}
+		if out, err := ns.Run("nft", "delete", "element", "inet", spec.Table, lost, "{ 10.1.0.2 . 40000 . 10.2.0.2 . 80 }"); err != nil {
+			t.Fatalf("%v: %s", err, out)
+		}
+		if err := d.Delete(1, k, k.Reverse()); err != nil {
+			t.Fatalf("delete with the element gone from %s: %v", lost, err)
+		}
+		if out, _ := ns.Run("nft", "list", "table", "inet", spec.Table); strings.Contains(out, "40000") {
+			t.Errorf("elements left after the delete, %s having lost one:\n%s", lost, out)
+		}
 	}
 }

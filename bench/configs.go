@@ -84,6 +84,8 @@ var Gateways = []gateway{
 		}},
 	{name: "routing-bpf-attached", desc: "routing-nft with spliced's BPF program attached at tcx ingress of the gateway's interfaces, no spliced flow (what the program costs every packet)",
 		setup: bpfAttachedGateway},
+	{name: "routing-past-spliced", desc: "routing-nft with a spliced daemon on the gateway (64 queues, as on a 64-CPU machine; a service that splices another port): what its divert chain costs traffic it only routes",
+		setup: routedPastSplicedGateway},
 	{name: "haproxy", desc: "HAProxy in TCP mode, transparent (usesrc clientip), splice-auto", setup: haproxyGateway},
 	splicedGateway(BaselineCopy, "spliced, proxied: the plain forwarder relays every byte (the paper's 2-path forwarder)", "never", "lean"),
 	splicedGateway("spliced-splice", "spliced, spliced at connect: NFQUEUE with the lean loop (the paper's FWD)", "immediate", "lean"),
@@ -106,6 +108,40 @@ func nftFilter(lab *testnet.Lab) error {
 	}
 	return nil
 }
+
+// routedPastSplicedGateway is routing-nft with a spliced daemon whose
+// one service splices a port the bench does not use, with
+// config.MaxQueues queues: every measured packet passes its divert
+// chain and nothing else of it.
+func routedPastSplicedGateway(env *Env, lab *testnet.Lab) (func() []int, func(), error) {
+	if err := nftFilter(lab); err != nil {
+		return nil, nil, err
+	}
+	cfg := fmt.Sprintf(`
+log:
+  level: warn
+kernel:
+  queues: %d
+services:
+  - name: other
+    listen: 15001
+    ports: ["%d"]
+    splice:
+      mode: immediate
+`, config.MaxQueues, portOther)
+	d, err := testnet.LaunchDaemon(lab, env.Spliced, env.Dir, cfg)
+	if d == nil {
+		return nil, nil, err
+	}
+	if err != nil {
+		d.Stop()
+		return nil, nil, err
+	}
+	return func() []int { return []int{d.Pid()} }, func() { d.Stop() }, nil
+}
+
+// portOther is a port no measurement uses.
+const portOther = 6999
 
 // bpfAttachedGateway is routing-nft with the rewrite program attached at
 // tcx ingress of every gateway interface but lo, as the daemon attaches

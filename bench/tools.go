@@ -21,7 +21,7 @@ func Tools(opt Options) []string {
 		}
 		add("iperf3", "ss") // bulk measures; ss sees iperf3's listener
 		switch g.name {
-		case "routing-nft", "routing-bpf-attached":
+		case "routing-nft", "routing-bpf-attached", "routing-past-spliced":
 			add("nft")
 		case "haproxy":
 			add("haproxy", "pgrep")

@@ -324,7 +324,10 @@ func TestMark(t *testing.T) {
 // forwarding would, and everything else goes on through the stack
 // rewritten as before (TCX_NEXT), its TTL untouched: with forwarding off
 // on the device it came in on, towards a destination with no route, a
-// TTL that would run out here (the stack answers it), and IPv4 options.
+// TTL that would run out here (the stack answers it), IPv4 options, and
+// a source the FIB routes through another device than the one the packet
+// came in on (spoofed from the wrong side, or an asymmetric route: the
+// stack's rp_filter decides, which a redirect would skip).
 func TestRedirect(t *testing.T) {
 	requireRoot(t)
 	ns := testnet.Scratch(t)
@@ -350,17 +353,20 @@ func TestRedirect(t *testing.T) {
 		ipOpts     []byte
 		want       uint32
 		wantTTL    uint8
+		clientOut  bool // the client's address routed through out0
 	}{
-		{"routed", false, "1", true, 64, nil, tcActRedirect, 63},
-		{"routed, TTL 2", false, "1", true, 2, nil, tcActRedirect, 1},
-		{"TTL 1", false, "1", true, 1, nil, RetNext, 1},
-		{"IPv4 options", false, "1", true, 64, []byte{1, 1, 1, 0}, RetNext, 64},
-		{"forwarding off", false, "0", true, 64, nil, RetNext, 64},
-		{"no route", false, "1", false, 64, nil, RetNext, 64},
-		{"IPv6 routed", true, "1", true, 64, nil, tcActRedirect, 63},
-		{"IPv6 hop limit 1", true, "1", true, 1, nil, RetNext, 1},
-		{"IPv6 forwarding off", true, "0", true, 64, nil, RetNext, 64},
-		{"IPv6 no route", true, "1", false, 64, nil, RetNext, 64},
+		{"routed", false, "1", true, 64, nil, tcActRedirect, 63, false},
+		{"routed, TTL 2", false, "1", true, 2, nil, tcActRedirect, 1, false},
+		{"TTL 1", false, "1", true, 1, nil, RetNext, 1, false},
+		{"IPv4 options", false, "1", true, 64, []byte{1, 1, 1, 0}, RetNext, 64, false},
+		{"forwarding off", false, "0", true, 64, nil, RetNext, 64, false},
+		{"no route", false, "1", false, 64, nil, RetNext, 64, false},
+		{"IPv6 routed", true, "1", true, 64, nil, tcActRedirect, 63, false},
+		{"IPv6 hop limit 1", true, "1", true, 1, nil, RetNext, 1, false},
+		{"IPv6 forwarding off", true, "0", true, 64, nil, RetNext, 64, false},
+		{"IPv6 no route", true, "1", false, 64, nil, RetNext, 64, false},
+		{"source routed elsewhere", false, "1", true, 64, nil, RetNext, 64, true},
+		{"IPv6 source routed elsewhere", true, "1", true, 64, nil, RetNext, 64, true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			family, subnet, dev := "4", "10.2.0.0/24", "out0"
@@ -373,6 +379,14 @@ func TestRedirect(t *testing.T) {
 			ns.Run("ip", "-"+family, "route", "del", subnet) // connected route, present or not
 			if c.route {
 				ns.MustRun("ip", "-"+family, "route", "add", subnet, "dev", dev)
+			}
+			client := cAddr4.Addr().String()
+			if c.v6 {
+				client = cAddr6.Addr().String()
+			}
+			if c.clientOut {
+				ns.MustRun("ip", "-"+family, "route", "add", client, "dev", "out0")
+				defer ns.Run("ip", "-"+family, "route", "del", client)
 			}
 			err := ns.Do(func() error {
 				dp, err := Load(Options{Redirect: true, fakeClock: true})

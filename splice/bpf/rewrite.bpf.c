@@ -500,6 +500,32 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 	dc->verdict = V_FORWARD;
 }
 
+// routes_back reports whether the FIB routes the packet's source (as
+// received: ip is its IP header) back through the device it came in on,
+// the check of strict reverse path filtering. The stack's input path
+// applies net.ipv4.conf.*.rp_filter; a redirect skips that path, so a
+// packet that fails the check (its source spoofed from another side of
+// the gateway, or an asymmetric route) goes on through the stack, where
+// the operator's rp_filter decides as for any forwarded packet.
+static __always_inline int routes_back(struct __sk_buff *skb, int v6, const __u8 *ip, __u32 iif)
+{
+	struct bpf_fib_lookup r = {};
+	r.l4_protocol = IPPROTO_TCP;
+	r.ifindex = iif;
+	if (v6) {
+		r.family = AF_INET6;
+		__builtin_memcpy(r.ipv6_src, &ip[24], 16);
+		__builtin_memcpy(r.ipv6_dst, &ip[8], 16);
+	} else {
+		r.family = AF_INET;
+		r.tos = ip[1];
+		__builtin_memcpy(&r.ipv4_src, &ip[16], 4);
+		__builtin_memcpy(&r.ipv4_dst, &ip[12], 4);
+	}
+	return bpf_fib_lookup(skb, &r, sizeof(r), BPF_FIB_LOOKUP_SKIP_NEIGH) == BPF_FIB_LKUP_RET_SUCCESS &&
+	       r.ifindex == iif;
+}
+
 // redirect sends a rewritten packet to the device the FIB gives its
 // destination, through the neighbour subsystem (bpf_redirect_neigh: it
 // resolves and confirms the next hop's address as the stack would): the
@@ -525,11 +551,16 @@ static __always_inline int redirect(struct __sk_buff *skb, int v6, const __u8 *i
 	__u8 ttl = v6 ? ip[7] : ip[8];
 	if (ttl <= 1 || (!v6 && ip[0] != 0x45))
 		return TCX_NEXT;
+	// Read once: the verifier refuses a context pointer the compiler
+	// kept and dereferenced again.
+	__u32 iif = skb->ingress_ifindex;
+	if (!routes_back(skb, v6, ip, iif))
+		return TCX_NEXT;
 	struct bpf_fib_lookup p = {};
 	p.l4_protocol = IPPROTO_TCP;
 	p.sport = bpf_htons(sport);
 	p.dport = bpf_htons(dport);
-	p.ifindex = skb->ingress_ifindex;
+	p.ifindex = iif;
 	if (v6) {
 		p.family = AF_INET6;
 		__builtin_memcpy(&p.flowinfo, ip, 4);

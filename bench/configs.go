@@ -62,15 +62,7 @@ func splicedGateway(name, desc, mode, nfqueue string) gateway {
 
 func splicedDatapathGateway(name, desc, mode, nfqueue, datapath string) gateway {
 	return gateway{name: name, desc: desc, setup: func(env *Env, lab *testnet.Lab) (func() []int, func(), error) {
-		d, err := testnet.LaunchDaemon(lab, env.Spliced, env.Dir, splicedDatapathConfig(mode, nfqueue, datapath))
-		if d == nil {
-			return nil, nil, err
-		}
-		if err != nil {
-			d.Stop()
-			return nil, nil, err
-		}
-		return func() []int { return []int{d.Pid()} }, func() { d.Stop() }, nil
+		return launchSpliced(env, lab, splicedDatapathConfig(mode, nfqueue, datapath))
 	}}
 }
 
@@ -129,6 +121,13 @@ services:
     splice:
       mode: immediate
 `, config.MaxQueues, portOther)
+	return launchSpliced(env, lab, cfg)
+}
+
+// launchSpliced starts the daemon with configuration cfg in lab's
+// gateway, as a configuration's setup returns it: its process for the
+// CPU figures, and its stop.
+func launchSpliced(env *Env, lab *testnet.Lab, cfg string) (func() []int, func(), error) {
 	d, err := testnet.LaunchDaemon(lab, env.Spliced, env.Dir, cfg)
 	if d == nil {
 		return nil, nil, err

@@ -426,15 +426,7 @@ func clientPrefix(lab *testnet.Lab) netip.Prefix {
 
 func splicedSOCKS(mode string) func(*Env, *testnet.Lab, netip.AddrPort) (func() []int, func(), error) {
 	return func(env *Env, lab *testnet.Lab, listen netip.AddrPort) (func() []int, func(), error) {
-		d, err := testnet.LaunchDaemon(lab, env.Spliced, env.Dir, splicedSOCKSConfig(listen, clientPrefix(lab), mode))
-		if d == nil {
-			return nil, nil, err
-		}
-		if err != nil {
-			d.Stop()
-			return nil, nil, err
-		}
-		return func() []int { return []int{d.Pid()} }, func() { d.Stop() }, nil
+		return launchSpliced(env, lab, splicedSOCKSConfig(listen, clientPrefix(lab), mode))
 	}
 }
 

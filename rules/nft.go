@@ -172,9 +172,15 @@ func queueContents(c *nftables.Conn, spec *Spec, t *nftables.Table, divert map[u
 			[]expr.Any{&expr.Verdict{Kind: expr.VerdictAccept}},
 		)})
 	}
-	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: []expr.Any{
-		&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainServices},
-	}})
+	// What the services chain takes of a packet that is no SYN: only
+	// the ACK of a SYN-cookie handshake, whose connection has the bit
+	// (see above). Without the bit's match every packet the gateway
+	// only routes went through every service's rules, each a set
+	// lookup of its port.
+	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: concat(
+		matchCtMark(spec.CtMark),
+		[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainServices}},
+	)})
 	return queueServices(c, spec, t, svc)
 }
 

@@ -95,7 +95,7 @@ func Render(spec Spec) string {
 		"meta l4proto tcp socket transparent 1 jump "+ChainSockets,
 		fmt.Sprintf("meta l4proto icmp socket transparent 1 socket wildcard 0 %s accept", markSet(spec.Mark)),
 		fmt.Sprintf("meta l4proto ipv6-icmp socket transparent 1 socket wildcard 0 %s accept", markSet(spec.Mark)),
-		"jump "+ChainServices,
+		fmt.Sprintf("%s jump %s", ctMarkMatch(spec.CtMark), ChainServices),
 	)))
 	var svcRules []string
 	for i := range spec.Services {

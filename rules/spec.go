@@ -7,8 +7,9 @@
 //	set <service>_ports, _dst4, _dst6, _src4, _src6   (interval sets)
 //	chain prerouting  (filter, prerouting, priority mangle)
 //	    first packet of a handshake at our socket: clear the ct mark bit
+//	    SYNs: jump services
 //	    packets of our transparent sockets: set the mark, accept
-//	    jump services
+//	    packets with the ct mark bit (a SYN cookie's ACK): jump services
 //	chain services    (per service and family: TPROXY of SYNs, setting the
 //	                   ct mark bit; TPROXY of plain ACKs with that bit)
 //

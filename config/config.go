@@ -85,6 +85,10 @@ type Kernel struct {
 	// Repair is "on" (default: restore the table when someone deletes or
 	// edits it) or "off" (leave the drift, for `splicectl ruleset -diff`).
 	Repair string `yaml:"repair"`
+	// OwnTable is "on" (default: the table belongs to the daemon, so that
+	// no other process changes or deletes it, `nft flush ruleset`
+	// included; Linux 6.9 and later) or "off".
+	OwnTable string `yaml:"own_table"`
 	// DivertTimeout is the lifetime of a spliced flow's divert entry in
 	// the kernel if spliced dies without removing it (default 24h); live
 	// flows are refreshed.
@@ -409,6 +413,7 @@ func (c *Config) applyDefaults() {
 	SetDefault(&c.Kernel.BPFForward, BPFForwardRedirect)
 	SetDefault(&c.Kernel.Resend, ResendGSO)
 	SetDefault(&c.Kernel.Repair, "on")
+	SetDefault(&c.Kernel.OwnTable, "on")
 	SetDefault(&c.Control.Socket, "/run/spliced/spliced.sock")
 	if c.Control.Socket == "off" {
 		c.Control.Socket = ""

@@ -48,6 +48,9 @@ func (c *Config) validate(idx *keyIndex) error {
 	if c.Kernel.Repair != "on" && c.Kernel.Repair != "off" {
 		bad("kernel.repair", c.Kernel.Repair, "is not on or off")
 	}
+	if c.Kernel.OwnTable != "on" && c.Kernel.OwnTable != "off" {
+		bad("kernel.own_table", c.Kernel.OwnTable, "is not on or off")
+	}
 	if c.Kernel.QueueLen < 8 || c.Kernel.QueueLen > 1<<20 {
 		bad("kernel.queue_len", fmt.Sprint(c.Kernel.QueueLen), "is not a usable queue length; use 8-1048576 packets (default %d)", DefaultQueueLen)
 	}

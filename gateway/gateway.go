@@ -453,6 +453,7 @@ func (g *Gateway) prepareSplicing(ctx context.Context, cfg *config.Config, m *ru
 func (g *Gateway) abortStart() {
 	g.stopServices()
 	g.stopSplicing()
+	g.manager().Close()
 	if g.restoreSysctls != nil {
 		g.restoreSysctls()
 	}
@@ -500,6 +501,7 @@ func (g *Gateway) shutdown() error {
 		resetLive()
 	}
 	g.stopSplicing()
+	g.manager().Close()
 	g.workers.Close()
 	if g.restoreSysctls != nil {
 		g.restoreSysctls()

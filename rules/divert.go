@@ -419,9 +419,12 @@ func divertKey(k splice.Key) []byte {
 type Diverter struct {
 	// cmdMu: divert commands (read side, see Commands) are sent while no
 	// table install runs (write side, see Exclusive), as adds are.
-	cmdMu   sync.RWMutex
-	mu      sync.Mutex // one transaction at a time
-	c       *nftables.Conn
+	cmdMu sync.RWMutex
+	// mu: one of the diverter's transactions at a time. Each takes mu,
+	// then the Manager's socket (see lock); Exclusive takes mu alone and
+	// lets an install take the socket.
+	mu      sync.Mutex
+	m       *Manager
 	table   *nftables.Table
 	timeout time.Duration
 
@@ -441,13 +444,22 @@ type addRequest struct {
 	err  error
 }
 
-// NewDiverter opens the connection used for element updates.
+// NewDiverter returns the element updater of m's table. It sends on m's
+// netlink socket, the one that owns the table (see owner).
 func (m *Manager) NewDiverter() (*Diverter, error) {
-	c, err := nftConn(m.netns, true)
+	return &Diverter{m: m, table: m.spec.table(), timeout: m.spec.Divert.Timeout}, nil
+}
+
+// lock takes d.mu and then the Manager's socket, for one of the
+// diverter's transactions; unlock releases both.
+func (d *Diverter) lock() (c *nftables.Conn, unlock func(), err error) {
+	d.mu.Lock()
+	c, o, err := d.m.lockedConn()
 	if err != nil {
-		return nil, err
+		d.mu.Unlock()
+		return nil, nil, err
 	}
-	return &Diverter{c: c, table: m.spec.table(), timeout: m.spec.Divert.Timeout}, nil
+	return c, func() { o.mu.Unlock(); d.mu.Unlock() }, nil
 }
 
 // Exclusive runs fn while no element is added or deleted, for a table
@@ -473,9 +485,12 @@ func (d *Diverter) Commands(send func() error) error {
 // Has reports whether tuple k is in the divert sets of queue index q. It
 // lists the whole set: for checks, not for every flow.
 func (d *Diverter) Has(q uint16, k splice.Key) (bool, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	els, err := d.c.GetSetElements(divertSet(d.table, q, !k.IsIPv4(), d.timeout))
+	c, unlock, err := d.lock()
+	if err != nil {
+		return false, err
+	}
+	defer unlock()
+	els, err := c.GetSetElements(divertSet(d.table, q, !k.IsIPv4(), d.timeout))
 	if err != nil {
 		return false, fmt.Errorf("list divert set: %w", err)
 	}
@@ -488,8 +503,9 @@ func (d *Diverter) Has(q uint16, k splice.Key) (bool, error) {
 	return false, nil
 }
 
-// Close releases the netlink connection.
-func (d *Diverter) Close() error { return d.c.CloseLasting() }
+// Close ends the diverter. The socket is the Manager's, which closes it
+// (Manager.Close).
+func (d *Diverter) Close() error { return nil }
 
 func (d *Diverter) elements(keys []splice.Key, timeout time.Duration) (v4, v6 []nftables.SetElement) {
 	return elementsOf(keys, timeout)
@@ -520,8 +536,11 @@ func (d *Diverter) Add(q uint16, keys ...splice.Key) error {
 	d.pendingMu.Lock()
 	d.pending = append(d.pending, r)
 	d.pendingMu.Unlock()
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	c, unlock, err := d.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	if r.done {
 		return r.err
 	}
@@ -529,23 +548,23 @@ func (d *Diverter) Add(q uint16, keys ...splice.Key) error {
 	batch := d.pending
 	d.pending = nil
 	d.pendingMu.Unlock()
-	d.addLocked(batch)
+	d.addLocked(c, batch)
 	return r.err
 }
 
-// addLocked commits the adds of batch in one transaction (d.mu held). If
-// it fails, each add is tried alone, so that one bad request fails only
-// its own caller.
-func (d *Diverter) addLocked(batch []*addRequest) {
+// addLocked commits the adds of batch in one transaction on c (d.lock
+// held). If it fails, each add is tried alone, so that one bad request
+// fails only its own caller.
+func (d *Diverter) addLocked(c *nftables.Conn, batch []*addRequest) {
 	defer func() {
 		for _, r := range batch {
 			r.done = true
 		}
 	}()
-	add := func(s *nftables.Set, els []nftables.SetElement) error { return d.c.SetAddElements(s, els) }
+	add := func(s *nftables.Set, els []nftables.SetElement) error { return c.SetAddElements(s, els) }
 	d.addCommits.Add(1)
 	if len(batch) == 1 {
-		batch[0].err = d.applyLocked(batch[0].q, batch[0].keys, add)
+		batch[0].err = d.applyLocked(c, batch[0].q, batch[0].keys, add)
 		return
 	}
 	for _, r := range batch {
@@ -553,13 +572,13 @@ func (d *Diverter) addLocked(batch []*addRequest) {
 		// whatever part of its request went in (see Add's callers).
 		r.err = d.queueLocked(r.q, r.keys, add)
 	}
-	if d.c.Flush() == nil {
+	if c.Flush() == nil {
 		return
 	}
 	// A failed transaction changed nothing: each add alone.
 	for _, r := range batch {
 		if r.err == nil {
-			r.err = d.applyLocked(r.q, r.keys, add)
+			r.err = d.applyLocked(c, r.q, r.keys, add)
 		}
 	}
 }
@@ -567,7 +586,9 @@ func (d *Diverter) addLocked(batch []*addRequest) {
 // Delete stops diverting these tuples from queue index q. Missing
 // elements are not an error.
 func (d *Diverter) Delete(q uint16, keys ...splice.Key) error {
-	err := d.apply(q, keys, func(s *nftables.Set, els []nftables.SetElement) error { return d.c.SetDeleteElements(s, els) })
+	err := d.apply(q, keys, func(c *nftables.Conn, s *nftables.Set, els []nftables.SetElement) error {
+		return c.SetDeleteElements(s, els)
+	})
 	if errors.Is(err, unix.ENOENT) {
 		// One element was gone (timed out, or the table was replaced):
 		// delete the others one by one, from each set on its own, so
@@ -587,17 +608,20 @@ func (d *Diverter) Delete(q uint16, keys ...splice.Key) error {
 // from the gate's set, each in a transaction of its own; a missing
 // element is not an error.
 func (d *Diverter) deleteFromEach(q uint16, k splice.Key) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	c, unlock, err := d.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	v4, v6 := d.elements([]splice.Key{k}, d.timeout)
 	els := append(v4, v6...)
 	var errs []error
 	for _, set := range []*nftables.Set{divertSet(d.table, q, !k.IsIPv4(), d.timeout), divertAnySet(d.table, !k.IsIPv4(), d.timeout)} {
-		if err := d.c.SetDeleteElements(set, els); err != nil {
+		if err := c.SetDeleteElements(set, els); err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		if err := d.c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
+		if err := c.Flush(); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, fmt.Errorf("delete %v from %s: %w", k, set.Name, err))
 		}
 	}
@@ -609,20 +633,23 @@ func (d *Diverter) deleteFromEach(q uint16, k splice.Key) error {
 // same). byQueue maps a queue index to its tuples. If the transaction
 // fails because an element is gone, it falls back to one flow at a time.
 func (d *Diverter) DeleteMany(byQueue map[uint16][]splice.Key) error {
-	d.mu.Lock()
+	c, unlock, err := d.lock()
+	if err != nil {
+		return err
+	}
 	for q, keys := range byQueue {
 		v4, v6 := d.elements(keys, d.timeout)
 		if len(v4) > 0 {
-			d.c.SetDeleteElements(divertSet(d.table, q, false, d.timeout), v4)
-			d.c.SetDeleteElements(divertAnySet(d.table, false, d.timeout), v4)
+			c.SetDeleteElements(divertSet(d.table, q, false, d.timeout), v4)
+			c.SetDeleteElements(divertAnySet(d.table, false, d.timeout), v4)
 		}
 		if len(v6) > 0 {
-			d.c.SetDeleteElements(divertSet(d.table, q, true, d.timeout), v6)
-			d.c.SetDeleteElements(divertAnySet(d.table, true, d.timeout), v6)
+			c.SetDeleteElements(divertSet(d.table, q, true, d.timeout), v6)
+			c.SetDeleteElements(divertAnySet(d.table, true, d.timeout), v6)
 		}
 	}
-	err := d.c.Flush()
-	d.mu.Unlock()
+	err = c.Flush()
+	unlock()
 	if err == nil || !errors.Is(err, unix.ENOENT) {
 		return err
 	}
@@ -654,8 +681,11 @@ const refreshChunk = 256
 // milliseconds per transaction, not per element). It returns how many
 // tuples it refreshed.
 func (d *Diverter) Refresh(live func() map[uint16][]splice.Key) (int, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	c, unlock, err := d.lock()
+	if err != nil {
+		return 0, err
+	}
+	defer unlock()
 	n := 0
 	for q, keys := range live() {
 		for len(keys) > 0 {
@@ -670,12 +700,12 @@ func (d *Diverter) Refresh(live func() map[uint16][]splice.Key) (int, error) {
 					continue
 				}
 				for _, set := range []*nftables.Set{divertAnySet(d.table, x.v6, d.timeout), divertSet(d.table, q, x.v6, d.timeout)} {
-					d.c.SetAddElements(set, x.els)
-					d.c.SetDeleteElements(set, x.els)
-					d.c.SetAddElements(set, x.els)
+					c.SetAddElements(set, x.els)
+					c.SetDeleteElements(set, x.els)
+					c.SetAddElements(set, x.els)
 				}
 			}
-			if err := d.c.Flush(); err != nil {
+			if err := c.Flush(); err != nil {
 				return n, fmt.Errorf("refresh divert entries: %w", err)
 			}
 			n += len(chunk)
@@ -684,26 +714,29 @@ func (d *Diverter) Refresh(live func() map[uint16][]splice.Key) (int, error) {
 	return n, nil
 }
 
-func (d *Diverter) apply(q uint16, keys []splice.Key, op func(*nftables.Set, []nftables.SetElement) error) error {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.applyLocked(q, keys, op)
+func (d *Diverter) apply(q uint16, keys []splice.Key, op func(*nftables.Conn, *nftables.Set, []nftables.SetElement) error) error {
+	c, unlock, err := d.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	return d.applyLocked(c, q, keys, func(s *nftables.Set, els []nftables.SetElement) error { return op(c, s, els) })
 }
 
-// applyLocked runs op on the tuples' elements in one transaction (d.mu
-// held).
-func (d *Diverter) applyLocked(q uint16, keys []splice.Key, op func(*nftables.Set, []nftables.SetElement) error) error {
+// applyLocked runs op on the tuples' elements in one transaction on c
+// (d.lock held).
+func (d *Diverter) applyLocked(c *nftables.Conn, q uint16, keys []splice.Key, op func(*nftables.Set, []nftables.SetElement) error) error {
 	if err := d.queueLocked(q, keys, op); err != nil {
 		return err
 	}
-	if err := d.c.Flush(); err != nil {
+	if err := c.Flush(); err != nil {
 		return fmt.Errorf("update divert sets: %w", err)
 	}
 	return nil
 }
 
 // queueLocked adds op on the tuples' elements to the transaction being
-// built (d.mu held).
+// built (d.lock held).
 func (d *Diverter) queueLocked(q uint16, keys []splice.Key, op func(*nftables.Set, []nftables.SetElement) error) error {
 	v4, v6 := d.elements(keys, d.timeout)
 	for _, x := range []struct {

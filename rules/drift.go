@@ -30,7 +30,7 @@ func (m *Manager) KernelListing(ctx context.Context) (listing string, exists boo
 		}
 		return "", false, fmt.Errorf("nft list table inet %s: %w: %s", m.spec.Table, err, strings.TrimSpace(stderr.String()))
 	}
-	return canonicalQueues(StripDivertElements(string(out))), true, nil
+	return canonicalQueues(StripRuntime(string(out))), true, nil
 }
 
 // nftQueueTo is the queue statement as nft 1.0.1 and later list it
@@ -53,14 +53,30 @@ func canonicalQueues(listing string) string {
 	})
 }
 
-// StripDivertElements removes the "elements = { ... }" block of every
-// divert set from an nft listing.
-func StripDivertElements(listing string) string {
+// StripRuntime removes from an nft listing of our table what comes and
+// goes with the daemon rather than with its configuration: the
+// "elements = { ... }" block of every divert set (spliced flows), and the
+// marks of an owned table (see owner): the owner's program name after the
+// table's brace, and its flags line ("flags owner" or "flags
+// owner,persist", as the nft version knows them) with the empty line
+// after it.
+func StripRuntime(listing string) string {
 	var out []string
-	inDivert, inElements := false, false
-	for _, line := range strings.Split(listing, "\n") {
+	inDivert, inElements, afterFlags := false, false, false
+	for i, line := range strings.Split(listing, "\n") {
 		t := strings.TrimSpace(line)
+		if afterFlags {
+			afterFlags = false
+			if t == "" {
+				continue
+			}
+		}
 		switch {
+		case i == 0 && strings.HasPrefix(line, "table ") && strings.Contains(line, "{ # progname "):
+			line = line[:strings.Index(line, " # progname ")]
+		case i == 1 && ownerFlags.MatchString(line):
+			afterFlags = true
+			continue
 		case inElements:
 			if strings.HasSuffix(t, "}") {
 				inElements = false
@@ -78,6 +94,9 @@ func StripDivertElements(listing string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// ownerFlags is a table's flags line with ownership flags only.
+var ownerFlags = regexp.MustCompile(`^\tflags (?:owner|persist)(?:,(?:owner|persist))?$`)
 
 // Drift compares the kernel's table with the expected one and returns a
 // unified diff (empty when they agree).

@@ -21,6 +21,7 @@ type Manager struct {
 	netns int
 	spec  Spec
 	queue *queueProbe // shared by the Managers derived with WithSpec
+	own   *owner      // the socket that changes the table; shared likewise
 }
 
 // queueProbe remembers which queue expression the kernel has, probed once.
@@ -32,7 +33,7 @@ type queueProbe struct {
 // WithSpec returns a Manager for spec in the same namespace, which knows
 // the queue flavour m probed.
 func (m *Manager) WithSpec(spec Spec) *Manager {
-	return &Manager{netns: m.netns, spec: spec, queue: m.queue}
+	return &Manager{netns: m.netns, spec: spec, queue: m.queue, own: m.own}
 }
 
 // Option configures a Manager.
@@ -44,7 +45,7 @@ func WithNetNS(fd int) Option { return func(m *Manager) { m.netns = fd } }
 
 // NewManager returns a Manager for spec. It touches nothing yet.
 func NewManager(spec Spec, opts ...Option) *Manager {
-	m := &Manager{spec: spec, queue: &queueProbe{}}
+	m := &Manager{spec: spec, queue: &queueProbe{}, own: &owner{}}
 	for _, o := range opts {
 		o(m)
 	}
@@ -91,30 +92,63 @@ func (m *Manager) rtnl() (*rtnetlink.Conn, error) {
 // table is replaced atomically in one transaction, and routing entries that
 // already exist are kept. divert holds the tuples of live spliced flows
 // (by queue index) to put back into the new divert sets in the same
-// transaction, so that replacing the table never interrupts them.
+// transaction, so that replacing the table never interrupts them. With
+// Spec.OwnTable the table is made ours first (see owner), and its
+// contents are replaced rather than the table.
 func (m *Manager) Install(divert map[uint16][]splice.Key) error {
-	c, err := m.nft()
+	c, o, err := m.lockedConn()
 	if err != nil {
 		return err
 	}
-	spec := m.spec
-	if spec.Divert.Enabled {
-		if spec.Divert.NativeQueue, err = m.nativeQueue(); err != nil {
-			return err
-		}
-	}
-	if err := queueTable(c, &spec, divert); err != nil {
+	defer o.mu.Unlock()
+	return m.installLocked(c, o, divert)
+}
+
+// installLocked is Install with the owner's socket held.
+func (m *Manager) installLocked(c *nftables.Conn, o *owner, divert map[uint16][]splice.Key) error {
+	spec, err := m.specProbed()
+	if err != nil {
 		return err
+	}
+	owned, err := o.prepareTable(spec.Table, spec.OwnTable)
+	if err != nil {
+		return err
+	}
+	if owned {
+		err = queueReplace(c, &spec, divert)
+	} else {
+		err = queueTable(c, &spec, divert)
+	}
+	if err != nil {
+		return errors.Join(err, o.discard(m.netns))
 	}
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("install nftables table inet %s: %w", spec.Table, explainNFT(err))
 	}
+	return m.installRouting(&spec)
+}
+
+// specProbed is m's spec with the queue flavour probed.
+func (m *Manager) specProbed() (Spec, error) {
+	spec := m.spec
+	if spec.Divert.Enabled {
+		native, err := m.nativeQueue()
+		if err != nil {
+			return spec, err
+		}
+		spec.Divert.NativeQueue = native
+	}
+	return spec, nil
+}
+
+// installRouting adds spec's policy routing (what exists is kept).
+func (m *Manager) installRouting(spec *Spec) error {
 	rt, err := m.rtnl()
 	if err != nil {
 		return err
 	}
 	defer rt.Close()
-	return installRouting(rt, &spec)
+	return installRouting(rt, spec)
 }
 
 // Repair is Install for a table someone changed (the drift check): when
@@ -126,31 +160,28 @@ func (m *Manager) Install(divert map[uint16][]splice.Key) error {
 // (TestLabTableEdited). Where that cannot be done (no table, a base
 // chain changed) it replaces the table as Install does.
 func (m *Manager) Repair(divert map[uint16][]splice.Key) error {
-	c, err := m.nft()
+	c, o, err := m.lockedConn()
 	if err != nil {
 		return err
 	}
-	spec := m.spec
-	if spec.Divert.Enabled {
-		if spec.Divert.NativeQueue, err = m.nativeQueue(); err != nil {
-			return err
-		}
+	defer o.mu.Unlock()
+	spec, err := m.specProbed()
+	if err != nil {
+		return err
 	}
 	if ok, err := tableExists(c, spec.Table); err != nil || !ok {
-		return m.Install(divert)
+		return m.installLocked(c, o, divert)
 	}
 	if err := queueInPlace(c, &spec, divert); err != nil {
-		return m.Install(divert)
+		if err := o.discard(m.netns); err != nil {
+			return err
+		}
+		return m.installLocked(o.c, o, divert)
 	}
 	if err := c.Flush(); err != nil {
-		return m.Install(divert)
+		return m.installLocked(c, o, divert)
 	}
-	rt, err := m.rtnl()
-	if err != nil {
-		return err
-	}
-	defer rt.Close()
-	return installRouting(rt, &spec)
+	return m.installRouting(&spec)
 }
 
 // probeNativeQueue reports whether the kernel has the nft queue expression
@@ -179,15 +210,17 @@ func (m *Manager) probeNativeQueue() (bool, error) {
 // Remove deletes the table and our routing entries. What is already gone
 // is not an error.
 func (m *Manager) Remove() error {
-	return Cleanup(m.spec, m.netns)
+	return m.remove("delete table inet %s", func(c *nftables.Conn) { c.DelTable(m.spec.table()) })
 }
 
 // Cleanup removes the kernel state of spec without needing the daemon that
 // installed it, e.g. after `kill -9`: the table by name, ip rules of ours
 // with the spec's mark, our routes in the spec's table. netns 0 is the
-// caller's namespace.
+// caller's namespace. A table a live daemon owns is refused (see owner).
 func Cleanup(spec Spec, netns int) error {
-	return cleanup(spec, netns, "delete table inet %s", func(c *nftables.Conn) { c.DelTable(spec.table()) })
+	m := NewManager(spec, WithNetNS(netns))
+	defer m.Close()
+	return m.Remove()
 }
 
 // CleanupKeepDivert is Cleanup for a dead daemon whose spliced flows a
@@ -201,17 +234,19 @@ func Cleanup(spec Spec, netns int) error {
 // own address, whose stack answers with a reset). The next daemon
 // replaces the table; what is already gone is not an error.
 func CleanupKeepDivert(spec Spec, netns int) error {
-	return cleanup(spec, netns, "remove the services of table inet %s", func(c *nftables.Conn) {
+	m := NewManager(spec, WithNetNS(netns))
+	defer m.Close()
+	return m.remove("remove the services of table inet %s", func(c *nftables.Conn) {
 		c.FlushChain(&nftables.Chain{Name: ChainServices, Table: spec.table()})
 	})
 }
 
-// cleanup queues removeTable's change to spec's table when the table
-// exists (what names it in an error), then removes our policy routing.
-func cleanup(spec Spec, netns int, what string, removeTable func(*nftables.Conn)) error {
-	m := &Manager{spec: spec, netns: netns, queue: &queueProbe{}}
+// remove queues removeTable's change to the table when it exists (what
+// names it in an error), then removes our policy routing.
+func (m *Manager) remove(what string, removeTable func(*nftables.Conn)) error {
+	spec := m.spec
 	var errs []error
-	c, err := m.nft()
+	c, o, err := m.lockedConn()
 	if err != nil {
 		return err
 	}
@@ -220,9 +255,13 @@ func cleanup(spec Spec, netns int, what string, removeTable func(*nftables.Conn)
 	} else if exists {
 		removeTable(c)
 		if err := c.Flush(); err != nil {
+			if st, rerr := readTable(o.nl, spec.Table); rerr == nil && st.flags&tableFlagOwner != 0 && st.owner != o.nl.PID() {
+				err = fmt.Errorf("the table is %w (netlink port %d, usually its pid): a spliced that is running removes it when it stops: %w", ErrTableOwned, st.owner, err)
+			}
 			errs = append(errs, fmt.Errorf(what+": %w", spec.Table, err))
 		}
 	}
+	o.mu.Unlock()
 	rt, err := m.rtnl()
 	if err != nil {
 		return errors.Join(append(errs, err)...)
@@ -294,13 +333,14 @@ func (m *Manager) UpdateServices(from Spec) (bool, error) {
 	spec := m.Spec()
 	from.Divert.NativeQueue = spec.Divert.NativeQueue
 	if from.Table != spec.Table || from.Mark != spec.Mark || from.CtMark != spec.CtMark || from.RouteTable != spec.RouteTable ||
-		from.RulePriority != spec.RulePriority || from.Divert != spec.Divert {
+		from.RulePriority != spec.RulePriority || from.Divert != spec.Divert || from.OwnTable != spec.OwnTable {
 		return false, nil
 	}
-	c, err := m.nft()
+	c, o, err := m.lockedConn()
 	if err != nil {
 		return false, err
 	}
+	defer o.mu.Unlock()
 	if ok, err := tableExists(c, spec.Table); err != nil || !ok {
 		return false, err
 	}
@@ -312,7 +352,7 @@ func (m *Manager) UpdateServices(from Spec) (bool, error) {
 		}
 	}
 	if err := queueServices(c, &spec, t, &nftables.Chain{Name: ChainServices, Table: t}); err != nil {
-		return false, err
+		return false, errors.Join(err, o.discard(m.netns))
 	}
 	if err := c.Flush(); err != nil {
 		return false, fmt.Errorf("update the services of nftables table inet %s: %w", spec.Table, explainNFT(err))

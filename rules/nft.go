@@ -30,6 +30,41 @@ func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) er
 	return queueContents(c, spec, t, divert)
 }
 
+// queueReplace adds to the batch the messages that atomically replace
+// the contents of our existing table with the spec, keeping the table
+// (an owned one: see owner): every chain is flushed and deleted, every
+// named set deleted, then the contents added. The kernel deletes a table
+// in the same order (rules, sets, chains).
+func queueReplace(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) error {
+	t := spec.table()
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return err
+	}
+	sets, err := c.GetSets(t)
+	if err != nil {
+		return err
+	}
+	var ours []*nftables.Chain
+	for _, ch := range chains {
+		if ch.Table != nil && ch.Table.Name == spec.Table {
+			ours = append(ours, &nftables.Chain{Name: ch.Name, Table: t})
+		}
+	}
+	for _, ch := range ours {
+		c.FlushChain(ch)
+	}
+	for _, st := range sets {
+		if !st.Anonymous {
+			c.DelSet(&nftables.Set{Table: t, Name: st.Name})
+		}
+	}
+	for _, ch := range ours {
+		c.DelChain(ch)
+	}
+	return queueContents(c, spec, t, divert)
+}
+
 // queueInPlace adds to a batch what restores the existing table t to
 // spec without deleting it: every chain of t is flushed (and deleted if
 // spec has no such chain), every set but the divert sets spec has is

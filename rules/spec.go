@@ -49,6 +49,9 @@ type Spec struct {
 	RulePriority uint32
 	Services     []Service
 	Divert       Divert
+	// OwnTable: the table belongs to the daemon's netlink socket (see
+	// owner), so that no other process changes or deletes it.
+	OwnTable bool
 }
 
 // Service is one intercepted service as the kernel sees it.
@@ -80,6 +83,7 @@ func FromConfig(cfg *config.Config) Spec {
 		CtMark:       uint32(cfg.Kernel.CtMark),
 		RouteTable:   cfg.Kernel.RouteTable,
 		RulePriority: cfg.Kernel.RulePriority,
+		OwnTable:     cfg.Kernel.OwnTable == "on",
 		Divert: Divert{
 			Queue:   cfg.Kernel.Queue,
 			Queues:  uint16(cfg.Kernel.Queues),

@@ -59,7 +59,8 @@ func TestLabBPFAttach(t *testing.T) {
 	if n := tcxIngress(t, lab); sum(n) != 0 {
 		t.Fatalf("programs attached before the daemon runs: %v", n)
 	}
-	cfg := bpfForwardConfig("debug")
+	// Unowned: the test deletes the table with nft.
+	cfg := splicingForwardConfig("debug", "  datapath: bpf\n  own_table: off\n")
 	d := testnet.StartDaemon(t, lab, cfg)
 	rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "datapath" })
 	if rec == nil || rec["datapath"] != "bpf" {

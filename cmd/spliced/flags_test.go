@@ -56,3 +56,21 @@ func TestSocketFlagChecked(t *testing.T) {
 		t.Errorf("-socket off: exit %d, %s", code, stderr.String())
 	}
 }
+
+// TestCheckSaysWhoOwnsTheTable: -check says whether the table will be
+// the daemon's (kernel.own_table) and what follows for other processes.
+func TestCheckSaysWhoOwnsTheTable(t *testing.T) {
+	for _, tc := range []struct{ kernel, want string }{
+		{"", "# table owned by the daemon (kernel.own_table: on"},
+		{"kernel:\n  own_table: off\n", "# table unowned (kernel.own_table: off): any process may change it; kernel.repair: on"},
+	} {
+		file := filepath.Join(t.TempDir(), "spliced.yaml")
+		if err := os.WriteFile(file, []byte(tc.kernel+"services:\n  - name: fwd\n    listen: 15001\n    ports: [\"5001\"]\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var stdout, stderr bytes.Buffer
+		if code := run([]string{"-config", file, "-socket", "off", "-check"}, &stdout, &stderr); code != 0 || !strings.Contains(stdout.String(), tc.want) {
+			t.Errorf("-check with %q: exit %d, %s%s; want a line %q", tc.kernel, code, stdout.String(), stderr.String(), tc.want)
+		}
+	}
+}

@@ -359,7 +359,7 @@ func TestLabIPv6Disabled(t *testing.T) {
 // the new divert chain again (see rules.Manager.UpdateServices).
 func TestLabTableEdited(t *testing.T) {
 	lab := testnet.NewT(t, testnet.Options{})
-	d := testnet.StartDaemon(t, lab, faultConfig("splice", ""))
+	d := testnet.StartDaemon(t, lab, faultConfig("splice", "  own_table: off\n")) // nft edits it
 	const flows = 24
 	failures := busyFlows(t, lab, d, "splice", flows, 8*time.Second, func() {
 		for i := range 5 {

@@ -114,6 +114,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 			spec.Divert.SkipMark = config.BPFMark // when the program attaches
 		}
 		fmt.Fprint(stdout, rules.Render(spec))
+		if spec.OwnTable {
+			fmt.Fprintf(stdout, "# table owned by the daemon (kernel.own_table: on; flags owner, persist, Linux 6.9 and later): no other process changes or deletes it, nft flush ruleset included\n")
+		} else {
+			fmt.Fprintf(stdout, "# table unowned (kernel.own_table: off): any process may change it; kernel.repair: %s\n", cfg.Kernel.Repair)
+		}
 		fmt.Fprintf(stdout, "# policy routing (IPv4 and IPv6):\n#   ip rule add fwmark 0x%x/0x%x lookup %d priority %d proto %d\n#   ip route add local default dev lo table %d proto %d\n",
 			spec.Mark, spec.Mark, spec.RouteTable, spec.RulePriority, rules.RouteProtocol, spec.RouteTable, rules.RouteProtocol)
 		fmt.Fprintf(stdout, "# datapath: %s\n", cfg.Kernel.Datapath)

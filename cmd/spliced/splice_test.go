@@ -59,6 +59,9 @@ type scenario struct {
 	timeout time.Duration
 	// resendRaw: kernel.resend: raw (taken-over payload in segments).
 	resendRaw bool
+	// unownedTable: kernel.own_table: off, for a test that changes the
+	// table with nft.
+	unownedTable bool
 }
 
 func scenarioConfig(sc *scenario, mode string) string {
@@ -72,11 +75,16 @@ func scenarioConfig(sc *scenario, mode string) string {
 	case "splice-bpf-stack":
 		kernel = "kernel:\n  datapath: bpf\n  bpf_forward: stack\n"
 	}
-	if sc.resendRaw {
+	if sc.resendRaw || sc.unownedTable {
 		if kernel == "" {
 			kernel = "kernel:\n"
 		}
-		kernel += "  resend: raw\n"
+		if sc.resendRaw {
+			kernel += "  resend: raw\n"
+		}
+		if sc.unownedTable {
+			kernel += "  own_table: off\n"
+		}
 	}
 	return fmt.Sprintf(`
 log:
@@ -604,7 +612,7 @@ func TestLabTableGap(t *testing.T) {
 		t.Run(up, func(t *testing.T) {
 			var ends []*testnet.NS
 			var before uint64
-			sc := &scenario{upstream: up, size: 64 << 20, spliceAt: 4 << 20, proof: true, resets: up == "nat",
+			sc := &scenario{upstream: up, size: 64 << 20, spliceAt: 4 << 20, proof: true, resets: up == "nat", unownedTable: true,
 				midway: func(t *testing.T, lab *testnet.Lab, d *testnet.Daemon) {
 					ends = []*testnet.NS{&lab.Client().NS, &lab.Server().NS}
 					var err error

@@ -202,9 +202,11 @@ func (o *owner) prepareTable(name string, own bool) (bool, error) {
 	switch err := o.batch(msgs); {
 	case err == nil:
 		return true, nil
-	case errors.Is(err, unix.EOPNOTSUPP):
+	case errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL):
 		// A kernel before 6.9 refuses the persist flag (the batch
-		// changed nothing).
+		// changed nothing): 5.12 to 6.8 with EOPNOTSUPP, one before
+		// 5.12 (no owner flag either) with EINVAL, as it refuses any
+		// flag but dormant.
 		o.unsupported = true
 		return false, nil
 	default:

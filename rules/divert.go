@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -536,14 +537,22 @@ func (d *Diverter) Add(q uint16, keys ...splice.Key) error {
 	d.pendingMu.Lock()
 	d.pending = append(d.pending, r)
 	d.pendingMu.Unlock()
-	c, unlock, err := d.lock()
-	if err != nil {
-		return err
-	}
-	defer unlock()
+	d.mu.Lock()
 	if r.done {
+		d.mu.Unlock()
 		return r.err
 	}
+	c, o, err := d.m.lockedConn()
+	if err != nil {
+		// r fails with this error: no later transaction may commit it
+		// (its caller goes on as if it never went in).
+		d.pendingMu.Lock()
+		d.pending = slices.DeleteFunc(d.pending, func(p *addRequest) bool { return p == r })
+		d.pendingMu.Unlock()
+		d.mu.Unlock()
+		return err
+	}
+	defer func() { o.mu.Unlock(); d.mu.Unlock() }()
 	d.pendingMu.Lock()
 	batch := d.pending
 	d.pending = nil

@@ -3,6 +3,7 @@ package rules
 import (
 	"errors"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 
@@ -131,5 +132,48 @@ func TestOwnedTableSwitch(t *testing.T) {
 	}
 	if out, err := ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(1, false)); err != nil || !strings.Contains(out, "10.1.0.2 . 40000") {
 		t.Errorf("unowned again: divert set %q (%v), want the entry given", out, err)
+	}
+}
+
+// TestDivertAddNoSocket: an add that fails because the Manager's socket
+// cannot be opened leaves nothing behind that a later add commits: its
+// caller was told it failed, and went on without its entries.
+func TestDivertAddNoSocket(t *testing.T) {
+	testnet.Privileged(t, "nft")
+	spec := sampleSpec(t)
+	spec.Divert.Enabled = true
+	ns := testnet.Scratch(t)
+	fd := ns.OpenT(t)
+	m := NewManager(spec, WithNetNS(fd))
+	t.Cleanup(func() { m.Close() })
+	if err := m.Install(nil); err != nil {
+		t.Fatal(err)
+	}
+	d, err := m.NewDiverter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	failed := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	later := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40001"), netip.MustParseAddrPort("10.2.0.2:80"))
+	// No socket: closed, and its namespace is not one.
+	notNS, err := os.Open(os.DevNull)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notNS.Close()
+	m.Close()
+	m.netns = int(notNS.Fd())
+	if err := d.Add(1, failed); err == nil {
+		t.Fatal("an add without a socket succeeded")
+	}
+	m.netns = fd
+	if err := d.Add(1, later); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := d.Has(1, later); err != nil || !ok {
+		t.Errorf("the later add: in the set %v (%v), want it there", ok, err)
+	}
+	if ok, err := d.Has(1, failed); err != nil || ok {
+		t.Errorf("the failed add: in the set %v (%v), want it not committed by the later one", ok, err)
 	}
 }

@@ -359,6 +359,9 @@ func (g *Gateway) leave() {
 	}
 	g.log.Info("leaving spliced flows to the bpf datapath", "flows", kept, "pins", g.kpath.dp.PinDir())
 	g.stopSplicing() // removePins is false: the pins and links stay
+	// The table stays, orphaned, for the next daemon to adopt: it may
+	// start as soon as Run returns.
+	g.manager().Close()
 }
 
 // leaveTransitionWait bounds how long leave waits for transitions under
@@ -501,8 +504,10 @@ func (g *Gateway) shutdown() error {
 		resetLive()
 	}
 	g.stopSplicing()
-	g.manager().Close()
 	g.workers.Close()
+	// Last: a transition worker's late divert delete would open the
+	// socket again.
+	g.manager().Close()
 	if g.restoreSysctls != nil {
 		g.restoreSysctls()
 	}

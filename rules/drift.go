@@ -56,8 +56,8 @@ func canonicalQueues(listing string) string {
 // StripRuntime removes from an nft listing of our table what comes and
 // goes with the daemon rather than with its configuration: the
 // "elements = { ... }" block of every divert set (spliced flows), and the
-// marks of an owned table (see owner): the owner's program name after the
-// table's brace, and its flags line ("flags owner" or "flags
+// marks of a table its daemon owns (see owner): the owner's program name
+// after the table's brace, and its flags line ("flags owner" or "flags
 // owner,persist", as the nft version knows them) with the empty line
 // after it.
 func StripRuntime(listing string) string {
@@ -95,8 +95,11 @@ func StripRuntime(listing string) string {
 	return strings.Join(out, "\n")
 }
 
-// ownerFlags is a table's flags line with ownership flags only.
-var ownerFlags = regexp.MustCompile(`^\tflags (?:owner|persist)(?:,(?:owner|persist))?$`)
+// ownerFlags is the flags line of a table owned by its daemon. An
+// orphaned table's ("flags persist", or a bare "flags " from an nft that
+// does not know the flag) stays: that is drift, which the repair ends by
+// adopting the table.
+var ownerFlags = regexp.MustCompile(`^\tflags owner(?:,persist)?$`)
 
 // Drift compares the kernel's table with the expected one and returns a
 // unified diff (empty when they agree).

@@ -172,6 +172,10 @@ func (m *Manager) Repair(divert map[uint16][]splice.Key) error {
 	if ok, err := tableExists(c, spec.Table); err != nil || !ok {
 		return m.installLocked(c, o, divert)
 	}
+	// A table left orphaned (the socket was discarded) is adopted again.
+	if _, err := o.prepareTable(spec.Table, spec.OwnTable); err != nil {
+		return err
+	}
 	if err := queueInPlace(c, &spec, divert); err != nil {
 		if err := o.discard(m.netns); err != nil {
 			return err

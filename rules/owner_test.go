@@ -16,9 +16,9 @@ import (
 // its divert entries; its `nft delete table`, an added rule and an
 // element deleted are refused; another Manager (a second daemon) cannot
 // install it, and a clean-up names the owner. When the owner's socket
-// closes (a daemon killed) the table stays with its entries, and the next
-// Manager adopts it: then it is protected again, and its Remove deletes
-// it.
+// closes (a daemon killed) the table stays with its entries, the drift
+// check reports it, and a repair or the next Manager's install adopts
+// it: then it is protected again, and its Remove deletes it.
 func TestOwnedTable(t *testing.T) {
 	testnet.Privileged(t, "nft")
 	spec := sampleSpec(t)
@@ -79,10 +79,33 @@ func TestOwnedTable(t *testing.T) {
 	if err != nil || !strings.Contains(out, element) {
 		t.Fatalf("orphaned table: divert set %q (%v), want the element kept", out, err)
 	}
+	// An orphaned table is drift (nobody protects it), which a repair
+	// ends by adopting it.
+	drift := func() string {
+		t.Helper()
+		listed, err := ns.Run("nft", "list", "table", "inet", spec.Table)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return UnifiedDiff("expected", "kernel", Listing(second.Spec()), canonicalQueues(StripRuntime(listed)))
+	}
+	if diff := drift(); !strings.Contains(diff, "+\tflags") {
+		t.Errorf("orphaned table: drift %q; want its flags line", diff)
+	}
+	if err := second.Repair(map[uint16][]splice.Key{1: {k}}); err != nil {
+		t.Fatalf("repairing (adopting) the orphaned table: %v", err)
+	}
+	if diff := drift(); diff != "" {
+		t.Errorf("adopted table: drift %q; want none", diff)
+	}
+	protected("adopted by a repair")
+	if err := second.Close(); err != nil {
+		t.Fatal(err)
+	}
 	if err := second.Install(map[uint16][]splice.Key{1: {k}}); err != nil {
 		t.Fatalf("adopting the orphaned table: %v", err)
 	}
-	protected("adopted")
+	protected("adopted by an install")
 	if err := second.Remove(); err != nil {
 		t.Fatal(err)
 	}

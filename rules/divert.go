@@ -648,14 +648,10 @@ func (d *Diverter) DeleteMany(byQueue map[uint16][]splice.Key) error {
 	}
 	for q, keys := range byQueue {
 		v4, v6 := d.elements(keys, d.timeout)
-		if len(v4) > 0 {
-			c.SetDeleteElements(divertSet(d.table, q, false, d.timeout), v4)
-			c.SetDeleteElements(divertAnySet(d.table, false, d.timeout), v4)
-		}
-		if len(v6) > 0 {
-			c.SetDeleteElements(divertSet(d.table, q, true, d.timeout), v6)
-			c.SetDeleteElements(divertAnySet(d.table, true, d.timeout), v6)
-		}
+		deleteChunked(c, divertSet(d.table, q, false, d.timeout), v4)
+		deleteChunked(c, divertAnySet(d.table, false, d.timeout), v4)
+		deleteChunked(c, divertSet(d.table, q, true, d.timeout), v6)
+		deleteChunked(c, divertAnySet(d.table, true, d.timeout), v6)
 	}
 	err = c.Flush()
 	unlock()
@@ -671,6 +667,19 @@ func (d *Diverter) DeleteMany(byQueue map[uint16][]splice.Key) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// deleteChunked adds the deletion of els from set to a batch, one
+// message per elementChunk of them (see addSetWith): the flows a busy
+// router retires at once can be thousands, and a longer list's length
+// wrapped, so the transaction failed and their entries stayed, diverting
+// a later connection on one of their tuples to a queue that drops it.
+func deleteChunked(c *nftables.Conn, set *nftables.Set, els []nftables.SetElement) {
+	for len(els) > 0 {
+		chunk := els[:min(len(els), elementChunk)]
+		els = els[len(chunk):]
+		c.SetDeleteElements(set, chunk)
+	}
 }
 
 // refreshChunk is how many tuples one refresh transaction carries: each

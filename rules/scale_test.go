@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"spliced/config"
 	"spliced/splice"
@@ -52,6 +53,29 @@ func TestInstallAtScale(t *testing.T) {
 			}
 			if want := len(divert[c.queues-1]); want > 0 && countElements(out) != want {
 				t.Errorf("set of the last queue holds %d elements, want %d", countElements(out), want)
+			}
+			if c.flows == 0 {
+				return
+			}
+			// The flows end together (one DeleteMany, as the
+			// retirement of a busy router's ended flows).
+			d, err := m.NewDiverter()
+			if err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			if err := d.DeleteMany(divert); err != nil {
+				t.Fatalf("delete every flow's entries at once: %v", err)
+			}
+			t.Logf("%d flows' entries deleted in %v", c.flows, time.Since(start).Round(time.Millisecond))
+			for _, set := range []string{DivertSetName(c.queues-1, false), DivertAnySetName(false)} {
+				out, err := ns.Run("nft", "list", "set", "inet", spec.Table, set)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if n := countElements(out); n != 0 {
+					t.Errorf("set %s holds %d elements after the flows ended, want none", set, n)
+				}
 			}
 		})
 	}

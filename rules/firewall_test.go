@@ -1,0 +1,114 @@
+package rules
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+
+	"spliced/testnet"
+)
+
+// TestUntrackedDrops: the forward chains that would drop spliced flows'
+// (untracked) packets are found in the rulesets routers use, and those
+// that let them through are not.
+func TestUntrackedDrops(t *testing.T) {
+	testnet.Privileged(t, "nft")
+	for _, tc := range []struct {
+		name    string
+		ruleset string
+		want    []string
+	}{
+		{"stateful forward", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state established,related accept
+				ct state invalid drop
+				iifname "lan0" accept
+			}
+		}`, []string{"table inet filter chain forward"}},
+		{"untracked accepted", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state established,related accept
+				ct state untracked accept
+			}
+		}`, nil},
+		{"untracked in the same set", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state established,related,untracked counter accept
+			}
+		}`, nil},
+		{"verdict map without untracked", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state vmap { established : accept, related : accept, invalid : drop }
+			}
+		}`, []string{"table inet filter chain forward"}},
+		{"verdict map with untracked", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state vmap { established : accept, related : accept, untracked : accept, invalid : drop }
+			}
+		}`, nil},
+		{"in a chain jumped to", `table inet filter {
+			chain states {
+				ct state untracked accept
+			}
+			chain forward { type filter hook forward priority 0; policy drop;
+				jump states
+			}
+		}`, nil},
+		{"policy accept", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy accept;
+				ct state invalid drop
+			}
+		}`, nil},
+		{"untracked dropped, ip and ip6 tables", `table ip fw4 {
+			chain fw_forward { type filter hook forward priority 0; policy drop;
+				ct state untracked drop
+				ct state established accept
+			}
+		}
+			table ip6 fw6 {
+			chain fw_forward { type filter hook forward priority 0; policy drop;
+			}
+		}
+			table inet in { chain input { type filter hook input priority 0; policy drop;
+			}
+		}`,
+			[]string{"table ip fw4 chain fw_forward", "table ip6 fw6 chain fw_forward"}},
+		{"our own table", `table inet spl_rt {
+			chain forward { type filter hook forward priority 0; policy drop;
+			}
+		}`, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ns := testnet.Scratch(t)
+			file := filepath.Join(t.TempDir(), "ruleset.nft")
+			if err := os.WriteFile(file, []byte(tc.ruleset+"\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if out, err := ns.Run("nft", "-f", file); err != nil {
+				t.Fatalf("nft: %v: %s", err, out)
+			}
+			m := NewManager(sampleSpec(t), WithNetNS(ns.OpenT(t)))
+			drops, err := m.UntrackedDrops()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, d := range drops {
+				got = append(got, d.String())
+			}
+			slices.Sort(got)
+			if !slices.Equal(got, tc.want) {
+				t.Errorf("found %q, want %q", got, tc.want)
+			}
+			for _, d := range drops {
+				if _, err := ns.Run("sh", "-c", d.Fix()); err != nil {
+					t.Errorf("the fix %q: %v", d.Fix(), err)
+				}
+			}
+			if drops, err := m.UntrackedDrops(); err != nil || len(drops) > 0 {
+				t.Errorf("after the fixes: %v, %v; want none", drops, err)
+			}
+		})
+	}
+}

@@ -38,6 +38,9 @@ type Status struct {
 	// Reloads and drift repairs since the start.
 	Reloads int `json:"reloads"`
 	Repairs int `json:"repairs"`
+	// Warnings are problems for the operator to fix, such as a
+	// firewall chain that drops spliced flows' packets.
+	Warnings []string `json:"warnings,omitempty"`
 }
 
 // Engine is one way of moving a flow's bytes.

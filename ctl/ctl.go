@@ -179,7 +179,11 @@ func (c *cli) status(ctx context.Context, args []string) error {
 	fmt.Fprintf(c.out, "config %s; table %s; services %s\n", st.ConfigFile, st.Table, strings.Join(st.Services, ", "))
 	fmt.Fprintf(c.out, "flows: %d proxied, %d splicing, %d spliced, %d closing\n",
 		st.Flows[api.StateProxied], st.Flows[api.StateSplicing], st.Flows[api.StateSpliced], st.Flows[api.StateClosing])
-	fmt.Fprintf(c.out, "reloads %d, ruleset repairs %d\n\n", st.Reloads, st.Repairs)
+	fmt.Fprintf(c.out, "reloads %d, ruleset repairs %d\n", st.Reloads, st.Repairs)
+	for _, w := range st.Warnings {
+		fmt.Fprintf(c.out, "WARNING: %s\n", w)
+	}
+	fmt.Fprintln(c.out)
 	w := c.table()
 	fmt.Fprintln(w, "ENGINE\tBYTES C->S\tBYTES S->C\tPACKETS C->S\tPACKETS S->C\tSPLICES\tABORTS\tSPLICE p50/p99")
 	for _, e := range st.Engines {

@@ -203,6 +203,7 @@ func (g *Gateway) Status() api.Status {
 		ConfigFile: cfg.File, Table: "inet " + cfg.Kernel.Table,
 		Flows:   map[string]int{api.StateProxied: 0, api.StateSplicing: 0, api.StateSpliced: 0, api.StateClosing: 0},
 		Reloads: int(g.reloads.Load()), Repairs: int(g.repairs.Load()),
+		Warnings: g.statusWarnings(),
 	}
 	for _, s := range cfg.Services {
 		st.Services = append(st.Services, s.Name)

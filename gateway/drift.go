@@ -38,6 +38,7 @@ func (g *Gateway) watchRuleset(ctx context.Context) {
 	if err := watchRouting(ctx, poke); err != nil {
 		g.log.Warn("cannot watch the policy routing; checking it every few seconds only", logging.Err(err))
 	}
+	go g.watchFirewall(ctx)
 	tick := time.NewTicker(repairCheckEvery)
 	defer tick.Stop()
 	for {
@@ -130,8 +131,15 @@ func (g *Gateway) followEvents(ctx context.Context, events <-chan *nftables.Moni
 			if ev.Error != nil {
 				return ev.Error
 			}
-			if g.concernsUs(ev) {
+			switch {
+			case g.concernsUs(ev):
 				poke()
+			case isRulesetChange(ev):
+				// Another table's: maybe the firewall check's.
+				select {
+				case g.firewallPoke <- struct{}{}:
+				default:
+				}
 			}
 		}
 	}
@@ -158,10 +166,53 @@ func (g *Gateway) concernsUs(ev *nftables.MonitorEvent) bool {
 	return t != nil && t.Name == name && t.Family == nftables.TableFamilyINet
 }
 
+// isRulesetChange reports whether a monitor event changed a table, a
+// chain or a rule (not a set's elements).
+func isRulesetChange(ev *nftables.MonitorEvent) bool {
+	switch ev.Data.(type) {
+	case *nftables.Table, *nftables.Chain, *nftables.Rule:
+		return true
+	}
+	return false
+}
+
+// watchFirewall runs the firewall check (checkFirewall) when another
+// table changes, so that an operator's fix, or a reload of the router's
+// ruleset that drops spliced flows, is noticed at once; at most once a
+// second, as a busy ruleset (a container runtime's) may change often.
+func (g *Gateway) watchFirewall(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-g.firewallPoke:
+		}
+		// Let a burst of changes (an nft -f) finish first.
+		select {
+		case <-time.After(100 * time.Millisecond):
+		case <-ctx.Done():
+			return
+		}
+		select {
+		case <-g.firewallPoke:
+		default:
+		}
+		g.rulesMu.Lock()
+		g.checkFirewall()
+		g.rulesMu.Unlock()
+		select {
+		case <-time.After(time.Second):
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
 // repairDrift reinstalls the table if it differs from what it should be.
 func (g *Gateway) repairDrift(ctx context.Context) {
 	g.rulesMu.Lock()
 	defer g.rulesMu.Unlock()
+	g.checkFirewall()
 	m := g.manager()
 	_, diff, err := m.Drift(ctx)
 	if err != nil {

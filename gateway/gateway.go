@@ -123,6 +123,13 @@ type Gateway struct {
 	transitionsRunning atomic.Int32
 	events             events
 	lastDrift          string // the drift last reported with kernel.repair off
+	// firewallDrops: the forward chains checkFirewall last found
+	// dropping spliced flows (under rulesMu); firewallWarnings: the
+	// same for the status.
+	firewallDrops    []string
+	firewallUnread   bool // the last check could not read the ruleset
+	firewallWarnings atomic.Pointer[[]string]
+	firewallPoke     chan struct{} // another table changed (see watchFirewall)
 
 	spliceLatency            latencies
 	phases                   [numSteps]latencies // see phase
@@ -180,16 +187,17 @@ type snapshot struct {
 // New returns a gateway for cfg. It touches nothing until Run.
 func New(cfg *config.Config, log *slog.Logger) *Gateway {
 	g := &Gateway{
-		log:         log,
-		flows:       proxy.NewFlowTable(cfg.Limits.MaxFlows),
-		services:    map[string]*service{},
-		spliced:     map[uint64]*splicedFlow{},
-		jumped:      map[[2]netip.AddrPort]time.Time{},
-		passthrough: map[uint64]*transition{},
-		retiring:    map[uint64]chan struct{}{},
-		stallLog:    logging.NewLimiter(time.Second),
-		divertLog:   logging.NewLimiter(time.Minute),
-		workers:     workpool.New(transitionWorkerIdle, transitionWorkersIdleMax),
+		log:          log,
+		flows:        proxy.NewFlowTable(cfg.Limits.MaxFlows),
+		services:     map[string]*service{},
+		spliced:      map[uint64]*splicedFlow{},
+		jumped:       map[[2]netip.AddrPort]time.Time{},
+		passthrough:  map[uint64]*transition{},
+		retiring:     map[uint64]chan struct{}{},
+		stallLog:     logging.NewLimiter(time.Second),
+		firewallPoke: make(chan struct{}, 1),
+		divertLog:    logging.NewLimiter(time.Minute),
+		workers:      workpool.New(transitionWorkerIdle, transitionWorkersIdleMax),
 	}
 	g.snap.Store(&snapshot{cfg: cfg, rules: rules.NewManager(rules.FromConfig(cfg))})
 	return g
@@ -265,6 +273,7 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 		return err
 	}
 	g.activateStored()
+	g.checkFirewall()
 	g.running = true
 	g.rulesMu.Unlock()
 	stop := func() error {

@@ -121,6 +121,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		fmt.Fprintf(stdout, "# policy routing (IPv4 and IPv6):\n#   ip rule add fwmark 0x%x/0x%x lookup %d priority %d proto %d\n#   ip route add local default dev lo table %d proto %d\n",
 			spec.Mark, spec.Mark, spec.RouteTable, spec.RulePriority, rules.RouteProtocol, spec.RouteTable, rules.RouteProtocol)
+		if spec.Divert.Enabled && (cfg.Kernel.Datapath != config.DatapathBPF || cfg.Kernel.BPFForward != config.BPFForwardRedirect) {
+			checkFirewall(stdout, spec)
+		}
 		fmt.Fprintf(stdout, "# datapath: %s\n", cfg.Kernel.Datapath)
 		if cfg.Kernel.Datapath != config.DatapathNFQueue {
 			ifaces, err := gateway.Interfaces(cfg)
@@ -237,4 +240,21 @@ func hashPasswordFrom(in io.Reader, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintln(stdout, h)
 	return 0
+}
+
+// checkFirewall prints, for -check, the forward chains of other tables
+// that would drop spliced flows' packets (see rules.UntrackedDrops).
+func checkFirewall(stdout io.Writer, spec rules.Spec) {
+	m := rules.NewManager(spec)
+	defer m.Close()
+	drops, err := m.UntrackedDrops()
+	switch {
+	case err != nil:
+		fmt.Fprintf(stdout, "# firewall: not checked (%v)\n", err)
+	case len(drops) == 0:
+		fmt.Fprintf(stdout, "# firewall: no forward chain of another table drops spliced flows' packets (untracked once spliced)\n")
+	}
+	for _, d := range drops {
+		fmt.Fprintf(stdout, "# firewall: %s drops spliced flows' packets (untracked once spliced), so they would stall after their splice; fix: %s\n", d, d.Fix())
+	}
 }

@@ -53,7 +53,7 @@ func TestLabNFQueueRestartKeepsFlows(t *testing.T) {
 	store := filepath.Join(root, "spliced-nfqueue", "spliced")
 	cfg := pinnedRestartConfig(t, "nfqueue", root)
 	old := testnet.StartDaemon(t, lab, cfg)
-	// About 30 s a flow, as in TestLabBPFRestartKeepsFlows, at 32 KiB/s
+	// restartFlowSeconds a flow, as in TestLabBPFRestartKeepsFlows, at 32 KiB/s
 	// each way (SPLICED_RESTART_RATE sets it, in KiB/s): every packet
 	// crosses to the daemon and back.
 	rate := int64(32 << 10)

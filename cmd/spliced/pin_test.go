@@ -155,7 +155,7 @@ func TestLabBPFRestartKeepsFlows(t *testing.T) {
 	dir := bpf.PinDir(root, "spliced")
 	cfg := pinnedRestartConfig(t, "bpf", root)
 	old := testnet.StartDaemon(t, lab, cfg)
-	// Every flow moves about 30 s at its pace, whatever their number:
+	// Every flow moves restartFlowSeconds at its pace, whatever their number:
 	// long enough to be spliced, seen moving, killed under and adopted.
 	// The aggregate stays at or below about 120 MiB/s each way (20
 	// flows: 3 MiB/s each, 1000 flows: 128 KiB/s each).

@@ -127,7 +127,7 @@ type restartFlows struct {
 	mux     *testnet.Mux
 	flows   int
 	rate    int64 // bytes per second each way
-	size    int64 // bytes each way: about 30 s at rate
+	size    int64 // bytes each way: restartFlowSeconds at rate
 	started time.Time
 	results []*testnet.Transfer
 	wg      sync.WaitGroup
@@ -135,6 +135,13 @@ type restartFlows struct {
 	mu     sync.Mutex
 	failed []string // transfers that ended with an error, while waiting
 }
+
+// restartFlowSeconds is how long each restart flow moves: long enough to
+// be spliced (1000 flows in 2.6-3.4 s here), seen moving, killed under
+// (2 s later) and adopted by a new daemon, with room for a slower
+// machine. 30 s before: the two 1000-flow restart tests took 38-40 s
+// each of the lab's 14 minutes.
+const restartFlowSeconds = 20
 
 // pinnedRestartConfig is pinConfig for the datapath with 30 s drains: 1000
 // splices at once, on a machine that may run other labs, need more than
@@ -180,7 +187,7 @@ func startRestartFlows(t *testing.T, lab *testnet.Lab, rate func(flows int) int6
 		}
 	}
 	r.rate = rate(r.flows)
-	r.size = 30 * r.rate
+	r.size = restartFlowSeconds * r.rate
 	r.started = time.Now()
 	r.results = make([]*testnet.Transfer, r.flows)
 	for i := range r.flows {

@@ -35,7 +35,7 @@ func (g *Gateway) checkFirewall() {
 	for _, d := range drops {
 		now = append(now, d.String())
 		if !slices.Contains(g.firewallDrops, d.String()) {
-			g.log.Warn("a forward chain of another table drops spliced flows' packets: once spliced, a flow's packets are untracked, and this chain, whose policy is drop, accepts none; such flows stall right after their splice. Add the rule below (before the chain's drops), or turn splicing off",
+			g.log.Warn("a forward chain of another table drops spliced flows' packets: once spliced, a flow's packets are untracked, and this chain accepts none of them before its drop (its policy, or a drop or reject rule); such flows stall right after their splice. Add the rule below (before the chain's drops), or turn splicing off",
 				"chain", d.String(), "fix", d.Fix())
 		}
 	}

@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"bytes"
 	"encoding/binary"
 	"fmt"
 
@@ -40,11 +41,17 @@ func (u UntrackedDrop) Fix() string {
 const ctStateUntracked = 1 << 6
 
 // UntrackedDrops lists the base chains at the forward hook of the tables
-// other than ours (families inet, ip and ip6) whose policy is drop and
-// that accept no untracked packet: no rule, in them or in a chain they
-// jump to, accepts on a "ct state" that includes untracked (a plain
-// match or a verdict map). A rule that accepts untracked packets under
-// further conditions counts as accepting them.
+// other than ours (families inet, ip and ip6) that drop untracked
+// packets: an untracked packet that the chain's rules, and those of the
+// chains they jump or go to (verdict maps included), hand to no accept
+// that depends on its "ct state" reaches a drop or reject that no
+// condition guards, or the chain's end when its policy is drop. The rules
+// are followed with the packet's state known (untracked) and all else
+// unknown: a rule that accepts untracked packets under further
+// conditions counts as accepting them, one that drops them under further
+// conditions as not dropping them, and an accept under other conditions
+// only (such as "iifname lan0 accept", which passes one direction of a
+// flow) as none.
 func (m *Manager) UntrackedDrops() ([]UntrackedDrop, error) {
 	c, err := m.nft()
 	if err != nil {
@@ -57,18 +64,19 @@ func (m *Manager) UntrackedDrops() ([]UntrackedDrop, error) {
 	var out []UntrackedDrop
 	for _, ch := range chains {
 		t := ch.Table
-		if t == nil || ch.Hooknum == nil || *ch.Hooknum != *nftables.ChainHookForward || ch.Policy == nil || *ch.Policy != nftables.ChainPolicyDrop {
+		if t == nil || ch.Hooknum == nil || *ch.Hooknum != *nftables.ChainHookForward {
 			continue
 		}
 		fam, ok := familyNames[t.Family]
 		if !ok || (t.Family == nftables.TableFamilyINet && t.Name == m.spec.Table) {
 			continue
 		}
-		accepts, err := acceptsUntracked(c, t, ch.Name, map[string]bool{})
+		w := &untrackedWalk{c: c, t: t, seen: map[walkStep]bool{}, sets: map[string]setContents{}}
+		o, err := w.chain(ch.Name, untrackedPath{})
 		if err != nil {
 			return nil, err
 		}
-		if !accepts {
+		if o == dropsUntracked || (o == passesOn && ch.Policy != nil && *ch.Policy == nftables.ChainPolicyDrop) {
 			out = append(out, UntrackedDrop{Family: fam, Table: t.Name, Chain: ch.Name})
 		}
 	}
@@ -83,96 +91,290 @@ var familyNames = map[nftables.TableFamily]string{
 	nftables.TableFamilyIPv6: "ip6",
 }
 
-// acceptsUntracked reports whether chain of t, or a chain it jumps or
-// goes to, has a rule that accepts untracked packets.
-func acceptsUntracked(c *nftables.Conn, t *nftables.Table, chain string, seen map[string]bool) (bool, error) {
-	if seen[chain] {
-		return false, nil
+// outcome is what a chain does with an untracked packet.
+type outcome int
+
+const (
+	passesOn         outcome = iota // no verdict: the chain returns, or the policy applies
+	acceptsUntracked                // accepted (maybe under further conditions)
+	dropsUntracked                  // dropped or rejected whatever else the packet is
+)
+
+// untrackedPath is how an untracked packet reached a rule or chain: byState,
+// through a match on its ct state that it passes; conditional, through
+// matches it may fail (anything else).
+type untrackedPath struct{ byState, conditional bool }
+
+type walkStep struct {
+	chain string
+	path  untrackedPath
+}
+
+type setContents struct {
+	set *nftables.Set
+	els []nftables.SetElement
+}
+
+// untrackedWalk follows an untracked packet through the chains of a table.
+type untrackedWalk struct {
+	c    *nftables.Conn
+	t    *nftables.Table
+	seen map[walkStep]bool // a chain visited again on the same path passes the packet on, as it did
+	sets map[string]setContents
+}
+
+// chain follows the packet through the rules of chain.
+func (w *untrackedWalk) chain(chain string, p untrackedPath) (outcome, error) {
+	step := walkStep{chain, p}
+	if w.seen[step] {
+		return passesOn, nil
 	}
-	seen[chain] = true
-	rules, err := c.GetRules(t, &nftables.Chain{Name: chain, Table: t})
+	w.seen[step] = true
+	rules, err := w.c.GetRules(w.t, &nftables.Chain{Name: chain, Table: w.t})
 	if err != nil {
-		return false, fmt.Errorf("list the rules of chain %s: %w", chain, err)
+		return passesOn, fmt.Errorf("list the rules of chain %s: %w", chain, err)
 	}
 	for _, r := range rules {
-		ok, err := ruleAcceptsUntracked(c, t, r.Exprs)
-		if err != nil || ok {
-			return ok, err
+		ev, err := w.rule(r.Exprs)
+		if err != nil {
+			return passesOn, err
 		}
-		for _, e := range r.Exprs {
-			if v, isVerdict := e.(*expr.Verdict); isVerdict && (v.Kind == expr.VerdictJump || v.Kind == expr.VerdictGoto) {
-				if ok, err := acceptsUntracked(c, t, v.Chain, seen); err != nil || ok {
-					return ok, err
-				}
+		if ev.never {
+			continue
+		}
+		q := untrackedPath{p.byState || ev.byState, p.conditional || ev.conditional}
+		if ev.verdict != nil {
+			o, end, err := w.verdict(*ev.verdict, q)
+			if err != nil || o != passesOn || end {
+				return o, err
+			}
+		}
+		for _, v := range ev.maybe {
+			o, _, err := w.verdict(v, untrackedPath{q.byState, true})
+			if err != nil || o != passesOn {
+				return o, err
 			}
 		}
 	}
-	return false, nil
+	return passesOn, nil
 }
 
-// ruleAcceptsUntracked reports whether a rule's expressions load the ct
-// state and then accept with the untracked bit in the state's mask
-// ("ct state untracked accept", "ct state established,untracked
-// accept"), or look it up in a verdict map that maps a state with the bit
-// to accept ("ct state vmap { untracked : accept, ... }").
-func ruleAcceptsUntracked(c *nftables.Conn, t *nftables.Table, exprs []expr.Any) (bool, error) {
-	loaded, masked := false, false
+// verdict applies a rule's verdict to the packet that reached it on path
+// p; end reports that the chain ends there.
+func (w *untrackedWalk) verdict(v expr.Verdict, p untrackedPath) (o outcome, end bool, err error) {
+	switch v.Kind {
+	case expr.VerdictAccept:
+		if p.byState || !p.conditional {
+			return acceptsUntracked, true, nil
+		}
+	case expr.VerdictDrop:
+		if !p.conditional {
+			return dropsUntracked, true, nil
+		}
+	case expr.VerdictJump, expr.VerdictGoto:
+		o, err := w.chain(v.Chain, p)
+		if err != nil || o != passesOn {
+			return o, true, err
+		}
+		return passesOn, v.Kind == expr.VerdictGoto && !p.conditional, nil
+	case expr.VerdictReturn:
+		return passesOn, !p.conditional, nil
+	}
+	return passesOn, false, nil
+}
+
+// ruleEval is what a rule does with an untracked packet.
+type ruleEval struct {
+	never                bool // the packet fails a ct state match
+	byState, conditional bool // see untrackedPath
+	verdict              *expr.Verdict
+	maybe                []expr.Verdict // a verdict map's, on a key other than the state
+}
+
+// rule evaluates a rule's expressions for an untracked packet: the
+// registers loaded with its ct state (and computed from it) are known,
+// the rest not.
+func (w *untrackedWalk) rule(exprs []expr.Any) (ruleEval, error) {
+	var ev ruleEval
+	known := map[uint32][]byte{}
+	unknown := func() {
+		clear(known) // registers overlap (4 of 16 bytes, 16 of 4): forget them all
+		ev.conditional = true
+	}
+	match := func(ok bool) {
+		if ok {
+			ev.byState = true
+		} else {
+			ev.never = true
+		}
+	}
 	for _, e := range exprs {
+		if ev.never {
+			break
+		}
 		switch e := e.(type) {
 		case *expr.Ct:
-			loaded = e.Key == expr.CtKeySTATE && !e.SourceRegister
-		case *expr.Bitwise:
-			masked = loaded && len(e.Mask) >= 1 && stateBits(e.Mask)&ctStateUntracked != 0
-		case *expr.Lookup:
-			if !loaded || !e.IsDestRegSet {
+			if e.SourceRegister { // ct set
 				continue
 			}
-			set, err := c.GetSetByName(t, e.SetName)
-			if err != nil {
-				return false, fmt.Errorf("get verdict map %s: %w", e.SetName, err)
+			clear(known)
+			if e.Key == expr.CtKeySTATE {
+				known[e.Register] = binary.NativeEndian.AppendUint32(nil, ctStateUntracked)
 			}
-			els, err := c.GetSetElements(set)
-			if err != nil {
-				return false, fmt.Errorf("list verdict map %s: %w", e.SetName, err)
+		case *expr.Meta:
+			if !e.SourceRegister { // a load; meta set is an effect
+				clear(known)
 			}
-			for _, el := range els {
-				if len(el.Key) >= 1 && stateBits(el.Key)&ctStateUntracked != 0 && acceptVerdict(el) {
-					return true, nil
-				}
+		case *expr.Immediate:
+			clear(known)
+		case *expr.Bitwise:
+			v, ok := known[e.SourceRegister]
+			if !ok || len(e.Mask) != len(e.Xor) || len(e.Mask) == 0 || len(e.Mask) > len(v) {
+				unknown()
+				continue
+			}
+			r := make([]byte, len(e.Mask))
+			for i := range r {
+				r[i] = v[i]&e.Mask[i] ^ e.Xor[i]
+			}
+			clear(known)
+			known[e.DestRegister] = r
+		case *expr.Cmp:
+			v, ok := known[e.Register]
+			if !ok || len(e.Data) == 0 || len(e.Data) > len(v) {
+				unknown()
+				continue
+			}
+			match(compare(e.Op, bytes.Compare(v[:len(e.Data)], e.Data)))
+		case *expr.Lookup:
+			if err := w.lookup(e, known, &ev); err != nil {
+				return ev, err
+			}
+			if e.IsDestRegSet && e.DestRegister != 0 {
+				clear(known) // a data map's value
 			}
 		case *expr.Verdict:
-			if masked && e.Kind == expr.VerdictAccept {
-				return true, nil
+			ev.verdict = &expr.Verdict{Kind: e.Kind, Chain: e.Chain}
+		case *expr.Reject:
+			ev.verdict = &expr.Verdict{Kind: expr.VerdictDrop}
+		case *expr.Target:
+			if e.Name == "REJECT" { // iptables-nft's -j REJECT
+				ev.verdict = &expr.Verdict{Kind: expr.VerdictDrop}
 			}
+		case *expr.Counter, *expr.Log, *expr.Notrack:
+		default:
+			unknown()
 		}
 	}
-	return false, nil
+	return ev, nil
 }
 
-// acceptVerdict reports whether a verdict map's element maps to accept.
-// The library decodes the verdict only for some maps; otherwise it is in
-// Val, as the kernel sends it: a nested NFTA_VERDICT_CODE (big endian).
-func acceptVerdict(el nftables.SetElement) bool {
-	if el.VerdictData != nil {
-		return el.VerdictData.Kind == expr.VerdictAccept
+// lookup evaluates a set lookup or a map's.
+func (w *untrackedWalk) lookup(e *expr.Lookup, known map[uint32][]byte, ev *ruleEval) error {
+	v, isKnown := known[e.SourceRegister]
+	vmap := e.IsDestRegSet && e.DestRegister == 0
+	if !isKnown && !vmap {
+		ev.conditional = true
+		return nil
 	}
-	ad, err := netlink.NewAttributeDecoder(el.Val)
+	s, err := w.set(e.SetName)
 	if err != nil {
-		return false
+		return err
 	}
-	ad.ByteOrder = binary.BigEndian
-	for ad.Next() {
-		if ad.Type() == unix.NFTA_VERDICT_CODE {
-			return int32(ad.Uint32()) == int32(expr.VerdictAccept)
+	if !isKnown || s.set.Interval {
+		ev.conditional = true
+		if vmap {
+			for _, el := range s.els {
+				if d, ok := elementVerdict(el); ok {
+					ev.maybe = append(ev.maybe, d)
+				}
+			}
 		}
+		return nil
+	}
+	for _, el := range s.els {
+		if !bytes.Equal(el.Key, v) {
+			continue
+		}
+		if e.Invert {
+			ev.never = true
+			return nil
+		}
+		ev.byState = true
+		if vmap {
+			if d, ok := elementVerdict(el); ok {
+				ev.verdict = &d
+			}
+		}
+		return nil
+	}
+	if e.Invert {
+		ev.byState = true
+	} else {
+		ev.never = true
+	}
+	return nil
+}
+
+// set reads a set and its elements once per walk.
+func (w *untrackedWalk) set(name string) (setContents, error) {
+	if s, ok := w.sets[name]; ok {
+		return s, nil
+	}
+	set, err := w.c.GetSetByName(w.t, name)
+	if err != nil {
+		return setContents{}, fmt.Errorf("get set %s: %w", name, err)
+	}
+	els, err := w.c.GetSetElements(set)
+	if err != nil {
+		return setContents{}, fmt.Errorf("list set %s: %w", name, err)
+	}
+	s := setContents{set, els}
+	w.sets[name] = s
+	return s, nil
+}
+
+// compare applies a cmp expression's operator to a bytes.Compare result,
+// as the kernel does (memcmp).
+func compare(op expr.CmpOp, d int) bool {
+	switch op {
+	case expr.CmpOpEq:
+		return d == 0
+	case expr.CmpOpNeq:
+		return d != 0
+	case expr.CmpOpLt:
+		return d < 0
+	case expr.CmpOpLte:
+		return d <= 0
+	case expr.CmpOpGt:
+		return d > 0
+	case expr.CmpOpGte:
+		return d >= 0
 	}
 	return false
 }
 
-// stateBits reads a ct state bitmask as the kernel stores it (host order,
-// 32 bits).
-func stateBits(b []byte) uint32 {
-	var v [4]byte
-	copy(v[:], b)
-	return binary.NativeEndian.Uint32(v[:])
+// elementVerdict reads the verdict of a verdict map's element. The
+// library decodes it for no map: it is in Val, as the kernel sends it,
+// nested NFTA_VERDICT_CODE (big endian) and NFTA_VERDICT_CHAIN.
+func elementVerdict(el nftables.SetElement) (expr.Verdict, bool) {
+	if el.VerdictData != nil {
+		return *el.VerdictData, true
+	}
+	ad, err := netlink.NewAttributeDecoder(el.Val)
+	if err != nil {
+		return expr.Verdict{}, false
+	}
+	ad.ByteOrder = binary.BigEndian
+	var v expr.Verdict
+	found := false
+	for ad.Next() {
+		switch ad.Type() {
+		case unix.NFTA_VERDICT_CODE:
+			v.Kind, found = expr.VerdictKind(int32(ad.Uint32())), true
+		case unix.NFTA_VERDICT_CHAIN:
+			v.Chain = ad.String()
+		}
+	}
+	return v, found && ad.Err() == nil
 }

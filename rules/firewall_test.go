@@ -74,6 +74,92 @@ func TestUntrackedDrops(t *testing.T) {
 			}
 		}`,
 			[]string{"table ip fw4 chain fw_forward", "table ip6 fw6 chain fw_forward"}},
+		{"state compared, not tested for any bit", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state & untracked == 0 accept
+				ct state & (established|untracked) == established accept
+				ct state != untracked accept
+			}
+		}`, []string{"table inet filter chain forward"}},
+		{"other states compared", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state != established accept
+			}
+		}`, nil},
+		{"untracked in an anonymous set", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state { established, related, untracked } accept
+			}
+		}`, nil},
+		{"untracked out of an inverted set", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state != { established, related, untracked } accept
+			}
+		}`, []string{"table inet filter chain forward"}},
+		{"untracked dropped first", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state invalid,untracked drop
+				ct state untracked accept
+			}
+		}`, []string{"table inet filter chain forward"}},
+		{"policy accept, ends in reject", `table inet firewalld {
+			chain filter_FORWARD { type filter hook forward priority 10; policy accept;
+				ct state { established, related } accept
+				ct status dnat accept
+				iifname "lo" accept
+				ct state invalid drop
+				jump filter_FORWARD_POLICIES
+				reject with icmpx admin-prohibited
+			}
+			chain filter_FORWARD_POLICIES {
+				iifname "lan0" oifname "wan0" accept
+				iifname "lan0" reject
+			}
+		}`, []string{"table inet firewalld chain filter_FORWARD"}},
+		{"policy accept, a guarded reject", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy accept;
+				ct state established,related accept
+				iifname "wan0" reject
+			}
+		}`, nil},
+		{"fw4", `table inet fw4 {
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state vmap { established : accept, related : accept }
+				iifname "br-lan" jump forward_lan
+				jump handle_reject
+			}
+			chain forward_lan {
+				jump accept_to_wan
+			}
+			chain accept_to_wan {
+				oifname "wan" counter accept
+			}
+			chain handle_reject {
+				meta l4proto tcp reject with tcp reset
+				reject
+			}
+		}`, []string{"table inet fw4 chain forward"}},
+		{"in a chain a verdict map jumps to", `table inet filter {
+			chain lan {
+				ct state untracked accept
+			}
+			chain forward { type filter hook forward priority 0; policy drop;
+				iifname vmap { "lo" : accept, "lan0" : jump lan }
+			}
+		}`, nil},
+		{"a chain jumped to for untracked packets", `table inet filter {
+			chain untracked_ok {
+				counter accept
+			}
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state vmap { established : accept, untracked : jump untracked_ok }
+			}
+		}`, nil},
+		{"accept everything", `table ip filter {
+			chain forward { type filter hook forward priority 0; policy drop;
+				counter accept
+			}
+		}`, nil},
 		{"our own table", `table inet spl_rt {
 			chain forward { type filter hook forward priority 0; policy drop;
 			}

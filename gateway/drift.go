@@ -38,7 +38,15 @@ func (g *Gateway) watchRuleset(ctx context.Context) {
 	if err := watchRouting(ctx, poke); err != nil {
 		g.log.Warn("cannot watch the policy routing; checking it every few seconds only", logging.Err(err))
 	}
-	go g.watchFirewall(ctx)
+	// Waited for, as Run waits for this function: otherwise a check
+	// could start or run on after the shutdown began, holding rulesMu
+	// and logging after the daemon said it stopped.
+	firewallDone := make(chan struct{})
+	go func() {
+		defer close(firewallDone)
+		g.watchFirewall(ctx)
+	}()
+	defer func() { <-firewallDone }()
 	tick := time.NewTicker(repairCheckEvery)
 	defer tick.Stop()
 	for {
@@ -198,7 +206,9 @@ func (g *Gateway) watchFirewall(ctx context.Context) {
 		default:
 		}
 		g.rulesMu.Lock()
-		g.checkFirewall()
+		if ctx.Err() == nil {
+			g.checkFirewall()
+		}
 		g.rulesMu.Unlock()
 		select {
 		case <-time.After(time.Second):

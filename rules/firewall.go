@@ -217,10 +217,14 @@ func (w *untrackedWalk) rule(exprs []expr.Any) (ruleEval, error) {
 			if e.SourceRegister { // ct set
 				continue
 			}
-			clear(known)
-			if e.Key == expr.CtKeySTATE {
-				known[e.Register] = binary.NativeEndian.AppendUint32(nil, ctStateUntracked)
+			if e.Key != expr.CtKeySTATE {
+				// The kernel ends the rule (NFT_BREAK) for a packet
+				// without a conntrack entry: only its state is read.
+				ev.never = true
+				continue
 			}
+			clear(known)
+			known[e.Register] = binary.NativeEndian.AppendUint32(nil, ctStateUntracked)
 		case *expr.Meta:
 			if !e.SourceRegister { // a load; meta set is an effect
 				clear(known)

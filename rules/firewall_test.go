@@ -160,6 +160,12 @@ func TestUntrackedDrops(t *testing.T) {
 				counter accept
 			}
 		}`, nil},
+		{"accepted on another conntrack key too", `table inet filter {
+			chain forward { type filter hook forward priority 0; policy drop;
+				ct state untracked ct mark 0x1 accept
+				ct status dnat accept
+			}
+		}`, []string{"table inet filter chain forward"}},
 		{"our own table", `table inet spl_rt {
 			chain forward { type filter hook forward priority 0; policy drop;
 			}

@@ -55,8 +55,12 @@ func (g *Gateway) checkFirewall() {
 // statusWarnings are what `splicectl status` lists for the operator to
 // fix.
 func (g *Gateway) statusWarnings() []string {
+	var out []string
 	if w := g.firewallWarnings.Load(); w != nil {
-		return slices.Clone(*w)
+		out = slices.Clone(*w)
 	}
-	return nil
+	if w := g.reversePathWarning(); w != "" {
+		out = append(out, "splices refused: "+w)
+	}
+	return out
 }

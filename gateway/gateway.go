@@ -130,6 +130,7 @@ type Gateway struct {
 	firewallUnread   bool // the last check could not read the ruleset
 	firewallWarnings atomic.Pointer[[]string]
 	firewallPoke     chan struct{} // another table changed (see watchFirewall)
+	rpf              rpfFilter     // strict reverse path filtering (see rpfilter.go)
 
 	spliceLatency            latencies
 	phases                   [numSteps]latencies // see phase

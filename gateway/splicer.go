@@ -61,6 +61,10 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	if !g.splicing() {
 		return &SpliceError{Reason: "splicing is not enabled (no service has a splice mode)"}
 	}
+	if reason := g.reversePathRefusal(client, upstream); reason != "" {
+		g.refuseForReversePath(f, reason)
+		return &SpliceError{Reason: reason}
+	}
 	start := time.Now()
 	done := make(chan error, 1)
 	g.runTransition(func() {

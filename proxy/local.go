@@ -37,13 +37,28 @@ var routeConn struct {
 
 // routeIsLocal asks the routing tables (RTM_GETROUTE, no mark) whether
 // a is delivered locally.
-func routeIsLocal(a netip.Addr) (local bool, err error) {
+func routeIsLocal(a netip.Addr) (bool, error) {
+	r, err := RouteTo(a)
+	return r.Local, err
+}
+
+// Route is what the routing tables say of a destination.
+type Route struct {
+	Local   bool // delivered to the gateway itself
+	Ifindex int  // the output interface (RTA_OIF)
+}
+
+// RouteTo asks the routing tables (RTM_GETROUTE, no mark) where a
+// packet to a goes: one netlink round trip, about 25 us. A destination
+// without a route is not local, with no interface.
+func RouteTo(a netip.Addr) (r Route, err error) {
+	a = a.Unmap()
 	routeConn.Lock()
 	defer routeConn.Unlock()
 	if routeConn.nl == nil {
 		if routeConn.nl, err = netlink.Dial(unix.NETLINK_ROUTE, nil); err != nil {
 			routeConn.nl = nil
-			return false, err
+			return Route{}, err
 		}
 	}
 	nl := routeConn.nl
@@ -57,7 +72,7 @@ func routeIsLocal(a netip.Addr) (local bool, err error) {
 	ae.Bytes(unix.RTA_DST, a.AsSlice())
 	attrs, err := ae.Encode()
 	if err != nil {
-		return false, err
+		return Route{}, err
 	}
 	var rtm [unix.SizeofRtMsg]byte
 	rtm[0] = unix.AF_INET6
@@ -72,14 +87,24 @@ func routeIsLocal(a netip.Addr) (local bool, err error) {
 	if err != nil {
 		// No route (ENETUNREACH): not local; a connect fails anyway.
 		if errors.Is(err, unix.ENETUNREACH) || errors.Is(err, unix.EHOSTUNREACH) {
-			return false, nil
+			return Route{}, nil
 		}
-		return false, err
+		return Route{}, err
 	}
 	if len(msgs) != 1 || len(msgs[0].Data) < unix.SizeofRtMsg {
-		return false, errNoRoute
+		return Route{}, errNoRoute
 	}
-	return msgs[0].Data[7] == unix.RTN_LOCAL, nil // rtm_type
+	r.Local = msgs[0].Data[7] == unix.RTN_LOCAL // rtm_type
+	ad, err := netlink.NewAttributeDecoder(msgs[0].Data[unix.SizeofRtMsg:])
+	if err != nil {
+		return Route{}, err
+	}
+	for ad.Next() {
+		if ad.Type() == unix.RTA_OIF {
+			r.Ifindex = int(ad.Uint32())
+		}
+	}
+	return r, ad.Err()
 }
 
 var errNoRoute = errors.New("route lookup: unexpected answer")

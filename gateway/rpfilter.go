@@ -1,0 +1,140 @@
+package gateway
+
+import (
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"spliced/config"
+	"spliced/logging"
+	"spliced/proxy"
+)
+
+// Strict reverse path filtering. A spliced NAT flow's packets carry the
+// gateway's own address once rewritten (the client's toward the server
+// leave from the gateway's address, and, when the client connected to an
+// address of the gateway, the server's toward it come from that
+// address), and they arrive on the other leg's interface. With
+// net.ipv4.conf.{all,IF}.rp_filter=1 (strict; hardening guides ask for
+// it) the kernel drops them, as the gateway's address is not routed out
+// of that interface: on the nfqueue datapath such a flow stalled right
+// after its splice (TestLabStrictReversePath; loose mode, 2, lets them
+// through; the bpf datapath's redirect checks the original source
+// itself). IPv6 has no rp_filter. A splice that strict filtering would
+// break is refused, and the flow stays proxied, with a warning that says
+// what to change.
+
+// rpfFilter caches the interfaces whose IPv4 reverse path filter is
+// strict: the larger of conf.all and conf.IF (what the kernel applies).
+type rpfFilter struct {
+	mu     sync.Mutex
+	read   time.Time
+	strict map[int]string // ifindex -> name
+	warned time.Time
+	last   string // the latest refusal's reason, for the status
+}
+
+// rpfRefresh is how long a reading of the sysctls holds.
+const rpfRefresh = 5 * time.Second
+
+// strictInterfaces returns the interfaces with strict filtering, read at
+// most every rpfRefresh (a few file reads per interface).
+func (r *rpfFilter) strictInterfaces(now time.Time) map[int]string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.strict != nil && now.Sub(r.read) < rpfRefresh {
+		return r.strict
+	}
+	r.read, r.strict = now, map[int]string{}
+	all := rpFilter("all")
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return r.strict
+	}
+	for _, ifc := range ifs {
+		if ifc.Flags&net.FlagLoopback == 0 && max(all, rpFilter(ifc.Name)) == 1 {
+			r.strict[ifc.Index] = ifc.Name
+		}
+	}
+	return r.strict
+}
+
+// rpFilter reads net.ipv4.conf.NAME.rp_filter (0 when unreadable).
+func rpFilter(name string) int {
+	b, err := os.ReadFile(filepath.Join("/proc/sys/net/ipv4/conf", name, "rp_filter"))
+	if err != nil {
+		return 0
+	}
+	v, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return v
+}
+
+// reversePathRefusal says why strict reverse path filtering would drop
+// the spliced packets of the flow whose legs are client and upstream, or
+// "" when it would not (or does not apply: IPv6, the bpf datapath's
+// redirect).
+func (g *Gateway) reversePathRefusal(client, upstream *net.TCPConn) string {
+	if g.kpath != nil && g.config().Kernel.BPFForward == config.BPFForwardRedirect {
+		return ""
+	}
+	clientAddr, serverAddr := addrPort(client.RemoteAddr()).Addr().Unmap(), addrPort(upstream.RemoteAddr()).Addr().Unmap()
+	if !clientAddr.Is4() || !serverAddr.Is4() {
+		return ""
+	}
+	strict := g.rpf.strictInterfaces(time.Now())
+	if len(strict) == 0 {
+		return ""
+	}
+	// The source a rewritten packet carries, and the peer it comes
+	// from (on the interface of the route to that peer).
+	for _, d := range []struct{ src, from netip.Addr }{
+		{addrPort(upstream.LocalAddr()).Addr().Unmap(), clientAddr},
+		{addrPort(client.LocalAddr()).Addr().Unmap(), serverAddr},
+	} {
+		src, err := proxy.RouteTo(d.src)
+		if err != nil || !src.Local {
+			continue
+		}
+		in, err := proxy.RouteTo(d.from)
+		if err != nil {
+			continue
+		}
+		if name, ok := strict[in.Ifindex]; ok {
+			return fmt.Sprintf("strict reverse path filtering on %s (net.ipv4.conf.all.rp_filter or net.ipv4.conf.%s.rp_filter is 1) would drop this flow's packets once spliced: they carry the gateway's own address %s and arrive from %s on %s; loose filtering lets them through (sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2), as does kernel.datapath: bpf; the flow stays proxied",
+				name, name, d.src, d.from, name, name)
+		}
+	}
+	return ""
+}
+
+// refuseForReversePath logs a refusal (once a minute) and keeps it for
+// the status.
+func (g *Gateway) refuseForReversePath(f *proxy.Flow, reason string) {
+	g.rpf.mu.Lock()
+	g.rpf.last = reason
+	warn := time.Since(g.rpf.warned) > time.Minute
+	if warn {
+		g.rpf.warned = time.Now()
+	}
+	g.rpf.mu.Unlock()
+	if warn {
+		g.log.Warn("splice refused: "+reason, logging.KeyFlow, f.ID, logging.KeyService, f.Service)
+	}
+}
+
+// reversePathWarning is the latest refusal's reason while filtering is
+// still strict somewhere, for the status.
+func (g *Gateway) reversePathWarning() string {
+	if len(g.rpf.strictInterfaces(time.Now())) == 0 {
+		return ""
+	}
+	g.rpf.mu.Lock()
+	defer g.rpf.mu.Unlock()
+	return g.rpf.last
+}

@@ -97,7 +97,7 @@ func (g *Gateway) reversePathRefusal(client, upstream *net.TCPConn) string {
 		{addrPort(upstream.LocalAddr()).Addr().Unmap(), clientAddr},
 		{addrPort(client.LocalAddr()).Addr().Unmap(), serverAddr},
 	} {
-		src, err := proxy.RouteTo(d.src)
+		src, err := proxy.LocalRoute(d.src)
 		if err != nil || !src.Local {
 			continue
 		}
@@ -105,12 +105,22 @@ func (g *Gateway) reversePathRefusal(client, upstream *net.TCPConn) string {
 		if err != nil {
 			continue
 		}
-		if name, ok := strict[in.Ifindex]; ok {
+		if name, ok := strict[in.Ifindex]; ok && rpfDrops(src, in.Ifindex) {
 			return fmt.Sprintf("strict reverse path filtering on %s (net.ipv4.conf.all.rp_filter or net.ipv4.conf.%s.rp_filter is 1) would drop this flow's packets once spliced: they carry the gateway's own address %s and arrive from %s on %s; loose filtering lets them through (sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2), as does kernel.datapath: bpf; the flow stays proxied",
 				name, name, d.src, d.from, name, name)
 		}
 	}
 	return ""
+}
+
+// rpfDrops says whether strict filtering drops a packet whose source is
+// the local address with route src (proxy.LocalRoute) arriving on the
+// interface in: unless the address's local route is on that interface
+// (a gateway with one interface for both legs), the kernel finds no
+// route back through in (__fib_validate_source: the nexthop's device is
+// not in, and rp_filter is 1).
+func rpfDrops(src proxy.Route, in int) bool {
+	return src.Ifindex != in
 }
 
 // refuseForReversePath logs a refusal (once a minute) and keeps it for

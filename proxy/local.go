@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"encoding/binary"
 	"errors"
 	"net/netip"
 	"sync"
@@ -51,7 +52,17 @@ type Route struct {
 // RouteTo asks the routing tables (RTM_GETROUTE, no mark) where a
 // packet to a goes: one netlink round trip, about 25 us. A destination
 // without a route is not local, with no interface.
-func RouteTo(a netip.Addr) (r Route, err error) {
+func RouteTo(a netip.Addr) (Route, error) { return routeGet(a, 0) }
+
+// LocalRoute is RouteTo for the routing entry a matches (`ip route get
+// fibmatch`): for a local address, Ifindex is the interface of its local
+// route (the interface the address is on; lo for an AnyIP range), where
+// RouteTo says lo. It is the interface the kernel's reverse path check
+// compares with the one a packet from a arrives on. Kernels before 4.13
+// ignore the flag and answer as RouteTo does.
+func LocalRoute(a netip.Addr) (Route, error) { return routeGet(a, unix.RTM_F_FIB_MATCH) }
+
+func routeGet(a netip.Addr, flags uint32) (r Route, err error) {
 	a = a.Unmap()
 	routeConn.Lock()
 	defer routeConn.Unlock()
@@ -79,7 +90,8 @@ func RouteTo(a netip.Addr) (r Route, err error) {
 	if a.Is4() {
 		rtm[0] = unix.AF_INET
 	}
-	rtm[1] = uint8(a.BitLen()) // rtm_dst_len
+	rtm[1] = uint8(a.BitLen())                    // rtm_dst_len
+	binary.NativeEndian.PutUint32(rtm[8:], flags) // rtm_flags
 	msgs, err := nl.Execute(netlink.Message{
 		Header: netlink.Header{Type: unix.RTM_GETROUTE, Flags: netlink.Request},
 		Data:   append(rtm[:], attrs...),

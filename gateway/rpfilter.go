@@ -106,7 +106,7 @@ func (g *Gateway) reversePathRefusal(client, upstream *net.TCPConn) string {
 			continue
 		}
 		if name, ok := strict[in.Ifindex]; ok && rpfDrops(src, in.Ifindex) {
-			return fmt.Sprintf("strict reverse path filtering on %s (net.ipv4.conf.all.rp_filter or net.ipv4.conf.%s.rp_filter is 1) would drop this flow's packets once spliced: they carry the gateway's own address %s and arrive from %s on %s; loose filtering lets them through (sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2), as does kernel.datapath: bpf; the flow stays proxied",
+			return fmt.Sprintf("strict reverse path filtering on %s (net.ipv4.conf.all.rp_filter or net.ipv4.conf.%s.rp_filter is 1) would drop this flow's packets once spliced: they carry the gateway's own address %s and arrive from %s on %s; loose filtering lets them through (sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2), as does kernel.datapath: bpf",
 				name, name, d.src, d.from, name, name)
 		}
 	}

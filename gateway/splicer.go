@@ -63,7 +63,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	}
 	if reason := g.reversePathRefusal(client, upstream); reason != "" {
 		g.refuseForReversePath(f, reason)
-		return &SpliceError{Reason: reason}
+		return &SpliceError{Reason: reason, Err: proxy.ErrSpliceRuledOut}
 	}
 	start := time.Now()
 	done := make(chan error, 1)

@@ -452,10 +452,21 @@ func (f *Forwarder) trySplice(flow *Flow, relay *Relay, log *slog.Logger) bool {
 		return true
 	}
 	flow.SetSpliceError(err)
-	log.Warn("flow stays proxied", logging.Err(err))
+	level := slog.LevelWarn
+	if errors.Is(err, ErrSpliceRuledOut) {
+		level = slog.LevelDebug // the splicer says why, once in a while
+	}
+	log.Log(context.Background(), level, "flow stays proxied", logging.Err(err))
 	f.Event(EventSpliceFailed, flow, err.Error())
 	return false
 }
+
+// ErrSpliceRuledOut is in the error of a splice the gateway's settings
+// rule out for every flow like this one (such as strict reverse path
+// filtering for a NAT flow): the splicer logs why, rate-limited, and the
+// proxies log each flow that stays proxied at debug level only, not as a
+// warning per flow.
+var ErrSpliceRuledOut = errors.New("ruled out for such flows")
 
 var errHalfClosed = errors.New("splice abandoned: the flow is half-closed")
 

@@ -30,6 +30,20 @@ func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) er
 	return queueContents(c, spec, t, divert)
 }
 
+// listTable lists the chains of family inet (the callers keep t's) and
+// the sets of table t.
+func listTable(c *nftables.Conn, t *nftables.Table) ([]*nftables.Chain, []*nftables.Set, error) {
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return nil, nil, err
+	}
+	sets, err := c.GetSets(t)
+	if err != nil {
+		return nil, nil, err
+	}
+	return chains, sets, nil
+}
+
 // queueReplace adds to the batch the messages that atomically replace
 // the contents of our existing table with the spec, keeping the table
 // (an owned one: see owner): every chain is flushed and deleted, every
@@ -37,11 +51,7 @@ func queueTable(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) er
 // in the same order (rules, sets, chains).
 func queueReplace(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) error {
 	t := spec.table()
-	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
-	if err != nil {
-		return err
-	}
-	sets, err := c.GetSets(t)
+	chains, sets, err := listTable(c, t)
 	if err != nil {
 		return err
 	}
@@ -75,11 +85,7 @@ func queueReplace(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) 
 // updated: the batch then fails, and the caller replaces the table.
 func queueInPlace(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) error {
 	t := spec.table()
-	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
-	if err != nil {
-		return err
-	}
-	sets, err := c.GetSets(t)
+	chains, sets, err := listTable(c, t)
 	if err != nil {
 		return err
 	}

@@ -230,6 +230,7 @@ func haproxyGateway(env *Env, lab *testnet.Lab) (func() []int, func(), error) {
 		cmd.Process.Kill()
 		cmd.Wait()
 		m.Remove()
+		m.Close()
 		closeFD(fd)
 	}
 	// Ready when the listener is there.

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"strings"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
+	"github.com/google/nftables/xt"
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -34,7 +36,45 @@ func (u UntrackedDrop) String() string {
 
 // Fix is the rule that lets spliced flows through the chain.
 func (u UntrackedDrop) Fix() string {
+	if u.Family != "inet" && u.Chain == strings.ToUpper(u.Chain) {
+		// iptables-nft's (its chains are upper case): a native rule
+		// would make iptables refuse to list the table.
+		cmd := "iptables"
+		if u.Family == "ip6" {
+			cmd = "ip6tables"
+		}
+		return fmt.Sprintf("%s -t %s -I %s -m conntrack --ctstate UNTRACKED -j ACCEPT", cmd, u.Table, u.Chain)
+	}
 	return fmt.Sprintf("nft insert rule %s %s %s ct state untracked accept", u.Family, u.Table, u.Chain)
+}
+
+// xtStateUntracked is XT_CONNTRACK_STATE_UNTRACKED, the untracked bit
+// of the xtables conntrack match's state mask (1 << (IP_CT_NUMBER + 3)).
+const xtStateUntracked = 1 << 8
+
+// xtConntrack is what an xtables conntrack match (iptables-nft's "-m
+// conntrack") tests of the state.
+type xtConntrack struct {
+	flags, invert xt.ConntrackFlags
+	mask          uint16
+}
+
+// xtConntrackState reads an xtables conntrack match of revision 2 or 3
+// (iptables uses 3; revision 1's mask has no untracked bit). As the
+// kernel's conntrack_mt, an untracked packet matches when the match
+// tests the state and its mask, inverted or not, takes it; the other
+// tests are skipped for it.
+func xtConntrackState(e *expr.Match) (xtConntrack, bool) {
+	if e.Name != "conntrack" {
+		return xtConntrack{}, false
+	}
+	switch info := e.Info.(type) {
+	case *xt.ConntrackMtinfo2:
+		return xtConntrack{xt.ConntrackFlags(info.MatchFlags), xt.ConntrackFlags(info.InvertFlags), info.StateMask}, true
+	case *xt.ConntrackMtinfo3:
+		return xtConntrack{xt.ConntrackFlags(info.MatchFlags), xt.ConntrackFlags(info.InvertFlags), info.StateMask}, true
+	}
+	return xtConntrack{}, false
 }
 
 // ctStateUntracked is the untracked bit of "ct state" (NF_CT_STATE_UNTRACKED_BIT).
@@ -265,6 +305,16 @@ func (w *untrackedWalk) rule(exprs []expr.Any) (ruleEval, error) {
 			if e.Name == "REJECT" { // iptables-nft's -j REJECT
 				ev.verdict = &expr.Verdict{Kind: expr.VerdictDrop}
 			}
+		case *expr.Match:
+			if st, ok := xtConntrackState(e); ok {
+				if st.flags&xt.ConntrackState == 0 {
+					ev.never = true // without a state test it matches no untracked packet
+				} else {
+					match((st.mask&xtStateUntracked != 0) != (st.invert&xt.ConntrackState != 0))
+				}
+				continue
+			}
+			unknown()
 		case *expr.Counter, *expr.Log, *expr.Notrack:
 		default:
 			unknown()

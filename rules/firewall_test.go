@@ -6,6 +6,10 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/google/nftables"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/xt"
+
 	"spliced/testnet"
 )
 
@@ -203,4 +207,75 @@ func TestUntrackedDrops(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestUntrackedDropsIptables: iptables-nft's FORWARD chain (policy drop,
+// "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT", as Docker
+// leaves it) is found, the fix is an iptables command (a native nft rule
+// would make iptables refuse to list its table), and the rule that
+// command adds ("-m conntrack --ctstate UNTRACKED -j ACCEPT") is read
+// as letting spliced flows through; an inverted one is not.
+func TestUntrackedDropsIptables(t *testing.T) {
+	testnet.Privileged(t, "nft")
+	ns := testnet.Scratch(t)
+	fd := ns.OpenT(t)
+	const (
+		established = 1 << 1 // XT_CONNTRACK_STATE_BIT(IP_CT_ESTABLISHED)
+		related     = 1 << 2
+	)
+	states := func(mask uint16, invert bool) *expr.Match {
+		base := xt.ConntrackMtinfoBase{MatchFlags: uint16(xt.ConntrackState)}
+		if invert {
+			base.InvertFlags = uint16(xt.ConntrackState)
+		}
+		return &expr.Match{Name: "conntrack", Rev: 3, Info: &xt.ConntrackMtinfo3{ConntrackMtinfo2: xt.ConntrackMtinfo2{ConntrackMtinfoBase: base, StateMask: mask}}}
+	}
+	accept := &expr.Verdict{Kind: expr.VerdictAccept}
+	tbl := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: "filter"}
+	chain := &nftables.Chain{Name: "FORWARD", Table: tbl}
+	add := func(insert bool, exprs ...expr.Any) {
+		t.Helper()
+		c, err := nftConn(fd, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if insert {
+			c.InsertRule(&nftables.Rule{Table: tbl, Chain: chain, Exprs: exprs})
+		} else {
+			c.AddRule(&nftables.Rule{Table: tbl, Chain: chain, Exprs: exprs})
+		}
+		if err := c.Flush(); err != nil {
+			t.Fatalf("add rule: %v", err)
+		}
+	}
+	c, err := nftConn(fd, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	drop := nftables.ChainPolicyDrop
+	c.AddTable(tbl)
+	c.AddChain(&nftables.Chain{Name: "FORWARD", Table: tbl, Type: nftables.ChainTypeFilter, Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: &drop})
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	add(false, states(established|related, false), &expr.Counter{}, accept)
+	m := NewManager(sampleSpec(t), WithNetNS(fd))
+	check := func(stage string, want bool) {
+		t.Helper()
+		drops, err := m.UntrackedDrops()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := len(drops) == 1; got != want || len(drops) > 1 {
+			t.Fatalf("%s: found %v, want the chain found: %v", stage, drops, want)
+		}
+		if want && drops[0].Fix() != "iptables -t filter -I FORWARD -m conntrack --ctstate UNTRACKED -j ACCEPT" {
+			t.Errorf("%s: fix %q, want the iptables command", stage, drops[0].Fix())
+		}
+	}
+	check("established and related accepted", true)
+	add(true, states(xtStateUntracked, true), accept) // ! --ctstate UNTRACKED
+	check("all but untracked accepted", true)
+	add(true, states(xtStateUntracked, false), accept)
+	check("untracked accepted", false)
 }

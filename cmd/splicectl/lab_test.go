@@ -252,7 +252,7 @@ func TestLabCtl(t *testing.T) {
 		`spliced_bytes_total{direction="c2s",engine="splice"}`, `spliced_packets_total{verdict="forward"}`, "spliced_queue_kernel_drops_total", "spliced_rewrite_errors_total",
 		`spliced_transition_phase_seconds_count{phase="capture",transition="splice"} 3`,
 		`spliced_transition_phase_seconds_count{phase="rebuild",transition="unsplice"} 1`,
-		`spliced_transition_phase_seconds_count{phase="hand_back",transition="unsplice"} 1`} {
+		`spliced_transition_phase_seconds_count{phase="hand_back",transition="unsplice"} 1`, "spliced_warnings 0"} {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("metrics lack %q", want)
 		}

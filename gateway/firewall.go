@@ -5,6 +5,7 @@ import (
 
 	"spliced/config"
 	"spliced/logging"
+	"spliced/rules"
 )
 
 // checkFirewall looks for forward chains of other tables that drop a
@@ -17,9 +18,8 @@ import (
 // forward hook, so that datapath is not checked. Called with g.rulesMu
 // held (at start, and with each drift check).
 func (g *Gateway) checkFirewall() {
-	cfg := g.config()
-	if !g.splicing() || (g.kpath != nil && cfg.Kernel.BPFForward == config.BPFForwardRedirect) {
-		g.firewallWarnings.Store(nil)
+	if !g.splicing() || g.redirectsSpliced() {
+		g.firewallDrops.Store(nil)
 		return
 	}
 	drops, err := g.manager().UntrackedDrops()
@@ -31,34 +31,47 @@ func (g *Gateway) checkFirewall() {
 		return
 	}
 	g.firewallUnread = false
-	var now []string
+	var was []rules.UntrackedDrop
+	if p := g.firewallDrops.Load(); p != nil {
+		was = *p
+	}
 	for _, d := range drops {
-		now = append(now, d.String())
-		if !slices.Contains(g.firewallDrops, d.String()) {
+		if !slices.Contains(was, d) {
 			g.log.Warn("a forward chain of another table drops spliced flows' packets: once spliced, a flow's packets are untracked, and this chain accepts none of them before its drop (its policy, or a drop or reject rule); such flows stall right after their splice. Add the rule below (before the chain's drops), or turn splicing off",
 				"chain", d.String(), "fix", d.Fix())
 		}
 	}
-	for _, was := range g.firewallDrops {
-		if !slices.Contains(now, was) {
-			g.log.Info("a forward chain that dropped spliced flows' packets no longer does", "chain", was)
+	for _, d := range was {
+		if !slices.Contains(drops, d) {
+			g.log.Info("a forward chain that dropped spliced flows' packets no longer does", "chain", d.String())
 		}
 	}
-	g.firewallDrops = now
-	var warnings []string
-	for _, d := range drops {
-		warnings = append(warnings, d.String()+" drops spliced flows' (untracked) packets: "+d.Fix())
+	g.firewallDrops.Store(&drops)
+}
+
+// firewallWarnings are the status's lines for the chains checkFirewall
+// last found.
+func (g *Gateway) firewallWarnings() []string {
+	var out []string
+	if p := g.firewallDrops.Load(); p != nil {
+		for _, d := range *p {
+			out = append(out, d.String()+" drops spliced flows' (untracked) packets: "+d.Fix())
+		}
 	}
-	g.firewallWarnings.Store(&warnings)
+	return out
+}
+
+// redirectsSpliced reports whether spliced flows run on the bpf
+// datapath's redirect, which sends their packets to the egress device
+// past the stack's forward hook and its reverse path check.
+func (g *Gateway) redirectsSpliced() bool {
+	return g.kpath != nil && g.config().Kernel.BPFForward == config.BPFForwardRedirect
 }
 
 // statusWarnings are what `splicectl status` lists for the operator to
 // fix.
 func (g *Gateway) statusWarnings() []string {
-	var out []string
-	if w := g.firewallWarnings.Load(); w != nil {
-		out = slices.Clone(*w)
-	}
+	out := g.firewallWarnings()
 	if w := g.reversePathWarning(); w != "" {
 		out = append(out, "splices refused: "+w)
 	}

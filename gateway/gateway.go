@@ -124,13 +124,11 @@ type Gateway struct {
 	events             events
 	lastDrift          string // the drift last reported with kernel.repair off
 	// firewallDrops: the forward chains checkFirewall last found
-	// dropping spliced flows (under rulesMu); firewallWarnings: the
-	// same for the status.
-	firewallDrops    []string
-	firewallUnread   bool // the last check could not read the ruleset
-	firewallWarnings atomic.Pointer[[]string]
-	firewallPoke     chan struct{} // another table changed (see watchFirewall)
-	rpf              rpfFilter     // strict reverse path filtering (see rpfilter.go)
+	// dropping spliced flows (written under rulesMu).
+	firewallDrops  atomic.Pointer[[]rules.UntrackedDrop]
+	firewallUnread bool          // the last check could not read the ruleset (under rulesMu)
+	firewallPoke   chan struct{} // another table changed (see watchFirewall)
+	rpf            rpfFilter     // strict reverse path filtering (see rpfilter.go)
 
 	spliceLatency            latencies
 	phases                   [numSteps]latencies // see phase

@@ -11,7 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"spliced/config"
 	"spliced/logging"
 	"spliced/proxy"
 )
@@ -80,7 +79,7 @@ func rpFilter(name string) int {
 // "" when it would not (or does not apply: IPv6, the bpf datapath's
 // redirect).
 func (g *Gateway) reversePathRefusal(client, upstream *net.TCPConn) string {
-	if g.kpath != nil && g.config().Kernel.BPFForward == config.BPFForwardRedirect {
+	if g.redirectsSpliced() {
 		return ""
 	}
 	clientAddr, serverAddr := addrPort(client.RemoteAddr()).Addr().Unmap(), addrPort(upstream.RemoteAddr()).Addr().Unmap()

@@ -74,8 +74,8 @@ func (g *Gateway) reportStalls(reports []stallReport) {
 		dirs := engineState(r.sf, time.Now())
 		attrs := []any{logging.KeyFlow, f.ID, logging.KeyService, f.Service, logging.KeyClient, f.Client, logging.KeyServer, f.Server,
 			"direction", r.dir.String(), "c2s", dirs[splice.C2S], "s2c", dirs[splice.S2C], "suppressed", suppressed}
-		if w := g.firewallWarnings.Load(); w != nil && len(*w) > 0 {
-			attrs = append(attrs, "likely_cause", (*w)[0])
+		if w := g.firewallWarnings(); len(w) > 0 {
+			attrs = append(attrs, "likely_cause", w[0])
 		}
 		g.log.Warn("spliced flow stalled: data unacknowledged while the flow is alive; please report it with this line", attrs...)
 	}

@@ -7,6 +7,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"spliced/config"
+	"spliced/rules"
 )
 
 // TestWarningsReported: what the firewall check and the reverse path
@@ -34,8 +35,8 @@ func TestWarningsReported(t *testing.T) {
 	if n := count(); n != 0 || len(g.Status().Warnings) != 0 {
 		t.Fatalf("a fresh gateway: %v warnings, status %q", n, g.Status().Warnings)
 	}
-	w := []string{"table inet filter chain forward drops spliced flows' (untracked) packets: nft insert rule inet filter forward ct state untracked accept"}
-	g.firewallWarnings.Store(&w)
+	drops := []rules.UntrackedDrop{{Family: "inet", Table: "filter", Chain: "forward"}}
+	g.firewallDrops.Store(&drops)
 	if n := count(); n != 1 {
 		t.Errorf("spliced_warnings %v, want 1", n)
 	}

@@ -176,6 +176,12 @@ type Splice struct {
 	// is reported as stalled (counted, logged with the engine's state;
 	// default 15s). A stall is a bug to report, not a state to wait out.
 	StallAfter Duration `yaml:"stall_after"`
+	// Linger is how long a spliced flow that ended (FIN both ways,
+	// acknowledged, or a RST) stays on the datapath before it is retired
+	// (default 5s): a lost final ACK, or the FIN its sender retransmits
+	// then, is still rewritten rather than answered by the gateway's
+	// stack, which has no socket for it.
+	Linger Duration `yaml:"linger"`
 	// SocketBuffer, when set, fixes the send and receive buffers of a
 	// relayed flow's two sockets (SO_SNDBUF, SO_RCVBUF) instead of the
 	// kernel's autotuning: what the sockets hold when a splice starts is
@@ -185,6 +191,15 @@ type Splice struct {
 	// shorter, and cap the relayed phase at SocketBuffer per round trip.
 	SocketBuffer ByteSize `yaml:"socket_buffer"`
 }
+
+// Bounds of splice.linger. Below a second a retransmitted FIN (TCP's
+// retransmission timeout is at least 200 ms, and doubles) may come after
+// the flow's rewrite is gone; past a minute a lingering flow would catch
+// a new connection that reuses its ports after the client's TIME_WAIT.
+const (
+	MinLinger = time.Second
+	MaxLinger = time.Minute
+)
 
 // Bounds of splice.socket_buffer.
 const (
@@ -391,6 +406,7 @@ const (
 	DefaultDivertTimeout  = 24 * time.Hour
 	DefaultDrainTimeout   = 5 * time.Second
 	DefaultStallAfter     = 15 * time.Second
+	DefaultLinger         = 5 * time.Second
 	DefaultBPFFS          = "/sys/fs/bpf"
 )
 
@@ -444,6 +460,7 @@ func (c *Config) applyDefaults() {
 		SetDefault(&s.Splice.Mode, SpliceNever)
 		SetDefault(&s.Splice.DrainTimeout, Duration(DefaultDrainTimeout))
 		SetDefault(&s.Splice.StallAfter, Duration(DefaultStallAfter))
+		SetDefault(&s.Splice.Linger, Duration(DefaultLinger))
 	}
 }
 

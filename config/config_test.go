@@ -28,6 +28,8 @@ services:
     destinations: [10.2.0.0/16, "fd00:2::/32"]
     upstream: nat
     idle_timeout: 30s
+    splice:
+      linger: 2s
     access:
       rules:
         - action: deny
@@ -50,6 +52,9 @@ func TestParseGood(t *testing.T) {
 	}
 	if web.Upstream != NAT || web.IdleTimeout.D() != 30*time.Second || web.ConnectTimeout.D() != DefaultConnectTimeout {
 		t.Fatalf("web timeouts/mode = %+v", web)
+	}
+	if web.Splice.Linger.D() != 2*time.Second || cfg.Service("other").Splice.Linger.D() != DefaultLinger {
+		t.Errorf("splice.linger %v and %v, want 2s and the default", web.Splice.Linger, cfg.Service("other").Splice.Linger)
 	}
 	if web.Backlog != DefaultBacklog {
 		t.Errorf("default backlog %d, want %d", web.Backlog, DefaultBacklog)
@@ -109,6 +114,8 @@ func TestParseErrors(t *testing.T) {
 		{"bad interface name", "kernel:\n  datapath: auto\n  interfaces: [\"eth0:1\"]\n", []string{"kernel.interfaces[0]:", "not an interface name"}},
 		{"relative bpffs", "kernel:\n  bpffs: sys/fs/bpf\n", []string{"kernel.bpffs:", "not a clean absolute path"}},
 		{"mark on the bpf bit", "kernel:\n  datapath: bpf\n  mark: 0x20000001\n", []string{"line 3: kernel.mark:", "0x20000000"}},
+		{"linger too short", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    splice:\n      linger: 200ms\n", []string{"services[0].splice.linger:", `"200ms"`, "1s to 1m"}},
+		{"linger too long", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    splice:\n      linger: 2m\n", []string{"services[0].splice.linger:", `"2m0s"`, "1s to 1m"}},
 		{"socket buffer too small", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    splice:\n      mode: bytes\n      bytes: 1MiB\n      socket_buffer: 4KiB\n", []string{"services[0].splice.socket_buffer:", `"4096"`, "16KiB to 64MiB"}},
 		{"socket buffer without splicing", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    splice:\n      socket_buffer: 256KiB\n", []string{"services[0].splice.socket_buffer:", "never splices", "set splice.mode"}},
 		{"listen backlog", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    backlog: 100000\n", []string{"line 5: services[0].backlog:", "1-65535"}},

@@ -183,6 +183,9 @@ func (c *Config) validate(idx *keyIndex) error {
 		case s.Splice.Mode == SpliceTime && s.Splice.After <= 0:
 			bad(p+".splice", string(s.Splice.Mode), "needs splice.after, how long after the connect to splice, such as 10s")
 		}
+		if l := s.Splice.Linger.D(); l != 0 && (l < MinLinger || l > MaxLinger) {
+			bad(p+".splice.linger", l.String(), "is out of range; use 1s to 1m (the default 5s covers a few retransmissions of a flow's last FIN)")
+		}
 		if b := s.Splice.SocketBuffer; b != 0 {
 			switch {
 			case b < MinSocketBuffer || b > MaxSocketBuffer:

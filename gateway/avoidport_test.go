@@ -1,10 +1,13 @@
 package gateway
 
 import (
+	"io"
+	"log/slog"
 	"net/netip"
 	"testing"
 	"time"
 
+	"spliced/config"
 	"spliced/proxy"
 	"spliced/splice"
 )
@@ -79,5 +82,34 @@ func TestJumpedLegExpiresAfterProxyClose(t *testing.T) {
 	g.reap(until.Add(time.Second))
 	if _, ok := g.jumped[serverLeg(f)]; ok {
 		t.Error("the reaper kept the leg after its margin")
+	}
+}
+
+// TestLingerFollowsConfig: a finished flow is retired once it stayed
+// diverted for its service's splice.linger, counted from the reap that
+// first saw it finished; a flow whose service is gone keeps the default.
+func TestLingerFollowsConfig(t *testing.T) {
+	cfg, err := config.Parse("linger.yaml", []byte("services:\n  - name: short\n    listen: 15001\n    ports: [\"80\"]\n    splice:\n      mode: immediate\n      linger: 2s\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	t.Cleanup(g.workers.Close)
+	client, server := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
+	t0 := time.Unix(1000, 0)
+	for _, c := range []struct {
+		service string
+		linger  time.Duration
+	}{{"short", 2 * time.Second}, {"gone", config.DefaultLinger}} {
+		sf := &splicedFlow{flow: proxy.NewFlow(c.service, "forward", client, server)}
+		if g.lingered(sf, t0) {
+			t.Errorf("%s: retired when first seen finished", c.service)
+		}
+		if g.lingered(sf, t0.Add(c.linger-time.Millisecond)) {
+			t.Errorf("%s: retired before its linger of %v", c.service, c.linger)
+		}
+		if !g.lingered(sf, t0.Add(c.linger)) {
+			t.Errorf("%s: not retired after its linger of %v", c.service, c.linger)
+		}
 	}
 }

@@ -91,10 +91,6 @@ func (sf *splicedFlow) params() splice.Params {
 	return splice.Params{Client: conn(k[splice.C2S], sf.legs[0]), Server: conn(k[splice.S2C], sf.legs[1])}
 }
 
-// Linger keeps a finished flow diverted for a while, so that a lost final
-// ACK or a retransmitted FIN is still rewritten.
-const finishedLinger = 5 * time.Second
-
 // timeWaitMargin is how long after a spliced flow ended its server may
 // still hold it in TIME_WAIT: Linux's TCP_TIMEWAIT_LEN (60 s) and some.
 const timeWaitMargin = 65 * time.Second
@@ -161,10 +157,7 @@ func (g *Gateway) reap(now time.Time) {
 		reason := ""
 		switch {
 		case snap.Finished():
-			if sf.finished == 0 {
-				sf.finished = now.UnixNano()
-			}
-			if now.Sub(time.Unix(0, sf.finished)) >= finishedLinger {
+			if g.lingered(sf, now) {
 				reason = "finished"
 			}
 		case snap.Idle(now.UnixNano(), int64(g.idleTimeout(sf.flow.Service))):
@@ -227,6 +220,16 @@ func (g *Gateway) reap(now time.Time) {
 	if err := g.diverter.DeleteMany(byQueue); err != nil {
 		g.log.Error("remove divert entries", "flows", len(done), logging.Err(err))
 	}
+}
+
+// lingered tells whether a finished flow, first seen finished by this
+// reaper now or earlier, has stayed diverted for its service's
+// splice.linger.
+func (g *Gateway) lingered(sf *splicedFlow, now time.Time) bool {
+	if sf.finished == 0 {
+		sf.finished = now.UnixNano()
+	}
+	return now.Sub(time.Unix(0, sf.finished)) >= g.linger(sf.flow.Service)
 }
 
 func (g *Gateway) logClosed(sf *splicedFlow, reason string) {

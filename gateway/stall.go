@@ -89,6 +89,16 @@ func (g *Gateway) stallAfter(service string) time.Duration {
 	return config.DefaultStallAfter // a service that ended: its flows keep the default
 }
 
+// linger is a service's splice.linger: how long a finished flow stays
+// diverted, so that a lost final ACK or a retransmitted FIN is still
+// rewritten.
+func (g *Gateway) linger(service string) time.Duration {
+	if s := g.config().Service(service); s != nil && s.Splice.Linger > 0 {
+		return s.Splice.Linger.D()
+	}
+	return config.DefaultLinger
+}
+
 // engineState describes both directions of a spliced flow for the API and
 // the log.
 func engineState(sf *splicedFlow, now time.Time) []api.Direction {

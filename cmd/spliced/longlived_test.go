@@ -9,15 +9,16 @@ import (
 	"spliced/testnet"
 )
 
-var longLivedConfig = splicingForwardConfig("debug", "  divert_timeout: 2s\n")
+var longLivedConfig = splicingForwardConfig("debug", "  divert_timeout: 1s\n")
 
-// TestLabFlowOutlivesDivertTimeout: with kernel.divert_timeout at 2 s, a
-// spliced flow runs for over 20 s (ten timeouts), sending steadily and
-// once staying idle for three timeouts: the daemon refreshes its divert
-// entries, and every byte arrives intact both ways. Without the refresh
-// its entries expire after 2 s and its packets reach the ends unrewritten.
+// TestLabFlowOutlivesDivertTimeout: with kernel.divert_timeout at 1 s
+// (the shortest it may be), a spliced flow runs for over 10 s (ten
+// timeouts), sending steadily and once staying idle for three timeouts:
+// the daemon refreshes its divert entries, and every byte arrives intact
+// both ways. Without the refresh its entries expire after 1 s and its
+// packets reach the ends unrewritten.
 func TestLabFlowOutlivesDivertTimeout(t *testing.T) {
-	const timeout = 2 * time.Second
+	const timeout = time.Second
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, longLivedConfig)
 	srv := netip.AddrPortFrom(lab.Server().IPv4, 5001)
@@ -34,7 +35,7 @@ func TestLabFlowOutlivesDivertTimeout(t *testing.T) {
 				paused = true
 				time.Sleep(3 * timeout) // idle: only the refresh keeps the entries
 			}
-			time.Sleep(150 * time.Millisecond)
+			time.Sleep(75 * time.Millisecond)
 		}}
 	tr := testnet.RunTransfer(lab.Client(), ln, srv, opt)
 	if err := tr.Check(); err != nil {

@@ -23,7 +23,8 @@ import (
 )
 
 // pinConfig is a bpf datapath whose pins live in bpffs (a test's own
-// mount, see testnet.BPFFS).
+// mount, see testnet.BPFFS). Ended flows are retired 1 s after their end
+// (splice.linger), not 5 s.
 func pinConfig(datapath, bpffs string) string {
 	return fmt.Sprintf(`
 log:
@@ -38,6 +39,7 @@ services:
     idle_timeout: 1m
     splice:
       mode: immediate
+      linger: 1s
   - name: nat
     listen: 15002
     ports: ["5002"]
@@ -45,6 +47,7 @@ services:
     idle_timeout: 1m
     splice:
       mode: immediate
+      linger: 1s
 `, datapath, bpffs)
 }
 

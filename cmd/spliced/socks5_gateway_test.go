@@ -117,12 +117,14 @@ services:
     splice:
       mode: bytes
       bytes: 1MiB
+      linger: 1s
   - name: tcp
     listen_mode: direct
     listen_on: ["%s"]
     splice:
       mode: bytes
       bytes: 1MiB
+      linger: 1s
     forward:
       backends: ["%s"]
 `, netip.AddrPortFrom(gw.IPv4, 1080), netip.AddrPortFrom(gw.IPv4, 8080), backend))
@@ -208,6 +210,7 @@ services:
     listen_on: ["%s"]
     splice:
       mode: immediate
+      linger: 1s
 `, netip.AddrPortFrom(gw.IPv4, 1080)))
 	ln, err := srv.Listen(backend)
 	if err != nil {
@@ -280,8 +283,8 @@ services:
 		t.Fatal("the client received other bytes than the server sent")
 	}
 	if fin {
-		// A spliced flow is retired a few seconds after both ends'
-		// FINs were acknowledged.
+		// A spliced flow is retired splice.linger (1 s here) after both
+		// ends' FINs were acknowledged.
 		if err := d.WaitLog(20*time.Second, func(l map[string]any) bool { return l["msg"] == "flow closed" }); err != nil {
 			t.Fatal(err)
 		}

@@ -97,6 +97,7 @@ log:
     splice:
       mode: %s
       bytes: %d
+      linger: 1s
 `, kernel, sc.port, sc.upstream, splice, max(sc.spliceAt, 1))
 }
 
@@ -239,7 +240,7 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 	}
 	if bpfMode(mode) && sc.proof && tr.Check() == nil {
 		// The daemon retires the flow from the program's state: FIN
-		// both ways, acknowledged (after a linger of 5 s).
+		// both ways, acknowledged (after splice.linger, 1 s here).
 		if err := d.WaitLog(15*time.Second, func(l map[string]any) bool {
 			return l["msg"] == "flow closed" && l["mode"] == "spliced"
 		}); err != nil {

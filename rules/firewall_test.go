@@ -1,9 +1,11 @@
 package rules
 
 import (
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/google/nftables"
@@ -278,4 +280,102 @@ func TestUntrackedDropsIptables(t *testing.T) {
 	check("all but untracked accepted", true)
 	add(true, states(xtStateUntracked, false), accept)
 	check("untracked accepted", false)
+}
+
+// TestSourceNATs: the masquerade and snat rules of other tables'
+// postrouting nat chains are found with the interface they apply to: a
+// rule's own oifname (whole, a prefix, or negated), or that of the rule
+// that jumped to its chain (OpenWrt's fw4: srcnat jumps to srcnat_wan
+// for oifname "wan"); destination NAT, other hooks and our own table are
+// not.
+func TestSourceNATs(t *testing.T) {
+	testnet.Privileged(t, "nft")
+	ns := testnet.Scratch(t)
+	const ruleset = `table inet fw4 {
+		chain srcnat { type nat hook postrouting priority srcnat;
+			oifname "wan" jump srcnat_wan
+		}
+		chain srcnat_wan {
+			meta nfproto ipv4 masquerade
+		}
+		chain dstnat { type nat hook prerouting priority dstnat;
+			tcp dport 8080 dnat ip to 10.9.0.2
+		}
+	}
+	table ip nat {
+		chain post { type nat hook postrouting priority srcnat;
+			oifname "ppp*" masquerade
+			oifname != "lan0" ip saddr 10.0.0.0/8 snat to 192.0.2.1
+			tcp dport 25 counter
+		}
+		chain in { type nat hook input priority 100;
+			snat to 192.0.2.2
+		}
+	}
+	table inet spl_rt {
+		chain post { type nat hook postrouting priority srcnat;
+			masquerade
+		}
+	}`
+	file := filepath.Join(t.TempDir(), "ruleset.nft")
+	if err := os.WriteFile(file, []byte(ruleset+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := ns.Run("nft", "-f", file); err != nil {
+		t.Fatalf("nft: %v: %s", err, out)
+	}
+	fd := ns.OpenT(t)
+	// iptables-nft's -t nat -A POSTROUTING -o eth1 -j MASQUERADE.
+	c, err := nftConn(fd, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tbl := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: "nat"}
+	ch := &nftables.Chain{Name: "POSTROUTING", Table: tbl, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource}
+	c.AddChain(ch)
+	c.AddRule(&nftables.Rule{Table: tbl, Chain: ch, Exprs: []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyOIFNAME, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte("eth1\x00")},
+		&expr.Target{Name: "MASQUERADE", Rev: 0, Info: &xt.NatIPv4MultiRangeCompat{{MinIP: net.IPv4zero, MaxIP: net.IPv4zero}}},
+	}})
+	if err := c.Flush(); err != nil {
+		t.Fatalf("add iptables-nft's rule: %v", err)
+	}
+	m := NewManager(sampleSpec(t), WithNetNS(fd))
+	got, err := m.SourceNATs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range got {
+		names = append(names, s.String())
+	}
+	slices.Sort(names)
+	want := []string{
+		"table inet fw4 chain srcnat_wan (masquerade on wan)",
+		"table ip nat chain POSTROUTING (masquerade on eth1)",
+		"table ip nat chain post (masquerade on ppp*)",
+		"table ip nat chain post (snat on every interface but lan0)",
+	}
+	if !slices.Equal(names, want) {
+		t.Fatalf("found\n%s\nwant\n%s", strings.Join(names, "\n"), strings.Join(want, "\n"))
+	}
+	matches := map[string][]string{} // interface -> rules that apply
+	for _, ifc := range []string{"wan", "wan2", "ppp0", "lan0", "eth1"} {
+		for _, s := range got {
+			if s.Matches(ifc) {
+				matches[ifc] = append(matches[ifc], s.Chain)
+			}
+		}
+	}
+	for ifc, want := range map[string][]string{
+		"wan": {"srcnat_wan", "post"}, "wan2": {"post"}, "ppp0": {"post", "post"}, "lan0": nil, "eth1": {"post", "POSTROUTING"},
+	} {
+		g := matches[ifc]
+		slices.Sort(g)
+		slices.Sort(want)
+		if !slices.Equal(g, want) {
+			t.Errorf("rules for packets leaving on %s: %q, want %q", ifc, g, want)
+		}
+	}
 }

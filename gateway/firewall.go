@@ -15,9 +15,12 @@ import (
 // check cannot prove a drop (a chain may accept such packets in ways it
 // does not read), and an operator who reads the warning fixes the chain
 // without a restart. Flows on the bpf datapath's redirect skip the
-// forward hook, so that datapath is not checked. Called with g.rulesMu
-// held (at start, and with each drift check).
+// forward hook, so that datapath is not checked. It runs the source NAT
+// check (checkSourceNAT) first, with or without splicing. Called with
+// g.rulesMu held (at start, with each drift check, and when another
+// table changes).
 func (g *Gateway) checkFirewall() {
+	g.checkSourceNAT()
 	if !g.splicing() || g.redirectsSpliced() {
 		g.firewallDrops.Store(nil)
 		return
@@ -71,7 +74,7 @@ func (g *Gateway) redirectsSpliced() bool {
 // statusWarnings are what `splicectl status` lists for the operator to
 // fix.
 func (g *Gateway) statusWarnings() []string {
-	out := g.firewallWarnings()
+	out := append(g.firewallWarnings(), g.sourceNATWarnings()...)
 	if w := g.reversePathWarning(); w != "" {
 		out = append(out, "splices refused: "+w)
 	}

@@ -126,9 +126,12 @@ type Gateway struct {
 	// firewallDrops: the forward chains checkFirewall last found
 	// dropping spliced flows (written under rulesMu).
 	firewallDrops  atomic.Pointer[[]rules.UntrackedDrop]
-	firewallUnread bool          // the last check could not read the ruleset (under rulesMu)
-	firewallPoke   chan struct{} // another table changed (see watchFirewall)
-	rpf            rpfFilter     // strict reverse path filtering (see rpfilter.go)
+	firewallUnread bool // the last check could not read the ruleset (under rulesMu)
+	// sourceNATs: the conflicts checkSourceNAT last found
+	sourceNATs      atomic.Pointer[[]SourceNATConflict]
+	sourceNATUnread bool          // the last check could not read the ruleset (under rulesMu)
+	firewallPoke    chan struct{} // another table changed (see watchFirewall)
+	rpf             rpfFilter     // strict reverse path filtering (see rpfilter.go)
 
 	spliceLatency            latencies
 	phases                   [numSteps]latencies // see phase

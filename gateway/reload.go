@@ -115,6 +115,9 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 	detail := fmt.Sprintf("services: %d; started %s; stopped %s", len(cfg.Services), names(added), strings.Join(removed, ", "))
 	g.log.Info("configuration reloaded", logging.KeyFile, cfg.File, "detail", detail)
 	g.events.publish(api.Event{Kind: api.EventReloaded, Detail: detail})
+	// A service's upstream or splicing may have changed what the
+	// ruleset checks find.
+	g.checkFirewall()
 	return nil
 }
 

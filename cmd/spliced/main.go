@@ -124,6 +124,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		if spec.Divert.Enabled && (cfg.Kernel.Datapath != config.DatapathBPF || cfg.Kernel.BPFForward != config.BPFForwardRedirect) {
 			checkFirewall(stdout, spec)
 		}
+		checkSourceNAT(stdout, cfg, spec)
 		fmt.Fprintf(stdout, "# datapath: %s\n", cfg.Kernel.Datapath)
 		if cfg.Kernel.Datapath != config.DatapathNFQueue {
 			ifaces, err := gateway.Interfaces(cfg)
@@ -244,6 +245,23 @@ func hashPasswordFrom(in io.Reader, stdout, stderr io.Writer) int {
 
 // checkFirewall prints, for -check, the forward chains of other tables
 // that would drop spliced flows' packets (see rules.UntrackedDrops).
+// checkSourceNAT prints the transparent services whose upstream
+// connections would miss the router's source NAT (gateway.SourceNATConflicts).
+func checkSourceNAT(stdout io.Writer, cfg *config.Config, spec rules.Spec) {
+	m := rules.NewManager(spec)
+	defer m.Close()
+	found, err := gateway.SourceNATConflicts(cfg, m)
+	switch {
+	case err != nil:
+		fmt.Fprintf(stdout, "# source NAT: not checked (%v)\n", err)
+	case len(found) == 0:
+		fmt.Fprintf(stdout, "# source NAT: no masquerade or snat rule of another table applies where transparent services' connections leave\n")
+	}
+	for _, c := range found {
+		fmt.Fprintf(stdout, "# source NAT: %s\n", c)
+	}
+}
+
 func checkFirewall(stdout io.Writer, spec rules.Spec) {
 	m := rules.NewManager(spec)
 	defer m.Close()

@@ -316,6 +316,26 @@ func TestMark(t *testing.T) {
 	if mark := binary.NativeEndian.Uint32(ctxOut[8:]); ret != RetNext || mark != 0x104 {
 		t.Fatalf("return %#x, mark %#x, want %#x and 0x104", ret, mark, uint32(RetNext))
 	}
+
+	// A packet that carries the mark was rewritten already, at another
+	// interface (a bridge's port, before the bridge): it passes
+	// untouched and uncounted, though its tuple is the flow's.
+	before, err := dp.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctxIn = binary.NativeEndian.AppendUint32(make([]byte, 8), 0x104)
+	out := make([]byte, len(in)+256)
+	ret, err = dp.Program().Run(&ebpf.RunOptions{Data: in, DataOut: out, Context: ctxIn, ContextOut: ctxOut})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out[:len(in)], in) || ret != RetNext {
+		t.Errorf("a packet marked rewritten: return %#x, changed %v; want %#x, unchanged", ret, !bytes.Equal(out[:len(in)], in), uint32(RetNext))
+	}
+	if after, err := dp.Counters(); err != nil || after != before {
+		t.Errorf("counters %v -> %v (%v), want them unmoved", before, after, err)
+	}
 }
 
 // TestRedirect: with Options.Redirect a rewritten packet is sent to the

@@ -620,6 +620,15 @@ int splice_rewrite(struct __sk_buff *skb)
 	struct tuple key = {};
 	__be16 ethertype;
 
+	// A packet this program rewrote already, met again at another
+	// interface's ingress: a bridge's, after its port's (with
+	// bpf_forward: stack the port passes it up the stack, and the bridge
+	// delivers it to itself). A transparent flow's packet keeps its
+	// tuple, the client leg's, and would be rewritten twice (its offsets
+	// added again). Not counted again: its first verdict was.
+	if (skb->mark & rewritten_mark)
+		return TCX_NEXT;
+
 	// The program expects an Ethernet header before the IP packet (it is
 	// for Ethernet-type devices, veth included): its EtherType must be the
 	// skb's protocol. VLAN tags the device did not strip pass.

@@ -62,6 +62,11 @@ func SourceNATConflicts(cfg *config.Config, m *rules.Manager) ([]SourceNATConfli
 	return out, nil
 }
 
+// same reports whether c and o are the same conflict.
+func (c SourceNATConflict) same(o SourceNATConflict) bool {
+	return c.Service == o.Service && c.Ifname == o.Ifname && c.Rule.String() == o.Rule.String()
+}
+
 // egressInterfaces are the interfaces the routes to a service's
 // destinations leave on (the gateway's own addresses not included).
 func egressInterfaces(s *config.Service) []string {
@@ -114,13 +119,13 @@ func (g *Gateway) checkSourceNAT() {
 		was = *p
 	}
 	for _, c := range found {
-		if !slices.Contains(was, c) {
+		if !slices.ContainsFunc(was, c.same) {
 			g.log.Warn("a transparent service's upstream connections miss the router's source NAT: they keep the client's address, which servers beyond it cannot answer (connects time out, proxied or spliced). Set upstream: nat for the service, or take the rule off that interface",
 				logging.KeyService, c.Service, "interface", c.Ifname, "rule", c.Rule.String())
 		}
 	}
 	for _, c := range was {
-		if !slices.Contains(found, c) {
+		if !slices.ContainsFunc(found, c.same) {
 			g.log.Info("a transparent service's upstream connections no longer meet a source NAT rule", logging.KeyService, c.Service, "interface", c.Ifname, "rule", c.Rule.String())
 		}
 	}

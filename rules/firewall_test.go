@@ -1,6 +1,8 @@
 package rules
 
 import (
+	"encoding/binary"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -352,10 +354,10 @@ func TestSourceNATs(t *testing.T) {
 	}
 	slices.Sort(names)
 	want := []string{
-		"table inet fw4 chain srcnat_wan (masquerade on wan)",
+		"table inet fw4 chain srcnat_wan (IPv4 masquerade on wan)",
 		"table ip nat chain POSTROUTING (masquerade on eth1)",
 		"table ip nat chain post (masquerade on ppp*)",
-		"table ip nat chain post (snat on every interface but lan0)",
+		"table ip nat chain post (snat from 10.0.0.0/8 on every interface but lan0)",
 	}
 	if !slices.Equal(names, want) {
 		t.Fatalf("found\n%s\nwant\n%s", strings.Join(names, "\n"), strings.Join(want, "\n"))
@@ -376,6 +378,175 @@ func TestSourceNATs(t *testing.T) {
 		slices.Sort(want)
 		if !slices.Equal(g, want) {
 			t.Errorf("rules for packets leaving on %s: %q, want %q", ifc, g, want)
+		}
+	}
+}
+
+// TestSourceNATsConditions: the conditions a source NAT rule applies
+// under are read as the kernel takes them. A chain jumped to under
+// oifname "eth0" applies under both its own rules' and that condition
+// (firewalld's zones: oifname "eth0" goto the external zone, whose
+// masquerade has oifname != "lo"); verdict maps' jumps are followed with
+// their keys; interface sets (wildcards among them) and their negation,
+// "oif" by index, the packets' family (table, meta nfproto, an inet
+// snat's ip or ip6) and a source prefix are read; a chain reached on
+// several paths under one condition is listed once (a chain of 12 jumps,
+// each made twice, once, not 4096 times).
+func TestSourceNATsConditions(t *testing.T) {
+	testnet.Privileged(t, "nft")
+	ns := testnet.Scratch(t)
+	const depth = 12
+	var diamond strings.Builder
+	diamond.WriteString("table ip6 d {\n\tchain d0 { type nat hook postrouting priority srcnat;\n")
+	for i := range depth {
+		fmt.Fprintf(&diamond, "\t\tjump d%d\n\t\tjump d%d\n\t}\n\tchain d%d {\n", i+1, i+1, i+1)
+	}
+	diamond.WriteString("\t\toifname \"wan6\" masquerade\n\t}\n}\n")
+	const ruleset = `table inet firewalld {
+		chain nat_POSTROUTING { type nat hook postrouting priority srcnat + 10;
+			jump nat_POSTROUTING_ZONES
+		}
+		chain nat_POSTROUTING_ZONES {
+			oifname "eth0" goto nat_POST_external
+			oifname "eth1" goto nat_POST_internal
+			goto nat_POST_internal
+		}
+		chain nat_POST_external {
+			jump nat_POST_external_allow
+		}
+		chain nat_POST_external_allow {
+			meta nfproto ipv4 oifname != "lo" masquerade
+		}
+		chain nat_POST_internal {
+			oifname "eth0" oifname "eth1" masquerade
+		}
+	}
+	table inet t {
+		set wans { type ifname; elements = { "ppp0", "ppp1" } }
+		chain post { type nat hook postrouting priority srcnat;
+			oifname vmap { "wan" : jump a, "wwan*" : goto a }
+			oifname { "eth*", "wan2" } masquerade
+			oifname != { "lan", "lo" } snat ip to 192.0.2.7
+			oifname @wans masquerade
+			ip saddr 172.17.0.0/16 oifname != "docker0" masquerade
+			ip saddr 10.1.2.0/23 ip saddr 10.1.0.0/16 meta oifname "wan" masquerade
+			ip6 saddr fd00::/8 oifname "wan" masquerade
+			oifname "x" jump b
+		}
+		chain a {
+			masquerade
+		}
+		chain b {
+			oifname "y" masquerade
+		}
+	}
+	`
+	file := filepath.Join(t.TempDir(), "ruleset.nft")
+	if err := os.WriteFile(file, []byte(ruleset+diamond.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := ns.Run("nft", "-f", file); err != nil {
+		t.Fatalf("nft: %v: %s", err, out)
+	}
+	fd := ns.OpenT(t)
+	// oif by index (nft resolves the name when the rule is added): lo,
+	// and an interface that is gone.
+	c, err := nftConn(fd, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tbl := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: "byindex"}
+	c.AddTable(tbl)
+	ch := &nftables.Chain{Name: "byindex_post", Table: tbl, Type: nftables.ChainTypeNAT, Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource}
+	c.AddChain(ch)
+	for _, index := range []uint32{1, 9999} {
+		c.AddRule(&nftables.Rule{Table: tbl, Chain: ch, Exprs: []expr.Any{
+			&expr.Meta{Key: expr.MetaKeyOIF, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binary.NativeEndian.AppendUint32(nil, index)},
+			&expr.Masq{},
+		}})
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatalf("add the oif rules: %v", err)
+	}
+	m := NewManager(sampleSpec(t), WithNetNS(fd))
+	got, err := m.SourceNATs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range got {
+		names = append(names, s.String())
+	}
+	slices.Sort(names)
+	want := []string{
+		"table inet firewalld chain nat_POST_external_allow (IPv4 masquerade on eth0)",
+		"table inet t chain a (masquerade on wan)",
+		"table inet t chain a (masquerade on wwan*)",
+		"table inet t chain post (IPv4 masquerade from 10.1.2.0/23 on wan)",
+		"table inet t chain post (IPv4 masquerade from 172.17.0.0/16 on every interface but docker0)",
+		"table inet t chain post (IPv4 snat on every interface but lan, lo)",
+		"table inet t chain post (IPv6 masquerade from fd00::/8 on wan)",
+		"table inet t chain post (masquerade on eth* or wan2)",
+		"table inet t chain post (masquerade on ppp0 or ppp1)",
+		"table ip byindex chain byindex_post (masquerade on lo)",
+		fmt.Sprintf("table ip6 d chain d%d (masquerade on wan6)", depth),
+	}
+	if !slices.Equal(names, want) {
+		t.Fatalf("found\n%s\nwant\n%s", strings.Join(names, "\n"), strings.Join(want, "\n"))
+	}
+	matches := map[string][]string{} // interface -> rules that apply
+	for _, ifc := range []string{"eth0", "eth1", "eth7", "wan", "wan2", "wan6", "wwan0", "ppp1", "lan", "lo", "docker0", "x", "y"} {
+		for _, s := range got {
+			if s.Matches(ifc) {
+				matches[ifc] = append(matches[ifc], s.Chain)
+			}
+		}
+	}
+	for ifc, want := range map[string][]string{
+		"eth0":    {"nat_POST_external_allow", "post", "post", "post"},
+		"eth1":    {"post", "post", "post"},
+		"eth7":    {"post", "post", "post"},
+		"wan":     {"a", "post", "post", "post", "post"},
+		"wan6":    {"d12", "post", "post"},
+		"wan2":    {"post", "post", "post"},
+		"wwan0":   {"a", "post", "post"},
+		"ppp1":    {"post", "post", "post"},
+		"lan":     {"post"},
+		"lo":      {"post", "byindex_post"},
+		"docker0": {"post"},
+		"x":       {"post", "post"},
+		"y":       {"post", "post"},
+	} {
+		g := matches[ifc]
+		slices.Sort(g)
+		slices.Sort(want)
+		if !slices.Equal(g, want) {
+			t.Errorf("rules for packets leaving on %s: %q, want %q", ifc, g, want)
+		}
+	}
+}
+
+// TestSourcePrefix: a source address compared whole, by its first bytes
+// or under a mask is read as a prefix; a mask that is not one (a one
+// after a zero) is not read.
+func TestSourcePrefix(t *testing.T) {
+	for _, tc := range []struct {
+		data, mask []byte
+		v6         bool
+		want       string // "" for none
+	}{
+		{[]byte{10, 1, 2, 3}, nil, false, "10.1.2.3/32"},
+		{[]byte{172, 17}, nil, false, "172.17.0.0/16"},
+		{[]byte{10, 1, 2, 0}, []byte{0xff, 0xff, 0xfe, 0}, false, "10.1.2.0/23"},
+		{[]byte{10, 0, 0, 0}, []byte{0xff, 0, 0xff, 0}, false, ""},
+		{[]byte{10, 0, 0, 0}, []byte{0x0f, 0, 0, 0}, false, ""},
+		{[]byte{0xfd}, nil, true, "fd00::/8"},
+		{[]byte{1, 2, 3, 4, 5}, nil, false, ""},
+	} {
+		p, ok := sourcePrefix(tc.data, tc.mask, tc.v6)
+		if got := map[bool]string{true: p.String()}[ok]; got != tc.want {
+			t.Errorf("sourcePrefix(%v, %v) = %q, want %q", tc.data, tc.mask, got, tc.want)
 		}
 	}
 }

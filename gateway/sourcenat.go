@@ -31,9 +31,11 @@ func (c SourceNATConflict) String() string {
 
 // SourceNATConflicts finds the transparent services of cfg whose
 // upstream connections leave on an interface that a source NAT rule of
-// another table applies to. Where they leave is where the routes to the
-// service's destinations go (to any address: those to 192.0.2.1 and
-// 2001:db8::1, documentation addresses that follow the default routes).
+// another table applies to (for the connections' family, and for the
+// service's sources where the rule is limited to a source prefix).
+// Where they leave is where the routes to the service's destinations go
+// (to any address: those to 192.0.2.1 and 2001:db8::1, documentation
+// addresses that follow the default routes).
 func SourceNATConflicts(cfg *config.Config, m *rules.Manager) ([]SourceNATConflict, error) {
 	var transparent []*config.Service
 	for i := range cfg.Services {
@@ -49,17 +51,28 @@ func SourceNATConflicts(cfg *config.Config, m *rules.Manager) ([]SourceNATConfli
 	if err != nil || len(nats) == 0 {
 		return nil, err
 	}
+	return sourceNATConflicts(transparent, nats, egressInterfaces), nil
+}
+
+// sourceNATConflicts finds the conflicts of services with nats, each
+// once; egress tells where a service's connections leave.
+func sourceNATConflicts(services []*config.Service, nats []rules.SourceNAT, egress func(*config.Service) []egressInterface) []SourceNATConflict {
 	var out []SourceNATConflict
-	for _, s := range transparent {
-		for _, ifname := range egressInterfaces(s) {
+	for _, s := range services {
+		var sources []netip.Prefix
+		for _, p := range s.Sources {
+			sources = append(sources, p.Prefix)
+		}
+		for _, e := range egress(s) {
 			for _, r := range nats {
-				if r.Matches(ifname) {
-					out = append(out, SourceNATConflict{Service: s.Name, Ifname: ifname, Rule: r})
+				c := SourceNATConflict{Service: s.Name, Ifname: e.name, Rule: r}
+				if r.Applies(e.name, e.ipv6, sources) && !slices.ContainsFunc(out, c.same) {
+					out = append(out, c)
 				}
 			}
 		}
 	}
-	return out, nil
+	return out
 }
 
 // same reports whether c and o are the same conflict.
@@ -67,9 +80,16 @@ func (c SourceNATConflict) same(o SourceNATConflict) bool {
 	return c.Service == o.Service && c.Ifname == o.Ifname && c.Rule.String() == o.Rule.String()
 }
 
+// egressInterface is an interface a service's connections of a family
+// leave on.
+type egressInterface struct {
+	name string
+	ipv6 bool
+}
+
 // egressInterfaces are the interfaces the routes to a service's
 // destinations leave on (the gateway's own addresses not included).
-func egressInterfaces(s *config.Service) []string {
+func egressInterfaces(s *config.Service) []egressInterface {
 	var to []netip.Addr
 	for _, p := range s.Destinations {
 		if p.Bits() == 0 {
@@ -81,17 +101,19 @@ func egressInterfaces(s *config.Service) []string {
 	if len(to) == 0 {
 		to = []netip.Addr{anyAddress(true), anyAddress(false)}
 	}
-	var names []string
+	var out []egressInterface
 	for _, a := range to {
 		r, err := proxy.RouteTo(a)
 		if err != nil || r.Local || r.Ifindex == 0 {
 			continue
 		}
-		if ifc, err := net.InterfaceByIndex(r.Ifindex); err == nil && !slices.Contains(names, ifc.Name) {
-			names = append(names, ifc.Name)
+		if ifc, err := net.InterfaceByIndex(r.Ifindex); err == nil {
+			if e := (egressInterface{ifc.Name, !a.Unmap().Is4()}); !slices.Contains(out, e) {
+				out = append(out, e)
+			}
 		}
 	}
-	return names
+	return out
 }
 
 // anyAddress is an address that the default route of its family serves.

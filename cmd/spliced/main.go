@@ -243,10 +243,9 @@ func hashPasswordFrom(in io.Reader, stdout, stderr io.Writer) int {
 	return 0
 }
 
-// checkFirewall prints, for -check, the forward chains of other tables
-// that would drop spliced flows' packets (see rules.UntrackedDrops).
-// checkSourceNAT prints the transparent services whose upstream
-// connections would miss the router's source NAT (gateway.SourceNATConflicts).
+// checkSourceNAT prints, for -check, the transparent services whose
+// upstream connections would miss the router's source NAT (see
+// gateway.SourceNATConflicts).
 func checkSourceNAT(stdout io.Writer, cfg *config.Config, spec rules.Spec) {
 	m := rules.NewManager(spec)
 	defer m.Close()
@@ -262,6 +261,8 @@ func checkSourceNAT(stdout io.Writer, cfg *config.Config, spec rules.Spec) {
 	}
 }
 
+// checkFirewall prints, for -check, the forward chains of other tables
+// that would drop spliced flows' packets (see rules.UntrackedDrops).
 func checkFirewall(stdout io.Writer, spec rules.Spec) {
 	m := rules.NewManager(spec)
 	defer m.Close()

@@ -16,11 +16,13 @@ import (
 // does not read), and an operator who reads the warning fixes the chain
 // without a restart. Flows on the bpf datapath's redirect skip the
 // forward hook, so that datapath is not checked. It runs the source NAT
-// check (checkSourceNAT) first, with or without splicing. Called with
+// and bridge checks (checkSourceNAT, checkBridgeNetfilter) first, with or
+// without splicing. Called with
 // g.rulesMu held (at start, with each drift check, and when another
 // table changes).
 func (g *Gateway) checkFirewall() {
 	g.checkSourceNAT()
+	g.checkBridgeNetfilter()
 	if !g.splicing() || g.redirectsSpliced() {
 		g.firewallDrops.Store(nil)
 		return
@@ -75,6 +77,7 @@ func (g *Gateway) redirectsSpliced() bool {
 // fix.
 func (g *Gateway) statusWarnings() []string {
 	out := append(g.firewallWarnings(), g.sourceNATWarnings()...)
+	out = append(out, g.bridgeNetfilterWarnings()...)
 	if w := g.reversePathWarning(); w != "" {
 		out = append(out, "splices refused: "+w)
 	}

@@ -129,9 +129,11 @@ type Gateway struct {
 	firewallUnread bool // the last check could not read the ruleset (under rulesMu)
 	// sourceNATs: the conflicts checkSourceNAT last found
 	sourceNATs      atomic.Pointer[[]SourceNATConflict]
-	sourceNATUnread bool          // the last check could not read the ruleset (under rulesMu)
-	firewallPoke    chan struct{} // another table changed (see watchFirewall)
-	rpf             rpfFilter     // strict reverse path filtering (see rpfilter.go)
+	sourceNATUnread bool // the last check could not read the ruleset (under rulesMu)
+	// bridgeNF: what checkBridgeNetfilter last found ("" nothing)
+	bridgeNF     atomic.Pointer[string]
+	firewallPoke chan struct{} // another table changed (see watchFirewall)
+	rpf          rpfFilter     // strict reverse path filtering (see rpfilter.go)
 
 	spliceLatency            latencies
 	phases                   [numSteps]latencies // see phase

@@ -125,6 +125,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 			checkFirewall(stdout, spec)
 		}
 		checkSourceNAT(stdout, cfg, spec)
+		if problem, err := gateway.BridgeNetfilterProblem(cfg); err != nil {
+			fmt.Fprintf(stdout, "# bridges: not checked (%v)\n", err)
+		} else if problem != "" {
+			fmt.Fprintf(stdout, "# bridges: %s\n", problem)
+		}
 		fmt.Fprintf(stdout, "# datapath: %s\n", cfg.Kernel.Datapath)
 		if cfg.Kernel.Datapath != config.DatapathNFQueue {
 			ifaces, err := gateway.Interfaces(cfg)
@@ -134,7 +139,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			}
 			how := "kernel.interfaces"
 			if len(cfg.Kernel.Interfaces) == 0 {
-				how = "every interface but lo present now, and those that appear later"
+				how = "every interface but lo and bridges' ports present now, and those that appear later"
 			}
 			fmt.Fprintf(stdout, "#   BPF program at tcx ingress of: %s (%s)\n", strings.Join(ifaces, ", "), how)
 			if cfg.Kernel.BPFForward == config.BPFForwardRedirect {

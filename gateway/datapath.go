@@ -71,7 +71,8 @@ func (k *kernelPath) close(remove bool) error {
 }
 
 // Interfaces returns the interfaces the bpf datapath attaches to under
-// cfg: kernel.interfaces, or every interface but loopback now present.
+// cfg: kernel.interfaces, or every interface now present but loopback
+// and the ports of bridges.
 func Interfaces(cfg *config.Config) ([]string, error) {
 	if len(cfg.Kernel.Interfaces) > 0 {
 		return cfg.Kernel.Interfaces, nil
@@ -80,9 +81,18 @@ func Interfaces(cfg *config.Config) ([]string, error) {
 	if err != nil {
 		return nil, fmt.Errorf("list interfaces: %w", err)
 	}
+	// Not a bridge's ports: the program sits at the bridge, where a
+	// client's packet arrives too (passed up by the bridge), and whose
+	// routes its redirect checks the packet's source against. At a port
+	// that check fails (the source is routed through the bridge), so the
+	// program rewrote there and passed the packet to the stack instead
+	// (TestLabBridgedLAN). If the ports cannot be listed, they are
+	// attached to as well: slower, not wrong (the program passes what it
+	// rewrote at another interface).
+	_, ports, _ := bridgeLinks()
 	var out []string
 	for _, ifi := range ifs {
-		if ifi.Flags&net.FlagLoopback == 0 {
+		if ifi.Flags&net.FlagLoopback == 0 && !ports[ifi.Name] {
 			out = append(out, ifi.Name)
 		}
 	}

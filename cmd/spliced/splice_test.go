@@ -62,6 +62,8 @@ type scenario struct {
 	// unownedTable: kernel.own_table: off, for a test that changes the
 	// table with nft.
 	unownedTable bool
+	// kernel: more lines of the kernel section ("  key: value\n").
+	kernel string
 }
 
 func scenarioConfig(sc *scenario, mode string) string {
@@ -75,10 +77,11 @@ func scenarioConfig(sc *scenario, mode string) string {
 	case "splice-bpf-stack":
 		kernel = "kernel:\n  datapath: bpf\n  bpf_forward: stack\n"
 	}
-	if sc.resendRaw || sc.unownedTable {
+	if sc.resendRaw || sc.unownedTable || sc.kernel != "" {
 		if kernel == "" {
 			kernel = "kernel:\n"
 		}
+		kernel += sc.kernel
 		if sc.resendRaw {
 			kernel += "  resend: raw\n"
 		}

@@ -372,19 +372,25 @@ func (w *untrackedWalk) lookup(e *expr.Lookup, known map[uint32][]byte, ev *rule
 
 // set reads a set and its elements once per walk.
 func (w *untrackedWalk) set(name string) (setContents, error) {
-	if s, ok := w.sets[name]; ok {
+	return readSet(w.c, w.t, w.sets, name)
+}
+
+// readSet reads set name of table t and its elements, once per walk:
+// cache holds what the walk read.
+func readSet(c *nftables.Conn, t *nftables.Table, cache map[string]setContents, name string) (setContents, error) {
+	if s, ok := cache[name]; ok {
 		return s, nil
 	}
-	set, err := w.c.GetSetByName(w.t, name)
+	set, err := c.GetSetByName(t, name)
 	if err != nil {
 		return setContents{}, fmt.Errorf("get set %s: %w", name, err)
 	}
-	els, err := w.c.GetSetElements(set)
+	els, err := c.GetSetElements(set)
 	if err != nil {
 		return setContents{}, fmt.Errorf("list set %s: %w", name, err)
 	}
 	s := setContents{set, els}
-	w.sets[name] = s
+	cache[name] = s
 	return s, nil
 }
 

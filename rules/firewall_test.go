@@ -362,24 +362,9 @@ func TestSourceNATs(t *testing.T) {
 	if !slices.Equal(names, want) {
 		t.Fatalf("found\n%s\nwant\n%s", strings.Join(names, "\n"), strings.Join(want, "\n"))
 	}
-	matches := map[string][]string{} // interface -> rules that apply
-	for _, ifc := range []string{"wan", "wan2", "ppp0", "lan0", "eth1"} {
-		for _, s := range got {
-			if s.Matches(ifc) {
-				matches[ifc] = append(matches[ifc], s.Chain)
-			}
-		}
-	}
-	for ifc, want := range map[string][]string{
+	checkAppliesOn(t, got, map[string][]string{
 		"wan": {"srcnat_wan", "post"}, "wan2": {"post"}, "ppp0": {"post", "post"}, "lan0": nil, "eth1": {"post", "POSTROUTING"},
-	} {
-		g := matches[ifc]
-		slices.Sort(g)
-		slices.Sort(want)
-		if !slices.Equal(g, want) {
-			t.Errorf("rules for packets leaving on %s: %q, want %q", ifc, g, want)
-		}
-	}
+	})
 }
 
 // TestSourceNATsConditions: the conditions a source NAT rule applies
@@ -495,15 +480,7 @@ func TestSourceNATsConditions(t *testing.T) {
 	if !slices.Equal(names, want) {
 		t.Fatalf("found\n%s\nwant\n%s", strings.Join(names, "\n"), strings.Join(want, "\n"))
 	}
-	matches := map[string][]string{} // interface -> rules that apply
-	for _, ifc := range []string{"eth0", "eth1", "eth7", "wan", "wan2", "wan6", "wwan0", "ppp1", "lan", "lo", "docker0", "x", "y"} {
-		for _, s := range got {
-			if s.Matches(ifc) {
-				matches[ifc] = append(matches[ifc], s.Chain)
-			}
-		}
-	}
-	for ifc, want := range map[string][]string{
+	checkAppliesOn(t, got, map[string][]string{
 		"eth0":    {"nat_POST_external_allow", "post", "post", "post"},
 		"eth1":    {"post", "post", "post"},
 		"eth7":    {"post", "post", "post"},
@@ -517,12 +494,24 @@ func TestSourceNATsConditions(t *testing.T) {
 		"docker0": {"post"},
 		"x":       {"post", "post"},
 		"y":       {"post", "post"},
-	} {
-		g := matches[ifc]
-		slices.Sort(g)
-		slices.Sort(want)
-		if !slices.Equal(g, want) {
-			t.Errorf("rules for packets leaving on %s: %q, want %q", ifc, g, want)
+	})
+}
+
+// checkAppliesOn checks, for each interface of want, the chains of the
+// rules of got that apply to packets leaving on it.
+func checkAppliesOn(t *testing.T, got []SourceNAT, want map[string][]string) {
+	t.Helper()
+	for ifc, w := range want {
+		var chains []string
+		for _, s := range got {
+			if s.Matches(ifc) {
+				chains = append(chains, s.Chain)
+			}
+		}
+		slices.Sort(chains)
+		slices.Sort(w)
+		if !slices.Equal(chains, w) {
+			t.Errorf("rules for packets leaving on %s: %q, want %q", ifc, chains, w)
 		}
 	}
 }

@@ -458,20 +458,7 @@ func (w *natWalk) lookup(chain string, e *expr.Lookup, r reg, vmap bool, rc *nat
 
 // set reads a set and its elements once per walk.
 func (w *natWalk) set(name string) (setContents, error) {
-	if s, ok := w.sets[name]; ok {
-		return s, nil
-	}
-	set, err := w.c.GetSetByName(w.t, name)
-	if err != nil {
-		return setContents{}, fmt.Errorf("get set %s: %w", name, err)
-	}
-	els, err := w.c.GetSetElements(set)
-	if err != nil {
-		return setContents{}, fmt.Errorf("list set %s: %w", name, err)
-	}
-	s := setContents{set, els}
-	w.sets[name] = s
-	return s, nil
+	return readSet(w.c, w.t, w.sets, name)
 }
 
 // linkName is the name of the interface with the index, in the

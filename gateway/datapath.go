@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -89,7 +90,13 @@ func Interfaces(cfg *config.Config) ([]string, error) {
 	// (TestLabBridgedLAN). If the ports cannot be listed, they are
 	// attached to as well: slower, not wrong (the program passes what it
 	// rewrote at another interface).
-	_, ports, _ := bridgeLinks()
+	links, _ := listLinks()
+	ports := map[string]bool{}
+	for _, p := range links {
+		if slices.ContainsFunc(links, func(br linkFacts) bool { return br.kind == "bridge" && br.index == p.master && p.master != 0 }) {
+			ports[p.name] = true
+		}
+	}
 	var out []string
 	for _, ifi := range ifs {
 		if ifi.Flags&net.FlagLoopback == 0 && !ports[ifi.Name] {

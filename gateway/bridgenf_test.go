@@ -5,7 +5,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/jsimonetti/rtnetlink/v2"
 	"github.com/mdlayher/netlink"
@@ -205,5 +207,140 @@ func TestBridgeNetfilterProblemLive(t *testing.T) {
 	ns.MustRun("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1")
 	if p := problem(); !strings.Contains(p, "through bridge br9 while net.bridge.bridge-nf-call-iptables=1 (") {
 		t.Errorf("the IPv4 sysctl on: problem %q, want br9 alone", p)
+	}
+}
+
+// TestDefaultInterfaces: the bpf datapath's default interfaces. A
+// bridge's port is left out (the program sits at the bridge), except
+// where br_netfilter runs the IP hooks for the bridge: they run inside
+// the bridge, before its ingress, and the divert chain among them would
+// queue every packet of a promoted flow. A bond's slave is left out
+// (its bond sees its packets first), a bond that is a bridge's port too;
+// a VRF's slave stays (the VRF's ingress never sees its packets).
+func TestDefaultInterfaces(t *testing.T) {
+	links := []linkFacts{
+		{index: 1, name: "lo", loopback: true},
+		{index: 2, name: "wan"},
+		{index: 3, name: "br-lan", kind: "bridge"},
+		{index: 4, name: "lan1", master: 3},
+		{index: 5, name: "bond0", kind: "bond", master: 3},
+		{index: 6, name: "eth2", master: 5},
+		{index: 7, name: "eth3", master: 5},
+		{index: 8, name: "vrf-blue", kind: "vrf"},
+		{index: 9, name: "eth4", master: 8},
+		{index: 10, name: "br-own", kind: "bridge", nfCall6: true},
+		{index: 11, name: "own1", master: 10},
+		{index: 12, name: "team0", kind: "team"},
+		{index: 13, name: "eth5", master: 12},
+	}
+	for _, tc := range []struct {
+		name string
+		st   brnfState
+		want string
+	}{
+		{"no br_netfilter", brnfState{}, "wan br-lan vrf-blue eth4 br-own team0"},
+		{"sysctls at 0, one bridge's own option on", brnfState{loaded: true}, "wan br-lan vrf-blue eth4 br-own own1 team0"},
+		{"the IPv4 sysctl on", brnfState{loaded: true, call4: true}, "wan br-lan lan1 bond0 vrf-blue eth4 br-own own1 team0"},
+	} {
+		if got := strings.Join(defaultInterfaces(links, tc.st), " "); got != tc.want {
+			t.Errorf("%s: %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}
+
+// TestWaitLinks: followInterfaces' wait ends on a link notification, on
+// a change only a periodic look finds (br_netfilter's sysctls), and with
+// an error when the connection is closed.
+func TestWaitLinks(t *testing.T) {
+	ns := testnet.Scratch(t)
+	var conn *netlink.Conn
+	if err := ns.Do(func() (err error) {
+		conn, err = netlink.Dial(unix.NETLINK_ROUTE, &netlink.Config{Groups: unix.RTMGRP_LINK})
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	wait := func(changed func() bool) <-chan error {
+		ch := make(chan error, 1)
+		go func() { ch <- waitLinks(conn, 20*time.Millisecond, changed) }()
+		return ch
+	}
+	never := func() bool { return false }
+	ch := wait(never)
+	time.Sleep(100 * time.Millisecond)
+	ns.MustRun("ip", "link", "add", "d9", "type", "bridge")
+	select {
+	case err := <-ch:
+		if err != nil {
+			t.Fatalf("a link notification: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a link notification did not end the wait")
+	}
+	// Drain what else the new link sent.
+	for {
+		conn.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
+		if _, err := conn.Receive(); err != nil {
+			break
+		}
+	}
+	var asked atomic.Int32
+	ch = wait(func() bool { return asked.Add(1) == 3 })
+	select {
+	case err := <-ch:
+		if err != nil || asked.Load() != 3 {
+			t.Fatalf("a change: %v after %d looks", err, asked.Load())
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a change did not end the wait")
+	}
+	ch = wait(never)
+	time.Sleep(50 * time.Millisecond)
+	conn.Close()
+	select {
+	case err := <-ch:
+		if err == nil {
+			t.Fatal("no error after the connection closed")
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("closing the connection did not end the wait")
+	}
+}
+
+// TestInterfacesBridgeNetfilterLive: Interfaces in a scratch namespace.
+// A bridge's port is left out while br_netfilter does not run for the
+// bridge, and attached to once it does (here by the bridge's own
+// nf_call_iptables, then by the sysctl).
+func TestInterfacesBridgeNetfilterLive(t *testing.T) {
+	if _, err := os.Stat(brnfDir); err != nil {
+		t.Skip("br_netfilter is not loaded")
+	}
+	ns := testnet.Scratch(t)
+	ns.MustRun("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0")
+	for _, c := range [][]string{
+		{"link", "add", "br9", "type", "bridge"},
+		{"link", "add", "p9", "type", "veth", "peer", "name", "q9"},
+		{"link", "set", "p9", "master", "br9"},
+	} {
+		ns.MustRun("ip", c...)
+	}
+	ifaces := func() string {
+		var out []string
+		if err := ns.Do(func() (err error) { out, err = Interfaces(&config.Config{}); return err }); err != nil {
+			t.Fatal(err)
+		}
+		return strings.Join(out, " ")
+	}
+	if got, want := ifaces(), "br9 q9"; got != want {
+		t.Errorf("br_netfilter off: %q, want %q", got, want)
+	}
+	ns.MustRun("ip", "link", "set", "br9", "type", "bridge", "nf_call_iptables", "1")
+	if got, want := ifaces(), "br9 q9 p9"; got != want {
+		t.Errorf("br9's own nf_call_iptables on: %q, want %q", got, want)
+	}
+	ns.MustRun("ip", "link", "set", "br9", "type", "bridge", "nf_call_iptables", "0")
+	ns.MustRun("sysctl", "-qw", "net.bridge.bridge-nf-call-ip6tables=1")
+	if got, want := ifaces(), "br9 q9 p9"; got != want {
+		t.Errorf("the IPv6 sysctl on: %q, want %q", got, want)
 	}
 }

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -72,38 +71,85 @@ func (k *kernelPath) close(remove bool) error {
 }
 
 // Interfaces returns the interfaces the bpf datapath attaches to under
-// cfg: kernel.interfaces, or every interface now present but loopback
-// and the ports of bridges.
+// cfg: kernel.interfaces, or every interface now present but loopback,
+// the slaves of bonds and teams, and the ports of bridges that do not
+// run br_netfilter (see defaultInterfaces).
 func Interfaces(cfg *config.Config) ([]string, error) {
 	if len(cfg.Kernel.Interfaces) > 0 {
 		return cfg.Kernel.Interfaces, nil
 	}
-	ifs, err := net.Interfaces()
+	links, err := listLinks()
 	if err != nil {
-		return nil, fmt.Errorf("list interfaces: %w", err)
-	}
-	// Not a bridge's ports: the program sits at the bridge, where a
-	// client's packet arrives too (passed up by the bridge), and whose
-	// routes its redirect checks the packet's source against. At a port
-	// that check fails (the source is routed through the bridge), so the
-	// program rewrote there and passed the packet to the stack instead
-	// (TestLabBridgedLAN). If the ports cannot be listed, they are
-	// attached to as well: slower, not wrong (the program passes what it
-	// rewrote at another interface).
-	links, _ := listLinks()
-	ports := map[string]bool{}
-	for _, p := range links {
-		if slices.ContainsFunc(links, func(br linkFacts) bool { return br.kind == "bridge" && br.index == p.master && p.master != 0 }) {
-			ports[p.name] = true
+		// Without masters and kinds every interface is attached to:
+		// slower, not wrong (the program passes what it rewrote at
+		// another interface).
+		ifs, ierr := net.Interfaces()
+		if ierr != nil {
+			return nil, fmt.Errorf("list interfaces: %w", errors.Join(err, ierr))
 		}
+		var out []string
+		for _, ifi := range ifs {
+			if ifi.Flags&net.FlagLoopback == 0 {
+				out = append(out, ifi.Name)
+			}
+		}
+		return out, nil
+	}
+	return defaultInterfaces(links, readBrnf(brnfDir)), nil
+}
+
+// defaultInterfaces picks the interfaces of links the program attaches
+// to by default, with br_netfilter in state st. Left out, besides
+// loopback:
+//
+//   - a bridge's port: the program sits at the bridge, where a client's
+//     packet arrives too (passed up by the bridge), and whose routes its
+//     redirect checks the packet's source against. At a port that check
+//     fails (the source is routed through the bridge), so the program
+//     rewrote there and passed the packet to the stack instead
+//     (TestLabBridgedLAN). Not so where br_netfilter runs the IP hooks
+//     for the bridge (the sysctls or the bridge's own options): they run
+//     inside the bridge, before the bridge's ingress, and the divert
+//     chain among them would queue every packet of a promoted flow to
+//     the Go engine (passed back, its stragglers dropped, promoted
+//     again, until the flow stays there). The program must meet the
+//     packet at the port then, where it rewrites and marks it for the
+//     divert chain to skip;
+//   - a bond's or a team's slave: the bond's ingress sees every packet
+//     the slave passes up, before anything else, and the same redirect
+//     check fails at the slave.
+//
+// Other masters keep their slaves: a VRF's slave receives its packets
+// at its own ingress, never the VRF's.
+func defaultInterfaces(links []linkFacts, st brnfState) []string {
+	byIndex := make(map[uint32]*linkFacts, len(links))
+	for i := range links {
+		byIndex[links[i].index] = &links[i]
 	}
 	var out []string
-	for _, ifi := range ifs {
-		if ifi.Flags&net.FlagLoopback == 0 && !ports[ifi.Name] {
-			out = append(out, ifi.Name)
+	for _, l := range links {
+		if l.loopback {
+			continue
 		}
+		if m := byIndex[l.master]; l.master != 0 && m != nil {
+			switch m.kind {
+			case "bond", "team":
+				continue
+			case "bridge":
+				if !st.runsFor(m) {
+					continue
+				}
+			}
+		}
+		out = append(out, l.name)
 	}
-	return out, nil
+	return out
+}
+
+// runsFor reports whether br_netfilter runs the IP hooks for bridge br,
+// in either family.
+func (st brnfState) runsFor(br *linkFacts) bool {
+	return st.loaded && (st.call4 || st.call6 || br.nfCall4 || br.nfCall6)
 }
 
 // startDatapath loads and attaches the program when cfg asks for it. With
@@ -133,13 +179,15 @@ func (g *Gateway) startDatapath(cfg *config.Config) error {
 	return nil
 }
 
-// followInterfaces keeps the program attached at every interface but
-// loopback (kernel.interfaces unset) as interfaces come and go: on each
-// link notification of rtnetlink it attaches to new ones and lets go of
-// the links of those gone. It returns the function that stops it. A
-// failure to listen is logged: the interfaces of the start stay
-// attached, and spliced packets that enter elsewhere go through the
-// queue.
+// followInterfaces keeps the program attached at the default interfaces
+// (kernel.interfaces unset, see defaultInterfaces) as interfaces come
+// and go: on each link notification of rtnetlink it attaches to new ones
+// and lets go of the links of those gone, and so when br_netfilter's
+// state changes (the module loaded, a sysctl set: no link notification
+// says so), which decides whether bridges' ports are attached to. It
+// returns the function that stops it. A failure to listen is logged:
+// the interfaces of the start stay attached, and spliced packets that
+// enter elsewhere go through the queue.
 func (g *Gateway) followInterfaces(k *kernelPath, cfg *config.Config) (stop func()) {
 	conn, err := netlink.Dial(unix.NETLINK_ROUTE, &netlink.Config{Groups: unix.RTMGRP_LINK})
 	if err != nil {
@@ -152,7 +200,8 @@ func (g *Gateway) followInterfaces(k *kernelPath, cfg *config.Config) (stop func
 		for {
 			// First for what appeared between the start's listing and
 			// the subscription, then on any link message (or an
-			// overrun, ENOBUFS).
+			// overrun, ENOBUFS) or change of br_netfilter.
+			st := readBrnf(brnfDir)
 			if want, err := Interfaces(cfg); err == nil {
 				added, removed, err := k.at.Sync(want)
 				if len(added) > 0 || len(removed) > 0 {
@@ -163,7 +212,7 @@ func (g *Gateway) followInterfaces(k *kernelPath, cfg *config.Config) (stop func
 					g.log.Warn("datapath: could not attach to an interface; its spliced packets go through the queue", logging.Err(err))
 				}
 			}
-			if _, err := conn.Receive(); err != nil && !errors.Is(err, unix.ENOBUFS) {
+			if err := waitLinks(conn, brnfRecheck, func() bool { return readBrnf(brnfDir) != st }); err != nil {
 				return // closed
 			}
 		}
@@ -171,6 +220,33 @@ func (g *Gateway) followInterfaces(k *kernelPath, cfg *config.Config) (stop func
 	return func() {
 		conn.Close()
 		<-done
+	}
+}
+
+// brnfRecheck is how often followInterfaces reads br_netfilter's state
+// between link notifications.
+const brnfRecheck = 10 * time.Second
+
+// waitLinks returns when conn receives a message (or overran: ENOBUFS),
+// or when changed, asked every period, says so; an error when conn is
+// closed or broken.
+func waitLinks(conn *netlink.Conn, every time.Duration, changed func() bool) error {
+	for {
+		if err := conn.SetReadDeadline(time.Now().Add(every)); err != nil {
+			return err
+		}
+		_, err := conn.Receive()
+		var te interface{ Timeout() bool }
+		switch {
+		case err == nil || errors.Is(err, unix.ENOBUFS):
+			return nil
+		case errors.As(err, &te) && te.Timeout():
+			if changed() {
+				return nil
+			}
+		default:
+			return err
+		}
 	}
 }
 

@@ -139,7 +139,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 			}
 			how := "kernel.interfaces"
 			if len(cfg.Kernel.Interfaces) == 0 {
-				how = "every interface but lo and bridges' ports present now, and those that appear later"
+				how = "every interface but lo, bonds' and teams' slaves and bridges' ports (but those of bridges br_netfilter runs for) present now, and those that appear later"
 			}
 			fmt.Fprintf(stdout, "#   BPF program at tcx ingress of: %s (%s)\n", strings.Join(ifaces, ", "), how)
 			if cfg.Kernel.BPFForward == config.BPFForwardRedirect {

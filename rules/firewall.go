@@ -93,13 +93,9 @@ const ctStateUntracked = 1 << 6
 // only (such as "iifname lan0 accept", which passes one direction of a
 // flow) as none.
 func (m *Manager) UntrackedDrops() ([]UntrackedDrop, error) {
-	c, err := m.nft()
+	c, chains, err := m.listChains()
 	if err != nil {
 		return nil, err
-	}
-	chains, err := c.ListChains()
-	if err != nil {
-		return nil, fmt.Errorf("list nftables chains: %w", err)
 	}
 	var out []UntrackedDrop
 	for _, ch := range chains {
@@ -121,6 +117,20 @@ func (m *Manager) UntrackedDrops() ([]UntrackedDrop, error) {
 		}
 	}
 	return out, nil
+}
+
+// listChains lists the chains of every table, for the checks of other
+// tables' rules, with the connection to read their rules through.
+func (m *Manager) listChains() (*nftables.Conn, []*nftables.Chain, error) {
+	c, err := m.nft()
+	if err != nil {
+		return nil, nil, err
+	}
+	chains, err := c.ListChains()
+	if err != nil {
+		return nil, nil, fmt.Errorf("list nftables chains: %w", err)
+	}
+	return c, chains, nil
 }
 
 // familyNames are the families whose forward hook IPv4 or IPv6 packets

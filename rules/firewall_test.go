@@ -343,16 +343,7 @@ func TestSourceNATs(t *testing.T) {
 	if err := c.Flush(); err != nil {
 		t.Fatalf("add iptables-nft's rule: %v", err)
 	}
-	m := NewManager(sampleSpec(t), WithNetNS(fd))
-	got, err := m.SourceNATs()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, s := range got {
-		names = append(names, s.String())
-	}
-	slices.Sort(names)
+	got, names := sourceNATs(t, fd)
 	want := []string{
 		"table inet fw4 chain srcnat_wan (IPv4 masquerade on wan)",
 		"table ip nat chain POSTROUTING (masquerade on eth1)",
@@ -454,16 +445,7 @@ func TestSourceNATsConditions(t *testing.T) {
 	if err := c.Flush(); err != nil {
 		t.Fatalf("add the oif rules: %v", err)
 	}
-	m := NewManager(sampleSpec(t), WithNetNS(fd))
-	got, err := m.SourceNATs()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var names []string
-	for _, s := range got {
-		names = append(names, s.String())
-	}
-	slices.Sort(names)
+	got, names := sourceNATs(t, fd)
 	want := []string{
 		"table inet firewalld chain nat_POST_external_allow (IPv4 masquerade on eth0)",
 		"table inet t chain a (masquerade on wan)",
@@ -495,6 +477,22 @@ func TestSourceNATsConditions(t *testing.T) {
 		"x":       {"post", "post"},
 		"y":       {"post", "post"},
 	})
+}
+
+// sourceNATs lists the source NAT rules in the namespace of fd, and
+// their descriptions, sorted.
+func sourceNATs(t *testing.T, fd int) ([]SourceNAT, []string) {
+	t.Helper()
+	got, err := NewManager(sampleSpec(t), WithNetNS(fd)).SourceNATs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, s := range got {
+		names = append(names, s.String())
+	}
+	slices.Sort(names)
+	return got, names
 }
 
 // checkAppliesOn checks, for each interface of want, the chains of the

@@ -131,13 +131,9 @@ func (s SourceNAT) Applies(ifname string, ipv6 bool, sources []netip.Prefix) boo
 // gotos, verdict maps' among them. A rule reached on several paths
 // under the same conditions is listed once.
 func (m *Manager) SourceNATs() ([]SourceNAT, error) {
-	c, err := m.nft()
+	c, chains, err := m.listChains()
 	if err != nil {
 		return nil, err
-	}
-	chains, err := c.ListChains()
-	if err != nil {
-		return nil, fmt.Errorf("list nftables chains: %w", err)
 	}
 	var out []SourceNAT
 	links := map[uint32]string{}

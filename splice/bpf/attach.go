@@ -114,12 +114,13 @@ func (dp *Datapath) attachNew(ifi *net.Interface) (link.Link, error) {
 func (a *Attachment) Sync(want []string) (added, removed []string, err error) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	interfaceByName := interfacesByName()
 	var errs []error
 	keep := a.links[:0]
 	names := a.names[:0]
 	for i, l := range a.links {
 		name := a.names[i]
-		ifi, ierr := net.InterfaceByName(name)
+		ifi, ierr := interfaceByName(name)
 		if slices.Contains(want, name) && ierr == nil && a.attachedTo(l, ifi) {
 			keep, names = append(keep, l), append(names, name)
 			continue
@@ -135,7 +136,7 @@ func (a *Attachment) Sync(want []string) (added, removed []string, err error) {
 		if slices.Contains(a.names, name) {
 			continue
 		}
-		ifi, ierr := net.InterfaceByName(name)
+		ifi, ierr := interfaceByName(name)
 		if ierr != nil {
 			continue // gone again meanwhile
 		}
@@ -149,6 +150,28 @@ func (a *Attachment) Sync(want []string) (added, removed []string, err error) {
 		added = append(added, name)
 	}
 	return added, removed, errors.Join(errs...)
+}
+
+// interfacesByName lists the interfaces once and returns their lookup
+// by name. net.InterfaceByName lists every link for each name: with
+// hundreds of interfaces (a container host's veths) a Sync, which runs
+// on every link notification, made hundreds of full listings. If the
+// listing fails, each name is looked up on its own.
+func interfacesByName() func(string) (*net.Interface, error) {
+	ifs, err := net.Interfaces()
+	if err != nil {
+		return net.InterfaceByName
+	}
+	byName := make(map[string]*net.Interface, len(ifs))
+	for i := range ifs {
+		byName[ifs[i].Name] = &ifs[i]
+	}
+	return func(name string) (*net.Interface, error) {
+		if ifi, ok := byName[name]; ok {
+			return ifi, nil
+		}
+		return nil, fmt.Errorf("interface %s: no such interface", name)
+	}
 }
 
 // attachedTo reports whether l is still attached at ingress of ifi (an

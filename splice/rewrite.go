@@ -76,6 +76,12 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 	if v := f.spuriousEnd(s, o, flags, p.SegmentLen(), end, ackIn, now); v != Forward {
 		return v
 	}
+	// Whether a RST lies at the sender's FIN is a question of the state
+	// it arrives in: the receiver (tcp_reset_check) looks at its seq
+	// only, whatever payload the RST carries, while that payload raises
+	// sndNxt below and the check would then fail (the BPF program
+	// decides before its updates too; FuzzDiffSequence found them apart).
+	atFIN := s.rstAtFIN(seq)
 	raiseSeq := p.SegmentLen() == 0 && flags&FlagRST == 0 && seq.LessThan(s.ackSeen) && seq != s.ackSeen.Sub(1)
 	// Relearning, what the record forwarded is no bound: the ends moved on.
 	lowerSeq := p.SegmentLen() == 0 && flags&FlagRST == 0 && s.sndNxt.LessThan(seq) && !relearnS
@@ -129,7 +135,7 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 			o.finAt = now
 		}
 	}
-	if flags&FlagRST != 0 && (seq == s.sndNxt || seq == s.ackSeen || s.rstAtFIN(seq)) {
+	if flags&FlagRST != 0 && (seq == s.sndNxt || seq == s.ackSeen || atFIN) {
 		// Only a RST the receiver accepts ends the flow: one at exactly
 		// its rcv_nxt (RFC 5961 3.2), which a real end sends as its
 		// snd_nxt or as the ack it received. Any other RST in the window

@@ -181,13 +181,7 @@ func TestUntrackedDrops(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			ns := testnet.Scratch(t)
-			file := filepath.Join(t.TempDir(), "ruleset.nft")
-			if err := os.WriteFile(file, []byte(tc.ruleset+"\n"), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			if out, err := ns.Run("nft", "-f", file); err != nil {
-				t.Fatalf("nft: %v: %s", err, out)
-			}
+			loadRuleset(t, ns, tc.ruleset+"\n")
 			m := NewManager(sampleSpec(t), WithNetNS(ns.OpenT(t)))
 			drops, err := m.UntrackedDrops()
 			if err != nil {
@@ -210,6 +204,18 @@ func TestUntrackedDrops(t *testing.T) {
 				t.Errorf("after the fixes: %v, %v; want none", drops, err)
 			}
 		})
+	}
+}
+
+// loadRuleset loads ruleset into ns with nft -f.
+func loadRuleset(t *testing.T, ns *testnet.NS, ruleset string) {
+	t.Helper()
+	file := filepath.Join(t.TempDir(), "ruleset.nft")
+	if err := os.WriteFile(file, []byte(ruleset), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := ns.Run("nft", "-f", file); err != nil {
+		t.Fatalf("nft: %v: %s", err, out)
 	}
 }
 
@@ -319,13 +325,7 @@ func TestSourceNATs(t *testing.T) {
 			masquerade
 		}
 	}`
-	file := filepath.Join(t.TempDir(), "ruleset.nft")
-	if err := os.WriteFile(file, []byte(ruleset+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := ns.Run("nft", "-f", file); err != nil {
-		t.Fatalf("nft: %v: %s", err, out)
-	}
+	loadRuleset(t, ns, ruleset+"\n")
 	fd := ns.OpenT(t)
 	// iptables-nft's -t nat -A POSTROUTING -o eth1 -j MASQUERADE.
 	c, err := nftConn(fd, false)
@@ -417,13 +417,7 @@ func TestSourceNATsConditions(t *testing.T) {
 		}
 	}
 	`
-	file := filepath.Join(t.TempDir(), "ruleset.nft")
-	if err := os.WriteFile(file, []byte(ruleset+diamond.String()), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if out, err := ns.Run("nft", "-f", file); err != nil {
-		t.Fatalf("nft: %v: %s", err, out)
-	}
+	loadRuleset(t, ns, ruleset+diamond.String())
 	fd := ns.OpenT(t)
 	// oif by index (nft resolves the name when the rule is added): lo,
 	// and an interface that is gone.

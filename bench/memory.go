@@ -12,7 +12,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"spliced/splice/bpf"
 	"spliced/testnet"
 )
 
@@ -128,6 +127,9 @@ func memorySample(env *Env, opt *Options, flows int, mode, datapath string, into
 	if into.BaseLive, err = daemonLive(d); err != nil {
 		return err
 	}
+	if into.BaseMaps, err = bpfMapMemory(d.Pid()); err != nil {
+		return err
+	}
 	// The server side holds its connections in a process of its own: this
 	// one holds the client side, and each may only have so many files.
 	self, err := os.Executable()
@@ -201,9 +203,11 @@ func memorySample(env *Env, opt *Options, flows int, mode, datapath string, into
 		return err
 	}
 	into.Sockets = after.inuse - before.inuse
-	if datapath == "bpf" {
-		into.MapBytes = int64(flows) * int64(bpf.FlowEntryBytes())
+	maps, err := bpfMapMemory(d.Pid())
+	if err != nil {
+		return err
 	}
+	into.MapBytes = max(maps-into.BaseMaps, 0)
 	// The kernel's TCP buffer pages are counted for all namespaces
 	// together, and idle flows hold almost none; what each gateway socket
 	// surely costs is its slab objects. Count both.
@@ -308,4 +312,45 @@ func rss(pid int) int64 {
 		}
 	}
 	return 0
+}
+
+// bpfMapMemory is the kernel's account of the BPF maps process pid holds:
+// the sum of each map's memlock (its fdinfo), counted once per map. On
+// both datapaths the daemon holds the flow maps (the program's, or the
+// nfqueue datapath's record of spliced flows for a restart).
+func bpfMapMemory(pid int) (int64, error) {
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return 0, err
+	}
+	seen := map[string]bool{}
+	var total int64
+	for _, fd := range fds {
+		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name())); err != nil || l != "anon_inode:bpf-map" {
+			continue
+		}
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/fdinfo/%s", pid, fd.Name()))
+		if err != nil {
+			continue // closed meanwhile
+		}
+		var id string
+		var memlock int64
+		for _, line := range strings.Split(string(b), "\n") {
+			k, v, ok := strings.Cut(line, ":")
+			if !ok {
+				continue
+			}
+			switch v = strings.TrimSpace(v); k {
+			case "map_id":
+				id = v
+			case "memlock":
+				memlock, _ = strconv.ParseInt(v, 10, 64)
+			}
+		}
+		if id != "" && !seen[id] {
+			seen[id] = true
+			total += memlock
+		}
+	}
+	return total, nil
 }

@@ -123,8 +123,7 @@ type Memory struct {
 	Note    string    `json:"note,omitempty"`
 	Proxied MemSample `json:"proxied"`
 	Spliced MemSample `json:"spliced"`
-	// SplicedBPF: spliced and promoted to the kernel datapath; its total
-	// includes the flows' elements in the program's maps (MapBytes).
+	// SplicedBPF: spliced and promoted to the kernel datapath.
 	SplicedBPF *MemSample `json:"spliced_bpf,omitempty"`
 	Error      string     `json:"error,omitempty"`
 	Ratio      float64    `json:"ratio"` // spliced total / proxied total
@@ -144,14 +143,16 @@ type MemSample struct {
 	BaseLive   int64 `json:"daemon_live_before_bytes"`
 	SocketMem  int64 `json:"kernel_socket_mem_bytes"`
 	Sockets    int   `json:"tcp_sockets"`
-	// MapBytes: the keys and values of the flows' elements in the BPF
-	// program's maps (bpf datapath only; the maps are preallocated, so
-	// the kernel holds this memory whether or not the flows exist).
+	// MapBytes: the growth of the kernel's account of the daemon's BPF
+	// maps (their memlock) with the flows: the program's flow maps on the
+	// bpf datapath, the record of spliced flows for restarts on nfqueue.
+	// BaseMaps: the same account before the flows.
 	MapBytes int64 `json:"bpf_map_bytes,omitempty"`
+	BaseMaps int64 `json:"bpf_map_before_bytes,omitempty"`
 }
 
 // Total is the memory the flows cost the gateway: the daemon's live
-// memory growth plus kernel socket memory plus their BPF map elements.
+// memory growth plus kernel socket memory plus the growth of its BPF maps.
 func (m MemSample) Total() int64 { return max(m.DaemonLive-m.BaseLive, 0) + m.SocketMem + m.MapBytes }
 
 // Trace is the sequence-number trace of a flow across its splice.
@@ -319,7 +320,7 @@ func (r *Report) Markdown() string {
 		if m.Error != "" {
 			fmt.Fprintf(&b, "failed: %s\n\n", m.Error)
 		} else {
-			fmt.Fprintf(&b, "| %d flows | daemon live memory growth | daemon RSS growth | kernel socket memory | BPF map elements | gateway TCP sockets | total (live + kernel) |\n|---|---|---|---|---|---|---|\n", m.Flows)
+			fmt.Fprintf(&b, "| %d flows | daemon live memory growth | daemon RSS growth | kernel socket memory | BPF map growth | gateway TCP sockets | total (live + kernel) |\n|---|---|---|---|---|---|---|\n", m.Flows)
 			rows := []struct {
 				name string
 				s    MemSample
@@ -338,7 +339,11 @@ func (r *Report) Markdown() string {
 			if m.SplicedBPF != nil {
 				fmt.Fprintf(&b, "; on the bpf datapath %.1f%% (%.0f bytes per flow)", 100*m.RatioBPF, m.PerFlowBPFB)
 			}
-			b.WriteString(".\n\n")
+			b.WriteString(".")
+			if m.SplicedBPF != nil {
+				fmt.Fprintf(&b, " BPF map growth is the kernel's account of the daemon's maps (their memlock), which held %s before the flows on nfqueue (the record of spliced flows for restarts) and %s on bpf.", bytesStr(m.Spliced.BaseMaps), bytesStr(m.SplicedBPF.BaseMaps))
+			}
+			b.WriteString("\n\n")
 			if m.Note != "" {
 				fmt.Fprintf(&b, "Note: %s.\n\n", m.Note)
 			}

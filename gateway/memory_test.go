@@ -18,8 +18,8 @@ import (
 // promotedFlowBytes bounds what the daemon holds per flow promoted to the
 // bpf datapath (Go heap, after a collection): the proxy's flow, its
 // entries in the flow table, the engine's entry and table slots, the
-// gateway's record and its map slot. The program's map entry
-// (bpf.FlowEntryBytes) comes on top. Measured on amd64 with go1.26:
+// gateway's record and its map slot. The program's map elements (the
+// kernel's, measured by make bench) come on top. Measured on amd64 with go1.26:
 // 1,056 bytes; 1,675 before the gateway's record was made compact
 // (commit 561c628, the same test). What is left is mostly the proxy's
 // flow (320 bytes), the engine's entry (320) and the engine table's two

@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -147,18 +146,6 @@ func (dp *Datapath) Close() error {
 		dp.meta.Close()
 	}
 	return dp.objs.Close()
-}
-
-// FlowEntryBytes is what a spliced flow occupies in the maps: the keys
-// and values of its two tuple elements, of its flow element and of its
-// record for a restarted daemon (SetMeta). The kernel preallocates the
-// program's maps' elements when the program loads, so that memory is
-// taken whether or not the flows exist; the records are allocated per
-// promoted flow.
-func FlowEntryBytes() int {
-	return 2*int(unsafe.Sizeof(rewriteTuple{})+unsafe.Sizeof(rewriteTupleVal{})) +
-		int(unsafe.Sizeof(uint64(0))+unsafe.Sizeof(rewriteFlowVal{})) +
-		int(unsafe.Sizeof(uint64(0))+unsafe.Sizeof(metaValue{}))
 }
 
 // Program is the tc/tcx ingress program.

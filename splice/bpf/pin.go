@@ -41,7 +41,7 @@ const (
 var pinnedMaps = []string{rewriteMapSpliceTuples, rewriteMapSpliceFlows, rewriteMapSpliceVerdicts}
 
 // MetaSize is the largest meta record SetMeta stores per flow (the value
-// is 64 bytes: a promoted flow's kernel memory, see FlowEntryBytes).
+// is 64 bytes, allocated per recorded flow).
 const MetaSize = 62
 
 // metaValue is splice_meta's value: a length and the record.
@@ -142,7 +142,7 @@ func layoutOf(spec *ebpf.CollectionSpec) ([32]byte, error) {
 		if ms == nil {
 			return [32]byte{}, fmt.Errorf("map %s missing from the object", name)
 		}
-		fmt.Fprintf(&b, "%s %v %d %d %d %d\n", name, ms.Type, ms.KeySize, ms.ValueSize, ms.MaxEntries, ms.Flags)
+		fmt.Fprintf(&b, "%s %v %d %d %d %d\n", name, ms.Type, ms.KeySize, ms.ValueSize, ms.MaxEntries, ms.Flags&^allocFlags)
 		for _, t := range []btf.Type{ms.Key, ms.Value} {
 			if t == nil {
 				continue
@@ -159,6 +159,35 @@ func layoutOf(spec *ebpf.CollectionSpec) ([32]byte, error) {
 		fmt.Fprintf(&b, "%s %v %d %d %d %d\n", ms.Name, ms.Type, ms.KeySize, ms.ValueSize, ms.MaxEntries, ms.Flags)
 	}
 	return sha256.Sum256([]byte(b.String())), nil
+}
+
+// allocFlags are the map flags that say how the kernel allocates a map's
+// elements, not what they hold: pins that differ only in them are reused
+// as they are (an earlier version's preallocated maps, say), and the
+// layout fingerprint leaves them out.
+const allocFlags = unix.BPF_F_NO_PREALLOC
+
+// usePinnedAllocation makes spec's pinned maps ask for the allocation of
+// the maps pinned in dir, so that reusing them passes the library's
+// compatibility check; a pin that differs in anything else is left for
+// that check to refuse.
+func usePinnedAllocation(spec *ebpf.CollectionSpec, dir string) error {
+	for _, name := range pinnedMaps {
+		ms := spec.Maps[name]
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if err != nil {
+			return &IncompatibleError{Dir: dir, Reason: fmt.Sprintf("map %s: %v", name, err)}
+		}
+		info, err := m.Info()
+		m.Close()
+		if err != nil {
+			return &IncompatibleError{Dir: dir, Reason: fmt.Sprintf("map %s: %v", name, err)}
+		}
+		if info.Flags&^allocFlags == ms.Flags&^allocFlags {
+			ms.Flags = info.Flags
+		}
+	}
+	return nil
 }
 
 // checkPins reports whether dir holds reusable pins (made for layout in
@@ -205,6 +234,11 @@ func loadPinned(spec *ebpf.CollectionSpec, dir string) (reused bool, layout [32]
 	}
 	if reused, err = checkPins(dir, layout, netns); err != nil {
 		return false, layout, netns, err
+	}
+	if reused {
+		if err := usePinnedAllocation(spec, dir); err != nil {
+			return false, layout, netns, err
+		}
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return false, layout, netns, fmt.Errorf("pin directory: %w", err)
@@ -266,6 +300,9 @@ func OpenPinned(dir string) (*Datapath, error) {
 		return nil, err
 	}
 	if ok, err := checkPins(dir, layout, netns); err != nil || !ok {
+		return nil, err
+	}
+	if err := usePinnedAllocation(spec, dir); err != nil {
 		return nil, err
 	}
 	dp := &Datapath{pinDir: dir, reused: true}

@@ -322,3 +322,99 @@ func ls(dir string) []string {
 	})
 	return out
 }
+
+// TestPinReuseKeepsAllocation: the flow maps allocate their elements as
+// flows come (BPF_F_NO_PREALLOC); an earlier version pinned them
+// preallocated. A daemon of this version finds such pins, reuses them as
+// they are (their flows adopted, their allocation kept), and its own new
+// pins allocate per flow.
+func TestPinReuseKeepsAllocation(t *testing.T) {
+	root := bpffs(t)
+	dir := PinDir(root, "old")
+	keys := [2]Key{KeyFrom(cAddr4, sAddr4), KeyFrom(sAddr4, gAddr4)}
+	st := randomState(rand.New(rand.NewPCG(5, 6)), time.Now().UnixNano())
+	flags := func(m *ebpf.Map) uint32 {
+		info, err := m.Info()
+		if err != nil {
+			t.Error(err)
+			return 0
+		}
+		return info.Flags
+	}
+	// In the namespace's goroutine a failure returns, not t.Fatal.
+	inNetNS(t, func() {
+		// The earlier version: the same maps, preallocated.
+		spec, err := loadRewrite()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		reused, layout, netns, err := loadPinned(spec, dir)
+		if err != nil || reused {
+			t.Errorf("loadPinned: reused %v, %v", reused, err)
+			return
+		}
+		old := &Datapath{pinDir: dir, clockOffset: 0}
+		for name, m := range map[string]**ebpf.Map{rewriteMapSpliceTuples: &old.objs.SpliceTuples,
+			rewriteMapSpliceFlows: &old.objs.SpliceFlows, rewriteMapSpliceVerdicts: &old.objs.SpliceVerdicts} {
+			ms := spec.Maps[name].Copy()
+			if name != rewriteMapSpliceVerdicts {
+				if ms.Flags&unix.BPF_F_NO_PREALLOC == 0 {
+					t.Errorf("map %s is preallocated (flags %#x)", name, ms.Flags)
+				}
+				ms.Flags &^= unix.BPF_F_NO_PREALLOC
+			}
+			if *m, err = ebpf.NewMapWithOptions(ms, ebpf.MapOptions{PinPath: dir}); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+		if err := old.finishPins(layout, netns); err != nil {
+			t.Error(err)
+			return
+		}
+		if err := old.PutFlow(7, keys, st); err != nil {
+			t.Error(err)
+			return
+		}
+		old.Close()
+
+		dp, err := Load(Options{PinDir: dir, fakeClock: true})
+		if err != nil {
+			t.Errorf("Load over an earlier version's preallocated pins: %v", err)
+			return
+		}
+		defer dp.Close()
+		if !dp.Reused() {
+			t.Error("the preallocated pins were not reused")
+		}
+		if f := flags(dp.objs.SpliceTuples) | flags(dp.objs.SpliceFlows); f&unix.BPF_F_NO_PREALLOC != 0 {
+			t.Errorf("reused maps' flags %#x: not the pinned ones", f)
+		}
+		op, err := OpenPinned(dir)
+		if err != nil {
+			t.Errorf("OpenPinned over preallocated pins: %v", err)
+			return
+		}
+		flows, broken, err := op.PinnedFlows()
+		op.Close()
+		if err != nil || len(broken) != 0 || len(flows) != 1 || flows[0].ID != 7 || flows[0].Keys != keys {
+			t.Errorf("OpenPinned: flows %+v, broken %v, %v; want flow 7", flows, broken, err)
+		}
+		if flows, _, err := dp.TakePinnedFlows(); err != nil || len(flows) != 1 || flows[0].ID != 7 {
+			t.Errorf("TakePinnedFlows: %+v, %v; want flow 7", flows, err)
+		}
+
+		fresh, err := Load(Options{PinDir: PinDir(root, "new")})
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer fresh.Close()
+		for _, m := range []*ebpf.Map{fresh.objs.SpliceTuples, fresh.objs.SpliceFlows} {
+			if flags(m)&unix.BPF_F_NO_PREALLOC == 0 {
+				t.Errorf("new pins preallocated (flags %#x)", flags(m))
+			}
+		}
+	})
+}

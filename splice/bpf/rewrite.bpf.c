@@ -139,8 +139,14 @@ struct flow_val {
 	struct dir_state d[2];
 };
 
+// The flow maps allocate their elements as flows are promoted
+// (BPF_F_NO_PREALLOC): preallocated, the two held 33 MB of kernel memory
+// from the start, whether one flow was spliced or none (the nfqueue
+// datapath's record of spliced flows uses the same maps). Lookups, all the
+// program does, cost the same either way.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 131072);
 	__type(key, struct tuple);
 	__type(value, struct tuple_val);
@@ -148,6 +154,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 65536);
 	__type(key, __u64);
 	__type(value, struct flow_val);

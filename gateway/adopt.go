@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"spliced/config"
+	"spliced/internal/monotime"
 	"spliced/logging"
 	"spliced/nfq"
 	"spliced/proxy"
@@ -45,8 +46,8 @@ import (
 type flowMeta struct {
 	Service   string // at most 24 bytes (config's service names)
 	Proxy     string // at most 15 bytes
-	Started   int64  // unix nanoseconds
-	SplicedAt int64
+	Started   int64  // unix nanoseconds (shown to people)
+	SplicedAt int64  // monotime (an earlier version's: unix nanoseconds)
 	Queue     uint16
 	Watch     bool // UnspliceOnClientData
 }
@@ -171,11 +172,15 @@ func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQu
 	}
 	f.SetServerLeg(keyAddrPort(s2c.Dst, s2c.DstPort), keyAddrPort(s2c.Src, s2c.SrcPort))
 	f.UnspliceOnClientData.Store(m.Watch)
-	splicedAt := now
-	if m.SplicedAt != 0 {
-		splicedAt = time.Unix(0, m.SplicedAt)
+	splicedAt := monotime.Of(now)
+	switch at := m.SplicedAt; {
+	case at == 0:
+	case at > splicedAt: // an earlier version's record, on the wall clock
+		splicedAt = monotime.Of(time.Unix(0, at))
+	default:
+		splicedAt = at
 	}
-	f.SplicedAt.Store(splicedAt.UnixNano())
+	f.SplicedAt.Store(splicedAt)
 	f.SetState(proxy.StateSpliced)
 	q := m.Queue
 	if int(q) >= queues {
@@ -185,7 +190,7 @@ func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQu
 	if relearn {
 		adopt = tab.AdoptRelearn
 	}
-	e, err := adopt(pf.ID, pf.Keys, pf.State, now.UnixNano())
+	e, err := adopt(pf.ID, pf.Keys, pf.State, monotime.Of(now))
 	if err != nil {
 		return nil, err
 	}
@@ -194,7 +199,7 @@ func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQu
 		tab.Delete(e)
 		return nil, errors.New("its ID is taken")
 	}
-	sf := &splicedFlow{flow: f, entry: e, queue: q, splicedAt: splicedAt.UnixNano(), adopted: true}
+	sf := &splicedFlow{flow: f, entry: e, queue: q, splicedAt: splicedAt, adopted: true}
 	// Its packets in the queue from now on are ones the program passed
 	// on, never stragglers (see promote).
 	if !relearn {

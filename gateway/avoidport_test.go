@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"spliced/config"
+	"spliced/internal/monotime"
 	"spliced/proxy"
 	"spliced/splice"
 )
@@ -29,7 +30,7 @@ func TestAvoidPort(t *testing.T) {
 		Client: splice.Conn{Local: server, Remote: client, SndWscale: 7, RcvWscale: 7},
 		Server: splice.Conn{Local: client, Remote: server, SndWscale: 7, RcvWscale: 7},
 	}
-	e, err := g.engine.Add(1, &p, time.Now().UnixNano())
+	e, err := g.engine.Add(1, &p, monotime.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,7 +97,7 @@ func TestLingerFollowsConfig(t *testing.T) {
 	g := New(cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	t.Cleanup(g.workers.Close)
 	client, server := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
-	t0 := time.Unix(1000, 0)
+	t0 := int64(1000 * time.Second)
 	for _, c := range []struct {
 		service string
 		linger  time.Duration
@@ -105,10 +106,10 @@ func TestLingerFollowsConfig(t *testing.T) {
 		if g.lingered(sf, t0) {
 			t.Errorf("%s: retired when first seen finished", c.service)
 		}
-		if g.lingered(sf, t0.Add(c.linger-time.Millisecond)) {
+		if g.lingered(sf, t0+int64(c.linger-time.Millisecond)) {
 			t.Errorf("%s: retired before its linger of %v", c.service, c.linger)
 		}
-		if !g.lingered(sf, t0.Add(c.linger)) {
+		if !g.lingered(sf, t0+int64(c.linger)) {
 			t.Errorf("%s: not retired after its linger of %v", c.service, c.linger)
 		}
 	}

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"spliced/api"
+	"spliced/internal/monotime"
 	"spliced/internal/version"
 	"spliced/proxy"
 	"spliced/rules"
@@ -285,7 +286,7 @@ func describeFlow(f *proxy.Flow, sf *splicedFlow) api.Flow {
 		Started: f.Started, AgeSec: time.Since(f.Started).Seconds(),
 	}
 	if at := f.SplicedAt.Load(); at != 0 {
-		t := time.Unix(0, at)
+		t := monotime.Wall(at)
 		af.SplicedAt = &t
 	}
 	if sf != nil {
@@ -293,7 +294,7 @@ func describeFlow(f *proxy.Flow, sf *splicedFlow) api.Flow {
 		af.BytesC2S += s[splice.C2S].Bytes
 		af.BytesS2C += s[splice.S2C].Bytes
 		af.PacketsC2S, af.PacketsS2C = s[splice.C2S].Packets, s[splice.S2C].Packets
-		af.Engine = engineState(sf, time.Now())
+		af.Engine = engineState(sf, monotime.Now())
 		af.Datapath = datapathOf(sf.entry)
 		af.Adopted = sf.adopted
 	}

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"spliced/config"
+	"spliced/internal/monotime"
 	"spliced/logging"
 	"spliced/nfq"
 	"spliced/proxy"
@@ -462,7 +463,7 @@ func (g *Gateway) reclaim(e *splice.Entry) error {
 	if k == nil || !e.Offloaded() {
 		return nil
 	}
-	demoted, err := e.Reclaim(func() (splice.State, error) { return k.dp.Demote(e.ID, e.Keys) }, time.Now().UnixNano())
+	demoted, err := e.Reclaim(func() (splice.State, error) { return k.dp.Demote(e.ID, e.Keys) }, monotime.Now())
 	if errors.Is(err, splice.ErrHandoff) {
 		return err
 	}
@@ -480,7 +481,7 @@ func (g *Gateway) reclaim(e *splice.Entry) error {
 
 // syncOffloaded refreshes the engine's view of every promoted flow from
 // the program's state (splicedMu held), for the reaper and the API.
-func (g *Gateway) syncOffloaded(now time.Time) {
+func (g *Gateway) syncOffloaded(now int64) {
 	k := g.kpath
 	if k == nil {
 		return
@@ -493,7 +494,7 @@ func (g *Gateway) syncOffloaded(now time.Time) {
 		if err != nil {
 			continue // demoted meanwhile, or gone
 		}
-		sf.entry.SetSnapshot(st, now.UnixNano())
+		sf.entry.SetSnapshot(st, now)
 	}
 }
 
@@ -528,12 +529,12 @@ func (g *Gateway) forwardOffloaded(e *splice.Entry, np *nfq.Packet) (dec nfq.Dec
 		g.log.Warn("packet passed on by the bpf datapath", logging.KeyFlow, e.ID, logging.Err(err))
 		return nfq.Drop, true
 	}
-	sf.passedBack(time.Now().UnixNano())
+	sf.passedBack(monotime.Now())
 	return 0, false
 }
 
 // passedBack records that the program passed one of the flow's packets
-// on and the flow came back to the Go engine at now (unix nanoseconds).
+// on and the flow came back to the Go engine at now (monotime).
 func (sf *splicedFlow) passedBack(now int64) {
 	if at := sf.repromotedAt.Load(); at != 0 && now-at < int64(repromoteQuick) {
 		sf.quickReturns.Add(1)
@@ -551,7 +552,7 @@ func (sf *splicedFlow) passedBack(now int64) {
 // the slower path for the rest of its life; a flow whose packets keep
 // coming back waits longer each time: a second after its first return,
 // doubling up to repromoteMax.
-func (sf *splicedFlow) repromoteDue(now time.Time) bool {
+func (sf *splicedFlow) repromoteDue(now int64) bool {
 	at := sf.passedOn.Load()
 	if at == 0 || sf.finished != 0 || sf.entry.Offloaded() || sf.flow.State() != proxy.StateSpliced ||
 		sf.quickReturns.Load() >= repromoteGiveUp {
@@ -561,7 +562,7 @@ func (sf *splicedFlow) repromoteDue(now time.Time) bool {
 	if n := max(sf.passOns.Load(), 1); n <= 7 {
 		wait = min(time.Second<<(n-1), repromoteMax)
 	}
-	return now.Sub(time.Unix(0, at)) >= wait
+	return time.Duration(now-at) >= wait
 }
 
 // repromoteMax is the longest a flow the program passed back waits before
@@ -593,7 +594,7 @@ func (g *Gateway) repromote(flows []*splicedFlow) {
 				return
 			}
 			sf.passedOn.Store(0)
-			sf.repromotedAt.Store(time.Now().UnixNano())
+			sf.repromotedAt.Store(monotime.Now())
 			g.log.Debug("promoting again a flow the bpf datapath passed back", logging.KeyFlow, sf.entry.ID, "returns", sf.passOns.Load())
 			g.promote(sf)
 		}

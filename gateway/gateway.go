@@ -44,6 +44,7 @@ import (
 	"time"
 
 	"spliced/config"
+	"spliced/internal/monotime"
 	"spliced/internal/workpool"
 	"spliced/logging"
 	"spliced/nfq"
@@ -414,7 +415,7 @@ func (g *Gateway) runTransition(fn func()) {
 func (g *Gateway) partitionForLeave() (goEngine []*splicedFlow, kept int) {
 	g.splicedMu.Lock()
 	defer g.splicedMu.Unlock()
-	g.syncOffloaded(time.Now())
+	g.syncOffloaded(monotime.Now())
 	for _, sf := range g.spliced {
 		switch offloaded, handing := sf.entry.OffloadState(); {
 		case offloaded && !handing:
@@ -485,7 +486,7 @@ func (g *Gateway) shutdown() error {
 	resetLive := func() {
 		var live []*splicedFlow
 		g.splicedMu.Lock()
-		g.syncOffloaded(time.Now())
+		g.syncOffloaded(monotime.Now())
 		for _, sf := range g.spliced {
 			if !reset[sf] && !sf.entry.Snapshot().Finished() {
 				reset[sf] = true
@@ -540,7 +541,7 @@ func (g *Gateway) LogState() {
 		snap, st := sf.entry.Snapshot(), sf.entry.Stats()
 		c2s, s2c := snap.Info(splice.C2S), snap.Info(splice.S2C)
 		g.log.Debug("spliced flow", logging.KeyFlow, id, logging.KeyClient, sf.flow.Client, logging.KeyServer, sf.flow.Server,
-			"finished", snap.Finished(), "idle_ms", (time.Now().UnixNano()-snap.LastSeen())/1e6,
+			"finished", snap.Finished(), "idle_ms", monotime.Since(snap.LastSeen()).Milliseconds(),
 			slog.Group("c2s", "packets", st[0].Packets, "bytes", st[0].Bytes, "dropped", st[0].Dropped, "last_drop", st[0].LastDrop.String(),
 				"highest_seq", uint32(c2s.HighestSeq), "highest_ack", uint32(c2s.HighestAck), "window", c2s.Window, "fin", c2s.FIN),
 			slog.Group("s2c", "packets", st[1].Packets, "bytes", st[1].Bytes, "dropped", st[1].Dropped, "last_drop", st[1].LastDrop.String(),

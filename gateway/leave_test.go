@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"spliced/config"
+	"spliced/internal/monotime"
 	"spliced/proxy"
 	"spliced/splice"
 )
@@ -33,7 +34,7 @@ func TestPartitionForLeave(t *testing.T) {
 			Client: splice.Conn{Local: server, Remote: client, SndNxt: 1, RcvNxt: 1000, SndWnd: 64000, RcvWnd: 65000, MSS: 1448},
 			Server: splice.Conn{Local: client, Remote: server, SndNxt: 77, RcvNxt: 123, SndWnd: 66000, RcvWnd: 67000, MSS: 1448},
 		}
-		e, err := g.engine.Add(f.ID, &p, time.Now().UnixNano())
+		e, err := g.engine.Add(f.ID, &p, monotime.Now())
 		if err != nil {
 			t.Fatal(err)
 		}

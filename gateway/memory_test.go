@@ -11,6 +11,7 @@ import (
 	"unsafe"
 
 	"spliced/config"
+	"spliced/internal/monotime"
 	"spliced/proxy"
 	"spliced/splice"
 )
@@ -58,7 +59,7 @@ func TestPromotedFlowMemory(t *testing.T) {
 			Server: splice.Conn{Local: client, Remote: server, SndNxt: 77, RcvNxt: 123, SndWnd: 66000, RcvWnd: 67000,
 				SndWscale: 7, RcvWscale: 7, MSS: 1448, SACK: true, Timestamps: true, TSval: 900000},
 		}
-		e, err := g.engine.Add(f.ID, &p, now.UnixNano())
+		e, err := g.engine.Add(f.ID, &p, monotime.Of(now))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -66,7 +67,7 @@ func TestPromotedFlowMemory(t *testing.T) {
 		if err := e.Offload(func(splice.State) error { return nil }); err != nil {
 			t.Fatal(err)
 		}
-		f.SplicedAt.Store(now.UnixNano())
+		f.SplicedAt.Store(monotime.Of(now))
 		f.SetState(proxy.StateSpliced)
 	}
 	runtime.GC()

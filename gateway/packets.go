@@ -7,6 +7,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"spliced/internal/monotime"
 	"spliced/logging"
 	"spliced/nfq"
 	"spliced/splice"
@@ -138,7 +139,7 @@ func forward(g *Gateway, e *splice.Entry, d splice.Dir, p *splice.Packet, np *nf
 				return nfq.Hold
 			}
 		}
-		if v, ok := e.TryProcess(p, d, time.Now().UnixNano(), !np.CsumNotReady); ok {
+		if v, ok := e.TryProcess(p, d, monotime.Now(), !np.CsumNotReady); ok {
 			return verdictOf(g, v, p, np)
 		}
 		// Promoted between the checks: again.

@@ -30,25 +30,25 @@ func TestRepromoteBackOff(t *testing.T) {
 	f := &proxy.Flow{}
 	f.SetState(proxy.StateSpliced)
 	sf := &splicedFlow{flow: f, entry: e}
-	t0 := time.Unix(1000, 0)
-	if sf.repromoteDue(t0.Add(time.Hour)) {
+	t0 := int64(1000 * time.Second)
+	if sf.repromoteDue(t0 + int64(time.Hour)) {
 		t.Fatal("a flow never passed back is due for a promotion")
 	}
 	for n, wait := range []time.Duration{time.Second, 2 * time.Second, 4 * time.Second, 8 * time.Second, 16 * time.Second,
 		32 * time.Second, time.Minute, time.Minute, time.Minute} {
-		sf.passedBack(t0.UnixNano())
-		if sf.repromoteDue(t0.Add(wait - time.Millisecond)) {
+		sf.passedBack(t0)
+		if sf.repromoteDue(t0 + int64(wait-time.Millisecond)) {
 			t.Errorf("return %d: due %v after it, want %v", n+1, wait-time.Millisecond, wait)
 		}
-		if !sf.repromoteDue(t0.Add(wait)) {
+		if !sf.repromoteDue(t0 + int64(wait)) {
 			t.Errorf("return %d: not due %v after it", n+1, wait)
 		}
 	}
 	sf.passOns.Store(1 << 31) // the shift must not wrap
-	if sf.repromoteDue(t0.Add(time.Second)) || !sf.repromoteDue(t0.Add(time.Minute)) {
+	if sf.repromoteDue(t0+int64(time.Second)) || !sf.repromoteDue(t0+int64(time.Minute)) {
 		t.Error("after many returns the wait is not a minute")
 	}
-	late := t0.Add(time.Hour)
+	late := t0 + int64(time.Hour)
 	f.SetState(proxy.StateSplicing) // as an unsplice sets it
 	if sf.repromoteDue(late) {
 		t.Error("due while being unspliced")
@@ -67,16 +67,16 @@ func TestRepromoteBackOff(t *testing.T) {
 	// packets are ones the program cannot handle; it stays.
 	sf.passOns.Store(0)
 	for i := range repromoteGiveUp {
-		promoted := late.Add(time.Duration(i) * time.Hour)
-		sf.repromotedAt.Store(promoted.UnixNano())
-		sf.passedBack(promoted.Add(10 * time.Millisecond).UnixNano())
-		if due := sf.repromoteDue(promoted.Add(30 * time.Minute)); due != (i < repromoteGiveUp-1) {
+		promoted := late + int64(time.Duration(i)*time.Hour)
+		sf.repromotedAt.Store(promoted)
+		sf.passedBack(promoted + int64(10*time.Millisecond))
+		if due := sf.repromoteDue(promoted + int64(30*time.Minute)); due != (i < repromoteGiveUp-1) {
 			t.Errorf("quick return %d: due %v", i+1, due)
 		}
 	}
 	// One that comes back later counts again from zero.
-	sf.passedBack(late.Add(100 * time.Hour).UnixNano())
-	if !sf.repromoteDue(late.Add(101 * time.Hour)) {
+	sf.passedBack(late + int64(100*time.Hour))
+	if !sf.repromoteDue(late + int64(101*time.Hour)) {
 		t.Error("a flow that came back long after its promotion is not due again")
 	}
 	if err := e.Offload(func(splice.State) error { return nil }); err != nil {

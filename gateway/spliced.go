@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"spliced/api"
+	"spliced/internal/monotime"
 	"spliced/logging"
 	"spliced/proxy"
 	"spliced/splice"
@@ -25,7 +26,7 @@ type splicedFlow struct {
 	flow  *proxy.Flow
 	entry *splice.Entry
 	// splicedAt is when the flow was spliced, finished when the reaper
-	// first saw it finished (unix nanoseconds; 0: not yet).
+	// first saw it finished (monotime; 0: not yet).
 	splicedAt, finished int64
 	// stragglersTo: on the bpf datapath, 1<<32 | the ID of the last
 	// packet its queue took before the program's entry was written (see
@@ -98,7 +99,7 @@ const timeWaitMargin = 65 * time.Second
 // addSpliced records a flow just spliced. Its server leg needs no entry
 // in jumped while it lives: avoidPort finds it in the engine's table.
 func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, queue uint16, params *splice.Params) {
-	sf := &splicedFlow{flow: f, entry: e, queue: queue, splicedAt: time.Now().UnixNano(),
+	sf := &splicedFlow{flow: f, entry: e, queue: queue, splicedAt: monotime.Now(),
 		legs: [2]capturedLeg{legOf(&params.Client), legOf(&params.Server)}}
 	g.splicedMu.Lock()
 	g.spliced[f.ID] = sf
@@ -146,33 +147,34 @@ func (g *Gateway) reap(now time.Time) {
 		return
 	}
 	g.syncStored(now)
+	mono := monotime.Of(now)
 	var done, idle []*splicedFlow
 	var reasons []string
 	var stalls []stallReport
 	var again []*splicedFlow
 	g.splicedMu.Lock()
-	g.syncOffloaded(now)
+	g.syncOffloaded(mono)
 	for id, sf := range g.spliced {
 		snap := sf.entry.Snapshot()
 		reason := ""
 		switch {
 		case snap.Finished():
-			if g.lingered(sf, now) {
+			if g.lingered(sf, mono) {
 				reason = "finished"
 			}
-		case snap.Idle(now.UnixNano(), int64(g.idleTimeout(sf.flow.Service))):
+		case snap.Idle(mono, int64(g.idleTimeout(sf.flow.Service))):
 			reason = "idle"
 		default:
-			for _, d := range checkStall(sf, &snap, now, g.stallAfter(sf.flow.Service)) {
+			for _, d := range checkStall(sf, &snap, mono, g.stallAfter(sf.flow.Service)) {
 				stalls = append(stalls, stallReport{sf, d})
 			}
-			if sf.repromoteDue(now) {
+			if sf.repromoteDue(mono) {
 				again = append(again, sf)
 			}
 		}
 		if reason != "" {
 			delete(g.spliced, id)
-			sf.finished = now.UnixNano()
+			sf.finished = mono
 			done = append(done, sf)
 			reasons = append(reasons, reason)
 			if reason == "idle" {
@@ -225,11 +227,11 @@ func (g *Gateway) reap(now time.Time) {
 // lingered tells whether a finished flow, first seen finished by this
 // reaper now or earlier, has stayed diverted for its service's
 // splice.linger.
-func (g *Gateway) lingered(sf *splicedFlow, now time.Time) bool {
+func (g *Gateway) lingered(sf *splicedFlow, now int64) bool {
 	if sf.finished == 0 {
-		sf.finished = now.UnixNano()
+		sf.finished = now
 	}
-	return now.Sub(time.Unix(0, sf.finished)) >= g.linger(sf.flow.Service)
+	return time.Duration(now-sf.finished) >= g.linger(sf.flow.Service)
 }
 
 func (g *Gateway) logClosed(sf *splicedFlow, reason string) {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"spliced/api"
+	"spliced/internal/monotime"
 	"spliced/logging"
 	"spliced/nfq"
 	"spliced/proxy"
@@ -150,7 +151,7 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 		g.abort(tr, f)
 		return nil, &SpliceError{Reason: reason}
 	}
-	entry, err := g.engine.Add(f.ID, &params, time.Now().UnixNano())
+	entry, err := g.engine.Add(f.ID, &params, monotime.Now())
 	if err != nil {
 		tcprepair.Leave(client)
 		tcprepair.Leave(upstream)
@@ -197,7 +198,7 @@ func (g *Gateway) splice(ctx context.Context, start time.Time, f *proxy.Flow, cl
 	g.spliceCost.observe(took)
 	sw.commit(g)
 	if !back {
-		f.SplicedAt.Store(time.Now().UnixNano())
+		f.SplicedAt.Store(monotime.Now())
 		// Unless the flow moved on meanwhile: the client's next request
 		// may have unspliced it while it was recorded or promoted (the
 		// unsplice set Splicing, then Proxied), or it may be closing.
@@ -615,7 +616,7 @@ func (g *Gateway) handOver(tr *transition, f *proxy.Flow, e *splice.Entry) bool 
 	}
 	tr.phase = phaseUnsplicing
 	tr.held, tr.pending = tr.pending, nil
-	f.SplicedAt.Store(time.Now().UnixNano())
+	f.SplicedAt.Store(monotime.Now())
 	f.SetState(proxy.StateSplicing)
 	start := time.Now()
 	g.runTransition(func() {
@@ -677,7 +678,7 @@ func (g *Gateway) release(tr *transition, e *splice.Entry, params *splice.Params
 	defer tr.mu.Unlock()
 	tr.entry = e
 	tr.phase = phaseSpliced
-	now := time.Now().UnixNano()
+	now := monotime.Now()
 	// What each sender last told the gateway's socket: a segment taken
 	// over during the drain carries an older ack and window, and a stale
 	// window would shrink the receiver's view below data already sent.

@@ -6,6 +6,7 @@ import (
 
 	"spliced/api"
 	"spliced/config"
+	"spliced/internal/monotime"
 	"spliced/logging"
 	"spliced/splice"
 )
@@ -25,7 +26,7 @@ import (
 // rounds.
 type stallWatch struct {
 	seen     uint64 // packets of the flow the engine handled, both ways
-	activeAt int64  // when that number last grew (unix nanoseconds)
+	activeAt int64  // when that number last grew (monotime)
 	// stalled: reported, until the direction moves again. Atomic: the
 	// API reads it without the reaper's lock.
 	stalled [2]atomic.Bool
@@ -40,21 +41,21 @@ type stallReport struct {
 
 // checkStall updates sf's watch at now (splicedMu held) and returns the
 // directions that stalled since the last round.
-func checkStall(sf *splicedFlow, snap *splice.Flow, now time.Time, after time.Duration) []splice.Dir {
+func checkStall(sf *splicedFlow, snap *splice.Flow, now int64, after time.Duration) []splice.Dir {
 	st := sf.entry.Stats()
 	w := &sf.stall
 	// Packets the engine handled, and for a flow on the bpf datapath
 	// (which counts no packets per flow) the time it last forwarded one.
 	if seen := st[0].Packets + st[0].Dropped + st[1].Packets + st[1].Dropped + uint64(snap.LastSeen()); seen != w.seen || w.activeAt == 0 {
-		w.seen, w.activeAt = seen, now.UnixNano()
+		w.seen, w.activeAt = seen, now
 	}
 	var newly []splice.Dir
 	for d := range splice.Dir(2) {
-		stuck := snap.Outstanding(d) && now.Sub(time.Unix(0, st[d].ProgressAt)) >= after
+		stuck := snap.Outstanding(d) && time.Duration(now-st[d].ProgressAt) >= after
 		switch {
 		case !stuck:
 			w.stalled[d].Store(false)
-		case !w.stalled[d].Load() && now.Sub(time.Unix(0, w.activeAt)) < after:
+		case !w.stalled[d].Load() && time.Duration(now-w.activeAt) < after:
 			w.stalled[d].Store(true)
 			newly = append(newly, d)
 		}
@@ -71,7 +72,7 @@ func (g *Gateway) reportStalls(reports []stallReport) {
 			continue
 		}
 		f := r.sf.flow
-		dirs := engineState(r.sf, time.Now())
+		dirs := engineState(r.sf, monotime.Now())
 		attrs := []any{logging.KeyFlow, f.ID, logging.KeyService, f.Service, logging.KeyClient, f.Client, logging.KeyServer, f.Server,
 			"direction", r.dir.String(), "c2s", dirs[splice.C2S], "s2c", dirs[splice.S2C], "suppressed", suppressed}
 		if w := g.firewallWarnings(); len(w) > 0 {
@@ -101,7 +102,7 @@ func (g *Gateway) linger(service string) time.Duration {
 
 // engineState describes both directions of a spliced flow for the API and
 // the log.
-func engineState(sf *splicedFlow, now time.Time) []api.Direction {
+func engineState(sf *splicedFlow, now int64) []api.Direction {
 	snap := sf.entry.Snapshot()
 	st := sf.entry.Stats()
 	out := make([]api.Direction, 2)
@@ -113,7 +114,7 @@ func engineState(sf *splicedFlow, now time.Time) []api.Direction {
 			Unacknowledged: uint32(in.HighestSeq - in.HighestAck), Window: in.Window, FIN: in.FIN,
 			TSOffset: in.TSOffset, TSLearned: in.TSLearned,
 			Packets: s.Packets, Bytes: s.Bytes, Dropped: s.Dropped, LastVerdict: s.LastVerdict.String(),
-			ProgressAgeSec: now.Sub(time.Unix(0, s.ProgressAt)).Seconds(), Stalled: sf.stall.stalled[d].Load(),
+			ProgressAgeSec: time.Duration(now - s.ProgressAt).Seconds(), Stalled: sf.stall.stalled[d].Load(),
 		}
 		if !snap.Outstanding(d) {
 			out[d].Unacknowledged = 0

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"spliced/config"
+	"spliced/internal/monotime"
 	"spliced/logging"
 	"spliced/splice"
 	"spliced/splice/bpf"
@@ -215,7 +216,7 @@ func (g *Gateway) adoptStored() {
 		f := sf.flow
 		g.log.Debug("flow adopted", logging.KeyFlow, f.ID, logging.KeyService, f.Service, logging.KeyClient, f.Client,
 			logging.KeyServer, f.Server, "datapath", "nfqueue", "record_c2s", recordAttrs(&pf.State.Dirs[0]), "record_s2c", recordAttrs(&pf.State.Dirs[1]),
-			"record_age_ms", now.Sub(time.Unix(0, pf.State.LastSeen)).Milliseconds())
+			"record_age_ms", monotime.Since(pf.State.LastSeen).Milliseconds())
 	}
 	g.log.Info("adopted spliced flows from the nfqueue datapath's record", "flows", n, "pins", s.PinDir())
 }
@@ -250,7 +251,7 @@ func (g *Gateway) activateStored() {
 			g.log.Warn("adopted flows: a queue did not empty after the table was installed; a packet of an adopted flow queued before may be rewritten twice", logging.KeyQueue, spec.Divert.Queue+i)
 		}
 	}
-	now := time.Now().UnixNano()
+	now := monotime.Now()
 	var gone []*splicedFlow
 	for _, sf := range pending {
 		old := sf.entry

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"spliced/api"
+	"spliced/internal/monotime"
 	"spliced/logging"
 	"spliced/nfq"
 	"spliced/proxy"
@@ -128,7 +129,7 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 // rebuild, release, resume.
 func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *transition, start time.Time) error {
 	f := sf.flow
-	f.UnspliceStarted.Store(start.UnixNano())
+	f.UnspliceStarted.Store(monotime.Of(start))
 	sw := newStopwatch(start)
 	if err := g.unspliceDrain(ctx, tr, start.Add(g.drainTimeout(f.Service))); err != nil {
 		return g.abandonUnsplice(sf, tr, err)
@@ -141,7 +142,7 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	sw.lap(stepUnspliceBarrier)
 	snap := sf.entry.Snapshot()
 	params := sf.params()
-	client, server := rebuiltConns(&params, snap, time.Since(time.Unix(0, sf.splicedAt)))
+	client, server := rebuiltConns(&params, snap, monotime.Since(sf.splicedAt))
 	cc, err := tcprepair.Restore(&client)
 	if err != nil {
 		return g.abandonUnsplice(sf, tr, fmt.Errorf("rebuild the client's connection: %w", err))

@@ -49,11 +49,11 @@ type Flow struct {
 	// Bytes relayed by the proxy in user space (well, through splice(2)
 	// pipes) since the flow started, client to server and back.
 	C2S, S2C atomic.Int64
-	// SplicedAt is when the flow was last spliced (unix nanoseconds, 0 if
-	// never).
+	// SplicedAt is when the flow was last spliced (monotime, 0 if
+	// never; monotime.Wall shows it).
 	SplicedAt atomic.Int64
-	// UnspliceStarted is when the flow's last unsplice began (unix
-	// nanoseconds, 0 if never): for a flow unspliced on client data,
+	// UnspliceStarted is when the flow's last unsplice began (monotime,
+	// 0 if never): for a flow unspliced on client data,
 	// when the gateway saw the client's next data. Set before the
 	// proxy gets the flow back.
 	UnspliceStarted atomic.Int64

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"sync/atomic"
 	"time"
+
+	"spliced/internal/monotime"
 )
 
 // Pool is a set of backends a direct service balances flows over:
@@ -20,7 +22,7 @@ type Pool struct {
 type Backend struct {
 	Addr      netip.AddrPort
 	active    atomic.Int32 // flows the proxy relays to it now
-	downUntil atomic.Int64 // unix nanoseconds; skipped until then
+	downUntil atomic.Int64 // monotime; skipped until then
 	flows     atomic.Uint64
 	failures  atomic.Uint64
 }
@@ -44,9 +46,10 @@ func NewPool(addrs []netip.AddrPort, balance string, downFor time.Duration) *Poo
 func (p *Pool) Pick(now time.Time) []*Backend {
 	var up []*Backend
 	var first *Backend
+	at := monotime.Of(now)
 	for _, b := range p.backends {
 		until := b.downUntil.Load()
-		if until <= now.UnixNano() {
+		if until <= at {
 			up = append(up, b)
 		} else if first == nil || until < first.downUntil.Load() {
 			first = b
@@ -78,7 +81,7 @@ func (p *Pool) Pick(now time.Time) []*Backend {
 // Failed marks b down for the pool's down time.
 func (p *Pool) Failed(b *Backend, now time.Time) {
 	b.failures.Add(1)
-	b.downUntil.Store(now.Add(p.downFor).UnixNano())
+	b.downUntil.Store(monotime.Of(now.Add(p.downFor)))
 }
 
 // Succeeded marks b up again: a backend tried while every one was down

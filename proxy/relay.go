@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"spliced/internal/monotime"
 )
 
 // Outcome is why Relay.Run returned.
@@ -62,8 +64,8 @@ type Relay struct {
 
 	pausing    atomic.Bool
 	aborting   atomic.Bool
-	eof        [2]bool // direction ended by a FIN, already passed on
-	lastActive atomic.Int64
+	eof        [2]bool      // direction ended by a FIN, already passed on
+	lastActive atomic.Int64 // monotime of the last bytes relayed
 }
 
 type dirResult struct {
@@ -84,7 +86,7 @@ func (r *Relay) Run() (Outcome, error) {
 	// Paused (and consumes the pause) or Failed at once. Clearing them
 	// here lost one that beat the goroutine running Run, which then
 	// waited to read for ever behind a cleared deadline.
-	r.lastActive.Store(time.Now().UnixNano())
+	r.lastActive.Store(monotime.Now())
 	results := make(chan dirResult, 2)
 	running := 0
 	for d := range 2 {
@@ -185,7 +187,9 @@ func (r *Relay) copyDir(d int) dirResult {
 		}
 		var idleAt time.Time
 		if r.IdleTimeout > 0 {
-			idleAt = time.Unix(0, r.lastActive.Load()).Add(r.IdleTimeout)
+			// From time.Now(), so that the deadline keeps Go's
+			// monotonic reading and no step of the wall clock moves it.
+			idleAt = time.Now().Add(r.IdleTimeout - monotime.Since(r.lastActive.Load()))
 		}
 		deadline := idleAt
 		if q := time.Now().Add(quiet); busy && (deadline.IsZero() || q.Before(deadline)) {
@@ -220,7 +224,7 @@ func (r *Relay) copyDir(d int) dirResult {
 		}
 		if n > 0 {
 			counter.Add(n)
-			r.lastActive.Store(time.Now().UnixNano())
+			r.lastActive.Store(monotime.Now())
 		}
 		switch {
 		case eof:
@@ -237,7 +241,7 @@ func (r *Relay) copyDir(d int) dirResult {
 			if r.pausing.Load() {
 				return dirResult{dir: d, kind: Paused}
 			}
-			if n == 0 && r.IdleTimeout > 0 && time.Since(time.Unix(0, r.lastActive.Load())) >= r.IdleTimeout {
+			if n == 0 && r.IdleTimeout > 0 && monotime.Since(r.lastActive.Load()) >= r.IdleTimeout {
 				return dirResult{dir: d, kind: Idle}
 			}
 		default:

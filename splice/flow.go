@@ -111,7 +111,7 @@ type dirState struct {
 	tsVal   uint32 // last TSval and TSecr the sender sent (input values)
 	tsEcr   uint32
 	finSeq  Seq
-	finAt   int64  // when the FIN was first forwarded, then when first acknowledged; unix nanoseconds
+	finAt   int64  // when the FIN was first forwarded, then when first acknowledged (monotonic nanoseconds)
 	srcPort uint16 // output ports
 	dstPort uint16
 	wsIn    uint8 // shift of the window field as received
@@ -127,7 +127,7 @@ type dirState struct {
 // holds no pointers; the addresses live in the flow table's keys.
 type Flow struct {
 	d        [2]dirState
-	lastSeen int64 // unix nanoseconds of the last forwarded packet
+	lastSeen int64 // when the last packet was forwarded (monotonic nanoseconds)
 	closed   uint8 // flowRST when a RST was forwarded
 }
 
@@ -157,8 +157,10 @@ func (f *Flow) Relearn() { f.closed |= flowRelearn | flowRelearn<<1 }
 // being relearned (see Relearn).
 func (f Flow) Relearning(d Dir) bool { return f.relearning(d) }
 
-// NewFlow builds the state for a splice. now is the current time in unix
-// nanoseconds.
+// NewFlow builds the state for a splice. now is the current time in
+// nanoseconds; every time a flow keeps is on the caller's clock, which the
+// daemon takes from package monotime (the BPF program's clock too), never
+// the wall clock, whose steps would make flows look idle.
 func NewFlow(p *Params, now int64) (Flow, error) {
 	if err := p.Validate(); err != nil {
 		return Flow{}, err
@@ -228,7 +230,7 @@ func (f Flow) FINSeen(d Dir) bool { return f.d[d].flags&dirFIN != 0 }
 // Idle reports whether no packet was forwarded for at least timeout.
 func (f Flow) Idle(now, timeout int64) bool { return now-f.lastSeen >= timeout }
 
-// LastSeen is when the last packet was forwarded (unix nanoseconds).
+// LastSeen is when the last packet was forwarded (monotonic nanoseconds).
 func (f Flow) LastSeen() int64 { return f.lastSeen }
 
 // DirInfo is what the engine tracked for one direction, in the sender's

@@ -6,7 +6,7 @@ package splice
 // FlowFromState convert losslessly: FlowFromState(f.State()) == f.
 type State struct {
 	Dirs     [2]DirState // indexed by Dir
-	LastSeen int64       // unix nanoseconds of the last forwarded packet
+	LastSeen int64       // when the last packet was forwarded (monotonic nanoseconds, package monotime)
 	RST      bool        // a RST that ends the flow was forwarded
 	// Relearn: a direction's tracking state is being relearned (see
 	// Flow.Relearn).
@@ -26,7 +26,7 @@ type DirState struct {
 	TSval   uint32 // last TSval and TSecr the sender sent (input values)
 	TSecr   uint32
 	FINSeq  Seq
-	FINAt   int64  // when the FIN was first forwarded, then when first acknowledged; unix nanoseconds
+	FINAt   int64  // when the FIN was first forwarded, then when first acknowledged (monotonic nanoseconds)
 	SrcPort uint16 // output ports
 	DstPort uint16
 	WSIn    uint8 // shift of the window field as received

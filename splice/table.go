@@ -285,8 +285,8 @@ func (e *Entry) HighestSeq(d Dir) Seq {
 type DirStats struct {
 	Packets, Bytes uint64 // forwarded; Bytes: new stream bytes (not retransmissions)
 	Dropped        uint64 // failed a check
-	// ProgressAt is when this direction last made progress (unix
-	// nanoseconds): its receiver acknowledged new data, or new data
+	// ProgressAt is when this direction last made progress (the
+	// caller's clock, as now): its receiver acknowledged new data, or new data
 	// went out while none was outstanding. Data outstanding long after
 	// it, while packets still come, is a stall.
 	ProgressAt  int64

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"spliced/config"
+	"spliced/internal/monotime"
 	"spliced/logging"
 	"spliced/proxy"
 	"spliced/tcprepair"
@@ -66,7 +67,7 @@ type pool struct {
 type backend struct {
 	addr      netip.AddrPort
 	active    atomic.Int32 // connections to it now
-	downUntil atomic.Int64 // unix nanoseconds; skipped until then
+	downUntil atomic.Int64 // monotime; skipped until then
 	requests  atomic.Uint64
 	failures  atomic.Uint64
 	// idle are its idle connections; dialed and reused count how
@@ -242,8 +243,9 @@ func (p *Proxy) routeRequest(rq *request) (*pool, error) {
 // marked down, by the pool's balancing method.
 func (pl *pool) pick(now time.Time) []*backend {
 	var up []*backend
+	at := monotime.Of(now)
 	for _, b := range pl.backends {
-		if b.downUntil.Load() <= now.UnixNano() {
+		if b.downUntil.Load() <= at {
 			up = append(up, b)
 		}
 	}
@@ -728,7 +730,7 @@ func (c *conn) connect(pl *pool) error {
 	}
 	if c.up != nil {
 		for _, b := range pl.backends {
-			if b == c.upTo && b.downUntil.Load() <= now.UnixNano() {
+			if b == c.upTo && b.downUntil.Load() <= monotime.Of(now) {
 				return nil
 			}
 		}
@@ -776,7 +778,7 @@ func (c *conn) dial(b *backend) (*net.TCPConn, error) {
 	if err != nil {
 		b.failures.Add(1)
 		downFor := c.p.conf().BackendDownFor.D()
-		b.downUntil.Store(time.Now().Add(downFor).UnixNano())
+		b.downUntil.Store(monotime.Now() + int64(downFor))
 		c.p.LogLimitedTo(c.log, "http backend failed "+b.addr.String(), slog.LevelWarn, "http: backend failed, skipping it for a while", "backend", b.addr, "for", downFor, logging.Err(err))
 		return nil, err
 	}

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"spliced/config"
+	"spliced/internal/monotime"
 	"spliced/proxy"
 )
 
@@ -66,7 +67,7 @@ func TestPick(t *testing.T) {
 	if len(first) != 3 || first[pl.backends[0].addr] != 10 {
 		t.Errorf("round robin firsts: %v", first)
 	}
-	pl.backends[1].downUntil.Store(now.Add(time.Second).UnixNano())
+	pl.backends[1].downUntil.Store(monotime.Of(now.Add(time.Second)))
 	for range 10 {
 		for _, b := range pl.pick(now) {
 			if b == pl.backends[1] {
@@ -78,7 +79,7 @@ func TestPick(t *testing.T) {
 		t.Errorf("after its time the backend is back: %d offered", len(got))
 	}
 	for _, b := range pl.backends {
-		b.downUntil.Store(now.Add(time.Second).UnixNano())
+		b.downUntil.Store(monotime.Of(now.Add(time.Second)))
 	}
 	if got := pl.pick(now); len(got) != 3 {
 		t.Errorf("all down: %d offered, want all 3 tried", len(got))

@@ -54,9 +54,6 @@ type Options struct {
 type Datapath struct {
 	objs rewriteObjects
 	mark uint32
-	// clockOffset converts the program's clock (CLOCK_BOOTTIME) to unix
-	// nanoseconds: unix = prog + clockOffset. 0 with the fake clock.
-	clockOffset int64
 	// meta holds the gateway's record of each flow (SetMeta).
 	meta *ebpf.Map
 	// pinDir is Options.PinDir; reused: the pinned maps existed.
@@ -119,25 +116,7 @@ func Load(opts Options) (*Datapath, error) {
 		dp.Close()
 		return nil, err
 	}
-	if !opts.fakeClock {
-		dp.clockOffset, err = bootClockOffset()
-		if err != nil {
-			dp.objs.Close()
-			return nil, err
-		}
-	}
 	return dp, nil
-}
-
-func bootClockOffset() (int64, error) {
-	var boot, real unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_BOOTTIME, &boot); err != nil {
-		return 0, err
-	}
-	if err := unix.ClockGettime(unix.CLOCK_REALTIME, &real); err != nil {
-		return 0, err
-	}
-	return real.Nano() - boot.Nano(), nil
 }
 
 // Close releases the program and the maps (pinned ones stay pinned).
@@ -151,7 +130,7 @@ func (dp *Datapath) Close() error {
 // Program is the tc/tcx ingress program.
 func (dp *Datapath) Program() *ebpf.Program { return dp.objs.SpliceRewrite }
 
-// setNow sets the fake clock (unix nanoseconds); only with the fake clock.
+// setNow sets the fake clock (nanoseconds); only with the fake clock.
 func (dp *Datapath) setNow(now int64) error { return dp.objs.FakeNow.Set(now) }
 
 // Counters returns the per-verdict packet counts, summed over CPUs.
@@ -182,34 +161,21 @@ func be16(v uint16) uint16 {
 	return binary.NativeEndian.Uint16(b[:])
 }
 
-func (dp *Datapath) toProg(t int64) int64 {
-	if t == 0 {
-		return 0 // never
-	}
-	return t - dp.clockOffset
-}
-
-func (dp *Datapath) fromProg(t int64) int64 {
-	if t == 0 {
-		return 0
-	}
-	return t + dp.clockOffset
-}
-
-// flowVal converts the engine's state to the map's value.
+// flowVal converts the engine's state to the map's value. Its times are
+// the program's as they are: both read CLOCK_MONOTONIC (package monotime).
 func (dp *Datapath) flowVal(st *splice.State) rewriteFlowVal {
 	var v rewriteFlowVal
 	if st.RST {
 		v.Closed = 1
 	}
-	v.LastSeen = dp.toProg(st.LastSeen)
+	v.LastSeen = st.LastSeen
 	for d := range v.D {
 		s, x := &st.Dirs[d], &v.D[d]
 		x.SeqOff, x.TsOff, x.TsJump = s.SeqOff, s.TSOff, s.TSJump
 		x.SndNxt, x.AckSeen = uint32(s.SndNxt), uint32(s.AckSeen)
 		x.MaxWin, x.LastWin = s.MaxWin, s.LastWin
 		x.TsVal, x.TsEcr = s.TSval, s.TSecr
-		x.FinSeq, x.FinAt = uint32(s.FINSeq), dp.toProg(s.FINAt)
+		x.FinSeq, x.FinAt = uint32(s.FINSeq), s.FINAt
 		x.SrcPort, x.DstPort = s.SrcPort, s.DstPort
 		x.WsIn, x.WsOut, x.Flags = s.WSIn, s.WSOut, s.Flags
 		x.WinUnit = 0
@@ -224,14 +190,14 @@ func (dp *Datapath) flowVal(st *splice.State) rewriteFlowVal {
 func (dp *Datapath) state(v *rewriteFlowVal) splice.State {
 	var st splice.State
 	st.RST = v.Closed&1 != 0
-	st.LastSeen = dp.fromProg(v.LastSeen)
+	st.LastSeen = v.LastSeen
 	for d := range v.D {
 		s, x := &st.Dirs[d], &v.D[d]
 		s.SeqOff, s.TSOff, s.TSJump = x.SeqOff, x.TsOff, x.TsJump
 		s.SndNxt, s.AckSeen = splice.Seq(x.SndNxt), splice.Seq(x.AckSeen)
 		s.MaxWin, s.LastWin = x.MaxWin, x.LastWin
 		s.TSval, s.TSecr = x.TsVal, x.TsEcr
-		s.FINSeq, s.FINAt = splice.Seq(x.FinSeq), dp.fromProg(x.FinAt)
+		s.FINSeq, s.FINAt = splice.Seq(x.FinSeq), x.FinAt
 		s.SrcPort, s.DstPort = x.SrcPort, x.DstPort
 		s.WSIn, s.WSOut, s.Flags = x.WsIn, x.WsOut, x.Flags
 		s.WinUnit = x.WinUnit != 0

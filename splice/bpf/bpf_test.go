@@ -18,6 +18,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"spliced/internal/monotime"
 	. "spliced/splice"
 	"spliced/testnet"
 )
@@ -146,7 +147,7 @@ func TestConcurrentCPUs(t *testing.T) {
 		t.Fatal(err)
 	}
 	const perCPU, size = 2000, 10
-	start := time.Now().UnixNano()
+	start := monotime.Now()
 	var wg sync.WaitGroup
 	errs := make(chan error, 2)
 	for cpu := range 2 {
@@ -183,7 +184,7 @@ func TestConcurrentCPUs(t *testing.T) {
 	for err := range errs {
 		t.Fatal(err)
 	}
-	end := time.Now().UnixNano()
+	end := monotime.Now()
 	c, err := dp.Counters()
 	if err != nil {
 		t.Fatal(err)
@@ -198,7 +199,7 @@ func TestConcurrentCPUs(t *testing.T) {
 	if want := Seq(1000 + 2*perCPU*size); st.Dirs[C2S].SndNxt != want {
 		t.Fatalf("highest sequence %d, want %d", st.Dirs[C2S].SndNxt, want)
 	}
-	// The program's clock, converted: within the run.
+	// The program's clock is the daemon's (package monotime): within the run.
 	if st.LastSeen < start-int64(time.Millisecond) || st.LastSeen > end+int64(time.Millisecond) {
 		t.Fatalf("last seen %d outside the run [%d, %d]", st.LastSeen, start, end)
 	}

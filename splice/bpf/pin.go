@@ -328,10 +328,6 @@ func OpenPinned(dir string) (*Datapath, error) {
 		}
 		*p.m = m
 	}
-	if dp.clockOffset, err = bootClockOffset(); err != nil {
-		dp.Close()
-		return nil, err
-	}
 	return dp, nil
 }
 

@@ -354,7 +354,7 @@ func TestPinReuseKeepsAllocation(t *testing.T) {
 			t.Errorf("loadPinned: reused %v, %v", reused, err)
 			return
 		}
-		old := &Datapath{pinDir: dir, clockOffset: 0}
+		old := &Datapath{pinDir: dir}
 		for name, m := range map[string]**ebpf.Map{rewriteMapSpliceTuples: &old.objs.SpliceTuples,
 			rewriteMapSpliceFlows: &old.objs.SpliceFlows, rewriteMapSpliceVerdicts: &old.objs.SpliceVerdicts} {
 			ms := spec.Maps[name].Copy()

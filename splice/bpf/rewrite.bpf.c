@@ -170,7 +170,9 @@ struct {
 // The skb->mark bits set on rewritten packets.
 volatile const __u32 rewritten_mark = 0x20000000;
 // Tests set fake_clock at load time and then fake_now: the program's clock
-// is otherwise bpf_ktime_get_boot_ns.
+// is otherwise bpf_ktime_get_ns, CLOCK_MONOTONIC, the daemon's clock for
+// the times it keeps (package monotime), so that no time in the maps needs
+// converting.
 volatile const __u8 fake_clock = 0;
 // redirect_out: send a rewritten packet straight to its egress device
 // (see redirect) instead of on through the stack.
@@ -773,7 +775,7 @@ int splice_rewrite(struct __sk_buff *skb)
 	}
 
 	struct decision dc = {};
-	__s64 now = fake_clock ? fake_now : (__s64)bpf_ktime_get_boot_ns();
+	__s64 now = fake_clock ? fake_now : (__s64)bpf_ktime_get_ns();
 	bpf_spin_lock(&f->lock);
 	decide(f, dir, flags, seq, ack, seg_len, window, &op, tsv, tse, now, &dc);
 	bpf_spin_unlock(&f->lock);

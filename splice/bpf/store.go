@@ -51,10 +51,6 @@ func OpenStore(dir string) (*Datapath, error) {
 		dp.Close()
 		return nil, err
 	}
-	if dp.clockOffset, err = bootClockOffset(); err != nil {
-		dp.Close()
-		return nil, err
-	}
 	return dp, nil
 }
 

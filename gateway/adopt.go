@@ -173,6 +173,7 @@ func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQu
 	f.SetServerLeg(keyAddrPort(s2c.Dst, s2c.DstPort), keyAddrPort(s2c.Src, s2c.SrcPort))
 	f.UnspliceOnClientData.Store(m.Watch)
 	splicedAt := monotime.Of(now)
+	notAhead(&pf.State, splicedAt, nil) // an earlier version's clock
 	switch at := m.SplicedAt; {
 	case at == 0:
 	case at > splicedAt: // an earlier version's record, on the wall clock

@@ -463,7 +463,11 @@ func (g *Gateway) reclaim(e *splice.Entry) error {
 	if k == nil || !e.Offloaded() {
 		return nil
 	}
-	demoted, err := e.Reclaim(func() (splice.State, error) { return k.dp.Demote(e.ID, e.Keys) }, monotime.Now())
+	demoted, err := e.Reclaim(func() (splice.State, error) {
+		st, err := k.dp.Demote(e.ID, e.Keys)
+		notAhead(&st, monotime.Now(), nil)
+		return st, err
+	}, monotime.Now())
 	if errors.Is(err, splice.ErrHandoff) {
 		return err
 	}
@@ -494,7 +498,45 @@ func (g *Gateway) syncOffloaded(now int64) {
 		if err != nil {
 			continue // demoted meanwhile, or gone
 		}
+		// Read after the map: no time the program wrote before is later.
+		notAhead(&st, monotime.Now(), sf.entry.Snapshot)
 		sf.entry.SetSnapshot(st, now)
+	}
+}
+
+// notAhead keeps the times of a state read from the program's maps or
+// the nfqueue datapath's record (its last packet, its FINs') from lying
+// after now. Every time this version writes there is on the monotonic
+// clock, but an earlier version's may be left: its program counted
+// CLOCK_BOOTTIME, ahead by the time the host slept, and its daemon wrote
+// unix times converted with an offset taken when it started, so ahead by
+// any forward step of the wall clock since (hours or months after NTP
+// set a stale clock). Read as they are, such a flow looked neither idle
+// nor lingered for that long, a dead one kept that long, and the FINs'
+// repeats were dropped as duplicates. A time after now is taken as the
+// engine's view had it (before, nil: now); the adopted flow's view was
+// set so when it was adopted, and the program's next packet writes a
+// time of this clock.
+func notAhead(st *splice.State, now int64, before func() splice.Flow) {
+	if st.LastSeen <= now && st.Dirs[0].FINAt <= now && st.Dirs[1].FINAt <= now {
+		return
+	}
+	var was splice.State
+	if before != nil {
+		snap := before()
+		was = snap.State()
+	}
+	keep := func(t *int64, prev int64) {
+		if *t > now {
+			*t = now
+			if prev != 0 && prev <= now {
+				*t = prev
+			}
+		}
+	}
+	keep(&st.LastSeen, was.LastSeen)
+	for d := range st.Dirs {
+		keep(&st.Dirs[d].FINAt, was.Dirs[d].FINAt)
 	}
 }
 

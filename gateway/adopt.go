@@ -177,7 +177,9 @@ func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQu
 	switch at := m.SplicedAt; {
 	case at == 0:
 	case at > splicedAt: // an earlier version's record, on the wall clock
-		splicedAt = monotime.Of(time.Unix(0, at))
+		// Not after now, should the wall clock have been set back since:
+		// monotime.Wall would take a later time for unix time again.
+		splicedAt = min(monotime.Of(time.Unix(0, at)), splicedAt)
 	default:
 		splicedAt = at
 	}

@@ -116,3 +116,31 @@ func TestAdoptedTimesNotAhead(t *testing.T) {
 	}
 	checkNotAhead(t, "bpf adoption, demoted", sf.entry)
 }
+
+// TestAdoptedSplicedAtOfEarlierVersion: an earlier version recorded when
+// a flow was spliced in unix nanoseconds; if the wall clock was set back
+// since, that time lies ahead of now. Adopted, it is shown as a time of
+// the past (the splice's at the latest when the flow is adopted), not
+// read back as monotonic nanoseconds since 1970 (monotime.Wall takes any
+// value after now for unix time).
+func TestAdoptedSplicedAtOfEarlierVersion(t *testing.T) {
+	g := quietGateway(t)
+	g.engine = splice.NewTable()
+	pf := futureFlow(t, 1)
+	pf.State = splice.State{} // times of this clock
+	m := flowMeta{Service: "svc", Proxy: "forward", Started: time.Now().UnixNano(),
+		SplicedAt: time.Now().Add(time.Hour).UnixNano()} // the wall clock set back an hour since
+	pf.Meta = m.marshal()
+	before := time.Now()
+	sf, err := g.adoptOne(pf, before, 1, 0, true, g.engine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	af := describeFlow(sf.flow, sf)
+	if af.SplicedAt == nil || af.SplicedAt.Before(before.Add(-time.Minute)) || af.SplicedAt.After(time.Now()) {
+		t.Errorf("spliced at %v, want about %v", af.SplicedAt, before)
+	}
+	if at := sf.flow.SplicedAt.Load(); at > monotime.Now() {
+		t.Errorf("spliced %v in the future", time.Duration(at-monotime.Now()))
+	}
+}

@@ -36,14 +36,14 @@ type splicedFlow struct {
 	// one would reset the first's straggler bound, see promote).
 	promoting atomic.Bool
 	// passedOn: when the program last passed one of the flow's packets
-	// to the queue and the flow came back to the Go engine (unix
-	// nanoseconds; 0: not since its last promotion). passOns counts
+	// to the queue and the flow came back to the Go engine (monotime;
+	// 0: not since its last promotion). passOns counts
 	// those returns, for the back-off before the reaper promotes the
 	// flow again (repromote).
 	passedOn atomic.Int64
 	passOns  atomic.Uint32
-	// repromotedAt: when the reaper last promoted the flow again (unix
-	// nanoseconds); quickReturns: how many times in a row it came back
+	// repromotedAt: when the reaper last promoted the flow again
+	// (monotime); quickReturns: how many times in a row it came back
 	// within repromoteQuick of that. A flow whose every packet is passed
 	// on (an interface the program does not parse, say) stays on the Go
 	// engine once that happened repromoteGiveUp times.

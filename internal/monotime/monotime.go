@@ -26,13 +26,16 @@ import (
 var base, baseNs = anchor()
 
 func anchor() (time.Time, int64) {
-	var ts unix.Timespec
-	t := time.Now()
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+	var before, after unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &before); err != nil {
 		// Not on Linux as built; any fixed origin keeps durations right.
-		return t, 1
+		return time.Now(), 1
 	}
-	return t, ts.Nano()
+	t := time.Now()
+	unix.ClockGettime(unix.CLOCK_MONOTONIC, &after)
+	// The midpoint: a thread preempted between two readings would
+	// otherwise put every Now of the process off by the preemption.
+	return t, before.Nano() + (after.Nano()-before.Nano())/2
 }
 
 // Now is the current time on the monotonic clock, in nanoseconds.

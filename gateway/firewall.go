@@ -78,7 +78,7 @@ func (g *Gateway) redirectsSpliced() bool {
 func (g *Gateway) statusWarnings() []string {
 	out := append(g.firewallWarnings(), g.sourceNATWarnings()...)
 	out = append(out, g.bridgeNetfilterWarnings()...)
-	if w := g.reversePathWarning(); w != "" {
+	for _, w := range append(g.reversePathWarnings(), g.forwardingWarnings()...) {
 		out = append(out, "splices refused: "+w)
 	}
 	return out

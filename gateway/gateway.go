@@ -133,8 +133,9 @@ type Gateway struct {
 	sourceNATUnread bool // the last check could not read the ruleset (under rulesMu)
 	// bridgeNF: what checkBridgeNetfilter last found ("" nothing)
 	bridgeNF     atomic.Pointer[string]
-	firewallPoke chan struct{} // another table changed (see watchFirewall)
-	rpf          rpfFilter     // strict reverse path filtering (see rpfilter.go)
+	firewallPoke chan struct{}   // another table changed (see watchFirewall)
+	rpf          rpfFilter       // strict reverse path filtering (see rpfilter.go)
+	fwd          forwardingState // forwarding turned off (see forwarding.go)
 
 	spliceLatency            latencies
 	phases                   [numSteps]latencies // see phase

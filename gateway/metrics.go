@@ -56,7 +56,7 @@ var (
 	descRefreshes     = prometheus.NewDesc("spliced_divert_refreshes_total", "Rounds that restarted the timeout of live flows' divert entries, by result (ok, failed).", []string{"result"}, nil)
 	descTakenOver     = prometheus.NewDesc("spliced_taken_over_sent_total", "Packets of payload taken over during splices, sent on by the gateway: gso (a packet longer than a segment, whole) or segment (through the raw socket, one MSS each).", []string{"how"}, nil)
 	descPMTU          = prometheus.NewDesc("spliced_pmtu_errors_total", "ICMP path MTU errors about spliced flows, by result: translated (sent on to the sender of the segment they quote, in its terms), no_flow (the flow was not spliced or had ended: sent on as they came), bad_checksum (dropped), unparsed (a form the engine does not translate: sent on as they came).", []string{"result"}, nil)
-	descWarnings      = prometheus.NewDesc("spliced_warnings", "Problems for the operator to fix, as splicectl status lists them: a firewall chain that drops spliced flows' packets, splices refused by strict reverse path filtering.", nil, nil)
+	descWarnings      = prometheus.NewDesc("spliced_warnings", "Problems for the operator to fix, as splicectl status lists them: a firewall chain that drops spliced flows' packets, splices refused by strict reverse path filtering or by forwarding turned off.", nil, nil)
 	descDivertAdds    = prometheus.NewDesc("spliced_divert_adds_total", "Splices by how their divert entries went in: command (packets, microseconds) or netlink (a transaction: commands off, or one not taken).", []string{"path"}, nil)
 )
 

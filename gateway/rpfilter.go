@@ -11,7 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"spliced/logging"
 	"spliced/proxy"
 )
 
@@ -32,11 +31,10 @@ import (
 // rpfFilter caches the interfaces whose IPv4 reverse path filter is
 // strict: the larger of conf.all and conf.IF (what the kernel applies).
 type rpfFilter struct {
-	mu     sync.Mutex
-	read   time.Time
-	strict map[int]string // ifindex -> name
-	warned time.Time
-	last   string // the latest refusal's reason, for the status
+	mu       sync.Mutex
+	read     time.Time
+	strict   map[int]string // ifindex -> name
+	refusals spliceRefusal
 }
 
 // rpfRefresh is how long a reading of the sysctls holds.
@@ -77,18 +75,18 @@ func rpFilter(name string) int {
 // reversePathRefusal says why strict reverse path filtering would drop
 // the spliced packets of the flow whose legs are client and upstream, or
 // "" when it would not (or does not apply: IPv6, the bpf datapath's
-// redirect).
-func (g *Gateway) reversePathRefusal(client, upstream *net.TCPConn) string {
+// redirect), and its cause: the strict interface.
+func (g *Gateway) reversePathRefusal(client, upstream *net.TCPConn) (refusalCause, string) {
 	if g.redirectsSpliced() {
-		return ""
+		return refusalCause{}, ""
 	}
 	clientAddr, serverAddr := addrPort(client.RemoteAddr()).Addr().Unmap(), addrPort(upstream.RemoteAddr()).Addr().Unmap()
 	if !clientAddr.Is4() || !serverAddr.Is4() {
-		return ""
+		return refusalCause{}, ""
 	}
 	strict := g.rpf.strictInterfaces(time.Now())
 	if len(strict) == 0 {
-		return ""
+		return refusalCause{}, ""
 	}
 	// The source a rewritten packet carries, and the peer it comes
 	// from (on the interface of the route to that peer).
@@ -105,11 +103,11 @@ func (g *Gateway) reversePathRefusal(client, upstream *net.TCPConn) string {
 			continue
 		}
 		if name, ok := strict[in.Ifindex]; ok && rpfDrops(src, in.Ifindex) {
-			return fmt.Sprintf("strict reverse path filtering on %s (net.ipv4.conf.all.rp_filter or net.ipv4.conf.%s.rp_filter is 1) would drop this flow's packets once spliced: they carry the gateway's own address %s and arrive from %s on %s; loose filtering lets them through (sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2), as does kernel.datapath: bpf",
+			return refusalCause{4, in.Ifindex}, fmt.Sprintf("strict reverse path filtering on %s (net.ipv4.conf.all.rp_filter or net.ipv4.conf.%s.rp_filter is 1) would drop this flow's packets once spliced: they carry the gateway's own address %s and arrive from %s on %s; loose filtering lets them through (sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2), as does kernel.datapath: bpf",
 				name, name, d.src, d.from, name, name)
 		}
 	}
-	return ""
+	return refusalCause{}, ""
 }
 
 // rpfDrops says whether strict filtering drops a packet whose source is
@@ -122,28 +120,12 @@ func rpfDrops(src proxy.Route, in int) bool {
 	return src.Ifindex != in
 }
 
-// refuseForReversePath logs a refusal (once a minute) and keeps it for
-// the status.
-func (g *Gateway) refuseForReversePath(f *proxy.Flow, reason string) {
-	g.rpf.mu.Lock()
-	g.rpf.last = reason
-	warn := time.Since(g.rpf.warned) > time.Minute
-	if warn {
-		g.rpf.warned = time.Now()
+// reversePathWarnings are the latest refusals' reasons of the interfaces
+// that still filter strictly, for the status.
+func (g *Gateway) reversePathWarnings() []string {
+	strict := g.rpf.strictInterfaces(time.Now())
+	if len(strict) == 0 {
+		return nil
 	}
-	g.rpf.mu.Unlock()
-	if warn {
-		g.log.Warn("splice refused: "+reason, logging.KeyFlow, f.ID, logging.KeyService, f.Service)
-	}
-}
-
-// reversePathWarning is the latest refusal's reason while filtering is
-// still strict somewhere, for the status.
-func (g *Gateway) reversePathWarning() string {
-	if len(g.rpf.strictInterfaces(time.Now())) == 0 {
-		return ""
-	}
-	g.rpf.mu.Lock()
-	defer g.rpf.mu.Unlock()
-	return g.rpf.last
+	return g.rpf.refusals.current(func(c refusalCause) bool { _, ok := strict[c.ifindex]; return ok })
 }

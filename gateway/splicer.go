@@ -62,8 +62,12 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 	if !g.splicing() {
 		return &SpliceError{Reason: "splicing is not enabled (no service has a splice mode)"}
 	}
-	if reason := g.reversePathRefusal(client, upstream); reason != "" {
-		g.refuseForReversePath(f, reason)
+	if cause, reason := g.reversePathRefusal(client, upstream); reason != "" {
+		g.rpf.refusals.refuse(g, f, cause, reason)
+		return &SpliceError{Reason: reason, Err: proxy.ErrSpliceRuledOut}
+	}
+	if cause, reason := g.forwardingRefusal(client, upstream); reason != "" {
+		g.fwd.refusals.refuse(g, f, cause, reason)
 		return &SpliceError{Reason: reason, Err: proxy.ErrSpliceRuledOut}
 	}
 	start := time.Now()

@@ -46,6 +46,13 @@ kernel:
 func busyFlows(t *testing.T, lab *testnet.Lab, d *testnet.Daemon, mode string, n int, dur time.Duration, fault func()) []string {
 	t.Helper()
 	mux, dst := serverMux(t, lab)
+	return busyFlowsVia(t, lab, d, mux, dst, mode, n, dur, fault)
+}
+
+// busyFlowsVia is busyFlows to the server's mux at dst (serverMux), for a
+// test that runs it more than once.
+func busyFlowsVia(t *testing.T, lab *testnet.Lab, d *testnet.Daemon, mux *testnet.Mux, dst netip.AddrPort, mode string, n int, dur time.Duration, fault func()) []string {
+	t.Helper()
 	const rate = 1 << 20
 	size := int64(dur.Seconds() * rate)
 	seed := rand.Uint64()

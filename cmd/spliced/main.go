@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -125,6 +126,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 			checkFirewall(stdout, spec)
 		}
 		checkSourceNAT(stdout, cfg, spec)
+		if spec.Divert.Enabled {
+			checkForwarding(stdout)
+		}
 		if problem, err := gateway.BridgeNetfilterProblem(cfg); err != nil {
 			fmt.Fprintf(stdout, "# bridges: not checked (%v)\n", err)
 		} else if problem != "" {
@@ -263,6 +267,30 @@ func checkSourceNAT(stdout io.Writer, cfg *config.Config, spec rules.Spec) {
 	}
 	for _, c := range found {
 		fmt.Fprintf(stdout, "# source NAT: %s\n", c)
+	}
+}
+
+// checkForwarding prints, for spliced -check, the interfaces that do not
+// forward: splices of flows whose packets arrive there are refused.
+func checkForwarding(stdout io.Writer) {
+	off4, off6 := gateway.NotForwarding()
+	if len(off4) == 0 && len(off6) == 0 {
+		fmt.Fprintf(stdout, "# forwarding: on for IPv4 and IPv6 on every interface (spliced flows' packets are forwarded)\n")
+		return
+	}
+	names := func(m map[int]string) string {
+		var n []string
+		for _, name := range m {
+			n = append(n, name)
+		}
+		slices.Sort(n)
+		return strings.Join(n, ", ")
+	}
+	if len(off4) > 0 {
+		fmt.Fprintf(stdout, "# forwarding: IPv4 off on %s: flows whose packets arrive there stay proxied (their splices are refused); fix: sysctl -w net.ipv4.ip_forward=1\n", names(off4))
+	}
+	if len(off6) > 0 {
+		fmt.Fprintf(stdout, "# forwarding: IPv6 off on %s: flows whose packets arrive there stay proxied (their splices are refused); fix: sysctl -w net.ipv6.conf.all.forwarding=1\n", names(off6))
 	}
 }
 

@@ -1,0 +1,36 @@
+package gateway
+
+import (
+	"net/netip"
+	"slices"
+	"testing"
+
+	"spliced/proxy"
+)
+
+// TestSpliceRefusalsFollowTheirCause: the status lists the latest
+// refusal of each cause (a family's setting on an interface) while that
+// cause lasts: one interface fixed takes its warning away, not the
+// other's, and an IPv4 cause fixed leaves the IPv6 one.
+func TestSpliceRefusalsFollowTheirCause(t *testing.T) {
+	g := quietGateway(t)
+	var r spliceRefusal
+	f := proxy.NewFlow("svc", "forward", netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	r.refuse(g, f, refusalCause{4, 2}, "v4 on c0, first")
+	r.refuse(g, f, refusalCause{4, 2}, "v4 on c0")
+	r.refuse(g, f, refusalCause{4, 3}, "v4 on s0")
+	r.refuse(g, f, refusalCause{6, 2}, "v6 on c0")
+	off := map[refusalCause]bool{{4, 2}: true, {4, 3}: true, {6, 2}: true}
+	lasts := func(c refusalCause) bool { return off[c] }
+	if got, want := r.current(lasts), []string{"v4 on c0", "v4 on s0", "v6 on c0"}; !slices.Equal(got, want) {
+		t.Errorf("refusals %q, want %q", got, want)
+	}
+	off[refusalCause{4, 2}], off[refusalCause{4, 3}] = false, false
+	if got, want := r.current(lasts), []string{"v6 on c0"}; !slices.Equal(got, want) {
+		t.Errorf("after IPv4 forwarding was turned on: %q, want %q", got, want)
+	}
+	off[refusalCause{4, 2}] = true // off again: forgotten until refused again
+	if got := r.current(lasts); !slices.Equal(got, []string{"v6 on c0"}) {
+		t.Errorf("a cause back without a refusal: %q", got)
+	}
+}

@@ -43,17 +43,20 @@ type kernelPath struct {
 	// promoteSkipped: splices whose flow was being unspliced before the
 	// promotion could take it (the next request came first).
 	promoteSkipped atomic.Uint64
-	// stopFollowing ends followInterfaces (nil when it does not run).
-	stopFollowing func()
+	// stopFollowing ends followInterfaces, stopQdiscs
+	// followIngressQdiscs (nil when they do not run).
+	stopFollowing, stopQdiscs func()
 }
 
 // close releases the program. Pinned, it stays attached with its maps
 // (the flows keep being rewritten; the next daemon adopts them) unless
 // remove: then the links are detached and the pins removed.
 func (k *kernelPath) close(remove bool) error {
-	if k.stopFollowing != nil {
-		k.stopFollowing()
-		k.stopFollowing = nil
+	for _, stop := range []*func(){&k.stopFollowing, &k.stopQdiscs} {
+		if *stop != nil {
+			(*stop)()
+			*stop = nil
+		}
 	}
 	var errs []error
 	if k.at != nil {
@@ -172,6 +175,9 @@ func (g *Gateway) startDatapath(cfg *config.Config) error {
 	g.kpath = k
 	if len(cfg.Kernel.Interfaces) == 0 {
 		k.stopFollowing = g.followInterfaces(k, cfg)
+	}
+	if cfg.Kernel.BPFForward == config.BPFForwardRedirect {
+		k.stopQdiscs = g.followIngressQdiscs(k)
 	}
 	g.log.Info("datapath", "datapath", "bpf", "interfaces", strings.Join(ifaces, ","),
 		logging.KeyReason, "kernel.datapath: "+mode+"; the program is attached at tcx ingress",

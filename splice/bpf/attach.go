@@ -253,3 +253,40 @@ func (a *Attachment) Detach() error {
 
 // Mark is the mark bit the program sets on what it rewrote.
 func (dp *Datapath) Mark() uint32 { return dp.mark }
+
+// SetStackInterfaces makes the program leave what it rewrites on the
+// interfaces of ifindexes to the stack, even when it redirects
+// (Options.Redirect), and redirect on every other interface: tcx runs
+// before an interface's classic tc ingress filters, which a redirect
+// would skip (splice_stack_ifaces). It returns whether the set changed.
+func (dp *Datapath) SetStackInterfaces(ifindexes []int) (bool, error) {
+	m := dp.objs.SpliceStackIfaces
+	want := map[uint32]bool{}
+	for _, i := range ifindexes {
+		want[uint32(i)] = true
+	}
+	var stale []uint32
+	var k uint32
+	var v uint8
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if !want[k] {
+			stale = append(stale, k)
+		}
+		delete(want, k)
+	}
+	if err := it.Err(); err != nil {
+		return false, fmt.Errorf("stack interfaces: %w", err)
+	}
+	for _, k := range stale {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return true, fmt.Errorf("stack interfaces: %w", err)
+		}
+	}
+	for k := range want {
+		if err := m.Put(k, uint8(1)); err != nil {
+			return true, fmt.Errorf("stack interfaces: %w", err)
+		}
+	}
+	return len(stale) > 0 || len(want) > 0, nil
+}

@@ -167,6 +167,18 @@ struct {
 	__type(value, __u64);
 } splice_verdicts SEC(".maps");
 
+// splice_stack_ifaces: interfaces whose rewritten packets go on through
+// the stack even with redirect_out. The daemon lists those with a classic
+// tc ingress qdisc (ingress or clsact): tcx runs before their filters,
+// and a redirect would skip them (an ingress shaper through ifb, as
+// OpenWrt's SQM sets up, would never see a spliced flow's packets).
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u8);
+} splice_stack_ifaces SEC(".maps");
+
 // The skb->mark bits set on rewritten packets.
 volatile const __u32 rewritten_mark = 0x20000000;
 // Tests set fake_clock at load time and then fake_now: the program's clock
@@ -863,7 +875,8 @@ int splice_rewrite(struct __sk_buff *skb)
 	}
 	skb->mark |= rewritten_mark;
 	count(V_FORWARD);
-	if (redirect_out) {
+	__u32 in = skb->ifindex;
+	if (redirect_out && !bpf_map_lookup_elem(&splice_stack_ifaces, &in)) {
 		const __u8 *out = dc.addrs ? sc->naddrs : (v6 ? &ip[8] : &ip[12]);
 		return redirect(skb, v6, ip, out, dc.sport, dc.dport, l4 - l3 + hl);
 	}

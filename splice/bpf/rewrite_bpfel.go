@@ -72,15 +72,16 @@ type rewriteTupleVal struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	rewriteMapSpliceFlows    = "splice_flows"
-	rewriteMapSpliceScratch  = "splice_scratch"
-	rewriteMapSpliceTuples   = "splice_tuples"
-	rewriteMapSpliceVerdicts = "splice_verdicts"
-	rewriteProgSpliceRewrite = "splice_rewrite"
-	rewriteVarFakeClock      = "fake_clock"
-	rewriteVarFakeNow        = "fake_now"
-	rewriteVarRedirectOut    = "redirect_out"
-	rewriteVarRewrittenMark  = "rewritten_mark"
+	rewriteMapSpliceFlows       = "splice_flows"
+	rewriteMapSpliceScratch     = "splice_scratch"
+	rewriteMapSpliceStackIfaces = "splice_stack_ifaces"
+	rewriteMapSpliceTuples      = "splice_tuples"
+	rewriteMapSpliceVerdicts    = "splice_verdicts"
+	rewriteProgSpliceRewrite    = "splice_rewrite"
+	rewriteVarFakeClock         = "fake_clock"
+	rewriteVarFakeNow           = "fake_now"
+	rewriteVarRedirectOut       = "redirect_out"
+	rewriteVarRewrittenMark     = "rewritten_mark"
 )
 
 // loadRewrite returns the embedded CollectionSpec for rewrite.
@@ -132,10 +133,11 @@ type rewriteProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type rewriteMapSpecs struct {
-	SpliceFlows    *ebpf.MapSpec `ebpf:"splice_flows"`
-	SpliceScratch  *ebpf.MapSpec `ebpf:"splice_scratch"`
-	SpliceTuples   *ebpf.MapSpec `ebpf:"splice_tuples"`
-	SpliceVerdicts *ebpf.MapSpec `ebpf:"splice_verdicts"`
+	SpliceFlows       *ebpf.MapSpec `ebpf:"splice_flows"`
+	SpliceScratch     *ebpf.MapSpec `ebpf:"splice_scratch"`
+	SpliceStackIfaces *ebpf.MapSpec `ebpf:"splice_stack_ifaces"`
+	SpliceTuples      *ebpf.MapSpec `ebpf:"splice_tuples"`
+	SpliceVerdicts    *ebpf.MapSpec `ebpf:"splice_verdicts"`
 }
 
 // rewriteVariableSpecs contains global variables before they are loaded into the kernel.
@@ -168,16 +170,18 @@ func (o *rewriteObjects) Close() error {
 //
 // It can be passed to loadRewriteObjects or ebpf.CollectionSpec.LoadAndAssign.
 type rewriteMaps struct {
-	SpliceFlows    *ebpf.Map `ebpf:"splice_flows"`
-	SpliceScratch  *ebpf.Map `ebpf:"splice_scratch"`
-	SpliceTuples   *ebpf.Map `ebpf:"splice_tuples"`
-	SpliceVerdicts *ebpf.Map `ebpf:"splice_verdicts"`
+	SpliceFlows       *ebpf.Map `ebpf:"splice_flows"`
+	SpliceScratch     *ebpf.Map `ebpf:"splice_scratch"`
+	SpliceStackIfaces *ebpf.Map `ebpf:"splice_stack_ifaces"`
+	SpliceTuples      *ebpf.Map `ebpf:"splice_tuples"`
+	SpliceVerdicts    *ebpf.Map `ebpf:"splice_verdicts"`
 }
 
 func (m *rewriteMaps) Close() error {
 	return _RewriteClose(
 		m.SpliceFlows,
 		m.SpliceScratch,
+		m.SpliceStackIfaces,
 		m.SpliceTuples,
 		m.SpliceVerdicts,
 	)

@@ -1,0 +1,122 @@
+package gateway
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+
+	"spliced/logging"
+)
+
+// Classic tc ingress filters and the bpf datapath's redirect. The program
+// runs at tcx ingress, before an interface's classic tc ingress filters
+// (an ingress or clsact qdisc's), and its redirect sends a rewritten
+// packet straight to its egress device: those filters never saw it. An
+// ingress shaper, as OpenWrt's SQM sets up on the WAN (an ingress qdisc
+// whose filter redirects everything to an ifb device that shapes it),
+// then shaped a spliced flow's downloads no more: in the lab 32 MiB came
+// through an 80 Mbit/s shaper at 4.8 Gbit/s, and the ifb device saw 402
+// bytes of it. On an interface with a classic ingress qdisc the program
+// leaves what it rewrote to the stack (its filters run, then the kernel
+// forwards it) and redirects elsewhere; the interfaces are followed as
+// qdiscs come and go (TestLabIngressShaping).
+
+// tcHIngress is TC_H_INGRESS: the parent of ingress and clsact qdiscs.
+const tcHIngress = 0xFFFFFFF1
+
+// ingressQdiscs lists the interfaces that have a classic tc ingress qdisc
+// (ingress or clsact), by index.
+func ingressQdiscs() ([]int, error) {
+	c, err := netlink.Dial(unix.NETLINK_ROUTE, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	// struct tcmsg: family, padding, ifindex, handle, parent, info; all
+	// zero asks for every qdisc.
+	msgs, err := c.Execute(netlink.Message{
+		Header: netlink.Header{Type: unix.RTM_GETQDISC, Flags: netlink.Request | netlink.Dump},
+		Data:   make([]byte, 20),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list qdiscs: %w", err)
+	}
+	var out []int
+	for _, m := range msgs {
+		if len(m.Data) < 20 {
+			continue
+		}
+		if binary.NativeEndian.Uint32(m.Data[12:16]) == tcHIngress {
+			out = append(out, int(int32(binary.NativeEndian.Uint32(m.Data[4:8]))))
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out), nil
+}
+
+// followIngressQdiscs keeps the program's list of interfaces with a
+// classic ingress qdisc (see above) as qdiscs come and go: at once, on
+// every tc notification of rtnetlink, and every tcRecheck. It returns the
+// function that stops it; a failure to listen is logged, and the list of
+// the start stays.
+func (g *Gateway) followIngressQdiscs(k *kernelPath) (stop func()) {
+	update := func() {
+		ifs, err := ingressQdiscs()
+		if err != nil {
+			g.log.Warn("datapath: could not list tc ingress qdiscs; spliced packets are redirected past any ingress filters", logging.Err(err))
+			return
+		}
+		changed, err := k.dp.SetStackInterfaces(ifs)
+		if err != nil {
+			g.log.Warn("datapath: could not update the interfaces whose tc ingress filters spliced packets go through", logging.Err(err))
+			return
+		}
+		if changed {
+			g.log.Info("datapath: spliced packets go through the stack where an interface has a tc ingress qdisc (its filters, an ingress shaper say, would be skipped by the redirect), and are redirected elsewhere",
+				"stack_interfaces", ifaceNames(ifs))
+		}
+	}
+	update()
+	conn, err := netlink.Dial(unix.NETLINK_ROUTE, &netlink.Config{Groups: unix.RTMGRP_TC})
+	if err != nil {
+		g.log.Warn("datapath: tc ingress qdiscs added later will not be followed", logging.Err(err))
+		return nil
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			if err := waitLinks(conn, tcRecheck, func() bool { return true }); err != nil {
+				return // closed
+			}
+			update()
+		}
+	}()
+	return func() {
+		conn.Close()
+		<-done
+	}
+}
+
+// tcRecheck is how often followIngressQdiscs lists the qdiscs between tc
+// notifications (which a busy tc configuration can overrun).
+const tcRecheck = 10 * time.Second
+
+// ifaceNames names interfaces by index, for the log.
+func ifaceNames(ifindexes []int) string {
+	var names []string
+	for _, i := range ifindexes {
+		if ifc, err := net.InterfaceByIndex(i); err == nil {
+			names = append(names, ifc.Name)
+		} else {
+			names = append(names, fmt.Sprint(i))
+		}
+	}
+	return strings.Join(names, ",")
+}

@@ -119,17 +119,7 @@ func TestLabBPFAttach(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	c, err := lab.Client().Dial(dst, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	ln.SetDeadline(time.Now().Add(5 * time.Second))
-	s, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	c, s := labPair(t, lab, ln, dst)
 	if err := d.WaitLog(5*time.Second, func(l map[string]any) bool {
 		return l["msg"] == "flow spliced" && l["datapath"] == "bpf"
 	}); err != nil {

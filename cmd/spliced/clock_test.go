@@ -48,17 +48,7 @@ func TestLabWallClockStep(t *testing.T) {
 			const flows = 8
 			var pairs [][2]*net.TCPConn // client end, server end
 			for range flows {
-				cl, err := lab.Client().Dial(dst, 5*time.Second)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer cl.Close()
-				ln.SetDeadline(time.Now().Add(5 * time.Second))
-				sv, err := ln.AcceptTCP()
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer sv.Close()
+				cl, sv := labPair(t, lab, ln, dst)
 				pairs = append(pairs, [2]*net.TCPConn{cl, sv})
 			}
 			if err := exchangeAll(pairs, "before"); err != nil {

@@ -108,6 +108,24 @@ func serverMux(t *testing.T, lab *testnet.Lab) (*testnet.Mux, netip.AddrPort) {
 	return mux, dst
 }
 
+// labPair opens a connection from the lab's client to dst, where ln
+// listens on the server, and returns both ends (closed with the test).
+func labPair(t *testing.T, lab *testnet.Lab, ln *net.TCPListener, dst netip.AddrPort) (client, server *net.TCPConn) {
+	t.Helper()
+	c, err := lab.Client().Dial(dst, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	ln.SetDeadline(time.Now().Add(5 * time.Second))
+	s, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return c, s
+}
+
 // noFlowsLeft waits until the daemon holds no flow.
 func noFlowsLeft(t *testing.T, d *testnet.Daemon, within time.Duration) {
 	t.Helper()
@@ -425,17 +443,7 @@ func TestLabClientVanishes(t *testing.T) {
 			const flows = 8
 			var servers []*net.TCPConn
 			for range flows {
-				c, err := lab.Client().Dial(dst, 5*time.Second)
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer c.Close()
-				ln.SetDeadline(time.Now().Add(5 * time.Second))
-				s, err := ln.AcceptTCP()
-				if err != nil {
-					t.Fatal(err)
-				}
-				defer s.Close()
+				c, s := labPair(t, lab, ln, dst)
 				s.SetKeepAlive(false)
 				c.SetKeepAlive(false)
 				servers = append(servers, s)

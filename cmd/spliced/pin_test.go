@@ -409,17 +409,7 @@ func TestLabBPFAdoptedIdle(t *testing.T) {
 	}
 	defer ln.Close()
 	old := testnet.StartDaemon(t, lab, cfg)
-	c, err := lab.Client().Dial(dst, 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	ln.SetDeadline(time.Now().Add(5 * time.Second))
-	s, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	c, s := labPair(t, lab, ln, dst)
 	if err := old.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "flow promoted to the bpf datapath" }); err != nil {
 		t.Fatal(err)
 	}

@@ -62,16 +62,8 @@ func TestLabIngressShaping(t *testing.T) {
 	defer ln.Close()
 	download := func(what string, size int) (ifbBytes int64) {
 		t.Helper()
-		c, err := lab.Client().Dial(dst, 5*time.Second)
-		if err != nil {
-			t.Fatal(err)
-		}
+		c, s := labPair(t, lab, ln, dst)
 		defer c.Close()
-		ln.SetDeadline(time.Now().Add(5 * time.Second))
-		s, err := ln.AcceptTCP()
-		if err != nil {
-			t.Fatal(err)
-		}
 		defer s.Close()
 		helloBothWays(t, what, c, s)
 		testnet.Eventually(t, 10*time.Second, func() error {
@@ -130,4 +122,3 @@ func ifbTxBytes(t *testing.T, lab *testnet.Lab) int64 {
 	}
 	return n
 }
-

@@ -196,38 +196,54 @@ func (g *Gateway) startDatapath(cfg *config.Config) error {
 // the interfaces of the start stay attached, and spliced packets that
 // enter elsewhere go through the queue.
 func (g *Gateway) followInterfaces(k *kernelPath, cfg *config.Config) (stop func()) {
-	conn, err := netlink.Dial(unix.NETLINK_ROUTE, &netlink.Config{Groups: unix.RTMGRP_LINK})
+	// First for what appeared between the start's listing and the
+	// subscription, then on any link message (or an overrun, ENOBUFS) or
+	// change of br_netfilter.
+	var st brnfState
+	stop, err := followRtnetlink(unix.RTMGRP_LINK, brnfRecheck, func() bool { return readBrnf(brnfDir) != st }, func() {
+		st = readBrnf(brnfDir)
+		if want, err := Interfaces(cfg); err == nil {
+			added, removed, err := k.at.Sync(want)
+			if len(added) > 0 || len(removed) > 0 {
+				g.log.Info("datapath: interfaces changed", "attached", strings.Join(added, ","), "released", strings.Join(removed, ","),
+					"interfaces", strings.Join(k.at.Interfaces(), ","))
+			}
+			if err != nil {
+				g.log.Warn("datapath: could not attach to an interface; its spliced packets go through the queue", logging.Err(err))
+			}
+		}
+	})
 	if err != nil {
 		g.log.Warn("datapath: interfaces that appear later will not be attached to", logging.Err(err))
-		return nil
+	}
+	return stop
+}
+
+// followRtnetlink subscribes to rtnetlink's multicast groups, runs work
+// (before it returns), and then, on one goroutine, again on every message
+// of the groups (or an overrun), or when changed, asked every period,
+// says so. It returns the function that stops it; when it cannot
+// subscribe, work has run once and stop is nil.
+func followRtnetlink(groups uint32, every time.Duration, changed func() bool, work func()) (stop func(), err error) {
+	conn, err := netlink.Dial(unix.NETLINK_ROUTE, &netlink.Config{Groups: groups})
+	work()
+	if err != nil {
+		return nil, err
 	}
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
 		for {
-			// First for what appeared between the start's listing and
-			// the subscription, then on any link message (or an
-			// overrun, ENOBUFS) or change of br_netfilter.
-			st := readBrnf(brnfDir)
-			if want, err := Interfaces(cfg); err == nil {
-				added, removed, err := k.at.Sync(want)
-				if len(added) > 0 || len(removed) > 0 {
-					g.log.Info("datapath: interfaces changed", "attached", strings.Join(added, ","), "released", strings.Join(removed, ","),
-						"interfaces", strings.Join(k.at.Interfaces(), ","))
-				}
-				if err != nil {
-					g.log.Warn("datapath: could not attach to an interface; its spliced packets go through the queue", logging.Err(err))
-				}
-			}
-			if err := waitLinks(conn, brnfRecheck, func() bool { return readBrnf(brnfDir) != st }); err != nil {
+			if err := waitLinks(conn, every, changed); err != nil {
 				return // closed
 			}
+			work()
 		}
 	}()
 	return func() {
 		conn.Close()
 		<-done
-	}
+	}, nil
 }
 
 // brnfRecheck is how often followInterfaces reads br_netfilter's state

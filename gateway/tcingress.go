@@ -82,26 +82,11 @@ func (g *Gateway) followIngressQdiscs(k *kernelPath) (stop func()) {
 				"stack_interfaces", ifaceNames(ifs))
 		}
 	}
-	update()
-	conn, err := netlink.Dial(unix.NETLINK_ROUTE, &netlink.Config{Groups: unix.RTMGRP_TC})
+	stop, err := followRtnetlink(unix.RTMGRP_TC, tcRecheck, func() bool { return true }, update)
 	if err != nil {
 		g.log.Warn("datapath: tc ingress qdiscs added later will not be followed", logging.Err(err))
-		return nil
 	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			if err := waitLinks(conn, tcRecheck, func() bool { return true }); err != nil {
-				return // closed
-			}
-			update()
-		}
-	}()
-	return func() {
-		conn.Close()
-		<-done
-	}
+	return stop
 }
 
 // tcRecheck is how often followIngressQdiscs lists the qdiscs between tc

@@ -46,6 +46,18 @@ type kernelPath struct {
 	// stopFollowing ends followInterfaces, stopQdiscs
 	// followIngressQdiscs (nil when they do not run).
 	stopFollowing, stopQdiscs func()
+	// stack: the interfaces, by index, where the program leaves what it
+	// rewrote to the stack despite its redirect (followIngressQdiscs).
+	stack atomic.Pointer[[]int]
+}
+
+// stackInterfaces are the interfaces where the program leaves what it
+// rewrote to the stack despite its redirect (see tcingress.go).
+func (k *kernelPath) stackInterfaces() []int {
+	if p := k.stack.Load(); p != nil {
+		return *p
+	}
+	return nil
 }
 
 // close releases the program. Pinned, it stays attached with its maps

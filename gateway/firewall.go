@@ -67,9 +67,22 @@ func (g *Gateway) firewallWarnings() []string {
 }
 
 // redirectsSpliced reports whether spliced flows run on the bpf
-// datapath's redirect, which sends their packets to the egress device
-// past the stack's forward hook and its reverse path check.
+// datapath's redirect wherever their packets arrive, which sends them to
+// the egress device past the stack's forward hook and its reverse path
+// check. Not so while an interface has a classic tc ingress qdisc: what
+// arrives there goes on through the stack (tcingress.go).
 func (g *Gateway) redirectsSpliced() bool {
+	return g.redirects() && len(g.kpath.stackInterfaces()) == 0
+}
+
+// redirectsFrom reports whether the bpf datapath's redirect forwards the
+// spliced packets that arrive on the interface ifindex, past the stack.
+func (g *Gateway) redirectsFrom(ifindex int) bool {
+	return g.redirects() && !slices.Contains(g.kpath.stackInterfaces(), ifindex)
+}
+
+// redirects reports whether the bpf datapath runs with its redirect.
+func (g *Gateway) redirects() bool {
 	return g.kpath != nil && g.config().Kernel.BPFForward == config.BPFForwardRedirect
 }
 

@@ -75,7 +75,8 @@ func rpFilter(name string) int {
 // reversePathRefusal says why strict reverse path filtering would drop
 // the spliced packets of the flow whose legs are client and upstream, or
 // "" when it would not (or does not apply: IPv6, the bpf datapath's
-// redirect), and its cause: the strict interface.
+// redirect, but where an interface's tc ingress qdisc leaves what arrives
+// there to the stack), and its cause: the strict interface.
 func (g *Gateway) reversePathRefusal(client, upstream *net.TCPConn) (refusalCause, string) {
 	if g.redirectsSpliced() {
 		return refusalCause{}, ""
@@ -99,12 +100,16 @@ func (g *Gateway) reversePathRefusal(client, upstream *net.TCPConn) (refusalCaus
 			continue
 		}
 		in, err := proxy.RouteTo(d.from)
-		if err != nil {
+		if err != nil || g.redirectsFrom(in.Ifindex) {
 			continue
 		}
 		if name, ok := strict[in.Ifindex]; ok && rpfDrops(src, in.Ifindex) {
-			return refusalCause{4, in.Ifindex}, fmt.Sprintf("strict reverse path filtering on %s (net.ipv4.conf.all.rp_filter or net.ipv4.conf.%s.rp_filter is 1) would drop this flow's packets once spliced: they carry the gateway's own address %s and arrive from %s on %s; loose filtering lets them through (sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2), as does kernel.datapath: bpf",
-				name, name, d.src, d.from, name, name)
+			also := "as does kernel.datapath: bpf"
+			if g.redirects() {
+				also = "or no tc ingress qdisc on " + name + " (the bpf datapath's redirect leaves what arrives there to the stack, so that its filters see it)"
+			}
+			return refusalCause{4, in.Ifindex}, fmt.Sprintf("strict reverse path filtering on %s (net.ipv4.conf.all.rp_filter or net.ipv4.conf.%s.rp_filter is 1) would drop this flow's packets once spliced: they carry the gateway's own address %s and arrive from %s on %s; loose filtering lets them through (sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.%s.rp_filter=2), %s",
+				name, name, d.src, d.from, name, name, also)
 		}
 	}
 	return refusalCause{}, ""

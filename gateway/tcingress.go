@@ -30,9 +30,9 @@ import (
 // tcHIngress is TC_H_INGRESS: the parent of ingress and clsact qdiscs.
 const tcHIngress = 0xFFFFFFF1
 
-// ingressQdiscs lists the interfaces that have a classic tc ingress qdisc
+// IngressQdiscs lists the interfaces that have a classic tc ingress qdisc
 // (ingress or clsact), by index.
-func ingressQdiscs() ([]int, error) {
+func IngressQdiscs() ([]int, error) {
 	c, err := netlink.Dial(unix.NETLINK_ROUTE, nil)
 	if err != nil {
 		return nil, err
@@ -67,10 +67,22 @@ func ingressQdiscs() ([]int, error) {
 // the start stays.
 func (g *Gateway) followIngressQdiscs(k *kernelPath) (stop func()) {
 	update := func() {
-		ifs, err := ingressQdiscs()
+		ifs, err := IngressQdiscs()
 		if err != nil {
 			g.log.Warn("datapath: could not list tc ingress qdiscs; spliced packets are redirected past any ingress filters", logging.Err(err))
 			return
+		}
+		// Where the program leaves packets to the stack, the stack's
+		// reverse path filter and forward hook see them: the checks that
+		// the redirect skips (reversePathRefusal, checkFirewall) apply
+		// there, to the interfaces listed even if the map could not
+		// take them all.
+		if was := k.stackInterfaces(); !slices.Equal(was, ifs) {
+			k.stack.Store(&ifs)
+			select {
+			case g.firewallPoke <- struct{}{}:
+			default:
+			}
 		}
 		changed, err := k.dp.SetStackInterfaces(ifs)
 		if err != nil {

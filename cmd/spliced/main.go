@@ -122,7 +122,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		}
 		fmt.Fprintf(stdout, "# policy routing (IPv4 and IPv6):\n#   ip rule add fwmark 0x%x/0x%x lookup %d priority %d proto %d\n#   ip route add local default dev lo table %d proto %d\n",
 			spec.Mark, spec.Mark, spec.RouteTable, spec.RulePriority, rules.RouteProtocol, spec.RouteTable, rules.RouteProtocol)
-		if spec.Divert.Enabled && (cfg.Kernel.Datapath != config.DatapathBPF || cfg.Kernel.BPFForward != config.BPFForwardRedirect) {
+		if spec.Divert.Enabled && (cfg.Kernel.Datapath != config.DatapathBPF || cfg.Kernel.BPFForward != config.BPFForwardRedirect || stackInterfaces()) {
 			checkFirewall(stdout, spec)
 		}
 		checkSourceNAT(stdout, cfg, spec)
@@ -292,6 +292,14 @@ func checkForwarding(stdout io.Writer) {
 	if len(off6) > 0 {
 		fmt.Fprintf(stdout, "# forwarding: IPv6 off on %s: flows whose packets arrive there stay proxied (their splices are refused); fix: sysctl -w net.ipv6.conf.all.forwarding=1\n", names(off6))
 	}
+}
+
+// stackInterfaces reports whether an interface has a classic tc ingress
+// qdisc (or it cannot tell): the bpf datapath's redirect leaves what
+// arrives there to the stack, its forward hook included.
+func stackInterfaces() bool {
+	ifs, err := gateway.IngressQdiscs()
+	return err != nil || len(ifs) > 0
 }
 
 // checkFirewall prints, for -check, the forward chains of other tables

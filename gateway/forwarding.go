@@ -136,9 +136,6 @@ func (g *Gateway) forwardingRefusal(client, upstream *net.TCPConn) (refusalCause
 // that still do not forward, for the status.
 func (g *Gateway) forwardingWarnings() []string {
 	off4, off6 := g.fwd.offInterfaces(time.Now())
-	if len(off4) == 0 && len(off6) == 0 {
-		return nil
-	}
 	return g.fwd.refusals.current(func(c refusalCause) bool {
 		off := off4
 		if c.family == 6 {
@@ -185,6 +182,9 @@ func (r *spliceRefusal) refuse(g *Gateway, f *proxy.Flow, cause refusalCause, re
 func (r *spliceRefusal) current(lasts func(refusalCause) bool) []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if len(r.reasons) == 0 {
+		return nil
+	}
 	var out []string
 	for cause, reason := range r.reasons {
 		if !lasts(cause) {

@@ -129,8 +129,5 @@ func rpfDrops(src proxy.Route, in int) bool {
 // that still filter strictly, for the status.
 func (g *Gateway) reversePathWarnings() []string {
 	strict := g.rpf.strictInterfaces(time.Now())
-	if len(strict) == 0 {
-		return nil
-	}
 	return g.rpf.refusals.current(func(c refusalCause) bool { _, ok := strict[c.ifindex]; return ok })
 }

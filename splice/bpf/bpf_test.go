@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/netip"
 	"runtime"
 	"strconv"
@@ -374,20 +375,26 @@ func TestRedirect(t *testing.T) {
 		ipOpts     []byte
 		want       uint32
 		wantTTL    uint8
-		clientOut  bool // the client's address routed through out0
+		clientOut  bool     // the client's address routed through out0
+		stack      []string // SetStackInterfaces
 	}{
-		{"routed", false, "1", true, 64, nil, tcActRedirect, 63, false},
-		{"routed, TTL 2", false, "1", true, 2, nil, tcActRedirect, 1, false},
-		{"TTL 1", false, "1", true, 1, nil, RetNext, 1, false},
-		{"IPv4 options", false, "1", true, 64, []byte{1, 1, 1, 0}, RetNext, 64, false},
-		{"forwarding off", false, "0", true, 64, nil, RetNext, 64, false},
-		{"no route", false, "1", false, 64, nil, RetNext, 64, false},
-		{"IPv6 routed", true, "1", true, 64, nil, tcActRedirect, 63, false},
-		{"IPv6 hop limit 1", true, "1", true, 1, nil, RetNext, 1, false},
-		{"IPv6 forwarding off", true, "0", true, 64, nil, RetNext, 64, false},
-		{"IPv6 no route", true, "1", false, 64, nil, RetNext, 64, false},
-		{"source routed elsewhere", false, "1", true, 64, nil, RetNext, 64, true},
-		{"IPv6 source routed elsewhere", true, "1", true, 64, nil, RetNext, 64, true},
+		{"routed", false, "1", true, 64, nil, tcActRedirect, 63, false, nil},
+		{"routed, TTL 2", false, "1", true, 2, nil, tcActRedirect, 1, false, nil},
+		{"TTL 1", false, "1", true, 1, nil, RetNext, 1, false, nil},
+		{"IPv4 options", false, "1", true, 64, []byte{1, 1, 1, 0}, RetNext, 64, false, nil},
+		{"forwarding off", false, "0", true, 64, nil, RetNext, 64, false, nil},
+		{"no route", false, "1", false, 64, nil, RetNext, 64, false, nil},
+		{"IPv6 routed", true, "1", true, 64, nil, tcActRedirect, 63, false, nil},
+		{"IPv6 hop limit 1", true, "1", true, 1, nil, RetNext, 1, false, nil},
+		{"IPv6 forwarding off", true, "0", true, 64, nil, RetNext, 64, false, nil},
+		{"IPv6 no route", true, "1", false, 64, nil, RetNext, 64, false, nil},
+		{"source routed elsewhere", false, "1", true, 64, nil, RetNext, 64, true, nil},
+		{"IPv6 source routed elsewhere", true, "1", true, 64, nil, RetNext, 64, true, nil},
+		// in0 has a classic tc ingress qdisc, whose filters run after
+		// the program: what it rewrote goes on to them.
+		{"stack interface", false, "1", true, 64, nil, RetNext, 64, false, []string{"in0"}},
+		{"IPv6 stack interface", true, "1", true, 64, nil, RetNext, 64, false, []string{"in0"}},
+		{"another stack interface", false, "1", true, 64, nil, tcActRedirect, 63, false, []string{"out0"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			family, subnet, dev := "4", "10.2.0.0/24", "out0"
@@ -415,6 +422,17 @@ func TestRedirect(t *testing.T) {
 					return err
 				}
 				defer dp.Close()
+				var stack []int
+				for _, name := range c.stack {
+					ifi, err := net.InterfaceByName(name)
+					if err != nil {
+						return err
+					}
+					stack = append(stack, ifi.Index)
+				}
+				if changed, err := dp.SetStackInterfaces(stack); err != nil || changed != (len(stack) > 0) {
+					return fmt.Errorf("SetStackInterfaces(%v): changed %v, %v", stack, changed, err)
+				}
 				fx := newFixture(t, c.v6, false)
 				f, err := NewFlow(&fx.p, fx.start())
 				if err != nil {
@@ -429,9 +447,12 @@ func TestRedirect(t *testing.T) {
 				pkt := fx.c2s(1000, 0xfffffff0, FlagACK)
 				pkt.ttl, pkt.ipOpts = c.ttl, c.ipOpts
 				in := frame(pkt.bytes())
-				// struct __sk_buff up to ifindex: the packet came in on in0.
+				// struct __sk_buff up to ifindex: the packet came in on in0
+				// (ingress_ifindex) and is at its ingress (ifindex: the
+				// device of the skb, loopback if unset).
 				ctx := make([]byte, 44)
 				binary.NativeEndian.PutUint32(ctx[36:], uint32(in0))
+				binary.NativeEndian.PutUint32(ctx[40:], uint32(in0))
 				out := make([]byte, len(in)+256)
 				ret, err := dp.Program().Run(&ebpf.RunOptions{Data: in, DataOut: out, Context: ctx})
 				if err != nil {

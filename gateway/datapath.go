@@ -317,6 +317,13 @@ func (g *Gateway) loadKernelPath(cfg *config.Config) (*kernelPath, []string, err
 	if err != nil {
 		return nil, nil, err
 	}
+	if opts.Redirect {
+		// Before the program meets a packet (an earlier daemon's link is
+		// moved to it in place): followIngressQdiscs keeps it so.
+		if ifs, err := IngressQdiscs(); err == nil {
+			dp.SetStackInterfaces(ifs)
+		}
+	}
 	at, err := dp.Attach(ifaces)
 	if err != nil {
 		if !dp.Reused() {

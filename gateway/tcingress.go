@@ -77,15 +77,15 @@ func (g *Gateway) followIngressQdiscs(k *kernelPath) (stop func()) {
 		// the redirect skips (reversePathRefusal, checkFirewall) apply
 		// there, to the interfaces listed even if the map could not
 		// take them all.
-		if was := k.stackInterfaces(); !slices.Equal(was, ifs) {
+		changed := !slices.Equal(k.stackInterfaces(), ifs)
+		if changed {
 			k.stack.Store(&ifs)
 			select {
 			case g.firewallPoke <- struct{}{}:
 			default:
 			}
 		}
-		changed, err := k.dp.SetStackInterfaces(ifs)
-		if err != nil {
+		if _, err := k.dp.SetStackInterfaces(ifs); err != nil {
 			g.log.Warn("datapath: could not update the interfaces whose tc ingress filters spliced packets go through", logging.Err(err))
 			return
 		}

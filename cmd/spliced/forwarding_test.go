@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -16,8 +17,9 @@ import (
 // ones do, on both datapaths (their rewritten packets are forwarded):
 // before, every spliced flow stalled at its splice. Now the splices are
 // refused and the flows stay proxied and complete, the log and the status
-// say what to turn on, spliced -check lists the interfaces; once
-// forwarding is on, flows splice again.
+// say what to turn on, spliced -check lists the interfaces; once IPv4
+// forwarding is on, IPv4 flows splice again and an IPv6 flow, with IPv6
+// forwarding still off, stays proxied.
 func TestLabForwardingOff(t *testing.T) {
 	for _, datapath := range []string{"nfqueue", "bpf"} {
 		t.Run(datapath, func(t *testing.T) {
@@ -75,6 +77,32 @@ func TestLabForwardingOff(t *testing.T) {
 			}
 			if n := countMsg(d, "flow spliced"); n != 4 {
 				t.Errorf("%d flows spliced once forwarding was on, want 4", n)
+			}
+
+			// IPv6 forwarding is still off: an IPv6 flow stays proxied,
+			// and the status says why (the log said it for IPv4 within
+			// the minute, so not again).
+			dst6 := netip.AddrPortFrom(lab.Server().IPv6, 5001)
+			ln6, err := lab.Server().Listen(dst6)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln6.Close()
+			c, s := labPair(t, lab, ln6, dst6)
+			helloBothWays(t, "IPv6 flow", c, s)
+			testnet.Eventually(t, 10*time.Second, func() error {
+				st, err := d.Client().Status(context.Background())
+				if err != nil {
+					return err
+				}
+				if len(st.Warnings) != 1 || !strings.Contains(st.Warnings[0], "IPv6 forwarding is off") || !strings.Contains(st.Warnings[0], "net.ipv6.conf.all.forwarding=1") {
+					return fmt.Errorf("status warnings %q, want the IPv6 refusal", st.Warnings)
+				}
+				return nil
+			})
+			helloBothWays(t, "IPv6 flow, refused", c, s)
+			if n := countMsg(d, "flow spliced"); n != 4 {
+				t.Errorf("%d flows spliced, want the 4 IPv4 ones", n)
 			}
 		})
 	}

@@ -81,9 +81,9 @@ func NotForwarding() (off4, off6 map[int]string) {
 	return off4, off6
 }
 
-// sysctlInt reads net.FAMILY.conf.NAME.KEY, or def when it cannot (no
-// such interface any more, an IPv6 key on a host without IPv6, a key
-// this kernel does not have).
+// sysctlInt reads net.FAMILY.conf.NAME.KEY (forwarding, rp_filter), or
+// def when it cannot (no such interface any more, an IPv6 key on a host
+// without IPv6, a key this kernel does not have).
 func sysctlInt(family, name, key string, def int) int {
 	b, err := os.ReadFile(filepath.Join("/proc/sys/net", family, "conf", name, key))
 	if err != nil {

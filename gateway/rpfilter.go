@@ -4,10 +4,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -49,27 +45,17 @@ func (r *rpfFilter) strictInterfaces(now time.Time) map[int]string {
 		return r.strict
 	}
 	r.read, r.strict = now, map[int]string{}
-	all := rpFilter("all")
+	all := sysctlInt("ipv4", "all", "rp_filter", 0)
 	ifs, err := net.Interfaces()
 	if err != nil {
 		return r.strict
 	}
 	for _, ifc := range ifs {
-		if ifc.Flags&net.FlagLoopback == 0 && max(all, rpFilter(ifc.Name)) == 1 {
+		if ifc.Flags&net.FlagLoopback == 0 && max(all, sysctlInt("ipv4", ifc.Name, "rp_filter", 0)) == 1 {
 			r.strict[ifc.Index] = ifc.Name
 		}
 	}
 	return r.strict
-}
-
-// rpFilter reads net.ipv4.conf.NAME.rp_filter (0 when unreadable).
-func rpFilter(name string) int {
-	b, err := os.ReadFile(filepath.Join("/proc/sys/net/ipv4/conf", name, "rp_filter"))
-	if err != nil {
-		return 0
-	}
-	v, _ := strconv.Atoi(strings.TrimSpace(string(b)))
-	return v
 }
 
 // reversePathRefusal says why strict reverse path filtering would drop

@@ -1,12 +1,18 @@
 package gateway
 
 import (
+	"fmt"
 	"net/netip"
+	"os"
+	"os/exec"
+	"strings"
 	"testing"
 	"time"
 
+	"spliced/internal/workpool"
 	"spliced/nfq"
 	"spliced/splice"
+	"spliced/testnet"
 )
 
 // TestRebuiltConnsRoundTrip: unsplicing a flow the engine never forwarded
@@ -125,4 +131,61 @@ func TestTransitionsRemoveKeepsLater(t *testing.T) {
 	if ts.get(keys[0]) != nil || ts.active.Load() != 0 {
 		t.Errorf("after both left: %p, %d active", ts.get(keys[0]), ts.active.Load())
 	}
+}
+
+// TestRestoreBoth: both sockets are rebuilt, the server's on a worker;
+// when either cannot be, the error names which and no socket is left
+// open (the other, rebuilt, is closed in repair mode).
+func TestRestoreBoth(t *testing.T) {
+	ns := testnet.Scratch(t)
+	pool := workpool.New(time.Second, 4)
+	defer pool.Close()
+	conn := func(local, remote string) splice.Conn {
+		return splice.Conn{Local: netip.MustParseAddrPort(local), Remote: netip.MustParseAddrPort(remote),
+			SndNxt: 1000, RcvNxt: 2000, SndWnd: 65535, RcvWnd: 65535, MSS: 1460}
+	}
+	good := [2]splice.Conn{conn("127.0.0.1:80", "127.0.0.2:40000"), conn("127.0.0.3:50000", "127.0.0.4:80")}
+	// A remote address of the other family: the connect fails.
+	bad := conn("127.0.0.3:50001", "[fd00::2]:80")
+	err := ns.Do(func() error {
+		if out, err := exec.Command("ip", "link", "set", "lo", "up").CombinedOutput(); err != nil {
+			return fmt.Errorf("%v: %s", err, out)
+		}
+		fds := openFDs(t)
+		cc, sc, err := restoreBoth(pool, &good[0], &good[1])
+		if err != nil {
+			return fmt.Errorf("both good: %w", err)
+		}
+		if addrPort(cc.LocalAddr()) != good[0].Local || addrPort(sc.LocalAddr()) != good[1].Local || addrPort(sc.RemoteAddr()) != good[1].Remote {
+			t.Errorf("rebuilt %v-%v and %v-%v, want %v-%v and %v-%v", cc.LocalAddr(), cc.RemoteAddr(), sc.LocalAddr(), sc.RemoteAddr(),
+				good[0].Local, good[0].Remote, good[1].Local, good[1].Remote)
+		}
+		cc.Close()
+		sc.Close()
+		for _, c := range []struct {
+			client, server *splice.Conn
+			want           string
+		}{{&good[0], &bad, "rebuild the server's connection"}, {&bad, &good[1], "rebuild the client's connection"}} {
+			cc, sc, err := restoreBoth(pool, c.client, c.server)
+			if err == nil || !strings.Contains(err.Error(), c.want) || cc != nil || sc != nil {
+				t.Errorf("restoreBoth: %v, %v, %v; want nil sockets and an error saying %q", cc, sc, err, c.want)
+			}
+		}
+		if n := openFDs(t); n != fds {
+			t.Errorf("%d descriptors open after the failed rebuilds, %d before", n, fds)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -47,8 +48,12 @@ type kernelPath struct {
 	// followIngressQdiscs (nil when they do not run).
 	stopFollowing, stopQdiscs func()
 	// stack: the interfaces, by index, where the program leaves what it
-	// rewrote to the stack despite its redirect (followIngressQdiscs).
+	// rewrote to the stack despite its redirect (applyStackInterfaces).
 	stack atomic.Pointer[[]int]
+	// stackMu serializes applyStackInterfaces; qdiscs: the interfaces
+	// with a classic tc ingress qdisc, as followIngressQdiscs last listed.
+	stackMu sync.Mutex
+	qdiscs  []int
 }
 
 // stackInterfaces are the interfaces where the program leaves what it
@@ -219,6 +224,9 @@ func (g *Gateway) followInterfaces(k *kernelPath, cfg *config.Config) (stop func
 			if len(added) > 0 || len(removed) > 0 {
 				g.log.Info("datapath: interfaces changed", "attached", strings.Join(added, ","), "released", strings.Join(removed, ","),
 					"interfaces", strings.Join(k.at.Interfaces(), ","))
+				if g.redirects() {
+					g.applyStackInterfaces(k) // while marks route, every one
+				}
 			}
 			if err != nil {
 				g.log.Warn("datapath: could not attach to an interface; its spliced packets go through the queue", logging.Err(err))

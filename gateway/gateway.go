@@ -128,6 +128,10 @@ type Gateway struct {
 	// dropping spliced flows (written under rulesMu).
 	firewallDrops  atomic.Pointer[[]rules.UntrackedDrop]
 	firewallUnread bool // the last check could not read the ruleset (under rulesMu)
+	// markRoute: what checkMarkRouting last found (nil: marks route
+	// nothing).
+	markRoute         atomic.Pointer[markRouting]
+	markRoutingUnread bool // the last check could not read them (under rulesMu)
 	// sourceNATs: the conflicts checkSourceNAT last found
 	sourceNATs      atomic.Pointer[[]SourceNATConflict]
 	sourceNATUnread bool // the last check could not read the ruleset (under rulesMu)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 
 	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
@@ -44,6 +45,9 @@ type gsoSender struct {
 	fd   int // AF_PACKET, SOCK_RAW, PACKET_VNET_HDR; -1 until first used
 	nl   *netlink.Conn
 	xfrm *netlink.Conn // NETLINK_XFRM, for the IPsec policy count
+	// marksRoute: marks set at output route packets (markroute.go), so
+	// the IP output path must send them.
+	marksRoute atomic.Bool
 	// frame is the send buffer: the virtio-net header, the Ethernet
 	// header and the IP packet.
 	frame []byte
@@ -75,6 +79,10 @@ var errGSOSetup = errors.New("gso: cannot open its sockets; taken-over payload g
 // errIPsec: IPsec policies may apply to the packets; only the IP output
 // path applies them.
 var errIPsec = errors.New("gso: the kernel has IPsec policies for output or forwarding")
+
+// errMarksRoute: ip rules route by marks that output chains set; only
+// the IP output path applies them (markroute.go).
+var errMarksRoute = errors.New("gso: ip rules route by marks that output chains set")
 
 func newGSOSender() *gsoSender { return &gsoSender{fd: -1} }
 
@@ -133,6 +141,9 @@ func (s *gsoSender) resolve(dst netip.Addr) (egress, error) {
 	}
 	if err := s.noIPsec(); err != nil {
 		return e, err
+	}
+	if s.marksRoute.Load() {
+		return e, errMarksRoute
 	}
 	ifindex, nextHop, err := s.route(dst)
 	if err != nil {

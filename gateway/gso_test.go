@@ -102,6 +102,19 @@ func TestGSOSenderDelivers(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		// Marks set at output route packets (markroute.go): only the IP
+		// output path applies them.
+		s.marksRoute.Store(true)
+		err = a.Do(func() error {
+			if _, err := s.resolve(netip.MustParseAddr("10.9.0.2")); !errors.Is(err, errMarksRoute) {
+				return fmt.Errorf("while marks route: %v; want %v", err, errMarksRoute)
+			}
+			return nil
+		})
+		s.marksRoute.Store(false)
+		if err != nil {
+			t.Fatal(err)
+		}
 	})
 }
 

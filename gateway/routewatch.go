@@ -54,7 +54,9 @@ func watchRouting(ctx context.Context, poke func()) error {
 			}
 			for _, m := range msgs {
 				switch m.Header.Type {
-				case unix.RTM_DELRULE:
+				case unix.RTM_DELRULE, unix.RTM_NEWRULE:
+					// A deleted rule may be ours; a new one may route
+					// by mark (checkMarkRouting, run with the repair).
 					poke()
 				case unix.RTM_DELROUTE:
 					// struct rtmsg: family, dst_len, src_len, tos,

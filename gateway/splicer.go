@@ -66,6 +66,11 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		g.rpf.refusals.refuse(g, f, cause, reason)
 		return &SpliceError{Reason: reason, Err: proxy.ErrSpliceRuledOut}
 	}
+	if reason := g.markRoutingRefusal(); reason != "" {
+		// Said once when found (checkMarkRouting), and in the status.
+		g.log.Debug("splice refused: "+reason, logging.KeyFlow, f.ID)
+		return &SpliceError{Reason: reason, Err: proxy.ErrSpliceRuledOut}
+	}
 	if cause, reason := g.forwardingRefusal(client, upstream); reason != "" {
 		g.fwd.refusals.refuse(g, f, cause, reason)
 		return &SpliceError{Reason: reason, Err: proxy.ErrSpliceRuledOut}

@@ -72,33 +72,66 @@ func (g *Gateway) followIngressQdiscs(k *kernelPath) (stop func()) {
 			g.log.Warn("datapath: could not list tc ingress qdiscs; spliced packets are redirected past any ingress filters", logging.Err(err))
 			return
 		}
-		// Where the program leaves packets to the stack, the stack's
-		// reverse path filter and forward hook see them: the checks that
-		// the redirect skips (reversePathRefusal, checkFirewall) apply
-		// there, to the interfaces listed even if the map could not
-		// take them all.
-		changed := !slices.Equal(k.stackInterfaces(), ifs)
-		if changed {
-			k.stack.Store(&ifs)
-			select {
-			case g.firewallPoke <- struct{}{}:
-			default:
-			}
-		}
-		if _, err := k.dp.SetStackInterfaces(ifs); err != nil {
-			g.log.Warn("datapath: could not update the interfaces whose tc ingress filters spliced packets go through", logging.Err(err))
-			return
-		}
-		if changed {
-			g.log.Info("datapath: spliced packets go through the stack where an interface has a tc ingress qdisc (its filters, an ingress shaper say, would be skipped by the redirect), and are redirected elsewhere",
-				"stack_interfaces", ifaceNames(ifs))
-		}
+		k.stackMu.Lock()
+		k.qdiscs = ifs
+		k.stackMu.Unlock()
+		g.applyStackInterfaces(k)
 	}
 	stop, err := followRtnetlink(unix.RTMGRP_TC, tcRecheck, func() bool { return true }, update)
 	if err != nil {
 		g.log.Warn("datapath: tc ingress qdiscs added later will not be followed", logging.Err(err))
 	}
 	return stop
+}
+
+// applyStackInterfaces gives the program the interfaces where it leaves
+// what it rewrote to the stack: those with a classic tc ingress qdisc,
+// and every attached one while marks set at prerouting route packets
+// (markroute.go). Where the program leaves packets to the stack, the
+// stack's reverse path filter and forward hook see them: the checks that
+// the redirect skips (reversePathRefusal, checkFirewall) apply there, to
+// the interfaces listed even if the map could not take them all.
+func (g *Gateway) applyStackInterfaces(k *kernelPath) {
+	k.stackMu.Lock()
+	defer k.stackMu.Unlock()
+	ifs := slices.Clone(k.qdiscs)
+	if _, on := g.markRoute.Load().active("prerouting", false); on {
+		byName := interfaceIndexes()
+		for _, name := range k.at.Interfaces() {
+			if i, ok := byName[name]; ok {
+				ifs = append(ifs, i)
+			}
+		}
+		slices.Sort(ifs)
+		ifs = slices.Compact(ifs)
+	}
+	changed := !slices.Equal(k.stackInterfaces(), ifs)
+	if changed {
+		k.stack.Store(&ifs)
+		select {
+		case g.firewallPoke <- struct{}{}:
+		default:
+		}
+	}
+	if _, err := k.dp.SetStackInterfaces(ifs); err != nil {
+		g.log.Warn("datapath: could not update the interfaces where spliced packets go through the stack", logging.Err(err))
+		return
+	}
+	if changed {
+		g.log.Info("datapath: spliced packets go through the stack where an interface has a tc ingress qdisc (its filters, an ingress shaper say, would be skipped by the redirect), or everywhere while marks set at prerouting route them, and are redirected elsewhere",
+			"stack_interfaces", ifaceNames(ifs), "qdisc_interfaces", ifaceNames(k.qdiscs))
+	}
+}
+
+// interfaceIndexes maps the interfaces' names to their indexes.
+func interfaceIndexes() map[string]int {
+	m := map[string]int{}
+	if ifs, err := net.Interfaces(); err == nil {
+		for _, ifc := range ifs {
+			m[ifc.Name] = ifc.Index
+		}
+	}
+	return m
 }
 
 // tcRecheck is how often followIngressQdiscs lists the qdiscs between tc

@@ -128,6 +128,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		checkSourceNAT(stdout, cfg, spec)
 		if spec.Divert.Enabled {
 			checkForwarding(stdout)
+			checkMarkRouting(stdout, cfg, spec)
 		}
 		if problem, err := gateway.BridgeNetfilterProblem(cfg); err != nil {
 			fmt.Fprintf(stdout, "# bridges: not checked (%v)\n", err)
@@ -267,6 +268,21 @@ func checkSourceNAT(stdout io.Writer, cfg *config.Config, spec rules.Spec) {
 	}
 	for _, c := range found {
 		fmt.Fprintf(stdout, "# source NAT: %s\n", c)
+	}
+}
+
+// checkMarkRouting prints, for spliced -check, what routing by firewall
+// mark changes for spliced flows (see gateway.MarkRouting).
+func checkMarkRouting(stdout io.Writer, cfg *config.Config, spec rules.Spec) {
+	m := rules.NewManager(spec)
+	defer m.Close()
+	lines, err := gateway.MarkRouting(cfg, m)
+	if err != nil {
+		fmt.Fprintf(stdout, "# mark routing: not checked (%v)\n", err)
+		return
+	}
+	for _, l := range lines {
+		fmt.Fprintf(stdout, "# mark routing: %s\n", l)
 	}
 }
 

@@ -64,6 +64,15 @@ type scenario struct {
 	unownedTable bool
 	// kernel: more lines of the kernel section ("  key: value\n").
 	kernel string
+	// refused: the daemon refuses the flow's splice, which stays
+	// proxied; a splicing mode's run then checks what copy's does.
+	refused bool
+	// stacked: on the bpf datapath with its redirect, the program leaves
+	// what it rewrote to the stack, as with bpf_forward: stack.
+	stacked bool
+	// rawInjection: the daemon sends taken-over payload through the IP
+	// output path even with kernel.resend: gso.
+	rawInjection bool
 }
 
 func scenarioConfig(sc *scenario, mode string) string {
@@ -109,14 +118,14 @@ log:
 func (sc *scenario) run(t *testing.T, mode string) *testnet.Daemon {
 	t.Helper()
 	d := sc.runIn(t, testnet.NewT(t, sc.lab), mode)
-	if spliceMode(mode) {
+	if spliceMode(mode) && !sc.refused {
 		// Its divert entries went in by command packets, not by a
 		// netlink transaction.
 		e := spliceEngine(t, d)
 		if e.DivertByCommand == 0 || e.DivertByNetlink != 0 {
 			t.Errorf("divert entries added by command %d times, by netlink %d times; want only by command", e.DivertByCommand, e.DivertByNetlink)
 		}
-		checkInjectedGSO(t, d, e, !sc.lab.OffloadsOff && !sc.resendRaw)
+		checkInjectedGSO(t, d, e, !sc.lab.OffloadsOff && !sc.resendRaw && !sc.rawInjection)
 	}
 	return d
 }
@@ -158,6 +167,14 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 		sc.setup(t, lab)
 	}
 	d := testnet.StartDaemon(t, lab, scenarioConfig(sc, mode))
+	// What the flow is checked as: a refused splice leaves it proxied,
+	// and the program's stack forwarding sends nothing itself.
+	wantSplice, checked := spliceMode(mode) && !sc.refused, mode
+	if sc.refused {
+		checked = "copy"
+	} else if sc.stacked && mode == "splice-bpf" {
+		checked = "splice-bpf-stack"
+	}
 	srv := netip.AddrPortFrom(lab.Server().Addr(sc.v6), sc.port)
 	ln, err := lab.Server().Listen(srv)
 	if err != nil {
@@ -169,13 +186,13 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 	var proofErr, bpfErr error
 	var bpfStart bpfCount
 	opt := testnet.TransferOptions{C2S: sc.size, S2C: sc.size, Seed: rand.Uint64(), Timeout: sc.timeout}
-	if (sc.proof && spliceMode(mode)) || sc.midway != nil {
+	if (sc.proof && wantSplice) || sc.midway != nil {
 		opt.Progress = func(sent int64) {
 			if sent >= sc.size*3/5 {
 				proofOnce.Do(func() {
-					if sc.proof && spliceMode(mode) {
-						proofErr = provenSpliced(lab, d, bpfMode(mode))
-						if bpfMode(mode) && proofErr == nil {
+					if sc.proof && wantSplice {
+						proofErr = provenSpliced(lab, d, bpfMode(checked))
+						if bpfMode(checked) && proofErr == nil {
 							bpfStart, proofErr = bpfCounts(lab, d)
 						}
 					}
@@ -184,7 +201,7 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 					}
 				})
 			}
-			if sent >= sc.size*4/5 && sc.proof && bpfMode(mode) && proofErr == nil {
+			if sent >= sc.size*4/5 && sc.proof && bpfMode(checked) && proofErr == nil {
 				// A fifth of the data since 3/5: the program rewrote it
 				// all, the queues took none of it. With stack it sent
 				// none of them to the egress device itself (with
@@ -199,7 +216,7 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 						bpfErr = fmt.Errorf("the queues took %d packets while the flow was on the bpf datapath", end.queued-bpfStart.queued)
 					case end.forwarded <= bpfStart.forwarded:
 						bpfErr = fmt.Errorf("the program forwarded nothing (%d -> %d)", bpfStart.forwarded, end.forwarded)
-					case mode == "splice-bpf-stack" && end.redirected != 0:
+					case checked == "splice-bpf-stack" && end.redirected != 0:
 						bpfErr = fmt.Errorf("the program redirected %d packets with bpf_forward: stack", end.redirected)
 					default:
 						t.Logf("from 3/5 to 4/5 of the data: the program forwarded %d packets (redirected %d), the queues took %d", end.forwarded-bpfStart.forwarded, end.redirected-bpfStart.redirected, end.queued-bpfStart.queued)
@@ -229,10 +246,10 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 		t.Errorf("server saw %v, want %v", tr.Server.Peer.Addr(), want)
 	}
 	spliced := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" }) != nil
-	if spliced != spliceMode(mode) {
+	if spliced != wantSplice {
 		t.Fatalf("mode %s: flow spliced = %v\n%s", mode, spliced, tail(d.Log(), 30))
 	}
-	if bpfMode(mode) {
+	if bpfMode(checked) {
 		rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == "flow spliced" })
 		if rec["datapath"] != "bpf" {
 			t.Fatalf("the flow was spliced on datapath %v, not bpf", rec["datapath"])
@@ -241,7 +258,7 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 	if tr.Check() == nil {
 		t.Logf("%s: %d MB each way in %v", mode, sc.size>>20, tr.Elapsed.Round(time.Millisecond))
 	}
-	if bpfMode(mode) && sc.proof && tr.Check() == nil {
+	if bpfMode(checked) && sc.proof && tr.Check() == nil {
 		// The daemon retires the flow from the program's state: FIN
 		// both ways, acknowledged (after splice.linger, 1 s here).
 		if err := d.WaitLog(15*time.Second, func(l map[string]any) bool {
@@ -258,7 +275,7 @@ func (sc *scenario) runIn(t *testing.T, lab *testnet.Lab, mode string) *testnet.
 		// device itself (every destination in the lab is routed).
 		if c, err := bpfCounts(lab, d); err != nil {
 			t.Error(err)
-		} else if mode == "splice-bpf" && c.redirected != c.forwarded {
+		} else if checked == "splice-bpf" && c.redirected != c.forwarded {
 			t.Errorf("the program forwarded %d packets and redirected %d; want all redirected", c.forwarded, c.redirected)
 		}
 	}

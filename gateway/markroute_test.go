@@ -1,0 +1,38 @@
+package gateway
+
+import (
+	"testing"
+
+	"spliced/rules"
+)
+
+// TestMarkRoutingActive: marks route packets only with an ip rule that
+// selects by mark and a chain that sets the mark at that hook; a mark
+// restored from the connection's counts for both questions.
+func TestMarkRoutingActive(t *testing.T) {
+	pre := rules.MarkSetter{Family: "inet", Table: "pbr", Chain: "mark", Hook: "prerouting"}
+	restore := rules.MarkSetter{Family: "ip", Table: "mangle", Chain: "PREROUTING", Hook: "prerouting", FromConntrack: true}
+	out := rules.MarkSetter{Family: "inet", Table: "pbr", Chain: "out", Hook: "output"}
+	ipRule := []string{"IPv4 rule 30000: fwmark 0x10/0x10 lookup 200"}
+	for _, tc := range []struct {
+		name                   string
+		m                      *markRouting
+		pre, preFromCT, output bool
+	}{
+		{"nothing found", nil, false, false, false},
+		{"setters without a rule", &markRouting{setters: []rules.MarkSetter{pre, restore, out}}, false, false, false},
+		{"a rule without setters", &markRouting{rules: ipRule}, false, false, false},
+		{"per packet", &markRouting{rules: ipRule, setters: []rules.MarkSetter{pre, out}}, true, false, true},
+		{"restored", &markRouting{rules: ipRule, setters: []rules.MarkSetter{restore}}, true, true, false},
+	} {
+		_, p := tc.m.active("prerouting", false)
+		_, c := tc.m.active("prerouting", true)
+		_, o := tc.m.active("output", false)
+		if p != tc.pre || c != tc.preFromCT || o != tc.output {
+			t.Errorf("%s: prerouting %v, from connections %v, output %v; want %v, %v, %v", tc.name, p, c, o, tc.pre, tc.preFromCT, tc.output)
+		}
+	}
+	if !(&markRouting{rules: ipRule}).equal(&markRouting{rules: ipRule}) || (&markRouting{rules: ipRule}).equal(nil) || !(*markRouting)(nil).equal(nil) {
+		t.Error("equal")
+	}
+}

@@ -42,8 +42,9 @@ func (s MarkSetter) String() string {
 }
 
 // MarkSetters lists the chains of the other tables (families inet, ip and
-// ip6) reached from their prerouting and output base chains whose rules
-// set the packet mark, once per chain and hook.
+// ip6) reached from their prerouting and output base chains (but nat
+// chains) whose rules set the packet mark of TCP packets, once per chain
+// and hook.
 func (m *Manager) MarkSetters() ([]MarkSetter, error) {
 	c, chains, err := m.listChains()
 	if err != nil {
@@ -67,6 +68,12 @@ func (m *Manager) MarkSetters() ([]MarkSetter, error) {
 		}
 		fam, ok := familyNames[t.Family]
 		if !ok || (t.Family == nftables.TableFamilyINet && t.Name == m.spec.Table) {
+			continue
+		}
+		if ch.Type == nftables.ChainTypeNAT {
+			// A nat chain sees a connection's first packet only, and no
+			// untracked one: never a spliced flow's (kube-proxy's
+			// KUBE-MARK-MASQ would count on every Kubernetes node).
 			continue
 		}
 		key := fam + " " + t.Name
@@ -108,19 +115,68 @@ func (m *Manager) MarkSetters() ([]MarkSetter, error) {
 
 // markRule reads a rule: whether it sets the packet mark, from the
 // connection's mark or not, and the chains it jumps or goes to (its
-// verdict's, its verdict map's).
+// verdict's, its verdict map's). What follows a match that no TCP packet
+// passes ("meta l4proto udp", "ip protocol udp", "udp dport 53") is left
+// out: no spliced flow's packet gets there. wg-quick's full tunnel
+// restores the mark from the connection's for UDP only (its tunnel's
+// packets), and taken for every packet's it refused every splice.
 func markRule(c *nftables.Conn, t *nftables.Table, cache map[string]setContents, exprs []expr.Any) (sets, fromCT bool, next []string, err error) {
 	loadsCTMark := false
+	// proto: the registers that hold the layer 4 protocol (protoExact)
+	// or IPv6's next header (protoNextHeader).
+	proto := map[uint32]int{}
+	const protoExact, protoNextHeader = 1, 2
+rule:
 	for _, e := range exprs {
 		switch e := e.(type) {
 		case *expr.Ct:
 			if e.Key == expr.CtKeyMARK && !e.SourceRegister {
 				loadsCTMark = true
 			}
+			if !e.SourceRegister {
+				delete(proto, e.Register)
+			}
 		case *expr.Meta:
 			if e.Key == expr.MetaKeyMARK && e.SourceRegister {
 				sets = true
 				fromCT = fromCT || loadsCTMark
+			}
+			if !e.SourceRegister {
+				delete(proto, e.Register)
+				if e.Key == expr.MetaKeyL4PROTO {
+					proto[e.Register] = protoExact
+				}
+			}
+		case *expr.Payload:
+			if e.OperationType != expr.PayloadLoad {
+				continue
+			}
+			delete(proto, e.DestRegister)
+			if e.Base != expr.PayloadBaseNetworkHeader || e.Len != 1 {
+				continue
+			}
+			v4 := t.Family == nftables.TableFamilyIPv4 || t.Family == nftables.TableFamilyINet
+			v6 := t.Family == nftables.TableFamilyIPv6 || t.Family == nftables.TableFamilyINet
+			switch {
+			case e.Offset == 9 && v4: // ip protocol
+				proto[e.DestRegister] = protoExact
+			case e.Offset == 6 && v6: // ip6 nexthdr
+				proto[e.DestRegister] = protoNextHeader
+			}
+		case *expr.Immediate:
+			delete(proto, e.Register)
+		case *expr.Bitwise:
+			delete(proto, e.DestRegister)
+		case *expr.Cmp:
+			p := proto[e.Register]
+			if p == 0 || len(e.Data) != 1 {
+				continue
+			}
+			// An IPv6 TCP packet with extension headers has another
+			// next header: only "is not TCP" is sure.
+			if (e.Op == expr.CmpOpEq && e.Data[0] != unix.IPPROTO_TCP) ||
+				(e.Op == expr.CmpOpNeq && e.Data[0] == unix.IPPROTO_TCP && p == protoExact) {
+				break rule
 			}
 		case *expr.Target:
 			switch e.Name {
@@ -136,6 +192,9 @@ func markRule(c *nftables.Conn, t *nftables.Table, cache map[string]setContents,
 				next = append(next, e.Chain)
 			}
 		case *expr.Lookup:
+			if e.IsDestRegSet {
+				delete(proto, e.DestRegister)
+			}
 			if !e.IsDestRegSet || e.DestRegister != 0 { // a verdict map's lookup
 				continue
 			}

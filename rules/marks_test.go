@@ -3,11 +3,13 @@ package rules
 import (
 	"encoding/binary"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/xt"
+	"golang.org/x/sys/unix"
 
 	"spliced/testnet"
 )
@@ -128,5 +130,83 @@ func TestMarkRules(t *testing.T) {
 	want := []string{"IPv4 rule 30000: fwmark 0x10/0x10 lookup 200", "IPv6 rule 31000: not fwmark 0xca6c/0xffffffff lookup 51820"}
 	if !slices.Equal(got, want) {
 		t.Errorf("MarkRules: %q, want %q", got, want)
+	}
+}
+
+// TestMarkSettersNotForSplicedFlows: marks that no spliced flow's packet
+// can get do not count. wg-quick's (a full tunnel: "ip rule not fwmark
+// 0xca6c lookup 51820") restores the mark from the connection's for UDP
+// only, its own tunnel's packets, nft's "meta l4proto udp" or
+// iptables-nft's "-p udp -j CONNMARK --restore-mark"; a nat chain
+// (kube-proxy's KUBE-MARK-MASQ, "meta mark set meta mark or 0x4000")
+// sees only a connection's first packet, never an untracked one.
+func TestMarkSettersNotForSplicedFlows(t *testing.T) {
+	testnet.Privileged(t, "nft")
+	ns := testnet.Scratch(t)
+	fd := ns.OpenT(t)
+	m := NewManager(sampleSpec(t), WithNetNS(fd))
+	loadRuleset(t, ns, `
+table ip wg-quick-wg0 {
+	chain preraw { type filter hook prerouting priority raw; iifname != "wg0" ip daddr 10.64.0.2 fib saddr type != local drop; }
+	chain premangle { type filter hook prerouting priority mangle; meta l4proto udp meta mark set ct mark; }
+	chain postmangle { type filter hook postrouting priority mangle; meta l4proto udp meta mark 0x0000ca6c ct mark set meta mark; }
+}
+table ip6 dns {
+	chain pre { type filter hook prerouting priority mangle; udp dport 53 meta mark set 0x1; }
+}
+table ip kube-proxy {
+	chain mark-for-masquerade { meta mark set meta mark or 0x4000; }
+	chain nat-prerouting { type nat hook prerouting priority dstnat; ip saddr != 10.244.0.0/16 jump mark-for-masquerade; }
+	chain nat-output { type nat hook output priority -100; ip daddr 10.96.0.0/12 jump mark-for-masquerade; }
+}
+`)
+	// iptables-nft's "-p udp" in table ip: the protocol byte of the
+	// header.
+	tbl := &nftables.Table{Family: nftables.TableFamilyIPv4, Name: "mangle"}
+	c, err := nftConn(fd, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.AddTable(tbl)
+	pre := c.AddChain(&nftables.Chain{Name: "PREROUTING", Table: tbl, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle})
+	info := make(xt.Unknown, 16)
+	info[14] = 2 // --restore-mark
+	c.AddRule(&nftables.Rule{Table: tbl, Chain: pre, Exprs: []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 9, Len: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
+		&expr.Counter{}, &expr.Target{Name: "CONNMARK", Rev: 2, Info: &info}}})
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	s, err := m.MarkSetters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(s) != 0 {
+		t.Errorf("found %v, want none", s)
+	}
+
+	// The same marks for TCP, or set before the protocol is matched, do
+	// count.
+	loadRuleset(t, ns, `
+table ip tcpmarks {
+	chain pre { type filter hook prerouting priority mangle; meta l4proto tcp meta mark set ct mark; }
+	chain out { type route hook output priority mangle; meta l4proto != udp meta mark set 0x10; }
+	chain first { type filter hook prerouting priority mangle - 1; meta mark set 0x20 meta l4proto udp counter; }
+}
+`)
+	if s, err = m.MarkSetters(); err != nil {
+		t.Fatal(err)
+	}
+	want := []MarkSetter{
+		{Family: "ip", Table: "tcpmarks", Chain: "pre", Hook: "prerouting", FromConntrack: true},
+		{Family: "ip", Table: "tcpmarks", Chain: "out", Hook: "output"},
+		{Family: "ip", Table: "tcpmarks", Chain: "first", Hook: "prerouting"},
+	}
+	slices.SortFunc(s, func(a, b MarkSetter) int { return strings.Compare(a.Chain, b.Chain) })
+	slices.SortFunc(want, func(a, b MarkSetter) int { return strings.Compare(a.Chain, b.Chain) })
+	if !slices.Equal(s, want) {
+		t.Errorf("found %v, want %v", s, want)
 	}
 }

@@ -613,6 +613,7 @@ func (g *Gateway) startSplicing(ctx context.Context, cfg *config.Config, m *rule
 		return err
 	}
 	g.inject, g.engine, g.diverter = inj, splice.NewTable(), div
+	g.markRoutingToGSO()
 	g.conntrack = newConntrackCleaner(g.log.With(logging.KeyComponent, "conntrack"))
 	if err := g.startDatapath(cfg); err != nil {
 		g.conntrack.Close()

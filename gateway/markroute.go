@@ -65,6 +65,14 @@ func (m *markRouting) equal(o *markRouting) bool {
 // stack interfaces, the GSO sender, the refusal of splices. Called from
 // checkFirewall (rulesMu held).
 func (g *Gateway) checkMarkRouting() {
+	if now, ok := g.readMarkRouting(); ok {
+		g.setMarkRouting(now)
+	}
+}
+
+// readMarkRouting reads the ip rules and other tables' chains that route
+// by mark; false (said once) when it cannot (rulesMu held).
+func (g *Gateway) readMarkRouting() (*markRouting, bool) {
 	m := g.manager()
 	var now *markRouting
 	ipRules, err := m.MarkRules()
@@ -79,21 +87,34 @@ func (g *Gateway) checkMarkRouting() {
 			g.log.Warn("cannot read the ip rules and chains that route by firewall mark; spliced flows are routed as if none did", logging.Err(err))
 		}
 		g.markRoutingUnread = true
-		return
+		return nil, false
 	}
 	g.markRoutingUnread = false
+	return now, true
+}
+
+// setMarkRouting records what checkMarkRouting found and applies it. The
+// GSO sender is told every time: the one of the reload that first starts
+// splicing is new (startSplicing tells it too).
+func (g *Gateway) setMarkRouting(now *markRouting) {
 	was := g.markRoute.Load()
+	g.markRoute.Store(now)
+	g.markRoutingToGSO()
 	if now.equal(was) {
 		return
 	}
-	g.markRoute.Store(now)
 	g.logMarkRouting(was, now)
-	if g.inject != nil && g.inject.gso != nil {
-		_, out := now.active("output", false)
-		g.inject.gso.marksRoute.Store(out)
-	}
 	if g.kpath != nil && g.redirects() {
 		g.applyStackInterfaces(g.kpath)
+	}
+}
+
+// markRoutingToGSO makes the GSO sender refuse while marks set at output
+// route packets.
+func (g *Gateway) markRoutingToGSO() {
+	if g.inject != nil && g.inject.gso != nil {
+		_, out := g.markRoute.Load().active("output", false)
+		g.inject.gso.marksRoute.Store(out)
 	}
 }
 

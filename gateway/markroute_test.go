@@ -1,8 +1,11 @@
 package gateway
 
 import (
+	"bytes"
+	"log/slog"
 	"testing"
 
+	"spliced/config"
 	"spliced/rules"
 )
 
@@ -34,5 +37,45 @@ func TestMarkRoutingActive(t *testing.T) {
 	}
 	if !(&markRouting{rules: ipRule}).equal(&markRouting{rules: ipRule}) || (&markRouting{rules: ipRule}).equal(nil) || !(*markRouting)(nil).equal(nil) {
 		t.Error("equal")
+	}
+}
+
+// TestMarkRoutingApplied: what the check found reaches what the gateway
+// builds later. A reload that first starts splicing makes the injector
+// after the check found marks set at output: the GSO sender must refuse
+// all the same, though the next check finds nothing new (before, it was
+// told only of changes, and sent taken-over payload the daemon's own
+// route's way for the daemon's life).
+func TestMarkRoutingApplied(t *testing.T) {
+	var logs bytes.Buffer
+	cfg, err := config.LoadDefault()
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := New(cfg, slog.New(slog.NewTextHandler(&logs, nil)))
+	t.Cleanup(g.workers.Close)
+	ipRule := []string{"IPv4 rule 30000: fwmark 0x10/0x10 lookup 200"}
+	out := rules.MarkSetter{Family: "inet", Table: "pbr", Chain: "out", Hook: "output"}
+	found := func() *markRouting { return &markRouting{rules: ipRule, setters: []rules.MarkSetter{out}} }
+
+	g.setMarkRouting(found())                 // splicing off: no injector yet
+	g.inject = &injector{gso: newGSOSender()} // startSplicing's
+	g.markRoutingToGSO()
+	if !g.inject.gso.marksRoute.Load() {
+		t.Error("a GSO sender made after marks were found does not refuse")
+	}
+	g.inject = &injector{gso: newGSOSender()}
+	logs.Reset()
+	g.setMarkRouting(found())
+	if !g.inject.gso.marksRoute.Load() {
+		t.Error("a check that found what the last one did left a new GSO sender sending")
+	}
+	g.setMarkRouting(found())
+	if logs.Len() != 0 {
+		t.Errorf("said again:\n%s", logs.String())
+	}
+	g.setMarkRouting(nil)
+	if g.inject.gso.marksRoute.Load() {
+		t.Error("marks gone, the GSO sender still refuses")
 	}
 }

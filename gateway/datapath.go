@@ -327,8 +327,10 @@ func (g *Gateway) loadKernelPath(cfg *config.Config) (*kernelPath, []string, err
 	}
 	if opts.Redirect {
 		// Before the program meets a packet (an earlier daemon's link is
-		// moved to it in place): followIngressQdiscs keeps it so.
-		if ifs, err := IngressQdiscs(); err == nil {
+		// moved to it in place, its flows adopted): followIngressQdiscs
+		// and the mark routing check (primed by Run) keep it so.
+		qdiscs, err := IngressQdiscs()
+		if ifs := g.stackSet(qdiscs, ifaces); err == nil || len(ifs) > 0 {
 			dp.SetStackInterfaces(ifs)
 		}
 	}

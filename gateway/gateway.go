@@ -129,8 +129,9 @@ type Gateway struct {
 	firewallDrops  atomic.Pointer[[]rules.UntrackedDrop]
 	firewallUnread bool // the last check could not read the ruleset (under rulesMu)
 	// markRoute: what checkMarkRouting last found (nil: marks route
-	// nothing).
+	// nothing); markRouteSaid: what its logs said (under rulesMu).
 	markRoute         atomic.Pointer[markRouting]
+	markRouteSaid     *markRouting
 	markRoutingUnread bool // the last check could not read them (under rulesMu)
 	// sourceNATs: the conflicts checkSourceNAT last found
 	sourceNATs      atomic.Pointer[[]SourceNATConflict]
@@ -241,6 +242,7 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	defer unlock()
 	// A reload (SIGHUP) waits until the start is complete.
 	g.rulesMu.Lock()
+	g.primeMarkRouting()
 	// Everything a flow may need exists before the first listener does:
 	// after a kill -9 the old table is still installed and hands SYNs to
 	// our ports as soon as something listens there.

@@ -70,6 +70,19 @@ func (g *Gateway) checkMarkRouting() {
 	}
 }
 
+// primeMarkRouting reads what checkMarkRouting would at the start,
+// before the program is loaded and attached (loadKernelPath: an earlier
+// daemon's links are moved to it in place, and its adopted flows' packets
+// must go through the stack at once) and before any service accepts a
+// flow (a splice of a flow whose mark is restored from its connection's
+// stalls it for good), without a word: the first checkMarkRouting says
+// and applies the rest (rulesMu held).
+func (g *Gateway) primeMarkRouting() {
+	if now, ok := g.readMarkRouting(); ok {
+		g.markRoute.Store(now)
+	}
+}
+
 // readMarkRouting reads the ip rules and other tables' chains that route
 // by mark; false (said once) when it cannot (rulesMu held).
 func (g *Gateway) readMarkRouting() (*markRouting, bool) {
@@ -97,12 +110,13 @@ func (g *Gateway) readMarkRouting() (*markRouting, bool) {
 // GSO sender is told every time: the one of the reload that first starts
 // splicing is new (startSplicing tells it too).
 func (g *Gateway) setMarkRouting(now *markRouting) {
-	was := g.markRoute.Load()
 	g.markRoute.Store(now)
 	g.markRoutingToGSO()
+	was := g.markRouteSaid
 	if now.equal(was) {
 		return
 	}
+	g.markRouteSaid = now
 	g.logMarkRouting(was, now)
 	if g.kpath != nil && g.redirects() {
 		g.applyStackInterfaces(g.kpath)

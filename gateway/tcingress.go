@@ -94,17 +94,7 @@ func (g *Gateway) followIngressQdiscs(k *kernelPath) (stop func()) {
 func (g *Gateway) applyStackInterfaces(k *kernelPath) {
 	k.stackMu.Lock()
 	defer k.stackMu.Unlock()
-	ifs := slices.Clone(k.qdiscs)
-	if _, on := g.markRoute.Load().active("prerouting", false); on {
-		byName := interfaceIndexes()
-		for _, name := range k.at.Interfaces() {
-			if i, ok := byName[name]; ok {
-				ifs = append(ifs, i)
-			}
-		}
-		slices.Sort(ifs)
-		ifs = slices.Compact(ifs)
-	}
+	ifs := g.stackSet(k.qdiscs, k.at.Interfaces())
 	changed := !slices.Equal(k.stackInterfaces(), ifs)
 	if changed {
 		k.stack.Store(&ifs)
@@ -121,6 +111,25 @@ func (g *Gateway) applyStackInterfaces(k *kernelPath) {
 		g.log.Info("datapath: spliced packets go through the stack where an interface has a tc ingress qdisc (its filters, an ingress shaper say, would be skipped by the redirect), or everywhere while marks set at prerouting route them, and are redirected elsewhere",
 			"stack_interfaces", ifaceNames(ifs), "qdisc_interfaces", ifaceNames(k.qdiscs))
 	}
+}
+
+// stackSet returns the interfaces where the program leaves what it
+// rewrote to the stack: qdiscs, those with a classic tc ingress qdisc,
+// and, while marks set at prerouting route packets, every one of
+// attached.
+func (g *Gateway) stackSet(qdiscs []int, attached []string) []int {
+	ifs := slices.Clone(qdiscs)
+	if _, on := g.markRoute.Load().active("prerouting", false); on {
+		byName := interfaceIndexes()
+		for _, name := range attached {
+			if i, ok := byName[name]; ok {
+				ifs = append(ifs, i)
+			}
+		}
+		slices.Sort(ifs)
+		ifs = slices.Compact(ifs)
+	}
+	return ifs
 }
 
 // interfaceIndexes maps the interfaces' names to their indexes.

@@ -55,6 +55,12 @@ func TestLabMarkRouting(t *testing.T) {
 						setup: func(t *testing.T, lab *testnet.Lab) { markRoutedUplink(t, lab, marks) }}
 					lab := testnet.NewT(t, sc.lab)
 					d := sc.runIn(t, lab, mode)
+					if spliceMode(mode) && !sc.refused {
+						// run checks this, runIn does not: the payload
+						// the splice took over went through the IP
+						// output path, no packet socket sent it.
+						checkInjectedGSO(t, d, spliceEngine(t, d), !sc.rawInjection)
+					}
 					out, err := lab.Server().Run("nft", "list", "chain", "inet", "wrongpath", "input")
 					if err != nil || !strings.Contains(out, "counter packets 0 ") {
 						t.Errorf("packets of the flow came the main table's way: %v\n%s", err, out)

@@ -230,6 +230,7 @@ func (g *Gateway) reap(now time.Time) {
 func (g *Gateway) lingered(sf *splicedFlow, now int64) bool {
 	if sf.finished == 0 {
 		sf.finished = now
+		g.flows.Ended(sf.flow) // no longer a session of its service
 	}
 	return time.Duration(now-sf.finished) >= g.linger(sf.flow.Service)
 }

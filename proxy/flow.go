@@ -78,6 +78,9 @@ type Flow struct {
 	spliceReq chan struct{}
 	// spliceErr is why the last splice was abandoned, if it was.
 	spliceErr atomic.Pointer[string]
+	// ended: the flow's ends are done with it, though it stays in the
+	// table a while (FlowTable.Ended; under its mu).
+	ended bool
 	// UnspliceOnClientData asks the gateway, when it splices the flow, to
 	// unsplice it as soon as the client sends new data (set by proxies
 	// that read every request, such as the HTTP proxy).
@@ -170,7 +173,8 @@ type FlowTable struct {
 	mu     sync.Mutex
 	flows  map[uint64]*Flow
 	// perService counts the flows of each service, spliced ones
-	// included (a SOCKS5 service's max_sessions counts them).
+	// included (a SOCKS5 service's max_sessions counts them), but not
+	// those that ended and wait to leave the table (Ended).
 	perService map[string]int
 }
 
@@ -179,7 +183,8 @@ func NewFlowTable(max int) *FlowTable {
 	return &FlowTable{max: max, flows: map[uint64]*Flow{}, perService: map[string]int{}}
 }
 
-// ServiceLen is the number of flows of a service, spliced ones included.
+// ServiceLen is the number of flows of a service, spliced ones included,
+// ended ones not (see Ended).
 func (t *FlowTable) ServiceLen(service string) int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -224,11 +229,36 @@ func (t *FlowTable) Remove(f *Flow) {
 	t.mu.Lock()
 	if t.flows[f.ID] == f {
 		delete(t.flows, f.ID)
-		if t.perService[f.Service]--; t.perService[f.Service] <= 0 {
-			delete(t.perService, f.Service)
-		}
+		t.endLocked(f)
 	}
 	t.mu.Unlock()
+}
+
+// Ended says that f's ends are done with it (a spliced flow closed both
+// ways, or reset) while it stays in the table: the gateway keeps a
+// finished spliced flow for splice.linger (5 s) to take its last
+// packets. It no longer counts as its service's (ServiceLen): a SOCKS5
+// client that opened and closed a thousand connections within those
+// seconds was refused the next one for max_sessions (1024), as the bench
+// found (2026-12-05: the splicing SOCKS5 service failed after 1,019
+// sessions).
+func (t *FlowTable) Ended(f *Flow) {
+	t.mu.Lock()
+	if t.flows[f.ID] == f {
+		t.endLocked(f)
+	}
+	t.mu.Unlock()
+}
+
+// endLocked stops counting f as its service's, once.
+func (t *FlowTable) endLocked(f *Flow) {
+	if f.ended {
+		return
+	}
+	f.ended = true
+	if t.perService[f.Service]--; t.perService[f.Service] <= 0 {
+		delete(t.perService, f.Service)
+	}
 }
 
 // Get returns the flow with the given ID, or nil.

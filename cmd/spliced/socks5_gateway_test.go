@@ -301,3 +301,87 @@ services:
 		t.Fatalf("the flow was not spliced: %v\n%s", err, tail(d.Log(), 20))
 	}
 }
+
+// TestLabSOCKSSessionsEnded: a spliced SOCKS5 session that ended (both
+// ends closed) frees its place under max_sessions, although the gateway
+// keeps its flow for splice.linger (30 s here) to take its last packets.
+// 12 sessions one after the other under max_sessions: 4, each admitted
+// once the gateway saw the earlier ones end (its reaper, about every
+// second). Found by the bench (2026-12-05): its splicing SOCKS5 service
+// refused every session after the 1,019th, for max_sessions (1024), while
+// the flows of the sessions that ended within splice.linger (5 s) still
+// counted. Before the fix the fifth session here was refused for 30 s.
+func TestLabSOCKSSessionsEnded(t *testing.T) {
+	lab := testnet.NewT(t, testnet.Options{})
+	gw, srv := lab.GatewayClientSide[0], lab.Server()
+	backend := netip.AddrPortFrom(srv.IPv4, 9000)
+	front := netip.AddrPortFrom(gw.IPv4, 1080)
+	d := testnet.StartDaemon(t, lab, fmt.Sprintf(`
+services:
+  - name: socks
+    proxy: socks5
+    listen_on: ["%s"]
+    splice:
+      mode: immediate
+      linger: 30s
+    socks5:
+      max_sessions: 4
+`, front))
+	ln, err := srv.Listen(backend)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			s, err := ln.AcceptTCP()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer s.Close()
+				s.SetDeadline(time.Now().Add(20 * time.Second))
+				io.Copy(s, s) // echo until the client's end
+			}()
+		}
+	}()
+	session := func() error {
+		c, err := lab.Client().Dial(front, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write(append([]byte{5, 1, 0, 5, 1, 0}, atypAddr(backend)...)); err != nil {
+			return err
+		}
+		reply := make([]byte, 12)
+		if _, err := io.ReadFull(c, reply); err != nil || reply[3] != 0 {
+			return fmt.Errorf("reply %x: %v", reply, err)
+		}
+		if _, err := c.Write([]byte("ping")); err != nil {
+			return err
+		}
+		got := make([]byte, 4)
+		if _, err := io.ReadFull(c, got); err != nil || string(got) != "ping" {
+			return fmt.Errorf("echo %q: %v", got, err)
+		}
+		if err := c.CloseWrite(); err != nil {
+			return err
+		}
+		if n, err := c.Read(got); err != io.EOF {
+			return fmt.Errorf("after the echo: %d bytes, %v; want the server's end", n, err)
+		}
+		return nil
+	}
+	for i := range 12 {
+		// A refused session is reset at once; one whose place an ended
+		// session holds is admitted within a reaper round or two.
+		if err := testnet.Poll(10*time.Second, session); err != nil {
+			t.Fatalf("session %d of 12 (max_sessions 4, the earlier ones ended): %v\n%s", i+1, err, tail(d.Log(), 10))
+		}
+	}
+	if n := strings.Count(d.Log(), `"msg":"flow spliced"`); n < 12 {
+		t.Errorf("%d flows spliced, want 12", n)
+	}
+}

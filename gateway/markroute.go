@@ -134,21 +134,14 @@ func (g *Gateway) markRoutingToGSO() {
 
 // logMarkRouting says what changed between was and now.
 func (g *Gateway) logMarkRouting(was, now *markRouting) {
-	for _, c := range []struct {
-		hook, fromCT bool
-		on, off      string
-	}{
-		{false, true, "a prerouting chain restores the packet mark from the connection's, and ip rules route by it: a spliced flow's packets are untracked, would carry no connection mark and take another route; splices are refused and such flows stay proxied (their gateway sockets' connections are tracked)",
-			"marks restored from connections no longer route; splices are no longer refused for them"},
-	} {
-		s, on := now.active("prerouting", c.fromCT)
-		_, wasOn := was.active("prerouting", c.fromCT)
-		switch {
-		case on && !wasOn:
-			g.log.Warn(c.on, "chain", s.String(), "ip_rules", strings.Join(now.rules, "; "))
-		case !on && wasOn:
-			g.log.Info(c.off)
-		}
+	s, on := now.active("prerouting", true)
+	_, wasOn := was.active("prerouting", true)
+	switch {
+	case on && !wasOn:
+		g.log.Warn("a prerouting chain restores the packet mark from the connection's, and ip rules route by it: a spliced flow's packets are untracked, would carry no connection mark and take another route; splices are refused and such flows stay proxied (their gateway sockets' connections are tracked)",
+			"chain", s.String(), "ip_rules", strings.Join(now.rules, "; "))
+	case !on && wasOn:
+		g.log.Info("marks restored from connections no longer route; splices are no longer refused for them")
 	}
 	for _, hook := range []string{"prerouting", "output"} {
 		s, on := now.active(hook, false)

@@ -104,11 +104,18 @@ func lockDaemon(cfg *config.Config) (unlock func(), err error) {
 // another process is the error locked, with what busy says, given
 // " (pid N)" or "".
 func lockFile(path string, locked error, busy func(holder string) string) (unlock func(), err error) {
-	if err := os.MkdirAll(RunDir, 0o755); err != nil {
-		return nil, fmt.Errorf("lock %s: %w (spliced runs as root)", path, err)
-	}
-	for {
+	for tries := 0; ; tries++ {
+		if err := os.MkdirAll(RunDir, 0o755); err != nil {
+			return nil, fmt.Errorf("lock %s: %w (spliced runs as root)", path, err)
+		}
 		fd, err := unix.Open(path, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o600)
+		if errors.Is(err, unix.ENOENT) && tries < 100 {
+			// Another daemon (of another table or namespace) that
+			// stopped removed the run directory between our MkdirAll
+			// and our open: its unlock removes the directory once
+			// empty.
+			continue
+		}
 		if err != nil {
 			return nil, fmt.Errorf("lock %s: %w", path, err)
 		}

@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 
@@ -56,6 +58,37 @@ func TestTableLockExclusive(t *testing.T) {
 		t.Fatalf("lock after unlock: %v", err)
 	}
 	again()
+}
+
+// TestTableLockRunDirRace: daemons of two tables that start and stop at
+// once. The one that stops removes the run directory once it is empty,
+// which may fall between the other's creating the directory and opening
+// its lock file there; that open must not fail the start (it did, with
+// "no such file or directory", when lab tests ran daemons in parallel).
+func TestTableLockRunDirRace(t *testing.T) {
+	withRunDir(t)
+	RunDir = filepath.Join(RunDir, "run") // one that unlock may remove
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	for _, table := range []string{"racea", "raceb"} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 2000 {
+				unlock, err := lockTable(table)
+				if err != nil {
+					errs <- err
+					return
+				}
+				unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
 }
 
 // squatTable, in the environment, makes the test binary the squatter of

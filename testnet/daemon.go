@@ -21,6 +21,9 @@ var build struct {
 	once sync.Once
 	dir  string
 	err  error
+	// mu orders the builds: tests running in parallel must not run
+	// a second build of a command, nor start one half written.
+	mu sync.Mutex
 }
 
 // RemoveBinaries removes what Binary built, for a test binary's TestMain
@@ -56,6 +59,8 @@ func Binary(t testing.TB, name string) string {
 	if build.err != nil {
 		t.Fatal(build.err)
 	}
+	build.mu.Lock()
+	defer build.mu.Unlock()
 	path := filepath.Join(build.dir, name)
 	if _, err := os.Stat(path); err == nil {
 		return path

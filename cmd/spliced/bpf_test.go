@@ -55,6 +55,7 @@ func tcxIngress(t *testing.T, lab *testnet.Lab) map[string]int {
 // that outlives the daemon). `spliced -check` prints what it would
 // attach.
 func TestLabBPFAttach(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	if n := tcxIngress(t, lab); sum(n) != 0 {
 		t.Fatalf("programs attached before the daemon runs: %v", n)
@@ -151,6 +152,7 @@ func TestLabBPFAttach(t *testing.T) {
 // can send, no longer keeps a flow off the kernel path for good. The
 // flow's bytes go through the program afterwards.
 func TestLabBPFRepromote(t *testing.T) {
+	t.Parallel()
 	py := scapyPython(t)
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, bpfForwardConfig("debug"))
@@ -237,6 +239,7 @@ func bpfForwarded(t *testing.T, d *testnet.Daemon) uint64 {
 // attach (the interface does not exist) leaves the flows on NFQUEUE, the
 // log says why, and flows splice as before; bpf refuses to start.
 func TestLabBPFAutoFallback(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	cfg := `
 log:
@@ -290,6 +293,7 @@ services:
 // interface would reach the queue); when the interface goes, its link is
 // let go.
 func TestLabBPFHotPluggedInterface(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, bpfForwardConfig("info"))
 	run := func(ns *testnet.NS, args ...string) {

@@ -34,6 +34,7 @@ import (
 // while the bridge ran the IP hooks. The daemon says so, with the
 // sysctls to change; the matrix runs with them at 0.
 func TestLabBridgedLAN(t *testing.T) {
+	t.Parallel()
 	t.Run("br_netfilter", func(t *testing.T) {
 		const warning = "transparent interception fails through a bridge with br_netfilter on"
 		lab := testnet.NewT(t, testnet.Options{})

@@ -32,6 +32,7 @@ import (
 // process dies meanwhile: the step is small for that reason, twice the
 // idle timeout).
 func TestLabWallClockStep(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct{ name, mode, extra string }{
 		{"copy", "copy", ""}, {"splice", "splice", ""}, {"splice-bpf", "splice", "  datapath: bpf\n"},
 	} {

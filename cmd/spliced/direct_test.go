@@ -25,6 +25,7 @@ import (
 // it: the engine rewrites both addresses and ports each way, and a
 // rate-limited transfer proves the splice mid-transfer.
 func TestLabForwardDirect(t *testing.T) {
+	t.Parallel()
 	testnet.Privileged(t, "nginx", "curl")
 	for _, mode := range []string{"copy", "splice"} {
 		t.Run(mode, func(t *testing.T) {

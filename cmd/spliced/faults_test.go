@@ -158,6 +158,7 @@ func noFlowsLeft(t *testing.T, d *testnet.Daemon, within time.Duration) {
 //
 // Every transfer completes intact.
 func TestLabRulesetGone(t *testing.T) {
+	t.Parallel()
 	for _, owned := range []bool{true, false} {
 		for _, mode := range modes {
 			name := "owned/flush_ruleset/" + mode
@@ -236,6 +237,7 @@ func TestLabRulesetGone(t *testing.T) {
 // ruleset drops ct state invalid, while 24 flows move data both ways,
 // spliced or proxied: every transfer completes intact.
 func TestLabConntrackFlush(t *testing.T) {
+	t.Parallel()
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
 			testnet.Privileged(t, "nft", "conntrack")
@@ -270,6 +272,7 @@ func TestLabConntrackFlush(t *testing.T) {
 // (kernel_queue_dropped), TCP retransmits, and every transfer completes
 // intact.
 func TestLabQueueOverflow(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, faultConfig("splice", "  queue_len: 64\n"))
 	const flows = 16
@@ -304,6 +307,7 @@ func TestLabQueueOverflow(t *testing.T) {
 // service added or removed), while 24 flows move data both ways, spliced
 // or proxied: every reload succeeds and every transfer completes intact.
 func TestLabReloadStorm(t *testing.T) {
+	t.Parallel()
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
 			lab := testnet.NewT(t, testnet.Options{})
@@ -349,6 +353,7 @@ func TestLabReloadStorm(t *testing.T) {
 // end, what they received before is intact, the daemon frees every
 // flow, and a new connection to the restarted server works.
 func TestLabServerRestart(t *testing.T) {
+	t.Parallel()
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
 			lab := testnet.NewT(t, testnet.Options{})
@@ -429,6 +434,7 @@ func TestLabServerRestart(t *testing.T) {
 // them at the service's idle_timeout (2 s here), resets the server's end,
 // and frees their state (splicectl flows lists none).
 func TestLabClientVanishes(t *testing.T) {
+	t.Parallel()
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
 			testnet.Privileged(t, "nft")
@@ -501,6 +507,7 @@ func TestLabClientVanishes(t *testing.T) {
 // and arrives intact. Without the blocking chain, the same splice uses
 // commands (the data-path tests check that).
 func TestLabDivertCommandsBlocked(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	nft(t, &lab.Gateway.NS, "add table inet block",
 		"add chain inet block out { type filter hook output priority -400; }",

@@ -31,6 +31,7 @@ import (
 // The SYN-ACKs to the random sources end at the attacker's host, the
 // gateway's default route (nothing leaves the lab).
 func TestLabSYNFlood(t *testing.T) {
+	t.Parallel()
 	testnet.Privileged(t, "hping3", "ss")
 	lab := testnet.NewT(t, testnet.Options{Clients: 2})
 	attacker := lab.Clients[1]

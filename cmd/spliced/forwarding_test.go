@@ -21,6 +21,7 @@ import (
 // forwarding is on, IPv4 flows splice again and an IPv6 flow, with IPv6
 // forwarding still off, stays proxied.
 func TestLabForwardingOff(t *testing.T) {
+	t.Parallel()
 	for _, datapath := range []string{"nfqueue", "bpf"} {
 		t.Run(datapath, func(t *testing.T) {
 			lab := testnet.NewT(t, testnet.Options{})

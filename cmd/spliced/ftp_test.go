@@ -194,6 +194,7 @@ func (fl *ftpLab) peersInLog(t *testing.T) map[string]int {
 // data connection is spliced (proven mid-transfer) while the control
 // connection stays proxied across several transfers.
 func TestLabFTP(t *testing.T) {
+	t.Parallel()
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
 			fl := startFTPLab(t, mode)
@@ -305,6 +306,7 @@ set ftp:passive-mode off; put %s -o upload/lftp2.bin; bye`, fl.url(false, ""), l
 // data connection has no socket on the gateway and the queue counters
 // grow; the control connection is still a proxied socket.
 func TestLabFTPSplicedMidTransfer(t *testing.T) {
+	t.Parallel()
 	fl := startFTPLab(t, "splice")
 	out := filepath.Join(fl.work, "slow.bin")
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -404,6 +406,7 @@ func (fc *ftpConn) expectClosed() {
 // a refusal or ends the session, and never opens anything towards a third
 // host.
 func TestLabFTPHostile(t *testing.T) {
+	t.Parallel()
 	fl := startFTPLab(t, "splice")
 	warned := func(t *testing.T, msg string) {
 		t.Helper()
@@ -628,6 +631,7 @@ func dialPASV(t *testing.T, fl *ftpLab, reply string) *net.TCPConn {
 // stay intact, active and passive, and vsftpd still sees only the
 // gateway.
 func TestLabFTPWithKernelHelper(t *testing.T) {
+	t.Parallel()
 	fl := startFTPLab(t, "splice")
 	nft(t, &fl.lab.Gateway.NS,
 		"add table inet operator",
@@ -665,6 +669,7 @@ func TestLabFTPWithKernelHelper(t *testing.T) {
 // info) a handful of lines; the first such line after the limiter's 10 s
 // interval reports how many were suppressed.
 func TestLabFTPLogFlood(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	// A fake server: a greeting, 221 and a close for QUIT, 200 to
 	// anything else (nothing else reaches it here).

@@ -79,6 +79,7 @@ func verdicts(t *testing.T, d *testnet.Daemon) map[string]uint64 {
 // intact both ways (SHA-256). Found that any RST in the window ended a
 // spliced flow for the engine: 5 s later its entries went and it stalled.
 func TestLabHostilePackets(t *testing.T) {
+	t.Parallel()
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) { testHostilePackets(t, mode) })
 	}

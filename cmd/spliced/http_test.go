@@ -128,6 +128,10 @@ type httpClient struct {
 	t *testing.T
 	c *net.TCPConn
 	r *bufio.Reader
+	// pending is a response whose header was read and whose body was
+	// not (or only its start, hashed in pendingHash).
+	pending     *http.Response
+	pendingHash hash.Hash
 }
 
 func (hl *httpLab) dial(t *testing.T) *httpClient {
@@ -267,6 +271,7 @@ func (hl *httpLab) keepAliveLoop(t *testing.T, n int, proofEvery int, mode strin
 // every big response is spliced (and proven so regularly: no gateway
 // socket) and the flow is unspliced for every request after one.
 func TestLabHTTPKeepAlive(t *testing.T) {
+	t.Parallel()
 	for _, mode := range bpfModes {
 		t.Run(mode, func(t *testing.T) {
 			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
@@ -331,6 +336,7 @@ func TestLabHTTPKeepAlive(t *testing.T) {
 // response, the proxy relays its rest, then serves the next one, to the
 // other backend; everything arrives intact and in order.
 func TestLabHTTPPipelined(t *testing.T) {
+	t.Parallel()
 	for _, mode := range bpfModes {
 		t.Run(mode, func(t *testing.T) {
 			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
@@ -407,18 +413,11 @@ func httpBodySize(path string) int64 {
 	panic("no lab file " + path)
 }
 
-// pendingResp is a response whose header was read and whose body was not
-// (or only its start, hashed in pendingHash).
-var (
-	pendingResp = map[*httpClient]*http.Response{}
-	pendingHash = map[*httpClient]hash.Hash{}
-)
-
 // readBodyStart reads the first n bytes of the pending response's body.
 func readBodyStart(hc *httpClient, n int64) error {
 	h := sha256.New()
-	pendingHash[hc] = h
-	_, err := io.CopyN(h, pendingResp[hc].Body, n)
+	hc.pendingHash = h
+	_, err := io.CopyN(h, hc.pending.Body, n)
 	return err
 }
 
@@ -428,19 +427,17 @@ func readStatus(hc *httpClient) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	pendingResp[hc] = resp
+	hc.pending = resp
 	return resp.StatusCode, nil
 }
 
 func (hl *httpLab) expectBody(hc *httpClient, path string) {
 	hc.t.Helper()
-	resp := pendingResp[hc]
-	delete(pendingResp, hc)
-	h, ok := pendingHash[hc]
-	if !ok {
+	resp, h := hc.pending, hc.pendingHash
+	hc.pending, hc.pendingHash = nil, nil
+	if h == nil {
 		h = sha256.New()
 	}
-	delete(pendingHash, hc)
 	_, err := io.Copy(h, resp.Body)
 	resp.Body.Close()
 	if sum := hex.EncodeToString(h.Sum(nil)); err != nil || sum != hl.sums[path] {
@@ -450,6 +447,7 @@ func (hl *httpLab) expectBody(hc *httpClient, path string) {
 
 // TestLabHTTPHuge: a 50 MB response each from both backends, with curl.
 func TestLabHTTPHuge(t *testing.T) {
+	t.Parallel()
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
 			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
@@ -474,6 +472,7 @@ func TestLabHTTPHuge(t *testing.T) {
 // route whose backend is dead 502; each is logged, and the next
 // connection works.
 func TestLabHTTPErrors(t *testing.T) {
+	t.Parallel()
 	hl := startHTTPLab(t, "splice", testnet.Options{}, nil)
 	for _, c := range []struct {
 		name, request string
@@ -532,6 +531,7 @@ func TestLabHTTPErrors(t *testing.T) {
 // TestLabHTTPLoss: the keep-alive loop with 1% random loss on both sides
 // of the gateway completes intact.
 func TestLabHTTPLoss(t *testing.T) {
+	t.Parallel()
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
 			hl := startHTTPLab(t, mode, testnet.Options{}, func(lab *testnet.Lab) {
@@ -551,6 +551,7 @@ func TestLabHTTPLoss(t *testing.T) {
 // TestLabHTTPInvalidDrop: `ct state invalid drop` in the gateway's forward
 // and input chains does not break the loop.
 func TestLabHTTPInvalidDrop(t *testing.T) {
+	t.Parallel()
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
 			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
@@ -599,6 +600,7 @@ func (hl *httpLab) checkSpliced(t *testing.T, mode string, big int) {
 // for a few seconds: no socket error, no response other than 200, and in
 // splice mode the responses were spliced and unspliced.
 func TestLabHTTPWrk(t *testing.T) {
+	t.Parallel()
 	testnet.Privileged(t, "wrk")
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
@@ -635,6 +637,7 @@ var wrkRequests = regexp.MustCompile(`Requests/sec:\s+[0-9.]+`)
 // Connection: close get their response, big (spliced when splicing) or
 // small, and then the connection ends, as a careful proxy does.
 func TestLabHTTPCloseSemantics(t *testing.T) {
+	t.Parallel()
 	hl := startHTTPLab(t, "splice", testnet.Options{}, nil)
 	for _, c := range []struct{ name, request, path string }{
 		{"http/1.0", "GET /a/big.bin HTTP/1.0\r\n\r\n", "/a/big.bin"},
@@ -658,6 +661,7 @@ func TestLabHTTPCloseSemantics(t *testing.T) {
 // protocol) is passed through spliced for the rest of its life, 8 MB each
 // way intact, with no gateway socket for it meanwhile.
 func TestLabHTTPUpgradeAndChunked(t *testing.T) {
+	t.Parallel()
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
 			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
@@ -743,6 +747,7 @@ func TestLabHTTPUpgradeAndChunked(t *testing.T) {
 // requests to an address of the gateway itself: the same service answers,
 // and splices and unsplices as for an intercepted address.
 func TestLabHTTPGatewayAddress(t *testing.T) {
+	t.Parallel()
 	hl := startHTTPLab(t, "splice", testnet.Options{}, nil)
 	hl.vip = netip.AddrPortFrom(hl.lab.GatewayClientSide[0].IPv4, 80)
 	big := hl.keepAliveLoop(t, 20, 0, "splice")
@@ -875,6 +880,7 @@ var labSmuggleRequests = []struct {
 // /private/. A last request sent to nginx directly, around the gateway,
 // shows that the access log would tell.
 func TestLabHTTPSmuggling(t *testing.T) {
+	t.Parallel()
 	testnet.Privileged(t, "nginx")
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
@@ -974,6 +980,7 @@ func suppressedTotal(d *testnet.Daemon) int {
 // one or two per request; the suppressed count is reported on the first
 // such line after the limiter's 10 s interval.
 func TestLabHTTPLogFlood(t *testing.T) {
+	t.Parallel()
 	testnet.Privileged(t, "nginx")
 	lab := testnet.NewT(t, testnet.Options{})
 	smuggleNginx(t, lab.Server(), 8081)
@@ -1048,6 +1055,7 @@ func TestLabHTTPLogFlood(t *testing.T) {
 // must not go to the backend unrouted: nginx's access log never shows it,
 // and the secret never reaches the client.
 func TestLabHTTPUnspliceAbortNoBypass(t *testing.T) {
+	t.Parallel()
 	testnet.Privileged(t, "nginx")
 	lab := testnet.NewT(t, testnet.Options{})
 	accessLog := smuggleNginx(t, lab.Server(), 8081)
@@ -1074,7 +1082,7 @@ func TestLabHTTPUnspliceAbortNoBypass(t *testing.T) {
 	// acknowledging it: drop everything from the service in the client.
 	body := make(chan error, 1)
 	go func() {
-		_, err := io.Copy(pendingHash[hc], pendingResp[hc].Body)
+		_, err := io.Copy(hc.pendingHash, hc.pending.Body)
 		body <- err
 	}()
 	client := &lab.Client().NS
@@ -1176,6 +1184,7 @@ func queueReceived(t *testing.T, d *testnet.Daemon) uint64 {
 // longer cross the queue; a later response is spliced again (the entries
 // come back) and every body is intact.
 func TestLabHTTPUnsplicedLeavesQueue(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []string{"splice", "splice-bpf"} {
 		t.Run(mode, func(t *testing.T) {
 			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
@@ -1235,6 +1244,7 @@ func TestLabHTTPUnsplicedLeavesQueue(t *testing.T) {
 // untracked) started one from the service's address to the client:
 // conntrack held the client's next SYN from that port INVALID.
 func TestLabHTTPUnsplicedConntrack(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []string{"splice", "splice-bpf"} {
 		t.Run(mode, func(t *testing.T) {
 			testnet.Privileged(t, "nft", "conntrack")

@@ -29,6 +29,7 @@ const policyExplore = 2
 // spliced exactly the responses the proxy chose to splice, and that
 // the Prometheus counters agree with the decisions logged.
 func TestLabHTTPSplicePolicy(t *testing.T) {
+	t.Parallel()
 	conf := strings.Replace(httpConfig("splice"), "      splice_policy: always\n",
 		// splice_idle_min 0: the model decides alone, whatever else
 		// the machine is doing (cpu_busy has its unit tests).

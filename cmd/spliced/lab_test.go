@@ -70,6 +70,7 @@ services:
 // server sees the client's address (transparent) or the gateway's (NAT),
 // and 50 MB each way arrive intact.
 func TestLabForward(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []string{"transparent", "nat"} {
 		for _, v6 := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/v6=%v", mode, v6), func(t *testing.T) {
@@ -116,6 +117,7 @@ func TestLabForward(t *testing.T) {
 // keeps no flow. And a flow through the gateway to another host on the
 // listen port is routed, not taken by the service.
 func TestLabListenerNotReachableDirectly(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []string{"nat", "transparent"} {
 		for _, v6 := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/v6=%v", mode, v6), func(t *testing.T) {
@@ -188,6 +190,7 @@ func TestLabListenerNotReachableDirectly(t *testing.T) {
 // TestLabNotSelected: a flow the configuration does not select is routed
 // untouched: it works, and no proxy sees it.
 func TestLabNotSelected(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, fmt.Sprintf(forwardConfig, "transparent"))
 	srv := netip.AddrPortFrom(lab.Server().IPv4, 6001) // port not intercepted
@@ -211,6 +214,7 @@ func TestLabNotSelected(t *testing.T) {
 // TestLabAccessPolicy: a denied destination is refused with a reset and
 // logged; an allowed one on the same service works.
 func TestLabAccessPolicy(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, fmt.Sprintf(forwardConfig, "transparent"))
 	denied := netip.AddrPortFrom(lab.Server().IPv4, 5003)
@@ -263,6 +267,7 @@ func TestLabAccessPolicy(t *testing.T) {
 // TestLabShutdownAndCleanup: SIGTERM removes everything; after kill -9 the
 // state stays, and `spliced -cleanup` removes exactly it.
 func TestLabShutdownAndCleanup(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	gw := lab.Gateway
 	state := func() (table bool, rules, routes string) {

@@ -23,6 +23,7 @@ import (
 // reach the gateway's own address and its stack answers them with a
 // reset), and every transfer completes intact.
 func TestLabNFQueueCrashUnderSystemd(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	root := testnet.BPFFS(t)
 	cfg := pinnedRestartConfig(t, "nfqueue", root)
@@ -119,6 +120,7 @@ func checkKeptTable(t *testing.T, lab *testnet.Lab) {
 // kernel.route_table but the first one's queues (and listen ports) does
 // not start, and says that its queue is taken.
 func TestLabSecondDaemonOtherTable(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	first := testnet.StartDaemon(t, lab, faultConfig("splice", ""))
 	out, err := first.Run("-config", writeConfig(t, faultConfig("splice", "  table: other\n  mark: 0x10\n  route_table: 200\n")), "-socket", "off", "-log-format", "text")
@@ -154,6 +156,7 @@ func writeConfig(t *testing.T, cfg string) string {
 // its drift check (every 10 s) put the routing back. Neither does
 // spliced -cleanup with that configuration take the routing away.
 func TestLabSecondDaemonSharedRouting(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	first := testnet.StartDaemon(t, lab, faultConfig("splice", ""))
 	cfg2 := strings.NewReplacer("listen: 15001", "listen: 15101", `ports: ["5001"]`, `ports: ["5101"]`).Replace(faultConfig("splice", "  table: other\n  queue: 200\n"))
@@ -182,6 +185,7 @@ func TestLabSecondDaemonSharedRouting(t *testing.T) {
 // the spliced flows had its sockets closed silently (in repair mode) and
 // no daemon any more, and both ends waited for ever.
 func TestLabStopDuringSplices(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, faultConfig("splice", ""))
 	mux, dst := serverMux(t, lab)
@@ -288,6 +292,7 @@ func TestLabStopDuringSplices(t *testing.T) {
 // next periodic check (10 s later before: every intercepted flow
 // stalled meanwhile), and restores it; every transfer completes intact.
 func TestLabRoutingGone(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		what, mode string
 		del        []string
@@ -333,6 +338,7 @@ func TestLabRoutingGone(t *testing.T) {
 // add its IPv6 local route on lo: it says so and how to fix it (the
 // error was "permission denied" alone), and starts once lo has IPv6.
 func TestLabIPv6Disabled(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	lab.Gateway.MustRun("sysctl", "-w", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.lo.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
 	d, err := testnet.LaunchDaemon(lab, testnet.Binary(t, "spliced"), t.TempDir(), faultConfig("splice", ""), "-log-format", "text")
@@ -358,6 +364,7 @@ func TestLabIPv6Disabled(t *testing.T) {
 // while a queue holds packets of spliced flows lets those packets pass
 // the new divert chain again (see rules.Manager.UpdateServices).
 func TestLabTableEdited(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, faultConfig("splice", "  own_table: off\n")) // nft edits it
 	const flows = 24

@@ -22,6 +22,7 @@ import (
 // not 200; the daemon's memory stays put; the 8 flows stay intact; and a
 // slot that frees admits a new flow.
 func TestLabMaxFlows(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []string{"copy", "splice"} {
 		t.Run(mode, func(t *testing.T) {
 			testnet.Privileged(t)

@@ -18,6 +18,7 @@ var longLivedConfig = splicingForwardConfig("debug", "  divert_timeout: 1s\n")
 // both ways. Without the refresh its entries expire after 1 s and its
 // packets reach the ends unrewritten.
 func TestLabFlowOutlivesDivertTimeout(t *testing.T) {
+	t.Parallel()
 	const timeout = time.Second
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, longLivedConfig)

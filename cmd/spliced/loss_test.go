@@ -33,6 +33,7 @@ import (
 // stalls is a lost connection. SPLICED_LOSS_FLOWS sets the number of flows
 // (default 96); SPLICED_LOSS sets the loss in percent.
 func TestLabSpliceUnderInputLoss(t *testing.T) {
+	t.Parallel()
 	flows := 96
 	if s := os.Getenv("SPLICED_LOSS_FLOWS"); s != "" {
 		flows, _ = strconv.Atoi(s)
@@ -216,6 +217,7 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 // TestLabSpliceUnderInputLoss: one direction of a flow stopped for good
 // once the other had finished.
 func TestLabSplicedWindowProbe(t *testing.T) {
+	t.Parallel()
 	for _, upstream := range []string{"transparent", "nat"} {
 		for _, v6 := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/v6=%v", upstream, v6), func(t *testing.T) {
@@ -337,6 +339,7 @@ func tcpInfo(c *net.TCPConn) (*unix.TCPInfo, error) {
 // acknowledged; moved into the window it would go unanswered, and the
 // prober would reset the connection after its probe count.
 func TestLabSplicedKeepalive(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, `
 log:

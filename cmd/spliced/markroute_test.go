@@ -42,6 +42,7 @@ import (
 // chain's mark never completed, whatever sent it (a plain socket of the
 // gateway's too).
 func TestLabMarkRouting(t *testing.T) {
+	t.Parallel()
 	for _, marks := range []string{"per packet", "per connection"} {
 		for _, mode := range bpfModes {
 			for _, upstream := range []string{"transparent", "nat"} {

@@ -23,6 +23,7 @@ import (
 // 1000 connections made the kernel send SYN cookies from the daemon's
 // MPTCP listener ("request_sock_subflow_v4: Possible SYN flooding").
 func TestLabMPTCPClient(t *testing.T) {
+	t.Parallel()
 	for _, mode := range modes {
 		t.Run(mode, func(t *testing.T) {
 			testnet.Privileged(t, "nft")

@@ -21,6 +21,7 @@ import (
 // was reset when the connect timed out. Every new connection must now
 // connect, and the spliced flows stay intact.
 func TestLabNATPortsOfSplicedFlows(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{GatewaySysctls: map[string]string{"net.ipv4.ip_local_port_range": "40000 40039"}})
 	d := testnet.StartDaemon(t, lab, faultConfig("splice", "")+"    upstream: nat\n    connect_timeout: 2s\n")
 	dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)

@@ -48,6 +48,7 @@ func storedFlows(t *testing.T, lab *testnet.Lab, root string) int {
 // retires them all. A SIGTERM resets the flows it spliced itself at both
 // ends and removes the record.
 func TestLabNFQueueRestartKeepsFlows(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	root := testnet.BPFFS(t)
 	store := filepath.Join(root, "spliced-nfqueue", "spliced")

@@ -17,6 +17,7 @@ import (
 // were opened while the old ones still held the port: "bind: address
 // already in use", and the reload was refused.
 func TestLabReloadChangedService(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	cfg := faultConfig("copy", "")
 	d := testnet.StartDaemon(t, lab, cfg)
@@ -63,6 +64,7 @@ func TestLabReloadChangedService(t *testing.T) {
 // to start, saying so, and leave the running daemon, its table and its
 // spliced flows alone.
 func TestLabSecondDaemonSameTable(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	first := testnet.StartDaemon(t, lab, faultConfig("splice", ""))
 	mux, dst := serverMux(t, lab)
@@ -115,6 +117,7 @@ services:
 // restore it, and the next daemon took the 1 for the administrator's own
 // and kept it after its SIGTERM: the setting stays changed for good.
 func TestLabAcceptLocalAfterKill(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	get := func() string {
 		out, _ := lab.Gateway.Run("sysctl", "-n", "net.ipv4.conf.all.accept_local")

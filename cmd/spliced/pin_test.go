@@ -153,6 +153,7 @@ func pins(dir string) []string {
 // The pins stay while it runs; a SIGTERM resets the flows it spliced
 // itself at both ends and removes the pins and links.
 func TestLabBPFRestartKeepsFlows(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	root := testnet.BPFFS(t)
 	dir := bpf.PinDir(root, "spliced")
@@ -297,6 +298,7 @@ func startPinnedFlows(t *testing.T, n int, seed uint64, opt testnet.TransferOpti
 // spliced -cleanup, reset them at both ends and remove the pins and the
 // links.
 func TestLabBPFPinsDropped(t *testing.T) {
+	t.Parallel()
 	for _, how := range []string{"nfqueue", "cleanup"} {
 		t.Run(how, func(t *testing.T) {
 			const n = 4
@@ -353,6 +355,7 @@ func TestLabBPFPinsDropped(t *testing.T) {
 // pins, nor the divert chain; the flows keep moving; the restarted daemon adopts them and they complete
 // intact.
 func TestLabBPFHandOver(t *testing.T) {
+	t.Parallel()
 	const n = 4
 	pf := startPinnedFlows(t, n, 9000, testnet.TransferOptions{C2S: 32 << 20, S2C: 32 << 20, Rate: 4 << 20, Timeout: 2 * time.Minute})
 	lab, root, old, res := pf.lab, pf.root, pf.d, pf.res
@@ -399,6 +402,7 @@ func TestLabBPFHandOver(t *testing.T) {
 // its service's idle_timeout, as any spliced flow: both ends get a
 // reset, and the flow and its pinned entry go.
 func TestLabBPFAdoptedIdle(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	root := testnet.BPFFS(t)
 	cfg := strings.Replace(pinConfig("bpf", root), "idle_timeout: 1m", "idle_timeout: 3s", 1)
@@ -447,6 +451,7 @@ func TestLabBPFAdoptedIdle(t *testing.T) {
 // it: its next request is never forwarded; the flow is reset at both
 // ends instead.
 func TestLabBPFAdoptedHTTPRequest(t *testing.T) {
+	t.Parallel()
 	hl := startHTTPLab(t, "splice-bpf", testnet.Options{}, nil)
 	hl.d.Stop()
 	root := testnet.BPFFS(t)
@@ -484,6 +489,7 @@ func TestLabBPFAdoptedHTTPRequest(t *testing.T) {
 // them (their flows cannot be read, so they end: nothing wrong reaches
 // an end) and runs on fresh pins.
 func TestLabBPFPinsOtherVersion(t *testing.T) {
+	t.Parallel()
 	const n = 2
 	pf := startPinnedFlows(t, n, 8000, testnet.TransferOptions{C2S: 1 << 30, S2C: 1 << 30, Rate: 1 << 20, Timeout: 8 * time.Second})
 	lab, root, old, res, mux, srv := pf.lab, pf.root, pf.d, pf.res, pf.mux, pf.srv

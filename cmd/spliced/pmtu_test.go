@@ -31,6 +31,7 @@ import (
 // untranslated sequence number fell inside the client's window; between
 // real hosts it would not.
 func TestLabPathMTU(t *testing.T) {
+	t.Parallel()
 	for _, small := range []string{"server", "client"} { // the leg whose path is smaller
 		for _, upstream := range []string{"transparent", "nat"} {
 			for _, v6 := range []bool{false, true} {
@@ -128,6 +129,7 @@ func nstatValue(t *testing.T, ns *testnet.NS, name string) uint64 {
 // leaves one too big to the stack, which sends the error: nothing is
 // dropped at the link, on either datapath.
 func TestLabPathMTUDrop(t *testing.T) {
+	t.Parallel()
 	for _, v6 := range []bool{false, true} {
 		for _, mode := range bpfModes {
 			t.Run(fmt.Sprintf("v6=%v/%s", v6, mode), func(t *testing.T) {
@@ -193,6 +195,7 @@ func linkDropped(t *testing.T, ns *testnet.NS, dev, dir string) uint64 {
 // TestLabPathMTU). Every mode, both upstreams, both families: the
 // transfer completes intact.
 func TestLabPathMTUBeyond(t *testing.T) {
+	t.Parallel()
 	for _, upstream := range []string{"transparent", "nat"} {
 		for _, v6 := range []bool{false, true} {
 			for _, mode := range bpfModes {

@@ -20,6 +20,7 @@ var restartConfig = splicingForwardConfig("debug", "")
 // needs exists. Every connection either completes intact (SHA-256 both
 // ways) or fails at connect; the daemon neither crashes nor panics.
 func TestLabRestartRace(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	mux, srv := serverMux(t, lab)
 

@@ -24,6 +24,7 @@ import (
 // the flow is then relayed, spliced at splice.bytes, and every byte
 // arrives intact both ways.
 func TestLabSpliceSocketBuffer(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, `
 log:

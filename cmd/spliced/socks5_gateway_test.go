@@ -50,6 +50,7 @@ func atypName(name string, port uint16) []byte {
 // itself) and loopback by name. Each gets 0x02 now, and nothing reaches
 // them.
 func TestLabSOCKSGateway(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	gw := lab.GatewayClientSide[0]
 	socks := netip.AddrPortFrom(gw.IPv4, 1080)
@@ -104,6 +105,7 @@ services:
 // engine's after it; the SOCKS handshake not included) with the reason
 // finished.
 func TestLabSplicedAccountingDirect(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	gw, srv := lab.GatewayClientSide[0], lab.Server()
 	backend := netip.AddrPortFrom(srv.IPv4, 9000)
@@ -186,6 +188,7 @@ services:
 // socket behind the request reach the server after the splice, intact,
 // and the reply reaches the client before the server's bytes.
 func TestLabSOCKSEarlyData(t *testing.T) {
+	t.Parallel()
 	for _, fin := range []bool{false, true} {
 		t.Run(map[bool]string{false: "open", true: "fin"}[fin], func(t *testing.T) { socksEarlyData(t, fin) })
 	}
@@ -312,6 +315,7 @@ services:
 // the flows of the sessions that ended within splice.linger (5 s) still
 // counted. Before the fix the fifth session here was refused for 30 s.
 func TestLabSOCKSSessionsEnded(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	gw, srv := lab.GatewayClientSide[0], lab.Server()
 	backend := netip.AddrPortFrom(srv.IPv4, 9000)

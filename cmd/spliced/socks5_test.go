@@ -132,6 +132,7 @@ func (sl *socksLab) curl(t *testing.T, proxyURL, url string, extra ...string) (s
 // rate-limited transfer proves the splice mid-transfer: the gateway
 // holds no socket of the flow while data still moves.
 func TestLabSOCKS(t *testing.T) {
+	t.Parallel()
 	for _, mode := range []string{"copy", "splice"} {
 		t.Run(mode, func(t *testing.T) {
 			sl := startSOCKSLab(t, mode)
@@ -222,6 +223,7 @@ func provenSplicedLast(lab *testnet.Lab, d *testnet.Daemon) error {
 // sees no connection; a wrong password is refused (curl fails, the
 // daemon logs it); a user added to the users file logs in after SIGHUP.
 func TestLabSOCKSRefused(t *testing.T) {
+	t.Parallel()
 	sl := startSOCKSLab(t, "splice")
 	srv := sl.lab.Server()
 	denied := netip.AddrPortFrom(srv.IPv4, 8081)

@@ -28,6 +28,7 @@ import (
 // and spliced flows (whose packets go untracked, past the masquerade)
 // reach the server from the gateway's address.
 func TestLabSourceNAT(t *testing.T) {
+	t.Parallel()
 	const warning = "a transparent service's upstream connections miss the router's source NAT"
 	lab := testnet.NewT(t, testnet.Options{})
 	srv, wan := lab.Server(), lab.GatewayServerSide[0]

@@ -426,6 +426,7 @@ func tail(s string, n int) string {
 // says so, and from 3/5 to 4/5 of the data the program's forward counter
 // grows while the queues take no packet.
 func TestLabDataPath(t *testing.T) {
+	t.Parallel()
 	eachDataPath(t, func(t *testing.T, mode, upstream string, v6 bool) {
 		sc := &scenario{v6: v6, upstream: upstream, size: 200 << 20,
 			spliceAt: 10<<20 + rand.Int64N(40<<20), proof: true}
@@ -437,6 +438,7 @@ func TestLabDataPath(t *testing.T) {
 // bpf_forward: stack: the program rewrites, the kernel's forwarding path
 // (routing, netfilter's forward hooks) forwards.
 func TestLabDataPathBPFStack(t *testing.T) {
+	t.Parallel()
 	for _, upstream := range []string{"transparent", "nat"} {
 		for _, v6 := range []bool{false, true} {
 			t.Run(fmt.Sprintf("%s/v6=%v", upstream, v6), func(t *testing.T) {
@@ -452,6 +454,7 @@ func TestLabDataPathBPFStack(t *testing.T) {
 // what a splice took over leaves in segments through the raw socket,
 // none whole, and the data arrives intact.
 func TestLabDataPathResendRaw(t *testing.T) {
+	t.Parallel()
 	for _, v6 := range []bool{false, true} {
 		t.Run(fmt.Sprintf("v6=%v", v6), func(t *testing.T) {
 			sc := &scenario{v6: v6, upstream: "transparent", size: 64 << 20,
@@ -478,6 +481,7 @@ func eachDataPath(t *testing.T, fn func(t *testing.T, mode, upstream string, v6 
 // checksums reach the engine and the program, instead of 64 KB GSO
 // packets with partial checksums.
 func TestLabDataPathOffloadsOff(t *testing.T) {
+	t.Parallel()
 	eachDataPath(t, func(t *testing.T, mode, upstream string, v6 bool) {
 		sc := &scenario{v6: v6, upstream: upstream, size: 64 << 20,
 			spliceAt: 4<<20 + rand.Int64N(16<<20), proof: true,
@@ -500,6 +504,7 @@ func TestLabDataPathOffloadsOff(t *testing.T) {
 // own test: different window scales, timestamps on one leg only, different
 // timestamp offsets, SACK on one leg only, different MSS.
 func TestLabLegDifferences(t *testing.T) {
+	t.Parallel()
 	cases := []struct {
 		name  string
 		lab   testnet.Options
@@ -572,6 +577,7 @@ func TestLabLegDifferences(t *testing.T) {
 // are untracked, so the entry of its proxied start, which stays while the
 // flow is spliced, would otherwise stay ESTABLISHED for days).
 func TestLabConntrackInvalidDrop(t *testing.T) {
+	t.Parallel()
 	for _, mode := range bpfModes {
 		t.Run(mode, func(t *testing.T) {
 			var lab *testnet.Lab
@@ -629,6 +635,7 @@ func TestLabConntrackInvalidDrop(t *testing.T) {
 // nftables monitor), and spliced flows complete. With the bpf redirect
 // (the packets skip the forward hook) there is nothing to warn about.
 func TestLabStatefulForwardFirewall(t *testing.T) {
+	t.Parallel()
 	const warning = "a forward chain of another table drops spliced flows' packets"
 	for _, datapath := range []string{"nfqueue", "bpf"} {
 		t.Run(datapath, func(t *testing.T) {
@@ -695,6 +702,7 @@ func TestLabStatefulForwardFirewall(t *testing.T) {
 // to change, and the flow completes proxied; transparent flows and the
 // bpf datapath still splice.
 func TestLabStrictReversePath(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		upstream, datapath string
 		spliced            bool
@@ -754,6 +762,7 @@ func TestLabStrictReversePath(t *testing.T) {
 // NAT: the raw packets carry tuples neither end has a connection for, so
 // the ends answer with resets; what arrived before is intact.
 func TestLabTableGap(t *testing.T) {
+	t.Parallel()
 	for _, up := range []string{"transparent", "nat"} {
 		t.Run(up, func(t *testing.T) {
 			var ends []*testnet.NS
@@ -818,6 +827,7 @@ func tcpExt(nss []*testnet.NS, counter string) (uint64, error) {
 // TestLabLossDuringSplice: 3% random loss on both sides of the gateway for
 // the whole transfer, transition included; everything arrives intact.
 func TestLabLossDuringSplice(t *testing.T) {
+	t.Parallel()
 	for _, mode := range bpfModes {
 		t.Run(mode, func(t *testing.T) {
 			var lossy []*testnet.NS
@@ -1071,6 +1081,7 @@ func dumpPrefix(t *testing.T) string {
 // ends at both ends with a reset, instead of hanging until their own
 // timeouts.
 func TestLabSplicedFlowsEndWithResets(t *testing.T) {
+	t.Parallel()
 	for _, dp := range []string{"nfqueue", "bpf"} {
 		t.Run(dp, func(t *testing.T) { testSplicedFlowsEndWithResets(t, dp) })
 	}
@@ -1160,6 +1171,7 @@ services:
 // record for restarts follows: each splice records the flow, and it is
 // gone when an unsplice returns.
 func TestLabUnspliceUnderLoad(t *testing.T) {
+	t.Parallel()
 	for _, c := range []struct {
 		name     string
 		upstream string
@@ -1346,6 +1358,7 @@ func gatewayHasSocket(lab *testnet.Lab, client string) error {
 // the gateway's socket after the check, dropped with it) and waited for
 // them for ever (TestLabRulesetGone in CI, 2026-12-03).
 func TestLabSpliceAtConnect(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, faultConfig("splice", ""))
 	mux, dst := serverMux(t, lab)

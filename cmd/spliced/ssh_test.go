@@ -315,6 +315,7 @@ func engines(t *testing.T, d *testnet.Daemon) (proxied, spliced api.Engine) {
 // splice engine, not the proxy, and a live session has no socket left
 // on the gateway while its packets pass the queues.
 func TestLabSOCKSSSH(t *testing.T) {
+	t.Parallel()
 	testnet.Privileged(t, "sshd", "ssh", "scp", "ssh-keygen", "nc", "ss")
 	src := t.TempDir()
 	upFile := filepath.Join(src, "up.bin")

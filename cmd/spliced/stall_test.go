@@ -28,6 +28,7 @@ import (
 // intact. The stall is made by losing everything the client sends at the
 // server for a while.
 func TestLabStallReported(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, `
 log:

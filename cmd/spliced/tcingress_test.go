@@ -23,6 +23,7 @@ import (
 // ingress filters (tcx runs before them): the ifb device saw 402 bytes
 // of 32 MiB. Once the qdisc is removed the program redirects there again.
 func TestLabIngressShaping(t *testing.T) {
+	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
 	d := testnet.StartDaemon(t, lab, faultConfig("splice", "  datapath: bpf\n"))
 	for _, cmd := range [][]string{

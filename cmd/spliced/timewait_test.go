@@ -26,6 +26,7 @@ import (
 // reset by the client, and the connection waits for the client's SYN
 // retransmission (1 s): the client's socket counts it.
 func TestLabPortReuseAfterTimeWait(t *testing.T) {
+	t.Parallel()
 	for _, v6 := range []bool{false, true} {
 		t.Run(fmt.Sprintf("v6=%v", v6), func(t *testing.T) {
 			lab := testnet.NewT(t, testnet.Options{})
@@ -143,6 +144,7 @@ func dialFrom(h *testnet.Host, local, dst netip.AddrPort, timeout time.Duration)
 // find no socket, and be lost: the client retransmitted its SYN until it
 // gave up, one request per connection slowed to a crawl.
 func TestLabPortReuseOverStaleConntrack(t *testing.T) {
+	t.Parallel()
 	testnet.Privileged(t, "conntrack")
 	for _, v6 := range []bool{false, true} {
 		t.Run(fmt.Sprintf("v6=%v", v6), func(t *testing.T) {

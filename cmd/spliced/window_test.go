@@ -34,6 +34,7 @@ import (
 // segments beyond its window: under memory pressure it takes back window
 // it had offered.)
 func TestLabSplicedSmallReceiveWindow(t *testing.T) {
+	t.Parallel()
 	for i, datapath := range []string{"nfqueue", "bpf"} {
 		t.Run(datapath, func(t *testing.T) {
 			lab := testnet.NewT(t, testnet.Options{})
@@ -232,6 +233,7 @@ func offeredWindows(t *testing.T, clientPcap, serverPcap string, port int, splic
 // 600 KB in 2 minutes, on both datapaths. The splice gives up after the
 // capture and says why; the flow stays proxied and completes intact.
 func TestLabSpliceDeclinedTinyWindow(t *testing.T) {
+	t.Parallel()
 	for _, tiny := range []string{"server", "client"} {
 		for i, datapath := range []string{"nfqueue", "bpf"} {
 			t.Run(tiny+"/"+datapath, func(t *testing.T) {

@@ -3,6 +3,7 @@ package gateway
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -38,7 +39,11 @@ var (
 func lockPath(table string) string { return lockPathOf("table-" + table) }
 
 // lockPathOf is lockPath for the lock named name.
-func lockPathOf(name string) string {
+func lockPathOf(name string) string { return runPath(name, "lock") }
+
+// runPath is the path in RunDir of name's file of kind ext for this
+// process's network namespace (see lockPath).
+func runPath(name, ext string) string {
 	if c, err := bpf.NetNSCookie(); err == nil {
 		name += fmt.Sprintf(".netns-cookie-%d", c)
 	} else {
@@ -47,7 +52,7 @@ func lockPathOf(name string) string {
 			name += fmt.Sprintf(".netns-%d-%d", st.Dev, st.Ino)
 		}
 	}
-	return filepath.Join(RunDir, name+".lock")
+	return filepath.Join(RunDir, name+"."+ext)
 }
 
 // lockTable takes the lock of table inet TABLE in this process's network
@@ -105,15 +110,20 @@ func lockDaemon(cfg *config.Config) (unlock func(), err error) {
 // " (pid N)" or "".
 func lockFile(path string, locked error, busy func(holder string) string) (unlock func(), err error) {
 	for tries := 0; ; tries++ {
-		if err := os.MkdirAll(RunDir, 0o755); err != nil {
+		// Another daemon (of another table or namespace) that stops
+		// removes the run directory once it is empty (see unlock
+		// below), maybe between our MkdirAll and our open (ENOENT), or
+		// inside MkdirAll, after its mkdir found the directory and
+		// before its check that it is one (EEXIST): then try again.
+		err := os.MkdirAll(RunDir, 0o755)
+		if errors.Is(err, fs.ErrExist) && tries < 100 {
+			continue
+		}
+		if err != nil {
 			return nil, fmt.Errorf("lock %s: %w (spliced runs as root)", path, err)
 		}
 		fd, err := unix.Open(path, unix.O_RDWR|unix.O_CREAT|unix.O_CLOEXEC|unix.O_NOFOLLOW, 0o600)
 		if errors.Is(err, unix.ENOENT) && tries < 100 {
-			// Another daemon (of another table or namespace) that
-			// stopped removed the run directory between our MkdirAll
-			// and our open: its unlock removes the directory once
-			// empty.
 			continue
 		}
 		if err != nil {

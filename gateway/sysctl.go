@@ -3,10 +3,7 @@ package gateway
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
-
-	"golang.org/x/sys/unix"
 
 	"spliced/config"
 	"spliced/logging"
@@ -30,14 +27,13 @@ func needsAcceptLocal(cfg *config.Config) bool {
 
 // acceptLocalRecord is where the value accept_local had before spliced
 // set it is kept while spliced runs, per table and network namespace
-// (beside the table's lock), so that after a kill -9 the next daemon or
-// -cleanup can restore it; "" where it cannot be named.
+// (beside the table's lock, and named by the namespace as it is), so that
+// after a kill -9 the next daemon or -cleanup can restore it. The
+// namespace's cookie is never reused; its inode, the name before, is
+// once the namespace is gone, and a record left by a daemon killed in a
+// namespace since deleted would pass to the next one with that inode.
 func acceptLocalRecord(table string) string {
-	var st unix.Stat_t
-	if err := unix.Stat("/proc/self/ns/net", &st); err != nil {
-		return ""
-	}
-	return filepath.Join(RunDir, fmt.Sprintf("table-%s.netns-%d-%d.accept_local", table, st.Dev, st.Ino))
+	return runPath("table-"+table, "accept_local")
 }
 
 // enableAcceptLocal sets accept_local and returns a function restoring

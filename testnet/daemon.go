@@ -21,9 +21,16 @@ var build struct {
 	once sync.Once
 	dir  string
 	err  error
-	// mu orders the builds: tests running in parallel must not run
-	// a second build of a command, nor start one half written.
-	mu sync.Mutex
+	// cmds are the commands built or being built, by name: tests that
+	// run in parallel wait for the one build of a command (not for
+	// another command's), and never start one half written.
+	mu   sync.Mutex
+	cmds map[string]*builtCmd
+}
+
+type builtCmd struct {
+	once sync.Once
+	err  error
 }
 
 // RemoveBinaries removes what Binary built, for a test binary's TestMain
@@ -60,14 +67,28 @@ func Binary(t testing.TB, name string) string {
 		t.Fatal(build.err)
 	}
 	build.mu.Lock()
-	defer build.mu.Unlock()
-	path := filepath.Join(build.dir, name)
-	if _, err := os.Stat(path); err == nil {
-		return path
+	if build.cmds == nil {
+		build.cmds = map[string]*builtCmd{}
 	}
+	b := build.cmds[name]
+	if b == nil {
+		b = &builtCmd{}
+		build.cmds[name] = b
+	}
+	build.mu.Unlock()
+	path := filepath.Join(build.dir, name)
+	b.once.Do(func() { b.err = buildCmd(name, path) })
+	if b.err != nil {
+		t.Fatal(b.err)
+	}
+	return path
+}
+
+// buildCmd builds ./cmd/NAME of this module into path.
+func buildCmd(name, path string) error {
 	gomod, err := exec.Command("go", "env", "GOMOD").Output()
 	if err != nil {
-		t.Fatalf("go env GOMOD: %v", err)
+		return fmt.Errorf("go env GOMOD: %v", err)
 	}
 	root := filepath.Dir(strings.TrimSpace(string(gomod)))
 	args := []string{"build", "-o", path}
@@ -77,9 +98,9 @@ func Binary(t testing.TB, name string) string {
 	cmd := exec.Command("go", append(args, "./cmd/"+name)...)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build ./cmd/%s: %v\n%s", name, err, out)
+		return fmt.Errorf("go build ./cmd/%s: %v\n%s", name, err, out)
 	}
-	return path
+	return nil
 }
 
 // Daemon is a spliced process in a lab's gateway namespace, logging JSON.

@@ -341,12 +341,12 @@ func TestLabHTTPPipelined(t *testing.T) {
 		t.Run(mode, func(t *testing.T) {
 			hl := startHTTPLab(t, mode, testnet.Options{}, nil)
 			if dir := os.Getenv("SPLICED_CAPTURE"); dir != "" {
-				stop, err := hl.lab.Client().Capture("eth0", dir+"client.pcap", "tcp port 80")
+				stop, err := hl.lab.Client().Capture("eth0", dir+testFileName(t, "client.pcap"), "tcp port 80")
 				if err != nil {
 					t.Fatal(err)
 				}
 				defer stop()
-				stop2, err := hl.lab.Server().Capture("eth0", dir+"server.pcap", "tcp port 8080")
+				stop2, err := hl.lab.Server().Capture("eth0", dir+testFileName(t, "server.pcap"), "tcp port 8080")
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -185,7 +185,7 @@ func TestLabSpliceUnderInputLoss(t *testing.T) {
 	if len(failures) > 0 {
 		d.Signal(syscall.SIGUSR1)
 		d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "splice engine totals" })
-		dump := cmp.Or(os.Getenv("SPLICED_DUMP"), t.TempDir()+"/")
+		dump := dumpPrefix(t)
 		os.WriteFile(dump+"daemon.log", []byte(d.Log()), 0o644)
 		t.Fatalf("%d of %d flows failed (%d spliced; daemon log in %sdaemon.log):\n%s\n%s",
 			len(failures), flows, spliced, dump, strings.Join(failures, "\n"), tail(d.Log(), 20))
@@ -242,7 +242,7 @@ services:
 `, upstream))
 	dst := netip.AddrPortFrom(lab.Server().Addr(v6), 7100)
 	if dir := os.Getenv("SPLICED_CAPTURE"); dir != "" {
-		stop, err := lab.Client().Capture("eth0", dir+"client.pcap", "tcp")
+		stop, err := lab.Client().Capture("eth0", dir+testFileName(t, "client.pcap"), "tcp")
 		if err != nil {
 			t.Fatal(err)
 		}

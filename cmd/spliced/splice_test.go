@@ -930,12 +930,12 @@ func testSpliceAnyMoment(t *testing.T, datapath string) {
 			`add rule inet rst out oifname "eth0" tcp flags rst counter add @seen { ip saddr . tcp sport . ip daddr . tcp dport }`)
 	}
 	if dir := os.Getenv("SPLICED_CAPTURE"); dir != "" {
-		stop, err := lab.Server().Capture("eth0", dir+"server.pcap", "tcp")
+		stop, err := lab.Server().Capture("eth0", dir+testFileName(t, "server.pcap"), "tcp")
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer stop()
-		stop2, err := lab.Client().Capture("eth0", dir+"client.pcap", "tcp")
+		stop2, err := lab.Client().Capture("eth0", dir+testFileName(t, "client.pcap"), "tcp")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -1057,23 +1057,29 @@ func testSpliceAnyMoment(t *testing.T, datapath string) {
 		}
 	}
 	t.Logf("%d flows, %d spliced", flows, spliced)
-	if dump := os.Getenv("SPLICED_DUMP"); dump != "" {
+	if os.Getenv("SPLICED_DUMP") != "" {
 		d.Signal(syscall.SIGUSR1)
 		d.WaitLog(5*time.Second, func(l map[string]any) bool { return l["msg"] == "splice engine totals" })
 		time.Sleep(100 * time.Millisecond)
-		os.WriteFile(dump+"daemon.log", []byte(d.Log()), 0o644)
+		os.WriteFile(dumpPrefix(t)+"daemon.log", []byte(d.Log()), 0o644)
 	}
 }
 
 // dumpPrefix is where a test writes artifacts for a reader (a daemon log):
 // SPLICED_DUMP when set (a directory with a trailing slash, or a file name
-// prefix), else the test's temporary directory, so that nothing a run
-// writes lands in the source tree.
+// prefix) followed by the test's name, else the test's temporary
+// directory, so that nothing a run writes lands in the source tree.
 func dumpPrefix(t *testing.T) string {
 	if p := os.Getenv("SPLICED_DUMP"); p != "" {
-		return p
+		return p + testFileName(t, "")
 	}
 	return t.TempDir() + string(os.PathSeparator)
+}
+
+// testFileName is base prefixed with the test's name: what a test writes
+// where another test (running in parallel) may write too.
+func testFileName(t *testing.T, base string) string {
+	return strings.ReplaceAll(t.Name(), "/", "_") + "-" + base
 }
 
 // TestLabSplicedFlowsEndWithResets: a spliced flow the daemon gives up

@@ -168,10 +168,16 @@ struct {
 } splice_verdicts SEC(".maps");
 
 // splice_stack_ifaces: interfaces whose rewritten packets go on through
-// the stack even with redirect_out. The daemon lists those with a classic
-// tc ingress qdisc (ingress or clsact): tcx runs before their filters,
-// and a redirect would skip them (an ingress shaper through ifb, as
-// OpenWrt's SQM sets up, would never see a spliced flow's packets).
+// the stack even with redirect_out, by index, with IFACE_* bits. The
+// daemon lists those with a classic tc ingress qdisc (ingress or clsact):
+// tcx runs before their filters, and a redirect would skip them (an
+// ingress shaper through ifb, as OpenWrt's SQM sets up, would never see a
+// spliced flow's packets); and those without a link-layer header (a tun
+// device, WireGuard, PPP, an IP tunnel), whose packets start with their
+// IP header, and from which bpf_redirect_neigh cannot send (it drops a
+// packet that has no link-layer header to replace).
+#define IFACE_STACK 1
+#define IFACE_NO_LINK_HEADER 2
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
@@ -650,12 +656,24 @@ int splice_rewrite(struct __sk_buff *skb)
 	if (skb->mark & rewritten_mark)
 		return TCX_NEXT;
 
-	// The program expects an Ethernet header before the IP packet (it is
-	// for Ethernet-type devices, veth included): its EtherType must be the
-	// skb's protocol. VLAN tags the device did not strip pass.
-	if (bpf_skb_load_bytes(skb, 12, &ethertype, 2) || ethertype != proto)
-		goto pass;
+	// The program expects an Ethernet header before the IP packet (on
+	// Ethernet-type devices, veth included): its EtherType must be the
+	// skb's protocol. VLAN tags the device did not strip pass. On a device
+	// the daemon lists as having no link-layer header, the packet starts
+	// with its IP header. That lookup is only for packets without an
+	// Ethernet header, so that an Ethernet device's pay nothing for it.
+	// (A packet of such a device whose bytes 12 and 13, inside its source
+	// address, spell its protocol's EtherType, is taken for an Ethernet
+	// frame, matches no flow and is passed: to the queue and the engine,
+	// as before there was this lookup.)
 	__u32 l3 = ETH_HLEN, l4, ip_end, addr_off;
+	if (bpf_skb_load_bytes(skb, 12, &ethertype, 2) || ethertype != proto) {
+		__u32 dev = skb->ifindex;
+		__u8 *fl = bpf_map_lookup_elem(&splice_stack_ifaces, &dev);
+		if (!fl || !(*fl & IFACE_NO_LINK_HEADER))
+			goto pass;
+		l3 = 0;
+	}
 	int v6;
 	__u8 ip[60];
 

@@ -167,11 +167,14 @@ type Gateway struct {
 	// repromoting: a round of repromote runs. stopping: the daemon is
 	// ending (shutdown or leave): no more of them.
 	repromoting, stopping atomic.Bool
-	stallLog              *logging.Limiter
-	reloads               atomic.Int64
-	divertRefreshes       atomic.Uint64
-	divertRefreshErrors   atomic.Uint64
-	repairs               atomic.Int64
+	// resetFlows: the spliced flows reset while stopping, whose
+	// packets the packet path answers (see reset.go).
+	resetFlows          resetFlows
+	stallLog            *logging.Limiter
+	reloads             atomic.Int64
+	divertRefreshes     atomic.Uint64
+	divertRefreshErrors atomic.Uint64
+	repairs             atomic.Int64
 	// Bytes of flows that ended, by engine and direction.
 	closedProxied, closedSpliced [2]atomic.Uint64
 }
@@ -502,11 +505,17 @@ func (g *Gateway) shutdown() error {
 		}
 		g.splicedMu.Unlock()
 		if len(live) > 0 {
-			g.log.Info("resetting spliced flows", "flows", len(live), "packets", g.resetSpliced(live))
+			g.log.Info("resetting spliced flows", "flows", len(live), "packets", g.resetToEnd(live))
 		}
 	}
 	if g.splicing() {
 		resetLive()
+		if g.resetFlows.on.Load() {
+			g.awaitResetAnswers()
+			if n := g.resetFlows.answered.Load(); n > 0 {
+				g.log.Info("reset again the ends whose first reset missed (a packet came from them after it)", "packets", n)
+			}
+		}
 	}
 	err := g.manager().Remove()
 	if err != nil {

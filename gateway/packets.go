@@ -91,6 +91,9 @@ func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 		g.counters.verdicts[splice.DropNoFlow].Add(1)
 		return nfq.Drop
 	}
+	if g.resetFlows.on.Load() && g.answerReset(e, p) {
+		return nfq.Drop
+	}
 	return forward(g, e, d, p, np)
 }
 

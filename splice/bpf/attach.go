@@ -5,19 +5,15 @@ package bpf
 import (
 	"errors"
 	"fmt"
-	"maps"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
-	"syscall"
-	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"golang.org/x/sys/unix"
 )
 
 // Attachment is the program attached at tcx ingress of some interfaces.
@@ -88,9 +84,6 @@ func (dp *Datapath) Attach(ifaces []string) (*Attachment, error) {
 			a.Dropped = append(a.Dropped, name)
 		}
 	}
-	if err := a.noteLinkHeaders(a.names); err != nil {
-		return fail(err)
-	}
 	return a, nil
 }
 
@@ -155,11 +148,6 @@ func (a *Attachment) Sync(want []string) (added, removed []string, err error) {
 		a.links = append(a.links, l)
 		a.names = append(a.names, name)
 		added = append(added, name)
-	}
-	// An interface of the same name may be a new one, of another kind:
-	// the marks follow the indexes attached now.
-	if err := a.noteLinkHeaders(a.names); err != nil {
-		errs = append(errs, err)
 	}
 	return added, removed, errors.Join(errs...)
 }
@@ -268,122 +256,37 @@ func (dp *Datapath) Mark() uint32 { return dp.mark }
 
 // SetStackInterfaces makes the program leave what it rewrites on the
 // interfaces of ifindexes to the stack, even when it redirects
-// (Options.Redirect), and redirect on every other interface but those
-// without a link-layer header: tcx runs before an interface's classic tc
-// ingress filters, which a redirect would skip (splice_stack_ifaces). It
-// returns whether the set changed.
+// (Options.Redirect), and redirect on every other interface: tcx runs
+// before an interface's classic tc ingress filters, which a redirect
+// would skip (splice_stack_ifaces). It returns whether the set changed.
 func (dp *Datapath) SetStackInterfaces(ifindexes []int) (bool, error) {
-	dp.ifaceMu.Lock()
-	defer dp.ifaceMu.Unlock()
-	set := map[uint32]bool{}
-	for _, i := range ifindexes {
-		set[uint32(i)] = true
-	}
-	changed := !maps.Equal(set, dp.stackIfaces)
-	dp.stackIfaces = set
-	return changed, dp.writeIfaces()
-}
-
-// Link types of devices whose packets start with their IP header: no
-// link-layer header before it, at tc ingress as on the wire.
-var noLinkHeader = map[uint16]bool{
-	unix.ARPHRD_NONE:    true, // tun devices (IFF_TUN), WireGuard
-	unix.ARPHRD_PPP:     true, // PPP, PPPoE sessions
-	unix.ARPHRD_RAWIP:   true, // cellular modems (qmi, rmnet)
-	unix.ARPHRD_TUNNEL:  true, // ipip
-	unix.ARPHRD_TUNNEL6: true, // ip6tnl
-	unix.ARPHRD_SIT:     true,
-	unix.ARPHRD_IPGRE:   true, // gre (not gretap: that one is Ethernet)
-	unix.ARPHRD_IP6GRE:  true,
-}
-
-// linkTypes returns every interface's link type (ARPHRD_*), by index.
-func linkTypes() (map[int]uint16, error) {
-	rib, err := syscall.NetlinkRIB(syscall.RTM_GETLINK, syscall.AF_UNSPEC)
-	if err != nil {
-		return nil, fmt.Errorf("list links: %w", err)
-	}
-	msgs, err := syscall.ParseNetlinkMessage(rib)
-	if err != nil {
-		return nil, fmt.Errorf("list links: %w", err)
-	}
-	types := map[int]uint16{}
-	for _, m := range msgs {
-		if m.Header.Type != syscall.RTM_NEWLINK || len(m.Data) < syscall.SizeofIfInfomsg {
-			continue
-		}
-		ifi := (*syscall.IfInfomsg)(unsafe.Pointer(&m.Data[0]))
-		types[int(ifi.Index)] = ifi.Type
-	}
-	return types, nil
-}
-
-// noteLinkHeaders marks, among the interfaces the program is attached
-// to (names), those without a link-layer header, for the program to
-// find their packets' IP header at the start and to leave what it
-// rewrites there to the stack (a.mu held).
-func (a *Attachment) noteLinkHeaders(names []string) error {
-	types, err := linkTypes()
-	if err != nil {
-		return err
-	}
-	byName := interfacesByName()
-	set := map[uint32]bool{}
-	for _, name := range names {
-		if ifi, err := byName(name); err == nil && noLinkHeader[types[ifi.Index]] {
-			set[uint32(ifi.Index)] = true
-		}
-	}
-	dp := a.dp
-	dp.ifaceMu.Lock()
-	defer dp.ifaceMu.Unlock()
-	if maps.Equal(set, dp.linklessIfaces) {
-		return nil
-	}
-	dp.linklessIfaces = set
-	return dp.writeIfaces()
-}
-
-// writeIfaces makes splice_stack_ifaces what stackIfaces and
-// linklessIfaces say (ifaceMu held).
-func (dp *Datapath) writeIfaces() error {
-	want := map[uint32]uint8{}
-	for i := range dp.stackIfaces {
-		want[i] |= ifaceStack
-	}
-	for i := range dp.linklessIfaces {
-		want[i] |= ifaceNoLinkHeader
-	}
 	m := dp.objs.SpliceStackIfaces
+	want := map[uint32]bool{}
+	for _, i := range ifindexes {
+		want[uint32(i)] = true
+	}
 	var stale []uint32
 	var k uint32
 	var v uint8
 	it := m.Iterate()
 	for it.Next(&k, &v) {
-		if w, ok := want[k]; !ok {
+		if !want[k] {
 			stale = append(stale, k)
-		} else if w == v {
-			delete(want, k)
 		}
+		delete(want, k)
 	}
 	if err := it.Err(); err != nil {
-		return fmt.Errorf("stack interfaces: %w", err)
+		return false, fmt.Errorf("stack interfaces: %w", err)
 	}
 	for _, k := range stale {
 		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("stack interfaces: %w", err)
+			return true, fmt.Errorf("stack interfaces: %w", err)
 		}
 	}
-	for k, v := range want {
-		if err := m.Put(k, v); err != nil {
-			return fmt.Errorf("stack interfaces: %w", err)
+	for k := range want {
+		if err := m.Put(k, uint8(1)); err != nil {
+			return true, fmt.Errorf("stack interfaces: %w", err)
 		}
 	}
-	return nil
+	return len(stale) > 0 || len(want) > 0, nil
 }
-
-// The bits of splice_stack_ifaces' values (rewrite.bpf.c's IFACE_*).
-const (
-	ifaceStack        uint8 = 1
-	ifaceNoLinkHeader uint8 = 2
-)

@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"sync"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -60,12 +59,6 @@ type Datapath struct {
 	// pinDir is Options.PinDir; reused: the pinned maps existed.
 	pinDir string
 	reused bool
-	// ifaceMu guards the two sets splice_stack_ifaces is made of: the
-	// interfaces whose rewritten packets go to the stack
-	// (SetStackInterfaces), and the attached ones without a link-layer
-	// header (noteLinkHeaders), by index.
-	ifaceMu                     sync.Mutex
-	stackIfaces, linklessIfaces map[uint32]bool
 }
 
 // Load loads the program and creates its maps, or, with Options.PinDir,

@@ -6,7 +6,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
-	"maps"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -521,58 +520,5 @@ func BenchmarkProgramPass(b *testing.B) {
 			}
 			b.ReportMetric(float64(per.Nanoseconds()), "ns/packet")
 		})
-	}
-}
-
-// TestInterfaceBits: splice_stack_ifaces holds both sets by index, the
-// stack interfaces (SetStackInterfaces) and those without a link-layer
-// header (noteLinkHeaders), each bit set and cleared on its own.
-func TestInterfaceBits(t *testing.T) {
-	requireRoot(t)
-	dp, err := Load(Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dp.Close()
-	read := func() map[uint32]uint8 {
-		got := map[uint32]uint8{}
-		var k uint32
-		var v uint8
-		it := dp.objs.SpliceStackIfaces.Iterate()
-		for it.Next(&k, &v) {
-			got[k] = v
-		}
-		if err := it.Err(); err != nil {
-			t.Fatal(err)
-		}
-		return got
-	}
-	setLinkless := func(ifs ...uint32) {
-		dp.ifaceMu.Lock()
-		defer dp.ifaceMu.Unlock()
-		dp.linklessIfaces = map[uint32]bool{}
-		for _, i := range ifs {
-			dp.linklessIfaces[i] = true
-		}
-		if err := dp.writeIfaces(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	setLinkless(7, 9)
-	if changed, err := dp.SetStackInterfaces([]int{5, 7}); err != nil || !changed {
-		t.Fatalf("SetStackInterfaces: changed %v, %v", changed, err)
-	}
-	if got, want := read(), map[uint32]uint8{5: ifaceStack, 7: ifaceStack | ifaceNoLinkHeader, 9: ifaceNoLinkHeader}; !maps.Equal(got, want) {
-		t.Errorf("both sets: %v, want %v", got, want)
-	}
-	if changed, err := dp.SetStackInterfaces([]int{5, 7}); err != nil || changed {
-		t.Errorf("the same stack interfaces again: changed %v, %v", changed, err)
-	}
-	setLinkless(9)
-	if changed, err := dp.SetStackInterfaces(nil); err != nil || !changed {
-		t.Fatalf("SetStackInterfaces(nil): changed %v, %v", changed, err)
-	}
-	if got, want := read(), map[uint32]uint8{9: ifaceNoLinkHeader}; !maps.Equal(got, want) {
-		t.Errorf("after clearing: %v, want %v", got, want)
 	}
 }

@@ -14,10 +14,11 @@
 //
 // The program handles what it can prove equal to the engine and leaves
 // everything else alone: a packet of no flow, not IPv4 or IPv6 in an
-// Ethernet frame or on a device without a link-layer header (a tun
-// device, WireGuard, PPP, an IP tunnel: Attach lists those it attaches
-// to, and the program leaves what it rewrites there to the stack, as on
-// SetStackInterfaces's), an IPv4 fragment or one with a bad header checksum, an
+// Ethernet frame or at the start of a packet of a device without a
+// link-layer header (a tun device, WireGuard, PPP, an IP tunnel: found by
+// the skb's network header; the program leaves what it rewrites there to
+// the stack, as bpf_redirect_neigh has no link-layer header to replace),
+// an IPv4 fragment or one with a bad header checksum, an
 // IPv6 packet with extension headers other than hop-by-hop and
 // destination options (or more than four), a TCP header with more than
 // one timestamps or SACK option or an option walk longer than 15 steps,

@@ -43,17 +43,22 @@ func requireRoot(t testing.TB) {
 // loaded is one program load for the whole test binary (loading and
 // verifying takes tens of milliseconds); each harness uses its own flow
 // id, and resets the counters it reads by differences.
-var loaded *Datapath
+// A failed load is kept too: the verifier takes seconds to refuse the
+// program, and the fuzz targets' thousands of seed inputs each tried
+// again until the package's timeout (10 minutes).
+var (
+	loaded  *Datapath
+	loadErr error
+)
 
 func datapath(t testing.TB) *Datapath {
 	t.Helper()
 	requireRoot(t)
-	if loaded == nil {
-		dp, err := Load(Options{fakeClock: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		loaded = dp
+	if loaded == nil && loadErr == nil {
+		loaded, loadErr = Load(Options{fakeClock: true})
+	}
+	if loadErr != nil {
+		t.Fatal(loadErr)
 	}
 	return loaded
 }

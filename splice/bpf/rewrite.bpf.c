@@ -168,16 +168,10 @@ struct {
 } splice_verdicts SEC(".maps");
 
 // splice_stack_ifaces: interfaces whose rewritten packets go on through
-// the stack even with redirect_out, by index, with IFACE_* bits. The
-// daemon lists those with a classic tc ingress qdisc (ingress or clsact):
-// tcx runs before their filters, and a redirect would skip them (an
-// ingress shaper through ifb, as OpenWrt's SQM sets up, would never see a
-// spliced flow's packets); and those without a link-layer header (a tun
-// device, WireGuard, PPP, an IP tunnel), whose packets start with their
-// IP header, and from which bpf_redirect_neigh cannot send (it drops a
-// packet that has no link-layer header to replace).
-#define IFACE_STACK 1
-#define IFACE_NO_LINK_HEADER 2
+// the stack even with redirect_out. The daemon lists those with a classic
+// tc ingress qdisc (ingress or clsact): tcx runs before their filters,
+// and a redirect would skip them (an ingress shaper through ifb, as
+// OpenWrt's SQM sets up, would never see a spliced flow's packets).
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
@@ -285,6 +279,7 @@ struct scratch {
 	__u8 old[BUF];   // as received
 	__u8 addrs[32];  // addresses as received (v4: 8 bytes)
 	__u8 naddrs[32]; // as sent
+	__u32 l3;        // where the IP header starts (kept here, off the full stack)
 };
 
 struct {
@@ -600,16 +595,27 @@ static __always_inline int redirect(struct __sk_buff *skb, int v6, const __u8 *i
 		__builtin_memcpy(&p.ipv4_src, addrs, 4);
 		__builtin_memcpy(&p.ipv4_dst, &addrs[4], 4);
 	}
-	// The MTU check: with tot_len 0 the kernel checks the skb's length
-	// against the egress device's MTU, but lets every GSO skb pass
-	// (is_skb_forwardable), whatever its segments: segments too big for
-	// the route would be lost beyond the device, and nobody would tell
-	// the sender. A GSO skb (GRO merged it, or a local sender's TSO) is
-	// checked by the size of its segments instead; one too big goes to
-	// the stack, whose forwarding checks each segment and sends the
-	// sender the path MTU error (which the queue's reader translates).
+	// The MTU check, against the route's MTU, by the packet's IP length
+	// or, for a GSO skb (GRO merged it, or a local sender's TSO), the
+	// length of its segments; one too big goes to the stack, whose
+	// forwarding checks each segment and sends the sender the path MTU
+	// error (which the queue's reader translates). With tot_len 0 the
+	// kernel would check the skb against the egress device
+	// (is_skb_forwardable), which lets every GSO skb pass whatever its
+	// segments (too big for the route, they would be lost beyond the
+	// device, and nobody would tell the sender), and counts the ingress
+	// Ethernet header against the egress device's own link-layer header
+	// and 4 bytes of slack: a packet up to 4 bytes too long for an
+	// Ethernet device passed, and one 10 bytes shorter than the MTU of a
+	// device without a link-layer header (a tun device) did not.
+	// The IP length, from the header as received (the program checked it
+	// against the skb's).
 	if (skb->gso_size)
 		p.tot_len = hdrs + skb->gso_size;
+	else if (v6)
+		p.tot_len = 40 + ((__u16)ip[4] << 8 | ip[5]);
+	else
+		p.tot_len = (__u16)ip[2] << 8 | ip[3];
 	if (bpf_fib_lookup(skb, &p, sizeof(p), BPF_FIB_LOOKUP_SKIP_NEIGH) != BPF_FIB_LKUP_RET_SUCCESS)
 		return TCX_NEXT;
 	__u8 left = ttl - 1;
@@ -656,24 +662,32 @@ int splice_rewrite(struct __sk_buff *skb)
 	if (skb->mark & rewritten_mark)
 		return TCX_NEXT;
 
-	// The program expects an Ethernet header before the IP packet (on
-	// Ethernet-type devices, veth included): its EtherType must be the
-	// skb's protocol. VLAN tags the device did not strip pass. On a device
-	// the daemon lists as having no link-layer header, the packet starts
-	// with its IP header. That lookup is only for packets without an
-	// Ethernet header, so that an Ethernet device's pay nothing for it.
-	// (A packet of such a device whose bytes 12 and 13, inside its source
-	// address, spell its protocol's EtherType, is taken for an Ethernet
-	// frame, matches no flow and is passed: to the queue and the engine,
-	// as before there was this lookup.)
-	__u32 l3 = ETH_HLEN, l4, ip_end, addr_off;
-	if (bpf_skb_load_bytes(skb, 12, &ethertype, 2) || ethertype != proto) {
-		__u32 dev = skb->ifindex;
-		__u8 *fl = bpf_map_lookup_elem(&splice_stack_ifaces, &dev);
-		if (!fl || !(*fl & IFACE_NO_LINK_HEADER))
+	// Where the IP header starts: the skb's network header, which the
+	// stack set before tc ingress (skb->data is the MAC header there,
+	// mac_len before the network header). On Ethernet devices (veth
+	// included) it is at ETH_HLEN, after an EtherType that is the skb's
+	// protocol (VLAN tags the device did not strip pass); on a device
+	// without a link-layer header (tun, WireGuard, PPP, an IP tunnel) at
+	// 0. Anything else (a header of another length) passes. The first
+	// bytes at the network header are compared with those at each offset:
+	// exact for Ethernet frames; a header-less packet taken for one would
+	// need its bytes 14-17 to repeat its bytes 0-3 and its bytes 12-13 to
+	// spell its protocol's EtherType (it then matches no flow and passes).
+	__u32 l3, l4, ip_end, addr_off;
+	// key's port and first destination bytes hold the two readings (set
+	// again below).
+	if (bpf_skb_load_bytes_relative(skb, 0, &key.sport, 4, BPF_HDR_START_NET))
+		goto pass;
+	if (!bpf_skb_load_bytes(skb, ETH_HLEN, key.dst, 4) && !__builtin_memcmp(key.dst, &key.sport, 4)) {
+		if (bpf_skb_load_bytes(skb, 12, &ethertype, 2) || ethertype != proto)
 			goto pass;
+		l3 = ETH_HLEN;
+	} else if (!bpf_skb_load_bytes(skb, 0, key.dst, 4) && !__builtin_memcmp(key.dst, &key.sport, 4)) {
 		l3 = 0;
+	} else {
+		goto pass;
 	}
+	__builtin_memset(key.dst, 0, 4);
 	int v6;
 	__u8 ip[60];
 
@@ -763,6 +777,7 @@ int splice_rewrite(struct __sk_buff *skb)
 	struct scratch *sc = bpf_map_lookup_elem(&splice_scratch, &zero);
 	if (!sc)
 		goto pass;
+	sc->l3 = l3;
 	__u32 hl = (hdr[12] >> 4) * 4;
 	if (hl < 20 || hl > ip_end - l4)
 		goto pass;
@@ -893,8 +908,10 @@ int splice_rewrite(struct __sk_buff *skb)
 	}
 	skb->mark |= rewritten_mark;
 	count(V_FORWARD);
+	// bpf_redirect_neigh sends only what has an Ethernet header to
+	// replace: a packet without one goes on through the stack.
 	__u32 in = skb->ifindex;
-	if (redirect_out && !bpf_map_lookup_elem(&splice_stack_ifaces, &in)) {
+	if (redirect_out && sc->l3 == ETH_HLEN && !bpf_map_lookup_elem(&splice_stack_ifaces, &in)) {
 		const __u8 *out = dc.addrs ? sc->naddrs : (v6 ? &ip[8] : &ip[12]);
 		return redirect(skb, v6, ip, out, dc.sport, dc.dport, l4 - l3 + hl);
 	}

@@ -225,7 +225,7 @@ func (g *Gateway) followInterfaces(k *kernelPath, cfg *config.Config) (stop func
 				g.log.Info("datapath: interfaces changed", "attached", strings.Join(added, ","), "released", strings.Join(removed, ","),
 					"interfaces", strings.Join(k.at.Interfaces(), ","))
 				if g.redirects() {
-					g.applyStackInterfaces(k) // while marks route, every one
+					g.applyStackInterfaces(k) // one without a link-layer header; while marks route, every one
 				}
 			}
 			if err != nil {

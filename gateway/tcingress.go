@@ -6,6 +6,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/mdlayher/netlink"
@@ -86,7 +87,8 @@ func (g *Gateway) followIngressQdiscs(k *kernelPath) (stop func()) {
 
 // applyStackInterfaces gives the program the interfaces where it leaves
 // what it rewrote to the stack: those with a classic tc ingress qdisc,
-// and every attached one while marks set at prerouting route packets
+// those without a link-layer header (where it does anyway), and every
+// attached one while marks set at prerouting route packets
 // (markroute.go). Where the program leaves packets to the stack, the
 // stack's reverse path filter and forward hook see them: the checks that
 // the redirect skips (reversePathRefusal, checkFirewall) apply there, to
@@ -108,28 +110,63 @@ func (g *Gateway) applyStackInterfaces(k *kernelPath) {
 		return
 	}
 	if changed {
-		g.log.Info("datapath: spliced packets go through the stack where an interface has a tc ingress qdisc (its filters, an ingress shaper say, would be skipped by the redirect), or everywhere while marks set at prerouting route them, and are redirected elsewhere",
+		g.log.Info("datapath: spliced packets go through the stack where an interface has a tc ingress qdisc (its filters, an ingress shaper say, would be skipped by the redirect) or no link-layer header (a tun device, WireGuard, PPP), or everywhere while marks set at prerouting route them, and are redirected elsewhere",
 			"stack_interfaces", ifaceNames(ifs), "qdisc_interfaces", ifaceNames(k.qdiscs))
 	}
 }
 
 // stackSet returns the interfaces where the program leaves what it
-// rewrote to the stack: qdiscs, those with a classic tc ingress qdisc,
-// and, while marks set at prerouting route packets, every one of
-// attached.
+// rewrote to the stack: qdiscs, those with a classic tc ingress qdisc;
+// those of attached without a link-layer header (a tun device, WireGuard,
+// PPP: the program never redirects what arrives there, bpf_redirect_neigh
+// has no link-layer header to replace); and, while marks set at
+// prerouting route packets, every one of attached.
 func (g *Gateway) stackSet(qdiscs []int, attached []string) []int {
 	ifs := slices.Clone(qdiscs)
-	if _, on := g.markRoute.Load().active("prerouting", false); on {
-		byName := interfaceIndexes()
-		for _, name := range attached {
-			if i, ok := byName[name]; ok {
-				ifs = append(ifs, i)
-			}
+	byName := interfaceIndexes()
+	_, marks := g.markRoute.Load().active("prerouting", false)
+	types := linkTypes()
+	for _, name := range attached {
+		if i, ok := byName[name]; ok && (marks || noLinkHeader[types[i]]) {
+			ifs = append(ifs, i)
 		}
-		slices.Sort(ifs)
-		ifs = slices.Compact(ifs)
 	}
-	return ifs
+	slices.Sort(ifs)
+	return slices.Compact(ifs)
+}
+
+// Link types of devices whose packets start with their IP header, no
+// link-layer header before it.
+var noLinkHeader = map[uint16]bool{
+	unix.ARPHRD_NONE:    true, // tun devices (IFF_TUN), WireGuard
+	unix.ARPHRD_PPP:     true, // PPP, PPPoE sessions
+	unix.ARPHRD_RAWIP:   true, // cellular modems (qmi, rmnet)
+	unix.ARPHRD_TUNNEL:  true, // ipip
+	unix.ARPHRD_TUNNEL6: true, // ip6tnl
+	unix.ARPHRD_SIT:     true,
+	unix.ARPHRD_IPGRE:   true, // gre (gretap is Ethernet)
+	unix.ARPHRD_IP6GRE:  true,
+}
+
+// linkTypes returns every interface's link type (ARPHRD_*) by index; an
+// empty map when it cannot list them (every interface is then taken for
+// one with a link-layer header, as before there was this check).
+func linkTypes() map[int]uint16 {
+	types := map[int]uint16{}
+	rib, err := syscall.NetlinkRIB(syscall.RTM_GETLINK, syscall.AF_UNSPEC)
+	if err != nil {
+		return types
+	}
+	msgs, err := syscall.ParseNetlinkMessage(rib)
+	if err != nil {
+		return types
+	}
+	for _, m := range msgs {
+		if m.Header.Type == syscall.RTM_NEWLINK && len(m.Data) >= syscall.SizeofIfInfomsg {
+			types[int(int32(binary.NativeEndian.Uint32(m.Data[4:8])))] = binary.NativeEndian.Uint16(m.Data[2:4])
+		}
+	}
+	return types
 }
 
 // interfaceIndexes maps the interfaces' names to their indexes.

@@ -92,3 +92,24 @@ func tunneledServer(t *testing.T, lab *testnet.Lab) {
 	nft(t, srv, "add table inet wrongpath", "add chain inet wrongpath input { type filter hook input priority 0; }",
 		`add rule inet wrongpath input iifname "eth0" tcp dport 5001 counter drop`)
 }
+
+// tunneledClient joins the client and the gateway by a tun tunnel and
+// routes the client's traffic to the server through it (and the answers
+// back).
+func tunneledClient(t *testing.T, lab *testnet.Lab) {
+	t.Helper()
+	gw, cl := &lab.Gateway.NS, &lab.Client().NS
+	testnet.Tunnel(t, cl, "tun0", gw, "tunc", 1500)
+	steps := []struct {
+		ns   *testnet.NS
+		args []string
+	}{
+		{cl, []string{"ip", "route", "add", lab.Server().IPv4.String() + "/32", "dev", "tun0", "src", lab.Client().IPv4.String()}},
+		{gw, []string{"ip", "route", "add", lab.Client().IPv4.String() + "/32", "dev", "tunc"}},
+	}
+	for _, s := range steps {
+		if out, err := s.ns.Run(s.args[0], s.args[1:]...); err != nil {
+			t.Fatalf("%s: %v: %v\n%s", s.ns.Name, s.args, err, out)
+		}
+	}
+}

@@ -87,20 +87,20 @@ func readAll(fd int, d time.Duration) [][]byte {
 	return out
 }
 
+// l3lab is two tun devices in the test's namespace: packets written to
+// in arrive at its ingress (rin, where the client's addresses route);
+// what the stack or the program sends to the server's addresses comes
+// out of out (rout).
 type l3lab struct {
-	dp       *Datapath
-	in, out  int // tun fds: packets written to in arrive at its ingress
-	vnetHdr  bool
-	redirect bool
+	dp      *Datapath
+	in, out int
 }
 
+// setupL3 makes the devices, routes and sysctls and loads the program;
+// vnet: rin takes a virtio_net_hdr before each packet (GSO writes);
+// redirect: Options.Redirect.
 func setupL3(vnet, redirect bool) (*l3lab, error) {
-	return setupL3Opts(vnet, Options{fakeClock: true, Redirect: redirect})
-}
-
-func setupL3Opts(vnet bool, opts Options) (*l3lab, error) {
-	redirect := opts.Redirect
-	l := &l3lab{vnetHdr: vnet, redirect: redirect}
+	l := &l3lab{}
 	flags := uint16(unix.IFF_TUN | unix.IFF_NO_PI)
 	inFlags := flags
 	if vnet {
@@ -135,7 +135,7 @@ func setupL3Opts(vnet bool, opts Options) (*l3lab, error) {
 			return nil, err
 		}
 	}
-	if l.dp, err = Load(opts); err != nil {
+	if l.dp, err = Load(Options{fakeClock: true, Redirect: redirect}); err != nil {
 		return nil, err
 	}
 	return l, nil

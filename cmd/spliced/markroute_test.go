@@ -124,10 +124,7 @@ func markRoutedUplink(t *testing.T, lab *testnet.Lab, marks string) {
 	chain output { type route hook output priority mangle; ip daddr 10.2.0.0/24 ct state new ct mark set 0x10; ct mark != 0 meta mark set ct mark; }
 }`
 	}
-	steps := []struct {
-		ns   *testnet.NS
-		args []string
-	}{
+	runSteps(t, []nsStep{
 		{gw, []string{"ip", "link", "add", "s0b", "type", "veth", "peer", "name", "eth1", "netns", srv.Name}},
 		{gw, []string{"ip", "link", "set", "s0b", "up"}},
 		{gw, []string{"ip", "addr", "add", "10.3.0.1/24", "dev", "s0b"}},
@@ -142,10 +139,5 @@ func markRoutedUplink(t *testing.T, lab *testnet.Lab, marks string) {
 		{srv, []string{"nft", `table inet wrongpath {
 	chain input { type filter hook input priority 0; iifname "eth0" tcp dport 5001 counter drop; }
 }`}},
-	}
-	for _, s := range steps {
-		if out, err := s.ns.Run(s.args[0], s.args[1:]...); err != nil {
-			t.Fatalf("%v: %v: %s", s.args, err, out)
-		}
-	}
+	})
 }

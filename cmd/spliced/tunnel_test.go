@@ -73,22 +73,14 @@ func tunneledServer(t *testing.T, lab *testnet.Lab) {
 	gw, srv := &lab.Gateway.NS, &lab.Server().NS
 	testnet.Tunnel(t, gw, "tun0", srv, "tun0", 1500)
 	gwAddr := lab.GatewayServerSide[0]
-	steps := []struct {
-		ns   *testnet.NS
-		args []string
-	}{
+	runSteps(t, []nsStep{
 		{gw, []string{"ip", "route", "add", lab.Server().IPv4.String() + "/32", "dev", "tun0", "src", gwAddr.IPv4.String()}},
 		{gw, []string{"ip", "-6", "route", "add", lab.Server().IPv6.String() + "/128", "dev", "tun0", "src", gwAddr.IPv6.String()}},
 		{srv, []string{"ip", "route", "add", lab.Client().IPv4.String() + "/32", "dev", "tun0"}},
 		{srv, []string{"ip", "route", "add", gwAddr.IPv4.String() + "/32", "dev", "tun0"}},
 		{srv, []string{"ip", "-6", "route", "add", lab.Client().IPv6.String() + "/128", "dev", "tun0"}},
 		{srv, []string{"ip", "-6", "route", "add", gwAddr.IPv6.String() + "/128", "dev", "tun0"}},
-	}
-	for _, s := range steps {
-		if out, err := s.ns.Run(s.args[0], s.args[1:]...); err != nil {
-			t.Fatalf("%s: %v: %v\n%s", s.ns.Name, s.args, err, out)
-		}
-	}
+	})
 	nft(t, srv, "add table inet wrongpath", "add chain inet wrongpath input { type filter hook input priority 0; }",
 		`add rule inet wrongpath input iifname "eth0" tcp dport 5001 counter drop`)
 }
@@ -100,13 +92,22 @@ func tunneledClient(t *testing.T, lab *testnet.Lab) {
 	t.Helper()
 	gw, cl := &lab.Gateway.NS, &lab.Client().NS
 	testnet.Tunnel(t, cl, "tun0", gw, "tunc", 1500)
-	steps := []struct {
-		ns   *testnet.NS
-		args []string
-	}{
+	runSteps(t, []nsStep{
 		{cl, []string{"ip", "route", "add", lab.Server().IPv4.String() + "/32", "dev", "tun0", "src", lab.Client().IPv4.String()}},
 		{gw, []string{"ip", "route", "add", lab.Client().IPv4.String() + "/32", "dev", "tunc"}},
-	}
+	})
+}
+
+// nsStep is a command to run in a namespace.
+type nsStep struct {
+	ns   *testnet.NS
+	args []string
+}
+
+// runSteps runs each step's command in its namespace, in order, and
+// fails the test at the first that fails.
+func runSteps(t *testing.T, steps []nsStep) {
+	t.Helper()
 	for _, s := range steps {
 		if out, err := s.ns.Run(s.args[0], s.args[1:]...); err != nil {
 			t.Fatalf("%s: %v: %v\n%s", s.ns.Name, s.args, err, out)

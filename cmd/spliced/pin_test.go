@@ -153,7 +153,10 @@ func pins(dir string) []string {
 // The pins stay while it runs; a SIGTERM resets the flows it spliced
 // itself at both ends and removes the pins and links.
 func TestLabBPFRestartKeepsFlows(t *testing.T) {
-	t.Parallel()
+	// Not in parallel: its 1000 flows last 20 s, and all must still
+	// run when the daemon is killed; beside another test, the splices
+	// and the wait for movement took longer and 36 flows had ended
+	// (CI, 2026-12-06: 964 flows in the pins after kill -9).
 	lab := testnet.NewT(t, testnet.Options{})
 	root := testnet.BPFFS(t)
 	dir := bpf.PinDir(root, "spliced")

@@ -488,6 +488,12 @@ func (g *Gateway) abortStart() {
 
 func (g *Gateway) shutdown() error {
 	g.stopping.Store(true)
+	if g.splicing() {
+		// Before the table goes: see Diverter.Stop. A splice that has
+		// not diverted its flow yet fails, and its flow stays proxied
+		// until the proxies stop.
+		g.diverter.Stop()
+	}
 	g.removePins = true
 	// Spliced flows cannot outlive the daemon (their rewrite state lives
 	// in it): end them at both ends before the table goes, and once the

@@ -17,6 +17,7 @@ import (
 	"spliced/logging"
 	"spliced/nfq"
 	"spliced/proxy"
+	"spliced/rules"
 	"spliced/splice"
 	"spliced/tcprepair"
 )
@@ -61,6 +62,10 @@ func (e *SpliceError) Unwrap() error { return e.Err }
 func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *net.TCPConn) error {
 	if !g.splicing() {
 		return &SpliceError{Reason: "splicing is not enabled (no service has a splice mode)"}
+	}
+	if g.stopping.Load() {
+		// Its flow would only be reset at the stop (see shutdown).
+		return &SpliceError{Reason: "spliced is stopping", Err: proxy.ErrSpliceRuledOut}
 	}
 	if cause, reason := g.reversePathRefusal(client, upstream); reason != "" {
 		g.rpf.refusals.refuse(g, f, cause, reason)
@@ -265,6 +270,9 @@ func (g *Gateway) divert(tr *transition) error {
 		if err == nil {
 			g.divertCommands.Add(1)
 			return nil
+		}
+		if errors.Is(err, rules.ErrDiverterStopped) {
+			return err
 		}
 		if ok, suppressed := g.divertLog.Allow("command"); ok {
 			g.log.Warn("divert command failed; adding the flow's divert entries through netlink", logging.Err(err), "suppressed", suppressed)

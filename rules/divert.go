@@ -421,6 +421,9 @@ type Diverter struct {
 	// cmdMu: divert commands (read side, see Commands) are sent while no
 	// table install runs (write side, see Exclusive), as adds are.
 	cmdMu sync.RWMutex
+	// stopped: no divert entry is added any more (see Stop); set under
+	// cmdMu, so that no command is being sent once Stop returns.
+	stopped atomic.Bool
 	// mu: one of the diverter's transactions at a time. Each takes mu,
 	// then the Manager's socket (see lock); Exclusive takes mu alone and
 	// lets an install take the socket.
@@ -480,8 +483,28 @@ func (d *Diverter) Exclusive(fn func()) {
 func (d *Diverter) Commands(send func() error) error {
 	d.cmdMu.RLock()
 	defer d.cmdMu.RUnlock()
+	if d.stopped.Load() {
+		return ErrDiverterStopped
+	}
 	return send()
 }
+
+// Stop ends the adding of divert entries, before the daemon removes its
+// table: from then on Commands and Add return ErrDiverterStopped and
+// send nothing. It returns once no command is being sent. Without it, a
+// splice that began as the daemon stopped sent its divert command after
+// the table was gone: no rule took the command, which went on to the
+// tuple's destination (a server one hop away counts it in
+// Tcp.InCsumErrors, its checksum being wrong on purpose).
+func (d *Diverter) Stop() {
+	d.cmdMu.Lock()
+	d.stopped.Store(true)
+	d.cmdMu.Unlock()
+}
+
+// ErrDiverterStopped: the diverter adds no divert entries any more (see
+// Diverter.Stop).
+var ErrDiverterStopped = errors.New("divert entries are no longer added: spliced is stopping")
 
 // Has reports whether tuple k is in the divert sets of queue index q. It
 // lists the whole set: for checks, not for every flow.
@@ -533,6 +556,9 @@ func elementsOf(keys []splice.Key, timeout time.Duration) (v4, v6 []nftables.Set
 // transaction running waits for it, then commits every Add that queued
 // meanwhile in one transaction, unless one of those did it already.
 func (d *Diverter) Add(q uint16, keys ...splice.Key) error {
+	if d.stopped.Load() {
+		return ErrDiverterStopped
+	}
 	r := &addRequest{q: q, keys: keys}
 	d.pendingMu.Lock()
 	d.pending = append(d.pending, r)

@@ -678,3 +678,33 @@ func TestDiverterDeleteOneSetLost(t *testing.T) {
 		}
 	}
 }
+
+// TestDiverterStop: once stopped (the daemon is about to remove its
+// table), the diverter sends no divert command and adds no element; it
+// still deletes the elements of flows that end.
+func TestDiverterStop(t *testing.T) {
+	spec := sampleSpec(t)
+	d, ns := installedDiverter(t, spec)
+	k := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	if err := d.Add(0, k); err != nil {
+		t.Fatal(err)
+	}
+	d.Stop()
+	sent := false
+	if err := d.Commands(func() error { sent = true; return nil }); !errors.Is(err, ErrDiverterStopped) || sent {
+		t.Errorf("Commands after Stop: %v, sent %v; want ErrDiverterStopped and nothing sent", err, sent)
+	}
+	k2 := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40001"), netip.MustParseAddrPort("10.2.0.2:80"))
+	if err := d.Add(0, k2); !errors.Is(err, ErrDiverterStopped) {
+		t.Errorf("Add after Stop: %v, want ErrDiverterStopped", err)
+	}
+	if out, _ := ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(0, false)); strings.Contains(out, "40001") {
+		t.Errorf("an element was added after Stop:\n%s", out)
+	}
+	if err := d.Delete(0, k); err != nil {
+		t.Fatalf("Delete after Stop: %v", err)
+	}
+	if out, _ := ns.Run("nft", "list", "set", "inet", spec.Table, DivertSetName(0, false)); strings.Contains(out, "40000") {
+		t.Errorf("the element was not deleted:\n%s", out)
+	}
+}

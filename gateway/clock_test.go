@@ -89,9 +89,7 @@ func TestAdoptedTimesNotAhead(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g.splicedMu.Lock()
 	g.syncOffloaded(monotime.Now())
-	g.splicedMu.Unlock()
 	checkNotAhead(t, "bpf adoption, synced", sf.entry)
 
 	// Its next packet: the program's time (now) is taken as it is.
@@ -100,9 +98,7 @@ func TestAdoptedTimesNotAhead(t *testing.T) {
 	if err := dp.PutFlow(pf.ID, pf.Keys, st); err != nil {
 		t.Fatal(err)
 	}
-	g.splicedMu.Lock()
 	g.syncOffloaded(monotime.Now())
-	g.splicedMu.Unlock()
 	if got := sf.entry.Snapshot().LastSeen(); got != st.LastSeen {
 		t.Errorf("after its next packet: last seen %d, want the program's %d", got, st.LastSeen)
 	}

@@ -535,23 +535,43 @@ func (g *Gateway) reclaim(e *splice.Entry) error {
 }
 
 // syncOffloaded refreshes the engine's view of every promoted flow from
-// the program's state (splicedMu held), for the reaper and the API.
+// the program's state, for the reaper and the API. The caller must not
+// hold splicedMu. The map is read a batch of flows per system call, and
+// splicedMu is held only to find each batch's flows. Before, the reaper
+// held it while it read every flow, one system call each, four times a
+// second: in the memory bench (9,900 flows spliced at once, bpf
+// datapath) a sync took 667-758 ms while the flows were being spliced,
+// and every splice and every packet the program passed back
+// (forwardOffloaded) waited for the lock meanwhile (11,579 goroutines at
+// once, about 3,000 of them waiting for it); 52-67 ms once all were
+// spliced, 10-33 ms now. A flow demoted meanwhile is left alone
+// (SetSnapshot changes only an offloaded flow's view).
 func (g *Gateway) syncOffloaded(now int64) {
 	k := g.kpath
 	if k == nil {
 		return
 	}
-	for _, sf := range g.spliced {
-		if !sf.entry.Offloaded() {
-			continue
+	var flows [bpf.FlowBatch]*splicedFlow
+	err := k.dp.EachFlow(func(ids []uint64, states []splice.State) {
+		g.splicedMu.Lock()
+		for i, id := range ids {
+			flows[i] = g.spliced[id]
 		}
-		st, err := k.dp.Flow(sf.entry.ID)
-		if err != nil {
-			continue // demoted meanwhile, or gone
+		g.splicedMu.Unlock()
+		for i, sf := range flows[:len(ids)] {
+			if sf == nil || sf.entry.ID != ids[i] {
+				continue // not spliced any more, or not yet
+			}
+			st := states[i]
+			// Read after the map: no time the program wrote before is later.
+			notAhead(&st, monotime.Now(), sf.entry.Snapshot)
+			sf.entry.SetSnapshot(st, now)
 		}
-		// Read after the map: no time the program wrote before is later.
-		notAhead(&st, monotime.Now(), sf.entry.Snapshot)
-		sf.entry.SetSnapshot(st, now)
+	})
+	if err != nil {
+		if ok, suppressed := g.syncLog.Allow("sync"); ok {
+			g.log.Warn("read the bpf datapath's flows; idle and finished flows on it are not seen until this works", logging.Err(err), "suppressed", suppressed)
+		}
 	}
 }
 

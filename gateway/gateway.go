@@ -163,6 +163,7 @@ type Gateway struct {
 	divertCommands, divertNetlink atomic.Uint64
 	divertMode                    atomic.Int32
 	divertLog                     *logging.Limiter
+	syncLog                       *logging.Limiter // failed reads of the bpf datapath's flows
 	stalledFlows                  atomic.Uint64
 	// repromoting: a round of repromote runs. stopping: the daemon is
 	// ending (shutdown or leave): no more of them.
@@ -211,6 +212,7 @@ func New(cfg *config.Config, log *slog.Logger) *Gateway {
 		stallLog:     logging.NewLimiter(time.Second),
 		firewallPoke: make(chan struct{}, 1),
 		divertLog:    logging.NewLimiter(time.Minute),
+		syncLog:      logging.NewLimiter(time.Minute),
 		workers:      workpool.New(transitionWorkerIdle, transitionWorkersIdleMax),
 	}
 	g.snap.Store(&snapshot{cfg: cfg, rules: rules.NewManager(rules.FromConfig(cfg))})
@@ -423,9 +425,9 @@ func (g *Gateway) runTransition(fn func()) {
 // handoff (a transition leave gave up waiting for) goes with the Go
 // engine's, reset rather than left without a datapath.
 func (g *Gateway) partitionForLeave() (goEngine []*splicedFlow, kept int) {
+	g.syncOffloaded(monotime.Now())
 	g.splicedMu.Lock()
 	defer g.splicedMu.Unlock()
-	g.syncOffloaded(monotime.Now())
 	for _, sf := range g.spliced {
 		switch offloaded, handing := sf.entry.OffloadState(); {
 		case offloaded && !handing:
@@ -501,8 +503,8 @@ func (g *Gateway) shutdown() error {
 	reset := map[*splicedFlow]bool{}
 	resetLive := func() {
 		var live []*splicedFlow
-		g.splicedMu.Lock()
 		g.syncOffloaded(monotime.Now())
+		g.splicedMu.Lock()
 		for _, sf := range g.spliced {
 			if !reset[sf] && !sf.entry.Snapshot().Finished() {
 				reset[sf] = true

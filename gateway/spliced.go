@@ -152,8 +152,8 @@ func (g *Gateway) reap(now time.Time) {
 	var reasons []string
 	var stalls []stallReport
 	var again []*splicedFlow
-	g.splicedMu.Lock()
 	g.syncOffloaded(mono)
+	g.splicedMu.Lock()
 	for id, sf := range g.spliced {
 		snap := sf.entry.Snapshot()
 		reason := ""

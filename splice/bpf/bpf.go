@@ -274,6 +274,39 @@ func (dp *Datapath) Flow(id uint64) (splice.State, error) {
 	return dp.state(&v), nil
 }
 
+// FlowBatch is how many flows EachFlow reads per system call.
+const FlowBatch = 256
+
+// EachFlow reads the state of every flow in the program's map, each under
+// its spin lock, FlowBatch flows per system call, and calls fn with each
+// batch (the slices are reused for the next). A flow written or deleted
+// meanwhile may be missed. One lookup per flow cost the daemon's reaper
+// 52-67 ms for 9,900 flows, four times a second (memory bench).
+func (dp *Datapath) EachFlow(fn func(ids []uint64, states []splice.State)) error {
+	keys := make([]uint64, FlowBatch)
+	vals := make([]rewriteFlowVal, FlowBatch)
+	states := make([]splice.State, FlowBatch)
+	opts := &ebpf.BatchOptions{ElemFlags: uint64(ebpf.LookupLock)}
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := dp.objs.SpliceFlows.BatchLookup(&cursor, keys, vals, opts)
+		for i := range n {
+			states[i] = dp.state(&vals[i])
+		}
+		if n > 0 {
+			fn(keys[:n], states[:n])
+		}
+		switch {
+		case errors.Is(err, ebpf.ErrKeyNotExist):
+			return nil // the end
+		case err != nil:
+			return fmt.Errorf("read the flows: %w", err)
+		case n == 0:
+			return nil
+		}
+	}
+}
+
 // Demote takes a flow back from the program (for the Go engine, with
 // splice.FlowFromState): it removes the flow's tuples, so that its
 // packets pass to the queue from then on, waits until every run of the

@@ -94,6 +94,55 @@ func TestStateRoundTrip(t *testing.T) {
 	}
 }
 
+// TestEachFlow: EachFlow reads every flow in the map, across several
+// batches, with the state Flow reads one at a time.
+func TestEachFlow(t *testing.T) {
+	requireRoot(t)
+	dp, err := Load(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	r := rand.New(rand.NewPCG(3, 4))
+	now := time.Now().UnixNano()
+	const n = 3*FlowBatch + 17
+	want := map[uint64]State{}
+	for i := range n {
+		c := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 40000)
+		keys := [2]Key{KeyFrom(c, sAddr4), KeyFrom(sAddr4, netip.AddrPortFrom(gAddr4.Addr(), uint16(20000+i)))}
+		id := uint64(5000 + i)
+		want[id] = randomState(r, now)
+		if err := dp.PutFlow(id, keys, want[id]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := map[uint64]State{}
+	batches := 0
+	err = dp.EachFlow(func(ids []uint64, states []State) {
+		batches++
+		for i, id := range ids {
+			if _, dup := got[id]; dup {
+				t.Errorf("flow %d read twice", id)
+			}
+			got[id] = states[i]
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != n || batches < 4 {
+		t.Fatalf("read %d flows in %d batches, want %d in at least 4", len(got), batches, n)
+	}
+	for id, st := range want {
+		if got[id] != st {
+			t.Fatalf("flow %d:\n got %+v\nwant %+v", id, got[id], st)
+		}
+		if one, err := dp.Flow(id); err != nil || one != st {
+			t.Fatalf("Flow(%d) = %+v, %v", id, one, err)
+		}
+	}
+}
+
 // TestWatch: while the flow is watched, the client's packets with
 // payload go to the queue untouched; everything else is rewritten.
 func TestWatch(t *testing.T) {

@@ -100,6 +100,50 @@ func headerHas(h http.Header, key, token string) bool {
 	return false
 }
 
+// upgradeAgreed: the Upgrade field of a 101 response (resp) names at
+// least one protocol, and only protocols the request (req) offered,
+// compared by name without case (a version after "/" is not compared:
+// "websocket/13" offered, "websocket" switched to).
+func upgradeAgreed(req, resp http.Header) bool {
+	n := 0
+	for _, v := range resp["Upgrade"] {
+		for v != "" {
+			var t string
+			t, v, _ = strings.Cut(v, ",")
+			if t = strings.TrimSpace(t); t == "" {
+				continue
+			}
+			if !headerHasProtocol(req, protocolName(t)) {
+				return false
+			}
+			n++
+		}
+	}
+	return n > 0
+}
+
+// headerHasProtocol: h's Upgrade field lists a protocol of this name
+// (any version, any case).
+func headerHasProtocol(h http.Header, name string) bool {
+	for _, v := range h["Upgrade"] {
+		for v != "" {
+			var t string
+			t, v, _ = strings.Cut(v, ",")
+			if strings.EqualFold(protocolName(strings.TrimSpace(t)), name) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// protocolName is an Upgrade token's protocol-name: without its
+// "/" protocol-version (RFC 9110 7.8).
+func protocolName(t string) string {
+	name, _, _ := strings.Cut(t, "/")
+	return name
+}
+
 // websocketAccept is the Sec-WebSocket-Accept a WebSocket server answers
 // a handshake with key with (RFC 6455 4.2.2).
 func websocketAccept(key string) string {

@@ -887,7 +887,20 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 				c.upTo.failures.Add(1)
 				return true, false, fmt.Errorf("the response of %s: 101 to a request that asked no upgrade", c.upTo.addr)
 			}
-			if headerHas(req.Header, "Upgrade", "websocket") &&
+			if !upgradeAgreed(req.Header, resp.Header) {
+				// RFC 9110 7.8: a 101 names in Upgrade the protocols the
+				// server switches to, among those the client offered.
+				// One that does not is not the backend's consent to this
+				// upgrade (a status echo answers 101 to anything), and
+				// the tunnel would take every later request past the
+				// deny routes; the WebSocket proof below would be
+				// skipped by naming any other protocol.
+				c.reply(http.StatusBadGateway, "the backend switched protocols without naming one the client offered")
+				c.upTo.failures.Add(1)
+				return true, false, fmt.Errorf("the response of %s: 101 with Upgrade %q to a request offering %q", c.upTo.addr,
+					resp.Header.Values("Upgrade"), req.Header.Values("Upgrade"))
+			}
+			if (headerHasProtocol(req.Header, "websocket") || headerHasProtocol(resp.Header, "websocket")) &&
 				resp.Header.Get("Sec-WebSocket-Accept") != websocketAccept(req.Header.Get("Sec-WebSocket-Key")) {
 				// A WebSocket server proves that it read the handshake
 				// (RFC 6455 4.2.2). A 101 without the proof is not a

@@ -464,3 +464,52 @@ func TestResponseInterimBounded(t *testing.T) {
 		t.Errorf("the backend's connection is still open (%d interim responses sent)", sent.Load())
 	}
 }
+
+// TestBodilessResponseNotChunked: a 304 may carry "Transfer-Encoding:
+// chunked" (RFC 9112 6.1: the coding the body would have had) and has no
+// body; http.Response.Write, relaying it, wrote a last chunk ("0\r\n\r\n")
+// after its head, which the client, knowing a 304 has no body, read as
+// the start of the next response on the connection. The same for a
+// 204 with the field (which a server must not send). The head goes on
+// alone, and the next response is the next request's.
+func TestBodilessResponseNotChunked(t *testing.T) {
+	for _, status := range []string{"304 Not Modified", "204 No Content"} {
+		t.Run(status, func(t *testing.T) {
+			b := scriptedBackend(t, func(c *net.TCPConn) {
+				r := bufio.NewReader(c)
+				for i := 0; ; i++ {
+					if readHTTPRequestHead(r) != nil {
+						return
+					}
+					if i == 0 {
+						io.WriteString(c, "HTTP/1.1 "+status+"\r\nTransfer-Encoding: chunked\r\nETag: \"x\"\r\n\r\n")
+					} else {
+						io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nnext")
+					}
+				}
+			})
+			_, addr := testService(t, b)
+			c, err := net.Dial("tcp4", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			io.WriteString(c, "GET /a/x HTTP/1.1\r\nHost: t\r\n\r\n")
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			r := bufio.NewReader(c)
+			// What a client that knows these statuses have no body reads.
+			if err := readHTTPRequestHead(r); err != nil {
+				t.Fatal(err)
+			}
+			io.WriteString(c, "GET /a/y HTTP/1.1\r\nHost: t\r\n\r\n")
+			resp, err := http.ReadResponse(r, nil)
+			if err != nil {
+				t.Fatalf("the response after the %s: %v", status, err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != 200 || string(body) != "next" {
+				t.Errorf("the response after the %s: %d %q, want 200 \"next\"", status, resp.StatusCode, body)
+			}
+		})
+	}
+}

@@ -956,6 +956,14 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	// nor the backend's.
 	closeAfter := reqClose || resp.Close || early
 	upClose := resp.Close || early
+	if !bodyAllowed(resp.StatusCode) {
+		// A 304 may say "Transfer-Encoding: chunked" (RFC 9112 6.1: the
+		// coding its body would have had), a 204 should not; neither
+		// has a body, but Response.Write would write a last chunk after
+		// the head, which the client reads as the start of the next
+		// response on the connection.
+		resp.TransferEncoding = nil
+	}
 	if !req.ProtoAtLeast(1, 1) && len(resp.TransferEncoding) > 0 {
 		// An HTTP/1.0 client knows no chunked coding (RFC 9112 6.1):
 		// it gets the body decoded, ended by the connection's close.

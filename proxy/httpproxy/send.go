@@ -167,7 +167,12 @@ type flushReader struct {
 }
 
 func (f *flushReader) Read(p []byte) (int, error) {
-	if b := *f.out; b != nil && b.Buffered() > 0 {
+	// After a failed write (b.err) nothing more is read either: a
+	// write of a large piece goes to the socket directly and leaves
+	// nothing buffered, and closing net/http's body of a response whose
+	// client left (Response.Write does, on the error) would read the
+	// rest of it, an endless stream for ever.
+	if b := *f.out; b != nil && (b.err != nil || b.Buffered() > 0) {
 		if err := b.Flush(); err != nil {
 			return 0, err
 		}

@@ -262,3 +262,64 @@ func TestStreamingRequestBody(t *testing.T) {
 		t.Fatalf("%v %v", resp, err)
 	}
 }
+
+// TestClientGoneStopsRelay: when the client goes away in the middle of a
+// response, the proxy stops reading the backend. Response.Write closes
+// net/http's body when a write fails, which reads the body to its end;
+// the proxy's reads of the backend failed after a failed write only
+// while the send buffer held bytes, and a chunk of 32 KiB or more goes
+// to the socket directly. So a client that asked for an endless chunked
+// stream (server-sent events, a log tail) or a large download and left
+// had the proxy read it from the backend for nothing, for ever for a
+// stream that keeps sending: a client could pile up such connections at
+// no cost of its own.
+func TestClientGoneStopsRelay(t *testing.T) {
+	for _, c := range []struct{ name, head, piece string }{
+		{"chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "400\r\n" + strings.Repeat("x", 1024) + "\r\n"},
+		{"chunked, large chunks", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "10000\r\n" + strings.Repeat("x", 64<<10) + "\r\n"},
+		// A head net/http reads (a bare LF): its body has a length.
+		{"length, read by net/http", "HTTP/1.1 200 OK\nContent-Length: 1000000000000\n\n", strings.Repeat("x", 1024)},
+		{"length, read by net/http, large pieces", "HTTP/1.1 200 OK\nContent-Length: 1000000000000\n\n", strings.Repeat("x", 64<<10)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			stopped := make(chan int, 1)
+			b := scriptedBackend(t, func(conn *net.TCPConn) {
+				if readHTTPRequestHead(bufio.NewReader(conn)) != nil {
+					return
+				}
+				io.WriteString(conn, c.head)
+				n := 0
+				deadline := time.Now().Add(10 * time.Second)
+				for time.Now().Before(deadline) {
+					if _, err := io.WriteString(conn, c.piece); err != nil {
+						break
+					}
+					n++
+					time.Sleep(time.Millisecond)
+				}
+				stopped <- n
+			})
+			_, addr := testService(t, b)
+			conn, err := net.Dial("tcp4", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.WriteString(conn, "GET /a/stream HTTP/1.1\r\nHost: t\r\n\r\n")
+			conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := http.ReadResponse(bufio.NewReader(conn), nil); err != nil {
+				t.Fatal(err)
+			}
+			// The client stops reading for a while (the proxy's writes
+			// to it fill its socket and wait), then leaves.
+			time.Sleep(300 * time.Millisecond)
+			conn.Close()
+			select {
+			case n := <-stopped:
+				t.Logf("the backend wrote %d pieces", n)
+			case <-time.After(3 * time.Second):
+				t.Errorf("3 s after the client left, the proxy still reads the backend's response")
+				<-stopped
+			}
+		})
+	}
+}

@@ -26,7 +26,9 @@
 // sees is the one the proxy routed on; a path some backend could read
 // another way (%2F, ;parameters, backslashes) that would then route
 // elsewhere is refused. Hop-by-hop fields are removed both ways (hop.go).
-// An upgrade becomes a tunnel only when the backend answers 101.
+// An upgrade becomes a tunnel only when the backend answers 101 naming
+// a protocol the client offered (and, for WebSocket, proving it read
+// the handshake).
 //
 // What a request costs (send.go, README "Performance"): one goroutine per
 // client connection, none per request; a relayed request and its

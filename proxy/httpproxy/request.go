@@ -135,10 +135,11 @@ func readRequest(r *bufio.Reader) (*request, error) {
 	}
 	rq.upgrade = req.ProtoAtLeast(1, 1) && headerHas(req.Header, "Connection", "upgrade") && req.Header.Get("Upgrade") != ""
 	upgradeTo := req.Header.Values("Upgrade")
-	if rq.upgrade && headerHas(req.Header, "Upgrade", "h2c") {
+	if rq.upgrade && headerHasProtocol(req.Header, "h2c") {
 		// An h2c upgrade would make the connection HTTP/2 to one
 		// backend, every later stream unrouted: it is not passed on
-		// (the request is served in HTTP/1.1, as RFC 9113 allows).
+		// (the request is served in HTTP/1.1, as RFC 9113 allows), in
+		// any version ("h2c/1": a 101 naming h2c agrees to it).
 		rq.upgrade = false
 	}
 	removeHopByHop(req.Header)

@@ -26,6 +26,9 @@ func TestUpgradeNeedsBackendConsent(t *testing.T) {
 		{"websocket with a version, no Upgrade in the 101", "websocket/13", "", false},
 		{"other protocol, a protocol not asked for", "foo", "bar", false},
 		{"other protocol, agreed", "foo/2, bar", "bar", true},
+		// h2c is not passed on, in any version: one 101 would make the
+		// connection HTTP/2 to one backend, every later stream unrouted.
+		{"h2c with a version", "h2c/1", "h2c", false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			after := make(chan string, 1)

@@ -122,3 +122,39 @@ func TestParse227NoText(t *testing.T) {
 		}
 	}
 }
+
+// TestClientThatDoesNotReadSendsAUTH: a client that stops reading while
+// the server's replies keep coming, and sends a command the gateway
+// answers itself (AUTH), must not hold its session for the whole
+// session_timeout (24h by default). The server loop blocked in a write
+// to the client while it held order; answer waited for order, so the
+// client loop read no more and its idle deadline never fired.
+func TestClientThatDoesNotReadSendsAUTH(t *testing.T) {
+	l := startSession(t, "    idle_timeout: 1s\n    ftp:\n      session_timeout: 1h\n")
+	l.client.SetReadBuffer(4096)
+	l.s.client.SetWriteBuffer(4096)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() { // a server with a lot to say
+		line := []byte("211-" + strings.Repeat("x", 1000) + "\r\n")
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			l.server.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+			l.server.Write(line)
+		}
+	}()
+	time.Sleep(500 * time.Millisecond) // the server loop is blocked by now
+	l.client.Write([]byte("AUTH TLS\r\n"))
+	start := time.Now()
+	select {
+	case reason := <-l.done:
+		t.Logf("session ended after %v: %s", time.Since(start).Round(time.Millisecond), reason)
+		l.done <- reason // for the cleanup
+	case <-time.After(8 * time.Second):
+		t.Fatal("the session of a client that does not read outlived its idle timeout (1s)")
+	}
+}

@@ -168,9 +168,19 @@ func lingerClose(c *net.TCPConn) {
 	c.Close()
 }
 
+// writeClient writes to the client. A write that the client does not
+// read for the idle timeout fails: a client that stopped reading while
+// the server's replies kept coming blocked the server loop, which holds
+// order, for ever; the client loop then waited for order in answer (a
+// command the gateway answers, such as AUTH) and read no more, so its
+// idle deadline never fired and the session held its slot for the whole
+// session_timeout. The 421 of tell keeps its own, shorter deadline.
 func (s *session) writeClient(b []byte) error {
 	s.clientMu.Lock()
 	defer s.clientMu.Unlock()
+	if idle := s.p.Service.IdleTimeout.D(); idle > 0 && !s.told.Load() {
+		s.client.SetWriteDeadline(time.Now().Add(idle))
+	}
 	_, err := s.client.Write(b)
 	return err
 }

@@ -2,6 +2,9 @@ package ftp
 
 import (
 	"bufio"
+	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"strings"
 	"testing"
@@ -156,5 +159,65 @@ func TestClientThatDoesNotReadSendsAUTH(t *testing.T) {
 		l.done <- reason // for the cleanup
 	case <-time.After(8 * time.Second):
 		t.Fatal("the session of a client that does not read outlived its idle timeout (1s)")
+	}
+}
+
+// TestDataFlowsLetGo: a session keeps its data connections to know
+// whether one is open (the idle timeout spares a control connection
+// while one is), and let go of closed ones only when its idle deadline
+// fired: a client busy with transfers for a day (a mirror, or one
+// looping on LIST) made the session hold every data connection it ever
+// had, a flow each, until the gateway ran out of memory.
+func TestDataFlowsLetGo(t *testing.T) {
+	l := startSession(t, "    ftp:\n      data_ports: \"42000-42099\"\n")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	const transfers = 20
+	for i := range transfers {
+		dataLn, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := dataLn.Addr().(*net.TCPAddr).Port
+		l.client.Write([]byte("PASV\r\n"))
+		l.serverGets(t, sr, "PASV\r\n")
+		fmt.Fprintf(l.server, "227 Entering Passive Mode (127,0,0,1,%d,%d).\r\n", port>>8, port&0xff)
+		reply := readReply(t, l.client, cr)
+		at, err := parse227(strings.TrimSpace(reply[0]))
+		if err != nil {
+			t.Fatalf("transfer %d: %q: %v", i, reply, err)
+		}
+		c, err := net.DialTCP("tcp4", nil, net.TCPAddrFromAddrPort(at))
+		if err != nil {
+			t.Fatalf("transfer %d: %v", i, err)
+		}
+		dataLn.SetDeadline(time.Now().Add(3 * time.Second))
+		sc, err := dataLn.AcceptTCP()
+		dataLn.Close()
+		if err != nil {
+			t.Fatalf("transfer %d: the server's data connection never came: %v", i, err)
+		}
+		sc.Write([]byte("listing\r\n"))
+		sc.Close()
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		if b, err := io.ReadAll(c); err != nil || string(b) != "listing\r\n" {
+			t.Fatalf("transfer %d: the client got %q, %v", i, b, err)
+		}
+		c.Close()
+	}
+	// Every data connection ends; the session must not hold them.
+	deadline := time.Now().Add(3 * time.Second)
+	for l.s.transfers.Load() < transfers || l.s.p.Flows.Len() > 1 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d transfers, %d flows still in the table", l.s.transfers.Load(), l.s.p.Flows.Len())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	l.client.Write([]byte("NOOP\r\n")) // one more data connection would be set up now
+	l.serverGets(t, sr, "NOOP\r\n")
+	l.s.mu.Lock()
+	held := len(l.s.dataFlows)
+	l.s.mu.Unlock()
+	if held > 1 {
+		t.Errorf("after %d transfers, all closed, the session holds %d data flows", transfers, held)
 	}
 }

@@ -644,7 +644,9 @@ func (s *session) relayData(client, server *net.TCPConn) {
 	}
 	s.transfers.Add(1)
 	s.mu.Lock()
-	s.dataFlows = append(s.dataFlows, flow)
+	// The closed ones go first: only an idle deadline pruned them, and a
+	// session busy with transfers held every flow it ever had.
+	s.dataFlows = append(s.openDataLocked(), flow)
 	s.mu.Unlock()
 	log := s.log.With("data_flow", flow.ID)
 	log.Info("ftp data connection opened", "client_leg", flow.Client, "server_leg", flow.Backend, logging.KeyUpstream, flow.Upstream)
@@ -682,14 +684,21 @@ func (s *session) flowID() string { return strconv.FormatUint(s.flow.ID, 10) }
 func (s *session) dataOpen() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	s.dataFlows = s.openDataLocked()
+	return len(s.dataFlows) > 0
+}
+
+// openDataLocked returns the session's data flows that are still open,
+// in the array of s.dataFlows. s.mu is held.
+func (s *session) openDataLocked() []*proxy.Flow {
 	open := s.dataFlows[:0]
 	for _, f := range s.dataFlows {
 		if s.p.Flows.Get(f.ID) == f {
 			open = append(open, f)
 		}
 	}
-	s.dataFlows = open
-	return len(open) > 0
+	clear(s.dataFlows[len(open):]) // let go of the closed ones
+	return open
 }
 
 // failed is the reason a loop ends on a write error or a client owed

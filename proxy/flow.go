@@ -268,6 +268,14 @@ func (t *FlowTable) Get(id uint64) *Flow {
 	return t.flows[id]
 }
 
+// Live reports whether f is in the table and its ends are not done
+// with it (see Ended).
+func (t *FlowTable) Live(f *Flow) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.flows[f.ID] == f && !f.ended
+}
+
 // Len is the number of flows.
 func (t *FlowTable) Len() int {
 	t.mu.Lock()

@@ -221,3 +221,63 @@ func TestDataFlowsLetGo(t *testing.T) {
 		t.Errorf("after %d transfers, all closed, the session holds %d data flows", transfers, held)
 	}
 }
+
+// TestDataFlowsPerSession: one control connection may hold only a few
+// data connections open at once (FTP moves one file at a time). A
+// client with a server that accepts every data connection and keeps it
+// (its own, hostile or just lenient) opened one per PASV for as long as
+// it liked: a single session filled limits.max_flows, which every
+// service of the gateway shares, and locked every client out.
+func TestDataFlowsPerSession(t *testing.T) {
+	l := startSession(t, "    ftp:\n      data_ports: \"42100-42199\"\n")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	dataLn, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dataLn.Close()
+	var held []net.Conn // both ends of every data connection, kept open
+	defer func() {
+		for _, c := range held {
+			c.Close()
+		}
+	}()
+	accepted := make(chan net.Conn, 100)
+	go func() {
+		for {
+			c, err := dataLn.Accept()
+			if err != nil {
+				close(accepted)
+				return
+			}
+			accepted <- c
+		}
+	}()
+	port := dataLn.Addr().(*net.TCPAddr).Port
+	const tries = 3 * maxDataFlows
+	for i := range tries {
+		l.client.Write([]byte("PASV\r\n"))
+		l.serverGets(t, sr, "PASV\r\n")
+		fmt.Fprintf(l.server, "227 Entering Passive Mode (127,0,0,1,%d,%d).\r\n", port>>8, port&0xff)
+		reply := readReply(t, l.client, cr)
+		at, err := parse227(strings.TrimSpace(reply[0]))
+		if err != nil {
+			t.Fatalf("PASV %d: %q: %v", i, reply, err)
+		}
+		c, err := net.DialTCP("tcp4", nil, net.TCPAddrFromAddrPort(at))
+		if err != nil {
+			continue // reset by the gateway already
+		}
+		held = append(held, c)
+		select {
+		case sc := <-accepted:
+			held = append(held, sc)
+		case <-time.After(time.Second):
+			// refused by the gateway: the server's connection never came
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	if n := l.s.p.Flows.ServiceLen("ftp") - 1; n > maxDataFlows { // the control flow is one
+		t.Errorf("one session holds %d data connections open (of %d tried); want at most %d", n, tries, maxDataFlows)
+	}
+}

@@ -207,6 +207,13 @@ const maxTurns = 128
 
 var errTooManyTurns = errors.New("more than 128 commands without a reply")
 
+// maxDataFlows bounds the data connections of a session open at once.
+// FTP moves one file at a time; a few more leave room for one a client
+// aborted and that is still closing. Unbounded, one client with a
+// server that accepts every data connection and keeps it filled
+// limits.max_flows, which every service shares.
+const maxDataFlows = 8
+
 // forward passes a client's command (verb, as the client sent it) on to
 // the server, whose next final reply answers it.
 func (s *session) forward(verb string, b []byte) error {
@@ -562,6 +569,15 @@ func (s *session) expectData(lns []*net.TCPListener, peer netip.Addr, acceptedIs
 		if accepted == nil {
 			return
 		}
+		s.mu.Lock()
+		s.dataFlows = s.openDataLocked()
+		busy := len(s.dataFlows) >= maxDataFlows
+		s.mu.Unlock()
+		if busy {
+			s.p.LogLimitedTo(s.log, "ftp data flows", slog.LevelWarn, "refused a data connection: the session has too many open", "open", maxDataFlows)
+			proxy.Reset(accepted)
+			return
+		}
 		ctx, cancel := context.WithTimeout(s.p.FlowContext(), s.p.Service.ConnectTimeout.D())
 		dialed, err := dial(ctx)
 		cancel()
@@ -680,7 +696,7 @@ func (s *session) relayData(client, server *net.TCPConn) {
 func (s *session) flowID() string { return strconv.FormatUint(s.flow.ID, 10) }
 
 // dataOpen reports whether a data connection of the session is still
-// open (relayed, or spliced and owned by the gateway).
+// open (relayed, or spliced and owned by the gateway, and not ended).
 func (s *session) dataOpen() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -693,7 +709,7 @@ func (s *session) dataOpen() bool {
 func (s *session) openDataLocked() []*proxy.Flow {
 	open := s.dataFlows[:0]
 	for _, f := range s.dataFlows {
-		if s.p.Flows.Get(f.ID) == f {
+		if s.p.Flows.Live(f) {
 			open = append(open, f)
 		}
 	}

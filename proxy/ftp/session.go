@@ -61,6 +61,10 @@ type session struct {
 	turns     []turn
 	dataLns   []*net.TCPListener // listeners of the data connection set up last, not yet connected
 	dataFlows []*proxy.Flow      // data connections that may still be open
+	// dataSetUp counts data connections accepted and not yet in
+	// dataFlows (their other leg is being dialled): they count against
+	// maxDataFlows too.
+	dataSetUp int
 	transfers atomic.Int64
 }
 
@@ -571,7 +575,10 @@ func (s *session) expectData(lns []*net.TCPListener, peer netip.Addr, acceptedIs
 		}
 		s.mu.Lock()
 		s.dataFlows = s.openDataLocked()
-		busy := len(s.dataFlows) >= maxDataFlows
+		busy := len(s.dataFlows)+s.dataSetUp >= maxDataFlows
+		if !busy {
+			s.dataSetUp++ // until relayData adds the flow, or the dial fails
+		}
 		s.mu.Unlock()
 		if busy {
 			s.p.LogLimitedTo(s.log, "ftp data flows", slog.LevelWarn, "refused a data connection: the session has too many open", "open", maxDataFlows)
@@ -584,6 +591,9 @@ func (s *session) expectData(lns []*net.TCPListener, peer netip.Addr, acceptedIs
 		if err != nil {
 			s.p.LogLimitedTo(s.log, "ftp data connect", slog.LevelWarn, "data connection: connect failed", logging.Err(err))
 			proxy.Reset(accepted)
+			s.mu.Lock()
+			s.dataSetUp--
+			s.mu.Unlock()
 			return
 		}
 		client, server := dialed, accepted
@@ -646,12 +656,16 @@ func closeAll(lns []*net.TCPListener) {
 }
 
 // relayData hands a connected data connection to the splicer, or relays
-// it when splicing is off or fails.
+// it when splicing is off or fails. It ends the connection's count in
+// dataSetUp.
 func (s *session) relayData(client, server *net.TCPConn) {
 	p := s.p
 	flow := proxy.NewFlow(p.Service.Name, KindData, proxy.AddrPort(client.RemoteAddr()), proxy.AddrPort(client.LocalAddr()))
 	flow.SetServerLeg(proxy.AddrPort(server.LocalAddr()), proxy.AddrPort(server.RemoteAddr()))
 	if !p.Flows.Admit(flow) {
+		s.mu.Lock()
+		s.dataSetUp--
+		s.mu.Unlock()
 		proxy.Reset(client)
 		proxy.Reset(server)
 		p.LogLimited("cap", slog.LevelWarn, "flow cap reached, refusing a data connection",
@@ -663,6 +677,7 @@ func (s *session) relayData(client, server *net.TCPConn) {
 	// The closed ones go first: only an idle deadline pruned them, and a
 	// session busy with transfers held every flow it ever had.
 	s.dataFlows = append(s.openDataLocked(), flow)
+	s.dataSetUp--
 	s.mu.Unlock()
 	log := s.log.With("data_flow", flow.ID)
 	log.Info("ftp data connection opened", "client_leg", flow.Client, "server_leg", flow.Backend, logging.KeyUpstream, flow.Upstream)

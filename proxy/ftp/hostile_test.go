@@ -171,7 +171,7 @@ func TestClientThatDoesNotReadSendsAUTH(t *testing.T) {
 func TestDataFlowsLetGo(t *testing.T) {
 	l := startSession(t, "    ftp:\n      data_ports: \"42000-42099\"\n")
 	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
-	const transfers = 20
+	const transfers = 3 * maxDataFlows
 	for i := range transfers {
 		dataLn, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 		if err != nil {
@@ -212,12 +212,12 @@ func TestDataFlowsLetGo(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	l.client.Write([]byte("NOOP\r\n")) // one more data connection would be set up now
-	l.serverGets(t, sr, "NOOP\r\n")
+	// Those still open when the last came may be held until the next
+	// one: no more than that.
 	l.s.mu.Lock()
 	held := len(l.s.dataFlows)
 	l.s.mu.Unlock()
-	if held > 1 {
+	if held > maxDataFlows {
 		t.Errorf("after %d transfers, all closed, the session holds %d data flows", transfers, held)
 	}
 }

@@ -281,3 +281,22 @@ func TestDataFlowsPerSession(t *testing.T) {
 		t.Errorf("one session holds %d data connections open (of %d tried); want at most %d", n, tries, maxDataFlows)
 	}
 }
+
+// TestEmptyCommandTurn: an empty command line goes to the server, which
+// answers it (500), like any other. Its turn had no verb, which marks a
+// reply of the gateway's own: the reply to the command before it took
+// it too, and the gateway's 534 to a later AUTH overtook the server's
+// 500 to the empty line (the README promises the order of the commands).
+func TestEmptyCommandTurn(t *testing.T) {
+	l := startSession(t, "")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	l.client.Write([]byte("NOOP\r\n\r\nAUTH TLS\r\n"))
+	l.serverGets(t, sr, "NOOP\r\n", "\r\n")
+	time.Sleep(50 * time.Millisecond) // the AUTH is read and waits
+	l.server.Write([]byte("200 NOOP ok.\r\n500 Empty command.\r\n"))
+	for _, want := range []string{"200 ", "500 ", "534 "} {
+		if reply := readReply(t, l.client, cr); !strings.HasPrefix(reply[0], want) {
+			t.Fatalf("got %q, want a reply starting %q", reply, want)
+		}
+	}
+}

@@ -204,6 +204,9 @@ type turn struct {
 // owed before any reply to its commands.
 const greeting = "(greeting)"
 
+// emptyCommand is the turn of a command line with no verb.
+const emptyCommand = "(empty)"
+
 // maxTurns bounds the replies a client may be owed: a client pipelining
 // without end, to a server that does not answer, must not grow them for
 // ever.
@@ -221,6 +224,12 @@ const maxDataFlows = 8
 // forward passes a client's command (verb, as the client sent it) on to
 // the server, whose next final reply answers it.
 func (s *session) forward(verb string, b []byte) error {
+	if verb == "" {
+		// An empty (or blank) line, which servers answer too: a turn
+		// without a verb is a reply of the gateway's own, and the
+		// replies after it would be paired with the wrong commands.
+		verb = emptyCommand
+	}
 	s.mu.Lock()
 	if len(s.turns) >= maxTurns {
 		s.mu.Unlock()

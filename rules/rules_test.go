@@ -708,3 +708,68 @@ func TestDiverterStop(t *testing.T) {
 		t.Errorf("the element was not deleted:\n%s", out)
 	}
 }
+
+// TestDriftWithNFT: drift detection with the nft command lists our table
+// without the divert sets' elements, among other tables of the inet
+// family (one named like ours with a suffix, before and after it): an
+// installed table with thousands of divert entries matches its expected
+// listing, and a flushed chain or a deleted table shows.
+func TestDriftWithNFT(t *testing.T) {
+	spec := sampleSpec(t)
+	spec.Divert.Enabled = true
+	spec.OwnTable = false // the test changes the table with nft
+	ns := testnet.Scratch(t)
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, other := range []string{spec.Table + "2", "a" + spec.Table} {
+		if out, err := ns.Command(t.Context(), nft, "add table inet "+other+"; add chain inet "+other+" c { type filter hook input priority 0; }").CombinedOutput(); err != nil {
+			t.Fatalf("%v %s", err, out)
+		}
+	}
+	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
+	if err := m.Install(nil); err != nil {
+		t.Fatal(err)
+	}
+	d, err := m.NewDiverter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []splice.Key
+	for i := range 2000 {
+		keys = append(keys, splice.KeyFrom(netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 40000), netip.MustParseAddrPort("10.2.0.2:80")))
+	}
+	if err := d.Add(0, keys...); err != nil {
+		t.Fatal(err)
+	}
+	// nft runs in the namespace: the daemon runs in its own.
+	bin := t.TempDir()
+	script := fmt.Sprintf("#!/bin/sh\nexec ip netns exec %s %s \"$@\"\n", ns.Name, nft)
+	if err := os.WriteFile(filepath.Join(bin, "nft"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+":"+os.Getenv("PATH"))
+	kernel, diff, err := m.Drift(t.Context())
+	if err != nil || diff != "" {
+		t.Fatalf("fresh install with %d divert entries: diff %q, err %v\nkernel:\n%s", len(keys), diff, err, kernel)
+	}
+	if strings.Contains(kernel, "10.1.") || strings.Contains(kernel, spec.Table+"2") {
+		t.Fatalf("the listing holds divert entries or another table:\n%s", kernel)
+	}
+	for _, tc := range []struct {
+		name, cmd, want string
+	}{
+		{"a service's set changed", "add element inet " + spec.Table + " web_ports { 9999 }", "9999"},
+		{"flushed services chain", "flush chain inet " + spec.Table + " services", "-\t\t"},
+		{"deleted table", "delete table inet " + spec.Table, "is gone"},
+	} {
+		if out, err := ns.Command(t.Context(), nft, tc.cmd).CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v %s", tc.cmd, err, out)
+		}
+		_, diff, err := m.Drift(t.Context())
+		if err != nil || !strings.Contains(diff, tc.want) {
+			t.Errorf("%s: diff %q (want %q), err %v", tc.name, diff, tc.want, err)
+		}
+	}
+}

@@ -164,6 +164,7 @@ type Gateway struct {
 	divertMode                    atomic.Int32
 	divertLog                     *logging.Limiter
 	syncLog                       *logging.Limiter // failed reads of the bpf datapath's flows
+	offloadSynced                 atomic.Int64     // when the reaper last read them (monotime)
 	stalledFlows                  atomic.Uint64
 	// repromoting: a round of repromote runs. stopping: the daemon is
 	// ending (shutdown or leave): no more of them.

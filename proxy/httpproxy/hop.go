@@ -100,6 +100,53 @@ func headerHas(h http.Header, key, token string) bool {
 	return false
 }
 
+// lookalikeFields are request fields that frame the message, route it or
+// tell the backend who the client is. Spelled with "_" for "-"
+// ("Content_Length", "X_Forwarded_For"), a field is a different one to
+// the proxy, but a backend that maps names to CGI-style variables
+// (HTTP_X_FORWARDED_FOR, CONTENT_LENGTH: WSGI, PHP-FPM, gunicorn before
+// 22) reads it as the real one: a client's spoofed address beside the
+// one the proxy adds, or a body length the proxy did not frame the
+// request by. nginx drops every field with an underscore by default; the
+// proxy drops these only.
+var lookalikeFields = []string{"Content-Length", "Transfer-Encoding", "Host", "Connection", "Upgrade", "Expect",
+	"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Port", "X-Real-Ip", "Forwarded", "Via"}
+
+// removeLookalikes deletes from a request's fields those that read as
+// one of lookalikeFields with "_" taken for "-". It allocates nothing.
+func removeLookalikes(h http.Header) {
+	for k := range h {
+		if strings.IndexByte(k, '_') < 0 {
+			continue
+		}
+		for _, f := range lookalikeFields {
+			if sameUnderscored(k, f) {
+				delete(h, k)
+				break
+			}
+		}
+	}
+}
+
+// sameUnderscored reports whether name is field in any case, with "_"
+// for any "-".
+func sameUnderscored(name, field string) bool {
+	if len(name) != len(field) {
+		return false
+	}
+	for i := range len(name) {
+		a, b := name[i], field[i]
+		if a == '_' {
+			a = '-'
+		}
+		if a == b || a|0x20 == b|0x20 && 'a' <= b|0x20 && b|0x20 <= 'z' {
+			continue
+		}
+		return false
+	}
+	return true
+}
+
 // upgradeAgreed: the Upgrade field of a 101 response (resp) names at
 // least one protocol, and only protocols the request (req) offered,
 // compared by name without case (a version after "/" is not compared:

@@ -67,6 +67,60 @@ func TestHopByHop(t *testing.T) {
 	t.Logf("backend got:\n%sclient got: %v", head, resp.Header)
 }
 
+// TestUnderscoredLookalikes: a request's fields that read as a framing,
+// routing or client-address field with "_" for "-" never reach the
+// backend (a CGI-style backend takes them for the real ones); other
+// fields with underscores pass.
+func TestUnderscoredLookalikes(t *testing.T) {
+	b := startBackend(t)
+	_, addr := testService(t, b)
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprint(c, "POST /a/x HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\nContent_Length: 40\r\nX_Forwarded_For: 10.9.9.9\r\n"+
+		"x_real_ip: 10.9.9.9\r\nTRANSFER_ENCODING: chunked\r\nX_App_Token: kept\r\n\r\nok")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.ReadAll(resp.Body)
+	head := b.seen()[0]
+	got, err := http.ReadRequest(bufio.NewReader(strings.NewReader(head)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := range got.Header {
+		if strings.Contains(k, "_") && !strings.EqualFold(k, "X_App_Token") {
+			t.Errorf("the backend got %s:\n%s", k, head)
+		}
+	}
+	if got.Header.Get("X_App_Token") != "kept" || got.Header.Get("X-Forwarded-For") != "127.0.0.1" || got.ContentLength != 2 {
+		t.Errorf("fields lost:\n%s", head)
+	}
+}
+
+func TestSameUnderscored(t *testing.T) {
+	for _, c := range []struct {
+		name, field string
+		want        bool
+	}{
+		{"X_Forwarded_For", "X-Forwarded-For", true},
+		{"x_forwarded_for", "X-Forwarded-For", true},
+		{"Content_length", "Content-Length", true},
+		{"Content_Lengths", "Content-Length", false},
+		{"X_Forwarded_Fox", "X-Forwarded-For", false},
+		{"X@Forwarded-For", "X-Forwarded-For", false},
+		{"X`Forwarded-For", "X-Forwarded-For", false}, // '`'|0x20 is '`', '@'|0x20 is '`': not letters
+	} {
+		if got := sameUnderscored(c.name, c.field); got != c.want {
+			t.Errorf("sameUnderscored(%q, %q) = %v", c.name, c.field, got)
+		}
+	}
+}
+
 // TestInterimResponses: a 1xx before the response is relayed and does not
 // take the place of the response (else every later response would answer
 // the request before it).

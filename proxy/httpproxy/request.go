@@ -143,6 +143,7 @@ func readRequest(r *bufio.Reader) (*request, error) {
 		rq.upgrade = false
 	}
 	removeHopByHop(req.Header)
+	removeLookalikes(req.Header)
 	delete(req.Header, "Http2-Settings") // as net/http's parser spells it
 	if rq.upgrade {
 		req.Header["Connection"] = []string{"Upgrade"}

@@ -110,11 +110,23 @@ func headerHas(h http.Header, key, token string) bool {
 // request by. nginx drops every field with an underscore by default; the
 // proxy drops these only.
 var lookalikeFields = []string{"Content-Length", "Transfer-Encoding", "Host", "Connection", "Upgrade", "Expect",
-	"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Port", "X-Real-Ip", "Forwarded", "Via"}
+	"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Port", "X-Real-Ip", "Forwarded", "Via",
+	"X-Original-Url", "X-Rewrite-Url"}
 
-// removeLookalikes deletes from a request's fields those that read as
-// one of lookalikeFields with "_" taken for "-". It allocates nothing.
+// routeOverrides are request fields that some backends take the path
+// from instead of the request line (Symfony and IIS: X-Original-URL,
+// X-Rewrite-URL, meant to be set by a proxy in front). A client's would
+// take its request past the deny routes: GET /a/ with
+// "X-Original-URL: /admin/" is served /admin/.
+var routeOverrides = []string{"X-Original-Url", "X-Rewrite-Url"}
+
+// removeLookalikes deletes from a request's fields the routeOverrides
+// and those that read as one of lookalikeFields with "_" taken for "-".
+// It allocates nothing.
 func removeLookalikes(h http.Header) {
+	for _, f := range routeOverrides {
+		delete(h, f)
+	}
 	for k := range h {
 		if strings.IndexByte(k, '_') < 0 {
 			continue

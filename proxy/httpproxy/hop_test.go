@@ -195,3 +195,46 @@ func TestHTTP10KeepAlive(t *testing.T) {
 		t.Errorf("HTTP/1.0 without keep-alive: not told the connection closes (%v)", resp.Header)
 	}
 }
+
+// TestExpectContinue: a client that asks "Expect: 100-continue" and
+// waits for the 100 before it sends its body gets it from the proxy,
+// which then relays the body (the backend gets no Expect: the proxy
+// answered it). Before, the proxy read the body before it read anything
+// from the backend, and such a client waited for its own timeout (curl:
+// a second) on every upload.
+func TestExpectContinue(t *testing.T) {
+	b := startBackend(t)
+	_, addr := testService(t, b)
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	for i, body := range []string{"hello", "again"} {
+		fmt.Fprintf(c, "POST /a/up HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\nExpect: 100-Continue\r\n\r\n", len(body))
+		// A client waits a while for the 100, then sends anyway: if it
+		// does not come in 5 s, it does not come.
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			t.Fatalf("request %d: no 100 Continue: %v", i, err)
+		}
+		if resp.StatusCode != http.StatusContinue {
+			t.Fatalf("request %d: %d before the body, want 100", i, resp.StatusCode)
+		}
+		io.WriteString(c, body)
+		if resp, err = http.ReadResponse(r, nil); err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		got, _ := io.ReadAll(resp.Body)
+		if want := fmt.Sprintf("backend saw POST /a/up body %q", body); resp.StatusCode != 200 || string(got) != want {
+			t.Fatalf("request %d: %d %q, want 200 %q", i, resp.StatusCode, got, want)
+		}
+	}
+	for _, head := range b.seen() {
+		if strings.Contains(strings.ToLower(head), "expect") {
+			t.Errorf("the backend got the Expect the proxy answered:\n%s", head)
+		}
+	}
+}

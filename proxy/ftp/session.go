@@ -600,9 +600,7 @@ func (s *session) expectData(lns []*net.TCPListener, peer netip.Addr, acceptedIs
 		if err != nil {
 			s.p.LogLimitedTo(s.log, "ftp data connect", slog.LevelWarn, "data connection: connect failed", logging.Err(err))
 			proxy.Reset(accepted)
-			s.mu.Lock()
-			s.dataSetUp--
-			s.mu.Unlock()
+			s.setUpFailed()
 			return
 		}
 		client, server := dialed, accepted
@@ -672,9 +670,7 @@ func (s *session) relayData(client, server *net.TCPConn) {
 	flow := proxy.NewFlow(p.Service.Name, KindData, proxy.AddrPort(client.RemoteAddr()), proxy.AddrPort(client.LocalAddr()))
 	flow.SetServerLeg(proxy.AddrPort(server.LocalAddr()), proxy.AddrPort(server.RemoteAddr()))
 	if !p.Flows.Admit(flow) {
-		s.mu.Lock()
-		s.dataSetUp--
-		s.mu.Unlock()
+		s.setUpFailed()
 		proxy.Reset(client)
 		proxy.Reset(server)
 		p.LogLimited("cap", slog.LevelWarn, "flow cap reached, refusing a data connection",
@@ -726,6 +722,14 @@ func (s *session) dataOpen() bool {
 	defer s.mu.Unlock()
 	s.dataFlows = s.openDataLocked()
 	return len(s.dataFlows) > 0
+}
+
+// setUpFailed ends the count in dataSetUp of a data connection that
+// failed before it became a flow.
+func (s *session) setUpFailed() {
+	s.mu.Lock()
+	s.dataSetUp--
+	s.mu.Unlock()
 }
 
 // openDataLocked returns the session's data flows that are still open,

@@ -116,8 +116,8 @@ var lookalikeFields = []string{"Content-Length", "Transfer-Encoding", "Host", "C
 // routeOverrides are request fields that some backends take the path
 // from instead of the request line (Symfony and IIS: X-Original-URL,
 // X-Rewrite-URL, meant to be set by a proxy in front). A client's would
-// take its request past the deny routes: GET /a/ with
-// "X-Original-URL: /admin/" is served /admin/.
+// take its request past the deny routes: such a backend serves GET /a/
+// with "X-Original-URL: /admin/" as /admin/.
 var routeOverrides = []string{"X-Original-Url", "X-Rewrite-Url"}
 
 // removeLookalikes deletes from a request's fields the routeOverrides

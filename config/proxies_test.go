@@ -29,6 +29,11 @@ func TestProxyParseErrors(t *testing.T) {
 		{"socks5 unknown key", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      user_file: x\n", []string{"line 6: services[0].socks5.user_file:", `did you mean "users_file"`}},
 		{"socks5 transparent", "services:\n  - name: s\n    proxy: socks5\n    listen_mode: transparent\n    listen: 1\n    ports: [\"1080\"]\n", []string{"line 4: services[0].listen_mode:", "not a listen mode of proxy socks5", "use direct"}},
 		{"socket buffer on http", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    proxy: http\n    splice:\n      mode: immediate\n      socket_buffer: 256KiB\n    http:\n      routes:\n        - path: /\n          backends: [\"10.2.0.2:80\"]\n", []string{"services[0].splice.socket_buffer:", "forward and socks5", "remove it"}},
+		{"http route host in octal", httpRoute("010.0.0.5"), []string{"line 10: services[0].http.routes[0].host:", `"010.0.0.5"`, "10.0.0.5"}},
+		{"http route host as one number", httpRoute("167772165"), []string{"services[0].http.routes[0].host:", "four decimal numbers"}},
+		{"http route host with port", httpRoute("a.example:80"), []string{"services[0].http.routes[0].host:", "without its port"}},
+		{"http route host with empty label", httpRoute("a..example"), []string{"services[0].http.routes[0].host:", "not a host name or an IP address"}},
+		{"http route host with slash", httpRoute("a.example/x"), []string{"services[0].http.routes[0].host:", "not a host name or an IP address"}},
 		{"socks5 no listen_on", "services:\n  - name: s\n    proxy: socks5\n", []string{"services[0]:", "no listen_on"}},
 		{"socks5 bad domain", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      rules:\n        - action: deny\n          domains: [\"bad domain\"]\n", []string{"line 8: services[0].socks5.rules[0].domains[0]:", "not a domain name"}},
 	}
@@ -44,6 +49,22 @@ func TestProxyParseErrors(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// httpRoute is an http service whose one route denies host.
+func httpRoute(host string) string {
+	return "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    proxy: http\n    http:\n      routes:\n        - path: /\n          action: deny\n          host: \"" + host + "\"\n"
+}
+
+// TestHTTPRouteHosts: a route's host may be any spelling a request's
+// Host can match: a name (any case, a trailing dot), an IPv4 address in
+// dotted decimal, an IPv6 address with or without brackets.
+func TestHTTPRouteHosts(t *testing.T) {
+	for _, h := range []string{"", "Secret.Example.", "10.0.0.5", "[2001:db8::1]", "2001:db8::1", "::ffff:10.0.0.5", "10.0.0.5.example", "a_b.example"} {
+		if _, err := config.Parse("good.yaml", []byte(httpRoute(h))); err != nil {
+			t.Errorf("route host %q: %v", h, err)
+		}
 	}
 }
 

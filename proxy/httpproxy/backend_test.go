@@ -8,8 +8,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"path"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -192,8 +194,54 @@ func forbidden(head string) string {
 			strings.TrimSuffix(strings.ToLower(strings.TrimSpace(v)), ".") == "secret.example" {
 			return "host " + v
 		}
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.EqualFold(k, "Host") && atonHost(strings.TrimSpace(v)) == netip.AddrFrom4([4]byte{10, 9, 9, 9}) {
+			return "host " + v
+		}
 	}
 	return ""
+}
+
+// atonHost reads a Host as leniently as a backend might: an IPv6
+// literal, unmapped, or an IPv4 address in any form inet_aton takes
+// (1 to 4 parts, octal with a leading 0, hexadecimal with 0x), with a
+// port and a trailing dot or not.
+func atonHost(h string) netip.Addr {
+	if strings.HasPrefix(h, "[") {
+		end := strings.IndexByte(h, ']')
+		if end < 0 {
+			return netip.Addr{}
+		}
+		a, _ := netip.ParseAddr(h[1:end])
+		return a.Unmap()
+	}
+	if i := strings.LastIndexByte(h, ':'); i >= 0 {
+		h = h[:i]
+	}
+	parts := strings.Split(strings.TrimSuffix(h, "."), ".")
+	if len(parts) > 4 {
+		return netip.Addr{}
+	}
+	var n []uint64
+	for _, p := range parts {
+		v, err := strconv.ParseUint(p, 0, 32) // base from the prefix: 0x, 0
+		if err != nil {
+			return netip.Addr{}
+		}
+		n = append(n, v)
+	}
+	var v uint64
+	for i, x := range n[:len(n)-1] {
+		if x > 255 {
+			return netip.Addr{}
+		}
+		v |= x << (24 - 8*i)
+	}
+	last := n[len(n)-1]
+	if last >= 1<<(32-8*(len(n)-1)) {
+		return netip.Addr{}
+	}
+	v |= last
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
 // testService starts a proxy for routes to b on a loopback listener.
@@ -230,6 +278,8 @@ services:
     http:
 %s      routes:
         - host: secret.example
+          action: deny
+        - host: 10.9.9.9
           action: deny
         - path: /admin/
           action: deny

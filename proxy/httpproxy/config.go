@@ -2,6 +2,8 @@ package httpproxy
 
 import (
 	"fmt"
+	"net/netip"
+	"strings"
 	"time"
 
 	"spliced/config"
@@ -185,8 +187,34 @@ func validate(s *config.Service, bad func(key, value, msg string)) {
 		if r.Action == config.Allow && len(r.Backends) == 0 {
 			bad(rp, r.Path, "has no backends; list them as address:port, or set action: deny")
 		}
+		if msg := routeHostProblem(r.Host); msg != "" {
+			bad(rp+".host", r.Host, msg)
+		}
 		if r.Balance != "round_robin" && r.Balance != "least_conn" {
 			bad(rp+".balance", r.Balance, "is not a balancing method; use round_robin or least_conn")
 		}
 	}
+}
+
+// routeHostProblem says what is wrong with a route's host, or is empty:
+// a route must name a host a request can have (setHost takes the same
+// spellings), or it would never match, and a deny route would deny
+// nothing.
+func routeHostProblem(h string) string {
+	if h == "" {
+		return ""
+	}
+	if a, err := netip.ParseAddr(strings.Trim(h, "[]")); err == nil && a.Zone() == "" {
+		return ""
+	}
+	name := strings.TrimSuffix(strings.ToLower(h), ".")
+	switch {
+	case strings.Contains(name, ":"):
+		return "is not a host name or an IP address; a route matches the host without its port"
+	case !validHost(name) || name == "" || strings.HasPrefix(name, ".") || strings.Contains(name, ".."):
+		return "is not a host name or an IP address"
+	case endsInNumber(name):
+		return "is neither a host name nor an IPv4 address in the form requests must use (four decimal numbers without leading zeros: 10.0.0.5)"
+	}
+	return ""
 }

@@ -206,7 +206,9 @@ func (p *Proxy) route(host, path string) *pool {
 // hostName is the host a route compares: without a port and a trailing
 // dot, an IPv6 literal without its brackets and in its canonical form
 // (RFC 5952), so that [2001:db8::1], [2001:db8:0::1]:80 and a route's
-// 2001:db8::1 are one host.
+// 2001:db8::1 are one host; an IPv4-mapped literal ([::ffff:10.0.0.5])
+// is the IPv4 address it maps, which a route for 10.0.0.5 must hold
+// against.
 func hostName(host string) string {
 	switch n := strings.Count(host, ":"); {
 	case strings.HasPrefix(host, "["):
@@ -221,7 +223,7 @@ func hostName(host string) string {
 		return strings.TrimSuffix(host, ".")
 	}
 	if a, err := netip.ParseAddr(host); err == nil && a.Is6() {
-		return a.String()
+		return a.Unmap().String()
 	}
 	return strings.TrimSuffix(host, ".")
 }

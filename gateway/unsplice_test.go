@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"spliced/internal/workpool"
 	"spliced/nfq"
 	"spliced/splice"
 	"spliced/testnet"
@@ -138,8 +137,6 @@ func TestTransitionsRemoveKeepsLater(t *testing.T) {
 // open (the other, rebuilt, is closed in repair mode).
 func TestRestoreBoth(t *testing.T) {
 	ns := testnet.Scratch(t)
-	pool := workpool.New(time.Second, 4)
-	defer pool.Close()
 	conn := func(local, remote string) splice.Conn {
 		return splice.Conn{Local: netip.MustParseAddrPort(local), Remote: netip.MustParseAddrPort(remote),
 			SndNxt: 1000, RcvNxt: 2000, SndWnd: 65535, RcvWnd: 65535, MSS: 1460}
@@ -152,7 +149,7 @@ func TestRestoreBoth(t *testing.T) {
 			return fmt.Errorf("%v: %s", err, out)
 		}
 		fds := openFDs(t)
-		cc, sc, err := restoreBoth(pool, &good[0], &good[1])
+		cc, sc, err := restoreBoth(&good[0], &good[1])
 		if err != nil {
 			return fmt.Errorf("both good: %w", err)
 		}
@@ -166,7 +163,7 @@ func TestRestoreBoth(t *testing.T) {
 			client, server *splice.Conn
 			want           string
 		}{{&good[0], &bad, "rebuild the server's connection"}, {&bad, &good[1], "rebuild the client's connection"}} {
-			cc, sc, err := restoreBoth(pool, c.client, c.server)
+			cc, sc, err := restoreBoth(c.client, c.server)
 			if err == nil || !strings.Contains(err.Error(), c.want) || cc != nil || sc != nil {
 				t.Errorf("restoreBoth: %v, %v, %v; want nil sockets and an error saying %q", cc, sc, err, c.want)
 			}

@@ -212,6 +212,12 @@ type Limits struct {
 	// MaxFlows caps proxied flows over all services (default 10000). Flows
 	// beyond the cap are refused with a reset and a rate-limited log line.
 	MaxFlows int `yaml:"max_flows"`
+	// MaxFlowsPerClient caps the flows of one client over all services
+	// (0, the default: no cap): an IPv4 address, or an IPv6 /64 (see
+	// proxy.ClientKey). A SOCKS5 handshake counts as a flow. Flows
+	// beyond it are refused as beyond MaxFlows: one client cannot fill
+	// the table the others share.
+	MaxFlowsPerClient int `yaml:"max_flows_per_client"`
 }
 
 // Control is the control API (splicectl).

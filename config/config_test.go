@@ -80,6 +80,7 @@ func TestParseErrors(t *testing.T) {
 		want []string
 	}{
 		{"unknown key", "services:\n  - name: web\n    listn: 15001\n", []string{"bad.yaml: line 3: services[0].listn:", `did you mean "listen"`, "valid keys here:"}},
+		{"negative per-client cap", "limits:\n  max_flows_per_client: -1\n", []string{"line 2: limits.max_flows_per_client:", `"-1"`, "0 for no cap"}},
 		{"bad port", "services:\n  - name: web\n    listen: 70000\n    ports: [\"80\"]\n", []string{"line 3: services[0].listen:", `"70000"`, "use 1-65535"}},
 		{"bad port in list", "services:\n  - name: web\n    listen: 1\n    ports: [\"80\", \"90-20\"]\n", []string{"line 4: services[0].ports[1]:", `"90-20"`, "first <= last"}},
 		{"overlap", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n  - name: b\n    listen: 2\n    ports: [\"70-90\"]\n", []string{"line 7: services[1].ports:", `overlaps service "a"`, "tcp port 80", "narrow"}},

@@ -121,6 +121,9 @@ func (c *Config) validate(idx *keyIndex) error {
 	if c.Limits.MaxFlows < 0 {
 		bad("limits.max_flows", fmt.Sprint(c.Limits.MaxFlows), "is negative; use a positive number of flows (0 means the default %d)", DefaultMaxFlows)
 	}
+	if c.Limits.MaxFlowsPerClient < 0 {
+		bad("limits.max_flows_per_client", fmt.Sprint(c.Limits.MaxFlowsPerClient), "is negative; use a positive number of flows, or 0 for no cap per client")
+	}
 
 	names := map[string]int{}
 	listens := map[Port]int{}

@@ -26,7 +26,7 @@ func TestPartitionForLeave(t *testing.T) {
 		client := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, 0, byte(i)}), uint16(10000+i))
 		server := netip.MustParseAddrPort("10.2.0.2:80")
 		f := proxy.NewFlow("leave", "forward", client, server)
-		if !g.flows.Admit(f) { // gives the flow its ID
+		if g.flows.Admit(f) != nil { // gives the flow its ID
 			t.Fatal("flow table full")
 		}
 		f.SetServerLeg(client, server)

@@ -47,7 +47,7 @@ func TestPromotedFlowMemory(t *testing.T) {
 		client := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), uint16(10000+i))
 		server := netip.MustParseAddrPort("10.2.0.2:80")
 		f := proxy.NewFlow("mem", "forward", client, server)
-		if !g.flows.Admit(f) {
+		if g.flows.Admit(f) != nil {
 			t.Fatal("flow table full")
 		}
 		f.SetServerLeg(client, server)

@@ -57,11 +57,12 @@ var (
 	descTakenOver     = prometheus.NewDesc("spliced_taken_over_sent_total", "Packets of payload taken over during splices, sent on by the gateway: gso (a packet longer than a segment, whole) or segment (through the raw socket, one MSS each).", []string{"how"}, nil)
 	descPMTU          = prometheus.NewDesc("spliced_pmtu_errors_total", "ICMP path MTU errors about spliced flows, by result: translated (sent on to the sender of the segment they quote, in its terms), no_flow (the flow was not spliced or had ended: sent on as they came), bad_checksum (dropped), unparsed (a form the engine does not translate: sent on as they came).", []string{"result"}, nil)
 	descWarnings      = prometheus.NewDesc("spliced_warnings", "Problems for the operator to fix, as splicectl status lists them: a firewall chain that drops spliced flows' packets, splices refused by strict reverse path filtering or by forwarding turned off.", nil, nil)
+	descRefused       = prometheus.NewDesc("spliced_flows_refused_total", "Connections refused at a flow cap: max_flows (limits.max_flows, every service's flows) or max_flows_per_client (limits.max_flows_per_client; SOCKS5 handshakes count).", []string{"limit"}, nil)
 	descDivertAdds    = prometheus.NewDesc("spliced_divert_adds_total", "Splices by how their divert entries went in: command (packets, microseconds) or netlink (a transaction: commands off, or one not taken).", []string{"path"}, nil)
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens, descBPFPackets, descBPFMoves, descPhase, descDivertAdds, descTakenOver, descPMTU, descWarnings} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens, descBPFPackets, descBPFMoves, descPhase, descDivertAdds, descTakenOver, descPMTU, descWarnings, descRefused} {
 		ch <- d
 	}
 }
@@ -77,6 +78,9 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descBytes, prometheus.CounterValue, float64(e.BytesS2C), e.Name, "s2c")
 	}
 	ch <- prometheus.MustNewConstMetric(descRepairs, prometheus.CounterValue, float64(st.Repairs))
+	table, client := g.flows.Refused()
+	ch <- prometheus.MustNewConstMetric(descRefused, prometheus.CounterValue, float64(table), "max_flows")
+	ch <- prometheus.MustNewConstMetric(descRefused, prometheus.CounterValue, float64(client), "max_flows_per_client")
 	ch <- prometheus.MustNewConstMetric(descWarnings, prometheus.GaugeValue, float64(len(st.Warnings)))
 	failed := g.divertRefreshErrors.Load()
 	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(g.divertRefreshes.Load()-failed), "ok")

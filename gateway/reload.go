@@ -111,6 +111,7 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 	}
 	g.reloadProxies(added)
 	g.flows.SetMax(cfg.Limits.MaxFlows)
+	g.flows.SetMaxPerClient(cfg.Limits.MaxFlowsPerClient)
 	g.reloads.Add(1)
 	detail := fmt.Sprintf("services: %d; started %s; stopped %s", len(cfg.Services), names(added), strings.Join(removed, ", "))
 	g.log.Info("configuration reloaded", logging.KeyFile, cfg.File, "detail", detail)

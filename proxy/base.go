@@ -146,13 +146,23 @@ func (b *Base) Event(kind string, f *Flow, detail string) {
 // the service's access policy. When the cap is reached or the policy
 // denies it, c is reset, the refusal logged, and Admit returns false.
 // Otherwise it returns the flow's logger.
+// LogRefusal logs, rate-limited, a flow FlowTable.Admit refused with
+// err (what the proxy did about it in what) and how to lift the cap.
+// The two caps are limited apart: a client at its own cap must not hide
+// that the table is full.
+func (b *Base) LogRefusal(err error, what string, args ...any) {
+	key, limit := "cap", slog.Any("max_flows", b.Flows.Max())
+	if errors.Is(err, ErrClientCap) {
+		key, limit = "client_cap", slog.Any("max_flows_per_client", b.Flows.MaxPerClient())
+	}
+	b.LogLimited(key, slog.LevelWarn, err.Error()+", "+what, append(args, limit, "fix", CapFix(err))...)
+}
+
 func (b *Base) Admit(c *net.TCPConn, flow *Flow) (*slog.Logger, bool) {
 	b.init()
-	if !b.Flows.Admit(flow) {
+	if err := b.Flows.Admit(flow); err != nil {
 		reset(c)
-		b.LogLimited("cap", slog.LevelWarn, "flow cap reached, refusing new flows with a reset",
-			"max_flows", b.Flows.Max(), logging.KeyClient, flow.Client, logging.KeyServer, flow.Server,
-			"fix", "raise limits.max_flows or add gateways")
+		b.LogRefusal(err, "refusing new flows with a reset", logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
 		return nil, false
 	}
 	// Formatted only if the flow logs a line: most never do.

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"cmp"
+	"errors"
 	"net"
 	"net/netip"
 	"slices"
@@ -165,8 +166,8 @@ func (f *Flow) SpliceError() string {
 	return ""
 }
 
-// FlowTable holds the flows of all proxies, enforces the flow cap and hands
-// out IDs.
+// FlowTable holds the flows of all proxies, enforces the flow caps and
+// hands out IDs.
 type FlowTable struct {
 	max    int
 	nextID atomic.Uint64
@@ -176,11 +177,49 @@ type FlowTable struct {
 	// included (a SOCKS5 service's max_sessions counts them), but not
 	// those that ended and wait to leave the table (Ended).
 	perService map[string]int
+	// perClient counts the flows of each client (ClientKey) as
+	// perService does; maxPerClient caps them (0: no cap).
+	perClient    map[netip.Prefix]int
+	maxPerClient int
+	// refused counts the flows refused at each cap: limits.max_flows,
+	// limits.max_flows_per_client.
+	refused [2]atomic.Uint64
 }
 
 // NewFlowTable returns a table admitting at most max flows at once.
 func NewFlowTable(max int) *FlowTable {
-	return &FlowTable{max: max, flows: map[uint64]*Flow{}, perService: map[string]int{}}
+	return &FlowTable{max: max, flows: map[uint64]*Flow{}, perService: map[string]int{}, perClient: map[netip.Prefix]int{}}
+}
+
+// Refusals of FlowTable.Admit.
+var (
+	// ErrFlowCap: the table holds limits.max_flows flows.
+	ErrFlowCap = errors.New("flow cap reached (limits.max_flows)")
+	// ErrClientCap: the flow's client holds limits.max_flows_per_client
+	// flows.
+	ErrClientCap = errors.New("the client's flow cap reached (limits.max_flows_per_client)")
+)
+
+// ClientKey is what the per-client cap counts a client address as: an
+// IPv4 address alone, an IPv6 address by its /64, which one host may
+// use whole (a host picks its own addresses in its subnet: RFC 4941,
+// RFC 8981), so that a cap per address would cap nothing.
+func ClientKey(a netip.Addr) netip.Prefix {
+	a = a.Unmap()
+	bits := 32
+	if a.Is6() {
+		bits = 64
+	}
+	p, _ := a.WithZone("").Prefix(bits)
+	return p
+}
+
+// CapFix says how an operator lifts the cap err names.
+func CapFix(err error) string {
+	if errors.Is(err, ErrClientCap) {
+		return "a client holds limits.max_flows_per_client flows; raise it if the client is legitimate (many users behind one address)"
+	}
+	return "raise limits.max_flows or add gateways"
 }
 
 // ServiceLen is the number of flows of a service, spliced ones included,
@@ -191,17 +230,33 @@ func (t *FlowTable) ServiceLen(service string) int {
 	return t.perService[service]
 }
 
-// Admit gives f an ID and adds it, unless the table is full.
-func (t *FlowTable) Admit(f *Flow) bool {
+// ClientLen is the number of flows of client a (counted by ClientKey),
+// ended ones not (see Ended).
+func (t *FlowTable) ClientLen(a netip.Addr) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.perClient[ClientKey(a)]
+}
+
+// Admit gives f an ID and adds it, unless the table is full (ErrFlowCap)
+// or f's client holds its cap of flows (ErrClientCap).
+func (t *FlowTable) Admit(f *Flow) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if len(t.flows) >= t.max {
-		return false
+		t.CountRefusal(ErrFlowCap)
+		return ErrFlowCap
+	}
+	key := ClientKey(f.Client.Addr())
+	if t.maxPerClient > 0 && t.perClient[key] >= t.maxPerClient {
+		t.CountRefusal(ErrClientCap)
+		return ErrClientCap
 	}
 	f.ID = t.nextID.Add(1)
 	t.flows[f.ID] = f
 	t.perService[f.Service]++
-	return true
+	t.perClient[key]++
+	return nil
 }
 
 // Adopt adds a flow that keeps the ID it was given (a spliced flow a
@@ -221,6 +276,7 @@ func (t *FlowTable) Adopt(f *Flow) bool {
 	}
 	t.flows[f.ID] = f
 	t.perService[f.Service]++
+	t.perClient[ClientKey(f.Client.Addr())]++
 	return true
 }
 
@@ -259,6 +315,10 @@ func (t *FlowTable) endLocked(f *Flow) {
 	if t.perService[f.Service]--; t.perService[f.Service] <= 0 {
 		delete(t.perService, f.Service)
 	}
+	key := ClientKey(f.Client.Addr())
+	if t.perClient[key]--; t.perClient[key] <= 0 {
+		delete(t.perClient, key)
+	}
 }
 
 // Get returns the flow with the given ID, or nil.
@@ -295,6 +355,38 @@ func (t *FlowTable) SetMax(max int) {
 	t.mu.Lock()
 	t.max = max
 	t.mu.Unlock()
+}
+
+// SetMaxPerClient changes the cap of flows per client (0: none); a
+// client's flows above a lowered cap keep running.
+func (t *FlowTable) SetMaxPerClient(max int) {
+	t.mu.Lock()
+	t.maxPerClient = max
+	t.mu.Unlock()
+}
+
+// CountRefusal counts a flow refused at the cap err names (ErrFlowCap,
+// ErrClientCap): Admit counts its own, a proxy those it refuses before
+// a flow exists (a SOCKS5 handshake).
+func (t *FlowTable) CountRefusal(err error) {
+	if errors.Is(err, ErrClientCap) {
+		t.refused[1].Add(1)
+	} else {
+		t.refused[0].Add(1)
+	}
+}
+
+// Refused is how many flows were refused at limits.max_flows (table)
+// and at limits.max_flows_per_client (client).
+func (t *FlowTable) Refused() (table, client uint64) {
+	return t.refused[0].Load(), t.refused[1].Load()
+}
+
+// MaxPerClient is the cap of flows per client (0: none).
+func (t *FlowTable) MaxPerClient() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.maxPerClient
 }
 
 // List returns the flows ordered by ID.

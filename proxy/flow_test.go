@@ -12,7 +12,7 @@ func TestFlowTableAdopt(t *testing.T) {
 	tab := NewFlowTable(1)
 	a := netip.MustParseAddrPort("10.0.0.1:1")
 	f := NewFlow("s", "forward", a, a)
-	if !tab.Admit(f) || f.ID != 1 {
+	if tab.Admit(f) != nil || f.ID != 1 {
 		t.Fatalf("admit: id %d", f.ID)
 	}
 	for _, id := range []uint64{40, 12} {
@@ -30,7 +30,7 @@ func TestFlowTableAdopt(t *testing.T) {
 	}
 	tab.SetMax(10)
 	n := NewFlow("s", "forward", a, a)
-	if !tab.Admit(n) || n.ID != 41 {
+	if tab.Admit(n) != nil || n.ID != 41 {
 		t.Fatalf("next ID %d, want 41", n.ID)
 	}
 }
@@ -41,7 +41,7 @@ func TestFlowTableAdopt(t *testing.T) {
 func TestFlowTableEnded(t *testing.T) {
 	tab := NewFlowTable(10)
 	a, b := NewFlow("socks", "socks5", netip.AddrPort{}, netip.AddrPort{}), NewFlow("socks", "socks5", netip.AddrPort{}, netip.AddrPort{})
-	if !tab.Admit(a) || !tab.Admit(b) {
+	if tab.Admit(a) != nil || tab.Admit(b) != nil {
 		t.Fatal("not admitted")
 	}
 	tab.Ended(a)
@@ -67,5 +67,83 @@ func TestFlowTableEnded(t *testing.T) {
 	tab.Ended(c)
 	if n := tab.ServiceLen("socks"); n != 0 {
 		t.Errorf("Ended after Remove: ServiceLen %d, want 0", n)
+	}
+}
+
+// TestFlowTablePerClient: with limits.max_flows_per_client a client's
+// flows beyond the cap are refused with ErrClientCap while other clients
+// are admitted; an IPv6 client counts by its /64 and an IPv4-mapped
+// address as its IPv4 one; an ended or removed flow frees its place;
+// adopted flows count but are never refused; 0 is no cap.
+func TestFlowTablePerClient(t *testing.T) {
+	tab := NewFlowTable(100)
+	tab.SetMaxPerClient(2)
+	admit := func(client string) error {
+		return tab.Admit(NewFlow("s", "forward", netip.MustParseAddrPort(client), netip.MustParseAddrPort("10.2.0.2:80")))
+	}
+	var kept []*Flow
+	for _, c := range []string{"10.1.0.5:1000", "[::ffff:10.1.0.5]:1001"} {
+		f := NewFlow("s", "forward", netip.MustParseAddrPort(c), netip.MustParseAddrPort("10.2.0.2:80"))
+		if err := tab.Admit(f); err != nil {
+			t.Fatalf("flow from %s: %v", c, err)
+		}
+		kept = append(kept, f)
+	}
+	if err := admit("10.1.0.5:1002"); err != ErrClientCap {
+		t.Errorf("third flow of 10.1.0.5: %v, want ErrClientCap", err)
+	}
+	if err := admit("10.1.0.6:1000"); err != nil {
+		t.Errorf("another client: %v", err)
+	}
+	if n := tab.ClientLen(netip.MustParseAddr("10.1.0.5")); n != 2 {
+		t.Errorf("ClientLen %d, want 2", n)
+	}
+	for _, c := range []string{"[2001:db8:1:2::1]:1", "[2001:db8:1:2:ffff::9]:2"} {
+		if err := admit(c); err != nil {
+			t.Fatalf("flow from %s: %v", c, err)
+		}
+	}
+	if err := admit("[2001:db8:1:2:abcd::1]:3"); err != ErrClientCap {
+		t.Errorf("a third address of the same /64: %v, want ErrClientCap", err)
+	}
+	if err := admit("[2001:db8:1:3::1]:3"); err != nil {
+		t.Errorf("another /64: %v", err)
+	}
+	tab.Ended(kept[0])
+	if err := admit("10.1.0.5:1003"); err != nil {
+		t.Errorf("after one of its flows ended: %v", err)
+	}
+	tab.Remove(kept[0]) // ended before: counted once
+	if err := admit("10.1.0.5:1004"); err != ErrClientCap {
+		t.Errorf("the ended flow removed too: %v, want ErrClientCap", err)
+	}
+	tab.Remove(kept[1])
+	if err := admit("10.1.0.5:1005"); err != nil {
+		t.Errorf("after one of its flows was removed: %v", err)
+	}
+	adopted := NewFlow("s", "forward", netip.MustParseAddrPort("10.1.0.5:2000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	adopted.ID = 1000
+	if !tab.Adopt(adopted) {
+		t.Fatal("adoption refused above the client's cap")
+	}
+	if n := tab.ClientLen(netip.MustParseAddr("10.1.0.5")); n != 3 {
+		t.Errorf("ClientLen with the adopted flow %d, want 3", n)
+	}
+	tab.SetMaxPerClient(0)
+	if err := admit("10.1.0.5:1006"); err != nil {
+		t.Errorf("no cap: %v", err)
+	}
+	full := NewFlowTable(1)
+	full.SetMaxPerClient(5)
+	for i, want := range []error{nil, ErrFlowCap} {
+		if err := full.Admit(NewFlow("s", "forward", netip.MustParseAddrPort("10.1.0.7:1"), netip.MustParseAddrPort("10.2.0.2:80"))); err != want {
+			t.Errorf("flow %d of a table of 1: %v, want %v", i, err, want)
+		}
+	}
+	if table, client := tab.Refused(); table != 0 || client != 3 {
+		t.Errorf("refusals counted: %d at max_flows, %d at max_flows_per_client; want 0 and 3", table, client)
+	}
+	if table, client := full.Refused(); table != 1 || client != 0 {
+		t.Errorf("refusals counted by the full table: %d and %d, want 1 and 0", table, client)
 	}
 }

@@ -178,10 +178,17 @@ func (hl *httpLab) expect(hc *httpClient, path string) {
 // namespace.
 func (hl *httpLab) metrics(t *testing.T) string {
 	t.Helper()
+	return scrapeMetrics(t, hl.lab, "127.0.0.1:9410")
+}
+
+// scrapeMetrics reads a daemon's Prometheus endpoint at addr in the
+// lab's gateway namespace.
+func scrapeMetrics(t *testing.T, lab *testnet.Lab, addr string) string {
+	t.Helper()
 	var c net.Conn
-	if err := hl.lab.Gateway.Do(func() error {
+	if err := lab.Gateway.Do(func() error {
 		var err error
-		c, err = net.Dial("tcp", "127.0.0.1:9410")
+		c, err = net.Dial("tcp", addr)
 		return err
 	}); err != nil {
 		t.Fatal(err)

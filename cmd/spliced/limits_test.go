@@ -175,3 +175,182 @@ services:
 func isReset(err error) bool {
 	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
+
+// TestLabMaxFlowsPerClient: with limits.max_flows_per_client 4, a client
+// holding 4 spliced flows is refused a fifth flow with a reset (nothing
+// connects upstream) and even a SOCKS5 handshake, while another client
+// is served; SOCKS5 handshakes under way count with a client's flows, so
+// one client cannot hold every session of max_sessions; the refusals
+// are logged, rate-limited, with the key to raise; a flow that ends
+// frees its client's place.
+func TestLabMaxFlowsPerClient(t *testing.T) {
+	t.Parallel()
+	testnet.Privileged(t)
+	lab := testnet.NewT(t, testnet.Options{Clients: 2})
+	socksAddr := netip.AddrPortFrom(lab.GatewayClientSide[0].IPv4, 1080)
+	d := testnet.StartDaemon(t, lab, fmt.Sprintf(`
+log:
+  level: info
+limits:
+  max_flows_per_client: 4
+metrics:
+  listen: 127.0.0.1:9411
+services:
+  - name: fwd
+    listen: 15001
+    ports: ["5001"]
+    splice:
+      mode: immediate
+  - name: socks
+    proxy: socks5
+    listen_on: ["%s"]
+    socks5:
+      method: none
+`, socksAddr))
+	dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)
+	ln, err := lab.Server().Listen(dst)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var upstream atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			upstream.Add(1)
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	a, b := lab.Clients[0], lab.Clients[1]
+	// served: a round trip through the flow (an echo, or a SOCKS5
+	// greeting answered); a refused connection reads EOF or a reset.
+	served := func(c net.Conn, send, want []byte) error {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		defer c.SetDeadline(time.Time{})
+		if _, err := c.Write(send); err != nil {
+			return err
+		}
+		got := make([]byte, len(want))
+		if _, err := io.ReadFull(c, got); err != nil {
+			return err
+		}
+		if string(got) != string(want) {
+			return fmt.Errorf("got %q, want %q", got, want)
+		}
+		return nil
+	}
+	refused := func(h *testnet.Host, to netip.AddrPort, send, want []byte, what string) {
+		t.Helper()
+		c, err := h.Dial(to, 5*time.Second)
+		if err != nil {
+			return // reset during the handshake: refused too
+		}
+		defer c.Close()
+		switch err := served(c, send, want); {
+		case err == nil:
+			t.Errorf("%s was served", what)
+		case !errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) && !isReset(err):
+			t.Errorf("%s: %v (want a reset)", what, err)
+		}
+	}
+	open := func(h *testnet.Host, to netip.AddrPort, send, want []byte, what string) net.Conn {
+		t.Helper()
+		c, err := h.Dial(to, 5*time.Second)
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if send != nil {
+			if err := served(c, send, want); err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+		}
+		return c
+	}
+	echo, greeting, methodNone := []byte("x"), []byte{5, 1, 0}, []byte{5, 0}
+
+	var held []net.Conn
+	for i := range 4 {
+		held = append(held, open(a, dst, echo, echo, fmt.Sprintf("flow %d of client A", i)))
+	}
+	testnet.Eventually(t, 10*time.Second, func() error {
+		st, err := d.Client().Status(context.Background())
+		if err != nil {
+			return err
+		}
+		if st.Flows["spliced"] != 4 {
+			return fmt.Errorf("%d flows spliced, want 4", st.Flows["spliced"])
+		}
+		return nil
+	})
+	for i := range 20 {
+		refused(a, dst, echo, echo, fmt.Sprintf("flow %d of client A beyond its cap", 5+i))
+	}
+	refused(a, socksAddr, greeting, methodNone, "a SOCKS5 handshake of client A at its cap")
+	if up := upstream.Load(); up != 4 {
+		t.Errorf("%d connections reached the server, want client A's 4", up)
+	}
+
+	// Client B: a flow and three handshakes waiting for their request
+	// (the greeting answered: the proxy counts them) fill its cap; a
+	// fourth handshake is refused; one that ends frees a place.
+	open(b, dst, echo, echo, "client B's flow")
+	var idle []net.Conn
+	for i := range 3 {
+		idle = append(idle, open(b, socksAddr, greeting, methodNone, fmt.Sprintf("SOCKS5 handshake %d of client B", i)))
+	}
+	refused(b, socksAddr, greeting, methodNone, "a fourth SOCKS5 handshake of client B")
+	m := scrapeMetrics(t, lab, "127.0.0.1:9411")
+	for _, want := range []string{`spliced_flows_refused_total{limit="max_flows_per_client"} 22`, `spliced_flows_refused_total{limit="max_flows"} 0`} {
+		if !strings.Contains(m, want+"\n") {
+			t.Errorf("metrics lack %q after 20 flows and 2 SOCKS5 handshakes refused:\n%s", want, grepLines(m, "spliced_flows_refused_total"))
+		}
+	}
+	idle[0].Close()
+	testnet.Eventually(t, 10*time.Second, func() error {
+		c, err := b.Dial(socksAddr, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		return served(c, greeting, methodNone)
+	})
+
+	for i, c := range held {
+		if err := served(c, []byte{byte('a' + i)}, []byte{byte('a' + i)}); err != nil {
+			t.Errorf("client A's flow %d after the refusals: %v", i, err)
+		}
+	}
+	logged := 0
+	if l := grepLines(d.Log(), "max_flows_per_client"); l != "" {
+		logged = strings.Count(l, "\n") + 1
+	}
+	t.Logf("client A: 21 connections refused at 4 flows; log lines naming the cap: %d", logged)
+	if logged == 0 || logged > 6 {
+		t.Errorf("the per-client cap was logged %d times, want a few (rate-limited)", logged)
+	}
+	// A flow of client A that ends frees its place.
+	held[0].Close()
+	testnet.Eventually(t, 10*time.Second, func() error {
+		c, err := a.Dial(dst, 5*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		return served(c, echo, echo)
+	})
+}
+
+// grepLines returns the lines of s that contain sub.
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}

@@ -669,12 +669,11 @@ func (s *session) relayData(client, server *net.TCPConn) {
 	p := s.p
 	flow := proxy.NewFlow(p.Service.Name, KindData, proxy.AddrPort(client.RemoteAddr()), proxy.AddrPort(client.LocalAddr()))
 	flow.SetServerLeg(proxy.AddrPort(server.LocalAddr()), proxy.AddrPort(server.RemoteAddr()))
-	if !p.Flows.Admit(flow) {
+	if err := p.Flows.Admit(flow); err != nil {
 		s.setUpFailed()
 		proxy.Reset(client)
 		proxy.Reset(server)
-		p.LogLimited("cap", slog.LevelWarn, "flow cap reached, refusing a data connection",
-			"max_flows", p.Flows.Max(), "fix", "raise limits.max_flows or add gateways")
+		p.LogRefusal(err, "refusing a data connection", logging.KeyClient, flow.Client)
 		return
 	}
 	s.transfers.Add(1)

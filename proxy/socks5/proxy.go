@@ -32,6 +32,13 @@ type Proxy struct {
 	failed   *failures
 	sessions atomic.Int32 // handshakes under way
 
+	// handshakesMu guards handshakes, the handshakes under way by
+	// client (proxy.ClientKey): with the client's flows they count
+	// against limits.max_flows_per_client, or one client could hold
+	// every session of max_sessions without a flow.
+	handshakesMu sync.Mutex
+	handshakes   map[netip.Prefix]int
+
 	statsMu    sync.Mutex
 	results    map[string]uint64 // handshakes by result
 	connects   map[string]uint64 // granted CONNECTs by destination class
@@ -39,7 +46,8 @@ type Proxy struct {
 }
 
 func newProxy(s proxy.Setup) *Proxy {
-	p := &Proxy{Forwarder: proxy.Forwarder{Base: s.Base()}, results: map[string]uint64{}, connects: map[string]uint64{}}
+	p := &Proxy{Forwarder: proxy.Forwarder{Base: s.Base()}, results: map[string]uint64{}, connects: map[string]uint64{},
+		handshakes: map[netip.Prefix]int{}}
 	p.conf = s.Service.Section().(*Config)
 	p.failed = newFailures(p.conf.FailedLogins, p.conf.BackOff.D())
 	p.resolver = net.DefaultResolver
@@ -143,6 +151,14 @@ func (p *Proxy) handle(c *net.TCPConn) {
 			"max_sessions", p.conf.MaxSessions, logging.KeyClient, client, "fix", "raise socks5.max_sessions of the service")
 		return
 	}
+	if !p.startHandshake(client.Addr()) {
+		p.sessions.Add(-1)
+		p.count(resultCap)
+		p.Flows.CountRefusal(proxy.ErrClientCap)
+		proxy.Reset(c)
+		p.LogRefusal(proxy.ErrClientCap, "refusing new connections", logging.KeyClient, client)
+		return
+	}
 	h := &handshake{p: p, c: c, client: client, deadline: time.Now().Add(p.conf.HandshakeTimeout.D())}
 	defer h.handshakeDone()
 	c.SetDeadline(h.deadline)
@@ -186,7 +202,32 @@ func (h *handshake) handshakeDone() {
 	if !h.done {
 		h.done = true
 		h.p.sessions.Add(-1)
+		h.p.endHandshake(h.client.Addr())
 	}
+}
+
+// startHandshake counts a handshake of client a, unless its handshakes
+// and flows together hold limits.max_flows_per_client.
+func (p *Proxy) startHandshake(a netip.Addr) bool {
+	key := proxy.ClientKey(a)
+	max := p.Flows.MaxPerClient()
+	p.handshakesMu.Lock()
+	defer p.handshakesMu.Unlock()
+	if max > 0 && p.handshakes[key]+p.Flows.ClientLen(a) >= max {
+		return false
+	}
+	p.handshakes[key]++
+	return true
+}
+
+// endHandshake stops counting a handshake of client a.
+func (p *Proxy) endHandshake(a netip.Addr) {
+	key := proxy.ClientKey(a)
+	p.handshakesMu.Lock()
+	if p.handshakes[key]--; p.handshakes[key] <= 0 {
+		delete(p.handshakes, key)
+	}
+	p.handshakesMu.Unlock()
 }
 
 func (h *handshake) dest() string {
@@ -382,12 +423,11 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 	}
 	flow := proxy.NewFlow(svc.Name, Kind, h.client, allowed[0])
 	flow.User, flow.Local = h.user, proxy.AddrPort(h.c.LocalAddr())
-	admitted := p.Flows.Admit(flow)
+	admitErr := p.Flows.Admit(flow)
 	h.handshakeDone() // the flow counts from now on
-	if !admitted {
+	if admitErr != nil {
 		h.answer(GeneralFailure)
-		p.LogLimited("cap", slog.LevelWarn, "flow cap reached, refusing new flows",
-			"max_flows", p.Flows.Max(), logging.KeyClient, flow.Client, "fix", "raise limits.max_flows or add gateways")
+		p.LogRefusal(admitErr, "refusing new flows", logging.KeyClient, flow.Client)
 		return nil, nil, resultCap, nil
 	}
 	// One connect timeout for all the addresses a name has, tried in turn.

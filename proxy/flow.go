@@ -178,7 +178,10 @@ type FlowTable struct {
 	// those that ended and wait to leave the table (Ended).
 	perService map[string]int
 	// perClient counts the flows of each client (ClientKey) as
-	// perService does; maxPerClient caps them (0: no cap).
+	// perService does, while maxPerClient caps them; with no cap (0)
+	// it is nil: an entry per client costs more than 40 bytes, which
+	// a table of many one-flow clients would pay for nothing
+	// (TestPromotedFlowMemory).
 	perClient    map[netip.Prefix]int
 	maxPerClient int
 	// refused counts the flows refused at each cap: limits.max_flows,
@@ -188,7 +191,7 @@ type FlowTable struct {
 
 // NewFlowTable returns a table admitting at most max flows at once.
 func NewFlowTable(max int) *FlowTable {
-	return &FlowTable{max: max, flows: map[uint64]*Flow{}, perService: map[string]int{}, perClient: map[netip.Prefix]int{}}
+	return &FlowTable{max: max, flows: map[uint64]*Flow{}, perService: map[string]int{}}
 }
 
 // Refusals of FlowTable.Admit.
@@ -231,11 +234,11 @@ func (t *FlowTable) ServiceLen(service string) int {
 }
 
 // ClientLen is the number of flows of client a (counted by ClientKey),
-// ended ones not (see Ended).
+// ended ones not (see Ended), while there is a cap per client.
 func (t *FlowTable) ClientLen(a netip.Addr) int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.perClient[ClientKey(a)]
+	return t.perClient[ClientKey(a)] // 0 with no cap
 }
 
 // Admit gives f an ID and adds it, unless the table is full (ErrFlowCap)
@@ -247,15 +250,17 @@ func (t *FlowTable) Admit(f *Flow) error {
 		t.CountRefusal(ErrFlowCap)
 		return ErrFlowCap
 	}
-	key := ClientKey(f.Client.Addr())
-	if t.maxPerClient > 0 && t.perClient[key] >= t.maxPerClient {
-		t.CountRefusal(ErrClientCap)
-		return ErrClientCap
+	if t.perClient != nil {
+		key := ClientKey(f.Client.Addr())
+		if t.perClient[key] >= t.maxPerClient {
+			t.CountRefusal(ErrClientCap)
+			return ErrClientCap
+		}
+		t.perClient[key]++
 	}
 	f.ID = t.nextID.Add(1)
 	t.flows[f.ID] = f
 	t.perService[f.Service]++
-	t.perClient[key]++
 	return nil
 }
 
@@ -276,7 +281,9 @@ func (t *FlowTable) Adopt(f *Flow) bool {
 	}
 	t.flows[f.ID] = f
 	t.perService[f.Service]++
-	t.perClient[ClientKey(f.Client.Addr())]++
+	if t.perClient != nil {
+		t.perClient[ClientKey(f.Client.Addr())]++
+	}
 	return true
 }
 
@@ -315,9 +322,11 @@ func (t *FlowTable) endLocked(f *Flow) {
 	if t.perService[f.Service]--; t.perService[f.Service] <= 0 {
 		delete(t.perService, f.Service)
 	}
-	key := ClientKey(f.Client.Addr())
-	if t.perClient[key]--; t.perClient[key] <= 0 {
-		delete(t.perClient, key)
+	if t.perClient != nil {
+		key := ClientKey(f.Client.Addr())
+		if t.perClient[key]--; t.perClient[key] <= 0 {
+			delete(t.perClient, key)
+		}
 	}
 }
 
@@ -358,11 +367,23 @@ func (t *FlowTable) SetMax(max int) {
 }
 
 // SetMaxPerClient changes the cap of flows per client (0: none); a
-// client's flows above a lowered cap keep running.
+// client's flows above a lowered cap keep running. A cap set where
+// there was none counts the flows the table holds.
 func (t *FlowTable) SetMaxPerClient(max int) {
 	t.mu.Lock()
+	defer t.mu.Unlock()
 	t.maxPerClient = max
-	t.mu.Unlock()
+	switch {
+	case max <= 0:
+		t.perClient = nil
+	case t.perClient == nil:
+		t.perClient = map[netip.Prefix]int{}
+		for _, f := range t.flows {
+			if !f.ended {
+				t.perClient[ClientKey(f.Client.Addr())]++
+			}
+		}
+	}
 }
 
 // CountRefusal counts a flow refused at the cap err names (ErrFlowCap,

@@ -74,7 +74,8 @@ func TestFlowTableEnded(t *testing.T) {
 // flows beyond the cap are refused with ErrClientCap while other clients
 // are admitted; an IPv6 client counts by its /64 and an IPv4-mapped
 // address as its IPv4 one; an ended or removed flow frees its place;
-// adopted flows count but are never refused; 0 is no cap.
+// adopted flows count but are never refused; 0 is no cap; a cap set
+// later counts the flows the table holds.
 func TestFlowTablePerClient(t *testing.T) {
 	tab := NewFlowTable(100)
 	tab.SetMaxPerClient(2)
@@ -132,6 +133,20 @@ func TestFlowTablePerClient(t *testing.T) {
 	tab.SetMaxPerClient(0)
 	if err := admit("10.1.0.5:1006"); err != nil {
 		t.Errorf("no cap: %v", err)
+	}
+	// A cap set by a reload counts the flows already in the table.
+	later := NewFlowTable(100)
+	for range 3 {
+		if err := later.Admit(NewFlow("s", "forward", netip.MustParseAddrPort("10.1.0.8:1"), netip.MustParseAddrPort("10.2.0.2:80"))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	later.SetMaxPerClient(3)
+	if n := later.ClientLen(netip.MustParseAddr("10.1.0.8")); n != 3 {
+		t.Errorf("a cap set later: ClientLen %d, want 3", n)
+	}
+	if err := later.Admit(NewFlow("s", "forward", netip.MustParseAddrPort("10.1.0.8:2"), netip.MustParseAddrPort("10.2.0.2:80"))); err != ErrClientCap {
+		t.Errorf("a cap set later: a fourth flow %v, want ErrClientCap", err)
 	}
 	full := NewFlowTable(1)
 	full.SetMaxPerClient(5)

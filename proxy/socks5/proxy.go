@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -365,7 +366,7 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 	if q.Name != "" {
 		ctx, cancel := context.WithTimeout(p.FlowContext(), p.conf.ResolveTimeout.D())
 		var err error
-		addrs, err = p.resolver.LookupNetIP(ctx, "ip", q.Name)
+		addrs, err = p.resolver.LookupNetIP(ctx, "ip", rooted(q.Name))
 		cancel()
 		if err != nil || len(addrs) == 0 {
 			rep := HostUnreachable
@@ -458,6 +459,19 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 	err := errors.Join(errs...)
 	h.answer(dialReply(errs[len(errs)-1]))
 	return nil, nil, resultConnect, err
+}
+
+// rooted returns name with a trailing dot: the resolver then looks up
+// that name only. Without it Go's resolver appends resolv.conf's search
+// domains (to a name with fewer dots than ndots, or one that does not
+// resolve as it is), and the rules, which judged the name the client
+// sent, let "wiki" reach wiki.internal.example past a deny rule for
+// internal.example.
+func rooted(name string) string {
+	if strings.HasSuffix(name, ".") {
+		return name
+	}
+	return name + "."
 }
 
 func destClass(q *Request) string {

@@ -184,6 +184,15 @@ type FlowTable struct {
 	// (TestPromotedFlowMemory).
 	perClient    map[netip.Prefix]int
 	maxPerClient int
+	// reserved counts the places each client (ClientKey) holds for
+	// flows to come: SOCKS5 handshakes under way (Reserve). They count
+	// against maxPerClient with its flows, in every service's
+	// admission: counted by each SOCKS5 service on its own, they were
+	// seen by no other service, and a client held its cap of
+	// handshakes on each SOCKS5 service and its cap of flows besides.
+	// Kept with no cap too (an entry only while a handshake runs), so
+	// that a cap set by a reload sees them.
+	reserved map[netip.Prefix]int
 	// refused counts the flows refused at each cap: limits.max_flows,
 	// limits.max_flows_per_client.
 	refused [2]atomic.Uint64
@@ -191,7 +200,7 @@ type FlowTable struct {
 
 // NewFlowTable returns a table admitting at most max flows at once.
 func NewFlowTable(max int) *FlowTable {
-	return &FlowTable{max: max, flows: map[uint64]*Flow{}, perService: map[string]int{}}
+	return &FlowTable{max: max, flows: map[uint64]*Flow{}, perService: map[string]int{}, reserved: map[netip.Prefix]int{}}
 }
 
 // Refusals of FlowTable.Admit.
@@ -234,7 +243,8 @@ func (t *FlowTable) ServiceLen(service string) int {
 }
 
 // ClientLen is the number of flows of client a (counted by ClientKey),
-// ended ones not (see Ended), while there is a cap per client.
+// ended ones not (see Ended), while there is a cap per client; places
+// it reserved (Reserve) not.
 func (t *FlowTable) ClientLen(a netip.Addr) int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -242,17 +252,33 @@ func (t *FlowTable) ClientLen(a netip.Addr) int {
 }
 
 // Admit gives f an ID and adds it, unless the table is full (ErrFlowCap)
-// or f's client holds its cap of flows (ErrClientCap).
+// or f's client holds its cap of flows, places it reserved included
+// (ErrClientCap).
 func (t *FlowTable) Admit(f *Flow) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	return t.admitLocked(f)
+}
+
+// AdmitReserved is Admit for a flow whose client reserved its place
+// (Reserve): the reservation becomes the flow, at once, so that the
+// client never counts it twice. The reservation is released even when
+// the flow is refused.
+func (t *FlowTable) AdmitReserved(f *Flow) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.releaseLocked(f.Client.Addr())
+	return t.admitLocked(f)
+}
+
+func (t *FlowTable) admitLocked(f *Flow) error {
 	if len(t.flows) >= t.max {
 		t.CountRefusal(ErrFlowCap)
 		return ErrFlowCap
 	}
 	if t.perClient != nil {
 		key := ClientKey(f.Client.Addr())
-		if t.perClient[key] >= t.maxPerClient {
+		if t.perClient[key]+t.reserved[key] >= t.maxPerClient {
 			t.CountRefusal(ErrClientCap)
 			return ErrClientCap
 		}
@@ -262,6 +288,36 @@ func (t *FlowTable) Admit(f *Flow) error {
 	t.flows[f.ID] = f
 	t.perService[f.Service]++
 	return nil
+}
+
+// Reserve holds a place for a flow to come of client a (a SOCKS5
+// handshake under way), unless its flows and places reserved hold
+// limits.max_flows_per_client (ErrClientCap, counted as Admit counts
+// its refusals). A reservation ends with Release, or with AdmitReserved.
+func (t *FlowTable) Reserve(a netip.Addr) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	key := ClientKey(a)
+	if t.perClient != nil && t.perClient[key]+t.reserved[key] >= t.maxPerClient {
+		t.CountRefusal(ErrClientCap)
+		return ErrClientCap
+	}
+	t.reserved[key]++
+	return nil
+}
+
+// Release gives back a place Reserve held for client a.
+func (t *FlowTable) Release(a netip.Addr) {
+	t.mu.Lock()
+	t.releaseLocked(a)
+	t.mu.Unlock()
+}
+
+func (t *FlowTable) releaseLocked(a netip.Addr) {
+	key := ClientKey(a)
+	if t.reserved[key]--; t.reserved[key] <= 0 {
+		delete(t.reserved, key)
+	}
 }
 
 // Adopt adds a flow that keeps the ID it was given (a spliced flow a
@@ -387,8 +443,8 @@ func (t *FlowTable) SetMaxPerClient(max int) {
 }
 
 // CountRefusal counts a flow refused at the cap err names (ErrFlowCap,
-// ErrClientCap): Admit counts its own, a proxy those it refuses before
-// a flow exists (a SOCKS5 handshake).
+// ErrClientCap): Admit and Reserve count their own, a proxy those it
+// refuses otherwise.
 func (t *FlowTable) CountRefusal(err error) {
 	if errors.Is(err, ErrClientCap) {
 		t.refused[1].Add(1)

@@ -162,3 +162,57 @@ func TestFlowTablePerClient(t *testing.T) {
 		t.Errorf("refusals counted by the full table: %d and %d, want 1 and 0", table, client)
 	}
 }
+
+// TestFlowTableReserve: places a client reserved (its SOCKS5 handshakes
+// under way) count against limits.max_flows_per_client with its flows,
+// in every admission; a reserved place becomes its flow without being
+// counted twice, and is given back when the flow is refused; places
+// reserved with no cap count once one is set.
+func TestFlowTableReserve(t *testing.T) {
+	tab := NewFlowTable(100)
+	client := netip.MustParseAddr("10.1.0.5")
+	flow := func(port uint16) *Flow {
+		return NewFlow("s", "socks5", netip.AddrPortFrom(client, port), netip.MustParseAddrPort("10.2.0.2:80"))
+	}
+	for range 2 {
+		if err := tab.Reserve(client); err != nil {
+			t.Fatalf("no cap: %v", err)
+		}
+	}
+	tab.SetMaxPerClient(2)
+	if err := tab.Reserve(netip.MustParseAddr("::ffff:10.1.0.5")); err != ErrClientCap {
+		t.Errorf("a third place of a client holding 2: %v, want ErrClientCap", err)
+	}
+	if err := tab.Admit(flow(1)); err != ErrClientCap {
+		t.Errorf("a flow of a client holding 2 places: %v, want ErrClientCap", err)
+	}
+	if err := tab.AdmitReserved(flow(2)); err != nil {
+		t.Errorf("the flow of a reserved place, at the cap: %v", err)
+	}
+	if n := tab.ClientLen(client); n != 1 {
+		t.Errorf("ClientLen %d, want 1", n)
+	}
+	tab.Release(client)
+	if err := tab.Admit(flow(3)); err != nil {
+		t.Errorf("after a place was released: %v", err)
+	}
+	if err := tab.Reserve(client); err != ErrClientCap {
+		t.Errorf("a place for a client with 2 flows: %v, want ErrClientCap", err)
+	}
+	// A reserved place whose flow is refused is given back.
+	full := NewFlowTable(0)
+	full.SetMaxPerClient(1)
+	if err := full.Reserve(client); err != nil {
+		t.Fatal(err)
+	}
+	if err := full.AdmitReserved(flow(4)); err != ErrFlowCap {
+		t.Errorf("a full table: %v, want ErrFlowCap", err)
+	}
+	full.SetMax(10)
+	if err := full.Reserve(client); err != nil {
+		t.Errorf("the place of a refused flow was kept: %v", err)
+	}
+	if table, client := tab.Refused(); table != 0 || client != 3 {
+		t.Errorf("refusals counted: %d at max_flows, %d at max_flows_per_client; want 0 and 3", table, client)
+	}
+}

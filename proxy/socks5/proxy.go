@@ -33,13 +33,6 @@ type Proxy struct {
 	failed   *failures
 	sessions atomic.Int32 // handshakes under way
 
-	// handshakesMu guards handshakes, the handshakes under way by
-	// client (proxy.ClientKey): with the client's flows they count
-	// against limits.max_flows_per_client, or one client could hold
-	// every session of max_sessions without a flow.
-	handshakesMu sync.Mutex
-	handshakes   map[netip.Prefix]int
-
 	statsMu    sync.Mutex
 	results    map[string]uint64 // handshakes by result
 	connects   map[string]uint64 // granted CONNECTs by destination class
@@ -47,8 +40,7 @@ type Proxy struct {
 }
 
 func newProxy(s proxy.Setup) *Proxy {
-	p := &Proxy{Forwarder: proxy.Forwarder{Base: s.Base()}, results: map[string]uint64{}, connects: map[string]uint64{},
-		handshakes: map[netip.Prefix]int{}}
+	p := &Proxy{Forwarder: proxy.Forwarder{Base: s.Base()}, results: map[string]uint64{}, connects: map[string]uint64{}}
 	p.conf = s.Service.Section().(*Config)
 	p.failed = newFailures(p.conf.FailedLogins, p.conf.BackOff.D())
 	p.resolver = net.DefaultResolver
@@ -152,15 +144,19 @@ func (p *Proxy) handle(c *net.TCPConn) {
 			"max_sessions", p.conf.MaxSessions, logging.KeyClient, client, "fix", "raise socks5.max_sessions of the service")
 		return
 	}
-	if !p.startHandshake(client.Addr()) {
+	// A handshake holds a place among its client's flows (with
+	// limits.max_flows_per_client, or one client could hold every
+	// session of max_sessions without a flow), in the table every
+	// service admits its flows by: the cap is the client's over all
+	// services.
+	if err := p.Flows.Reserve(client.Addr()); err != nil {
 		p.sessions.Add(-1)
 		p.count(resultCap)
-		p.Flows.CountRefusal(proxy.ErrClientCap)
 		proxy.Reset(c)
-		p.LogRefusal(proxy.ErrClientCap, "refusing new connections", logging.KeyClient, client)
+		p.LogRefusal(err, "refusing new connections", logging.KeyClient, client)
 		return
 	}
-	h := &handshake{p: p, c: c, client: client, deadline: time.Now().Add(p.conf.HandshakeTimeout.D())}
+	h := &handshake{p: p, c: c, client: client, deadline: time.Now().Add(p.conf.HandshakeTimeout.D()), reserved: true}
 	defer h.handshakeDone()
 	c.SetDeadline(h.deadline)
 	flow, up, result, err := h.run()
@@ -196,39 +192,23 @@ type handshake struct {
 	// done: the handshake no longer counts in Proxy.sessions (its flow
 	// does, from its admission on).
 	done bool
+	// reserved: the handshake holds its client's place in the flow
+	// table (FlowTable.Reserve), until its flow takes it
+	// (FlowTable.AdmitReserved) or the handshake ends.
+	reserved bool
 }
 
-// handshakeDone stops counting the handshake as a session, once.
+// handshakeDone stops counting the handshake as a session and gives back
+// its client's place if its flow did not take it, once.
 func (h *handshake) handshakeDone() {
 	if !h.done {
 		h.done = true
 		h.p.sessions.Add(-1)
-		h.p.endHandshake(h.client.Addr())
 	}
-}
-
-// startHandshake counts a handshake of client a, unless its handshakes
-// and flows together hold limits.max_flows_per_client.
-func (p *Proxy) startHandshake(a netip.Addr) bool {
-	key := proxy.ClientKey(a)
-	max := p.Flows.MaxPerClient()
-	p.handshakesMu.Lock()
-	defer p.handshakesMu.Unlock()
-	if max > 0 && p.handshakes[key]+p.Flows.ClientLen(a) >= max {
-		return false
+	if h.reserved {
+		h.reserved = false
+		h.p.Flows.Release(h.client.Addr())
 	}
-	p.handshakes[key]++
-	return true
-}
-
-// endHandshake stops counting a handshake of client a.
-func (p *Proxy) endHandshake(a netip.Addr) {
-	key := proxy.ClientKey(a)
-	p.handshakesMu.Lock()
-	if p.handshakes[key]--; p.handshakes[key] <= 0 {
-		delete(p.handshakes, key)
-	}
-	p.handshakesMu.Unlock()
 }
 
 func (h *handshake) dest() string {
@@ -424,7 +404,8 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 	}
 	flow := proxy.NewFlow(svc.Name, Kind, h.client, allowed[0])
 	flow.User, flow.Local = h.user, proxy.AddrPort(h.c.LocalAddr())
-	admitErr := p.Flows.Admit(flow)
+	admitErr := p.Flows.AdmitReserved(flow) // the handshake's place is the flow's
+	h.reserved = false
 	h.handshakeDone() // the flow counts from now on
 	if admitErr != nil {
 		h.answer(GeneralFailure)

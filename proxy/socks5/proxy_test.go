@@ -164,7 +164,14 @@ services:
 // serve runs the proxy of svc on loopback until the test ends.
 func (l *lab) serve(t testing.TB, svc *config.Service, log *slog.Logger) {
 	t.Helper()
-	l.p = newProxy(proxy.Setup{Service: svc, Flows: proxy.NewFlowTable(100), Log: log})
+	l.serveTable(t, svc, log, proxy.NewFlowTable(100))
+}
+
+// serveTable is serve with the flow table tab, which other proxies may
+// share.
+func (l *lab) serveTable(t testing.TB, svc *config.Service, log *slog.Logger, tab *proxy.FlowTable) {
+	t.Helper()
+	l.p = newProxy(proxy.Setup{Service: svc, Flows: tab, Log: log})
 	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)

@@ -35,6 +35,9 @@ func TestProxyParseErrors(t *testing.T) {
 		{"http route host with empty label", httpRoute("a..example"), []string{"services[0].http.routes[0].host:", "not a host name or an IP address"}},
 		{"http route host with slash", httpRoute("a.example/x"), []string{"services[0].http.routes[0].host:", "not a host name or an IP address"}},
 		{"socks5 no listen_on", "services:\n  - name: s\n    proxy: socks5\n", []string{"services[0]:", "no listen_on"}},
+		{"socks5 domain is an address", socks5Domain("10.0.0.5"), []string{"line 8: services[0].socks5.rules[0].domains[0]:", `"10.0.0.5"`, "destinations"}},
+		{"socks5 domain ends in a number", socks5Domain("0x0a.0.0.5"), []string{"services[0].socks5.rules[0].domains[0]:", "destinations"}},
+		{"socks5 domain is one number", socks5Domain("167772165"), []string{"services[0].socks5.rules[0].domains[0]:", "destinations"}},
 		{"socks5 bad domain", "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      rules:\n        - action: deny\n          domains: [\"bad domain\"]\n", []string{"line 8: services[0].socks5.rules[0].domains[0]:", "not a domain name"}},
 	}
 	for _, c := range cases {
@@ -49,6 +52,22 @@ func TestProxyParseErrors(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// socks5Domain is a socks5 service whose one rule denies domain.
+func socks5Domain(domain string) string {
+	return "services:\n  - name: s\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    socks5:\n      rules:\n        - action: deny\n          domains: [\"" + domain + "\"]\n"
+}
+
+// TestSOCKS5RuleDomains: a rule's domains may be any name a request can
+// carry as a domain: any case, a trailing dot, labels of digits, a
+// hyphen or an underscore before a last label that is not a number.
+func TestSOCKS5RuleDomains(t *testing.T) {
+	for _, d := range []string{"Internal.Example.", "10.0.0.5.example", "a_b.example", "x-1.example", "example", "0x0a.example"} {
+		if _, err := config.Parse("good.yaml", []byte(socks5Domain(d))); err != nil {
+			t.Errorf("rule domain %q: %v", d, err)
+		}
 	}
 }
 

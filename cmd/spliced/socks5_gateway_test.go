@@ -47,8 +47,8 @@ func atypName(name string, port uint16) []byte {
 // exposes the daemon's memory), a client of the gateway could CONNECT to
 // it through the proxy and read the daemon's command line, heap and
 // goroutines; so too the gateway's own addresses (the SOCKS listener
-// itself) and loopback by name. Each gets 0x02 now, and nothing reaches
-// them.
+// itself) and loopback by name. Each gets 0x02 now (the name, if it
+// does not resolve, 0x04), and nothing reaches them.
 func TestLabSOCKSGateway(t *testing.T) {
 	t.Parallel()
 	lab := testnet.NewT(t, testnet.Options{})
@@ -79,6 +79,14 @@ services:
 		}
 		got := socksConnect(t, c, req)
 		if bytes.Equal(got, []byte{5, 0, 5, 2, 0, 1, 0, 0, 0, 0, 0, 0}) {
+			c.Close()
+			continue
+		}
+		// A name is looked up rooted ("localhost.", so that no search
+		// domain is appended), which Go's resolver does not find
+		// among the hosts file's names of one label: host unreachable
+		// then, where a resolver that knows it gives 0x02.
+		if name == "pprof localhost:6060" && bytes.Equal(got, []byte{5, 0, 5, 4, 0, 1, 0, 0, 0, 0, 0, 0}) {
 			c.Close()
 			continue
 		}

@@ -447,7 +447,9 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 // domains (to a name with fewer dots than ndots, or one that does not
 // resolve as it is), and the rules, which judged the name the client
 // sent, let "wiki" reach wiki.internal.example past a deny rule for
-// internal.example.
+// internal.example. The price: Go's resolver keys the hosts file's
+// names of one label unrooted, so "printer" there is found no more as
+// "printer." (a name with a dot, "printer.lan", is).
 func rooted(name string) string {
 	if strings.HasSuffix(name, ".") {
 		return name

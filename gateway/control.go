@@ -182,7 +182,27 @@ func (g *Gateway) apiHandler() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusNotFound, fmt.Sprintf("no such API call: %s %s (this daemon speaks %s)", r.Method, r.URL.Path, api.Version))
 	})
-	return mux
+	return noRequestBody(mux)
+}
+
+// noRequestBody refuses a request that carries a body: no API call takes
+// one. The HTTP server reads what a handler left of a body before it
+// answers (and after, to reuse the connection), with no deadline on the
+// control socket: a client that declared a body and sent none held its
+// connection, and the daemon's descriptor, for ever, unanswered. The read
+// deadline in the past makes the server give up on the body at once and
+// close the connection after the answer (what follows on it could be
+// the rest of the body).
+func noRequestBody(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ContentLength == 0 { // -1: chunked, or a length unknown
+			h.ServeHTTP(w, r)
+			return
+		}
+		http.NewResponseController(w).SetReadDeadline(time.Now())
+		w.Header().Set("Connection", "close")
+		fail(w, http.StatusBadRequest, fmt.Sprintf("%s %s: the API takes no request body; send the request without one", r.Method, r.URL.Path))
+	})
 }
 
 func reply(w http.ResponseWriter, v any) {

@@ -200,3 +200,51 @@ func TestControlIdleConnectionsClose(t *testing.T) {
 		t.Errorf("an idle control connection: read %v, want EOF (closed by the daemon)", err)
 	}
 }
+
+// TestControlRequestBodyNeverSent: the API takes no request body, but a
+// request that declared one (a Content-Length, or chunked) and never sent
+// it got no answer and held its connection, and the daemon's descriptor,
+// for ever: the server waits for the body before it answers (and after,
+// to reuse the connection), with no deadline on the control socket. It is
+// answered at once, and the connection closed.
+func TestControlRequestBodyNeverSent(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.sock")
+	stop, err := controlTestGateway().serveControl(context.Background(), path, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stop()
+	for _, req := range []string{
+		"GET /" + api.Version + "/status HTTP/1.1\r\nHost: spliced\r\nContent-Length: 10\r\n\r\n",
+		"POST /" + api.Version + "/flows/1/splice HTTP/1.1\r\nHost: spliced\r\nContent-Length: 10\r\n\r\n",
+		"POST /" + api.Version + "/flows/1/unsplice HTTP/1.1\r\nHost: spliced\r\nTransfer-Encoding: chunked\r\n\r\n",
+	} {
+		c, err := net.Dial("unix", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(3 * time.Second))
+		if _, err := io.WriteString(c, req); err != nil {
+			t.Fatal(err)
+		}
+		r := bufio.NewReader(c)
+		resp, err := http.ReadResponse(r, nil)
+		if err != nil {
+			c.Close()
+			t.Fatalf("%q: no answer while its body does not come: %v", req, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(body), "no request body") {
+			t.Errorf("%q: %s %s; want 400 saying the API takes no request body", req, resp.Status, body)
+		}
+		if _, err := r.ReadByte(); err != io.EOF {
+			t.Errorf("%q: after the answer, read %v; want EOF (closed by the daemon)", req, err)
+		}
+		c.Close()
+	}
+	// splicectl's requests, POSTs included, carry none and are served.
+	if _, err := api.NewClient(path).Splice(context.Background(), 1); err == nil || !strings.Contains(err.Error(), "no flow 1") {
+		t.Errorf("splice of an unknown flow through the API's client: %v; want no flow 1", err)
+	}
+}

@@ -129,3 +129,34 @@ func TestMappedPrefix(t *testing.T) {
 		t.Fatalf("a client in ::ffff:10.9.0.0/112 (10.9.0.0/16) got %s, want deny", got)
 	}
 }
+
+// TestSecondDocumentRefused: YAML reads a "---" line as the start of
+// another document, and only the first was read: a file split in two at
+// a "---" (or two files concatenated) validated, and every key after it,
+// services included, was dropped without a word; the daemon intercepted
+// nothing. A second document is refused, at its line, whether it parses
+// or not; a "---" that opens the file, or one with nothing after it, is
+// harmless.
+func TestSecondDocumentRefused(t *testing.T) {
+	for _, c := range []struct{ in, line string }{
+		{"log:\n  level: info\n---\nservices:\n  - name: web\n    listen: 15001\n    ports: [\"80\"]\n", "line 3:"},
+		{"---\nlog:\n  level: info\n---\nkernel:\n  table: other\n", "line 4:"},
+		{"log:\n  level: info\n---\nservices:\n  - name: a\n   listen: 1\n", "line 4:"}, // not valid YAML either: the parser's line
+	} {
+		_, err := Parse("two.yaml", []byte(c.in))
+		if err == nil || !strings.Contains(err.Error(), "two.yaml: "+c.line) || !strings.Contains(err.Error(), "second YAML document") {
+			t.Errorf("%q: %v; want an error at %s naming the second YAML document", c.in, err, c.line)
+		}
+	}
+	for _, in := range []string{
+		"---\nlog:\n  level: debug\n",
+		"log:\n  level: debug\n---\n",
+		"log:\n  level: debug\n---\n# nothing here\n",
+		"log:\n  level: debug\n...\n",
+	} {
+		cfg, err := Parse("one.yaml", []byte(in))
+		if err != nil || cfg.Log.Level != "debug" {
+			t.Errorf("%q: %v; want it read as one document", in, err)
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package config
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -84,6 +85,9 @@ func Parse(file string, data []byte) (*Config, error) {
 	if err := yaml.Unmarshal(data, &root); err != nil {
 		return nil, Errors{syntaxError(file, data, err)}
 	}
+	if e := secondDocument(file, data); e != nil {
+		return nil, Errors{e}
+	}
 	cfg := &Config{File: file}
 	if len(root.Content) == 0 { // empty file: all defaults
 		cfg.applyDefaults()
@@ -140,6 +144,39 @@ func syntaxError(file string, data []byte, err error) *Error {
 }
 
 var lineRE = regexp.MustCompile(`^line (\d+): `)
+
+// secondDocument reports a YAML document after the first (a "---" line
+// and keys after it), or nil. yaml.Unmarshal reads the first document
+// only: a file split at a "---", or two files concatenated, validated
+// and ran without the keys that followed (its services among them), and
+// no one was told. A "---" with nothing after it (a comment, "...") is
+// an empty document and harmless.
+func secondDocument(file string, data []byte) *Error {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	var first yaml.Node
+	if dec.Decode(&first) != nil {
+		return nil // empty; the first document's errors are Unmarshal's
+	}
+	const fix = "spliced reads one document: remove the --- line and put its keys in the first document"
+	for {
+		var doc yaml.Node
+		err := dec.Decode(&doc)
+		switch {
+		case errors.Is(err, io.EOF):
+			return nil
+		case err != nil:
+			msg := strings.TrimPrefix(err.Error(), "yaml: ")
+			line := 0
+			if m := lineRE.FindStringSubmatch(msg); m != nil {
+				line, _ = strconv.Atoi(m[1])
+				msg = strings.TrimPrefix(msg, m[0])
+			}
+			return &Error{File: file, Line: line, Msg: "is in a second YAML document (after a --- line), which is not valid YAML either (" + msg + "); " + fix}
+		case len(doc.Content) > 0 && doc.Content[0].Tag != "!!null":
+			return &Error{File: file, Line: doc.Line, Msg: "starts a second YAML document (---); " + fix}
+		}
+	}
+}
 
 func decodeError(file string, idx *keyIndex, err error) *Error {
 	var ve *valueError

@@ -160,3 +160,30 @@ func TestSecondDocumentRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestWholeNumberOutOfRange: a whole number too large (or negative) for
+// its key was refused as "not a whole number; use digits such as 100",
+// which it is, in digits: the message must say the number is out of
+// range and what range to use.
+func TestWholeNumberOutOfRange(t *testing.T) {
+	for _, c := range []struct{ in, key, want string }{
+		{"kernel:\n  queue: 70000\n", "line 2: kernel.queue:", "0 to 65535"},
+		{"kernel:\n  route_table: -1\n", "line 2: kernel.route_table:", "0 to 4294967295"},
+		{"kernel:\n  queue_len: 0x100000000\n", "line 2: kernel.queue_len:", "0 to 4294967295"},
+		{"limits:\n  max_flows: 99999999999999999999\n", "line 2: limits.max_flows:", "9223372036854775807"},
+	} {
+		_, err := Parse("range.yaml", []byte(c.in))
+		if err == nil {
+			t.Errorf("%q: accepted", c.in)
+			continue
+		}
+		msg := err.Error()
+		if !strings.Contains(msg, c.key) || !strings.Contains(msg, "out of range") || !strings.Contains(msg, c.want) || strings.Contains(msg, "not a whole number") {
+			t.Errorf("%q: %v; want %s ... out of range ... %s", c.in, msg, c.key, c.want)
+		}
+	}
+	// Not a number at all: the message stays.
+	if _, err := Parse("range.yaml", []byte("kernel:\n  queue: abc\n")); err == nil || !strings.Contains(err.Error(), "not a whole number") {
+		t.Errorf("a word for a number: %v", err)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/big"
 	"os"
 	"reflect"
 	"regexp"
@@ -94,7 +95,7 @@ func Parse(file string, data []byte) (*Config, error) {
 		return cfg, cfg.validate(nil)
 	}
 	doc := root.Content[0]
-	idx := &keyIndex{lines: map[string]int{}, paths: map[[2]int]string{}}
+	idx := &keyIndex{lines: map[string]int{}, paths: map[[2]int]string{}, nodes: map[string]*yaml.Node{}}
 	var errs Errors
 	idx.walk(doc, reflect.TypeFor[Config](), "", func(line int, key, msg string) {
 		errs = append(errs, &Error{File: file, Line: line, Key: key, Msg: msg})
@@ -196,9 +197,18 @@ func decodeError(file string, idx *keyIndex, err error) *Error {
 		if m := typeRE.FindStringSubmatch(msg); m != nil {
 			value, want = m[1], m[2]
 		}
+		key := idx.pathAt(line, 0)
 		switch {
 		case strings.HasPrefix(want, "int"), strings.HasPrefix(want, "uint"):
 			msg = "is not a whole number; use digits such as 100"
+			// A whole number the key's type cannot hold fails the same
+			// way: say so, with the range (yaml shortens the value in
+			// its message, so the node's is read).
+			if n := idx.nodes[key]; n != nil && n.Kind == yaml.ScalarNode {
+				if lo, hi, ok := intRange(want); ok && isWholeNumber(n.Value) {
+					msg = fmt.Sprintf("is out of range; use a whole number from %s to %s", lo, hi)
+				}
+			}
 		case want == "bool":
 			msg = "is not a boolean; use true or false"
 		case want == "string":
@@ -206,9 +216,34 @@ func decodeError(file string, idx *keyIndex, err error) *Error {
 		case strings.HasPrefix(want, "[]"):
 			msg = "is not a list; write it as a YAML list, e.g. [a, b]"
 		}
-		return &Error{File: file, Line: line, Key: idx.pathAt(line, 0), Value: value, Msg: msg}
+		return &Error{File: file, Line: line, Key: key, Value: value, Msg: msg}
 	}
 	return &Error{File: file, Msg: err.Error()}
+}
+
+// intRange is the range of Go's integer type named want ("uint16",
+// "int"), in decimal.
+func intRange(want string) (lo, hi string, ok bool) {
+	unsigned := strings.HasPrefix(want, "uint")
+	bits, err := strconv.Atoi(strings.TrimPrefix(strings.TrimPrefix(want, "u"), "int"))
+	if err != nil {
+		bits = strconv.IntSize // int, uint
+	}
+	if bits <= 0 || bits > 64 {
+		return "", "", false
+	}
+	if unsigned {
+		return "0", new(big.Int).Sub(new(big.Int).Lsh(big.NewInt(1), uint(bits)), big.NewInt(1)).String(), true
+	}
+	hi = new(big.Int).Sub(new(big.Int).Lsh(big.NewInt(1), uint(bits-1)), big.NewInt(1)).String()
+	return "-" + new(big.Int).Lsh(big.NewInt(1), uint(bits-1)).String(), hi, true
+}
+
+// isWholeNumber reports whether s is an integer as YAML writes one
+// (decimal, 0x, 0o or 0b, a sign, underscores), of any size.
+func isWholeNumber(s string) bool {
+	_, ok := new(big.Int).SetString(strings.ReplaceAll(s, "_", ""), 0)
+	return ok
 }
 
 var typeRE = regexp.MustCompile("cannot unmarshal !!\\w+ `?([^`]*)`? into (\\S+)")
@@ -217,7 +252,8 @@ var typeRE = regexp.MustCompile("cannot unmarshal !!\\w+ `?([^`]*)`? into (\\S+)
 // and back, so that errors found after decoding can name a line.
 type keyIndex struct {
 	lines map[string]int
-	paths map[[2]int]string // [line, column] of a value -> its key path
+	paths map[[2]int]string     // [line, column] of a value -> its key path
+	nodes map[string]*yaml.Node // key path -> its value
 	// visits counts the values walked, aliases expanded: aliases nested
 	// along the configuration's types multiply, so a file of kilobytes
 	// can name billions of values.
@@ -256,6 +292,7 @@ func (k *keyIndex) Line(path string) int {
 
 func (k *keyIndex) record(path string, n *yaml.Node) {
 	k.lines[path] = n.Line
+	k.nodes[path] = n
 	k.paths[[2]int{n.Line, n.Column}] = path
 }
 

@@ -10,6 +10,8 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"os/user"
 	"strconv"
 	"syscall"
 )
@@ -47,12 +49,43 @@ func (e *NotRunningError) Error() string {
 
 func (e *NotRunningError) Unwrap() error { return e.Err }
 
+// NotPermittedError means the user may not use the socket (or search
+// its directory).
+type NotPermittedError struct {
+	Socket string
+	Err    error
+}
+
+// Error says who may use the socket and how to be one of them: Go's
+// message (`Get "http://spliced/v1/status": dial unix PATH: connect:
+// permission denied`) names neither.
+func (e *NotPermittedError) Error() string {
+	msg := fmt.Sprintf("permission denied on the control socket %s: ", e.Socket)
+	if fi, err := os.Stat(e.Socket); err == nil {
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Gid != 0 && fi.Mode().Perm()&0o060 == 0o060 {
+			group := strconv.FormatUint(uint64(st.Gid), 10)
+			if g, err := user.LookupGroupId(group); err == nil {
+				group = g.Name
+			}
+			return msg + fmt.Sprintf("it is for root and the members of group %q (control.group); run splicectl with sudo, or as a member of %s (usermod -aG %s USER, then log in again)", group, group, group)
+		}
+		return msg + "it is for root only; run splicectl with sudo, or set control.group in spliced's configuration to a group of yours (the socket is then mode 0660)"
+	}
+	return msg + "its directory may not be searched; run splicectl with sudo"
+}
+
+func (e *NotPermittedError) Unwrap() error { return e.Err }
+
 // send sends a request to the daemon; a socket nobody listens on is a
-// *NotRunningError.
+// *NotRunningError, one the user may not use a *NotPermittedError.
 func (c *Client) send(req *http.Request) (*http.Response, error) {
 	resp, err := c.http.Do(req)
-	if err != nil && (errors.Is(err, syscall.ENOENT) || errors.Is(err, syscall.ECONNREFUSED)) {
+	switch {
+	case err == nil:
+	case errors.Is(err, syscall.ENOENT), errors.Is(err, syscall.ECONNREFUSED):
 		return nil, &NotRunningError{Socket: c.Socket, Err: err}
+	case errors.Is(err, syscall.EACCES), errors.Is(err, syscall.EPERM):
+		return nil, &NotPermittedError{Socket: c.Socket, Err: err}
 	}
 	return resp, err
 }

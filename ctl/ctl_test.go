@@ -1,0 +1,134 @@
+package ctl
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// asNobody, in the environment, makes the test binary run splicectl as
+// user nobody (see TestMain) with the arguments in the environment,
+// separated by newlines, and print its exit status after its output.
+const asNobody = "SPLICECTL_TEST_AS_NOBODY"
+
+func TestMain(m *testing.M) {
+	if args := os.Getenv(asNobody); args != "" {
+		if err := syscall.Setgid(65534); err != nil {
+			fmt.Println("setgid:", err)
+			os.Exit(3)
+		}
+		if err := syscall.Setuid(65534); err != nil {
+			fmt.Println("setuid:", err)
+			os.Exit(3)
+		}
+		code := Run(strings.Split(args, "\n"), os.Stdout, os.Stdout)
+		fmt.Printf("exit %d\n", code)
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// runAsNobody runs splicectl with args as user nobody and returns what
+// it printed and its exit status.
+func runAsNobody(t *testing.T, args ...string) (string, int) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatal("needs root (to run splicectl as another user), as make test runs")
+	}
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), asNobody+"="+strings.Join(args, "\n"))
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("splicectl as nobody: %v: %s", err, out)
+	}
+	s := strings.TrimSpace(string(out))
+	i := strings.LastIndex(s, "exit ")
+	if i < 0 {
+		t.Fatalf("splicectl as nobody printed no exit status: %s", out)
+	}
+	code, _ := strconv.Atoi(s[i+len("exit "):])
+	return s[:i], code
+}
+
+// controlSocket serves an answer to everything on a Unix socket in a
+// directory anyone may search, with the mode and group given, and
+// returns its path.
+func controlSocket(t *testing.T, mode os.FileMode, gid int) string {
+	t.Helper()
+	dir := t.TempDir()
+	for d := dir; d != "/" && d != os.TempDir(); d = filepath.Dir(d) {
+		os.Chmod(d, 0o755)
+	}
+	path := filepath.Join(dir, "spliced.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("{}"))
+	})}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	if err := os.Chown(path, 0, gid); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// TestSocketNotPermitted: a user who may not use the control socket got
+// Go's `Get "http://spliced/v1/status": dial unix PATH: connect:
+// permission denied`, which names neither the cause nor the fix. The
+// message now says who may use the socket and how to become one of them.
+func TestSocketNotPermitted(t *testing.T) {
+	path := controlSocket(t, 0o600, 0)
+	out, code := runAsNobody(t, "-s", path, "status")
+	if code != 1 {
+		t.Errorf("exit %d, want 1: %s", code, out)
+	}
+	for _, want := range []string{"splicectl status: ", "permission", path, "root", "sudo", "control.group"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("%q lacks %q", out, want)
+		}
+	}
+	if strings.Contains(out, "http://") {
+		t.Errorf("%q shows the request's internal URL", out)
+	}
+
+	gr, err := user.LookupGroup("daemon")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gid, _ := strconv.Atoi(gr.Gid)
+	path = controlSocket(t, 0o660, gid)
+	out, code = runAsNobody(t, "-s", path, "flows")
+	if code != 1 {
+		t.Errorf("exit %d, want 1: %s", code, out)
+	}
+	for _, want := range []string{"splicectl flows: ", "permission", path, `group "daemon"`, "sudo"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("%q lacks %q", out, want)
+		}
+	}
+}
+
+// TestNotRunning: nothing at the socket's path, or nothing listening
+// there: splicectl says the daemon is not running, and exits 1.
+func TestNotRunning(t *testing.T) {
+	var out bytes.Buffer
+	path := filepath.Join(t.TempDir(), "spliced.sock")
+	if code := Run([]string{"-s", path, "status"}, &out, &out); code != 1 || !strings.Contains(out.String(), "spliced is not running") {
+		t.Errorf("exit %d: %s", code, out.String())
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode"
 )
 
 // parseWithin runs Parse and fails the test if it takes longer than d (the
@@ -185,5 +186,37 @@ func TestWholeNumberOutOfRange(t *testing.T) {
 	// Not a number at all: the message stays.
 	if _, err := Parse("range.yaml", []byte("kernel:\n  queue: abc\n")); err == nil || !strings.Contains(err.Error(), "not a whole number") {
 		t.Errorf("a word for a number: %v", err)
+	}
+}
+
+// TestErrorsPrintable: a key written in double quotes may hold escape
+// sequences ("\e[2J", "\r"), and its error (an unknown key) printed the
+// key as it is: `splicectl config check` or `spliced -check` of a file
+// someone sent wrote the sequence to the terminal, which could clear it,
+// retitle the window or overwrite the message. Every byte of an error
+// is printable now, the sequences escaped; so is a yaml message that
+// quotes the value.
+func TestErrorsPrintable(t *testing.T) {
+	for _, in := range []string{
+		"log:\n  \"lev\\e]0;title\\a\\e[2Jel\\rX\": info\n",
+		"\"\\e[2J\\u009b31m\": 1\n",
+		"\"\\e[2Jjust a string\"\n",
+		"services:\n  - name: a\n    \"\\e[2J\": 1\n",
+	} {
+		_, err := Parse("evil.yaml", []byte(in))
+		if err == nil {
+			t.Errorf("%q: accepted", in)
+			continue
+		}
+		msg := err.Error()
+		for _, r := range msg {
+			if r != '\n' && !unicode.IsPrint(r) {
+				t.Errorf("%q: error %q holds %U", in, msg, r)
+				break
+			}
+		}
+		if !strings.Contains(msg, `\x1b[2J`) {
+			t.Errorf("%q: error %q does not show the escape sequence as \\x1b", in, msg)
+		}
 	}
 }

@@ -12,6 +12,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"unicode"
+	"unicode/utf8"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -38,6 +40,34 @@ func (e *Error) Error() string {
 		fmt.Fprintf(&b, "%q ", e.Value)
 	}
 	b.WriteString(e.Msg)
+	return printable(b.String())
+}
+
+// printable escapes, as Go does in a quoted string, what s holds that a
+// terminal could take for a control sequence: control characters (C0,
+// DEL, C1), other unprintable characters and invalid UTF-8. A key in
+// double quotes may hold any ("\e[2J"), and so may a value yaml quotes
+// in its own message: such an error, from `spliced -check` or
+// `splicectl config check` of a file someone sent, wrote them to the
+// terminal, which could clear it or overwrite the message.
+func printable(s string) string {
+	if !strings.ContainsFunc(s, func(r rune) bool { return r == utf8.RuneError || !unicode.IsPrint(r) }) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, n := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && n == 1:
+			fmt.Fprintf(&b, `\x%02x`, s[i])
+		case unicode.IsPrint(r):
+			b.WriteString(s[i : i+n])
+		default:
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+		}
+		i += n
+	}
 	return b.String()
 }
 

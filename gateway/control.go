@@ -126,23 +126,52 @@ var afterControlBind = func(path string) {}
 // checkSocketDir refuses a directory where someone else could replace
 // the socket between its creation and its chown and chmod (which follow
 // a symbolic link put in its place): one that belongs to another user, or
-// that others may write to without the sticky bit.
+// that others may write to without the sticky bit. The same holds for
+// every directory above it, and for every symbolic link on the way and
+// where it leads: whoever may rename or replace any of them may put a
+// directory of their own, and a link in it, at the socket's path.
 func checkSocketDir(dir string) error {
-	fi, err := os.Stat(dir)
+	dir, err := filepath.Abs(dir)
 	if err != nil {
 		return err
 	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return nil
+	if err := checkSocketPath(dir); err != nil {
+		return err
 	}
-	if uid := os.Geteuid(); st.Uid != uint32(uid) && st.Uid != 0 {
-		return fmt.Errorf("its directory %s belongs to user %d; put the socket in a directory of root's, such as /run/spliced (control.socket)", dir, st.Uid)
+	resolved, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return err
 	}
-	if fi.Mode().Perm()&0o022 != 0 && fi.Mode()&os.ModeSticky == 0 {
-		return fmt.Errorf("its directory %s is writable by others (mode %v); put the socket in a directory only root writes, such as /run/spliced (control.socket), or chmod go-w %s", dir, fi.Mode().Perm(), dir)
+	return checkSocketPath(resolved)
+}
+
+// checkSocketPath checks dir and each directory above it, without
+// following symbolic links (a link's own owner may replace it).
+func checkSocketPath(dir string) error {
+	for p := filepath.Clean(dir); ; p = filepath.Dir(p) {
+		fi, err := os.Lstat(p)
+		if err != nil {
+			return err
+		}
+		what := "directory"
+		if fi.Mode()&os.ModeSymlink != 0 {
+			what = "symbolic link"
+		}
+		if what == "directory" && p == dir {
+			what = "its directory"
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			if uid := os.Geteuid(); st.Uid != uint32(uid) && st.Uid != 0 {
+				return fmt.Errorf("%s %s belongs to user %d; put the socket in a directory of root's, such as /run/spliced (control.socket)", what, p, st.Uid)
+			}
+		}
+		if fi.IsDir() && fi.Mode().Perm()&0o022 != 0 && fi.Mode()&os.ModeSticky == 0 {
+			return fmt.Errorf("%s %s is writable by others (mode %v); put the socket in a directory only root writes, such as /run/spliced (control.socket), or chmod go-w %s", what, p, fi.Mode().Perm(), p)
+		}
+		if p == "/" || p == "." {
+			return nil
+		}
 	}
-	return nil
 }
 
 func fileKind(m os.FileMode) string {

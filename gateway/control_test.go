@@ -248,3 +248,58 @@ func TestControlRequestBodyNeverSent(t *testing.T) {
 		t.Errorf("splice of an unknown flow through the API's client: %v; want no flow 1", err)
 	}
 }
+
+// TestControlSocketAncestorsChecked: only the socket's own directory was
+// checked. Its parent writable by others (no sticky bit), or a symbolic
+// link on the way that another user owns, lets that user replace the
+// directory, with everything in it, between the bind and the chown and
+// chmod that follow the path, and have spliced chown and chmod a file of
+// their choosing. Refused, naming the culprit.
+func TestControlSocketAncestorsChecked(t *testing.T) {
+	base := t.TempDir()
+	open := filepath.Join(base, "open")
+	if err := os.Mkdir(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(open, 0o777)
+	inner := filepath.Join(open, "d")
+	if err := os.Mkdir(inner, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	stop, err := controlTestGateway().serveControl(context.Background(), filepath.Join(inner, "s.sock"), "")
+	if err == nil {
+		stop()
+		t.Error("a control socket below a directory everyone may write to was accepted")
+	} else if !strings.Contains(err.Error(), open) || !strings.Contains(err.Error(), "writable by others") {
+		t.Errorf("error does not name %s and why: %v", open, err)
+	}
+
+	real := filepath.Join(base, "real")
+	if err := os.Mkdir(real, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(base, "link")
+	if err := os.Symlink(real, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Lchown(link, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	stop, err = controlTestGateway().serveControl(context.Background(), filepath.Join(link, "s.sock"), "")
+	if err == nil {
+		stop()
+		t.Error("a control socket through another user's symbolic link was accepted")
+	} else if !strings.Contains(err.Error(), link) || !strings.Contains(err.Error(), "belongs to user 65534") {
+		t.Errorf("error does not name %s and its owner: %v", link, err)
+	}
+
+	// Root's own link to a directory of root's (as /var/run to /run) is fine.
+	if err := os.Lchown(link, 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	stop, err = controlTestGateway().serveControl(context.Background(), filepath.Join(link, "s.sock"), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop()
+}

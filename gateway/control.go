@@ -88,7 +88,7 @@ func listenPrivately(path, group string) (*net.UnixListener, error) {
 	if group != "" {
 		gr, err := user.LookupGroup(group)
 		if err != nil {
-			return nil, fmt.Errorf("control.group %q: %w", group, err)
+			return nil, fmt.Errorf("control.group %q: %w; create the group (groupadd %s) or remove control.group", group, err, group)
 		}
 		gid, _ = strconv.Atoi(gr.Gid)
 		mode = 0o660

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"os/user"
 	"slices"
 	"strings"
 	"syscall"
@@ -100,6 +101,15 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if msg := config.ControlSocketProblem(cfg.Control.Socket); msg != "" {
 		fmt.Fprintf(stderr, "spliced: -socket %q %s\n", *socket, msg)
 		return 2
+	}
+	// The group is this machine's, which the file's validation does not
+	// look at: without this -check passed a file the daemon then
+	// refused to start with.
+	if g := cfg.Control.Group; g != "" && cfg.Control.Socket != "" {
+		if _, err := user.LookupGroup(g); err != nil {
+			fmt.Fprintf(stderr, "spliced: %s: control.group %q: %v; create the group (groupadd %s) or remove control.group (the socket is then root's only)\n", cfg.File, g, err, g)
+			return 2
+		}
 	}
 	log, err := logging.New(stderr, cfg.Log.Format, cfg.Log.Level)
 	if err != nil {

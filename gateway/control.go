@@ -322,9 +322,9 @@ func (g *Gateway) apiFlow(f *proxy.Flow) api.Flow {
 // describeFlow describes a flow for the API; sf is its spliced state, if
 // it is spliced.
 func describeFlow(f *proxy.Flow, sf *splicedFlow) api.Flow {
-	local := f.Server
-	if f.Local.IsValid() { // a direct flow: the client connected to the gateway
-		local = f.Local
+	local, server := f.Destination()
+	if !local.IsValid() { // a transparent flow: the client connected to the server's address
+		local = server
 	}
 	upstream, backend := f.ServerLeg()
 	af := api.Flow{
@@ -383,7 +383,8 @@ func (g *Gateway) handleFlows(w http.ResponseWriter, r *http.Request) {
 			continue
 		}
 		upstream, backend := f.ServerLeg()
-		ends := []netip.AddrPort{f.Client, f.Server, upstream, backend}
+		_, server := f.Destination()
+		ends := []netip.AddrPort{f.Client, server, upstream, backend}
 		if addr.IsValid() && !slices.ContainsFunc(ends, func(e netip.AddrPort) bool { return e.Addr() == addr }) {
 			continue
 		}

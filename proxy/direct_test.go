@@ -283,3 +283,61 @@ func refusedDial(t *testing.T, addr string) {
 		t.Fatal("the proxy neither served nor ended the connection in 10 s")
 	}
 }
+
+// TestDirectDestinationWhileListed: a direct flow is in the table (and
+// listed by the control API) before its backend is chosen; its proxy
+// then sets where it goes while a lister reads it. Run under the race
+// detector (CI's make test-race of ./proxy/...), the writes were plain
+// field stores racing the API's reads; now both go through legMu. And
+// each flow ends up listed with the listen address its client connected
+// to and the backend it reached.
+func TestDirectDestinationWhileListed(t *testing.T) {
+	backend := echoServer(t)
+	f, addr := startDirect(t, time.Second, backend)
+	stop := make(chan struct{})
+	listed := make(chan int)
+	go func() {
+		n := 0
+		for {
+			select {
+			case <-stop:
+				listed <- n
+				return
+			default:
+			}
+			for _, fl := range f.Flows.List() {
+				fl.Destination()
+				fl.ServerLeg()
+				n++
+			}
+		}
+	}()
+	var conns []net.Conn
+	for range 20 {
+		c, err := net.Dial("tcp4", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	close(stop)
+	t.Logf("%d flow reads while 20 flows connected", <-listed)
+	flows := f.Flows.List()
+	if len(flows) != len(conns) {
+		t.Fatalf("%d flows listed, want %d", len(flows), len(conns))
+	}
+	for _, fl := range flows {
+		local, server := fl.Destination()
+		if local.String() != addr || server != backend {
+			t.Errorf("flow %d: listed as %v -> %v, want %s -> %v", fl.ID, local, server, addr, backend)
+		}
+	}
+}

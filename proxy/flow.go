@@ -69,8 +69,10 @@ type Flow struct {
 	User string
 	// legMu guards Upstream and Backend once the flow is in the table: a
 	// proxy changes them (the HTTP proxy reconnects to another backend)
-	// with SetServerLeg while others read them with ServerLeg. It guards
-	// spliceReq's creation too.
+	// with SetServerLeg while others read them with ServerLeg. So too
+	// Server and Local, which a direct forwarder and SOCKS5 set once
+	// the connect succeeded (SetDestination) while the control API may
+	// list the flow (Destination). It guards spliceReq's creation too.
 	legMu sync.Mutex
 
 	// spliceReq carries requests (an operator's) to splice the flow now.
@@ -484,6 +486,23 @@ func (f *Flow) SetServerLeg(upstream, backend netip.AddrPort) {
 	f.legMu.Lock()
 	f.Upstream, f.Backend = upstream, backend
 	f.legMu.Unlock()
+}
+
+// SetDestination sets where the flow goes once it is in the table:
+// server, and local, the address the client connected to when it is
+// not server (a direct service's listen address; zero otherwise).
+func (f *Flow) SetDestination(local, server netip.AddrPort) {
+	f.legMu.Lock()
+	f.Local, f.Server = local, server
+	f.legMu.Unlock()
+}
+
+// Destination returns Local and Server, for a reader that may run while
+// the flow's proxy sets them (SetDestination).
+func (f *Flow) Destination() (local, server netip.AddrPort) {
+	f.legMu.Lock()
+	defer f.legMu.Unlock()
+	return f.Local, f.Server
 }
 
 // ServerLeg returns the upstream connection's local address and its

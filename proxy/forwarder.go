@@ -313,8 +313,7 @@ func (f *Forwarder) handleDirect(c *net.TCPConn, flow *Flow) {
 	}
 	done := backend.Opened()
 	defer done()
-	flow.Local = flow.Server // the listen address the client connected to
-	flow.Server = backend.Addr
+	flow.SetDestination(flow.Server, backend.Addr) // Local: the listen address the client connected to
 	flow.SetServerLeg(addrPort(up.LocalAddr()), backend.Addr)
 	log := f.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
 	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream), "listen", addrPort(c.LocalAddr()))

@@ -422,7 +422,7 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 			errs = append(errs, err)
 			continue
 		}
-		flow.Server = dst
+		flow.SetDestination(flow.Local, dst)
 		flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), dst)
 		h.replyDeadline()
 		if _, err := h.c.Write(appendReply(nil, Succeeded, flow.Upstream)); err != nil {

@@ -371,22 +371,37 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 			// 127.0.0.0/8 or ::1 would not see.
 			continue
 		}
-		act, _, by := p.conf.decideBy(h.user, q.Name, a, q.Port)
-		if act == config.Deny {
-			continue
+		// An address a NAT64 translator maps to an IPv4 one must pass
+		// the rules as that address too: with DNS64, an internal
+		// IPv4 host's name resolves to 64:ff9b::10.0.0.5, past a
+		// deny rule for 10.0.0.0/8.
+		targets := []netip.Addr{a}
+		if v4, ok := nat64Embedded(a); ok {
+			targets = append(targets, v4)
 		}
-		if r, why := onGateway(a); r.IsValid() && !namedBy(by, r) {
-			// The gateway's own services (debug.pprof, metrics, a
-			// router's management) and its links' neighbours are
-			// reached only where a rule names them.
-			gateway = fmt.Sprintf("%v is %s; a socks5 rule that allows it must name it in destinations (within %v)", a, why, r)
-			continue
+		refused := false
+		for _, t := range targets {
+			act, _, by := p.conf.decideBy(h.user, q.Name, t, q.Port)
+			if act == config.Deny {
+				refused = true
+				break
+			}
+			if r, why := onGateway(t); r.IsValid() && !namedBy(by, r) {
+				// The gateway's own services (debug.pprof, metrics, a
+				// router's management) and its links' neighbours are
+				// reached only where a rule names them.
+				gateway = fmt.Sprintf("%v is %s; a socks5 rule that allows it must name it in destinations (within %v)", t, why, r)
+				refused = true
+				break
+			}
+			if svc.Access.Decide(h.client.Addr(), netip.AddrPortFrom(t, q.Port)) == config.Deny {
+				refused = true
+				break
+			}
 		}
-		dst := netip.AddrPortFrom(a, q.Port)
-		if svc.Access.Decide(h.client.Addr(), dst) == config.Deny {
-			continue
+		if !refused {
+			allowed = append(allowed, netip.AddrPortFrom(a, q.Port))
 		}
-		allowed = append(allowed, dst)
 	}
 	// Addresses of the client leg's family first: the splice engine
 	// cannot translate between IPv4 and IPv6, so such a flow could only
@@ -440,6 +455,32 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 	err := errors.Join(errs...)
 	h.answer(dialReply(errs[len(errs)-1]))
 	return nil, nil, resultConnect, err
+}
+
+// The well-known NAT64 prefixes (see nat64Embedded).
+var (
+	nat64WellKnown = netip.MustParsePrefix("64:ff9b::/96")
+	nat64LocalUse  = netip.MustParsePrefix("64:ff9b:1::/48")
+)
+
+// nat64Embedded returns the IPv4 address an address of a well-known
+// NAT64 prefix stands for (RFC 6052 2.2: 64:ff9b::/96, the IPv4 address
+// in its last 32 bits; RFC 8215: 64:ff9b:1::/48, the IPv4 address in
+// bits 48-63 and 72-87, around the reserved octet u). A translator on
+// the way connects to that IPv4 address. Prefixes a network chose for
+// itself are not known here.
+func nat64Embedded(a netip.Addr) (netip.Addr, bool) {
+	if !a.Is6() || a.Is4In6() {
+		return netip.Addr{}, false
+	}
+	b := a.As16()
+	switch {
+	case nat64WellKnown.Contains(a):
+		return netip.AddrFrom4([4]byte(b[12:16])), true
+	case nat64LocalUse.Contains(a):
+		return netip.AddrFrom4([4]byte{b[6], b[7], b[9], b[10]}), true
+	}
+	return netip.Addr{}, false
 }
 
 // rooted returns name with a trailing dot: the resolver then looks up

@@ -976,3 +976,61 @@ func TestRefusedLogNamesReply(t *testing.T) {
 		t.Fatalf("refusals logged %v, want %v", replies, want)
 	}
 }
+
+// TestNAT64Destinations: an address of a well-known NAT64 prefix is its
+// embedded IPv4 address to a translator on the way, and so to the rules:
+// with DNS64 an internal host's name resolves to 64:ff9b::10.0.0.5. A
+// deny rule for 10.0.0.0/8 held against 10.0.0.5 only, and the gateway
+// was asked to connect to the NAT64 forms (here unreachable, so 0x03 or
+// 0x04 instead of 0x02); loopback's NAT64 form counts as loopback.
+func TestNAT64Destinations(t *testing.T) {
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dns := dnstest.Serve(pc, map[string][]netip.Addr{"internal.test": {netip.MustParseAddr("64:ff9b::a00:5")}})
+	defer dns.Close()
+	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
+services:
+  - name: socks
+    proxy: socks5
+    listen_on: ["127.0.0.1:1080"]
+    splice:
+      mode: never
+    socks5:
+      resolver: %s
+      rules:
+        - action: deny
+          destinations: [10.0.0.0/8]
+`, dns.Addr())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := serveConfig(t, cfg)
+	connect6 := func(a string) []byte {
+		b := append([]byte{5, CmdConnect, 0, AtypIPv6}, netip.MustParseAddr(a).AsSlice()...)
+		return append(b, 0, 80)
+	}
+	for name, req := range map[string][]byte{
+		"64:ff9b::10.0.0.5":           connect6("64:ff9b::a00:5"),
+		"64:ff9b:1:a00:0:500:: (/48)": connect6("64:ff9b:1:a00:0:500::"),
+		"64:ff9b::127.0.0.1":          connect6("64:ff9b::7f00:1"),
+		"internal.test (DNS64)":       connectName("internal.test", 80),
+	} {
+		if got := l.talk(t, "127.0.0.1", cat(greetNone, req), false); !bytes.Equal(got, cat([]byte{5, 0}, failReply(NotAllowed))) {
+			t.Errorf("%s: got %x, want 0x02", name, got)
+		}
+	}
+	for a, want := range map[string]string{
+		"64:ff9b::a00:5":         "10.0.0.5",
+		"64:ff9b:1:a00:0:500::":  "10.0.0.5",
+		"64:ff9b:1:c0a8:1:2ff::": "192.168.1.2",
+		"2001:db8::a00:5":        "",
+		"::ffff:10.0.0.5":        "",
+	} {
+		got, ok := nat64Embedded(netip.MustParseAddr(a))
+		if ok != (want != "") || ok && got.String() != want {
+			t.Errorf("nat64Embedded(%s) = %v, %v; want %q", a, got, ok, want)
+		}
+	}
+}

@@ -213,11 +213,17 @@ type Limits struct {
 	// beyond the cap are refused with a reset and a rate-limited log line.
 	MaxFlows int `yaml:"max_flows"`
 	// MaxFlowsPerClient caps the flows of one client over all services
-	// (0, the default: no cap): an IPv4 address, or an IPv6 /64 (see
-	// proxy.ClientKey). A SOCKS5 handshake counts as a flow. Flows
-	// beyond it are refused as beyond MaxFlows: one client cannot fill
-	// the table the others share.
+	// (0, the default: no cap): an IPv4 address, or the IPv6 addresses
+	// of one ClientIPv6Prefix. A SOCKS5 handshake counts as a flow.
+	// Flows beyond it are refused as beyond MaxFlows: one client cannot
+	// fill the table the others share.
 	MaxFlowsPerClient int `yaml:"max_flows_per_client"`
+	// ClientIPv6Prefix is how many leading bits of an IPv6 client's
+	// address make one client for MaxFlowsPerClient (default 128: each
+	// address). 64 counts a /64 as one: a host may use every address
+	// of its subnet, but the hosts of a LAN share one /64. Set at the
+	// start only.
+	ClientIPv6Prefix int `yaml:"client_ipv6_prefix"`
 }
 
 // Control is the control API (splicectl).
@@ -425,6 +431,7 @@ func (c *Config) applyDefaults() {
 	SetDefault(&c.Kernel.RouteTable, DefaultRouteTable)
 	SetDefault(&c.Kernel.RulePriority, DefaultRulePriority)
 	SetDefault(&c.Limits.MaxFlows, DefaultMaxFlows)
+	SetDefault(&c.Limits.ClientIPv6Prefix, 128)
 	SetDefault(&c.Kernel.Queue, DefaultQueue)
 	SetDefault(&c.Kernel.Queues, defaultQueues(runtime.NumCPU()))
 	SetDefault(&c.Kernel.QueueLen, DefaultQueueLen)

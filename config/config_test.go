@@ -80,6 +80,7 @@ func TestParseErrors(t *testing.T) {
 		want []string
 	}{
 		{"unknown key", "services:\n  - name: web\n    listn: 15001\n", []string{"bad.yaml: line 3: services[0].listn:", `did you mean "listen"`, "valid keys here:"}},
+		{"client IPv6 prefix out of range", "limits:\n  client_ipv6_prefix: 16\n", []string{"line 2: limits.client_ipv6_prefix:", `"16"`, "32-128"}},
 		{"negative per-client cap", "limits:\n  max_flows_per_client: -1\n", []string{"line 2: limits.max_flows_per_client:", `"-1"`, "0 for no cap"}},
 		{"bad port", "services:\n  - name: web\n    listen: 70000\n    ports: [\"80\"]\n", []string{"line 3: services[0].listen:", `"70000"`, "use 1-65535"}},
 		{"bad port in list", "services:\n  - name: web\n    listen: 1\n    ports: [\"80\", \"90-20\"]\n", []string{"line 4: services[0].ports[1]:", `"90-20"`, "first <= last"}},

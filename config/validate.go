@@ -121,6 +121,9 @@ func (c *Config) validate(idx *keyIndex) error {
 	if c.Limits.MaxFlows < 0 {
 		bad("limits.max_flows", fmt.Sprint(c.Limits.MaxFlows), "is negative; use a positive number of flows (0 means the default %d)", DefaultMaxFlows)
 	}
+	if p := c.Limits.ClientIPv6Prefix; p < 32 || p > 128 {
+		bad("limits.client_ipv6_prefix", fmt.Sprint(p), "is not a prefix length of 32-128; use 128 (each IPv6 address is a client) or 64 (each /64)")
+	}
 	if c.Limits.MaxFlowsPerClient < 0 {
 		bad("limits.max_flows_per_client", fmt.Sprint(c.Limits.MaxFlowsPerClient), "is negative; use a positive number of flows, or 0 for no cap per client")
 	}

@@ -216,6 +216,7 @@ func New(cfg *config.Config, log *slog.Logger) *Gateway {
 		syncLog:      logging.NewLimiter(time.Minute),
 		workers:      workpool.New(transitionWorkerIdle, transitionWorkersIdleMax),
 	}
+	g.flows.SetClientIPv6Prefix(cfg.Limits.ClientIPv6Prefix)
 	g.flows.SetMaxPerClient(cfg.Limits.MaxFlowsPerClient)
 	g.snap.Store(&snapshot{cfg: cfg, rules: rules.NewManager(rules.FromConfig(cfg))})
 	return g

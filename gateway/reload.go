@@ -140,6 +140,10 @@ func restartOnly(old, cfg *config.Config) error {
 	if old.Log != cfg.Log {
 		changed = append(changed, "log")
 	}
+	if old.Limits.ClientIPv6Prefix != cfg.Limits.ClientIPv6Prefix {
+		// The flow table keeps its per-client counts by it.
+		changed = append(changed, "limits.client_ipv6_prefix")
+	}
 	if len(changed) > 0 {
 		return fmt.Errorf("reload %s: %s changed; these take effect only at a restart (nothing was changed)", cfg.File, strings.Join(changed, ", "))
 	}

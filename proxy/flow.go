@@ -179,14 +179,15 @@ type FlowTable struct {
 	// included (a SOCKS5 service's max_sessions counts them), but not
 	// those that ended and wait to leave the table (Ended).
 	perService map[string]int
-	// perClient counts the flows of each client (ClientKey) as
+	// perClient counts the flows of each client (clientKey) as
 	// perService does, while maxPerClient caps them; with no cap (0)
 	// it is nil: an entry per client costs more than 40 bytes, which
 	// a table of many one-flow clients would pay for nothing
 	// (TestPromotedFlowMemory).
 	perClient    map[netip.Prefix]int
 	maxPerClient int
-	// reserved counts the places each client (ClientKey) holds for
+	clientBits6  int // see clientKey
+	// reserved counts the places each client (clientKey) holds for
 	// flows to come: SOCKS5 handshakes under way (Reserve). They count
 	// against maxPerClient with its flows, in every service's
 	// admission: counted by each SOCKS5 service on its own, they were
@@ -214,18 +215,31 @@ var (
 	ErrClientCap = errors.New("the client's flow cap reached (limits.max_flows_per_client)")
 )
 
-// ClientKey is what the per-client cap counts a client address as: an
-// IPv4 address alone, an IPv6 address by its /64, which one host may
-// use whole (a host picks its own addresses in its subnet: RFC 4941,
-// RFC 8981), so that a cap per address would cap nothing.
-func ClientKey(a netip.Addr) netip.Prefix {
+// clientKey is what the per-client cap counts a client address as: an
+// IPv4 address alone, an IPv6 address by its first bits6 bits
+// (limits.client_ipv6_prefix; 0 is 128, the address alone). A /64 is
+// what one host may use whole (it picks its own addresses in its
+// subnet: RFC 4941, RFC 8981), and what a LAN's hosts share.
+func clientKey(a netip.Addr, bits6 int) netip.Prefix {
 	a = a.Unmap()
 	bits := 32
 	if a.Is6() {
-		bits = 64
+		bits = cmp.Or(bits6, 128)
 	}
 	p, _ := a.WithZone("").Prefix(bits)
 	return p
+}
+
+// key is clientKey with the table's IPv6 prefix length (t.mu held).
+func (t *FlowTable) key(a netip.Addr) netip.Prefix { return clientKey(a, t.clientBits6) }
+
+// SetClientIPv6Prefix sets how many leading bits of an IPv6 client's
+// address the per-client cap counts as one client (see clientKey),
+// before any flow is admitted: the counts are kept by it.
+func (t *FlowTable) SetClientIPv6Prefix(bits int) {
+	t.mu.Lock()
+	t.clientBits6 = bits
+	t.mu.Unlock()
 }
 
 // CapFix says how an operator lifts the cap err names.
@@ -244,13 +258,13 @@ func (t *FlowTable) ServiceLen(service string) int {
 	return t.perService[service]
 }
 
-// ClientLen is the number of flows of client a (counted by ClientKey),
+// ClientLen is the number of flows of client a (counted by clientKey),
 // ended ones not (see Ended), while there is a cap per client; places
 // it reserved (Reserve) not.
 func (t *FlowTable) ClientLen(a netip.Addr) int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.perClient[ClientKey(a)] // 0 with no cap
+	return t.perClient[t.key(a)] // 0 with no cap
 }
 
 // Admit gives f an ID and adds it, unless the table is full (ErrFlowCap)
@@ -279,7 +293,7 @@ func (t *FlowTable) admitLocked(f *Flow) error {
 		return ErrFlowCap
 	}
 	if t.perClient != nil {
-		key := ClientKey(f.Client.Addr())
+		key := t.key(f.Client.Addr())
 		if t.perClient[key]+t.reserved[key] >= t.maxPerClient {
 			t.CountRefusal(ErrClientCap)
 			return ErrClientCap
@@ -299,7 +313,7 @@ func (t *FlowTable) admitLocked(f *Flow) error {
 func (t *FlowTable) Reserve(a netip.Addr) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	key := ClientKey(a)
+	key := t.key(a)
 	if t.perClient != nil && t.perClient[key]+t.reserved[key] >= t.maxPerClient {
 		t.CountRefusal(ErrClientCap)
 		return ErrClientCap
@@ -316,7 +330,7 @@ func (t *FlowTable) Release(a netip.Addr) {
 }
 
 func (t *FlowTable) releaseLocked(a netip.Addr) {
-	key := ClientKey(a)
+	key := t.key(a)
 	if t.reserved[key]--; t.reserved[key] <= 0 {
 		delete(t.reserved, key)
 	}
@@ -340,7 +354,7 @@ func (t *FlowTable) Adopt(f *Flow) bool {
 	t.flows[f.ID] = f
 	t.perService[f.Service]++
 	if t.perClient != nil {
-		t.perClient[ClientKey(f.Client.Addr())]++
+		t.perClient[t.key(f.Client.Addr())]++
 	}
 	return true
 }
@@ -381,7 +395,7 @@ func (t *FlowTable) endLocked(f *Flow) {
 		delete(t.perService, f.Service)
 	}
 	if t.perClient != nil {
-		key := ClientKey(f.Client.Addr())
+		key := t.key(f.Client.Addr())
 		if t.perClient[key]--; t.perClient[key] <= 0 {
 			delete(t.perClient, key)
 		}
@@ -438,7 +452,7 @@ func (t *FlowTable) SetMaxPerClient(max int) {
 		t.perClient = map[netip.Prefix]int{}
 		for _, f := range t.flows {
 			if !f.ended {
-				t.perClient[ClientKey(f.Client.Addr())]++
+				t.perClient[t.key(f.Client.Addr())]++
 			}
 		}
 	}

@@ -72,8 +72,9 @@ func TestFlowTableEnded(t *testing.T) {
 
 // TestFlowTablePerClient: with limits.max_flows_per_client a client's
 // flows beyond the cap are refused with ErrClientCap while other clients
-// are admitted; an IPv6 client counts by its /64 and an IPv4-mapped
-// address as its IPv4 one; an ended or removed flow frees its place;
+// are admitted; an IPv6 client counts by its address, or with
+// client_ipv6_prefix 64 by its /64, and an IPv4-mapped address as its
+// IPv4 one; an ended or removed flow frees its place;
 // adopted flows count but are never refused; 0 is no cap; a cap set
 // later counts the flows the table holds.
 func TestFlowTablePerClient(t *testing.T) {
@@ -99,16 +100,26 @@ func TestFlowTablePerClient(t *testing.T) {
 	if n := tab.ClientLen(netip.MustParseAddr("10.1.0.5")); n != 2 {
 		t.Errorf("ClientLen %d, want 2", n)
 	}
-	for _, c := range []string{"[2001:db8:1:2::1]:1", "[2001:db8:1:2:ffff::9]:2"} {
+	for _, c := range []string{"[2001:db8:1:2::1]:1", "[2001:db8:1:2::1]:2"} {
 		if err := admit(c); err != nil {
 			t.Fatalf("flow from %s: %v", c, err)
 		}
 	}
-	if err := admit("[2001:db8:1:2:abcd::1]:3"); err != ErrClientCap {
-		t.Errorf("a third address of the same /64: %v, want ErrClientCap", err)
+	if err := admit("[2001:db8:1:2::1]:3"); err != ErrClientCap {
+		t.Errorf("a third flow of an IPv6 address: %v, want ErrClientCap", err)
 	}
-	if err := admit("[2001:db8:1:3::1]:3"); err != nil {
-		t.Errorf("another /64: %v", err)
+	if err := admit("[2001:db8:1:2:abcd::1]:3"); err != nil {
+		t.Errorf("another address of the same /64 (client_ipv6_prefix 128): %v", err)
+	}
+	// With client_ipv6_prefix 64 the addresses of a /64 are one client.
+	by64 := NewFlowTable(100)
+	by64.SetClientIPv6Prefix(64)
+	by64.SetMaxPerClient(2)
+	for i, c := range []string{"[2001:db8:1:2::1]:1", "[2001:db8:1:2:ffff::9]:2", "[2001:db8:1:2:abcd::1]:3", "[2001:db8:1:3::1]:3"} {
+		err := by64.Admit(NewFlow("s", "forward", netip.MustParseAddrPort(c), netip.MustParseAddrPort("10.2.0.2:80")))
+		if want := map[bool]error{true: ErrClientCap, false: nil}[i == 2]; err != want {
+			t.Errorf("client_ipv6_prefix 64, flow from %s: %v, want %v", c, err, want)
+		}
 	}
 	tab.Ended(kept[0])
 	if err := admit("10.1.0.5:1003"); err != nil {

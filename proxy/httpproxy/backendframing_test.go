@@ -513,3 +513,39 @@ func TestBodilessResponseNotChunked(t *testing.T) {
 		})
 	}
 }
+
+// TestInterimResponseNoLength: an interim (1xx) response has no body,
+// and a server must not send Content-Length in one (RFC 9110 8.6), but
+// the proxy relayed a backend's 103 or 101 with the field. A client that
+// frames every response by its Content-Length read that many bytes after
+// the interim head as its body: the start of the final response, or of
+// the protocol the connection switched to. The field is not relayed.
+func TestInterimResponseNoLength(t *testing.T) {
+	const key = "dGhlIHNhbXBsZSBub25jZQ=="
+	for _, c := range []struct{ name, request, response string }{
+		{"103", "GET /a/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+			"HTTP/1.1 103 Early Hints\r\nContent-Length: 5\r\nLink: </s.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"},
+		{"101", "GET /a/ws HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + "\r\n\r\n",
+			"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 4\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x02hi"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			b := scriptedBackend(t, func(conn *net.TCPConn) {
+				if readHTTPRequestHead(bufio.NewReader(conn)) != nil {
+					return
+				}
+				io.WriteString(conn, c.response)
+				conn.CloseWrite()
+				io.Copy(io.Discard, conn)
+			})
+			_, addr := testService(t, b)
+			got := rawClient(t, addr, c.request)
+			interim, _, ok := strings.Cut(got, "\r\n\r\n")
+			if !ok || !strings.HasPrefix(interim, "HTTP/1.1 1") {
+				t.Fatalf("client got %q, want an interim response first", got)
+			}
+			if strings.Contains(strings.ToLower(interim), "content-length") {
+				t.Errorf("the interim response went on with a Content-Length: %q", interim)
+			}
+		})
+	}
+}

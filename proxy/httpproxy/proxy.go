@@ -930,6 +930,10 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 			}
 			upgradeTo := resp.Header.Values("Upgrade")
 			removeHopByHop(resp.Header)
+			// A 101 has no body (RFC 9110 8.6, 15.2): a client that took
+			// its Content-Length would read the new protocol's first
+			// bytes as the body.
+			delete(resp.Header, "Content-Length")
 			resp.Header["Connection"] = []string{"Upgrade"}
 			resp.Header["Upgrade"] = upgradeTo
 			writeHead(out, resp, &c.scratch)
@@ -955,6 +959,10 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 			// (A backend's own 100, unasked once the proxy answered the
 			// Expect, would be the client's second.)
 			removeHopByHop(resp.Header)
+			// Nor has any 1xx a body, nor may it say Content-Length
+			// (RFC 9110 8.6): a client that took it would read the
+			// final response's head as the interim one's body.
+			delete(resp.Header, "Content-Length")
 			// Written when the proxy next reads the backend (or with
 			// the final response, if that came with it).
 			writeHead(out, resp, &c.scratch)

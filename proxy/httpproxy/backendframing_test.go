@@ -549,3 +549,33 @@ func TestInterimResponseNoLength(t *testing.T) {
 		})
 	}
 }
+
+// TestResponseSpaceBeforeColon: net/http reads "Content-Length : 2" as a
+// field named "Content-Length " (go.dev/issue/34540), which frames
+// nothing, so the proxy read a body the backend framed by its length (or
+// chunked, "Transfer-Encoding : chunked") as ending at the connection's
+// close: the client waited for as long as the backend kept the
+// connection, then got a body with no length, chunk framing and all. A
+// field name with white space before its colon is refused (502), as
+// requests are.
+func TestResponseSpaceBeforeColon(t *testing.T) {
+	for _, c := range []struct{ name, response string }{
+		{"length", "HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok"},
+		{"chunked", "HTTP/1.1 200 OK\r\nTransfer-Encoding : chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			b := scriptedBackend(t, func(conn *net.TCPConn) {
+				r := bufio.NewReader(conn)
+				for readHTTPRequestHead(r) == nil { // keep-alive: framed, it waits for the next request
+					io.WriteString(conn, c.response)
+				}
+			})
+			_, addr := testService(t, b)
+			start := time.Now()
+			got := rawClient(t, addr, "GET /a/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+			if !strings.HasPrefix(got, "HTTP/1.1 502 ") {
+				t.Errorf("after %v the client got %q, want 502", time.Since(start).Round(time.Millisecond), got)
+			}
+		})
+	}
+}

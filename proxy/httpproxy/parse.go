@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/textproto"
+	"strconv"
 	"strings"
 )
 
@@ -259,7 +260,12 @@ func peekResponseHead(r *bufio.Reader) (n int, bareLF bool, err error) {
 //     Transfer-Encoding in an HTTP/1.0 response (6.1: the framing is
 //     faulty; ReadResponse ignores the coding);
 //   - a control byte in the status line (ReadResponse keeps a bare CR
-//     in the reason phrase, which a client may take for a line end).
+//     in the reason phrase, which a client may take for a line end);
+//   - white space between a field name and its colon (RFC 9112 5.1):
+//     ReadResponse takes "Content-Length : 5" for a field named
+//     "Content-Length " (go.dev/issue/34540), which frames nothing, and
+//     would read to the connection's close a body its backend framed by
+//     that length (or chunked).
 //
 // Field values need no check here: ReadResponse refuses control bytes
 // in them.
@@ -278,6 +284,11 @@ func checkResponseHead(head []byte) error {
 		name, _, ok := bytes.Cut(field, []byte{':'})
 		if !ok {
 			continue
+		}
+		if len(name) > 0 && (name[len(name)-1] == ' ' || name[len(name)-1] == '\t') && name[0] != ' ' && name[0] != '\t' {
+			// (A line that starts with white space continues the one
+			// before it, obs-fold, which ReadResponse joins to it.)
+			return badResponse("white space before the colon of field " + strconv.Quote(string(bytes.TrimRight(name, " \t"))))
 		}
 		switch {
 		case asciiEqualFold(string(name), "Transfer-Encoding"):

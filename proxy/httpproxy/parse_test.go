@@ -164,6 +164,7 @@ var refusedResponses = map[string]string{
 	"HTTP/1.1 200 OK\rSet-Cookie: s=1\r\nContent-Length: 2\r\n\r\nhi":                                "control byte",
 	"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nhi":                                                "below 100",
 	"HTTP/1.1 +99 Odd\r\nContent-Length: 2\r\n\r\nhi":                                                "below 100",
+	"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nhi":                                                "white space before the colon",
 }
 
 // TestReadResponseRefuses: readResponse refuses the heads net/http reads

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -577,5 +578,44 @@ func TestResponseSpaceBeforeColon(t *testing.T) {
 				t.Errorf("after %v the client got %q, want 502", time.Since(start).Round(time.Millisecond), got)
 			}
 		})
+	}
+}
+
+// TestResponseTrailerFields: the trailer section of a chunked response
+// went to the client as the backend sent it once the response announced
+// any trailer, fields that must not be trailers included (RFC 9110
+// 6.5.1): a Content-Length, a Transfer-Encoding, a Host, a Connection.
+// A client that merges trailers into the header section (RFC 7230 4.1.2
+// let it, for fields allowed there) read a length, a coding or a host
+// the response's head never had. Those fields are dropped, from the
+// trailer section and from the Trailer field that announces it; the
+// others go on.
+func TestResponseTrailerFields(t *testing.T) {
+	b := startBackend(t)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nTrailer: X-Checksum, Host\r\nTransfer-Encoding: chunked\r\n\r\n"+
+			"2\r\nok\r\n0\r\nX-Checksum: abc\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+		return true
+	}
+	_, addr := testService(t, b)
+	got := rawClient(t, addr, "GET /a/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(strings.NewReader(got)), nil)
+	if err != nil {
+		t.Fatalf("client got %q: %v", got, err)
+	}
+	var announced []string
+	for k := range resp.Trailer {
+		announced = append(announced, k)
+	}
+	slices.Sort(announced)
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || string(body) != "ok" {
+		t.Fatalf("body %q, %v; the client got %q", body, err, got)
+	}
+	if fmt.Sprint(announced) != "[X-Checksum]" {
+		t.Errorf("trailer fields announced: %q, want [X-Checksum]", announced)
+	}
+	if len(resp.Trailer) != 1 || resp.Trailer.Get("X-Checksum") != "abc" {
+		t.Errorf("trailer fields relayed: %q, want X-Checksum: abc only; the client got %q", resp.Trailer, got)
 	}
 }

@@ -3,9 +3,12 @@ package httpproxy
 import (
 	"crypto/sha1"
 	"encoding/base64"
+	"io"
 	"net/http"
 	"net/textproto"
 	"strings"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // hopByHop are the fields that concern one connection only, which a
@@ -84,6 +87,39 @@ func isHopByHop(name string) bool {
 		}
 	}
 	return false
+}
+
+// removeTrailerFields deletes from a response's trailer section (or
+// from the names its Trailer field announced) the fields that must not
+// be trailers (RFC 9110 6.5.1): hop-by-hop ones, and those that frame,
+// route, authenticate or describe the message, net/http's list
+// (httpguts.ValidTrailerHeader: Content-Length, Transfer-Encoding, Host,
+// Content-Type, Authorization, If-*, ...). A client that merges
+// trailers into the header section would read a length, a coding or a
+// host the head never had.
+func removeTrailerFields(h http.Header) {
+	for k := range h {
+		if isHopByHop(k) || !httpguts.ValidTrailerHeader(k) {
+			delete(h, k)
+		}
+	}
+}
+
+// trailerFilter is the body of a chunked response with a trailer
+// section: net/http reads the section into trailer, the map
+// Response.Write writes it from, before the body's EOF, and at the EOF
+// the filter removes what must not go on (removeTrailerFields).
+type trailerFilter struct {
+	io.ReadCloser
+	trailer http.Header
+}
+
+func (f *trailerFilter) Read(p []byte) (int, error) {
+	n, err := f.ReadCloser.Read(p)
+	if err == io.EOF {
+		removeTrailerFields(f.trailer)
+	}
+	return n, err
 }
 
 // headerHas: a field key of h lists token (comma-separated, any case).

@@ -998,6 +998,13 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		closeAfter = true
 	}
 	removeHopByHop(resp.Header)
+	if resp.Trailer != nil {
+		// A chunked response that announced trailer fields: net/http
+		// relays the announcement and every field of the trailer
+		// section, those that must not be trailers too.
+		removeTrailerFields(resp.Trailer)
+		resp.Body = &trailerFilter{ReadCloser: resp.Body, trailer: resp.Trailer}
+	}
 	resp.Close = closeAfter // writeResponse says Connection: close
 	if !closeAfter && !req.ProtoAtLeast(1, 1) {
 		// An HTTP/1.0 client that asked to keep the connection keeps it

@@ -619,3 +619,47 @@ func TestResponseTrailerFields(t *testing.T) {
 		t.Errorf("trailer fields relayed: %q, want X-Checksum: abc only; the client got %q", resp.Trailer, got)
 	}
 }
+
+// TestResponseCutShortWithoutLength: a response body without a length
+// (one the backend ends by closing, or a chunked one relayed to an
+// HTTP/1.0 client) ends at the close of the client's connection, so the
+// close is all that tells the client the body is whole. When the backend
+// failed mid-body (a reset, a chunked body cut short) the proxy closed
+// the client's connection as after a whole body, and the client took
+// the part it got for all of it (a cache kept it so). The client's
+// connection is reset instead: it knows the body was cut.
+func TestResponseCutShortWithoutLength(t *testing.T) {
+	for _, c := range []struct{ name, request, head, part string }{
+		{"until the close, reset", "GET /a/x HTTP/1.1\r\nHost: t\r\n\r\n", "HTTP/1.1 200 OK\r\n\r\n", "partial"},
+		{"chunked to HTTP/1.0, cut", "GET /a/x HTTP/1.0\r\n\r\n", "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "7\r\npartial\r\n"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			b := scriptedBackend(t, func(conn *net.TCPConn) {
+				if readHTTPRequestHead(bufio.NewReader(conn)) != nil {
+					return
+				}
+				io.WriteString(conn, c.head+c.part)
+				time.Sleep(100 * time.Millisecond) // relayed by then
+				if strings.HasSuffix(c.name, "reset") {
+					conn.SetLinger(0)
+				}
+			})
+			_, addr := testService(t, b)
+			conn, err := net.Dial("tcp4", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			io.WriteString(conn, c.request)
+			conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, err := io.ReadAll(resp.Body)
+			if err == nil {
+				t.Errorf("the client read %q as the whole body; the backend sent part of it and failed", body)
+			}
+		})
+	}
+}

@@ -312,7 +312,11 @@ type conn struct {
 	// sending it (lingerClient). clientStalled: a read of the client
 	// timed out; it had idle_timeout already and gets no lingering.
 	bodyUnread, clientStalled bool
-	respBody                  respBody // the body of a response parse.go parsed
+	// cutShort: a response body that only the connection's close ends
+	// failed before its end; the client's connection is reset, not
+	// closed, so that the client does not take the part for the whole.
+	cutShort bool
+	respBody respBody // the body of a response parse.go parsed
 	// respEnd is the value of flow.S2C at which the response in flight
 	// ends: after an unsplice in its middle, the rest is relayed first.
 	respEnd int64
@@ -385,7 +389,11 @@ func (c *conn) run() {
 		return // the gateway owns the flow; it hands it back or ends it
 	}
 	c.releaseUpstream() // before a lingering close: another client may use it
-	if reason != reasonClientClosed {
+	switch {
+	case c.cutShort:
+		// A reset: a close would end the body as if it were whole.
+		c.client.SetLinger(0)
+	case reason != reasonClientClosed:
 		c.lingerClient()
 	}
 	c.client.Close()
@@ -1019,6 +1027,11 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		}
 		resp.Body.Close()
 		if err != nil {
+			// A body without a length (until the backend's close, or
+			// chunked decoded for an HTTP/1.0 client) is ended for the
+			// client by the close of its connection: cut short, the
+			// close would make the part look whole (RFC 9112 8).
+			c.cutShort = resp.ContentLength < 0 && len(resp.TransferEncoding) == 0 && req.Method != http.MethodHead
 			return true, false, fmt.Errorf("relay the response: %w", err)
 		}
 		c.upUsed, c.upReusable = true, !upClose

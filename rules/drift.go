@@ -52,7 +52,30 @@ func (m *Manager) KernelListing(ctx context.Context) (listing string, exists boo
 		terse, _ := blockOf(table, "\t", "set "+name)
 		table = strings.Replace(table, terse, set, 1)
 	}
-	return canonicalQueues(StripRuntime(table)), true, nil
+	return canonicalQueues(unwrapElements(StripRuntime(table))), true, nil
+}
+
+// unwrapElements joins the lines of every "elements = { ... }" block of
+// an nft listing into one, as Render writes it. nft wraps a long set's
+// elements (",\n\t\t\t     " between them): without this a service
+// with a few more prefixes or ports than fit on a line differed from
+// its expected listing for good, and every drift check reinstalled the
+// table.
+func unwrapElements(listing string) string {
+	lines := strings.Split(listing, "\n")
+	out := lines[:0]
+	open := false // inside an elements block that did not end on its line
+	for _, line := range lines {
+		t := strings.TrimSpace(line)
+		if open {
+			out[len(out)-1] += " " + t
+			open = !strings.HasSuffix(t, "}")
+			continue
+		}
+		open = strings.HasPrefix(t, "elements = {") && !strings.HasSuffix(t, "}")
+		out = append(out, line)
+	}
+	return strings.Join(out, "\n")
 }
 
 // runNFT runs the nft command with args and returns what it printed.

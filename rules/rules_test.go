@@ -773,3 +773,49 @@ func TestDriftWithNFT(t *testing.T) {
 		}
 	}
 }
+
+// TestDriftLongSets: nft wraps the elements of a long set over several
+// lines (",\n\t\t\t     "), where Render writes one line. A service with
+// a few more source prefixes than fit on a line looked drifted for
+// good: every check logged drift and reinstalled the table.
+func TestDriftLongSets(t *testing.T) {
+	cfg, err := config.Parse("long.yaml", []byte(`
+kernel:
+  table: spl_long
+services:
+  - name: lan
+    listen: 15001
+    ports: ["80", "443", "8000-8100", "8443"]
+    sources: [10.1.0.0/24, 10.1.2.0/24, 10.1.4.0/24, 10.1.6.0/24, 10.1.8.0/24, 10.1.10.0/24, 10.1.12.0/24, "fd00:1::/64", "fd00:2::/64", "fd00:3::/64", "fd00:4::/64"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := FromConfig(cfg)
+	spec.OwnTable = false
+	ns := testnet.Scratch(t)
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
+	if err := m.Install(nil); err != nil {
+		t.Fatal(err)
+	}
+	bin := t.TempDir()
+	script := fmt.Sprintf("#!/bin/sh\nexec ip netns exec %s %s \"$@\"\n", ns.Name, nft)
+	if err := os.WriteFile(filepath.Join(bin, "nft"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+":"+os.Getenv("PATH"))
+	if kernel, diff, err := m.Drift(t.Context()); err != nil || diff != "" {
+		t.Fatalf("fresh install: diff %q, err %v\nkernel:\n%s", diff, err, kernel)
+	}
+	// An element deleted from the long set still shows.
+	if out, err := ns.Command(t.Context(), nft, "delete element inet "+spec.Table+" lan_src4 { 10.1.6.0/24 }").CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	if _, diff, err := m.Drift(t.Context()); err != nil || !strings.Contains(diff, "-\t\telements = {") {
+		t.Errorf("after deleting an element: diff %q, err %v", diff, err)
+	}
+}

@@ -381,7 +381,11 @@ func containsAddr(ps []Prefix, a netip.Addr) bool {
 	if len(ps) == 0 {
 		return true
 	}
-	a = a.Unmap()
+	// A link-local address from a socket carries its interface as a
+	// zone (fe80::1%eth0), and netip.Prefix.Contains matches no zoned
+	// address: a deny rule for fe80::/10 let link-local clients through.
+	// Prefixes have no zone (the parser refuses one), so none is lost.
+	a = a.Unmap().WithZone("")
 	for _, p := range ps {
 		if p.Prefix.Contains(a) {
 			return true

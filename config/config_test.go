@@ -168,3 +168,47 @@ func TestDefaultQueues(t *testing.T) {
 		}
 	}
 }
+
+// TestAccessLinkLocalZone: a flow's addresses come from its socket, and
+// a link-local one carries its interface as a zone (fe80::1%eth0, as
+// the net package reports the kernel's scope ID). netip.Prefix.Contains
+// matches no zoned address, so a deny rule for fe80::/10 let every
+// link-local client through to the default allow.
+func TestAccessLinkLocalZone(t *testing.T) {
+	cfg, err := Parse("zone.yaml", []byte(`
+services:
+  - name: web
+    listen: 15001
+    ports: ["80"]
+    access:
+      rules:
+        - action: deny
+          sources: ["fe80::/10"]
+        - action: deny
+          destinations: ["fe80::1"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &cfg.Services[0].Access
+	global := netip.MustParseAddr("2001:db8::2")
+	for _, tc := range []struct {
+		src  netip.Addr
+		dst  netip.AddrPort
+		want Action
+	}{
+		{netip.MustParseAddr("fe80::2%eth0"), netip.MustParseAddrPort("[2001:db8::1]:80"), Deny},
+		{global, netip.MustParseAddrPort("[fe80::1%eth0]:80"), Deny},
+		{global, netip.MustParseAddrPort("[fe80::2%eth0]:80"), Allow},
+		{global, netip.MustParseAddrPort("[2001:db8::1]:80"), Allow},
+	} {
+		if got := a.Decide(tc.src, tc.dst); got != tc.want {
+			t.Errorf("%v -> %v: %s, want %s", tc.src, tc.dst, got, tc.want)
+		}
+	}
+	// An allow rule matches a zoned address too.
+	allow := Access{Default: Deny, Rules: []AccessRule{{Action: Allow, Sources: []Prefix{{netip.MustParsePrefix("fe80::/64")}}}}}
+	if got := allow.Decide(netip.MustParseAddr("fe80::2%2"), netip.MustParseAddrPort("[2001:db8::1]:443")); got != Allow {
+		t.Errorf("allow rule for fe80::/64: %s, want allow", got)
+	}
+}

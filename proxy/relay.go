@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -66,6 +67,11 @@ type Relay struct {
 	aborting   atomic.Bool
 	eof        [2]bool      // direction ended by a FIN, already passed on
 	lastActive atomic.Int64 // monotime of the last bytes relayed
+	inFlight   atomic.Int32 // directions inside a splice(2) call (ReadFrom)
+
+	idleMu  sync.Mutex
+	sampled bool   // moved holds a sample (idleMu)
+	moved   uint64 // kernelMoved when idle last looked (idleMu)
 }
 
 type dirResult struct {
@@ -204,7 +210,14 @@ func (r *Relay) copyDir(d int) dirResult {
 		eof := false
 		if busy {
 			lr := &io.LimitedReader{R: src, N: limit}
+			r.inFlight.Add(1)
 			n, err = dst.ReadFrom(lr)
+			if n > 0 {
+				// Before the call counts as over: idle, which looks
+				// at inFlight first, then sees this.
+				r.lastActive.Store(monotime.Now())
+			}
+			r.inFlight.Add(-1)
 			eof = err == nil && lr.N > 0
 			if n == 0 && errors.Is(err, os.ErrDeadlineExceeded) && !r.pausing.Load() && !r.aborting.Load() &&
 				(idleAt.IsZero() || time.Now().Before(idleAt)) {
@@ -241,7 +254,7 @@ func (r *Relay) copyDir(d int) dirResult {
 			if r.pausing.Load() {
 				return dirResult{dir: d, kind: Paused}
 			}
-			if n == 0 && r.IdleTimeout > 0 && monotime.Since(r.lastActive.Load()) >= r.IdleTimeout {
+			if n == 0 && r.IdleTimeout > 0 && r.idle() {
 				return dirResult{dir: d, kind: Idle}
 			}
 		default:
@@ -251,6 +264,58 @@ func (r *Relay) copyDir(d int) dirResult {
 			return dirResult{dir: d, kind: Failed, err: err}
 		}
 	}
+}
+
+// idle reports whether nothing moved either way for IdleTimeout. The
+// bytes of a splice(2) call count in lastActive only when it returns,
+// after up to a chunk, and a receiver that reads slowly keeps one going
+// for minutes: while a direction is inside one, lastActive alone called
+// a flow that moved bytes all along idle, and the other direction
+// closed it in the middle of a download. Then the kernel's counts of
+// the sockets decide: the flow is idle when they did not change over a
+// whole IdleTimeout (so one blocked for good, on a receiver that never
+// reads, is idle after twice IdleTimeout at most).
+func (r *Relay) idle() bool {
+	r.idleMu.Lock()
+	defer r.idleMu.Unlock()
+	inFlight := r.inFlight.Load() > 0 // before lastActive: see copyDir
+	if monotime.Since(r.lastActive.Load()) < r.IdleTimeout {
+		return false
+	}
+	if !inFlight {
+		return true // every byte relayed is counted in lastActive
+	}
+	moved, ok := r.kernelMoved()
+	if !ok {
+		return true // a socket is gone: nothing moves any more
+	}
+	if !r.sampled || moved != r.moved {
+		// Moved since the last look, or no look yet: look again a
+		// whole timeout from now.
+		r.sampled, r.moved = true, moved
+		r.lastActive.Store(monotime.Now())
+		return false
+	}
+	return true
+}
+
+// kernelMoved sums what the kernel counts of the bytes that moved on
+// the relay's sockets: received from either peer, and acknowledged by
+// either peer. ok is false if a socket could not tell.
+func (r *Relay) kernelMoved() (sum uint64, ok bool) {
+	for _, c := range []*net.TCPConn{r.Client, r.Upstream} {
+		rc, err := c.SyscallConn()
+		if err != nil {
+			return 0, false
+		}
+		var info *unix.TCPInfo
+		var serr error
+		if err := rc.Control(func(fd uintptr) { info, serr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); err != nil || serr != nil {
+			return 0, false
+		}
+		sum += info.Bytes_received + info.Bytes_acked
+	}
+	return sum, true
 }
 
 // waitReadable blocks (in the netpoller, obeying the read deadline) until c

@@ -162,3 +162,44 @@ func TestRelayResetPropagates(t *testing.T) {
 		t.Fatalf("server read: %v, want reset", err)
 	}
 }
+
+// TestRelaySlowReaderNotIdle: a direction's bytes count as moved only
+// when its splice(2) call returns, after up to a chunk (1 MiB); a client
+// that reads slowly keeps one call going for longer than the idle
+// timeout. The other direction, waiting for the client's data, then
+// found the flow idle and closed it in the middle of the download,
+// with a FIN, as if it were complete.
+func TestRelaySlowReaderNotIdle(t *testing.T) {
+	client, server, r := relayed(t)
+	// Small buffers, so that the relay's writes wait for the reader.
+	client.SetReadBuffer(64 << 10)
+	r.Client.SetWriteBuffer(64 << 10)
+	r.IdleTimeout = 300 * time.Millisecond
+	res := make(chan Outcome, 1)
+	go func() { o, _ := r.Run(); res <- o }()
+	const size = 1 << 20
+	go func() {
+		server.Write(make([]byte, size))
+		server.CloseWrite()
+	}()
+	// About 800 KB/s: the download takes over a second, several idle
+	// timeouts, while bytes move all the time.
+	buf := make([]byte, 8<<10)
+	got := 0
+	client.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		n, err := client.Read(buf)
+		got += n
+		if err != nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got != size {
+		t.Errorf("client read %d bytes of %d", got, size)
+	}
+	client.CloseWrite()
+	if o := <-res; o != Finished {
+		t.Errorf("outcome %v, want finished", o)
+	}
+}

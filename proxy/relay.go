@@ -68,6 +68,7 @@ type Relay struct {
 	eof        [2]bool      // direction ended by a FIN, already passed on
 	lastActive atomic.Int64 // monotime of the last bytes relayed
 	inFlight   atomic.Int32 // directions inside a splice(2) call (ReadFrom)
+	idledOut   atomic.Bool  // watchIdle ended the relay
 
 	idleMu  sync.Mutex
 	sampled bool   // moved holds a sample (idleMu)
@@ -101,6 +102,10 @@ func (r *Relay) Run() (Outcome, error) {
 			go func() { results <- r.copyDir(d) }()
 		}
 	}
+	stopWatch := func() {}
+	if r.IdleTimeout > 0 && running > 0 {
+		stopWatch = r.watchIdle()
+	}
 	outcome, failErr := Finished, error(nil)
 	for ; running > 0; running-- {
 		res := <-results
@@ -120,6 +125,10 @@ func (r *Relay) Run() (Outcome, error) {
 			}
 			r.abort()
 		}
+	}
+	stopWatch()
+	if r.idledOut.Swap(false) && outcome != Failed {
+		outcome, failErr = Idle, nil
 	}
 	if outcome == Finished && !(r.eof[dirC2S] && r.eof[dirS2C]) {
 		// Both directions were stopped from outside (Close).
@@ -263,6 +272,41 @@ func (r *Relay) copyDir(d int) dirResult {
 			}
 			return dirResult{dir: d, kind: Failed, err: err}
 		}
+	}
+}
+
+// watchIdle ends the relay as idle once idle says so, looking when the
+// idle timeout passes. A direction waiting for data has its own idle
+// deadline, but one blocked writing to a receiver that does not read (a
+// full window) has none: when the other direction had ended (a client
+// that half-closed after its request) or was blocked likewise, nothing
+// looked, and the flow stayed for good. It returns a function that stops
+// the watch; once that returned, the watch aborts nothing.
+func (r *Relay) watchIdle() (stop func()) {
+	var mu sync.Mutex
+	stopped := false
+	var t *time.Timer
+	mu.Lock()
+	defer mu.Unlock()
+	t = time.AfterFunc(r.IdleTimeout, func() {
+		mu.Lock()
+		defer mu.Unlock()
+		if stopped {
+			return
+		}
+		if r.idle() {
+			r.idledOut.Store(true)
+			r.abort()
+			return
+		}
+		next := r.IdleTimeout - monotime.Since(r.lastActive.Load())
+		t.Reset(max(next, time.Millisecond))
+	})
+	return func() {
+		mu.Lock()
+		defer mu.Unlock()
+		stopped = true
+		t.Stop()
 	}
 }
 

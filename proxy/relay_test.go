@@ -203,3 +203,37 @@ func TestRelaySlowReaderNotIdle(t *testing.T) {
 		t.Errorf("outcome %v, want finished", o)
 	}
 }
+
+// TestRelayIdleStuckWriter: a client that sent its request, half-closed
+// and never reads what the server sends. The relay's only running
+// direction blocks writing to the client's full window; it has no read
+// deadline to wake it, and the other direction, which would have looked
+// at the idle timeout, had ended. The flow stayed for good, holding its
+// sockets and its place in the flow table.
+func TestRelayIdleStuckWriter(t *testing.T) {
+	client, server, r := relayed(t)
+	client.SetReadBuffer(4 << 10)
+	r.IdleTimeout = 300 * time.Millisecond
+	res := make(chan Outcome, 1)
+	go func() { o, _ := r.Run(); res <- o }()
+	client.CloseWrite()
+	go func() {
+		server.SetWriteDeadline(time.Now().Add(10 * time.Second))
+		buf := make([]byte, 1<<20)
+		for {
+			if _, err := server.Write(buf); err != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case o := <-res:
+		if o != Idle {
+			t.Errorf("outcome %v, want idle", o)
+		}
+	case <-time.After(3 * time.Second):
+		t.Errorf("relay still running 3s after the client stopped reading (idle timeout %v)", r.IdleTimeout)
+		r.Close()
+		<-res
+	}
+}

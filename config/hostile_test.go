@@ -220,3 +220,26 @@ func TestErrorsPrintable(t *testing.T) {
 		}
 	}
 }
+
+// TestNullListItems: YAML drops a null item of a list of values (~,
+// null, or an item left empty: "- "), so an access rule's `sources:
+// [~]` became an empty list, which matches every source: an allow rule
+// meant for one network allowed all, and a service's `destinations`
+// intercepted every address.
+func TestNullListItems(t *testing.T) {
+	for _, in := range []string{
+		"services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    access:\n      default: deny\n      rules:\n        - action: allow\n          sources: [~]\n",
+		"services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    destinations:\n      - \n",
+		"services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    sources: [10.1.0.0/16, null]\n",
+	} {
+		cfg, err := Parse("null.yaml", []byte(in))
+		if err == nil {
+			s := cfg.Services[0]
+			t.Errorf("accepted %q: sources %v, destinations %v, rules %+v", in, s.Sources, s.Destinations, s.Access.Rules)
+			continue
+		}
+		if !strings.Contains(err.Error(), "is empty") {
+			t.Errorf("%q: error %v, want one saying the item is empty", in, err)
+		}
+	}
+}

@@ -365,6 +365,13 @@ func (k *keyIndex) walk(n *yaml.Node, t reflect.Type, path string, report func(l
 		for i, item := range n.Content {
 			p := fmt.Sprintf("%s[%d]", path, i)
 			k.record(p, item)
+			if item.Kind == yaml.ScalarNode && item.ShortTag() == "!!null" {
+				// The decoder drops a null item (~, null, a bare "- "):
+				// `sources: [~]` became an empty list, which matches
+				// every address.
+				report(item.Line, p, "is empty; write a value, or remove the item (an empty list means any)")
+				continue
+			}
 			k.walk(item, t.Elem(), p, report)
 		}
 	}

@@ -236,7 +236,7 @@ func (c *Config) decideBy(user, name string, addr netip.Addr, port uint16) (acti
 			if !addr.IsValid() {
 				return "", false, netip.Prefix{}
 			}
-			if i := slices.IndexFunc(r.Destinations, func(p config.Prefix) bool { return p.Contains(addr.Unmap()) }); i >= 0 {
+			if i := slices.IndexFunc(r.Destinations, func(p config.Prefix) bool { return p.Contains(addr.Unmap().WithZone("")) }); i >= 0 {
 				return r.Action, true, r.Destinations[i].Prefix
 			}
 		}
@@ -290,7 +290,7 @@ func matchDomain(domains []string, name string) bool {
 // method returns the authentication method for a client.
 func (c *Config) method(client netip.Addr) Method {
 	for _, a := range c.Auth {
-		if len(a.Sources) == 0 || slices.ContainsFunc(a.Sources, func(p config.Prefix) bool { return p.Contains(client.Unmap()) }) {
+		if len(a.Sources) == 0 || slices.ContainsFunc(a.Sources, func(p config.Prefix) bool { return p.Contains(client.Unmap().WithZone("")) }) {
 			return a.Method
 		}
 	}

@@ -44,22 +44,7 @@ services:
       mode: %s
 `, spliceMode))
 			dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)
-			ln, err := lab.Server().Listen(dst)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer ln.Close()
-			var upstream atomic.Int64
-			go func() {
-				for {
-					c, err := ln.Accept()
-					if err != nil {
-						return
-					}
-					upstream.Add(1)
-					go func() { io.Copy(c, c); c.Close() }()
-				}
-			}()
+			upstream := countingEcho(t, lab.Server(), dst)
 			echo := func(c net.Conn, b byte) error {
 				c.SetDeadline(time.Now().Add(5 * time.Second))
 				defer c.SetDeadline(time.Time{})
@@ -208,22 +193,7 @@ services:
       method: none
 `, socksAddr))
 	dst := netip.AddrPortFrom(lab.Server().IPv4, 5001)
-	ln, err := lab.Server().Listen(dst)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	var upstream atomic.Int64
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			upstream.Add(1)
-			go func() { io.Copy(c, c); c.Close() }()
-		}
-	}()
+	upstream := countingEcho(t, lab.Server(), dst)
 	a, b := lab.Clients[0], lab.Clients[1]
 	// served: a round trip through the flow (an echo, or a SOCKS5
 	// greeting answered); a refused connection reads EOF or a reset.
@@ -353,4 +323,27 @@ func grepLines(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// countingEcho runs an echo server on h at addr until the test ends and
+// returns how many connections it accepted.
+func countingEcho(t *testing.T, h *testnet.Host, addr netip.AddrPort) *atomic.Int64 {
+	t.Helper()
+	ln, err := h.Listen(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var accepted atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			accepted.Add(1)
+			go func() { io.Copy(c, c); c.Close() }()
+		}
+	}()
+	return &accepted
 }

@@ -625,29 +625,10 @@ func TestConnectUnspecified(t *testing.T) {
 		}
 	}()
 	port := svc.Addr().(*net.TCPAddr).AddrPort().Port()
-	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dns := dnstest.Serve(pc, map[string][]netip.Addr{"zero.test": {netip.IPv4Unspecified()}})
-	defer dns.Close()
-	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
-services:
-  - name: socks
-    proxy: socks5
-    listen_on: ["127.0.0.1:1080"]
-    splice:
-      mode: never
-    socks5:
-      resolver: %s
-      rules:
+	l := serveWithDNS(t, map[string][]netip.Addr{"zero.test": {netip.IPv4Unspecified()}}, `
         - action: deny
           destinations: [127.0.0.0/8, "::1/128"]
-`, dns.Addr())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	l := serveConfig(t, cfg)
+`)
 
 	for _, req := range map[string][]byte{
 		"127.0.0.1": connect4(netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)),
@@ -662,6 +643,33 @@ services:
 	if n := reached.Load(); n != 0 {
 		t.Fatalf("a loopback-only service the rules deny was reached %d times", n)
 	}
+}
+
+// serveWithDNS runs a SOCKS5 service on 127.0.0.1:1080 whose resolver is
+// a DNS server on loopback that knows names, with these rules (YAML
+// list items indented by eight spaces).
+func serveWithDNS(t *testing.T, names map[string][]netip.Addr, rules string) *lab {
+	t.Helper()
+	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dns := dnstest.Serve(pc, names)
+	t.Cleanup(func() { dns.Close() })
+	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
+services:
+  - name: socks
+    proxy: socks5
+    listen_on: ["127.0.0.1:1080"]
+    splice:
+      mode: never
+    socks5:
+      resolver: %s
+      rules:%s`, dns.Addr(), rules)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return serveConfig(t, cfg)
 }
 
 // serveConfig runs the proxy of cfg's first service on loopback.
@@ -984,29 +992,10 @@ func TestRefusedLogNamesReply(t *testing.T) {
 // was asked to connect to the NAT64 forms (here unreachable, so 0x03 or
 // 0x04 instead of 0x02); loopback's NAT64 form counts as loopback.
 func TestNAT64Destinations(t *testing.T) {
-	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dns := dnstest.Serve(pc, map[string][]netip.Addr{"internal.test": {netip.MustParseAddr("64:ff9b::a00:5")}})
-	defer dns.Close()
-	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
-services:
-  - name: socks
-    proxy: socks5
-    listen_on: ["127.0.0.1:1080"]
-    splice:
-      mode: never
-    socks5:
-      resolver: %s
-      rules:
+	l := serveWithDNS(t, map[string][]netip.Addr{"internal.test": {netip.MustParseAddr("64:ff9b::a00:5")}}, `
         - action: deny
           destinations: [10.0.0.0/8]
-`, dns.Addr())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	l := serveConfig(t, cfg)
+`)
 	connect6 := func(a string) []byte {
 		b := append([]byte{5, CmdConnect, 0, AtypIPv6}, netip.MustParseAddr(a).AsSlice()...)
 		return append(b, 0, 80)

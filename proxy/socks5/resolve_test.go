@@ -2,18 +2,15 @@ package socks5
 
 import (
 	"bytes"
-	"fmt"
-	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
-	"spliced/config"
-	"spliced/internal/dnstest"
 	"spliced/testnet"
 )
 
@@ -60,57 +57,38 @@ func TestSearchDomainNotAppended(t *testing.T) {
 // searchDomainChild is TestSearchDomainNotAppended under a resolv.conf
 // with "search internal.test".
 func searchDomainChild(t *testing.T) {
-	l := &lab{}
-	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	// Only the internal name exists: "wiki" is an internal host to
-	// anyone who appends the search domain.
-	dns := dnstest.Serve(pc, map[string][]netip.Addr{"wiki.internal.test": {netip.MustParseAddr("127.0.0.1")}})
-	defer dns.Close()
 	echo, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer echo.Close()
+	var accepts atomic.Int64
 	go func() {
 		for {
 			c, err := echo.Accept()
 			if err != nil {
 				return
 			}
-			l.accepts.Add(1)
+			accepts.Add(1)
 			c.Close()
 		}
 	}()
 	port := echo.Addr().(*net.TCPAddr).AddrPort().Port()
-	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
-services:
-  - name: socks
-    proxy: socks5
-    listen_on: ["127.0.0.1:1080"]
-    splice:
-      mode: never
-    socks5:
-      resolver: %s
-      rules:
+	// Only the internal name exists: "wiki" is an internal host to
+	// anyone who appends the search domain.
+	l := serveWithDNS(t, map[string][]netip.Addr{"wiki.internal.test": {netip.MustParseAddr("127.0.0.1")}}, `
         - action: deny
           domains: [internal.test]
         - action: allow
           destinations: [127.0.0.1/32]
-`, dns.Addr())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.serve(t, &cfg.Services[0], slog.New(slog.DiscardHandler))
+`)
 	for _, name := range []string{"wiki", "WIKI", "wiki."} {
 		got := l.talk(t, "127.0.0.1", cat(greetNone, connectName(name, port)), false)
 		if len(got) >= 4 && got[3] == byte(Succeeded) {
 			t.Errorf("CONNECT %q: connected (as wiki.internal.test, which a rule denies); got %x", name, got)
 		}
 	}
-	if n := l.accepts.Load(); n != 0 {
+	if n := accepts.Load(); n != 0 {
 		t.Fatalf("a host of a denied domain was reached %d times", n)
 	}
 }

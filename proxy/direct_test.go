@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"spliced/config"
+	"spliced/testnet"
 )
 
 // blackhole returns a loopback address whose SYNs go unanswered: a
@@ -137,18 +138,6 @@ func TestDirectHangingBackend(t *testing.T) {
 	}
 }
 
-// closedPort returns a loopback address where nothing listens.
-func closedPort(t *testing.T) netip.AddrPort {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := netip.MustParseAddrPort(ln.Addr().String())
-	ln.Close()
-	return a
-}
-
 func failures(f *Forwarder) (n uint64) {
 	for _, s := range f.backends().Stats() {
 		n += s.Failures
@@ -163,7 +152,7 @@ func failures(f *Forwarder) (n uint64) {
 // hanging backends made each client wait one connect timeout per
 // backend.
 func TestDirectAllBackendsDown(t *testing.T) {
-	f, addr := startDirect(t, time.Second, closedPort(t), closedPort(t), closedPort(t))
+	f, addr := startDirect(t, time.Second, testnet.RefusingPort(t), testnet.RefusingPort(t), testnet.RefusingPort(t))
 	dial := func() { t.Helper(); refusedDial(t, addr) }
 	dial()
 	if n := failures(f); n != 3 {

@@ -25,6 +25,7 @@ import (
 	"spliced/config"
 	"spliced/internal/dnstest"
 	"spliced/proxy"
+	"spliced/testnet"
 )
 
 // lab is a SOCKS5 proxy on loopback with an echo server, a closed port
@@ -75,9 +76,7 @@ func startLab(t testing.TB, extra ...string) *lab {
 		}
 	}()
 	l.echo = echo.Addr().(*net.TCPAddr).AddrPort()
-	cl, _ := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	l.closed = cl.Addr().(*net.TCPAddr).AddrPort()
-	cl.Close()
+	l.closed = testnet.RefusingPort(t)
 	pc, err := net.ListenPacket("udp4", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -443,4 +444,19 @@ func prefixesOverlap(a, b []Prefix) (string, bool) {
 		}
 	}
 	return "", false
+}
+
+// EndsInNumber reports whether a host name's last label is a number,
+// decimal or hexadecimal (0x...): URL parsers (WHATWG) and inet_aton,
+// which many servers call, read such a name as an IPv4 address, also
+// when written 010.0.0.5, 0x0a.0.0.5, 10.5 or 167772165. The HTTP proxy
+// takes no such host but a canonical IPv4 address, so that a route for
+// 10.0.0.5 holds against every spelling; SOCKS5 refuses such a rule
+// domain, which no request's name could match.
+func EndsInNumber(name string) bool {
+	last := strings.ToLower(name[strings.LastIndexByte(name, '.')+1:])
+	if hex, ok := strings.CutPrefix(last, "0x"); ok {
+		return strings.Trim(hex, "0123456789abcdef") == ""
+	}
+	return last != "" && strings.Trim(last, "0123456789") == ""
 }

@@ -213,7 +213,7 @@ func routeHostProblem(h string) string {
 		return "is not a host name or an IP address; a route matches the host without its port"
 	case !validHost(name) || name == "" || strings.HasPrefix(name, ".") || strings.Contains(name, ".."):
 		return "is not a host name or an IP address"
-	case endsInNumber(name):
+	case config.EndsInNumber(name):
 		return "is neither a host name nor an IPv4 address in the form requests must use (four decimal numbers without leading zeros: 10.0.0.5)"
 	}
 	return ""

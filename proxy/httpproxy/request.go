@@ -10,6 +10,8 @@ import (
 	"net/netip"
 	"net/url"
 	"strings"
+
+	"spliced/config"
 )
 
 // Limits of a request head. nginx allows about 32 KiB by default, Go's
@@ -228,7 +230,7 @@ func (rq *request) setHost(f *headFacts) error {
 	if !strings.HasPrefix(name, "[") && (strings.HasPrefix(name, ".") || strings.HasSuffix(name, ".") || strings.Contains(name, "..")) {
 		return badRequest("invalid host %q: an empty label", req.Host)
 	}
-	if !strings.HasPrefix(name, "[") && endsInNumber(name) {
+	if !strings.HasPrefix(name, "[") && config.EndsInNumber(name) {
 		if a, err := netip.ParseAddr(name); err != nil || !a.Is4() {
 			return badRequest("invalid host %q: an IPv4 address must be written as four decimal numbers without leading zeros (10.0.0.5)", req.Host)
 		}
@@ -236,33 +238,6 @@ func (rq *request) setHost(f *headFacts) error {
 	rq.host = name + port
 	req.Host = rq.host
 	return nil
-}
-
-// endsInNumber reports whether a host name's last label is a number,
-// decimal or hexadecimal (0x...): a URL parser (WHATWG, and the
-// inet_aton many backends call) reads such a host as an IPv4 address,
-// also when written 010.0.0.5, 0x0a.0.0.5, 10.5 or 167772165. A route
-// compares the canonical form only, so the proxy takes no other: a deny
-// route for 10.0.0.5 must hold against every spelling of it.
-func endsInNumber(name string) bool {
-	last := name[strings.LastIndexByte(name, '.')+1:]
-	if len(last) > 1 && last[0] == '0' && (last[1] == 'x' || last[1] == 'X') {
-		for _, c := range []byte(last[2:]) {
-			if !isHex(c) {
-				return false
-			}
-		}
-		return true
-	}
-	if last == "" {
-		return false
-	}
-	for _, c := range []byte(last) {
-		if c < '0' || c > '9' {
-			return false
-		}
-	}
-	return true
 }
 
 // validHost: empty, or a reg-name or IPv4 address, or an IPv6 literal in

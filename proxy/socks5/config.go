@@ -179,7 +179,7 @@ func validate(s *config.Service, bad func(key, value, msg string)) {
 			switch {
 			case !validName(d):
 				bad(fmt.Sprintf("%s.domains[%d]", p, j), d, "is not a domain name; use e.g. example.com (it matches its subdomains too)")
-			case endsInNumber(d):
+			case config.EndsInNumber(d):
 				bad(fmt.Sprintf("%s.domains[%d]", p, j), d, "is an IP address, not a domain: a request for it is taken as the address, which domains never match; put the address in the rule's destinations (e.g. 10.0.0.5/32)")
 			}
 		}
@@ -189,21 +189,6 @@ func validate(s *config.Service, bad func(key, value, msg string)) {
 			}
 		}
 	}
-}
-
-// endsInNumber reports whether a rule's domain ends in a label that is
-// a number (decimal, or hexadecimal with 0x): an IPv4 address in some
-// spelling (10.0.0.5, 0x0a.0.0.5, 167772165), as no domain is. A rule
-// for it never matched: a request names 10.0.0.5 as an address
-// (readRequest parses a literal sent as a name), which only
-// destinations match, so a deny for it denied nothing.
-func endsInNumber(d string) bool {
-	last := strings.ToLower(d[strings.LastIndexByte(d, '.')+1:])
-	if strings.HasPrefix(last, "0x") {
-		last = last[2:]
-		return last == "" || strings.Trim(last, "0123456789abcdef") == ""
-	}
-	return last != "" && strings.Trim(last, "0123456789") == ""
 }
 
 // decide applies the rules to a request by user (empty without

@@ -85,6 +85,7 @@ func TestParseErrors(t *testing.T) {
 		{"bad port", "services:\n  - name: web\n    listen: 70000\n    ports: [\"80\"]\n", []string{"line 3: services[0].listen:", `"70000"`, "use 1-65535"}},
 		{"bad port in list", "services:\n  - name: web\n    listen: 1\n    ports: [\"80\", \"90-20\"]\n", []string{"line 4: services[0].ports[1]:", `"90-20"`, "first <= last"}},
 		{"overlap", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n  - name: b\n    listen: 2\n    ports: [\"70-90\"]\n", []string{"line 7: services[1].ports:", `overlaps service "a"`, "tcp port 80", "narrow"}},
+		{"overlap in one family of two", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    sources: [10.0.0.0/8, fd00::/8]\n  - name: b\n    listen: 2\n    ports: [\"80\"]\n    destinations: [2001:db8::/32]\n", []string{`overlaps service "a"`, "from fd00::/8 to 2001:db8::/32"}},
 		{"overlap by prefix", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    destinations: [10.0.0.0/8]\n  - name: b\n    listen: 2\n    ports: [\"80\"]\n    destinations: [10.2.0.0/16]\n", []string{`overlaps service "a"`, "10.2.0.0/16"}},
 		{"bad prefix", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    destinations: [10.0.0.1/8]\n", []string{"line 5: services[0].destinations[0]:", "host bits", "10.0.0.0/8"}},
 		{"bad mode", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    upstream: magic\n", []string{"line 5: services[0].upstream:", `"magic"`, "transparent", "nat"}},
@@ -210,5 +211,21 @@ services:
 	allow := Access{Default: Deny, Rules: []AccessRule{{Action: Allow, Sources: []Prefix{{netip.MustParsePrefix("fe80::/64")}}}}}
 	if got := allow.Decide(netip.MustParseAddr("fe80::2%2"), netip.MustParseAddrPort("[2001:db8::1]:443")); got != Allow {
 		t.Errorf("allow rule for fe80::/64: %s, want allow", got)
+	}
+}
+
+// TestNoOverlapAcrossFamilies checks that services on the same port whose
+// prefixes leave them different address families load: no flow can match
+// both, since a flow's source and destination share a family.
+func TestNoOverlapAcrossFamilies(t *testing.T) {
+	for name, svcs := range map[string]string{
+		"v4 sources, v6 destinations": "    sources: [10.0.0.0/8]\n  - name: b\n    listen: 2\n    ports: [\"80\"]\n    destinations: [2001:db8::/32]\n",
+		"v6 sources, v4 sources":      "    sources: [fd00::/8]\n  - name: b\n    listen: 2\n    ports: [\"80\"]\n    sources: [10.0.0.0/8]\n",
+		"v4 only, v6 only":            "    sources: [10.0.0.0/8]\n    destinations: [10.2.0.0/16]\n  - name: b\n    listen: 2\n    ports: [\"80\"]\n    sources: [fd00::/8]\n    destinations: [fd02::/64]\n",
+	} {
+		in := "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n" + svcs
+		if _, err := Parse("ok.yaml", []byte(in)); err != nil {
+			t.Errorf("%s: %v", name, err)
+		}
 	}
 }

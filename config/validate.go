@@ -413,24 +413,38 @@ func overlap(a, b *Service) (string, bool) {
 	if port == "" {
 		return "", false
 	}
-	dst, ok := prefixesOverlap(a.Destinations, b.Destinations)
-	if !ok {
-		return "", false
+	// A flow's two addresses share a family, so a service for IPv4
+	// sources and one for IPv6 destinations never match the same flow:
+	// the prefixes must overlap within one family.
+	for _, v4 := range []bool{true, false} {
+		dst, ok := prefixesOverlap(a.Destinations, b.Destinations, v4)
+		if !ok {
+			continue
+		}
+		src, ok := prefixesOverlap(a.Sources, b.Sources, v4)
+		if !ok {
+			continue
+		}
+		return fmt.Sprintf("tcp port %s from %s to %s", port, src, dst), true
 	}
-	src, ok := prefixesOverlap(a.Sources, b.Sources)
-	if !ok {
-		return "", false
-	}
-	return fmt.Sprintf("tcp port %s from %s to %s", port, src, dst), true
+	return "", false
 }
 
-func prefixesOverlap(a, b []Prefix) (string, bool) {
+// prefixesOverlap reports whether two lists of prefixes (an empty list is
+// any address) have an address of the family v4 selects in common, and
+// the narrower prefix that shows it.
+func prefixesOverlap(a, b []Prefix, v4 bool) (string, bool) {
+	a, b = ofFamily(a, v4), ofFamily(b, v4)
+	anyAddr := "any IPv6 address"
+	if v4 {
+		anyAddr = "any IPv4 address"
+	}
 	switch {
-	case len(a) == 0 && len(b) == 0:
-		return "any address", true
-	case len(a) == 0:
+	case a == nil && b == nil:
+		return anyAddr, true
+	case a == nil && len(b) > 0:
 		return b[0].String(), true
-	case len(b) == 0:
+	case b == nil && len(a) > 0:
 		return a[0].String(), true
 	}
 	for _, x := range a {
@@ -444,6 +458,21 @@ func prefixesOverlap(a, b []Prefix) (string, bool) {
 		}
 	}
 	return "", false
+}
+
+// ofFamily returns the prefixes of one family: nil for an empty list (any
+// address), and an empty, non-nil list when none is of that family.
+func ofFamily(ps []Prefix, v4 bool) []Prefix {
+	if len(ps) == 0 {
+		return nil
+	}
+	out := make([]Prefix, 0, len(ps))
+	for _, p := range ps {
+		if p.Addr().Is4() == v4 {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // EndsInNumber reports whether a host name's last label is a number,

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -236,5 +237,82 @@ func TestExpectContinue(t *testing.T) {
 		if strings.Contains(strings.ToLower(head), "expect") {
 			t.Errorf("the backend got the Expect the proxy answered:\n%s", head)
 		}
+	}
+}
+
+// TestResponseProxyVersion: the status line a client gets carries the
+// proxy's HTTP version, not the backend's (RFC 9110 6.2: intermediaries
+// send their own). An HTTP/1.0 backend's "HTTP/1.0 200 OK" was relayed
+// as it was, without the Connection field (hop-by-hop): an HTTP/1.1
+// client then had to close after every response (RFC 9112 9.3: HTTP/1.0
+// persists only with keep-alive), while the proxy kept the connection
+// and waited for a request; a backend's "HTTP/2.0" reached the client
+// on an HTTP/1.1 connection. The client now gets HTTP/1.1, with
+// "Connection: close" when the backend's connection ends with the
+// response.
+func TestResponseProxyVersion(t *testing.T) {
+	for _, c := range []struct {
+		name, resp string
+		close      bool // the client is told to close, and is closed
+	}{
+		{"1.0 keep-alive", "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi", false},
+		{"1.0 close", "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nhi", true},
+		{"1.0 until the close", "HTTP/1.0 200 OK\r\n\r\nhi", true},
+		{"2.0", "HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nhi", false},
+		{"interim", "HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nhi", false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			b := scriptedBackend(t, func(cn *net.TCPConn) {
+				r := bufio.NewReader(cn)
+				for readHTTPRequestHead(r) == nil {
+					io.WriteString(cn, c.resp)
+					if c.close {
+						return
+					}
+				}
+			})
+			_, addr := testService(t, b)
+			cn, err := net.Dial("tcp4", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cn.Close()
+			cn.SetReadDeadline(time.Now().Add(5 * time.Second))
+			r := bufio.NewReader(cn)
+			for i := range 2 {
+				io.WriteString(cn, "GET /a/x HTTP/1.1\r\nHost: t\r\n\r\n")
+				var lines []string
+				for {
+					line, err := r.ReadString('\n')
+					if err != nil {
+						t.Fatalf("request %d: %v after %q", i, err, lines)
+					}
+					lines = append(lines, line)
+					if line == "\r\n" && !strings.HasPrefix(lines[0], "HTTP/1.1 103 ") {
+						break
+					}
+					if line == "\r\n" {
+						lines = lines[:0]
+					}
+				}
+				if lines[0] != "HTTP/1.1 200 OK\r\n" {
+					t.Errorf("request %d: status line %q, want the proxy's HTTP/1.1", i, lines[0])
+				}
+				told := slices.Contains(lines, "Connection: close\r\n")
+				if told != c.close {
+					t.Errorf("request %d: told to close %v, want %v: %q", i, told, c.close, lines)
+				}
+				body, _ := io.ReadAll(io.LimitReader(r, 2))
+				if string(body) != "hi" {
+					t.Fatalf("request %d: body %q", i, body)
+				}
+				if c.close {
+					if _, err := r.ReadByte(); err != io.EOF {
+						t.Errorf("told to close, the connection went on: %v", err)
+					}
+					return
+				}
+			}
+		})
 	}
 }

@@ -894,6 +894,10 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 		return true, false, err
 	}
 	for interim := 0; ; interim++ {
+		// resp.Close was read from the backend's version (its
+		// connection's persistence); what the client gets says the
+		// proxy's.
+		ownVersion(resp)
 		if resp.StatusCode == http.StatusSwitchingProtocols {
 			// Only now, with the backend's consent, is the connection
 			// a tunnel: an upgrade request answered otherwise is an
@@ -1166,6 +1170,18 @@ func (c *conn) send(rq *request, out *sendBuf) (resp *http.Response, head time.T
 			return nil, time.Time{}, false, fmt.Errorf("connect again to send a request: %w", err)
 		}
 	}
+}
+
+// ownVersion makes resp go out as HTTP/1.1, the proxy's version: an
+// intermediary sends its own HTTP-version in the messages it forwards
+// (RFC 9110 6.2), and the client's connection is the proxy's. Relayed
+// as the backend's "HTTP/1.0", a response without "Connection:
+// keep-alive" (hop-by-hop, removed) told an HTTP/1.1 client to close
+// after it (RFC 9112 9.3) while the proxy kept the connection for the
+// next request. Where the proxy does close after a response, its head
+// says "Connection: close" (resp.Close).
+func ownVersion(resp *http.Response) {
+	resp.Proto, resp.ProtoMajor, resp.ProtoMinor = "HTTP/1.1", 1, 1
 }
 
 // unreadable answers the client 502 for a response the backend did not

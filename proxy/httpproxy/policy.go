@@ -242,6 +242,16 @@ func (c *conn) decideResponse(sp proxy.Splicer, req *http.Request, resp *http.Re
 		d.reason = reasonNoLength
 	case resp.ContentLength < int64(conf.SpliceMin):
 		d.reason = reasonBelowMin
+	case int64(c.ur.Buffered()) > resp.ContentLength:
+		// The proxy read more than the response: the backend sent
+		// bytes past its end. Relayed, they stay in the upstream
+		// reader, and the connection is closed before it carries
+		// another request (connect); spliced, they stayed in a reader
+		// the flow dropped when it came back, unseen, and the rest of
+		// what they began answered the client's next request on the
+		// same connection (TestSplicedResponseReadAhead). (With the
+		// measured policy such a response has arrived too.)
+		d = decision{reason: reasonArrived, onTheWay: resp.ContentLength - int64(c.ur.Buffered())}
 	case conf.SplicePolicy == PolicyAlways:
 		d = decision{splice: true, reason: reasonAlways}
 	default:

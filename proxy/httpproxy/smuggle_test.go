@@ -7,7 +7,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -241,5 +243,43 @@ func TestSplicedResponseOverrun(t *testing.T) {
 	}
 	if body, err := read(); err == nil {
 		t.Errorf("after the backend overran a spliced response, the proxy relayed %q as the answer to the next request", body)
+	}
+}
+
+// TestSplicedResponseReadAhead: bytes a backend sent past a spliced
+// response's end that the proxy had read already (with the head, into
+// its upstream reader) were neither relayed nor seen: the splice took
+// the response's length from the reader and the rest from the socket,
+// and the reader was dropped when the flow came back, with the backend
+// connection kept for the client's next request. A backend that sent
+// the head of a second, unasked response that way, and its body only
+// later, had that body read as the answer to the next request: here a
+// forged response, and every later answer one request late. The
+// response is relayed instead, so the extra bytes are seen and the
+// connection is not used again.
+func TestSplicedResponseReadAhead(t *testing.T) {
+	forged := "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nforged"
+	var conns atomic.Int32
+	b := scriptedBackend(t, func(c *net.TCPConn) {
+		first := conns.Add(1) == 1
+		r := bufio.NewReader(c)
+		for i := 0; readHTTPRequestHead(r) == nil; i++ {
+			if first && i == 0 {
+				// The response, and the head of one nobody asked for,
+				// in one write: the proxy reads them together.
+				fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n", len(forged))
+				continue
+			}
+			if first && i == 1 {
+				io.WriteString(c, forged) // the unasked response's body
+			}
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nright")
+		}
+	})
+	p, addr := testServiceMode(t, b, "      splice_min: 1\n      splice_policy: always\n", "5s", "immediate")
+	p.SetSplicer(&pumpSplicer{p: p})
+	_, bodies := getsOnOneConnection(t, addr, 3, nil)
+	if want := []string{"hello", "right", "right"}; !slices.Equal(bodies, want) {
+		t.Errorf("bodies %q, want %q", bodies, want)
 	}
 }

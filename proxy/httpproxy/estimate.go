@@ -1,6 +1,7 @@
 package httpproxy
 
 import (
+	"math"
 	"math/bits"
 	"slices"
 	"sync"
@@ -64,9 +65,22 @@ type Fit struct {
 	OK      bool
 }
 
-// Predict returns the time a body of length bytes takes.
+// maxPredict bounds Predict: a backend's Content-Length goes up to
+// 2^63-1, and its time in nanoseconds beyond what a Duration holds
+// converted to a negative one (amd64), which made the choice arbitrary
+// and the Explorer save a negative share for good. Half the range leaves
+// room for the transition added to it and for the gap between two
+// predictions (TestDecideHugeLength).
+const maxPredict = time.Duration(math.MaxInt64 / 2)
+
+// Predict returns the time a body of length bytes takes, at most
+// maxPredict.
 func (f Fit) Predict(length int64) time.Duration {
-	return f.Fixed + time.Duration(f.PerByte*float64(length))
+	t := f.PerByte * float64(length)
+	if !(t < float64(maxPredict-f.Fixed)) {
+		return maxPredict
+	}
+	return f.Fixed + time.Duration(t)
 }
 
 // Rate is the rate in bytes per second (0 when unknown).

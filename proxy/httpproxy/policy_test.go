@@ -423,3 +423,35 @@ func TestCPULoad(t *testing.T) {
 		t.Errorf("readProcStat: total %d ok %v", total, ok)
 	}
 }
+
+// TestDecideHugeLength: a backend's Content-Length may be up to 2^63-1
+// (net/http reads 63 bits), and a body time of that many bytes does not
+// fit a time.Duration: the conversion gave a negative prediction (on
+// amd64 the smallest Duration), so the choice was arbitrary, and the
+// Explorer, saving a share of the shorter prediction, saved that
+// negative share: one such response stopped exploring for the
+// process's life (it would take some 10^12 ordinary responses to save
+// back). Predictions saturate instead.
+func TestDecideHugeLength(t *testing.T) {
+	est := Estimates{Relayed: line(200, 100), Spliced: line(100, 400), Transition: 3 * time.Millisecond, TransitionOK: true}
+	for _, n := range []int64{1e18, math.MaxInt64} {
+		splice, why, relayed, spliced := Decide(n, est, false)
+		if relayed <= 0 || spliced <= 0 {
+			t.Errorf("length %d: splice %v (%s), predicted %v relayed, %v spliced; want positive times", n, splice, why, relayed, spliced)
+		}
+		if n == 1e18 && (!splice || why != "pays") {
+			// 10^19 ns relayed (saturated), 2.5*10^18 spliced.
+			t.Errorf("length %d: splice %v (%s), predicted %v relayed, %v spliced; spliced is 4 times as fast", n, splice, why, relayed, spliced)
+		}
+		x := Explorer{N: 10}
+		x.Next(relayed, spliced)
+		ms := func(f float64) time.Duration { return time.Duration(f * 1e6) }
+		explored := false
+		for range 10 {
+			explored = explored || x.Next(ms(1), ms(1.1)) // within 1/N: every time, as a rule
+		}
+		if !explored {
+			t.Errorf("length %d: no exploration in 10 responses after it", n)
+		}
+	}
+}

@@ -89,6 +89,21 @@ func writeRequest(out *sendBuf, req *http.Request, s *scratch) error {
 // them (an empty body, a body up to the connection's close, trailers)
 // are what a client expects.
 func writeResponse(out *sendBuf, resp *http.Response, s *scratch) error {
+	if resp.Request != nil && resp.Request.Method == http.MethodHead && resp.ContentLength < 0 &&
+		len(resp.TransferEncoding) == 0 && resp.Trailer == nil {
+		// Response.Write says "Connection: close" for an HTTP/1.1
+		// response without a length, whose body would end at the
+		// close; one to HEAD has no body, and the connection stays
+		// (resp.Close says when it does not): told to close, the
+		// client would take a request it pipelined for unanswered.
+		writeStatusLine(out, resp, s)
+		if resp.Close && !headerHas(resp.Header, "Connection", "close") {
+			out.WriteString("Connection: close\r\n")
+		}
+		writeFields(out, resp.Header, isResponseFraming)
+		_, err := out.WriteString("\r\n")
+		return err
+	}
 	if resp.ContentLength <= 0 || len(resp.TransferEncoding) > 0 || resp.Trailer != nil ||
 		resp.Request != nil && resp.Request.Method == http.MethodHead || !bodyAllowed(resp.StatusCode) {
 		return resp.Write(out)

@@ -96,7 +96,8 @@ func TestWriteRequestShortBody(t *testing.T) {
 // TestWriteResponseAsNetHTTP: the proxy's response writer sends the bytes
 // Response.Write sends (it writes the common response itself and leaves
 // the others to it), but for a status line without a reason phrase,
-// which it does not make up.
+// which it does not make up, and the "Connection: close" Response.Write
+// adds to a response to HEAD without a length.
 func TestWriteResponseAsNetHTTP(t *testing.T) {
 	for _, c := range []struct {
 		raw, method string
@@ -115,6 +116,9 @@ func TestWriteResponseAsNetHTTP(t *testing.T) {
 		{raw: "HTTP/1.1 204 No Content\r\n\r\n"},
 		{raw: "HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n"},
 		{raw: "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", method: http.MethodHead},
+		// Response.Write adds "Connection: close" (TestHeadResponseWithoutLength).
+		{raw: "HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n", method: http.MethodHead, want: "HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n"},
+		{raw: "HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\n", method: http.MethodHead, close: true},
 		{raw: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"},
 		{raw: "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"},
 		{raw: "HTTP/1.1 200 OK\r\n\r\nuntil the close"},

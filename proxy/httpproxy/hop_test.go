@@ -316,3 +316,53 @@ func TestResponseProxyVersion(t *testing.T) {
 		})
 	}
 }
+
+// TestHeadResponseWithoutLength: a response to HEAD without a
+// Content-Length has no body to end at the close, and its connection
+// stays open. Response.Write, which wrote it, added "Connection: close"
+// (an HTTP/1.1 response without a length, it reasons, ends at the
+// close): the client was told to close while the proxy kept the
+// connection and waited for its next request; a client that pipelined
+// one took it for unanswered and sent it again elsewhere while the
+// proxy served it too.
+func TestHeadResponseWithoutLength(t *testing.T) {
+	b := startBackend(t)
+	b.respond = func(w io.Writer, req *http.Request) bool {
+		if req.Method != http.MethodHead {
+			return false
+		}
+		io.WriteString(w, "HTTP/1.1 200 OK\r\nX-Head: 1\r\n\r\n")
+		return true
+	}
+	_, addr := testService(t, b)
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	r := bufio.NewReader(c)
+	io.WriteString(c, "HEAD /a/x HTTP/1.1\r\nHost: t\r\n\r\nGET /a/y HTTP/1.1\r\nHost: t\r\n\r\n")
+	var head []string
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("%v after %q", err, head)
+		}
+		if line == "\r\n" {
+			break
+		}
+		head = append(head, line)
+	}
+	if slices.Contains(head, "Connection: close\r\n") || !slices.Contains(head, "X-Head: 1\r\n") {
+		t.Errorf("response to HEAD: %q, want X-Head and no Connection: close (the connection stays)", head)
+	}
+	resp, err := http.ReadResponse(r, nil)
+	if err != nil {
+		t.Fatalf("the pipelined GET: %v", err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if string(body) != `backend saw GET /a/y body ""` {
+		t.Errorf("the pipelined GET: %d %q", resp.StatusCode, body)
+	}
+}

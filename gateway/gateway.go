@@ -198,6 +198,41 @@ type service struct {
 type snapshot struct {
 	cfg   *config.Config
 	rules *rules.Manager // its spec is rules.FromConfig(cfg), divert forced on once splicing runs
+	// ended: the services of earlier configurations that cfg no longer
+	// has, by name, as they were last configured: their flows run on
+	// after a reload removed them, and keep their settings (see
+	// serviceOf).
+	ended map[string]*config.Service
+}
+
+// serviceOf is the configuration of the service a flow belongs to: the
+// one in force, or, for a service a reload removed, the one it had then.
+// Nil for a service neither knows (an adopted flow's, removed before the
+// restart): its flows take the defaults.
+func (g *Gateway) serviceOf(name string) *config.Service {
+	snap := g.snap.Load()
+	if s := snap.cfg.Service(name); s != nil {
+		return s
+	}
+	return snap.ended[name]
+}
+
+// endedServices is what snapshot.ended becomes when cfg replaces old,
+// whose own ended services were ended: old's services that cfg does not
+// have join them, and those cfg has again leave.
+func endedServices(old *config.Config, ended map[string]*config.Service, cfg *config.Config) map[string]*config.Service {
+	out := map[string]*config.Service{}
+	for name, s := range ended {
+		if cfg.Service(name) == nil {
+			out[name] = s
+		}
+	}
+	for i := range old.Services {
+		if s := &old.Services[i]; cfg.Service(s.Name) == nil {
+			out[s.Name] = s
+		}
+	}
+	return out
 }
 
 // New returns a gateway for cfg. It touches nothing until Run.
@@ -260,7 +295,7 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 		return err
 	}
 	if m := g.withSkipMark(g.manager()); m != g.manager() {
-		g.snap.Store(&snapshot{cfg: cfg, rules: m})
+		g.snap.Store(&snapshot{cfg: cfg, rules: m, ended: g.snap.Load().ended})
 	}
 	warnOtherPins(cfg, g.log)
 	// Before any flow gets an ID, and before the table is replaced: the

@@ -92,7 +92,7 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 			return fmt.Errorf("reload %s: install the table: %w", cfg.File, err)
 		}
 	}
-	g.snap.Store(&snapshot{cfg: cfg, rules: m})
+	g.publish(cfg, m)
 
 	// Switch services: stop the removed and changed ones (their flows
 	// keep running), start the new ones.
@@ -120,6 +120,14 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 	// ruleset checks find.
 	g.checkFirewall()
 	return nil
+}
+
+// publish puts cfg and its rules m in force (Reload: under rulesMu). The
+// services cfg removes are kept in its snapshot's ended, for the flows
+// they leave running.
+func (g *Gateway) publish(cfg *config.Config, m *rules.Manager) {
+	prev := g.snap.Load()
+	g.snap.Store(&snapshot{cfg: cfg, rules: m, ended: endedServices(prev.cfg, prev.ended, cfg)})
 }
 
 // restartOnly refuses changes that cannot be applied to a running daemon.

@@ -1,10 +1,15 @@
 package gateway
 
 import (
+	"net/netip"
 	"strings"
 	"testing"
+	"time"
 
 	"spliced/config"
+	"spliced/internal/monotime"
+	"spliced/proxy"
+	"spliced/splice"
 )
 
 // TestRestartOnly: a reload applies the flow caps, but not
@@ -26,5 +31,74 @@ func TestRestartOnly(t *testing.T) {
 	err := restartOnly(old, parse("  max_flows_per_client: 10\n  client_ipv6_prefix: 64\n"))
 	if err == nil || !strings.Contains(err.Error(), "limits.client_ipv6_prefix") || !strings.Contains(err.Error(), "restart") {
 		t.Errorf("client_ipv6_prefix changed: %v, want a refusal naming it", err)
+	}
+}
+
+// TestRemovedServiceKeepsSettings: a reload that removes a service leaves
+// its spliced flows running, and they keep the service's idle_timeout,
+// splice.linger and splice.stall_after, as its proxied flows keep theirs.
+// Before, the reaper looked the service up in the new configuration, found
+// nothing and took the defaults: an idle spliced SSH session of a service
+// with idle_timeout: 2h was reset after 5 minutes. A service added again
+// takes its new settings; removed again, its last ones.
+func TestRemovedServiceKeepsSettings(t *testing.T) {
+	parse := func(services string) *config.Config {
+		t.Helper()
+		cfg, err := config.Parse("spliced.yaml", []byte("services:\n  - name: web\n    listen: 15001\n    ports: [\"80\"]\n"+services))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	ssh := func(idle string) string {
+		return "  - name: ssh\n    listen: 15002\n    ports: [\"22\"]\n    idle_timeout: " + idle + "\n    splice:\n      linger: 7s\n      stall_after: 40s\n"
+	}
+	g := quietGateway(t)
+	g.snap.Store(&snapshot{cfg: parse(ssh("2h")), rules: g.manager()})
+	g.engine = splice.NewTable()
+	g.spliceOn.Store(true)
+	client := netip.MustParseAddrPort("10.1.0.2:40000")
+	server := netip.MustParseAddrPort("10.2.0.2:22")
+	f := proxy.NewFlow("ssh", "forward", client, server)
+	if g.flows.Admit(f) != nil {
+		t.Fatal("flow table full")
+	}
+	f.SetServerLeg(client, server)
+	p := splice.Params{
+		Client: splice.Conn{Local: server, Remote: client, SndNxt: 1, RcvNxt: 1000, SndWnd: 64000, RcvWnd: 65000, MSS: 1448},
+		Server: splice.Conn{Local: client, Remote: server, SndNxt: 77, RcvNxt: 123, SndWnd: 66000, RcvWnd: 67000, MSS: 1448},
+	}
+	splicedAt := time.Now()
+	e, err := g.engine.Add(f.ID, &p, monotime.Of(splicedAt))
+	if err != nil {
+		t.Fatal(err)
+	}
+	g.addSpliced(f, e, 0, &p)
+
+	g.publish(parse(""), g.manager()) // the reload that removes ssh
+	if d := g.idleTimeout("ssh"); d != 2*time.Hour {
+		t.Fatalf("idle timeout of the removed service's flows: %v, want its 2h", d)
+	}
+	if d := g.linger("ssh"); d != 7*time.Second {
+		t.Errorf("linger of the removed service's flows: %v, want its 7s", d)
+	}
+	if d := g.stallAfter("ssh"); d != 40*time.Second {
+		t.Errorf("stall_after of the removed service's flows: %v, want its 40s", d)
+	}
+	g.reap(splicedAt.Add(6 * time.Minute)) // idle for 6 minutes
+	if g.spliced[f.ID] == nil {
+		t.Fatal("the removed service's spliced flow was retired as idle after 6 minutes; its idle_timeout is 2h")
+	}
+
+	g.publish(parse(ssh("30s")), g.manager()) // added again
+	if d := g.idleTimeout("ssh"); d != 30*time.Second {
+		t.Errorf("idle timeout of a service added again: %v, want its new 30s", d)
+	}
+	g.publish(parse(""), g.manager()) // and removed again
+	if d := g.idleTimeout("ssh"); d != 30*time.Second {
+		t.Errorf("idle timeout of a service removed again: %v, want its last 30s", d)
+	}
+	if d := g.idleTimeout("never"); d != config.DefaultIdleTimeout {
+		t.Errorf("idle timeout of a service no configuration had: %v, want the default", d)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"spliced/api"
+	"spliced/config"
 	"spliced/internal/monotime"
 	"spliced/logging"
 	"spliced/proxy"
@@ -262,11 +263,15 @@ func (g *Gateway) logClosed(sf *splicedFlow, reason string) {
 		logging.KeyDuration, time.Since(f.Started).Round(time.Millisecond), logging.KeyReason, reason, logging.KeyMode, "spliced")
 }
 
+// idleTimeout is a service's idle_timeout; a removed service's flows
+// keep the one it had (serviceOf): a spliced SSH session of a service
+// with idle_timeout: 2h, removed by a reload, was reset after 5 minutes
+// idle, while a proxied one ran on with its 2 hours.
 func (g *Gateway) idleTimeout(service string) time.Duration {
-	if s := g.config().Service(service); s != nil {
+	if s := g.serviceOf(service); s != nil {
 		return s.IdleTimeout.D()
 	}
-	return 5 * time.Minute
+	return config.DefaultIdleTimeout
 }
 
 // reaper runs reap every interval until ctx is done.

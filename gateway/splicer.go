@@ -290,7 +290,7 @@ func legAttrs(name string, c *splice.Conn) slog.Attr {
 }
 
 func (g *Gateway) drainTimeout(service string) time.Duration {
-	if s := g.config().Service(service); s != nil {
+	if s := g.serviceOf(service); s != nil {
 		return s.Splice.DrainTimeout.D()
 	}
 	return 5 * time.Second

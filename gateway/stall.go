@@ -84,17 +84,17 @@ func (g *Gateway) reportStalls(reports []stallReport) {
 
 // stallAfter is a service's splice.stall_after.
 func (g *Gateway) stallAfter(service string) time.Duration {
-	if s := g.config().Service(service); s != nil && s.Splice.StallAfter > 0 {
+	if s := g.serviceOf(service); s != nil && s.Splice.StallAfter > 0 {
 		return s.Splice.StallAfter.D()
 	}
-	return config.DefaultStallAfter // a service that ended: its flows keep the default
+	return config.DefaultStallAfter
 }
 
 // linger is a service's splice.linger: how long a finished flow stays
 // diverted, so that a lost final ACK or a retransmitted FIN is still
 // rewritten.
 func (g *Gateway) linger(service string) time.Duration {
-	if s := g.config().Service(service); s != nil && s.Splice.Linger > 0 {
+	if s := g.serviceOf(service); s != nil && s.Splice.Linger > 0 {
 		return s.Splice.Linger.D()
 	}
 	return config.DefaultLinger

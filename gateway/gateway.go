@@ -380,7 +380,7 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	stopBG()
 	wg.Wait()
 	g.logStats()
-	if g.handingOver.Load() && g.kpath != nil && g.kpath.dp.PinDir() != "" {
+	if g.handingOver.Load() && g.keepsFlows() {
 		g.rulesMu.Lock()
 		g.running = false
 		g.rulesMu.Unlock()
@@ -392,20 +392,32 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 
 // ErrHandedOver is Run's result after HandOver: the daemon left its
 // spliced flows to the kernel.
-var ErrHandedOver = errors.New("spliced flows left to the bpf datapath for the next daemon")
+var ErrHandedOver = errors.New("spliced flows left in the kernel for the next daemon to adopt")
 
-// HandOver makes Run, once its context is done, leave the flows on the
-// bpf datapath running (pins, links, table and divert entries stay, as
-// after a kill -9) instead of resetting them, for a new daemon to adopt
-// (spliced does this on SIGUSR2). Without the bpf datapath the shutdown
-// is the ordinary one: the flows' state lives in the daemon.
+// HandOver makes Run, once its context is done, leave the spliced flows
+// for a new daemon to adopt (spliced does this on SIGUSR2) instead of
+// resetting them, as after a kill -9: on the bpf datapath they keep
+// running (pins, links, table and divert entries stay); on nfqueue the
+// record of them stays, with the table and its divert entries, which
+// hold their packets until the next daemon reads the queues. Without
+// either (no bpffs) the shutdown is the ordinary one: the flows' state
+// lives in the daemon. Before, SIGUSR2 on nfqueue (the default) was the
+// ordinary shutdown and exited with status 0: the systemd unit
+// (Restart=on-failure) did not start spliced again, and the gateway was
+// left without it, its flows reset.
 func (g *Gateway) HandOver() { g.handingOver.Store(true) }
 
-// leave ends the daemon without ending the flows the program rewrites:
-// flows on the Go engine (not promoted) are reset, since nobody can
-// continue them; proxied flows end with their sockets; the table, its
-// divert entries and the sysctls stay (spliced NAT flows need
-// accept_local).
+// keepsFlows reports whether spliced flows can outlive the daemon: they
+// are pinned for the bpf datapath, or recorded for nfqueue.
+func (g *Gateway) keepsFlows() bool {
+	return g.kpath != nil && g.kpath.dp.PinDir() != "" || g.store != nil
+}
+
+// leave ends the daemon without ending the flows the next daemon can
+// adopt (the program's, the record's): other spliced flows are reset,
+// since nobody can continue them; proxied flows end with their sockets;
+// the table, its divert entries and the sysctls stay (spliced NAT flows
+// need accept_local).
 func (g *Gateway) leave() {
 	// No proxy splices or takes back a flow from here on; transitions
 	// under way end (a splice still draining fails on its closed
@@ -421,8 +433,14 @@ func (g *Gateway) leave() {
 	if len(goEngine) > 0 {
 		g.log.Info("resetting spliced flows on the Go engine", "flows", len(goEngine), "packets", g.resetSpliced(goEngine))
 	}
-	g.log.Info("leaving spliced flows to the bpf datapath", "flows", kept, "pins", g.kpath.dp.PinDir())
-	g.stopSplicing() // removePins is false: the pins and links stay
+	if g.kpath != nil {
+		g.log.Info("leaving spliced flows to the bpf datapath", "flows", kept, "pins", g.kpath.dp.PinDir())
+	} else {
+		g.log.Info("leaving spliced flows in the nfqueue datapath's record", "flows", kept, "pins", g.store.PinDir())
+	}
+	// removePins is false: the pins and links stay, and so does the
+	// record, with the last state of its flows.
+	g.stopSplicing()
 	// The table stays, orphaned, for the next daemon to adopt: it may
 	// start as soon as Run returns.
 	g.manager().Close()
@@ -458,17 +476,18 @@ func (g *Gateway) runTransition(fn func()) {
 }
 
 // partitionForLeave sorts the spliced flows for leave: the ones the
-// program rewrites (counted: they stay) and the unfinished ones on the Go
-// engine (returned: nobody would continue them). A flow still in its
-// handoff (a transition leave gave up waiting for) goes with the Go
-// engine's, reset rather than left without a datapath.
+// program rewrites, and on nfqueue those in the record (counted: they
+// stay), and the other unfinished ones on the Go engine (returned: nobody
+// would continue them). A flow still in its handoff (a transition leave
+// gave up waiting for) goes with the Go engine's, reset rather than left
+// without a datapath.
 func (g *Gateway) partitionForLeave() (goEngine []*splicedFlow, kept int) {
 	g.syncOffloaded(monotime.Now())
 	g.splicedMu.Lock()
 	defer g.splicedMu.Unlock()
 	for _, sf := range g.spliced {
 		switch offloaded, handing := sf.entry.OffloadState(); {
-		case offloaded && !handing:
+		case offloaded && !handing, !handing && sf.stored.Load():
 			kept++
 		case handing || !sf.entry.Snapshot().Finished():
 			goEngine = append(goEngine, sf)
@@ -716,6 +735,11 @@ func (g *Gateway) stopSplicing() {
 		return
 	}
 	g.queues.Close()
+	if !g.removePins && g.handingOver.Load() {
+		// No packet moves the recorded flows on now: their last state
+		// is the one for the next daemon.
+		g.storeLast()
+	}
 	if g.kpath != nil {
 		// Detached and unpinned at a shutdown (the flows were reset);
 		// after a failed start, pins stay for the flows of an earlier

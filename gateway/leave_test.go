@@ -65,6 +65,43 @@ func TestPartitionForLeave(t *testing.T) {
 	}
 }
 
+// TestPartitionForLeaveRecorded: on the nfqueue datapath, leave (SIGUSR2)
+// keeps the flows in the record for the next daemon, and resets those
+// the record lacks (its write failed): nobody would continue them.
+func TestPartitionForLeaveRecorded(t *testing.T) {
+	g := quietGateway(t)
+	g.engine = splice.NewTable()
+	var flows []*splicedFlow
+	for i := range 3 {
+		client := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, 0, byte(i + 1)}), uint16(10000+i))
+		server := netip.MustParseAddrPort("10.2.0.2:80")
+		f := proxy.NewFlow("leave", "forward", client, server)
+		if g.flows.Admit(f) != nil {
+			t.Fatal("flow table full")
+		}
+		f.SetServerLeg(client, server)
+		p := splice.Params{
+			Client: splice.Conn{Local: server, Remote: client, SndNxt: 1, RcvNxt: 1000, SndWnd: 64000, RcvWnd: 65000, MSS: 1448},
+			Server: splice.Conn{Local: client, Remote: server, SndNxt: 77, RcvNxt: 123, SndWnd: 66000, RcvWnd: 67000, MSS: 1448},
+		}
+		e, err := g.engine.Add(f.ID, &p, monotime.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		g.addSpliced(f, e, 0, &p)
+		flows = append(flows, g.spliced[f.ID])
+	}
+	flows[0].stored.Store(true)
+	flows[1].stored.Store(true)
+	goEngine, kept := g.partitionForLeave()
+	if kept != 2 {
+		t.Errorf("kept %d recorded flows, want 2", kept)
+	}
+	if len(goEngine) != 1 || goEngine[0] != flows[2] {
+		t.Errorf("reset %d flows, want the one not recorded", len(goEngine))
+	}
+}
+
 // TestAwaitNone: leave's wait for transitions returns once the last one
 // ends, and gives up (false) when one never does.
 func TestAwaitNone(t *testing.T) {

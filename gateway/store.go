@@ -193,6 +193,14 @@ func (g *Gateway) syncStored(now time.Time) {
 	}
 }
 
+// storeLast writes the state of every recorded flow that moved since the
+// last refresh, at once: the daemon leaves them for the next one (see
+// leave), whose relearning then starts from their last packets.
+func (g *Gateway) storeLast() {
+	g.storeSynced = time.Time{}
+	g.syncStored(time.Now())
+}
+
 // adoptStored adopts the flows an earlier daemon recorded (see above).
 // Called at the start like adoptPinned.
 func (g *Gateway) adoptStored() {

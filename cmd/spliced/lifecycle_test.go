@@ -1,12 +1,15 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -24,6 +27,34 @@ import (
 // reset), and every transfer completes intact.
 func TestLabNFQueueCrashUnderSystemd(t *testing.T) {
 	t.Parallel()
+	nfqueueRestartUnderSystemd(t, "kill -9", func(old *testnet.Daemon) { old.Kill() })
+}
+
+// TestLabNFQueueHandOver: SIGUSR2 (systemctl kill -s USR2 spliced, the
+// restart that keeps flows) on the nfqueue datapath, then what the unit
+// runs after it: the daemon exits with status 75, leaving the record of
+// its spliced flows and the table's divert entries; the unit's
+// ExecStopPost cleans up with -keep-flows, Restart=on-failure starts a
+// new daemon, and it adopts every flow. Before, SIGUSR2 on nfqueue was a
+// SIGTERM: every spliced flow was reset, and the daemon exited with
+// status 0, so the unit did not start it again.
+func TestLabNFQueueHandOver(t *testing.T) {
+	t.Parallel()
+	nfqueueRestartUnderSystemd(t, "SIGUSR2", func(old *testnet.Daemon) {
+		old.Signal(syscall.SIGUSR2)
+		err := old.Wait(20 * time.Second)
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 75 {
+			t.Fatalf("exit after SIGUSR2: %v, want status 75 (the unit restarts the daemon only after a failure)\n%s", err, tail(old.Log(), 10))
+		}
+	})
+}
+
+// nfqueueRestartUnderSystemd runs 8 spliced flows on the nfqueue datapath
+// through stop (what ends the daemon, called once all are recorded), the
+// unit's clean-up after a failure and a new daemon, and checks that it
+// adopts them all and that they complete intact.
+func nfqueueRestartUnderSystemd(t *testing.T, how string, stop func(old *testnet.Daemon)) {
 	lab := testnet.NewT(t, testnet.Options{})
 	root := testnet.BPFFS(t)
 	cfg := pinnedRestartConfig(t, "nfqueue", root)
@@ -63,7 +94,7 @@ func TestLabNFQueueCrashUnderSystemd(t *testing.T) {
 		t.Fatalf("%v\n%s", err, tail(old.Log(), 20))
 	}
 	time.Sleep(time.Second)
-	old.Kill()
+	stop(old)
 	// What the unit runs after a failure, then RestartSec.
 	if out, err := old.Run("-config", old.Config, "-cleanup", "-keep-flows"); err != nil {
 		t.Fatalf("spliced -cleanup -keep-flows: %v\n%s", err, out)
@@ -92,7 +123,7 @@ func TestLabNFQueueCrashUnderSystemd(t *testing.T) {
 			t.Errorf("flow %d (%s): %v", i, kind, err)
 		}
 	}
-	t.Logf("kill -9, spliced -cleanup -keep-flows, restart: %d of %d flows intact", n-broken, n)
+	t.Logf("%s, spliced -cleanup -keep-flows, restart: %d of %d flows intact", how, n-broken, n)
 	if out, _ := lab.Gateway.Run("nft", "list", "tables"); !strings.Contains(out, "spliced") {
 		t.Errorf("no table after the restart: %s", out)
 	}

@@ -200,9 +200,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 			case syscall.SIGHUP:
 				reload(ctx, gw, *configFile, overrides, log)
 			case syscall.SIGUSR2:
-				// Exit, leaving the bpf datapath's spliced flows to the
-				// kernel for the next daemon (a restart that keeps them).
-				log.Info("SIGUSR2: exiting; spliced flows on the bpf datapath keep running for the next spliced")
+				// Exit, leaving the spliced flows in the kernel for the
+				// next daemon (a restart that keeps them).
+				log.Info("SIGUSR2: exiting; spliced flows are left for the next spliced to adopt")
 				gw.HandOver()
 				stop()
 			}
@@ -221,7 +221,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 }
 
 // ExitHandedOver is the exit status after SIGUSR2 left the spliced flows
-// to the bpf datapath (EX_TEMPFAIL): not a success, so that systemd's
+// for the next daemon (EX_TEMPFAIL): not a success, so that systemd's
 // Restart=on-failure starts the daemon that adopts them, and its
 // ExecStopPost cleans up with -keep-flows.
 const ExitHandedOver = 75

@@ -220,18 +220,24 @@ func (g *Gateway) adoptOne(pf bpf.PinnedFlow, now time.Time, queues int, firstQu
 }
 
 // warnOtherPins logs the pin directories of other tables under cfg's
-// bpffs: another daemon's (in another network namespace), or ones a
-// daemon left under another kernel.table, whose flows the old program
-// keeps rewriting. They are not touched.
+// bpffs, the bpf datapath's and the nfqueue datapath's records alike:
+// another daemon's (in another network namespace), or ones a daemon left
+// under another kernel.table, whose flows the old program keeps
+// rewriting, or whose record nobody reads. They are not touched. The
+// nfqueue datapath's were not looked at: after a kill -9 and a change of
+// kernel.table the old record stayed in the kernel, and its table with
+// it, and nothing said so.
 func warnOtherPins(cfg *config.Config, log *slog.Logger) {
-	ents, err := os.ReadDir(filepath.Dir(pinDir(cfg)))
-	if err != nil {
-		return
-	}
-	for _, e := range ents {
-		if e.Name() != cfg.Kernel.Table {
-			log.Warn("pins of another table left alone (another spliced's, or a killed one's with another kernel.table: spliced -cleanup with its configuration removes them and resets their flows)",
-				"pins", filepath.Join(filepath.Dir(pinDir(cfg)), e.Name()))
+	for _, parent := range []string{filepath.Dir(pinDir(cfg)), filepath.Dir(storeDir(cfg))} {
+		ents, err := os.ReadDir(parent)
+		if err != nil {
+			continue
+		}
+		for _, e := range ents {
+			if e.Name() != cfg.Kernel.Table {
+				log.Warn("pins of another table left alone (another spliced's, or a killed one's with another kernel.table: spliced -cleanup with its configuration removes them and resets their flows)",
+					"pins", filepath.Join(parent, e.Name()))
+			}
 		}
 	}
 }

@@ -1,8 +1,14 @@
 package gateway
 
 import (
+	"bytes"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 
+	"spliced/config"
 	"spliced/splice/bpf"
 )
 
@@ -32,5 +38,35 @@ func TestFlowMetaRoundTrip(t *testing.T) {
 		if err := got.unmarshal(b); err == nil {
 			t.Fatal("a record of another version was accepted")
 		}
+	}
+}
+
+// TestWarnOtherPins: the start names the pins other tables left under
+// its bpffs, for the bpf datapath and for the nfqueue datapath's record
+// of spliced flows (kill -9, then kernel.table changed: the old record
+// and table stay until spliced -cleanup with the old configuration),
+// and not its own.
+func TestWarnOtherPins(t *testing.T) {
+	root := t.TempDir()
+	for _, d := range []string{"spliced/spliced", "spliced/oldbpf", "spliced-nfqueue/spliced", "spliced-nfqueue/oldnfq"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg, err := config.LoadDefault()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Kernel.BPFFS, cfg.Kernel.Table = root, "spliced"
+	var buf bytes.Buffer
+	warnOtherPins(cfg, slog.New(slog.NewTextHandler(&buf, nil)))
+	out := buf.String()
+	for _, want := range []string{"spliced/oldbpf", "spliced-nfqueue/oldnfq"} {
+		if !strings.Contains(out, filepath.Join(root, want)) {
+			t.Errorf("the pins in %s are not named:\n%s", want, out)
+		}
+	}
+	if n := strings.Count(out, "level=WARN"); n != 2 {
+		t.Errorf("%d warnings, want 2 (not this table's own pins):\n%s", n, out)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -19,15 +20,20 @@ func (g *Gateway) serveMetrics(listen string) (func(), error) {
 	if listen == "" {
 		return func() {}, nil
 	}
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(&collector{g: g}, &proxyCollector{g: g})
 	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		return nil, fmt.Errorf("metrics.listen %s: %w", listen, err)
 	}
+	return serveHTTP(ln, g.metricsHandler(), 30*time.Second), nil
+}
+
+// metricsHandler serves the Prometheus metrics at /metrics.
+func (g *Gateway) metricsHandler() http.Handler {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(&collector{g: g}, &proxyCollector{g: g})
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	return serveHTTP(ln, mux, 30*time.Second), nil
+	return mux
 }
 
 // collector reads the gateway's counters at scrape time: nothing on the
@@ -168,9 +174,22 @@ type proxyCollector struct{ g *Gateway }
 
 func (c *proxyCollector) Describe(chan<- *prometheus.Desc) {}
 
+// Collect sums the metrics of a service that have one name and the same
+// label values. A configuration may make two: a backend listed twice in a
+// pool (to give it twice the share of round robin), or two routes with
+// one host and path. Sent as they came, the registry refused the second
+// ("collected before with the same name and label values") and the whole
+// scrape failed with status 500: every metric of the daemon was lost.
 func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
+	type series struct {
+		desc   *prometheus.Desc
+		typ    prometheus.ValueType
+		value  float64
+		labels []string
+	}
+	var order []string
+	all := map[string]*series{}
 	c.g.mu.Lock()
-	defer c.g.mu.Unlock()
 	descs := map[string]*prometheus.Desc{}
 	for name, svc := range c.g.services {
 		src, ok := svc.proxy.(proxy.MetricsSource)
@@ -178,6 +197,12 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		for _, m := range src.Metrics() {
+			labels := append([]string{name}, m.Values...)
+			key := m.Name + "\xff" + strings.Join(labels, "\xff")
+			if s := all[key]; s != nil {
+				s.value += m.Value
+				continue
+			}
 			d := descs[m.Name]
 			if d == nil {
 				d = prometheus.NewDesc(m.Name, m.Help, append([]string{"service"}, m.Labels...), nil)
@@ -187,7 +212,13 @@ func (c *proxyCollector) Collect(ch chan<- prometheus.Metric) {
 			if m.Counter {
 				typ = prometheus.CounterValue
 			}
-			ch <- prometheus.MustNewConstMetric(d, typ, m.Value, append([]string{name}, m.Values...)...)
+			all[key] = &series{desc: d, typ: typ, value: m.Value, labels: labels}
+			order = append(order, key)
 		}
+	}
+	c.g.mu.Unlock()
+	for _, k := range order {
+		s := all[k]
+		ch <- prometheus.MustNewConstMetric(s.desc, s.typ, s.value, s.labels...)
 	}
 }

@@ -51,7 +51,7 @@ var (
 	descAborts         = prometheus.NewDesc("spliced_splice_aborts_total", "Splices abandoned (the flow stayed proxied).", nil, nil)
 	descUnsplices      = prometheus.NewDesc("spliced_unsplices_total", "Spliced flows given back to their proxy.", nil, nil)
 	descUnspliceAborts = prometheus.NewDesc("spliced_unsplice_aborts_total", "Unsplices abandoned (the flow stayed spliced).", nil, nil)
-	descLatency        = prometheus.NewDesc("spliced_splice_duration_seconds", "Time from diverting a flow to releasing it through the engine (recent splices).", nil, nil)
+	descLatency        = prometheus.NewDesc("spliced_splice_duration_seconds", "Time from diverting a flow to releasing it through the engine.", nil, nil)
 	descQueue          = prometheus.NewDesc("spliced_queue_packets_total", "Packets of each NFQUEUE queue by what happened to them.", []string{"queue", "decision"}, nil)
 	descDrops          = prometheus.NewDesc("spliced_queue_kernel_drops_total", "Packets the kernel dropped before they reached spliced: queue full, or socket buffer full (user).",
 		[]string{"queue", "reason"}, nil)
@@ -141,28 +141,21 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descRewriteErrors, prometheus.CounterValue, float64(rewriteErrors))
 }
 
-// histogram summarizes the recent splice durations as a Prometheus
-// histogram.
+// histogram is the Prometheus histogram of the splice durations.
 func (l *latencies) histogram() prometheus.Metric {
 	return l.histogramOf(descLatency)
 }
 
-// histogramOf summarizes the recent samples as a histogram of desc.
+// histogramOf is the histogram of desc of every sample since the start.
 func (l *latencies) histogramOf(desc *prometheus.Desc, labels ...string) prometheus.Metric {
-	bounds := []float64{50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1, 5}
-	buckets := map[float64]uint64{}
+	buckets := make(map[float64]uint64, len(latencyBounds))
 	l.mu.Lock()
-	var sum float64
-	for _, d := range l.samples {
-		s := d.Seconds()
-		sum += s
-		for _, b := range bounds {
-			if s <= b {
-				buckets[b]++
-			}
-		}
+	var below uint64
+	for i, b := range latencyBounds {
+		below += l.buckets[i]
+		buckets[b] = below
 	}
-	n := uint64(len(l.samples))
+	n, sum := l.total, l.sum
 	l.mu.Unlock()
 	return prometheus.MustNewConstHistogram(desc, n, sum, buckets, labels...)
 }

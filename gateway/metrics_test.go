@@ -7,13 +7,16 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
 	"spliced/config"
+	"spliced/nfq"
 	"spliced/proxy"
+	"spliced/splice"
 )
 
 // scrape fetches /metrics as Prometheus does and parses it strictly: the
@@ -150,5 +153,59 @@ services:
 		if _, ok := series(mfs, s.name, "service", s.service, "backend", s.backend); !ok {
 			t.Errorf("no %s{service=%q,backend=%q}", s.name, s.service, s.backend)
 		}
+	}
+}
+
+// TestLatencyHistogramCounts: the splice duration histogram counts every
+// splice since the start, as a Prometheus histogram must (its buckets,
+// count and sum are counters). It was made from the last 4096 samples:
+// its count stopped at 4096, and when fast splices followed slow ones
+// its slow buckets and its sum fell, which rate() reads as resets.
+func TestLatencyHistogramCounts(t *testing.T) {
+	g := quietGateway(t)
+	g.engine = splice.NewTable()
+	g.queues = &nfq.Set{}
+	g.spliceOn.Store(true)
+	for range 4096 {
+		g.spliceLatency.observe(2 * time.Second)
+	}
+	before, ok := series(scrape(t, g), "spliced_splice_duration_seconds")
+	if !ok {
+		t.Fatal("no spliced_splice_duration_seconds")
+	}
+	for range 100 {
+		g.spliceLatency.observe(30 * time.Microsecond)
+	}
+	g.phases[stepCapture].observe(time.Millisecond)
+	mfs := scrape(t, g)
+	after, _ := series(mfs, "spliced_splice_duration_seconds")
+	h := after.GetHistogram()
+	if h.GetSampleCount() != 4196 {
+		t.Errorf("count %d after 4196 splices", h.GetSampleCount())
+	}
+	if h.GetSampleSum() < before.GetHistogram().GetSampleSum() {
+		t.Errorf("sum fell from %v to %v", before.GetHistogram().GetSampleSum(), h.GetSampleSum())
+	}
+	was := map[float64]uint64{}
+	for _, b := range before.GetHistogram().GetBucket() {
+		was[b.GetUpperBound()] = b.GetCumulativeCount()
+	}
+	for _, b := range h.GetBucket() {
+		if was := was[b.GetUpperBound()]; b.GetCumulativeCount() < was {
+			t.Errorf("bucket le=%v fell from %d to %d", b.GetUpperBound(), was, b.GetCumulativeCount())
+		}
+		switch want := uint64(100); {
+		case b.GetUpperBound() >= 5e-5 && b.GetUpperBound() < 2 && b.GetCumulativeCount() != want:
+			t.Errorf("bucket le=%v has %d, want %d (the fast splices)", b.GetUpperBound(), b.GetCumulativeCount(), want)
+		case b.GetUpperBound() >= 2 && b.GetCumulativeCount() != 4196:
+			t.Errorf("bucket le=%v has %d, want 4196", b.GetUpperBound(), b.GetCumulativeCount())
+		}
+	}
+	if p, ok := series(mfs, "spliced_transition_phase_seconds", "phase", "capture"); !ok || p.GetHistogram().GetSampleCount() != 1 {
+		t.Errorf("capture phase: %v", p)
+	}
+	// The status's percentiles stay those of recent splices.
+	if p50 := g.spliceLatency.percentile(0.5); p50 != 2*time.Second {
+		t.Errorf("p50 %v", p50)
 	}
 }

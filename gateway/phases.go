@@ -107,7 +107,7 @@ func (g *Gateway) phaseTable() []api.Phase {
 }
 
 var descPhase = prometheus.NewDesc("spliced_transition_phase_seconds",
-	"Time spent in each phase of recent completed splices and unsplices.", []string{"transition", "phase"}, nil)
+	"Time spent in each phase of completed splices and unsplices.", []string{"transition", "phase"}, nil)
 
 // phaseHistograms are the Prometheus form of the phase samples.
 func (g *Gateway) phaseHistograms(ch chan<- prometheus.Metric) {

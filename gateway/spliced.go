@@ -288,12 +288,26 @@ func (g *Gateway) reaper(ctx context.Context, interval time.Duration) {
 	}
 }
 
-// latencies keeps recent splice durations for percentiles.
+// latencies keeps recent splice durations for percentiles, and the
+// counts of every duration since the start for the Prometheus histogram.
 type latencies struct {
 	mu      sync.Mutex
 	samples []time.Duration
 	count   atomic.Uint64
+	// The histogram's counters: its buckets (of latencyBounds, each
+	// holding the samples up to its bound and none of the ones below),
+	// count and sum. A histogram's buckets, count and sum are counters,
+	// which only grow: made from the recent samples, the count stopped
+	// at 4096 and the buckets and the sum fell whenever slower samples
+	// left the window, so rate() over them read resets and nonsense.
+	buckets [len(latencyBounds)]uint64
+	total   uint64
+	sum     float64
 }
+
+// latencyBounds are the upper bounds of the histogram's buckets, in
+// seconds.
+var latencyBounds = [...]float64{50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1, 5}
 
 func (l *latencies) observe(d time.Duration) {
 	l.count.Add(1)
@@ -303,6 +317,12 @@ func (l *latencies) observe(d time.Duration) {
 		l.samples = l.samples[:len(l.samples)-1]
 	}
 	l.samples = append(l.samples, d)
+	s := d.Seconds()
+	if i := sort.SearchFloat64s(latencyBounds[:], s); i < len(latencyBounds) {
+		l.buckets[i]++
+	}
+	l.total++
+	l.sum += s
 	l.mu.Unlock()
 }
 

@@ -258,15 +258,13 @@ func (g *Gateway) Status() api.Status {
 	for _, s := range cfg.Services {
 		st.Services = append(st.Services, s.Name)
 	}
-	var proxied [2]uint64
 	for _, f := range g.flows.List() {
 		st.Flows[f.State().String()]++
-		proxied[0] += uint64(f.C2S.Load())
-		proxied[1] += uint64(f.S2C.Load())
 	}
-	st.Engines = append(st.Engines, api.Engine{Name: "proxy",
-		BytesC2S: proxied[0] + g.closedProxied[0].Load(), BytesS2C: proxied[1] + g.closedProxied[1].Load()})
-	if g.splicing() {
+	splicing := g.splicing()
+	proxied, spliced, packets := g.engineTotals(splicing)
+	st.Engines = append(st.Engines, api.Engine{Name: "proxy", BytesC2S: proxied[0], BytesS2C: proxied[1]})
+	if splicing {
 		e := api.Engine{Name: "splice", Splices: g.spliceLatency.count.Load(), SpliceAborts: g.spliceAborts.Load(),
 			SpliceP50Us: g.spliceLatency.percentile(0.5).Microseconds(), SpliceP99Us: g.spliceLatency.percentile(0.99).Microseconds(),
 			Verdicts: map[string]uint64{}, QueueBackend: cfg.Kernel.NFQueue, InjectFailures: g.injectErrors.Load(), InjectedGSO: g.injectedGSO.Load(),
@@ -287,15 +285,8 @@ func (g *Gateway) Status() api.Status {
 			e.BPFPromoteSkipped = k.promoteSkipped.Load()
 			e.BPFDemotions, e.BPFStragglers = k.demotions.Load(), k.stragglers.Load()
 		}
-		for _, en := range g.engine.Entries() {
-			s := en.Stats()
-			e.BytesC2S += s[splice.C2S].Bytes
-			e.BytesS2C += s[splice.S2C].Bytes
-			e.PacketsC2S += s[splice.C2S].Packets
-			e.PacketsS2C += s[splice.S2C].Packets
-		}
-		e.BytesC2S += g.closedSpliced[0].Load()
-		e.BytesS2C += g.closedSpliced[1].Load()
+		e.BytesC2S, e.BytesS2C = spliced[0], spliced[1]
+		e.PacketsC2S, e.PacketsS2C = packets[0], packets[1]
 		for v := range splice.NumVerdicts {
 			if n := g.counters.verdicts[v].Load(); n > 0 {
 				e.Verdicts[splice.Verdict(v).String()] = n

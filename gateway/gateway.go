@@ -177,8 +177,15 @@ type Gateway struct {
 	divertRefreshes     atomic.Uint64
 	divertRefreshErrors atomic.Uint64
 	repairs             atomic.Int64
-	// Bytes of flows that ended, by engine and direction.
+	// Bytes of flows that ended, by engine and direction, and the
+	// splice engine's packets; bytes the engine moved for flows that
+	// unsplices gave back to their proxies, in the flows' counters (see
+	// totals.go).
 	closedProxied, closedSpliced [2]atomic.Uint64
+	closedSplicedPackets         [2]atomic.Uint64
+	splicedFolded                [2]atomic.Uint64
+	// totals is what Status reported of the engines' totals.
+	totals totals
 }
 
 // serviceProxy is the proxy serving one service, of the kind its

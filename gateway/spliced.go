@@ -226,6 +226,7 @@ func (g *Gateway) reap(now time.Time) {
 		// under way can hand the flow to the program (splice.ErrGone),
 		// and what one handed over already is removed below.
 		g.engine.Delete(sf.entry)
+		g.countClosed(sf) // out of the table: its counts move to the ended flows'
 		g.retireOffloaded(sf)
 		g.unstore(sf)
 		k := sf.keys()
@@ -252,10 +253,6 @@ func (g *Gateway) lingered(sf *splicedFlow, now int64) bool {
 func (g *Gateway) logClosed(sf *splicedFlow, reason string) {
 	st := sf.entry.Stats()
 	f := sf.flow
-	g.closedSpliced[0].Add(st[splice.C2S].Bytes)
-	g.closedSpliced[1].Add(st[splice.S2C].Bytes)
-	g.closedProxied[0].Add(uint64(f.C2S.Load()))
-	g.closedProxied[1].Add(uint64(f.S2C.Load()))
 	g.log.Info("flow closed", logging.KeyFlow, f.ID, logging.KeyService, f.Service,
 		logging.KeyClient, f.Client, logging.KeyServer, f.Server,
 		logging.KeyBytesC2S, f.C2S.Load()+int64(st[splice.C2S].Bytes), logging.KeyBytesS2C, f.S2C.Load()+int64(st[splice.S2C].Bytes),

@@ -169,8 +169,7 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 	go g.retirePassthrough(f.ID, tr)
 	g.unsplices.Add(1)
 	st := sf.entry.Stats()
-	f.C2S.Add(int64(st[splice.C2S].Bytes))
-	f.S2C.Add(int64(st[splice.S2C].Bytes))
+	g.foldUnspliced(f, st)
 	f.SetState(proxy.StateProxied)
 	took := time.Since(start)
 	g.log.Info("flow unspliced", logging.KeyFlow, f.ID, logging.KeyService, f.Service,
@@ -286,6 +285,7 @@ func (g *Gateway) abandonUnsplice(sf *splicedFlow, tr *transition, why error) er
 	}
 	f.SetState(proxy.StateClosing)
 	reason := "unsplice abandoned, flow reset: its next request cannot be routed"
+	g.countClosed(sf)
 	g.logClosed(sf, reason)
 	af := describeFlow(f, sf)
 	g.events.publish(api.Event{Kind: proxy.EventClosed, Flow: &af, Detail: reason})

@@ -197,10 +197,21 @@ func TestLabCtl(t *testing.T) {
 		t.Errorf("flow %d after the splice and 1 MiB more: %+v", p.ID, one)
 	}
 	// Unsplice it: back in the proxy, its data still intact, its bytes
-	// counted once; then splice it again.
+	// counted once; then splice it again. The engines' totals stay: the
+	// megabyte the engine moved stays the engine's (it was the proxy's
+	// after the unsplice, and the engine's total fell).
+	var beforeUnsplice, afterUnsplice api.Status
+	ctlJSON(t, d, &beforeUnsplice, "status")
 	ctlJSON(t, d, &after, "unsplice", fmt.Sprint(p.ID))
 	if after.State != api.StateProxied {
 		t.Fatalf("after unsplice: %+v", after)
+	}
+	ctlJSON(t, d, &afterUnsplice, "status")
+	for i, e := range afterUnsplice.Engines {
+		was := beforeUnsplice.Engines[i]
+		if e.BytesC2S != was.BytesC2S || e.BytesS2C != was.BytesS2C {
+			t.Errorf("%s engine's totals went from %d/%d bytes to %d/%d at an unsplice", e.Name, was.BytesC2S, was.BytesS2C, e.BytesC2S, e.BytesS2C)
+		}
 	}
 	proxied.exchange(t, 1<<20, 'g')
 	ctlJSON(t, d, &one, "flow", fmt.Sprint(p.ID))

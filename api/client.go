@@ -105,14 +105,19 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		var e Error
-		body, _ := io.ReadAll(resp.Body)
-		if json.Unmarshal(body, &e) == nil && e.Error != "" {
-			return errors.New(e.Error)
-		}
-		return fmt.Errorf("%s %s: %s", method, path, resp.Status)
+		return responseError(resp, method, path)
 	}
 	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+// responseError is the error a failed request's answer describes.
+func responseError(resp *http.Response, method, path string) error {
+	var e Error
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if json.Unmarshal(body, &e) == nil && e.Error != "" {
+		return errors.New(e.Error)
+	}
+	return fmt.Errorf("%s %s: %s", method, path, resp.Status)
 }
 
 // Status returns the daemon's status.
@@ -177,6 +182,11 @@ func (c *Client) Events(ctx context.Context, fn func(Event) error) error {
 		return err
 	}
 	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		// An error object, not events: decoded as one, it was an empty
+		// event, and the stream ended as if all was well.
+		return responseError(resp, http.MethodGet, "/events")
+	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -191,5 +201,11 @@ func (c *Client) Events(ctx context.Context, fn func(Event) error) error {
 	if ctx.Err() != nil {
 		return nil
 	}
-	return sc.Err()
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("event stream: %w", err)
+	}
+	// The daemon ends a stream only when it stops: a follower that
+	// ended quietly, with success, left its user (or script) to think
+	// the stream had been followed to the end.
+	return errors.New("the event stream ended: spliced stopped or restarted; run this again once it runs")
 }

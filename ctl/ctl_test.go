@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -130,5 +131,58 @@ func TestNotRunning(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "spliced.sock")
 	if code := Run([]string{"-s", path, "status"}, &out, &out); code != 1 || !strings.Contains(out.String(), "spliced is not running") {
 		t.Errorf("exit %d: %s", code, out.String())
+	}
+}
+
+// serveEvents serves h as a daemon's control socket and returns its path.
+func serveEvents(t *testing.T, h http.HandlerFunc) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "spliced.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return path
+}
+
+// TestWatchEnds: `splicectl watch` printed a daemon's error answer as an
+// empty event, and a stream the daemon ended (it stopped or restarted)
+// ended the command quietly with status 0, as if it had been followed to
+// its end: a script behind `splicectl -j watch` could not tell. Both are
+// failures now, with a message that says what happened.
+func TestWatchEnds(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		h    http.HandlerFunc
+		want []string
+	}{
+		{"error answer", func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(http.StatusNotFound)
+			w.Write([]byte(`{"error":"no such API call: GET /v1/events (this daemon speaks v2)"}` + "\n"))
+		}, []string{"splicectl watch: no such API call"}},
+		{"stream ended", func(w http.ResponseWriter, r *http.Request) {
+			w.Write([]byte(`{"time":"2024-01-01T00:00:00Z","kind":"subscribed"}` + "\n"))
+		}, []string{"subscribed", "splicectl watch: the event stream ended: spliced stopped or restarted"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, args := range [][]string{{"watch"}, {"-j", "watch"}} {
+				var out bytes.Buffer
+				code := Run(append([]string{"-s", serveEvents(t, tc.h)}, args...), &out, &out)
+				if code != 1 {
+					t.Errorf("%v: exit %d, want 1: %q", args, code, out.String())
+				}
+				for _, want := range tc.want {
+					if !strings.Contains(out.String(), want) {
+						t.Errorf("%v: %q lacks %q", args, out.String(), want)
+					}
+				}
+				if regexp.MustCompile(`(?m)^00:00:00\.000 *$`).MatchString(out.String()) || strings.Contains(out.String(), `"kind":""`) {
+					t.Errorf("%v: an empty event printed: %q", args, out.String())
+				}
+			}
+		})
 	}
 }

@@ -89,6 +89,7 @@ func (b TCP) HeaderLen() int       { return int(b[TCPDataOffOffset]>>4) * 4 }
 func (b TCP) Flags() uint8         { return b[TCPFlagsOffset] }
 func (b TCP) Window() uint16       { return binary.BigEndian.Uint16(b[TCPWindowOffset:]) }
 func (b TCP) Checksum() uint16     { return binary.BigEndian.Uint16(b[TCPChecksumOffset:]) }
+func (b TCP) Urgent() uint16       { return binary.BigEndian.Uint16(b[TCPUrgentOffset:]) }
 func (b TCP) Options() []byte      { return b[TCPMinHeaderLen:b.HeaderLen()] }
 func (b TCP) SetSrcPort(v uint16)  { binary.BigEndian.PutUint16(b[TCPSrcPortOffset:], v) }
 func (b TCP) SetDstPort(v uint16)  { binary.BigEndian.PutUint16(b[TCPDstPortOffset:], v) }
@@ -97,6 +98,7 @@ func (b TCP) SetAck(v Seq)         { binary.BigEndian.PutUint32(b[TCPAckOffset:]
 func (b TCP) SetWindow(v uint16)   { binary.BigEndian.PutUint16(b[TCPWindowOffset:], v) }
 func (b TCP) SetChecksum(v uint16) { binary.BigEndian.PutUint16(b[TCPChecksumOffset:], v) }
 func (b TCP) SetFlags(v uint8)     { b[TCPFlagsOffset] = v }
+func (b TCP) SetUrgent(v uint16)   { binary.BigEndian.PutUint16(b[TCPUrgentOffset:], v) }
 
 // TCP option kinds the engine reads or rewrites.
 const (

@@ -828,3 +828,86 @@ func TestProgressClock(t *testing.T) {
 		t.Fatalf("last verdict %v", got)
 	}
 }
+
+// TestPureAckMovedKeepsUrgentPoint: a pure ACK whose sequence number the
+// engine moves (a stale one raised to the receiver's rcv_nxt, one beyond
+// the data forwarded lowered to its end) keeps naming the same urgent
+// byte. The urgent pointer is an offset from the sequence number: left
+// as it came, it named a byte as many bytes later (earlier), which the
+// receiver took out of the stream as the urgent byte (telnet's interrupt,
+// FTP's abort) while the real one stayed inline. A point the receiver
+// has already, or one the field cannot reach, goes with the flag: the
+// data segments before the urgent byte name it again.
+func TestPureAckMovedKeepsUrgentPoint(t *testing.T) {
+	// urgent point of a decoded segment, in its own sequence space
+	point := func(b []byte) (uint32, bool) {
+		tcp := decoded(t, b)
+		return tcp.Seq + uint32(tcp.Urgent), tcp.URG
+	}
+	for _, nat := range []bool{false, true} {
+		// Raised: the client acknowledged 0x200 bytes of server data; a
+		// pure ACK of the server at 0x80 moves to 0x200.
+		f := newFixture(t, false, nat)
+		srv := f.s2c(0xffffff00, 0x7ffffff0, FlagACK)
+		srv.payload = make([]byte, 0x200)
+		f.run(t, srv.bytes(), S2C, true)
+		cli := f.c2s(1000, sa(0x200), FlagACK)
+		f.run(t, cli.bytes(), C2S, true)
+		for _, tc := range []struct {
+			urg  uint16
+			keep bool
+		}{{0x200, true}, {0x181, true}, {0x180, false}, {0x100, false}} {
+			s := f.s2c(0xffffff00+0x80, 0x7ffffff0, FlagACK|FlagURG)
+			s.urg = tc.urg
+			b := s.bytes()
+			if v := f.run(t, b, S2C, true); v != Forward {
+				t.Fatalf("nat %v urg %#x: verdict %v", nat, tc.urg, v)
+			}
+			at, urg := point(b)
+			if want := uint32(Seq(0xffffff00 + 0x80 + uint32(tc.urg)).Add(dS2C)); tc.keep && (!urg || at != want) {
+				t.Errorf("nat %v raised, urg %#x: urgent point %#x (URG %v), want %#x", nat, tc.urg, at, urg, want)
+			}
+			if tc.keep {
+				continue
+			}
+			if tcp := decoded(t, b); tcp.URG || tcp.Urgent != 0 {
+				t.Errorf("nat %v raised, urg %#x: URG %v pointer %#x for a point the receiver has, want none",
+					nat, tc.urg, tcp.URG, tcp.Urgent)
+			}
+		}
+
+		// Lowered: 40 bytes after the 0x300 forwarded were not; the
+		// client's pure ACK at 0x300+40 moves back to 0x300.
+		f = newFixture(t, false, nat)
+		cli = f.c2s(1000, sa(0), FlagACK)
+		cli.payload = make([]byte, 0x300)
+		f.run(t, cli.bytes(), C2S, true)
+		for _, tc := range []struct {
+			urg  uint16
+			keep bool
+		}{{10, true}, {0xffff - 40, true}, {0xffff - 39, false}} {
+			s := f.c2s(1000+0x300+40, sa(0), FlagACK|FlagURG)
+			s.urg = tc.urg
+			b := s.bytes()
+			if v := f.run(t, b, C2S, true); v != Forward {
+				t.Fatalf("nat %v urg %#x: verdict %v", nat, tc.urg, v)
+			}
+			at, urg := point(b)
+			if want := uint32(Seq(1000 + 0x300 + 40 + uint32(tc.urg)).Add(dC2S)); tc.keep && (!urg || at != want) {
+				t.Errorf("nat %v lowered, urg %#x: urgent point %#x (URG %v), want %#x", nat, tc.urg, at, urg, want)
+			}
+			if tcp := decoded(t, b); !tc.keep && (tcp.URG || tcp.Urgent != 0) {
+				t.Errorf("nat %v lowered, urg %#x: URG %v pointer %#x beyond the field's reach, want none",
+					nat, tc.urg, tcp.URG, tcp.Urgent)
+			}
+		}
+		// Data keeps its sequence number and so its pointer.
+		data := f.c2s(1000+0x300, sa(0), FlagACK|FlagURG)
+		data.payload, data.urg = make([]byte, 40), 7
+		b := data.bytes()
+		f.run(t, b, C2S, true)
+		if at, urg := point(b); !urg || at != uint32(Seq(1000+0x300+7).Add(dC2S)) {
+			t.Errorf("nat %v: data's urgent point %#x (URG %v)", nat, at, urg)
+		}
+	}
+}

@@ -222,6 +222,7 @@ type seg struct {
 	seq, ack uint32
 	flags    uint8
 	win      uint16
+	urg      uint16 // the urgent pointer
 	opts     []byte // raw TCP options; padded with EOL to a multiple of 4
 	payload  []byte
 	ipOpts   []byte // IPv4 options (multiple of 4)
@@ -248,6 +249,7 @@ func (s seg) bytes() []byte {
 	tcp[12] = byte((20 + len(opts)) / 4 << 4)
 	tcp[13] = s.flags
 	binary.BigEndian.PutUint16(tcp[14:], s.win)
+	binary.BigEndian.PutUint16(tcp[18:], s.urg)
 	copy(tcp[20:], opts)
 	copy(tcp[20+len(opts):], s.payload)
 	src, dst := s.src.Addr().AsSlice(), s.dst.Addr().AsSlice()

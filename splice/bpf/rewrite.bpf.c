@@ -50,6 +50,7 @@
 #define FLAG_SYN 0x02
 #define FLAG_RST 0x04
 #define FLAG_ACK 0x10
+#define FLAG_URG 0x20
 
 #define OPT_EOL 0
 #define OPT_NOP 1
@@ -372,6 +373,7 @@ static __always_inline int walk_options(__u32 hl, struct opts *o)
 struct decision {
 	__u32 verdict;
 	__u32 seq, ack;   // output values
+	__u32 seq_moved;  // how far a pure ACK's sequence number moved (mod 2^32)
 	__u16 sport, dport;
 	__u16 window;
 	__u8 addrs;       // rewrite addresses
@@ -490,10 +492,12 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 
 	dc->sport = s->src_port;
 	dc->dport = s->dst_port;
+	__u32 seq_in = seq;
 	if (raise_seq)
 		seq = s->ack_seen;
 	if (lower_seq)
 		seq = s->snd_nxt;
+	dc->seq_moved = seq - seq_in;
 	dc->seq = seq + s->seq_off;
 	dc->ack = ack;
 	if (flags & FLAG_ACK)
@@ -841,6 +845,16 @@ int splice_rewrite(struct __sk_buff *skb)
 	put32(&sc->th[8], dc.ack);
 	sc->th[14] = dc.window >> 8;
 	sc->th[15] = dc.window;
+	if ((flags & FLAG_URG) && dc.seq_moved) {
+		// The urgent point stays at its byte (splice.moveUrgent).
+		__u32 ptr = ((__u32)sc->th[18] << 8 | sc->th[19]) - dc.seq_moved;
+		if ((__s32)ptr <= 0 || ptr > 0xffff) {
+			sc->th[13] = flags & ~FLAG_URG;
+			ptr = 0;
+		}
+		sc->th[18] = ptr >> 8;
+		sc->th[19] = ptr;
+	}
 	if (op.ts_off) {
 		__u32 t = op.ts_off & 63;
 		if (t > MAX_TCP_HDR - 10)

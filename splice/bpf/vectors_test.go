@@ -525,3 +525,31 @@ func TestDiffRSTAtTheFIN(t *testing.T) {
 		}
 	})
 }
+
+// TestDiffUrgentPointOfMovedAck: the engine's
+// TestPureAckMovedKeepsUrgentPoint (a pure ACK whose sequence number
+// moves keeps its urgent point, or loses the flag).
+func TestDiffUrgentPointOfMovedAck(t *testing.T) {
+	each(t, func(t *testing.T, v6, nat bool) {
+		f := newFixture(t, v6, nat)
+		srv := f.s2c(0xffffff00, 0x7ffffff0, FlagACK)
+		srv.payload = make([]byte, 0x200)
+		f.want(f.at(srv, S2C, 1), Forward, "server data")
+		cli := f.c2s(1000, sa(0x200), FlagACK)
+		cli.payload = make([]byte, 0x300)
+		f.want(f.at(cli, C2S, 2), Forward, "client data")
+		for _, urg := range []uint16{0x200, 0x181, 0x180, 0x100, 0} {
+			s := f.s2c(0xffffff00+0x80, 0x7ffffff0, FlagACK|FlagURG)
+			s.urg = urg
+			f.want(f.at(s, S2C, 3), Forward, fmt.Sprintf("raised pure ACK, urgent pointer %#x", urg))
+		}
+		for _, urg := range []uint16{10, 0xffff - 40, 0xffff - 39, 0xffff} {
+			s := f.c2s(1000+0x300+40, sa(0x200), FlagACK|FlagURG|FlagPSH)
+			s.urg = urg
+			f.want(f.at(s, C2S, 4), Forward, fmt.Sprintf("lowered pure ACK, urgent pointer %#x", urg))
+		}
+		data := f.c2s(1000+0x300, sa(0x200), FlagACK|FlagURG)
+		data.payload, data.urg = make([]byte, 40), 7
+		f.want(f.at(data, C2S, 5), Forward, "urgent data")
+	})
+}

@@ -210,7 +210,8 @@ func stripPayload(p *splice.Packet) []byte {
 // segments splits a held packet (a copy taken during the splice, possibly
 // a 64 KB GSO packet) into packets whose TCP segment (header, options and
 // payload) is at most wire bytes, in the sender's sequence space; FIN and
-// PSH stay on the last one only. Each returned packet is a fresh buffer.
+// PSH stay on the last one only, an urgent pointer names the same byte in
+// every segment before it. Each returned packet is a fresh buffer.
 //
 // The budget is in wire bytes, not payload, because the packet keeps the
 // options of the leg it came from: SACK blocks, or timestamps the other
@@ -244,6 +245,9 @@ func segments(b []byte, wire int) [][]byte {
 		tq.SetSeq(seq.Add(uint32(off)))
 		if off+n < len(payload) {
 			tq.SetFlags(flags &^ (splice.FlagFIN | splice.FlagPSH))
+		}
+		if off > 0 && flags&splice.FlagURG != 0 {
+			tq.MoveUrgent(uint32(off))
 		}
 		out = append(out, seg)
 	}

@@ -69,6 +69,53 @@ func TestSegmentsFitTheWireBudget(t *testing.T) {
 	}
 }
 
+// TestSegmentsKeepTheUrgentPoint: a taken-over packet with urgent data
+// cut into segments names the same urgent byte in every segment before
+// it and marks none after it, as its sender would have. Each segment had
+// the packet's pointer, an offset from its own sequence number: every one
+// after the first named a later byte, and the receiver, which takes the
+// newest pointer, pulled a byte out of the stream that was no urgent one.
+func TestSegmentsKeepTheUrgentPoint(t *testing.T) {
+	const (
+		payload = 5000
+		seq     = 0xfffff000
+		urg     = 3000 // the point: seq+3000
+		wire    = 1000 + 20
+	)
+	b := make([]byte, 20+20+payload)
+	b[0] = 0x45
+	binary.BigEndian.PutUint16(b[2:], uint16(len(b)))
+	b[8], b[9] = 64, 6
+	copy(b[12:], []byte{10, 1, 0, 2, 10, 2, 0, 2})
+	splice.IPv4(b).UpdateChecksum()
+	tcp := b[20:]
+	binary.BigEndian.PutUint32(tcp[4:], seq)
+	tcp[12] = 20 / 4 << 4
+	tcp[13] = splice.FlagACK | splice.FlagPSH | splice.FlagURG
+	binary.BigEndian.PutUint16(tcp[18:], urg)
+	segs := segments(b, wire)
+	if len(segs) != 5 {
+		t.Fatalf("%d segments, want 5", len(segs))
+	}
+	for i, s := range segs {
+		var p splice.Packet
+		if r := p.Parse(s); r != splice.OK {
+			t.Fatalf("segment %d: %v", i, r)
+		}
+		th := p.TCP()
+		marked := th.Flags()&splice.FlagURG != 0
+		if before := th.Seq().LessThan(splice.Seq(seq + urg)); marked != before {
+			t.Errorf("segment %d at %#x: URG %v, want %v", i, th.Seq(), marked, before)
+		}
+		if marked && th.Seq().Add(uint32(th.Urgent())) != splice.Seq(seq+urg) {
+			t.Errorf("segment %d: urgent point %#x, want %#x", i, th.Seq().Add(uint32(th.Urgent())), seq+urg)
+		}
+		if !marked && th.Urgent() != 0 {
+			t.Errorf("segment %d: pointer %d without URG", i, th.Urgent())
+		}
+	}
+}
+
 // TestSendAllInOrder: packets injected in batches leave in order, batch
 // after batch and across a change of family; one the kernel refuses
 // (larger than the device's MTU) is skipped and the rest go out.

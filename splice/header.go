@@ -100,6 +100,25 @@ func (b TCP) SetChecksum(v uint16) { binary.BigEndian.PutUint16(b[TCPChecksumOff
 func (b TCP) SetFlags(v uint8)     { b[TCPFlagsOffset] = v }
 func (b TCP) SetUrgent(v uint16)   { binary.BigEndian.PutUint16(b[TCPUrgentOffset:], v) }
 
+// MoveUrgent keeps the urgent point of a segment whose sequence number
+// moved forward by moved (backward: modulo 2^32) at the byte it named.
+// The urgent pointer is an offset from the sequence number: left alone,
+// it would name a byte moved bytes later (earlier), which the receiver
+// takes out of the stream as the urgent byte when it arrives (unless
+// SO_OOBINLINE), leaving the real one inline. A point no longer ahead of
+// the new sequence number is one the receiver has, or one before the
+// segment (a sender marks only segments before it), and one beyond the
+// field's reach is named again by the segments before it: the URG flag
+// goes, with the pointer. moved must not be 0.
+func (b TCP) MoveUrgent(moved uint32) {
+	if ptr := uint32(b.Urgent()) - moved; int32(ptr) > 0 && ptr <= 0xffff {
+		b.SetUrgent(uint16(ptr))
+		return
+	}
+	b.SetFlags(b.Flags() &^ FlagURG)
+	b.SetUrgent(0)
+}
+
 // TCP option kinds the engine reads or rewrites.
 const (
 	OptEOL           = 0

@@ -186,7 +186,7 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		seq = s.sndNxt
 	}
 	if moved := uint32(seq - t.Seq()); moved != 0 && flags&FlagURG != 0 {
-		moveUrgent(t, moved)
+		t.MoveUrgent(moved)
 	}
 	t.SetSeq(seq.Add(s.seqOff))
 	if flags&FlagACK != 0 {
@@ -312,25 +312,6 @@ func (f *Flow) spuriousEnd(s, o *dirState, flags uint8, segLen uint32, end, ackI
 		return DropDuplicate
 	}
 	return Forward
-}
-
-// moveUrgent keeps the urgent point of a pure ACK whose sequence number
-// moved forward by moved (backward: modulo 2^32) at the byte it named.
-// The urgent pointer is an offset from the segment's sequence number: left
-// alone, it would name a byte moved bytes later (earlier), which the
-// receiver takes out of the stream as the urgent byte when it arrives
-// (unless SO_OOBINLINE), leaving the real one inline. A point that is
-// no longer ahead of the new sequence number is one the receiver has
-// (the sequence number moved to its rcv_nxt) and ignores, and one beyond
-// the field's reach is named again by the data segments before it: the
-// flag goes, with the pointer.
-func moveUrgent(t TCP, moved uint32) {
-	if ptr := uint32(t.Urgent()) - moved; int32(ptr) > 0 && ptr <= 0xffff {
-		t.SetUrgent(uint16(ptr))
-		return
-	}
-	t.SetFlags(t.Flags() &^ FlagURG)
-	t.SetUrgent(0)
 }
 
 // headerSum is the sum of everything Rewrite may change under the TCP

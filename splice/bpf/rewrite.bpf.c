@@ -846,7 +846,7 @@ int splice_rewrite(struct __sk_buff *skb)
 	sc->th[14] = dc.window >> 8;
 	sc->th[15] = dc.window;
 	if ((flags & FLAG_URG) && dc.seq_moved) {
-		// The urgent point stays at its byte (splice.moveUrgent).
+		// The urgent point stays at its byte (splice.TCP.MoveUrgent).
 		__u32 ptr = ((__u32)sc->th[18] << 8 | sc->th[19]) - dc.seq_moved;
 		if ((__s32)ptr <= 0 || ptr > 0xffff) {
 			sc->th[13] = flags & ~FLAG_URG;

@@ -184,7 +184,8 @@ func FuzzDiff(f *testing.F) {
 // packet, each made relative to the flow's current state, so that most
 // packets land in or near the window and the state moves on:
 //
-//	0: bit 0 direction; 1 FIN; 2 RST; 3 no ACK; 4 PSH; 5 SYN (with 3);
+//	0: bit 0 direction; 1 FIN; 2 RST; 3 no ACK; 4 PSH; 5 SYN (with 3),
+//	   URG (without 3, the pointer 4 times byte 6);
 //	   6-7 options: none, timestamps, timestamps and SACK, SACK
 //	1-2: sequence number, signed, from the sender's highest sequence
 //	3-4: ack, signed, from the other direction's highest sequence
@@ -240,6 +241,10 @@ func diffSequence(t *testing.T, data []byte, mode byte) {
 		}
 		sg.payload = bytes.Repeat([]byte{b[5]}, int(b[5]))
 		sg.win = uint16(b[6]) << 4
+		if b[0]&(8|32) == 32 {
+			sg.flags |= FlagURG
+			sg.urg = uint16(b[6]) << 2
+		}
 		lastTS[d] += uint32(b[6]&7) + 1
 		// The echo of what the other direction's receiver last saw.
 		ecr := o.TSval + o.TSOff - uint32(b[6]>>6)
@@ -277,6 +282,8 @@ func FuzzDiffSequence(f *testing.F) {
 		{0x40, 0, 0, 0, 0, 10, 16, 0, 0x05, 0, 0, 0, 0, 0, 0, 0, 0x04, 0, 10, 0, 0, 0, 0, 0},
 		// stale pure ACKs and window probes
 		{0x00, 0, 0, 0, 0, 200, 0, 0, 0x01, 0, 0, 0, 0, 0, 0, 0, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0x00, 0xff, 0x00, 0, 0, 0, 0, 0},
+		// urgent pointers on pure ACKs raised and lowered, and on data
+		{0x00, 0, 0, 0, 0, 200, 0, 0, 0x21, 0xff, 0x00, 0, 0, 0, 40, 0, 0x20, 0, 50, 0, 0, 0, 10, 0, 0x20, 0, 0, 0, 0, 30, 5, 0},
 		// a SYN in the middle
 		{0x00, 0, 0, 0, 0, 1, 1, 1, 0x28, 0, 0, 0, 0, 0, 0, 0, 0x00, 0, 1, 0, 0, 1, 1, 1},
 	}

@@ -123,3 +123,48 @@ func TestRSTAtAForgedFIN(t *testing.T) {
 		t.Error("a RST at a forged FIN's sequence number, behind the stream, ended the flow")
 	}
 }
+
+// TestFINBehindTheAcknowledgedIsNoFIN: a FIN that ends at or before
+// what its receiver acknowledged is dropped unread by the receiver
+// (tcp_data_queue: the bytes up to there are in; the FIN is taken only
+// in order), and no FIN was seen there before: it is forged (a sequence
+// number up to a window behind and an acceptable ACK pass the checks).
+// The engine took it for the sender's FIN, and the receiver's next ACK
+// acknowledged it at once: one such packet each way and the flow counted
+// as finished while both ends went on, and it was taken out of the
+// table (every later packet dropped, both ends stalled). The FIN that
+// really ends the stream still counts.
+func TestFINBehindTheAcknowledgedIsNoFIN(t *testing.T) {
+	f := newFixture(t, false, false)
+	srv0 := uint32(0xffffff00) // the server's sequence number at the splice
+	cli := f.c2s(1000, sa(0), FlagACK)
+	cli.payload = make([]byte, 0x300)
+	srv := f.s2c(srv0, 0x7ffffff0+0x300, FlagACK)
+	srv.payload = make([]byte, 0x300)
+	for _, p := range []struct {
+		s seg
+		d Dir
+	}{{cli, C2S}, {srv, S2C}, {f.c2s(1000+0x300, sa(0x300), FlagACK), C2S}} {
+		if v := f.run(t, p.s.bytes(), p.d, true); v != Forward {
+			t.Fatalf("%v: %v", p.d, v)
+		}
+	}
+	// Forged FINs behind what either receiver acknowledged, each way,
+	// one ending exactly there, and the ACKs that followed.
+	f.run(t, f.c2s(1000+0x100, sa(0x300), FlagACK|FlagFIN).bytes(), C2S, true)
+	f.run(t, f.s2c(srv0+0x2ff, 0x7ffffff0+0x300, FlagACK|FlagFIN).bytes(), S2C, true)
+	f.run(t, f.c2s(1000+0x300, sa(0x300), FlagACK).bytes(), C2S, true)
+	f.run(t, f.s2c(srv0+0x300, 0x7ffffff0+0x300, FlagACK).bytes(), S2C, true)
+	snap := f.e.Snapshot()
+	if snap.FINSeen(C2S) || snap.FINSeen(S2C) || snap.Finished() {
+		t.Fatalf("after forged FINs behind the acknowledged: FIN seen c2s %v s2c %v, finished %v; want no FIN",
+			snap.FINSeen(C2S), snap.FINSeen(S2C), snap.Finished())
+	}
+	// The real ones.
+	f.run(t, f.c2s(1000+0x300, sa(0x300), FlagACK|FlagFIN).bytes(), C2S, true)
+	f.run(t, f.s2c(srv0+0x300, 0x7ffffff0+0x301, FlagACK|FlagFIN).bytes(), S2C, true)
+	f.run(t, f.c2s(1000+0x301, sa(0x301), FlagACK).bytes(), C2S, true)
+	if !f.e.Snapshot().Finished() {
+		t.Error("both real FINs sent and acknowledged: the flow did not finish")
+	}
+}

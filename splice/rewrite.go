@@ -104,7 +104,13 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		}
 		s.sndNxt = maxSeq(s.sndNxt, end)
 	}
-	if flags&FlagFIN != 0 && s.flags&dirFIN == 0 {
+	if flags&FlagFIN != 0 && s.flags&dirFIN == 0 && s.ackSeen.LessThan(end) {
+		// Not a FIN that ends at or before what the receiver
+		// acknowledged: the receiver has every byte up to there, and
+		// drops it unread (tcp_data_queue: a retransmission), and no
+		// FIN went there (none was seen): forged. Taken for the sender's
+		// FIN, the receiver's next ACK would acknowledge it at once, and
+		// one such packet each way would end the flow while its ends go on.
 		s.flags |= dirFIN
 		s.finSeq = end.Sub(1)
 		s.finAt = now

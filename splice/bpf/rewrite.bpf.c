@@ -469,7 +469,9 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 			s->max_win += end - top;
 		s->snd_nxt = max_seq(s->snd_nxt, end);
 	}
-	if ((flags & FLAG_FIN) && !(s->flags & DIR_FIN)) {
+	// A FIN at or before what the receiver acknowledged is none
+	// (splice.Flow.Rewrite: the receiver drops it unread).
+	if ((flags & FLAG_FIN) && !(s->flags & DIR_FIN) && before(s->ack_seen, end)) {
 		s->flags |= DIR_FIN;
 		s->fin_seq = end - 1;
 		s->fin_at = now;

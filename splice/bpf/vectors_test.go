@@ -553,3 +553,27 @@ func TestDiffUrgentPointOfMovedAck(t *testing.T) {
 		f.want(f.at(data, C2S, 5), Forward, "urgent data")
 	})
 }
+
+// TestDiffFINBehindTheAcknowledged: the engine's
+// TestFINBehindTheAcknowledgedIsNoFIN (a FIN at or before what its
+// receiver acknowledged is no FIN).
+func TestDiffFINBehindTheAcknowledged(t *testing.T) {
+	each(t, func(t *testing.T, v6, nat bool) {
+		f := newFixture(t, v6, nat)
+		srv0 := uint32(0xffffff00)
+		cli := f.c2s(1000, sa(0), FlagACK)
+		cli.payload = make([]byte, 0x300)
+		f.want(f.at(cli, C2S, 1), Forward, "client data")
+		srv := f.s2c(srv0, 0x7ffffff0+0x300, FlagACK)
+		srv.payload = make([]byte, 0x300)
+		f.want(f.at(srv, S2C, 2), Forward, "server data")
+		f.want(f.at(f.c2s(1000+0x300, sa(0x300), FlagACK), C2S, 3), Forward, "client ACK")
+		f.want(f.at(f.c2s(1000+0x100, sa(0x300), FlagACK|FlagFIN), C2S, 4), Forward, "client FIN behind")
+		f.want(f.at(f.s2c(srv0+0x2ff, 0x7ffffff0+0x300, FlagACK|FlagFIN), S2C, 5), Forward, "server FIN ending at the acknowledged")
+		f.want(f.at(f.c2s(1000+0x300, sa(0x300), FlagACK), C2S, 6), Forward, "client ACK")
+		f.want(f.at(f.s2c(srv0+0x300, 0x7ffffff0+0x300, FlagACK), S2C, 7), Forward, "server ACK")
+		f.want(f.at(f.c2s(1000+0x300, sa(0x300), FlagACK|FlagFIN), C2S, 8), Forward, "client FIN")
+		f.want(f.at(f.s2c(srv0+0x300, 0x7ffffff0+0x301, FlagACK|FlagFIN), S2C, 9), Forward, "server FIN")
+		f.want(f.at(f.c2s(1000+0x301, sa(0x301), FlagACK), C2S, 10), Forward, "last ACK")
+	})
+}

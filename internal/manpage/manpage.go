@@ -1,8 +1,8 @@
 // Package manpage writes spliced(8), splicectl(8) and spliced.yaml(5)
 // from the documentation that already exists, so that the man pages and
 // the README cannot drift apart: the README's sections (the daemon's flag
-// table, the configuration reference, the splicectl, FTP, HTTP and kernel
-// state sections), splicectl's own usage text for its commands, and the
+// table, the configuration reference, the splicectl, FTP, HTTP, SOCKS5,
+// direct mode and kernel state sections), splicectl's own usage text for its commands, and the
 // embedded default configuration as the example. The Debian package
 // ships them (make deb).
 package manpage
@@ -123,7 +123,9 @@ prints the nftables table it would install) or \fBsplicectl config check\fR
 file that does not validate changes nothing.
 .SH FTP SERVICES
 ` + Roff(sec("FTP")) + `.SH HTTP SERVICES
-` + Roff(sec("HTTP")) + `.SH EXAMPLE
+` + Roff(sec("HTTP")) + `.SH SOCKS5 SERVICES
+` + Roff(sec("SOCKS5")) + `.SH DIRECT SERVICES
+` + Roff(sec("Direct mode: a TCP load balancer")) + `.SH EXAMPLE
 The default configuration, installed as \fI/etc/spliced/spliced.yaml\fR,
 intercepts nothing until services are added; its comments show every key:
 ` + Roff("```\n"+strings.TrimRight(string(config.Default), "\n")+"\n```") + `.SH SEE ALSO

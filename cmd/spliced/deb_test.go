@@ -45,7 +45,8 @@ var debFiles = []string{
 //     gone, the kernel state again with nft and ip; nothing is left.
 //   - with systemd (fake systemctl and deb-systemd-* that log their calls):
 //     install enables and starts the unit, an upgrade restarts it, remove
-//     stops it, purge purges the unit's state.
+//     stops it and removes the kernel state a unit that failed for good
+//     left, purge purges the unit's state.
 func TestDebianPackage(t *testing.T) {
 	testnet.Privileged(t, "make", "dpkg", "dpkg-deb", "dpkg-query", "chroot", "ldd", "nft", "ip")
 	repo, err := filepath.Abs("../..")
@@ -152,8 +153,14 @@ func TestDebianPackage(t *testing.T) {
 		checkNoKernelState(t, ns, "after remove")
 
 		// purge: the configuration goes, and kernel state again (the
-		// binary is gone: postrm uses nft and ip).
+		// binary is gone: postrm uses nft and ip), the pins of both
+		// datapaths included (here plain files: the scripts run in the
+		// root, which has no bpffs).
 		leaveKernelState(t, ns)
+		for _, dir := range []string{"sys/fs/bpf/spliced/spliced", "sys/fs/bpf/spliced-nfqueue/spliced"} {
+			os.MkdirAll(filepath.Join(root, dir), 0o700)
+			os.WriteFile(filepath.Join(root, dir, "splice_flows"), nil, 0o600)
+		}
 		dpkg("--purge", "spliced")
 		checkNoKernelState(t, ns, "after purge")
 		if st := query(t, root, "${Status}"); st != "" {
@@ -200,10 +207,19 @@ func TestDebianPackage(t *testing.T) {
 			{[]string{"--install", deb}, []string{"deb-systemd-helper unmask spliced.service", "deb-systemd-helper --quiet was-enabled spliced.service",
 				"deb-systemd-helper enable spliced.service", "systemctl --system daemon-reload", "deb-systemd-invoke start spliced.service"}},
 			{[]string{"--install", deb}, []string{"deb-systemd-invoke restart spliced.service"}}, // an upgrade (or reinstall)
+			// The stop does nothing here, as for a unit that failed for
+			// good (its restarts hit the start limit) after a crash left
+			// kernel state: prerm removes it (spliced -cleanup).
 			{[]string{"--remove", "spliced"}, []string{"deb-systemd-invoke stop spliced.service", "systemctl --system daemon-reload", "deb-systemd-helper mask spliced.service"}},
 			{[]string{"--purge", "spliced"}, []string{"deb-systemd-helper purge spliced.service", "deb-systemd-helper unmask spliced.service"}},
 		} {
+			if step.args[0] == "--remove" {
+				leaveKernelState(t, ns)
+			}
 			calls := dpkg(step.args...)
+			if step.args[0] == "--remove" {
+				checkNoKernelState(t, ns, "after remove with a failed unit")
+			}
 			for _, w := range step.want {
 				if !slices.Contains(calls, w) {
 					t.Errorf("dpkg %s: no call %q; calls:\n%s", step.args[0], w, strings.Join(calls, "\n"))

@@ -101,10 +101,10 @@ type Kernel struct {
 	// it) or "auto" (bpf where the program loads and attaches, else
 	// nfqueue; the log says which and why).
 	Datapath string `yaml:"datapath"`
-	// Interfaces are the interfaces the bpf datapath attaches to (default:
-	// every interface but lo present when spliced starts; interfaces that
-	// appear later are not attached to: their spliced packets go through
-	// NFQUEUE as with nfqueue).
+	// Interfaces are the interfaces the bpf datapath attaches to, at the
+	// start only. Default: every interface but lo, bridges' ports and
+	// bonds' and teams' slaves, followed as they come and go (one that
+	// appears later is attached to, one that goes is let go of).
 	Interfaces []string `yaml:"interfaces"`
 	// BPFFS is where a bpf file system is mounted (default /sys/fs/bpf;
 	// spliced mounts one there if none is). The bpf datapath pins its
@@ -209,8 +209,9 @@ const (
 
 // Limits bound what the daemon holds.
 type Limits struct {
-	// MaxFlows caps proxied flows over all services (default 10000). Flows
-	// beyond the cap are refused with a reset and a rate-limited log line.
+	// MaxFlows caps the flows over all services, spliced ones included
+	// (default 10000). Flows beyond the cap are refused with a reset and
+	// a rate-limited log line.
 	MaxFlows int `yaml:"max_flows"`
 	// MaxFlowsPerClient caps the flows of one client over all services
 	// (0, the default: no cap): an IPv4 address, or the IPv6 addresses

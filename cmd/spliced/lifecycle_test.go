@@ -50,6 +50,33 @@ func TestLabNFQueueHandOver(t *testing.T) {
 	})
 }
 
+// TestLabHandOverNothingToKeep: SIGUSR2 to a daemon that splices
+// nothing (no flow to leave) still exits with status 75, so that
+// Restart=on-failure starts it again as the operator asked, and its
+// shutdown is the ordinary one: the table is gone. Before, it exited
+// with 0, and the unit left the gateway without spliced.
+func TestLabHandOverNothingToKeep(t *testing.T) {
+	t.Parallel()
+	lab := testnet.NewT(t, testnet.Options{})
+	d := testnet.StartDaemon(t, lab, `
+services:
+  - name: fwd
+    listen: 15001
+    ports: ["5001"]
+    splice:
+      mode: never
+`)
+	d.Signal(syscall.SIGUSR2)
+	err := d.Wait(20 * time.Second)
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 75 {
+		t.Fatalf("exit after SIGUSR2: %v, want status 75 (the unit restarts the daemon only after a failure)\n%s", err, tail(d.Log(), 10))
+	}
+	if out, err := lab.Gateway.Run("nft", "list", "tables"); err != nil || strings.Contains(out, "spliced") {
+		t.Fatalf("tables after the shutdown: %q %v", out, err)
+	}
+}
+
 // nfqueueRestartUnderSystemd runs 8 spliced flows on the nfqueue datapath
 // through stop (what ends the daemon, called once all are recorded), the
 // unit's clean-up after a failure and a new daemon, and checks that it

@@ -15,6 +15,7 @@ import (
 	"os/user"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"syscall"
 
 	"spliced/config"
@@ -192,6 +193,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGUSR1, syscall.SIGHUP, syscall.SIGUSR2)
 	defer signal.Stop(sigs)
+	var restart atomic.Bool
 	go func() {
 		for sig := range sigs {
 			switch sig {
@@ -203,6 +205,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 				// Exit, leaving the spliced flows in the kernel for the
 				// next daemon (a restart that keeps them).
 				log.Info("SIGUSR2: exiting; spliced flows are left for the next spliced to adopt")
+				restart.Store(true)
 				gw.HandOver()
 				stop()
 			}
@@ -217,11 +220,18 @@ func run(args []string, stdout, stderr io.Writer) int {
 		log.Error("spliced stopped", logging.Err(err))
 		return 1
 	}
+	if restart.Load() {
+		// SIGUSR2 with no flow to leave (none spliced, or kept nowhere):
+		// the shutdown was the ordinary one, but the operator asked for
+		// a restart, which a status of 0 would not get under
+		// Restart=on-failure.
+		return ExitHandedOver
+	}
 	return 0
 }
 
-// ExitHandedOver is the exit status after SIGUSR2 left the spliced flows
-// for the next daemon (EX_TEMPFAIL): not a success, so that systemd's
+// ExitHandedOver is the exit status after SIGUSR2, which left the spliced
+// flows for the next daemon (EX_TEMPFAIL): not a success, so that systemd's
 // Restart=on-failure starts the daemon that adopts them, and its
 // ExecStopPost cleans up with -keep-flows.
 const ExitHandedOver = 75

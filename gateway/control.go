@@ -64,9 +64,17 @@ func (g *Gateway) serveControl(ctx context.Context, path, group string) (func(),
 	// controlIdleTimeout. (A cap on connections was tried: a client that
 	// leaked its idle connections, as a new http.Client per request does,
 	// then stalled every client for the idle timeout.)
-	srv := &http.Server{Handler: g.apiHandler(), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: controlIdleTimeout}
+	//
+	// Requests run in base, which the stop cancels first: an event stream
+	// (splicectl watch) lasts until its client goes, and the shutdown,
+	// waiting for it, held every stop of the daemon for its 2 s, and with
+	// them the restart that keeps flows, whose packets wait meanwhile.
+	base, cancelBase := context.WithCancel(context.Background())
+	srv := &http.Server{Handler: g.apiHandler(), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: controlIdleTimeout,
+		BaseContext: func(net.Listener) context.Context { return base }}
 	go srv.Serve(ln)
 	return func() {
+		cancelBase()
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer cancel()
 		srv.Shutdown(sctx)

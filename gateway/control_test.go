@@ -303,3 +303,45 @@ func TestControlSocketAncestorsChecked(t *testing.T) {
 	}
 	stop()
 }
+
+// TestControlStopEndsEventStreams: a stop of the control socket ends the
+// event streams (splicectl watch) open on it. It waited for them, 2 s,
+// and then left them open: every stop of the daemon took 2 s longer
+// while someone watched, and the watcher learnt of it only when the
+// process was gone.
+func TestControlStopEndsEventStreams(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.sock")
+	stop, err := controlTestGateway().serveControl(context.Background(), path, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		stop()
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, "GET /"+api.Version+"/events HTTP/1.1\r\nHost: spliced\r\n\r\n"); err != nil {
+		stop()
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(c)
+	resp, err := http.ReadResponse(r, nil)
+	if err != nil {
+		stop()
+		t.Fatal(err)
+	}
+	first, err := bufio.NewReader(resp.Body).ReadString('\n')
+	if err != nil || !strings.Contains(first, api.EventSubscribed) {
+		stop()
+		t.Fatalf("first event %q, %v; want the subscription", first, err)
+	}
+	stop()
+	// The stream ends (its last chunk, or the connection's close): a
+	// read gets EOF, not the deadline's timeout.
+	rest, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("the event stream after the stop: %v (read %q); want its end", err, rest)
+	}
+}

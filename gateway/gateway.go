@@ -174,7 +174,7 @@ type Gateway struct {
 	resetFlows          resetFlows
 	stallLog            *logging.Limiter
 	reloads             atomic.Int64
-	divertRefreshes     atomic.Uint64
+	divertRefreshOK     atomic.Uint64
 	divertRefreshErrors atomic.Uint64
 	repairs             atomic.Int64
 	// Bytes of flows that ended, by engine and direction, and the

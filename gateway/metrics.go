@@ -88,8 +88,10 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descRefused, prometheus.CounterValue, float64(table), "max_flows")
 	ch <- prometheus.MustNewConstMetric(descRefused, prometheus.CounterValue, float64(client), "max_flows_per_client")
 	ch <- prometheus.MustNewConstMetric(descWarnings, prometheus.GaugeValue, float64(len(st.Warnings)))
+	// Two counters, not failed subtracted from a total: read while a
+	// round counted, the difference went up by one and back down.
 	failed := g.divertRefreshErrors.Load()
-	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(g.divertRefreshes.Load()-failed), "ok")
+	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(g.divertRefreshOK.Load()), "ok")
 	ch <- prometheus.MustNewConstMetric(descRefreshes, prometheus.CounterValue, float64(failed), "failed")
 	ch <- prometheus.MustNewConstMetric(descDivertAdds, prometheus.CounterValue, float64(g.divertCommands.Load()), "command")
 	ch <- prometheus.MustNewConstMetric(descDivertAdds, prometheus.CounterValue, float64(g.divertNetlink.Load()), "netlink")

@@ -43,12 +43,12 @@ func (g *Gateway) refreshDivert() {
 	}
 	start := time.Now()
 	n, err := g.diverter.Refresh(g.refreshable)
-	g.divertRefreshes.Add(1)
 	if err != nil {
 		g.divertRefreshErrors.Add(1)
 		g.log.Error("refresh divert entries; retrying at the next refresh", "tuples", n, logging.Err(err))
 		return
 	}
+	g.divertRefreshOK.Add(1)
 	if n > 0 {
 		g.log.Debug("divert entries refreshed", "tuples", n, "took_us", time.Since(start).Microseconds())
 	}

@@ -874,10 +874,11 @@ func Cleanup(cfg *config.Config, log *slog.Logger, keepFlows bool) error {
 	if err := removeTable(rules.FromConfig(cfg), 0); err != nil {
 		errs = append(errs, err)
 	}
-	// With -keep-flows too: systemd removes /run/spliced, and the record
-	// with it, when the unit stops after a failure. The next daemon sets
-	// it again as it starts; until then a kept NAT flow forwarded by the
-	// stack (kernel.bpf_forward: stack) loses packets, which TCP resends.
+	// With -keep-flows too: the unit runs it after every failure, also
+	// the last one before its start limit stops it for good, and nothing
+	// would put the setting back then. The next daemon sets it again as
+	// it starts; until then a kept NAT flow forwarded by the stack
+	// (kernel.bpf_forward: stack) loses packets, which TCP resends.
 	if err := restoreAcceptLocal(cfg.Kernel.Table); err != nil {
 		errs = append(errs, err)
 	}

@@ -460,7 +460,34 @@ func (dp *Datapath) pinnedFlows(removeBroken bool) (flows []PinnedFlow, broken [
 		}
 		flows = append(flows, pf)
 	}
+	if removeBroken {
+		dp.removeOrphanedMeta(func(id uint64) bool { return byID[id] != nil })
+	}
 	return flows, broken, nil
+}
+
+// removeOrphanedMeta deletes the records of flows that have neither
+// tuples nor state (known says which have either), left by a kill
+// between DeleteFlow's state and its record. Left, a record outlived its
+// flow, and a later flow under its ID (IDs restart above the highest
+// adopted one) whose own record a kill kept from being written was
+// adopted with it: another service's settings, the HTTP proxy's watch.
+func (dp *Datapath) removeOrphanedMeta(known func(id uint64) bool) {
+	if dp.meta == nil {
+		return
+	}
+	var orphans []uint64
+	var id uint64
+	var mv metaValue
+	it := dp.meta.Iterate()
+	for it.Next(&id, &mv) {
+		if !known(id) {
+			orphans = append(orphans, id)
+		}
+	}
+	for _, id := range orphans {
+		dp.deleteMeta(id)
+	}
 }
 
 // SetMeta stores what the gateway knows of a flow (at most MetaSize

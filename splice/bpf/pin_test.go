@@ -161,6 +161,11 @@ func TestPinReuse(t *testing.T) {
 		if err := dp1.SetMeta(42, []byte(`{"service":"web"}`)); err != nil {
 			t.Error(err)
 		}
+		// A record whose flow is gone (a kill between DeleteFlow's
+		// state and its record).
+		if err := dp1.SetMeta(99, []byte(`{"service":"gone"}`)); err != nil {
+			t.Error(err)
+		}
 		if err := dp1.PutFlow(43, keys, st); err != nil { // shares the tuples: 43 loses them
 			t.Error(err)
 		}
@@ -203,6 +208,10 @@ func TestPinReuse(t *testing.T) {
 		}
 		if _, after, err := dp2.PinnedFlows(); err != nil || len(after) != 0 {
 			t.Errorf("after TakePinnedFlows: broken %v, %v; want none", after, err)
+		}
+		var mv metaValue
+		if err := dp2.meta.Lookup(uint64(99), &mv); !errors.Is(err, ebpf.ErrKeyNotExist) {
+			t.Errorf("the record of flow 99, which has no tuples nor state, after TakePinnedFlows: %v; want it removed", err)
 		}
 		if len(flows) != 2 || len(broken) != 1 || broken[0] != 43 || flows[1].ID != 50 || flows[1].State != real.State() {
 			t.Errorf("pinned flows %+v, broken %v; want flows 42 and 50, broken 43", flows, broken)

@@ -133,6 +133,9 @@ const (
 	StateClosing  = "closing"
 )
 
+// FlowStates are the flow states, in order.
+var FlowStates = []string{StateProxied, StateSplicing, StateSpliced, StateClosing}
+
 // Flow is one relayed client connection.
 type Flow struct {
 	ID      uint64 `json:"id"`

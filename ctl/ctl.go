@@ -14,6 +14,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -272,6 +273,9 @@ func (c *cli) flows(ctx context.Context, args []string) error {
 	}
 	if port > 65535 {
 		return usageError{fmt.Errorf("-port %d is not a port", port)}
+	}
+	if f.State != "" && !slices.Contains(api.FlowStates, f.State) {
+		return usageError{fmt.Errorf("-state %q: use %s", f.State, strings.Join(api.FlowStates, ", "))}
 	}
 	f.Port = uint16(port)
 	list, err := c.client.Flows(ctx, f)

@@ -186,3 +186,16 @@ func TestWatchEnds(t *testing.T) {
 		})
 	}
 }
+
+// TestFlowsBadState: an unknown -state is a usage error (status 2) that
+// names the states, said before any daemon is asked: it was sent to the
+// daemon, and without one splicectl said only that spliced is not
+// running.
+func TestFlowsBadState(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "none.sock")
+	var out bytes.Buffer
+	code := Run([]string{"-s", path, "flows", "-state", "bogus"}, &out, &out)
+	if code != 2 || !strings.Contains(out.String(), `-state "bogus"`) || !strings.Contains(out.String(), "proxied, splicing, spliced, closing") {
+		t.Fatalf("exit %d, %q; want 2 and the states", code, out.String())
+	}
+}

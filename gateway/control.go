@@ -369,7 +369,7 @@ func (g *Gateway) handleFlows(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	state := q.Get("state")
-	if state != "" && !slices.Contains([]string{api.StateProxied, api.StateSplicing, api.StateSpliced, api.StateClosing}, state) {
+	if state != "" && !slices.Contains(api.FlowStates, state) {
 		fail(w, http.StatusBadRequest, fmt.Sprintf("state %q: use proxied, splicing, spliced or closing", state))
 		return
 	}

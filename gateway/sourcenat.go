@@ -37,13 +37,7 @@ func (c SourceNATConflict) String() string {
 // (to any address: those to 192.0.2.1 and 2001:db8::1, documentation
 // addresses that follow the default routes).
 func SourceNATConflicts(cfg *config.Config, m *rules.Manager) ([]SourceNATConflict, error) {
-	var transparent []*config.Service
-	for i := range cfg.Services {
-		s := &cfg.Services[i]
-		if s.Upstream == config.Transparent && s.ListenMode != config.ListenDirect {
-			transparent = append(transparent, s)
-		}
-	}
+	transparent := TransparentServices(cfg)
 	if len(transparent) == 0 {
 		return nil, nil
 	}
@@ -52,6 +46,20 @@ func SourceNATConflicts(cfg *config.Config, m *rules.Manager) ([]SourceNATConfli
 		return nil, err
 	}
 	return sourceNATConflicts(transparent, nats, egressInterfaces), nil
+}
+
+// TransparentServices returns the services whose upstream connections
+// leave from their clients' addresses (upstream: transparent): the ones
+// another table's source NAT can miss.
+func TransparentServices(cfg *config.Config) []*config.Service {
+	var out []*config.Service
+	for i := range cfg.Services {
+		s := &cfg.Services[i]
+		if s.Upstream == config.Transparent && s.ListenMode != config.ListenDirect {
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 // sourceNATConflicts finds the conflicts of services with nats, each

@@ -95,3 +95,23 @@ func TestCheckUnknownGroup(t *testing.T) {
 		t.Errorf("-socket off: exit %d, %s", code, stderr.String())
 	}
 }
+
+// TestCheckSourceNATWithoutTransparent: -check's source NAT line speaks
+// of transparent services only where there are some: for a file of
+// direct and NAT services it said that no source NAT applied where
+// "transparent services' connections leave".
+func TestCheckSourceNATWithoutTransparent(t *testing.T) {
+	for _, tc := range []struct{ services, want string }{
+		{"  - name: fwd\n    listen: 15001\n    ports: [\"5001\"]\n    upstream: nat\n", "# source NAT: nothing to check"},
+		{"  - name: fwd\n    listen: 15001\n    ports: [\"5001\"]\n", "transparent services' connections leave"},
+	} {
+		file := filepath.Join(t.TempDir(), "spliced.yaml")
+		if err := os.WriteFile(file, []byte("services:\n"+tc.services), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		var stdout, stderr bytes.Buffer
+		if code := run([]string{"-config", file, "-socket", "off", "-check"}, &stdout, &stderr); code != 0 || !strings.Contains(stdout.String(), tc.want) {
+			t.Errorf("-check of %q: exit %d, %s%s; want a line with %q", tc.services, code, stdout.String(), stderr.String(), tc.want)
+		}
+	}
+}

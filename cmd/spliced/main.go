@@ -277,6 +277,10 @@ func hashPasswordFrom(in io.Reader, stdout, stderr io.Writer) int {
 // upstream connections would miss the router's source NAT (see
 // gateway.SourceNATConflicts).
 func checkSourceNAT(stdout io.Writer, cfg *config.Config, spec rules.Spec) {
+	if len(gateway.TransparentServices(cfg)) == 0 {
+		fmt.Fprintf(stdout, "# source NAT: nothing to check, no service connects upstream from its clients' addresses (upstream: transparent)\n")
+		return
+	}
 	m := rules.NewManager(spec)
 	defer m.Close()
 	found, err := gateway.SourceNATConflicts(cfg, m)

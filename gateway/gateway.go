@@ -317,6 +317,7 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	} else if err := dropStored(cfg, g.inject, g.log); err != nil {
 		g.log.Error("end the flows an earlier daemon recorded for the nfqueue datapath", logging.Err(err))
 	}
+	g.acceptLocalForAdopted(cfg)
 	for i := range cfg.Services {
 		if err := g.startService(&cfg.Services[i]); err != nil {
 			g.abortStart()
@@ -539,6 +540,48 @@ func (g *Gateway) prepareSplicing(ctx context.Context, cfg *config.Config, m *ru
 		g.restoreSysctls = restore
 	}
 	return nil
+}
+
+// acceptLocalForAdopted sets accept_local when an adopted flow needs it
+// and cfg did not (prepareSplicing), and restores what a killed daemon
+// recorded when nothing needs it: an IPv4 NAT flow spliced under an
+// earlier configuration. A NAT service that no longer splices, or that a
+// changed file removed, left its adopted flows' packets to the stack's
+// martian check, which dropped every one until the flows idled out.
+func (g *Gateway) acceptLocalForAdopted(cfg *config.Config) {
+	if g.restoreSysctls != nil {
+		return
+	}
+	if !g.adoptedNAT4() {
+		// Nothing here needs it: the value a killed daemon recorded
+		// before it set it goes back (it stayed 1 for good, the
+		// record in /run/spliced with it).
+		if err := restoreAcceptLocal(cfg.Kernel.Table); err != nil {
+			g.log.Warn("restore net.ipv4.conf.all.accept_local, which a killed spliced set", logging.Err(err))
+		}
+		return
+	}
+	restore, err := g.enableAcceptLocal(cfg.Kernel.Table)
+	if err != nil {
+		g.log.Error("adopted IPv4 NAT flows need net.ipv4.conf.all.accept_local; their packets are dropped as martians until it is set", logging.Err(err))
+		return
+	}
+	g.restoreSysctls = restore
+}
+
+// adoptedNAT4 reports whether a spliced flow (at the start: an adopted
+// one) is an IPv4 NAT flow: its server leg leaves from another address
+// than its client's.
+func (g *Gateway) adoptedNAT4() bool {
+	g.splicedMu.Lock()
+	defer g.splicedMu.Unlock()
+	for _, sf := range g.spliced {
+		upstream, _ := sf.flow.ServerLeg()
+		if sf.flow.Client.Addr().Is4() && upstream.Addr() != sf.flow.Client.Addr() {
+			return true
+		}
+	}
+	return false
 }
 
 // abortStart undoes a start that failed before the table was installed;

@@ -27,7 +27,7 @@ import (
 // reset), and every transfer completes intact.
 func TestLabNFQueueCrashUnderSystemd(t *testing.T) {
 	t.Parallel()
-	nfqueueRestartUnderSystemd(t, "kill -9", func(old *testnet.Daemon) { old.Kill() })
+	nfqueueRestartUnderSystemd(t, "kill -9", func(old *testnet.Daemon) { old.Kill() }, nil)
 }
 
 // TestLabNFQueueHandOver: SIGUSR2 (systemctl kill -s USR2 spliced, the
@@ -47,6 +47,24 @@ func TestLabNFQueueHandOver(t *testing.T) {
 		if !errors.As(err, &ee) || ee.ExitCode() != 75 {
 			t.Fatalf("exit after SIGUSR2: %v, want status 75 (the unit restarts the daemon only after a failure)\n%s", err, tail(old.Log(), 10))
 		}
+	}, nil)
+}
+
+// TestLabAdoptedNATWithoutNATSplicing: kill -9, and a restart with a file
+// whose NAT service no longer splices (splice.mode: never). The new
+// daemon adopts the NAT flows spliced before, which need
+// net.ipv4.conf.all.accept_local (their packets leave with the
+// gateway's own address as source), although its own services do not:
+// it sets it. It did not, and the stack dropped every IPv4 packet of
+// those flows as a martian: they stalled until they idled out.
+func TestLabAdoptedNATWithoutNATSplicing(t *testing.T) {
+	t.Parallel()
+	nfqueueRestartUnderSystemd(t, "kill -9, NAT splicing off", func(old *testnet.Daemon) { old.Kill() }, func(cfg string) string {
+		const nat = "    upstream: nat\n    idle_timeout: 1m\n    splice:\n      mode: immediate\n      drain_timeout: 30s\n"
+		if !strings.Contains(cfg, nat) {
+			t.Fatalf("no NAT service that splices in:\n%s", cfg)
+		}
+		return strings.Replace(cfg, nat, "    upstream: nat\n    idle_timeout: 1m\n    splice:\n      mode: never\n", 1)
 	})
 }
 
@@ -81,7 +99,10 @@ services:
 // through stop (what ends the daemon, called once all are recorded), the
 // unit's clean-up after a failure and a new daemon, and checks that it
 // adopts them all and that they complete intact.
-func nfqueueRestartUnderSystemd(t *testing.T, how string, stop func(old *testnet.Daemon)) {
+//
+// restart, unless nil, gives the new daemon's configuration from the old
+// one's.
+func nfqueueRestartUnderSystemd(t *testing.T, how string, stop func(old *testnet.Daemon), restart func(cfg string) string) {
 	lab := testnet.NewT(t, testnet.Options{})
 	root := testnet.BPFFS(t)
 	cfg := pinnedRestartConfig(t, "nfqueue", root)
@@ -131,7 +152,11 @@ func nfqueueRestartUnderSystemd(t *testing.T, how string, stop func(old *testnet
 	}
 	checkKeptTable(t, lab)
 	time.Sleep(time.Second)
-	d := testnet.StartDaemon(t, lab, cfg)
+	newCfg := cfg
+	if restart != nil {
+		newCfg = restart(cfg)
+	}
+	d := testnet.StartDaemon(t, lab, newCfg)
 	rec := d.FindLog(func(l map[string]any) bool {
 		return l["msg"] == "adopted spliced flows from the nfqueue datapath's record"
 	})

@@ -330,3 +330,31 @@ func TestDirectDestinationWhileListed(t *testing.T) {
 		}
 	}
 }
+
+// TestDirectBackendListedTwice: a backend listed twice (twice the share
+// of round robin) is one server: once a connect to it fails, it is down,
+// and a flow does not try it again. Each listing was a backend of its
+// own, so a flow that found it dead tried it again before the next
+// server (a hanging one cost the client two connect timeouts, not one),
+// and it stayed up for the flows that picked its other listing.
+func TestDirectBackendListedTwice(t *testing.T) {
+	dead, good := testnet.RefusingPort(t), echoServer(t)
+	f, addr := startDirect(t, time.Second, dead, dead, good)
+	for i := range 3 {
+		c, err := net.Dial("tcp4", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+			t.Fatalf("flow %d: no answer through a pool with a healthy backend: %v", i, err)
+		}
+		c.Close()
+	}
+	if n := failures(f); n != 1 {
+		t.Fatalf("%d failed connects to the dead backend listed twice, want 1 (down after the first): %+v", n, f.backends().Stats())
+	}
+}

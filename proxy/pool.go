@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"net/netip"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -12,7 +13,11 @@ import (
 // round robin or least connections, a backend that failed a connect
 // skipped for a while.
 type Pool struct {
+	// backends are the pool's entries as listed. A backend listed n
+	// times (n times the share) is one *Backend in n entries: one
+	// server, down or up as a whole, its flows counted once.
 	backends  []*Backend
+	unique    []*Backend // each backend once, in the order listed
 	leastConn bool
 	downFor   time.Duration
 	next      atomic.Uint32
@@ -21,6 +26,7 @@ type Pool struct {
 // Backend is one server of a pool, with its counters.
 type Backend struct {
 	Addr      netip.AddrPort
+	weight    int32        // how many times the pool lists it
 	active    atomic.Int32 // flows the proxy relays to it now
 	downUntil atomic.Int64 // monotime; skipped until then
 	flows     atomic.Uint64
@@ -30,15 +36,23 @@ type Backend struct {
 // NewPool returns a pool; balance is round_robin or least_conn.
 func NewPool(addrs []netip.AddrPort, balance string, downFor time.Duration) *Pool {
 	p := &Pool{leastConn: balance == "least_conn", downFor: downFor}
+	byAddr := map[netip.AddrPort]*Backend{}
 	for _, a := range addrs {
-		p.backends = append(p.backends, &Backend{Addr: a})
+		b := byAddr[a]
+		if b == nil {
+			b = &Backend{Addr: a}
+			byAddr[a] = b
+			p.unique = append(p.unique, b)
+		}
+		b.weight++
+		p.backends = append(p.backends, b)
 	}
 	return p
 }
 
-// Pick returns the backends in the order to try them: those not marked
-// down, by the balancing method; when all are down, the one down
-// longest (whose down time ends first), alone. Trying every backend of
+// Pick returns the backends in the order to try them, each once: those
+// not marked down, by the balancing method; when all are down, the one
+// down longest (whose down time ends first), alone. Trying every backend of
 // a dead pool made each client connection a connect to each of them,
 // and a client of hanging backends waited one connect timeout per
 // backend; one probe per flow still finds the first backend that comes
@@ -65,17 +79,32 @@ func (p *Pool) Pick(now time.Time) []*Backend {
 		// Ties go round: from a rotating start, the first with fewest
 		// flows. The first of them every time sent every flow to the
 		// first backend while none was relayed (flows one at a time,
-		// or spliced ones, which do not count).
+		// or spliced ones, which do not count). A backend listed n
+		// times is to have n times the flows of one listed once: flows
+		// per listing compare.
 		best := start
 		for k := 1; k < len(up); k++ {
 			i := (start + k) % len(up)
-			if up[i].active.Load() < up[best].active.Load() {
+			if int64(up[i].active.Load())*int64(up[best].weight) < int64(up[best].active.Load())*int64(up[i].weight) {
 				best = i
 			}
 		}
 		start = best
 	}
-	return append(up[start:], up[:start]...)
+	order := append(up[start:], up[:start]...)
+	if len(p.unique) == len(p.backends) {
+		return order
+	}
+	// A backend listed twice is tried once: a second connect to one
+	// that just failed would fail again (or, hanging, cost the client
+	// another connect timeout).
+	out := order[:0]
+	for _, b := range order {
+		if !slices.Contains(out, b) {
+			out = append(out, b)
+		}
+	}
+	return out
 }
 
 // Failed marks b down for the pool's down time.
@@ -114,7 +143,7 @@ type BackendStats struct {
 // Stats returns the counters of every backend.
 func (p *Pool) Stats() []BackendStats {
 	var out []BackendStats
-	for _, b := range p.backends {
+	for _, b := range p.unique {
 		out = append(out, BackendStats{Backend: b.Addr.String(), Flows: b.flows.Load(), Failures: b.failures.Load(), Active: b.active.Load()})
 	}
 	return out

@@ -125,3 +125,41 @@ func TestPickAfter2To31Picks(t *testing.T) {
 		}
 	}
 }
+
+// TestPoolBackendListedTwice: a backend listed twice is one server with
+// twice the share: round robin sends it two flows in three, each pick
+// lists it once, a failed connect takes it down as a whole, and
+// least_conn counts its flows against its two listings.
+func TestPoolBackendListedTwice(t *testing.T) {
+	now := time.Now()
+	p := NewPool(addrs("10.0.0.1:80", "10.0.0.1:80", "10.0.0.2:80"), "round_robin", 10*time.Second)
+	seen := map[string]int{}
+	for range 6 {
+		got := p.Pick(now)
+		if len(got) != 2 {
+			t.Fatalf("a pick lists %d backends, want 2 (each once)", len(got))
+		}
+		seen[first(got)]++
+	}
+	if seen["10.0.0.1:80"] != 4 || seen["10.0.0.2:80"] != 2 {
+		t.Fatalf("6 picks: %v, want 4 to the backend listed twice", seen)
+	}
+	p.Failed(p.backends[1], now)
+	for range 3 {
+		if got := p.Pick(now.Add(time.Second)); len(got) != 1 || first(got) != "10.0.0.2:80" {
+			t.Fatalf("after its connect failed, a backend listed twice is still picked: %d, first %s", len(got), first(got))
+		}
+	}
+	if s := p.Stats(); len(s) != 2 || s[0].Failures != 1 {
+		t.Fatalf("stats %+v, want one line per backend", s)
+	}
+
+	lc := NewPool(addrs("10.0.0.1:80", "10.0.0.1:80", "10.0.0.2:80"), "least_conn", time.Second)
+	lc.backends[0].Opened()
+	lc.backends[2].Opened()
+	for range 3 {
+		if got := first(lc.Pick(now)); got != "10.0.0.1:80" {
+			t.Fatalf("least_conn picked %s, want 10.0.0.1:80 (one flow for two listings)", got)
+		}
+	}
+}

@@ -522,16 +522,17 @@ func ListenServiceReusing(ctx context.Context, svc *config.Service, held []*net.
 		for j, a := range svc.ListenOn {
 			ln, err := open(a.AddrPort, false)
 			if err != nil {
-				return fail(listenOnError(svc.Name, j, a.AddrPort, err))
+				return fail(listenOnError(svc.Name, j, a.AddrPort, err, held))
 			}
 			lns = append(lns, ln)
 		}
 		return lns, nil
 	}
 	for _, a := range []netip.Addr{netip.IPv4Unspecified(), netip.IPv6Unspecified()} {
-		ln, err := open(netip.AddrPortFrom(a, uint16(svc.Listen)), true)
+		addr := netip.AddrPortFrom(a, uint16(svc.Listen))
+		ln, err := open(addr, true)
 		if err != nil {
-			return fail(fmt.Errorf("service %s: listen %s port %d: %w", svc.Name, family(a), svc.Listen, err))
+			return fail(fmt.Errorf("service %s: listen %s port %d: %w%s", svc.Name, family(a), svc.Listen, err, heldHint(err, addr, held)))
 		}
 		lns = append(lns, ln)
 	}
@@ -540,9 +541,11 @@ func ListenServiceReusing(ctx context.Context, svc *config.Service, held []*net.
 
 // listenOnError says why a direct service could not listen on its
 // listen_on[j] address a, and what fixes it where the cause is usual.
-func listenOnError(service string, j int, a netip.AddrPort, err error) error {
-	hint := ""
+// held are the listeners of the configuration a reload replaces.
+func listenOnError(service string, j int, a netip.AddrPort, err error, held []*net.TCPListener) error {
+	hint := heldHint(err, a, held)
 	switch {
+	case hint != "":
 	case errors.Is(err, unix.EADDRNOTAVAIL):
 		sysctl := "net.ipv4.ip_nonlocal_bind"
 		if a.Addr().Is6() {
@@ -553,6 +556,29 @@ func listenOnError(service string, j int, a netip.AddrPort, err error) error {
 		hint = fmt.Sprintf(": another socket listens there (ss -ltnp 'sport = :%d' shows which); stop it or use another port", a.Port())
 	}
 	return fmt.Errorf("service %s: listen_on[%d] %s: %w%s", service, j, a, err, hint)
+}
+
+// heldHint explains a reload's EADDRINUSE on a when the socket in the
+// way is one of held, the running configuration's listeners: a listen
+// address changed between a wildcard (0.0.0.0, [::], or a transparent
+// service's listeners) and one address on the same port. Linux lets no
+// socket listen on both while the other does, and the old one is closed
+// only once the reload succeeded. Told "another socket listens there",
+// an operator found spliced itself in ss, and nothing to stop.
+func heldHint(err error, a netip.AddrPort, held []*net.TCPListener) string {
+	if !errors.Is(err, unix.EADDRINUSE) {
+		return ""
+	}
+	for _, h := range held {
+		ha := addrPort(h.Addr())
+		if ha.Port() != a.Port() || ha.Addr().Is4() != a.Addr().Is4() || ha == a {
+			continue
+		}
+		if ha.Addr().IsUnspecified() || a.Addr().IsUnspecified() {
+			return fmt.Sprintf(": the running configuration's listener on %s holds that port until the reload is done, and no socket can take one port on every address and on one of them at once; reload once without the old listener (its flows keep running; connections meanwhile are refused), then with the new one, or restart spliced", ha)
+		}
+	}
+	return ""
 }
 
 // dupListener returns a listener on a duplicate of ln's socket, with the

@@ -72,3 +72,37 @@ func TestListenOnError(t *testing.T) {
 		t.Errorf("address in use: %v", err)
 	}
 }
+
+// TestListenOnErrorHeldByReload: a reload that moves a direct service
+// from one address to every address on the same port (or back) cannot
+// bind while the old listener holds the port. The error said "another
+// socket listens there ... stop it": the socket was spliced's own, the
+// one the reload was to replace. It now names it and the way through.
+func TestListenOnErrorHeldByReload(t *testing.T) {
+	probe, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := netip.MustParseAddrPort(probe.Addr().String()).Port()
+	probe.Close()
+	one := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), port)
+	every := netip.AddrPortFrom(netip.IPv4Unspecified(), port)
+	for _, c := range []struct{ from, to netip.AddrPort }{{one, every}, {every, one}} {
+		svc := &config.Service{Name: "d", ListenMode: config.ListenDirect, Backlog: 16,
+			ListenOn: []config.AddrPort{{AddrPort: c.from}}}
+		old, err := ListenService(context.Background(), svc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		changed := *svc
+		changed.ListenOn = []config.AddrPort{{AddrPort: c.to}}
+		_, err = ListenServiceReusing(context.Background(), &changed, old)
+		old[0].Close()
+		if err == nil {
+			t.Fatalf("%s -> %s: the new listener bound while the old one listened: the test proves nothing", c.from, c.to)
+		}
+		if msg := err.Error(); strings.Contains(msg, "another socket listens there") || !strings.Contains(msg, "running configuration's listener on "+c.from.String()) {
+			t.Errorf("%s -> %s: %v", c.from, c.to, err)
+		}
+	}
+}

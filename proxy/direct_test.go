@@ -358,3 +358,96 @@ func TestDirectBackendListedTwice(t *testing.T) {
 		t.Fatalf("%d failed connects to the dead backend listed twice, want 1 (down after the first): %+v", n, f.backends().Stats())
 	}
 }
+
+// takeSplicer splices every flow by taking its sockets, and hands them
+// to the test.
+type takeSplicer struct {
+	taken chan takenFlow
+}
+
+type takenFlow struct {
+	flow             *Flow
+	client, upstream *net.TCPConn
+}
+
+func (s *takeSplicer) Splice(_ context.Context, f *Flow, client, upstream *net.TCPConn) error {
+	s.taken <- takenFlow{f, client, upstream}
+	return nil
+}
+
+func active(f *Forwarder) (n int32) {
+	for _, s := range f.backends().Stats() {
+		n += s.Active
+	}
+	return n
+}
+
+// TestDirectUnsplicedFlowCounts: least_conn counts the flows the proxy
+// relays, and a flow the gateway gave back by an unsplice (splicectl
+// unsplice) is relayed by the proxy again. It was counted only until
+// its first splice: a backend's flows relayed after unsplices did not
+// count, and least_conn sent it more.
+func TestDirectUnsplicedFlowCounts(t *testing.T) {
+	backend := echoServer(t)
+	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
+services:
+  - name: d
+    listen_mode: direct
+    listen_on: ["%s"]
+    splice:
+      mode: immediate
+    forward:
+      backends: ["%s"]
+      balance: least_conn
+`, ln.Addr(), backend)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &Forwarder{Base: Base{Service: &cfg.Services[0], Flows: NewFlowTable(10)}}
+	sp := &takeSplicer{taken: make(chan takenFlow, 1)}
+	f.SetSplicer(sp)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { f.Serve(ctx, ln); close(done) }()
+	defer func() { cancel(); <-done; f.CloseFlows() }()
+
+	c, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	tf := <-sp.taken
+	// Spliced: the proxy's handler returns, and the flow no longer counts.
+	waitFor(t, "the spliced flow to leave the count", func() bool { return active(f) == 0 })
+	f.SetSplicer(nil) // relayed from now on
+	if !tf.flow.Resume(tf.client, tf.upstream) {
+		t.Fatal("the forwarder did not take the flow back")
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+		t.Fatalf("the unspliced flow is not relayed: %v", err)
+	}
+	if n := active(f); n != 1 {
+		t.Fatalf("a flow relayed again after an unsplice: the backend counts %d flows, want 1", n)
+	}
+	c.Close()
+	waitFor(t, "the flow to end and leave the count", func() bool { return f.Flows.Len() == 0 && active(f) == 0 })
+}
+
+// waitFor waits until cond holds, for what says; it fails the test if
+// that takes more than 10 s.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 10 s for %s", what)
+		}
+	}
+}

@@ -254,7 +254,7 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream))
 	f.Event(EventOpened, flow, string(svc.Upstream))
 
-	f.serve(flow, c, up, log, true)
+	f.serve(flow, c, up, log, true, nil)
 }
 
 // Forward relays a flow whose upstream connection another proxy opened
@@ -263,7 +263,7 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 // removes the flow from the table. It reports nothing: the flow's end is
 // logged and sent as an event, as for the forwarder's own flows.
 func (f *Forwarder) Forward(flow *Flow, client, upstream *net.TCPConn, log *slog.Logger) {
-	f.serve(flow, client, upstream, log, true)
+	f.serve(flow, client, upstream, log, true, nil)
 }
 
 // handleDirect connects a direct flow to a backend of the pool, trying
@@ -311,14 +311,13 @@ func (f *Forwarder) handleDirect(c *net.TCPConn, flow *Flow) {
 			logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.Err(errors.Join(errs...)))
 		return
 	}
-	done := backend.Opened()
-	defer done()
+	backend.Opened()
 	flow.SetDestination(flow.Server, backend.Addr) // Local: the listen address the client connected to
 	flow.SetServerLeg(addrPort(up.LocalAddr()), backend.Addr)
 	log := f.Log.With(logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server)
 	log.Info("flow opened", logging.KeyUpstream, flow.Upstream, logging.KeyMode, string(svc.Upstream), "listen", addrPort(c.LocalAddr()))
 	f.Event(EventOpened, flow, string(svc.Upstream))
-	f.serve(flow, c, up, log, true)
+	f.serve(flow, c, up, log, true, backend)
 }
 
 // ownListener reports whether a connect to backend would reach one of
@@ -341,8 +340,14 @@ func (f *Forwarder) ownListener(backend netip.AddrPort) (netip.AddrPort, bool) {
 // serve relays a flow until it ends or is spliced. policy says whether
 // the service's splice policy applies (a flow given back by an unsplice
 // is spliced again only on request). Once spliced, the gateway may give
-// the flow back (Flow.Resume): it is then served again.
-func (f *Forwarder) serve(flow *Flow, client, upstream *net.TCPConn, log *slog.Logger, policy bool) {
+// the flow back (Flow.Resume): it is then served again. A direct flow's
+// backend counts it while it is relayed, here, so that it counts again
+// after an unsplice.
+func (f *Forwarder) serve(flow *Flow, client, upstream *net.TCPConn, log *slog.Logger, policy bool, backend *Backend) {
+	if backend != nil {
+		done := backend.Relaying()
+		defer done()
+	}
 	if size := int(f.Service.Splice.SocketBuffer); size > 0 {
 		// Before any byte is relayed: a smaller buffer set later would
 		// not bound what the sockets already hold.
@@ -358,7 +363,7 @@ func (f *Forwarder) serve(flow *Flow, client, upstream *net.TCPConn, log *slog.L
 	// The resume function outlives a splice: it captures no logger (a
 	// spliced flow keeps as little as it can), the flow's is made again.
 	flow.SetResume(func(client, upstream *net.TCPConn) {
-		f.Go(func() { f.serve(flow, client, upstream, f.flowLog(flow), false) })
+		f.Go(func() { f.serve(flow, client, upstream, f.flowLog(flow), false, backend) })
 	})
 	if f.relayAndSplice(flow, relay, log, policy) {
 		return // the gateway owns the flow now, and logs its end

@@ -121,9 +121,12 @@ func (p *Pool) Succeeded(b *Backend) {
 	}
 }
 
-// Opened counts a flow to b; the returned function ends it.
-func (b *Backend) Opened() (done func()) {
-	b.flows.Add(1)
+// Opened counts a flow sent to b.
+func (b *Backend) Opened() { b.flows.Add(1) }
+
+// Relaying counts a flow to b that the proxy relays now (least_conn
+// compares those); the returned function ends that.
+func (b *Backend) Relaying() (done func()) {
 	b.active.Add(1)
 	var once atomic.Bool
 	return func() {

@@ -52,7 +52,7 @@ func TestPool(t *testing.T) {
 	}
 
 	lc := NewPool(addrs("10.0.0.1:80", "10.0.0.2:80"), "least_conn", time.Second)
-	done := lc.backends[0].Opened()
+	done := lc.backends[0].Relaying()
 	if got := first(lc.Pick(now)); got != "10.0.0.2:80" {
 		t.Fatalf("least_conn picked %s", got)
 	}
@@ -91,9 +91,9 @@ func TestLeastConnTies(t *testing.T) {
 		}
 	}
 	// A backend with fewer flows still wins.
-	done := p.backends[0].Opened()
+	done := p.backends[0].Relaying()
 	defer done()
-	p.backends[1].Opened()
+	p.backends[1].Relaying()
 	for range 3 {
 		if got := first(p.Pick(time.Now())); got != "10.0.0.3:80" {
 			t.Fatalf("picked %s, want 10.0.0.3:80 (the only one without flows)", got)
@@ -155,8 +155,8 @@ func TestPoolBackendListedTwice(t *testing.T) {
 	}
 
 	lc := NewPool(addrs("10.0.0.1:80", "10.0.0.1:80", "10.0.0.2:80"), "least_conn", time.Second)
-	lc.backends[0].Opened()
-	lc.backends[2].Opened()
+	lc.backends[0].Relaying()
+	lc.backends[2].Relaying()
 	for range 3 {
 		if got := first(lc.Pick(now)); got != "10.0.0.1:80" {
 			t.Fatalf("least_conn picked %s, want 10.0.0.1:80 (one flow for two listings)", got)

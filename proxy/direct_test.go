@@ -451,3 +451,45 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		}
 	}
 }
+
+// metric returns the value of a direct forwarder's metric for backend b.
+func metric(t *testing.T, f *Forwarder, name string, b netip.AddrPort) float64 {
+	t.Helper()
+	for _, m := range f.Metrics() {
+		if m.Name == name && len(m.Values) == 1 && m.Values[0] == b.String() {
+			return m.Value
+		}
+	}
+	t.Fatalf("no %s{backend=%q} in %+v", name, b, f.Metrics())
+	return 0
+}
+
+// TestDirectBackendStateMetrics: the metrics say which backends are
+// skipped after a failed connect and how many flows each relays now.
+// Only the flows and failures counters were reported: a backend marked
+// down could not be told from one that got no flows.
+func TestDirectBackendStateMetrics(t *testing.T) {
+	dead, good := testnet.RefusingPort(t), echoServer(t)
+	f, addr := startDirect(t, time.Second, dead, good)
+	c, err := net.Dial("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+		t.Fatalf("no answer through a pool with a healthy backend: %v", err)
+	}
+	if up := metric(t, f, "spliced_forward_backend_up", dead); up != 0 {
+		t.Errorf("the refusing backend, down for a minute: up %v", up)
+	}
+	if up := metric(t, f, "spliced_forward_backend_up", good); up != 1 {
+		t.Errorf("the healthy backend: up %v", up)
+	}
+	if n := metric(t, f, "spliced_forward_backend_relayed_flows", good); n != 1 {
+		t.Errorf("the healthy backend relays %v flows, want 1", n)
+	}
+}

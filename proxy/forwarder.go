@@ -82,8 +82,11 @@ func (f *Forwarder) backends() *Pool {
 	return f.pool
 }
 
-// Metrics reports a direct forwarder's flows and failed connects per
-// backend (MetricsSource); a transparent forwarder has none.
+// Metrics reports a direct forwarder's flows, failed connects and state
+// per backend (MetricsSource); a transparent forwarder has none. The
+// state is what an operator asks first of a load balancer (HAProxy's
+// status and scur): from the counters alone a backend skipped for
+// backend_down_for could not be told from one that got no flows.
 func (f *Forwarder) Metrics() []Metric {
 	if f.Service.ListenMode != config.ListenDirect {
 		return nil
@@ -91,9 +94,15 @@ func (f *Forwarder) Metrics() []Metric {
 	var out []Metric
 	labels := []string{"backend"}
 	for _, b := range f.backends().Stats() {
+		up := 1.0
+		if b.Down {
+			up = 0
+		}
 		out = append(out,
 			Metric{Name: "spliced_forward_backend_flows_total", Help: "Flows a direct forwarder sent to each backend.", Counter: true, Labels: labels, Values: []string{b.Backend}, Value: float64(b.Flows)},
-			Metric{Name: "spliced_forward_backend_failures_total", Help: "Connects to a direct forwarder's backend that failed.", Counter: true, Labels: labels, Values: []string{b.Backend}, Value: float64(b.Failures)})
+			Metric{Name: "spliced_forward_backend_failures_total", Help: "Connects to a direct forwarder's backend that failed.", Counter: true, Labels: labels, Values: []string{b.Backend}, Value: float64(b.Failures)},
+			Metric{Name: "spliced_forward_backend_relayed_flows", Help: "A direct forwarder's flows to each backend that the proxy relays now (spliced ones are not counted; least_conn compares these).", Labels: labels, Values: []string{b.Backend}, Value: float64(b.Active)},
+			Metric{Name: "spliced_forward_backend_up", Help: "1 if a direct forwarder sends flows to the backend, 0 while it is skipped after a failed connect (forward.backend_down_for).", Labels: labels, Values: []string{b.Backend}, Value: up})
 	}
 	return out
 }

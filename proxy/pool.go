@@ -136,18 +136,23 @@ func (b *Backend) Relaying() (done func()) {
 	}
 }
 
-// BackendStats are a backend's counters.
+// BackendStats are a backend's counters and state.
 type BackendStats struct {
 	Backend         string
 	Flows, Failures uint64
 	Active          int32
+	// Down: a connect failed and the backend is skipped until its
+	// down time passes.
+	Down bool
 }
 
-// Stats returns the counters of every backend.
+// Stats returns the counters and state of every backend.
 func (p *Pool) Stats() []BackendStats {
 	var out []BackendStats
+	at := monotime.Of(time.Now())
 	for _, b := range p.unique {
-		out = append(out, BackendStats{Backend: b.Addr.String(), Flows: b.flows.Load(), Failures: b.failures.Load(), Active: b.active.Load()})
+		out = append(out, BackendStats{Backend: b.Addr.String(), Flows: b.flows.Load(), Failures: b.failures.Load(),
+			Active: b.active.Load(), Down: b.downUntil.Load() > at})
 	}
 	return out
 }

@@ -493,3 +493,87 @@ func TestDirectBackendStateMetrics(t *testing.T) {
 		t.Errorf("the healthy backend relays %v flows, want 1", n)
 	}
 }
+
+// refusingSplicer counts the flows handed to it and refuses each, as
+// the gateway refuses a flow whose legs are of two families (the
+// engine does not translate IPv4 to IPv6), after diverting its packets
+// and capturing both sockets in repair mode.
+type refusingSplicer struct {
+	mu    sync.Mutex
+	calls int
+}
+
+func (s *refusingSplicer) Splice(context.Context, *Flow, *net.TCPConn, *net.TCPConn) error {
+	s.mu.Lock()
+	s.calls++
+	s.mu.Unlock()
+	return errors.New("build the engine flow: the two connections have different address families")
+}
+
+// TestDirectOtherFamilyBackend: an IPv6 client sent to an IPv4 backend
+// (a pool shared by listeners of both families) is relayed, and the
+// proxy does not ask the gateway to splice it: each such flow went
+// through a splice's divert, drain and socket capture before the engine
+// refused it, and logged a warning per flow, which a client could have
+// written into the log at will. Now the flow says why it stays
+// proxied, and the log says so at most once per 10 s, with the fix.
+func TestDirectOtherFamilyBackend(t *testing.T) {
+	backend := echoServer(t)
+	ln, err := net.ListenTCP("tcp6", &net.TCPAddr{IP: net.IPv6loopback})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Parse("test.yaml", []byte(fmt.Sprintf(`
+services:
+  - name: d
+    listen_mode: direct
+    listen_on: ["%s"]
+    splice:
+      mode: immediate
+    forward:
+      backends: ["%s"]
+`, ln.Addr(), backend)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var log syncBuffer
+	f := &Forwarder{Base: Base{Service: &cfg.Services[0], Flows: NewFlowTable(10), Log: slog.New(slog.NewTextHandler(&log, nil))}}
+	sp := &refusingSplicer{}
+	f.SetSplicer(sp)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { f.Serve(ctx, ln); close(done) }()
+	defer func() { cancel(); <-done; f.CloseFlows() }()
+
+	for i := range 3 {
+		c, err := net.Dial("tcp6", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+			t.Fatalf("flow %d to a backend of the other family is not relayed: %v", i, err)
+		}
+	}
+	sp.mu.Lock()
+	calls := sp.calls
+	sp.mu.Unlock()
+	if calls != 0 {
+		t.Errorf("%d flows with legs of two families were handed to the splicer", calls)
+	}
+	for _, fl := range f.Flows.List() {
+		if e := fl.SpliceError(); !strings.Contains(e, "address families") {
+			t.Errorf("flow %d stays proxied for %q", fl.ID, e)
+		}
+	}
+	if n := strings.Count(log.String(), "flow stays proxied"); n != 1 {
+		t.Errorf("%d log lines for 3 flows, want 1:\n%s", n, log.String())
+	}
+	if !strings.Contains(log.String(), "forward.backends") {
+		t.Errorf("the log does not name the fix:\n%s", log.String())
+	}
+}

@@ -460,6 +460,21 @@ func (f *Forwarder) trySplice(flow *Flow, relay *Relay, log *slog.Logger) bool {
 		log.Debug("not splicing a half-closed flow")
 		return false
 	}
+	if addrPort(relay.Client.LocalAddr()).Addr().Is4() != addrPort(relay.Upstream.LocalAddr()).Addr().Is4() {
+		// The engine cannot translate IPv4 to IPv6. The gateway found
+		// out only after diverting the flow's packets and capturing
+		// both sockets, and the warning came for every flow: a client
+		// of a direct service whose backends are of the other family
+		// wrote one into the log per connection.
+		flow.SetSpliceError(errFamilies)
+		attrs := []any{logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, logging.Err(errFamilies)}
+		if f.Service.ListenMode == config.ListenDirect {
+			attrs = append(attrs, "fix", "give each family a direct service of its own, whose forward.backends are of its listen_on addresses' family")
+		}
+		f.LogLimited("splice families", slog.LevelWarn, "flow stays proxied", attrs...)
+		f.Event(EventSpliceFailed, flow, errFamilies.Error())
+		return false
+	}
 	err := sp.Splice(f.FlowContext(), flow, relay.Client, relay.Upstream)
 	if err == nil {
 		return true
@@ -482,6 +497,8 @@ func (f *Forwarder) trySplice(flow *Flow, relay *Relay, log *slog.Logger) bool {
 var ErrSpliceRuledOut = errors.New("ruled out for such flows")
 
 var errHalfClosed = errors.New("splice abandoned: the flow is half-closed")
+
+var errFamilies = errors.New("splice abandoned: the client's and the server's connections are of different address families (IPv4 and IPv6), which the engine does not translate")
 
 // Kinds of flow events (the API's names).
 const (

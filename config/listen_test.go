@@ -167,3 +167,51 @@ func TestListenPortsApart(t *testing.T) {
 		}
 	}
 }
+
+// TestDirectListenerIntercepted: a transparent service's TPROXY rule
+// matches its ports to every destination it names, the gateway's own
+// addresses included, before a connection finds a listener. A direct
+// service listening on such an address and port was never reached: in
+// the lab, a transparent service on port 8080 to any destination took
+// curl's connection to a direct service on 10.1.0.1:8080, connected
+// there again from the client's address, timed out after 5 s and reset
+// the client. Such a file is refused now; one whose transparent service
+// leaves the address out, or may (a prefix for a wildcard listener),
+// still loads.
+func TestDirectListenerIntercepted(t *testing.T) {
+	doc := func(listenOn, ports, extra string) string {
+		return `services:
+  - name: web
+    listen: 15001
+    ports: [` + ports + `]
+` + extra + `  - name: lb
+    listen_mode: direct
+    listen_on: ["` + listenOn + `"]
+    forward:
+      backends: ["10.2.0.2:8080"]
+`
+	}
+	for _, c := range []struct{ doc, want string }{
+		{doc("10.1.0.1:8080", `"8080"`, ""), `services[1].listen_on[0]: "10.1.0.1:8080" is intercepted by transparent service "web" (tcp port 8080 from any IPv4 address to any address)`},
+		{doc("10.1.0.1:8080", `"8000-8100"`, "    destinations: [10.1.0.0/24]\n"), `(tcp port 8080 from any IPv4 address to 10.1.0.1)`},
+		{doc("0.0.0.0:8080", `"8080"`, "    sources: [192.168.1.0/24]\n"), `(tcp port 8080 from 192.168.1.0/24 to any address)`},
+		{doc("[fd00:1::1]:8080", `"8080"`, ""), `(tcp port 8080 from any IPv6 address to any address)`},
+	} {
+		_, err := Parse("intercepted.yaml", []byte(c.doc))
+		if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "another port") {
+			t.Errorf("error %v, want %q, for\n%s", err, c.want, c.doc)
+		}
+	}
+	for _, d := range []string{
+		doc("10.1.0.1:8080", `"80"`, ""),
+		doc("10.1.0.1:8080", `"8080"`, "    destinations: [10.2.0.0/16]\n"),
+		doc("10.1.0.1:8080", `"8080"`, "    destinations: [\"fd00::/8\"]\n"),
+		doc("10.1.0.1:8080", `"8080"`, "    sources: [\"fd00::/8\"]\n"),
+		doc("0.0.0.0:8080", `"8080"`, "    destinations: [10.2.0.0/16]\n"),
+		doc("[fd00:1::1]:8080", `"8080"`, "    destinations: [10.0.0.0/8]\n"),
+	} {
+		if _, err := Parse("ok.yaml", []byte(d)); err != nil {
+			t.Errorf("refused: %v\n%s", err, d)
+		}
+	}
+}

@@ -227,6 +227,28 @@ func (c *Config) validate(idx *keyIndex) error {
 			}
 		}
 	}
+	for i := range c.Services {
+		s := &c.Services[i]
+		if s.ListenMode != ListenDirect {
+			continue
+		}
+		for j, a := range s.ListenOn {
+			for k := range c.Services {
+				t := &c.Services[k]
+				if t.ListenMode != ListenTransparent {
+					continue
+				}
+				if to, from, ok := intercepts(t, a.AddrPort); ok {
+					then := "whose connect here from the client's address then times out, and they are reset"
+					if t.Upstream == NAT {
+						then = "which connects here again from the gateway's address: this service sees every such client as the gateway"
+					}
+					bad(fmt.Sprintf("services[%d].listen_on[%d]", i, j), a.String(), "%s", fmt.Sprintf("is intercepted by transparent service %q (tcp port %d from %s to %s): its TPROXY rule takes connections to the gateway's own addresses too, so these clients reach %q instead of this service (%s); narrow the destinations of %q so that they leave out this address, or give this service another port", t.Name, a.Port(), from, to, t.Name, then, t.Name))
+					break
+				}
+			}
+		}
+	}
 	var lns []listener
 	for i := range c.Services {
 		s := &c.Services[i]
@@ -428,6 +450,38 @@ func overlap(a, b *Service) (string, bool) {
 		return fmt.Sprintf("tcp port %s from %s to %s", port, src, dst), true
 	}
 	return "", false
+}
+
+// intercepts reports whether the transparent service t intercepts
+// connections to a, a direct service's listen_on address: its rules
+// match the port and every destination, the gateway's own addresses
+// included, before the connection reaches a listener. For one address,
+// t's destinations must hold it; for 0.0.0.0 or [::], they must be
+// every address of its family (a prefix of t's may or may not hold an
+// address of the gateway's: that is not known here). It returns the
+// destinations and sources that show it.
+func intercepts(t *Service, a netip.AddrPort) (to, from string, ok bool) {
+	if !containsPort(t.Ports, a.Port()) {
+		return "", "", false
+	}
+	v4 := a.Addr().Unmap().Is4()
+	from, ok = prefixesOverlap(t.Sources, nil, v4)
+	if !ok {
+		return "", "", false
+	}
+	if a.Addr().IsUnspecified() {
+		if len(t.Destinations) > 0 {
+			return "", "", false
+		}
+		return "any address", from, true
+	}
+	if !containsAddr(t.Destinations, a.Addr()) {
+		return "", "", false
+	}
+	if len(t.Destinations) == 0 {
+		return "any address", from, true
+	}
+	return a.Addr().String(), from, true
 }
 
 // prefixesOverlap reports whether two lists of prefixes (an empty list is

@@ -141,6 +141,7 @@ type Gateway struct {
 	firewallPoke chan struct{}   // another table changed (see watchFirewall)
 	rpf          rpfFilter       // strict reverse path filtering (see rpfilter.go)
 	fwd          forwardingState // forwarding turned off (see forwarding.go)
+	families     spliceRefusal   // flows of two address families (mixedFamilies)
 
 	spliceLatency            latencies
 	phases                   [numSteps]latencies // see phase

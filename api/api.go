@@ -118,6 +118,10 @@ type Queue struct {
 	Overruns uint64 `json:"overruns"`
 	// Reopens: the queue's reader failed and reopened its socket.
 	Reopens uint64 `json:"reopens"`
+	// Truncated: packets that arrived cut, longer than a queue carries
+	// (GSO packets of BIG TCP), and were dropped; after the first, the
+	// queue asks the kernel for segments.
+	Truncated uint64 `json:"truncated,omitempty"`
 	// Kernel: packets waiting now, dropped because the queue was full,
 	// dropped because our socket buffer was full.
 	KernelWaiting      uint32 `json:"kernel_waiting"`

@@ -303,7 +303,7 @@ func (g *Gateway) Status() api.Status {
 		for _, q := range g.queues.Stats() {
 			e.Queues = append(e.Queues, api.Queue{Number: q.Queue, Received: q.Received, Accepted: q.Accepted,
 				Modified: q.Modified, Dropped: q.Dropped, Held: q.Held, Errors: q.Errors, Overruns: q.Overruns, Reopens: q.Reopens,
-				KernelWaiting: q.Kernel.Waiting, KernelQueueDropped: q.Kernel.QueueDropped, KernelUserDropped: q.Kernel.UserDropped})
+				Truncated: q.Truncated, KernelWaiting: q.Kernel.Waiting, KernelQueueDropped: q.Kernel.QueueDropped, KernelUserDropped: q.Kernel.UserDropped})
 		}
 		st.Engines = append(st.Engines, e)
 	}

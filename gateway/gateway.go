@@ -720,8 +720,8 @@ func (g *Gateway) logStats() {
 		}
 	}
 	for _, q := range g.queues.Stats() {
-		attrs = append(attrs, fmt.Sprintf("queue%d", q.Queue), fmt.Sprintf("received=%d modified=%d accepted=%d dropped=%d errors=%d overruns=%d reopens=%d kernel_queue_dropped=%d kernel_user_dropped=%d",
-			q.Received, q.Modified, q.Accepted, q.Dropped, q.Errors, q.Overruns, q.Reopens, q.Kernel.QueueDropped, q.Kernel.UserDropped))
+		attrs = append(attrs, fmt.Sprintf("queue%d", q.Queue), fmt.Sprintf("received=%d modified=%d accepted=%d dropped=%d errors=%d overruns=%d reopens=%d truncated=%d kernel_queue_dropped=%d kernel_user_dropped=%d",
+			q.Received, q.Modified, q.Accepted, q.Dropped, q.Errors, q.Overruns, q.Reopens, q.Truncated, q.Kernel.QueueDropped, q.Kernel.UserDropped))
 	}
 	g.log.Info("splice engine totals", attrs...)
 }

@@ -62,6 +62,11 @@ const (
 	// A queued packet is at most 64 KiB (copy range 0xffff) plus its
 	// netlink headers and attributes.
 	recvBufSize = 65536 + 1024
+	// maxCopy is the copy range the queues ask for: the most of a packet
+	// the kernel copies to a queue's reader (it caps it lower still, at
+	// 65531, so that the 16-bit length of the attribute holds it). A
+	// longer packet arrives cut.
+	maxCopy = 0xffff
 )
 
 func nlaAlign(n int) int { return (n + 3) &^ 3 }
@@ -88,6 +93,11 @@ type leanQueue struct {
 	file *os.File
 	rc   syscall.RawConn
 	gen  uint32 // counts sockets; packets carry the gen they came from
+	// gsoOff: the queue asks the kernel to cut GSO packets into segments
+	// before queueing them (see segmentGSO); gsoSeq is the sequence
+	// number of that request. The reader's alone.
+	gsoOff bool
+	gsoSeq uint32
 
 	// fault, when set, makes the next receive fail with it (a test hook;
 	// see faultAfter).
@@ -129,6 +139,8 @@ func (q *leanQueue) barrier() {
 type counters struct {
 	received, accepted, modified, dropped, held, errors, overruns atomic.Uint64
 	reopens                                                       atomic.Uint64
+	// truncated: packets that arrived cut (longer than 64 KiB), dropped.
+	truncated atomic.Uint64
 }
 
 // logger is what the queues log with (a *slog.Logger).
@@ -267,7 +279,7 @@ func (q *leanQueue) open() error {
 		}
 	}
 	var flags uint32
-	if !cfg.NoGSO {
+	if !cfg.NoGSO && !q.gsoOff {
 		flags = nfqaCfgFGSO
 	}
 	if err := q.configure(cfg.MaxQueueLen, flags); err != nil {
@@ -346,7 +358,7 @@ func netlinkSocket(netns int) (int, error) {
 // for the kernel's acknowledgment of each step.
 func (q *leanQueue) configure(maxLen uint32, flags uint32) error {
 	cmd := func(c uint8) []byte { return []byte{c, 0, 0, 0} } // command, pad, be16 pf (unused)
-	params := binary.BigEndian.AppendUint32(nil, 0xffff)
+	params := binary.BigEndian.AppendUint32(nil, maxCopy)
 	params = append(params, nfqnlCopyPacket)
 	steps := []struct {
 		what  string
@@ -355,11 +367,8 @@ func (q *leanQueue) configure(maxLen uint32, flags uint32) error {
 		{"unbind (stale binding)", [][2]any{{nfqaCfgCmd, cmd(nfqnlCfgCmdUnbind)}}},
 		{"bind", [][2]any{{nfqaCfgCmd, cmd(nfqnlCfgCmdBind)}}},
 		{"set copy mode", [][2]any{{nfqaCfgParams, params}}},
-		{"set flags and length", [][2]any{
-			{nfqaCfgFlags, binary.BigEndian.AppendUint32(nil, flags)},
-			{nfqaCfgMask, binary.BigEndian.AppendUint32(nil, nfqaCfgFGSO)},
-			{nfqaCfgQueueMaxlen, binary.BigEndian.AppendUint32(nil, maxLen)},
-		}},
+		{"set flags and length", append(gsoFlagAttrs(flags),
+			[2]any{nfqaCfgQueueMaxlen, binary.BigEndian.AppendUint32(nil, maxLen)})},
 	}
 	for i, s := range steps {
 		err := q.request(nfqnlMsgConfig, s.attrs)
@@ -384,14 +393,22 @@ func boundElsewhere(num uint16) bool {
 	return err == nil && ok
 }
 
-// request sends a config message with NLM_F_ACK and waits for the answer
-// (on the still blocking socket).
-func (q *leanQueue) request(msgType uint16, attrs [][2]any) error {
-	q.seq++
+// gsoFlagAttrs are the config attributes that set the queue's GSO flag to
+// flags' (nfqaCfgFGSO or 0).
+func gsoFlagAttrs(flags uint32) [][2]any {
+	return [][2]any{
+		{nfqaCfgFlags, binary.BigEndian.AppendUint32(nil, flags)},
+		{nfqaCfgMask, binary.BigEndian.AppendUint32(nil, nfqaCfgFGSO)},
+	}
+}
+
+// message builds a netlink message of the queue's subsystem with sequence
+// number seq.
+func (q *leanQueue) message(msgType, flags uint16, seq uint32, attrs [][2]any) []byte {
 	b := make([]byte, nlmsgHdrLen+nfgenHdrLen, 128)
 	binary.NativeEndian.PutUint16(b[4:], nfnlSubsysQueue<<8|msgType)
-	binary.NativeEndian.PutUint16(b[6:], unix.NLM_F_REQUEST|unix.NLM_F_ACK)
-	binary.NativeEndian.PutUint32(b[8:], q.seq)
+	binary.NativeEndian.PutUint16(b[6:], flags)
+	binary.NativeEndian.PutUint32(b[8:], seq)
 	b[16] = unix.AF_UNSPEC
 	binary.BigEndian.PutUint16(b[18:], q.num)
 	for _, a := range attrs {
@@ -405,6 +422,14 @@ func (q *leanQueue) request(msgType uint16, attrs [][2]any) error {
 		}
 	}
 	binary.NativeEndian.PutUint32(b[0:], uint32(len(b)))
+	return b
+}
+
+// request sends a config message with NLM_F_ACK and waits for the answer
+// (on the still blocking socket).
+func (q *leanQueue) request(msgType uint16, attrs [][2]any) error {
+	q.seq++
+	b := q.message(msgType, unix.NLM_F_REQUEST|unix.NLM_F_ACK, q.seq, attrs)
 	if err := unix.Sendto(q.fd, b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return err
 	}
@@ -517,9 +542,14 @@ func (q *leanQueue) process(b []byte) {
 		case typ == nfnlSubsysQueue<<8|nfqnlMsgPacket && l >= nlmsgHdrLen+nfgenHdrLen:
 			q.packet(b[nlmsgHdrLen+nfgenHdrLen : l])
 		case typ == unix.NLMSG_ERROR && l >= nlmsgHdrLen+4:
-			// A verdict the kernel refused (unknown ID, bad payload).
-			if binary.NativeEndian.Uint32(b[nlmsgHdrLen:]) != 0 {
+			// A verdict the kernel refused (unknown ID, bad payload), or
+			// segmentGSO's request.
+			if errno := int32(binary.NativeEndian.Uint32(b[nlmsgHdrLen:])); errno != 0 {
 				q.cnt.errors.Add(1)
+				if seq := binary.NativeEndian.Uint32(b[8:]); q.gsoOff && seq == q.gsoSeq {
+					q.log.Error("nfqueue: the kernel refused to cut GSO packets into segments before queueing them; GSO packets longer than 64 KiB are dropped",
+						"queue", q.num, "error", syscall.Errno(-errno))
+				}
 			}
 		}
 		b = b[min(nlaAlign(l), len(b)):]
@@ -530,6 +560,7 @@ func (q *leanQueue) packet(attrs []byte) {
 	p := &q.scr
 	*p = Packet{q: q}
 	var haveID, truncated bool
+	var capLen uint32
 	for len(attrs) >= nlaHdrLen {
 		l := int(binary.NativeEndian.Uint16(attrs))
 		typ := binary.NativeEndian.Uint16(attrs[2:]) & 0x3fff
@@ -553,6 +584,9 @@ func (q *leanQueue) packet(attrs []byte) {
 			}
 		case nfqaCapLen:
 			truncated = true
+			if len(v) >= 4 {
+				capLen = binary.BigEndian.Uint32(v)
+			}
 		}
 		attrs = attrs[min(nlaAlign(l), len(attrs)):]
 	}
@@ -566,9 +600,14 @@ func (q *leanQueue) packet(attrs []byte) {
 	}
 	if truncated {
 		// Only part of the packet reached us (a GSO packet above 64 KiB,
-		// "BIG TCP"); a rewritten copy would cut it. Drop it: TCP resends.
+		// "BIG TCP"); a rewritten copy would cut it. Drop it: TCP
+		// resends, and from now on in segments (segmentGSO).
+		q.cnt.truncated.Add(1)
 		q.cnt.count(Drop)
 		q.out.add(q.num, p.ID, Drop, nil)
+		if p.GSO && !q.gsoOff {
+			q.segmentGSO(capLen)
+		}
 		return
 	}
 	d := q.handler(p)
@@ -584,6 +623,47 @@ func (q *leanQueue) packet(attrs []byte) {
 		}
 	}
 }
+
+// segmentGSO clears the queue's GSO flag, after a GSO packet longer than
+// a queue carries (length bytes) arrived cut: the kernel then cuts every
+// GSO packet into segments before it queues them. With BIG TCP (an
+// interface's gso_max_size or gro_max_size above 64 KiB) senders and GRO
+// hand the gateway GSO packets of up to 512 KiB; dropping them alone
+// cured nothing, since the retransmissions and the data after them came
+// merged again: a spliced flow crawled, 64 MiB each way in 14-22 s
+// instead of 0.5 s, over a thousand packets dropped (TestLabBigTCP,
+// TestQueueSegmentsBigGSO).
+// Segments cost the queue more packets (see the package comment), so the
+// log says how to keep whole GSO packets. The request goes without
+// NLM_F_ACK (the reader may not wait for an answer among the packets);
+// the kernel takes it before the send returns, and reports only a
+// failure (process). The flag stays off on a reopened socket.
+func (q *leanQueue) segmentGSO(length uint32) {
+	q.gsoOff = true
+	q.seq++
+	q.gsoSeq = q.seq
+	b := q.message(nfqnlMsgConfig, unix.NLM_F_REQUEST, q.seq, gsoFlagAttrs(0))
+	var serr error
+	err := q.rc.Write(func(fd uintptr) bool {
+		serr = unix.Sendto(int(fd), b, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK})
+		return true
+	})
+	if err == nil {
+		err = serr
+	}
+	if err != nil {
+		q.cnt.errors.Add(1)
+		q.log.Error("nfqueue: could not ask the kernel to cut GSO packets into segments before queueing them; GSO packets longer than 64 KiB are dropped",
+			"queue", q.num, "error", err)
+		return
+	}
+	q.log.Warn(msgSegmenting, "queue", q.num, "length", length, "max", maxCopy)
+}
+
+// msgSegmenting is the warning of a queue that cleared its GSO flag.
+const msgSegmenting = "nfqueue received a GSO packet longer than it can carry (BIG TCP: an interface's gso_max_size or gro_max_size above 65536); " +
+	"the kernel now cuts GSO packets into segments before queueing them, which costs throughput. " +
+	"To keep whole GSO packets, set gso_max_size, gro_max_size, gso_ipv4_max_size and gro_ipv4_max_size to 65536 on the interfaces of spliced flows"
 
 // errInjected is the receive failure of the test hook (Config.faultAfter).
 var errInjected = errors.New("injected receive failure (test hook)")

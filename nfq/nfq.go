@@ -12,7 +12,10 @@
 //
 // Queues are opened with the GSO flag (packets arrive up to 64 KB, most
 // with CHECKSUM_PARTIAL; without it the kernel segments first and
-// throughput drops several times), never with fail-open, and with a
+// throughput drops several times), until a GSO packet longer than a
+// queue carries arrives (BIG TCP): then the queue clears the flag, as
+// such a packet arrives cut and is dropped, and so would its
+// retransmissions be (segmentGSO). Never with fail-open, and with a
 // receive buffer set by SO_RCVBUFFORCE (net.core.rmem_max would cap
 // SO_RCVBUF). Drops are never hidden: the kernel's own per-queue counters
 // (user_dropped when the socket buffer was full, queue_dropped when the
@@ -255,7 +258,7 @@ func (q *libQueue) open(gen uint32) (*nfqueue.Nfqueue, error) {
 	}
 	nf, err := nfqueue.Open(&nfqueue.Config{
 		NfQueue:      num,
-		MaxPacketLen: 0xffff,
+		MaxPacketLen: maxCopy,
 		MaxQueueLen:  cfg.MaxQueueLen,
 		Copymode:     nfqueue.NfQnlCopyPacket,
 		Flags:        flags,
@@ -365,6 +368,28 @@ func (q *libQueue) receive(gen uint32, a nfqueue.Attribute) int {
 		p.CsumNotVerified = info&skbCsumNotVerified != 0
 		p.GSO = info&skbGSO != 0
 	}
+	if a.CapLen != nil && int(*a.CapLen) > len(p.Data) {
+		// Cut, as in the lean backend: dropped, and the queue asks the
+		// kernel for segments from now on. The library cannot change a
+		// bound queue's flags: a new socket without the GSO flag
+		// replaces this one (what waits for a verdict is dropped and
+		// retransmitted, in segments).
+		q.cnt.truncated.Add(1)
+		if err := q.send(p, Drop); err != nil {
+			q.cnt.errors.Add(1)
+		}
+		if p.GSO {
+			q.mu.Lock()
+			first := !q.cfg.NoGSO
+			q.cfg.NoGSO = true
+			q.mu.Unlock()
+			if first {
+				q.log.Warn(msgSegmenting, "queue", q.num, "length", *a.CapLen, "max", maxCopy)
+				q.startReopen(gen, errCut)
+			}
+		}
+		return 0
+	}
 	d := q.handler(p)
 	if d == Hold {
 		q.cnt.held.Add(1)
@@ -454,6 +479,10 @@ func (q *libQueue) receiveError(gen uint32, err error) int {
 	return 1
 }
 
+// errCut is why a library queue replaces its socket after a GSO packet
+// arrived cut.
+var errCut = errors.New("a GSO packet longer than a queue carries arrived cut; the new socket asks for segments")
+
 // Close unbinds every queue. Packets still held are dropped by the kernel
 // (TCP retransmits them).
 func (s *Set) Close() error {
@@ -475,7 +504,10 @@ type Stats struct {
 	Errors                                uint64 // verdicts or receives that failed
 	Overruns                              uint64 // ENOBUFS seen on receive
 	Reopens                               uint64 // sockets reopened after a receive failure
-	Kernel                                KernelStats
+	// Truncated: packets that arrived cut, longer than a queue carries
+	// (GSO packets of BIG TCP), and were dropped (counted in Dropped too).
+	Truncated uint64
+	Kernel    KernelStats
 }
 
 // Stats returns the counters of every queue.
@@ -487,7 +519,7 @@ func (s *Set) Stats() []Stats {
 		out[i] = Stats{
 			Queue: q.number(), Received: c.received.Load(), Accepted: c.accepted.Load(), Modified: c.modified.Load(),
 			Dropped: c.dropped.Load(), Held: c.held.Load(), Errors: c.errors.Load(), Overruns: c.overruns.Load(), Reopens: c.reopens.Load(),
-			Kernel: kernel[q.number()],
+			Truncated: c.truncated.Load(), Kernel: kernel[q.number()],
 		}
 	}
 	return out

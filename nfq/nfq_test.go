@@ -38,13 +38,19 @@ func TestParseKernelStats(t *testing.T) {
 // queue num, with the xtables NFQUEUE target (no bypass).
 func queueRule(t *testing.T, gw *testnet.NS, num uint16, port uint16) {
 	t.Helper()
+	queueRuleAt(t, gw, nftables.ChainHookForward, num, port)
+}
+
+// queueRuleAt is queueRule in a base chain of hook.
+func queueRuleAt(t *testing.T, gw *testnet.NS, hook *nftables.ChainHook, num uint16, port uint16) {
+	t.Helper()
 	c, err := nftables.New(nftables.WithNetNSFd(gw.OpenT(t)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	tab := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: "nfqtest"})
 	ch := c.AddChain(&nftables.Chain{Name: "fwd", Table: tab, Type: nftables.ChainTypeFilter,
-		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter})
+		Hooknum: hook, Priority: nftables.ChainPriorityFilter})
 	info := make([]byte, 8)
 	binary.NativeEndian.PutUint16(info, num)
 	binary.NativeEndian.PutUint16(info[2:], 1)
@@ -344,4 +350,101 @@ func queueChecksumFlags(t *testing.T, library bool) {
 			t.Errorf("%s: data packets not ready %d, not verified %d, neither %d; want all in one", c.name, notReady.Load(), notVerified.Load(), neither.Load())
 		}
 	}
+}
+
+// TestQueueSegmentsBigGSO: with BIG TCP on the client's link (gso_max_size
+// above 64 KiB), the client's GSO packets reach the queue longer than it
+// carries, and arrive cut. They are dropped, and the queue asks the
+// kernel for segments from then on: a second transfer brings no cut
+// packet. Before, every big packet arrived cut and was dropped, its
+// retransmissions merged again, and a flow through the queue crawled.
+func TestQueueSegmentsBigGSO(t *testing.T) {
+	for _, library := range []bool{false, true} {
+		t.Run(map[bool]string{false: "lean", true: "library"}[library], func(t *testing.T) { queueSegmentsBigGSO(t, library) })
+	}
+}
+
+func queueSegmentsBigGSO(t *testing.T, library bool) {
+	lab := testnet.NewT(t, testnet.Options{})
+	cl := lab.Client()
+	cl.MustRun("ip", "link", "set", "dev", cl.Dev, "gso_max_size", "185000")
+	if out := cl.MustRun("ip", "-d", "link", "show", "dev", cl.Dev); !strings.Contains(out, "gso_max_size 185000") {
+		t.Fatalf("BIG TCP not on:\n%s", out)
+	}
+	// At prerouting, as spliced's divert rules: the forwarding path
+	// refuses the client's GSO packets above 64 KiB before the forward
+	// hook (Ip6InTooBigErrors), but spliced's queues see them.
+	queueRuleAt(t, &lab.Gateway.NS, nftables.ChainHookPrerouting, 79, 7002)
+	var longest atomic.Int64
+	h := func(p *Packet) Decision {
+		if n := int64(len(p.Data)); n > longest.Load() {
+			longest.Store(n)
+		}
+		return Accept
+	}
+	var logs strings.Builder
+	var logMu sync.Mutex
+	log := slog.New(slog.NewTextHandler(&lockedWriter{w: &logs, mu: &logMu}, nil))
+	set, err := Open(t.Context(), Config{First: 79, Count: 1, NetNS: lab.Gateway.OpenT(t), Library: library}, func(uint16) Handler { return h }, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer set.Close()
+	srv := netip.AddrPortFrom(lab.Server().IPv6, 7002)
+	ln, err := lab.Server().Listen(srv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	const size = 16 << 20
+	transfer := func() {
+		t.Helper()
+		c, err := cl.Dial(srv, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln.SetDeadline(time.Now().Add(5 * time.Second))
+		s, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		s.SetDeadline(time.Now().Add(2 * time.Minute))
+		go func() { c.Write(make([]byte, size)); c.Close() }()
+		n, err := io.Copy(io.Discard, s)
+		if err != nil || n != size {
+			t.Fatalf("the server read %d of %d bytes: %v", n, size, err)
+		}
+	}
+	stats := func() (st Stats) {
+		lab.Gateway.Do(func() error { st = set.Stats()[0]; return nil })
+		return st
+	}
+	transfer()
+	first := stats()
+	if first.Truncated == 0 {
+		t.Fatalf("no packet arrived cut (the longest was %d bytes): the test proves nothing; stats %+v", longest.Load(), first)
+	}
+	transfer()
+	second := stats()
+	if n := second.Truncated - first.Truncated; n != 0 {
+		t.Errorf("%d packets arrived cut in the second transfer (%d in the first); want none", n, first.Truncated)
+	}
+	logMu.Lock()
+	defer logMu.Unlock()
+	if !strings.Contains(logs.String(), "gso_max_size") {
+		t.Errorf("no warning naming the cause and the fix in the log:\n%s", logs.String())
+	}
+	t.Logf("cut packets %d; longest queued %d bytes; stats %+v", first.Truncated, longest.Load(), second)
+}
+
+type lockedWriter struct {
+	w  io.Writer
+	mu *sync.Mutex
+}
+
+func (l *lockedWriter) Write(b []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(b)
 }

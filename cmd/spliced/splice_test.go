@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -18,6 +19,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 
 	"spliced/api"
 	"spliced/testnet"
@@ -77,6 +81,10 @@ type scenario struct {
 	// rawInjection: the daemon sends taken-over payload through the IP
 	// output path even with kernel.resend: gso.
 	rawInjection bool
+	// bigTCP: GSO packets longer than 64 KiB reach the queues, which then
+	// have the kernel cut every GSO packet into segments: payload taken
+	// over may have come in GSO packets or not.
+	bigTCP bool
 }
 
 func scenarioConfig(sc *scenario, mode string) string {
@@ -129,7 +137,9 @@ func (sc *scenario) run(t *testing.T, mode string) *testnet.Daemon {
 		if e.DivertByCommand == 0 || e.DivertByNetlink != 0 {
 			t.Errorf("divert entries added by command %d times, by netlink %d times; want only by command", e.DivertByCommand, e.DivertByNetlink)
 		}
-		checkInjectedGSO(t, d, e, !sc.lab.OffloadsOff && !sc.resendRaw && !sc.rawInjection)
+		if !sc.bigTCP {
+			checkInjectedGSO(t, d, e, !sc.lab.OffloadsOff && !sc.resendRaw && !sc.rawInjection)
+		}
 	}
 	return d
 }
@@ -502,6 +512,84 @@ func TestLabDataPathOffloadsOff(t *testing.T) {
 			}}
 		sc.run(t, mode)
 	})
+}
+
+// TestLabBigTCP is TestLabDataPath with BIG TCP on every lab link
+// (gso_max_size, gro_max_size and their IPv4 twins at 185,000): the
+// client and the server hand the gateway GSO packets longer than the
+// 64 KiB a queue carries. Such a packet arrives cut and is dropped, and
+// the queue asks the kernel for segments from then on, with a warning
+// that says how to keep whole GSO packets. Before, every one was dropped
+// and the retransmissions came merged again: the spliced flow crawled,
+// 64 MiB each way in 14-22 s instead of 0.5 s with over a thousand
+// packets dropped (IPv6; 0.9 s now).
+func TestLabBigTCP(t *testing.T) {
+	t.Parallel()
+	for _, v6 := range []bool{false, true} {
+		t.Run(fmt.Sprintf("v6=%v", v6), func(t *testing.T) {
+			sc := &scenario{v6: v6, upstream: "transparent", size: 64 << 20,
+				spliceAt: 4<<20 + rand.Int64N(16<<20), proof: true, bigTCP: true,
+				setup: func(t *testing.T, lab *testnet.Lab) {
+					for _, h := range []*testnet.Host{lab.Client(), lab.Gateway, lab.GatewayServerSide[0], lab.Server()} {
+						setBigTCP(t, h, 185000)
+					}
+				}}
+			d := sc.run(t, "splice")
+			var cut uint64
+			for _, q := range spliceEngine(t, d).Queues {
+				cut += q.Truncated
+			}
+			if cut == 0 {
+				t.Fatal("no packet reached a queue cut: BIG TCP did not reach the gateway, the test proves nothing")
+			}
+			if d.FindLog(func(l map[string]any) bool {
+				msg, _ := l["msg"].(string)
+				return strings.Contains(msg, "gso_max_size") && strings.Contains(msg, "segments")
+			}) == nil {
+				t.Errorf("%d packets arrived cut, and no warning says why or what to do:\n%s", cut, tail(d.Log(), 30))
+			}
+			t.Logf("%d packets arrived cut", cut)
+		})
+	}
+}
+
+// setBigTCP sets the largest GSO and GRO packet of h's interface, both
+// families, through rtnetlink (iproute2 before 6.3 knows no IPv4 ones).
+func setBigTCP(t *testing.T, h *testnet.Host, size uint32) {
+	t.Helper()
+	err := h.Do(func() error {
+		ifi, err := net.InterfaceByName(h.Dev)
+		if err != nil {
+			return err
+		}
+		c, err := netlink.Dial(unix.NETLINK_ROUTE, nil)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		ae := netlink.NewAttributeEncoder()
+		for _, a := range []uint16{unix.IFLA_GSO_MAX_SIZE, unix.IFLA_GRO_MAX_SIZE, unix.IFLA_GSO_IPV4_MAX_SIZE, unix.IFLA_GRO_IPV4_MAX_SIZE} {
+			ae.Uint32(a, size)
+		}
+		attrs, err := ae.Encode()
+		if err != nil {
+			return err
+		}
+		msg := make([]byte, unix.SizeofIfInfomsg, unix.SizeofIfInfomsg+len(attrs))
+		binary.NativeEndian.PutUint32(msg[4:], uint32(ifi.Index)) // struct ifinfomsg's ifi_index
+		_, err = c.Execute(netlink.Message{
+			Header: netlink.Header{Type: unix.RTM_NEWLINK, Flags: netlink.Request | netlink.Acknowledge},
+			Data:   append(msg, attrs...),
+		})
+		return err
+	})
+	if err != nil {
+		t.Fatalf("%s %s: BIG TCP: %v", h.Name, h.Dev, err)
+	}
+	if out := h.MustRun("ip", "-d", "link", "show", "dev", h.Dev); !strings.Contains(out, fmt.Sprintf("gso_max_size %d", size)) ||
+		!strings.Contains(out, fmt.Sprintf("gro_max_size %d", size)) {
+		t.Fatalf("%s %s: BIG TCP not on:\n%s", h.Name, h.Dev, out)
+	}
 }
 
 // TestLabLegDifferences forces what one host hides, each difference in its

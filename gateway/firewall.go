@@ -23,6 +23,7 @@ import (
 func (g *Gateway) checkFirewall() {
 	g.checkSourceNAT()
 	g.checkBridgeNetfilter()
+	g.checkFwmarkAccept()
 	g.checkMarkRouting()
 	if !g.splicing() || g.redirectsSpliced() {
 		g.firewallDrops.Store(nil)
@@ -92,6 +93,7 @@ func (g *Gateway) redirects() bool {
 func (g *Gateway) statusWarnings() []string {
 	out := append(g.firewallWarnings(), g.sourceNATWarnings()...)
 	out = append(out, g.bridgeNetfilterWarnings()...)
+	out = append(out, g.fwmarkAcceptWarnings()...)
 	out = append(out, g.markRoutingWarnings()...)
 	for _, w := range append(g.reversePathWarnings(), g.forwardingWarnings()...) {
 		out = append(out, "splices refused: "+w)

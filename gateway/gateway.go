@@ -137,7 +137,9 @@ type Gateway struct {
 	sourceNATs      atomic.Pointer[[]SourceNATConflict]
 	sourceNATUnread bool // the last check could not read the ruleset (under rulesMu)
 	// bridgeNF: what checkBridgeNetfilter last found ("" nothing)
-	bridgeNF     atomic.Pointer[string]
+	bridgeNF atomic.Pointer[string]
+	// fwmarkAccept: what checkFwmarkAccept last found ("" nothing)
+	fwmarkAccept atomic.Pointer[string]
 	firewallPoke chan struct{}   // another table changed (see watchFirewall)
 	rpf          rpfFilter       // strict reverse path filtering (see rpfilter.go)
 	fwd          forwardingState // forwarding turned off (see forwarding.go)

@@ -229,17 +229,21 @@ func (g *Gateway) serviceOf(name string) *config.Service {
 
 // endedServices is what snapshot.ended becomes when cfg replaces old,
 // whose own ended services were ended: old's services that cfg does not
-// have join them, and those cfg has again leave.
-func endedServices(old *config.Config, ended map[string]*config.Service, cfg *config.Config) map[string]*config.Service {
+// have join them, and those cfg has again leave, as do those that have
+// no flow any more (running says which have): kept for good, every name
+// a reload ever removed stayed for the daemon's life, and with it the
+// configuration it came from. Old's are kept whatever their flows: their
+// proxies, stopped after this, may still admit one.
+func endedServices(old *config.Config, ended map[string]*config.Service, cfg *config.Config, running func(service string) bool) map[string]*config.Service {
 	out := map[string]*config.Service{}
 	for name, s := range ended {
-		if cfg.Service(name) == nil {
+		if cfg.Service(name) == nil && running(name) {
 			out[name] = s
 		}
 	}
 	for i := range old.Services {
-		if s := &old.Services[i]; cfg.Service(s.Name) == nil {
-			out[s.Name] = s
+		if s := old.Services[i]; cfg.Service(s.Name) == nil {
+			out[s.Name] = &s // a copy: not the whole configuration kept for it
 		}
 	}
 	return out

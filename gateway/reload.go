@@ -127,7 +127,14 @@ func (g *Gateway) Reload(ctx context.Context, cfg *config.Config) error {
 // they leave running.
 func (g *Gateway) publish(cfg *config.Config, m *rules.Manager) {
 	prev := g.snap.Load()
-	g.snap.Store(&snapshot{cfg: cfg, rules: m, ended: endedServices(prev.cfg, prev.ended, cfg)})
+	var running map[string]bool
+	if len(prev.ended) > 0 {
+		running = map[string]bool{}
+		for _, f := range g.flows.List() { // finished spliced flows too: they linger
+			running[f.Service] = true
+		}
+	}
+	g.snap.Store(&snapshot{cfg: cfg, rules: m, ended: endedServices(prev.cfg, prev.ended, cfg, func(name string) bool { return running[name] })})
 }
 
 // restartOnly refuses changes that cannot be applied to a running daemon.

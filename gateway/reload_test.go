@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -100,5 +101,50 @@ func TestRemovedServiceKeepsSettings(t *testing.T) {
 	}
 	if d := g.idleTimeout("never"); d != config.DefaultIdleTimeout {
 		t.Errorf("idle timeout of a service no configuration had: %v, want the default", d)
+	}
+}
+
+// TestEndedServicesForgotten: the settings a reload keeps for a removed
+// service's flows go once it has none, at a later reload; kept for good,
+// every service name a reload ever removed stayed in memory for the
+// daemon's life (with the configuration it came from: a generated file
+// that names its services anew at each reload grew it without bound).
+// One that still has a flow keeps them; one removed by this reload keeps
+// them too (its proxy may still be admitting a flow).
+func TestEndedServicesForgotten(t *testing.T) {
+	parse := func(services string) *config.Config {
+		t.Helper()
+		cfg, err := config.Parse("spliced.yaml", []byte("services:\n  - name: web\n    listen: 15001\n    ports: [\"80\"]\n"+services))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cfg
+	}
+	svc := func(name string, port int) string {
+		return fmt.Sprintf("  - name: %s\n    listen: %d\n    ports: [\"%d\"]\n    idle_timeout: 2h\n", name, 15100+port, port)
+	}
+	g := quietGateway(t)
+	g.snap.Store(&snapshot{cfg: parse(svc("gone", 22) + svc("busy", 23)), rules: g.manager()})
+	f := proxy.NewFlow("busy", "forward", netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:23"))
+	if g.flows.Admit(f) != nil {
+		t.Fatal("flow table full")
+	}
+	g.publish(parse(""), g.manager()) // removes both
+	for _, name := range []string{"gone", "busy"} {
+		if g.serviceOf(name) == nil {
+			t.Errorf("service %s, just removed: its settings are gone", name)
+		}
+	}
+	g.publish(parse(""), g.manager()) // a later reload
+	if g.serviceOf("busy") == nil {
+		t.Error("a removed service with a running flow lost its settings at a later reload")
+	}
+	if s := g.snap.Load().ended["gone"]; s != nil {
+		t.Errorf("a removed service without flows is still kept after a later reload: %+v", s.Name)
+	}
+	g.flows.Remove(f)
+	g.publish(parse(""), g.manager())
+	if n := len(g.snap.Load().ended); n != 0 {
+		t.Errorf("%d ended services kept with no flow of theirs", n)
 	}
 }

@@ -196,6 +196,8 @@ func TestDirectListenerIntercepted(t *testing.T) {
 		{doc("10.1.0.1:8080", `"8000-8100"`, "    destinations: [10.1.0.0/24]\n"), `(tcp port 8080 from any IPv4 address to 10.1.0.1)`},
 		{doc("0.0.0.0:8080", `"8080"`, "    sources: [192.168.1.0/24]\n"), `(tcp port 8080 from 192.168.1.0/24 to any address)`},
 		{doc("[fd00:1::1]:8080", `"8080"`, ""), `(tcp port 8080 from any IPv6 address to any address)`},
+		// Every destination, written out.
+		{doc("0.0.0.0:8080", `"8080"`, "    destinations: [0.0.0.0/0]\n"), `(tcp port 8080 from any IPv4 address to any address)`},
 	} {
 		_, err := Parse("intercepted.yaml", []byte(c.doc))
 		if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), "another port") {
@@ -208,6 +210,7 @@ func TestDirectListenerIntercepted(t *testing.T) {
 		doc("10.1.0.1:8080", `"8080"`, "    destinations: [\"fd00::/8\"]\n"),
 		doc("10.1.0.1:8080", `"8080"`, "    sources: [\"fd00::/8\"]\n"),
 		doc("0.0.0.0:8080", `"8080"`, "    destinations: [10.2.0.0/16]\n"),
+		doc("0.0.0.0:8080", `"8080"`, "    destinations: [\"::/0\"]\n"),
 		doc("[fd00:1::1]:8080", `"8080"`, "    destinations: [10.0.0.0/8]\n"),
 	} {
 		if _, err := Parse("ok.yaml", []byte(d)); err != nil {

@@ -470,7 +470,10 @@ func intercepts(t *Service, a netip.AddrPort) (to, from string, ok bool) {
 		return "", "", false
 	}
 	if a.Addr().IsUnspecified() {
-		if len(t.Destinations) > 0 {
+		// A wildcard listener: intercepted only where the service takes
+		// every destination of the family (none listed, or 0.0.0.0/0,
+		// ::/0).
+		if len(t.Destinations) > 0 && !slices.ContainsFunc(ofFamily(t.Destinations, v4), func(p Prefix) bool { return p.Bits() == 0 }) {
 			return "", "", false
 		}
 		return "any address", from, true

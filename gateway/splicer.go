@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/netip"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -81,12 +80,13 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		g.fwd.refusals.refuse(g, f, cause, reason)
 		return &SpliceError{Reason: reason, Err: proxy.ErrSpliceRuledOut}
 	}
-	if reason := mixedFamilies(client, upstream); reason != "" {
+	if proxy.TwoFamilies(client, upstream) {
 		// Refused before the flow is diverted and its sockets captured,
 		// which splice.NewFlow would refuse only then (an HTTP proxy's
 		// backend of the other family: at every response).
+		reason := fmt.Sprintf("the client (%v) and the server (%v) are of two address families; the engine does not translate IPv4 to IPv6", client.RemoteAddr(), upstream.RemoteAddr())
 		g.families.refuse(g, f, refusalCause{}, reason)
-		return &SpliceError{Reason: reason, Err: proxy.ErrSpliceRuledOut}
+		return &SpliceError{Reason: reason, Err: errors.Join(proxy.ErrTwoFamilies, proxy.ErrSpliceRuledOut)}
 	}
 	start := time.Now()
 	done := make(chan error, 1)
@@ -102,23 +102,6 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		}
 	})
 	return <-done
-}
-
-// mixedFamilies says why a flow whose legs are of two address families
-// cannot be spliced, or "".
-func mixedFamilies(client, upstream *net.TCPConn) string {
-	c, u := unmappedAddr(client.RemoteAddr()), unmappedAddr(upstream.RemoteAddr())
-	if !c.IsValid() || !u.IsValid() || c.Is4() == u.Is4() {
-		return ""
-	}
-	return fmt.Sprintf("the client (%v) and the server (%v) are of two address families; the engine does not translate IPv4 to IPv6", c, u)
-}
-
-func unmappedAddr(a net.Addr) netip.Addr {
-	if t, ok := a.(*net.TCPAddr); ok {
-		return t.AddrPort().Addr().Unmap()
-	}
-	return netip.Addr{}
 }
 
 // transitionWorkerIdle is how long a goroutine that ran a splice or an

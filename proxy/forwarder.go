@@ -460,19 +460,19 @@ func (f *Forwarder) trySplice(flow *Flow, relay *Relay, log *slog.Logger) bool {
 		log.Debug("not splicing a half-closed flow")
 		return false
 	}
-	if addrPort(relay.Client.LocalAddr()).Addr().Is4() != addrPort(relay.Upstream.LocalAddr()).Addr().Is4() {
+	if TwoFamilies(relay.Client, relay.Upstream) {
 		// The engine cannot translate IPv4 to IPv6. The gateway found
 		// out only after diverting the flow's packets and capturing
 		// both sockets, and the warning came for every flow: a client
 		// of a direct service whose backends are of the other family
 		// wrote one into the log per connection.
-		flow.SetSpliceError(errFamilies)
-		attrs := []any{logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, logging.Err(errFamilies)}
+		flow.SetSpliceError(ErrTwoFamilies)
+		attrs := []any{logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, logging.Err(ErrTwoFamilies)}
 		if f.Service.ListenMode == config.ListenDirect {
 			attrs = append(attrs, "fix", "give each family a direct service of its own, whose forward.backends are of its listen_on addresses' family")
 		}
 		f.LogLimited("splice families", slog.LevelWarn, "flow stays proxied", attrs...)
-		f.Event(EventSpliceFailed, flow, errFamilies.Error())
+		f.Event(EventSpliceFailed, flow, ErrTwoFamilies.Error())
 		return false
 	}
 	err := sp.Splice(f.FlowContext(), flow, relay.Client, relay.Upstream)
@@ -498,7 +498,18 @@ var ErrSpliceRuledOut = errors.New("ruled out for such flows")
 
 var errHalfClosed = errors.New("splice abandoned: the flow is half-closed")
 
-var errFamilies = errors.New("splice abandoned: the client's and the server's connections are of different address families (IPv4 and IPv6), which the engine does not translate")
+// ErrTwoFamilies is the splice error of a flow whose two connections are
+// of different address families (see TwoFamilies).
+var ErrTwoFamilies = errors.New("splice abandoned: the client's and the server's connections are of different address families (IPv4 and IPv6), which the engine does not translate")
+
+// TwoFamilies reports whether a flow's connections to its client and to
+// its server are of different address families: the splice engine does
+// not translate IPv4 to IPv6. (An IPv4 connection on an IPv6 socket has
+// mapped addresses: IPv4.)
+func TwoFamilies(client, upstream *net.TCPConn) bool {
+	c, u := addrPort(client.LocalAddr()).Addr(), addrPort(upstream.LocalAddr()).Addr()
+	return c.Is4() != u.Is4()
+}
 
 // Kinds of flow events (the API's names).
 const (

@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"spliced/proxy"
 )
 
@@ -298,5 +300,38 @@ func TestEmptyCommandTurn(t *testing.T) {
 		if reply := readReply(t, l.client, cr); !strings.HasPrefix(reply[0], want) {
 			t.Fatalf("got %q, want a reply starting %q", reply, want)
 		}
+	}
+}
+
+// TestUrgentABOR: clients send ABOR behind the Telnet Synch, its last
+// byte as TCP urgent data (lftp: "IAC IP IAC" then DM with MSG_OOB;
+// inetutils ftp: "IAC IP IAC" with MSG_OOB, then "DM ABOR"). Linux takes
+// the urgent byte out of the stream of a socket without SO_OOBINLINE:
+// the gateway read "IAC IP IAC ABOR", took "IAC A" for a Telnet command
+// and sent the server "BOR" (inetutils: "\xf2ABOR"), so no client could
+// abort a transfer through it.
+func TestUrgentABOR(t *testing.T) {
+	l := startSession(t, "")
+	sr := bufio.NewReader(l.server)
+	for _, c := range []struct{ normal, urgent, rest string }{
+		{"\xff\xf4\xff", "\xf2", "ABOR\r\n"}, // lftp
+		{"", "\xff\xf4\xff", "\xf2ABOR\r\n"}, // inetutils, BSD ftp
+	} {
+		if c.normal != "" {
+			l.client.Write([]byte(c.normal))
+		}
+		raw, err := l.client.SyscallConn()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var serr error
+		if err := raw.Write(func(fd uintptr) bool {
+			serr = unix.Send(int(fd), []byte(c.urgent), unix.MSG_OOB)
+			return true
+		}); err != nil || serr != nil {
+			t.Fatal(err, serr)
+		}
+		l.client.Write([]byte(c.rest))
+		l.serverGets(t, sr, "ABOR\r\n")
 	}
 }

@@ -58,14 +58,24 @@ func stripTelnet(line []byte) []byte {
 // Telnet commands removed (a Telnet-aware client strips them before it
 // reads the code: "IAC NOP 227 ..." is a 227 to it, and would pass the
 // gateway unrewritten) and a CR inside it made a space (a client that
-// ends lines at a CR would read a second line). line ends in LF; the
-// result may be line itself.
+// ends lines at a CR would read a second line). An escaped 0xff (IAC
+// IAC) stays in the text, but not where the code is: BSD and inetutils
+// ftp drop IAC IAC too, and read "IAC IAC 227 ..." as a 227. line ends
+// in LF; the result may be line itself.
 func cleanReply(line []byte) []byte {
 	body := bytes.TrimSuffix(bytes.TrimSuffix(line, []byte("\n")), []byte("\r"))
 	if bytes.IndexByte(body, telnetIAC) < 0 && bytes.IndexByte(body, '\r') < 0 {
 		return line
 	}
 	clean := stripTelnet(body)
+	// After stripTelnet every 0xff is the first of an IAC IAC pair.
+	for {
+		i := bytes.IndexByte(clean[:min(len(clean), 4)], telnetIAC)
+		if i < 0 {
+			break
+		}
+		clean = append(clean[:i], clean[i+2:]...)
+	}
 	for i, c := range clean {
 		if c == '\r' {
 			clean[i] = ' '

@@ -335,3 +335,31 @@ func TestUrgentABOR(t *testing.T) {
 		l.serverGets(t, sr, "ABOR\r\n")
 	}
 }
+
+// TestEscapedIACInReplyCode: BSD and inetutils ftp's getreply drop IAC
+// and the byte after it, IAC IAC included, before they count the digits
+// of the code. The gateway kept IAC IAC (a literal 0xff to Telnet), saw
+// no code in "\xff\xff227 ..." or "22\xff\xff7 ..." and passed the line on
+// unrewritten: such a client read the server's 227 as the answer to its
+// PASV and connected where the server said.
+func TestEscapedIACInReplyCode(t *testing.T) {
+	l := startSession(t, "    ftp:\n      data_ports: \"41300-41399\"\n")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	for _, reply := range []string{
+		"\xff\xff227 Entering Passive Mode (10,9,9,9,0,22).\r\n",
+		"22\xff\xff7 Entering Passive Mode (10,9,9,9,0,22).\r\n",
+		"227\xff\xff Entering Passive Mode (10,9,9,9,0,22).\r\n",
+	} {
+		l.client.Write([]byte("PASV\r\n"))
+		l.serverGets(t, sr, "PASV\r\n")
+		l.server.Write([]byte(reply))
+		l.client.SetReadDeadline(time.Now().Add(3 * time.Second))
+		got, err := cr.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(got, "10,9,9,9") || !strings.HasPrefix(got, "227 ") {
+			t.Fatalf("the server's %q reached the client as %q; want the gateway's 227", reply, got)
+		}
+	}
+}

@@ -94,6 +94,11 @@ func (r *Relay) Run() (Outcome, error) {
 	// here lost one that beat the goroutine running Run, which then
 	// waited to read for ever behind a cleared deadline.
 	r.lastActive.Store(monotime.Now())
+	// Urgent data stays in the stream it is part of: without
+	// SO_OOBINLINE Linux takes an urgent byte out of it (checked as the
+	// bytes are read: one that came before still counts).
+	KeepUrgentInline(r.Client)
+	KeepUrgentInline(r.Upstream)
 	results := make(chan dirResult, 2)
 	running := 0
 	for d := range 2 {
@@ -228,6 +233,20 @@ func (r *Relay) copyDir(d int) dirResult {
 			}
 			r.inFlight.Add(-1)
 			eof = err == nil && lr.N > 0
+			if eof {
+				// splice(2) stops at TCP urgent data and returns 0 there,
+				// which Go takes for the end of the stream: the rest of
+				// it (telnet's interrupt, an FTP client's abort and all
+				// after them) was lost, the direction closed.
+				m, uerr := pastUrgentMark(src, dst)
+				n += m
+				switch {
+				case uerr != nil:
+					eof, err = false, uerr
+				case m > 0:
+					eof = false
+				}
+			}
 			if n == 0 && errors.Is(err, os.ErrDeadlineExceeded) && !r.pausing.Load() && !r.aborting.Load() &&
 				(idleAt.IsZero() || time.Now().Before(idleAt)) {
 				busy = false // quiet: wait without a pipe
@@ -364,6 +383,55 @@ func (r *Relay) kernelMoved() (sum uint64, ok bool) {
 
 // waitReadable blocks (in the netpoller, obeying the read deadline) until c
 // has data or its peer closed, and returns the bytes queued: 0 means EOF.
+// pastUrgentMark moves the bytes from src's urgent mark on, as far as a
+// read goes, to dst, when src is at the mark (SIOCATMARK): splice(2)
+// moves nothing there, where a read does (with SO_OOBINLINE, the urgent
+// byte too). It moves nothing at the end of the stream.
+func pastUrgentMark(src, dst *net.TCPConn) (int64, error) {
+	rc, err := src.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	atMark := 0
+	var ierr error
+	if err := rc.Control(func(fd uintptr) { atMark, ierr = unix.IoctlGetInt(int(fd), unix.SIOCATMARK) }); err != nil {
+		return 0, err
+	}
+	if ierr != nil || atMark == 0 {
+		return 0, ierr
+	}
+	var buf [2048]byte
+	n, err := src.Read(buf[:])
+	if n > 0 {
+		if _, werr := dst.Write(buf[:n]); werr != nil {
+			return 0, werr
+		}
+	}
+	if errors.Is(err, io.EOF) {
+		err = nil
+	}
+	return int64(n), err
+}
+
+// KeepUrgentInline sets SO_OOBINLINE on c: TCP urgent data stays in the
+// stream, where a relay moves it with the rest. Without it Linux takes
+// an urgent byte out of the stream (it is read apart, with MSG_OOB, or
+// not at all). A relay does not keep the urgency itself: the byte goes
+// on as ordinary data.
+func KeepUrgentInline(c *net.TCPConn) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_OOBINLINE, 1)
+	}); err != nil {
+		return err
+	}
+	return serr
+}
+
 func waitReadable(c *net.TCPConn) (int, error) {
 	rc, err := c.SyscallConn()
 	if err != nil {

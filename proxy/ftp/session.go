@@ -17,8 +17,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"spliced/logging"
 	"spliced/proxy"
 )
@@ -74,7 +72,7 @@ func newSession(p *Proxy, flow *proxy.Flow, client, server *net.TCPConn, log *sl
 	// The server's greeting is the first reply the client is owed.
 	s := &session{p: p, flow: flow, client: client, server: server, log: log, turns: []turn{{verb: greeting}}}
 	for _, c := range []*net.TCPConn{client, server} {
-		if err := urgentInline(c); err != nil {
+		if err := proxy.KeepUrgentInline(c); err != nil {
 			log.Warn("ftp control connection: urgent data would be lost", logging.Err(err))
 		}
 	}
@@ -92,25 +90,6 @@ func newSession(p *Proxy, flow *proxy.Flow, client, server *net.TCPConn, log *sl
 		}
 	}
 	return s
-}
-
-// urgentInline keeps TCP urgent data in the stream read from c. Clients
-// send ABOR behind the Telnet Synch, one byte of it urgent (RFC 959
-// 4.1.3); without SO_OOBINLINE Linux takes that byte out of the stream,
-// and what is left ("IAC IP IAC ABOR") reads as the Telnet command "IAC
-// A" and the verb "BOR".
-func urgentInline(c *net.TCPConn) error {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return err
-	}
-	var serr error
-	if err := raw.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_OOBINLINE, 1)
-	}); err != nil {
-		return err
-	}
-	return serr
 }
 
 // run relays the session until one side ends it, a bad line ends it, or

@@ -72,20 +72,22 @@ func normalizeFully(p string) (norm string, alt []string, err error) {
 			writeEscaped(&b, c)
 		}
 	}
-	enc := b.String()
-	norm = removeDotSegments(enc)
-	// The other readings: ;parameters dropped, %2F or %5C or both as
-	// slashes (nginx takes %2F as a slash and %5C as a backslash, which
-	// on Unix is none; Windows servers take both), and the parameters
-	// dropped before or after the decoding: Tomcat drops those of each
-	// raw segment first (so in /a/..%2Fadmin;%2F..%2Fa/x the parameter
-	// hides two slashes, and it reads /admin/x), a server that decodes
-	// first reads /a/x.
+	norm = removeDotSegments(b.String())
+	// The other readings of norm, the path the backend gets (not of
+	// the path as sent: /admin;/;/.. is /admin;/ once its dot segments
+	// are resolved, which Tomcat reads as /admin/, while the path as
+	// sent, its parameters dropped, reads /): ;parameters dropped, %2F
+	// or %5C or both as slashes (nginx takes %2F as a slash and %5C as
+	// a backslash, which on Unix is none; Windows servers take both),
+	// and the parameters dropped before or after the decoding: Tomcat
+	// drops those of each raw segment first (so in
+	// /a/..%2Fadmin;%2F..%2Fa/x the parameter hides two slashes, and it
+	// reads /admin/x), a server that decodes first reads /a/x.
 	for _, slashes := range slashReplacers {
 		for _, v := range []string{
-			slashes.Replace(enc),
-			dropParams(slashes.Replace(enc)),
-			slashes.Replace(dropParams(enc)),
+			slashes.Replace(norm),
+			dropParams(slashes.Replace(norm)),
+			slashes.Replace(dropParams(norm)),
 		} {
 			if v = removeDotSegments(v); v != norm && !contains(alt, v) {
 				alt = append(alt, v)

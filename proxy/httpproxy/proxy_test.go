@@ -1,6 +1,8 @@
 package httpproxy
 
 import (
+	"bufio"
+	"errors"
 	"net/http"
 	"net/netip"
 	"strings"
@@ -49,6 +51,34 @@ func TestRoute(t *testing.T) {
 			t.Errorf("%s%s: route %q, want none", c.host, c.path, got.route.Path)
 		case c.want >= 0 && got != p.pools[c.want]:
 			t.Errorf("%s%s: wrong route", c.host, c.path)
+		}
+	}
+}
+
+// TestRouteReadingsOfForwardedPath: the readings that must route alike
+// are those of the path the backend gets, after its dot segments are
+// resolved. /admin;/;/.. goes to the backend as /admin;/, which Tomcat
+// reads as /admin/; read as sent, its parameters dropped, it was / and
+// passed the deny route for /admin/ to the catch-all route. So with
+// %2F (nginx: /admin%2F/ is /admin//, merged /admin/) and %5C.
+func TestRouteReadingsOfForwardedPath(t *testing.T) {
+	p := testProxy(
+		Route{Path: "/admin/", Action: config.Deny},
+		Route{Path: "/", Action: config.Allow, Backends: backends("10.0.0.1:80"), Balance: "round_robin"},
+	)
+	for _, target := range []string{"/admin;/;/..", "/admin;x/;y/..", "/admin%2F/%2F/..", "/admin%5C/%5c/..", "/x/../admin;/;/../"} {
+		rq, err := readRequest(bufio.NewReader(strings.NewReader("GET " + target + " HTTP/1.1\r\nHost: t\r\n\r\n")))
+		if err != nil {
+			t.Fatalf("%s: %v", target, err)
+		}
+		pl, err := p.routeRequest(rq)
+		var re *requestError
+		if !errors.As(err, &re) || re.status != http.StatusBadRequest {
+			route := ""
+			if pl != nil {
+				route = pl.route.Path
+			}
+			t.Errorf("%s: sent to the backend as %s, routed to %q (%v); want 400", target, rq.URL.Opaque, route, err)
 		}
 	}
 }

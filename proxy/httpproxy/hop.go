@@ -153,8 +153,16 @@ var lookalikeFields = []string{"Content-Length", "Transfer-Encoding", "Host", "C
 // from instead of the request line (Symfony and IIS: X-Original-URL,
 // X-Rewrite-URL, meant to be set by a proxy in front). A client's would
 // take its request past the deny routes: such a backend serves GET /a/
-// with "X-Original-URL: /admin/" as /admin/.
-var routeOverrides = []string{"X-Original-Url", "X-Rewrite-Url"}
+// with "X-Original-URL: /admin/" as /admin/. Likewise the host: a
+// backend that trusts the gateway as its proxy (it sends
+// X-Forwarded-For) takes the host from X-Forwarded-Host, or from
+// Forwarded's host=, instead of Host (Symfony's and Laravel's
+// Request::getHost, which their host and domain routes match), so a
+// client's "Host: www.example" with "X-Forwarded-Host: admin.example"
+// reached the routes of a host the gateway denies. Forwarded's for= is
+// the client address to such a backend too, and the proxy adds no
+// element of its own after a client's.
+var routeOverrides = []string{"X-Original-Url", "X-Rewrite-Url", "X-Forwarded-Host", "Forwarded"}
 
 // removeLookalikes deletes from a request's fields the routeOverrides
 // and those that read as one of lookalikeFields with "_" taken for "-".

@@ -230,7 +230,15 @@ func (rq *request) setHost(f *headFacts) error {
 	if !strings.HasPrefix(name, "[") && (strings.HasPrefix(name, ".") || strings.HasSuffix(name, ".") || strings.Contains(name, "..")) {
 		return badRequest("invalid host %q: an empty label", req.Host)
 	}
-	if !strings.HasPrefix(name, "[") && config.EndsInNumber(name) {
+	if strings.HasPrefix(name, "[") {
+		// An IP literal is an IPv6 address (RFC 3986 3.2.2): "[]",
+		// "[10.9.9.9]" or "[10.9.2313]" are none, and a backend that
+		// takes the brackets off reads the last as 10.9.9.9
+		// (inet_aton), past the check below and a route for it.
+		if a, err := netip.ParseAddr(name[1 : len(name)-1]); err != nil || !a.Is6() {
+			return badRequest("invalid host %q: not an IPv6 address in brackets", req.Host)
+		}
+	} else if config.EndsInNumber(name) {
 		if a, err := netip.ParseAddr(name); err != nil || !a.Is4() {
 			return badRequest("invalid host %q: an IPv4 address must be written as four decimal numbers without leading zeros (10.0.0.5)", req.Host)
 		}

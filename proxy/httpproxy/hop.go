@@ -161,8 +161,10 @@ var lookalikeFields = []string{"Content-Length", "Transfer-Encoding", "Host", "C
 // client's "Host: www.example" with "X-Forwarded-Host: admin.example"
 // reached the routes of a host the gateway denies. Forwarded's for= is
 // the client address to such a backend too, and the proxy adds no
-// element of its own after a client's.
-var routeOverrides = []string{"X-Original-Url", "X-Rewrite-Url", "X-Forwarded-Host", "Forwarded"}
+// element of its own after a client's; so is X-Real-IP, which the proxy
+// does not set (nginx's real_ip_header X-Real-IP, trusting the gateway,
+// took a client's spoofed address for its allow-lists).
+var routeOverrides = []string{"X-Original-Url", "X-Rewrite-Url", "X-Forwarded-Host", "Forwarded", "X-Real-Ip"}
 
 // removeLookalikes deletes from a request's fields the routeOverrides
 // and those that read as one of lookalikeFields with "_" taken for "-".

@@ -121,6 +121,14 @@ services:
 				t.Error("a flow stayed proxied in splice mode")
 			}
 			spliced := func() int { return strings.Count(d.Log(), `"msg":"flow spliced"`) }
+			// A splice logs its line once the flow's packets are
+			// released: a transfer may end before it.
+			testnet.Poll(10*time.Second, func() error {
+				if n := spliced(); n < 6 {
+					return fmt.Errorf("%d flows spliced", n)
+				}
+				return nil
+			})
 			if n := spliced(); n != 6 {
 				t.Errorf("%d flows spliced, want 6", n)
 			}

@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -224,33 +225,15 @@ func bridgeNetfilterProblem(bridges []bridgeNF, global4, global6 bool) string {
 	return strings.Join(parts, "; ")
 }
 
-// checkBridgeNetfilter warns when BridgeNetfilterProblem finds one, or a
-// different one, and says when it is gone; statusWarnings lists it.
-// Under rulesMu, as checkFirewall.
+// checkBridgeNetfilter reports what BridgeNetfilterProblem finds (see
+// problemState); statusWarnings lists it. Under rulesMu, as
+// checkFirewall.
 func (g *Gateway) checkBridgeNetfilter() {
 	problem, err := BridgeNetfilterProblem(g.config())
 	if err != nil {
 		g.log.Debug("cannot check the bridges against br_netfilter", logging.Err(err))
 		return
 	}
-	was := ""
-	if p := g.bridgeNF.Load(); p != nil {
-		was = *p
-	}
-	switch {
-	case problem != "" && problem != was:
-		g.log.Warn("transparent interception fails through a bridge with br_netfilter on", "detail", problem)
-	case problem == "" && was != "":
-		g.log.Info("transparent interception no longer meets br_netfilter on a bridge")
-	}
-	g.bridgeNF.Store(&problem)
-}
-
-// bridgeNetfilterWarnings is the status's line for what
-// checkBridgeNetfilter last found.
-func (g *Gateway) bridgeNetfilterWarnings() []string {
-	if p := g.bridgeNF.Load(); p != nil && *p != "" {
-		return []string{*p}
-	}
-	return nil
+	g.bridgeNF.update(g.log, problem, slog.LevelWarn, "transparent interception fails through a bridge with br_netfilter on",
+		"transparent interception no longer meets br_netfilter on a bridge")
 }

@@ -92,8 +92,8 @@ func (g *Gateway) redirects() bool {
 // fix.
 func (g *Gateway) statusWarnings() []string {
 	out := append(g.firewallWarnings(), g.sourceNATWarnings()...)
-	out = append(out, g.bridgeNetfilterWarnings()...)
-	out = append(out, g.fwmarkAcceptWarnings()...)
+	out = append(out, g.bridgeNF.warnings()...)
+	out = append(out, g.fwmarkAccept.warnings()...)
 	out = append(out, g.markRoutingWarnings()...)
 	for _, w := range append(g.reversePathWarnings(), g.forwardingWarnings()...) {
 		out = append(out, "splices refused: "+w)

@@ -1,9 +1,12 @@
 package gateway
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
+	"sync/atomic"
 
 	"spliced/config"
 	"spliced/logging"
@@ -38,8 +41,8 @@ func FwmarkAcceptProblem(cfg *config.Config) (string, error) {
 	return "net.ipv4.tcp_fwmark_accept is on: the gateway's sockets of intercepted connections take spliced's mark from the client's SYN, and their answers are routed back into the gateway (spliced's route table) instead of out: no intercepted connection opens. Turn it off (sysctl -w net.ipv4.tcp_fwmark_accept=0, and in /etc/sysctl.d), or give the services listen_mode: direct", nil
 }
 
-// checkFwmarkAccept warns when FwmarkAcceptProblem finds the problem,
-// and says when it is gone; statusWarnings lists it. Under rulesMu, as
+// checkFwmarkAccept reports what FwmarkAcceptProblem finds (see
+// problemState); statusWarnings lists it. Under rulesMu, as
 // checkFirewall.
 func (g *Gateway) checkFwmarkAccept() {
 	problem, err := FwmarkAcceptProblem(g.config())
@@ -47,23 +50,33 @@ func (g *Gateway) checkFwmarkAccept() {
 		g.log.Debug("cannot check net.ipv4.tcp_fwmark_accept", logging.Err(err))
 		return
 	}
+	g.fwmarkAccept.update(g.log, problem, slog.LevelError, "intercepted connections fail",
+		"net.ipv4.tcp_fwmark_accept is off again: intercepted connections open")
+}
+
+// problemState is the problem a periodic check of the gateway's settings
+// last found ("" none): a new or different one is logged at level with
+// its detail, its end once, and the status lists it while it lasts.
+type problemState struct{ last atomic.Pointer[string] }
+
+// update records problem, logging what changed.
+func (s *problemState) update(log *slog.Logger, problem string, level slog.Level, found, gone string) {
 	was := ""
-	if p := g.fwmarkAccept.Load(); p != nil {
+	if p := s.last.Load(); p != nil {
 		was = *p
 	}
 	switch {
 	case problem != "" && problem != was:
-		g.log.Error("intercepted connections fail", "detail", problem)
+		log.Log(context.Background(), level, found, "detail", problem)
 	case problem == "" && was != "":
-		g.log.Info("net.ipv4.tcp_fwmark_accept is off again: intercepted connections open")
+		log.Info(gone)
 	}
-	g.fwmarkAccept.Store(&problem)
+	s.last.Store(&problem)
 }
 
-// fwmarkAcceptWarnings is the status's line for what checkFwmarkAccept
-// last found.
-func (g *Gateway) fwmarkAcceptWarnings() []string {
-	if p := g.fwmarkAccept.Load(); p != nil && *p != "" {
+// warnings is the status's line for the problem, if any.
+func (s *problemState) warnings() []string {
+	if p := s.last.Load(); p != nil && *p != "" {
 		return []string{*p}
 	}
 	return nil

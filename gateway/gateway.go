@@ -136,14 +136,13 @@ type Gateway struct {
 	// sourceNATs: the conflicts checkSourceNAT last found
 	sourceNATs      atomic.Pointer[[]SourceNATConflict]
 	sourceNATUnread bool // the last check could not read the ruleset (under rulesMu)
-	// bridgeNF: what checkBridgeNetfilter last found ("" nothing)
-	bridgeNF atomic.Pointer[string]
-	// fwmarkAccept: what checkFwmarkAccept last found ("" nothing)
-	fwmarkAccept atomic.Pointer[string]
-	firewallPoke chan struct{}   // another table changed (see watchFirewall)
-	rpf          rpfFilter       // strict reverse path filtering (see rpfilter.go)
-	fwd          forwardingState // forwarding turned off (see forwarding.go)
-	families     spliceRefusal   // flows of two address families (mixedFamilies)
+	// bridgeNF, fwmarkAccept: what checkBridgeNetfilter and
+	// checkFwmarkAccept last found
+	bridgeNF, fwmarkAccept problemState
+	firewallPoke           chan struct{}   // another table changed (see watchFirewall)
+	rpf                    rpfFilter       // strict reverse path filtering (see rpfilter.go)
+	fwd                    forwardingState // forwarding turned off (see forwarding.go)
+	families               spliceRefusal   // flows of two address families (mixedFamilies)
 
 	spliceLatency            latencies
 	phases                   [numSteps]latencies // see phase

@@ -1,12 +1,14 @@
 package gateway
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 
 	"github.com/jsimonetti/rtnetlink/v2"
 	"github.com/mdlayher/netlink"
@@ -236,4 +238,32 @@ func (g *Gateway) checkBridgeNetfilter() {
 	}
 	g.bridgeNF.update(g.log, problem, slog.LevelWarn, "transparent interception fails through a bridge with br_netfilter on",
 		"transparent interception no longer meets br_netfilter on a bridge")
+}
+
+// problemState is the problem a periodic check of the gateway's settings
+// last found ("" none): a new or different one is logged at level with
+// its detail, its end once, and the status lists it while it lasts.
+type problemState struct{ last atomic.Pointer[string] }
+
+// update records problem, logging what changed.
+func (s *problemState) update(log *slog.Logger, problem string, level slog.Level, found, gone string) {
+	was := ""
+	if p := s.last.Load(); p != nil {
+		was = *p
+	}
+	switch {
+	case problem != "" && problem != was:
+		log.Log(context.Background(), level, found, "detail", problem)
+	case problem == "" && was != "":
+		log.Info(gone)
+	}
+	s.last.Store(&problem)
+}
+
+// warnings is the status's line for the problem, if any.
+func (s *problemState) warnings() []string {
+	if p := s.last.Load(); p != nil && *p != "" {
+		return []string{*p}
+	}
+	return nil
 }

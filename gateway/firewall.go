@@ -23,7 +23,6 @@ import (
 func (g *Gateway) checkFirewall() {
 	g.checkSourceNAT()
 	g.checkBridgeNetfilter()
-	g.checkFwmarkAccept()
 	g.checkMarkRouting()
 	if !g.splicing() || g.redirectsSpliced() {
 		g.firewallDrops.Store(nil)
@@ -93,7 +92,6 @@ func (g *Gateway) redirects() bool {
 func (g *Gateway) statusWarnings() []string {
 	out := append(g.firewallWarnings(), g.sourceNATWarnings()...)
 	out = append(out, g.bridgeNF.warnings()...)
-	out = append(out, g.fwmarkAccept.warnings()...)
 	out = append(out, g.markRoutingWarnings()...)
 	for _, w := range append(g.reversePathWarnings(), g.forwardingWarnings()...) {
 		out = append(out, "splices refused: "+w)

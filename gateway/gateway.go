@@ -136,13 +136,12 @@ type Gateway struct {
 	// sourceNATs: the conflicts checkSourceNAT last found
 	sourceNATs      atomic.Pointer[[]SourceNATConflict]
 	sourceNATUnread bool // the last check could not read the ruleset (under rulesMu)
-	// bridgeNF, fwmarkAccept: what checkBridgeNetfilter and
-	// checkFwmarkAccept last found
-	bridgeNF, fwmarkAccept problemState
-	firewallPoke           chan struct{}   // another table changed (see watchFirewall)
-	rpf                    rpfFilter       // strict reverse path filtering (see rpfilter.go)
-	fwd                    forwardingState // forwarding turned off (see forwarding.go)
-	families               spliceRefusal   // flows of two address families (mixedFamilies)
+	// bridgeNF: what checkBridgeNetfilter last found
+	bridgeNF     problemState
+	firewallPoke chan struct{}   // another table changed (see watchFirewall)
+	rpf          rpfFilter       // strict reverse path filtering (see rpfilter.go)
+	fwd          forwardingState // forwarding turned off (see forwarding.go)
+	families     spliceRefusal   // flows of two address families (mixedFamilies)
 
 	spliceLatency            latencies
 	phases                   [numSteps]latencies // see phase

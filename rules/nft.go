@@ -89,7 +89,7 @@ func queueInPlace(c *nftables.Conn, spec *Spec, divert map[uint16][]splice.Key) 
 	if err != nil {
 		return err
 	}
-	ours := map[string]bool{ChainPrerouting: true, ChainServices: true, ChainSockets: true}
+	ours := map[string]bool{ChainPrerouting: true, ChainServices: true, ChainSockets: true, ChainInput: true}
 	keep := map[string]bool{}
 	if spec.Divert.Enabled {
 		ours[ChainDivert], ours[ChainDivertQueues], ours[ChainDivertPMTU], ours[ChainDivertCommand] = true, true, true, true
@@ -221,6 +221,26 @@ func queueContents(c *nftables.Conn, spec *Spec, t *nftables.Table, divert map[u
 	c.AddRule(&nftables.Rule{Table: t, Chain: pre, Exprs: concat(
 		matchCtMark(spec.CtMark),
 		[]expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: ChainServices}},
+	)})
+	// The mark routed the packet to the gateway's own sockets; that
+	// done, it is taken off again before the socket sees it. With
+	// net.ipv4.tcp_fwmark_accept on, a socket accepted from a SYN (or
+	// a SYN cookie's ACK) takes that packet's mark, and its SYN-ACK and
+	// everything after it would be routed by spliced's route table back
+	// into the gateway: no intercepted connection opened
+	// (TestLabFwmarkAccept). With net.ipv4.fwmark_reflect on, the
+	// kernel's replies to a packet without a socket (a reset) take its
+	// mark the same way.
+	input := c.AddChain(&nftables.Chain{
+		Name:     ChainInput,
+		Table:    t,
+		Type:     nftables.ChainTypeFilter,
+		Hooknum:  nftables.ChainHookInput,
+		Priority: nftables.ChainPriorityMangle,
+	})
+	c.AddRule(&nftables.Rule{Table: t, Chain: input, Exprs: concat(
+		matchMark(spec.Mark),
+		clearMark(spec.Mark),
 	)})
 	return queueServices(c, spec, t, svc)
 }
@@ -391,6 +411,28 @@ func setMark(mark uint32) []expr.Any {
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
 			Mask: binaryutil.NativeEndian.PutUint32(^mark),
 			Xor:  binaryutil.NativeEndian.PutUint32(mark)},
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+	}
+}
+
+// matchMark is "meta mark & M == M".
+func matchMark(mark uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(mark),
+			Xor:  binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(mark)},
+	}
+}
+
+// clearMark is "meta mark set meta mark & ~M": only our bits change.
+func clearMark(mark uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(^mark),
+			Xor:  binaryutil.NativeEndian.PutUint32(0)},
 		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
 	}
 }

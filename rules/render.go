@@ -63,6 +63,7 @@ const (
 	ChainPrerouting = "prerouting"
 	ChainServices   = "services"
 	ChainSockets    = "sockets"
+	ChainInput      = "input"
 )
 
 // Render returns the table as `nft list table inet NAME` prints it, with
@@ -105,6 +106,9 @@ func Render(spec Spec) string {
 	blocks = append(blocks, renderChain(ChainSockets, "", []string{
 		"socket wildcard 1 return",
 		fmt.Sprintf("%s accept", markSet(spec.Mark)),
+	}))
+	blocks = append(blocks, renderChain(ChainInput, "type filter hook input priority mangle; policy accept;", []string{
+		fmt.Sprintf("meta mark & 0x%08x == 0x%08x meta mark set meta mark & 0x%08x", spec.Mark, spec.Mark, ^spec.Mark),
 	}))
 	b.WriteString(strings.Join(blocks, "\n"))
 	b.WriteString("}\n")

@@ -12,6 +12,8 @@
 //	    packets with the ct mark bit (a SYN cookie's ACK): jump services
 //	chain services    (per service and family: TPROXY of SYNs, setting the
 //	                   ct mark bit; TPROXY of plain ACKs with that bit)
+//	chain input       (filter, input, priority mangle)
+//	    packets with the mark, routed to our sockets: clear the mark
 //
 // Intercepting on SYN only matters: a packet of a flow whose sockets are
 // being torn down must never be handed to a listener (it would answer with

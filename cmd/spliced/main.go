@@ -141,11 +141,6 @@ func run(args []string, stdout, stderr io.Writer) int {
 			checkForwarding(stdout)
 			checkMarkRouting(stdout, cfg, spec)
 		}
-		if problem, err := gateway.FwmarkAcceptProblem(cfg); err != nil {
-			fmt.Fprintf(stdout, "# marks: not checked (%v)\n", err)
-		} else if problem != "" {
-			fmt.Fprintf(stdout, "# marks: %s\n", problem)
-		}
 		if problem, err := gateway.BridgeNetfilterProblem(cfg); err != nil {
 			fmt.Fprintf(stdout, "# bridges: not checked (%v)\n", err)
 		} else if problem != "" {

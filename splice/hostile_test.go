@@ -168,3 +168,79 @@ func TestFINBehindTheAcknowledgedIsNoFIN(t *testing.T) {
 		t.Error("both real FINs sent and acknowledged: the flow did not finish")
 	}
 }
+
+// TestInexactRSTChangesNothing: a RST in the window but not at the
+// receiver's rcv_nxt draws a challenge ACK and is otherwise ignored
+// (RFC 5961 3.2, Linux's tcp_validate_incoming): the receiver takes
+// nothing from it, neither its payload, its FIN, its ACK, its window nor
+// its timestamps. A RST needs no ACK to pass the checks, only a
+// sequence number in the window, so a blind attacker hits one with odds
+// of the window over 2^32. The engine tracked it as any segment: a
+// payload (or a FIN) raised sndNxt to a number the attacker chose, and a
+// second RST there ended the flow, taking it out of the table while both
+// ends went on (a pair of forged RSTs per guess: a thousand pairs for a
+// 4 MiB window, where RFC 5961 makes it 2^31 guesses); its window raised
+// the other direction's largest window to 1 GiB (the checks' bound); its
+// TSval, before the sender's first packet, set the timestamp offset, so
+// that PAWS dropped every real packet after it.
+func TestInexactRSTChangesNothing(t *testing.T) {
+	forged := []struct {
+		name string
+		seg  func(f *fixture) seg
+	}{
+		{"payload", func(f *fixture) seg {
+			s := f.c2s(1000+30000, 0, FlagRST)
+			s.payload = make([]byte, 1000)
+			return s
+		}},
+		{"FIN", func(f *fixture) seg { return f.c2s(1000+30000, 0, FlagRST|FlagFIN) }},
+		{"ACK", func(f *fixture) seg { return f.c2s(1000+30000, sa(100), FlagRST|FlagACK) }},
+		{"window", func(f *fixture) seg {
+			s := f.c2s(1000+30000, 0, FlagRST)
+			s.win = 0xffff
+			return s
+		}},
+		{"timestamps", func(f *fixture) seg {
+			s := f.c2s(1000+30000, 0, FlagRST)
+			s.opts = tsOpt(100+0x78000000, 0)
+			return s
+		}},
+	}
+	for _, c := range forged {
+		t.Run(c.name, func(t *testing.T) {
+			f := newFixture(t, false, false)
+			data := f.s2c(0xffffff00, 0x7ffffff0, FlagACK)
+			data.payload = make([]byte, 100)
+			if v := f.run(t, data.bytes(), S2C, true); v != Forward {
+				t.Fatalf("the server's data: %v", v)
+			}
+			snap := f.e.Snapshot()
+			before := snap.State()
+			s := c.seg(f)
+			if v := f.run(t, s.bytes(), C2S, true); v != Forward {
+				t.Fatalf("a RST in the window: %v, want forward (its receiver answers it)", v)
+			}
+			snap = f.e.Snapshot()
+			after := snap.State()
+			after.LastSeen = before.LastSeen
+			if after != before {
+				t.Errorf("a RST in the window, not at rcv_nxt, changed the flow's state:\n%+v\n%+v", before, after)
+			}
+			// The second RST of the pair, at the end of the first.
+			f.run(t, f.c2s(uint32(Seq(s.seq).Add(uint32(len(s.payload))+uint32(s.flags&FlagFIN))), 0, FlagRST).bytes(), C2S, true)
+			if f.e.Snapshot().Finished() {
+				t.Error("a RST at the end of a forged RST ended the flow")
+			}
+			real := f.c2s(1000, 0xfffffff0, FlagACK)
+			real.opts = tsOpt(101, 4990)
+			b := real.bytes()
+			if v := f.run(t, b, C2S, true); v != Forward {
+				t.Fatalf("the client's real packet: %v", v)
+			}
+			o, _ := findOpt(decoded(t, b), layers.TCPOptionKindTimestamps)
+			if out := binary.BigEndian.Uint32(o.OptionData); int32(out-900000) < 0 {
+				t.Errorf("the client's real TSval leaves as %d, behind the server's TS.Recent (900000): PAWS drops it", out)
+			}
+		})
+	}
+}

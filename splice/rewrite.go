@@ -73,25 +73,33 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 	win := max(s.maxWin, 1)
 	relearnS, relearnO := f.relearning(d), f.relearning(1-d)
 
-	if v := f.spuriousEnd(s, o, flags, p.SegmentLen(), end, ackIn, now); v != Forward {
-		return v
+	// Nothing of a RST but where it lies is tracked: the receiver takes
+	// nothing from one (one it accepts ends the connection, any other is
+	// dropped after a challenge ACK), neither payload, FIN, ACK, window
+	// nor timestamps. And a RST needs no acceptable ACK to pass the
+	// checks, only a sequence number in the window: tracked, its payload
+	// or FIN raised sndNxt to where a blind attacker chose, and a second
+	// RST there ended the flow (see below); its window raised the other
+	// direction's largest window, the checks' bound, to 1 GiB; its TSval
+	// set the sender's timestamp offset, so that PAWS dropped every real
+	// packet after it.
+	rst := flags&FlagRST != 0
+	if !rst {
+		// A RST is never a retransmission.
+		if v := f.spuriousEnd(s, o, flags, p.SegmentLen(), end, ackIn, now); v != Forward {
+			return v
+		}
 	}
-	// Whether a RST lies at the sender's FIN is a question of the state
-	// it arrives in: the receiver (tcp_reset_check) looks at its seq
-	// only, whatever payload the RST carries, while that payload raises
-	// sndNxt below and the check would then fail (the BPF program
-	// decides before its updates too; FuzzDiffSequence found them apart).
-	atFIN := s.rstAtFIN(seq)
-	raiseSeq := p.SegmentLen() == 0 && flags&FlagRST == 0 && seq.LessThan(s.ackSeen) && seq != s.ackSeen.Sub(1)
+	raiseSeq := p.SegmentLen() == 0 && !rst && seq.LessThan(s.ackSeen) && seq != s.ackSeen.Sub(1)
 	// Relearning, what the record forwarded is no bound: the ends moved on.
-	lowerSeq := p.SegmentLen() == 0 && flags&FlagRST == 0 && s.sndNxt.LessThan(seq) && !relearnS
+	lowerSeq := p.SegmentLen() == 0 && !rst && s.sndNxt.LessThan(seq) && !relearnS
 
 	// Committed: from here on the packet is forwarded.
 	var oldSum uint64
 	if csumComplete {
 		oldSum = headerSum(p)
 	}
-	if p.SegmentLen() > 0 {
+	if p.SegmentLen() > 0 && !rst {
 		// A segment that starts in the window may end beyond it (forged,
 		// or corrupted: its receiver drops it). Its end must not raise
 		// the lower bound above what the receiver still waits for, or
@@ -104,7 +112,7 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		}
 		s.sndNxt = maxSeq(s.sndNxt, end)
 	}
-	if flags&FlagFIN != 0 && s.flags&dirFIN == 0 && s.ackSeen.LessThan(end) {
+	if flags&(FlagFIN|FlagRST) == FlagFIN && s.flags&dirFIN == 0 && s.ackSeen.LessThan(end) {
 		// Not a FIN that ends at or before what the receiver
 		// acknowledged: the receiver has every byte up to there, and
 		// drops it unread (tcp_data_queue: a retransmission), and no
@@ -115,7 +123,7 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		s.finSeq = end.Sub(1)
 		s.finAt = now
 	}
-	if flags&FlagACK != 0 {
+	if flags&(FlagACK|FlagRST) == FlagACK {
 		if relearnO {
 			// The receiver's acknowledgment is its rcv_nxt now: it covers
 			// all the other direction's data that reached it, forwarded
@@ -141,7 +149,7 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 			o.finAt = now
 		}
 	}
-	if flags&FlagRST != 0 && (seq == s.sndNxt || seq == s.ackSeen || atFIN) {
+	if rst && (seq == s.sndNxt || seq == s.ackSeen || s.rstAtFIN(seq)) {
 		// Only a RST the receiver accepts ends the flow: one at exactly
 		// its rcv_nxt (RFC 5961 3.2), which a real end sends as its
 		// snd_nxt or as the ack it received. Any other RST in the window
@@ -150,10 +158,12 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		// blind attacker hits one of the two numbers with odds of 2^-31.
 		f.closed |= flowRST
 	}
-	w := uint32(t.Window()) << s.wsIn
-	s.lastWin = w
-	o.maxWin = max(o.maxWin, w)
-	s.winUnit = s.winUnit || w>>s.wsOut != 0
+	if !rst {
+		w := uint32(t.Window()) << s.wsIn
+		s.lastWin = w
+		o.maxWin = max(o.maxWin, w)
+		s.winUnit = s.winUnit || w>>s.wsOut != 0
+	}
 	f.lastSeen = now
 
 	t.SetSrcPort(s.srcPort)
@@ -199,7 +209,7 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		t.SetAck(t.Ack().Sub(o.seqOff))
 	}
 	t.SetWindow(scaleWindow(t.Window(), s.wsIn, s.wsOut, s.winUnit))
-	f.rewriteOptions(t.Options(), s, o)
+	f.rewriteOptions(t.Options(), s, o, rst)
 	if s.flags&dirAddrs != 0 {
 		p.setAddrs(&other.Dst, &other.Src)
 		if !p.v6 {
@@ -388,13 +398,13 @@ func sackBlocks(opt []byte) bool {
 
 // rewriteOptions rewrites the options the receiver reads (nextOption);
 // options with an unexpected length are left alone (the receiver ignores
-// them too).
-func (f *Flow) rewriteOptions(opts []byte, s, o *dirState) {
+// them too). rst: the segment is a RST, whose timestamps teach nothing.
+func (f *Flow) rewriteOptions(opts []byte, s, o *dirState, rst bool) {
 	for kind, opt, i, ok := nextOption(opts, 0); ok; kind, opt, i, ok = nextOption(opts, i) {
 		switch kind {
 		case OptTimestamps:
 			if len(opt) == optTimestampsLen {
-				s.rewriteTimestamps(opt, o)
+				s.rewriteTimestamps(opt, o, rst)
 			}
 		case OptSACK:
 			if !sackBlocks(opt) {
@@ -430,10 +440,12 @@ func sackTop(opts []byte, off uint32) (top Seq, ok bool) {
 	return top, ok
 }
 
-func (s *dirState) rewriteTimestamps(opt []byte, o *dirState) {
+func (s *dirState) rewriteTimestamps(opt []byte, o *dirState, rst bool) {
 	val := binary.BigEndian.Uint32(opt[2:])
 	ecr := binary.BigEndian.Uint32(opt[6:])
-	s.tsVal, s.tsEcr = val, ecr
+	if !rst {
+		s.tsVal, s.tsEcr = val, ecr
+	}
 	if s.flags&dirStripTS != 0 {
 		nop(opt)
 		return
@@ -442,6 +454,14 @@ func (s *dirState) rewriteTimestamps(opt []byte, o *dirState) {
 		return
 	}
 	if s.flags&dirTSLearned == 0 {
+		if rst {
+			// A RST teaches no offset (see Rewrite): with none to
+			// translate it by, the option goes. A receiver takes a RST
+			// without one (RFC 7323 requires timestamps on every
+			// segment but a RST, and its PAWS check passes any RST).
+			nop(opt)
+			return
+		}
 		// Anchor the sender's clock at the output leg's clock at capture
 		// (the receiver's last TSval came from that socket, so PAWS holds),
 		// then jump ahead so that the sender's raw TSvals fall behind.

@@ -431,7 +431,7 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 		}
 	}
 
-	// spuriousEnd
+	// spuriousEnd (a RST is never a retransmission)
 	int finished = (f->closed & FLOW_RST) || ((f->d[0].flags & DIR_FIN_ACKED) && (f->d[1].flags & DIR_FIN_ACKED));
 	if (seg_len == 0) {
 		__s64 fin_at = s->fin_at > o->fin_at ? s->fin_at : o->fin_at;
@@ -440,7 +440,7 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 			dc->verdict = V_DROP_DUPLICATE;
 			return;
 		}
-	} else {
+	} else if (!(flags & FLAG_RST)) {
 		if ((flags & FLAG_FIN) && (s->flags & DIR_FIN) && (__s32)(end - s->snd_nxt) <= 0 &&
 		    now - s->fin_at < FIN_DUP_WINDOW) {
 			dc->verdict = V_DROP_DUPLICATE;
@@ -458,8 +458,11 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 	// segment at or after the one that last set it).
 	int lower_seq = seg_len == 0 && !(flags & FLAG_RST) && before(s->snd_nxt, seq);
 
-	// Committed.
-	if (seg_len > 0) {
+	// Committed. Only a RST at the receiver's rcv_nxt ends the flow, and
+	// nothing else of a RST is tracked: the receiver takes nothing from
+	// one, and a RST needs only a sequence number in the window to pass
+	// (splice.Flow.Rewrite).
+	if (seg_len > 0 && !(flags & FLAG_RST)) {
 		// A segment ending beyond the window grows the receiver's
 		// largest window by the excess (splice.Flow.Rewrite, after
 		// conntrack's td_maxwin), so that its end cannot raise the lower
@@ -471,12 +474,12 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 	}
 	// A FIN at or before what the receiver acknowledged is none
 	// (splice.Flow.Rewrite: the receiver drops it unread).
-	if ((flags & FLAG_FIN) && !(s->flags & DIR_FIN) && before(s->ack_seen, end)) {
+	if ((flags & (FLAG_FIN | FLAG_RST)) == FLAG_FIN && !(s->flags & DIR_FIN) && before(s->ack_seen, end)) {
 		s->flags |= DIR_FIN;
 		s->fin_seq = end - 1;
 		s->fin_at = now;
 	}
-	if (flags & FLAG_ACK) {
+	if ((flags & (FLAG_ACK | FLAG_RST)) == FLAG_ACK) {
 		o->ack_seen = max_seq(o->ack_seen, ack_in);
 		if ((o->flags & (DIR_FIN | DIR_FIN_ACKED)) == DIR_FIN && before(o->fin_seq, ack_in)) {
 			o->flags |= DIR_FIN_ACKED;
@@ -485,11 +488,13 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 	}
 	if ((flags & FLAG_RST) && (seq == s->snd_nxt || seq == s->ack_seen || rst_at_fin))
 		f->closed |= FLOW_RST;
-	__u32 w = (__u32)window << s->ws_in;
-	s->last_win = w;
-	o->max_win = max_u32(o->max_win, w);
-	if (w >> s->ws_out)
-		s->win_unit = 1;
+	if (!(flags & FLAG_RST)) {
+		__u32 w = (__u32)window << s->ws_in;
+		s->last_win = w;
+		o->max_win = max_u32(o->max_win, w);
+		if (w >> s->ws_out)
+			s->win_unit = 1;
+	}
 	f->last_seen = now;
 
 	dc->sport = s->src_port;
@@ -508,9 +513,15 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 	dc->sack_off = o->seq_off;
 	dc->strip_sack = (s->flags & DIR_STRIP_SACK) != 0;
 	if (op->ts_off) {
-		s->ts_val = tsv;
-		s->ts_ecr = tse;
+		if (!(flags & FLAG_RST)) {
+			s->ts_val = tsv;
+			s->ts_ecr = tse;
+		}
 		if (s->flags & DIR_STRIP_TS) {
+			dc->strip_ts = 1;
+		} else if ((s->flags & (DIR_TS | DIR_TS_LEARNED)) == DIR_TS && (flags & FLAG_RST)) {
+			// A RST teaches no offset: with none to translate them by,
+			// its timestamps go (splice's rewriteTimestamps).
 			dc->strip_ts = 1;
 		} else if (s->flags & DIR_TS) {
 			if (!(s->flags & DIR_TS_LEARNED)) {

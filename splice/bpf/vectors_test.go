@@ -577,3 +577,57 @@ func TestDiffFINBehindTheAcknowledged(t *testing.T) {
 		f.want(f.at(f.c2s(1000+0x301, sa(0x301), FlagACK), C2S, 10), Forward, "last ACK")
 	})
 }
+
+// TestDiffInexactRST: the engine's TestInexactRSTChangesNothing. A RST
+// in the window but not at rcv_nxt changes no state in either engine
+// (its payload, FIN, ACK, window, timestamps), and a second RST at the
+// end of the first does not end the flow.
+func TestDiffInexactRST(t *testing.T) {
+	forged := []struct {
+		name string
+		seg  func(f *fixture) seg
+	}{
+		{"payload", func(f *fixture) seg {
+			s := f.c2s(1000+30000, 0, FlagRST)
+			s.payload = make([]byte, 1000)
+			return s
+		}},
+		{"FIN", func(f *fixture) seg { return f.c2s(1000+30000, 0, FlagRST|FlagFIN) }},
+		{"ACK", func(f *fixture) seg { return f.c2s(1000+30000, sa(100), FlagRST|FlagACK) }},
+		{"window", func(f *fixture) seg {
+			s := f.c2s(1000+30000, 0, FlagRST)
+			s.win = 0xffff
+			return s
+		}},
+		{"timestamps", func(f *fixture) seg {
+			s := f.c2s(1000+30000, 0, FlagRST)
+			s.opts = tsOpt(100+0x78000000, 0)
+			return s
+		}},
+	}
+	for _, c := range forged {
+		t.Run(c.name, func(t *testing.T) {
+			each(t, func(t *testing.T, v6, nat bool) {
+				f := newFixture(t, v6, nat)
+				data := f.s2c(0xffffff00, 0x7ffffff0, FlagACK)
+				data.payload = make([]byte, 100)
+				f.want(f.at(data, S2C, 1), Forward, "the server's data")
+				before := f.flow.State()
+				s := c.seg(f)
+				f.want(f.at(s, C2S, 2), Forward, "a RST in the window")
+				after := f.flow.State()
+				after.LastSeen = before.LastSeen
+				if after != before {
+					t.Errorf("a RST in the window, not at rcv_nxt, changed the flow's state:\n%+v\n%+v", before, after)
+				}
+				f.at(f.c2s(uint32(Seq(s.seq).Add(uint32(len(s.payload))+uint32(s.flags&FlagFIN))), 0, FlagRST), C2S, 3)
+				if f.flow.Finished() {
+					t.Error("a RST at the end of a forged RST ended the flow")
+				}
+				real := f.c2s(1000, 0xfffffff0, FlagACK)
+				real.opts = tsOpt(101, 4990)
+				f.want(f.at(real, C2S, 4), Forward, "the client's real packet")
+			})
+		})
+	}
+}

@@ -244,3 +244,58 @@ func TestInexactRSTChangesNothing(t *testing.T) {
 		})
 	}
 }
+
+// TestWindowGrowthCapped: a segment that starts at the window's right
+// edge and ends beyond it grows the receiver's largest window by the
+// excess (TestSegmentBeyondWindowKeepsRetransmissions). Nothing bounded
+// the growth: an attacker who sees the flow (it needs an acceptable ACK)
+// sent segments of 64 KB at the edge, each one widening the window by
+// its length, up to 2^31-1, where sequence arithmetic turns over: the
+// lower bound of acceptable ACKs (the acknowledged point less the
+// largest window) lay just ahead of the acknowledged point, and every
+// ACK of new data was dropped as far too old, so the direction stalled
+// (25,000 segments from a 512 MiB window, 33,000 from 64 KB). No
+// receiver advertises more than 65535 << 14: growth stops there, and a
+// segment's end beyond it raises nothing.
+func TestWindowGrowthCapped(t *testing.T) {
+	f := newFixture(t, false, false, func(p *Params) {
+		p.Client.SndWscale, p.Client.RcvWscale, p.Server.SndWscale, p.Server.RcvWscale = 14, 14, 14, 14
+		p.Client.RcvWnd, p.Server.SndWnd = 1<<29, 1<<29
+	})
+	forged := f.c2s(0, 0xfffffff0, FlagACK)
+	forged.payload = make([]byte, 65000)
+	tmpl := forged.bytes()
+	b := make([]byte, len(tmpl))
+	var p Packet
+	for i := 0; ; i++ {
+		snap := f.e.Snapshot()
+		s := snap.State().Dirs[C2S]
+		n := min(65000, 1<<31-1-int(s.MaxWin))
+		if n <= 0 || i == 30000 {
+			break
+		}
+		copy(b, tmpl)
+		// At the right edge, its IP length cut to n bytes of payload;
+		// its checksum is not looked at.
+		binary.BigEndian.PutUint32(b[20+TCPSeqOffset:], uint32(s.AckSeen.Add(s.MaxWin)))
+		binary.BigEndian.PutUint16(b[IPv4TotalLenOffset:], uint16(20+20+n))
+		if p.Parse(b) != OK {
+			t.Fatal("parse")
+		}
+		if v := f.e.Process(&p, C2S, 1, true); v != Forward {
+			t.Fatalf("forged segment %d at the window's edge (largest window %d): %v, want forward", i, s.MaxWin, v)
+		}
+	}
+	snap := f.e.Snapshot()
+	if w := snap.State().Dirs[C2S].MaxWin; w > 0xffff<<14 {
+		t.Errorf("the server's largest window grew to %d, beyond any TCP window", w)
+	}
+	real := f.c2s(1000, 0xfffffff0, FlagACK|FlagPSH)
+	real.payload = make([]byte, 1448)
+	if v := f.run(t, real.bytes(), C2S, true); v != Forward {
+		t.Fatalf("the client's next data at the acknowledged point: %v, want forward", v)
+	}
+	if v := f.run(t, f.s2c(0xffffff00, 0x7ffffff0+1448, FlagACK).bytes(), S2C, true); v != Forward {
+		t.Errorf("the server's ACK of it: %v, want forward", v)
+	}
+}

@@ -46,6 +46,12 @@ func (v Verdict) String() string {
 // not turn retransmissions and window probes into drops.
 const minWindow = 66000
 
+// maxWindow is the largest window a TCP receiver advertises (65535 with
+// the largest window scale, 14): the checks' bounds lie a window ahead
+// and behind, and with two such windows they still span less than half
+// the sequence space, where comparisons modulo 2^32 hold.
+const maxWindow = 0xffff << 14
+
 // Rewrite checks a packet of direction d against the flow and, if it
 // passes, rewrites it in place so it continues the other connection:
 // ports, addresses (other is the other direction's input tuple, whose
@@ -107,10 +113,21 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 		// retransmission of a lost one) is dropped for ever: the
 		// receiver's largest window grows by the excess, as conntrack's
 		// td_maxwin does (tcp_in_window).
+		sent := end
 		if top := s.ackSeen.Add(win); !relearnS && top.LessThan(end) {
-			s.maxWin += top.Size(end)
+			if grown := uint64(s.maxWin) + uint64(top.Size(end)); grown <= maxWindow {
+				s.maxWin = uint32(grown)
+			} else {
+				// Up to the largest window there is, no further: an
+				// attacker who sees the flow grew it 64 KB a segment,
+				// past 2^31, where the checks turn over (an ACK of
+				// anything new fell behind the lower bound). What
+				// lies beyond is sent to nobody: it raises nothing.
+				s.maxWin = max(s.maxWin, maxWindow)
+				sent = s.ackSeen.Add(s.maxWin)
+			}
 		}
-		s.sndNxt = maxSeq(s.sndNxt, end)
+		s.sndNxt = maxSeq(s.sndNxt, sent)
 	}
 	if flags&(FlagFIN|FlagRST) == FlagFIN && s.flags&dirFIN == 0 && s.ackSeen.LessThan(end) {
 		// Not a FIN that ends at or before what the receiver

@@ -75,6 +75,7 @@
 #define TUPLE_PASS_DATA 1
 
 #define MIN_WINDOW 66000
+#define MAX_WINDOW (0xffffU << 14) // splice's maxWindow
 #define FIN_DUP_WINDOW 100000000LL // 100 ms
 #define PAWS_TARGET (1LL << 30)
 #define MAX_PAWS_JUMP ((1LL << 31) - (1LL << 28))
@@ -280,6 +281,7 @@ struct scratch {
 	__u8 old[BUF];   // as received
 	__u8 addrs[32];  // addresses as received (v4: 8 bytes)
 	__u8 naddrs[32]; // as sent
+	__u8 ip[64];     // the IP header as received (off the stack, which is full)
 	__u32 l3;        // where the IP header starts (kept here, off the full stack)
 };
 
@@ -466,11 +468,20 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 		// A segment ending beyond the window grows the receiver's
 		// largest window by the excess (splice.Flow.Rewrite, after
 		// conntrack's td_maxwin), so that its end cannot raise the lower
-		// bound above what the receiver still waits for.
+		// bound above what the receiver still waits for; up to the
+		// largest window there is, no further: beyond it the checks
+		// turn over, and what lies beyond is sent to nobody.
 		__u32 top = s->ack_seen + win;
-		if (before(top, end))
-			s->max_win += end - top;
-		s->snd_nxt = max_seq(s->snd_nxt, end);
+		__u32 sent = end;
+		if (before(top, end)) {
+			if (s->max_win <= MAX_WINDOW && end - top <= MAX_WINDOW - s->max_win) {
+				s->max_win += end - top;
+			} else {
+				s->max_win = max_u32(s->max_win, MAX_WINDOW);
+				sent = s->ack_seen + s->max_win;
+			}
+		}
+		s->snd_nxt = max_seq(s->snd_nxt, sent);
 	}
 	// A FIN at or before what the receiver acknowledged is none
 	// (splice.Flow.Rewrite: the receiver drops it unread).
@@ -706,7 +717,11 @@ int splice_rewrite(struct __sk_buff *skb)
 	}
 	__builtin_memset(key.dst, 0, 4);
 	int v6;
-	__u8 ip[60];
+	__u32 zero = 0;
+	struct scratch *sc = bpf_map_lookup_elem(&splice_scratch, &zero);
+	if (!sc)
+		goto pass;
+	__u8 *ip = sc->ip;
 
 	if (proto == bpf_htons(ETH_P_IP)) {
 		v6 = 0;
@@ -790,10 +805,6 @@ int splice_rewrite(struct __sk_buff *skb)
 		if (hs < 0 || fold(hs) != 0xffff)
 			goto pass;
 	}
-	__u32 zero = 0;
-	struct scratch *sc = bpf_map_lookup_elem(&splice_scratch, &zero);
-	if (!sc)
-		goto pass;
 	sc->l3 = l3;
 	__u32 hl = (hdr[12] >> 4) * 4;
 	if (hl < 20 || hl > ip_end - l4)

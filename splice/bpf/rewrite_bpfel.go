@@ -49,6 +49,7 @@ type rewriteScratch struct {
 	Old    [64]uint8
 	Addrs  [32]uint8
 	Naddrs [32]uint8
+	Ip     [64]uint8
 	L3     uint32
 }
 

@@ -631,3 +631,36 @@ func TestDiffInexactRST(t *testing.T) {
 		})
 	}
 }
+
+// TestDiffWindowGrowthCapped: the engine's TestWindowGrowthCapped, from
+// a flow whose forged segments grew the server's largest window to
+// within 2,000 bytes of the largest window there is: segments at the
+// edge take it to there and no further, in both engines.
+func TestDiffWindowGrowthCapped(t *testing.T) {
+	each(t, func(t *testing.T, v6, nat bool) {
+		f := newFixture(t, v6, nat, func(p *Params) {
+			p.Client.SndWscale, p.Client.RcvWscale, p.Server.SndWscale, p.Server.RcvWscale = 14, 14, 14, 14
+		})
+		st := f.flow.State()
+		c := &st.Dirs[C2S]
+		c.MaxWin = 0xffff<<14 - 2000
+		c.SndNxt = c.AckSeen.Add(c.MaxWin)
+		f.flow = FlowFromState(st)
+		if err := f.dp.PutFlow(f.id, f.keys, st); err != nil {
+			t.Fatal(err)
+		}
+		for i := range 3 {
+			c := f.flow.State().Dirs[C2S]
+			forged := f.c2s(uint32(c.AckSeen.Add(c.MaxWin)), 0xfffffff0, FlagACK)
+			forged.payload = make([]byte, 1400)
+			f.want(f.at(forged, C2S, int64(i+1)), Forward, "a forged segment at the window's edge")
+		}
+		if w := f.flow.State().Dirs[C2S].MaxWin; w != 0xffff<<14 {
+			t.Errorf("the server's largest window is %d, want %d", w, 0xffff<<14)
+		}
+		real := f.c2s(1000, 0xfffffff0, FlagACK|FlagPSH)
+		real.payload = make([]byte, 1448)
+		f.want(f.at(real, C2S, 4), Forward, "the client's next data")
+		f.want(f.at(f.s2c(0xffffff00, 1000+1448+dC2S, FlagACK), S2C, 5), Forward, "the server's ACK of it")
+	})
+}

@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"spliced/testnet"
 )
 
@@ -97,6 +99,7 @@ pasv_min_port=30000
 pasv_max_port=30999
 seccomp_sandbox=NO
 ssl_enable=NO
+async_abor_enable=YES
 `, fl.root, filepath.Join(dir, "empty"), fl.xfer)), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -598,6 +601,51 @@ func TestLabFTPHostile(t *testing.T) {
 		}
 		fc.expect("226")
 	})
+}
+
+// TestLabFTPAbort: a client aborts a download as lftp does (RFC 959
+// 4.1.3): "IAC IP IAC" and then "DM" as TCP urgent data, ABOR after them,
+// and it stops reading the data connection. vsftpd does not read its
+// control connection while it sends a file: with async_abor_enable (which
+// its manual advises for clients that hang when they cancel) only the
+// SIGURG of the urgent byte makes it read the ABOR, which it then takes
+// only with the four Telnet bytes in front. The gateway sent the server
+// a plain "ABOR": vsftpd kept blocking on the data connection the client
+// no longer read and never answered.
+func TestLabFTPAbort(t *testing.T) {
+	t.Parallel()
+	fl := startFTPLab(t, "splice")
+	fc := fl.dialFTP(t, 21)
+	fc.login()
+	fc.send("TYPE I")
+	fc.expect("200")
+	fc.send("PASV")
+	data := dialPASV(t, fl, fc.expect("227"))
+	fc.send("RETR big.bin")
+	fc.expect("150")
+	if _, err := io.ReadFull(data, make([]byte, 1<<20)); err != nil {
+		t.Fatalf("the download did not start: %v", err)
+	}
+	// lftp's abort: the client stops reading the data connection.
+	if _, err := fc.c.Write([]byte("\xff\xf4\xff")); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := fc.c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := raw.Write(func(fd uintptr) bool {
+		serr = unix.Send(int(fd), []byte{0xf2}, unix.MSG_OOB)
+		return true
+	}); err != nil || serr != nil {
+		t.Fatal(err, serr)
+	}
+	fc.send("ABOR")
+	fc.expect("426") // the RETR's
+	fc.expect("226") // the ABOR's
+	fc.send("NOOP")
+	fc.expect("200")
 }
 
 var re227 = regexp.MustCompile(`\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)`)

@@ -13,7 +13,22 @@ const (
 	telnetIAC  = 0xff
 	telnetWILL = 0xfb // WILL, WONT, DO, DONT: 0xfb-0xfe, each with an option byte
 	telnetDONT = 0xfe
+	telnetIP   = 0xf4 // Interrupt Process
+	telnetDM   = 0xf2 // Data Mark: the urgent byte of a Synch
 )
+
+// synchABOR is the Telnet IP and Synch that RFC 959 4.1.3 puts before an
+// ABOR, as lftp, BSD and inetutils ftp send them: its last byte, the DM,
+// goes as TCP urgent data. vsftpd reads an ABOR during a transfer only
+// on the SIGURG of that byte, and drops exactly these four bytes in front
+// of it; outside a transfer it takes "\xff\xf4\xff\xf2ABOR" as ABOR too.
+var synchABOR = []byte{telnetIAC, telnetIP, telnetIAC, telnetDM}
+
+// hasSynch reports whether a client's command line carries the Telnet
+// IP or the Synch's DM: the client interrupts the transfer with it.
+func hasSynch(line []byte) bool {
+	return bytes.Contains(line, []byte{telnetIAC, telnetIP}) || bytes.Contains(line, []byte{telnetIAC, telnetDM})
+}
 
 // cleanCommand returns a command line as the gateway reads it and passes
 // it on: Telnet commands removed (servers such as ProFTPD remove them

@@ -309,31 +309,73 @@ func TestEmptyCommandTurn(t *testing.T) {
 // the urgent byte out of the stream of a socket without SO_OOBINLINE:
 // the gateway read "IAC IP IAC ABOR", took "IAC A" for a Telnet command
 // and sent the server "BOR" (inetutils: "\xf2ABOR"), so no client could
-// abort a transfer through it.
+// abort a transfer through it. The server must get the Synch too, its DM
+// urgent: the gateway sent a plain "ABOR", which vsftpd, busy sending a
+// file, reads only on the SIGURG of the urgent byte, and then only with
+// the four Telnet bytes in front (TestLabFTPAbort). A plain ABOR stays
+// plain.
 func TestUrgentABOR(t *testing.T) {
 	l := startSession(t, "")
-	sr := bufio.NewReader(l.server)
-	for _, c := range []struct{ normal, urgent, rest string }{
-		{"\xff\xf4\xff", "\xf2", "ABOR\r\n"}, // lftp
-		{"", "\xff\xf4\xff", "\xf2ABOR\r\n"}, // inetutils, BSD ftp
+	// The test's server keeps urgent data inline, as vsftpd does.
+	if err := proxy.KeepUrgentInline(l.server); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		normal, urgent, rest, line string
+		mark                       int // where the urgent byte is in line
+	}{
+		{"\xff\xf4\xff", "\xf2", "ABOR\r\n", "\xff\xf4\xff\xf2ABOR\r\n", 3}, // lftp
+		{"", "\xff\xf4\xff", "\xf2ABOR\r\n", "\xff\xf4\xff\xf2ABOR\r\n", 3}, // inetutils, BSD ftp
+		{"ABOR\r\n", "", "", "ABOR\r\n", -1},                                // no Synch
 	} {
 		if c.normal != "" {
 			l.client.Write([]byte(c.normal))
 		}
-		raw, err := l.client.SyscallConn()
-		if err != nil {
-			t.Fatal(err)
+		if c.urgent != "" {
+			if err := sendUrgent(l.client, []byte(c.urgent)); err != nil {
+				t.Fatal(err)
+			}
 		}
-		var serr error
-		if err := raw.Write(func(fd uintptr) bool {
-			serr = unix.Send(int(fd), []byte(c.urgent), unix.MSG_OOB)
-			return true
-		}); err != nil || serr != nil {
-			t.Fatal(err, serr)
+		if c.rest != "" {
+			l.client.Write([]byte(c.rest))
 		}
-		l.client.Write([]byte(c.rest))
-		l.serverGets(t, sr, "ABOR\r\n")
+		line, mark := readMarkedLine(t, l.server)
+		if line != c.line || mark != c.mark {
+			t.Errorf("the server got %q, urgent byte at %d; want %q, at %d", line, mark, c.line, c.mark)
+		}
 	}
+}
+
+// readMarkedLine reads a line from c (SO_OOBINLINE) a byte at a time and
+// returns it with the index of its urgent byte (-1 if none): SIOCATMARK
+// says the next byte is the one the urgent pointer names.
+func readMarkedLine(t *testing.T, c *net.TCPConn) (string, int) {
+	t.Helper()
+	raw, err := c.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetReadDeadline(time.Now().Add(3 * time.Second))
+	var line []byte
+	mark := -1
+	for !strings.HasSuffix(string(line), "\n") {
+		var b [1]byte
+		if _, err := c.Read(b[:]); err != nil {
+			t.Fatalf("read %q: %v", line, err)
+		}
+		line = append(line, b[0])
+		// Checked once the next byte's segment is in: the bytes before
+		// the urgent one come with it.
+		var at int
+		var ierr error
+		if err := raw.Control(func(fd uintptr) { at, ierr = unix.IoctlGetInt(int(fd), unix.SIOCATMARK) }); err != nil || ierr != nil {
+			t.Fatal(err, ierr)
+		}
+		if at == 1 {
+			mark = len(line)
+		}
+	}
+	return string(line), mark
 }
 
 // TestEscapedIACInReplyCode: BSD and inetutils ftp's getreply drop IAC

@@ -17,6 +17,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"spliced/logging"
 	"spliced/proxy"
 )
@@ -229,6 +231,13 @@ const maxDataFlows = 8
 // forward passes a client's command (verb, as the client sent it) on to
 // the server, whose next final reply answers it.
 func (s *session) forward(verb string, b []byte) error {
+	return s.forwardUrgent(verb, nil, b)
+}
+
+// forwardUrgent passes a command on as forward does, behind urgent (if
+// any): a Telnet sequence whose last byte goes to the server as TCP
+// urgent data.
+func (s *session) forwardUrgent(verb string, urgent, b []byte) error {
 	if verb == "" {
 		// An empty (or blank) line, which servers answer too: a turn
 		// without a verb is a reply of the gateway's own, and the
@@ -242,7 +251,43 @@ func (s *session) forward(verb string, b []byte) error {
 	}
 	s.turns = append(s.turns, turn{verb: verb})
 	s.mu.Unlock()
+	if len(urgent) > 0 {
+		if err := sendUrgent(s.server, urgent); err != nil {
+			return err
+		}
+	}
 	return s.writeServer(b)
+}
+
+// sendUrgent writes b to c with MSG_OOB: its last byte is urgent data,
+// the byte the urgent pointer names.
+func sendUrgent(c *net.TCPConn, b []byte) error {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := raw.Write(func(fd uintptr) bool {
+		for len(b) > 0 {
+			var n int
+			n, serr = unix.SendmsgN(int(fd), b, nil, nil, unix.MSG_OOB)
+			if serr == unix.EAGAIN {
+				serr = nil
+				return false // wait until writable
+			}
+			if serr == unix.EINTR {
+				continue
+			}
+			if serr != nil {
+				return true
+			}
+			b = b[n:]
+		}
+		return true
+	}); err != nil {
+		return err
+	}
+	return serr
 }
 
 // answer gives the client the gateway's own reply to its command: now, or
@@ -325,6 +370,7 @@ func (s *session) clientLoop() string {
 			return s.end("NUL byte in command", "NUL byte in a command line")
 		}
 		s.flow.C2S.Add(int64(len(line)))
+		synch := hasSynch(line)
 		line, ok := cleanCommand(line)
 		if !ok {
 			s.p.LogLimitedTo(s.log, "ftp bare CR", slog.LevelInfo, "refused a command with a CR inside")
@@ -348,6 +394,16 @@ func (s *session) clientLoop() string {
 		case "AUTH":
 			s.p.LogLimitedTo(s.log, "ftp auth", slog.LevelInfo, "refused AUTH: TLS-wrapped FTP cannot be rewritten by the gateway; the client may go on in plain FTP", "mechanism", arg)
 			err = s.answer("534 TLS is not available through this gateway; use plain FTP.\r\n")
+		case "ABOR":
+			if synch {
+				// The client interrupted a transfer: the server must
+				// notice it as the client meant it to, by the urgent
+				// byte (a server busy sending a file to a client that
+				// stopped reading may read nothing else).
+				err = s.forwardUrgent(verb, synchABOR, line)
+				break
+			}
+			err = s.forward(verb, line)
 		case "LPRT", "LPSV":
 			err = s.answer("502 " + verb + " is not supported by the gateway; use EPRT or EPSV.\r\n")
 		default:

@@ -15,7 +15,8 @@
 //   - PORT and EPRT must name the client's own address and a port above
 //     1023 (no FTP bounce);
 //   - the address in a PASV reply is ignored: data connections go to the
-//     control connection's server;
+//     control connection's server, and a 227 or 229 naming a port below
+//     1024 is refused;
 //   - a data listener accepts only its expected peer, once, for a bounded
 //     time;
 //   - lines longer than the limit, and NUL bytes, end the session;

@@ -48,15 +48,15 @@ func TestNestedPassiveLine(t *testing.T) {
 // TestIACPrefixedPassiveLine: a server answers PASV with a 227 behind a
 // Telnet command (IAC NOP). The gateway saw no reply code and passed the
 // line through; a client that strips Telnet commands before it reads the
-// code (BSD/inetutils ftp's getreply) sees "227 ...(10,9,9,9,0,22)" and
-// connects to 10.9.9.9:22. The gateway strips them first now: the line
+// code (BSD/inetutils ftp's getreply) sees "227 ...(10,9,9,9,4,1)" and
+// connects to 10.9.9.9:1025. The gateway strips them first now: the line
 // is the 227 of the PASV, rewritten.
 func TestIACPrefixedPassiveLine(t *testing.T) {
 	l := startSession(t, "    ftp:\n      data_ports: \"41300-41399\"\n")
 	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
 	l.client.Write([]byte("PASV\r\n"))
 	l.serverGets(t, sr, "PASV\r\n")
-	l.server.Write([]byte("\xff\xf1227 Entering Passive Mode (10,9,9,9,0,22).\r\n227 Entering Passive Mode (127,0,0,1,4,1).\r\n"))
+	l.server.Write([]byte("\xff\xf1227 Entering Passive Mode (10,9,9,9,4,1).\r\n227 Entering Passive Mode (127,0,0,1,4,1).\r\n"))
 	l.client.SetReadDeadline(time.Now().Add(3 * time.Second))
 	line, err := cr.ReadString('\n')
 	if err != nil {
@@ -388,9 +388,9 @@ func TestEscapedIACInReplyCode(t *testing.T) {
 	l := startSession(t, "    ftp:\n      data_ports: \"41300-41399\"\n")
 	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
 	for _, reply := range []string{
-		"\xff\xff227 Entering Passive Mode (10,9,9,9,0,22).\r\n",
-		"22\xff\xff7 Entering Passive Mode (10,9,9,9,0,22).\r\n",
-		"227\xff\xff Entering Passive Mode (10,9,9,9,0,22).\r\n",
+		"\xff\xff227 Entering Passive Mode (10,9,9,9,4,1).\r\n",
+		"22\xff\xff7 Entering Passive Mode (10,9,9,9,4,1).\r\n",
+		"227\xff\xff Entering Passive Mode (10,9,9,9,4,1).\r\n",
 	} {
 		l.client.Write([]byte("PASV\r\n"))
 		l.serverGets(t, sr, "PASV\r\n")
@@ -403,5 +403,35 @@ func TestEscapedIACInReplyCode(t *testing.T) {
 		if strings.Contains(got, "10,9,9,9") || !strings.HasPrefix(got, "227 ") {
 			t.Fatalf("the server's %q reached the client as %q; want the gateway's 227", reply, got)
 		}
+	}
+}
+
+// TestPassivePrivilegedPort: a server's 227 or 229 naming a port below
+// 1024 was taken: the client's data connection went to that port of the
+// server host, from the gateway's external address (an FTP bounce by the
+// server's hand, to its host's ssh, smtp or rsh, past the gateway's
+// policy for that port, with the gateway's address as the source). The
+// gateway refuses PORT and EPRT naming such a port; now such a passive
+// reply too (425), as OpenBSD's ftp-proxy does.
+func TestPassivePrivilegedPort(t *testing.T) {
+	l := startSession(t, "    ftp:\n      data_ports: \"42200-42299\"\n")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	for _, c := range []struct{ cmd, reply string }{
+		{"PASV", "227 Entering Passive Mode (127,0,0,1,0,22).\r\n"},
+		{"EPSV", "229 Entering Extended Passive Mode (|||25|).\r\n"},
+		{"PASV", "227 Entering Passive Mode (127,0,0,1,3,255).\r\n"},
+	} {
+		l.client.Write([]byte(c.cmd + "\r\n"))
+		l.serverGets(t, sr, c.cmd+"\r\n")
+		l.server.Write([]byte(c.reply))
+		if reply := readReply(t, l.client, cr); !strings.HasPrefix(reply[0], "425 ") {
+			t.Errorf("the server's %q reached the client as %q; want a 425", c.reply, reply)
+		}
+	}
+	l.s.mu.Lock()
+	open := len(l.s.dataLns)
+	l.s.mu.Unlock()
+	if open != 0 {
+		t.Errorf("%d data listeners open for refused passive replies", open)
 	}
 }

@@ -565,8 +565,8 @@ func (s *session) passive(verb string) error {
 
 // passiveReply turns the server's 227 or 229 into the gateway's: a data
 // listener for the client, which, once connected, is joined to the
-// server's data port on the control connection's server address (never
-// an address the reply names).
+// server's data port (above 1023) on the control connection's server
+// address (never an address the reply names).
 func (s *session) passiveReply(clientVerb string, code int, line []byte) []byte {
 	text := string(bytes.TrimSpace(line))
 	var port uint16
@@ -587,6 +587,13 @@ func (s *session) passiveReply(clientVerb string, code int, line []byte) []byte 
 			return []byte("425 The gateway could not read the server's passive reply.\r\n")
 		}
 		port = p
+	}
+	if port < 1024 {
+		// The data connection would go from the gateway's address to a
+		// privileged service of the server's host (FTP bounce by the
+		// server's hand), as a PORT naming such a port would.
+		s.p.LogLimitedTo(s.log, fmt.Sprintf("ftp privileged %d", code), slog.LevelWarn, "refused a passive-mode reply naming a privileged port", "port", port, "server", s.flow.Server.Addr())
+		return []byte("425 The server's passive reply names a privileged port; refused by the gateway.\r\n")
 	}
 	serverData := netip.AddrPortFrom(s.flow.Server.Addr(), port)
 	// The client connects to the address of the reply (227), or to the

@@ -124,7 +124,7 @@ func TestMultiLine227(t *testing.T) {
 	if cmd, err := sr.ReadString('\n'); err != nil || cmd != "PASV\r\n" {
 		t.Fatalf("server got %q, %v", cmd, err)
 	}
-	l.server.Write([]byte("227-Entering Passive Mode (10,9,9,9,0,22)\r\n227 Entering Passive Mode (10,9,9,9,0,22).\r\n"))
+	l.server.Write([]byte("227-Entering Passive Mode (10,9,9,9,4,1)\r\n227 Entering Passive Mode (10,9,9,9,4,1).\r\n"))
 	reply := readReply(t, l.client, cr)
 	for _, line := range reply {
 		if strings.Contains(line, "10,9,9,9") {

@@ -435,3 +435,43 @@ func TestPassivePrivilegedPort(t *testing.T) {
 		t.Errorf("%d data listeners open for refused passive replies", open)
 	}
 }
+
+// TestNestedPassiveContinuationLine: BSD, inetutils and netkit ftp (and
+// tnftp) take the address of a passive reply from the first line of the
+// reply whose code is 227, whatever its fourth byte ("227-" too), and
+// accept any 2xx as the answer to PASV (tnftp refuses only 22x other
+// than 227). A server that answered PASV with "200-", "227-... (10,9,9,9,
+// 4,1)", "200 x" had the gateway pass the middle line on as it was (only
+// a line that reads as a reply's last was padded): such a client
+// connected to 10.9.9.9:1025, past the gateway's data listener. A line
+// inside a reply that starts with another code is padded now, as RFC 959
+// 4.2 has servers pad any such line.
+func TestNestedPassiveContinuationLine(t *testing.T) {
+	l := startSession(t, "    ftp:\n      data_ports: \"42300-42399\"\n")
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	for _, c := range []struct{ cmd, reply string }{
+		{"PASV", "200-x\r\n227-Entering Passive Mode (10,9,9,9,4,1).\r\n200 x\r\n"},
+		{"PASV", "200-x\r\n227xEntering Passive Mode (10,9,9,9,4,1).\r\n200 x\r\n"},
+		{"EPSV", "200-x\r\n229-Entering Extended Passive Mode (|||1025|).\r\n200 x\r\n"},
+	} {
+		l.client.Write([]byte(c.cmd + "\r\n"))
+		l.serverGets(t, sr, c.cmd+"\r\n")
+		l.server.Write([]byte(c.reply))
+		lines := readReply(t, l.client, cr)
+		for _, line := range lines {
+			if strings.HasPrefix(line, "227") || strings.HasPrefix(line, "229") {
+				t.Errorf("%q: the client got %q, whose code a BSD ftp reads as the answer to its %s", c.reply, line, c.cmd)
+			}
+		}
+		if len(lines) != 3 || lines[2] != "200 x\r\n" {
+			t.Errorf("%q: the client got %q, want the server's 3 lines", c.reply, lines)
+		}
+	}
+	// Lines that repeat the reply's own code stay as they are.
+	l.client.Write([]byte("NOOP\r\n"))
+	l.serverGets(t, sr, "NOOP\r\n")
+	l.server.Write([]byte("200-a\r\n200-b\r\n200 c\r\n"))
+	if lines := readReply(t, l.client, cr); strings.Join(lines, "") != "200-a\r\n200-b\r\n200 c\r\n" {
+		t.Errorf("the client got %q", lines)
+	}
+}

@@ -459,12 +459,16 @@ func (s *session) serverLine(line []byte, multi *int, held *[]byte, limit int) (
 			*held = append(*held, line...)
 			return "", false
 		}
-		if code != 0 && final {
+		if code != 0 && (final || code != *multi) {
 			// A line inside the reply that reads as the last line
 			// of another ("227 ..." inside a 200 reply): clients
 			// such as curl end a reply at any such line, and would
-			// take it for the answer. RFC 959 4.2 has servers pad
-			// it; the gateway does.
+			// take it for the answer. Or one that starts with
+			// another code ("227-..."): BSD, inetutils and netkit
+			// ftp take a passive address from the first line of a
+			// reply whose code is 227, whatever follows it, and
+			// accept a 200 as the answer to PASV. RFC 959 4.2 has
+			// servers pad such lines; the gateway does.
 			line = append([]byte{' '}, line...)
 		}
 	case code != 0 && !final:

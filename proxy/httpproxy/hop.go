@@ -146,8 +146,8 @@ func headerHas(h http.Header, key, token string) bool {
 // request by. nginx drops every field with an underscore by default; the
 // proxy drops these only.
 var lookalikeFields = []string{"Content-Length", "Transfer-Encoding", "Host", "Connection", "Upgrade", "Expect",
-	"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Port", "X-Real-Ip", "Forwarded", "Via",
-	"X-Original-Url", "X-Rewrite-Url"}
+	"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "X-Forwarded-Port", "X-Forwarded-Scheme", "X-Forwarded-Ssl",
+	"X-Real-Ip", "Forwarded", "Via", "X-Original-Url", "X-Rewrite-Url"}
 
 // routeOverrides are request fields that some backends take the path
 // from instead of the request line (Symfony and IIS: X-Original-URL,
@@ -163,8 +163,15 @@ var lookalikeFields = []string{"Content-Length", "Transfer-Encoding", "Host", "C
 // the client address to such a backend too, and the proxy adds no
 // element of its own after a client's; so is X-Real-IP, which the proxy
 // does not set (nginx's real_ip_header X-Real-IP, trusting the gateway,
-// took a client's spoofed address for its allow-lists).
-var routeOverrides = []string{"X-Original-Url", "X-Rewrite-Url", "X-Forwarded-Host", "Forwarded", "X-Real-Ip"}
+// took a client's spoofed address for its allow-lists). And so are the
+// scheme and port fields (X-Forwarded-Proto, -Port, -Scheme, -Ssl), which
+// the proxy does not set either: it speaks plain HTTP, and a backend
+// that reads them (Rack does for the scheme whoever sent them) took a
+// client's "X-Forwarded-Proto: https" for a TLS connection, skipping its
+// redirect to https and building its absolute URLs, and the redirects a
+// cache behind it keeps, with the client's scheme and port.
+var routeOverrides = []string{"X-Original-Url", "X-Rewrite-Url", "X-Forwarded-Host", "Forwarded", "X-Real-Ip",
+	"X-Forwarded-Proto", "X-Forwarded-Port", "X-Forwarded-Scheme", "X-Forwarded-Ssl"}
 
 // removeLookalikes deletes from a request's fields the routeOverrides
 // and those that read as one of lookalikeFields with "_" taken for "-".

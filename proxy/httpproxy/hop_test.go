@@ -107,6 +107,38 @@ func TestUnderscoredLookalikes(t *testing.T) {
 	}
 }
 
+// TestClientSchemeFieldsDropped: a client's X-Forwarded-Proto,
+// X-Forwarded-Port, X-Forwarded-Scheme and X-Forwarded-Ssl never reach
+// the backend. The proxy speaks plain HTTP and sets none of them, so a
+// backend that trusts the gateway as its proxy (Rack trusts every
+// private address, and reads the scheme from them even without that)
+// would take the client's word for a TLS connection it never had: it
+// skips its redirect to https, marks its cookies Secure, and builds its
+// absolute URLs (redirects a cache behind it keeps) with the client's
+// scheme and port.
+func TestClientSchemeFieldsDropped(t *testing.T) {
+	b := startBackend(t)
+	_, addr := testService(t, b)
+	codes, _ := exchangeRaw(t, addr, "GET /a/x HTTP/1.1\r\nHost: t\r\nX-Forwarded-Proto: https\r\nx-forwarded-port: 443\r\n"+
+		"X-Forwarded-Scheme: https\r\nX-Forwarded-Ssl: on\r\nX_Forwarded_Ssl: on\r\nX-Forwarded-Prototype: kept\r\n\r\n", 1)
+	if len(codes) != 1 || codes[0] != 200 {
+		t.Fatalf("statuses %v, want [200]", codes)
+	}
+	head := b.seen()[0]
+	got, err := http.ReadRequest(bufio.NewReader(strings.NewReader(head)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"X-Forwarded-Proto", "X-Forwarded-Port", "X-Forwarded-Scheme", "X-Forwarded-Ssl", "X_forwarded_ssl"} {
+		if v, ok := got.Header[k]; ok {
+			t.Errorf("the backend got %s: %q:\n%s", k, v, head)
+		}
+	}
+	if got.Header.Get("X-Forwarded-Prototype") != "kept" {
+		t.Errorf("another field lost:\n%s", head)
+	}
+}
+
 func TestSameUnderscored(t *testing.T) {
 	for _, c := range []struct {
 		name, field string

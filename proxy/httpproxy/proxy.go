@@ -231,7 +231,15 @@ func hostName(host string) string {
 // routeRequest routes a request, refusing it (400) when a reading of its
 // path some backend might make (rq.alt) routes elsewhere: a deny route
 // must hold whatever the backend makes of the path.
+//
+// "OPTIONS *" asks about the server in general (RFC 9110 9.3.7), not
+// about a path: it goes where the host's root goes (no route matched "*",
+// and a load balancer in front that checks the gateway so, as HAProxy's
+// manual suggests, got 404 and took it for down).
 func (p *Proxy) routeRequest(rq *request) (*pool, error) {
+	if rq.path == "*" {
+		return p.route(rq.host, "/"), nil
+	}
 	pl := p.route(rq.host, rq.path)
 	for _, a := range rq.alt {
 		if p.route(rq.host, a) != pl {

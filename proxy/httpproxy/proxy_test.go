@@ -200,3 +200,34 @@ func TestPathsIgnoreCaseConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestOptionsAsterisk: "OPTIONS *" asks about the server in general (RFC
+// 9110 9.3.7; HAProxy's documented health check), not about a path: it
+// goes where the host's root goes, and is denied where the root is.
+// Before, no route matched "*" and every such request got 404, so a
+// load balancer in front that checks so took the gateway for down.
+func TestOptionsAsterisk(t *testing.T) {
+	p := testProxy(
+		Route{Host: "secret.example", Path: "/", Action: config.Deny},
+		Route{Path: "/admin/", Action: config.Deny},
+		Route{Path: "/", Action: config.Allow, Backends: backends("10.0.0.1:80"), Balance: "round_robin"},
+	)
+	for host, want := range map[string]*pool{"t": p.pools[2], "secret.example": p.pools[0]} {
+		rq, err := readRequest(bufio.NewReader(strings.NewReader("OPTIONS * HTTP/1.1\r\nHost: " + host + "\r\n\r\n")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pl, err := p.routeRequest(rq); err != nil || pl != want {
+			t.Errorf("OPTIONS * to %s: routed to %v (%v), want the route for %s/", host, pl, err, want.route.Host)
+		}
+		if rq.URL.Opaque != "*" {
+			t.Errorf("OPTIONS * to %s goes out as %q", host, rq.URL.Opaque)
+		}
+	}
+	// Without a route for the root there is none for the server either.
+	p = testProxy(Route{Path: "/a/", Action: config.Allow, Backends: backends("10.0.0.1:80"), Balance: "round_robin"})
+	rq, _ := readRequest(bufio.NewReader(strings.NewReader("OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n")))
+	if pl, err := p.routeRequest(rq); pl != nil || err != nil {
+		t.Errorf("OPTIONS * without a root route: %v, %v", pl, err)
+	}
+}

@@ -139,6 +139,45 @@ func TestClientSchemeFieldsDropped(t *testing.T) {
 	}
 }
 
+// TestForwardedChoice: http.forwarded says what tells the backend who the
+// client is. With x-forwarded-for the client's own X-Forwarded-For goes
+// on, the client's address after it (the entry the proxy vouches for is
+// the last); with via or none the proxy sets no X-Forwarded-For, so a
+// client's never reaches the backend: one that trusts the gateway as its
+// proxy (nginx's set_real_ip_from with real_ip_header X-Forwarded-For,
+// Rails' remote_ip) took it for the client's address, an allow-list
+// address for the asking.
+func TestForwardedChoice(t *testing.T) {
+	for _, c := range []struct {
+		forwarded, xff, via string
+	}{
+		{"x-forwarded-for", "10.1.1.1, 127.0.0.1", ""},
+		{"via", "", "1.1 spliced"},
+		{"none", "", ""},
+	} {
+		b := startBackend(t)
+		_, addr := testServiceWith(t, b, "      forwarded: "+c.forwarded+"\n")
+		codes, _ := exchangeRaw(t, addr, "GET /a/x HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 10.1.1.1\r\nx_forwarded_for: 10.1.1.2\r\n\r\n", 1)
+		if len(codes) != 1 || codes[0] != 200 {
+			t.Fatalf("%s: statuses %v, want [200]", c.forwarded, codes)
+		}
+		head := b.seen()[0]
+		got, err := http.ReadRequest(bufio.NewReader(strings.NewReader(head)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if xff := strings.Join(got.Header.Values("X-Forwarded-For"), ", "); xff != c.xff {
+			t.Errorf("forwarded: %s: the backend got X-Forwarded-For %q, want %q:\n%s", c.forwarded, xff, c.xff, head)
+		}
+		if via := got.Header.Get("Via"); via != c.via {
+			t.Errorf("forwarded: %s: the backend got Via %q, want %q:\n%s", c.forwarded, via, c.via, head)
+		}
+		if _, ok := got.Header["X_forwarded_for"]; ok {
+			t.Errorf("forwarded: %s: the backend got the underscored lookalike:\n%s", c.forwarded, head)
+		}
+	}
+}
+
 func TestSameUnderscored(t *testing.T) {
 	for _, c := range []struct {
 		name, field string

@@ -872,6 +872,13 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	case "via":
 		req.Header.Add("Via", fmt.Sprintf("%d.%d spliced", req.ProtoMajor, req.ProtoMinor))
 	}
+	if conf.Forwarded != "x-forwarded-for" {
+		// The proxy sets no X-Forwarded-For: a client's would reach a
+		// backend that trusts the gateway as its proxy (nginx's
+		// real_ip_header X-Forwarded-For, Rails' remote_ip) as the
+		// client's address, whatever the client likes (as X-Real-IP).
+		delete(req.Header, "X-Forwarded-For")
+	}
 	if req.Host == "" {
 		// HTTP/1.0 without Host: the request goes out as HTTP/1.1,
 		// which needs one.

@@ -15,7 +15,7 @@ import (
 // its other readings. The normalised path is what the backend gets, so
 // its own other readings must be among those the proxy routes (alt).
 func FuzzNormalizePath(f *testing.F) {
-	for _, s := range []string{"/", "/a/../b", "/%61dmin/", "//x/./y/..", "/a/..%2F..%2fb", "/a;x/..;/b", "/a\\b", "/%zz", "/%00", "/\xc3\xa9", "/a/b/", "/a.b/.c/..d", "/a//", "/x/.", "/@:!$&'()*+,=", "/admin;/;/..", "/admin%2F/%2F/..", "/a%5C/x/.."} {
+	for _, s := range []string{"/", "/a/../b", "/%61dmin/", "//x/./y/..", "/a/..%2F..%2fb", "/a;x/..;/b", "/a\\b", "/%zz", "/%00", "/\xc3\xa9", "/a/b/", "/a.b/.c/..d", "/a//", "/x/.", "/@:!$&'()*+,=", "/admin;/;/..", "/admin%2F/%2F/..", "/a%5C/x/..", "/admin.%20./x", "/a::$DATA", "/a%3A%3Ab/.../c."} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, p string) {
@@ -55,6 +55,14 @@ func FuzzNormalizePath(f *testing.F) {
 		for _, a := range againAlt {
 			if !contains(alt, a) {
 				t.Fatalf("%q -> %q, which a backend may read as %q, not among the readings routed %q", p, norm, a, alt)
+			}
+		}
+		for _, n := range append([]string{norm}, alt...) {
+			// The Windows reading is a path, and the shortcut for paths
+			// it leaves alone says so.
+			w := windowsReading(n)
+			if w == "" || w[0] != '/' || windowsReading(w) != w {
+				t.Fatalf("%q -> %q: Windows reading %q, not an absolute path read so itself", p, n, w)
 			}
 		}
 	})

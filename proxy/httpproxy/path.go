@@ -195,6 +195,54 @@ func routePath(p string) string {
 	return norm
 }
 
+// windowsReading is a normalised path as a Windows server that maps it
+// to file names may read it (with http.paths_ignore_case): Windows drops
+// a name's trailing dots and spaces (admin. and "admin " are admin), and
+// "name:stream" is a stream of the file name (admin::$INDEX_ALLOCATION
+// is the directory admin, admin::$DATA the file's content). So each
+// segment loses what follows a colon, raw or encoded, then its trailing
+// dots and encoded spaces. Other Windows readings (8.3 short names such
+// as ADMINI~1) cannot be told from the path and are not covered.
+func windowsReading(p string) string {
+	if !windowsReads(p) {
+		return p // the common case, allocation-free
+	}
+	segs := strings.Split(p, "/")
+	for i, s := range segs {
+		if j := strings.IndexByte(s, ':'); j >= 0 {
+			s = s[:j]
+		}
+		if j := strings.Index(s, "%3A"); j >= 0 {
+			s = s[:j]
+		}
+		for {
+			t := strings.TrimRight(s, ".")
+			t = strings.TrimSuffix(t, "%20")
+			if t == s {
+				break
+			}
+			s = t
+		}
+		segs[i] = s
+	}
+	return removeDotSegments(strings.Join(segs, "/"))
+}
+
+// windowsReads: windowsReading changes p: a colon, raw or encoded, or a
+// segment that ends in a dot or an encoded space.
+func windowsReads(p string) bool {
+	segEnd := func(j int) bool { return j == len(p) || p[j] == '/' }
+	for i := 0; i < len(p); i++ {
+		switch {
+		case p[i] == ':', strings.HasPrefix(p[i:], "%3A"),
+			p[i] == '.' && segEnd(i+1),
+			strings.HasPrefix(p[i:], "%20") && segEnd(i+3):
+			return true
+		}
+	}
+	return false
+}
+
 // pathMatches: path is under prefix; a prefix ending in a slash also
 // matches the path without it (/admin for /admin/), which most servers
 // serve as the same directory (or redirect to it).

@@ -246,6 +246,19 @@ func (p *Proxy) routeRequest(rq *request) (*pool, error) {
 			return nil, badRequest("ambiguous path: %q may be read as %q, which routes elsewhere", truncate([]byte(rq.path)), truncate([]byte(a)))
 		}
 	}
+	if p.conf().PathsIgnoreCase {
+		// The backends are Windows servers: their file names read
+		// more into a path (windowsReading), of every reading above.
+		for i := -1; i < len(rq.alt); i++ {
+			a := rq.path
+			if i >= 0 {
+				a = rq.alt[i]
+			}
+			if w := windowsReading(a); w != a && p.route(rq.host, w) != pl {
+				return nil, badRequest("ambiguous path: %q may be read as %q by a Windows server, which routes elsewhere", truncate([]byte(rq.path)), truncate([]byte(w)))
+			}
+		}
+	}
 	return pl, nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -229,5 +230,43 @@ func TestOptionsAsterisk(t *testing.T) {
 	rq, _ := readRequest(bufio.NewReader(strings.NewReader("OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n")))
 	if pl, err := p.routeRequest(rq); pl != nil || err != nil {
 		t.Errorf("OPTIONS * without a root route: %v, %v", pl, err)
+	}
+}
+
+// TestRouteWindowsReadings: with http.paths_ignore_case (the backends
+// are Windows servers) the readings Windows file names give a path must
+// route alike: Windows drops a name's trailing dots and spaces
+// (/admin./x, /admin%20/x are the directory admin) and reads
+// "name:stream" as a stream of the file name (/admin::$INDEX_ALLOCATION/x
+// is the directory admin too). Before, each went past the deny route for
+// /admin/ to the backend. Without the option paths read as RFC 3986 says.
+func TestRouteWindowsReadings(t *testing.T) {
+	refused := []string{
+		"/admin./x", "/ADMIN%20/x", "/admin.%20.%20/x", "/admin::$INDEX_ALLOCATION/x", "/Admin:$i30:$INDEX_ALLOCATION/x",
+		"/admin%3A%3A$DATA", "/admin.", "/a/..%5Cadmin.%5Cx",
+	}
+	passed := []string{"/a/x.txt", "/a.b/c", "/a/x.", "/admins./x", "/administrator%20/x", "/a:b/c", "/v1.2/admin./x"}
+	for _, fold := range []bool{false, true} {
+		p := testProxy(
+			Route{Path: "/admin/", Action: config.Deny},
+			Route{Path: "/", Action: config.Allow, Backends: backends("10.0.0.1:80"), Balance: "round_robin"},
+		)
+		p.conf().PathsIgnoreCase = fold
+		for _, target := range append(refused, passed...) {
+			rq, err := readRequest(bufio.NewReader(strings.NewReader("GET " + target + " HTTP/1.1\r\nHost: t\r\n\r\n")))
+			if err != nil {
+				t.Fatalf("%s: %v", target, err)
+			}
+			pl, err := p.routeRequest(rq)
+			var re *requestError
+			got400 := errors.As(err, &re) && re.status == http.StatusBadRequest
+			want400 := fold && slices.Contains(refused, target)
+			switch {
+			case got400 != want400:
+				t.Errorf("paths_ignore_case %v: %s refused %v (%v), want %v", fold, target, got400, err, want400)
+			case !got400 && pl != p.pools[1]:
+				t.Errorf("paths_ignore_case %v: %s not routed to /", fold, target)
+			}
+		}
 	}
 }

@@ -76,6 +76,7 @@ func FuzzReadRequest(f *testing.F) {
 	for _, c := range smuggleCases {
 		f.Add([]byte(c.raw))
 	}
+	f.Add([]byte("OPTIONS http://t HTTP/1.1\r\nHost: x\r\n\r\n"))
 	f.Fuzz(func(t *testing.T, raw []byte) {
 		// The smallest buffer: nearly every head is read into memory.
 		long, lerr := readRequest(bufio.NewReaderSize(bytes.NewReader(raw), 16))

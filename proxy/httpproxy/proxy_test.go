@@ -225,6 +225,26 @@ func TestOptionsAsterisk(t *testing.T) {
 			t.Errorf("OPTIONS * to %s goes out as %q", host, rq.URL.Opaque)
 		}
 	}
+	// An absolute-form OPTIONS without a path asks the same, and the
+	// last proxy sends it on as "*" (RFC 9112 3.2.4), not as "/".
+	for _, target := range []string{"http://t", "http://t:80"} {
+		rq, err := readRequest(bufio.NewReader(strings.NewReader("OPTIONS " + target + " HTTP/1.1\r\nHost: x\r\n\r\n")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pl, err := p.routeRequest(rq); err != nil || pl != p.pools[2] || rq.URL.Opaque != "*" || rq.URL.RawQuery != "" {
+			t.Errorf("OPTIONS %s: routed to %v (%v), goes out as %q", target, pl, err, rq.URL.String())
+		}
+	}
+	for _, target := range []string{"http://t/", "http://t?x"} {
+		rq, err := readRequest(bufio.NewReader(strings.NewReader("OPTIONS " + target + " HTTP/1.1\r\nHost: x\r\n\r\n")))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rq.URL.Opaque != "/" {
+			t.Errorf("OPTIONS %s goes out as %q, want /", target, rq.URL.String())
+		}
+	}
 	// Without a route for the root there is none for the server either.
 	p = testProxy(Route{Path: "/a/", Action: config.Allow, Backends: backends("10.0.0.1:80"), Balance: "round_robin"})
 	rq, _ := readRequest(bufio.NewReader(strings.NewReader("OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n")))

@@ -193,6 +193,13 @@ func (rq *request) setTarget(target string) error {
 			return badRequest("absolute URI without a host, or with user information")
 		}
 		target = rest[end:]
+		if target == "" && req.Method == http.MethodOptions {
+			// The server in general, as "OPTIONS *": the last proxy
+			// sends it so (RFC 9112 3.2.4), not as a request for /.
+			rq.path = "*"
+			req.URL = &url.URL{Opaque: "*"}
+			return nil
+		}
 		if target == "" || target[0] == '?' {
 			target = "/" + target
 		}

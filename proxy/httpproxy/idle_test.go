@@ -423,6 +423,10 @@ func TestStalledBodyTimesOut(t *testing.T) {
 	for _, c := range []struct{ name, raw string }{
 		{"length", "POST /a/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab"},
 		{"chunked", "POST /a/1 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n"},
+		// An upgrade request is no tunnel until its 101: its body is
+		// a body like any (before, the deadline lifted for the tunnel
+		// to come let it stall for ever).
+		{"upgrade", "POST /a/1 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 10\r\n\r\nab"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			conn, err := net.Dial("tcp4", addr)

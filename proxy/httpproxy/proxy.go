@@ -650,16 +650,13 @@ func (c *conn) serve() (reason string, spliced bool) {
 		c.clientStalled = false
 		rq, err := readRequest(c.cr)
 		c.bodyUnread = err == nil && rq.body != nil
-		switch {
-		case err != nil:
-		case rq.upgrade:
-			// A tunnel lives on (its relay or splice has its own idle
-			// timeout).
-			c.client.SetReadDeadline(time.Time{})
-			c.readDeadline = time.Time{}
-		case rq.body != nil:
+		if err == nil && rq.body != nil {
 			// A body may take longer than the idle timeout to come, but
 			// not stall for longer: each read of it moves the deadline.
+			// An upgrade request's too: it is no tunnel before its 101
+			// (spliceUpgrade lifts the deadline then; lifted here, a
+			// client that sent part of the body held the connection
+			// for ever).
 			c.bodyIdle = svc.IdleTimeout.D()
 		}
 		if err == nil {
@@ -1251,9 +1248,10 @@ func (c *conn) spliceUpgrade() (done, spliced bool, err error) {
 		c.flow.S2C.Add(int64(n))
 	}
 	// The tunnel's relay or splice has its own idle timeout.
-	c.client.SetWriteDeadline(time.Time{})
+	c.client.SetDeadline(time.Time{})
 	c.up.SetDeadline(time.Time{})
-	c.writeDeadline, c.upDeadline = time.Time{}, time.Time{}
+	c.readDeadline, c.writeDeadline, c.upDeadline = time.Time{}, time.Time{}, time.Time{}
+	c.bodyIdle = 0
 	c.flow.UnspliceOnClientData.Store(false)
 	c.flow.SetResume(nil)
 	c.releaseSendBuf()

@@ -255,7 +255,9 @@ func (f *Forwarder) handle(c *net.TCPConn) {
 	if err != nil {
 		reset(c)
 		f.Flows.Remove(flow)
-		f.LogLimited("dial "+flow.Server.String(), slog.LevelWarn, "upstream connect failed",
+		// One key for every destination: the client picks it, and a
+		// scanner sweeping dead addresses got a line for each.
+		f.LogLimited("upstream connect", slog.LevelWarn, "upstream connect failed",
 			logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, logging.Err(err))
 		return
 	}

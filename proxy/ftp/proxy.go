@@ -68,7 +68,9 @@ func (p *Proxy) handle(c *net.TCPConn) {
 		c.Write([]byte("421 The gateway cannot reach the FTP server.\r\n"))
 		proxy.Reset(c)
 		p.Flows.Remove(flow)
-		p.LogLimited("dial "+flow.Server.String(), slog.LevelWarn, "upstream connect failed",
+		// One key for every server: the client picks it (see the
+		// forwarder's).
+		p.LogLimited("upstream connect", slog.LevelWarn, "upstream connect failed",
 			logging.KeyFlow, flow.ID, logging.KeyClient, flow.Client, logging.KeyServer, flow.Server, logging.Err(err))
 		return
 	}

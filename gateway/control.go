@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -491,6 +492,25 @@ func (g *Gateway) handleEvents(w http.ResponseWriter, r *http.Request) {
 	}
 	ch, cancel := g.events.subscribe()
 	defer cancel()
+	// A watcher that stops reading (its output piped into a pager left
+	// open, or suspended) blocks a write once the socket's buffer is
+	// full, where the select below never sees the request's end: the
+	// control socket's stop then waited for the handler, 2 s, and left
+	// it blocked. The end of the request (the stop, or the client gone)
+	// cuts such a write short; a handler that was waiting for events
+	// takes the cut back, so that the stream still ends with its last
+	// chunk.
+	rc := http.NewResponseController(w)
+	var cutMu sync.Mutex
+	ended := false
+	stopCut := context.AfterFunc(r.Context(), func() {
+		cutMu.Lock()
+		defer cutMu.Unlock()
+		if !ended {
+			rc.SetWriteDeadline(time.Now())
+		}
+	})
+	defer stopCut()
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	w.WriteHeader(http.StatusOK)
 	enc := json.NewEncoder(w)
@@ -499,6 +519,10 @@ func (g *Gateway) handleEvents(w http.ResponseWriter, r *http.Request) {
 	for {
 		select {
 		case <-r.Context().Done():
+			cutMu.Lock()
+			ended = true
+			rc.SetWriteDeadline(time.Time{})
+			cutMu.Unlock()
 			return
 		case ev := <-ch:
 			if err := enc.Encode(ev); err != nil {

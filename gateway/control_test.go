@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"spliced/api"
 	"spliced/config"
 )
@@ -343,5 +345,73 @@ func TestControlStopEndsEventStreams(t *testing.T) {
 	rest, err := io.ReadAll(resp.Body)
 	if err != nil {
 		t.Fatalf("the event stream after the stop: %v (read %q); want its end", err, rest)
+	}
+}
+
+// TestControlStopEndsStalledEventStreams: a watcher that stops reading
+// (splicectl watch piped into a pager left open, or suspended) left the
+// stream's handler blocked in a write once the socket's buffer was full:
+// the stop's cancel, which ends an event stream, did not reach it. The
+// stop waited for it, 2 s, every time, and left it blocked.
+func TestControlStopEndsStalledEventStreams(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.sock")
+	g := controlTestGateway()
+	stop, err := g.serveControl(context.Background(), path, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped := false
+	defer func() {
+		if !stopped {
+			stop()
+		}
+	}()
+	c, err := net.Dial("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := io.WriteString(c, "GET /"+api.Version+"/events HTTP/1.1\r\nHost: spliced\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	for g.events.n.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	// Events until the handler stops taking them, blocked writing to a
+	// client that reads nothing: its channel stays full and the bytes
+	// waiting at the client stop growing.
+	detail := strings.Repeat("x", 64<<10)
+	lost := func() int {
+		g.events.mu.Lock()
+		defer g.events.mu.Unlock()
+		for _, n := range g.events.subs {
+			return *n
+		}
+		return 0
+	}
+	raw, err := c.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	unread := func() (n int) {
+		raw.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCINQ) })
+		return n
+	}
+	for last, still := -1, 0; still < 20; {
+		g.events.publish(api.Event{Kind: "test", Detail: detail})
+		if lost() == 0 {
+			continue
+		}
+		time.Sleep(5 * time.Millisecond)
+		if n := unread(); n == last {
+			still++
+		} else {
+			last, still = n, 0
+		}
+	}
+	stop()
+	stopped = true
+	if err := pollFor(func() bool { return g.events.n.Load() == 0 }); err != nil {
+		t.Fatal("the stalled event stream did not end after the stop")
 	}
 }

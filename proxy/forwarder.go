@@ -118,7 +118,9 @@ func (f *Forwarder) Serve(ctx context.Context, listeners ...*net.TCPListener) er
 // then closes them and returns. Each connection is handled in a goroutine
 // counted in wg. acceptFailed hears of accept errors other than the
 // listener closing (EMFILE and friends), after which the loop backs off
-// instead of spinning.
+// instead of spinning, and of connections refused as not intercepted
+// (NotInterceptedError), from the handlers' goroutines: it must be safe
+// for concurrent use.
 func ServeListeners(ctx context.Context, listeners []*net.TCPListener, wg *sync.WaitGroup, handle func(*net.TCPConn), acceptFailed func(error)) error {
 	var loops sync.WaitGroup
 	errc := make(chan error, len(listeners))
@@ -170,17 +172,6 @@ func acceptLoop(ctx context.Context, ln *net.TCPListener, wg *sync.WaitGroup, ha
 	transparent := isTransparent(ln)
 	for {
 		c, err := ln.AcceptTCP()
-		if err == nil && transparent && addrPort(c.LocalAddr()).Port() == listenPort && isOwnAddress(addrPort(c.LocalAddr()).Addr()) {
-			// Not intercepted: a client connected to the TPROXY
-			// listener itself (the gateway's address and the listen
-			// port). Its destination is the listener, so the proxy
-			// would connect to itself, again and again: one such
-			// connection to a NAT service made 5,000 flows. (A service
-			// may intercept its own listen port on other hosts.)
-			acceptFailed(&NotInterceptedError{Client: addrPort(c.RemoteAddr()), Listener: addrPort(c.LocalAddr())})
-			reset(c)
-			continue
-		}
 		if err != nil {
 			if ctx.Err() != nil {
 				return nil
@@ -198,8 +189,24 @@ func acceptLoop(ctx context.Context, ln *net.TCPListener, wg *sync.WaitGroup, ha
 		}
 		wg.Add(1)
 		handlers.Go(func() {
+			defer wg.Done()
+			// The check looks at the gateway's addresses (a netlink
+			// dump): in the handler, so that a client that connects
+			// to the listen port again and again does not hold up
+			// the accepts of every other connection.
+			if transparent && addrPort(c.LocalAddr()).Port() == listenPort && ownAddress(addrPort(c.LocalAddr()).Addr()) {
+				// Not intercepted: a client connected to the TPROXY
+				// listener itself (the gateway's address and the
+				// listen port). Its destination is the listener, so
+				// the proxy would connect to itself, again and again:
+				// one such connection to a NAT service made 5,000
+				// flows. (A service may intercept its own listen port
+				// on other hosts.)
+				acceptFailed(&NotInterceptedError{Client: addrPort(c.RemoteAddr()), Listener: addrPort(c.LocalAddr())})
+				reset(c)
+				return
+			}
 			handle(c)
-			wg.Done()
 		})
 	}
 }
@@ -225,6 +232,9 @@ func isOwnAddress(a netip.Addr) bool {
 	}
 	return false
 }
+
+// ownAddress is isOwnAddress; tests replace it.
+var ownAddress = isOwnAddress
 
 // NotInterceptedError is a connection a transparent service's listener
 // refused: one made to the listener itself, not intercepted.

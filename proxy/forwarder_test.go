@@ -2,12 +2,16 @@ package proxy
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"spliced/config"
 )
@@ -60,4 +64,74 @@ services:
 	if lines > destinations/4 {
 		t.Errorf("%d lines for %d failed connects to %d destinations; want one per kind and interval:\n%s", lines, destinations, destinations, log.String())
 	}
+}
+
+// TestNotInterceptedCheckOffAcceptLoop: a connection to a transparent
+// service's listen port on the gateway's own address is refused after
+// a look at the gateway's addresses (a netlink dump, tens of
+// microseconds, more with many interfaces). The look ran in the accept
+// loop, one at a time: a client connecting to that port again and
+// again held up every intercepted connection of the service behind it.
+// It runs with the connection's handler now; here a look that does not
+// end stands in for slow ones.
+func TestNotInterceptedCheckOffAcceptLoop(t *testing.T) {
+	ln, err := ListenAt(context.Background(), netip.MustParseAddrPort("127.0.0.1:0"), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	entered, release := make(chan struct{}), make(chan struct{})
+	var calls atomic.Int32
+	own := ownAddress
+	ownAddress = func(netip.Addr) bool {
+		if calls.Add(1) > 1 {
+			return false // the next connection stands for an intercepted one
+		}
+		close(entered)
+		<-release
+		return true
+	}
+	defer func() { ownAddress = own }()
+	handled := make(chan struct{}, 1)
+	var refused atomic.Int32
+	var wg sync.WaitGroup
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		ServeListeners(ctx, []*net.TCPListener{ln}, &wg, func(c *net.TCPConn) { c.Close(); handled <- struct{}{} }, func(err error) {
+			var ni *NotInterceptedError
+			if errors.As(err, &ni) {
+				refused.Add(1)
+			}
+		})
+		close(done)
+	}()
+	released := false
+	defer func() {
+		if !released {
+			close(release)
+		}
+		cancel()
+		<-done
+		wg.Wait()
+	}()
+
+	a, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	<-entered
+	b, err := net.Dial("tcp4", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	select {
+	case <-handled:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a connection waited 10 s behind the check of another one to the listen port")
+	}
+	close(release)
+	released = true
+	waitFor(t, "the connection to the listen port to be refused", func() bool { return refused.Load() == 1 })
 }

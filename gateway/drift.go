@@ -4,10 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
+	"sync"
 	"time"
 
 	"github.com/google/nftables"
+	"golang.org/x/sys/unix"
 
 	"spliced/api"
 	"spliced/logging"
@@ -116,6 +120,7 @@ func (g *Gateway) followRuleset(ctx context.Context, open func() (<-chan *nftabl
 			return
 		}
 		g.log.Warn("the nftables monitor failed; checking the ruleset now and every few seconds until it is back", logging.Err(err))
+		g.divertLost.addAll() // deletions of divert entries may have been lost too
 		poke()
 		select {
 		case <-ctx.Done():
@@ -140,6 +145,11 @@ func (g *Gateway) followEvents(ctx context.Context, events <-chan *nftables.Moni
 				return ev.Error
 			}
 			switch {
+			case ev.Type == nftables.MonitorEventTypeDelSetElem:
+				if keys := g.manager().DivertDeletedByOthers(ev); len(keys) > 0 {
+					g.divertLost.add(keys)
+					poke()
+				}
 			case g.concernsUs(ev):
 				poke()
 			case isRulesetChange(ev):
@@ -222,6 +232,8 @@ func (g *Gateway) watchFirewall(ctx context.Context) {
 func (g *Gateway) repairDrift(ctx context.Context) {
 	g.rulesMu.Lock()
 	defer g.rulesMu.Unlock()
+	// First: live flows' packets pass unrewritten until it is done.
+	g.restoreDivert()
 	g.checkFirewall()
 	m := g.manager()
 	_, diff, err := m.Drift(ctx)
@@ -353,4 +365,102 @@ func (g *Gateway) liveDivert() map[uint16][]splice.Key {
 	}
 	g.transitions.mu.RUnlock()
 	return out
+}
+
+// lostTuples collects the divert tuples another process deleted, as the
+// nftables monitor reports them (rules.Manager.DivertDeletedByOthers),
+// until the next check restores those of live flows (restoreDivert).
+type lostTuples struct {
+	mu   sync.Mutex
+	keys map[splice.Key]struct{}
+	// all: deletions may have gone unreported (the monitor failed):
+	// every live flow's tuples are put back.
+	all bool
+}
+
+func (l *lostTuples) add(keys []splice.Key) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.keys == nil {
+		l.keys = map[splice.Key]struct{}{}
+	}
+	for _, k := range keys {
+		l.keys[k] = struct{}{}
+	}
+}
+
+func (l *lostTuples) addAll() {
+	l.mu.Lock()
+	l.all = true
+	l.mu.Unlock()
+}
+
+// take returns what was collected and forgets it.
+func (l *lostTuples) take() (keys map[splice.Key]struct{}, all bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	keys, all = l.keys, l.all
+	l.keys, l.all = nil, false
+	return keys, all
+}
+
+// restoreDivert puts back the divert entries of live flows that another
+// process deleted (an unowned table's sets can be flushed by anyone:
+// `nft flush set inet spliced divert4_0`). The drift check leaves the
+// sets' elements out, and before, the entries came back only at the next
+// refresh, a third of kernel.divert_timeout later (8 h by default):
+// meanwhile the flows' packets passed unrewritten, a NAT flow's were
+// reset by the gateway's stack and a transparent one stalled
+// (TestLabDivertSetFlushed). Only the tuples of spliced flows and of
+// unspliced ones that keep their entries (those Refresh keeps) are put
+// back: a flow that ended must not be diverted again. A deleted tuple of
+// a splice under way is kept for the next check: the flow is in neither
+// yet.
+func (g *Gateway) restoreDivert() {
+	lost, all := g.divertLost.take()
+	if len(lost) == 0 && !all || !g.splicing() {
+		return
+	}
+	var waiting []splice.Key
+	restored := map[splice.Key]bool{}
+	n, err := g.diverter.Restore(func() map[uint16][]splice.Key {
+		out := map[uint16][]splice.Key{}
+		for q, keys := range g.refreshable() {
+			for _, k := range keys {
+				if _, ok := lost[k]; ok || all {
+					out[q] = append(out[q], k)
+					restored[k] = true
+				}
+			}
+		}
+		for k := range lost {
+			if !restored[k] && g.transitions.get(k) != nil {
+				waiting = append(waiting, k)
+			}
+		}
+		return out
+	})
+	if len(waiting) > 0 {
+		g.divertLost.add(waiting)
+	}
+	switch {
+	case err != nil && errors.Is(err, unix.ENOENT):
+		// A set or the table went too: the drift check that follows
+		// says so, and reinstalls it with every live flow's entries.
+		g.log.Debug("divert entries deleted by another process, and a divert set with them", logging.Err(err))
+	case err != nil:
+		g.log.Error("divert entries deleted by another process; restoring them failed, retrying at the next check", logging.Err(err))
+		g.divertLost.add(slices.Collect(maps.Keys(lost)))
+		if all {
+			g.divertLost.addAll()
+		}
+	case n > 0 && !all:
+		g.log.Warn("divert entries deleted by another process (nft flush set, nft delete element on spliced's table): restored those of live flows, whose packets passed unrewritten meanwhile; kernel.own_table: on (Linux 6.9 and later) keeps other processes out of the table",
+			logging.KeyTable, "inet "+g.manager().Spec().Table, "tuples", n)
+		g.events.publish(api.Event{Kind: api.EventDrift, Detail: fmt.Sprintf("divert entries of %d tuples of live flows deleted by another process", n)})
+		g.repairs.Add(1)
+		g.events.publish(api.Event{Kind: api.EventRepaired, Detail: fmt.Sprintf("divert entries of %d tuples restored", n)})
+	case n > 0:
+		g.log.Debug("divert entries of live flows put back after the nftables monitor failed", "tuples", n)
+	}
 }

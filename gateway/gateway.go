@@ -139,6 +139,7 @@ type Gateway struct {
 	// bridgeNF: what checkBridgeNetfilter last found
 	bridgeNF     problemState
 	firewallPoke chan struct{}   // another table changed (see watchFirewall)
+	divertLost   lostTuples      // divert entries another process deleted (see restoreDivert)
 	rpf          rpfFilter       // strict reverse path filtering (see rpfilter.go)
 	fwd          forwardingState // forwarding turned off (see forwarding.go)
 	families     spliceRefusal   // flows of two address families (mixedFamilies)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
+	"net/netip"
 	"strings"
 	"sync"
 	"syscall"
@@ -11,6 +12,9 @@ import (
 	"time"
 
 	"github.com/google/nftables"
+	"github.com/mdlayher/netlink"
+
+	"spliced/splice"
 )
 
 // TestFollowRulesetReopens: a monitor that fails (the library ends it
@@ -97,4 +101,38 @@ func (l *lockedWriter) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.w.Write(p)
+}
+
+// TestFollowEventsDivertDeleted: an element deletion another process
+// made, of keys shaped like divert tuples, pokes a check and leaves the
+// tuples for it (restoreDivert); the daemon's own deletions (a flow that
+// ended) and another set's elements (a blocklist of addresses) do not.
+func TestFollowEventsDivertDeleted(t *testing.T) {
+	g := quietGateway(t)
+	k := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	// The divert set key of k (see rules.divertKey): each field padded
+	// to 4 bytes.
+	key := []byte{10, 1, 0, 2, 0x9c, 0x40, 0, 0, 10, 2, 0, 2, 0, 80, 0, 0}
+	del := func(pid uint32, keys ...[]byte) *nftables.MonitorEvent {
+		var els []nftables.SetElement
+		for _, k := range keys {
+			els = append(els, nftables.SetElement{Key: k})
+		}
+		return &nftables.MonitorEvent{Type: nftables.MonitorEventTypeDelSetElem, Data: els, Header: netlink.Header{PID: pid}}
+	}
+	const ours = 0 // the port of the Manager's socket, not opened here
+	events := make(chan *nftables.MonitorEvent, 4)
+	events <- del(ours, key)                       // a flow that ended
+	events <- del(ours+4242, []byte{192, 0, 2, 7}) // another table's blocklist
+	events <- del(ours+4242, key)                  // nft flush set inet spliced divert4_0
+	close(events)
+	pokes := 0
+	g.followEvents(context.Background(), events, func() { pokes++ })
+	lost, all := g.divertLost.take()
+	if pokes != 1 || all || len(lost) != 1 {
+		t.Fatalf("%d pokes, lost %v (all %v); want 1 poke and the tuple %v", pokes, lost, all, k)
+	}
+	if _, ok := lost[k]; !ok {
+		t.Errorf("lost %v, want %v", lost, k)
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -415,6 +416,64 @@ func divertKey(k splice.Key) []byte {
 	return b
 }
 
+// tupleOfDivertKey is the inverse of divertKey: the tuple of a divert
+// set's key, or false when b is not shaped like one (another set's key:
+// its length, or a padding byte that is not zero).
+func tupleOfDivertKey(b []byte) (splice.Key, bool) {
+	var k splice.Key
+	var alen int
+	switch len(b) {
+	case 16:
+		alen = 4
+	case 40:
+		alen = 16
+	default:
+		return k, false
+	}
+	// Each field padded to a multiple of 4 bytes: address, port (2 of
+	// 4), address, port (2 of 4).
+	sport, dst, dport := alen, alen+4, 2*alen+4
+	if b[sport+2] != 0 || b[sport+3] != 0 || b[dport+2] != 0 || b[dport+3] != 0 {
+		return k, false
+	}
+	if alen == 4 {
+		k.Src = netip.AddrFrom4([4]byte(b[:4])).As16()
+		k.Dst = netip.AddrFrom4([4]byte(b[dst : dst+4])).As16()
+	} else {
+		k.Src = [16]byte(b[:16])
+		k.Dst = [16]byte(b[dst : dst+16])
+	}
+	k.SrcPort = binary.BigEndian.Uint16(b[sport:])
+	k.DstPort = binary.BigEndian.Uint16(b[dport:])
+	return k, true
+}
+
+// DivertDeletedByOthers returns the tuples of the divert set elements
+// that another process deleted, as the nftables monitor reports them:
+// for an element deletion sent through another socket than the one the
+// Manager changes its table through (see owner), the keys shaped like
+// divert keys; nil for any other event. An unowned table's divert sets
+// can be flushed by anyone (`nft flush set inet spliced divert4_0`); the
+// drift check, which leaves the elements out, did not see it, and the
+// flows' packets passed unrewritten until the next refresh (a third of
+// kernel.divert_timeout, 8 h by default), which killed every such flow
+// (TestLabDivertSetFlushed). The monitor names no table or set for an
+// element, so a set of another table with keys of the same shape
+// counts too: the caller keeps the tuples of its live flows.
+func (m *Manager) DivertDeletedByOthers(ev *nftables.MonitorEvent) []splice.Key {
+	if ev.Type != nftables.MonitorEventTypeDelSetElem || ev.Header.PID == m.own.port.Load() {
+		return nil
+	}
+	els, _ := ev.Data.([]nftables.SetElement)
+	var keys []splice.Key
+	for _, e := range els {
+		if k, ok := tupleOfDivertKey(e.Key); ok {
+			keys = append(keys, k)
+		}
+	}
+	return keys
+}
+
 // Diverter adds and removes the set elements of spliced flows. It keeps
 // one netlink connection open; safe for concurrent use.
 type Diverter struct {
@@ -754,6 +813,48 @@ func (d *Diverter) Refresh(live func() map[uint16][]splice.Key) (int, error) {
 			}
 			n += len(chunk)
 		}
+	}
+	return n, nil
+}
+
+// Restore adds the tuples lost returns back to the divert sets of their
+// queues (by queue index), for flows whose elements another process
+// deleted (see Manager.DivertDeletedByOthers). lost is called while no
+// element is added or deleted, as Refresh's live is, so a flow that ends
+// meanwhile is deleted after its restore, never resurrected by it. An
+// element that is there is left as it is. It returns how many tuples it
+// restored; the error wraps ENOENT when a set or the table is gone (then
+// a repair of the table is due, which carries every live element over).
+func (d *Diverter) Restore(lost func() map[uint16][]splice.Key) (int, error) {
+	c, unlock, err := d.lock()
+	if err != nil {
+		return 0, err
+	}
+	defer unlock()
+	n := 0
+	for q, keys := range lost() {
+		v4, v6 := d.elements(keys, d.timeout)
+		for _, x := range []struct {
+			v6  bool
+			els []nftables.SetElement
+		}{{false, v4}, {true, v6}} {
+			// The gate's set first (see divertCommandExprs).
+			for _, set := range []*nftables.Set{divertAnySet(d.table, x.v6, d.timeout), divertSet(d.table, q, x.v6, d.timeout)} {
+				for els := x.els; len(els) > 0; {
+					chunk := els[:min(len(els), elementChunk)]
+					els = els[len(chunk):]
+					// Only an element it cannot encode fails here.
+					c.SetAddElements(set, chunk)
+				}
+			}
+		}
+		n += len(keys)
+	}
+	if n == 0 {
+		return 0, nil
+	}
+	if err := c.Flush(); err != nil {
+		return 0, fmt.Errorf("restore divert entries: %w", err)
 	}
 	return n, nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/nftables"
@@ -49,6 +50,10 @@ type owner struct {
 	mu sync.Mutex // one transaction at a time: messages are queued and flushed under it
 	c  *nftables.Conn
 	nl *netlink.Conn // the socket under c, for the table's own message
+	// port is nl's netlink port, read without mu: the nftables monitor
+	// tells our own changes from another process's by it (see
+	// Manager.DivertDeletedByOthers).
+	port atomic.Uint32
 	// unsupported: the kernel has no persistent tables.
 	unsupported bool
 }
@@ -82,6 +87,9 @@ func (o *owner) open(netns int) error {
 		return fmt.Errorf("open nftables netlink: %w", err)
 	}
 	o.c, o.nl = c, nl
+	if nl != nil {
+		o.port.Store(nl.PID())
+	}
 	return nil
 }
 

@@ -819,3 +819,111 @@ services:
 		t.Errorf("after deleting an element: diff %q, err %v", diff, err)
 	}
 }
+
+// TestTupleOfDivertKey: a divert key reads back as its tuple in both
+// families; a key of another shape (another set's) is not taken for one.
+func TestTupleOfDivertKey(t *testing.T) {
+	for _, k := range []splice.Key{
+		splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")),
+		splice.KeyFrom(netip.MustParseAddrPort("[fd00:1::2]:65535"), netip.MustParseAddrPort("[fd00:2::2]:1")),
+	} {
+		got, ok := tupleOfDivertKey(divertKey(k))
+		if !ok || got != k {
+			t.Errorf("tupleOfDivertKey(divertKey(%v)) = %v, %v", k, got, ok)
+		}
+	}
+	bad := divertKey(splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")))
+	bad[7] = 1 // a padding byte
+	for _, b := range [][]byte{{10, 1, 0, 2}, make([]byte, 20), bad} {
+		if k, ok := tupleOfDivertKey(b); ok {
+			t.Errorf("tupleOfDivertKey(%x) = %v, want no tuple", b, k)
+		}
+	}
+}
+
+// TestDivertDeletedByOthers: the nftables monitor's element deletions
+// are told apart by sender: the Diverter's own (a flow that ended) are
+// not reported, another process's `nft flush set` of a divert set is,
+// with the tuples it deleted, and Restore puts them back into both the
+// queue's set and the gate's (an unowned table: before, nothing noticed,
+// and the tuples stayed out until the next refresh, 8 h by default).
+func TestDivertDeletedByOthers(t *testing.T) {
+	spec := sampleSpec(t)
+	spec.OwnTable = false // another process flushes its sets
+	d, ns := installedDiverter(t, spec)
+	mc, err := nftables.New(nftables.AsLasting(), nftables.WithNetNSFd(ns.OpenT(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mc.CloseLasting() })
+	mon := nftables.NewMonitor()
+	events, err := mc.AddMonitor(mon)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mon.Close() })
+	// deleted reads events until one deletes elements and returns what
+	// DivertDeletedByOthers makes of it.
+	deleted := func() []splice.Key {
+		t.Helper()
+		for {
+			select {
+			case ev := <-events:
+				if ev.Error != nil {
+					t.Fatal(ev.Error)
+				}
+				if ev.Type == nftables.MonitorEventTypeDelSetElem {
+					return d.m.DivertDeletedByOthers(ev)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("no element deletion reported")
+			}
+		}
+	}
+	ended := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40001"), netip.MustParseAddrPort("10.2.0.2:80"))
+	k4 := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	k6 := splice.KeyFrom(netip.MustParseAddrPort("[fd00:1::2]:40000"), netip.MustParseAddrPort("[fd00:2::2]:80"))
+	if err := d.Add(1, ended, k4, k4.Reverse(), k6); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Delete(1, ended); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 { // from the gate's set and the queue's
+		if got := deleted(); len(got) != 0 {
+			t.Errorf("the diverter's own delete reported as another's: %v", got)
+		}
+	}
+	lost := map[splice.Key]bool{}
+	for _, set := range []string{DivertSetName(1, false), DivertSetName(1, true)} {
+		if out, err := ns.Run("nft", "flush", "set", "inet", spec.Table, set); err != nil {
+			t.Fatalf("nft flush set %s: %v: %s", set, err, out)
+		}
+	}
+	for len(lost) < 3 {
+		for _, k := range deleted() {
+			lost[k] = true
+		}
+	}
+	if want := map[splice.Key]bool{k4: true, k4.Reverse(): true, k6: true}; !cmp.Equal(lost, want) {
+		t.Errorf("reported deleted: %v, want %v", lost, want)
+	}
+	n, err := d.Restore(func() map[uint16][]splice.Key { return map[uint16][]splice.Key{1: {k4, k4.Reverse(), k6}} })
+	if err != nil || n != 3 {
+		t.Fatalf("restore: %d tuples, %v", n, err)
+	}
+	for _, k := range []splice.Key{k4, k4.Reverse(), k6} {
+		if ok, err := d.Has(1, k); err != nil || !ok {
+			t.Errorf("after the restore, %v in the set of queue 1: %v, %v", k, ok, err)
+		}
+	}
+	any4, _ := ns.Run("nft", "list", "set", "inet", spec.Table, DivertAnySetName(false))
+	for _, want := range []string{"10.1.0.2 . 40000 . 10.2.0.2 . 80", "10.2.0.2 . 80 . 10.1.0.2 . 40000"} {
+		if strings.Count(any4, want) != 1 {
+			t.Errorf("the gate's set after the restore holds %q %d times, want once:\n%s", want, strings.Count(any4, want), any4)
+		}
+	}
+	if strings.Contains(any4, "40001") {
+		t.Errorf("the restore brought back a tuple it was not given:\n%s", any4)
+	}
+}

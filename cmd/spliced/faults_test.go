@@ -233,6 +233,52 @@ func TestLabRulesetGone(t *testing.T) {
 	}
 }
 
+// TestLabDivertSetFlushed: someone flushes spliced's divert sets (`nft
+// flush set`, possible on an unowned table: kernel.own_table: off, or a
+// kernel before 6.9) while transparent spliced flows move data. The
+// drift check leaves divert elements out, and the refresh that would put
+// them back runs every third of divert_timeout (8 h by default): the
+// flows' packets passed unrewritten until then, and 8 of 8 flows stalled
+// for good, the daemon saying nothing. Now the daemon notices the
+// deletion, says so, and puts the entries of its live flows back: every
+// transfer completes intact. (NAT flows are reset by the gateway's stack
+// in the gap, as when the whole table is deleted: see the README.)
+func TestLabDivertSetFlushed(t *testing.T) {
+	t.Parallel()
+	testnet.Privileged(t, "nft")
+	lab := testnet.NewT(t, testnet.Options{})
+	d := testnet.StartDaemon(t, lab, faultConfig("splice", "  own_table: off\n"))
+	const flows = 8
+	failures := busyFlows(t, lab, d, "splice", flows, 3*time.Second, func() {
+		for _, set := range []string{"divert4_any", "divert4_0", "divert4_1"} {
+			if out, err := lab.Gateway.Run("nft", "flush", "set", "inet", "spliced", set); err != nil {
+				t.Fatalf("nft flush set %s: %v: %s", set, err, out)
+			}
+		}
+	})
+	if len(failures) > 0 {
+		t.Fatalf("%d of %d flows failed:\n%s\n%s", len(failures), flows, strings.Join(failures, "\n"), tail(d.Log(), 20))
+	}
+	restored := 0.0 // the flushes may be noticed in more than one check
+	for _, l := range d.Lines() {
+		if strings.HasPrefix(fmt.Sprint(l["msg"]), "divert entries deleted by another process") {
+			n, _ := l["tuples"].(float64)
+			restored += n
+		}
+	}
+	if restored < 2*flows {
+		t.Fatalf("the daemon said it restored %v tuples, want at least %d (both of each flow):\n%s", restored, 2*flows, tail(d.Log(), 20))
+	}
+	st, err := d.Client().Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Repairs < 1 {
+		t.Errorf("status: %d repairs after the restore, want at least 1", st.Repairs)
+	}
+	t.Logf("divert sets flushed under %d spliced flows: %v tuples restored; all intact", flows, restored)
+}
+
 // TestLabConntrackFlush: `conntrack -F` in the gateway, whose operator
 // ruleset drops ct state invalid, while 24 flows move data both ways,
 // spliced or proxied: every transfer completes intact.

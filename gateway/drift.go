@@ -53,10 +53,15 @@ func (g *Gateway) watchRuleset(ctx context.Context) {
 	defer func() { <-firewallDone }()
 	tick := time.NewTicker(repairCheckEvery)
 	defer tick.Stop()
+	sysctlTick := time.NewTicker(sysctlCheckEvery)
+	defer sysctlTick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-sysctlTick.C:
+			g.checkAcceptLocal()
+			continue
 		case <-trigger:
 			// Let a burst of changes (an nft -f) finish first.
 			select {

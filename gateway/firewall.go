@@ -92,6 +92,7 @@ func (g *Gateway) redirects() bool {
 func (g *Gateway) statusWarnings() []string {
 	out := append(g.firewallWarnings(), g.sourceNATWarnings()...)
 	out = append(out, g.bridgeNF.warnings()...)
+	out = append(out, g.acceptLocalOff.warnings()...)
 	out = append(out, g.markRoutingWarnings()...)
 	for _, w := range append(g.reversePathWarnings(), g.forwardingWarnings()...) {
 		out = append(out, "splices refused: "+w)

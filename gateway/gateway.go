@@ -144,6 +144,12 @@ type Gateway struct {
 	fwd          forwardingState // forwarding turned off (see forwarding.go)
 	families     spliceRefusal   // flows of two address families (mixedFamilies)
 
+	// acceptLocalNeeded: spliced NAT flows need accept_local, which
+	// spliced set (or found set); acceptLocalOff: it is 0 again and
+	// could not be set (see checkAcceptLocal).
+	acceptLocalNeeded atomic.Bool
+	acceptLocalOff    problemState
+
 	spliceLatency            latencies
 	phases                   [numSteps]latencies // see phase
 	spliceCost, unspliceCost movingCost          // see TransitionCosts
@@ -544,6 +550,7 @@ func (g *Gateway) prepareSplicing(ctx context.Context, cfg *config.Config, m *ru
 			return err
 		}
 		g.restoreSysctls = restore
+		g.acceptLocalNeeded.Store(true)
 	}
 	return nil
 }
@@ -573,6 +580,7 @@ func (g *Gateway) acceptLocalForAdopted(cfg *config.Config) {
 		return
 	}
 	g.restoreSysctls = restore
+	g.acceptLocalNeeded.Store(true)
 }
 
 // adoptedNAT4 reports whether a spliced flow (at the start: an adopted

@@ -2,9 +2,12 @@ package gateway
 
 import (
 	"fmt"
+	"log/slog"
 	"os"
 	"strings"
+	"time"
 
+	"spliced/api"
 	"spliced/config"
 	"spliced/logging"
 )
@@ -97,4 +100,42 @@ func restoreAcceptLocal(table string) error {
 		return fmt.Errorf("restore %s: %w", acceptLocal, err)
 	}
 	return os.Remove(rec)
+}
+
+// sysctlCheckEvery is how often checkAcceptLocal reads accept_local: no
+// event says a sysctl changed, and a read costs a few microseconds.
+const sysctlCheckEvery = time.Second
+
+// checkAcceptLocal sets accept_local again when someone set it back to 0
+// while spliced NAT flows need it (an operator, a hardening script):
+// their packets, which carry the gateway's own address once rewritten,
+// were dropped as martians, and every such flow stalled for good without
+// a word (TestLabAcceptLocalResetWhileRunning). With kernel.repair off,
+// or when it cannot be set, it says so and the status lists it until it
+// is 1 again. The value it had before spliced goes back at the stop, as
+// before.
+func (g *Gateway) checkAcceptLocal() {
+	if !g.acceptLocalNeeded.Load() {
+		return
+	}
+	b, err := os.ReadFile(acceptLocal)
+	if err != nil || strings.TrimSpace(string(b)) == "1" {
+		g.acceptLocalOff.update(g.log, "", slog.LevelError, "", "net.ipv4.conf.all.accept_local is 1 again: spliced NAT flows' packets pass")
+		return
+	}
+	const what = "net.ipv4.conf.all.accept_local was set to 0 while spliced runs: spliced NAT flows forward packets with the gateway's own source address, which the kernel drops as martians without it"
+	if g.config().Kernel.Repair != "off" {
+		if err = os.WriteFile(acceptLocal, []byte("1"), 0o644); err == nil {
+			g.log.Warn(what+"; set to 1 again (its value before spliced is restored at shutdown)", "value", strings.TrimSpace(string(b)))
+			g.repairs.Add(1)
+			g.events.publish(api.Event{Kind: api.EventDrift, Detail: "net.ipv4.conf.all.accept_local set to 0"})
+			g.events.publish(api.Event{Kind: api.EventRepaired, Detail: "net.ipv4.conf.all.accept_local set to 1 again"})
+			return
+		}
+	}
+	problem := what + "; set it to 1 (sysctl -w net.ipv4.conf.all.accept_local=1): spliced restores its earlier value when it stops"
+	if err != nil {
+		problem += fmt.Sprintf(" (spliced could not: %v)", err)
+	}
+	g.acceptLocalOff.update(g.log, problem, slog.LevelError, "spliced NAT flows' packets are dropped", "")
 }

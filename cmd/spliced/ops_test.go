@@ -146,3 +146,44 @@ func TestLabAcceptLocalAfterKill(t *testing.T) {
 		t.Errorf("after kill -9, a restart and SIGTERM: accept_local %q, was 0 before spliced", v)
 	}
 }
+
+// TestLabAcceptLocalResetWhileRunning: net.ipv4.conf.all.accept_local
+// set back to 0 (an operator, a hardening script) while spliced NAT
+// flows move data. Their packets carry the gateway's own address once
+// rewritten, which the kernel then drops as martians: before, nothing
+// looked at the sysctl after the start, and 8 of 8 flows stalled for
+// good without a word. Now the daemon notices, says so and sets it
+// again: every transfer completes intact, and the sysctl goes back to 0
+// when the daemon stops, as it was before spliced.
+func TestLabAcceptLocalResetWhileRunning(t *testing.T) {
+	t.Parallel()
+	lab := testnet.NewT(t, testnet.Options{})
+	get := func() string {
+		out, _ := lab.Gateway.Run("sysctl", "-n", "net.ipv4.conf.all.accept_local")
+		return strings.TrimSpace(out)
+	}
+	lab.Gateway.MustRun("sysctl", "-qw", "net.ipv4.conf.all.accept_local=0")
+	d := testnet.StartDaemon(t, lab, faultConfig("splice", "")+"    upstream: nat\n")
+	const flows = 8
+	failures := busyFlows(t, lab, d, "splice", flows, 3*time.Second, func() {
+		lab.Gateway.MustRun("sysctl", "-qw", "net.ipv4.conf.all.accept_local=0")
+	})
+	if len(failures) > 0 {
+		t.Fatalf("%d of %d flows failed:\n%s\n%s", len(failures), flows, strings.Join(failures, "\n"), tail(d.Log(), 20))
+	}
+	if rec := d.FindLog(func(l map[string]any) bool {
+		return strings.HasPrefix(fmt.Sprint(l["msg"]), "net.ipv4.conf.all.accept_local was set to 0")
+	}); rec == nil {
+		t.Errorf("the daemon did not say accept_local was reset:\n%s", tail(d.Log(), 20))
+	}
+	if v := get(); v != "1" {
+		t.Errorf("accept_local %q after the daemon noticed, want 1", v)
+	}
+	d.Stop()
+	if err := d.Wait(10 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if v := get(); v != "0" {
+		t.Errorf("accept_local %q after the stop, want 0 as before spliced", v)
+	}
+}

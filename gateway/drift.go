@@ -7,6 +7,7 @@ import (
 	"maps"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -249,29 +250,51 @@ func (g *Gateway) repairDrift(ctx context.Context) {
 	table, ipRules, routes, err := m.State()
 	routingOK := err == nil && ipRules == 2 && routes == 2
 	if diff == "" && routingOK {
+		g.lastDrift = ""
+		g.driftLeft.Store(nil)
 		return
 	}
 	start := time.Now()
 	detail := trimDiff(diff)
+	spec := m.Spec()
+	what := "table inet " + spec.Table + " was changed"
+	switch {
+	case !table:
+		what = "table inet " + spec.Table + " is gone"
+	case diff == "":
+		what = ""
+	}
 	if !routingOK {
-		detail += "\npolicy routing: ip rules or routes missing"
+		routing := fmt.Sprintf("policy routing: %d of 2 ip rules (fwmark 0x%x lookup %d) and %d of 2 local routes in table %d", ipRules, spec.Mark, spec.RouteTable, routes, spec.RouteTable)
+		if err != nil {
+			routing = fmt.Sprintf("policy routing unreadable: %v", err)
+		}
+		detail += "\n" + routing
+		what = strings.TrimPrefix(what+"; "+routing, "; ")
 	}
 	if g.config().Kernel.Repair == "off" {
-		if diff != g.lastDrift {
-			g.lastDrift = diff
+		// Said once per drift: a drift that ends and comes back is
+		// said again.
+		if detail != g.lastDrift {
+			g.lastDrift = detail
 			g.log.Warn("ruleset drift: someone changed spliced's table or routing; kernel.repair is off, leaving it",
-				logging.KeyTable, "inet "+m.Spec().Table, "table_present", table, "diff", detail)
+				logging.KeyTable, "inet "+spec.Table, "table_present", table, "diff", detail)
 			g.events.publish(api.Event{Kind: api.EventDrift, Detail: detail})
 		}
+		left := what + ": intercepted and spliced flows may fail; kernel.repair is off, so spliced leaves it (splicectl ruleset -diff shows the table's drift; kernel.repair: on restores it)"
+		g.driftLeft.Store(&left)
 		return
 	}
 	g.log.Warn("ruleset drift: someone changed spliced's table or routing; restoring it",
-		logging.KeyTable, "inet "+m.Spec().Table, "table_present", table, "diff", detail)
+		logging.KeyTable, "inet "+spec.Table, "table_present", table, "diff", detail)
 	g.events.publish(api.Event{Kind: api.EventDrift, Detail: detail})
 	if err := g.repairLive(m); err != nil {
 		g.log.Error("restore the ruleset", logging.Err(err))
+		left := fmt.Sprintf("%s: intercepted and spliced flows may fail; restoring it failed, retrying every %v: %v", what, repairCheckEvery, err)
+		g.driftLeft.Store(&left)
 		return
 	}
+	g.driftLeft.Store(nil)
 	g.repairs.Add(1)
 	took := time.Since(start)
 	g.log.Info("ruleset restored", logging.KeyTable, "inet "+m.Spec().Table, "took_ms", took.Milliseconds())

@@ -90,7 +90,12 @@ func (g *Gateway) redirects() bool {
 // statusWarnings are what `splicectl status` lists for the operator to
 // fix.
 func (g *Gateway) statusWarnings() []string {
-	out := append(g.firewallWarnings(), g.sourceNATWarnings()...)
+	var out []string
+	if p := g.driftLeft.Load(); p != nil {
+		out = append(out, *p)
+	}
+	out = append(out, g.firewallWarnings()...)
+	out = append(out, g.sourceNATWarnings()...)
 	out = append(out, g.bridgeNF.warnings()...)
 	out = append(out, g.acceptLocalOff.warnings()...)
 	out = append(out, g.markRoutingWarnings()...)

@@ -124,6 +124,9 @@ type Gateway struct {
 	transitionsRunning atomic.Int32
 	events             events
 	lastDrift          string // the drift last reported with kernel.repair off
+	// driftLeft: the drift the last check left in place (kernel.repair
+	// off, or its repair failed), for the status; nil when none.
+	driftLeft atomic.Pointer[string]
 	// firewallDrops: the forward chains checkFirewall last found
 	// dropping spliced flows (written under rulesMu).
 	firewallDrops  atomic.Pointer[[]rules.UntrackedDrop]

@@ -129,6 +129,11 @@ func forward(g *Gateway, e *splice.Entry, d splice.Dir, p *splice.Packet, np *nf
 	for {
 		if g.kpath != nil && e.Offloaded() {
 			// Promoted to the bpf datapath (see promote).
+			if e.CongestionDrop(p, d) {
+				// Passed on by the program (rare): dropped here, the
+				// flow stays with it.
+				return verdictOf(g, splice.DropCE, p, np)
+			}
 			if dec, done := g.forwardOffloaded(e, np); done {
 				return dec
 			}

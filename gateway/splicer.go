@@ -294,7 +294,7 @@ func (g *Gateway) divert(tr *transition) error {
 func legAttrs(name string, c *splice.Conn) slog.Attr {
 	return slog.Group(name, "local", c.Local, "remote", c.Remote, "snd_nxt", uint32(c.SndNxt), "rcv_nxt", uint32(c.RcvNxt),
 		"snd_wnd", c.SndWnd, "rcv_wnd", c.RcvWnd, "snd_wscale", c.SndWscale, "rcv_wscale", c.RcvWscale,
-		"mss", c.MSS, "adv_mss", c.AdvMSS, "max_wnd", c.MaxWnd, "sack", c.SACK, "timestamps", c.Timestamps, "tsval", c.TSval)
+		"mss", c.MSS, "adv_mss", c.AdvMSS, "max_wnd", c.MaxWnd, "sack", c.SACK, "timestamps", c.Timestamps, "ecn", c.ECN, "tsval", c.TSval)
 }
 
 func (g *Gateway) drainTimeout(service string) time.Duration {

@@ -44,6 +44,9 @@ type Conn struct {
 	AdvMSS           uint16
 	MaxWnd           uint32
 	SACK, Timestamps bool // negotiated on this connection
+	// ECN: the connection negotiated ECN (RFC 3168; tcp_info's
+	// TCPI_OPT_ECN): its ends may send ECN-capable packets.
+	ECN bool
 	// TSval is the socket's timestamp clock at capture (TCP_TIMESTAMP,
 	// with the microsecond-clock flag bit cleared).
 	TSval uint32
@@ -128,10 +131,14 @@ type dirState struct {
 type Flow struct {
 	d        [2]dirState
 	lastSeen int64 // when the last packet was forwarded (monotonic nanoseconds)
-	closed   uint8 // flowRST when a RST was forwarded
+	closed   uint8 // flowRST when a RST was forwarded; flowRelearn and flowStripECN bits by direction
 }
 
 const flowRST = 1
+
+// flowStripECN << d (in Flow.closed): direction d's sender negotiated
+// ECN and its receiver did not (see Rewrite).
+const flowStripECN = 8
 
 // flowRelearn << d (in Flow.closed): direction d's tracking state
 // (sndNxt, ackSeen) is an old record, behind what the ends did since (see
@@ -169,6 +176,12 @@ func NewFlow(p *Params, now int64) (Flow, error) {
 	keys := p.Keys()
 	var f Flow
 	f.lastSeen = now
+	if c.ECN && !s.ECN {
+		f.closed |= flowStripECN << C2S
+	}
+	if s.ECN && !c.ECN {
+		f.closed |= flowStripECN << S2C
+	}
 	f.d[C2S] = dirState{
 		seqOff:  uint32(s.SndNxt - c.RcvNxt),
 		tsOff:   s.TSval,

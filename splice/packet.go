@@ -1,6 +1,9 @@
 package splice
 
-import "net/netip"
+import (
+	"encoding/binary"
+	"net/netip"
+)
 
 // Status is the result of parsing a packet.
 type Status uint8
@@ -218,6 +221,35 @@ func (k Key) DstAddrPort() netip.AddrPort {
 }
 
 func (k Key) String() string { return k.SrcAddrPort().String() + " -> " + k.DstAddrPort().String() }
+
+// ECN field values (RFC 3168): the low two bits of the IPv4 TOS byte and
+// of the IPv6 traffic class.
+const (
+	ECNNotECT = 0
+	ECNCE     = 3
+)
+
+// ECN returns the packet's ECN field.
+func (p *Packet) ECN() uint8 {
+	if p.v6 {
+		return p.b[1] >> 4 & 3
+	}
+	return p.b[1] & 3
+}
+
+// clearECN makes the packet Not-ECT, updating the IPv4 header checksum
+// by the change (RFC 1624) as the BPF program does: a header that was
+// corrupt stays so.
+func (p *Packet) clearECN() {
+	if p.v6 {
+		p.b[1] &^= 0x30
+		return
+	}
+	old := binary.BigEndian.Uint16(p.b)
+	p.b[1] &^= 3
+	sum := binary.BigEndian.Uint16(p.b[IPv4ChecksumOffset:])
+	binary.BigEndian.PutUint16(p.b[IPv4ChecksumOffset:], UpdateChecksum(sum, old, binary.BigEndian.Uint16(p.b)))
+}
 
 // setAddrs writes a key's addresses into the packet's IP header.
 func (p *Packet) setAddrs(src, dst *[16]byte) {

@@ -32,6 +32,10 @@ const (
 	// a duplicate ACK it drew, that would make a closed socket send a
 	// reset. See Flow.spuriousEnd.
 	DropDuplicate
+	// DropCE: a packet marked Congestion Experienced on its way from a
+	// sender that negotiated ECN to a receiver that did not, which would
+	// ignore the mark (see Rewrite).
+	DropCE
 	numVerdicts
 )
 
@@ -39,7 +43,7 @@ const (
 const NumVerdicts = int(numVerdicts)
 
 func (v Verdict) String() string {
-	return [...]string{"forward", "drop_syn", "drop_seq", "drop_ack", "drop_rst", "drop_malformed", "drop_unsupported", "drop_no_flow", "drop_duplicate"}[v]
+	return [...]string{"forward", "drop_syn", "drop_seq", "drop_ack", "drop_rst", "drop_malformed", "drop_unsupported", "drop_no_flow", "drop_duplicate", "drop_ce"}[v]
 }
 
 // minWindow is a floor for window-based bounds: tiny or zero windows must
@@ -70,6 +74,20 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 	ackIn, v := f.check(p, d, false)
 	if v != Forward {
 		return v
+	}
+	// ECN is negotiated per connection, and the two legs of a splice
+	// may differ: a client that asks for it (Apple's systems, Linux with
+	// tcp_ecn=1) gets it from the gateway's socket (tcp_ecn=2, the
+	// default, accepts it), while the gateway's own connection to the
+	// server does not ask. Such a sender marks its packets ECN-capable;
+	// a router would then mark congestion (CE) instead of dropping, and
+	// the receiver, which negotiated no ECN, ignores the mark: the
+	// sender never slows down, and the bottleneck's queue fills. As at
+	// a tunnel's egress to a leg without ECN (RFC 6040), a CE mark
+	// becomes the drop it stands for, and the rest go Not-ECT.
+	stripECN := f.closed&(flowStripECN<<d) != 0
+	if stripECN && p.ECN() == ECNCE {
+		return DropCE
 	}
 	t := p.TCP()
 	flags := t.Flags()
@@ -227,6 +245,9 @@ func (f *Flow) Rewrite(p *Packet, d Dir, other *Key, now int64, csumComplete boo
 	}
 	t.SetWindow(scaleWindow(t.Window(), s.wsIn, s.wsOut, s.winUnit))
 	f.rewriteOptions(t.Options(), s, o, rst)
+	if stripECN && p.ECN() != ECNNotECT {
+		p.clearECN()
+	}
 	if s.flags&dirAddrs != 0 {
 		p.setAddrs(&other.Dst, &other.Src)
 		if !p.v6 {

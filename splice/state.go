@@ -11,6 +11,9 @@ type State struct {
 	// Relearn: a direction's tracking state is being relearned (see
 	// Flow.Relearn).
 	Relearn [2]bool
+	// StripECN: a direction's sender negotiated ECN and its receiver
+	// did not (see Rewrite).
+	StripECN [2]bool
 }
 
 // DirState is one direction's rewrite parameters and tracking state, in
@@ -62,6 +65,7 @@ func (f *Flow) State() State {
 	s.RST = f.closed&flowRST != 0
 	for d := range s.Relearn {
 		s.Relearn[d] = f.relearning(Dir(d))
+		s.StripECN[d] = f.closed&(flowStripECN<<d) != 0
 	}
 	return s
 }
@@ -84,6 +88,9 @@ func FlowFromState(s State) Flow {
 	for d, r := range s.Relearn {
 		if r {
 			f.closed |= flowRelearn << d
+		}
+		if s.StripECN[d] {
+			f.closed |= flowStripECN << d
 		}
 	}
 	return f

@@ -174,6 +174,18 @@ func (e *Entry) OffloadState() (offloaded, handing bool) {
 	return e.offloaded || e.handing, e.handing
 }
 
+// CongestionDrop reports whether the engine drops p, a packet of
+// direction d, as one marked CE toward a receiver without ECN (DropCE),
+// whatever else it would decide: the bpf datapath passes such packets to
+// the queue rather than count a verdict of its own, and the gateway
+// drops them without taking the flow back.
+func (e *Entry) CongestionDrop(p *Packet, d Dir) bool {
+	e.mu.Lock()
+	strip := e.flow.closed&(flowStripECN<<d) != 0
+	e.mu.Unlock()
+	return strip && p.ECN() == ECNCE
+}
+
 // Offloaded reports whether another datapath holds the flow, or is
 // being handed it (BeginOffload).
 func (e *Entry) Offloaded() bool {

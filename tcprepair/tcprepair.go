@@ -36,6 +36,7 @@ const (
 	tcpiOptTimestamp = 1
 	tcpiOptSACK      = 2
 	tcpiOptWscale    = 4
+	tcpiOptECN       = 8
 )
 
 // OpError is a failed socket operation, with the option that failed.
@@ -140,6 +141,7 @@ func Capture(c *net.TCPConn) (splice.Conn, error) {
 		opts := info[tcpInfoOptions]
 		st.Timestamps = opts&tcpiOptTimestamp != 0
 		st.SACK = opts&tcpiOptSACK != 0
+		st.ECN = opts&tcpiOptECN != 0
 		if opts&tcpiOptWscale != 0 {
 			st.SndWscale = info[tcpInfoWscale] & 0x0f
 			st.RcvWscale = info[tcpInfoWscale] >> 4

@@ -166,7 +166,12 @@ func be16(v uint16) uint16 {
 func (dp *Datapath) flowVal(st *splice.State) rewriteFlowVal {
 	var v rewriteFlowVal
 	if st.RST {
-		v.Closed = 1
+		v.Closed = flowRST
+	}
+	for d, strip := range st.StripECN {
+		if strip {
+			v.Closed |= flowStripECN << d
+		}
 	}
 	v.LastSeen = st.LastSeen
 	for d := range v.D {
@@ -189,7 +194,10 @@ func (dp *Datapath) flowVal(st *splice.State) rewriteFlowVal {
 // state converts the map's value back to the engine's state.
 func (dp *Datapath) state(v *rewriteFlowVal) splice.State {
 	var st splice.State
-	st.RST = v.Closed&1 != 0
+	st.RST = v.Closed&flowRST != 0
+	for d := range st.StripECN {
+		st.StripECN[d] = v.Closed&(flowStripECN<<d) != 0
+	}
 	st.LastSeen = v.LastSeen
 	for d := range v.D {
 		s, x := &st.Dirs[d], &v.D[d]
@@ -243,6 +251,12 @@ func (dp *Datapath) PutFlowWatch(id uint64, keys [2]splice.Key, st splice.State,
 	}
 	return nil
 }
+
+// flow_val.closed bits: FLOW_RST, and FLOW_STRIP_ECN << dir.
+const (
+	flowRST      = 1
+	flowStripECN = 8
+)
 
 // tuplePassData is the tuple flag that passes packets with payload to
 // the queue (TUPLE_PASS_DATA).

@@ -37,6 +37,7 @@ func randomState(r *rand.Rand, now int64) State {
 	}
 	st.LastSeen = now
 	st.RST = r.IntN(2) == 0
+	st.StripECN = [2]bool{r.IntN(2) == 0, r.IntN(2) == 0}
 	return st
 }
 

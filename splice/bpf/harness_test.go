@@ -230,6 +230,7 @@ type seg struct {
 	ext      []byte // IPv6: raw extension headers before TCP (instead)
 	extNext  byte   // the first of them
 	ttl      uint8  // the TTL or hop limit; 0 is 64
+	ecn      uint8  // the ECN field (RFC 3168)
 }
 
 func (s seg) bytes() []byte {
@@ -258,6 +259,7 @@ func (s seg) bytes() []byte {
 		hl := 20 + len(s.ipOpts)
 		ip := make([]byte, hl, hl+len(tcp))
 		ip[0] = 0x40 | byte(hl/4)
+		ip[1] = s.ecn
 		binary.BigEndian.PutUint16(ip[2:], uint16(hl+len(tcp)))
 		ip[6] = 0x40 // DF
 		ip[8] = ttl
@@ -279,6 +281,7 @@ func (s seg) bytes() []byte {
 	}
 	ip := make([]byte, 40, 40+len(ext)+len(tcp))
 	ip[0] = 0x60
+	ip[1] = s.ecn << 4
 	binary.BigEndian.PutUint16(ip[4:], uint16(len(ext)+len(tcp)))
 	ip[6] = next
 	ip[7] = ttl

@@ -68,6 +68,11 @@
 #define DIR_DUP_DROPPED (1 << 7)
 
 #define FLOW_RST 1
+// FLOW_STRIP_ECN << dir: the direction's sender negotiated ECN and its
+// receiver did not (splice's flowStripECN): its packets go Not-ECT, and
+// one marked CE goes to the queue, where the engine drops it.
+#define FLOW_STRIP_ECN 8
+#define ECN_CE 3
 
 // tuple_val.flags: pass packets with payload in this direction to the
 // queue (the HTTP proxy watches a spliced flow for the client's next
@@ -380,6 +385,7 @@ struct decision {
 	__u16 window;
 	__u8 addrs;       // rewrite addresses
 	__u8 strip_ts, strip_sack, ts_rewrite;
+	__u8 strip_ecn;   // make the packet Not-ECT (FLOW_STRIP_ECN)
 	__u32 ts_val, ts_ecr;
 	__u32 sack_off; // subtracted from SACK edges
 };
@@ -547,6 +553,7 @@ static __always_inline void decide(struct flow_val *f, __u32 dir, __u8 flags, __
 		}
 	}
 	dc->addrs = (s->flags & DIR_ADDRS) != 0;
+	dc->strip_ecn = (f->closed & (FLOW_STRIP_ECN << dir)) != 0;
 	dc->verdict = V_FORWARD;
 }
 
@@ -832,6 +839,10 @@ int splice_rewrite(struct __sk_buff *skb)
 	__u32 seg_len = ip_end - l4 - hl;
 	if (seg_len && (tv->flags & TUPLE_PASS_DATA))
 		goto pass;
+	// The bit is set when the flow is written, never changed by the
+	// program: read without the lock.
+	if ((f->closed & (FLOW_STRIP_ECN << dir)) && (v6 ? ip[1] >> 4 : ip[1]) % 4 == ECN_CE)
+		goto pass; // rare: the engine drops it (splice.DropCE)
 	if (flags & FLAG_FIN)
 		seg_len++;
 
@@ -942,6 +953,16 @@ int splice_rewrite(struct __sk_buff *skb)
 		if (!v6 && bpf_l3_csum_replace(skb, l3 + 10, 0, diff, 0))
 			goto fail;
 		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | (v6 ? BPF_F_IPV6 : 0)))
+			goto fail;
+	}
+	if (dc.strip_ecn && (v6 ? ip[1] >> 4 : ip[1]) % 4) {
+		// Not-ECT; the IPv4 header checksum by the change of its first
+		// word (in memory order), as the engine's clearECN. sc->old is
+		// free again: the TCP checksum's delta is taken.
+		sc->old[0] = v6 ? ip[1] & ~0x30 : ip[1] & ~3;
+		if (bpf_skb_store_bytes(skb, sc->l3 + 1, sc->old, 1, 0))
+			goto fail;
+		if (!v6 && bpf_l3_csum_replace(skb, sc->l3 + 10, ip[0] | (__u32)ip[1] << 8, ip[0] | (__u32)sc->old[0] << 8, 2))
 			goto fail;
 	}
 	skb->mark |= rewritten_mark;

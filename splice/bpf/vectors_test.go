@@ -664,3 +664,42 @@ func TestDiffWindowGrowthCapped(t *testing.T) {
 		f.want(f.at(f.s2c(0xffffff00, 1000+1448+dC2S, FlagACK), S2C, 5), Forward, "the server's ACK of it")
 	})
 }
+
+// TestDiffECNAcrossLegs: a direction whose sender negotiated ECN and
+// whose receiver did not goes Not-ECT (the IPv4 header checksum updated,
+// with IPv4 options too); a CE mark there goes to the queue, where the
+// engine drops it. Where the legs agree, the field passes as it came.
+func TestDiffECNAcrossLegs(t *testing.T) {
+	for _, legs := range [][2]bool{{true, false}, {false, true}, {true, true}} {
+		each(t, func(t *testing.T, v6, nat bool) {
+			f := newFixture(t, v6, nat, func(p *Params) { p.Client.ECN, p.Server.ECN = legs[0], legs[1] })
+			seq := [2]uint32{1000, 0xffffff00}
+			for i, ecn := range []uint8{2, 1, 3, 2} {
+				for _, d := range []Dir{C2S, S2C} {
+					var s seg
+					if d == C2S {
+						s = f.c2s(seq[d], 0xfffffff0, FlagACK)
+					} else {
+						s = f.s2c(seq[d], 0x7ffffff0, FlagACK)
+					}
+					s.payload = bytes.Repeat([]byte{byte(i)}, 100)
+					s.ecn = ecn
+					if !v6 && i == 3 {
+						s.ipOpts = []byte{1, 1, 1, 0}
+					}
+					strip := legs[d] && !legs[1-d]
+					want := Forward
+					if strip && ecn == ECNCE {
+						want = DropCE
+						f.allowPass = true
+					}
+					f.want(f.at(s, d, int64(i+1)), want, fmt.Sprintf("legs %v %v ECN %d", legs, d, ecn))
+					f.allowPass = false
+					if want == Forward {
+						seq[d] += 100
+					}
+				}
+			}
+		})
+	}
+}

@@ -313,7 +313,7 @@ func (g *Gateway) loadKernelPath(cfg *config.Config) (*kernelPath, []string, err
 	dp, err := bpf.Load(opts)
 	var ie *bpf.IncompatibleError
 	if errors.As(err, &ie) && !ie.OtherNetNS {
-		g.log.Error("pins of the bpf datapath removed: "+ie.Reason+"; their flows cannot be read, so they are neither adopted nor reset (the ends drop their packets, unrewritten, and time out)", "pins", dir)
+		g.log.Error("pins of the bpf datapath removed: "+ie.Reason+"; their flows cannot be read, so they are not adopted (those the earlier table still diverts are reset as lost flows)", "pins", dir)
 		if err := bpf.RemovePins(dir); err != nil {
 			return nil, nil, fmt.Errorf("remove the bpf datapath's pins: %w", err)
 		}

@@ -315,6 +315,24 @@ func (g *Gateway) installLive(m *rules.Manager) error {
 	return err
 }
 
+// installAtStart is installLive for the start: the table it replaces may
+// be an earlier daemon's, whose divert entries of flows nobody continues
+// it keeps for a while, to reset their ends (see lostTuples).
+func (g *Gateway) installAtStart(m *rules.Manager) error {
+	if !g.splicing() {
+		return m.Install(nil)
+	}
+	var err error
+	g.diverter.Exclusive(func() {
+		g.findLost()
+		err = m.Install(g.liveDivert())
+	})
+	if err == nil {
+		g.checkDivertCommands()
+	}
+	return err
+}
+
 // repairLive is installLive for the drift check: the table is restored in
 // place where it still exists (rules.Manager.Repair).
 func (g *Gateway) repairLive(m *rules.Manager) error {

@@ -182,7 +182,10 @@ type Gateway struct {
 	repromoting, stopping atomic.Bool
 	// resetFlows: the spliced flows reset while stopping, whose
 	// packets the packet path answers (see reset.go).
-	resetFlows          resetFlows
+	resetFlows resetFlows
+	// lost: the tuples an earlier daemon left diverted whose flows
+	// nobody continues (see lost.go).
+	lost                lostTuples
 	stallLog            *logging.Limiter
 	reloads             atomic.Int64
 	divertRefreshOK     atomic.Uint64
@@ -344,11 +347,14 @@ func (g *Gateway) Run(ctx context.Context, ready func()) error {
 	// to a listener started above, and its divert entries went into the
 	// old table's sets. The new table carries them (installLive: no
 	// splice adds or removes an entry meanwhile).
-	if err := g.installLive(g.manager()); err != nil {
+	if err := g.installAtStart(g.manager()); err != nil {
 		g.manager().Remove()
 		g.shutdown()
 		g.rulesMu.Unlock()
 		return err
+	}
+	if g.lost.on.Load() {
+		g.probeLost()
 	}
 	g.activateStored()
 	g.checkFirewall()

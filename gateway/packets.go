@@ -87,7 +87,11 @@ func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 	if !ok {
 		// A diverted tuple without a flow: its splice was abandoned or
 		// it ended. Passing it unrewritten could corrupt the peer's view;
-		// dropping it lets TCP recover.
+		// dropping it lets TCP recover. One an earlier daemon left
+		// (see lostTuples) is answered with a reset.
+		if g.lost.on.Load() && g.answerLost(p, key) {
+			return nfq.Drop
+		}
 		g.counters.verdicts[splice.DropNoFlow].Add(1)
 		return nfq.Drop
 	}

@@ -67,5 +67,6 @@ func (g *Gateway) refreshable() map[uint16][]splice.Key {
 	for _, tr := range g.passthrough {
 		out[tr.queue] = append(out[tr.queue], tr.keys[0], tr.keys[1])
 	}
+	g.lostDivert(func(q uint16, k splice.Key) { out[q] = append(out[q], k) })
 	return out
 }

@@ -124,16 +124,24 @@ func (g *Gateway) answerReset(e *splice.Entry, p *splice.Packet) bool {
 	if !g.resetFlows.has(e.ID) {
 		return false
 	}
-	t := p.TCP()
-	if t.Flags()&(splice.FlagRST|splice.FlagACK) != splice.FlagACK {
-		return true // its end is resetting itself, or it acknowledges nothing
-	}
-	var rst splice.Packet
-	if rst.Parse(splice.AppendBareSegment(nil, p.KeyOf().Reverse(), t.Ack(), splice.FlagRST, 64)) == splice.OK && g.inject.send(&rst) == nil {
+	if g.resetSender(p) {
 		g.resetFlows.answered.Add(1)
 		g.resetFlows.last.Store(time.Now().UnixNano())
 	}
 	return true
+}
+
+// resetSender sends p's sender a reset at the sequence number p
+// acknowledges, its rcv_nxt, which it accepts (RFC 5961 3.2), and reports
+// whether it went out. A packet that is a reset, or acknowledges nothing,
+// is not answered.
+func (g *Gateway) resetSender(p *splice.Packet) bool {
+	t := p.TCP()
+	if t.Flags()&(splice.FlagRST|splice.FlagACK) != splice.FlagACK {
+		return false // its end is resetting itself, or it acknowledges nothing
+	}
+	var rst splice.Packet
+	return rst.Parse(splice.AppendBareSegment(nil, p.KeyOf().Reverse(), t.Ack(), splice.FlagRST, 64)) == splice.OK && g.inject.send(&rst) == nil
 }
 
 // awaitResetAnswers gives the ends of the flows just reset time to

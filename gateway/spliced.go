@@ -158,6 +158,7 @@ func (g *Gateway) reap(now time.Time) {
 		return
 	}
 	g.syncStored(now)
+	g.reapLost(now)
 	mono := monotime.Of(now)
 	var done, idle []*splicedFlow
 	var reasons []string

@@ -60,7 +60,7 @@ func (g *Gateway) openStore(cfg *config.Config) {
 	s, err := bpf.OpenStore(dir)
 	var ie *bpf.IncompatibleError
 	if errors.As(err, &ie) && !ie.OtherNetNS {
-		g.log.Error("record of spliced flows removed: "+ie.Reason+"; its flows cannot be read, so they are neither adopted nor reset", "pins", dir)
+		g.log.Error("record of spliced flows removed: "+ie.Reason+"; its flows cannot be read, so they are not adopted (those the earlier table still diverts are reset as lost flows)", "pins", dir)
 		if err := bpf.RemovePins(dir); err != nil {
 			fail(err)
 			return

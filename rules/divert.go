@@ -586,6 +586,65 @@ func (d *Diverter) Has(q uint16, k splice.Key) (bool, error) {
 	return false, nil
 }
 
+// Tuples lists every tuple in the table's divert sets (the gate's sets,
+// which hold each queue's): at a start, before the new table replaces
+// it, what an earlier daemon left diverted. A table or a set that does
+// not exist (none installed, or one of a version before the gate's sets)
+// holds none. It takes the Manager's socket only, so that it can run
+// inside Exclusive, before the install that replaces the table.
+func (d *Diverter) Tuples() ([]splice.Key, error) {
+	c, o, err := d.m.lockedConn()
+	if err != nil {
+		return nil, err
+	}
+	defer o.mu.Unlock()
+	if ok, err := tableExists(c, d.table.Name); err != nil || !ok {
+		return nil, err
+	}
+	sets, err := c.GetSets(d.table)
+	if err != nil {
+		return nil, fmt.Errorf("list the sets of table inet %s: %w", d.table.Name, err)
+	}
+	has := map[string]bool{}
+	for _, s := range sets {
+		has[s.Name] = true
+	}
+	var out []splice.Key
+	for _, v6 := range []bool{false, true} {
+		if !has[DivertAnySetName(v6)] {
+			continue
+		}
+		els, err := c.GetSetElements(divertAnySet(d.table, v6, d.timeout))
+		if err != nil {
+			return out, fmt.Errorf("list divert set %s: %w", DivertAnySetName(v6), err)
+		}
+		for _, e := range els {
+			if k, ok := keyOfElement(e.Key, v6); ok {
+				out = append(out, k)
+			}
+		}
+	}
+	return out, nil
+}
+
+// keyOfElement decodes a divert set's element key (see divertKey).
+func keyOfElement(b []byte, v6 bool) (splice.Key, bool) {
+	if !v6 {
+		if len(b) != 16 {
+			return splice.Key{}, false
+		}
+		return splice.KeyFrom(
+			netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[0:4])), binary.BigEndian.Uint16(b[4:])),
+			netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[8:12])), binary.BigEndian.Uint16(b[12:]))), true
+	}
+	if len(b) != 40 {
+		return splice.Key{}, false
+	}
+	return splice.KeyFrom(
+		netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[0:16])), binary.BigEndian.Uint16(b[16:])),
+		netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[20:36])), binary.BigEndian.Uint16(b[36:]))), true
+}
+
 // Close ends the diverter. The socket is the Manager's, which closes it
 // (Manager.Close).
 func (d *Diverter) Close() error { return nil }

@@ -305,6 +305,44 @@ func TestDiverter(t *testing.T) {
 	}
 }
 
+// TestDiverterTuples: a diverter lists what the table's divert sets hold,
+// both families and every queue, and nothing where no table is
+// installed; a daemon that starts reads so what a killed one left.
+func TestDiverterTuples(t *testing.T) {
+	spec := sampleSpec(t)
+	d, _ := installedDiverter(t, spec)
+	k4 := splice.KeyFrom(netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80"))
+	k6 := splice.KeyFrom(netip.MustParseAddrPort("[fd00:1::2]:40000"), netip.MustParseAddrPort("[fd00:2::2]:80"))
+	if err := d.Add(0, k4, k6); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Add(1, k4.Reverse(), k6.Reverse()); err != nil {
+		t.Fatal(err)
+	}
+	got, err := d.Tuples()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[splice.Key]bool{k4: true, k4.Reverse(): true, k6: true, k6.Reverse(): true}
+	if len(got) != len(want) {
+		t.Errorf("tuples %v, want %d", got, len(want))
+	}
+	for _, k := range got {
+		if !want[k] {
+			t.Errorf("tuple %v listed, not added", k)
+		}
+	}
+
+	ns := testnet.Scratch(t)
+	empty, err := NewManager(spec, WithNetNS(ns.OpenT(t))).NewDiverter()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := empty.Tuples(); err != nil || len(got) != 0 {
+		t.Errorf("without a table: tuples %v, %v; want none", got, err)
+	}
+}
+
 // TestDiverterGroupsAdds: adds that queue while a transaction runs are
 // committed together in the next one, and a request that fails the
 // group's transaction fails alone.

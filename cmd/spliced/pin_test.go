@@ -490,7 +490,8 @@ func TestLabBPFAdoptedHTTPRequest(t *testing.T) {
 // TestLabBPFPinsOtherVersion: pins whose layout record names another
 // version of the program are not reused: the daemon logs why, removes
 // them (their flows cannot be read, so they end: nothing wrong reaches
-// an end) and runs on fresh pins.
+// an end, and both ends are reset as lost flows, see gateway/lost.go)
+// and runs on fresh pins.
 func TestLabBPFPinsOtherVersion(t *testing.T) {
 	t.Parallel()
 	const n = 2
@@ -531,6 +532,9 @@ func TestLabBPFPinsOtherVersion(t *testing.T) {
 	for i, r := range res {
 		if err := r.CheckPrefix(); err != nil {
 			t.Errorf("old flow %d: %v", i, err)
+		}
+		if r.Client.Err == nil || r.Server.Err == nil || !strings.Contains(r.Client.Err.Error(), "reset") || !strings.Contains(r.Server.Err.Error(), "reset") {
+			t.Errorf("old flow %d: client %v, server %v; want a reset at both ends", i, r.Client.Err, r.Server.Err)
 		}
 	}
 	// The new daemon splices on fresh pins.

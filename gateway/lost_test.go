@@ -1,0 +1,121 @@
+package gateway
+
+import (
+	"log/slog"
+	"net/netip"
+	"slices"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"spliced/config"
+	"spliced/nfq"
+	"spliced/splice"
+	"spliced/testnet"
+)
+
+// TestAnswerLost: a packet on a tuple an earlier daemon left diverted
+// and nobody continues (lostTuples) is dropped and answered with a reset
+// at the sequence number it acknowledges; a probe asks each tuple's
+// sender for such a packet; a SYN on such a tuple ends its entry; a
+// diverted packet of no flow that is not lost is dropped unanswered, as
+// before. Sent into a scratch namespace's loopback, read back by a raw
+// socket.
+func TestAnswerLost(t *testing.T) {
+	testnet.Privileged(t, "ip")
+	ns := testnet.Scratch(t)
+	g := New(&config.Config{}, slog.New(slog.DiscardHandler))
+	g.engine = splice.NewTable()
+	var rx int
+	if err := ns.Do(func() error {
+		var err error
+		if g.inject, err = newInjector(false); err != nil {
+			return err
+		}
+		if rx, err = unix.Socket(unix.AF_INET, unix.SOCK_RAW|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP); err != nil {
+			return err
+		}
+		tv := unix.NsecToTimeval(int64(200 * time.Millisecond))
+		return unix.SetsockoptTimeval(rx, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer g.inject.Close()
+	defer unix.Close(rx)
+	// next returns the next packet sent on one of keys, or false.
+	next := func(keys ...splice.Key) (splice.Packet, bool) {
+		buf := make([]byte, 200)
+		for {
+			n, _, err := unix.Recvfrom(rx, buf, 0)
+			if err != nil {
+				return splice.Packet{}, false
+			}
+			var p splice.Packet
+			if p.Parse(append([]byte(nil), buf[:n]...)) == splice.OK && slices.Contains(keys, p.KeyOf()) {
+				return p, true
+			}
+		}
+	}
+	c, s := netip.MustParseAddrPort("127.0.0.2:40000"), netip.MustParseAddrPort("127.0.0.3:80")
+	fromClient, fromServer := splice.KeyFrom(c, s), splice.KeyFrom(s, c)
+	g.lost.keys = map[splice.Key]bool{fromClient: false, fromServer: false}
+	g.lost.since = time.Now()
+	g.lost.on.Store(true)
+	h := &packetHandler{g: g}
+
+	// The probes: an ACK to each tuple's sender, from its peer.
+	g.probeLost()
+	// (Loopback answers each probe with a reset: no socket has the
+	// tuple here.)
+	probed := map[splice.Key]bool{}
+	for {
+		p, ok := next(fromClient, fromServer)
+		if !ok {
+			break
+		}
+		if p.TCP().Flags() == splice.FlagACK && len(p.Payload()) == 0 {
+			probed[p.KeyOf()] = true
+		}
+	}
+	for _, k := range []splice.Key{fromClient, fromServer} {
+		if !probed[k.Reverse()] {
+			t.Errorf("no probe (a bare ACK) to %v", k.SrcAddrPort())
+		}
+	}
+	// The client's answer: reset at what it acknowledges.
+	if d := h.handle(&nfq.Packet{Data: dataPacket(c, s, 1000, 5700, nil, false)}); d != nfq.Drop {
+		t.Errorf("a packet on a lost tuple: %v, want drop", d)
+	}
+	if p, ok := next(fromServer); !ok || p.TCP().Flags() != splice.FlagRST || p.TCP().Seq() != 5700 {
+		t.Errorf("answer: %v, flags %#x seq %d; want a reset at 5700 (the client's rcv_nxt)", ok, p.TCP().Flags(), p.TCP().Seq())
+	}
+	if n := g.lost.answered.Load(); n != 1 {
+		t.Errorf("%d answered, want 1", n)
+	}
+	// A reset from an end: dropped, not answered.
+	rst := splice.AppendBareSegment(nil, fromServer, 5000, splice.FlagRST, 64)
+	if d := h.handle(&nfq.Packet{Data: rst}); d != nfq.Drop || g.lost.answered.Load() != 1 {
+		t.Errorf("a reset on a lost tuple: %v, %d answered; want drop and no answer", d, g.lost.answered.Load())
+	}
+	// A new connection from the client's port: its entry goes.
+	syn := splice.AppendBareSegment(nil, fromClient, 77, splice.FlagSYN, 64)
+	if d := h.handle(&nfq.Packet{Data: syn}); d != nfq.Drop {
+		t.Errorf("a SYN on a lost tuple: %v, want drop", d)
+	}
+	g.lost.mu.Lock()
+	_, kept := g.lost.keys[fromClient]
+	forget := g.lost.forget
+	g.lost.mu.Unlock()
+	if kept || len(forget) != 1 || forget[0] != fromClient {
+		t.Errorf("after a SYN on a lost tuple: still lost %v, to remove %v", kept, forget)
+	}
+	// Another tuple of no flow: dropped, unanswered.
+	other := netip.MustParseAddrPort("127.0.0.2:40001")
+	if d := h.handle(&nfq.Packet{Data: dataPacket(other, s, 1000, 5700, nil, false)}); d != nfq.Drop || g.lost.answered.Load() != 1 {
+		t.Errorf("a packet of no flow, not lost: %v, %d answered; want drop and no answer", d, g.lost.answered.Load())
+	}
+	if _, ok := next(splice.KeyFrom(s, other)); ok {
+		t.Errorf("a packet of no flow, not lost, was answered")
+	}
+}

@@ -906,6 +906,19 @@ func pinnedFlows(dir string) int {
 	return len(flows)
 }
 
+// divertedTuples counts the tuples the table of cfg diverts; 0 when
+// there is no table or it cannot tell.
+func divertedTuples(cfg *config.Config) int {
+	m := rules.NewManager(rules.FromConfig(cfg))
+	defer m.Close()
+	d, err := m.NewDiverter()
+	if err != nil {
+		return 0
+	}
+	keys, _ := d.Tuples()
+	return len(keys)
+}
+
 // Cleanup removes the kernel state a configuration would install, for
 // `spliced -cleanup` after the daemon was killed: the flows the bpf
 // datapath still rewrites from its pins are reset at both ends and the
@@ -913,9 +926,10 @@ func pinnedFlows(dir string) int {
 //
 // With keepFlows the pins and the nfqueue datapath's record stay, for the
 // restart that adopts their flows (the systemd unit's clean-up after a
-// failure); while there are such flows, the table stays with its divert
-// chains and sets only (rules.CleanupKeepDivert), so that their packets
-// are dropped until then, never delivered unrewritten.
+// failure); while there are such flows, or divert entries of flows the
+// next daemon is to reset, the table stays with its divert chains and
+// sets only (rules.CleanupKeepDivert), so that their packets are dropped
+// until then, never delivered unrewritten.
 func Cleanup(cfg *config.Config, log *slog.Logger, keepFlows bool) error {
 	unlock, err := lockDaemon(cfg)
 	if err != nil {
@@ -932,9 +946,11 @@ func Cleanup(cfg *config.Config, log *slog.Logger, keepFlows bool) error {
 		}
 	}
 	// Kept flows need the divert chain: without it their packets reach
-	// the ends unrewritten until the next daemon installs its table.
+	// the ends unrewritten until the next daemon installs its table. So
+	// do the flows the next daemon cannot continue (see lostTuples),
+	// which it finds by their divert entries, to reset them.
 	removeTable := rules.Cleanup
-	if keepFlows && (pinnedFlows(pinDir(cfg)) > 0 || pinnedFlows(storeDir(cfg)) > 0) {
+	if keepFlows && (pinnedFlows(pinDir(cfg)) > 0 || pinnedFlows(storeDir(cfg)) > 0 || divertedTuples(cfg) > 0) {
 		removeTable = rules.CleanupKeepDivert
 	}
 	if err := removeTable(rules.FromConfig(cfg), 0); err != nil {

@@ -23,9 +23,27 @@ import (
 // whose ends send nothing. Before, transparent flows' ends answered each
 // other's unrewritten packets with duplicate ACKs and waited for their
 // own timeouts (the test's: 58 s after the restart); idle ones waited
-// for ever.
+// for ever. Under the systemd unit, whose clean-up after a failure
+// (spliced -cleanup -keep-flows) runs between, the same: that clean-up
+// removed the whole table when no pin or record held a flow, and the
+// next daemon found nothing to reset.
 func TestLabKillLostFlowsReset(t *testing.T) {
 	t.Parallel()
+	for _, systemd := range []bool{false, true} {
+		name := "restart"
+		if systemd {
+			name = "cleanup_keep_flows"
+		}
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			killLostFlows(t, systemd)
+		})
+	}
+}
+
+// killLostFlows is TestLabKillLostFlowsReset, with the unit's clean-up
+// after a failure between the kill and the start if systemd is set.
+func killLostFlows(t *testing.T, systemd bool) {
 	lab := testnet.NewT(t, testnet.Options{})
 	// A directory with a file in it: spliced mounts no bpffs there, so
 	// it keeps no record of its spliced flows.
@@ -74,6 +92,12 @@ func TestLabKillLostFlowsReset(t *testing.T) {
 	}
 	time.Sleep(time.Second)
 	old.Kill()
+	if systemd {
+		if out, err := old.Run("-config", old.Config, "-cleanup", "-keep-flows"); err != nil {
+			t.Fatalf("spliced -cleanup -keep-flows: %v\n%s", err, out)
+		}
+		checkKeptTable(t, lab)
+	}
 	time.Sleep(time.Second)
 	d := testnet.StartDaemon(t, lab, cfg)
 	started := time.Now()

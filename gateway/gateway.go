@@ -185,7 +185,7 @@ type Gateway struct {
 	resetFlows resetFlows
 	// lost: the tuples an earlier daemon left diverted whose flows
 	// nobody continues (see lost.go).
-	lost                lostTuples
+	lost                orphanTuples
 	stallLog            *logging.Limiter
 	reloads             atomic.Int64
 	divertRefreshOK     atomic.Uint64
@@ -947,7 +947,7 @@ func Cleanup(cfg *config.Config, log *slog.Logger, keepFlows bool) error {
 	}
 	// Kept flows need the divert chain: without it their packets reach
 	// the ends unrewritten until the next daemon installs its table. So
-	// do the flows the next daemon cannot continue (see lostTuples),
+	// do the flows the next daemon cannot continue (see orphanTuples),
 	// which it finds by their divert entries, to reset them.
 	removeTable := rules.Cleanup
 	if keepFlows && (pinnedFlows(pinDir(cfg)) > 0 || pinnedFlows(storeDir(cfg)) > 0 || divertedTuples(cfg) > 0) {

@@ -35,7 +35,7 @@ import (
 // such answers to one per tcp_invalid_ratelimit, half a second, hence a
 // second probe). A SYN on such a tuple (a new connection from the same
 // port) ends its entry; its retransmission goes the usual way.
-type lostTuples struct {
+type orphanTuples struct {
 	on       atomic.Bool // tuples are kept: the packet path looks
 	mu       sync.Mutex
 	keys     map[splice.Key]bool // true once a packet was answered
@@ -105,7 +105,7 @@ func (g *Gateway) lostDivert(add func(q uint16, k splice.Key)) {
 
 // probeLost sends each lost tuple's sender that has not been answered
 // yet an ACK outside its window, from its peer's address, which it
-// answers with an ACK (see lostTuples).
+// answers with an ACK (see orphanTuples).
 func (g *Gateway) probeLost() {
 	g.lost.mu.Lock()
 	var keys []splice.Key
@@ -141,7 +141,7 @@ func (g *Gateway) probeLost() {
 }
 
 // answerLost reports whether p, a packet of no flow of this daemon's,
-// is on a lost tuple; then it answers it (see lostTuples), and p must be
+// is on a lost tuple; then it answers it (see orphanTuples), and p must be
 // dropped.
 func (g *Gateway) answerLost(p *splice.Packet, key splice.Key) bool {
 	g.lost.mu.Lock()

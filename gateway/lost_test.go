@@ -16,7 +16,7 @@ import (
 )
 
 // TestAnswerLost: a packet on a tuple an earlier daemon left diverted
-// and nobody continues (lostTuples) is dropped and answered with a reset
+// and nobody continues (orphanTuples) is dropped and answered with a reset
 // at the sequence number it acknowledges; a probe asks each tuple's
 // sender for such a packet; a SYN on such a tuple ends its entry; a
 // diverted packet of no flow that is not lost is dropped unanswered, as

@@ -88,7 +88,7 @@ func (h *packetHandler) handle(np *nfq.Packet) nfq.Decision {
 		// A diverted tuple without a flow: its splice was abandoned or
 		// it ended. Passing it unrewritten could corrupt the peer's view;
 		// dropping it lets TCP recover. One an earlier daemon left
-		// (see lostTuples) is answered with a reset.
+		// (see orphanTuples) is answered with a reset.
 		if g.lost.on.Load() && g.answerLost(p, key) {
 			return nfq.Drop
 		}

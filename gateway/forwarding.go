@@ -13,6 +13,7 @@ import (
 
 	"spliced/logging"
 	"spliced/proxy"
+	"spliced/splice"
 )
 
 // Forwarding. A proxied flow's packets are delivered to the gateway's own
@@ -96,17 +97,36 @@ func sysctlInt(family, name, key string, def int) int {
 	return v
 }
 
+// legAddrs are the addresses of a flow's two connections: the client's
+// (its peer the client, its local address the original destination) and
+// the upstream one (its peer the server, its local address the gateway's
+// or, transparent, the client's).
+type legAddrs struct {
+	clientLocal, clientRemote, upLocal, upRemote netip.Addr
+}
+
+func legsOfConns(client, upstream *net.TCPConn) legAddrs {
+	return legAddrs{addrPort(client.LocalAddr()).Addr(), addrPort(client.RemoteAddr()).Addr(),
+		addrPort(upstream.LocalAddr()).Addr(), addrPort(upstream.RemoteAddr()).Addr()}
+}
+
+// legsOfKeys are a spliced flow's legs from its input tuples.
+func legsOfKeys(k [2]splice.Key) legAddrs {
+	c, s := k[splice.C2S], k[splice.S2C]
+	return legAddrs{c.DstAddrPort().Addr(), c.SrcAddrPort().Addr(), s.DstAddrPort().Addr(), s.SrcAddrPort().Addr()}
+}
+
 // forwardingRefusal says why the kernel would drop the spliced packets of
-// the flow whose legs are client and upstream (forwarding is off where
-// they arrive), or "" when it would not, and its cause. It costs nothing
-// while every interface forwards, two route lookups otherwise.
-func (g *Gateway) forwardingRefusal(client, upstream *net.TCPConn) (refusalCause, string) {
+// the flow whose legs are l (forwarding is off where they arrive), or ""
+// when it would not, and its cause. It costs nothing while every
+// interface forwards, two route lookups otherwise.
+func (g *Gateway) forwardingRefusal(l legAddrs) (refusalCause, string) {
 	off4, off6 := g.fwd.offInterfaces(time.Now())
 	if len(off4) == 0 && len(off6) == 0 {
 		return refusalCause{}, ""
 	}
 	// Packets from each peer arrive on the interface of the route to it.
-	for _, peer := range []netip.Addr{addrPort(client.RemoteAddr()).Addr().Unmap(), addrPort(upstream.RemoteAddr()).Addr().Unmap()} {
+	for _, peer := range []netip.Addr{l.clientRemote, l.upRemote} {
 		off := off4
 		if peer.Is6() {
 			off = off6

@@ -59,15 +59,15 @@ func (r *rpfFilter) strictInterfaces(now time.Time) map[int]string {
 }
 
 // reversePathRefusal says why strict reverse path filtering would drop
-// the spliced packets of the flow whose legs are client and upstream, or
+// the spliced packets of the flow whose legs are l, or
 // "" when it would not (or does not apply: IPv6, the bpf datapath's
 // redirect, but where an interface's tc ingress qdisc leaves what arrives
 // there to the stack), and its cause: the strict interface.
-func (g *Gateway) reversePathRefusal(client, upstream *net.TCPConn) (refusalCause, string) {
+func (g *Gateway) reversePathRefusal(l legAddrs) (refusalCause, string) {
 	if g.redirectsSpliced() {
 		return refusalCause{}, ""
 	}
-	clientAddr, serverAddr := addrPort(client.RemoteAddr()).Addr().Unmap(), addrPort(upstream.RemoteAddr()).Addr().Unmap()
+	clientAddr, serverAddr := l.clientRemote, l.upRemote
 	if !clientAddr.Is4() || !serverAddr.Is4() {
 		return refusalCause{}, ""
 	}
@@ -78,8 +78,8 @@ func (g *Gateway) reversePathRefusal(client, upstream *net.TCPConn) (refusalCaus
 	// The source a rewritten packet carries, and the peer it comes
 	// from (on the interface of the route to that peer).
 	for _, d := range []struct{ src, from netip.Addr }{
-		{addrPort(upstream.LocalAddr()).Addr().Unmap(), clientAddr},
-		{addrPort(client.LocalAddr()).Addr().Unmap(), serverAddr},
+		{l.upLocal, clientAddr},
+		{l.clientLocal, serverAddr},
 	} {
 		src, err := proxy.LocalRoute(d.src)
 		if err != nil || !src.Local {

@@ -67,7 +67,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		// Its flow would only be reset at the stop (see shutdown).
 		return &SpliceError{Reason: "spliced is stopping", Err: proxy.ErrSpliceRuledOut}
 	}
-	if cause, reason := g.reversePathRefusal(client, upstream); reason != "" {
+	if cause, reason := g.reversePathRefusal(legsOfConns(client, upstream)); reason != "" {
 		g.rpf.refusals.refuse(g, f, cause, reason)
 		return &SpliceError{Reason: reason, Err: proxy.ErrSpliceRuledOut}
 	}
@@ -76,7 +76,7 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		g.log.Debug("splice refused: "+reason, logging.KeyFlow, f.ID)
 		return &SpliceError{Reason: reason, Err: proxy.ErrSpliceRuledOut}
 	}
-	if cause, reason := g.forwardingRefusal(client, upstream); reason != "" {
+	if cause, reason := g.forwardingRefusal(legsOfConns(client, upstream)); reason != "" {
 		g.fwd.refusals.refuse(g, f, cause, reason)
 		return &SpliceError{Reason: reason, Err: proxy.ErrSpliceRuledOut}
 	}

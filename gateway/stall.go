@@ -75,11 +75,29 @@ func (g *Gateway) reportStalls(reports []stallReport) {
 		dirs := engineState(r.sf, monotime.Now())
 		attrs := []any{logging.KeyFlow, f.ID, logging.KeyService, f.Service, logging.KeyClient, f.Client, logging.KeyServer, f.Server,
 			"direction", r.dir.String(), "c2s", dirs[splice.C2S], "s2c", dirs[splice.S2C], "suppressed", suppressed}
-		if w := g.firewallWarnings(); len(w) > 0 {
-			attrs = append(attrs, "likely_cause", w[0])
+		if cause := g.stallCause(r.sf); cause != "" {
+			attrs = append(attrs, "likely_cause", cause)
 		}
 		g.log.Warn("spliced flow stalled: data unacknowledged while the flow is alive; please report it with this line", attrs...)
 	}
+}
+
+// stallCause is what the gateway knows that drops a spliced flow's
+// packets: a firewall chain that drops untracked packets, or a setting
+// changed since the splice (the checks that refuse a splice run only
+// before it): strict reverse path filtering, or forwarding turned off
+// where the flow's packets arrive (net.ipv4.ip_forward=0 stalled every
+// spliced flow, and the stall line said nothing of it).
+func (g *Gateway) stallCause(sf *splicedFlow) string {
+	if w := g.firewallWarnings(); len(w) > 0 {
+		return w[0]
+	}
+	l := legsOfKeys(sf.entry.Keys)
+	if _, reason := g.reversePathRefusal(l); reason != "" {
+		return reason
+	}
+	_, reason := g.forwardingRefusal(l)
+	return reason
 }
 
 // stallAfter is a service's splice.stall_after.

@@ -56,7 +56,7 @@ add rule inet ecntest in tcp dport 5001 ip6 ecn != not-ect counter`)
 				want = "flow promoted to the bpf datapath"
 			}
 			if err := testnet.Poll(10*time.Second, func() error {
-				if n := countLog(d, want); n < 2 {
+				if n := countMsg(d, want); n < 2 {
 					return fmt.Errorf("%d of 2 flows: %q", n, want)
 				}
 				return nil
@@ -88,7 +88,7 @@ add rule inet ecntest in tcp dport 5001 ip6 ecn != not-ect counter`)
 				t.Errorf("no CE mark was dropped: verdicts %v", e.Verdicts)
 			}
 			if datapath == "bpf" {
-				if n := countLog(d, "the bpf datapath passed back"); n > 0 {
+				if n := countMsg(d, "promoting again a flow the bpf datapath passed back"); n > 0 {
 					t.Errorf("flows came back from the bpf datapath %d times", n)
 				}
 				for i := range conns {
@@ -100,17 +100,6 @@ add rule inet ecntest in tcp dport 5001 ip6 ecn != not-ect counter`)
 			}
 		})
 	}
-}
-
-// countLog counts the daemon's log lines whose message contains msg.
-func countLog(d *testnet.Daemon, msg string) int {
-	n := 0
-	for _, l := range d.Lines() {
-		if m, _ := l["msg"].(string); regexp.MustCompile(regexp.QuoteMeta(msg)).MatchString(m) {
-			n++
-		}
-	}
-	return n
 }
 
 // nftCounters lists the packet counters of a table's rules, in order.

@@ -108,3 +108,39 @@ func TestLabForwardingOff(t *testing.T) {
 		})
 	}
 }
+
+// TestLabForwardingTurnedOffWhileSpliced: forwarding turned off after
+// flows were spliced drops their packets (the check that refuses a
+// splice runs before it), and the stall line said nothing of why. It
+// now names the cause and the fix; with forwarding back on, the flows
+// complete intact.
+func TestLabForwardingTurnedOffWhileSpliced(t *testing.T) {
+	t.Parallel()
+	lab := testnet.NewT(t, testnet.Options{})
+	d := testnet.StartDaemon(t, lab, `
+log:
+  level: debug
+services:
+  - name: fwd
+    listen: 15001
+    ports: ["5001"]
+    splice:
+      mode: immediate
+      stall_after: 2s
+`)
+	failures := busyFlows(t, lab, d, "splice", 2, 4*time.Second, func() {
+		lab.Gateway.MustRun("sysctl", "-qw", "net.ipv4.ip_forward=0")
+		defer lab.Gateway.MustRun("sysctl", "-qw", "net.ipv4.ip_forward=1")
+		if err := d.WaitLog(20*time.Second, func(l map[string]any) bool { return l["msg"] == stallMsg }); err != nil {
+			t.Errorf("no stall reported with forwarding off: %v\n%s", err, tail(d.Log(), 10))
+			return
+		}
+		rec := d.FindLog(func(l map[string]any) bool { return l["msg"] == stallMsg })
+		if cause := fmt.Sprint(rec["likely_cause"]); !strings.Contains(cause, "IPv4 forwarding is off on ") || !strings.Contains(cause, "sysctl -w net.ipv4.ip_forward=1") {
+			t.Errorf("the stall line does not name the cause: %v", rec)
+		}
+	})
+	if len(failures) > 0 {
+		t.Fatalf("flows after forwarding came back on:\n%s\n%s", strings.Join(failures, "\n"), tail(d.Log(), 20))
+	}
+}

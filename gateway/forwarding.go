@@ -45,6 +45,13 @@ type forwardingState struct {
 // forwardingRefresh is how long a reading of the sysctls holds.
 const forwardingRefresh = 5 * time.Second
 
+// forget makes the next offInterfaces read the settings again.
+func (s *forwardingState) forget() {
+	s.mu.Lock()
+	s.off4, s.off6 = nil, nil
+	s.mu.Unlock()
+}
+
 // offInterfaces returns the interfaces that do not forward IPv4 and IPv6
 // packets, read at most every forwardingRefresh.
 func (s *forwardingState) offInterfaces(now time.Time) (off4, off6 map[int]string) {

@@ -36,6 +36,13 @@ type rpfFilter struct {
 // rpfRefresh is how long a reading of the sysctls holds.
 const rpfRefresh = 5 * time.Second
 
+// forget makes the next strictInterfaces read the settings again.
+func (r *rpfFilter) forget() {
+	r.mu.Lock()
+	r.strict = nil
+	r.mu.Unlock()
+}
+
 // strictInterfaces returns the interfaces with strict filtering, read at
 // most every rpfRefresh (a few file reads per interface).
 func (r *rpfFilter) strictInterfaces(now time.Time) map[int]string {

@@ -92,6 +92,10 @@ func (g *Gateway) stallCause(sf *splicedFlow) string {
 	if w := g.firewallWarnings(); len(w) > 0 {
 		return w[0]
 	}
+	// Read afresh: the settings may have changed a moment ago (a
+	// stall is reported once a second at most).
+	g.rpf.forget()
+	g.fwd.forget()
 	l := legsOfKeys(sf.entry.Keys)
 	if _, reason := g.reversePathRefusal(l); reason != "" {
 		return reason

@@ -143,6 +143,7 @@ type Gateway struct {
 	bridgeNF     problemState
 	firewallPoke chan struct{}   // another table changed (see watchFirewall)
 	divertLost   lostTuples      // divert entries another process deleted (see restoreDivert)
+	rebuiltECN   rebuiltECN      // rebuilt sockets whose connection negotiated ECN (see ecn.go)
 	rpf          rpfFilter       // strict reverse path filtering (see rpfilter.go)
 	fwd          forwardingState // forwarding turned off (see forwarding.go)
 	families     spliceRefusal   // flows of two address families (mixedFamilies)

@@ -74,10 +74,11 @@ type capturedLeg struct {
 	mss                  uint16
 	sndWscale, rcvWscale uint8
 	sack, timestamps     bool
+	ecn                  bool
 }
 
 func legOf(c *splice.Conn) capturedLeg {
-	return capturedLeg{tsval: c.TSval, mss: c.MSS, sndWscale: c.SndWscale, rcvWscale: c.RcvWscale, sack: c.SACK, timestamps: c.Timestamps}
+	return capturedLeg{tsval: c.TSval, mss: c.MSS, sndWscale: c.SndWscale, rcvWscale: c.RcvWscale, sack: c.SACK, timestamps: c.Timestamps, ecn: c.ECN}
 }
 
 // keys are the flow's input tuples (client's, server's).
@@ -91,7 +92,7 @@ func (sf *splicedFlow) params() splice.Params {
 	k := sf.entry.Keys
 	conn := func(in splice.Key, l capturedLeg) splice.Conn {
 		return splice.Conn{Local: in.DstAddrPort(), Remote: in.SrcAddrPort(), SndWscale: l.sndWscale, RcvWscale: l.rcvWscale,
-			MSS: l.mss, SACK: l.sack, Timestamps: l.timestamps, TSval: l.tsval}
+			MSS: l.mss, SACK: l.sack, Timestamps: l.timestamps, ECN: l.ecn, TSval: l.tsval}
 	}
 	return splice.Params{Client: conn(k[splice.C2S], sf.legs[0]), Server: conn(k[splice.S2C], sf.legs[1])}
 }

@@ -356,6 +356,8 @@ func (g *Gateway) quiesceAndCapture(ctx context.Context, tr *transition, f *prox
 					g.unfreeze(tr)
 					return caps, err
 				}
+				caps[0].ECN = caps[0].ECN || g.rebuiltECN.negotiated(client)
+				caps[1].ECN = caps[1].ECN || g.rebuiltECN.negotiated(upstream)
 				late, err := lateBytes(client, upstream)
 				if err == nil && !late {
 					sw.lap(stepCapture)

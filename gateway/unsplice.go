@@ -148,6 +148,11 @@ func (g *Gateway) completeUnsplice(ctx context.Context, sf *splicedFlow, tr *tra
 		return g.abandonUnsplice(sf, tr, err)
 	}
 	sw.lap(stepRebuild)
+	for i, c := range []*net.TCPConn{cc, sc} {
+		if sf.legs[i].ecn {
+			g.rebuiltECN.remember(c)
+		}
+	}
 	// Point of no return: the engine lets go of the flow.
 	g.splicedMu.Lock()
 	delete(g.spliced, f.ID)

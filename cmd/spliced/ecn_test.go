@@ -25,7 +25,10 @@ import (
 // them Not-ECT, and a CE mark on the client's side (every 16th of its ECN-capable packets,
 // marked as they leave it) becomes the drop it stands for: the client
 // retransmits, the data arrives intact, and on the bpf datapath the flow
-// stays there. IPv4 and IPv6, on both datapaths.
+// stays there. The same after an unsplice and a second splice: the
+// rebuilt sockets have no ECN state (TCP_REPAIR restores none), and the
+// capture took both legs for ones without ECN. IPv4 and IPv6, on both
+// datapaths.
 func TestLabECNAcrossLegs(t *testing.T) {
 	t.Parallel()
 	for _, datapath := range []string{"nfqueue", "bpf"} {
@@ -63,20 +66,37 @@ add rule inet ecntest in tcp dport 5001 ip6 ecn != not-ect counter`)
 			}); err != nil {
 				t.Fatalf("%v\n%s", err, tail(d.Log(), 20))
 			}
-			for i, cs := range conns {
-				data := make([]byte, 4<<20)
-				for j := range data {
-					data[j] = byte(rand.Uint32())
-				}
-				for _, pair := range [][2]*net.TCPConn{cs, {cs[1], cs[0]}} {
-					go pair[0].Write(data)
-					pair[1].SetReadDeadline(time.Now().Add(30 * time.Second))
-					got := make([]byte, len(data))
-					if _, err := io.ReadFull(pair[1], got); err != nil || !bytes.Equal(got, data) {
-						t.Fatalf("flow %d: %v (intact: %v)\n%s", i, err, bytes.Equal(got, data), tail(d.Log(), 20))
+			transfer := func(what string) {
+				t.Helper()
+				for i, cs := range conns {
+					data := make([]byte, 4<<20)
+					for j := range data {
+						data[j] = byte(rand.Uint32())
+					}
+					for _, pair := range [][2]*net.TCPConn{cs, {cs[1], cs[0]}} {
+						go pair[0].Write(data)
+						pair[1].SetReadDeadline(time.Now().Add(30 * time.Second))
+						got := make([]byte, len(data))
+						if _, err := io.ReadFull(pair[1], got); err != nil || !bytes.Equal(got, data) {
+							t.Fatalf("%s, flow %d: %v (intact: %v)\n%s", what, i, err, bytes.Equal(got, data), tail(d.Log(), 20))
+						}
 					}
 				}
 			}
+			transfer("spliced")
+			// Unspliced, the gateway's sockets are rebuilt with
+			// TCP_REPAIR, which restores no ECN state; spliced again,
+			// the legs are still told apart.
+			for i := range conns {
+				id := uint64(i + 1)
+				if _, err := d.Client().Unsplice(t.Context(), id); err != nil {
+					t.Fatalf("unsplice %d: %v", id, err)
+				}
+				if f, err := d.Client().Splice(t.Context(), id); err != nil || f.Datapath != datapath {
+					t.Fatalf("splice %d again: %+v, %v", id, f, err)
+				}
+			}
+			transfer("spliced again")
 			sent := nftCounters(t, lab.Client(), "inet ecntest")
 			if sent[0] == 0 || sent[1] == 0 || sent[2] == 0 || sent[3] == 0 {
 				t.Fatalf("the client sent ECT %d (IPv4) %d (IPv6) and CE %d %d packets; the test needs some of each", sent[0], sent[1], sent[2], sent[3])

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/ti-mo/conntrack"
+	"golang.org/x/sys/unix"
 
 	"spliced/splice"
 	"spliced/testnet"
@@ -111,5 +112,59 @@ func TestConntrackLoosenAndForget(t *testing.T) {
 	}
 	if d, f := c.deleted.Load(), c.failed.Load(); d != 2 || f != 0 {
 		t.Errorf("deleted %d, failed %d; want 2 and 0", d, f)
+	}
+}
+
+// TestConntrackForgetBurst: the reaper retires every flow that ended or
+// went idle in a round at once (flows spliced together go idle
+// together) and queues their entries' deletion in one loop. Every entry
+// goes: the cleaner's queue of 4,096 dropped the rest, whose entries
+// stayed ESTABLISHED for days (nf_conntrack_tcp_timeout_established)
+// and, burst after burst, filled the router's conntrack table.
+func TestConntrackForgetBurst(t *testing.T) {
+	testnet.Privileged(t, "conntrack")
+	ns := testnet.Scratch(t)
+	const flows = 10000
+	service := netip.MustParseAddrPort("10.2.0.2:80")
+	keys := make([][2]splice.Key, flows)
+	var c *conntrackCleaner
+	var query *conntrack.Conn
+	if err := ns.Do(func() (err error) {
+		if query, err = conntrack.Dial(nil); err != nil {
+			return err
+		}
+		for i := range keys {
+			client := netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 40000)
+			keys[i] = [2]splice.Key{splice.KeyFrom(client, service), splice.KeyFrom(service, client)}
+			f := conntrack.NewFlow(unix.IPPROTO_TCP, 0, client.Addr(), service.Addr(), client.Port(), service.Port(), 600, 0)
+			f.ProtoInfo.TCP = &conntrack.ProtoInfoTCP{State: 3} // ESTABLISHED
+			if err := query.Create(f); err != nil {
+				return fmt.Errorf("create entry %d: %w", i, err)
+			}
+		}
+		c = newConntrackCleaner(slog.New(slog.DiscardHandler))
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if c == nil {
+		t.Fatal("no ctnetlink")
+	}
+	defer query.Close()
+	for _, k := range keys {
+		c.forget(k)
+	}
+	if err := c.Close(); err != nil { // after the queued work
+		t.Fatal(err)
+	}
+	if d, f := c.deleted.Load(), c.failed.Load(); d != flows || f != 0 {
+		t.Errorf("deleted %d, failed %d; want %d and 0", d, f, flows)
+	}
+	left, err := query.Dump(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(left) != 0 {
+		t.Errorf("%d of %d entries left in the table", len(left), flows)
 	}
 }

@@ -213,6 +213,24 @@ func (dp *Datapath) state(v *rewriteFlowVal) splice.State {
 	return st
 }
 
+// MaxFlows is how many flows the flow maps hold (splice_flows in
+// rewrite.bpf.c; splice_tuples holds their two tuples each). The maps
+// are the program's: a larger one needs the program rebuilt.
+const MaxFlows = 65536
+
+// ErrFull is the error of PutFlow when the flow maps hold MaxFlows
+// flows: the kernel says E2BIG, which cilium/ebpf reads as "key too big
+// for map", a puzzle for the operator who meets it.
+var ErrFull = fmt.Errorf("the bpf flow maps are full (%d flows)", MaxFlows)
+
+// full names a full map as ErrFull.
+func full(err error) error {
+	if errors.Is(err, unix.E2BIG) {
+		return ErrFull
+	}
+	return err
+}
+
 // PutFlow writes a flow (promotion): its state, then both input tuples
 // (keys as splice.Params.Keys returns them), so that the program never
 // finds a tuple without its flow. An existing flow's state is replaced
@@ -232,11 +250,13 @@ func (dp *Datapath) PutFlowWatch(id uint64, keys [2]splice.Key, st splice.State,
 	v := dp.flowVal(&st)
 	if err := dp.objs.SpliceFlows.Update(id, &v, ebpf.UpdateLock); err != nil {
 		if !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("flow %d: %w", id, err)
+			// A full map says so here already (the update of a missing
+			// element under BPF_F_LOCK goes on to allocate one).
+			return fmt.Errorf("flow %d: %w", id, full(err))
 		}
 		// BPF_F_LOCK needs an existing element: create it.
 		if err := dp.objs.SpliceFlows.Update(id, &v, ebpf.UpdateNoExist); err != nil {
-			return fmt.Errorf("flow %d: %w", id, err)
+			return fmt.Errorf("flow %d: %w", id, full(err))
 		}
 	}
 	for d := range keys {
@@ -246,7 +266,7 @@ func (dp *Datapath) PutFlowWatch(id uint64, keys [2]splice.Key, st splice.State,
 			tv.Flags = tuplePassData
 		}
 		if err := dp.objs.SpliceTuples.Update(tuple(keys[d]), &tv, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("flow %d tuple %v: %w", id, keys[d], err)
+			return fmt.Errorf("flow %d tuple %v: %w", id, keys[d], full(err))
 		}
 	}
 	return nil

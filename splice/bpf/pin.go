@@ -58,7 +58,7 @@ type layoutValue struct {
 
 func metaSpec() *ebpf.MapSpec {
 	return &ebpf.MapSpec{Name: pinMeta, Type: ebpf.Hash, KeySize: 8, ValueSize: uint32(binary.Size(metaValue{})),
-		MaxEntries: 65536, Flags: unix.BPF_F_NO_PREALLOC}
+		MaxEntries: MaxFlows, Flags: unix.BPF_F_NO_PREALLOC}
 }
 
 func layoutSpec() *ebpf.MapSpec {
@@ -500,7 +500,7 @@ func (dp *Datapath) SetMeta(id uint64, b []byte) error {
 	v := metaValue{Len: uint16(len(b))}
 	copy(v.Data[:], b)
 	if err := dp.meta.Update(id, &v, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("flow %d meta: %w", id, err)
+		return fmt.Errorf("flow %d meta: %w", id, full(err))
 	}
 	return nil
 }

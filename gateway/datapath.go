@@ -451,7 +451,9 @@ func (g *Gateway) promote(sf *splicedFlow) {
 	if err != nil {
 		k.promoteFailures.Add(1)
 		k.dp.DeleteFlow(e.ID, e.Keys)
-		g.log.Warn("promote to the bpf datapath failed; the flow stays on the Go engine", logging.KeyFlow, e.ID, logging.Err(err))
+		if ok, suppressed := g.mapLog.Allow("promote"); ok {
+			g.log.Warn("promote to the bpf datapath failed; the flow stays on the Go engine", logging.KeyFlow, e.ID, logging.Err(err), "suppressed", suppressed)
+		}
 		return
 	}
 	k.promotions.Add(1)

@@ -175,6 +175,7 @@ type Gateway struct {
 	divertCommands, divertNetlink atomic.Uint64
 	divertMode                    atomic.Int32
 	divertLog                     *logging.Limiter
+	mapLog                        *logging.Limiter // flows the bpf flow maps refused (promote, storeFlow)
 	syncLog                       *logging.Limiter // failed reads of the bpf datapath's flows
 	offloadSynced                 atomic.Int64     // when the reaper last read them (monotime)
 	stalledFlows                  atomic.Uint64
@@ -275,6 +276,7 @@ func New(cfg *config.Config, log *slog.Logger) *Gateway {
 		firewallPoke: make(chan struct{}, 1),
 		divertLog:    logging.NewLimiter(time.Minute),
 		syncLog:      logging.NewLimiter(time.Minute),
+		mapLog:       logging.NewLimiter(time.Minute),
 		workers:      workpool.New(transitionWorkerIdle, transitionWorkersIdleMax),
 	}
 	g.flows.SetClientIPv6Prefix(cfg.Limits.ClientIPv6Prefix)

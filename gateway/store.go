@@ -110,7 +110,9 @@ func (g *Gateway) storeFlow(sf *splicedFlow) {
 	}
 	if err != nil {
 		s.DeleteFlow(e.ID, e.Keys)
-		g.log.Warn("record a spliced flow for restarts; it will not survive one", logging.KeyFlow, e.ID, logging.Err(err))
+		if ok, suppressed := g.mapLog.Allow("record"); ok {
+			g.log.Warn("record a spliced flow for restarts; it will not survive one", logging.KeyFlow, e.ID, logging.Err(err), "suppressed", suppressed)
+		}
 		return
 	}
 	sf.stored.Store(true)

@@ -97,6 +97,9 @@ type Gateway struct {
 	storeMu     sync.RWMutex
 	storeClosed atomic.Bool
 	storeSynced time.Time
+	// queueDrops: the reaper's watch of the kernel's drops before the
+	// queues (see checkQueueDrops).
+	queueDrops queueDropWatch
 	// pendingStored: flows adopted from the record, not yet handed to
 	// the engine (see activateStored).
 	pendingStored []*splicedFlow

@@ -159,6 +159,7 @@ func (g *Gateway) reap(now time.Time) {
 		return
 	}
 	g.syncStored(now)
+	g.checkQueueDrops(now)
 	g.reapLost(now)
 	mono := monotime.Of(now)
 	var done, idle []*splicedFlow

@@ -34,7 +34,9 @@ import (
 // window, which it answers with an ACK of its own (RFC 793; Linux limits
 // such answers to one per tcp_invalid_ratelimit, half a second, hence a
 // second probe). A SYN on such a tuple (a new connection from the same
-// port) ends its entry; its retransmission goes the usual way.
+// port) ends its entry, and its reverse's (a transparent flow's server
+// leg, which the new connection's upstream takes again); its
+// retransmission goes the usual way.
 type orphanTuples struct {
 	on       atomic.Bool // tuples are kept: the packet path looks
 	mu       sync.Mutex
@@ -153,9 +155,17 @@ func (g *Gateway) answerLost(p *splice.Packet, key splice.Key) bool {
 	flags := p.TCP().Flags()
 	if flags&(splice.FlagSYN|splice.FlagACK) == splice.FlagSYN {
 		// A new connection from the tuple's port: its end has
-		// forgotten the old one.
-		delete(g.lost.keys, key)
-		g.lost.forget = append(g.lost.forget, key)
+		// forgotten the old one. Its reverse goes too where it is lost:
+		// a transparent flow's server leg, which the new connection's
+		// upstream socket takes again (the client's address and port).
+		// Kept, the server's SYN-ACK to that socket was diverted and
+		// answered with a reset, and the connection never opened.
+		for _, k := range []splice.Key{key, key.Reverse()} {
+			if _, ok := g.lost.keys[k]; ok {
+				delete(g.lost.keys, k)
+				g.lost.forget = append(g.lost.forget, k)
+			}
+		}
 		g.lost.mu.Unlock()
 		return true
 	}

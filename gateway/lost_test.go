@@ -98,7 +98,8 @@ func TestAnswerLost(t *testing.T) {
 	if d := h.handle(&nfq.Packet{Data: rst}); d != nfq.Drop || g.lost.answered.Load() != 1 {
 		t.Errorf("a reset on a lost tuple: %v, %d answered; want drop and no answer", d, g.lost.answered.Load())
 	}
-	// A new connection from the client's port: its entry goes.
+	// A new connection from the client's port: its entry goes, and the
+	// reverse's (see TestLostSYNForgetsServerLeg).
 	syn := splice.AppendBareSegment(nil, fromClient, 77, splice.FlagSYN, 64)
 	if d := h.handle(&nfq.Packet{Data: syn}); d != nfq.Drop {
 		t.Errorf("a SYN on a lost tuple: %v, want drop", d)
@@ -107,7 +108,7 @@ func TestAnswerLost(t *testing.T) {
 	_, kept := g.lost.keys[fromClient]
 	forget := g.lost.forget
 	g.lost.mu.Unlock()
-	if kept || len(forget) != 1 || forget[0] != fromClient {
+	if kept || len(forget) != 2 || forget[0] != fromClient || forget[1] != fromServer {
 		t.Errorf("after a SYN on a lost tuple: still lost %v, to remove %v", kept, forget)
 	}
 	// Another tuple of no flow: dropped, unanswered.
@@ -117,5 +118,49 @@ func TestAnswerLost(t *testing.T) {
 	}
 	if _, ok := next(splice.KeyFrom(s, other)); ok {
 		t.Errorf("a packet of no flow, not lost, was answered")
+	}
+}
+
+// TestLostSYNForgetsServerLeg: a client that opens a new connection from
+// the port of a lost transparent flow to the same server (the old one
+// forgotten) has its SYN end that tuple's entry; the new connection's
+// upstream socket takes the client's address and port again, so the
+// server's SYN-ACK comes on the old server leg's tuple, the reverse.
+// Before, that tuple stayed lost for two minutes: the SYN-ACK was
+// diverted and answered with a reset to the server, and the upstream
+// connection never opened. A NAT flow's server leg, another tuple, stays.
+func TestLostSYNForgetsServerLeg(t *testing.T) {
+	g := quietGateway(t)
+	c, s := netip.MustParseAddrPort("10.1.0.2:40000"), netip.MustParseAddrPort("10.2.0.2:80")
+	transparent := [2]splice.Key{splice.KeyFrom(c, s), splice.KeyFrom(s, c)}
+	nat := [2]splice.Key{
+		splice.KeyFrom(netip.MustParseAddrPort("10.1.0.3:40000"), s),
+		splice.KeyFrom(s, netip.MustParseAddrPort("10.2.0.1:50000")),
+	}
+	g.lost.keys = map[splice.Key]bool{transparent[0]: false, transparent[1]: false, nat[0]: false, nat[1]: false}
+	g.lost.since = time.Now()
+	g.lost.on.Store(true)
+	for _, k := range []splice.Key{transparent[0], nat[0]} {
+		var p splice.Packet
+		if p.Parse(splice.AppendBareSegment(nil, k, 77, splice.FlagSYN, 64)) != splice.OK {
+			t.Fatal("unparsable SYN")
+		}
+		if !g.answerLost(&p, k) {
+			t.Fatalf("a SYN on lost tuple %v was not taken", k)
+		}
+	}
+	g.lost.mu.Lock()
+	defer g.lost.mu.Unlock()
+	forgotten := map[splice.Key]bool{}
+	for _, k := range g.lost.forget {
+		forgotten[k] = true
+	}
+	for _, k := range []splice.Key{transparent[0], transparent[1], nat[0]} {
+		if _, still := g.lost.keys[k]; still || !forgotten[k] {
+			t.Errorf("%v after the new connection's SYN: still lost %v, entry to remove %v; want it gone", k, still, forgotten[k])
+		}
+	}
+	if _, still := g.lost.keys[nat[1]]; !still || forgotten[nat[1]] {
+		t.Errorf("the NAT flow's server leg %v: lost %v, to remove %v; want it kept (another tuple)", nat[1], still, forgotten[nat[1]])
 	}
 }

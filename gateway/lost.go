@@ -142,6 +142,14 @@ func (g *Gateway) probeLost() {
 	}
 }
 
+// isLost reports whether k is a lost tuple still diverted.
+func (g *Gateway) isLost(k splice.Key) bool {
+	g.lost.mu.Lock()
+	defer g.lost.mu.Unlock()
+	_, ok := g.lost.keys[k]
+	return ok
+}
+
 // answerLost reports whether p, a packet of no flow of this daemon's,
 // is on a lost tuple; then it answers it (see orphanTuples), and p must be
 // dropped.

@@ -11,6 +11,7 @@ import (
 
 	"spliced/config"
 	"spliced/nfq"
+	"spliced/proxy"
 	"spliced/splice"
 	"spliced/testnet"
 )
@@ -162,5 +163,31 @@ func TestLostSYNForgetsServerLeg(t *testing.T) {
 	}
 	if _, still := g.lost.keys[nat[1]]; !still || forgotten[nat[1]] {
 		t.Errorf("the NAT flow's server leg %v: lost %v, to remove %v; want it kept (another tuple)", nat[1], still, forgotten[nat[1]])
+	}
+}
+
+// TestAvoidLostPort: for two minutes after a restart the tuples of the
+// flows a killed daemon left stay diverted, and every packet on them is
+// answered with a reset. An upstream connection the new daemon dials
+// from such a flow's local port to the same server (NAT mode: the
+// kernel's port choice comes round again; the killed daemon's sockets
+// are gone, so the port is free) got its SYN-ACK reset at every retry
+// and never opened. The dial now takes another port, as for a live
+// spliced flow's.
+func TestAvoidLostPort(t *testing.T) {
+	g := quietGateway(t)
+	local, server := netip.MustParseAddrPort("10.2.0.1:50000"), netip.MustParseAddrPort("10.2.0.2:80")
+	g.lost.keys = map[splice.Key]bool{splice.KeyFrom(server, local): false}
+	g.lost.since = time.Now()
+	g.lost.on.Store(true)
+	if a := g.avoidPort(local, server); a != proxy.AvoidLive {
+		t.Errorf("a lost flow's server leg: avoid %v, want AvoidLive (%v)", a, proxy.AvoidLive)
+	}
+	if a := g.avoidPort(netip.MustParseAddrPort("10.2.0.1:50001"), server); a != proxy.AvoidNot {
+		t.Errorf("another port: avoid %v, want AvoidNot", a)
+	}
+	g.lost.on.Store(false) // the two minutes are over
+	if a := g.avoidPort(local, server); a != proxy.AvoidNot {
+		t.Errorf("no tuple lost any more: avoid %v, want AvoidNot", a)
 	}
 }

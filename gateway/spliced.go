@@ -126,6 +126,10 @@ func (g *Gateway) addSpliced(f *proxy.Flow, e *splice.Entry, queue uint16, param
 //     gateway's own, older clock, fails PAWS, and gets the old
 //     connection's ACK, which the gateway's socket answers with a RST
 //     before it retries (AvoidEnded).
+//   - A flow a killed daemon left has the 4-tuple diverted still (see
+//     orphanTuples): the server's SYN-ACK would be taken for one of that
+//     flow's packets and answered with a reset, every retry alike, until
+//     the connect timed out (AvoidLive).
 //
 // jumped holds the server legs of flows that ended or were unspliced; a
 // flow spliced now is in the engine's table, under its server's tuple
@@ -135,6 +139,9 @@ func (g *Gateway) avoidPort(local, server netip.AddrPort) proxy.Avoid {
 		if _, d, live := g.engine.Lookup(splice.KeyFrom(server, local)); live && d == splice.S2C {
 			return proxy.AvoidLive
 		}
+	}
+	if g.lost.on.Load() && g.isLost(splice.KeyFrom(server, local)) {
+		return proxy.AvoidLive
 	}
 	g.splicedMu.Lock()
 	until, ok := g.jumped[[2]netip.AddrPort{local, server}]

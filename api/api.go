@@ -67,6 +67,9 @@ type Engine struct {
 	// StalledFlows counts directions of spliced flows that stalled (see
 	// splice.stall_after).
 	StalledFlows uint64 `json:"stalled_flows,omitempty"`
+	// HeldDropped counts a client's new data dropped during unsplices
+	// beyond what one transition holds (TCP sends it again).
+	HeldDropped uint64 `json:"held_dropped,omitempty"`
 	// Datapath of new spliced flows: nfqueue or bpf. With bpf: the
 	// interfaces the program is attached to, its packet counts by verdict
 	// (over every flow; "pass": left to the queue), and the flows moved

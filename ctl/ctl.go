@@ -214,6 +214,9 @@ func (c *cli) status(ctx context.Context, args []string) error {
 			sort.Strings(parts)
 			fmt.Fprintf(c.out, "engine verdicts: %s\n", strings.Join(parts, ", "))
 		}
+		if e.HeldDropped > 0 {
+			fmt.Fprintf(c.out, "client data dropped during unsplices beyond what one holds: %d packets (sent again by TCP)\n", e.HeldDropped)
+		}
 		if e.DivertByCommand+e.DivertByNetlink > 0 {
 			fmt.Fprintf(c.out, "divert entries added: %d by command packet, %d by netlink\n", e.DivertByCommand, e.DivertByNetlink)
 		}

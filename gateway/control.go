@@ -277,7 +277,7 @@ func (g *Gateway) Status() api.Status {
 		e := api.Engine{Name: "splice", Splices: g.spliceLatency.count.Load(), SpliceAborts: g.spliceAborts.Load(),
 			SpliceP50Us: g.spliceLatency.percentile(0.5).Microseconds(), SpliceP99Us: g.spliceLatency.percentile(0.99).Microseconds(),
 			Verdicts: map[string]uint64{}, QueueBackend: cfg.Kernel.NFQueue, InjectFailures: g.injectErrors.Load(), InjectedGSO: g.injectedGSO.Load(),
-			StalledFlows: g.stalledFlows.Load(), Datapath: g.datapathName(), Phases: g.phaseTable(),
+			StalledFlows: g.stalledFlows.Load(), HeldDropped: g.counters.heldDropped.Load(), Datapath: g.datapathName(), Phases: g.phaseTable(),
 			DivertByCommand: g.divertCommands.Load(), DivertByNetlink: g.divertNetlink.Load()}
 		for r, name := range pmtuResultNames {
 			if n := g.counters.pmtu[r].Load(); n > 0 {

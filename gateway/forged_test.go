@@ -97,3 +97,39 @@ func TestForgedHeldPacketEndsNoDrain(t *testing.T) {
 		})
 	}
 }
+
+// TestUnspliceHoldsBounded: while an unsplice drains, the client's new
+// data is held for the rebuilt socket, in the kernel's queue and as a
+// copy in the daemon. A client that sent a window's worth with its next
+// request and withheld its acknowledgments had every packet held, and a
+// few such clients filled the queue that every other spliced flow on it
+// shares. Past maxHeldUnsplicing the data is dropped (its ACK learned),
+// and counted; TCP sends it again to the rebuilt socket.
+func TestUnspliceHoldsBounded(t *testing.T) {
+	g, _, e, c, s := forgedFixture(t)
+	tr := newTransition(e.Keys, 0, phaseUnsplicing, e)
+	const n, size = 300, 200 // within the server's window of 64000
+	held := 0
+	for i := range n {
+		b := dataPacket(c, s, uint32(1000+i*size), 6000, make([]byte, size), false)
+		var p splice.Packet
+		if p.Parse(b) != splice.OK {
+			t.Fatal("parse")
+		}
+		tr.mu.Lock()
+		d := tr.decide(g, &p, nfq.Unqueued(b), p.KeyOf())
+		tr.mu.Unlock()
+		if d == nfq.Hold {
+			held++
+		}
+	}
+	if held != maxHeldUnsplicing || len(tr.held) != maxHeldUnsplicing {
+		t.Errorf("%d packets held (%d kept), want %d", held, len(tr.held), maxHeldUnsplicing)
+	}
+	if got := g.counters.heldDropped.Load(); got != n-maxHeldUnsplicing {
+		t.Errorf("held_dropped %d, want %d", got, n-maxHeldUnsplicing)
+	}
+	if got := e.Snapshot().Info(splice.S2C).HighestAck; got != 6000 {
+		t.Errorf("the client's acknowledgment learned: %d, want 6000", got)
+	}
+}

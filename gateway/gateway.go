@@ -726,7 +726,7 @@ func (g *Gateway) logStats() {
 	attrs := []any{"splices", g.spliceLatency.count.Load(), "splice_aborts", g.spliceAborts.Load(), "captures_redone", g.lateBytes.Load(),
 		"unsplices", g.unsplices.Load(), "unsplice_aborts", g.unspliceAborts.Load(), "passthroughs_retired", g.passthroughsRetired.Load(),
 		"splice_p50_us", g.spliceLatency.percentile(0.5).Microseconds(), "splice_p99_us", g.spliceLatency.percentile(0.99).Microseconds(),
-		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "inject_errors", g.injectErrors.Load(), "injected_gso", g.injectedGSO.Load(), "injected_segments", g.injectedSegments.Load(), "stalled_flows", g.stalledFlows.Load(),
+		"taken_over_packets", g.counters.stripped.Load(), "held_packets", g.counters.held.Load(), "held_dropped", g.counters.heldDropped.Load(), "inject_errors", g.injectErrors.Load(), "injected_gso", g.injectedGSO.Load(), "injected_segments", g.injectedSegments.Load(), "stalled_flows", g.stalledFlows.Load(),
 		"divert_by_command", g.divertCommands.Load(), "divert_by_netlink", g.divertNetlink.Load(),
 		"pmtu_translated", g.counters.pmtu[pmtuTranslated].Load(), "pmtu_no_flow", g.counters.pmtu[pmtuNoFlow].Load(), "pmtu_bad_checksum", g.counters.pmtu[pmtuBadChecksum].Load(), "pmtu_unparsed", g.counters.pmtu[pmtuUnparsed].Load()}
 	if c := g.conntrack; c != nil {

@@ -57,6 +57,7 @@ var (
 		[]string{"queue", "reason"}, nil)
 	descRewriteErrors = prometheus.NewDesc("spliced_rewrite_errors_total", "Packets the engine could not rewrite: malformed, unsupported, no flow, queue errors.", nil, nil)
 	descStalled       = prometheus.NewDesc("spliced_stalled_flows_total", "Directions of spliced flows whose data stayed unacknowledged for splice.stall_after while the flow was alive.", nil, nil)
+	descHeldDropped   = prometheus.NewDesc("spliced_unsplice_held_dropped_total", "Packets of new client data dropped during unsplices beyond what one unsplice holds (TCP sends them again).", nil, nil)
 	descRepairs       = prometheus.NewDesc("spliced_ruleset_repairs_total", "Times the table was restored after someone changed it.", nil, nil)
 	descReopens       = prometheus.NewDesc("spliced_queue_reopens_total", "Times a queue's reader failed to receive and reopened its socket.", []string{"queue"}, nil)
 	descRefreshes     = prometheus.NewDesc("spliced_divert_refreshes_total", "Rounds that restarted the timeout of live flows' divert entries, by result (ok, failed).", []string{"result"}, nil)
@@ -68,7 +69,7 @@ var (
 )
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descRefreshes, descReopens, descBPFPackets, descBPFMoves, descPhase, descDivertAdds, descTakenOver, descPMTU, descWarnings, descRefused} {
+	for _, d := range []*prometheus.Desc{descFlows, descBytes, descPackets, descSplices, descAborts, descUnsplices, descUnspliceAborts, descLatency, descQueue, descDrops, descRewriteErrors, descRepairs, descStalled, descHeldDropped, descRefreshes, descReopens, descBPFPackets, descBPFMoves, descPhase, descDivertAdds, descTakenOver, descPMTU, descWarnings, descRefused} {
 		ch <- d
 	}
 }
@@ -126,6 +127,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(descUnsplices, prometheus.CounterValue, float64(g.unsplices.Load()))
 	ch <- prometheus.MustNewConstMetric(descUnspliceAborts, prometheus.CounterValue, float64(g.unspliceAborts.Load()))
 	ch <- prometheus.MustNewConstMetric(descStalled, prometheus.CounterValue, float64(g.stalledFlows.Load()))
+	ch <- prometheus.MustNewConstMetric(descHeldDropped, prometheus.CounterValue, float64(g.counters.heldDropped.Load()))
 	ch <- g.spliceLatency.histogram()
 	g.phaseHistograms(ch)
 	for _, e := range st.Engines {

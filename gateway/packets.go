@@ -25,6 +25,9 @@ type engineCounters struct {
 	verdicts [splice.NumVerdicts]atomic.Uint64
 	stripped atomic.Uint64 // payload packets taken over during a splice
 	held     atomic.Uint64 // packets held while a splice froze its flow
+	// heldDropped: a client's new data during an unsplice's drain
+	// dropped beyond what one transition holds (see maxHeldUnsplicing)
+	heldDropped atomic.Uint64
 	// Path MTU errors about spliced flows (see translatePMTU), by what
 	// became of them.
 	pmtu [numPMTUResults]atomic.Uint64
@@ -202,6 +205,9 @@ type transition struct {
 	entry *splice.Entry
 	taken [2][][]byte // payload packets taken over while draining, per direction
 	held  []*nfq.Packet
+	// heldBytes: the data of the packets held while unsplicing (see
+	// maxHeldUnsplicing).
+	heldBytes int
 	// rstSeen: a RST went to a socket while the sockets drained; the
 	// drain looks whether it reset one (drainStep).
 	rstSeen bool
@@ -257,6 +263,21 @@ func (tr *transition) dir(k splice.Key) splice.Dir {
 	return splice.S2C
 }
 
+// What one unsplice holds of the new data (the client's next request)
+// that comes while its drain waits for the ends' acknowledgments. A held
+// packet stays in the kernel's queue (kernel.queue_len, for every flow of
+// the queue) and its copy in the daemon: a client that sends a window's
+// worth of data with its next request and withholds its acknowledgments
+// had the gateway hold thousands of packets, up to whole 64 KiB GSO
+// packets, for drain_timeout, and a few such clients filled a queue, whose
+// every other spliced flow's packets the kernel then dropped. Past the
+// bounds the data is dropped, its ACK learned; the client sends it again
+// to the rebuilt socket, as after any loss.
+const (
+	maxHeldUnsplicing      = 128
+	maxHeldBytesUnsplicing = 1 << 20
+)
+
 // handle decides about a packet of a flow in transition.
 func (tr *transition) handle(g *Gateway, p *splice.Packet, np *nfq.Packet, key splice.Key) nfq.Decision {
 	tr.mu.Lock()
@@ -303,7 +324,14 @@ func (tr *transition) decide(g *Gateway, p *splice.Packet, np *nfq.Packet, key s
 				g.counters.verdicts[v].Add(1)
 				return nfq.Drop
 			}
+			if len(tr.held) >= maxHeldUnsplicing || tr.heldBytes+len(np.Data) > maxHeldBytesUnsplicing {
+				// Its ACK is learned; its data comes again, to the
+				// rebuilt socket.
+				g.counters.heldDropped.Add(1)
+				return nfq.Drop
+			}
 			g.counters.held.Add(1)
+			tr.heldBytes += len(np.Data)
 			tr.held = append(tr.held, np.Detach())
 			return nfq.Hold
 		}

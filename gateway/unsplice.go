@@ -103,6 +103,7 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 		e.LearnAck(&p, splice.C2S) // see transition.handle
 	}
 	g.counters.held.Add(1)
+	tr.heldBytes += len(np.Data)
 	tr.held = append(tr.held, np.Detach())
 	sf.flow.SetState(proxy.StateSplicing)
 	g.transitions.add(tr)

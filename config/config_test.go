@@ -117,6 +117,7 @@ func TestParseErrors(t *testing.T) {
 		{"bad interface name", "kernel:\n  datapath: auto\n  interfaces: [\"eth0:1\"]\n", []string{"kernel.interfaces[0]:", "not an interface name"}},
 		{"relative bpffs", "kernel:\n  bpffs: sys/fs/bpf\n", []string{"kernel.bpffs:", "not a clean absolute path"}},
 		{"mark on the bpf bit", "kernel:\n  datapath: bpf\n  mark: 0x20000001\n", []string{"line 3: kernel.mark:", "0x20000000"}},
+		{"drain beyond divert timeout", "kernel:\n  divert_timeout: 4s\nservices:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    splice:\n      mode: immediate\n", []string{"services[0].splice.drain_timeout:", `"5s"`, "half of kernel.divert_timeout (4s)", "2s or less"}},
 		{"linger too short", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    splice:\n      linger: 200ms\n", []string{"services[0].splice.linger:", `"200ms"`, "1s to 1m"}},
 		{"linger too long", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    splice:\n      linger: 2m\n", []string{"services[0].splice.linger:", `"2m0s"`, "1s to 1m"}},
 		{"socket buffer too small", "services:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    splice:\n      mode: bytes\n      bytes: 1MiB\n      socket_buffer: 4KiB\n", []string{"services[0].splice.socket_buffer:", `"4096"`, "16KiB to 64MiB"}},

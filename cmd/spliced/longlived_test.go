@@ -9,7 +9,21 @@ import (
 	"spliced/testnet"
 )
 
-var longLivedConfig = splicingForwardConfig("debug", "  divert_timeout: 1s\n")
+// longLivedConfig: the shortest divert_timeout, and a drain_timeout
+// within half of it (see config's validation).
+var longLivedConfig = `
+log:
+  level: debug
+kernel:
+  divert_timeout: 1s
+services:
+  - name: fwd
+    listen: 15001
+    ports: ["5001"]
+    splice:
+      mode: immediate
+      drain_timeout: 500ms
+`
 
 // TestLabFlowOutlivesDivertTimeout: with kernel.divert_timeout at 1 s
 // (the shortest it may be), a spliced flow runs for over 10 s (ten

@@ -15,7 +15,8 @@ const (
 	Malformed
 	// Unsupported: valid, but not something the engine rewrites: not TCP,
 	// a fragment, an IPv6 jumbogram or extension header it does not walk
-	// (routing, fragment, AH, ESP, unknown).
+	// (routing, fragment, AH, ESP, unknown), an IPv6 packet of an
+	// IPv4-mapped address.
 	Unsupported
 )
 
@@ -128,6 +129,12 @@ func (p *Packet) Parse(b []byte) Status {
 		end := IPv6HeaderLen + pl
 		if end > len(b) {
 			return Malformed
+		}
+		if [12]byte(ip.Src()) == v4InV6Prefix || [12]byte(ip.Dst()) == v4InV6Prefix {
+			// IPv4-mapped: its key would be the IPv4 flow's between
+			// those addresses (Key maps IPv4 addresses), which it is
+			// not. Linux drops an IPv6 packet from such an address.
+			return Unsupported
 		}
 		next, off := ip.NextHeader(), IPv6HeaderLen
 		for next != protoTCP {

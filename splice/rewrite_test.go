@@ -630,6 +630,17 @@ func TestParse(t *testing.T) {
 			binary.BigEndian.PutUint16(b[4:], binary.BigEndian.Uint16(b[4:])+8)
 			return b
 		}(), Unsupported},
+		{"ipv6 from an IPv4-mapped address", func() []byte {
+			// Its key is the IPv4 flow's between the same addresses.
+			s := newFixtureSeg(true)
+			s.src = netip.AddrPortFrom(netip.AddrFrom16(cAddr4.Addr().As16()), cAddr4.Port())
+			return s.bytes()
+		}(), Unsupported},
+		{"ipv6 to an IPv4-mapped address", func() []byte {
+			s := newFixtureSeg(true)
+			s.dst = netip.AddrPortFrom(netip.AddrFrom16(sAddr4.Addr().As16()), sAddr4.Port())
+			return s.bytes()
+		}(), Unsupported},
 		{"ipv6 jumbo", func() []byte {
 			b := newFixtureSeg(true).bytes()
 			b[4], b[5] = 0, 0

@@ -202,6 +202,15 @@ static __always_inline int before(__u32 a, __u32 b) { return (__s32)(a - b) < 0;
 static __always_inline __u32 max_seq(__u32 a, __u32 b) { return before(a, b) ? b : a; }
 static __always_inline __u32 max_u32(__u32 a, __u32 b) { return a > b ? a : b; }
 
+// is_v4_mapped reports whether a (16 bytes) is IPv4-mapped (::ffff:0:0/96).
+static __always_inline int is_v4_mapped(const __u8 *a)
+{
+	for (int i = 0; i < 10; i++)
+		if (a[i])
+			return 0;
+	return a[10] == 0xff && a[11] == 0xff;
+}
+
 static __always_inline void count(__u32 v)
 {
 	__u64 *c = bpf_map_lookup_elem(&splice_verdicts, &v);
@@ -759,6 +768,11 @@ int splice_rewrite(struct __sk_buff *skb)
 		__u32 plen = ((__u32)ip[4] << 8) | ip[5];
 		// Jumbograms and packets longer than the skb: the engine's.
 		if ((ip[0] >> 4) != 6 || plen == 0 || l3 + 40 + plen > skb->len)
+			goto pass;
+		// An IPv4-mapped address: the key would be the IPv4 flow's
+		// between those addresses, which the packet is not (the
+		// engine does not parse it; the stack drops it).
+		if (is_v4_mapped(&ip[8]) || is_v4_mapped(&ip[24]))
 			goto pass;
 		l4 = l3 + 40;
 		ip_end = l4 + plen;

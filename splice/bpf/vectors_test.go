@@ -5,6 +5,7 @@ package bpf
 import (
 	"bytes"
 	"fmt"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -700,6 +701,46 @@ func TestDiffECNAcrossLegs(t *testing.T) {
 					}
 				}
 			}
+		})
+	}
+}
+
+// TestDiffIPv4MappedIPv6: an IPv6 packet between IPv4-mapped addresses
+// (::ffff:10.1.0.2 to ::ffff:10.2.0.2) has the key of the IPv4 flow
+// between those addresses (keys hold IPv4 addresses mapped), but it is
+// no packet of that flow: Linux drops an IPv6 packet from such a source
+// (ip6_rcv_core), and the divert sets hold each family's own tuples.
+// Neither engine may act on it: a RST exactly in the IPv4 flow's window,
+// forged as IPv6 (past an IPv4 source check on the way), must leave the
+// flow open and its state untouched.
+func TestDiffIPv4MappedIPv6(t *testing.T) {
+	for _, nat := range []bool{false, true} {
+		t.Run(fmt.Sprintf("nat=%v", nat), func(t *testing.T) {
+			f := newFixture(t, false, nat)
+			mapped := func(a netip.AddrPort) netip.AddrPort {
+				return netip.AddrPortFrom(netip.AddrFrom16(a.Addr().As16()), a.Port())
+			}
+			rst := f.c2s(1000, 0, FlagRST)
+			rst.src, rst.dst = mapped(rst.src), mapped(rst.dst)
+			data := f.s2c(0xffffff00, 0x7ffffff0, FlagACK)
+			data.payload = []byte("x")
+			data.src, data.dst = mapped(data.src), mapped(data.dst)
+			for _, s := range []struct {
+				seg seg
+				d   Dir
+			}{{rst, C2S}, {data, S2C}} {
+				n := f.passes
+				if v := f.step(s.seg.bytes(), s.d, f.start()+1); v != -1 {
+					t.Fatalf("%v: engine verdict %v for an IPv6 packet of IPv4-mapped addresses", s.d, Verdict(v))
+				}
+				if f.passes != n+1 {
+					t.Fatalf("%v: the program did not pass it", s.d)
+				}
+			}
+			if f.flow.Finished() || f.state().RST {
+				t.Fatal("an IPv6 RST of IPv4-mapped addresses ended the IPv4 flow")
+			}
+			f.want(f.at(f.c2s(1000, 0xfffffff0, FlagACK), C2S, 2), Forward, "the flow's own IPv4 ACK")
 		})
 	}
 }

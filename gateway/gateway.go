@@ -150,6 +150,7 @@ type Gateway struct {
 	rpf          rpfFilter       // strict reverse path filtering (see rpfilter.go)
 	fwd          forwardingState // forwarding turned off (see forwarding.go)
 	families     spliceRefusal   // flows of two address families (mixedFamilies)
+	linkLocal    spliceRefusal   // flows with a link-local peer (linkLocalPeer)
 
 	// acceptLocalNeeded: spliced NAT flows need accept_local, which
 	// spliced set (or found set); acceptLocalOff: it is 0 again and

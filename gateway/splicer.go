@@ -88,6 +88,11 @@ func (g *Gateway) Splice(ctx context.Context, f *proxy.Flow, client, upstream *n
 		g.families.refuse(g, f, refusalCause{}, reason)
 		return &SpliceError{Reason: reason, Err: errors.Join(proxy.ErrTwoFamilies, proxy.ErrSpliceRuledOut)}
 	}
+	if a, ok := linkLocalPeer(addrPort(client.RemoteAddr()), addrPort(client.LocalAddr()), addrPort(upstream.LocalAddr()), addrPort(upstream.RemoteAddr())); ok {
+		reason := fmt.Sprintf("%v is a link-local address, which is not forwarded to another link: once spliced, this flow's packets from or to it would be dropped or sent back to the link they came from; the flow stays proxied (give the host a global or unique local address to have its flows spliced)", a)
+		g.linkLocal.refuse(g, f, refusalCause{}, reason)
+		return &SpliceError{Reason: reason, Err: proxy.ErrSpliceRuledOut}
+	}
 	start := time.Now()
 	done := make(chan error, 1)
 	g.runTransition(func() {

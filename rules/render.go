@@ -138,9 +138,9 @@ func renderSet(d setDef) string {
 	}
 	for _, p := range d.addrs {
 		if p.IsSingleIP() {
-			elems = append(elems, p.Addr().String())
+			elems = append(elems, nftAddr(p.Addr()))
 		} else {
-			elems = append(elems, p.String())
+			elems = append(elems, fmt.Sprintf("%s/%d", nftAddr(p.Addr()), p.Bits()))
 		}
 	}
 	if len(elems) > 0 {
@@ -148,6 +148,21 @@ func renderSet(d setDef) string {
 	}
 	b.WriteString("\t}\n")
 	return b.String()
+}
+
+// nftAddr formats an address as nft lists it. nft writes IPv6 addresses
+// with inet_ntop, which (glibc's) writes the last 32 bits of an
+// IPv4-compatible address (the first 96 bits zero, the next 16 not) as
+// an IPv4 address: ::10.1.0.0 where Go writes ::a01:0. Without this a
+// service with such a prefix differed from its expected listing for
+// good, and every drift check reinstalled the table. (IPv4-mapped
+// addresses, which both write alike, never get here: config reads them
+// as IPv4.)
+func nftAddr(a netip.Addr) string {
+	if b := a.As16(); a.Is6() && [12]byte(b[:12]) == [12]byte{} && (b[12] != 0 || b[13] != 0) {
+		return "::" + netip.AddrFrom4([4]byte(b[12:])).String()
+	}
+	return a.String()
 }
 
 func renderChain(name, hook string, rules []string) string {

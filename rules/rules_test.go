@@ -858,6 +858,47 @@ services:
 	}
 }
 
+// TestDriftEmbeddedIPv4: nft prints an IPv6 address whose first 96 bits
+// are zero (IPv4-compatible, ::10.1.0.0) or that is IPv4-mapped with its
+// last 32 bits as an IPv4 address (inet_ntop); Go prints ::a01:0. A
+// service with such a prefix differed from its expected listing for
+// good, and every drift check (each 10 s) reinstalled the table.
+func TestDriftEmbeddedIPv4(t *testing.T) {
+	cfg, err := config.Parse("compat.yaml", []byte(`
+kernel:
+  table: spl_compat
+services:
+  - name: lan
+    listen: 15001
+    ports: ["80"]
+    sources: ["::10.1.0.0/112", "::1:0", "::2", "fd00:1::a01:0/112"]
+    destinations: ["::1.2.3.4", "64:ff9b::10.2.0.0/112"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	spec := FromConfig(cfg)
+	spec.OwnTable = false
+	ns := testnet.Scratch(t)
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := NewManager(spec, WithNetNS(ns.OpenT(t)))
+	if err := m.Install(nil); err != nil {
+		t.Fatal(err)
+	}
+	bin := t.TempDir()
+	script := fmt.Sprintf("#!/bin/sh\nexec ip netns exec %s %s \"$@\"\n", ns.Name, nft)
+	if err := os.WriteFile(filepath.Join(bin, "nft"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+":"+os.Getenv("PATH"))
+	if kernel, diff, err := m.Drift(t.Context()); err != nil || diff != "" {
+		t.Fatalf("fresh install: diff %q, err %v\nkernel:\n%s", diff, err, kernel)
+	}
+}
+
 // TestTupleOfDivertKey: a divert key reads back as its tuple in both
 // families; a key of another shape (another set's) is not taken for one.
 func TestTupleOfDivertKey(t *testing.T) {

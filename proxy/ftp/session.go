@@ -529,10 +529,14 @@ func (s *session) active(verb, arg string) error {
 		return s.answer("501 Syntax error in the parameters of " + verb + ".\r\n")
 	}
 	want = netip.AddrPortFrom(want.Addr().Unmap(), want.Port())
-	if want.Addr() != s.flow.Client.Addr() {
+	// The client's address without its zone: a link-local client's
+	// socket address names its interface (fe80::1%eth0), its EPRT
+	// does not. The data connection goes to the zoned one.
+	if want.Addr() != s.flow.Client.Addr().WithZone("") {
 		s.p.LogLimitedTo(s.log, "ftp bounce "+verb, slog.LevelWarn, "refused "+verb+" naming another host than the client (FTP bounce)", "named", want)
 		return s.answer("500 Illegal " + verb + " command: it must name your own address.\r\n")
 	}
+	want = netip.AddrPortFrom(s.flow.Client.Addr(), want.Port())
 	if want.Port() < 1024 {
 		s.p.LogLimitedTo(s.log, "ftp privileged "+verb, slog.LevelWarn, "refused "+verb+" naming a privileged port", "named", want)
 		return s.answer("500 Illegal " + verb + " command: the port must be above 1023.\r\n")

@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -23,7 +24,7 @@ type sessionLab struct {
 	done   chan string  // the reason run returned
 }
 
-func startSession(t *testing.T, extra string) *sessionLab {
+func startSession(t *testing.T, extra string, opts ...func(*proxy.Flow)) *sessionLab {
 	t.Helper()
 	cfg, err := config.Parse("ftp.yaml", []byte("services:\n  - name: ftp\n    listen: 15021\n    ports: [\"21\"]\n    proxy: ftp\n"+extra))
 	if err != nil {
@@ -59,6 +60,9 @@ func startSession(t *testing.T, extra string) *sessionLab {
 	}
 	flow := proxy.NewFlow("ftp", KindControl, proxy.AddrPort(gwClient.RemoteAddr()), proxy.AddrPort(srvLn.Addr()))
 	flow.SetServerLeg(proxy.AddrPort(up.LocalAddr()), flow.Server)
+	for _, o := range opts {
+		o(flow)
+	}
 	p.Flows.Admit(flow)
 	l := &sessionLab{s: newSession(p, flow, gwClient, up, p.Log), client: client, server: server, done: make(chan string, 1)}
 	go func() { l.done <- l.s.run() }()
@@ -274,5 +278,36 @@ func TestTooManyTurns(t *testing.T) {
 	cr := bufio.NewReader(l.client)
 	if reply := readReply(t, l.client, cr); !strings.HasPrefix(reply[0], "421 ") {
 		t.Errorf("the client got %q, want the 421 that ends the session", reply)
+	}
+}
+
+// TestEPRTFromLinkLocalClient: a client on a link without a global
+// prefix connects from its link-local address, which the gateway's
+// socket names with its interface (fe80::1%eth0); the client's EPRT
+// names it without (a zone means nothing to the server, and clients do
+// not send one). The session took that for another host, refused the
+// EPRT as an FTP bounce and warned of one.
+func TestEPRTFromLinkLocalClient(t *testing.T) {
+	l := startSession(t, "", func(f *proxy.Flow) {
+		f.Client = netip.AddrPortFrom(netip.MustParseAddr("fe80::1%eth0"), f.Client.Port())
+	})
+	cr, sr := bufio.NewReader(l.client), bufio.NewReader(l.server)
+	l.client.Write([]byte("EPRT |2|fe80::1|40000|\r\n"))
+	l.server.SetReadDeadline(time.Now().Add(3 * time.Second))
+	got, err := sr.ReadString('\n')
+	if err != nil {
+		l.client.SetReadDeadline(time.Now().Add(time.Second))
+		reply, _ := cr.ReadString('\n')
+		t.Fatalf("the server got no EPRT (%v); the client got %q", err, reply)
+	}
+	if !strings.HasPrefix(got, "EPRT |1|127.0.0.1|") {
+		t.Fatalf("the server got %q, want the gateway's EPRT", got)
+	}
+	// A link-local address of another host is still refused.
+	l.server.Write([]byte("200 EPRT ok.\r\n"))
+	readReply(t, l.client, cr)
+	l.client.Write([]byte("EPRT |2|fe80::2|40000|\r\n"))
+	if reply := readReply(t, l.client, cr); !strings.HasPrefix(reply[0], "500") {
+		t.Fatalf("EPRT naming fe80::2: the client got %q, want a refusal", reply)
 	}
 }

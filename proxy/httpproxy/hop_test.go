@@ -2,14 +2,18 @@ package httpproxy
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"spliced/testnet"
 )
 
 // TestHopByHop: hop-by-hop fields never reach the backend (request) nor
@@ -437,5 +441,64 @@ func TestHeadResponseWithoutLength(t *testing.T) {
 	body, _ := io.ReadAll(resp.Body)
 	if string(body) != `backend saw GET /a/y body ""` {
 		t.Errorf("the pipelined GET: %d %q", resp.StatusCode, body)
+	}
+}
+
+// TestForwardedForLinkLocal: the X-Forwarded-For entry of a client that
+// connected from its link-local address is that address without the
+// gateway's interface, the zone its socket address carries here
+// (fe80::1%d0): backends' parsers (nginx's realip) refuse a zone, and
+// the name is the gateway's business. The client and the proxy's
+// listener are in a scratch namespace with a link-local address; the
+// backend is where the proxy dials it.
+func TestForwardedForLinkLocal(t *testing.T) {
+	ns := testnet.Scratch(t)
+	for _, args := range [][]string{
+		{"ip", "link", "set", "lo", "up"},
+		{"ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"},
+		{"ip", "link", "set", "d0", "up"},
+		{"ip", "link", "set", "d1", "up"},
+		{"ip", "-6", "addr", "add", "fe80::1/64", "dev", "d0", "nodad"},
+	} {
+		if out, err := ns.Run(args[0], args[1:]...); err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, out)
+		}
+	}
+	b := startBackend(t)
+	p, _ := testService(t, b)
+	ll := netip.MustParseAddrPort("[fe80::1%d0]:0")
+	var ln *net.TCPListener
+	if err := ns.Do(func() (err error) {
+		ln, err = net.ListenTCP("tcp6", net.TCPAddrFromAddrPort(ll))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { p.Serve(ctx, ln); close(done) }()
+	t.Cleanup(func() { cancel(); ln.Close(); <-done })
+	var c net.Conn
+	if err := ns.Do(func() (err error) {
+		d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(ll)}
+		c, err = d.Dial("tcp6", ln.Addr().String())
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprint(c, "GET /a/x HTTP/1.1\r\nHost: t\r\n\r\n")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.ReadAll(resp.Body)
+	got, err := http.ReadRequest(bufio.NewReader(strings.NewReader(b.seen()[0])))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if xff := got.Header.Get("X-Forwarded-For"); xff != "fe80::1" {
+		t.Errorf("X-Forwarded-For %q, want fe80::1", xff)
 	}
 }

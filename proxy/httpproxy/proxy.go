@@ -861,6 +861,14 @@ func (c *conn) exchange(rq *request) (done, spliced bool, err error) {
 	return done, spliced, err
 }
 
+// forwardedFor is a client's address as X-Forwarded-For names it: without
+// the zone a link-local client's address has here (fe80::1%eth0). The
+// zone is the gateway's interface, which means nothing to a backend, and
+// address parsers such as nginx's (its realip module) refuse it.
+func forwardedFor(a netip.Addr) string {
+	return a.WithZone("").String()
+}
+
 // relay is exchange with the send buffer, out.
 func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) {
 	c.exchanges++
@@ -869,7 +877,7 @@ func (c *conn) relay(rq *request, out *sendBuf) (done, spliced bool, err error) 
 	switch conf.Forwarded {
 	case "x-forwarded-for":
 		if c.clientIP == "" {
-			c.clientIP = c.flow.Client.Addr().String()
+			c.clientIP = forwardedFor(c.flow.Client.Addr())
 		}
 		ip := c.clientIP
 		if prior := req.Header.Get("X-Forwarded-For"); prior != "" {

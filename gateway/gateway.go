@@ -149,7 +149,7 @@ type Gateway struct {
 	rebuiltECN   rebuiltECN      // rebuilt sockets whose connection negotiated ECN (see ecn.go)
 	rpf          rpfFilter       // strict reverse path filtering (see rpfilter.go)
 	fwd          forwardingState // forwarding turned off (see forwarding.go)
-	families     spliceRefusal   // flows of two address families (mixedFamilies)
+	families     spliceRefusal   // flows of two address families (see proxy.TwoFamilies)
 	linkLocal    spliceRefusal   // flows with a link-local peer (linkLocalPeer)
 
 	// acceptLocalNeeded: spliced NAT flows need accept_local, which

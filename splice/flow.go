@@ -152,10 +152,13 @@ func (f *Flow) relearning(d Dir) bool { return f.closed&(flowRelearn<<d) != 0 }
 // nfqueue datapath: the record was written before it died, and the ends
 // went on sending, or retransmitting, since). Until the receiver of a
 // direction acknowledges something, that direction's packets are
-// checked only against the record's lower bounds (everything the ends
-// send now lies at or after what the record saw) and raise the tracking
-// state to what they carry; the receiver's first acknowledgment makes
-// the direction's state current again, and the usual checks resume.
+// checked against the record's lower bounds (everything the ends send
+// now lies at or after what the record saw) and, above, only against
+// the furthest its sender can have sent (relearnTop: a window past the
+// record's acknowledgment, and what the earlier daemon forwarded in the
+// record's last second), and raise the tracking state to what they
+// carry; the receiver's first acknowledgment makes the direction's
+// state current again, and the usual checks resume.
 // Nothing else changes: the offsets, timestamps and window scales are
 // the splice's, which did not move.
 func (f *Flow) Relearn() { f.closed |= flowRelearn | flowRelearn<<1 }

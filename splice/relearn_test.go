@@ -140,3 +140,106 @@ func TestRelearnAcrossAHole(t *testing.T) {
 		t.Fatalf("an ACK beyond the data: %v, want %v", v, DropAck)
 	}
 }
+
+// TestRelearnForgedFarAhead: while an adopted flow relearns, a blind
+// attacker's packet on its tuple far ahead of the record (1 GiB on both
+// numbers) lies beyond anything the ends can have sent: nothing was
+// forwarded while no daemon ran, so each sender went at most a window
+// past what reached it, and the earlier daemon forwarded at most a
+// second's worth (relearnSlack) past the record. It is dropped and
+// changes nothing. Before, any sequence and acknowledgment number
+// within 2^31 of the record passed (one guess in four): such a pure ACK
+// was forwarded and ended the relearning at the forged numbers, after
+// which the client's real data was dropped (drop_seq) and the server's
+// real ACK too (drop_ack): the flow was dead.
+func TestRelearnForgedFarAhead(t *testing.T) {
+	gib := uint32(1 << 30)                       // a variable: the sums wrap modulo 2^32
+	const cMoved, sMoved = 10_000_000, 5_000_000 // what the ends really sent since the record
+	f := newFixture(t, false, false)
+	e, err := NewTable().AdoptRelearn(1, f.e.Keys, snapState(f.e), 7)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.e = e
+	adopted := e.Snapshot()
+	data := func(s seg) []byte {
+		s.payload = []byte("forged")
+		return s.bytes()
+	}
+	for _, tc := range []struct {
+		name string
+		b    []byte
+		d    Dir
+		want Verdict
+	}{
+		{"the client's pure ACK, both numbers ahead", f.c2s(1000+gib, 0xfffffff0+gib, FlagACK).bytes(), C2S, DropSeq},
+		{"the server's pure ACK, both numbers ahead", f.s2c(0xffffff00+gib, 0x7ffffff0+gib, FlagACK).bytes(), S2C, DropSeq},
+		{"the client's pure ACK, its ACK ahead", f.c2s(1000, 0xfffffff0+gib, FlagACK).bytes(), C2S, DropAck},
+		{"the server's pure ACK, its ACK ahead", f.s2c(0xffffff00, 0x7ffffff0+gib, FlagACK).bytes(), S2C, DropAck},
+		{"the client's data ahead", data(f.c2s(1000+gib, 0xfffffff0, FlagACK)), C2S, DropSeq},
+		{"the server's data ahead", data(f.s2c(0xffffff00+gib, 0x7ffffff0, FlagACK)), S2C, DropSeq},
+		{"the client's RST ahead", f.c2s(1000+gib, 0, FlagRST).bytes(), C2S, DropRST},
+		{"the server's RST ahead", f.s2c(0xffffff00+gib, 0, FlagRST).bytes(), S2C, DropRST},
+	} {
+		if v := f.run(t, tc.b, tc.d, true); v != tc.want {
+			t.Errorf("%s: %v, want %v", tc.name, v, tc.want)
+		}
+		if snap := e.Snapshot(); snap != adopted {
+			t.Fatalf("%s changed the flow: %+v, want %+v", tc.name, snap, adopted)
+		}
+	}
+
+	// The ends' real packets relearn the flow as before.
+	cd := f.c2s(1000+cMoved, uint32(Seq(0xfffffff0).Add(sMoved)), FlagACK)
+	cd.payload = []byte("x")
+	if v := f.run(t, cd.bytes(), C2S, true); v != Forward {
+		t.Fatalf("the client's real data: %v, want %v", v, Forward)
+	}
+	sd := f.s2c(uint32(Seq(0xffffff00).Add(sMoved)), 0x7ffffff0+cMoved+1, FlagACK)
+	sd.payload = []byte("y")
+	if v := f.run(t, sd.bytes(), S2C, true); v != Forward {
+		t.Fatalf("the server's real data and ACK: %v, want %v", v, Forward)
+	}
+	snap := e.Snapshot()
+	if snap.Relearning(C2S) || snap.Relearning(S2C) || snap.Info(C2S).HighestAck != Seq(1000+cMoved+1) || snap.Info(S2C).HighestAck != Seq(0xffffff00).Add(sMoved) {
+		t.Fatalf("after the real packets: relearning %v/%v, c2s %+v, s2c %+v", snap.Relearning(C2S), snap.Relearning(S2C), snap.Info(C2S), snap.Info(S2C))
+	}
+}
+
+// TestRelearnReach: a relearning direction's packets pass up to the
+// furthest its sender can have sent (a window past the record's
+// acknowledgment, and the earlier daemon's last second, relearnSlack),
+// and its receiver's acknowledgment as far; one byte beyond, they are
+// dropped.
+func TestRelearnReach(t *testing.T) {
+	adopt := func() *fixture {
+		f := newFixture(t, false, false)
+		e, err := NewTable().AdoptRelearn(1, f.e.Keys, snapState(f.e), 7)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.e = e
+		return f
+	}
+	reach := uint32(0xffff<<7 + relearnSlack) // the fixture's scales are 7
+	for _, tc := range []struct {
+		beyond     uint32
+		seqV, ackV Verdict
+	}{{0, Forward, Forward}, {1, DropSeq, DropAck}} {
+		f := adopt()
+		if v := f.run(t, f.c2s(1000+reach+tc.beyond, 0xfffffff0, FlagACK).bytes(), C2S, true); v != tc.seqV {
+			t.Errorf("the client's ACK %d beyond the reach: %v, want %v", tc.beyond, v, tc.seqV)
+		}
+		f = adopt()
+		if v := f.run(t, f.s2c(0xffffff00, 0x7ffffff0+reach+tc.beyond, FlagACK).bytes(), S2C, true); v != tc.ackV {
+			t.Errorf("the server's acknowledgment %d beyond the reach: %v, want %v", tc.beyond, v, tc.ackV)
+		}
+	}
+	// Clamped below 2^31 ahead of the lower bounds: with the largest
+	// window scale, a packet just at the record's lower bound passes.
+	var s dirState
+	s.sndNxt, s.ackSeen, s.maxWin = 5000, 5000, maxWindow
+	if top, lower := s.relearnTop(), s.sndNxt.Sub(maxWindow); !lower.LessThan(top) || lower.Size(top) >= 1<<31 {
+		t.Fatalf("reach %#x from the lower bound %#x: not below 2^31", lower.Size(top), uint32(lower))
+	}
+}

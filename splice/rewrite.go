@@ -56,6 +56,35 @@ const minWindow = 66000
 // the sequence space, where comparisons modulo 2^32 hold.
 const maxWindow = 0xffff << 14
 
+// relearnSlack is how far beyond its receiver's window a relearning
+// direction's sender may have moved past the record (see Flow.Relearn):
+// the record is refreshed every second, and the earlier daemon went on
+// forwarding for up to that second before it died. 512 MiB is a second
+// at 4.3 Gbit/s, four times what the Go engine forwards in bulk (the
+// README's benchmarks: about 1 Gbit/s, the whole flow on one queue).
+const relearnSlack = 1 << 29
+
+// relearnTop is the furthest a relearning direction's sender can have
+// sent: while no daemon ran nothing of the flow was forwarded, so its
+// receiver acknowledged at most what reached it before, and it sent at
+// most a window (the largest its receiver can advertise, see
+// AdoptRelearn) beyond the acknowledgment it got; the earlier daemon
+// forwarded at most relearnSlack past the record before it died. A
+// forged packet beyond it, taken for the ends' (raising the state past
+// anything they will send), made their real packets fall behind the
+// checks' lower bounds: one blind guess in four killed the flow.
+//
+// Clamped so that it lies less than 2^31 ahead of the checks' lower
+// bounds (a window behind sndNxt and ackSeen; ackSeen is not past
+// sndNxt), where comparisons modulo 2^32 hold; only a receiver that
+// offers a window near the largest there is (scale 14) loses part of
+// the slack, and its window alone reaches a GiB.
+func (s *dirState) relearnTop() Seq {
+	win := uint64(max(s.maxWin, 1))
+	reach := min(win+relearnSlack, 1<<31-1-uint64(max(s.maxWin, minWindow)))
+	return s.ackSeen.Add(uint32(reach))
+}
+
 // Rewrite checks a packet of direction d against the flow and, if it
 // passes, rewrites it in place so it continues the other connection:
 // ports, addresses (other is the other direction's input tuple, whose
@@ -283,14 +312,18 @@ func (f *Flow) check(p *Packet, d Dir, oldAck bool) (ackIn Seq, v Verdict) {
 	relearnS, relearnO := f.relearning(d), f.relearning(1-d)
 	if flags&FlagRST != 0 {
 		// Relearning (see Relearn), the sender's snd_nxt, where its RST
-		// lies, is anywhere at or after what the record acknowledged.
-		if !s.rstAtFIN(seq) && (relearnS && seq.LessThan(s.ackSeen) || !relearnS && !seq.InWindow(s.ackSeen, win+1)) {
+		// lies, is anywhere from what the record acknowledged to the
+		// furthest it can have sent.
+		if !s.rstAtFIN(seq) && (relearnS && (seq.LessThan(s.ackSeen) || s.relearnTop().LessThan(seq)) || !relearnS && !seq.InWindow(s.ackSeen, win+1)) {
 			return 0, DropRST
 		}
 	} else {
 		upper := s.ackSeen.Add(win)
+		if relearnS {
+			upper = s.relearnTop()
+		}
 		lower := s.sndNxt.Sub(max(s.maxWin, minWindow))
-		if !relearnS && upper.LessThan(seq) || end.LessThan(lower) {
+		if upper.LessThan(seq) || end.LessThan(lower) {
 			return 0, DropSeq
 		}
 	}
@@ -303,7 +336,14 @@ func (f *Flow) check(p *Packet, d Dir, oldAck bool) (ackIn Seq, v Verdict) {
 	}
 	if flags&FlagACK != 0 {
 		ackIn = t.Ack().Sub(o.seqOff)
-		if !relearnO && o.sndNxt.LessThan(ackIn) || !oldAck && ackIn.LessThan(o.ackSeen.Sub(max(o.maxWin, minWindow))) {
+		// Relearning, the receiver may acknowledge what the earlier
+		// daemon forwarded past the record, up to the furthest the
+		// other direction's sender can have sent.
+		top := o.sndNxt
+		if relearnO {
+			top = o.relearnTop()
+		}
+		if top.LessThan(ackIn) || !oldAck && ackIn.LessThan(o.ackSeen.Sub(max(o.maxWin, minWindow))) {
 			return 0, DropAck
 		}
 	}

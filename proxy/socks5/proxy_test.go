@@ -732,6 +732,30 @@ func TestBackOffIPv6Prefix(t *testing.T) {
 	}
 }
 
+// TestBackOffLinkLocalPerLink: every link's link-local addresses are in
+// fe80::/64, told apart only by their zone (the interface). A client's
+// failed logins on one link must back off its link's /64, not the
+// link-local clients of every other link.
+func TestBackOffLinkLocalPerLink(t *testing.T) {
+	f := newFailures(3, time.Minute)
+	for i := range 3 {
+		src := netip.MustParseAddr(fmt.Sprintf("fe80::%d%%guest0", i+1))
+		if blocked, _ := f.begin(src, time.Now().Add(time.Minute)); blocked {
+			t.Fatalf("guess %d from %v backed off already", i, src)
+		}
+		f.done(src, "alice", false, time.Now())
+	}
+	if blocked, _ := f.begin(netip.MustParseAddr("fe80::99%guest0"), time.Now().Add(time.Minute)); !blocked {
+		t.Error("another link-local address of the guessing link is not backed off")
+	}
+	a := netip.MustParseAddr("fe80::1%staff0")
+	if blocked, _ := f.begin(a, time.Now().Add(time.Minute)); blocked {
+		t.Errorf("%v, on another link, is backed off by the guest link's failures", a)
+	} else {
+		f.done(a, "alice", true, time.Now())
+	}
+}
+
 // TestGatewayDestinations: with no rules, a client could CONNECT to the
 // gateway's own services (loopback ones such as debug.pprof, which
 // exposes the daemon's memory, and metrics, or a router's management

@@ -186,15 +186,21 @@ const maxTracked = 4096
 
 // source is the source a client's failures count against: its IPv4
 // address, or the /64 of its IPv6 address, which one host commonly holds
-// whole (and could otherwise change for every guess).
+// whole (and could otherwise change for every guess). A link-local /64
+// is that of the client's link: fe80::/64 is every link's, and without
+// its zone a client's failures on one link (a guest network) backed off
+// the link-local clients of all the others.
 func source(a netip.Addr) netip.Addr {
 	a = a.Unmap()
 	if a.Is4() {
-		return a
+		return a.WithZone("")
 	}
-	p, err := a.Prefix(64)
+	p, err := a.Prefix(64) // drops the zone
 	if err != nil {
 		return a
+	}
+	if a.IsLinkLocalUnicast() {
+		return p.Addr().WithZone(a.Zone())
 	}
 	return p.Addr()
 }

@@ -375,10 +375,7 @@ func (h *handshake) connect() (*proxy.Flow, *net.TCPConn, string, error) {
 		// the rules as that address too: with DNS64, an internal
 		// IPv4 host's name resolves to 64:ff9b::10.0.0.5, past a
 		// deny rule for 10.0.0.0/8.
-		targets := []netip.Addr{a}
-		if v4, ok := nat64Embedded(a); ok {
-			targets = append(targets, v4)
-		}
+		targets := append([]netip.Addr{a}, nat64Embedded(a)...)
 		refused := false
 		for _, t := range targets {
 			act, _, by := p.conf.decideBy(h.user, q.Name, t, q.Port)
@@ -463,24 +460,49 @@ var (
 	nat64LocalUse  = netip.MustParsePrefix("64:ff9b:1::/48")
 )
 
-// nat64Embedded returns the IPv4 address an address of a well-known
-// NAT64 prefix stands for (RFC 6052 2.2: 64:ff9b::/96, the IPv4 address
-// in its last 32 bits; RFC 8215: 64:ff9b:1::/48, the IPv4 address in
-// bits 48-63 and 72-87, around the reserved octet u). A translator on
-// the way connects to that IPv4 address. Prefixes a network chose for
-// itself are not known here.
-func nat64Embedded(a netip.Addr) (netip.Addr, bool) {
+// nat64Embedded returns the IPv4 addresses a translator may take an
+// address of a well-known NAT64 prefix for, and connect to. In
+// 64:ff9b::/96 it is the last 32 bits (RFC 6052 2.2). 64:ff9b:1::/48
+// (RFC 8215) is a range a network takes its own translation prefix
+// from, of a length the gateway does not know: /48, /56 or /64 (the
+// IPv4 address around the reserved octet u, bits 64-71), or /96 (the
+// last 32 bits), the length most translators support and the one a
+// reading as /48 missed (64:ff9b:1:fffe::10.0.0.5 passed a deny rule for
+// 10.0.0.0/8 as 255.254.0.0). So each reading is returned. None is
+// told apart by u or the suffix being zero, as RFC 6052 has them:
+// translators such as Jool do not check them, so a client could set
+// them to hide a reading. A reading of a.0.0.0 (0.0.0.0 too) is
+// left out: it names a /8's network, no host, and is what the zero
+// bits of a longer prefix read as (64:ff9b:1::/96 read as /48 gave
+// 0.0.0.0, the gateway to onGateway: every destination was refused).
+// Prefixes of other ranges a network chose for itself are not known
+// here.
+func nat64Embedded(a netip.Addr) []netip.Addr {
 	if !a.Is6() || a.Is4In6() {
-		return netip.Addr{}, false
+		return nil
 	}
 	b := a.As16()
-	switch {
-	case nat64WellKnown.Contains(a):
-		return netip.AddrFrom4([4]byte(b[12:16])), true
-	case nat64LocalUse.Contains(a):
-		return netip.AddrFrom4([4]byte{b[6], b[7], b[9], b[10]}), true
+	if nat64WellKnown.Contains(a) {
+		return []netip.Addr{netip.AddrFrom4([4]byte(b[12:16]))}
 	}
-	return netip.Addr{}, false
+	if !nat64LocalUse.Contains(a) {
+		return nil
+	}
+	var out []netip.Addr
+	for _, v4 := range [][4]byte{
+		{b[6], b[7], b[9], b[10]},   // /48
+		{b[7], b[9], b[10], b[11]},  // /56
+		{b[9], b[10], b[11], b[12]}, // /64
+		[4]byte(b[12:16]),           // /96
+	} {
+		if v4[1]|v4[2]|v4[3] == 0 {
+			continue
+		}
+		if e := netip.AddrFrom4(v4); !slices.Contains(out, e) {
+			out = append(out, e)
+		}
+	}
+	return out
 }
 
 // rooted returns name with a trailing dot: the resolver then looks up

@@ -1014,6 +1014,10 @@ func TestRefusedLogNamesReply(t *testing.T) {
 // deny rule for 10.0.0.0/8 held against 10.0.0.5 only, and the gateway
 // was asked to connect to the NAT64 forms (here unreachable, so 0x03 or
 // 0x04 instead of 0x02); loopback's NAT64 form counts as loopback.
+// 64:ff9b:1::/48 is a range networks take a prefix of their own from,
+// most often a /96: read as a /48 alone, 64:ff9b:1:fffe::10.0.0.5 passed
+// the rule, and every address of 64:ff9b:1::/96 was refused as the
+// gateway (its /48 reading is 0.0.0.0).
 func TestNAT64Destinations(t *testing.T) {
 	l := serveWithDNS(t, map[string][]netip.Addr{"internal.test": {netip.MustParseAddr("64:ff9b::a00:5")}}, `
         - action: deny
@@ -1027,22 +1031,41 @@ func TestNAT64Destinations(t *testing.T) {
 		"64:ff9b::10.0.0.5":           connect6("64:ff9b::a00:5"),
 		"64:ff9b:1:a00:0:500:: (/48)": connect6("64:ff9b:1:a00:0:500::"),
 		"64:ff9b::127.0.0.1":          connect6("64:ff9b::7f00:1"),
-		"internal.test (DNS64)":       connectName("internal.test", 80),
+		// A /96 and a /64 taken from the local-use range.
+		"64:ff9b:1:fffe::10.0.0.5 (/96)": connect6("64:ff9b:1:fffe::a00:5"),
+		"64:ff9b:1:1::10.0.0.5 (/96)":    connect6("64:ff9b:1:1::a00:5"),
+		"64:ff9b:1:1:a:0:500:: (/64)":    connect6("64:ff9b:1:1:a:0:500::"),
+		// The suffix (RFC 6052: zero) set to hide the /64 reading.
+		"64:ff9b:1:1:a:0:5ff:ffff (/64)": connect6("64:ff9b:1:1:a:0:5ff:ffff"),
+		"internal.test (DNS64)":          connectName("internal.test", 80),
 	} {
 		if got := l.talk(t, "127.0.0.1", cat(greetNone, req), false); !bytes.Equal(got, cat([]byte{5, 0}, failReply(NotAllowed))) {
 			t.Errorf("%s: got %x, want 0x02", name, got)
 		}
 	}
+	// 93.184.216.34 through a translator on 64:ff9b:1::/96: allowed (and
+	// unreachable here).
+	if got := l.talk(t, "127.0.0.1", cat(greetNone, connect6("64:ff9b:1::5db8:d822")), false); len(got) < 4 || got[3] == byte(NotAllowed) {
+		t.Errorf("64:ff9b:1::93.184.216.34: got %x, want a reply other than 0x02", got)
+	}
 	for a, want := range map[string]string{
 		"64:ff9b::a00:5":         "10.0.0.5",
-		"64:ff9b:1:a00:0:500::":  "10.0.0.5",
-		"64:ff9b:1:c0a8:1:2ff::": "192.168.1.2",
-		"2001:db8::a00:5":        "",
-		"::ffff:10.0.0.5":        "",
+		"64:ff9b::7f00:1":        "127.0.0.1",
+		"64:ff9b:1:a00:0:500::":  "10.0.0.5 0.0.5.0 0.5.0.0",
+		"64:ff9b:1:c0a8:1:2ff::": "192.168.1.2 168.1.2.255 1.2.255.0",
+		// A /96 of the local-use range: the /48 reading is 0.0.0.0,
+		// which was taken for the gateway.
+		"64:ff9b:1::5db8:d822":      "0.0.0.93 93.184.216.34",
+		"64:ff9b:1:fffe::5db8:d822": "255.254.0.0 0.0.0.93 93.184.216.34",
+		"2001:db8::a00:5":           "",
+		"::ffff:10.0.0.5":           "",
 	} {
-		got, ok := nat64Embedded(netip.MustParseAddr(a))
-		if ok != (want != "") || ok && got.String() != want {
-			t.Errorf("nat64Embedded(%s) = %v, %v; want %q", a, got, ok, want)
+		var got []string
+		for _, e := range nat64Embedded(netip.MustParseAddr(a)) {
+			got = append(got, e.String())
+		}
+		if strings.Join(got, " ") != want {
+			t.Errorf("nat64Embedded(%s) = %v; want %q", a, got, want)
 		}
 	}
 }

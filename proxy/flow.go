@@ -184,7 +184,7 @@ type FlowTable struct {
 	// it is nil: an entry per client costs more than 40 bytes, which
 	// a table of many one-flow clients would pay for nothing
 	// (TestPromotedFlowMemory).
-	perClient    map[netip.Prefix]int
+	perClient    map[clientID]int
 	maxPerClient int
 	clientBits6  int // see clientKey
 	// reserved counts the places each client (clientKey) holds for
@@ -195,7 +195,7 @@ type FlowTable struct {
 	// handshakes on each SOCKS5 service and its cap of flows besides.
 	// Kept with no cap too (an entry only while a handshake runs), so
 	// that a cap set by a reload sees them.
-	reserved map[netip.Prefix]int
+	reserved map[clientID]int
 	// refused counts the flows refused at each cap: limits.max_flows,
 	// limits.max_flows_per_client.
 	refused [2]atomic.Uint64
@@ -203,7 +203,7 @@ type FlowTable struct {
 
 // NewFlowTable returns a table admitting at most max flows at once.
 func NewFlowTable(max int) *FlowTable {
-	return &FlowTable{max: max, flows: map[uint64]*Flow{}, perService: map[string]int{}, reserved: map[netip.Prefix]int{}}
+	return &FlowTable{max: max, flows: map[uint64]*Flow{}, perService: map[string]int{}, reserved: map[clientID]int{}}
 }
 
 // Refusals of FlowTable.Admit.
@@ -215,23 +215,37 @@ var (
 	ErrClientCap = errors.New("the client's flow cap reached (limits.max_flows_per_client)")
 )
 
+// clientID is a client for the per-client cap: its prefix (see
+// clientKey) and, for a link-local address, the link (its zone).
+type clientID struct {
+	prefix netip.Prefix
+	zone   string
+}
+
 // clientKey is what the per-client cap counts a client address as: an
 // IPv4 address alone, an IPv6 address by its first bits6 bits
 // (limits.client_ipv6_prefix; 0 is 128, the address alone). A /64 is
 // what one host may use whole (it picks its own addresses in its
-// subnet: RFC 4941, RFC 8981), and what a LAN's hosts share.
-func clientKey(a netip.Addr, bits6 int) netip.Prefix {
+// subnet: RFC 4941, RFC 8981), and what a LAN's hosts share. A
+// link-local address counts on its own link: every link's are in
+// fe80::/64, and without the zone the link-local clients of all links
+// shared one cap (with client_ipv6_prefix 64), which one client on a
+// guest link could fill for all.
+func clientKey(a netip.Addr, bits6 int) clientID {
 	a = a.Unmap()
 	bits := 32
 	if a.Is6() {
 		bits = cmp.Or(bits6, 128)
 	}
 	p, _ := a.WithZone("").Prefix(bits)
-	return p
+	if a.IsLinkLocalUnicast() {
+		return clientID{p, a.Zone()}
+	}
+	return clientID{prefix: p}
 }
 
 // key is clientKey with the table's IPv6 prefix length (t.mu held).
-func (t *FlowTable) key(a netip.Addr) netip.Prefix { return clientKey(a, t.clientBits6) }
+func (t *FlowTable) key(a netip.Addr) clientID { return clientKey(a, t.clientBits6) }
 
 // SetClientIPv6Prefix sets how many leading bits of an IPv6 client's
 // address the per-client cap counts as one client (see clientKey),
@@ -449,7 +463,7 @@ func (t *FlowTable) SetMaxPerClient(max int) {
 	case max <= 0:
 		t.perClient = nil
 	case t.perClient == nil:
-		t.perClient = map[netip.Prefix]int{}
+		t.perClient = map[clientID]int{}
 		for _, f := range t.flows {
 			if !f.ended {
 				t.perClient[t.key(f.Client.Addr())]++

@@ -121,6 +121,22 @@ func TestFlowTablePerClient(t *testing.T) {
 			t.Errorf("client_ipv6_prefix 64, flow from %s: %v, want %v", c, err, want)
 		}
 	}
+	// Link-local clients are in fe80::/64 on every link: one link's
+	// client at its cap leaves the others' theirs, here by its zone.
+	for i, c := range []string{"[fe80::1%guest0]:1", "[fe80::2%guest0]:2", "[fe80::3%guest0]:3", "[fe80::1%staff0]:1", "[fe80::2%staff0]:2"} {
+		err := by64.Admit(NewFlow("s", "forward", netip.MustParseAddrPort(c), netip.MustParseAddrPort("[fe80::99%guest0]:80")))
+		if want := map[bool]error{true: ErrClientCap, false: nil}[i == 2]; err != want {
+			t.Errorf("client_ipv6_prefix 64, flow from %s: %v, want %v", c, err, want)
+		}
+	}
+	ll := NewFlowTable(100) // client_ipv6_prefix 128: the same address on two links
+	ll.SetMaxPerClient(2)
+	for i, c := range []string{"fe80::1%guest0", "fe80::1%guest0", "fe80::1%guest0", "fe80::1%staff0"} {
+		err := ll.Reserve(netip.MustParseAddr(c))
+		if want := map[bool]error{true: ErrClientCap, false: nil}[i == 2]; err != want {
+			t.Errorf("client_ipv6_prefix 128, place %d for %s: %v, want %v", i, c, err, want)
+		}
+	}
 	tab.Ended(kept[0])
 	if err := admit("10.1.0.5:1003"); err != nil {
 		t.Errorf("after one of its flows ended: %v", err)

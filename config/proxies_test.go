@@ -109,3 +109,37 @@ func TestFTPDefaults(t *testing.T) {
 		t.Errorf("forward service %+v", s)
 	}
 }
+
+// TestDrainTimeoutOnRequest: once one service splices, the gateway
+// splices a flow of any forward or socks5 service on request (splicectl
+// splice), with that service's drain_timeout, even one whose splice.mode
+// is never. Such a service with the default drain_timeout (5s) under a
+// divert_timeout of 4s was accepted, and a flow spliced on request could
+// lose its divert entries while it drained and stall. An http or ftp
+// service that never splices takes no request, and stays accepted.
+func TestDrainTimeoutOnRequest(t *testing.T) {
+	const splicing = "kernel:\n  divert_timeout: 4s\nservices:\n  - name: a\n    listen: 1\n    ports: [\"80\"]\n    splice:\n      mode: immediate\n      drain_timeout: 2s\n"
+	for _, c := range []struct {
+		name, service, err string
+	}{
+		{"forward", "  - name: b\n    listen: 2\n    ports: [\"81\"]\n", "services[1].splice.drain_timeout"},
+		{"socks5", "  - name: b\n    proxy: socks5\n    listen_on: [\"10.1.0.1:1080\"]\n    splice:\n      mode: never\n", "services[1].splice.drain_timeout"},
+		{"forward within", "  - name: b\n    listen: 2\n    ports: [\"81\"]\n    splice:\n      drain_timeout: 2s\n", ""},
+		{"http", "  - name: b\n    listen: 2\n    ports: [\"81\"]\n    proxy: http\n    http:\n      routes:\n        - path: /\n          backends: [\"10.2.0.2:80\"]\n", ""},
+		{"ftp", "  - name: b\n    listen: 2\n    ports: [\"21\"]\n    proxy: ftp\n", ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := config.Parse("t.yaml", []byte(splicing+c.service))
+			switch {
+			case c.err == "" && err != nil:
+				t.Errorf("refused: %v", err)
+			case c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err) || !strings.Contains(err.Error(), "splicectl splice")):
+				t.Errorf("error %v, want one for %s naming the splice on request", err, c.err)
+			}
+		})
+	}
+	// Without a splicing service nothing is spliced, on request either.
+	if _, err := config.Parse("t.yaml", []byte("kernel:\n  divert_timeout: 4s\nservices:\n  - name: b\n    listen: 2\n    ports: [\"81\"]\n")); err != nil {
+		t.Errorf("no service splices: %v", err)
+	}
+}

@@ -129,6 +129,14 @@ func (c *Config) validate(idx *keyIndex) error {
 		bad("limits.max_flows_per_client", fmt.Sprint(c.Limits.MaxFlowsPerClient), "is negative; use a positive number of flows, or 0 for no cap per client")
 	}
 
+	// A forward or socks5 service that never splices by policy still
+	// splices on request (splicectl splice) once another service makes
+	// the gateway splice: its drain_timeout applies then.
+	splicesByPolicy := func(s *Service) bool { return s.Splice.Mode != SpliceNever && s.Splice.Mode != "" }
+	splicing := slices.ContainsFunc(c.Services, func(s Service) bool { return splicesByPolicy(&s) })
+	splices := func(s *Service) bool {
+		return splicesByPolicy(s) || splicing && (s.Proxy == "" || s.Proxy == ProxyForward || s.Proxy == "socks5")
+	}
 	names := map[string]int{}
 	listens := map[Port]int{}
 	listenOn := map[netip.AddrPort]int{}
@@ -190,11 +198,15 @@ func (c *Config) validate(idx *keyIndex) error {
 		case s.Splice.Mode == SpliceTime && s.Splice.After <= 0:
 			bad(p+".splice", string(s.Splice.Mode), "needs splice.after, how long after the connect to splice, such as 10s")
 		}
-		if d, t := s.Splice.DrainTimeout.D(), c.Kernel.DivertTimeout.D(); s.Splice.Mode != SpliceNever && s.Splice.Mode != "" && t >= time.Second && 2*d > t {
+		if d, t := s.Splice.DrainTimeout.D(), c.Kernel.DivertTimeout.D(); splices(s) && t >= time.Second && 2*d > t {
 			// A splice's divert entries are refreshed (every third of
 			// divert_timeout) only once it is done: one still draining
 			// when they time out loses them, and its flow stalls.
-			bad(p+".splice.drain_timeout", d.String(), "is more than half of kernel.divert_timeout (%v): the divert entries of a splice still draining could time out, and its flow stall; shorten drain_timeout to %v or less, or lengthen divert_timeout", t, t/2)
+			why := ""
+			if !splicesByPolicy(s) {
+				why = " (its flows are spliced on request, splicectl splice, while another service splices)"
+			}
+			bad(p+".splice.drain_timeout", d.String(), "is more than half of kernel.divert_timeout (%v): the divert entries of a splice still draining could time out, and its flow stall%s; shorten drain_timeout to %v or less, or lengthen divert_timeout", t, why, t/2)
 		}
 		if l := s.Splice.Linger.D(); l != 0 && (l < MinLinger || l > MaxLinger) {
 			bad(p+".splice.linger", l.String(), "is out of range; use 1s to 1m (the default 5s covers a few retransmissions of a flow's last FIN)")

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net/netip"
 	"os/exec"
 	"regexp"
 	"strings"
@@ -52,7 +53,51 @@ func (m *Manager) KernelListing(ctx context.Context) (listing string, exists boo
 		terse, _ := blockOf(table, "\t", "set "+name)
 		table = strings.Replace(table, terse, set, 1)
 	}
-	return canonicalQueues(unwrapElements(StripRuntime(table))), true, nil
+	return canonicalQueues(canonicalElements(unwrapElements(StripRuntime(table)))), true, nil
+}
+
+// canonicalElements rewrites the IPv6 addresses of every (unwrapped)
+// "elements = { ... }" line of an nft listing in Render's form (nftAddr).
+// nft writes them with the C library's inet_ntop, whose forms differ:
+// glibc's writes an IPv4-compatible address as ::10.1.0.0, musl's (the
+// C library of OpenWrt and Alpine) as ::a01:0, and musl shortens a run
+// of zeros at the start of an address less eagerly (0:0:0:1::1 where
+// glibc writes ::1:0:0:0:1). Render can match only one of them; without
+// this, on the other a service with such a prefix differed from its
+// expected listing for good, and every drift check reinstalled the table.
+func canonicalElements(listing string) string {
+	lines := strings.Split(listing, "\n")
+	for i, line := range lines {
+		head, rest, ok := strings.Cut(line, "elements = { ")
+		if !ok || strings.TrimSpace(head) != "" || !strings.HasSuffix(rest, " }") {
+			continue
+		}
+		elems := strings.Split(strings.TrimSuffix(rest, " }"), ", ")
+		for j, e := range elems {
+			elems[j] = canonicalElement(e)
+		}
+		lines[i] = head + "elements = { " + strings.Join(elems, ", ") + " }"
+	}
+	return strings.Join(lines, "\n")
+}
+
+// canonicalElement is a set element (an address, a prefix, a range of
+// either, a port or a range of ports) with its IPv6 addresses in
+// Render's form; anything else is left as it is.
+func canonicalElement(e string) string {
+	if from, to, ok := strings.Cut(e, "-"); ok {
+		a, b := canonicalElement(from), canonicalElement(to)
+		return a + "-" + b
+	}
+	addr, bits, prefix := strings.Cut(e, "/")
+	a, err := netip.ParseAddr(addr)
+	if err != nil || !a.Is6() || a.Zone() != "" {
+		return e
+	}
+	if prefix {
+		return nftAddr(a) + "/" + bits
+	}
+	return nftAddr(a)
 }
 
 // unwrapElements joins the lines of every "elements = { ... }" block of

@@ -1006,3 +1006,35 @@ func TestDivertDeletedByOthers(t *testing.T) {
 		t.Errorf("the restore brought back a tuple it was not given:\n%s", any4)
 	}
 }
+
+// TestDriftEmbeddedIPv4Musl: nft writes IPv6 addresses with the C
+// library's inet_ntop, and musl's (OpenWrt, Alpine) writes an
+// IPv4-compatible address in hexadecimal (::a01:0 where glibc writes
+// ::10.1.0.0) and shortens a run of zeros at the start of an address
+// less eagerly (0:0:0:1::1 where glibc writes ::1:0:0:0:1). Render
+// writes glibc's forms, so on a musl system such a service differed
+// from its expected listing for good, and every drift check reinstalled
+// the table. The kernel's listing is read in Render's form on either.
+func TestDriftEmbeddedIPv4Musl(t *testing.T) {
+	cfg, err := config.Parse("compat.yaml", []byte(`
+services:
+  - name: lan
+    listen: 15001
+    ports: ["80", "8000-8080"]
+    sources: ["::10.1.0.0/112", "::1:0", "::2", "fd00:1::a01:0/112"]
+    destinations: ["::1.2.3.4", "::1:0:0:0:1", "10.2.0.0/16"]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Listing(FromConfig(cfg))
+	musl := strings.NewReplacer("::10.1.0.0/112", "::a01:0/112", "::0.1.0.0", "::1:0", "::1.2.3.4", "::102:304", "::1:0:0:0:1", "0:0:0:1::1").Replace(want)
+	if musl == want || !strings.Contains(musl, "::a01:0/112") || !strings.Contains(musl, "0:0:0:1::1") {
+		t.Fatalf("the test's musl listing is not one:\n%s", musl)
+	}
+	for name, listing := range map[string]string{"musl": musl, "glibc": want} {
+		if diff := UnifiedDiff("expected", "kernel", want, canonicalElements(listing)); diff != "" {
+			t.Errorf("%s's listing read as another:\n%s", name, diff)
+		}
+	}
+}

@@ -54,12 +54,25 @@ func (w *queueDropWatch) observe(now time.Time, stats []nfq.Stats) (msg string, 
 		w.queues = map[uint16]bool{}
 	}
 	for _, q := range stats {
+		if q.Kernel.PortID == 0 {
+			// Nobody bound to it in the kernel's list: its socket is
+			// being replaced (closed, not yet opened again), or the
+			// list could not be read. Its counters read zero then;
+			// taken for ones, the next look would count every drop
+			// since the start again (or, as uint32 differences,
+			// four billion).
+			continue
+		}
 		cur := queueDropSeen{full: q.Kernel.QueueDropped, socket: q.Kernel.UserDropped, reopens: q.Reopens}
 		prev := w.seen[q.Queue]
-		if cur.reopens != prev.reopens {
+		if cur.reopens != prev.reopens || cur.full < prev.full || cur.socket < prev.socket {
+			// A new socket, with new counters from zero: counted as
+			// reopened, or seen before it is (a counter went back).
+			// A wrap of the kernel's uint32 counters, after four
+			// billion drops, is taken for one too, and undercounted
+			// once.
 			prev = queueDropSeen{reopens: cur.reopens}
 		}
-		// uint32 differences: right across a wrap of the kernel's counters.
 		full, socket := cur.full-prev.full, cur.socket-prev.socket
 		if full > 0 || socket > 0 {
 			w.queues[q.Queue] = true

@@ -17,8 +17,11 @@ func TestQueueDropsWarned(t *testing.T) {
 	w := queueDropWatch{queueLen: 4096}
 	t0 := time.Unix(1000, 0)
 	st := func(q uint16, full, socket uint32, reopens uint64) nfq.Stats {
-		return nfq.Stats{Queue: q, Reopens: reopens, Kernel: nfq.KernelStats{QueueDropped: full, UserDropped: socket}}
+		return nfq.Stats{Queue: q, Reopens: reopens, Kernel: nfq.KernelStats{PortID: 1000, QueueDropped: full, UserDropped: socket}}
 	}
+	// unbound: the queue is not in the kernel's list (its socket being
+	// replaced), whose counters then read zero.
+	unbound := func(q uint16, reopens uint64) nfq.Stats { return nfq.Stats{Queue: q, Reopens: reopens} }
 	attr := func(attrs []any, key string) string {
 		for i := 0; i+1 < len(attrs); i += 2 {
 			if attrs[i] == key {
@@ -43,6 +46,15 @@ func TestQueueDropsWarned(t *testing.T) {
 		// Queue 100's socket reopened: its counters start from zero.
 		{4 * time.Minute, []nfq.Stats{st(100, 7, 0, 1), st(101, 0, 5, 0)}, "100", "7", "0"},
 		{6 * time.Minute, []nfq.Stats{st(100, 7, 0, 1), st(101, 0, 5, 0)}, "", "", ""},
+		// Queue 101's socket replaced: closed, the queue is not in the
+		// kernel's list for a moment (no counters, not four billion
+		// drops), then open again from zero, seen before its reopen is
+		// counted: new drops only.
+		{8 * time.Minute, []nfq.Stats{st(100, 7, 0, 1), unbound(101, 0)}, "", "", ""},
+		{10 * time.Minute, []nfq.Stats{st(100, 7, 0, 1), st(101, 0, 2, 0)}, "101", "0", "2"},
+		{12 * time.Minute, []nfq.Stats{st(100, 7, 0, 1), st(101, 0, 2, 0)}, "", "", ""},
+		{14 * time.Minute, []nfq.Stats{st(100, 7, 0, 1), unbound(101, 0)}, "", "", ""},
+		{16 * time.Minute, []nfq.Stats{st(100, 7, 0, 1), st(101, 0, 2, 0)}, "", "", ""},
 	}
 	for i, s := range steps {
 		msg, attrs := w.observe(t0.Add(s.at), s.stats)

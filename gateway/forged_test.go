@@ -133,3 +133,50 @@ func TestUnspliceHoldsBounded(t *testing.T) {
 		t.Errorf("the client's acknowledgment learned: %d, want 6000", got)
 	}
 }
+
+// TestUnspliceHoldsBoundedAfterSplice: a client whose next request
+// comes while its splice completes has it kept (pending), and the
+// splice turns into the request's unsplice at once. What was kept
+// counts against the unsplice's bounds: before, only its packets did,
+// and the unsplice held another 1 MiB beyond the bytes a client sent
+// while the splice completed (GSO packets of up to 64 KiB each).
+func TestUnspliceHoldsBoundedAfterSplice(t *testing.T) {
+	g, _, e, c, s := forgedFixture(t)
+	tr := newTransition(e.Keys, 0, phaseSpliced, e)
+	// GSO packets, each the same 60,000 bytes after what the engine
+	// forwarded, within the server's window of 64,000: new data the
+	// engine's checks pass, sent again and again.
+	const size = 60000
+	next := func() ([]byte, *splice.Packet) {
+		b := dataPacket(c, s, 1000, 6000, make([]byte, size), false)
+		var p splice.Packet
+		if p.Parse(b) != splice.OK {
+			t.Fatal("parse")
+		}
+		return b, &p
+	}
+	pending := 0
+	for range 10 {
+		b, _ := next()
+		tr.pending = append(tr.pending, nfq.Unqueued(b))
+		pending += len(b)
+	}
+	tr.mu.Lock()
+	tr.unsplicePending()
+	tr.mu.Unlock()
+	held := 0
+	for range 20 {
+		b, p := next()
+		tr.mu.Lock()
+		if tr.decide(g, p, nfq.Unqueued(b), p.KeyOf()) == nfq.Hold {
+			held += len(b)
+		}
+		tr.mu.Unlock()
+	}
+	if total := pending + held; total > maxHeldBytesUnsplicing {
+		t.Errorf("%d bytes held (%d kept while the splice completed, %d after), want at most %d", total, pending, held, maxHeldBytesUnsplicing)
+	}
+	if held == 0 && g.counters.heldDropped.Load() == 0 {
+		t.Error("nothing held or dropped: the packets did not reach the bound")
+	}
+}

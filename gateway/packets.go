@@ -278,6 +278,20 @@ const (
 	maxHeldBytesUnsplicing = 1 << 20
 )
 
+// unsplicePending turns a splice whose client sent its next request as
+// the splice completed into that request's unsplice (tr.mu held): the
+// request's packets (pending) are the first it holds, and count against
+// its bounds. Uncounted, the unsplice held up to another 1 MiB beyond
+// them, however much a client sent while the splice completed.
+func (tr *transition) unsplicePending() {
+	tr.phase = phaseUnsplicing
+	tr.held, tr.pending = tr.pending, nil
+	tr.heldBytes = 0
+	for _, np := range tr.held {
+		tr.heldBytes += len(np.Data)
+	}
+}
+
 // handle decides about a packet of a flow in transition.
 func (tr *transition) handle(g *Gateway, p *splice.Packet, np *nfq.Packet, key splice.Key) nfq.Decision {
 	tr.mu.Lock()

@@ -657,8 +657,7 @@ func (g *Gateway) handOver(tr *transition, f *proxy.Flow, e *splice.Entry) bool 
 			e.LearnAck(&p, splice.C2S)
 		}
 	}
-	tr.phase = phaseUnsplicing
-	tr.held, tr.pending = tr.pending, nil
+	tr.unsplicePending()
 	f.SplicedAt.Store(monotime.Now())
 	f.SetState(proxy.StateSplicing)
 	start := time.Now()

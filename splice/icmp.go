@@ -89,6 +89,11 @@ func ParseICMPError(b []byte) (m ICMPError, ok bool) {
 		if b[m.q]>>4 != 6 || IPv6(b[m.q:]).NextHeader() != protoTCP {
 			return m, false
 		}
+		// A quote between IPv4-mapped addresses has an IPv4 flow's key
+		// (Packet.Parse refuses such packets for the same reason).
+		if q := IPv6(b[m.q:]); [12]byte(q.Src()) == v4InV6Prefix || [12]byte(q.Dst()) == v4InV6Prefix {
+			return m, false
+		}
 	default:
 		return m, false
 	}

@@ -239,6 +239,15 @@ func TestICMPErrorRefused(t *testing.T) {
 			muts = append(muts, mutation{"payload length beyond the packet", func(b []byte) []byte {
 				binary.BigEndian.PutUint16(b[4:], uint16(len(b)-39))
 				return b
+			}}, mutation{"quote between IPv4-mapped addresses", func(b []byte) []byte {
+				// Its key would be an IPv4 flow's (see Packet.Parse);
+				// addressed to the quote's source, as the check wants.
+				q := ipLen + 8
+				for _, off := range []int{q + 8, q + 24, 24} {
+					copy(b[off:off+12], v4InV6Prefix[:])
+				}
+				copy(b[24+12:40], b[q+8+12:q+24])
+				return b
 			}})
 		}
 		for _, m := range muts {

@@ -1,0 +1,213 @@
+package all_test
+
+import (
+	"os"
+	"reflect"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+
+	"go.yaml.in/yaml/v3"
+
+	"spliced/config"
+	"spliced/internal/manpage"
+	_ "spliced/proxy/all"
+)
+
+// configKeys lists the keys of the configuration file as the README's
+// reference names them (services[].splice.mode, services[].http.routes[]),
+// every proxy's section included, with the fields of list items.
+func configKeys() map[string][]string {
+	keys := map[string][]string{}
+	unmarshaler := reflect.TypeFor[yaml.Unmarshaler]()
+	var walk func(prefix string, t reflect.Type)
+	walk = func(prefix string, t reflect.Type) {
+		for i := range t.NumField() {
+			f := t.Field(i)
+			name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+			if name == "-" || !f.IsExported() {
+				continue
+			}
+			ft := f.Type
+			if ft.Kind() == reflect.Pointer {
+				ft = ft.Elem()
+			}
+			leaf := reflect.PointerTo(ft).Implements(unmarshaler)
+			switch {
+			case !leaf && ft.Kind() == reflect.Struct:
+				walk(prefix+name+".", ft)
+			case !leaf && ft.Kind() == reflect.Slice && reflect.PointerTo(ft.Elem()).Implements(unmarshaler):
+				keys[prefix+name] = nil // a list of values, such as prefixes
+			case !leaf && ft.Kind() == reflect.Slice && ft.Elem().Kind() == reflect.Struct && name == "services":
+				walk(prefix+name+"[].", ft.Elem())
+			case !leaf && ft.Kind() == reflect.Slice && ft.Elem().Kind() == reflect.Struct:
+				var fields []string
+				for j := range ft.Elem().NumField() {
+					n, _, _ := strings.Cut(ft.Elem().Field(j).Tag.Get("yaml"), ",")
+					fields = append(fields, n)
+				}
+				keys[prefix+name+"[]"] = fields
+			default:
+				keys[prefix+name] = nil
+			}
+		}
+	}
+	walk("", reflect.TypeFor[config.Config]())
+	for _, kind := range config.ProxyKinds() {
+		if def := config.LookupProxy(kind); def.Section != "" {
+			walk("services[]."+def.Section+".", reflect.TypeOf(def.NewSection()).Elem())
+		}
+	}
+	return keys
+}
+
+// TestConfigKeysDocumented: the README's configuration reference, from
+// which spliced.yaml(5) is generated, has a row for every key a file may
+// hold (every proxy's section too) and none for a key the decoder would
+// refuse as unknown; a list of mappings (routes[], rules[]) names each
+// field of its items in its row.
+func TestConfigKeysDocumented(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, err := manpage.Markdown(string(readme), "Configuration reference")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows := map[string]string{}
+	for _, m := range regexp.MustCompile("(?m)^\\| `([a-z0-9_.\\[\\]]+)` \\|(.*)$").FindAllStringSubmatch(ref, -1) {
+		rows[m[1]] = m[2]
+	}
+	keys := configKeys()
+	if len(keys) < 60 {
+		t.Fatalf("found only %d keys: %v", len(keys), keys)
+	}
+	for key, fields := range keys {
+		row, ok := rows[key]
+		if !ok {
+			t.Errorf("key %s has no row in the README's configuration reference", key)
+			continue
+		}
+		for _, f := range fields {
+			if !regexp.MustCompile(`[{ ]` + f + `\b`).MatchString(row) {
+				t.Errorf("the README's row of %s does not name its items' field %s", key, f)
+			}
+		}
+	}
+	var extra []string
+	for key := range rows {
+		if _, ok := keys[key]; !ok {
+			extra = append(extra, key)
+		}
+	}
+	slices.Sort(extra)
+	if len(extra) > 0 {
+		t.Errorf("the README's configuration reference has rows for keys that do not exist: %v", extra)
+	}
+}
+
+// TestConfigDefaultsDocumented: a key set to the default the README's
+// configuration reference gives it (a row whose default is one value,
+// such as `5s`) makes the same configuration as the key left out, in a
+// service of every kind the key applies to: a default that depends on
+// the proxy (splice.mode, upstream) must say so.
+func TestConfigDefaultsDocumented(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, err := manpage.Markdown(string(readme), "Configuration reference")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A service of each kind, by the section whose keys apply to it;
+	// the keys of no section apply to all.
+	bases := []struct{ section, svc string }{
+		{"forward", "{name: s, listen: 15001, ports: ['5001']}"},
+		{"forward", "{name: s, listen_mode: direct, listen_on: ['127.0.0.1:15001'], forward: {backends: ['10.9.0.2:80']}}"},
+		{"http", "{name: s, proxy: http, listen: 15001, ports: ['80'], http: {routes: [{host: a, backends: ['10.9.0.2:80']}]}}"},
+		{"ftp", "{name: s, proxy: ftp, listen: 15001, ports: ['21']}"},
+		{"socks5", "{name: s, proxy: socks5, listen_on: ['127.0.0.1:1080']}"},
+	}
+	sections := map[string]bool{}
+	for _, b := range bases {
+		sections[b.section] = true
+	}
+	parse := func(doc map[string]any) (*config.Config, error) {
+		data, err := yaml.Marshal(doc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return config.Parse("test.yaml", data)
+	}
+	// check parses the file doc without the key and with it set to value
+	// (its path from doc's top).
+	check := func(key, def string, value any, doc func() (root, top map[string]any)) bool {
+		root, _ := doc()
+		want, err := parse(root)
+		if err != nil {
+			t.Errorf("%s: the file without it: %v", key, err)
+			return false
+		}
+		root, d := doc()
+		path := strings.Split(key, ".")
+		if path[0] == "services[]" {
+			path = path[1:]
+		}
+		for _, p := range path[:len(path)-1] {
+			next, _ := d[p].(map[string]any)
+			if next == nil {
+				next = map[string]any{}
+				d[p] = next
+			}
+			d = next
+		}
+		d[path[len(path)-1]] = value
+		got, err := parse(root)
+		if err != nil {
+			t.Errorf("%s: set to its documented default %s: %v", key, def, err)
+			return false
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Errorf("%s: set to its documented default %s, the configuration differs from the one without it (%s)", key, def, root)
+			return false
+		}
+		return true
+	}
+	checked := 0
+	for _, m := range regexp.MustCompile("(?m)^\\| `([a-z0-9_.\\[\\]]+)` \\| `([^`]+)`(?: \\([^)]*\\))? \\|").FindAllStringSubmatch(ref, -1) {
+		key, def := m[1], m[2]
+		var value any
+		if err := yaml.Unmarshal([]byte(def), &value); err != nil {
+			t.Errorf("%s: default %q: %v", key, def, err)
+			continue
+		}
+		path := strings.Split(key, ".")
+		if path[0] != "services[]" {
+			if check(key, def, value, func() (map[string]any, map[string]any) { d := map[string]any{}; return d, d }) {
+				checked++
+			}
+			continue
+		}
+		for _, b := range bases {
+			if len(path) > 2 && sections[path[1]] && path[1] != b.section || len(path) == 2 && strings.Contains(b.svc, " "+path[1]+":") {
+				continue // another kind's key, or one the service sets
+			}
+			ok := check(key, def, value, func() (map[string]any, map[string]any) {
+				var s map[string]any
+				if err := yaml.Unmarshal([]byte(b.svc), &s); err != nil {
+					t.Fatal(err)
+				}
+				return map[string]any{"services": []any{s}}, s
+			})
+			if ok {
+				checked++
+			}
+		}
+	}
+	if checked < 60 {
+		t.Errorf("checked the defaults of only %d keys", checked)
+	}
+}

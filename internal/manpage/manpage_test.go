@@ -43,7 +43,7 @@ func TestPages(t *testing.T) {
 	}
 	fixed := len(want["spliced.yaml.5"])
 	// Every key of the README's configuration reference.
-	key := regexp.MustCompile("(?m)^\\| `([a-z_.\\[\\]]+)` \\|")
+	key := regexp.MustCompile("(?m)^\\| `([a-z0-9_.\\[\\]]+)` \\|")
 	ref, _ := Markdown(string(readme), "Configuration reference")
 	for _, m := range key.FindAllStringSubmatch(ref, -1) {
 		want["spliced.yaml.5"] = append(want["spliced.yaml.5"], `\fB`+m[1]+`\fR`)

@@ -2,6 +2,7 @@ package all_test
 
 import (
 	"os"
+	"path/filepath"
 	"reflect"
 	"regexp"
 	"slices"
@@ -209,5 +210,50 @@ func TestConfigDefaultsDocumented(t *testing.T) {
 	}
 	if checked < 60 {
 		t.Errorf("checked the defaults of only %d keys", checked)
+	}
+}
+
+// TestDefaultYAMLNamesEveryKey: the embedded default configuration
+// (installed as /etc/spliced/spliced.yaml), which the README says
+// documents the same keys in comments, names every key, set or in a
+// commented example.
+func TestDefaultYAMLNamesEveryKey(t *testing.T) {
+	for key := range configKeys() {
+		path := strings.Split(strings.ReplaceAll(key, "[]", ""), ".")
+		leaf := path[len(path)-1]
+		if !regexp.MustCompile(`(?m)^[# ]*(- )?` + leaf + `:`).Match(config.Default) {
+			t.Errorf("config/default.yaml does not name %s", key)
+		}
+	}
+}
+
+// TestDefaultYAMLExamples: each commented example service of the
+// embedded default configuration is a valid service once uncommented.
+func TestDefaultYAMLExamples(t *testing.T) {
+	_, examples, ok := strings.Cut(string(config.Default), "\nservices: []\n")
+	if !ok {
+		t.Fatal("config/default.yaml has no empty services list")
+	}
+	// The socks5 example's users file, which validation reads.
+	users := filepath.Join(t.TempDir(), "socks5.users")
+	if err := os.WriteFile(users, []byte("# no users\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	examples = strings.ReplaceAll(examples, "/etc/spliced/socks5.users", users)
+	n := 0
+	for _, ex := range strings.Split(examples, "# Example:")[1:] {
+		var svc strings.Builder
+		for _, line := range strings.Split(ex, "\n") {
+			if strings.HasPrefix(line, "#  ") {
+				svc.WriteString(line[1:] + "\n")
+			}
+		}
+		if _, err := config.Parse("example", []byte("services:\n"+svc.String())); err != nil {
+			t.Errorf("example%s: %v", strings.SplitN(ex, "\n", 2)[0], err)
+		}
+		n++
+	}
+	if n < 5 {
+		t.Errorf("config/default.yaml has %d examples", n)
 	}
 }

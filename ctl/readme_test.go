@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -82,5 +83,34 @@ func TestStatusAsREADMEShows(t *testing.T) {
 	}
 	if want := readmeSample(t, "sudo splicectl status"); out.String() != want {
 		t.Errorf("splicectl status prints\n%s\nthe README shows\n%s", out.String(), want)
+	}
+}
+
+// TestCommandsDocumented: the README's splicectl section names every
+// command and flag of splicectl's usage (from which splicectl(8) is
+// made), so that a stranger reading the README finds them too.
+func TestCommandsDocumented(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, _ := strings.Cut(string(readme), "\n## splicectl\n")
+	section, _, _ = strings.Cut(section, "\n## ")
+	_, commands, _ := strings.Cut(Usage(), "\ncommands:\n")
+	commands, flags, _ := strings.Cut(commands, "\nflags")
+	var want []*regexp.Regexp // a command as `splicectl CMD` or `CMD`, a flag as -x
+	for _, m := range regexp.MustCompile(`(?m)^  ([a-z]+)|\(also: ([a-z]+)\)`).FindAllStringSubmatch(commands, -1) {
+		want = append(want, regexp.MustCompile("splicectl "+m[1]+m[2]+"\\b|`"+m[1]+m[2]+"`"))
+	}
+	for _, m := range regexp.MustCompile(` (-[a-z]+)\b`).FindAllStringSubmatch(commands+flags, -1) {
+		want = append(want, regexp.MustCompile("[ `]"+m[1]+"\\b"))
+	}
+	if len(want) < 16 {
+		t.Fatalf("read only %v from the usage", want)
+	}
+	for _, re := range want {
+		if !re.MatchString(section) {
+			t.Errorf("the README's splicectl section has nothing like %s", re)
+		}
 	}
 }

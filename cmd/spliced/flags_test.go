@@ -115,3 +115,27 @@ func TestCheckSourceNATWithoutTransparent(t *testing.T) {
 		}
 	}
 }
+
+// TestCheckLinesDocumented: every line of `spliced -check` the README
+// names (`# firewall:`, `# bridges:` ...) is one the daemon prints: a
+// line removed or renamed (as `# marks:` was, for an input chain) left
+// the README sending operators to look for it.
+func TestCheckLinesDocumented(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := os.ReadFile("main.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	named := regexp.MustCompile("`(# [a-zA-Z][a-zA-Z ]*:)").FindAllStringSubmatch(string(readme), -1)
+	if len(named) < 5 {
+		t.Fatalf("the README names only %v", named)
+	}
+	for _, m := range named {
+		if !bytes.Contains(src, []byte(`"`+m[1]+" ")) {
+			t.Errorf("the README names a %q line of spliced -check, which main.go does not print", m[1])
+		}
+	}
+}

@@ -257,3 +257,111 @@ func TestDefaultYAMLExamples(t *testing.T) {
 		t.Errorf("config/default.yaml has %d examples", n)
 	}
 }
+
+// fileWith is a configuration file with each key (as the README names
+// it: services[].splice.linger) set to its YAML value; a service's keys
+// go into one service, a forwarder's unless a proxy section's key says
+// otherwise.
+func fileWith(t *testing.T, set map[string]string) []byte {
+	t.Helper()
+	root := map[string]any{}
+	var svc map[string]any
+	for key, v := range set {
+		var value any
+		if err := yaml.Unmarshal([]byte(v), &value); err != nil {
+			t.Fatalf("%s: %s: %v", key, v, err)
+		}
+		d, path := root, strings.Split(key, ".")
+		if path[0] == "services[]" {
+			if svc == nil {
+				svc = map[string]any{"name": "s", "listen": 15001, "ports": []any{"5001"}}
+				root["services"] = []any{svc}
+			}
+			d, path = svc, path[1:]
+			switch path[0] {
+			case "http":
+				svc["proxy"] = "http"
+				svc["http"] = map[string]any{"routes": []any{map[string]any{"backends": []any{"10.9.0.2:80"}}}}
+			case "ftp", "socks5":
+				svc["proxy"] = path[0]
+			}
+			if path[0] == "socks5" {
+				delete(svc, "listen")
+				delete(svc, "ports")
+				svc["listen_on"] = []any{"127.0.0.1:1080"}
+			}
+		}
+		for _, p := range path[:len(path)-1] {
+			next, _ := d[p].(map[string]any)
+			if next == nil {
+				next = map[string]any{}
+				d[p] = next
+			}
+			d = next
+		}
+		d[path[len(path)-1]] = value
+	}
+	data, err := yaml.Marshal(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
+// TestConfigLimitsDocumented: the limits the README's configuration
+// reference gives a key are the ones validation enforces: the values at
+// the bounds pass, the ones past them are refused. A stranger who
+// trusts the row writes a value inside it.
+func TestConfigLimitsDocumented(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, err := manpage.Markdown(string(readme), "Configuration reference")
+	if err != nil {
+		t.Fatal(err)
+	}
+	long := func(n int) string { return strings.Repeat("a", n) }
+	for _, tc := range []struct {
+		key, says string            // the row of key says this
+		with      map[string]string // other keys the values need
+		ok, bad   []string
+	}{
+		{"kernel.table", "a letter, then up to 31 letters, digits or `_`", nil, []string{"A" + long(31), "a_1"}, []string{"1a", "a" + long(32), "a-b"}},
+		{"kernel.route_table", "not 253-255", nil, []string{"252", "256"}, []string{"253", "254", "255"}},
+		{"kernel.queue", "must end at 65535 or below", map[string]string{"kernel.queues": "2"}, []string{"65534"}, []string{"65535"}},
+		{"kernel.queues", "(1-64)", nil, []string{"1", "64"}, []string{"65", "-1"}},
+		{"kernel.queue_len", "(8-1048576)", nil, []string{"8", "1048576"}, []string{"7", "1048577"}},
+		{"kernel.divert_timeout", "(at least `1s`)", nil, []string{"1s"}, []string{"999ms"}},
+		{"kernel.interfaces", "with `kernel.datapath: bpf` or `auto` only", map[string]string{"kernel.datapath": "bpf"}, []string{"[eth0]"}, []string{"[lo]"}},
+		{"kernel.interfaces", "with `nfqueue` a list is refused", map[string]string{"kernel.datapath": "nfqueue"}, nil, []string{"[eth0]"}},
+		{"kernel.bpffs", "a clean absolute path", nil, []string{"/sys/fs/bpf2"}, []string{"sys/fs/bpf", "/sys/fs/bpf/"}},
+		{"control.socket", "an absolute path of at most 107 bytes", nil, []string{"/r/" + long(104)}, []string{"/r/" + long(105), "run/x.sock"}},
+		{"limits.client_ipv6_prefix", "32-128", nil, []string{"32", "128"}, []string{"31", "129"}},
+		{"services[].name", "`[a-z][a-z0-9_]*`, at most 24 characters", nil, []string{"a_" + long(22)}, []string{long(25), "Web", "1a", "a-b"}},
+		{"services[].backlog", "1-65535", nil, []string{"1", "65535"}, []string{"65536", "-1"}},
+		{"services[].splice.linger", "1s to 1m", nil, []string{"1s", "1m"}, []string{"999ms", "61s"}},
+		{"services[].splice.socket_buffer", "16KiB-64MiB", map[string]string{"services[].splice.mode": "immediate"}, []string{"16KiB", "64MiB"}, []string{"16383", "67108865"}},
+		{"services[].ftp.data_ports", "above 1023", nil, []string{"1024-1100"}, []string{"1023-1100"}},
+		{"services[].ftp.max_line", "(64-8192)", nil, []string{"64", "8192"}, []string{"63", "8193"}},
+		{"services[].http.splice_idle_min", "0-100", nil, []string{"0", "100"}, []string{"-1", "101"}},
+		{"services[].socks5.failed_logins", "at least 1; a negative value is refused", nil, []string{"1"}, []string{"-1"}},
+	} {
+		row := regexp.MustCompile("(?m)^\\| `" + regexp.QuoteMeta(tc.key) + "` \\|.*$").FindString(ref)
+		if !strings.Contains(row, tc.says) {
+			t.Errorf("the README's row of %s does not say %q", tc.key, tc.says)
+		}
+		for _, v := range append(tc.ok, tc.bad...) {
+			set := map[string]string{tc.key: v}
+			for k, w := range tc.with {
+				set[k] = w
+			}
+			_, err := config.Parse("test.yaml", fileWith(t, set))
+			if ok := slices.Contains(tc.ok, v); ok && err != nil {
+				t.Errorf("%s: %s, inside the README's limits, is refused: %v", tc.key, v, err)
+			} else if !ok && err == nil {
+				t.Errorf("%s: %s, outside the README's limits, is accepted", tc.key, v)
+			}
+		}
+	}
+}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -136,6 +137,31 @@ func TestCheckLinesDocumented(t *testing.T) {
 	for _, m := range named {
 		if !bytes.Contains(src, []byte(`"`+m[1]+" ")) {
 			t.Errorf("the README names a %q line of spliced -check, which main.go does not print", m[1])
+		}
+	}
+}
+
+// TestBadConfigAsREADMEShows: the README's example of a configuration
+// that does not validate (two services on port 80) shows what spliced
+// prints for it, and the exit status it gives.
+func TestBadConfigAsREADMEShows(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile("A bad configuration exits with status (\\d) and messages such as\n\n```\n([^`]*)```").FindSubmatch(readme)
+	if m == nil {
+		t.Fatal("the README has no example of a bad configuration")
+	}
+	t.Chdir(t.TempDir())
+	if err := os.WriteFile("spliced.yaml", []byte("services:\n  - name: a\n    listen: 15001\n    ports: [\"80\"]\n  - name: b\n    listen: 15002\n    ports: [\"80\"]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"-config", "spliced.yaml", "-socket", "off"}, {"-check", "-config", "spliced.yaml"}} {
+		var stdout, stderr bytes.Buffer
+		code := run(args, &stdout, &stderr)
+		if fmt.Sprint(code) != string(m[1]) || stderr.String() != string(m[2]) {
+			t.Errorf("spliced %v: exit %d, %q; the README shows exit %s, %q", args, code, stderr.String(), m[1], m[2])
 		}
 	}
 }

@@ -109,7 +109,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	if g := cfg.Control.Group; g != "" && cfg.Control.Socket != "" {
 		if _, err := user.LookupGroup(g); err != nil {
 			fmt.Fprintf(stderr, "spliced: %s: control.group %q: %v; create the group (groupadd %s) or remove control.group (the socket is then root's only)\n", cfg.File, g, err, g)
-			return 2
+			// The file does not fit this machine: refused as a file that
+			// does not validate (1), not as a wrong flag (2).
+			return 1
 		}
 	}
 	log, err := logging.New(stderr, cfg.Log.Format, cfg.Log.Level)

@@ -85,6 +85,23 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 		g.log.Warn("unsplice on client data", logging.KeyFlow, e.ID, logging.Err(err))
 		return false
 	}
+	var p splice.Packet
+	parsed := p.Parse(np.Data) == splice.OK
+	// A FIN went through spliced (the backend closed, in the middle of
+	// its response or after it): the flow is ending, and a rebuilt
+	// socket cannot take it back (it would hold the FIN's sequence
+	// number as received without its end of stream: the proxy would
+	// wait on it for the rest of the response for upstream_timeout, or
+	// for ever, and the client with it). The client's own FIN goes
+	// through too, and the flow ends spliced; its data (a next request,
+	// which its client can read no answer to) ends the flow with
+	// resets, as the closed backend would answer it.
+	snap := e.Snapshot()
+	closing := snap.FINSeen(splice.S2C) || snap.FINSeen(splice.C2S)
+	if closing && parsed && p.PayloadLen() == 0 {
+		e.Unpin()
+		return false
+	}
 	if !e.Watch.CompareAndSwap(true, false) {
 		e.Unpin()
 		return false
@@ -93,13 +110,12 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 	sf := g.spliced[e.ID]
 	g.splicedMu.Unlock()
 	adopted := sf != nil && sf.adopted && sf.flow.UnspliceOnClientData.Load()
-	if sf == nil || !sf.flow.CanResume() && !adopted {
+	if sf == nil || !sf.flow.CanResume() && !adopted && !closing {
 		e.Unpin()
 		return false
 	}
 	tr := newTransition(sf.keys(), sf.queue, phaseUnsplicing, sf.entry)
-	var p splice.Packet
-	if p.Parse(np.Data) == splice.OK {
+	if parsed {
 		e.LearnAck(&p, splice.C2S) // see transition.handle
 	}
 	g.counters.held.Add(1)
@@ -114,6 +130,13 @@ func (g *Gateway) unspliceOnData(e *splice.Entry, np *nfq.Packet) bool {
 		g.runTransition(func() {
 			err := g.abandonUnsplice(sf, tr, errAdopted(sf.flow.ID))
 			g.log.Warn("next request on an adopted flow", logging.KeyFlow, sf.flow.ID, logging.Err(err))
+		})
+		return true
+	}
+	if closing {
+		g.runTransition(func() {
+			err := g.abandonUnsplice(sf, tr, errors.New("a FIN went through spliced; the flow cannot be handed back"))
+			g.log.Info("client data after the flow's FIN", logging.KeyFlow, sf.flow.ID, logging.Err(err))
 		})
 		return true
 	}

@@ -1313,3 +1313,85 @@ func (hl *httpLab) dialFrom(t *testing.T, local netip.AddrPort) (*httpClient, ui
 	t.Cleanup(func() { c.Close() })
 	return &httpClient{t: t, c: c, r: bufio.NewReader(c)}, retrans
 }
+
+// TestLabHTTPBackendClosesWhileSpliced: a backend that closes its
+// connection in the middle of a spliced response (it crashed, or it
+// is hostile) has its FIN go through the engine to the client, which
+// then sends its next request, or closes too. The flow must end: its
+// client can read nothing more (it has had its end of stream), and a
+// rebuilt socket cannot carry a FIN it already passed. Before, the
+// flow was unspliced anyway: the proxy waited on the rebuilt upstream
+// socket for the rest of the response, which never came nor ended, for
+// upstream_timeout (here 0: for ever), and the client waited with it.
+func TestLabHTTPBackendClosesWhileSpliced(t *testing.T) {
+	for _, mode := range []string{"splice", "splice-bpf"} {
+		t.Run(mode, func(t *testing.T) { testHTTPBackendClosesWhileSpliced(t, mode) })
+	}
+}
+
+func testHTTPBackendClosesWhileSpliced(t *testing.T, mode string) {
+	conf := strings.Replace(httpConfig(mode), "      splice_policy: always\n", "      splice_policy: always\n      upstream_timeout: 0s\n", 1)
+	hl := startHTTPLabConf(t, conf, testnet.Options{}, nil)
+	ln, err := hl.lab.Server().Listen(netip.AddrPortFrom(hl.lab.Server().IPv4, 9001))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	spliced := make(chan struct{}, 1)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				if _, err := http.ReadRequest(bufio.NewReader(c)); err != nil {
+					return
+				}
+				fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n", 4<<20)
+				c.Write(make([]byte, 256<<10))
+				<-spliced // then close, short of the Content-Length
+			}()
+		}
+	}()
+	for _, how := range []string{"next request", "close"} {
+		t.Run(how, func(t *testing.T) {
+			before := hl.count("flow spliced")
+			hc := hl.dial(t)
+			defer hc.c.Close()
+			fmt.Fprint(hc.c, "GET /fake/cut HTTP/1.1\r\nHost: test\r\n\r\n")
+			hc.c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			resp, err := http.ReadResponse(hc.r, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := io.CopyN(io.Discard, resp.Body, 256<<10); err != nil {
+				t.Fatal(err)
+			}
+			if err := hl.d.WaitLog(10*time.Second, func(map[string]any) bool { return hl.count("flow spliced") > before }); err != nil {
+				t.Fatalf("the response was not spliced: %v", err)
+			}
+			spliced <- struct{}{}
+			if _, err := io.Copy(io.Discard, resp.Body); err == nil {
+				t.Fatal("the cut response read as whole")
+			}
+			if how == "close" {
+				hc.c.CloseWrite()
+			} else {
+				fmt.Fprint(hc.c, "GET /a/small.bin HTTP/1.1\r\nHost: test\r\n\r\n")
+			}
+			// The flow ends: the daemon logs its close.
+			port := float64(hc.c.LocalAddr().(*net.TCPAddr).Port)
+			err = hl.d.WaitLog(20*time.Second, func(l map[string]any) bool {
+				if l["msg"] != "flow closed" && l["msg"] != "http connection closed" {
+					return false
+				}
+				return strings.HasSuffix(fmt.Sprint(l["client"]), fmt.Sprintf(":%d", int(port)))
+			})
+			if err != nil {
+				t.Errorf("the flow did not end after its backend closed while spliced and its client %s: %v\n%s", how, err, tail(hl.d.Log(), 20))
+			}
+		})
+	}
+}

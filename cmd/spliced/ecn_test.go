@@ -7,8 +7,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/netip"
-	"regexp"
-	"strconv"
 	"testing"
 	"time"
 
@@ -97,11 +95,11 @@ add rule inet ecntest in tcp dport 5001 ip6 ecn != not-ect counter`)
 				}
 			}
 			transfer("spliced again")
-			sent := nftCounters(t, lab.Client(), "inet ecntest")
+			sent := nftCounters(t, &lab.Client().NS, "ecntest")
 			if sent[0] == 0 || sent[1] == 0 || sent[2] == 0 || sent[3] == 0 {
 				t.Fatalf("the client sent ECT %d (IPv4) %d (IPv6) and CE %d %d packets; the test needs some of each", sent[0], sent[1], sent[2], sent[3])
 			}
-			if got := nftCounters(t, lab.Server(), "inet ecntest"); got[0] != 0 || got[1] != 0 {
+			if got := nftCounters(t, &lab.Server().NS, "ecntest"); got[0] != 0 || got[1] != 0 {
 				t.Errorf("the server, which negotiated no ECN, got %d (IPv4) and %d (IPv6) ECN-capable or CE packets", got[0], got[1])
 			}
 			if e := spliceEngine(t, d); e.Verdicts["drop_ce"] == 0 {
@@ -120,16 +118,4 @@ add rule inet ecntest in tcp dport 5001 ip6 ecn != not-ect counter`)
 			}
 		})
 	}
-}
-
-// nftCounters lists the packet counters of a table's rules, in order.
-func nftCounters(t *testing.T, h *testnet.Host, table string) []uint64 {
-	t.Helper()
-	out := h.MustRun("sh", "-c", "nft list table "+table)
-	var n []uint64
-	for _, m := range regexp.MustCompile(`counter packets (\d+)`).FindAllStringSubmatch(out, -1) {
-		v, _ := strconv.ParseUint(m[1], 10, 64)
-		n = append(n, v)
-	}
-	return n
 }

@@ -975,16 +975,27 @@ var counterRE = regexp.MustCompile(`counter packets (\d+)`)
 // counted sums the counters of a table in a namespace.
 func counted(t *testing.T, ns *testnet.NS, table string) uint64 {
 	t.Helper()
+	var sum uint64
+	for _, n := range nftCounters(t, ns, table) {
+		sum += n
+	}
+	return sum
+}
+
+// nftCounters lists the packet counters of table inet TABLE's rules in a
+// namespace, in order.
+func nftCounters(t *testing.T, ns *testnet.NS, table string) []uint64 {
+	t.Helper()
 	out, err := ns.Run("nft", "list", "table", "inet", table)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var sum uint64
+	var counts []uint64
 	for _, m := range counterRE.FindAllStringSubmatch(out, -1) {
 		n, _ := strconv.ParseUint(m[1], 10, 64)
-		sum += n
+		counts = append(counts, n)
 	}
-	return sum
+	return counts
 }
 
 // TestLabSpliceAnyMoment: many flows, each spliced at a different moment
